@@ -1,0 +1,89 @@
+# lockstock developer tasks. Works as root on a fresh Debian 12 machine
+# (`make deps` installs MariaDB and the client headers) and is a no-op
+# check when everything is already installed.
+
+SHELL := /bin/sh
+CARGO ?= cargo
+DEMO ?= quickstart
+APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
+POLICY_RC_D := /usr/sbin/policy-rc.d
+
+.PHONY: all deps test demo bench report check-leftovers
+
+all: test
+
+deps:
+	@if ! command -v dpkg >/dev/null 2>&1; then \
+	  echo "note: not a Debian-based system; make sure a MariaDB server (mariadbd, mariadb-install-db), the MariaDB/MySQL client library and pkg-config are installed" >&2; \
+	elif dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 && \
+	     { command -v mariadbd >/dev/null 2>&1 || test -x /usr/sbin/mariadbd; }; then \
+	  : ; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "error: missing packages; as root run 'make deps', or:" >&2; \
+	  echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)" >&2; \
+	  exit 1; \
+	else \
+	  set -e; \
+	  echo "installing $(APT_PACKAGES)"; \
+	  created_policy=; \
+	  if [ ! -e $(POLICY_RC_D) ]; then \
+	    printf '#!/bin/sh\n# temporary (lockstock make deps): do not start services\nexit 101\n' > $(POLICY_RC_D); \
+	    chmod 755 $(POLICY_RC_D); \
+	    created_policy=1; \
+	  fi; \
+	  trap 'if [ -n "$$created_policy" ]; then rm -f $(POLICY_RC_D); fi' EXIT; \
+	  apt-get update; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(APT_PACKAGES); \
+	fi
+	@command -v $(CARGO) >/dev/null 2>&1 || { \
+	  echo "error: cargo not found; install Rust (>= 1.80) from https://rustup.rs and make sure ~/.cargo/bin is on PATH" >&2; \
+	  exit 1; }
+	@for c in fmt clippy; do \
+	  if ! $(CARGO) $$c --version >/dev/null 2>&1; then \
+	    if [ $$c = fmt ]; then comp=rustfmt; else comp=clippy; fi; \
+	    if command -v rustup >/dev/null 2>&1; then \
+	      rustup component add $$comp || exit 1; \
+	    else \
+	      echo "error: 'cargo $$c' is not available and rustup is not installed; install the $$comp component" >&2; \
+	      exit 1; \
+	    fi; \
+	  fi; \
+	done
+
+test: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+	$(CARGO) bench --no-run
+	@$(MAKE) --no-print-directory check-leftovers
+
+# Sandboxes (src/sandbox.rs) must not outlive the processes that started
+# them: after a short grace period there must be no lockstock-sandbox-*
+# directory and no server started on one.
+check-leftovers:
+	@sleep 2; \
+	bad=0; \
+	dirs=$$(ls -d "$${TMPDIR:-/tmp}"/lockstock-sandbox-* /tmp/lockstock-sandbox-* 2>/dev/null | sort -u); \
+	if [ -n "$$dirs" ]; then \
+	  echo "error: leftover sandbox directories:" >&2; echo "$$dirs" >&2; bad=1; \
+	fi; \
+	for p in /proc/[0-9]*; do \
+	  comm=$$(cat "$$p/comm" 2>/dev/null) || continue; \
+	  case "$$comm" in mariadbd|mysqld) ;; *) continue ;; esac; \
+	  cmd=$$(tr '\000' ' ' < "$$p/cmdline" 2>/dev/null) || continue; \
+	  case "$$cmd" in \
+	    *lockstock-sandbox-*) echo "error: leftover sandbox server, pid $${p#/proc/}: $$cmd" >&2; bad=1 ;; \
+	  esac; \
+	done; \
+	if [ $$bad != 0 ]; then exit 1; fi; \
+	echo "no leftover sandboxes"
+
+demo: deps
+	$(CARGO) run --release --example $(DEMO)
+
+bench: deps
+	$(CARGO) bench
+
+report: deps
+	$(CARGO) run --release --example contention_report

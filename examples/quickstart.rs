@@ -1,0 +1,136 @@
+//! Quickstart: charge, deduct, refund, transfer and issue a coupon against a throwaway MariaDB
+//! (or `DATABASE_URL`), printing what happened.
+//!
+//! `cargo run --example quickstart`
+
+use chrono::{Duration, Utc};
+use diesel::{Connection, MysqlConnection};
+use lockstock::{BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon};
+use rust_decimal::Decimal;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = lockstock::sandbox::database_url("lockstock_quickstart")?;
+    let mut conn = MysqlConnection::establish(&url)?;
+    lockstock::run_migrations(&mut conn)?;
+    let run = Utc::now().timestamp_micros();
+
+    let ledger = BalanceLedger::new();
+    let alice = 1;
+    let bob = 2;
+    let topup = ledger.charge(
+        &mut conn,
+        alice,
+        Decimal::new(10_000, 0),
+        &format!("topup-{run}"),
+    )?;
+    println!(
+        "charge   alice +10000      -> entry {} balance {}",
+        topup.id, topup.balance_after
+    );
+    let order = ledger.deduct(
+        &mut conn,
+        alice,
+        Decimal::new(3_500, 0),
+        &format!("order-{run}"),
+    )?;
+    println!(
+        "deduct   alice -3500       -> entry {} balance {}",
+        order.id, order.balance_after
+    );
+    let again = ledger.deduct(
+        &mut conn,
+        alice,
+        Decimal::new(3_500, 0),
+        &format!("order-{run}"),
+    )?;
+    println!(
+        "retry    same key          -> entry {} (the same entry: nothing applied twice)",
+        again.id
+    );
+    match ledger.deduct(
+        &mut conn,
+        alice,
+        Decimal::new(1_000_000, 0),
+        &format!("big-{run}"),
+    ) {
+        Err(Error::InsufficientBalance {
+            available,
+            requested,
+            ..
+        }) => {
+            println!("deduct   alice -{requested}  -> refused: only {available} available, nothing written")
+        }
+        other => println!("deduct   alice -1000000    -> unexpected {other:?}"),
+    }
+    let refund = ledger.refund(
+        &mut conn,
+        order.id,
+        Decimal::new(500, 0),
+        &format!("refund-{run}"),
+    )?;
+    println!(
+        "refund   +500 of {}      -> entry {} balance {}",
+        order.id, refund.id, refund.balance_after
+    );
+    let gift = ledger.transfer(
+        &mut conn,
+        alice,
+        bob,
+        Decimal::new(1_000, 0),
+        &format!("gift-{run}"),
+    )?;
+    println!(
+        "transfer alice -> bob 1000 -> alice {} bob {}",
+        gift.debit.balance_after, gift.credit.balance_after
+    );
+    for user in [alice, bob] {
+        let report = ledger.audit(&mut conn, user)?;
+        println!(
+            "audit    user {user}: balance {} = journal sum {} over {} entries",
+            report.balance, report.journal_sum, report.entries
+        );
+    }
+
+    let issuer = CouponIssuer::new();
+    let now = Utc::now().naive_utc();
+    let coupon = issuer.create_coupon(
+        &mut conn,
+        &NewCoupon {
+            name: "10% off, at most 2000",
+            discount: Discount::Percent {
+                percent: Decimal::new(10, 0),
+                cap: Some(Decimal::new(2_000, 0)),
+            },
+            valid_from: now - Duration::minutes(1),
+            valid_until: now + Duration::days(30),
+        },
+    )?;
+    let campaign = issuer.create_campaign(
+        &mut conn,
+        &NewCampaign {
+            coupon_id: coupon.id,
+            quantity: 1,
+            issue_starts_at: now - Duration::minutes(1),
+            issue_ends_at: now + Duration::hours(1),
+        },
+    )?;
+    let issued = issuer.issue(&mut conn, alice, campaign.id)?;
+    println!(
+        "issue    alice             -> coupon {} ({} left)",
+        issued.id,
+        issuer.remaining(&mut conn, campaign.id)?
+    );
+    match issuer.issue(&mut conn, bob, campaign.id) {
+        Err(Error::SoldOut { .. }) => println!("issue    bob               -> sold out"),
+        other => println!("issue    bob               -> unexpected {other:?}"),
+    }
+    let used = issuer.redeem(&mut conn, issued.id, &format!("order-{run}"))?;
+    println!(
+        "redeem   coupon {} on {}  -> {:?}, takes {} off a 30000 order",
+        used.id,
+        used.order_ref.as_deref().unwrap_or_default(),
+        used.status,
+        coupon.discount.apply_to(Decimal::new(30_000, 0))
+    );
+    Ok(())
+}

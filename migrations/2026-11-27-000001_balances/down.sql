@@ -1,0 +1,2 @@
+DROP TABLE balance_history;
+DROP TABLE user_balance;

@@ -1,0 +1,830 @@
+//! [`CouponIssuer`]: first-come-first-served coupons that are never over-issued.
+//!
+//! # How a coupon is issued
+//! One SERIALIZABLE transaction per request, in this deliberate order:
+//! 1. `INSERT INTO user_coupon ...` — the UNIQUE(user_id, coupon_id) index decides "already
+//!    issued?". This runs *before* the stock row is locked, so duplicate requests never touch the
+//!    hot row and the duplicate check costs no time under its lock. There is no "does the user
+//!    have one?" SELECT: under SERIALIZABLE it would take shared gap locks that block or deadlock
+//!    other users' inserts.
+//! 2. `SELECT LAST_INSERT_ID()`, still outside the hot lock.
+//! 3. `SELECT stock_quantity FROM fcfs_coupon WHERE id = ? FOR UPDATE NOWAIT` — the hot row, by
+//!    primary key; an empty result is `CampaignNotFound`, zero stock `SoldOut` (the transaction
+//!    rolls back, taking the inserted row with it).
+//! 4. `UPDATE fcfs_coupon SET stock_quantity = ?` and `COMMIT`.
+//!
+//! So the stock row is locked for one UPDATE and the COMMIT. The CHECK (stock_quantity >= 0)
+//! constraint is the last line of defence against over-issue.
+//!
+//! The issue window and the coupon template of a campaign never change, so the issuer caches
+//! them and checks the window without a round trip; once it sees a campaign sold out it answers
+//! [`Error::SoldOut`] from memory until [`CouponIssuer::restock`] clears that.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use chrono::NaiveDateTime;
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+use rust_decimal::Decimal;
+
+use crate::error::{Error, Result, ServerErrorKind};
+use crate::ledger::{last_insert_id, now, validate_amount, validate_id};
+use crate::schema::{coupon, fcfs_coupon, user_coupon};
+use crate::txn::{TxnPolicy, TxnRunner};
+
+/// Longest order reference, in bytes.
+pub const MAX_ORDER_REF_BYTES: usize = 64;
+
+/// What a coupon takes off an order.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discount {
+    /// A fixed amount.
+    Fixed(Decimal),
+    /// A percentage (0 < percent <= 100), optionally capped at an amount.
+    Percent {
+        /// The percentage.
+        percent: Decimal,
+        /// The largest discount, if any.
+        cap: Option<Decimal>,
+    },
+}
+
+impl Discount {
+    /// The discount on an order of `total`: never more than the total, percentages rounded down
+    /// to 4 decimal places and capped.
+    pub fn apply_to(&self, total: Decimal) -> Decimal {
+        let total = total.max(Decimal::ZERO);
+        let raw = match *self {
+            Self::Fixed(amount) => amount,
+            Self::Percent { percent, cap } => {
+                let off = (total * percent / Decimal::ONE_HUNDRED)
+                    .round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero);
+                cap.map_or(off, |cap| off.min(cap))
+            }
+        };
+        raw.min(total)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match *self {
+            Self::Fixed(amount) => validate_amount(amount),
+            Self::Percent { percent, cap } => {
+                if percent <= Decimal::ZERO
+                    || percent > Decimal::ONE_HUNDRED
+                    || percent.normalize().scale() > 4
+                {
+                    return Err(Error::InvalidInput {
+                        field: "percent",
+                        problem: "must be greater than 0 and at most 100, with at most 4 decimals",
+                    });
+                }
+                cap.map_or(Ok(()), validate_amount)
+            }
+        }
+    }
+
+    fn columns(&self) -> (&'static str, Decimal, Option<Decimal>) {
+        match *self {
+            Self::Fixed(amount) => ("fixed", amount, None),
+            Self::Percent { percent, cap } => ("percent", percent, cap),
+        }
+    }
+}
+
+/// A new coupon template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCoupon<'a> {
+    /// Display name (1 to 255 characters).
+    pub name: &'a str,
+    /// What it is worth.
+    pub discount: Discount,
+    /// Usable from (UTC, inclusive).
+    pub valid_from: NaiveDateTime,
+    /// Usable until (UTC, exclusive).
+    pub valid_until: NaiveDateTime,
+}
+
+/// A coupon template.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coupon {
+    /// Its id.
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// What it is worth.
+    pub discount: Discount,
+    /// Usable from (UTC, inclusive).
+    pub valid_from: NaiveDateTime,
+    /// Usable until (UTC, exclusive).
+    pub valid_until: NaiveDateTime,
+}
+
+/// A new first-come-first-served campaign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCampaign {
+    /// The coupon template it hands out.
+    pub coupon_id: i64,
+    /// How many coupons (1 to 2^31 - 1).
+    pub quantity: u32,
+    /// Issuing opens (UTC, inclusive).
+    pub issue_starts_at: NaiveDateTime,
+    /// Issuing closes (UTC, exclusive).
+    pub issue_ends_at: NaiveDateTime,
+}
+
+/// A campaign and its stock.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
+#[diesel(table_name = fcfs_coupon, check_for_backend(diesel::mysql::Mysql))]
+pub struct Campaign {
+    /// Its id.
+    pub id: i64,
+    /// The coupon template it hands out.
+    pub coupon_id: i64,
+    /// Coupons in all, restocks included.
+    pub total_quantity: i32,
+    /// Coupons left.
+    pub stock_quantity: i32,
+    /// Issuing opens (UTC, inclusive).
+    pub issue_starts_at: NaiveDateTime,
+    /// Issuing closes (UTC, exclusive).
+    pub issue_ends_at: NaiveDateTime,
+}
+
+/// State of an issued coupon.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CouponStatus {
+    /// Held, not used.
+    Issued,
+    /// Redeemed on an order.
+    Used,
+}
+
+impl CouponStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Issued => "issued",
+            Self::Used => "used",
+        }
+    }
+}
+
+/// A coupon a user holds.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCoupon {
+    /// Its id.
+    pub id: i64,
+    /// The holder.
+    pub user_id: i64,
+    /// The coupon template.
+    pub coupon_id: i64,
+    /// The campaign it came from.
+    pub campaign_id: i64,
+    /// Held or used.
+    pub status: CouponStatus,
+    /// When it was issued (UTC).
+    pub issued_at: NaiveDateTime,
+    /// When it was redeemed (UTC).
+    pub used_at: Option<NaiveDateTime>,
+    /// The order it was redeemed on.
+    pub order_ref: Option<String>,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = user_coupon, check_for_backend(diesel::mysql::Mysql))]
+struct UserCouponRow {
+    id: i64,
+    user_id: i64,
+    coupon_id: i64,
+    fcfs_coupon_id: i64,
+    status: String,
+    issued_at: NaiveDateTime,
+    used_at: Option<NaiveDateTime>,
+    order_ref: Option<String>,
+}
+
+impl UserCouponRow {
+    fn into_coupon(self) -> Result<IssuedCoupon> {
+        let status = match self.status.as_str() {
+            "issued" => CouponStatus::Issued,
+            "used" => CouponStatus::Used,
+            other => {
+                return Err(Error::from(diesel::result::Error::DeserializationError(
+                    format!("unknown coupon status {other:?}").into(),
+                )))
+            }
+        };
+        Ok(IssuedCoupon {
+            id: self.id,
+            user_id: self.user_id,
+            coupon_id: self.coupon_id,
+            campaign_id: self.fcfs_coupon_id,
+            status,
+            issued_at: self.issued_at,
+            used_at: self.used_at,
+            order_ref: self.order_ref,
+        })
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = coupon, check_for_backend(diesel::mysql::Mysql))]
+struct CouponRow {
+    id: i64,
+    name: String,
+    discount_kind: String,
+    discount_value: Decimal,
+    max_discount: Option<Decimal>,
+    valid_from: NaiveDateTime,
+    valid_until: NaiveDateTime,
+}
+
+impl CouponRow {
+    fn into_coupon(self) -> Coupon {
+        let discount = if self.discount_kind == "percent" {
+            Discount::Percent {
+                percent: self.discount_value,
+                cap: self.max_discount,
+            }
+        } else {
+            Discount::Fixed(self.discount_value)
+        };
+        Coupon {
+            id: self.id,
+            name: self.name,
+            discount,
+            valid_from: self.valid_from,
+            valid_until: self.valid_until,
+        }
+    }
+}
+
+/// What never changes about a campaign, cached per issuer.
+#[derive(Debug, Clone, Copy)]
+struct CampaignFacts {
+    coupon_id: i64,
+    issue_starts_at: NaiveDateTime,
+    issue_ends_at: NaiveDateTime,
+}
+
+/// The issuer's clock: UTC now. Replaceable for tests of window boundaries.
+pub type Clock = Arc<dyn Fn() -> NaiveDateTime + Send + Sync>;
+
+/// Issues first-come-first-served coupons, redeems and restores them.
+///
+/// Holds a [`TxnPolicy`], a clock and two caches (campaign facts, sold-out campaigns), no
+/// connection; share one issuer between threads.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use chrono::{Duration, Utc};
+/// use diesel::{Connection, MysqlConnection};
+/// use lockstock::coupon::{CouponIssuer, Discount, NewCampaign, NewCoupon};
+/// use lockstock::Error;
+/// use rust_decimal::Decimal;
+///
+/// let url = lockstock::sandbox::database_url("doc_coupon")?;
+/// let mut conn = MysqlConnection::establish(&url)?;
+/// lockstock::run_migrations(&mut conn)?;
+/// let issuer = CouponIssuer::new();
+///
+/// let now = Utc::now().naive_utc();
+/// let coupon = issuer.create_coupon(&mut conn, &NewCoupon {
+///     name: "Black Friday 5,000 off",
+///     discount: Discount::Fixed(Decimal::new(5_000, 0)),
+///     valid_from: now - Duration::hours(1),
+///     valid_until: now + Duration::days(7),
+/// })?;
+/// let campaign = issuer.create_campaign(&mut conn, &NewCampaign {
+///     coupon_id: coupon.id,
+///     quantity: 1,
+///     issue_starts_at: now - Duration::minutes(1),
+///     issue_ends_at: now + Duration::hours(1),
+/// })?;
+///
+/// let mine = issuer.issue(&mut conn, 7, campaign.id)?;
+/// assert!(matches!(issuer.issue(&mut conn, 7, campaign.id), Err(Error::AlreadyIssued { .. })));
+/// assert!(matches!(issuer.issue(&mut conn, 8, campaign.id), Err(Error::SoldOut { .. })));
+///
+/// issuer.redeem(&mut conn, mine.id, "order-1001")?;
+/// assert!(matches!(issuer.redeem(&mut conn, mine.id, "order-1002"), Err(Error::AlreadyRedeemed { .. })));
+/// issuer.restore(&mut conn, mine.id)?; // order 1001 was cancelled
+/// issuer.redeem(&mut conn, mine.id, "order-1003")?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct CouponIssuer {
+    runner: TxnRunner,
+    clock: Clock,
+    facts: Arc<Mutex<HashMap<i64, CampaignFacts>>>,
+    sold_out: Arc<Mutex<HashSet<i64>>>,
+}
+
+impl fmt::Debug for CouponIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CouponIssuer")
+            .field("runner", &self.runner)
+            .field("sold_out", &*lock(&self.sold_out))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for CouponIssuer {
+    fn default() -> Self {
+        Self::with_policy(TxnPolicy::default())
+    }
+}
+
+/// Caches hold plain data, so a panic elsewhere cannot leave them half-updated.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl CouponIssuer {
+    /// An issuer with the default policy (SERIALIZABLE, NOWAIT locks, bounded retries).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An issuer with `policy`.
+    pub fn with_policy(policy: TxnPolicy) -> Self {
+        Self {
+            runner: TxnRunner::new(policy),
+            clock: Arc::new(now),
+            facts: Arc::default(),
+            sold_out: Arc::default(),
+        }
+    }
+
+    /// The same issuer reading time from `clock` (UTC) instead of the system clock.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &TxnPolicy {
+        self.runner.policy()
+    }
+
+    /// The transaction runner (for batch and combining layers built on the issuer).
+    pub fn runner(&self) -> &TxnRunner {
+        &self.runner
+    }
+
+    /// Creates a coupon template.
+    pub fn create_coupon(&self, conn: &mut MysqlConnection, new: &NewCoupon<'_>) -> Result<Coupon> {
+        let name_chars = new.name.chars().count();
+        if new.name.trim().is_empty() || name_chars > 255 {
+            return Err(Error::InvalidInput {
+                field: "name",
+                problem: "must be 1 to 255 characters and not blank",
+            });
+        }
+        new.discount.validate()?;
+        if new.valid_from >= new.valid_until {
+            return Err(Error::InvalidInput {
+                field: "valid_until",
+                problem: "must be after valid_from",
+            });
+        }
+        let (kind, value, cap) = new.discount.columns();
+        let id = self.runner.run(conn, |conn| {
+            diesel::insert_into(coupon::table)
+                .values((
+                    coupon::name.eq(new.name),
+                    coupon::discount_kind.eq(kind),
+                    coupon::discount_value.eq(value),
+                    coupon::max_discount.eq(cap),
+                    coupon::valid_from.eq(new.valid_from),
+                    coupon::valid_until.eq(new.valid_until),
+                ))
+                .execute(conn)?;
+            inserted_id(conn)
+        })?;
+        Ok(Coupon {
+            id,
+            name: new.name.to_owned(),
+            discount: new.discount,
+            valid_from: new.valid_from,
+            valid_until: new.valid_until,
+        })
+    }
+
+    /// The coupon template `coupon_id`.
+    pub fn coupon(&self, conn: &mut MysqlConnection, coupon_id: i64) -> Result<Coupon> {
+        validate_id("coupon", coupon_id)?;
+        self.runner
+            .read(conn, |conn| {
+                Ok(coupon::table
+                    .find(coupon_id)
+                    .select(CouponRow::as_select())
+                    .first(conn)
+                    .optional()?)
+            })?
+            .map(CouponRow::into_coupon)
+            .ok_or(Error::CouponNotFound { coupon_id })
+    }
+
+    /// Creates a campaign of `quantity` coupons of a template.
+    pub fn create_campaign(
+        &self,
+        conn: &mut MysqlConnection,
+        new: &NewCampaign,
+    ) -> Result<Campaign> {
+        validate_id("coupon", new.coupon_id)?;
+        let quantity = positive_quantity(new.quantity)?;
+        if new.issue_starts_at >= new.issue_ends_at {
+            return Err(Error::InvalidInput {
+                field: "issue_ends_at",
+                problem: "must be after issue_starts_at",
+            });
+        }
+        let template = self.coupon(conn, new.coupon_id)?;
+        if new.issue_starts_at >= template.valid_until {
+            return Err(Error::InvalidInput {
+                field: "issue_starts_at",
+                problem: "must be before the coupon's valid_until",
+            });
+        }
+        let id = self.runner.run(conn, |conn| {
+            diesel::insert_into(fcfs_coupon::table)
+                .values((
+                    fcfs_coupon::coupon_id.eq(new.coupon_id),
+                    fcfs_coupon::total_quantity.eq(quantity),
+                    fcfs_coupon::stock_quantity.eq(quantity),
+                    fcfs_coupon::issue_starts_at.eq(new.issue_starts_at),
+                    fcfs_coupon::issue_ends_at.eq(new.issue_ends_at),
+                ))
+                .execute(conn)?;
+            inserted_id(conn)
+        })?;
+        Ok(Campaign {
+            id,
+            coupon_id: new.coupon_id,
+            total_quantity: quantity,
+            stock_quantity: quantity,
+            issue_starts_at: new.issue_starts_at,
+            issue_ends_at: new.issue_ends_at,
+        })
+    }
+
+    /// The campaign `campaign_id` with its current stock.
+    pub fn campaign(&self, conn: &mut MysqlConnection, campaign_id: i64) -> Result<Campaign> {
+        validate_id("campaign", campaign_id)?;
+        let campaign = self
+            .runner
+            .read(conn, |conn| {
+                Ok(fcfs_coupon::table
+                    .find(campaign_id)
+                    .select(Campaign::as_select())
+                    .first(conn)
+                    .optional()?)
+            })?
+            .ok_or(Error::CampaignNotFound { campaign_id })?;
+        self.remember(&campaign);
+        Ok(campaign)
+    }
+
+    /// Coupons left in a campaign.
+    pub fn remaining(&self, conn: &mut MysqlConnection, campaign_id: i64) -> Result<u32> {
+        let campaign = self.campaign(conn, campaign_id)?;
+        Ok(u32::try_from(campaign.stock_quantity).unwrap_or(0))
+    }
+
+    /// Issues one coupon of `campaign_id` to `user_id`: [`Error::SoldOut`], [`Error::AlreadyIssued`],
+    /// [`Error::NotStarted`], [`Error::Ended`], [`Error::CampaignNotFound`] or
+    /// [`Error::Contended`] otherwise.
+    ///
+    /// A sold-out answer may come from this issuer's cache without asking the database, also for
+    /// a user who already holds the coupon; [`user_coupons`](Self::user_coupons) tells.
+    pub fn issue(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        campaign_id: i64,
+    ) -> Result<IssuedCoupon> {
+        validate_id("user", user_id)?;
+        validate_id("campaign", campaign_id)?;
+        if lock(&self.sold_out).contains(&campaign_id) {
+            return Err(Error::SoldOut { campaign_id });
+        }
+        let facts = self.facts(conn, campaign_id)?;
+        let at = (self.clock)();
+        check_window(campaign_id, &facts, at)?;
+        let result = self.runner.run(conn, |conn| {
+            diesel::insert_into(user_coupon::table)
+                .values((
+                    user_coupon::user_id.eq(user_id),
+                    user_coupon::coupon_id.eq(facts.coupon_id),
+                    user_coupon::fcfs_coupon_id.eq(campaign_id),
+                    user_coupon::status.eq(CouponStatus::Issued.as_str()),
+                    user_coupon::issued_at.eq(at),
+                ))
+                .execute(conn)?;
+            let id = inserted_id(conn)?;
+            // The hot row: locked from here to COMMIT for one UPDATE.
+            let stock: i32 = fcfs_coupon::table
+                .find(campaign_id)
+                .select(fcfs_coupon::stock_quantity)
+                .for_update()
+                .no_wait()
+                .first(conn)
+                .optional()?
+                .ok_or(Error::CampaignNotFound { campaign_id })?;
+            if stock <= 0 {
+                return Err(Error::SoldOut { campaign_id });
+            }
+            diesel::update(fcfs_coupon::table.find(campaign_id))
+                .set(fcfs_coupon::stock_quantity.eq(stock - 1))
+                .execute(conn)?;
+            Ok(IssuedCoupon {
+                id,
+                user_id,
+                coupon_id: facts.coupon_id,
+                campaign_id,
+                status: CouponStatus::Issued,
+                issued_at: at,
+                used_at: None,
+                order_ref: None,
+            })
+        });
+        match result {
+            Err(Error::SoldOut { .. }) => {
+                lock(&self.sold_out).insert(campaign_id);
+                Err(Error::SoldOut { campaign_id })
+            }
+            Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => Err(self
+                .already_issued(conn, user_id, facts.coupon_id)
+                .unwrap_or(e)),
+            other => other,
+        }
+    }
+
+    /// Adds `additional` coupons to a campaign's stock and total, and forgets that it was sold out.
+    pub fn restock(
+        &self,
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        additional: u32,
+    ) -> Result<Campaign> {
+        validate_id("campaign", campaign_id)?;
+        let additional = positive_quantity(additional)?;
+        let campaign = self.runner.run(conn, |conn| {
+            let mut campaign: Campaign = fcfs_coupon::table
+                .find(campaign_id)
+                .select(Campaign::as_select())
+                .for_update()
+                .no_wait()
+                .first(conn)
+                .optional()?
+                .ok_or(Error::CampaignNotFound { campaign_id })?;
+            let (Some(total), Some(stock)) = (
+                campaign.total_quantity.checked_add(additional),
+                campaign.stock_quantity.checked_add(additional),
+            ) else {
+                return Err(Error::InvalidInput {
+                    field: "additional",
+                    problem: "would take the campaign's total past 2^31 - 1",
+                });
+            };
+            diesel::update(fcfs_coupon::table.find(campaign_id))
+                .set((
+                    fcfs_coupon::total_quantity.eq(total),
+                    fcfs_coupon::stock_quantity.eq(stock),
+                ))
+                .execute(conn)?;
+            campaign.total_quantity = total;
+            campaign.stock_quantity = stock;
+            Ok(campaign)
+        })?;
+        lock(&self.sold_out).remove(&campaign_id);
+        Ok(campaign)
+    }
+
+    /// Marks a held coupon used on order `order_ref` (1 to 64 bytes). Exactly one of concurrent
+    /// redeems wins; the others get [`Error::AlreadyRedeemed`].
+    pub fn redeem(
+        &self,
+        conn: &mut MysqlConnection,
+        user_coupon_id: i64,
+        order_ref: &str,
+    ) -> Result<IssuedCoupon> {
+        validate_id("user coupon", user_coupon_id)?;
+        if order_ref.is_empty() || order_ref.len() > MAX_ORDER_REF_BYTES {
+            return Err(Error::InvalidInput {
+                field: "order_ref",
+                problem: "must be 1 to 64 bytes",
+            });
+        }
+        let at = (self.clock)();
+        self.runner.run(conn, |conn| {
+            let mut held = lock_user_coupon(conn, user_coupon_id)?;
+            if held.status == CouponStatus::Used {
+                return Err(Error::AlreadyRedeemed { user_coupon_id });
+            }
+            check_validity(conn, &held, at)?;
+            diesel::update(user_coupon::table.find(user_coupon_id))
+                .set((
+                    user_coupon::status.eq(CouponStatus::Used.as_str()),
+                    user_coupon::used_at.eq(Some(at)),
+                    user_coupon::order_ref.eq(Some(order_ref)),
+                ))
+                .execute(conn)?;
+            held.status = CouponStatus::Used;
+            held.used_at = Some(at);
+            held.order_ref = Some(order_ref.to_owned());
+            Ok(held)
+        })
+    }
+
+    /// Gives a redeemed coupon back to its holder (the order was cancelled), if the coupon is
+    /// still within its validity window; otherwise [`Error::CouponNotValid`].
+    pub fn restore(&self, conn: &mut MysqlConnection, user_coupon_id: i64) -> Result<IssuedCoupon> {
+        validate_id("user coupon", user_coupon_id)?;
+        let at = (self.clock)();
+        self.runner.run(conn, |conn| {
+            let mut held = lock_user_coupon(conn, user_coupon_id)?;
+            if held.status != CouponStatus::Used {
+                return Err(Error::NotRedeemed { user_coupon_id });
+            }
+            check_validity(conn, &held, at)?;
+            diesel::update(user_coupon::table.find(user_coupon_id))
+                .set((
+                    user_coupon::status.eq(CouponStatus::Issued.as_str()),
+                    user_coupon::used_at.eq(None::<NaiveDateTime>),
+                    user_coupon::order_ref.eq(None::<String>),
+                ))
+                .execute(conn)?;
+            held.status = CouponStatus::Issued;
+            held.used_at = None;
+            held.order_ref = None;
+            Ok(held)
+        })
+    }
+
+    /// The coupons `user_id` holds, oldest first.
+    pub fn user_coupons(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+    ) -> Result<Vec<IssuedCoupon>> {
+        validate_id("user", user_id)?;
+        let rows: Vec<UserCouponRow> = self.runner.read(conn, |conn| {
+            Ok(user_coupon::table
+                .filter(user_coupon::user_id.eq(user_id))
+                .order(user_coupon::id.asc())
+                .select(UserCouponRow::as_select())
+                .load(conn)?)
+        })?;
+        rows.into_iter().map(UserCouponRow::into_coupon).collect()
+    }
+
+    fn facts(&self, conn: &mut MysqlConnection, campaign_id: i64) -> Result<CampaignFacts> {
+        if let Some(facts) = lock(&self.facts).get(&campaign_id) {
+            return Ok(*facts);
+        }
+        let campaign = self.campaign(conn, campaign_id)?;
+        Ok(self.remember(&campaign))
+    }
+
+    fn remember(&self, campaign: &Campaign) -> CampaignFacts {
+        let facts = CampaignFacts {
+            coupon_id: campaign.coupon_id,
+            issue_starts_at: campaign.issue_starts_at,
+            issue_ends_at: campaign.issue_ends_at,
+        };
+        lock(&self.facts).insert(campaign.id, facts);
+        if campaign.stock_quantity <= 0 {
+            lock(&self.sold_out).insert(campaign.id);
+        }
+        facts
+    }
+
+    fn already_issued(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        coupon_id: i64,
+    ) -> Result<Error> {
+        let user_coupon_id: i64 = self.runner.read(conn, |conn| {
+            Ok(user_coupon::table
+                .filter(user_coupon::user_id.eq(user_id))
+                .filter(user_coupon::coupon_id.eq(coupon_id))
+                .select(user_coupon::id)
+                .first(conn)?)
+        })?;
+        Ok(Error::AlreadyIssued {
+            user_id,
+            coupon_id,
+            user_coupon_id,
+        })
+    }
+}
+
+fn positive_quantity(quantity: u32) -> Result<i32> {
+    i32::try_from(quantity)
+        .ok()
+        .filter(|q| *q > 0)
+        .ok_or(Error::InvalidInput {
+            field: "quantity",
+            problem: "must be between 1 and 2^31 - 1",
+        })
+}
+
+fn check_window(campaign_id: i64, facts: &CampaignFacts, at: NaiveDateTime) -> Result<()> {
+    if at < facts.issue_starts_at {
+        Err(Error::NotStarted {
+            campaign_id,
+            starts_at: facts.issue_starts_at,
+        })
+    } else if at >= facts.issue_ends_at {
+        Err(Error::Ended {
+            campaign_id,
+            ended_at: facts.issue_ends_at,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
+    let id: u64 = diesel::select(last_insert_id()).get_result(conn)?;
+    i64::try_from(id)
+        .map_err(|e| Error::from(diesel::result::Error::DeserializationError(e.into())))
+}
+
+fn lock_user_coupon(conn: &mut MysqlConnection, user_coupon_id: i64) -> Result<IssuedCoupon> {
+    user_coupon::table
+        .find(user_coupon_id)
+        .select(UserCouponRow::as_select())
+        .for_update()
+        .no_wait()
+        .first::<UserCouponRow>(conn)
+        .optional()?
+        .ok_or(Error::UserCouponNotFound { user_coupon_id })?
+        .into_coupon()
+}
+
+fn check_validity(
+    conn: &mut MysqlConnection,
+    held: &IssuedCoupon,
+    at: NaiveDateTime,
+) -> Result<()> {
+    let (valid_from, valid_until): (NaiveDateTime, NaiveDateTime) = coupon::table
+        .find(held.coupon_id)
+        .select((coupon::valid_from, coupon::valid_until))
+        .first(conn)?;
+    if at < valid_from || at >= valid_until {
+        return Err(Error::CouponNotValid {
+            user_coupon_id: held.id,
+            valid_from,
+            valid_until,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discounts() {
+        let d = Decimal::new;
+        assert_eq!(Discount::Fixed(d(5, 0)).apply_to(d(3, 0)), d(3, 0));
+        assert_eq!(Discount::Fixed(d(5, 0)).apply_to(d(30, 0)), d(5, 0));
+        let pct = Discount::Percent {
+            percent: d(15, 0),
+            cap: Some(d(10, 0)),
+        };
+        assert_eq!(pct.apply_to(d(40, 0)), d(6, 0));
+        assert_eq!(pct.apply_to(d(100, 0)), d(10, 0));
+        let odd = Discount::Percent {
+            percent: d(333, 1),
+            cap: None,
+        };
+        assert_eq!(odd.apply_to(d(1, 0)), d(3330, 4));
+        assert!(Discount::Percent {
+            percent: d(101, 0),
+            cap: None
+        }
+        .validate()
+        .is_err());
+        assert!(Discount::Fixed(d(0, 0)).validate().is_err());
+    }
+
+    #[test]
+    fn quantity_bounds() {
+        assert!(positive_quantity(0).is_err());
+        assert!(positive_quantity(u32::MAX).is_err());
+        assert_eq!(positive_quantity(500).ok(), Some(500));
+    }
+}

@@ -1,0 +1,68 @@
+//! # lockstock
+//!
+//! Correct point/money balances and first-come-first-served coupons on MySQL/MariaDB through
+//! Diesel.
+//!
+//! * [`BalanceLedger`] charges, deducts, refunds and transfers. A balance never goes negative,
+//!   an idempotency key never applies a change twice, and every change is journaled with the
+//!   balance after it.
+//! * [`CouponIssuer`] issues a limited stock first come, first served: never over-issued, one
+//!   coupon per user, redeemed once.
+//!
+//! Both lock the hot row with `SELECT ... FOR UPDATE NOWAIT` through its primary key inside a
+//! SERIALIZABLE transaction, retry refusals with bounded jittered backoff under a deadline
+//! ([`TxnPolicy`]), and answer with typed [`Error`]s. They hold policy, not connections: every
+//! call takes a `&mut MysqlConnection` (an r2d2 pooled connection derefs to one).
+//!
+//! ```no_run
+//! use diesel::{Connection, MysqlConnection};
+//! use lockstock::{BalanceLedger, Error};
+//! use rust_decimal::Decimal;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut conn = MysqlConnection::establish("mysql://root@localhost/shop")?;
+//! lockstock::run_migrations(&mut conn)?;
+//!
+//! let ledger = BalanceLedger::new();
+//! ledger.charge(&mut conn, 42, Decimal::new(10_000, 2), "topup-2026-11-27-1")?;
+//! match ledger.deduct(&mut conn, 42, Decimal::new(250_000, 2), "order-981") {
+//!     Err(Error::InsufficientBalance { available, .. }) => println!("only {available} left"),
+//!     other => println!("{other:?}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+#![warn(
+    missing_docs,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+pub mod coupon;
+pub mod error;
+pub mod ledger;
+pub mod sandbox;
+pub mod schema;
+pub mod txn;
+
+pub use coupon::{
+    Campaign, Coupon, CouponIssuer, CouponStatus, Discount, IssuedCoupon, NewCampaign, NewCoupon,
+};
+pub use error::{Error, Result, ServerError, ServerErrorKind};
+pub use ledger::{AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer};
+pub use sandbox::{Sandbox, SandboxError};
+pub use txn::{Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
+
+use diesel::mysql::MysqlConnection;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
+
+/// The schema migrations, embedded in the crate.
+pub const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations");
+
+/// Applies every pending migration in [`MIGRATIONS`].
+pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
+    conn.run_pending_migrations(MIGRATIONS)
+        .map(|_| ())
+        .map_err(Error::Migration)
+}

@@ -1,0 +1,821 @@
+//! A throwaway MariaDB (or MySQL) server for examples, tests and benchmarks.
+//!
+//! [`Sandbox::start`] creates a fresh data directory under the system temp
+//! directory (`lockstock-sandbox-<pid>-<n>`), initialises it with
+//! `mariadb-install-db`, starts `mariadbd` on a Unix socket inside that
+//! directory (no TCP port is opened) and waits until it accepts connections.
+//! Dropping the [`Sandbox`] kills the server and removes the directory.
+//!
+//! Cleanup also happens when the owning process never runs `Drop` (it was
+//! killed, interrupted with Ctrl-C, or the sandbox lives in a `static` such as
+//! [`Sandbox::shared`]): every sandbox has a small watchdog shell process that
+//! waits for the owning process to disappear, then kills the server and
+//! removes the data directory.
+//!
+//! [`database_url`] is the usual entry point for examples and tests: it uses
+//! the server named by the `DATABASE_URL` environment variable when that is
+//! set, and the process-wide shared sandbox otherwise.
+//!
+//! Binaries are looked up in `LOCKSTOCK_MARIADBD` / `LOCKSTOCK_INSTALL_DB`
+//! (if set), then `/usr/sbin/mariadbd` and `/usr/bin/mariadb-install-db`,
+//! then `mariadbd`/`mysqld` and `mariadb-install-db`/`mysql_install_db` on
+//! `PATH`. On Debian/Ubuntu: `apt-get install mariadb-server`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use diesel::prelude::*;
+//! use lockstock::sandbox::{database_url, Sandbox};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A private server, removed again when `sandbox` is dropped.
+//! let mut sandbox = Sandbox::start()?;
+//! let url = sandbox.create_database("example")?;
+//! let mut conn = MysqlConnection::establish(&url)?;
+//! diesel::sql_query("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB").execute(&mut conn)?;
+//! diesel::sql_query("INSERT INTO t VALUES (1)").execute(&mut conn)?;
+//! drop(conn);
+//!
+//! // Simulate a crash and recover on the same data directory.
+//! sandbox.kill()?;
+//! sandbox.restart()?;
+//!
+//! // Or: `$DATABASE_URL` if set, else the shared per-process sandbox.
+//! let url = database_url("my_test")?;
+//! let _conn = MysqlConnection::establish(&url)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, MysqlConnection};
+
+/// How long [`Sandbox::start`] waits for a freshly installed server.
+const FIRST_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long [`Sandbox::restart`] waits (crash recovery can take a while).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`Sandbox::stop`] waits for a graceful shutdown before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Poll interval while waiting for the server to come up or go away.
+const POLL: Duration = Duration::from_millis(20);
+
+const SOCKET_NAME: &str = "mysqld.sock";
+const ERROR_LOG: &str = "error.log";
+const PID_FILE: &str = "mysqld.pid";
+/// File the watchdog reads to find the current server pid.
+const SERVER_PID_FILE: &str = "server.pid.lockstock";
+/// `sun_path` is 108 bytes on Linux (104 on macOS); stay well below.
+const MAX_SOCKET_PATH: usize = 100;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Watchdog run by `/bin/sh -c`; `$1` = owning process id, `$2` = data dir.
+///
+/// Waits until the owner is gone (or a zombie), then SIGKILLs the server
+/// whose pid is in `$2/server.pid.lockstock` plus any process whose argv
+/// contains `--datadir=$2`, waits for them to die and removes `$2`.
+const WATCHDOG_SCRIPT: &str = r#"
+owner=$1
+dir=$2
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  if [ -r "/proc/$1/stat" ]; then
+    st=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
+    [ "$st" = Z ] && return 1
+    [ "$st" = X ] && return 1
+  fi
+  return 0
+}
+while alive "$owner"; do sleep 0.2; done
+pids=
+p=$(cat "$dir/server.pid.lockstock" 2>/dev/null)
+case "$p" in
+  ''|*[!0-9]*) ;;
+  *)
+    if [ -d /proc/self ]; then
+      if tr '\000' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qxF -e "--datadir=$dir"; then
+        pids=$p
+      fi
+    else
+      pids=$p
+    fi
+    ;;
+esac
+if [ -d /proc/self ]; then
+  for f in $(grep -lzsxF -e "--datadir=$dir" /proc/[0-9]*/cmdline 2>/dev/null); do
+    q=${f#/proc/}
+    q=${q%/cmdline}
+    [ "$q" = "$$" ] || pids="$pids $q"
+  done
+fi
+for q in $pids; do kill -9 "$q" 2>/dev/null; done
+i=0
+while [ $i -lt 200 ]; do
+  any=
+  for q in $pids; do alive "$q" && any=1; done
+  [ -z "$any" ] && break
+  sleep 0.05
+  i=$((i+1))
+done
+rm -rf "$dir"
+"#;
+
+/// Errors while starting/stopping the sandbox server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// A required server binary (`mariadbd`, `mariadb-install-db`) was not found.
+    #[error(
+        "cannot find `{name}`: install mariadb-server (Debian/Ubuntu: \
+         `apt-get install mariadb-server`) or set LOCKSTOCK_MARIADBD / LOCKSTOCK_INSTALL_DB"
+    )]
+    BinaryNotFound {
+        /// The binary (or the path from the environment override) that was looked for.
+        name: String,
+    },
+    /// A filesystem or process operation failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `mariadb-install-db` exited unsuccessfully.
+    #[error("mariadb-install-db failed ({status}); output:\n{log}")]
+    InstallDb {
+        /// Exit status of the installer.
+        status: String,
+        /// Tail of the installer's combined stdout/stderr.
+        log: String,
+    },
+    /// The server did not accept connections in time.
+    #[error(
+        "sandbox server did not accept connections within {waited:?}; error log tail:\n{log_tail}"
+    )]
+    StartTimeout {
+        /// How long we waited.
+        waited: Duration,
+        /// Tail of the server's error log.
+        log_tail: String,
+    },
+    /// The server process exited while we were waiting for it to come up.
+    #[error("sandbox server exited during startup ({status}); error log tail:\n{log_tail}")]
+    ServerExited {
+        /// Exit status of the server process.
+        status: String,
+        /// Tail of the server's error log.
+        log_tail: String,
+    },
+    /// An SQL statement issued by the sandbox failed.
+    #[error("{context}")]
+    Sql {
+        /// The statement or action that failed.
+        context: String,
+        /// The underlying Diesel error.
+        #[source]
+        source: diesel::result::Error,
+    },
+    /// Connecting to the server failed.
+    #[error("cannot connect to the database server")]
+    Connection(#[from] diesel::ConnectionError),
+    /// The operation needs a running server, but it was killed or stopped.
+    #[error("the sandbox server is not running")]
+    NotRunning,
+    /// A database name outside `[A-Za-z0-9_]{1,64}` was given.
+    #[error("invalid database name {name:?}: expected 1 to 64 characters from [A-Za-z0-9_]")]
+    InvalidDatabaseName {
+        /// The rejected name.
+        name: String,
+    },
+    /// [`Sandbox::shared`] failed to start the shared server (on this or an earlier call).
+    #[error("the shared sandbox failed to start: {message}")]
+    SharedStartFailed {
+        /// The original start error, with its sources.
+        message: String,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let context = context.into();
+    move |source| SandboxError::Io { context, source }
+}
+
+/// A throwaway MariaDB server on a private data directory and Unix socket.
+///
+/// See the [module documentation](self) for an overview. The server runs as
+/// a child process; dropping the `Sandbox` kills it and deletes the data
+/// directory. `Sandbox` is `Send + Sync`; the mutating methods
+/// ([`kill`](Self::kill), [`stop`](Self::stop), [`restart`](Self::restart))
+/// need `&mut self`.
+#[derive(Debug)]
+pub struct Sandbox {
+    dir: PathBuf,
+    socket: PathBuf,
+    mariadbd: PathBuf,
+    server: Option<Child>,
+    watchdog: Option<Child>,
+}
+
+impl Sandbox {
+    /// Creates a fresh temporary data directory, initialises it with
+    /// `mariadb-install-db`, starts `mariadbd` and waits (up to 15 s) until
+    /// a connection succeeds.
+    pub fn start() -> Result<Sandbox, SandboxError> {
+        let mariadbd = find_binary(
+            "LOCKSTOCK_MARIADBD",
+            &["/usr/sbin/mariadbd"],
+            &["mariadbd", "mysqld"],
+            &[
+                "/usr/sbin/mysqld",
+                "/usr/libexec/mariadbd",
+                "/usr/libexec/mysqld",
+            ],
+        )?;
+        let install_db = find_binary(
+            "LOCKSTOCK_INSTALL_DB",
+            &["/usr/bin/mariadb-install-db"],
+            &["mariadb-install-db", "mysql_install_db"],
+            &[],
+        )?;
+        let dir = make_dir()?;
+        let socket = dir.join(SOCKET_NAME);
+        // From here on, Drop removes the directory if anything fails.
+        let mut sandbox = Sandbox {
+            dir,
+            socket,
+            mariadbd,
+            server: None,
+            watchdog: None,
+        };
+        sandbox.watchdog = Some(spawn_watchdog(&sandbox.dir)?);
+        sandbox.install_db(&install_db)?;
+        sandbox.spawn_server()?;
+        sandbox.wait_ready(FIRST_START_TIMEOUT)?;
+        Ok(sandbox)
+    }
+
+    /// The process-wide shared sandbox, started on first use.
+    ///
+    /// It is never dropped; its watchdog removes it after the process exits.
+    /// If starting it failed, every call returns
+    /// [`SandboxError::SharedStartFailed`] with the original message.
+    pub fn shared() -> Result<&'static Sandbox, SandboxError> {
+        static SHARED: OnceLock<Result<Sandbox, String>> = OnceLock::new();
+        match SHARED.get_or_init(|| Sandbox::start().map_err(|e| error_chain(&e))) {
+            Ok(sandbox) => Ok(sandbox),
+            Err(message) => Err(SandboxError::SharedStartFailed {
+                message: message.clone(),
+            }),
+        }
+    }
+
+    /// Diesel URL for `database` on this server:
+    /// `mysql://root@localhost/{database}?unix_socket={socket}`.
+    ///
+    /// An empty `database` gives a URL without a default database.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "mysql://root@localhost/{database}?unix_socket={}",
+            percent_encode(self.socket.as_os_str())
+        )
+    }
+
+    /// Runs ``CREATE DATABASE IF NOT EXISTS `name` `` (utf8mb4, utf8mb4_unicode_ci)
+    /// and returns [`url(name)`](Self::url).
+    ///
+    /// `name` must match `[A-Za-z0-9_]{1,64}`.
+    pub fn create_database(&self, name: &str) -> Result<String, SandboxError> {
+        validate_database_name(name)?;
+        if self.server.is_none() {
+            return Err(SandboxError::NotRunning);
+        }
+        let mut conn = MysqlConnection::establish(&self.url(""))?;
+        create_database_on(&mut conn, name)?;
+        Ok(self.url(name))
+    }
+
+    /// Process id of the running server, `None` after [`kill`](Self::kill) or
+    /// [`stop`](Self::stop).
+    pub fn pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
+    /// The sandbox directory: MariaDB data directory, socket, `error.log`.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of the server's Unix socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Kills the server with SIGKILL and waits for it, keeping the data
+    /// directory: simulates a crash. Use [`restart`](Self::restart) to recover.
+    pub fn kill(&mut self) -> Result<(), SandboxError> {
+        let mut child = self.server.take().ok_or(SandboxError::NotRunning)?;
+        if let Err(source) = child.kill() {
+            self.server = Some(child);
+            return Err(SandboxError::Io {
+                context: "cannot kill the sandbox server".into(),
+                source,
+            });
+        }
+        child
+            .wait()
+            .map_err(io_err("cannot wait for the killed sandbox server"))?;
+        Ok(())
+    }
+
+    /// Shuts the server down gracefully (SQL `SHUTDOWN`, falling back to
+    /// SIGTERM) and waits for it to exit; after 30 s it is killed.
+    pub fn stop(&mut self) -> Result<(), SandboxError> {
+        let url = self.url("");
+        let child = self.server.as_mut().ok_or(SandboxError::NotRunning)?;
+        let exited = child
+            .try_wait()
+            .map_err(io_err("cannot check the sandbox server status"))?;
+        if exited.is_none() {
+            let requested = match MysqlConnection::establish(&url) {
+                Ok(mut conn) => conn.batch_execute("SHUTDOWN").is_ok(),
+                Err(_) => false,
+            };
+            if !requested {
+                // Best effort; if this fails too we fall back to SIGKILL below.
+                let _ = Command::new("/bin/sh")
+                    .args(["-c", "kill -TERM \"$1\"", "sh"])
+                    .arg(child.id().to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            if wait_timeout(child, STOP_TIMEOUT)?.is_none() {
+                child.kill().map_err(io_err(
+                    "cannot kill the sandbox server after a stop timeout",
+                ))?;
+                child
+                    .wait()
+                    .map_err(io_err("cannot wait for the sandbox server"))?;
+            }
+        }
+        self.server = None;
+        Ok(())
+    }
+
+    /// Starts `mariadbd` again on the same data directory (stopping it first
+    /// if it is still running) and waits up to 60 s until it accepts
+    /// connections; after [`kill`](Self::kill) this includes crash recovery.
+    pub fn restart(&mut self) -> Result<(), SandboxError> {
+        if self.server.is_some() {
+            self.stop()?;
+        }
+        self.spawn_server()?;
+        self.wait_ready(RESTART_TIMEOUT)
+    }
+
+    fn install_db(&self, install_db: &Path) -> Result<(), SandboxError> {
+        let mut cmd = Command::new(install_db);
+        cmd.arg("--no-defaults")
+            .arg(flag("--datadir=", self.dir.as_os_str()))
+            // Passed on to the bootstrap server; see `spawn_server`.
+            .arg(flag("--tmpdir=", self.dir.as_os_str()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg("--skip-test-db");
+        if is_root() {
+            cmd.arg("--user=root");
+        }
+        let output = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err(format!("cannot run {}", install_db.display())))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let mut log = String::from_utf8_lossy(&output.stdout).into_owned();
+        log.push_str(&String::from_utf8_lossy(&output.stderr));
+        Err(SandboxError::InstallDb {
+            status: output.status.to_string(),
+            log: tail(&log, 8000),
+        })
+    }
+
+    fn spawn_server(&mut self) -> Result<(), SandboxError> {
+        // Leftovers of a killed server; it would otherwise refuse to start if
+        // the pid in the lock file had been reused.
+        let mut lock = self.socket.clone().into_os_string();
+        lock.push(".lock");
+        let _ = fs::remove_file(&self.socket);
+        let _ = fs::remove_file(lock);
+
+        let mut cmd = Command::new(&self.mariadbd);
+        cmd.arg("--no-defaults")
+            .arg(flag("--datadir=", self.dir.as_os_str()))
+            // A private tmpdir: a starting server deletes every `#sql*` file
+            // in its tmpdir, i.e. the temporary tables of other servers
+            // sharing it (this broke concurrent sandboxes on /tmp).
+            .arg(flag("--tmpdir=", self.dir.as_os_str()))
+            .arg(flag("--socket=", self.socket.as_os_str()))
+            .arg(flag("--pid-file=", self.dir.join(PID_FILE).as_os_str()))
+            .arg(flag("--log-error=", self.dir.join(ERROR_LOG).as_os_str()))
+            .args([
+                "--skip-networking",
+                "--lc-messages=en_US",
+                "--character-set-server=utf8mb4",
+                "--collation-server=utf8mb4_unicode_ci",
+                "--innodb-buffer-pool-size=128M",
+                "--max-connections=600",
+                "--skip-log-bin",
+                "--innodb-flush-log-at-trx-commit=1",
+            ]);
+        if is_root() {
+            cmd.arg("--user=root");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(io_err(format!("cannot start {}", self.mariadbd.display())))?;
+        let pid = child.id();
+        self.server = Some(child);
+        write_atomically(
+            &self.dir.join(SERVER_PID_FILE),
+            format!("{pid}\n").as_bytes(),
+        )
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), SandboxError> {
+        let url = self.url("");
+        let started = Instant::now();
+        loop {
+            let child = self.server.as_mut().ok_or(SandboxError::NotRunning)?;
+            if let Some(status) = child
+                .try_wait()
+                .map_err(io_err("cannot check the sandbox server status"))?
+            {
+                self.server = None;
+                return Err(SandboxError::ServerExited {
+                    status: status.to_string(),
+                    log_tail: self.log_tail(),
+                });
+            }
+            if MysqlConnection::establish(&url).is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                // Leave a defined state: not running.
+                let _ = self.kill();
+                return Err(SandboxError::StartTimeout {
+                    waited: started.elapsed(),
+                    log_tail: self.log_tail(),
+                });
+            }
+            sleep(POLL);
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        read_tail(&self.dir.join(ERROR_LOG), 4000)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        // Last, so that the watchdog still covers us if we die in between.
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+    }
+}
+
+/// Where examples, tests and benches get a database named `name`.
+///
+/// If the environment variable `DATABASE_URL` is set, connects to that
+/// server (ignoring any database in its path), runs
+/// ``CREATE DATABASE IF NOT EXISTS `name` `` and returns the URL with the
+/// path replaced by `name`. Otherwise uses
+/// [`Sandbox::shared()`](Sandbox::shared)`?.`[`create_database(name)`](Sandbox::create_database).
+///
+/// `name` must match `[A-Za-z0-9_]{1,64}`.
+pub fn database_url(name: &str) -> Result<String, SandboxError> {
+    validate_database_name(name)?;
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => {
+            let (server_url, database_url) = replace_database(url.trim(), name)?;
+            let mut conn = MysqlConnection::establish(&server_url)?;
+            create_database_on(&mut conn, name)?;
+            Ok(database_url)
+        }
+        _ => Sandbox::shared()?.create_database(name),
+    }
+}
+
+fn create_database_on(conn: &mut MysqlConnection, name: &str) -> Result<(), SandboxError> {
+    let sql = format!(
+        "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+    );
+    conn.batch_execute(&sql)
+        .map_err(|source| SandboxError::Sql {
+            context: sql,
+            source,
+        })
+}
+
+fn validate_database_name(name: &str) -> Result<(), SandboxError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::InvalidDatabaseName { name: name.into() })
+    }
+}
+
+/// Splits `url` into (server URL without database, URL with database `name`).
+fn replace_database(url: &str, name: &str) -> Result<(String, String), SandboxError> {
+    let invalid = || {
+        SandboxError::Connection(diesel::ConnectionError::InvalidConnectionUrl(format!(
+            "DATABASE_URL is not a `mysql://[user[:password]@]host[:port][/database][?options]` URL: {url}"
+        )))
+    };
+    let scheme_end = url.find("://").ok_or_else(invalid)? + 3;
+    let authority_len = url[scheme_end..]
+        .find(['/', '?', '#'])
+        .unwrap_or(url.len() - scheme_end);
+    let prefix = &url[..scheme_end + authority_len];
+    let rest = &url[scheme_end + authority_len..];
+    let rest = rest.split('#').next().unwrap_or("");
+    let query = rest.find('?').map_or("", |i| &rest[i..]);
+    Ok((
+        format!("{prefix}/{query}"),
+        format!("{prefix}/{name}{query}"),
+    ))
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        message.push_str(": ");
+        message.push_str(&e.to_string());
+        source = e.source();
+    }
+    message
+}
+
+fn flag(name: &str, value: &OsStr) -> OsString {
+    let mut s = OsString::from(name);
+    s.push(value);
+    s
+}
+
+fn percent_encode(value: &OsStr) -> String {
+    let mut out = String::new();
+    for &b in value.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn is_root() -> bool {
+    match fs::metadata("/proc/self") {
+        Ok(meta) => meta.uid() == 0,
+        Err(_) => std::env::var("USER").is_ok_and(|u| u == "root"),
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn search_path(name: &OsStr) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn find_binary(
+    env: &str,
+    defaults: &[&str],
+    on_path: &[&str],
+    fallbacks: &[&str],
+) -> Result<PathBuf, SandboxError> {
+    if let Some(value) = std::env::var_os(env).filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(&value);
+        if is_executable(&path) {
+            return Ok(path);
+        }
+        if path.components().count() == 1 {
+            if let Some(found) = search_path(&value) {
+                return Ok(found);
+            }
+        }
+        return Err(SandboxError::BinaryNotFound {
+            name: format!("{} (from {env})", path.display()),
+        });
+    }
+    let found = defaults
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| is_executable(p))
+        .or_else(|| {
+            on_path
+                .iter()
+                .find_map(|name| search_path(OsStr::new(name)))
+        })
+        .or_else(|| {
+            fallbacks
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| is_executable(p))
+        });
+    found.ok_or_else(|| SandboxError::BinaryNotFound {
+        name: on_path.first().copied().unwrap_or(env).to_string(),
+    })
+}
+
+fn make_dir() -> Result<PathBuf, SandboxError> {
+    let name = format!(
+        "lockstock-sandbox-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut base = std::env::temp_dir();
+    if base.is_relative() {
+        if let Ok(cwd) = std::env::current_dir() {
+            base = cwd.join(base);
+        }
+    }
+    if base.join(&name).join(SOCKET_NAME).as_os_str().len() >= MAX_SOCKET_PATH {
+        base = PathBuf::from("/tmp");
+    }
+    let dir = base.join(name);
+    if dir.exists() {
+        // Left behind by a dead process that had our pid.
+        fs::remove_dir_all(&dir)
+            .map_err(io_err(format!("cannot remove stale {}", dir.display())))?;
+    }
+    fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    Ok(dir)
+}
+
+fn spawn_watchdog(dir: &Path) -> Result<Child, SandboxError> {
+    Command::new("/bin/sh")
+        .arg("-c")
+        .arg(WATCHDOG_SCRIPT)
+        .arg("lockstock-sandbox-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(io_err("cannot start the sandbox watchdog (/bin/sh)"))
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SandboxError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, contents).map_err(io_err(format!("cannot write {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_err(format!("cannot write {}", path.display())))
+}
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, SandboxError> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(io_err("cannot check the sandbox server status"))?
+        {
+            return Ok(Some(status));
+        }
+        if started.elapsed() >= timeout {
+            return Ok(None);
+        }
+        sleep(POLL);
+    }
+}
+
+fn read_tail(path: &Path, max: u64) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut file = fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => text,
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+fn tail(text: &str, max: usize) -> String {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names() {
+        assert!(validate_database_name("abc_09_XYZ").is_ok());
+        assert!(validate_database_name(&"a".repeat(64)).is_ok());
+        for bad in ["", "a-b", "a b", "a`b", "é", &"a".repeat(65)] {
+            assert!(
+                matches!(
+                    validate_database_name(bad),
+                    Err(SandboxError::InvalidDatabaseName { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn replace_database_in_urls() {
+        let cases = [
+            (
+                "mysql://root@localhost/old?unix_socket=/s",
+                "mysql://root@localhost/?unix_socket=/s",
+                "mysql://root@localhost/new?unix_socket=/s",
+            ),
+            (
+                "mysql://u:p@db:3306",
+                "mysql://u:p@db:3306/",
+                "mysql://u:p@db:3306/new",
+            ),
+            (
+                "mysql://u:p@db:3306/",
+                "mysql://u:p@db:3306/",
+                "mysql://u:p@db:3306/new",
+            ),
+            (
+                "mysql://localhost?ssl_mode=disabled",
+                "mysql://localhost/?ssl_mode=disabled",
+                "mysql://localhost/new?ssl_mode=disabled",
+            ),
+            (
+                "mysql://localhost/old#frag",
+                "mysql://localhost/",
+                "mysql://localhost/new",
+            ),
+        ];
+        for (input, server, db) in cases {
+            let (s, d) = replace_database(input, "new").unwrap();
+            assert_eq!((s.as_str(), d.as_str()), (server, db), "{input}");
+        }
+        assert!(replace_database("localhost/db", "new").is_err());
+    }
+
+    #[test]
+    fn socket_paths_are_encoded() {
+        assert_eq!(
+            percent_encode(OsStr::new("/tmp/a b+c/mysqld.sock")),
+            "/tmp/a%20b%2Bc/mysqld.sock"
+        );
+    }
+
+    #[test]
+    fn tails_respect_char_boundaries() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("abc", 10), "abc");
+    }
+}

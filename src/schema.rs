@@ -1,0 +1,93 @@
+//! Diesel table definitions, kept identical to `migrations/`.
+//!
+//! A test (`tests/migrations.rs`) compares these against the columns the server reports after
+//! running the migrations, so a drift between the two fails the build's tests.
+#![allow(missing_docs)]
+
+diesel::table! {
+    /// One row per account: the balance and a change counter.
+    user_balance (user_id) {
+        user_id -> BigInt,
+        balance -> Numeric,
+        version -> BigInt,
+        updated_at -> Datetime,
+    }
+}
+
+diesel::table! {
+    /// The journal: one immutable row per balance change.
+    balance_history (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        #[max_length = 16]
+        kind -> Varchar,
+        amount -> Numeric,
+        balance_after -> Numeric,
+        #[max_length = 64]
+        idempotency_key -> Nullable<Varchar>,
+        #[max_length = 16]
+        request_hash -> Char,
+        related_entry_id -> Nullable<BigInt>,
+        counterparty_user_id -> Nullable<BigInt>,
+        refunded_amount -> Numeric,
+        created_at -> Datetime,
+    }
+}
+
+diesel::table! {
+    /// Coupon templates.
+    coupon (id) {
+        id -> BigInt,
+        #[max_length = 255]
+        name -> Varchar,
+        #[max_length = 16]
+        discount_kind -> Varchar,
+        discount_value -> Numeric,
+        max_discount -> Nullable<Numeric>,
+        valid_from -> Datetime,
+        valid_until -> Datetime,
+        created_at -> Datetime,
+    }
+}
+
+diesel::table! {
+    /// First-come-first-served campaigns; `stock_quantity` is the hot row.
+    fcfs_coupon (id) {
+        id -> BigInt,
+        coupon_id -> BigInt,
+        total_quantity -> Integer,
+        stock_quantity -> Integer,
+        issue_starts_at -> Datetime,
+        issue_ends_at -> Datetime,
+        created_at -> Datetime,
+        updated_at -> Datetime,
+    }
+}
+
+diesel::table! {
+    /// Issued coupons, at most one per (user, coupon template).
+    user_coupon (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        coupon_id -> BigInt,
+        fcfs_coupon_id -> BigInt,
+        #[max_length = 16]
+        status -> Varchar,
+        issued_at -> Datetime,
+        used_at -> Nullable<Datetime>,
+        #[max_length = 64]
+        order_ref -> Nullable<Varchar>,
+    }
+}
+
+diesel::joinable!(balance_history -> user_balance (user_id));
+diesel::joinable!(fcfs_coupon -> coupon (coupon_id));
+diesel::joinable!(user_coupon -> coupon (coupon_id));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    user_balance,
+    balance_history,
+    coupon,
+    fcfs_coupon,
+    user_coupon,
+);

@@ -1,0 +1,449 @@
+//! The one transaction runner: isolation, session timeouts, bounded jittered retry and a deadline.
+//!
+//! Every balance or stock change in lockstock goes through [`TxnRunner::run`]. It
+//! 1. refuses to run inside a transaction the caller opened (it could not retry it),
+//! 2. sends the session settings, `SET TRANSACTION ISOLATION LEVEL ...` and `BEGIN` in one
+//!    multi-statement batch (`MysqlConnection` has no isolation builder, and `SET TRANSACTION`
+//!    applies to the next transaction only),
+//! 3. runs the body, then COMMIT; any error rolls the whole transaction back — MariaDB's lock
+//!    wait timeout (also its NOWAIT refusal, 1205) rolls back only the statement, so the runner
+//!    must not continue the transaction,
+//! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
+//!    exponential backoff, bounded by attempts and by a deadline for the whole call.
+
+use std::cell::Cell;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::mysql::MysqlConnection;
+use diesel::r2d2::CustomizeConnection;
+use diesel::sql_types::Text;
+use diesel::RunQueryDsl;
+
+use crate::error::{Error, ServerError};
+
+/// Transaction isolation level of the writing transactions.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// The default. Plain reads take shared locks; lockstock reads hot rows only through
+    /// `FOR UPDATE NOWAIT` on unique indexes, so no range is locked.
+    Serializable,
+    /// InnoDB's default.
+    RepeatableRead,
+    /// Fewer gap locks; correctness still rests on the row locks lockstock takes.
+    ReadCommitted,
+}
+
+impl Isolation {
+    fn sql(self) -> &'static str {
+        match self {
+            Self::Serializable => "SERIALIZABLE",
+            Self::RepeatableRead => "REPEATABLE READ",
+            Self::ReadCommitted => "READ COMMITTED",
+        }
+    }
+}
+
+/// How often and how long a refused transaction is retried.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Transactions tried at most, the first included (at least 1).
+    pub max_attempts: u32,
+    /// Backoff ceiling before the first retry; doubled for every further retry.
+    pub base_backoff: Duration,
+    /// Largest backoff ceiling.
+    pub max_backoff: Duration,
+    /// Time budget of the whole call, retries and backoff included.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 64,
+            base_backoff: Duration::from_micros(500),
+            max_backoff: Duration::from_millis(50),
+            deadline: Duration::from_secs(3),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy that tries once and reports a refusal as [`Error::Contended`] at once.
+    pub fn no_retry() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// The backoff ceiling before retry number `retry` (0 for the first retry):
+    /// `min(max_backoff, base_backoff * 2^retry)`.
+    pub fn backoff_ceiling(&self, retry: u32) -> Duration {
+        let factor = 1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX);
+        self.base_backoff
+            .checked_mul(factor)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
+    }
+
+    /// A full-jitter backoff: uniform in `[0, backoff_ceiling(retry)]`.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        self.backoff_ceiling(retry).mul_f64(jitter_fraction())
+    }
+}
+
+/// Policy of every transaction a domain type runs: isolation, timeouts and retries.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnPolicy {
+    /// Isolation of the writing transactions (default SERIALIZABLE).
+    pub isolation: Isolation,
+    /// Retry and deadline.
+    pub retry: RetryPolicy,
+    /// `innodb_lock_wait_timeout` for statements that wait for locks (whole seconds, at least 1).
+    /// `NOWAIT` reads never wait.
+    pub lock_wait_timeout: Duration,
+    /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL).
+    pub statement_timeout: Duration,
+}
+
+impl Default for TxnPolicy {
+    fn default() -> Self {
+        Self {
+            isolation: Isolation::Serializable,
+            retry: RetryPolicy::default(),
+            lock_wait_timeout: Duration::from_secs(1),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TxnPolicy {
+    /// The same policy with another isolation level.
+    pub fn with_isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// The same policy with another retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The `SET SESSION` statement for this policy on a server of `flavor`.
+    fn session_sql(&self, flavor: ServerFlavor) -> String {
+        let lock_wait = self.lock_wait_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let limit = match flavor {
+            ServerFlavor::MariaDb => format!(
+                "max_statement_time = {:.3}",
+                self.statement_timeout.as_secs_f64()
+            ),
+            ServerFlavor::MySql => format!(
+                "max_execution_time = {}",
+                self.statement_timeout.as_millis()
+            ),
+        };
+        format!(
+            "SET SESSION innodb_lock_wait_timeout = {lock_wait}, {limit}, \
+             lc_messages = 'en_US', time_zone = '+00:00'"
+        )
+    }
+}
+
+/// Which server a connection talks to; their variable names differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerFlavor {
+    /// MariaDB (tested: 10.11).
+    MariaDb,
+    /// MySQL 8 (not tested here; its error texts and variables are handled).
+    MySql,
+}
+
+impl ServerFlavor {
+    /// Asks the server.
+    pub fn detect(conn: &mut MysqlConnection) -> Result<Self, Error> {
+        let version: String =
+            diesel::select(diesel::dsl::sql::<Text>("VERSION()")).get_result(conn)?;
+        Ok(if version.to_ascii_lowercase().contains("mariadb") {
+            Self::MariaDb
+        } else {
+            Self::MySql
+        })
+    }
+}
+
+/// Applies a policy's session settings to a connection.
+pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
+    let flavor = ServerFlavor::detect(conn)?;
+    conn.batch_execute(&policy.session_sql(flavor))?;
+    Ok(())
+}
+
+/// An r2d2 connection customizer that applies a [`TxnPolicy`]'s session settings (timeouts,
+/// English messages, UTC) to every connection the pool opens.
+#[derive(Debug, Clone, Default)]
+pub struct SessionSettings {
+    policy: TxnPolicy,
+}
+
+impl SessionSettings {
+    /// Settings taken from `policy`.
+    pub fn new(policy: TxnPolicy) -> Self {
+        Self { policy }
+    }
+}
+
+impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for SessionSettings {
+    fn on_acquire(&self, conn: &mut MysqlConnection) -> Result<(), diesel::r2d2::Error> {
+        apply_session_settings(conn, &self.policy).map_err(|e| match e {
+            Error::Server(s) => diesel::r2d2::Error::QueryError(s.into_diesel_error()),
+            other => diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(
+                other.to_string().into(),
+            )),
+        })
+    }
+}
+
+/// Counts of one call, for reports and tracing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attempts {
+    /// Transactions started.
+    pub started: u32,
+    /// Lock refusals and other retryable failures among them.
+    pub refused: u32,
+}
+
+/// Runs transactions under a [`TxnPolicy`]. Domain types hold one; it holds no connection.
+#[derive(Debug, Default)]
+pub struct TxnRunner {
+    policy: TxnPolicy,
+    begin_sql: OnceLock<String>,
+}
+
+impl Clone for TxnRunner {
+    fn clone(&self) -> Self {
+        Self::new(self.policy.clone())
+    }
+}
+
+impl TxnRunner {
+    /// A runner for `policy`.
+    pub fn new(policy: TxnPolicy) -> Self {
+        Self {
+            policy,
+            begin_sql: OnceLock::new(),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &TxnPolicy {
+        &self.policy
+    }
+
+    /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
+    /// start: it sees a rolled-back database each time.
+    pub fn run<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.run_counted(conn, body).0
+    }
+
+    /// Like [`run`](Self::run), also returning how many transactions were started and refused.
+    pub fn run_counted<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> (Result<T, Error>, Attempts) {
+        let started_at = Instant::now();
+        let retry = &self.policy.retry;
+        let mut attempts = Attempts::default();
+        loop {
+            attempts.started += 1;
+            let error = match self.once(conn, &mut body) {
+                Ok(value) => return (Ok(value), attempts),
+                Err(error) if error.is_transient() => error,
+                Err(error) => return (Err(error), attempts),
+            };
+            attempts.refused += 1;
+            let elapsed = started_at.elapsed();
+            let pause = retry.backoff(attempts.started - 1);
+            if attempts.started >= retry.max_attempts.max(1) || elapsed + pause >= retry.deadline {
+                let last = match error {
+                    Error::Server(last) => last,
+                    other => return (Err(other), attempts),
+                };
+                let contended = Error::Contended {
+                    attempts: attempts.started,
+                    elapsed,
+                    last,
+                };
+                return (Err(contended), attempts);
+            }
+            std::thread::sleep(pause);
+        }
+    }
+
+    fn once<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
+            Ok(None) => {}
+            Ok(Some(_)) => return Err(Error::NestedTransaction),
+            Err(e) => return Err(e.into()),
+        }
+        let begin = self.begin_sql(conn)?;
+        AnsiTransactionManager::begin_transaction_sql(conn, begin)?;
+        match body(conn) {
+            Ok(value) => match AnsiTransactionManager::commit_transaction(conn) {
+                Ok(()) => Ok(value),
+                Err(e) => Err(commit_failure(e)),
+            },
+            Err(error) => {
+                // A failed rollback leaves Diesel's transaction manager marked broken, which makes
+                // r2d2 discard the connection; the body's error is the one worth reporting.
+                let _ = AnsiTransactionManager::rollback_transaction(conn);
+                Err(error)
+            }
+        }
+    }
+
+    fn begin_sql(&self, conn: &mut MysqlConnection) -> Result<&str, Error> {
+        if let Some(sql) = self.begin_sql.get() {
+            return Ok(sql);
+        }
+        let flavor = ServerFlavor::detect(conn)?;
+        let sql = format!(
+            "{}; SET TRANSACTION ISOLATION LEVEL {}; BEGIN",
+            self.policy.session_sql(flavor),
+            self.policy.isolation.sql()
+        );
+        Ok(self.begin_sql.get_or_init(|| sql))
+    }
+
+    /// Runs `body` in a read-only consistent snapshot (REPEATABLE READ, no locks taken), so
+    /// reads never block or deadlock with writers and see one committed state.
+    pub fn read<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        body: impl FnOnce(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
+            Ok(None) => {}
+            Ok(Some(_)) => return Err(Error::NestedTransaction),
+            Err(e) => return Err(e.into()),
+        }
+        AnsiTransactionManager::begin_transaction_sql(
+            conn,
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
+             START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+        )?;
+        let result = body(conn);
+        match result {
+            Ok(value) => {
+                AnsiTransactionManager::commit_transaction(conn)?;
+                Ok(value)
+            }
+            Err(error) => {
+                let _ = AnsiTransactionManager::rollback_transaction(conn);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// A COMMIT that failed because the connection went away may still have been applied.
+fn commit_failure(error: diesel::result::Error) -> Error {
+    let error = ServerError::new(error);
+    if error.kind() == crate::error::ServerErrorKind::ConnectionLost {
+        Error::OutcomeUnknown { source: error }
+    } else {
+        Error::Server(error)
+    }
+}
+
+thread_local! {
+    static RNG_STATE: Cell<u64> = Cell::new({
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u128(Instant::now().elapsed().as_nanos());
+        hasher.finish() | 1
+    });
+}
+
+/// A uniform number in `[0, 1)` from a per-thread xorshift64* generator; jitter needs spread, not
+/// cryptographic quality, and this keeps the crate free of an RNG dependency.
+fn jitter_fraction() -> f64 {
+    RNG_STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_ceiling_doubles_up_to_the_cap() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            base_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(20),
+            deadline: Duration::from_secs(1),
+        };
+        let ceilings: Vec<u128> = (0..8)
+            .map(|r| policy.backoff_ceiling(r).as_millis())
+            .collect();
+        assert_eq!(ceilings, vec![1, 2, 4, 8, 16, 20, 20, 20]);
+        assert_eq!(policy.backoff_ceiling(u32::MAX), Duration::from_millis(20));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_within_the_ceiling() {
+        let policy = RetryPolicy::default();
+        for retry in 0..12 {
+            let ceiling = policy.backoff_ceiling(retry);
+            let samples: Vec<Duration> = (0..200).map(|_| policy.backoff(retry)).collect();
+            assert!(samples.iter().all(|d| *d <= ceiling), "retry {retry}");
+            // Full jitter: spread over the whole range, not clustered at the top.
+            assert!(samples.iter().any(|d| *d < ceiling / 4), "retry {retry}");
+            assert!(
+                samples.iter().any(|d| *d > ceiling * 3 / 4),
+                "retry {retry}"
+            );
+        }
+    }
+
+    #[test]
+    fn jitter_fraction_is_in_unit_interval() {
+        for _ in 0..10_000 {
+            let f = jitter_fraction();
+            assert!((0.0..1.0).contains(&f));
+        }
+    }
+
+    #[test]
+    fn session_sql_per_flavor() {
+        let policy = TxnPolicy::default();
+        let maria = policy.session_sql(ServerFlavor::MariaDb);
+        assert!(maria.contains("max_statement_time = 5.000"), "{maria}");
+        assert!(maria.contains("innodb_lock_wait_timeout = 1"), "{maria}");
+        let mysql = policy.session_sql(ServerFlavor::MySql);
+        assert!(mysql.contains("max_execution_time = 5000"), "{mysql}");
+        assert!(!mysql.contains("max_statement_time"), "{mysql}");
+    }
+}

@@ -1,0 +1,437 @@
+//! The foundation against a real server: migrations, schema, session settings, and the
+//! transaction runner's NOWAIT refusal, retry, attempt bound and deadline.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::sql_types::{BigInt, Double, Text};
+use diesel_migrations::MigrationHarness;
+use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance, user_coupon};
+use lockstock::{
+    BalanceLedger, Error, RetryPolicy, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
+};
+use rust_decimal::Decimal;
+
+#[derive(QueryableByName)]
+struct Name {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+fn tables(conn: &mut MysqlConnection) -> Vec<String> {
+    diesel::sql_query(
+        "SELECT table_name AS name FROM information_schema.tables \
+         WHERE table_schema = DATABASE() AND table_name <> '__diesel_schema_migrations' \
+         ORDER BY table_name",
+    )
+    .load::<Name>(conn)
+    .expect("list tables")
+    .into_iter()
+    .map(|n| n.name)
+    .collect()
+}
+
+#[test]
+fn migrations_up_down_up() {
+    let (_url, mut conn) = common::fresh_database("foundation_migrations");
+    let all = [
+        "balance_history",
+        "coupon",
+        "fcfs_coupon",
+        "user_balance",
+        "user_coupon",
+    ];
+    assert_eq!(tables(&mut conn), all);
+    conn.revert_all_migrations(lockstock::MIGRATIONS)
+        .expect("down");
+    assert!(
+        tables(&mut conn).is_empty(),
+        "down.sql leaves tables: {:?}",
+        tables(&mut conn)
+    );
+    lockstock::run_migrations(&mut conn).expect("up again");
+    assert_eq!(tables(&mut conn), all);
+    // Idempotent: nothing pending.
+    lockstock::run_migrations(&mut conn).expect("up once more");
+}
+
+/// Column names and order of `schema.rs`, read from Diesel's own SQL for `all_columns`.
+fn diesel_columns(select_sql: &str) -> Vec<String> {
+    let select = select_sql.split(" FROM ").next().unwrap_or_default();
+    select
+        .trim_start_matches("SELECT ")
+        .split(", ")
+        .map(|c| {
+            c.rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .trim_matches('`')
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn schema_rs_matches_migrations() {
+    let (_url, mut conn) = common::fresh_database("foundation_schema");
+    let declared = [
+        (
+            "user_balance",
+            diesel::debug_query::<diesel::mysql::Mysql, _>(
+                &user_balance::table.select(user_balance::all_columns),
+            )
+            .to_string(),
+        ),
+        (
+            "balance_history",
+            diesel::debug_query::<diesel::mysql::Mysql, _>(
+                &balance_history::table.select(balance_history::all_columns),
+            )
+            .to_string(),
+        ),
+        (
+            "coupon",
+            diesel::debug_query::<diesel::mysql::Mysql, _>(
+                &coupon::table.select(coupon::all_columns),
+            )
+            .to_string(),
+        ),
+        (
+            "fcfs_coupon",
+            diesel::debug_query::<diesel::mysql::Mysql, _>(
+                &fcfs_coupon::table.select(fcfs_coupon::all_columns),
+            )
+            .to_string(),
+        ),
+        (
+            "user_coupon",
+            diesel::debug_query::<diesel::mysql::Mysql, _>(
+                &user_coupon::table.select(user_coupon::all_columns),
+            )
+            .to_string(),
+        ),
+    ];
+    for (table, sql) in declared {
+        let actual: Vec<String> = diesel::sql_query(
+            "SELECT column_name AS name FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND table_name = ? ORDER BY ordinal_position",
+        )
+        .bind::<Text, _>(table)
+        .load::<Name>(&mut conn)
+        .expect("columns")
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+        assert_eq!(diesel_columns(&sql), actual, "{table}");
+        // Every declared type deserializes what the server stores (no rows needed to type-check
+        // the select list on the server).
+    }
+    // Load real rows through every column of the two domains.
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, Decimal::new(5, 0), "k")
+        .expect("charge");
+    let rows: Vec<(i64, Decimal, i64, chrono::NaiveDateTime)> = user_balance::table
+        .select(user_balance::all_columns)
+        .load(&mut conn)
+        .expect("user_balance");
+    assert_eq!(rows.len(), 1);
+    let journal = balance_history::table
+        .select(balance_history::all_columns)
+        .load::<(
+            i64,
+            i64,
+            String,
+            Decimal,
+            Decimal,
+            Option<String>,
+            String,
+            Option<i64>,
+            Option<i64>,
+            Decimal,
+            chrono::NaiveDateTime,
+        )>(&mut conn)
+        .expect("balance_history");
+    assert_eq!(journal.len(), 1);
+}
+
+#[derive(QueryableByName)]
+struct Settings {
+    #[diesel(sql_type = BigInt)]
+    lock_wait: i64,
+    #[diesel(sql_type = Double)]
+    statement: f64,
+    #[diesel(sql_type = Text)]
+    messages: String,
+    #[diesel(sql_type = Text)]
+    zone: String,
+}
+
+#[test]
+fn pool_customizer_applies_session_settings() {
+    let (url, _conn) = common::fresh_database("foundation_pool");
+    let mut policy = TxnPolicy::default();
+    policy.lock_wait_timeout = Duration::from_secs(2);
+    policy.statement_timeout = Duration::from_millis(1500);
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(SessionSettings::new(policy)))
+        .build(ConnectionManager::<MysqlConnection>::new(url))
+        .expect("pool");
+    let mut conn = pool.get().expect("pooled connection");
+    let s: Settings = diesel::sql_query(
+        "SELECT @@innodb_lock_wait_timeout AS lock_wait, @@max_statement_time AS statement, \
+         @@lc_messages AS messages, @@time_zone AS zone",
+    )
+    .get_result(&mut conn)
+    .expect("read settings");
+    assert_eq!(s.lock_wait, 2);
+    assert!((s.statement - 1.5).abs() < 1e-9, "{}", s.statement);
+    assert_eq!(s.messages, "en_US");
+    assert_eq!(s.zone, "+00:00");
+}
+
+#[test]
+fn statement_timeout_is_enforced_and_typed() {
+    let (url, _conn) = common::fresh_database("foundation_stmt_timeout");
+    let mut conn = common::connect(&url);
+    let mut policy = TxnPolicy::default();
+    policy.statement_timeout = Duration::from_millis(200);
+    let runner = TxnRunner::new(policy);
+    let started = Instant::now();
+    let result = runner.run(&mut conn, |conn| {
+        conn.batch_execute("SELECT SLEEP(3) FROM user_balance UNION ALL SELECT SLEEP(3)")?;
+        Ok(())
+    });
+    let error = result.expect_err("the statement limit must interrupt SLEEP(3)");
+    assert_eq!(
+        error.server_kind(),
+        Some(ServerErrorKind::StatementTimeout),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+fn seed_account(url: &str, user_id: i64) {
+    let mut conn = common::connect(url);
+    BalanceLedger::new()
+        .charge(
+            &mut conn,
+            user_id,
+            Decimal::new(100, 0),
+            &format!("seed-{user_id}"),
+        )
+        .expect("seed charge");
+}
+
+fn lock_nowait(conn: &mut MysqlConnection, user_id: i64) -> Result<Decimal, Error> {
+    Ok(user_balance::table
+        .find(user_id)
+        .select(user_balance::balance)
+        .for_update()
+        .no_wait()
+        .first(conn)?)
+}
+
+/// Two connections race for one row with FOR UPDATE NOWAIT: exactly one holds it, the other is
+/// refused at once with a typed, retryable error.
+#[test]
+fn nowait_race_exactly_one_holds_the_lock() {
+    let (url, _conn) = common::fresh_database("foundation_nowait_race");
+    seed_account(&url, 1);
+    let barrier = Arc::new(Barrier::new(2));
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, barrier) = (url.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                let runner =
+                    TxnRunner::new(TxnPolicy::default().with_retry(RetryPolicy::no_retry()));
+                barrier.wait();
+                let started = Instant::now();
+                let result = runner.run(&mut conn, |conn| {
+                    lock_nowait(conn, 1)?;
+                    // Hold the lock long enough that the other racer certainly asks meanwhile.
+                    thread::sleep(Duration::from_millis(400));
+                    Ok(())
+                });
+                (result, started.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<_> = racers
+        .into_iter()
+        .map(|r| r.join().expect("racer"))
+        .collect();
+    let winners = results.iter().filter(|(r, _)| r.is_ok()).count();
+    assert_eq!(winners, 1, "{results:?}");
+    let (refused, waited) = results.iter().find(|(r, _)| r.is_err()).expect("a loser");
+    let refused = refused.as_ref().expect_err("loser");
+    match refused {
+        Error::Contended {
+            attempts: 1, last, ..
+        } => {
+            assert!(last.kind().is_retryable(), "{last}");
+            assert!(
+                matches!(
+                    last.kind(),
+                    ServerErrorKind::LockWaitTimeout | ServerErrorKind::LockRefused
+                ),
+                "{last}"
+            );
+        }
+        other => panic!("expected Contended, got {other:?}"),
+    }
+    assert!(refused.is_retryable());
+    // NOWAIT: refused at once, not after innodb_lock_wait_timeout (1 s).
+    assert!(
+        *waited < Duration::from_millis(350),
+        "refusal took {waited:?}"
+    );
+}
+
+/// The runner's retry turns the refusal into success once the holder commits.
+#[test]
+fn retry_succeeds_after_holder_commits() {
+    let (url, _conn) = common::fresh_database("foundation_retry");
+    seed_account(&url, 1);
+    let mut holder = common::connect(&url);
+    let held = Arc::new(Barrier::new(2));
+    let held2 = held.clone();
+    let holder_thread = thread::spawn(move || {
+        holder
+            .transaction::<_, diesel::result::Error, _>(|conn| {
+                user_balance::table
+                    .find(1i64)
+                    .select(user_balance::balance)
+                    .for_update()
+                    .first::<Decimal>(conn)?;
+                held2.wait();
+                thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })
+            .expect("holder");
+    });
+    held.wait();
+    let mut conn = common::connect(&url);
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let started = Instant::now();
+    let (result, attempts) = runner.run_counted(&mut conn, |conn| lock_nowait(conn, 1));
+    holder_thread.join().expect("holder thread");
+    assert_eq!(result.expect("retried to success"), Decimal::new(100, 0));
+    assert!(attempts.refused >= 1, "{attempts:?}");
+    assert_eq!(attempts.started, attempts.refused + 1);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+fn hold_lock_for(
+    url: &str,
+    user_id: i64,
+    hold: Duration,
+) -> (thread::JoinHandle<()>, Arc<Barrier>) {
+    let mut holder = common::connect(url);
+    let held = Arc::new(Barrier::new(2));
+    let held2 = held.clone();
+    let handle = thread::spawn(move || {
+        holder
+            .transaction::<_, diesel::result::Error, _>(|conn| {
+                user_balance::table
+                    .find(user_id)
+                    .select(user_balance::balance)
+                    .for_update()
+                    .first::<Decimal>(conn)?;
+                held2.wait();
+                thread::sleep(hold);
+                Ok(())
+            })
+            .expect("holder");
+    });
+    (handle, held)
+}
+
+#[test]
+fn retries_stop_at_max_attempts() {
+    let (url, _conn) = common::fresh_database("foundation_attempts");
+    seed_account(&url, 1);
+    let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(1500));
+    held.wait();
+    let mut conn = common::connect(&url);
+    let mut retry = RetryPolicy::default();
+    retry.max_attempts = 5;
+    retry.base_backoff = Duration::from_millis(1);
+    retry.max_backoff = Duration::from_millis(4);
+    retry.deadline = Duration::from_secs(10);
+    let runner = TxnRunner::new(TxnPolicy::default().with_retry(retry));
+    let (result, attempts) = runner.run_counted(&mut conn, |conn| lock_nowait(conn, 1));
+    match result {
+        Err(Error::Contended {
+            attempts: 5,
+            elapsed,
+            ..
+        }) => {
+            // 4 backoffs of at most 1, 2, 4, 4 ms plus five refusals.
+            assert!(elapsed < Duration::from_millis(1000), "{elapsed:?}");
+        }
+        other => panic!("expected Contended after 5 attempts, got {other:?}"),
+    }
+    assert_eq!((attempts.started, attempts.refused), (5, 5));
+    holder.join().expect("holder");
+}
+
+#[test]
+fn retries_stop_at_the_deadline() {
+    let (url, _conn) = common::fresh_database("foundation_deadline");
+    seed_account(&url, 1);
+    let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(2000));
+    held.wait();
+    let mut conn = common::connect(&url);
+    let mut retry = RetryPolicy::default();
+    retry.max_attempts = 100_000;
+    retry.deadline = Duration::from_millis(300);
+    let runner = TxnRunner::new(TxnPolicy::default().with_retry(retry));
+    let started = Instant::now();
+    match runner.run(&mut conn, |conn| lock_nowait(conn, 1)) {
+        Err(Error::Contended {
+            attempts, elapsed, ..
+        }) => {
+            assert!(attempts > 1 && attempts < 100_000, "{attempts}");
+            assert!(elapsed <= Duration::from_millis(300), "{elapsed:?}");
+        }
+        other => panic!("expected Contended at the deadline, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    holder.join().expect("holder");
+}
+
+#[test]
+fn refuses_to_run_inside_a_callers_transaction() {
+    let (url, _conn) = common::fresh_database("foundation_nested");
+    let mut conn = common::connect(&url);
+    let ledger = BalanceLedger::new();
+    let outcome = conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        Ok(ledger.charge(conn, 1, Decimal::ONE, "inside"))
+    });
+    assert!(
+        matches!(outcome, Ok(Err(Error::NestedTransaction))),
+        "{outcome:?}"
+    );
+    let count: i64 = balance_history::table
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    assert_eq!(count, 0);
+}

@@ -1,0 +1,271 @@
+//! Integration tests for `lockstock::sandbox` against a real MariaDB server.
+
+use std::error::Error;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::Integer;
+use lockstock::sandbox::{database_url, Sandbox, SandboxError};
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+const CHILD_ENV: &str = "LOCKSTOCK_SANDBOX_CHILD";
+const CHILD_TEST: &str = "child_starts_sandbox_and_sleeps";
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+fn select_one(url: &str) -> Result<i32, Box<dyn Error>> {
+    let mut conn = MysqlConnection::establish(url)?;
+    Ok(diesel::select(diesel::dsl::sql::<Integer>("1")).get_result(&mut conn)?)
+}
+
+/// True if `pid` exists and is not a zombie (an orphaned, killed server may
+/// stay a zombie until init reaps it).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if done() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            return None;
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn start_create_database_and_query() -> TestResult {
+    let started = Instant::now();
+    let sandbox = Sandbox::start()?;
+    eprintln!("Sandbox::start took {:?}", started.elapsed());
+
+    let pid = sandbox.pid().ok_or("no pid after start")?;
+    assert!(process_alive(pid));
+    assert!(sandbox.data_dir().is_dir());
+    assert!(sandbox.socket_path().starts_with(sandbox.data_dir()));
+    assert!(sandbox.socket_path().as_os_str().len() < 100);
+    let dir_name = sandbox
+        .data_dir()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("bad dir name")?;
+    assert!(dir_name.starts_with(&format!("lockstock-sandbox-{}-", std::process::id())));
+
+    let url = sandbox.create_database("sbx_basic")?;
+    assert_eq!(url, sandbox.url("sbx_basic"));
+    assert!(url.starts_with("mysql://root@localhost/sbx_basic?unix_socket="));
+    assert_eq!(select_one(&url)?, 1);
+    // Idempotent.
+    assert_eq!(sandbox.create_database("sbx_basic")?, url);
+
+    let mut conn = MysqlConnection::establish(&url)?;
+    let rows: Vec<Count> = diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM information_schema.schemata \
+         WHERE schema_name = 'sbx_basic' AND default_character_set_name = 'utf8mb4'",
+    )
+    .load(&mut conn)?;
+    assert_eq!(rows.first().map(|r| r.n), Some(1));
+
+    for bad in [
+        "",
+        "bad-name",
+        "x`; DROP DATABASE mysql; --",
+        &"a".repeat(65),
+    ] {
+        assert!(
+            matches!(
+                sandbox.create_database(bad),
+                Err(SandboxError::InvalidDatabaseName { .. })
+            ),
+            "{bad:?} accepted"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn kill_then_restart_keeps_committed_data() -> TestResult {
+    let mut sandbox = Sandbox::start()?;
+    let url = sandbox.create_database("sbx_crash")?;
+    {
+        let mut conn = MysqlConnection::establish(&url)?;
+        diesel::sql_query("CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB")
+            .execute(&mut conn)?;
+        conn.transaction(|conn| {
+            diesel::sql_query("INSERT INTO t VALUES (1, 10), (2, 20)").execute(conn)?;
+            Ok::<_, diesel::result::Error>(())
+        })?;
+        diesel::sql_query("UPDATE t SET v = v + 1 WHERE id = 2").execute(&mut conn)?;
+    }
+    let old_pid = sandbox.pid().ok_or("no pid")?;
+
+    sandbox.kill()?;
+    assert_eq!(sandbox.pid(), None);
+    assert!(!process_alive(old_pid));
+    assert!(sandbox.data_dir().is_dir(), "kill must keep the data dir");
+    assert!(MysqlConnection::establish(&url).is_err());
+    assert!(matches!(sandbox.kill(), Err(SandboxError::NotRunning)));
+    assert!(matches!(
+        sandbox.create_database("sbx_other"),
+        Err(SandboxError::NotRunning)
+    ));
+
+    let started = Instant::now();
+    sandbox.restart()?;
+    eprintln!("restart after kill took {:?}", started.elapsed());
+    let new_pid = sandbox.pid().ok_or("no pid after restart")?;
+    assert_ne!(new_pid, old_pid);
+
+    let mut conn = MysqlConnection::establish(&url)?;
+    let rows: Vec<Count> =
+        diesel::sql_query("SELECT CAST(SUM(v) AS SIGNED) AS n FROM t").load(&mut conn)?;
+    assert_eq!(rows.first().map(|r| r.n), Some(31));
+    Ok(())
+}
+
+#[test]
+fn stop_then_restart() -> TestResult {
+    let mut sandbox = Sandbox::start()?;
+    let url = sandbox.create_database("sbx_stop")?;
+    let old_pid = sandbox.pid().ok_or("no pid")?;
+
+    let started = Instant::now();
+    sandbox.stop()?;
+    eprintln!("stop took {:?}", started.elapsed());
+    assert_eq!(sandbox.pid(), None);
+    assert!(!process_alive(old_pid));
+    let log = std::fs::read_to_string(sandbox.data_dir().join("error.log"))?;
+    assert!(
+        log.contains("Shutdown complete"),
+        "not a clean shutdown:\n{log}"
+    );
+    assert!(matches!(sandbox.stop(), Err(SandboxError::NotRunning)));
+
+    sandbox.restart()?;
+    assert_eq!(select_one(&url)?, 1);
+
+    // Restarting a running server stops it first.
+    let pid = sandbox.pid().ok_or("no pid")?;
+    sandbox.restart()?;
+    assert_ne!(sandbox.pid(), Some(pid));
+    assert!(!process_alive(pid));
+    assert_eq!(select_one(&url)?, 1);
+    Ok(())
+}
+
+#[test]
+fn drop_kills_server_and_removes_data_dir() -> TestResult {
+    let sandbox = Sandbox::start()?;
+    let pid = sandbox.pid().ok_or("no pid")?;
+    let dir = sandbox.data_dir().to_path_buf();
+    drop(sandbox);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "server {pid} still exists"
+    );
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    Ok(())
+}
+
+#[test]
+fn database_url_uses_shared_sandbox_by_default() -> TestResult {
+    let url = database_url("sbx_shared")?;
+    assert_eq!(select_one(&url)?, 1);
+    assert!(matches!(
+        database_url("no-dashes"),
+        Err(SandboxError::InvalidDatabaseName { .. })
+    ));
+    if std::env::var_os("DATABASE_URL").is_some_and(|v| !v.is_empty()) {
+        eprintln!("DATABASE_URL is set; not checking the shared sandbox");
+        return Ok(());
+    }
+    let shared = Sandbox::shared()?;
+    assert_eq!(url, shared.url("sbx_shared"));
+    assert!(std::ptr::eq(shared, Sandbox::shared()?));
+    assert_eq!(database_url("sbx_shared")?, url);
+    Ok(())
+}
+
+/// Run only as a child of `interrupted_process_leaves_nothing_behind`.
+#[test]
+fn child_starts_sandbox_and_sleeps() -> TestResult {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return Ok(());
+    }
+    let sandbox = Sandbox::start()?;
+    println!(
+        "SANDBOX pid={} dir={}",
+        sandbox.pid().ok_or("no pid")?,
+        sandbox.data_dir().display()
+    );
+    std::mem::forget(sandbox);
+    sleep(Duration::from_secs(60));
+    Ok(())
+}
+
+#[test]
+fn interrupted_process_leaves_nothing_behind() -> TestResult {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return Ok(());
+    }
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no child stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // The harness prints "test <name> ... " on the same line first.
+            if let Some(at) = line.find("SANDBOX pid=") {
+                let _ = tx.send(line[at + "SANDBOX pid=".len()..].to_string());
+                return;
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30));
+    child.kill()?;
+    child.wait()?;
+    let line = line.map_err(|_| "child did not report a sandbox")?;
+    let (pid, dir) = line.split_once(" dir=").ok_or("bad SANDBOX line")?;
+    let pid: u32 = pid.parse()?;
+    let dir = PathBuf::from(dir);
+    assert!(dir.is_dir() || !process_alive(pid));
+
+    let took = wait_until(Duration::from_secs(5), || {
+        !process_alive(pid) && !dir.exists()
+    });
+    assert!(
+        took.is_some(),
+        "after 5 s: server alive={} dir exists={}",
+        process_alive(pid),
+        dir.exists()
+    );
+    eprintln!("watchdog cleaned up {:?} after the kill", took);
+    Ok(())
+}
