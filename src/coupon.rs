@@ -792,6 +792,189 @@ fn check_validity(
     Ok(())
 }
 
+impl CouponIssuer {
+    /// Issues one coupon of `campaign_id` to each of `user_ids` in one transaction, first come
+    /// first served in the given order. Each request gets its own result, as the single
+    /// [`issue`](Self::issue) would have answered it: a user asking twice (in the batch or
+    /// before) gets [`Error::AlreadyIssued`]; when the stock runs out mid-batch the first `k`
+    /// are issued and the rest get [`Error::SoldOut`].
+    ///
+    /// Inside the transaction: one lock-free-for-the-hot-row read of which users already hold
+    /// the coupon, then the stock row `FOR UPDATE NOWAIT`, one multi-row INSERT, one id lookup,
+    /// one UPDATE, COMMIT — the hot row is held for four statements whatever the batch size.
+    /// The outer `Err` is a failure of the whole transaction: then no request was applied (or,
+    /// for [`Error::OutcomeUnknown`], all or none were).
+    pub fn issue_many(
+        &self,
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        user_ids: &[i64],
+    ) -> Result<Vec<Result<IssuedCoupon>>> {
+        let everyone = |error: &dyn Fn() -> Error| user_ids.iter().map(|_| Err(error())).collect();
+        if let Err(Error::InvalidId { what, id }) = validate_id("campaign", campaign_id) {
+            return Ok(everyone(&|| Error::InvalidId { what, id }));
+        }
+        if lock(&self.sold_out).contains(&campaign_id) {
+            return Ok(everyone(&|| Error::SoldOut { campaign_id }));
+        }
+        let facts = match self.facts(conn, campaign_id) {
+            Ok(facts) => facts,
+            Err(Error::CampaignNotFound { .. }) => {
+                return Ok(everyone(&|| Error::CampaignNotFound { campaign_id }))
+            }
+            Err(e) => return Err(e),
+        };
+        let at = (self.clock)();
+        if let Err(refusal) = check_window(campaign_id, &facts, at) {
+            let (starts_at, ended_at) = (facts.issue_starts_at, facts.issue_ends_at);
+            return Ok(match refusal {
+                Error::NotStarted { .. } => everyone(&|| Error::NotStarted {
+                    campaign_id,
+                    starts_at,
+                }),
+                _ => everyone(&|| Error::Ended {
+                    campaign_id,
+                    ended_at,
+                }),
+            });
+        }
+        let coupon_id = facts.coupon_id;
+        let outcome = self.runner.run(conn, |conn| {
+            let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
+            // Before the hot row is locked: who already holds this coupon.
+            let holders: HashMap<i64, i64> = user_coupon::table
+                .filter(user_coupon::coupon_id.eq(coupon_id))
+                .filter(user_coupon::user_id.eq_any(&valid))
+                .select((user_coupon::user_id, user_coupon::id))
+                .load::<(i64, i64)>(conn)?
+                .into_iter()
+                .collect();
+            let stock: i32 = fcfs_coupon::table
+                .find(campaign_id)
+                .select(fcfs_coupon::stock_quantity)
+                .for_update()
+                .no_wait()
+                .first(conn)
+                .optional()?
+                .ok_or(Error::CampaignNotFound { campaign_id })?;
+            let mut left = stock.max(0);
+            let mut winners: Vec<i64> = Vec::new();
+            let mut seen: HashSet<i64> = HashSet::new();
+            let decisions: Vec<BatchDecision> = user_ids
+                .iter()
+                .map(|&user_id| {
+                    if user_id <= 0 {
+                        BatchDecision::Invalid
+                    } else if let Some(existing) = holders.get(&user_id) {
+                        BatchDecision::Held(*existing)
+                    } else if !seen.insert(user_id) {
+                        BatchDecision::Repeated
+                    } else if left > 0 {
+                        left -= 1;
+                        winners.push(user_id);
+                        BatchDecision::Issue
+                    } else {
+                        seen.remove(&user_id);
+                        BatchDecision::SoldOut
+                    }
+                })
+                .collect();
+            let mut ids: HashMap<i64, i64> = HashMap::new();
+            if !winners.is_empty() {
+                let rows: Vec<_> = winners
+                    .iter()
+                    .map(|user_id| {
+                        (
+                            user_coupon::user_id.eq(*user_id),
+                            user_coupon::coupon_id.eq(coupon_id),
+                            user_coupon::fcfs_coupon_id.eq(campaign_id),
+                            user_coupon::status.eq(CouponStatus::Issued.as_str()),
+                            user_coupon::issued_at.eq(at),
+                        )
+                    })
+                    .collect();
+                diesel::insert_into(user_coupon::table)
+                    .values(&rows)
+                    .execute(conn)?;
+                // Ids through the unique (user_id, coupon_id) index: a multi-row INSERT's ids
+                // need not be consecutive under innodb_autoinc_lock_mode = 2.
+                ids = user_coupon::table
+                    .filter(user_coupon::coupon_id.eq(coupon_id))
+                    .filter(user_coupon::user_id.eq_any(&winners))
+                    .select((user_coupon::user_id, user_coupon::id))
+                    .load::<(i64, i64)>(conn)?
+                    .into_iter()
+                    .collect();
+                diesel::update(fcfs_coupon::table.find(campaign_id))
+                    .set(fcfs_coupon::stock_quantity.eq(left))
+                    .execute(conn)?;
+            }
+            Ok((decisions, ids, left))
+        });
+        let (decisions, ids, left) = match outcome {
+            Ok(decided) => decided,
+            Err(Error::CampaignNotFound { .. }) => {
+                return Ok(everyone(&|| Error::CampaignNotFound { campaign_id }))
+            }
+            Err(e) => return Err(e),
+        };
+        if left == 0 {
+            lock(&self.sold_out).insert(campaign_id);
+        }
+        let issued = |user_id: i64| {
+            ids.get(&user_id).map(|&id| IssuedCoupon {
+                id,
+                user_id,
+                coupon_id,
+                campaign_id,
+                status: CouponStatus::Issued,
+                issued_at: at,
+                used_at: None,
+                order_ref: None,
+            })
+        };
+        Ok(user_ids
+            .iter()
+            .zip(decisions)
+            .map(|(&user_id, decision)| match decision {
+                BatchDecision::Invalid => Err(Error::InvalidId {
+                    what: "user",
+                    id: user_id,
+                }),
+                BatchDecision::Issue => {
+                    issued(user_id).ok_or(Error::from(diesel::result::Error::NotFound))
+                }
+                BatchDecision::Held(user_coupon_id) => Err(Error::AlreadyIssued {
+                    user_id,
+                    coupon_id,
+                    user_coupon_id,
+                }),
+                BatchDecision::Repeated => match ids.get(&user_id) {
+                    Some(&user_coupon_id) => Err(Error::AlreadyIssued {
+                        user_id,
+                        coupon_id,
+                        user_coupon_id,
+                    }),
+                    None => Err(Error::SoldOut { campaign_id }),
+                },
+                BatchDecision::SoldOut => Err(Error::SoldOut { campaign_id }),
+            })
+            .collect())
+    }
+}
+
+/// What the batch transaction decided for one issue request.
+#[derive(Debug, Clone, Copy)]
+enum BatchDecision {
+    Invalid,
+    Issue,
+    /// Already held before the batch: the held coupon's id.
+    Held(i64),
+    /// The same user earlier in the batch.
+    Repeated,
+    SoldOut,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,6 +170,9 @@ pub fn classify_message(message: &str) -> ServerErrorKind {
 }
 
 /// A failure reported by the server or by Diesel, with its classification.
+///
+/// Cloning keeps the kind and the message; the Diesel error is rebuilt from them (Diesel's errors
+/// are not `Clone`), which is how one batch failure reaches every caller in the batch.
 #[derive(Debug)]
 pub struct ServerError {
     kind: ServerErrorKind,
@@ -206,6 +209,25 @@ impl ServerError {
     /// Gives back the Diesel error.
     pub fn into_diesel_error(self) -> DieselError {
         self.source
+    }
+}
+
+impl Clone for ServerError {
+    fn clone(&self) -> Self {
+        let source = match &self.source {
+            DieselError::DatabaseError(kind, info) => {
+                DieselError::DatabaseError(*kind, Box::new(info.message().to_owned()))
+            }
+            DieselError::NotFound => DieselError::NotFound,
+            DieselError::BrokenTransactionManager => DieselError::BrokenTransactionManager,
+            DieselError::AlreadyInTransaction => DieselError::AlreadyInTransaction,
+            DieselError::NotInTransaction => DieselError::NotInTransaction,
+            other => DieselError::QueryBuilderError(other.to_string().into()),
+        };
+        Self {
+            kind: self.kind,
+            source,
+        }
     }
 }
 
@@ -460,6 +482,13 @@ pub enum Error {
         #[source]
         last: ServerError,
     },
+    /// The call's deadline passed while the request waited to be combined into a batch; it was
+    /// never sent, so nothing was applied.
+    #[error("deadline passed after {elapsed:?} before the request was sent")]
+    Timeout {
+        /// Time spent waiting.
+        elapsed: Duration,
+    },
     /// The connection failed while COMMIT was in flight: the change may or may not be applied.
     /// Retry with the same idempotency key (or look the result up) on a new connection.
     #[error("outcome unknown: connection failed during commit")]
@@ -486,7 +515,7 @@ impl Error {
     /// a change twice.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Contended { .. } | Self::OutcomeUnknown { .. } => true,
+            Self::Contended { .. } | Self::OutcomeUnknown { .. } | Self::Timeout { .. } => true,
             Self::Server(e) => {
                 e.kind().is_retryable() || e.kind() == ServerErrorKind::ConnectionLost
             }
@@ -511,6 +540,32 @@ impl Error {
     /// The classification of the server error behind this error, if any.
     pub fn server_kind(&self) -> Option<ServerErrorKind> {
         self.server_error().map(ServerError::kind)
+    }
+
+    /// A copy of a whole-batch failure for each caller in the batch. Domain refusals are never
+    /// whole-batch failures; anything without a faithful copy becomes [`Error::Server`] with the
+    /// same text.
+    pub(crate) fn replicate(&self) -> Error {
+        match self {
+            Self::Contended {
+                attempts,
+                elapsed,
+                last,
+            } => Self::Contended {
+                attempts: *attempts,
+                elapsed: *elapsed,
+                last: last.clone(),
+            },
+            Self::OutcomeUnknown { source } => Self::OutcomeUnknown {
+                source: source.clone(),
+            },
+            Self::Server(source) => Self::Server(source.clone()),
+            Self::Timeout { elapsed } => Self::Timeout { elapsed: *elapsed },
+            Self::NestedTransaction => Self::NestedTransaction,
+            other => Self::Server(ServerError::new(DieselError::QueryBuilderError(
+                other.to_string().into(),
+            ))),
+        }
     }
 
     /// A lock refusal that the transaction runner retries.

@@ -33,7 +33,7 @@ diesel::define_sql_function! {
 }
 
 /// Largest value a DECIMAL(19,4) column holds.
-pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0x89E7_FFFF, 0x1634_5785, 0x5, false, 4);
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0x89E7_FFFF, 0x8AC7_2304, 0, false, 4);
 
 /// Longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 64;
@@ -126,7 +126,7 @@ pub struct Entry {
     pub created_at: NaiveDateTime,
 }
 
-#[derive(Queryable, Selectable)]
+#[derive(Clone, Queryable, Selectable)]
 #[diesel(table_name = balance_history, check_for_backend(diesel::mysql::Mysql))]
 struct EntryRow {
     id: i64,
@@ -957,6 +957,343 @@ fn audit_entries(account: &Balance, entries: &[Entry], senders: &[EntryRow]) -> 
         entries: count,
         problems,
     }
+}
+
+/// One request of a batch on one account (see [`BalanceLedger::apply_many`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountOp {
+    /// Add `amount`, as [`BalanceLedger::charge`].
+    Charge {
+        /// The amount.
+        amount: Decimal,
+        /// The idempotency key.
+        key: String,
+    },
+    /// Subtract `amount`, as [`BalanceLedger::deduct`].
+    Deduct {
+        /// The amount.
+        amount: Decimal,
+        /// The idempotency key.
+        key: String,
+    },
+}
+
+impl AccountOp {
+    /// A charge request.
+    pub fn charge(amount: Decimal, key: impl Into<String>) -> Self {
+        Self::Charge {
+            amount,
+            key: key.into(),
+        }
+    }
+
+    /// A deduct request.
+    pub fn deduct(amount: Decimal, key: impl Into<String>) -> Self {
+        Self::Deduct {
+            amount,
+            key: key.into(),
+        }
+    }
+
+    fn request(&self, user_id: i64) -> Request<'_> {
+        let (kind, amount, key) = match self {
+            Self::Charge { amount, key } => (EntryKind::Charge, *amount, key),
+            Self::Deduct { amount, key } => (EntryKind::Deduct, *amount, key),
+        };
+        Request {
+            kind,
+            user_id,
+            amount,
+            reference: None,
+            key,
+        }
+    }
+}
+
+/// What the batch transaction decided for one request.
+#[derive(Debug)]
+enum Decision {
+    /// Written as the `n`-th new row.
+    New(usize),
+    /// The same request, under the same key, as the `n`-th new row: its result.
+    SameAs(usize),
+    /// A different request under the key of the `n`-th new row.
+    Conflict(usize),
+    /// Refused (insufficient balance, limit): nothing written.
+    Refused(Error),
+}
+
+impl BalanceLedger {
+    /// Applies many charges and deducts to ONE account in one transaction, in the given order,
+    /// each checked against the running balance. Each request gets its own result, exactly as the
+    /// single call would have answered it: a refused or invalid request never fails its
+    /// neighbours, keys keep their meaning (inside the batch and against the journal).
+    ///
+    /// The account row is locked once with `FOR UPDATE NOWAIT` and held for one multi-row INSERT,
+    /// one id lookup, one UPDATE and the COMMIT, whatever the batch size. The outer `Err` is a
+    /// failure of the whole transaction ([`Error::Contended`], [`Error::OutcomeUnknown`], ...):
+    /// then no request in the batch was applied (or, for `OutcomeUnknown`, all or none were).
+    pub fn apply_many(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        ops: &[AccountOp],
+    ) -> Result<Vec<Result<Entry>>> {
+        let requests: Vec<Request<'_>> = ops.iter().map(|op| op.request(user_id)).collect();
+        let mut results: Vec<Option<Result<Entry>>> = requests
+            .iter()
+            .map(|r| validate_request(r).err().map(Err))
+            .collect();
+        // A racing request may commit a key between the lock-free key lookup and the INSERT;
+        // the INSERT then fails as a duplicate and the next round's lookup sees the key.
+        for round in 0.. {
+            self.resolve_existing_keys(conn, &requests, &mut results)?;
+            let pending: Vec<usize> = (0..requests.len())
+                .filter(|i| results[*i].is_none())
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            let mut created = false;
+            let outcome = loop {
+                let attempt = self.runner.run(conn, |conn| {
+                    let Some(account) = lock_account(conn, user_id)? else {
+                        return Ok(Step::CreateAccount(user_id));
+                    };
+                    apply_planned(conn, &account, &requests, &pending).map(Step::Done)
+                });
+                match attempt {
+                    Ok(Step::CreateAccount(_)) if !created => {
+                        let any_charge = pending
+                            .iter()
+                            .any(|i| requests[*i].kind == EntryKind::Charge);
+                        if !any_charge {
+                            break Ok(None);
+                        }
+                        create_account(conn, user_id)?;
+                        created = true;
+                    }
+                    Ok(Step::CreateAccount(_)) => break Ok(None),
+                    Ok(Step::Done(decided)) => break Ok(Some(decided)),
+                    Err(e) => break Err(e),
+                }
+            };
+            match outcome {
+                Ok(Some(decided)) => {
+                    for (index, result) in decided {
+                        results[index] = Some(result);
+                    }
+                    break;
+                }
+                Ok(None) => {
+                    for index in pending {
+                        results[index] = Some(Err(Error::AccountNotFound { user_id }));
+                    }
+                    break;
+                }
+                Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) && round < 3 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Error::AccountNotFound { user_id })))
+            .collect())
+    }
+
+    /// Answers every still-open request whose key is already in the journal (lock-free read).
+    fn resolve_existing_keys(
+        &self,
+        conn: &mut MysqlConnection,
+        requests: &[Request<'_>],
+        results: &mut [Option<Result<Entry>>],
+    ) -> Result<()> {
+        let Some(user_id) = requests.first().map(|r| r.user_id) else {
+            return Ok(());
+        };
+        let keys: Vec<&str> = requests
+            .iter()
+            .zip(results.iter())
+            .filter(|(_, result)| result.is_none())
+            .map(|(r, _)| r.key)
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<EntryRow> = self.runner.read(conn, |conn| {
+            Ok(balance_history::table
+                .filter(balance_history::user_id.eq(user_id))
+                .filter(balance_history::idempotency_key.eq_any(&keys))
+                .select(EntryRow::as_select())
+                .load(conn)?)
+        })?;
+        for (request, result) in requests.iter().zip(results.iter_mut()) {
+            if result.is_some() {
+                continue;
+            }
+            let Some(row) = rows
+                .iter()
+                .find(|r| r.idempotency_key.as_deref() == Some(request.key))
+            else {
+                continue;
+            };
+            *result = Some(if row.request_hash == request.hash() {
+                EntryRow::into_entry(row.clone())
+            } else {
+                Err(Error::IdempotencyConflict {
+                    user_id,
+                    key: request.key.to_owned(),
+                    existing_entry_id: row.id,
+                })
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Inside the batch transaction, with the account locked: decides every pending request in
+/// order against the running balance (as if they were made one after another), writes the
+/// accepted ones with one multi-row INSERT, reads their ids back and stores the final balance.
+fn apply_planned(
+    conn: &mut MysqlConnection,
+    account: &Account,
+    requests: &[Request<'_>],
+    pending: &[usize],
+) -> Result<Vec<(usize, Result<Entry>)>> {
+    let created_at = now();
+    let mut running = *account;
+    // (request index, balance after, request hash) of every row to write.
+    let mut new_rows: Vec<(usize, Decimal, String)> = Vec::new();
+    let mut written_keys: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut decisions: Vec<(usize, Decision)> = Vec::with_capacity(pending.len());
+    for &index in pending {
+        let request = &requests[index];
+        let hash = request.hash();
+        let decision = match written_keys.get(request.key) {
+            Some(&n) if new_rows[n].2 == hash => Decision::SameAs(n),
+            Some(&n) => Decision::Conflict(n),
+            None => {
+                let after = if request.kind.is_credit() {
+                    credit(&running, request.amount)
+                } else {
+                    debit(&running, request.amount)
+                };
+                match after {
+                    Ok(after) => {
+                        running.balance = after;
+                        new_rows.push((index, after, hash));
+                        written_keys.insert(request.key, new_rows.len() - 1);
+                        Decision::New(new_rows.len() - 1)
+                    }
+                    Err(refusal) => Decision::Refused(refusal),
+                }
+            }
+        };
+        decisions.push((index, decision));
+    }
+    let ids = write_rows(
+        conn,
+        account,
+        requests,
+        &new_rows,
+        running.balance,
+        created_at,
+    )?;
+    let entry_of = |n: usize| -> Entry {
+        let (index, after, _) = &new_rows[n];
+        let request = &requests[*index];
+        Entry {
+            id: ids[n],
+            user_id: account.user_id,
+            kind: request.kind,
+            amount: request.amount,
+            balance_after: *after,
+            idempotency_key: Some(request.key.to_owned()),
+            related_entry_id: None,
+            counterparty_user_id: None,
+            refunded_amount: Decimal::ZERO,
+            created_at,
+        }
+    };
+    Ok(decisions
+        .into_iter()
+        .map(|(index, decision)| {
+            let result = match decision {
+                Decision::New(n) | Decision::SameAs(n) => Ok(entry_of(n)),
+                Decision::Conflict(n) => Err(Error::IdempotencyConflict {
+                    user_id: account.user_id,
+                    key: requests[index].key.to_owned(),
+                    existing_entry_id: ids[n],
+                }),
+                Decision::Refused(refusal) => Err(refusal),
+            };
+            (index, result)
+        })
+        .collect())
+}
+
+/// Writes the batch's rows and the account's new balance; returns the rows' ids in order.
+fn write_rows(
+    conn: &mut MysqlConnection,
+    account: &Account,
+    requests: &[Request<'_>],
+    new_rows: &[(usize, Decimal, String)],
+    balance: Decimal,
+    created_at: NaiveDateTime,
+) -> Result<Vec<i64>> {
+    if new_rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values: Vec<NewEntry<'_>> = new_rows
+        .iter()
+        .map(|(index, after, hash)| {
+            let request = &requests[*index];
+            NewEntry {
+                user_id: account.user_id,
+                kind: request.kind.as_str(),
+                amount: request.amount,
+                balance_after: *after,
+                idempotency_key: Some(request.key),
+                request_hash: hash,
+                related_entry_id: None,
+                counterparty_user_id: None,
+                created_at,
+            }
+        })
+        .collect();
+    diesel::insert_into(balance_history::table)
+        .values(&values)
+        .execute(conn)?;
+    // Read the ids back through the unique (user_id, key) index rather than trusting
+    // LAST_INSERT_ID() + n: with innodb_autoinc_lock_mode = 2 (MySQL 8's default) the ids of one
+    // multi-row INSERT need not be consecutive.
+    let keys: Vec<&str> = new_rows.iter().map(|(i, _, _)| requests[*i].key).collect();
+    let stored: std::collections::HashMap<String, i64> = balance_history::table
+        .filter(balance_history::user_id.eq(account.user_id))
+        .filter(balance_history::idempotency_key.eq_any(&keys))
+        .select((balance_history::idempotency_key, balance_history::id))
+        .load::<(Option<String>, i64)>(conn)?
+        .into_iter()
+        .filter_map(|(key, id)| key.map(|k| (k, id)))
+        .collect();
+    let ids = keys
+        .iter()
+        .map(|key| {
+            stored
+                .get(*key)
+                .copied()
+                .ok_or(Error::from(diesel::result::Error::NotFound))
+        })
+        .collect::<Result<Vec<i64>>>()?;
+    let written = i64::try_from(new_rows.len()).unwrap_or(i64::MAX);
+    diesel::update(user_balance::table.find(account.user_id))
+        .set((
+            user_balance::balance.eq(balance),
+            user_balance::version.eq(account.version + written),
+        ))
+        .execute(conn)?;
+    Ok(ids)
 }
 
 #[cfg(test)]

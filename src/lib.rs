@@ -39,6 +39,7 @@
     clippy::expect_used
 )]
 
+pub mod combine;
 pub mod coupon;
 pub mod error;
 pub mod ledger;
@@ -50,7 +51,9 @@ pub use coupon::{
     Campaign, Coupon, CouponIssuer, CouponStatus, Discount, IssuedCoupon, NewCampaign, NewCoupon,
 };
 pub use error::{Error, Result, ServerError, ServerErrorKind};
-pub use ledger::{AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer};
+pub use ledger::{
+    AccountOp, AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer,
+};
 pub use sandbox::{Sandbox, SandboxError};
 pub use txn::{Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
 

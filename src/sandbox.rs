@@ -92,10 +92,9 @@ owner=$1
 dir=$2
 alive() {
   kill -0 "$1" 2>/dev/null || return 1
-  if [ -r "/proc/$1/stat" ]; then
-    st=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
-    [ "$st" = Z ] && return 1
-    [ "$st" = X ] && return 1
+  if [ -r "/proc/$1/stat" ] && read -r st < "/proc/$1/stat" 2>/dev/null; then
+    st=${st##*') '}
+    case "$st" in Z*|X*) return 1 ;; esac
   fi
   return 0
 }
@@ -147,7 +146,7 @@ pub enum SandboxError {
         name: String,
     },
     /// A filesystem or process operation failed.
-    #[error("{context}")]
+    #[error("{context}: {source}")]
     Io {
         /// What was being done.
         context: String,
@@ -182,7 +181,7 @@ pub enum SandboxError {
         log_tail: String,
     },
     /// An SQL statement issued by the sandbox failed.
-    #[error("{context}")]
+    #[error("{context}: {source}")]
     Sql {
         /// The statement or action that failed.
         context: String,
@@ -191,7 +190,7 @@ pub enum SandboxError {
         source: diesel::result::Error,
     },
     /// Connecting to the server failed.
-    #[error("cannot connect to the database server")]
+    #[error("cannot connect to the database server: {0}")]
     Connection(#[from] diesel::ConnectionError),
     /// The operation needs a running server, but it was killed or stopped.
     #[error("the sandbox server is not running")]
@@ -276,7 +275,7 @@ impl Sandbox {
     /// [`SandboxError::SharedStartFailed`] with the original message.
     pub fn shared() -> Result<&'static Sandbox, SandboxError> {
         static SHARED: OnceLock<Result<Sandbox, String>> = OnceLock::new();
-        match SHARED.get_or_init(|| Sandbox::start().map_err(|e| error_chain(&e))) {
+        match SHARED.get_or_init(|| Sandbox::start().map_err(|e| e.to_string())) {
             Ok(sandbox) => Ok(sandbox),
             Err(message) => Err(SandboxError::SharedStartFailed {
                 message: message.clone(),
@@ -575,17 +574,6 @@ fn replace_database(url: &str, name: &str) -> Result<(String, String), SandboxEr
     ))
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        message.push_str(": ");
-        message.push_str(&e.to_string());
-        source = e.source();
-    }
-    message
-}
-
 fn flag(name: &str, value: &OsStr) -> OsString {
     let mut s = OsString::from(name);
     s.push(value);
@@ -799,8 +787,10 @@ mod tests {
             ),
         ];
         for (input, server, db) in cases {
-            let (s, d) = replace_database(input, "new").unwrap();
-            assert_eq!((s.as_str(), d.as_str()), (server, db), "{input}");
+            match replace_database(input, "new") {
+                Ok((s, d)) => assert_eq!((s.as_str(), d.as_str()), (server, db), "{input}"),
+                Err(e) => panic!("{input}: {e}"),
+            }
         }
         assert!(replace_database("localhost/db", "new").is_err());
     }
