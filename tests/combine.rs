@@ -1,0 +1,310 @@
+//! Batch transactions and request combining pass the same invariants as the single-request
+//! paths under 64 concurrent callers: no over-issue, no duplicate holder, no negative balance,
+//! keys applied once. Everything is checked from the database afterwards.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use chrono::{Duration, Utc};
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use lockstock::combine::{CombiningIssuer, CombiningLedger, MysqlPool};
+use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
+use lockstock::{
+    AccountOp, BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon,
+    SessionSettings, TxnPolicy,
+};
+use rust_decimal::Decimal;
+
+fn pool(url: &str, size: u32) -> MysqlPool {
+    Pool::builder()
+        .max_size(size)
+        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
+        .build(ConnectionManager::<MysqlConnection>::new(url))
+        .expect("pool")
+}
+
+fn campaign(conn: &mut MysqlConnection, issuer: &CouponIssuer, quantity: u32) -> i64 {
+    let now = Utc::now().naive_utc();
+    let coupon = issuer
+        .create_coupon(
+            conn,
+            &NewCoupon {
+                name: "combined",
+                discount: Discount::Fixed(Decimal::new(1_000, 0)),
+                valid_from: now - Duration::hours(1),
+                valid_until: now + Duration::days(1),
+            },
+        )
+        .expect("coupon");
+    issuer
+        .create_campaign(
+            conn,
+            &NewCampaign {
+                coupon_id: coupon.id,
+                quantity,
+                issue_starts_at: now - Duration::minutes(1),
+                issue_ends_at: now + Duration::hours(1),
+            },
+        )
+        .expect("campaign")
+        .id
+}
+
+fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i64, i32, i64) {
+    let rows: i64 = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
+        .count()
+        .get_result(conn)
+        .expect("count");
+    let stock: i32 = fcfs_coupon::table
+        .find(campaign_id)
+        .select(fcfs_coupon::stock_quantity)
+        .first(conn)
+        .expect("stock");
+    let duplicate_users: i64 = diesel::sql_query(
+        "SELECT user_id FROM user_coupon GROUP BY user_id, coupon_id HAVING COUNT(*) > 1",
+    )
+    .execute(conn)
+    .expect("duplicates") as i64;
+    (rows, stock, duplicate_users)
+}
+
+#[test]
+fn issue_many_decides_each_request_in_order() {
+    let (_url, mut conn) = common::fresh_database("combine_issue_many");
+    let issuer = CouponIssuer::new();
+    let id = campaign(&mut conn, &issuer, 3);
+    let held = issuer.issue(&mut conn, 5, id).expect("held before");
+    // 7 twice, 5 already holds, -1 invalid; stock 2 left for 7, 8, 9, 10 in that order.
+    let results = issuer
+        .issue_many(&mut conn, id, &[7, 7, 5, -1, 8, 9, 10, 8])
+        .expect("batch");
+    let first = results[0].as_ref().expect("7 issued");
+    assert_eq!(first.user_id, 7);
+    assert!(
+        matches!(results[1], Err(Error::AlreadyIssued { user_id: 7, user_coupon_id, .. }) if user_coupon_id == first.id),
+        "{:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(Error::AlreadyIssued { user_id: 5, user_coupon_id, .. }) if user_coupon_id == held.id),
+        "{:?}",
+        results[2]
+    );
+    assert!(
+        matches!(results[3], Err(Error::InvalidId { id: -1, .. })),
+        "{:?}",
+        results[3]
+    );
+    assert_eq!(results[4].as_ref().expect("8 issued").user_id, 8);
+    assert!(
+        matches!(results[5], Err(Error::SoldOut { .. })),
+        "{:?}",
+        results[5]
+    );
+    assert!(
+        matches!(results[6], Err(Error::SoldOut { .. })),
+        "{:?}",
+        results[6]
+    );
+    assert!(
+        matches!(results[7], Err(Error::AlreadyIssued { user_id: 8, .. })),
+        "{:?}",
+        results[7]
+    );
+    let (rows, stock, duplicates) = issued_rows(&mut conn, id);
+    assert_eq!((rows, stock, duplicates), (3, 0, 0));
+    // Every returned id is the row the database holds for that user.
+    let ids: HashMap<i64, i64> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(id))
+        .select((user_coupon::user_id, user_coupon::id))
+        .load::<(i64, i64)>(&mut conn)
+        .expect("rows")
+        .into_iter()
+        .collect();
+    assert_eq!(ids.get(&7), Some(&first.id));
+    // The sold-out cache answers the next batch without a transaction.
+    let again = issuer.issue_many(&mut conn, id, &[11]).expect("batch");
+    assert!(matches!(again[0], Err(Error::SoldOut { .. })));
+}
+
+#[test]
+fn apply_many_is_sequential_per_request() {
+    let (_url, mut conn) = common::fresh_database("combine_apply_many");
+    let ledger = BalanceLedger::new();
+    let d = Decimal::new;
+    let ops = vec![
+        AccountOp::deduct(d(15, 0), "d1"), // no account yet: refused
+        AccountOp::charge(d(10, 0), "c1"),
+        AccountOp::deduct(d(15, 0), "d2"), // 10 < 15: refused, nothing written
+        AccountOp::charge(d(10, 0), "c2"),
+        AccountOp::deduct(d(15, 0), "d2"), // same key retried after the refusal: now applies
+        AccountOp::deduct(d(15, 0), "d2"), // same key, same request: the same entry
+        AccountOp::charge(d(5, 0), "c1"),  // same key, different request: conflict
+        AccountOp::charge(d(0, 0), "bad"), // invalid amount: its own error only
+        AccountOp::charge(d(1, 4), "fine"),
+    ];
+    let results = ledger.apply_many(&mut conn, 3, &ops).expect("batch");
+    assert!(
+        matches!(results[0], Err(Error::InsufficientBalance { .. })),
+        "{:?}",
+        results[0]
+    );
+    assert_eq!(results[1].as_ref().expect("c1").balance_after, d(10, 0));
+    assert!(
+        matches!(results[2], Err(Error::InsufficientBalance { .. })),
+        "{:?}",
+        results[2]
+    );
+    assert_eq!(results[3].as_ref().expect("c2").balance_after, d(20, 0));
+    let d2 = results[4].as_ref().expect("d2");
+    assert_eq!(d2.balance_after, d(5, 0));
+    assert_eq!(results[5].as_ref().expect("d2 again").id, d2.id);
+    let c1 = results[1].as_ref().expect("c1").id;
+    assert!(
+        matches!(&results[6], Err(Error::IdempotencyConflict { existing_entry_id, .. }) if *existing_entry_id == c1),
+        "{:?}",
+        results[6]
+    );
+    assert!(
+        matches!(results[7], Err(Error::InvalidAmount { .. })),
+        "{:?}",
+        results[7]
+    );
+    assert_eq!(
+        results[8].as_ref().expect("fine").balance_after,
+        d(50_001, 4)
+    );
+    // Replaying the whole batch changes nothing and answers the same.
+    let replay = ledger.apply_many(&mut conn, 3, &ops).expect("replay");
+    assert_eq!(replay[4].as_ref().expect("d2").id, d2.id);
+    assert_eq!(
+        replay[8].as_ref().expect("fine").id,
+        results[8].as_ref().expect("fine").id
+    );
+    let entries: i64 = balance_history::table
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    assert_eq!(entries, 4);
+    ledger.audit(&mut conn, 3).expect("audit");
+}
+
+#[test]
+fn combining_issuer_never_over_issues_under_64_callers() {
+    let (url, mut conn) = common::fresh_database("combine_issuer");
+    let issuer = CouponIssuer::new();
+    let id = campaign(&mut conn, &issuer, 500);
+    let hot = Arc::new(CombiningIssuer::new(pool(&url, 8), issuer));
+    let barrier = Arc::new(Barrier::new(64));
+    let workers: Vec<_> = (0..64i64)
+        .map(|t| {
+            let (hot, barrier) = (hot.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                let mut outcomes: HashMap<&'static str, u32> = HashMap::new();
+                // 2,000 distinct users, each asked twice by different threads.
+                for i in 0..62i64 {
+                    let user = 1 + (t * 31 + i) % 2_000;
+                    let label = match hot.issue(user, id) {
+                        Ok(_) => "issued",
+                        Err(Error::SoldOut { .. }) => "sold_out",
+                        Err(Error::AlreadyIssued { .. }) => "already_issued",
+                        Err(e) => panic!("untyped answer for user {user}: {e:?}"),
+                    };
+                    *outcomes.entry(label).or_default() += 1;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut totals: HashMap<&'static str, u32> = HashMap::new();
+    for worker in workers {
+        for (label, n) in worker.join().expect("worker") {
+            *totals.entry(label).or_default() += n;
+        }
+    }
+    let (rows, stock, duplicates) = issued_rows(&mut conn, id);
+    let stats = hot.stats();
+    eprintln!("combining issuer: {totals:?} {stats:?}");
+    assert_eq!(rows, 500);
+    assert_eq!(stock, 0);
+    assert_eq!(duplicates, 0);
+    assert_eq!(totals.get("issued").copied().unwrap_or(0), 500);
+    assert!(
+        stats.largest_batch > 1,
+        "no request was ever combined: {stats:?}"
+    );
+}
+
+#[test]
+fn combining_ledger_keeps_balances_exact_under_64_callers() {
+    let (url, mut conn) = common::fresh_database("combine_ledger");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, Decimal::new(1_000, 0), "seed")
+        .expect("seed");
+    let hot = Arc::new(CombiningLedger::new(pool(&url, 8), ledger.clone()));
+    let barrier = Arc::new(Barrier::new(64));
+    let workers: Vec<_> = (0..64)
+        .map(|t| {
+            let (hot, barrier) = (hot.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                let (mut ok, mut refused) = (0u32, 0u32);
+                for i in 0..20 {
+                    // Every thread also replays one shared key: it must apply exactly once.
+                    let shared = hot.charge(1, Decimal::new(3, 0), "shared-bonus");
+                    assert!(shared.is_ok(), "{shared:?}");
+                    match hot.deduct(1, Decimal::new(7, 0), &format!("t{t}-{i}")) {
+                        Ok(_) => ok += 1,
+                        Err(Error::InsufficientBalance { .. }) => refused += 1,
+                        Err(e) => panic!("untyped answer: {e:?}"),
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for worker in workers {
+        let (o, r) = worker.join().expect("worker");
+        ok += o;
+        refused += r;
+    }
+    let balance: Decimal = user_balance::table
+        .find(1i64)
+        .select(user_balance::balance)
+        .first(&mut conn)
+        .expect("balance");
+    let deducts: i64 = balance_history::table
+        .filter(balance_history::kind.eq("deduct"))
+        .count()
+        .get_result(&mut conn)
+        .expect("deducts");
+    let bonus: i64 = balance_history::table
+        .filter(balance_history::idempotency_key.eq("shared-bonus"))
+        .count()
+        .get_result(&mut conn)
+        .expect("bonus");
+    eprintln!(
+        "combining ledger: ok={ok} refused={refused} balance={balance} {:?}",
+        hot.stats()
+    );
+    assert_eq!(bonus, 1);
+    assert_eq!(i64::from(ok), deducts);
+    assert!(balance >= Decimal::ZERO);
+    assert_eq!(
+        Decimal::new(1_003, 0) - Decimal::from(deducts) * Decimal::new(7, 0),
+        balance
+    );
+    assert!(
+        balance < Decimal::new(7, 0),
+        "deducts stopped early with {balance} left"
+    );
+    ledger.audit(&mut conn, 1).expect("audit");
+}
