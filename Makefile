@@ -52,7 +52,7 @@ deps:
 
 test: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
 	$(CARGO) bench --no-run

@@ -217,6 +217,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         }
         let count = requests.len();
         if count > 0 {
+            trace_event!(batch = count, "running a combined batch");
             let outcome = run_batch(key, requests);
             deliver(&slots, outcome);
             let mut stats = lock(&self.stats);

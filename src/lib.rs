@@ -39,6 +39,14 @@
     clippy::expect_used
 )]
 
+/// Emits a `tracing` event when the `tracing` feature is on; compiles to nothing otherwise.
+macro_rules! trace_event {
+    ($($arg:tt)*) => {
+        #[cfg(feature = "tracing")]
+        tracing::debug!($($arg)*);
+    };
+}
+
 pub mod combine;
 pub mod coupon;
 pub mod error;

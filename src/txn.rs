@@ -266,6 +266,9 @@ impl TxnRunner {
         let started_at = Instant::now();
         let retry = &self.policy.retry;
         let mut attempts = Attempts::default();
+        #[cfg(feature = "tracing")]
+        let _span =
+            tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
         loop {
             attempts.started += 1;
             let error = match self.once(conn, &mut body) {
@@ -276,11 +279,22 @@ impl TxnRunner {
             attempts.refused += 1;
             let elapsed = started_at.elapsed();
             let pause = retry.backoff(attempts.started - 1);
+            trace_event!(
+                attempt = attempts.started,
+                kind = ?error.server_kind(),
+                backoff_us = pause.as_micros() as u64,
+                "lock refused; retrying"
+            );
             if attempts.started >= retry.max_attempts.max(1) || elapsed + pause >= retry.deadline {
                 let last = match error {
                     Error::Server(last) => last,
                     other => return (Err(other), attempts),
                 };
+                trace_event!(
+                    attempts = attempts.started,
+                    elapsed_us = elapsed.as_micros() as u64,
+                    "giving up: contended"
+                );
                 let contended = Error::Contended {
                     attempts: attempts.started,
                     elapsed,
@@ -307,7 +321,11 @@ impl TxnRunner {
         match body(conn) {
             Ok(value) => match AnsiTransactionManager::commit_transaction(conn) {
                 Ok(()) => Ok(value),
-                Err(e) => Err(commit_failure(e)),
+                Err(e) => {
+                    let error = commit_failure(e);
+                    trace_event!(outcome_unknown = error.is_outcome_unknown(), error = %error, "commit failed");
+                    Err(error)
+                }
             },
             Err(error) => {
                 // A failed rollback leaves Diesel's transaction manager marked broken, which makes
