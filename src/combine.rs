@@ -186,9 +186,13 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         }
     }
 
-    /// Removes a still-queued request; false if a leader already took it.
+    /// Removes a still-queued request; false if a leader already took it or handed it the
+    /// leadership (both happen under the lanes lock, so this check cannot race them).
     fn withdraw(&self, key: &K, slot: &Arc<Slot<Resp>>) -> bool {
         let mut lanes = lock(&self.lanes);
+        if !matches!(*lock(&slot.state), SlotState::Queued) {
+            return false;
+        }
         let Some(lane) = lanes.get_mut(key) else {
             return false;
         };
@@ -216,10 +220,23 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             }
         }
         let count = requests.len();
+        let mut panicked = None;
         if count > 0 {
             trace_event!(batch = count, "running a combined batch");
-            let outcome = run_batch(key, requests);
-            deliver(&slots, outcome);
+            // A panicking batch must still answer its callers and pass the leadership on, or
+            // every later caller for this key would wait forever.
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(key, requests)));
+            match outcome {
+                Ok(outcome) => deliver(&slots, outcome),
+                Err(panic) => {
+                    let error = Error::Server(ServerError::new(
+                        diesel::result::Error::QueryBuilderError("the batch panicked".into()),
+                    ));
+                    deliver(&slots, Err(error));
+                    panicked = Some(panic);
+                }
+            }
             let mut stats = lock(&self.stats);
             stats.batches += 1;
             stats.requests += count as u64;
@@ -240,6 +257,10 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             None => {
                 lanes.remove(key);
             }
+        }
+        drop(lanes);
+        if let Some(panic) = panicked {
+            std::panic::resume_unwind(panic);
         }
     }
 
@@ -401,5 +422,128 @@ impl CombiningLedger {
             let mut conn = self.pool.get().map_err(pool_error)?;
             self.ledger.apply_many(&mut conn, *user, &ops)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Barrier;
+    use std::thread;
+
+    type Doubler = Combiner<u8, u64, u64>;
+
+    fn doubled(_: &u8, requests: Vec<u64>) -> Result<Vec<Result<u64>>> {
+        thread::sleep(Duration::from_millis(2));
+        Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
+    }
+
+    #[test]
+    fn every_caller_gets_its_own_answer_and_requests_are_combined() {
+        let combiner = Arc::new(Doubler::new(64));
+        let barrier = Arc::new(Barrier::new(32));
+        let handles: Vec<_> = (0..32u64)
+            .map(|t| {
+                let (combiner, barrier) = (combiner.clone(), barrier.clone());
+                thread::spawn(move || {
+                    barrier.wait();
+                    (0..50u64)
+                        .map(|i| {
+                            let request = t * 1000 + i;
+                            let answer = combiner.submit(
+                                (t % 2) as u8,
+                                request,
+                                Duration::from_secs(10),
+                                doubled,
+                            );
+                            answer.map(|a| a == request * 2).unwrap_or(false)
+                        })
+                        .all(|ok| ok)
+                })
+            })
+            .collect();
+        for handle in handles {
+            assert!(handle.join().unwrap_or(false));
+        }
+        let stats = combiner.stats();
+        assert_eq!(stats.requests, 32 * 50);
+        assert!(stats.batches < stats.requests, "{stats:?}");
+        assert!(
+            stats.largest_batch > 1 && stats.largest_batch <= 64,
+            "{stats:?}"
+        );
+        assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+    }
+
+    #[test]
+    fn a_queued_caller_times_out_without_being_sent_and_the_lane_recovers() {
+        let combiner = Arc::new(Doubler::new(1));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let slow = {
+            let (combiner, sent) = (combiner.clone(), sent.clone());
+            thread::spawn(move || {
+                combiner.submit(0, 1, Duration::from_secs(10), |_, requests| {
+                    sent.fetch_add(requests.len(), Ordering::SeqCst);
+                    thread::sleep(Duration::from_millis(300));
+                    Ok(requests.into_iter().map(Ok).collect())
+                })
+            })
+        };
+        thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        let late = combiner.submit(0, 2, Duration::from_millis(20), |_, requests| {
+            sent.fetch_add(requests.len(), Ordering::SeqCst);
+            Ok(requests.into_iter().map(Ok).collect())
+        });
+        assert!(matches!(late, Err(Error::Timeout { .. })), "{late:?}");
+        assert!(started.elapsed() < Duration::from_millis(250));
+        assert!(matches!(slow.join().map_err(|_| ()), Ok(Ok(1))));
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            1,
+            "the timed-out request was sent"
+        );
+        assert_eq!(
+            combiner.submit(0, 3, Duration::from_secs(1), doubled).ok(),
+            Some(6)
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_answers_everyone_with_the_typed_error() {
+        let combiner = Doubler::new(8);
+        let failed = combiner.submit(0, 1, Duration::from_secs(1), |_, _| {
+            Err(Error::Timeout {
+                elapsed: Duration::from_millis(1),
+            })
+        });
+        assert!(matches!(failed, Err(Error::Timeout { .. })));
+        let short = combiner.submit(0, 1, Duration::from_secs(1), |_, _| Ok(Vec::new()));
+        assert!(matches!(short, Err(Error::Server(_))), "{short:?}");
+        assert_eq!(
+            combiner.submit(0, 4, Duration::from_secs(1), doubled).ok(),
+            Some(8)
+        );
+    }
+
+    #[test]
+    fn a_panicking_batch_does_not_wedge_the_lane() {
+        let combiner = Arc::new(Doubler::new(8));
+        let c = combiner.clone();
+        let panicked = thread::spawn(move || {
+            c.submit(
+                0,
+                1,
+                Duration::from_secs(1),
+                |_, _| -> Result<Vec<Result<u64>>> { panic!("batch bug") },
+            )
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(
+            combiner.submit(0, 5, Duration::from_secs(1), doubled).ok(),
+            Some(10)
+        );
     }
 }

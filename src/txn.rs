@@ -225,6 +225,7 @@ pub struct Attempts {
 pub struct TxnRunner {
     policy: TxnPolicy,
     begin_sql: OnceLock<String>,
+    read_sql: OnceLock<String>,
 }
 
 impl Clone for TxnRunner {
@@ -239,6 +240,7 @@ impl TxnRunner {
         Self {
             policy,
             begin_sql: OnceLock::new(),
+            read_sql: OnceLock::new(),
         }
     }
 
@@ -336,17 +338,38 @@ impl TxnRunner {
         }
     }
 
+    /// Session settings, isolation and BEGIN in one batch (one round trip), built once per
+    /// runner: a runner talks to one server flavour.
     fn begin_sql(&self, conn: &mut MysqlConnection) -> Result<&str, Error> {
-        if let Some(sql) = self.begin_sql.get() {
+        self.cached_sql(conn, &self.begin_sql, |session, isolation| {
+            format!("{session}; SET TRANSACTION ISOLATION LEVEL {isolation}; BEGIN")
+        })
+    }
+
+    fn read_sql(&self, conn: &mut MysqlConnection) -> Result<&str, Error> {
+        self.cached_sql(conn, &self.read_sql, |session, _| {
+            format!(
+                "{session}; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
+                 START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
+            )
+        })
+    }
+
+    fn cached_sql<'a>(
+        &self,
+        conn: &mut MysqlConnection,
+        cell: &'a OnceLock<String>,
+        build: impl FnOnce(&str, &str) -> String,
+    ) -> Result<&'a str, Error> {
+        if let Some(sql) = cell.get() {
             return Ok(sql);
         }
         let flavor = ServerFlavor::detect(conn)?;
-        let sql = format!(
-            "{}; SET TRANSACTION ISOLATION LEVEL {}; BEGIN",
-            self.policy.session_sql(flavor),
-            self.policy.isolation.sql()
+        let sql = build(
+            &self.policy.session_sql(flavor),
+            self.policy.isolation.sql(),
         );
-        Ok(self.begin_sql.get_or_init(|| sql))
+        Ok(cell.get_or_init(|| sql))
     }
 
     /// Runs `body` in a read-only consistent snapshot (REPEATABLE READ, no locks taken), so
@@ -361,11 +384,8 @@ impl TxnRunner {
             Ok(Some(_)) => return Err(Error::NestedTransaction),
             Err(e) => return Err(e.into()),
         }
-        AnsiTransactionManager::begin_transaction_sql(
-            conn,
-            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
-             START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
-        )?;
+        let begin = self.read_sql(conn)?;
+        AnsiTransactionManager::begin_transaction_sql(conn, begin)?;
         let result = body(conn);
         match result {
             Ok(value) => {
