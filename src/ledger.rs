@@ -520,10 +520,11 @@ impl BalanceLedger {
                 (second_row, first_row)
             };
             let sender = sender.ok_or(Error::AccountNotFound { user_id: from })?;
+            // Refuse before creating the receiver: a refused transfer writes nothing.
+            let sender_after = debit(&sender, amount)?;
             let Some(receiver) = receiver else {
                 return Ok(Step::CreateAccount(to));
             };
-            let sender_after = debit(&sender, amount)?;
             let receiver_after = credit(&receiver, amount)?;
             let debit_entry = insert_entry(conn, &request, sender_after, None)?;
             let incoming = Request {
@@ -657,15 +658,21 @@ impl BalanceLedger {
         mut attempt: impl FnMut(&mut MysqlConnection) -> Result<Step<T>>,
         replay: impl FnOnce(&mut MysqlConnection, Entry) -> Result<T>,
     ) -> Result<T> {
-        // Creating an account is a separate autocommitted statement: an empty FOR UPDATE on a
-        // missing key holds only a gap lock, and two first charges inserting into the same gap
-        // would deadlock. INSERT IGNORE is idempotent, so racing creators are harmless.
+        // Creating an account is a separate short transaction (retried like any other): an
+        // empty FOR UPDATE on a missing key holds only a gap lock, and two first charges
+        // inserting into the same gap would deadlock. INSERT IGNORE is idempotent, so racing
+        // creators are harmless.
         let mut created = false;
         loop {
             match self.runner.run(conn, &mut attempt) {
                 Ok(Step::Done(value)) => return Ok(value),
                 Ok(Step::CreateAccount(user_id)) if !created => {
-                    create_account(conn, user_id)?;
+                    // A key already used decides the answer before the account is written.
+                    if let Some(entry) = self.existing(conn, request)? {
+                        return replay(conn, entry);
+                    }
+                    self.runner
+                        .run(conn, |conn| create_account(conn, user_id))?;
                     created = true;
                 }
                 Ok(Step::CreateAccount(user_id)) => return Err(Error::AccountNotFound { user_id }),
@@ -1071,7 +1078,8 @@ impl BalanceLedger {
                         if !any_charge {
                             break Ok(None);
                         }
-                        create_account(conn, user_id)?;
+                        self.runner
+                            .run(conn, |conn| create_account(conn, user_id))?;
                         created = true;
                     }
                     Ok(Step::CreateAccount(_)) => break Ok(None),

@@ -1,0 +1,1223 @@
+//! `BalanceLedger` against a real server. Every invariant is checked by reading the database
+//! afterwards (the journal, the balances, `audit`), not from in-process counters alone.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use lockstock::error::{AmountProblem, KeyProblem};
+use lockstock::ledger::MAX_AMOUNT;
+use lockstock::schema::{balance_history, user_balance};
+use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerErrorKind, TxnPolicy};
+use rust_decimal::Decimal;
+
+fn dec(units: i64, scale: u32) -> Decimal {
+    Decimal::new(units, scale)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Database readers
+// ---------------------------------------------------------------------------------------------
+
+type BalanceRow = (i64, Decimal, i64, NaiveDateTime);
+type HistoryRow = (
+    i64,
+    i64,
+    String,
+    Decimal,
+    Decimal,
+    Option<String>,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Decimal,
+    NaiveDateTime,
+);
+
+/// Every row of both ledger tables, in primary-key order.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    balances: Vec<BalanceRow>,
+    history: Vec<HistoryRow>,
+}
+
+fn snapshot(conn: &mut MysqlConnection) -> Snapshot {
+    Snapshot {
+        balances: user_balance::table
+            .select(user_balance::all_columns)
+            .order(user_balance::user_id.asc())
+            .load(conn)
+            .expect("read user_balance"),
+        history: balance_history::table
+            .select(balance_history::all_columns)
+            .order(balance_history::id.asc())
+            .load(conn)
+            .expect("read balance_history"),
+    }
+}
+
+fn stored_balance(conn: &mut MysqlConnection, user_id: i64) -> Decimal {
+    user_balance::table
+        .find(user_id)
+        .select(user_balance::balance)
+        .first(conn)
+        .expect("read balance")
+}
+
+fn count_kind(conn: &mut MysqlConnection, user_id: i64, kind: EntryKind) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .filter(balance_history::kind.eq(kind.as_str()))
+        .count()
+        .get_result(conn)
+        .expect("count journal entries")
+}
+
+fn count_key(conn: &mut MysqlConnection, user_id: i64, key: &str) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .filter(balance_history::idempotency_key.eq(key))
+        .count()
+        .get_result(conn)
+        .expect("count key")
+}
+
+fn audit_ok(ledger: &BalanceLedger, conn: &mut MysqlConnection, user_id: i64) {
+    match ledger.audit(conn, user_id) {
+        Ok(report) => assert!(report.is_consistent(), "{report:?}"),
+        Err(e) => panic!("audit of user {user_id} failed: {e}"),
+    }
+}
+
+/// Waits for every thread and returns their results in spawn order.
+fn join_all<T>(handles: Vec<thread::JoinHandle<T>>) -> Vec<T> {
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("worker thread panicked"))
+        .collect()
+}
+
+/// The errors a concurrent writer may legitimately see; any other error fails the test.
+/// `Contended` must be a lock refusal that ran out of retries, never a deadlock.
+fn check_contended(error: &Error) {
+    let kind = error.server_kind();
+    assert!(
+        matches!(
+            kind,
+            Some(ServerErrorKind::LockRefused | ServerErrorKind::LockWaitTimeout)
+        ),
+        "Contended for an unexpected reason: {error:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. One hot account, demand far above the balance
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn concurrent_deducts_never_overdraw_one_account() {
+    const THREADS: usize = 32;
+    const PER_THREAD: usize = 20;
+    const USER: i64 = 1;
+    let started = Instant::now();
+    let (url, mut conn) = common::fresh_database("ledger_hot_deducts");
+    let ledger = Arc::new(BalanceLedger::new());
+    let initial = dec(1000, 0);
+    let amount = dec(7, 0);
+    ledger
+        .charge(&mut conn, USER, initial, "seed")
+        .expect("seed charge");
+
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                barrier.wait();
+                let (mut ok, mut insufficient, mut contended) = (0u64, 0u64, 0u64);
+                for i in 0..PER_THREAD {
+                    match ledger.deduct(&mut conn, USER, amount, &format!("d-{t}-{i}")) {
+                        Ok(entry) => {
+                            assert_eq!(entry.kind, EntryKind::Deduct);
+                            assert!(entry.balance_after >= Decimal::ZERO, "{entry:?}");
+                            ok += 1;
+                        }
+                        Err(Error::InsufficientBalance {
+                            user_id,
+                            available,
+                            requested,
+                        }) => {
+                            assert_eq!((user_id, requested), (USER, amount));
+                            assert!(available < requested && available >= Decimal::ZERO);
+                            insufficient += 1;
+                        }
+                        Err(e @ Error::Contended { .. }) => {
+                            check_contended(&e);
+                            contended += 1;
+                        }
+                        Err(other) => panic!("thread {t}: untyped/unexpected error: {other:?}"),
+                    }
+                }
+                (ok, insufficient, contended)
+            })
+        })
+        .collect();
+    let results = join_all(handles);
+    let ok: u64 = results.iter().map(|r| r.0).sum();
+    let insufficient: u64 = results.iter().map(|r| r.1).sum();
+    let contended: u64 = results.iter().map(|r| r.2).sum();
+
+    let final_balance = stored_balance(&mut conn, USER);
+    let deducts = count_kind(&mut conn, USER, EntryKind::Deduct);
+    let negative_after: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(USER))
+        .filter(balance_history::balance_after.lt(Decimal::ZERO))
+        .count()
+        .get_result(&mut conn)
+        .expect("entries below zero");
+    eprintln!(
+        "hot deducts: {} calls, ok {ok}, insufficient {insufficient}, contended {contended}, \
+         journal deducts {deducts}, final balance {final_balance}, {:?}",
+        THREADS * PER_THREAD,
+        started.elapsed()
+    );
+    assert_eq!(ok + insufficient + contended, (THREADS * PER_THREAD) as u64);
+    assert!(final_balance >= Decimal::ZERO, "{final_balance}");
+    assert_eq!(negative_after, 0);
+    assert_eq!(Decimal::from(deducts) * amount, initial - final_balance);
+    assert_eq!(ok, deducts as u64, "successes seen by callers vs journal");
+    // Only deducts happen, so once a refusal saw less than 7 the balance stays below 7.
+    if insufficient > 0 {
+        assert!(final_balance < amount, "{final_balance}");
+    }
+    // Demand (4480) far exceeds 1000: the account must have been drained.
+    assert!(insufficient > 0, "no deduct was refused");
+    audit_ok(&ledger, &mut conn, USER);
+
+    // The schema itself refuses a negative balance, whatever the code does.
+    let raw = diesel::update(user_balance::table.find(USER))
+        .set(user_balance::balance.eq(dec(-1, 0)))
+        .execute(&mut conn)
+        .map_err(Error::from);
+    match raw {
+        Err(e) => assert_eq!(
+            e.server_kind(),
+            Some(ServerErrorKind::CheckViolation),
+            "{e:?}"
+        ),
+        Ok(n) => panic!("a negative balance was stored ({n} rows)"),
+    }
+    assert_eq!(stored_balance(&mut conn, USER), final_balance);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2 + 6. The bank: random transfers both ways, a snapshot reader, conservation
+// ---------------------------------------------------------------------------------------------
+
+#[derive(QueryableByName)]
+struct Total {
+    #[diesel(sql_type = diesel::sql_types::Numeric)]
+    total: Decimal,
+}
+
+#[test]
+fn bank_transfers_conserve_money_under_a_snapshot_reader() {
+    const ACCOUNTS: i64 = 8;
+    const WRITERS: usize = 16;
+    const OPS_PER_WRITER: usize = 320; // 16 × 320 = 5,120 ≥ 5,000
+    let started = Instant::now();
+    let seed = common::seed("bank_transfers_conserve_money_under_a_snapshot_reader");
+    let (url, mut conn) = common::fresh_database("ledger_bank");
+    let ledger = Arc::new(BalanceLedger::new());
+    let opening = dec(500, 0);
+    for user in 1..=ACCOUNTS {
+        ledger
+            .charge(&mut conn, user, opening, "opening")
+            .expect("opening charge");
+    }
+    let start_total = opening * Decimal::from(ACCOUNTS);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (url, ledger, done) = (url.clone(), ledger.clone(), done.clone());
+        thread::spawn(move || {
+            let mut conn = common::connect(&url);
+            let mut sums = 0u64;
+            loop {
+                // Read the flag first, so at least one full snapshot follows the last write.
+                let last = done.load(Ordering::Acquire);
+                let (per_account, total) = ledger
+                    .runner()
+                    .read(&mut conn, |c| {
+                        let mut sum = Decimal::ZERO;
+                        let mut min = Decimal::MAX;
+                        // Eight separate reads inside one snapshot, then the server's own SUM.
+                        for user in 1..=ACCOUNTS {
+                            let b: Decimal = user_balance::table
+                                .find(user)
+                                .select(user_balance::balance)
+                                .first(c)?;
+                            min = min.min(b);
+                            sum += b;
+                        }
+                        let total: Total =
+                            diesel::sql_query("SELECT SUM(balance) AS total FROM user_balance")
+                                .get_result(c)?;
+                        Ok(((sum, min), total.total))
+                    })
+                    .expect("snapshot read");
+                assert_eq!(per_account.0, start_total, "snapshot sum of 8 reads");
+                assert_eq!(total, start_total, "snapshot SUM()");
+                assert!(per_account.1 >= Decimal::ZERO, "negative balance seen");
+                sums += 1;
+                if last {
+                    return sums;
+                }
+            }
+        })
+    };
+
+    let barrier = Arc::new(Barrier::new(WRITERS));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
+            let mut rng = common::Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9));
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                barrier.wait();
+                let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
+                for i in 0..OPS_PER_WRITER {
+                    let from = 1 + rng.below(ACCOUNTS as u64) as i64;
+                    let to = 1 + (from + rng.below(ACCOUNTS as u64 - 1) as i64) % ACCOUNTS;
+                    assert_ne!(from, to);
+                    let amount = dec(100 + rng.below(4901) as i64, 2); // 1.00 ..= 50.00
+                    let key = format!("w{t}-{i}");
+                    // A contended call wrote nothing: retry it under the same key (a few times).
+                    for _ in 0..10 {
+                        match ledger.transfer(&mut conn, from, to, amount, &key) {
+                            Ok(tr) => {
+                                assert_eq!(tr.credit.related_entry_id, Some(tr.debit.id));
+                                assert!(tr.debit.balance_after >= Decimal::ZERO);
+                                ok += 1;
+                            }
+                            Err(Error::InsufficientBalance {
+                                user_id,
+                                available,
+                                requested,
+                            }) => {
+                                assert_eq!((user_id, requested), (from, amount));
+                                assert!(available < requested && available >= Decimal::ZERO);
+                                refused += 1;
+                            }
+                            Err(e @ Error::Contended { .. }) => {
+                                check_contended(&e);
+                                contended += 1;
+                                continue;
+                            }
+                            Err(other) => panic!("writer {t}: unexpected error {other:?}"),
+                        }
+                        break;
+                    }
+                }
+                (ok, refused, contended)
+            })
+        })
+        .collect();
+    let results = join_all(writers);
+    done.store(true, Ordering::Release);
+    let sums = reader.join().expect("reader thread panicked");
+
+    let ok: u64 = results.iter().map(|r| r.0).sum();
+    let refused: u64 = results.iter().map(|r| r.1).sum();
+    let contended: u64 = results.iter().map(|r| r.2).sum();
+    let ops = ok + refused;
+    eprintln!(
+        "bank (seed {seed}): ops {ops} (ok {ok}, refused {refused}), contended calls \
+         {contended} (retried under the same key), reader sums {sums}, {:?}",
+        started.elapsed()
+    );
+    assert!(ops >= 5_000, "{ops} successful + refused transfers");
+    assert!(sums >= 1);
+
+    // The journal agrees with what the callers saw.
+    let outs: i64 = balance_history::table
+        .filter(balance_history::kind.eq(EntryKind::TransferOut.as_str()))
+        .count()
+        .get_result(&mut conn)
+        .expect("count transfer_out");
+    let ins: i64 = balance_history::table
+        .filter(balance_history::kind.eq(EntryKind::TransferIn.as_str()))
+        .count()
+        .get_result(&mut conn)
+        .expect("count transfer_in");
+    assert_eq!((outs as u64, ins as u64), (ok, ok));
+    // Every received transfer links to a sending entry of the same amount, the other way round.
+    let unlinked: i64 = diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM balance_history i LEFT JOIN balance_history o \
+           ON o.id = i.related_entry_id AND o.kind = 'transfer_out' AND o.amount = i.amount \
+          AND o.user_id = i.counterparty_user_id AND o.counterparty_user_id = i.user_id \
+         WHERE i.kind = 'transfer_in' AND o.id IS NULL",
+    )
+    .get_result::<Count>(&mut conn)
+    .expect("unlinked transfers")
+    .n;
+    assert_eq!(unlinked, 0);
+
+    let snap = snapshot(&mut conn);
+    assert_eq!(snap.balances.len(), ACCOUNTS as usize);
+    let mut end_total = Decimal::ZERO;
+    for (user, balance, _, _) in &snap.balances {
+        assert!(*balance >= Decimal::ZERO, "user {user}: {balance}");
+        end_total += balance;
+        audit_ok(&ledger, &mut conn, *user);
+    }
+    assert_eq!(end_total, start_total);
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+#[test]
+fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
+    const THREADS: usize = 12;
+    const PER_THREAD: usize = 40;
+    let started = Instant::now();
+    let (url, mut conn) = common::fresh_database("ledger_opposite");
+    let ledger = Arc::new(BalanceLedger::new());
+    let (a, b) = (11i64, 12i64);
+    ledger
+        .charge(&mut conn, a, dec(300, 0), "open")
+        .expect("open a");
+    ledger
+        .charge(&mut conn, b, dec(300, 0), "open")
+        .expect("open b");
+
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                // Half the threads send a → b, the other half b → a.
+                let (from, to) = if t % 2 == 0 { (a, b) } else { (b, a) };
+                barrier.wait();
+                let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
+                for i in 0..PER_THREAD {
+                    let amount = dec(1 + (i as i64 * 7 + t as i64) % 25, 0);
+                    match ledger.transfer(&mut conn, from, to, amount, &format!("o{t}-{i}")) {
+                        Ok(_) => ok += 1,
+                        Err(Error::InsufficientBalance { .. }) => refused += 1,
+                        Err(e @ Error::Contended { .. }) => {
+                            check_contended(&e);
+                            contended += 1;
+                        }
+                        Err(other) => panic!("thread {t}: unexpected error {other:?}"),
+                    }
+                }
+                (ok, refused, contended)
+            })
+        })
+        .collect();
+    let results = join_all(handles);
+    let ok: u64 = results.iter().map(|r| r.0).sum();
+    let refused: u64 = results.iter().map(|r| r.1).sum();
+    let contended: u64 = results.iter().map(|r| r.2).sum();
+    let total = stored_balance(&mut conn, a) + stored_balance(&mut conn, b);
+    eprintln!(
+        "opposite transfers: ok {ok}, refused {refused}, contended {contended}, {:?}",
+        started.elapsed()
+    );
+    assert_eq!(total, dec(600, 0));
+    assert_eq!(
+        count_kind(&mut conn, a, EntryKind::TransferOut)
+            + count_kind(&mut conn, b, EntryKind::TransferOut),
+        ok as i64
+    );
+    audit_ok(&ledger, &mut conn, a);
+    audit_ok(&ledger, &mut conn, b);
+
+    // Linking and replay of one transfer (refill first: the race may have drained `a`).
+    ledger
+        .charge(&mut conn, a, dec(10, 0), "refill")
+        .expect("refill");
+    let first = ledger
+        .transfer(&mut conn, a, b, dec(125, 2), "linked")
+        .expect("transfer");
+    assert_eq!(first.debit.kind, EntryKind::TransferOut);
+    assert_eq!(first.credit.kind, EntryKind::TransferIn);
+    assert_eq!(first.credit.related_entry_id, Some(first.debit.id));
+    assert_eq!(first.debit.counterparty_user_id, Some(b));
+    assert_eq!(first.credit.counterparty_user_id, Some(a));
+    assert_eq!(first.debit.idempotency_key.as_deref(), Some("linked"));
+    assert_eq!(first.credit.idempotency_key, None);
+    let stored: (Option<i64>, i64) = balance_history::table
+        .find(first.credit.id)
+        .select((balance_history::related_entry_id, balance_history::user_id))
+        .first(&mut conn)
+        .expect("stored credit");
+    assert_eq!(stored, (Some(first.debit.id), b));
+    let before = snapshot(&mut conn);
+    let again = ledger
+        .transfer(&mut conn, a, b, dec(125, 2), "linked")
+        .expect("replayed transfer");
+    assert_eq!(again.debit.id, first.debit.id);
+    assert_eq!(again.credit.id, first.credit.id);
+    assert_eq!(again.credit.related_entry_id, Some(first.debit.id));
+    assert_eq!(snapshot(&mut conn), before, "a replay must write nothing");
+    // The same key for another receiver or amount is a conflict.
+    assert!(matches!(
+        ledger.transfer(&mut conn, a, b, dec(126, 2), "linked"),
+        Err(Error::IdempotencyConflict { existing_entry_id, .. }) if existing_entry_id == first.debit.id
+    ));
+    assert_eq!(snapshot(&mut conn), before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Idempotency under a race
+// ---------------------------------------------------------------------------------------------
+
+/// 16 threads charge `user` under one key at once; returns the entry ids they got.
+fn race_one_charge(url: &str, ledger: &Arc<BalanceLedger>, user: i64, key: &str) -> Vec<i64> {
+    const THREADS: usize = 16;
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (url, ledger, barrier, key) = (
+                url.to_owned(),
+                ledger.clone(),
+                barrier.clone(),
+                key.to_owned(),
+            );
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                barrier.wait();
+                ledger.charge(&mut conn, user, dec(4250, 2), &key)
+            })
+        })
+        .collect();
+    join_all(handles)
+        .into_iter()
+        .map(|r| match r {
+            Ok(entry) => {
+                assert_eq!(entry.amount, dec(4250, 2));
+                entry.id
+            }
+            Err(e) => panic!("a racing charge with the same key failed: {e:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn same_key_charge_race_applies_once() {
+    let (url, mut conn) = common::fresh_database("ledger_same_key");
+    // Every racer must end with Ok: give the losers of the lock race a generous budget, so a
+    // slow shared machine cannot turn the test into a Contended lottery.
+    let mut retry = RetryPolicy::default();
+    retry.max_attempts = 1_000;
+    retry.deadline = Duration::from_secs(15);
+    let ledger = Arc::new(BalanceLedger::with_policy(
+        TxnPolicy::default().with_retry(retry),
+    ));
+
+    for (user, existing) in [(21i64, true), (22i64, false)] {
+        // 21 exists already; 22 is created by the racing first charges themselves.
+        if existing {
+            ledger
+                .charge(&mut conn, user, dec(10, 0), "open")
+                .expect("open");
+        }
+        let before = if existing { dec(10, 0) } else { Decimal::ZERO };
+        let ids = race_one_charge(&url, &ledger, user, "pay-1");
+        let first = ids[0];
+        assert!(ids.iter().all(|id| *id == first), "user {user}: {ids:?}");
+        assert_eq!(count_key(&mut conn, user, "pay-1"), 1, "user {user}");
+        assert_eq!(
+            count_kind(&mut conn, user, EntryKind::Charge),
+            1 + i64::from(existing)
+        );
+        assert_eq!(stored_balance(&mut conn, user), before + dec(4250, 2));
+        audit_ok(&ledger, &mut conn, user);
+
+        let snap = snapshot(&mut conn);
+        match ledger.charge(&mut conn, user, dec(4251, 2), "pay-1") {
+            Err(Error::IdempotencyConflict {
+                user_id,
+                key,
+                existing_entry_id,
+            }) => assert_eq!(
+                (user_id, key.as_str(), existing_entry_id),
+                (user, "pay-1", first)
+            ),
+            other => panic!("other amount under the same key: {other:?}"),
+        }
+        match ledger.deduct(&mut conn, user, dec(4250, 2), "pay-1") {
+            Err(Error::IdempotencyConflict {
+                existing_entry_id, ..
+            }) => assert_eq!(existing_entry_id, first),
+            other => panic!("deduct under a charge's key: {other:?}"),
+        }
+        // Equal amounts written differently are the same request.
+        let replay = ledger
+            .charge(&mut conn, user, dec(425_000, 4), "pay-1")
+            .expect("replay");
+        assert_eq!(replay.id, first);
+        assert_eq!(
+            snapshot(&mut conn),
+            snap,
+            "conflicts and replays write nothing"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Refunds
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn concurrent_refunds_never_exceed_the_deduct() {
+    const THREADS: usize = 16;
+    const USER: i64 = 31;
+    let (url, mut conn) = common::fresh_database("ledger_refunds");
+    let ledger = Arc::new(BalanceLedger::new());
+    let charge = ledger
+        .charge(&mut conn, USER, dec(500, 0), "top-up")
+        .expect("charge");
+    let deduct = ledger
+        .deduct(&mut conn, USER, dec(100, 0), "order")
+        .expect("deduct");
+
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                barrier.wait();
+                ledger.refund(&mut conn, deduct.id, dec(15, 0), &format!("refund-{t}"))
+            })
+        })
+        .collect();
+    let (mut ok, mut exceeded, mut contended) = (0u64, 0u64, 0u64);
+    for result in join_all(handles) {
+        match result {
+            Ok(entry) => {
+                assert_eq!(entry.kind, EntryKind::Refund);
+                assert_eq!(entry.related_entry_id, Some(deduct.id));
+                ok += 1;
+            }
+            Err(Error::RefundExceedsDeduct {
+                entry_id,
+                deducted,
+                refunded,
+                requested,
+            }) => {
+                assert_eq!(
+                    (entry_id, deducted, requested),
+                    (deduct.id, dec(100, 0), dec(15, 0))
+                );
+                assert!(refunded + requested > deducted, "{refunded}");
+                exceeded += 1;
+            }
+            Err(e @ Error::Contended { .. }) => {
+                check_contended(&e);
+                contended += 1;
+            }
+            Err(other) => panic!("unexpected refund error {other:?}"),
+        }
+    }
+    eprintln!("refunds: ok {ok}, exceeded {exceeded}, contended {contended}");
+    assert!(ok * 15 <= 100 && ok <= 6, "{ok}");
+    if contended == 0 {
+        assert_eq!(ok, 6);
+    }
+    let refunded: Decimal = balance_history::table
+        .find(deduct.id)
+        .select(balance_history::refunded_amount)
+        .first(&mut conn)
+        .expect("refunded_amount");
+    let refund_rows: Vec<Decimal> = balance_history::table
+        .filter(balance_history::related_entry_id.eq(deduct.id))
+        .filter(balance_history::kind.eq(EntryKind::Refund.as_str()))
+        .select(balance_history::amount)
+        .load(&mut conn)
+        .expect("refund rows");
+    assert_eq!(refund_rows.len() as u64, ok);
+    assert_eq!(refunded, refund_rows.iter().sum::<Decimal>());
+    assert_eq!(refunded, Decimal::from(ok) * dec(15, 0));
+    assert_eq!(
+        stored_balance(&mut conn, USER),
+        dec(400, 0) + Decimal::from(ok) * dec(15, 0)
+    );
+    audit_ok(&ledger, &mut conn, USER);
+
+    // Replay of a successful refund key: the same entry, even when the deduct is exhausted.
+    let done: (i64, Option<String>) = balance_history::table
+        .filter(balance_history::related_entry_id.eq(deduct.id))
+        .select((balance_history::id, balance_history::idempotency_key))
+        .first(&mut conn)
+        .expect("a refund");
+    let key = done.1.expect("refund key");
+    let snap = snapshot(&mut conn);
+    let again = ledger
+        .refund(&mut conn, deduct.id, dec(15, 0), &key)
+        .expect("replay refund");
+    assert_eq!(again.id, done.0);
+    assert!(matches!(
+        ledger.refund(&mut conn, deduct.id, dec(5, 0), &key),
+        Err(Error::IdempotencyConflict { existing_entry_id, .. }) if existing_entry_id == done.0
+    ));
+    // Not a deduct / no such entry.
+    match ledger.refund(&mut conn, charge.id, dec(1, 0), "refund-charge") {
+        Err(Error::NotRefundable { entry_id, kind }) => {
+            assert_eq!((entry_id, kind), (charge.id, EntryKind::Charge))
+        }
+        other => panic!("refund of a charge: {other:?}"),
+    }
+    match ledger.refund(&mut conn, again.id, dec(1, 0), "refund-refund") {
+        Err(Error::NotRefundable { kind, .. }) => assert_eq!(kind, EntryKind::Refund),
+        other => panic!("refund of a refund: {other:?}"),
+    }
+    let unknown = deduct.id + 10_000;
+    match ledger.refund(&mut conn, unknown, dec(1, 0), "refund-ghost") {
+        Err(Error::EntryNotFound { entry_id }) => assert_eq!(entry_id, unknown),
+        other => panic!("refund of an unknown entry: {other:?}"),
+    }
+    assert_eq!(snapshot(&mut conn), snap);
+
+    // A sequential replay while the deduct still has room: same entry, applied once.
+    let d2 = ledger
+        .deduct(&mut conn, USER, dec(10, 0), "order-2")
+        .expect("deduct 2");
+    let r1 = ledger
+        .refund(&mut conn, d2.id, dec(4, 0), "r2")
+        .expect("refund");
+    let r2 = ledger
+        .refund(&mut conn, d2.id, dec(4, 0), "r2")
+        .expect("refund replay");
+    assert_eq!(r1.id, r2.id);
+    let refunded: Decimal = balance_history::table
+        .find(d2.id)
+        .select(balance_history::refunded_amount)
+        .first(&mut conn)
+        .expect("refunded");
+    assert_eq!(refunded, dec(4, 0));
+    audit_ok(&ledger, &mut conn, USER);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Bad inputs: exact typed error, database unchanged
+// ---------------------------------------------------------------------------------------------
+
+type Call = Box<dyn Fn(&BalanceLedger, &mut MysqlConnection) -> Result<(), Error>>;
+type Expect = Box<dyn Fn(&Error) -> bool>;
+
+#[test]
+fn bad_inputs_are_typed_and_change_nothing() {
+    let (_url, mut conn) = common::fresh_database("ledger_bad_inputs");
+    let ledger = BalanceLedger::new();
+    let (rich, full, ghost, ghost2) = (1i64, 3i64, 999i64, 998i64);
+    ledger
+        .charge(&mut conn, rich, dec(100, 0), "open")
+        .expect("open");
+    ledger
+        .charge(&mut conn, full, MAX_AMOUNT, "open")
+        .expect("charge to the maximum");
+    let charge_id = ledger
+        .history(&mut conn, rich, None, 1)
+        .expect("history")
+        .entries[0]
+        .id;
+    let deduct = ledger
+        .deduct(&mut conn, rich, dec(10, 0), "order")
+        .expect("deduct");
+    let long_key = "k".repeat(65);
+    let multibyte_key = "é".repeat(33); // 66 bytes, 33 characters
+
+    fn c<F>(f: F) -> Call
+    where
+        F: Fn(&BalanceLedger, &mut MysqlConnection) -> Result<(), Error> + 'static,
+    {
+        Box::new(f)
+    }
+    fn e<F: Fn(&Error) -> bool + 'static>(f: F) -> Expect {
+        Box::new(f)
+    }
+    let amount_problem = |want: AmountProblem| {
+        e(move |err| matches!(err, Error::InvalidAmount { problem, .. } if *problem == want))
+    };
+    let tiny = dec(1, 4);
+    let cases: Vec<(&str, Call, Expect)> = vec![
+        (
+            "charge zero",
+            c(|l, c| l.charge(c, 1, Decimal::ZERO, "z").map(drop)),
+            amount_problem(AmountProblem::NotPositive),
+        ),
+        (
+            "deduct negative",
+            c(|l, c| l.deduct(c, 1, dec(-5, 0), "n").map(drop)),
+            amount_problem(AmountProblem::NotPositive),
+        ),
+        (
+            "charge of a new account with zero",
+            c(move |l, c| l.charge(c, ghost, Decimal::ZERO, "z").map(drop)),
+            amount_problem(AmountProblem::NotPositive),
+        ),
+        (
+            "charge 5 decimals",
+            c(|l, c| l.charge(c, 1, dec(100_001, 5), "p").map(drop)),
+            amount_problem(AmountProblem::TooManyDecimals),
+        ),
+        (
+            "transfer 5 decimals",
+            c(|l, c| l.transfer(c, 1, 2, dec(1, 5), "p").map(drop)),
+            amount_problem(AmountProblem::TooManyDecimals),
+        ),
+        (
+            "charge above DECIMAL(19,4)",
+            c(move |l, c| l.charge(c, 1, MAX_AMOUNT + tiny, "big").map(drop)),
+            amount_problem(AmountProblem::TooLarge),
+        ),
+        (
+            "deduct 1e20",
+            c(|l, c| {
+                l.deduct(c, 1, Decimal::from(10u128.pow(20)), "big")
+                    .map(drop)
+            }),
+            amount_problem(AmountProblem::TooLarge),
+        ),
+        (
+            "empty key",
+            c(|l, c| l.charge(c, 1, dec(1, 0), "").map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidIdempotencyKey {
+                        problem: KeyProblem::Empty
+                    }
+                )
+            }),
+        ),
+        (
+            "65-byte key",
+            c(move |l, c| l.deduct(c, 1, dec(1, 0), &long_key).map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidIdempotencyKey {
+                        problem: KeyProblem::TooLong { len: 65 }
+                    }
+                )
+            }),
+        ),
+        (
+            "66-byte key of 33 characters",
+            c(move |l, c| l.charge(c, 1, dec(1, 0), &multibyte_key).map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidIdempotencyKey {
+                        problem: KeyProblem::TooLong { len: 66 }
+                    }
+                )
+            }),
+        ),
+        (
+            "refund with an empty key",
+            c(move |l, c| l.refund(c, deduct.id, dec(1, 0), "").map(drop)),
+            e(|err| matches!(err, Error::InvalidIdempotencyKey { .. })),
+        ),
+        (
+            "charge user 0",
+            c(|l, c| l.charge(c, 0, dec(1, 0), "u").map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidId {
+                        what: "user",
+                        id: 0
+                    }
+                )
+            }),
+        ),
+        (
+            "deduct user -5",
+            c(|l, c| l.deduct(c, -5, dec(1, 0), "u").map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidId {
+                        what: "user",
+                        id: -5
+                    }
+                )
+            }),
+        ),
+        (
+            "transfer to user 0",
+            c(|l, c| l.transfer(c, 1, 0, dec(1, 0), "u").map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidId {
+                        what: "user",
+                        id: 0
+                    }
+                )
+            }),
+        ),
+        (
+            "balance of user 0",
+            c(|l, c| l.balance(c, 0).map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidId {
+                        what: "user",
+                        id: 0
+                    }
+                )
+            }),
+        ),
+        (
+            "history of user -1",
+            c(|l, c| l.history(c, -1, None, 10).map(drop)),
+            e(|err| {
+                matches!(
+                    err,
+                    Error::InvalidId {
+                        what: "user",
+                        id: -1
+                    }
+                )
+            }),
+        ),
+        (
+            "refund entry 0",
+            c(|l, c| l.refund(c, 0, dec(1, 0), "r").map(drop)),
+            e(|err| matches!(err, Error::InvalidId { id: 0, .. })),
+        ),
+        (
+            "self transfer",
+            c(|l, c| l.transfer(c, 1, 1, dec(1, 0), "self").map(drop)),
+            e(|err| matches!(err, Error::SelfTransfer { user_id: 1 })),
+        ),
+        (
+            "deduct from an unknown account",
+            c(move |l, c| l.deduct(c, ghost, dec(1, 0), "g").map(drop)),
+            e(move |err| matches!(err, Error::AccountNotFound { user_id } if *user_id == ghost)),
+        ),
+        (
+            "transfer from an unknown account",
+            c(move |l, c| l.transfer(c, ghost, rich, dec(1, 0), "g").map(drop)),
+            e(move |err| matches!(err, Error::AccountNotFound { user_id } if *user_id == ghost)),
+        ),
+        (
+            "transfer between two unknown accounts",
+            c(move |l, c| l.transfer(c, ghost, ghost2, dec(1, 0), "g").map(drop)),
+            e(move |err| matches!(err, Error::AccountNotFound { user_id } if *user_id == ghost)),
+        ),
+        (
+            "balance of an unknown account",
+            c(move |l, c| l.balance(c, ghost).map(drop)),
+            e(move |err| matches!(err, Error::AccountNotFound { user_id } if *user_id == ghost)),
+        ),
+        (
+            "audit of an unknown account",
+            c(move |l, c| l.audit(c, ghost).map(drop)),
+            e(move |err| matches!(err, Error::AccountNotFound { user_id } if *user_id == ghost)),
+        ),
+        (
+            "history limit 0",
+            c(|l, c| l.history(c, 1, None, 0).map(drop)),
+            e(|err| matches!(err, Error::InvalidInput { field: "limit", .. })),
+        ),
+        (
+            "history limit 1001",
+            c(|l, c| l.history(c, 1, None, 1001).map(drop)),
+            e(|err| matches!(err, Error::InvalidInput { field: "limit", .. })),
+        ),
+        (
+            "charge beyond the maximum balance",
+            c(move |l, c| l.charge(c, full, tiny, "more").map(drop)),
+            e(move |err| {
+                matches!(err, Error::BalanceLimitExceeded { user_id, balance, requested }
+                    if *user_id == full && *balance == MAX_AMOUNT && *requested == tiny)
+            }),
+        ),
+        (
+            "transfer into a full account",
+            c(move |l, c| l.transfer(c, rich, full, dec(1, 0), "fill").map(drop)),
+            e(
+                move |err| matches!(err, Error::BalanceLimitExceeded { user_id, .. } if *user_id == full),
+            ),
+        ),
+        (
+            "deduct more than the balance",
+            c(|l, c| l.deduct(c, 1, dec(9001, 2), "too-much").map(drop)),
+            e(|err| {
+                matches!(err, Error::InsufficientBalance { user_id: 1, available, requested }
+                    if *available == dec(90, 0) && *requested == dec(9001, 2))
+            }),
+        ),
+        (
+            "transfer more than the balance to a new account",
+            c(move |l, c| l.transfer(c, rich, ghost, dec(91, 0), "too-much").map(drop)),
+            e(|err| matches!(err, Error::InsufficientBalance { user_id: 1, .. })),
+        ),
+        (
+            "refund of an unknown entry",
+            c(|l, c| l.refund(c, 123_456, dec(1, 0), "r").map(drop)),
+            e(|err| matches!(err, Error::EntryNotFound { entry_id: 123_456 })),
+        ),
+        (
+            "refund of a charge",
+            c(move |l, c| l.refund(c, charge_id, dec(1, 0), "r").map(drop)),
+            e(move |err| {
+                matches!(err, Error::NotRefundable { entry_id, kind: EntryKind::Charge }
+                    if *entry_id == charge_id)
+            }),
+        ),
+        (
+            "refund above the deduct",
+            c(move |l, c| l.refund(c, deduct.id, dec(1001, 2), "r").map(drop)),
+            e(move |err| {
+                matches!(err, Error::RefundExceedsDeduct { entry_id, refunded, .. }
+                    if *entry_id == deduct.id && refunded.is_zero())
+            }),
+        ),
+        (
+            "deduct under a charge's key",
+            c(|l, c| l.deduct(c, 1, dec(1, 0), "open").map(drop)),
+            e(move |err| {
+                matches!(err, Error::IdempotencyConflict { user_id: 1, key, existing_entry_id }
+                    if key == "open" && *existing_entry_id == charge_id)
+            }),
+        ),
+        (
+            "transfer under a used key to a new account",
+            c(move |l, c| l.transfer(c, rich, ghost, dec(1, 0), "open").map(drop)),
+            e(move |err| {
+                matches!(err, Error::IdempotencyConflict { user_id: 1, existing_entry_id, .. }
+                    if *existing_entry_id == charge_id)
+            }),
+        ),
+    ];
+
+    for (name, call, expected) in &cases {
+        let before = snapshot(&mut conn);
+        match call(&ledger, &mut conn) {
+            Ok(()) => panic!("{name}: succeeded"),
+            Err(err) => assert!(expected(&err), "{name}: wrong error {err:?}"),
+        }
+        assert_eq!(snapshot(&mut conn), before, "{name}: the database changed");
+    }
+    audit_ok(&ledger, &mut conn, rich);
+    audit_ok(&ledger, &mut conn, full);
+    eprintln!("bad inputs: {} cases", cases.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. History
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn history_pages_newest_first_without_gaps() {
+    const USER: i64 = 41;
+    let (_url, mut conn) = common::fresh_database("ledger_history");
+    let ledger = BalanceLedger::new();
+    let mut written: Vec<Entry> = Vec::new();
+    for i in 0..25i64 {
+        let entry = if i % 3 == 2 {
+            ledger.deduct(&mut conn, USER, dec(i, 1), &format!("h{i}"))
+        } else {
+            ledger.charge(&mut conn, USER, dec(10 + i, 0), &format!("h{i}"))
+        }
+        .expect("write");
+        written.push(entry);
+    }
+    // Another account's entries must not show up.
+    ledger
+        .charge(&mut conn, USER + 1, dec(1, 0), "other")
+        .expect("other");
+
+    let mut pages = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = ledger
+            .history(&mut conn, USER, cursor, 10)
+            .expect("history page");
+        pages.push(page.entries.clone());
+        match page.next_cursor {
+            Some(next) => {
+                assert_eq!(Some(next), page.entries.last().map(|e| e.id));
+                cursor = Some(next);
+            }
+            None => break,
+        }
+        assert!(pages.len() <= 3, "too many pages");
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![10, 10, 5]);
+    let all: Vec<Entry> = pages.into_iter().flatten().collect();
+    let mut expected = written.clone();
+    expected.reverse();
+    assert_eq!(
+        all.iter().map(|e| e.id).collect::<Vec<_>>(),
+        expected.iter().map(|e| e.id).collect::<Vec<_>>(),
+        "newest first, no duplicates, no gaps"
+    );
+    assert_eq!(all.iter().map(|e| e.id).collect::<HashSet<_>>().len(), 25);
+    // balance_after is the running sum, and every returned entry equals what the call returned.
+    for (newer, older) in all.iter().zip(all.iter().skip(1)) {
+        let delta = if newer.kind.is_credit() {
+            newer.amount
+        } else {
+            -newer.amount
+        };
+        assert_eq!(
+            newer.balance_after,
+            older.balance_after + delta,
+            "{newer:?}"
+        );
+    }
+    assert_eq!(all, expected);
+    assert_eq!(all[0].balance_after, stored_balance(&mut conn, USER));
+    assert_eq!(all[24].balance_after, all[24].amount);
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(balance.balance, all[0].balance_after);
+    assert_eq!(balance.version, 25);
+
+    match ledger.balance(&mut conn, 4242) {
+        Err(Error::AccountNotFound { user_id: 4242 }) => {}
+        other => panic!("balance of an unknown account: {other:?}"),
+    }
+    // History of an account without entries is an empty last page.
+    let empty = ledger.history(&mut conn, 4242, None, 10).expect("empty");
+    assert!(empty.entries.is_empty() && empty.next_cursor.is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. A refusal writes nothing and the key stays usable
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn refused_call_writes_nothing_and_key_can_be_retried() {
+    const USER: i64 = 51;
+    let (_url, mut conn) = common::fresh_database("ledger_retry_key");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, USER, dec(20, 0), "c1")
+        .expect("charge");
+    let before = snapshot(&mut conn);
+    match ledger.deduct(&mut conn, USER, dec(50, 0), "K") {
+        Err(Error::InsufficientBalance {
+            user_id,
+            available,
+            requested,
+        }) => assert_eq!(
+            (user_id, available, requested),
+            (USER, dec(20, 0), dec(50, 0))
+        ),
+        other => panic!("expected InsufficientBalance, got {other:?}"),
+    }
+    assert_eq!(snapshot(&mut conn), before, "a refusal wrote something");
+    assert_eq!(count_key(&mut conn, USER, "K"), 0);
+
+    ledger
+        .charge(&mut conn, USER, dec(40, 0), "c2")
+        .expect("charge");
+    let entry = ledger
+        .deduct(&mut conn, USER, dec(50, 0), "K")
+        .expect("the same deduct under K now succeeds");
+    assert_eq!(entry.balance_after, dec(10, 0));
+    assert_eq!(count_key(&mut conn, USER, "K"), 1);
+    assert_eq!(stored_balance(&mut conn, USER), dec(10, 0));
+    // Replayed once the balance is insufficient again: still the original entry.
+    let replay = ledger
+        .deduct(&mut conn, USER, dec(50, 0), "K")
+        .expect("replay");
+    assert_eq!(replay.id, entry.id);
+    assert_eq!(stored_balance(&mut conn, USER), dec(10, 0));
+    audit_ok(&ledger, &mut conn, USER);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. audit detects tampering
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn audit_detects_a_tampered_balance() {
+    const USER: i64 = 61;
+    let (_url, mut conn) = common::fresh_database("ledger_audit_tamper");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, USER, dec(100, 0), "c")
+        .expect("charge");
+    ledger
+        .deduct(&mut conn, USER, dec(30, 0), "d")
+        .expect("deduct");
+    let report = ledger.audit(&mut conn, USER).expect("clean audit");
+    assert_eq!(
+        (report.balance, report.journal_sum, report.entries),
+        (dec(70, 0), dec(70, 0), 2)
+    );
+
+    diesel::update(user_balance::table.find(USER))
+        .set(user_balance::balance.eq(dec(1_000_070, 0)))
+        .execute(&mut conn)
+        .expect("tamper");
+    match ledger.audit(&mut conn, USER) {
+        Err(Error::AuditFailed(report)) => {
+            assert_eq!(report.user_id, USER);
+            assert_eq!(report.balance, dec(1_000_070, 0));
+            assert_eq!(report.journal_sum, dec(70, 0));
+            assert!(!report.is_consistent());
+            assert!(
+                report
+                    .problems
+                    .iter()
+                    .any(|p| p.contains("1000070") && p.contains("70")),
+                "{:?}",
+                report.problems
+            );
+        }
+        other => panic!("expected AuditFailed, got {other:?}"),
+    }
+
+    // A tampered journal entry (balance_after) is found as well.
+    diesel::update(user_balance::table.find(USER))
+        .set(user_balance::balance.eq(dec(70, 0)))
+        .execute(&mut conn)
+        .expect("restore");
+    audit_ok(&ledger, &mut conn, USER);
+    let last = ledger
+        .history(&mut conn, USER, None, 1)
+        .expect("history")
+        .entries[0]
+        .id;
+    diesel::update(balance_history::table.find(last))
+        .set(balance_history::balance_after.eq(dec(71, 0)))
+        .execute(&mut conn)
+        .expect("tamper entry");
+    match ledger.audit(&mut conn, USER) {
+        Err(Error::AuditFailed(report)) => assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains(&format!("entry {last}"))),
+            "{:?}",
+            report.problems
+        ),
+        other => panic!("expected AuditFailed, got {other:?}"),
+    }
+}
