@@ -386,23 +386,7 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Entry> {
-        let request = Request {
-            kind: EntryKind::Charge,
-            user_id,
-            amount,
-            reference: None,
-            key: idempotency_key,
-        };
-        validate_request(&request)?;
-        self.single_entry(conn, &request, |conn| {
-            let Some(account) = lock_account(conn, user_id)? else {
-                return Ok(Step::CreateAccount(user_id));
-            };
-            let balance_after = credit(&account, amount)?;
-            let entry = insert_entry(conn, &request, balance_after, None)?;
-            store_balance(conn, &account, balance_after)?;
-            Ok(Step::Done(entry))
-        })
+        self.change(conn, EntryKind::Charge, user_id, amount, idempotency_key)
     }
 
     /// Subtracts `amount` from `user_id`'s balance; refuses with [`Error::InsufficientBalance`]
@@ -414,8 +398,20 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Entry> {
+        self.change(conn, EntryKind::Deduct, user_id, amount, idempotency_key)
+    }
+
+    /// A charge or a deduct: one account, one journal entry.
+    fn change(
+        &self,
+        conn: &mut MysqlConnection,
+        kind: EntryKind,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<Entry> {
         let request = Request {
-            kind: EntryKind::Deduct,
+            kind,
             user_id,
             amount,
             reference: None,
@@ -423,8 +419,14 @@ impl BalanceLedger {
         };
         validate_request(&request)?;
         self.single_entry(conn, &request, |conn| {
-            let account = lock_account(conn, user_id)?.ok_or(Error::AccountNotFound { user_id })?;
-            let balance_after = debit(&account, amount)?;
+            let Some(account) = lock_account(conn, user_id)? else {
+                return if kind == EntryKind::Charge {
+                    Ok(Step::CreateAccount(user_id))
+                } else {
+                    Err(Error::AccountNotFound { user_id })
+                };
+            };
+            let balance_after = balance_after(&account, kind, amount)?;
             let entry = insert_entry(conn, &request, balance_after, None)?;
             store_balance(conn, &account, balance_after)?;
             Ok(Step::Done(entry))
@@ -762,6 +764,15 @@ fn lock_entry(conn: &mut MysqlConnection, entry_id: i64) -> Result<Entry> {
         .optional()?
         .ok_or(Error::EntryNotFound { entry_id })?
         .into_entry()
+}
+
+/// The balance after a credit or debit of `amount`, or why it is refused.
+fn balance_after(account: &Account, kind: EntryKind, amount: Decimal) -> Result<Decimal> {
+    if kind.is_credit() {
+        credit(account, amount)
+    } else {
+        debit(account, amount)
+    }
 }
 
 fn credit(account: &Account, amount: Decimal) -> Result<Decimal> {
@@ -1181,22 +1192,15 @@ fn apply_planned(
         let decision = match written_keys.get(request.key) {
             Some(&n) if new_rows[n].2 == hash => Decision::SameAs(n),
             Some(&n) => Decision::Conflict(n),
-            None => {
-                let after = if request.kind.is_credit() {
-                    credit(&running, request.amount)
-                } else {
-                    debit(&running, request.amount)
-                };
-                match after {
-                    Ok(after) => {
-                        running.balance = after;
-                        new_rows.push((index, after, hash));
-                        written_keys.insert(request.key, new_rows.len() - 1);
-                        Decision::New(new_rows.len() - 1)
-                    }
-                    Err(refusal) => Decision::Refused(refusal),
+            None => match balance_after(&running, request.kind, request.amount) {
+                Ok(after) => {
+                    running.balance = after;
+                    new_rows.push((index, after, hash));
+                    written_keys.insert(request.key, new_rows.len() - 1);
+                    Decision::New(new_rows.len() - 1)
                 }
-            }
+                Err(refusal) => Decision::Refused(refusal),
+            },
         };
         decisions.push((index, decision));
     }
