@@ -4,7 +4,7 @@
 
 SHELL := /bin/sh
 CARGO ?= cargo
-DEMO ?= quickstart
+DEMO ?= flash_sale
 APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
 POLICY_RC_D := /usr/sbin/policy-rc.d
 

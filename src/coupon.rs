@@ -22,7 +22,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
 use diesel::mysql::MysqlConnection;
@@ -30,7 +32,7 @@ use diesel::prelude::*;
 use rust_decimal::Decimal;
 
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::ledger::{last_insert_id, now, validate_amount, validate_id};
+use crate::ledger::{last_insert_id, now, to_micros, validate_amount, validate_id};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::txn::{TxnPolicy, TxnRunner};
 
@@ -324,7 +326,11 @@ pub struct CouponIssuer {
     runner: TxnRunner,
     clock: Clock,
     facts: Arc<Mutex<HashMap<i64, CampaignFacts>>>,
-    sold_out: Arc<Mutex<HashSet<i64>>>,
+    /// Campaigns seen sold out, and when.
+    sold_out: Arc<Mutex<HashMap<i64, Instant>>>,
+    sold_out_ttl: Option<Duration>,
+    /// Restocks finished; a stock of 0 read before one must not be cached after it.
+    restocks: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for CouponIssuer {
@@ -360,12 +366,22 @@ impl CouponIssuer {
             clock: Arc::new(now),
             facts: Arc::default(),
             sold_out: Arc::default(),
+            sold_out_ttl: None,
+            restocks: Arc::default(),
         }
     }
 
     /// The same issuer reading time from `clock` (UTC) instead of the system clock.
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// The same issuer forgetting a sold-out campaign `ttl` after it saw it sold out. Without a
+    /// TTL (the default) the answer is cached until this issuer restocks the campaign; with
+    /// several issuers or processes, a restock made elsewhere is then seen within `ttl`.
+    pub fn with_sold_out_ttl(mut self, ttl: Duration) -> Self {
+        self.sold_out_ttl = Some(ttl);
         self
     }
 
@@ -413,8 +429,8 @@ impl CouponIssuer {
             id,
             name: new.name.to_owned(),
             discount: new.discount,
-            valid_from: new.valid_from,
-            valid_until: new.valid_until,
+            valid_from: to_micros(new.valid_from),
+            valid_until: to_micros(new.valid_until),
         })
     }
 
@@ -471,14 +487,15 @@ impl CouponIssuer {
             coupon_id: new.coupon_id,
             total_quantity: quantity,
             stock_quantity: quantity,
-            issue_starts_at: new.issue_starts_at,
-            issue_ends_at: new.issue_ends_at,
+            issue_starts_at: to_micros(new.issue_starts_at),
+            issue_ends_at: to_micros(new.issue_ends_at),
         })
     }
 
     /// The campaign `campaign_id` with its current stock.
     pub fn campaign(&self, conn: &mut MysqlConnection, campaign_id: i64) -> Result<Campaign> {
         validate_id("campaign", campaign_id)?;
+        let seen = self.restocks.load(Ordering::SeqCst);
         let campaign = self
             .runner
             .read(conn, |conn| {
@@ -489,7 +506,7 @@ impl CouponIssuer {
                     .optional()?)
             })?
             .ok_or(Error::CampaignNotFound { campaign_id })?;
-        self.remember(&campaign);
+        self.remember(&campaign, seen);
         Ok(campaign)
     }
 
@@ -513,7 +530,8 @@ impl CouponIssuer {
     ) -> Result<IssuedCoupon> {
         validate_id("user", user_id)?;
         validate_id("campaign", campaign_id)?;
-        if lock(&self.sold_out).contains(&campaign_id) {
+        let seen = self.restocks.load(Ordering::SeqCst);
+        if self.known_sold_out(campaign_id) {
             return Err(Error::SoldOut { campaign_id });
         }
         let facts = self.facts(conn, campaign_id)?;
@@ -558,7 +576,7 @@ impl CouponIssuer {
         });
         match result {
             Err(Error::SoldOut { .. }) => {
-                lock(&self.sold_out).insert(campaign_id);
+                self.mark_sold_out(campaign_id, seen);
                 Err(Error::SoldOut { campaign_id })
             }
             Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => Err(self
@@ -605,7 +623,11 @@ impl CouponIssuer {
             campaign.stock_quantity = stock;
             Ok(campaign)
         })?;
-        lock(&self.sold_out).remove(&campaign_id);
+        // Under the cache's lock, so a zero read before this restock cannot be cached after it.
+        let mut sold_out = lock(&self.sold_out);
+        self.restocks.fetch_add(1, Ordering::SeqCst);
+        sold_out.remove(&campaign_id);
+        drop(sold_out);
         Ok(campaign)
     }
 
@@ -691,11 +713,14 @@ impl CouponIssuer {
         if let Some(facts) = lock(&self.facts).get(&campaign_id) {
             return Ok(*facts);
         }
+        let seen = self.restocks.load(Ordering::SeqCst);
         let campaign = self.campaign(conn, campaign_id)?;
-        Ok(self.remember(&campaign))
+        Ok(self.remember(&campaign, seen))
     }
 
-    fn remember(&self, campaign: &Campaign) -> CampaignFacts {
+    /// Caches a campaign's facts, and that it is sold out if it is (`seen`: see
+    /// [`mark_sold_out`](Self::mark_sold_out)).
+    fn remember(&self, campaign: &Campaign, seen: u64) -> CampaignFacts {
         let facts = CampaignFacts {
             coupon_id: campaign.coupon_id,
             issue_starts_at: campaign.issue_starts_at,
@@ -703,9 +728,32 @@ impl CouponIssuer {
         };
         lock(&self.facts).insert(campaign.id, facts);
         if campaign.stock_quantity <= 0 {
-            lock(&self.sold_out).insert(campaign.id);
+            self.mark_sold_out(campaign.id, seen);
         }
         facts
+    }
+
+    /// Caches that a campaign is sold out, unless a restock finished since `seen` (the restock
+    /// count read before the stock was): that zero may predate the restock.
+    fn mark_sold_out(&self, campaign_id: i64, seen: u64) {
+        let mut sold_out = lock(&self.sold_out);
+        if self.restocks.load(Ordering::SeqCst) == seen {
+            sold_out.insert(campaign_id, Instant::now());
+        }
+    }
+
+    /// Whether this issuer saw the campaign sold out (within the TTL, if one is set).
+    fn known_sold_out(&self, campaign_id: i64) -> bool {
+        let mut sold_out = lock(&self.sold_out);
+        match (sold_out.get(&campaign_id), self.sold_out_ttl) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(seen), Some(ttl)) if seen.elapsed() < ttl => true,
+            (Some(_), Some(_)) => {
+                sold_out.remove(&campaign_id);
+                false
+            }
+        }
     }
 
     fn already_issued(
@@ -814,7 +862,8 @@ impl CouponIssuer {
         if let Err(Error::InvalidId { what, id }) = validate_id("campaign", campaign_id) {
             return Ok(everyone(&|| Error::InvalidId { what, id }));
         }
-        if lock(&self.sold_out).contains(&campaign_id) {
+        let restocks_seen = self.restocks.load(Ordering::SeqCst);
+        if self.known_sold_out(campaign_id) {
             return Ok(everyone(&|| Error::SoldOut { campaign_id }));
         }
         let facts = match self.facts(conn, campaign_id) {
@@ -919,7 +968,7 @@ impl CouponIssuer {
             Err(e) => return Err(e),
         };
         if left == 0 {
-            lock(&self.sold_out).insert(campaign_id);
+            self.mark_sold_out(campaign_id, restocks_seen);
         }
         let issued = |user_id: i64| {
             ids.get(&user_id).map(|&id| IssuedCoupon {

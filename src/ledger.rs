@@ -889,10 +889,14 @@ fn find_balance(conn: &mut MysqlConnection, user_id: i64) -> Result<Option<Balan
 
 /// Current UTC time at the precision of DATETIME(6), so a returned value equals the stored one.
 pub(crate) fn now() -> NaiveDateTime {
+    to_micros(Utc::now().naive_utc())
+}
+
+/// `at` truncated to DATETIME(6)'s microseconds, so what is returned equals what is stored.
+pub(crate) fn to_micros(at: NaiveDateTime) -> NaiveDateTime {
     use chrono::Timelike;
-    let now = Utc::now().naive_utc();
-    let nanos = now.nanosecond();
-    now.with_nanosecond(nanos - nanos % 1_000).unwrap_or(now)
+    let nanos = at.nanosecond();
+    at.with_nanosecond(nanos - nanos % 1_000).unwrap_or(at)
 }
 
 fn audit_entries(account: &Balance, entries: &[Entry], senders: &[EntryRow]) -> AuditReport {

@@ -1,0 +1,541 @@
+//! Flash sale: 64 threads send 10,000 coupon requests from 8,000 users (2,000 of them ask twice)
+//! for a campaign of 1,000 coupons, while 4 more threads charge, deduct and transfer the
+//! balances of 200 other accounts. Afterwards every figure that matters is counted from the
+//! database: coupons issued, over-issue, users holding two, stock + issued == total, and a
+//! ledger audit of every account plus money conservation.
+//!
+//! `make demo` or `cargo run --release --example flash_sale`
+//!
+//! Uses the throwaway MariaDB (or the server of `DATABASE_URL`); the example's own database
+//! `lockstock_flash_sale` is dropped and recreated on every run. `FLASH_SALE_SEED` replays a
+//! request order. Exits non-zero if issued != 1000, anything was over-issued, a user holds two
+//! coupons, or the ledger does not add up.
+
+use std::collections::BTreeMap;
+use std::error::Error as StdError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration as StdDuration, Instant};
+
+use chrono::{Duration, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::dsl::sum;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use lockstock::schema::{fcfs_coupon, user_balance, user_coupon};
+use lockstock::{BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon};
+use rust_decimal::Decimal;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+const DATABASE: &str = "lockstock_flash_sale";
+const STOCK: u32 = 1_000;
+const USERS: i64 = 8_000;
+const TWICE: usize = 2_000;
+const ISSUE_THREADS: usize = 64;
+const LEDGER_THREADS: usize = 4;
+const LEDGER_USERS: i64 = 200;
+/// Ledger account ids: 1_000_001 ..= 1_000_200 (a separate table from coupon users anyway).
+const LEDGER_BASE: i64 = 1_000_000;
+const LEDGER_OPS_PER_USER: u64 = 8;
+const DEFAULT_SEED: u64 = 0x5EED_F1A5;
+
+fn main() -> Result<(), BoxError> {
+    let seed = std::env::var("FLASH_SALE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SEED);
+    let url = fresh_database()?;
+    let mut conn = MysqlConnection::establish(&url)?;
+
+    let issuer = Arc::new(CouponIssuer::new());
+    let ledger = Arc::new(BalanceLedger::new());
+    let now = Utc::now().naive_utc();
+    let coupon = issuer.create_coupon(
+        &mut conn,
+        &NewCoupon {
+            name: "Flash sale: 5,000 off",
+            discount: Discount::Fixed(Decimal::new(5_000, 0)),
+            valid_from: now - Duration::minutes(1),
+            valid_until: now + Duration::days(7),
+        },
+    )?;
+    let campaign = issuer.create_campaign(
+        &mut conn,
+        &NewCampaign {
+            coupon_id: coupon.id,
+            quantity: STOCK,
+            issue_starts_at: now - Duration::seconds(1),
+            issue_ends_at: now + Duration::hours(1),
+        },
+    )?;
+
+    let requests = Arc::new(request_order(seed));
+    println!(
+        "flash sale: campaign {} ({} coupons of {:?}), {} requests from {} users ({} ask twice), \
+         {} issue threads; {} ledger threads on {} accounts; seed {seed}",
+        campaign.id,
+        STOCK,
+        coupon.name,
+        requests.len(),
+        USERS,
+        TWICE,
+        ISSUE_THREADS,
+        LEDGER_THREADS,
+        LEDGER_USERS
+    );
+
+    // Everyone connects first, then all start at once.
+    let barrier = Arc::new(Barrier::new(ISSUE_THREADS + LEDGER_THREADS + 1));
+    let next = Arc::new(AtomicUsize::new(0));
+    let issue_threads: Vec<_> = (0..ISSUE_THREADS)
+        .map(|_| {
+            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
+            let (requests, next) = (requests.clone(), next.clone());
+            thread::spawn(move || -> Result<IssueStats, BoxError> {
+                let conn = MysqlConnection::establish(&url);
+                barrier.wait();
+                let mut conn = conn?;
+                let mut stats = IssueStats::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&user) = requests.get(i) else {
+                        return Ok(stats);
+                    };
+                    let started = Instant::now();
+                    let result = issuer.issue(&mut conn, user, campaign.id);
+                    stats.record(result, micros(started.elapsed()));
+                }
+            })
+        })
+        .collect();
+    let ledger_threads: Vec<_> = (0..LEDGER_THREADS)
+        .map(|t| {
+            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
+            thread::spawn(move || -> Result<LedgerStats, BoxError> {
+                let conn = MysqlConnection::establish(&url);
+                barrier.wait();
+                ledger_workload(&ledger, &mut conn?, t, seed)
+            })
+        })
+        .collect();
+
+    barrier.wait();
+    let started = Instant::now();
+    let mut issue = IssueStats::default();
+    let mut failures: Vec<String> = Vec::new();
+    for handle in issue_threads {
+        match handle.join() {
+            Ok(Ok(stats)) => issue.merge(stats),
+            Ok(Err(e)) => failures.push(format!("issue thread failed: {e}")),
+            Err(_) => failures.push("issue thread panicked".into()),
+        }
+    }
+    let elapsed = started.elapsed();
+    let mut money = LedgerStats::default();
+    for handle in ledger_threads {
+        match handle.join() {
+            Ok(Ok(stats)) => money.merge(stats),
+            Ok(Err(e)) => failures.push(format!("ledger thread failed: {e}")),
+            Err(_) => failures.push("ledger thread panicked".into()),
+        }
+    }
+    let ledger_elapsed = started.elapsed();
+
+    // ---- Counted from the database ----------------------------------------------------------
+    let rows: i64 = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .count()
+        .get_result(&mut conn)?;
+    let (total, stock): (i32, i32) = fcfs_coupon::table
+        .find(campaign.id)
+        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
+        .first(&mut conn)?;
+    let duplicate_users = diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM (SELECT user_id FROM user_coupon WHERE coupon_id = ? \
+         GROUP BY user_id HAVING COUNT(*) > 1) AS twice",
+    )
+    .bind::<BigInt, _>(coupon.id)
+    .get_result::<Count>(&mut conn)?
+    .n;
+    let over_issued = (rows - i64::from(total)).max(0);
+    let issued = rows;
+
+    // ---- Ledger: audit every account, and money is conserved ---------------------------------
+    let (mut consistent, mut audit_failures) = (0u32, Vec::new());
+    for user in LEDGER_BASE + 1..=LEDGER_BASE + LEDGER_USERS {
+        match ledger.audit(&mut conn, user) {
+            Ok(report) if report.is_consistent() => consistent += 1,
+            Ok(report) => audit_failures.push(format!("user {user}: {:?}", report.problems)),
+            Err(e) => audit_failures.push(format!("user {user}: {e}")),
+        }
+    }
+    let balances: Option<Decimal> = user_balance::table
+        .filter(user_balance::user_id.between(LEDGER_BASE + 1, LEDGER_BASE + LEDGER_USERS))
+        .select(sum(user_balance::balance))
+        .first(&mut conn)?;
+    let balances = balances.unwrap_or_default();
+    let expected_balances = money.charged - money.deducted;
+
+    // ---- Summary ------------------------------------------------------------------------------
+    let requests_sent = issue.latencies_us.len();
+    println!();
+    println!("coupon requests, as answered to the threads (latency of the issue call, ms):");
+    println!(
+        "  {:<16} {:>6} {:>9} {:>9} {:>9}",
+        "", "count", "p50", "p99", "max"
+    );
+    let row = |name: &str, latencies: &mut Vec<u64>| {
+        latencies.sort_unstable();
+        println!(
+            "  {name:<16} {:>6} {:>9} {:>9} {:>9}",
+            latencies.len(),
+            ms(percentile(latencies, 50.0)),
+            ms(percentile(latencies, 99.0)),
+            ms(latencies.last().copied().unwrap_or(0))
+        );
+    };
+    for (outcome, latencies) in issue.outcomes.iter_mut() {
+        row(outcome, latencies);
+    }
+    row("all", &mut issue.latencies_us);
+    println!(
+        "  throughput: {:.0} requests/s ({requests_sent} in {} ms; sold-out answers come from \
+         the issuer's cache once it has seen the stock at 0)",
+        requests_sent as f64 / elapsed.as_secs_f64().max(1e-9),
+        elapsed.as_millis()
+    );
+    println!("from the database:");
+    println!(
+        "  user_coupon rows {issued:>6} (threads saw {} issued)",
+        issue.issued
+    );
+    println!(
+        "  stock left       {stock:>6} (stock + rows = {} of total {total})",
+        i64::from(stock) + rows
+    );
+    println!("  over-issued      {over_issued:>6}");
+    println!("  users with two   {duplicate_users:>6}");
+    println!(
+        "ledger ({LEDGER_USERS} accounts, {} ms):",
+        ledger_elapsed.as_millis()
+    );
+    for (outcome, n) in &money.outcomes {
+        println!("  {outcome:<26} {n:>5}");
+    }
+    println!(
+        "  idempotent replays returning the same entry: {} of {}",
+        money.replays_same, money.replays
+    );
+    println!(
+        "  charged {} - deducted {} = {expected_balances}; balances in the database sum to {balances}",
+        money.charged, money.deducted
+    );
+    println!(
+        "  audit: {consistent} of {LEDGER_USERS} accounts consistent{}",
+        if audit_failures.is_empty() {
+            String::new()
+        } else {
+            format!(", {} FAILED", audit_failures.len())
+        }
+    );
+    for failure in audit_failures.iter().take(10) {
+        println!("    {failure}");
+    }
+    let others: u64 = issue.others.values().sum();
+    if others > 0 {
+        println!("other issue errors ({others}):");
+        for (kind, n) in &issue.others {
+            println!("  {kind}: {n}");
+        }
+    }
+    for failure in &failures {
+        println!("error: {failure}");
+    }
+    println!();
+    println!(
+        "flash-sale: stock={STOCK} requests={requests_sent} issued={issued} sold_out={} \
+         already_issued={} contended={} over_issued={over_issued} duplicate_users={duplicate_users} \
+         elapsed_ms={}",
+        issue.count("sold_out"),
+        issue.count("already_issued"),
+        issue.count("contended"),
+        elapsed.as_millis()
+    );
+
+    let mut problems = failures;
+    if issued != i64::from(STOCK) {
+        problems.push(format!("issued {issued}, expected {STOCK}"));
+    }
+    if over_issued != 0 || i64::from(stock) + rows != i64::from(total) || stock < 0 {
+        problems.push(format!(
+            "stock accounting: rows {rows} + stock {stock} vs total {total}"
+        ));
+    }
+    if duplicate_users != 0 {
+        problems.push(format!("{duplicate_users} users hold two coupons"));
+    }
+    if issue.issued != issued as u64 {
+        problems.push(format!(
+            "threads saw {} issued, the database holds {issued}",
+            issue.issued
+        ));
+    }
+    if others > 0 {
+        problems.push(format!("{others} issue requests failed unexpectedly"));
+    }
+    if !audit_failures.is_empty() || consistent != LEDGER_USERS as u32 {
+        problems.push(format!("{} ledger audits failed", audit_failures.len()));
+    }
+    if balances != expected_balances {
+        problems.push(format!(
+            "money not conserved: balances {balances}, expected {expected_balances}"
+        ));
+    }
+    if money.replays_same != money.replays {
+        problems.push("an idempotent replay applied a change twice".into());
+    }
+    if money.unexpected > 0 {
+        problems.push(format!(
+            "{} ledger calls failed unexpectedly",
+            money.unexpected
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; ").into())
+    }
+}
+
+/// The example's database, dropped and recreated, with the migrations applied.
+fn fresh_database() -> Result<String, BoxError> {
+    let url = lockstock::sandbox::database_url(DATABASE)?;
+    let mut conn = MysqlConnection::establish(&url)?;
+    conn.batch_execute(&format!(
+        "DROP DATABASE IF EXISTS `{DATABASE}`; \
+         CREATE DATABASE `{DATABASE}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci; \
+         USE `{DATABASE}`"
+    ))?;
+    lockstock::run_migrations(&mut conn)?;
+    Ok(url)
+}
+
+/// Users 1..=8000 once each, 2,000 of them (chosen at random) a second time, shuffled.
+fn request_order(seed: u64) -> Vec<i64> {
+    let mut rng = Rng(seed);
+    let mut users: Vec<i64> = (1..=USERS).collect();
+    rng.shuffle(&mut users);
+    let mut requests = users.clone();
+    requests.extend_from_slice(&users[..TWICE]);
+    rng.shuffle(&mut requests);
+    requests
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(Default)]
+struct IssueStats {
+    issued: u64,
+    /// Latencies (µs) of the calls, per outcome.
+    outcomes: BTreeMap<&'static str, Vec<u64>>,
+    others: BTreeMap<String, u64>,
+    latencies_us: Vec<u64>,
+}
+
+impl IssueStats {
+    fn record(&mut self, result: Result<lockstock::IssuedCoupon, Error>, latency_us: u64) {
+        let outcome = match result {
+            Ok(_) => {
+                self.issued += 1;
+                "issued"
+            }
+            Err(Error::SoldOut { .. }) => "sold_out",
+            Err(Error::AlreadyIssued { .. }) => "already_issued",
+            Err(Error::Contended { .. }) => "contended",
+            Err(other) => {
+                *self.others.entry(error_kind(&other)).or_default() += 1;
+                "other"
+            }
+        };
+        self.outcomes.entry(outcome).or_default().push(latency_us);
+        self.latencies_us.push(latency_us);
+    }
+
+    fn count(&self, outcome: &str) -> usize {
+        self.outcomes.get(outcome).map_or(0, Vec::len)
+    }
+
+    fn merge(&mut self, other: IssueStats) {
+        self.issued += other.issued;
+        for (k, latencies) in other.outcomes {
+            self.outcomes.entry(k).or_default().extend(latencies);
+        }
+        for (k, n) in other.others {
+            *self.others.entry(k).or_default() += n;
+        }
+        self.latencies_us.extend(other.latencies_us);
+    }
+}
+
+#[derive(Default)]
+struct LedgerStats {
+    outcomes: BTreeMap<&'static str, u64>,
+    charged: Decimal,
+    deducted: Decimal,
+    replays: u64,
+    replays_same: u64,
+    unexpected: u64,
+}
+
+impl LedgerStats {
+    fn tally(&mut self, name: &'static str) {
+        *self.outcomes.entry(name).or_default() += 1;
+    }
+
+    /// Counts a refusal; anything but a typed refusal or contention is unexpected.
+    fn refused(&mut self, op: &'static str, error: &Error) {
+        match error {
+            Error::InsufficientBalance { .. } => self.tally(match op {
+                "deduct" => "deduct refused (balance)",
+                _ => "transfer refused (balance)",
+            }),
+            Error::Contended { .. } => self.tally("contended"),
+            other => {
+                eprintln!("ledger {op}: unexpected {other}");
+                self.unexpected += 1;
+                self.tally("unexpected error");
+            }
+        }
+    }
+
+    fn merge(&mut self, other: LedgerStats) {
+        for (k, n) in other.outcomes {
+            *self.outcomes.entry(k).or_default() += n;
+        }
+        self.charged += other.charged;
+        self.deducted += other.deducted;
+        self.replays += other.replays;
+        self.replays_same += other.replays_same;
+        self.unexpected += other.unexpected;
+    }
+}
+
+/// Thread `t` owns 50 accounts: charges each, then deducts and transfers (to any of the 200
+/// accounts, so threads contend on each other's rows) in interleaved rounds.
+fn ledger_workload(
+    ledger: &BalanceLedger,
+    conn: &mut MysqlConnection,
+    t: usize,
+    seed: u64,
+) -> Result<LedgerStats, BoxError> {
+    let mut rng = Rng(seed ^ (0xA5A5_0000 + t as u64));
+    let mut stats = LedgerStats::default();
+    let mine: Vec<i64> = (LEDGER_BASE + 1..=LEDGER_BASE + LEDGER_USERS)
+        .filter(|u| (u - LEDGER_BASE - 1) as usize % LEDGER_THREADS == t)
+        .collect();
+    for &user in &mine {
+        let amount = Decimal::new(1_000, 0);
+        match ledger.charge(conn, user, amount, "initial-charge") {
+            Ok(_) => {
+                stats.charged += amount;
+                stats.tally("charge ok");
+            }
+            Err(e) => stats.refused("charge", &e),
+        }
+    }
+    for round in 0..LEDGER_OPS_PER_USER {
+        for &user in &mine {
+            if rng.below(2) == 0 {
+                let amount = Decimal::new(50 + rng.below(351) as i64, 0);
+                let key = format!("deduct-{round}");
+                match ledger.deduct(conn, user, amount, &key) {
+                    Ok(entry) => {
+                        stats.deducted += amount;
+                        stats.tally("deduct ok");
+                        if round == 0 {
+                            // A client retry with the same key: the same entry, nothing applied.
+                            match ledger.deduct(conn, user, amount, &key) {
+                                Ok(again) => {
+                                    stats.replays += 1;
+                                    if again.id == entry.id {
+                                        stats.replays_same += 1;
+                                    }
+                                }
+                                Err(e) => stats.refused("deduct", &e),
+                            }
+                        }
+                    }
+                    Err(e) => stats.refused("deduct", &e),
+                }
+            } else {
+                let mut to = LEDGER_BASE + 1 + rng.below(LEDGER_USERS as u64) as i64;
+                if to == user {
+                    to = LEDGER_BASE + 1 + (to - LEDGER_BASE) % LEDGER_USERS;
+                }
+                let amount = Decimal::new(50 + rng.below(251) as i64, 0);
+                match ledger.transfer(conn, user, to, amount, &format!("transfer-{round}")) {
+                    Ok(_) => stats.tally("transfer ok"),
+                    Err(e) => stats.refused("transfer", &e),
+                }
+            }
+        }
+    }
+    Ok(stats)
+}
+
+fn error_kind(error: &Error) -> String {
+    let debug = format!("{error:?}");
+    let end = debug
+        .find(|c: char| !c.is_alphanumeric() && c != '_')
+        .unwrap_or(debug.len());
+    format!("{} ({error})", &debug[..end])
+}
+
+fn micros(d: StdDuration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1_000.0)
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// splitmix64: a small seeded generator, enough to shuffle requests reproducibly.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Fisher-Yates.
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}

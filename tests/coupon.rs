@@ -1,0 +1,1043 @@
+//! First-come-first-served coupons against a real server: no over-issue and one coupon per user
+//! under 64 racing threads, issue windows at their exact boundaries, the sold-out cache and
+//! restock, concurrent redeems, restore and validity, and typed refusals that write nothing.
+//! Every invariant is read back from the database.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Instant;
+
+use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Unsigned};
+use lockstock::coupon::{Clock, MAX_ORDER_REF_BYTES};
+use lockstock::schema::{coupon, fcfs_coupon, user_coupon};
+use lockstock::{
+    Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign,
+    NewCoupon,
+};
+use rust_decimal::Decimal;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// UTC now at the microsecond precision of DATETIME(6).
+fn now() -> NaiveDateTime {
+    micros_to_time(Utc::now().timestamp_micros())
+}
+
+fn micros_to_time(micros: i64) -> NaiveDateTime {
+    DateTime::from_timestamp_micros(micros)
+        .expect("representable time")
+        .naive_utc()
+}
+
+/// A clock the test moves by hand.
+#[derive(Clone)]
+struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    fn at(time: NaiveDateTime) -> Self {
+        Self(Arc::new(AtomicI64::new(time.and_utc().timestamp_micros())))
+    }
+
+    fn set(&self, time: NaiveDateTime) {
+        self.0
+            .store(time.and_utc().timestamp_micros(), Ordering::SeqCst);
+    }
+
+    fn clock(&self) -> Clock {
+        let micros = self.0.clone();
+        Arc::new(move || micros_to_time(micros.load(Ordering::SeqCst)))
+    }
+}
+
+fn time(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micro: u32) -> NaiveDateTime {
+    NaiveDate::from_ymd_opt(y, mo, d)
+        .and_then(|date| date.and_hms_micro_opt(h, mi, s, micro))
+        .expect("valid date")
+}
+
+fn us(n: i64) -> Duration {
+    Duration::microseconds(n)
+}
+
+fn make_coupon(
+    issuer: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    name: &str,
+    valid_from: NaiveDateTime,
+    valid_until: NaiveDateTime,
+) -> Coupon {
+    issuer
+        .create_coupon(
+            conn,
+            &NewCoupon {
+                name,
+                discount: Discount::Fixed(Decimal::new(1_000, 0)),
+                valid_from,
+                valid_until,
+            },
+        )
+        .expect("create coupon")
+}
+
+fn make_campaign(
+    issuer: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    coupon_id: i64,
+    quantity: u32,
+    starts: NaiveDateTime,
+    ends: NaiveDateTime,
+) -> Campaign {
+    issuer
+        .create_campaign(
+            conn,
+            &NewCampaign {
+                coupon_id,
+                quantity,
+                issue_starts_at: starts,
+                issue_ends_at: ends,
+            },
+        )
+        .expect("create campaign")
+}
+
+/// A template valid from an hour ago for a week and a campaign open from a minute ago for an hour.
+fn open_campaign(
+    issuer: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    name: &str,
+    quantity: u32,
+) -> (Coupon, Campaign) {
+    let t = now();
+    let coupon = make_coupon(
+        issuer,
+        conn,
+        name,
+        t - Duration::hours(1),
+        t + Duration::days(7),
+    );
+    let campaign = make_campaign(
+        issuer,
+        conn,
+        coupon.id,
+        quantity,
+        t - Duration::minutes(1),
+        t + Duration::hours(1),
+    );
+    (coupon, campaign)
+}
+
+/// Rows in `user_coupon` for a campaign.
+fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> i64 {
+    user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
+        .count()
+        .get_result(conn)
+        .expect("count user_coupon")
+}
+
+/// (total_quantity, stock_quantity) of a campaign.
+fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
+    fcfs_coupon::table
+        .find(campaign_id)
+        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
+        .first(conn)
+        .expect("read fcfs_coupon")
+}
+
+#[derive(QueryableByName, Debug)]
+struct UserId {
+    #[diesel(sql_type = BigInt)]
+    user_id: i64,
+}
+
+/// Users holding more than one coupon of a template.
+fn duplicate_holders(conn: &mut MysqlConnection, coupon_id: i64) -> Vec<i64> {
+    diesel::sql_query(
+        "SELECT user_id FROM user_coupon WHERE coupon_id = ? \
+         GROUP BY user_id HAVING COUNT(*) > 1",
+    )
+    .bind::<BigInt, _>(coupon_id)
+    .load::<UserId>(conn)
+    .expect("group user_coupon")
+    .into_iter()
+    .map(|u| u.user_id)
+    .collect()
+}
+
+/// (coupon rows, campaign rows, user_coupon rows).
+fn table_counts(conn: &mut MysqlConnection) -> (i64, i64, i64) {
+    (
+        coupon::table
+            .count()
+            .get_result(conn)
+            .expect("count coupon"),
+        fcfs_coupon::table
+            .count()
+            .get_result(conn)
+            .expect("count fcfs_coupon"),
+        user_coupon::table
+            .count()
+            .get_result(conn)
+            .expect("count user_coupon"),
+    )
+}
+
+/// (status, order_ref, used_at) of a user coupon, from the database.
+fn user_coupon_row(
+    conn: &mut MysqlConnection,
+    id: i64,
+) -> (String, Option<String>, Option<NaiveDateTime>) {
+    user_coupon::table
+        .find(id)
+        .select((
+            user_coupon::status,
+            user_coupon::order_ref,
+            user_coupon::used_at,
+        ))
+        .first(conn)
+        .expect("read user_coupon")
+}
+
+fn outcome_name(result: &Result<IssuedCoupon, Error>) -> String {
+    match result {
+        Ok(_) => "issued".into(),
+        Err(Error::SoldOut { .. }) => "sold_out".into(),
+        Err(Error::Contended { .. }) => "contended".into(),
+        Err(Error::AlreadyIssued { .. }) => "already_issued".into(),
+        Err(other) => format!("other: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. 64 threads, 2,000 users, 500 coupons
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn flash_sale_never_over_issues_and_never_duplicates() {
+    const STOCK: u32 = 500;
+    const USERS: i64 = 2_000;
+    const THREADS: i64 = 64;
+
+    let (url, mut conn) = common::fresh_database("coupon_flash_sale");
+    let issuer = Arc::new(CouponIssuer::new());
+    let (coupon, campaign) = open_campaign(&issuer, &mut conn, "flash 500", STOCK);
+    let barrier = Arc::new(Barrier::new(THREADS as usize));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                barrier.wait();
+                (1 + t..=USERS)
+                    .step_by(THREADS as usize)
+                    .map(|user| (user, issuer.issue(&mut conn, user, campaign.id)))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<(i64, Result<IssuedCoupon, Error>)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker thread"))
+        .collect();
+    let elapsed = started.elapsed();
+
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, result) in &results {
+        *counts.entry(outcome_name(result)).or_default() += 1;
+    }
+    eprintln!(
+        "flash sale: {} requests in {elapsed:?}: {counts:?}",
+        results.len()
+    );
+    assert_eq!(results.len(), USERS as usize);
+    let unexpected: Vec<_> = results
+        .iter()
+        .filter(|(_, r)| {
+            !matches!(
+                r,
+                Ok(_) | Err(Error::SoldOut { .. } | Error::Contended { .. })
+            )
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "unexpected answers: {unexpected:?}");
+
+    let winners: Vec<&IssuedCoupon> = results
+        .iter()
+        .filter_map(|(user, r)| {
+            r.as_ref().ok().inspect(|c| {
+                assert_eq!(c.user_id, *user);
+                assert_eq!(c.campaign_id, campaign.id);
+                assert_eq!(c.coupon_id, coupon.id);
+                assert_eq!(c.status, CouponStatus::Issued);
+            })
+        })
+        .collect();
+
+    // From the database.
+    let rows = issued_rows(&mut conn, campaign.id);
+    let (total, stock) = stock_row(&mut conn, campaign.id);
+    assert_eq!(rows, i64::from(STOCK), "user_coupon rows for the campaign");
+    assert_eq!((total, stock), (STOCK as i32, 0));
+    assert_eq!(i64::from(stock) + rows, i64::from(total));
+    assert_eq!(winners.len() as i64, rows, "successes seen == rows stored");
+    assert_eq!(duplicate_holders(&mut conn, coupon.id), Vec::<i64>::new());
+    // The rows are exactly the winners' coupons.
+    let mut stored: Vec<(i64, i64)> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .select((user_coupon::id, user_coupon::user_id))
+        .order(user_coupon::id.asc())
+        .load(&mut conn)
+        .expect("load user_coupon");
+    let mut seen: Vec<(i64, i64)> = winners.iter().map(|c| (c.id, c.user_id)).collect();
+    seen.sort_unstable();
+    stored.sort_unstable();
+    assert_eq!(seen, stored);
+    assert_eq!(
+        issuer.remaining(&mut conn, campaign.id).expect("remaining"),
+        0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. One user, 16 threads
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn one_user_from_sixteen_threads_gets_one_coupon() {
+    const THREADS: usize = 16;
+    const USER: i64 = 4242;
+
+    let (url, mut conn) = common::fresh_database("coupon_one_user");
+    let issuer = Arc::new(CouponIssuer::new());
+    let (coupon, campaign) = open_campaign(&issuer, &mut conn, "one per user", 5);
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let racers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                barrier.wait();
+                issuer.issue(&mut conn, USER, campaign.id)
+            })
+        })
+        .collect();
+    let results: Vec<_> = racers
+        .into_iter()
+        .map(|r| r.join().expect("racer"))
+        .collect();
+    let winners: Vec<&IssuedCoupon> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    let winner = winners[0];
+    let (mut already, mut contended) = (0, 0);
+    for result in &results {
+        match result {
+            Ok(_) => {}
+            Err(Error::AlreadyIssued {
+                user_id,
+                coupon_id,
+                user_coupon_id,
+            }) => {
+                assert_eq!(
+                    (*user_id, *coupon_id, *user_coupon_id),
+                    (USER, coupon.id, winner.id)
+                );
+                already += 1;
+            }
+            Err(Error::Contended { .. }) => contended += 1,
+            Err(other) => panic!("unexpected answer {other:?}"),
+        }
+    }
+    eprintln!("one user: 1 issued, {already} already_issued, {contended} contended");
+
+    let held: Vec<(i64, i64)> = user_coupon::table
+        .filter(user_coupon::user_id.eq(USER))
+        .select((user_coupon::id, user_coupon::fcfs_coupon_id))
+        .load(&mut conn)
+        .expect("load user_coupon");
+    assert_eq!(held, vec![(winner.id, campaign.id)]);
+    assert_eq!(stock_row(&mut conn, campaign.id), (5, 4));
+    // And later, sequentially: the typed answer with the holder's coupon.
+    match issuer.issue(&mut conn, USER, campaign.id) {
+        Err(Error::AlreadyIssued { user_coupon_id, .. }) => assert_eq!(user_coupon_id, winner.id),
+        other => panic!("expected AlreadyIssued, got {other:?}"),
+    }
+    assert_eq!(stock_row(&mut conn, campaign.id), (5, 4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Windows at their boundaries, unknown campaigns, invalid ids, refused creations
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn issue_window_boundaries_are_exact() {
+    let (_url, mut conn) = common::fresh_database("coupon_window");
+    let starts = time(2030, 1, 1, 10, 0, 0, 123_456);
+    let ends = time(2030, 1, 1, 12, 0, 0, 654_321);
+    let setup = CouponIssuer::new();
+    let coupon = make_coupon(
+        &setup,
+        &mut conn,
+        "window",
+        time(2029, 12, 1, 0, 0, 0, 0),
+        time(2030, 2, 1, 0, 0, 0, 0),
+    );
+    let campaign = make_campaign(&setup, &mut conn, coupon.id, 10, starts, ends);
+    let clock = ManualClock::at(starts - us(1));
+    let issuer = CouponIssuer::new().with_clock(clock.clock());
+
+    match issuer.issue(&mut conn, 1, campaign.id) {
+        Err(Error::NotStarted {
+            campaign_id,
+            starts_at,
+        }) => assert_eq!((campaign_id, starts_at), (campaign.id, starts)),
+        other => panic!("at starts_at - 1us: expected NotStarted, got {other:?}"),
+    }
+    assert_eq!(issued_rows(&mut conn, campaign.id), 0);
+
+    clock.set(starts);
+    let first = issuer
+        .issue(&mut conn, 1, campaign.id)
+        .expect("issued exactly at starts_at");
+    assert_eq!(first.issued_at, starts);
+
+    clock.set(ends - us(1));
+    let last = issuer
+        .issue(&mut conn, 2, campaign.id)
+        .expect("issued at ends_at - 1us");
+    assert_eq!(last.issued_at, ends - us(1));
+
+    clock.set(ends);
+    match issuer.issue(&mut conn, 3, campaign.id) {
+        Err(Error::Ended {
+            campaign_id,
+            ended_at,
+        }) => assert_eq!((campaign_id, ended_at), (campaign.id, ends)),
+        other => panic!("at ends_at: expected Ended, got {other:?}"),
+    }
+
+    // The database agrees: two rows, with the clock's timestamps, stock 8.
+    let rows: Vec<(i64, NaiveDateTime)> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .select((user_coupon::user_id, user_coupon::issued_at))
+        .order(user_coupon::id.asc())
+        .load(&mut conn)
+        .expect("load user_coupon");
+    assert_eq!(rows, vec![(1, starts), (2, ends - us(1))]);
+    assert_eq!(stock_row(&mut conn, campaign.id), (10, 8));
+
+    // The campaign as stored has exactly the window given.
+    let stored = issuer.campaign(&mut conn, campaign.id).expect("campaign");
+    assert_eq!(
+        (stored.issue_starts_at, stored.issue_ends_at),
+        (starts, ends)
+    );
+}
+
+#[test]
+fn unknown_campaigns_and_invalid_ids_are_typed() {
+    let (_url, mut conn) = common::fresh_database("coupon_invalid_ids");
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "ids", 3);
+    let before = table_counts(&mut conn);
+
+    match issuer.issue(&mut conn, 1, campaign.id + 1_000) {
+        Err(Error::CampaignNotFound { campaign_id }) => {
+            assert_eq!(campaign_id, campaign.id + 1_000)
+        }
+        other => panic!("expected CampaignNotFound, got {other:?}"),
+    }
+    assert!(matches!(
+        issuer.remaining(&mut conn, 999_999),
+        Err(Error::CampaignNotFound { .. })
+    ));
+    assert!(matches!(
+        issuer.restock(&mut conn, 999_999, 5),
+        Err(Error::CampaignNotFound { .. })
+    ));
+
+    for bad in [0, -1, i64::MIN] {
+        assert!(
+            matches!(
+                issuer.issue(&mut conn, bad, campaign.id),
+                Err(Error::InvalidId { what: "user", id }) if id == bad
+            ),
+            "user id {bad}"
+        );
+        assert!(
+            matches!(
+                issuer.issue(&mut conn, 1, bad),
+                Err(Error::InvalidId { what: "campaign", id }) if id == bad
+            ),
+            "campaign id {bad}"
+        );
+        assert!(matches!(
+            issuer.redeem(&mut conn, bad, "order-1"),
+            Err(Error::InvalidId { .. })
+        ));
+        assert!(matches!(
+            issuer.restore(&mut conn, bad),
+            Err(Error::InvalidId { .. })
+        ));
+        assert!(matches!(
+            issuer.user_coupons(&mut conn, bad),
+            Err(Error::InvalidId { .. })
+        ));
+        assert!(matches!(
+            issuer.remaining(&mut conn, bad),
+            Err(Error::InvalidId { .. })
+        ));
+        assert!(matches!(
+            issuer.restock(&mut conn, bad, 1),
+            Err(Error::InvalidId { .. })
+        ));
+        assert!(matches!(
+            issuer.coupon(&mut conn, bad),
+            Err(Error::InvalidId { .. })
+        ));
+    }
+    assert_eq!(table_counts(&mut conn), before, "refusals wrote nothing");
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 3));
+}
+
+#[test]
+fn refused_creations_write_nothing() {
+    let (_url, mut conn) = common::fresh_database("coupon_refused_creations");
+    let issuer = CouponIssuer::new();
+    let t = now();
+    let coupon = make_coupon(
+        &issuer,
+        &mut conn,
+        "template",
+        t - Duration::hours(1),
+        t + Duration::days(1),
+    );
+    let before = table_counts(&mut conn);
+    let campaign = |coupon_id, quantity, starts, ends| NewCampaign {
+        coupon_id,
+        quantity,
+        issue_starts_at: starts,
+        issue_ends_at: ends,
+    };
+    let hour = Duration::hours(1);
+
+    let refusals: Vec<(&str, NewCampaign)> = vec![
+        ("quantity 0", campaign(coupon.id, 0, t, t + hour)),
+        ("quantity > i32", campaign(coupon.id, u32::MAX, t, t + hour)),
+        ("reversed window", campaign(coupon.id, 5, t + hour, t)),
+        ("empty window", campaign(coupon.id, 5, t, t)),
+        (
+            "opens after the coupon expires",
+            campaign(coupon.id, 5, t + Duration::days(2), t + Duration::days(3)),
+        ),
+    ];
+    for (case, new) in &refusals {
+        match issuer.create_campaign(&mut conn, new) {
+            Err(Error::InvalidInput { .. }) => {}
+            other => panic!("{case}: expected InvalidInput, got {other:?}"),
+        }
+    }
+    match issuer.create_campaign(&mut conn, &campaign(coupon.id + 77, 5, t, t + hour)) {
+        Err(Error::CouponNotFound { coupon_id }) => assert_eq!(coupon_id, coupon.id + 77),
+        other => panic!("unknown coupon: expected CouponNotFound, got {other:?}"),
+    }
+    match issuer.create_campaign(&mut conn, &campaign(0, 5, t, t + hour)) {
+        Err(Error::InvalidId { what: "coupon", .. }) => {}
+        other => panic!("coupon id 0: expected InvalidId, got {other:?}"),
+    }
+
+    // Refused templates.
+    let template = |name, discount, from, until| NewCoupon {
+        name,
+        discount,
+        valid_from: from,
+        valid_until: until,
+    };
+    let fixed = Discount::Fixed(Decimal::new(5, 0));
+    let bad_templates = [
+        ("blank name", template("  ", fixed, t, t + hour)),
+        ("reversed validity", template("x", fixed, t + hour, t)),
+        ("empty validity", template("x", fixed, t, t)),
+        (
+            "percent over 100",
+            template(
+                "x",
+                Discount::Percent {
+                    percent: Decimal::new(101, 0),
+                    cap: None,
+                },
+                t,
+                t + hour,
+            ),
+        ),
+    ];
+    for (case, new) in &bad_templates {
+        match issuer.create_coupon(&mut conn, new) {
+            Err(Error::InvalidInput { .. }) => {}
+            other => panic!("{case}: expected InvalidInput, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        issuer.create_coupon(
+            &mut conn,
+            &template("x", Discount::Fixed(Decimal::ZERO), t, t + hour)
+        ),
+        Err(Error::InvalidAmount { .. })
+    ));
+    assert_eq!(table_counts(&mut conn), before, "refusals wrote nothing");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Zero stock, the sold-out cache, restock
+// ---------------------------------------------------------------------------------------------
+
+/// A connection whose server session has been killed: any round trip on it fails.
+fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
+    let mut doomed = common::connect(url);
+    let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
+        .get_result(&mut doomed)
+        .expect("connection id");
+    killer
+        .batch_execute(&format!("KILL CONNECTION {id}"))
+        .expect("kill session");
+    assert!(
+        doomed.batch_execute("SELECT 1").is_err(),
+        "the killed session still answers"
+    );
+    doomed
+}
+
+#[test]
+fn sold_out_is_cached_until_restock() {
+    let (url, mut conn) = common::fresh_database("coupon_sold_out");
+    let issuer = CouponIssuer::new();
+    let (coupon, campaign) = open_campaign(&issuer, &mut conn, "only one", 1);
+
+    let first = issuer.issue(&mut conn, 1, campaign.id).expect("the one");
+    match issuer.issue(&mut conn, 2, campaign.id) {
+        Err(Error::SoldOut { campaign_id }) => assert_eq!(campaign_id, campaign.id),
+        other => panic!("expected SoldOut, got {other:?}"),
+    }
+    assert_eq!(issued_rows(&mut conn, campaign.id), 1);
+    assert_eq!(stock_row(&mut conn, campaign.id), (1, 0));
+
+    // No round trip: on a connection whose session is gone, the answer is still SoldOut...
+    let mut doomed = killed_connection(&url, &mut conn);
+    for user in [3, 4, 1] {
+        match issuer.issue(&mut doomed, user, campaign.id) {
+            Err(Error::SoldOut { campaign_id }) => assert_eq!(campaign_id, campaign.id),
+            other => panic!("user {user} on a dead connection: expected SoldOut, got {other:?}"),
+        }
+    }
+    // ...while anything that does need the server fails on it, and so does an issuer without
+    // the cache.
+    let cold = issuer.remaining(&mut doomed, campaign.id);
+    assert!(
+        matches!(cold, Err(Error::Server(_))),
+        "remaining on a dead connection: {cold:?}"
+    );
+    let uncached = CouponIssuer::new().issue(&mut doomed, 3, campaign.id);
+    assert!(
+        matches!(uncached, Err(Error::Server(_))),
+        "a fresh issuer on a dead connection: {uncached:?}"
+    );
+    drop(doomed);
+
+    // An issuer that merely read the stock as 0 also answers from memory afterwards.
+    let reader = CouponIssuer::new();
+    assert_eq!(
+        reader.remaining(&mut conn, campaign.id).expect("remaining"),
+        0
+    );
+    let mut doomed = killed_connection(&url, &mut conn);
+    assert!(matches!(
+        reader.issue(&mut doomed, 5, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+    drop(doomed);
+
+    // Restock 0 is refused and changes nothing; the cache stays.
+    match issuer.restock(&mut conn, campaign.id, 0) {
+        Err(Error::InvalidInput {
+            field: "quantity", ..
+        }) => {}
+        other => panic!("restock 0: expected InvalidInput, got {other:?}"),
+    }
+    assert_eq!(stock_row(&mut conn, campaign.id), (1, 0));
+    assert!(matches!(
+        issuer.issue(&mut conn, 3, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+
+    // Restock clears the cache: the next issue succeeds and the stock reflects it.
+    let restocked = issuer.restock(&mut conn, campaign.id, 2).expect("restock");
+    assert_eq!((restocked.total_quantity, restocked.stock_quantity), (3, 2));
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 2));
+    let second = issuer
+        .issue(&mut conn, 3, campaign.id)
+        .expect("after restock");
+    assert_eq!(
+        issuer.remaining(&mut conn, campaign.id).expect("remaining"),
+        1
+    );
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 1));
+    match issuer.issue(&mut conn, 1, campaign.id) {
+        Err(Error::AlreadyIssued { user_coupon_id, .. }) => assert_eq!(user_coupon_id, first.id),
+        other => panic!("holder after restock: expected AlreadyIssued, got {other:?}"),
+    }
+    let third = issuer.issue(&mut conn, 4, campaign.id).expect("last one");
+    assert!(matches!(
+        issuer.issue(&mut conn, 5, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 0));
+    assert_eq!(issued_rows(&mut conn, campaign.id), 3);
+    assert!(duplicate_holders(&mut conn, coupon.id).is_empty());
+    assert!(first.id < second.id && second.id < third.id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Redeem and restore
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn concurrent_redeems_exactly_one_wins() {
+    const THREADS: usize = 8;
+    let (url, mut conn) = common::fresh_database("coupon_redeem_race");
+    let issuer = Arc::new(CouponIssuer::new());
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "redeem once", 10);
+    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let racers: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                let order = format!("order-{i}");
+                barrier.wait();
+                (order.clone(), issuer.redeem(&mut conn, held.id, &order))
+            })
+        })
+        .collect();
+    let results: Vec<_> = racers
+        .into_iter()
+        .map(|r| r.join().expect("racer"))
+        .collect();
+    let winners: Vec<_> = results
+        .iter()
+        .filter_map(|(order, r)| r.as_ref().ok().map(|c| (order, c)))
+        .collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    let (winning_order, used) = winners[0];
+    assert_eq!(used.status, CouponStatus::Used);
+    assert_eq!(used.order_ref.as_deref(), Some(winning_order.as_str()));
+    let (mut already, mut contended) = (0, 0);
+    for (_, result) in &results {
+        match result {
+            Ok(_) => {}
+            Err(Error::AlreadyRedeemed { user_coupon_id }) => {
+                assert_eq!(*user_coupon_id, held.id);
+                already += 1;
+            }
+            Err(Error::Contended { .. }) => contended += 1,
+            Err(other) => panic!("unexpected answer {other:?}"),
+        }
+    }
+    eprintln!("redeem race: 1 ok, {already} already_redeemed, {contended} contended");
+    let (status, order_ref, used_at) = user_coupon_row(&mut conn, held.id);
+    assert_eq!(status, "used");
+    assert_eq!(order_ref.as_ref(), Some(winning_order));
+    assert!(used_at.is_some());
+
+    // Restore, then redeem again on another order.
+    let restored = issuer.restore(&mut conn, held.id).expect("restore");
+    assert_eq!(restored.status, CouponStatus::Issued);
+    assert_eq!(
+        user_coupon_row(&mut conn, held.id),
+        ("issued".into(), None, None)
+    );
+    match issuer.restore(&mut conn, held.id) {
+        Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
+        other => panic!("restore of a held coupon: expected NotRedeemed, got {other:?}"),
+    }
+    let again = issuer
+        .redeem(&mut conn, held.id, "order-again")
+        .expect("redeem after restore");
+    assert_eq!(again.order_ref.as_deref(), Some("order-again"));
+    let (status, order_ref, _) = user_coupon_row(&mut conn, held.id);
+    assert_eq!(
+        (status.as_str(), order_ref.as_deref()),
+        ("used", Some("order-again"))
+    );
+    match issuer.redeem(&mut conn, held.id, "order-third") {
+        Err(Error::AlreadyRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
+        other => panic!("expected AlreadyRedeemed, got {other:?}"),
+    }
+}
+
+#[test]
+fn redeem_and_restore_respect_validity_and_input() {
+    let (_url, mut conn) = common::fresh_database("coupon_validity");
+    let setup = CouponIssuer::new();
+    let t = time(2031, 3, 1, 9, 0, 0, 0);
+    let valid_from = time(2031, 3, 10, 0, 0, 0, 500);
+    let valid_until = time(2031, 3, 20, 0, 0, 0, 250_000);
+    let coupon = make_coupon(&setup, &mut conn, "later", valid_from, valid_until);
+    let campaign = make_campaign(
+        &setup,
+        &mut conn,
+        coupon.id,
+        5,
+        t - Duration::hours(1),
+        t + Duration::hours(1),
+    );
+    let clock = ManualClock::at(t);
+    let issuer = CouponIssuer::new().with_clock(clock.clock());
+    let held = issuer.issue(&mut conn, 11, campaign.id).expect("issue");
+
+    // Not yet valid: refused, nothing written.
+    clock.set(valid_from - us(1));
+    match issuer.redeem(&mut conn, held.id, "early") {
+        Err(Error::CouponNotValid {
+            user_coupon_id,
+            valid_from: from,
+            valid_until: until,
+        }) => assert_eq!(
+            (user_coupon_id, from, until),
+            (held.id, valid_from, valid_until)
+        ),
+        other => panic!("redeem before valid_from: expected CouponNotValid, got {other:?}"),
+    }
+    assert_eq!(
+        user_coupon_row(&mut conn, held.id),
+        ("issued".into(), None, None)
+    );
+
+    // Valid from valid_from (inclusive).
+    clock.set(valid_from);
+    let used = issuer
+        .redeem(&mut conn, held.id, "on-time")
+        .expect("redeem at valid_from");
+    assert_eq!(used.used_at, Some(valid_from));
+    assert_eq!(
+        user_coupon_row(&mut conn, held.id),
+        ("used".into(), Some("on-time".into()), Some(valid_from))
+    );
+
+    // Expired (valid_until is exclusive): restore refused, the coupon stays used.
+    clock.set(valid_until);
+    assert!(matches!(
+        issuer.restore(&mut conn, held.id),
+        Err(Error::CouponNotValid { .. })
+    ));
+    assert_eq!(
+        user_coupon_row(&mut conn, held.id),
+        ("used".into(), Some("on-time".into()), Some(valid_from))
+    );
+    // One microsecond earlier it is still valid: restore, then redeem is refused once expired.
+    clock.set(valid_until - us(1));
+    issuer
+        .restore(&mut conn, held.id)
+        .expect("restore before valid_until");
+    clock.set(valid_until + Duration::days(1));
+    assert!(matches!(
+        issuer.redeem(&mut conn, held.id, "late"),
+        Err(Error::CouponNotValid { .. })
+    ));
+    assert_eq!(
+        user_coupon_row(&mut conn, held.id),
+        ("issued".into(), None, None)
+    );
+    clock.set(valid_until - us(1));
+    issuer
+        .redeem(&mut conn, held.id, "just-in-time")
+        .expect("redeem at valid_until - 1us");
+
+    // Unknown user coupons.
+    match issuer.redeem(&mut conn, held.id + 1_000, "x") {
+        Err(Error::UserCouponNotFound { user_coupon_id }) => {
+            assert_eq!(user_coupon_id, held.id + 1_000)
+        }
+        other => panic!("expected UserCouponNotFound, got {other:?}"),
+    }
+    assert!(matches!(
+        issuer.restore(&mut conn, held.id + 1_000),
+        Err(Error::UserCouponNotFound { .. })
+    ));
+
+    // order_ref: 1 to 64 bytes (bytes, not characters).
+    clock.set(t);
+    let second = issuer.issue(&mut conn, 12, campaign.id).expect("issue");
+    clock.set(valid_from);
+    for bad in [
+        String::new(),
+        "x".repeat(MAX_ORDER_REF_BYTES + 1),
+        "é".repeat(33),
+    ] {
+        match issuer.redeem(&mut conn, second.id, &bad) {
+            Err(Error::InvalidInput {
+                field: "order_ref", ..
+            }) => {}
+            other => panic!(
+                "order_ref of {} bytes: expected InvalidInput, got {other:?}",
+                bad.len()
+            ),
+        }
+    }
+    assert_eq!(
+        user_coupon_row(&mut conn, second.id),
+        ("issued".into(), None, None)
+    );
+    let longest = "é".repeat(32);
+    issuer
+        .redeem(&mut conn, second.id, &longest)
+        .expect("64-byte order_ref");
+    assert_eq!(user_coupon_row(&mut conn, second.id).1, Some(longest));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Listing and remaining
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn user_coupons_and_remaining_match_the_database() {
+    let (_url, mut conn) = common::fresh_database("coupon_listing");
+    let issuer = CouponIssuer::new();
+    let (coupon_a, campaign_a) = open_campaign(&issuer, &mut conn, "A", 3);
+    let (coupon_b, campaign_b) = open_campaign(&issuer, &mut conn, "B", 2);
+    assert!(issuer.user_coupons(&mut conn, 1).expect("list").is_empty());
+
+    let a1 = issuer.issue(&mut conn, 1, campaign_a.id).expect("a1");
+    let a2 = issuer.issue(&mut conn, 2, campaign_a.id).expect("a2");
+    let b1 = issuer.issue(&mut conn, 1, campaign_b.id).expect("b1");
+    issuer
+        .redeem(&mut conn, b1.id, "order-b1")
+        .expect("redeem b1");
+
+    let listed = issuer.user_coupons(&mut conn, 1).expect("list user 1");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|c| (c.id, c.coupon_id, c.campaign_id, c.status))
+            .collect::<Vec<_>>(),
+        vec![
+            (a1.id, coupon_a.id, campaign_a.id, CouponStatus::Issued),
+            (b1.id, coupon_b.id, campaign_b.id, CouponStatus::Used),
+        ]
+    );
+    assert_eq!(listed[0], a1);
+    assert_eq!(listed[1].order_ref.as_deref(), Some("order-b1"));
+    assert!(listed.iter().all(|c| c.user_id == 1));
+    assert_eq!(
+        issuer.user_coupons(&mut conn, 2).expect("list user 2"),
+        vec![a2]
+    );
+
+    for campaign in [&campaign_a, &campaign_b] {
+        let (total, stock) = stock_row(&mut conn, campaign.id);
+        let remaining = issuer.remaining(&mut conn, campaign.id).expect("remaining");
+        assert_eq!(i64::from(remaining), i64::from(stock));
+        assert_eq!(
+            i64::from(stock) + issued_rows(&mut conn, campaign.id),
+            i64::from(total)
+        );
+        let read = issuer.campaign(&mut conn, campaign.id).expect("campaign");
+        assert_eq!((read.total_quantity, read.stock_quantity), (total, stock));
+    }
+    assert_eq!(issuer.remaining(&mut conn, campaign_a.id).expect("a"), 1);
+    assert_eq!(issuer.remaining(&mut conn, campaign_b.id).expect("b"), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restock racing with readers that see the stock at 0
+// ---------------------------------------------------------------------------------------------
+
+/// Readers that saw the stock at 0 just before a restock committed must not leave the issuer
+/// answering SoldOut from memory after the restock returned.
+#[test]
+fn restock_is_not_undone_by_a_stale_sold_out_read() {
+    const ROUNDS: i64 = 100;
+    const READERS: usize = 3;
+    let (url, mut conn) = common::fresh_database("coupon_restock_race");
+    let issuer = Arc::new(CouponIssuer::new());
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "restocked", 1);
+    let mut doomed = killed_connection(&url, &mut conn);
+    for round in 0..ROUNDS {
+        issuer
+            .issue(&mut conn, round + 1, campaign.id)
+            .expect("the one coupon of the round");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..READERS)
+            .map(|_| {
+                let (url, issuer, done) = (url.clone(), issuer.clone(), done.clone());
+                thread::spawn(move || {
+                    let mut conn = common::connect(&url);
+                    while !done.load(Ordering::SeqCst) {
+                        issuer.remaining(&mut conn, campaign.id).expect("remaining");
+                    }
+                })
+            })
+            .collect();
+        thread::sleep(std::time::Duration::from_millis(2));
+        issuer.restock(&mut conn, campaign.id, 1).expect("restock");
+        thread::sleep(std::time::Duration::from_millis(2));
+        done.store(true, Ordering::SeqCst);
+        for reader in readers {
+            reader.join().expect("reader");
+        }
+        assert_eq!(stock_row(&mut conn, campaign.id).1, 1);
+        // On a dead connection a cached SoldOut answers, an uncached campaign fails to connect.
+        if let Err(Error::SoldOut { .. }) = issuer.issue(&mut doomed, 1_000_000, campaign.id) {
+            panic!(
+                "round {round}: stock is 1 after restock, but the issuer answers SoldOut from \
+                 its cache"
+            );
+        }
+    }
+}
+
+/// With several issuers (processes), a restock made by one reaches the others' sold-out caches
+/// once their TTL has passed; without a TTL they keep answering from memory.
+#[test]
+fn sold_out_ttl_lets_other_issuers_see_a_restock() {
+    let (_url, mut conn) = common::fresh_database("coupon_sold_out_ttl");
+    let admin = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign(&admin, &mut conn, "ttl", 1);
+    let forever = CouponIssuer::new();
+    let brief = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::from_millis(200));
+    forever.issue(&mut conn, 1, campaign.id).expect("the one");
+    for issuer in [&forever, &brief] {
+        assert!(matches!(
+            issuer.issue(&mut conn, 2, campaign.id),
+            Err(Error::SoldOut { .. })
+        ));
+    }
+    admin
+        .restock(&mut conn, campaign.id, 2)
+        .expect("restock elsewhere");
+    // Within the TTL both still answer from memory.
+    assert!(matches!(
+        brief.issue(&mut conn, 2, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+    thread::sleep(std::time::Duration::from_millis(250));
+    brief
+        .issue(&mut conn, 2, campaign.id)
+        .expect("seen after the TTL");
+    assert!(matches!(
+        forever.issue(&mut conn, 3, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+    assert_eq!(issued_rows(&mut conn, campaign.id), 2);
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 1));
+}
