@@ -579,9 +579,15 @@ impl CouponIssuer {
                 self.mark_sold_out(campaign_id, seen);
                 Err(Error::SoldOut { campaign_id })
             }
-            Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => Err(self
-                .already_issued(conn, user_id, facts.coupon_id)
-                .unwrap_or(e)),
+            Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => {
+                Err(match self.already_issued(conn, user_id, facts.coupon_id) {
+                    Ok(refusal) => refusal,
+                    // A connection lost during the lookup is reported as such (retryable; a
+                    // retry answers AlreadyIssued), not as an untyped duplicate-key error.
+                    Err(lookup) if lookup.is_retryable() => lookup,
+                    Err(_) => e,
+                })
+            }
             other => other,
         }
     }

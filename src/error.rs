@@ -276,6 +276,9 @@ pub enum KeyProblem {
         /// Its length in bytes.
         len: usize,
     },
+    /// The key ends with a space. The key column's collation ignores trailing spaces, so
+    /// `"k "` would be the same key as `"k"` and be answered with `"k"`'s entry.
+    TrailingSpace,
 }
 
 impl fmt::Display for KeyProblem {
@@ -283,6 +286,7 @@ impl fmt::Display for KeyProblem {
         match self {
             Self::Empty => f.write_str("is empty"),
             Self::TooLong { len } => write!(f, "is {len} bytes long (at most 64)"),
+            Self::TrailingSpace => f.write_str("ends with a space"),
         }
     }
 }
@@ -649,6 +653,22 @@ mod tests {
             assert_eq!(classify(&unknown(mariadb)), *kind, "MariaDB: {mariadb}");
             assert_eq!(classify(&unknown(mysql)), *kind, "MySQL: {mysql}");
         }
+    }
+
+    /// The forms a killed connection (KILL, server crash) takes through Diesel with MariaDB
+    /// 10.11 and libmariadb, as seen by tests/faults.rs: the texts above, a COMMIT whose rollback
+    /// failed too, and the broken transaction manager left behind.
+    #[test]
+    fn classifies_killed_connections_as_diesel_reports_them() {
+        let commit = DieselError::RollbackErrorOnCommit {
+            rollback_error: Box::new(unknown("Server has gone away")),
+            commit_error: Box::new(unknown("Lost connection to server during query")),
+        };
+        assert_eq!(classify(&commit), ServerErrorKind::ConnectionLost);
+        assert_eq!(
+            classify(&DieselError::BrokenTransactionManager),
+            ServerErrorKind::ConnectionLost
+        );
     }
 
     #[test]

@@ -279,7 +279,7 @@ pub fn validate_amount(amount: Decimal) -> Result<()> {
     })
 }
 
-/// Checks an idempotency key: 1 to 64 bytes.
+/// Checks an idempotency key: 1 to 64 bytes, not ending with a space.
 pub fn validate_key(key: &str) -> Result<()> {
     if key.is_empty() {
         Err(Error::InvalidIdempotencyKey {
@@ -288,6 +288,11 @@ pub fn validate_key(key: &str) -> Result<()> {
     } else if key.len() > MAX_KEY_BYTES {
         Err(Error::InvalidIdempotencyKey {
             problem: KeyProblem::TooLong { len: key.len() },
+        })
+    } else if key.ends_with(' ') {
+        // The column compares with PAD SPACE: "k " would collide with "k".
+        Err(Error::InvalidIdempotencyKey {
+            problem: KeyProblem::TrailingSpace,
         })
     } else {
         Ok(())

@@ -1,0 +1,950 @@
+//! A mixed, fault-tolerant workload with a complete operation history, and the checks that the
+//! database agrees with that history.
+//!
+//! Each client runs deducts, transfers, refunds, charges and coupon issues in a loop. Every
+//! operation gets a unique idempotency key (coupon issues a unique user) and is retried with the
+//! same key on a new connection after a lost connection or an unknown outcome, until it gets a
+//! definitive answer. The client records what it invoked and what it was told: ok (with the
+//! entry or coupon id), refused, unknown (given up after `OutcomeUnknown`) or lost (given up
+//! after a lost connection). [`verify`] then checks from the database that every ok was applied
+//! exactly once, every refusal never, every unknown at most once, money is conserved, no balance
+//! is negative, no coupon is over-issued or duplicated and every account passes `audit`.
+//!
+//! The reliability tests (`tests/faults.rs`, `tests/processes.rs`) include this file as a module.
+//! Standalone, against `DATABASE_URL` or a throwaway sandbox:
+//!
+//! `cargo run --example workload -- [seconds=5] [clients=16] [seed]`
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel::{Connection, MysqlConnection};
+use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
+use lockstock::{
+    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, ServerErrorKind,
+};
+use rust_decimal::Decimal;
+
+/// Balance every account starts with (charged by [`setup`] under key `init-<user>`).
+pub const INITIAL_BALANCE: Decimal = Decimal::from_parts(100_000, 0, 0, false, 2);
+
+/// How long one operation may keep retrying before it is given up.
+const OP_BUDGET: Duration = Duration::from_secs(90);
+
+/// Server error texts and how often clients were answered with them
+/// (`[OutcomeUnknown] <kind>: <message>`); shared by the clients of one test.
+pub type ErrorTexts = Arc<Mutex<BTreeMap<String, usize>>>;
+
+fn note_server_error(texts: &ErrorTexts, error: &Error) {
+    if let Some(server) = error.server_error() {
+        let text = format!(
+            "{}{:?}: {}",
+            if error.is_outcome_unknown() {
+                "OutcomeUnknown "
+            } else {
+                ""
+            },
+            server.kind(),
+            server.message()
+        );
+        *texts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(text)
+            .or_default() += 1;
+    }
+}
+
+/// The texts, one per line with their counts.
+pub fn describe(texts: &ErrorTexts) -> String {
+    texts
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(|(text, n)| format!("  {n:6} x {text}\n"))
+        .collect()
+}
+
+/// A small deterministic generator (splitmix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `per_mille / 1000`.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+/// What the database holds before the clients start.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Accounts `1..=accounts`, each charged [`INITIAL_BALANCE`].
+    pub accounts: i64,
+    /// Campaign ids (one coupon template each).
+    pub campaigns: Vec<i64>,
+}
+
+/// Charges `accounts` accounts and creates `campaigns` campaigns of `stock` coupons.
+pub fn setup(conn: &mut MysqlConnection, accounts: i64, campaigns: usize, stock: u32) -> Setup {
+    let ledger = BalanceLedger::new();
+    for user in 1..=accounts {
+        ledger
+            .charge(conn, user, INITIAL_BALANCE, &format!("init-{user}"))
+            .unwrap_or_else(|e| panic!("initial charge of {user}: {e}"));
+    }
+    let issuer = CouponIssuer::new();
+    let now = Utc::now().naive_utc();
+    let campaigns = (0..campaigns)
+        .map(|n| {
+            let coupon = issuer
+                .create_coupon(
+                    conn,
+                    &NewCoupon {
+                        name: &format!("workload {n}"),
+                        discount: Discount::Fixed(Decimal::new(500, 0)),
+                        valid_from: now - chrono::Duration::hours(1),
+                        valid_until: now + chrono::Duration::days(2),
+                    },
+                )
+                .unwrap_or_else(|e| panic!("coupon: {e}"));
+            issuer
+                .create_campaign(
+                    conn,
+                    &NewCampaign {
+                        coupon_id: coupon.id,
+                        quantity: stock,
+                        issue_starts_at: now - chrono::Duration::minutes(1),
+                        issue_ends_at: now + chrono::Duration::days(1),
+                    },
+                )
+                .unwrap_or_else(|e| panic!("campaign: {e}"))
+                .id
+        })
+        .collect();
+    Setup {
+        accounts,
+        campaigns,
+    }
+}
+
+/// One client's parameters.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// Database URL.
+    pub url: String,
+    /// Unique among all clients of a run (all processes): keys and coupon users derive from it.
+    pub name: String,
+    /// Coupon users of this client are `user_base + 1, user_base + 2, ...` (unique per client).
+    pub user_base: i64,
+    /// What [`setup`] made.
+    pub setup: Setup,
+    /// Seed of this client's operation mix.
+    pub seed: u64,
+    /// Per mille of operations given up after an unknown outcome instead of retried.
+    pub abandon_unknown: u64,
+    /// Per mille of operations given up after a lost connection instead of retried.
+    pub abandon_lost: u64,
+    /// Stop after this many operations (or when the stop flag is set).
+    pub max_ops: usize,
+    /// Where the server errors answered are counted.
+    pub errors: ErrorTexts,
+}
+
+/// An operation as invoked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `charge(user, amount)`.
+    Charge { user: i64, amount: Decimal },
+    /// `deduct(user, amount)`.
+    Deduct { user: i64, amount: Decimal },
+    /// `refund(deduct, amount)` of a deduct of `user`.
+    Refund {
+        user: i64,
+        deduct: i64,
+        amount: Decimal,
+    },
+    /// `transfer(from, to, amount)`.
+    Transfer { from: i64, to: i64, amount: Decimal },
+    /// `issue(user, campaign)`.
+    Issue { user: i64, campaign: i64 },
+}
+
+impl Op {
+    /// The account whose key namespace holds the operation's key (the coupon user for issues).
+    pub fn key_owner(&self) -> i64 {
+        match self {
+            Op::Charge { user, .. } | Op::Deduct { user, .. } | Op::Refund { user, .. } => *user,
+            Op::Transfer { from, .. } => *from,
+            Op::Issue { user, .. } => *user,
+        }
+    }
+}
+
+/// What the caller was finally told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied: the journal entry (the sending entry of a transfer) or the issued coupon.
+    Ok(i64),
+    /// Coupon: `AlreadyIssued` after an unknown attempt: applied exactly once, this coupon.
+    Held(i64),
+    /// A definitive refusal: never applied.
+    Refused,
+    /// Given up after lost connections only: never applied (if no attempt was unknown).
+    Lost,
+    /// Given up after an unknown outcome (or a refusal that does not decide it): at most once.
+    Unknown,
+}
+
+/// One operation of the history.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Its idempotency key (unique in the run).
+    pub key: String,
+    /// What was invoked.
+    pub op: Op,
+    /// The final answer.
+    pub outcome: Outcome,
+    /// Calls made.
+    pub attempts: u32,
+    /// Calls answered `OutcomeUnknown`.
+    pub unknowns: u32,
+    /// Calls answered with a lost connection (or no connection could be made).
+    pub lost: u32,
+    /// Calls refused for contention (`Contended`, `Timeout`).
+    pub contended: u32,
+    /// A final answer the workload never expects (e.g. an unclassified server error).
+    pub unexpected: Option<String>,
+}
+
+fn field<T: FromStr>(it: &mut std::str::SplitWhitespace<'_>, line: &str) -> T {
+    it.next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad history line {line:?}"))
+}
+
+impl fmt::Display for Record {
+    /// One line: `key kind a b amount outcome id attempts unknowns lost contended`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, a, b, amount) = match &self.op {
+            Op::Charge { user, amount } => ("charge", *user, 0, *amount),
+            Op::Deduct { user, amount } => ("deduct", *user, 0, *amount),
+            Op::Refund {
+                user,
+                deduct,
+                amount,
+            } => ("refund", *user, *deduct, *amount),
+            Op::Transfer { from, to, amount } => ("transfer", *from, *to, *amount),
+            Op::Issue { user, campaign } => ("issue", *user, *campaign, Decimal::ZERO),
+        };
+        let (outcome, id) = match self.outcome {
+            Outcome::Ok(id) => ("ok", id),
+            Outcome::Held(id) => ("held", id),
+            Outcome::Refused => ("refused", 0),
+            Outcome::Lost => ("lost", 0),
+            Outcome::Unknown => ("unknown", 0),
+        };
+        write!(
+            f,
+            "{} {kind} {a} {b} {amount} {outcome} {id} {} {} {} {} {}",
+            self.key,
+            self.attempts,
+            self.unknowns,
+            self.lost,
+            self.contended,
+            self.unexpected.is_some()
+        )
+    }
+}
+
+impl FromStr for Record {
+    type Err = std::convert::Infallible;
+
+    fn from_str(line: &str) -> Result<Self, Self::Err> {
+        let mut it = line.split_whitespace();
+        let key: String = field(&mut it, line);
+        let kind: String = field(&mut it, line);
+        let a: i64 = field(&mut it, line);
+        let b: i64 = field(&mut it, line);
+        let amount: Decimal = field(&mut it, line);
+        let outcome: String = field(&mut it, line);
+        let id: i64 = field(&mut it, line);
+        let op = match kind.as_str() {
+            "charge" => Op::Charge { user: a, amount },
+            "deduct" => Op::Deduct { user: a, amount },
+            "refund" => Op::Refund {
+                user: a,
+                deduct: b,
+                amount,
+            },
+            "transfer" => Op::Transfer {
+                from: a,
+                to: b,
+                amount,
+            },
+            "issue" => Op::Issue {
+                user: a,
+                campaign: b,
+            },
+            _ => panic!("bad history line {line:?}"),
+        };
+        let outcome = match outcome.as_str() {
+            "ok" => Outcome::Ok(id),
+            "held" => Outcome::Held(id),
+            "refused" => Outcome::Refused,
+            "lost" => Outcome::Lost,
+            "unknown" => Outcome::Unknown,
+            _ => panic!("bad history line {line:?}"),
+        };
+        Ok(Record {
+            key,
+            op,
+            outcome,
+            attempts: field(&mut it, line),
+            unknowns: field(&mut it, line),
+            lost: field(&mut it, line),
+            contended: field(&mut it, line),
+            unexpected: field::<bool>(&mut it, line).then(|| "in another process".to_owned()),
+        })
+    }
+}
+
+/// A new connection, retried with exponential backoff (the server may be down); `None` after
+/// [`OP_BUDGET`].
+pub fn connect_with_backoff(url: &str) -> Option<MysqlConnection> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match MysqlConnection::establish(url) {
+            Ok(conn) => return Some(conn),
+            Err(_) if started.elapsed() < OP_BUDGET => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// 0.01 to 30.00, always with scale 2.
+fn amount(rng: &mut Rng) -> Decimal {
+    Decimal::new(rng.below(3_000) as i64 + 1, 2)
+}
+
+/// Runs operations until `stop` is set or `max_ops` are done; returns the history.
+///
+/// `before_attempt` runs before every call on the connection the call will use (the kill test
+/// hands the connection id to its killer there); `false` means the connection is unusable.
+pub fn run_client(
+    client: &Client,
+    stop: &AtomicBool,
+    before_attempt: &mut dyn FnMut(&mut MysqlConnection) -> bool,
+) -> Vec<Record> {
+    let mut rng = Rng::new(client.seed);
+    let ledger = BalanceLedger::new();
+    let issuer = CouponIssuer::new();
+    let accounts = client.setup.accounts;
+    let mut conn: Option<MysqlConnection> = None;
+    // (entry, user, cents) of this client's deducts.
+    let mut deducts: Vec<(i64, i64, u64)> = Vec::new();
+    let mut records = Vec::new();
+    let mut next_user = client.user_base;
+    while records.len() < client.max_ops && !stop.load(Ordering::Relaxed) {
+        let key = format!("{}-{}", client.name, records.len());
+        let roll = rng.below(100);
+        // Deducts and charges balance out (with refunds) so accounts neither drain nor grow.
+        let op = if roll < 25 {
+            Op::Deduct {
+                user: 1 + rng.below(accounts as u64) as i64,
+                amount: amount(&mut rng),
+            }
+        } else if roll < 40 {
+            let from = 1 + rng.below(accounts as u64) as i64;
+            let to = 1 + (from + rng.below(accounts as u64 - 1) as i64) % accounts;
+            Op::Transfer {
+                from,
+                to,
+                amount: amount(&mut rng),
+            }
+        } else if roll < 50 && !deducts.is_empty() {
+            let (deduct, user, cents) = deducts[rng.below(deducts.len() as u64) as usize];
+            Op::Refund {
+                user,
+                deduct,
+                amount: Decimal::new(1 + rng.below(cents) as i64, 2),
+            }
+        } else if roll < 70 {
+            Op::Charge {
+                user: 1 + rng.below(accounts as u64) as i64,
+                amount: amount(&mut rng),
+            }
+        } else {
+            next_user += 1;
+            let campaigns = &client.setup.campaigns;
+            Op::Issue {
+                user: next_user,
+                campaign: campaigns[rng.below(campaigns.len() as u64) as usize],
+            }
+        };
+        let record = execute(
+            client,
+            &ledger,
+            &issuer,
+            &mut conn,
+            &mut rng,
+            key,
+            op,
+            before_attempt,
+        );
+        if let (Op::Deduct { user, amount }, Outcome::Ok(id)) = (&record.op, record.outcome) {
+            // Workload amounts have two decimals: the mantissa is the cents.
+            deducts.push((id, *user, amount.mantissa() as u64));
+        }
+        records.push(record);
+    }
+    records
+}
+
+/// Calls `op` until it gets a definitive answer (or is given up on purpose).
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    client: &Client,
+    ledger: &BalanceLedger,
+    issuer: &CouponIssuer,
+    conn: &mut Option<MysqlConnection>,
+    rng: &mut Rng,
+    key: String,
+    op: Op,
+    before_attempt: &mut dyn FnMut(&mut MysqlConnection) -> bool,
+) -> Record {
+    let started = Instant::now();
+    let mut record = Record {
+        key,
+        op,
+        outcome: Outcome::Unknown,
+        attempts: 0,
+        unknowns: 0,
+        lost: 0,
+        contended: 0,
+        unexpected: None,
+    };
+    let given_up = |record: &Record| {
+        if record.unknowns > 0 {
+            Outcome::Unknown
+        } else {
+            Outcome::Lost
+        }
+    };
+    loop {
+        if started.elapsed() > OP_BUDGET {
+            record.outcome = given_up(&record);
+            return record;
+        }
+        if conn.is_none() {
+            *conn = connect_with_backoff(&client.url);
+        }
+        let Some(c) = conn.as_mut() else {
+            record.lost += 1;
+            continue;
+        };
+        if !before_attempt(c) {
+            *conn = None;
+            continue;
+        }
+        record.attempts += 1;
+        let result = call(ledger, issuer, c, &record.key, &record.op);
+        let error = match result {
+            Ok(id) => {
+                record.outcome = Outcome::Ok(id);
+                return record;
+            }
+            Err(error) => error,
+        };
+        note_server_error(&client.errors, &error);
+        if error.is_outcome_unknown() {
+            record.unknowns += 1;
+            *conn = None;
+            if rng.chance(client.abandon_unknown) {
+                record.outcome = Outcome::Unknown;
+                return record;
+            }
+            continue;
+        }
+        if error.server_kind() == Some(ServerErrorKind::ConnectionLost) {
+            record.lost += 1;
+            *conn = None;
+            if rng.chance(client.abandon_lost) {
+                record.outcome = given_up(&record);
+                return record;
+            }
+            continue;
+        }
+        if matches!(error, Error::Contended { .. } | Error::Timeout { .. }) {
+            record.contended += 1;
+            std::thread::sleep(Duration::from_micros(200 + rng.below(2_000)));
+            continue;
+        }
+        record.outcome = match (&record.op, &error) {
+            (Op::Issue { .. }, Error::AlreadyIssued { user_coupon_id, .. }) => {
+                if record.unknowns == 0 {
+                    record.unexpected = Some(format!("{error:?}"));
+                }
+                Outcome::Held(*user_coupon_id)
+            }
+            // A sold-out answer may come from the issuer's cache, which does not know whether
+            // an earlier unknown attempt issued this user's coupon.
+            (Op::Issue { .. }, Error::SoldOut { .. }) if record.unknowns > 0 => Outcome::Unknown,
+            (Op::Issue { .. }, Error::SoldOut { .. })
+            | (
+                _,
+                Error::InsufficientBalance { .. }
+                | Error::RefundExceedsDeduct { .. }
+                | Error::BalanceLimitExceeded { .. },
+            ) => Outcome::Refused,
+            _ => {
+                record.unexpected = Some(format!("{error:?}"));
+                given_up(&record)
+            }
+        };
+        return record;
+    }
+}
+
+fn call(
+    ledger: &BalanceLedger,
+    issuer: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    key: &str,
+    op: &Op,
+) -> Result<i64, Error> {
+    Ok(match op {
+        Op::Charge { user, amount } => ledger.charge(conn, *user, *amount, key)?.id,
+        Op::Deduct { user, amount } => ledger.deduct(conn, *user, *amount, key)?.id,
+        Op::Refund { deduct, amount, .. } => ledger.refund(conn, *deduct, *amount, key)?.id,
+        Op::Transfer { from, to, amount } => {
+            ledger.transfer(conn, *from, *to, *amount, key)?.debit.id
+        }
+        Op::Issue { user, campaign } => issuer.issue(conn, *user, *campaign)?.id,
+    })
+}
+
+/// Counts of a history.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Operations invoked.
+    pub ops: usize,
+    /// Answered ok (or `AlreadyIssued` after an unknown attempt).
+    pub ok: usize,
+    /// Refused (insufficient balance, refund beyond the deduct, sold out).
+    pub refused: usize,
+    /// Given up after an unknown outcome.
+    pub unknown: usize,
+    /// Given up after lost connections.
+    pub lost: usize,
+    /// `OutcomeUnknown` answers over all attempts.
+    pub unknown_answers: usize,
+    /// Lost-connection answers over all attempts.
+    pub lost_answers: usize,
+    /// Contention refusals over all attempts.
+    pub contended_answers: usize,
+    /// Operations that failed at least once with a lost or unknown outcome and were retried to
+    /// an ok with the same key.
+    pub retried_to_ok: usize,
+    /// Answers the workload never expects.
+    pub unexpected: usize,
+}
+
+impl Summary {
+    /// Counts `records`.
+    pub fn of(records: &[Record]) -> Summary {
+        let mut s = Summary {
+            ops: records.len(),
+            ..Summary::default()
+        };
+        for r in records {
+            match r.outcome {
+                Outcome::Ok(_) | Outcome::Held(_) => s.ok += 1,
+                Outcome::Refused => s.refused += 1,
+                Outcome::Unknown => s.unknown += 1,
+                Outcome::Lost => s.lost += 1,
+            }
+            s.unknown_answers += r.unknowns as usize;
+            s.lost_answers += r.lost as usize;
+            s.contended_answers += r.contended as usize;
+            if matches!(r.outcome, Outcome::Ok(_) | Outcome::Held(_)) && r.unknowns + r.lost > 0 {
+                s.retried_to_ok += 1;
+            }
+            s.unexpected += usize::from(r.unexpected.is_some());
+        }
+        s
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "operations {} | ok {} | refused {} | unknown (given up) {} | lost (given up) {} | \
+             OutcomeUnknown answers {} | ConnectionLost answers {} | contended {} | \
+             retried to ok {} | unexpected {}",
+            self.ops,
+            self.ok,
+            self.refused,
+            self.unknown,
+            self.lost,
+            self.unknown_answers,
+            self.lost_answers,
+            self.contended_answers,
+            self.retried_to_ok,
+            self.unexpected
+        )
+    }
+}
+
+/// (id, user, coupon template, campaign) of an issued coupon.
+type CouponRow = (i64, i64, i64, i64);
+
+type JournalRow = (
+    i64,
+    i64,
+    String,
+    Decimal,
+    Decimal,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Decimal,
+);
+
+/// Checks the database against the history; returns every violation found (empty: none).
+pub fn verify(conn: &mut MysqlConnection, setup: &Setup, records: &[Record]) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    let journal: Vec<JournalRow> = balance_history::table
+        .select((
+            balance_history::id,
+            balance_history::user_id,
+            balance_history::kind,
+            balance_history::amount,
+            balance_history::balance_after,
+            balance_history::idempotency_key,
+            balance_history::related_entry_id,
+            balance_history::counterparty_user_id,
+            balance_history::refunded_amount,
+        ))
+        .order(balance_history::id.asc())
+        .load(conn)
+        .expect("read the journal");
+    let balances: Vec<(i64, Decimal, i64)> = user_balance::table
+        .select((
+            user_balance::user_id,
+            user_balance::balance,
+            user_balance::version,
+        ))
+        .load(conn)
+        .expect("read the balances");
+    let campaigns: Vec<(i64, i64, i32, i32)> = fcfs_coupon::table
+        .select((
+            fcfs_coupon::id,
+            fcfs_coupon::coupon_id,
+            fcfs_coupon::total_quantity,
+            fcfs_coupon::stock_quantity,
+        ))
+        .load(conn)
+        .expect("read the campaigns");
+    let coupons: Vec<CouponRow> = user_coupon::table
+        .select((
+            user_coupon::id,
+            user_coupon::user_id,
+            user_coupon::coupon_id,
+            user_coupon::fcfs_coupon_id,
+        ))
+        .load(conn)
+        .expect("read the issued coupons");
+
+    // Balances: never negative, every account audits, money is conserved.
+    let ledger = BalanceLedger::new();
+    let mut balance_sum = Decimal::ZERO;
+    for (user, balance, _) in &balances {
+        balance_sum += balance;
+        if *balance < Decimal::ZERO {
+            v.push(format!("account {user} is negative: {balance}"));
+        }
+        if let Err(e) = ledger.audit(conn, *user) {
+            v.push(format!("audit of {user}: {e}"));
+        }
+    }
+    let mut by_kind: BTreeMap<&str, Decimal> = BTreeMap::new();
+    let mut signed = Decimal::ZERO;
+    for (_, _, kind, amount, ..) in &journal {
+        *by_kind.entry(kind.as_str()).or_default() += amount;
+        match kind.as_str() {
+            "charge" | "refund" | "transfer_in" => signed += amount,
+            _ => signed -= amount,
+        }
+    }
+    let sum = |kind: &str| by_kind.get(kind).copied().unwrap_or_default();
+    if balance_sum != signed {
+        v.push(format!(
+            "balances sum to {balance_sum}, the journal to {signed}"
+        ));
+    }
+    let external = sum("charge") - sum("deduct") + sum("refund");
+    if balance_sum != external {
+        v.push(format!(
+            "balances sum to {balance_sum}, but charges - deducts + refunds = {external}"
+        ));
+    }
+    if sum("transfer_out") != sum("transfer_in") {
+        v.push(format!(
+            "transfers out {} != transfers in {}",
+            sum("transfer_out"),
+            sum("transfer_in")
+        ));
+    }
+    let initial: Decimal = journal
+        .iter()
+        .filter(|r| r.5.as_deref().is_some_and(|k| k.starts_with("init-")))
+        .map(|r| r.3)
+        .sum();
+    if initial != INITIAL_BALANCE * Decimal::from(setup.accounts) {
+        v.push(format!("initial charges sum to {initial}"));
+    }
+
+    // Transfers: both sides, always.
+    let mut credits_of: HashMap<i64, Vec<&JournalRow>> = HashMap::new();
+    for row in journal.iter().filter(|r| r.2 == "transfer_in") {
+        match row.6 {
+            Some(debit) => credits_of.entry(debit).or_default().push(row),
+            None => v.push(format!("received transfer {} has no sender", row.0)),
+        }
+    }
+    for row in journal.iter().filter(|r| r.2 == "transfer_out") {
+        let credits = credits_of.remove(&row.0).unwrap_or_default();
+        let matches = credits.len() == 1
+            && credits[0].3 == row.3
+            && credits[0].1 == row.7.unwrap_or(0)
+            && credits[0].7 == Some(row.1);
+        if !matches {
+            v.push(format!(
+                "transfer {} has {} receiving sides",
+                row.0,
+                credits.len()
+            ));
+        }
+    }
+    for (debit, credits) in credits_of {
+        v.push(format!(
+            "{} received transfers point to {debit}, which is no sending entry",
+            credits.len()
+        ));
+    }
+
+    // The history: ok exactly once, refused and lost never, unknown at most once.
+    let mut under_key: HashMap<(i64, &str), Vec<&JournalRow>> = HashMap::new();
+    for row in &journal {
+        if let Some(key) = row.5.as_deref() {
+            under_key.entry((row.1, key)).or_default().push(row);
+        }
+    }
+    let mut coupon_of: HashMap<(i64, i64), Vec<&CouponRow>> = HashMap::new();
+    for row in &coupons {
+        coupon_of.entry((row.1, row.3)).or_default().push(row);
+    }
+    let template: HashMap<i64, i64> = campaigns.iter().map(|c| (c.0, c.1)).collect();
+    let mut recorded_keys: HashSet<(i64, &str)> = HashSet::new();
+    let mut recorded_users: HashSet<(i64, i64)> = HashSet::new();
+    for r in records {
+        if let Some(what) = &r.unexpected {
+            v.push(format!("{}: unexpected answer {what}", r.key));
+        }
+        let (count, id_matches) = if let Op::Issue { user, campaign } = r.op {
+            recorded_users.insert((user, campaign));
+            let rows = coupon_of
+                .get(&(user, campaign))
+                .cloned()
+                .unwrap_or_default();
+            let id_ok = |id: i64| rows.iter().any(|row| row.0 == id);
+            let ok = match r.outcome {
+                Outcome::Ok(id) | Outcome::Held(id) => id_ok(id),
+                _ => true,
+            };
+            (rows.len(), ok)
+        } else {
+            recorded_keys.insert((r.op.key_owner(), r.key.as_str()));
+            let rows = under_key
+                .get(&(r.op.key_owner(), r.key.as_str()))
+                .cloned()
+                .unwrap_or_default();
+            let ok = match r.outcome {
+                Outcome::Ok(id) => rows
+                    .iter()
+                    .any(|row| row.0 == id && row.3 == op_amount(&r.op) && row.2 == op_kind(&r.op)),
+                _ => true,
+            };
+            (rows.len(), ok)
+        };
+        let allowed = match r.outcome {
+            Outcome::Ok(_) | Outcome::Held(_) => count == 1,
+            Outcome::Refused => count == 0,
+            Outcome::Lost if r.unknowns == 0 => count == 0,
+            Outcome::Lost | Outcome::Unknown => count <= 1,
+        };
+        if !allowed || !id_matches {
+            v.push(format!(
+                "{} {:?} answered {:?} after {} attempts ({} unknown, {} lost), but the \
+                 database holds {count} rows for it{}",
+                r.key,
+                r.op,
+                r.outcome,
+                r.attempts,
+                r.unknowns,
+                r.lost,
+                if id_matches {
+                    ""
+                } else {
+                    " (not the id answered)"
+                }
+            ));
+        }
+    }
+    for row in &journal {
+        if let Some(key) = row.5.as_deref() {
+            if !key.starts_with("init-") && !recorded_keys.contains(&(row.1, key)) {
+                v.push(format!("journal entry {} under unknown key {key}", row.0));
+            }
+        }
+    }
+
+    // Coupons: never over-issued, never twice to one user, every one asked for.
+    for (id, coupon, total, stock) in &campaigns {
+        let issued = coupons.iter().filter(|c| c.3 == *id).count() as i64;
+        if *stock < 0 || issued != i64::from(*total - *stock) || issued > i64::from(*total) {
+            v.push(format!(
+                "campaign {id} (coupon {coupon}): total {total}, stock {stock}, {issued} issued"
+            ));
+        }
+    }
+    let mut holders: HashMap<(i64, i64), usize> = HashMap::new();
+    for (id, user, coupon, campaign) in &coupons {
+        *holders.entry((*user, *coupon)).or_default() += 1;
+        if template.get(campaign) != Some(coupon) {
+            v.push(format!("coupon {id} has the wrong template"));
+        }
+        if !recorded_users.contains(&(*user, *campaign)) {
+            v.push(format!("coupon {id} issued to {user}, who never asked"));
+        }
+    }
+    for ((user, coupon), n) in holders {
+        if n > 1 {
+            v.push(format!("user {user} holds coupon {coupon} {n} times"));
+        }
+    }
+    v
+}
+
+fn op_amount(op: &Op) -> Decimal {
+    match op {
+        Op::Charge { amount, .. }
+        | Op::Deduct { amount, .. }
+        | Op::Refund { amount, .. }
+        | Op::Transfer { amount, .. } => *amount,
+        Op::Issue { .. } => Decimal::ZERO,
+    }
+}
+
+fn op_kind(op: &Op) -> &'static str {
+    match op {
+        Op::Charge { .. } => "charge",
+        Op::Deduct { .. } => "deduct",
+        Op::Refund { .. } => "refund",
+        Op::Transfer { .. } => "transfer_out",
+        Op::Issue { .. } => "issue",
+    }
+}
+
+/// A fresh database on `DATABASE_URL` or a sandbox, `clients` threads for `seconds`, then the
+/// checks.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let seconds: u64 = args.next().map_or(Ok(5), |s| s.parse())?;
+    let clients: usize = args.next().map_or(Ok(16), |s| s.parse())?;
+    let seed: u64 = match args.next() {
+        Some(s) => s.parse()?,
+        None => Utc::now().timestamp_micros().unsigned_abs(),
+    };
+    println!("workload: {seconds} s, {clients} clients, seed {seed}");
+    let name = "lockstock_workload";
+    let url = lockstock::sandbox::database_url(name)?;
+    let mut conn = MysqlConnection::establish(&url)?;
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        &format!("DROP DATABASE `{name}`; CREATE DATABASE `{name}`; USE `{name}`"),
+    )?;
+    lockstock::run_migrations(&mut conn)?;
+    let setup = setup(&mut conn, 16, 2, 200);
+    let stop = AtomicBool::new(false);
+    let errors = ErrorTexts::default();
+    let records: Vec<Record> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|n| {
+                let client = Client {
+                    url: url.clone(),
+                    name: format!("c{n}"),
+                    user_base: 1_000_000 * (n as i64 + 1),
+                    setup: setup.clone(),
+                    seed: seed ^ (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    abandon_unknown: 0,
+                    abandon_lost: 0,
+                    max_ops: usize::MAX,
+                    errors: errors.clone(),
+                };
+                let stop = &stop;
+                s.spawn(move || run_client(&client, stop, &mut |_| true))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(seconds));
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    println!("{}", Summary::of(&records));
+    print!("{}", describe(&errors));
+    let violations = verify(&mut conn, &setup, &records);
+    for violation in &violations {
+        println!("VIOLATION {violation}");
+    }
+    println!("violations found: {}", violations.len());
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err("the database disagrees with the history".into())
+    }
+}

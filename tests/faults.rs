@@ -1,0 +1,826 @@
+//! Faults against a real server: connections killed at random points (also during COMMIT), a
+//! pool whose connections are killed under the combining path, the server killed with SIGKILL and
+//! restarted on the same data directory — and negative controls that prove the checks see what
+//! the locks prevent.
+//!
+//! Every random test prints `LOCKSTOCK_SEED=...` and replays from it (thread timing still
+//! varies). `LOCKSTOCK_SOAK_SECS=600` turns the kill and crash tests into soaks of that length.
+
+mod common;
+#[path = "../examples/workload.rs"]
+mod workload;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::sql_types::{BigInt, Text};
+use lockstock::combine::{CombiningIssuer, CombiningLedger};
+use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
+use lockstock::{
+    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, RetryPolicy, Sandbox,
+    ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
+};
+use rust_decimal::Decimal;
+use workload::{Client, Op, Outcome, Record, Summary};
+
+/// `LOCKSTOCK_SOAK_SECS`, if set.
+fn soak_secs() -> Option<u64> {
+    std::env::var("LOCKSTOCK_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|s| *s > 0)
+}
+
+/// The server's id of this connection (read from the server, so safe to format into `KILL`).
+fn connection_id(conn: &mut MysqlConnection) -> QueryResult<i64> {
+    diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()")).get_result(conn)
+}
+
+/// `KILL <id>`; `Ok(false)` if the connection was already gone.
+fn kill(admin: &mut MysqlConnection, id: i64) -> QueryResult<bool> {
+    match admin.batch_execute(&format!("KILL {id}")) {
+        Ok(()) => Ok(true),
+        Err(e) if e.to_string().contains("Unknown thread id") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn assert_no_violations(test: &str, violations: &[String]) {
+    for violation in violations.iter().take(30) {
+        eprintln!("{test}: VIOLATION {violation}");
+    }
+    assert!(
+        violations.is_empty(),
+        "{test}: {} violations (first: {})",
+        violations.len(),
+        violations[0]
+    );
+    eprintln!("{test}: violations found: 0");
+}
+
+fn dec(cents: i64) -> Decimal {
+    Decimal::new(cents, 2)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Connections killed mid-transaction.
+// ---------------------------------------------------------------------------------------------
+
+/// The texts MariaDB and libmariadb really produce for a killed connection are classified as a
+/// lost connection: idle kill, kill during a statement, kill right before COMMIT.
+#[test]
+fn killed_connection_errors_are_typed() {
+    let (url, mut admin) = common::fresh_database("faults_kill_texts");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(10_000), "init")
+        .expect("charge");
+
+    // Killed while idle: the next call fails before anything is written.
+    let mut victim = common::connect(&url);
+    let id = connection_id(&mut victim).expect("id");
+    assert!(kill(&mut admin, id).expect("kill"));
+    let lost = ledger
+        .deduct(&mut victim, 1, dec(100), "idle-kill")
+        .expect_err("killed connection");
+    eprintln!(
+        "idle kill: {lost} / {:?}",
+        lost.server_error().map(|e| e.message())
+    );
+    assert_eq!(lost.server_kind(), Some(ServerErrorKind::ConnectionLost));
+    assert!(
+        !lost.is_outcome_unknown() && lost.is_retryable(),
+        "{lost:?}"
+    );
+    // The broken connection keeps answering with a typed lost connection.
+    let again = ledger
+        .deduct(&mut victim, 1, dec(100), "idle-kill")
+        .expect_err("still killed");
+    assert_eq!(again.server_kind(), Some(ServerErrorKind::ConnectionLost));
+
+    // Killed during a statement.
+    let mut victim = common::connect(&url);
+    let id = connection_id(&mut victim).expect("id");
+    let killer = {
+        let url = url.clone();
+        thread::spawn(move || {
+            let mut admin = common::connect(&url);
+            thread::sleep(Duration::from_millis(300));
+            kill(&mut admin, id).expect("kill")
+        })
+    };
+    let runner = TxnRunner::default();
+    let during = runner
+        .run(&mut victim, |conn| {
+            diesel::sql_query("SELECT SLEEP(5)").execute(conn)?;
+            Ok(())
+        })
+        .expect_err("killed during the statement");
+    assert!(killer.join().expect("killer"));
+    eprintln!(
+        "kill during a statement: {during} / {:?}",
+        during.server_error().map(|e| e.message())
+    );
+    assert_eq!(during.server_kind(), Some(ServerErrorKind::ConnectionLost));
+    assert!(!during.is_outcome_unknown());
+
+    // Killed after the body, before COMMIT: the commit fails, the outcome is reported unknown
+    // (here it was not applied), and the retry with the same key applies it once.
+    let mut victim = common::connect(&url);
+    let id = connection_id(&mut victim).expect("id");
+    let before_commit = runner
+        .run(&mut victim, |conn| {
+            diesel::sql_query("UPDATE user_balance SET version = version WHERE user_id = 1")
+                .execute(conn)?;
+            kill(&mut admin, id).map_err(Error::from)?;
+            Ok(())
+        })
+        .expect_err("commit on a killed connection");
+    eprintln!(
+        "kill before COMMIT: {before_commit} / {:?}",
+        before_commit.server_error().map(|e| e.message())
+    );
+    assert!(before_commit.is_outcome_unknown(), "{before_commit:?}");
+    assert_eq!(
+        before_commit.server_kind(),
+        Some(ServerErrorKind::ConnectionLost)
+    );
+    let mut fresh = common::connect(&url);
+    let first = ledger
+        .deduct(&mut fresh, 1, dec(100), "idle-kill")
+        .expect("retry on a new connection");
+    let replay = ledger
+        .deduct(&mut fresh, 1, dec(100), "idle-kill")
+        .expect("replay");
+    assert_eq!(first.id, replay.id);
+    assert_eq!(key_rows(&mut fresh, 1, "idle-kill"), 1);
+    ledger.audit(&mut fresh, 1).expect("audit");
+}
+
+fn key_rows(conn: &mut MysqlConnection, user: i64, key: &str) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user))
+        .filter(balance_history::idempotency_key.eq(key))
+        .count()
+        .get_result(conn)
+        .expect("count key rows")
+}
+
+/// Victims run deducts, transfers, refunds, charges and coupon issues in a loop; for about half
+/// of their calls a killer thread runs `KILL <connection id>` after a random 0–3 ms, so kills
+/// land before, during and after statements and COMMIT. Victims reconnect and retry with the
+/// same key (or give up on purpose). Afterwards the database must agree with every answer.
+#[test]
+fn killed_connections_never_leave_partial_state() {
+    let test = "killed_connections_never_leave_partial_state";
+    let seed = common::seed(test);
+    let (url, mut admin) = common::fresh_database("faults_kill");
+    let setup = workload::setup(&mut admin, 12, 2, 60);
+    let duration = Duration::from_secs(soak_secs().unwrap_or(6));
+    const VICTIMS: usize = 4;
+    let kills = AtomicUsize::new(0);
+    let kill_attempts = AtomicUsize::new(0);
+    let errors = workload::ErrorTexts::default();
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let records: Vec<Record> = thread::scope(|s| {
+        let mut victims = Vec::new();
+        for v in 0..VICTIMS {
+            let (tx, rx) = mpsc::channel::<(i64, Duration)>();
+            let (killer_url, kills, kill_attempts) = (url.clone(), &kills, &kill_attempts);
+            s.spawn(move || {
+                let mut admin = common::connect(&killer_url);
+                for (id, delay) in rx {
+                    thread::sleep(delay);
+                    kill_attempts.fetch_add(1, Ordering::Relaxed);
+                    if kill(&mut admin, id).expect("KILL") {
+                        kills.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            let client = Client {
+                url: url.clone(),
+                name: format!("v{v}"),
+                user_base: 1_000_000 * (v as i64 + 1),
+                setup: setup.clone(),
+                seed: seed.wrapping_add(v as u64),
+                abandon_unknown: 300,
+                abandon_lost: 300,
+                max_ops: usize::MAX,
+                errors: errors.clone(),
+            };
+            let stop = &stop;
+            victims.push(s.spawn(move || {
+                let mut rng = workload::Rng::new(seed ^ 0xABCD ^ v as u64);
+                let mut hook = |conn: &mut MysqlConnection| {
+                    let Ok(id) = connection_id(conn) else {
+                        return false;
+                    };
+                    if rng.chance(500) {
+                        let delay = Duration::from_micros(rng.below(3_001));
+                        tx.send((id, delay)).expect("killer alive");
+                    }
+                    true
+                };
+                workload::run_client(&client, stop, &mut hook)
+            }));
+        }
+        thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        victims
+            .into_iter()
+            .flat_map(|h| h.join().expect("victim"))
+            .collect()
+    });
+    let summary = Summary::of(&records);
+    eprintln!(
+        "{test}: {:?}, {} KILLs sent, {} hit a live connection; {summary}",
+        started.elapsed(),
+        kill_attempts.load(Ordering::Relaxed),
+        kills.load(Ordering::Relaxed)
+    );
+    eprintln!(
+        "{test}: server errors answered:\n{}",
+        workload::describe(&errors)
+    );
+    let mut conn = common::connect(&url);
+    assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
+    assert!(kills.load(Ordering::Relaxed) > 0, "no kill landed");
+    assert!(
+        summary.unknown_answers > 0 && summary.lost_answers > 0,
+        "kills never produced both an unknown outcome and a lost connection: {summary}"
+    );
+    assert!(summary.retried_to_ok > 0, "{summary}");
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+/// The server ids of the connections to database `db`, except `keep`.
+fn connections_to(
+    conn: &mut MysqlConnection,
+    db: &str,
+    keep: &HashSet<i64>,
+) -> QueryResult<Vec<i64>> {
+    Ok(diesel::sql_query(
+        "SELECT CAST(ID AS SIGNED) AS id FROM information_schema.PROCESSLIST \
+         WHERE DB = ? AND ID <> CONNECTION_ID()",
+    )
+    .bind::<Text, _>(db)
+    .load::<Id>(conn)?
+    .into_iter()
+    .map(|r| r.id)
+    .filter(|id| !keep.contains(id))
+    .collect())
+}
+
+/// An r2d2 pool of 2 whose connections are killed: the next `pool.get()` works, and the
+/// combining ledger and issuer keep answering (retried calls apply once, batches all or
+/// nothing) while their pooled connections are killed under them, and work afterwards.
+#[test]
+fn pool_and_combiner_recover_from_killed_connections() {
+    let test = "pool_and_combiner_recover_from_killed_connections";
+    let seed = common::seed(test);
+    let db = "faults_pool";
+    let (url, mut admin) = common::fresh_database(db);
+    let setup = workload::setup(&mut admin, 4, 1, 60);
+    let admin_id = connection_id(&mut admin).expect("admin id");
+    let pool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
+        .build(ConnectionManager::<MysqlConnection>::new(url.clone()))
+        .expect("pool");
+    let ledger = BalanceLedger::new();
+
+    // Both idle pooled connections killed.
+    let killed: Vec<i64> = {
+        let mut a = pool.get().expect("first");
+        let mut b = pool.get().expect("second");
+        vec![
+            connection_id(&mut a).expect("id"),
+            connection_id(&mut b).expect("id"),
+        ]
+    };
+    for id in &killed {
+        assert!(kill(&mut admin, *id).expect("kill"));
+    }
+    {
+        let mut conn = pool
+            .get()
+            .expect("pool.get after its connections were killed");
+        assert!(!killed.contains(&connection_id(&mut conn).expect("id")));
+        ledger
+            .deduct(&mut conn, 1, dec(100), "after-kill")
+            .expect("deduct on the replacement");
+    }
+    let mut records = vec![Record {
+        key: "after-kill".into(),
+        op: Op::Deduct {
+            user: 1,
+            amount: dec(100),
+        },
+        outcome: Outcome::Ok(
+            ledger
+                .deduct(&mut admin, 1, dec(100), "after-kill")
+                .expect("replay")
+                .id,
+        ),
+        attempts: 1,
+        unknowns: 0,
+        lost: 0,
+        contended: 0,
+        unexpected: None,
+    }];
+
+    // The combining path while a killer kills its pooled connections every few ms.
+    let combining = CombiningLedger::new(pool.clone(), BalanceLedger::new());
+    let issuer = CombiningIssuer::new(pool.clone(), CouponIssuer::new());
+    let stop = AtomicBool::new(false);
+    let kills = AtomicUsize::new(0);
+    let history = Mutex::new(Vec::new());
+    thread::scope(|s| {
+        let killer = {
+            let (url, stop, kills) = (&url, &stop, &kills);
+            s.spawn(move || {
+                let mut admin = common::connect(url);
+                let mut keep = HashSet::from([admin_id]);
+                keep.insert(connection_id(&mut admin).expect("id"));
+                let mut rng = workload::Rng::new(seed);
+                while !stop.load(Ordering::Relaxed) {
+                    thread::sleep(Duration::from_micros(2_000 + rng.below(4_000)));
+                    let ids = connections_to(&mut admin, db, &keep).expect("processlist");
+                    if let Some(id) = ids.get(rng.below(ids.len().max(1) as u64) as usize) {
+                        if kill(&mut admin, *id).expect("kill") {
+                            kills.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        };
+        let callers: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (ledger, issuer, history) = (&combining, &issuer, &history);
+                let campaign = setup.campaigns[0];
+                s.spawn(move || {
+                    let mut rng = workload::Rng::new(seed ^ (t + 1));
+                    for n in 0..40 {
+                        let key = format!("t{t}-{n}");
+                        let user = 1 + rng.below(4) as i64;
+                        let amount = dec(1 + rng.below(2_000) as i64);
+                        let op = match rng.below(10) {
+                            0..=2 => Op::Charge { user, amount },
+                            3..=6 => Op::Deduct { user, amount },
+                            _ => Op::Issue {
+                                user: 1_000_000 * (t as i64 + 1) + n,
+                                campaign,
+                            },
+                        };
+                        let mut record = Record {
+                            key: key.clone(),
+                            op,
+                            outcome: Outcome::Unknown,
+                            attempts: 0,
+                            unknowns: 0,
+                            lost: 0,
+                            contended: 0,
+                            unexpected: None,
+                        };
+                        record.outcome = loop {
+                            record.attempts += 1;
+                            let result = match record.op {
+                                Op::Charge { .. } => {
+                                    ledger.charge(user, amount, &key).map(|e| e.id)
+                                }
+                                Op::Deduct { .. } => {
+                                    ledger.deduct(user, amount, &key).map(|e| e.id)
+                                }
+                                Op::Issue { user, campaign } => {
+                                    issuer.issue(user, campaign).map(|c| c.id)
+                                }
+                                _ => unreachable!(),
+                            };
+                            match result {
+                                Ok(id) => break Outcome::Ok(id),
+                                Err(Error::InsufficientBalance { .. }) => break Outcome::Refused,
+                                Err(Error::SoldOut { .. }) if record.unknowns == 0 => {
+                                    break Outcome::Refused
+                                }
+                                Err(Error::SoldOut { .. }) => break Outcome::Unknown,
+                                Err(Error::AlreadyIssued { user_coupon_id, .. }) => {
+                                    if record.unknowns == 0 {
+                                        record.unexpected = Some("AlreadyIssued".into());
+                                    }
+                                    break Outcome::Held(user_coupon_id);
+                                }
+                                Err(e) if e.is_outcome_unknown() => record.unknowns += 1,
+                                Err(e)
+                                    if e.server_kind() == Some(ServerErrorKind::ConnectionLost) =>
+                                {
+                                    record.lost += 1
+                                }
+                                Err(e) if e.is_retryable() => record.contended += 1,
+                                Err(e) => {
+                                    record.unexpected = Some(format!("{e:?}"));
+                                    break Outcome::Unknown;
+                                }
+                            }
+                            assert!(record.attempts < 1_000, "{key} never answered");
+                        };
+                        history.lock().expect("history").push(record);
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.join().expect("caller");
+        }
+        stop.store(true, Ordering::Relaxed);
+        killer.join().expect("killer");
+    });
+    records.extend(history.into_inner().expect("history"));
+    let summary = Summary::of(&records);
+    eprintln!(
+        "{test}: {} pooled connections killed under the combiners; {summary}; ledger {:?}; \
+         issuer {:?}",
+        kills.load(Ordering::Relaxed),
+        combining.stats(),
+        issuer.stats()
+    );
+    // Recovered: the combining path and the pool work.
+    let last = combining
+        .deduct(2, dec(1), "after-the-kills")
+        .expect("the combining ledger recovers");
+    records.push(Record {
+        key: "after-the-kills".into(),
+        op: Op::Deduct {
+            user: 2,
+            amount: dec(1),
+        },
+        outcome: Outcome::Ok(last.id),
+        attempts: 1,
+        unknowns: 0,
+        lost: 0,
+        contended: 0,
+        unexpected: None,
+    });
+    pool.get().expect("pool.get after the kills");
+    let mut conn = common::connect(&url);
+    assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
+    assert!(
+        kills.load(Ordering::Relaxed) > 0,
+        "no pooled connection killed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Server crash.
+// ---------------------------------------------------------------------------------------------
+
+/// 32 clients run deducts, transfers, refunds, charges and coupon issues on a private server
+/// that is killed with SIGKILL and restarted on the same data directory (4 times; with
+/// `LOCKSTOCK_SOAK_SECS`, every 0.5–1.5 s for that long).
+/// Clients reconnect with backoff and retry with the same key. Afterwards every acknowledged
+/// operation is there exactly once, every refused one is not, money is conserved, no balance is
+/// negative, no coupon over-issued or duplicated, and every account audits.
+#[test]
+fn server_crashes_lose_no_acknowledged_operation() {
+    let test = "server_crashes_lose_no_acknowledged_operation";
+    let seed = common::seed(test);
+    let mut rng = workload::Rng::new(seed);
+    let mut sandbox = Sandbox::start().expect("a private sandbox");
+    let url = sandbox.create_database("crash").expect("database");
+    let setup = {
+        let mut conn = common::connect(&url);
+        lockstock::run_migrations(&mut conn).expect("migrate");
+        workload::setup(&mut conn, 16, 3, 1_000)
+    };
+    let soak = soak_secs().map(Duration::from_secs);
+    const CLIENTS: usize = 32;
+    let stop = AtomicBool::new(false);
+    let errors = workload::ErrorTexts::default();
+    let started = Instant::now();
+    let mut crashes = 0;
+    let mut downtime = Duration::ZERO;
+    let records: Vec<Record> = thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|n| {
+                let client = Client {
+                    url: url.clone(),
+                    name: format!("k{n}"),
+                    user_base: 1_000_000 * (n as i64 + 1),
+                    setup: setup.clone(),
+                    seed: seed.wrapping_add(n as u64 + 1),
+                    abandon_unknown: 100,
+                    abandon_lost: 0,
+                    max_ops: usize::MAX,
+                    errors: errors.clone(),
+                };
+                let stop = &stop;
+                s.spawn(move || workload::run_client(&client, stop, &mut |_| true))
+            })
+            .collect();
+        loop {
+            let done = match soak {
+                Some(soak) => started.elapsed() >= soak,
+                None => crashes >= 4,
+            };
+            if done {
+                break;
+            }
+            thread::sleep(Duration::from_millis(500 + rng.below(1_000)));
+            sandbox.kill().expect("SIGKILL the server");
+            let down = Instant::now();
+            crashes += 1;
+            thread::sleep(Duration::from_millis(rng.below(400)));
+            sandbox.restart().expect("restart after the crash");
+            downtime += down.elapsed();
+        }
+        thread::sleep(Duration::from_millis(700));
+        stop.store(true, Ordering::Relaxed);
+        clients
+            .into_iter()
+            .flat_map(|h| h.join().expect("client"))
+            .collect()
+    });
+    let summary = Summary::of(&records);
+    eprintln!(
+        "{test}: {:?}, {crashes} crashes (SIGKILL + restart), {downtime:?} down; {summary}",
+        started.elapsed()
+    );
+    eprintln!(
+        "{test}: server errors answered:\n{}",
+        workload::describe(&errors)
+    );
+    let mut conn = common::connect(&url);
+    assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
+    assert!(crashes >= 4);
+    assert!(summary.ok > 0 && summary.lost_answers > 0, "{summary}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Negative controls.
+// ---------------------------------------------------------------------------------------------
+
+/// Plain SELECT, compute in Rust, UPDATE: no lock, autocommit, REPEATABLE READ.
+fn unlocked_deduct(conn: &mut MysqlConnection, user: i64, amount: Decimal) -> bool {
+    let balance: Decimal = user_balance::table
+        .find(user)
+        .select(user_balance::balance)
+        .first(conn)
+        .expect("read balance");
+    if balance < amount {
+        return false;
+    }
+    thread::sleep(Duration::from_millis(5));
+    diesel::update(user_balance::table.find(user))
+        .set(user_balance::balance.eq(balance - amount))
+        .execute(conn)
+        .expect("write balance");
+    true
+}
+
+/// The same concurrent deducts, once through an unlocked read-modify-write and once through
+/// `BalanceLedger`: the harness detects the lost updates of the first, none of the second.
+#[test]
+fn negative_control_unlocked_deducts_lose_updates() {
+    let (url, mut conn) = common::fresh_database("faults_negative_balance");
+    let ledger = BalanceLedger::new();
+    for user in [1, 2] {
+        ledger
+            .charge(&mut conn, user, dec(100_000), "init")
+            .expect("charge");
+    }
+    const THREADS: usize = 8;
+    const ROUNDS: usize = 5;
+    let barrier = Barrier::new(THREADS);
+    let (unlocked_ok, locked_ok) = thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (url, barrier, ledger) = (&url, &barrier, &ledger);
+                s.spawn(move || {
+                    let mut conn = common::connect(url);
+                    conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                        .expect("isolation");
+                    let mut unlocked = 0;
+                    let mut locked = 0;
+                    for round in 0..ROUNDS {
+                        barrier.wait();
+                        unlocked += usize::from(unlocked_deduct(&mut conn, 1, dec(100)));
+                        barrier.wait();
+                        let key = format!("t{t}-r{round}");
+                        locked += usize::from(ledger.deduct(&mut conn, 2, dec(100), &key).is_ok());
+                    }
+                    (unlocked, locked)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    });
+    let balance = |conn: &mut MysqlConnection, user: i64| -> Decimal {
+        user_balance::table
+            .find(user)
+            .select(user_balance::balance)
+            .first(conn)
+            .expect("balance")
+    };
+    let unlocked_expected = dec(100_000) - dec(100) * Decimal::from(unlocked_ok);
+    let unlocked_final = balance(&mut conn, 1);
+    eprintln!(
+        "unlocked: {unlocked_ok} deducts answered ok, balance {unlocked_final}, expected \
+         {unlocked_expected}: {} updates lost",
+        ((unlocked_final - unlocked_expected) / dec(100)).normalize()
+    );
+    assert_ne!(
+        unlocked_final, unlocked_expected,
+        "the harness did not detect the lost updates of an unlocked read-modify-write"
+    );
+    assert!(
+        ledger.audit(&mut conn, 1).is_err(),
+        "audit must see the unjournaled changes"
+    );
+    let locked_expected = dec(100_000) - dec(100) * Decimal::from(locked_ok);
+    eprintln!(
+        "BalanceLedger: {locked_ok} of {} deducts answered ok",
+        THREADS * ROUNDS
+    );
+    assert!(locked_ok > 0);
+    assert_eq!(balance(&mut conn, 2), locked_expected);
+    ledger
+        .audit(&mut conn, 2)
+        .expect("audit of the locked account");
+}
+
+/// An unlocked coupon issue (read stock, insert without a unique check, write stock - 1) under
+/// concurrent load over-issues and issues twice to one user; `CouponIssuer` under the same load
+/// does neither.
+#[test]
+fn negative_control_unlocked_issue_over_issues() {
+    let (url, mut conn) = common::fresh_database("faults_negative_coupon");
+    conn.batch_execute(
+        "CREATE TABLE unsafe_campaign (id BIGINT PRIMARY KEY, stock INT NOT NULL) ENGINE=InnoDB; \
+         CREATE TABLE unsafe_coupon (id BIGINT AUTO_INCREMENT PRIMARY KEY, \
+             user_id BIGINT NOT NULL, campaign_id BIGINT NOT NULL) ENGINE=InnoDB; \
+         INSERT INTO unsafe_campaign VALUES (1, 5)",
+    )
+    .expect("test-only tables");
+    let issuer = CouponIssuer::new();
+    let now = chrono::Utc::now().naive_utc();
+    let coupon = issuer
+        .create_coupon(
+            &mut conn,
+            &NewCoupon {
+                name: "control",
+                discount: Discount::Fixed(dec(100)),
+                valid_from: now - chrono::Duration::hours(1),
+                valid_until: now + chrono::Duration::days(1),
+            },
+        )
+        .expect("coupon");
+    let campaign = issuer
+        .create_campaign(
+            &mut conn,
+            &NewCampaign {
+                coupon_id: coupon.id,
+                quantity: 5,
+                issue_starts_at: now - chrono::Duration::minutes(1),
+                issue_ends_at: now + chrono::Duration::hours(1),
+            },
+        )
+        .expect("campaign");
+    // 16 requests: users 1..=15, and user 1 asks twice.
+    const THREADS: usize = 16;
+    let barrier = Barrier::new(THREADS);
+    thread::scope(|s| {
+        for t in 0..THREADS {
+            let (url, barrier, issuer) = (&url, &barrier, &issuer);
+            s.spawn(move || {
+                let user = (t as i64 % 15) + 1;
+                let mut conn = common::connect(url);
+                barrier.wait();
+                #[derive(QueryableByName)]
+                struct Stock {
+                    #[diesel(sql_type = diesel::sql_types::Integer)]
+                    stock: i32,
+                }
+                let stock = diesel::sql_query("SELECT stock FROM unsafe_campaign WHERE id = 1")
+                    .get_result::<Stock>(&mut conn)
+                    .expect("read stock")
+                    .stock;
+                if stock > 0 {
+                    thread::sleep(Duration::from_millis(5));
+                    diesel::sql_query(
+                        "INSERT INTO unsafe_coupon (user_id, campaign_id) VALUES (?, 1)",
+                    )
+                    .bind::<BigInt, _>(user)
+                    .execute(&mut conn)
+                    .expect("insert");
+                    diesel::sql_query("UPDATE unsafe_campaign SET stock = ? WHERE id = 1")
+                        .bind::<diesel::sql_types::Integer, _>(stock - 1)
+                        .execute(&mut conn)
+                        .expect("write stock");
+                }
+                barrier.wait();
+                let _ = issuer.issue(&mut conn, user, campaign.id);
+            });
+        }
+    });
+    #[derive(QueryableByName)]
+    struct Counts {
+        #[diesel(sql_type = BigInt)]
+        issued: i64,
+        #[diesel(sql_type = BigInt)]
+        stock: i64,
+        #[diesel(sql_type = BigInt)]
+        duplicates: i64,
+    }
+    let unsafe_counts: Counts = diesel::sql_query(
+        "SELECT (SELECT COUNT(*) FROM unsafe_coupon) AS issued, \
+                (SELECT stock FROM unsafe_campaign WHERE id = 1) AS stock, \
+                (SELECT COUNT(*) FROM (SELECT user_id FROM unsafe_coupon \
+                    GROUP BY user_id HAVING COUNT(*) > 1) d) AS duplicates",
+    )
+    .get_result(&mut conn)
+    .expect("counts");
+    eprintln!(
+        "unlocked issue: stock 5, {} issued, stock left {}, {} users hold two",
+        unsafe_counts.issued, unsafe_counts.stock, unsafe_counts.duplicates
+    );
+    let over_issued = unsafe_counts.issued > 5 || unsafe_counts.issued != 5 - unsafe_counts.stock;
+    assert!(
+        over_issued && unsafe_counts.duplicates > 0,
+        "the harness did not detect the over-issue and duplicate of an unlocked issue"
+    );
+    let issued: i64 = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    let stock: i32 = fcfs_coupon::table
+        .find(campaign.id)
+        .select(fcfs_coupon::stock_quantity)
+        .first(&mut conn)
+        .expect("stock");
+    let holders: i64 = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .select(diesel::dsl::count(user_coupon::user_id).aggregate_distinct())
+        .first(&mut conn)
+        .expect("holders");
+    assert_eq!((issued, stock, holders), (5, 0, 5), "CouponIssuer");
+}
+
+/// SERIALIZABLE + NOWAIT refuses at once — it does not wait, and does not silently serialise
+/// behind — a connection that holds the row with FOR UPDATE: `Contended` after one attempt,
+/// far below the lock wait timeout, nothing written.
+#[test]
+fn nowait_refuses_a_lock_holder_at_once() {
+    let (url, mut holder) = common::fresh_database("faults_nowait");
+    let mut policy = TxnPolicy::default().with_retry(RetryPolicy::no_retry());
+    policy.lock_wait_timeout = Duration::from_secs(10);
+    let ledger = BalanceLedger::with_policy(policy);
+    ledger
+        .charge(&mut holder, 1, dec(10_000), "init")
+        .expect("charge");
+    holder
+        .batch_execute("BEGIN; SELECT balance FROM user_balance WHERE user_id = 1 FOR UPDATE")
+        .expect("hold the row");
+    let mut conn = common::connect(&url);
+    let started = Instant::now();
+    let refused = ledger.deduct(&mut conn, 1, dec(100), "blocked");
+    let took = started.elapsed();
+    eprintln!("NOWAIT refusal after {took:?}: {refused:?}");
+    match &refused {
+        Err(Error::Contended {
+            attempts: 1, last, ..
+        }) => assert!(
+            last.kind().is_retryable(),
+            "refusal not classified as a lock refusal: {last}"
+        ),
+        other => panic!("expected Contended after one attempt, got {other:?}"),
+    }
+    assert!(took < Duration::from_millis(900), "waited {took:?}");
+    assert_eq!(key_rows(&mut conn, 1, "blocked"), 0);
+    let balance: Decimal = user_balance::table
+        .find(1)
+        .select(user_balance::balance)
+        .first(&mut conn)
+        .expect("balance");
+    assert_eq!(balance, dec(10_000));
+    holder.batch_execute("ROLLBACK").expect("release");
+    let entry = ledger
+        .deduct(&mut conn, 1, dec(100), "blocked")
+        .expect("after release");
+    assert_eq!(entry.balance_after, dec(9_900));
+    ledger.audit(&mut conn, 1).expect("audit");
+}
