@@ -1,0 +1,1238 @@
+//! Contention strategies for one hot coupon campaign and one hot account, shared by
+//! `benches/contention.rs` and `examples/contention_report.rs`.
+//!
+//! Strategies (see [`Strategy`]):
+//! * `seed` — the design note, hand-written through [`TxnRunner::run_counted`] with the same
+//!   statements as `CouponIssuer::issue` / `BalanceLedger::deduct` (SERIALIZABLE, `FOR UPDATE
+//!   NOWAIT`, jittered retry), so lock refusals are counted;
+//! * `seed(lib)` — the library's own `CouponIssuer::issue` / `BalanceLedger::deduct`;
+//! * `wait` — the same statements with a waiting `FOR UPDATE`, retried only on deadlock or lock
+//!   wait timeout;
+//! * `cond` — one conditional `UPDATE ... WHERE stock > 0` (or `balance >= amount`) per request;
+//! * `combining` — `CombiningIssuer` / `CombiningLedger` over an r2d2 pool.
+//!
+//! [`Harness::run_cell`] runs one (domain, strategy, clients) cell with one thread per client
+//! and checks the invariants from the database afterwards.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use chrono::{NaiveDateTime, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::dsl::{count_star, sum};
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use lockstock::combine::{CombinerStats, CombiningIssuer, CombiningLedger, MysqlPool};
+use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
+use lockstock::txn::{apply_session_settings, Attempts};
+use lockstock::{
+    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, ServerErrorKind,
+    SessionSettings, TxnPolicy, TxnRunner,
+};
+use rust_decimal::Decimal;
+
+/// Errors of the harness itself (setup, connections, invariant queries).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+diesel::define_sql_function! {
+    /// The id of the row the last INSERT on this connection created.
+    fn last_insert_id() -> diesel::sql_types::Unsigned<diesel::sql_types::BigInt>;
+}
+
+/// Retries of the `wait` strategy after a deadlock or lock wait timeout.
+const WAIT_MAX_RETRIES: u32 = 64;
+/// What every deduct takes from the hot account.
+pub const DEDUCT_AMOUNT: Decimal = Decimal::from_parts(1, 0, 0, false, 2);
+/// What the hot account is charged with first: enough for 10^9 deducts.
+pub const INITIAL_BALANCE: Decimal = Decimal::from_parts(10_000_000, 0, 0, false, 0);
+
+/// Which hot row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Domain {
+    /// One campaign: every request issues one coupon to a new user.
+    Coupon,
+    /// One account: every request deducts [`DEDUCT_AMOUNT`] under a new idempotency key.
+    Ledger,
+}
+
+impl Domain {
+    /// Both.
+    pub const ALL: [Domain; 2] = [Domain::Coupon, Domain::Ledger];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Coupon => "coupon",
+            Self::Ledger => "ledger",
+        }
+    }
+
+    /// Title for reports.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Coupon => "hot coupon (one campaign, distinct users)",
+            Self::Ledger => "hot account (one account, distinct keys)",
+        }
+    }
+}
+
+/// How a request reaches the hot row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// The design note, hand-written through `TxnRunner::run_counted` (refusals counted).
+    Seed,
+    /// The library's `CouponIssuer::issue` / `BalanceLedger::deduct`.
+    SeedLib,
+    /// SERIALIZABLE with a waiting `FOR UPDATE`.
+    Wait,
+    /// One conditional UPDATE per request.
+    Cond,
+    /// Request combining over a pool.
+    Combining,
+}
+
+impl Strategy {
+    /// Every strategy, in report order.
+    pub const ALL: [Strategy; 5] = [
+        Strategy::Seed,
+        Strategy::SeedLib,
+        Strategy::Wait,
+        Strategy::Cond,
+        Strategy::Combining,
+    ];
+
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::SeedLib => "seed(lib)",
+            Self::Wait => "wait",
+            Self::Cond => "cond",
+            Self::Combining => "combining",
+        }
+    }
+
+    /// Name usable in file names and benchmark ids.
+    pub fn id(self) -> &'static str {
+        match self {
+            Self::SeedLib => "seed_lib",
+            other => other.name(),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The hot campaign of one cell.
+#[derive(Debug, Clone, Copy)]
+pub struct CouponTarget {
+    /// `fcfs_coupon.id`.
+    pub campaign_id: i64,
+    /// Its coupon template.
+    pub coupon_id: i64,
+    /// Its stock when created.
+    pub total: i32,
+}
+
+/// Connects and applies the library's default session settings (timeouts, English messages).
+pub fn connect(url: &str) -> Result<MysqlConnection, BoxError> {
+    let mut conn = MysqlConnection::establish(url)?;
+    apply_session_settings(&mut conn, &TxnPolicy::default())?;
+    Ok(conn)
+}
+
+/// An r2d2 pool as an application would build it, with lockstock's session settings.
+pub fn pool(url: &str, size: u32) -> Result<MysqlPool, BoxError> {
+    Ok(Pool::builder()
+        .max_size(size)
+        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
+        .build(ConnectionManager::<MysqlConnection>::new(url))?)
+}
+
+/// The pool size used for `combining` with `clients` clients.
+pub fn combining_pool_size(clients: usize) -> u32 {
+    u32::try_from(clients.clamp(1, 8)).unwrap_or(8)
+}
+
+fn now() -> NaiveDateTime {
+    Utc::now().naive_utc()
+}
+
+/// Hand-written transaction: `SET TRANSACTION ISOLATION LEVEL SERIALIZABLE`, then Diesel's
+/// `transaction` (BEGIN ... COMMIT, ROLLBACK on error).
+pub fn serializable<T>(
+    conn: &mut MysqlConnection,
+    body: impl FnOnce(&mut MysqlConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    conn.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")?;
+    conn.transaction(body)
+}
+
+/// Deadlock or lock wait timeout: what the `wait` strategy retries.
+fn is_lock_failure(error: &Error) -> bool {
+    matches!(
+        error.server_kind(),
+        Some(ServerErrorKind::Deadlock | ServerErrorKind::LockWaitTimeout)
+    )
+}
+
+/// Runs `attempt` until it succeeds, fails otherwise, or [`WAIT_MAX_RETRIES`] retries are spent;
+/// returns the result and the number of retries.
+fn retry_lock_failures<T>(
+    conn: &mut MysqlConnection,
+    mut attempt: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+) -> (Result<T, Error>, u32) {
+    let mut retries = 0;
+    loop {
+        match attempt(conn) {
+            Err(error) if is_lock_failure(&error) && retries < WAIT_MAX_RETRIES => retries += 1,
+            other => return (other, retries),
+        }
+    }
+}
+
+fn inserted_id(conn: &mut MysqlConnection) -> Result<i64, Error> {
+    let id: u64 = diesel::select(last_insert_id()).get_result(conn)?;
+    i64::try_from(id)
+        .map_err(|e| Error::from(diesel::result::Error::DeserializationError(e.into())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hot coupon
+// ---------------------------------------------------------------------------------------------
+
+/// The statements of `CouponIssuer::issue`: INSERT user_coupon, `SELECT LAST_INSERT_ID()`,
+/// `SELECT stock_quantity ... FOR UPDATE [NOWAIT]`, UPDATE stock. Returns the coupon id.
+fn issue_statements(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+    at: NaiveDateTime,
+    nowait: bool,
+) -> Result<i64, Error> {
+    let campaign_id = target.campaign_id;
+    diesel::insert_into(user_coupon::table)
+        .values((
+            user_coupon::user_id.eq(user_id),
+            user_coupon::coupon_id.eq(target.coupon_id),
+            user_coupon::fcfs_coupon_id.eq(campaign_id),
+            user_coupon::status.eq("issued"),
+            user_coupon::issued_at.eq(at),
+        ))
+        .execute(conn)?;
+    let id = inserted_id(conn)?;
+    let stock_row = fcfs_coupon::table
+        .find(campaign_id)
+        .select(fcfs_coupon::stock_quantity);
+    let stock: Option<i32> = if nowait {
+        stock_row.for_update().no_wait().first(conn).optional()?
+    } else {
+        stock_row.for_update().first(conn).optional()?
+    };
+    let stock = stock.ok_or(Error::CampaignNotFound { campaign_id })?;
+    if stock <= 0 {
+        return Err(Error::SoldOut { campaign_id });
+    }
+    diesel::update(fcfs_coupon::table.find(campaign_id))
+        .set(fcfs_coupon::stock_quantity.eq(stock - 1))
+        .execute(conn)?;
+    Ok(id)
+}
+
+/// `seed`: the design note through the library's runner, counting refusals.
+pub fn issue_seed(
+    runner: &TxnRunner,
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+) -> (Result<i64, Error>, Attempts) {
+    let at = now();
+    runner.run_counted(conn, |conn| {
+        issue_statements(conn, user_id, target, at, true)
+    })
+}
+
+/// Hand-written twin of `CouponIssuer::issue` for the uncontended comparison: one SERIALIZABLE
+/// transaction with `FOR UPDATE NOWAIT`, no retry.
+pub fn issue_hand(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+) -> Result<i64, Error> {
+    let at = now();
+    serializable(conn, |conn| {
+        issue_statements(conn, user_id, target, at, true)
+    })
+}
+
+/// `wait`: SERIALIZABLE, waiting `FOR UPDATE`, retried on deadlock / lock wait timeout.
+pub fn issue_wait(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+) -> (Result<i64, Error>, u32) {
+    let at = now();
+    retry_lock_failures(conn, |conn| {
+        serializable(conn, |conn| {
+            issue_statements(conn, user_id, target, at, false)
+        })
+    })
+}
+
+/// `cond`: INSERT user_coupon, `SELECT LAST_INSERT_ID()`, then one
+/// `UPDATE fcfs_coupon SET stock_quantity = stock_quantity - 1 WHERE id = ? AND
+/// stock_quantity > 0` (the hot row is locked from here to COMMIT), in one SERIALIZABLE
+/// transaction; retried on deadlock / lock wait timeout like `wait`.
+pub fn issue_cond(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+) -> (Result<i64, Error>, u32) {
+    let at = now();
+    let campaign_id = target.campaign_id;
+    retry_lock_failures(conn, |conn| {
+        serializable(conn, |conn| {
+            diesel::insert_into(user_coupon::table)
+                .values((
+                    user_coupon::user_id.eq(user_id),
+                    user_coupon::coupon_id.eq(target.coupon_id),
+                    user_coupon::fcfs_coupon_id.eq(campaign_id),
+                    user_coupon::status.eq("issued"),
+                    user_coupon::issued_at.eq(at),
+                ))
+                .execute(conn)?;
+            let id = inserted_id(conn)?;
+            let taken = diesel::update(
+                fcfs_coupon::table
+                    .find(campaign_id)
+                    .filter(fcfs_coupon::stock_quantity.gt(0)),
+            )
+            .set(fcfs_coupon::stock_quantity.eq(fcfs_coupon::stock_quantity - 1))
+            .execute(conn)?;
+            if taken == 0 {
+                return Err(Error::SoldOut { campaign_id });
+            }
+            Ok(id)
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hot account
+// ---------------------------------------------------------------------------------------------
+
+/// The journal's `request_hash` of a deduct, computed as lockstock does (FNV-1a 64 of
+/// `kind|user|amount|reference`), so hand-written rows look like the library's.
+pub fn deduct_hash(user_id: i64, amount: Decimal) -> String {
+    let canonical = format!("deduct|{user_id}|{}|0", amount.normalize());
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in canonical.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn insert_deduct_entry(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    amount: Decimal,
+    balance_after: Decimal,
+    key: &str,
+    hash: &str,
+) -> Result<i64, Error> {
+    diesel::insert_into(balance_history::table)
+        .values((
+            balance_history::user_id.eq(user_id),
+            balance_history::kind.eq("deduct"),
+            balance_history::amount.eq(amount),
+            balance_history::balance_after.eq(balance_after),
+            balance_history::idempotency_key.eq(Some(key)),
+            balance_history::request_hash.eq(hash),
+            balance_history::created_at.eq(now()),
+        ))
+        .execute(conn)?;
+    inserted_id(conn)
+}
+
+/// The statements of `BalanceLedger::deduct`: `SELECT balance, version ... FOR UPDATE
+/// [NOWAIT]`, INSERT journal, `SELECT LAST_INSERT_ID()`, UPDATE balance and version.
+fn deduct_statements(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    amount: Decimal,
+    key: &str,
+    hash: &str,
+    nowait: bool,
+) -> Result<i64, Error> {
+    let account = user_balance::table
+        .find(user_id)
+        .select((user_balance::balance, user_balance::version));
+    let row: Option<(Decimal, i64)> = if nowait {
+        account.for_update().no_wait().first(conn).optional()?
+    } else {
+        account.for_update().first(conn).optional()?
+    };
+    let (balance, version) = row.ok_or(Error::AccountNotFound { user_id })?;
+    if balance < amount {
+        return Err(Error::InsufficientBalance {
+            user_id,
+            available: balance,
+            requested: amount,
+        });
+    }
+    let after = balance - amount;
+    let id = insert_deduct_entry(conn, user_id, amount, after, key, hash)?;
+    diesel::update(user_balance::table.find(user_id))
+        .set((
+            user_balance::balance.eq(after),
+            user_balance::version.eq(version + 1),
+        ))
+        .execute(conn)?;
+    Ok(id)
+}
+
+/// `seed`: the design note through the library's runner, counting refusals.
+pub fn deduct_seed(
+    runner: &TxnRunner,
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    amount: Decimal,
+    key: &str,
+) -> (Result<i64, Error>, Attempts) {
+    let hash = deduct_hash(user_id, amount);
+    runner.run_counted(conn, |conn| {
+        deduct_statements(conn, user_id, amount, key, &hash, true)
+    })
+}
+
+/// Hand-written twin of `BalanceLedger::deduct` for the uncontended comparison.
+pub fn deduct_hand(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    amount: Decimal,
+    key: &str,
+) -> Result<i64, Error> {
+    let hash = deduct_hash(user_id, amount);
+    serializable(conn, |conn| {
+        deduct_statements(conn, user_id, amount, key, &hash, true)
+    })
+}
+
+/// `wait`: SERIALIZABLE, waiting `FOR UPDATE`, retried on deadlock / lock wait timeout.
+pub fn deduct_wait(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    amount: Decimal,
+    key: &str,
+) -> (Result<i64, Error>, u32) {
+    let hash = deduct_hash(user_id, amount);
+    retry_lock_failures(conn, |conn| {
+        serializable(conn, |conn| {
+            deduct_statements(conn, user_id, amount, key, &hash, false)
+        })
+    })
+}
+
+/// `cond`: `UPDATE user_balance SET balance = balance - ?, version = version + 1 WHERE
+/// user_id = ? AND balance >= ?` (locks the row), read the new balance back for the journal's
+/// `balance_after`, INSERT the journal entry, `SELECT LAST_INSERT_ID()`, COMMIT.
+pub fn deduct_cond(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    amount: Decimal,
+    key: &str,
+) -> (Result<i64, Error>, u32) {
+    let hash = deduct_hash(user_id, amount);
+    retry_lock_failures(conn, |conn| {
+        serializable(conn, |conn| {
+            let changed = diesel::update(
+                user_balance::table
+                    .find(user_id)
+                    .filter(user_balance::balance.ge(amount)),
+            )
+            .set((
+                user_balance::balance.eq(user_balance::balance - amount),
+                user_balance::version.eq(user_balance::version + 1),
+            ))
+            .execute(conn)?;
+            if changed == 0 {
+                return Err(Error::InsufficientBalance {
+                    user_id,
+                    available: Decimal::ZERO,
+                    requested: amount,
+                });
+            }
+            let after: Decimal = user_balance::table
+                .find(user_id)
+                .select(user_balance::balance)
+                .first(conn)?;
+            insert_deduct_entry(conn, user_id, amount, after, key, &hash)
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cells
+// ---------------------------------------------------------------------------------------------
+
+/// One measured cell.
+#[derive(Debug, Clone)]
+pub struct CellConfig {
+    /// Which hot row.
+    pub domain: Domain,
+    /// How.
+    pub strategy: Strategy,
+    /// Concurrent clients (threads).
+    pub clients: usize,
+    /// Requests in all (also the campaign's stock).
+    pub max_requests: u64,
+    /// Stop starting requests after this long (requests in flight finish).
+    pub max_time: Option<Duration>,
+}
+
+/// What one cell measured.
+#[derive(Debug, Clone)]
+pub struct CellResult {
+    /// Which hot row.
+    pub domain: Domain,
+    /// How.
+    pub strategy: Strategy,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Requests started.
+    pub attempted: u64,
+    /// Requests that succeeded.
+    pub ok: u64,
+    /// Requests that failed (`errors_by_kind` says how).
+    pub errors: u64,
+    /// Lock refusals (seed), deadlock / lock-wait-timeout retries (wait, cond); `None` where
+    /// the library does not expose them (seed(lib), combining).
+    pub refusals: Option<u64>,
+    /// From the start signal until the last client finished.
+    pub wall: Duration,
+    /// Latency of every request (µs), sorted.
+    pub latencies_us: Vec<u32>,
+    /// Combiner statistics (combining only).
+    pub batches: Option<CombinerStats>,
+    /// Error counts by kind.
+    pub errors_by_kind: Vec<(String, u64)>,
+    /// Invariant violations found in the database afterwards; empty when consistent.
+    pub violations: Vec<String>,
+}
+
+impl CellResult {
+    /// Successful requests per second.
+    pub fn throughput(&self) -> f64 {
+        let secs = self.wall.as_secs_f64();
+        if secs > 0.0 {
+            self.ok as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Latency percentile `p` (0..=100) in milliseconds.
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        percentile_us(&self.latencies_us, p) / 1000.0
+    }
+
+    /// Refusals per successful request, if observable.
+    pub fn refusals_per_success(&self) -> Option<f64> {
+        let refusals = self.refusals?;
+        Some(if self.ok == 0 {
+            refusals as f64
+        } else {
+            refusals as f64 / self.ok as f64
+        })
+    }
+}
+
+/// Percentile `p` (0..=100) of sorted microsecond samples.
+pub fn percentile_us(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    f64::from(sorted[rank.min(sorted.len() - 1)])
+}
+
+/// Mean of microsecond samples.
+pub fn mean_us(samples: &[u32]) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.iter().map(|s| f64::from(*s)).sum::<f64>() / samples.len() as f64
+}
+
+/// What one client thread saw.
+#[derive(Default)]
+struct ClientTally {
+    ok_ids: Vec<i64>,
+    errors: HashMap<String, u64>,
+    refusals: u64,
+    latencies_us: Vec<u32>,
+}
+
+impl ClientTally {
+    fn record(&mut self, result: Result<i64, Error>, refusals: u64, started: Instant) {
+        let micros = started.elapsed().as_micros();
+        self.latencies_us
+            .push(u32::try_from(micros).unwrap_or(u32::MAX));
+        self.refusals += refusals;
+        match result {
+            Ok(id) => self.ok_ids.push(id),
+            Err(error) => *self.errors.entry(error_kind(&error)).or_default() += 1,
+        }
+    }
+}
+
+/// A short name for an error, for the report.
+pub fn error_kind(error: &Error) -> String {
+    if let Some(kind) = error.server_kind() {
+        let prefix = match error {
+            Error::Contended { .. } => "Contended/",
+            _ => "",
+        };
+        return format!("{prefix}{kind:?}");
+    }
+    let debug = format!("{error:?}");
+    debug
+        .split(|c: char| !c.is_alphanumeric())
+        .next()
+        .unwrap_or("error")
+        .to_string()
+}
+
+/// The hot row of one cell.
+#[derive(Clone, Copy)]
+enum Target {
+    Coupon(CouponTarget),
+    Account(i64),
+}
+
+/// Per-cell request executor, shared by all client threads.
+enum Executor<'a> {
+    Own {
+        strategy: Strategy,
+        runner: &'a TxnRunner,
+        issuer: &'a CouponIssuer,
+        ledger: &'a BalanceLedger,
+    },
+    CombiningIssuer(CombiningIssuer),
+    CombiningLedger(CombiningLedger),
+}
+
+impl Executor<'_> {
+    /// Request number `n` of the cell: (result, refusals).
+    fn request(
+        &self,
+        conn: Option<&mut MysqlConnection>,
+        target: Target,
+        user_base: i64,
+        key_prefix: &str,
+        n: u64,
+    ) -> (Result<i64, Error>, u64) {
+        let user = user_base + i64::try_from(n).unwrap_or(i64::MAX - user_base);
+        let key = format!("{key_prefix}-{n}");
+        match (self, target, conn) {
+            (Self::CombiningIssuer(hot), Target::Coupon(t), _) => {
+                (hot.issue(user, t.campaign_id).map(|c| c.id), 0)
+            }
+            (Self::CombiningLedger(hot), Target::Account(account), _) => {
+                (hot.deduct(account, DEDUCT_AMOUNT, &key).map(|e| e.id), 0)
+            }
+            (
+                Self::Own {
+                    strategy,
+                    runner,
+                    issuer,
+                    ledger,
+                },
+                target,
+                Some(conn),
+            ) => match (strategy, target) {
+                (Strategy::Seed, Target::Coupon(t)) => {
+                    let (r, a) = issue_seed(runner, conn, user, &t);
+                    (r, u64::from(a.refused))
+                }
+                (Strategy::SeedLib, Target::Coupon(t)) => {
+                    (issuer.issue(conn, user, t.campaign_id).map(|c| c.id), 0)
+                }
+                (Strategy::Wait, Target::Coupon(t)) => {
+                    let (r, retries) = issue_wait(conn, user, &t);
+                    (r, u64::from(retries))
+                }
+                (Strategy::Cond, Target::Coupon(t)) => {
+                    let (r, retries) = issue_cond(conn, user, &t);
+                    (r, u64::from(retries))
+                }
+                (Strategy::Seed, Target::Account(a)) => {
+                    let (r, att) = deduct_seed(runner, conn, a, DEDUCT_AMOUNT, &key);
+                    (r, u64::from(att.refused))
+                }
+                (Strategy::SeedLib, Target::Account(a)) => {
+                    (ledger.deduct(conn, a, DEDUCT_AMOUNT, &key).map(|e| e.id), 0)
+                }
+                (Strategy::Wait, Target::Account(a)) => {
+                    let (r, retries) = deduct_wait(conn, a, DEDUCT_AMOUNT, &key);
+                    (r, u64::from(retries))
+                }
+                (Strategy::Cond, Target::Account(a)) => {
+                    let (r, retries) = deduct_cond(conn, a, DEDUCT_AMOUNT, &key);
+                    (r, u64::from(retries))
+                }
+                (Strategy::Combining, _) => (Err(harness_error("combining without a combiner")), 0),
+            },
+            _ => (Err(harness_error("strategy and target do not match")), 0),
+        }
+    }
+
+    fn stats(&self) -> Option<CombinerStats> {
+        match self {
+            Self::CombiningIssuer(hot) => Some(hot.stats()),
+            Self::CombiningLedger(hot) => Some(hot.stats()),
+            Self::Own { .. } => None,
+        }
+    }
+}
+
+fn harness_error(message: &str) -> Error {
+    Error::from(diesel::result::Error::QueryBuilderError(message.into()))
+}
+
+/// A database, client connections and pools, reused across cells.
+pub struct Harness {
+    url: String,
+    setup: MysqlConnection,
+    clients: Vec<MysqlConnection>,
+    pools: HashMap<u32, MysqlPool>,
+    runner: TxnRunner,
+    issuer: CouponIssuer,
+    ledger: BalanceLedger,
+    next_id: i64,
+    tag: String,
+    cells: u64,
+}
+
+impl Harness {
+    /// A freshly created database `name` (dropped first if it exists) with lockstock's
+    /// migrations, on `lockstock::sandbox::database_url(name)`.
+    pub fn new(name: &str) -> Result<Self, BoxError> {
+        let url = lockstock::sandbox::database_url(name)?;
+        let mut setup = connect(&url)?;
+        // `name` was validated by `database_url` ([A-Za-z0-9_]{1,64}).
+        setup.batch_execute(&format!(
+            "DROP DATABASE `{name}`; CREATE DATABASE `{name}`; USE `{name}`"
+        ))?;
+        lockstock::run_migrations(&mut setup)?;
+        let tag = format!("{:x}", Utc::now().timestamp_micros());
+        Ok(Self {
+            url,
+            setup,
+            clients: Vec::new(),
+            pools: HashMap::new(),
+            runner: TxnRunner::new(TxnPolicy::default()),
+            issuer: CouponIssuer::new(),
+            ledger: BalanceLedger::new(),
+            next_id: 1_000,
+            tag,
+            cells: 0,
+        })
+    }
+
+    /// The database URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `SELECT VERSION()`.
+    pub fn server_version(&mut self) -> Result<String, BoxError> {
+        Ok(
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("VERSION()"))
+                .get_result(&mut self.setup)?,
+        )
+    }
+
+    fn ensure_clients(&mut self, count: usize) -> Result<(), BoxError> {
+        while self.clients.len() < count {
+            let conn = connect(&self.url)?;
+            self.clients.push(conn);
+        }
+        Ok(())
+    }
+
+    fn pool(&mut self, size: u32) -> Result<MysqlPool, BoxError> {
+        if let Some(pool) = self.pools.get(&size) {
+            return Ok(pool.clone());
+        }
+        let pool = pool(&self.url, size)?;
+        self.pools.insert(size, pool.clone());
+        Ok(pool)
+    }
+
+    fn fresh_ids(&mut self, count: u64) -> i64 {
+        let base = self.next_id;
+        self.next_id += i64::try_from(count).unwrap_or(i64::MAX / 4) + 1;
+        base
+    }
+
+    /// A new campaign of `quantity` coupons, open now.
+    pub fn new_campaign(&mut self, quantity: u64) -> Result<CouponTarget, BoxError> {
+        let total = i32::try_from(quantity.max(1)).map_err(|_| "campaign too large")?;
+        let at = now();
+        let coupon = self.issuer.create_coupon(
+            &mut self.setup,
+            &NewCoupon {
+                name: "contention",
+                discount: Discount::Fixed(Decimal::new(1_000, 0)),
+                valid_from: at - chrono::Duration::hours(1),
+                valid_until: at + chrono::Duration::days(2),
+            },
+        )?;
+        let campaign = self.issuer.create_campaign(
+            &mut self.setup,
+            &NewCampaign {
+                coupon_id: coupon.id,
+                quantity: total.unsigned_abs(),
+                issue_starts_at: at - chrono::Duration::minutes(1),
+                issue_ends_at: at + chrono::Duration::days(1),
+            },
+        )?;
+        Ok(CouponTarget {
+            campaign_id: campaign.id,
+            coupon_id: coupon.id,
+            total,
+        })
+    }
+
+    /// A new account charged with [`INITIAL_BALANCE`].
+    pub fn new_account(&mut self) -> Result<i64, BoxError> {
+        let user_id = self.fresh_ids(1);
+        let key = format!("{}-initial-{user_id}", self.tag);
+        self.ledger
+            .charge(&mut self.setup, user_id, INITIAL_BALANCE, &key)?;
+        Ok(user_id)
+    }
+
+    /// Runs one cell: fresh campaign/account, `clients` threads (each with its own connection,
+    /// or sharing a combiner), then checks the invariants from the database.
+    pub fn run_cell(&mut self, config: &CellConfig) -> Result<CellResult, BoxError> {
+        let clients = config.clients.max(1);
+        self.cells += 1;
+        let key_prefix = format!("{}-{}", self.tag, self.cells);
+        let user_base = self.fresh_ids(config.max_requests);
+        let target = match config.domain {
+            Domain::Coupon => Target::Coupon(self.new_campaign(config.max_requests)?),
+            Domain::Ledger => Target::Account(self.new_account()?),
+        };
+        let combining = config.strategy == Strategy::Combining;
+        let executor = if combining {
+            let pool = self.pool(combining_pool_size(clients))?;
+            match config.domain {
+                Domain::Coupon => {
+                    Executor::CombiningIssuer(CombiningIssuer::new(pool, CouponIssuer::new()))
+                }
+                Domain::Ledger => {
+                    Executor::CombiningLedger(CombiningLedger::new(pool, BalanceLedger::new()))
+                }
+            }
+        } else {
+            self.ensure_clients(clients)?;
+            Executor::Own {
+                strategy: config.strategy,
+                runner: &self.runner,
+                issuer: &self.issuer,
+                ledger: &self.ledger,
+            }
+        };
+        let mut conns: Vec<Option<&mut MysqlConnection>> = if combining {
+            (0..clients).map(|_| None).collect()
+        } else {
+            self.clients.iter_mut().take(clients).map(Some).collect()
+        };
+
+        let next = AtomicU64::new(0);
+        let barrier = Barrier::new(clients + 1);
+        let max_requests = config.max_requests;
+        let max_time = config.max_time;
+        let (wall, tallies) = std::thread::scope(|scope| {
+            let handles: Vec<_> = conns
+                .iter_mut()
+                .map(|conn| {
+                    let (executor, next, barrier, key_prefix) =
+                        (&executor, &next, &barrier, &key_prefix);
+                    scope.spawn(move || {
+                        let mut tally = ClientTally::default();
+                        barrier.wait();
+                        let deadline = max_time.map(|t| Instant::now() + t);
+                        loop {
+                            if deadline.is_some_and(|d| Instant::now() >= d) {
+                                break;
+                            }
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            if n >= max_requests {
+                                break;
+                            }
+                            let started = Instant::now();
+                            let (result, refusals) = executor.request(
+                                conn.as_deref_mut(),
+                                target,
+                                user_base,
+                                key_prefix,
+                                n,
+                            );
+                            tally.record(result, refusals, started);
+                        }
+                        tally
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let start = Instant::now();
+            let tallies: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+            (start.elapsed(), tallies)
+        });
+        drop(conns);
+
+        let mut ok_ids = Vec::new();
+        let mut errors: HashMap<String, u64> = HashMap::new();
+        let mut refusals = 0;
+        let mut latencies_us = Vec::new();
+        for tally in tallies {
+            let tally = tally.map_err(|_| "a client thread panicked")?;
+            ok_ids.extend(tally.ok_ids);
+            for (kind, count) in tally.errors {
+                *errors.entry(kind).or_default() += count;
+            }
+            refusals += tally.refusals;
+            latencies_us.extend(tally.latencies_us);
+        }
+        latencies_us.sort_unstable();
+        let batches = executor.stats();
+        drop(executor);
+        let ok = ok_ids.len() as u64;
+        let error_count: u64 = errors.values().sum();
+        let attempted = latencies_us.len() as u64;
+        let mut violations = Vec::new();
+        if ok + error_count != attempted {
+            violations.push(format!(
+                "{ok} ok + {error_count} errors != {attempted} requests"
+            ));
+        }
+        if let Some(stats) = batches {
+            // Requests that timed out while queued never reach a batch.
+            if stats.requests > attempted || stats.requests < ok {
+                violations.push(format!(
+                    "combiner batched {} requests; {attempted} were made, {ok} succeeded",
+                    stats.requests
+                ));
+            }
+        }
+        match target {
+            Target::Coupon(t) => self.check_coupons(&t, &ok_ids, &mut violations)?,
+            Target::Account(a) => self.check_account(a, &ok_ids, &mut violations)?,
+        }
+        let mut errors_by_kind: Vec<(String, u64)> = errors.into_iter().collect();
+        errors_by_kind.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Ok(CellResult {
+            domain: config.domain,
+            strategy: config.strategy,
+            clients,
+            attempted,
+            ok,
+            errors: error_count,
+            // Not observable through the library's API for these two.
+            refusals: match config.strategy {
+                Strategy::SeedLib | Strategy::Combining => None,
+                _ => Some(refusals),
+            },
+            wall,
+            latencies_us,
+            batches,
+            errors_by_kind,
+            violations,
+        })
+    }
+
+    /// Coupons: rows == successes, stock + rows == total, stock >= 0, no user twice, and the
+    /// ids handed out are exactly the rows stored.
+    fn check_coupons(
+        &mut self,
+        target: &CouponTarget,
+        ok_ids: &[i64],
+        violations: &mut Vec<String>,
+    ) -> Result<(), BoxError> {
+        let conn = &mut self.setup;
+        let rows: Vec<i64> = user_coupon::table
+            .filter(user_coupon::fcfs_coupon_id.eq(target.campaign_id))
+            .select(user_coupon::id)
+            .load(conn)?;
+        let (stock, total): (i32, i32) = fcfs_coupon::table
+            .find(target.campaign_id)
+            .select((fcfs_coupon::stock_quantity, fcfs_coupon::total_quantity))
+            .first(conn)?;
+        let repeated: Vec<i64> = user_coupon::table
+            .filter(user_coupon::coupon_id.eq(target.coupon_id))
+            .group_by(user_coupon::user_id)
+            .having(count_star().gt(1))
+            .select(user_coupon::user_id)
+            .load(conn)?;
+        let row_count = rows.len() as i64;
+        if row_count != ok_ids.len() as i64 {
+            violations.push(format!(
+                "coupon: {row_count} rows for the campaign but {} successes",
+                ok_ids.len()
+            ));
+        }
+        if i64::from(stock) + row_count != i64::from(total) || total != target.total {
+            violations.push(format!(
+                "coupon: stock {stock} + rows {row_count} != total {total} (created with {})",
+                target.total
+            ));
+        }
+        if stock < 0 {
+            violations.push(format!("coupon: negative stock {stock}"));
+        }
+        if !repeated.is_empty() {
+            violations.push(format!(
+                "coupon: {} users hold the coupon twice (e.g. {})",
+                repeated.len(),
+                repeated[0]
+            ));
+        }
+        let stored: HashSet<i64> = rows.into_iter().collect();
+        let handed: HashSet<i64> = ok_ids.iter().copied().collect();
+        if handed.len() != ok_ids.len() {
+            violations.push("coupon: the same coupon id was handed out twice".into());
+        }
+        if stored != handed {
+            violations.push(format!(
+                "coupon: {} ids handed out are not stored for the campaign, {} stored were not handed out",
+                handed.difference(&stored).count(),
+                stored.difference(&handed).count()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ledger: deduct rows == successes, balance == initial - sum(deducts), the library's audit
+    /// (running sum, balance_after, version) passes, and the entry ids handed out are exactly the
+    /// deduct rows stored.
+    fn check_account(
+        &mut self,
+        user_id: i64,
+        ok_ids: &[i64],
+        violations: &mut Vec<String>,
+    ) -> Result<(), BoxError> {
+        let conn = &mut self.setup;
+        let deducts: Vec<i64> = balance_history::table
+            .filter(balance_history::user_id.eq(user_id))
+            .filter(balance_history::kind.eq("deduct"))
+            .select(balance_history::id)
+            .load(conn)?;
+        let deducted: Option<Decimal> = balance_history::table
+            .filter(balance_history::user_id.eq(user_id))
+            .filter(balance_history::kind.eq("deduct"))
+            .select(sum(balance_history::amount))
+            .first(conn)?;
+        let deducted = deducted.unwrap_or(Decimal::ZERO);
+        let balance: Decimal = user_balance::table
+            .find(user_id)
+            .select(user_balance::balance)
+            .first(conn)?;
+        if deducts.len() != ok_ids.len() {
+            violations.push(format!(
+                "ledger: {} deduct rows but {} successes",
+                deducts.len(),
+                ok_ids.len()
+            ));
+        }
+        if balance != INITIAL_BALANCE - deducted {
+            violations.push(format!(
+                "ledger: balance {balance} != {INITIAL_BALANCE} - {deducted} deducted"
+            ));
+        }
+        if balance < Decimal::ZERO {
+            violations.push(format!("ledger: negative balance {balance}"));
+        }
+        match self.ledger.audit(conn, user_id) {
+            Ok(report) if report.is_consistent() => {}
+            Ok(report) => violations.push(format!("ledger: audit: {:?}", report.problems)),
+            Err(Error::AuditFailed(report)) => {
+                violations.push(format!("ledger: audit: {:?}", report.problems))
+            }
+            Err(other) => return Err(other.into()),
+        }
+        let stored: HashSet<i64> = deducts.into_iter().collect();
+        let handed: HashSet<i64> = ok_ids.iter().copied().collect();
+        if handed.len() != ok_ids.len() {
+            violations.push("ledger: the same entry id was handed out twice".into());
+        }
+        if stored != handed {
+            violations.push(format!(
+                "ledger: {} ids handed out are not stored deducts, {} stored were not handed out",
+                handed.difference(&stored).count(),
+                stored.difference(&handed).count()
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uncontended latency: library call vs its hand-written twin, one client, sequential
+// ---------------------------------------------------------------------------------------------
+
+/// One uncontended operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Single {
+    /// `CouponIssuer::issue`.
+    IssueLib,
+    /// Its hand-written twin ([`issue_hand`]).
+    IssueHand,
+    /// `BalanceLedger::deduct`.
+    DeductLib,
+    /// Its hand-written twin ([`deduct_hand`]).
+    DeductHand,
+}
+
+impl Single {
+    /// All four, lib before hand for each call.
+    pub const ALL: [Single; 4] = [
+        Single::IssueLib,
+        Single::IssueHand,
+        Single::DeductLib,
+        Single::DeductHand,
+    ];
+
+    /// Name for reports and benchmark ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IssueLib => "issue/lib",
+            Self::IssueHand => "issue/hand",
+            Self::DeductLib => "deduct/lib",
+            Self::DeductHand => "deduct/hand",
+        }
+    }
+}
+
+/// A campaign and an account for sequential single requests on one connection.
+pub struct Uncontended {
+    conn: MysqlConnection,
+    issuer: CouponIssuer,
+    ledger: BalanceLedger,
+    campaign: CouponTarget,
+    account: i64,
+    next_user: i64,
+    next_key: u64,
+    tag: String,
+    issued: u64,
+    deducted: u64,
+}
+
+impl Uncontended {
+    /// Room for `capacity` issues; deducts are bounded by [`INITIAL_BALANCE`].
+    pub fn new(harness: &mut Harness, capacity: u64) -> Result<Self, BoxError> {
+        let campaign = harness.new_campaign(capacity)?;
+        let account = harness.new_account()?;
+        let next_user = harness.fresh_ids(capacity);
+        Ok(Self {
+            conn: connect(harness.url())?,
+            issuer: CouponIssuer::new(),
+            ledger: BalanceLedger::new(),
+            campaign,
+            account,
+            next_user,
+            next_key: 0,
+            tag: format!("{}-single-{account}", harness.tag),
+            issued: 0,
+            deducted: 0,
+        })
+    }
+
+    /// Runs one request of `op`.
+    pub fn once(&mut self, op: Single) -> Result<(), Error> {
+        match op {
+            Single::IssueLib | Single::IssueHand => {
+                let user = self.next_user;
+                self.next_user += 1;
+                if op == Single::IssueLib {
+                    self.issuer
+                        .issue(&mut self.conn, user, self.campaign.campaign_id)?;
+                } else {
+                    issue_hand(&mut self.conn, user, &self.campaign)?;
+                }
+                self.issued += 1;
+            }
+            Single::DeductLib | Single::DeductHand => {
+                self.next_key += 1;
+                let key = format!("{}-{}", self.tag, self.next_key);
+                if op == Single::DeductLib {
+                    self.ledger
+                        .deduct(&mut self.conn, self.account, DEDUCT_AMOUNT, &key)?;
+                } else {
+                    deduct_hand(&mut self.conn, self.account, DEDUCT_AMOUNT, &key)?;
+                }
+                self.deducted += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the campaign and the account after the run (same rules as the cells).
+    pub fn check(&mut self) -> Result<Vec<String>, BoxError> {
+        let mut violations = Vec::new();
+        let rows: i64 = user_coupon::table
+            .filter(user_coupon::fcfs_coupon_id.eq(self.campaign.campaign_id))
+            .count()
+            .get_result(&mut self.conn)?;
+        let (stock, total): (i32, i32) = fcfs_coupon::table
+            .find(self.campaign.campaign_id)
+            .select((fcfs_coupon::stock_quantity, fcfs_coupon::total_quantity))
+            .first(&mut self.conn)?;
+        if rows != self.issued as i64 || i64::from(stock) + rows != i64::from(total) {
+            violations.push(format!(
+                "uncontended coupon: {rows} rows, {} issued, stock {stock}, total {total}",
+                self.issued
+            ));
+        }
+        let deducts: i64 = balance_history::table
+            .filter(balance_history::user_id.eq(self.account))
+            .filter(balance_history::kind.eq("deduct"))
+            .count()
+            .get_result(&mut self.conn)?;
+        if deducts != self.deducted as i64 {
+            violations.push(format!(
+                "uncontended ledger: {deducts} deduct rows, {} deducted",
+                self.deducted
+            ));
+        }
+        let expected = INITIAL_BALANCE - DEDUCT_AMOUNT * Decimal::from(self.deducted);
+        let balance: Decimal = user_balance::table
+            .find(self.account)
+            .select(user_balance::balance)
+            .first(&mut self.conn)?;
+        if balance != expected {
+            violations.push(format!(
+                "uncontended ledger: balance {balance}, expected {expected}"
+            ));
+        }
+        match self.ledger.audit(&mut self.conn, self.account) {
+            Ok(_) => {}
+            Err(Error::AuditFailed(report)) => {
+                violations.push(format!("uncontended ledger: audit: {:?}", report.problems))
+            }
+            Err(other) => return Err(other.into()),
+        }
+        Ok(violations)
+    }
+}
