@@ -367,7 +367,11 @@ impl CombiningIssuer {
         self.combiner
             .submit(campaign_id, user_id, wait_limit, |campaign, users| {
                 let mut conn = self.pool.get().map_err(pool_error)?;
-                self.issuer.issue_many(&mut conn, *campaign, &users)
+                // Alone in its batch: the single-request path is shorter than a batch of one.
+                match users.as_slice() {
+                    [user_id] => Ok(vec![self.issuer.issue(&mut conn, *user_id, *campaign)]),
+                    _ => self.issuer.issue_many(&mut conn, *campaign, &users),
+                }
             })
     }
 }
@@ -420,7 +424,16 @@ impl CombiningLedger {
         let wait_limit = self.ledger.policy().retry.deadline;
         self.combiner.submit(user_id, op, wait_limit, |user, ops| {
             let mut conn = self.pool.get().map_err(pool_error)?;
-            self.ledger.apply_many(&mut conn, *user, &ops)
+            // Alone in its batch: the single-request path is shorter than a batch of one.
+            match ops.as_slice() {
+                [AccountOp::Charge { amount, key }] => {
+                    Ok(vec![self.ledger.charge(&mut conn, *user, *amount, key)])
+                }
+                [AccountOp::Deduct { amount, key }] => {
+                    Ok(vec![self.ledger.deduct(&mut conn, *user, *amount, key)])
+                }
+                _ => self.ledger.apply_many(&mut conn, *user, &ops),
+            }
         })
     }
 }

@@ -32,9 +32,10 @@ use diesel::prelude::*;
 use rust_decimal::Decimal;
 
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::ledger::{last_insert_id, now, to_micros, validate_amount, validate_id};
+use crate::ledger::{inserted_id, now, to_micros, validate_amount, validate_id};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
-use crate::txn::{TxnPolicy, TxnRunner};
+use crate::statements::SetStock;
+use crate::txn::{InsertIds, TxnPolicy, TxnRunner};
 
 /// Longest order reference, in bytes.
 pub const MAX_ORDER_REF_BYTES: usize = 64;
@@ -329,6 +330,8 @@ pub struct CouponIssuer {
     /// Campaigns seen sold out, and when.
     sold_out: Arc<Mutex<HashMap<i64, Instant>>>,
     sold_out_ttl: Option<Duration>,
+    /// Campaigns whose batches met users who already held the coupon.
+    repeat_askers: Arc<Mutex<HashSet<i64>>>,
     /// Restocks finished; a stock of 0 read before one must not be cached after it.
     restocks: Arc<AtomicU64>,
 }
@@ -367,6 +370,7 @@ impl CouponIssuer {
             facts: Arc::default(),
             sold_out: Arc::default(),
             sold_out_ttl: None,
+            repeat_askers: Arc::default(),
             restocks: Arc::default(),
         }
     }
@@ -560,9 +564,11 @@ impl CouponIssuer {
             if stock <= 0 {
                 return Err(Error::SoldOut { campaign_id });
             }
-            diesel::update(fcfs_coupon::table.find(campaign_id))
-                .set(fcfs_coupon::stock_quantity.eq(stock - 1))
-                .execute(conn)?;
+            SetStock {
+                campaign_id,
+                stock: stock - 1,
+            }
+            .execute(conn)?;
             Ok(IssuedCoupon {
                 id,
                 user_id,
@@ -809,12 +815,6 @@ fn check_window(campaign_id: i64, facts: &CampaignFacts, at: NaiveDateTime) -> R
     }
 }
 
-fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
-    let id: u64 = diesel::select(last_insert_id()).get_result(conn)?;
-    i64::try_from(id)
-        .map_err(|e| Error::from(diesel::result::Error::DeserializationError(e.into())))
-}
-
 fn lock_user_coupon(conn: &mut MysqlConnection, user_coupon_id: i64) -> Result<IssuedCoupon> {
     user_coupon::table
         .find(user_coupon_id)
@@ -894,78 +894,109 @@ impl CouponIssuer {
             });
         }
         let coupon_id = facts.coupon_id;
-        let outcome = self.runner.run(conn, |conn| {
-            let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
-            // Before the hot row is locked: who already holds this coupon.
-            let holders: HashMap<i64, i64> = user_coupon::table
-                .filter(user_coupon::coupon_id.eq(coupon_id))
-                .filter(user_coupon::user_id.eq_any(&valid))
-                .select((user_coupon::user_id, user_coupon::id))
-                .load::<(i64, i64)>(conn)?
-                .into_iter()
-                .collect();
-            let stock: i32 = fcfs_coupon::table
-                .find(campaign_id)
-                .select(fcfs_coupon::stock_quantity)
-                .for_update()
-                .no_wait()
-                .first(conn)
-                .optional()?
-                .ok_or(Error::CampaignNotFound { campaign_id })?;
-            let mut left = stock.max(0);
-            let mut winners: Vec<i64> = Vec::new();
-            let mut seen: HashSet<i64> = HashSet::new();
-            let decisions: Vec<BatchDecision> = user_ids
-                .iter()
-                .map(|&user_id| {
-                    if user_id <= 0 {
-                        BatchDecision::Invalid
-                    } else if let Some(existing) = holders.get(&user_id) {
-                        BatchDecision::Held(*existing)
-                    } else if !seen.insert(user_id) {
-                        BatchDecision::Repeated
-                    } else if left > 0 {
-                        left -= 1;
-                        winners.push(user_id);
-                        BatchDecision::Issue
-                    } else {
-                        seen.remove(&user_id);
-                        BatchDecision::SoldOut
-                    }
-                })
-                .collect();
-            let mut ids: HashMap<i64, i64> = HashMap::new();
-            if !winners.is_empty() {
-                let rows: Vec<_> = winners
+        let insert_ids = self.runner.insert_ids(conn)?;
+        // Who already holds the coupon is read before the hot row is locked — but only for
+        // campaigns where a batch has met a holder: elsewhere the INSERT's unique index says it
+        // for free, and a duplicate (nothing written) makes the batch run again with the read.
+        let mut read_holders = lock(&self.repeat_askers).contains(&campaign_id);
+        let outcome = loop {
+            let attempt = self.runner.run(conn, |conn| {
+                let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
+                let holders: HashMap<i64, i64> = if read_holders {
+                    user_coupon::table
+                        .filter(user_coupon::coupon_id.eq(coupon_id))
+                        .filter(user_coupon::user_id.eq_any(&valid))
+                        .select((user_coupon::user_id, user_coupon::id))
+                        .load::<(i64, i64)>(conn)?
+                        .into_iter()
+                        .collect()
+                } else {
+                    HashMap::new()
+                };
+                let stock: i32 = fcfs_coupon::table
+                    .find(campaign_id)
+                    .select(fcfs_coupon::stock_quantity)
+                    .for_update()
+                    .no_wait()
+                    .first(conn)
+                    .optional()?
+                    .ok_or(Error::CampaignNotFound { campaign_id })?;
+                let mut left = stock.max(0);
+                let mut winners: Vec<i64> = Vec::new();
+                let mut seen: HashSet<i64> = HashSet::new();
+                let decisions: Vec<BatchDecision> = user_ids
                     .iter()
-                    .map(|user_id| {
-                        (
-                            user_coupon::user_id.eq(*user_id),
-                            user_coupon::coupon_id.eq(coupon_id),
-                            user_coupon::fcfs_coupon_id.eq(campaign_id),
-                            user_coupon::status.eq(CouponStatus::Issued.as_str()),
-                            user_coupon::issued_at.eq(at),
-                        )
+                    .map(|&user_id| {
+                        if user_id <= 0 {
+                            BatchDecision::Invalid
+                        } else if let Some(existing) = holders.get(&user_id) {
+                            BatchDecision::Held(*existing)
+                        } else if !seen.insert(user_id) {
+                            BatchDecision::Repeated
+                        } else if left > 0 {
+                            left -= 1;
+                            winners.push(user_id);
+                            BatchDecision::Issue
+                        } else {
+                            seen.remove(&user_id);
+                            BatchDecision::SoldOut
+                        }
                     })
                     .collect();
-                diesel::insert_into(user_coupon::table)
-                    .values(&rows)
+                let mut ids: HashMap<i64, i64> = HashMap::new();
+                if !winners.is_empty() {
+                    let rows: Vec<_> = winners
+                        .iter()
+                        .map(|user_id| {
+                            (
+                                user_coupon::user_id.eq(*user_id),
+                                user_coupon::coupon_id.eq(coupon_id),
+                                user_coupon::fcfs_coupon_id.eq(campaign_id),
+                                user_coupon::status.eq(CouponStatus::Issued.as_str()),
+                                user_coupon::issued_at.eq(at),
+                            )
+                        })
+                        .collect();
+                    diesel::insert_into(user_coupon::table)
+                        .values(&rows)
+                        .execute(conn)?;
+                    ids = match insert_ids {
+                        InsertIds::Consecutive { step } => {
+                            let first = inserted_id(conn)?;
+                            winners
+                                .iter()
+                                .zip(0i64..)
+                                .map(|(user_id, i)| (*user_id, first + step * i))
+                                .collect()
+                        }
+                        // Under innodb_autoinc_lock_mode = 2 one INSERT's ids need not be
+                        // consecutive: read them back through the unique (user_id, coupon_id) index.
+                        InsertIds::Unordered => user_coupon::table
+                            .filter(user_coupon::coupon_id.eq(coupon_id))
+                            .filter(user_coupon::user_id.eq_any(&winners))
+                            .select((user_coupon::user_id, user_coupon::id))
+                            .load::<(i64, i64)>(conn)?
+                            .into_iter()
+                            .collect(),
+                    };
+                    SetStock {
+                        campaign_id,
+                        stock: left,
+                    }
                     .execute(conn)?;
-                // Ids through the unique (user_id, coupon_id) index: a multi-row INSERT's ids
-                // need not be consecutive under innodb_autoinc_lock_mode = 2.
-                ids = user_coupon::table
-                    .filter(user_coupon::coupon_id.eq(coupon_id))
-                    .filter(user_coupon::user_id.eq_any(&winners))
-                    .select((user_coupon::user_id, user_coupon::id))
-                    .load::<(i64, i64)>(conn)?
-                    .into_iter()
-                    .collect();
-                diesel::update(fcfs_coupon::table.find(campaign_id))
-                    .set(fcfs_coupon::stock_quantity.eq(left))
-                    .execute(conn)?;
+                }
+                Ok((decisions, ids, left))
+            });
+            match attempt {
+                Err(e)
+                    if !read_holders && e.server_kind() == Some(ServerErrorKind::DuplicateKey) =>
+                {
+                    lock(&self.repeat_askers).insert(campaign_id);
+                    read_holders = true;
+                }
+                other => break other,
             }
-            Ok((decisions, ids, left))
-        });
+        };
         let (decisions, ids, left) = match outcome {
             Ok(decided) => decided,
             Err(Error::CampaignNotFound { .. }) => {

@@ -15,6 +15,7 @@
 //! wins: the same request gets its original entry back, a different one [`Error::IdempotencyConflict`],
 //! whatever the balance is now (TigerBeetle's `exists` semantics).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -25,7 +26,8 @@ use rust_decimal::Decimal;
 
 use crate::error::{AmountProblem, Error, KeyProblem, Result, ServerErrorKind};
 use crate::schema::{balance_history, user_balance};
-use crate::txn::{TxnPolicy, TxnRunner};
+use crate::statements::{SetBalance, SetRefunded};
+use crate::txn::{InsertIds, TxnPolicy, TxnRunner};
 
 diesel::define_sql_function! {
     /// The id of the row the last INSERT on this connection created.
@@ -159,8 +161,10 @@ impl EntryRow {
     }
 }
 
+// `treat_none_as_default_value = false`: otherwise every field is "maybe DEFAULT" and Diesel
+// re-prepares the INSERT on every call (the Option columns default to NULL anyway).
 #[derive(Insertable)]
-#[diesel(table_name = balance_history)]
+#[diesel(table_name = balance_history, treat_none_as_default_value = false)]
 struct NewEntry<'a> {
     user_id: i64,
     kind: &'a str,
@@ -486,9 +490,11 @@ impl BalanceLedger {
             }
             let balance_after = credit(&account, amount)?;
             let entry = insert_entry(conn, &request, balance_after, None)?;
-            diesel::update(balance_history::table.find(deduct_entry_id))
-                .set(balance_history::refunded_amount.eq(deduct.refunded_amount + amount))
-                .execute(conn)?;
+            SetRefunded {
+                entry_id: deduct_entry_id,
+                refunded: deduct.refunded_amount + amount,
+            }
+            .execute(conn)?;
             store_balance(conn, &account, balance_after)?;
             Ok(Step::Done(entry))
         })
@@ -830,10 +836,8 @@ fn insert_entry(
             created_at,
         })
         .execute(conn)?;
-    let id: u64 = diesel::select(last_insert_id()).get_result(conn)?;
     Ok(Entry {
-        id: i64::try_from(id)
-            .map_err(|e| Error::from(diesel::result::Error::DeserializationError(e.into())))?,
+        id: inserted_id(conn)?,
         user_id: request.user_id,
         kind: request.kind,
         amount: request.amount,
@@ -846,13 +850,20 @@ fn insert_entry(
     })
 }
 
+/// The id of the first row the last INSERT on this connection created.
+pub(crate) fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
+    let id: u64 = diesel::select(last_insert_id()).get_result(conn)?;
+    i64::try_from(id)
+        .map_err(|e| Error::from(diesel::result::Error::DeserializationError(e.into())))
+}
+
 fn store_balance(conn: &mut MysqlConnection, account: &Account, balance: Decimal) -> Result<()> {
-    diesel::update(user_balance::table.find(account.user_id))
-        .set((
-            user_balance::balance.eq(balance),
-            user_balance::version.eq(account.version + 1),
-        ))
-        .execute(conn)?;
+    SetBalance {
+        user_id: account.user_id,
+        balance,
+        version: account.version + 1,
+    }
+    .execute(conn)?;
     Ok(())
 }
 
@@ -1058,7 +1069,8 @@ impl BalanceLedger {
     /// neighbours, keys keep their meaning (inside the batch and against the journal).
     ///
     /// The account row is locked once with `FOR UPDATE NOWAIT` and held for one multi-row INSERT,
-    /// one id lookup, one UPDATE and the COMMIT, whatever the batch size. The outer `Err` is a
+    /// `LAST_INSERT_ID()` (or an id lookup, where the server does not number one INSERT's rows
+    /// consecutively), one UPDATE and the COMMIT, whatever the batch size. The outer `Err` is a
     /// failure of the whole transaction ([`Error::Contended`], [`Error::OutcomeUnknown`], ...):
     /// then no request in the batch was applied (or, for `OutcomeUnknown`, all or none were).
     pub fn apply_many(
@@ -1072,10 +1084,15 @@ impl BalanceLedger {
             .iter()
             .map(|r| validate_request(r).err().map(Err))
             .collect();
-        // A racing request may commit a key between the lock-free key lookup and the INSERT;
-        // the INSERT then fails as a duplicate and the next round's lookup sees the key.
+        // Optimistic first: no key lookup before the write, as in the single path. A key already
+        // in the journal fails the INSERT as a duplicate (nothing written); the next round looks
+        // the keys up first (a lock-free read) and answers those requests from the journal.
+        let insert_ids = self.runner.insert_ids(conn)?;
+        let mut lookup_first = false;
         for round in 0.. {
-            self.resolve_existing_keys(conn, &requests, &mut results)?;
+            if lookup_first {
+                self.resolve_existing_keys(conn, &requests, &mut results)?;
+            }
             let pending: Vec<usize> = (0..requests.len())
                 .filter(|i| results[*i].is_none())
                 .collect();
@@ -1088,7 +1105,7 @@ impl BalanceLedger {
                     let Some(account) = lock_account(conn, user_id)? else {
                         return Ok(Step::CreateAccount(user_id));
                     };
-                    apply_planned(conn, &account, &requests, &pending).map(Step::Done)
+                    apply_planned(conn, insert_ids, &account, &requests, &pending).map(Step::Done)
                 });
                 match attempt {
                     Ok(Step::CreateAccount(_)) if !created => {
@@ -1109,8 +1126,31 @@ impl BalanceLedger {
             };
             match outcome {
                 Ok(Some(decided)) => {
+                    let written: HashSet<&str> = decided
+                        .iter()
+                        .filter(|(_, result)| result.is_ok())
+                        .map(|(index, _)| requests[*index].key)
+                        .collect();
+                    let mut refused = Vec::new();
                     for (index, result) in decided {
-                        results[index] = Some(result);
+                        match result {
+                            // Keys this batch wrote were free when the request was refused.
+                            Err(e)
+                                if !lookup_first
+                                    && e.replay_may_apply()
+                                    && !written.contains(requests[index].key) =>
+                            {
+                                refused.push((index, e))
+                            }
+                            other => results[index] = Some(other),
+                        }
+                    }
+                    // A refusal under a key that already existed is answered from the journal.
+                    if !refused.is_empty() {
+                        self.resolve_existing_keys(conn, &requests, &mut results)?;
+                        for (index, refusal) in refused {
+                            results[index].get_or_insert(Err(refusal));
+                        }
                     }
                     break;
                 }
@@ -1120,7 +1160,9 @@ impl BalanceLedger {
                     }
                     break;
                 }
-                Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) && round < 3 => {}
+                Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) && round < 3 => {
+                    lookup_first = true;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1185,6 +1227,7 @@ impl BalanceLedger {
 /// accepted ones with one multi-row INSERT, reads their ids back and stores the final balance.
 fn apply_planned(
     conn: &mut MysqlConnection,
+    insert_ids: InsertIds,
     account: &Account,
     requests: &[Request<'_>],
     pending: &[usize],
@@ -1215,6 +1258,7 @@ fn apply_planned(
     }
     let ids = write_rows(
         conn,
+        insert_ids,
         account,
         requests,
         &new_rows,
@@ -1257,6 +1301,7 @@ fn apply_planned(
 /// Writes the batch's rows and the account's new balance; returns the rows' ids in order.
 fn write_rows(
     conn: &mut MysqlConnection,
+    insert_ids: InsertIds,
     account: &Account,
     requests: &[Request<'_>],
     new_rows: &[(usize, Decimal, String)],
@@ -1286,34 +1331,42 @@ fn write_rows(
     diesel::insert_into(balance_history::table)
         .values(&values)
         .execute(conn)?;
-    // Read the ids back through the unique (user_id, key) index rather than trusting
-    // LAST_INSERT_ID() + n: with innodb_autoinc_lock_mode = 2 (MySQL 8's default) the ids of one
-    // multi-row INSERT need not be consecutive.
-    let keys: Vec<&str> = new_rows.iter().map(|(i, _, _)| requests[*i].key).collect();
-    let stored: std::collections::HashMap<String, i64> = balance_history::table
-        .filter(balance_history::user_id.eq(account.user_id))
-        .filter(balance_history::idempotency_key.eq_any(&keys))
-        .select((balance_history::idempotency_key, balance_history::id))
-        .load::<(Option<String>, i64)>(conn)?
-        .into_iter()
-        .filter_map(|(key, id)| key.map(|k| (k, id)))
-        .collect();
-    let ids = keys
-        .iter()
-        .map(|key| {
-            stored
-                .get(*key)
-                .copied()
-                .ok_or(Error::from(diesel::result::Error::NotFound))
-        })
-        .collect::<Result<Vec<i64>>>()?;
+    let ids = match insert_ids {
+        InsertIds::Consecutive { step } => {
+            let first = inserted_id(conn)?;
+            (0..new_rows.len())
+                .map(|i| first + step * i64::try_from(i).unwrap_or(i64::MAX))
+                .collect()
+        }
+        // Under innodb_autoinc_lock_mode = 2 (MySQL 8's default) one INSERT's ids need not be
+        // consecutive: read them back through the unique (user_id, key) index.
+        InsertIds::Unordered => {
+            let keys: Vec<&str> = new_rows.iter().map(|(i, _, _)| requests[*i].key).collect();
+            let stored: std::collections::HashMap<String, i64> = balance_history::table
+                .filter(balance_history::user_id.eq(account.user_id))
+                .filter(balance_history::idempotency_key.eq_any(&keys))
+                .select((balance_history::idempotency_key, balance_history::id))
+                .load::<(Option<String>, i64)>(conn)?
+                .into_iter()
+                .filter_map(|(key, id)| key.map(|k| (k, id)))
+                .collect();
+            keys.iter()
+                .map(|key| {
+                    stored
+                        .get(*key)
+                        .copied()
+                        .ok_or(Error::from(diesel::result::Error::NotFound))
+                })
+                .collect::<Result<Vec<i64>>>()?
+        }
+    };
     let written = i64::try_from(new_rows.len()).unwrap_or(i64::MAX);
-    diesel::update(user_balance::table.find(account.user_id))
-        .set((
-            user_balance::balance.eq(balance),
-            user_balance::version.eq(account.version + written),
-        ))
-        .execute(conn)?;
+    SetBalance {
+        user_id: account.user_id,
+        balance,
+        version: account.version + written,
+    }
+    .execute(conn)?;
     Ok(ids)
 }
 

@@ -53,6 +53,7 @@ pub mod error;
 pub mod ledger;
 pub mod sandbox;
 pub mod schema;
+mod statements;
 pub mod txn;
 
 pub use coupon::{

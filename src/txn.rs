@@ -226,6 +226,19 @@ pub struct TxnRunner {
     policy: TxnPolicy,
     begin_sql: OnceLock<String>,
     read_sql: OnceLock<String>,
+    insert_ids: OnceLock<InsertIds>,
+}
+
+/// How the server numbers the rows of one multi-row INSERT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InsertIds {
+    /// `LAST_INSERT_ID() + i * step` (`innodb_autoinc_lock_mode` 0 or 1, MariaDB's default).
+    Consecutive {
+        /// `auto_increment_increment`.
+        step: i64,
+    },
+    /// Interleaved (`innodb_autoinc_lock_mode = 2`, MySQL 8's default): read the ids back.
+    Unordered,
 }
 
 impl Clone for TxnRunner {
@@ -241,6 +254,7 @@ impl TxnRunner {
             policy,
             begin_sql: OnceLock::new(),
             read_sql: OnceLock::new(),
+            insert_ids: OnceLock::new(),
         }
     }
 
@@ -370,6 +384,24 @@ impl TxnRunner {
             self.policy.isolation.sql(),
         );
         Ok(cell.get_or_init(|| sql))
+    }
+
+    /// How this server numbers multi-row INSERTs (asked once per runner).
+    pub(crate) fn insert_ids(&self, conn: &mut MysqlConnection) -> Result<InsertIds, Error> {
+        if let Some(ids) = self.insert_ids.get() {
+            return Ok(*ids);
+        }
+        let (mode, step): (i64, i64) = diesel::select((
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("@@innodb_autoinc_lock_mode"),
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("@@auto_increment_increment"),
+        ))
+        .get_result(conn)?;
+        let ids = if mode <= 1 && step >= 1 {
+            InsertIds::Consecutive { step }
+        } else {
+            InsertIds::Unordered
+        };
+        Ok(*self.insert_ids.get_or_init(|| ids))
     }
 
     /// Runs `body` in a read-only consistent snapshot (REPEATABLE READ, no locks taken), so

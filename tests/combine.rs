@@ -181,6 +181,13 @@ fn apply_many_is_sequential_per_request() {
     );
     // Replaying the whole batch changes nothing and answers the same.
     let replay = ledger.apply_many(&mut conn, 3, &ops).expect("replay");
+    // d1 was never written: still refused. d2 was: its key now answers, whatever the balance.
+    assert!(
+        matches!(replay[0], Err(Error::InsufficientBalance { .. })),
+        "{:?}",
+        replay[0]
+    );
+    assert_eq!(replay[2].as_ref().expect("d2 exists").id, d2.id);
     assert_eq!(replay[4].as_ref().expect("d2").id, d2.id);
     assert_eq!(
         replay[8].as_ref().expect("fine").id,

@@ -435,3 +435,62 @@ fn refuses_to_run_inside_a_callers_transaction() {
         .expect("count");
     assert_eq!(count, 0);
 }
+
+#[derive(QueryableByName)]
+struct Status {
+    #[diesel(sql_type = Text)]
+    #[diesel(column_name = Value)]
+    value: String,
+}
+
+fn prepares(conn: &mut MysqlConnection) -> i64 {
+    let status: Status = diesel::sql_query("SHOW SESSION STATUS LIKE 'Com_stmt_prepare'")
+        .get_result(conn)
+        .expect("status");
+    status.value.parse().expect("a number")
+}
+
+/// The single-request hot paths run on cached prepared statements: after the first call, a
+/// deduct or a coupon issue prepares nothing (a prepare is a round trip while the row is locked).
+#[test]
+fn hot_paths_use_cached_prepared_statements() {
+    use lockstock::{CouponIssuer, Discount, NewCampaign, NewCoupon};
+    let (url, _conn) = common::fresh_database("foundation_prepared");
+    let mut conn = common::connect(&url);
+    let ledger = BalanceLedger::new();
+    let issuer = CouponIssuer::new();
+    let now = chrono::Utc::now().naive_utc();
+    let coupon = issuer
+        .create_coupon(
+            &mut conn,
+            &NewCoupon {
+                name: "prepared",
+                discount: Discount::Fixed(Decimal::ONE),
+                valid_from: now - chrono::Duration::hours(1),
+                valid_until: now + chrono::Duration::hours(1),
+            },
+        )
+        .expect("coupon");
+    let campaign = issuer
+        .create_campaign(
+            &mut conn,
+            &NewCampaign {
+                coupon_id: coupon.id,
+                quantity: 100,
+                issue_starts_at: now - chrono::Duration::minutes(1),
+                issue_ends_at: now + chrono::Duration::hours(1),
+            },
+        )
+        .expect("campaign");
+    ledger.charge(&mut conn, 1, Decimal::new(1_000, 0), "warm-c").expect("charge");
+    ledger.deduct(&mut conn, 1, Decimal::ONE, "warm-d").expect("deduct");
+    issuer.issue(&mut conn, 1, campaign.id).expect("issue");
+    let before = prepares(&mut conn);
+    for i in 0..10 {
+        ledger.deduct(&mut conn, 1, Decimal::ONE, &format!("d{i}")).expect("deduct");
+        ledger.charge(&mut conn, 1, Decimal::ONE, &format!("c{i}")).expect("charge");
+        issuer.issue(&mut conn, 2 + i, campaign.id).expect("issue");
+    }
+    // One prepare is the SHOW STATUS query itself.
+    assert_eq!(prepares(&mut conn) - before, 1);
+}
