@@ -2,10 +2,12 @@
 //! `benches/contention.rs` and `examples/contention_report.rs`.
 //!
 //! Strategies (see [`Strategy`]):
-//! * `seed` — the design note, hand-written through [`TxnRunner::run_counted`] with the same
-//!   statements as `CouponIssuer::issue` / `BalanceLedger::deduct` (SERIALIZABLE, `FOR UPDATE
-//!   NOWAIT`, jittered retry), so lock refusals are counted;
-//! * `seed(lib)` — the library's own `CouponIssuer::issue` / `BalanceLedger::deduct`;
+//! * `seed` — the design note, hand-written through [`TxnRunner::run_counted`] (SERIALIZABLE,
+//!   `FOR UPDATE NOWAIT`, jittered retry) so lock refusals are counted: for the coupon in the
+//!   note's own order (lock the campaign, look for the user's coupon, decrease, insert); for the
+//!   account the statements of `BalanceLedger::deduct` (lock, journal, update — the note's order);
+//! * `seed(lib)` — the library's own `CouponIssuer::issue` (insert first, then lock the stock for
+//!   one UPDATE) / `BalanceLedger::deduct`;
 //! * `wait` — the same statements with a waiting `FOR UPDATE`, retried only on deadlock or lock
 //!   wait timeout;
 //! * `cond` — one conditional `UPDATE ... WHERE stock > 0` (or `balance >= amount`) per request;
@@ -247,7 +249,58 @@ fn issue_statements(
     Ok(id)
 }
 
-/// `seed`: the design note through the library's runner, counting refusals.
+/// The design note's `issueFcfsCoupon`, in its order: lock the campaign row
+/// (`WHERE id = ? AND stock_quantity > 0 FOR UPDATE NOWAIT`), look for the user's coupon,
+/// decrease the stock, insert the coupon — all while holding the hot row.
+fn design_note_issue_statements(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+    at: NaiveDateTime,
+) -> Result<i64, Error> {
+    let campaign_id = target.campaign_id;
+    let locked: Option<i64> = fcfs_coupon::table
+        .filter(fcfs_coupon::id.eq(campaign_id))
+        .filter(fcfs_coupon::stock_quantity.gt(0))
+        .select(fcfs_coupon::id)
+        .for_update()
+        .no_wait()
+        .first(conn)
+        .optional()?;
+    // The note's snippet never checks this result; an empty one means sold out (or no campaign).
+    if locked.is_none() {
+        return Err(Error::SoldOut { campaign_id });
+    }
+    let existing: Option<i64> = user_coupon::table
+        .filter(user_coupon::user_id.eq(user_id))
+        .filter(user_coupon::coupon_id.eq(target.coupon_id))
+        .select(user_coupon::id)
+        .first(conn)
+        .optional()?;
+    if let Some(user_coupon_id) = existing {
+        return Err(Error::AlreadyIssued {
+            user_id,
+            coupon_id: target.coupon_id,
+            user_coupon_id,
+        });
+    }
+    diesel::update(fcfs_coupon::table.find(campaign_id))
+        .set(fcfs_coupon::stock_quantity.eq(fcfs_coupon::stock_quantity - 1))
+        .execute(conn)?;
+    diesel::insert_into(user_coupon::table)
+        .values((
+            user_coupon::user_id.eq(user_id),
+            user_coupon::coupon_id.eq(target.coupon_id),
+            user_coupon::fcfs_coupon_id.eq(campaign_id),
+            user_coupon::status.eq("issued"),
+            user_coupon::issued_at.eq(at),
+        ))
+        .execute(conn)?;
+    inserted_id(conn)
+}
+
+/// `seed`: the design note (its statement order, SERIALIZABLE, `FOR UPDATE NOWAIT`, jittered
+/// retry) through the library's runner, counting refusals.
 pub fn issue_seed(
     runner: &TxnRunner,
     conn: &mut MysqlConnection,
@@ -256,7 +309,7 @@ pub fn issue_seed(
 ) -> (Result<i64, Error>, Attempts) {
     let at = now();
     runner.run_counted(conn, |conn| {
-        issue_statements(conn, user_id, target, at, true)
+        design_note_issue_statements(conn, user_id, target, at)
     })
 }
 
