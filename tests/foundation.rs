@@ -482,13 +482,21 @@ fn hot_paths_use_cached_prepared_statements() {
             },
         )
         .expect("campaign");
-    ledger.charge(&mut conn, 1, Decimal::new(1_000, 0), "warm-c").expect("charge");
-    ledger.deduct(&mut conn, 1, Decimal::ONE, "warm-d").expect("deduct");
+    ledger
+        .charge(&mut conn, 1, Decimal::new(1_000, 0), "warm-c")
+        .expect("charge");
+    ledger
+        .deduct(&mut conn, 1, Decimal::ONE, "warm-d")
+        .expect("deduct");
     issuer.issue(&mut conn, 1, campaign.id).expect("issue");
     let before = prepares(&mut conn);
     for i in 0..10 {
-        ledger.deduct(&mut conn, 1, Decimal::ONE, &format!("d{i}")).expect("deduct");
-        ledger.charge(&mut conn, 1, Decimal::ONE, &format!("c{i}")).expect("charge");
+        ledger
+            .deduct(&mut conn, 1, Decimal::ONE, &format!("d{i}"))
+            .expect("deduct");
+        ledger
+            .charge(&mut conn, 1, Decimal::ONE, &format!("c{i}"))
+            .expect("charge");
         issuer.issue(&mut conn, 2 + i, campaign.id).expect("issue");
     }
     // One prepare is the SHOW STATUS query itself.
