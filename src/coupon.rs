@@ -294,6 +294,8 @@ pub type Clock = Arc<dyn Fn() -> NaiveDateTime + Send + Sync>;
 ///
 /// let url = lockstock::sandbox::database_url("doc_coupon")?;
 /// let mut conn = MysqlConnection::establish(&url)?;
+/// # use diesel::connection::SimpleConnection;
+/// # conn.batch_execute("DROP DATABASE doc_coupon; CREATE DATABASE doc_coupon; USE doc_coupon")?; // a fresh run each time
 /// lockstock::run_migrations(&mut conn)?;
 /// let issuer = CouponIssuer::new();
 ///

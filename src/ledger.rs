@@ -332,6 +332,8 @@ enum Step<T> {
 ///
 /// let url = lockstock::sandbox::database_url("doc_ledger")?;
 /// let mut conn = MysqlConnection::establish(&url)?;
+/// # use diesel::connection::SimpleConnection;
+/// # conn.batch_execute("DROP DATABASE doc_ledger; CREATE DATABASE doc_ledger; USE doc_ledger")?; // a fresh run each time
 /// lockstock::run_migrations(&mut conn)?;
 /// let ledger = BalanceLedger::new();
 ///

@@ -14,24 +14,42 @@
 //! ([`TxnPolicy`]), and answer with typed [`Error`]s. They hold policy, not connections: every
 //! call takes a `&mut MysqlConnection` (an r2d2 pooled connection derefs to one).
 //!
-//! ```no_run
+//! ```
 //! use diesel::{Connection, MysqlConnection};
-//! use lockstock::{BalanceLedger, Error};
+//! use lockstock::{BalanceLedger, CouponIssuer, Error};
 //! use rust_decimal::Decimal;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let mut conn = MysqlConnection::establish("mysql://root@localhost/shop")?;
+//! // Your own server: MysqlConnection::establish("mysql://app@db/shop"). Here: $DATABASE_URL,
+//! // or a throwaway MariaDB that lockstock starts (and removes) itself.
+//! let url = lockstock::sandbox::database_url("doc_crate")?;
+//! let mut conn = MysqlConnection::establish(&url)?;
+//! # use diesel::connection::SimpleConnection;
+//! # conn.batch_execute("DROP DATABASE doc_crate; CREATE DATABASE doc_crate; USE doc_crate")?; // a fresh run each time
 //! lockstock::run_migrations(&mut conn)?;
 //!
 //! let ledger = BalanceLedger::new();
 //! ledger.charge(&mut conn, 42, Decimal::new(10_000, 2), "topup-2026-11-27-1")?;
 //! match ledger.deduct(&mut conn, 42, Decimal::new(250_000, 2), "order-981") {
-//!     Err(Error::InsufficientBalance { available, .. }) => println!("only {available} left"),
-//!     other => println!("{other:?}"),
+//!     Err(Error::InsufficientBalance { available, .. }) => {
+//!         assert_eq!(available, Decimal::new(10_000, 2)); // nothing was written
+//!     }
+//!     other => panic!("expected a refusal, got {other:?}"),
 //! }
+//! let paid = ledger.deduct(&mut conn, 42, Decimal::new(2_500, 2), "order-982")?;
+//! assert_eq!(paid.balance_after, Decimal::new(7_500, 2));
+//! // A retry with the same key returns the same entry and changes nothing.
+//! assert_eq!(ledger.deduct(&mut conn, 42, Decimal::new(2_500, 2), "order-982")?.id, paid.id);
+//!
+//! let issuer = CouponIssuer::new();
+//! assert!(matches!(issuer.issue(&mut conn, 42, 1), Err(Error::CampaignNotFound { .. })));
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Hot rows: [`combine::CombiningIssuer`] and [`combine::CombiningLedger`] combine concurrent
+//! requests for one campaign or account into one transaction over an r2d2 pool. Tests and
+//! examples: [`sandbox`] starts a private MariaDB.
 #![warn(
     missing_docs,
     unreachable_pub,
