@@ -70,3 +70,31 @@ impl QueryFragment<Mysql> for SetRefunded {
 }
 
 impl RunQueryDsl<MysqlConnection> for SetRefunded {}
+
+/// `COMMIT`, as a cached prepared statement: one round trip, where Diesel's transaction manager
+/// sends it as a multi-statement batch (three round trips: the batch toggles the
+/// multi-statement option on and off around it).
+#[derive(Debug, Clone, Copy, QueryId)]
+pub(crate) struct Commit;
+
+impl QueryFragment<Mysql> for Commit {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql("COMMIT");
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<MysqlConnection> for Commit {}
+
+/// `ROLLBACK`, as a cached prepared statement.
+#[derive(Debug, Clone, Copy, QueryId)]
+pub(crate) struct Rollback;
+
+impl QueryFragment<Mysql> for Rollback {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql("ROLLBACK");
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<MysqlConnection> for Rollback {}

@@ -5,9 +5,9 @@
 //! 2. sends the session settings, `SET TRANSACTION ISOLATION LEVEL ...` and `BEGIN` in one
 //!    multi-statement batch (`MysqlConnection` has no isolation builder, and `SET TRANSACTION`
 //!    applies to the next transaction only),
-//! 3. runs the body, then COMMIT; any error rolls the whole transaction back — MariaDB's lock
-//!    wait timeout (also its NOWAIT refusal, 1205) rolls back only the statement, so the runner
-//!    must not continue the transaction,
+//! 3. runs the body, then COMMIT (a cached prepared statement: one round trip); any error — or
+//!    a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its NOWAIT
+//!    refusal, 1205) rolls back only the statement, so the runner must not continue it,
 //! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
 //!    exponential backoff, bounded by attempts and by a deadline for the whole call.
 
@@ -18,6 +18,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+
+use crate::statements::{Commit, Rollback};
 use diesel::mysql::MysqlConnection;
 use diesel::r2d2::CustomizeConnection;
 use diesel::sql_types::Text;
@@ -327,29 +329,9 @@ impl TxnRunner {
         conn: &mut MysqlConnection,
         body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
-            Ok(None) => {}
-            Ok(Some(_)) => return Err(Error::NestedTransaction),
-            Err(e) => return Err(e.into()),
-        }
+        ensure_no_open_transaction(conn)?;
         let begin = self.begin_sql(conn)?;
-        AnsiTransactionManager::begin_transaction_sql(conn, begin)?;
-        match body(conn) {
-            Ok(value) => match AnsiTransactionManager::commit_transaction(conn) {
-                Ok(()) => Ok(value),
-                Err(e) => {
-                    let error = commit_failure(e);
-                    trace_event!(outcome_unknown = error.is_outcome_unknown(), error = %error, "commit failed");
-                    Err(error)
-                }
-            },
-            Err(error) => {
-                // A failed rollback leaves Diesel's transaction manager marked broken, which makes
-                // r2d2 discard the connection; the body's error is the one worth reporting.
-                let _ = AnsiTransactionManager::rollback_transaction(conn);
-                Err(error)
-            }
-        }
+        run_transaction(conn, begin, body)
     }
 
     /// Session settings, isolation and BEGIN in one batch (one round trip), built once per
@@ -411,23 +393,61 @@ impl TxnRunner {
         conn: &mut MysqlConnection,
         body: impl FnOnce(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
-            Ok(None) => {}
-            Ok(Some(_)) => return Err(Error::NestedTransaction),
-            Err(e) => return Err(e.into()),
-        }
+        ensure_no_open_transaction(conn)?;
         let begin = self.read_sql(conn)?;
-        AnsiTransactionManager::begin_transaction_sql(conn, begin)?;
-        let result = body(conn);
-        match result {
-            Ok(value) => {
-                AnsiTransactionManager::commit_transaction(conn)?;
-                Ok(value)
-            }
-            Err(error) => {
-                let _ = AnsiTransactionManager::rollback_transaction(conn);
+        let mut body = Some(body);
+        run_transaction(conn, begin, &mut |conn| match body.take() {
+            Some(body) => body(conn),
+            None => Err(Error::Server(ServerError::new(
+                diesel::result::Error::QueryBuilderError("read body ran twice".into()),
+            ))),
+        })
+    }
+}
+
+/// lockstock must own the transaction to retry it: refuse a call made inside one that the
+/// caller opened through Diesel.
+fn ensure_no_open_transaction(conn: &mut MysqlConnection) -> Result<(), Error> {
+    match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(Error::NestedTransaction),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One transaction: `begin` (settings, isolation and BEGIN in one batch), the body, then COMMIT
+/// — or ROLLBACK on any error, and on a panic before it unwinds further, so a pooled connection
+/// is never handed back with a transaction open.
+///
+/// The transaction is run here rather than through Diesel's transaction manager because the
+/// manager sends COMMIT and ROLLBACK as multi-statement batches, three round trips each; here
+/// they are cached prepared statements, one round trip each.
+fn run_transaction<T>(
+    conn: &mut MysqlConnection,
+    begin: &str,
+    body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    conn.batch_execute(begin)?;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(conn)));
+    match outcome {
+        Ok(Ok(value)) => match Commit.execute(conn) {
+            Ok(_) => Ok(value),
+            Err(e) => {
+                let _ = Rollback.execute(conn);
+                let error = commit_failure(e);
+                trace_event!(outcome_unknown = error.is_outcome_unknown(), error = %error, "commit failed");
                 Err(error)
             }
+        },
+        Ok(Err(error)) => {
+            // If the connection is gone, the server has rolled back already; the body's error
+            // is the one worth reporting.
+            let _ = Rollback.execute(conn);
+            Err(error)
+        }
+        Err(panic) => {
+            let _ = Rollback.execute(conn);
+            std::panic::resume_unwind(panic)
         }
     }
 }

@@ -502,3 +502,38 @@ fn hot_paths_use_cached_prepared_statements() {
     // One prepare is the SHOW STATUS query itself.
     assert_eq!(prepares(&mut conn) - before, 1);
 }
+
+/// A panicking transaction body is rolled back before the panic goes on, so the connection (or
+/// a pooled one) is never left with a transaction open.
+#[test]
+fn a_panicking_body_rolls_back() {
+    let (url, _conn) = common::fresh_database("foundation_panic");
+    let mut conn = common::connect(&url);
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = runner.run(&mut conn, |conn| {
+            diesel::insert_into(user_balance::table)
+                .values(user_balance::user_id.eq(9))
+                .execute(conn)?;
+            panic!("body bug");
+            #[allow(unreachable_code)]
+            Ok(())
+        });
+    }));
+    assert!(panicked.is_err());
+    // Same connection: no transaction is open (a new one starts cleanly) and nothing was kept.
+    let rows: i64 = user_balance::table
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    assert_eq!(rows, 0);
+    let mut other = common::connect(&url);
+    let seen: i64 = user_balance::table
+        .count()
+        .get_result(&mut other)
+        .expect("count");
+    assert_eq!(seen, 0);
+    BalanceLedger::new()
+        .charge(&mut conn, 9, Decimal::ONE, "after-panic")
+        .expect("the connection still works");
+}
