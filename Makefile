@@ -55,6 +55,7 @@ test: deps
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
 	$(CARGO) test --all-targets
 	$(CARGO) test --doc
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --all-features
 	$(CARGO) bench --no-run
 	@$(MAKE) --no-print-directory check-leftovers
 

@@ -537,3 +537,88 @@ fn a_panicking_body_rolls_back() {
         .charge(&mut conn, 9, Decimal::ONE, "after-panic")
         .expect("the connection still works");
 }
+
+/// READ COMMITTED (selectable per policy) keeps the ledger's promises too: they rest on the row
+/// lock, not on the isolation level.
+#[test]
+fn read_committed_policy_keeps_balances_exact() {
+    use lockstock::Isolation;
+    let (url, mut conn) = common::fresh_database("foundation_read_committed");
+    let ledger =
+        BalanceLedger::with_policy(TxnPolicy::default().with_isolation(Isolation::ReadCommitted));
+    ledger
+        .charge(&mut conn, 1, Decimal::new(100, 0), "seed")
+        .expect("seed");
+    let barrier = Arc::new(Barrier::new(8));
+    let workers: Vec<_> = (0..8)
+        .map(|t| {
+            let (url, barrier, ledger) = (url.clone(), barrier.clone(), ledger.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                barrier.wait();
+                (0..10)
+                    .filter(|i| {
+                        match ledger.deduct(&mut conn, 1, Decimal::new(3, 0), &format!("{t}-{i}")) {
+                            Ok(_) => true,
+                            Err(Error::InsufficientBalance { .. } | Error::Contended { .. }) => {
+                                false
+                            }
+                            Err(e) => panic!("untyped: {e:?}"),
+                        }
+                    })
+                    .count() as i64
+            })
+        })
+        .collect();
+    let ok: i64 = workers.into_iter().map(|w| w.join().expect("worker")).sum();
+    let balance: Decimal = user_balance::table
+        .find(1i64)
+        .select(user_balance::balance)
+        .first(&mut conn)
+        .expect("balance");
+    assert_eq!(
+        balance,
+        Decimal::new(100, 0) - Decimal::from(ok) * Decimal::new(3, 0)
+    );
+    assert!(balance >= Decimal::ZERO);
+    ledger.audit(&mut conn, 1).expect("audit");
+}
+
+#[derive(QueryableByName)]
+struct Level {
+    #[diesel(sql_type = Text)]
+    level: String,
+}
+
+/// Every transaction runs at the policy's isolation level: SERIALIZABLE by default (read from
+/// InnoDB's own view of the running transaction, not from session variables).
+#[test]
+fn transactions_run_at_the_policys_isolation_level() {
+    use lockstock::Isolation;
+    let (url, _conn) = common::fresh_database("foundation_isolation");
+    seed_account(&url, 1);
+    let mut conn = common::connect(&url);
+    for (isolation, expected) in [
+        (Isolation::Serializable, "SERIALIZABLE"),
+        (Isolation::RepeatableRead, "REPEATABLE READ"),
+        (Isolation::ReadCommitted, "READ COMMITTED"),
+    ] {
+        let runner = TxnRunner::new(TxnPolicy::default().with_isolation(isolation));
+        let level = runner
+            .run(&mut conn, |conn| {
+                lock_nowait(conn, 1)?;
+                // INFORMATION_SCHEMA.INNODB_TRX is a snapshot refreshed at most every 0.1 s.
+                thread::sleep(Duration::from_millis(150));
+                Ok(diesel::sql_query(
+                    "SELECT trx_isolation_level AS level FROM information_schema.innodb_trx \
+                     WHERE trx_mysql_thread_id = CONNECTION_ID()",
+                )
+                .get_result::<Level>(conn)?
+                .level)
+            })
+            .expect("level");
+        assert_eq!(level, expected);
+    }
+    // The default policy is SERIALIZABLE.
+    assert_eq!(TxnPolicy::default().isolation, Isolation::Serializable);
+}
