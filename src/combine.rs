@@ -220,6 +220,8 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             }
         }
         let count = requests.len();
+        // Answers go out before the leadership: the callers just answered resubmit at once and
+        // make the next batch larger (handing over first measured ~25% slower at 64 clients).
         let mut panicked = None;
         if count > 0 {
             trace_event!(batch = count, "running a combined batch");
