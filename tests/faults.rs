@@ -6,6 +6,8 @@
 //! Every random test prints `LOCKSTOCK_SEED=...` and replays from it (thread timing still
 //! varies). `LOCKSTOCK_SOAK_SECS=600` turns the kill and crash tests into soaks of that length.
 
+// `common` and `workload` both include the shared generator file (tests/common/rng.rs).
+#[allow(clippy::duplicate_mod)]
 mod common;
 #[path = "../examples/workload.rs"]
 mod workload;

@@ -3,6 +3,8 @@
 //! 8 clients of the shared workload (`examples/workload.rs`) against the parent's database. The
 //! parent then checks the combined history and every invariant from the database.
 
+// `common` and `workload` both include the shared generator file (tests/common/rng.rs).
+#[allow(clippy::duplicate_mod)]
 mod common;
 #[path = "../examples/workload.rs"]
 mod workload;
