@@ -29,7 +29,7 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use rust_decimal::Decimal;
 
 use crate::coupon::{CouponIssuer, IssuedCoupon};
-use crate::error::{Error, Result, ServerError};
+use crate::error::{Error, Result};
 use crate::ledger::{AccountOp, BalanceLedger, Entry};
 
 /// An r2d2 pool of MySQL connections.
@@ -232,9 +232,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             match outcome {
                 Ok(outcome) => deliver(&slots, outcome),
                 Err(panic) => {
-                    let error = Error::Server(ServerError::new(
-                        diesel::result::Error::QueryBuilderError("the batch panicked".into()),
-                    ));
+                    let error = Error::internal("the batch panicked");
                     deliver(&slots, Err(error));
                     panicked = Some(panic);
                 }
@@ -271,9 +269,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         match std::mem::replace(&mut *state, SlotState::Taken) {
             SlotState::Done(result) => result,
             // Unreachable by construction: a leader answers its own slot before returning.
-            _ => Err(Error::Server(ServerError::new(
-                diesel::result::Error::QueryBuilderError("combined request got no answer".into()),
-            ))),
+            _ => Err(Error::internal("combined request got no answer")),
         }
     }
 }
@@ -286,14 +282,11 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
             }
         }
         Ok(results) => {
-            let error = Error::Server(ServerError::new(diesel::result::Error::QueryBuilderError(
-                format!(
-                    "batch returned {} results for {} requests",
-                    results.len(),
-                    slots.len()
-                )
-                .into(),
-            )));
+            let error = Error::internal(format!(
+                "batch returned {} results for {} requests",
+                results.len(),
+                slots.len()
+            ));
             for slot in slots {
                 slot.set(SlotState::Done(Err(error.replicate())));
             }
@@ -307,10 +300,7 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
 }
 
 fn pool_error(error: diesel::r2d2::PoolError) -> Error {
-    Error::Server(ServerError::new(diesel::result::Error::DatabaseError(
-        diesel::result::DatabaseErrorKind::ClosedConnection,
-        Box::new(format!("no pooled connection: {error}")),
-    )))
+    Error::Pool(Arc::new(error))
 }
 
 /// A [`CouponIssuer`] in front of a pool that combines concurrent `issue` calls per campaign
@@ -537,7 +527,7 @@ mod tests {
         });
         assert!(matches!(failed, Err(Error::Timeout { .. })));
         let short = combiner.submit(0, 1, Duration::from_secs(1), |_, _| Ok(Vec::new()));
-        assert!(matches!(short, Err(Error::Server(_))), "{short:?}");
+        assert!(matches!(short, Err(Error::Internal { .. })), "{short:?}");
         assert_eq!(
             combiner.submit(0, 4, Duration::from_secs(1), doubled).ok(),
             Some(8)

@@ -486,8 +486,9 @@ pub enum Error {
         #[source]
         last: ServerError,
     },
-    /// The call's deadline passed while the request waited to be combined into a batch; it was
-    /// never sent, so nothing was applied.
+    /// The call's deadline passed before its request was sent (while it waited to be combined
+    /// into a batch, for a pooled connection, or between the rounds of a batch), so nothing was
+    /// applied by this call.
     #[error("deadline passed after {elapsed:?} before the request was sent")]
     Timeout {
         /// Time spent waiting.
@@ -505,6 +506,26 @@ pub enum Error {
     /// transaction to retry it.
     #[error("called inside an open transaction; lockstock runs its own transactions")]
     NestedTransaction,
+    /// Rolling a failed transaction back failed too. lockstock marked the connection broken
+    /// (Diesel's transaction manager reports it so, and an r2d2 pool discards it instead of
+    /// handing it out again); the server rolls the transaction back when the connection closes.
+    /// Nothing was committed. Drop the connection and retry on a new one.
+    #[error("rollback failed; the connection is broken and must not be reused")]
+    ConnectionBroken {
+        /// Why the rollback failed.
+        #[source]
+        source: ServerError,
+    },
+    /// No connection could be checked out of the pool (before anything was sent).
+    #[error("no pooled connection")]
+    Pool(#[source] std::sync::Arc<diesel::r2d2::PoolError>),
+    /// A failure inside lockstock itself (a bug: a panicking batch, a batch answering the wrong
+    /// number of requests). Nothing was committed by the failing step.
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What went wrong.
+        reason: std::sync::Arc<str>,
+    },
     /// Any other server or Diesel failure. Nothing was committed.
     #[error("database error")]
     Server(#[source] ServerError),
@@ -519,7 +540,11 @@ impl Error {
     /// a change twice.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Contended { .. } | Self::OutcomeUnknown { .. } | Self::Timeout { .. } => true,
+            Self::Contended { .. }
+            | Self::OutcomeUnknown { .. }
+            | Self::Timeout { .. }
+            | Self::ConnectionBroken { .. }
+            | Self::Pool(_) => true,
             Self::Server(e) => {
                 e.kind().is_retryable() || e.kind() == ServerErrorKind::ConnectionLost
             }
@@ -531,7 +556,9 @@ impl Error {
     pub fn server_error(&self) -> Option<&ServerError> {
         match self {
             Self::Contended { last, .. } => Some(last),
-            Self::OutcomeUnknown { source } | Self::Server(source) => Some(source),
+            Self::OutcomeUnknown { source }
+            | Self::ConnectionBroken { source }
+            | Self::Server(source) => Some(source),
             _ => None,
         }
     }
@@ -566,9 +593,23 @@ impl Error {
             Self::Server(source) => Self::Server(source.clone()),
             Self::Timeout { elapsed } => Self::Timeout { elapsed: *elapsed },
             Self::NestedTransaction => Self::NestedTransaction,
+            Self::ConnectionBroken { source } => Self::ConnectionBroken {
+                source: source.clone(),
+            },
+            Self::Pool(e) => Self::Pool(e.clone()),
+            Self::Internal { reason } => Self::Internal {
+                reason: reason.clone(),
+            },
             other => Self::Server(ServerError::new(DieselError::QueryBuilderError(
                 other.to_string().into(),
             ))),
+        }
+    }
+
+    /// An [`Error::Internal`].
+    pub(crate) fn internal(reason: impl Into<std::sync::Arc<str>>) -> Error {
+        Self::Internal {
+            reason: reason.into(),
         }
     }
 

@@ -82,7 +82,7 @@ pub use ledger::{
     AccountOp, AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer,
 };
 pub use sandbox::{Sandbox, SandboxError};
-pub use txn::{Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
+pub use txn::{Deadline, Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
 
 use diesel::mysql::MysqlConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};

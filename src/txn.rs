@@ -213,6 +213,57 @@ impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for SessionSettin
     }
 }
 
+/// The moment by which one call must return, fixed when the call starts and shared by
+/// everything it does: queueing in a combiner, pool checkout, every transaction round, every
+/// retry and every backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    started: Instant,
+    at: Instant,
+}
+
+impl Deadline {
+    /// A deadline `budget` from now.
+    pub fn after(budget: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            at: started
+                .checked_add(budget)
+                .unwrap_or(started + Duration::from_secs(86_400 * 365)),
+        }
+    }
+
+    /// When the call started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Time since the call started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Time left (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the deadline has passed.
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    /// The earlier of two deadlines (a combined batch runs by its earliest caller's).
+    pub fn min(self, other: Self) -> Self {
+        if other.at < self.at {
+            other
+        } else {
+            self
+        }
+    }
+}
+
 /// Counts of one call, for reports and tracing.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Attempts {
@@ -265,6 +316,11 @@ impl TxnRunner {
         &self.policy
     }
 
+    /// A deadline for a call starting now: the policy's [`RetryPolicy::deadline`] from now.
+    pub fn deadline(&self) -> Deadline {
+        Deadline::after(self.policy.retry.deadline)
+    }
+
     /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
     /// start: it sees a rolled-back database each time.
     pub fn run<T>(
@@ -272,22 +328,52 @@ impl TxnRunner {
         conn: &mut MysqlConnection,
         body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        self.run_counted(conn, body).0
+        self.run_counted_by(conn, self.deadline(), body).0
+    }
+
+    /// Like [`run`](Self::run), bounded by `deadline` (a call that runs several transactions
+    /// shares one deadline between them). A deadline already passed sends nothing and answers
+    /// [`Error::Timeout`].
+    pub fn run_by<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.run_counted_by(conn, deadline, body).0
     }
 
     /// Like [`run`](Self::run), also returning how many transactions were started and refused.
     pub fn run_counted<T>(
         &self,
         conn: &mut MysqlConnection,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> (Result<T, Error>, Attempts) {
+        self.run_counted_by(conn, self.deadline(), body)
+    }
+
+    /// Like [`run_by`](Self::run_by), also returning how many transactions were started and
+    /// refused.
+    pub fn run_counted_by<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
         mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> (Result<T, Error>, Attempts) {
-        let started_at = Instant::now();
         let retry = &self.policy.retry;
         let mut attempts = Attempts::default();
         #[cfg(feature = "tracing")]
         let _span =
             tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
         loop {
+            if deadline.is_expired() {
+                return (
+                    Err(Error::Timeout {
+                        elapsed: deadline.elapsed(),
+                    }),
+                    attempts,
+                );
+            }
             attempts.started += 1;
             let error = match self.once(conn, &mut body) {
                 Ok(value) => return (Ok(value), attempts),
@@ -295,7 +381,7 @@ impl TxnRunner {
                 Err(error) => return (Err(error), attempts),
             };
             attempts.refused += 1;
-            let elapsed = started_at.elapsed();
+            let elapsed = deadline.elapsed();
             let pause = retry.backoff(attempts.started - 1);
             trace_event!(
                 attempt = attempts.started,
@@ -303,7 +389,7 @@ impl TxnRunner {
                 backoff_us = pause.as_micros() as u64,
                 "lock refused; retrying"
             );
-            if attempts.started >= retry.max_attempts.max(1) || elapsed + pause >= retry.deadline {
+            if attempts.started >= retry.max_attempts.max(1) || pause >= deadline.remaining() {
                 let last = match error {
                     Error::Server(last) => last,
                     other => return (Err(other), attempts),
@@ -393,14 +479,28 @@ impl TxnRunner {
         conn: &mut MysqlConnection,
         body: impl FnOnce(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
+        self.read_by(conn, self.deadline(), body)
+    }
+
+    /// Like [`read`](Self::read), refused with [`Error::Timeout`] (nothing sent) once `deadline`
+    /// has passed.
+    pub fn read_by<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        body: impl FnOnce(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        if deadline.is_expired() {
+            return Err(Error::Timeout {
+                elapsed: deadline.elapsed(),
+            });
+        }
         ensure_no_open_transaction(conn)?;
         let begin = self.read_sql(conn)?;
         let mut body = Some(body);
         run_transaction(conn, begin, &mut |conn| match body.take() {
             Some(body) => body(conn),
-            None => Err(Error::Server(ServerError::new(
-                diesel::result::Error::QueryBuilderError("read body ran twice".into()),
-            ))),
+            None => Err(Error::internal("read body ran twice")),
         })
     }
 }
