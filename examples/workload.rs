@@ -470,7 +470,9 @@ fn execute(
             }
             continue;
         }
-        if error.server_kind() == Some(ServerErrorKind::ConnectionLost) {
+        if error.server_kind() == Some(ServerErrorKind::ConnectionLost)
+            || matches!(error, Error::ConnectionBroken { .. })
+        {
             record.lost += 1;
             *conn = None;
             if rng.chance(client.abandon_lost) {

@@ -37,14 +37,33 @@ pub enum ServerErrorKind {
     StatementTimeout,
     /// The connection to the server was lost or killed (2006, 2013, 1927, 1053, 4031).
     ConnectionLost,
+    /// The statement was interrupted by `KILL QUERY` (1317). Only the statement was rolled
+    /// back; lockstock rolls back the whole transaction and retries it. During COMMIT the
+    /// outcome is unknown.
+    Interrupted,
     /// Anything else.
     Other,
 }
 
 impl ServerErrorKind {
     /// Whether restarting the whole transaction can succeed: lock refusals and timeouts,
-    /// deadlocks and snapshot conflicts. A lost connection is not retried on the same connection.
+    /// deadlocks, snapshot conflicts and interrupted statements. A lost connection is not
+    /// retried on the same connection.
     pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::LockRefused
+                | Self::LockWaitTimeout
+                | Self::Deadlock
+                | Self::RecordChanged
+                | Self::Interrupted
+        )
+    }
+
+    /// Whether a COMMIT that failed this way certainly applied nothing: the transaction was
+    /// aborted as a deadlock victim, for a lock or snapshot conflict (as Galera reports a
+    /// certification failure at COMMIT). An interrupted or lost COMMIT may have been applied.
+    pub fn is_definite_abort(self) -> bool {
         matches!(
             self,
             Self::LockRefused | Self::LockWaitTimeout | Self::Deadlock | Self::RecordChanged
@@ -126,6 +145,13 @@ pub const CLASSIFICATION: &[Classification] = &[
             "max_statement_time exceeded",
             "maximum statement execution time exceeded",
         ],
+    },
+    // After StatementTimeout, whose texts start the same way.
+    Classification {
+        kind: ServerErrorKind::Interrupted,
+        mariadb_code: 1317,
+        mysql_code: 1317,
+        fragments: &["query execution was interrupted"],
     },
     Classification {
         kind: ServerErrorKind::ConnectionLost,
@@ -672,6 +698,11 @@ mod tests {
             "Query execution was interrupted, maximum statement execution time exceeded",
         ),
         (
+            ServerErrorKind::Interrupted,
+            "Query execution was interrupted",
+            "Query execution was interrupted",
+        ),
+        (
             ServerErrorKind::ConnectionLost,
             "Server has gone away",
             "MySQL server has gone away",
@@ -748,6 +779,7 @@ mod tests {
             ServerErrorKind::LockWaitTimeout,
             ServerErrorKind::Deadlock,
             ServerErrorKind::RecordChanged,
+            ServerErrorKind::Interrupted,
         ] {
             assert!(kind.is_retryable(), "{kind:?}");
         }

@@ -98,3 +98,57 @@ impl QueryFragment<Mysql> for Rollback {
 }
 
 impl RunQueryDsl<MysqlConnection> for Rollback {}
+
+/// Restores the session variables lockstock's begin batch saved (MariaDB).
+#[derive(Debug, Clone, Copy, QueryId)]
+pub(crate) struct RestoreMariaDb;
+
+impl QueryFragment<Mysql> for RestoreMariaDb {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql(
+            "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
+             max_statement_time = @lockstock_statement_time, \
+             lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
+             tx_isolation = @lockstock_isolation",
+        );
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<MysqlConnection> for RestoreMariaDb {}
+
+/// Restores the session variables lockstock's begin batch saved (MySQL 8).
+#[derive(Debug, Clone, Copy, QueryId)]
+pub(crate) struct RestoreMySql;
+
+impl QueryFragment<Mysql> for RestoreMySql {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql(
+            "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
+             max_execution_time = @lockstock_statement_time, \
+             lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone",
+        );
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<MysqlConnection> for RestoreMySql {}
+
+/// One constant statement built once per runner (session settings for a policy), prepared
+/// once per connection: Diesel caches a statement without a static query id by its SQL text.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PreparedSql<'a>(pub(crate) &'a str);
+
+impl QueryId for PreparedSql<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl QueryFragment<Mysql> for PreparedSql<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql(self.0);
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<MysqlConnection> for PreparedSql<'_> {}

@@ -17,15 +17,18 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::connection::{
+    AnsiTransactionManager, Connection, Instrumentation, InstrumentationEvent, SimpleConnection,
+    TransactionManager,
+};
 
-use crate::statements::{Commit, Rollback};
+use crate::statements::{Commit, PreparedSql, RestoreMariaDb, RestoreMySql, Rollback};
 use diesel::mysql::MysqlConnection;
 use diesel::r2d2::CustomizeConnection;
 use diesel::sql_types::Text;
 use diesel::RunQueryDsl;
 
-use crate::error::{Error, ServerError};
+use crate::error::{Error, ServerError, ServerErrorKind};
 
 /// Transaction isolation level of the writing transactions.
 #[non_exhaustive]
@@ -41,6 +44,15 @@ pub enum Isolation {
 }
 
 impl Isolation {
+    /// The value of MariaDB's `tx_isolation` variable.
+    fn variable_value(self) -> &'static str {
+        match self {
+            Self::Serializable => "SERIALIZABLE",
+            Self::RepeatableRead => "REPEATABLE-READ",
+            Self::ReadCommitted => "READ-COMMITTED",
+        }
+    }
+
     fn sql(self) -> &'static str {
         match self {
             Self::Serializable => "SERIALIZABLE",
@@ -141,21 +153,32 @@ impl TxnPolicy {
 
     /// The `SET SESSION` statement for this policy on a server of `flavor`.
     fn session_sql(&self, flavor: ServerFlavor) -> String {
+        format!(
+            "SET SESSION {}, lc_messages = 'en_US'",
+            self.settings(flavor)
+        )
+    }
+
+    /// The session assignments of this policy but `lc_messages`.
+    ///
+    /// Timeouts are rounded up, never down: a statement limit under a millisecond becomes one
+    /// millisecond (0 would mean "no limit"), a lock wait under a second becomes one second.
+    fn settings(&self, flavor: ServerFlavor) -> String {
         let lock_wait = self.lock_wait_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let millis = self
+            .statement_timeout
+            .as_nanos()
+            .div_ceil(1_000_000)
+            .clamp(1, u128::from(u32::MAX));
         let limit = match flavor {
             ServerFlavor::MariaDb => format!(
-                "max_statement_time = {:.3}",
-                self.statement_timeout.as_secs_f64()
+                "max_statement_time = {}.{:03}",
+                millis / 1000,
+                millis % 1000
             ),
-            ServerFlavor::MySql => format!(
-                "max_execution_time = {}",
-                self.statement_timeout.as_millis()
-            ),
+            ServerFlavor::MySql => format!("max_execution_time = {millis}"),
         };
-        format!(
-            "SET SESSION innodb_lock_wait_timeout = {lock_wait}, {limit}, \
-             lc_messages = 'en_US', time_zone = '+00:00'"
-        )
+        format!("innodb_lock_wait_timeout = {lock_wait}, {limit}, time_zone = '+00:00'")
     }
 }
 
@@ -181,15 +204,47 @@ impl ServerFlavor {
     }
 }
 
-/// Applies a policy's session settings to a connection.
+/// Applies a policy's session settings to a connection for good, and marks the connection as
+/// carrying them: lockstock calls with the same policy on it then send no session settings and
+/// restore nothing (see [`TxnRunner`]). The mark lives in the connection's Diesel
+/// instrumentation slot; it wraps Diesel's default instrumentation, which it keeps calling, and
+/// setting another instrumentation removes it (lockstock then sends and restores the settings
+/// on every call, which is correct, only slower).
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
     let flavor = ServerFlavor::detect(conn)?;
-    conn.batch_execute(&policy.session_sql(flavor))?;
+    let session = policy.session_sql(flavor);
+    conn.batch_execute(&session)?;
+    conn.set_instrumentation(SessionMark {
+        session,
+        inner: diesel::connection::get_default_instrumentation(),
+    });
     Ok(())
 }
 
+/// The mark [`apply_session_settings`] leaves on a connection: which settings it carries.
+struct SessionMark {
+    session: String,
+    inner: Option<Box<dyn Instrumentation>>,
+}
+
+impl Instrumentation for SessionMark {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let Some(inner) = self.inner.as_mut() {
+            inner.on_connection_event(event);
+        }
+    }
+}
+
+/// Whether `conn` carries the session settings `session` already.
+fn carries_settings(conn: &mut MysqlConnection, session: &str) -> bool {
+    conn.instrumentation()
+        .downcast_ref::<SessionMark>()
+        .is_some_and(|mark| mark.session == session)
+}
+
 /// An r2d2 connection customizer that applies a [`TxnPolicy`]'s session settings (timeouts,
-/// English messages, UTC) to every connection the pool opens.
+/// English messages, UTC) to every connection the pool opens, once. Calls through a runner with
+/// the same policy then send no session settings at all (see [`apply_session_settings`]).
 #[derive(Debug, Clone, Default)]
 pub struct SessionSettings {
     policy: TxnPolicy,
@@ -277,9 +332,75 @@ pub struct Attempts {
 #[derive(Debug, Default)]
 pub struct TxnRunner {
     policy: TxnPolicy,
-    begin_sql: OnceLock<String>,
-    read_sql: OnceLock<String>,
+    sql: OnceLock<RunnerSql>,
     insert_ids: OnceLock<InsertIds>,
+}
+
+/// The statements a runner sends, built once: a runner talks to one server flavour. Each is a
+/// single statement sent as a cached prepared statement — never a multi-statement batch, whose
+/// remaining results a `KILL QUERY` can leave the client waiting for forever.
+#[derive(Debug)]
+struct RunnerSql {
+    flavor: ServerFlavor,
+    /// The policy's `SET SESSION` statement (what [`apply_session_settings`] marks).
+    session: String,
+    /// Write / read: the statements before BEGIN on a connection without the settings.
+    own: [Vec<String>; 2],
+    /// Write / read: the statements before BEGIN on a connection that carries them.
+    marked: [Vec<String>; 2],
+}
+
+/// The value that makes the first SET refuse, atomically and before anything changes, to run
+/// inside a transaction the caller opened with a raw `BEGIN` (lockstock's `BEGIN` would
+/// silently commit it): `lc_messages` accepts only known locales.
+const NESTED_LOCALE: &str = "lockstock_nested_transaction";
+
+/// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
+const NESTED_1568: &str = "transaction characteristics can't be changed";
+
+/// `START TRANSACTION` of a write and of a read-only snapshot.
+const BEGIN_WRITE: &str = "BEGIN";
+const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
+
+impl RunnerSql {
+    fn new(policy: &TxnPolicy, flavor: ServerFlavor) -> Self {
+        let session = policy.session_sql(flavor);
+        let settings = policy.settings(flavor);
+        let levels = [policy.isolation, Isolation::RepeatableRead];
+        let set_transaction =
+            |level: Isolation| format!("SET TRANSACTION ISOLATION LEVEL {}", level.sql());
+        let own = levels.map(|level| match flavor {
+            // One atomic SET: the nested check, the caller's values saved, ours set.
+            ServerFlavor::MariaDb => vec![format!(
+                "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                 @lockstock_statement_time = @@session.max_statement_time, \
+                 @lockstock_lc_messages = @@session.lc_messages, \
+                 @lockstock_time_zone = @@session.time_zone, \
+                 @lockstock_isolation = @@session.tx_isolation, \
+                 SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
+                 {settings}, tx_isolation = '{}'",
+                level.variable_value()
+            )],
+            // MySQL has no @@in_transaction: SET TRANSACTION checks first.
+            ServerFlavor::MySql => vec![
+                set_transaction(level),
+                format!(
+                    "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                     @lockstock_statement_time = @@session.max_execution_time, \
+                     @lockstock_lc_messages = @@session.lc_messages, \
+                     @lockstock_time_zone = @@session.time_zone, \
+                     SESSION lc_messages = 'en_US', {settings}"
+                ),
+            ],
+        });
+        let marked = levels.map(|level| vec![set_transaction(level)]);
+        Self {
+            flavor,
+            session,
+            own,
+            marked,
+        }
+    }
 }
 
 /// How the server numbers the rows of one multi-row INSERT.
@@ -305,8 +426,7 @@ impl TxnRunner {
     pub fn new(policy: TxnPolicy) -> Self {
         Self {
             policy,
-            begin_sql: OnceLock::new(),
-            read_sql: OnceLock::new(),
+            sql: OnceLock::new(),
             insert_ids: OnceLock::new(),
         }
     }
@@ -358,6 +478,17 @@ impl TxnRunner {
         &self,
         conn: &mut MysqlConnection,
         deadline: Deadline,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> (Result<T, Error>, Attempts) {
+        self.retried(conn, deadline, false, body)
+    }
+
+    /// The retry loop of writes and reads alike.
+    fn retried<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        read_only: bool,
         mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> (Result<T, Error>, Attempts) {
         let retry = &self.policy.retry;
@@ -375,7 +506,7 @@ impl TxnRunner {
                 );
             }
             attempts.started += 1;
-            let error = match self.once(conn, &mut body) {
+            let error = match self.once(conn, read_only, &mut body) {
                 Ok(value) => return (Ok(value), attempts),
                 Err(error) if error.is_transient() => error,
                 Err(error) => return (Err(error), attempts),
@@ -413,45 +544,40 @@ impl TxnRunner {
     fn once<T>(
         &self,
         conn: &mut MysqlConnection,
+        read_only: bool,
         body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
         ensure_no_open_transaction(conn)?;
-        let begin = self.begin_sql(conn)?;
+        let begin = self.begin(conn, read_only)?;
         run_transaction(conn, begin, body)
     }
 
-    /// Session settings, isolation and BEGIN in one batch (one round trip), built once per
-    /// runner: a runner talks to one server flavour.
-    fn begin_sql(&self, conn: &mut MysqlConnection) -> Result<&str, Error> {
-        self.cached_sql(conn, &self.begin_sql, |session, isolation| {
-            format!("{session}; SET TRANSACTION ISOLATION LEVEL {isolation}; BEGIN")
-        })
-    }
-
-    fn read_sql(&self, conn: &mut MysqlConnection) -> Result<&str, Error> {
-        self.cached_sql(conn, &self.read_sql, |session, _| {
-            format!(
-                "{session}; SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
-                 START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
-            )
-        })
-    }
-
-    fn cached_sql<'a>(
-        &self,
+    /// How to begin on this connection: with the session settings saved, set and later restored,
+    /// or — on a connection that carries this policy's settings already — without any.
+    fn begin<'a>(
+        &'a self,
         conn: &mut MysqlConnection,
-        cell: &'a OnceLock<String>,
-        build: impl FnOnce(&str, &str) -> String,
-    ) -> Result<&'a str, Error> {
-        if let Some(sql) = cell.get() {
-            return Ok(sql);
-        }
-        let flavor = ServerFlavor::detect(conn)?;
-        let sql = build(
-            &self.policy.session_sql(flavor),
-            self.policy.isolation.sql(),
-        );
-        Ok(cell.get_or_init(|| sql))
+        read_only: bool,
+    ) -> Result<Begin<'a>, Error> {
+        let sql = match self.sql.get() {
+            Some(sql) => sql,
+            None => {
+                let built = RunnerSql::new(&self.policy, ServerFlavor::detect(conn)?);
+                self.sql.get_or_init(|| built)
+            }
+        };
+        let marked = carries_settings(conn, &sql.session);
+        let kind = usize::from(read_only);
+        Ok(Begin {
+            setup: if marked {
+                &sql.marked[kind]
+            } else {
+                &sql.own[kind]
+            },
+            begin: if read_only { BEGIN_READ } else { BEGIN_WRITE },
+            restore: (!marked).then_some(sql.flavor),
+            read_only,
+        })
     }
 
     /// How this server numbers multi-row INSERTs (asked once per runner).
@@ -473,92 +599,175 @@ impl TxnRunner {
     }
 
     /// Runs `body` in a read-only consistent snapshot (REPEATABLE READ, no locks taken), so
-    /// reads never block or deadlock with writers and see one committed state.
+    /// reads never block or deadlock with writers and see one committed state. An interrupted
+    /// or refused snapshot is retried like a write.
     pub fn read<T>(
         &self,
         conn: &mut MysqlConnection,
-        body: impl FnOnce(&mut MysqlConnection) -> Result<T, Error>,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
         self.read_by(conn, self.deadline(), body)
     }
 
-    /// Like [`read`](Self::read), refused with [`Error::Timeout`] (nothing sent) once `deadline`
-    /// has passed.
+    /// Like [`read`](Self::read), bounded by `deadline`; refused with [`Error::Timeout`]
+    /// (nothing sent) once it has passed.
     pub fn read_by<T>(
         &self,
         conn: &mut MysqlConnection,
         deadline: Deadline,
-        body: impl FnOnce(&mut MysqlConnection) -> Result<T, Error>,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        if deadline.is_expired() {
-            return Err(Error::Timeout {
-                elapsed: deadline.elapsed(),
-            });
-        }
-        ensure_no_open_transaction(conn)?;
-        let begin = self.read_sql(conn)?;
-        let mut body = Some(body);
-        run_transaction(conn, begin, &mut |conn| match body.take() {
-            Some(body) => body(conn),
-            None => Err(Error::internal("read body ran twice")),
-        })
+        self.retried(conn, deadline, true, body).0
     }
 }
 
 /// lockstock must own the transaction to retry it: refuse a call made inside one that the
-/// caller opened through Diesel.
+/// caller opened through Diesel (a raw `BEGIN` is caught by [`NESTED_CHECK`]). A connection
+/// whose transaction manager is broken (also one lockstock marked after a failed ROLLBACK) is
+/// refused as [`Error::ConnectionBroken`].
 fn ensure_no_open_transaction(conn: &mut MysqlConnection) -> Result<(), Error> {
     match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
         Ok(None) => Ok(()),
         Ok(Some(_)) => Err(Error::NestedTransaction),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(Error::ConnectionBroken {
+            source: ServerError::new(e),
+        }),
     }
 }
 
-/// One transaction: `begin` (settings, isolation and BEGIN in one batch), the body, then COMMIT
-/// — or ROLLBACK on any error, and on a panic before it unwinds further, so a pooled connection
-/// is never handed back with a transaction open.
+/// How one transaction begins and ends.
+#[derive(Debug, Clone, Copy)]
+struct Begin<'a> {
+    /// The statements before `begin`; the first one refuses a nested call, atomically.
+    setup: &'a [String],
+    /// `BEGIN` or the read-only snapshot's `START TRANSACTION`.
+    begin: &'static str,
+    /// Restore the caller's session variables afterwards (they were saved by `sql`).
+    restore: Option<ServerFlavor>,
+    /// A read-only snapshot: a failed COMMIT cannot have written anything.
+    read_only: bool,
+}
+
+/// One transaction: `begin` (nested check, saved session, settings, isolation and BEGIN in one
+/// batch), the body, then COMMIT — or ROLLBACK on any error, and on a panic before it unwinds
+/// further, so a pooled connection is never handed back with a transaction open. Afterwards the
+/// caller's session variables are restored.
+///
+/// A ROLLBACK that fails marks the connection broken (Diesel's transaction manager then
+/// reports it, and r2d2 discards it instead of handing it out again): a transaction that may
+/// still be open must never be continued or committed by a later user of the connection.
 ///
 /// The transaction is run here rather than through Diesel's transaction manager because the
 /// manager sends COMMIT and ROLLBACK as multi-statement batches, three round trips each; here
 /// they are cached prepared statements, one round trip each.
 fn run_transaction<T>(
     conn: &mut MysqlConnection,
-    begin: &str,
+    begin: Begin<'_>,
     body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    conn.batch_execute(begin)?;
+    for sql in begin.setup {
+        // A SET is atomic: when it fails, nothing of it was applied.
+        if let Err(e) = PreparedSql(sql).execute(conn) {
+            let error = ServerError::new(e);
+            let message = error.message().to_ascii_lowercase();
+            if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
+                return Err(Error::NestedTransaction);
+            }
+            return Err(Error::Server(error));
+        }
+    }
+    if let Err(e) = PreparedSql(begin.begin).execute(conn) {
+        let error = ServerError::new(e);
+        // The settings are in place: put the caller's back.
+        return Err(match end_failed(conn, begin) {
+            Some(broken) if error.kind() != ServerErrorKind::ConnectionLost => broken,
+            _ => Error::Server(error),
+        });
+    }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(conn)));
     match outcome {
         Ok(Ok(value)) => match Commit.execute(conn) {
-            Ok(_) => Ok(value),
+            Ok(_) => {
+                // Committed: whatever happens now, the answer is the value.
+                if let Some(flavor) = begin.restore {
+                    if restore_session(conn, flavor).is_err() {
+                        mark_broken(conn);
+                    }
+                }
+                Ok(value)
+            }
             Err(e) => {
-                let _ = Rollback.execute(conn);
-                let error = commit_failure(e);
+                let _ = end_failed(conn, begin);
+                let error = commit_failure(e, begin.read_only);
                 trace_event!(outcome_unknown = error.is_outcome_unknown(), error = %error, "commit failed");
                 Err(error)
             }
         },
-        Ok(Err(error)) => {
-            // If the connection is gone, the server has rolled back already; the body's error
-            // is the one worth reporting.
-            let _ = Rollback.execute(conn);
-            Err(error)
-        }
+        Ok(Err(error)) => match end_failed(conn, begin) {
+            // A lost connection: the server rolled back already; the body's error says so.
+            Some(_) if error.server_kind() == Some(ServerErrorKind::ConnectionLost) => Err(error),
+            Some(broken) => Err(broken),
+            None => Err(error),
+        },
         Err(panic) => {
-            let _ = Rollback.execute(conn);
+            let _ = end_failed(conn, begin);
             std::panic::resume_unwind(panic)
         }
     }
 }
 
-/// A COMMIT that failed because the connection went away may still have been applied.
-fn commit_failure(error: diesel::result::Error) -> Error {
+/// Ends a transaction that failed: ROLLBACK, then the caller's session restored. `None` when
+/// both worked; otherwise the connection is marked broken and the error says why.
+fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
+    if let Err(e) = Rollback.execute(conn) {
+        // Release the locks now if the server still answers (the prepared form may be what
+        // failed), but never trust this connection again.
+        let _ = conn.batch_execute("ROLLBACK");
+        mark_broken(conn);
+        return Some(Error::ConnectionBroken {
+            source: ServerError::new(e),
+        });
+    }
+    let flavor = begin.restore?;
+    match restore_session(conn, flavor) {
+        Ok(()) => None,
+        Err(e) => {
+            mark_broken(conn);
+            Some(Error::ConnectionBroken {
+                source: ServerError::new(e),
+            })
+        }
+    }
+}
+
+/// Puts back the session variables the begin batch saved.
+fn restore_session(
+    conn: &mut MysqlConnection,
+    flavor: ServerFlavor,
+) -> Result<(), diesel::result::Error> {
+    match flavor {
+        ServerFlavor::MariaDb => RestoreMariaDb.execute(conn),
+        ServerFlavor::MySql => RestoreMySql.execute(conn),
+    }
+    .map(|_| ())
+}
+
+/// Marks the connection broken for Diesel and r2d2: `Connection::transaction` refuses it, an
+/// r2d2 pool drops it when it is returned, and lockstock answers [`Error::ConnectionBroken`].
+fn mark_broken(conn: &mut MysqlConnection) {
+    AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
+}
+
+/// What a failed COMMIT means. A definite abort (a deadlock or certification conflict
+/// reported at COMMIT) is retried like any refusal. Anything else — the connection lost, the
+/// statement interrupted — may have been applied: [`Error::OutcomeUnknown`], except for a
+/// read-only snapshot, which cannot have written anything.
+fn commit_failure(error: diesel::result::Error, read_only: bool) -> Error {
     let error = ServerError::new(error);
-    if error.kind() == crate::error::ServerErrorKind::ConnectionLost {
-        Error::OutcomeUnknown { source: error }
-    } else {
+    if read_only || error.kind().is_definite_abort() {
         Error::Server(error)
+    } else {
+        Error::OutcomeUnknown { source: error }
     }
 }
 

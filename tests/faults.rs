@@ -44,9 +44,11 @@ fn connection_id(conn: &mut MysqlConnection) -> QueryResult<i64> {
     diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()")).get_result(conn)
 }
 
-/// `KILL <id>`; `Ok(false)` if the connection was already gone.
-fn kill(admin: &mut MysqlConnection, id: i64) -> QueryResult<bool> {
-    match admin.batch_execute(&format!("KILL {id}")) {
+/// `KILL <id>` (or `KILL QUERY <id>`: only the running statement); `Ok(false)` if the
+/// connection was already gone.
+fn kill(admin: &mut MysqlConnection, id: i64, query_only: bool) -> QueryResult<bool> {
+    let what = if query_only { "KILL QUERY" } else { "KILL" };
+    match admin.batch_execute(&format!("{what} {id}")) {
         Ok(()) => Ok(true),
         Err(e) if e.to_string().contains("Unknown thread id") => Ok(false),
         Err(e) => Err(e),
@@ -87,7 +89,7 @@ fn killed_connection_errors_are_typed() {
     // Killed while idle: the next call fails before anything is written.
     let mut victim = common::connect(&url);
     let id = connection_id(&mut victim).expect("id");
-    assert!(kill(&mut admin, id).expect("kill"));
+    assert!(kill(&mut admin, id, false).expect("kill"));
     let lost = ledger
         .deduct(&mut victim, 1, dec(100), "idle-kill")
         .expect_err("killed connection");
@@ -114,7 +116,7 @@ fn killed_connection_errors_are_typed() {
         thread::spawn(move || {
             let mut admin = common::connect(&url);
             thread::sleep(Duration::from_millis(300));
-            kill(&mut admin, id).expect("kill")
+            kill(&mut admin, id, false).expect("kill")
         })
     };
     let runner = TxnRunner::default();
@@ -140,7 +142,7 @@ fn killed_connection_errors_are_typed() {
         .run(&mut victim, |conn| {
             diesel::sql_query("UPDATE user_balance SET version = version WHERE user_id = 1")
                 .execute(conn)?;
-            kill(&mut admin, id).map_err(Error::from)?;
+            kill(&mut admin, id, false).map_err(Error::from)?;
             Ok(())
         })
         .expect_err("commit on a killed connection");
@@ -175,8 +177,9 @@ fn key_rows(conn: &mut MysqlConnection, user: i64, key: &str) -> i64 {
 }
 
 /// Victims run deducts, transfers, refunds, charges and coupon issues in a loop; for about half
-/// of their calls a killer thread runs `KILL <connection id>` after a random 0–3 ms, so kills
-/// land before, during and after statements and COMMIT. Victims reconnect and retry with the
+/// of their calls a killer thread runs `KILL <connection id>` — or, one time in three,
+/// `KILL QUERY <connection id>` — after a random 0–3 ms, so kills land before, during and after
+/// statements and COMMIT. Victims reconnect and retry with the
 /// same key (or give up on purpose). Afterwards the database must agree with every answer.
 #[test]
 fn killed_connections_never_leave_partial_state() {
@@ -187,6 +190,7 @@ fn killed_connections_never_leave_partial_state() {
     let duration = Duration::from_secs(soak_secs().unwrap_or(6));
     const VICTIMS: usize = 4;
     let kills = AtomicUsize::new(0);
+    let query_kills = AtomicUsize::new(0);
     let kill_attempts = AtomicUsize::new(0);
     let errors = workload::ErrorTexts::default();
     let stop = AtomicBool::new(false);
@@ -194,15 +198,20 @@ fn killed_connections_never_leave_partial_state() {
     let records: Vec<Record> = thread::scope(|s| {
         let mut victims = Vec::new();
         for v in 0..VICTIMS {
-            let (tx, rx) = mpsc::channel::<(i64, Duration)>();
-            let (killer_url, kills, kill_attempts) = (url.clone(), &kills, &kill_attempts);
+            let (tx, rx) = mpsc::channel::<(i64, Duration, bool)>();
+            let (killer_url, kills, query_kills, kill_attempts) =
+                (url.clone(), &kills, &query_kills, &kill_attempts);
             s.spawn(move || {
                 let mut admin = common::connect(&killer_url);
-                for (id, delay) in rx {
+                for (id, delay, query_only) in rx {
                     thread::sleep(delay);
                     kill_attempts.fetch_add(1, Ordering::Relaxed);
-                    if kill(&mut admin, id).expect("KILL") {
-                        kills.fetch_add(1, Ordering::Relaxed);
+                    if kill(&mut admin, id, query_only).expect("KILL") {
+                        if query_only {
+                            query_kills.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            kills.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             });
@@ -226,7 +235,8 @@ fn killed_connections_never_leave_partial_state() {
                     };
                     if rng.chance(500) {
                         let delay = Duration::from_micros(rng.below(3_001));
-                        tx.send((id, delay)).expect("killer alive");
+                        let query_only = rng.below(3) == 0;
+                        tx.send((id, delay, query_only)).expect("killer alive");
                     }
                     true
                 };
@@ -242,10 +252,11 @@ fn killed_connections_never_leave_partial_state() {
     });
     let summary = Summary::of(&records);
     eprintln!(
-        "{test}: {:?}, {} KILLs sent, {} hit a live connection; {summary}",
+        "{test}: {:?}, {} KILLs sent, {} KILL and {} KILL QUERY hit a live connection; {summary}",
         started.elapsed(),
         kill_attempts.load(Ordering::Relaxed),
-        kills.load(Ordering::Relaxed)
+        kills.load(Ordering::Relaxed),
+        query_kills.load(Ordering::Relaxed)
     );
     eprintln!(
         "{test}: server errors answered:\n{}",
@@ -254,6 +265,10 @@ fn killed_connections_never_leave_partial_state() {
     let mut conn = common::connect(&url);
     assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
     assert!(kills.load(Ordering::Relaxed) > 0, "no kill landed");
+    assert!(
+        query_kills.load(Ordering::Relaxed) > 0,
+        "no KILL QUERY landed"
+    );
     assert!(
         summary.unknown_answers > 0 && summary.lost_answers > 0,
         "kills never produced both an unknown outcome and a lost connection: {summary}"
@@ -313,7 +328,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
         ]
     };
     for id in &killed {
-        assert!(kill(&mut admin, *id).expect("kill"));
+        assert!(kill(&mut admin, *id, false).expect("kill"));
     }
     {
         let mut conn = pool
@@ -361,7 +376,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
                     thread::sleep(Duration::from_micros(2_000 + rng.below(4_000)));
                     let ids = connections_to(&mut admin, db, &keep).expect("processlist");
                     if let Some(id) = ids.get(rng.below(ids.len().max(1) as u64) as usize) {
-                        if kill(&mut admin, *id).expect("kill") {
+                        if kill(&mut admin, *id, false).expect("kill") {
                             kills.fetch_add(1, Ordering::Relaxed);
                         }
                     }

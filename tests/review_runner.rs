@@ -1,0 +1,428 @@
+//! Regression tests for the review findings about the transaction runner (issue 9): a failed
+//! ROLLBACK, leaked session settings, `KILL QUERY`, a raw `BEGIN`, a lost read-only COMMIT,
+//! sub-millisecond timeouts and expired deadlines. Each failed on c12ceba.
+
+mod common;
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::sql_types::{BigInt, Double, Text};
+use lockstock::schema::{balance_history, user_balance};
+use lockstock::{
+    BalanceLedger, Deadline, Error, Sandbox, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
+};
+use rust_decimal::Decimal;
+
+fn dec(units: i64) -> Decimal {
+    Decimal::new(units, 0)
+}
+
+#[derive(QueryableByName, Debug, PartialEq)]
+struct Session {
+    #[diesel(sql_type = BigInt)]
+    lock_wait: i64,
+    #[diesel(sql_type = Double)]
+    statement: f64,
+    #[diesel(sql_type = Text)]
+    messages: String,
+    #[diesel(sql_type = Text)]
+    zone: String,
+    #[diesel(sql_type = Text)]
+    isolation: String,
+}
+
+fn session(conn: &mut MysqlConnection) -> Session {
+    diesel::sql_query(
+        "SELECT @@session.innodb_lock_wait_timeout AS lock_wait, \
+         @@session.max_statement_time AS statement, @@session.lc_messages AS messages, \
+         @@session.time_zone AS zone, @@session.tx_isolation AS isolation",
+    )
+    .get_result(conn)
+    .expect("read session variables")
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+fn connection_id(conn: &mut MysqlConnection) -> i64 {
+    diesel::sql_query("SELECT CONNECTION_ID() AS id")
+        .get_result::<Id>(conn)
+        .expect("connection id")
+        .id
+}
+
+fn journal_rows(conn: &mut MysqlConnection, user: i64) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user))
+        .count()
+        .get_result(conn)
+        .expect("count journal")
+}
+
+/// A database on a server of its own (the test changes global variables).
+fn private_database(sandbox: &Sandbox, name: &str) -> (String, MysqlConnection) {
+    let url = sandbox.create_database(name).expect("create database");
+    let mut conn = common::connect(&url);
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    (url, conn)
+}
+
+/// Makes every balance UPDATE above 1000 fail after the journal INSERT of the same transaction,
+/// and the prepared ROLLBACK impossible to prepare (no prepared statement may be created; the
+/// statements the connections already prepared keep working).
+fn break_rollback(admin: &mut MysqlConnection) {
+    admin
+        .batch_execute(
+            "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance FOR EACH ROW \
+             BEGIN IF NEW.balance > 1000 THEN \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; \
+             END IF; END",
+        )
+        .expect("trigger");
+    admin
+        .batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
+        .expect("no more prepared statements");
+}
+
+fn heal_rollback(admin: &mut MysqlConnection) {
+    admin
+        .batch_execute("SET GLOBAL max_prepared_stmt_count = 16382")
+        .expect("prepared statements again");
+}
+
+/// The account row is not locked by anyone: a NOWAIT lock on it is granted at once.
+fn row_is_free(url: &str, user: i64) -> bool {
+    let mut other = common::connect(url);
+    other.batch_execute("BEGIN").expect("begin");
+    let free = user_balance::table
+        .find(user)
+        .select(user_balance::balance)
+        .for_update()
+        .no_wait()
+        .first::<Decimal>(&mut other)
+        .is_ok();
+    other.batch_execute("ROLLBACK").expect("rollback");
+    free
+}
+
+#[test]
+fn finding_1_failed_rollback_breaks_the_connection() {
+    let sandbox = Sandbox::start().expect("private server");
+    let (url, mut admin) = private_database(&sandbox, "review_rollback");
+    let ledger = BalanceLedger::new();
+
+    // A caller's own connection: every statement of a charge is prepared, ROLLBACK is not.
+    let mut conn = common::connect(&url);
+    ledger
+        .charge(&mut conn, 1, dec(100), "warm-1")
+        .expect("first charge");
+    ledger
+        .charge(&mut conn, 1, dec(1), "warm-2")
+        .expect("second charge");
+    break_rollback(&mut admin);
+    let failed = ledger.charge(&mut conn, 1, dec(2000), "big");
+    heal_rollback(&mut admin);
+    assert!(
+        matches!(failed, Err(Error::ConnectionBroken { .. })),
+        "{failed:?}"
+    );
+    assert!(failed.as_ref().is_err_and(Error::is_retryable));
+    // Nothing of the failed charge survives and the row is not held by a dangling transaction.
+    assert!(
+        row_is_free(&url, 1),
+        "the failed transaction still holds the row"
+    );
+    // The connection is never used again: not by lockstock, not by Diesel's transactions,
+    // so the half-done change can never be committed by a later user.
+    let again = ledger.charge(&mut conn, 1, dec(5), "after");
+    assert!(
+        matches!(again, Err(Error::ConnectionBroken { .. })),
+        "{again:?}"
+    );
+    let callers_own = conn.transaction::<_, diesel::result::Error, _>(|c| {
+        c.batch_execute("DO 1")?;
+        Ok(())
+    });
+    assert!(callers_own.is_err(), "Diesel still trusts the connection");
+    drop(conn);
+    admin
+        .batch_execute("DROP TRIGGER fail_big_balances")
+        .expect("drop trigger");
+    let mut check = common::connect(&url);
+    assert_eq!(journal_rows(&mut check, 1), 2);
+    let report = ledger.audit(&mut check, 1).expect("audit");
+    assert_eq!(report.balance, dec(101));
+
+    // A pooled connection: r2d2 discards it instead of handing it out again.
+    admin
+        .batch_execute(
+            "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance FOR EACH ROW \
+             BEGIN IF NEW.balance > 1000 THEN \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; \
+             END IF; END",
+        )
+        .expect("trigger again");
+    let pool = Pool::builder()
+        .max_size(1)
+        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
+        .build(ConnectionManager::<MysqlConnection>::new(url.clone()))
+        .expect("pool");
+    let first_id = {
+        let mut pooled = pool.get().expect("pooled");
+        ledger.charge(&mut pooled, 2, dec(10), "p-1").expect("warm");
+        ledger.charge(&mut pooled, 2, dec(10), "p-2").expect("warm");
+        let id = connection_id(&mut pooled);
+        admin
+            .batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
+            .expect("no more prepared statements");
+        let failed = ledger.charge(&mut pooled, 2, dec(2000), "p-big");
+        heal_rollback(&mut admin);
+        assert!(
+            matches!(failed, Err(Error::ConnectionBroken { .. })),
+            "{failed:?}"
+        );
+        id
+    };
+    let mut next = pool.get().expect("a new pooled connection");
+    assert_ne!(
+        connection_id(&mut next),
+        first_id,
+        "the pool handed the broken connection out again"
+    );
+    assert!(row_is_free(&url, 2));
+    admin
+        .batch_execute("DROP TRIGGER fail_big_balances")
+        .expect("drop trigger");
+    assert_eq!(journal_rows(&mut next, 2), 2);
+    ledger.audit(&mut next, 2).expect("audit pooled account");
+}
+
+#[test]
+fn finding_7_session_settings_are_restored() {
+    let (url, mut conn) = common::fresh_database("review_session");
+    conn.batch_execute(
+        "SET SESSION innodb_lock_wait_timeout = 37, max_statement_time = 0, \
+         time_zone = '+09:00', lc_messages = 'de_DE', tx_isolation = 'READ-UNCOMMITTED'",
+    )
+    .expect("caller's own settings");
+    let before = session(&mut conn);
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
+    assert_eq!(session(&mut conn), before, "after a commit");
+    let refused = ledger.deduct(&mut conn, 1, dec(50), "d");
+    assert!(matches!(refused, Err(Error::InsufficientBalance { .. })));
+    assert_eq!(session(&mut conn), before, "after a rollback");
+    ledger.balance(&mut conn, 1).expect("balance");
+    assert_eq!(session(&mut conn), before, "after a read");
+    let missing = lockstock::CouponIssuer::new().issue(&mut conn, 1, 77);
+    assert!(matches!(missing, Err(Error::CampaignNotFound { .. })));
+    assert_eq!(session(&mut conn), before, "after a refused issue");
+
+    // A connection that carries lockstock's settings (pooled through SessionSettings) gets no
+    // session statements at all: only the isolation level of the next transaction is set.
+    let pool = Pool::builder()
+        .max_size(1)
+        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
+        .build(ConnectionManager::<MysqlConnection>::new(url))
+        .expect("pool");
+    let mut pooled = pool.get().expect("pooled");
+    let set_statements = |c: &mut MysqlConnection, ledger: &BalanceLedger, key: &str| {
+        let count = |c: &mut MysqlConnection| {
+            diesel::sql_query(
+                "SELECT CAST(variable_value AS SIGNED) AS id FROM information_schema.session_status \
+                 WHERE variable_name = 'Com_set_option'",
+            )
+            .get_result::<Id>(c)
+            .expect("Com_set_option")
+            .id
+        };
+        let before = count(c);
+        ledger.charge(c, 1, dec(1), key).expect("charge");
+        count(c) - before
+    };
+    // Warm both connections (account exists, statements prepared).
+    set_statements(&mut pooled, &ledger, "warm-pooled");
+    set_statements(&mut conn, &ledger, "warm-own");
+    let on_pooled = set_statements(&mut pooled, &ledger, "pooled");
+    let on_own = set_statements(&mut conn, &ledger, "own");
+    // Pooled: only `SET TRANSACTION ISOLATION LEVEL` (the next transaction's, nothing that
+    // stays). Own: one SET that saves the caller's values and sets lockstock's, one that puts
+    // them back.
+    assert_eq!(on_pooled, 1, "SET statements on a pooled connection");
+    assert_eq!(on_own, 2, "SET statements on the caller's own connection");
+    assert_eq!(
+        session(&mut pooled).lock_wait,
+        1,
+        "the pool's settings stay in place"
+    );
+    assert_eq!(session(&mut conn), before);
+    ledger.audit(&mut conn, 1).expect("audit");
+}
+
+#[test]
+fn finding_8_kill_query_rolls_back_and_retries() {
+    let (url, mut conn) = common::fresh_database("review_kill_query");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(100), "c").expect("charge");
+    let mut policy = TxnPolicy::default();
+    policy.lock_wait_timeout = Duration::from_secs(20);
+    let runner = TxnRunner::new(policy);
+
+    // The holder keeps the row until told; the victim's first attempt waits for it (a waiting
+    // lock, not NOWAIT) and is interrupted by KILL QUERY; the retry gets the row.
+    let mut holder = common::connect(&url);
+    holder.batch_execute("BEGIN").expect("begin");
+    user_balance::table
+        .find(1)
+        .select(user_balance::balance)
+        .for_update()
+        .first::<Decimal>(&mut holder)
+        .expect("hold the row");
+    let victim_id = connection_id(&mut conn);
+    let (release, released) = mpsc::channel::<()>();
+    let admin_url = url.clone();
+    let killer = thread::spawn(move || {
+        let mut admin = common::connect(&admin_url);
+        // Wait until the victim is waiting for the lock, then interrupt that statement.
+        for _ in 0..500 {
+            let waiting: i64 = diesel::sql_query(format!(
+                "SELECT COUNT(*) AS id FROM information_schema.innodb_trx \
+                 WHERE trx_mysql_thread_id = {victim_id} AND trx_state = 'LOCK WAIT'"
+            ))
+            .get_result::<Id>(&mut admin)
+            .expect("processlist")
+            .id;
+            if waiting > 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        admin
+            .batch_execute(&format!("KILL QUERY {victim_id}"))
+            .expect("KILL QUERY");
+        released.recv().ok();
+    });
+    let mut first = true;
+    let (result, attempts) = runner.run_counted(&mut conn, |c| {
+        if !first {
+            // Let the holder go before the retry.
+            release.send(()).ok();
+            holder.batch_execute("ROLLBACK").ok();
+        }
+        first = false;
+        let balance: Decimal = user_balance::table
+            .find(1)
+            .select(user_balance::balance)
+            .for_update()
+            .first(c)?;
+        Ok(balance)
+    });
+    drop(release);
+    killer.join().expect("killer");
+    let result = result.map_err(|e| format!("{e:?}"));
+    assert_eq!(result, Ok(dec(100)), "{attempts:?}");
+    assert_eq!(attempts.started, 2, "{attempts:?}");
+    assert_eq!(attempts.refused, 1, "{attempts:?}");
+
+    // Classified: MariaDB's and MySQL's text alike.
+    let interrupted = Error::from(diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::Unknown,
+        Box::new("Query execution was interrupted".to_owned()),
+    ));
+    assert_eq!(
+        interrupted.server_kind(),
+        Some(ServerErrorKind::Interrupted)
+    );
+    assert!(interrupted.is_retryable());
+    ledger.audit(&mut conn, 1).expect("audit");
+}
+
+#[test]
+fn finding_10a_raw_begin_is_a_nested_transaction() {
+    let (_url, mut conn) = common::fresh_database("review_raw_begin");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
+    let before = session(&mut conn);
+    conn.batch_execute("BEGIN; INSERT INTO user_balance (user_id) VALUES (5)")
+        .expect("the caller's own transaction");
+    let nested = ledger.charge(&mut conn, 1, dec(1), "inside");
+    assert!(
+        matches!(nested, Err(Error::NestedTransaction)),
+        "{nested:?}"
+    );
+    // lockstock's BEGIN would have committed the caller's INSERT; it was never sent.
+    conn.batch_execute("ROLLBACK")
+        .expect("the caller rolls back");
+    let row_5: i64 = user_balance::table
+        .filter(user_balance::user_id.eq(5))
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    assert_eq!(row_5, 0, "the caller's transaction was committed");
+    assert_eq!(
+        session(&mut conn),
+        before,
+        "settings changed before the check"
+    );
+    assert_eq!(journal_rows(&mut conn, 1), 1);
+    ledger.audit(&mut conn, 1).expect("audit");
+}
+
+#[test]
+fn finding_10b_lost_read_only_commit_is_not_outcome_unknown() {
+    let (url, mut conn) = common::fresh_database("review_read_commit");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let id = connection_id(&mut conn);
+    let mut admin = common::connect(&url);
+    let result = runner.read(&mut conn, |_| {
+        // The connection dies after the snapshot's last read, before its COMMIT.
+        admin.batch_execute(&format!("KILL {id}"))?;
+        Ok(())
+    });
+    let error = result.expect_err("the COMMIT cannot succeed on a killed connection");
+    assert!(!error.is_outcome_unknown(), "{error:?}");
+    assert_eq!(error.server_kind(), Some(ServerErrorKind::ConnectionLost));
+    assert!(error.is_retryable());
+}
+
+#[test]
+fn finding_10d_sub_millisecond_statement_timeout_is_not_unlimited() {
+    let (_url, mut conn) = common::fresh_database("review_sub_ms");
+    let mut policy = TxnPolicy::default();
+    policy.statement_timeout = Duration::from_micros(400);
+    let runner = TxnRunner::new(policy);
+    let inside = runner
+        .run(&mut conn, |c| {
+            Ok(
+                diesel::select(diesel::dsl::sql::<Double>("@@session.max_statement_time"))
+                    .get_result::<f64>(c)?,
+            )
+        })
+        .expect("run");
+    assert!(inside > 0.0, "max_statement_time {inside} means no limit");
+    assert!(inside <= 0.001 + 1e-9, "{inside}");
+}
+
+#[test]
+fn an_expired_deadline_sends_nothing() {
+    let (_url, mut conn) = common::fresh_database("review_expired");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let deadline = Deadline::after(Duration::ZERO);
+    let mut ran = false;
+    let result = runner.run_by(&mut conn, deadline, |_| {
+        ran = true;
+        Ok(())
+    });
+    assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+    assert!(!ran);
+    let read = runner.read_by(&mut conn, deadline, |_| Ok(()));
+    assert!(matches!(read, Err(Error::Timeout { .. })), "{read:?}");
+}
