@@ -11,10 +11,17 @@
 //!
 //! The row is still locked with `FOR UPDATE NOWAIT` inside SERIALIZABLE; one batch per key is in
 //! flight at a time, so batches of one key never refuse each other. A failed batch transaction is
-//! retried by the runner like any other; if it still fails, every caller in it gets a copy of the
-//! typed error (nothing applied, or for [`Error::OutcomeUnknown`] all or none). A waiter whose
-//! deadline passes before its request was taken into a batch is removed from the queue and gets
-//! [`Error::Timeout`]; once taken, it waits for the batch's answer so no outcome is lost.
+//! retried by the runner like any other; if it still fails before committing, every caller in it
+//! gets a copy of the typed error (nothing applied, or for [`Error::OutcomeUnknown`] all or none).
+//! Once a batch has committed, every caller gets its own answer.
+//!
+//! Each caller has ONE [`Deadline`], fixed when it submits, for everything its call goes through:
+//! the queue, the pool checkout (`get_timeout` with the time left) and the batch transaction. A
+//! batch runs by the earliest deadline of the requests in it, so it never outlives any of its
+//! callers. A waiter whose deadline passes before its request was taken into a batch is removed
+//! from the queue and gets [`Error::Timeout`] (so does a request found expired when a batch is
+//! formed, and a leader whose own deadline has passed hands the leadership on without running a
+//! batch); once taken, it waits for the batch's answer so no outcome is lost.
 //!
 //! [`CouponIssuer::issue_many`]: crate::CouponIssuer::issue_many
 //! [`BalanceLedger::apply_many`]: crate::BalanceLedger::apply_many
@@ -22,15 +29,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
 
 use diesel::mysql::MysqlConnection;
-use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use rust_decimal::Decimal;
 
 use crate::coupon::{CouponIssuer, IssuedCoupon};
 use crate::error::{Error, Result};
 use crate::ledger::{AccountOp, BalanceLedger, Entry};
+use crate::txn::Deadline;
 
 /// An r2d2 pool of MySQL connections.
 pub type MysqlPool = Pool<ConnectionManager<MysqlConnection>>;
@@ -61,8 +68,11 @@ impl<Resp> Slot<Resp> {
     }
 }
 
+/// A queued request: the request, its caller's deadline, the caller's slot.
+type Queued<Req, Resp> = (Req, Deadline, Arc<Slot<Resp>>);
+
 struct Lane<Req, Resp> {
-    queue: VecDeque<(Req, Arc<Slot<Resp>>)>,
+    queue: VecDeque<Queued<Req, Resp>>,
     leading: bool,
 }
 
@@ -118,16 +128,17 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     }
 
     /// Submits `request` for `key` and returns its own result. `run_batch` gets the requests of
-    /// one batch in arrival order and must return one result per request, in the same order, or
-    /// a whole-batch error. `wait_limit` bounds the time spent queued before being taken.
+    /// one batch in arrival order and the batch's deadline (the earliest of its callers'), and
+    /// must return one result per request, in the same order, or a whole-batch error.
+    /// `deadline` is the caller's, fixed when its call started: it bounds the time spent queued,
+    /// and no batch the request is in runs past it.
     pub fn submit(
         &self,
         key: K,
         request: Req,
-        wait_limit: Duration,
-        run_batch: impl Fn(&K, Vec<Req>) -> Result<Vec<Result<Resp>>>,
+        deadline: Deadline,
+        run_batch: impl Fn(&K, Vec<Req>, Deadline) -> Result<Vec<Result<Resp>>>,
     ) -> Result<Resp> {
-        let started = Instant::now();
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState::Queued),
             changed: Condvar::new(),
@@ -135,24 +146,18 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let lead_now = {
             let mut lanes = lock(&self.lanes);
             let lane = lanes.entry(key.clone()).or_default();
-            lane.queue.push_back((request, slot.clone()));
+            lane.queue.push_back((request, deadline, slot.clone()));
             !std::mem::replace(&mut lane.leading, true)
         };
-        if !lead_now && !self.wait_for_turn(&key, &slot, started, wait_limit)? {
+        if !lead_now && !self.wait_for_turn(&key, &slot, deadline)? {
             return self.take_result(&slot);
         }
-        self.lead(&key, &run_batch);
+        self.lead(&key, deadline, &run_batch);
         self.take_result(&slot)
     }
 
     /// Waits until the slot is answered (`Ok(false)`) or handed leadership (`Ok(true)`).
-    fn wait_for_turn(
-        &self,
-        key: &K,
-        slot: &Arc<Slot<Resp>>,
-        started: Instant,
-        wait_limit: Duration,
-    ) -> Result<bool> {
+    fn wait_for_turn(&self, key: &K, slot: &Arc<Slot<Resp>>, deadline: Deadline) -> Result<bool> {
         let mut state = lock(&slot.state);
         loop {
             match *state {
@@ -165,12 +170,12 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
                 SlotState::Queued => {
-                    let left = wait_limit.saturating_sub(started.elapsed());
+                    let left = deadline.remaining();
                     if left.is_zero() {
                         drop(state);
                         if self.withdraw(key, slot) {
                             return Err(Error::Timeout {
-                                elapsed: started.elapsed(),
+                                elapsed: deadline.elapsed(),
                             });
                         }
                         state = lock(&slot.state);
@@ -196,7 +201,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let Some(lane) = lanes.get_mut(key) else {
             return false;
         };
-        match lane.queue.iter().position(|(_, s)| Arc::ptr_eq(s, slot)) {
+        match lane.queue.iter().position(|(_, _, s)| Arc::ptr_eq(s, slot)) {
             Some(position) => {
                 lane.queue.remove(position);
                 true
@@ -206,29 +211,58 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     }
 
     /// Runs one batch as the leader, then hands leadership to the oldest waiter (or ends it).
-    fn lead(&self, key: &K, run_batch: &impl Fn(&K, Vec<Req>) -> Result<Vec<Result<Resp>>>) {
-        let (requests, slots): (Vec<Req>, Vec<Arc<Slot<Resp>>>) = {
+    /// The leader's own request is the oldest in the queue; if its `deadline` has passed it
+    /// answers only itself ([`Error::Timeout`]) and runs no batch, so a leader never works past
+    /// its own deadline. Requests found expired are answered [`Error::Timeout`] (never sent);
+    /// the batch runs by the earliest deadline of the rest.
+    fn lead(
+        &self,
+        key: &K,
+        deadline: Deadline,
+        run_batch: &impl Fn(&K, Vec<Req>, Deadline) -> Result<Vec<Result<Resp>>>,
+    ) {
+        let drained: Vec<Queued<Req, Resp>> = {
             let mut lanes = lock(&self.lanes);
             let lane = lanes.entry(key.clone()).or_default();
-            let take = lane.queue.len().min(self.max_batch);
-            lane.queue.drain(..take).unzip()
+            let take = if deadline.is_expired() {
+                1
+            } else {
+                self.max_batch
+            };
+            let take = lane.queue.len().min(take);
+            lane.queue.drain(..take).collect()
         };
-        for slot in &slots {
-            let mut state = lock(&slot.state);
-            if matches!(*state, SlotState::Queued | SlotState::Lead) {
-                *state = SlotState::Taken;
+        let mut requests = Vec::with_capacity(drained.len());
+        let mut slots = Vec::with_capacity(drained.len());
+        let mut batch_deadline: Option<Deadline> = None;
+        for (request, deadline, slot) in drained {
+            if deadline.is_expired() {
+                slot.set(SlotState::Done(Err(Error::Timeout {
+                    elapsed: deadline.elapsed(),
+                })));
+                continue;
             }
+            {
+                let mut state = lock(&slot.state);
+                if matches!(*state, SlotState::Queued | SlotState::Lead) {
+                    *state = SlotState::Taken;
+                }
+            }
+            batch_deadline = Some(batch_deadline.map_or(deadline, |d| d.min(deadline)));
+            requests.push(request);
+            slots.push(slot);
         }
         let count = requests.len();
         // Answers go out before the leadership: the callers just answered resubmit at once and
         // make the next batch larger (handing over first measured ~25% slower at 64 clients).
         let mut panicked = None;
-        if count > 0 {
+        if let Some(batch_deadline) = batch_deadline {
             trace_event!(batch = count, "running a combined batch");
             // A panicking batch must still answer its callers and pass the leadership on, or
             // every later caller for this key would wait forever.
-            let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(key, requests)));
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_batch(key, requests, batch_deadline)
+            }));
             match outcome {
                 Ok(outcome) => deliver(&slots, outcome),
                 Err(panic) => {
@@ -246,7 +280,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let next = lanes
             .get_mut(key)
             .and_then(|lane| match lane.queue.front() {
-                Some((_, slot)) => Some(slot.clone()),
+                Some((_, _, slot)) => Some(slot.clone()),
                 None => {
                     lane.leading = false;
                     None
@@ -299,8 +333,23 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
     }
 }
 
-fn pool_error(error: diesel::r2d2::PoolError) -> Error {
-    Error::Pool(Arc::new(error))
+/// A pooled connection, waiting at most until `deadline`: [`Error::Timeout`] once it has passed
+/// (nothing sent), [`Error::Pool`] for any other checkout failure.
+fn checkout(
+    pool: &MysqlPool,
+    deadline: Deadline,
+) -> Result<PooledConnection<ConnectionManager<MysqlConnection>>> {
+    let timeout = |deadline: Deadline| Error::Timeout {
+        elapsed: deadline.elapsed(),
+    };
+    if deadline.is_expired() {
+        return Err(timeout(deadline));
+    }
+    pool.get_timeout(deadline.remaining())
+        .map_err(|error| match deadline.is_expired() {
+            true => timeout(deadline),
+            false => Error::Pool(Arc::new(error)),
+        })
 }
 
 /// A [`CouponIssuer`] in front of a pool that combines concurrent `issue` calls per campaign
@@ -355,16 +404,20 @@ impl CombiningIssuer {
     /// same campaign. Same answers as [`CouponIssuer::issue`], plus [`Error::Timeout`] if the
     /// policy's deadline passes while queued.
     pub fn issue(&self, user_id: i64, campaign_id: i64) -> Result<IssuedCoupon> {
-        let wait_limit = self.issuer.policy().retry.deadline;
-        self.combiner
-            .submit(campaign_id, user_id, wait_limit, |campaign, users| {
-                let mut conn = self.pool.get().map_err(pool_error)?;
+        let deadline = Deadline::after(self.issuer.policy().retry.deadline);
+        self.combiner.submit(
+            campaign_id,
+            user_id,
+            deadline,
+            |campaign, users, deadline| {
+                let mut conn = checkout(&self.pool, deadline)?;
                 // Alone in its batch: the single-request path is shorter than a batch of one.
                 match users.as_slice() {
                     [user_id] => Ok(vec![self.issuer.issue(&mut conn, *user_id, *campaign)]),
                     _ => self.issuer.issue_many(&mut conn, *campaign, &users),
                 }
-            })
+            },
+        )
     }
 }
 
@@ -413,20 +466,22 @@ impl CombiningLedger {
     }
 
     fn submit(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
-        let wait_limit = self.ledger.policy().retry.deadline;
-        self.combiner.submit(user_id, op, wait_limit, |user, ops| {
-            let mut conn = self.pool.get().map_err(pool_error)?;
-            // Alone in its batch: the single-request path is shorter than a batch of one.
-            match ops.as_slice() {
-                [AccountOp::Charge { amount, key }] => {
-                    Ok(vec![self.ledger.charge(&mut conn, *user, *amount, key)])
+        let deadline = self.ledger.runner().deadline();
+        self.combiner
+            .submit(user_id, op, deadline, |user, ops, deadline| {
+                let (ledger, user) = (&self.ledger, *user);
+                let mut conn = checkout(&self.pool, deadline)?;
+                // Alone in its batch: the single-request path is shorter than a batch of one.
+                match ops.as_slice() {
+                    [AccountOp::Charge { amount, key }] => Ok(vec![
+                        ledger.charge_by(&mut conn, user, *amount, key, deadline)
+                    ]),
+                    [AccountOp::Deduct { amount, key }] => Ok(vec![
+                        ledger.deduct_by(&mut conn, user, *amount, key, deadline)
+                    ]),
+                    _ => ledger.apply_many_by(&mut conn, user, &ops, deadline),
                 }
-                [AccountOp::Deduct { amount, key }] => {
-                    Ok(vec![self.ledger.deduct(&mut conn, *user, *amount, key)])
-                }
-                _ => self.ledger.apply_many(&mut conn, *user, &ops),
-            }
-        })
+            })
     }
 }
 
@@ -436,10 +491,15 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Barrier;
     use std::thread;
+    use std::time::{Duration, Instant};
+
+    fn within(budget: Duration) -> Deadline {
+        Deadline::after(budget)
+    }
 
     type Doubler = Combiner<u8, u64, u64>;
 
-    fn doubled(_: &u8, requests: Vec<u64>) -> Result<Vec<Result<u64>>> {
+    fn doubled(_: &u8, requests: Vec<u64>, _: Deadline) -> Result<Vec<Result<u64>>> {
         thread::sleep(Duration::from_millis(2));
         Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
     }
@@ -459,7 +519,7 @@ mod tests {
                             let answer = combiner.submit(
                                 (t % 2) as u8,
                                 request,
-                                Duration::from_secs(10),
+                                within(Duration::from_secs(10)),
                                 doubled,
                             );
                             answer.is_ok_and(|a| a == request * 2)
@@ -490,7 +550,7 @@ mod tests {
         let slow = {
             let (combiner, sent) = (combiner.clone(), sent.clone());
             thread::spawn(move || {
-                combiner.submit(0, 1, Duration::from_secs(10), |_, requests| {
+                combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
                     sent.fetch_add(requests.len(), Ordering::SeqCst);
                     thread::sleep(Duration::from_millis(300));
                     Ok(requests.into_iter().map(Ok).collect())
@@ -499,7 +559,7 @@ mod tests {
         };
         thread::sleep(Duration::from_millis(50));
         let started = Instant::now();
-        let late = combiner.submit(0, 2, Duration::from_millis(20), |_, requests| {
+        let late = combiner.submit(0, 2, within(Duration::from_millis(20)), |_, requests, _| {
             sent.fetch_add(requests.len(), Ordering::SeqCst);
             Ok(requests.into_iter().map(Ok).collect())
         });
@@ -512,24 +572,88 @@ mod tests {
             "the timed-out request was sent"
         );
         assert_eq!(
-            combiner.submit(0, 3, Duration::from_secs(1), doubled).ok(),
+            combiner
+                .submit(0, 3, within(Duration::from_secs(1)), doubled)
+                .ok(),
             Some(6)
         );
+    }
+
+    /// The requests of one batch and the deadline it ran by.
+    type Seen = (Vec<u64>, Deadline);
+
+    #[test]
+    fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
+        let combiner = Arc::new(Doubler::new(8));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let first = {
+            let combiner = combiner.clone();
+            thread::spawn(move || {
+                combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
+                    let _ = started_tx.send(());
+                    let _ = lock(&release_rx).recv();
+                    Ok(requests.into_iter().map(Ok).collect())
+                })
+            })
+        };
+        assert!(started_rx.recv().is_ok(), "first batch running");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let submit = |request: u64, deadline: Deadline| {
+            let (combiner, seen) = (combiner.clone(), seen.clone());
+            thread::spawn(move || {
+                combiner.submit(0, request, deadline, move |_, requests, batch| {
+                    lock(&seen).push((requests.clone(), batch));
+                    Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
+                })
+            })
+        };
+        let late = within(Duration::from_secs(9));
+        let early = within(Duration::from_secs(5));
+        let queued: Vec<_> = [(2, late), (3, early)]
+            .into_iter()
+            .map(|(request, deadline)| {
+                let handle = submit(request, deadline);
+                // Both must be queued before the first batch ends (only ordering, no assertion).
+                thread::sleep(Duration::from_millis(50));
+                handle
+            })
+            .collect();
+        assert!(release_tx.send(()).is_ok(), "release");
+        assert!(matches!(first.join().map_err(|_| ()), Ok(Ok(1))));
+        let answers: Vec<_> = queued
+            .into_iter()
+            .map(|h| h.join().map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
+            .collect();
+        assert_eq!(answers, vec![Ok(4), Ok(6)]);
+        assert_eq!(*lock(&seen), vec![(vec![2, 3], early)]);
+
+        // An expired request is answered Timeout and never sent.
+        let expired = combiner.submit(0, 7, within(Duration::ZERO), |_, requests, _| {
+            panic!("sent an expired request: {requests:?}")
+        });
+        assert!(matches!(expired, Err(Error::Timeout { .. })), "{expired:?}");
+        assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
     }
 
     #[test]
     fn a_failed_batch_answers_everyone_with_the_typed_error() {
         let combiner = Doubler::new(8);
-        let failed = combiner.submit(0, 1, Duration::from_secs(1), |_, _| {
+        let failed = combiner.submit(0, 1, within(Duration::from_secs(1)), |_, _, _| {
             Err(Error::Timeout {
                 elapsed: Duration::from_millis(1),
             })
         });
         assert!(matches!(failed, Err(Error::Timeout { .. })));
-        let short = combiner.submit(0, 1, Duration::from_secs(1), |_, _| Ok(Vec::new()));
+        let short = combiner.submit(0, 1, within(Duration::from_secs(1)), |_, _, _| {
+            Ok(Vec::new())
+        });
         assert!(matches!(short, Err(Error::Internal { .. })), "{short:?}");
         assert_eq!(
-            combiner.submit(0, 4, Duration::from_secs(1), doubled).ok(),
+            combiner
+                .submit(0, 4, within(Duration::from_secs(1)), doubled)
+                .ok(),
             Some(8)
         );
     }
@@ -542,14 +666,16 @@ mod tests {
             c.submit(
                 0,
                 1,
-                Duration::from_secs(1),
-                |_, _| -> Result<Vec<Result<u64>>> { panic!("batch bug") },
+                within(Duration::from_secs(1)),
+                |_, _, _| -> Result<Vec<Result<u64>>> { panic!("batch bug") },
             )
         })
         .join();
         assert!(panicked.is_err());
         assert_eq!(
-            combiner.submit(0, 5, Duration::from_secs(1), doubled).ok(),
+            combiner
+                .submit(0, 5, within(Duration::from_secs(1)), doubled)
+                .ok(),
             Some(10)
         );
     }

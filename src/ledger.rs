@@ -14,6 +14,11 @@
 //! request is refused — is the key looked up, in a lock-free snapshot. A key that exists always
 //! wins: the same request gets its original entry back, a different one [`Error::IdempotencyConflict`],
 //! whatever the balance is now (TigerBeetle's `exists` semantics).
+//!
+//! Every call has ONE [`Deadline`], fixed when it starts (the policy's
+//! [`RetryPolicy::deadline`](crate::RetryPolicy::deadline)) and shared by all it does: the
+//! account-creation transaction, every retry, every round of a batch and every key lookup. Once
+//! it has passed nothing more is sent.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -24,10 +29,10 @@ use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use rust_decimal::Decimal;
 
-use crate::error::{AmountProblem, Error, KeyProblem, Result, ServerErrorKind};
+use crate::error::{AmountProblem, Error, KeyProblem, Result, ServerError, ServerErrorKind};
 use crate::schema::{balance_history, user_balance};
 use crate::statements::{SetBalance, SetRefunded};
-use crate::txn::{InsertIds, TxnPolicy, TxnRunner};
+use crate::txn::{Deadline, InsertIds, TxnPolicy, TxnRunner};
 
 diesel::define_sql_function! {
     /// The id of the row the last INSERT on this connection created.
@@ -397,7 +402,26 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Entry> {
-        self.change(conn, EntryKind::Charge, user_id, amount, idempotency_key)
+        self.charge_by(
+            conn,
+            user_id,
+            amount,
+            idempotency_key,
+            self.runner.deadline(),
+        )
+    }
+
+    /// [`charge`](Self::charge) by `deadline` (a combined caller's).
+    pub(crate) fn charge_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        deadline: Deadline,
+    ) -> Result<Entry> {
+        let kind = EntryKind::Charge;
+        self.change(conn, kind, user_id, amount, idempotency_key, deadline)
     }
 
     /// Subtracts `amount` from `user_id`'s balance; refuses with [`Error::InsufficientBalance`]
@@ -409,7 +433,26 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Entry> {
-        self.change(conn, EntryKind::Deduct, user_id, amount, idempotency_key)
+        self.deduct_by(
+            conn,
+            user_id,
+            amount,
+            idempotency_key,
+            self.runner.deadline(),
+        )
+    }
+
+    /// [`deduct`](Self::deduct) by `deadline` (a combined caller's).
+    pub(crate) fn deduct_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        deadline: Deadline,
+    ) -> Result<Entry> {
+        let kind = EntryKind::Deduct;
+        self.change(conn, kind, user_id, amount, idempotency_key, deadline)
     }
 
     /// A charge or a deduct: one account, one journal entry.
@@ -420,6 +463,7 @@ impl BalanceLedger {
         user_id: i64,
         amount: Decimal,
         idempotency_key: &str,
+        deadline: Deadline,
     ) -> Result<Entry> {
         let request = Request {
             kind,
@@ -429,7 +473,7 @@ impl BalanceLedger {
             key: idempotency_key,
         };
         validate_request(&request)?;
-        self.single_entry(conn, &request, |conn| {
+        self.single_entry(conn, &request, deadline, |conn| {
             let Some(account) = lock_account(conn, user_id)? else {
                 return if kind == EntryKind::Charge {
                     Ok(Step::CreateAccount(user_id))
@@ -457,10 +501,11 @@ impl BalanceLedger {
         validate_id("journal entry", deduct_entry_id)?;
         validate_amount(amount)?;
         validate_key(idempotency_key)?;
+        let deadline = self.runner.deadline();
         // Who owns the deduct never changes, so it can be read before any lock.
         let original = self
             .runner
-            .read(conn, |conn| find_entry(conn, deduct_entry_id))?
+            .read_by(conn, deadline, |conn| find_entry(conn, deduct_entry_id))?
             .ok_or(Error::EntryNotFound {
                 entry_id: deduct_entry_id,
             })?;
@@ -477,7 +522,7 @@ impl BalanceLedger {
                 kind: original.kind,
             });
         }
-        self.single_entry(conn, &request, |conn| {
+        self.single_entry(conn, &request, deadline, |conn| {
             let account = lock_account(conn, original.user_id)?.ok_or(Error::AccountNotFound {
                 user_id: original.user_id,
             })?;
@@ -525,6 +570,7 @@ impl BalanceLedger {
         if from == to {
             return Err(Error::SelfTransfer { user_id: from });
         }
+        let deadline = self.runner.deadline();
         let attempt = |conn: &mut MysqlConnection| {
             let (first, second) = (from.min(to), from.max(to));
             let first_row = lock_account(conn, first)?;
@@ -557,10 +603,10 @@ impl BalanceLedger {
                 credit: credit_entry,
             }))
         };
-        self.idempotent(conn, &request, attempt, |conn, debit| {
+        self.idempotent(conn, &request, deadline, attempt, |conn, debit| {
             let credit = self
                 .runner
-                .read(conn, |conn| find_transfer_credit(conn, debit.id))?
+                .read_by(conn, deadline, |conn| find_transfer_credit(conn, debit.id))?
                 .ok_or(Error::EntryNotFound { entry_id: debit.id })?;
             Ok(Transfer { debit, credit })
         })
@@ -658,18 +704,20 @@ impl BalanceLedger {
         &self,
         conn: &mut MysqlConnection,
         request: &Request<'_>,
+        deadline: Deadline,
         attempt: impl FnMut(&mut MysqlConnection) -> Result<Step<Entry>>,
     ) -> Result<Entry> {
-        self.idempotent(conn, request, attempt, |_, entry| Ok(entry))
+        self.idempotent(conn, request, deadline, attempt, |_, entry| Ok(entry))
     }
 
     /// Runs `attempt` in the runner; creates a missing account outside the transaction and runs
     /// again; turns a reused key (or a refusal while the key exists) into the original result or
-    /// an [`Error::IdempotencyConflict`].
+    /// an [`Error::IdempotencyConflict`]. Everything runs by the call's one `deadline`.
     fn idempotent<T>(
         &self,
         conn: &mut MysqlConnection,
         request: &Request<'_>,
+        deadline: Deadline,
         mut attempt: impl FnMut(&mut MysqlConnection) -> Result<Step<T>>,
         replay: impl FnOnce(&mut MysqlConnection, Entry) -> Result<T>,
     ) -> Result<T> {
@@ -679,20 +727,20 @@ impl BalanceLedger {
         // creators are harmless.
         let mut created = false;
         loop {
-            match self.runner.run(conn, &mut attempt) {
+            match self.runner.run_by(conn, deadline, &mut attempt) {
                 Ok(Step::Done(value)) => return Ok(value),
                 Ok(Step::CreateAccount(user_id)) if !created => {
                     // A key already used decides the answer before the account is written.
-                    if let Some(entry) = self.existing(conn, request)? {
+                    if let Some(entry) = self.existing(conn, request, deadline)? {
                         return replay(conn, entry);
                     }
                     self.runner
-                        .run(conn, |conn| create_account(conn, user_id))?;
+                        .run_by(conn, deadline, |conn| create_account(conn, user_id))?;
                     created = true;
                 }
                 Ok(Step::CreateAccount(user_id)) => return Err(Error::AccountNotFound { user_id }),
                 Err(error) if error.replay_may_apply() => {
-                    return match self.existing(conn, request)? {
+                    return match self.existing(conn, request, deadline)? {
                         Some(entry) => replay(conn, entry),
                         None => Err(error),
                     }
@@ -704,8 +752,13 @@ impl BalanceLedger {
 
     /// The entry recorded under the request's key, if any; a different request under the same
     /// key is an [`Error::IdempotencyConflict`].
-    fn existing(&self, conn: &mut MysqlConnection, request: &Request<'_>) -> Result<Option<Entry>> {
-        let row: Option<EntryRow> = self.runner.read(conn, |conn| {
+    fn existing(
+        &self,
+        conn: &mut MysqlConnection,
+        request: &Request<'_>,
+        deadline: Deadline,
+    ) -> Result<Option<Entry>> {
+        let row: Option<EntryRow> = self.runner.read_by(conn, deadline, |conn| {
             Ok(balance_history::table
                 .filter(balance_history::user_id.eq(request.user_id))
                 .filter(balance_history::idempotency_key.eq(request.key))
@@ -713,15 +766,7 @@ impl BalanceLedger {
                 .first(conn)
                 .optional()?)
         })?;
-        let Some(row) = row else { return Ok(None) };
-        if row.request_hash != request.hash() {
-            return Err(Error::IdempotencyConflict {
-                user_id: request.user_id,
-                key: request.key.to_owned(),
-                existing_entry_id: row.id,
-            });
-        }
-        row.into_entry().map(Some)
+        row.map(|row| answer_from_journal(row, request)).transpose()
     }
 }
 
@@ -1066,176 +1111,250 @@ enum Decision {
 
 impl BalanceLedger {
     /// Applies many charges and deducts to ONE account in one transaction, in the given order,
-    /// each checked against the running balance. Each request gets its own result, exactly as the
-    /// single call would have answered it: a refused or invalid request never fails its
-    /// neighbours, keys keep their meaning (inside the batch and against the journal).
+    /// each checked against the running balance. Each request gets its own result, exactly as
+    /// the single calls made one after another would have answered it: a refused or invalid
+    /// request never fails its neighbours, keys keep their meaning (inside the batch and against
+    /// the journal), and a deduct that comes before the batch's first charge of an account that
+    /// does not exist yet is [`Error::AccountNotFound`].
     ///
-    /// The account row is locked once with `FOR UPDATE NOWAIT` and held for one multi-row INSERT,
-    /// `LAST_INSERT_ID()` (or an id lookup, where the server does not number one INSERT's rows
-    /// consecutively), one UPDATE and the COMMIT, whatever the batch size. The outer `Err` is a
-    /// failure of the whole transaction ([`Error::Contended`], [`Error::OutcomeUnknown`], ...):
-    /// then no request in the batch was applied (or, for `OutcomeUnknown`, all or none were).
+    /// Statement by statement (one [`Deadline`] for the whole call, shared by every step):
+    /// 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — the account row,
+    ///    locked once for the whole batch. A missing account is created first by a separate
+    ///    short transaction (`INSERT IGNORE`), as for a single charge, and only if the batch
+    ///    has a charge.
+    /// 2. With the row locked, every request is decided in order against the running balance;
+    ///    the accepted ones are written with ONE multi-row `INSERT` into the journal, then
+    ///    `LAST_INSERT_ID()` (or an id lookup through the unique key, where the server does not
+    ///    number one INSERT's rows consecutively), ONE `UPDATE` of the balance and `COMMIT`.
+    /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
+    ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
+    ///    journal, and the rest run again from step 1 (at most four rounds).
+    /// 4. After the commit, a request refused for the balance (or a missing account) under a key
+    ///    that the batch did not write is looked up in the journal, lock-free: a key that exists
+    ///    answers it, as it answers the single call.
+    ///
+    /// The outer `Err` is a failure before anything was committed ([`Error::Contended`],
+    /// [`Error::Timeout`], ...): then no request in the batch was applied (or, for
+    /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). Once the batch has committed
+    /// the call answers per request: the committed ones with their entries; a refused one whose
+    /// key could not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`].
     pub fn apply_many(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,
         ops: &[AccountOp],
     ) -> Result<Vec<Result<Entry>>> {
+        self.apply_many_by(conn, user_id, ops, self.runner.deadline())
+    }
+
+    /// [`apply_many`](Self::apply_many) by `deadline` (a combined batch's: its earliest caller's).
+    pub(crate) fn apply_many_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        ops: &[AccountOp],
+        deadline: Deadline,
+    ) -> Result<Vec<Result<Entry>>> {
         let requests: Vec<Request<'_>> = ops.iter().map(|op| op.request(user_id)).collect();
         let mut results: Vec<Option<Result<Entry>>> = requests
             .iter()
             .map(|r| validate_request(r).err().map(Err))
             .collect();
-        // Optimistic first: no key lookup before the write, as in the single path. A key already
-        // in the journal fails the INSERT as a duplicate (nothing written); the next round looks
-        // the keys up first (a lock-free read) and answers those requests from the journal.
-        let insert_ids = self.runner.insert_ids(conn)?;
+        // Whether the account was missing when the batch first locked it: then, as for single
+        // calls, a deduct before the batch's first charge finds no account.
+        let mut account_was_missing = false;
+        // Optimistic first: no key lookup before the write, as in the single path.
         let mut lookup_first = false;
         for round in 0.. {
             if lookup_first {
-                self.resolve_existing_keys(conn, &requests, &mut results)?;
+                // Nothing has been committed yet: a failure here fails the whole call.
+                let open = unanswered(&results);
+                let rows = self.journal_rows(conn, deadline, user_id, &requests, &open)?;
+                for index in open {
+                    results[index] = answer_from_rows(&rows, &requests[index]);
+                }
             }
-            let pending: Vec<usize> = (0..requests.len())
-                .filter(|i| results[*i].is_none())
-                .collect();
+            let pending = unanswered(&results);
             if pending.is_empty() {
                 break;
             }
-            let mut created = false;
-            let outcome = loop {
-                let attempt = self.runner.run(conn, |conn| {
-                    let Some(account) = lock_account(conn, user_id)? else {
-                        return Ok(Step::CreateAccount(user_id));
-                    };
-                    apply_planned(conn, insert_ids, &account, &requests, &pending).map(Step::Done)
-                });
-                match attempt {
-                    Ok(Step::CreateAccount(_)) if !created => {
-                        let any_charge = pending
-                            .iter()
-                            .any(|i| requests[*i].kind == EntryKind::Charge);
-                        if !any_charge {
-                            break Ok(None);
-                        }
-                        self.runner
-                            .run(conn, |conn| create_account(conn, user_id))?;
-                        created = true;
-                    }
-                    Ok(Step::CreateAccount(_)) => break Ok(None),
-                    Ok(Step::Done(decided)) => break Ok(Some(decided)),
-                    Err(e) => break Err(e),
-                }
-            };
-            match outcome {
-                Ok(Some(decided)) => {
-                    let written: HashSet<&str> = decided
-                        .iter()
-                        .filter(|(_, result)| result.is_ok())
-                        .map(|(index, _)| requests[*index].key)
-                        .collect();
-                    let mut refused = Vec::new();
-                    for (index, result) in decided {
-                        match result {
-                            // Keys this batch wrote were free when the request was refused.
-                            Err(e)
-                                if !lookup_first
-                                    && e.replay_may_apply()
-                                    && !written.contains(requests[index].key) =>
-                            {
-                                refused.push((index, e))
-                            }
-                            other => results[index] = Some(other),
-                        }
-                    }
-                    // A refusal under a key that already existed is answered from the journal.
-                    if !refused.is_empty() {
-                        self.resolve_existing_keys(conn, &requests, &mut results)?;
-                        for (index, refusal) in refused {
-                            results[index].get_or_insert(Err(refusal));
-                        }
-                    }
-                    break;
-                }
-                Ok(None) => {
-                    for index in pending {
-                        results[index] = Some(Err(Error::AccountNotFound { user_id }));
-                    }
-                    break;
-                }
+            let decided = match self.batch_round(
+                conn,
+                user_id,
+                &requests,
+                &pending,
+                deadline,
+                &mut account_was_missing,
+            ) {
+                Ok(decided) => decided,
                 Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) && round < 3 => {
                     lookup_first = true;
+                    continue;
                 }
                 Err(e) => return Err(e),
+            };
+            // From here on the batch has committed: every answer is per request.
+            let written: HashSet<&str> = decided
+                .iter()
+                .filter(|(_, result)| result.is_ok())
+                .map(|(index, _)| requests[*index].key)
+                .collect();
+            let mut refused = Vec::new();
+            for (index, result) in decided {
+                match result {
+                    // A key this batch wrote was free when the request was refused; any other
+                    // key may have been committed meanwhile (also between a lookup of an
+                    // earlier round and this round's lock), so it is looked up afterwards.
+                    Err(e) if e.replay_may_apply() && !written.contains(requests[index].key) => {
+                        refused.push((index, e))
+                    }
+                    other => results[index] = Some(other),
+                }
             }
+            if !refused.is_empty() {
+                let open: Vec<usize> = refused.iter().map(|(index, _)| *index).collect();
+                match self.journal_rows(conn, deadline, user_id, &requests, &open) {
+                    Ok(rows) => {
+                        for (index, refusal) in refused {
+                            results[index] = Some(
+                                answer_from_rows(&rows, &requests[index]).unwrap_or(Err(refusal)),
+                            );
+                        }
+                    }
+                    Err(failure) => {
+                        for (index, _) in refused {
+                            results[index] = Some(Err(outcome_unknown(&failure)));
+                        }
+                    }
+                }
+            }
+            break;
         }
         Ok(results
             .into_iter()
-            .map(|r| r.unwrap_or(Err(Error::AccountNotFound { user_id })))
+            .map(|r| r.unwrap_or_else(|| Err(Error::internal("batch request left unanswered"))))
             .collect())
     }
 
-    /// Answers every still-open request whose key is already in the journal (lock-free read).
-    fn resolve_existing_keys(
+    /// One round of a batch: the account-creation transaction if needed, then the batch
+    /// transaction; the decision for every pending request. Nothing is committed when it fails.
+    fn batch_round(
         &self,
         conn: &mut MysqlConnection,
+        user_id: i64,
         requests: &[Request<'_>],
-        results: &mut [Option<Result<Entry>>],
-    ) -> Result<()> {
-        let Some(user_id) = requests.first().map(|r| r.user_id) else {
-            return Ok(());
-        };
-        let keys: Vec<&str> = requests
-            .iter()
-            .zip(results.iter())
-            .filter(|(_, result)| result.is_none())
-            .map(|(r, _)| r.key)
-            .collect();
-        if keys.is_empty() {
-            return Ok(());
+        pending: &[usize],
+        deadline: Deadline,
+        account_was_missing: &mut bool,
+    ) -> Result<Vec<(usize, Result<Entry>)>> {
+        let mut created = false;
+        loop {
+            let missing = *account_was_missing;
+            let attempt = self.runner.run_by(conn, deadline, |conn| {
+                let insert_ids = self.runner.insert_ids(conn)?;
+                let Some(account) = lock_account(conn, user_id)? else {
+                    return Ok(Step::CreateAccount(user_id));
+                };
+                apply_planned(conn, insert_ids, &account, missing, requests, pending)
+                    .map(Step::Done)
+            })?;
+            match attempt {
+                Step::Done(decided) => return Ok(decided),
+                Step::CreateAccount(_) => {
+                    *account_was_missing = true;
+                    let any_charge = pending
+                        .iter()
+                        .any(|i| requests[*i].kind == EntryKind::Charge);
+                    if created || !any_charge {
+                        // As the single calls: no account, and nothing here creates one.
+                        let missing = || Err(Error::AccountNotFound { user_id });
+                        return Ok(pending.iter().map(|i| (*i, missing())).collect());
+                    }
+                    self.runner
+                        .run_by(conn, deadline, |conn| create_account(conn, user_id))?;
+                    created = true;
+                }
+            }
         }
-        let rows: Vec<EntryRow> = self.runner.read(conn, |conn| {
+    }
+
+    /// The journal rows of `user_id` under the keys of the requests `open` (lock-free snapshot).
+    fn journal_rows(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        user_id: i64,
+        requests: &[Request<'_>],
+        open: &[usize],
+    ) -> Result<Vec<EntryRow>> {
+        let keys: Vec<&str> = open.iter().map(|i| requests[*i].key).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.runner.read_by(conn, deadline, |conn| {
             Ok(balance_history::table
                 .filter(balance_history::user_id.eq(user_id))
                 .filter(balance_history::idempotency_key.eq_any(&keys))
                 .select(EntryRow::as_select())
                 .load(conn)?)
-        })?;
-        for (request, result) in requests.iter().zip(results.iter_mut()) {
-            if result.is_some() {
-                continue;
-            }
-            let Some(row) = rows
-                .iter()
-                .find(|r| r.idempotency_key.as_deref() == Some(request.key))
-            else {
-                continue;
-            };
-            *result = Some(if row.request_hash == request.hash() {
-                EntryRow::into_entry(row.clone())
-            } else {
-                Err(Error::IdempotencyConflict {
-                    user_id,
-                    key: request.key.to_owned(),
-                    existing_entry_id: row.id,
-                })
-            });
-        }
-        Ok(())
+        })
     }
+}
+
+/// The requests of a batch that have no answer yet.
+fn unanswered(results: &[Option<Result<Entry>>]) -> Vec<usize> {
+    (0..results.len())
+        .filter(|i| results[*i].is_none())
+        .collect()
+}
+
+/// The answer the journal gives `request`, if its key is among `rows`.
+fn answer_from_rows(rows: &[EntryRow], request: &Request<'_>) -> Option<Result<Entry>> {
+    rows.iter()
+        .find(|r| r.idempotency_key.as_deref() == Some(request.key))
+        .map(|row| answer_from_journal(row.clone(), request))
+}
+
+/// The answer to `request` when its key is already in the journal as `row`: the original entry
+/// for the same request, [`Error::IdempotencyConflict`] for a different one.
+fn answer_from_journal(row: EntryRow, request: &Request<'_>) -> Result<Entry> {
+    if row.request_hash != request.hash() {
+        return Err(Error::IdempotencyConflict {
+            user_id: request.user_id,
+            key: request.key.to_owned(),
+            existing_entry_id: row.id,
+        });
+    }
+    row.into_entry()
+}
+
+/// [`Error::OutcomeUnknown`] for a request that may have been applied (by another call with
+/// its key) but could not be checked because of `failure`: the server's error when there is one.
+fn outcome_unknown(failure: &Error) -> Error {
+    let source = failure.server_error().cloned().unwrap_or_else(|| {
+        ServerError::new(diesel::result::Error::QueryBuilderError(
+            failure.to_string().into(),
+        ))
+    });
+    Error::OutcomeUnknown { source }
 }
 
 /// Inside the batch transaction, with the account locked: decides every pending request in
 /// order against the running balance (as if they were made one after another), writes the
 /// accepted ones with one multi-row INSERT, reads their ids back and stores the final balance.
+/// `account_was_missing`: the account did not exist when the batch began, so until the first
+/// charge a deduct finds no account (the single call's answer).
 fn apply_planned(
     conn: &mut MysqlConnection,
     insert_ids: InsertIds,
     account: &Account,
+    account_was_missing: bool,
     requests: &[Request<'_>],
     pending: &[usize],
 ) -> Result<Vec<(usize, Result<Entry>)>> {
     let created_at = now();
     let mut running = *account;
+    let mut exists = !account_was_missing;
     // (request index, balance after, request hash) of every row to write.
     let mut new_rows: Vec<(usize, Decimal, String)> = Vec::new();
     let mut written_keys: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
@@ -1246,15 +1365,24 @@ fn apply_planned(
         let decision = match written_keys.get(request.key) {
             Some(&n) if new_rows[n].2 == hash => Decision::SameAs(n),
             Some(&n) => Decision::Conflict(n),
-            None => match balance_after(&running, request.kind, request.amount) {
-                Ok(after) => {
-                    running.balance = after;
-                    new_rows.push((index, after, hash));
-                    written_keys.insert(request.key, new_rows.len() - 1);
-                    Decision::New(new_rows.len() - 1)
+            None if !exists && request.kind == EntryKind::Deduct => {
+                Decision::Refused(Error::AccountNotFound {
+                    user_id: account.user_id,
+                })
+            }
+            None => {
+                // A single charge creates the account before it is decided.
+                exists = true;
+                match balance_after(&running, request.kind, request.amount) {
+                    Ok(after) => {
+                        running.balance = after;
+                        new_rows.push((index, after, hash));
+                        written_keys.insert(request.key, new_rows.len() - 1);
+                        Decision::New(new_rows.len() - 1)
+                    }
+                    Err(refusal) => Decision::Refused(refusal),
                 }
-                Err(refusal) => Decision::Refused(refusal),
-            },
+            }
         };
         decisions.push((index, decision));
     }

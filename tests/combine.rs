@@ -138,7 +138,7 @@ fn apply_many_is_sequential_per_request() {
     let ledger = BalanceLedger::new();
     let d = Decimal::new;
     let ops = vec![
-        AccountOp::deduct(d(15, 0), "d1"), // no account yet: refused
+        AccountOp::deduct(d(15, 0), "d1"), // no account yet: AccountNotFound, as the single call
         AccountOp::charge(d(10, 0), "c1"),
         AccountOp::deduct(d(15, 0), "d2"), // 10 < 15: refused, nothing written
         AccountOp::charge(d(10, 0), "c2"),
@@ -150,7 +150,7 @@ fn apply_many_is_sequential_per_request() {
     ];
     let results = ledger.apply_many(&mut conn, 3, &ops).expect("batch");
     assert!(
-        matches!(results[0], Err(Error::InsufficientBalance { .. })),
+        matches!(results[0], Err(Error::AccountNotFound { user_id: 3 })),
         "{:?}",
         results[0]
     );

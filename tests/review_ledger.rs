@@ -1,0 +1,768 @@
+//! Regression tests for the ledger findings of the independent review (findings 2, 4, 9 and
+//! 10c). Each test failed on the code before its fix; each checks the database afterwards.
+//!
+//! The races are made deterministic with the server's own locks, not with sleeps: a test holds
+//! a row lock or a table's metadata lock from another connection and waits (polling
+//! `information_schema`) until the ledger's connection is seen waiting for it.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::sql_types::{BigInt, Text};
+use lockstock::combine::{CombiningLedger, MysqlPool};
+use lockstock::schema::{balance_history, user_balance};
+use lockstock::{
+    AccountOp, BalanceLedger, Entry, EntryKind, Error, RetryPolicy, SessionSettings, TxnPolicy,
+};
+use rust_decimal::Decimal;
+
+fn dec(units: i64) -> Decimal {
+    Decimal::new(units, 0)
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn connection_id(conn: &mut MysqlConnection) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()"))
+        .get_result(conn)
+        .expect("connection id")
+}
+
+/// Whether connection `id` waits for a row lock. InnoDB refreshes the `INNODB_TRX` table only
+/// when it has not been read for 100 ms, so this pauses that long before reading it.
+fn waits_for_row_lock(admin: &mut MysqlConnection, id: i64) -> bool {
+    thread::sleep(Duration::from_millis(150));
+    diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
+         WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
+    )
+    .bind::<BigInt, _>(id)
+    .get_result::<Count>(admin)
+    .expect("INNODB_TRX")
+    .n > 0
+}
+
+/// Whether connection `id` waits for a table's metadata lock.
+fn waits_for_metadata_lock(admin: &mut MysqlConnection, id: i64) -> bool {
+    diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+         WHERE ID = ? AND STATE = 'Waiting for table metadata lock'",
+    )
+    .bind::<BigInt, _>(id)
+    .get_result::<Count>(admin)
+    .expect("PROCESSLIST")
+    .n > 0
+}
+
+/// Polls the server until `condition` holds (a liveness guard of 20 s, not a timed assertion).
+fn wait_until(
+    admin: &mut MysqlConnection,
+    what: &str,
+    mut condition: impl FnMut(&mut MysqlConnection) -> bool,
+) {
+    let started = Instant::now();
+    while !condition(admin) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never reached: {what}"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn count_key(conn: &mut MysqlConnection, user_id: i64, key: &str) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .filter(balance_history::idempotency_key.eq(key))
+        .count()
+        .get_result(conn)
+        .expect("count key")
+}
+
+fn journal_size(conn: &mut MysqlConnection, user_id: i64) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .count()
+        .get_result(conn)
+        .expect("count journal")
+}
+
+fn stored_balance(conn: &mut MysqlConnection, user_id: i64) -> Decimal {
+    user_balance::table
+        .find(user_id)
+        .select(user_balance::balance)
+        .first(conn)
+        .expect("balance")
+}
+
+fn audit_ok(ledger: &BalanceLedger, conn: &mut MysqlConnection, user_id: i64) {
+    match ledger.audit(conn, user_id) {
+        Ok(report) => assert!(report.is_consistent(), "{report:?}"),
+        Err(e) => panic!("audit of user {user_id}: {e}"),
+    }
+}
+
+/// The journal row behind a returned entry: (user, kind, amount, balance_after, key).
+fn stored_entry(
+    conn: &mut MysqlConnection,
+    id: i64,
+) -> Option<(i64, String, Decimal, Decimal, Option<String>)> {
+    balance_history::table
+        .find(id)
+        .select((
+            balance_history::user_id,
+            balance_history::kind,
+            balance_history::amount,
+            balance_history::balance_after,
+            balance_history::idempotency_key,
+        ))
+        .first(conn)
+        .optional()
+        .expect("entry")
+}
+
+fn assert_stored(conn: &mut MysqlConnection, entry: &Entry) {
+    assert_eq!(
+        stored_entry(conn, entry.id),
+        Some((
+            entry.user_id,
+            entry.kind.as_str().to_owned(),
+            entry.amount,
+            entry.balance_after,
+            entry.idempotency_key.clone(),
+        )),
+        "returned entry {entry:?} is not what the journal holds"
+    );
+}
+
+/// A ledger whose calls wait out the test's locks: long lock waits, a long deadline.
+fn patient_ledger() -> BalanceLedger {
+    let mut policy = TxnPolicy::default();
+    policy.lock_wait_timeout = Duration::from_secs(60);
+    let mut retry = RetryPolicy::default();
+    retry.max_attempts = 1_000_000;
+    retry.deadline = Duration::from_secs(60);
+    BalanceLedger::with_policy(policy.with_retry(retry))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 2
+// ---------------------------------------------------------------------------------------------
+
+/// The `request_hash` lockstock stores for `deduct(user, amount, key)`, read back from a
+/// scratch database (so the test does not restate the hash function).
+fn deduct_hash(user_id: i64, amount: Decimal, key: &str) -> String {
+    let (_url, mut conn) = common::fresh_database("review_f2_hash");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, user_id, amount, "scratch")
+        .expect("charge");
+    ledger
+        .deduct(&mut conn, user_id, amount, key)
+        .expect("deduct");
+    balance_history::table
+        .filter(balance_history::idempotency_key.eq(key))
+        .select(balance_history::request_hash)
+        .first(&mut conn)
+        .expect("hash")
+}
+
+/// A batch whose first round hits a key already in the journal looks the keys up, then runs a
+/// second round. Another connection commits `deduct(50, "K")` after that lookup and before the
+/// second round locks the account: the batch's own `deduct(50, "K")` is then refused for the
+/// balance — and must still be answered from the journal, as the single call is.
+///
+/// Made deterministic with three server locks: the `k0` journal record (so the first round
+/// waits while holding the account), the account row (taken by the other connection as soon as
+/// the first round rolls back) and the journal table's metadata lock (so the lookup has opened
+/// its snapshot but not read yet while the other connection commits).
+///
+/// Before the fix: `InsufficientBalance { available: 11, requested: 50 }`.
+#[test]
+fn finding_2_batch_replays_key_committed_by_another_connection() {
+    let hash = deduct_hash(1, dec(50), "K");
+    let (url, mut admin) = common::fresh_database("review_f2");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut admin, 1, dec(60), "seed").expect("seed");
+    let k0 = ledger.charge(&mut admin, 1, dec(1), "k0").expect("k0");
+
+    // G holds the k0 record (through the unique key index the batch's INSERT checks).
+    let mut g = common::connect(&url);
+    g.batch_execute("BEGIN").expect("begin G");
+    let locked: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(1i64))
+        .filter(balance_history::idempotency_key.eq("k0"))
+        .select(balance_history::id)
+        .for_update()
+        .first(&mut g)
+        .expect("lock k0");
+    assert_eq!(locked, k0.id);
+
+    // B: the batch. Its first round locks the account and waits for the k0 record.
+    let mut b = common::connect(&url);
+    let b_id = connection_id(&mut b);
+    let batch = thread::spawn(move || {
+        let ops = [
+            AccountOp::charge(dec(1), "k0"),
+            AccountOp::deduct(dec(50), "K"),
+        ];
+        patient_ledger().apply_many(&mut b, 1, &ops)
+    });
+    wait_until(&mut admin, "the batch waits for the k0 record", |a| {
+        waits_for_row_lock(a, b_id)
+    });
+
+    // H: the other connection's deduct(50, "K"); queues for the account row the batch holds.
+    let mut h = common::connect(&url);
+    let h_id = connection_id(&mut h);
+    h.batch_execute("SET SESSION innodb_lock_wait_timeout = 60; BEGIN")
+        .expect("begin H");
+    let other = thread::spawn(move || {
+        let balance: Decimal = user_balance::table
+            .find(1i64)
+            .select(user_balance::balance)
+            .for_update()
+            .first(&mut h)
+            .expect("lock the account");
+        assert_eq!(balance, dec(61));
+        diesel::sql_query(
+            "INSERT INTO balance_history \
+             (user_id, kind, amount, balance_after, idempotency_key, request_hash, created_at) \
+             VALUES (1, 'deduct', 50, 11, 'K', ?, UTC_TIMESTAMP(6))",
+        )
+        .bind::<Text, _>(&hash)
+        .execute(&mut h)
+        .expect("insert K");
+        diesel::sql_query(
+            "UPDATE user_balance SET balance = 11, version = version + 1 WHERE user_id = 1",
+        )
+        .execute(&mut h)
+        .expect("update balance");
+        let id: i64 = diesel::select(diesel::dsl::sql::<BigInt>("LAST_INSERT_ID()"))
+            .get_result(&mut h)
+            .expect("id");
+        h.batch_execute("COMMIT").expect("commit H");
+        id
+    });
+    wait_until(&mut admin, "H queues for the account row", |a| {
+        waits_for_row_lock(a, h_id)
+    });
+
+    // M: the journal's metadata lock, queued behind the batch's first round.
+    let mut m = common::connect(&url);
+    let m_id = connection_id(&mut m);
+    let (unlock, unlocked) = mpsc::channel::<()>();
+    let metadata = thread::spawn(move || {
+        m.batch_execute("LOCK TABLES balance_history WRITE")
+            .expect("lock tables");
+        unlocked.recv().expect("unlock signal");
+        m.batch_execute("UNLOCK TABLES").expect("unlock tables");
+    });
+    wait_until(
+        &mut admin,
+        "M queues for the journal's metadata lock",
+        |a| waits_for_metadata_lock(a, m_id),
+    );
+
+    // Release k0: the first round fails on the duplicate and rolls back; H gets the account,
+    // M the table; the batch's key lookup opens its snapshot and waits for the table.
+    g.batch_execute("ROLLBACK").expect("rollback G");
+    wait_until(
+        &mut admin,
+        "the batch's key lookup waits for the table",
+        |a| waits_for_metadata_lock(a, b_id),
+    );
+    unlock.send(()).expect("unlock");
+    metadata.join().expect("M");
+    let committed = other.join().expect("H");
+    let results = batch.join().expect("batch").expect("batch call");
+
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0].as_ref().expect("k0 replayed").id, k0.id);
+    match &results[1] {
+        Ok(entry) => {
+            assert_eq!(
+                entry.id, committed,
+                "not the entry the other connection wrote"
+            );
+            assert_eq!(entry.balance_after, dec(11));
+        }
+        Err(e) => panic!("deduct(50, \"K\") with K in the journal: {e:?}"),
+    }
+    // The single call agrees.
+    let single = ledger.deduct(&mut admin, 1, dec(50), "K").expect("single");
+    assert_eq!(single.id, committed);
+    // The database: one K, the balance and the journal agree.
+    assert_eq!(count_key(&mut admin, 1, "K"), 1);
+    assert_eq!(journal_size(&mut admin, 1), 3);
+    assert_eq!(stored_balance(&mut admin, 1), dec(11));
+    audit_ok(&ledger, &mut admin, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 4
+// ---------------------------------------------------------------------------------------------
+
+/// A server account that may lock and change balances and write the journal but not read the
+/// journal: the key lookup after a commit fails on the server ("SELECT command denied").
+fn journal_blind_url(url: &str, admin: &mut MysqlConnection, database: &str) -> String {
+    let user = "lockstock_blind";
+    for host in ["localhost", "%"] {
+        admin
+            .batch_execute(&format!(
+                "CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'blind'; \
+                 GRANT SELECT, INSERT, UPDATE ON `{database}`.`user_balance` TO '{user}'@'{host}'; \
+                 GRANT INSERT ON `{database}`.`balance_history` TO '{user}'@'{host}'"
+            ))
+            .expect("restricted user");
+    }
+    let rest = url.split_once('@').map_or(url, |(_, rest)| rest);
+    format!("mysql://{user}:blind@{rest}")
+}
+
+fn is_denied_outcome_unknown(result: &Result<Entry, Error>) -> bool {
+    match result {
+        Err(e @ Error::OutcomeUnknown { source }) => {
+            e.is_outcome_unknown() && source.message().to_lowercase().contains("denied")
+        }
+        _ => false,
+    }
+}
+
+/// A batch commits a charge, then the key lookup for its refused deduct fails. Before the fix
+/// the whole call was `Err(Server)` ("nothing was committed") although the charge committed.
+/// Now: the charge gets its entry, the refused deduct `OutcomeUnknown`.
+#[test]
+fn finding_4_committed_batch_never_answers_nothing_applied() {
+    let (url, mut admin) = common::fresh_database("review_f4");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(100), "seed")
+        .expect("seed");
+    let blind = journal_blind_url(&url, &mut admin, "review_f4");
+    let mut conn = common::connect(&blind);
+
+    let ops = [
+        AccountOp::charge(dec(10), "c1"),
+        AccountOp::deduct(dec(1_000), "big"),
+    ];
+    let results = match ledger.apply_many(&mut conn, 1, &ops) {
+        Ok(results) => results,
+        Err(e) => panic!("the batch committed c1, but the call answered {e:?}"),
+    };
+    let c1 = results[0].as_ref().expect("c1 committed");
+    assert_stored(&mut admin, c1);
+    assert_eq!(c1.balance_after, dec(110));
+    assert!(is_denied_outcome_unknown(&results[1]), "{:?}", results[1]);
+
+    assert_eq!(count_key(&mut admin, 1, "c1"), 1);
+    assert_eq!(count_key(&mut admin, 1, "big"), 0);
+    assert_eq!(stored_balance(&mut admin, 1), dec(110));
+    audit_ok(&ledger, &mut admin, 1);
+}
+
+/// The same through `CombiningLedger`: two callers combined into one batch that commits one of
+/// them. Before the fix both got a copy of the lookup's `Err(Server)`, with
+/// `is_outcome_unknown() == false`, although one had committed.
+///
+/// The two callers queue while the lane's first batch waits for an account row the test holds;
+/// the short pauses only let the threads enqueue, and the combiner's counts afterwards prove
+/// that the two were one batch.
+#[test]
+fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
+    let (url, mut admin) = common::fresh_database("review_f4c");
+    let patient = patient_ledger();
+    patient
+        .charge(&mut admin, 1, dec(100), "seed")
+        .expect("seed");
+    let blind = journal_blind_url(&url, &mut admin, "review_f4c");
+    let pool: MysqlPool = Pool::builder()
+        .max_size(2)
+        .connection_customizer(Box::new(SessionSettings::new(patient.policy().clone())))
+        .build(ConnectionManager::<MysqlConnection>::new(blind))
+        .expect("pool");
+    let hot = Arc::new(CombiningLedger::new(pool, patient.clone()));
+
+    // Hold the account: the first caller's batch (alone) waits for it.
+    let mut holder = common::connect(&url);
+    holder.batch_execute("BEGIN").expect("begin");
+    let _: Decimal = user_balance::table
+        .find(1i64)
+        .select(user_balance::balance)
+        .for_update()
+        .first(&mut holder)
+        .expect("hold the account");
+    let first = {
+        let hot = hot.clone();
+        thread::spawn(move || hot.charge(1, dec(1), "a"))
+    };
+    thread::sleep(Duration::from_millis(300));
+    let x = {
+        let hot = hot.clone();
+        thread::spawn(move || hot.charge(1, dec(10), "x"))
+    };
+    let y = {
+        let hot = hot.clone();
+        thread::spawn(move || hot.deduct(1, dec(1_000), "y"))
+    };
+    thread::sleep(Duration::from_millis(300));
+    holder.batch_execute("ROLLBACK").expect("release");
+
+    let first = first.join().expect("first");
+    let x = x.join().expect("x");
+    let y = y.join().expect("y");
+    let stats = hot.stats();
+    assert_eq!(
+        (stats.batches, stats.largest_batch),
+        (2, 2),
+        "x and y were not combined into one batch: {stats:?}"
+    );
+    assert_stored(&mut admin, first.as_ref().expect("a"));
+    match &x {
+        Ok(entry) => assert_stored(&mut admin, entry),
+        Err(e) => panic!(
+            "x committed but was answered {e:?} (outcome unknown: {})",
+            e.is_outcome_unknown()
+        ),
+    }
+    assert!(is_denied_outcome_unknown(&y), "{y:?}");
+    assert_eq!(count_key(&mut admin, 1, "x"), 1);
+    assert_eq!(count_key(&mut admin, 1, "y"), 0);
+    assert_eq!(stored_balance(&mut admin, 1), dec(111));
+    audit_ok(&patient, &mut admin, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 9
+// ---------------------------------------------------------------------------------------------
+
+const DEADLINE: Duration = Duration::from_millis(300);
+const SLACK: Duration = Duration::from_millis(100);
+
+fn short_policy() -> TxnPolicy {
+    let mut retry = RetryPolicy::default();
+    retry.deadline = DEADLINE;
+    TxnPolicy::default().with_retry(retry)
+}
+
+/// Holds account `user`'s row for 250 ms at a time, asking for it again 2 ms after each release
+/// (waiting, so it queues behind a ledger transaction that got in), until stopped: calls on the
+/// account are refused most of the time, and a call that got through once is often refused
+/// again in its next transaction.
+fn hot_row_holder(url: &str, user: i64, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    let mut conn = common::connect(url);
+    thread::spawn(move || {
+        conn.batch_execute("SET SESSION innodb_lock_wait_timeout = 30")
+            .expect("session");
+        while !stop.load(Ordering::SeqCst) {
+            conn.batch_execute("BEGIN").expect("begin");
+            let _: Decimal = user_balance::table
+                .find(user)
+                .select(user_balance::balance)
+                .for_update()
+                .first(&mut conn)
+                .expect("hold");
+            thread::sleep(Duration::from_millis(250));
+            conn.batch_execute("COMMIT").expect("commit");
+            thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
+
+/// One timed call: what, how long, the answer.
+type Timed = (String, Duration, Result<Vec<Entry>, String>);
+
+fn timed<T>(
+    what: String,
+    call: impl FnOnce() -> Result<T, Error>,
+    entries: impl Fn(T) -> Vec<Entry>,
+) -> Timed {
+    let started = Instant::now();
+    let result = call();
+    let elapsed = started.elapsed();
+    let answer = match result {
+        Ok(value) => Ok(entries(value)),
+        Err(e) => {
+            assert!(
+                matches!(
+                    e,
+                    Error::Contended { .. }
+                        | Error::Timeout { .. }
+                        | Error::OutcomeUnknown { .. }
+                        | Error::InsufficientBalance { .. }
+                ),
+                "{what}: unexpected answer {e:?}"
+            );
+            Err(format!("{e:?}"))
+        }
+    };
+    (what, elapsed, answer)
+}
+
+/// Every call of one deadline returns within deadline + 100 ms, whatever it went through:
+/// `apply_many` rounds (a replayed key forces a second round), combined callers queueing
+/// for a batch and for the one pooled connection, single charges, deducts and transfers to
+/// new accounts (account creation plus a second transaction) — all on an account another
+/// connection holds most of the time.
+///
+/// Before the fix: calls took up to about twice the deadline (each round, each transaction of a
+/// single call, and a combined batch after its queueing got a fresh deadline; pool checkout
+/// waited up to r2d2's 30 s).
+#[test]
+fn finding_9_deadline_bounds_ledger_calls() {
+    let (url, mut admin) = common::fresh_database("review_f9");
+    let ledger = BalanceLedger::with_policy(short_policy());
+    for user in 1..=3 {
+        ledger
+            .charge(&mut admin, user, dec(1_000_000), "seed")
+            .expect("seed");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let holder = hot_row_holder(&url, 1, stop.clone());
+    let calls: Arc<Mutex<Vec<Timed>>> = Arc::default();
+
+    // apply_many: every batch replays "seed" (in the journal), so it needs two rounds.
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                for i in 0..6 {
+                    let ops = [
+                        AccountOp::charge(dec(1_000_000), "seed"),
+                        AccountOp::deduct(dec(1), format!("m{t}-{i}")),
+                        AccountOp::charge(dec(2), format!("p{t}-{i}")),
+                    ];
+                    let call = timed(
+                        format!("apply_many {t}-{i}"),
+                        || ledger.apply_many(&mut conn, 1, &ops),
+                        |results| results.into_iter().filter_map(Result::ok).collect(),
+                    );
+                    calls.lock().expect("calls").push(call);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("apply_many thread");
+    }
+
+    // Combined callers on three accounts, one pooled connection between them.
+    let pool: MysqlPool = Pool::builder()
+        .max_size(1)
+        .connection_customizer(Box::new(SessionSettings::new(short_policy())))
+        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
+        .expect("pool");
+    let hot = Arc::new(CombiningLedger::new(pool.clone(), ledger.clone()));
+    // The pool's one connection is busy for the first 600 ms: checkouts wait.
+    let busy = pool.get().expect("the pooled connection");
+    let barrier = Arc::new(Barrier::new(10));
+    let threads: Vec<_> = (0..9i64)
+        .map(|t| {
+            let (hot, calls, barrier) = (hot.clone(), calls.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                let user = 1 + t % 3;
+                for i in 0..8 {
+                    let key = format!("c{t}-{i}");
+                    let call = if i % 2 == 0 {
+                        timed(
+                            format!("combined charge {key} on {user}"),
+                            || hot.charge(user, dec(3), &key),
+                            |e| vec![e],
+                        )
+                    } else {
+                        timed(
+                            format!("combined deduct {key} on {user}"),
+                            || hot.deduct(user, dec(1), &key),
+                            |e| vec![e],
+                        )
+                    };
+                    calls.lock().expect("calls").push(call);
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    thread::sleep(Duration::from_millis(600));
+    drop(busy);
+    for thread in threads {
+        thread.join().expect("combined thread");
+    }
+
+    // Single calls: charges, deducts and transfers from the held account to new accounts.
+    let threads: Vec<_> = (0..6i64)
+        .map(|t| {
+            let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                for i in 0..6i64 {
+                    let key = format!("s{t}-{i}");
+                    let call = match i % 3 {
+                        0 => timed(
+                            format!("deduct {key}"),
+                            || ledger.deduct(&mut conn, 1, dec(1), &key),
+                            |e| vec![e],
+                        ),
+                        1 => timed(
+                            format!("charge {key}"),
+                            || ledger.charge(&mut conn, 1, dec(1), &key),
+                            |e| vec![e],
+                        ),
+                        _ => {
+                            let to = 1_000 + t * 10 + i;
+                            timed(
+                                format!("transfer {key} to new account {to}"),
+                                || ledger.transfer(&mut conn, 1, to, dec(1), &key),
+                                |tr| vec![tr.debit, tr.credit],
+                            )
+                        }
+                    };
+                    calls.lock().expect("calls").push(call);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("single-call thread");
+    }
+    stop.store(true, Ordering::SeqCst);
+    holder.join().expect("holder");
+
+    let calls = std::mem::take(&mut *calls.lock().expect("calls"));
+    let late: Vec<&Timed> = calls
+        .iter()
+        .filter(|(_, elapsed, _)| *elapsed > DEADLINE + SLACK)
+        .collect();
+    let worst = calls.iter().map(|(_, e, _)| *e).max().unwrap_or_default();
+    let ok = calls.iter().filter(|(_, _, r)| r.is_ok()).count();
+    eprintln!(
+        "finding_9: {} calls, {ok} ok, {} late, worst {worst:?}",
+        calls.len(),
+        late.len()
+    );
+    for (what, elapsed, answer) in late.iter().take(20) {
+        eprintln!("  late: {what} took {elapsed:?}: {answer:?}");
+    }
+    assert!(
+        late.is_empty(),
+        "{} of {} calls returned later than {:?}",
+        late.len(),
+        calls.len(),
+        DEADLINE + SLACK
+    );
+
+    // The database: every returned entry is in the journal, every touched account audits.
+    let mut users: Vec<i64> = vec![1, 2, 3];
+    for (_, _, answer) in &calls {
+        for entry in answer.iter().flatten() {
+            assert_stored(&mut admin, entry);
+            users.push(entry.user_id);
+        }
+    }
+    users.sort_unstable();
+    users.dedup();
+    for user in users {
+        audit_ok(&ledger, &mut admin, user);
+    }
+    assert_eq!(count_key(&mut admin, 1, "seed"), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 10c
+// ---------------------------------------------------------------------------------------------
+
+/// A deduct that comes before any charge of a not-yet-existing account is `AccountNotFound` in
+/// a batch, as it is for the single call; after the batch's charge created the account, the
+/// usual rules. Before the fix: `InsufficientBalance { available: 0 }`.
+#[test]
+fn finding_10c_batch_deduct_before_first_charge_is_account_not_found() {
+    let (_url, mut conn) = common::fresh_database("review_f10c");
+    let ledger = BalanceLedger::new();
+    let ops = [
+        AccountOp::deduct(dec(10), "d1"),
+        AccountOp::deduct(dec(10), "d1"),
+        AccountOp::charge(dec(20), "c1"),
+        AccountOp::deduct(dec(10), "d2"),
+        AccountOp::deduct(dec(50), "d3"),
+        AccountOp::deduct(dec(10), "d1"),
+    ];
+    // The same requests as single calls, on account 8.
+    let singles: Vec<Result<Entry, Error>> = ops
+        .iter()
+        .map(|op| match op {
+            AccountOp::Charge { amount, key } => ledger.charge(&mut conn, 8, *amount, key),
+            AccountOp::Deduct { amount, key } => ledger.deduct(&mut conn, 8, *amount, key),
+            _ => unreachable!("only charges and deducts"),
+        })
+        .collect();
+    let batch = ledger.apply_many(&mut conn, 5, &ops).expect("batch");
+
+    for (i, (single, batched)) in singles.iter().zip(&batch).enumerate() {
+        match (single, batched) {
+            (Ok(s), Ok(b)) => assert_eq!(
+                (s.kind, s.amount, s.balance_after),
+                (b.kind, b.amount, b.balance_after),
+                "request {i}"
+            ),
+            (
+                Err(Error::AccountNotFound { user_id: 8 }),
+                Err(Error::AccountNotFound { user_id: 5 }),
+            ) => {}
+            (
+                Err(Error::InsufficientBalance {
+                    available: a,
+                    requested: r,
+                    ..
+                }),
+                Err(Error::InsufficientBalance {
+                    available: b,
+                    requested: q,
+                    ..
+                }),
+            ) if (a, r) == (b, q) => {}
+            (s, b) => panic!("request {i}: single call {s:?}, batch {b:?}"),
+        }
+    }
+    assert!(
+        matches!(batch[0], Err(Error::AccountNotFound { user_id: 5 })),
+        "{:?}",
+        batch[0]
+    );
+    assert_eq!(
+        batch[5]
+            .as_ref()
+            .expect("d1 after the charge")
+            .balance_after,
+        dec(0)
+    );
+    // The database: c1, d2 and the late d1; d3 refused; the balance and journal agree.
+    assert_eq!(journal_size(&mut conn, 5), 3);
+    assert_eq!(count_key(&mut conn, 5, "d3"), 0);
+    assert_eq!(stored_balance(&mut conn, 5), dec(0));
+    assert_eq!(journal_size(&mut conn, 8), 3);
+    let kinds: Vec<String> = balance_history::table
+        .filter(balance_history::user_id.eq(5i64))
+        .order(balance_history::id.asc())
+        .select(balance_history::kind)
+        .load(&mut conn)
+        .expect("kinds");
+    assert_eq!(
+        kinds,
+        [EntryKind::Charge, EntryKind::Deduct, EntryKind::Deduct].map(|k| k.as_str().to_owned())
+    );
+    audit_ok(&ledger, &mut conn, 5);
+    audit_ok(&ledger, &mut conn, 8);
+}
