@@ -56,19 +56,29 @@ pub enum Discount {
 }
 
 impl Discount {
-    /// The discount on an order of `total`: never more than the total, percentages rounded down
-    /// to 4 decimal places and capped.
+    /// The discount on an order of `total`: never negative, never more than the total,
+    /// percentages rounded down to 4 decimal places and capped. Never panics: a discount built
+    /// by hand with values [`create_coupon`](CouponIssuer::create_coupon) would refuse is
+    /// clamped (a percentage to 0..=100, an amount or cap to 0..=total).
     pub fn apply_to(&self, total: Decimal) -> Decimal {
         let total = total.max(Decimal::ZERO);
         let raw = match *self {
             Self::Fixed(amount) => amount,
             Self::Percent { percent, cap } => {
-                let off = (total * percent / Decimal::ONE_HUNDRED)
+                let percent = percent.clamp(Decimal::ZERO, Decimal::ONE_HUNDRED);
+                // total * percent overflows for totals near Decimal::MAX; dividing first cannot
+                // (percent <= 100 keeps the product <= total), at the cost of digits that large
+                // totals do not have anyway.
+                let off = total
+                    .checked_mul(percent)
+                    .and_then(|product| product.checked_div(Decimal::ONE_HUNDRED))
+                    .or_else(|| (total / Decimal::ONE_HUNDRED).checked_mul(percent))
+                    .unwrap_or(total)
                     .round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero);
                 cap.map_or(off, |cap| off.min(cap))
             }
         };
-        raw.min(total)
+        raw.clamp(Decimal::ZERO, total)
     }
 
     fn validate(&self) -> Result<()> {
@@ -1090,6 +1100,62 @@ mod tests {
         .validate()
         .is_err());
         assert!(Discount::Fixed(d(0, 0)).validate().is_err());
+    }
+
+    /// Finding 10e: `apply_to` never panics, whatever the discount and total, and the discount
+    /// stays between zero and the total.
+    #[test]
+    fn finding_10e_apply_to_never_panics() {
+        let extremes = [
+            Decimal::MAX,
+            Decimal::MIN,
+            Decimal::ZERO,
+            Decimal::ONE,
+            Decimal::NEGATIVE_ONE,
+            Decimal::ONE_HUNDRED,
+            Decimal::new(1, 28),
+            Decimal::new(-1, 28),
+            Decimal::new(999_999_999, 4),
+            Decimal::MAX / Decimal::ONE_HUNDRED,
+            Decimal::new(333_333, 4),
+        ];
+        let mut discounts = Vec::new();
+        for &value in &extremes {
+            discounts.push(Discount::Fixed(value));
+            discounts.push(Discount::Percent {
+                percent: value,
+                cap: None,
+            });
+            for &cap in &extremes {
+                discounts.push(Discount::Percent {
+                    percent: value,
+                    cap: Some(cap),
+                });
+            }
+        }
+        for discount in &discounts {
+            for &total in &extremes {
+                let off = discount.apply_to(total);
+                assert!(
+                    off >= Decimal::ZERO && off <= total.max(Decimal::ZERO),
+                    "{discount:?} on {total}: {off}"
+                );
+            }
+        }
+        let full = Discount::Percent {
+            percent: Decimal::ONE_HUNDRED,
+            cap: None,
+        };
+        assert_eq!(full.apply_to(Decimal::MAX), Decimal::MAX);
+        let half = Discount::Percent {
+            percent: Decimal::new(50, 0),
+            cap: None,
+        };
+        let off = half.apply_to(Decimal::MAX);
+        assert!(
+            off > Decimal::MAX / Decimal::new(3, 0) && off < Decimal::MAX,
+            "{off}"
+        );
     }
 
     #[test]
