@@ -329,8 +329,15 @@ pub type Clock = Arc<dyn Fn() -> NaiveDateTime + Send + Sync>;
 ///
 /// issuer.redeem(&mut conn, mine.id, "order-1001")?;
 /// assert!(matches!(issuer.redeem(&mut conn, mine.id, "order-1002"), Err(Error::AlreadyRedeemed { .. })));
-/// issuer.restore(&mut conn, mine.id)?; // order 1001 was cancelled
+/// // A retry by the order that holds the coupon is answered with the coupon, unchanged.
+/// assert_eq!(issuer.redeem(&mut conn, mine.id, "order-1001")?.order_ref.as_deref(), Some("order-1001"));
+/// issuer.restore(&mut conn, mine.id, "order-1001")?; // order 1001 was cancelled
 /// issuer.redeem(&mut conn, mine.id, "order-1003")?;
+/// // A repeated cancel of order 1001 does not free the coupon order 1003 holds.
+/// assert!(matches!(
+///     issuer.restore(&mut conn, mine.id, "order-1001"),
+///     Err(Error::RedeemedByAnotherOrder { .. })
+/// ));
 /// # Ok(())
 /// # }
 /// ```
@@ -399,6 +406,12 @@ impl CouponIssuer {
     pub fn with_sold_out_ttl(mut self, ttl: Duration) -> Self {
         self.sold_out_ttl = Some(ttl);
         self
+    }
+
+    /// The clock's time, at the microsecond precision of DATETIME(6) (what is returned is what
+    /// is stored).
+    fn now(&self) -> NaiveDateTime {
+        to_micros((self.clock)())
     }
 
     /// The policy.
@@ -657,6 +670,9 @@ impl CouponIssuer {
 
     /// Marks a held coupon used on order `order_ref` (1 to 64 bytes). Exactly one of concurrent
     /// redeems wins; the others get [`Error::AlreadyRedeemed`].
+    ///
+    /// Safe to retry (after [`Error::OutcomeUnknown`], say): a coupon already redeemed by the
+    /// same `order_ref` is returned as it is, unchanged, whatever the time now.
     pub fn redeem(
         &self,
         conn: &mut MysqlConnection,
@@ -664,17 +680,17 @@ impl CouponIssuer {
         order_ref: &str,
     ) -> Result<IssuedCoupon> {
         validate_id("user coupon", user_coupon_id)?;
-        if order_ref.is_empty() || order_ref.len() > MAX_ORDER_REF_BYTES {
-            return Err(Error::InvalidInput {
-                field: "order_ref",
-                problem: "must be 1 to 64 bytes",
-            });
-        }
-        let at = (self.clock)();
-        self.runner.run(conn, |conn| {
+        validate_order_ref(order_ref)?;
+        let deadline = self.runner.deadline();
+        self.runner.run_by(conn, deadline, |conn| {
+            let at = self.now();
             let mut held = lock_user_coupon(conn, user_coupon_id)?;
             if held.status == CouponStatus::Used {
-                return Err(Error::AlreadyRedeemed { user_coupon_id });
+                return if held.order_ref.as_deref() == Some(order_ref) {
+                    Ok(held)
+                } else {
+                    Err(Error::AlreadyRedeemed { user_coupon_id })
+                };
             }
             check_validity(conn, &held, at)?;
             diesel::update(user_coupon::table.find(user_coupon_id))
@@ -691,15 +707,36 @@ impl CouponIssuer {
         })
     }
 
-    /// Gives a redeemed coupon back to its holder (the order was cancelled), if the coupon is
-    /// still within its validity window; otherwise [`Error::CouponNotValid`].
-    pub fn restore(&self, conn: &mut MysqlConnection, user_coupon_id: i64) -> Result<IssuedCoupon> {
+    /// Gives a coupon redeemed on order `order_ref` back to its holder (the order was
+    /// cancelled), if the coupon is still within its validity window; otherwise
+    /// [`Error::CouponNotValid`].
+    ///
+    /// Only the order that holds the coupon can give it back: a coupon redeemed by another order
+    /// is refused with [`Error::RedeemedByAnotherOrder`], one not redeemed with
+    /// [`Error::NotRedeemed`]. So a repeated cancel — or a retry after [`Error::OutcomeUnknown`]
+    /// whose first attempt did restore the coupon — never frees a later order's redemption: it
+    /// answers `NotRedeemed` (or `RedeemedByAnotherOrder` once another order used the coupon),
+    /// both meaning "this order does not hold the coupon (any more)", with nothing written.
+    pub fn restore(
+        &self,
+        conn: &mut MysqlConnection,
+        user_coupon_id: i64,
+        order_ref: &str,
+    ) -> Result<IssuedCoupon> {
         validate_id("user coupon", user_coupon_id)?;
-        let at = (self.clock)();
-        self.runner.run(conn, |conn| {
+        validate_order_ref(order_ref)?;
+        let deadline = self.runner.deadline();
+        self.runner.run_by(conn, deadline, |conn| {
+            let at = self.now();
             let mut held = lock_user_coupon(conn, user_coupon_id)?;
             if held.status != CouponStatus::Used {
                 return Err(Error::NotRedeemed { user_coupon_id });
+            }
+            if held.order_ref.as_deref() != Some(order_ref) {
+                return Err(Error::RedeemedByAnotherOrder {
+                    user_coupon_id,
+                    order_ref: order_ref.to_owned(),
+                });
             }
             check_validity(conn, &held, at)?;
             diesel::update(user_coupon::table.find(user_coupon_id))
@@ -799,6 +836,16 @@ impl CouponIssuer {
             user_coupon_id,
         })
     }
+}
+
+fn validate_order_ref(order_ref: &str) -> Result<()> {
+    if order_ref.is_empty() || order_ref.len() > MAX_ORDER_REF_BYTES {
+        return Err(Error::InvalidInput {
+            field: "order_ref",
+            problem: "must be 1 to 64 bytes",
+        });
+    }
+    Ok(())
 }
 
 fn positive_quantity(quantity: u32) -> Result<i32> {

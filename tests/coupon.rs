@@ -485,7 +485,7 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
-            issuer.restore(&mut conn, bad),
+            issuer.restore(&mut conn, bad, "order-1"),
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
@@ -760,13 +760,15 @@ fn concurrent_redeems_exactly_one_wins() {
     assert!(used_at.is_some());
 
     // Restore, then redeem again on another order.
-    let restored = issuer.restore(&mut conn, held.id).expect("restore");
+    let restored = issuer
+        .restore(&mut conn, held.id, winning_order)
+        .expect("restore");
     assert_eq!(restored.status, CouponStatus::Issued);
     assert_eq!(
         user_coupon_row(&mut conn, held.id),
         ("issued".into(), None, None)
     );
-    match issuer.restore(&mut conn, held.id) {
+    match issuer.restore(&mut conn, held.id, winning_order) {
         Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
         other => panic!("restore of a held coupon: expected NotRedeemed, got {other:?}"),
     }
@@ -837,7 +839,7 @@ fn redeem_and_restore_respect_validity_and_input() {
     // Expired (valid_until is exclusive): restore refused, the coupon stays used.
     clock.set(valid_until);
     assert!(matches!(
-        issuer.restore(&mut conn, held.id),
+        issuer.restore(&mut conn, held.id, "on-time"),
         Err(Error::CouponNotValid { .. })
     ));
     assert_eq!(
@@ -847,7 +849,7 @@ fn redeem_and_restore_respect_validity_and_input() {
     // One microsecond earlier it is still valid: restore, then redeem is refused once expired.
     clock.set(valid_until - us(1));
     issuer
-        .restore(&mut conn, held.id)
+        .restore(&mut conn, held.id, "on-time")
         .expect("restore before valid_until");
     clock.set(valid_until + Duration::days(1));
     assert!(matches!(
@@ -871,7 +873,7 @@ fn redeem_and_restore_respect_validity_and_input() {
         other => panic!("expected UserCouponNotFound, got {other:?}"),
     }
     assert!(matches!(
-        issuer.restore(&mut conn, held.id + 1_000),
+        issuer.restore(&mut conn, held.id + 1_000, "x"),
         Err(Error::UserCouponNotFound { .. })
     ));
 
