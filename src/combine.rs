@@ -359,10 +359,15 @@ impl CombiningIssuer {
         self.combiner
             .submit(campaign_id, user_id, wait_limit, |campaign, users| {
                 let mut conn = self.pool.get().map_err(pool_error)?;
+                let deadline = self.issuer.runner().deadline();
                 // Alone in its batch: the single-request path is shorter than a batch of one.
                 match users.as_slice() {
-                    [user_id] => Ok(vec![self.issuer.issue(&mut conn, *user_id, *campaign)]),
-                    _ => self.issuer.issue_many(&mut conn, *campaign, &users),
+                    [user_id] => Ok(vec![self
+                        .issuer
+                        .issue_by(&mut conn, *user_id, *campaign, deadline)]),
+                    _ => self
+                        .issuer
+                        .issue_many_by(&mut conn, *campaign, &users, deadline),
                 }
             })
     }

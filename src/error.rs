@@ -484,6 +484,17 @@ pub enum Error {
         /// The order given.
         order_ref: String,
     },
+    /// The restock key was already used for a different restock of the campaign (another
+    /// quantity). Nothing was written.
+    #[error("restock key {key:?} of campaign {campaign_id} was used for a restock of {recorded_additional}")]
+    RestockConflict {
+        /// The campaign.
+        campaign_id: i64,
+        /// The key.
+        key: String,
+        /// The quantity the key's restock added.
+        recorded_additional: u32,
+    },
     /// The row stayed locked by others: retries or the deadline ran out. Nothing was written;
     /// the same call (with the same idempotency key) may be retried.
     #[error("contended: gave up after {attempts} attempts in {elapsed:?}")]

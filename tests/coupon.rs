@@ -461,7 +461,7 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
         Err(Error::CampaignNotFound { .. })
     ));
     assert!(matches!(
-        issuer.restock(&mut conn, 999_999, 5),
+        issuer.restock(&mut conn, 999_999, 5, "restock-1"),
         Err(Error::CampaignNotFound { .. })
     ));
 
@@ -497,7 +497,7 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
-            issuer.restock(&mut conn, bad, 1),
+            issuer.restock(&mut conn, bad, 1, "restock-1"),
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
@@ -666,7 +666,7 @@ fn sold_out_is_cached_until_restock() {
     drop(doomed);
 
     // Restock 0 is refused and changes nothing; the cache stays.
-    match issuer.restock(&mut conn, campaign.id, 0) {
+    match issuer.restock(&mut conn, campaign.id, 0, "restock-0") {
         Err(Error::InvalidInput {
             field: "quantity", ..
         }) => {}
@@ -679,7 +679,9 @@ fn sold_out_is_cached_until_restock() {
     ));
 
     // Restock clears the cache: the next issue succeeds and the stock reflects it.
-    let restocked = issuer.restock(&mut conn, campaign.id, 2).expect("restock");
+    let restocked = issuer
+        .restock(&mut conn, campaign.id, 2, "restock-1")
+        .expect("restock");
     assert_eq!((restocked.total_quantity, restocked.stock_quantity), (3, 2));
     assert_eq!(stock_row(&mut conn, campaign.id), (3, 2));
     let second = issuer
@@ -991,7 +993,9 @@ fn restock_is_not_undone_by_a_stale_sold_out_read() {
             })
             .collect();
         thread::sleep(std::time::Duration::from_millis(2));
-        issuer.restock(&mut conn, campaign.id, 1).expect("restock");
+        issuer
+            .restock(&mut conn, campaign.id, 1, &format!("round-{round}"))
+            .expect("restock");
         thread::sleep(std::time::Duration::from_millis(2));
         done.store(true, Ordering::SeqCst);
         for reader in readers {
@@ -1025,7 +1029,7 @@ fn sold_out_ttl_lets_other_issuers_see_a_restock() {
         ));
     }
     admin
-        .restock(&mut conn, campaign.id, 2)
+        .restock(&mut conn, campaign.id, 2, "restock-1")
         .expect("restock elsewhere");
     // Within the TTL both still answer from memory.
     assert!(matches!(
