@@ -1,5 +1,5 @@
-//! Quickstart: charge, deduct, refund, transfer and issue a coupon against a throwaway MariaDB
-//! (or `DATABASE_URL`), printing what happened.
+//! Quickstart: charge, deduct, refund, transfer, and issue, redeem, restore and restock coupons
+//! against a throwaway MariaDB (or `DATABASE_URL`), printing what happened.
 //!
 //! `cargo run --example quickstart`
 
@@ -132,5 +132,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         used.status,
         coupon.discount.apply_to(Decimal::new(30_000, 0))
     );
+    // The order is cancelled: only the order that used the coupon can give it back, so a
+    // repeated cancel never frees a later order's coupon.
+    let back = issuer.restore(&mut conn, issued.id, &format!("order-{run}"))?;
+    println!(
+        "restore  coupon {} (order cancelled) -> {:?}",
+        back.id, back.status
+    );
+    let key = format!("restock-{run}");
+    let more = issuer.restock(&mut conn, campaign.id, 10, &key)?;
+    let again = issuer.restock(&mut conn, campaign.id, 10, &key)?;
+    println!(
+        "restock  +10, retried with the same key -> {} left, then {} (applied once)",
+        more.stock_quantity, again.stock_quantity
+    );
+    match issuer.issue(&mut conn, bob, campaign.id) {
+        Ok(c) => println!("issue    bob               -> coupon {}", c.id),
+        other => println!("issue    bob               -> unexpected {other:?}"),
+    }
     Ok(())
 }

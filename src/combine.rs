@@ -413,8 +413,12 @@ impl CombiningIssuer {
                 let mut conn = checkout(&self.pool, deadline)?;
                 // Alone in its batch: the single-request path is shorter than a batch of one.
                 match users.as_slice() {
-                    [user_id] => Ok(vec![self.issuer.issue(&mut conn, *user_id, *campaign)]),
-                    _ => self.issuer.issue_many(&mut conn, *campaign, &users),
+                    [user_id] => Ok(vec![self
+                        .issuer
+                        .issue_by(&mut conn, *user_id, *campaign, deadline)]),
+                    _ => self
+                        .issuer
+                        .issue_many_by(&mut conn, *campaign, &users, deadline),
                 }
             },
         )

@@ -500,6 +500,27 @@ pub enum Error {
     /// journal disagree.
     #[error("audit of user {} failed: {}", .0.user_id, .0.problems.join("; "))]
     AuditFailed(Box<crate::ledger::AuditReport>),
+    /// The coupon is redeemed, but by another order than the one given: a restore for an order
+    /// that does not hold the coupon (a cancel repeated after the coupon was used again).
+    /// Nothing was written.
+    #[error("coupon {user_coupon_id} is not redeemed by order {order_ref:?}")]
+    RedeemedByAnotherOrder {
+        /// The coupon.
+        user_coupon_id: i64,
+        /// The order given.
+        order_ref: String,
+    },
+    /// The restock key was already used for a different restock of the campaign (another
+    /// quantity). Nothing was written.
+    #[error("restock key {key:?} of campaign {campaign_id} was used for a restock of {recorded_additional}")]
+    RestockConflict {
+        /// The campaign.
+        campaign_id: i64,
+        /// The key.
+        key: String,
+        /// The quantity the key's restock added.
+        recorded_additional: u32,
+    },
     /// The row stayed locked by others: retries or the deadline ran out. Nothing was written;
     /// the same call (with the same idempotency key) may be retried.
     #[error("contended: gave up after {attempts} attempts in {elapsed:?}")]

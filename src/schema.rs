@@ -65,6 +65,20 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// Restocks of campaigns, at most one per (campaign, idempotency key).
+    fcfs_coupon_restock (id) {
+        id -> BigInt,
+        fcfs_coupon_id -> BigInt,
+        #[max_length = 64]
+        idempotency_key -> Varchar,
+        additional -> Integer,
+        total_after -> Integer,
+        stock_after -> Integer,
+        created_at -> Datetime,
+    }
+}
+
+diesel::table! {
     /// Issued coupons, at most one per (user, coupon template).
     user_coupon (id) {
         id -> BigInt,
@@ -82,6 +96,7 @@ diesel::table! {
 
 diesel::joinable!(balance_history -> user_balance (user_id));
 diesel::joinable!(fcfs_coupon -> coupon (coupon_id));
+diesel::joinable!(fcfs_coupon_restock -> fcfs_coupon (fcfs_coupon_id));
 diesel::joinable!(user_coupon -> coupon (coupon_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -89,5 +104,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     balance_history,
     coupon,
     fcfs_coupon,
+    fcfs_coupon_restock,
     user_coupon,
 );

@@ -461,7 +461,7 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
         Err(Error::CampaignNotFound { .. })
     ));
     assert!(matches!(
-        issuer.restock(&mut conn, 999_999, 5),
+        issuer.restock(&mut conn, 999_999, 5, "restock-1"),
         Err(Error::CampaignNotFound { .. })
     ));
 
@@ -485,7 +485,7 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
-            issuer.restore(&mut conn, bad),
+            issuer.restore(&mut conn, bad, "order-1"),
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
@@ -497,7 +497,7 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
-            issuer.restock(&mut conn, bad, 1),
+            issuer.restock(&mut conn, bad, 1, "restock-1"),
             Err(Error::InvalidId { .. })
         ));
         assert!(matches!(
@@ -666,7 +666,7 @@ fn sold_out_is_cached_until_restock() {
     drop(doomed);
 
     // Restock 0 is refused and changes nothing; the cache stays.
-    match issuer.restock(&mut conn, campaign.id, 0) {
+    match issuer.restock(&mut conn, campaign.id, 0, "restock-0") {
         Err(Error::InvalidInput {
             field: "quantity", ..
         }) => {}
@@ -679,7 +679,9 @@ fn sold_out_is_cached_until_restock() {
     ));
 
     // Restock clears the cache: the next issue succeeds and the stock reflects it.
-    let restocked = issuer.restock(&mut conn, campaign.id, 2).expect("restock");
+    let restocked = issuer
+        .restock(&mut conn, campaign.id, 2, "restock-1")
+        .expect("restock");
     assert_eq!((restocked.total_quantity, restocked.stock_quantity), (3, 2));
     assert_eq!(stock_row(&mut conn, campaign.id), (3, 2));
     let second = issuer
@@ -760,13 +762,15 @@ fn concurrent_redeems_exactly_one_wins() {
     assert!(used_at.is_some());
 
     // Restore, then redeem again on another order.
-    let restored = issuer.restore(&mut conn, held.id).expect("restore");
+    let restored = issuer
+        .restore(&mut conn, held.id, winning_order)
+        .expect("restore");
     assert_eq!(restored.status, CouponStatus::Issued);
     assert_eq!(
         user_coupon_row(&mut conn, held.id),
         ("issued".into(), None, None)
     );
-    match issuer.restore(&mut conn, held.id) {
+    match issuer.restore(&mut conn, held.id, winning_order) {
         Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
         other => panic!("restore of a held coupon: expected NotRedeemed, got {other:?}"),
     }
@@ -837,7 +841,7 @@ fn redeem_and_restore_respect_validity_and_input() {
     // Expired (valid_until is exclusive): restore refused, the coupon stays used.
     clock.set(valid_until);
     assert!(matches!(
-        issuer.restore(&mut conn, held.id),
+        issuer.restore(&mut conn, held.id, "on-time"),
         Err(Error::CouponNotValid { .. })
     ));
     assert_eq!(
@@ -847,7 +851,7 @@ fn redeem_and_restore_respect_validity_and_input() {
     // One microsecond earlier it is still valid: restore, then redeem is refused once expired.
     clock.set(valid_until - us(1));
     issuer
-        .restore(&mut conn, held.id)
+        .restore(&mut conn, held.id, "on-time")
         .expect("restore before valid_until");
     clock.set(valid_until + Duration::days(1));
     assert!(matches!(
@@ -871,7 +875,7 @@ fn redeem_and_restore_respect_validity_and_input() {
         other => panic!("expected UserCouponNotFound, got {other:?}"),
     }
     assert!(matches!(
-        issuer.restore(&mut conn, held.id + 1_000),
+        issuer.restore(&mut conn, held.id + 1_000, "x"),
         Err(Error::UserCouponNotFound { .. })
     ));
 
@@ -989,7 +993,9 @@ fn restock_is_not_undone_by_a_stale_sold_out_read() {
             })
             .collect();
         thread::sleep(std::time::Duration::from_millis(2));
-        issuer.restock(&mut conn, campaign.id, 1).expect("restock");
+        issuer
+            .restock(&mut conn, campaign.id, 1, &format!("round-{round}"))
+            .expect("restock");
         thread::sleep(std::time::Duration::from_millis(2));
         done.store(true, Ordering::SeqCst);
         for reader in readers {
@@ -1023,7 +1029,7 @@ fn sold_out_ttl_lets_other_issuers_see_a_restock() {
         ));
     }
     admin
-        .restock(&mut conn, campaign.id, 2)
+        .restock(&mut conn, campaign.id, 2, "restock-1")
         .expect("restock elsewhere");
     // Within the TTL both still answer from memory.
     assert!(matches!(

@@ -12,7 +12,9 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Double, Text};
 use diesel_migrations::MigrationHarness;
-use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance, user_coupon};
+use lockstock::schema::{
+    balance_history, coupon, fcfs_coupon, fcfs_coupon_restock, user_balance, user_coupon,
+};
 use lockstock::{
     BalanceLedger, Error, RetryPolicy, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
@@ -44,6 +46,7 @@ fn migrations_up_down_up() {
         "balance_history",
         "coupon",
         "fcfs_coupon",
+        "fcfs_coupon_restock",
         "user_balance",
         "user_coupon",
     ];
@@ -110,6 +113,13 @@ fn schema_rs_matches_migrations() {
             .to_string(),
         ),
         (
+            "fcfs_coupon_restock",
+            diesel::debug_query::<diesel::mysql::Mysql, _>(
+                &fcfs_coupon_restock::table.select(fcfs_coupon_restock::all_columns),
+            )
+            .to_string(),
+        ),
+        (
             "user_coupon",
             diesel::debug_query::<diesel::mysql::Mysql, _>(
                 &user_coupon::table.select(user_coupon::all_columns),
@@ -159,6 +169,38 @@ fn schema_rs_matches_migrations() {
         )>(&mut conn)
         .expect("balance_history");
     assert_eq!(journal.len(), 1);
+    let issuer = lockstock::CouponIssuer::new();
+    let now = chrono::Utc::now().naive_utc();
+    let template = issuer
+        .create_coupon(
+            &mut conn,
+            &lockstock::NewCoupon {
+                name: "schema",
+                discount: lockstock::Discount::Fixed(Decimal::ONE),
+                valid_from: now - chrono::Duration::hours(1),
+                valid_until: now + chrono::Duration::hours(1),
+            },
+        )
+        .expect("coupon");
+    let campaign = issuer
+        .create_campaign(
+            &mut conn,
+            &lockstock::NewCampaign {
+                coupon_id: template.id,
+                quantity: 1,
+                issue_starts_at: now - chrono::Duration::minutes(1),
+                issue_ends_at: now + chrono::Duration::hours(1),
+            },
+        )
+        .expect("campaign");
+    issuer
+        .restock(&mut conn, campaign.id, 2, "k")
+        .expect("restock");
+    let restocks = fcfs_coupon_restock::table
+        .select(fcfs_coupon_restock::all_columns)
+        .load::<(i64, i64, String, i32, i32, i32, chrono::NaiveDateTime)>(&mut conn)
+        .expect("fcfs_coupon_restock");
+    assert_eq!(restocks.len(), 1);
 }
 
 #[derive(QueryableByName)]

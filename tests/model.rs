@@ -1,7 +1,9 @@
 //! Model-based property test: random sequences of ledger and coupon operations — bad inputs
 //! included (zero, negative, too many decimals, too large, over-long keys, unknown and invalid
 //! ids, reversed windows, replayed keys with the same or a different request, refunds beyond the
-//! deduct, transfers to self, sold-out and already-held coupons) — run against the server and
+//! deduct, transfers to self, sold-out and already-held coupons, restores by the wrong order,
+//! replayed and reused restock keys, batches of issues whose every answer must be the single
+//! call's, holders included) — run against the server and
 //! against an in-memory model. Every answer (the fields of an ok value, or the error variant
 //! with its fields) and the final state (balances, the journal of every account, campaigns and
 //! their stock, issued coupons) must match the model exactly. Ids are compared through a
@@ -72,12 +74,23 @@ enum Op {
     CreateCoupon(String, Discount, TemplateWindow),
     CreateCampaign(Ref, u32, CampaignWindow),
     Issue(i64, Ref),
-    Restock(Ref, u32),
+    /// A batch: each answer must be the single call's, in order.
+    IssueMany(Vec<i64>, Ref),
+    /// With an idempotency key from a small pool, so keys are replayed and reused.
+    Restock(Ref, u32, String),
     Redeem(Ref, String),
-    Restore(Ref),
+    Restore(Ref, RestoreOrder),
     /// The n-th earlier operation of the case again, exactly as sent — or, for a ledger
     /// operation, with its amount written with one more (zero) decimal, which is the same request.
     Repeat(u8, bool),
+}
+
+/// The order a restore names.
+#[derive(Debug, Clone)]
+enum RestoreOrder {
+    /// The order that holds the coupon now (or "order-1" if none does).
+    Holding,
+    Named(String),
 }
 
 fn user() -> impl Strategy<Value = i64> {
@@ -162,10 +175,23 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(CampaignWindow::Reversed),
         1 => Just(CampaignWindow::AfterValidity),
     ];
-    let order_ref = prop_oneof![
-        4 => Just("order-1".to_owned()),
+    let order_ref = || {
+        prop_oneof![
+            4 => Just("order-1".to_owned()),
+            2 => Just("order-2".to_owned()),
+            1 => Just(String::new()),
+            1 => Just("r".repeat(65)),
+        ]
+    };
+    let restore_order = prop_oneof![
+        3 => Just(RestoreOrder::Holding),
+        2 => order_ref().prop_map(RestoreOrder::Named),
+    ];
+    let restock_key = prop_oneof![
+        6 => (0..3u8).prop_map(|i| format!("r{i}")),
         1 => Just(String::new()),
-        1 => Just("r".repeat(65)),
+        1 => Just("r0 ".to_owned()),
+        1 => Just("x".repeat(65)),
     ];
     prop_oneof![
         4 => (user(), amount(), key()).prop_map(|(u, a, k)| Op::Charge(u, a, k)),
@@ -177,9 +203,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (reference(), quantity(), campaign_window)
             .prop_map(|(r, q, w)| Op::CreateCampaign(r, q, w)),
         5 => (user(), reference()).prop_map(|(u, r)| Op::Issue(u, r)),
-        1 => (reference(), quantity()).prop_map(|(r, q)| Op::Restock(r, q)),
-        2 => (reference(), order_ref).prop_map(|(r, o)| Op::Redeem(r, o)),
-        1 => reference().prop_map(Op::Restore),
+        2 => (prop::collection::vec(user(), 0..6), reference())
+            .prop_map(|(u, r)| Op::IssueMany(u, r)),
+        1 => (reference(), quantity(), restock_key).prop_map(|(r, q, k)| Op::Restock(r, q, k)),
+        2 => (reference(), order_ref()).prop_map(|(r, o)| Op::Redeem(r, o)),
+        2 => (reference(), restore_order).prop_map(|(r, o)| Op::Restore(r, o)),
         4 => (any::<u8>(), any::<bool>()).prop_map(|(n, rescale)| Op::Repeat(n, rescale)),
     ]
 }
@@ -297,6 +325,8 @@ enum ErrV {
     UserCouponNotFound(Id),
     AlreadyRedeemed(Id),
     NotRedeemed(Id),
+    RedeemedByAnotherOrder(Id, String),
+    RestockConflict(Id, String, u32),
     CouponNotValid(Id, NaiveDateTime, NaiveDateTime),
     Other(String),
 }
@@ -315,6 +345,7 @@ enum Answer {
     },
     Campaign(CampaignV),
     Issued(IssuedV),
+    Batch(Vec<Answer>),
     Err(ErrV),
 }
 
@@ -499,6 +530,15 @@ impl Ids {
                 ErrV::AlreadyRedeemed(held(*user_coupon_id))
             }
             Error::NotRedeemed { user_coupon_id } => ErrV::NotRedeemed(held(*user_coupon_id)),
+            Error::RedeemedByAnotherOrder {
+                user_coupon_id,
+                order_ref,
+            } => ErrV::RedeemedByAnotherOrder(held(*user_coupon_id), order_ref.clone()),
+            Error::RestockConflict {
+                campaign_id,
+                key,
+                recorded_additional,
+            } => ErrV::RestockConflict(campaign(*campaign_id), key.clone(), *recorded_additional),
             Error::CouponNotValid {
                 user_coupon_id,
                 valid_from,
@@ -565,9 +605,10 @@ enum Resolved {
     CreateCoupon(String, Discount, NaiveDateTime, NaiveDateTime),
     CreateCampaign((i64, Id), u32, NaiveDateTime, NaiveDateTime),
     Issue(i64, (i64, Id)),
-    Restock((i64, Id), u32),
+    IssueMany(Vec<i64>, (i64, Id)),
+    Restock((i64, Id), u32, String),
     Redeem((i64, Id), String),
-    Restore((i64, Id)),
+    Restore((i64, Id), String),
 }
 
 impl Resolved {
@@ -602,8 +643,9 @@ struct Model {
     coupons: Vec<(String, Discount, NaiveDateTime, NaiveDateTime)>,
     campaigns: Vec<MCampaign>,
     held: Vec<MHeld>,
-    /// The issuer's caches: campaigns whose facts it has read, campaigns it believes sold out.
-    facts: HashSet<usize>,
+    /// Restocks by (campaign, key): the quantity added and the campaign right after.
+    restocks: HashMap<(usize, String), (i32, CampaignV)>,
+    /// The issuer's sold-out marks: set by a request refused for zero stock.
     sold_out: HashSet<usize>,
 }
 
@@ -661,7 +703,7 @@ impl Model {
             coupons: Vec::new(),
             campaigns: Vec::new(),
             held: Vec::new(),
-            facts: HashSet::new(),
+            restocks: HashMap::new(),
             sold_out: HashSet::new(),
         }
     }
@@ -712,9 +754,21 @@ impl Model {
                 Resolved::CreateCampaign(ids.coupons.resolve(*r), *q, starts, ends)
             }
             Op::Issue(u, r) => Resolved::Issue(*u, ids.campaigns.resolve(*r)),
-            Op::Restock(r, q) => Resolved::Restock(ids.campaigns.resolve(*r), *q),
+            Op::IssueMany(u, r) => Resolved::IssueMany(u.clone(), ids.campaigns.resolve(*r)),
+            Op::Restock(r, q, k) => Resolved::Restock(ids.campaigns.resolve(*r), *q, k.clone()),
             Op::Redeem(r, o) => Resolved::Redeem(ids.user_coupons.resolve(*r), o.clone()),
-            Op::Restore(r) => Resolved::Restore(ids.user_coupons.resolve(*r)),
+            Op::Restore(r, o) => {
+                let target = ids.user_coupons.resolve(*r);
+                let order = match (o, target.1) {
+                    (RestoreOrder::Named(order), _) => order.clone(),
+                    (RestoreOrder::Holding, Id::M(m)) => self.held[m]
+                        .order_ref
+                        .clone()
+                        .unwrap_or_else(|| "order-1".to_owned()),
+                    (RestoreOrder::Holding, Id::Raw(_)) => "order-1".to_owned(),
+                };
+                Resolved::Restore(target, order)
+            }
             Op::Repeat(..) => unreachable!("repeats are resolved by the runner"),
         }
     }
@@ -1044,9 +1098,6 @@ impl Model {
                 let Id::M(c) = *id else {
                     return Err(ErrV::CampaignNotFound(*id));
                 };
-                if self.facts.insert(c) && self.campaigns[c].stock <= 0 {
-                    self.sold_out.insert(c);
-                }
                 let campaign = self.campaigns[c].clone();
                 let at = clock();
                 if at < campaign.starts {
@@ -1081,12 +1132,32 @@ impl Model {
                 });
                 Ok((Answer::Issued(self.held(m)), vec![(Kind::UserCoupon, m)]))
             }
-            Resolved::Restock((raw, id), additional) => {
+            Resolved::IssueMany(users, campaign) => {
+                // Exactly the single calls' answers, one after another.
+                let mut answers = Vec::new();
+                let mut fresh = Vec::new();
+                for user in users {
+                    let (answer, new) = self.apply(&Resolved::Issue(*user, *campaign));
+                    answers.push(answer);
+                    fresh.extend(new);
+                }
+                Ok((Answer::Batch(answers), fresh))
+            }
+            Resolved::Restock((raw, id), additional, key) => {
                 check_id("campaign", *raw)?;
                 let additional = check_quantity(*additional)?;
+                check_key(key)?;
                 let Id::M(c) = *id else {
                     return Err(ErrV::CampaignNotFound(*id));
                 };
+                // Cleared whatever the outcome.
+                self.sold_out.remove(&c);
+                if let Some((recorded, after)) = self.restocks.get(&(c, key.clone())) {
+                    if *recorded != additional {
+                        return Err(ErrV::RestockConflict(*id, key.clone(), *recorded as u32));
+                    }
+                    return Ok((Answer::Campaign(after.clone()), Vec::new()));
+                }
                 let campaign = &mut self.campaigns[c];
                 let (Some(total), Some(stock)) = (
                     campaign.total.checked_add(additional),
@@ -1096,8 +1167,10 @@ impl Model {
                 };
                 campaign.total = total;
                 campaign.stock = stock;
-                self.sold_out.remove(&c);
-                Ok((Answer::Campaign(self.campaign(c)), Vec::new()))
+                let after = self.campaign(c);
+                self.restocks
+                    .insert((c, key.clone()), (additional, after.clone()));
+                Ok((Answer::Campaign(after), Vec::new()))
             }
             Resolved::Redeem((raw, id), order_ref) => {
                 check_id("user coupon", *raw)?;
@@ -1108,6 +1181,10 @@ impl Model {
                     return Err(ErrV::UserCouponNotFound(*id));
                 };
                 if self.held[m].status == CouponStatus::Used {
+                    // A retry by the order that holds the coupon gets it back unchanged.
+                    if self.held[m].order_ref.as_ref() == Some(order_ref) {
+                        return Ok((Answer::Issued(self.held(m)), Vec::new()));
+                    }
                     return Err(ErrV::AlreadyRedeemed(*id));
                 }
                 self.check_validity(m)?;
@@ -1115,13 +1192,20 @@ impl Model {
                 self.held[m].order_ref = Some(order_ref.clone());
                 Ok((Answer::Issued(self.held(m)), Vec::new()))
             }
-            Resolved::Restore((raw, id)) => {
+            Resolved::Restore((raw, id), order_ref) => {
                 check_id("user coupon", *raw)?;
+                if order_ref.is_empty() || order_ref.len() > 64 {
+                    return Err(ErrV::InvalidInput("order_ref"));
+                }
                 let Id::M(m) = *id else {
                     return Err(ErrV::UserCouponNotFound(*id));
                 };
                 if self.held[m].status != CouponStatus::Used {
                     return Err(ErrV::NotRedeemed(*id));
+                }
+                // Only the order that holds the coupon gives it back.
+                if self.held[m].order_ref.as_ref() != Some(order_ref) {
+                    return Err(ErrV::RedeemedByAnotherOrder(*id, order_ref.clone()));
                 }
                 self.check_validity(m)?;
                 self.held[m].status = CouponStatus::Issued;
@@ -1152,6 +1236,7 @@ enum Done {
     Coupon(Coupon),
     Campaign(Campaign),
     Issued(IssuedCoupon),
+    Batch(Vec<Result<IssuedCoupon, Error>>),
 }
 
 fn call(
@@ -1190,9 +1275,10 @@ fn call(
             )?)
         }
         Resolved::Issue(u, (raw, _)) => Done::Issued(issuer.issue(conn, *u, *raw)?),
-        Resolved::Restock((raw, _), q) => Done::Campaign(issuer.restock(conn, *raw, *q)?),
+        Resolved::IssueMany(users, (raw, _)) => Done::Batch(issuer.issue_many(conn, *raw, users)?),
+        Resolved::Restock((raw, _), q, k) => Done::Campaign(issuer.restock(conn, *raw, *q, k)?),
         Resolved::Redeem((raw, _), o) => Done::Issued(issuer.redeem(conn, *raw, o)?),
-        Resolved::Restore((raw, _)) => Done::Issued(issuer.restore(conn, *raw)?),
+        Resolved::Restore((raw, _), o) => Done::Issued(issuer.restore(conn, *raw, o)?),
     })
 }
 
@@ -1206,6 +1292,7 @@ fn view(ids: &mut Ids, result: &Result<Done, Error>, fresh: &[(Kind, usize)]) ->
             Done::Coupon(c) => vec![c.id],
             Done::Campaign(c) => vec![c.id],
             Done::Issued(c) => vec![c.id],
+            Done::Batch(results) => results.iter().flatten().map(|c| c.id).collect(),
         };
         if server.len() == fresh.len() {
             for (s, (kind, m)) in server.iter().zip(fresh) {
@@ -1226,6 +1313,15 @@ fn view(ids: &mut Ids, result: &Result<Done, Error>, fresh: &[(Kind, usize)]) ->
         },
         Ok(Done::Campaign(c)) => Answer::Campaign(ids.campaign(c)),
         Ok(Done::Issued(c)) => Answer::Issued(ids.issued(c)),
+        Ok(Done::Batch(results)) => Answer::Batch(
+            results
+                .iter()
+                .map(|r| match r {
+                    Ok(c) => Answer::Issued(ids.issued(c)),
+                    Err(e) => Answer::Err(ids.error(e)),
+                })
+                .collect(),
+        ),
         Err(e) => Answer::Err(ids.error(e)),
     }
 }
@@ -1233,7 +1329,8 @@ fn view(ids: &mut Ids, result: &Result<Done, Error>, fresh: &[(Kind, usize)]) ->
 fn reset(conn: &mut MysqlConnection) {
     conn.batch_execute(
         "SET FOREIGN_KEY_CHECKS = 0; \
-         DELETE FROM user_coupon; DELETE FROM fcfs_coupon; DELETE FROM coupon; \
+         DELETE FROM user_coupon; DELETE FROM fcfs_coupon_restock; DELETE FROM fcfs_coupon; \
+         DELETE FROM coupon; \
          DELETE FROM balance_history; DELETE FROM user_balance; \
          SET FOREIGN_KEY_CHECKS = 1",
     )
@@ -1256,6 +1353,7 @@ fn answer_name(answer: &Answer, fresh: &[(Kind, usize)]) -> String {
         Answer::Campaign(_) => "Ok campaign".into(),
         Answer::Issued(i) if fresh.is_empty() => format!("Ok {:?}", i.status),
         Answer::Issued(_) => "Ok issue".into(),
+        Answer::Batch(_) => "Ok batch".into(),
     }
 }
 

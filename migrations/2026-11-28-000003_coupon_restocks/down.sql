@@ -1,0 +1,1 @@
+DROP TABLE fcfs_coupon_restock;

@@ -1,0 +1,957 @@
+//! Regression tests for the coupon findings of the independent review (findings 3, 5, 6, 9 and
+//! 10f; 10e is a unit test in `src/coupon.rs`). Each test failed on the code before its fix.
+//! Invariants are read back from the database after every test: stock + issued rows = total, no
+//! user holds two coupons of a template, every row's template is its campaign's, and statuses
+//! agree with `used_at` / `order_ref`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, ThreadId};
+
+use chrono::{DateTime, Duration, NaiveDateTime, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Unsigned};
+use lockstock::coupon::Clock;
+use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
+use lockstock::{
+    Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign,
+    NewCoupon,
+};
+use rust_decimal::Decimal;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// UTC now at the microsecond precision of DATETIME(6).
+fn now() -> NaiveDateTime {
+    micros_to_time(Utc::now().timestamp_micros())
+}
+
+fn micros_to_time(micros: i64) -> NaiveDateTime {
+    DateTime::from_timestamp_micros(micros)
+        .expect("representable time")
+        .naive_utc()
+}
+
+fn make_coupon(issuer: &CouponIssuer, conn: &mut MysqlConnection, name: &str) -> Coupon {
+    let t = now();
+    issuer
+        .create_coupon(
+            conn,
+            &NewCoupon {
+                name,
+                discount: Discount::Fixed(Decimal::new(1_000, 0)),
+                valid_from: t - Duration::hours(1),
+                valid_until: t + Duration::days(7),
+            },
+        )
+        .expect("create coupon")
+}
+
+fn make_campaign(
+    issuer: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    coupon_id: i64,
+    quantity: u32,
+    starts: NaiveDateTime,
+    ends: NaiveDateTime,
+) -> Campaign {
+    issuer
+        .create_campaign(
+            conn,
+            &NewCampaign {
+                coupon_id,
+                quantity,
+                issue_starts_at: starts,
+                issue_ends_at: ends,
+            },
+        )
+        .expect("create campaign")
+}
+
+/// A template valid from an hour ago for a week and a campaign open from a minute ago for an hour.
+fn open_campaign(
+    issuer: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    name: &str,
+    quantity: u32,
+) -> (Coupon, Campaign) {
+    let t = now();
+    let coupon = make_coupon(issuer, conn, name);
+    let campaign = make_campaign(
+        issuer,
+        conn,
+        coupon.id,
+        quantity,
+        t - Duration::minutes(1),
+        t + Duration::hours(1),
+    );
+    (coupon, campaign)
+}
+
+/// (total_quantity, stock_quantity) of a campaign.
+fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
+    fcfs_coupon::table
+        .find(campaign_id)
+        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
+        .first(conn)
+        .expect("read fcfs_coupon")
+}
+
+/// (status, order_ref, used_at) of a user coupon.
+fn user_coupon_row(
+    conn: &mut MysqlConnection,
+    id: i64,
+) -> (String, Option<String>, Option<NaiveDateTime>) {
+    user_coupon::table
+        .find(id)
+        .select((
+            user_coupon::status,
+            user_coupon::order_ref,
+            user_coupon::used_at,
+        ))
+        .first(conn)
+        .expect("read user_coupon")
+}
+
+/// The database-wide coupon invariants; panics with `context` on the first violation.
+fn check_invariants(conn: &mut MysqlConnection, context: &str) {
+    let campaigns: Vec<(i64, i64, i32, i32)> = fcfs_coupon::table
+        .select((
+            fcfs_coupon::id,
+            fcfs_coupon::coupon_id,
+            fcfs_coupon::total_quantity,
+            fcfs_coupon::stock_quantity,
+        ))
+        .load(conn)
+        .expect("campaigns");
+    type Row = (
+        i64,
+        i64,
+        i64,
+        i64,
+        String,
+        Option<NaiveDateTime>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = user_coupon::table
+        .select((
+            user_coupon::id,
+            user_coupon::user_id,
+            user_coupon::coupon_id,
+            user_coupon::fcfs_coupon_id,
+            user_coupon::status,
+            user_coupon::used_at,
+            user_coupon::order_ref,
+        ))
+        .load(conn)
+        .expect("user coupons");
+    let template: HashMap<i64, i64> = campaigns.iter().map(|c| (c.0, c.1)).collect();
+    for (id, coupon_id, total, stock) in &campaigns {
+        let issued = rows.iter().filter(|r| r.3 == *id).count() as i64;
+        assert!(*stock >= 0, "{context}: campaign {id} stock {stock} < 0");
+        assert_eq!(
+            i64::from(*stock) + issued,
+            i64::from(*total),
+            "{context}: campaign {id} (template {coupon_id}): stock + issued != total"
+        );
+    }
+    let mut holders = HashSet::new();
+    for (id, user, coupon, campaign, status, used_at, order_ref) in &rows {
+        assert!(
+            holders.insert((*user, *coupon)),
+            "{context}: user {user} holds two coupons of template {coupon}"
+        );
+        assert_eq!(
+            template.get(campaign),
+            Some(coupon),
+            "{context}: user coupon {id} has template {coupon}, its campaign {campaign} another"
+        );
+        match status.as_str() {
+            "issued" => assert!(
+                used_at.is_none() && order_ref.is_none(),
+                "{context}: held coupon {id} has used_at or order_ref"
+            ),
+            "used" => assert!(
+                used_at.is_some() && order_ref.is_some(),
+                "{context}: used coupon {id} lacks used_at or order_ref"
+            ),
+            other => panic!("{context}: coupon {id} has status {other:?}"),
+        }
+    }
+}
+
+/// A connection whose server session has been killed: any round trip on it fails.
+fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
+    let mut doomed = common::connect(url);
+    let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
+        .get_result(&mut doomed)
+        .expect("connection id");
+    killer
+        .batch_execute(&format!("KILL CONNECTION {id}"))
+        .expect("kill session");
+    assert!(
+        doomed.batch_execute("SELECT 1").is_err(),
+        "the killed session still answers"
+    );
+    doomed
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 3: "redeemed once" — restore is bound to the order it reverses, redeem is retryable
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn finding_3_restore_is_bound_to_its_order() {
+    let (_url, mut conn) = common::fresh_database("review_3_restore");
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "bound", 2);
+    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+
+    // Nothing to restore yet; a malformed order is refused before anything is read.
+    match issuer.restore(&mut conn, held.id, "order-A") {
+        Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
+        other => panic!("expected NotRedeemed, got {other:?}"),
+    }
+    for bad in [String::new(), "o".repeat(65)] {
+        assert!(matches!(
+            issuer.restore(&mut conn, held.id, &bad),
+            Err(Error::InvalidInput {
+                field: "order_ref",
+                ..
+            })
+        ));
+    }
+
+    issuer
+        .redeem(&mut conn, held.id, "order-A")
+        .expect("redeem A");
+    // Another order cannot give back A's coupon.
+    match issuer.restore(&mut conn, held.id, "order-B") {
+        Err(Error::RedeemedByAnotherOrder {
+            user_coupon_id,
+            order_ref,
+        }) => assert_eq!((user_coupon_id, order_ref.as_str()), (held.id, "order-B")),
+        other => panic!("expected RedeemedByAnotherOrder, got {other:?}"),
+    }
+    assert_eq!(
+        user_coupon_row(&mut conn, held.id).1.as_deref(),
+        Some("order-A")
+    );
+    let restored = issuer
+        .restore(&mut conn, held.id, "order-A")
+        .expect("order A cancelled");
+    assert_eq!(restored.status, CouponStatus::Issued);
+    assert_eq!(
+        user_coupon_row(&mut conn, held.id),
+        ("issued".into(), None, None)
+    );
+    // The cancel of A repeated (or retried after OutcomeUnknown): nothing left to restore.
+    match issuer.restore(&mut conn, held.id, "order-A") {
+        Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
+        other => panic!("restore of A again: expected NotRedeemed, got {other:?}"),
+    }
+    let on_b = issuer
+        .redeem(&mut conn, held.id, "order-B")
+        .expect("redeem B");
+    // A duplicate cancel of A after B used the coupon must not free B's coupon.
+    match issuer.restore(&mut conn, held.id, "order-A") {
+        Err(Error::RedeemedByAnotherOrder {
+            user_coupon_id,
+            order_ref,
+        }) => assert_eq!((user_coupon_id, order_ref.as_str()), (held.id, "order-A")),
+        other => panic!("a second restore of order A after B: {other:?}"),
+    }
+    let stored = user_coupon_row(&mut conn, held.id);
+    assert_eq!(
+        (stored.0.as_str(), stored.1.as_deref(), stored.2),
+        ("used", Some("order-B"), on_b.used_at)
+    );
+    let other = issuer.redeem(&mut conn, held.id, "order-C");
+    assert!(
+        matches!(other, Err(Error::AlreadyRedeemed { .. })),
+        "one coupon used on B and C: {other:?}"
+    );
+    assert_eq!(user_coupon_row(&mut conn, held.id), stored);
+    check_invariants(&mut conn, "finding 3");
+}
+
+#[test]
+fn finding_3_redeem_retry_by_the_same_order_succeeds() {
+    let (_url, mut conn) = common::fresh_database("review_3_redeem_retry");
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "retried", 2);
+    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+
+    let used = issuer
+        .redeem(&mut conn, held.id, "order-A")
+        .expect("redeem A");
+    let stored = user_coupon_row(&mut conn, held.id);
+    // The retry (say after OutcomeUnknown) by the order that holds the coupon: success, unchanged.
+    let retried = issuer.redeem(&mut conn, held.id, "order-A");
+    assert_eq!(retried.as_ref().ok(), Some(&used), "{retried:?}");
+    assert_eq!(user_coupon_row(&mut conn, held.id), stored);
+    // Another order is still refused.
+    match issuer.redeem(&mut conn, held.id, "order-B") {
+        Err(Error::AlreadyRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
+        other => panic!("expected AlreadyRedeemed, got {other:?}"),
+    }
+    assert_eq!(user_coupon_row(&mut conn, held.id), stored);
+    check_invariants(&mut conn, "finding 3 retry");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 5: a batch answers each request as the single calls would, in order
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Window {
+    Open,
+    Future,
+    Past,
+}
+
+struct Scenario {
+    name: &'static str,
+    quantity: u32,
+    /// Users holding a coupon of the campaign before the batch.
+    holders: &'static [i64],
+    /// Whether the issuers have seen the campaign sold out before the batch.
+    marked: bool,
+    window: Window,
+    /// A campaign id to send instead of the real one.
+    campaign: Option<i64>,
+    users: &'static [i64],
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "a holder after the last coupon",
+        quantity: 2,
+        holders: &[5],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[7, 5],
+    },
+    Scenario {
+        name: "a holder at stock 0",
+        quantity: 1,
+        holders: &[5],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[5, 9],
+    },
+    Scenario {
+        name: "holders around a sold-out refusal",
+        quantity: 1,
+        holders: &[5],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[5, 9, 5, 9],
+    },
+    Scenario {
+        name: "repeated users",
+        quantity: 2,
+        holders: &[],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[1, 1, 2, 2, 3, 3],
+    },
+    Scenario {
+        name: "sold out mid-batch, holders and repeats after",
+        quantity: 3,
+        holders: &[5],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[1, 5, 2, 3, 5, 1, 0, 4],
+    },
+    Scenario {
+        name: "invalid user ids",
+        quantity: 2,
+        holders: &[],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[0, 4, -7, 4, i64::MIN],
+    },
+    Scenario {
+        name: "an invalid campaign id",
+        quantity: 2,
+        holders: &[],
+        marked: false,
+        window: Window::Open,
+        campaign: Some(0),
+        users: &[0, 3, -1, 3],
+    },
+    Scenario {
+        name: "an unknown campaign",
+        quantity: 2,
+        holders: &[],
+        marked: false,
+        window: Window::Open,
+        campaign: Some(987_654_321),
+        users: &[1, -1, 1],
+    },
+    Scenario {
+        name: "the sold-out mark set before the batch",
+        quantity: 1,
+        holders: &[5],
+        marked: true,
+        window: Window::Open,
+        campaign: None,
+        users: &[5, 0, 9],
+    },
+    Scenario {
+        name: "not started",
+        quantity: 2,
+        holders: &[],
+        marked: false,
+        window: Window::Future,
+        campaign: None,
+        users: &[1, 0, 2],
+    },
+    Scenario {
+        name: "ended",
+        quantity: 2,
+        holders: &[],
+        marked: false,
+        window: Window::Past,
+        campaign: None,
+        users: &[1, -2, 1],
+    },
+    Scenario {
+        name: "an empty batch",
+        quantity: 1,
+        holders: &[],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[],
+    },
+    Scenario {
+        name: "plenty of stock",
+        quantity: 10,
+        holders: &[2],
+        marked: false,
+        window: Window::Open,
+        campaign: None,
+        users: &[1, 2, 3, 1, 4],
+    },
+];
+
+/// An answer with ids replaced by what they name, after checking them against the database.
+fn describe(conn: &mut MysqlConnection, result: &Result<IssuedCoupon, Error>) -> String {
+    let owner = |conn: &mut MysqlConnection, id: i64| -> (i64, i64) {
+        user_coupon::table
+            .find(id)
+            .select((user_coupon::user_id, user_coupon::coupon_id))
+            .first(conn)
+            .expect("the answered user coupon exists")
+    };
+    match result {
+        Ok(c) => {
+            assert_eq!(owner(conn, c.id), (c.user_id, c.coupon_id), "{c:?}");
+            format!("issued to {}", c.user_id)
+        }
+        Err(Error::AlreadyIssued {
+            user_id,
+            coupon_id,
+            user_coupon_id,
+        }) => {
+            assert_eq!(owner(conn, *user_coupon_id), (*user_id, *coupon_id));
+            format!("already issued to {user_id}")
+        }
+        Err(Error::SoldOut { .. }) => "sold out".into(),
+        Err(Error::CampaignNotFound { campaign_id }) => format!("no campaign {campaign_id}"),
+        Err(Error::InvalidId { what, id }) => format!("invalid {what} id {id}"),
+        Err(Error::NotStarted { .. }) => "not started".into(),
+        Err(Error::Ended { .. }) => "ended".into(),
+        Err(other) => format!("unexpected {other:?}"),
+    }
+}
+
+fn scenario_campaign(
+    setup: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    scenario: &Scenario,
+    side: &str,
+) -> i64 {
+    let t = now();
+    let coupon = make_coupon(setup, conn, &format!("{} ({side})", scenario.name));
+    let (starts, ends) = match scenario.window {
+        Window::Open => (t - Duration::minutes(1), t + Duration::hours(1)),
+        Window::Future => (t + Duration::hours(1), t + Duration::hours(2)),
+        Window::Past => (t - Duration::hours(2), t - Duration::hours(1)),
+    };
+    let campaign = make_campaign(setup, conn, coupon.id, scenario.quantity, starts, ends);
+    for &user in scenario.holders {
+        setup.issue(conn, user, campaign.id).expect("holder");
+    }
+    campaign.id
+}
+
+#[test]
+fn finding_5_batch_answers_equal_single_answers() {
+    let (_url, mut conn) = common::fresh_database("review_5_batches");
+    let setup = CouponIssuer::new();
+    for scenario in SCENARIOS {
+        let single_campaign = scenario_campaign(&setup, &mut conn, scenario, "single");
+        let batch_campaign = scenario_campaign(&setup, &mut conn, scenario, "batch");
+        let singles = CouponIssuer::new();
+        let batches = CouponIssuer::new();
+        if scenario.marked {
+            // Reading the stock at 0 sets the issuer's sold-out mark.
+            assert_eq!(singles.remaining(&mut conn, single_campaign).ok(), Some(0));
+            assert_eq!(batches.remaining(&mut conn, batch_campaign).ok(), Some(0));
+        }
+        // Twice: the second round meets holders the first made, and the issuers' marks.
+        for round in 0..2 {
+            let single_answers: Vec<String> = scenario
+                .users
+                .iter()
+                .map(|&user| {
+                    let result = singles.issue(
+                        &mut conn,
+                        user,
+                        scenario.campaign.unwrap_or(single_campaign),
+                    );
+                    describe(&mut conn, &result)
+                })
+                .collect();
+            let batch_answers: Vec<String> = batches
+                .issue_many(
+                    &mut conn,
+                    scenario.campaign.unwrap_or(batch_campaign),
+                    scenario.users,
+                )
+                .expect("the batch transaction")
+                .iter()
+                .map(|result| describe(&mut conn, result))
+                .collect();
+            assert_eq!(
+                batch_answers, single_answers,
+                "{} (round {round}): batch (left) and single calls (right) disagree for users {:?}",
+                scenario.name, scenario.users
+            );
+            check_invariants(&mut conn, scenario.name);
+        }
+        // Afterwards both issuers answer a holder, a new user and an invalid id alike.
+        for user in [5, 1, 100, 0] {
+            let single = singles.issue(
+                &mut conn,
+                user,
+                scenario.campaign.unwrap_or(single_campaign),
+            );
+            let single = describe(&mut conn, &single);
+            let batched =
+                batches.issue(&mut conn, user, scenario.campaign.unwrap_or(batch_campaign));
+            let batched = describe(&mut conn, &batched);
+            assert_eq!(
+                batched, single,
+                "{}: after the batch, user {user}: issuer of the batch (left) and of the single \
+                 calls (right) disagree",
+                scenario.name
+            );
+        }
+        check_invariants(&mut conn, scenario.name);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 6: the sold-out mark never outlives a restock; restocks are idempotent by key
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
+    let (_url, mut conn) = common::fresh_database("review_6_reads");
+    let issuer = CouponIssuer::new();
+    let elsewhere = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "read clears", 1);
+    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
+    assert!(matches!(
+        issuer.issue(&mut conn, 2, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+
+    // Restocked by another issuer (process); this one reads the stock through remaining().
+    elsewhere
+        .restock(&mut conn, campaign.id, 1, "restock-1")
+        .expect("restock elsewhere");
+    assert_eq!(issuer.remaining(&mut conn, campaign.id).ok(), Some(1));
+    let after = issuer.issue(&mut conn, 2, campaign.id);
+    assert!(
+        after.is_ok(),
+        "remaining() read 1 left, issue answered {after:?}"
+    );
+
+    // The same through campaign().
+    assert!(matches!(
+        issuer.issue(&mut conn, 3, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+    elsewhere
+        .restock(&mut conn, campaign.id, 1, "restock-2")
+        .expect("restock elsewhere again");
+    assert_eq!(
+        issuer
+            .campaign(&mut conn, campaign.id)
+            .map(|c| c.stock_quantity)
+            .ok(),
+        Some(1)
+    );
+    let after = issuer.issue(&mut conn, 3, campaign.id);
+    assert!(
+        after.is_ok(),
+        "campaign() read 1 left, issue answered {after:?}"
+    );
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 0));
+    check_invariants(&mut conn, "finding 6 reads");
+}
+
+#[test]
+fn finding_6_a_restock_clears_the_sold_out_mark_whatever_its_outcome() {
+    let (url, mut conn) = common::fresh_database("review_6_outcome");
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "outcome", 1);
+    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
+    assert!(matches!(
+        issuer.issue(&mut conn, 2, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+
+    // The restock's connection dies: the call fails. Whether its COMMIT reached the server is
+    // unknown to the caller (OutcomeUnknown); here a restock by someone else stands in for a
+    // COMMIT that did apply. The mark must not keep answering SoldOut over the new stock.
+    let mut doomed = killed_connection(&url, &mut conn);
+    let failed = issuer.restock(&mut doomed, campaign.id, 1, "restock-1");
+    assert!(failed.is_err(), "{failed:?}");
+    drop(doomed);
+    let applied = CouponIssuer::new()
+        .restock(&mut conn, campaign.id, 1, "restock-1")
+        .expect("the restock that applied");
+    let after = issuer.issue(&mut conn, 2, campaign.id);
+    assert!(
+        after.is_ok(),
+        "stock is 1, but the issuer answers {after:?} from its mark"
+    );
+    assert_eq!(stock_row(&mut conn, campaign.id), (2, 0));
+    // The caller retries its restock: answered with the restock's result, not applied again.
+    let retried = issuer
+        .restock(&mut conn, campaign.id, 1, "restock-1")
+        .expect("retried restock");
+    assert_eq!(retried, applied);
+    assert_eq!(stock_row(&mut conn, campaign.id), (2, 0));
+    check_invariants(&mut conn, "finding 6 outcome");
+}
+
+/// Restocks in the database: (campaign, key, additional).
+fn restock_rows(conn: &mut MysqlConnection) -> Vec<(i64, String, i32)> {
+    fcfs_coupon_restock::table
+        .select((
+            fcfs_coupon_restock::fcfs_coupon_id,
+            fcfs_coupon_restock::idempotency_key,
+            fcfs_coupon_restock::additional,
+        ))
+        .order(fcfs_coupon_restock::id.asc())
+        .load(conn)
+        .expect("restocks")
+}
+
+#[test]
+fn finding_6_restock_is_idempotent_by_key() {
+    let (_url, mut conn) = common::fresh_database("review_6_restock_key");
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "restocked", 1);
+    let (_other_coupon, other) = open_campaign(&issuer, &mut conn, "other", 1);
+    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
+    assert!(matches!(
+        issuer.issue(&mut conn, 2, campaign.id),
+        Err(Error::SoldOut { .. })
+    ));
+
+    let first = issuer
+        .restock(&mut conn, campaign.id, 2, "restock-1")
+        .expect("restock");
+    assert_eq!((first.total_quantity, first.stock_quantity), (3, 2));
+    issuer
+        .issue(&mut conn, 2, campaign.id)
+        .expect("after restock");
+    // A retry (after OutcomeUnknown) of the same restock: the restock's own result, once.
+    for issuer in [&issuer, &CouponIssuer::new()] {
+        let retried = issuer
+            .restock(&mut conn, campaign.id, 2, "restock-1")
+            .expect("retried restock");
+        assert_eq!(retried, first);
+    }
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 1), "applied twice");
+    // The key with another quantity: refused, nothing written.
+    match issuer.restock(&mut conn, campaign.id, 5, "restock-1") {
+        Err(Error::RestockConflict {
+            campaign_id,
+            key,
+            recorded_additional,
+        }) => assert_eq!(
+            (campaign_id, key.as_str(), recorded_additional),
+            (campaign.id, "restock-1", 2)
+        ),
+        other => panic!("expected RestockConflict, got {other:?}"),
+    }
+    // An existing key decides even where the request itself would be refused.
+    assert!(matches!(
+        issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-1"),
+        Err(Error::RestockConflict { .. })
+    ));
+    assert!(matches!(
+        issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-2"),
+        Err(Error::InvalidInput {
+            field: "additional",
+            ..
+        })
+    ));
+    // Bad keys and quantities are refused before anything is sent.
+    for (quantity, key) in [
+        (1, String::new()),
+        (1, "k".repeat(65)),
+        (1, "restock-1 ".to_owned()),
+        (0, "restock-3".to_owned()),
+    ] {
+        let refused = issuer.restock(&mut conn, campaign.id, quantity, &key);
+        assert!(
+            matches!(
+                refused,
+                Err(Error::InvalidIdempotencyKey { .. } | Error::InvalidInput { .. })
+            ),
+            "{key:?}: {refused:?}"
+        );
+    }
+    // Keys are per campaign.
+    let elsewhere = issuer
+        .restock(&mut conn, other.id, 2, "restock-1")
+        .expect("the key on another campaign");
+    assert_eq!((elsewhere.total_quantity, elsewhere.stock_quantity), (3, 3));
+    assert_eq!(stock_row(&mut conn, campaign.id), (3, 1));
+    assert_eq!(
+        restock_rows(&mut conn),
+        vec![
+            (campaign.id, "restock-1".to_owned(), 2),
+            (other.id, "restock-1".to_owned(), 2)
+        ]
+    );
+    check_invariants(&mut conn, "finding 6 key");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 9: the window is checked at the time of the attempt that commits
+// ---------------------------------------------------------------------------------------------
+
+/// A clock the test moves by hand, recording which threads read it.
+#[derive(Clone, Default)]
+struct WatchedClock {
+    micros: Arc<AtomicI64>,
+    readers: Arc<Mutex<HashSet<ThreadId>>>,
+}
+
+impl WatchedClock {
+    fn set(&self, time: NaiveDateTime) {
+        self.micros
+            .store(time.and_utc().timestamp_micros(), Ordering::SeqCst);
+    }
+
+    fn readers(&self) -> usize {
+        self.readers.lock().expect("readers").len()
+    }
+
+    fn clock(&self) -> Clock {
+        let this = self.clone();
+        Arc::new(move || {
+            this.readers
+                .lock()
+                .expect("readers")
+                .insert(thread::current().id());
+            micros_to_time(this.micros.load(Ordering::SeqCst))
+        })
+    }
+}
+
+#[test]
+fn finding_9_window_uses_the_committing_attempts_time() {
+    const SINGLES: i64 = 3;
+    let (url, mut conn) = common::fresh_database("review_9_window");
+    let setup = CouponIssuer::new();
+    let t = now();
+    let coupon = make_coupon(&setup, &mut conn, "closing");
+    let ends = t + Duration::minutes(30);
+    let campaign = make_campaign(
+        &setup,
+        &mut conn,
+        coupon.id,
+        100,
+        t - Duration::hours(1),
+        ends,
+    );
+    let clock = WatchedClock::default();
+    clock.set(ends - Duration::milliseconds(1));
+    let issuer = Arc::new(CouponIssuer::new().with_clock(clock.clock()));
+    let before = issuer.issue(&mut conn, 1, campaign.id).expect("in time");
+    assert_eq!(before.issued_at, ends - Duration::milliseconds(1));
+
+    // Another session holds the stock row, so every attempt is refused and retried.
+    let mut holder = common::connect(&url);
+    holder.batch_execute("BEGIN").expect("begin");
+    let _: Vec<i32> = fcfs_coupon::table
+        .find(campaign.id)
+        .select(fcfs_coupon::stock_quantity)
+        .for_update()
+        .load(&mut holder)
+        .expect("lock the stock row");
+    clock.readers.lock().expect("readers").clear();
+
+    let singles: Vec<_> = (0..SINGLES)
+        .map(|i| {
+            let (url, issuer) = (url.clone(), issuer.clone());
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                issuer.issue(&mut conn, 10 + i, campaign.id)
+            })
+        })
+        .collect();
+    let batch = {
+        let (url, issuer) = (url.clone(), issuer.clone());
+        thread::spawn(move || {
+            let mut conn = common::connect(&url);
+            issuer.issue_many(&mut conn, campaign.id, &[20, 21])
+        })
+    };
+    // Every caller has read the clock (and found the window open) before it closes; the stock
+    // row is released only after it closed, so no attempt can commit before the end.
+    let waiting_since = std::time::Instant::now();
+    while clock.readers() < SINGLES as usize + 1 {
+        assert!(
+            waiting_since.elapsed() < std::time::Duration::from_secs(30),
+            "callers never read the clock"
+        );
+        thread::sleep(std::time::Duration::from_millis(1));
+    }
+    thread::sleep(std::time::Duration::from_millis(20));
+    clock.set(ends);
+    thread::sleep(std::time::Duration::from_millis(20));
+    holder.batch_execute("ROLLBACK").expect("release");
+
+    for (i, single) in singles.into_iter().enumerate() {
+        match single.join().expect("single caller") {
+            Err(Error::Ended { ended_at, .. }) => assert_eq!(ended_at, ends),
+            other => panic!("caller {i}: committed after the end, got {other:?}"),
+        }
+    }
+    for (i, result) in batch
+        .join()
+        .expect("batch caller")
+        .expect("batch transaction")
+        .into_iter()
+        .enumerate()
+    {
+        match result {
+            Err(Error::Ended { ended_at, .. }) => assert_eq!(ended_at, ends),
+            other => panic!("batch request {i}: committed after the end, got {other:?}"),
+        }
+    }
+    let late: i64 = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .filter(user_coupon::issued_at.ge(ends))
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    assert_eq!(late, 0, "coupons issued at or after issue_ends_at");
+    let rows: Vec<(i64, NaiveDateTime)> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .select((user_coupon::user_id, user_coupon::issued_at))
+        .load(&mut conn)
+        .expect("rows");
+    assert_eq!(rows, vec![(1, before.issued_at)]);
+    assert_eq!(stock_row(&mut conn, campaign.id), (100, 99));
+    check_invariants(&mut conn, "finding 9");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 10f: one issuer used on two databases never writes a wrong template id
+// ---------------------------------------------------------------------------------------------
+
+/// Templates 1 and 2 and campaigns 1 (template `first`) and 2 (the other) in a fresh database.
+fn two_campaigns(
+    issuer: &CouponIssuer,
+    conn: &mut MysqlConnection,
+    first: i64,
+) -> (Campaign, Campaign) {
+    let one = make_coupon(issuer, conn, "one");
+    let two = make_coupon(issuer, conn, "two");
+    assert_eq!((one.id, two.id), (1, 2));
+    let t = now();
+    let other = 3 - first;
+    let a = make_campaign(
+        issuer,
+        conn,
+        first,
+        10,
+        t - Duration::hours(1),
+        t + Duration::hours(1),
+    );
+    let b = make_campaign(
+        issuer,
+        conn,
+        other,
+        10,
+        t - Duration::hours(1),
+        t + Duration::hours(1),
+    );
+    assert_eq!((a.id, b.id), (1, 2));
+    (a, b)
+}
+
+#[test]
+fn finding_10f_one_issuer_on_two_databases_writes_each_campaigns_template() {
+    let (_url_a, mut a) = common::fresh_database("review_10f_a");
+    let (_url_b, mut b) = common::fresh_database("review_10f_b");
+    let issuer = CouponIssuer::new();
+    // Campaign 1 hands out template 1 in database a and template 2 in database b.
+    let (a1, _a2) = two_campaigns(&issuer, &mut a, 1);
+    let (b1, b2) = two_campaigns(&issuer, &mut b, 2);
+    assert_eq!((a1.id, a1.coupon_id, b1.id, b1.coupon_id), (1, 1, 1, 2));
+
+    let check = |c: &IssuedCoupon, template: i64| {
+        assert_eq!(c.coupon_id, template, "{c:?}");
+    };
+    check(&issuer.issue(&mut a, 1, 1).expect("a: 1"), 1);
+    check(&issuer.issue(&mut b, 2, 1).expect("b: 2"), 2);
+    check(&issuer.issue(&mut a, 3, 1).expect("a: 3"), 1);
+    // User 5 holds template 1 in database b (from campaign 2), not template 2.
+    check(
+        &issuer
+            .issue(&mut b, 5, b2.id)
+            .expect("b: 5 from campaign 2"),
+        1,
+    );
+    check(&issuer.issue(&mut a, 4, 1).expect("a: 4"), 1);
+    check(
+        &issuer.issue(&mut b, 5, 1).expect("b: 5 from campaign 1"),
+        2,
+    );
+    check(&issuer.issue(&mut a, 6, 1).expect("a: 6"), 1);
+    for c in issuer.issue_many(&mut b, 1, &[6, 7]).expect("b: batch") {
+        check(&c.expect("b: batch issue"), 2);
+    }
+    for c in issuer.issue_many(&mut a, 1, &[7, 8]).expect("a: batch") {
+        check(&c.expect("a: batch issue"), 1);
+    }
+    check_invariants(&mut a, "database a");
+    check_invariants(&mut b, "database b");
+}
