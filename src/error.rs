@@ -533,17 +533,20 @@ pub enum Error {
         #[source]
         last: ServerError,
     },
-    /// The call's deadline passed before its request was sent (while it waited to be combined
-    /// into a batch, for a pooled connection, or between the rounds of a batch), so nothing was
-    /// applied by this call.
+    /// The call's deadline passed before its next transaction was sent (while it waited to be
+    /// combined into a batch, for a pooled connection, between the transactions of a call or
+    /// the rounds of a batch). Nothing was committed by the transaction that was not sent;
+    /// with the same idempotency key a retry is safe.
     #[error("deadline passed after {elapsed:?} before the request was sent")]
     Timeout {
         /// Time spent waiting.
         elapsed: Duration,
     },
-    /// The connection failed while COMMIT was in flight: the change may or may not be applied.
-    /// Retry with the same idempotency key (or look the result up) on a new connection.
-    #[error("outcome unknown: connection failed during commit")]
+    /// The change may or may not be applied: COMMIT failed in flight (a lost connection,
+    /// `KILL QUERY`), or a request of a batch that committed could not be answered (its key
+    /// could not be read back). Retry with the same idempotency key (or look the result up),
+    /// on a new connection if the old one was lost.
+    #[error("outcome unknown: the commit or its answer was lost")]
     OutcomeUnknown {
         /// The failure.
         #[source]
