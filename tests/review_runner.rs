@@ -426,3 +426,31 @@ fn an_expired_deadline_sends_nothing() {
     let read = runner.read_by(&mut conn, deadline, |_| Ok(()));
     assert!(matches!(read, Err(Error::Timeout { .. })), "{read:?}");
 }
+
+#[test]
+fn finding_10g_internal_failures_are_not_server_errors() {
+    // A pool that can never hand out a connection: the combined call answers with the pool's
+    // failure (or the deadline), never a fake server error that claims to be a lost connection.
+    let mut policy = TxnPolicy::default();
+    policy.retry.deadline = Duration::from_millis(300);
+    let pool = Pool::builder()
+        .max_size(1)
+        .connection_timeout(Duration::from_millis(100))
+        .build_unchecked(ConnectionManager::<MysqlConnection>::new(
+            "mysql://nobody@localhost/none?unix_socket=/nonexistent/lockstock.sock",
+        ));
+    let hot = lockstock::combine::CombiningLedger::new(pool, BalanceLedger::with_policy(policy));
+    let answer = hot.charge(1, dec(1), "k");
+    assert!(
+        matches!(answer, Err(Error::Pool(_) | Error::Timeout { .. })),
+        "{answer:?}"
+    );
+    assert!(answer.is_err_and(|e| e.server_error().is_none()));
+
+    // A batch that answers the wrong number of requests is an internal failure.
+    let combiner = lockstock::combine::Combiner::<u8, u8, u8>::new(4);
+    let short = combiner.submit(0, 1, Deadline::after(Duration::from_secs(1)), |_, _, _| {
+        Ok(Vec::new())
+    });
+    assert!(matches!(short, Err(Error::Internal { .. })), "{short:?}");
+}
