@@ -7,19 +7,22 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, ThreadId};
+use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Unsigned};
+use lockstock::combine::{CombiningIssuer, MysqlPool};
 use lockstock::coupon::Clock;
 use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
 use lockstock::{
     Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign,
-    NewCoupon,
+    NewCoupon, RetryPolicy, SessionSettings, TxnPolicy,
 };
 use rust_decimal::Decimal;
 
@@ -880,6 +883,388 @@ fn finding_9_window_uses_the_committing_attempts_time() {
     assert_eq!(rows, vec![(1, before.issued_at)]);
     assert_eq!(stock_row(&mut conn, campaign.id), (100, 99));
     check_invariants(&mut conn, "finding 9");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 9: one deadline bounds every coupon call
+// ---------------------------------------------------------------------------------------------
+
+const DEADLINE: StdDuration = StdDuration::from_millis(300);
+const SLACK: StdDuration = StdDuration::from_millis(100);
+
+fn short_policy() -> TxnPolicy {
+    let mut retry = RetryPolicy::default();
+    retry.deadline = DEADLINE;
+    TxnPolicy::default().with_retry(retry)
+}
+
+/// Holds the campaign's stock row and the user coupons `held` for 250 ms at a time, asking for
+/// them again 10 ms after each release (waiting, so it queues behind an issuer transaction that
+/// got in), until stopped: calls on them are refused most of the time, and a call that got
+/// through once is often refused again in its next transaction.
+fn hot_rows_holder(
+    url: &str,
+    campaign_id: i64,
+    held: Vec<i64>,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    let mut conn = common::connect(url);
+    thread::spawn(move || {
+        // READ COMMITTED: exactly these rows. Under REPEATABLE READ its scan of user_coupon also
+        // takes next-key locks up to the end of the table, on which every issue's INSERT (it
+        // comes before the NOWAIT lock of the stock row) would wait until the next release.
+        conn.batch_execute(
+            "SET SESSION innodb_lock_wait_timeout = 30, \
+             SESSION tx_isolation = 'READ-COMMITTED'",
+        )
+        .expect("session");
+        while !stop.load(Ordering::SeqCst) {
+            conn.batch_execute("BEGIN").expect("begin");
+            let _: Vec<i32> = fcfs_coupon::table
+                .find(campaign_id)
+                .select(fcfs_coupon::stock_quantity)
+                .for_update()
+                .load(&mut conn)
+                .expect("hold the stock row");
+            let _: Vec<i64> = user_coupon::table
+                .filter(user_coupon::id.eq_any(&held))
+                .select(user_coupon::id)
+                .for_update()
+                .load(&mut conn)
+                .expect("hold the user coupons");
+            thread::sleep(StdDuration::from_millis(250));
+            conn.batch_execute("COMMIT").expect("commit");
+            thread::sleep(StdDuration::from_millis(10));
+        }
+    })
+}
+
+/// One timed call: what, how long, the coupons it answered with (or its error).
+type Timed = (String, StdDuration, Result<Vec<IssuedCoupon>, String>);
+
+fn timed<T>(
+    what: String,
+    call: impl FnOnce() -> Result<T, Error>,
+    coupons: impl FnOnce(T) -> Vec<IssuedCoupon>,
+) -> Timed {
+    let started = Instant::now();
+    let result = call();
+    let elapsed = started.elapsed();
+    let answer = match result {
+        Ok(value) => Ok(coupons(value)),
+        Err(e) => {
+            assert!(
+                matches!(
+                    e,
+                    Error::Contended { .. }
+                        | Error::Timeout { .. }
+                        | Error::OutcomeUnknown { .. }
+                        | Error::AlreadyIssued { .. }
+                        | Error::NotRedeemed { .. }
+                ),
+                "{what}: unexpected answer {e:?}"
+            );
+            Err(format!("{e:?}"))
+        }
+    };
+    (what, elapsed, answer)
+}
+
+/// A single call of [`finding_9_deadline_bounds_coupon_calls`].
+#[derive(Clone, Copy)]
+enum Op {
+    Issue(i64),
+    Redeem(i64),
+    Restore(i64),
+    Restock,
+}
+
+/// Every coupon call of one deadline returns within deadline + 100 ms, whatever it went
+/// through: `issue_many` rounds (a holder in the batch forces a second round), combined issues
+/// queueing for a batch and for the one pooled connection, single issues, redeems, restores by
+/// their order and restocks by key (replayed keys included) — all on rows another connection
+/// holds most of the time.
+///
+/// Before the fix (the coupon and combiner code of fcdb60f): calls took up to about twice the
+/// deadline — an `issue_many` that met the holder in its first round ran the second round on a
+/// fresh deadline (510 ms), a combined batch got a fresh deadline after its queueing (577 ms),
+/// and its pool checkout waited for the busy connection with r2d2's 30 s limit (652 ms).
+#[test]
+fn finding_9_deadline_bounds_coupon_calls() {
+    const QUANTITY: u32 = 1_000;
+    let (url, mut admin) = common::fresh_database("review_9_deadline");
+    let issuer = CouponIssuer::with_policy(short_policy());
+    let (_coupon, campaign) = open_campaign(&issuer, &mut admin, "hot", QUANTITY);
+    // Users 1..=12 hold coupons to redeem, users 13..=24 coupons redeemed on "order-{id}".
+    let mut to_redeem = Vec::new();
+    let mut to_restore = Vec::new();
+    for user in 1..=24 {
+        let held = issuer.issue(&mut admin, user, campaign.id).expect("issue");
+        if user <= 12 {
+            to_redeem.push(held.id);
+        } else {
+            issuer
+                .redeem(&mut admin, held.id, &format!("order-{}", held.id))
+                .expect("redeem");
+            to_restore.push(held.id);
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let held = [to_redeem.clone(), to_restore.clone()].concat();
+    let holder = hot_rows_holder(&url, campaign.id, held, stop.clone());
+    let calls: Arc<Mutex<Vec<Timed>>> = Arc::default();
+    let holder_user = 1;
+
+    // issue_many: a fresh issuer per batch, and a holder in every batch, so a batch that gets
+    // the stock row meets the duplicate and runs a second round.
+    let threads: Vec<_> = (0..6i64)
+        .map(|t| {
+            let (calls, url) = (calls.clone(), url.clone());
+            let campaign_id = campaign.id;
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                for i in 0..6i64 {
+                    let users = [
+                        holder_user,
+                        10_000 + t * 100 + 2 * i,
+                        10_001 + t * 100 + 2 * i,
+                    ];
+                    let fresh = CouponIssuer::with_policy(short_policy());
+                    let what = format!("issue_many {users:?}");
+                    let call = timed(
+                        what.clone(),
+                        || fresh.issue_many(&mut conn, campaign_id, &users),
+                        |results| {
+                            results
+                                .into_iter()
+                                .filter_map(|result| match result {
+                                    Ok(coupon) => Some(coupon),
+                                    Err(Error::AlreadyIssued { user_id, .. })
+                                        if user_id == holder_user =>
+                                    {
+                                        None
+                                    }
+                                    Err(e) => panic!("{what}: unexpected request answer {e:?}"),
+                                })
+                                .collect()
+                        },
+                    );
+                    calls.lock().expect("calls").push(call);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("issue_many thread");
+    }
+
+    // Combined issues, one pooled connection between them; every fourth asker holds a coupon.
+    let pool: MysqlPool = Pool::builder()
+        .max_size(1)
+        .connection_customizer(Box::new(SessionSettings::new(short_policy())))
+        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
+        .expect("pool");
+    let hot = Arc::new(CombiningIssuer::new(pool.clone(), issuer.clone()));
+    // The pool's one connection is busy for the first 600 ms: checkouts wait.
+    let busy = pool.get().expect("the pooled connection");
+    let barrier = Arc::new(Barrier::new(10));
+    let threads: Vec<_> = (0..9i64)
+        .map(|t| {
+            let (hot, calls, barrier) = (hot.clone(), calls.clone(), barrier.clone());
+            let campaign_id = campaign.id;
+            thread::spawn(move || {
+                barrier.wait();
+                for i in 0..8i64 {
+                    let user = match i % 4 {
+                        3 => 1 + t,
+                        _ => 20_000 + t * 100 + i,
+                    };
+                    let call = timed(
+                        format!("combined issue to {user}"),
+                        || hot.issue(user, campaign_id),
+                        |coupon| vec![coupon],
+                    );
+                    calls.lock().expect("calls").push(call);
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    thread::sleep(StdDuration::from_millis(600));
+    drop(busy);
+    for thread in threads {
+        thread.join().expect("combined thread");
+    }
+
+    // Single calls: issues, redeems (and a retry by the same order), restores by their order
+    // (and a repeated cancel), restocks by key (each key replayed).
+    let threads: Vec<_> = (0..6usize)
+        .map(|t| {
+            let (issuer, calls, url) = (issuer.clone(), calls.clone(), url.clone());
+            let campaign_id = campaign.id;
+            let redeem = [to_redeem[2 * t], to_redeem[2 * t + 1]];
+            let restore = [to_restore[2 * t], to_restore[2 * t + 1]];
+            thread::spawn(move || {
+                let mut conn = common::connect(&url);
+                let user = 30_000 + 10 * t as i64;
+                let key = format!("restock-{t}");
+                // Each coupon redeemed twice (the second a retry by the same order), each
+                // restored twice (the second a repeated cancel), each restock key sent twice.
+                let ops = [
+                    Op::Issue(user),
+                    Op::Redeem(redeem[0]),
+                    Op::Restore(restore[0]),
+                    Op::Restock,
+                    Op::Redeem(redeem[1]),
+                    Op::Issue(user + 1),
+                    Op::Restore(restore[1]),
+                    Op::Restock,
+                    Op::Redeem(redeem[0]),
+                    Op::Restore(restore[0]),
+                    Op::Redeem(redeem[1]),
+                    Op::Restore(restore[1]),
+                ];
+                for op in ops {
+                    let call = match op {
+                        Op::Issue(user) => timed(
+                            format!("issue to {user}"),
+                            || issuer.issue(&mut conn, user, campaign_id),
+                            |coupon| vec![coupon],
+                        ),
+                        Op::Redeem(id) => timed(
+                            format!("redeem {id}"),
+                            || issuer.redeem(&mut conn, id, &format!("redeem-{id}")),
+                            |coupon| vec![coupon],
+                        ),
+                        Op::Restore(id) => timed(
+                            format!("restore {id}"),
+                            || issuer.restore(&mut conn, id, &format!("order-{id}")),
+                            |coupon| vec![coupon],
+                        ),
+                        Op::Restock => timed(
+                            format!("restock {key}"),
+                            || issuer.restock(&mut conn, campaign_id, 1, &key),
+                            |_| Vec::new(),
+                        ),
+                    };
+                    calls.lock().expect("calls").push(call);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("single-call thread");
+    }
+    stop.store(true, Ordering::SeqCst);
+    holder.join().expect("holder");
+
+    let calls = std::mem::take(&mut *calls.lock().expect("calls"));
+    let late: Vec<&Timed> = calls
+        .iter()
+        .filter(|(_, elapsed, _)| *elapsed > DEADLINE + SLACK)
+        .collect();
+    let worst = calls.iter().map(|(_, e, _)| *e).max().unwrap_or_default();
+    let ok = calls.iter().filter(|(_, _, r)| r.is_ok()).count();
+    let mut by_kind: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for (what, _, answer) in &calls {
+        let kind = by_kind
+            .entry(what.split(' ').next().unwrap_or(what))
+            .or_default();
+        kind.0 += 1;
+        kind.1 += usize::from(answer.is_ok());
+    }
+    eprintln!(
+        "finding_9 coupons: {} calls, {ok} ok, {} late, worst {worst:?}; (calls, ok) {by_kind:?}",
+        calls.len(),
+        late.len()
+    );
+    let listed: Vec<String> = late
+        .iter()
+        .map(|(what, elapsed, answer)| format!("{what} took {elapsed:?}: {answer:?}"))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} of {} calls returned later than {:?}:\n  {}",
+        late.len(),
+        calls.len(),
+        DEADLINE + SLACK,
+        listed.join("\n  ")
+    );
+
+    // The database: stock + issued = total, one coupon per user, every answered coupon stored
+    // as answered, redeems and restores applied exactly where they answered Ok.
+    check_invariants(&mut admin, "finding 9 deadline");
+    let mut redeemed = HashSet::new();
+    let mut restored = HashSet::new();
+    for coupon in calls
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().ok())
+        .flatten()
+    {
+        let stored: (i64, i64, i64) = user_coupon::table
+            .find(coupon.id)
+            .select((
+                user_coupon::user_id,
+                user_coupon::coupon_id,
+                user_coupon::fcfs_coupon_id,
+            ))
+            .first(&mut admin)
+            .unwrap_or_else(|e| panic!("answered coupon {coupon:?} is not stored: {e}"));
+        assert_eq!(
+            stored,
+            (coupon.user_id, coupon.coupon_id, coupon.campaign_id),
+            "{coupon:?}"
+        );
+        match (coupon.status, coupon.order_ref.as_deref()) {
+            (CouponStatus::Used, Some(order)) => {
+                assert_eq!(order, format!("redeem-{}", coupon.id));
+                redeemed.insert(coupon.id);
+            }
+            (CouponStatus::Issued, None) if to_restore.contains(&coupon.id) => {
+                restored.insert(coupon.id);
+            }
+            (CouponStatus::Issued, None) => {}
+            other => panic!("answered coupon {coupon:?}: {other:?}"),
+        }
+    }
+    let unknown = calls
+        .iter()
+        .any(|(_, _, r)| matches!(r, Err(e) if e.starts_with("OutcomeUnknown")));
+    if !unknown {
+        for id in &to_redeem {
+            let expected = match redeemed.contains(id) {
+                true => ("used".to_owned(), Some(format!("redeem-{id}"))),
+                false => ("issued".to_owned(), None),
+            };
+            let (status, order, _) = user_coupon_row(&mut admin, *id);
+            assert_eq!((status, order), expected, "coupon {id} to redeem");
+        }
+        for id in &to_restore {
+            let expected = match restored.contains(id) {
+                true => ("issued".to_owned(), None),
+                false => ("used".to_owned(), Some(format!("order-{id}"))),
+            };
+            let (status, order, _) = user_coupon_row(&mut admin, *id);
+            assert_eq!((status, order), expected, "coupon {id} to restore");
+        }
+    }
+    // Each restock key applied at most once, and the total is the quantity plus the restocks.
+    let restocks = restock_rows(&mut admin);
+    assert!(restocks.len() <= 6, "{restocks:?}");
+    assert!(restocks.iter().all(|(_, _, additional)| *additional == 1));
+    let (total, _) = stock_row(&mut admin, campaign.id);
+    assert_eq!(
+        i64::from(total),
+        i64::from(QUANTITY) + restocks.len() as i64
+    );
+    for (what, _, answer) in &calls {
+        if let (Some(key), Ok(_)) = (what.strip_prefix("restock "), answer) {
+            assert!(
+                restocks.iter().any(|(_, k, _)| k == key),
+                "restock {key} answered Ok but is not recorded"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
