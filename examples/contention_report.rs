@@ -180,7 +180,9 @@ fn uncontended(
     violations: &mut Vec<String>,
 ) -> Result<Vec<SingleStats>, BoxError> {
     let warmup = 30;
-    let capacity = ((options.single_rounds * options.single_per_round + warmup) * 2) as u64;
+    // Room for every op as if each issued (half of them do).
+    let capacity =
+        ((options.single_rounds * options.single_per_round + warmup) * Single::ALL.len()) as u64;
     let mut single = Uncontended::new(harness, capacity)?;
     for op in Single::ALL {
         for _ in 0..warmup {
@@ -194,7 +196,7 @@ fn uncontended(
             samples: Vec::new(),
         })
         .collect();
-    // Interleaved rounds, so drift (other load, buffer pool, log) hits all four alike.
+    // Interleaved rounds, so drift (other load, buffer pool, log) hits all six alike.
     for _ in 0..options.single_rounds {
         for entry in stats.iter_mut() {
             for _ in 0..options.single_per_round {
@@ -228,13 +230,28 @@ fn print_uncontended(stats: &[SingleStats]) {
             percentile_us(&s.samples, 99.0) / 1000.0
         );
     }
-    println!();
+    println!(
+        "\nlib: on a connection carrying lockstock's session settings (no session statements); \
+         lib-own: on the caller's own connection (plain `MysqlConnection::establish`), where a \
+         call saves the caller's session variables in its first SET and restores them after \
+         COMMIT (one more prepared statement).\n"
+    );
     let find = |op: Single| stats.iter().find(|s| s.op == op);
     for (name, lib, hand) in [
         ("CouponIssuer::issue", Single::IssueLib, Single::IssueHand),
         (
+            "CouponIssuer::issue, lib, own connection (session restored)",
+            Single::IssueOwn,
+            Single::IssueHand,
+        ),
+        (
             "BalanceLedger::deduct",
             Single::DeductLib,
+            Single::DeductHand,
+        ),
+        (
+            "BalanceLedger::deduct, lib, own connection (session restored)",
+            Single::DeductOwn,
             Single::DeductHand,
         ),
     ] {

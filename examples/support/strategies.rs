@@ -1148,22 +1148,29 @@ impl Harness {
 /// One uncontended operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Single {
-    /// `CouponIssuer::issue`.
+    /// `CouponIssuer::issue` on a connection that carries lockstock's session settings.
     IssueLib,
+    /// `CouponIssuer::issue` on the caller's own connection (no settings applied): it saves the
+    /// caller's session variables in its first SET and restores them after COMMIT.
+    IssueOwn,
     /// Its hand-written twin ([`issue_hand`]).
     IssueHand,
-    /// `BalanceLedger::deduct`.
+    /// `BalanceLedger::deduct` on a connection that carries lockstock's session settings.
     DeductLib,
+    /// `BalanceLedger::deduct` on the caller's own connection (session saved and restored).
+    DeductOwn,
     /// Its hand-written twin ([`deduct_hand`]).
     DeductHand,
 }
 
 impl Single {
-    /// All four, lib before hand for each call.
-    pub const ALL: [Single; 4] = [
+    /// All six, lib (settings applied, then own connection) before hand for each call.
+    pub const ALL: [Single; 6] = [
         Single::IssueLib,
+        Single::IssueOwn,
         Single::IssueHand,
         Single::DeductLib,
+        Single::DeductOwn,
         Single::DeductHand,
     ];
 
@@ -1171,8 +1178,10 @@ impl Single {
     pub fn name(self) -> &'static str {
         match self {
             Self::IssueLib => "issue/lib",
+            Self::IssueOwn => "issue/lib-own",
             Self::IssueHand => "issue/hand",
             Self::DeductLib => "deduct/lib",
+            Self::DeductOwn => "deduct/lib-own",
             Self::DeductHand => "deduct/hand",
         }
     }
@@ -1181,6 +1190,8 @@ impl Single {
 /// A campaign and an account for sequential single requests on one connection.
 pub struct Uncontended {
     conn: MysqlConnection,
+    /// A plain connection, as a caller opens it: no session settings applied.
+    own: MysqlConnection,
     issuer: CouponIssuer,
     ledger: BalanceLedger,
     campaign: CouponTarget,
@@ -1200,6 +1211,7 @@ impl Uncontended {
         let next_user = harness.fresh_ids(capacity);
         Ok(Self {
             conn: connect(harness.url())?,
+            own: MysqlConnection::establish(harness.url())?,
             issuer: CouponIssuer::new(),
             ledger: BalanceLedger::new(),
             campaign,
@@ -1215,25 +1227,37 @@ impl Uncontended {
     /// Runs one request of `op`.
     pub fn once(&mut self, op: Single) -> Result<(), Error> {
         match op {
-            Single::IssueLib | Single::IssueHand => {
+            Single::IssueLib | Single::IssueOwn | Single::IssueHand => {
                 let user = self.next_user;
                 self.next_user += 1;
-                if op == Single::IssueLib {
-                    self.issuer
-                        .issue(&mut self.conn, user, self.campaign.campaign_id)?;
-                } else {
-                    issue_hand(&mut self.conn, user, &self.campaign)?;
+                let campaign_id = self.campaign.campaign_id;
+                match op {
+                    Single::IssueLib => {
+                        self.issuer.issue(&mut self.conn, user, campaign_id)?;
+                    }
+                    Single::IssueOwn => {
+                        self.issuer.issue(&mut self.own, user, campaign_id)?;
+                    }
+                    _ => {
+                        issue_hand(&mut self.conn, user, &self.campaign)?;
+                    }
                 }
                 self.issued += 1;
             }
-            Single::DeductLib | Single::DeductHand => {
+            Single::DeductLib | Single::DeductOwn | Single::DeductHand => {
                 self.next_key += 1;
                 let key = format!("{}-{}", self.tag, self.next_key);
-                if op == Single::DeductLib {
-                    self.ledger
-                        .deduct(&mut self.conn, self.account, DEDUCT_AMOUNT, &key)?;
-                } else {
-                    deduct_hand(&mut self.conn, self.account, DEDUCT_AMOUNT, &key)?;
+                let (ledger, account) = (&self.ledger, self.account);
+                match op {
+                    Single::DeductLib => {
+                        ledger.deduct(&mut self.conn, account, DEDUCT_AMOUNT, &key)?;
+                    }
+                    Single::DeductOwn => {
+                        ledger.deduct(&mut self.own, account, DEDUCT_AMOUNT, &key)?;
+                    }
+                    _ => {
+                        deduct_hand(&mut self.conn, account, DEDUCT_AMOUNT, &key)?;
+                    }
                 }
                 self.deducted += 1;
             }
