@@ -348,7 +348,7 @@ pub type Clock = Arc<dyn Fn() -> NaiveDateTime + Send + Sync>;
 /// use lockstock::Error;
 /// use rust_decimal::Decimal;
 ///
-/// let url = lockstock::sandbox::database_url("doc_coupon")?;
+/// let url = lockstock_testkit::sandbox::database_url("doc_coupon")?;
 /// let mut conn = MysqlConnection::establish(&url)?;
 /// # use diesel::connection::SimpleConnection;
 /// # conn.batch_execute("DROP DATABASE doc_coupon; CREATE DATABASE doc_coupon; USE doc_coupon")?; // a fresh run each time

@@ -335,7 +335,7 @@ enum Step<T> {
 /// use rust_decimal::Decimal;
 /// let dec = Decimal::new;
 ///
-/// let url = lockstock::sandbox::database_url("doc_ledger")?;
+/// let url = lockstock_testkit::sandbox::database_url("doc_ledger")?;
 /// let mut conn = MysqlConnection::establish(&url)?;
 /// # use diesel::connection::SimpleConnection;
 /// # conn.batch_execute("DROP DATABASE doc_ledger; CREATE DATABASE doc_ledger; USE doc_ledger")?; // a fresh run each time

@@ -22,7 +22,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Your own server: MysqlConnection::establish("mysql://app@db/shop"). Here: $DATABASE_URL,
 //! // or a throwaway MariaDB that lockstock starts (and removes) itself.
-//! let url = lockstock::sandbox::database_url("doc_crate")?;
+//! let url = lockstock_testkit::database_url("doc_crate")?;
 //! let mut conn = MysqlConnection::establish(&url)?;
 //! # use diesel::connection::SimpleConnection;
 //! # conn.batch_execute("DROP DATABASE doc_crate; CREATE DATABASE doc_crate; USE doc_crate")?; // a fresh run each time
@@ -49,7 +49,7 @@
 //!
 //! Hot rows: [`combine::CombiningIssuer`] and [`combine::CombiningLedger`] combine concurrent
 //! requests for one campaign or account into one transaction over an r2d2 pool. Tests and
-//! examples: [`sandbox`] starts a private MariaDB.
+//! examples: the `lockstock-testkit` crate starts a private MariaDB.
 #![warn(
     missing_docs,
     unreachable_pub,
@@ -69,7 +69,6 @@ pub mod combine;
 pub mod coupon;
 pub mod error;
 pub mod ledger;
-pub mod sandbox;
 pub mod schema;
 mod statements;
 pub mod txn;
@@ -81,7 +80,6 @@ pub use error::{Error, Result, ServerError, ServerErrorKind};
 pub use ledger::{
     AccountOp, AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer,
 };
-pub use sandbox::{Sandbox, SandboxError};
 pub use txn::{Deadline, Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
 
 use diesel::mysql::MysqlConnection;
