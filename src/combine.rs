@@ -322,12 +322,12 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
                 slots.len()
             ));
             for slot in slots {
-                slot.set(SlotState::Done(Err(error.replicate())));
+                slot.set(SlotState::Done(Err(error.clone())));
             }
         }
         Err(error) => {
             for slot in slots {
-                slot.set(SlotState::Done(Err(error.replicate())));
+                slot.set(SlotState::Done(Err(error.clone())));
             }
         }
     }
@@ -350,6 +350,19 @@ fn checkout(
             true => timeout(deadline),
             false => Error::Pool(Arc::new(error)),
         })
+}
+
+/// Runs a batch of `requests` on a pooled connection checked out by `deadline`. Alone in its
+/// batch, a request takes the single-request path (shorter than a batch of one): `run` gets
+/// the slice and matches `[one]` itself.
+fn pooled<Req, Resp>(
+    pool: &MysqlPool,
+    deadline: Deadline,
+    requests: &[Req],
+    run: impl FnOnce(&mut MysqlConnection, &[Req]) -> Result<Vec<Result<Resp>>>,
+) -> Result<Vec<Result<Resp>>> {
+    let mut conn = checkout(pool, deadline)?;
+    run(&mut conn, requests)
 }
 
 /// A [`CouponIssuer`] in front of a pool that combines concurrent `issue` calls per campaign
@@ -410,16 +423,12 @@ impl CombiningIssuer {
             user_id,
             deadline,
             |campaign, users, deadline| {
-                let mut conn = checkout(&self.pool, deadline)?;
-                // Alone in its batch: the single-request path is shorter than a batch of one.
-                match users.as_slice() {
+                pooled(&self.pool, deadline, &users, |conn, users| match users {
                     [user_id] => Ok(vec![self
                         .issuer
-                        .issue_by(&mut conn, *user_id, *campaign, deadline)]),
-                    _ => self
-                        .issuer
-                        .issue_many_by(&mut conn, *campaign, &users, deadline),
-                }
+                        .issue_by(conn, *user_id, *campaign, deadline)]),
+                    _ => self.issuer.issue_many_by(conn, *campaign, users, deadline),
+                })
             },
         )
     }
@@ -473,18 +482,10 @@ impl CombiningLedger {
         let deadline = self.ledger.runner().deadline();
         self.combiner
             .submit(user_id, op, deadline, |user, ops, deadline| {
-                let (ledger, user) = (&self.ledger, *user);
-                let mut conn = checkout(&self.pool, deadline)?;
-                // Alone in its batch: the single-request path is shorter than a batch of one.
-                match ops.as_slice() {
-                    [AccountOp::Charge { amount, key }] => Ok(vec![
-                        ledger.charge_by(&mut conn, user, *amount, key, deadline)
-                    ]),
-                    [AccountOp::Deduct { amount, key }] => Ok(vec![
-                        ledger.deduct_by(&mut conn, user, *amount, key, deadline)
-                    ]),
-                    _ => ledger.apply_many_by(&mut conn, user, &ops, deadline),
-                }
+                pooled(&self.pool, deadline, &ops, |conn, ops| match ops {
+                    [op] => Ok(vec![self.ledger.apply_one_by(conn, *user, op, deadline)]),
+                    _ => self.ledger.apply_many_by(conn, *user, ops, deadline),
+                })
             })
     }
 }

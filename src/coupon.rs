@@ -50,10 +50,11 @@ use diesel::prelude::*;
 use rust_decimal::Decimal;
 
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::ledger::{inserted_id, now, to_micros, validate_amount, validate_id, validate_key};
 use crate::schema::{coupon, fcfs_coupon, fcfs_coupon_restock, user_coupon};
 use crate::statements::SetStock;
 use crate::txn::{Deadline, InsertIds, TxnPolicy, TxnRunner};
+use crate::util::{inserted_id, now, to_micros};
+use crate::validate::{validate_amount, validate_id, validate_key};
 
 /// Longest order reference, in bytes.
 pub const MAX_ORDER_REF_BYTES: usize = 64;

@@ -69,9 +69,12 @@ pub mod combine;
 pub mod coupon;
 pub mod error;
 pub mod ledger;
+mod records;
 pub mod schema;
 mod statements;
 pub mod txn;
+mod util;
+mod validate;
 
 pub use coupon::{
     Campaign, Coupon, CouponIssuer, CouponStatus, Discount, IssuedCoupon, NewCampaign, NewCoupon,
@@ -89,8 +92,11 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 pub const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations");
 
 /// Applies every pending migration in [`MIGRATIONS`].
+///
+/// # Errors
+/// [`Error::Migration`] when a migration (or reading which are applied) fails.
 pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
     conn.run_pending_migrations(MIGRATIONS)
         .map(|_| ())
-        .map_err(Error::Migration)
+        .map_err(|e| Error::Migration(e.into()))
 }

@@ -259,11 +259,16 @@ impl SessionSettings {
 
 impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for SessionSettings {
     fn on_acquire(&self, conn: &mut MysqlConnection) -> Result<(), diesel::r2d2::Error> {
-        apply_session_settings(conn, &self.policy).map_err(|e| match e {
-            Error::Server(s) => diesel::r2d2::Error::QueryError(s.into_diesel_error()),
-            other => diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(
-                other.to_string().into(),
-            )),
+        apply_session_settings(conn, &self.policy).map_err(|e| {
+            let text = e.to_string();
+            // The error was made here and is not shared: its Diesel error comes back whole.
+            let source = match e {
+                Error::Server(s) => std::sync::Arc::try_unwrap(s.into_diesel_error()).ok(),
+                _ => None,
+            };
+            diesel::r2d2::Error::QueryError(
+                source.unwrap_or_else(|| diesel::result::Error::QueryBuilderError(text.into())),
+            )
         })
     }
 }
