@@ -54,7 +54,8 @@
     missing_docs,
     unreachable_pub,
     clippy::unwrap_used,
-    clippy::expect_used
+    clippy::expect_used,
+    clippy::missing_errors_doc
 )]
 
 /// Emits a `tracing` event when the `tracing` feature is on; compiles to nothing otherwise.

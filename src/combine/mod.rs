@@ -132,6 +132,11 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// must return one result per request, in the same order, or a whole-batch error.
     /// `deadline` is the caller's, fixed when its call started: it bounds the time spent queued,
     /// and no batch the request is in runs past it.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when `deadline` passes before the request is taken into a batch; a
+    /// copy of the whole-batch error when `run_batch` fails; [`Error::Internal`] when it answers
+    /// the wrong number of requests (or panics: then the panic goes on in the leader).
     pub fn submit(
         &self,
         key: K,
@@ -416,6 +421,10 @@ impl CombiningIssuer {
     /// Issues one coupon of `campaign_id` to `user_id`, combined with concurrent requests for the
     /// same campaign. Same answers as [`CouponIssuer::issue`], plus [`Error::Timeout`] if the
     /// policy's deadline passes while queued.
+    ///
+    /// # Errors
+    /// As [`CouponIssuer::issue`]; also [`Error::Timeout`] (queued or waiting for a pooled
+    /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
     pub fn issue(&self, user_id: i64, campaign_id: i64) -> Result<IssuedCoupon> {
         let deadline = Deadline::after(self.issuer.policy().retry.deadline);
         self.combiner.submit(
@@ -469,11 +478,18 @@ impl CombiningLedger {
     }
 
     /// [`BalanceLedger::charge`], combined with concurrent requests for the same account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::charge`]; also [`Error::Timeout`] (queued or waiting for a pooled
+    /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
     pub fn charge(&self, user_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
         self.submit(user_id, AccountOp::charge(amount, idempotency_key))
     }
 
     /// [`BalanceLedger::deduct`], combined with concurrent requests for the same account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::deduct`], with the additions of [`charge`](Self::charge).
     pub fn deduct(&self, user_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
         self.submit(user_id, AccountOp::deduct(amount, idempotency_key))
     }

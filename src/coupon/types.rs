@@ -30,7 +30,7 @@ pub enum Discount {
 impl Discount {
     /// The discount on an order of `total`: never negative, never more than the total,
     /// percentages rounded down to 4 decimal places and capped. Never panics: a discount built
-    /// by hand with values [`create_coupon`](CouponIssuer::create_coupon) would refuse is
+    /// by hand with values [`create_coupon`](super::CouponIssuer::create_coupon) would refuse is
     /// clamped (a percentage to 0..=100, an amount or cap to 0..=total).
     pub fn apply_to(&self, total: Decimal) -> Decimal {
         let total = total.max(Decimal::ZERO);

@@ -2,7 +2,7 @@
 //! every change journaled.
 //!
 //! # How a change is made
-//! One SERIALIZABLE transaction per call (see [`TxnRunner`](crate::TxnRunner)):
+//! One SERIALIZABLE transaction per call (see [`TxnRunner`]):
 //! 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — through the primary key,
 //!    so InnoDB takes one record lock. A transfer locks both rows in ascending `user_id` order.
 //! 2. Check the balance against the request (nothing written on refusal).

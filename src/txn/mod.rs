@@ -145,6 +145,13 @@ impl TxnRunner {
 
     /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
     /// start: it sees a rolled-back database each time.
+    ///
+    /// # Errors
+    /// What `body` fails with, once it is not retried any more; [`Error::Contended`] when
+    /// refusals outlast the attempts or the deadline; [`Error::Timeout`] when the deadline passed
+    /// before a transaction was sent; [`Error::OutcomeUnknown`] when COMMIT failed in flight;
+    /// [`Error::NestedTransaction`] inside a caller's transaction; [`Error::ConnectionBroken`]
+    /// when a ROLLBACK failed; [`Error::Server`] for any other server failure.
     pub fn run<T>(
         &self,
         conn: &mut MysqlConnection,
@@ -156,6 +163,9 @@ impl TxnRunner {
     /// Like [`run`](Self::run), bounded by `deadline` (a call that runs several transactions
     /// shares one deadline between them). A deadline already passed sends nothing and answers
     /// [`Error::Timeout`].
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
     pub fn run_by<T>(
         &self,
         conn: &mut MysqlConnection,
@@ -303,6 +313,11 @@ impl TxnRunner {
     /// Runs `body` in a read-only consistent snapshot (REPEATABLE READ, no locks taken), so
     /// reads never block or deadlock with writers and see one committed state. An interrupted
     /// or refused snapshot is retried like a write.
+    ///
+    /// # Errors
+    /// What `body` fails with; [`Error::Contended`], [`Error::Timeout`],
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`] and [`Error::Server`] as for
+    /// [`run`](Self::run) (a read never answers [`Error::OutcomeUnknown`]).
     pub fn read<T>(
         &self,
         conn: &mut MysqlConnection,
@@ -313,6 +328,9 @@ impl TxnRunner {
 
     /// Like [`read`](Self::read), bounded by `deadline`; refused with [`Error::Timeout`]
     /// (nothing sent) once it has passed.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
     pub fn read_by<T>(
         &self,
         conn: &mut MysqlConnection,

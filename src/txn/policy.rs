@@ -65,7 +65,7 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// A policy that tries once and reports a refusal as [`Error::Contended`] at once.
+    /// A policy that tries once and reports a refusal as [`Error::Contended`](crate::Error::Contended) at once.
     pub fn no_retry() -> Self {
         Self {
             max_attempts: 1,

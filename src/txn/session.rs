@@ -21,6 +21,9 @@ pub enum ServerFlavor {
 
 impl ServerFlavor {
     /// Asks the server.
+    ///
+    /// # Errors
+    /// [`Error::Server`] when `SELECT VERSION()` fails.
     pub fn detect(conn: &mut MysqlConnection) -> Result<Self, Error> {
         let version: String =
             diesel::select(diesel::dsl::sql::<Text>("VERSION()")).get_result(conn)?;
@@ -34,10 +37,13 @@ impl ServerFlavor {
 
 /// Applies a policy's session settings to a connection for good, and marks the connection as
 /// carrying them: lockstock calls with the same policy on it then send no session settings and
-/// restore nothing (see [`TxnRunner`]). The mark lives in the connection's Diesel
+/// restore nothing (see [`TxnRunner`](super::TxnRunner)). The mark lives in the connection's Diesel
 /// instrumentation slot; it wraps Diesel's default instrumentation, which it keeps calling, and
 /// setting another instrumentation removes it (lockstock then sends and restores the settings
 /// on every call, which is correct, only slower).
+///
+/// # Errors
+/// [`Error::Server`] when the server cannot be asked its version or refuses a setting.
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
     let flavor = ServerFlavor::detect(conn)?;
     let session = policy.session_sql(flavor);
