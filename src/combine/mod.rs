@@ -357,17 +357,55 @@ fn checkout(
         })
 }
 
-/// Runs a batch of `requests` on a pooled connection checked out by `deadline`. Alone in its
-/// batch, a request takes the single-request path (shorter than a batch of one): `run` gets
-/// the slice and matches `[one]` itself.
-fn pooled<Req, Resp>(
-    pool: &MysqlPool,
-    deadline: Deadline,
-    requests: &[Req],
-    run: impl FnOnce(&mut MysqlConnection, &[Req]) -> Result<Vec<Result<Resp>>>,
-) -> Result<Vec<Result<Resp>>> {
-    let mut conn = checkout(pool, deadline)?;
-    run(&mut conn, requests)
+/// A domain type (`S`: a [`CouponIssuer`] or a [`BalanceLedger`]) in front of a pool, with a
+/// [`Combiner`] that combines concurrent requests per hot key (a campaign, an account) into
+/// batch transactions. Share it between threads (it is `Sync`). Used as [`CombiningIssuer`] and
+/// [`CombiningLedger`].
+#[derive(Debug)]
+pub struct Combining<S, Req, Resp> {
+    pool: MysqlPool,
+    inner: S,
+    combiner: Combiner<i64, Req, Resp>,
+}
+
+impl<S, Req, Resp> Combining<S, Req, Resp> {
+    /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
+    pub fn new(pool: MysqlPool, inner: S) -> Self {
+        Self::with_max_batch(pool, inner, DEFAULT_MAX_BATCH)
+    }
+
+    /// Combines over `pool` with batches of up to `max_batch` requests.
+    pub fn with_max_batch(pool: MysqlPool, inner: S, max_batch: usize) -> Self {
+        Self {
+            pool,
+            inner,
+            combiner: Combiner::new(max_batch),
+        }
+    }
+
+    /// Batch counts so far.
+    pub fn stats(&self) -> CombinerStats {
+        self.combiner.stats()
+    }
+
+    /// Submits `request` for the hot row `key` with the caller's `deadline`; the batch it joins
+    /// runs on a pooled connection checked out by the batch's deadline, through `many` — or,
+    /// alone in its batch, through the single-request path `one` (shorter than a batch of one).
+    fn submit_pooled(
+        &self,
+        (key, request, deadline): (i64, Req, Deadline),
+        one: impl Fn(&S, &mut MysqlConnection, i64, &Req, Deadline) -> Result<Resp>,
+        many: impl Fn(&S, &mut MysqlConnection, i64, &[Req], Deadline) -> Result<Vec<Result<Resp>>>,
+    ) -> Result<Resp> {
+        self.combiner
+            .submit(key, request, deadline, |key, requests, deadline| {
+                let mut conn = checkout(&self.pool, deadline)?;
+                match requests.as_slice() {
+                    [alone] => Ok(vec![one(&self.inner, &mut conn, *key, alone, deadline)]),
+                    all => many(&self.inner, &mut conn, *key, all, deadline),
+                }
+            })
+    }
 }
 
 /// A [`CouponIssuer`] in front of a pool that combines concurrent `issue` calls per campaign
@@ -386,36 +424,12 @@ fn pooled<Req, Resp>(
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
-pub struct CombiningIssuer {
-    pool: MysqlPool,
-    issuer: CouponIssuer,
-    combiner: Combiner<i64, i64, IssuedCoupon>,
-}
+pub type CombiningIssuer = Combining<CouponIssuer, i64, IssuedCoupon>;
 
 impl CombiningIssuer {
-    /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
-    pub fn new(pool: MysqlPool, issuer: CouponIssuer) -> Self {
-        Self::with_max_batch(pool, issuer, DEFAULT_MAX_BATCH)
-    }
-
-    /// Combines over `pool` with batches of up to `max_batch` requests.
-    pub fn with_max_batch(pool: MysqlPool, issuer: CouponIssuer, max_batch: usize) -> Self {
-        Self {
-            pool,
-            issuer,
-            combiner: Combiner::new(max_batch),
-        }
-    }
-
     /// The issuer the batches run through (for restocks, redeems and reads).
     pub fn issuer(&self) -> &CouponIssuer {
-        &self.issuer
-    }
-
-    /// Batch counts so far.
-    pub fn stats(&self) -> CombinerStats {
-        self.combiner.stats()
+        &self.inner
     }
 
     /// Issues one coupon of `campaign_id` to `user_id`, combined with concurrent requests for the
@@ -426,55 +440,25 @@ impl CombiningIssuer {
     /// As [`CouponIssuer::issue`]; also [`Error::Timeout`] (queued or waiting for a pooled
     /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
     pub fn issue(&self, user_id: i64, campaign_id: i64) -> Result<IssuedCoupon> {
-        let deadline = Deadline::after(self.issuer.policy().retry.deadline);
-        self.combiner.submit(
-            campaign_id,
-            user_id,
-            deadline,
-            |campaign, users, deadline| {
-                pooled(&self.pool, deadline, &users, |conn, users| match users {
-                    [user_id] => Ok(vec![self
-                        .issuer
-                        .issue_by(conn, *user_id, *campaign, deadline)]),
-                    _ => self.issuer.issue_many_by(conn, *campaign, users, deadline),
-                })
+        let request = (campaign_id, user_id, self.inner.runner().deadline());
+        self.submit_pooled(
+            request,
+            |issuer, conn, campaign, user, deadline| {
+                issuer.issue_by(conn, *user, campaign, deadline)
             },
+            CouponIssuer::issue_many_by,
         )
     }
 }
 
 /// A [`BalanceLedger`] in front of a pool that combines concurrent charges and deducts per
 /// account into batch transactions. Share it between threads (it is `Sync`).
-#[derive(Debug)]
-pub struct CombiningLedger {
-    pool: MysqlPool,
-    ledger: BalanceLedger,
-    combiner: Combiner<i64, AccountOp, Entry>,
-}
+pub type CombiningLedger = Combining<BalanceLedger, AccountOp, Entry>;
 
 impl CombiningLedger {
-    /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
-    pub fn new(pool: MysqlPool, ledger: BalanceLedger) -> Self {
-        Self::with_max_batch(pool, ledger, DEFAULT_MAX_BATCH)
-    }
-
-    /// Combines over `pool` with batches of up to `max_batch` requests.
-    pub fn with_max_batch(pool: MysqlPool, ledger: BalanceLedger, max_batch: usize) -> Self {
-        Self {
-            pool,
-            ledger,
-            combiner: Combiner::new(max_batch),
-        }
-    }
-
     /// The ledger the batches run through (for refunds, transfers and reads).
     pub fn ledger(&self) -> &BalanceLedger {
-        &self.ledger
-    }
-
-    /// Batch counts so far.
-    pub fn stats(&self) -> CombinerStats {
-        self.combiner.stats()
+        &self.inner
     }
 
     /// [`BalanceLedger::charge`], combined with concurrent requests for the same account.
@@ -483,7 +467,7 @@ impl CombiningLedger {
     /// As [`BalanceLedger::charge`]; also [`Error::Timeout`] (queued or waiting for a pooled
     /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
     pub fn charge(&self, user_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
-        self.submit(user_id, AccountOp::charge(amount, idempotency_key))
+        self.apply(user_id, AccountOp::charge(amount, idempotency_key))
     }
 
     /// [`BalanceLedger::deduct`], combined with concurrent requests for the same account.
@@ -491,18 +475,16 @@ impl CombiningLedger {
     /// # Errors
     /// As [`BalanceLedger::deduct`], with the additions of [`charge`](Self::charge).
     pub fn deduct(&self, user_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
-        self.submit(user_id, AccountOp::deduct(amount, idempotency_key))
+        self.apply(user_id, AccountOp::deduct(amount, idempotency_key))
     }
 
-    fn submit(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
-        let deadline = self.ledger.runner().deadline();
-        self.combiner
-            .submit(user_id, op, deadline, |user, ops, deadline| {
-                pooled(&self.pool, deadline, &ops, |conn, ops| match ops {
-                    [op] => Ok(vec![self.ledger.apply_one_by(conn, *user, op, deadline)]),
-                    _ => self.ledger.apply_many_by(conn, *user, ops, deadline),
-                })
-            })
+    fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
+        let request = (user_id, op, self.inner.runner().deadline());
+        self.submit_pooled(
+            request,
+            BalanceLedger::apply_one_by,
+            BalanceLedger::apply_many_by,
+        )
     }
 }
 

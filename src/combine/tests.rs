@@ -17,33 +17,24 @@ fn doubled(_: &u8, requests: Vec<u64>, _: Deadline) -> Result<Vec<Result<u64>>> 
 
 #[test]
 fn every_caller_gets_its_own_answer_and_requests_are_combined() {
-    let combiner = Arc::new(Doubler::new(64));
-    let barrier = Arc::new(Barrier::new(32));
-    let handles: Vec<_> = (0..32u64)
-        .map(|t| {
-            let (combiner, barrier) = (combiner.clone(), barrier.clone());
-            thread::spawn(move || {
-                barrier.wait();
-                (0..50u64)
-                    .map(|i| {
-                        let request = t * 1000 + i;
-                        let answer = combiner.submit(
-                            (t % 2) as u8,
-                            request,
-                            within(Duration::from_secs(10)),
-                            doubled,
-                        );
-                        answer.is_ok_and(|a| a == request * 2)
-                    })
-                    .filter(|right| *right)
-                    .count()
-                    == 50
-            })
+    let combiner = Doubler::new(64);
+    let barrier = Barrier::new(32);
+    // One caller's 50 requests, each answered with its own double.
+    let caller = |t: u64| {
+        barrier.wait();
+        (0..50u64).all(|i| {
+            let request = t * 1000 + i;
+            let deadline = within(Duration::from_secs(10));
+            let answer = combiner.submit((t % 2) as u8, request, deadline, doubled);
+            answer.is_ok_and(|a| a == request * 2)
         })
-        .collect();
-    for handle in handles {
-        assert!(handle.join().unwrap_or(false));
-    }
+    };
+    thread::scope(|scope| {
+        let callers: Vec<_> = (0..32u64).map(|t| scope.spawn(move || caller(t))).collect();
+        for handle in callers {
+            assert!(handle.join().unwrap_or(false));
+        }
+    });
     let stats = combiner.stats();
     assert_eq!(stats.requests, 32 * 50);
     assert!(stats.batches < stats.requests, "{stats:?}");
