@@ -89,7 +89,7 @@ impl BalanceLedger {
                 };
             };
             let after = account.after(kind, request.amount)?;
-            write_entry(conn, &account, request, &hash, after).map(Step::Done)
+            write_entry(conn, &account, (request, &hash), after, |_| Ok(())).map(Step::Done)
         })
     }
 
@@ -148,12 +148,16 @@ impl BalanceLedger {
                 });
             }
             let after = account.credit(amount)?;
-            SetRefunded {
-                entry_id: deduct_entry_id,
-                refunded: deduct.refunded_amount + amount,
-            }
-            .execute(conn)?;
-            write_entry(conn, &account, &request, &hash, after).map(Step::Done)
+            let refunded = deduct.refunded_amount + amount;
+            let set_refunded = |conn: &mut MysqlConnection| {
+                SetRefunded {
+                    entry_id: deduct_entry_id,
+                    refunded,
+                }
+                .execute(conn)?;
+                Ok(())
+            };
+            write_entry(conn, &account, (&request, &hash), after, set_refunded).map(Step::Done)
         })
     }
 
@@ -291,20 +295,21 @@ impl BalanceLedger {
     }
 }
 
-/// The single write of one entry on a locked `account`: the journal INSERT (a batch of one)
-/// and the balance UPDATE.
+/// The single write of one entry on a locked `account`: the journal INSERT (a batch of one),
+/// `between` (a refund's update of its deduct), then the balance UPDATE.
 fn write_entry(
     conn: &mut MysqlConnection,
     account: &Account,
-    request: &Request<'_>,
-    hash: &str,
+    (request, hash): (&Request<'_>, &str),
     after: Decimal,
+    between: impl FnOnce(&mut MysqlConnection) -> Result<()>,
 ) -> Result<Entry> {
     let entry = one(insert_entries(
         conn,
         None,
         &[request.row(hash, after, None, now())],
     )?)?;
+    between(conn)?;
     store_balance(conn, account, after, 1)?;
     Ok(entry)
 }

@@ -168,4 +168,11 @@ mod tests {
         );
         assert_eq!(a.hash().len(), 16);
     }
+
+    /// The stored hashes never change: rows written by earlier versions keep answering.
+    #[test]
+    fn request_hash_is_pinned() {
+        let hash = request_hash(EntryKind::Deduct, 7, Decimal::new(1000, 2), None);
+        assert_eq!(hash, "70050e7551c6b6cc"); // FNV-1a 64 of "deduct|7|10|0"
+    }
 }
