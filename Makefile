@@ -52,10 +52,10 @@ deps:
 
 test: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets --all-features -- -D warnings
-	$(CARGO) test --all-targets
-	$(CARGO) test --doc
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --all-features
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --doc
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --all-features
 	$(CARGO) bench --no-run
 	@$(MAKE) --no-print-directory check-leftovers
 

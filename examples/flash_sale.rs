@@ -311,7 +311,7 @@ fn main() -> Result<(), BoxError> {
 
 /// The example's database, dropped and recreated, with the migrations applied.
 fn fresh_database() -> Result<String, BoxError> {
-    let url = lockstock::sandbox::database_url(DATABASE)?;
+    let url = lockstock_testkit::sandbox::database_url(DATABASE)?;
     let mut conn = MysqlConnection::establish(&url)?;
     conn.batch_execute(&format!(
         "DROP DATABASE IF EXISTS `{DATABASE}`; \

@@ -9,7 +9,7 @@ use lockstock::{BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCo
 use rust_decimal::Decimal;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let url = lockstock::sandbox::database_url("lockstock_quickstart")?;
+    let url = lockstock_testkit::sandbox::database_url("lockstock_quickstart")?;
     let mut conn = MysqlConnection::establish(&url)?;
     lockstock::run_migrations(&mut conn)?;
     let run = Utc::now().timestamp_micros();

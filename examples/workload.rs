@@ -876,7 +876,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!("workload: {seconds} s, {clients} clients, seed {seed}");
     let name = "lockstock_workload";
-    let url = lockstock::sandbox::database_url(name)?;
+    let url = lockstock_testkit::sandbox::database_url(name)?;
     let mut conn = MysqlConnection::establish(&url)?;
     diesel::connection::SimpleConnection::batch_execute(
         &mut conn,

@@ -22,7 +22,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Your own server: MysqlConnection::establish("mysql://app@db/shop"). Here: $DATABASE_URL,
 //! // or a throwaway MariaDB that lockstock starts (and removes) itself.
-//! let url = lockstock::sandbox::database_url("doc_crate")?;
+//! let url = lockstock_testkit::database_url("doc_crate")?;
 //! let mut conn = MysqlConnection::establish(&url)?;
 //! # use diesel::connection::SimpleConnection;
 //! # conn.batch_execute("DROP DATABASE doc_crate; CREATE DATABASE doc_crate; USE doc_crate")?; // a fresh run each time
@@ -49,12 +49,13 @@
 //!
 //! Hot rows: [`combine::CombiningIssuer`] and [`combine::CombiningLedger`] combine concurrent
 //! requests for one campaign or account into one transaction over an r2d2 pool. Tests and
-//! examples: [`sandbox`] starts a private MariaDB.
+//! examples: the `lockstock-testkit` crate starts a private MariaDB.
 #![warn(
     missing_docs,
     unreachable_pub,
     clippy::unwrap_used,
-    clippy::expect_used
+    clippy::expect_used,
+    clippy::missing_errors_doc
 )]
 
 /// Emits a `tracing` event when the `tracing` feature is on; compiles to nothing otherwise.
@@ -69,10 +70,12 @@ pub mod combine;
 pub mod coupon;
 pub mod error;
 pub mod ledger;
-pub mod sandbox;
+mod records;
 pub mod schema;
 mod statements;
 pub mod txn;
+mod util;
+mod validate;
 
 pub use coupon::{
     Campaign, Coupon, CouponIssuer, CouponStatus, Discount, IssuedCoupon, NewCampaign, NewCoupon,
@@ -81,7 +84,6 @@ pub use error::{Error, Result, ServerError, ServerErrorKind};
 pub use ledger::{
     AccountOp, AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer,
 };
-pub use sandbox::{Sandbox, SandboxError};
 pub use txn::{Deadline, Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
 
 use diesel::mysql::MysqlConnection;
@@ -91,8 +93,11 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
 pub const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations");
 
 /// Applies every pending migration in [`MIGRATIONS`].
+///
+/// # Errors
+/// [`Error::Migration`] when a migration (or reading which are applied) fails.
 pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
     conn.run_pending_migrations(MIGRATIONS)
         .map(|_| ())
-        .map_err(Error::Migration)
+        .map_err(|e| Error::Migration(e.into()))
 }

@@ -11,128 +11,95 @@ use diesel::sql_types::{BigInt, Integer, Numeric};
 use diesel::{MysqlConnection, QueryResult, RunQueryDsl};
 use rust_decimal::Decimal;
 
-/// `UPDATE user_balance SET balance = ?, version = ? WHERE user_id = ?`
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct SetBalance {
-    pub(crate) user_id: i64,
-    pub(crate) balance: Decimal,
-    pub(crate) version: i64,
+/// Defines a statement type with a static query id: a unit struct for constant SQL, or a struct
+/// whose fields are bound in order, each after its SQL fragment.
+macro_rules! statement {
+    ($(#[$doc:meta])* $name:ident => $sql:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, QueryId)]
+        pub(crate) struct $name;
+
+        impl QueryFragment<Mysql> for $name {
+            fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+                out.push_sql($sql);
+                Ok(())
+            }
+        }
+
+        impl RunQueryDsl<MysqlConnection> for $name {}
+    };
+    ($(#[$doc:meta])* $name:ident { $($sql:literal $field:ident: $ty:ty as $sql_ty:ty),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, QueryId)]
+        pub(crate) struct $name {
+            $(pub(crate) $field: $ty,)+
+        }
+
+        impl QueryFragment<Mysql> for $name {
+            fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+                $(
+                    out.push_sql($sql);
+                    out.push_bind_param::<$sql_ty, _>(&self.$field)?;
+                )+
+                Ok(())
+            }
+        }
+
+        impl RunQueryDsl<MysqlConnection> for $name {}
+    };
 }
 
-impl QueryFragment<Mysql> for SetBalance {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql("UPDATE `user_balance` SET `balance` = ");
-        out.push_bind_param::<Numeric, _>(&self.balance)?;
-        out.push_sql(", `version` = ");
-        out.push_bind_param::<BigInt, _>(&self.version)?;
-        out.push_sql(" WHERE `user_id` = ");
-        out.push_bind_param::<BigInt, _>(&self.user_id)?;
-        Ok(())
+statement! {
+    /// `UPDATE user_balance SET balance = ?, version = ? WHERE user_id = ?`
+    SetBalance {
+        "UPDATE `user_balance` SET `balance` = " balance: Decimal as Numeric,
+        ", `version` = " version: i64 as BigInt,
+        " WHERE `user_id` = " user_id: i64 as BigInt,
     }
 }
 
-impl RunQueryDsl<MysqlConnection> for SetBalance {}
-
-/// `UPDATE fcfs_coupon SET stock_quantity = ? WHERE id = ?`
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct SetStock {
-    pub(crate) campaign_id: i64,
-    pub(crate) stock: i32,
-}
-
-impl QueryFragment<Mysql> for SetStock {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql("UPDATE `fcfs_coupon` SET `stock_quantity` = ");
-        out.push_bind_param::<Integer, _>(&self.stock)?;
-        out.push_sql(" WHERE `id` = ");
-        out.push_bind_param::<BigInt, _>(&self.campaign_id)?;
-        Ok(())
+statement! {
+    /// `UPDATE fcfs_coupon SET stock_quantity = ? WHERE id = ?`
+    SetStock {
+        "UPDATE `fcfs_coupon` SET `stock_quantity` = " stock: i32 as Integer,
+        " WHERE `id` = " campaign_id: i64 as BigInt,
     }
 }
 
-impl RunQueryDsl<MysqlConnection> for SetStock {}
-
-/// `UPDATE balance_history SET refunded_amount = ? WHERE id = ?`
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct SetRefunded {
-    pub(crate) entry_id: i64,
-    pub(crate) refunded: Decimal,
-}
-
-impl QueryFragment<Mysql> for SetRefunded {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql("UPDATE `balance_history` SET `refunded_amount` = ");
-        out.push_bind_param::<Numeric, _>(&self.refunded)?;
-        out.push_sql(" WHERE `id` = ");
-        out.push_bind_param::<BigInt, _>(&self.entry_id)?;
-        Ok(())
+statement! {
+    /// `UPDATE balance_history SET refunded_amount = ? WHERE id = ?`
+    SetRefunded {
+        "UPDATE `balance_history` SET `refunded_amount` = " refunded: Decimal as Numeric,
+        " WHERE `id` = " entry_id: i64 as BigInt,
     }
 }
 
-impl RunQueryDsl<MysqlConnection> for SetRefunded {}
-
-/// `COMMIT`, as a cached prepared statement: one round trip, where Diesel's transaction manager
-/// sends it as a multi-statement batch (three round trips: the batch toggles the
-/// multi-statement option on and off around it).
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct Commit;
-
-impl QueryFragment<Mysql> for Commit {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql("COMMIT");
-        Ok(())
-    }
+statement! {
+    /// `COMMIT`, as a cached prepared statement: one round trip, where Diesel's transaction
+    /// manager sends it as a multi-statement batch (three round trips: the batch toggles the
+    /// multi-statement option on and off around it).
+    Commit => "COMMIT"
 }
 
-impl RunQueryDsl<MysqlConnection> for Commit {}
-
-/// `ROLLBACK`, as a cached prepared statement.
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct Rollback;
-
-impl QueryFragment<Mysql> for Rollback {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql("ROLLBACK");
-        Ok(())
-    }
+statement! {
+    /// `ROLLBACK`, as a cached prepared statement.
+    Rollback => "ROLLBACK"
 }
 
-impl RunQueryDsl<MysqlConnection> for Rollback {}
-
-/// Restores the session variables lockstock's begin batch saved (MariaDB).
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct RestoreMariaDb;
-
-impl QueryFragment<Mysql> for RestoreMariaDb {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql(
-            "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
-             max_statement_time = @lockstock_statement_time, \
-             lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
-             tx_isolation = @lockstock_isolation",
-        );
-        Ok(())
-    }
+statement! {
+    /// Restores the session variables lockstock's begin batch saved (MariaDB).
+    RestoreMariaDb => "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
+        max_statement_time = @lockstock_statement_time, \
+        lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
+        tx_isolation = @lockstock_isolation"
 }
 
-impl RunQueryDsl<MysqlConnection> for RestoreMariaDb {}
-
-/// Restores the session variables lockstock's begin batch saved (MySQL 8).
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct RestoreMySql;
-
-impl QueryFragment<Mysql> for RestoreMySql {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql(
-            "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
-             max_execution_time = @lockstock_statement_time, \
-             lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone",
-        );
-        Ok(())
-    }
+statement! {
+    /// Restores the session variables lockstock's begin batch saved (MySQL 8).
+    RestoreMySql => "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
+        max_execution_time = @lockstock_statement_time, \
+        lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone"
 }
-
-impl RunQueryDsl<MysqlConnection> for RestoreMySql {}
 
 /// One constant statement built once per runner (session settings for a policy), prepared
 /// once per connection: Diesel caches a statement without a static query id by its SQL text.

@@ -25,9 +25,10 @@ use diesel::sql_types::{BigInt, Text};
 use lockstock::combine::{CombiningIssuer, CombiningLedger};
 use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
 use lockstock::{
-    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, RetryPolicy, Sandbox,
+    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, RetryPolicy,
     ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
+use lockstock_testkit::Sandbox;
 use rust_decimal::Decimal;
 use workload::{Client, Op, Outcome, Record, Summary};
 

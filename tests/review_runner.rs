@@ -14,8 +14,9 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Double, Text};
 use lockstock::schema::{balance_history, user_balance};
 use lockstock::{
-    BalanceLedger, Deadline, Error, Sandbox, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
+    BalanceLedger, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
+use lockstock_testkit::Sandbox;
 use rust_decimal::Decimal;
 
 fn dec(units: i64) -> Decimal {

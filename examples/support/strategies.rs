@@ -778,9 +778,9 @@ pub struct Harness {
 
 impl Harness {
     /// A freshly created database `name` (dropped first if it exists) with lockstock's
-    /// migrations, on `lockstock::sandbox::database_url(name)`.
+    /// migrations, on `lockstock_testkit::sandbox::database_url(name)`.
     pub fn new(name: &str) -> Result<Self, BoxError> {
-        let url = lockstock::sandbox::database_url(name)?;
+        let url = lockstock_testkit::sandbox::database_url(name)?;
         let mut setup = connect(&url)?;
         // `name` was validated by `database_url` ([A-Za-z0-9_]{1,64}).
         setup.batch_execute(&format!(

@@ -8,8 +8,8 @@ use diesel::{Connection, MysqlConnection};
 /// A fresh database named `name` with lockstock's migrations applied; returns its URL and a
 /// connection. `name` must be unique within the test binary.
 pub fn fresh_database(name: &str) -> (String, MysqlConnection) {
-    let url =
-        lockstock::sandbox::database_url(name).unwrap_or_else(|e| panic!("database {name}: {e}"));
+    let url = lockstock_testkit::sandbox::database_url(name)
+        .unwrap_or_else(|e| panic!("database {name}: {e}"));
     let mut conn = connect(&url);
     conn.batch_execute(&format!(
         "DROP DATABASE `{name}`; CREATE DATABASE `{name}`; USE `{name}`"

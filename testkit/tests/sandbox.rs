@@ -1,4 +1,4 @@
-//! Integration tests for `lockstock::sandbox` against a real MariaDB server.
+//! Integration tests for `lockstock_testkit::sandbox` against a real MariaDB server.
 
 use std::error::Error;
 use std::io::{BufRead, BufReader};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
-use lockstock::sandbox::{database_url, Sandbox, SandboxError};
+use lockstock_testkit::sandbox::{database_url, Sandbox, SandboxError};
 
 type TestResult = Result<(), Box<dyn Error>>;
 

@@ -132,6 +132,11 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// must return one result per request, in the same order, or a whole-batch error.
     /// `deadline` is the caller's, fixed when its call started: it bounds the time spent queued,
     /// and no batch the request is in runs past it.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when `deadline` passes before the request is taken into a batch; a
+    /// copy of the whole-batch error when `run_batch` fails; [`Error::Internal`] when it answers
+    /// the wrong number of requests (or panics: then the panic goes on in the leader).
     pub fn submit(
         &self,
         key: K,
@@ -322,12 +327,12 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
                 slots.len()
             ));
             for slot in slots {
-                slot.set(SlotState::Done(Err(error.replicate())));
+                slot.set(SlotState::Done(Err(error.clone())));
             }
         }
         Err(error) => {
             for slot in slots {
-                slot.set(SlotState::Done(Err(error.replicate())));
+                slot.set(SlotState::Done(Err(error.clone())));
             }
         }
     }
@@ -352,6 +357,57 @@ fn checkout(
         })
 }
 
+/// A domain type (`S`: a [`CouponIssuer`] or a [`BalanceLedger`]) in front of a pool, with a
+/// [`Combiner`] that combines concurrent requests per hot key (a campaign, an account) into
+/// batch transactions. Share it between threads (it is `Sync`). Used as [`CombiningIssuer`] and
+/// [`CombiningLedger`].
+#[derive(Debug)]
+pub struct Combining<S, Req, Resp> {
+    pool: MysqlPool,
+    inner: S,
+    combiner: Combiner<i64, Req, Resp>,
+}
+
+impl<S, Req, Resp> Combining<S, Req, Resp> {
+    /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
+    pub fn new(pool: MysqlPool, inner: S) -> Self {
+        Self::with_max_batch(pool, inner, DEFAULT_MAX_BATCH)
+    }
+
+    /// Combines over `pool` with batches of up to `max_batch` requests.
+    pub fn with_max_batch(pool: MysqlPool, inner: S, max_batch: usize) -> Self {
+        Self {
+            pool,
+            inner,
+            combiner: Combiner::new(max_batch),
+        }
+    }
+
+    /// Batch counts so far.
+    pub fn stats(&self) -> CombinerStats {
+        self.combiner.stats()
+    }
+
+    /// Submits `request` for the hot row `key` with the caller's `deadline`; the batch it joins
+    /// runs on a pooled connection checked out by the batch's deadline, through `many` — or,
+    /// alone in its batch, through the single-request path `one` (shorter than a batch of one).
+    fn submit_pooled(
+        &self,
+        (key, request, deadline): (i64, Req, Deadline),
+        one: impl Fn(&S, &mut MysqlConnection, i64, &Req, Deadline) -> Result<Resp>,
+        many: impl Fn(&S, &mut MysqlConnection, i64, &[Req], Deadline) -> Result<Vec<Result<Resp>>>,
+    ) -> Result<Resp> {
+        self.combiner
+            .submit(key, request, deadline, |key, requests, deadline| {
+                let mut conn = checkout(&self.pool, deadline)?;
+                match requests.as_slice() {
+                    [alone] => Ok(vec![one(&self.inner, &mut conn, *key, alone, deadline)]),
+                    all => many(&self.inner, &mut conn, *key, all, deadline),
+                }
+            })
+    }
+}
+
 /// A [`CouponIssuer`] in front of a pool that combines concurrent `issue` calls per campaign
 /// into batch transactions. Share it between threads (it is `Sync`).
 ///
@@ -368,319 +424,69 @@ fn checkout(
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
-pub struct CombiningIssuer {
-    pool: MysqlPool,
-    issuer: CouponIssuer,
-    combiner: Combiner<i64, i64, IssuedCoupon>,
-}
+pub type CombiningIssuer = Combining<CouponIssuer, i64, IssuedCoupon>;
 
 impl CombiningIssuer {
-    /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
-    pub fn new(pool: MysqlPool, issuer: CouponIssuer) -> Self {
-        Self::with_max_batch(pool, issuer, DEFAULT_MAX_BATCH)
-    }
-
-    /// Combines over `pool` with batches of up to `max_batch` requests.
-    pub fn with_max_batch(pool: MysqlPool, issuer: CouponIssuer, max_batch: usize) -> Self {
-        Self {
-            pool,
-            issuer,
-            combiner: Combiner::new(max_batch),
-        }
-    }
-
     /// The issuer the batches run through (for restocks, redeems and reads).
     pub fn issuer(&self) -> &CouponIssuer {
-        &self.issuer
-    }
-
-    /// Batch counts so far.
-    pub fn stats(&self) -> CombinerStats {
-        self.combiner.stats()
+        &self.inner
     }
 
     /// Issues one coupon of `campaign_id` to `user_id`, combined with concurrent requests for the
     /// same campaign. Same answers as [`CouponIssuer::issue`], plus [`Error::Timeout`] if the
     /// policy's deadline passes while queued.
+    ///
+    /// # Errors
+    /// As [`CouponIssuer::issue`]; also [`Error::Timeout`] (queued or waiting for a pooled
+    /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
     pub fn issue(&self, user_id: i64, campaign_id: i64) -> Result<IssuedCoupon> {
-        let deadline = Deadline::after(self.issuer.policy().retry.deadline);
-        self.combiner.submit(
-            campaign_id,
-            user_id,
-            deadline,
-            |campaign, users, deadline| {
-                let mut conn = checkout(&self.pool, deadline)?;
-                // Alone in its batch: the single-request path is shorter than a batch of one.
-                match users.as_slice() {
-                    [user_id] => Ok(vec![self
-                        .issuer
-                        .issue_by(&mut conn, *user_id, *campaign, deadline)]),
-                    _ => self
-                        .issuer
-                        .issue_many_by(&mut conn, *campaign, &users, deadline),
-                }
+        let request = (campaign_id, user_id, self.inner.runner().deadline());
+        self.submit_pooled(
+            request,
+            |issuer, conn, campaign, user, deadline| {
+                issuer.issue_by(conn, *user, campaign, deadline)
             },
+            CouponIssuer::issue_many_by,
         )
     }
 }
 
 /// A [`BalanceLedger`] in front of a pool that combines concurrent charges and deducts per
 /// account into batch transactions. Share it between threads (it is `Sync`).
-#[derive(Debug)]
-pub struct CombiningLedger {
-    pool: MysqlPool,
-    ledger: BalanceLedger,
-    combiner: Combiner<i64, AccountOp, Entry>,
-}
+pub type CombiningLedger = Combining<BalanceLedger, AccountOp, Entry>;
 
 impl CombiningLedger {
-    /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
-    pub fn new(pool: MysqlPool, ledger: BalanceLedger) -> Self {
-        Self::with_max_batch(pool, ledger, DEFAULT_MAX_BATCH)
-    }
-
-    /// Combines over `pool` with batches of up to `max_batch` requests.
-    pub fn with_max_batch(pool: MysqlPool, ledger: BalanceLedger, max_batch: usize) -> Self {
-        Self {
-            pool,
-            ledger,
-            combiner: Combiner::new(max_batch),
-        }
-    }
-
     /// The ledger the batches run through (for refunds, transfers and reads).
     pub fn ledger(&self) -> &BalanceLedger {
-        &self.ledger
-    }
-
-    /// Batch counts so far.
-    pub fn stats(&self) -> CombinerStats {
-        self.combiner.stats()
+        &self.inner
     }
 
     /// [`BalanceLedger::charge`], combined with concurrent requests for the same account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::charge`]; also [`Error::Timeout`] (queued or waiting for a pooled
+    /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
     pub fn charge(&self, user_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
-        self.submit(user_id, AccountOp::charge(amount, idempotency_key))
+        self.apply(user_id, AccountOp::charge(amount, idempotency_key))
     }
 
     /// [`BalanceLedger::deduct`], combined with concurrent requests for the same account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::deduct`], with the additions of [`charge`](Self::charge).
     pub fn deduct(&self, user_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
-        self.submit(user_id, AccountOp::deduct(amount, idempotency_key))
+        self.apply(user_id, AccountOp::deduct(amount, idempotency_key))
     }
 
-    fn submit(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
-        let deadline = self.ledger.runner().deadline();
-        self.combiner
-            .submit(user_id, op, deadline, |user, ops, deadline| {
-                let (ledger, user) = (&self.ledger, *user);
-                let mut conn = checkout(&self.pool, deadline)?;
-                // Alone in its batch: the single-request path is shorter than a batch of one.
-                match ops.as_slice() {
-                    [AccountOp::Charge { amount, key }] => Ok(vec![
-                        ledger.charge_by(&mut conn, user, *amount, key, deadline)
-                    ]),
-                    [AccountOp::Deduct { amount, key }] => Ok(vec![
-                        ledger.deduct_by(&mut conn, user, *amount, key, deadline)
-                    ]),
-                    _ => ledger.apply_many_by(&mut conn, user, &ops, deadline),
-                }
-            })
+    fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
+        let request = (user_id, op, self.inner.runner().deadline());
+        self.submit_pooled(
+            request,
+            BalanceLedger::apply_one_by,
+            BalanceLedger::apply_many_by,
+        )
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Barrier;
-    use std::thread;
-    use std::time::{Duration, Instant};
-
-    fn within(budget: Duration) -> Deadline {
-        Deadline::after(budget)
-    }
-
-    type Doubler = Combiner<u8, u64, u64>;
-
-    fn doubled(_: &u8, requests: Vec<u64>, _: Deadline) -> Result<Vec<Result<u64>>> {
-        thread::sleep(Duration::from_millis(2));
-        Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
-    }
-
-    #[test]
-    fn every_caller_gets_its_own_answer_and_requests_are_combined() {
-        let combiner = Arc::new(Doubler::new(64));
-        let barrier = Arc::new(Barrier::new(32));
-        let handles: Vec<_> = (0..32u64)
-            .map(|t| {
-                let (combiner, barrier) = (combiner.clone(), barrier.clone());
-                thread::spawn(move || {
-                    barrier.wait();
-                    (0..50u64)
-                        .map(|i| {
-                            let request = t * 1000 + i;
-                            let answer = combiner.submit(
-                                (t % 2) as u8,
-                                request,
-                                within(Duration::from_secs(10)),
-                                doubled,
-                            );
-                            answer.is_ok_and(|a| a == request * 2)
-                        })
-                        .filter(|right| *right)
-                        .count()
-                        == 50
-                })
-            })
-            .collect();
-        for handle in handles {
-            assert!(handle.join().unwrap_or(false));
-        }
-        let stats = combiner.stats();
-        assert_eq!(stats.requests, 32 * 50);
-        assert!(stats.batches < stats.requests, "{stats:?}");
-        assert!(
-            stats.largest_batch > 1 && stats.largest_batch <= 64,
-            "{stats:?}"
-        );
-        assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
-    }
-
-    #[test]
-    fn a_queued_caller_times_out_without_being_sent_and_the_lane_recovers() {
-        let combiner = Arc::new(Doubler::new(1));
-        let sent = Arc::new(AtomicUsize::new(0));
-        let slow = {
-            let (combiner, sent) = (combiner.clone(), sent.clone());
-            thread::spawn(move || {
-                combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
-                    sent.fetch_add(requests.len(), Ordering::SeqCst);
-                    thread::sleep(Duration::from_millis(300));
-                    Ok(requests.into_iter().map(Ok).collect())
-                })
-            })
-        };
-        thread::sleep(Duration::from_millis(50));
-        let started = Instant::now();
-        let late = combiner.submit(0, 2, within(Duration::from_millis(20)), |_, requests, _| {
-            sent.fetch_add(requests.len(), Ordering::SeqCst);
-            Ok(requests.into_iter().map(Ok).collect())
-        });
-        assert!(matches!(late, Err(Error::Timeout { .. })), "{late:?}");
-        assert!(started.elapsed() < Duration::from_millis(250));
-        assert!(matches!(slow.join().map_err(|_| ()), Ok(Ok(1))));
-        assert_eq!(
-            sent.load(Ordering::SeqCst),
-            1,
-            "the timed-out request was sent"
-        );
-        assert_eq!(
-            combiner
-                .submit(0, 3, within(Duration::from_secs(1)), doubled)
-                .ok(),
-            Some(6)
-        );
-    }
-
-    /// The requests of one batch and the deadline it ran by.
-    type Seen = (Vec<u64>, Deadline);
-
-    #[test]
-    fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
-        let combiner = Arc::new(Doubler::new(8));
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let release_rx = Mutex::new(release_rx);
-        let first = {
-            let combiner = combiner.clone();
-            thread::spawn(move || {
-                combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
-                    let _ = started_tx.send(());
-                    let _ = lock(&release_rx).recv();
-                    Ok(requests.into_iter().map(Ok).collect())
-                })
-            })
-        };
-        assert!(started_rx.recv().is_ok(), "first batch running");
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let submit = |request: u64, deadline: Deadline| {
-            let (combiner, seen) = (combiner.clone(), seen.clone());
-            thread::spawn(move || {
-                combiner.submit(0, request, deadline, move |_, requests, batch| {
-                    lock(&seen).push((requests.clone(), batch));
-                    Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
-                })
-            })
-        };
-        let late = within(Duration::from_secs(9));
-        let early = within(Duration::from_secs(5));
-        let queued: Vec<_> = [(2, late), (3, early)]
-            .into_iter()
-            .map(|(request, deadline)| {
-                let handle = submit(request, deadline);
-                // Both must be queued before the first batch ends (only ordering, no assertion).
-                thread::sleep(Duration::from_millis(50));
-                handle
-            })
-            .collect();
-        assert!(release_tx.send(()).is_ok(), "release");
-        assert!(matches!(first.join().map_err(|_| ()), Ok(Ok(1))));
-        let answers: Vec<_> = queued
-            .into_iter()
-            .map(|h| h.join().map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
-            .collect();
-        assert_eq!(answers, vec![Ok(4), Ok(6)]);
-        assert_eq!(*lock(&seen), vec![(vec![2, 3], early)]);
-
-        // An expired request is answered Timeout and never sent.
-        let expired = combiner.submit(0, 7, within(Duration::ZERO), |_, requests, _| {
-            panic!("sent an expired request: {requests:?}")
-        });
-        assert!(matches!(expired, Err(Error::Timeout { .. })), "{expired:?}");
-        assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
-    }
-
-    #[test]
-    fn a_failed_batch_answers_everyone_with_the_typed_error() {
-        let combiner = Doubler::new(8);
-        let failed = combiner.submit(0, 1, within(Duration::from_secs(1)), |_, _, _| {
-            Err(Error::Timeout {
-                elapsed: Duration::from_millis(1),
-            })
-        });
-        assert!(matches!(failed, Err(Error::Timeout { .. })));
-        let short = combiner.submit(0, 1, within(Duration::from_secs(1)), |_, _, _| {
-            Ok(Vec::new())
-        });
-        assert!(matches!(short, Err(Error::Internal { .. })), "{short:?}");
-        assert_eq!(
-            combiner
-                .submit(0, 4, within(Duration::from_secs(1)), doubled)
-                .ok(),
-            Some(8)
-        );
-    }
-
-    #[test]
-    fn a_panicking_batch_does_not_wedge_the_lane() {
-        let combiner = Arc::new(Doubler::new(8));
-        let c = combiner.clone();
-        let panicked = thread::spawn(move || {
-            c.submit(
-                0,
-                1,
-                within(Duration::from_secs(1)),
-                |_, _, _| -> Result<Vec<Result<u64>>> { panic!("batch bug") },
-            )
-        })
-        .join();
-        assert!(panicked.is_err());
-        assert_eq!(
-            combiner
-                .submit(0, 5, within(Duration::from_secs(1)), doubled)
-                .ok(),
-            Some(10)
-        );
-    }
-}
+mod tests;

@@ -25,7 +25,7 @@
 //!
 //! ```no_run
 //! use diesel::prelude::*;
-//! use lockstock::sandbox::{database_url, Sandbox};
+//! use lockstock_testkit::sandbox::{database_url, Sandbox};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // A private server, removed again when `sandbox` is dropped.

@@ -1,0 +1,183 @@
+use super::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn within(budget: Duration) -> Deadline {
+    Deadline::after(budget)
+}
+
+type Doubler = Combiner<u8, u64, u64>;
+
+fn doubled(_: &u8, requests: Vec<u64>, _: Deadline) -> Result<Vec<Result<u64>>> {
+    thread::sleep(Duration::from_millis(2));
+    Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
+}
+
+#[test]
+fn every_caller_gets_its_own_answer_and_requests_are_combined() {
+    let combiner = Doubler::new(64);
+    let barrier = Barrier::new(32);
+    // One caller's 50 requests, each answered with its own double.
+    let caller = |t: u64| {
+        barrier.wait();
+        (0..50u64).all(|i| {
+            let request = t * 1000 + i;
+            let deadline = within(Duration::from_secs(10));
+            let answer = combiner.submit((t % 2) as u8, request, deadline, doubled);
+            answer.is_ok_and(|a| a == request * 2)
+        })
+    };
+    thread::scope(|scope| {
+        let callers: Vec<_> = (0..32u64).map(|t| scope.spawn(move || caller(t))).collect();
+        for handle in callers {
+            assert!(handle.join().unwrap_or(false));
+        }
+    });
+    let stats = combiner.stats();
+    assert_eq!(stats.requests, 32 * 50);
+    assert!(stats.batches < stats.requests, "{stats:?}");
+    assert!(
+        stats.largest_batch > 1 && stats.largest_batch <= 64,
+        "{stats:?}"
+    );
+    assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+}
+
+#[test]
+fn a_queued_caller_times_out_without_being_sent_and_the_lane_recovers() {
+    let combiner = Arc::new(Doubler::new(1));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let (combiner, sent) = (combiner.clone(), sent.clone());
+        thread::spawn(move || {
+            combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
+                sent.fetch_add(requests.len(), Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(300));
+                Ok(requests.into_iter().map(Ok).collect())
+            })
+        })
+    };
+    thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    let late = combiner.submit(0, 2, within(Duration::from_millis(20)), |_, requests, _| {
+        sent.fetch_add(requests.len(), Ordering::SeqCst);
+        Ok(requests.into_iter().map(Ok).collect())
+    });
+    assert!(matches!(late, Err(Error::Timeout { .. })), "{late:?}");
+    assert!(started.elapsed() < Duration::from_millis(250));
+    assert!(matches!(slow.join().map_err(|_| ()), Ok(Ok(1))));
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        1,
+        "the timed-out request was sent"
+    );
+    assert_eq!(
+        combiner
+            .submit(0, 3, within(Duration::from_secs(1)), doubled)
+            .ok(),
+        Some(6)
+    );
+}
+
+/// The requests of one batch and the deadline it ran by.
+type Seen = (Vec<u64>, Deadline);
+
+#[test]
+fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
+    let combiner = Arc::new(Doubler::new(8));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let first = {
+        let combiner = combiner.clone();
+        thread::spawn(move || {
+            combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
+                let _ = started_tx.send(());
+                let _ = lock(&release_rx).recv();
+                Ok(requests.into_iter().map(Ok).collect())
+            })
+        })
+    };
+    assert!(started_rx.recv().is_ok(), "first batch running");
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let submit = |request: u64, deadline: Deadline| {
+        let (combiner, seen) = (combiner.clone(), seen.clone());
+        thread::spawn(move || {
+            combiner.submit(0, request, deadline, move |_, requests, batch| {
+                lock(&seen).push((requests.clone(), batch));
+                Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
+            })
+        })
+    };
+    let late = within(Duration::from_secs(9));
+    let early = within(Duration::from_secs(5));
+    let queued: Vec<_> = [(2, late), (3, early)]
+        .into_iter()
+        .map(|(request, deadline)| {
+            let handle = submit(request, deadline);
+            // Both must be queued before the first batch ends (only ordering, no assertion).
+            thread::sleep(Duration::from_millis(50));
+            handle
+        })
+        .collect();
+    assert!(release_tx.send(()).is_ok(), "release");
+    assert!(matches!(first.join().map_err(|_| ()), Ok(Ok(1))));
+    let answers: Vec<_> = queued
+        .into_iter()
+        .map(|h| h.join().map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
+        .collect();
+    assert_eq!(answers, vec![Ok(4), Ok(6)]);
+    assert_eq!(*lock(&seen), vec![(vec![2, 3], early)]);
+
+    // An expired request is answered Timeout and never sent.
+    let expired = combiner.submit(0, 7, within(Duration::ZERO), |_, requests, _| {
+        panic!("sent an expired request: {requests:?}")
+    });
+    assert!(matches!(expired, Err(Error::Timeout { .. })), "{expired:?}");
+    assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+}
+
+#[test]
+fn a_failed_batch_answers_everyone_with_the_typed_error() {
+    let combiner = Doubler::new(8);
+    let failed = combiner.submit(0, 1, within(Duration::from_secs(1)), |_, _, _| {
+        Err(Error::Timeout {
+            elapsed: Duration::from_millis(1),
+        })
+    });
+    assert!(matches!(failed, Err(Error::Timeout { .. })));
+    let short = combiner.submit(0, 1, within(Duration::from_secs(1)), |_, _, _| {
+        Ok(Vec::new())
+    });
+    assert!(matches!(short, Err(Error::Internal { .. })), "{short:?}");
+    assert_eq!(
+        combiner
+            .submit(0, 4, within(Duration::from_secs(1)), doubled)
+            .ok(),
+        Some(8)
+    );
+}
+
+#[test]
+fn a_panicking_batch_does_not_wedge_the_lane() {
+    let combiner = Arc::new(Doubler::new(8));
+    let c = combiner.clone();
+    let panicked = thread::spawn(move || {
+        c.submit(
+            0,
+            1,
+            within(Duration::from_secs(1)),
+            |_, _, _| -> Result<Vec<Result<u64>>> { panic!("batch bug") },
+        )
+    })
+    .join();
+    assert!(panicked.is_err());
+    assert_eq!(
+        combiner
+            .submit(0, 5, within(Duration::from_secs(1)), doubled)
+            .ok(),
+        Some(10)
+    );
+}

@@ -1,0 +1,261 @@
+//! [`CouponIssuer::issue_many`]: many users, one campaign, one transaction, decided exactly as
+//! the single issues made one after another would be, written with the same statements
+//! ([`rows`](super::rows)).
+
+use std::collections::{HashMap, HashSet};
+
+use diesel::mysql::MysqlConnection;
+
+use super::cache::lock;
+use super::rows::{holders, insert_user_coupons, lock_campaign, set_stock};
+use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
+use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
+use crate::error::{Error, Result, ServerErrorKind};
+use crate::txn::Deadline;
+use crate::validate::validate_id;
+
+impl CouponIssuer {
+    /// Issues one coupon of `campaign_id` to each of `user_ids` in one transaction, first come
+    /// first served in the given order.
+    ///
+    /// Each request gets exactly the answer the single [`issue`](Self::issue) calls, made one
+    /// after another in the given order by this issuer, would have got: an invalid user id
+    /// [`Error::InvalidId`]; a holder — from before or earlier in the batch —
+    /// [`Error::AlreadyIssued`]; when the stock runs out the first request refused gets
+    /// [`Error::SoldOut`], and since that sets this issuer's sold-out mark, every later request
+    /// in the batch is answered `SoldOut` too, holders included — as `issue` answers from the
+    /// mark. All requests of a batch are decided at the time the stock row is locked.
+    ///
+    /// Inside the transaction: one lock-free-for-the-hot-row read of which users already hold
+    /// the coupon (only for campaigns where that is needed, see below), then the stock row
+    /// `FOR UPDATE NOWAIT` (with the facts the cached ones are checked against), one multi-row
+    /// INSERT, one id lookup, one UPDATE, COMMIT — the hot row is held for four statements
+    /// whatever the batch size. The holders are read on campaigns where a batch has met one
+    /// (a duplicate, nothing written, makes the batch run again with the read), and when a
+    /// request would be refused `SoldOut` without knowing whether it holds the coupon (the
+    /// batch runs again with the read: a holder is answered `AlreadyIssued`).
+    ///
+    /// # Errors
+    /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],
+    /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
+    /// [`Error::Server`], [`Error::Internal`] for facts that keep disagreeing): then no request
+    /// was applied (or, for [`Error::OutcomeUnknown`], all or none were). Refusals of the
+    /// campaign as a whole (not found, window closed, sold out) are answered per request.
+    pub fn issue_many(
+        &self,
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        user_ids: &[i64],
+    ) -> Result<Vec<Result<IssuedCoupon>>> {
+        self.issue_many_by(conn, campaign_id, user_ids, self.runner.deadline())
+    }
+
+    /// [`issue_many`](Self::issue_many), bounded by the caller's `deadline`.
+    pub(crate) fn issue_many_by(
+        &self,
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        user_ids: &[i64],
+        deadline: Deadline,
+    ) -> Result<Vec<Result<IssuedCoupon>>> {
+        // A refusal of the whole campaign: `issue` checks the user id before anything else.
+        let everyone = |refusal: &dyn Fn() -> Error| -> Vec<Result<IssuedCoupon>> {
+            user_ids
+                .iter()
+                .map(|&user_id| validate_id("user", user_id).and_then(|()| Err(refusal())))
+                .collect()
+        };
+        if user_ids.iter().all(|&user_id| user_id <= 0) {
+            return Ok(user_ids
+                .iter()
+                .map(|&id| Err(Error::InvalidId { what: "user", id }))
+                .collect());
+        }
+        if let Err(Error::InvalidId { what, id }) = validate_id("campaign", campaign_id) {
+            return Ok(everyone(&|| Error::InvalidId { what, id }));
+        }
+        if self.known_sold_out(campaign_id) {
+            return Ok(everyone(&|| Error::SoldOut { campaign_id }));
+        }
+        let closed = |refusal: Error| match refusal {
+            Error::NotStarted { starts_at, .. } => Ok(everyone(&|| Error::NotStarted {
+                campaign_id,
+                starts_at,
+            })),
+            Error::Ended { ended_at, .. } => Ok(everyone(&|| Error::Ended {
+                campaign_id,
+                ended_at,
+            })),
+            Error::CampaignNotFound { .. } => {
+                Ok(everyone(&|| Error::CampaignNotFound { campaign_id }))
+            }
+            other => Err(other),
+        };
+        let mut read_holders = lock(&self.repeat_askers).contains(&campaign_id);
+        let mut refreshes = 0;
+        let ((decisions, ids, stock, at, seen), coupon_id) = loop {
+            let facts = match self.facts_by(conn, campaign_id, deadline) {
+                Ok(facts) => facts,
+                Err(refusal) => return closed(refusal),
+            };
+            // A closed window is refused without a round trip.
+            if let Err(refusal) = facts.check_window(campaign_id, self.now()) {
+                return closed(refusal);
+            }
+            let coupon_id = facts.coupon_id;
+            // Read before the stock is: a zero read after a newer sighting is not marked.
+            let seen = self.sightings(campaign_id);
+            let (mut stale, mut unknown_holders) = (false, false);
+            let attempt = self.runner.run_by(conn, deadline, |conn| {
+                let insert_ids = self.runner.insert_ids(conn)?;
+                let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
+                let holders = if read_holders {
+                    holders(conn, coupon_id, &valid)?
+                } else {
+                    HashMap::new()
+                };
+                let campaign = lock_campaign(conn, campaign_id)?
+                    .ok_or(Error::CampaignNotFound { campaign_id })?;
+                let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
+                if current != facts {
+                    stale = true;
+                    return Err(stale_facts(campaign_id));
+                }
+                // Every request is decided now, with the hot row held: the batch's time.
+                let at = self.now();
+                current.check_window(campaign_id, at)?;
+                let (decisions, winners) = decide(user_ids, &holders, stock);
+                if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
+                    // The refused user may hold the coupon (then: AlreadyIssued).
+                    unknown_holders = true;
+                    return Err(Error::internal("holders needed"));
+                }
+                let new_ids = insert_user_coupons(
+                    conn,
+                    Some(insert_ids),
+                    (campaign_id, coupon_id),
+                    &winners,
+                    at,
+                )?;
+                if !winners.is_empty() {
+                    let left = stock.max(0) - i32::try_from(winners.len()).unwrap_or(i32::MAX);
+                    set_stock(conn, campaign_id, left)?;
+                }
+                let ids: HashMap<i64, i64> = winners.into_iter().zip(new_ids).collect();
+                Ok((decisions, ids, stock, at, seen))
+            });
+            match attempt {
+                Err(_) if stale && refreshes < FACT_REFRESHES => {
+                    self.forget_facts(campaign_id);
+                    refreshes += 1;
+                }
+                Err(_) if unknown_holders => read_holders = true,
+                Err(e)
+                    if !read_holders && e.server_kind() == Some(ServerErrorKind::DuplicateKey) =>
+                {
+                    lock(&self.repeat_askers).insert(campaign_id);
+                    read_holders = true;
+                }
+                Err(refusal) => return closed(refusal),
+                Ok(decided) => break (decided, coupon_id),
+            }
+        };
+
+        if decisions.contains(&BatchDecision::SoldOut) {
+            self.mark_sold_out(campaign_id, seen);
+        } else if stock > 0 {
+            self.saw_stock(campaign_id);
+        }
+        let issued = |user_id: i64| {
+            ids.get(&user_id).map(|&id| IssuedCoupon {
+                id,
+                user_id,
+                coupon_id,
+                campaign_id,
+                status: CouponStatus::Issued,
+                issued_at: at,
+                used_at: None,
+                order_ref: None,
+            })
+        };
+        let missing = || Error::internal("a request the batch issued has no id");
+        Ok(user_ids
+            .iter()
+            .zip(decisions)
+            .map(|(&user_id, decision)| match decision {
+                BatchDecision::Invalid => Err(Error::InvalidId {
+                    what: "user",
+                    id: user_id,
+                }),
+                BatchDecision::Issue => issued(user_id).ok_or_else(missing),
+                BatchDecision::Held(user_coupon_id) => Err(Error::AlreadyIssued {
+                    user_id,
+                    coupon_id,
+                    user_coupon_id,
+                }),
+                BatchDecision::Repeated => match ids.get(&user_id) {
+                    Some(&user_coupon_id) => Err(Error::AlreadyIssued {
+                        user_id,
+                        coupon_id,
+                        user_coupon_id,
+                    }),
+                    None => Err(missing()),
+                },
+                BatchDecision::SoldOut | BatchDecision::Marked => {
+                    Err(Error::SoldOut { campaign_id })
+                }
+            })
+            .collect())
+    }
+}
+
+/// What the batch transaction decided for one issue request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchDecision {
+    Invalid,
+    Issue,
+    /// Already held before the batch: the held coupon's id.
+    Held(i64),
+    /// Issued earlier in the batch.
+    Repeated,
+    /// Refused by the stock: sets the sold-out mark.
+    SoldOut,
+    /// After a `SoldOut` in the batch: `issue` would answer from the mark.
+    Marked,
+}
+
+/// The single calls' answers, in order, for a locked `stock` and the known `holders`; and the
+/// users to issue to.
+fn decide(
+    user_ids: &[i64],
+    holders: &HashMap<i64, i64>,
+    stock: i32,
+) -> (Vec<BatchDecision>, Vec<i64>) {
+    let mut left = stock.max(0);
+    let mut winners: Vec<i64> = Vec::new();
+    let mut issued: HashSet<i64> = HashSet::new();
+    let mut marked = false;
+    let decisions = user_ids
+        .iter()
+        .map(|&user_id| {
+            if user_id <= 0 {
+                BatchDecision::Invalid
+            } else if marked {
+                BatchDecision::Marked
+            } else if let Some(&existing) = holders.get(&user_id) {
+                BatchDecision::Held(existing)
+            } else if issued.contains(&user_id) {
+                BatchDecision::Repeated
+            } else if left > 0 {
+                left -= 1;
+                issued.insert(user_id);
+                winners.push(user_id);
+                BatchDecision::Issue
+            } else {
+                marked = true;
+                BatchDecision::SoldOut
+            }
+        })
+        .collect();
+    (decisions, winners)
+}

@@ -1,0 +1,99 @@
+//! What the issuer remembers per campaign: the facts that never change (template and issue
+//! window) and the sold-out marks (see the module docs of [`coupon`](super)).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use diesel::mysql::MysqlConnection;
+
+use super::types::{Campaign, CampaignFacts};
+use super::CouponIssuer;
+use crate::error::Result;
+use crate::txn::Deadline;
+
+/// The sold-out marks of an issuer.
+#[derive(Debug, Default)]
+pub(super) struct SoldOutMarks {
+    /// Campaigns seen sold out, and when.
+    pub(super) marked: HashMap<i64, Instant>,
+    /// Per campaign, how often its stock was seen (or put) above zero. A zero read before the
+    /// latest such sighting is stale and must not be marked after it.
+    pub(super) sightings: HashMap<i64, u64>,
+}
+
+/// Caches hold plain data, so a panic elsewhere cannot leave them half-updated.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl CouponIssuer {
+    /// The campaign's facts, from the cache or read (a read that sees stock clears the mark).
+    pub(super) fn facts_by(
+        &self,
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        deadline: Deadline,
+    ) -> Result<CampaignFacts> {
+        if let Some(facts) = lock(&self.facts).get(&campaign_id) {
+            return Ok(*facts);
+        }
+        let campaign = self.read_campaign(conn, campaign_id, deadline)?;
+        if campaign.stock_quantity > 0 {
+            self.saw_stock(campaign_id);
+        }
+        Ok(self.cache_facts(&campaign))
+    }
+
+    pub(super) fn cache_facts(&self, campaign: &Campaign) -> CampaignFacts {
+        let facts = CampaignFacts::of(campaign);
+        lock(&self.facts).insert(campaign.id, facts);
+        facts
+    }
+
+    pub(super) fn forget_facts(&self, campaign_id: i64) {
+        lock(&self.facts).remove(&campaign_id);
+    }
+
+    /// How often this issuer has seen the campaign's stock above zero; read before reading a
+    /// stock that may be zero, and passed to [`mark_sold_out`](Self::mark_sold_out).
+    pub(super) fn sightings(&self, campaign_id: i64) -> u64 {
+        lock(&self.sold_out)
+            .sightings
+            .get(&campaign_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The campaign's stock was seen (or put) above zero: clears its sold-out mark, and keeps
+    /// zeros read before from setting it again.
+    pub(super) fn saw_stock(&self, campaign_id: i64) {
+        let mut marks = lock(&self.sold_out);
+        marks.marked.remove(&campaign_id);
+        let sightings = marks.sightings.entry(campaign_id).or_default();
+        *sightings = sightings.wrapping_add(1);
+    }
+
+    /// Marks a campaign sold out, unless its stock was seen above zero since `seen` (the count
+    /// of [`sightings`](Self::sightings) read before the zero was): that zero may be stale.
+    pub(super) fn mark_sold_out(&self, campaign_id: i64, seen: u64) {
+        let mut marks = lock(&self.sold_out);
+        if marks.sightings.get(&campaign_id).copied().unwrap_or(0) == seen {
+            marks.marked.insert(campaign_id, Instant::now());
+        }
+    }
+
+    /// Whether this issuer saw the campaign sold out (within the TTL, if one is set).
+    pub(super) fn known_sold_out(&self, campaign_id: i64) -> bool {
+        let mut marks = lock(&self.sold_out);
+        match (marks.marked.get(&campaign_id), self.sold_out_ttl) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(seen), Some(ttl)) if seen.elapsed() < ttl => true,
+            (Some(_), Some(_)) => {
+                marks.marked.remove(&campaign_id);
+                false
+            }
+        }
+    }
+}

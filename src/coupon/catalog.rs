@@ -1,0 +1,213 @@
+//! Templates and campaigns: create them, read them, and the coupons a user holds.
+
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+
+use super::rows::find_campaign;
+use super::types::{
+    positive_quantity, Campaign, Coupon, CouponRow, IssuedCoupon, NewCampaign, NewCoupon,
+    UserCouponRow,
+};
+use super::CouponIssuer;
+use crate::error::{Error, Result};
+use crate::schema::{coupon, fcfs_coupon, user_coupon};
+use crate::txn::Deadline;
+use crate::util::{inserted_id, to_micros};
+use crate::validate::validate_id;
+
+impl CouponIssuer {
+    /// Creates a coupon template.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] (name, window), [`Error::InvalidAmount`] or
+    /// [`Error::InvalidInput`] for the discount; the runner's failures ([`Error::Contended`],
+    /// [`Error::Timeout`], [`Error::OutcomeUnknown`], [`Error::Server`], ...).
+    pub fn create_coupon(&self, conn: &mut MysqlConnection, new: &NewCoupon<'_>) -> Result<Coupon> {
+        let name_chars = new.name.chars().count();
+        if new.name.trim().is_empty() || name_chars > 255 {
+            return Err(Error::InvalidInput {
+                field: "name",
+                problem: "must be 1 to 255 characters and not blank",
+            });
+        }
+        new.discount.validate()?;
+        if new.valid_from >= new.valid_until {
+            return Err(Error::InvalidInput {
+                field: "valid_until",
+                problem: "must be after valid_from",
+            });
+        }
+        let (kind, value, cap) = new.discount.columns();
+        let deadline = self.runner.deadline();
+        let id = self.insert_returning_id(conn, deadline, |conn| {
+            diesel::insert_into(coupon::table)
+                .values((
+                    coupon::name.eq(new.name),
+                    coupon::discount_kind.eq(kind),
+                    coupon::discount_value.eq(value),
+                    coupon::max_discount.eq(cap),
+                    coupon::valid_from.eq(new.valid_from),
+                    coupon::valid_until.eq(new.valid_until),
+                ))
+                .execute(conn)
+        })?;
+        Ok(Coupon {
+            id,
+            name: new.name.to_owned(),
+            discount: new.discount,
+            valid_from: to_micros(new.valid_from),
+            valid_until: to_micros(new.valid_until),
+        })
+    }
+
+    /// The coupon template `coupon_id`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`], [`Error::CouponNotFound`]; the reader's failures
+    /// ([`Error::Timeout`], [`Error::Server`], ...).
+    pub fn coupon(&self, conn: &mut MysqlConnection, coupon_id: i64) -> Result<Coupon> {
+        validate_id("coupon", coupon_id)?;
+        self.coupon_by(conn, coupon_id, self.runner.deadline())
+    }
+
+    fn coupon_by(
+        &self,
+        conn: &mut MysqlConnection,
+        coupon_id: i64,
+        deadline: Deadline,
+    ) -> Result<Coupon> {
+        self.runner
+            .read_by(conn, deadline, |conn| {
+                Ok(coupon::table
+                    .find(coupon_id)
+                    .select(CouponRow::as_select())
+                    .first(conn)
+                    .optional()?)
+            })?
+            .map(CouponRow::into_coupon)
+            .ok_or(Error::CouponNotFound { coupon_id })
+    }
+
+    /// Creates a campaign of `quantity` coupons of a template.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`], [`Error::InvalidInput`] (quantity, window, a window that starts
+    /// after the coupon's validity), [`Error::CouponNotFound`]; the runner's failures, as for
+    /// [`create_coupon`](Self::create_coupon).
+    pub fn create_campaign(
+        &self,
+        conn: &mut MysqlConnection,
+        new: &NewCampaign,
+    ) -> Result<Campaign> {
+        validate_id("coupon", new.coupon_id)?;
+        let quantity = positive_quantity(new.quantity)?;
+        if new.issue_starts_at >= new.issue_ends_at {
+            return Err(Error::InvalidInput {
+                field: "issue_ends_at",
+                problem: "must be after issue_starts_at",
+            });
+        }
+        let deadline = self.runner.deadline();
+        let template = self.coupon_by(conn, new.coupon_id, deadline)?;
+        if new.issue_starts_at >= template.valid_until {
+            return Err(Error::InvalidInput {
+                field: "issue_starts_at",
+                problem: "must be before the coupon's valid_until",
+            });
+        }
+        let id = self.insert_returning_id(conn, deadline, |conn| {
+            diesel::insert_into(fcfs_coupon::table)
+                .values((
+                    fcfs_coupon::coupon_id.eq(new.coupon_id),
+                    fcfs_coupon::total_quantity.eq(quantity),
+                    fcfs_coupon::stock_quantity.eq(quantity),
+                    fcfs_coupon::issue_starts_at.eq(new.issue_starts_at),
+                    fcfs_coupon::issue_ends_at.eq(new.issue_ends_at),
+                ))
+                .execute(conn)
+        })?;
+        Ok(Campaign {
+            id,
+            coupon_id: new.coupon_id,
+            total_quantity: quantity,
+            stock_quantity: quantity,
+            issue_starts_at: to_micros(new.issue_starts_at),
+            issue_ends_at: to_micros(new.issue_ends_at),
+        })
+    }
+
+    /// The campaign `campaign_id` with its current stock. Seeing the stock at zero sets this
+    /// issuer's sold-out mark of the campaign, seeing it above zero clears the mark.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`], [`Error::CampaignNotFound`]; the reader's failures
+    /// ([`Error::Timeout`], [`Error::Server`], ...).
+    pub fn campaign(&self, conn: &mut MysqlConnection, campaign_id: i64) -> Result<Campaign> {
+        validate_id("campaign", campaign_id)?;
+        let deadline = self.runner.deadline();
+        let seen = self.sightings(campaign_id);
+        let campaign = self.read_campaign(conn, campaign_id, deadline)?;
+        self.cache_facts(&campaign);
+        if campaign.stock_quantity > 0 {
+            self.saw_stock(campaign_id);
+        } else {
+            self.mark_sold_out(campaign_id, seen);
+        }
+        Ok(campaign)
+    }
+
+    /// Coupons left in a campaign (read as [`campaign`](Self::campaign) reads it).
+    ///
+    /// # Errors
+    /// As [`campaign`](Self::campaign).
+    pub fn remaining(&self, conn: &mut MysqlConnection, campaign_id: i64) -> Result<u32> {
+        let campaign = self.campaign(conn, campaign_id)?;
+        Ok(u32::try_from(campaign.stock_quantity).unwrap_or(0))
+    }
+
+    /// The coupons `user_id` holds, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`]; the reader's failures ([`Error::Timeout`], [`Error::Server`], ...).
+    pub fn user_coupons(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+    ) -> Result<Vec<IssuedCoupon>> {
+        validate_id("user", user_id)?;
+        let deadline = self.runner.deadline();
+        let rows: Vec<UserCouponRow> = self.runner.read_by(conn, deadline, |conn| {
+            Ok(user_coupon::table
+                .filter(user_coupon::user_id.eq(user_id))
+                .order(user_coupon::id.asc())
+                .select(UserCouponRow::as_select())
+                .load(conn)?)
+        })?;
+        rows.into_iter().map(UserCouponRow::into_coupon).collect()
+    }
+
+    /// The campaign row in a snapshot ([`Error::CampaignNotFound`] if there is none).
+    pub(super) fn read_campaign(
+        &self,
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        deadline: Deadline,
+    ) -> Result<Campaign> {
+        self.runner
+            .read_by(conn, deadline, |conn| find_campaign(conn, campaign_id))?
+            .ok_or(Error::CampaignNotFound { campaign_id })
+    }
+
+    /// One INSERT in its own transaction, and the id of the row it created.
+    fn insert_returning_id(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        insert: impl Fn(&mut MysqlConnection) -> QueryResult<usize>,
+    ) -> Result<i64> {
+        self.runner.run_by(conn, deadline, |conn| {
+            insert(conn)?;
+            inserted_id(conn)
+        })
+    }
+}

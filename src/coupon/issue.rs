@@ -1,0 +1,165 @@
+//! [`CouponIssuer::issue`]: one coupon, one transaction, in the lock order the module docs of
+//! [`coupon`](super) give statement by statement.
+
+use diesel::mysql::MysqlConnection;
+
+use super::rows::{find_campaign, holders, insert_user_coupons, lock_campaign, set_stock};
+use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
+use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
+use crate::error::{Error, Result, ServerErrorKind};
+use crate::txn::Deadline;
+use crate::validate::validate_id;
+
+impl CouponIssuer {
+    /// Issues one coupon of `campaign_id` to `user_id`.
+    ///
+    /// The window is checked at the time of the attempt that commits (a refused and retried
+    /// attempt reads the clock again), and `issued_at` is that attempt's time.
+    ///
+    /// Once this issuer has seen the campaign sold out it answers [`Error::SoldOut`] from memory,
+    /// also to a user who already holds the coupon ([`user_coupons`](Self::user_coupons)
+    /// tells); while it has not, a holder gets [`Error::AlreadyIssued`] even at zero stock.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`]; [`Error::SoldOut`], [`Error::AlreadyIssued`],
+    /// [`Error::NotStarted`], [`Error::Ended`], [`Error::CampaignNotFound`]; the runner's
+    /// failures ([`Error::Contended`], [`Error::Timeout`], [`Error::OutcomeUnknown`],
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], [`Error::Server`]);
+    /// [`Error::Internal`] when the cached campaign facts keep disagreeing with the database.
+    pub fn issue(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        campaign_id: i64,
+    ) -> Result<IssuedCoupon> {
+        self.issue_by(conn, user_id, campaign_id, self.runner.deadline())
+    }
+
+    /// [`issue`](Self::issue), bounded by the caller's `deadline` (a combiner passes the
+    /// deadline its caller started with).
+    pub(crate) fn issue_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        campaign_id: i64,
+        deadline: Deadline,
+    ) -> Result<IssuedCoupon> {
+        validate_id("user", user_id)?;
+        validate_id("campaign", campaign_id)?;
+        if self.known_sold_out(campaign_id) {
+            return Err(Error::SoldOut { campaign_id });
+        }
+        let mut refreshes = 0;
+        loop {
+            let facts = self.facts_by(conn, campaign_id, deadline)?;
+            // A closed window is refused without a round trip.
+            facts.check_window(campaign_id, self.now())?;
+            // Read before the stock is: a zero read after a newer sighting is not marked.
+            let seen = self.sightings(campaign_id);
+            let mut stale = false;
+            let mut stock_seen = false;
+            let result = self.runner.run_by(conn, deadline, |conn| {
+                // This attempt's time: the window is checked at it, and it is the issue time.
+                let at = self.now();
+                facts.check_window(campaign_id, at)?;
+                // Before the hot row: the unique index decides "already issued?".
+                let ids = insert_user_coupons(
+                    conn,
+                    None,
+                    (campaign_id, facts.coupon_id),
+                    &[user_id],
+                    at,
+                )?;
+                // The hot row: locked from here to COMMIT for one UPDATE.
+                let campaign = lock_campaign(conn, campaign_id)?
+                    .ok_or(Error::CampaignNotFound { campaign_id })?;
+                let current = CampaignFacts::of(&campaign);
+                if current != facts {
+                    stale = true;
+                    return Err(stale_facts(campaign_id));
+                }
+                // Once the row is ours this attempt commits (or fails) at once: the window must
+                // still be open now.
+                current.check_window(campaign_id, self.now())?;
+                if campaign.stock_quantity <= 0 {
+                    return Err(Error::SoldOut { campaign_id });
+                }
+                stock_seen = true;
+                set_stock(conn, campaign_id, campaign.stock_quantity - 1)?;
+                let id = ids
+                    .first()
+                    .copied()
+                    .ok_or_else(|| Error::internal("an issued coupon has no id"))?;
+                Ok(IssuedCoupon {
+                    id,
+                    user_id,
+                    coupon_id: facts.coupon_id,
+                    campaign_id,
+                    status: CouponStatus::Issued,
+                    issued_at: at,
+                    used_at: None,
+                    order_ref: None,
+                })
+            });
+            if stale && refreshes < FACT_REFRESHES {
+                self.forget_facts(campaign_id);
+                refreshes += 1;
+                continue;
+            }
+            return match result {
+                Err(Error::SoldOut { .. }) => {
+                    self.mark_sold_out(campaign_id, seen);
+                    Err(Error::SoldOut { campaign_id })
+                }
+                Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => {
+                    match self.already_issued(conn, user_id, campaign_id, &facts, deadline) {
+                        Ok(Some(refusal)) => Err(refusal),
+                        // The template is not the cached one: another database.
+                        Ok(None) if refreshes < FACT_REFRESHES => {
+                            self.forget_facts(campaign_id);
+                            refreshes += 1;
+                            continue;
+                        }
+                        Ok(None) => Err(stale_facts(campaign_id)),
+                        // A connection lost during the lookup is reported as such (retryable; a
+                        // retry answers AlreadyIssued), not as an untyped duplicate-key error.
+                        Err(lookup) if lookup.is_retryable() => Err(lookup),
+                        Err(_) => Err(e),
+                    }
+                }
+                other => {
+                    if stock_seen {
+                        self.saw_stock(campaign_id);
+                    }
+                    other
+                }
+            };
+        }
+    }
+
+    /// After a duplicate-key refusal: the coupon `user_id` holds, read in one snapshot with the
+    /// campaign row. `None` if the row does not match the cached `facts` (the issuer was used
+    /// on another database; see [`CouponIssuer`]).
+    fn already_issued(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        campaign_id: i64,
+        facts: &CampaignFacts,
+        deadline: Deadline,
+    ) -> Result<Option<Error>> {
+        let coupon_id = facts.coupon_id;
+        let held: Option<i64> = self.runner.read_by(conn, deadline, |conn| {
+            let current = find_campaign(conn, campaign_id)?.map(|c| CampaignFacts::of(&c));
+            if current.as_ref() != Some(facts) {
+                return Ok(None);
+            }
+            Ok(holders(conn, coupon_id, &[user_id])?.get(&user_id).copied())
+        })?;
+        Ok(held.map(|user_coupon_id| Error::AlreadyIssued {
+            user_id,
+            coupon_id,
+            user_coupon_id,
+        }))
+    }
+}

@@ -1,0 +1,164 @@
+//! The issuer's statements, one function each, shared by the single and the batch path: a
+//! single issue is the batch of one. Between the stock-row lock and COMMIT only
+//! [`lock_campaign`], [`insert_user_coupons`] (batch; the single issue inserts before the lock),
+//! its id read-back and [`set_stock`] run; on the single path each is a cached prepared
+//! statement.
+
+use chrono::NaiveDateTime;
+use diesel::dsl;
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+use std::collections::HashMap;
+
+use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
+use crate::error::{Error, Result};
+use crate::schema::{coupon, fcfs_coupon, user_coupon};
+use crate::statements::SetStock;
+use crate::txn::InsertIds;
+use crate::util::inserted_ids;
+
+/// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
+/// fcfs_coupon WHERE id = ?`: the campaign row through its primary key.
+type CampaignRow =
+    dsl::Select<dsl::Find<fcfs_coupon::table, i64>, dsl::AsSelect<Campaign, diesel::mysql::Mysql>>;
+
+fn campaign_row(campaign_id: i64) -> CampaignRow {
+    fcfs_coupon::table
+        .find(campaign_id)
+        .select(Campaign::as_select())
+}
+
+/// The campaign row `FOR UPDATE NOWAIT`: the hot row, through the primary key — its stock, and
+/// in the same read (no extra round trip) the facts the cached ones are checked against.
+/// Issues, batches and restocks lock it with this one statement.
+pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
+    Ok(campaign_row(id)
+        .for_update()
+        .no_wait()
+        .first(conn)
+        .optional()?)
+}
+
+/// The campaign row, no lock (in a snapshot).
+pub(crate) fn find_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
+    Ok(campaign_row(id).first(conn).optional()?)
+}
+
+/// `UPDATE fcfs_coupon SET stock_quantity = ?`.
+pub(crate) fn set_stock(conn: &mut MysqlConnection, campaign_id: i64, stock: i32) -> Result<()> {
+    SetStock { campaign_id, stock }.execute(conn)?;
+    Ok(())
+}
+
+/// Issues a coupon of the campaign to each of `users` with ONE `INSERT` (UNIQUE(user_id,
+/// coupon_id) refuses a holder) and returns the new ids, in the order of `users`. One user is a
+/// cached prepared statement; `order` says how several rows are numbered (see
+/// [`inserted_ids`]; `None` for one row); where they are not consecutive the ids are read back
+/// through the unique index.
+pub(crate) fn insert_user_coupons(
+    conn: &mut MysqlConnection,
+    order: Option<InsertIds>,
+    (campaign_id, coupon_id): (i64, i64),
+    users: &[i64],
+    issued_at: NaiveDateTime,
+) -> Result<Vec<i64>> {
+    let row = |user_id: i64| {
+        (
+            user_coupon::user_id.eq(user_id),
+            user_coupon::coupon_id.eq(coupon_id),
+            user_coupon::fcfs_coupon_id.eq(campaign_id),
+            user_coupon::status.eq(CouponStatus::Issued.as_str()),
+            user_coupon::issued_at.eq(issued_at),
+        )
+    };
+    match users {
+        [] => return Ok(Vec::new()),
+        [one] => diesel::insert_into(user_coupon::table)
+            .values(row(*one))
+            .execute(conn)?,
+        _ => diesel::insert_into(user_coupon::table)
+            .values(users.iter().map(|u| row(*u)).collect::<Vec<_>>())
+            .execute(conn)?,
+    };
+    inserted_ids(conn, order, users.len(), |conn| {
+        let held = holders(conn, coupon_id, users)?;
+        Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
+    })
+}
+
+/// Which of `users` hold a coupon of the template, and its id — one user or a batch's, one
+/// statement (no lock on the hot row).
+pub(crate) fn holders(
+    conn: &mut MysqlConnection,
+    coupon_id: i64,
+    users: &[i64],
+) -> Result<HashMap<i64, i64>> {
+    Ok(user_coupon::table
+        .filter(user_coupon::coupon_id.eq(coupon_id))
+        .filter(user_coupon::user_id.eq_any(users))
+        .select((user_coupon::user_id, user_coupon::id))
+        .load::<(i64, i64)>(conn)?
+        .into_iter()
+        .collect())
+}
+
+/// The issued coupon, `FOR UPDATE NOWAIT` ([`Error::UserCouponNotFound`] if there is none).
+pub(crate) fn lock_user_coupon(
+    conn: &mut MysqlConnection,
+    user_coupon_id: i64,
+) -> Result<IssuedCoupon> {
+    user_coupon::table
+        .find(user_coupon_id)
+        .select(UserCouponRow::as_select())
+        .for_update()
+        .no_wait()
+        .first::<UserCouponRow>(conn)
+        .optional()?
+        .ok_or(Error::UserCouponNotFound { user_coupon_id })?
+        .into_coupon()
+}
+
+/// Marks `held` used at `used` = (time, order), or back to issued (`None`): one `UPDATE`, and
+/// `held` as it is afterwards.
+pub(crate) fn set_redemption(
+    conn: &mut MysqlConnection,
+    held: &mut IssuedCoupon,
+    used: Option<(NaiveDateTime, &str)>,
+) -> Result<()> {
+    let status = match used {
+        Some(_) => CouponStatus::Used,
+        None => CouponStatus::Issued,
+    };
+    let (used_at, order_ref) = (used.map(|u| u.0), used.map(|u| u.1));
+    diesel::update(user_coupon::table.find(held.id))
+        .set((
+            user_coupon::status.eq(status.as_str()),
+            user_coupon::used_at.eq(used_at),
+            user_coupon::order_ref.eq(order_ref),
+        ))
+        .execute(conn)?;
+    held.status = status;
+    held.used_at = used_at;
+    held.order_ref = order_ref.map(str::to_owned);
+    Ok(())
+}
+
+/// [`Error::CouponNotValid`] unless `at` is inside the coupon template's validity window.
+pub(crate) fn check_validity(
+    conn: &mut MysqlConnection,
+    held: &IssuedCoupon,
+    at: NaiveDateTime,
+) -> Result<()> {
+    let (valid_from, valid_until): (NaiveDateTime, NaiveDateTime) = coupon::table
+        .find(held.coupon_id)
+        .select((coupon::valid_from, coupon::valid_until))
+        .first(conn)?;
+    if at < valid_from || at >= valid_until {
+        return Err(Error::CouponNotValid {
+            user_coupon_id: held.id,
+            valid_from,
+            valid_until,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! Typed errors: the one [`Error`] enum every call answers with, and [`ServerError`], a server
+//! or Diesel failure with its classification ([`ServerErrorKind`], see the `kind` module).
+//!
+//! Every error is cheaply and faithfully `Clone` (a server error shares Diesel's error through
+//! an `Arc`), which is how one batch failure reaches every caller of the batch.
+
+mod kind;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use diesel::result::Error as DieselError;
+use rust_decimal::Decimal;
+
+use crate::records::{AuditReport, EntryKind};
+pub use kind::ServerErrorKind;
+
+/// Result type of every fallible lockstock call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A failure reported by the server or by Diesel, with its classification.
+///
+/// Cloning is cheap and faithful: the Diesel error is shared, not rebuilt.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    kind: ServerErrorKind,
+    source: Arc<DieselError>,
+}
+
+impl ServerError {
+    /// Classifies `source`.
+    pub fn new(source: DieselError) -> Self {
+        Self {
+            kind: kind::classify(&source),
+            source: Arc::new(source),
+        }
+    }
+
+    /// What the error means.
+    pub fn kind(&self) -> ServerErrorKind {
+        self.kind
+    }
+
+    /// The server's error number for MariaDB, from the classification (Diesel keeps the number
+    /// for few errors, so it is derived from the kind): `None` for [`ServerErrorKind::Other`]
+    /// and kinds MariaDB has no number of its own for. [`ServerErrorKind::mysql_code`] gives
+    /// MySQL 8's.
+    pub fn code(&self) -> Option<u16> {
+        self.kind.mariadb_code()
+    }
+
+    /// The server's message text (or Diesel's description of a client-side failure).
+    pub fn message(&self) -> String {
+        match &*self.source {
+            DieselError::DatabaseError(_, info) => info.message().to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The Diesel error this was classified from.
+    pub fn diesel_error(&self) -> &DieselError {
+        &self.source
+    }
+
+    /// The Diesel error, shared with every clone of this error.
+    pub fn into_diesel_error(self) -> Arc<DieselError> {
+        self.source
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message())
+    }
+}
+
+impl std::error::Error for ServerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Why an amount was refused before anything reached the server.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmountProblem {
+    /// Zero or negative.
+    NotPositive,
+    /// More than four decimal places; DECIMAL(19,4) would round it silently.
+    TooManyDecimals,
+    /// Larger than DECIMAL(19,4) can hold.
+    TooLarge,
+}
+
+impl fmt::Display for AmountProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotPositive => "must be greater than zero",
+            Self::TooManyDecimals => "has more than 4 decimal places",
+            Self::TooLarge => "exceeds DECIMAL(19,4)",
+        })
+    }
+}
+
+/// Why an idempotency key was refused.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyProblem {
+    /// The key is empty.
+    Empty,
+    /// The key is longer than 64 bytes.
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The key ends with a space. The key column's collation ignores trailing spaces, so
+    /// `"k "` would be the same key as `"k"` and be answered with `"k"`'s entry.
+    TrailingSpace,
+}
+
+impl fmt::Display for KeyProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("is empty"),
+            Self::TooLong { len } => write!(f, "is {len} bytes long (at most 64)"),
+            Self::TrailingSpace => f.write_str("ends with a space"),
+        }
+    }
+}
+
+/// Everything a lockstock call can fail with.
+///
+/// Domain refusals (`InsufficientBalance`, `SoldOut`, ...) and invalid input change nothing in
+/// the database. [`Error::is_retryable`] says whether the same call may succeed later.
+#[non_exhaustive]
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// An amount was zero, negative, too precise or too large. Nothing was written.
+    #[error("invalid amount {amount}: {problem}")]
+    InvalidAmount {
+        /// The amount given.
+        amount: Decimal,
+        /// What is wrong with it.
+        problem: AmountProblem,
+    },
+    /// An idempotency key was empty or too long. Nothing was written.
+    #[error("invalid idempotency key: {problem}")]
+    InvalidIdempotencyKey {
+        /// What is wrong with it.
+        problem: KeyProblem,
+    },
+    /// A user, entry, coupon or campaign id was not positive. Nothing was written.
+    #[error("invalid {what} id {id}: ids are positive")]
+    InvalidId {
+        /// Which kind of id.
+        what: &'static str,
+        /// The id given.
+        id: i64,
+    },
+    /// Some other argument was refused (a name, a window, a quantity). Nothing was written.
+    #[error("invalid {field}: {problem}")]
+    InvalidInput {
+        /// The argument.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A transfer named the same account on both sides.
+    #[error("transfer from user {user_id} to itself")]
+    SelfTransfer {
+        /// The account.
+        user_id: i64,
+    },
+    /// The account has never been charged.
+    #[error("no account for user {user_id}")]
+    AccountNotFound {
+        /// The user.
+        user_id: i64,
+    },
+    /// No journal entry has this id.
+    #[error("no journal entry {entry_id}")]
+    EntryNotFound {
+        /// The entry id given.
+        entry_id: i64,
+    },
+    /// Only deduct entries can be refunded.
+    #[error("journal entry {entry_id} is a {kind}, not a deduct")]
+    NotRefundable {
+        /// The entry id given.
+        entry_id: i64,
+        /// What the entry is.
+        kind: EntryKind,
+    },
+    /// The refunds of a deduct would exceed the deducted amount.
+    #[error("refund of {requested} exceeds deduct {entry_id}: {deducted} deducted, {refunded} already refunded")]
+    RefundExceedsDeduct {
+        /// The deduct entry.
+        entry_id: i64,
+        /// Its amount.
+        deducted: Decimal,
+        /// What has already been refunded.
+        refunded: Decimal,
+        /// The refund asked for.
+        requested: Decimal,
+    },
+    /// Not enough money. Nothing was written.
+    #[error(
+        "insufficient balance for user {user_id}: {available} available, {requested} requested"
+    )]
+    InsufficientBalance {
+        /// The account.
+        user_id: i64,
+        /// Its balance when checked under the row lock.
+        available: Decimal,
+        /// The amount asked for.
+        requested: Decimal,
+    },
+    /// The balance would exceed what DECIMAL(19,4) can hold.
+    #[error("balance of user {user_id} would exceed DECIMAL(19,4): {balance} + {requested}")]
+    BalanceLimitExceeded {
+        /// The account.
+        user_id: i64,
+        /// Its balance.
+        balance: Decimal,
+        /// The amount asked for.
+        requested: Decimal,
+    },
+    /// The idempotency key was already used for a different request.
+    #[error("idempotency key {key:?} of user {user_id} was used for a different request (entry {existing_entry_id})")]
+    IdempotencyConflict {
+        /// The account the key belongs to.
+        user_id: i64,
+        /// The key.
+        key: String,
+        /// The entry the key recorded first.
+        existing_entry_id: i64,
+    },
+    /// No coupon template has this id.
+    #[error("no coupon template {coupon_id}")]
+    CouponNotFound {
+        /// The id given.
+        coupon_id: i64,
+    },
+    /// No campaign has this id.
+    #[error("no coupon campaign {campaign_id}")]
+    CampaignNotFound {
+        /// The id given.
+        campaign_id: i64,
+    },
+    /// The campaign has no stock left.
+    #[error("campaign {campaign_id} is sold out")]
+    SoldOut {
+        /// The campaign.
+        campaign_id: i64,
+    },
+    /// The user already holds a coupon of this template.
+    #[error("user {user_id} already holds coupon {coupon_id} (user coupon {user_coupon_id})")]
+    AlreadyIssued {
+        /// The user.
+        user_id: i64,
+        /// The coupon template.
+        coupon_id: i64,
+        /// The coupon the user holds.
+        user_coupon_id: i64,
+    },
+    /// The campaign's issue window has not opened yet.
+    #[error("campaign {campaign_id} starts at {starts_at}")]
+    NotStarted {
+        /// The campaign.
+        campaign_id: i64,
+        /// When it opens (UTC).
+        starts_at: NaiveDateTime,
+    },
+    /// The campaign's issue window has closed.
+    #[error("campaign {campaign_id} ended at {ended_at}")]
+    Ended {
+        /// The campaign.
+        campaign_id: i64,
+        /// When it closed (UTC).
+        ended_at: NaiveDateTime,
+    },
+    /// No issued coupon has this id.
+    #[error("no issued coupon {user_coupon_id}")]
+    UserCouponNotFound {
+        /// The id given.
+        user_coupon_id: i64,
+    },
+    /// The coupon was already redeemed.
+    #[error("coupon {user_coupon_id} was already redeemed")]
+    AlreadyRedeemed {
+        /// The coupon.
+        user_coupon_id: i64,
+    },
+    /// The coupon has not been redeemed, so there is nothing to restore.
+    #[error("coupon {user_coupon_id} is not redeemed")]
+    NotRedeemed {
+        /// The coupon.
+        user_coupon_id: i64,
+    },
+    /// The coupon is outside its validity window.
+    #[error("coupon {user_coupon_id} is valid from {valid_from} until {valid_until}")]
+    CouponNotValid {
+        /// The coupon.
+        user_coupon_id: i64,
+        /// Start of validity (UTC).
+        valid_from: NaiveDateTime,
+        /// End of validity (UTC, exclusive).
+        valid_until: NaiveDateTime,
+    },
+    /// [`BalanceLedger::audit`](crate::BalanceLedger::audit) found an account whose balance and
+    /// journal disagree.
+    #[error("audit of user {} failed: {}", .0.user_id, .0.problems.join("; "))]
+    AuditFailed(Box<AuditReport>),
+    /// The coupon is redeemed, but by another order than the one given: a restore for an order
+    /// that does not hold the coupon (a cancel repeated after the coupon was used again).
+    /// Nothing was written.
+    #[error("coupon {user_coupon_id} is not redeemed by order {order_ref:?}")]
+    RedeemedByAnotherOrder {
+        /// The coupon.
+        user_coupon_id: i64,
+        /// The order given.
+        order_ref: String,
+    },
+    /// The restock key was already used for a different restock of the campaign (another
+    /// quantity). Nothing was written.
+    #[error("restock key {key:?} of campaign {campaign_id} was used for a restock of {recorded_additional}")]
+    RestockConflict {
+        /// The campaign.
+        campaign_id: i64,
+        /// The key.
+        key: String,
+        /// The quantity the key's restock added.
+        recorded_additional: u32,
+    },
+    /// The row stayed locked by others: retries or the deadline ran out. Nothing was written;
+    /// the same call (with the same idempotency key) may be retried.
+    #[error("contended: gave up after {attempts} attempts in {elapsed:?}")]
+    Contended {
+        /// Transactions tried.
+        attempts: u32,
+        /// Time spent, backoff included.
+        elapsed: Duration,
+        /// The last refusal.
+        #[source]
+        last: ServerError,
+    },
+    /// The call's deadline passed before its next transaction was sent (while it waited to be
+    /// combined into a batch, for a pooled connection, between the transactions of a call or
+    /// the rounds of a batch). Nothing was committed by the transaction that was not sent;
+    /// with the same idempotency key a retry is safe.
+    #[error("deadline passed after {elapsed:?} before the request was sent")]
+    Timeout {
+        /// Time spent waiting.
+        elapsed: Duration,
+    },
+    /// The change may or may not be applied: COMMIT failed in flight (a lost connection,
+    /// `KILL QUERY`), or a request of a batch that committed could not be answered (its key
+    /// could not be read back). Retry with the same idempotency key (or look the result up),
+    /// on a new connection if the old one was lost.
+    #[error("outcome unknown: the commit or its answer was lost")]
+    OutcomeUnknown {
+        /// The failure.
+        #[source]
+        source: ServerError,
+    },
+    /// The call was made inside a transaction the caller opened; lockstock must own the
+    /// transaction to retry it.
+    #[error("called inside an open transaction; lockstock runs its own transactions")]
+    NestedTransaction,
+    /// Rolling a failed transaction back failed too. lockstock marked the connection broken
+    /// (Diesel's transaction manager reports it so, and an r2d2 pool discards it instead of
+    /// handing it out again); the server rolls the transaction back when the connection closes.
+    /// Nothing was committed. Drop the connection and retry on a new one.
+    #[error("rollback failed; the connection is broken and must not be reused")]
+    ConnectionBroken {
+        /// Why the rollback failed.
+        #[source]
+        source: ServerError,
+    },
+    /// No connection could be checked out of the pool (before anything was sent).
+    #[error("no pooled connection")]
+    Pool(#[source] Arc<diesel::r2d2::PoolError>),
+    /// A failure inside lockstock itself (a bug: a panicking batch, a batch answering the wrong
+    /// number of requests). Nothing was committed by the failing step.
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What went wrong.
+        reason: Arc<str>,
+    },
+    /// Any other server or Diesel failure. Nothing was committed.
+    #[error("database error")]
+    Server(#[source] ServerError),
+    /// Running the migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(#[source] Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// Whether the same call may succeed if repeated: contention, lock refusals and lost
+    /// connections (on a new connection). With the same idempotency key a repeat never applies
+    /// a change twice.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Contended { .. }
+            | Self::OutcomeUnknown { .. }
+            | Self::Timeout { .. }
+            | Self::ConnectionBroken { .. }
+            | Self::Pool(_) => true,
+            Self::Server(e) => {
+                e.kind().is_retryable() || e.kind() == ServerErrorKind::ConnectionLost
+            }
+            _ => false,
+        }
+    }
+
+    /// The server error behind this error, if any.
+    pub fn server_error(&self) -> Option<&ServerError> {
+        match self {
+            Self::Contended { last, .. } => Some(last),
+            Self::OutcomeUnknown { source }
+            | Self::ConnectionBroken { source }
+            | Self::Server(source) => Some(source),
+            _ => None,
+        }
+    }
+
+    /// Whether the change may have been applied although the call failed.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Self::OutcomeUnknown { .. })
+    }
+
+    /// The classification of the server error behind this error, if any.
+    pub fn server_kind(&self) -> Option<ServerErrorKind> {
+        self.server_error().map(ServerError::kind)
+    }
+
+    /// An [`Error::Internal`].
+    pub(crate) fn internal(reason: impl Into<std::sync::Arc<str>>) -> Error {
+        Self::Internal {
+            reason: reason.into(),
+        }
+    }
+
+    /// A lock refusal that the transaction runner retries.
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(self, Self::Server(e) if e.kind().is_retryable())
+    }
+}
+
+impl From<DieselError> for Error {
+    fn from(error: DieselError) -> Self {
+        Self::Server(ServerError::new(error))
+    }
+}

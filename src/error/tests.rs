@@ -1,0 +1,178 @@
+use super::kind::classify;
+use super::*;
+use diesel::result::DatabaseErrorKind;
+
+fn unknown(message: &str) -> DieselError {
+    DieselError::DatabaseError(DatabaseErrorKind::Unknown, Box::new(message.to_owned()))
+}
+
+/// (kind, MariaDB 10.11 text, MySQL 8 text), as the servers print them.
+const TEXTS: &[(ServerErrorKind, &str, &str)] = &[
+        (
+            ServerErrorKind::LockWaitTimeout,
+            "Lock wait timeout exceeded; try restarting transaction",
+            "Lock wait timeout exceeded; try restarting transaction",
+        ),
+        (
+            ServerErrorKind::LockRefused,
+            // MariaDB has no separate NOWAIT error: it reports 1205 (previous row).
+            "Statement aborted because lock(s) could not be acquired immediately and NOWAIT is set.",
+            "Statement aborted because lock(s) could not be acquired immediately and NOWAIT is set.",
+        ),
+        (
+            ServerErrorKind::Deadlock,
+            "Deadlock found when trying to get lock; try restarting transaction",
+            "Deadlock found when trying to get lock; try restarting transaction",
+        ),
+        (
+            ServerErrorKind::RecordChanged,
+            "Record has changed since last read in table 'user_balance'",
+            "Record has changed since last read in table 'user_balance'",
+        ),
+        (
+            ServerErrorKind::DuplicateKey,
+            "Duplicate entry '7-k1' for key 'balance_history_idempotency'",
+            "Duplicate entry '7-k1' for key 'balance_history.balance_history_idempotency'",
+        ),
+        (
+            ServerErrorKind::CheckViolation,
+            "CONSTRAINT `user_balance_non_negative` failed for `db`.`user_balance`",
+            "Check constraint 'user_balance_non_negative' is violated.",
+        ),
+        (
+            ServerErrorKind::StatementTimeout,
+            "Query execution was interrupted (max_statement_time exceeded)",
+            "Query execution was interrupted, maximum statement execution time exceeded",
+        ),
+        (
+            ServerErrorKind::Interrupted,
+            "Query execution was interrupted",
+            "Query execution was interrupted",
+        ),
+        (
+            ServerErrorKind::ConnectionLost,
+            "Server has gone away",
+            "MySQL server has gone away",
+        ),
+        (
+            ServerErrorKind::ConnectionLost,
+            "Lost connection to server during query",
+            "Lost connection to MySQL server during query",
+        ),
+        (
+            ServerErrorKind::ConnectionLost,
+            "Connection was killed",
+            "Lost connection to MySQL server at 'reading initial communication packet', system error: 0",
+        ),
+    ];
+
+#[test]
+fn classifies_mariadb_and_mysql_texts() {
+    for (kind, mariadb, mysql) in TEXTS {
+        assert_eq!(classify(&unknown(mariadb)), *kind, "MariaDB: {mariadb}");
+        assert_eq!(classify(&unknown(mysql)), *kind, "MySQL: {mysql}");
+    }
+}
+
+/// The forms a killed connection (KILL, server crash) takes through Diesel with MariaDB
+/// 10.11 and libmariadb, as seen by tests/faults.rs: the texts above, a COMMIT whose rollback
+/// failed too, and the broken transaction manager left behind.
+#[test]
+fn classifies_killed_connections_as_diesel_reports_them() {
+    let commit = DieselError::RollbackErrorOnCommit {
+        rollback_error: Box::new(unknown("Server has gone away")),
+        commit_error: Box::new(unknown("Lost connection to server during query")),
+    };
+    assert_eq!(classify(&commit), ServerErrorKind::ConnectionLost);
+    assert_eq!(
+        classify(&DieselError::BrokenTransactionManager),
+        ServerErrorKind::ConnectionLost
+    );
+}
+
+#[test]
+fn classifies_diesel_kinds_without_reading_text() {
+    let dup =
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, Box::new(String::new()));
+    assert_eq!(classify(&dup), ServerErrorKind::DuplicateKey);
+    let deadlock = DieselError::DatabaseError(
+        DatabaseErrorKind::SerializationFailure,
+        Box::new(String::new()),
+    );
+    assert_eq!(classify(&deadlock), ServerErrorKind::Deadlock);
+    assert_eq!(classify(&DieselError::NotFound), ServerErrorKind::Other);
+    assert_eq!(
+        classify(&unknown("Table 'x' doesn't exist")),
+        ServerErrorKind::Other
+    );
+}
+
+#[test]
+fn codes_for_both_servers() {
+    assert_eq!(ServerErrorKind::LockWaitTimeout.mariadb_code(), Some(1205));
+    assert_eq!(ServerErrorKind::LockRefused.mysql_code(), Some(3572));
+    assert_eq!(ServerErrorKind::LockRefused.mariadb_code(), None);
+    assert_eq!(ServerErrorKind::CheckViolation.mariadb_code(), Some(4025));
+    assert_eq!(ServerErrorKind::CheckViolation.mysql_code(), Some(3819));
+    assert_eq!(ServerErrorKind::StatementTimeout.mariadb_code(), Some(1969));
+    assert_eq!(ServerErrorKind::StatementTimeout.mysql_code(), Some(3024));
+    assert_eq!(ServerErrorKind::Other.mysql_code(), None);
+}
+
+#[test]
+fn retryability() {
+    for kind in [
+        ServerErrorKind::LockRefused,
+        ServerErrorKind::LockWaitTimeout,
+        ServerErrorKind::Deadlock,
+        ServerErrorKind::RecordChanged,
+        ServerErrorKind::Interrupted,
+    ] {
+        assert!(kind.is_retryable(), "{kind:?}");
+    }
+    for kind in [
+        ServerErrorKind::DuplicateKey,
+        ServerErrorKind::CheckViolation,
+        ServerErrorKind::StatementTimeout,
+        ServerErrorKind::ConnectionLost,
+        ServerErrorKind::Other,
+    ] {
+        assert!(!kind.is_retryable(), "{kind:?}");
+    }
+    let refused = Error::from(unknown(
+        "Lock wait timeout exceeded; try restarting transaction",
+    ));
+    assert!(refused.is_transient() && refused.is_retryable());
+    let lost = Error::from(unknown("Lost connection to server during query"));
+    assert!(!lost.is_transient() && lost.is_retryable());
+    let sold_out = Error::SoldOut { campaign_id: 1 };
+    assert!(!sold_out.is_retryable() && sold_out.server_error().is_none());
+}
+
+#[test]
+fn source_is_chained() {
+    use std::error::Error as _;
+    let e = Error::from(unknown(
+        "Deadlock found when trying to get lock; try restarting transaction",
+    ));
+    let server = e.source().and_then(|s| s.downcast_ref::<ServerError>());
+    assert!(server.is_some_and(|s| s.kind() == ServerErrorKind::Deadlock));
+    assert!(server.and_then(|s| s.source()).is_some());
+}
+
+#[test]
+fn server_error_code_and_faithful_clone() {
+    let e = ServerError::new(unknown(
+        "Lock wait timeout exceeded; try restarting transaction",
+    ));
+    assert_eq!(e.code(), Some(1205));
+    let copy = e.clone();
+    assert_eq!(copy.message(), e.message());
+    assert!(std::ptr::eq(copy.diesel_error(), e.diesel_error()));
+    assert_eq!(
+        ServerError::new(unknown("Table 'x' doesn't exist")).code(),
+        None
+    );
+    let refused = Error::SoldOut { campaign_id: 3 };
+    assert!(matches!(refused.clone(), Error::SoldOut { campaign_id: 3 }));
+}

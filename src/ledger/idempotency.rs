@@ -1,0 +1,113 @@
+//! The idempotency loop around every single write: run the transaction, create a missing
+//! account in a separate short transaction and run again, and answer a reused key (or a refusal
+//! while the key exists) from the journal — the original entry for the same request,
+//! [`Error::IdempotencyConflict`] for a different one.
+
+use diesel::mysql::MysqlConnection;
+
+use super::request::Request;
+use super::rows::{create_account, journal_rows};
+use super::types::Entry;
+use super::BalanceLedger;
+use crate::error::{Error, Result, ServerErrorKind};
+use crate::txn::Deadline;
+
+/// Outcome of one transaction attempt that is not an error.
+pub(crate) enum Step<T> {
+    Done(T),
+    /// The account row is missing and the operation creates it (charge, transfer receiver).
+    CreateAccount(i64),
+}
+
+impl BalanceLedger {
+    /// Runs a one-entry operation with idempotency.
+    pub(crate) fn single_entry(
+        &self,
+        conn: &mut MysqlConnection,
+        request: &Request<'_>,
+        deadline: Deadline,
+        attempt: impl FnMut(&mut MysqlConnection) -> Result<Step<Entry>>,
+    ) -> Result<Entry> {
+        self.idempotent(conn, request, deadline, attempt, |_, entry| Ok(entry))
+    }
+
+    /// Runs `attempt` in the runner; creates a missing account outside the transaction and runs
+    /// again; turns a reused key (or a refusal while the key exists) into the original result or
+    /// an [`Error::IdempotencyConflict`]. Everything runs by the call's one `deadline`.
+    pub(crate) fn idempotent<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        request: &Request<'_>,
+        deadline: Deadline,
+        mut attempt: impl FnMut(&mut MysqlConnection) -> Result<Step<T>>,
+        replay: impl FnOnce(&mut MysqlConnection, Entry) -> Result<T>,
+    ) -> Result<T> {
+        // Creating an account is a separate short transaction (retried like any other): an
+        // empty FOR UPDATE on a missing key holds only a gap lock, and two first charges
+        // inserting into the same gap would deadlock. INSERT IGNORE is idempotent, so racing
+        // creators are harmless.
+        let mut created = false;
+        loop {
+            match self.runner.run_by(conn, deadline, &mut attempt) {
+                Ok(Step::Done(value)) => return Ok(value),
+                Ok(Step::CreateAccount(user_id)) if !created => {
+                    // A key already used decides the answer before the account is written.
+                    if let Some(entry) = self.existing(conn, request, deadline)? {
+                        return replay(conn, entry);
+                    }
+                    self.runner
+                        .run_by(conn, deadline, |conn| create_account(conn, user_id))?;
+                    created = true;
+                }
+                Ok(Step::CreateAccount(user_id)) => return Err(Error::AccountNotFound { user_id }),
+                Err(error) if error.replay_may_apply() => {
+                    return match self.existing(conn, request, deadline)? {
+                        Some(entry) => replay(conn, entry),
+                        None => Err(error),
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// The entry recorded under the request's key, if any; a different request under the same
+    /// key is an [`Error::IdempotencyConflict`].
+    fn existing(
+        &self,
+        conn: &mut MysqlConnection,
+        request: &Request<'_>,
+        deadline: Deadline,
+    ) -> Result<Option<Entry>> {
+        let rows = self.journal_rows_by(conn, deadline, request.user_id, &[request.key])?;
+        request.answer_from(&rows).transpose()
+    }
+
+    /// The journal rows of `user_id` under `keys`, in a lock-free snapshot by `deadline`.
+    pub(crate) fn journal_rows_by(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        user_id: i64,
+        keys: &[&str],
+    ) -> Result<Vec<super::types::EntryRow>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.runner
+            .read_by(conn, deadline, |conn| journal_rows(conn, user_id, keys))
+    }
+}
+
+impl Error {
+    /// Refusals after which an existing entry under the same key decides the answer.
+    pub(crate) fn replay_may_apply(&self) -> bool {
+        matches!(
+            self,
+            Self::InsufficientBalance { .. }
+                | Self::BalanceLimitExceeded { .. }
+                | Self::RefundExceedsDeduct { .. }
+                | Self::AccountNotFound { .. }
+        ) || self.server_kind() == Some(ServerErrorKind::DuplicateKey)
+    }
+}

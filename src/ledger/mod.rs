@@ -1,0 +1,120 @@
+//! [`BalanceLedger`]: charge, deduct, refund and transfer — never negative, never applied twice,
+//! every change journaled.
+//!
+//! # How a change is made
+//! One SERIALIZABLE transaction per call (see [`TxnRunner`]):
+//! 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — through the primary key,
+//!    so InnoDB takes one record lock. A transfer locks both rows in ascending `user_id` order.
+//! 2. Check the balance against the request (nothing written on refusal).
+//! 3. `INSERT` the journal entry, `SELECT LAST_INSERT_ID()`, `UPDATE` the balance, `COMMIT`.
+//!
+//! There is no "does this key exist?" read before the insert: under SERIALIZABLE a read of a
+//! missing key locks the gap around it, which would block other users' inserts. Instead the
+//! UNIQUE(user_id, idempotency_key) index rejects a reused key, and only then — or when the
+//! request is refused — is the key looked up, in a lock-free snapshot. A key that exists always
+//! wins: the same request gets its original entry back, a different one [`Error::IdempotencyConflict`](crate::Error::IdempotencyConflict),
+//! whatever the balance is now (TigerBeetle's `exists` semantics).
+//!
+//! Every call has ONE [`Deadline`](crate::Deadline), fixed when it starts (the policy's
+//! [`RetryPolicy::deadline`](crate::RetryPolicy::deadline)) and shared by all it does: the
+//! account-creation transaction, every retry, every round of a batch and every key lookup. Once
+//! it has passed nothing more is sent.
+//!
+//! # Modules
+//! * `types`: the public types ([`Entry`], [`Transfer`], [`Balance`], [`HistoryPage`],
+//!   [`AccountOp`]) and the journal's rows;
+//! * `request`: validation, [`request_hash`], the row a request writes and the answer a row
+//!   under its key gives;
+//! * `rows`: every statement, shared by the single and the batch path (the lock, the journal
+//!   INSERT of one or N rows with their ids, the balance UPDATE, key lookups of one or N keys);
+//! * `ops`: the single operations and reads; `idempotency`: the loop around every single write;
+//! * `batch`: [`BalanceLedger::apply_many`]; `audit`: [`BalanceLedger::audit`].
+
+mod audit;
+mod batch;
+mod idempotency;
+mod ops;
+mod request;
+mod rows;
+mod types;
+
+pub use crate::records::{AuditReport, EntryKind};
+pub use crate::validate::{validate_amount, validate_key, MAX_AMOUNT, MAX_KEY_BYTES};
+pub use request::request_hash;
+pub use types::{AccountOp, Balance, Entry, HistoryPage, Transfer};
+
+use crate::txn::{TxnPolicy, TxnRunner};
+
+/// Largest page [`BalanceLedger::history`] returns.
+pub const MAX_HISTORY_PAGE: u32 = 1000;
+
+/// Keeps point/money balances: charge, deduct, refund, transfer, balance, history, audit.
+///
+/// Holds a [`TxnPolicy`], no connection; share one ledger between threads.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use diesel::{Connection, MysqlConnection};
+/// use lockstock::{BalanceLedger, Error};
+/// use rust_decimal::Decimal;
+/// let dec = Decimal::new;
+///
+/// let url = lockstock_testkit::sandbox::database_url("doc_ledger")?;
+/// let mut conn = MysqlConnection::establish(&url)?;
+/// # use diesel::connection::SimpleConnection;
+/// # conn.batch_execute("DROP DATABASE doc_ledger; CREATE DATABASE doc_ledger; USE doc_ledger")?; // a fresh run each time
+/// lockstock::run_migrations(&mut conn)?;
+/// let ledger = BalanceLedger::new();
+///
+/// ledger.charge(&mut conn, 7, dec(100_00, 2), "charge-1")?;
+/// let spent = ledger.deduct(&mut conn, 7, dec(30_00, 2), "order-1")?;
+/// assert_eq!(spent.balance_after, dec(70_00, 2));
+///
+/// // The same key and request again: the original entry, nothing applied twice.
+/// assert_eq!(ledger.deduct(&mut conn, 7, dec(30_00, 2), "order-1")?.id, spent.id);
+///
+/// // Partial refund, linked to the deduct; refunds can never exceed it.
+/// let back = ledger.refund(&mut conn, spent.id, dec(10_00, 2), "refund-1")?;
+/// assert_eq!(back.related_entry_id, Some(spent.id));
+/// assert!(matches!(
+///     ledger.refund(&mut conn, spent.id, dec(25_00, 2), "refund-2"),
+///     Err(Error::RefundExceedsDeduct { .. })
+/// ));
+///
+/// assert!(matches!(
+///     ledger.deduct(&mut conn, 7, dec(1_000_00, 2), "order-2"),
+///     Err(Error::InsufficientBalance { .. })
+/// ));
+/// assert_eq!(ledger.balance(&mut conn, 7)?.balance, dec(80_00, 2));
+/// assert!(ledger.audit(&mut conn, 7)?.is_consistent());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct BalanceLedger {
+    runner: TxnRunner,
+}
+
+impl BalanceLedger {
+    /// A ledger with the default policy (SERIALIZABLE, NOWAIT locks, bounded retries).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A ledger with `policy`.
+    pub fn with_policy(policy: TxnPolicy) -> Self {
+        Self {
+            runner: TxnRunner::new(policy),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &TxnPolicy {
+        self.runner.policy()
+    }
+
+    /// The transaction runner (for batch and combining layers built on the ledger).
+    pub fn runner(&self) -> &TxnRunner {
+        &self.runner
+    }
+}

@@ -1,0 +1,323 @@
+//! The single operations: charge, deduct, refund, transfer, and the reads (balance, history).
+//! Each write is one transaction built from the statements in [`rows`](super::rows), run through
+//! the idempotency loop of [`idempotency`](super::idempotency).
+
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+use rust_decimal::Decimal;
+
+use super::idempotency::Step;
+use super::request::Request;
+use super::rows::{
+    find_balance, find_entry, find_transfer_credit, insert_entries, lock_account, lock_entry,
+    store_balance, Account,
+};
+use super::types::{Balance, Entry, EntryRow, HistoryPage, Transfer};
+use super::{BalanceLedger, MAX_HISTORY_PAGE};
+use crate::error::{Error, Result};
+use crate::records::EntryKind;
+use crate::schema::balance_history;
+use crate::statements::SetRefunded;
+use crate::txn::Deadline;
+use crate::util::now;
+use crate::validate::{validate_amount, validate_id, validate_key};
+
+impl BalanceLedger {
+    /// Adds `amount` to `user_id`'s balance, creating the account on its first charge.
+    ///
+    /// # Errors
+    /// Invalid input ([`Error::InvalidId`], [`Error::InvalidAmount`],
+    /// [`Error::InvalidIdempotencyKey`]); [`Error::BalanceLimitExceeded`];
+    /// [`Error::IdempotencyConflict`] for a key used by another request; and the runner's
+    /// failures ([`Error::Contended`], [`Error::Timeout`], [`Error::OutcomeUnknown`],
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], [`Error::Server`]).
+    pub fn charge(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<Entry> {
+        let request = Request::plain(EntryKind::Charge, user_id, amount, idempotency_key);
+        self.change(conn, &request, self.runner.deadline())
+    }
+
+    /// Subtracts `amount` from `user_id`'s balance; refuses with [`Error::InsufficientBalance`]
+    /// (writing nothing) when the balance is smaller.
+    ///
+    /// # Errors
+    /// As [`charge`](Self::charge), with [`Error::InsufficientBalance`] and
+    /// [`Error::AccountNotFound`] instead of [`Error::BalanceLimitExceeded`].
+    pub fn deduct(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<Entry> {
+        let request = Request::plain(EntryKind::Deduct, user_id, amount, idempotency_key);
+        self.change(conn, &request, self.runner.deadline())
+    }
+
+    /// One charge or deduct by `deadline` (a combined caller's): the batch of one.
+    pub(crate) fn apply_one_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        op: &super::AccountOp,
+        deadline: Deadline,
+    ) -> Result<Entry> {
+        self.change(conn, &op.request(user_id), deadline)
+    }
+
+    /// A charge or a deduct: one account, one journal entry.
+    fn change(
+        &self,
+        conn: &mut MysqlConnection,
+        request: &Request<'_>,
+        deadline: Deadline,
+    ) -> Result<Entry> {
+        request.validate()?;
+        let (kind, user_id) = (request.kind, request.user_id);
+        let hash = request.hash();
+        self.single_entry(conn, request, deadline, |conn| {
+            let Some(account) = lock_account(conn, user_id)? else {
+                return if kind == EntryKind::Charge {
+                    Ok(Step::CreateAccount(user_id))
+                } else {
+                    Err(Error::AccountNotFound { user_id })
+                };
+            };
+            let after = account.after(kind, request.amount)?;
+            write_entry(conn, &account, (request, &hash), after, |_| Ok(())).map(Step::Done)
+        })
+    }
+
+    /// Gives back `amount` of the deduct `deduct_entry_id`. Partial refunds are allowed; their
+    /// sum never exceeds the deduct ([`Error::RefundExceedsDeduct`]), also when they race. The
+    /// key belongs to the deduct's account.
+    ///
+    /// # Errors
+    /// Invalid input; [`Error::EntryNotFound`], [`Error::NotRefundable`] (not a deduct),
+    /// [`Error::RefundExceedsDeduct`], [`Error::BalanceLimitExceeded`],
+    /// [`Error::IdempotencyConflict`]; and the runner's failures, as for
+    /// [`charge`](Self::charge).
+    pub fn refund(
+        &self,
+        conn: &mut MysqlConnection,
+        deduct_entry_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<Entry> {
+        validate_id("journal entry", deduct_entry_id)?;
+        validate_amount(amount)?;
+        validate_key(idempotency_key)?;
+        let deadline = self.runner.deadline();
+        // Who owns the deduct never changes, so it can be read before any lock.
+        let original = self
+            .runner
+            .read_by(conn, deadline, |conn| find_entry(conn, deduct_entry_id))?
+            .ok_or(Error::EntryNotFound {
+                entry_id: deduct_entry_id,
+            })?;
+        let request = Request {
+            kind: EntryKind::Refund,
+            user_id: original.user_id,
+            amount,
+            reference: Some(deduct_entry_id),
+            key: idempotency_key,
+        };
+        if original.kind != EntryKind::Deduct {
+            return Err(Error::NotRefundable {
+                entry_id: deduct_entry_id,
+                kind: original.kind,
+            });
+        }
+        let hash = request.hash();
+        self.single_entry(conn, &request, deadline, |conn| {
+            let account = lock_account(conn, original.user_id)?.ok_or(Error::AccountNotFound {
+                user_id: original.user_id,
+            })?;
+            let deduct = lock_entry(conn, deduct_entry_id)?;
+            if deduct.refunded_amount + amount > deduct.amount {
+                return Err(Error::RefundExceedsDeduct {
+                    entry_id: deduct_entry_id,
+                    deducted: deduct.amount,
+                    refunded: deduct.refunded_amount,
+                    requested: amount,
+                });
+            }
+            let after = account.credit(amount)?;
+            let refunded = deduct.refunded_amount + amount;
+            let set_refunded = |conn: &mut MysqlConnection| {
+                SetRefunded {
+                    entry_id: deduct_entry_id,
+                    refunded,
+                }
+                .execute(conn)?;
+                Ok(())
+            };
+            write_entry(conn, &account, (&request, &hash), after, set_refunded).map(Step::Done)
+        })
+    }
+
+    /// Moves `amount` from `from` to `to`: both rows locked in ascending `user_id` order (so
+    /// opposite transfers cannot deadlock), one journal entry per side. The receiver's account is
+    /// created if needed; the key belongs to the sender.
+    ///
+    /// # Errors
+    /// Invalid input; [`Error::SelfTransfer`], [`Error::AccountNotFound`] (no sender),
+    /// [`Error::InsufficientBalance`], [`Error::BalanceLimitExceeded`] (receiver),
+    /// [`Error::IdempotencyConflict`]; and the runner's failures, as for
+    /// [`charge`](Self::charge).
+    pub fn transfer(
+        &self,
+        conn: &mut MysqlConnection,
+        from: i64,
+        to: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<Transfer> {
+        let request = Request {
+            kind: EntryKind::TransferOut,
+            user_id: from,
+            amount,
+            reference: Some(to),
+            key: idempotency_key,
+        };
+        request.validate()?;
+        validate_id("user", to)?;
+        if from == to {
+            return Err(Error::SelfTransfer { user_id: from });
+        }
+        let incoming = Request {
+            kind: EntryKind::TransferIn,
+            user_id: to,
+            reference: Some(from),
+            ..request
+        };
+        let (out_hash, in_hash) = (request.hash(), incoming.hash());
+        let deadline = self.runner.deadline();
+        let attempt = |conn: &mut MysqlConnection| {
+            let (first, second) = (from.min(to), from.max(to));
+            let first_row = lock_account(conn, first)?;
+            let second_row = lock_account(conn, second)?;
+            let (sender, receiver) = if first == from {
+                (first_row, second_row)
+            } else {
+                (second_row, first_row)
+            };
+            let sender = sender.ok_or(Error::AccountNotFound { user_id: from })?;
+            // Refuse before creating the receiver: a refused transfer writes nothing.
+            let sender_after = sender.debit(amount)?;
+            let Some(receiver) = receiver else {
+                return Ok(Step::CreateAccount(to));
+            };
+            let receiver_after = receiver.credit(amount)?;
+            let at = now();
+            let debit = one(insert_entries(
+                conn,
+                None,
+                &[request.row(&out_hash, sender_after, None, at)],
+            )?)?;
+            let credit_row = incoming.row(&in_hash, receiver_after, Some(debit.id), at);
+            let credit = one(insert_entries(conn, None, &[credit_row])?)?;
+            store_balance(conn, &sender, sender_after, 1)?;
+            store_balance(conn, &receiver, receiver_after, 1)?;
+            Ok(Step::Done(Transfer { debit, credit }))
+        };
+        self.idempotent(conn, &request, deadline, attempt, |conn, debit| {
+            let credit = self
+                .runner
+                .read_by(conn, deadline, |conn| find_transfer_credit(conn, debit.id))?
+                .ok_or(Error::EntryNotFound { entry_id: debit.id })?;
+            Ok(Transfer { debit, credit })
+        })
+    }
+
+    /// The current balance of `user_id`, from a lock-free consistent snapshot.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`], [`Error::AccountNotFound`]; the reader's failures
+    /// ([`Error::Contended`], [`Error::Timeout`], [`Error::Server`], ...).
+    pub fn balance(&self, conn: &mut MysqlConnection, user_id: i64) -> Result<Balance> {
+        validate_id("user", user_id)?;
+        self.runner
+            .read(conn, |conn| find_balance(conn, user_id))?
+            .ok_or(Error::AccountNotFound { user_id })
+    }
+
+    /// Up to `limit` journal entries of `user_id`, newest first, older than the entry id
+    /// `before` (keyset pagination over the (user_id, id) index: no OFFSET scans).
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`], [`Error::InvalidInput`] for a `limit` outside 1 to
+    /// [`MAX_HISTORY_PAGE`]; the reader's failures, as for [`balance`](Self::balance).
+    pub fn history(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<HistoryPage> {
+        validate_id("user", user_id)?;
+        if limit == 0 || limit > MAX_HISTORY_PAGE {
+            return Err(Error::InvalidInput {
+                field: "limit",
+                problem: "must be between 1 and 1000",
+            });
+        }
+        let rows: Vec<EntryRow> = self.runner.read(conn, |conn| {
+            let mut query = balance_history::table
+                .filter(balance_history::user_id.eq(user_id))
+                .order(balance_history::id.desc())
+                .limit(i64::from(limit))
+                .select(EntryRow::as_select())
+                .into_boxed();
+            if let Some(cursor) = before {
+                query = query.filter(balance_history::id.lt(cursor));
+            }
+            Ok(query.load(conn)?)
+        })?;
+        let entries = rows
+            .into_iter()
+            .map(EntryRow::into_entry)
+            .collect::<Result<Vec<_>>>()?;
+        let next_cursor = if entries.len() == limit as usize {
+            entries.last().map(|e| e.id)
+        } else {
+            None
+        };
+        Ok(HistoryPage {
+            entries,
+            next_cursor,
+        })
+    }
+}
+
+/// The single write of one entry on a locked `account`: the journal INSERT (a batch of one),
+/// `between` (a refund's update of its deduct), then the balance UPDATE.
+fn write_entry(
+    conn: &mut MysqlConnection,
+    account: &Account,
+    (request, hash): (&Request<'_>, &str),
+    after: Decimal,
+    between: impl FnOnce(&mut MysqlConnection) -> Result<()>,
+) -> Result<Entry> {
+    let entry = one(insert_entries(
+        conn,
+        None,
+        &[request.row(hash, after, None, now())],
+    )?)?;
+    between(conn)?;
+    store_balance(conn, account, after, 1)?;
+    Ok(entry)
+}
+
+/// The entry of a batch of one.
+fn one(entries: Vec<Entry>) -> Result<Entry> {
+    entries
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::internal("a written row has no entry"))
+}

@@ -1,0 +1,342 @@
+//! The one transaction runner: isolation, session timeouts, bounded jittered retry and a deadline.
+//!
+//! Every balance or stock change in lockstock goes through [`TxnRunner::run`]. It
+//! 1. refuses to run inside a transaction the caller opened (it could not retry it),
+//! 2. sends the session settings, `SET TRANSACTION ISOLATION LEVEL ...` and `BEGIN` in one
+//!    multi-statement batch (`MysqlConnection` has no isolation builder, and `SET TRANSACTION`
+//!    applies to the next transaction only),
+//! 3. runs the body, then COMMIT (a cached prepared statement: one round trip); any error — or
+//!    a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its NOWAIT
+//!    refusal, 1205) rolls back only the statement, so the runner must not continue it,
+//! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
+//!    exponential backoff, bounded by attempts and by a deadline for the whole call.
+
+mod policy;
+mod session;
+#[cfg(test)]
+mod tests;
+mod transaction;
+
+pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
+use session::carries_settings;
+pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
+use transaction::{ensure_no_open_transaction, run_transaction, Begin};
+
+use std::sync::OnceLock;
+
+use diesel::mysql::MysqlConnection;
+use diesel::RunQueryDsl;
+
+use crate::error::Error;
+use crate::statements::PreparedSql;
+
+/// Runs transactions under a [`TxnPolicy`]. Domain types hold one; it holds no connection.
+#[derive(Debug, Default)]
+pub struct TxnRunner {
+    policy: TxnPolicy,
+    sql: OnceLock<RunnerSql>,
+    insert_ids: OnceLock<InsertIds>,
+}
+
+/// The statements a runner sends, built once: a runner talks to one server flavour. Each is a
+/// single statement sent as a cached prepared statement — never a multi-statement batch, whose
+/// remaining results a `KILL QUERY` can leave the client waiting for forever.
+#[derive(Debug)]
+struct RunnerSql {
+    flavor: ServerFlavor,
+    /// The policy's `SET SESSION` statement (what [`apply_session_settings`] marks).
+    session: String,
+    /// Write / read: the statements before BEGIN on a connection without the settings.
+    own: [Vec<String>; 2],
+    /// Write / read: the statements before BEGIN on a connection that carries them.
+    marked: [Vec<String>; 2],
+}
+
+/// The value that makes the first SET refuse, atomically and before anything changes, to run
+/// inside a transaction the caller opened with a raw `BEGIN` (lockstock's `BEGIN` would
+/// silently commit it): `lc_messages` accepts only known locales.
+const NESTED_LOCALE: &str = "lockstock_nested_transaction";
+
+/// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
+const NESTED_1568: &str = "transaction characteristics can't be changed";
+
+/// `START TRANSACTION` of a write and of a read-only snapshot.
+const BEGIN_WRITE: &str = "BEGIN";
+const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
+
+impl RunnerSql {
+    fn new(policy: &TxnPolicy, flavor: ServerFlavor) -> Self {
+        let session = policy.session_sql(flavor);
+        let settings = policy.settings(flavor);
+        let levels = [policy.isolation, Isolation::RepeatableRead];
+        let set_transaction =
+            |level: Isolation| format!("SET TRANSACTION ISOLATION LEVEL {}", level.sql());
+        let own = levels.map(|level| match flavor {
+            // One atomic SET: the nested check, the caller's values saved, ours set.
+            ServerFlavor::MariaDb => vec![format!(
+                "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                 @lockstock_statement_time = @@session.max_statement_time, \
+                 @lockstock_lc_messages = @@session.lc_messages, \
+                 @lockstock_time_zone = @@session.time_zone, \
+                 @lockstock_isolation = @@session.tx_isolation, \
+                 SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
+                 {settings}, tx_isolation = '{}'",
+                level.variable_value()
+            )],
+            // MySQL has no @@in_transaction: SET TRANSACTION checks first.
+            ServerFlavor::MySql => vec![
+                set_transaction(level),
+                format!(
+                    "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                     @lockstock_statement_time = @@session.max_execution_time, \
+                     @lockstock_lc_messages = @@session.lc_messages, \
+                     @lockstock_time_zone = @@session.time_zone, \
+                     SESSION lc_messages = 'en_US', {settings}"
+                ),
+            ],
+        });
+        let marked = levels.map(|level| vec![set_transaction(level)]);
+        Self {
+            flavor,
+            session,
+            own,
+            marked,
+        }
+    }
+}
+
+/// How the server numbers the rows of one multi-row INSERT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InsertIds {
+    /// `LAST_INSERT_ID() + i * step` (`innodb_autoinc_lock_mode` 0 or 1, MariaDB's default).
+    Consecutive {
+        /// `auto_increment_increment`.
+        step: i64,
+    },
+    /// Interleaved (`innodb_autoinc_lock_mode = 2`, MySQL 8's default): read the ids back.
+    Unordered,
+}
+
+impl Clone for TxnRunner {
+    fn clone(&self) -> Self {
+        Self::new(self.policy.clone())
+    }
+}
+
+impl TxnRunner {
+    /// A runner for `policy`.
+    pub fn new(policy: TxnPolicy) -> Self {
+        Self {
+            policy,
+            sql: OnceLock::new(),
+            insert_ids: OnceLock::new(),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &TxnPolicy {
+        &self.policy
+    }
+
+    /// A deadline for a call starting now: the policy's [`RetryPolicy::deadline`] from now.
+    pub fn deadline(&self) -> Deadline {
+        Deadline::after(self.policy.retry.deadline)
+    }
+
+    /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
+    /// start: it sees a rolled-back database each time.
+    ///
+    /// # Errors
+    /// What `body` fails with, once it is not retried any more; [`Error::Contended`] when
+    /// refusals outlast the attempts or the deadline; [`Error::Timeout`] when the deadline passed
+    /// before a transaction was sent; [`Error::OutcomeUnknown`] when COMMIT failed in flight;
+    /// [`Error::NestedTransaction`] inside a caller's transaction; [`Error::ConnectionBroken`]
+    /// when a ROLLBACK failed; [`Error::Server`] for any other server failure.
+    pub fn run<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.run_counted_by(conn, self.deadline(), body).0
+    }
+
+    /// Like [`run`](Self::run), bounded by `deadline` (a call that runs several transactions
+    /// shares one deadline between them). A deadline already passed sends nothing and answers
+    /// [`Error::Timeout`].
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub fn run_by<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.run_counted_by(conn, deadline, body).0
+    }
+
+    /// Like [`run`](Self::run), also returning how many transactions were started and refused.
+    pub fn run_counted<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> (Result<T, Error>, Attempts) {
+        self.run_counted_by(conn, self.deadline(), body)
+    }
+
+    /// Like [`run_by`](Self::run_by), also returning how many transactions were started and
+    /// refused.
+    pub fn run_counted_by<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> (Result<T, Error>, Attempts) {
+        self.retried(conn, deadline, false, body)
+    }
+
+    /// The retry loop of writes and reads alike.
+    fn retried<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        read_only: bool,
+        mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> (Result<T, Error>, Attempts) {
+        let retry = &self.policy.retry;
+        let mut attempts = Attempts::default();
+        #[cfg(feature = "tracing")]
+        let _span =
+            tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
+        loop {
+            if deadline.is_expired() {
+                return (
+                    Err(Error::Timeout {
+                        elapsed: deadline.elapsed(),
+                    }),
+                    attempts,
+                );
+            }
+            attempts.started += 1;
+            let error = match self.once(conn, read_only, &mut body) {
+                Ok(value) => return (Ok(value), attempts),
+                Err(error) if error.is_transient() => error,
+                Err(error) => return (Err(error), attempts),
+            };
+            attempts.refused += 1;
+            let elapsed = deadline.elapsed();
+            let pause = retry.backoff(attempts.started - 1);
+            trace_event!(
+                attempt = attempts.started,
+                kind = ?error.server_kind(),
+                backoff_us = pause.as_micros() as u64,
+                "lock refused; retrying"
+            );
+            if attempts.started >= retry.max_attempts.max(1) || pause >= deadline.remaining() {
+                let last = match error {
+                    Error::Server(last) => last,
+                    other => return (Err(other), attempts),
+                };
+                trace_event!(
+                    attempts = attempts.started,
+                    elapsed_us = elapsed.as_micros() as u64,
+                    "giving up: contended"
+                );
+                let contended = Error::Contended {
+                    attempts: attempts.started,
+                    elapsed,
+                    last,
+                };
+                return (Err(contended), attempts);
+            }
+            std::thread::sleep(pause);
+        }
+    }
+
+    fn once<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        read_only: bool,
+        body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        ensure_no_open_transaction(conn)?;
+        let begin = self.begin(conn, read_only)?;
+        run_transaction(conn, begin, body)
+    }
+
+    /// How to begin on this connection: with the session settings saved, set and later restored,
+    /// or — on a connection that carries this policy's settings already — without any.
+    fn begin<'a>(
+        &'a self,
+        conn: &mut MysqlConnection,
+        read_only: bool,
+    ) -> Result<Begin<'a>, Error> {
+        let sql = match self.sql.get() {
+            Some(sql) => sql,
+            None => {
+                let built = RunnerSql::new(&self.policy, ServerFlavor::detect(conn)?);
+                self.sql.get_or_init(|| built)
+            }
+        };
+        let marked = carries_settings(conn, &sql.session);
+        let kind = usize::from(read_only);
+        Ok(Begin {
+            setup: if marked {
+                &sql.marked[kind]
+            } else {
+                &sql.own[kind]
+            },
+            begin: if read_only { BEGIN_READ } else { BEGIN_WRITE },
+            restore: (!marked).then_some(sql.flavor),
+            read_only,
+        })
+    }
+
+    /// How this server numbers multi-row INSERTs (asked once per runner).
+    pub(crate) fn insert_ids(&self, conn: &mut MysqlConnection) -> Result<InsertIds, Error> {
+        if let Some(ids) = self.insert_ids.get() {
+            return Ok(*ids);
+        }
+        let (mode, step): (i64, i64) = diesel::select((
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("@@innodb_autoinc_lock_mode"),
+            diesel::dsl::sql::<diesel::sql_types::BigInt>("@@auto_increment_increment"),
+        ))
+        .get_result(conn)?;
+        let ids = if mode <= 1 && step >= 1 {
+            InsertIds::Consecutive { step }
+        } else {
+            InsertIds::Unordered
+        };
+        Ok(*self.insert_ids.get_or_init(|| ids))
+    }
+
+    /// Runs `body` in a read-only consistent snapshot (REPEATABLE READ, no locks taken), so
+    /// reads never block or deadlock with writers and see one committed state. An interrupted
+    /// or refused snapshot is retried like a write.
+    ///
+    /// # Errors
+    /// What `body` fails with; [`Error::Contended`], [`Error::Timeout`],
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`] and [`Error::Server`] as for
+    /// [`run`](Self::run) (a read never answers [`Error::OutcomeUnknown`]).
+    pub fn read<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.read_by(conn, self.deadline(), body)
+    }
+
+    /// Like [`read`](Self::read), bounded by `deadline`; refused with [`Error::Timeout`]
+    /// (nothing sent) once it has passed.
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn read_by<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.retried(conn, deadline, true, body).0
+    }
+}

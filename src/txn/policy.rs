@@ -1,0 +1,241 @@
+//! Policies: isolation, retries and the deadline of one call, and its counts.
+
+use std::cell::Cell;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::time::{Duration, Instant};
+
+use super::ServerFlavor;
+
+/// Transaction isolation level of the writing transactions.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// The default. Plain reads take shared locks; lockstock reads hot rows only through
+    /// `FOR UPDATE NOWAIT` on unique indexes, so no range is locked.
+    Serializable,
+    /// InnoDB's default.
+    RepeatableRead,
+    /// Fewer gap locks; correctness still rests on the row locks lockstock takes.
+    ReadCommitted,
+}
+
+impl Isolation {
+    /// The value of MariaDB's `tx_isolation` variable.
+    pub(super) fn variable_value(self) -> &'static str {
+        match self {
+            Self::Serializable => "SERIALIZABLE",
+            Self::RepeatableRead => "REPEATABLE-READ",
+            Self::ReadCommitted => "READ-COMMITTED",
+        }
+    }
+
+    pub(super) fn sql(self) -> &'static str {
+        match self {
+            Self::Serializable => "SERIALIZABLE",
+            Self::RepeatableRead => "REPEATABLE READ",
+            Self::ReadCommitted => "READ COMMITTED",
+        }
+    }
+}
+
+/// How often and how long a refused transaction is retried.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Transactions tried at most, the first included (at least 1).
+    pub max_attempts: u32,
+    /// Backoff ceiling before the first retry; doubled for every further retry.
+    pub base_backoff: Duration,
+    /// Largest backoff ceiling.
+    pub max_backoff: Duration,
+    /// Time budget of the whole call, retries and backoff included.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 64,
+            base_backoff: Duration::from_micros(500),
+            max_backoff: Duration::from_millis(50),
+            deadline: Duration::from_secs(3),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A policy that tries once and reports a refusal as [`Error::Contended`](crate::Error::Contended) at once.
+    pub fn no_retry() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// The backoff ceiling before retry number `retry` (0 for the first retry):
+    /// `min(max_backoff, base_backoff * 2^retry)`.
+    pub fn backoff_ceiling(&self, retry: u32) -> Duration {
+        let factor = 1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX);
+        self.base_backoff
+            .checked_mul(factor)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
+    }
+
+    /// A full-jitter backoff: uniform in `[0, backoff_ceiling(retry)]`.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        self.backoff_ceiling(retry).mul_f64(jitter_fraction())
+    }
+}
+
+/// Policy of every transaction a domain type runs: isolation, timeouts and retries.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnPolicy {
+    /// Isolation of the writing transactions (default SERIALIZABLE).
+    pub isolation: Isolation,
+    /// Retry and deadline.
+    pub retry: RetryPolicy,
+    /// `innodb_lock_wait_timeout` for statements that wait for locks (whole seconds, at least 1).
+    /// `NOWAIT` reads never wait.
+    pub lock_wait_timeout: Duration,
+    /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL).
+    pub statement_timeout: Duration,
+}
+
+impl Default for TxnPolicy {
+    fn default() -> Self {
+        Self {
+            isolation: Isolation::Serializable,
+            retry: RetryPolicy::default(),
+            lock_wait_timeout: Duration::from_secs(1),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TxnPolicy {
+    /// The same policy with another isolation level.
+    pub fn with_isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// The same policy with another retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The `SET SESSION` statement for this policy on a server of `flavor`.
+    pub(super) fn session_sql(&self, flavor: ServerFlavor) -> String {
+        format!(
+            "SET SESSION {}, lc_messages = 'en_US'",
+            self.settings(flavor)
+        )
+    }
+
+    /// The session assignments of this policy but `lc_messages`.
+    ///
+    /// Timeouts are rounded up, never down: a statement limit under a millisecond becomes one
+    /// millisecond (0 would mean "no limit"), a lock wait under a second becomes one second.
+    pub(super) fn settings(&self, flavor: ServerFlavor) -> String {
+        let lock_wait = self.lock_wait_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let millis = self
+            .statement_timeout
+            .as_nanos()
+            .div_ceil(1_000_000)
+            .clamp(1, u128::from(u32::MAX));
+        let limit = match flavor {
+            ServerFlavor::MariaDb => format!(
+                "max_statement_time = {}.{:03}",
+                millis / 1000,
+                millis % 1000
+            ),
+            ServerFlavor::MySql => format!("max_execution_time = {millis}"),
+        };
+        format!("innodb_lock_wait_timeout = {lock_wait}, {limit}, time_zone = '+00:00'")
+    }
+}
+
+/// The moment by which one call must return, fixed when the call starts and shared by
+/// everything it does: queueing in a combiner, pool checkout, every transaction round, every
+/// retry and every backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    started: Instant,
+    at: Instant,
+}
+
+impl Deadline {
+    /// A deadline `budget` from now.
+    pub fn after(budget: Duration) -> Self {
+        let started = Instant::now();
+        Self {
+            started,
+            at: started
+                .checked_add(budget)
+                .unwrap_or(started + Duration::from_secs(86_400 * 365)),
+        }
+    }
+
+    /// When the call started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Time since the call started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Time left (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the deadline has passed.
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    /// The earlier of two deadlines (a combined batch runs by its earliest caller's).
+    pub fn min(self, other: Self) -> Self {
+        if other.at < self.at {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// Counts of one call, for reports and tracing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attempts {
+    /// Transactions started.
+    pub started: u32,
+    /// Lock refusals and other retryable failures among them.
+    pub refused: u32,
+}
+
+thread_local! {
+    static RNG_STATE: Cell<u64> = Cell::new({
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u128(Instant::now().elapsed().as_nanos());
+        hasher.finish() | 1
+    });
+}
+
+/// A uniform number in `[0, 1)` from a per-thread xorshift64* generator; jitter needs spread, not
+/// cryptographic quality, and this keeps the crate free of an RNG dependency.
+pub(super) fn jitter_fraction() -> f64 {
+    RNG_STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    })
+}

@@ -1,0 +1,108 @@
+//! Session settings: which server a connection talks to, and settings applied to a connection
+//! for good (directly or by an r2d2 customizer).
+
+use diesel::connection::{Connection, Instrumentation, InstrumentationEvent, SimpleConnection};
+use diesel::mysql::MysqlConnection;
+use diesel::r2d2::CustomizeConnection;
+use diesel::sql_types::Text;
+use diesel::RunQueryDsl;
+
+use super::TxnPolicy;
+use crate::error::Error;
+
+/// Which server a connection talks to; their variable names differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerFlavor {
+    /// MariaDB (tested: 10.11).
+    MariaDb,
+    /// MySQL 8 (not tested here; its error texts and variables are handled).
+    MySql,
+}
+
+impl ServerFlavor {
+    /// Asks the server.
+    ///
+    /// # Errors
+    /// [`Error::Server`] when `SELECT VERSION()` fails.
+    pub fn detect(conn: &mut MysqlConnection) -> Result<Self, Error> {
+        let version: String =
+            diesel::select(diesel::dsl::sql::<Text>("VERSION()")).get_result(conn)?;
+        Ok(if version.to_ascii_lowercase().contains("mariadb") {
+            Self::MariaDb
+        } else {
+            Self::MySql
+        })
+    }
+}
+
+/// Applies a policy's session settings to a connection for good, and marks the connection as
+/// carrying them: lockstock calls with the same policy on it then send no session settings and
+/// restore nothing (see [`TxnRunner`](super::TxnRunner)). The mark lives in the connection's Diesel
+/// instrumentation slot; it wraps Diesel's default instrumentation, which it keeps calling, and
+/// setting another instrumentation removes it (lockstock then sends and restores the settings
+/// on every call, which is correct, only slower).
+///
+/// # Errors
+/// [`Error::Server`] when the server cannot be asked its version or refuses a setting.
+pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
+    let flavor = ServerFlavor::detect(conn)?;
+    let session = policy.session_sql(flavor);
+    conn.batch_execute(&session)?;
+    conn.set_instrumentation(SessionMark {
+        session,
+        inner: diesel::connection::get_default_instrumentation(),
+    });
+    Ok(())
+}
+
+/// The mark [`apply_session_settings`] leaves on a connection: which settings it carries.
+struct SessionMark {
+    session: String,
+    inner: Option<Box<dyn Instrumentation>>,
+}
+
+impl Instrumentation for SessionMark {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let Some(inner) = self.inner.as_mut() {
+            inner.on_connection_event(event);
+        }
+    }
+}
+
+/// Whether `conn` carries the session settings `session` already.
+pub(super) fn carries_settings(conn: &mut MysqlConnection, session: &str) -> bool {
+    conn.instrumentation()
+        .downcast_ref::<SessionMark>()
+        .is_some_and(|mark| mark.session == session)
+}
+
+/// An r2d2 connection customizer that applies a [`TxnPolicy`]'s session settings (timeouts,
+/// English messages, UTC) to every connection the pool opens, once. Calls through a runner with
+/// the same policy then send no session settings at all (see [`apply_session_settings`]).
+#[derive(Debug, Clone, Default)]
+pub struct SessionSettings {
+    policy: TxnPolicy,
+}
+
+impl SessionSettings {
+    /// Settings taken from `policy`.
+    pub fn new(policy: TxnPolicy) -> Self {
+        Self { policy }
+    }
+}
+
+impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for SessionSettings {
+    fn on_acquire(&self, conn: &mut MysqlConnection) -> Result<(), diesel::r2d2::Error> {
+        apply_session_settings(conn, &self.policy).map_err(|e| {
+            let text = e.to_string();
+            // The error was made here and is not shared: its Diesel error comes back whole.
+            let source = match e {
+                Error::Server(s) => std::sync::Arc::try_unwrap(s.into_diesel_error()).ok(),
+                _ => None,
+            };
+            diesel::r2d2::Error::QueryError(
+                source.unwrap_or_else(|| diesel::result::Error::QueryBuilderError(text.into())),
+            )
+        })
+    }
+}

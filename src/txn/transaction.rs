@@ -1,0 +1,158 @@
+//! One transaction, statement by statement: begin, body, COMMIT or ROLLBACK, session restored.
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::mysql::MysqlConnection;
+use diesel::RunQueryDsl;
+
+use super::*;
+use crate::error::{Error, ServerError, ServerErrorKind};
+use crate::statements::{Commit, RestoreMariaDb, RestoreMySql, Rollback};
+/// lockstock must own the transaction to retry it: refuse a call made inside one that the
+/// caller opened through Diesel (a raw `BEGIN` is caught by [`NESTED_CHECK`]). A connection
+/// whose transaction manager is broken (also one lockstock marked after a failed ROLLBACK) is
+/// refused as [`Error::ConnectionBroken`].
+pub(super) fn ensure_no_open_transaction(conn: &mut MysqlConnection) -> Result<(), Error> {
+    match AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth() {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(Error::NestedTransaction),
+        Err(e) => Err(Error::ConnectionBroken {
+            source: ServerError::new(e),
+        }),
+    }
+}
+
+/// How one transaction begins and ends.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Begin<'a> {
+    /// The statements before `begin`; the first one refuses a nested call, atomically.
+    pub(super) setup: &'a [String],
+    /// `BEGIN` or the read-only snapshot's `START TRANSACTION`.
+    pub(super) begin: &'static str,
+    /// Restore the caller's session variables afterwards (they were saved by `sql`).
+    pub(super) restore: Option<ServerFlavor>,
+    /// A read-only snapshot: a failed COMMIT cannot have written anything.
+    pub(super) read_only: bool,
+}
+
+/// One transaction: `begin` (nested check, saved session, settings, isolation and BEGIN in one
+/// batch), the body, then COMMIT — or ROLLBACK on any error, and on a panic before it unwinds
+/// further, so a pooled connection is never handed back with a transaction open. Afterwards the
+/// caller's session variables are restored.
+///
+/// A ROLLBACK that fails marks the connection broken (Diesel's transaction manager then
+/// reports it, and r2d2 discards it instead of handing it out again): a transaction that may
+/// still be open must never be continued or committed by a later user of the connection.
+///
+/// The transaction is run here rather than through Diesel's transaction manager because the
+/// manager sends COMMIT and ROLLBACK as multi-statement batches, three round trips each; here
+/// they are cached prepared statements, one round trip each.
+pub(super) fn run_transaction<T>(
+    conn: &mut MysqlConnection,
+    begin: Begin<'_>,
+    body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    for sql in begin.setup {
+        // A SET is atomic: when it fails, nothing of it was applied.
+        if let Err(e) = PreparedSql(sql).execute(conn) {
+            let error = ServerError::new(e);
+            let message = error.message().to_ascii_lowercase();
+            if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
+                return Err(Error::NestedTransaction);
+            }
+            return Err(Error::Server(error));
+        }
+    }
+    if let Err(e) = PreparedSql(begin.begin).execute(conn) {
+        let error = ServerError::new(e);
+        // The settings are in place: put the caller's back.
+        return Err(match end_failed(conn, begin) {
+            Some(broken) if error.kind() != ServerErrorKind::ConnectionLost => broken,
+            _ => Error::Server(error),
+        });
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(conn)));
+    match outcome {
+        Ok(Ok(value)) => match Commit.execute(conn) {
+            Ok(_) => {
+                // Committed: whatever happens now, the answer is the value.
+                if let Some(flavor) = begin.restore {
+                    if restore_session(conn, flavor).is_err() {
+                        mark_broken(conn);
+                    }
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = end_failed(conn, begin);
+                let error = commit_failure(e, begin.read_only);
+                trace_event!(outcome_unknown = error.is_outcome_unknown(), error = %error, "commit failed");
+                Err(error)
+            }
+        },
+        Ok(Err(error)) => match end_failed(conn, begin) {
+            // A lost connection: the server rolled back already; the body's error says so.
+            Some(_) if error.server_kind() == Some(ServerErrorKind::ConnectionLost) => Err(error),
+            Some(broken) => Err(broken),
+            None => Err(error),
+        },
+        Err(panic) => {
+            let _ = end_failed(conn, begin);
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// Ends a transaction that failed: ROLLBACK, then the caller's session restored. `None` when
+/// both worked; otherwise the connection is marked broken and the error says why.
+fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
+    if let Err(e) = Rollback.execute(conn) {
+        // Release the locks now if the server still answers (the prepared form may be what
+        // failed), but never trust this connection again.
+        let _ = conn.batch_execute("ROLLBACK");
+        mark_broken(conn);
+        return Some(Error::ConnectionBroken {
+            source: ServerError::new(e),
+        });
+    }
+    let flavor = begin.restore?;
+    match restore_session(conn, flavor) {
+        Ok(()) => None,
+        Err(e) => {
+            mark_broken(conn);
+            Some(Error::ConnectionBroken {
+                source: ServerError::new(e),
+            })
+        }
+    }
+}
+
+/// Puts back the session variables the begin batch saved.
+fn restore_session(
+    conn: &mut MysqlConnection,
+    flavor: ServerFlavor,
+) -> Result<(), diesel::result::Error> {
+    match flavor {
+        ServerFlavor::MariaDb => RestoreMariaDb.execute(conn),
+        ServerFlavor::MySql => RestoreMySql.execute(conn),
+    }
+    .map(|_| ())
+}
+
+/// Marks the connection broken for Diesel and r2d2: `Connection::transaction` refuses it, an
+/// r2d2 pool drops it when it is returned, and lockstock answers [`Error::ConnectionBroken`].
+fn mark_broken(conn: &mut MysqlConnection) {
+    AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
+}
+
+/// What a failed COMMIT means. A definite abort (a deadlock or certification conflict
+/// reported at COMMIT) is retried like any refusal. Anything else — the connection lost, the
+/// statement interrupted — may have been applied: [`Error::OutcomeUnknown`], except for a
+/// read-only snapshot, which cannot have written anything.
+fn commit_failure(error: diesel::result::Error, read_only: bool) -> Error {
+    let error = ServerError::new(error);
+    if read_only || error.kind().is_definite_abort() {
+        Error::Server(error)
+    } else {
+        Error::OutcomeUnknown { source: error }
+    }
+}

@@ -1,0 +1,95 @@
+//! Checks of caller input shared by the ledger and the issuer: amounts, idempotency keys, ids.
+//! Nothing here touches the database.
+
+use rust_decimal::Decimal;
+
+use crate::error::{AmountProblem, Error, KeyProblem, Result};
+
+/// Largest value a DECIMAL(19,4) column holds.
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0x89E7_FFFF, 0x8AC7_2304, 0, false, 4);
+
+/// Longest idempotency key, in bytes.
+pub const MAX_KEY_BYTES: usize = 64;
+
+/// Checks that `amount` fits DECIMAL(19,4) exactly and is positive.
+///
+/// # Errors
+/// [`Error::InvalidAmount`] when it is not positive, has more than four decimal places or
+/// exceeds [`MAX_AMOUNT`].
+pub fn validate_amount(amount: Decimal) -> Result<()> {
+    let problem = if amount <= Decimal::ZERO {
+        Some(AmountProblem::NotPositive)
+    } else if amount.normalize().scale() > 4 {
+        Some(AmountProblem::TooManyDecimals)
+    } else if amount > MAX_AMOUNT {
+        Some(AmountProblem::TooLarge)
+    } else {
+        None
+    };
+    problem.map_or(Ok(()), |problem| {
+        Err(Error::InvalidAmount { amount, problem })
+    })
+}
+
+/// Checks an idempotency key: 1 to 64 bytes, not ending with a space.
+///
+/// # Errors
+/// [`Error::InvalidIdempotencyKey`] when it is empty, longer than [`MAX_KEY_BYTES`] or ends
+/// with a space.
+pub fn validate_key(key: &str) -> Result<()> {
+    let problem = if key.is_empty() {
+        KeyProblem::Empty
+    } else if key.len() > MAX_KEY_BYTES {
+        KeyProblem::TooLong { len: key.len() }
+    } else if key.ends_with(' ') {
+        // The column compares with PAD SPACE: "k " would collide with "k".
+        KeyProblem::TrailingSpace
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidIdempotencyKey { problem })
+}
+
+/// Checks that an id is positive: [`Error::InvalidId`] otherwise.
+pub(crate) fn validate_id(what: &'static str, id: i64) -> Result<()> {
+    if id > 0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidId { what, id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_amount_is_decimal_19_4() {
+        assert_eq!(MAX_AMOUNT.to_string(), "999999999999999.9999");
+    }
+
+    #[test]
+    fn amount_validation() {
+        assert!(validate_amount(Decimal::new(1, 4)).is_ok());
+        assert!(validate_amount(MAX_AMOUNT).is_ok());
+        // Trailing zeros are not extra precision.
+        assert!(validate_amount(Decimal::new(1_000_000, 6)).is_ok());
+        let problem = |d| match validate_amount(d) {
+            Err(Error::InvalidAmount { problem, .. }) => Some(problem),
+            _ => None,
+        };
+        assert_eq!(problem(Decimal::ZERO), Some(AmountProblem::NotPositive));
+        assert_eq!(
+            problem(Decimal::new(-5, 0)),
+            Some(AmountProblem::NotPositive)
+        );
+        assert_eq!(
+            problem(Decimal::new(1, 5)),
+            Some(AmountProblem::TooManyDecimals)
+        );
+        assert_eq!(
+            problem(MAX_AMOUNT + Decimal::new(1, 4)),
+            Some(AmountProblem::TooLarge)
+        );
+    }
+}
