@@ -2,8 +2,6 @@
 //! paths under 64 concurrent callers: no over-issue, no duplicate holder, no negative balance,
 //! keys applied once. Everything is checked from the database afterwards.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -18,6 +16,8 @@ use lockstock::{
     SessionSettings, TxnPolicy,
 };
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::fresh_database;
 
 fn pool(url: &str, size: u32) -> MysqlPool {
     Pool::builder()
@@ -75,7 +75,7 @@ fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i64, i32, i64) 
 
 #[test]
 fn issue_many_decides_each_request_in_order() {
-    let (_url, mut conn) = common::fresh_database("combine_issue_many");
+    let (_url, mut conn) = fresh_database("combine_issue_many");
     let issuer = CouponIssuer::new();
     let id = campaign(&mut conn, &issuer, 3);
     let held = issuer.issue(&mut conn, 5, id).expect("held before");
@@ -137,7 +137,7 @@ fn issue_many_decides_each_request_in_order() {
 
 #[test]
 fn apply_many_is_sequential_per_request() {
-    let (_url, mut conn) = common::fresh_database("combine_apply_many");
+    let (_url, mut conn) = fresh_database("combine_apply_many");
     let ledger = BalanceLedger::new();
     let d = Decimal::new;
     let ops = vec![
@@ -206,7 +206,7 @@ fn apply_many_is_sequential_per_request() {
 
 #[test]
 fn combining_issuer_never_over_issues_under_64_callers() {
-    let (url, mut conn) = common::fresh_database("combine_issuer");
+    let (url, mut conn) = fresh_database("combine_issuer");
     let issuer = CouponIssuer::new();
     let id = campaign(&mut conn, &issuer, 500);
     let hot = Arc::new(CombiningIssuer::new(pool(&url, 8), issuer));
@@ -253,7 +253,7 @@ fn combining_issuer_never_over_issues_under_64_callers() {
 
 #[test]
 fn combining_ledger_keeps_balances_exact_under_64_callers() {
-    let (url, mut conn) = common::fresh_database("combine_ledger");
+    let (url, mut conn) = fresh_database("combine_ledger");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, 1, Decimal::new(1_000, 0), "seed")

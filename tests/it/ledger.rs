@@ -1,8 +1,6 @@
 //! `BalanceLedger` against a real server. Every invariant is checked by reading the database
 //! afterwards (the journal, the balances, `audit`), not from in-process counters alone.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -16,6 +14,9 @@ use lockstock::ledger::MAX_AMOUNT;
 use lockstock::schema::{balance_history, user_balance};
 use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::rng::{seed, Rng};
 
 fn dec(units: i64, scale: u32) -> Decimal {
     Decimal::new(units, scale)
@@ -126,7 +127,7 @@ fn concurrent_deducts_never_overdraw_one_account() {
     const PER_THREAD: usize = 20;
     const USER: i64 = 1;
     let started = Instant::now();
-    let (url, mut conn) = common::fresh_database("ledger_hot_deducts");
+    let (url, mut conn) = fresh_database("ledger_hot_deducts");
     let ledger = Arc::new(BalanceLedger::new());
     let initial = dec(1000, 0);
     let amount = dec(7, 0);
@@ -139,7 +140,7 @@ fn concurrent_deducts_never_overdraw_one_account() {
         .map(|t| {
             let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 barrier.wait();
                 let (mut ok, mut insufficient, mut contended) = (0u64, 0u64, 0u64);
                 for i in 0..PER_THREAD {
@@ -233,8 +234,8 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
     const WRITERS: usize = 16;
     const OPS_PER_WRITER: usize = 320; // 16 × 320 = 5,120 ≥ 5,000
     let started = Instant::now();
-    let seed = common::seed("bank_transfers_conserve_money_under_a_snapshot_reader");
-    let (url, mut conn) = common::fresh_database("ledger_bank");
+    let seed = seed("bank_transfers_conserve_money_under_a_snapshot_reader");
+    let (url, mut conn) = fresh_database("ledger_bank");
     let ledger = Arc::new(BalanceLedger::new());
     let opening = dec(500, 0);
     for user in 1..=ACCOUNTS {
@@ -248,7 +249,7 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
     let reader = {
         let (url, ledger, done) = (url.clone(), ledger.clone(), done.clone());
         thread::spawn(move || {
-            let mut conn = common::connect(&url);
+            let mut conn = connect(&url);
             let mut sums = 0u64;
             loop {
                 // Read the flag first, so at least one full snapshot follows the last write.
@@ -288,9 +289,9 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
     let writers: Vec<_> = (0..WRITERS)
         .map(|t| {
             let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            let mut rng = common::Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9));
+            let mut rng = Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9));
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 barrier.wait();
                 let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
                 for i in 0..OPS_PER_WRITER {
@@ -392,7 +393,7 @@ fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
     const THREADS: usize = 12;
     const PER_THREAD: usize = 40;
     let started = Instant::now();
-    let (url, mut conn) = common::fresh_database("ledger_opposite");
+    let (url, mut conn) = fresh_database("ledger_opposite");
     let ledger = Arc::new(BalanceLedger::new());
     let (a, b) = (11i64, 12i64);
     ledger
@@ -407,7 +408,7 @@ fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
         .map(|t| {
             let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 // Half the threads send a → b, the other half b → a.
                 let (from, to) = if t % 2 == 0 { (a, b) } else { (b, a) };
                 barrier.wait();
@@ -499,7 +500,7 @@ fn race_one_charge(url: &str, ledger: &Arc<BalanceLedger>, user: i64, key: &str)
                 key.to_owned(),
             );
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 barrier.wait();
                 ledger.charge(&mut conn, user, dec(4250, 2), &key)
             })
@@ -519,7 +520,7 @@ fn race_one_charge(url: &str, ledger: &Arc<BalanceLedger>, user: i64, key: &str)
 
 #[test]
 fn same_key_charge_race_applies_once() {
-    let (url, mut conn) = common::fresh_database("ledger_same_key");
+    let (url, mut conn) = fresh_database("ledger_same_key");
     // Every racer must end with Ok: give the losers of the lock race a generous budget, so a
     // slow shared machine cannot turn the test into a Contended lottery.
     let mut retry = RetryPolicy::default();
@@ -587,7 +588,7 @@ fn same_key_charge_race_applies_once() {
 fn concurrent_refunds_never_exceed_the_deduct() {
     const THREADS: usize = 16;
     const USER: i64 = 31;
-    let (url, mut conn) = common::fresh_database("ledger_refunds");
+    let (url, mut conn) = fresh_database("ledger_refunds");
     let ledger = Arc::new(BalanceLedger::new());
     let charge = ledger
         .charge(&mut conn, USER, dec(500, 0), "top-up")
@@ -601,7 +602,7 @@ fn concurrent_refunds_never_exceed_the_deduct() {
         .map(|t| {
             let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 barrier.wait();
                 ledger.refund(&mut conn, deduct.id, dec(15, 0), &format!("refund-{t}"))
             })
@@ -723,7 +724,7 @@ type Expect = Box<dyn Fn(&Error) -> bool>;
 
 #[test]
 fn bad_inputs_are_typed_and_change_nothing() {
-    let (_url, mut conn) = common::fresh_database("ledger_bad_inputs");
+    let (_url, mut conn) = fresh_database("ledger_bad_inputs");
     let ledger = BalanceLedger::new();
     let (rich, full, ghost, ghost2) = (1i64, 3i64, 999i64, 998i64);
     ledger
@@ -1033,7 +1034,7 @@ fn bad_inputs_are_typed_and_change_nothing() {
 #[test]
 fn history_pages_newest_first_without_gaps() {
     const USER: i64 = 41;
-    let (_url, mut conn) = common::fresh_database("ledger_history");
+    let (_url, mut conn) = fresh_database("ledger_history");
     let ledger = BalanceLedger::new();
     let mut written: Vec<Entry> = Vec::new();
     for i in 0..25i64 {
@@ -1113,7 +1114,7 @@ fn history_pages_newest_first_without_gaps() {
 #[test]
 fn refused_call_writes_nothing_and_key_can_be_retried() {
     const USER: i64 = 51;
-    let (_url, mut conn) = common::fresh_database("ledger_retry_key");
+    let (_url, mut conn) = fresh_database("ledger_retry_key");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, USER, dec(20, 0), "c1")
@@ -1158,7 +1159,7 @@ fn refused_call_writes_nothing_and_key_can_be_retried() {
 #[test]
 fn audit_detects_a_tampered_balance() {
     const USER: i64 = 61;
-    let (_url, mut conn) = common::fresh_database("ledger_audit_tamper");
+    let (_url, mut conn) = fresh_database("ledger_audit_tamper");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, USER, dec(100, 0), "c")

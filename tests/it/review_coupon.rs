@@ -4,8 +4,6 @@
 //! user holds two coupons of a template, every row's template is its campaign's, and statuses
 //! agree with `used_at` / `order_ref`.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +20,8 @@ use lockstock::{
     NewCoupon,
 };
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{connect, fresh_database};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -188,7 +188,7 @@ fn check_invariants(conn: &mut MysqlConnection, context: &str) {
 
 /// A connection whose server session has been killed: any round trip on it fails.
 fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = common::connect(url);
+    let mut doomed = connect(url);
     let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
         .get_result(&mut doomed)
         .expect("connection id");
@@ -208,7 +208,7 @@ fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection
 
 #[test]
 fn finding_3_restore_is_bound_to_its_order() {
-    let (_url, mut conn) = common::fresh_database("review_3_restore");
+    let (_url, mut conn) = fresh_database("review_3_restore");
     let issuer = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "bound", 2);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
@@ -283,7 +283,7 @@ fn finding_3_restore_is_bound_to_its_order() {
 
 #[test]
 fn finding_3_redeem_retry_by_the_same_order_succeeds() {
-    let (_url, mut conn) = common::fresh_database("review_3_redeem_retry");
+    let (_url, mut conn) = fresh_database("review_3_redeem_retry");
     let issuer = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "retried", 2);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
@@ -502,7 +502,7 @@ fn scenario_campaign(
 
 #[test]
 fn finding_5_batch_answers_equal_single_answers() {
-    let (_url, mut conn) = common::fresh_database("review_5_batches");
+    let (_url, mut conn) = fresh_database("review_5_batches");
     let setup = CouponIssuer::new();
     for scenario in SCENARIOS {
         let single_campaign = scenario_campaign(&setup, &mut conn, scenario, "single");
@@ -573,7 +573,7 @@ fn finding_5_batch_answers_equal_single_answers() {
 
 #[test]
 fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
-    let (_url, mut conn) = common::fresh_database("review_6_reads");
+    let (_url, mut conn) = fresh_database("review_6_reads");
     let issuer = CouponIssuer::new();
     let elsewhere = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "read clears", 1);
@@ -620,7 +620,7 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
 
 #[test]
 fn finding_6_a_restock_clears_the_sold_out_mark_whatever_its_outcome() {
-    let (url, mut conn) = common::fresh_database("review_6_outcome");
+    let (url, mut conn) = fresh_database("review_6_outcome");
     let issuer = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "outcome", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
@@ -669,7 +669,7 @@ fn restock_rows(conn: &mut MysqlConnection) -> Vec<(i64, String, i32)> {
 
 #[test]
 fn finding_6_restock_is_idempotent_by_key() {
-    let (_url, mut conn) = common::fresh_database("review_6_restock_key");
+    let (_url, mut conn) = fresh_database("review_6_restock_key");
     let issuer = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "restocked", 1);
     let (_other_coupon, other) = open_campaign(&issuer, &mut conn, "other", 1);
@@ -786,7 +786,7 @@ impl WatchedClock {
 #[test]
 fn finding_9_window_uses_the_committing_attempts_time() {
     const SINGLES: i64 = 3;
-    let (url, mut conn) = common::fresh_database("review_9_window");
+    let (url, mut conn) = fresh_database("review_9_window");
     let setup = CouponIssuer::new();
     let t = now();
     let coupon = make_coupon(&setup, &mut conn, "closing");
@@ -806,7 +806,7 @@ fn finding_9_window_uses_the_committing_attempts_time() {
     assert_eq!(before.issued_at, ends - Duration::milliseconds(1));
 
     // Another session holds the stock row, so every attempt is refused and retried.
-    let mut holder = common::connect(&url);
+    let mut holder = connect(&url);
     holder.batch_execute("BEGIN").expect("begin");
     let _: Vec<i32> = fcfs_coupon::table
         .find(campaign.id)
@@ -820,7 +820,7 @@ fn finding_9_window_uses_the_committing_attempts_time() {
         .map(|i| {
             let (url, issuer) = (url.clone(), issuer.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 issuer.issue(&mut conn, 10 + i, campaign.id)
             })
         })
@@ -828,7 +828,7 @@ fn finding_9_window_uses_the_committing_attempts_time() {
     let batch = {
         let (url, issuer) = (url.clone(), issuer.clone());
         thread::spawn(move || {
-            let mut conn = common::connect(&url);
+            let mut conn = connect(&url);
             issuer.issue_many(&mut conn, campaign.id, &[20, 21])
         })
     };
@@ -919,8 +919,8 @@ fn two_campaigns(
 
 #[test]
 fn finding_10f_one_issuer_on_two_databases_writes_each_campaigns_template() {
-    let (_url_a, mut a) = common::fresh_database("review_10f_a");
-    let (_url_b, mut b) = common::fresh_database("review_10f_b");
+    let (_url_a, mut a) = fresh_database("review_10f_a");
+    let (_url_b, mut b) = fresh_database("review_10f_b");
     let issuer = CouponIssuer::new();
     // Campaign 1 hands out template 1 in database a and template 2 in database b.
     let (a1, _a2) = two_campaigns(&issuer, &mut a, 1);

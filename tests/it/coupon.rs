@@ -3,8 +3,6 @@
 //! restock, concurrent redeems, restore and validity, and typed refusals that write nothing.
 //! Every invariant is read back from the database.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -22,6 +20,8 @@ use lockstock::{
     NewCoupon,
 };
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{connect, fresh_database};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -227,7 +227,7 @@ fn flash_sale_never_over_issues_and_never_duplicates() {
     const USERS: i64 = 2_000;
     const THREADS: i64 = 64;
 
-    let (url, mut conn) = common::fresh_database("coupon_flash_sale");
+    let (url, mut conn) = fresh_database("coupon_flash_sale");
     let issuer = Arc::new(CouponIssuer::new());
     let (coupon, campaign) = open_campaign(&issuer, &mut conn, "flash 500", STOCK);
     let barrier = Arc::new(Barrier::new(THREADS as usize));
@@ -236,7 +236,7 @@ fn flash_sale_never_over_issues_and_never_duplicates() {
         .map(|t| {
             let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 barrier.wait();
                 (1 + t..=USERS)
                     .step_by(THREADS as usize)
@@ -317,7 +317,7 @@ fn one_user_from_sixteen_threads_gets_one_coupon() {
     const THREADS: usize = 16;
     const USER: i64 = 4242;
 
-    let (url, mut conn) = common::fresh_database("coupon_one_user");
+    let (url, mut conn) = fresh_database("coupon_one_user");
     let issuer = Arc::new(CouponIssuer::new());
     let (coupon, campaign) = open_campaign(&issuer, &mut conn, "one per user", 5);
     let barrier = Arc::new(Barrier::new(THREADS));
@@ -325,7 +325,7 @@ fn one_user_from_sixteen_threads_gets_one_coupon() {
         .map(|_| {
             let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 barrier.wait();
                 issuer.issue(&mut conn, USER, campaign.id)
             })
@@ -380,7 +380,7 @@ fn one_user_from_sixteen_threads_gets_one_coupon() {
 
 #[test]
 fn issue_window_boundaries_are_exact() {
-    let (_url, mut conn) = common::fresh_database("coupon_window");
+    let (_url, mut conn) = fresh_database("coupon_window");
     let starts = time(2030, 1, 1, 10, 0, 0, 123_456);
     let ends = time(2030, 1, 1, 12, 0, 0, 654_321);
     let setup = CouponIssuer::new();
@@ -445,7 +445,7 @@ fn issue_window_boundaries_are_exact() {
 
 #[test]
 fn unknown_campaigns_and_invalid_ids_are_typed() {
-    let (_url, mut conn) = common::fresh_database("coupon_invalid_ids");
+    let (_url, mut conn) = fresh_database("coupon_invalid_ids");
     let issuer = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "ids", 3);
     let before = table_counts(&mut conn);
@@ -511,7 +511,7 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
 
 #[test]
 fn refused_creations_write_nothing() {
-    let (_url, mut conn) = common::fresh_database("coupon_refused_creations");
+    let (_url, mut conn) = fresh_database("coupon_refused_creations");
     let issuer = CouponIssuer::new();
     let t = now();
     let coupon = make_coupon(
@@ -602,7 +602,7 @@ fn refused_creations_write_nothing() {
 
 /// A connection whose server session has been killed: any round trip on it fails.
 fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = common::connect(url);
+    let mut doomed = connect(url);
     let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
         .get_result(&mut doomed)
         .expect("connection id");
@@ -618,7 +618,7 @@ fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection
 
 #[test]
 fn sold_out_is_cached_until_restock() {
-    let (url, mut conn) = common::fresh_database("coupon_sold_out");
+    let (url, mut conn) = fresh_database("coupon_sold_out");
     let issuer = CouponIssuer::new();
     let (coupon, campaign) = open_campaign(&issuer, &mut conn, "only one", 1);
 
@@ -714,7 +714,7 @@ fn sold_out_is_cached_until_restock() {
 #[test]
 fn concurrent_redeems_exactly_one_wins() {
     const THREADS: usize = 8;
-    let (url, mut conn) = common::fresh_database("coupon_redeem_race");
+    let (url, mut conn) = fresh_database("coupon_redeem_race");
     let issuer = Arc::new(CouponIssuer::new());
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "redeem once", 10);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
@@ -724,7 +724,7 @@ fn concurrent_redeems_exactly_one_wins() {
         .map(|i| {
             let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 let order = format!("order-{i}");
                 barrier.wait();
                 (order.clone(), issuer.redeem(&mut conn, held.id, &order))
@@ -791,7 +791,7 @@ fn concurrent_redeems_exactly_one_wins() {
 
 #[test]
 fn redeem_and_restore_respect_validity_and_input() {
-    let (_url, mut conn) = common::fresh_database("coupon_validity");
+    let (_url, mut conn) = fresh_database("coupon_validity");
     let setup = CouponIssuer::new();
     let t = time(2031, 3, 1, 9, 0, 0, 0);
     let valid_from = time(2031, 3, 10, 0, 0, 0, 500);
@@ -915,7 +915,7 @@ fn redeem_and_restore_respect_validity_and_input() {
 
 #[test]
 fn user_coupons_and_remaining_match_the_database() {
-    let (_url, mut conn) = common::fresh_database("coupon_listing");
+    let (_url, mut conn) = fresh_database("coupon_listing");
     let issuer = CouponIssuer::new();
     let (coupon_a, campaign_a) = open_campaign(&issuer, &mut conn, "A", 3);
     let (coupon_b, campaign_b) = open_campaign(&issuer, &mut conn, "B", 2);
@@ -972,7 +972,7 @@ fn user_coupons_and_remaining_match_the_database() {
 fn restock_is_not_undone_by_a_stale_sold_out_read() {
     const ROUNDS: i64 = 100;
     const READERS: usize = 3;
-    let (url, mut conn) = common::fresh_database("coupon_restock_race");
+    let (url, mut conn) = fresh_database("coupon_restock_race");
     let issuer = Arc::new(CouponIssuer::new());
     let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "restocked", 1);
     let mut doomed = killed_connection(&url, &mut conn);
@@ -985,7 +985,7 @@ fn restock_is_not_undone_by_a_stale_sold_out_read() {
             .map(|_| {
                 let (url, issuer, done) = (url.clone(), issuer.clone(), done.clone());
                 thread::spawn(move || {
-                    let mut conn = common::connect(&url);
+                    let mut conn = connect(&url);
                     while !done.load(Ordering::SeqCst) {
                         issuer.remaining(&mut conn, campaign.id).expect("remaining");
                     }
@@ -1016,7 +1016,7 @@ fn restock_is_not_undone_by_a_stale_sold_out_read() {
 /// once their TTL has passed; without a TTL they keep answering from memory.
 #[test]
 fn sold_out_ttl_lets_other_issuers_see_a_restock() {
-    let (_url, mut conn) = common::fresh_database("coupon_sold_out_ttl");
+    let (_url, mut conn) = fresh_database("coupon_sold_out_ttl");
     let admin = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign(&admin, &mut conn, "ttl", 1);
     let forever = CouponIssuer::new();
