@@ -76,7 +76,7 @@ pub fn micros_to_time(micros: i64) -> NaiveDateTime {
 
 /// A coupon template `name` worth a fixed 1,000, valid from `valid_from` (inclusive) to
 /// `valid_until` (exclusive).
-pub fn coupon_template(
+pub fn create_coupon(
     conn: &mut MysqlConnection,
     issuer: &CouponIssuer,
     name: &str,
@@ -98,7 +98,7 @@ pub fn coupon_template(
 
 /// A campaign of `quantity` coupons of template `coupon_id`, issuing from `starts` (inclusive)
 /// to `ends` (exclusive).
-pub fn campaign(
+pub fn create_campaign(
     conn: &mut MysqlConnection,
     issuer: &CouponIssuer,
     coupon_id: i64,
@@ -119,38 +119,48 @@ pub fn campaign(
         .unwrap_or_else(|e| panic!("create campaign of coupon {coupon_id}: {e}"))
 }
 
-/// A template `name` valid from an hour ago for a week and a campaign of `quantity` coupons of
-/// it, open from a minute ago for `open_for`.
-pub fn open_campaign_named(
-    conn: &mut MysqlConnection,
-    issuer: &CouponIssuer,
-    name: &str,
-    quantity: u32,
-    open_for: Duration,
-) -> (Coupon, Campaign) {
+/// A coupon template `name` worth a fixed 1,000, valid from an hour ago for a week.
+pub fn valid_coupon(conn: &mut MysqlConnection, issuer: &CouponIssuer, name: &str) -> Coupon {
     let t = now();
-    let coupon = coupon_template(
+    create_coupon(
         conn,
         issuer,
         name,
         t - Duration::hours(1),
         t + Duration::days(7),
-    );
-    let campaign = campaign(
-        conn,
-        issuer,
-        coupon.id,
-        quantity,
-        t - Duration::minutes(1),
-        t + open_for,
-    );
+    )
+}
+
+/// A campaign of `quantity` coupons of template `coupon_id`, open from a minute ago for an
+/// hour.
+pub fn open_campaign_of(
+    conn: &mut MysqlConnection,
+    issuer: &CouponIssuer,
+    coupon_id: i64,
+    quantity: u32,
+) -> Campaign {
+    let t = now();
+    let (starts, ends) = (t - Duration::minutes(1), t + Duration::hours(1));
+    create_campaign(conn, issuer, coupon_id, quantity, starts, ends)
+}
+
+/// A template `name` ([`valid_coupon`]) and a campaign of `quantity` coupons of it
+/// ([`open_campaign_of`]: open from a minute ago for an hour).
+pub fn open_campaign_named(
+    conn: &mut MysqlConnection,
+    issuer: &CouponIssuer,
+    name: &str,
+    quantity: u32,
+) -> (Coupon, Campaign) {
+    let coupon = valid_coupon(conn, issuer, name);
+    let campaign = open_campaign_of(conn, issuer, coupon.id, quantity);
     (coupon, campaign)
 }
 
-/// A coupon template valid from an hour ago for a week and a campaign of `quantity` coupons of
-/// it, open from a minute ago for an hour.
+/// A coupon template ([`valid_coupon`]) and a campaign of `quantity` coupons of it, open from a
+/// minute ago for an hour.
 pub fn open_campaign(conn: &mut MysqlConnection, issuer: &CouponIssuer, quantity: u32) -> Campaign {
-    open_campaign_named(conn, issuer, "test coupon", quantity, Duration::hours(1)).1
+    open_campaign_named(conn, issuer, "test coupon", quantity).1
 }
 
 /// Charges `amount` to account `user` (idempotency key `fund-<user>`), creating the account.

@@ -91,7 +91,7 @@ pub fn describe(texts: &ErrorTexts) -> String {
         .collect()
 }
 
-use crate::fixtures::open_campaign_named;
+use crate::fixtures::{create_campaign, valid_coupon};
 use crate::rng::Rng;
 
 /// What the database holds before the clients start.
@@ -112,12 +112,15 @@ pub fn setup(conn: &mut MysqlConnection, accounts: i64, campaigns: usize, stock:
             .unwrap_or_else(|e| panic!("initial charge of {user}: {e}"));
     }
     let issuer = CouponIssuer::new();
+    let now = crate::fixtures::now();
     let campaigns = (0..campaigns)
         .map(|n| {
-            let name = format!("workload {n}");
-            open_campaign_named(conn, &issuer, &name, stock, chrono::Duration::days(1))
-                .1
-                .id
+            let coupon = valid_coupon(conn, &issuer, &format!("workload {n}"));
+            let (starts, ends) = (
+                now - chrono::Duration::minutes(1),
+                now + chrono::Duration::days(1),
+            );
+            create_campaign(conn, &issuer, coupon.id, stock, starts, ends).id
         })
         .collect();
     Setup {

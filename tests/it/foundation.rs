@@ -18,7 +18,7 @@ use lockstock::{
 };
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
 
 #[derive(QueryableByName)]
 struct Name {
@@ -291,30 +291,17 @@ fn lock_nowait(conn: &mut MysqlConnection, user_id: i64) -> Result<Decimal, Erro
 fn nowait_race_exactly_one_holds_the_lock() {
     let (url, _conn) = fresh_database("foundation_nowait_race");
     seed_account(&url, 1);
-    let barrier = Arc::new(Barrier::new(2));
-    let racers: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, barrier) = (url.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                let runner =
-                    TxnRunner::new(TxnPolicy::default().with_retry(RetryPolicy::no_retry()));
-                barrier.wait();
-                let started = Instant::now();
-                let result = runner.run(&mut conn, |conn| {
-                    lock_nowait(conn, 1)?;
-                    // Hold the lock long enough that the other racer certainly asks meanwhile.
-                    thread::sleep(Duration::from_millis(400));
-                    Ok(())
-                });
-                (result, started.elapsed())
-            })
-        })
-        .collect();
-    let results: Vec<_> = racers
-        .into_iter()
-        .map(|r| r.join().expect("racer"))
-        .collect();
+    let results: Vec<_> = concurrently(2, &url, |_, conn| {
+        let runner = TxnRunner::new(TxnPolicy::default().with_retry(RetryPolicy::no_retry()));
+        let started = Instant::now();
+        let result = runner.run(conn, |conn| {
+            lock_nowait(conn, 1)?;
+            // Hold the lock long enough that the other racer certainly asks meanwhile.
+            thread::sleep(Duration::from_millis(400));
+            Ok(())
+        });
+        (result, started.elapsed())
+    });
     let winners = results.iter().filter(|(r, _)| r.is_ok()).count();
     assert_eq!(winners, 1, "{results:?}");
     let (refused, waited) = results.iter().find(|(r, _)| r.is_err()).expect("a loser");
@@ -591,28 +578,18 @@ fn read_committed_policy_keeps_balances_exact() {
     ledger
         .charge(&mut conn, 1, Decimal::new(100, 0), "seed")
         .expect("seed");
-    let barrier = Arc::new(Barrier::new(8));
-    let workers: Vec<_> = (0..8)
-        .map(|t| {
-            let (url, barrier, ledger) = (url.clone(), barrier.clone(), ledger.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                barrier.wait();
-                (0..10)
-                    .filter(|i| {
-                        match ledger.deduct(&mut conn, 1, Decimal::new(3, 0), &format!("{t}-{i}")) {
-                            Ok(_) => true,
-                            Err(Error::InsufficientBalance { .. } | Error::Contended { .. }) => {
-                                false
-                            }
-                            Err(e) => panic!("untyped: {e:?}"),
-                        }
-                    })
-                    .count() as i64
-            })
-        })
-        .collect();
-    let ok: i64 = workers.into_iter().map(|w| w.join().expect("worker")).sum();
+    let workers: Vec<_> = concurrently(8, &url, |t, conn| {
+        (0..10)
+            .filter(
+                |i| match ledger.deduct(conn, 1, Decimal::new(3, 0), &format!("{t}-{i}")) {
+                    Ok(_) => true,
+                    Err(Error::InsufficientBalance { .. } | Error::Contended { .. }) => false,
+                    Err(e) => panic!("untyped: {e:?}"),
+                },
+            )
+            .count() as i64
+    });
+    let ok: i64 = workers.into_iter().sum();
     let balance: Decimal = user_balance::table
         .find(1i64)
         .select(user_balance::balance)

@@ -15,7 +15,7 @@ use lockstock::schema::{balance_history, user_balance};
 use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
 use lockstock_testkit::rng::{seed, Rng};
 
 fn dec(units: i64, scale: u32) -> Decimal {
@@ -135,42 +135,33 @@ fn concurrent_deducts_never_overdraw_one_account() {
         .charge(&mut conn, USER, initial, "seed")
         .expect("seed charge");
 
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                barrier.wait();
-                let (mut ok, mut insufficient, mut contended) = (0u64, 0u64, 0u64);
-                for i in 0..PER_THREAD {
-                    match ledger.deduct(&mut conn, USER, amount, &format!("d-{t}-{i}")) {
-                        Ok(entry) => {
-                            assert_eq!(entry.kind, EntryKind::Deduct);
-                            assert!(entry.balance_after >= Decimal::ZERO, "{entry:?}");
-                            ok += 1;
-                        }
-                        Err(Error::InsufficientBalance {
-                            user_id,
-                            available,
-                            requested,
-                        }) => {
-                            assert_eq!((user_id, requested), (USER, amount));
-                            assert!(available < requested && available >= Decimal::ZERO);
-                            insufficient += 1;
-                        }
-                        Err(e @ Error::Contended { .. }) => {
-                            check_contended(&e);
-                            contended += 1;
-                        }
-                        Err(other) => panic!("thread {t}: untyped/unexpected error: {other:?}"),
-                    }
+    let results: Vec<_> = concurrently(THREADS, &url, |t, conn| {
+        let (mut ok, mut insufficient, mut contended) = (0u64, 0u64, 0u64);
+        for i in 0..PER_THREAD {
+            match ledger.deduct(conn, USER, amount, &format!("d-{t}-{i}")) {
+                Ok(entry) => {
+                    assert_eq!(entry.kind, EntryKind::Deduct);
+                    assert!(entry.balance_after >= Decimal::ZERO, "{entry:?}");
+                    ok += 1;
                 }
-                (ok, insufficient, contended)
-            })
-        })
-        .collect();
-    let results = join_all(handles);
+                Err(Error::InsufficientBalance {
+                    user_id,
+                    available,
+                    requested,
+                }) => {
+                    assert_eq!((user_id, requested), (USER, amount));
+                    assert!(available < requested && available >= Decimal::ZERO);
+                    insufficient += 1;
+                }
+                Err(e @ Error::Contended { .. }) => {
+                    check_contended(&e);
+                    contended += 1;
+                }
+                Err(other) => panic!("thread {t}: untyped/unexpected error: {other:?}"),
+            }
+        }
+        (ok, insufficient, contended)
+    });
     let ok: u64 = results.iter().map(|r| r.0).sum();
     let insufficient: u64 = results.iter().map(|r| r.1).sum();
     let contended: u64 = results.iter().map(|r| r.2).sum();
@@ -403,33 +394,24 @@ fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
         .charge(&mut conn, b, dec(300, 0), "open")
         .expect("open b");
 
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                // Half the threads send a → b, the other half b → a.
-                let (from, to) = if t % 2 == 0 { (a, b) } else { (b, a) };
-                barrier.wait();
-                let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
-                for i in 0..PER_THREAD {
-                    let amount = dec(1 + (i as i64 * 7 + t as i64) % 25, 0);
-                    match ledger.transfer(&mut conn, from, to, amount, &format!("o{t}-{i}")) {
-                        Ok(_) => ok += 1,
-                        Err(Error::InsufficientBalance { .. }) => refused += 1,
-                        Err(e @ Error::Contended { .. }) => {
-                            check_contended(&e);
-                            contended += 1;
-                        }
-                        Err(other) => panic!("thread {t}: unexpected error {other:?}"),
-                    }
+    let results: Vec<_> = concurrently(THREADS, &url, |t, conn| {
+        // Half the threads send a → b, the other half b → a.
+        let (from, to) = if t % 2 == 0 { (a, b) } else { (b, a) };
+        let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
+        for i in 0..PER_THREAD {
+            let amount = dec(1 + (i as i64 * 7 + t as i64) % 25, 0);
+            match ledger.transfer(conn, from, to, amount, &format!("o{t}-{i}")) {
+                Ok(_) => ok += 1,
+                Err(Error::InsufficientBalance { .. }) => refused += 1,
+                Err(e @ Error::Contended { .. }) => {
+                    check_contended(&e);
+                    contended += 1;
                 }
-                (ok, refused, contended)
-            })
-        })
-        .collect();
-    let results = join_all(handles);
+                Err(other) => panic!("thread {t}: unexpected error {other:?}"),
+            }
+        }
+        (ok, refused, contended)
+    });
     let ok: u64 = results.iter().map(|r| r.0).sum();
     let refused: u64 = results.iter().map(|r| r.1).sum();
     let contended: u64 = results.iter().map(|r| r.2).sum();
@@ -490,23 +472,10 @@ fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
 /// 16 threads charge `user` under one key at once; returns the entry ids they got.
 fn race_one_charge(url: &str, ledger: &Arc<BalanceLedger>, user: i64, key: &str) -> Vec<i64> {
     const THREADS: usize = 16;
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let (url, ledger, barrier, key) = (
-                url.to_owned(),
-                ledger.clone(),
-                barrier.clone(),
-                key.to_owned(),
-            );
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                barrier.wait();
-                ledger.charge(&mut conn, user, dec(4250, 2), &key)
-            })
-        })
-        .collect();
-    join_all(handles)
+    let handles: Vec<_> = concurrently(THREADS, url, |_, conn| {
+        ledger.charge(conn, user, dec(4250, 2), key)
+    });
+    handles
         .into_iter()
         .map(|r| match r {
             Ok(entry) => {
@@ -597,19 +566,11 @@ fn concurrent_refunds_never_exceed_the_deduct() {
         .deduct(&mut conn, USER, dec(100, 0), "order")
         .expect("deduct");
 
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                barrier.wait();
-                ledger.refund(&mut conn, deduct.id, dec(15, 0), &format!("refund-{t}"))
-            })
-        })
-        .collect();
+    let handles: Vec<_> = concurrently(THREADS, &url, |t, conn| {
+        ledger.refund(conn, deduct.id, dec(15, 0), &format!("refund-{t}"))
+    });
     let (mut ok, mut exceeded, mut contended) = (0u64, 0u64, 0u64);
-    for result in join_all(handles) {
+    for result in handles {
         match result {
             Ok(entry) => {
                 assert_eq!(entry.kind, EntryKind::Refund);

@@ -9,90 +9,22 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
 
-use chrono::{DateTime, Duration, NaiveDateTime, Utc};
+use chrono::{Duration, NaiveDateTime};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Unsigned};
 use lockstock::coupon::Clock;
 use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
-use lockstock::{
-    Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign,
-    NewCoupon,
-};
-use rust_decimal::Decimal;
+use lockstock::{Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon};
 
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    connect, create_campaign, fresh_database, micros_to_time, now, open_campaign_named,
+    valid_coupon,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// UTC now at the microsecond precision of DATETIME(6).
-fn now() -> NaiveDateTime {
-    micros_to_time(Utc::now().timestamp_micros())
-}
-
-fn micros_to_time(micros: i64) -> NaiveDateTime {
-    DateTime::from_timestamp_micros(micros)
-        .expect("representable time")
-        .naive_utc()
-}
-
-fn make_coupon(issuer: &CouponIssuer, conn: &mut MysqlConnection, name: &str) -> Coupon {
-    let t = now();
-    issuer
-        .create_coupon(
-            conn,
-            &NewCoupon {
-                name,
-                discount: Discount::Fixed(Decimal::new(1_000, 0)),
-                valid_from: t - Duration::hours(1),
-                valid_until: t + Duration::days(7),
-            },
-        )
-        .expect("create coupon")
-}
-
-fn make_campaign(
-    issuer: &CouponIssuer,
-    conn: &mut MysqlConnection,
-    coupon_id: i64,
-    quantity: u32,
-    starts: NaiveDateTime,
-    ends: NaiveDateTime,
-) -> Campaign {
-    issuer
-        .create_campaign(
-            conn,
-            &NewCampaign {
-                coupon_id,
-                quantity,
-                issue_starts_at: starts,
-                issue_ends_at: ends,
-            },
-        )
-        .expect("create campaign")
-}
-
-/// A template valid from an hour ago for a week and a campaign open from a minute ago for an hour.
-fn open_campaign(
-    issuer: &CouponIssuer,
-    conn: &mut MysqlConnection,
-    name: &str,
-    quantity: u32,
-) -> (Coupon, Campaign) {
-    let t = now();
-    let coupon = make_coupon(issuer, conn, name);
-    let campaign = make_campaign(
-        issuer,
-        conn,
-        coupon.id,
-        quantity,
-        t - Duration::minutes(1),
-        t + Duration::hours(1),
-    );
-    (coupon, campaign)
-}
 
 /// (total_quantity, stock_quantity) of a campaign.
 fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
@@ -210,7 +142,7 @@ fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection
 fn finding_3_restore_is_bound_to_its_order() {
     let (_url, mut conn) = fresh_database("review_3_restore");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "bound", 2);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "bound", 2);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
 
     // Nothing to restore yet; a malformed order is refused before anything is read.
@@ -285,7 +217,7 @@ fn finding_3_restore_is_bound_to_its_order() {
 fn finding_3_redeem_retry_by_the_same_order_succeeds() {
     let (_url, mut conn) = fresh_database("review_3_redeem_retry");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "retried", 2);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "retried", 2);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
 
     let used = issuer
@@ -487,13 +419,13 @@ fn scenario_campaign(
     side: &str,
 ) -> i64 {
     let t = now();
-    let coupon = make_coupon(setup, conn, &format!("{} ({side})", scenario.name));
+    let coupon = valid_coupon(conn, setup, &format!("{} ({side})", scenario.name));
     let (starts, ends) = match scenario.window {
         Window::Open => (t - Duration::minutes(1), t + Duration::hours(1)),
         Window::Future => (t + Duration::hours(1), t + Duration::hours(2)),
         Window::Past => (t - Duration::hours(2), t - Duration::hours(1)),
     };
-    let campaign = make_campaign(setup, conn, coupon.id, scenario.quantity, starts, ends);
+    let campaign = create_campaign(conn, setup, coupon.id, scenario.quantity, starts, ends);
     for &user in scenario.holders {
         setup.issue(conn, user, campaign.id).expect("holder");
     }
@@ -576,7 +508,7 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
     let (_url, mut conn) = fresh_database("review_6_reads");
     let issuer = CouponIssuer::new();
     let elsewhere = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "read clears", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "read clears", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
     assert!(matches!(
         issuer.issue(&mut conn, 2, campaign.id),
@@ -622,7 +554,7 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
 fn finding_6_a_restock_clears_the_sold_out_mark_whatever_its_outcome() {
     let (url, mut conn) = fresh_database("review_6_outcome");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "outcome", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "outcome", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
     assert!(matches!(
         issuer.issue(&mut conn, 2, campaign.id),
@@ -671,8 +603,8 @@ fn restock_rows(conn: &mut MysqlConnection) -> Vec<(i64, String, i32)> {
 fn finding_6_restock_is_idempotent_by_key() {
     let (_url, mut conn) = fresh_database("review_6_restock_key");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "restocked", 1);
-    let (_other_coupon, other) = open_campaign(&issuer, &mut conn, "other", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "restocked", 1);
+    let (_other_coupon, other) = open_campaign_named(&mut conn, &issuer, "other", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
     assert!(matches!(
         issuer.issue(&mut conn, 2, campaign.id),
@@ -789,11 +721,11 @@ fn finding_9_window_uses_the_committing_attempts_time() {
     let (url, mut conn) = fresh_database("review_9_window");
     let setup = CouponIssuer::new();
     let t = now();
-    let coupon = make_coupon(&setup, &mut conn, "closing");
+    let coupon = valid_coupon(&mut conn, &setup, "closing");
     let ends = t + Duration::minutes(30);
-    let campaign = make_campaign(
-        &setup,
+    let campaign = create_campaign(
         &mut conn,
+        &setup,
         coupon.id,
         100,
         t - Duration::hours(1),
@@ -892,22 +824,22 @@ fn two_campaigns(
     conn: &mut MysqlConnection,
     first: i64,
 ) -> (Campaign, Campaign) {
-    let one = make_coupon(issuer, conn, "one");
-    let two = make_coupon(issuer, conn, "two");
+    let one = valid_coupon(conn, issuer, "one");
+    let two = valid_coupon(conn, issuer, "two");
     assert_eq!((one.id, two.id), (1, 2));
     let t = now();
     let other = 3 - first;
-    let a = make_campaign(
-        issuer,
+    let a = create_campaign(
         conn,
+        issuer,
         first,
         10,
         t - Duration::hours(1),
         t + Duration::hours(1),
     );
-    let b = make_campaign(
-        issuer,
+    let b = create_campaign(
         conn,
+        issuer,
         other,
         10,
         t - Duration::hours(1),
