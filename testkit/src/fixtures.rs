@@ -14,7 +14,7 @@
 //! let campaign = open_campaign(&mut conn, &issuer, 3);
 //! // 8 users race for 3 coupons, each on its own connection.
 //! let answers = concurrently(8, &url, |thread, conn| {
-//!     issuer.issue(conn, campaign.id, thread as i64 + 1).is_ok()
+//!     issuer.issue(conn, thread as i64 + 1, campaign.id).is_ok()
 //! });
 //! assert_eq!(answers.iter().filter(|ok| **ok).count(), 3);
 //! ```
