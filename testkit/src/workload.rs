@@ -354,7 +354,7 @@ impl FromStr for Record {
 }
 
 /// A new connection, retried with exponential backoff (the server may be down); `None` after
-/// [`OP_BUDGET`].
+/// `OP_BUDGET` (90 s).
 pub fn connect_with_backoff(url: &str) -> Option<MysqlConnection> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(2);

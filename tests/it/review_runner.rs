@@ -275,9 +275,11 @@ fn finding_8_kill_query_rolls_back_and_retries() {
     ledger.charge(&mut conn, 1, dec(100), "c").expect("charge");
     let mut policy = TxnPolicy::default();
     policy.lock_wait_timeout = Duration::from_secs(20);
-    // The killer must see the victim waiting before the statement times out, also when the
+    // The killer must see the victim waiting before the statement times out or the retries run
+    // out of time, also when the
     // whole suite shares two cores.
     policy.statement_timeout = Duration::from_secs(20);
+    policy.retry.deadline = Duration::from_secs(30);
     let runner = TxnRunner::new(policy);
 
     // The holder keeps the row until told; the victim's first attempt waits for it (a waiting
