@@ -2,7 +2,7 @@
 //!
 //! Groups:
 //! * `hot_coupon` / `hot_account`: strategies {seed, seed_lib, wait, cond, combining} (see
-//!   `examples/support/strategies.rs`) × clients {1, 16, 64, 256}. One iteration = a fresh
+//!   `lockstock_testkit::strategies`) × clients {1, 16, 64, 256}. One iteration = a fresh
 //!   campaign (or account), `clients` threads with a connection each (combining: sharing a
 //!   combiner over a pool) doing a fixed number of requests; the measured time is the wall
 //!   time of those requests only. The invariants are checked from the database after every
@@ -14,13 +14,10 @@
 //! `cargo test --all-targets` (no `--bench` argument) criterion runs every routine once; a tiny
 //! configuration keeps that to a few seconds.
 
-#[path = "../examples/support/strategies.rs"]
-mod strategies;
-
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use strategies::{CellConfig, Domain, Harness, Single, Strategy, Uncontended};
+use lockstock_testkit::strategies::{CellConfig, Domain, Harness, Single, Strategy, Uncontended};
 
 struct Plan {
     clients: &'static [usize],

@@ -1,5 +1,5 @@
 //! Contention report: one hot coupon campaign and one hot account under 1 to 256 concurrent
-//! clients, five strategies (see `examples/support/strategies.rs`), against the throwaway
+//! clients, five strategies (see `lockstock_testkit::strategies`), against the throwaway
 //! MariaDB (or `DATABASE_URL`). Prints markdown tables, the uncontended latency of the library
 //! against hand-written Diesel, writes an SVG chart to `target/contention.svg`, and ends with
 //!
@@ -13,15 +13,12 @@
 //! cargo run --release --example contention_report -- --full  # 1..256 clients, longer cells
 //! ```
 
-#[path = "support/strategies.rs"]
-mod strategies;
-
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use strategies::{
+use lockstock_testkit::strategies::{
     mean_us, percentile_us, BoxError, CellConfig, CellResult, Domain, Harness, Single, Strategy,
     Uncontended,
 };

@@ -7,6 +7,14 @@
 //!   data directory and socket, started in about a second, killed and removed when the process
 //!   exits — also when it panics or is killed (a watchdog process follows the owner).
 //!   [`database_url`] gives every test a database on one shared server, or on `DATABASE_URL`.
+//! * [`fixtures`]: a fresh migrated database per test, coupon campaigns, funded accounts, pools
+//!   and [`fixtures::concurrently`] for races (threads with a connection each, started together).
+//! * [`rng`]: a seeded, replayable generator and [`rng::seed`] (`LOCKSTOCK_SEED`).
+//! * [`workload`]: a mixed, fault-tolerant workload that records every operation and its answer,
+//!   and [`workload::verify`], which checks the database against that history.
+//! * [`strategies`]: contention strategies for one hot campaign and one hot account (the
+//!   library's, hand-written Diesel, waiting locks, conditional updates, combining) with a
+//!   harness that runs and checks them — for benchmarks and reports.
 //!
 //! Unix only (the sandbox starts processes and follows them with a watchdog).
 #![warn(
@@ -16,6 +24,10 @@
     clippy::expect_used
 )]
 
+pub mod fixtures;
+pub mod rng;
 pub mod sandbox;
+pub mod strategies;
+pub mod workload;
 
 pub use sandbox::{database_url, Sandbox, SandboxError};

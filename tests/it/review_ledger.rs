@@ -5,8 +5,6 @@
 //! a row lock or a table's metadata lock from another connection and waits (polling
 //! `information_schema`) until the ledger's connection is seen waiting for it.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
@@ -23,6 +21,8 @@ use lockstock::{
     AccountOp, BalanceLedger, Entry, EntryKind, Error, RetryPolicy, SessionSettings, TxnPolicy,
 };
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{connect, fresh_database};
 
 fn dec(units: i64) -> Decimal {
     Decimal::new(units, 0)
@@ -164,7 +164,7 @@ fn patient_ledger() -> BalanceLedger {
 /// The `request_hash` lockstock stores for `deduct(user, amount, key)`, read back from a
 /// scratch database (so the test does not restate the hash function).
 fn deduct_hash(user_id: i64, amount: Decimal, key: &str) -> String {
-    let (_url, mut conn) = common::fresh_database("review_f2_hash");
+    let (_url, mut conn) = fresh_database("review_f2_hash");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, user_id, amount, "scratch")
@@ -193,13 +193,13 @@ fn deduct_hash(user_id: i64, amount: Decimal, key: &str) -> String {
 #[test]
 fn finding_2_batch_replays_key_committed_by_another_connection() {
     let hash = deduct_hash(1, dec(50), "K");
-    let (url, mut admin) = common::fresh_database("review_f2");
+    let (url, mut admin) = fresh_database("review_f2");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut admin, 1, dec(60), "seed").expect("seed");
     let k0 = ledger.charge(&mut admin, 1, dec(1), "k0").expect("k0");
 
     // G holds the k0 record (through the unique key index the batch's INSERT checks).
-    let mut g = common::connect(&url);
+    let mut g = connect(&url);
     g.batch_execute("BEGIN").expect("begin G");
     let locked: i64 = balance_history::table
         .filter(balance_history::user_id.eq(1i64))
@@ -211,7 +211,7 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
     assert_eq!(locked, k0.id);
 
     // B: the batch. Its first round locks the account and waits for the k0 record.
-    let mut b = common::connect(&url);
+    let mut b = connect(&url);
     let b_id = connection_id(&mut b);
     let batch = thread::spawn(move || {
         let ops = [
@@ -225,7 +225,7 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
     });
 
     // H: the other connection's deduct(50, "K"); queues for the account row the batch holds.
-    let mut h = common::connect(&url);
+    let mut h = connect(&url);
     let h_id = connection_id(&mut h);
     h.batch_execute("SET SESSION innodb_lock_wait_timeout = 60; BEGIN")
         .expect("begin H");
@@ -261,7 +261,7 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
     });
 
     // M: the journal's metadata lock, queued behind the batch's first round.
-    let mut m = common::connect(&url);
+    let mut m = connect(&url);
     let m_id = connection_id(&mut m);
     let (unlock, unlocked) = mpsc::channel::<()>();
     let metadata = thread::spawn(move || {
@@ -346,13 +346,13 @@ fn is_denied_outcome_unknown(result: &Result<Entry, Error>) -> bool {
 /// Now: the charge gets its entry, the refused deduct `OutcomeUnknown`.
 #[test]
 fn finding_4_committed_batch_never_answers_nothing_applied() {
-    let (url, mut admin) = common::fresh_database("review_f4");
+    let (url, mut admin) = fresh_database("review_f4");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut admin, 1, dec(100), "seed")
         .expect("seed");
     let blind = journal_blind_url(&url, &mut admin, "review_f4");
-    let mut conn = common::connect(&blind);
+    let mut conn = connect(&blind);
 
     let ops = [
         AccountOp::charge(dec(10), "c1"),
@@ -382,7 +382,7 @@ fn finding_4_committed_batch_never_answers_nothing_applied() {
 /// that the two were one batch.
 #[test]
 fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
-    let (url, mut admin) = common::fresh_database("review_f4c");
+    let (url, mut admin) = fresh_database("review_f4c");
     let patient = patient_ledger();
     patient
         .charge(&mut admin, 1, dec(100), "seed")
@@ -396,7 +396,7 @@ fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
     let hot = Arc::new(CombiningLedger::new(pool, patient.clone()));
 
     // Hold the account: the first caller's batch (alone) waits for it.
-    let mut holder = common::connect(&url);
+    let mut holder = connect(&url);
     holder.batch_execute("BEGIN").expect("begin");
     let _: Decimal = user_balance::table
         .find(1i64)
@@ -462,7 +462,7 @@ fn short_policy() -> TxnPolicy {
 /// account are refused most of the time, and a call that got through once is often refused
 /// again in its next transaction.
 fn hot_row_holder(url: &str, user: i64, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-    let mut conn = common::connect(url);
+    let mut conn = connect(url);
     thread::spawn(move || {
         conn.batch_execute("SET SESSION innodb_lock_wait_timeout = 30")
             .expect("session");
@@ -522,7 +522,7 @@ fn timed<T>(
 /// waited up to r2d2's 30 s).
 #[test]
 fn finding_9_deadline_bounds_ledger_calls() {
-    let (url, mut admin) = common::fresh_database("review_f9");
+    let (url, mut admin) = fresh_database("review_f9");
     let ledger = BalanceLedger::with_policy(short_policy());
     for user in 1..=3 {
         ledger
@@ -538,7 +538,7 @@ fn finding_9_deadline_bounds_ledger_calls() {
         .map(|t| {
             let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 for i in 0..6 {
                     let ops = [
                         AccountOp::charge(dec(1_000_000), "seed"),
@@ -607,7 +607,7 @@ fn finding_9_deadline_bounds_ledger_calls() {
         .map(|t| {
             let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 for i in 0..6i64 {
                     let key = format!("s{t}-{i}");
                     let call = match i % 3 {
@@ -689,7 +689,7 @@ fn finding_9_deadline_bounds_ledger_calls() {
 /// usual rules. Before the fix: `InsufficientBalance { available: 0 }`.
 #[test]
 fn finding_10c_batch_deduct_before_first_charge_is_account_not_found() {
-    let (_url, mut conn) = common::fresh_database("review_f10c");
+    let (_url, mut conn) = fresh_database("review_f10c");
     let ledger = BalanceLedger::new();
     let ops = [
         AccountOp::deduct(dec(10), "d1"),

@@ -3,40 +3,31 @@
 //! restock, concurrent redeems, restore and validity, and typed refusals that write nothing.
 //! Every invariant is read back from the database.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, Utc};
+use chrono::{Duration, NaiveDate, NaiveDateTime};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Unsigned};
 use lockstock::coupon::{Clock, MAX_ORDER_REF_BYTES};
 use lockstock::schema::{coupon, fcfs_coupon, user_coupon};
 use lockstock::{
-    Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign,
-    NewCoupon,
+    CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign, NewCoupon,
 };
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{
+    concurrently, connect, create_campaign, create_coupon, fresh_database, micros_to_time, now,
+    open_campaign_named,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// UTC now at the microsecond precision of DATETIME(6).
-fn now() -> NaiveDateTime {
-    micros_to_time(Utc::now().timestamp_micros())
-}
-
-fn micros_to_time(micros: i64) -> NaiveDateTime {
-    DateTime::from_timestamp_micros(micros)
-        .expect("representable time")
-        .naive_utc()
-}
 
 /// A clock the test moves by hand.
 #[derive(Clone)]
@@ -66,73 +57,6 @@ fn time(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micro: u32) -> NaiveDa
 
 fn us(n: i64) -> Duration {
     Duration::microseconds(n)
-}
-
-fn make_coupon(
-    issuer: &CouponIssuer,
-    conn: &mut MysqlConnection,
-    name: &str,
-    valid_from: NaiveDateTime,
-    valid_until: NaiveDateTime,
-) -> Coupon {
-    issuer
-        .create_coupon(
-            conn,
-            &NewCoupon {
-                name,
-                discount: Discount::Fixed(Decimal::new(1_000, 0)),
-                valid_from,
-                valid_until,
-            },
-        )
-        .expect("create coupon")
-}
-
-fn make_campaign(
-    issuer: &CouponIssuer,
-    conn: &mut MysqlConnection,
-    coupon_id: i64,
-    quantity: u32,
-    starts: NaiveDateTime,
-    ends: NaiveDateTime,
-) -> Campaign {
-    issuer
-        .create_campaign(
-            conn,
-            &NewCampaign {
-                coupon_id,
-                quantity,
-                issue_starts_at: starts,
-                issue_ends_at: ends,
-            },
-        )
-        .expect("create campaign")
-}
-
-/// A template valid from an hour ago for a week and a campaign open from a minute ago for an hour.
-fn open_campaign(
-    issuer: &CouponIssuer,
-    conn: &mut MysqlConnection,
-    name: &str,
-    quantity: u32,
-) -> (Coupon, Campaign) {
-    let t = now();
-    let coupon = make_coupon(
-        issuer,
-        conn,
-        name,
-        t - Duration::hours(1),
-        t + Duration::days(7),
-    );
-    let campaign = make_campaign(
-        issuer,
-        conn,
-        coupon.id,
-        quantity,
-        t - Duration::minutes(1),
-        t + Duration::hours(1),
-    );
-    (coupon, campaign)
 }
 
 /// Rows in `user_coupon` for a campaign.
@@ -227,28 +151,17 @@ fn flash_sale_never_over_issues_and_never_duplicates() {
     const USERS: i64 = 2_000;
     const THREADS: i64 = 64;
 
-    let (url, mut conn) = common::fresh_database("coupon_flash_sale");
+    let (url, mut conn) = fresh_database("coupon_flash_sale");
     let issuer = Arc::new(CouponIssuer::new());
-    let (coupon, campaign) = open_campaign(&issuer, &mut conn, "flash 500", STOCK);
-    let barrier = Arc::new(Barrier::new(THREADS as usize));
+    let (coupon, campaign) = open_campaign_named(&mut conn, &issuer, "flash 500", STOCK);
     let started = Instant::now();
-    let workers: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                barrier.wait();
-                (1 + t..=USERS)
-                    .step_by(THREADS as usize)
-                    .map(|user| (user, issuer.issue(&mut conn, user, campaign.id)))
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let results: Vec<(i64, Result<IssuedCoupon, Error>)> = workers
-        .into_iter()
-        .flat_map(|w| w.join().expect("worker thread"))
-        .collect();
+    let workers: Vec<_> = concurrently(THREADS as usize, &url, |t, conn| {
+        (1 + t as i64..=USERS)
+            .step_by(THREADS as usize)
+            .map(|user| (user, issuer.issue(conn, user, campaign.id)))
+            .collect::<Vec<_>>()
+    });
+    let results: Vec<(i64, Result<IssuedCoupon, Error>)> = workers.into_iter().flatten().collect();
     let elapsed = started.elapsed();
 
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -317,24 +230,12 @@ fn one_user_from_sixteen_threads_gets_one_coupon() {
     const THREADS: usize = 16;
     const USER: i64 = 4242;
 
-    let (url, mut conn) = common::fresh_database("coupon_one_user");
+    let (url, mut conn) = fresh_database("coupon_one_user");
     let issuer = Arc::new(CouponIssuer::new());
-    let (coupon, campaign) = open_campaign(&issuer, &mut conn, "one per user", 5);
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let racers: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                barrier.wait();
-                issuer.issue(&mut conn, USER, campaign.id)
-            })
-        })
-        .collect();
-    let results: Vec<_> = racers
-        .into_iter()
-        .map(|r| r.join().expect("racer"))
-        .collect();
+    let (coupon, campaign) = open_campaign_named(&mut conn, &issuer, "one per user", 5);
+    let results: Vec<_> = concurrently(THREADS, &url, |_, conn| {
+        issuer.issue(conn, USER, campaign.id)
+    });
     let winners: Vec<&IssuedCoupon> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
     assert_eq!(winners.len(), 1, "{results:?}");
     let winner = winners[0];
@@ -380,18 +281,18 @@ fn one_user_from_sixteen_threads_gets_one_coupon() {
 
 #[test]
 fn issue_window_boundaries_are_exact() {
-    let (_url, mut conn) = common::fresh_database("coupon_window");
+    let (_url, mut conn) = fresh_database("coupon_window");
     let starts = time(2030, 1, 1, 10, 0, 0, 123_456);
     let ends = time(2030, 1, 1, 12, 0, 0, 654_321);
     let setup = CouponIssuer::new();
-    let coupon = make_coupon(
-        &setup,
+    let coupon = create_coupon(
         &mut conn,
+        &setup,
         "window",
         time(2029, 12, 1, 0, 0, 0, 0),
         time(2030, 2, 1, 0, 0, 0, 0),
     );
-    let campaign = make_campaign(&setup, &mut conn, coupon.id, 10, starts, ends);
+    let campaign = create_campaign(&mut conn, &setup, coupon.id, 10, starts, ends);
     let clock = ManualClock::at(starts - us(1));
     let issuer = CouponIssuer::new().with_clock(clock.clock());
 
@@ -445,9 +346,9 @@ fn issue_window_boundaries_are_exact() {
 
 #[test]
 fn unknown_campaigns_and_invalid_ids_are_typed() {
-    let (_url, mut conn) = common::fresh_database("coupon_invalid_ids");
+    let (_url, mut conn) = fresh_database("coupon_invalid_ids");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "ids", 3);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "ids", 3);
     let before = table_counts(&mut conn);
 
     match issuer.issue(&mut conn, 1, campaign.id + 1_000) {
@@ -511,12 +412,12 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
 
 #[test]
 fn refused_creations_write_nothing() {
-    let (_url, mut conn) = common::fresh_database("coupon_refused_creations");
+    let (_url, mut conn) = fresh_database("coupon_refused_creations");
     let issuer = CouponIssuer::new();
     let t = now();
-    let coupon = make_coupon(
-        &issuer,
+    let coupon = create_coupon(
         &mut conn,
+        &issuer,
         "template",
         t - Duration::hours(1),
         t + Duration::days(1),
@@ -602,7 +503,7 @@ fn refused_creations_write_nothing() {
 
 /// A connection whose server session has been killed: any round trip on it fails.
 fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = common::connect(url);
+    let mut doomed = connect(url);
     let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
         .get_result(&mut doomed)
         .expect("connection id");
@@ -618,9 +519,9 @@ fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection
 
 #[test]
 fn sold_out_is_cached_until_restock() {
-    let (url, mut conn) = common::fresh_database("coupon_sold_out");
+    let (url, mut conn) = fresh_database("coupon_sold_out");
     let issuer = CouponIssuer::new();
-    let (coupon, campaign) = open_campaign(&issuer, &mut conn, "only one", 1);
+    let (coupon, campaign) = open_campaign_named(&mut conn, &issuer, "only one", 1);
 
     let first = issuer.issue(&mut conn, 1, campaign.id).expect("the one");
     match issuer.issue(&mut conn, 2, campaign.id) {
@@ -714,27 +615,15 @@ fn sold_out_is_cached_until_restock() {
 #[test]
 fn concurrent_redeems_exactly_one_wins() {
     const THREADS: usize = 8;
-    let (url, mut conn) = common::fresh_database("coupon_redeem_race");
+    let (url, mut conn) = fresh_database("coupon_redeem_race");
     let issuer = Arc::new(CouponIssuer::new());
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "redeem once", 10);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "redeem once", 10);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
 
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let racers: Vec<_> = (0..THREADS)
-        .map(|i| {
-            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                let order = format!("order-{i}");
-                barrier.wait();
-                (order.clone(), issuer.redeem(&mut conn, held.id, &order))
-            })
-        })
-        .collect();
-    let results: Vec<_> = racers
-        .into_iter()
-        .map(|r| r.join().expect("racer"))
-        .collect();
+    let results: Vec<_> = concurrently(THREADS, &url, |i, conn| {
+        let order = format!("order-{i}");
+        (order.clone(), issuer.redeem(conn, held.id, &order))
+    });
     let winners: Vec<_> = results
         .iter()
         .filter_map(|(order, r)| r.as_ref().ok().map(|c| (order, c)))
@@ -791,15 +680,15 @@ fn concurrent_redeems_exactly_one_wins() {
 
 #[test]
 fn redeem_and_restore_respect_validity_and_input() {
-    let (_url, mut conn) = common::fresh_database("coupon_validity");
+    let (_url, mut conn) = fresh_database("coupon_validity");
     let setup = CouponIssuer::new();
     let t = time(2031, 3, 1, 9, 0, 0, 0);
     let valid_from = time(2031, 3, 10, 0, 0, 0, 500);
     let valid_until = time(2031, 3, 20, 0, 0, 0, 250_000);
-    let coupon = make_coupon(&setup, &mut conn, "later", valid_from, valid_until);
-    let campaign = make_campaign(
-        &setup,
+    let coupon = create_coupon(&mut conn, &setup, "later", valid_from, valid_until);
+    let campaign = create_campaign(
         &mut conn,
+        &setup,
         coupon.id,
         5,
         t - Duration::hours(1),
@@ -915,10 +804,10 @@ fn redeem_and_restore_respect_validity_and_input() {
 
 #[test]
 fn user_coupons_and_remaining_match_the_database() {
-    let (_url, mut conn) = common::fresh_database("coupon_listing");
+    let (_url, mut conn) = fresh_database("coupon_listing");
     let issuer = CouponIssuer::new();
-    let (coupon_a, campaign_a) = open_campaign(&issuer, &mut conn, "A", 3);
-    let (coupon_b, campaign_b) = open_campaign(&issuer, &mut conn, "B", 2);
+    let (coupon_a, campaign_a) = open_campaign_named(&mut conn, &issuer, "A", 3);
+    let (coupon_b, campaign_b) = open_campaign_named(&mut conn, &issuer, "B", 2);
     assert!(issuer.user_coupons(&mut conn, 1).expect("list").is_empty());
 
     let a1 = issuer.issue(&mut conn, 1, campaign_a.id).expect("a1");
@@ -972,9 +861,9 @@ fn user_coupons_and_remaining_match_the_database() {
 fn restock_is_not_undone_by_a_stale_sold_out_read() {
     const ROUNDS: i64 = 100;
     const READERS: usize = 3;
-    let (url, mut conn) = common::fresh_database("coupon_restock_race");
+    let (url, mut conn) = fresh_database("coupon_restock_race");
     let issuer = Arc::new(CouponIssuer::new());
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "restocked", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "restocked", 1);
     let mut doomed = killed_connection(&url, &mut conn);
     for round in 0..ROUNDS {
         issuer
@@ -985,7 +874,7 @@ fn restock_is_not_undone_by_a_stale_sold_out_read() {
             .map(|_| {
                 let (url, issuer, done) = (url.clone(), issuer.clone(), done.clone());
                 thread::spawn(move || {
-                    let mut conn = common::connect(&url);
+                    let mut conn = connect(&url);
                     while !done.load(Ordering::SeqCst) {
                         issuer.remaining(&mut conn, campaign.id).expect("remaining");
                     }
@@ -1016,9 +905,9 @@ fn restock_is_not_undone_by_a_stale_sold_out_read() {
 /// once their TTL has passed; without a TTL they keep answering from memory.
 #[test]
 fn sold_out_ttl_lets_other_issuers_see_a_restock() {
-    let (_url, mut conn) = common::fresh_database("coupon_sold_out_ttl");
+    let (_url, mut conn) = fresh_database("coupon_sold_out_ttl");
     let admin = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&admin, &mut conn, "ttl", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &admin, "ttl", 1);
     let forever = CouponIssuer::new();
     let brief = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::from_millis(200));
     forever.issue(&mut conn, 1, campaign.id).expect("the one");

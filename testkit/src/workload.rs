@@ -10,11 +10,33 @@
 //! exactly once, every refusal never, every unknown at most once, money is conserved, no balance
 //! is negative, no coupon is over-issued or duplicated and every account passes `audit`.
 //!
-//! The reliability tests (`tests/faults.rs`, `tests/processes.rs`) include this file as a module.
-//! Standalone, against `DATABASE_URL` or a throwaway sandbox:
+//! lockstock's reliability tests (`faults`, `processes`) run it with connections killed, the
+//! server crashed and several processes.
 //!
-//! `cargo run --example workload -- [seconds=5] [clients=16] [seed]`
-#![allow(dead_code)]
+//! ```no_run
+//! use std::sync::atomic::{AtomicBool, Ordering};
+//! use std::time::Duration;
+//! use lockstock_testkit::fixtures::fresh_database;
+//! use lockstock_testkit::workload::{run_client, setup, verify, Client, ErrorTexts};
+//!
+//! let (url, mut conn) = fresh_database("doc_workload");
+//! let setup = setup(&mut conn, 16, 2, 200);
+//! let (stop, errors) = (AtomicBool::new(false), ErrorTexts::default());
+//! let records: Vec<_> = std::thread::scope(|s| {
+//!     let clients: Vec<_> = (0..8)
+//!         .map(|n| {
+//!             let client = Client::new(&url, format!("c{n}"), n, &setup, 42 + n as u64, &errors);
+//!             let stop = &stop;
+//!             s.spawn(move || run_client(&client, stop, &mut |_| true))
+//!         })
+//!         .collect();
+//!     std::thread::sleep(Duration::from_secs(2));
+//!     stop.store(true, Ordering::Relaxed);
+//!     clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+//! });
+//! assert_eq!(verify(&mut conn, &setup, &records), Vec::<String>::new());
+//! ```
+#![allow(clippy::expect_used)] // test tooling: a failed read of the database fails the test
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -23,13 +45,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use diesel::prelude::*;
 use diesel::{Connection, MysqlConnection};
 use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
-use lockstock::{
-    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, ServerErrorKind,
-};
+use lockstock::{BalanceLedger, CouponIssuer, Error, ServerErrorKind};
 use rust_decimal::Decimal;
 
 /// Balance every account starts with (charged by [`setup`] under key `init-<user>`).
@@ -72,9 +91,8 @@ pub fn describe(texts: &ErrorTexts) -> String {
         .collect()
 }
 
-#[path = "../tests/common/rng.rs"]
-mod rng;
-pub use rng::Rng;
+use crate::fixtures::{create_campaign, valid_coupon};
+use crate::rng::Rng;
 
 /// What the database holds before the clients start.
 #[derive(Debug, Clone)]
@@ -94,32 +112,15 @@ pub fn setup(conn: &mut MysqlConnection, accounts: i64, campaigns: usize, stock:
             .unwrap_or_else(|e| panic!("initial charge of {user}: {e}"));
     }
     let issuer = CouponIssuer::new();
-    let now = Utc::now().naive_utc();
+    let now = crate::fixtures::now();
     let campaigns = (0..campaigns)
         .map(|n| {
-            let coupon = issuer
-                .create_coupon(
-                    conn,
-                    &NewCoupon {
-                        name: &format!("workload {n}"),
-                        discount: Discount::Fixed(Decimal::new(500, 0)),
-                        valid_from: now - chrono::Duration::hours(1),
-                        valid_until: now + chrono::Duration::days(2),
-                    },
-                )
-                .unwrap_or_else(|e| panic!("coupon: {e}"));
-            issuer
-                .create_campaign(
-                    conn,
-                    &NewCampaign {
-                        coupon_id: coupon.id,
-                        quantity: stock,
-                        issue_starts_at: now - chrono::Duration::minutes(1),
-                        issue_ends_at: now + chrono::Duration::days(1),
-                    },
-                )
-                .unwrap_or_else(|e| panic!("campaign: {e}"))
-                .id
+            let coupon = valid_coupon(conn, &issuer, &format!("workload {n}"));
+            let (starts, ends) = (
+                now - chrono::Duration::minutes(1),
+                now + chrono::Duration::days(1),
+            );
+            create_campaign(conn, &issuer, coupon.id, stock, starts, ends).id
         })
         .collect();
     Setup {
@@ -151,8 +152,35 @@ pub struct Client {
     pub errors: ErrorTexts,
 }
 
+impl Client {
+    /// Client `name` number `number` (coupon users from `1_000_000 * (number + 1)`) with its
+    /// own `seed`, retrying every operation until it has a definitive answer, without an
+    /// operation limit.
+    pub fn new(
+        url: &str,
+        name: String,
+        number: usize,
+        setup: &Setup,
+        seed: u64,
+        errors: &ErrorTexts,
+    ) -> Self {
+        Self {
+            url: url.to_owned(),
+            name,
+            user_base: 1_000_000 * (number as i64 + 1),
+            setup: setup.clone(),
+            seed,
+            abandon_unknown: 0,
+            abandon_lost: 0,
+            max_ops: usize::MAX,
+            errors: errors.clone(),
+        }
+    }
+}
+
 /// An operation as invoked.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)] // the fields are the call's arguments, named as in the call
 pub enum Op {
     /// `charge(user, amount)`.
     Charge { user: i64, amount: Decimal },
@@ -215,6 +243,22 @@ pub struct Record {
     pub contended: u32,
     /// A final answer the workload never expects (e.g. an unclassified server error).
     pub unexpected: Option<String>,
+}
+
+impl Record {
+    /// Operation `op` under `key`, not yet answered (outcome unknown, no attempts).
+    pub fn new(key: String, op: Op) -> Self {
+        Self {
+            key,
+            op,
+            outcome: Outcome::Unknown,
+            attempts: 0,
+            unknowns: 0,
+            lost: 0,
+            contended: 0,
+            unexpected: None,
+        }
+    }
 }
 
 fn field<T: FromStr>(it: &mut std::str::SplitWhitespace<'_>, line: &str) -> T {
@@ -310,7 +354,7 @@ impl FromStr for Record {
 }
 
 /// A new connection, retried with exponential backoff (the server may be down); `None` after
-/// [`OP_BUDGET`].
+/// `OP_BUDGET` (90 s).
 pub fn connect_with_backoff(url: &str) -> Option<MysqlConnection> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(2);
@@ -418,16 +462,7 @@ fn execute(
     before_attempt: &mut dyn FnMut(&mut MysqlConnection) -> bool,
 ) -> Record {
     let started = Instant::now();
-    let mut record = Record {
-        key,
-        op,
-        outcome: Outcome::Unknown,
-        attempts: 0,
-        unknowns: 0,
-        lost: 0,
-        contended: 0,
-        unexpected: None,
-    };
+    let mut record = Record::new(key, op);
     let given_up = |record: &Record| {
         if record.unknowns > 0 {
             Outcome::Unknown
@@ -861,66 +896,5 @@ fn op_kind(op: &Op) -> &'static str {
         Op::Refund { .. } => "refund",
         Op::Transfer { .. } => "transfer_out",
         Op::Issue { .. } => "issue",
-    }
-}
-
-/// A fresh database on `DATABASE_URL` or a sandbox, `clients` threads for `seconds`, then the
-/// checks.
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let seconds: u64 = args.next().map_or(Ok(5), |s| s.parse())?;
-    let clients: usize = args.next().map_or(Ok(16), |s| s.parse())?;
-    let seed: u64 = match args.next() {
-        Some(s) => s.parse()?,
-        None => Utc::now().timestamp_micros().unsigned_abs(),
-    };
-    println!("workload: {seconds} s, {clients} clients, seed {seed}");
-    let name = "lockstock_workload";
-    let url = lockstock_testkit::sandbox::database_url(name)?;
-    let mut conn = MysqlConnection::establish(&url)?;
-    diesel::connection::SimpleConnection::batch_execute(
-        &mut conn,
-        &format!("DROP DATABASE `{name}`; CREATE DATABASE `{name}`; USE `{name}`"),
-    )?;
-    lockstock::run_migrations(&mut conn)?;
-    let setup = setup(&mut conn, 16, 2, 200);
-    let stop = AtomicBool::new(false);
-    let errors = ErrorTexts::default();
-    let records: Vec<Record> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|n| {
-                let client = Client {
-                    url: url.clone(),
-                    name: format!("c{n}"),
-                    user_base: 1_000_000 * (n as i64 + 1),
-                    setup: setup.clone(),
-                    seed: seed ^ (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    abandon_unknown: 0,
-                    abandon_lost: 0,
-                    max_ops: usize::MAX,
-                    errors: errors.clone(),
-                };
-                let stop = &stop;
-                s.spawn(move || run_client(&client, stop, &mut |_| true))
-            })
-            .collect();
-        std::thread::sleep(Duration::from_secs(seconds));
-        stop.store(true, Ordering::Relaxed);
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    println!("{}", Summary::of(&records));
-    print!("{}", describe(&errors));
-    let violations = verify(&mut conn, &setup, &records);
-    for violation in &violations {
-        println!("VIOLATION {violation}");
-    }
-    println!("violations found: {}", violations.len());
-    if violations.is_empty() {
-        Ok(())
-    } else {
-        Err("the database disagrees with the history".into())
     }
 }

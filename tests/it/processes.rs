@@ -1,13 +1,8 @@
 //! Several OS processes against one server: the test binary re-executes itself as 4 worker
-//! processes (`--exact worker_process`, configured through environment variables), each running
-//! 8 clients of the shared workload (`examples/workload.rs`) against the parent's database. The
-//! parent then checks the combined history and every invariant from the database.
-
-// `common` and `workload` both include the shared generator file (tests/common/rng.rs).
-#[allow(clippy::duplicate_mod)]
-mod common;
-#[path = "../examples/workload.rs"]
-mod workload;
+//! processes (`--exact processes::worker_process`, configured through environment variables),
+//! each running 8 clients of the shared workload (`lockstock_testkit::workload`) against the
+//! parent's database. The parent then checks the combined history and every invariant from the
+//! database.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,11 +10,14 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use workload::{Client, Record, Setup, Summary};
+use lockstock_testkit::fixtures::fresh_database;
+use lockstock_testkit::rng::seed;
+use lockstock_testkit::workload::{self, Client, Record, Setup, Summary};
 
 const PROCESSES: usize = 4;
 const CLIENTS_PER_PROCESS: usize = 8;
-const WORKER_TEST: &str = "worker_process";
+/// The worker test's full name in the `it` test binary (for `--exact`).
+const WORKER_TEST: &str = "processes::worker_process";
 /// Set in a worker: the database URL it must use (it never starts a sandbox of its own).
 const URL_ENV: &str = "LOCKSTOCK_WORKER_URL";
 const INDEX_ENV: &str = "LOCKSTOCK_WORKER_INDEX";
@@ -108,8 +106,8 @@ fn four_processes_keep_the_invariants() {
         return;
     }
     let test = "four_processes_keep_the_invariants";
-    let seed = common::seed(test);
-    let (url, mut conn) = common::fresh_database("processes");
+    let seed = seed(test);
+    let (url, mut conn) = fresh_database("processes");
     let setup = workload::setup(&mut conn, 16, 3, 1_000);
     let campaigns: Vec<String> = setup.campaigns.iter().map(i64::to_string).collect();
     let files = Files(

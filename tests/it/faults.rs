@@ -6,12 +6,6 @@
 //! Every random test prints `LOCKSTOCK_SEED=...` and replays from it (thread timing still
 //! varies). `LOCKSTOCK_SOAK_SECS=600` turns the kill and crash tests into soaks of that length.
 
-// `common` and `workload` both include the shared generator file (tests/common/rng.rs).
-#[allow(clippy::duplicate_mod)]
-mod common;
-#[path = "../examples/workload.rs"]
-mod workload;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Barrier, Mutex};
@@ -28,9 +22,11 @@ use lockstock::{
     BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, RetryPolicy,
     ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
+use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::rng::{seed, Rng};
+use lockstock_testkit::workload::{self, Client, Op, Outcome, Record, Summary};
 use lockstock_testkit::Sandbox;
 use rust_decimal::Decimal;
-use workload::{Client, Op, Outcome, Record, Summary};
 
 /// `LOCKSTOCK_SOAK_SECS`, if set.
 fn soak_secs() -> Option<u64> {
@@ -81,14 +77,14 @@ fn dec(cents: i64) -> Decimal {
 /// lost connection: idle kill, kill during a statement, kill right before COMMIT.
 #[test]
 fn killed_connection_errors_are_typed() {
-    let (url, mut admin) = common::fresh_database("faults_kill_texts");
+    let (url, mut admin) = fresh_database("faults_kill_texts");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut admin, 1, dec(10_000), "init")
         .expect("charge");
 
     // Killed while idle: the next call fails before anything is written.
-    let mut victim = common::connect(&url);
+    let mut victim = connect(&url);
     let id = connection_id(&mut victim).expect("id");
     assert!(kill(&mut admin, id, false).expect("kill"));
     let lost = ledger
@@ -110,12 +106,12 @@ fn killed_connection_errors_are_typed() {
     assert_eq!(again.server_kind(), Some(ServerErrorKind::ConnectionLost));
 
     // Killed during a statement.
-    let mut victim = common::connect(&url);
+    let mut victim = connect(&url);
     let id = connection_id(&mut victim).expect("id");
     let killer = {
         let url = url.clone();
         thread::spawn(move || {
-            let mut admin = common::connect(&url);
+            let mut admin = connect(&url);
             thread::sleep(Duration::from_millis(300));
             kill(&mut admin, id, false).expect("kill")
         })
@@ -137,7 +133,7 @@ fn killed_connection_errors_are_typed() {
 
     // Killed after the body, before COMMIT: the commit fails, the outcome is reported unknown
     // (here it was not applied), and the retry with the same key applies it once.
-    let mut victim = common::connect(&url);
+    let mut victim = connect(&url);
     let id = connection_id(&mut victim).expect("id");
     let before_commit = runner
         .run(&mut victim, |conn| {
@@ -156,7 +152,7 @@ fn killed_connection_errors_are_typed() {
         before_commit.server_kind(),
         Some(ServerErrorKind::ConnectionLost)
     );
-    let mut fresh = common::connect(&url);
+    let mut fresh = connect(&url);
     let first = ledger
         .deduct(&mut fresh, 1, dec(100), "idle-kill")
         .expect("retry on a new connection");
@@ -185,8 +181,8 @@ fn key_rows(conn: &mut MysqlConnection, user: i64, key: &str) -> i64 {
 #[test]
 fn killed_connections_never_leave_partial_state() {
     let test = "killed_connections_never_leave_partial_state";
-    let seed = common::seed(test);
-    let (url, mut admin) = common::fresh_database("faults_kill");
+    let seed = seed(test);
+    let (url, mut admin) = fresh_database("faults_kill");
     let setup = workload::setup(&mut admin, 12, 2, 60);
     let duration = Duration::from_secs(soak_secs().unwrap_or(6));
     const VICTIMS: usize = 4;
@@ -203,7 +199,7 @@ fn killed_connections_never_leave_partial_state() {
             let (killer_url, kills, query_kills, kill_attempts) =
                 (url.clone(), &kills, &query_kills, &kill_attempts);
             s.spawn(move || {
-                let mut admin = common::connect(&killer_url);
+                let mut admin = connect(&killer_url);
                 for (id, delay, query_only) in rx {
                     thread::sleep(delay);
                     kill_attempts.fetch_add(1, Ordering::Relaxed);
@@ -229,7 +225,7 @@ fn killed_connections_never_leave_partial_state() {
             };
             let stop = &stop;
             victims.push(s.spawn(move || {
-                let mut rng = workload::Rng::new(seed ^ 0xABCD ^ v as u64);
+                let mut rng = Rng::new(seed ^ 0xABCD ^ v as u64);
                 let mut hook = |conn: &mut MysqlConnection| {
                     let Ok(id) = connection_id(conn) else {
                         return false;
@@ -263,7 +259,7 @@ fn killed_connections_never_leave_partial_state() {
         "{test}: server errors answered:\n{}",
         workload::describe(&errors)
     );
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
     assert!(kills.load(Ordering::Relaxed) > 0, "no kill landed");
     assert!(
@@ -307,9 +303,9 @@ fn connections_to(
 #[test]
 fn pool_and_combiner_recover_from_killed_connections() {
     let test = "pool_and_combiner_recover_from_killed_connections";
-    let seed = common::seed(test);
+    let seed = seed(test);
     let db = "faults_pool";
-    let (url, mut admin) = common::fresh_database(db);
+    let (url, mut admin) = fresh_database(db);
     let setup = workload::setup(&mut admin, 4, 1, 60);
     let admin_id = connection_id(&mut admin).expect("admin id");
     let pool = Pool::builder()
@@ -369,10 +365,10 @@ fn pool_and_combiner_recover_from_killed_connections() {
         let killer = {
             let (url, stop, kills) = (&url, &stop, &kills);
             s.spawn(move || {
-                let mut admin = common::connect(url);
+                let mut admin = connect(url);
                 let mut keep = HashSet::from([admin_id]);
                 keep.insert(connection_id(&mut admin).expect("id"));
-                let mut rng = workload::Rng::new(seed);
+                let mut rng = Rng::new(seed);
                 while !stop.load(Ordering::Relaxed) {
                     thread::sleep(Duration::from_micros(2_000 + rng.below(4_000)));
                     let ids = connections_to(&mut admin, db, &keep).expect("processlist");
@@ -389,7 +385,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
                 let (ledger, issuer, history) = (&combining, &issuer, &history);
                 let campaign = setup.campaigns[0];
                 s.spawn(move || {
-                    let mut rng = workload::Rng::new(seed ^ (t + 1));
+                    let mut rng = Rng::new(seed ^ (t + 1));
                     for n in 0..40 {
                         let key = format!("t{t}-{n}");
                         let user = 1 + rng.below(4) as i64;
@@ -491,7 +487,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
         unexpected: None,
     });
     pool.get().expect("pool.get after the kills");
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
     assert!(
         kills.load(Ordering::Relaxed) > 0,
@@ -512,12 +508,12 @@ fn pool_and_combiner_recover_from_killed_connections() {
 #[test]
 fn server_crashes_lose_no_acknowledged_operation() {
     let test = "server_crashes_lose_no_acknowledged_operation";
-    let seed = common::seed(test);
-    let mut rng = workload::Rng::new(seed);
+    let seed = seed(test);
+    let mut rng = Rng::new(seed);
     let mut sandbox = Sandbox::start().expect("a private sandbox");
     let url = sandbox.create_database("crash").expect("database");
     let setup = {
-        let mut conn = common::connect(&url);
+        let mut conn = connect(&url);
         lockstock::run_migrations(&mut conn).expect("migrate");
         workload::setup(&mut conn, 16, 3, 1_000)
     };
@@ -578,7 +574,7 @@ fn server_crashes_lose_no_acknowledged_operation() {
         "{test}: server errors answered:\n{}",
         workload::describe(&errors)
     );
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
     assert!(crashes >= 4);
     assert!(summary.ok > 0 && summary.lost_answers > 0, "{summary}");
@@ -610,7 +606,7 @@ fn unlocked_deduct(conn: &mut MysqlConnection, user: i64, amount: Decimal) -> bo
 /// `BalanceLedger`: the harness detects the lost updates of the first, none of the second.
 #[test]
 fn negative_control_unlocked_deducts_lose_updates() {
-    let (url, mut conn) = common::fresh_database("faults_negative_balance");
+    let (url, mut conn) = fresh_database("faults_negative_balance");
     let ledger = BalanceLedger::new();
     for user in [1, 2] {
         ledger
@@ -625,7 +621,7 @@ fn negative_control_unlocked_deducts_lose_updates() {
             .map(|t| {
                 let (url, barrier, ledger) = (&url, &barrier, &ledger);
                 s.spawn(move || {
-                    let mut conn = common::connect(url);
+                    let mut conn = connect(url);
                     conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                         .expect("isolation");
                     let mut unlocked = 0;
@@ -685,7 +681,7 @@ fn negative_control_unlocked_deducts_lose_updates() {
 /// does neither.
 #[test]
 fn negative_control_unlocked_issue_over_issues() {
-    let (url, mut conn) = common::fresh_database("faults_negative_coupon");
+    let (url, mut conn) = fresh_database("faults_negative_coupon");
     conn.batch_execute(
         "CREATE TABLE unsafe_campaign (id BIGINT PRIMARY KEY, stock INT NOT NULL) ENGINE=InnoDB; \
          CREATE TABLE unsafe_coupon (id BIGINT AUTO_INCREMENT PRIMARY KEY, \
@@ -725,7 +721,7 @@ fn negative_control_unlocked_issue_over_issues() {
             let (url, barrier, issuer) = (&url, &barrier, &issuer);
             s.spawn(move || {
                 let user = (t as i64 % 15) + 1;
-                let mut conn = common::connect(url);
+                let mut conn = connect(url);
                 barrier.wait();
                 #[derive(QueryableByName)]
                 struct Stock {
@@ -803,7 +799,7 @@ fn negative_control_unlocked_issue_over_issues() {
 /// far below the lock wait timeout, nothing written.
 #[test]
 fn nowait_refuses_a_lock_holder_at_once() {
-    let (url, mut holder) = common::fresh_database("faults_nowait");
+    let (url, mut holder) = fresh_database("faults_nowait");
     let mut policy = TxnPolicy::default().with_retry(RetryPolicy::no_retry());
     policy.lock_wait_timeout = Duration::from_secs(10);
     let ledger = BalanceLedger::with_policy(policy);
@@ -813,7 +809,7 @@ fn nowait_refuses_a_lock_holder_at_once() {
     holder
         .batch_execute("BEGIN; SELECT balance FROM user_balance WHERE user_id = 1 FOR UPDATE")
         .expect("hold the row");
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     let started = Instant::now();
     let refused = ledger.deduct(&mut conn, 1, dec(100), "blocked");
     let took = started.elapsed();

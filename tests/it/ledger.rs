@@ -1,8 +1,6 @@
 //! `BalanceLedger` against a real server. Every invariant is checked by reading the database
 //! afterwards (the journal, the balances, `audit`), not from in-process counters alone.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -16,6 +14,9 @@ use lockstock::ledger::MAX_AMOUNT;
 use lockstock::schema::{balance_history, user_balance};
 use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
+use lockstock_testkit::rng::{seed, Rng};
 
 fn dec(units: i64, scale: u32) -> Decimal {
     Decimal::new(units, scale)
@@ -126,7 +127,7 @@ fn concurrent_deducts_never_overdraw_one_account() {
     const PER_THREAD: usize = 20;
     const USER: i64 = 1;
     let started = Instant::now();
-    let (url, mut conn) = common::fresh_database("ledger_hot_deducts");
+    let (url, mut conn) = fresh_database("ledger_hot_deducts");
     let ledger = Arc::new(BalanceLedger::new());
     let initial = dec(1000, 0);
     let amount = dec(7, 0);
@@ -134,42 +135,33 @@ fn concurrent_deducts_never_overdraw_one_account() {
         .charge(&mut conn, USER, initial, "seed")
         .expect("seed charge");
 
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                barrier.wait();
-                let (mut ok, mut insufficient, mut contended) = (0u64, 0u64, 0u64);
-                for i in 0..PER_THREAD {
-                    match ledger.deduct(&mut conn, USER, amount, &format!("d-{t}-{i}")) {
-                        Ok(entry) => {
-                            assert_eq!(entry.kind, EntryKind::Deduct);
-                            assert!(entry.balance_after >= Decimal::ZERO, "{entry:?}");
-                            ok += 1;
-                        }
-                        Err(Error::InsufficientBalance {
-                            user_id,
-                            available,
-                            requested,
-                        }) => {
-                            assert_eq!((user_id, requested), (USER, amount));
-                            assert!(available < requested && available >= Decimal::ZERO);
-                            insufficient += 1;
-                        }
-                        Err(e @ Error::Contended { .. }) => {
-                            check_contended(&e);
-                            contended += 1;
-                        }
-                        Err(other) => panic!("thread {t}: untyped/unexpected error: {other:?}"),
-                    }
+    let results: Vec<_> = concurrently(THREADS, &url, |t, conn| {
+        let (mut ok, mut insufficient, mut contended) = (0u64, 0u64, 0u64);
+        for i in 0..PER_THREAD {
+            match ledger.deduct(conn, USER, amount, &format!("d-{t}-{i}")) {
+                Ok(entry) => {
+                    assert_eq!(entry.kind, EntryKind::Deduct);
+                    assert!(entry.balance_after >= Decimal::ZERO, "{entry:?}");
+                    ok += 1;
                 }
-                (ok, insufficient, contended)
-            })
-        })
-        .collect();
-    let results = join_all(handles);
+                Err(Error::InsufficientBalance {
+                    user_id,
+                    available,
+                    requested,
+                }) => {
+                    assert_eq!((user_id, requested), (USER, amount));
+                    assert!(available < requested && available >= Decimal::ZERO);
+                    insufficient += 1;
+                }
+                Err(e @ Error::Contended { .. }) => {
+                    check_contended(&e);
+                    contended += 1;
+                }
+                Err(other) => panic!("thread {t}: untyped/unexpected error: {other:?}"),
+            }
+        }
+        (ok, insufficient, contended)
+    });
     let ok: u64 = results.iter().map(|r| r.0).sum();
     let insufficient: u64 = results.iter().map(|r| r.1).sum();
     let contended: u64 = results.iter().map(|r| r.2).sum();
@@ -233,8 +225,8 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
     const WRITERS: usize = 16;
     const OPS_PER_WRITER: usize = 320; // 16 × 320 = 5,120 ≥ 5,000
     let started = Instant::now();
-    let seed = common::seed("bank_transfers_conserve_money_under_a_snapshot_reader");
-    let (url, mut conn) = common::fresh_database("ledger_bank");
+    let seed = seed("bank_transfers_conserve_money_under_a_snapshot_reader");
+    let (url, mut conn) = fresh_database("ledger_bank");
     let ledger = Arc::new(BalanceLedger::new());
     let opening = dec(500, 0);
     for user in 1..=ACCOUNTS {
@@ -248,7 +240,7 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
     let reader = {
         let (url, ledger, done) = (url.clone(), ledger.clone(), done.clone());
         thread::spawn(move || {
-            let mut conn = common::connect(&url);
+            let mut conn = connect(&url);
             let mut sums = 0u64;
             loop {
                 // Read the flag first, so at least one full snapshot follows the last write.
@@ -288,9 +280,9 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
     let writers: Vec<_> = (0..WRITERS)
         .map(|t| {
             let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            let mut rng = common::Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9));
+            let mut rng = Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9));
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 barrier.wait();
                 let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
                 for i in 0..OPS_PER_WRITER {
@@ -392,7 +384,7 @@ fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
     const THREADS: usize = 12;
     const PER_THREAD: usize = 40;
     let started = Instant::now();
-    let (url, mut conn) = common::fresh_database("ledger_opposite");
+    let (url, mut conn) = fresh_database("ledger_opposite");
     let ledger = Arc::new(BalanceLedger::new());
     let (a, b) = (11i64, 12i64);
     ledger
@@ -402,33 +394,24 @@ fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
         .charge(&mut conn, b, dec(300, 0), "open")
         .expect("open b");
 
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                // Half the threads send a → b, the other half b → a.
-                let (from, to) = if t % 2 == 0 { (a, b) } else { (b, a) };
-                barrier.wait();
-                let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
-                for i in 0..PER_THREAD {
-                    let amount = dec(1 + (i as i64 * 7 + t as i64) % 25, 0);
-                    match ledger.transfer(&mut conn, from, to, amount, &format!("o{t}-{i}")) {
-                        Ok(_) => ok += 1,
-                        Err(Error::InsufficientBalance { .. }) => refused += 1,
-                        Err(e @ Error::Contended { .. }) => {
-                            check_contended(&e);
-                            contended += 1;
-                        }
-                        Err(other) => panic!("thread {t}: unexpected error {other:?}"),
-                    }
+    let results: Vec<_> = concurrently(THREADS, &url, |t, conn| {
+        // Half the threads send a → b, the other half b → a.
+        let (from, to) = if t % 2 == 0 { (a, b) } else { (b, a) };
+        let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);
+        for i in 0..PER_THREAD {
+            let amount = dec(1 + (i as i64 * 7 + t as i64) % 25, 0);
+            match ledger.transfer(conn, from, to, amount, &format!("o{t}-{i}")) {
+                Ok(_) => ok += 1,
+                Err(Error::InsufficientBalance { .. }) => refused += 1,
+                Err(e @ Error::Contended { .. }) => {
+                    check_contended(&e);
+                    contended += 1;
                 }
-                (ok, refused, contended)
-            })
-        })
-        .collect();
-    let results = join_all(handles);
+                Err(other) => panic!("thread {t}: unexpected error {other:?}"),
+            }
+        }
+        (ok, refused, contended)
+    });
     let ok: u64 = results.iter().map(|r| r.0).sum();
     let refused: u64 = results.iter().map(|r| r.1).sum();
     let contended: u64 = results.iter().map(|r| r.2).sum();
@@ -489,23 +472,10 @@ fn opposite_transfers_do_not_deadlock_and_link_both_sides() {
 /// 16 threads charge `user` under one key at once; returns the entry ids they got.
 fn race_one_charge(url: &str, ledger: &Arc<BalanceLedger>, user: i64, key: &str) -> Vec<i64> {
     const THREADS: usize = 16;
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let (url, ledger, barrier, key) = (
-                url.to_owned(),
-                ledger.clone(),
-                barrier.clone(),
-                key.to_owned(),
-            );
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                barrier.wait();
-                ledger.charge(&mut conn, user, dec(4250, 2), &key)
-            })
-        })
-        .collect();
-    join_all(handles)
+    let handles: Vec<_> = concurrently(THREADS, url, |_, conn| {
+        ledger.charge(conn, user, dec(4250, 2), key)
+    });
+    handles
         .into_iter()
         .map(|r| match r {
             Ok(entry) => {
@@ -519,7 +489,7 @@ fn race_one_charge(url: &str, ledger: &Arc<BalanceLedger>, user: i64, key: &str)
 
 #[test]
 fn same_key_charge_race_applies_once() {
-    let (url, mut conn) = common::fresh_database("ledger_same_key");
+    let (url, mut conn) = fresh_database("ledger_same_key");
     // Every racer must end with Ok: give the losers of the lock race a generous budget, so a
     // slow shared machine cannot turn the test into a Contended lottery.
     let mut retry = RetryPolicy::default();
@@ -587,7 +557,7 @@ fn same_key_charge_race_applies_once() {
 fn concurrent_refunds_never_exceed_the_deduct() {
     const THREADS: usize = 16;
     const USER: i64 = 31;
-    let (url, mut conn) = common::fresh_database("ledger_refunds");
+    let (url, mut conn) = fresh_database("ledger_refunds");
     let ledger = Arc::new(BalanceLedger::new());
     let charge = ledger
         .charge(&mut conn, USER, dec(500, 0), "top-up")
@@ -596,19 +566,11 @@ fn concurrent_refunds_never_exceed_the_deduct() {
         .deduct(&mut conn, USER, dec(100, 0), "order")
         .expect("deduct");
 
-    let barrier = Arc::new(Barrier::new(THREADS));
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                barrier.wait();
-                ledger.refund(&mut conn, deduct.id, dec(15, 0), &format!("refund-{t}"))
-            })
-        })
-        .collect();
+    let handles: Vec<_> = concurrently(THREADS, &url, |t, conn| {
+        ledger.refund(conn, deduct.id, dec(15, 0), &format!("refund-{t}"))
+    });
     let (mut ok, mut exceeded, mut contended) = (0u64, 0u64, 0u64);
-    for result in join_all(handles) {
+    for result in handles {
         match result {
             Ok(entry) => {
                 assert_eq!(entry.kind, EntryKind::Refund);
@@ -723,7 +685,7 @@ type Expect = Box<dyn Fn(&Error) -> bool>;
 
 #[test]
 fn bad_inputs_are_typed_and_change_nothing() {
-    let (_url, mut conn) = common::fresh_database("ledger_bad_inputs");
+    let (_url, mut conn) = fresh_database("ledger_bad_inputs");
     let ledger = BalanceLedger::new();
     let (rich, full, ghost, ghost2) = (1i64, 3i64, 999i64, 998i64);
     ledger
@@ -1033,7 +995,7 @@ fn bad_inputs_are_typed_and_change_nothing() {
 #[test]
 fn history_pages_newest_first_without_gaps() {
     const USER: i64 = 41;
-    let (_url, mut conn) = common::fresh_database("ledger_history");
+    let (_url, mut conn) = fresh_database("ledger_history");
     let ledger = BalanceLedger::new();
     let mut written: Vec<Entry> = Vec::new();
     for i in 0..25i64 {
@@ -1113,7 +1075,7 @@ fn history_pages_newest_first_without_gaps() {
 #[test]
 fn refused_call_writes_nothing_and_key_can_be_retried() {
     const USER: i64 = 51;
-    let (_url, mut conn) = common::fresh_database("ledger_retry_key");
+    let (_url, mut conn) = fresh_database("ledger_retry_key");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, USER, dec(20, 0), "c1")
@@ -1158,7 +1120,7 @@ fn refused_call_writes_nothing_and_key_can_be_retried() {
 #[test]
 fn audit_detects_a_tampered_balance() {
     const USER: i64 = 61;
-    let (_url, mut conn) = common::fresh_database("ledger_audit_tamper");
+    let (_url, mut conn) = fresh_database("ledger_audit_tamper");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, USER, dec(100, 0), "c")

@@ -4,15 +4,13 @@
 //! user holds two coupons of a template, every row's template is its campaign's, and statuses
 //! agree with `used_at` / `order_ref`.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, ThreadId};
 use std::time::{Duration as StdDuration, Instant};
 
-use chrono::{DateTime, Duration, NaiveDateTime, Utc};
+use chrono::{Duration, NaiveDateTime};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
@@ -21,81 +19,18 @@ use lockstock::combine::{CombiningIssuer, MysqlPool};
 use lockstock::coupon::Clock;
 use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
 use lockstock::{
-    Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign,
-    NewCoupon, RetryPolicy, SessionSettings, TxnPolicy,
+    Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, RetryPolicy, SessionSettings,
+    TxnPolicy,
 };
-use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{
+    connect, create_campaign, fresh_database, micros_to_time, now, open_campaign_named,
+    valid_coupon,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// UTC now at the microsecond precision of DATETIME(6).
-fn now() -> NaiveDateTime {
-    micros_to_time(Utc::now().timestamp_micros())
-}
-
-fn micros_to_time(micros: i64) -> NaiveDateTime {
-    DateTime::from_timestamp_micros(micros)
-        .expect("representable time")
-        .naive_utc()
-}
-
-fn make_coupon(issuer: &CouponIssuer, conn: &mut MysqlConnection, name: &str) -> Coupon {
-    let t = now();
-    issuer
-        .create_coupon(
-            conn,
-            &NewCoupon {
-                name,
-                discount: Discount::Fixed(Decimal::new(1_000, 0)),
-                valid_from: t - Duration::hours(1),
-                valid_until: t + Duration::days(7),
-            },
-        )
-        .expect("create coupon")
-}
-
-fn make_campaign(
-    issuer: &CouponIssuer,
-    conn: &mut MysqlConnection,
-    coupon_id: i64,
-    quantity: u32,
-    starts: NaiveDateTime,
-    ends: NaiveDateTime,
-) -> Campaign {
-    issuer
-        .create_campaign(
-            conn,
-            &NewCampaign {
-                coupon_id,
-                quantity,
-                issue_starts_at: starts,
-                issue_ends_at: ends,
-            },
-        )
-        .expect("create campaign")
-}
-
-/// A template valid from an hour ago for a week and a campaign open from a minute ago for an hour.
-fn open_campaign(
-    issuer: &CouponIssuer,
-    conn: &mut MysqlConnection,
-    name: &str,
-    quantity: u32,
-) -> (Coupon, Campaign) {
-    let t = now();
-    let coupon = make_coupon(issuer, conn, name);
-    let campaign = make_campaign(
-        issuer,
-        conn,
-        coupon.id,
-        quantity,
-        t - Duration::minutes(1),
-        t + Duration::hours(1),
-    );
-    (coupon, campaign)
-}
 
 /// (total_quantity, stock_quantity) of a campaign.
 fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
@@ -191,7 +126,7 @@ fn check_invariants(conn: &mut MysqlConnection, context: &str) {
 
 /// A connection whose server session has been killed: any round trip on it fails.
 fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = common::connect(url);
+    let mut doomed = connect(url);
     let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
         .get_result(&mut doomed)
         .expect("connection id");
@@ -211,9 +146,9 @@ fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection
 
 #[test]
 fn finding_3_restore_is_bound_to_its_order() {
-    let (_url, mut conn) = common::fresh_database("review_3_restore");
+    let (_url, mut conn) = fresh_database("review_3_restore");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "bound", 2);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "bound", 2);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
 
     // Nothing to restore yet; a malformed order is refused before anything is read.
@@ -286,9 +221,9 @@ fn finding_3_restore_is_bound_to_its_order() {
 
 #[test]
 fn finding_3_redeem_retry_by_the_same_order_succeeds() {
-    let (_url, mut conn) = common::fresh_database("review_3_redeem_retry");
+    let (_url, mut conn) = fresh_database("review_3_redeem_retry");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "retried", 2);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "retried", 2);
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
 
     let used = issuer
@@ -490,13 +425,13 @@ fn scenario_campaign(
     side: &str,
 ) -> i64 {
     let t = now();
-    let coupon = make_coupon(setup, conn, &format!("{} ({side})", scenario.name));
+    let coupon = valid_coupon(conn, setup, &format!("{} ({side})", scenario.name));
     let (starts, ends) = match scenario.window {
         Window::Open => (t - Duration::minutes(1), t + Duration::hours(1)),
         Window::Future => (t + Duration::hours(1), t + Duration::hours(2)),
         Window::Past => (t - Duration::hours(2), t - Duration::hours(1)),
     };
-    let campaign = make_campaign(setup, conn, coupon.id, scenario.quantity, starts, ends);
+    let campaign = create_campaign(conn, setup, coupon.id, scenario.quantity, starts, ends);
     for &user in scenario.holders {
         setup.issue(conn, user, campaign.id).expect("holder");
     }
@@ -505,7 +440,7 @@ fn scenario_campaign(
 
 #[test]
 fn finding_5_batch_answers_equal_single_answers() {
-    let (_url, mut conn) = common::fresh_database("review_5_batches");
+    let (_url, mut conn) = fresh_database("review_5_batches");
     let setup = CouponIssuer::new();
     for scenario in SCENARIOS {
         let single_campaign = scenario_campaign(&setup, &mut conn, scenario, "single");
@@ -576,10 +511,10 @@ fn finding_5_batch_answers_equal_single_answers() {
 
 #[test]
 fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
-    let (_url, mut conn) = common::fresh_database("review_6_reads");
+    let (_url, mut conn) = fresh_database("review_6_reads");
     let issuer = CouponIssuer::new();
     let elsewhere = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "read clears", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "read clears", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
     assert!(matches!(
         issuer.issue(&mut conn, 2, campaign.id),
@@ -623,9 +558,9 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
 
 #[test]
 fn finding_6_a_restock_clears_the_sold_out_mark_whatever_its_outcome() {
-    let (url, mut conn) = common::fresh_database("review_6_outcome");
+    let (url, mut conn) = fresh_database("review_6_outcome");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "outcome", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "outcome", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
     assert!(matches!(
         issuer.issue(&mut conn, 2, campaign.id),
@@ -672,10 +607,10 @@ fn restock_rows(conn: &mut MysqlConnection) -> Vec<(i64, String, i32)> {
 
 #[test]
 fn finding_6_restock_is_idempotent_by_key() {
-    let (_url, mut conn) = common::fresh_database("review_6_restock_key");
+    let (_url, mut conn) = fresh_database("review_6_restock_key");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign(&issuer, &mut conn, "restocked", 1);
-    let (_other_coupon, other) = open_campaign(&issuer, &mut conn, "other", 1);
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "restocked", 1);
+    let (_other_coupon, other) = open_campaign_named(&mut conn, &issuer, "other", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
     assert!(matches!(
         issuer.issue(&mut conn, 2, campaign.id),
@@ -789,14 +724,14 @@ impl WatchedClock {
 #[test]
 fn finding_9_window_uses_the_committing_attempts_time() {
     const SINGLES: i64 = 3;
-    let (url, mut conn) = common::fresh_database("review_9_window");
+    let (url, mut conn) = fresh_database("review_9_window");
     let setup = CouponIssuer::new();
     let t = now();
-    let coupon = make_coupon(&setup, &mut conn, "closing");
+    let coupon = valid_coupon(&mut conn, &setup, "closing");
     let ends = t + Duration::minutes(30);
-    let campaign = make_campaign(
-        &setup,
+    let campaign = create_campaign(
         &mut conn,
+        &setup,
         coupon.id,
         100,
         t - Duration::hours(1),
@@ -809,7 +744,7 @@ fn finding_9_window_uses_the_committing_attempts_time() {
     assert_eq!(before.issued_at, ends - Duration::milliseconds(1));
 
     // Another session holds the stock row, so every attempt is refused and retried.
-    let mut holder = common::connect(&url);
+    let mut holder = connect(&url);
     holder.batch_execute("BEGIN").expect("begin");
     let _: Vec<i32> = fcfs_coupon::table
         .find(campaign.id)
@@ -823,7 +758,7 @@ fn finding_9_window_uses_the_committing_attempts_time() {
         .map(|i| {
             let (url, issuer) = (url.clone(), issuer.clone());
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 issuer.issue(&mut conn, 10 + i, campaign.id)
             })
         })
@@ -831,7 +766,7 @@ fn finding_9_window_uses_the_committing_attempts_time() {
     let batch = {
         let (url, issuer) = (url.clone(), issuer.clone());
         thread::spawn(move || {
-            let mut conn = common::connect(&url);
+            let mut conn = connect(&url);
             issuer.issue_many(&mut conn, campaign.id, &[20, 21])
         })
     };
@@ -908,7 +843,7 @@ fn hot_rows_holder(
     held: Vec<i64>,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
-    let mut conn = common::connect(url);
+    let mut conn = connect(url);
     thread::spawn(move || {
         // READ COMMITTED: exactly these rows. Under REPEATABLE READ its scan of user_coupon also
         // takes next-key locks up to the end of the table, on which every issue's INSERT (it
@@ -992,9 +927,9 @@ enum Op {
 #[test]
 fn finding_9_deadline_bounds_coupon_calls() {
     const QUANTITY: u32 = 1_000;
-    let (url, mut admin) = common::fresh_database("review_9_deadline");
+    let (url, mut admin) = fresh_database("review_9_deadline");
     let issuer = CouponIssuer::with_policy(short_policy());
-    let (_coupon, campaign) = open_campaign(&issuer, &mut admin, "hot", QUANTITY);
+    let (_coupon, campaign) = open_campaign_named(&mut admin, &issuer, "hot", QUANTITY);
     // Users 1..=12 hold coupons to redeem, users 13..=24 coupons redeemed on "order-{id}".
     let mut to_redeem = Vec::new();
     let mut to_restore = Vec::new();
@@ -1022,7 +957,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
             let (calls, url) = (calls.clone(), url.clone());
             let campaign_id = campaign.id;
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 for i in 0..6i64 {
                     let users = [
                         holder_user,
@@ -1105,7 +1040,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
             let redeem = [to_redeem[2 * t], to_redeem[2 * t + 1]];
             let restore = [to_restore[2 * t], to_restore[2 * t + 1]];
             thread::spawn(move || {
-                let mut conn = common::connect(&url);
+                let mut conn = connect(&url);
                 let user = 30_000 + 10 * t as i64;
                 let key = format!("restock-{t}");
                 // Each coupon redeemed twice (the second a retry by the same order), each
@@ -1277,22 +1212,22 @@ fn two_campaigns(
     conn: &mut MysqlConnection,
     first: i64,
 ) -> (Campaign, Campaign) {
-    let one = make_coupon(issuer, conn, "one");
-    let two = make_coupon(issuer, conn, "two");
+    let one = valid_coupon(conn, issuer, "one");
+    let two = valid_coupon(conn, issuer, "two");
     assert_eq!((one.id, two.id), (1, 2));
     let t = now();
     let other = 3 - first;
-    let a = make_campaign(
-        issuer,
+    let a = create_campaign(
         conn,
+        issuer,
         first,
         10,
         t - Duration::hours(1),
         t + Duration::hours(1),
     );
-    let b = make_campaign(
-        issuer,
+    let b = create_campaign(
         conn,
+        issuer,
         other,
         10,
         t - Duration::hours(1),
@@ -1304,8 +1239,8 @@ fn two_campaigns(
 
 #[test]
 fn finding_10f_one_issuer_on_two_databases_writes_each_campaigns_template() {
-    let (_url_a, mut a) = common::fresh_database("review_10f_a");
-    let (_url_b, mut b) = common::fresh_database("review_10f_b");
+    let (_url_a, mut a) = fresh_database("review_10f_a");
+    let (_url_b, mut b) = fresh_database("review_10f_b");
     let issuer = CouponIssuer::new();
     // Campaign 1 hands out template 1 in database a and template 2 in database b.
     let (a1, _a2) = two_campaigns(&issuer, &mut a, 1);

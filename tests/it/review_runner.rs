@@ -2,8 +2,6 @@
 //! ROLLBACK, leaked session settings, `KILL QUERY`, a raw `BEGIN`, a lost read-only COMMIT,
 //! sub-millisecond timeouts and expired deadlines. Each failed on c12ceba.
 
-mod common;
-
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -16,8 +14,10 @@ use lockstock::schema::{balance_history, user_balance};
 use lockstock::{
     BalanceLedger, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
-use lockstock_testkit::Sandbox;
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::Sandbox;
 
 fn dec(units: i64) -> Decimal {
     Decimal::new(units, 0)
@@ -71,7 +71,7 @@ fn journal_rows(conn: &mut MysqlConnection, user: i64) -> i64 {
 /// A database on a server of its own (the test changes global variables).
 fn private_database(sandbox: &Sandbox, name: &str) -> (String, MysqlConnection) {
     let url = sandbox.create_database(name).expect("create database");
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     lockstock::run_migrations(&mut conn).expect("migrate");
     (url, conn)
 }
@@ -101,7 +101,7 @@ fn heal_rollback(admin: &mut MysqlConnection) {
 
 /// The account row is not locked by anyone: a NOWAIT lock on it is granted at once.
 fn row_is_free(url: &str, user: i64) -> bool {
-    let mut other = common::connect(url);
+    let mut other = connect(url);
     other.batch_execute("BEGIN").expect("begin");
     let free = user_balance::table
         .find(user)
@@ -121,7 +121,7 @@ fn finding_1_failed_rollback_breaks_the_connection() {
     let ledger = BalanceLedger::new();
 
     // A caller's own connection: every statement of a charge is prepared, ROLLBACK is not.
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     ledger
         .charge(&mut conn, 1, dec(100), "warm-1")
         .expect("first charge");
@@ -157,7 +157,7 @@ fn finding_1_failed_rollback_breaks_the_connection() {
     admin
         .batch_execute("DROP TRIGGER fail_big_balances")
         .expect("drop trigger");
-    let mut check = common::connect(&url);
+    let mut check = connect(&url);
     assert_eq!(journal_rows(&mut check, 1), 2);
     let report = ledger.audit(&mut check, 1).expect("audit");
     assert_eq!(report.balance, dec(101));
@@ -208,7 +208,7 @@ fn finding_1_failed_rollback_breaks_the_connection() {
 
 #[test]
 fn finding_7_session_settings_are_restored() {
-    let (url, mut conn) = common::fresh_database("review_session");
+    let (url, mut conn) = fresh_database("review_session");
     conn.batch_execute(
         "SET SESSION innodb_lock_wait_timeout = 37, max_statement_time = 0, \
          time_zone = '+09:00', lc_messages = 'de_DE', tx_isolation = 'READ-UNCOMMITTED'",
@@ -270,16 +270,21 @@ fn finding_7_session_settings_are_restored() {
 
 #[test]
 fn finding_8_kill_query_rolls_back_and_retries() {
-    let (url, mut conn) = common::fresh_database("review_kill_query");
+    let (url, mut conn) = fresh_database("review_kill_query");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(100), "c").expect("charge");
     let mut policy = TxnPolicy::default();
     policy.lock_wait_timeout = Duration::from_secs(20);
+    // The killer must see the victim waiting before the statement times out or the retries run
+    // out of time, also when the
+    // whole suite shares two cores.
+    policy.statement_timeout = Duration::from_secs(20);
+    policy.retry.deadline = Duration::from_secs(30);
     let runner = TxnRunner::new(policy);
 
     // The holder keeps the row until told; the victim's first attempt waits for it (a waiting
     // lock, not NOWAIT) and is interrupted by KILL QUERY; the retry gets the row.
-    let mut holder = common::connect(&url);
+    let mut holder = connect(&url);
     holder.batch_execute("BEGIN").expect("begin");
     user_balance::table
         .find(1)
@@ -291,7 +296,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
     let (release, released) = mpsc::channel::<()>();
     let admin_url = url.clone();
     let killer = thread::spawn(move || {
-        let mut admin = common::connect(&admin_url);
+        let mut admin = connect(&admin_url);
         // Wait until the victim is waiting for the lock, then interrupt that statement.
         for _ in 0..500 {
             let waiting: i64 = diesel::sql_query(format!(
@@ -348,7 +353,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
 
 #[test]
 fn finding_10a_raw_begin_is_a_nested_transaction() {
-    let (_url, mut conn) = common::fresh_database("review_raw_begin");
+    let (_url, mut conn) = fresh_database("review_raw_begin");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
     let before = session(&mut conn);
@@ -379,10 +384,10 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
 
 #[test]
 fn finding_10b_lost_read_only_commit_is_not_outcome_unknown() {
-    let (url, mut conn) = common::fresh_database("review_read_commit");
+    let (url, mut conn) = fresh_database("review_read_commit");
     let runner = TxnRunner::new(TxnPolicy::default());
     let id = connection_id(&mut conn);
-    let mut admin = common::connect(&url);
+    let mut admin = connect(&url);
     let result = runner.read(&mut conn, |_| {
         // The connection dies after the snapshot's last read, before its COMMIT.
         admin.batch_execute(&format!("KILL {id}"))?;
@@ -396,7 +401,7 @@ fn finding_10b_lost_read_only_commit_is_not_outcome_unknown() {
 
 #[test]
 fn finding_10d_sub_millisecond_statement_timeout_is_not_unlimited() {
-    let (_url, mut conn) = common::fresh_database("review_sub_ms");
+    let (_url, mut conn) = fresh_database("review_sub_ms");
     let mut policy = TxnPolicy::default();
     policy.statement_timeout = Duration::from_micros(400);
     let runner = TxnRunner::new(policy);
@@ -414,7 +419,7 @@ fn finding_10d_sub_millisecond_statement_timeout_is_not_unlimited() {
 
 #[test]
 fn an_expired_deadline_sends_nothing() {
-    let (_url, mut conn) = common::fresh_database("review_expired");
+    let (_url, mut conn) = fresh_database("review_expired");
     let runner = TxnRunner::new(TxnPolicy::default());
     let deadline = Deadline::after(Duration::ZERO);
     let mut ran = false;

@@ -2,57 +2,17 @@
 //! paths under 64 concurrent callers: no over-issue, no duplicate holder, no negative balance,
 //! keys applied once. Everything is checked from the database afterwards.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use chrono::{Duration, Utc};
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
-use lockstock::combine::{CombiningIssuer, CombiningLedger, MysqlPool};
+use lockstock::combine::{CombiningIssuer, CombiningLedger};
 use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
-use lockstock::{
-    AccountOp, BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon,
-    SessionSettings, TxnPolicy,
-};
+use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Error};
 use rust_decimal::Decimal;
 
-fn pool(url: &str, size: u32) -> MysqlPool {
-    Pool::builder()
-        .max_size(size)
-        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
-        .build(ConnectionManager::<MysqlConnection>::new(url))
-        .expect("pool")
-}
-
-fn campaign(conn: &mut MysqlConnection, issuer: &CouponIssuer, quantity: u32) -> i64 {
-    let now = Utc::now().naive_utc();
-    let coupon = issuer
-        .create_coupon(
-            conn,
-            &NewCoupon {
-                name: "combined",
-                discount: Discount::Fixed(Decimal::new(1_000, 0)),
-                valid_from: now - Duration::hours(1),
-                valid_until: now + Duration::days(1),
-            },
-        )
-        .expect("coupon");
-    issuer
-        .create_campaign(
-            conn,
-            &NewCampaign {
-                coupon_id: coupon.id,
-                quantity,
-                issue_starts_at: now - Duration::minutes(1),
-                issue_ends_at: now + Duration::hours(1),
-            },
-        )
-        .expect("campaign")
-        .id
-}
+use lockstock_testkit::fixtures::{fresh_database, open_campaign, pool};
 
 fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i64, i32, i64) {
     let rows: i64 = user_coupon::table
@@ -75,9 +35,9 @@ fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i64, i32, i64) 
 
 #[test]
 fn issue_many_decides_each_request_in_order() {
-    let (_url, mut conn) = common::fresh_database("combine_issue_many");
+    let (_url, mut conn) = fresh_database("combine_issue_many");
     let issuer = CouponIssuer::new();
-    let id = campaign(&mut conn, &issuer, 3);
+    let id = open_campaign(&mut conn, &issuer, 3).id;
     let held = issuer.issue(&mut conn, 5, id).expect("held before");
     // 7 twice, 5 already holds, -1 invalid; stock 2 left for 7, 8, 9, 10 in that order.
     // The answers are those of single issue calls made in this order.
@@ -137,7 +97,7 @@ fn issue_many_decides_each_request_in_order() {
 
 #[test]
 fn apply_many_is_sequential_per_request() {
-    let (_url, mut conn) = common::fresh_database("combine_apply_many");
+    let (_url, mut conn) = fresh_database("combine_apply_many");
     let ledger = BalanceLedger::new();
     let d = Decimal::new;
     let ops = vec![
@@ -206,9 +166,9 @@ fn apply_many_is_sequential_per_request() {
 
 #[test]
 fn combining_issuer_never_over_issues_under_64_callers() {
-    let (url, mut conn) = common::fresh_database("combine_issuer");
+    let (url, mut conn) = fresh_database("combine_issuer");
     let issuer = CouponIssuer::new();
-    let id = campaign(&mut conn, &issuer, 500);
+    let id = open_campaign(&mut conn, &issuer, 500).id;
     let hot = Arc::new(CombiningIssuer::new(pool(&url, 8), issuer));
     let barrier = Arc::new(Barrier::new(64));
     let workers: Vec<_> = (0..64i64)
@@ -253,7 +213,7 @@ fn combining_issuer_never_over_issues_under_64_callers() {
 
 #[test]
 fn combining_ledger_keeps_balances_exact_under_64_callers() {
-    let (url, mut conn) = common::fresh_database("combine_ledger");
+    let (url, mut conn) = fresh_database("combine_ledger");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, 1, Decimal::new(1_000, 0), "seed")

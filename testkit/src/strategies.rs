@@ -1,4 +1,4 @@
-//! Contention strategies for one hot coupon campaign and one hot account, shared by
+//! Contention strategies for one hot coupon campaign and one hot account, used by lockstock's
 //! `benches/contention.rs` and `examples/contention_report.rs`.
 //!
 //! Strategies (see [`Strategy`]):
@@ -15,7 +15,6 @@
 //!
 //! [`Harness::run_cell`] runs one (domain, strategy, clients) cell with one thread per client
 //! and checks the invariants from the database afterwards.
-#![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -778,9 +777,9 @@ pub struct Harness {
 
 impl Harness {
     /// A freshly created database `name` (dropped first if it exists) with lockstock's
-    /// migrations, on `lockstock_testkit::sandbox::database_url(name)`.
+    /// migrations, on `crate::sandbox::database_url(name)`.
     pub fn new(name: &str) -> Result<Self, BoxError> {
-        let url = lockstock_testkit::sandbox::database_url(name)?;
+        let url = crate::sandbox::database_url(name)?;
         let mut setup = connect(&url)?;
         // `name` was validated by `database_url` ([A-Za-z0-9_]{1,64}).
         setup.batch_execute(&format!(

@@ -13,8 +13,6 @@
 //! `PROPTEST_CASES` changes their number (default 64, of up to 60 operations after
 //! an 11-operation prelude).
 
-mod common;
-
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -31,6 +29,9 @@ use lockstock::{
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::fresh_database;
+use lockstock_testkit::rng::seed;
 
 /// A positive id no server object gets in a test.
 const MISSING: i64 = 900_000_000_000;
@@ -1492,8 +1493,8 @@ fn compare_state(
 #[test]
 fn server_matches_the_model() {
     let test = "server_matches_the_model";
-    let seed = common::seed(test);
-    let (_url, conn) = common::fresh_database("model");
+    let seed = seed(test);
+    let (_url, conn) = fresh_database("model");
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
@@ -1538,7 +1539,7 @@ fn server_matches_the_model() {
 /// keys that differ otherwise (leading space, case) stay distinct.
 #[test]
 fn keys_that_differ_only_by_trailing_spaces_are_refused() {
-    let (_url, mut conn) = common::fresh_database("model_pad_space");
+    let (_url, mut conn) = fresh_database("model_pad_space");
     let ledger = BalanceLedger::new();
     let ten = Decimal::new(10, 0);
     let first = ledger.charge(&mut conn, 1, ten, "k").expect("charge");
@@ -1745,9 +1746,9 @@ fn run_batch_case(
 #[test]
 fn batches_answer_as_single_calls() {
     let test = "batches_answer_as_single_calls";
-    let seed = common::seed(test);
-    let (_url, single) = common::fresh_database("model_batch_single");
-    let (_url, many) = common::fresh_database("model_batch_many");
+    let seed = seed(test);
+    let (_url, single) = fresh_database("model_batch_single");
+    let (_url, many) = fresh_database("model_batch_many");
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())

@@ -1,8 +1,6 @@
 //! The foundation against a real server: migrations, schema, session settings, and the
 //! transaction runner's NOWAIT refusal, retry, attempt bound and deadline.
 
-mod common;
-
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,6 +17,8 @@ use lockstock::{
     BalanceLedger, Error, RetryPolicy, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
 
 #[derive(QueryableByName)]
 struct Name {
@@ -41,7 +41,7 @@ fn tables(conn: &mut MysqlConnection) -> Vec<String> {
 
 #[test]
 fn migrations_up_down_up() {
-    let (_url, mut conn) = common::fresh_database("foundation_migrations");
+    let (_url, mut conn) = fresh_database("foundation_migrations");
     let all = [
         "balance_history",
         "coupon",
@@ -82,7 +82,7 @@ fn diesel_columns(select_sql: &str) -> Vec<String> {
 
 #[test]
 fn schema_rs_matches_migrations() {
-    let (_url, mut conn) = common::fresh_database("foundation_schema");
+    let (_url, mut conn) = fresh_database("foundation_schema");
     let declared = [
         (
             "user_balance",
@@ -217,7 +217,7 @@ struct Settings {
 
 #[test]
 fn pool_customizer_applies_session_settings() {
-    let (url, _conn) = common::fresh_database("foundation_pool");
+    let (url, _conn) = fresh_database("foundation_pool");
     let mut policy = TxnPolicy::default();
     policy.lock_wait_timeout = Duration::from_secs(2);
     policy.statement_timeout = Duration::from_millis(1500);
@@ -241,8 +241,8 @@ fn pool_customizer_applies_session_settings() {
 
 #[test]
 fn statement_timeout_is_enforced_and_typed() {
-    let (url, _conn) = common::fresh_database("foundation_stmt_timeout");
-    let mut conn = common::connect(&url);
+    let (url, _conn) = fresh_database("foundation_stmt_timeout");
+    let mut conn = connect(&url);
     let mut policy = TxnPolicy::default();
     policy.statement_timeout = Duration::from_millis(200);
     let runner = TxnRunner::new(policy);
@@ -265,7 +265,7 @@ fn statement_timeout_is_enforced_and_typed() {
 }
 
 fn seed_account(url: &str, user_id: i64) {
-    let mut conn = common::connect(url);
+    let mut conn = connect(url);
     BalanceLedger::new()
         .charge(
             &mut conn,
@@ -289,32 +289,19 @@ fn lock_nowait(conn: &mut MysqlConnection, user_id: i64) -> Result<Decimal, Erro
 /// refused at once with a typed, retryable error.
 #[test]
 fn nowait_race_exactly_one_holds_the_lock() {
-    let (url, _conn) = common::fresh_database("foundation_nowait_race");
+    let (url, _conn) = fresh_database("foundation_nowait_race");
     seed_account(&url, 1);
-    let barrier = Arc::new(Barrier::new(2));
-    let racers: Vec<_> = (0..2)
-        .map(|_| {
-            let (url, barrier) = (url.clone(), barrier.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                let runner =
-                    TxnRunner::new(TxnPolicy::default().with_retry(RetryPolicy::no_retry()));
-                barrier.wait();
-                let started = Instant::now();
-                let result = runner.run(&mut conn, |conn| {
-                    lock_nowait(conn, 1)?;
-                    // Hold the lock long enough that the other racer certainly asks meanwhile.
-                    thread::sleep(Duration::from_millis(400));
-                    Ok(())
-                });
-                (result, started.elapsed())
-            })
-        })
-        .collect();
-    let results: Vec<_> = racers
-        .into_iter()
-        .map(|r| r.join().expect("racer"))
-        .collect();
+    let results: Vec<_> = concurrently(2, &url, |_, conn| {
+        let runner = TxnRunner::new(TxnPolicy::default().with_retry(RetryPolicy::no_retry()));
+        let started = Instant::now();
+        let result = runner.run(conn, |conn| {
+            lock_nowait(conn, 1)?;
+            // Hold the lock long enough that the other racer certainly asks meanwhile.
+            thread::sleep(Duration::from_millis(400));
+            Ok(())
+        });
+        (result, started.elapsed())
+    });
     let winners = results.iter().filter(|(r, _)| r.is_ok()).count();
     assert_eq!(winners, 1, "{results:?}");
     let (refused, waited) = results.iter().find(|(r, _)| r.is_err()).expect("a loser");
@@ -345,9 +332,9 @@ fn nowait_race_exactly_one_holds_the_lock() {
 /// The runner's retry turns the refusal into success once the holder commits.
 #[test]
 fn retry_succeeds_after_holder_commits() {
-    let (url, _conn) = common::fresh_database("foundation_retry");
+    let (url, _conn) = fresh_database("foundation_retry");
     seed_account(&url, 1);
-    let mut holder = common::connect(&url);
+    let mut holder = connect(&url);
     let held = Arc::new(Barrier::new(2));
     let held2 = held.clone();
     let holder_thread = thread::spawn(move || {
@@ -365,7 +352,7 @@ fn retry_succeeds_after_holder_commits() {
             .expect("holder");
     });
     held.wait();
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     let runner = TxnRunner::new(TxnPolicy::default());
     let started = Instant::now();
     let (result, attempts) = runner.run_counted(&mut conn, |conn| lock_nowait(conn, 1));
@@ -381,7 +368,7 @@ fn hold_lock_for(
     user_id: i64,
     hold: Duration,
 ) -> (thread::JoinHandle<()>, Arc<Barrier>) {
-    let mut holder = common::connect(url);
+    let mut holder = connect(url);
     let held = Arc::new(Barrier::new(2));
     let held2 = held.clone();
     let handle = thread::spawn(move || {
@@ -403,11 +390,11 @@ fn hold_lock_for(
 
 #[test]
 fn retries_stop_at_max_attempts() {
-    let (url, _conn) = common::fresh_database("foundation_attempts");
+    let (url, _conn) = fresh_database("foundation_attempts");
     seed_account(&url, 1);
     let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(1500));
     held.wait();
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     let mut retry = RetryPolicy::default();
     retry.max_attempts = 5;
     retry.base_backoff = Duration::from_millis(1);
@@ -432,11 +419,11 @@ fn retries_stop_at_max_attempts() {
 
 #[test]
 fn retries_stop_at_the_deadline() {
-    let (url, _conn) = common::fresh_database("foundation_deadline");
+    let (url, _conn) = fresh_database("foundation_deadline");
     seed_account(&url, 1);
     let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(2000));
     held.wait();
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     let mut retry = RetryPolicy::default();
     retry.max_attempts = 100_000;
     retry.deadline = Duration::from_millis(300);
@@ -461,8 +448,8 @@ fn retries_stop_at_the_deadline() {
 
 #[test]
 fn refuses_to_run_inside_a_callers_transaction() {
-    let (url, _conn) = common::fresh_database("foundation_nested");
-    let mut conn = common::connect(&url);
+    let (url, _conn) = fresh_database("foundation_nested");
+    let mut conn = connect(&url);
     let ledger = BalanceLedger::new();
     let outcome = conn.transaction::<_, diesel::result::Error, _>(|conn| {
         Ok(ledger.charge(conn, 1, Decimal::ONE, "inside"))
@@ -497,8 +484,8 @@ fn prepares(conn: &mut MysqlConnection) -> i64 {
 #[test]
 fn hot_paths_use_cached_prepared_statements() {
     use lockstock::{CouponIssuer, Discount, NewCampaign, NewCoupon};
-    let (url, _conn) = common::fresh_database("foundation_prepared");
-    let mut conn = common::connect(&url);
+    let (url, _conn) = fresh_database("foundation_prepared");
+    let mut conn = connect(&url);
     let ledger = BalanceLedger::new();
     let issuer = CouponIssuer::new();
     let now = chrono::Utc::now().naive_utc();
@@ -549,8 +536,8 @@ fn hot_paths_use_cached_prepared_statements() {
 /// a pooled one) is never left with a transaction open.
 #[test]
 fn a_panicking_body_rolls_back() {
-    let (url, _conn) = common::fresh_database("foundation_panic");
-    let mut conn = common::connect(&url);
+    let (url, _conn) = fresh_database("foundation_panic");
+    let mut conn = connect(&url);
     let runner = TxnRunner::new(TxnPolicy::default());
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let _ = runner.run(&mut conn, |conn| {
@@ -569,7 +556,7 @@ fn a_panicking_body_rolls_back() {
         .get_result(&mut conn)
         .expect("count");
     assert_eq!(rows, 0);
-    let mut other = common::connect(&url);
+    let mut other = connect(&url);
     let seen: i64 = user_balance::table
         .count()
         .get_result(&mut other)
@@ -585,34 +572,24 @@ fn a_panicking_body_rolls_back() {
 #[test]
 fn read_committed_policy_keeps_balances_exact() {
     use lockstock::Isolation;
-    let (url, mut conn) = common::fresh_database("foundation_read_committed");
+    let (url, mut conn) = fresh_database("foundation_read_committed");
     let ledger =
         BalanceLedger::with_policy(TxnPolicy::default().with_isolation(Isolation::ReadCommitted));
     ledger
         .charge(&mut conn, 1, Decimal::new(100, 0), "seed")
         .expect("seed");
-    let barrier = Arc::new(Barrier::new(8));
-    let workers: Vec<_> = (0..8)
-        .map(|t| {
-            let (url, barrier, ledger) = (url.clone(), barrier.clone(), ledger.clone());
-            thread::spawn(move || {
-                let mut conn = common::connect(&url);
-                barrier.wait();
-                (0..10)
-                    .filter(|i| {
-                        match ledger.deduct(&mut conn, 1, Decimal::new(3, 0), &format!("{t}-{i}")) {
-                            Ok(_) => true,
-                            Err(Error::InsufficientBalance { .. } | Error::Contended { .. }) => {
-                                false
-                            }
-                            Err(e) => panic!("untyped: {e:?}"),
-                        }
-                    })
-                    .count() as i64
-            })
-        })
-        .collect();
-    let ok: i64 = workers.into_iter().map(|w| w.join().expect("worker")).sum();
+    let workers: Vec<_> = concurrently(8, &url, |t, conn| {
+        (0..10)
+            .filter(
+                |i| match ledger.deduct(conn, 1, Decimal::new(3, 0), &format!("{t}-{i}")) {
+                    Ok(_) => true,
+                    Err(Error::InsufficientBalance { .. } | Error::Contended { .. }) => false,
+                    Err(e) => panic!("untyped: {e:?}"),
+                },
+            )
+            .count() as i64
+    });
+    let ok: i64 = workers.into_iter().sum();
     let balance: Decimal = user_balance::table
         .find(1i64)
         .select(user_balance::balance)
@@ -637,9 +614,9 @@ struct Level {
 #[test]
 fn transactions_run_at_the_policys_isolation_level() {
     use lockstock::Isolation;
-    let (url, _conn) = common::fresh_database("foundation_isolation");
+    let (url, _conn) = fresh_database("foundation_isolation");
     seed_account(&url, 1);
-    let mut conn = common::connect(&url);
+    let mut conn = connect(&url);
     for (isolation, expected) in [
         (Isolation::Serializable, "SERIALIZABLE"),
         (Isolation::RepeatableRead, "REPEATABLE READ"),
