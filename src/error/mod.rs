@@ -444,11 +444,6 @@ impl Error {
             reason: reason.into(),
         }
     }
-
-    /// A lock refusal that the transaction runner retries.
-    pub(crate) fn is_transient(&self) -> bool {
-        matches!(self, Self::Server(e) if e.kind().is_retryable())
-    }
 }
 
 impl From<DieselError> for Error {

@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use diesel::mysql::MysqlConnection;
 use diesel::RunQueryDsl;
 
-use crate::error::Error;
+use crate::error::{Error, ServerError};
 use crate::statements::PreparedSql;
 
 /// Runs transactions under a [`TxnPolicy`]. Domain types hold one; it holds no connection.
@@ -208,19 +208,27 @@ impl TxnRunner {
         #[cfg(feature = "tracing")]
         let _span =
             tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
+        // The last refusal, once there was one: a deadline that passes after it gives up as
+        // `Contended` with it, not as `Timeout` (which means nothing was ever sent).
+        let mut last: Option<ServerError> = None;
         loop {
             if deadline.is_expired() {
-                return (
-                    Err(Error::Timeout {
+                let error = match last {
+                    Some(last) => Error::Contended {
+                        attempts: attempts.started,
                         elapsed: deadline.elapsed(),
-                    }),
-                    attempts,
-                );
+                        last,
+                    },
+                    None => Error::Timeout {
+                        elapsed: deadline.elapsed(),
+                    },
+                };
+                return (Err(error), attempts);
             }
             attempts.started += 1;
             let error = match self.once(conn, read_only, &mut body) {
                 Ok(value) => return (Ok(value), attempts),
-                Err(error) if error.is_transient() => error,
+                Err(Error::Server(error)) if error.kind().is_retryable() => error,
                 Err(error) => return (Err(error), attempts),
             };
             attempts.refused += 1;
@@ -228,15 +236,11 @@ impl TxnRunner {
             let pause = retry.backoff(attempts.started - 1);
             trace_event!(
                 attempt = attempts.started,
-                kind = ?error.server_kind(),
+                kind = ?error.kind(),
                 backoff_us = pause.as_micros() as u64,
                 "lock refused; retrying"
             );
             if attempts.started >= retry.max_attempts.max(1) || pause >= deadline.remaining() {
-                let last = match error {
-                    Error::Server(last) => last,
-                    other => return (Err(other), attempts),
-                };
                 trace_event!(
                     attempts = attempts.started,
                     elapsed_us = elapsed.as_micros() as u64,
@@ -245,10 +249,11 @@ impl TxnRunner {
                 let contended = Error::Contended {
                     attempts: attempts.started,
                     elapsed,
-                    last,
+                    last: error,
                 };
                 return (Err(contended), attempts);
             }
+            last = Some(error);
             std::thread::sleep(pause);
         }
     }

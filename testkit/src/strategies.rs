@@ -381,16 +381,10 @@ pub fn issue_cond(
 // Hot account
 // ---------------------------------------------------------------------------------------------
 
-/// The journal's `request_hash` of a deduct, computed as lockstock does (FNV-1a 64 of
-/// `kind|user|amount|reference`), so hand-written rows look like the library's.
+/// The journal's `request_hash` of a deduct, as lockstock stores it, so hand-written rows look
+/// like the library's.
 pub fn deduct_hash(user_id: i64, amount: Decimal) -> String {
-    let canonical = format!("deduct|{user_id}|{}|0", amount.normalize());
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in canonical.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    lockstock::ledger::request_hash(lockstock::EntryKind::Deduct, user_id, amount, None)
 }
 
 fn insert_deduct_entry(
