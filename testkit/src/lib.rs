@@ -7,6 +7,8 @@
 //!   data directory and socket, started in about a second, killed and removed when the process
 //!   exits — also when it panics or is killed (a watchdog process follows the owner).
 //!   [`database_url`] gives every test a database on one shared server, or on `DATABASE_URL`.
+//! * [`galera`]: a throwaway MariaDB Galera cluster (3 nodes by default) on loopback ports,
+//!   with per-node kill, stop, restart, pause and resume, and the same cleanup guarantees.
 //!
 //! Unix only (the sandbox starts processes and follows them with a watchdog).
 #![warn(
@@ -16,6 +18,8 @@
     clippy::expect_used
 )]
 
+pub mod galera;
 pub mod sandbox;
 
+pub use galera::{GaleraBuilder, GaleraCluster, GaleraError, NodePorts, NodeStatus};
 pub use sandbox::{database_url, Sandbox, SandboxError};
