@@ -627,12 +627,68 @@ impl GaleraCluster {
 
     /// Waits up to `timeout` until `node` is ready, Synced and in the
     /// Primary component; returns its status.
+    ///
+    /// Right after [`resume`](Self::resume) a node still reports its state
+    /// from before the pause; use [`wait_cluster_synced`](Self::wait_cluster_synced)
+    /// to wait until it has noticed that it was evicted and rejoined.
     pub fn wait_synced(
         &mut self,
         node: usize,
         timeout: Duration,
     ) -> Result<NodeStatus, GaleraError> {
         self.wait_synced_inner(node, None, timeout)
+    }
+
+    /// Waits up to `timeout` until every running, unpaused node is ready,
+    /// Synced, in the Primary component and sees exactly the running,
+    /// unpaused nodes (`wsrep_cluster_size`). Returns the statuses by node
+    /// index (`None` for stopped, killed and paused nodes).
+    ///
+    /// Use it after [`kill`](Self::kill) (until the others evicted the dead
+    /// node), after [`resume`](Self::resume) (until the node rejoined) or
+    /// after a test's own fault injection.
+    pub fn wait_cluster_synced(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Vec<Option<NodeStatus>>, GaleraError> {
+        let started = Instant::now();
+        loop {
+            let live: Vec<usize> = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].server.is_some() && !self.nodes[i].paused)
+                .collect();
+            let mut statuses = vec![None; self.nodes.len()];
+            let mut waiting = None;
+            for &node in &live {
+                self.check_exited(node)?;
+                match self.status(node) {
+                    Ok(status)
+                        if status.is_synced() && status.cluster_size == live.len() as u64 =>
+                    {
+                        statuses[node] = Some(status);
+                    }
+                    Ok(status) => {
+                        waiting = Some((node, format!("{status:?}")));
+                        break;
+                    }
+                    Err(e) => {
+                        waiting = Some((node, e.to_string()));
+                        break;
+                    }
+                }
+            }
+            let Some((node, last)) = waiting else {
+                return Ok(statuses);
+            };
+            if started.elapsed() >= timeout {
+                return Err(GaleraError::Timeout {
+                    node,
+                    waited: started.elapsed(),
+                    last: format!("{last}; waiting for {} synced nodes", live.len()),
+                    log_tail: self.log_tail(node, 6000),
+                });
+            }
+            sleep(POLL);
+        }
     }
 
     /// Kills `node` with SIGKILL (with its state-transfer helpers) and waits
@@ -870,6 +926,27 @@ impl GaleraCluster {
         Ok(())
     }
 
+    /// `NodeExited` (and forgets the server) if `node`'s server has exited.
+    fn check_exited(&mut self, node: usize) -> Result<(), GaleraError> {
+        let n = &mut self.nodes[node];
+        let Some(child) = n.server.as_mut() else {
+            return Err(GaleraError::NodeNotRunning { node });
+        };
+        if let Some(status) = child
+            .try_wait()
+            .map_err(gio_err("cannot check a node's status"))?
+        {
+            n.server = None;
+            n.paused = false;
+            return Err(GaleraError::NodeExited {
+                node,
+                status: status.to_string(),
+                log_tail: self.log_tail(node, 6000),
+            });
+        }
+        Ok(())
+    }
+
     /// Waits until `node` is synced (and, if given, sees `size` members).
     fn wait_synced_inner(
         &mut self,
@@ -880,22 +957,7 @@ impl GaleraCluster {
         self.running(node)?;
         let started = Instant::now();
         loop {
-            let n = &mut self.nodes[node];
-            let child = n
-                .server
-                .as_mut()
-                .ok_or(GaleraError::NodeNotRunning { node })?;
-            if let Some(status) = child
-                .try_wait()
-                .map_err(gio_err("cannot check a node's status"))?
-            {
-                n.server = None;
-                return Err(GaleraError::NodeExited {
-                    node,
-                    status: status.to_string(),
-                    log_tail: self.log_tail(node, 6000),
-                });
-            }
+            self.check_exited(node)?;
             let last = match self.status(node) {
                 Ok(status) => {
                     let size_ok = size.map_or(true, |s| status.cluster_size == s as u64);
