@@ -753,10 +753,8 @@ impl GaleraCluster {
                     .map_err(gio_err(format!("cannot wait for node {node}")))?;
             }
         }
-        // The state-transfer helpers, if it was in one.
-        if let Some(child) = n.server.take() {
-            let _ = signal_group("KILL", child.id());
-        }
+        // No group kill after the server was reaped: its pid may be reused.
+        n.server = None;
         Ok(())
     }
 
