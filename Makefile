@@ -5,7 +5,7 @@
 SHELL := /bin/sh
 CARGO ?= cargo
 DEMO ?= flash_sale
-APT_PACKAGES := mariadb-server libmariadb-dev pkg-config
+APT_PACKAGES := mariadb-server galera-4 rsync libmariadb-dev pkg-config
 POLICY_RC_D := /usr/sbin/policy-rc.d
 
 .PHONY: all deps test demo bench report check-leftovers
@@ -14,7 +14,7 @@ all: test
 
 deps:
 	@if ! command -v dpkg >/dev/null 2>&1; then \
-	  echo "note: not a Debian-based system; make sure a MariaDB server (mariadbd, mariadb-install-db), the MariaDB/MySQL client library and pkg-config are installed" >&2; \
+	  echo "note: not a Debian-based system; make sure a MariaDB server (mariadbd, mariadb-install-db), the Galera 4 provider (libgalera_smm.so), rsync, the MariaDB/MySQL client library and pkg-config are installed" >&2; \
 	elif dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 && \
 	     { command -v mariadbd >/dev/null 2>&1 || test -x /usr/sbin/mariadbd; }; then \
 	  : ; \
@@ -59,26 +59,30 @@ test: deps
 	$(CARGO) bench --no-run
 	@$(MAKE) --no-print-directory check-leftovers
 
-# Sandboxes (src/sandbox.rs) must not outlive the processes that started
-# them: after a short grace period there must be no lockstock-sandbox-*
-# directory and no server started on one.
+# Sandboxes (testkit/src/sandbox.rs) and Galera clusters (testkit/src/galera.rs)
+# must not outlive the processes that started them: after a short grace
+# period there must be no lockstock-sandbox-* or lockstock-galera-* directory
+# and no server (or state-transfer rsync/socat) started on one.
 check-leftovers:
 	@sleep 2; \
 	bad=0; \
-	dirs=$$(ls -d "$${TMPDIR:-/tmp}"/lockstock-sandbox-* /tmp/lockstock-sandbox-* 2>/dev/null | sort -u); \
-	if [ -n "$$dirs" ]; then \
-	  echo "error: leftover sandbox directories:" >&2; echo "$$dirs" >&2; bad=1; \
-	fi; \
+	for kind in sandbox galera; do \
+	  dirs=$$(ls -d "$${TMPDIR:-/tmp}"/lockstock-$$kind-* /tmp/lockstock-$$kind-* 2>/dev/null | sort -u); \
+	  if [ -n "$$dirs" ]; then \
+	    echo "error: leftover $$kind directories:" >&2; echo "$$dirs" >&2; bad=1; \
+	  fi; \
+	done; \
 	for p in /proc/[0-9]*; do \
 	  comm=$$(cat "$$p/comm" 2>/dev/null) || continue; \
-	  case "$$comm" in mariadbd|mysqld) ;; *) continue ;; esac; \
+	  case "$$comm" in mariadbd|mysqld|rsync|socat|wsrep_sst_rsync) ;; *) continue ;; esac; \
 	  cmd=$$(tr '\000' ' ' < "$$p/cmdline" 2>/dev/null) || continue; \
 	  case "$$cmd" in \
 	    *lockstock-sandbox-*) echo "error: leftover sandbox server, pid $${p#/proc/}: $$cmd" >&2; bad=1 ;; \
+	    *lockstock-galera-*) echo "error: leftover galera process, pid $${p#/proc/}: $$cmd" >&2; bad=1 ;; \
 	  esac; \
 	done; \
 	if [ $$bad != 0 ]; then exit 1; fi; \
-	echo "no leftover sandboxes"
+	echo "no leftover sandboxes or galera clusters"
 
 demo: deps
 	$(CARGO) run --release --example $(DEMO)

@@ -15,6 +15,8 @@
 //! * [`strategies`]: contention strategies for one hot campaign and one hot account (the
 //!   library's, hand-written Diesel, waiting locks, conditional updates, combining) with a
 //!   harness that runs and checks them — for benchmarks and reports.
+//! * [`galera`]: a throwaway MariaDB Galera cluster (3 nodes by default) on loopback ports,
+//!   with per-node kill, stop, restart, pause and resume, and the same cleanup guarantees.
 //!
 //! Unix only (the sandbox starts processes and follows them with a watchdog).
 #![warn(
@@ -25,9 +27,11 @@
 )]
 
 pub mod fixtures;
+pub mod galera;
 pub mod rng;
 pub mod sandbox;
 pub mod strategies;
 pub mod workload;
 
+pub use galera::{GaleraBuilder, GaleraCluster, GaleraError, NodePorts, NodeStatus};
 pub use sandbox::{database_url, Sandbox, SandboxError};

@@ -209,7 +209,7 @@ pub enum SandboxError {
     },
 }
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
     let context = context.into();
     move |source| SandboxError::Io { context, source }
 }
@@ -235,22 +235,8 @@ impl Sandbox {
     /// `mariadb-install-db`, starts `mariadbd` and waits (up to 15 s) until
     /// a connection succeeds.
     pub fn start() -> Result<Sandbox, SandboxError> {
-        let mariadbd = find_binary(
-            "LOCKSTOCK_MARIADBD",
-            &["/usr/sbin/mariadbd"],
-            &["mariadbd", "mysqld"],
-            &[
-                "/usr/sbin/mysqld",
-                "/usr/libexec/mariadbd",
-                "/usr/libexec/mysqld",
-            ],
-        )?;
-        let install_db = find_binary(
-            "LOCKSTOCK_INSTALL_DB",
-            &["/usr/bin/mariadb-install-db"],
-            &["mariadb-install-db", "mysql_install_db"],
-            &[],
-        )?;
+        let mariadbd = find_mariadbd()?;
+        let install_db = find_install_db()?;
         let dir = make_dir()?;
         let socket = dir.join(SOCKET_NAME);
         // From here on, Drop removes the directory if anything fails.
@@ -262,7 +248,7 @@ impl Sandbox {
             watchdog: None,
         };
         sandbox.watchdog = Some(spawn_watchdog(&sandbox.dir)?);
-        sandbox.install_db(&install_db)?;
+        run_install_db(&install_db, &sandbox.dir, is_root().then_some("root"))?;
         sandbox.spawn_server()?;
         sandbox.wait_ready(FIRST_START_TIMEOUT)?;
         Ok(sandbox)
@@ -388,32 +374,6 @@ impl Sandbox {
         self.wait_ready(RESTART_TIMEOUT)
     }
 
-    fn install_db(&self, install_db: &Path) -> Result<(), SandboxError> {
-        let mut cmd = Command::new(install_db);
-        cmd.arg("--no-defaults")
-            .arg(flag("--datadir=", self.dir.as_os_str()))
-            // Passed on to the bootstrap server; see `spawn_server`.
-            .arg(flag("--tmpdir=", self.dir.as_os_str()))
-            .arg("--auth-root-authentication-method=normal")
-            .arg("--skip-test-db");
-        if is_root() {
-            cmd.arg("--user=root");
-        }
-        let output = cmd
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io_err(format!("cannot run {}", install_db.display())))?;
-        if output.status.success() {
-            return Ok(());
-        }
-        let mut log = String::from_utf8_lossy(&output.stdout).into_owned();
-        log.push_str(&String::from_utf8_lossy(&output.stderr));
-        Err(SandboxError::InstallDb {
-            status: output.status.to_string(),
-            log: tail(&log, 8000),
-        })
-    }
-
     fn spawn_server(&mut self) -> Result<(), SandboxError> {
         // Leftovers of a killed server; it would otherwise refuse to start if
         // the pid in the lock file had been reused.
@@ -532,7 +492,65 @@ pub fn database_url(name: &str) -> Result<String, SandboxError> {
     }
 }
 
-fn create_database_on(conn: &mut MysqlConnection, name: &str) -> Result<(), SandboxError> {
+/// Runs `mariadb-install-db` on `dir` (`--user=<user>` if given).
+pub(crate) fn run_install_db(
+    install_db: &Path,
+    dir: &Path,
+    user: Option<&str>,
+) -> Result<(), SandboxError> {
+    let mut cmd = Command::new(install_db);
+    cmd.arg("--no-defaults")
+        .arg(flag("--datadir=", dir.as_os_str()))
+        // Passed on to the bootstrap server; see `Sandbox::spawn_server`.
+        .arg(flag("--tmpdir=", dir.as_os_str()))
+        .arg("--auth-root-authentication-method=normal")
+        .arg("--skip-test-db");
+    if let Some(user) = user {
+        cmd.arg(format!("--user={user}"));
+    }
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err(format!("cannot run {}", install_db.display())))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut log = String::from_utf8_lossy(&output.stdout).into_owned();
+    log.push_str(&String::from_utf8_lossy(&output.stderr));
+    Err(SandboxError::InstallDb {
+        status: output.status.to_string(),
+        log: tail(&log, 8000),
+    })
+}
+
+/// The server binary (`LOCKSTOCK_MARIADBD`, `/usr/sbin/mariadbd`, `PATH`, ...).
+pub(crate) fn find_mariadbd() -> Result<PathBuf, SandboxError> {
+    find_binary(
+        "LOCKSTOCK_MARIADBD",
+        &["/usr/sbin/mariadbd"],
+        &["mariadbd", "mysqld"],
+        &[
+            "/usr/sbin/mysqld",
+            "/usr/libexec/mariadbd",
+            "/usr/libexec/mysqld",
+        ],
+    )
+}
+
+/// The installer (`LOCKSTOCK_INSTALL_DB`, `/usr/bin/mariadb-install-db`, `PATH`).
+pub(crate) fn find_install_db() -> Result<PathBuf, SandboxError> {
+    find_binary(
+        "LOCKSTOCK_INSTALL_DB",
+        &["/usr/bin/mariadb-install-db"],
+        &["mariadb-install-db", "mysql_install_db"],
+        &[],
+    )
+}
+
+pub(crate) fn create_database_on(
+    conn: &mut MysqlConnection,
+    name: &str,
+) -> Result<(), SandboxError> {
     let sql = format!(
         "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
     );
@@ -543,7 +561,7 @@ fn create_database_on(conn: &mut MysqlConnection, name: &str) -> Result<(), Sand
         })
 }
 
-fn validate_database_name(name: &str) -> Result<(), SandboxError> {
+pub(crate) fn validate_database_name(name: &str) -> Result<(), SandboxError> {
     let ok = (1..=64).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if ok {
@@ -574,13 +592,13 @@ fn replace_database(url: &str, name: &str) -> Result<(String, String), SandboxEr
     ))
 }
 
-fn flag(name: &str, value: &OsStr) -> OsString {
+pub(crate) fn flag(name: &str, value: &OsStr) -> OsString {
     let mut s = OsString::from(name);
     s.push(value);
     s
 }
 
-fn percent_encode(value: &OsStr) -> String {
+pub(crate) fn percent_encode(value: &OsStr) -> String {
     let mut out = String::new();
     for &b in value.as_bytes() {
         if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
@@ -592,18 +610,18 @@ fn percent_encode(value: &OsStr) -> String {
     out
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     match fs::metadata("/proc/self") {
         Ok(meta) => meta.uid() == 0,
         Err(_) => std::env::var("USER").is_ok_and(|u| u == "root"),
     }
 }
 
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn search_path(name: &OsStr) -> Option<PathBuf> {
+pub(crate) fn search_path(name: &OsStr) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
@@ -676,10 +694,19 @@ fn make_dir() -> Result<PathBuf, SandboxError> {
 }
 
 fn spawn_watchdog(dir: &Path) -> Result<Child, SandboxError> {
+    spawn_watchdog_script(WATCHDOG_SCRIPT, "lockstock-sandbox-watchdog", dir)
+}
+
+/// Starts `/bin/sh -c script name <our pid> dir` in its own process group.
+pub(crate) fn spawn_watchdog_script(
+    script: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<Child, SandboxError> {
     Command::new("/bin/sh")
         .arg("-c")
-        .arg(WATCHDOG_SCRIPT)
-        .arg("lockstock-sandbox-watchdog")
+        .arg(script)
+        .arg(name)
         .arg(std::process::id().to_string())
         .arg(dir)
         .stdin(Stdio::null())
@@ -687,10 +714,10 @@ fn spawn_watchdog(dir: &Path) -> Result<Child, SandboxError> {
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .map_err(io_err("cannot start the sandbox watchdog (/bin/sh)"))
+        .map_err(io_err(format!("cannot start the {name} (/bin/sh)")))
 }
 
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SandboxError> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SandboxError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -699,7 +726,10 @@ fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SandboxError> {
 }
 
 /// Waits up to `timeout` for `child` to exit.
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, SandboxError> {
+pub(crate) fn wait_timeout(
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<Option<ExitStatus>, SandboxError> {
     let started = Instant::now();
     loop {
         if let Some(status) = child
@@ -715,7 +745,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatu
     }
 }
 
-fn read_tail(path: &Path, max: u64) -> String {
+pub(crate) fn read_tail(path: &Path, max: u64) -> String {
     let read = || -> std::io::Result<String> {
         let mut file = fs::File::open(path)?;
         let len = file.metadata()?.len();
@@ -730,7 +760,7 @@ fn read_tail(path: &Path, max: u64) -> String {
     }
 }
 
-fn tail(text: &str, max: usize) -> String {
+pub(crate) fn tail(text: &str, max: usize) -> String {
     let mut start = text.len().saturating_sub(max);
     while !text.is_char_boundary(start) {
         start += 1;

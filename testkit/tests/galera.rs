@@ -1,0 +1,353 @@
+//! Integration tests for `lockstock_testkit::galera` against real MariaDB Galera nodes.
+//!
+//! Every test starts its own cluster; they run in parallel, so keep them few.
+
+use std::error::Error;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use lockstock_testkit::galera::{GaleraCluster, GaleraError};
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+const CHILD_ENV: &str = "LOCKSTOCK_GALERA_CHILD";
+const CHILD_TEST: &str = "galera_child_starts_cluster_and_sleeps";
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// `SELECT COUNT(*)`-like query on a fresh connection with causal reads.
+fn count(url: &str, query: &str) -> Result<i64, Box<dyn Error>> {
+    let mut conn = MysqlConnection::establish(url)?;
+    diesel::sql_query("SET SESSION wsrep_sync_wait = 1").execute(&mut conn)?;
+    let rows: Vec<Count> = diesel::sql_query(query).load(&mut conn)?;
+    Ok(rows.first().map_or(-1, |r| r.n))
+}
+
+fn exec(url: &str, statement: &str) -> Result<usize, Box<dyn Error>> {
+    let mut conn = MysqlConnection::establish(url)?;
+    Ok(diesel::sql_query(statement).execute(&mut conn)?)
+}
+
+/// The process state letter from `/proc/<pid>/stat`; `None` if gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// True if `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    !matches!(process_state(pid), Some('Z') | Some('X') | None)
+}
+
+/// Processes (not zombies) whose command line mentions `dir`.
+fn processes_on(dir: &std::path::Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&format!("{needle}/")) && process_alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if done() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            return None;
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn galera_start_write_on_one_node_read_on_the_others() -> TestResult {
+    let started = Instant::now();
+    let cluster = GaleraCluster::start(3)?;
+    eprintln!("GaleraCluster::start(3) took {:?}", started.elapsed());
+
+    assert_eq!(cluster.nodes(), 3);
+    let dir_name = cluster
+        .dir()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("bad dir name")?;
+    assert!(dir_name.starts_with(&format!("lockstock-galera-{}-", std::process::id())));
+    let mut ports = Vec::new();
+    for node in 0..3 {
+        let status = cluster.status(node)?;
+        assert!(status.is_synced(), "node {node}: {status:?}");
+        assert_eq!(status.cluster_size, 3);
+        assert!(process_alive(cluster.pid(node).ok_or("no pid")?));
+        assert!(cluster.data_dir(node).starts_with(cluster.dir()));
+        assert!(cluster.socket_path(node).as_os_str().len() < 100);
+        let p = cluster.ports(node);
+        ports.extend([p.client, p.gcomm, p.ist, p.sst]);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 12, "ports must be distinct");
+    assert!(cluster.cluster_address().starts_with("gcomm://127.0.0.1:"));
+    assert!(matches!(
+        cluster.status(3),
+        Err(GaleraError::NoSuchNode { node: 3, nodes: 3 })
+    ));
+
+    let urls = cluster.create_database("gal_basic")?;
+    assert_eq!(urls.len(), 3);
+    assert_eq!(urls[2], cluster.url(2, "gal_basic"));
+    exec(
+        &urls[0],
+        "CREATE TABLE t (id INT PRIMARY KEY AUTO_INCREMENT, v INT NOT NULL) ENGINE=InnoDB",
+    )?;
+    exec(&urls[0], "INSERT INTO t (v) VALUES (1), (2), (3)")?;
+    for (node, url) in urls.iter().enumerate().skip(1) {
+        assert_eq!(count(url, "SELECT CAST(SUM(v) AS SIGNED) AS n FROM t")?, 6);
+        // Also over TCP.
+        assert_eq!(
+            count(
+                &cluster.tcp_url(node, "gal_basic"),
+                "SELECT COUNT(*) AS n FROM t"
+            )?,
+            3
+        );
+    }
+    // Writes on any node (multi-primary).
+    exec(
+        &cluster.tcp_url(2, "gal_basic"),
+        "INSERT INTO t (v) VALUES (4)",
+    )?;
+    assert_eq!(count(&urls[1], "SELECT COUNT(*) AS n FROM t")?, 4);
+    Ok(())
+}
+
+#[test]
+fn galera_kill_node_then_restart_rejoins_with_missed_rows() -> TestResult {
+    let mut cluster = GaleraCluster::start(3)?;
+    let urls = cluster.create_database("gal_crash")?;
+    exec(
+        &urls[1],
+        "CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB",
+    )?;
+    exec(&urls[1], "INSERT INTO t VALUES (1, 10)")?;
+
+    // Crash node 0, the one that bootstrapped the cluster.
+    let old_pid = cluster.pid(0).ok_or("no pid")?;
+    cluster.kill(0)?;
+    assert_eq!(cluster.pid(0), None);
+    assert!(!process_alive(old_pid));
+    assert!(cluster.data_dir(0).is_dir());
+    assert!(matches!(
+        cluster.kill(0),
+        Err(GaleraError::NodeNotRunning { node: 0 })
+    ));
+    assert!(matches!(
+        cluster.status(0),
+        Err(GaleraError::NodeNotRunning { node: 0 })
+    ));
+
+    // The others go on without it.
+    let started = Instant::now();
+    exec(&urls[1], "INSERT INTO t VALUES (2, 20)")?;
+    exec(&urls[2], "INSERT INTO t VALUES (3, 30)")?;
+    eprintln!("writes while node 0 was dead took {:?}", started.elapsed());
+    let status = cluster.wait_synced(1, Duration::from_secs(30))?;
+    eprintln!("node 1 after the kill: {status:?}");
+
+    let started = Instant::now();
+    let status = cluster.restart(0)?;
+    eprintln!("restart(0) after kill took {:?}", started.elapsed());
+    assert!(status.is_synced());
+    assert_eq!(status.cluster_size, 3);
+    assert_ne!(cluster.pid(0), Some(old_pid));
+    assert_eq!(
+        count(&urls[0], "SELECT CAST(SUM(v) AS SIGNED) AS n FROM t")?,
+        60
+    );
+    let log = cluster.log_tail(0, 200_000);
+    let ist = log.contains("IST received") || log.contains("Receiving IST");
+    eprintln!(
+        "node 0 rejoined with {}",
+        if ist { "IST" } else { "a full SST" }
+    );
+
+    // A clean stop and restart of node 2.
+    exec(&urls[0], "INSERT INTO t VALUES (4, 40)")?;
+    let started = Instant::now();
+    cluster.stop(2)?;
+    eprintln!("stop(2) took {:?}", started.elapsed());
+    exec(&urls[0], "INSERT INTO t VALUES (5, 50)")?;
+    cluster.restart(2)?;
+    assert_eq!(
+        count(&urls[2], "SELECT CAST(SUM(v) AS SIGNED) AS n FROM t")?,
+        150
+    );
+    let log = cluster.log_tail(2, 200_000);
+    assert!(
+        log.contains("IST received") || log.contains("Receiving IST"),
+        "node 2 did not rejoin with IST:\n{}",
+        cluster.log_tail(2, 6000)
+    );
+    Ok(())
+}
+
+#[test]
+fn galera_pause_resume_and_drop_cleans_up() -> TestResult {
+    let mut cluster = GaleraCluster::builder()
+        .nodes(3)
+        .provider_option("evs.keepalive_period=PT0.5S")
+        .provider_option("evs.suspect_timeout=PT2S")
+        .start()?;
+    let urls = cluster.create_database("gal_pause")?;
+    exec(
+        &urls[0],
+        "CREATE TABLE t (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB",
+    )?;
+
+    let pid = cluster.pid(2).ok_or("no pid")?;
+    cluster.pause(2)?;
+    assert!(cluster.is_paused(2));
+    assert_eq!(process_state(pid), Some('T'));
+    assert!(matches!(
+        cluster.status(2),
+        Err(GaleraError::NodePaused { node: 2 })
+    ));
+    // The write stalls until the others evict the paused node.
+    let started = Instant::now();
+    exec(&urls[0], "INSERT INTO t VALUES (1, 10)")?;
+    eprintln!("a write with node 2 paused took {:?}", started.elapsed());
+    let took = wait_until(Duration::from_secs(30), || {
+        cluster.status(0).is_ok_and(|s| s.cluster_size == 2)
+    });
+    eprintln!("node 2 evicted after {took:?} more");
+    assert!(took.is_some(), "node 2 was not evicted");
+    exec(&urls[1], "INSERT INTO t VALUES (2, 20)")?;
+
+    cluster.resume(2)?;
+    assert!(!cluster.is_paused(2));
+    assert_eq!(cluster.pid(2), Some(pid));
+    // Right after SIGCONT node 2 still reports its old view; wait until it
+    // noticed the eviction and rejoined.
+    let started = Instant::now();
+    let statuses = cluster.wait_cluster_synced(Duration::from_secs(60))?;
+    eprintln!(
+        "cluster synced {:?} after resume: {:?}",
+        started.elapsed(),
+        statuses[2]
+    );
+    assert!(statuses
+        .iter()
+        .all(|s| s.as_ref().is_some_and(|s| s.cluster_size == 3)));
+    assert_eq!(
+        count(&urls[2], "SELECT CAST(SUM(v) AS SIGNED) AS n FROM t")?,
+        30
+    );
+
+    // Dropping a cluster with a paused node leaves nothing behind.
+    cluster.pause(1)?;
+    let pids: Vec<u32> = (0..3).filter_map(|n| cluster.pid(n)).collect();
+    let dir = cluster.dir().to_path_buf();
+    drop(cluster);
+    for pid in pids {
+        assert!(!process_alive(pid), "server {pid} still alive");
+    }
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    assert_eq!(processes_on(&dir), Vec::<u32>::new());
+    Ok(())
+}
+
+/// Run only as a child of `galera_interrupted_owner_leaves_nothing_behind`.
+#[test]
+fn galera_child_starts_cluster_and_sleeps() -> TestResult {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return Ok(());
+    }
+    let mut cluster = GaleraCluster::start(2)?;
+    cluster.pause(1)?;
+    let pids: Vec<String> = (0..2)
+        .filter_map(|n| cluster.pid(n))
+        .map(|p| p.to_string())
+        .collect();
+    println!(
+        "GALERA pids={} dir={}",
+        pids.join(","),
+        cluster.dir().display()
+    );
+    std::mem::forget(cluster);
+    sleep(Duration::from_secs(120));
+    Ok(())
+}
+
+#[test]
+fn galera_interrupted_owner_leaves_nothing_behind() -> TestResult {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return Ok(());
+    }
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no child stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(at) = line.find("GALERA pids=") {
+                let _ = tx.send(line[at + "GALERA pids=".len()..].to_string());
+                return;
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(90));
+    child.kill()?; // SIGKILL: no Drop runs.
+    child.wait()?;
+    let line = line.map_err(|_| "child did not report a cluster")?;
+    let (pids, dir) = line.split_once(" dir=").ok_or("bad GALERA line")?;
+    let pids: Vec<u32> = pids.split(',').map(str::parse).collect::<Result<_, _>>()?;
+    let dir = PathBuf::from(dir);
+    assert_eq!(pids.len(), 2);
+
+    let took = wait_until(Duration::from_secs(10), || {
+        pids.iter().all(|&p| !process_alive(p)) && !dir.exists()
+    });
+    assert!(
+        took.is_some(),
+        "after 10 s: servers alive={:?} dir exists={}",
+        pids.iter().map(|&p| process_alive(p)).collect::<Vec<_>>(),
+        dir.exists()
+    );
+    assert_eq!(processes_on(&dir), Vec::<u32>::new());
+    eprintln!("watchdog cleaned up the cluster {took:?} after the kill");
+    Ok(())
+}
