@@ -20,7 +20,7 @@
 //! ```
 #![allow(clippy::expect_used)] // fixtures panic: a failed setup is a failed test
 
-use std::sync::Barrier;
+use std::sync::{Barrier, Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use diesel::connection::SimpleConnection;
@@ -200,4 +200,15 @@ where
             .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
             .collect()
     })
+}
+
+/// Runs the tests that hold the returned guard one at a time (within one test binary).
+///
+/// All integration tests of a crate share one binary and run in parallel on a few cores. Tests
+/// that assert time bounds (deadlines) and tests that storm the server (kills, crashes, several
+/// processes) take this guard, so none of them shares the machine with another; light tests still
+/// run beside them.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static EXCLUSIVE: Mutex<()> = Mutex::new(());
+    EXCLUSIVE.lock().unwrap_or_else(PoisonError::into_inner)
 }

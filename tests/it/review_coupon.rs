@@ -723,6 +723,7 @@ impl WatchedClock {
 
 #[test]
 fn finding_9_window_uses_the_committing_attempts_time() {
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
     const SINGLES: i64 = 3;
     let (url, mut conn) = fresh_database("review_9_window");
     let setup = CouponIssuer::new();
@@ -926,6 +927,7 @@ enum Op {
 /// and its pool checkout waited for the busy connection with r2d2's 30 s limit (652 ms).
 #[test]
 fn finding_9_deadline_bounds_coupon_calls() {
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
     const QUANTITY: u32 = 1_000;
     let (url, mut admin) = fresh_database("review_9_deadline");
     let issuer = CouponIssuer::with_policy(short_policy());

@@ -522,6 +522,7 @@ fn timed<T>(
 /// waited up to r2d2's 30 s).
 #[test]
 fn finding_9_deadline_bounds_ledger_calls() {
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
     let (url, mut admin) = fresh_database("review_f9");
     let ledger = BalanceLedger::with_policy(short_policy());
     for user in 1..=3 {

@@ -270,14 +270,14 @@ fn finding_7_session_settings_are_restored() {
 
 #[test]
 fn finding_8_kill_query_rolls_back_and_retries() {
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
     let (url, mut conn) = fresh_database("review_kill_query");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(100), "c").expect("charge");
     let mut policy = TxnPolicy::default();
     policy.lock_wait_timeout = Duration::from_secs(20);
     // The killer must see the victim waiting before the statement times out or the retries run
-    // out of time, also when the
-    // whole suite shares two cores.
+    // out of time, also when the whole suite shares two cores.
     policy.statement_timeout = Duration::from_secs(20);
     policy.retry.deadline = Duration::from_secs(30);
     let runner = TxnRunner::new(policy);
@@ -298,7 +298,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
     let killer = thread::spawn(move || {
         let mut admin = connect(&admin_url);
         // Wait until the victim is waiting for the lock, then interrupt that statement.
-        for _ in 0..500 {
+        for _ in 0..2000 {
             let waiting: i64 = diesel::sql_query(format!(
                 "SELECT COUNT(*) AS id FROM information_schema.innodb_trx \
                  WHERE trx_mysql_thread_id = {victim_id} AND trx_state = 'LOCK WAIT'"
