@@ -8,7 +8,7 @@ DEMO ?= flash_sale
 APT_PACKAGES := mariadb-server galera-4 rsync libmariadb-dev pkg-config
 POLICY_RC_D := /usr/sbin/policy-rc.d
 
-.PHONY: all deps test demo bench report check-leftovers
+.PHONY: all deps test demo bench report package check-leftovers
 
 all: test
 
@@ -92,3 +92,7 @@ bench: deps
 
 report: deps
 	$(CARGO) run --release --example contention_report
+
+# Both crates as they would be published (lockstock-testkit verified against the packaged lockstock).
+package: deps
+	$(CARGO) package --workspace
