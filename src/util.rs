@@ -1,9 +1,11 @@
-//! Small helpers shared by the ledger and the issuer: the clock at DATETIME(6) precision and
-//! the ids of inserted rows.
+//! Small helpers shared by the ledger and the issuer: the clock at DATETIME(6) precision, the
+//! ids of inserted rows and the locking read of one row by primary key.
 
 use chrono::{NaiveDateTime, Utc};
+use diesel::dsl::Limit;
 use diesel::mysql::MysqlConnection;
-use diesel::RunQueryDsl;
+use diesel::query_dsl::methods::{LimitDsl, LoadQuery};
+use diesel::{OptionalExtension, RunQueryDsl};
 
 use crate::error::{Error, Result};
 use crate::txn::InsertIds;
@@ -62,4 +64,21 @@ pub(crate) fn inserted_ids(
         }
         (_, None) => Err(Error::internal("several rows inserted without an id order")),
     }
+}
+
+/// The one row `locking_read` finds — a primary-key lookup its caller built with
+/// `.for_update().no_wait()`, so `SELECT ... WHERE <key> = ? LIMIT 1 FOR UPDATE NOWAIT`: one
+/// record lock, refused at once if another transaction holds it — or the typed not-found error
+/// `missing` where there is no such row. The statement keeps its static query id, so it stays a
+/// cached prepared statement.
+pub(crate) fn locked_row<Q, R>(
+    conn: &mut MysqlConnection,
+    locking_read: Q,
+    missing: Error,
+) -> Result<R>
+where
+    Q: LimitDsl + RunQueryDsl<MysqlConnection>,
+    Limit<Q>: for<'query> LoadQuery<'query, MysqlConnection, R>,
+{
+    locking_read.first(conn).optional()?.ok_or(missing)
 }

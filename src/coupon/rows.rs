@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::SetStock;
 use crate::txn::InsertIds;
-use crate::util::inserted_ids;
+use crate::util::{inserted_ids, locked_row};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
 /// fcfs_coupon WHERE id = ?`: the campaign row through its primary key.
@@ -102,20 +102,14 @@ pub(crate) fn holders(
         .collect())
 }
 
-/// The issued coupon, `FOR UPDATE NOWAIT` ([`Error::UserCouponNotFound`] if there is none).
-pub(crate) fn lock_user_coupon(
-    conn: &mut MysqlConnection,
-    user_coupon_id: i64,
-) -> Result<IssuedCoupon> {
-    user_coupon::table
-        .find(user_coupon_id)
-        .select(UserCouponRow::as_select())
-        .for_update()
-        .no_wait()
-        .first::<UserCouponRow>(conn)
-        .optional()?
-        .ok_or(Error::UserCouponNotFound { user_coupon_id })?
-        .into_coupon()
+/// The issued coupon `user_coupon_id`, `FOR UPDATE NOWAIT` (a redeem's or restore's only lock):
+/// [`Error::UserCouponNotFound`] if there is none.
+pub(crate) fn lock_user_coupon(conn: &mut MysqlConnection, id: i64) -> Result<IssuedCoupon> {
+    let missing = Error::UserCouponNotFound { user_coupon_id: id };
+    let held = user_coupon::table
+        .find(id)
+        .select(UserCouponRow::as_select());
+    locked_row::<_, UserCouponRow>(conn, held.for_update().no_wait(), missing)?.into_coupon()
 }
 
 /// Marks `held` used at `used` = (time, order), or back to issued (`None`): one `UPDATE`, and

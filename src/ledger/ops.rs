@@ -109,10 +109,11 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Entry> {
+        // The call's one deadline starts with it, as a charge's does.
+        let deadline = self.runner.deadline();
         validate_id("journal entry", deduct_entry_id)?;
         validate_amount(amount)?;
         validate_key(idempotency_key)?;
-        let deadline = self.runner.deadline();
         // Who owns the deduct never changes, so it can be read before any lock.
         let original = self
             .runner

@@ -14,7 +14,7 @@ use crate::records::EntryKind;
 use crate::schema::{balance_history, user_balance};
 use crate::statements::SetBalance;
 use crate::txn::InsertIds;
-use crate::util::inserted_ids;
+use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
 
 /// The locked state of one account.
@@ -77,17 +77,12 @@ pub(crate) fn lock_account(conn: &mut MysqlConnection, user_id: i64) -> Result<O
     }))
 }
 
-/// The journal entry `entry_id`, `FOR UPDATE NOWAIT` (a refund's deduct).
+/// The journal entry `entry_id`, `FOR UPDATE NOWAIT` (a refund's deduct, locked after its
+/// account): [`Error::EntryNotFound`] if there is none.
 pub(crate) fn lock_entry(conn: &mut MysqlConnection, entry_id: i64) -> Result<Entry> {
-    balance_history::table
-        .find(entry_id)
-        .select(EntryRow::as_select())
-        .for_update()
-        .no_wait()
-        .first::<EntryRow>(conn)
-        .optional()?
-        .ok_or(Error::EntryNotFound { entry_id })?
-        .into_entry()
+    let entry = balance_history::table.find(entry_id);
+    let read = entry.select(EntryRow::as_select()).for_update().no_wait();
+    locked_row::<_, EntryRow>(conn, read, Error::EntryNotFound { entry_id })?.into_entry()
 }
 
 /// Writes `rows` (of one account) with ONE `INSERT` and returns their entries with their ids,
