@@ -5,7 +5,7 @@
 //! Each test starts its own cluster (about 10 s) and holds testkit's `exclusive()` guard: the
 //! tests assert deadlines, and three servers per test fill the two cores.
 
-use std::sync::Barrier;
+use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,12 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::exclusive;
 use lockstock_testkit::galera::GaleraCluster;
+
+/// Per call: its key, (the change to the accounts' total, journal entries written), time.
+type Answer = (String, Result<(Decimal, usize), Error>, Duration);
+
+/// How long the conflicting clients may take altogether before the test fails as hung.
+const HANG_LIMIT: Duration = Duration::from_secs(30);
 
 /// How far a call may run past its deadline (a scheduling slice on two busy cores).
 const DEADLINE_SLACK: Duration = Duration::from_secs(1);
@@ -127,42 +133,48 @@ fn galera_write_conflicts_are_typed_and_retried() {
     // Two clients on node 0 and two on node 1, all on accounts 1 and 2.
     const THREADS: usize = 4;
     const CALLS: usize = 25;
-    let barrier = Barrier::new(THREADS);
-    // Per call: its key, (the change to the accounts' total, journal entries written), time.
-    type Answer = (String, Result<(Decimal, usize), Error>, Duration);
-    let answers: Vec<Vec<Answer>> = thread::scope(|s| {
-        let handles: Vec<_> = (0..THREADS)
-            .map(|t| {
-                let (url, barrier, ledger) = (&urls[t % 2], &barrier, &ledger);
-                s.spawn(move || {
-                    // Causal reads: the seeds are visible on both nodes.
-                    let conn = &mut causal(url);
-                    barrier.wait();
-                    (0..CALLS)
-                        .map(|i| {
-                            let key = format!("t{t}-{i}");
-                            let one = Decimal::ONE;
-                            let at = Instant::now();
-                            let answer = match i % 3 {
-                                0 => ledger.charge(conn, 1, one, &key).map(|_| (one, 1)),
-                                1 => ledger.deduct(conn, 1, one, &key).map(|_| (-one, 1)),
-                                _ => {
-                                    let (from, to) = if t < 2 { (1, 2) } else { (2, 1) };
-                                    let sent = ledger.transfer(conn, from, to, one, &key);
-                                    sent.map(|_| (Decimal::ZERO, 2))
-                                }
-                            };
-                            (key, answer, at.elapsed())
-                        })
-                        .collect()
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let (sender, answered) = mpsc::channel::<Vec<Answer>>();
+    for t in 0..THREADS {
+        let (url, barrier, ledger) = (urls[t % 2].clone(), barrier.clone(), ledger.clone());
+        let sender = sender.clone();
+        // Not scoped: a call that never returns must fail the test, not hang it.
+        thread::spawn(move || {
+            // Causal reads: the seeds are visible on both nodes.
+            let conn = &mut causal(&url);
+            barrier.wait();
+            let answers = (0..CALLS)
+                .map(|i| {
+                    let key = format!("t{t}-{i}");
+                    let one = Decimal::ONE;
+                    let at = Instant::now();
+                    let answer = match i % 3 {
+                        0 => ledger.charge(conn, 1, one, &key).map(|_| (one, 1)),
+                        1 => ledger.deduct(conn, 1, one, &key).map(|_| (-one, 1)),
+                        _ => {
+                            let (from, to) = if t < 2 { (1, 2) } else { (2, 1) };
+                            let sent = ledger.transfer(conn, from, to, one, &key);
+                            sent.map(|_| (Decimal::ZERO, 2))
+                        }
+                    };
+                    (key, answer, at.elapsed())
                 })
+                .collect();
+            let _ = sender.send(answers);
+        });
+    }
+    let calls_started = Instant::now();
+    let answers: Vec<Vec<Answer>> = (0..THREADS)
+        .map(|_| {
+            answered.recv_timeout(HANG_LIMIT).unwrap_or_else(|_| {
+                panic!(
+                    "a client's ledger calls did not return within {:?} (deadline {deadline:?}): \
+                     a call hangs on a connection the cluster aborted",
+                    calls_started.elapsed()
+                )
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("client"))
-            .collect()
-    });
+        })
+        .collect();
 
     let (mut net, mut entries) = (Decimal::ZERO, 2);
     let (mut ok, mut contended, mut slowest) = (0, 0, Duration::ZERO);
