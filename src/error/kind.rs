@@ -7,6 +7,18 @@
 //! message text alone. lockstock therefore classifies by message text, with every pattern for both
 //! MariaDB and MySQL 8 kept in [`CLASSIFICATION`] and unit-tested against both servers' texts.
 //! The session runs with `lc_messages = 'en_US'` so the texts are stable.
+//!
+//! MariaDB Galera clusters (MariaDB only: MySQL 8 has no Galera) add two answers, both observed
+//! on a 3-node MariaDB 10.11 cluster by `tests/it/galera.rs`:
+//! - a write set that lost certification to a conflicting write of another node is rolled back
+//!   and answered with 1213 "Deadlock found when trying to get lock; try restarting
+//!   transaction", at COMMIT or at the next statement: [`ServerErrorKind::Deadlock`], a definite
+//!   abort, retried. (MariaDB can also word it "WSREP detected deadlock/conflict and aborted the
+//!   transaction. Try restarting the transaction", again as 1213; that text was not seen here.)
+//! - a node outside the Primary component (it lost quorum, or is not yet synced) refuses every
+//!   statement but `SET`, `SHOW` and table-less `SELECT`s — `BEGIN`, `ROLLBACK` and `COMMIT`
+//!   included — with 1047 "WSREP has not yet prepared node for application use":
+//!   [`ServerErrorKind::NodeNotReady`].
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
@@ -19,7 +31,11 @@ pub enum ServerErrorKind {
     /// A lock was not granted in time (1205). MariaDB also reports a `NOWAIT` refusal this way.
     /// Only the statement was rolled back; lockstock rolls back the whole transaction.
     LockWaitTimeout,
-    /// InnoDB chose this transaction as a deadlock victim and rolled it back (1213).
+    /// InnoDB chose this transaction as a deadlock victim and rolled it back (1213), or — on a
+    /// MariaDB Galera cluster — its write set lost certification to a conflicting write made
+    /// through another node (also 1213, at COMMIT or at the next statement). Either way the
+    /// whole transaction was rolled back and nothing of it was applied on any node; the runner
+    /// restarts it.
     Deadlock,
     /// "Record has changed since last read" (1020): a snapshot conflict; the transaction must restart.
     RecordChanged,
@@ -35,14 +51,26 @@ pub enum ServerErrorKind {
     /// back; lockstock rolls back the whole transaction and retries it. During COMMIT the
     /// outcome is unknown.
     Interrupted,
+    /// MariaDB Galera only (1047, "WSREP has not yet prepared node for application use"): the
+    /// node is not part of the cluster's Primary component (it lost quorum, was isolated or is
+    /// still joining) and refuses every statement that reads or writes tables, `BEGIN`,
+    /// `ROLLBACK` and `COMMIT` included. Refused before COMMIT, nothing was applied (the
+    /// statement was never run, and nothing leaves a node before COMMIT). Not retried on the
+    /// same connection — the node may stay out for long: move to a connection to another node.
+    /// Because the node refuses ROLLBACK as well, lockstock marks the connection broken and
+    /// usually answers [`Error::ConnectionBroken`](crate::Error::ConnectionBroken) with this
+    /// kind as its source; a COMMIT refused this way is answered
+    /// [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown), conservatively.
+    NodeNotReady,
     /// Anything else.
     Other,
 }
 
 impl ServerErrorKind {
     /// Whether restarting the whole transaction can succeed: lock refusals and timeouts,
-    /// deadlocks, snapshot conflicts and interrupted statements. A lost connection is not
-    /// retried on the same connection.
+    /// deadlocks (Galera certification conflicts included), snapshot conflicts and interrupted
+    /// statements. A lost connection and a Galera node outside the Primary component
+    /// ([`NodeNotReady`](Self::NodeNotReady)) are not retried on the same connection.
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
@@ -57,6 +85,9 @@ impl ServerErrorKind {
     /// Whether a COMMIT that failed this way certainly applied nothing: the transaction was
     /// aborted as a deadlock victim, for a lock or snapshot conflict (as Galera reports a
     /// certification failure at COMMIT). An interrupted or lost COMMIT may have been applied.
+    /// A COMMIT that a Galera node refused as [`NodeNotReady`](Self::NodeNotReady) is not
+    /// counted as a definite abort (the server refuses it before running it, but lockstock
+    /// does not rely on that).
     pub fn is_definite_abort(self) -> bool {
         matches!(
             self,
@@ -110,7 +141,11 @@ const CLASSIFICATION: &[Classification] = &[
         kind: ServerErrorKind::Deadlock,
         mariadb_code: 1213,
         mysql_code: 1213,
-        fragments: &["deadlock found when trying to get lock"],
+        // The second: MariaDB Galera's wording of a certification conflict (MariaDB only).
+        fragments: &[
+            "deadlock found when trying to get lock",
+            "wsrep detected deadlock/conflict",
+        ],
     },
     Classification {
         kind: ServerErrorKind::RecordChanged,
@@ -161,6 +196,13 @@ const CLASSIFICATION: &[Classification] = &[
             "connection refused",
             "broken pipe",
         ],
+    },
+    // MariaDB Galera only: MySQL 8 has no Galera (its 1047 is "Unknown command").
+    Classification {
+        kind: ServerErrorKind::NodeNotReady,
+        mariadb_code: 1047,
+        mysql_code: 0,
+        fragments: &["wsrep has not yet prepared node for application use"],
     },
 ];
 

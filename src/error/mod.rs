@@ -375,6 +375,11 @@ pub enum Error {
     /// (Diesel's transaction manager reports it so, and an r2d2 pool discards it instead of
     /// handing it out again); the server rolls the transaction back when the connection closes.
     /// Nothing was committed. Drop the connection and retry on a new one.
+    ///
+    /// A MariaDB Galera node outside the Primary component refuses `BEGIN` and `ROLLBACK`
+    /// alike: a call on it answers this error with a
+    /// [`ServerErrorKind::NodeNotReady`] source (nothing was applied); retry on a connection
+    /// to another node.
     #[error("rollback failed; the connection is broken and must not be reused")]
     ConnectionBroken {
         /// Why the rollback failed.
@@ -401,8 +406,9 @@ pub enum Error {
 
 impl Error {
     /// Whether the same call may succeed if repeated: contention, lock refusals and lost
-    /// connections (on a new connection). With the same idempotency key a repeat never applies
-    /// a change twice.
+    /// connections (on a new connection), a Galera node outside the Primary component
+    /// ([`ServerErrorKind::NodeNotReady`]: on a connection to another node). With the same
+    /// idempotency key a repeat never applies a change twice.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Contended { .. }
@@ -411,7 +417,11 @@ impl Error {
             | Self::ConnectionBroken { .. }
             | Self::Pool(_) => true,
             Self::Server(e) => {
-                e.kind().is_retryable() || e.kind() == ServerErrorKind::ConnectionLost
+                e.kind().is_retryable()
+                    || matches!(
+                        e.kind(),
+                        ServerErrorKind::ConnectionLost | ServerErrorKind::NodeNotReady
+                    )
             }
             _ => false,
         }

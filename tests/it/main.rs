@@ -9,6 +9,7 @@ mod combine;
 mod coupon;
 mod faults;
 mod foundation;
+mod galera;
 mod ledger;
 mod model;
 mod processes;
