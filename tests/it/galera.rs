@@ -111,7 +111,15 @@ fn assert_typed(error: &Error, what: &str) {
 /// certification (or are aborted by a replicated write) come back as 1213 and are retried by the
 /// runner, every answer is typed and within its deadline, and afterwards all three nodes hold
 /// the same rows and pass the audit.
+///
+/// Not in `make test` yet: in about 2 runs of 5 one call never returns — its connection was
+/// brute-force aborted by a replicated write, the server shows it `Killed` and waits for a
+/// command while the client waits for the answer to `SELECT LAST_INSERT_ID()` (the hang the
+/// independent Galera workload saw). The test gives up after 30 s and fails then. It goes back
+/// into the suite with the client-side deadline mechanism of issue 11 (a watchdog that ends a
+/// call whose server went silent). Run it with `cargo test --test it galera:: -- --ignored`.
 #[test]
+#[ignore = "a brute-force-aborted connection can hang forever until the client-side deadline mechanism lands (issue 11)"]
 fn galera_write_conflicts_are_typed_and_retried() {
     let _guard = exclusive();
     let started = Instant::now();
