@@ -10,9 +10,8 @@ use std::thread;
 use std::time::Instant;
 
 use chrono::{Duration, NaiveDate, NaiveDateTime};
-use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Unsigned};
+use diesel::sql_types::BigInt;
 use lockstock::coupon::{Clock, MAX_ORDER_REF_BYTES};
 use lockstock::schema::{coupon, fcfs_coupon, user_coupon};
 use lockstock::{
@@ -21,8 +20,8 @@ use lockstock::{
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    concurrently, connect, create_campaign, create_coupon, fresh_database, micros_to_time, now,
-    open_campaign_named,
+    concurrently, connect, create_campaign, create_coupon, fresh_database, issued_rows,
+    killed_connection, micros_to_time, now, open_campaign_named, stock_row, user_coupon_row,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -57,24 +56,6 @@ fn time(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micro: u32) -> NaiveDa
 
 fn us(n: i64) -> Duration {
     Duration::microseconds(n)
-}
-
-/// Rows in `user_coupon` for a campaign.
-fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> i64 {
-    user_coupon::table
-        .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
-        .count()
-        .get_result(conn)
-        .expect("count user_coupon")
-}
-
-/// (total_quantity, stock_quantity) of a campaign.
-fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
-    fcfs_coupon::table
-        .find(campaign_id)
-        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
-        .first(conn)
-        .expect("read fcfs_coupon")
 }
 
 #[derive(QueryableByName, Debug)]
@@ -113,22 +94,6 @@ fn table_counts(conn: &mut MysqlConnection) -> (i64, i64, i64) {
             .get_result(conn)
             .expect("count user_coupon"),
     )
-}
-
-/// (status, order_ref, used_at) of a user coupon, from the database.
-fn user_coupon_row(
-    conn: &mut MysqlConnection,
-    id: i64,
-) -> (String, Option<String>, Option<NaiveDateTime>) {
-    user_coupon::table
-        .find(id)
-        .select((
-            user_coupon::status,
-            user_coupon::order_ref,
-            user_coupon::used_at,
-        ))
-        .first(conn)
-        .expect("read user_coupon")
 }
 
 fn outcome_name(result: &Result<IssuedCoupon, Error>) -> String {
@@ -500,22 +465,6 @@ fn refused_creations_write_nothing() {
 // ---------------------------------------------------------------------------------------------
 // 4. Zero stock, the sold-out cache, restock
 // ---------------------------------------------------------------------------------------------
-
-/// A connection whose server session has been killed: any round trip on it fails.
-fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = connect(url);
-    let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
-        .get_result(&mut doomed)
-        .expect("connection id");
-    killer
-        .batch_execute(&format!("KILL CONNECTION {id}"))
-        .expect("kill session");
-    assert!(
-        doomed.batch_execute("SELECT 1").is_err(),
-        "the killed session still answers"
-    );
-    doomed
-}
 
 #[test]
 fn sold_out_is_cached_until_restock() {

@@ -15,7 +15,9 @@ use lockstock::schema::{balance_history, user_balance};
 use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    audit_ok, concurrently, connect, count_key, count_kind, fresh_database, stored_balance,
+};
 use lockstock_testkit::rng::{seed, Rng};
 
 fn dec(units: i64, scale: u32) -> Decimal {
@@ -60,39 +62,6 @@ fn snapshot(conn: &mut MysqlConnection) -> Snapshot {
             .order(balance_history::id.asc())
             .load(conn)
             .expect("read balance_history"),
-    }
-}
-
-fn stored_balance(conn: &mut MysqlConnection, user_id: i64) -> Decimal {
-    user_balance::table
-        .find(user_id)
-        .select(user_balance::balance)
-        .first(conn)
-        .expect("read balance")
-}
-
-fn count_kind(conn: &mut MysqlConnection, user_id: i64, kind: EntryKind) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .filter(balance_history::kind.eq(kind.as_str()))
-        .count()
-        .get_result(conn)
-        .expect("count journal entries")
-}
-
-fn count_key(conn: &mut MysqlConnection, user_id: i64, key: &str) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .filter(balance_history::idempotency_key.eq(key))
-        .count()
-        .get_result(conn)
-        .expect("count key")
-}
-
-fn audit_ok(ledger: &BalanceLedger, conn: &mut MysqlConnection, user_id: i64) {
-    match ledger.audit(conn, user_id) {
-        Ok(report) => assert!(report.is_consistent(), "{report:?}"),
-        Err(e) => panic!("audit of user {user_id} failed: {e}"),
     }
 }
 

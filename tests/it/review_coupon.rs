@@ -8,54 +8,25 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, ThreadId};
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Duration as StdDuration;
 
 use chrono::{Duration, NaiveDateTime};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Unsigned};
-use lockstock::combine::{CombiningIssuer, MysqlPool};
+use lockstock::combine::CombiningIssuer;
 use lockstock::coupon::Clock;
 use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
-use lockstock::{
-    Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, RetryPolicy, SessionSettings,
-    TxnPolicy,
-};
+use lockstock::{Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, TxnPolicy};
 
 use lockstock_testkit::fixtures::{
-    connect, create_campaign, fresh_database, micros_to_time, now, open_campaign_named,
-    valid_coupon,
+    assert_none_later_than, connect, create_campaign, fresh_database, killed_connection,
+    micros_to_time, now, open_campaign_named, policy_with_deadline, pool_with, row_holder,
+    stock_row, user_coupon_row, valid_coupon, CallLog,
 };
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// (total_quantity, stock_quantity) of a campaign.
-fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
-    fcfs_coupon::table
-        .find(campaign_id)
-        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
-        .first(conn)
-        .expect("read fcfs_coupon")
-}
-
-/// (status, order_ref, used_at) of a user coupon.
-fn user_coupon_row(
-    conn: &mut MysqlConnection,
-    id: i64,
-) -> (String, Option<String>, Option<NaiveDateTime>) {
-    user_coupon::table
-        .find(id)
-        .select((
-            user_coupon::status,
-            user_coupon::order_ref,
-            user_coupon::used_at,
-        ))
-        .first(conn)
-        .expect("read user_coupon")
-}
 
 /// The database-wide coupon invariants; panics with `context` on the first violation.
 fn check_invariants(conn: &mut MysqlConnection, context: &str) {
@@ -122,22 +93,6 @@ fn check_invariants(conn: &mut MysqlConnection, context: &str) {
             other => panic!("{context}: coupon {id} has status {other:?}"),
         }
     }
-}
-
-/// A connection whose server session has been killed: any round trip on it fails.
-fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = connect(url);
-    let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
-        .get_result(&mut doomed)
-        .expect("connection id");
-    killer
-        .batch_execute(&format!("KILL CONNECTION {id}"))
-        .expect("kill session");
-    assert!(
-        doomed.batch_execute("SELECT 1").is_err(),
-        "the killed session still answers"
-    );
-    doomed
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -829,9 +784,7 @@ const DEADLINE: StdDuration = StdDuration::from_millis(300);
 const SLACK: StdDuration = StdDuration::from_millis(100);
 
 fn short_policy() -> TxnPolicy {
-    let mut retry = RetryPolicy::default();
-    retry.deadline = DEADLINE;
-    TxnPolicy::default().with_retry(retry)
+    policy_with_deadline(DEADLINE)
 }
 
 /// Holds the campaign's stock row and the user coupons `held` for 250 ms at a time, asking for
@@ -844,66 +797,38 @@ fn hot_rows_holder(
     held: Vec<i64>,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
-    let mut conn = connect(url);
-    thread::spawn(move || {
-        // READ COMMITTED: exactly these rows. Under REPEATABLE READ its scan of user_coupon also
-        // takes next-key locks up to the end of the table, on which every issue's INSERT (it
-        // comes before the NOWAIT lock of the stock row) would wait until the next release.
-        conn.batch_execute(
-            "SET SESSION innodb_lock_wait_timeout = 30, \
-             SESSION tx_isolation = 'READ-COMMITTED'",
-        )
-        .expect("session");
-        while !stop.load(Ordering::SeqCst) {
-            conn.batch_execute("BEGIN").expect("begin");
-            let _: Vec<i32> = fcfs_coupon::table
-                .find(campaign_id)
-                .select(fcfs_coupon::stock_quantity)
-                .for_update()
-                .load(&mut conn)
-                .expect("hold the stock row");
-            let _: Vec<i64> = user_coupon::table
-                .filter(user_coupon::id.eq_any(&held))
-                .select(user_coupon::id)
-                .for_update()
-                .load(&mut conn)
-                .expect("hold the user coupons");
-            thread::sleep(StdDuration::from_millis(250));
-            conn.batch_execute("COMMIT").expect("commit");
-            thread::sleep(StdDuration::from_millis(10));
-        }
+    // READ COMMITTED: exactly these rows. Under REPEATABLE READ its scan of user_coupon also
+    // takes next-key locks up to the end of the table, on which every issue's INSERT (it comes
+    // before the NOWAIT lock of the stock row) would wait until the next release.
+    let session = "SET SESSION innodb_lock_wait_timeout = 30, \
+                   SESSION tx_isolation = 'READ-COMMITTED'";
+    let pace = (StdDuration::from_millis(250), StdDuration::from_millis(10));
+    row_holder(url, session, pace, stop, move |conn| {
+        let _: Vec<i32> = fcfs_coupon::table
+            .find(campaign_id)
+            .select(fcfs_coupon::stock_quantity)
+            .for_update()
+            .load(conn)
+            .expect("hold the stock row");
+        let _: Vec<i64> = user_coupon::table
+            .filter(user_coupon::id.eq_any(&held))
+            .select(user_coupon::id)
+            .for_update()
+            .load(conn)
+            .expect("hold the user coupons");
     })
 }
 
-/// One timed call: what, how long, the coupons it answered with (or its error).
-type Timed = (String, StdDuration, Result<Vec<IssuedCoupon>, String>);
-
-fn timed<T>(
-    what: String,
-    call: impl FnOnce() -> Result<T, Error>,
-    coupons: impl FnOnce(T) -> Vec<IssuedCoupon>,
-) -> Timed {
-    let started = Instant::now();
-    let result = call();
-    let elapsed = started.elapsed();
-    let answer = match result {
-        Ok(value) => Ok(coupons(value)),
-        Err(e) => {
-            assert!(
-                matches!(
-                    e,
-                    Error::Contended { .. }
-                        | Error::Timeout { .. }
-                        | Error::OutcomeUnknown { .. }
-                        | Error::AlreadyIssued { .. }
-                        | Error::NotRedeemed { .. }
-                ),
-                "{what}: unexpected answer {e:?}"
-            );
-            Err(format!("{e:?}"))
-        }
-    };
-    (what, elapsed, answer)
+/// The answers a coupon call may give under the deadline test's contention.
+fn expected_answer(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Contended { .. }
+            | Error::Timeout { .. }
+            | Error::OutcomeUnknown { .. }
+            | Error::AlreadyIssued { .. }
+            | Error::NotRedeemed { .. }
+    )
 }
 
 /// A single call of [`finding_9_deadline_bounds_coupon_calls`].
@@ -949,7 +874,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
     let stop = Arc::new(AtomicBool::new(false));
     let held = [to_redeem.clone(), to_restore.clone()].concat();
     let holder = hot_rows_holder(&url, campaign.id, held, stop.clone());
-    let calls: Arc<Mutex<Vec<Timed>>> = Arc::default();
+    let calls: CallLog<IssuedCoupon> = CallLog::new(expected_answer);
     let holder_user = 1;
 
     // issue_many: a fresh issuer per batch, and a holder in every batch, so a batch that gets
@@ -968,7 +893,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
                     ];
                     let fresh = CouponIssuer::with_policy(short_policy());
                     let what = format!("issue_many {users:?}");
-                    let call = timed(
+                    calls.time(
                         what.clone(),
                         || fresh.issue_many(&mut conn, campaign_id, &users),
                         |results| {
@@ -986,7 +911,6 @@ fn finding_9_deadline_bounds_coupon_calls() {
                                 .collect()
                         },
                     );
-                    calls.lock().expect("calls").push(call);
                 }
             })
         })
@@ -996,11 +920,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
     }
 
     // Combined issues, one pooled connection between them; every fourth asker holds a coupon.
-    let pool: MysqlPool = Pool::builder()
-        .max_size(1)
-        .connection_customizer(Box::new(SessionSettings::new(short_policy())))
-        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
-        .expect("pool");
+    let pool = pool_with(&url, 1, short_policy());
     let hot = Arc::new(CombiningIssuer::new(pool.clone(), issuer.clone()));
     // The pool's one connection is busy for the first 600 ms: checkouts wait.
     let busy = pool.get().expect("the pooled connection");
@@ -1016,12 +936,11 @@ fn finding_9_deadline_bounds_coupon_calls() {
                         3 => 1 + t,
                         _ => 20_000 + t * 100 + i,
                     };
-                    let call = timed(
+                    calls.time(
                         format!("combined issue to {user}"),
                         || hot.issue(user, campaign_id),
                         |coupon| vec![coupon],
                     );
-                    calls.lock().expect("calls").push(call);
                 }
             })
         })
@@ -1062,29 +981,28 @@ fn finding_9_deadline_bounds_coupon_calls() {
                     Op::Restore(restore[1]),
                 ];
                 for op in ops {
-                    let call = match op {
-                        Op::Issue(user) => timed(
+                    match op {
+                        Op::Issue(user) => calls.time(
                             format!("issue to {user}"),
                             || issuer.issue(&mut conn, user, campaign_id),
                             |coupon| vec![coupon],
                         ),
-                        Op::Redeem(id) => timed(
+                        Op::Redeem(id) => calls.time(
                             format!("redeem {id}"),
                             || issuer.redeem(&mut conn, id, &format!("redeem-{id}")),
                             |coupon| vec![coupon],
                         ),
-                        Op::Restore(id) => timed(
+                        Op::Restore(id) => calls.time(
                             format!("restore {id}"),
                             || issuer.restore(&mut conn, id, &format!("order-{id}")),
                             |coupon| vec![coupon],
                         ),
-                        Op::Restock => timed(
+                        Op::Restock => calls.time(
                             format!("restock {key}"),
                             || issuer.restock(&mut conn, campaign_id, 1, &key),
                             |_| Vec::new(),
                         ),
-                    };
-                    calls.lock().expect("calls").push(call);
+                    }
                 }
             })
         })
@@ -1095,38 +1013,8 @@ fn finding_9_deadline_bounds_coupon_calls() {
     stop.store(true, Ordering::SeqCst);
     holder.join().expect("holder");
 
-    let calls = std::mem::take(&mut *calls.lock().expect("calls"));
-    let late: Vec<&Timed> = calls
-        .iter()
-        .filter(|(_, elapsed, _)| *elapsed > DEADLINE + SLACK)
-        .collect();
-    let worst = calls.iter().map(|(_, e, _)| *e).max().unwrap_or_default();
-    let ok = calls.iter().filter(|(_, _, r)| r.is_ok()).count();
-    let mut by_kind: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-    for (what, _, answer) in &calls {
-        let kind = by_kind
-            .entry(what.split(' ').next().unwrap_or(what))
-            .or_default();
-        kind.0 += 1;
-        kind.1 += usize::from(answer.is_ok());
-    }
-    eprintln!(
-        "finding_9 coupons: {} calls, {ok} ok, {} late, worst {worst:?}; (calls, ok) {by_kind:?}",
-        calls.len(),
-        late.len()
-    );
-    let listed: Vec<String> = late
-        .iter()
-        .map(|(what, elapsed, answer)| format!("{what} took {elapsed:?}: {answer:?}"))
-        .collect();
-    assert!(
-        late.is_empty(),
-        "{} of {} calls returned later than {:?}:\n  {}",
-        late.len(),
-        calls.len(),
-        DEADLINE + SLACK,
-        listed.join("\n  ")
-    );
+    let calls = calls.take();
+    assert_none_later_than("finding_9 coupons", &calls, DEADLINE + SLACK);
 
     // The database: stock + issued = total, one coupon per user, every answered coupon stored
     // as answered, redeems and restores applied exactly where they answered Ok.
@@ -1135,7 +1023,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
     let mut restored = HashSet::new();
     for coupon in calls
         .iter()
-        .filter_map(|(_, _, r)| r.as_ref().ok())
+        .filter_map(|call| call.answer.as_ref().ok())
         .flatten()
     {
         let stored: (i64, i64, i64) = user_coupon::table
@@ -1166,7 +1054,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
     }
     let unknown = calls
         .iter()
-        .any(|(_, _, r)| matches!(r, Err(e) if e.starts_with("OutcomeUnknown")));
+        .any(|call| matches!(&call.answer, Err(e) if e.starts_with("OutcomeUnknown")));
     if !unknown {
         for id in &to_redeem {
             let expected = match redeemed.contains(id) {
@@ -1194,8 +1082,8 @@ fn finding_9_deadline_bounds_coupon_calls() {
         i64::from(total),
         i64::from(QUANTITY) + restocks.len() as i64
     );
-    for (what, _, answer) in &calls {
-        if let (Some(key), Ok(_)) = (what.strip_prefix("restock "), answer) {
+    for call in &calls {
+        if let (Some(key), Ok(_)) = (call.what.strip_prefix("restock "), &call.answer) {
             assert!(
                 restocks.iter().any(|(_, k, _)| k == key),
                 "restock {key} answered Ok but is not recorded"

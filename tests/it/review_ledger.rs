@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,10 @@ use lockstock::{
 };
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    assert_none_later_than, audit_ok, connect, count_key, fresh_database, journal_size,
+    policy_with_deadline, pool_with, row_holder, stored_balance, CallLog,
+};
 
 fn dec(units: i64) -> Decimal {
     Decimal::new(units, 0)
@@ -79,38 +82,6 @@ fn wait_until(
             "never reached: {what}"
         );
         thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn count_key(conn: &mut MysqlConnection, user_id: i64, key: &str) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .filter(balance_history::idempotency_key.eq(key))
-        .count()
-        .get_result(conn)
-        .expect("count key")
-}
-
-fn journal_size(conn: &mut MysqlConnection, user_id: i64) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .count()
-        .get_result(conn)
-        .expect("count journal")
-}
-
-fn stored_balance(conn: &mut MysqlConnection, user_id: i64) -> Decimal {
-    user_balance::table
-        .find(user_id)
-        .select(user_balance::balance)
-        .first(conn)
-        .expect("balance")
-}
-
-fn audit_ok(ledger: &BalanceLedger, conn: &mut MysqlConnection, user_id: i64) {
-    match ledger.audit(conn, user_id) {
-        Ok(report) => assert!(report.is_consistent(), "{report:?}"),
-        Err(e) => panic!("audit of user {user_id}: {e}"),
     }
 }
 
@@ -452,9 +423,7 @@ const DEADLINE: Duration = Duration::from_millis(300);
 const SLACK: Duration = Duration::from_millis(100);
 
 fn short_policy() -> TxnPolicy {
-    let mut retry = RetryPolicy::default();
-    retry.deadline = DEADLINE;
-    TxnPolicy::default().with_retry(retry)
+    policy_with_deadline(DEADLINE)
 }
 
 /// Holds account `user`'s row for 250 ms at a time, asking for it again 2 ms after each release
@@ -462,53 +431,32 @@ fn short_policy() -> TxnPolicy {
 /// account are refused most of the time, and a call that got through once is often refused
 /// again in its next transaction.
 fn hot_row_holder(url: &str, user: i64, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-    let mut conn = connect(url);
-    thread::spawn(move || {
-        conn.batch_execute("SET SESSION innodb_lock_wait_timeout = 30")
-            .expect("session");
-        while !stop.load(Ordering::SeqCst) {
-            conn.batch_execute("BEGIN").expect("begin");
+    let pace = (Duration::from_millis(250), Duration::from_millis(2));
+    row_holder(
+        url,
+        "SET SESSION innodb_lock_wait_timeout = 30",
+        pace,
+        stop,
+        move |conn| {
             let _: Decimal = user_balance::table
                 .find(user)
                 .select(user_balance::balance)
                 .for_update()
-                .first(&mut conn)
+                .first(conn)
                 .expect("hold");
-            thread::sleep(Duration::from_millis(250));
-            conn.batch_execute("COMMIT").expect("commit");
-            thread::sleep(Duration::from_millis(2));
-        }
-    })
+        },
+    )
 }
 
-/// One timed call: what, how long, the answer.
-type Timed = (String, Duration, Result<Vec<Entry>, String>);
-
-fn timed<T>(
-    what: String,
-    call: impl FnOnce() -> Result<T, Error>,
-    entries: impl Fn(T) -> Vec<Entry>,
-) -> Timed {
-    let started = Instant::now();
-    let result = call();
-    let elapsed = started.elapsed();
-    let answer = match result {
-        Ok(value) => Ok(entries(value)),
-        Err(e) => {
-            assert!(
-                matches!(
-                    e,
-                    Error::Contended { .. }
-                        | Error::Timeout { .. }
-                        | Error::OutcomeUnknown { .. }
-                        | Error::InsufficientBalance { .. }
-                ),
-                "{what}: unexpected answer {e:?}"
-            );
-            Err(format!("{e:?}"))
-        }
-    };
-    (what, elapsed, answer)
+/// The answers a ledger call may give under the deadline test's contention.
+fn expected_answer(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Contended { .. }
+            | Error::Timeout { .. }
+            | Error::OutcomeUnknown { .. }
+            | Error::InsufficientBalance { .. }
+    )
 }
 
 /// Every call of one deadline returns within deadline + 100 ms, whatever it went through:
@@ -532,7 +480,7 @@ fn finding_9_deadline_bounds_ledger_calls() {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let holder = hot_row_holder(&url, 1, stop.clone());
-    let calls: Arc<Mutex<Vec<Timed>>> = Arc::default();
+    let calls: CallLog<Entry> = CallLog::new(expected_answer);
 
     // apply_many: every batch replays "seed" (in the journal), so it needs two rounds.
     let threads: Vec<_> = (0..6)
@@ -546,12 +494,11 @@ fn finding_9_deadline_bounds_ledger_calls() {
                         AccountOp::deduct(dec(1), format!("m{t}-{i}")),
                         AccountOp::charge(dec(2), format!("p{t}-{i}")),
                     ];
-                    let call = timed(
+                    calls.time(
                         format!("apply_many {t}-{i}"),
                         || ledger.apply_many(&mut conn, 1, &ops),
                         |results| results.into_iter().filter_map(Result::ok).collect(),
                     );
-                    calls.lock().expect("calls").push(call);
                 }
             })
         })
@@ -561,11 +508,7 @@ fn finding_9_deadline_bounds_ledger_calls() {
     }
 
     // Combined callers on three accounts, one pooled connection between them.
-    let pool: MysqlPool = Pool::builder()
-        .max_size(1)
-        .connection_customizer(Box::new(SessionSettings::new(short_policy())))
-        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
-        .expect("pool");
+    let pool = pool_with(&url, 1, short_policy());
     let hot = Arc::new(CombiningLedger::new(pool.clone(), ledger.clone()));
     // The pool's one connection is busy for the first 600 ms: checkouts wait.
     let busy = pool.get().expect("the pooled connection");
@@ -578,20 +521,19 @@ fn finding_9_deadline_bounds_ledger_calls() {
                 let user = 1 + t % 3;
                 for i in 0..8 {
                     let key = format!("c{t}-{i}");
-                    let call = if i % 2 == 0 {
-                        timed(
+                    if i % 2 == 0 {
+                        calls.time(
                             format!("combined charge {key} on {user}"),
                             || hot.charge(user, dec(3), &key),
                             |e| vec![e],
-                        )
+                        );
                     } else {
-                        timed(
+                        calls.time(
                             format!("combined deduct {key} on {user}"),
                             || hot.deduct(user, dec(1), &key),
                             |e| vec![e],
-                        )
-                    };
-                    calls.lock().expect("calls").push(call);
+                        );
+                    }
                 }
             })
         })
@@ -611,27 +553,26 @@ fn finding_9_deadline_bounds_ledger_calls() {
                 let mut conn = connect(&url);
                 for i in 0..6i64 {
                     let key = format!("s{t}-{i}");
-                    let call = match i % 3 {
-                        0 => timed(
+                    match i % 3 {
+                        0 => calls.time(
                             format!("deduct {key}"),
                             || ledger.deduct(&mut conn, 1, dec(1), &key),
                             |e| vec![e],
                         ),
-                        1 => timed(
+                        1 => calls.time(
                             format!("charge {key}"),
                             || ledger.charge(&mut conn, 1, dec(1), &key),
                             |e| vec![e],
                         ),
                         _ => {
                             let to = 1_000 + t * 10 + i;
-                            timed(
+                            calls.time(
                                 format!("transfer {key} to new account {to}"),
                                 || ledger.transfer(&mut conn, 1, to, dec(1), &key),
                                 |tr| vec![tr.debit, tr.credit],
-                            )
+                            );
                         }
-                    };
-                    calls.lock().expect("calls").push(call);
+                    }
                 }
             })
         })
@@ -642,33 +583,13 @@ fn finding_9_deadline_bounds_ledger_calls() {
     stop.store(true, Ordering::SeqCst);
     holder.join().expect("holder");
 
-    let calls = std::mem::take(&mut *calls.lock().expect("calls"));
-    let late: Vec<&Timed> = calls
-        .iter()
-        .filter(|(_, elapsed, _)| *elapsed > DEADLINE + SLACK)
-        .collect();
-    let worst = calls.iter().map(|(_, e, _)| *e).max().unwrap_or_default();
-    let ok = calls.iter().filter(|(_, _, r)| r.is_ok()).count();
-    eprintln!(
-        "finding_9: {} calls, {ok} ok, {} late, worst {worst:?}",
-        calls.len(),
-        late.len()
-    );
-    for (what, elapsed, answer) in late.iter().take(20) {
-        eprintln!("  late: {what} took {elapsed:?}: {answer:?}");
-    }
-    assert!(
-        late.is_empty(),
-        "{} of {} calls returned later than {:?}",
-        late.len(),
-        calls.len(),
-        DEADLINE + SLACK
-    );
+    let calls = calls.take();
+    assert_none_later_than("finding_9", &calls, DEADLINE + SLACK);
 
     // The database: every returned entry is in the journal, every touched account audits.
     let mut users: Vec<i64> = vec![1, 2, 3];
-    for (_, _, answer) in &calls {
-        for entry in answer.iter().flatten() {
+    for call in &calls {
+        for entry in call.answer.iter().flatten() {
             assert_stored(&mut admin, entry);
             users.push(entry.user_id);
         }

@@ -10,13 +10,13 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Double, Text};
-use lockstock::schema::{balance_history, user_balance};
+use lockstock::schema::user_balance;
 use lockstock::{
     BalanceLedger, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{connect, fresh_database, journal_size};
 use lockstock_testkit::Sandbox;
 
 fn dec(units: i64) -> Decimal {
@@ -58,14 +58,6 @@ fn connection_id(conn: &mut MysqlConnection) -> i64 {
         .get_result::<Id>(conn)
         .expect("connection id")
         .id
-}
-
-fn journal_rows(conn: &mut MysqlConnection, user: i64) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user))
-        .count()
-        .get_result(conn)
-        .expect("count journal")
 }
 
 /// A database on a server of its own (the test changes global variables).
@@ -158,7 +150,7 @@ fn finding_1_failed_rollback_breaks_the_connection() {
         .batch_execute("DROP TRIGGER fail_big_balances")
         .expect("drop trigger");
     let mut check = connect(&url);
-    assert_eq!(journal_rows(&mut check, 1), 2);
+    assert_eq!(journal_size(&mut check, 1), 2);
     let report = ledger.audit(&mut check, 1).expect("audit");
     assert_eq!(report.balance, dec(101));
 
@@ -202,7 +194,7 @@ fn finding_1_failed_rollback_breaks_the_connection() {
     admin
         .batch_execute("DROP TRIGGER fail_big_balances")
         .expect("drop trigger");
-    assert_eq!(journal_rows(&mut next, 2), 2);
+    assert_eq!(journal_size(&mut next, 2), 2);
     ledger.audit(&mut next, 2).expect("audit pooled account");
 }
 
@@ -378,7 +370,7 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
         before,
         "settings changed before the check"
     );
-    assert_eq!(journal_rows(&mut conn, 1), 1);
+    assert_eq!(journal_size(&mut conn, 1), 1);
     ledger.audit(&mut conn, 1).expect("audit");
 }
 
