@@ -269,22 +269,29 @@ pub type HistoryRow = (
 /// (id, coupon template, total_quantity, stock_quantity) of a campaign.
 pub type CampaignRow = (i64, i64, i32, i32);
 
-/// Every `user_balance` row, by user.
-pub fn balance_rows(conn: &mut MysqlConnection) -> Vec<BalanceRow> {
-    user_balance::table
-        .select(user_balance::all_columns)
-        .order(user_balance::user_id.asc())
-        .load(conn)
-        .expect("read user_balance")
+/// Every row of both ledger tables, in primary-key order.
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    /// The `user_balance` rows, by user.
+    pub balances: Vec<BalanceRow>,
+    /// The `balance_history` rows, in journal order.
+    pub history: Vec<HistoryRow>,
 }
 
-/// Every `balance_history` row, in journal order.
-pub fn history_rows(conn: &mut MysqlConnection) -> Vec<HistoryRow> {
-    balance_history::table
-        .select(balance_history::all_columns)
-        .order(balance_history::id.asc())
-        .load(conn)
-        .expect("read balance_history")
+/// Every row of both ledger tables ([`Snapshot`]).
+pub fn snapshot(conn: &mut MysqlConnection) -> Snapshot {
+    Snapshot {
+        balances: user_balance::table
+            .select(user_balance::all_columns)
+            .order(user_balance::user_id.asc())
+            .load(conn)
+            .expect("read user_balance"),
+        history: balance_history::table
+            .select(balance_history::all_columns)
+            .order(balance_history::id.asc())
+            .load(conn)
+            .expect("read balance_history"),
+    }
 }
 
 /// The stored balance of account `user_id`.

@@ -6,19 +6,20 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
+use diesel::mysql::Mysql;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Double, Text};
+use diesel::query_builder::{AsQuery, QueryFragment};
+use diesel::sql_types::Text;
 use diesel_migrations::MigrationHarness;
 use lockstock::schema::{
     balance_history, coupon, fcfs_coupon, fcfs_coupon_restock, user_balance, user_coupon,
 };
-use lockstock::{
-    BalanceLedger, Error, RetryPolicy, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
-};
+use lockstock::{BalanceLedger, Error, RetryPolicy, ServerErrorKind, TxnPolicy, TxnRunner};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    concurrently, connect, fresh_database, open_campaign_named, pool_with, session_vars, snapshot,
+};
 
 #[derive(QueryableByName)]
 struct Name {
@@ -80,52 +81,25 @@ fn diesel_columns(select_sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// Diesel's SQL for the whole of `table` (its `all_columns`).
+fn sql_of<T>(table: T) -> String
+where
+    T: AsQuery,
+    T::Query: QueryFragment<Mysql>,
+{
+    diesel::debug_query::<Mysql, _>(&table.as_query()).to_string()
+}
+
 #[test]
 fn schema_rs_matches_migrations() {
     let (_url, mut conn) = fresh_database("foundation_schema");
     let declared = [
-        (
-            "user_balance",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &user_balance::table.select(user_balance::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "balance_history",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &balance_history::table.select(balance_history::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "coupon",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &coupon::table.select(coupon::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "fcfs_coupon",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &fcfs_coupon::table.select(fcfs_coupon::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "fcfs_coupon_restock",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &fcfs_coupon_restock::table.select(fcfs_coupon_restock::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "user_coupon",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &user_coupon::table.select(user_coupon::all_columns),
-            )
-            .to_string(),
-        ),
+        ("user_balance", sql_of(user_balance::table)),
+        ("balance_history", sql_of(balance_history::table)),
+        ("coupon", sql_of(coupon::table)),
+        ("fcfs_coupon", sql_of(fcfs_coupon::table)),
+        ("fcfs_coupon_restock", sql_of(fcfs_coupon_restock::table)),
+        ("user_coupon", sql_of(user_coupon::table)),
     ];
     for (table, sql) in declared {
         let actual: Vec<String> = diesel::sql_query(
@@ -147,52 +121,11 @@ fn schema_rs_matches_migrations() {
     ledger
         .charge(&mut conn, 1, Decimal::new(5, 0), "k")
         .expect("charge");
-    let rows: Vec<(i64, Decimal, i64, chrono::NaiveDateTime)> = user_balance::table
-        .select(user_balance::all_columns)
-        .load(&mut conn)
-        .expect("user_balance");
-    assert_eq!(rows.len(), 1);
-    let journal = balance_history::table
-        .select(balance_history::all_columns)
-        .load::<(
-            i64,
-            i64,
-            String,
-            Decimal,
-            Decimal,
-            Option<String>,
-            String,
-            Option<i64>,
-            Option<i64>,
-            Decimal,
-            chrono::NaiveDateTime,
-        )>(&mut conn)
-        .expect("balance_history");
-    assert_eq!(journal.len(), 1);
+    let stored = snapshot(&mut conn);
+    assert_eq!(stored.balances.len(), 1);
+    assert_eq!(stored.history.len(), 1);
     let issuer = lockstock::CouponIssuer::new();
-    let now = chrono::Utc::now().naive_utc();
-    let template = issuer
-        .create_coupon(
-            &mut conn,
-            &lockstock::NewCoupon {
-                name: "schema",
-                discount: lockstock::Discount::Fixed(Decimal::ONE),
-                valid_from: now - chrono::Duration::hours(1),
-                valid_until: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("coupon");
-    let campaign = issuer
-        .create_campaign(
-            &mut conn,
-            &lockstock::NewCampaign {
-                coupon_id: template.id,
-                quantity: 1,
-                issue_starts_at: now - chrono::Duration::minutes(1),
-                issue_ends_at: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("campaign");
+    let (_template, campaign) = open_campaign_named(&mut conn, &issuer, "schema", 1);
     issuer
         .restock(&mut conn, campaign.id, 2, "k")
         .expect("restock");
@@ -203,36 +136,15 @@ fn schema_rs_matches_migrations() {
     assert_eq!(restocks.len(), 1);
 }
 
-#[derive(QueryableByName)]
-struct Settings {
-    #[diesel(sql_type = BigInt)]
-    lock_wait: i64,
-    #[diesel(sql_type = Double)]
-    statement: f64,
-    #[diesel(sql_type = Text)]
-    messages: String,
-    #[diesel(sql_type = Text)]
-    zone: String,
-}
-
 #[test]
 fn pool_customizer_applies_session_settings() {
     let (url, _conn) = fresh_database("foundation_pool");
     let mut policy = TxnPolicy::default();
     policy.lock_wait_timeout = Duration::from_secs(2);
     policy.statement_timeout = Duration::from_millis(1500);
-    let pool = Pool::builder()
-        .max_size(2)
-        .connection_customizer(Box::new(SessionSettings::new(policy)))
-        .build(ConnectionManager::<MysqlConnection>::new(url))
-        .expect("pool");
+    let pool = pool_with(&url, 2, policy);
     let mut conn = pool.get().expect("pooled connection");
-    let s: Settings = diesel::sql_query(
-        "SELECT @@innodb_lock_wait_timeout AS lock_wait, @@max_statement_time AS statement, \
-         @@lc_messages AS messages, @@time_zone AS zone",
-    )
-    .get_result(&mut conn)
-    .expect("read settings");
+    let s = session_vars(&mut conn);
     assert_eq!(s.lock_wait, 2);
     assert!((s.statement - 1.5).abs() < 1e-9, "{}", s.statement);
     assert_eq!(s.messages, "en_US");

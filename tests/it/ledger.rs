@@ -7,7 +7,6 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
@@ -16,7 +15,8 @@ use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerError
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    audit_ok, concurrently, connect, count_key, count_kind, fresh_database, stored_balance,
+    audit_ok, concurrently, connect, count_key, count_kind, fresh_database, snapshot,
+    stored_balance,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -27,43 +27,6 @@ fn dec(units: i64, scale: u32) -> Decimal {
 // ---------------------------------------------------------------------------------------------
 // Database readers
 // ---------------------------------------------------------------------------------------------
-
-type BalanceRow = (i64, Decimal, i64, NaiveDateTime);
-type HistoryRow = (
-    i64,
-    i64,
-    String,
-    Decimal,
-    Decimal,
-    Option<String>,
-    String,
-    Option<i64>,
-    Option<i64>,
-    Decimal,
-    NaiveDateTime,
-);
-
-/// Every row of both ledger tables, in primary-key order.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    balances: Vec<BalanceRow>,
-    history: Vec<HistoryRow>,
-}
-
-fn snapshot(conn: &mut MysqlConnection) -> Snapshot {
-    Snapshot {
-        balances: user_balance::table
-            .select(user_balance::all_columns)
-            .order(user_balance::user_id.asc())
-            .load(conn)
-            .expect("read user_balance"),
-        history: balance_history::table
-            .select(balance_history::all_columns)
-            .order(balance_history::id.asc())
-            .load(conn)
-            .expect("read balance_history"),
-    }
-}
 
 /// Waits for every thread and returns their results in spawn order.
 fn join_all<T>(handles: Vec<thread::JoinHandle<T>>) -> Vec<T> {

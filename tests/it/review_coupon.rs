@@ -19,9 +19,9 @@ use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
 use lockstock::{Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, TxnPolicy};
 
 use lockstock_testkit::fixtures::{
-    assert_none_later_than, connect, create_campaign, fresh_database, killed_connection,
-    micros_to_time, now, open_campaign_named, policy_with_deadline, pool_with, row_holder,
-    stock_row, user_coupon_row, valid_coupon, CallLog,
+    assert_none_later_than, campaign_rows, connect, create_campaign, fresh_database,
+    killed_connection, micros_to_time, now, open_campaign_named, policy_with_deadline, pool_with,
+    row_holder, stock_row, user_coupon_row, valid_coupon, CallLog,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -30,15 +30,7 @@ use lockstock_testkit::fixtures::{
 
 /// The database-wide coupon invariants; panics with `context` on the first violation.
 fn check_invariants(conn: &mut MysqlConnection, context: &str) {
-    let campaigns: Vec<(i64, i64, i32, i32)> = fcfs_coupon::table
-        .select((
-            fcfs_coupon::id,
-            fcfs_coupon::coupon_id,
-            fcfs_coupon::total_quantity,
-            fcfs_coupon::stock_quantity,
-        ))
-        .load(conn)
-        .expect("campaigns");
+    let campaigns = campaign_rows(conn);
     type Row = (
         i64,
         i64,

@@ -9,42 +9,18 @@ use std::time::Duration;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Double, Text};
+use diesel::sql_types::{BigInt, Double};
 use lockstock::schema::user_balance;
 use lockstock::{
     BalanceLedger, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database, journal_size};
+use lockstock_testkit::fixtures::{connect, fresh_database, journal_size, session_vars};
 use lockstock_testkit::Sandbox;
 
 fn dec(units: i64) -> Decimal {
     Decimal::new(units, 0)
-}
-
-#[derive(QueryableByName, Debug, PartialEq)]
-struct Session {
-    #[diesel(sql_type = BigInt)]
-    lock_wait: i64,
-    #[diesel(sql_type = Double)]
-    statement: f64,
-    #[diesel(sql_type = Text)]
-    messages: String,
-    #[diesel(sql_type = Text)]
-    zone: String,
-    #[diesel(sql_type = Text)]
-    isolation: String,
-}
-
-fn session(conn: &mut MysqlConnection) -> Session {
-    diesel::sql_query(
-        "SELECT @@session.innodb_lock_wait_timeout AS lock_wait, \
-         @@session.max_statement_time AS statement, @@session.lc_messages AS messages, \
-         @@session.time_zone AS zone, @@session.tx_isolation AS isolation",
-    )
-    .get_result(conn)
-    .expect("read session variables")
 }
 
 #[derive(QueryableByName)]
@@ -206,18 +182,18 @@ fn finding_7_session_settings_are_restored() {
          time_zone = '+09:00', lc_messages = 'de_DE', tx_isolation = 'READ-UNCOMMITTED'",
     )
     .expect("caller's own settings");
-    let before = session(&mut conn);
+    let before = session_vars(&mut conn);
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
-    assert_eq!(session(&mut conn), before, "after a commit");
+    assert_eq!(session_vars(&mut conn), before, "after a commit");
     let refused = ledger.deduct(&mut conn, 1, dec(50), "d");
     assert!(matches!(refused, Err(Error::InsufficientBalance { .. })));
-    assert_eq!(session(&mut conn), before, "after a rollback");
+    assert_eq!(session_vars(&mut conn), before, "after a rollback");
     ledger.balance(&mut conn, 1).expect("balance");
-    assert_eq!(session(&mut conn), before, "after a read");
+    assert_eq!(session_vars(&mut conn), before, "after a read");
     let missing = lockstock::CouponIssuer::new().issue(&mut conn, 1, 77);
     assert!(matches!(missing, Err(Error::CampaignNotFound { .. })));
-    assert_eq!(session(&mut conn), before, "after a refused issue");
+    assert_eq!(session_vars(&mut conn), before, "after a refused issue");
 
     // A connection that carries lockstock's settings (pooled through SessionSettings) gets no
     // session statements at all: only the isolation level of the next transaction is set.
@@ -252,11 +228,11 @@ fn finding_7_session_settings_are_restored() {
     assert_eq!(on_pooled, 1, "SET statements on a pooled connection");
     assert_eq!(on_own, 2, "SET statements on the caller's own connection");
     assert_eq!(
-        session(&mut pooled).lock_wait,
+        session_vars(&mut pooled).lock_wait,
         1,
         "the pool's settings stay in place"
     );
-    assert_eq!(session(&mut conn), before);
+    assert_eq!(session_vars(&mut conn), before);
     ledger.audit(&mut conn, 1).expect("audit");
 }
 
@@ -348,7 +324,7 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
     let (_url, mut conn) = fresh_database("review_raw_begin");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
-    let before = session(&mut conn);
+    let before = session_vars(&mut conn);
     conn.batch_execute("BEGIN; INSERT INTO user_balance (user_id) VALUES (5)")
         .expect("the caller's own transaction");
     let nested = ledger.charge(&mut conn, 1, dec(1), "inside");
@@ -366,7 +342,7 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
         .expect("count");
     assert_eq!(row_5, 0, "the caller's transaction was committed");
     assert_eq!(
-        session(&mut conn),
+        session_vars(&mut conn),
         before,
         "settings changed before the check"
     );
