@@ -198,15 +198,35 @@ where
     T: Send,
     F: Fn(usize, &mut MysqlConnection) -> T + Sync,
 {
+    race(threads, || connect(url), work)
+}
+
+/// Runs `work(thread)` on `threads` threads started together (a barrier), like
+/// [`concurrently`] without connections. Returns their results in thread order; a panic in a
+/// thread fails the caller.
+pub fn together<T, F>(threads: usize, work: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync,
+{
+    race(threads, || (), |thread, ()| work(thread))
+}
+
+/// Each thread runs `prepare`, waits for the others, then runs `work` with what it prepared.
+fn race<T, C, F>(threads: usize, prepare: impl Fn() -> C + Sync, work: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize, &mut C) -> T + Sync,
+{
     let barrier = Barrier::new(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|thread| {
-                let (barrier, work) = (&barrier, &work);
+                let (barrier, prepare, work) = (&barrier, &prepare, &work);
                 s.spawn(move || {
-                    let mut conn = connect(url);
+                    let mut prepared = prepare();
                     barrier.wait();
-                    work(thread, &mut conn)
+                    work(thread, &mut prepared)
                 })
             })
             .collect();
@@ -553,4 +573,17 @@ pub fn policy_with_deadline(deadline: StdDuration) -> TxnPolicy {
     let mut retry = lockstock::RetryPolicy::default();
     retry.deadline = deadline;
     TxnPolicy::default().with_retry(retry)
+}
+
+/// Runs `work` while the connection of a one-connection `pool` is checked out for the first
+/// `busy` (from another thread): the checkouts of `work` wait for it.
+pub fn while_checked_out<T>(pool: &MysqlPool, busy: StdDuration, work: impl FnOnce() -> T) -> T {
+    let held = pool.get().expect("the pooled connection");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(busy);
+        drop(held);
+    });
+    let result = work();
+    release.join().expect("release the pooled connection");
+    result
 }

@@ -15,8 +15,8 @@ use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerError
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    audit_ok, concurrently, connect, count_key, count_kind, fresh_database, snapshot,
-    stored_balance,
+    audit_ok, concurrently, connect, count_key, count_kind, fresh_database, funded_account,
+    snapshot, stored_balance,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -27,6 +27,32 @@ fn dec(units: i64, scale: u32) -> Decimal {
 // ---------------------------------------------------------------------------------------------
 // Database readers
 // ---------------------------------------------------------------------------------------------
+
+/// A fresh database `name`, a default ledger, and account `user` funded with `amount`.
+fn ledger_with_account(
+    name: &str,
+    user: i64,
+    amount: Decimal,
+) -> (String, MysqlConnection, BalanceLedger) {
+    let (url, mut conn) = fresh_database(name);
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, user, amount);
+    (url, conn, ledger)
+}
+
+/// A `SUM` read with raw SQL.
+#[derive(QueryableByName)]
+struct Total {
+    #[diesel(sql_type = diesel::sql_types::Numeric)]
+    total: Decimal,
+}
+
+/// A `COUNT` read with raw SQL.
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
 
 /// Waits for every thread and returns their results in spawn order.
 fn join_all<T>(handles: Vec<thread::JoinHandle<T>>) -> Vec<T> {
@@ -47,6 +73,34 @@ fn check_contended(error: &Error) {
         ),
         "Contended for an unexpected reason: {error:?}"
     );
+}
+
+/// How a concurrent writer's call was refused.
+enum Refusal {
+    Insufficient,
+    Contended,
+}
+
+/// Checks an error a concurrent writer of `amount` from account `user` got: a typed refusal
+/// for lack of funds that names the request, or a lock refusal ([`check_contended`]). Any other
+/// error fails the test, naming `who`.
+fn refusal(error: Error, user: i64, amount: Decimal, who: &str) -> Refusal {
+    match error {
+        Error::InsufficientBalance {
+            user_id,
+            available,
+            requested,
+        } => {
+            assert_eq!((user_id, requested), (user, amount));
+            assert!(available < requested && available >= Decimal::ZERO);
+            Refusal::Insufficient
+        }
+        e @ Error::Contended { .. } => {
+            check_contended(&e);
+            Refusal::Contended
+        }
+        other => panic!("{who}: unexpected error {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -76,20 +130,10 @@ fn concurrent_deducts_never_overdraw_one_account() {
                     assert!(entry.balance_after >= Decimal::ZERO, "{entry:?}");
                     ok += 1;
                 }
-                Err(Error::InsufficientBalance {
-                    user_id,
-                    available,
-                    requested,
-                }) => {
-                    assert_eq!((user_id, requested), (USER, amount));
-                    assert!(available < requested && available >= Decimal::ZERO);
-                    insufficient += 1;
-                }
-                Err(e @ Error::Contended { .. }) => {
-                    check_contended(&e);
-                    contended += 1;
-                }
-                Err(other) => panic!("thread {t}: untyped/unexpected error: {other:?}"),
+                Err(e) => match refusal(e, USER, amount, &format!("thread {t}")) {
+                    Refusal::Insufficient => insufficient += 1,
+                    Refusal::Contended => contended += 1,
+                },
             }
         }
         (ok, insufficient, contended)
@@ -144,12 +188,6 @@ fn concurrent_deducts_never_overdraw_one_account() {
 // ---------------------------------------------------------------------------------------------
 // 2 + 6. The bank: random transfers both ways, a snapshot reader, conservation
 // ---------------------------------------------------------------------------------------------
-
-#[derive(QueryableByName)]
-struct Total {
-    #[diesel(sql_type = diesel::sql_types::Numeric)]
-    total: Decimal,
-}
 
 #[test]
 fn bank_transfers_conserve_money_under_a_snapshot_reader() {
@@ -231,21 +269,13 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
                                 assert!(tr.debit.balance_after >= Decimal::ZERO);
                                 ok += 1;
                             }
-                            Err(Error::InsufficientBalance {
-                                user_id,
-                                available,
-                                requested,
-                            }) => {
-                                assert_eq!((user_id, requested), (from, amount));
-                                assert!(available < requested && available >= Decimal::ZERO);
-                                refused += 1;
-                            }
-                            Err(e @ Error::Contended { .. }) => {
-                                check_contended(&e);
-                                contended += 1;
-                                continue;
-                            }
-                            Err(other) => panic!("writer {t}: unexpected error {other:?}"),
+                            Err(e) => match refusal(e, from, amount, &format!("writer {t}")) {
+                                Refusal::Insufficient => refused += 1,
+                                Refusal::Contended => {
+                                    contended += 1;
+                                    continue;
+                                }
+                            },
                         }
                         break;
                     }
@@ -303,12 +333,6 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
         audit_ok(&ledger, &mut conn, *user);
     }
     assert_eq!(end_total, start_total);
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
 }
 
 #[test]
@@ -1007,11 +1031,7 @@ fn history_pages_newest_first_without_gaps() {
 #[test]
 fn refused_call_writes_nothing_and_key_can_be_retried() {
     const USER: i64 = 51;
-    let (_url, mut conn) = fresh_database("ledger_retry_key");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, USER, dec(20, 0), "c1")
-        .expect("charge");
+    let (_url, mut conn, ledger) = ledger_with_account("ledger_retry_key", USER, dec(20, 0));
     let before = snapshot(&mut conn);
     match ledger.deduct(&mut conn, USER, dec(50, 0), "K") {
         Err(Error::InsufficientBalance {
@@ -1052,11 +1072,7 @@ fn refused_call_writes_nothing_and_key_can_be_retried() {
 #[test]
 fn audit_detects_a_tampered_balance() {
     const USER: i64 = 61;
-    let (_url, mut conn) = fresh_database("ledger_audit_tamper");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, USER, dec(100, 0), "c")
-        .expect("charge");
+    let (_url, mut conn, ledger) = ledger_with_account("ledger_audit_tamper", USER, dec(100, 0));
     ledger
         .deduct(&mut conn, USER, dec(30, 0), "d")
         .expect("deduct");

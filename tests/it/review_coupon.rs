@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
 use std::time::Duration as StdDuration;
 
@@ -19,9 +19,9 @@ use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
 use lockstock::{Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, TxnPolicy};
 
 use lockstock_testkit::fixtures::{
-    assert_none_later_than, campaign_rows, connect, create_campaign, fresh_database,
+    assert_none_later_than, campaign_rows, concurrently, connect, create_campaign, fresh_database,
     killed_connection, micros_to_time, now, open_campaign_named, policy_with_deadline, pool_with,
-    row_holder, stock_row, user_coupon_row, valid_coupon, CallLog,
+    row_holder, stock_row, together, user_coupon_row, valid_coupon, while_checked_out, CallLog,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -871,137 +871,105 @@ fn finding_9_deadline_bounds_coupon_calls() {
 
     // issue_many: a fresh issuer per batch, and a holder in every batch, so a batch that gets
     // the stock row meets the duplicate and runs a second round.
-    let threads: Vec<_> = (0..6i64)
-        .map(|t| {
-            let (calls, url) = (calls.clone(), url.clone());
-            let campaign_id = campaign.id;
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                for i in 0..6i64 {
-                    let users = [
-                        holder_user,
-                        10_000 + t * 100 + 2 * i,
-                        10_001 + t * 100 + 2 * i,
-                    ];
-                    let fresh = CouponIssuer::with_policy(short_policy());
-                    let what = format!("issue_many {users:?}");
-                    calls.time(
-                        what.clone(),
-                        || fresh.issue_many(&mut conn, campaign_id, &users),
-                        |results| {
-                            results
-                                .into_iter()
-                                .filter_map(|result| match result {
-                                    Ok(coupon) => Some(coupon),
-                                    Err(Error::AlreadyIssued { user_id, .. })
-                                        if user_id == holder_user =>
-                                    {
-                                        None
-                                    }
-                                    Err(e) => panic!("{what}: unexpected request answer {e:?}"),
-                                })
-                                .collect()
-                        },
-                    );
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("issue_many thread");
-    }
+    let campaign_id = campaign.id;
+    concurrently(6, &url, |t, conn| {
+        let t = t as i64;
+        for i in 0..6i64 {
+            let users = [
+                holder_user,
+                10_000 + t * 100 + 2 * i,
+                10_001 + t * 100 + 2 * i,
+            ];
+            let fresh = CouponIssuer::with_policy(short_policy());
+            let what = format!("issue_many {users:?}");
+            calls.time(
+                what.clone(),
+                || fresh.issue_many(conn, campaign_id, &users),
+                |results| {
+                    results
+                        .into_iter()
+                        .filter_map(|result| match result {
+                            Ok(coupon) => Some(coupon),
+                            Err(Error::AlreadyIssued { user_id, .. }) if user_id == holder_user => {
+                                None
+                            }
+                            Err(e) => panic!("{what}: unexpected request answer {e:?}"),
+                        })
+                        .collect()
+                },
+            );
+        }
+    });
 
     // Combined issues, one pooled connection between them; every fourth asker holds a coupon.
     let pool = pool_with(&url, 1, short_policy());
-    let hot = Arc::new(CombiningIssuer::new(pool.clone(), issuer.clone()));
+    let hot = CombiningIssuer::new(pool.clone(), issuer.clone());
     // The pool's one connection is busy for the first 600 ms: checkouts wait.
-    let busy = pool.get().expect("the pooled connection");
-    let barrier = Arc::new(Barrier::new(10));
-    let threads: Vec<_> = (0..9i64)
-        .map(|t| {
-            let (hot, calls, barrier) = (hot.clone(), calls.clone(), barrier.clone());
-            let campaign_id = campaign.id;
-            thread::spawn(move || {
-                barrier.wait();
-                for i in 0..8i64 {
-                    let user = match i % 4 {
-                        3 => 1 + t,
-                        _ => 20_000 + t * 100 + i,
-                    };
-                    calls.time(
-                        format!("combined issue to {user}"),
-                        || hot.issue(user, campaign_id),
-                        |coupon| vec![coupon],
-                    );
-                }
-            })
+    while_checked_out(&pool, StdDuration::from_millis(600), || {
+        together(9, |t| {
+            let t = t as i64;
+            for i in 0..8i64 {
+                let user = match i % 4 {
+                    3 => 1 + t,
+                    _ => 20_000 + t * 100 + i,
+                };
+                calls.time(
+                    format!("combined issue to {user}"),
+                    || hot.issue(user, campaign_id),
+                    |coupon| vec![coupon],
+                );
+            }
         })
-        .collect();
-    barrier.wait();
-    thread::sleep(StdDuration::from_millis(600));
-    drop(busy);
-    for thread in threads {
-        thread.join().expect("combined thread");
-    }
+    });
 
     // Single calls: issues, redeems (and a retry by the same order), restores by their order
     // (and a repeated cancel), restocks by key (each key replayed).
-    let threads: Vec<_> = (0..6usize)
-        .map(|t| {
-            let (issuer, calls, url) = (issuer.clone(), calls.clone(), url.clone());
-            let campaign_id = campaign.id;
-            let redeem = [to_redeem[2 * t], to_redeem[2 * t + 1]];
-            let restore = [to_restore[2 * t], to_restore[2 * t + 1]];
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                let user = 30_000 + 10 * t as i64;
-                let key = format!("restock-{t}");
-                // Each coupon redeemed twice (the second a retry by the same order), each
-                // restored twice (the second a repeated cancel), each restock key sent twice.
-                let ops = [
-                    Op::Issue(user),
-                    Op::Redeem(redeem[0]),
-                    Op::Restore(restore[0]),
-                    Op::Restock,
-                    Op::Redeem(redeem[1]),
-                    Op::Issue(user + 1),
-                    Op::Restore(restore[1]),
-                    Op::Restock,
-                    Op::Redeem(redeem[0]),
-                    Op::Restore(restore[0]),
-                    Op::Redeem(redeem[1]),
-                    Op::Restore(restore[1]),
-                ];
-                for op in ops {
-                    match op {
-                        Op::Issue(user) => calls.time(
-                            format!("issue to {user}"),
-                            || issuer.issue(&mut conn, user, campaign_id),
-                            |coupon| vec![coupon],
-                        ),
-                        Op::Redeem(id) => calls.time(
-                            format!("redeem {id}"),
-                            || issuer.redeem(&mut conn, id, &format!("redeem-{id}")),
-                            |coupon| vec![coupon],
-                        ),
-                        Op::Restore(id) => calls.time(
-                            format!("restore {id}"),
-                            || issuer.restore(&mut conn, id, &format!("order-{id}")),
-                            |coupon| vec![coupon],
-                        ),
-                        Op::Restock => calls.time(
-                            format!("restock {key}"),
-                            || issuer.restock(&mut conn, campaign_id, 1, &key),
-                            |_| Vec::new(),
-                        ),
-                    }
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("single-call thread");
-    }
+    concurrently(6, &url, |t, conn| {
+        let redeem = [to_redeem[2 * t], to_redeem[2 * t + 1]];
+        let restore = [to_restore[2 * t], to_restore[2 * t + 1]];
+        let user = 30_000 + 10 * t as i64;
+        let key = format!("restock-{t}");
+        // Each coupon redeemed twice (the second a retry by the same order), each restored
+        // twice (the second a repeated cancel), each restock key sent twice.
+        let ops = [
+            Op::Issue(user),
+            Op::Redeem(redeem[0]),
+            Op::Restore(restore[0]),
+            Op::Restock,
+            Op::Redeem(redeem[1]),
+            Op::Issue(user + 1),
+            Op::Restore(restore[1]),
+            Op::Restock,
+            Op::Redeem(redeem[0]),
+            Op::Restore(restore[0]),
+            Op::Redeem(redeem[1]),
+            Op::Restore(restore[1]),
+        ];
+        for op in ops {
+            match op {
+                Op::Issue(user) => calls.time(
+                    format!("issue to {user}"),
+                    || issuer.issue(conn, user, campaign_id),
+                    |coupon| vec![coupon],
+                ),
+                Op::Redeem(id) => calls.time(
+                    format!("redeem {id}"),
+                    || issuer.redeem(conn, id, &format!("redeem-{id}")),
+                    |coupon| vec![coupon],
+                ),
+                Op::Restore(id) => calls.time(
+                    format!("restore {id}"),
+                    || issuer.restore(conn, id, &format!("order-{id}")),
+                    |coupon| vec![coupon],
+                ),
+                Op::Restock => calls.time(
+                    format!("restock {key}"),
+                    || issuer.restock(conn, campaign_id, 1, &key),
+                    |_| Vec::new(),
+                ),
+            }
+        }
+    });
     stop.store(true, Ordering::SeqCst);
     holder.join().expect("holder");
 

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,9 @@ use lockstock::{
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    assert_none_later_than, audit_ok, connect, count_key, fresh_database, journal_size,
-    policy_with_deadline, pool_with, row_holder, stored_balance, CallLog,
+    assert_none_later_than, audit_ok, concurrently, connect, count_key, fresh_database,
+    journal_size, policy_with_deadline, pool_with, row_holder, stored_balance, together,
+    while_checked_out, CallLog,
 };
 
 fn dec(units: i64) -> Decimal {
@@ -483,103 +484,73 @@ fn finding_9_deadline_bounds_ledger_calls() {
     let calls: CallLog<Entry> = CallLog::new(expected_answer);
 
     // apply_many: every batch replays "seed" (in the journal), so it needs two rounds.
-    let threads: Vec<_> = (0..6)
-        .map(|t| {
-            let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                for i in 0..6 {
-                    let ops = [
-                        AccountOp::charge(dec(1_000_000), "seed"),
-                        AccountOp::deduct(dec(1), format!("m{t}-{i}")),
-                        AccountOp::charge(dec(2), format!("p{t}-{i}")),
-                    ];
-                    calls.time(
-                        format!("apply_many {t}-{i}"),
-                        || ledger.apply_many(&mut conn, 1, &ops),
-                        |results| results.into_iter().filter_map(Result::ok).collect(),
-                    );
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("apply_many thread");
-    }
+    concurrently(6, &url, |t, conn| {
+        for i in 0..6 {
+            let ops = [
+                AccountOp::charge(dec(1_000_000), "seed"),
+                AccountOp::deduct(dec(1), format!("m{t}-{i}")),
+                AccountOp::charge(dec(2), format!("p{t}-{i}")),
+            ];
+            calls.time(
+                format!("apply_many {t}-{i}"),
+                || ledger.apply_many(conn, 1, &ops),
+                |results| results.into_iter().filter_map(Result::ok).collect(),
+            );
+        }
+    });
 
     // Combined callers on three accounts, one pooled connection between them.
     let pool = pool_with(&url, 1, short_policy());
-    let hot = Arc::new(CombiningLedger::new(pool.clone(), ledger.clone()));
+    let hot = CombiningLedger::new(pool.clone(), ledger.clone());
     // The pool's one connection is busy for the first 600 ms: checkouts wait.
-    let busy = pool.get().expect("the pooled connection");
-    let barrier = Arc::new(Barrier::new(10));
-    let threads: Vec<_> = (0..9i64)
-        .map(|t| {
-            let (hot, calls, barrier) = (hot.clone(), calls.clone(), barrier.clone());
-            thread::spawn(move || {
-                barrier.wait();
-                let user = 1 + t % 3;
-                for i in 0..8 {
-                    let key = format!("c{t}-{i}");
-                    if i % 2 == 0 {
-                        calls.time(
-                            format!("combined charge {key} on {user}"),
-                            || hot.charge(user, dec(3), &key),
-                            |e| vec![e],
-                        );
-                    } else {
-                        calls.time(
-                            format!("combined deduct {key} on {user}"),
-                            || hot.deduct(user, dec(1), &key),
-                            |e| vec![e],
-                        );
-                    }
+    while_checked_out(&pool, Duration::from_millis(600), || {
+        together(9, |t| {
+            let user = 1 + t as i64 % 3;
+            for i in 0..8 {
+                let key = format!("c{t}-{i}");
+                if i % 2 == 0 {
+                    calls.time(
+                        format!("combined charge {key} on {user}"),
+                        || hot.charge(user, dec(3), &key),
+                        |e| vec![e],
+                    );
+                } else {
+                    calls.time(
+                        format!("combined deduct {key} on {user}"),
+                        || hot.deduct(user, dec(1), &key),
+                        |e| vec![e],
+                    );
                 }
-            })
+            }
         })
-        .collect();
-    barrier.wait();
-    thread::sleep(Duration::from_millis(600));
-    drop(busy);
-    for thread in threads {
-        thread.join().expect("combined thread");
-    }
+    });
 
     // Single calls: charges, deducts and transfers from the held account to new accounts.
-    let threads: Vec<_> = (0..6i64)
-        .map(|t| {
-            let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                for i in 0..6i64 {
-                    let key = format!("s{t}-{i}");
-                    match i % 3 {
-                        0 => calls.time(
-                            format!("deduct {key}"),
-                            || ledger.deduct(&mut conn, 1, dec(1), &key),
-                            |e| vec![e],
-                        ),
-                        1 => calls.time(
-                            format!("charge {key}"),
-                            || ledger.charge(&mut conn, 1, dec(1), &key),
-                            |e| vec![e],
-                        ),
-                        _ => {
-                            let to = 1_000 + t * 10 + i;
-                            calls.time(
-                                format!("transfer {key} to new account {to}"),
-                                || ledger.transfer(&mut conn, 1, to, dec(1), &key),
-                                |tr| vec![tr.debit, tr.credit],
-                            );
-                        }
-                    }
+    concurrently(6, &url, |t, conn| {
+        for i in 0..6i64 {
+            let key = format!("s{t}-{i}");
+            match i % 3 {
+                0 => calls.time(
+                    format!("deduct {key}"),
+                    || ledger.deduct(conn, 1, dec(1), &key),
+                    |e| vec![e],
+                ),
+                1 => calls.time(
+                    format!("charge {key}"),
+                    || ledger.charge(conn, 1, dec(1), &key),
+                    |e| vec![e],
+                ),
+                _ => {
+                    let to = 1_000 + t as i64 * 10 + i;
+                    calls.time(
+                        format!("transfer {key} to new account {to}"),
+                        || ledger.transfer(conn, 1, to, dec(1), &key),
+                        |tr| vec![tr.debit, tr.credit],
+                    );
                 }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("single-call thread");
-    }
+            }
+        }
+    });
     stop.store(true, Ordering::SeqCst);
     holder.join().expect("holder");
 
