@@ -92,7 +92,8 @@ use diesel::{Connection, MysqlConnection, QueryableByName, RunQueryDsl};
 use crate::sandbox::{
     create_database_on, find_install_db, find_mariadbd, flag, io_err, is_root, percent_encode,
     read_tail, run_install_db, search_path, spawn_watchdog_script, validate_database_name,
-    wait_timeout, write_atomically, SandboxError,
+    wait_timeout, write_atomically, SandboxError, ERROR_LOG, MAX_SOCKET_PATH, PID_FILE,
+    SOCKET_NAME, STOP_TIMEOUT,
 };
 
 /// Number of nodes of [`GaleraCluster::builder`]'s default cluster.
@@ -103,19 +104,12 @@ const MAX_NODES: usize = 9;
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long [`GaleraCluster::restart`] waits for the node to be Synced.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(90);
-/// How long [`GaleraCluster::stop`] waits for a clean shutdown before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll interval while waiting for nodes.
 const POLL: Duration = Duration::from_millis(100);
 
-const SOCKET_NAME: &str = "mysqld.sock";
-const ERROR_LOG: &str = "error.log";
-const PID_FILE: &str = "mysqld.pid";
 const GRASTATE: &str = "grastate.dat";
 /// User the servers run as when we are root.
 const SERVER_USER: &str = "mysql";
-/// `sun_path` is 108 bytes on Linux (104 on macOS); stay well below.
-const MAX_SOCKET_PATH: usize = 100;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Ports handed out by this process (they are only probed, not held).
@@ -783,19 +777,7 @@ impl GaleraCluster {
     /// [`status`](Self::status) refuses it.
     pub fn pause(&mut self, node: usize) -> Result<(), GaleraError> {
         self.running(node)?;
-        let n = &mut self.nodes[node];
-        let pid = n
-            .server
-            .as_ref()
-            .map(Child::id)
-            .ok_or(GaleraError::NodeNotRunning { node })?;
-        signal_group("STOP", pid).map_err(|message| GaleraError::Signal {
-            node,
-            signal: "STOP",
-            message,
-        })?;
-        n.paused = true;
-        Ok(())
+        self.signal_paused(node, "STOP", true)
     }
 
     /// Continues a [`pause`](Self::pause)d node with SIGCONT. It does not
@@ -803,18 +785,28 @@ impl GaleraCluster {
     /// [`wait_synced`](Self::wait_synced)).
     pub fn resume(&mut self, node: usize) -> Result<(), GaleraError> {
         self.check_node(node)?;
+        self.signal_paused(node, "CONT", false)
+    }
+
+    /// Sends `signal` to node `node`'s process group and records it as `paused` (or not).
+    fn signal_paused(
+        &mut self,
+        node: usize,
+        signal: &'static str,
+        paused: bool,
+    ) -> Result<(), GaleraError> {
         let n = &mut self.nodes[node];
         let pid = n
             .server
             .as_ref()
             .map(Child::id)
             .ok_or(GaleraError::NodeNotRunning { node })?;
-        signal_group("CONT", pid).map_err(|message| GaleraError::Signal {
+        signal_group(signal, pid).map_err(|message| GaleraError::Signal {
             node,
-            signal: "CONT",
+            signal,
             message,
         })?;
-        n.paused = false;
+        n.paused = paused;
         Ok(())
     }
 

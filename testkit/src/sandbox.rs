@@ -68,17 +68,17 @@ const FIRST_START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`Sandbox::restart`] waits (crash recovery can take a while).
 const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long [`Sandbox::stop`] waits for a graceful shutdown before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll interval while waiting for the server to come up or go away.
 const POLL: Duration = Duration::from_millis(20);
 
-const SOCKET_NAME: &str = "mysqld.sock";
-const ERROR_LOG: &str = "error.log";
-const PID_FILE: &str = "mysqld.pid";
+pub(crate) const SOCKET_NAME: &str = "mysqld.sock";
+pub(crate) const ERROR_LOG: &str = "error.log";
+pub(crate) const PID_FILE: &str = "mysqld.pid";
 /// File the watchdog reads to find the current server pid.
 const SERVER_PID_FILE: &str = "server.pid.lockstock";
 /// `sun_path` is 108 bytes on Linux (104 on macOS); stay well below.
-const MAX_SOCKET_PATH: usize = 100;
+pub(crate) const MAX_SOCKET_PATH: usize = 100;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

@@ -400,34 +400,12 @@ fn prepares(conn: &mut MysqlConnection) -> i64 {
 /// deduct or a coupon issue prepares nothing (a prepare is a round trip while the row is locked).
 #[test]
 fn hot_paths_use_cached_prepared_statements() {
-    use lockstock::{CouponIssuer, Discount, NewCampaign, NewCoupon};
+    use lockstock::CouponIssuer;
     let (url, _conn) = fresh_database("foundation_prepared");
     let mut conn = connect(&url);
     let ledger = BalanceLedger::new();
     let issuer = CouponIssuer::new();
-    let now = chrono::Utc::now().naive_utc();
-    let coupon = issuer
-        .create_coupon(
-            &mut conn,
-            &NewCoupon {
-                name: "prepared",
-                discount: Discount::Fixed(Decimal::ONE),
-                valid_from: now - chrono::Duration::hours(1),
-                valid_until: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("coupon");
-    let campaign = issuer
-        .create_campaign(
-            &mut conn,
-            &NewCampaign {
-                coupon_id: coupon.id,
-                quantity: 100,
-                issue_starts_at: now - chrono::Duration::minutes(1),
-                issue_ends_at: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("campaign");
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "prepared", 100);
     ledger
         .charge(&mut conn, 1, Decimal::new(1_000, 0), "warm-c")
         .expect("charge");
