@@ -33,7 +33,7 @@ use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Double, Text, Unsigned};
+use diesel::sql_types::{BigInt, Double, Text};
 use lockstock::combine::MysqlPool;
 use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
 use lockstock::{
@@ -248,12 +248,17 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
     EXCLUSIVE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The server's id of `conn`'s session (`CONNECTION_ID()`, what `KILL` takes).
+pub fn connection_id(conn: &mut MysqlConnection) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()"))
+        .get_result(conn)
+        .expect("connection id")
+}
+
 /// A connection to `url` whose server session `killer` has killed: any round trip on it fails.
 pub fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
     let mut doomed = connect(url);
-    let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
-        .get_result(&mut doomed)
-        .expect("connection id");
+    let id = connection_id(&mut doomed);
     killer
         .batch_execute(&format!("KILL CONNECTION {id}"))
         .expect("kill session");

@@ -23,9 +23,9 @@ use lockstock::{
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    assert_none_later_than, audit_ok, concurrently, connect, count_key, fresh_database,
-    journal_size, policy_with_deadline, pool_with, row_holder, stored_balance, together,
-    while_checked_out, CallLog,
+    assert_none_later_than, audit_ok, concurrently, connect, connection_id, count_key,
+    fresh_database, journal_size, policy_with_deadline, pool_with, row_holder, stored_balance,
+    together, while_checked_out, CallLog,
 };
 
 fn dec(units: i64) -> Decimal {
@@ -38,36 +38,29 @@ struct Count {
     n: i64,
 }
 
-fn connection_id(conn: &mut MysqlConnection) -> i64 {
-    diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()"))
-        .get_result(conn)
-        .expect("connection id")
-}
-
 /// Whether connection `id` waits for a row lock. InnoDB refreshes the `INNODB_TRX` table only
 /// when it has not been read for 100 ms, so this pauses that long before reading it.
 fn waits_for_row_lock(admin: &mut MysqlConnection, id: i64) -> bool {
     thread::sleep(Duration::from_millis(150));
-    diesel::sql_query(
-        "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
-         WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
-    )
-    .bind::<BigInt, _>(id)
-    .get_result::<Count>(admin)
-    .expect("INNODB_TRX")
-    .n > 0
+    let waiting = "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
+                   WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'";
+    count_for(admin, waiting, id) > 0
 }
 
 /// Whether connection `id` waits for a table's metadata lock.
 fn waits_for_metadata_lock(admin: &mut MysqlConnection, id: i64) -> bool {
-    diesel::sql_query(
-        "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
-         WHERE ID = ? AND STATE = 'Waiting for table metadata lock'",
-    )
-    .bind::<BigInt, _>(id)
-    .get_result::<Count>(admin)
-    .expect("PROCESSLIST")
-    .n > 0
+    let waiting = "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+                   WHERE ID = ? AND STATE = 'Waiting for table metadata lock'";
+    count_for(admin, waiting, id) > 0
+}
+
+/// The count `n` that `query` answers for connection `id` (its one parameter).
+fn count_for(admin: &mut MysqlConnection, query: &str, id: i64) -> i64 {
+    diesel::sql_query(query)
+        .bind::<BigInt, _>(id)
+        .get_result::<Count>(admin)
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+        .n
 }
 
 /// Polls the server until `condition` holds (a liveness guard of 20 s, not a timed assertion).

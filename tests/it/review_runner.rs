@@ -16,24 +16,13 @@ use lockstock::{
 };
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database, journal_size, session_vars};
+use lockstock_testkit::fixtures::{
+    connect, connection_id, fresh_database, journal_size, session_vars,
+};
 use lockstock_testkit::Sandbox;
 
 fn dec(units: i64) -> Decimal {
     Decimal::new(units, 0)
-}
-
-#[derive(QueryableByName)]
-struct Id {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-}
-
-fn connection_id(conn: &mut MysqlConnection) -> i64 {
-    diesel::sql_query("SELECT CONNECTION_ID() AS id")
-        .get_result::<Id>(conn)
-        .expect("connection id")
-        .id
 }
 
 /// A database on a server of its own (the test changes global variables).
@@ -44,18 +33,16 @@ fn private_database(sandbox: &Sandbox, name: &str) -> (String, MysqlConnection) 
     (url, conn)
 }
 
+/// A trigger that makes every balance UPDATE above 1000 fail.
+const FAIL_BIG_BALANCES: &str = "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance \
+     FOR EACH ROW BEGIN IF NEW.balance > 1000 THEN \
+     SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; END IF; END";
+
 /// Makes every balance UPDATE above 1000 fail after the journal INSERT of the same transaction,
 /// and the prepared ROLLBACK impossible to prepare (no prepared statement may be created; the
 /// statements the connections already prepared keep working).
 fn break_rollback(admin: &mut MysqlConnection) {
-    admin
-        .batch_execute(
-            "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance FOR EACH ROW \
-             BEGIN IF NEW.balance > 1000 THEN \
-             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; \
-             END IF; END",
-        )
-        .expect("trigger");
+    admin.batch_execute(FAIL_BIG_BALANCES).expect("trigger");
     admin
         .batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
         .expect("no more prepared statements");
@@ -132,12 +119,7 @@ fn finding_1_failed_rollback_breaks_the_connection() {
 
     // A pooled connection: r2d2 discards it instead of handing it out again.
     admin
-        .batch_execute(
-            "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance FOR EACH ROW \
-             BEGIN IF NEW.balance > 1000 THEN \
-             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; \
-             END IF; END",
-        )
+        .batch_execute(FAIL_BIG_BALANCES)
         .expect("trigger again");
     let pool = Pool::builder()
         .max_size(1)
@@ -172,6 +154,13 @@ fn finding_1_failed_rollback_breaks_the_connection() {
         .expect("drop trigger");
     assert_eq!(journal_size(&mut next, 2), 2);
     ledger.audit(&mut next, 2).expect("audit pooled account");
+}
+
+/// One number a raw query answers, as `id`.
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
 }
 
 #[test]
