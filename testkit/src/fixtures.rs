@@ -38,7 +38,7 @@ use lockstock::combine::MysqlPool;
 use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
 use lockstock::{
     BalanceLedger, Campaign, Coupon, CouponIssuer, Discount, EntryKind, Error, NewCampaign,
-    NewCoupon, SessionSettings, TxnPolicy,
+    NewCoupon, RetryPolicy, SessionSettings, TxnPolicy,
 };
 use rust_decimal::Decimal;
 
@@ -387,6 +387,34 @@ pub fn campaign_rows(conn: &mut MysqlConnection) -> Vec<CampaignRow> {
         .expect("read the campaigns")
 }
 
+/// A `user_coupon` row: (id, user, coupon template, campaign, status, used_at, order_ref).
+pub type UserCouponRow = (
+    i64,
+    i64,
+    i64,
+    i64,
+    String,
+    Option<NaiveDateTime>,
+    Option<String>,
+);
+
+/// Every `user_coupon` row ([`UserCouponRow`]), by id.
+pub fn user_coupon_rows(conn: &mut MysqlConnection) -> Vec<UserCouponRow> {
+    user_coupon::table
+        .select((
+            user_coupon::id,
+            user_coupon::user_id,
+            user_coupon::coupon_id,
+            user_coupon::fcfs_coupon_id,
+            user_coupon::status,
+            user_coupon::used_at,
+            user_coupon::order_ref,
+        ))
+        .order(user_coupon::id.asc())
+        .load(conn)
+        .expect("read user_coupon")
+}
+
 /// How many rows `user_coupon` holds for a campaign.
 pub fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> i64 {
     user_coupon::table
@@ -483,32 +511,34 @@ pub struct TimedCall<T> {
 }
 
 /// The timed calls of a deadline test, recorded from many threads (clones share one log).
-/// Every error a call answers with must be one the log's `expected` accepts.
+/// Every error a call answers with must be a deadline's (`Contended`, `Timeout`,
+/// `OutcomeUnknown`) or one the log's `refusal` accepts.
 pub struct CallLog<T> {
     calls: Arc<Mutex<Vec<TimedCall<T>>>>,
-    expected: fn(&Error) -> bool,
+    refusal: fn(&Error) -> bool,
 }
 
 impl<T> Clone for CallLog<T> {
     fn clone(&self) -> Self {
         Self {
             calls: self.calls.clone(),
-            expected: self.expected,
+            refusal: self.refusal,
         }
     }
 }
 
 impl<T> CallLog<T> {
-    /// An empty log whose calls may fail only with errors `expected` accepts.
-    pub fn new(expected: fn(&Error) -> bool) -> Self {
+    /// An empty log whose calls may fail only with a deadline's errors or those `refusal`
+    /// accepts.
+    pub fn new(refusal: fn(&Error) -> bool) -> Self {
         Self {
             calls: Arc::default(),
-            expected,
+            refusal,
         }
     }
 
     /// Times `call` and records it: its answer as `items(value)`, or its error (which must be
-    /// one the log expects: else this panics, naming `what`).
+    /// one the log accepts: else this panics, naming `what`).
     pub fn time<V>(
         &self,
         what: String,
@@ -521,7 +551,14 @@ impl<T> CallLog<T> {
         let answer = match result {
             Ok(value) => Ok(items(value)),
             Err(e) => {
-                assert!((self.expected)(&e), "{what}: unexpected answer {e:?}");
+                let deadline = matches!(
+                    e,
+                    Error::Contended { .. } | Error::Timeout { .. } | Error::OutcomeUnknown { .. }
+                );
+                assert!(
+                    deadline || (self.refusal)(&e),
+                    "{what}: unexpected answer {e:?}"
+                );
                 Err(format!("{e:?}"))
             }
         };
@@ -575,9 +612,16 @@ pub fn assert_none_later_than<T: Debug>(label: &str, calls: &[TimedCall<T>], bou
 
 /// The default [`TxnPolicy`] with one overall retry deadline of `deadline`.
 pub fn policy_with_deadline(deadline: StdDuration) -> TxnPolicy {
-    let mut retry = lockstock::RetryPolicy::default();
+    let attempts = RetryPolicy::default().max_attempts;
+    TxnPolicy::default().with_retry(retry_policy(attempts, deadline))
+}
+
+/// The default [`RetryPolicy`] with at most `max_attempts` attempts within `deadline`.
+pub fn retry_policy(max_attempts: u32, deadline: StdDuration) -> RetryPolicy {
+    let mut retry = RetryPolicy::default();
+    retry.max_attempts = max_attempts;
     retry.deadline = deadline;
-    TxnPolicy::default().with_retry(retry)
+    retry
 }
 
 /// Runs `work` while the connection of a one-connection `pool` is checked out for the first
@@ -591,4 +635,23 @@ pub fn while_checked_out<T>(pool: &MysqlPool, busy: StdDuration, work: impl FnOn
     let result = work();
     release.join().expect("release the pooled connection");
     result
+}
+
+/// Asserts that `result` is an error that `expected` accepts; else panics with what it was.
+#[track_caller]
+pub fn assert_refused<T: Debug>(result: &Result<T, Error>, expected: impl FnOnce(&Error) -> bool) {
+    match result {
+        Err(e) if expected(e) => {}
+        other => panic!("unexpected answer: {other:?}"),
+    }
+}
+
+/// Reads account `user_id`'s balance with `FOR UPDATE` (waiting): the row stays locked until
+/// `conn`'s transaction ends.
+pub fn lock_balance(conn: &mut MysqlConnection, user_id: i64) -> QueryResult<Decimal> {
+    user_balance::table
+        .find(user_id)
+        .select(user_balance::balance)
+        .for_update()
+        .first(conn)
 }

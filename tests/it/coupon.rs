@@ -196,7 +196,7 @@ fn one_user_from_sixteen_threads_gets_one_coupon() {
     const USER: i64 = 4242;
 
     let (url, mut conn) = fresh_database("coupon_one_user");
-    let issuer = Arc::new(CouponIssuer::new());
+    let issuer = CouponIssuer::new();
     let (coupon, campaign) = open_campaign_named(&mut conn, &issuer, "one per user", 5);
     let results: Vec<_> = concurrently(THREADS, &url, |_, conn| {
         issuer.issue(conn, USER, campaign.id)

@@ -43,6 +43,18 @@ fn connection_id(conn: &mut MysqlConnection) -> QueryResult<i64> {
     diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()")).get_result(conn)
 }
 
+/// Stops the workload clients and gathers the histories they recorded.
+fn stop_and_collect(
+    stop: &AtomicBool,
+    clients: Vec<thread::ScopedJoinHandle<'_, Vec<Record>>>,
+) -> Vec<Record> {
+    stop.store(true, Ordering::Relaxed);
+    clients
+        .into_iter()
+        .flat_map(|h| h.join().expect("workload client"))
+        .collect()
+}
+
 /// `KILL <id>` (or `KILL QUERY <id>`: only the running statement); `Ok(false)` if the
 /// connection was already gone.
 fn kill(admin: &mut MysqlConnection, id: i64, query_only: bool) -> QueryResult<bool> {
@@ -237,11 +249,7 @@ fn killed_connections_never_leave_partial_state() {
             }));
         }
         thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-        victims
-            .into_iter()
-            .flat_map(|h| h.join().expect("victim"))
-            .collect()
+        stop_and_collect(&stop, victims)
     });
     let summary = Summary::of(&records);
     eprintln!(
@@ -542,11 +550,7 @@ fn server_crashes_lose_no_acknowledged_operation() {
             downtime += down.elapsed();
         }
         thread::sleep(Duration::from_millis(700));
-        stop.store(true, Ordering::Relaxed);
-        clients
-            .into_iter()
-            .flat_map(|h| h.join().expect("client"))
-            .collect()
+        stop_and_collect(&stop, clients)
     });
     let summary = Summary::of(&records);
     eprintln!(

@@ -18,7 +18,8 @@ use lockstock::{BalanceLedger, Error, RetryPolicy, ServerErrorKind, TxnPolicy, T
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    concurrently, connect, fresh_database, open_campaign_named, pool_with, session_vars, snapshot,
+    concurrently, connect, fresh_database, lock_balance, open_campaign_named, pool_with,
+    retry_policy, session_vars, snapshot,
 };
 
 #[derive(QueryableByName)]
@@ -254,11 +255,7 @@ fn retry_succeeds_after_holder_commits() {
     let holder_thread = thread::spawn(move || {
         holder
             .transaction::<_, diesel::result::Error, _>(|conn| {
-                user_balance::table
-                    .find(1i64)
-                    .select(user_balance::balance)
-                    .for_update()
-                    .first::<Decimal>(conn)?;
+                lock_balance(conn, 1)?;
                 held2.wait();
                 thread::sleep(Duration::from_millis(300));
                 Ok(())
@@ -277,6 +274,16 @@ fn retry_succeeds_after_holder_commits() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
+/// A fresh database `name` whose account 1 another connection holds locked for `hold` from
+/// now on, and a connection to it; the holder's thread ends when the lock is released.
+fn account_held_for(name: &str, hold: Duration) -> (thread::JoinHandle<()>, MysqlConnection) {
+    let (url, _conn) = fresh_database(name);
+    seed_account(&url, 1);
+    let (holder, held) = hold_lock_for(&url, 1, hold);
+    held.wait();
+    (holder, connect(&url))
+}
+
 fn hold_lock_for(
     url: &str,
     user_id: i64,
@@ -288,11 +295,7 @@ fn hold_lock_for(
     let handle = thread::spawn(move || {
         holder
             .transaction::<_, diesel::result::Error, _>(|conn| {
-                user_balance::table
-                    .find(user_id)
-                    .select(user_balance::balance)
-                    .for_update()
-                    .first::<Decimal>(conn)?;
+                lock_balance(conn, user_id)?;
                 held2.wait();
                 thread::sleep(hold);
                 Ok(())
@@ -305,16 +308,10 @@ fn hold_lock_for(
 #[test]
 fn retries_stop_at_max_attempts() {
     let _exclusive = lockstock_testkit::fixtures::exclusive();
-    let (url, _conn) = fresh_database("foundation_attempts");
-    seed_account(&url, 1);
-    let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(1500));
-    held.wait();
-    let mut conn = connect(&url);
-    let mut retry = RetryPolicy::default();
-    retry.max_attempts = 5;
+    let (holder, mut conn) = account_held_for("foundation_attempts", Duration::from_millis(1500));
+    let mut retry = retry_policy(5, Duration::from_secs(10));
     retry.base_backoff = Duration::from_millis(1);
     retry.max_backoff = Duration::from_millis(4);
-    retry.deadline = Duration::from_secs(10);
     let runner = TxnRunner::new(TxnPolicy::default().with_retry(retry));
     let (result, attempts) = runner.run_counted(&mut conn, |conn| lock_nowait(conn, 1));
     match result {
@@ -335,14 +332,8 @@ fn retries_stop_at_max_attempts() {
 #[test]
 fn retries_stop_at_the_deadline() {
     let _exclusive = lockstock_testkit::fixtures::exclusive();
-    let (url, _conn) = fresh_database("foundation_deadline");
-    seed_account(&url, 1);
-    let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(2000));
-    held.wait();
-    let mut conn = connect(&url);
-    let mut retry = RetryPolicy::default();
-    retry.max_attempts = 100_000;
-    retry.deadline = Duration::from_millis(300);
+    let (holder, mut conn) = account_held_for("foundation_deadline", Duration::from_millis(2000));
+    let retry = retry_policy(100_000, Duration::from_millis(300));
     let runner = TxnRunner::new(TxnPolicy::default().with_retry(retry));
     let started = Instant::now();
     match runner.run(&mut conn, |conn| lock_nowait(conn, 1)) {

@@ -11,12 +11,12 @@ use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
 use lockstock::schema::{balance_history, user_balance};
-use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerErrorKind, TxnPolicy};
+use lockstock::{BalanceLedger, Entry, EntryKind, Error, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    audit_ok, concurrently, connect, count_key, count_kind, fresh_database, funded_account,
-    snapshot, stored_balance,
+    assert_refused, audit_ok, concurrently, connect, count_key, count_kind, fresh_database,
+    funded_account, retry_policy, snapshot, stored_balance,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -448,9 +448,7 @@ fn same_key_charge_race_applies_once() {
     let (url, mut conn) = fresh_database("ledger_same_key");
     // Every racer must end with Ok: give the losers of the lock race a generous budget, so a
     // slow shared machine cannot turn the test into a Contended lottery.
-    let mut retry = RetryPolicy::default();
-    retry.max_attempts = 1_000;
-    retry.deadline = Duration::from_secs(15);
+    let retry = retry_policy(1_000, Duration::from_secs(15));
     let ledger = Arc::new(BalanceLedger::with_policy(
         TxnPolicy::default().with_retry(retry),
     ));
@@ -475,17 +473,12 @@ fn same_key_charge_race_applies_once() {
         audit_ok(&ledger, &mut conn, user);
 
         let snap = snapshot(&mut conn);
-        match ledger.charge(&mut conn, user, dec(4251, 2), "pay-1") {
-            Err(Error::IdempotencyConflict {
-                user_id,
-                key,
-                existing_entry_id,
-            }) => assert_eq!(
-                (user_id, key.as_str(), existing_entry_id),
-                (user, "pay-1", first)
-            ),
-            other => panic!("other amount under the same key: {other:?}"),
-        }
+        // Another amount under the same key.
+        let other_amount = ledger.charge(&mut conn, user, dec(4251, 2), "pay-1");
+        assert_refused(&other_amount, |e| {
+            matches!(e, Error::IdempotencyConflict { user_id, key, existing_entry_id }
+                if (*user_id, key.as_str(), *existing_entry_id) == (user, "pay-1", first))
+        });
         match ledger.deduct(&mut conn, user, dec(4250, 2), "pay-1") {
             Err(Error::IdempotencyConflict {
                 existing_entry_id, ..
@@ -514,7 +507,7 @@ fn concurrent_refunds_never_exceed_the_deduct() {
     const THREADS: usize = 16;
     const USER: i64 = 31;
     let (url, mut conn) = fresh_database("ledger_refunds");
-    let ledger = Arc::new(BalanceLedger::new());
+    let ledger = BalanceLedger::new();
     let charge = ledger
         .charge(&mut conn, USER, dec(500, 0), "top-up")
         .expect("charge");
@@ -1033,17 +1026,11 @@ fn refused_call_writes_nothing_and_key_can_be_retried() {
     const USER: i64 = 51;
     let (_url, mut conn, ledger) = ledger_with_account("ledger_retry_key", USER, dec(20, 0));
     let before = snapshot(&mut conn);
-    match ledger.deduct(&mut conn, USER, dec(50, 0), "K") {
-        Err(Error::InsufficientBalance {
-            user_id,
-            available,
-            requested,
-        }) => assert_eq!(
-            (user_id, available, requested),
-            (USER, dec(20, 0), dec(50, 0))
-        ),
-        other => panic!("expected InsufficientBalance, got {other:?}"),
-    }
+    let refused = ledger.deduct(&mut conn, USER, dec(50, 0), "K");
+    assert_refused(&refused, |e| {
+        matches!(e, Error::InsufficientBalance { user_id, available, requested }
+            if (*user_id, *available, *requested) == (USER, dec(20, 0), dec(50, 0)))
+    });
     assert_eq!(snapshot(&mut conn), before, "a refusal wrote something");
     assert_eq!(count_key(&mut conn, USER, "K"), 0);
 

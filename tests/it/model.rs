@@ -21,7 +21,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
-use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance, user_coupon};
+use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance};
 use lockstock::{
     BalanceLedger, Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Entry, EntryKind, Error,
     IssuedCoupon, NewCampaign, NewCoupon, Transfer,
@@ -30,7 +30,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::fresh_database;
+use lockstock_testkit::fixtures::{fresh_database, user_coupon_rows};
 use lockstock_testkit::rng::seed;
 
 /// A positive id no server object gets in a test.
@@ -1437,31 +1437,22 @@ fn compare_state(
         .map(|m| model.campaign(m))
         .collect();
     prop_assert_eq!(&campaigns, &expected, "campaigns and stock");
-    let held: Vec<IssuedV> = user_coupon::table
-        .select((
-            user_coupon::id,
-            user_coupon::user_id,
-            user_coupon::coupon_id,
-            user_coupon::fcfs_coupon_id,
-            user_coupon::status,
-            user_coupon::order_ref,
-        ))
-        .order(user_coupon::id.asc())
-        .load::<(i64, i64, i64, i64, String, Option<String>)>(conn)
-        .expect("issued coupons")
+    let held: Vec<IssuedV> = user_coupon_rows(conn)
         .into_iter()
-        .map(|(id, user, coupon, campaign, status, order_ref)| IssuedV {
-            id: ids.user_coupons.id(id),
-            user,
-            coupon: ids.coupons.id(coupon),
-            campaign: ids.campaigns.id(campaign),
-            status: if status == "used" {
-                CouponStatus::Used
-            } else {
-                CouponStatus::Issued
+        .map(
+            |(id, user, coupon, campaign, status, _used_at, order_ref)| IssuedV {
+                id: ids.user_coupons.id(id),
+                user,
+                coupon: ids.coupons.id(coupon),
+                campaign: ids.campaigns.id(campaign),
+                status: if status == "used" {
+                    CouponStatus::Used
+                } else {
+                    CouponStatus::Issued
+                },
+                order_ref,
             },
-            order_ref,
-        })
+        )
         .collect();
     let expected: Vec<IssuedV> = (0..model.held.len()).map(|m| model.held(m)).collect();
     prop_assert_eq!(&held, &expected, "issued coupons");

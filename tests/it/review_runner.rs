@@ -17,7 +17,7 @@ use lockstock::{
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    connect, connection_id, fresh_database, journal_size, session_vars,
+    connect, connection_id, fresh_database, journal_size, lock_balance, session_vars,
 };
 use lockstock_testkit::Sandbox;
 
@@ -243,12 +243,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
     // lock, not NOWAIT) and is interrupted by KILL QUERY; the retry gets the row.
     let mut holder = connect(&url);
     holder.batch_execute("BEGIN").expect("begin");
-    user_balance::table
-        .find(1)
-        .select(user_balance::balance)
-        .for_update()
-        .first::<Decimal>(&mut holder)
-        .expect("hold the row");
+    lock_balance(&mut holder, 1).expect("hold the row");
     let victim_id = connection_id(&mut conn);
     let (release, released) = mpsc::channel::<()>();
     let admin_url = url.clone();
@@ -281,11 +276,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
             holder.batch_execute("ROLLBACK").ok();
         }
         first = false;
-        let balance: Decimal = user_balance::table
-            .find(1)
-            .select(user_balance::balance)
-            .for_update()
-            .first(c)?;
+        let balance: Decimal = lock_balance(c, 1)?;
         Ok(balance)
     });
     drop(release);
