@@ -666,6 +666,12 @@ fn bad_inputs_are_typed_and_change_nothing() {
     let amount_problem = |want: AmountProblem| {
         e(move |err| matches!(err, Error::InvalidAmount { problem, .. } if *problem == want))
     };
+    let key_problem = |want: KeyProblem| {
+        e(move |err| matches!(err, Error::InvalidIdempotencyKey { problem } if *problem == want))
+    };
+    let invalid_user = |want: i64| {
+        e(move |err| matches!(err, Error::InvalidId { what: "user", id } if *id == want))
+    };
     let tiny = dec(1, 4);
     let cases: Vec<(&str, Call, Expect)> = vec![
         (
@@ -709,38 +715,17 @@ fn bad_inputs_are_typed_and_change_nothing() {
         (
             "empty key",
             c(|l, c| l.charge(c, 1, dec(1, 0), "").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidIdempotencyKey {
-                        problem: KeyProblem::Empty
-                    }
-                )
-            }),
+            key_problem(KeyProblem::Empty),
         ),
         (
             "65-byte key",
             c(move |l, c| l.deduct(c, 1, dec(1, 0), &long_key).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidIdempotencyKey {
-                        problem: KeyProblem::TooLong { len: 65 }
-                    }
-                )
-            }),
+            key_problem(KeyProblem::TooLong { len: 65 }),
         ),
         (
             "66-byte key of 33 characters",
             c(move |l, c| l.charge(c, 1, dec(1, 0), &multibyte_key).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidIdempotencyKey {
-                        problem: KeyProblem::TooLong { len: 66 }
-                    }
-                )
-            }),
+            key_problem(KeyProblem::TooLong { len: 66 }),
         ),
         (
             "refund with an empty key",
@@ -750,67 +735,27 @@ fn bad_inputs_are_typed_and_change_nothing() {
         (
             "charge user 0",
             c(|l, c| l.charge(c, 0, dec(1, 0), "u").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: 0
-                    }
-                )
-            }),
+            invalid_user(0),
         ),
         (
             "deduct user -5",
             c(|l, c| l.deduct(c, -5, dec(1, 0), "u").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: -5
-                    }
-                )
-            }),
+            invalid_user(-5),
         ),
         (
             "transfer to user 0",
             c(|l, c| l.transfer(c, 1, 0, dec(1, 0), "u").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: 0
-                    }
-                )
-            }),
+            invalid_user(0),
         ),
         (
             "balance of user 0",
             c(|l, c| l.balance(c, 0).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: 0
-                    }
-                )
-            }),
+            invalid_user(0),
         ),
         (
             "history of user -1",
             c(|l, c| l.history(c, -1, None, 10).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: -1
-                    }
-                )
-            }),
+            invalid_user(-1),
         ),
         (
             "refund entry 0",

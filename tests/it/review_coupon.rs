@@ -19,10 +19,10 @@ use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
 use lockstock::{Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, TxnPolicy};
 
 use lockstock_testkit::fixtures::{
-    assert_none_later_than, campaign_rows, concurrently, connect, create_campaign, fresh_database,
-    killed_connection, micros_to_time, now, open_campaign_named, policy_with_deadline, pool_with,
-    row_holder, stock_row, together, user_coupon_row, user_coupon_rows, valid_coupon,
-    while_checked_out, CallLog,
+    assert_none_later_than, assert_refused, campaign_rows, concurrently, connect, create_campaign,
+    fresh_database, killed_connection, micros_to_time, now, open_campaign_named,
+    policy_with_deadline, pool_with, row_holder, stock_row, together, user_coupon_row,
+    user_coupon_rows, valid_coupon, while_checked_out, CallLog,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -68,6 +68,24 @@ fn check_invariants(conn: &mut MysqlConnection, context: &str) {
     }
 }
 
+/// Asserts that `result` is `NotRedeemed` for user coupon `id`.
+#[track_caller]
+fn assert_not_redeemed(result: &Result<IssuedCoupon, Error>, id: i64) {
+    assert_refused(
+        result,
+        |e| matches!(e, Error::NotRedeemed { user_coupon_id } if *user_coupon_id == id),
+    );
+}
+
+/// Asserts that `result` is `RedeemedByAnotherOrder` for user coupon `id`, naming `order`.
+#[track_caller]
+fn assert_by_another_order(result: &Result<IssuedCoupon, Error>, id: i64, order: &str) {
+    assert_refused(result, |e| {
+        matches!(e, Error::RedeemedByAnotherOrder { user_coupon_id, order_ref }
+            if (*user_coupon_id, order_ref.as_str()) == (id, order))
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding 3: "redeemed once" — restore is bound to the order it reverses, redeem is retryable
 // ---------------------------------------------------------------------------------------------
@@ -80,10 +98,7 @@ fn finding_3_restore_is_bound_to_its_order() {
     let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
 
     // Nothing to restore yet; a malformed order is refused before anything is read.
-    match issuer.restore(&mut conn, held.id, "order-A") {
-        Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
-        other => panic!("expected NotRedeemed, got {other:?}"),
-    }
+    assert_not_redeemed(&issuer.restore(&mut conn, held.id, "order-A"), held.id);
     for bad in [String::new(), "o".repeat(65)] {
         assert!(matches!(
             issuer.restore(&mut conn, held.id, &bad),
@@ -98,13 +113,8 @@ fn finding_3_restore_is_bound_to_its_order() {
         .redeem(&mut conn, held.id, "order-A")
         .expect("redeem A");
     // Another order cannot give back A's coupon.
-    match issuer.restore(&mut conn, held.id, "order-B") {
-        Err(Error::RedeemedByAnotherOrder {
-            user_coupon_id,
-            order_ref,
-        }) => assert_eq!((user_coupon_id, order_ref.as_str()), (held.id, "order-B")),
-        other => panic!("expected RedeemedByAnotherOrder, got {other:?}"),
-    }
+    let refused = issuer.restore(&mut conn, held.id, "order-B");
+    assert_by_another_order(&refused, held.id, "order-B");
     assert_eq!(
         user_coupon_row(&mut conn, held.id).1.as_deref(),
         Some("order-A")
@@ -118,21 +128,13 @@ fn finding_3_restore_is_bound_to_its_order() {
         ("issued".into(), None, None)
     );
     // The cancel of A repeated (or retried after OutcomeUnknown): nothing left to restore.
-    match issuer.restore(&mut conn, held.id, "order-A") {
-        Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
-        other => panic!("restore of A again: expected NotRedeemed, got {other:?}"),
-    }
+    assert_not_redeemed(&issuer.restore(&mut conn, held.id, "order-A"), held.id);
     let on_b = issuer
         .redeem(&mut conn, held.id, "order-B")
         .expect("redeem B");
     // A duplicate cancel of A after B used the coupon must not free B's coupon.
-    match issuer.restore(&mut conn, held.id, "order-A") {
-        Err(Error::RedeemedByAnotherOrder {
-            user_coupon_id,
-            order_ref,
-        }) => assert_eq!((user_coupon_id, order_ref.as_str()), (held.id, "order-A")),
-        other => panic!("a second restore of order A after B: {other:?}"),
-    }
+    let refused = issuer.restore(&mut conn, held.id, "order-A");
+    assert_by_another_order(&refused, held.id, "order-A");
     let stored = user_coupon_row(&mut conn, held.id);
     assert_eq!(
         (stored.0.as_str(), stored.1.as_deref(), stored.2),
@@ -444,10 +446,9 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
     let elsewhere = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "read clears", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert!(matches!(
-        issuer.issue(&mut conn, 2, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
 
     // Restocked by another issuer (process); this one reads the stock through remaining().
     elsewhere
@@ -461,10 +462,9 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
     );
 
     // The same through campaign().
-    assert!(matches!(
-        issuer.issue(&mut conn, 3, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&issuer.issue(&mut conn, 3, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
     elsewhere
         .restock(&mut conn, campaign.id, 1, "restock-2")
         .expect("restock elsewhere again");
@@ -490,10 +490,9 @@ fn finding_6_a_restock_clears_the_sold_out_mark_whatever_its_outcome() {
     let issuer = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "outcome", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert!(matches!(
-        issuer.issue(&mut conn, 2, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
 
     // The restock's connection dies: the call fails. Whether its COMMIT reached the server is
     // unknown to the caller (OutcomeUnknown); here a restock by someone else stands in for a
@@ -540,10 +539,9 @@ fn finding_6_restock_is_idempotent_by_key() {
     let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "restocked", 1);
     let (_other_coupon, other) = open_campaign_named(&mut conn, &issuer, "other", 1);
     issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert!(matches!(
-        issuer.issue(&mut conn, 2, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
 
     let first = issuer
         .restock(&mut conn, campaign.id, 2, "restock-1")
@@ -573,10 +571,10 @@ fn finding_6_restock_is_idempotent_by_key() {
         other => panic!("expected RestockConflict, got {other:?}"),
     }
     // An existing key decides even where the request itself would be refused.
-    assert!(matches!(
-        issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-1"),
-        Err(Error::RestockConflict { .. })
-    ));
+    assert_refused(
+        &issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-1"),
+        |e| matches!(e, Error::RestockConflict { .. }),
+    );
     assert!(matches!(
         issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-2"),
         Err(Error::InvalidInput {
