@@ -68,6 +68,17 @@ fn check_invariants(conn: &mut MysqlConnection, context: &str) {
     }
 }
 
+/// A campaign `name` of one coupon that user 1 holds; `issuer` answered user 2 `SoldOut`
+/// (and marked it sold out).
+fn sold_out_campaign(conn: &mut MysqlConnection, issuer: &CouponIssuer, name: &str) -> Campaign {
+    let (_coupon, campaign) = open_campaign_named(conn, issuer, name, 1);
+    issuer.issue(conn, 1, campaign.id).expect("the one");
+    assert_refused(&issuer.issue(conn, 2, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
+    campaign
+}
+
 /// Asserts that `result` is `NotRedeemed` for user coupon `id`.
 #[track_caller]
 fn assert_not_redeemed(result: &Result<IssuedCoupon, Error>, id: i64) {
@@ -90,12 +101,18 @@ fn assert_by_another_order(result: &Result<IssuedCoupon, Error>, id: i64, order:
 // Finding 3: "redeemed once" — restore is bound to the order it reverses, redeem is retryable
 // ---------------------------------------------------------------------------------------------
 
+/// A fresh database `name` with a campaign of two coupons, one of them issued to user 7.
+fn coupon_of_user_7(name: &str) -> (MysqlConnection, CouponIssuer, IssuedCoupon) {
+    let (_url, mut conn) = fresh_database(name);
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "held", 2);
+    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    (conn, issuer, held)
+}
+
 #[test]
 fn finding_3_restore_is_bound_to_its_order() {
-    let (_url, mut conn) = fresh_database("review_3_restore");
-    let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "bound", 2);
-    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    let (mut conn, issuer, held) = coupon_of_user_7("review_3_restore");
 
     // Nothing to restore yet; a malformed order is refused before anything is read.
     assert_not_redeemed(&issuer.restore(&mut conn, held.id, "order-A"), held.id);
@@ -151,10 +168,7 @@ fn finding_3_restore_is_bound_to_its_order() {
 
 #[test]
 fn finding_3_redeem_retry_by_the_same_order_succeeds() {
-    let (_url, mut conn) = fresh_database("review_3_redeem_retry");
-    let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "retried", 2);
-    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    let (mut conn, issuer, held) = coupon_of_user_7("review_3_redeem_retry");
 
     let used = issuer
         .redeem(&mut conn, held.id, "order-A")
@@ -444,11 +458,7 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
     let (_url, mut conn) = fresh_database("review_6_reads");
     let issuer = CouponIssuer::new();
     let elsewhere = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "read clears", 1);
-    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
-        matches!(e, Error::SoldOut { .. })
-    });
+    let campaign = sold_out_campaign(&mut conn, &issuer, "read clears");
 
     // Restocked by another issuer (process); this one reads the stock through remaining().
     elsewhere
@@ -488,11 +498,7 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
 fn finding_6_a_restock_clears_the_sold_out_mark_whatever_its_outcome() {
     let (url, mut conn) = fresh_database("review_6_outcome");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "outcome", 1);
-    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
-        matches!(e, Error::SoldOut { .. })
-    });
+    let campaign = sold_out_campaign(&mut conn, &issuer, "outcome");
 
     // The restock's connection dies: the call fails. Whether its COMMIT reached the server is
     // unknown to the caller (OutcomeUnknown); here a restock by someone else stands in for a
@@ -536,12 +542,8 @@ fn restock_rows(conn: &mut MysqlConnection) -> Vec<(i64, String, i32)> {
 fn finding_6_restock_is_idempotent_by_key() {
     let (_url, mut conn) = fresh_database("review_6_restock_key");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "restocked", 1);
+    let campaign = sold_out_campaign(&mut conn, &issuer, "restocked");
     let (_other_coupon, other) = open_campaign_named(&mut conn, &issuer, "other", 1);
-    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
-        matches!(e, Error::SoldOut { .. })
-    });
 
     let first = issuer
         .restock(&mut conn, campaign.id, 2, "restock-1")
@@ -1039,23 +1041,9 @@ fn two_campaigns(
     let two = valid_coupon(conn, issuer, "two");
     assert_eq!((one.id, two.id), (1, 2));
     let t = now();
-    let other = 3 - first;
-    let a = create_campaign(
-        conn,
-        issuer,
-        first,
-        10,
-        t - Duration::hours(1),
-        t + Duration::hours(1),
-    );
-    let b = create_campaign(
-        conn,
-        issuer,
-        other,
-        10,
-        t - Duration::hours(1),
-        t + Duration::hours(1),
-    );
+    let (starts, ends) = (t - Duration::hours(1), t + Duration::hours(1));
+    let a = create_campaign(conn, issuer, first, 10, starts, ends);
+    let b = create_campaign(conn, issuer, 3 - first, 10, starts, ends);
     assert_eq!((a.id, b.id), (1, 2));
     (a, b)
 }
