@@ -495,11 +495,7 @@ fn chart_svg(results: &[CellResult], clients: &[usize], machine: &str) -> String
                 .iter()
                 .map(|(x, y, _)| format!("{x:.1},{y:.1}"))
                 .collect();
-            let dash_attr = if dash.is_empty() {
-                String::new()
-            } else {
-                format!(r#" stroke-dasharray="{dash}""#)
-            };
+            let dash_attr = dash_attr(dash);
             let _ = writeln!(
                 svg,
                 r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="2"{dash_attr}/>"#,
@@ -521,11 +517,7 @@ fn chart_svg(results: &[CellResult], clients: &[usize], machine: &str) -> String
     let mut x = WIDTH / 2.0 - 300.0;
     for strategy in Strategy::ALL {
         let (stroke, dash) = color(strategy);
-        let dash_attr = if dash.is_empty() {
-            String::new()
-        } else {
-            format!(r#" stroke-dasharray="{dash}""#)
-        };
+        let dash_attr = dash_attr(dash);
         let _ = writeln!(
             svg,
             r#"<line x1="{x:.1}" y1="{legend_y:.1}" x2="{:.1}" y2="{legend_y:.1}" stroke="{stroke}" stroke-width="3"{dash_attr}/><text x="{:.1}" y="{:.1}">{}</text>"#,
@@ -538,4 +530,13 @@ fn chart_svg(results: &[CellResult], clients: &[usize], machine: &str) -> String
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// The SVG attribute of a dash pattern (none for a solid line).
+fn dash_attr(dash: &str) -> String {
+    if dash.is_empty() {
+        String::new()
+    } else {
+        format!(r#" stroke-dasharray="{dash}""#)
+    }
 }

@@ -41,6 +41,23 @@ const LEDGER_BASE: i64 = 1_000_000;
 const LEDGER_OPS_PER_USER: u64 = 8;
 const DEFAULT_SEED: u64 = 0x5EED_F1A5;
 
+/// Joins the `what` threads, handing each one's stats to `merge` and noting in `failures` the
+/// threads that failed or panicked.
+fn join_into<S>(
+    handles: Vec<thread::JoinHandle<Result<S, BoxError>>>,
+    what: &str,
+    failures: &mut Vec<String>,
+    mut merge: impl FnMut(S),
+) {
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(stats)) => merge(stats),
+            Ok(Err(e)) => failures.push(format!("{what} thread failed: {e}")),
+            Err(_) => failures.push(format!("{what} thread panicked")),
+        }
+    }
+}
+
 fn main() -> Result<(), BoxError> {
     let seed = std::env::var("FLASH_SALE_SEED")
         .ok()
@@ -61,15 +78,13 @@ fn main() -> Result<(), BoxError> {
             valid_until: now + Duration::days(7),
         },
     )?;
-    let campaign = issuer.create_campaign(
-        &mut conn,
-        &NewCampaign {
-            coupon_id: coupon.id,
-            quantity: STOCK,
-            issue_starts_at: now - Duration::seconds(1),
-            issue_ends_at: now + Duration::hours(1),
-        },
-    )?;
+    let sale = NewCampaign {
+        coupon_id: coupon.id,
+        quantity: STOCK,
+        issue_starts_at: now - Duration::seconds(1),
+        issue_ends_at: now + Duration::hours(1),
+    };
+    let campaign = issuer.create_campaign(&mut conn, &sale)?;
 
     let requests = Arc::new(request_order(seed));
     println!(
@@ -125,22 +140,14 @@ fn main() -> Result<(), BoxError> {
     let started = Instant::now();
     let mut issue = IssueStats::default();
     let mut failures: Vec<String> = Vec::new();
-    for handle in issue_threads {
-        match handle.join() {
-            Ok(Ok(stats)) => issue.merge(stats),
-            Ok(Err(e)) => failures.push(format!("issue thread failed: {e}")),
-            Err(_) => failures.push("issue thread panicked".into()),
-        }
-    }
+    join_into(issue_threads, "issue", &mut failures, |stats| {
+        issue.merge(stats)
+    });
     let elapsed = started.elapsed();
     let mut money = LedgerStats::default();
-    for handle in ledger_threads {
-        match handle.join() {
-            Ok(Ok(stats)) => money.merge(stats),
-            Ok(Err(e)) => failures.push(format!("ledger thread failed: {e}")),
-            Err(_) => failures.push("ledger thread panicked".into()),
-        }
-    }
+    join_into(ledger_threads, "ledger", &mut failures, |stats| {
+        money.merge(stats)
+    });
     let ledger_elapsed = started.elapsed();
 
     // ---- Counted from the database ----------------------------------------------------------

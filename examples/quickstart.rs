@@ -27,22 +27,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "charge   alice +10000      -> entry {} balance {}",
         topup.id, topup.balance_after
     );
-    let order = ledger.deduct(
-        &mut conn,
-        alice,
-        Decimal::new(3_500, 0),
-        &format!("order-{run}"),
-    )?;
+    let (price, order_key) = (Decimal::new(3_500, 0), format!("order-{run}"));
+    let order = ledger.deduct(&mut conn, alice, price, &order_key)?;
     println!(
         "deduct   alice -3500       -> entry {} balance {}",
         order.id, order.balance_after
     );
-    let again = ledger.deduct(
-        &mut conn,
-        alice,
-        Decimal::new(3_500, 0),
-        &format!("order-{run}"),
-    )?;
+    let again = ledger.deduct(&mut conn, alice, price, &order_key)?;
     println!(
         "retry    same key          -> entry {} (the same entry: nothing applied twice)",
         again.id

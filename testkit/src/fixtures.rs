@@ -1,6 +1,8 @@
 //! Fixtures for integration tests against a real server: a fresh, migrated database per test
 //! (on the shared throwaway sandbox, or on `DATABASE_URL`), coupon campaigns and funded
-//! accounts, pools, and [`concurrently`] for races.
+//! accounts, pools, and [`concurrently`] for races; readers of what the database stored
+//! (balances, journal counts, stock rows, coupon rows, session variables), [`row_holder`] for
+//! contention and [`CallLog`] for deadline tests.
 //!
 //! Every fixture panics with a message naming what failed: it is meant for tests, where a
 //! failed setup is a failed test.
@@ -20,16 +22,23 @@
 //! ```
 #![allow(clippy::expect_used)] // fixtures panic: a failed setup is a failed test
 
-use std::sync::{Barrier, Mutex, MutexGuard, PoisonError};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration as StdDuration, Instant};
 
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::{Connection, MysqlConnection};
+use diesel::sql_types::{BigInt, Double, Text};
 use lockstock::combine::MysqlPool;
+use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
 use lockstock::{
-    BalanceLedger, Campaign, Coupon, CouponIssuer, Discount, NewCampaign, NewCoupon,
-    SessionSettings, TxnPolicy,
+    BalanceLedger, Campaign, Coupon, CouponIssuer, Discount, EntryKind, Error, NewCampaign,
+    NewCoupon, RetryPolicy, SessionSettings, TxnPolicy,
 };
 use rust_decimal::Decimal;
 
@@ -55,9 +64,15 @@ pub fn connect(url: &str) -> MysqlConnection {
 /// An r2d2 pool of up to `size` connections to `url`, each with lockstock's session settings
 /// for the default [`TxnPolicy`] (what `CombiningIssuer` / `CombiningLedger` expect).
 pub fn pool(url: &str, size: u32) -> MysqlPool {
+    pool_with(url, size, TxnPolicy::default())
+}
+
+/// An r2d2 pool of up to `size` connections to `url`, each with lockstock's session settings
+/// for `policy`.
+pub fn pool_with(url: &str, size: u32, policy: TxnPolicy) -> MysqlPool {
     Pool::builder()
         .max_size(size)
-        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
+        .connection_customizer(Box::new(SessionSettings::new(policy)))
         .build(ConnectionManager::<MysqlConnection>::new(url))
         .expect("build pool")
 }
@@ -183,15 +198,35 @@ where
     T: Send,
     F: Fn(usize, &mut MysqlConnection) -> T + Sync,
 {
+    race(threads, || connect(url), work)
+}
+
+/// Runs `work(thread)` on `threads` threads started together (a barrier), like
+/// [`concurrently`] without connections. Returns their results in thread order; a panic in a
+/// thread fails the caller.
+pub fn together<T, F>(threads: usize, work: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync,
+{
+    race(threads, || (), |thread, ()| work(thread))
+}
+
+/// Each thread runs `prepare`, waits for the others, then runs `work` with what it prepared.
+fn race<T, C, F>(threads: usize, prepare: impl Fn() -> C + Sync, work: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize, &mut C) -> T + Sync,
+{
     let barrier = Barrier::new(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|thread| {
-                let (barrier, work) = (&barrier, &work);
+                let (barrier, prepare, work) = (&barrier, &prepare, &work);
                 s.spawn(move || {
-                    let mut conn = connect(url);
+                    let mut prepared = prepare();
                     barrier.wait();
-                    work(thread, &mut conn)
+                    work(thread, &mut prepared)
                 })
             })
             .collect();
@@ -211,4 +246,412 @@ where
 pub fn exclusive() -> MutexGuard<'static, ()> {
     static EXCLUSIVE: Mutex<()> = Mutex::new(());
     EXCLUSIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The server's id of `conn`'s session (`CONNECTION_ID()`, what `KILL` takes).
+pub fn connection_id(conn: &mut MysqlConnection) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()"))
+        .get_result(conn)
+        .expect("connection id")
+}
+
+/// A connection to `url` whose server session `killer` has killed: any round trip on it fails.
+pub fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
+    let mut doomed = connect(url);
+    let id = connection_id(&mut doomed);
+    killer
+        .batch_execute(&format!("KILL CONNECTION {id}"))
+        .expect("kill session");
+    assert!(
+        doomed.batch_execute("SELECT 1").is_err(),
+        "the killed session still answers"
+    );
+    doomed
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readers of what the database stored
+// ---------------------------------------------------------------------------------------------
+
+/// Every column of a `user_balance` row: (user, balance, version, updated_at).
+pub type BalanceRow = (i64, Decimal, i64, NaiveDateTime);
+
+/// Every column of a `balance_history` row, in schema order.
+pub type HistoryRow = (
+    i64,
+    i64,
+    String,
+    Decimal,
+    Decimal,
+    Option<String>,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Decimal,
+    NaiveDateTime,
+);
+
+/// (id, coupon template, total_quantity, stock_quantity) of a campaign.
+pub type CampaignRow = (i64, i64, i32, i32);
+
+/// Every row of both ledger tables, in primary-key order.
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    /// The `user_balance` rows, by user.
+    pub balances: Vec<BalanceRow>,
+    /// The `balance_history` rows, in journal order.
+    pub history: Vec<HistoryRow>,
+}
+
+/// Every row of both ledger tables ([`Snapshot`]).
+pub fn snapshot(conn: &mut MysqlConnection) -> Snapshot {
+    Snapshot {
+        balances: user_balance::table
+            .select(user_balance::all_columns)
+            .order(user_balance::user_id.asc())
+            .load(conn)
+            .expect("read user_balance"),
+        history: balance_history::table
+            .select(balance_history::all_columns)
+            .order(balance_history::id.asc())
+            .load(conn)
+            .expect("read balance_history"),
+    }
+}
+
+/// The stored balance of account `user_id`.
+pub fn stored_balance(conn: &mut MysqlConnection, user_id: i64) -> Decimal {
+    user_balance::table
+        .find(user_id)
+        .select(user_balance::balance)
+        .first(conn)
+        .expect("read balance")
+}
+
+/// How many journal entries account `user_id` has.
+pub fn journal_size(conn: &mut MysqlConnection, user_id: i64) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .count()
+        .get_result(conn)
+        .expect("count journal")
+}
+
+/// How many journal entries of `kind` account `user_id` has.
+pub fn count_kind(conn: &mut MysqlConnection, user_id: i64, kind: EntryKind) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .filter(balance_history::kind.eq(kind.as_str()))
+        .count()
+        .get_result(conn)
+        .expect("count journal entries")
+}
+
+/// How many journal entries of account `user_id` carry idempotency key `key`.
+pub fn count_key(conn: &mut MysqlConnection, user_id: i64, key: &str) -> i64 {
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .filter(balance_history::idempotency_key.eq(key))
+        .count()
+        .get_result(conn)
+        .expect("count key")
+}
+
+/// Asserts that `ledger.audit` finds account `user_id` consistent (balance = journal).
+pub fn audit_ok(ledger: &BalanceLedger, conn: &mut MysqlConnection, user_id: i64) {
+    match ledger.audit(conn, user_id) {
+        Ok(report) => assert!(report.is_consistent(), "{report:?}"),
+        Err(e) => panic!("audit of user {user_id} failed: {e}"),
+    }
+}
+
+/// (total_quantity, stock_quantity) of a campaign.
+pub fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
+    fcfs_coupon::table
+        .find(campaign_id)
+        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
+        .first(conn)
+        .expect("read fcfs_coupon")
+}
+
+/// Every campaign row.
+pub fn campaign_rows(conn: &mut MysqlConnection) -> Vec<CampaignRow> {
+    fcfs_coupon::table
+        .select((
+            fcfs_coupon::id,
+            fcfs_coupon::coupon_id,
+            fcfs_coupon::total_quantity,
+            fcfs_coupon::stock_quantity,
+        ))
+        .load(conn)
+        .expect("read the campaigns")
+}
+
+/// A `user_coupon` row: (id, user, coupon template, campaign, status, used_at, order_ref).
+pub type UserCouponRow = (
+    i64,
+    i64,
+    i64,
+    i64,
+    String,
+    Option<NaiveDateTime>,
+    Option<String>,
+);
+
+/// Every `user_coupon` row ([`UserCouponRow`]), by id.
+pub fn user_coupon_rows(conn: &mut MysqlConnection) -> Vec<UserCouponRow> {
+    user_coupon::table
+        .select((
+            user_coupon::id,
+            user_coupon::user_id,
+            user_coupon::coupon_id,
+            user_coupon::fcfs_coupon_id,
+            user_coupon::status,
+            user_coupon::used_at,
+            user_coupon::order_ref,
+        ))
+        .order(user_coupon::id.asc())
+        .load(conn)
+        .expect("read user_coupon")
+}
+
+/// How many rows `user_coupon` holds for a campaign.
+pub fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> i64 {
+    user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
+        .count()
+        .get_result(conn)
+        .expect("count user_coupon")
+}
+
+/// (status, order_ref, used_at) of a user coupon.
+pub fn user_coupon_row(
+    conn: &mut MysqlConnection,
+    id: i64,
+) -> (String, Option<String>, Option<NaiveDateTime>) {
+    user_coupon::table
+        .find(id)
+        .select((
+            user_coupon::status,
+            user_coupon::order_ref,
+            user_coupon::used_at,
+        ))
+        .first(conn)
+        .expect("read user_coupon")
+}
+
+/// The session variables lockstock's [`SessionSettings`] set, as a connection sees them.
+#[derive(QueryableByName, Debug, PartialEq)]
+pub struct SessionVars {
+    /// `innodb_lock_wait_timeout`, in seconds.
+    #[diesel(sql_type = BigInt)]
+    pub lock_wait: i64,
+    /// `max_statement_time`, in seconds.
+    #[diesel(sql_type = Double)]
+    pub statement: f64,
+    /// `lc_messages`.
+    #[diesel(sql_type = Text)]
+    pub messages: String,
+    /// `time_zone`.
+    #[diesel(sql_type = Text)]
+    pub zone: String,
+    /// `tx_isolation`.
+    #[diesel(sql_type = Text)]
+    pub isolation: String,
+}
+
+/// The session variables of `conn` ([`SessionVars`]).
+pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
+    diesel::sql_query(
+        "SELECT @@session.innodb_lock_wait_timeout AS lock_wait, \
+         @@session.max_statement_time AS statement, @@session.lc_messages AS messages, \
+         @@session.time_zone AS zone, @@session.tx_isolation AS isolation",
+    )
+    .get_result(conn)
+    .expect("read session variables")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contention and deadlines
+// ---------------------------------------------------------------------------------------------
+
+/// Holds rows from its own connection to `url` until `stop` is set: runs `session` (SQL) once,
+/// then over and over `BEGIN`, `lock(conn)` (locking reads), `hold`, `COMMIT`, `gap`. Calls on
+/// those rows are refused (or wait) most of the time.
+pub fn row_holder(
+    url: &str,
+    session: &'static str,
+    (hold, gap): (StdDuration, StdDuration),
+    stop: Arc<AtomicBool>,
+    mut lock: impl FnMut(&mut MysqlConnection) + Send + 'static,
+) -> JoinHandle<()> {
+    let mut conn = connect(url);
+    std::thread::spawn(move || {
+        conn.batch_execute(session).expect("holder session");
+        while !stop.load(Ordering::SeqCst) {
+            conn.batch_execute("BEGIN").expect("begin");
+            lock(&mut conn);
+            std::thread::sleep(hold);
+            conn.batch_execute("COMMIT").expect("commit");
+            std::thread::sleep(gap);
+        }
+    })
+}
+
+/// One call timed by a [`CallLog`]: what it was, how long it took, and the items it answered
+/// with (or its error, formatted with `{:?}`).
+#[derive(Debug)]
+pub struct TimedCall<T> {
+    /// What the call was; its first word is its kind.
+    pub what: String,
+    /// How long the call took.
+    pub elapsed: StdDuration,
+    /// The items it answered with, or its error.
+    pub answer: Result<Vec<T>, String>,
+}
+
+/// The timed calls of a deadline test, recorded from many threads (clones share one log).
+/// Every error a call answers with must be a deadline's (`Contended`, `Timeout`,
+/// `OutcomeUnknown`) or one the log's `refusal` accepts.
+pub struct CallLog<T> {
+    calls: Arc<Mutex<Vec<TimedCall<T>>>>,
+    refusal: fn(&Error) -> bool,
+}
+
+impl<T> Clone for CallLog<T> {
+    fn clone(&self) -> Self {
+        Self {
+            calls: self.calls.clone(),
+            refusal: self.refusal,
+        }
+    }
+}
+
+impl<T> CallLog<T> {
+    /// An empty log whose calls may fail only with a deadline's errors or those `refusal`
+    /// accepts.
+    pub fn new(refusal: fn(&Error) -> bool) -> Self {
+        Self {
+            calls: Arc::default(),
+            refusal,
+        }
+    }
+
+    /// Times `call` and records it: its answer as `items(value)`, or its error (which must be
+    /// one the log accepts: else this panics, naming `what`).
+    pub fn time<V>(
+        &self,
+        what: String,
+        call: impl FnOnce() -> Result<V, Error>,
+        items: impl FnOnce(V) -> Vec<T>,
+    ) {
+        let started = Instant::now();
+        let result = call();
+        let elapsed = started.elapsed();
+        let answer = match result {
+            Ok(value) => Ok(items(value)),
+            Err(e) => {
+                let deadline = matches!(
+                    e,
+                    Error::Contended { .. } | Error::Timeout { .. } | Error::OutcomeUnknown { .. }
+                );
+                assert!(
+                    deadline || (self.refusal)(&e),
+                    "{what}: unexpected answer {e:?}"
+                );
+                Err(format!("{e:?}"))
+            }
+        };
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(TimedCall {
+                what,
+                elapsed,
+                answer,
+            });
+    }
+
+    /// The calls recorded so far (the log is left empty).
+    pub fn take(&self) -> Vec<TimedCall<T>> {
+        std::mem::take(&mut *self.calls.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Prints a summary of `calls` under `label` (calls, ok, late, worst, and (calls, ok) by kind)
+/// and asserts that none took longer than `bound`, listing the late ones.
+pub fn assert_none_later_than<T: Debug>(label: &str, calls: &[TimedCall<T>], bound: StdDuration) {
+    let late: Vec<&TimedCall<T>> = calls.iter().filter(|c| c.elapsed > bound).collect();
+    let worst = calls.iter().map(|c| c.elapsed).max().unwrap_or_default();
+    let ok = calls.iter().filter(|c| c.answer.is_ok()).count();
+    let mut by_kind: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for call in calls {
+        let kind = by_kind
+            .entry(call.what.split(' ').next().unwrap_or(&call.what))
+            .or_default();
+        kind.0 += 1;
+        kind.1 += usize::from(call.answer.is_ok());
+    }
+    eprintln!(
+        "{label}: {} calls, {ok} ok, {} late, worst {worst:?}; (calls, ok) {by_kind:?}",
+        calls.len(),
+        late.len()
+    );
+    let listed: Vec<String> = late
+        .iter()
+        .map(|c| format!("{} took {:?}: {:?}", c.what, c.elapsed, c.answer))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} of {} calls returned later than {bound:?}:\n  {}",
+        late.len(),
+        calls.len(),
+        listed.join("\n  ")
+    );
+}
+
+/// The default [`TxnPolicy`] with one overall retry deadline of `deadline`.
+pub fn policy_with_deadline(deadline: StdDuration) -> TxnPolicy {
+    let attempts = RetryPolicy::default().max_attempts;
+    TxnPolicy::default().with_retry(retry_policy(attempts, deadline))
+}
+
+/// The default [`RetryPolicy`] with at most `max_attempts` attempts within `deadline`.
+pub fn retry_policy(max_attempts: u32, deadline: StdDuration) -> RetryPolicy {
+    let mut retry = RetryPolicy::default();
+    retry.max_attempts = max_attempts;
+    retry.deadline = deadline;
+    retry
+}
+
+/// Runs `work` while the connection of a one-connection `pool` is checked out for the first
+/// `busy` (from another thread): the checkouts of `work` wait for it.
+pub fn while_checked_out<T>(pool: &MysqlPool, busy: StdDuration, work: impl FnOnce() -> T) -> T {
+    let held = pool.get().expect("the pooled connection");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(busy);
+        drop(held);
+    });
+    let result = work();
+    release.join().expect("release the pooled connection");
+    result
+}
+
+/// Asserts that `result` is an error that `expected` accepts; else panics with what it was.
+#[track_caller]
+pub fn assert_refused<T: Debug>(result: &Result<T, Error>, expected: impl FnOnce(&Error) -> bool) {
+    match result {
+        Err(e) if expected(e) => {}
+        other => panic!("unexpected answer: {other:?}"),
+    }
+}
+
+/// Reads account `user_id`'s balance with `FOR UPDATE` (waiting): the row stays locked until
+/// `conn`'s transaction ends.
+pub fn lock_balance(conn: &mut MysqlConnection, user_id: i64) -> QueryResult<Decimal> {
+    user_balance::table
+        .find(user_id)
+        .select(user_balance::balance)
+        .for_update()
+        .first(conn)
 }

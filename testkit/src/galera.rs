@@ -77,10 +77,8 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs;
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -90,9 +88,11 @@ use diesel::sql_types::Text;
 use diesel::{Connection, MysqlConnection, QueryableByName, RunQueryDsl};
 
 use crate::sandbox::{
-    create_database_on, find_install_db, find_mariadbd, flag, io_err, is_root, percent_encode,
-    read_tail, run_install_db, search_path, spawn_watchdog_script, validate_database_name,
-    wait_timeout, write_atomically, SandboxError,
+    create_database_on, find_install_db, find_mariadbd, flag, io_err, is_root, kill_and_reap,
+    make_private_dir, percent_encode, read_tail, remove_watched_dir, request_shutdown,
+    run_install_db, search_path, server_command, spawn_detached, spawn_watchdog_script,
+    validate_database_name, wait_timeout, write_atomically, SandboxError, ERROR_LOG, SOCKET_NAME,
+    STOP_TIMEOUT,
 };
 
 /// Number of nodes of [`GaleraCluster::builder`]'s default cluster.
@@ -103,43 +103,23 @@ const MAX_NODES: usize = 9;
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long [`GaleraCluster::restart`] waits for the node to be Synced.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(90);
-/// How long [`GaleraCluster::stop`] waits for a clean shutdown before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll interval while waiting for nodes.
 const POLL: Duration = Duration::from_millis(100);
 
-const SOCKET_NAME: &str = "mysqld.sock";
-const ERROR_LOG: &str = "error.log";
-const PID_FILE: &str = "mysqld.pid";
 const GRASTATE: &str = "grastate.dat";
 /// User the servers run as when we are root.
 const SERVER_USER: &str = "mysql";
-/// `sun_path` is 108 bytes on Linux (104 on macOS); stay well below.
-const MAX_SOCKET_PATH: usize = 100;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Ports handed out by this process (they are only probed, not held).
 static PORTS_GIVEN: Mutex<Option<PortCursor>> = Mutex::new(None);
 
-/// Watchdog run by `/bin/sh -c`; `$1` = owning process id, `$2` = cluster dir.
+/// Watchdog run by `/bin/sh -c`; `$1` = owning process id, `$2` = cluster dir (the body of
+/// [`spawn_watchdog_script`]).
 ///
-/// Waits until the owner is gone (or a zombie), then SIGKILLs the servers
-/// whose pids are in `$2/node*.pid.lockstock` and every process whose argv
-/// mentions `$2/` (the servers and their SST scripts and rsync daemons),
-/// each with its process group, waits for them and removes `$2`.
+/// Collects into `$pids` the servers whose pids are in `$2/node*.pid.lockstock` and every
+/// process whose argv mentions `$2/` (the servers and their SST scripts and rsync daemons),
+/// and SIGKILLs each with its process group.
 const WATCHDOG_SCRIPT: &str = r#"
-owner=$1
-dir=$2
-alive() {
-  kill -0 "$1" 2>/dev/null || return 1
-  if [ -r "/proc/$1/stat" ] && read -r st < "/proc/$1/stat" 2>/dev/null; then
-    st=${st##*') '}
-    case "$st" in Z*|X*) return 1 ;; esac
-  fi
-  return 0
-}
-while alive "$owner"; do sleep 0.2; done
-pids=
 for f in "$dir"/node*.pid.lockstock; do
   p=$(cat "$f" 2>/dev/null)
   case "$p" in
@@ -153,26 +133,11 @@ for f in "$dir"/node*.pid.lockstock; do
     pids="$pids $p"
   fi
 done
-if [ -d /proc/self ]; then
-  for f in $(grep -lzsF -e "$dir/" /proc/[0-9]*/cmdline 2>/dev/null); do
-    q=${f#/proc/}
-    q=${q%/cmdline}
-    [ "$q" = "$$" ] || pids="$pids $q"
-  done
-fi
+add_argv_matches "" "$dir/"
 for q in $pids; do
   kill -9 -- "-$q" 2>/dev/null
   kill -9 "$q" 2>/dev/null
 done
-i=0
-while [ $i -lt 200 ]; do
-  any=
-  for q in $pids; do alive "$q" && any=1; done
-  [ -z "$any" ] && break
-  sleep 0.05
-  i=$((i+1))
-done
-rm -rf "$dir"
 "#;
 
 /// Errors of [`GaleraCluster`].
@@ -738,11 +703,7 @@ impl GaleraCluster {
             .try_wait()
             .map_err(gio_err("cannot check a node's status"))?;
         if exited.is_none() {
-            let requested = match MysqlConnection::establish(&url) {
-                Ok(mut conn) => conn.batch_execute("SHUTDOWN").is_ok(),
-                Err(_) => false,
-            };
-            if !requested {
+            if !request_shutdown(&url) {
                 let _ = signal_pid("TERM", child.id());
             }
             if wait_timeout(child, STOP_TIMEOUT)?.is_none() {
@@ -783,19 +744,7 @@ impl GaleraCluster {
     /// [`status`](Self::status) refuses it.
     pub fn pause(&mut self, node: usize) -> Result<(), GaleraError> {
         self.running(node)?;
-        let n = &mut self.nodes[node];
-        let pid = n
-            .server
-            .as_ref()
-            .map(Child::id)
-            .ok_or(GaleraError::NodeNotRunning { node })?;
-        signal_group("STOP", pid).map_err(|message| GaleraError::Signal {
-            node,
-            signal: "STOP",
-            message,
-        })?;
-        n.paused = true;
-        Ok(())
+        self.signal_paused(node, "STOP", true)
     }
 
     /// Continues a [`pause`](Self::pause)d node with SIGCONT. It does not
@@ -803,18 +752,28 @@ impl GaleraCluster {
     /// [`wait_synced`](Self::wait_synced)).
     pub fn resume(&mut self, node: usize) -> Result<(), GaleraError> {
         self.check_node(node)?;
+        self.signal_paused(node, "CONT", false)
+    }
+
+    /// Sends `signal` to node `node`'s process group and records it as `paused` (or not).
+    fn signal_paused(
+        &mut self,
+        node: usize,
+        signal: &'static str,
+        paused: bool,
+    ) -> Result<(), GaleraError> {
         let n = &mut self.nodes[node];
         let pid = n
             .server
             .as_ref()
             .map(Child::id)
             .ok_or(GaleraError::NodeNotRunning { node })?;
-        signal_group("CONT", pid).map_err(|message| GaleraError::Signal {
+        signal_group(signal, pid).map_err(|message| GaleraError::Signal {
             node,
-            signal: "CONT",
+            signal,
             message,
         })?;
-        n.paused = false;
+        n.paused = paused;
         Ok(())
     }
 
@@ -866,14 +825,8 @@ impl GaleraCluster {
         for option in &self.provider_options {
             let _ = write!(provider_options, ";{option}");
         }
-        let mut cmd = Command::new(&self.mariadbd);
-        cmd.arg("--no-defaults")
-            .arg(flag("--datadir=", n.dir.as_os_str()))
-            .arg(flag("--tmpdir=", n.dir.as_os_str()))
-            .arg(flag("--socket=", n.socket.as_os_str()))
-            .arg(flag("--pid-file=", n.dir.join(PID_FILE).as_os_str()))
-            .arg(flag("--log-error=", n.dir.join(ERROR_LOG).as_os_str()))
-            .arg("--bind-address=127.0.0.1")
+        let mut cmd = server_command(&self.mariadbd, &n.dir, &n.socket);
+        cmd.arg("--bind-address=127.0.0.1")
             .arg(format!("--port={}", n.ports.client))
             .args([
                 "--skip-name-resolve",
@@ -907,12 +860,7 @@ impl GaleraCluster {
         if bootstrap {
             cmd.arg("--wsrep-new-cluster");
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
+        let child = spawn_detached(&mut cmd)
             .map_err(gio_err(format!("cannot start {}", self.mariadbd.display())))?;
         let pid = child.id();
         self.nodes[node].server = Some(child);
@@ -989,17 +937,9 @@ impl Drop for GaleraCluster {
             }
         }
         for n in &mut self.nodes {
-            if let Some(mut server) = n.server.take() {
-                let _ = server.kill();
-                let _ = server.wait();
-            }
+            kill_and_reap(n.server.take());
         }
-        let _ = fs::remove_dir_all(&self.dir);
-        // Last, so that the watchdog still covers us if we die in between.
-        if let Some(mut watchdog) = self.watchdog.take() {
-            let _ = watchdog.kill();
-            let _ = watchdog.wait();
-        }
+        remove_watched_dir(&self.dir, self.watchdog.take());
     }
 }
 
@@ -1124,29 +1064,8 @@ fn server_user_ids() -> Result<(u32, u32), GaleraError> {
 }
 
 fn make_dir() -> Result<PathBuf, GaleraError> {
-    let name = format!(
-        "lockstock-galera-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let mut base = std::env::temp_dir();
-    if base.is_relative() {
-        if let Ok(cwd) = std::env::current_dir() {
-            base = cwd.join(base);
-        }
-    }
-    let longest = base.join(&name).join("node9").join(SOCKET_NAME);
-    if longest.as_os_str().len() >= MAX_SOCKET_PATH {
-        base = PathBuf::from("/tmp");
-    }
-    let dir = base.join(name);
-    if dir.exists() {
-        // Left behind by a dead process that had our pid.
-        fs::remove_dir_all(&dir)
-            .map_err(gio_err(format!("cannot remove stale {}", dir.display())))?;
-    }
-    fs::create_dir_all(&dir).map_err(gio_err(format!("cannot create {}", dir.display())))?;
-    Ok(dir)
+    let deepest_socket = Path::new("node9").join(SOCKET_NAME);
+    Ok(make_private_dir("galera", &deepest_socket)?)
 }
 
 /// Where the next port probe starts; ports below the ephemeral range so that

@@ -68,38 +68,26 @@ const FIRST_START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`Sandbox::restart`] waits (crash recovery can take a while).
 const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long [`Sandbox::stop`] waits for a graceful shutdown before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Poll interval while waiting for the server to come up or go away.
 const POLL: Duration = Duration::from_millis(20);
 
-const SOCKET_NAME: &str = "mysqld.sock";
-const ERROR_LOG: &str = "error.log";
-const PID_FILE: &str = "mysqld.pid";
+pub(crate) const SOCKET_NAME: &str = "mysqld.sock";
+pub(crate) const ERROR_LOG: &str = "error.log";
+pub(crate) const PID_FILE: &str = "mysqld.pid";
 /// File the watchdog reads to find the current server pid.
 const SERVER_PID_FILE: &str = "server.pid.lockstock";
 /// `sun_path` is 108 bytes on Linux (104 on macOS); stay well below.
-const MAX_SOCKET_PATH: usize = 100;
+pub(crate) const MAX_SOCKET_PATH: usize = 100;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Watchdog run by `/bin/sh -c`; `$1` = owning process id, `$2` = data dir.
+/// Watchdog run by `/bin/sh -c`; `$1` = owning process id, `$2` = data dir (the body of
+/// [`spawn_watchdog_script`]).
 ///
-/// Waits until the owner is gone (or a zombie), then SIGKILLs the server
-/// whose pid is in `$2/server.pid.lockstock` plus any process whose argv
-/// contains `--datadir=$2`, waits for them to die and removes `$2`.
+/// Collects into `$pids` the server whose pid is in `$2/server.pid.lockstock` plus any process
+/// whose argv contains `--datadir=$2`, and SIGKILLs them.
 const WATCHDOG_SCRIPT: &str = r#"
-owner=$1
-dir=$2
-alive() {
-  kill -0 "$1" 2>/dev/null || return 1
-  if [ -r "/proc/$1/stat" ] && read -r st < "/proc/$1/stat" 2>/dev/null; then
-    st=${st##*') '}
-    case "$st" in Z*|X*) return 1 ;; esac
-  fi
-  return 0
-}
-while alive "$owner"; do sleep 0.2; done
-pids=
 p=$(cat "$dir/server.pid.lockstock" 2>/dev/null)
 case "$p" in
   ''|*[!0-9]*) ;;
@@ -113,14 +101,39 @@ case "$p" in
     fi
     ;;
 esac
-if [ -d /proc/self ]; then
-  for f in $(grep -lzsxF -e "--datadir=$dir" /proc/[0-9]*/cmdline 2>/dev/null); do
+add_argv_matches x "--datadir=$dir"
+for q in $pids; do kill -9 "$q" 2>/dev/null; done
+"#;
+
+/// What every watchdog script does first: waits until the owner `$1` is gone (or a zombie),
+/// with `alive` and `add_argv_matches` (adds to `$pids` every other process with an argument
+/// that matches `$2` by `grep -F` plus the flags `$1`) for the body.
+const WATCHDOG_PROLOGUE: &str = r#"
+owner=$1
+dir=$2
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  if [ -r "/proc/$1/stat" ] && read -r st < "/proc/$1/stat" 2>/dev/null; then
+    st=${st##*') '}
+    case "$st" in Z*|X*) return 1 ;; esac
+  fi
+  return 0
+}
+add_argv_matches() {
+  [ -d /proc/self ] || return 0
+  for f in $(grep -lzs"$1"F -e "$2" /proc/[0-9]*/cmdline 2>/dev/null); do
     q=${f#/proc/}
     q=${q%/cmdline}
     [ "$q" = "$$" ] || pids="$pids $q"
   done
-fi
-for q in $pids; do kill -9 "$q" 2>/dev/null; done
+}
+while alive "$owner"; do sleep 0.2; done
+pids=
+"#;
+
+/// What every watchdog script does last: waits (up to 10 s) for the processes in `$pids` to
+/// die, then removes the directory `$2`.
+const WATCHDOG_EPILOGUE: &str = r#"
 i=0
 while [ $i -lt 200 ]; do
   any=
@@ -336,11 +349,7 @@ impl Sandbox {
             .try_wait()
             .map_err(io_err("cannot check the sandbox server status"))?;
         if exited.is_none() {
-            let requested = match MysqlConnection::establish(&url) {
-                Ok(mut conn) => conn.batch_execute("SHUTDOWN").is_ok(),
-                Err(_) => false,
-            };
-            if !requested {
+            if !request_shutdown(&url) {
                 // Best effort; if this fails too we fall back to SIGKILL below.
                 let _ = Command::new("/bin/sh")
                     .args(["-c", "kill -TERM \"$1\"", "sh"])
@@ -382,35 +391,21 @@ impl Sandbox {
         let _ = fs::remove_file(&self.socket);
         let _ = fs::remove_file(lock);
 
-        let mut cmd = Command::new(&self.mariadbd);
-        cmd.arg("--no-defaults")
-            .arg(flag("--datadir=", self.dir.as_os_str()))
-            // A private tmpdir: a starting server deletes every `#sql*` file
-            // in its tmpdir, i.e. the temporary tables of other servers
-            // sharing it (this broke concurrent sandboxes on /tmp).
-            .arg(flag("--tmpdir=", self.dir.as_os_str()))
-            .arg(flag("--socket=", self.socket.as_os_str()))
-            .arg(flag("--pid-file=", self.dir.join(PID_FILE).as_os_str()))
-            .arg(flag("--log-error=", self.dir.join(ERROR_LOG).as_os_str()))
-            .args([
-                "--skip-networking",
-                "--lc-messages=en_US",
-                "--character-set-server=utf8mb4",
-                "--collation-server=utf8mb4_unicode_ci",
-                "--innodb-buffer-pool-size=128M",
-                "--max-connections=600",
-                "--skip-log-bin",
-                "--innodb-flush-log-at-trx-commit=1",
-            ]);
+        let mut cmd = server_command(&self.mariadbd, &self.dir, &self.socket);
+        cmd.args([
+            "--skip-networking",
+            "--lc-messages=en_US",
+            "--character-set-server=utf8mb4",
+            "--collation-server=utf8mb4_unicode_ci",
+            "--innodb-buffer-pool-size=128M",
+            "--max-connections=600",
+            "--skip-log-bin",
+            "--innodb-flush-log-at-trx-commit=1",
+        ]);
         if is_root() {
             cmd.arg("--user=root");
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
+        let child = spawn_detached(&mut cmd)
             .map_err(io_err(format!("cannot start {}", self.mariadbd.display())))?;
         let pid = child.id();
         self.server = Some(child);
@@ -457,17 +452,48 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            let _ = server.kill();
-            let _ = server.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-        // Last, so that the watchdog still covers us if we die in between.
-        if let Some(mut watchdog) = self.watchdog.take() {
-            let _ = watchdog.kill();
-            let _ = watchdog.wait();
-        }
+        kill_and_reap(self.server.take());
+        remove_watched_dir(&self.dir, self.watchdog.take());
     }
+}
+
+/// `mariadbd` without option files, on data directory `dir` (also its tmpdir, its pid file and
+/// error log) and socket `socket`.
+pub(crate) fn server_command(mariadbd: &Path, dir: &Path, socket: &Path) -> Command {
+    let mut cmd = Command::new(mariadbd);
+    cmd.arg("--no-defaults")
+        .arg(flag("--datadir=", dir.as_os_str()))
+        // A private tmpdir: a starting server deletes every `#sql*` file
+        // in its tmpdir, i.e. the temporary tables of other servers
+        // sharing it (this broke concurrent sandboxes on /tmp).
+        .arg(flag("--tmpdir=", dir.as_os_str()))
+        .arg(flag("--socket=", socket.as_os_str()))
+        .arg(flag("--pid-file=", dir.join(PID_FILE).as_os_str()))
+        .arg(flag("--log-error=", dir.join(ERROR_LOG).as_os_str()));
+    cmd
+}
+
+/// Asks the server at `url` to shut down (SQL `SHUTDOWN`); whether it took the request.
+pub(crate) fn request_shutdown(url: &str) -> bool {
+    match MysqlConnection::establish(url) {
+        Ok(mut conn) => conn.batch_execute("SHUTDOWN").is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Kills and reaps `child`, if any (errors ignored: it may be gone already).
+pub(crate) fn kill_and_reap(child: Option<Child>) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Removes `dir`, then ends its `watchdog`: last, so that the watchdog still covers us if we die
+/// in between.
+pub(crate) fn remove_watched_dir(dir: &Path, watchdog: Option<Child>) {
+    let _ = fs::remove_dir_all(dir);
+    kill_and_reap(watchdog);
 }
 
 /// Where examples, tests and benches get a database named `name`.
@@ -669,8 +695,14 @@ fn find_binary(
 }
 
 fn make_dir() -> Result<PathBuf, SandboxError> {
+    make_private_dir("sandbox", Path::new(SOCKET_NAME))
+}
+
+/// A new, empty directory `lockstock-<kind>-<pid>-<n>` in the temporary directory, or in `/tmp`
+/// when the longest socket path below it (`socket`, relative to it) would be too long.
+pub(crate) fn make_private_dir(kind: &str, socket: &Path) -> Result<PathBuf, SandboxError> {
     let name = format!(
-        "lockstock-sandbox-{}-{}",
+        "lockstock-{kind}-{}-{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
@@ -680,7 +712,7 @@ fn make_dir() -> Result<PathBuf, SandboxError> {
             base = cwd.join(base);
         }
     }
-    if base.join(&name).join(SOCKET_NAME).as_os_str().len() >= MAX_SOCKET_PATH {
+    if base.join(&name).join(socket).as_os_str().len() >= MAX_SOCKET_PATH {
         base = PathBuf::from("/tmp");
     }
     let dir = base.join(name);
@@ -697,24 +729,30 @@ fn spawn_watchdog(dir: &Path) -> Result<Child, SandboxError> {
     spawn_watchdog_script(WATCHDOG_SCRIPT, "lockstock-sandbox-watchdog", dir)
 }
 
-/// Starts `/bin/sh -c script name <our pid> dir` in its own process group.
+/// Starts `/bin/sh -c script name <our pid> dir` in its own process group, where the script is
+/// [`WATCHDOG_PROLOGUE`], then `body` (which collects into `$pids` what to kill, and kills
+/// it), then [`WATCHDOG_EPILOGUE`].
 pub(crate) fn spawn_watchdog_script(
-    script: &str,
+    body: &str,
     name: &str,
     dir: &Path,
 ) -> Result<Child, SandboxError> {
-    Command::new("/bin/sh")
-        .arg("-c")
-        .arg(script)
+    let mut sh = Command::new("/bin/sh");
+    sh.arg("-c")
+        .arg(format!("{WATCHDOG_PROLOGUE}{body}{WATCHDOG_EPILOGUE}"))
         .arg(name)
         .arg(std::process::id().to_string())
-        .arg(dir)
-        .stdin(Stdio::null())
+        .arg(dir);
+    spawn_detached(&mut sh).map_err(io_err(format!("cannot start the {name} (/bin/sh)")))
+}
+
+/// Spawns `cmd` in a process group of its own, with no stdin, stdout or stderr.
+pub(crate) fn spawn_detached(cmd: &mut Command) -> std::io::Result<Child> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .map_err(io_err(format!("cannot start the {name} (/bin/sh)")))
 }
 
 pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), SandboxError> {

@@ -210,6 +210,25 @@ fn inserted_id(conn: &mut MysqlConnection) -> Result<i64, Error> {
 // Hot coupon
 // ---------------------------------------------------------------------------------------------
 
+/// INSERTs the coupon row of `user_id` from `target` issued at `at`; returns its id.
+fn insert_user_coupon(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+    at: NaiveDateTime,
+) -> Result<i64, Error> {
+    diesel::insert_into(user_coupon::table)
+        .values((
+            user_coupon::user_id.eq(user_id),
+            user_coupon::coupon_id.eq(target.coupon_id),
+            user_coupon::fcfs_coupon_id.eq(target.campaign_id),
+            user_coupon::status.eq("issued"),
+            user_coupon::issued_at.eq(at),
+        ))
+        .execute(conn)?;
+    inserted_id(conn)
+}
+
 /// The statements of `CouponIssuer::issue`: INSERT user_coupon, `SELECT LAST_INSERT_ID()`,
 /// `SELECT stock_quantity ... FOR UPDATE [NOWAIT]`, UPDATE stock. Returns the coupon id.
 fn issue_statements(
@@ -220,16 +239,7 @@ fn issue_statements(
     nowait: bool,
 ) -> Result<i64, Error> {
     let campaign_id = target.campaign_id;
-    diesel::insert_into(user_coupon::table)
-        .values((
-            user_coupon::user_id.eq(user_id),
-            user_coupon::coupon_id.eq(target.coupon_id),
-            user_coupon::fcfs_coupon_id.eq(campaign_id),
-            user_coupon::status.eq("issued"),
-            user_coupon::issued_at.eq(at),
-        ))
-        .execute(conn)?;
-    let id = inserted_id(conn)?;
+    let id = insert_user_coupon(conn, user_id, target, at)?;
     let stock_row = fcfs_coupon::table
         .find(campaign_id)
         .select(fcfs_coupon::stock_quantity);
@@ -286,16 +296,7 @@ fn design_note_issue_statements(
     diesel::update(fcfs_coupon::table.find(campaign_id))
         .set(fcfs_coupon::stock_quantity.eq(fcfs_coupon::stock_quantity - 1))
         .execute(conn)?;
-    diesel::insert_into(user_coupon::table)
-        .values((
-            user_coupon::user_id.eq(user_id),
-            user_coupon::coupon_id.eq(target.coupon_id),
-            user_coupon::fcfs_coupon_id.eq(campaign_id),
-            user_coupon::status.eq("issued"),
-            user_coupon::issued_at.eq(at),
-        ))
-        .execute(conn)?;
-    inserted_id(conn)
+    insert_user_coupon(conn, user_id, target, at)
 }
 
 /// `seed`: the design note (its statement order, SERIALIZABLE, `FOR UPDATE NOWAIT`, jittered
@@ -319,9 +320,17 @@ pub fn issue_hand(
     user_id: i64,
     target: &CouponTarget,
 ) -> Result<i64, Error> {
-    let at = now();
+    issue_serializable(conn, (user_id, target, now()), true)
+}
+
+/// [`issue_statements`] in one SERIALIZABLE transaction, for `user_id` from `target` at `at`.
+fn issue_serializable(
+    conn: &mut MysqlConnection,
+    (user_id, target, at): (i64, &CouponTarget, NaiveDateTime),
+    nowait: bool,
+) -> Result<i64, Error> {
     serializable(conn, |conn| {
-        issue_statements(conn, user_id, target, at, true)
+        issue_statements(conn, user_id, target, at, nowait)
     })
 }
 
@@ -331,12 +340,8 @@ pub fn issue_wait(
     user_id: i64,
     target: &CouponTarget,
 ) -> (Result<i64, Error>, u32) {
-    let at = now();
-    retry_lock_failures(conn, |conn| {
-        serializable(conn, |conn| {
-            issue_statements(conn, user_id, target, at, false)
-        })
-    })
+    let request = (user_id, target, now());
+    retry_lock_failures(conn, |conn| issue_serializable(conn, request, false))
 }
 
 /// `cond`: INSERT user_coupon, `SELECT LAST_INSERT_ID()`, then one
@@ -348,20 +353,11 @@ pub fn issue_cond(
     user_id: i64,
     target: &CouponTarget,
 ) -> (Result<i64, Error>, u32) {
-    let at = now();
     let campaign_id = target.campaign_id;
+    let at = now();
     retry_lock_failures(conn, |conn| {
         serializable(conn, |conn| {
-            diesel::insert_into(user_coupon::table)
-                .values((
-                    user_coupon::user_id.eq(user_id),
-                    user_coupon::coupon_id.eq(target.coupon_id),
-                    user_coupon::fcfs_coupon_id.eq(campaign_id),
-                    user_coupon::status.eq("issued"),
-                    user_coupon::issued_at.eq(at),
-                ))
-                .execute(conn)?;
-            let id = inserted_id(conn)?;
+            let id = insert_user_coupon(conn, user_id, target, at)?;
             let taken = diesel::update(
                 fcfs_coupon::table
                     .find(campaign_id)
@@ -387,14 +383,36 @@ pub fn deduct_hash(user_id: i64, amount: Decimal) -> String {
     lockstock::ledger::request_hash(lockstock::EntryKind::Deduct, user_id, amount, None)
 }
 
+/// One deduct of the hot-account strategies: `amount` from account `user_id` under
+/// idempotency key `key`.
+#[derive(Debug, Clone, Copy)]
+pub struct Deduct<'a> {
+    /// The account.
+    pub user_id: i64,
+    /// How much.
+    pub amount: Decimal,
+    /// The idempotency key.
+    pub key: &'a str,
+}
+
+impl Deduct<'_> {
+    /// Its journal `request_hash` ([`deduct_hash`]).
+    pub fn hash(&self) -> String {
+        deduct_hash(self.user_id, self.amount)
+    }
+}
+
 fn insert_deduct_entry(
     conn: &mut MysqlConnection,
-    user_id: i64,
-    amount: Decimal,
+    deduct: &Deduct<'_>,
     balance_after: Decimal,
-    key: &str,
     hash: &str,
 ) -> Result<i64, Error> {
+    let Deduct {
+        user_id,
+        amount,
+        key,
+    } = *deduct;
     diesel::insert_into(balance_history::table)
         .values((
             balance_history::user_id.eq(user_id),
@@ -413,12 +431,13 @@ fn insert_deduct_entry(
 /// [NOWAIT]`, INSERT journal, `SELECT LAST_INSERT_ID()`, UPDATE balance and version.
 fn deduct_statements(
     conn: &mut MysqlConnection,
-    user_id: i64,
-    amount: Decimal,
-    key: &str,
+    deduct: &Deduct<'_>,
     hash: &str,
     nowait: bool,
 ) -> Result<i64, Error> {
+    let Deduct {
+        user_id, amount, ..
+    } = *deduct;
     let account = user_balance::table
         .find(user_id)
         .select((user_balance::balance, user_balance::version));
@@ -436,7 +455,7 @@ fn deduct_statements(
         });
     }
     let after = balance - amount;
-    let id = insert_deduct_entry(conn, user_id, amount, after, key, hash)?;
+    let id = insert_deduct_entry(conn, deduct, after, hash)?;
     diesel::update(user_balance::table.find(user_id))
         .set((
             user_balance::balance.eq(after),
@@ -450,54 +469,34 @@ fn deduct_statements(
 pub fn deduct_seed(
     runner: &TxnRunner,
     conn: &mut MysqlConnection,
-    user_id: i64,
-    amount: Decimal,
-    key: &str,
+    deduct: &Deduct<'_>,
 ) -> (Result<i64, Error>, Attempts) {
-    let hash = deduct_hash(user_id, amount);
-    runner.run_counted(conn, |conn| {
-        deduct_statements(conn, user_id, amount, key, &hash, true)
-    })
+    let hash = deduct.hash();
+    runner.run_counted(conn, |conn| deduct_statements(conn, deduct, &hash, true))
 }
 
 /// Hand-written twin of `BalanceLedger::deduct` for the uncontended comparison.
-pub fn deduct_hand(
-    conn: &mut MysqlConnection,
-    user_id: i64,
-    amount: Decimal,
-    key: &str,
-) -> Result<i64, Error> {
-    let hash = deduct_hash(user_id, amount);
-    serializable(conn, |conn| {
-        deduct_statements(conn, user_id, amount, key, &hash, true)
-    })
+pub fn deduct_hand(conn: &mut MysqlConnection, deduct: &Deduct<'_>) -> Result<i64, Error> {
+    let hash = deduct.hash();
+    serializable(conn, |conn| deduct_statements(conn, deduct, &hash, true))
 }
 
 /// `wait`: SERIALIZABLE, waiting `FOR UPDATE`, retried on deadlock / lock wait timeout.
-pub fn deduct_wait(
-    conn: &mut MysqlConnection,
-    user_id: i64,
-    amount: Decimal,
-    key: &str,
-) -> (Result<i64, Error>, u32) {
-    let hash = deduct_hash(user_id, amount);
+pub fn deduct_wait(conn: &mut MysqlConnection, deduct: &Deduct<'_>) -> (Result<i64, Error>, u32) {
+    let hash = deduct.hash();
     retry_lock_failures(conn, |conn| {
-        serializable(conn, |conn| {
-            deduct_statements(conn, user_id, amount, key, &hash, false)
-        })
+        serializable(conn, |conn| deduct_statements(conn, deduct, &hash, false))
     })
 }
 
 /// `cond`: `UPDATE user_balance SET balance = balance - ?, version = version + 1 WHERE
 /// user_id = ? AND balance >= ?` (locks the row), read the new balance back for the journal's
 /// `balance_after`, INSERT the journal entry, `SELECT LAST_INSERT_ID()`, COMMIT.
-pub fn deduct_cond(
-    conn: &mut MysqlConnection,
-    user_id: i64,
-    amount: Decimal,
-    key: &str,
-) -> (Result<i64, Error>, u32) {
-    let hash = deduct_hash(user_id, amount);
+pub fn deduct_cond(conn: &mut MysqlConnection, deduct: &Deduct<'_>) -> (Result<i64, Error>, u32) {
+    let hash = deduct.hash();
+    let Deduct {
+        user_id, amount, ..
+    } = *deduct;
     retry_lock_failures(conn, |conn| {
         serializable(conn, |conn| {
             let changed = diesel::update(
@@ -521,7 +520,7 @@ pub fn deduct_cond(
                 .find(user_id)
                 .select(user_balance::balance)
                 .first(conn)?;
-            insert_deduct_entry(conn, user_id, amount, after, key, &hash)
+            insert_deduct_entry(conn, deduct, after, &hash)
         })
     })
 }
@@ -722,18 +721,18 @@ impl Executor<'_> {
                     (r, u64::from(retries))
                 }
                 (Strategy::Seed, Target::Account(a)) => {
-                    let (r, att) = deduct_seed(runner, conn, a, DEDUCT_AMOUNT, &key);
+                    let (r, att) = deduct_seed(runner, conn, &deduct_of(a, &key));
                     (r, u64::from(att.refused))
                 }
                 (Strategy::SeedLib, Target::Account(a)) => {
                     (ledger.deduct(conn, a, DEDUCT_AMOUNT, &key).map(|e| e.id), 0)
                 }
                 (Strategy::Wait, Target::Account(a)) => {
-                    let (r, retries) = deduct_wait(conn, a, DEDUCT_AMOUNT, &key);
+                    let (r, retries) = deduct_wait(conn, &deduct_of(a, &key));
                     (r, u64::from(retries))
                 }
                 (Strategy::Cond, Target::Account(a)) => {
-                    let (r, retries) = deduct_cond(conn, a, DEDUCT_AMOUNT, &key);
+                    let (r, retries) = deduct_cond(conn, &deduct_of(a, &key));
                     (r, u64::from(retries))
                 }
                 (Strategy::Combining, _) => (Err(harness_error("combining without a combiner")), 0),
@@ -748,6 +747,15 @@ impl Executor<'_> {
             Self::CombiningLedger(hot) => Some(hot.stats()),
             Self::Own { .. } => None,
         }
+    }
+}
+
+/// The harness's deduct: [`DEDUCT_AMOUNT`] from `user_id` under `key`.
+fn deduct_of(user_id: i64, key: &str) -> Deduct<'_> {
+    Deduct {
+        user_id,
+        amount: DEDUCT_AMOUNT,
+        key,
     }
 }
 
@@ -1055,18 +1063,8 @@ impl Harness {
                 repeated[0]
             ));
         }
-        let stored: HashSet<i64> = rows.into_iter().collect();
-        let handed: HashSet<i64> = ok_ids.iter().copied().collect();
-        if handed.len() != ok_ids.len() {
-            violations.push("coupon: the same coupon id was handed out twice".into());
-        }
-        if stored != handed {
-            violations.push(format!(
-                "coupon: {} ids handed out are not stored for the campaign, {} stored were not handed out",
-                handed.difference(&stored).count(),
-                stored.difference(&handed).count()
-            ));
-        }
+        let names = ("coupon", "coupon id", "not stored for the campaign");
+        check_handed_out(names, rows, ok_ids, violations);
         Ok(())
     }
 
@@ -1118,19 +1116,32 @@ impl Harness {
             }
             Err(other) => return Err(other.into()),
         }
-        let stored: HashSet<i64> = deducts.into_iter().collect();
-        let handed: HashSet<i64> = ok_ids.iter().copied().collect();
-        if handed.len() != ok_ids.len() {
-            violations.push("ledger: the same entry id was handed out twice".into());
-        }
-        if stored != handed {
-            violations.push(format!(
-                "ledger: {} ids handed out are not stored deducts, {} stored were not handed out",
-                handed.difference(&stored).count(),
-                stored.difference(&handed).count()
-            ));
-        }
+        let names = ("ledger", "entry id", "not stored deducts");
+        check_handed_out(names, deducts, ok_ids, violations);
         Ok(())
+    }
+}
+
+/// The ids handed out (`ok_ids`) are distinct and exactly the `stored` ones. The violations
+/// name the `domain`, the `id` ("the same entry id was handed out twice") and what ids handed
+/// out but not stored are (`not_stored`).
+fn check_handed_out(
+    (domain, id, not_stored): (&str, &str, &str),
+    stored: Vec<i64>,
+    ok_ids: &[i64],
+    violations: &mut Vec<String>,
+) {
+    let stored: HashSet<i64> = stored.into_iter().collect();
+    let handed: HashSet<i64> = ok_ids.iter().copied().collect();
+    if handed.len() != ok_ids.len() {
+        violations.push(format!("{domain}: the same {id} was handed out twice"));
+    }
+    if stored != handed {
+        violations.push(format!(
+            "{domain}: {} ids handed out are {not_stored}, {} stored were not handed out",
+            handed.difference(&stored).count(),
+            stored.difference(&handed).count()
+        ));
     }
 }
 
@@ -1249,7 +1260,7 @@ impl Uncontended {
                         ledger.deduct(&mut self.own, account, DEDUCT_AMOUNT, &key)?;
                     }
                     _ => {
-                        deduct_hand(&mut self.conn, account, DEDUCT_AMOUNT, &key)?;
+                        deduct_hand(&mut self.conn, &deduct_of(account, &key))?;
                     }
                 }
                 self.deducted += 1;

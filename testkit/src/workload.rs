@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::{Connection, MysqlConnection};
-use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
+use lockstock::schema::user_coupon;
 use lockstock::{BalanceLedger, CouponIssuer, Error, ServerErrorKind};
 use rust_decimal::Decimal;
 
@@ -91,7 +91,9 @@ pub fn describe(texts: &ErrorTexts) -> String {
         .collect()
 }
 
-use crate::fixtures::{create_campaign, valid_coupon};
+use crate::fixtures::{
+    campaign_rows, create_campaign, snapshot, valid_coupon, HistoryRow, Snapshot,
+};
 use crate::rng::Rng;
 
 /// What the database holds before the clients start.
@@ -641,53 +643,14 @@ impl fmt::Display for Summary {
 /// (id, user, coupon template, campaign) of an issued coupon.
 type CouponRow = (i64, i64, i64, i64);
 
-type JournalRow = (
-    i64,
-    i64,
-    String,
-    Decimal,
-    Decimal,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Decimal,
-);
-
 /// Checks the database against the history; returns every violation found (empty: none).
 pub fn verify(conn: &mut MysqlConnection, setup: &Setup, records: &[Record]) -> Vec<String> {
     let mut v: Vec<String> = Vec::new();
-    let journal: Vec<JournalRow> = balance_history::table
-        .select((
-            balance_history::id,
-            balance_history::user_id,
-            balance_history::kind,
-            balance_history::amount,
-            balance_history::balance_after,
-            balance_history::idempotency_key,
-            balance_history::related_entry_id,
-            balance_history::counterparty_user_id,
-            balance_history::refunded_amount,
-        ))
-        .order(balance_history::id.asc())
-        .load(conn)
-        .expect("read the journal");
-    let balances: Vec<(i64, Decimal, i64)> = user_balance::table
-        .select((
-            user_balance::user_id,
-            user_balance::balance,
-            user_balance::version,
-        ))
-        .load(conn)
-        .expect("read the balances");
-    let campaigns: Vec<(i64, i64, i32, i32)> = fcfs_coupon::table
-        .select((
-            fcfs_coupon::id,
-            fcfs_coupon::coupon_id,
-            fcfs_coupon::total_quantity,
-            fcfs_coupon::stock_quantity,
-        ))
-        .load(conn)
-        .expect("read the campaigns");
+    let Snapshot {
+        balances,
+        history: journal,
+    } = snapshot(conn);
+    let campaigns = campaign_rows(conn);
     let coupons: Vec<CouponRow> = user_coupon::table
         .select((
             user_coupon::id,
@@ -701,7 +664,7 @@ pub fn verify(conn: &mut MysqlConnection, setup: &Setup, records: &[Record]) -> 
     // Balances: never negative, every account audits, money is conserved.
     let ledger = BalanceLedger::new();
     let mut balance_sum = Decimal::ZERO;
-    for (user, balance, _) in &balances {
+    for (user, balance, ..) in &balances {
         balance_sum += balance;
         if *balance < Decimal::ZERO {
             v.push(format!("account {user} is negative: {balance}"));
@@ -748,9 +711,9 @@ pub fn verify(conn: &mut MysqlConnection, setup: &Setup, records: &[Record]) -> 
     }
 
     // Transfers: both sides, always.
-    let mut credits_of: HashMap<i64, Vec<&JournalRow>> = HashMap::new();
+    let mut credits_of: HashMap<i64, Vec<&HistoryRow>> = HashMap::new();
     for row in journal.iter().filter(|r| r.2 == "transfer_in") {
-        match row.6 {
+        match row.7 {
             Some(debit) => credits_of.entry(debit).or_default().push(row),
             None => v.push(format!("received transfer {} has no sender", row.0)),
         }
@@ -759,8 +722,8 @@ pub fn verify(conn: &mut MysqlConnection, setup: &Setup, records: &[Record]) -> 
         let credits = credits_of.remove(&row.0).unwrap_or_default();
         let matches = credits.len() == 1
             && credits[0].3 == row.3
-            && credits[0].1 == row.7.unwrap_or(0)
-            && credits[0].7 == Some(row.1);
+            && credits[0].1 == row.8.unwrap_or(0)
+            && credits[0].8 == Some(row.1);
         if !matches {
             v.push(format!(
                 "transfer {} has {} receiving sides",
@@ -777,7 +740,7 @@ pub fn verify(conn: &mut MysqlConnection, setup: &Setup, records: &[Record]) -> 
     }
 
     // The history: ok exactly once, refused and lost never, unknown at most once.
-    let mut under_key: HashMap<(i64, &str), Vec<&JournalRow>> = HashMap::new();
+    let mut under_key: HashMap<(i64, &str), Vec<&HistoryRow>> = HashMap::new();
     for row in &journal {
         if let Some(key) = row.5.as_deref() {
             under_key.entry((row.1, key)).or_default().push(row);

@@ -3,26 +3,19 @@
 //! Every test starts its own cluster; they run in parallel, so keep them few.
 
 use std::error::Error;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use lockstock_testkit::galera::{GaleraCluster, GaleraError};
 
-type TestResult = Result<(), Box<dyn Error>>;
+mod common;
+use common::{
+    is_child, process_alive, process_state, report_and_hang, report_of_killed_child, wait_until,
+    Count, TestResult,
+};
 
 const CHILD_ENV: &str = "LOCKSTOCK_GALERA_CHILD";
 const CHILD_TEST: &str = "galera_child_starts_cluster_and_sleeps";
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
-}
 
 /// `SELECT COUNT(*)`-like query on a fresh connection with causal reads.
 fn count(url: &str, query: &str) -> Result<i64, Box<dyn Error>> {
@@ -35,17 +28,6 @@ fn count(url: &str, query: &str) -> Result<i64, Box<dyn Error>> {
 fn exec(url: &str, statement: &str) -> Result<usize, Box<dyn Error>> {
     let mut conn = MysqlConnection::establish(url)?;
     Ok(diesel::sql_query(statement).execute(&mut conn)?)
-}
-
-/// The process state letter from `/proc/<pid>/stat`; `None` if gone.
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")?.1.chars().next()
-}
-
-/// True if `pid` exists and is not a zombie.
-fn process_alive(pid: u32) -> bool {
-    !matches!(process_state(pid), Some('Z') | Some('X') | None)
 }
 
 /// Processes (not zombies) whose command line mentions `dir`.
@@ -74,19 +56,6 @@ fn processes_on(dir: &std::path::Path) -> Vec<u32> {
         }
     }
     found
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if done() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            return None;
-        }
-        sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -288,54 +257,24 @@ fn galera_pause_resume_and_drop_cleans_up() -> TestResult {
 /// Run only as a child of `galera_interrupted_owner_leaves_nothing_behind`.
 #[test]
 fn galera_child_starts_cluster_and_sleeps() -> TestResult {
-    if std::env::var_os(CHILD_ENV).is_none() {
+    if !is_child(CHILD_ENV) {
         return Ok(());
     }
     let mut cluster = GaleraCluster::start(2)?;
     cluster.pause(1)?;
-    let pids: Vec<String> = (0..2)
-        .filter_map(|n| cluster.pid(n))
-        .map(|p| p.to_string())
-        .collect();
-    println!(
-        "GALERA pids={} dir={}",
-        pids.join(","),
-        cluster.dir().display()
-    );
+    let pids: Vec<u32> = (0..2).filter_map(|n| cluster.pid(n)).collect();
+    let dir = cluster.dir().to_path_buf();
     std::mem::forget(cluster);
-    sleep(Duration::from_secs(120));
+    report_and_hang(&pids, &dir, Duration::from_secs(120));
     Ok(())
 }
 
 #[test]
 fn galera_interrupted_owner_leaves_nothing_behind() -> TestResult {
-    if std::env::var_os(CHILD_ENV).is_some() {
+    if is_child(CHILD_ENV) {
         return Ok(());
     }
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no child stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(at) = line.find("GALERA pids=") {
-                let _ = tx.send(line[at + "GALERA pids=".len()..].to_string());
-                return;
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(90));
-    child.kill()?; // SIGKILL: no Drop runs.
-    child.wait()?;
-    let line = line.map_err(|_| "child did not report a cluster")?;
-    let (pids, dir) = line.split_once(" dir=").ok_or("bad GALERA line")?;
-    let pids: Vec<u32> = pids.split(',').map(str::parse).collect::<Result<_, _>>()?;
-    let dir = PathBuf::from(dir);
+    let (pids, dir) = report_of_killed_child(CHILD_TEST, CHILD_ENV, Duration::from_secs(90))?;
     assert_eq!(pids.len(), 2);
 
     let took = wait_until(Duration::from_secs(10), || {

@@ -1,58 +1,24 @@
 //! Integration tests for `lockstock_testkit::sandbox` against a real MariaDB server.
 
 use std::error::Error;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread::sleep;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::Integer;
 use lockstock_testkit::sandbox::{database_url, Sandbox, SandboxError};
 
-type TestResult = Result<(), Box<dyn Error>>;
+mod common;
+use common::{
+    is_child, process_alive, report_and_hang, report_of_killed_child, wait_until, Count, TestResult,
+};
 
 const CHILD_ENV: &str = "LOCKSTOCK_SANDBOX_CHILD";
 const CHILD_TEST: &str = "child_starts_sandbox_and_sleeps";
 
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
-}
-
 fn select_one(url: &str) -> Result<i32, Box<dyn Error>> {
     let mut conn = MysqlConnection::establish(url)?;
     Ok(diesel::select(diesel::dsl::sql::<Integer>("1")).get_result(&mut conn)?)
-}
-
-/// True if `pid` exists and is not a zombie (an orphaned, killed server may
-/// stay a zombie until init reaps it).
-fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
-    }
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if done() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            return None;
-        }
-        sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -211,50 +177,26 @@ fn database_url_uses_shared_sandbox_by_default() -> TestResult {
 /// Run only as a child of `interrupted_process_leaves_nothing_behind`.
 #[test]
 fn child_starts_sandbox_and_sleeps() -> TestResult {
-    if std::env::var_os(CHILD_ENV).is_none() {
+    if !is_child(CHILD_ENV) {
         return Ok(());
     }
     let sandbox = Sandbox::start()?;
-    println!(
-        "SANDBOX pid={} dir={}",
-        sandbox.pid().ok_or("no pid")?,
-        sandbox.data_dir().display()
-    );
+    let pid = sandbox.pid().ok_or("no pid")?;
+    let dir = sandbox.data_dir().to_path_buf();
     std::mem::forget(sandbox);
-    sleep(Duration::from_secs(60));
+    report_and_hang(&[pid], &dir, Duration::from_secs(60));
     Ok(())
 }
 
 #[test]
 fn interrupted_process_leaves_nothing_behind() -> TestResult {
-    if std::env::var_os(CHILD_ENV).is_some() {
+    if is_child(CHILD_ENV) {
         return Ok(());
     }
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no child stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // The harness prints "test <name> ... " on the same line first.
-            if let Some(at) = line.find("SANDBOX pid=") {
-                let _ = tx.send(line[at + "SANDBOX pid=".len()..].to_string());
-                return;
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30));
-    child.kill()?;
-    child.wait()?;
-    let line = line.map_err(|_| "child did not report a sandbox")?;
-    let (pid, dir) = line.split_once(" dir=").ok_or("bad SANDBOX line")?;
-    let pid: u32 = pid.parse()?;
-    let dir = PathBuf::from(dir);
+    let (pids, dir) = report_of_killed_child(CHILD_TEST, CHILD_ENV, Duration::from_secs(30))?;
+    let [pid] = pids[..] else {
+        return Err(format!("one server pid expected: {pids:?}").into());
+    };
     assert!(dir.is_dir() || !process_alive(pid));
 
     let took = wait_until(Duration::from_secs(5), || {

@@ -12,7 +12,7 @@ use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon}
 use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Error};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{fresh_database, open_campaign, pool};
+use lockstock_testkit::fixtures::{assert_refused, fresh_database, open_campaign, pool};
 
 fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i64, i32, i64) {
     let rows: i64 = user_coupon::table
@@ -46,39 +46,23 @@ fn issue_many_decides_each_request_in_order() {
         .expect("batch");
     let first = results[0].as_ref().expect("7 issued");
     assert_eq!(first.user_id, 7);
-    assert!(
-        matches!(results[1], Err(Error::AlreadyIssued { user_id: 7, user_coupon_id, .. }) if user_coupon_id == first.id),
-        "{:?}",
-        results[1]
+    assert_refused(
+        &results[1],
+        |e| matches!(e, Error::AlreadyIssued { user_id: 7, user_coupon_id, .. } if *user_coupon_id == first.id),
     );
-    assert!(
-        matches!(results[2], Err(Error::AlreadyIssued { user_id: 5, user_coupon_id, .. }) if user_coupon_id == held.id),
-        "{:?}",
-        results[2]
+    assert_refused(
+        &results[2],
+        |e| matches!(e, Error::AlreadyIssued { user_id: 5, user_coupon_id, .. } if *user_coupon_id == held.id),
     );
-    assert!(
-        matches!(results[3], Err(Error::InvalidId { id: -1, .. })),
-        "{:?}",
-        results[3]
-    );
+    assert_refused(&results[3], |e| {
+        matches!(e, Error::InvalidId { id: -1, .. })
+    });
     assert_eq!(results[4].as_ref().expect("8 issued").user_id, 8);
-    assert!(
-        matches!(results[5], Err(Error::SoldOut { .. })),
-        "{:?}",
-        results[5]
-    );
-    assert!(
-        matches!(results[6], Err(Error::SoldOut { .. })),
-        "{:?}",
-        results[6]
-    );
+    assert_refused(&results[5], |e| matches!(e, Error::SoldOut { .. }));
+    assert_refused(&results[6], |e| matches!(e, Error::SoldOut { .. }));
     // 8 holds one now, but 9's refusal set the sold-out mark: single calls in this order
     // would answer 8 from the mark, and so does the batch.
-    assert!(
-        matches!(results[7], Err(Error::SoldOut { .. })),
-        "{:?}",
-        results[7]
-    );
+    assert_refused(&results[7], |e| matches!(e, Error::SoldOut { .. }));
     let (rows, stock, duplicates) = issued_rows(&mut conn, id);
     assert_eq!((rows, stock, duplicates), (3, 0, 0));
     // Every returned id is the row the database holds for that user.
@@ -112,32 +96,23 @@ fn apply_many_is_sequential_per_request() {
         AccountOp::charge(d(1, 4), "fine"),
     ];
     let results = ledger.apply_many(&mut conn, 3, &ops).expect("batch");
-    assert!(
-        matches!(results[0], Err(Error::AccountNotFound { user_id: 3 })),
-        "{:?}",
-        results[0]
-    );
+    assert_refused(&results[0], |e| {
+        matches!(e, Error::AccountNotFound { user_id: 3 })
+    });
     assert_eq!(results[1].as_ref().expect("c1").balance_after, d(10, 0));
-    assert!(
-        matches!(results[2], Err(Error::InsufficientBalance { .. })),
-        "{:?}",
-        results[2]
-    );
+    assert_refused(&results[2], |e| {
+        matches!(e, Error::InsufficientBalance { .. })
+    });
     assert_eq!(results[3].as_ref().expect("c2").balance_after, d(20, 0));
     let d2 = results[4].as_ref().expect("d2");
     assert_eq!(d2.balance_after, d(5, 0));
     assert_eq!(results[5].as_ref().expect("d2 again").id, d2.id);
     let c1 = results[1].as_ref().expect("c1").id;
-    assert!(
-        matches!(&results[6], Err(Error::IdempotencyConflict { existing_entry_id, .. }) if *existing_entry_id == c1),
-        "{:?}",
-        results[6]
+    assert_refused(
+        &results[6],
+        |e| matches!(e, Error::IdempotencyConflict { existing_entry_id, .. } if *existing_entry_id == c1),
     );
-    assert!(
-        matches!(results[7], Err(Error::InvalidAmount { .. })),
-        "{:?}",
-        results[7]
-    );
+    assert_refused(&results[7], |e| matches!(e, Error::InvalidAmount { .. }));
     assert_eq!(
         results[8].as_ref().expect("fine").balance_after,
         d(50_001, 4)
@@ -145,11 +120,9 @@ fn apply_many_is_sequential_per_request() {
     // Replaying the whole batch changes nothing and answers the same.
     let replay = ledger.apply_many(&mut conn, 3, &ops).expect("replay");
     // d1 was never written: still refused. d2 was: its key now answers, whatever the balance.
-    assert!(
-        matches!(replay[0], Err(Error::InsufficientBalance { .. })),
-        "{:?}",
-        replay[0]
-    );
+    assert_refused(&replay[0], |e| {
+        matches!(e, Error::InsufficientBalance { .. })
+    });
     assert_eq!(replay[2].as_ref().expect("d2 exists").id, d2.id);
     assert_eq!(replay[4].as_ref().expect("d2").id, d2.id);
     assert_eq!(

@@ -10,9 +10,8 @@ use std::thread;
 use std::time::Instant;
 
 use chrono::{Duration, NaiveDate, NaiveDateTime};
-use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Unsigned};
+use diesel::sql_types::BigInt;
 use lockstock::coupon::{Clock, MAX_ORDER_REF_BYTES};
 use lockstock::schema::{coupon, fcfs_coupon, user_coupon};
 use lockstock::{
@@ -21,8 +20,9 @@ use lockstock::{
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    concurrently, connect, create_campaign, create_coupon, fresh_database, micros_to_time, now,
-    open_campaign_named,
+    assert_refused, concurrently, connect, create_campaign, create_coupon, fresh_database,
+    issued_rows, killed_connection, micros_to_time, now, open_campaign_named, stock_row,
+    user_coupon_row,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -57,24 +57,6 @@ fn time(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micro: u32) -> NaiveDa
 
 fn us(n: i64) -> Duration {
     Duration::microseconds(n)
-}
-
-/// Rows in `user_coupon` for a campaign.
-fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> i64 {
-    user_coupon::table
-        .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
-        .count()
-        .get_result(conn)
-        .expect("count user_coupon")
-}
-
-/// (total_quantity, stock_quantity) of a campaign.
-fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
-    fcfs_coupon::table
-        .find(campaign_id)
-        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
-        .first(conn)
-        .expect("read fcfs_coupon")
 }
 
 #[derive(QueryableByName, Debug)]
@@ -113,22 +95,6 @@ fn table_counts(conn: &mut MysqlConnection) -> (i64, i64, i64) {
             .get_result(conn)
             .expect("count user_coupon"),
     )
-}
-
-/// (status, order_ref, used_at) of a user coupon, from the database.
-fn user_coupon_row(
-    conn: &mut MysqlConnection,
-    id: i64,
-) -> (String, Option<String>, Option<NaiveDateTime>) {
-    user_coupon::table
-        .find(id)
-        .select((
-            user_coupon::status,
-            user_coupon::order_ref,
-            user_coupon::used_at,
-        ))
-        .first(conn)
-        .expect("read user_coupon")
 }
 
 fn outcome_name(result: &Result<IssuedCoupon, Error>) -> String {
@@ -231,7 +197,7 @@ fn one_user_from_sixteen_threads_gets_one_coupon() {
     const USER: i64 = 4242;
 
     let (url, mut conn) = fresh_database("coupon_one_user");
-    let issuer = Arc::new(CouponIssuer::new());
+    let issuer = CouponIssuer::new();
     let (coupon, campaign) = open_campaign_named(&mut conn, &issuer, "one per user", 5);
     let results: Vec<_> = concurrently(THREADS, &url, |_, conn| {
         issuer.issue(conn, USER, campaign.id)
@@ -296,13 +262,11 @@ fn issue_window_boundaries_are_exact() {
     let clock = ManualClock::at(starts - us(1));
     let issuer = CouponIssuer::new().with_clock(clock.clock());
 
-    match issuer.issue(&mut conn, 1, campaign.id) {
-        Err(Error::NotStarted {
-            campaign_id,
-            starts_at,
-        }) => assert_eq!((campaign_id, starts_at), (campaign.id, starts)),
-        other => panic!("at starts_at - 1us: expected NotStarted, got {other:?}"),
-    }
+    // At starts_at - 1us: not started.
+    assert_refused(&issuer.issue(&mut conn, 1, campaign.id), |e| {
+        matches!(e, Error::NotStarted { campaign_id, starts_at }
+            if (*campaign_id, *starts_at) == (campaign.id, starts))
+    });
     assert_eq!(issued_rows(&mut conn, campaign.id), 0);
 
     clock.set(starts);
@@ -318,13 +282,11 @@ fn issue_window_boundaries_are_exact() {
     assert_eq!(last.issued_at, ends - us(1));
 
     clock.set(ends);
-    match issuer.issue(&mut conn, 3, campaign.id) {
-        Err(Error::Ended {
-            campaign_id,
-            ended_at,
-        }) => assert_eq!((campaign_id, ended_at), (campaign.id, ends)),
-        other => panic!("at ends_at: expected Ended, got {other:?}"),
-    }
+    // At ends_at: ended.
+    assert_refused(&issuer.issue(&mut conn, 3, campaign.id), |e| {
+        matches!(e, Error::Ended { campaign_id, ended_at }
+            if (*campaign_id, *ended_at) == (campaign.id, ends))
+    });
 
     // The database agrees: two rows, with the clock's timestamps, stock 8.
     let rows: Vec<(i64, NaiveDateTime)> = user_coupon::table
@@ -357,14 +319,12 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
         }
         other => panic!("expected CampaignNotFound, got {other:?}"),
     }
-    assert!(matches!(
-        issuer.remaining(&mut conn, 999_999),
-        Err(Error::CampaignNotFound { .. })
-    ));
-    assert!(matches!(
-        issuer.restock(&mut conn, 999_999, 5, "restock-1"),
-        Err(Error::CampaignNotFound { .. })
-    ));
+    assert_refused(&issuer.remaining(&mut conn, 999_999), |e| {
+        matches!(e, Error::CampaignNotFound { .. })
+    });
+    assert_refused(&issuer.restock(&mut conn, 999_999, 5, "restock-1"), |e| {
+        matches!(e, Error::CampaignNotFound { .. })
+    });
 
     for bad in [0, -1, i64::MIN] {
         assert!(
@@ -381,30 +341,24 @@ fn unknown_campaigns_and_invalid_ids_are_typed() {
             ),
             "campaign id {bad}"
         );
-        assert!(matches!(
-            issuer.redeem(&mut conn, bad, "order-1"),
-            Err(Error::InvalidId { .. })
-        ));
-        assert!(matches!(
-            issuer.restore(&mut conn, bad, "order-1"),
-            Err(Error::InvalidId { .. })
-        ));
-        assert!(matches!(
-            issuer.user_coupons(&mut conn, bad),
-            Err(Error::InvalidId { .. })
-        ));
-        assert!(matches!(
-            issuer.remaining(&mut conn, bad),
-            Err(Error::InvalidId { .. })
-        ));
-        assert!(matches!(
-            issuer.restock(&mut conn, bad, 1, "restock-1"),
-            Err(Error::InvalidId { .. })
-        ));
-        assert!(matches!(
-            issuer.coupon(&mut conn, bad),
-            Err(Error::InvalidId { .. })
-        ));
+        assert_refused(&issuer.redeem(&mut conn, bad, "order-1"), |e| {
+            matches!(e, Error::InvalidId { .. })
+        });
+        assert_refused(&issuer.restore(&mut conn, bad, "order-1"), |e| {
+            matches!(e, Error::InvalidId { .. })
+        });
+        assert_refused(&issuer.user_coupons(&mut conn, bad), |e| {
+            matches!(e, Error::InvalidId { .. })
+        });
+        assert_refused(&issuer.remaining(&mut conn, bad), |e| {
+            matches!(e, Error::InvalidId { .. })
+        });
+        assert_refused(&issuer.restock(&mut conn, bad, 1, "restock-1"), |e| {
+            matches!(e, Error::InvalidId { .. })
+        });
+        assert_refused(&issuer.coupon(&mut conn, bad), |e| {
+            matches!(e, Error::InvalidId { .. })
+        });
     }
     assert_eq!(table_counts(&mut conn), before, "refusals wrote nothing");
     assert_eq!(stock_row(&mut conn, campaign.id), (3, 3));
@@ -501,22 +455,6 @@ fn refused_creations_write_nothing() {
 // 4. Zero stock, the sold-out cache, restock
 // ---------------------------------------------------------------------------------------------
 
-/// A connection whose server session has been killed: any round trip on it fails.
-fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = connect(url);
-    let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
-        .get_result(&mut doomed)
-        .expect("connection id");
-    killer
-        .batch_execute(&format!("KILL CONNECTION {id}"))
-        .expect("kill session");
-    assert!(
-        doomed.batch_execute("SELECT 1").is_err(),
-        "the killed session still answers"
-    );
-    doomed
-}
-
 #[test]
 fn sold_out_is_cached_until_restock() {
     let (url, mut conn) = fresh_database("coupon_sold_out");
@@ -560,10 +498,9 @@ fn sold_out_is_cached_until_restock() {
         0
     );
     let mut doomed = killed_connection(&url, &mut conn);
-    assert!(matches!(
-        reader.issue(&mut doomed, 5, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&reader.issue(&mut doomed, 5, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
     drop(doomed);
 
     // Restock 0 is refused and changes nothing; the cache stays.
@@ -574,10 +511,9 @@ fn sold_out_is_cached_until_restock() {
         other => panic!("restock 0: expected InvalidInput, got {other:?}"),
     }
     assert_eq!(stock_row(&mut conn, campaign.id), (1, 0));
-    assert!(matches!(
-        issuer.issue(&mut conn, 3, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&issuer.issue(&mut conn, 3, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
 
     // Restock clears the cache: the next issue succeeds and the stock reflects it.
     let restocked = issuer
@@ -598,10 +534,9 @@ fn sold_out_is_cached_until_restock() {
         other => panic!("holder after restock: expected AlreadyIssued, got {other:?}"),
     }
     let third = issuer.issue(&mut conn, 4, campaign.id).expect("last one");
-    assert!(matches!(
-        issuer.issue(&mut conn, 5, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&issuer.issue(&mut conn, 5, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
     assert_eq!(stock_row(&mut conn, campaign.id), (3, 0));
     assert_eq!(issued_rows(&mut conn, campaign.id), 3);
     assert!(duplicate_holders(&mut conn, coupon.id).is_empty());
@@ -729,10 +664,9 @@ fn redeem_and_restore_respect_validity_and_input() {
 
     // Expired (valid_until is exclusive): restore refused, the coupon stays used.
     clock.set(valid_until);
-    assert!(matches!(
-        issuer.restore(&mut conn, held.id, "on-time"),
-        Err(Error::CouponNotValid { .. })
-    ));
+    assert_refused(&issuer.restore(&mut conn, held.id, "on-time"), |e| {
+        matches!(e, Error::CouponNotValid { .. })
+    });
     assert_eq!(
         user_coupon_row(&mut conn, held.id),
         ("used".into(), Some("on-time".into()), Some(valid_from))
@@ -743,10 +677,9 @@ fn redeem_and_restore_respect_validity_and_input() {
         .restore(&mut conn, held.id, "on-time")
         .expect("restore before valid_until");
     clock.set(valid_until + Duration::days(1));
-    assert!(matches!(
-        issuer.redeem(&mut conn, held.id, "late"),
-        Err(Error::CouponNotValid { .. })
-    ));
+    assert_refused(&issuer.redeem(&mut conn, held.id, "late"), |e| {
+        matches!(e, Error::CouponNotValid { .. })
+    });
     assert_eq!(
         user_coupon_row(&mut conn, held.id),
         ("issued".into(), None, None)
@@ -763,10 +696,9 @@ fn redeem_and_restore_respect_validity_and_input() {
         }
         other => panic!("expected UserCouponNotFound, got {other:?}"),
     }
-    assert!(matches!(
-        issuer.restore(&mut conn, held.id + 1_000, "x"),
-        Err(Error::UserCouponNotFound { .. })
-    ));
+    assert_refused(&issuer.restore(&mut conn, held.id + 1_000, "x"), |e| {
+        matches!(e, Error::UserCouponNotFound { .. })
+    });
 
     // order_ref: 1 to 64 bytes (bytes, not characters).
     clock.set(t);
@@ -912,27 +844,24 @@ fn sold_out_ttl_lets_other_issuers_see_a_restock() {
     let brief = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::from_millis(200));
     forever.issue(&mut conn, 1, campaign.id).expect("the one");
     for issuer in [&forever, &brief] {
-        assert!(matches!(
-            issuer.issue(&mut conn, 2, campaign.id),
-            Err(Error::SoldOut { .. })
-        ));
+        assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
+            matches!(e, Error::SoldOut { .. })
+        });
     }
     admin
         .restock(&mut conn, campaign.id, 2, "restock-1")
         .expect("restock elsewhere");
     // Within the TTL both still answer from memory.
-    assert!(matches!(
-        brief.issue(&mut conn, 2, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&brief.issue(&mut conn, 2, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
     thread::sleep(std::time::Duration::from_millis(250));
     brief
         .issue(&mut conn, 2, campaign.id)
         .expect("seen after the TTL");
-    assert!(matches!(
-        forever.issue(&mut conn, 3, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&forever.issue(&mut conn, 3, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
     assert_eq!(issued_rows(&mut conn, campaign.id), 2);
     assert_eq!(stock_row(&mut conn, campaign.id), (3, 1));
 }

@@ -17,12 +17,14 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Text};
 use lockstock::combine::{CombiningIssuer, CombiningLedger};
-use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
+use lockstock::schema::{user_balance, user_coupon};
 use lockstock::{
-    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, RetryPolicy,
-    ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
+    BalanceLedger, CouponIssuer, Error, RetryPolicy, ServerErrorKind, SessionSettings, TxnPolicy,
+    TxnRunner,
 };
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    connect, count_key, fresh_database, issued_rows, open_campaign_named, stock_row, stored_balance,
+};
 use lockstock_testkit::rng::{seed, Rng};
 use lockstock_testkit::workload::{self, Client, Op, Outcome, Record, Summary};
 use lockstock_testkit::Sandbox;
@@ -39,6 +41,18 @@ fn soak_secs() -> Option<u64> {
 /// The server's id of this connection (read from the server, so safe to format into `KILL`).
 fn connection_id(conn: &mut MysqlConnection) -> QueryResult<i64> {
     diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()")).get_result(conn)
+}
+
+/// Stops the workload clients and gathers the histories they recorded.
+fn stop_and_collect(
+    stop: &AtomicBool,
+    clients: Vec<thread::ScopedJoinHandle<'_, Vec<Record>>>,
+) -> Vec<Record> {
+    stop.store(true, Ordering::Relaxed);
+    clients
+        .into_iter()
+        .flat_map(|h| h.join().expect("workload client"))
+        .collect()
 }
 
 /// `KILL <id>` (or `KILL QUERY <id>`: only the running statement); `Ok(false)` if the
@@ -161,17 +175,8 @@ fn killed_connection_errors_are_typed() {
         .deduct(&mut fresh, 1, dec(100), "idle-kill")
         .expect("replay");
     assert_eq!(first.id, replay.id);
-    assert_eq!(key_rows(&mut fresh, 1, "idle-kill"), 1);
+    assert_eq!(count_key(&mut fresh, 1, "idle-kill"), 1);
     ledger.audit(&mut fresh, 1).expect("audit");
-}
-
-fn key_rows(conn: &mut MysqlConnection, user: i64, key: &str) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user))
-        .filter(balance_history::idempotency_key.eq(key))
-        .count()
-        .get_result(conn)
-        .expect("count key rows")
 }
 
 /// Victims run deducts, transfers, refunds, charges and coupon issues in a loop; for about half
@@ -215,15 +220,16 @@ fn killed_connections_never_leave_partial_state() {
                 }
             });
             let client = Client {
-                url: url.clone(),
-                name: format!("v{v}"),
-                user_base: 1_000_000 * (v as i64 + 1),
-                setup: setup.clone(),
-                seed: seed.wrapping_add(v as u64),
                 abandon_unknown: 300,
                 abandon_lost: 300,
-                max_ops: usize::MAX,
-                errors: errors.clone(),
+                ..Client::new(
+                    &url,
+                    format!("v{v}"),
+                    v,
+                    &setup,
+                    seed.wrapping_add(v as u64),
+                    &errors,
+                )
             };
             let stop = &stop;
             victims.push(s.spawn(move || {
@@ -243,11 +249,7 @@ fn killed_connections_never_leave_partial_state() {
             }));
         }
         thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-        victims
-            .into_iter()
-            .flat_map(|h| h.join().expect("victim"))
-            .collect()
+        stop_and_collect(&stop, victims)
     });
     let summary = Summary::of(&records);
     eprintln!(
@@ -401,16 +403,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
                                 campaign,
                             },
                         };
-                        let mut record = Record {
-                            key: key.clone(),
-                            op,
-                            outcome: Outcome::Unknown,
-                            attempts: 0,
-                            unknowns: 0,
-                            lost: 0,
-                            contended: 0,
-                            unexpected: None,
-                        };
+                        let mut record = Record::new(key.clone(), op);
                         record.outcome = loop {
                             record.attempts += 1;
                             let result = match record.op {
@@ -531,16 +524,10 @@ fn server_crashes_lose_no_acknowledged_operation() {
     let records: Vec<Record> = thread::scope(|s| {
         let clients: Vec<_> = (0..CLIENTS)
             .map(|n| {
+                let seed = seed.wrapping_add(n as u64 + 1);
                 let client = Client {
-                    url: url.clone(),
-                    name: format!("k{n}"),
-                    user_base: 1_000_000 * (n as i64 + 1),
-                    setup: setup.clone(),
-                    seed: seed.wrapping_add(n as u64 + 1),
                     abandon_unknown: 100,
-                    abandon_lost: 0,
-                    max_ops: usize::MAX,
-                    errors: errors.clone(),
+                    ..Client::new(&url, format!("k{n}"), n, &setup, seed, &errors)
                 };
                 let stop = &stop;
                 s.spawn(move || workload::run_client(&client, stop, &mut |_| true))
@@ -563,11 +550,7 @@ fn server_crashes_lose_no_acknowledged_operation() {
             downtime += down.elapsed();
         }
         thread::sleep(Duration::from_millis(700));
-        stop.store(true, Ordering::Relaxed);
-        clients
-            .into_iter()
-            .flat_map(|h| h.join().expect("client"))
-            .collect()
+        stop_and_collect(&stop, clients)
     });
     let summary = Summary::of(&records);
     eprintln!(
@@ -590,11 +573,7 @@ fn server_crashes_lose_no_acknowledged_operation() {
 
 /// Plain SELECT, compute in Rust, UPDATE: no lock, autocommit, REPEATABLE READ.
 fn unlocked_deduct(conn: &mut MysqlConnection, user: i64, amount: Decimal) -> bool {
-    let balance: Decimal = user_balance::table
-        .find(user)
-        .select(user_balance::balance)
-        .first(conn)
-        .expect("read balance");
+    let balance = stored_balance(conn, user);
     if balance < amount {
         return false;
     }
@@ -696,29 +675,7 @@ fn negative_control_unlocked_issue_over_issues() {
     )
     .expect("test-only tables");
     let issuer = CouponIssuer::new();
-    let now = chrono::Utc::now().naive_utc();
-    let coupon = issuer
-        .create_coupon(
-            &mut conn,
-            &NewCoupon {
-                name: "control",
-                discount: Discount::Fixed(dec(100)),
-                valid_from: now - chrono::Duration::hours(1),
-                valid_until: now + chrono::Duration::days(1),
-            },
-        )
-        .expect("coupon");
-    let campaign = issuer
-        .create_campaign(
-            &mut conn,
-            &NewCampaign {
-                coupon_id: coupon.id,
-                quantity: 5,
-                issue_starts_at: now - chrono::Duration::minutes(1),
-                issue_ends_at: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("campaign");
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "control", 5);
     // 16 requests: users 1..=15, and user 1 asks twice.
     const THREADS: usize = 16;
     let barrier = Barrier::new(THREADS);
@@ -782,16 +739,8 @@ fn negative_control_unlocked_issue_over_issues() {
         over_issued && unsafe_counts.duplicates > 0,
         "the harness did not detect the over-issue and duplicate of an unlocked issue"
     );
-    let issued: i64 = user_coupon::table
-        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
-        .count()
-        .get_result(&mut conn)
-        .expect("count");
-    let stock: i32 = fcfs_coupon::table
-        .find(campaign.id)
-        .select(fcfs_coupon::stock_quantity)
-        .first(&mut conn)
-        .expect("stock");
+    let issued = issued_rows(&mut conn, campaign.id);
+    let (_total, stock) = stock_row(&mut conn, campaign.id);
     let holders: i64 = user_coupon::table
         .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
         .select(diesel::dsl::count(user_coupon::user_id).aggregate_distinct())
@@ -831,7 +780,7 @@ fn nowait_refuses_a_lock_holder_at_once() {
         other => panic!("expected Contended after one attempt, got {other:?}"),
     }
     assert!(took < Duration::from_millis(900), "waited {took:?}");
-    assert_eq!(key_rows(&mut conn, 1, "blocked"), 0);
+    assert_eq!(count_key(&mut conn, 1, "blocked"), 0);
     let balance: Decimal = user_balance::table
         .find(1)
         .select(user_balance::balance)

@@ -6,19 +6,21 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
+use diesel::mysql::Mysql;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Double, Text};
+use diesel::query_builder::{AsQuery, QueryFragment};
+use diesel::sql_types::Text;
 use diesel_migrations::MigrationHarness;
 use lockstock::schema::{
     balance_history, coupon, fcfs_coupon, fcfs_coupon_restock, user_balance, user_coupon,
 };
-use lockstock::{
-    BalanceLedger, Error, RetryPolicy, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
-};
+use lockstock::{BalanceLedger, Error, RetryPolicy, ServerErrorKind, TxnPolicy, TxnRunner};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    concurrently, connect, fresh_database, lock_balance, open_campaign_named, pool_with,
+    retry_policy, session_vars, snapshot,
+};
 
 #[derive(QueryableByName)]
 struct Name {
@@ -80,52 +82,25 @@ fn diesel_columns(select_sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// Diesel's SQL for the whole of `table` (its `all_columns`).
+fn sql_of<T>(table: T) -> String
+where
+    T: AsQuery,
+    T::Query: QueryFragment<Mysql>,
+{
+    diesel::debug_query::<Mysql, _>(&table.as_query()).to_string()
+}
+
 #[test]
 fn schema_rs_matches_migrations() {
     let (_url, mut conn) = fresh_database("foundation_schema");
     let declared = [
-        (
-            "user_balance",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &user_balance::table.select(user_balance::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "balance_history",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &balance_history::table.select(balance_history::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "coupon",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &coupon::table.select(coupon::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "fcfs_coupon",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &fcfs_coupon::table.select(fcfs_coupon::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "fcfs_coupon_restock",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &fcfs_coupon_restock::table.select(fcfs_coupon_restock::all_columns),
-            )
-            .to_string(),
-        ),
-        (
-            "user_coupon",
-            diesel::debug_query::<diesel::mysql::Mysql, _>(
-                &user_coupon::table.select(user_coupon::all_columns),
-            )
-            .to_string(),
-        ),
+        ("user_balance", sql_of(user_balance::table)),
+        ("balance_history", sql_of(balance_history::table)),
+        ("coupon", sql_of(coupon::table)),
+        ("fcfs_coupon", sql_of(fcfs_coupon::table)),
+        ("fcfs_coupon_restock", sql_of(fcfs_coupon_restock::table)),
+        ("user_coupon", sql_of(user_coupon::table)),
     ];
     for (table, sql) in declared {
         let actual: Vec<String> = diesel::sql_query(
@@ -147,52 +122,11 @@ fn schema_rs_matches_migrations() {
     ledger
         .charge(&mut conn, 1, Decimal::new(5, 0), "k")
         .expect("charge");
-    let rows: Vec<(i64, Decimal, i64, chrono::NaiveDateTime)> = user_balance::table
-        .select(user_balance::all_columns)
-        .load(&mut conn)
-        .expect("user_balance");
-    assert_eq!(rows.len(), 1);
-    let journal = balance_history::table
-        .select(balance_history::all_columns)
-        .load::<(
-            i64,
-            i64,
-            String,
-            Decimal,
-            Decimal,
-            Option<String>,
-            String,
-            Option<i64>,
-            Option<i64>,
-            Decimal,
-            chrono::NaiveDateTime,
-        )>(&mut conn)
-        .expect("balance_history");
-    assert_eq!(journal.len(), 1);
+    let stored = snapshot(&mut conn);
+    assert_eq!(stored.balances.len(), 1);
+    assert_eq!(stored.history.len(), 1);
     let issuer = lockstock::CouponIssuer::new();
-    let now = chrono::Utc::now().naive_utc();
-    let template = issuer
-        .create_coupon(
-            &mut conn,
-            &lockstock::NewCoupon {
-                name: "schema",
-                discount: lockstock::Discount::Fixed(Decimal::ONE),
-                valid_from: now - chrono::Duration::hours(1),
-                valid_until: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("coupon");
-    let campaign = issuer
-        .create_campaign(
-            &mut conn,
-            &lockstock::NewCampaign {
-                coupon_id: template.id,
-                quantity: 1,
-                issue_starts_at: now - chrono::Duration::minutes(1),
-                issue_ends_at: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("campaign");
+    let (_template, campaign) = open_campaign_named(&mut conn, &issuer, "schema", 1);
     issuer
         .restock(&mut conn, campaign.id, 2, "k")
         .expect("restock");
@@ -203,36 +137,15 @@ fn schema_rs_matches_migrations() {
     assert_eq!(restocks.len(), 1);
 }
 
-#[derive(QueryableByName)]
-struct Settings {
-    #[diesel(sql_type = BigInt)]
-    lock_wait: i64,
-    #[diesel(sql_type = Double)]
-    statement: f64,
-    #[diesel(sql_type = Text)]
-    messages: String,
-    #[diesel(sql_type = Text)]
-    zone: String,
-}
-
 #[test]
 fn pool_customizer_applies_session_settings() {
     let (url, _conn) = fresh_database("foundation_pool");
     let mut policy = TxnPolicy::default();
     policy.lock_wait_timeout = Duration::from_secs(2);
     policy.statement_timeout = Duration::from_millis(1500);
-    let pool = Pool::builder()
-        .max_size(2)
-        .connection_customizer(Box::new(SessionSettings::new(policy)))
-        .build(ConnectionManager::<MysqlConnection>::new(url))
-        .expect("pool");
+    let pool = pool_with(&url, 2, policy);
     let mut conn = pool.get().expect("pooled connection");
-    let s: Settings = diesel::sql_query(
-        "SELECT @@innodb_lock_wait_timeout AS lock_wait, @@max_statement_time AS statement, \
-         @@lc_messages AS messages, @@time_zone AS zone",
-    )
-    .get_result(&mut conn)
-    .expect("read settings");
+    let s = session_vars(&mut conn);
     assert_eq!(s.lock_wait, 2);
     assert!((s.statement - 1.5).abs() < 1e-9, "{}", s.statement);
     assert_eq!(s.messages, "en_US");
@@ -342,11 +255,7 @@ fn retry_succeeds_after_holder_commits() {
     let holder_thread = thread::spawn(move || {
         holder
             .transaction::<_, diesel::result::Error, _>(|conn| {
-                user_balance::table
-                    .find(1i64)
-                    .select(user_balance::balance)
-                    .for_update()
-                    .first::<Decimal>(conn)?;
+                lock_balance(conn, 1)?;
                 held2.wait();
                 thread::sleep(Duration::from_millis(300));
                 Ok(())
@@ -365,6 +274,16 @@ fn retry_succeeds_after_holder_commits() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
+/// A fresh database `name` whose account 1 another connection holds locked for `hold` from
+/// now on, and a connection to it; the holder's thread ends when the lock is released.
+fn account_held_for(name: &str, hold: Duration) -> (thread::JoinHandle<()>, MysqlConnection) {
+    let (url, _conn) = fresh_database(name);
+    seed_account(&url, 1);
+    let (holder, held) = hold_lock_for(&url, 1, hold);
+    held.wait();
+    (holder, connect(&url))
+}
+
 fn hold_lock_for(
     url: &str,
     user_id: i64,
@@ -376,11 +295,7 @@ fn hold_lock_for(
     let handle = thread::spawn(move || {
         holder
             .transaction::<_, diesel::result::Error, _>(|conn| {
-                user_balance::table
-                    .find(user_id)
-                    .select(user_balance::balance)
-                    .for_update()
-                    .first::<Decimal>(conn)?;
+                lock_balance(conn, user_id)?;
                 held2.wait();
                 thread::sleep(hold);
                 Ok(())
@@ -393,16 +308,10 @@ fn hold_lock_for(
 #[test]
 fn retries_stop_at_max_attempts() {
     let _exclusive = lockstock_testkit::fixtures::exclusive();
-    let (url, _conn) = fresh_database("foundation_attempts");
-    seed_account(&url, 1);
-    let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(1500));
-    held.wait();
-    let mut conn = connect(&url);
-    let mut retry = RetryPolicy::default();
-    retry.max_attempts = 5;
+    let (holder, mut conn) = account_held_for("foundation_attempts", Duration::from_millis(1500));
+    let mut retry = retry_policy(5, Duration::from_secs(10));
     retry.base_backoff = Duration::from_millis(1);
     retry.max_backoff = Duration::from_millis(4);
-    retry.deadline = Duration::from_secs(10);
     let runner = TxnRunner::new(TxnPolicy::default().with_retry(retry));
     let (result, attempts) = runner.run_counted(&mut conn, |conn| lock_nowait(conn, 1));
     match result {
@@ -423,14 +332,8 @@ fn retries_stop_at_max_attempts() {
 #[test]
 fn retries_stop_at_the_deadline() {
     let _exclusive = lockstock_testkit::fixtures::exclusive();
-    let (url, _conn) = fresh_database("foundation_deadline");
-    seed_account(&url, 1);
-    let (holder, held) = hold_lock_for(&url, 1, Duration::from_millis(2000));
-    held.wait();
-    let mut conn = connect(&url);
-    let mut retry = RetryPolicy::default();
-    retry.max_attempts = 100_000;
-    retry.deadline = Duration::from_millis(300);
+    let (holder, mut conn) = account_held_for("foundation_deadline", Duration::from_millis(2000));
+    let retry = retry_policy(100_000, Duration::from_millis(300));
     let runner = TxnRunner::new(TxnPolicy::default().with_retry(retry));
     let started = Instant::now();
     match runner.run(&mut conn, |conn| lock_nowait(conn, 1)) {
@@ -488,34 +391,12 @@ fn prepares(conn: &mut MysqlConnection) -> i64 {
 /// deduct or a coupon issue prepares nothing (a prepare is a round trip while the row is locked).
 #[test]
 fn hot_paths_use_cached_prepared_statements() {
-    use lockstock::{CouponIssuer, Discount, NewCampaign, NewCoupon};
+    use lockstock::CouponIssuer;
     let (url, _conn) = fresh_database("foundation_prepared");
     let mut conn = connect(&url);
     let ledger = BalanceLedger::new();
     let issuer = CouponIssuer::new();
-    let now = chrono::Utc::now().naive_utc();
-    let coupon = issuer
-        .create_coupon(
-            &mut conn,
-            &NewCoupon {
-                name: "prepared",
-                discount: Discount::Fixed(Decimal::ONE),
-                valid_from: now - chrono::Duration::hours(1),
-                valid_until: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("coupon");
-    let campaign = issuer
-        .create_campaign(
-            &mut conn,
-            &NewCampaign {
-                coupon_id: coupon.id,
-                quantity: 100,
-                issue_starts_at: now - chrono::Duration::minutes(1),
-                issue_ends_at: now + chrono::Duration::hours(1),
-            },
-        )
-        .expect("campaign");
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "prepared", 100);
     ledger
         .charge(&mut conn, 1, Decimal::new(1_000, 0), "warm-c")
         .expect("charge");

@@ -7,15 +7,17 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
 use lockstock::schema::{balance_history, user_balance};
-use lockstock::{BalanceLedger, Entry, EntryKind, Error, RetryPolicy, ServerErrorKind, TxnPolicy};
+use lockstock::{BalanceLedger, Entry, EntryKind, Error, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{concurrently, connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    assert_refused, audit_ok, concurrently, connect, count_key, count_kind, fresh_database,
+    funded_account, retry_policy, snapshot, stored_balance,
+};
 use lockstock_testkit::rng::{seed, Rng};
 
 fn dec(units: i64, scale: u32) -> Decimal {
@@ -26,74 +28,30 @@ fn dec(units: i64, scale: u32) -> Decimal {
 // Database readers
 // ---------------------------------------------------------------------------------------------
 
-type BalanceRow = (i64, Decimal, i64, NaiveDateTime);
-type HistoryRow = (
-    i64,
-    i64,
-    String,
-    Decimal,
-    Decimal,
-    Option<String>,
-    String,
-    Option<i64>,
-    Option<i64>,
-    Decimal,
-    NaiveDateTime,
-);
-
-/// Every row of both ledger tables, in primary-key order.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    balances: Vec<BalanceRow>,
-    history: Vec<HistoryRow>,
+/// A fresh database `name`, a default ledger, and account `user` funded with `amount`.
+fn ledger_with_account(
+    name: &str,
+    user: i64,
+    amount: Decimal,
+) -> (String, MysqlConnection, BalanceLedger) {
+    let (url, mut conn) = fresh_database(name);
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, user, amount);
+    (url, conn, ledger)
 }
 
-fn snapshot(conn: &mut MysqlConnection) -> Snapshot {
-    Snapshot {
-        balances: user_balance::table
-            .select(user_balance::all_columns)
-            .order(user_balance::user_id.asc())
-            .load(conn)
-            .expect("read user_balance"),
-        history: balance_history::table
-            .select(balance_history::all_columns)
-            .order(balance_history::id.asc())
-            .load(conn)
-            .expect("read balance_history"),
-    }
+/// A `SUM` read with raw SQL.
+#[derive(QueryableByName)]
+struct Total {
+    #[diesel(sql_type = diesel::sql_types::Numeric)]
+    total: Decimal,
 }
 
-fn stored_balance(conn: &mut MysqlConnection, user_id: i64) -> Decimal {
-    user_balance::table
-        .find(user_id)
-        .select(user_balance::balance)
-        .first(conn)
-        .expect("read balance")
-}
-
-fn count_kind(conn: &mut MysqlConnection, user_id: i64, kind: EntryKind) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .filter(balance_history::kind.eq(kind.as_str()))
-        .count()
-        .get_result(conn)
-        .expect("count journal entries")
-}
-
-fn count_key(conn: &mut MysqlConnection, user_id: i64, key: &str) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .filter(balance_history::idempotency_key.eq(key))
-        .count()
-        .get_result(conn)
-        .expect("count key")
-}
-
-fn audit_ok(ledger: &BalanceLedger, conn: &mut MysqlConnection, user_id: i64) {
-    match ledger.audit(conn, user_id) {
-        Ok(report) => assert!(report.is_consistent(), "{report:?}"),
-        Err(e) => panic!("audit of user {user_id} failed: {e}"),
-    }
+/// A `COUNT` read with raw SQL.
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
 }
 
 /// Waits for every thread and returns their results in spawn order.
@@ -115,6 +73,34 @@ fn check_contended(error: &Error) {
         ),
         "Contended for an unexpected reason: {error:?}"
     );
+}
+
+/// How a concurrent writer's call was refused.
+enum Refusal {
+    Insufficient,
+    Contended,
+}
+
+/// Checks an error a concurrent writer of `amount` from account `user` got: a typed refusal
+/// for lack of funds that names the request, or a lock refusal ([`check_contended`]). Any other
+/// error fails the test, naming `who`.
+fn refusal(error: Error, user: i64, amount: Decimal, who: &str) -> Refusal {
+    match error {
+        Error::InsufficientBalance {
+            user_id,
+            available,
+            requested,
+        } => {
+            assert_eq!((user_id, requested), (user, amount));
+            assert!(available < requested && available >= Decimal::ZERO);
+            Refusal::Insufficient
+        }
+        e @ Error::Contended { .. } => {
+            check_contended(&e);
+            Refusal::Contended
+        }
+        other => panic!("{who}: unexpected error {other:?}"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -144,20 +130,10 @@ fn concurrent_deducts_never_overdraw_one_account() {
                     assert!(entry.balance_after >= Decimal::ZERO, "{entry:?}");
                     ok += 1;
                 }
-                Err(Error::InsufficientBalance {
-                    user_id,
-                    available,
-                    requested,
-                }) => {
-                    assert_eq!((user_id, requested), (USER, amount));
-                    assert!(available < requested && available >= Decimal::ZERO);
-                    insufficient += 1;
-                }
-                Err(e @ Error::Contended { .. }) => {
-                    check_contended(&e);
-                    contended += 1;
-                }
-                Err(other) => panic!("thread {t}: untyped/unexpected error: {other:?}"),
+                Err(e) => match refusal(e, USER, amount, &format!("thread {t}")) {
+                    Refusal::Insufficient => insufficient += 1,
+                    Refusal::Contended => contended += 1,
+                },
             }
         }
         (ok, insufficient, contended)
@@ -212,12 +188,6 @@ fn concurrent_deducts_never_overdraw_one_account() {
 // ---------------------------------------------------------------------------------------------
 // 2 + 6. The bank: random transfers both ways, a snapshot reader, conservation
 // ---------------------------------------------------------------------------------------------
-
-#[derive(QueryableByName)]
-struct Total {
-    #[diesel(sql_type = diesel::sql_types::Numeric)]
-    total: Decimal,
-}
 
 #[test]
 fn bank_transfers_conserve_money_under_a_snapshot_reader() {
@@ -299,21 +269,13 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
                                 assert!(tr.debit.balance_after >= Decimal::ZERO);
                                 ok += 1;
                             }
-                            Err(Error::InsufficientBalance {
-                                user_id,
-                                available,
-                                requested,
-                            }) => {
-                                assert_eq!((user_id, requested), (from, amount));
-                                assert!(available < requested && available >= Decimal::ZERO);
-                                refused += 1;
-                            }
-                            Err(e @ Error::Contended { .. }) => {
-                                check_contended(&e);
-                                contended += 1;
-                                continue;
-                            }
-                            Err(other) => panic!("writer {t}: unexpected error {other:?}"),
+                            Err(e) => match refusal(e, from, amount, &format!("writer {t}")) {
+                                Refusal::Insufficient => refused += 1,
+                                Refusal::Contended => {
+                                    contended += 1;
+                                    continue;
+                                }
+                            },
                         }
                         break;
                     }
@@ -371,12 +333,6 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
         audit_ok(&ledger, &mut conn, *user);
     }
     assert_eq!(end_total, start_total);
-}
-
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    n: i64,
 }
 
 #[test]
@@ -492,9 +448,7 @@ fn same_key_charge_race_applies_once() {
     let (url, mut conn) = fresh_database("ledger_same_key");
     // Every racer must end with Ok: give the losers of the lock race a generous budget, so a
     // slow shared machine cannot turn the test into a Contended lottery.
-    let mut retry = RetryPolicy::default();
-    retry.max_attempts = 1_000;
-    retry.deadline = Duration::from_secs(15);
+    let retry = retry_policy(1_000, Duration::from_secs(15));
     let ledger = Arc::new(BalanceLedger::with_policy(
         TxnPolicy::default().with_retry(retry),
     ));
@@ -519,17 +473,12 @@ fn same_key_charge_race_applies_once() {
         audit_ok(&ledger, &mut conn, user);
 
         let snap = snapshot(&mut conn);
-        match ledger.charge(&mut conn, user, dec(4251, 2), "pay-1") {
-            Err(Error::IdempotencyConflict {
-                user_id,
-                key,
-                existing_entry_id,
-            }) => assert_eq!(
-                (user_id, key.as_str(), existing_entry_id),
-                (user, "pay-1", first)
-            ),
-            other => panic!("other amount under the same key: {other:?}"),
-        }
+        // Another amount under the same key.
+        let other_amount = ledger.charge(&mut conn, user, dec(4251, 2), "pay-1");
+        assert_refused(&other_amount, |e| {
+            matches!(e, Error::IdempotencyConflict { user_id, key, existing_entry_id }
+                if (*user_id, key.as_str(), *existing_entry_id) == (user, "pay-1", first))
+        });
         match ledger.deduct(&mut conn, user, dec(4250, 2), "pay-1") {
             Err(Error::IdempotencyConflict {
                 existing_entry_id, ..
@@ -558,7 +507,7 @@ fn concurrent_refunds_never_exceed_the_deduct() {
     const THREADS: usize = 16;
     const USER: i64 = 31;
     let (url, mut conn) = fresh_database("ledger_refunds");
-    let ledger = Arc::new(BalanceLedger::new());
+    let ledger = BalanceLedger::new();
     let charge = ledger
         .charge(&mut conn, USER, dec(500, 0), "top-up")
         .expect("charge");
@@ -717,6 +666,12 @@ fn bad_inputs_are_typed_and_change_nothing() {
     let amount_problem = |want: AmountProblem| {
         e(move |err| matches!(err, Error::InvalidAmount { problem, .. } if *problem == want))
     };
+    let key_problem = |want: KeyProblem| {
+        e(move |err| matches!(err, Error::InvalidIdempotencyKey { problem } if *problem == want))
+    };
+    let invalid_user = |want: i64| {
+        e(move |err| matches!(err, Error::InvalidId { what: "user", id } if *id == want))
+    };
     let tiny = dec(1, 4);
     let cases: Vec<(&str, Call, Expect)> = vec![
         (
@@ -760,38 +715,17 @@ fn bad_inputs_are_typed_and_change_nothing() {
         (
             "empty key",
             c(|l, c| l.charge(c, 1, dec(1, 0), "").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidIdempotencyKey {
-                        problem: KeyProblem::Empty
-                    }
-                )
-            }),
+            key_problem(KeyProblem::Empty),
         ),
         (
             "65-byte key",
             c(move |l, c| l.deduct(c, 1, dec(1, 0), &long_key).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidIdempotencyKey {
-                        problem: KeyProblem::TooLong { len: 65 }
-                    }
-                )
-            }),
+            key_problem(KeyProblem::TooLong { len: 65 }),
         ),
         (
             "66-byte key of 33 characters",
             c(move |l, c| l.charge(c, 1, dec(1, 0), &multibyte_key).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidIdempotencyKey {
-                        problem: KeyProblem::TooLong { len: 66 }
-                    }
-                )
-            }),
+            key_problem(KeyProblem::TooLong { len: 66 }),
         ),
         (
             "refund with an empty key",
@@ -801,67 +735,27 @@ fn bad_inputs_are_typed_and_change_nothing() {
         (
             "charge user 0",
             c(|l, c| l.charge(c, 0, dec(1, 0), "u").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: 0
-                    }
-                )
-            }),
+            invalid_user(0),
         ),
         (
             "deduct user -5",
             c(|l, c| l.deduct(c, -5, dec(1, 0), "u").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: -5
-                    }
-                )
-            }),
+            invalid_user(-5),
         ),
         (
             "transfer to user 0",
             c(|l, c| l.transfer(c, 1, 0, dec(1, 0), "u").map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: 0
-                    }
-                )
-            }),
+            invalid_user(0),
         ),
         (
             "balance of user 0",
             c(|l, c| l.balance(c, 0).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: 0
-                    }
-                )
-            }),
+            invalid_user(0),
         ),
         (
             "history of user -1",
             c(|l, c| l.history(c, -1, None, 10).map(drop)),
-            e(|err| {
-                matches!(
-                    err,
-                    Error::InvalidId {
-                        what: "user",
-                        id: -1
-                    }
-                )
-            }),
+            invalid_user(-1),
         ),
         (
             "refund entry 0",
@@ -1075,23 +969,13 @@ fn history_pages_newest_first_without_gaps() {
 #[test]
 fn refused_call_writes_nothing_and_key_can_be_retried() {
     const USER: i64 = 51;
-    let (_url, mut conn) = fresh_database("ledger_retry_key");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, USER, dec(20, 0), "c1")
-        .expect("charge");
+    let (_url, mut conn, ledger) = ledger_with_account("ledger_retry_key", USER, dec(20, 0));
     let before = snapshot(&mut conn);
-    match ledger.deduct(&mut conn, USER, dec(50, 0), "K") {
-        Err(Error::InsufficientBalance {
-            user_id,
-            available,
-            requested,
-        }) => assert_eq!(
-            (user_id, available, requested),
-            (USER, dec(20, 0), dec(50, 0))
-        ),
-        other => panic!("expected InsufficientBalance, got {other:?}"),
-    }
+    let refused = ledger.deduct(&mut conn, USER, dec(50, 0), "K");
+    assert_refused(&refused, |e| {
+        matches!(e, Error::InsufficientBalance { user_id, available, requested }
+            if (*user_id, *available, *requested) == (USER, dec(20, 0), dec(50, 0)))
+    });
     assert_eq!(snapshot(&mut conn), before, "a refusal wrote something");
     assert_eq!(count_key(&mut conn, USER, "K"), 0);
 
@@ -1120,11 +1004,7 @@ fn refused_call_writes_nothing_and_key_can_be_retried() {
 #[test]
 fn audit_detects_a_tampered_balance() {
     const USER: i64 = 61;
-    let (_url, mut conn) = fresh_database("ledger_audit_tamper");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, USER, dec(100, 0), "c")
-        .expect("charge");
+    let (_url, mut conn, ledger) = ledger_with_account("ledger_audit_tamper", USER, dec(100, 0));
     ledger
         .deduct(&mut conn, USER, dec(30, 0), "d")
         .expect("deduct");

@@ -21,7 +21,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
-use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance, user_coupon};
+use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance};
 use lockstock::{
     BalanceLedger, Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Entry, EntryKind, Error,
     IssuedCoupon, NewCampaign, NewCoupon, Transfer,
@@ -30,7 +30,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::fresh_database;
+use lockstock_testkit::fixtures::{fresh_database, user_coupon_rows};
 use lockstock_testkit::rng::seed;
 
 /// A positive id no server object gets in a test.
@@ -577,22 +577,12 @@ struct MEntry {
     refunded: Decimal,
 }
 
-#[derive(Debug, Clone)]
-struct MCampaign {
-    coupon: usize,
-    total: i32,
-    stock: i32,
-    starts: NaiveDateTime,
-    ends: NaiveDateTime,
-}
-
-#[derive(Debug, Clone)]
-struct MHeld {
-    user: i64,
-    coupon: usize,
-    campaign: usize,
-    status: CouponStatus,
-    order_ref: Option<String>,
+/// The model index behind an id the model itself made (`Id::M`).
+fn model_index(id: Id) -> usize {
+    match id {
+        Id::M(m) => m,
+        Id::Raw(raw) => unreachable!("the model holds model ids, not the raw {raw}"),
+    }
 }
 
 /// An operation with its id arguments resolved: (raw id sent, id expected).
@@ -642,8 +632,10 @@ struct Model {
     keys: HashMap<(i64, String), usize>,
     /// (name, discount, valid_from, valid_until).
     coupons: Vec<(String, Discount, NaiveDateTime, NaiveDateTime)>,
-    campaigns: Vec<MCampaign>,
-    held: Vec<MHeld>,
+    /// The campaigns as the server must show them (model ids).
+    campaigns: Vec<CampaignV>,
+    /// The issued coupons as the server must show them (model ids).
+    held: Vec<IssuedV>,
     /// Restocks by (campaign, key): the quantity added and the campaign right after.
     restocks: HashMap<(usize, String), (i32, CampaignV)>,
     /// The issuer's sold-out marks: set by a request refused for zero stock.
@@ -790,27 +782,11 @@ impl Model {
     }
 
     fn campaign(&self, m: usize) -> CampaignV {
-        let c = &self.campaigns[m];
-        CampaignV {
-            id: Id::M(m),
-            coupon: Id::M(c.coupon),
-            total: c.total,
-            stock: c.stock,
-            starts: c.starts,
-            ends: c.ends,
-        }
+        self.campaigns[m].clone()
     }
 
     fn held(&self, m: usize) -> IssuedV {
-        let h = &self.held[m];
-        IssuedV {
-            id: Id::M(m),
-            user: h.user,
-            coupon: Id::M(h.coupon),
-            campaign: Id::M(h.campaign),
-            status: h.status,
-            order_ref: h.order_ref.clone(),
-        }
+        self.held[m].clone()
     }
 
     /// A key already used by `user`: the original answer for the same request, a conflict for
@@ -1076,8 +1052,9 @@ impl Model {
                     return Err(ErrV::InvalidInput("issue_starts_at"));
                 }
                 let m = self.campaigns.len();
-                self.campaigns.push(MCampaign {
-                    coupon,
+                self.campaigns.push(CampaignV {
+                    id: Id::M(m),
+                    coupon: Id::M(coupon),
                     total: quantity,
                     stock: quantity,
                     starts: *starts,
@@ -1114,7 +1091,7 @@ impl Model {
                 {
                     return Err(ErrV::AlreadyIssued {
                         user: *user,
-                        coupon: Id::M(campaign.coupon),
+                        coupon: campaign.coupon,
                         user_coupon: Id::M(m),
                     });
                 }
@@ -1124,10 +1101,11 @@ impl Model {
                 }
                 self.campaigns[c].stock -= 1;
                 let m = self.held.len();
-                self.held.push(MHeld {
+                self.held.push(IssuedV {
+                    id: Id::M(m),
                     user: *user,
                     coupon: campaign.coupon,
-                    campaign: c,
+                    campaign: Id::M(c),
                     status: CouponStatus::Issued,
                     order_ref: None,
                 });
@@ -1217,7 +1195,7 @@ impl Model {
     }
 
     fn check_validity(&self, m: usize) -> Result<(), ErrV> {
-        let (_, _, from, until) = self.coupons[self.held[m].coupon];
+        let (_, _, from, until) = self.coupons[model_index(self.held[m].coupon)];
         let at = clock();
         if at < from || at >= until {
             return Err(ErrV::CouponNotValid(Id::M(m), from, until));
@@ -1459,42 +1437,32 @@ fn compare_state(
         .map(|m| model.campaign(m))
         .collect();
     prop_assert_eq!(&campaigns, &expected, "campaigns and stock");
-    let held: Vec<IssuedV> = user_coupon::table
-        .select((
-            user_coupon::id,
-            user_coupon::user_id,
-            user_coupon::coupon_id,
-            user_coupon::fcfs_coupon_id,
-            user_coupon::status,
-            user_coupon::order_ref,
-        ))
-        .order(user_coupon::id.asc())
-        .load::<(i64, i64, i64, i64, String, Option<String>)>(conn)
-        .expect("issued coupons")
+    let held: Vec<IssuedV> = user_coupon_rows(conn)
         .into_iter()
-        .map(|(id, user, coupon, campaign, status, order_ref)| IssuedV {
-            id: ids.user_coupons.id(id),
-            user,
-            coupon: ids.coupons.id(coupon),
-            campaign: ids.campaigns.id(campaign),
-            status: if status == "used" {
-                CouponStatus::Used
-            } else {
-                CouponStatus::Issued
+        .map(
+            |(id, user, coupon, campaign, status, _used_at, order_ref)| IssuedV {
+                id: ids.user_coupons.id(id),
+                user,
+                coupon: ids.coupons.id(coupon),
+                campaign: ids.campaigns.id(campaign),
+                status: if status == "used" {
+                    CouponStatus::Used
+                } else {
+                    CouponStatus::Issued
+                },
+                order_ref,
             },
-            order_ref,
-        })
+        )
         .collect();
     let expected: Vec<IssuedV> = (0..model.held.len()).map(|m| model.held(m)).collect();
     prop_assert_eq!(&held, &expected, "issued coupons");
     Ok(())
 }
 
-#[test]
-fn server_matches_the_model() {
-    let test = "server_matches_the_model";
-    let seed = seed(test);
-    let (_url, conn) = fresh_database("model");
+/// A proptest runner of `PROPTEST_CASES` cases (64 by default; also returned), no failure
+/// persistence, its generator seeded from `seed` (with `salt`, one per test) so that
+/// `LOCKSTOCK_SEED` replays a run.
+fn seeded_runner(seed: u64, salt: u64) -> (TestRunner, u32) {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
@@ -1507,31 +1475,50 @@ fn server_matches_the_model() {
     };
     let mut bytes = [0u8; 32];
     for (i, chunk) in bytes.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&(seed ^ (i as u64).wrapping_mul(0x9E37_79B9)).to_le_bytes());
+        chunk.copy_from_slice(&(seed ^ (i as u64 + salt).wrapping_mul(0x9E37_79B9)).to_le_bytes());
     }
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    (TestRunner::new_with_rng(config, rng), cases)
+}
+
+/// Prints what a proptest `run` (test, seed, cases, start) did (`seen`: how often each answer
+/// came, counted as `what`) and fails with the seed and the `minimal` failing case if it failed.
+fn report<K: std::fmt::Debug, T: std::fmt::Debug>(
+    (test, seed, cases, started): (&str, u64, u32, std::time::Instant),
+    what: &str,
+    seen: &BTreeMap<K, usize>,
+    result: Result<(), TestError<T>>,
+    minimal: &str,
+) {
+    eprintln!(
+        "{test}: {cases} cases, {} {what} in {:?}; answers: {seen:?}",
+        seen.values().sum::<usize>(),
+        started.elapsed()
+    );
+    match result {
+        Ok(()) => {}
+        Err(TestError::Fail(reason, case)) => {
+            panic!("{test} (LOCKSTOCK_SEED={seed}): {reason}\n{minimal}:\n{case:#?}")
+        }
+        Err(e) => panic!("{test} (LOCKSTOCK_SEED={seed}): {e}"),
+    }
+}
+
+#[test]
+fn server_matches_the_model() {
+    let test = "server_matches_the_model";
+    let seed = seed(test);
+    let (_url, conn) = fresh_database("model");
+    let (mut runner, cases) = seeded_runner(seed, 0);
     let conn = RefCell::new(conn);
     let seen = RefCell::new(BTreeMap::new());
     let started = std::time::Instant::now();
     let result = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
         run_case(&mut conn.borrow_mut(), &ops, &mut seen.borrow_mut())
     });
-    let seen = seen.into_inner();
-    eprintln!(
-        "{test}: {cases} cases, {} operations in {:?}; answers: {seen:?}",
-        seen.values().sum::<usize>(),
-        started.elapsed()
-    );
-    match result {
-        Ok(()) => {}
-        Err(TestError::Fail(reason, ops)) => panic!(
-            "{test} (LOCKSTOCK_SEED={seed}): {reason}\nminimal failing sequence after the \
-             prelude {:?}:\n{ops:#?}",
-            prelude()
-        ),
-        Err(e) => panic!("{test} (LOCKSTOCK_SEED={seed}): {e}"),
-    }
+    let run = (test, seed, cases, started);
+    let minimal = format!("minimal failing sequence after the prelude {:?}", prelude());
+    report(run, "operations", &seen.into_inner(), result, &minimal);
 }
 
 /// Regression: the key column compares with PAD SPACE, so `"k "` used to be answered with the
@@ -1749,22 +1736,7 @@ fn batches_answer_as_single_calls() {
     let seed = seed(test);
     let (_url, single) = fresh_database("model_batch_single");
     let (_url, many) = fresh_database("model_batch_many");
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(64);
-    let config = Config {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 400,
-        ..Config::default()
-    };
-    let mut bytes = [0u8; 32];
-    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&(seed ^ (i as u64 + 7).wrapping_mul(0x9E37_79B9)).to_le_bytes());
-    }
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let (mut runner, cases) = seeded_runner(seed, 7);
     let conns = RefCell::new((single, many));
     let seen = RefCell::new(BTreeMap::new());
     let started = std::time::Instant::now();
@@ -1776,17 +1748,12 @@ fn batches_answer_as_single_calls() {
         let (single, many) = &mut *conns.borrow_mut();
         run_batch_case(single, many, &ops, &cuts, &mut seen.borrow_mut())
     });
-    let seen = seen.into_inner();
-    eprintln!(
-        "{test}: {cases} cases, {} requests in {:?}; answers: {seen:?}",
-        seen.values().sum::<usize>(),
-        started.elapsed()
+    let run = (test, seed, cases, started);
+    report(
+        run,
+        "requests",
+        &seen.into_inner(),
+        result,
+        "minimal failing case",
     );
-    match result {
-        Ok(()) => {}
-        Err(TestError::Fail(reason, case)) => {
-            panic!("{test} (LOCKSTOCK_SEED={seed}): {reason}\nminimal failing case:\n{case:#?}")
-        }
-        Err(e) => panic!("{test} (LOCKSTOCK_SEED={seed}): {e}"),
-    }
 }

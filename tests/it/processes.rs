@@ -59,17 +59,14 @@ fn worker_process() {
         let clients: Vec<_> = (0..CLIENTS_PER_PROCESS)
             .map(|n| {
                 let number = index * CLIENTS_PER_PROCESS + n;
-                let client = Client {
-                    url: url.clone(),
-                    name: format!("p{index}c{n}"),
-                    user_base: 1_000_000 * (number as i64 + 1),
-                    setup: setup.clone(),
-                    seed: seed.wrapping_add(number as u64 + 1),
-                    abandon_unknown: 0,
-                    abandon_lost: 0,
-                    max_ops: usize::MAX,
-                    errors: workload::ErrorTexts::default(),
-                };
+                let client = Client::new(
+                    &url,
+                    format!("p{index}c{n}"),
+                    number,
+                    &setup,
+                    seed.wrapping_add(number as u64 + 1),
+                    &workload::ErrorTexts::default(),
+                );
                 let stop = &stop;
                 s.spawn(move || workload::run_client(&client, stop, &mut |_| true))
             })

@@ -6,89 +6,33 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
-use std::time::{Duration as StdDuration, Instant};
+use std::time::Duration as StdDuration;
 
 use chrono::{Duration, NaiveDateTime};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Unsigned};
-use lockstock::combine::{CombiningIssuer, MysqlPool};
+use lockstock::combine::CombiningIssuer;
 use lockstock::coupon::Clock;
 use lockstock::schema::{fcfs_coupon, fcfs_coupon_restock, user_coupon};
-use lockstock::{
-    Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, RetryPolicy, SessionSettings,
-    TxnPolicy,
-};
+use lockstock::{Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, TxnPolicy};
 
 use lockstock_testkit::fixtures::{
-    connect, create_campaign, fresh_database, micros_to_time, now, open_campaign_named,
-    valid_coupon,
+    assert_none_later_than, assert_refused, campaign_rows, concurrently, connect, create_campaign,
+    fresh_database, killed_connection, micros_to_time, now, open_campaign_named,
+    policy_with_deadline, pool_with, row_holder, stock_row, together, user_coupon_row,
+    user_coupon_rows, valid_coupon, while_checked_out, CallLog,
 };
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// (total_quantity, stock_quantity) of a campaign.
-fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
-    fcfs_coupon::table
-        .find(campaign_id)
-        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
-        .first(conn)
-        .expect("read fcfs_coupon")
-}
-
-/// (status, order_ref, used_at) of a user coupon.
-fn user_coupon_row(
-    conn: &mut MysqlConnection,
-    id: i64,
-) -> (String, Option<String>, Option<NaiveDateTime>) {
-    user_coupon::table
-        .find(id)
-        .select((
-            user_coupon::status,
-            user_coupon::order_ref,
-            user_coupon::used_at,
-        ))
-        .first(conn)
-        .expect("read user_coupon")
-}
-
 /// The database-wide coupon invariants; panics with `context` on the first violation.
 fn check_invariants(conn: &mut MysqlConnection, context: &str) {
-    let campaigns: Vec<(i64, i64, i32, i32)> = fcfs_coupon::table
-        .select((
-            fcfs_coupon::id,
-            fcfs_coupon::coupon_id,
-            fcfs_coupon::total_quantity,
-            fcfs_coupon::stock_quantity,
-        ))
-        .load(conn)
-        .expect("campaigns");
-    type Row = (
-        i64,
-        i64,
-        i64,
-        i64,
-        String,
-        Option<NaiveDateTime>,
-        Option<String>,
-    );
-    let rows: Vec<Row> = user_coupon::table
-        .select((
-            user_coupon::id,
-            user_coupon::user_id,
-            user_coupon::coupon_id,
-            user_coupon::fcfs_coupon_id,
-            user_coupon::status,
-            user_coupon::used_at,
-            user_coupon::order_ref,
-        ))
-        .load(conn)
-        .expect("user coupons");
+    let campaigns = campaign_rows(conn);
+    let rows = user_coupon_rows(conn);
     let template: HashMap<i64, i64> = campaigns.iter().map(|c| (c.0, c.1)).collect();
     for (id, coupon_id, total, stock) in &campaigns {
         let issued = rows.iter().filter(|r| r.3 == *id).count() as i64;
@@ -124,38 +68,54 @@ fn check_invariants(conn: &mut MysqlConnection, context: &str) {
     }
 }
 
-/// A connection whose server session has been killed: any round trip on it fails.
-fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
-    let mut doomed = connect(url);
-    let id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
-        .get_result(&mut doomed)
-        .expect("connection id");
-    killer
-        .batch_execute(&format!("KILL CONNECTION {id}"))
-        .expect("kill session");
-    assert!(
-        doomed.batch_execute("SELECT 1").is_err(),
-        "the killed session still answers"
+/// A campaign `name` of one coupon that user 1 holds; `issuer` answered user 2 `SoldOut`
+/// (and marked it sold out).
+fn sold_out_campaign(conn: &mut MysqlConnection, issuer: &CouponIssuer, name: &str) -> Campaign {
+    let (_coupon, campaign) = open_campaign_named(conn, issuer, name, 1);
+    issuer.issue(conn, 1, campaign.id).expect("the one");
+    assert_refused(&issuer.issue(conn, 2, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
+    campaign
+}
+
+/// Asserts that `result` is `NotRedeemed` for user coupon `id`.
+#[track_caller]
+fn assert_not_redeemed(result: &Result<IssuedCoupon, Error>, id: i64) {
+    assert_refused(
+        result,
+        |e| matches!(e, Error::NotRedeemed { user_coupon_id } if *user_coupon_id == id),
     );
-    doomed
+}
+
+/// Asserts that `result` is `RedeemedByAnotherOrder` for user coupon `id`, naming `order`.
+#[track_caller]
+fn assert_by_another_order(result: &Result<IssuedCoupon, Error>, id: i64, order: &str) {
+    assert_refused(result, |e| {
+        matches!(e, Error::RedeemedByAnotherOrder { user_coupon_id, order_ref }
+            if (*user_coupon_id, order_ref.as_str()) == (id, order))
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Finding 3: "redeemed once" — restore is bound to the order it reverses, redeem is retryable
 // ---------------------------------------------------------------------------------------------
 
+/// A fresh database `name` with a campaign of two coupons, one of them issued to user 7.
+fn coupon_of_user_7(name: &str) -> (MysqlConnection, CouponIssuer, IssuedCoupon) {
+    let (_url, mut conn) = fresh_database(name);
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "held", 2);
+    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    (conn, issuer, held)
+}
+
 #[test]
 fn finding_3_restore_is_bound_to_its_order() {
-    let (_url, mut conn) = fresh_database("review_3_restore");
-    let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "bound", 2);
-    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    let (mut conn, issuer, held) = coupon_of_user_7("review_3_restore");
 
     // Nothing to restore yet; a malformed order is refused before anything is read.
-    match issuer.restore(&mut conn, held.id, "order-A") {
-        Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
-        other => panic!("expected NotRedeemed, got {other:?}"),
-    }
+    assert_not_redeemed(&issuer.restore(&mut conn, held.id, "order-A"), held.id);
     for bad in [String::new(), "o".repeat(65)] {
         assert!(matches!(
             issuer.restore(&mut conn, held.id, &bad),
@@ -170,13 +130,8 @@ fn finding_3_restore_is_bound_to_its_order() {
         .redeem(&mut conn, held.id, "order-A")
         .expect("redeem A");
     // Another order cannot give back A's coupon.
-    match issuer.restore(&mut conn, held.id, "order-B") {
-        Err(Error::RedeemedByAnotherOrder {
-            user_coupon_id,
-            order_ref,
-        }) => assert_eq!((user_coupon_id, order_ref.as_str()), (held.id, "order-B")),
-        other => panic!("expected RedeemedByAnotherOrder, got {other:?}"),
-    }
+    let refused = issuer.restore(&mut conn, held.id, "order-B");
+    assert_by_another_order(&refused, held.id, "order-B");
     assert_eq!(
         user_coupon_row(&mut conn, held.id).1.as_deref(),
         Some("order-A")
@@ -190,21 +145,13 @@ fn finding_3_restore_is_bound_to_its_order() {
         ("issued".into(), None, None)
     );
     // The cancel of A repeated (or retried after OutcomeUnknown): nothing left to restore.
-    match issuer.restore(&mut conn, held.id, "order-A") {
-        Err(Error::NotRedeemed { user_coupon_id }) => assert_eq!(user_coupon_id, held.id),
-        other => panic!("restore of A again: expected NotRedeemed, got {other:?}"),
-    }
+    assert_not_redeemed(&issuer.restore(&mut conn, held.id, "order-A"), held.id);
     let on_b = issuer
         .redeem(&mut conn, held.id, "order-B")
         .expect("redeem B");
     // A duplicate cancel of A after B used the coupon must not free B's coupon.
-    match issuer.restore(&mut conn, held.id, "order-A") {
-        Err(Error::RedeemedByAnotherOrder {
-            user_coupon_id,
-            order_ref,
-        }) => assert_eq!((user_coupon_id, order_ref.as_str()), (held.id, "order-A")),
-        other => panic!("a second restore of order A after B: {other:?}"),
-    }
+    let refused = issuer.restore(&mut conn, held.id, "order-A");
+    assert_by_another_order(&refused, held.id, "order-A");
     let stored = user_coupon_row(&mut conn, held.id);
     assert_eq!(
         (stored.0.as_str(), stored.1.as_deref(), stored.2),
@@ -221,10 +168,7 @@ fn finding_3_restore_is_bound_to_its_order() {
 
 #[test]
 fn finding_3_redeem_retry_by_the_same_order_succeeds() {
-    let (_url, mut conn) = fresh_database("review_3_redeem_retry");
-    let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "retried", 2);
-    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    let (mut conn, issuer, held) = coupon_of_user_7("review_3_redeem_retry");
 
     let used = issuer
         .redeem(&mut conn, held.id, "order-A")
@@ -514,12 +458,7 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
     let (_url, mut conn) = fresh_database("review_6_reads");
     let issuer = CouponIssuer::new();
     let elsewhere = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "read clears", 1);
-    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert!(matches!(
-        issuer.issue(&mut conn, 2, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    let campaign = sold_out_campaign(&mut conn, &issuer, "read clears");
 
     // Restocked by another issuer (process); this one reads the stock through remaining().
     elsewhere
@@ -533,10 +472,9 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
     );
 
     // The same through campaign().
-    assert!(matches!(
-        issuer.issue(&mut conn, 3, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    assert_refused(&issuer.issue(&mut conn, 3, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
     elsewhere
         .restock(&mut conn, campaign.id, 1, "restock-2")
         .expect("restock elsewhere again");
@@ -560,12 +498,7 @@ fn finding_6_a_read_that_sees_stock_clears_the_sold_out_mark() {
 fn finding_6_a_restock_clears_the_sold_out_mark_whatever_its_outcome() {
     let (url, mut conn) = fresh_database("review_6_outcome");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "outcome", 1);
-    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert!(matches!(
-        issuer.issue(&mut conn, 2, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
+    let campaign = sold_out_campaign(&mut conn, &issuer, "outcome");
 
     // The restock's connection dies: the call fails. Whether its COMMIT reached the server is
     // unknown to the caller (OutcomeUnknown); here a restock by someone else stands in for a
@@ -609,13 +542,8 @@ fn restock_rows(conn: &mut MysqlConnection) -> Vec<(i64, String, i32)> {
 fn finding_6_restock_is_idempotent_by_key() {
     let (_url, mut conn) = fresh_database("review_6_restock_key");
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "restocked", 1);
+    let campaign = sold_out_campaign(&mut conn, &issuer, "restocked");
     let (_other_coupon, other) = open_campaign_named(&mut conn, &issuer, "other", 1);
-    issuer.issue(&mut conn, 1, campaign.id).expect("the one");
-    assert!(matches!(
-        issuer.issue(&mut conn, 2, campaign.id),
-        Err(Error::SoldOut { .. })
-    ));
 
     let first = issuer
         .restock(&mut conn, campaign.id, 2, "restock-1")
@@ -645,10 +573,10 @@ fn finding_6_restock_is_idempotent_by_key() {
         other => panic!("expected RestockConflict, got {other:?}"),
     }
     // An existing key decides even where the request itself would be refused.
-    assert!(matches!(
-        issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-1"),
-        Err(Error::RestockConflict { .. })
-    ));
+    assert_refused(
+        &issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-1"),
+        |e| matches!(e, Error::RestockConflict { .. }),
+    );
     assert!(matches!(
         issuer.restock(&mut conn, campaign.id, i32::MAX as u32, "restock-2"),
         Err(Error::InvalidInput {
@@ -829,9 +757,7 @@ const DEADLINE: StdDuration = StdDuration::from_millis(300);
 const SLACK: StdDuration = StdDuration::from_millis(100);
 
 fn short_policy() -> TxnPolicy {
-    let mut retry = RetryPolicy::default();
-    retry.deadline = DEADLINE;
-    TxnPolicy::default().with_retry(retry)
+    policy_with_deadline(DEADLINE)
 }
 
 /// Holds the campaign's stock row and the user coupons `held` for 250 ms at a time, asking for
@@ -844,66 +770,32 @@ fn hot_rows_holder(
     held: Vec<i64>,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
-    let mut conn = connect(url);
-    thread::spawn(move || {
-        // READ COMMITTED: exactly these rows. Under REPEATABLE READ its scan of user_coupon also
-        // takes next-key locks up to the end of the table, on which every issue's INSERT (it
-        // comes before the NOWAIT lock of the stock row) would wait until the next release.
-        conn.batch_execute(
-            "SET SESSION innodb_lock_wait_timeout = 30, \
-             SESSION tx_isolation = 'READ-COMMITTED'",
-        )
-        .expect("session");
-        while !stop.load(Ordering::SeqCst) {
-            conn.batch_execute("BEGIN").expect("begin");
-            let _: Vec<i32> = fcfs_coupon::table
-                .find(campaign_id)
-                .select(fcfs_coupon::stock_quantity)
-                .for_update()
-                .load(&mut conn)
-                .expect("hold the stock row");
-            let _: Vec<i64> = user_coupon::table
-                .filter(user_coupon::id.eq_any(&held))
-                .select(user_coupon::id)
-                .for_update()
-                .load(&mut conn)
-                .expect("hold the user coupons");
-            thread::sleep(StdDuration::from_millis(250));
-            conn.batch_execute("COMMIT").expect("commit");
-            thread::sleep(StdDuration::from_millis(10));
-        }
+    // READ COMMITTED: exactly these rows. Under REPEATABLE READ its scan of user_coupon also
+    // takes next-key locks up to the end of the table, on which every issue's INSERT (it comes
+    // before the NOWAIT lock of the stock row) would wait until the next release.
+    let session = "SET SESSION innodb_lock_wait_timeout = 30, \
+                   SESSION tx_isolation = 'READ-COMMITTED'";
+    let pace = (StdDuration::from_millis(250), StdDuration::from_millis(10));
+    row_holder(url, session, pace, stop, move |conn| {
+        let _: Vec<i32> = fcfs_coupon::table
+            .find(campaign_id)
+            .select(fcfs_coupon::stock_quantity)
+            .for_update()
+            .load(conn)
+            .expect("hold the stock row");
+        let _: Vec<i64> = user_coupon::table
+            .filter(user_coupon::id.eq_any(&held))
+            .select(user_coupon::id)
+            .for_update()
+            .load(conn)
+            .expect("hold the user coupons");
     })
 }
 
-/// One timed call: what, how long, the coupons it answered with (or its error).
-type Timed = (String, StdDuration, Result<Vec<IssuedCoupon>, String>);
-
-fn timed<T>(
-    what: String,
-    call: impl FnOnce() -> Result<T, Error>,
-    coupons: impl FnOnce(T) -> Vec<IssuedCoupon>,
-) -> Timed {
-    let started = Instant::now();
-    let result = call();
-    let elapsed = started.elapsed();
-    let answer = match result {
-        Ok(value) => Ok(coupons(value)),
-        Err(e) => {
-            assert!(
-                matches!(
-                    e,
-                    Error::Contended { .. }
-                        | Error::Timeout { .. }
-                        | Error::OutcomeUnknown { .. }
-                        | Error::AlreadyIssued { .. }
-                        | Error::NotRedeemed { .. }
-                ),
-                "{what}: unexpected answer {e:?}"
-            );
-            Err(format!("{e:?}"))
-        }
-    };
-    (what, elapsed, answer)
+/// Besides a deadline's answers, a coupon call of the deadline test may find the coupon issued
+/// already (a holder in `issue_many`) or not redeemed (a repeated cancel).
+fn refusal(e: &Error) -> bool {
+    matches!(e, Error::AlreadyIssued { .. } | Error::NotRedeemed { .. })
 }
 
 /// A single call of [`finding_9_deadline_bounds_coupon_calls`].
@@ -949,184 +841,115 @@ fn finding_9_deadline_bounds_coupon_calls() {
     let stop = Arc::new(AtomicBool::new(false));
     let held = [to_redeem.clone(), to_restore.clone()].concat();
     let holder = hot_rows_holder(&url, campaign.id, held, stop.clone());
-    let calls: Arc<Mutex<Vec<Timed>>> = Arc::default();
+    let calls: CallLog<IssuedCoupon> = CallLog::new(refusal);
     let holder_user = 1;
 
     // issue_many: a fresh issuer per batch, and a holder in every batch, so a batch that gets
     // the stock row meets the duplicate and runs a second round.
-    let threads: Vec<_> = (0..6i64)
-        .map(|t| {
-            let (calls, url) = (calls.clone(), url.clone());
-            let campaign_id = campaign.id;
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                for i in 0..6i64 {
-                    let users = [
-                        holder_user,
-                        10_000 + t * 100 + 2 * i,
-                        10_001 + t * 100 + 2 * i,
-                    ];
-                    let fresh = CouponIssuer::with_policy(short_policy());
-                    let what = format!("issue_many {users:?}");
-                    let call = timed(
-                        what.clone(),
-                        || fresh.issue_many(&mut conn, campaign_id, &users),
-                        |results| {
-                            results
-                                .into_iter()
-                                .filter_map(|result| match result {
-                                    Ok(coupon) => Some(coupon),
-                                    Err(Error::AlreadyIssued { user_id, .. })
-                                        if user_id == holder_user =>
-                                    {
-                                        None
-                                    }
-                                    Err(e) => panic!("{what}: unexpected request answer {e:?}"),
-                                })
-                                .collect()
-                        },
-                    );
-                    calls.lock().expect("calls").push(call);
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("issue_many thread");
-    }
+    let campaign_id = campaign.id;
+    concurrently(6, &url, |t, conn| {
+        let t = t as i64;
+        for i in 0..6i64 {
+            let users = [
+                holder_user,
+                10_000 + t * 100 + 2 * i,
+                10_001 + t * 100 + 2 * i,
+            ];
+            let fresh = CouponIssuer::with_policy(short_policy());
+            let what = format!("issue_many {users:?}");
+            calls.time(
+                what.clone(),
+                || fresh.issue_many(conn, campaign_id, &users),
+                |results| {
+                    results
+                        .into_iter()
+                        .filter_map(|result| match result {
+                            Ok(coupon) => Some(coupon),
+                            Err(Error::AlreadyIssued { user_id, .. }) if user_id == holder_user => {
+                                None
+                            }
+                            Err(e) => panic!("{what}: unexpected request answer {e:?}"),
+                        })
+                        .collect()
+                },
+            );
+        }
+    });
 
     // Combined issues, one pooled connection between them; every fourth asker holds a coupon.
-    let pool: MysqlPool = Pool::builder()
-        .max_size(1)
-        .connection_customizer(Box::new(SessionSettings::new(short_policy())))
-        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
-        .expect("pool");
-    let hot = Arc::new(CombiningIssuer::new(pool.clone(), issuer.clone()));
+    let pool = pool_with(&url, 1, short_policy());
+    let hot = CombiningIssuer::new(pool.clone(), issuer.clone());
     // The pool's one connection is busy for the first 600 ms: checkouts wait.
-    let busy = pool.get().expect("the pooled connection");
-    let barrier = Arc::new(Barrier::new(10));
-    let threads: Vec<_> = (0..9i64)
-        .map(|t| {
-            let (hot, calls, barrier) = (hot.clone(), calls.clone(), barrier.clone());
-            let campaign_id = campaign.id;
-            thread::spawn(move || {
-                barrier.wait();
-                for i in 0..8i64 {
-                    let user = match i % 4 {
-                        3 => 1 + t,
-                        _ => 20_000 + t * 100 + i,
-                    };
-                    let call = timed(
-                        format!("combined issue to {user}"),
-                        || hot.issue(user, campaign_id),
-                        |coupon| vec![coupon],
-                    );
-                    calls.lock().expect("calls").push(call);
-                }
-            })
+    while_checked_out(&pool, StdDuration::from_millis(600), || {
+        together(9, |t| {
+            let t = t as i64;
+            for i in 0..8i64 {
+                let user = match i % 4 {
+                    3 => 1 + t,
+                    _ => 20_000 + t * 100 + i,
+                };
+                calls.time(
+                    format!("combined issue to {user}"),
+                    || hot.issue(user, campaign_id),
+                    |coupon| vec![coupon],
+                );
+            }
         })
-        .collect();
-    barrier.wait();
-    thread::sleep(StdDuration::from_millis(600));
-    drop(busy);
-    for thread in threads {
-        thread.join().expect("combined thread");
-    }
+    });
 
     // Single calls: issues, redeems (and a retry by the same order), restores by their order
     // (and a repeated cancel), restocks by key (each key replayed).
-    let threads: Vec<_> = (0..6usize)
-        .map(|t| {
-            let (issuer, calls, url) = (issuer.clone(), calls.clone(), url.clone());
-            let campaign_id = campaign.id;
-            let redeem = [to_redeem[2 * t], to_redeem[2 * t + 1]];
-            let restore = [to_restore[2 * t], to_restore[2 * t + 1]];
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                let user = 30_000 + 10 * t as i64;
-                let key = format!("restock-{t}");
-                // Each coupon redeemed twice (the second a retry by the same order), each
-                // restored twice (the second a repeated cancel), each restock key sent twice.
-                let ops = [
-                    Op::Issue(user),
-                    Op::Redeem(redeem[0]),
-                    Op::Restore(restore[0]),
-                    Op::Restock,
-                    Op::Redeem(redeem[1]),
-                    Op::Issue(user + 1),
-                    Op::Restore(restore[1]),
-                    Op::Restock,
-                    Op::Redeem(redeem[0]),
-                    Op::Restore(restore[0]),
-                    Op::Redeem(redeem[1]),
-                    Op::Restore(restore[1]),
-                ];
-                for op in ops {
-                    let call = match op {
-                        Op::Issue(user) => timed(
-                            format!("issue to {user}"),
-                            || issuer.issue(&mut conn, user, campaign_id),
-                            |coupon| vec![coupon],
-                        ),
-                        Op::Redeem(id) => timed(
-                            format!("redeem {id}"),
-                            || issuer.redeem(&mut conn, id, &format!("redeem-{id}")),
-                            |coupon| vec![coupon],
-                        ),
-                        Op::Restore(id) => timed(
-                            format!("restore {id}"),
-                            || issuer.restore(&mut conn, id, &format!("order-{id}")),
-                            |coupon| vec![coupon],
-                        ),
-                        Op::Restock => timed(
-                            format!("restock {key}"),
-                            || issuer.restock(&mut conn, campaign_id, 1, &key),
-                            |_| Vec::new(),
-                        ),
-                    };
-                    calls.lock().expect("calls").push(call);
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("single-call thread");
-    }
+    concurrently(6, &url, |t, conn| {
+        let redeem = [to_redeem[2 * t], to_redeem[2 * t + 1]];
+        let restore = [to_restore[2 * t], to_restore[2 * t + 1]];
+        let user = 30_000 + 10 * t as i64;
+        let key = format!("restock-{t}");
+        // Each coupon redeemed twice (the second a retry by the same order), each restored
+        // twice (the second a repeated cancel), each restock key sent twice.
+        let ops = [
+            Op::Issue(user),
+            Op::Redeem(redeem[0]),
+            Op::Restore(restore[0]),
+            Op::Restock,
+            Op::Redeem(redeem[1]),
+            Op::Issue(user + 1),
+            Op::Restore(restore[1]),
+            Op::Restock,
+            Op::Redeem(redeem[0]),
+            Op::Restore(restore[0]),
+            Op::Redeem(redeem[1]),
+            Op::Restore(restore[1]),
+        ];
+        for op in ops {
+            match op {
+                Op::Issue(user) => calls.time(
+                    format!("issue to {user}"),
+                    || issuer.issue(conn, user, campaign_id),
+                    |coupon| vec![coupon],
+                ),
+                Op::Redeem(id) => calls.time(
+                    format!("redeem {id}"),
+                    || issuer.redeem(conn, id, &format!("redeem-{id}")),
+                    |coupon| vec![coupon],
+                ),
+                Op::Restore(id) => calls.time(
+                    format!("restore {id}"),
+                    || issuer.restore(conn, id, &format!("order-{id}")),
+                    |coupon| vec![coupon],
+                ),
+                Op::Restock => calls.time(
+                    format!("restock {key}"),
+                    || issuer.restock(conn, campaign_id, 1, &key),
+                    |_| Vec::new(),
+                ),
+            }
+        }
+    });
     stop.store(true, Ordering::SeqCst);
     holder.join().expect("holder");
 
-    let calls = std::mem::take(&mut *calls.lock().expect("calls"));
-    let late: Vec<&Timed> = calls
-        .iter()
-        .filter(|(_, elapsed, _)| *elapsed > DEADLINE + SLACK)
-        .collect();
-    let worst = calls.iter().map(|(_, e, _)| *e).max().unwrap_or_default();
-    let ok = calls.iter().filter(|(_, _, r)| r.is_ok()).count();
-    let mut by_kind: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-    for (what, _, answer) in &calls {
-        let kind = by_kind
-            .entry(what.split(' ').next().unwrap_or(what))
-            .or_default();
-        kind.0 += 1;
-        kind.1 += usize::from(answer.is_ok());
-    }
-    eprintln!(
-        "finding_9 coupons: {} calls, {ok} ok, {} late, worst {worst:?}; (calls, ok) {by_kind:?}",
-        calls.len(),
-        late.len()
-    );
-    let listed: Vec<String> = late
-        .iter()
-        .map(|(what, elapsed, answer)| format!("{what} took {elapsed:?}: {answer:?}"))
-        .collect();
-    assert!(
-        late.is_empty(),
-        "{} of {} calls returned later than {:?}:\n  {}",
-        late.len(),
-        calls.len(),
-        DEADLINE + SLACK,
-        listed.join("\n  ")
-    );
+    let calls = calls.take();
+    assert_none_later_than("finding_9 coupons", &calls, DEADLINE + SLACK);
 
     // The database: stock + issued = total, one coupon per user, every answered coupon stored
     // as answered, redeems and restores applied exactly where they answered Ok.
@@ -1135,7 +958,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
     let mut restored = HashSet::new();
     for coupon in calls
         .iter()
-        .filter_map(|(_, _, r)| r.as_ref().ok())
+        .filter_map(|call| call.answer.as_ref().ok())
         .flatten()
     {
         let stored: (i64, i64, i64) = user_coupon::table
@@ -1166,7 +989,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
     }
     let unknown = calls
         .iter()
-        .any(|(_, _, r)| matches!(r, Err(e) if e.starts_with("OutcomeUnknown")));
+        .any(|call| matches!(&call.answer, Err(e) if e.starts_with("OutcomeUnknown")));
     if !unknown {
         for id in &to_redeem {
             let expected = match redeemed.contains(id) {
@@ -1194,8 +1017,8 @@ fn finding_9_deadline_bounds_coupon_calls() {
         i64::from(total),
         i64::from(QUANTITY) + restocks.len() as i64
     );
-    for (what, _, answer) in &calls {
-        if let (Some(key), Ok(_)) = (what.strip_prefix("restock "), answer) {
+    for call in &calls {
+        if let (Some(key), Ok(_)) = (call.what.strip_prefix("restock "), &call.answer) {
             assert!(
                 restocks.iter().any(|(_, k, _)| k == key),
                 "restock {key} answered Ok but is not recorded"
@@ -1218,23 +1041,9 @@ fn two_campaigns(
     let two = valid_coupon(conn, issuer, "two");
     assert_eq!((one.id, two.id), (1, 2));
     let t = now();
-    let other = 3 - first;
-    let a = create_campaign(
-        conn,
-        issuer,
-        first,
-        10,
-        t - Duration::hours(1),
-        t + Duration::hours(1),
-    );
-    let b = create_campaign(
-        conn,
-        issuer,
-        other,
-        10,
-        t - Duration::hours(1),
-        t + Duration::hours(1),
-    );
+    let (starts, ends) = (t - Duration::hours(1), t + Duration::hours(1));
+    let a = create_campaign(conn, issuer, first, 10, starts, ends);
+    let b = create_campaign(conn, issuer, 3 - first, 10, starts, ends);
     assert_eq!((a.id, b.id), (1, 2));
     (a, b)
 }

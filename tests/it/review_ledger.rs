@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,13 +16,15 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Text};
 use lockstock::combine::{CombiningLedger, MysqlPool};
-use lockstock::schema::{balance_history, user_balance};
-use lockstock::{
-    AccountOp, BalanceLedger, Entry, EntryKind, Error, RetryPolicy, SessionSettings, TxnPolicy,
-};
+use lockstock::schema::balance_history;
+use lockstock::{AccountOp, BalanceLedger, Entry, EntryKind, Error, SessionSettings, TxnPolicy};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    assert_none_later_than, audit_ok, concurrently, connect, connection_id, count_key,
+    fresh_database, journal_size, lock_balance, policy_with_deadline, pool_with, retry_policy,
+    row_holder, stored_balance, together, while_checked_out, CallLog,
+};
 
 fn dec(units: i64) -> Decimal {
     Decimal::new(units, 0)
@@ -34,36 +36,29 @@ struct Count {
     n: i64,
 }
 
-fn connection_id(conn: &mut MysqlConnection) -> i64 {
-    diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()"))
-        .get_result(conn)
-        .expect("connection id")
-}
-
 /// Whether connection `id` waits for a row lock. InnoDB refreshes the `INNODB_TRX` table only
 /// when it has not been read for 100 ms, so this pauses that long before reading it.
 fn waits_for_row_lock(admin: &mut MysqlConnection, id: i64) -> bool {
     thread::sleep(Duration::from_millis(150));
-    diesel::sql_query(
-        "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
-         WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
-    )
-    .bind::<BigInt, _>(id)
-    .get_result::<Count>(admin)
-    .expect("INNODB_TRX")
-    .n > 0
+    let waiting = "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
+                   WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'";
+    count_for(admin, waiting, id) > 0
 }
 
 /// Whether connection `id` waits for a table's metadata lock.
 fn waits_for_metadata_lock(admin: &mut MysqlConnection, id: i64) -> bool {
-    diesel::sql_query(
-        "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
-         WHERE ID = ? AND STATE = 'Waiting for table metadata lock'",
-    )
-    .bind::<BigInt, _>(id)
-    .get_result::<Count>(admin)
-    .expect("PROCESSLIST")
-    .n > 0
+    let waiting = "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+                   WHERE ID = ? AND STATE = 'Waiting for table metadata lock'";
+    count_for(admin, waiting, id) > 0
+}
+
+/// The count `n` that `query` answers for connection `id` (its one parameter).
+fn count_for(admin: &mut MysqlConnection, query: &str, id: i64) -> i64 {
+    diesel::sql_query(query)
+        .bind::<BigInt, _>(id)
+        .get_result::<Count>(admin)
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+        .n
 }
 
 /// Polls the server until `condition` holds (a liveness guard of 20 s, not a timed assertion).
@@ -79,38 +74,6 @@ fn wait_until(
             "never reached: {what}"
         );
         thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn count_key(conn: &mut MysqlConnection, user_id: i64, key: &str) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .filter(balance_history::idempotency_key.eq(key))
-        .count()
-        .get_result(conn)
-        .expect("count key")
-}
-
-fn journal_size(conn: &mut MysqlConnection, user_id: i64) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .count()
-        .get_result(conn)
-        .expect("count journal")
-}
-
-fn stored_balance(conn: &mut MysqlConnection, user_id: i64) -> Decimal {
-    user_balance::table
-        .find(user_id)
-        .select(user_balance::balance)
-        .first(conn)
-        .expect("balance")
-}
-
-fn audit_ok(ledger: &BalanceLedger, conn: &mut MysqlConnection, user_id: i64) {
-    match ledger.audit(conn, user_id) {
-        Ok(report) => assert!(report.is_consistent(), "{report:?}"),
-        Err(e) => panic!("audit of user {user_id}: {e}"),
     }
 }
 
@@ -151,9 +114,7 @@ fn assert_stored(conn: &mut MysqlConnection, entry: &Entry) {
 fn patient_ledger() -> BalanceLedger {
     let mut policy = TxnPolicy::default();
     policy.lock_wait_timeout = Duration::from_secs(60);
-    let mut retry = RetryPolicy::default();
-    retry.max_attempts = 1_000_000;
-    retry.deadline = Duration::from_secs(60);
+    let retry = retry_policy(1_000_000, Duration::from_secs(60));
     BalanceLedger::with_policy(policy.with_retry(retry))
 }
 
@@ -230,12 +191,7 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
     h.batch_execute("SET SESSION innodb_lock_wait_timeout = 60; BEGIN")
         .expect("begin H");
     let other = thread::spawn(move || {
-        let balance: Decimal = user_balance::table
-            .find(1i64)
-            .select(user_balance::balance)
-            .for_update()
-            .first(&mut h)
-            .expect("lock the account");
+        let balance: Decimal = lock_balance(&mut h, 1).expect("lock the account");
         assert_eq!(balance, dec(61));
         diesel::sql_query(
             "INSERT INTO balance_history \
@@ -398,12 +354,7 @@ fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
     // Hold the account: the first caller's batch (alone) waits for it.
     let mut holder = connect(&url);
     holder.batch_execute("BEGIN").expect("begin");
-    let _: Decimal = user_balance::table
-        .find(1i64)
-        .select(user_balance::balance)
-        .for_update()
-        .first(&mut holder)
-        .expect("hold the account");
+    let _: Decimal = lock_balance(&mut holder, 1).expect("hold the account");
     let first = {
         let hot = hot.clone();
         thread::spawn(move || hot.charge(1, dec(1), "a"))
@@ -452,9 +403,7 @@ const DEADLINE: Duration = Duration::from_millis(300);
 const SLACK: Duration = Duration::from_millis(100);
 
 fn short_policy() -> TxnPolicy {
-    let mut retry = RetryPolicy::default();
-    retry.deadline = DEADLINE;
-    TxnPolicy::default().with_retry(retry)
+    policy_with_deadline(DEADLINE)
 }
 
 /// Holds account `user`'s row for 250 ms at a time, asking for it again 2 ms after each release
@@ -462,53 +411,16 @@ fn short_policy() -> TxnPolicy {
 /// account are refused most of the time, and a call that got through once is often refused
 /// again in its next transaction.
 fn hot_row_holder(url: &str, user: i64, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-    let mut conn = connect(url);
-    thread::spawn(move || {
-        conn.batch_execute("SET SESSION innodb_lock_wait_timeout = 30")
-            .expect("session");
-        while !stop.load(Ordering::SeqCst) {
-            conn.batch_execute("BEGIN").expect("begin");
-            let _: Decimal = user_balance::table
-                .find(user)
-                .select(user_balance::balance)
-                .for_update()
-                .first(&mut conn)
-                .expect("hold");
-            thread::sleep(Duration::from_millis(250));
-            conn.batch_execute("COMMIT").expect("commit");
-            thread::sleep(Duration::from_millis(2));
-        }
-    })
-}
-
-/// One timed call: what, how long, the answer.
-type Timed = (String, Duration, Result<Vec<Entry>, String>);
-
-fn timed<T>(
-    what: String,
-    call: impl FnOnce() -> Result<T, Error>,
-    entries: impl Fn(T) -> Vec<Entry>,
-) -> Timed {
-    let started = Instant::now();
-    let result = call();
-    let elapsed = started.elapsed();
-    let answer = match result {
-        Ok(value) => Ok(entries(value)),
-        Err(e) => {
-            assert!(
-                matches!(
-                    e,
-                    Error::Contended { .. }
-                        | Error::Timeout { .. }
-                        | Error::OutcomeUnknown { .. }
-                        | Error::InsufficientBalance { .. }
-                ),
-                "{what}: unexpected answer {e:?}"
-            );
-            Err(format!("{e:?}"))
-        }
-    };
-    (what, elapsed, answer)
+    let pace = (Duration::from_millis(250), Duration::from_millis(2));
+    row_holder(
+        url,
+        "SET SESSION innodb_lock_wait_timeout = 30",
+        pace,
+        stop,
+        move |conn| {
+            let _: Decimal = lock_balance(conn, user).expect("hold");
+        },
+    )
 }
 
 /// Every call of one deadline returns within deadline + 100 ms, whatever it went through:
@@ -532,143 +444,86 @@ fn finding_9_deadline_bounds_ledger_calls() {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let holder = hot_row_holder(&url, 1, stop.clone());
-    let calls: Arc<Mutex<Vec<Timed>>> = Arc::default();
+    let calls: CallLog<Entry> = CallLog::new(|e| matches!(e, Error::InsufficientBalance { .. }));
 
     // apply_many: every batch replays "seed" (in the journal), so it needs two rounds.
-    let threads: Vec<_> = (0..6)
-        .map(|t| {
-            let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                for i in 0..6 {
-                    let ops = [
-                        AccountOp::charge(dec(1_000_000), "seed"),
-                        AccountOp::deduct(dec(1), format!("m{t}-{i}")),
-                        AccountOp::charge(dec(2), format!("p{t}-{i}")),
-                    ];
-                    let call = timed(
-                        format!("apply_many {t}-{i}"),
-                        || ledger.apply_many(&mut conn, 1, &ops),
-                        |results| results.into_iter().filter_map(Result::ok).collect(),
-                    );
-                    calls.lock().expect("calls").push(call);
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("apply_many thread");
-    }
+    concurrently(6, &url, |t, conn| {
+        for i in 0..6 {
+            let ops = [
+                AccountOp::charge(dec(1_000_000), "seed"),
+                AccountOp::deduct(dec(1), format!("m{t}-{i}")),
+                AccountOp::charge(dec(2), format!("p{t}-{i}")),
+            ];
+            calls.time(
+                format!("apply_many {t}-{i}"),
+                || ledger.apply_many(conn, 1, &ops),
+                |results| results.into_iter().filter_map(Result::ok).collect(),
+            );
+        }
+    });
 
     // Combined callers on three accounts, one pooled connection between them.
-    let pool: MysqlPool = Pool::builder()
-        .max_size(1)
-        .connection_customizer(Box::new(SessionSettings::new(short_policy())))
-        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
-        .expect("pool");
-    let hot = Arc::new(CombiningLedger::new(pool.clone(), ledger.clone()));
+    let pool = pool_with(&url, 1, short_policy());
+    let hot = CombiningLedger::new(pool.clone(), ledger.clone());
     // The pool's one connection is busy for the first 600 ms: checkouts wait.
-    let busy = pool.get().expect("the pooled connection");
-    let barrier = Arc::new(Barrier::new(10));
-    let threads: Vec<_> = (0..9i64)
-        .map(|t| {
-            let (hot, calls, barrier) = (hot.clone(), calls.clone(), barrier.clone());
-            thread::spawn(move || {
-                barrier.wait();
-                let user = 1 + t % 3;
-                for i in 0..8 {
-                    let key = format!("c{t}-{i}");
-                    let call = if i % 2 == 0 {
-                        timed(
-                            format!("combined charge {key} on {user}"),
-                            || hot.charge(user, dec(3), &key),
-                            |e| vec![e],
-                        )
-                    } else {
-                        timed(
-                            format!("combined deduct {key} on {user}"),
-                            || hot.deduct(user, dec(1), &key),
-                            |e| vec![e],
-                        )
-                    };
-                    calls.lock().expect("calls").push(call);
+    while_checked_out(&pool, Duration::from_millis(600), || {
+        together(9, |t| {
+            let user = 1 + t as i64 % 3;
+            for i in 0..8 {
+                let key = format!("c{t}-{i}");
+                if i % 2 == 0 {
+                    calls.time(
+                        format!("combined charge {key} on {user}"),
+                        || hot.charge(user, dec(3), &key),
+                        |e| vec![e],
+                    );
+                } else {
+                    calls.time(
+                        format!("combined deduct {key} on {user}"),
+                        || hot.deduct(user, dec(1), &key),
+                        |e| vec![e],
+                    );
                 }
-            })
+            }
         })
-        .collect();
-    barrier.wait();
-    thread::sleep(Duration::from_millis(600));
-    drop(busy);
-    for thread in threads {
-        thread.join().expect("combined thread");
-    }
+    });
 
     // Single calls: charges, deducts and transfers from the held account to new accounts.
-    let threads: Vec<_> = (0..6i64)
-        .map(|t| {
-            let (ledger, calls, url) = (ledger.clone(), calls.clone(), url.clone());
-            thread::spawn(move || {
-                let mut conn = connect(&url);
-                for i in 0..6i64 {
-                    let key = format!("s{t}-{i}");
-                    let call = match i % 3 {
-                        0 => timed(
-                            format!("deduct {key}"),
-                            || ledger.deduct(&mut conn, 1, dec(1), &key),
-                            |e| vec![e],
-                        ),
-                        1 => timed(
-                            format!("charge {key}"),
-                            || ledger.charge(&mut conn, 1, dec(1), &key),
-                            |e| vec![e],
-                        ),
-                        _ => {
-                            let to = 1_000 + t * 10 + i;
-                            timed(
-                                format!("transfer {key} to new account {to}"),
-                                || ledger.transfer(&mut conn, 1, to, dec(1), &key),
-                                |tr| vec![tr.debit, tr.credit],
-                            )
-                        }
-                    };
-                    calls.lock().expect("calls").push(call);
+    concurrently(6, &url, |t, conn| {
+        for i in 0..6i64 {
+            let key = format!("s{t}-{i}");
+            match i % 3 {
+                0 => calls.time(
+                    format!("deduct {key}"),
+                    || ledger.deduct(conn, 1, dec(1), &key),
+                    |e| vec![e],
+                ),
+                1 => calls.time(
+                    format!("charge {key}"),
+                    || ledger.charge(conn, 1, dec(1), &key),
+                    |e| vec![e],
+                ),
+                _ => {
+                    let to = 1_000 + t as i64 * 10 + i;
+                    calls.time(
+                        format!("transfer {key} to new account {to}"),
+                        || ledger.transfer(conn, 1, to, dec(1), &key),
+                        |tr| vec![tr.debit, tr.credit],
+                    );
                 }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("single-call thread");
-    }
+            }
+        }
+    });
     stop.store(true, Ordering::SeqCst);
     holder.join().expect("holder");
 
-    let calls = std::mem::take(&mut *calls.lock().expect("calls"));
-    let late: Vec<&Timed> = calls
-        .iter()
-        .filter(|(_, elapsed, _)| *elapsed > DEADLINE + SLACK)
-        .collect();
-    let worst = calls.iter().map(|(_, e, _)| *e).max().unwrap_or_default();
-    let ok = calls.iter().filter(|(_, _, r)| r.is_ok()).count();
-    eprintln!(
-        "finding_9: {} calls, {ok} ok, {} late, worst {worst:?}",
-        calls.len(),
-        late.len()
-    );
-    for (what, elapsed, answer) in late.iter().take(20) {
-        eprintln!("  late: {what} took {elapsed:?}: {answer:?}");
-    }
-    assert!(
-        late.is_empty(),
-        "{} of {} calls returned later than {:?}",
-        late.len(),
-        calls.len(),
-        DEADLINE + SLACK
-    );
+    let calls = calls.take();
+    assert_none_later_than("finding_9", &calls, DEADLINE + SLACK);
 
     // The database: every returned entry is in the journal, every touched account audits.
     let mut users: Vec<i64> = vec![1, 2, 3];
-    for (_, _, answer) in &calls {
-        for entry in answer.iter().flatten() {
+    for call in &calls {
+        for entry in call.answer.iter().flatten() {
             assert_stored(&mut admin, entry);
             users.push(entry.user_id);
         }

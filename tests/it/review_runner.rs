@@ -9,63 +9,20 @@ use std::time::Duration;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
-use diesel::sql_types::{BigInt, Double, Text};
-use lockstock::schema::{balance_history, user_balance};
+use diesel::sql_types::{BigInt, Double};
+use lockstock::schema::user_balance;
 use lockstock::{
     BalanceLedger, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{connect, fresh_database};
+use lockstock_testkit::fixtures::{
+    connect, connection_id, fresh_database, journal_size, lock_balance, session_vars,
+};
 use lockstock_testkit::Sandbox;
 
 fn dec(units: i64) -> Decimal {
     Decimal::new(units, 0)
-}
-
-#[derive(QueryableByName, Debug, PartialEq)]
-struct Session {
-    #[diesel(sql_type = BigInt)]
-    lock_wait: i64,
-    #[diesel(sql_type = Double)]
-    statement: f64,
-    #[diesel(sql_type = Text)]
-    messages: String,
-    #[diesel(sql_type = Text)]
-    zone: String,
-    #[diesel(sql_type = Text)]
-    isolation: String,
-}
-
-fn session(conn: &mut MysqlConnection) -> Session {
-    diesel::sql_query(
-        "SELECT @@session.innodb_lock_wait_timeout AS lock_wait, \
-         @@session.max_statement_time AS statement, @@session.lc_messages AS messages, \
-         @@session.time_zone AS zone, @@session.tx_isolation AS isolation",
-    )
-    .get_result(conn)
-    .expect("read session variables")
-}
-
-#[derive(QueryableByName)]
-struct Id {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-}
-
-fn connection_id(conn: &mut MysqlConnection) -> i64 {
-    diesel::sql_query("SELECT CONNECTION_ID() AS id")
-        .get_result::<Id>(conn)
-        .expect("connection id")
-        .id
-}
-
-fn journal_rows(conn: &mut MysqlConnection, user: i64) -> i64 {
-    balance_history::table
-        .filter(balance_history::user_id.eq(user))
-        .count()
-        .get_result(conn)
-        .expect("count journal")
 }
 
 /// A database on a server of its own (the test changes global variables).
@@ -76,18 +33,16 @@ fn private_database(sandbox: &Sandbox, name: &str) -> (String, MysqlConnection) 
     (url, conn)
 }
 
+/// A trigger that makes every balance UPDATE above 1000 fail.
+const FAIL_BIG_BALANCES: &str = "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance \
+     FOR EACH ROW BEGIN IF NEW.balance > 1000 THEN \
+     SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; END IF; END";
+
 /// Makes every balance UPDATE above 1000 fail after the journal INSERT of the same transaction,
 /// and the prepared ROLLBACK impossible to prepare (no prepared statement may be created; the
 /// statements the connections already prepared keep working).
 fn break_rollback(admin: &mut MysqlConnection) {
-    admin
-        .batch_execute(
-            "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance FOR EACH ROW \
-             BEGIN IF NEW.balance > 1000 THEN \
-             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; \
-             END IF; END",
-        )
-        .expect("trigger");
+    admin.batch_execute(FAIL_BIG_BALANCES).expect("trigger");
     admin
         .batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
         .expect("no more prepared statements");
@@ -158,18 +113,13 @@ fn finding_1_failed_rollback_breaks_the_connection() {
         .batch_execute("DROP TRIGGER fail_big_balances")
         .expect("drop trigger");
     let mut check = connect(&url);
-    assert_eq!(journal_rows(&mut check, 1), 2);
+    assert_eq!(journal_size(&mut check, 1), 2);
     let report = ledger.audit(&mut check, 1).expect("audit");
     assert_eq!(report.balance, dec(101));
 
     // A pooled connection: r2d2 discards it instead of handing it out again.
     admin
-        .batch_execute(
-            "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance FOR EACH ROW \
-             BEGIN IF NEW.balance > 1000 THEN \
-             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected update failure'; \
-             END IF; END",
-        )
+        .batch_execute(FAIL_BIG_BALANCES)
         .expect("trigger again");
     let pool = Pool::builder()
         .max_size(1)
@@ -202,8 +152,15 @@ fn finding_1_failed_rollback_breaks_the_connection() {
     admin
         .batch_execute("DROP TRIGGER fail_big_balances")
         .expect("drop trigger");
-    assert_eq!(journal_rows(&mut next, 2), 2);
+    assert_eq!(journal_size(&mut next, 2), 2);
     ledger.audit(&mut next, 2).expect("audit pooled account");
+}
+
+/// One number a raw query answers, as `id`.
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
 }
 
 #[test]
@@ -214,18 +171,18 @@ fn finding_7_session_settings_are_restored() {
          time_zone = '+09:00', lc_messages = 'de_DE', tx_isolation = 'READ-UNCOMMITTED'",
     )
     .expect("caller's own settings");
-    let before = session(&mut conn);
+    let before = session_vars(&mut conn);
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
-    assert_eq!(session(&mut conn), before, "after a commit");
+    assert_eq!(session_vars(&mut conn), before, "after a commit");
     let refused = ledger.deduct(&mut conn, 1, dec(50), "d");
     assert!(matches!(refused, Err(Error::InsufficientBalance { .. })));
-    assert_eq!(session(&mut conn), before, "after a rollback");
+    assert_eq!(session_vars(&mut conn), before, "after a rollback");
     ledger.balance(&mut conn, 1).expect("balance");
-    assert_eq!(session(&mut conn), before, "after a read");
+    assert_eq!(session_vars(&mut conn), before, "after a read");
     let missing = lockstock::CouponIssuer::new().issue(&mut conn, 1, 77);
     assert!(matches!(missing, Err(Error::CampaignNotFound { .. })));
-    assert_eq!(session(&mut conn), before, "after a refused issue");
+    assert_eq!(session_vars(&mut conn), before, "after a refused issue");
 
     // A connection that carries lockstock's settings (pooled through SessionSettings) gets no
     // session statements at all: only the isolation level of the next transaction is set.
@@ -260,11 +217,11 @@ fn finding_7_session_settings_are_restored() {
     assert_eq!(on_pooled, 1, "SET statements on a pooled connection");
     assert_eq!(on_own, 2, "SET statements on the caller's own connection");
     assert_eq!(
-        session(&mut pooled).lock_wait,
+        session_vars(&mut pooled).lock_wait,
         1,
         "the pool's settings stay in place"
     );
-    assert_eq!(session(&mut conn), before);
+    assert_eq!(session_vars(&mut conn), before);
     ledger.audit(&mut conn, 1).expect("audit");
 }
 
@@ -286,12 +243,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
     // lock, not NOWAIT) and is interrupted by KILL QUERY; the retry gets the row.
     let mut holder = connect(&url);
     holder.batch_execute("BEGIN").expect("begin");
-    user_balance::table
-        .find(1)
-        .select(user_balance::balance)
-        .for_update()
-        .first::<Decimal>(&mut holder)
-        .expect("hold the row");
+    lock_balance(&mut holder, 1).expect("hold the row");
     let victim_id = connection_id(&mut conn);
     let (release, released) = mpsc::channel::<()>();
     let admin_url = url.clone();
@@ -324,11 +276,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
             holder.batch_execute("ROLLBACK").ok();
         }
         first = false;
-        let balance: Decimal = user_balance::table
-            .find(1)
-            .select(user_balance::balance)
-            .for_update()
-            .first(c)?;
+        let balance: Decimal = lock_balance(c, 1)?;
         Ok(balance)
     });
     drop(release);
@@ -356,7 +304,7 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
     let (_url, mut conn) = fresh_database("review_raw_begin");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
-    let before = session(&mut conn);
+    let before = session_vars(&mut conn);
     conn.batch_execute("BEGIN; INSERT INTO user_balance (user_id) VALUES (5)")
         .expect("the caller's own transaction");
     let nested = ledger.charge(&mut conn, 1, dec(1), "inside");
@@ -374,11 +322,11 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
         .expect("count");
     assert_eq!(row_5, 0, "the caller's transaction was committed");
     assert_eq!(
-        session(&mut conn),
+        session_vars(&mut conn),
         before,
         "settings changed before the check"
     );
-    assert_eq!(journal_rows(&mut conn, 1), 1);
+    assert_eq!(journal_size(&mut conn, 1), 1);
     ledger.audit(&mut conn, 1).expect("audit");
 }
 
