@@ -9,15 +9,13 @@ use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use chrono::NaiveDateTime;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::Text;
-use lockstock::schema::{balance_history, user_balance};
+use diesel::sql_types::BigInt;
 use lockstock::{BalanceLedger, Error, ServerErrorKind};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::exclusive;
+use lockstock_testkit::fixtures::{exclusive, snapshot, Snapshot};
 use lockstock_testkit::galera::GaleraCluster;
 
 /// Per call: its key, (the change to the accounts' total, journal entries written), time.
@@ -29,28 +27,6 @@ const HANG_LIMIT: Duration = Duration::from_secs(30);
 /// How far a call may run past its deadline (a scheduling slice on two busy cores).
 const DEADLINE_SLACK: Duration = Duration::from_secs(1);
 
-type BalanceRow = (i64, Decimal, i64, NaiveDateTime);
-type HistoryRow = (
-    i64,
-    i64,
-    String,
-    Decimal,
-    Decimal,
-    Option<String>,
-    String,
-    Option<i64>,
-    Option<i64>,
-    Decimal,
-    NaiveDateTime,
-);
-
-/// Every row of both ledger tables, in primary-key order.
-#[derive(Debug, PartialEq)]
-struct Dump {
-    balances: Vec<BalanceRow>,
-    history: Vec<HistoryRow>,
-}
-
 /// A connection to `url` whose reads wait until the node applied every earlier commit of the
 /// cluster (`wsrep_sync_wait`).
 fn causal(url: &str) -> MysqlConnection {
@@ -60,42 +36,31 @@ fn causal(url: &str) -> MysqlConnection {
     conn
 }
 
-fn dump(url: &str) -> Dump {
-    let conn = &mut causal(url);
-    Dump {
-        balances: user_balance::table
-            .select(user_balance::all_columns)
-            .order(user_balance::user_id.asc())
-            .load(conn)
-            .expect("read user_balance"),
-        history: balance_history::table
-            .select(balance_history::all_columns)
-            .order(balance_history::id.asc())
-            .load(conn)
-            .expect("read balance_history"),
-    }
+/// Every row of both ledger tables on one node, after it applied every earlier commit.
+fn dump(url: &str) -> Snapshot {
+    snapshot(&mut causal(url))
 }
 
 #[derive(QueryableByName)]
-struct StatusRow {
-    #[diesel(sql_type = Text, column_name = "Variable_name")]
-    name: String,
-    #[diesel(sql_type = Text, column_name = "Value")]
-    value: String,
+struct Counter {
+    #[diesel(sql_type = BigInt)]
+    total: i64,
 }
 
 /// Transactions of this node that lost certification or were aborted by a replicated write.
 fn conflicts(url: &str) -> u64 {
-    let rows: Vec<StatusRow> = diesel::sql_query(
-        "SHOW GLOBAL STATUS WHERE Variable_name IN \
-         ('wsrep_local_cert_failures', 'wsrep_local_bf_aborts')",
+    let counter: Counter = diesel::sql_query(
+        "SELECT CAST(COALESCE(SUM(variable_value), 0) AS SIGNED) AS total \
+         FROM information_schema.global_status \
+         WHERE variable_name IN ('WSREP_LOCAL_CERT_FAILURES', 'WSREP_LOCAL_BF_ABORTS')",
     )
-    .load(&mut causal(url))
+    .get_result(&mut causal(url))
     .expect("wsrep status");
-    rows.iter()
-        .inspect(|r| eprintln!("  {url}: {} = {}", r.name, r.value))
-        .map(|r| r.value.parse::<u64>().expect("counter"))
-        .sum()
+    eprintln!(
+        "  {url}: {} certification failures and brute-force aborts",
+        counter.total
+    );
+    u64::try_from(counter.total).expect("a counter")
 }
 
 /// A typed answer: anything but an unclassified server error or an internal failure.
