@@ -15,6 +15,29 @@ use crate::txn::Deadline;
 use crate::util::{inserted_id, to_micros};
 use crate::validate::validate_id;
 
+/// A new `coupon` row.
+#[derive(Insertable)]
+#[diesel(table_name = coupon)]
+struct CouponInsert<'a> {
+    name: &'a str,
+    discount_kind: &'static str,
+    discount_value: rust_decimal::Decimal,
+    max_discount: Option<rust_decimal::Decimal>,
+    valid_from: chrono::NaiveDateTime,
+    valid_until: chrono::NaiveDateTime,
+}
+
+/// A new `fcfs_coupon` row: a campaign with its whole quantity in stock.
+#[derive(Insertable)]
+#[diesel(table_name = fcfs_coupon)]
+struct CampaignInsert {
+    coupon_id: i64,
+    total_quantity: i32,
+    stock_quantity: i32,
+    issue_starts_at: chrono::NaiveDateTime,
+    issue_ends_at: chrono::NaiveDateTime,
+}
+
 impl CouponIssuer {
     /// Creates a coupon template.
     ///
@@ -37,18 +60,18 @@ impl CouponIssuer {
                 problem: "must be after valid_from",
             });
         }
-        let (kind, value, cap) = new.discount.columns();
-        let deadline = self.runner.deadline();
-        let id = self.insert_returning_id(conn, deadline, |conn| {
+        let (discount_kind, discount_value, max_discount) = new.discount.columns();
+        let row = CouponInsert {
+            name: new.name,
+            discount_kind,
+            discount_value,
+            max_discount,
+            valid_from: new.valid_from,
+            valid_until: new.valid_until,
+        };
+        let id = self.insert_returning_id(conn, self.runner.deadline(), |conn| {
             diesel::insert_into(coupon::table)
-                .values((
-                    coupon::name.eq(new.name),
-                    coupon::discount_kind.eq(kind),
-                    coupon::discount_value.eq(value),
-                    coupon::max_discount.eq(cap),
-                    coupon::valid_from.eq(new.valid_from),
-                    coupon::valid_until.eq(new.valid_until),
-                ))
+                .values(&row)
                 .execute(conn)
         })?;
         Ok(Coupon {
@@ -115,15 +138,16 @@ impl CouponIssuer {
                 problem: "must be before the coupon's valid_until",
             });
         }
+        let row = CampaignInsert {
+            coupon_id: new.coupon_id,
+            total_quantity: quantity,
+            stock_quantity: quantity,
+            issue_starts_at: new.issue_starts_at,
+            issue_ends_at: new.issue_ends_at,
+        };
         let id = self.insert_returning_id(conn, deadline, |conn| {
             diesel::insert_into(fcfs_coupon::table)
-                .values((
-                    fcfs_coupon::coupon_id.eq(new.coupon_id),
-                    fcfs_coupon::total_quantity.eq(quantity),
-                    fcfs_coupon::stock_quantity.eq(quantity),
-                    fcfs_coupon::issue_starts_at.eq(new.issue_starts_at),
-                    fcfs_coupon::issue_ends_at.eq(new.issue_ends_at),
-                ))
+                .values(&row)
                 .execute(conn)
         })?;
         Ok(Campaign {

@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Barrier, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration as StdDuration, Instant};
 
@@ -237,15 +237,23 @@ where
     })
 }
 
-/// Runs the tests that hold the returned guard one at a time (within one test binary).
+/// The machine-load lock of one test binary: [`exclusive`] takes it alone, [`storm`] shares it.
+static LOAD: RwLock<()> = RwLock::new(());
+
+/// Runs the test that holds the returned guard without any [`exclusive`] or [`storm`] test
+/// beside it (within one test binary).
 ///
 /// All integration tests of a crate share one binary and run in parallel on a few cores. Tests
-/// that assert time bounds (deadlines) and tests that storm the server (kills, crashes, several
-/// processes) take this guard, so none of them shares the machine with another; light tests still
-/// run beside them.
-pub fn exclusive() -> MutexGuard<'static, ()> {
-    static EXCLUSIVE: Mutex<()> = Mutex::new(());
-    EXCLUSIVE.lock().unwrap_or_else(PoisonError::into_inner)
+/// that assert time bounds (deadlines, a refusal within so many milliseconds) take this guard;
+/// light tests still run beside them.
+pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Lets the test that holds the returned guard load the server (kills, crashes, several
+/// processes) together with other such tests, but never beside an [`exclusive`] one.
+pub fn storm() -> RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The server's id of `conn`'s session (`CONNECTION_ID()`, what `KILL` takes).

@@ -91,7 +91,7 @@ fn dec(cents: i64) -> Decimal {
 /// lost connection: idle kill, kill during a statement, kill right before COMMIT.
 #[test]
 fn killed_connection_errors_are_typed() {
-    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let _storm = lockstock_testkit::fixtures::storm();
     let (url, mut admin) = fresh_database("faults_kill_texts");
     let ledger = BalanceLedger::new();
     ledger
@@ -186,7 +186,7 @@ fn killed_connection_errors_are_typed() {
 /// same key (or give up on purpose). Afterwards the database must agree with every answer.
 #[test]
 fn killed_connections_never_leave_partial_state() {
-    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let _storm = lockstock_testkit::fixtures::storm();
     let test = "killed_connections_never_leave_partial_state";
     let seed = seed(test);
     let (url, mut admin) = fresh_database("faults_kill");
@@ -306,7 +306,7 @@ fn connections_to(
 /// nothing) while their pooled connections are killed under them, and work afterwards.
 #[test]
 fn pool_and_combiner_recover_from_killed_connections() {
-    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let _storm = lockstock_testkit::fixtures::storm();
     let test = "pool_and_combiner_recover_from_killed_connections";
     let seed = seed(test);
     let db = "faults_pool";
@@ -503,7 +503,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
 /// negative, no coupon over-issued or duplicated, and every account audits.
 #[test]
 fn server_crashes_lose_no_acknowledged_operation() {
-    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let _storm = lockstock_testkit::fixtures::storm();
     let test = "server_crashes_lose_no_acknowledged_operation";
     let seed = seed(test);
     let mut rng = Rng::new(seed);
@@ -589,7 +589,7 @@ fn unlocked_deduct(conn: &mut MysqlConnection, user: i64, amount: Decimal) -> bo
 /// `BalanceLedger`: the harness detects the lost updates of the first, none of the second.
 #[test]
 fn negative_control_unlocked_deducts_lose_updates() {
-    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let _storm = lockstock_testkit::fixtures::storm();
     let (url, mut conn) = fresh_database("faults_negative_balance");
     let ledger = BalanceLedger::new();
     for user in [1, 2] {
@@ -665,7 +665,7 @@ fn negative_control_unlocked_deducts_lose_updates() {
 /// does neither.
 #[test]
 fn negative_control_unlocked_issue_over_issues() {
-    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let _storm = lockstock_testkit::fixtures::storm();
     let (url, mut conn) = fresh_database("faults_negative_coupon");
     conn.batch_execute(
         "CREATE TABLE unsafe_campaign (id BIGINT PRIMARY KEY, stock INT NOT NULL) ENGINE=InnoDB; \

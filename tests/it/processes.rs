@@ -99,7 +99,7 @@ impl Drop for Files {
 
 #[test]
 fn four_processes_keep_the_invariants() {
-    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let _storm = lockstock_testkit::fixtures::storm();
     if std::env::var_os(URL_ENV).is_some() {
         return;
     }
