@@ -393,29 +393,46 @@ fn prepares(conn: &mut MysqlConnection) -> i64 {
 fn hot_paths_use_cached_prepared_statements() {
     use lockstock::CouponIssuer;
     let (url, _conn) = fresh_database("foundation_prepared");
-    let mut conn = connect(&url);
     let ledger = BalanceLedger::new();
     let issuer = CouponIssuer::new();
-    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "prepared", 100);
-    ledger
-        .charge(&mut conn, 1, Decimal::new(1_000, 0), "warm-c")
-        .expect("charge");
-    ledger
-        .deduct(&mut conn, 1, Decimal::ONE, "warm-d")
-        .expect("deduct");
-    issuer.issue(&mut conn, 1, campaign.id).expect("issue");
-    let before = prepares(&mut conn);
-    for i in 0..10 {
+    let (_coupon, campaign) = open_campaign_named(&mut connect(&url), &issuer, "prepared", 100);
+    // The caller's own connection (settings saved and restored) and one that carries
+    // lockstock's settings (as pooled through SessionSettings).
+    for (round, marked) in [(0i64, false), (1, true)] {
+        let mut conn = connect(&url);
+        if marked {
+            lockstock::txn::apply_session_settings(&mut conn, &TxnPolicy::default())
+                .expect("settings");
+        }
+        let user = 1 + round;
         ledger
-            .deduct(&mut conn, 1, Decimal::ONE, &format!("d{i}"))
-            .expect("deduct");
-        ledger
-            .charge(&mut conn, 1, Decimal::ONE, &format!("c{i}"))
+            .charge(&mut conn, user, Decimal::new(1_000, 0), "warm-c")
             .expect("charge");
-        issuer.issue(&mut conn, 2 + i, campaign.id).expect("issue");
+        ledger
+            .deduct(&mut conn, user, Decimal::ONE, "warm-d")
+            .expect("deduct");
+        issuer
+            .issue(&mut conn, 100 * user, campaign.id)
+            .expect("issue");
+        let before = prepares(&mut conn);
+        for i in 0..10 {
+            ledger
+                .deduct(&mut conn, user, Decimal::ONE, &format!("d{i}"))
+                .expect("deduct");
+            ledger
+                .charge(&mut conn, user, Decimal::ONE, &format!("c{i}"))
+                .expect("charge");
+            issuer
+                .issue(&mut conn, 100 * user + 1 + i, campaign.id)
+                .expect("issue");
+        }
+        // One prepare is the SHOW STATUS query itself.
+        assert_eq!(
+            prepares(&mut conn) - before,
+            1,
+            "marked connection: {marked}"
+        );
     }
-    // One prepare is the SHOW STATUS query itself.
-    assert_eq!(prepares(&mut conn) - before, 1);
 }
 
 /// A panicking transaction body is rolled back before the panic goes on, so the connection (or
