@@ -10,8 +10,8 @@ use lockstock_testkit::galera::{GaleraCluster, GaleraError};
 
 mod common;
 use common::{
-    is_child, process_alive, process_state, report_and_hang, report_of_killed_child, wait_until,
-    Count, TestResult,
+    assert_named_for_this_process, is_child, process_alive, process_state, report_and_hang,
+    report_of_killed_child, wait_until, Count, TestResult,
 };
 
 const CHILD_ENV: &str = "LOCKSTOCK_GALERA_CHILD";
@@ -65,12 +65,7 @@ fn galera_start_write_on_one_node_read_on_the_others() -> TestResult {
     eprintln!("GaleraCluster::start(3) took {:?}", started.elapsed());
 
     assert_eq!(cluster.nodes(), 3);
-    let dir_name = cluster
-        .dir()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or("bad dir name")?;
-    assert!(dir_name.starts_with(&format!("lockstock-galera-{}-", std::process::id())));
+    assert_named_for_this_process(cluster.dir(), "lockstock-galera")?;
     let mut ports = Vec::new();
     for node in 0..3 {
         let status = cluster.status(node)?;
@@ -264,17 +259,15 @@ fn galera_child_starts_cluster_and_sleeps() -> TestResult {
     cluster.pause(1)?;
     let pids: Vec<u32> = (0..2).filter_map(|n| cluster.pid(n)).collect();
     let dir = cluster.dir().to_path_buf();
-    std::mem::forget(cluster);
-    report_and_hang(&pids, &dir, Duration::from_secs(120));
-    Ok(())
+    report_and_hang(cluster, &pids, &dir, Duration::from_secs(120))
 }
 
 #[test]
 fn galera_interrupted_owner_leaves_nothing_behind() -> TestResult {
-    if is_child(CHILD_ENV) {
+    let Some((pids, dir)) = report_of_killed_child(CHILD_TEST, CHILD_ENV, Duration::from_secs(90))?
+    else {
         return Ok(());
-    }
-    let (pids, dir) = report_of_killed_child(CHILD_TEST, CHILD_ENV, Duration::from_secs(90))?;
+    };
     assert_eq!(pids.len(), 2);
 
     let took = wait_until(Duration::from_secs(10), || {

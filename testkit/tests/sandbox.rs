@@ -10,7 +10,8 @@ use lockstock_testkit::sandbox::{database_url, Sandbox, SandboxError};
 
 mod common;
 use common::{
-    is_child, process_alive, report_and_hang, report_of_killed_child, wait_until, Count, TestResult,
+    assert_named_for_this_process, is_child, process_alive, report_and_hang,
+    report_of_killed_child, wait_until, Count, TestResult,
 };
 
 const CHILD_ENV: &str = "LOCKSTOCK_SANDBOX_CHILD";
@@ -32,12 +33,7 @@ fn start_create_database_and_query() -> TestResult {
     assert!(sandbox.data_dir().is_dir());
     assert!(sandbox.socket_path().starts_with(sandbox.data_dir()));
     assert!(sandbox.socket_path().as_os_str().len() < 100);
-    let dir_name = sandbox
-        .data_dir()
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or("bad dir name")?;
-    assert!(dir_name.starts_with(&format!("lockstock-sandbox-{}-", std::process::id())));
+    assert_named_for_this_process(sandbox.data_dir(), "lockstock-sandbox")?;
 
     let url = sandbox.create_database("sbx_basic")?;
     assert_eq!(url, sandbox.url("sbx_basic"));
@@ -183,17 +179,15 @@ fn child_starts_sandbox_and_sleeps() -> TestResult {
     let sandbox = Sandbox::start()?;
     let pid = sandbox.pid().ok_or("no pid")?;
     let dir = sandbox.data_dir().to_path_buf();
-    std::mem::forget(sandbox);
-    report_and_hang(&[pid], &dir, Duration::from_secs(60));
-    Ok(())
+    report_and_hang(sandbox, &[pid], &dir, Duration::from_secs(60))
 }
 
 #[test]
 fn interrupted_process_leaves_nothing_behind() -> TestResult {
-    if is_child(CHILD_ENV) {
+    let Some((pids, dir)) = report_of_killed_child(CHILD_TEST, CHILD_ENV, Duration::from_secs(30))?
+    else {
         return Ok(());
-    }
-    let (pids, dir) = report_of_killed_child(CHILD_TEST, CHILD_ENV, Duration::from_secs(30))?;
+    };
     let [pid] = pids[..] else {
         return Err(format!("one server pid expected: {pids:?}").into());
     };

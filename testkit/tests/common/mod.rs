@@ -54,22 +54,32 @@ pub fn is_child(child_env: &str) -> bool {
     std::env::var_os(child_env).is_some()
 }
 
-/// In the child: reports the server `pids` and their `dir` to the parent, then sleeps `hang`
-/// (until the parent kills it).
-pub fn report_and_hang(pids: &[u32], dir: &Path, hang: Duration) {
+/// What a killed child reported: its servers' pids and their directory.
+pub type ChildReport = (Vec<u32>, PathBuf);
+
+/// In the child: forgets `owner` (its `Drop` must never run: only the watchdog may clean up),
+/// reports the server `pids` and their `dir` to the parent, then sleeps `hang` (until the parent
+/// kills it).
+pub fn report_and_hang<T>(owner: T, pids: &[u32], dir: &Path, hang: Duration) -> TestResult {
+    std::mem::forget(owner);
     let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
     println!("{REPORT}{} dir={}", pids.join(","), dir.display());
     sleep(hang);
+    Ok(())
 }
 
 /// Runs test `child_test` of this binary in a child process (with `child_env` set), waits up to
 /// `timeout` for its [`report_and_hang`], then SIGKILLs it (no `Drop` runs) and returns the
-/// pids and the directory it reported.
+/// pids and the directory it reported; `None` in the child itself (the parent test has nothing
+/// to do there).
 pub fn report_of_killed_child(
     child_test: &str,
     child_env: &str,
     timeout: Duration,
-) -> Result<(Vec<u32>, PathBuf), Box<dyn Error>> {
+) -> Result<Option<ChildReport>, Box<dyn Error>> {
+    if is_child(child_env) {
+        return Ok(None);
+    }
     let marker = REPORT;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
@@ -95,5 +105,19 @@ pub fn report_of_killed_child(
     let line = line.map_err(|_| "the child did not report")?;
     let (pids, dir) = line.split_once(" dir=").ok_or("bad child report")?;
     let pids = pids.split(',').map(str::parse).collect::<Result<_, _>>()?;
-    Ok((pids, PathBuf::from(dir)))
+    Ok(Some((pids, PathBuf::from(dir))))
+}
+
+/// `dir` is named `<prefix>-<this process's pid>-<n>`, as the cleanup checks expect.
+pub fn assert_named_for_this_process(dir: &Path, prefix: &str) -> TestResult {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("bad dir name")?;
+    let expected = format!("{prefix}-{}-", std::process::id());
+    assert!(
+        name.starts_with(&expected),
+        "{name} does not start with {expected}"
+    );
+    Ok(())
 }
