@@ -72,14 +72,8 @@ impl ServerErrorKind {
     /// statements. A lost connection and a Galera node outside the Primary component
     /// ([`NodeNotReady`](Self::NodeNotReady)) are not retried on the same connection.
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            Self::LockRefused
-                | Self::LockWaitTimeout
-                | Self::Deadlock
-                | Self::RecordChanged
-                | Self::Interrupted
-        )
+        // An interrupted statement aborted only itself; the rest are definite aborts.
+        self.is_definite_abort() || self == Self::Interrupted
     }
 
     /// Whether a COMMIT that failed this way certainly applied nothing: the transaction was

@@ -157,7 +157,7 @@ impl TxnRunner {
         conn: &mut MysqlConnection,
         body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        self.run_counted_by(conn, self.deadline(), body).0
+        self.retried(conn, self.deadline(), false, body).0
     }
 
     /// Like [`run`](Self::run), bounded by `deadline` (a call that runs several transactions
@@ -172,7 +172,7 @@ impl TxnRunner {
         deadline: Deadline,
         body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        self.run_counted_by(conn, deadline, body).0
+        self.retried(conn, deadline, false, body).0
     }
 
     /// Like [`run`](Self::run), also returning how many transactions were started and refused.
@@ -181,18 +181,7 @@ impl TxnRunner {
         conn: &mut MysqlConnection,
         body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> (Result<T, Error>, Attempts) {
-        self.run_counted_by(conn, self.deadline(), body)
-    }
-
-    /// Like [`run_by`](Self::run_by), also returning how many transactions were started and
-    /// refused.
-    pub fn run_counted_by<T>(
-        &self,
-        conn: &mut MysqlConnection,
-        deadline: Deadline,
-        body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
-    ) -> (Result<T, Error>, Attempts) {
-        self.retried(conn, deadline, false, body)
+        self.retried(conn, self.deadline(), false, body)
     }
 
     /// The retry loop of writes and reads alike.
