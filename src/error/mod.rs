@@ -357,6 +357,18 @@ pub enum Error {
         /// Time spent waiting.
         elapsed: Duration,
     },
+    /// The server did not answer within the call's deadline plus the policy's
+    /// [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace) (a frozen or partitioned
+    /// server, a Galera node that aborted the transaction and never answered). lockstock shut
+    /// the connection's socket down and marked the connection broken (an r2d2 pool discards
+    /// it); COMMIT had not been sent, so the server rolls the transaction back and nothing was
+    /// committed. Retry (with the same idempotency key) on another connection — on a cluster,
+    /// on another node. A COMMIT that got no answer is [`Error::OutcomeUnknown`] instead.
+    #[error("the server did not answer within the deadline ({elapsed:?}); the connection was shut down, nothing was committed")]
+    ServerUnresponsive {
+        /// Time since the call started.
+        elapsed: Duration,
+    },
     /// The change may or may not be applied: COMMIT failed in flight (a lost connection,
     /// `KILL QUERY`), or a request of a batch that committed could not be answered (its key
     /// could not be read back). Retry with the same idempotency key (or look the result up),
@@ -414,6 +426,7 @@ impl Error {
             Self::Contended { .. }
             | Self::OutcomeUnknown { .. }
             | Self::Timeout { .. }
+            | Self::ServerUnresponsive { .. }
             | Self::ConnectionBroken { .. }
             | Self::Pool(_) => true,
             Self::Server(e) => {

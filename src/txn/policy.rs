@@ -102,6 +102,11 @@ pub struct TxnPolicy {
     pub lock_wait_timeout: Duration,
     /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL).
     pub statement_timeout: Duration,
+    /// How long past a call's deadline lockstock waits for a server that does not answer at
+    /// all before it shuts the connection down and answers
+    /// [`Error::ServerUnresponsive`](crate::Error::ServerUnresponsive) (or
+    /// [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown) for a COMMIT in flight).
+    pub unresponsive_grace: Duration,
 }
 
 impl Default for TxnPolicy {
@@ -111,6 +116,7 @@ impl Default for TxnPolicy {
             retry: RetryPolicy::default(),
             lock_wait_timeout: Duration::from_secs(1),
             statement_timeout: Duration::from_secs(5),
+            unresponsive_grace: Duration::from_millis(500),
         }
     }
 }
