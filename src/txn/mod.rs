@@ -16,13 +16,16 @@ mod session;
 #[cfg(test)]
 mod tests;
 mod transaction;
+mod watchdog;
 
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 use session::carries_settings;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
-use transaction::{ensure_no_open_transaction, run_transaction, Begin};
+use transaction::{ensure_no_open_transaction, mark_broken, run_transaction, Begin};
+use watchdog::Guard;
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use diesel::mysql::MysqlConnection;
 use diesel::RunQueryDsl;
@@ -105,6 +108,37 @@ impl RunnerSql {
     }
 }
 
+/// Runs `f` — statements on `conn` — with the [watchdog](self#a-server-that-never-answers) armed
+/// for the calling thread, due `grace` after `deadline`. Every statement lockstock sends runs
+/// under it: the runner's transactions, and what is sent outside one
+/// ([`apply_session_settings`]).
+///
+/// When the watchdog shut the connection's socket down, the connection is marked broken (an
+/// r2d2 pool discards it) and the answer is [`Error::ServerUnresponsive`] — or
+/// [`Error::OutcomeUnknown`] where COMMIT was in flight, and the value where `f` succeeded
+/// (the socket was shut down after its last answer arrived).
+pub(crate) fn bounded<T>(
+    conn: &mut MysqlConnection,
+    deadline: Deadline,
+    grace: Duration,
+    f: impl FnOnce(&mut MysqlConnection, &Guard) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let guard = Guard::arm(deadline.past(grace));
+    let result = f(conn, &guard);
+    if !guard.disarm() {
+        return result;
+    }
+    mark_broken(conn);
+    trace_event!(ok = result.is_ok(), "the watchdog shut the connection down");
+    match result {
+        Ok(value) => Ok(value),
+        Err(error @ Error::OutcomeUnknown { .. }) => Err(error),
+        Err(_) => Err(Error::ServerUnresponsive {
+            elapsed: deadline.elapsed(),
+        }),
+    }
+}
+
 /// How the server numbers the rows of one multi-row INSERT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InsertIds {
@@ -184,7 +218,8 @@ impl TxnRunner {
         self.retried(conn, self.deadline(), false, body)
     }
 
-    /// The retry loop of writes and reads alike.
+    /// The retry loop of writes and reads alike, under the watchdog (see [`bounded`]): a call
+    /// whose socket it shut down is never retried.
     fn retried<T>(
         &self,
         conn: &mut MysqlConnection,
@@ -192,8 +227,24 @@ impl TxnRunner {
         read_only: bool,
         mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> (Result<T, Error>, Attempts) {
-        let retry = &self.policy.retry;
         let mut attempts = Attempts::default();
+        let grace = self.policy.unresponsive_grace;
+        let result = bounded(conn, deadline, grace, |conn, guard| {
+            self.retry_loop(conn, deadline, read_only, &mut body, guard, &mut attempts)
+        });
+        (result, attempts)
+    }
+
+    fn retry_loop<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        read_only: bool,
+        body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+        guard: &Guard,
+        attempts: &mut Attempts,
+    ) -> Result<T, Error> {
+        let retry = &self.policy.retry;
         #[cfg(feature = "tracing")]
         let _span =
             tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
@@ -212,13 +263,14 @@ impl TxnRunner {
                         elapsed: deadline.elapsed(),
                     },
                 };
-                return (Err(error), attempts);
+                return Err(error);
             }
             attempts.started += 1;
-            let error = match self.once(conn, read_only, &mut body) {
-                Ok(value) => return (Ok(value), attempts),
-                Err(Error::Server(error)) if error.kind().is_retryable() => error,
-                Err(error) => return (Err(error), attempts),
+            let error = match self.once(conn, read_only, body) {
+                Ok(value) => return Ok(value),
+                // Never retried on a connection the watchdog shut down.
+                Err(Error::Server(error)) if error.kind().is_retryable() && !guard.fired() => error,
+                Err(error) => return Err(error),
             };
             attempts.refused += 1;
             let elapsed = deadline.elapsed();
@@ -240,7 +292,7 @@ impl TxnRunner {
                     elapsed,
                     last: error,
                 };
-                return (Err(contended), attempts);
+                return Err(contended);
             }
             last = Some(error);
             std::thread::sleep(pause);
