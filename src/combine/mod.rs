@@ -29,6 +29,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use diesel::mysql::MysqlConnection;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
@@ -37,7 +38,7 @@ use rust_decimal::Decimal;
 use crate::coupon::{CouponIssuer, IssuedCoupon};
 use crate::error::{Error, Result};
 use crate::ledger::{AccountOp, BalanceLedger, Entry};
-use crate::txn::Deadline;
+use crate::txn::{mark_broken, watched, Deadline};
 
 /// An r2d2 pool of MySQL connections.
 pub type MysqlPool = Pool<ConnectionManager<MysqlConnection>>;
@@ -339,10 +340,13 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
 }
 
 /// A pooled connection, waiting at most until `deadline`: [`Error::Timeout`] once it has passed
-/// (nothing sent), [`Error::Pool`] for any other checkout failure.
+/// (nothing sent), [`Error::Pool`] for any other checkout failure. The pool's validity ping
+/// runs under the watchdog (`grace` past the deadline): a connection whose ping the watchdog
+/// shut down is never handed out.
 fn checkout(
     pool: &MysqlPool,
     deadline: Deadline,
+    grace: Duration,
 ) -> Result<PooledConnection<ConnectionManager<MysqlConnection>>> {
     let timeout = |deadline: Deadline| Error::Timeout {
         elapsed: deadline.elapsed(),
@@ -350,11 +354,17 @@ fn checkout(
     if deadline.is_expired() {
         return Err(timeout(deadline));
     }
-    pool.get_timeout(deadline.remaining())
-        .map_err(|error| match deadline.is_expired() {
-            true => timeout(deadline),
-            false => Error::Pool(Arc::new(error)),
-        })
+    let (got, fired) = watched(deadline, grace, |_| pool.get_timeout(deadline.remaining()));
+    match got {
+        Ok(mut conn) if fired => {
+            // The ping answered as its socket was shut down: r2d2 discards the connection.
+            mark_broken(&mut conn);
+            Err(timeout(deadline))
+        }
+        Ok(conn) => Ok(conn),
+        Err(_) if deadline.is_expired() => Err(timeout(deadline)),
+        Err(error) => Err(Error::Pool(Arc::new(error))),
+    }
 }
 
 /// A domain type (`S`: a [`CouponIssuer`] or a [`BalanceLedger`]) in front of a pool, with a
@@ -391,15 +401,18 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
     /// Submits `request` for the hot row `key` with the caller's `deadline`; the batch it joins
     /// runs on a pooled connection checked out by the batch's deadline, through `many` — or,
     /// alone in its batch, through the single-request path `one` (shorter than a batch of one).
+    /// `grace`: the policy's [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace), for
+    /// the checkout.
     fn submit_pooled(
         &self,
         (key, request, deadline): (i64, Req, Deadline),
+        grace: Duration,
         one: impl Fn(&S, &mut MysqlConnection, i64, &Req, Deadline) -> Result<Resp>,
         many: impl Fn(&S, &mut MysqlConnection, i64, &[Req], Deadline) -> Result<Vec<Result<Resp>>>,
     ) -> Result<Resp> {
         self.combiner
             .submit(key, request, deadline, |key, requests, deadline| {
-                let mut conn = checkout(&self.pool, deadline)?;
+                let mut conn = checkout(&self.pool, deadline, grace)?;
                 match requests.as_slice() {
                     [alone] => Ok(vec![one(&self.inner, &mut conn, *key, alone, deadline)]),
                     all => many(&self.inner, &mut conn, *key, all, deadline),
@@ -443,6 +456,7 @@ impl CombiningIssuer {
         let request = (campaign_id, user_id, self.inner.runner().deadline());
         self.submit_pooled(
             request,
+            self.inner.runner().policy().unresponsive_grace,
             |issuer, conn, campaign, user, deadline| {
                 issuer.issue_by(conn, *user, campaign, deadline)
             },
@@ -482,6 +496,7 @@ impl CombiningLedger {
         let request = (user_id, op, self.inner.runner().deadline());
         self.submit_pooled(
             request,
+            self.inner.runner().policy().unresponsive_grace,
             BalanceLedger::apply_one_by,
             BalanceLedger::apply_many_by,
         )

@@ -21,7 +21,8 @@ mod watchdog;
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 use session::carries_settings;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
-use transaction::{ensure_no_open_transaction, mark_broken, run_transaction, Begin};
+pub(crate) use transaction::mark_broken;
+use transaction::{ensure_no_open_transaction, run_transaction, Begin};
 use watchdog::Guard;
 
 use std::sync::OnceLock;
@@ -123,9 +124,8 @@ pub(crate) fn bounded<T>(
     grace: Duration,
     f: impl FnOnce(&mut MysqlConnection, &Guard) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    let guard = Guard::arm(deadline.past(grace));
-    let result = f(conn, &guard);
-    if !guard.disarm() {
+    let (result, fired) = watched(deadline, grace, |guard| f(conn, guard));
+    if !fired {
         return result;
     }
     mark_broken(conn);
@@ -137,6 +137,20 @@ pub(crate) fn bounded<T>(
             elapsed: deadline.elapsed(),
         }),
     }
+}
+
+/// Runs `f` with the watchdog armed for the calling thread, due `grace` after `deadline`;
+/// its value and whether the watchdog shut a socket down meanwhile (then mark the connection
+/// involved broken: see [`bounded`]). A pool checkout runs under it directly: r2d2 pings a
+/// connection before handing it out, and the ping of a silent server never returns either.
+pub(crate) fn watched<T>(
+    deadline: Deadline,
+    grace: Duration,
+    f: impl FnOnce(&Guard) -> T,
+) -> (T, bool) {
+    let guard = Guard::arm(deadline.past(grace));
+    let value = f(&guard);
+    (value, guard.disarm())
 }
 
 /// How the server numbers the rows of one multi-row INSERT.
