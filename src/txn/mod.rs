@@ -10,6 +10,36 @@
 //!    refusal, 1205) rolls back only the statement, so the runner must not continue it,
 //! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
 //!    exponential backoff, bounded by attempts and by a deadline for the whole call.
+//!
+//! # A server that never answers
+//!
+//! The deadline bounds what lockstock decides (retries, backoff, what it sends next), but a
+//! statement already sent waits for the server's answer, and Diesel's `MysqlConnection` sets no
+//! client read timeout (and keeps the `MYSQL*` handle that could set one private): a frozen or
+//! partitioned server, or a Galera node that brute-force aborted the transaction and never
+//! reports it, would block the calling thread in libmariadb's `poll` for ever.
+//!
+//! So every call runs under a process-wide watchdog (one thread, started on first use). The
+//! runner arms it for the calling thread when the call starts, due at the deadline plus
+//! [`TxnPolicy::unresponsive_grace`], and disarms it when the call returns — a mutex push and
+//! removal, no round trip. If the call is still running when the entry comes due, the watchdog
+//! finds the socket the thread is blocked on (from `/proc/self/task/<tid>/syscall`) and shuts
+//! it down: the statement fails with a lost connection, the server rolls an open transaction
+//! back when it notices, and the caller sees, by deadline + grace (plus scheduling):
+//! - [`Error::ServerUnresponsive`] when COMMIT had not been sent (nothing committed), also for a
+//!   read-only snapshot;
+//! - [`Error::OutcomeUnknown`] when the COMMIT itself got no answer;
+//! - the value, when the answer arrived just as the socket was shut down.
+//!
+//! The connection is then marked broken (an r2d2 pool discards it); nothing more is tried on it
+//! beyond a ROLLBACK that fails at once, and the call is never retried on it. The statements
+//! sent outside a transaction ([`apply_session_settings`], the validity ping of a combiner's
+//! pool checkout) run under the watchdog as well. Not covered: a caller's own pool checkout
+//! (r2d2 pings with `test_on_check_out`, on by default) and opening a new connection, which
+//! Diesel bounds by nothing either.
+//!
+//! Linux only (x86_64 and aarch64). Elsewhere nothing is armed and a call waits as long as the
+//! server does.
 
 mod policy;
 mod session;
@@ -109,8 +139,8 @@ impl RunnerSql {
     }
 }
 
-/// Runs `f` — statements on `conn` — with the [watchdog](self#a-server-that-never-answers) armed
-/// for the calling thread, due `grace` after `deadline`. Every statement lockstock sends runs
+/// Runs `f` — statements on `conn` — with the
+/// [watchdog](crate::txn#a-server-that-never-answers) armed for the calling thread, due `grace` after `deadline`. Every statement lockstock sends runs
 /// under it: the runner's transactions, and what is sent outside one
 /// ([`apply_session_settings`]).
 ///
@@ -199,7 +229,10 @@ impl TxnRunner {
     /// refusals outlast the attempts or the deadline; [`Error::Timeout`] when the deadline passed
     /// before a transaction was sent; [`Error::OutcomeUnknown`] when COMMIT failed in flight;
     /// [`Error::NestedTransaction`] inside a caller's transaction; [`Error::ConnectionBroken`]
-    /// when a ROLLBACK failed; [`Error::Server`] for any other server failure.
+    /// when a ROLLBACK failed; [`Error::ServerUnresponsive`] when the server did not answer by
+    /// the deadline plus [`TxnPolicy::unresponsive_grace`] (see the
+    /// [module docs](crate::txn#a-server-that-never-answers); COMMIT in flight then answers
+    /// `OutcomeUnknown`); [`Error::Server`] for any other server failure.
     pub fn run<T>(
         &self,
         conn: &mut MysqlConnection,
@@ -376,8 +409,9 @@ impl TxnRunner {
     ///
     /// # Errors
     /// What `body` fails with; [`Error::Contended`], [`Error::Timeout`],
-    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`] and [`Error::Server`] as for
-    /// [`run`](Self::run) (a read never answers [`Error::OutcomeUnknown`]).
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], [`Error::ServerUnresponsive`]
+    /// and [`Error::Server`] as for [`run`](Self::run) (a read never answers
+    /// [`Error::OutcomeUnknown`]).
     pub fn read<T>(
         &self,
         conn: &mut MysqlConnection,
