@@ -248,7 +248,9 @@ mod sys {
         let Some(fd) = blocked_fd(tid) else {
             return false;
         };
-        if !is_socket(fd) {
+        // Never the standard streams: under a service manager they may be sockets (a log
+        // writer blocked on them is not a database call).
+        if fd <= 2 || !is_socket(fd) {
             return false;
         }
         // SAFETY: shutdown on a descriptor number is memory-safe; the socket belongs to the
