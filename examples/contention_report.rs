@@ -608,7 +608,7 @@ fn dash_attr(dash: &str) -> String {
 
 mod galera {
     use std::fmt::Write as _;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -706,17 +706,24 @@ mod galera {
     }
 
     /// A workload client's `before_attempt` hook: counts calls slower than [`SLOW_CALL`] (from
-    /// one attempt's start to the next one's, or to the client's end) and, with `sync_wait`,
-    /// sets `wsrep_sync_wait = 1` once on every connection.
+    /// one attempt's start to the next one's, or to the client's end), notes when the latest
+    /// one started and, with `sync_wait`, sets `wsrep_sync_wait = 1` once on every connection.
     struct CallClock {
         sync_wait: bool,
+        /// When the workload started.
+        start: Instant,
         last: Option<Instant>,
         slow: u64,
+        /// Milliseconds from `start` to the latest call's start (readable while the call hangs).
+        latest_call: Arc<AtomicU64>,
     }
 
     impl CallClock {
         fn before_attempt(&mut self, conn: &mut MysqlConnection) -> bool {
             self.lap();
+            let since = self.start.elapsed().as_millis();
+            self.latest_call
+                .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
             if self.sync_wait
                 && conn
                     .instrumentation()
@@ -757,7 +764,8 @@ mod galera {
         wall: Duration,
         conflicts: Conflicts,
         slow: u64,
-        stuck: Vec<String>,
+        /// Stuck clients: name and when their call in flight started.
+        stuck: Vec<(String, Duration)>,
         errors: ErrorTexts,
         violations: Vec<String>,
     }
@@ -981,12 +989,15 @@ mod galera {
         eprintln!("  workload {}: {WORKLOAD_CLIENTS} clients", mode.name());
         let start = Instant::now();
         let mut threads = BoundedThreads::new();
-        for client in &clients {
+        let latest_calls: Vec<Arc<AtomicU64>> = clients.iter().map(|_| Arc::default()).collect();
+        for (client, latest_call) in clients.iter().zip(&latest_calls) {
             let (client, stop) = (client.clone(), stop.clone());
             let mut clock = CallClock {
                 sync_wait: mode == Mode::SpreadSyncWait,
+                start,
                 last: None,
                 slow: 0,
+                latest_call: latest_call.clone(),
             };
             threads.spawn(move || {
                 let records =
@@ -999,14 +1010,18 @@ mod galera {
         let (returned, last) = threads.collect(Some(Instant::now() + WORKLOAD_GRACE))?;
         let wall = last.map_or(Duration::ZERO, |at| at.saturating_duration_since(start));
         let mut records: Vec<Record> = Vec::new();
-        let (mut slow, mut missing) = (0, Vec::new());
-        for (client, result) in clients.into_iter().zip(returned) {
+        let (mut slow, mut missing, mut stuck) = (0, Vec::new(), Vec::new());
+        for ((client, result), latest_call) in clients.into_iter().zip(returned).zip(latest_calls) {
             match result {
                 Some((history, slow_calls)) => {
                     records.extend(history);
                     slow += slow_calls;
                 }
-                None => missing.push(client),
+                None => {
+                    let since = Duration::from_millis(latest_call.load(Ordering::Relaxed));
+                    stuck.push((client.name.clone(), since));
+                    missing.push(client);
+                }
             }
         }
         let violations = workload::verify_partial(&mut check, &setup, &records, &missing);
@@ -1017,7 +1032,7 @@ mod galera {
             wall,
             conflicts: after.since(before),
             slow,
-            stuck: missing.into_iter().map(|c| c.name).collect(),
+            stuck,
             errors,
             violations,
         })
@@ -1031,8 +1046,9 @@ mod galera {
              {WORKLOAD_CLIENTS} clients, {} s per topology, {ACCOUNTS} accounts, {CAMPAIGNS} \
              campaigns of {STOCK}, LOCKSTOCK_SEED={seed}; then `workload::verify` through node 0 \
              with wsrep_sync_wait=1. A client not back {} s after the stop is counted as stuck; \
-             its history is lost, so verify skips its keys and coupon users (every other check, \
-             money conservation and the audit included, covers its rows).\n",
+             its history is lost, so ops/s and ok/s count the clients that came back, and verify \
+             skips the stuck clients' keys and coupon users (every other check, money \
+             conservation and the audit included, covers their rows).\n",
             WORKLOAD_TIME.as_secs(),
             WORKLOAD_GRACE.as_secs()
         );
@@ -1067,10 +1083,16 @@ mod galera {
                 let _ = write!(text, "\nserver errors answered:\n```\n{answered}```\n");
             }
             if !run.stuck.is_empty() {
+                let stuck: Vec<String> = run
+                    .stuck
+                    .iter()
+                    .map(|(name, since)| format!("{name} ({:.1} s)", since.as_secs_f64()))
+                    .collect();
                 let _ = write!(
                     text,
-                    "\nstuck clients (history skipped in verify): {}\n",
-                    run.stuck.join(", ")
+                    "\nstuck clients, with when their call in flight started (history skipped in \
+                     verify): {}\n",
+                    stuck.join(", ")
                 );
             }
             if run.violations.is_empty() {
