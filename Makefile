@@ -8,7 +8,7 @@ DEMO ?= flash_sale
 APT_PACKAGES := mariadb-server galera-4 rsync libmariadb-dev pkg-config
 POLICY_RC_D := /usr/sbin/policy-rc.d
 
-.PHONY: all deps test demo bench report package check-leftovers
+.PHONY: all deps test demo bench report report-galera package check-leftovers
 
 all: test
 
@@ -92,6 +92,10 @@ bench: deps
 
 report: deps
 	$(CARGO) run --release --example contention_report
+
+# The contention report on a throwaway 3-node Galera cluster (about 3 minutes).
+report-galera: deps
+	$(CARGO) run --release --example contention_report -- --galera
 
 # Both crates as they would be published (lockstock-testkit verified against the packaged lockstock).
 package: deps

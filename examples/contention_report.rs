@@ -9,9 +9,48 @@
 //! invariant does not hold.
 //!
 //! ```text
-//! cargo run --release --example contention_report            # quick: ~1-2 min
-//! cargo run --release --example contention_report -- --full  # 1..256 clients, longer cells
+//! cargo run --release --example contention_report              # quick: ~1-2 min
+//! cargo run --release --example contention_report -- --full    # 1..256 clients, longer cells
+//! cargo run --release --example contention_report -- --galera  # 3-node Galera: ~3 min
 //! ```
+//!
+//! # `--galera` (`make report-galera`)
+//!
+//! Starts a throwaway 3-node MariaDB Galera cluster on loopback
+//! (`lockstock_testkit::GaleraCluster`, removed when the report ends), creates the database with
+//! lockstock's migrations through node 0 and measures on it:
+//!
+//! * **Cells** ([`Harness::on_cluster`]): per-request (the library's `CouponIssuer::issue` /
+//!   `BalanceLedger::deduct`, `seed(lib)` above) vs combining, at 1, 16 and 64 clients, on one
+//!   hot campaign and one hot account, in two topologies: *one writer* (every client's
+//!   connection, and combining's pool, on node 0) and *spread* (client `i` on node `i % 3`;
+//!   combining runs one combiner with its own pool per node, like three application processes).
+//!   Every cell is checked through node 0 with `wsrep_sync_wait = 1` and reports the cluster's
+//!   certification failures and brute-force aborts (`wsrep_local_cert_failures`,
+//!   `wsrep_local_bf_aborts`, summed over the nodes) and the errors callers saw.
+//! * **Multi-writer, measured**: the mixed workload with its history checker
+//!   (`lockstock_testkit::workload`), 16 clients for 15 s each, on a database of its own per
+//!   topology: one writer; spread over the 3 nodes; spread with `wsrep_sync_wait = 1` (set once
+//!   per connection in the `before_attempt` hook). Reported: operations and successes per
+//!   second, conflicts, the answers callers got, calls slower than 5 s and every violation
+//!   `workload::verify` finds.
+//!
+//! A call on a Galera node can hang for ever when the server never answers (issue 11); the
+//! report does not: a client still running some seconds after its time (cells: the harness's
+//! `STUCK_GRACE`; workload: 10 s) is counted as *stuck* and left behind. A stuck cell client's
+//! call in flight is in doubt for the checks; a stuck workload client's history is lost, so
+//! `verify` skips its keys and coupon users (`workload::verify_partial`).
+//!
+//! Markdown tables ("Galera: hot coupon", "Galera: hot account", "Galera: mixed workload"),
+//! then the line
+//!
+//! `contention-galera: one-writer combining/per-request=<x> spread/one-writer(combining)=<y> clients=64`
+//!
+//! where each ratio is of successful requests per second at 64 clients, the geometric mean of
+//! the two domains. The exit status is non-zero if an invariant does not hold with one writer;
+//! violations with writes spread over the nodes are findings, printed but not failing.
+//!
+//! [`Harness::on_cluster`]: lockstock_testkit::strategies::Harness::on_cluster
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -30,6 +69,7 @@ const RATIO_CLIENTS: usize = 64;
 
 struct Options {
     full: bool,
+    galera: bool,
     clients: Vec<usize>,
     cell_time: Duration,
     single_rounds: usize,
@@ -39,15 +79,20 @@ struct Options {
 impl Options {
     fn parse() -> Result<Self, BoxError> {
         let mut full = false;
+        let mut galera = false;
         for arg in std::env::args().skip(1) {
             match arg.as_str() {
                 "--full" => full = true,
                 "--quick" => full = false,
+                "--galera" => galera = true,
                 "-h" | "--help" => {
                     println!(
-                        "usage: contention_report [--quick | --full]\n  \
-                         --quick  1, 16, 64, 256 clients, 1.5 s per cell (default)\n  \
-                         --full   1, 16, 64, 256 clients, 5 s per cell, more latency samples"
+                        "usage: contention_report [--quick | --full | --galera]\n  \
+                         --quick   1, 16, 64, 256 clients, 1.5 s per cell (default)\n  \
+                         --full    1, 16, 64, 256 clients, 5 s per cell, more latency samples\n  \
+                         --galera  a throwaway 3-node Galera cluster: per-request vs combining \
+                         at 1, 16, 64 clients, one writer vs spread, and the mixed workload \
+                         (about 3 minutes)"
                     );
                     std::process::exit(0);
                 }
@@ -57,6 +102,7 @@ impl Options {
         Ok(if full {
             Self {
                 full,
+                galera,
                 clients: vec![1, 16, 64, 256],
                 cell_time: Duration::from_secs(5),
                 single_rounds: 10,
@@ -65,6 +111,7 @@ impl Options {
         } else {
             Self {
                 full,
+                galera,
                 clients: vec![1, 16, 64, 256],
                 cell_time: Duration::from_millis(1500),
                 single_rounds: 4,
@@ -88,6 +135,9 @@ fn main() -> ExitCode {
 /// Runs everything; `Ok(false)` if an invariant was violated.
 fn run() -> Result<bool, BoxError> {
     let options = Options::parse()?;
+    if options.galera {
+        return galera::run();
+    }
     let started = Instant::now();
     let mut harness = Harness::new("lockstock_contention_report")?;
     let version = harness.server_version()?;
@@ -275,32 +325,8 @@ fn print_table(domain: Domain, results: &[CellResult]) {
         let refusals = r
             .refusals_per_success()
             .map_or_else(|| "n/a".to_string(), |v| format!("{v:.2}"));
-        let errors = if r.errors == 0 {
-            "0".to_string()
-        } else {
-            let kinds: Vec<String> = r
-                .errors_by_kind
-                .iter()
-                .map(|(kind, n)| format!("{kind} {n}"))
-                .collect();
-            format!("{} ({})", r.errors, kinds.join(", "))
-        };
-        let mut notes = String::new();
-        if let Some(b) = r.batches {
-            let mean = if b.batches == 0 {
-                0.0
-            } else {
-                b.requests as f64 / b.batches as f64
-            };
-            let _ = write!(
-                notes,
-                "{} batches, mean {mean:.1}, max {}",
-                b.batches, b.largest_batch
-            );
-        }
-        if !r.violations.is_empty() {
-            let _ = write!(notes, " INVARIANT VIOLATED: {}", r.violations.join("; "));
-        }
+        let errors = errors_cell(r);
+        let notes = notes_cell(r);
         println!(
             "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
             r.strategy.name(),
@@ -312,10 +338,45 @@ fn print_table(domain: Domain, results: &[CellResult]) {
             r.percentile_ms(99.0),
             refusals,
             errors,
-            notes.trim()
+            notes
         );
     }
     println!();
+}
+
+/// The notes of a cell for a table: combining's batches, violated invariants.
+fn notes_cell(r: &CellResult) -> String {
+    let mut notes = String::new();
+    if let Some(b) = r.batches {
+        let mean = if b.batches == 0 {
+            0.0
+        } else {
+            b.requests as f64 / b.batches as f64
+        };
+        let _ = write!(
+            notes,
+            "{} batches, mean {mean:.1}, max {}",
+            b.batches, b.largest_batch
+        );
+    }
+    if !r.violations.is_empty() {
+        let _ = write!(notes, " INVARIANT VIOLATED: {}", r.violations.join("; "));
+    }
+    notes.trim().to_string()
+}
+
+/// The errors of a cell for a table: `0`, or the count and the kinds (`12 (Timeout 10, ...)`).
+fn errors_cell(r: &CellResult) -> String {
+    if r.errors == 0 {
+        "0".to_string()
+    } else {
+        let kinds: Vec<String> = r
+            .errors_by_kind
+            .iter()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        format!("{} ({})", r.errors, kinds.join(", "))
+    }
 }
 
 fn throughput_of(results: &[CellResult], domain: Domain, strategy: Strategy) -> Option<f64> {
@@ -538,5 +599,511 @@ fn dash_attr(dash: &str) -> String {
         String::new()
     } else {
         format!(r#" stroke-dasharray="{dash}""#)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// --galera: a throwaway 3-node Galera cluster
+// ---------------------------------------------------------------------------------------------
+
+mod galera {
+    use std::fmt::Write as _;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
+    use diesel::prelude::*;
+    use lockstock::schema::user_balance;
+    use lockstock_testkit::galera::GaleraCluster;
+    use lockstock_testkit::strategies::{
+        connect_causal, per_second, BoundedThreads, BoxError, CellConfig, CellResult, Conflicts,
+        Domain, Harness, Strategy, Topology, STUCK_GRACE,
+    };
+    use lockstock_testkit::workload::{self, Client, ErrorTexts, Record, Summary};
+
+    use super::{errors_cell, notes_cell, CELL_REQUEST_CAP, RATIO_CLIENTS};
+
+    /// Nodes of the cluster.
+    const NODES: usize = 3;
+    /// Client counts of the cells.
+    const CLIENTS: [usize; 3] = [1, 16, RATIO_CLIENTS];
+    /// Per-request (the library's `issue` / `deduct`) and combining.
+    const STRATEGIES: [Strategy; 2] = [Strategy::SeedLib, Strategy::Combining];
+    /// Time per cell.
+    const CELL_TIME: Duration = Duration::from_secs(2);
+    /// Clients of the mixed workload.
+    const WORKLOAD_CLIENTS: usize = 16;
+    /// How long the mixed workload runs per topology.
+    const WORKLOAD_TIME: Duration = Duration::from_secs(15);
+    /// How long a workload client may take past [`WORKLOAD_TIME`] before it counts as stuck:
+    /// its operation in flight then has had more than three calls' deadlines (3 s each).
+    const WORKLOAD_GRACE: Duration = Duration::from_secs(10);
+    /// A call slower than this is counted.
+    const SLOW_CALL: Duration = Duration::from_secs(5);
+    /// Accounts, campaigns and their stock of the mixed workload.
+    const ACCOUNTS: i64 = 16;
+    const CAMPAIGNS: usize = 2;
+    const STOCK: u32 = 1_000;
+
+    /// The report's name of a strategy.
+    fn strategy_name(strategy: Strategy) -> &'static str {
+        match strategy {
+            Strategy::SeedLib => "per-request",
+            other => other.name(),
+        }
+    }
+
+    /// How the mixed workload's clients reach the cluster.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        /// Every client on node 0.
+        OneWriter,
+        /// Client `i` on node `i % 3`.
+        Spread,
+        /// Spread, and every connection sets `wsrep_sync_wait = 1` (causal reads).
+        SpreadSyncWait,
+    }
+
+    impl Mode {
+        const ALL: [Mode; 3] = [Mode::OneWriter, Mode::Spread, Mode::SpreadSyncWait];
+
+        fn name(self) -> &'static str {
+            match self {
+                Self::OneWriter => "one writer (node 0)",
+                Self::Spread => "spread over 3 nodes",
+                Self::SpreadSyncWait => "spread, wsrep_sync_wait=1",
+            }
+        }
+
+        /// Its database.
+        fn database(self) -> &'static str {
+            match self {
+                Self::OneWriter => "lockstock_galera_workload_one",
+                Self::Spread => "lockstock_galera_workload_spread",
+                Self::SpreadSyncWait => "lockstock_galera_workload_causal",
+            }
+        }
+
+        fn node_of(self, client: usize) -> usize {
+            match self {
+                Self::OneWriter => 0,
+                Self::Spread | Self::SpreadSyncWait => client % NODES,
+            }
+        }
+    }
+
+    /// Marks a connection that has `wsrep_sync_wait = 1`, in Diesel's instrumentation slot
+    /// (wrapping the default instrumentation, which it keeps calling).
+    struct SyncWaitMark(Option<Box<dyn Instrumentation>>);
+
+    impl Instrumentation for SyncWaitMark {
+        fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+            if let Some(inner) = self.0.as_mut() {
+                inner.on_connection_event(event);
+            }
+        }
+    }
+
+    /// A workload client's `before_attempt` hook: counts calls slower than [`SLOW_CALL`] (from
+    /// one attempt's start to the next one's, or to the client's end), notes when the latest
+    /// one started and, with `sync_wait`, sets `wsrep_sync_wait = 1` once on every connection.
+    struct CallClock {
+        sync_wait: bool,
+        /// When the workload started.
+        start: Instant,
+        last: Option<Instant>,
+        slow: u64,
+        /// Milliseconds from `start` to the latest call's start (readable while the call hangs).
+        latest_call: Arc<AtomicU64>,
+    }
+
+    impl CallClock {
+        fn before_attempt(&mut self, conn: &mut MysqlConnection) -> bool {
+            self.lap();
+            let since = self.start.elapsed().as_millis();
+            self.latest_call
+                .store(u64::try_from(since).unwrap_or(u64::MAX), Ordering::Relaxed);
+            if self.sync_wait
+                && conn
+                    .instrumentation()
+                    .downcast_ref::<SyncWaitMark>()
+                    .is_none()
+            {
+                if conn
+                    .batch_execute("SET SESSION wsrep_sync_wait = 1")
+                    .is_err()
+                {
+                    return false;
+                }
+                let default = diesel::connection::get_default_instrumentation();
+                conn.set_instrumentation(SyncWaitMark(default));
+            }
+            true
+        }
+
+        fn lap(&mut self) {
+            let now = Instant::now();
+            if self.last.is_some_and(|last| now - last > SLOW_CALL) {
+                self.slow += 1;
+            }
+            self.last = Some(now);
+        }
+
+        /// The slow calls, counting the last one.
+        fn finish(mut self) -> u64 {
+            self.lap();
+            self.slow
+        }
+    }
+
+    /// What one topology of the mixed workload saw.
+    struct WorkloadRun {
+        mode: Mode,
+        summary: Summary,
+        wall: Duration,
+        conflicts: Conflicts,
+        slow: u64,
+        /// Stuck clients: name and when their call in flight started.
+        stuck: Vec<(String, Duration)>,
+        errors: ErrorTexts,
+        violations: Vec<String>,
+    }
+
+    /// Runs `--galera`; `Ok(false)` if an invariant was violated with one writer.
+    pub(super) fn run() -> Result<bool, BoxError> {
+        let started = Instant::now();
+        eprintln!("starting a {NODES}-node Galera cluster");
+        let mut cluster = GaleraCluster::start(NODES)?;
+        let ready = started.elapsed();
+        let urls = cluster.create_database("lockstock_galera_report")?;
+        let mut harness = Harness::on_cluster(&urls[0], urls.clone())?;
+        let version = harness.server_version()?;
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        println!("# lockstock contention report: Galera\n");
+        println!(
+            "{cores} cores, server {version}; a throwaway {NODES}-node Galera cluster on \
+             loopback (ready in {:.0} s). Cells: {:.1} s each, one thread per client; \
+             per-request is the library's `CouponIssuer::issue` / `BalanceLedger::deduct` on a \
+             connection per client; combining uses a pool of min(clients on the node, 8) per \
+             node. One writer: every client on node 0. Spread: client i on node i % {NODES}, \
+             one combiner per node. Checks read through node 0 with wsrep_sync_wait=1. Cert \
+             failures and BF aborts are wsrep_local_cert_failures and wsrep_local_bf_aborts, \
+             summed over the nodes. A client still running {} s after the cell's time is \
+             counted as stuck and left behind.\n",
+            ready.as_secs_f64(),
+            CELL_TIME.as_secs_f64(),
+            STUCK_GRACE.as_secs()
+        );
+        // Violations with one writer fail the report; with writes spread they are findings.
+        let (mut failures, mut findings) = (Vec::new(), Vec::new());
+        let results = cells(&mut harness, &mut failures, &mut findings)?;
+        for domain in Domain::ALL {
+            print_cells(domain, &results);
+        }
+
+        let seed = lockstock_testkit::rng::seed("contention_report --galera workload");
+        let mut runs = Vec::new();
+        for mode in Mode::ALL {
+            let run = workload(&cluster, &mut harness, mode, seed)?;
+            if let Err(e) = cluster.wait_cluster_synced(Duration::from_secs(30)) {
+                findings.push(format!(
+                    "{}: the cluster is not synced after it: {e}",
+                    mode.name()
+                ));
+            }
+            let list = if mode == Mode::OneWriter {
+                &mut failures
+            } else {
+                &mut findings
+            };
+            list.extend(
+                run.violations
+                    .iter()
+                    .map(|v| format!("workload {}: {v}", mode.name())),
+            );
+            runs.push(run);
+        }
+        print_workloads(&runs, seed);
+
+        println!("elapsed: {:.0} s\n", started.elapsed().as_secs_f64());
+        for (title, list) in [
+            ("INVARIANT VIOLATIONS with one writer", &failures),
+            ("Findings with writes spread over the nodes", &findings),
+        ] {
+            if !list.is_empty() {
+                eprintln!("{title}:");
+                for violation in list {
+                    eprintln!("  {violation}");
+                }
+            }
+        }
+        drop(harness);
+        drop(cluster);
+        println!(
+            "contention-galera: one-writer combining/per-request={} \
+             spread/one-writer(combining)={} clients={RATIO_CLIENTS}",
+            ratio(
+                &results,
+                (Topology::OneWriter, Strategy::Combining),
+                (Topology::OneWriter, Strategy::SeedLib)
+            ),
+            ratio(
+                &results,
+                (Topology::Spread, Strategy::Combining),
+                (Topology::OneWriter, Strategy::Combining)
+            )
+        );
+        Ok(failures.is_empty())
+    }
+
+    /// Every cell: topology × domain × clients × strategy.
+    fn cells(
+        harness: &mut Harness,
+        failures: &mut Vec<String>,
+        findings: &mut Vec<String>,
+    ) -> Result<Vec<CellResult>, BoxError> {
+        let mut results = Vec::new();
+        for topology in Topology::ALL {
+            harness.set_topology(topology);
+            for domain in Domain::ALL {
+                for clients in CLIENTS {
+                    for strategy in STRATEGIES {
+                        let result = harness.run_cell(&CellConfig {
+                            domain,
+                            strategy,
+                            clients,
+                            max_requests: CELL_REQUEST_CAP,
+                            max_time: Some(CELL_TIME),
+                        })?;
+                        let name = format!(
+                            "{} {} {} {clients} clients",
+                            topology.name(),
+                            domain.name(),
+                            strategy_name(strategy)
+                        );
+                        eprintln!(
+                            "  {name}: {:.0}/s ({} ok, {} errors, {} stuck)",
+                            result.throughput(),
+                            result.ok,
+                            result.errors,
+                            result.stuck
+                        );
+                        let list = match topology {
+                            Topology::OneWriter => &mut *failures,
+                            Topology::Spread => &mut *findings,
+                        };
+                        list.extend(result.violations.iter().map(|v| format!("{name}: {v}")));
+                        results.push(result);
+                    }
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    fn print_cells(domain: Domain, results: &[CellResult]) {
+        println!("## Galera: {}\n", domain.title());
+        println!(
+            "| topology | strategy | clients | req/s | ok/s | p50 ms | p99 ms | cert failures | \
+             BF aborts | stuck | errors | notes |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+        for r in results.iter().filter(|r| r.domain == domain) {
+            let conflicts = r.conflicts.unwrap_or_default();
+            println!(
+                "| {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+                r.topology.name(),
+                strategy_name(r.strategy),
+                r.clients,
+                r.request_rate(),
+                r.throughput(),
+                r.percentile_ms(50.0),
+                r.percentile_ms(99.0),
+                conflicts.cert_failures,
+                conflicts.bf_aborts,
+                r.stuck,
+                errors_cell(r),
+                notes_cell(r)
+            );
+        }
+        println!();
+    }
+
+    /// ok/s of the cell `(topology, strategy)` at [`RATIO_CLIENTS`] clients over that of
+    /// `base`, as the geometric mean of the two domains.
+    fn ratio(
+        results: &[CellResult],
+        (topology, strategy): (Topology, Strategy),
+        base: (Topology, Strategy),
+    ) -> String {
+        let ok_rate = |domain: Domain, (topology, strategy): (Topology, Strategy)| {
+            results
+                .iter()
+                .find(|r| {
+                    r.domain == domain
+                        && r.topology == topology
+                        && r.strategy == strategy
+                        && r.clients == RATIO_CLIENTS
+                })
+                .map(CellResult::throughput)
+        };
+        let mut product = 1.0;
+        for domain in Domain::ALL {
+            match (ok_rate(domain, (topology, strategy)), ok_rate(domain, base)) {
+                (Some(value), Some(base)) if base > 0.0 => product *= value / base,
+                (Some(_), Some(_)) => return "inf".to_string(),
+                _ => return "n/a".to_string(),
+            }
+        }
+        format!("{:.1}", product.powf(1.0 / Domain::ALL.len() as f64))
+    }
+
+    /// The mixed workload (`workload::run_client`) in one topology, on a database of its own.
+    fn workload(
+        cluster: &GaleraCluster,
+        harness: &mut Harness,
+        mode: Mode,
+        seed: u64,
+    ) -> Result<WorkloadRun, BoxError> {
+        let urls = cluster.create_database(mode.database())?;
+        let mut check = connect_causal(&urls[0])?;
+        lockstock::run_migrations(&mut check)?;
+        let setup = workload::setup(&mut check, ACCOUNTS, CAMPAIGNS, STOCK);
+        // Every node has the accounts and campaigns before the clients start.
+        for url in &urls {
+            user_balance::table
+                .count()
+                .get_result::<i64>(&mut connect_causal(url)?)?;
+        }
+        let before = harness.conflicts()?.unwrap_or_default();
+        let errors = ErrorTexts::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<Client> = (0..WORKLOAD_CLIENTS)
+            .map(|i| {
+                let url = &urls[mode.node_of(i)];
+                let client_seed = seed.wrapping_add(i as u64);
+                Client::new(url, format!("c{i}"), i, &setup, client_seed, &errors)
+            })
+            .collect();
+        eprintln!("  workload {}: {WORKLOAD_CLIENTS} clients", mode.name());
+        let start = Instant::now();
+        let mut threads = BoundedThreads::new();
+        let latest_calls: Vec<Arc<AtomicU64>> = clients.iter().map(|_| Arc::default()).collect();
+        for (client, latest_call) in clients.iter().zip(&latest_calls) {
+            let (client, stop) = (client.clone(), stop.clone());
+            let mut clock = CallClock {
+                sync_wait: mode == Mode::SpreadSyncWait,
+                start,
+                last: None,
+                slow: 0,
+                latest_call: latest_call.clone(),
+            };
+            threads.spawn(move || {
+                let records =
+                    workload::run_client(&client, &stop, &mut |conn| clock.before_attempt(conn));
+                (records, clock.finish())
+            });
+        }
+        std::thread::sleep(WORKLOAD_TIME);
+        stop.store(true, Ordering::Relaxed);
+        let (returned, last) = threads.collect(Some(Instant::now() + WORKLOAD_GRACE))?;
+        let wall = last.map_or(Duration::ZERO, |at| at.saturating_duration_since(start));
+        let mut records: Vec<Record> = Vec::new();
+        let (mut slow, mut missing, mut stuck) = (0, Vec::new(), Vec::new());
+        for ((client, result), latest_call) in clients.into_iter().zip(returned).zip(latest_calls) {
+            match result {
+                Some((history, slow_calls)) => {
+                    records.extend(history);
+                    slow += slow_calls;
+                }
+                None => {
+                    let since = Duration::from_millis(latest_call.load(Ordering::Relaxed));
+                    stuck.push((client.name.clone(), since));
+                    missing.push(client);
+                }
+            }
+        }
+        let violations = workload::verify_partial(&mut check, &setup, &records, &missing);
+        let after = harness.conflicts()?.unwrap_or_default();
+        Ok(WorkloadRun {
+            mode,
+            summary: Summary::of(&records),
+            wall,
+            conflicts: after.since(before),
+            slow,
+            stuck,
+            errors,
+            violations,
+        })
+    }
+
+    fn print_workloads(runs: &[WorkloadRun], seed: u64) {
+        println!("## Galera: mixed workload, multi-writer measured\n");
+        println!(
+            "`workload::run_client` (deducts, transfers, refunds, charges, coupon issues; every \
+             operation retried with its key until it has a definitive answer), \
+             {WORKLOAD_CLIENTS} clients, {} s per topology, {ACCOUNTS} accounts, {CAMPAIGNS} \
+             campaigns of {STOCK}, LOCKSTOCK_SEED={seed}; then `workload::verify` through node 0 \
+             with wsrep_sync_wait=1. A client not back {} s after the stop is counted as stuck; \
+             its history is lost, so ops/s and ok/s count the clients that came back, and verify \
+             skips the stuck clients' keys and coupon users (every other check, money \
+             conservation and the audit included, covers their rows).\n",
+            WORKLOAD_TIME.as_secs(),
+            WORKLOAD_GRACE.as_secs()
+        );
+        println!(
+            "| topology | ops/s | ok/s | cert failures | BF aborts | contended / unknown / lost \
+             answers | unexpected | calls > 5 s | stuck clients | violations |"
+        );
+        println!("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|");
+        for run in runs {
+            let s = &run.summary;
+            println!(
+                "| {} | {:.0} | {:.0} | {} | {} | {} / {} / {} | {} | {} | {} | {} |",
+                run.mode.name(),
+                per_second(s.ops as u64, run.wall),
+                per_second(s.ok as u64, run.wall),
+                run.conflicts.cert_failures,
+                run.conflicts.bf_aborts,
+                s.contended_answers,
+                s.unknown_answers,
+                s.lost_answers,
+                s.unexpected,
+                run.slow,
+                run.stuck.len(),
+                run.violations.len()
+            );
+        }
+        println!();
+        for run in runs {
+            let mut text = format!("### {}\n\n{}\n", run.mode.name(), run.summary);
+            let answered = workload::describe(&run.errors);
+            if !answered.is_empty() {
+                let _ = write!(text, "\nserver errors answered:\n```\n{answered}```\n");
+            }
+            if !run.stuck.is_empty() {
+                let stuck: Vec<String> = run
+                    .stuck
+                    .iter()
+                    .map(|(name, since)| format!("{name} ({:.1} s)", since.as_secs_f64()))
+                    .collect();
+                let _ = write!(
+                    text,
+                    "\nstuck clients, with when their call in flight started (history skipped in \
+                     verify): {}\n",
+                    stuck.join(", ")
+                );
+            }
+            if run.violations.is_empty() {
+                text.push_str("\nverify: no violations\n");
+            } else {
+                let _ = writeln!(text, "\nverify: {} violations:", run.violations.len());
+                for violation in &run.violations {
+                    let _ = writeln!(text, "- {violation}");
+                }
+            }
+            println!("{text}");
+        }
     }
 }

@@ -14,12 +14,16 @@
 //! * `combining` — `CombiningIssuer` / `CombiningLedger` over an r2d2 pool.
 //!
 //! [`Harness::run_cell`] runs one (domain, strategy, clients) cell with one thread per client
-//! and checks the invariants from the database afterwards.
+//! and checks the invariants from the database afterwards. [`Harness::on_cluster`] runs the same
+//! cells on a Galera cluster, with every client on one node or spread over the nodes
+//! ([`Topology`]), and counts the cluster's certification failures and brute-force aborts
+//! ([`Conflicts`]). A client whose call never returns is counted as stuck and left behind
+//! ([`STUCK_GRACE`]) instead of hanging the cell.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Barrier;
+use std::sync::{mpsc, Arc, Barrier, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{NaiveDateTime, Utc};
@@ -551,6 +555,8 @@ pub struct CellResult {
     pub domain: Domain,
     /// How.
     pub strategy: Strategy,
+    /// Where the clients connected.
+    pub topology: Topology,
     /// Concurrent clients.
     pub clients: usize,
     /// Requests started.
@@ -570,19 +576,25 @@ pub struct CellResult {
     pub batches: Option<CombinerStats>,
     /// Error counts by kind.
     pub errors_by_kind: Vec<(String, u64)>,
+    /// Clients that had not finished [`STUCK_GRACE`] after the cell's time (each with one call
+    /// in flight, in doubt for the checks).
+    pub stuck: u64,
+    /// The cluster's certification failures and brute-force aborts during the cell; `None` on a
+    /// single server.
+    pub conflicts: Option<Conflicts>,
     /// Invariant violations found in the database afterwards; empty when consistent.
     pub violations: Vec<String>,
 }
 
 impl CellResult {
+    /// Requests answered (ok or error) per second.
+    pub fn request_rate(&self) -> f64 {
+        per_second(self.attempted, self.wall)
+    }
+
     /// Successful requests per second.
     pub fn throughput(&self) -> f64 {
-        let secs = self.wall.as_secs_f64();
-        if secs > 0.0 {
-            self.ok as f64 / secs
-        } else {
-            0.0
-        }
+        per_second(self.ok, self.wall)
     }
 
     /// Latency percentile `p` (0..=100) in milliseconds.
@@ -598,6 +610,16 @@ impl CellResult {
         } else {
             refusals as f64 / self.ok as f64
         })
+    }
+}
+
+/// `count` per second of `wall` (0 for no time).
+pub fn per_second(count: u64, wall: Duration) -> f64 {
+    let secs = wall.as_secs_f64();
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
     }
 }
 
@@ -640,14 +662,18 @@ impl ClientTally {
     }
 }
 
-/// A short name for an error, for the report.
+/// A short name for an error, for the report; an unclassified server error (`Other`) with the
+/// server's message.
 pub fn error_kind(error: &Error) -> String {
-    if let Some(kind) = error.server_kind() {
+    if let Some(server) = error.server_error() {
         let prefix = match error {
             Error::Contended { .. } => "Contended/",
             _ => "",
         };
-        return format!("{prefix}{kind:?}");
+        return match server.kind() {
+            ServerErrorKind::Other => format!("{prefix}Other \"{}\"", server.message()),
+            kind => format!("{prefix}{kind:?}"),
+        };
     }
     let debug = format!("{error:?}");
     debug
@@ -664,19 +690,19 @@ enum Target {
     Account(i64),
 }
 
-/// Per-cell request executor, shared by all client threads.
-enum Executor<'a> {
+/// Per-cell request executor, shared by the client threads of one node (one combiner per node).
+enum Executor {
     Own {
         strategy: Strategy,
-        runner: &'a TxnRunner,
-        issuer: &'a CouponIssuer,
-        ledger: &'a BalanceLedger,
+        runner: Box<TxnRunner>,
+        issuer: CouponIssuer,
+        ledger: BalanceLedger,
     },
     CombiningIssuer(CombiningIssuer),
     CombiningLedger(CombiningLedger),
 }
 
-impl Executor<'_> {
+impl Executor {
     /// Request number `n` of the cell: (result, refusals).
     fn request(
         &self,
@@ -763,12 +789,184 @@ fn harness_error(message: &str) -> Error {
     Error::from(diesel::result::Error::QueryBuilderError(message.into()))
 }
 
+/// Where the clients of a cell connect (see [`Harness::set_topology`]). A single server is one
+/// node, where both are the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topology {
+    /// Every client's connection, and combining's pool, on node 0: one writer.
+    OneWriter,
+    /// Client `i` on node `i % nodes`; combining runs one combiner with its own pool
+    /// ([`combining_pool_size`] of that node's clients) per node, like one application process
+    /// per node.
+    Spread,
+}
+
+impl Topology {
+    /// Both, in report order.
+    pub const ALL: [Topology; 2] = [Topology::OneWriter, Topology::Spread];
+
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OneWriter => "one writer",
+            Self::Spread => "spread",
+        }
+    }
+}
+
+/// Certification failures and brute-force aborts of a Galera cluster
+/// (`wsrep_local_cert_failures`, `wsrep_local_bf_aborts`), summed over its nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Conflicts {
+    /// Local transactions that failed certification at COMMIT.
+    pub cert_failures: u64,
+    /// Local transactions aborted by a replicated write set (brute force).
+    pub bf_aborts: u64,
+}
+
+impl Conflicts {
+    /// What happened between `earlier` and `self` (the counters only grow while nodes run).
+    pub fn since(self, earlier: Conflicts) -> Conflicts {
+        Conflicts {
+            cert_failures: self.cert_failures.saturating_sub(earlier.cert_failures),
+            bf_aborts: self.bf_aborts.saturating_sub(earlier.bf_aborts),
+        }
+    }
+}
+
+/// One row of `SHOW GLOBAL STATUS`.
+#[derive(QueryableByName)]
+struct WsrepCounter {
+    #[diesel(sql_type = diesel::sql_types::Text, column_name = "Variable_name")]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Text, column_name = "Value")]
+    value: String,
+}
+
+/// The [`Conflicts`] counters of the node `conn` talks to.
+fn node_conflicts(conn: &mut MysqlConnection) -> Result<Conflicts, BoxError> {
+    let rows: Vec<WsrepCounter> = diesel::sql_query(
+        "SHOW GLOBAL STATUS WHERE Variable_name IN \
+         ('wsrep_local_cert_failures', 'wsrep_local_bf_aborts')",
+    )
+    .load(conn)?;
+    let mut counters = Conflicts::default();
+    for row in rows {
+        let value: u64 = row.value.parse()?;
+        match row.name.to_ascii_lowercase().as_str() {
+            "wsrep_local_cert_failures" => counters.cert_failures = value,
+            "wsrep_local_bf_aborts" => counters.bf_aborts = value,
+            _ => {}
+        }
+    }
+    Ok(counters)
+}
+
+/// [`connect`], then `SET SESSION wsrep_sync_wait = 1`: reads on the connection wait until its
+/// Galera node applied every write set the cluster committed before them.
+pub fn connect_causal(url: &str) -> Result<MysqlConnection, BoxError> {
+    let mut conn = connect(url)?;
+    conn.batch_execute("SET SESSION wsrep_sync_wait = 1")?;
+    Ok(conn)
+}
+
+/// How long [`Harness::run_cell`] waits for a client past the cell's `max_time` before it counts
+/// the client as stuck and goes on without it: twice lockstock's default deadline (3 s), so a
+/// client whose last call honours its deadline is never counted.
+pub const STUCK_GRACE: Duration = Duration::from_secs(6);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Threads whose work may never return (a call a server never answers): started one by one,
+/// then collected until a moment after which the rest count as stuck and are left behind.
+pub struct BoundedThreads<T> {
+    done: mpsc::Sender<(usize, T)>,
+    returned: mpsc::Receiver<(usize, T)>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl<T: Send + 'static> Default for BoundedThreads<T> {
+    fn default() -> Self {
+        let (done, returned) = mpsc::channel();
+        Self {
+            done,
+            returned,
+            handles: Vec::new(),
+        }
+    }
+}
+
+impl<T: Send + 'static> BoundedThreads<T> {
+    /// No threads yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts `work` on a thread of its own (not scoped: it may outlive the collector).
+    pub fn spawn(&mut self, work: impl FnOnce() -> T + Send + 'static) {
+        let (index, done) = (self.handles.len(), self.done.clone());
+        self.handles.push(std::thread::spawn(move || {
+            let _ = done.send((index, work()));
+        }));
+    }
+
+    /// Waits for every thread until `give_up` (for ever without one). Returns each thread's
+    /// result in the order they were spawned (`None`: still running, stuck) and when the last
+    /// result came in; an error if a thread panicked.
+    pub fn collect(
+        self,
+        give_up: Option<Instant>,
+    ) -> Result<(Vec<Option<T>>, Option<Instant>), BoxError> {
+        let Self {
+            done,
+            returned,
+            handles,
+        } = self;
+        drop(done);
+        let mut results: Vec<Option<T>> = handles.iter().map(|_| None).collect();
+        let mut last = None;
+        for _ in 0..handles.len() {
+            let message = match give_up {
+                Some(at) => returned
+                    .recv_timeout(at.saturating_duration_since(Instant::now()))
+                    .ok(),
+                None => returned.recv().ok(),
+            };
+            let Some((index, result)) = message else {
+                break;
+            };
+            results[index] = Some(result);
+            last = Some(Instant::now());
+        }
+        // A thread that ended without a result panicked (its result would be queued by now).
+        let ended: Vec<bool> = handles.iter().map(|h| h.is_finished()).collect();
+        while let Ok((index, result)) = returned.try_recv() {
+            results[index] = Some(result);
+            last = Some(Instant::now());
+        }
+        if ended.iter().zip(&results).any(|(e, r)| *e && r.is_none()) {
+            return Err("a client thread panicked".into());
+        }
+        Ok((results, last))
+    }
+}
+
 /// A database, client connections and pools, reused across cells.
 pub struct Harness {
+    /// Where campaigns and accounts are created and cells are checked.
     url: String,
+    /// Where clients connect, by node (one URL on a single server).
+    node_urls: Vec<String>,
+    topology: Topology,
     setup: MysqlConnection,
-    clients: Vec<MysqlConnection>,
-    pools: HashMap<u32, MysqlPool>,
+    /// On a cluster: one causal connection per node (counters, waiting for a cell's target).
+    observers: Vec<MysqlConnection>,
+    /// Idle client connections, by node.
+    clients: Vec<Vec<MysqlConnection>>,
+    /// Combining pools by (node, size).
+    pools: HashMap<(usize, u32), MysqlPool>,
     runner: TxnRunner,
     issuer: CouponIssuer,
     ledger: BalanceLedger,
@@ -788,24 +986,65 @@ impl Harness {
             "DROP DATABASE `{name}`; CREATE DATABASE `{name}`; USE `{name}`"
         ))?;
         lockstock::run_migrations(&mut setup)?;
-        let tag = format!("{:x}", Utc::now().timestamp_micros());
-        Ok(Self {
-            url,
+        Ok(Self::with(url.clone(), vec![url], setup, Vec::new()))
+    }
+
+    /// A harness on a Galera cluster. `setup_url` is an empty database on one node (e.g. the
+    /// first URL of `GaleraCluster::create_database`): lockstock's migrations run there, cells'
+    /// campaigns and accounts are created there and every cell is checked there, with
+    /// `wsrep_sync_wait = 1` so the checks see every commit of the cluster. `node_urls` are the
+    /// same database on every node (index = node); clients connect to them by [`Topology`]. Before
+    /// a cell starts every node has applied its campaign or account, and the cell reports the
+    /// cluster's [`Conflicts`].
+    pub fn on_cluster(setup_url: &str, node_urls: Vec<String>) -> Result<Self, BoxError> {
+        if node_urls.is_empty() {
+            return Err("a cluster harness needs the URL of at least one node".into());
+        }
+        let mut setup = connect_causal(setup_url)?;
+        lockstock::run_migrations(&mut setup)?;
+        let observers = node_urls
+            .iter()
+            .map(|url| connect_causal(url))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::with(
+            setup_url.to_owned(),
+            node_urls,
             setup,
-            clients: Vec::new(),
+            observers,
+        ))
+    }
+
+    fn with(
+        url: String,
+        node_urls: Vec<String>,
+        setup: MysqlConnection,
+        observers: Vec<MysqlConnection>,
+    ) -> Self {
+        Self {
+            url,
+            clients: node_urls.iter().map(|_| Vec::new()).collect(),
+            node_urls,
+            topology: Topology::OneWriter,
+            setup,
+            observers,
             pools: HashMap::new(),
             runner: TxnRunner::new(TxnPolicy::default()),
             issuer: CouponIssuer::new(),
             ledger: BalanceLedger::new(),
             next_id: 1_000,
-            tag,
+            tag: format!("{:x}", Utc::now().timestamp_micros()),
             cells: 0,
-        })
+        }
     }
 
-    /// The database URL.
+    /// The database URL (setup and checks).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Where the clients of the next cells connect ([`Topology::OneWriter`] at first).
+    pub fn set_topology(&mut self, topology: Topology) {
+        self.topology = topology;
     }
 
     /// `SELECT VERSION()`.
@@ -816,20 +1055,51 @@ impl Harness {
         )
     }
 
-    fn ensure_clients(&mut self, count: usize) -> Result<(), BoxError> {
-        while self.clients.len() < count {
-            let conn = connect(&self.url)?;
-            self.clients.push(conn);
+    /// The cluster's [`Conflicts`] counters now, summed over the nodes (node-wide: they count
+    /// every database's transactions); `None` on a single server.
+    pub fn conflicts(&mut self) -> Result<Option<Conflicts>, BoxError> {
+        if self.observers.is_empty() {
+            return Ok(None);
+        }
+        let mut sum = Conflicts::default();
+        for conn in &mut self.observers {
+            let node = node_conflicts(conn)?;
+            sum.cert_failures += node.cert_failures;
+            sum.bf_aborts += node.bf_aborts;
+        }
+        Ok(Some(sum))
+    }
+
+    /// Waits until every node applied what was committed so far (a causal read on each).
+    fn sync_nodes(&mut self) -> Result<(), BoxError> {
+        for conn in &mut self.observers {
+            fcfs_coupon::table.count().get_result::<i64>(conn)?;
         }
         Ok(())
     }
 
-    fn pool(&mut self, size: u32) -> Result<MysqlPool, BoxError> {
-        if let Some(pool) = self.pools.get(&size) {
+    /// The node client number `client` connects to.
+    fn node_of(&self, client: usize) -> usize {
+        match self.topology {
+            Topology::OneWriter => 0,
+            Topology::Spread => client % self.node_urls.len(),
+        }
+    }
+
+    /// An idle client connection to `node`, or a new one.
+    fn client(&mut self, node: usize) -> Result<MysqlConnection, BoxError> {
+        match self.clients[node].pop() {
+            Some(conn) => Ok(conn),
+            None => connect(&self.node_urls[node]),
+        }
+    }
+
+    fn pool(&mut self, node: usize, size: u32) -> Result<MysqlPool, BoxError> {
+        if let Some(pool) = self.pools.get(&(node, size)) {
             return Ok(pool.clone());
         }
-        let pool = pool(&self.url, size)?;
-        self.pools.insert(size, pool.clone());
+        let pool = pool(&self.node_urls[node], size)?;
+        self.pools.insert((node, size), pool.clone());
         Ok(pool)
     }
 
@@ -878,91 +1148,113 @@ impl Harness {
     }
 
     /// Runs one cell: fresh campaign/account, `clients` threads (each with its own connection,
-    /// or sharing a combiner), then checks the invariants from the database.
+    /// or sharing its node's combiner) placed by the [`Topology`], then checks the invariants
+    /// from the database.
+    ///
+    /// With a `max_time`, a client that has not finished [`STUCK_GRACE`] after it is counted as
+    /// stuck (its thread is left behind with its call): the cell goes on without it, the
+    /// requests it completed count, and its one call in flight is in doubt for the checks.
     pub fn run_cell(&mut self, config: &CellConfig) -> Result<CellResult, BoxError> {
         let clients = config.clients.max(1);
         self.cells += 1;
-        let key_prefix = format!("{}-{}", self.tag, self.cells);
+        let key_prefix: Arc<str> = format!("{}-{}", self.tag, self.cells).into();
         let user_base = self.fresh_ids(config.max_requests);
         let target = match config.domain {
             Domain::Coupon => Target::Coupon(self.new_campaign(config.max_requests)?),
             Domain::Ledger => Target::Account(self.new_account()?),
         };
+        self.sync_nodes()?;
+        let before = self.conflicts()?;
+        let nodes: Vec<usize> = (0..clients).map(|i| self.node_of(i)).collect();
         let combining = config.strategy == Strategy::Combining;
-        let executor = if combining {
-            let pool = self.pool(combining_pool_size(clients))?;
-            match config.domain {
-                Domain::Coupon => {
-                    Executor::CombiningIssuer(CombiningIssuer::new(pool, CouponIssuer::new()))
+        // By node: one combiner with its own pool each, or one executor for all.
+        let mut executors: HashMap<usize, Arc<Executor>> = HashMap::new();
+        let mut conns: Vec<Option<MysqlConnection>> = Vec::with_capacity(clients);
+        if combining {
+            for &node in &nodes {
+                if executors.contains_key(&node) {
+                    continue;
                 }
-                Domain::Ledger => {
-                    Executor::CombiningLedger(CombiningLedger::new(pool, BalanceLedger::new()))
-                }
+                let on_node = nodes.iter().filter(|&&n| n == node).count();
+                let pool = self.pool(node, combining_pool_size(on_node))?;
+                let executor = match config.domain {
+                    Domain::Coupon => {
+                        Executor::CombiningIssuer(CombiningIssuer::new(pool, CouponIssuer::new()))
+                    }
+                    Domain::Ledger => {
+                        Executor::CombiningLedger(CombiningLedger::new(pool, BalanceLedger::new()))
+                    }
+                };
+                executors.insert(node, Arc::new(executor));
             }
+            conns.resize_with(clients, || None);
         } else {
-            self.ensure_clients(clients)?;
-            Executor::Own {
+            let own = Arc::new(Executor::Own {
                 strategy: config.strategy,
-                runner: &self.runner,
-                issuer: &self.issuer,
-                ledger: &self.ledger,
+                runner: Box::new(self.runner.clone()),
+                issuer: self.issuer.clone(),
+                ledger: self.ledger.clone(),
+            });
+            for &node in &nodes {
+                executors.insert(node, own.clone());
+                conns.push(Some(self.client(node)?));
             }
-        };
-        let mut conns: Vec<Option<&mut MysqlConnection>> = if combining {
-            (0..clients).map(|_| None).collect()
-        } else {
-            self.clients.iter_mut().take(clients).map(Some).collect()
-        };
+        }
 
-        let next = AtomicU64::new(0);
-        let barrier = Barrier::new(clients + 1);
-        let max_requests = config.max_requests;
-        let max_time = config.max_time;
-        let (wall, tallies) = std::thread::scope(|scope| {
-            let handles: Vec<_> = conns
-                .iter_mut()
-                .map(|conn| {
-                    let (executor, next, barrier, key_prefix) =
-                        (&executor, &next, &barrier, &key_prefix);
-                    scope.spawn(move || {
-                        let mut tally = ClientTally::default();
-                        barrier.wait();
-                        let deadline = max_time.map(|t| Instant::now() + t);
-                        loop {
-                            if deadline.is_some_and(|d| Instant::now() >= d) {
-                                break;
-                            }
-                            let n = next.fetch_add(1, Ordering::Relaxed);
-                            if n >= max_requests {
-                                break;
-                            }
-                            let started = Instant::now();
-                            let (result, refusals) = executor.request(
-                                conn.as_deref_mut(),
-                                target,
-                                user_base,
-                                key_prefix,
-                                n,
-                            );
-                            tally.record(result, refusals, started);
-                        }
-                        tally
-                    })
-                })
-                .collect();
-            barrier.wait();
-            let start = Instant::now();
-            let tallies: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
-            (start.elapsed(), tallies)
-        });
-        drop(conns);
+        let next = Arc::new(AtomicU64::new(0));
+        let barrier = Arc::new(Barrier::new(clients + 1));
+        let tallies: Vec<Arc<Mutex<ClientTally>>> = (0..clients).map(|_| Arc::default()).collect();
+        let (max_requests, max_time) = (config.max_requests, config.max_time);
+        let mut threads = BoundedThreads::new();
+        for (i, mut conn) in conns.into_iter().enumerate() {
+            let executor = executors
+                .get(&nodes[i])
+                .cloned()
+                .ok_or("no executor for a client's node")?;
+            let (next, barrier, tally) = (next.clone(), barrier.clone(), tallies[i].clone());
+            let key_prefix = key_prefix.clone();
+            threads.spawn(move || {
+                barrier.wait();
+                let deadline = max_time.map(|t| Instant::now() + t);
+                loop {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= max_requests {
+                        break;
+                    }
+                    let started = Instant::now();
+                    let (result, refusals) =
+                        executor.request(conn.as_mut(), target, user_base, &key_prefix, n);
+                    lock(&tally).record(result, refusals, started);
+                }
+                conn
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        let (returned, last) = threads.collect(max_time.map(|t| start + t + STUCK_GRACE))?;
+        let wall = last.map_or(Duration::ZERO, |at| at.saturating_duration_since(start));
+        let mut stuck = 0;
+        for (i, conn) in returned.into_iter().enumerate() {
+            match conn {
+                Some(Some(conn)) => self.clients[nodes[i]].push(conn),
+                Some(None) => {}
+                None => stuck += 1,
+            }
+        }
+        if stuck > 0 && combining {
+            // A stuck pool connection is never given back.
+            self.pools.clear();
+        }
 
         let mut ok_ids = Vec::new();
         let mut errors: HashMap<String, u64> = HashMap::new();
         let mut refusals = 0;
         let mut latencies_us = Vec::new();
-        for tally in tallies {
-            let tally = tally.map_err(|_| "a client thread panicked")?;
+        for tally in &tallies {
+            let tally = std::mem::take(&mut *lock(tally));
             ok_ids.extend(tally.ok_ids);
             for (kind, count) in tally.errors {
                 *errors.entry(kind).or_default() += count;
@@ -971,8 +1263,15 @@ impl Harness {
             latencies_us.extend(tally.latencies_us);
         }
         latencies_us.sort_unstable();
-        let batches = executor.stats();
-        drop(executor);
+        let batches = executors
+            .values()
+            .filter_map(|e| e.stats())
+            .reduce(|a, b| CombinerStats {
+                batches: a.batches + b.batches,
+                requests: a.requests + b.requests,
+                largest_batch: a.largest_batch.max(b.largest_batch),
+            });
+        drop(executors);
         let ok = ok_ids.len() as u64;
         let error_count: u64 = errors.values().sum();
         let attempted = latencies_us.len() as u64;
@@ -983,8 +1282,9 @@ impl Harness {
             ));
         }
         if let Some(stats) = batches {
-            // Requests that timed out while queued never reach a batch.
-            if stats.requests > attempted || stats.requests < ok {
+            // Requests that timed out while queued never reach a batch; a stuck client's
+            // request may be in one.
+            if stats.requests > attempted + stuck || stats.requests < ok {
                 violations.push(format!(
                     "combiner batched {} requests; {attempted} were made, {ok} succeeded",
                     stats.requests
@@ -992,14 +1292,19 @@ impl Harness {
             }
         }
         match target {
-            Target::Coupon(t) => self.check_coupons(&t, &ok_ids, &mut violations)?,
-            Target::Account(a) => self.check_account(a, &ok_ids, &mut violations)?,
+            Target::Coupon(t) => self.check_coupons(&t, &ok_ids, stuck, &mut violations)?,
+            Target::Account(a) => self.check_account(a, &ok_ids, stuck, &mut violations)?,
         }
+        let conflicts = match (before, self.conflicts()?) {
+            (Some(before), Some(after)) => Some(after.since(before)),
+            _ => None,
+        };
         let mut errors_by_kind: Vec<(String, u64)> = errors.into_iter().collect();
         errors_by_kind.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         Ok(CellResult {
             domain: config.domain,
             strategy: config.strategy,
+            topology: self.topology,
             clients,
             attempted,
             ok,
@@ -1013,16 +1318,20 @@ impl Harness {
             latencies_us,
             batches,
             errors_by_kind,
+            stuck,
+            conflicts,
             violations,
         })
     }
 
     /// Coupons: rows == successes, stock + rows == total, stock >= 0, no user twice, and the
-    /// ids handed out are exactly the rows stored.
+    /// ids handed out are exactly the rows stored (up to `in_doubt` more rows: calls of stuck
+    /// clients).
     fn check_coupons(
         &mut self,
         target: &CouponTarget,
         ok_ids: &[i64],
+        in_doubt: u64,
         violations: &mut Vec<String>,
     ) -> Result<(), BoxError> {
         let conn = &mut self.setup;
@@ -1041,10 +1350,11 @@ impl Harness {
             .select(user_coupon::user_id)
             .load(conn)?;
         let row_count = rows.len() as i64;
-        if row_count != ok_ids.len() as i64 {
+        if !within_doubt(rows.len(), ok_ids.len(), in_doubt) {
             violations.push(format!(
-                "coupon: {row_count} rows for the campaign but {} successes",
-                ok_ids.len()
+                "coupon: {row_count} rows for the campaign but {} successes{}",
+                ok_ids.len(),
+                doubt_note(in_doubt)
             ));
         }
         if i64::from(stock) + row_count != i64::from(total) || total != target.total {
@@ -1064,17 +1374,18 @@ impl Harness {
             ));
         }
         let names = ("coupon", "coupon id", "not stored for the campaign");
-        check_handed_out(names, rows, ok_ids, violations);
+        check_handed_out(names, rows, ok_ids, in_doubt, violations);
         Ok(())
     }
 
     /// Ledger: deduct rows == successes, balance == initial - sum(deducts), the library's audit
     /// (running sum, balance_after, version) passes, and the entry ids handed out are exactly the
-    /// deduct rows stored.
+    /// deduct rows stored (up to `in_doubt` more rows: calls of stuck clients).
     fn check_account(
         &mut self,
         user_id: i64,
         ok_ids: &[i64],
+        in_doubt: u64,
         violations: &mut Vec<String>,
     ) -> Result<(), BoxError> {
         let conn = &mut self.setup;
@@ -1093,11 +1404,12 @@ impl Harness {
             .find(user_id)
             .select(user_balance::balance)
             .first(conn)?;
-        if deducts.len() != ok_ids.len() {
+        if !within_doubt(deducts.len(), ok_ids.len(), in_doubt) {
             violations.push(format!(
-                "ledger: {} deduct rows but {} successes",
+                "ledger: {} deduct rows but {} successes{}",
                 deducts.len(),
-                ok_ids.len()
+                ok_ids.len(),
+                doubt_note(in_doubt)
             ));
         }
         if balance != INITIAL_BALANCE - deducted {
@@ -1117,18 +1429,34 @@ impl Harness {
             Err(other) => return Err(other.into()),
         }
         let names = ("ledger", "entry id", "not stored deducts");
-        check_handed_out(names, deducts, ok_ids, violations);
+        check_handed_out(names, deducts, ok_ids, in_doubt, violations);
         Ok(())
     }
 }
 
-/// The ids handed out (`ok_ids`) are distinct and exactly the `stored` ones. The violations
-/// name the `domain`, the `id` ("the same entry id was handed out twice") and what ids handed
-/// out but not stored are (`not_stored`).
+/// `stored` rows for `ok` successes, when up to `in_doubt` calls may have been applied without
+/// an answer.
+fn within_doubt(stored: usize, ok: usize, in_doubt: u64) -> bool {
+    stored >= ok && (stored - ok) as u64 <= in_doubt
+}
+
+/// What a violation message adds when calls were in doubt.
+fn doubt_note(in_doubt: u64) -> String {
+    if in_doubt == 0 {
+        String::new()
+    } else {
+        format!(" ({in_doubt} calls of stuck clients in doubt)")
+    }
+}
+
+/// The ids handed out (`ok_ids`) are distinct and exactly the `stored` ones, but for up to
+/// `in_doubt` stored ones never answered. The violations name the `domain`, the `id` ("the same
+/// entry id was handed out twice") and what ids handed out but not stored are (`not_stored`).
 fn check_handed_out(
     (domain, id, not_stored): (&str, &str, &str),
     stored: Vec<i64>,
     ok_ids: &[i64],
+    in_doubt: u64,
     violations: &mut Vec<String>,
 ) {
     let stored: HashSet<i64> = stored.into_iter().collect();
@@ -1136,11 +1464,12 @@ fn check_handed_out(
     if handed.len() != ok_ids.len() {
         violations.push(format!("{domain}: the same {id} was handed out twice"));
     }
-    if stored != handed {
+    let unanswered = stored.difference(&handed).count() as u64;
+    if !handed.is_subset(&stored) || unanswered > in_doubt {
         violations.push(format!(
             "{domain}: {} ids handed out are {not_stored}, {} stored were not handed out",
             handed.difference(&stored).count(),
-            stored.difference(&handed).count()
+            unanswered
         ));
     }
 }
