@@ -54,19 +54,14 @@ fn cluster() -> MutexGuard<'static, Option<GaleraCluster>> {
                 Some(_) => true,
                 None => cluster.restart(node).is_ok(),
             }
-        }) && cluster
-            .wait_cluster_synced(Duration::from_secs(40))
-            .is_ok()
+        }) && cluster.wait_cluster_synced(Duration::from_secs(40)).is_ok()
     });
     if !healed {
         *guard = None; // drop a broken one first
         let started = Instant::now();
         let cluster = GaleraCluster::builder()
             .nodes(3)
-            .provider_option("evs.keepalive_period=PT0.5S")
-            .provider_option("evs.suspect_timeout=PT1.5S")
-            .provider_option("evs.inactive_timeout=PT3S")
-            .provider_option("evs.inactive_check_period=PT0.5S")
+            .fast_eviction()
             .start()
             .expect("start cluster");
         eprintln!("cluster started in {:?}", started.elapsed());
@@ -127,7 +122,9 @@ fn designated(url: &str) -> (String, i64) {
 
 /// The cluster node index behind a node name (the testkit names them `node<i>`).
 fn node_index(name: &str) -> usize {
-    name.trim_start_matches("node").parse().expect("a testkit node name")
+    name.trim_start_matches("node")
+        .parse()
+        .expect("a testkit node name")
 }
 
 /// Asserts that every router writes to the node the row names.
@@ -223,7 +220,8 @@ fn run_client(
             let took = at.elapsed();
             if took > run.slowest {
                 run.slowest = took;
-                run.slowest_what = format!("{} attempt {}: {answer:?}", record.key, record.attempts);
+                run.slowest_what =
+                    format!("{} attempt {}: {answer:?}", record.key, record.attempts);
             }
             let error = match answer {
                 Ok(id) => break Outcome::Ok(id),
@@ -279,7 +277,10 @@ fn call(
             Ok(ledger.deduct_by(conn, user, amount, key, deadline)?.id)
         }),
         Op::Transfer { from, to, amount } => router.write(deadline, |conn, deadline| {
-            Ok(ledger.transfer_by(conn, from, to, amount, key, deadline)?.debit.id)
+            Ok(ledger
+                .transfer_by(conn, from, to, amount, key, deadline)?
+                .debit
+                .id)
         }),
         Op::Refund { deduct, amount, .. } => router.write(deadline, |conn, deadline| {
             Ok(ledger.refund_by(conn, deduct, amount, key, deadline)?.id)
@@ -313,12 +314,16 @@ fn load(
                 })
             })
             .collect();
-        during();
+        let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
         stop.store(true, Ordering::Relaxed);
-        clients
+        let runs = clients
             .into_iter()
             .map(|c| c.join().expect("client panicked"))
-            .collect()
+            .collect();
+        if let Err(panic) = during {
+            std::panic::resume_unwind(panic);
+        }
+        runs
     })
 }
 
@@ -417,7 +422,9 @@ fn galera_router_bank_and_flash_sale() {
     let total: Decimal = (1..=setup.accounts)
         .map(|user| {
             routers[0]
-                .read(Deadline::after(DEADLINE), |conn, _| ledger.balance(conn, user))
+                .read(Deadline::after(DEADLINE), |conn, _| {
+                    ledger.balance(conn, user)
+                })
                 .expect("balance")
                 .balance
         })
@@ -435,15 +442,23 @@ fn galera_router_bank_and_flash_sale() {
     eprintln!("  flash sale: {sold} issued, {refused} sold out");
     assert!(sold <= 80, "over-issued: {sold}");
     assert!(
-        records.iter().filter(|r| matches!(r.outcome, Outcome::Ok(_))).count() > 50,
+        records
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Ok(_)))
+            .count()
+            > 50,
         "too little got through"
     );
-    eprintln!("galera_router_bank_and_flash_sale took {:?}", started.elapsed());
+    eprintln!(
+        "galera_router_bank_and_flash_sale took {:?}",
+        started.elapsed()
+    );
 }
 
 /// The failover tests' common part: load through two routers, `fault` on the writer (its
-/// cluster index) after 1.5 s, load on for `after`, then `heal`; afterwards every check of
-/// [`assert_converged`], calls answered after the fault, and every router on another writer.
+/// cluster index) after 1.5 s, load on for `after`, every router on another writer, then
+/// `heal` (still under load); afterwards every check of [`assert_converged`] and calls
+/// acknowledged after the fault.
 fn fails_over(
     database_name: &str,
     fault: impl FnOnce(&mut GaleraCluster, usize),
@@ -462,38 +477,58 @@ fn fails_over(
     let survivor = &urls[(writer + 1) % urls.len()];
 
     let mut fault_at = None;
+    let mut after_fault_writer = String::new();
     let runs = load(&routers, 2, &setup, Mix::Mixed, usize::MAX, || {
         thread::sleep(Duration::from_millis(1500));
         fault(cluster, writer);
         fault_at = Some(Instant::now());
         eprintln!("  fault on {writer_name} at {:?}", started.elapsed());
         thread::sleep(after);
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            failed_over(&routers, &writer_name, survivor)
+        }));
+        // Healed under load, also after a failed check: the clients' calls in flight on a
+        // frozen node end here at the latest, so a missing deadline mechanism fails the bound
+        // below instead of hanging the test.
+        heal(cluster, writer);
+        match checked {
+            Ok(writer) => after_fault_writer = writer,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     });
     let fault_at = fault_at.expect("the fault ran");
-    for (r, router) in routers.iter().enumerate() {
-        let stats = router.stats();
-        eprintln!("  router {r}: {stats:?}");
-        assert_ne!(
-            stats.writer_name.as_deref(),
-            Some(writer_name.as_str()),
-            "router {r} still writes to the faulty node"
-        );
-        assert!(stats.failovers >= 1, "router {r}: {stats:?}");
-    }
-    let new_writer = assert_agree(&routers, survivor);
-    let (_, epoch) = designated(survivor);
-    assert!(epoch >= 2, "the row moved by compare-and-set: epoch {epoch}");
     let after_fault = runs
         .iter()
         .flat_map(|r| r.records.iter().zip(&r.answered_at))
         .filter(|(record, at)| **at > fault_at && matches!(record.outcome, Outcome::Ok(_)))
         .count();
-    eprintln!("  {after_fault} operations acknowledged after the fault, on {new_writer}");
+    eprintln!("  {after_fault} operations acknowledged after the fault, on {after_fault_writer}");
     assert!(after_fault > 0, "calls did not continue on a new writer");
 
-    heal(cluster, writer);
     assert_converged(cluster, &urls, &setup, &runs);
     eprintln!("{database_name} took {:?}", started.elapsed());
+}
+
+/// Every router writes to another node than `faulty`, failed over at least once, and all agree
+/// with the designated-writer row (read on `survivor`), which moved; returns the new writer.
+fn failed_over(routers: &[Arc<Router>], faulty: &str, survivor: &str) -> String {
+    for (r, router) in routers.iter().enumerate() {
+        let stats = router.stats();
+        eprintln!("  router {r}: {stats:?}");
+        assert_ne!(
+            stats.writer_name.as_deref(),
+            Some(faulty),
+            "router {r} still writes to the faulty node"
+        );
+        assert!(stats.failovers >= 1, "router {r}: {stats:?}");
+    }
+    let writer = assert_agree(routers, survivor);
+    let (_, epoch) = designated(survivor);
+    assert!(
+        epoch >= 2,
+        "the row moved by compare-and-set: epoch {epoch}"
+    );
+    writer
 }
 
 /// kill -9 of the writer under load: calls continue on a new writer; after the node rejoined
