@@ -29,6 +29,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use diesel::mysql::MysqlConnection;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
@@ -38,7 +39,7 @@ use crate::coupon::{CouponIssuer, IssuedCoupon};
 use crate::error::{Error, Result};
 use crate::ledger::{AccountOp, BalanceLedger, Entry};
 use crate::route::Router;
-use crate::txn::Deadline;
+use crate::txn::{mark_broken, watched, Deadline};
 
 /// An r2d2 pool of MySQL connections.
 pub type MysqlPool = Pool<ConnectionManager<MysqlConnection>>;
@@ -340,16 +341,23 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
 }
 
 /// A pooled connection, waiting at most until `deadline`: [`Error::Timeout`] once it has passed
-/// (nothing sent), [`Error::Pool`] for any other checkout failure.
-pub(crate) fn checkout(pool: &MysqlPool, deadline: Deadline) -> Result<PooledMysql> {
-    checkout_within(pool, deadline, deadline.remaining())
+/// (nothing sent), [`Error::Pool`] for any other checkout failure. The pool's validity ping
+/// runs under the watchdog (`grace` past the deadline): a connection whose ping the watchdog
+/// shut down is never handed out.
+pub(crate) fn checkout(
+    pool: &MysqlPool,
+    deadline: Deadline,
+    grace: Duration,
+) -> Result<PooledMysql> {
+    checkout_within(pool, deadline, grace, deadline.remaining())
 }
 
 /// Like [`checkout`], waiting at most `wait` (a router leaves time for another node).
 pub(crate) fn checkout_within(
     pool: &MysqlPool,
     deadline: Deadline,
-    wait: std::time::Duration,
+    grace: Duration,
+    wait: Duration,
 ) -> Result<PooledMysql> {
     let timeout = |deadline: Deadline| Error::Timeout {
         elapsed: deadline.elapsed(),
@@ -357,11 +365,17 @@ pub(crate) fn checkout_within(
     if deadline.is_expired() {
         return Err(timeout(deadline));
     }
-    pool.get_timeout(wait)
-        .map_err(|error| match deadline.is_expired() {
-            true => timeout(deadline),
-            false => Error::Pool(Arc::new(error)),
-        })
+    let (got, fired) = watched(deadline, grace, |_| pool.get_timeout(wait));
+    match got {
+        Ok(mut conn) if fired => {
+            // The ping answered as its socket was shut down: r2d2 discards the connection.
+            mark_broken(&mut conn);
+            Err(timeout(deadline))
+        }
+        Ok(conn) => Ok(conn),
+        Err(_) if deadline.is_expired() => Err(timeout(deadline)),
+        Err(error) => Err(Error::Pool(Arc::new(error))),
+    }
 }
 
 type PooledMysql = PooledConnection<ConnectionManager<MysqlConnection>>;
@@ -421,9 +435,12 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
     /// Submits `request` for the hot row `key` with the caller's `deadline`; the batch it joins
     /// runs on a pooled connection checked out by the batch's deadline, through `many` — or,
     /// alone in its batch, through the single-request path `one` (shorter than a batch of one).
+    /// `grace`: the policy's [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace), for
+    /// the checkout.
     fn submit_pooled(
         &self,
         (key, request, deadline): (i64, Req, Deadline),
+        grace: Duration,
         one: impl Fn(&S, &mut MysqlConnection, i64, &Req, Deadline) -> Result<Resp>,
         many: impl Fn(&S, &mut MysqlConnection, i64, &[Req], Deadline) -> Result<Vec<Result<Resp>>>,
     ) -> Result<Resp> {
@@ -436,7 +453,7 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
                     all => many(&self.inner, conn, *key, all, deadline),
                 };
                 match &self.source {
-                    Source::Pool(pool) => run(&mut *checkout(pool, deadline)?, deadline),
+                    Source::Pool(pool) => run(&mut *checkout(pool, deadline, grace)?, deadline),
                     Source::Router(router) => router.write(deadline, run),
                 }
             })
@@ -478,6 +495,7 @@ impl CombiningIssuer {
         let request = (campaign_id, user_id, self.inner.runner().deadline());
         self.submit_pooled(
             request,
+            self.inner.runner().policy().unresponsive_grace,
             |issuer, conn, campaign, user, deadline| {
                 issuer.issue_by(conn, *user, campaign, deadline)
             },
@@ -517,6 +535,7 @@ impl CombiningLedger {
         let request = (user_id, op, self.inner.runner().deadline());
         self.submit_pooled(
             request,
+            self.inner.runner().policy().unresponsive_grace,
             BalanceLedger::apply_one_by,
             BalanceLedger::apply_many_by,
         )

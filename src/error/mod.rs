@@ -364,6 +364,9 @@ pub enum Error {
     /// it); COMMIT had not been sent, so the server rolls the transaction back and nothing was
     /// committed. Retry (with the same idempotency key) on another connection — on a cluster,
     /// on another node. A COMMIT that got no answer is [`Error::OutcomeUnknown`] instead.
+    ///
+    /// Linux only: see [the txn module](crate::txn#a-server-that-never-answers) on how the
+    /// socket is found (elsewhere such a call waits as long as the server does).
     #[error("the server did not answer within the deadline ({elapsed:?}); the connection was shut down, nothing was committed")]
     ServerUnresponsive {
         /// Time since the call started.

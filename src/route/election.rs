@@ -153,7 +153,7 @@ fn adopt(shared: &Shared, node: usize, epoch: i64) {
 /// snapshot's `START TRANSACTION` waits until the node applied every earlier commit).
 fn read(shared: &Shared, node: usize, deadline: Deadline) -> Result<Option<Designated>> {
     let pool = shared.pool(node, Use::CausalRead);
-    let mut conn = checkout(&pool, deadline)?;
+    let mut conn = checkout(&pool, deadline, shared.probe.policy().unresponsive_grace)?;
     shared.probe.read_by(&mut conn, deadline, |conn| {
         Ok(row::table
             .find(ROW_ID)
@@ -169,7 +169,7 @@ fn read(shared: &Shared, node: usize, deadline: Deadline) -> Result<Option<Desig
 /// another router changed it first.
 fn claim(shared: &Shared, node: usize, seen: Option<i64>, deadline: Deadline) -> Result<bool> {
     let pool = shared.pool(node, Use::Write);
-    let mut conn = checkout(&pool, deadline)?;
+    let mut conn = checkout(&pool, deadline, shared.probe.policy().unresponsive_grace)?;
     let this_node = diesel::dsl::sql::<Text>("@@wsrep_node_name");
     let claimed = shared
         .probe

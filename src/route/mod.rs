@@ -639,7 +639,8 @@ impl Shared {
         let pool = self.pool(node, purpose);
         // Leave time for another node if this one cannot give a connection.
         let wait = deadline.remaining().min(self.probe_timeout);
-        let mut conn = match checkout_within(&pool, deadline, wait) {
+        let grace = self.session_policy.unresponsive_grace;
+        let mut conn = match checkout_within(&pool, deadline, grace, wait) {
             Ok(conn) => conn,
             Err(error @ Error::Timeout { .. }) => return Attempt::Done(Err(error)),
             Err(error) => {

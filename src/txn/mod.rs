@@ -10,19 +10,53 @@
 //!    refusal, 1205) rolls back only the statement, so the runner must not continue it,
 //! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
 //!    exponential backoff, bounded by attempts and by a deadline for the whole call.
+//!
+//! # A server that never answers
+//!
+//! The deadline bounds what lockstock decides (retries, backoff, what it sends next), but a
+//! statement already sent waits for the server's answer, and Diesel's `MysqlConnection` sets no
+//! client read timeout (and keeps the `MYSQL*` handle that could set one private): a frozen or
+//! partitioned server, or a Galera node that brute-force aborted the transaction and never
+//! reports it, would block the calling thread in libmariadb's `poll` for ever.
+//!
+//! So every call runs under a process-wide watchdog (one thread, started on first use). The
+//! runner arms it for the calling thread when the call starts, due at the deadline plus
+//! [`TxnPolicy::unresponsive_grace`], and disarms it when the call returns — a mutex push and
+//! removal, no round trip. If the call is still running when the entry comes due, the watchdog
+//! finds the socket the thread is blocked on (from `/proc/self/task/<tid>/syscall`) and shuts
+//! it down: the statement fails with a lost connection, the server rolls an open transaction
+//! back when it notices, and the caller sees, by deadline + grace (plus scheduling):
+//! - [`Error::ServerUnresponsive`] when COMMIT had not been sent (nothing committed), also for a
+//!   read-only snapshot;
+//! - [`Error::OutcomeUnknown`] when the COMMIT itself got no answer;
+//! - the value, when the answer arrived just as the socket was shut down.
+//!
+//! The connection is then marked broken (an r2d2 pool discards it); nothing more is tried on it
+//! beyond a ROLLBACK that fails at once, and the call is never retried on it. The statements
+//! sent outside a transaction ([`apply_session_settings`], the validity ping of a combiner's
+//! pool checkout) run under the watchdog as well. Not covered: a caller's own pool checkout
+//! (r2d2 pings with `test_on_check_out`, on by default) and opening a new connection, which
+//! Diesel bounds by nothing either.
+//!
+//! Linux only (x86_64 and aarch64). Elsewhere nothing is armed and a call waits as long as the
+//! server does.
 
 mod policy;
 mod session;
 #[cfg(test)]
 mod tests;
 mod transaction;
+mod watchdog;
 
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 use session::carries_settings;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
+pub(crate) use transaction::mark_broken;
 use transaction::{ensure_no_open_transaction, run_transaction, Begin};
+use watchdog::Guard;
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use diesel::mysql::MysqlConnection;
 use diesel::RunQueryDsl;
@@ -105,6 +139,50 @@ impl RunnerSql {
     }
 }
 
+/// Runs `f` — statements on `conn` — with the
+/// [watchdog](crate::txn#a-server-that-never-answers) armed for the calling thread, due `grace` after `deadline`. Every statement lockstock sends runs
+/// under it: the runner's transactions, and what is sent outside one
+/// ([`apply_session_settings`]).
+///
+/// When the watchdog shut the connection's socket down, the connection is marked broken (an
+/// r2d2 pool discards it) and the answer is [`Error::ServerUnresponsive`] — or
+/// [`Error::OutcomeUnknown`] where COMMIT was in flight, and the value where `f` succeeded
+/// (the socket was shut down after its last answer arrived).
+pub(crate) fn bounded<T>(
+    conn: &mut MysqlConnection,
+    deadline: Deadline,
+    grace: Duration,
+    f: impl FnOnce(&mut MysqlConnection, &Guard) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let (result, fired) = watched(deadline, grace, |guard| f(conn, guard));
+    if !fired {
+        return result;
+    }
+    mark_broken(conn);
+    trace_event!(ok = result.is_ok(), "the watchdog shut the connection down");
+    match result {
+        Ok(value) => Ok(value),
+        Err(error @ Error::OutcomeUnknown { .. }) => Err(error),
+        Err(_) => Err(Error::ServerUnresponsive {
+            elapsed: deadline.elapsed(),
+        }),
+    }
+}
+
+/// Runs `f` with the watchdog armed for the calling thread, due `grace` after `deadline`;
+/// its value and whether the watchdog shut a socket down meanwhile (then mark the connection
+/// involved broken: see [`bounded`]). A pool checkout runs under it directly: r2d2 pings a
+/// connection before handing it out, and the ping of a silent server never returns either.
+pub(crate) fn watched<T>(
+    deadline: Deadline,
+    grace: Duration,
+    f: impl FnOnce(&Guard) -> T,
+) -> (T, bool) {
+    let guard = Guard::arm(deadline.past(grace));
+    let value = f(&guard);
+    (value, guard.disarm())
+}
+
 /// How the server numbers the rows of one multi-row INSERT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InsertIds {
@@ -151,7 +229,10 @@ impl TxnRunner {
     /// refusals outlast the attempts or the deadline; [`Error::Timeout`] when the deadline passed
     /// before a transaction was sent; [`Error::OutcomeUnknown`] when COMMIT failed in flight;
     /// [`Error::NestedTransaction`] inside a caller's transaction; [`Error::ConnectionBroken`]
-    /// when a ROLLBACK failed; [`Error::Server`] for any other server failure.
+    /// when a ROLLBACK failed; [`Error::ServerUnresponsive`] when the server did not answer by
+    /// the deadline plus [`TxnPolicy::unresponsive_grace`] (see the
+    /// [module docs](crate::txn#a-server-that-never-answers); COMMIT in flight then answers
+    /// `OutcomeUnknown`); [`Error::Server`] for any other server failure.
     pub fn run<T>(
         &self,
         conn: &mut MysqlConnection,
@@ -184,7 +265,8 @@ impl TxnRunner {
         self.retried(conn, self.deadline(), false, body)
     }
 
-    /// The retry loop of writes and reads alike.
+    /// The retry loop of writes and reads alike, under the watchdog (see [`bounded`]): a call
+    /// whose socket it shut down is never retried.
     fn retried<T>(
         &self,
         conn: &mut MysqlConnection,
@@ -192,8 +274,24 @@ impl TxnRunner {
         read_only: bool,
         mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> (Result<T, Error>, Attempts) {
-        let retry = &self.policy.retry;
         let mut attempts = Attempts::default();
+        let grace = self.policy.unresponsive_grace;
+        let result = bounded(conn, deadline, grace, |conn, guard| {
+            self.retry_loop(conn, deadline, read_only, &mut body, guard, &mut attempts)
+        });
+        (result, attempts)
+    }
+
+    fn retry_loop<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        read_only: bool,
+        body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+        guard: &Guard,
+        attempts: &mut Attempts,
+    ) -> Result<T, Error> {
+        let retry = &self.policy.retry;
         #[cfg(feature = "tracing")]
         let _span =
             tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
@@ -212,13 +310,14 @@ impl TxnRunner {
                         elapsed: deadline.elapsed(),
                     },
                 };
-                return (Err(error), attempts);
+                return Err(error);
             }
             attempts.started += 1;
-            let error = match self.once(conn, read_only, &mut body) {
-                Ok(value) => return (Ok(value), attempts),
-                Err(Error::Server(error)) if error.kind().is_retryable() => error,
-                Err(error) => return (Err(error), attempts),
+            let error = match self.once(conn, read_only, body) {
+                Ok(value) => return Ok(value),
+                // Never retried on a connection the watchdog shut down.
+                Err(Error::Server(error)) if error.kind().is_retryable() && !guard.fired() => error,
+                Err(error) => return Err(error),
             };
             attempts.refused += 1;
             let elapsed = deadline.elapsed();
@@ -240,7 +339,7 @@ impl TxnRunner {
                     elapsed,
                     last: error,
                 };
-                return (Err(contended), attempts);
+                return Err(contended);
             }
             last = Some(error);
             std::thread::sleep(pause);
@@ -310,8 +409,9 @@ impl TxnRunner {
     ///
     /// # Errors
     /// What `body` fails with; [`Error::Contended`], [`Error::Timeout`],
-    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`] and [`Error::Server`] as for
-    /// [`run`](Self::run) (a read never answers [`Error::OutcomeUnknown`]).
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], [`Error::ServerUnresponsive`]
+    /// and [`Error::Server`] as for [`run`](Self::run) (a read never answers
+    /// [`Error::OutcomeUnknown`]).
     pub fn read<T>(
         &self,
         conn: &mut MysqlConnection,

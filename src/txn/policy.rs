@@ -206,6 +206,11 @@ impl Deadline {
         Instant::now() >= self.at
     }
 
+    /// The moment `grace` after the deadline (when the watchdog shuts a silent connection down).
+    pub(crate) fn past(&self, grace: Duration) -> Instant {
+        self.at.checked_add(grace).unwrap_or(self.at)
+    }
+
     /// The earlier of two deadlines (a combined batch runs by its earliest caller's).
     pub fn min(self, other: Self) -> Self {
         if other.at < self.at {

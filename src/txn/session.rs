@@ -7,7 +7,7 @@ use diesel::r2d2::CustomizeConnection;
 use diesel::sql_types::Text;
 use diesel::RunQueryDsl;
 
-use super::TxnPolicy;
+use super::{bounded, Deadline, TxnPolicy};
 use crate::error::Error;
 
 /// Which server a connection talks to; their variable names differ.
@@ -42,12 +42,22 @@ impl ServerFlavor {
 /// setting another instrumentation removes it (lockstock then sends and restores the settings
 /// on every call, which is correct, only slower).
 ///
+/// Its two statements are bounded like a call: by the policy's
+/// [`deadline`](super::RetryPolicy::deadline) from now, plus its
+/// [`unresponsive_grace`](TxnPolicy::unresponsive_grace) for a server that never answers.
+///
 /// # Errors
-/// [`Error::Server`] when the server cannot be asked its version or refuses a setting.
+/// [`Error::Server`] when the server cannot be asked its version or refuses a setting;
+/// [`Error::ServerUnresponsive`] when it did not answer in time (the connection was shut down
+/// and marked broken).
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
-    let flavor = ServerFlavor::detect(conn)?;
-    let session = policy.session_sql(flavor);
-    conn.batch_execute(&session)?;
+    let deadline = Deadline::after(policy.retry.deadline);
+    let session = bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
+        let flavor = ServerFlavor::detect(conn)?;
+        let session = policy.session_sql(flavor);
+        conn.batch_execute(&session)?;
+        Ok(session)
+    })?;
     conn.set_instrumentation(SessionMark {
         session,
         inner: diesel::connection::get_default_instrumentation(),

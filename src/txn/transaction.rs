@@ -140,7 +140,7 @@ fn restore_session(
 
 /// Marks the connection broken for Diesel and r2d2: `Connection::transaction` refuses it, an
 /// r2d2 pool drops it when it is returned, and lockstock answers [`Error::ConnectionBroken`].
-fn mark_broken(conn: &mut MysqlConnection) {
+pub(crate) fn mark_broken(conn: &mut MysqlConnection) {
     AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
 }
 

@@ -241,6 +241,8 @@ pub struct Sandbox {
     mariadbd: PathBuf,
     server: Option<Child>,
     watchdog: Option<Child>,
+    /// The server was stopped with [`pause`](Self::pause) and not yet resumed.
+    paused: bool,
 }
 
 impl Sandbox {
@@ -259,6 +261,7 @@ impl Sandbox {
             mariadbd,
             server: None,
             watchdog: None,
+            paused: false,
         };
         sandbox.watchdog = Some(spawn_watchdog(&sandbox.dir)?);
         run_install_db(&install_db, &sandbox.dir, is_root().then_some("root"))?;
@@ -323,10 +326,53 @@ impl Sandbox {
         &self.socket
     }
 
+    /// Freezes the server with SIGSTOP: it keeps its connections open but answers nothing
+    /// (a hung or unreachable server; new connections hang in their handshake). Undo with
+    /// [`resume`](Self::resume); [`stop`](Self::stop), [`kill`](Self::kill),
+    /// [`restart`](Self::restart) and dropping the sandbox resume a paused server first.
+    pub fn pause(&mut self) -> Result<(), SandboxError> {
+        self.signal(libc::SIGSTOP, "cannot pause (SIGSTOP) the sandbox server")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Continues a [`pause`](Self::pause)d server with SIGCONT (a no-op on a running one).
+    pub fn resume(&mut self) -> Result<(), SandboxError> {
+        self.signal(libc::SIGCONT, "cannot resume (SIGCONT) the sandbox server")?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Whether the server is [`pause`](Self::pause)d.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Sends `signal` to the running server.
+    fn signal(&self, signal: libc::c_int, context: &str) -> Result<(), SandboxError> {
+        let child = self.server.as_ref().ok_or(SandboxError::NotRunning)?;
+        let pid = libc::pid_t::try_from(child.id()).map_err(|_| SandboxError::NotRunning)?;
+        // SAFETY: kill has no memory effects; the pid is our unreaped child, so it is not reused.
+        if unsafe { libc::kill(pid, signal) } == 0 {
+            Ok(())
+        } else {
+            Err(io_err(context)(std::io::Error::last_os_error()))
+        }
+    }
+
+    /// Resumes the server if it is paused (errors ignored: it may be gone already).
+    fn unpause(&mut self) {
+        if self.paused {
+            let _ = self.resume();
+        }
+    }
+
     /// Kills the server with SIGKILL and waits for it, keeping the data
     /// directory: simulates a crash. Use [`restart`](Self::restart) to recover.
     pub fn kill(&mut self) -> Result<(), SandboxError> {
+        self.unpause();
         let mut child = self.server.take().ok_or(SandboxError::NotRunning)?;
+        self.paused = false;
         if let Err(source) = child.kill() {
             self.server = Some(child);
             return Err(SandboxError::Io {
@@ -343,6 +389,7 @@ impl Sandbox {
     /// Shuts the server down gracefully (SQL `SHUTDOWN`, falling back to
     /// SIGTERM) and waits for it to exit; after 30 s it is killed.
     pub fn stop(&mut self) -> Result<(), SandboxError> {
+        self.unpause();
         let url = self.url("");
         let child = self.server.as_mut().ok_or(SandboxError::NotRunning)?;
         let exited = child
@@ -369,6 +416,7 @@ impl Sandbox {
             }
         }
         self.server = None;
+        self.paused = false;
         Ok(())
     }
 
@@ -452,6 +500,7 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        self.unpause();
         kill_and_reap(self.server.take());
         remove_watched_dir(&self.dir, self.watchdog.take());
     }

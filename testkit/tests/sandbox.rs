@@ -10,7 +10,7 @@ use lockstock_testkit::sandbox::{database_url, Sandbox, SandboxError};
 
 mod common;
 use common::{
-    assert_named_for_this_process, is_child, process_alive, report_and_hang,
+    assert_named_for_this_process, is_child, process_alive, process_state, report_and_hang,
     report_of_killed_child, wait_until, Count, TestResult,
 };
 
@@ -147,6 +147,63 @@ fn drop_kills_server_and_removes_data_dir() -> TestResult {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "server {pid} still exists"
     );
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    Ok(())
+}
+
+#[test]
+fn pause_freezes_the_server_until_resumed_and_stop_resumes_first() -> TestResult {
+    let mut sandbox = Sandbox::start()?;
+    let url = sandbox.create_database("sbx_pause")?;
+    let pid = sandbox.pid().ok_or("no pid")?;
+    let mut conn = MysqlConnection::establish(&url)?;
+
+    sandbox.pause()?;
+    assert!(sandbox.is_paused());
+    // SIGSTOP is delivered asynchronously.
+    assert!(
+        wait_until(Duration::from_secs(5), || process_state(pid) == Some('T')).is_some(),
+        "server {pid} not stopped: {:?}",
+        process_state(pid)
+    );
+    // A query on the paused server gets no answer until the server is resumed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let query = std::thread::spawn(move || {
+        let one: QueryResult<i32> =
+            diesel::select(diesel::dsl::sql::<Integer>("1")).get_result(&mut conn);
+        let _ = tx.send(one.is_ok());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "a paused server answered"
+    );
+    sandbox.resume()?;
+    assert!(!sandbox.is_paused());
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10))?,
+        "the query failed after resume"
+    );
+    query.join().map_err(|_| "query thread panicked")?;
+
+    // Stopping a paused server resumes it first: a clean shutdown, no stopped leftover.
+    sandbox.pause()?;
+    sandbox.stop()?;
+    assert!(!sandbox.is_paused());
+    assert!(!process_alive(pid));
+    let log = std::fs::read_to_string(sandbox.data_dir().join("error.log"))?;
+    assert!(
+        log.contains("Shutdown complete"),
+        "not a clean shutdown:\n{log}"
+    );
+    assert!(matches!(sandbox.pause(), Err(SandboxError::NotRunning)));
+
+    // Dropping a paused sandbox leaves neither the server nor its directory behind.
+    sandbox.restart()?;
+    let pid = sandbox.pid().ok_or("no pid")?;
+    let dir = sandbox.data_dir().to_path_buf();
+    sandbox.pause()?;
+    drop(sandbox);
+    assert!(!process_alive(pid), "paused server {pid} still exists");
     assert!(!dir.exists(), "{} still exists", dir.display());
     Ok(())
 }

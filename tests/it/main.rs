@@ -17,3 +17,4 @@ mod processes;
 mod review_coupon;
 mod review_ledger;
 mod review_runner;
+mod silent;

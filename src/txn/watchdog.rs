@@ -1,0 +1,328 @@
+//! The watchdog: a call returns by its deadline even when the server never answers.
+//!
+//! Diesel's `MysqlConnection` sets no client read or write timeout and keeps its `MYSQL*`
+//! handle private, so a server that stops answering (a frozen process, a partitioned host, a
+//! Galera node that brute-force aborted the transaction and waits for the next command) leaves
+//! the calling thread in libmariadb's `poll(fd, 1, -1)` for ever.
+//!
+//! [`Guard::arm`] registers the calling thread (its kernel thread id) with one process-wide
+//! watchdog thread, due at a moment (the call's deadline plus
+//! [`TxnPolicy::unresponsive_grace`](super::TxnPolicy::unresponsive_grace)); dropping the guard
+//! disarms it. Arming is a push under a mutex (the watchdog is woken only when the new entry is
+//! due before the moment it plans to wake at), so a call that returns in time costs no system
+//! call beyond the mutex and no round trip.
+//!
+//! When an entry comes due, the watchdog reads `/proc/self/task/<tid>/syscall` (proc(5): the
+//! system call number the thread is blocked in, then its argument registers). For `poll` /
+//! `ppoll` on one descriptor it reads the `struct pollfd` at the first argument with
+//! `process_vm_readv` on its own process (never a raw pointer: the memory belongs to the
+//! blocked thread); for `read`, `recvfrom`, `recvmsg`, `write`, `sendto` and `sendmsg` the first
+//! argument is the descriptor. A descriptor that `fstat` confirms is a socket is
+//! `shutdown(SHUT_RDWR)`: libmariadb's poll returns, the statement fails with "Lost
+//! connection" (2013), and the server rolls back an open transaction when it sees the socket
+//! closed. A thread that is not blocked in one of those calls (running, sleeping in a backoff,
+//! waiting for a lock) is looked at again every [`HUNT`] until its guard is dropped.
+//!
+//! Descriptor reuse cannot hit another connection: the watchdog identifies and shuts the socket
+//! down while it holds the schedule mutex, and disarming takes the same mutex, so the guarded
+//! call (which never closes its connection while armed) is still inside the guarded region.
+//!
+//! Linux only (x86_64 and aarch64 system call numbers). On other targets arming does nothing
+//! and no thread is started: a call on a silent server waits as long as the server does.
+
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How often a due entry whose thread is not blocked on a socket is looked at again.
+const HUNT: Duration = Duration::from_millis(10);
+/// How long the watchdog sleeps past an emptied schedule before it waits for work unbounded:
+/// arms in between (the common case under load) need not wake it.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// One armed call.
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    /// The kernel id of the guarded thread.
+    tid: i64,
+    due: Instant,
+    /// The watchdog shut a socket of this thread down.
+    fired: bool,
+}
+
+#[derive(Debug, Default)]
+struct Schedule {
+    entries: Vec<Entry>,
+    next_id: u64,
+    /// When the watchdog plans to wake; `None`: not started, or waiting unbounded.
+    wake: Option<Instant>,
+    started: bool,
+}
+
+struct Watchdog {
+    schedule: Mutex<Schedule>,
+    changed: Condvar,
+}
+
+fn watchdog() -> &'static Watchdog {
+    static WATCHDOG: OnceLock<Watchdog> = OnceLock::new();
+    WATCHDOG.get_or_init(|| Watchdog {
+        schedule: Mutex::new(Schedule::default()),
+        changed: Condvar::new(),
+    })
+}
+
+impl Watchdog {
+    /// The schedule; a panic elsewhere while it was held left it consistent (every change is a
+    /// single push, removal or flag), so a poisoned lock is taken as it is.
+    fn lock(&self) -> MutexGuard<'_, Schedule> {
+        self.schedule
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn run(&self) {
+        let mut schedule = self.lock();
+        let mut was_empty = false;
+        loop {
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            for i in 0..schedule.entries.len() {
+                let entry = &schedule.entries[i];
+                if entry.fired {
+                    continue;
+                }
+                if entry.due > now {
+                    next = Some(next.map_or(entry.due, |n| n.min(entry.due)));
+                    continue;
+                }
+                let tid = entry.tid;
+                if sys::shut_blocked_socket(tid) {
+                    // Every guard of this thread (nested calls) learns it.
+                    for other in schedule.entries.iter_mut().filter(|e| e.tid == tid) {
+                        other.fired = true;
+                    }
+                } else {
+                    next = Some(next.map_or(now + HUNT, |n| n.min(now + HUNT)));
+                }
+            }
+            let empty = schedule.entries.is_empty();
+            let until = match next {
+                Some(at) => Some(at),
+                None if empty && was_empty => None,
+                None => Some(now + IDLE),
+            };
+            was_empty = empty;
+            schedule.wake = until;
+            schedule = match until {
+                None => self
+                    .changed
+                    .wait(schedule)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+                Some(at) => {
+                    self.changed
+                        .wait_timeout(schedule, at.saturating_duration_since(Instant::now()))
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// An armed watchdog entry for the calling thread; dropping it disarms.
+#[derive(Debug)]
+pub(crate) struct Guard {
+    /// `None` where the watchdog is not supported (nothing was armed).
+    id: Option<u64>,
+}
+
+impl Guard {
+    /// Arms the watchdog for the calling thread, due at `due`.
+    pub(crate) fn arm(due: Instant) -> Guard {
+        if !sys::SUPPORTED {
+            return Guard { id: None };
+        }
+        let dog = watchdog();
+        let tid = sys::current_tid();
+        let mut schedule = dog.lock();
+        let id = schedule.next_id;
+        schedule.next_id += 1;
+        schedule.entries.push(Entry {
+            id,
+            tid,
+            due,
+            fired: false,
+        });
+        if !schedule.started {
+            schedule.started = true;
+            let spawned = std::thread::Builder::new()
+                .name("lockstock-watchdog".into())
+                .spawn(|| watchdog().run());
+            // Without a thread nothing is ever shut down: calls behave as without the watchdog.
+            if spawned.is_err() {
+                schedule.started = false;
+            }
+        }
+        if match schedule.wake {
+            Some(wake) => due < wake,
+            None => true,
+        } {
+            schedule.wake = Some(due);
+            dog.changed.notify_one();
+        }
+        Guard { id: Some(id) }
+    }
+
+    /// Whether the watchdog shut a socket of this call down (so far).
+    pub(crate) fn fired(&self) -> bool {
+        self.id.is_some_and(|id| {
+            watchdog()
+                .lock()
+                .entries
+                .iter()
+                .any(|e| e.id == id && e.fired)
+        })
+    }
+
+    /// Disarms, and says whether the watchdog shut a socket of this call down. Once this
+    /// returned, it never will.
+    pub(crate) fn disarm(mut self) -> bool {
+        self.remove()
+    }
+
+    /// Removes the entry (once); whether it had fired.
+    fn remove(&mut self) -> bool {
+        let Some(id) = self.id.take() else {
+            return false;
+        };
+        let mut schedule = watchdog().lock();
+        match schedule.entries.iter().position(|e| e.id == id) {
+            Some(at) => schedule.entries.swap_remove(at).fired,
+            None => false,
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    /// The watchdog can find and shut down the socket a thread is blocked on.
+    pub(super) const SUPPORTED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+
+    /// System call numbers the watchdog recognises.
+    #[cfg(target_arch = "x86_64")]
+    mod nr {
+        pub(super) const POLL: Option<i64> = Some(7);
+        pub(super) const PPOLL: i64 = 271;
+        /// read, write, sendto, recvfrom, sendmsg, recvmsg: the first argument is the fd.
+        pub(super) const FD_FIRST: [i64; 6] = [0, 1, 44, 45, 46, 47];
+    }
+    #[cfg(target_arch = "aarch64")]
+    mod nr {
+        pub(super) const POLL: Option<i64> = None;
+        pub(super) const PPOLL: i64 = 73;
+        pub(super) const FD_FIRST: [i64; 6] = [63, 64, 206, 207, 211, 212];
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    mod nr {
+        pub(super) const POLL: Option<i64> = None;
+        pub(super) const PPOLL: i64 = -1;
+        pub(super) const FD_FIRST: [i64; 0] = [];
+    }
+
+    /// The kernel id of the calling thread.
+    pub(super) fn current_tid() -> i64 {
+        // SAFETY: gettid has no arguments and cannot fail.
+        i64::from(unsafe { libc::gettid() })
+    }
+
+    /// If thread `tid` of this process is blocked on a socket, shuts the socket down and says
+    /// so. Runs with the schedule locked (see the module docs).
+    pub(super) fn shut_blocked_socket(tid: i64) -> bool {
+        let Some(fd) = blocked_fd(tid) else {
+            return false;
+        };
+        // Never the standard streams: under a service manager they may be sockets (a log
+        // writer blocked on them is not a database call).
+        if fd <= 2 || !is_socket(fd) {
+            return false;
+        }
+        // SAFETY: shutdown on a descriptor number is memory-safe; the socket belongs to the
+        // guarded call, which cannot close it while the schedule is locked.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) == 0 }
+    }
+
+    /// The descriptor thread `tid` is blocked on, from `/proc/self/task/<tid>/syscall`.
+    fn blocked_fd(tid: i64) -> Option<i32> {
+        let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+        let mut fields = text.split_whitespace();
+        // "running", or a negative number while not in a system call.
+        let number: i64 = fields.next()?.parse().ok()?;
+        let mut args = fields.map(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok());
+        let arg0 = args.next()??;
+        let arg1 = args.next()??;
+        if Some(number) == nr::POLL || number == nr::PPOLL {
+            if arg1 != 1 {
+                return None;
+            }
+            read_pollfd(arg0)
+        } else if nr::FD_FIRST.contains(&number) {
+            i32::try_from(arg0).ok()
+        } else {
+            None
+        }
+    }
+
+    /// The `fd` of the `struct pollfd` at `address` in this process, read with
+    /// `process_vm_readv` (a failed read, e.g. an address gone, is `None`).
+    fn read_pollfd(address: u64) -> Option<i32> {
+        let mut pollfd = libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        };
+        let size = std::mem::size_of::<libc::pollfd>();
+        let local = libc::iovec {
+            iov_base: std::ptr::addr_of_mut!(pollfd).cast(),
+            iov_len: size,
+        };
+        let remote = libc::iovec {
+            iov_base: usize::try_from(address).ok()? as *mut libc::c_void,
+            iov_len: size,
+        };
+        // SAFETY: the kernel writes at most `size` bytes into `pollfd`, which we own; the remote
+        // address is only read by the kernel, which checks it.
+        let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        (usize::try_from(read).ok() == Some(size) && pollfd.fd >= 0).then_some(pollfd.fd)
+    }
+
+    fn is_socket(fd: i32) -> bool {
+        // SAFETY: an all-zero `stat` is a valid value, and fstat writes only into it.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on any descriptor number is memory-safe; it fails for a closed one.
+        let ok = unsafe { libc::fstat(fd, &mut stat) } == 0;
+        ok && stat.st_mode & libc::S_IFMT == libc::S_IFSOCK
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod sys {
+    /// Finding the socket a thread is blocked on is implemented for Linux only.
+    pub(super) const SUPPORTED: bool = false;
+
+    /// No thread ids are needed: nothing is ever armed.
+    pub(super) fn current_tid() -> i64 {
+        0
+    }
+
+    /// Finding the socket a thread is blocked on is implemented for Linux only.
+    pub(super) fn shut_blocked_socket(_tid: i64) -> bool {
+        false
+    }
+}

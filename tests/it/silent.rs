@@ -1,0 +1,331 @@
+//! A server that never answers (SIGSTOPped with `Sandbox::pause`): every call still returns by
+//! its deadline plus the policy's `unresponsive_grace` (the watchdog shuts the connection's
+//! socket down), with a typed answer that is true against the database afterwards.
+//!
+//! Each test pauses a PRIVATE sandbox (never the shared one), runs its calls on other threads
+//! and gives up itself — resuming the server so nothing hangs — when a call outlives
+//! deadline + grace + 5 s, so a broken watchdog fails the test instead of hanging it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use lockstock::combine::CombiningLedger;
+use lockstock::{BalanceLedger, CouponIssuer, Error, SessionSettings, TxnPolicy};
+use lockstock_testkit::fixtures::{
+    audit_ok, connect, connection_id, count_key, exclusive, funded_account, issued_rows,
+    open_campaign, policy_with_deadline, pool_with, stored_balance, user_coupon_rows,
+};
+use lockstock_testkit::Sandbox;
+use rust_decimal::Decimal;
+
+/// The deadline of every call here.
+const DEADLINE: Duration = Duration::from_secs(1);
+
+/// The policy of every call: [`DEADLINE`], the default grace.
+fn policy() -> TxnPolicy {
+    policy_with_deadline(DEADLINE)
+}
+
+/// What the watchdog promises: deadline + grace, plus a second for scheduling.
+fn bound() -> Duration {
+    DEADLINE + policy().unresponsive_grace + Duration::from_secs(1)
+}
+
+/// When a test stops waiting for a call: deadline + grace + 5 s.
+fn give_up() -> Duration {
+    DEADLINE + policy().unresponsive_grace + Duration::from_secs(5)
+}
+
+/// A private sandbox with a migrated database `name`: the sandbox, the URL, a connection.
+fn private_server(name: &str) -> (Sandbox, String, MysqlConnection) {
+    let sandbox = Sandbox::start().expect("a private sandbox");
+    let url = sandbox.create_database(name).expect("database");
+    let mut conn = connect(&url);
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    (sandbox, url, conn)
+}
+
+/// Waits for `done` (a call running on another thread) at most [`give_up`]; if it has not
+/// answered by then, resumes the server (so the call's thread can end) and fails the test.
+fn answer_or_resume<T>(sandbox: &mut Sandbox, what: &str, done: &mpsc::Receiver<T>) -> T {
+    match done.recv_timeout(give_up()) {
+        Ok(answer) => answer,
+        Err(_) => {
+            let _ = sandbox.resume();
+            panic!(
+                "{what} did not return within {:?} of a paused server",
+                give_up()
+            );
+        }
+    }
+}
+
+#[test]
+fn silent_server_deadline_holds_for_a_paused_server() {
+    let _alone = exclusive();
+    let (mut sandbox, url, mut conn) = private_server("silent_one");
+    let ledger = BalanceLedger::with_policy(policy());
+    let issuer = CouponIssuer::with_policy(policy());
+    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
+    let campaign = open_campaign(&mut conn, &issuer, 10);
+    // Four connections opened before the pause (a paused server accepts no new ones), no
+    // ping on checkout (the caller's own pool code would wait for the paused server).
+    let pool = Pool::builder()
+        .max_size(4)
+        .min_idle(Some(4))
+        .test_on_check_out(false)
+        .connection_customizer(Box::new(SessionSettings::new(policy())))
+        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
+        .expect("pool");
+    let before: HashSet<i64> = {
+        let mut all: Vec<_> = (0..4).map(|_| pool.get().expect("pooled")).collect();
+        all.iter_mut().map(|c| connection_id(c)).collect()
+    };
+    assert_eq!(before.len(), 4);
+    // A combining ledger over a pool that pings on checkout: the ping runs under the watchdog.
+    let combining = CombiningLedger::new(pool_with(&url, 1, policy()), ledger.clone());
+    combining
+        .charge(1, Decimal::ONE, "combined-warmup")
+        .expect("warm-up");
+
+    type Call<'a> = Box<dyn FnOnce(&mut MysqlConnection) -> Result<String, Error> + Send + 'a>;
+    let calls: Vec<(&str, Call<'_>)> = vec![
+        (
+            "charge",
+            Box::new(|c| Ok(format!("{:?}", ledger.charge(c, 1, Decimal::ONE, "c1")?))),
+        ),
+        (
+            "deduct",
+            Box::new(|c| Ok(format!("{:?}", ledger.deduct(c, 1, Decimal::ONE, "d1")?))),
+        ),
+        (
+            "issue",
+            Box::new(|c| Ok(format!("{:?}", issuer.issue(c, 7, campaign.id)?))),
+        ),
+        (
+            "read",
+            Box::new(|c| Ok(format!("{:?}", ledger.balance(c, 1)?))),
+        ),
+    ];
+    sandbox.pause().expect("pause");
+    thread::scope(|s| {
+        for (what, call) in calls {
+            let (tx, rx) = mpsc::channel();
+            let pool = &pool;
+            s.spawn(move || {
+                let mut c = pool.get().expect("an idle pooled connection");
+                let started = Instant::now();
+                let answer = call(&mut c);
+                let _ = tx.send((answer, started.elapsed()));
+            });
+            let (answer, took) = answer_or_resume(&mut sandbox, what, &rx);
+            eprintln!("{what} on a paused server: {answer:?} after {took:?}");
+            assert!(took <= bound(), "{what} took {took:?}");
+            assert!(
+                matches!(answer, Err(Error::ServerUnresponsive { .. })),
+                "{what}: {answer:?}"
+            );
+        }
+        let (tx, rx) = mpsc::channel();
+        let combining = &combining;
+        s.spawn(move || {
+            let started = Instant::now();
+            let answer = combining.charge(1, Decimal::ONE, "combined");
+            let _ = tx.send((answer, started.elapsed()));
+        });
+        let (answer, took) = answer_or_resume(&mut sandbox, "combined charge", &rx);
+        eprintln!("combined charge on a paused server: {answer:?} after {took:?}");
+        assert!(took <= bound(), "combined charge took {took:?}");
+        assert!(
+            matches!(
+                answer,
+                Err(Error::Timeout { .. } | Error::ServerUnresponsive { .. })
+            ),
+            "combined charge: {answer:?}"
+        );
+        sandbox.resume().expect("resume");
+    });
+
+    // Nothing was applied, and the audit passes.
+    let mut conn = connect(&url);
+    assert_eq!(count_key(&mut conn, 1, "c1"), 0);
+    assert_eq!(count_key(&mut conn, 1, "d1"), 0);
+    assert_eq!(count_key(&mut conn, 1, "combined"), 0);
+    assert_eq!(issued_rows(&mut conn, campaign.id), 0);
+    assert_eq!(stored_balance(&mut conn, 1), Decimal::from(101));
+    audit_ok(&ledger, &mut conn, 1);
+    // The four connections the calls used were discarded, not handed out again.
+    let mut after: Vec<_> = (0..4)
+        .map(|_| pool.get().expect("pooled after resume"))
+        .collect();
+    for c in after.iter_mut() {
+        let id = connection_id(c);
+        assert!(
+            !before.contains(&id),
+            "connection {id} was handed out again"
+        );
+    }
+    // The same calls work again on fresh connections.
+    ledger
+        .charge(&mut after[0], 1, Decimal::ONE, "c1")
+        .expect("charge after resume");
+    assert_eq!(count_key(&mut conn, 1, "c1"), 1);
+}
+
+/// One call of the load test: which operation on which user with which key, and its answer.
+#[derive(Debug)]
+struct Record {
+    kind: &'static str,
+    user: i64,
+    key: String,
+    answer: Result<(), Error>,
+    took: Duration,
+}
+
+/// Whether an error promises that nothing was applied.
+fn nothing_applied(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::ServerUnresponsive { .. }
+            | Error::Timeout { .. }
+            | Error::Contended { .. }
+            | Error::Pool(_)
+            | Error::ConnectionBroken { .. }
+            | Error::Server(_)
+    )
+}
+
+#[test]
+fn silent_server_pause_under_load_answers_are_true() {
+    let _alone = exclusive();
+    let (mut sandbox, url, mut conn) = private_server("silent_load");
+    let ledger = BalanceLedger::with_policy(policy());
+    let issuer = CouponIssuer::with_policy(policy());
+    const THREADS: i64 = 4;
+    for user in 1..=THREADS {
+        funded_account(&mut conn, &ledger, user, Decimal::from(1_000_000));
+    }
+    let campaign = open_campaign(&mut conn, &issuer, 1_000_000);
+    let stop = AtomicBool::new(false);
+    let (done_tx, done_rx) = mpsc::channel::<Vec<Record>>();
+    let records: Vec<Record> = thread::scope(|s| {
+        for thread in 0..THREADS {
+            let (done_tx, stop, url) = (done_tx.clone(), &stop, url.as_str());
+            let (ledger, issuer, campaign) = (&ledger, &issuer, &campaign);
+            s.spawn(move || {
+                let mut records = Vec::new();
+                let mut conn = connect(url);
+                let user = thread + 1;
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let key = format!("t{thread}-{i}");
+                    let started = Instant::now();
+                    let (kind, user, answer) = match i % 3 {
+                        0 => (
+                            "charge",
+                            user,
+                            ledger.charge(&mut conn, user, Decimal::ONE, &key).map(drop),
+                        ),
+                        1 => (
+                            "deduct",
+                            user,
+                            ledger.deduct(&mut conn, user, Decimal::ONE, &key).map(drop),
+                        ),
+                        _ => {
+                            let holder = 1_000_000 * (thread + 1) + i;
+                            (
+                                "issue",
+                                holder,
+                                issuer.issue(&mut conn, holder, campaign.id).map(drop),
+                            )
+                        }
+                    };
+                    let took = started.elapsed();
+                    let lost = answer.is_err();
+                    records.push(Record {
+                        kind,
+                        user,
+                        key,
+                        answer,
+                        took,
+                    });
+                    if lost {
+                        // A connection the watchdog shut down is broken: a new one (which
+                        // waits for a paused server to come back).
+                        conn = connect(url);
+                    }
+                }
+                let _ = done_tx.send(records);
+            });
+        }
+        drop(done_tx);
+        thread::sleep(Duration::from_millis(1_500));
+        sandbox.pause().expect("pause");
+        thread::sleep(Duration::from_secs(3));
+        sandbox.resume().expect("resume");
+        thread::sleep(Duration::from_millis(1_500));
+        stop.store(true, Ordering::Relaxed);
+        (0..THREADS)
+            .flat_map(|_| answer_or_resume(&mut sandbox, "a load thread", &done_rx))
+            .collect()
+    });
+
+    let late: Vec<&Record> = records.iter().filter(|r| r.took > bound()).collect();
+    let unresponsive = records
+        .iter()
+        .filter(|r| matches!(r.answer, Err(Error::ServerUnresponsive { .. })))
+        .count();
+    eprintln!(
+        "{} calls, {unresponsive} ServerUnresponsive, worst {:?}",
+        records.len(),
+        records.iter().map(|r| r.took).max().unwrap_or_default()
+    );
+    assert!(late.is_empty(), "calls later than {:?}: {late:#?}", bound());
+    assert!(unresponsive > 0, "the pause was not seen by any call");
+
+    let mut conn = connect(&url);
+    let holders: HashMap<i64, usize> =
+        user_coupon_rows(&mut conn)
+            .iter()
+            .fold(HashMap::new(), |mut held, row| {
+                *held.entry(row.1).or_default() += 1;
+                held
+            });
+    for record in &records {
+        let applied = match record.kind {
+            "issue" => holders.get(&record.user).copied().unwrap_or(0) as i64,
+            _ => count_key(&mut conn, record.user, &record.key),
+        };
+        match &record.answer {
+            Ok(()) => assert_eq!(applied, 1, "{record:?}"),
+            Err(e) if nothing_applied(e) => assert_eq!(applied, 0, "{record:?}"),
+            Err(Error::OutcomeUnknown { .. }) => {
+                // Either; a retry with the same key resolves it.
+                assert!(applied <= 1, "{record:?}");
+                let retried = match record.kind {
+                    "charge" => ledger
+                        .charge(&mut conn, record.user, Decimal::ONE, &record.key)
+                        .map(drop),
+                    "deduct" => ledger
+                        .deduct(&mut conn, record.user, Decimal::ONE, &record.key)
+                        .map(drop),
+                    _ => match issuer.issue(&mut conn, record.user, campaign.id) {
+                        Err(Error::AlreadyIssued { .. }) => Ok(()),
+                        other => other.map(drop),
+                    },
+                };
+                retried.unwrap_or_else(|e| panic!("retry of {record:?}: {e:?}"));
+            }
+            Err(e) => panic!("unexpected answer {e:?} for {record:?}"),
+        }
+    }
+    for user in 1..=THREADS {
+        audit_ok(&ledger, &mut conn, user);
+    }
+}
