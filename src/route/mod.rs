@@ -78,7 +78,7 @@
 //! to run again): the router runs it again after a *node failure*, an answer that says nothing
 //! was applied and the node is to blame —
 //! [`Error::ServerUnresponsive`], [`Error::ConnectionBroken`], a lost connection before COMMIT
-//! ([`ServerErrorKind::ConnectionLost`](crate::ServerErrorKind::ConnectionLost)), a node
+//! ([`ServerErrorKind::ConnectionLost`]), a node
 //! outside the Primary component ([`NodeNotReady`](crate::ServerErrorKind::NodeNotReady), 1047)
 //! or no pooled connection to be had while the pool is not busy. The node is marked down, the
 //! router waits (within the deadline) for the coordinator to fail over and runs the call on the
@@ -95,8 +95,9 @@
 //!   the row moves to a surviving node once the cluster evicted the dead one (after
 //!   `evs.suspect_timeout`), and calls continue there, each within its deadline.
 //! - **SIGSTOP of the writer** (a frozen node, a partition): calls in flight get no answer at
-//!   all; lockstock's deadline mechanism shuts their connections down at their deadline plus
-//!   `unresponsive_grace` and answers [`Error::ServerUnresponsive`] (nothing committed), or
+//!   all; lockstock's watchdog (Linux; see the [`txn`](crate::txn) module) shuts their
+//!   connections down at their deadline plus `unresponsive_grace` and answers
+//!   [`Error::ServerUnresponsive`] (nothing committed), or
 //!   `OutcomeUnknown` for a COMMIT in flight — by then the deadline has passed, so those calls
 //!   are not run again: the caller retries with the same key. The probe of the frozen node
 //!   times out, the coordinator fails over, and new calls go to the new writer.
