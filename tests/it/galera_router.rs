@@ -405,6 +405,13 @@ fn galera_router_bank_and_flash_sale() {
     let routers = routers(&urls, 3);
     let writer = assert_agree(&routers, &urls[0]);
     eprintln!("routers agree on {writer} after {:?}", started.elapsed());
+    // Two URLs that reach the same node (the port is ignored next to a socket) are refused.
+    let same = urls[0].replacen("@localhost/", "@localhost:3306/", 1);
+    let refused = Router::builder([urls[0].clone(), same, urls[1].clone()]).build();
+    assert!(
+        matches!(refused, Err(Error::InvalidInput { .. })),
+        "{refused:?}"
+    );
 
     let runs = load(&routers, 2, &setup, Mix::Bank, 60, || {
         thread::sleep(Duration::from_secs(4))
