@@ -71,6 +71,7 @@ pub mod coupon;
 pub mod error;
 pub mod ledger;
 mod records;
+pub mod route;
 pub mod schema;
 mod statements;
 pub mod txn;
@@ -84,6 +85,7 @@ pub use error::{Error, Result, ServerError, ServerErrorKind};
 pub use ledger::{
     AccountOp, AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer,
 };
+pub use route::{ReadConsistency, Router, RouterBuilder, RouterStats};
 pub use txn::{Deadline, Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
 
 use diesel::mysql::MysqlConnection;

@@ -94,6 +94,17 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// The one row naming a Galera cluster's designated writer node (see `lockstock::route`).
+    designated_writer (id) {
+        id -> TinyInt,
+        #[max_length = 64]
+        node_name -> Varchar,
+        epoch -> BigInt,
+        changed_at -> Datetime,
+    }
+}
+
 diesel::joinable!(balance_history -> user_balance (user_id));
 diesel::joinable!(fcfs_coupon -> coupon (coupon_id));
 diesel::joinable!(fcfs_coupon_restock -> fcfs_coupon (fcfs_coupon_id));
@@ -106,4 +117,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     fcfs_coupon,
     fcfs_coupon_restock,
     user_coupon,
+    designated_writer,
 );

@@ -38,6 +38,7 @@ use rust_decimal::Decimal;
 use crate::coupon::{CouponIssuer, IssuedCoupon};
 use crate::error::{Error, Result};
 use crate::ledger::{AccountOp, BalanceLedger, Entry};
+use crate::route::Router;
 use crate::txn::{mark_broken, watched, Deadline};
 
 /// An r2d2 pool of MySQL connections.
@@ -343,18 +344,28 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) 
 /// (nothing sent), [`Error::Pool`] for any other checkout failure. The pool's validity ping
 /// runs under the watchdog (`grace` past the deadline): a connection whose ping the watchdog
 /// shut down is never handed out.
-fn checkout(
+pub(crate) fn checkout(
     pool: &MysqlPool,
     deadline: Deadline,
     grace: Duration,
-) -> Result<PooledConnection<ConnectionManager<MysqlConnection>>> {
+) -> Result<PooledMysql> {
+    checkout_within(pool, deadline, grace, deadline.remaining())
+}
+
+/// Like [`checkout`], waiting at most `wait` (a router leaves time for another node).
+pub(crate) fn checkout_within(
+    pool: &MysqlPool,
+    deadline: Deadline,
+    grace: Duration,
+    wait: Duration,
+) -> Result<PooledMysql> {
     let timeout = |deadline: Deadline| Error::Timeout {
         elapsed: deadline.elapsed(),
     };
     if deadline.is_expired() {
         return Err(timeout(deadline));
     }
-    let (got, fired) = watched(deadline, grace, |_| pool.get_timeout(deadline.remaining()));
+    let (got, fired) = watched(deadline, grace, |_| pool.get_timeout(wait));
     match got {
         Ok(mut conn) if fired => {
             // The ping answered as its socket was shut down: r2d2 discards the connection.
@@ -367,15 +378,27 @@ fn checkout(
     }
 }
 
+type PooledMysql = PooledConnection<ConnectionManager<MysqlConnection>>;
+
 /// A domain type (`S`: a [`CouponIssuer`] or a [`BalanceLedger`]) in front of a pool, with a
 /// [`Combiner`] that combines concurrent requests per hot key (a campaign, an account) into
 /// batch transactions. Share it between threads (it is `Sync`). Used as [`CombiningIssuer`] and
 /// [`CombiningLedger`].
 #[derive(Debug)]
 pub struct Combining<S, Req, Resp> {
-    pool: MysqlPool,
+    source: Source,
     inner: S,
     combiner: Combiner<i64, Req, Resp>,
+}
+
+/// Where a [`Combining`]'s batches get their connection.
+#[derive(Debug)]
+enum Source {
+    /// One server's pool.
+    Pool(MysqlPool),
+    /// The writer of a Galera cluster; a batch that meets a node failure runs again on the new
+    /// writer ([`Router::write`]).
+    Router(Arc<Router>),
 }
 
 impl<S, Req, Resp> Combining<S, Req, Resp> {
@@ -387,9 +410,20 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
     /// Combines over `pool` with batches of up to `max_batch` requests.
     pub fn with_max_batch(pool: MysqlPool, inner: S, max_batch: usize) -> Self {
         Self {
-            pool,
+            source: Source::Pool(pool),
             inner,
             combiner: Combiner::new(max_batch),
+        }
+    }
+
+    /// Combines through `router`: every batch runs on the Galera cluster's writer, and a batch
+    /// that meets a node failure (nothing applied) runs again on the new writer within its
+    /// deadline ([`Router::write`]); batches of up to [`DEFAULT_MAX_BATCH`].
+    pub fn routed(router: Arc<Router>, inner: S) -> Self {
+        Self {
+            source: Source::Router(router),
+            inner,
+            combiner: Combiner::new(DEFAULT_MAX_BATCH),
         }
     }
 
@@ -412,10 +446,15 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
     ) -> Result<Resp> {
         self.combiner
             .submit(key, request, deadline, |key, requests, deadline| {
-                let mut conn = checkout(&self.pool, deadline, grace)?;
-                match requests.as_slice() {
-                    [alone] => Ok(vec![one(&self.inner, &mut conn, *key, alone, deadline)]),
-                    all => many(&self.inner, &mut conn, *key, all, deadline),
+                // A lone request's error is the batch's: the same answer reaches its caller,
+                // and a router sees the node failures among them.
+                let run = |conn: &mut MysqlConnection, deadline| match requests.as_slice() {
+                    [alone] => one(&self.inner, conn, *key, alone, deadline).map(|r| vec![Ok(r)]),
+                    all => many(&self.inner, conn, *key, all, deadline),
+                };
+                match &self.source {
+                    Source::Pool(pool) => run(&mut *checkout(pool, deadline, grace)?, deadline),
+                    Source::Router(router) => router.write(deadline, run),
                 }
             })
     }

@@ -35,9 +35,12 @@ impl CouponIssuer {
         self.issue_by(conn, user_id, campaign_id, self.runner.deadline())
     }
 
-    /// [`issue`](Self::issue), bounded by the caller's `deadline` (a combiner passes the
-    /// deadline its caller started with).
-    pub(crate) fn issue_by(
+    /// [`issue`](Self::issue), bounded by the caller's `deadline` (a combiner or a
+    /// [`Router`](crate::route::Router) passes the deadline its caller started with).
+    ///
+    /// # Errors
+    /// As [`issue`](Self::issue).
+    pub fn issue_by(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,

@@ -38,8 +38,30 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Entry> {
+        self.charge_by(
+            conn,
+            user_id,
+            amount,
+            idempotency_key,
+            self.runner.deadline(),
+        )
+    }
+
+    /// [`charge`](Self::charge), bounded by the caller's `deadline` instead of one starting
+    /// now (a [`Router`](crate::route::Router) passes the deadline its call started with).
+    ///
+    /// # Errors
+    /// As [`charge`](Self::charge).
+    pub fn charge_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        deadline: Deadline,
+    ) -> Result<Entry> {
         let request = Request::plain(EntryKind::Charge, user_id, amount, idempotency_key);
-        self.change(conn, &request, self.runner.deadline())
+        self.change(conn, &request, deadline)
     }
 
     /// Subtracts `amount` from `user_id`'s balance; refuses with [`Error::InsufficientBalance`]
@@ -55,8 +77,29 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Entry> {
+        self.deduct_by(
+            conn,
+            user_id,
+            amount,
+            idempotency_key,
+            self.runner.deadline(),
+        )
+    }
+
+    /// [`deduct`](Self::deduct), bounded by the caller's `deadline`.
+    ///
+    /// # Errors
+    /// As [`deduct`](Self::deduct).
+    pub fn deduct_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        deadline: Deadline,
+    ) -> Result<Entry> {
         let request = Request::plain(EntryKind::Deduct, user_id, amount, idempotency_key);
-        self.change(conn, &request, self.runner.deadline())
+        self.change(conn, &request, deadline)
     }
 
     /// One charge or deduct by `deadline` (a combined caller's): the batch of one.
@@ -110,7 +153,27 @@ impl BalanceLedger {
         idempotency_key: &str,
     ) -> Result<Entry> {
         // The call's one deadline starts with it, as a charge's does.
-        let deadline = self.runner.deadline();
+        self.refund_by(
+            conn,
+            deduct_entry_id,
+            amount,
+            idempotency_key,
+            self.runner.deadline(),
+        )
+    }
+
+    /// [`refund`](Self::refund), bounded by the caller's `deadline`.
+    ///
+    /// # Errors
+    /// As [`refund`](Self::refund).
+    pub fn refund_by(
+        &self,
+        conn: &mut MysqlConnection,
+        deduct_entry_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        deadline: Deadline,
+    ) -> Result<Entry> {
         validate_id("journal entry", deduct_entry_id)?;
         validate_amount(amount)?;
         validate_key(idempotency_key)?;
@@ -179,6 +242,23 @@ impl BalanceLedger {
         amount: Decimal,
         idempotency_key: &str,
     ) -> Result<Transfer> {
+        let deadline = self.runner.deadline();
+        self.transfer_by(conn, from, to, amount, idempotency_key, deadline)
+    }
+
+    /// [`transfer`](Self::transfer), bounded by the caller's `deadline`.
+    ///
+    /// # Errors
+    /// As [`transfer`](Self::transfer).
+    pub fn transfer_by(
+        &self,
+        conn: &mut MysqlConnection,
+        from: i64,
+        to: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        deadline: Deadline,
+    ) -> Result<Transfer> {
         let request = Request {
             kind: EntryKind::TransferOut,
             user_id: from,
@@ -198,7 +278,6 @@ impl BalanceLedger {
             ..request
         };
         let (out_hash, in_hash) = (request.hash(), incoming.hash());
-        let deadline = self.runner.deadline();
         let attempt = |conn: &mut MysqlConnection| {
             let (first, second) = (from.min(to), from.max(to));
             let first_row = lock_account(conn, first)?;

@@ -12,7 +12,8 @@ use diesel::query_builder::{AsQuery, QueryFragment};
 use diesel::sql_types::Text;
 use diesel_migrations::MigrationHarness;
 use lockstock::schema::{
-    balance_history, coupon, fcfs_coupon, fcfs_coupon_restock, user_balance, user_coupon,
+    balance_history, coupon, designated_writer, fcfs_coupon, fcfs_coupon_restock, user_balance,
+    user_coupon,
 };
 use lockstock::{BalanceLedger, Error, RetryPolicy, ServerErrorKind, TxnPolicy, TxnRunner};
 use rust_decimal::Decimal;
@@ -47,6 +48,7 @@ fn migrations_up_down_up() {
     let all = [
         "balance_history",
         "coupon",
+        "designated_writer",
         "fcfs_coupon",
         "fcfs_coupon_restock",
         "user_balance",
@@ -101,6 +103,7 @@ fn schema_rs_matches_migrations() {
         ("fcfs_coupon", sql_of(fcfs_coupon::table)),
         ("fcfs_coupon_restock", sql_of(fcfs_coupon_restock::table)),
         ("user_coupon", sql_of(user_coupon::table)),
+        ("designated_writer", sql_of(designated_writer::table)),
     ];
     for (table, sql) in declared {
         let actual: Vec<String> = diesel::sql_query(
@@ -135,6 +138,13 @@ fn schema_rs_matches_migrations() {
         .load::<(i64, i64, String, i32, i32, i32, chrono::NaiveDateTime)>(&mut conn)
         .expect("fcfs_coupon_restock");
     assert_eq!(restocks.len(), 1);
+    // The designated-writer row the migration inserts: none designated yet.
+    let writer = designated_writer::table
+        .select(designated_writer::all_columns)
+        .load::<(i8, String, i64, chrono::NaiveDateTime)>(&mut conn)
+        .expect("designated_writer");
+    assert_eq!(writer.len(), 1);
+    assert_eq!((writer[0].0, writer[0].1.as_str(), writer[0].2), (1, "", 0));
 }
 
 #[test]

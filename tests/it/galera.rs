@@ -216,10 +216,7 @@ fn galera_non_primary_node_is_typed() {
     let started = Instant::now();
     let mut cluster = GaleraCluster::builder()
         .nodes(3)
-        .provider_option("evs.keepalive_period=PT0.5S")
-        .provider_option("evs.suspect_timeout=PT1.5S")
-        .provider_option("evs.inactive_timeout=PT3S")
-        .provider_option("evs.inactive_check_period=PT0.5S")
+        .fast_eviction()
         .start()
         .expect("start cluster");
     let urls = cluster.create_database("gal_not_ready").expect("database");

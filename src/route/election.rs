@@ -1,0 +1,206 @@
+//! The designated-writer row and the coordinator thread that keeps this router on the node it
+//! names.
+//!
+//! Every tick (the health interval), or at once when a caller waits for a writer:
+//! 1. With a healthy writer: one causal read of the row on it. If the row still names it,
+//!    nothing changes; if it names another node (another router failed over), this router
+//!    drops its writer and goes on with 2.
+//! 2. Without one: read the row causally on the first healthy node. If it names a healthy
+//!    node, that node is the target. Otherwise the first healthy node claims the row:
+//!    `UPDATE designated_writer SET node_name = @@wsrep_node_name, epoch = epoch + 1 ...
+//!    WHERE id = 1 AND epoch = <read>` sent through that node itself. Of two routers that race,
+//!    Galera's certification commits one UPDATE and aborts the other (1213, retried by the
+//!    runner, which then matches no row): the loser reads the row again and follows it.
+//! 3. Adopt the target only after one more causal read ON the target (`wsrep_sync_wait = 1`
+//!    makes its `START TRANSACTION` wait until the node applied everything the cluster
+//!    committed before) that still names it. Only then do writes go there.
+//!
+//! All of it runs through the probe policy's [`TxnRunner`](crate::TxnRunner) and deadline, on
+//! the nodes' pools; callers never do this I/O, they only wait (by their deadline) for a
+//! writer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+
+use super::{checkout, Shared, Use};
+use crate::error::{Error, Result, ServerErrorKind};
+use crate::schema::designated_writer as row;
+use crate::txn::Deadline;
+use crate::util::now;
+
+/// The key of the one row.
+const ROW_ID: i8 = 1;
+
+/// Elections tried per tick before waiting for the next one.
+const ROUNDS: usize = 4;
+
+/// What the row says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Designated {
+    pub(super) name: String,
+    pub(super) epoch: i64,
+}
+
+/// The coordinator: keeps this router's writer in line with the row until the router is
+/// dropped.
+pub(super) fn coordinate(shared: Arc<Shared>) {
+    while !shared.stopped.load(Ordering::Relaxed) {
+        shared.lock().elect = false;
+        maintain(&shared);
+        // The next tick, or earlier when a caller asks; never more often than every 20 ms.
+        std::thread::sleep(Duration::from_millis(20));
+        let mut state = shared.lock();
+        let deadline = Deadline::after(shared.interval);
+        while !state.elect && !deadline.is_expired() && !shared.stopped.load(Ordering::Relaxed) {
+            state = shared.wait(state, deadline.remaining());
+        }
+    }
+}
+
+/// One tick: confirm the writer, or find one.
+fn maintain(shared: &Shared) {
+    let deadline = Deadline::after(shared.probe.policy().retry.deadline);
+    let (writer, name) = {
+        let state = shared.lock();
+        match state.writer {
+            Some(w) if state.healthy(w, shared.probe_timeout) => {
+                (Some(w), state.nodes[w].name.clone())
+            }
+            _ => (None, None),
+        }
+    };
+    if let (Some(writer), Some(name)) = (writer, name) {
+        match read(shared, writer, deadline) {
+            Ok(Some(row)) if row.name == name => {
+                shared.lock().epoch = row.epoch;
+                return;
+            }
+            // Another router moved the writer: follow the row.
+            Ok(_) => shared.lock().writer = None,
+            Err(error) => shared.fail(writer, &error),
+        }
+    }
+    elect(shared, deadline);
+}
+
+/// Finds the node the row names (claiming the row for a healthy node if it names none) and
+/// adopts it.
+fn elect(shared: &Shared, deadline: Deadline) {
+    for _ in 0..ROUNDS {
+        if deadline.is_expired() || shared.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let healthy = shared.lock().healthy_nodes(shared.probe_timeout);
+        let Some(seen) = healthy.iter().find_map(|&node| {
+            read(shared, node, deadline)
+                .map_err(|error| shared.fail(node, &error))
+                .ok()
+        }) else {
+            return;
+        };
+        let named = {
+            let state = shared.lock();
+            seen.as_ref()
+                .and_then(|row| state.node_named(&row.name))
+                .filter(|&node| state.healthy(node, shared.probe_timeout))
+        };
+        let target = match (named, healthy.first()) {
+            (Some(node), _) => node,
+            (None, Some(&candidate)) => {
+                match claim(shared, candidate, seen.as_ref().map(|r| r.epoch), deadline) {
+                    Ok(true) => candidate,
+                    // Another router claimed it first: read it again.
+                    Ok(false) => continue,
+                    Err(error) => {
+                        shared.fail(candidate, &error);
+                        continue;
+                    }
+                }
+            }
+            (None, None) => return,
+        };
+        match read(shared, target, deadline) {
+            Ok(Some(row)) if Some(&row.name) == shared.lock().nodes[target].name.as_ref() => {
+                adopt(shared, target, row.epoch);
+                return;
+            }
+            Ok(_) => continue,
+            Err(error) => shared.fail(target, &error),
+        }
+    }
+}
+
+fn adopt(shared: &Shared, node: usize, epoch: i64) {
+    {
+        let mut state = shared.lock();
+        if state.last_writer.is_some_and(|last| last != node) {
+            state.failovers += 1;
+        }
+        state.writer = Some(node);
+        state.last_writer = Some(node);
+        state.epoch = epoch;
+    }
+    trace_event!(node, epoch, "router adopted a writer");
+    shared.changed.notify_all();
+}
+
+/// The row, read causally on `node` (its read pool sets `wsrep_sync_wait = 1`, so the
+/// snapshot's `START TRANSACTION` waits until the node applied every earlier commit).
+fn read(shared: &Shared, node: usize, deadline: Deadline) -> Result<Option<Designated>> {
+    let pool = shared.pool(node, Use::CausalRead);
+    let mut conn = checkout(&pool, deadline, shared.probe.policy().unresponsive_grace)?;
+    shared.probe.read_by(&mut conn, deadline, |conn| {
+        Ok(row::table
+            .find(ROW_ID)
+            .select((row::node_name, row::epoch))
+            .first::<(String, i64)>(conn)
+            .optional()?
+            .map(|(name, epoch)| Designated { name, epoch }))
+    })
+}
+
+/// The compare-and-set of a failover, sent through `node`: the row names `node` with the next
+/// epoch if it still has epoch `seen` (or, if the row is missing, it is created). `false` when
+/// another router changed it first.
+fn claim(shared: &Shared, node: usize, seen: Option<i64>, deadline: Deadline) -> Result<bool> {
+    let pool = shared.pool(node, Use::Write);
+    let mut conn = checkout(&pool, deadline, shared.probe.policy().unresponsive_grace)?;
+    let this_node = diesel::dsl::sql::<Text>("@@wsrep_node_name");
+    let claimed = shared
+        .probe
+        .run_by(&mut conn, deadline, |conn: &mut MysqlConnection| {
+            let changed = match seen {
+                Some(epoch) => diesel::update(
+                    row::table
+                        .filter(row::id.eq(ROW_ID))
+                        .filter(row::epoch.eq(epoch)),
+                )
+                .set((
+                    row::node_name.eq(this_node.clone()),
+                    row::epoch.eq(row::epoch + 1),
+                    row::changed_at.eq(now()),
+                ))
+                .execute(conn)?,
+                None => diesel::insert_into(row::table)
+                    .values((
+                        row::id.eq(ROW_ID),
+                        row::node_name.eq(this_node.clone()),
+                        row::epoch.eq(1),
+                        row::changed_at.eq(now()),
+                    ))
+                    .execute(conn)?,
+            };
+            Ok(changed == 1)
+        });
+    match claimed {
+        Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => Ok(false),
+        // The certification loser of a race keeps losing while its node applies the winner.
+        Err(Error::Contended { .. }) => Ok(false),
+        other => other,
+    }
+}

@@ -1,0 +1,247 @@
+//! What the router knows about its nodes: one probe thread per node asks the node who it is and
+//! whether it is ready, Primary and Synced; calls that fail on a node mark it down until its
+//! next probe succeeds.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::connection::Connection;
+use diesel::mysql::MysqlConnection;
+use diesel::sql_types::Text;
+use diesel::{QueryableByName, RunQueryDsl};
+
+use super::Shared;
+use crate::error::{Error, ServerError};
+use crate::txn::{apply_session_settings, TxnPolicy};
+
+/// The probe: the node's name and the three status values that make it healthy, in one round
+/// trip on a connection of its own (no causal wait: it must answer on a lagging node too).
+const PROBE_SQL: &str = "SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
+     CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
+       WHERE variable_name = 'WSREP_READY'), '') AS CHAR) AS ready, \
+     CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
+       WHERE variable_name = 'WSREP_CLUSTER_STATUS'), '') AS CHAR) AS cluster_status, \
+     CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
+       WHERE variable_name = 'WSREP_LOCAL_STATE_COMMENT'), '') AS CHAR) AS local_state";
+
+#[derive(QueryableByName)]
+struct ProbeRow {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    ready: String,
+    #[diesel(sql_type = Text)]
+    cluster_status: String,
+    #[diesel(sql_type = Text)]
+    local_state: String,
+}
+
+/// The health of one node as the router sees it (a part of [`RouterStats`](super::RouterStats)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHealth {
+    /// Its `@@wsrep_node_name`, once a probe reached it.
+    pub name: Option<String>,
+    /// Whether the router sends calls to it: the last probe found it `wsrep_ready = ON`,
+    /// `wsrep_cluster_status = Primary` and `wsrep_local_state_comment = Synced`, no call failed
+    /// on it since, no probe has been hanging on it for longer than the probe timeout, and no
+    /// other URL of the router reaches a node of the same name.
+    pub healthy: bool,
+    /// `wsrep_ready` of the last answered probe.
+    pub ready: bool,
+    /// `wsrep_cluster_status` of the last answered probe (`Primary`, `non-Primary`, ...).
+    pub cluster_status: String,
+    /// `wsrep_local_state_comment` of the last answered probe (`Synced`, `Donor/Desynced`, ...).
+    pub local_state: String,
+    /// Why it is not healthy, if a probe or a call failed on it.
+    pub last_error: Option<String>,
+}
+
+/// The router's record of one node.
+#[derive(Debug, Default)]
+pub(super) struct Probe {
+    pub(super) name: Option<String>,
+    ready: bool,
+    cluster_status: String,
+    local_state: String,
+    /// The last probe answered and found the node healthy, and no call failed since.
+    ok: bool,
+    error: Option<String>,
+    /// When the probe in flight started.
+    running_since: Option<Instant>,
+    /// When a call last failed on the node.
+    failed_at: Option<Instant>,
+}
+
+/// Everything the router's threads and callers share, under one mutex.
+#[derive(Debug, Default)]
+pub(super) struct State {
+    pub(super) nodes: Vec<Probe>,
+    /// The node this router writes to, adopted from the designated-writer row.
+    pub(super) writer: Option<usize>,
+    /// The last writer this router adopted (kept while `writer` is `None` during a failover).
+    pub(super) last_writer: Option<usize>,
+    /// The epoch of the designated-writer row this router last confirmed.
+    pub(super) epoch: i64,
+    /// Times this router's writer moved to another node.
+    pub(super) failovers: u64,
+    /// A caller waits for a writer: the coordinator runs now instead of at its next tick.
+    pub(super) elect: bool,
+}
+
+impl Probe {
+    /// Whether a probe has answered (with a name or an error).
+    pub(super) fn answered(&self) -> bool {
+        self.name.is_some() || self.error.is_some()
+    }
+}
+
+impl State {
+    /// Whether calls may go to `node` now (see [`NodeHealth::healthy`]).
+    pub(super) fn healthy(&self, node: usize, probe_timeout: Duration) -> bool {
+        let Some(p) = self.nodes.get(node) else {
+            return false;
+        };
+        let stuck = p
+            .running_since
+            .is_some_and(|since| since.elapsed() > probe_timeout);
+        p.ok && !stuck && p.name.is_some() && !self.duplicate_name(node)
+    }
+
+    /// Whether another node of this router has the same name as `node`.
+    pub(super) fn duplicate_name(&self, node: usize) -> bool {
+        let name = &self.nodes[node].name;
+        name.is_some()
+            && self
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(i, p)| i != node && p.name == *name)
+    }
+
+    /// The healthy nodes, in the order of the router's URLs.
+    pub(super) fn healthy_nodes(&self, probe_timeout: Duration) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.healthy(i, probe_timeout))
+            .collect()
+    }
+
+    /// The node whose name is `name`, if this router knows one.
+    pub(super) fn node_named(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|p| p.name.as_deref() == Some(name))
+    }
+
+    /// A call (or the coordinator) found `node` failing: down until its next probe succeeds,
+    /// and no longer the writer.
+    pub(super) fn mark_failed(&mut self, node: usize, error: &Error) {
+        if let Some(p) = self.nodes.get_mut(node) {
+            p.ok = false;
+            p.error = Some(error.to_string());
+            if let Some(source) = error.server_error() {
+                p.error = Some(format!("{error}: {source}"));
+            }
+            p.failed_at = Some(Instant::now());
+        }
+        if self.writer == Some(node) {
+            self.writer = None;
+        }
+    }
+
+    pub(super) fn health(&self, node: usize, probe_timeout: Duration) -> NodeHealth {
+        let p = &self.nodes[node];
+        NodeHealth {
+            name: p.name.clone(),
+            healthy: self.healthy(node, probe_timeout),
+            ready: p.ready,
+            cluster_status: p.cluster_status.clone(),
+            local_state: p.local_state.clone(),
+            last_error: if self.duplicate_name(node) {
+                Some("another URL of the router reaches a node of the same name".into())
+            } else {
+                p.error.clone()
+            },
+        }
+    }
+}
+
+/// The loop of `node`'s probe thread: probe, record, sleep the interval; until the router is
+/// dropped. A probe that hangs (a frozen node) keeps this thread only; the node counts as
+/// unhealthy once the probe has run longer than the probe timeout.
+pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
+    let mut conn: Option<MysqlConnection> = None;
+    while !shared.stopped.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        shared.lock().nodes[node].running_since = Some(started);
+        let answer = probe(&mut conn, &shared.nodes[node].url, &shared.session_policy);
+        if answer.is_err() {
+            conn = None;
+        }
+        {
+            let mut state = shared.lock();
+            let p = &mut state.nodes[node];
+            p.running_since = None;
+            // A call that failed on the node after this probe started overrules it.
+            let overruled = p.failed_at.is_some_and(|at| at >= started);
+            match answer {
+                Ok(row) => {
+                    p.ready = row.ready.eq_ignore_ascii_case("ON");
+                    let healthy =
+                        p.ready && row.cluster_status == "Primary" && row.local_state == "Synced";
+                    p.ok = healthy && !overruled;
+                    p.error = (!healthy).then(|| {
+                        format!(
+                            "wsrep_ready = {}, wsrep_cluster_status = {}, \
+                             wsrep_local_state_comment = {}",
+                            row.ready, row.cluster_status, row.local_state
+                        )
+                    });
+                    if overruled {
+                        p.error = p.error.take().or_else(|| Some("a call failed".into()));
+                    }
+                    p.name = Some(row.name);
+                    p.cluster_status = row.cluster_status;
+                    p.local_state = row.local_state;
+                }
+                Err(error) => {
+                    p.ok = false;
+                    p.error = Some(error);
+                }
+            }
+            if !state.healthy(node, shared.probe_timeout) && state.writer == Some(node) {
+                state.writer = None;
+                state.elect = true;
+            }
+        }
+        shared.changed.notify_all();
+        shared.sleep(shared.interval);
+    }
+}
+
+/// One probe on the node's own connection (made first if there is none).
+fn probe(
+    conn: &mut Option<MysqlConnection>,
+    url: &str,
+    policy: &TxnPolicy,
+) -> Result<ProbeRow, String> {
+    let conn = match conn {
+        Some(conn) => conn,
+        None => {
+            let mut fresh =
+                MysqlConnection::establish(url).map_err(|e| format!("cannot connect: {e}"))?;
+            apply_session_settings(&mut fresh, policy).map_err(|e| describe(&e))?;
+            conn.insert(fresh)
+        }
+    };
+    diesel::sql_query(PROBE_SQL)
+        .get_result::<ProbeRow>(conn)
+        .map_err(|e| describe(&Error::Server(ServerError::new(e))))
+}
+
+fn describe(error: &Error) -> String {
+    match error.server_error() {
+        Some(source) => source.to_string(),
+        None => error.to_string(),
+    }
+}

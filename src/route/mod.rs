@@ -1,0 +1,680 @@
+//! Single-writer routing over a MariaDB Galera cluster, with failover.
+//!
+//! A [`Router`] is built from the URLs of the cluster's nodes and holds an r2d2 pool per node.
+//! It sends every lockstock write — single calls through [`Router::write`], combined batches
+//! through [`Combining::routed`](crate::combine::Combining::routed) — to ONE node at a time, the
+//! *writer*, and moves to another node when the writer dies, freezes or leaves the Primary
+//! component. Reads ([`Router::read`]) go to any healthy node, causally.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), lockstock::Error> {
+//! use lockstock::route::Router;
+//! use lockstock::{BalanceLedger, Deadline};
+//! use rust_decimal::Decimal;
+//! use std::time::Duration;
+//!
+//! let router = Router::builder([
+//!     "mysql://app@db1/shop",
+//!     "mysql://app@db2/shop",
+//!     "mysql://app@db3/shop",
+//! ])
+//! .pool_size(8)
+//! .build()?;
+//! let ledger = BalanceLedger::new();
+//! let deadline = Deadline::after(Duration::from_secs(3));
+//! let entry = router.write(deadline, |conn, deadline| {
+//!     ledger.deduct_by(conn, 42, Decimal::new(250, 2), "order-981", deadline)
+//! })?;
+//! let balance = router.read(deadline, |conn, _| ledger.balance(conn, 42))?;
+//! # let _ = (entry, balance);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Why one writer
+//!
+//! Galera accepts writes on every node, but lockstock does not support that: the published
+//! Jepsen analysis of MariaDB Galera Cluster (2026) found lost updates and stale reads in
+//! healthy clusters and lost commits on crashes when writes are spread over nodes (MariaDB
+//! issues MDEV-38974, MDEV-38976, MDEV-38977, MDEV-38999), and an independent lockstock workload
+//! with writes on three nodes once committed half a refund (a journal entry without its balance
+//! update) and left calls hanging on brute-force-aborted connections. With all writes on one
+//! node none of this was seen: the node's own InnoDB locks serialise lockstock's hot rows, and
+//! certification has nothing to resolve. Spreading writes also costs throughput (every conflict
+//! is a rollback, certified cluster-wide). So: one writer, the others for reads and failover.
+//!
+//! # All routers agree: the designated-writer row
+//!
+//! Every process has its own router, and two routers that picked different writers would make
+//! the cluster multi-writer again. So the choice is kept in the database: the table
+//! `designated_writer` (migration `2026-12-01-000004_designated_writer`) holds one row with the
+//! writer's `@@wsrep_node_name`, an epoch and when it changed. A router adopts the node the row
+//! names while that node is healthy; a router that finds the row naming another node than its
+//! writer (every health interval, and after a failure) follows the row; a router that finds
+//! the named node unhealthy moves the row to a healthy node with a compare-and-set on the epoch
+//! sent through that node — of two routers that race, Galera commits exactly one. Before a new
+//! writer takes writes, the router reads the row on it with `wsrep_sync_wait = 1`, so the node
+//! has applied everything the cluster committed first. See the `election` module for the steps.
+//!
+//! Every router of a cluster must list every node, and two URLs must never reach the same node:
+//! [`RouterBuilder::build`] refuses URLs that reach nodes of the same name
+//! ([`Error::InvalidInput`]). Migrations must have run (the row must exist).
+//!
+//! # Health
+//!
+//! One probe thread per node asks, every [`health_interval`](RouterBuilder::health_interval),
+//! for `@@wsrep_node_name` and `wsrep_ready`, `wsrep_cluster_status` and
+//! `wsrep_local_state_comment` (information_schema.GLOBAL_STATUS); a node is healthy when they
+//! are `ON`, `Primary` and `Synced`. A node is down from the moment a call on it fails with a
+//! node failure (below), a probe finds it otherwise, or a probe has been hanging on it for longer
+//! than the probe timeout (the [`probe_policy`](RouterBuilder::probe_policy)'s deadline plus its
+//! [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace)), until a probe finds it healthy
+//! again. [`Router::stats`] shows the writer, the epoch, the failovers and each node's health.
+//!
+//! # What a caller sees
+//!
+//! [`Router::write`] runs the caller's closure on a connection to the writer with the caller's
+//! [`Deadline`]. The closure must be a lockstock call with an idempotency key (or otherwise safe
+//! to run again): the router runs it again after a *node failure*, an answer that says nothing
+//! was applied and the node is to blame —
+//! [`Error::ServerUnresponsive`], [`Error::ConnectionBroken`], a lost connection before COMMIT
+//! ([`ServerErrorKind::ConnectionLost`]), a node
+//! outside the Primary component ([`NodeNotReady`](crate::ServerErrorKind::NodeNotReady), 1047)
+//! or no pooled connection to be had while the pool is not busy. The node is marked down, the
+//! router waits (within the deadline) for the coordinator to fail over and runs the call on the
+//! new writer. Everything else comes back as it is: results, domain refusals
+//! ([`Error::InsufficientBalance`], [`Error::SoldOut`], ...), [`Error::Contended`], and
+//! [`Error::OutcomeUnknown`] — a COMMIT whose answer was lost may have been applied, so the
+//! router does not decide: retry with the same idempotency key (through the router: it finds
+//! the committed entry and answers with it, or applies the change once). When the deadline
+//! passes while no writer is available, the call answers the last node failure it saw, or
+//! [`Error::Timeout`] if it never got to send anything; both mean nothing was applied.
+//!
+//! - **kill -9 of the writer**: calls in flight get a lost connection (before COMMIT: run again
+//!   on the new writer; during COMMIT: `OutcomeUnknown`). The probes see connections refused;
+//!   the row moves to a surviving node once the cluster evicted the dead one (after
+//!   `evs.suspect_timeout`), and calls continue there, each within its deadline.
+//! - **SIGSTOP of the writer** (a frozen node, a partition): calls in flight get no answer at
+//!   all; lockstock's watchdog (Linux; see the [`txn`](crate::txn) module) shuts their
+//!   connections down at their deadline plus `unresponsive_grace` and answers
+//!   [`Error::ServerUnresponsive`] (nothing committed), or
+//!   `OutcomeUnknown` for a COMMIT in flight — by then the deadline has passed, so those calls
+//!   are not run again: the caller retries with the same key. The probe of the frozen node
+//!   times out, the coordinator fails over, and new calls go to the new writer.
+//! - **The writer leaves the Primary component** (it lost quorum): it answers 1047 at once;
+//!   calls run again on a node of the Primary component, if the router can reach one.
+//!
+//! A node that comes back (restart with IST, SIGCONT) is healthy again once Synced, and takes
+//! reads; writes stay where the row points: the router does not fail back.
+//!
+//! # Reads
+//!
+//! [`Router::read`] runs the closure on any healthy node, in turn, on connections with
+//! `wsrep_sync_wait = 1` ([`ReadConsistency::Causal`], the default): each read transaction's
+//! `START TRANSACTION` waits until the node applied every write the cluster committed before,
+//! so a read never misses an acknowledged write. [`ReadConsistency::Writer`] reads on the
+//! writer instead. Reads are run again after a node failure, like writes.
+//!
+//! # Routing outside the process
+//!
+//! If a proxy routes for you, give lockstock one URL (the proxy) and configure the proxy with
+//! the same rule — one writer, failover only when it is down:
+//! - **MaxScale**: the `readwritesplit` router with a `galeramon` monitor, which picks ONE
+//!   master (keep `root_node_as_master` / `disable_master_failback=true` so it does not move
+//!   back); route lockstock's transactions to the master (they are all writes or read-only
+//!   snapshots; `causal_reads` for the rest).
+//! - **ProxySQL**: a writer hostgroup with `mysql_galera_hostgroups.max_writers = 1`
+//!   (`writer_is_also_reader` as you like) and the backup writers in the backup hostgroup.
+//! - **HAProxy**: one backend server active and the others `backup`, with a health check that
+//!   requires `wsrep_local_state_comment = Synced` (clustercheck), and
+//!   `on-marked-down shutdown-sessions`.
+//!
+//! A proxy has no designated-writer row: several proxy instances must agree by configuration
+//! (one proxy, or the same ordered list and no failback). Connections through a proxy that
+//! fails over are lost like the node's: the same typed answers reach the caller, without the
+//! router's re-run.
+
+mod election;
+mod health;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::mysql::MysqlConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+
+pub use health::NodeHealth;
+use health::State;
+
+use crate::combine::{checkout, checkout_within, MysqlPool};
+use crate::error::{Error, Result, ServerErrorKind};
+use crate::txn::{Deadline, SessionSettings, TxnPolicy, TxnRunner};
+
+/// Pool size per node by default.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+/// Health-check interval by default.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+/// The deadline of the router's own probes and elections by default.
+pub const DEFAULT_PROBE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Where [`Router::read`] reads.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadConsistency {
+    /// Any healthy node, with `wsrep_sync_wait = 1`: every read sees every write committed
+    /// before it started, on whichever node.
+    #[default]
+    Causal,
+    /// The writer only (no causal wait needed; the writer has applied everything).
+    Writer,
+}
+
+/// Configures a [`Router`]; see [`Router::builder`].
+#[derive(Debug, Clone)]
+pub struct RouterBuilder {
+    urls: Vec<String>,
+    pool_size: u32,
+    health_interval: Duration,
+    read_consistency: ReadConsistency,
+    probe_policy: TxnPolicy,
+    session_policy: TxnPolicy,
+}
+
+impl RouterBuilder {
+    /// Up to `size` connections per node for writes, and as many for reads (at least 1; default
+    /// [`DEFAULT_POOL_SIZE`]). Connections are opened when first needed.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// How often each node is probed and the writer confirmed (default
+    /// [`DEFAULT_HEALTH_INTERVAL`]).
+    pub fn health_interval(mut self, interval: Duration) -> Self {
+        self.health_interval = interval;
+        self
+    }
+
+    /// Where reads go (default [`ReadConsistency::Causal`]).
+    pub fn read_consistency(mut self, consistency: ReadConsistency) -> Self {
+        self.read_consistency = consistency;
+        self
+    }
+
+    /// The policy of the router's own probes, row reads and failover claims: its deadline
+    /// bounds each election, and deadline plus `unresponsive_grace` is the probe timeout after
+    /// which a node whose probe has not answered counts as down (default: the default policy
+    /// with a [`DEFAULT_PROBE_DEADLINE`] deadline).
+    pub fn probe_policy(mut self, policy: TxnPolicy) -> Self {
+        self.probe_policy = policy;
+        self
+    }
+
+    /// The session settings every pooled connection gets ([`SessionSettings`]); give the policy
+    /// of the ledger and issuer that use the router, so their calls send no settings (default:
+    /// [`TxnPolicy::default`]).
+    pub fn session_policy(mut self, policy: TxnPolicy) -> Self {
+        self.session_policy = policy;
+        self
+    }
+
+    /// Starts the router: one probe thread per node and a coordinator thread. Waits for the
+    /// first probe of every node (up to the probe timeout; a node that does not answer is just
+    /// down) and refuses URLs that reach the same node. Does not wait for a writer: the first
+    /// calls wait for it within their deadlines.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for no URLs, a URL given twice, two URLs that reach nodes with the
+    /// same `wsrep_node_name`, a pool size of 0 or a zero health interval;
+    /// [`Error::Internal`] when a thread cannot be started.
+    pub fn build(self) -> Result<Router> {
+        let invalid = |problem| Error::InvalidInput {
+            field: "router",
+            problem,
+        };
+        if self.urls.is_empty() {
+            return Err(invalid("no node URLs"));
+        }
+        if self.urls.iter().collect::<HashSet<_>>().len() != self.urls.len() {
+            return Err(invalid("a node URL is given twice"));
+        }
+        if self.pool_size == 0 {
+            return Err(invalid("the pool size must be at least 1"));
+        }
+        if self.health_interval.is_zero() {
+            return Err(invalid("the health interval must be positive"));
+        }
+        let probe_timeout = self
+            .probe_policy
+            .retry
+            .deadline
+            .saturating_add(self.probe_policy.unresponsive_grace);
+        let nodes = self
+            .urls
+            .into_iter()
+            .map(|url| {
+                let pools = Mutex::new(Pools::new(&url, self.pool_size, &self.session_policy));
+                Node { url, pools }
+            })
+            .collect::<Vec<_>>();
+        let state = State {
+            nodes: nodes.iter().map(|_| health::Probe::default()).collect(),
+            ..State::default()
+        };
+        let shared = Arc::new(Shared {
+            nodes,
+            probe: TxnRunner::new(self.probe_policy),
+            session_policy: self.session_policy,
+            pool_size: self.pool_size,
+            interval: self.health_interval,
+            probe_timeout,
+            read_consistency: self.read_consistency,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            next_reader: AtomicUsize::new(0),
+        });
+        let router = Router {
+            shared: shared.clone(),
+        };
+        for node in 0..shared.nodes.len() {
+            let shared = shared.clone();
+            spawn(format!("lockstock-probe-{node}"), move || {
+                health::probe_loop(shared, node)
+            })?;
+        }
+        // The first probe of every node, or the probe timeout.
+        let first = Deadline::after(probe_timeout);
+        let mut state = shared.lock();
+        while !first.is_expired() && state.nodes.iter().any(|p| !p.answered()) {
+            state = shared.wait(state, first.remaining());
+        }
+        let duplicate = (0..state.nodes.len()).any(|node| state.duplicate_name(node));
+        drop(state);
+        if duplicate {
+            return Err(invalid(
+                "two URLs reach the same Galera node (the same wsrep_node_name)",
+            ));
+        }
+        let coordinator = shared.clone();
+        spawn("lockstock-router".into(), move || {
+            election::coordinate(coordinator)
+        })?;
+        Ok(router)
+    }
+}
+
+fn spawn(name: String, work: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(work)
+        .map(|_| ())
+        .map_err(|e| Error::internal(format!("cannot start a router thread: {e}")))
+}
+
+/// What an operator watches: the writer, the epoch, failovers and each node's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Index (in the router's URL list) of the node writes go to now; `None` during a failover.
+    pub writer: Option<usize>,
+    /// That node's `wsrep_node_name`.
+    pub writer_name: Option<String>,
+    /// The epoch of the designated-writer row this router last confirmed.
+    pub epoch: i64,
+    /// Times this router's writer moved to another node.
+    pub failovers: u64,
+    /// Per node, in the order of the URLs.
+    pub nodes: Vec<NodeHealth>,
+}
+
+/// Sends lockstock's writes to one Galera node at a time and fails over; see the
+/// [module documentation](self). Share it between threads (an `Arc<Router>`); dropping the last
+/// handle stops its threads.
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+        self.shared.changed.notify_all();
+    }
+}
+
+/// What to do after one attempt.
+enum Attempt<T> {
+    Done(Result<T>),
+    /// A node failure: nothing applied; try again on another node.
+    NodeFailed(Error),
+    /// The pool is busy (every connection in use): try again.
+    Busy,
+}
+
+impl Router {
+    /// A builder for a router over the nodes at `urls` (Diesel MySQL URLs, one per node, each
+    /// node once).
+    pub fn builder<I, S>(urls: I) -> RouterBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RouterBuilder {
+            urls: urls.into_iter().map(Into::into).collect(),
+            pool_size: DEFAULT_POOL_SIZE,
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+            read_consistency: ReadConsistency::default(),
+            probe_policy: TxnPolicy::default().with_retry(crate::txn::RetryPolicy {
+                deadline: DEFAULT_PROBE_DEADLINE,
+                ..crate::txn::RetryPolicy::default()
+            }),
+            session_policy: TxnPolicy::default(),
+        }
+    }
+
+    /// Runs `call` on a connection to the writer, by `deadline` (passed on to `call`: give it
+    /// to the `*_by` methods, e.g. [`BalanceLedger::deduct_by`](crate::BalanceLedger::deduct_by)).
+    /// After a node failure that applied nothing, `call` runs again on the new writer, within
+    /// the same deadline: it must be safe to repeat (a lockstock call with its idempotency key).
+    ///
+    /// # Errors
+    /// What `call` answers, but for node failures; the last node failure (or
+    /// [`Error::Timeout`]) when the deadline passes without a writer. See the module
+    /// documentation for what each means.
+    pub fn write<T>(
+        &self,
+        deadline: Deadline,
+        mut call: impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
+    ) -> Result<T> {
+        let shared = &self.shared;
+        let mut last = None;
+        loop {
+            let node = shared.wait_for(deadline, last.take(), |state| {
+                state
+                    .writer
+                    .filter(|&w| state.healthy(w, shared.probe_timeout))
+            })?;
+            match shared.attempt(node, Use::Write, deadline, &mut call) {
+                Attempt::Done(result) => return result,
+                Attempt::NodeFailed(error) => last = Some(error),
+                Attempt::Busy => {}
+            }
+        }
+    }
+
+    /// Runs the read `call` on a healthy node (see [`ReadConsistency`]), by `deadline`; runs
+    /// it again on another node after a node failure.
+    ///
+    /// # Errors
+    /// As [`write`](Self::write).
+    pub fn read<T>(
+        &self,
+        deadline: Deadline,
+        mut call: impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
+    ) -> Result<T> {
+        let shared = &self.shared;
+        let (purpose, causal) = match shared.read_consistency {
+            ReadConsistency::Causal => (Use::CausalRead, true),
+            ReadConsistency::Writer => (Use::Write, false),
+        };
+        let mut last = None;
+        loop {
+            let node = shared.wait_for(deadline, last.take(), |state| {
+                if !causal {
+                    return state
+                        .writer
+                        .filter(|&w| state.healthy(w, shared.probe_timeout));
+                }
+                let healthy = state.healthy_nodes(shared.probe_timeout);
+                let turn = shared.next_reader.fetch_add(1, Ordering::Relaxed);
+                healthy.get(turn % healthy.len().max(1)).copied()
+            })?;
+            match shared.attempt(node, purpose, deadline, &mut call) {
+                Attempt::Done(result) => return result,
+                Attempt::NodeFailed(error) => last = Some(error),
+                Attempt::Busy => {}
+            }
+        }
+    }
+
+    /// The node writes go to now (index into the URLs), if there is one.
+    pub fn writer(&self) -> Option<usize> {
+        self.shared.lock().writer
+    }
+
+    /// Waits up to `timeout` until the router has a writer; returns its index.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when none was adopted in time (no healthy node, or migrations missing).
+    pub fn wait_for_writer(&self, timeout: Duration) -> Result<usize> {
+        let shared = &self.shared;
+        shared.wait_for(Deadline::after(timeout), None, |state| {
+            state
+                .writer
+                .filter(|&w| state.healthy(w, shared.probe_timeout))
+        })
+    }
+
+    /// Number of nodes (URLs).
+    pub fn nodes(&self) -> usize {
+        self.shared.nodes.len()
+    }
+
+    /// The writer, the epoch, failovers and each node's health, now.
+    pub fn stats(&self) -> RouterStats {
+        let state = self.shared.lock();
+        RouterStats {
+            writer: state.writer,
+            writer_name: state
+                .writer
+                .and_then(|w| state.nodes.get(w))
+                .and_then(|p| p.name.clone()),
+            epoch: state.epoch,
+            failovers: state.failovers,
+            nodes: (0..state.nodes.len())
+                .map(|node| state.health(node, self.shared.probe_timeout))
+                .collect(),
+        }
+    }
+}
+
+/// Which pool of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Write,
+    CausalRead,
+}
+
+struct Node {
+    url: String,
+    /// Replaced by fresh pools after a node failure, so no connection to a dead server is
+    /// handed out again.
+    pools: Mutex<Pools>,
+}
+
+struct Pools {
+    write: MysqlPool,
+    read: MysqlPool,
+}
+
+impl Pools {
+    fn new(url: &str, size: u32, policy: &TxnPolicy) -> Self {
+        let build = |customizer: Box<dyn CustomizeConnection<_, _>>| {
+            Pool::builder()
+                .max_size(size)
+                .min_idle(Some(0))
+                // A check on checkout would hang on a frozen node without any deadline.
+                .test_on_check_out(false)
+                .connection_customizer(customizer)
+                .build_unchecked(ConnectionManager::<MysqlConnection>::new(url))
+        };
+        let settings = SessionSettings::new(policy.clone());
+        Self {
+            write: build(Box::new(settings.clone())),
+            read: build(Box::new(CausalReads(settings))),
+        }
+    }
+}
+
+/// Session settings plus `wsrep_sync_wait = 1` (reads, `SHOW` and `START TRANSACTION` wait
+/// until the node applied every earlier commit of the cluster).
+#[derive(Debug)]
+struct CausalReads(SessionSettings);
+
+impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for CausalReads {
+    fn on_acquire(&self, conn: &mut MysqlConnection) -> Result<(), diesel::r2d2::Error> {
+        self.0.on_acquire(conn)?;
+        conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// The router's shared state and its threads' handles to it.
+struct Shared {
+    nodes: Vec<Node>,
+    probe: TxnRunner,
+    session_policy: TxnPolicy,
+    pool_size: u32,
+    interval: Duration,
+    probe_timeout: Duration,
+    read_consistency: ReadConsistency,
+    state: Mutex<State>,
+    changed: Condvar,
+    stopped: AtomicBool,
+    next_reader: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
+        self.changed
+            .wait_timeout(guard, timeout)
+            .map(|(guard, _)| guard)
+            .unwrap_or_else(|e| e.into_inner().0)
+    }
+
+    /// Sleeps `period`, or less when the router is dropped.
+    fn sleep(&self, period: Duration) {
+        let until = Deadline::after(period);
+        let mut state = self.lock();
+        while !until.is_expired() && !self.stopped.load(Ordering::Relaxed) {
+            state = self.wait(state, until.remaining());
+        }
+    }
+
+    fn pool(&self, node: usize, purpose: Use) -> MysqlPool {
+        let pools = self.nodes[node]
+            .pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match purpose {
+            Use::Write => pools.write.clone(),
+            Use::CausalRead => pools.read.clone(),
+        }
+    }
+
+    /// A node failure on `node`: mark it down (and no writer if it was the writer), wake the
+    /// coordinator and replace its pools.
+    fn fail(&self, node: usize, error: &Error) {
+        trace_event!(node, error = %error, "router: node failure");
+        {
+            let mut state = self.lock();
+            state.mark_failed(node, error);
+            state.elect = true;
+        }
+        self.changed.notify_all();
+        let fresh = Pools::new(&self.nodes[node].url, self.pool_size, &self.session_policy);
+        *self.nodes[node]
+            .pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = fresh;
+    }
+
+    /// Waits by `deadline` until `pick` finds a node, asking the coordinator to elect meanwhile.
+    /// Past the deadline: `last` (the last node failure), or [`Error::Timeout`].
+    fn wait_for(
+        &self,
+        deadline: Deadline,
+        last: Option<Error>,
+        mut pick: impl FnMut(&State) -> Option<usize>,
+    ) -> Result<usize> {
+        let mut state = self.lock();
+        loop {
+            if let Some(node) = pick(&state) {
+                return Ok(node);
+            }
+            if deadline.is_expired() {
+                return Err(last.unwrap_or(Error::Timeout {
+                    elapsed: deadline.elapsed(),
+                }));
+            }
+            if !state.elect {
+                state.elect = true;
+                self.changed.notify_all();
+            }
+            state = self.wait(state, deadline.remaining());
+        }
+    }
+
+    /// One run of `call` on `node`.
+    fn attempt<T>(
+        &self,
+        node: usize,
+        purpose: Use,
+        deadline: Deadline,
+        call: &mut impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
+    ) -> Attempt<T> {
+        let pool = self.pool(node, purpose);
+        // Leave time for another node if this one cannot give a connection.
+        let wait = deadline.remaining().min(self.probe_timeout);
+        let grace = self.session_policy.unresponsive_grace;
+        let mut conn = match checkout_within(&pool, deadline, grace, wait) {
+            Ok(conn) => conn,
+            Err(error @ Error::Timeout { .. }) => return Attempt::Done(Err(error)),
+            Err(error) => {
+                let state = pool.state();
+                if state.connections >= pool.max_size() && state.idle_connections == 0 {
+                    return Attempt::Busy;
+                }
+                self.fail(node, &error);
+                return Attempt::NodeFailed(error);
+            }
+        };
+        match call(&mut conn, deadline) {
+            Err(error) if is_node_failure(&error) => {
+                drop(conn);
+                self.fail(node, &error);
+                if deadline.is_expired() {
+                    return Attempt::Done(Err(error));
+                }
+                Attempt::NodeFailed(error)
+            }
+            result => Attempt::Done(result),
+        }
+    }
+}
+
+/// A failure that applied nothing and blames the node, not the request.
+fn is_node_failure(error: &Error) -> bool {
+    match error {
+        Error::ServerUnresponsive { .. } | Error::ConnectionBroken { .. } | Error::Pool(_) => true,
+        Error::Server(source) => matches!(
+            source.kind(),
+            ServerErrorKind::ConnectionLost | ServerErrorKind::NodeNotReady
+        ),
+        _ => false,
+    }
+}

@@ -1,0 +1,605 @@
+//! `lockstock::route::Router` on a throwaway 3-node MariaDB Galera cluster: clients on all
+//! nodes through several routers agree on one writer, and the writer killed, frozen or cut off
+//! from the Primary component is failed over under load, with every acknowledged operation
+//! applied exactly once, identical tables on all nodes afterwards and no call past its deadline
+//! plus grace plus 1 s.
+//!
+//! The tests share ONE cluster (a `static`; the testkit's watchdog removes it when the test
+//! process ends), healed at the start of each test (nodes resumed, restarted, synced); each test
+//! has its own database, so its designated-writer row is its own. They hold `exclusive()`: they
+//! assert deadlines and load both cores.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text, Unsigned};
+use lockstock::combine::CombiningIssuer;
+use lockstock::route::{ReadConsistency, Router};
+use lockstock::schema::designated_writer;
+use lockstock::{BalanceLedger, CouponIssuer, Deadline, Error, TxnPolicy};
+use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{exclusive, policy_with_deadline};
+use lockstock_testkit::galera::GaleraCluster;
+use lockstock_testkit::rng::Rng;
+use lockstock_testkit::workload::{setup, verify, Op, Outcome, Record, Setup, Summary};
+
+/// The deadline of every client call.
+const DEADLINE: Duration = Duration::from_secs(3);
+/// What a call may take at most: its deadline, the policy's grace for a silent server, and 1 s
+/// of scheduling slack on two busy cores.
+fn call_bound() -> Duration {
+    DEADLINE + TxnPolicy::default().unresponsive_grace + Duration::from_secs(1)
+}
+
+/// How long one operation keeps being retried (with its key) before the client gives up on it.
+const OP_BUDGET: Duration = Duration::from_secs(30);
+
+static CLUSTER: Mutex<Option<GaleraCluster>> = Mutex::new(None);
+
+/// The shared cluster, started on first use, with every node running, unpaused and synced
+/// (a new one if an earlier test left it broken).
+fn cluster() -> MutexGuard<'static, Option<GaleraCluster>> {
+    let mut guard = CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
+    let healed = guard.as_mut().is_some_and(|cluster| {
+        (0..cluster.nodes()).all(|node| {
+            if cluster.is_paused(node) {
+                return cluster.resume(node).is_ok();
+            }
+            match cluster.pid(node) {
+                Some(_) => true,
+                None => cluster.restart(node).is_ok(),
+            }
+        }) && cluster.wait_cluster_synced(Duration::from_secs(40)).is_ok()
+    });
+    if !healed {
+        *guard = None; // drop a broken one first
+        let started = Instant::now();
+        let cluster = GaleraCluster::builder()
+            .nodes(3)
+            .fast_eviction()
+            .start()
+            .expect("start cluster");
+        eprintln!("cluster started in {:?}", started.elapsed());
+        *guard = Some(cluster);
+    }
+    guard
+}
+
+/// A connection whose reads wait until the node applied every earlier commit.
+fn causal(url: &str) -> MysqlConnection {
+    let mut conn = MysqlConnection::establish(url).unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
+        .expect("wsrep_sync_wait");
+    conn
+}
+
+/// A fresh database on the cluster with lockstock's schema; its URLs by node.
+fn database(cluster: &GaleraCluster, name: &str) -> Vec<String> {
+    let urls = cluster.create_database(name).expect("database");
+    let mut conn = causal(&urls[0]);
+    conn.batch_execute(&format!(
+        "DROP DATABASE `{name}`; CREATE DATABASE `{name}`; USE `{name}`"
+    ))
+    .expect("recreate database");
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    urls
+}
+
+/// `count` routers; router `r` lists the nodes starting at node `r`, so each would pick
+/// another writer if the designated-writer row did not make them agree.
+fn routers(urls: &[String], count: usize) -> Vec<Arc<Router>> {
+    let probe = policy_with_deadline(Duration::from_secs(1));
+    (0..count)
+        .map(|r| {
+            let rotated = (0..urls.len()).map(|i| urls[(r + i) % urls.len()].clone());
+            let router = Router::builder(rotated)
+                .pool_size(4)
+                .health_interval(Duration::from_millis(200))
+                .probe_policy(probe.clone())
+                .read_consistency(ReadConsistency::Causal)
+                .build()
+                .expect("router");
+            router
+                .wait_for_writer(Duration::from_secs(20))
+                .expect("a writer");
+            Arc::new(router)
+        })
+        .collect()
+}
+
+/// The designated-writer row (node name, epoch), read causally on `url`.
+fn designated(url: &str) -> (String, i64) {
+    designated_writer::table
+        .select((designated_writer::node_name, designated_writer::epoch))
+        .first(&mut causal(url))
+        .expect("designated writer row")
+}
+
+/// The cluster node index behind a node name (the testkit names them `node<i>`).
+fn node_index(name: &str) -> usize {
+    name.trim_start_matches("node")
+        .parse()
+        .expect("a testkit node name")
+}
+
+/// Asserts that every router writes to the node the row names.
+fn assert_agree(routers: &[Arc<Router>], url: &str) -> String {
+    let (name, epoch) = designated(url);
+    for (r, router) in routers.iter().enumerate() {
+        let stats = router.stats();
+        assert_eq!(
+            stats.writer_name.as_deref(),
+            Some(name.as_str()),
+            "router {r} writes elsewhere than the row (epoch {epoch}): {stats:?}"
+        );
+    }
+    name
+}
+
+/// What a client hands back: its history and its slowest call.
+struct ClientRun {
+    records: Vec<Record>,
+    /// Per record: when its final answer came.
+    answered_at: Vec<Instant>,
+    slowest: Duration,
+    slowest_what: String,
+}
+
+/// The operation mix of a client.
+#[derive(Clone, Copy)]
+enum Mix {
+    /// Transfers between the accounts (the total never changes) and coupon issues.
+    Bank,
+    /// Charges, deducts, transfers and coupon issues.
+    Mixed,
+}
+
+/// Runs operations through `router` (ledger calls) and `hot` (issues, combined through the
+/// same router) until `stop` is set or `max_ops` are done. Every operation is retried with its
+/// key after a retryable answer until it has a definitive one (or `OP_BUDGET` runs out).
+#[allow(clippy::too_many_arguments)]
+fn run_client(
+    name: &str,
+    number: i64,
+    router: &Router,
+    hot: &CombiningIssuer,
+    setup: &Setup,
+    mix: Mix,
+    stop: &AtomicBool,
+    max_ops: usize,
+) -> ClientRun {
+    let ledger = BalanceLedger::new();
+    let mut rng = Rng::new(0x5eed ^ number as u64);
+    let accounts = setup.accounts as u64;
+    let mut run = ClientRun {
+        records: Vec::new(),
+        answered_at: Vec::new(),
+        slowest: Duration::ZERO,
+        slowest_what: String::new(),
+    };
+    let mut next_user = 1_000_000 * (number + 1);
+    while run.records.len() < max_ops && !stop.load(Ordering::Relaxed) {
+        let amount = Decimal::new(rng.below(2_000) as i64 + 1, 2);
+        let user = 1 + rng.below(accounts) as i64;
+        let roll = rng.below(100);
+        let op = match (mix, roll) {
+            (_, 0..=29) => {
+                next_user += 1;
+                let campaign = setup.campaigns[rng.below(setup.campaigns.len() as u64) as usize];
+                Op::Issue {
+                    user: next_user,
+                    campaign,
+                }
+            }
+            (Mix::Mixed, 30..=49) => Op::Charge { user, amount },
+            (Mix::Mixed, 50..=69) => Op::Deduct { user, amount },
+            _ => Op::Transfer {
+                from: user,
+                to: 1 + (user + rng.below(accounts - 1) as i64) % accounts as i64,
+                amount,
+            },
+        };
+        let mut record = Record::new(format!("{name}-{}", run.records.len()), op);
+        let started = Instant::now();
+        record.outcome = loop {
+            if started.elapsed() > OP_BUDGET {
+                break if record.unknowns > 0 {
+                    Outcome::Unknown
+                } else {
+                    Outcome::Lost
+                };
+            }
+            record.attempts += 1;
+            let at = Instant::now();
+            let answer = call(router, hot, &ledger, &record.key, &record.op);
+            let took = at.elapsed();
+            if took > run.slowest {
+                run.slowest = took;
+                run.slowest_what =
+                    format!("{} attempt {}: {answer:?}", record.key, record.attempts);
+            }
+            let error = match answer {
+                Ok(id) => break Outcome::Ok(id),
+                Err(error) => error,
+            };
+            match (&record.op, &error) {
+                (_, e) if e.is_outcome_unknown() => record.unknowns += 1,
+                (_, Error::Contended { .. } | Error::Timeout { .. }) => record.contended += 1,
+                // Nothing applied (a node failure the router could not recover in time).
+                (_, e) if e.is_retryable() => record.lost += 1,
+                (Op::Issue { .. }, Error::AlreadyIssued { user_coupon_id, .. })
+                    if record.unknowns > 0 =>
+                {
+                    break Outcome::Held(*user_coupon_id)
+                }
+                (Op::Issue { .. }, Error::SoldOut { .. }) if record.unknowns > 0 => {
+                    break Outcome::Unknown
+                }
+                (Op::Issue { .. }, Error::SoldOut { .. })
+                | (_, Error::InsufficientBalance { .. }) => break Outcome::Refused,
+                _ => {
+                    record.unexpected = Some(format!("{error:?}"));
+                    break if record.unknowns > 0 {
+                        Outcome::Unknown
+                    } else {
+                        Outcome::Lost
+                    };
+                }
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        run.records.push(record);
+        run.answered_at.push(Instant::now());
+    }
+    run
+}
+
+/// One attempt of `op` under `key` with a fresh deadline.
+fn call(
+    router: &Router,
+    hot: &CombiningIssuer,
+    ledger: &BalanceLedger,
+    key: &str,
+    op: &Op,
+) -> Result<i64, Error> {
+    let deadline = Deadline::after(DEADLINE);
+    match *op {
+        Op::Issue { user, campaign } => Ok(hot.issue(user, campaign)?.id),
+        Op::Charge { user, amount } => router.write(deadline, |conn, deadline| {
+            Ok(ledger.charge_by(conn, user, amount, key, deadline)?.id)
+        }),
+        Op::Deduct { user, amount } => router.write(deadline, |conn, deadline| {
+            Ok(ledger.deduct_by(conn, user, amount, key, deadline)?.id)
+        }),
+        Op::Transfer { from, to, amount } => router.write(deadline, |conn, deadline| {
+            Ok(ledger
+                .transfer_by(conn, from, to, amount, key, deadline)?
+                .debit
+                .id)
+        }),
+        Op::Refund { deduct, amount, .. } => router.write(deadline, |conn, deadline| {
+            Ok(ledger.refund_by(conn, deduct, amount, key, deadline)?.id)
+        }),
+    }
+}
+
+/// Runs `per_router` clients on each router until `during` returns (it gets the start time),
+/// then stops them; returns their runs.
+fn load(
+    routers: &[Arc<Router>],
+    per_router: usize,
+    setup: &Setup,
+    mix: Mix,
+    max_ops: usize,
+    during: impl FnOnce(),
+) -> Vec<ClientRun> {
+    let stop = AtomicBool::new(false);
+    let issuers: Vec<CombiningIssuer> = routers
+        .iter()
+        .map(|router| CombiningIssuer::routed(router.clone(), CouponIssuer::new()))
+        .collect();
+    thread::scope(|s| {
+        let clients: Vec<_> = (0..routers.len() * per_router)
+            .map(|n| {
+                let (router, hot) = (&routers[n % routers.len()], &issuers[n % routers.len()]);
+                let stop = &stop;
+                s.spawn(move || {
+                    let name = format!("c{n}");
+                    run_client(&name, n as i64, router, hot, setup, mix, stop, max_ops)
+                })
+            })
+            .collect();
+        let during = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+        stop.store(true, Ordering::Relaxed);
+        let runs = clients
+            .into_iter()
+            .map(|c| c.join().expect("client panicked"))
+            .collect();
+        if let Err(panic) = during {
+            std::panic::resume_unwind(panic);
+        }
+        runs
+    })
+}
+
+#[derive(QueryableByName, Debug, PartialEq, Eq)]
+struct TableChecksum {
+    #[diesel(sql_type = Text, column_name = "Table")]
+    table: String,
+    #[diesel(sql_type = Nullable<Unsigned<BigInt>>, column_name = "Checksum")]
+    checksum: Option<u64>,
+}
+
+/// `CHECKSUM TABLE` of every lockstock table on the node at `url`, after it applied every
+/// earlier commit.
+fn checksums(url: &str) -> Vec<TableChecksum> {
+    let mut conn = causal(url);
+    // A causal read first: CHECKSUM TABLE itself does not wait.
+    let _ = designated_writer::table
+        .count()
+        .get_result::<i64>(&mut conn)
+        .expect("causal read");
+    diesel::sql_query(
+        "CHECKSUM TABLE user_balance, balance_history, coupon, fcfs_coupon, user_coupon, \
+         fcfs_coupon_restock, designated_writer",
+    )
+    .load(&mut conn)
+    .expect("checksum")
+}
+
+/// After the load: the cluster synced, the history checker passes, the three nodes hold the
+/// same tables, and no call took longer than its deadline plus grace plus 1 s. Returns all
+/// records.
+fn assert_converged(
+    cluster: &mut GaleraCluster,
+    urls: &[String],
+    setup: &Setup,
+    runs: &[ClientRun],
+) -> Vec<Record> {
+    cluster
+        .wait_cluster_synced(Duration::from_secs(60))
+        .expect("cluster synced");
+    let records: Vec<Record> = runs.iter().flat_map(|r| r.records.clone()).collect();
+    eprintln!("  {}", Summary::of(&records));
+    let violations = verify(&mut causal(&urls[0]), setup, &records);
+    assert!(violations.is_empty(), "history violations: {violations:#?}");
+    let first = checksums(&urls[0]);
+    assert!(first.iter().all(|t| t.checksum.is_some()), "{first:?}");
+    for (node, url) in urls.iter().enumerate().skip(1) {
+        assert_eq!(checksums(url), first, "node {node} differs from node 0");
+    }
+    let slowest = runs
+        .iter()
+        .max_by_key(|r| r.slowest)
+        .expect("at least one client");
+    eprintln!(
+        "  slowest call {:?}: {}",
+        slowest.slowest, slowest.slowest_what
+    );
+    assert!(
+        slowest.slowest <= call_bound(),
+        "a call took {:?} (bound {:?}): {}",
+        slowest.slowest,
+        call_bound(),
+        slowest.slowest_what
+    );
+    records
+}
+
+/// Clients on all three nodes' routers (each listing the nodes from another one) agree on one
+/// writer; transfers and a flash sale through them keep every invariant, and all nodes end up
+/// with identical tables.
+#[test]
+fn galera_router_bank_and_flash_sale() {
+    let _guard = exclusive();
+    let started = Instant::now();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_bank");
+    let setup = setup(&mut causal(&urls[0]), 8, 2, 40);
+    let routers = routers(&urls, 3);
+    let writer = assert_agree(&routers, &urls[0]);
+    eprintln!("routers agree on {writer} after {:?}", started.elapsed());
+    // Two URLs that reach the same node (the port is ignored next to a socket) are refused.
+    let same = urls[0].replacen("@localhost/", "@localhost:3306/", 1);
+    let refused = Router::builder([urls[0].clone(), same, urls[1].clone()]).build();
+    assert!(
+        matches!(refused, Err(Error::InvalidInput { .. })),
+        "{refused:?}"
+    );
+
+    let runs = load(&routers, 2, &setup, Mix::Bank, 60, || {
+        thread::sleep(Duration::from_secs(4))
+    });
+    let records = assert_converged(cluster, &urls, &setup, &runs);
+
+    // One writer throughout: claimed once, never moved.
+    assert_eq!(designated(&urls[0]), (writer.clone(), 1));
+    assert_agree(&routers, &urls[0]);
+    for router in &routers {
+        assert_eq!(router.stats().failovers, 0, "{:?}", router.stats());
+    }
+    // Money only moved: the total is what the setup charged.
+    let ledger = BalanceLedger::new();
+    let total: Decimal = (1..=setup.accounts)
+        .map(|user| {
+            routers[0]
+                .read(Deadline::after(DEADLINE), |conn, _| {
+                    ledger.balance(conn, user)
+                })
+                .expect("balance")
+                .balance
+        })
+        .sum();
+    let initial = lockstock_testkit::workload::INITIAL_BALANCE * Decimal::from(setup.accounts);
+    assert_eq!(total, initial, "money conserved");
+    let sold = records
+        .iter()
+        .filter(|r| matches!((&r.op, r.outcome), (Op::Issue { .. }, Outcome::Ok(_))))
+        .count();
+    let refused = records
+        .iter()
+        .filter(|r| matches!((&r.op, r.outcome), (Op::Issue { .. }, Outcome::Refused)))
+        .count();
+    eprintln!("  flash sale: {sold} issued, {refused} sold out");
+    assert!(sold <= 80, "over-issued: {sold}");
+    assert!(
+        records
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Ok(_)))
+            .count()
+            > 50,
+        "too little got through"
+    );
+    eprintln!(
+        "galera_router_bank_and_flash_sale took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The failover tests' common part: load through two routers, `fault` on the writer (its
+/// cluster index) after 1.5 s, load on for `after`, every router on another writer, then
+/// `heal` (still under load); afterwards every check of [`assert_converged`] and calls
+/// acknowledged after the fault.
+fn fails_over(
+    database_name: &str,
+    fault: impl FnOnce(&mut GaleraCluster, usize),
+    after: Duration,
+    heal: impl FnOnce(&mut GaleraCluster, usize),
+) {
+    let _guard = exclusive();
+    let started = Instant::now();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, database_name);
+    let setup = setup(&mut causal(&urls[0]), 8, 2, 200);
+    let routers = routers(&urls, 2);
+    let writer_name = assert_agree(&routers, &urls[0]);
+    let writer = node_index(&writer_name);
+    let survivor = &urls[(writer + 1) % urls.len()];
+
+    let mut fault_at = None;
+    let mut after_fault_writer = String::new();
+    let runs = load(&routers, 2, &setup, Mix::Mixed, usize::MAX, || {
+        thread::sleep(Duration::from_millis(1500));
+        fault(cluster, writer);
+        fault_at = Some(Instant::now());
+        eprintln!("  fault on {writer_name} at {:?}", started.elapsed());
+        thread::sleep(after);
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            failed_over(&routers, &writer_name, survivor)
+        }));
+        // Healed under load, also after a failed check: the clients' calls in flight on a
+        // frozen node end here at the latest, so a missing deadline mechanism fails the bound
+        // below instead of hanging the test.
+        heal(cluster, writer);
+        match checked {
+            Ok(writer) => after_fault_writer = writer,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    });
+    let fault_at = fault_at.expect("the fault ran");
+    let after_fault = runs
+        .iter()
+        .flat_map(|r| r.records.iter().zip(&r.answered_at))
+        .filter(|(record, at)| **at > fault_at && matches!(record.outcome, Outcome::Ok(_)))
+        .count();
+    eprintln!("  {after_fault} operations acknowledged after the fault, on {after_fault_writer}");
+    assert!(after_fault > 0, "calls did not continue on a new writer");
+
+    assert_converged(cluster, &urls, &setup, &runs);
+    eprintln!("{database_name} took {:?}", started.elapsed());
+}
+
+/// Every router writes to another node than `faulty`, failed over at least once, and all agree
+/// with the designated-writer row (read on `survivor`), which moved; returns the new writer.
+fn failed_over(routers: &[Arc<Router>], faulty: &str, survivor: &str) -> String {
+    for (r, router) in routers.iter().enumerate() {
+        let stats = router.stats();
+        eprintln!("  router {r}: {stats:?}");
+        assert_ne!(
+            stats.writer_name.as_deref(),
+            Some(faulty),
+            "router {r} still writes to the faulty node"
+        );
+        assert!(stats.failovers >= 1, "router {r}: {stats:?}");
+    }
+    let writer = assert_agree(routers, survivor);
+    let (_, epoch) = designated(survivor);
+    assert!(
+        epoch >= 2,
+        "the row moved by compare-and-set: epoch {epoch}"
+    );
+    writer
+}
+
+/// kill -9 of the writer under load: calls continue on a new writer; after the node rejoined
+/// (IST) every acknowledged operation is present exactly once and all nodes are identical.
+#[test]
+fn galera_router_fails_over_when_the_writer_is_killed() {
+    fails_over(
+        "gal_route_kill",
+        |cluster, writer| cluster.kill(writer).expect("kill the writer"),
+        Duration::from_secs(4),
+        |cluster, writer| {
+            let at = Instant::now();
+            cluster.restart(writer).expect("restart");
+            eprintln!("  node {writer} rejoined in {:?}", at.elapsed());
+        },
+    );
+}
+
+/// SIGSTOP of the writer under load: calls in flight on it answer by their deadline plus grace
+/// (`ServerUnresponsive`, or `OutcomeUnknown` for a COMMIT in flight), new calls go to the new
+/// writer; after SIGCONT the node rejoins and all nodes are identical.
+#[test]
+fn galera_router_fails_over_when_the_writer_is_paused() {
+    fails_over(
+        "gal_route_pause",
+        |cluster, writer| cluster.pause(writer).expect("pause the writer"),
+        Duration::from_secs(5),
+        |cluster, writer| {
+            cluster.resume(writer).expect("resume");
+            let at = Instant::now();
+            cluster
+                .wait_cluster_synced(Duration::from_secs(60))
+                .expect("synced after resume");
+            eprintln!("  node {writer} rejoined in {:?}", at.elapsed());
+        },
+    );
+}
+
+/// The writer cut off from the other two (`gmcast.isolate`): it goes non-Primary and answers
+/// 1047; the routers move to a node of the Primary component and calls continue there.
+#[test]
+fn galera_router_moves_away_from_a_non_primary_writer() {
+    fails_over(
+        "gal_route_non_primary",
+        |cluster, writer| {
+            isolate(cluster, writer, true);
+            let at = Instant::now();
+            while cluster.status(writer).expect("status").cluster_status == "Primary" {
+                assert!(at.elapsed() < Duration::from_secs(20), "still Primary");
+                thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("  node {writer} non-Primary after {:?}", at.elapsed());
+        },
+        Duration::from_secs(3),
+        |cluster, writer| isolate(cluster, writer, false),
+    );
+}
+
+/// Cuts `node` off the group communication (`gmcast.isolate=1`) or lets it back in.
+fn isolate(cluster: &GaleraCluster, node: usize, isolated: bool) {
+    let mut conn = MysqlConnection::establish(&cluster.url(node, "")).expect("connect");
+    conn.batch_execute(&format!(
+        "SET GLOBAL wsrep_provider_options = 'gmcast.isolate={}'",
+        u8::from(isolated)
+    ))
+    .expect("gmcast.isolate");
+}
