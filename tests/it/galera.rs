@@ -5,17 +5,22 @@
 //! Each test starts its own cluster (about 10 s) and holds testkit's `exclusive()` guard: the
 //! tests assert deadlines, and three servers per test fill the two cores.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::BigInt;
-use lockstock::{BalanceLedger, Error, ServerErrorKind, TxnPolicy};
+use diesel::sql_types::{BigInt, Nullable, Text, Unsigned};
+use lockstock::combine::{CombiningIssuer, CombiningLedger};
+use lockstock::{BalanceLedger, CouponIssuer, Error, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{audit_ok, count_key, exclusive, snapshot, Snapshot};
+use lockstock_testkit::fixtures::{
+    audit_ok, count_key, exclusive, funded_account, issued_rows, open_campaign,
+    policy_with_deadline, pool_with, snapshot, stock_row, user_coupon_rows, Snapshot,
+};
 use lockstock_testkit::galera::GaleraCluster;
 
 /// One ledger call of the conflict test: what it was, on which account, with which key, its
@@ -62,6 +67,26 @@ struct Counter {
     total: i64,
 }
 
+/// Creates database `name` on every node of `cluster` and migrates it; one URL per node.
+fn migrated(cluster: &GaleraCluster, name: &str) -> Vec<String> {
+    let urls = cluster.create_database(name).expect("database");
+    lockstock::run_migrations(&mut causal(&urls[0])).expect("migrate");
+    urls
+}
+
+/// A 3-node cluster whose nodes give up on a silent peer within about 3 s (short `evs`
+/// timeouts; 5 s and more by default).
+fn quickly_evicting_cluster() -> GaleraCluster {
+    GaleraCluster::builder()
+        .nodes(3)
+        .provider_option("evs.keepalive_period=PT0.5S")
+        .provider_option("evs.suspect_timeout=PT1.5S")
+        .provider_option("evs.inactive_timeout=PT3S")
+        .provider_option("evs.inactive_check_period=PT0.5S")
+        .start()
+        .expect("start cluster")
+}
+
 /// Transactions of this node that lost certification or were aborted by a replicated write.
 fn conflicts(url: &str) -> u64 {
     let counter: Counter = diesel::sql_query(
@@ -103,8 +128,7 @@ fn galera_write_conflicts_are_typed_and_retried() {
     let _guard = exclusive();
     let started = Instant::now();
     let mut cluster = GaleraCluster::start(3).expect("start cluster");
-    let urls = cluster.create_database("gal_conflicts").expect("database");
-    lockstock::run_migrations(&mut causal(&urls[0])).expect("migrate");
+    let urls = migrated(&cluster, "gal_conflicts");
     eprintln!("cluster and schema ready after {:?}", started.elapsed());
 
     let ledger = BalanceLedger::new();
@@ -273,16 +297,8 @@ fn galera_write_conflicts_are_typed_and_retried() {
 fn galera_non_primary_node_is_typed() {
     let _guard = exclusive();
     let started = Instant::now();
-    let mut cluster = GaleraCluster::builder()
-        .nodes(3)
-        .provider_option("evs.keepalive_period=PT0.5S")
-        .provider_option("evs.suspect_timeout=PT1.5S")
-        .provider_option("evs.inactive_timeout=PT3S")
-        .provider_option("evs.inactive_check_period=PT0.5S")
-        .start()
-        .expect("start cluster");
-    let urls = cluster.create_database("gal_not_ready").expect("database");
-    lockstock::run_migrations(&mut causal(&urls[0])).expect("migrate");
+    let mut cluster = quickly_evicting_cluster();
+    let urls = migrated(&cluster, "gal_not_ready");
     let ledger = BalanceLedger::new();
     let bound = bound(ledger.policy());
     let mut node0 = causal(&urls[0]);
@@ -365,6 +381,299 @@ fn galera_non_primary_node_is_typed() {
     }
     eprintln!(
         "galera_non_primary_node_is_typed took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The checksum of each lockstock table on node `url` (`CHECKSUM TABLE`), after the node applied
+/// every earlier commit of the cluster.
+fn checksums(url: &str) -> Vec<(String, Option<u64>)> {
+    #[derive(QueryableByName)]
+    struct Checksum {
+        #[diesel(sql_type = Text, column_name = "Table")]
+        table: String,
+        #[diesel(sql_type = Nullable<Unsigned<BigInt>>, column_name = "Checksum")]
+        checksum: Option<u64>,
+    }
+    let conn = &mut causal(url);
+    // A causal read first: CHECKSUM TABLE itself does not wait for the node to catch up.
+    snapshot(conn);
+    diesel::sql_query(
+        "CHECKSUM TABLE user_balance, balance_history, coupon, fcfs_coupon, user_coupon",
+    )
+    .load::<Checksum>(conn)
+    .expect("CHECKSUM TABLE")
+    .into_iter()
+    .map(|c| (c.table, c.checksum))
+    .collect()
+}
+
+/// How many coupons of `campaign` account `holder` holds.
+fn held(conn: &mut MysqlConnection, campaign: i64, holder: i64) -> i64 {
+    user_coupon_rows(conn)
+        .iter()
+        .filter(|row| row.3 == campaign && row.1 == holder)
+        .count() as i64
+}
+
+/// Waits for `done` (a call on another thread) at most `limit`; if it has not answered by then,
+/// resumes `node` (so the call's thread can end) and fails the test.
+fn answer_or_resume<T>(
+    cluster: &mut GaleraCluster,
+    node: usize,
+    what: &str,
+    limit: Duration,
+    done: &mpsc::Receiver<T>,
+) -> T {
+    done.recv_timeout(limit).unwrap_or_else(|_| {
+        let _ = cluster.resume(node);
+        panic!("{what} did not return within {limit:?} while node {node} was paused")
+    })
+}
+
+/// Node 2 is SIGSTOPped while a client runs calls on it and one on node 0: every call on node 2
+/// — single and combined, ledger and coupon, the one in flight and new ones on connections
+/// opened before — answers `ServerUnresponsive` (`Timeout` for a combiner's checkout) within
+/// deadline + grace + 1 s, and applied nothing; calls on nodes 0 and 1 keep answering within
+/// that bound and work again once the two evicted node 2 (short `evs` timeouts). After node 2
+/// is resumed and rejoined, every answer is true against the database and the three nodes hold
+/// identical tables (`CHECKSUM TABLE`).
+#[test]
+fn galera_paused_node_call_returns_by_deadline() {
+    let _guard = exclusive();
+    let started = Instant::now();
+    let mut cluster = quickly_evicting_cluster();
+    let urls = migrated(&cluster, "gal_paused");
+    let policy = policy_with_deadline(Duration::from_secs(1));
+    let bound = bound(&policy);
+    let give_up = bound + Duration::from_secs(4);
+    let ledger = BalanceLedger::with_policy(policy.clone());
+    let issuer = CouponIssuer::with_policy(policy.clone());
+    let conn0 = &mut causal(&urls[0]);
+    for user in 1..=5 {
+        funded_account(conn0, &ledger, user, Decimal::from(1_000));
+    }
+    let campaign = open_campaign(conn0, &issuer, 1_000).id;
+    // Everything on node 2 is opened (and warmed up) before the pause: a paused node accepts
+    // no new connection, and opening one is bounded by nothing.
+    dump(&urls[2]);
+    let mut on_paused = Some(causal(&urls[2]));
+    let (mut charge_conn, mut issue_conn) = (causal(&urls[2]), causal(&urls[2]));
+    let combined_ledger =
+        CombiningLedger::new(pool_with(&urls[2], 1, policy.clone()), ledger.clone());
+    let combined_issuer =
+        CombiningIssuer::new(pool_with(&urls[2], 1, policy.clone()), issuer.clone());
+    combined_ledger
+        .charge(4, Decimal::ONE, "warm-up")
+        .expect("combined warm-up");
+    combined_issuer
+        .issue(4_000, campaign)
+        .expect("combined warm-up");
+    eprintln!("cluster ready after {:?}", started.elapsed());
+
+    // Clients running when the pause comes: one on node 2 (until its first failure: a new
+    // connection to a paused node would hang), one on node 0 (reconnecting after a failure).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sender, answered) = mpsc::channel::<Vec<Call>>();
+    for node in [2, 0] {
+        let (ledger, issuer, stop, sender) =
+            (ledger.clone(), issuer.clone(), stop.clone(), sender.clone());
+        let url = urls[node].clone();
+        let mut conn = match on_paused.take() {
+            Some(conn) if node == 2 => conn,
+            _ => causal(&url),
+        };
+        thread::spawn(move || {
+            let mut calls = Vec::new();
+            for index in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let key = format!("n{node}-{index}");
+                let user = node as i64 + 1;
+                let at = Instant::now();
+                let (kind, who, answer) = if index % 2 == 0 {
+                    (
+                        "charge",
+                        user,
+                        ledger.charge(&mut conn, user, Decimal::ONE, &key).map(drop),
+                    )
+                } else {
+                    let holder = 10_000 * (node as i64 + 1) + index as i64;
+                    (
+                        "issue",
+                        holder,
+                        issuer.issue(&mut conn, holder, campaign).map(drop),
+                    )
+                };
+                let failed = answer.is_err();
+                calls.push(Call {
+                    client: node,
+                    index,
+                    kind,
+                    user: who,
+                    key,
+                    answer,
+                    took: at.elapsed(),
+                });
+                if failed {
+                    if node == 2 {
+                        break;
+                    }
+                    conn = causal(&url);
+                }
+            }
+            let _ = sender.send(calls);
+        });
+    }
+    thread::sleep(Duration::from_millis(700));
+    cluster.pause(2).expect("pause node 2");
+    let paused = Instant::now();
+
+    // New calls on node 2, single and combined, all at once.
+    type Job = Box<dyn FnOnce() -> (&'static str, Result<(), Error>) + Send>;
+    let jobs: Vec<Job> = {
+        let (l, i, cl, ci) = (
+            ledger.clone(),
+            issuer.clone(),
+            Arc::new(combined_ledger),
+            Arc::new(combined_issuer),
+        );
+        vec![
+            Box::new(move || {
+                (
+                    "charge",
+                    l.charge(&mut charge_conn, 3, Decimal::ONE, "p-charge")
+                        .map(drop),
+                )
+            }),
+            Box::new(move || ("issue", i.issue(&mut issue_conn, 3_001, campaign).map(drop))),
+            Box::new(move || {
+                (
+                    "combined charge",
+                    cl.charge(4, Decimal::ONE, "p-combined").map(drop),
+                )
+            }),
+            Box::new(move || ("combined issue", ci.issue(3_002, campaign).map(drop))),
+        ]
+    };
+    let (job_sender, job_answers) = mpsc::channel();
+    let jobs_count = jobs.len();
+    for job in jobs {
+        let job_sender = job_sender.clone();
+        thread::spawn(move || {
+            let at = Instant::now();
+            let (what, answer) = job();
+            let _ = job_sender.send((what, answer, at.elapsed()));
+        });
+    }
+    for _ in 0..jobs_count {
+        let (what, answer, took) =
+            answer_or_resume(&mut cluster, 2, "a call on node 2", give_up, &job_answers);
+        eprintln!("{what} on paused node 2: {answer:?} after {took:?}");
+        assert!(took <= bound, "{what} took {took:?}");
+        let expected = match what {
+            "charge" | "issue" => matches!(answer, Err(Error::ServerUnresponsive { .. })),
+            _ => matches!(
+                answer,
+                Err(Error::ServerUnresponsive { .. } | Error::Timeout { .. })
+            ),
+        };
+        assert!(expected, "{what}: {answer:?}");
+    }
+
+    // Nodes 0 and 1 evict node 2 and keep working.
+    cluster
+        .wait_cluster_synced(Duration::from_secs(20))
+        .expect("nodes 0 and 1 evicted node 2");
+    eprintln!("node 2 evicted {:?} after the pause", paused.elapsed());
+    let conn1 = &mut causal(&urls[1]);
+    ledger
+        .charge(conn1, 5, Decimal::ONE, "after-evict")
+        .expect("charge on node 1");
+    issuer
+        .issue(conn1, 5_001, campaign)
+        .expect("issue on node 1");
+    let combined0 = CombiningLedger::new(pool_with(&urls[0], 1, policy.clone()), ledger.clone());
+    combined0
+        .charge(5, Decimal::ONE, "after-evict-combined")
+        .expect("combined charge on node 0");
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let calls: Vec<Call> = (0..2)
+        .flat_map(|_| answer_or_resume(&mut cluster, 2, "a running client", give_up, &answered))
+        .collect();
+
+    cluster.resume(2).expect("resume node 2");
+    let resumed = Instant::now();
+    cluster
+        .wait_cluster_synced(Duration::from_secs(40))
+        .expect("node 2 rejoined");
+    eprintln!("node 2 rejoined {:?} after resume", resumed.elapsed());
+
+    // Every answer within the bound and true; nothing of the calls on the paused node.
+    let late: Vec<&Call> = calls.iter().filter(|c| c.took > bound).collect();
+    assert!(late.is_empty(), "calls later than {bound:?}: {late:#?}");
+    let conn = &mut causal(&urls[0]);
+    let applied = |conn: &mut MysqlConnection, call: &Call| match call.kind {
+        "issue" => held(conn, campaign, call.user),
+        _ => count_key(conn, call.user, &call.key),
+    };
+    let (mut unresponsive, mut unknown) = (0, 0);
+    for call in &calls {
+        let applied = applied(conn, call);
+        match &call.answer {
+            Ok(()) => assert_eq!(applied, 1, "{call:?}"),
+            Err(
+                Error::ServerUnresponsive { .. } | Error::Timeout { .. } | Error::Contended { .. },
+            ) => {
+                unresponsive +=
+                    usize::from(matches!(call.answer, Err(Error::ServerUnresponsive { .. })));
+                assert_eq!(applied, 0, "answered nothing applied: {call:?}");
+            }
+            Err(Error::OutcomeUnknown { .. }) => {
+                unknown += 1;
+                assert!(applied <= 1, "{call:?}");
+            }
+            Err(e) => {
+                assert_typed(e, &call.key);
+                panic!("unexpected answer: {call:?}");
+            }
+        }
+    }
+    eprintln!(
+        "{} calls of the running clients, {} failed: {unresponsive} ServerUnresponsive, \
+         {unknown} OutcomeUnknown; slowest {:?}",
+        calls.len(),
+        calls.iter().filter(|c| c.answer.is_err()).count(),
+        calls.iter().map(|c| c.took).max().unwrap_or_default()
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.client == 2 && matches!(c.answer, Err(Error::ServerUnresponsive { .. }))),
+        "the client on node 2 never saw the pause"
+    );
+    assert_eq!(count_key(conn, 3, "p-charge"), 0);
+    assert_eq!(count_key(conn, 4, "p-combined"), 0);
+    assert_eq!(held(conn, campaign, 3_001) + held(conn, campaign, 3_002), 0);
+
+    let first = checksums(&urls[0]);
+    for (node, url) in urls.iter().enumerate() {
+        assert_eq!(checksums(url), first, "node {node} differs from node 0");
+        let conn = &mut causal(url);
+        for user in 1..=5 {
+            audit_ok(&ledger, conn, user);
+        }
+        let (total, stock) = stock_row(conn, campaign);
+        assert_eq!(
+            i64::from(total - stock),
+            issued_rows(conn, campaign),
+            "node {node}"
+        );
+    }
+    eprintln!(
+        "galera_paused_node_call_returns_by_deadline took {:?}",
         started.elapsed()
     );
 }
