@@ -59,11 +59,49 @@ pub(crate) fn inserted_ids(
             if ids.len() == count {
                 Ok(ids)
             } else {
-                Err(Error::from(diesel::result::Error::NotFound))
+                Err(short_read_back(conn, ids.len(), count))
             }
         }
         (_, None) => Err(Error::internal("several rows inserted without an id order")),
     }
+}
+
+/// The answer when the read-back of the `inserted` rows one INSERT just wrote found only
+/// `found` of them. InnoDB always shows a transaction its own rows, but on a MariaDB Galera
+/// cluster with writes on several nodes a brute-force abort (a replicated write that needs a
+/// lock this transaction holds) can roll the transaction back between the INSERT and the
+/// read-back WITHOUT reporting it: the read-back then runs outside any transaction
+/// (`@@in_transaction` = 0) and finds none of the rows. All of the attempt was rolled back (an
+/// INSERT run after the abort would have been autocommitted, and found), so this is a deadlock
+/// victim's answer: [`ServerErrorKind::Deadlock`](crate::ServerErrorKind::Deadlock), which the
+/// runner retries. Anything else — some rows found, a transaction still open, or no way to ask
+/// (MySQL has no `@@in_transaction`) — is an internal error.
+fn short_read_back(conn: &mut MysqlConnection, found: usize, inserted: usize) -> Error {
+    let open: diesel::QueryResult<i64> = diesel::select(diesel::dsl::sql::<
+        diesel::sql_types::BigInt,
+    >("@@in_transaction"))
+    .get_result(conn);
+    match open {
+        Ok(0) if found == 0 => silently_aborted(inserted),
+        open => Error::internal(format!(
+            "the read-back of a {inserted}-row INSERT found {found} rows \
+             (in a transaction: {open:?})"
+        )),
+    }
+}
+
+/// The typed answer for a transaction the server rolled back without reporting it, found out
+/// because its own `inserted` rows were gone: a retryable [`ServerErrorKind::Deadlock`](
+/// crate::ServerErrorKind::Deadlock) that says what happened.
+pub(crate) fn silently_aborted(inserted: usize) -> Error {
+    let message = format!(
+        "the transaction was rolled back by the server without an error (a Galera brute-force \
+         abort): the {inserted} rows it had just inserted are gone and no transaction is open"
+    );
+    Error::from(diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::SerializationFailure,
+        Box::new(message),
+    ))
 }
 
 /// The one row `locking_read` finds — a primary-key lookup its caller built with
@@ -81,4 +119,26 @@ where
     Limit<Q>: for<'query> LoadQuery<'query, MysqlConnection, R>,
 {
     locking_read.first(conn).optional()?.ok_or(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::silently_aborted;
+    use crate::ServerErrorKind;
+
+    /// A transaction the server rolled back without reporting it is a typed, retryable
+    /// deadlock (nothing of it applied), never an unclassified "Record not found".
+    #[test]
+    fn a_silently_aborted_transaction_is_a_retryable_deadlock() {
+        let error = silently_aborted(2);
+        assert_eq!(error.server_kind(), Some(ServerErrorKind::Deadlock));
+        assert!(
+            matches!(error.server_error(), Some(server)
+                if server.kind().is_retryable()
+                    && server.kind().is_definite_abort()
+                    && server.message().contains("brute-force abort")),
+            "{error:?}"
+        );
+        assert!(!error.is_outcome_unknown());
+    }
 }

@@ -35,7 +35,8 @@ pub enum ServerErrorKind {
     /// MariaDB Galera cluster — its write set lost certification to a conflicting write made
     /// through another node (also 1213, at COMMIT or at the next statement). Either way the
     /// whole transaction was rolled back and nothing of it was applied on any node; the runner
-    /// restarts it.
+    /// restarts it. Also a Galera brute-force abort the server did not report, which lockstock
+    /// notices when the rows a multi-row INSERT just wrote are gone and no transaction is open.
     Deadlock,
     /// "Record has changed since last read" (1020): a snapshot conflict; the transaction must restart.
     RecordChanged,
