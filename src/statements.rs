@@ -95,6 +95,25 @@ statement! {
 }
 
 statement! {
+    /// Restores the session variables lockstock's begin batch saved for a guarded write on a
+    /// MariaDB Galera node (with `autocommit`).
+    RestoreGalera => "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
+        max_statement_time = @lockstock_statement_time, \
+        lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
+        tx_isolation = @lockstock_isolation, autocommit = @lockstock_autocommit"
+}
+
+statement! {
+    /// The savepoint a guarded write on a Galera node sets right after `BEGIN`.
+    Savepoint => "SAVEPOINT lockstock"
+}
+
+statement! {
+    /// Released right before COMMIT: fails when the transaction was rolled back meanwhile.
+    ReleaseSavepoint => "RELEASE SAVEPOINT lockstock"
+}
+
+statement! {
     /// Restores the session variables lockstock's begin batch saved (MySQL 8).
     RestoreMySql => "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
         max_execution_time = @lockstock_statement_time, \

@@ -382,6 +382,14 @@ pub enum Error {
         #[source]
         source: ServerError,
     },
+    /// A write was sent to a MariaDB Galera node other than the designated writer (the
+    /// `designated_writer` row that [`Router`](crate::route::Router) keeps names another node),
+    /// and [`TxnPolicy::designated_writer_only`](crate::TxnPolicy::designated_writer_only) is on.
+    /// Writes on several Galera nodes can lose updates (see the `route` module); lockstock
+    /// refused before `BEGIN`: nothing was sent but the check. Retry on the designated writer —
+    /// through a [`Router`](crate::route::Router), which follows the row.
+    #[error("this Galera node is not the designated writer; nothing was applied")]
+    NotDesignatedWriter,
     /// The call was made inside a transaction the caller opened; lockstock must own the
     /// transaction to retry it.
     #[error("called inside an open transaction; lockstock runs its own transactions")]
@@ -430,6 +438,7 @@ impl Error {
             | Self::OutcomeUnknown { .. }
             | Self::Timeout { .. }
             | Self::ServerUnresponsive { .. }
+            | Self::NotDesignatedWriter
             | Self::ConnectionBroken { .. }
             | Self::Pool(_) => true,
             Self::Server(e) => {

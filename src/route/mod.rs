@@ -207,7 +207,9 @@ impl RouterBuilder {
     /// The policy of the router's own probes, row reads and failover claims: its deadline
     /// bounds each election, and deadline plus `unresponsive_grace` is the probe timeout after
     /// which a node whose probe has not answered counts as down (default: the default policy
-    /// with a [`DEFAULT_PROBE_DEADLINE`] deadline).
+    /// with a [`DEFAULT_PROBE_DEADLINE`] deadline). Its
+    /// [`designated_writer_only`](TxnPolicy::designated_writer_only) is ignored: the claims that
+    /// move the designated-writer row run on a node the row does not name yet.
     pub fn probe_policy(mut self, policy: TxnPolicy) -> Self {
         self.probe_policy = policy;
         self
@@ -266,7 +268,12 @@ impl RouterBuilder {
         };
         let shared = Arc::new(Shared {
             nodes,
-            probe: TxnRunner::new(self.probe_policy),
+            // The router moves the designated-writer row itself: its own claims run on a
+            // node the row does not name yet.
+            probe: TxnRunner::new(TxnPolicy {
+                designated_writer_only: false,
+                ..self.probe_policy
+            }),
             session_policy: self.session_policy,
             pool_size: self.pool_size,
             interval: self.health_interval,
@@ -670,7 +677,10 @@ impl Shared {
 /// A failure that applied nothing and blames the node, not the request.
 fn is_node_failure(error: &Error) -> bool {
     match error {
-        Error::ServerUnresponsive { .. } | Error::ConnectionBroken { .. } | Error::Pool(_) => true,
+        Error::ServerUnresponsive { .. }
+        | Error::ConnectionBroken { .. }
+        | Error::NotDesignatedWriter
+        | Error::Pool(_) => true,
         Error::Server(source) => matches!(
             source.kind(),
             ServerErrorKind::ConnectionLost | ServerErrorKind::NodeNotReady

@@ -2,14 +2,38 @@
 //!
 //! Every balance or stock change in lockstock goes through [`TxnRunner::run`]. It
 //! 1. refuses to run inside a transaction the caller opened (it could not retry it),
-//! 2. sends the session settings, `SET TRANSACTION ISOLATION LEVEL ...` and `BEGIN` in one
-//!    multi-statement batch (`MysqlConnection` has no isolation builder, and `SET TRANSACTION`
-//!    applies to the next transaction only),
+//! 2. saves the caller's session variables and sets its own in one atomic `SET` (or, on a
+//!    connection that carries them already, only `SET TRANSACTION ISOLATION LEVEL ...`), then
+//!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch,
 //! 3. runs the body, then COMMIT (a cached prepared statement: one round trip); any error — or
 //!    a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its NOWAIT
 //!    refusal, 1205) rolls back only the statement, so the runner must not continue it,
 //! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
 //!    exponential backoff, bounded by attempts and by a deadline for the whole call.
+//!
+//! # MariaDB Galera: a transaction rolled back without an error
+//!
+//! On a Galera node a transaction can be brute-force aborted by a replicated write that needs
+//! one of its locks (writes on several nodes; a failover's in-flight write-sets). MariaDB 10.11
+//! was seen to roll such a transaction back between two statements WITHOUT reporting it: the
+//! next statement then ran outside any transaction, so under `autocommit = 1` the rest of the
+//! body would commit statement by statement and the final COMMIT succeed — half a transaction
+//! applied and answered as done. On a Galera node (`@@wsrep_on`, asked once per runner) every
+//! writing transaction is therefore guarded:
+//! - the first SET also saves the caller's `autocommit` and sets `autocommit = 0` (restored
+//!   afterwards), so statements after a silent rollback open a new transaction instead of
+//!   committing one by one — and the marked-connection shortcut is not used;
+//! - `SAVEPOINT lockstock` right after `BEGIN`, `RELEASE SAVEPOINT lockstock` right before
+//!   COMMIT: a rollback drops the savepoint, so the release fails, the runner rolls back what
+//!   ran after the silent rollback and retries the whole transaction (a retryable
+//!   [`ServerErrorKind::Deadlock`](crate::ServerErrorKind::Deadlock)).
+//!
+//! What remains is the one round trip between the release and COMMIT: a silent rollback in
+//! exactly that gap would make the COMMIT commit nothing and answer success. It takes writes on
+//! several nodes to brute-force abort at all; with one writer (see [`route`](crate::route))
+//! none were seen. A SET before it (one more round trip) refuses ([`Error::NotDesignatedWriter`]) a write on a node other
+//! than the designated writer of the `designated_writer` row (once a router designated one),
+//! unless [`TxnPolicy::designated_writer_only`] is off.
 //!
 //! # A server that never answers
 //!
@@ -52,7 +76,7 @@ pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 use session::carries_settings;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 pub(crate) use transaction::mark_broken;
-use transaction::{ensure_no_open_transaction, run_transaction, Begin};
+use transaction::{ensure_no_open_transaction, run_transaction, Begin, Restore};
 use watchdog::Guard;
 
 use std::sync::OnceLock;
@@ -78,6 +102,9 @@ pub struct TxnRunner {
 #[derive(Debug)]
 struct RunnerSql {
     flavor: ServerFlavor,
+    /// A MariaDB Galera node: writes are guarded against a silent brute-force rollback (see
+    /// the module docs).
+    galera: bool,
     /// The policy's `SET SESSION` statement (what [`apply_session_settings`] marks).
     session: String,
     /// Write / read: the statements before BEGIN on a connection without the settings.
@@ -94,32 +121,62 @@ const NESTED_LOCALE: &str = "lockstock_nested_transaction";
 /// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
 const NESTED_1568: &str = "transaction characteristics can't be changed";
 
+/// The value that makes the first SET of a write on a Galera node refuse, atomically, when the
+/// node is not the designated writer (the `designated_writer` row names another node).
+pub(super) const NOT_DESIGNATED_LOCALE: &str = "lockstock_not_designated_writer";
+
 /// `START TRANSACTION` of a write and of a read-only snapshot.
 const BEGIN_WRITE: &str = "BEGIN";
 const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
 
 impl RunnerSql {
-    fn new(policy: &TxnPolicy, flavor: ServerFlavor) -> Self {
+    fn new(policy: &TxnPolicy, flavor: ServerFlavor, galera: bool) -> Self {
         let session = policy.session_sql(flavor);
         let settings = policy.settings(flavor);
         let levels = [policy.isolation, Isolation::RepeatableRead];
         let set_transaction =
             |level: Isolation| format!("SET TRANSACTION ISOLATION LEVEL {}", level.sql());
-        let own = levels.map(|level| match flavor {
+        // Writes on a Galera node: (by policy) the designated writer checked, then autocommit
+        // saved and turned off in the atomic SET.
+        let guard_write = |kind: usize| galera && kind == 0;
+        let own = [0, 1].map(|kind| match flavor {
             // One atomic SET: the nested check, the caller's values saved, ours set.
-            ServerFlavor::MariaDb => vec![format!(
-                "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
-                 @lockstock_statement_time = @@session.max_statement_time, \
-                 @lockstock_lc_messages = @@session.lc_messages, \
-                 @lockstock_time_zone = @@session.time_zone, \
-                 @lockstock_isolation = @@session.tx_isolation, \
-                 SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
-                 {settings}, tx_isolation = '{}'",
-                level.variable_value()
-            )],
+            ServerFlavor::MariaDb => {
+                let guarded = guard_write(kind);
+                let (save_autocommit, autocommit) = if guarded {
+                    (
+                        "@lockstock_autocommit = @@session.autocommit, ",
+                        ", autocommit = 0",
+                    )
+                } else {
+                    ("", "")
+                };
+                let mut setup = Vec::new();
+                if guarded && policy.designated_writer_only {
+                    // Its own statement: a SET that reads a table AND turns autocommit off
+                    // leaves MariaDB 10.11 in a state where the next transaction's ROLLBACK
+                    // does not roll back (seen on Galera; see the galera tests).
+                    setup.push(format!(
+                        "SET SESSION lc_messages = IF((SELECT node_name FROM designated_writer \
+                         WHERE id = 1) NOT IN ('', CONVERT(@@wsrep_node_name USING utf8mb4) \
+                         COLLATE utf8mb4_bin), '{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
+                    ));
+                }
+                setup.push(format!(
+                    "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                     @lockstock_statement_time = @@session.max_statement_time, \
+                     @lockstock_lc_messages = @@session.lc_messages, \
+                     @lockstock_time_zone = @@session.time_zone, \
+                     @lockstock_isolation = @@session.tx_isolation, {save_autocommit}\
+                     SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
+                     {settings}, tx_isolation = '{}'{autocommit}",
+                    levels[kind].variable_value()
+                ));
+                setup
+            }
             // MySQL has no @@in_transaction: SET TRANSACTION checks first.
             ServerFlavor::MySql => vec![
-                set_transaction(level),
+                set_transaction(levels[kind]),
                 format!(
                     "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
                      @lockstock_statement_time = @@session.max_execution_time, \
@@ -132,6 +189,7 @@ impl RunnerSql {
         let marked = levels.map(|level| vec![set_transaction(level)]);
         Self {
             flavor,
+            galera,
             session,
             own,
             marked,
@@ -367,11 +425,15 @@ impl TxnRunner {
         let sql = match self.sql.get() {
             Some(sql) => sql,
             None => {
-                let built = RunnerSql::new(&self.policy, ServerFlavor::detect(conn)?);
+                let flavor = ServerFlavor::detect(conn)?;
+                let galera = flavor == ServerFlavor::MariaDb && session::wsrep_on(conn)?;
+                let built = RunnerSql::new(&self.policy, flavor, galera);
                 self.sql.get_or_init(|| built)
             }
         };
-        let marked = carries_settings(conn, &sql.session);
+        let guarded = sql.galera && !read_only;
+        // A guarded write needs its own SET (autocommit): no marked-connection shortcut.
+        let marked = !guarded && carries_settings(conn, &sql.session);
         let kind = usize::from(read_only);
         Ok(Begin {
             setup: if marked {
@@ -380,7 +442,12 @@ impl TxnRunner {
                 &sql.own[kind]
             },
             begin: if read_only { BEGIN_READ } else { BEGIN_WRITE },
-            restore: (!marked).then_some(sql.flavor),
+            restore: (!marked).then_some(match (sql.flavor, guarded) {
+                (ServerFlavor::MySql, _) => Restore::MySql,
+                (ServerFlavor::MariaDb, false) => Restore::MariaDb,
+                (ServerFlavor::MariaDb, true) => Restore::Galera,
+            }),
+            savepoint: guarded,
             read_only,
         })
     }

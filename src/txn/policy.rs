@@ -107,6 +107,12 @@ pub struct TxnPolicy {
     /// [`Error::ServerUnresponsive`](crate::Error::ServerUnresponsive) (or
     /// [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown) for a COMMIT in flight).
     pub unresponsive_grace: Duration,
+    /// On a MariaDB Galera node, refuse a write with
+    /// [`Error::NotDesignatedWriter`](crate::Error::NotDesignatedWriter) when the
+    /// `designated_writer` row (kept by [`Router`](crate::route::Router)) names another node
+    /// (default on; an empty row — no router ever designated a writer — allows every node).
+    /// Checked inside the first SET of the transaction: no extra round trip.
+    pub designated_writer_only: bool,
 }
 
 impl Default for TxnPolicy {
@@ -117,6 +123,7 @@ impl Default for TxnPolicy {
             lock_wait_timeout: Duration::from_secs(1),
             statement_timeout: Duration::from_secs(5),
             unresponsive_grace: Duration::from_millis(500),
+            designated_writer_only: true,
         }
     }
 }

@@ -35,6 +35,27 @@ impl ServerFlavor {
     }
 }
 
+/// Whether the server is a MariaDB Galera node with replication on (`@@wsrep_on`); a server
+/// built without Galera (no such variable) is not.
+pub(super) fn wsrep_on(conn: &mut MysqlConnection) -> Result<bool, Error> {
+    let on: diesel::QueryResult<i64> = diesel::select(
+        diesel::dsl::sql::<diesel::sql_types::BigInt>("CAST(@@wsrep_on AS SIGNED)"),
+    )
+    .get_result(conn);
+    match on {
+        Ok(on) => Ok(on != 0),
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if info
+                .message()
+                .to_ascii_lowercase()
+                .contains("unknown system variable") =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Applies a policy's session settings to a connection for good, and marks the connection as
 /// carrying them: lockstock calls with the same policy on it then send no session settings and
 /// restore nothing (see [`TxnRunner`](super::TxnRunner)). The mark lives in the connection's Diesel

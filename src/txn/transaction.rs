@@ -6,7 +6,9 @@ use diesel::RunQueryDsl;
 
 use super::*;
 use crate::error::{Error, ServerError, ServerErrorKind};
-use crate::statements::{Commit, RestoreMariaDb, RestoreMySql, Rollback};
+use crate::statements::{
+    Commit, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback, Savepoint,
+};
 /// lockstock must own the transaction to retry it: refuse a call made inside one that the
 /// caller opened through Diesel (a raw `BEGIN` is caught by [`NESTED_CHECK`]). A connection
 /// whose transaction manager is broken (also one lockstock marked after a failed ROLLBACK) is
@@ -28,10 +30,22 @@ pub(super) struct Begin<'a> {
     pub(super) setup: &'a [String],
     /// `BEGIN` or the read-only snapshot's `START TRANSACTION`.
     pub(super) begin: &'static str,
-    /// Restore the caller's session variables afterwards (they were saved by `sql`).
-    pub(super) restore: Option<ServerFlavor>,
+    /// Restore the caller's session variables afterwards (they were saved by `setup`).
+    pub(super) restore: Option<Restore>,
+    /// A write on a Galera node: `SAVEPOINT` after `BEGIN`, released before COMMIT (see the
+    /// module docs of `txn`).
+    pub(super) savepoint: bool,
     /// A read-only snapshot: a failed COMMIT cannot have written anything.
     pub(super) read_only: bool,
+}
+
+/// Which session variables the setup saved, so which statement puts them back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Restore {
+    MariaDb,
+    MySql,
+    /// MariaDB with `autocommit` (a guarded write on a Galera node).
+    Galera,
 }
 
 /// One transaction: `begin` (nested check, saved session, settings, isolation and BEGIN in one
@@ -59,6 +73,9 @@ pub(super) fn run_transaction<T>(
             if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
                 return Err(Error::NestedTransaction);
             }
+            if message.contains(NOT_DESIGNATED_LOCALE) {
+                return Err(Error::NotDesignatedWriter);
+            }
             return Err(Error::Server(error));
         }
     }
@@ -70,13 +87,27 @@ pub(super) fn run_transaction<T>(
             _ => Error::Server(error),
         });
     }
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(conn)));
+    if begin.savepoint {
+        if let Err(e) = Savepoint.execute(conn) {
+            return Err(match end_failed(conn, begin) {
+                Some(broken) => broken,
+                None => Error::from(e),
+            });
+        }
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let value = body(conn)?;
+        if begin.savepoint {
+            release_savepoint(conn)?;
+        }
+        Ok::<T, Error>(value)
+    }));
     match outcome {
         Ok(Ok(value)) => match Commit.execute(conn) {
             Ok(_) => {
                 // Committed: whatever happens now, the answer is the value.
-                if let Some(flavor) = begin.restore {
-                    if restore_session(conn, flavor).is_err() {
+                if let Some(restore) = begin.restore {
+                    if restore_session(conn, restore).is_err() {
                         mark_broken(conn);
                     }
                 }
@@ -114,8 +145,8 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
             source: ServerError::new(e),
         });
     }
-    let flavor = begin.restore?;
-    match restore_session(conn, flavor) {
+    let restore = begin.restore?;
+    match restore_session(conn, restore) {
         Ok(()) => None,
         Err(e) => {
             mark_broken(conn);
@@ -129,13 +160,48 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
 /// Puts back the session variables the begin batch saved.
 fn restore_session(
     conn: &mut MysqlConnection,
-    flavor: ServerFlavor,
+    restore: Restore,
 ) -> Result<(), diesel::result::Error> {
-    match flavor {
-        ServerFlavor::MariaDb => RestoreMariaDb.execute(conn),
-        ServerFlavor::MySql => RestoreMySql.execute(conn),
+    match restore {
+        Restore::MariaDb => RestoreMariaDb.execute(conn),
+        Restore::MySql => RestoreMySql.execute(conn),
+        Restore::Galera => RestoreGalera.execute(conn),
     }
     .map(|_| ())
+}
+
+/// `RELEASE SAVEPOINT lockstock` before the COMMIT of a guarded write. The savepoint is gone
+/// only when the transaction was rolled back after it was set — on a Galera node, by a
+/// brute-force abort the server did not report: what ran since is in a new transaction
+/// (`autocommit = 0`) that the caller's error path rolls back, and the whole transaction is
+/// retried as a deadlock victim's.
+fn release_savepoint(conn: &mut MysqlConnection) -> Result<(), Error> {
+    match ReleaseSavepoint.execute(conn) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let error = ServerError::new(e);
+            if error
+                .message()
+                .to_ascii_lowercase()
+                .contains("does not exist")
+            {
+                Err(silently_rolled_back())
+            } else {
+                Err(Error::Server(error))
+            }
+        }
+    }
+}
+
+/// The retryable answer for a transaction the server rolled back without reporting it.
+pub(crate) fn silently_rolled_back() -> Error {
+    Error::from(diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::SerializationFailure,
+        Box::new(String::from(
+            "the transaction was rolled back by the server without an error (a Galera \
+             brute-force abort): its savepoint is gone",
+        )),
+    ))
 }
 
 /// Marks the connection broken for Diesel and r2d2: `Connection::transaction` refuses it, an

@@ -821,3 +821,87 @@ fn galera_paused_node_call_returns_by_deadline() {
         started.elapsed()
     );
 }
+
+/// The guards of a write on a Galera node, on a 1-node cluster:
+/// - a transaction the server rolls back without reporting it (what MariaDB did to brute-force
+///   aborted transactions with writes on several nodes; simulated here by a raw `ROLLBACK` in
+///   the body's first attempt) is caught before COMMIT and retried whole — before the guard the
+///   rest of the body was autocommitted and the call answered success with half of it applied;
+/// - a write on a node other than the designated writer is refused, nothing applied, unless the
+///   policy allows it; an empty row (no router ever designated one) allows every node.
+#[test]
+fn galera_guards_silent_rollbacks_and_the_designated_writer() {
+    let _guard = exclusive();
+    let cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&cluster, "gal_guards");
+    let mut conn = causal(&urls[0]);
+    conn.batch_execute(
+        "CREATE TABLE silent_probe (id INT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
+         part VARCHAR(8) NOT NULL) ENGINE=InnoDB",
+    )
+    .expect("probe table");
+
+    // A silent rollback between two writes of one transaction.
+    let runner = lockstock::TxnRunner::new(TxnPolicy::default());
+    let mut attempts = 0;
+    runner
+        .run(&mut conn, |conn| {
+            attempts += 1;
+            diesel::sql_query("INSERT INTO silent_probe (part) VALUES ('first')").execute(conn)?;
+            if attempts == 1 {
+                // What the server did to a brute-force aborted transaction: gone, unreported.
+                conn.batch_execute("ROLLBACK")?;
+            }
+            diesel::sql_query("INSERT INTO silent_probe (part) VALUES ('second')").execute(conn)?;
+            Ok(())
+        })
+        .expect("the transaction is retried whole");
+    let parts: Vec<String> = diesel::sql_query("SELECT part FROM silent_probe ORDER BY id")
+        .load::<Part>(&mut conn)
+        .expect("parts")
+        .into_iter()
+        .map(|p| p.part)
+        .collect();
+    assert_eq!(parts, ["first", "second"], "attempts: {attempts}");
+    assert_eq!(attempts, 2);
+    let autocommit: i64 = diesel::select(diesel::dsl::sql::<BigInt>("@@autocommit"))
+        .get_result(&mut conn)
+        .expect("autocommit");
+    assert_eq!(autocommit, 1, "the caller's autocommit is restored");
+
+    // The designated writer.
+    let ledger = BalanceLedger::new();
+    let ten = Decimal::new(10, 0);
+    ledger
+        .charge(&mut conn, 1, ten, "no-row")
+        .expect("an empty row allows every node");
+    conn.batch_execute("UPDATE designated_writer SET node_name = 'elsewhere' WHERE id = 1")
+        .expect("designate another node");
+    let refused = ledger.charge(&mut conn, 1, ten, "elsewhere");
+    assert!(
+        matches!(refused, Err(Error::NotDesignatedWriter)),
+        "{refused:?}"
+    );
+    assert_eq!(count_key(&mut conn, 1, "elsewhere"), 0, "nothing applied");
+    let mut allowing = TxnPolicy::default();
+    allowing.designated_writer_only = false;
+    BalanceLedger::with_policy(allowing)
+        .charge(&mut conn, 1, ten, "allowed")
+        .expect("the policy allows other nodes");
+    conn.batch_execute("UPDATE designated_writer SET node_name = @@wsrep_node_name WHERE id = 1")
+        .expect("designate this node");
+    ledger
+        .charge(&mut conn, 1, ten, "designated")
+        .expect("the designated writer writes");
+    assert_eq!(
+        ledger.balance(&mut conn, 1).expect("balance").balance,
+        Decimal::new(30, 0)
+    );
+    audit_ok(&ledger, &mut conn, 1);
+}
+
+#[derive(QueryableByName)]
+struct Part {
+    #[diesel(sql_type = Text)]
+    part: String,
+}
