@@ -451,8 +451,9 @@ impl CombiningIssuer {
     }
 }
 
-/// A [`BalanceLedger`] in front of a pool that combines concurrent charges and deducts per
-/// account into batch transactions. Share it between threads (it is `Sync`).
+/// A [`BalanceLedger`] in front of a pool that combines concurrent charges, deducts, holds,
+/// captures and releases per account into batch transactions. Share it between threads (it is
+/// `Sync`).
 pub type CombiningLedger = Combining<BalanceLedger, AccountOp, Entry>;
 
 impl CombiningLedger {
@@ -478,8 +479,61 @@ impl CombiningLedger {
         self.apply(user_id, AccountOp::deduct(amount, idempotency_key))
     }
 
+    /// [`BalanceLedger::hold`], combined with concurrent requests for the same account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::hold`], with the additions of [`charge`](Self::charge).
+    pub fn hold(
+        &self,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        expires_at: chrono::NaiveDateTime,
+    ) -> Result<Entry> {
+        self.apply(
+            user_id,
+            AccountOp::hold(amount, idempotency_key, expires_at),
+        )
+    }
+
+    /// [`BalanceLedger::capture`], combined with concurrent requests for the hold's account
+    /// (read first on a pooled connection: a hold's account never changes).
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::capture`], with the additions of [`charge`](Self::charge).
+    pub fn capture(&self, hold_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
+        self.on_hold_account(
+            hold_id,
+            AccountOp::capture(hold_id, amount, idempotency_key),
+        )
+    }
+
+    /// [`BalanceLedger::release`], combined with concurrent requests for the hold's account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::release`], with the additions of [`charge`](Self::charge).
+    pub fn release(&self, hold_id: i64, idempotency_key: &str) -> Result<Entry> {
+        self.on_hold_account(hold_id, AccountOp::release(hold_id, idempotency_key))
+    }
+
+    /// A capture or release, submitted for the account of `hold_id`; its input is checked
+    /// before anything is sent, as the single call checks it.
+    fn on_hold_account(&self, hold_id: i64, op: AccountOp) -> Result<Entry> {
+        let deadline = self.inner.runner().deadline();
+        crate::ledger::check_ending(&op)?;
+        let owner = {
+            let mut conn = checkout(&self.pool, deadline)?;
+            self.inner.hold_owner_by(&mut conn, hold_id, deadline)?
+        };
+        self.submit(owner, op, deadline)
+    }
+
     fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
-        let request = (user_id, op, self.inner.runner().deadline());
+        self.submit(user_id, op, self.inner.runner().deadline())
+    }
+
+    fn submit(&self, user_id: i64, op: AccountOp, deadline: Deadline) -> Result<Entry> {
+        let request = (user_id, op, deadline);
         self.submit_pooled(
             request,
             BalanceLedger::apply_one_by,

@@ -10,6 +10,7 @@ mod coupon;
 mod faults;
 mod foundation;
 mod galera;
+mod holds;
 mod ledger;
 mod model;
 mod processes;
