@@ -65,7 +65,7 @@ fn ending_entries(conn: &mut MysqlConnection) -> Vec<(i64, String, Decimal, Opti
 /// Checks from the database that every hold that is not active ended by exactly one journal
 /// entry of its state's kind (the captured amount for a capture, the hold's otherwise), and an
 /// active one by none. Returns the holds by state.
-fn every_hold_ended_once(conn: &mut MysqlConnection) -> HashMap<String, usize> {
+pub(crate) fn every_hold_ended_once(conn: &mut MysqlConnection) -> HashMap<String, usize> {
     let holds = hold_rows(conn);
     let ends = ending_entries(conn);
     let mut by_state = HashMap::new();
