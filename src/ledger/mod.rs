@@ -97,6 +97,18 @@ pub const MAX_HISTORY_PAGE: u32 = 1000;
 ///     Err(Error::InsufficientBalance { .. })
 /// ));
 /// assert_eq!(ledger.balance(&mut conn, 7)?.balance, dec(80_00, 2));
+///
+/// // Checkout: reserve 50, capture the 45 the payment charged (the other 5 are released).
+/// let expires_at = chrono::Utc::now().naive_utc() + chrono::Duration::minutes(15);
+/// let hold = ledger.hold(&mut conn, 7, dec(50_00, 2), "checkout-1", expires_at)?;
+/// let balance = ledger.balance(&mut conn, 7)?;
+/// assert_eq!((balance.balance, balance.available), (dec(80_00, 2), dec(30_00, 2)));
+/// ledger.capture(&mut conn, hold.id, dec(45_00, 2), "paid-1")?;
+/// // A cancelled order: its hold is released, nothing posted.
+/// let cancelled = ledger.hold(&mut conn, 7, dec(10_00, 2), "checkout-2", expires_at)?;
+/// ledger.release(&mut conn, cancelled.id, "cancel-2")?;
+/// let balance = ledger.balance(&mut conn, 7)?;
+/// assert_eq!((balance.balance, balance.held), (dec(35_00, 2), dec(0, 0)));
 /// assert!(ledger.audit(&mut conn, 7)?.is_consistent());
 /// # Ok(())
 /// # }
