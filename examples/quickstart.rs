@@ -1,5 +1,6 @@
-//! Quickstart: charge, deduct, refund, transfer, and issue, redeem, restore and restock coupons
-//! against a throwaway MariaDB (or `DATABASE_URL`), printing what happened.
+//! Quickstart: charge, deduct, refund, transfer, a checkout with a hold (hold -> capture, and a
+//! cancelled order released), and issue, redeem, restore and restock coupons against a
+//! throwaway MariaDB (or `DATABASE_URL`), printing what happened.
 //!
 //! `cargo run --example quickstart`
 
@@ -73,6 +74,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "transfer alice -> bob 1000 -> alice {} bob {}",
         gift.debit.balance_after, gift.credit.balance_after
+    );
+    // Checkout: reserve the order's points, capture what the payment finally charged.
+    let expires_at = Utc::now().naive_utc() + Duration::minutes(15);
+    let hold = ledger.hold(
+        &mut conn,
+        alice,
+        Decimal::new(2_000, 0),
+        &format!("checkout-{run}"),
+        expires_at,
+    )?;
+    let held = ledger.balance(&mut conn, alice)?;
+    println!(
+        "hold     alice 2000        -> hold {}: posted {} held {} available {}",
+        hold.id, held.balance, held.held, held.available
+    );
+    let paid = ledger.capture(
+        &mut conn,
+        hold.id,
+        Decimal::new(1_800, 0),
+        &format!("paid-{run}"),
+    )?;
+    println!(
+        "capture  1800 of hold {}  -> entry {} balance {} (the other 200 released)",
+        hold.id, paid.id, paid.balance_after
+    );
+    // A second order is cancelled before payment: its hold is released, nothing posted.
+    let cancelled = ledger.hold(
+        &mut conn,
+        alice,
+        Decimal::new(500, 0),
+        &format!("checkout-2-{run}"),
+        expires_at,
+    )?;
+    ledger.release(&mut conn, cancelled.id, &format!("cancel-{run}"))?;
+    let after = ledger.balance(&mut conn, alice)?;
+    println!(
+        "release  hold {} (cancelled) -> posted {} held {} available {}",
+        cancelled.id, after.balance, after.held, after.available
     );
     for user in [alice, bob] {
         let report = ledger.audit(&mut conn, user)?;

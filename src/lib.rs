@@ -3,9 +3,10 @@
 //! Correct point/money balances and first-come-first-served coupons on MySQL/MariaDB through
 //! Diesel.
 //!
-//! * [`BalanceLedger`] charges, deducts, refunds and transfers. A balance never goes negative,
-//!   an idempotency key never applies a change twice, and every change is journaled with the
-//!   balance after it.
+//! * [`BalanceLedger`] charges, deducts, refunds and transfers, and holds points (reserve at
+//!   checkout, capture on payment, release on cancel or expiry). A balance never goes negative,
+//!   holds never reserve more than is available, an idempotency key never applies a change
+//!   twice, and every change is journaled with the balance after it.
 //! * [`CouponIssuer`] issues a limited stock first come, first served: never over-issued, one
 //!   coupon per user, redeemed once.
 //!
@@ -83,7 +84,8 @@ pub use coupon::{
 };
 pub use error::{Error, Result, ServerError, ServerErrorKind};
 pub use ledger::{
-    AccountOp, AuditReport, Balance, BalanceLedger, Entry, EntryKind, HistoryPage, Transfer,
+    AccountOp, AuditReport, Balance, BalanceLedger, Entry, EntryKind, ExpiredHolds, HistoryPage,
+    Hold, HoldState, Transfer,
 };
 pub use route::{ReadConsistency, Router, RouterBuilder, RouterStats};
 pub use txn::{Deadline, Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};

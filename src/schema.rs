@@ -5,12 +5,13 @@
 #![allow(missing_docs)]
 
 diesel::table! {
-    /// One row per account: the balance and a change counter.
+    /// One row per account: the balance, a change counter and the sum of its active holds.
     user_balance (user_id) {
         user_id -> BigInt,
         balance -> Numeric,
         version -> BigInt,
         updated_at -> Datetime,
+        held -> Numeric,
     }
 }
 
@@ -31,6 +32,23 @@ diesel::table! {
         counterparty_user_id -> Nullable<BigInt>,
         refunded_amount -> Numeric,
         created_at -> Datetime,
+        ended_hold_id -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    /// Holds: points reserved on an account until captured, released or expired.
+    balance_hold (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        amount -> Numeric,
+        captured_amount -> Numeric,
+        #[max_length = 16]
+        state -> Varchar,
+        expires_at -> Datetime,
+        created_at -> Datetime,
+        ended_at -> Nullable<Datetime>,
+        ended_by_entry_id -> Nullable<BigInt>,
     }
 }
 
@@ -106,6 +124,7 @@ diesel::table! {
 }
 
 diesel::joinable!(balance_history -> user_balance (user_id));
+diesel::joinable!(balance_hold -> user_balance (user_id));
 diesel::joinable!(fcfs_coupon -> coupon (coupon_id));
 diesel::joinable!(fcfs_coupon_restock -> fcfs_coupon (fcfs_coupon_id));
 diesel::joinable!(user_coupon -> coupon (coupon_id));
@@ -113,6 +132,7 @@ diesel::joinable!(user_coupon -> coupon (coupon_id));
 diesel::allow_tables_to_appear_in_same_query!(
     user_balance,
     balance_history,
+    balance_hold,
     coupon,
     fcfs_coupon,
     fcfs_coupon_restock,

@@ -5,9 +5,11 @@
 //! row lock is held. These types carry a static query id, so Diesel prepares each once per
 //! connection and only executes it afterwards. The SQL is constant; values are bound.
 
+use chrono::NaiveDateTime;
 use diesel::mysql::Mysql;
+use diesel::query_builder::Query;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
-use diesel::sql_types::{BigInt, Integer, Numeric};
+use diesel::sql_types::{BigInt, Datetime, Integer, Numeric, Text};
 use diesel::{MysqlConnection, QueryResult, RunQueryDsl};
 use rust_decimal::Decimal;
 
@@ -50,11 +52,40 @@ macro_rules! statement {
 }
 
 statement! {
-    /// `UPDATE user_balance SET balance = ?, version = ? WHERE user_id = ?`
+    /// `UPDATE user_balance SET balance = ?, held = ?, version = ? WHERE user_id = ?`
     SetBalance {
         "UPDATE `user_balance` SET `balance` = " balance: Decimal as Numeric,
+        ", `held` = " held: Decimal as Numeric,
         ", `version` = " version: i64 as BigInt,
         " WHERE `user_id` = " user_id: i64 as BigInt,
+    }
+}
+
+statement! {
+    /// The server clock and the account's active holds that have not expired on it, summed:
+    /// `SELECT UTC_TIMESTAMP(6), COALESCE(SUM(amount), 0) FROM balance_hold WHERE state =
+    /// 'active' AND expires_at > UTC_TIMESTAMP(6) AND user_id = ?` (through the
+    /// `(user_id, state, expires_at)` index). One statement, so both use one clock reading.
+    HeldFunds {
+        "SELECT UTC_TIMESTAMP(6), CAST(COALESCE(SUM(`amount`), 0) AS DECIMAL(19,4)) \
+         FROM `balance_hold` WHERE `state` = 'active' AND `expires_at` > UTC_TIMESTAMP(6) \
+         AND `user_id` = " user_id: i64 as BigInt,
+    }
+}
+
+impl Query for HeldFunds {
+    type SqlType = (Datetime, Numeric);
+}
+
+statement! {
+    /// `UPDATE balance_hold SET state = ?, captured_amount = ?, ended_at = ?,
+    /// ended_by_entry_id = ? WHERE id = ?`: a hold ends.
+    SetHoldEnded {
+        "UPDATE `balance_hold` SET `state` = " state: &'static str as Text,
+        ", `captured_amount` = " captured: Decimal as Numeric,
+        ", `ended_at` = " ended_at: NaiveDateTime as Datetime,
+        ", `ended_by_entry_id` = " entry_id: i64 as BigInt,
+        " WHERE `id` = " hold_id: i64 as BigInt,
     }
 }
 

@@ -1,9 +1,11 @@
 //! Checks of caller input shared by the ledger and the issuer: amounts, idempotency keys, ids.
 //! Nothing here touches the database.
 
+use chrono::{NaiveDateTime, TimeDelta};
 use rust_decimal::Decimal;
 
-use crate::error::{AmountProblem, Error, KeyProblem, Result};
+use crate::error::{AmountProblem, Error, ExpiryProblem, KeyProblem, Result};
+use crate::util::{now, to_micros};
 
 /// Largest value a DECIMAL(19,4) column holds.
 pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0x89E7_FFFF, 0x8AC7_2304, 0, false, 4);
@@ -48,6 +50,31 @@ pub fn validate_key(key: &str) -> Result<()> {
         return Ok(());
     };
     Err(Error::InvalidIdempotencyKey { problem })
+}
+
+/// Longest time a hold may reserve points: 90 days from when it is placed.
+pub const MAX_HOLD_DURATION: TimeDelta = TimeDelta::days(90);
+
+/// Checks a hold's expiry (UTC) against the caller's clock and returns it at the precision the
+/// server stores (microseconds), which is also what the request hash covers.
+///
+/// # Errors
+/// [`Error::InvalidExpiry`] when it is not in the future or further ahead than
+/// [`MAX_HOLD_DURATION`].
+pub fn validate_expiry(expires_at: NaiveDateTime) -> Result<NaiveDateTime> {
+    let stored = to_micros(expires_at);
+    let now = now();
+    let problem = if stored <= now {
+        ExpiryProblem::NotInFuture
+    } else if stored - now > MAX_HOLD_DURATION {
+        ExpiryProblem::TooFar
+    } else {
+        return Ok(stored);
+    };
+    Err(Error::InvalidExpiry {
+        expires_at,
+        problem,
+    })
 }
 
 /// Checks that an id is positive: [`Error::InvalidId`] otherwise.

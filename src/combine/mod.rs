@@ -452,11 +452,22 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
                     [alone] => one(&self.inner, conn, *key, alone, deadline).map(|r| vec![Ok(r)]),
                     all => many(&self.inner, conn, *key, all, deadline),
                 };
-                match &self.source {
-                    Source::Pool(pool) => run(&mut *checkout(pool, deadline, grace)?, deadline),
-                    Source::Router(router) => router.write(deadline, run),
-                }
+                self.with_connection(deadline, grace, run)
             })
+    }
+
+    /// Runs `f` on a connection of the source: a pooled connection checked out by `deadline`
+    /// (under the watchdog, `grace` past it), or the router's writer.
+    fn with_connection<T>(
+        &self,
+        deadline: Deadline,
+        grace: Duration,
+        mut f: impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
+    ) -> Result<T> {
+        match &self.source {
+            Source::Pool(pool) => f(&mut *checkout(pool, deadline, grace)?, deadline),
+            Source::Router(router) => router.write(deadline, f),
+        }
     }
 }
 
@@ -504,8 +515,9 @@ impl CombiningIssuer {
     }
 }
 
-/// A [`BalanceLedger`] in front of a pool that combines concurrent charges and deducts per
-/// account into batch transactions. Share it between threads (it is `Sync`).
+/// A [`BalanceLedger`] in front of a pool that combines concurrent charges, deducts, holds,
+/// captures and releases per account into batch transactions. Share it between threads (it is
+/// `Sync`).
 pub type CombiningLedger = Combining<BalanceLedger, AccountOp, Entry>;
 
 impl CombiningLedger {
@@ -531,8 +543,61 @@ impl CombiningLedger {
         self.apply(user_id, AccountOp::deduct(amount, idempotency_key))
     }
 
+    /// [`BalanceLedger::hold`], combined with concurrent requests for the same account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::hold`], with the additions of [`charge`](Self::charge).
+    pub fn hold(
+        &self,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        expires_at: chrono::NaiveDateTime,
+    ) -> Result<Entry> {
+        self.apply(
+            user_id,
+            AccountOp::hold(amount, idempotency_key, expires_at),
+        )
+    }
+
+    /// [`BalanceLedger::capture`], combined with concurrent requests for the hold's account
+    /// (read first on a pooled connection: a hold's account never changes).
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::capture`], with the additions of [`charge`](Self::charge).
+    pub fn capture(&self, hold_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
+        self.on_hold_account(
+            hold_id,
+            AccountOp::capture(hold_id, amount, idempotency_key),
+        )
+    }
+
+    /// [`BalanceLedger::release`], combined with concurrent requests for the hold's account.
+    ///
+    /// # Errors
+    /// As [`BalanceLedger::release`], with the additions of [`charge`](Self::charge).
+    pub fn release(&self, hold_id: i64, idempotency_key: &str) -> Result<Entry> {
+        self.on_hold_account(hold_id, AccountOp::release(hold_id, idempotency_key))
+    }
+
+    /// A capture or release, submitted for the account of `hold_id`; its input is checked
+    /// before anything is sent, as the single call checks it.
+    fn on_hold_account(&self, hold_id: i64, op: AccountOp) -> Result<Entry> {
+        let deadline = self.inner.runner().deadline();
+        crate::ledger::check_ending(&op)?;
+        let grace = self.inner.runner().policy().unresponsive_grace;
+        let owner = self.with_connection(deadline, grace, |conn, deadline| {
+            self.inner.hold_owner_by(conn, hold_id, deadline)
+        })?;
+        self.submit(owner, op, deadline)
+    }
+
     fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
-        let request = (user_id, op, self.inner.runner().deadline());
+        self.submit(user_id, op, self.inner.runner().deadline())
+    }
+
+    fn submit(&self, user_id: i64, op: AccountOp, deadline: Deadline) -> Result<Entry> {
+        let request = (user_id, op, deadline);
         self.submit_pooled(
             request,
             self.inner.runner().policy().unresponsive_grace,

@@ -16,7 +16,7 @@ use chrono::NaiveDateTime;
 use diesel::result::Error as DieselError;
 use rust_decimal::Decimal;
 
-use crate::records::{AuditReport, EntryKind};
+use crate::records::{AuditReport, EntryKind, HoldState};
 pub use kind::ServerErrorKind;
 
 /// Result type of every fallible lockstock call.
@@ -132,6 +132,25 @@ impl fmt::Display for KeyProblem {
     }
 }
 
+/// Why a hold's expiry was refused before anything reached the server.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiryProblem {
+    /// Not after the current time (the caller's clock): the hold would never reserve anything.
+    NotInFuture,
+    /// Further ahead than [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION).
+    TooFar,
+}
+
+impl fmt::Display for ExpiryProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotInFuture => "is not in the future",
+            Self::TooFar => "is further ahead than the longest hold allowed",
+        })
+    }
+}
+
 /// Everything a lockstock call can fail with.
 ///
 /// Domain refusals (`InsufficientBalance`, `SoldOut`, ...) and invalid input change nothing in
@@ -207,6 +226,51 @@ pub enum Error {
         /// The refund asked for.
         requested: Decimal,
     },
+    /// A hold's expiry was in the past or too far ahead. Nothing was written.
+    #[error("invalid hold expiry {expires_at}: {problem}")]
+    InvalidExpiry {
+        /// The expiry given (UTC).
+        expires_at: NaiveDateTime,
+        /// What is wrong with it.
+        problem: ExpiryProblem,
+    },
+    /// No hold has this id (in a batch: no hold of the batch's account has it). Nothing was
+    /// written.
+    #[error("no hold {hold_id}")]
+    HoldNotFound {
+        /// The hold id given.
+        hold_id: i64,
+    },
+    /// The hold was already captured or released, so it cannot be captured or released (again).
+    /// Nothing was written. An expired hold answers [`Error::HoldExpired`] instead.
+    #[error("hold {hold_id} is {state}, not active")]
+    HoldNotActive {
+        /// The hold.
+        hold_id: i64,
+        /// How it ended.
+        state: HoldState,
+    },
+    /// The hold's expiry has passed on the server clock (whether or not
+    /// [`BalanceLedger::expire_holds`](crate::BalanceLedger::expire_holds) has marked it yet):
+    /// it no longer reserves anything and can be neither captured nor released. Nothing was
+    /// written.
+    #[error("hold {hold_id} expired at {expired_at}")]
+    HoldExpired {
+        /// The hold.
+        hold_id: i64,
+        /// Its expiry (UTC).
+        expired_at: NaiveDateTime,
+    },
+    /// A capture asked for more than the hold reserves. Nothing was written.
+    #[error("capture of {requested} exceeds hold {hold_id} of {held}")]
+    CaptureExceedsHold {
+        /// The hold.
+        hold_id: i64,
+        /// Its amount.
+        held: Decimal,
+        /// The capture asked for.
+        requested: Decimal,
+    },
     /// Not enough money. Nothing was written.
     #[error(
         "insufficient balance for user {user_id}: {available} available, {requested} requested"
@@ -214,7 +278,8 @@ pub enum Error {
     InsufficientBalance {
         /// The account.
         user_id: i64,
-        /// Its balance when checked under the row lock.
+        /// Its available balance (posted balance minus active, unexpired holds) when checked
+        /// under the row lock.
         available: Decimal,
         /// The amount asked for.
         requested: Decimal,

@@ -1,22 +1,39 @@
-//! The audit: proves from one consistent snapshot that an account's balance and journal agree.
+//! The audit: proves from one consistent snapshot that an account's balance, journal and holds
+//! agree.
 
+use std::collections::HashMap;
+
+use chrono::NaiveDateTime;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use rust_decimal::Decimal;
 
-use super::rows::find_balance;
-use super::types::{Balance, Entry, EntryRow};
+use super::rows::{find_balance, unexpired_holds};
+use super::types::{BalanceRow, Entry, EntryRow, Hold, HoldRow};
 use super::BalanceLedger;
 use crate::error::{Error, Result};
-use crate::records::{AuditReport, EntryKind};
-use crate::schema::balance_history;
+use crate::records::{AuditReport, EntryKind, HoldState};
+use crate::schema::{balance_history, balance_hold};
 use crate::validate::validate_id;
+
+/// The holds of an account as the audit reads them: the rows, the `ended_hold_id` of every
+/// journal entry that ends one, the server clock and the unexpired active holds summed on it.
+struct HoldsRead {
+    holds: Vec<Hold>,
+    ends: HashMap<i64, i64>,
+    clock: NaiveDateTime,
+    unexpired: Decimal,
+}
 
 impl BalanceLedger {
     /// Proves from one consistent snapshot that the stored balance equals the journal's running
     /// sum, that every entry's `balance_after` matches it, that the change counter equals the
-    /// number of entries, that every deduct's refunded total equals its refunds, and that every
-    /// received transfer matches its sending entry.
+    /// number of entries, that every deduct's refunded total equals its refunds, that every
+    /// received transfer matches its sending entry, and for holds: that every hold has its hold
+    /// entry, that every hold ended exactly once (an active hold by no entry; a captured,
+    /// released or expired one by exactly one entry of that kind, for the captured amount or the
+    /// hold's), that the stored `held` equals the active holds, and that the available balance
+    /// (posted minus the active holds not yet expired on the server clock) is not negative.
     ///
     /// # Errors
     /// [`Error::AuditFailed`] with the report when the account is inconsistent;
@@ -24,7 +41,7 @@ impl BalanceLedger {
     /// ([`Error::Contended`], [`Error::Timeout`], [`Error::Server`], ...).
     pub fn audit(&self, conn: &mut MysqlConnection, user_id: i64) -> Result<AuditReport> {
         validate_id("user", user_id)?;
-        let (account, rows, senders) = self.runner.read(conn, |conn| {
+        let (account, rows, senders, holds) = self.runner.read(conn, |conn| {
             let account = find_balance(conn, user_id)?.ok_or(Error::AccountNotFound { user_id })?;
             let rows: Vec<EntryRow> = balance_history::table
                 .filter(balance_history::user_id.eq(user_id))
@@ -40,13 +57,37 @@ impl BalanceLedger {
                 .filter(balance_history::id.eq_any(&sender_ids))
                 .select(EntryRow::as_select())
                 .load(conn)?;
-            Ok((account, rows, senders))
+            let holds = balance_hold::table
+                .filter(balance_hold::user_id.eq(user_id))
+                .select(HoldRow::as_select())
+                .load::<HoldRow>(conn)?
+                .into_iter()
+                .map(HoldRow::into_hold)
+                .collect::<Result<Vec<_>>>()?;
+            let ends: Vec<(i64, Option<i64>)> = balance_history::table
+                .filter(balance_history::user_id.eq(user_id))
+                .filter(balance_history::ended_hold_id.is_not_null())
+                .select((balance_history::id, balance_history::ended_hold_id))
+                .load(conn)?;
+            let ends = ends
+                .into_iter()
+                .filter_map(|(entry, hold)| hold.map(|hold| (entry, hold)))
+                .collect();
+            let (clock, unexpired) = unexpired_holds(conn, user_id)?;
+            let holds = HoldsRead {
+                holds,
+                ends,
+                clock,
+                unexpired,
+            };
+            Ok((account, rows, senders, holds))
         })?;
         let entries = rows
             .into_iter()
             .map(EntryRow::into_entry)
             .collect::<Result<Vec<_>>>()?;
-        let report = audit_entries(&account, &entries, &senders);
+        let mut report = audit_entries(&account, &entries, &senders);
+        audit_holds(&account, &entries, &holds, &mut report);
         if report.is_consistent() {
             Ok(report)
         } else {
@@ -55,14 +96,14 @@ impl BalanceLedger {
     }
 }
 
-fn audit_entries(account: &Balance, entries: &[Entry], senders: &[EntryRow]) -> AuditReport {
+fn audit_entries(account: &BalanceRow, entries: &[Entry], senders: &[EntryRow]) -> AuditReport {
     let mut problems = Vec::new();
     let mut running = Decimal::ZERO;
     let mut refunds_of = std::collections::HashMap::<i64, Decimal>::new();
     for entry in entries {
         if entry.kind.is_credit() {
             running += entry.amount;
-        } else {
+        } else if entry.kind.is_debit() {
             running -= entry.amount;
         }
         if running < Decimal::ZERO {
@@ -133,6 +174,124 @@ fn audit_entries(account: &Balance, entries: &[Entry], senders: &[EntryRow]) -> 
         balance: account.balance,
         journal_sum: running,
         entries: count,
+        held: Decimal::ZERO,
+        available: account.balance,
+        holds: 0,
         problems,
     }
+}
+
+/// The hold checks (see [`BalanceLedger::audit`]), added to `report`.
+fn audit_holds(
+    account: &BalanceRow,
+    entries: &[Entry],
+    read: &HoldsRead,
+    report: &mut AuditReport,
+) {
+    let problems = &mut report.problems;
+    let by_id: HashMap<i64, &Hold> = read.holds.iter().map(|hold| (hold.id, hold)).collect();
+    let mut ended_by: HashMap<i64, Vec<&Entry>> = HashMap::new();
+    let mut placed = 0;
+    for entry in entries {
+        if entry.kind == EntryKind::Hold {
+            placed += 1;
+            let matches = by_id
+                .get(&entry.id)
+                .is_some_and(|hold| hold.amount == entry.amount && hold.user_id == entry.user_id);
+            if !matches {
+                problems.push(format!("hold entry {} has no matching hold", entry.id));
+            }
+        }
+        let Some(state) = entry.kind.ends_hold_as() else {
+            continue;
+        };
+        let hold_id = read.ends.get(&entry.id).copied();
+        if hold_id.is_none() || hold_id != entry.related_entry_id {
+            problems.push(format!(
+                "{} entry {} links to hold {:?} but ends {hold_id:?}",
+                entry.kind, entry.id, entry.related_entry_id
+            ));
+        }
+        let Some(hold) = hold_id.and_then(|id| by_id.get(&id)) else {
+            problems.push(format!(
+                "{} entry {} ends no hold of the account",
+                entry.kind, entry.id
+            ));
+            continue;
+        };
+        ended_by.entry(hold.id).or_default().push(entry);
+        let amount = match state {
+            HoldState::Captured => hold.captured_amount,
+            _ => hold.amount,
+        };
+        if hold.state != state || hold.ended_by_entry_id != Some(entry.id) || entry.amount != amount
+        {
+            problems.push(format!(
+                "{} entry {} of {} does not match hold {} ({}, ended by {:?}, {} of {})",
+                entry.kind,
+                entry.id,
+                entry.amount,
+                hold.id,
+                hold.state,
+                hold.ended_by_entry_id,
+                hold.captured_amount,
+                hold.amount
+            ));
+        }
+    }
+    if placed != read.holds.len() {
+        problems.push(format!(
+            "{placed} hold entries but {} holds",
+            read.holds.len()
+        ));
+    }
+    let mut active = Decimal::ZERO;
+    let mut unexpired = Decimal::ZERO;
+    for hold in &read.holds {
+        let ends = ended_by.get(&hold.id).map_or(0, Vec::len);
+        let ended_once = match hold.state {
+            HoldState::Active => ends == 0 && hold.ended_by_entry_id.is_none(),
+            _ => ends == 1,
+        };
+        if !ended_once {
+            problems.push(format!(
+                "hold {} is {} with {ends} ending entries",
+                hold.id, hold.state
+            ));
+        }
+        if hold.captured_amount > hold.amount {
+            problems.push(format!(
+                "hold {} captured {} of {}",
+                hold.id, hold.captured_amount, hold.amount
+            ));
+        }
+        if hold.state == HoldState::Active {
+            active += hold.amount;
+            if hold.expires_at > read.clock {
+                unexpired += hold.amount;
+            }
+        }
+    }
+    if active != account.held {
+        problems.push(format!(
+            "held {} but the active holds sum to {active}",
+            account.held
+        ));
+    }
+    if unexpired != read.unexpired {
+        problems.push(format!(
+            "the unexpired holds sum to {unexpired} but the server sums {}",
+            read.unexpired
+        ));
+    }
+    let available = account.balance - unexpired;
+    if available < Decimal::ZERO {
+        problems.push(format!(
+            "available balance {available} below zero: balance {} but {unexpired} held",
+            account.balance
+        ));
+    }
+    report.held = unexpired;
+    report.available = available;
+    report.holds = read.holds.len() as u64;
 }

@@ -1,19 +1,25 @@
-//! The batch planner: [`BalanceLedger::apply_many`] decides many charges and deducts of one
-//! account in order against the running balance and writes them with the same statements as
-//! the single calls ([`rows`](super::rows)), so that each request is answered exactly as the
-//! single call would have answered it.
+//! The batch planner: [`BalanceLedger::apply_many`] decides many charges, deducts, holds,
+//! captures and releases of one account in order against the running balance and writes them
+//! with the same statements as the single calls ([`rows`](super::rows)), so that each request is
+//! answered exactly as the single call would have answered it.
 
 use std::collections::{HashMap, HashSet};
 
 use diesel::mysql::MysqlConnection;
 
+use rust_decimal::Decimal;
+
+use super::holds::{ending, validate_ending};
 use super::idempotency::Step;
 use super::request::Request;
-use super::rows::{create_account, insert_entries, lock_account, store_balance, Account};
-use super::types::{AccountOp, Entry};
+use super::rows::{
+    create_account, end_hold, find_hold, insert_entries, insert_holds, lock_account, lock_holds,
+    store_balance, Account,
+};
+use super::types::{AccountOp, Entry, Hold};
 use super::BalanceLedger;
 use crate::error::{Error, Result, ServerError, ServerErrorKind};
-use crate::records::EntryKind;
+use crate::records::{EntryKind, HoldState};
 use crate::txn::{Deadline, InsertIds};
 use crate::util::now;
 
@@ -31,22 +37,30 @@ enum Decision {
 }
 
 impl BalanceLedger {
-    /// Applies many charges and deducts to ONE account in one transaction, in the given order,
-    /// each checked against the running balance. Each request gets its own result, exactly as
-    /// the single calls made one after another would have answered it: a refused or invalid
-    /// request never fails its neighbours, keys keep their meaning (inside the batch and against
-    /// the journal), and a deduct that comes before the batch's first charge of an account that
-    /// does not exist yet is [`Error::AccountNotFound`].
+    /// Applies many charges, deducts, holds, captures and releases to ONE account in one
+    /// transaction, in the given order, each checked against the running balance. Each request
+    /// gets its own result, exactly as the single calls made one after another would have
+    /// answered it: a refused or invalid request never fails its neighbours, keys keep their
+    /// meaning (inside the batch and against the journal), and a deduct or hold that comes
+    /// before the batch's first charge of an account that does not exist yet is
+    /// [`Error::AccountNotFound`]. A capture or release names a hold of THIS account; a hold of
+    /// another account is [`Error::HoldNotFound`].
     ///
     /// Statement by statement (one [`Deadline`] for the whole call, shared by every step):
+    /// 0. If the batch captures or releases holds: their rows, read lock-free (their account
+    ///    and amount never change).
     /// 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — the account row,
-    ///    locked once for the whole batch. A missing account is created first by a separate
+    ///    locked once for the whole batch, with the server clock and the sum of its unexpired
+    ///    active holds when it has any. A missing account is created first by a separate
     ///    short transaction (`INSERT IGNORE`), as for a single charge, and only if the batch
-    ///    has a charge.
-    /// 2. With the row locked, every request is decided in order against the running balance;
-    ///    the accepted ones are written with ONE multi-row `INSERT` into the journal, then
-    ///    `LAST_INSERT_ID()` (or an id lookup through the unique key, where the server does not
-    ///    number one INSERT's rows consecutively), ONE `UPDATE` of the balance and `COMMIT`.
+    ///    has a charge. Then the holds the batch captures or releases, `FOR UPDATE NOWAIT` in
+    ///    ascending id order.
+    /// 2. With the row locked, every request is decided in order against the running balance
+    ///    (and the running state of each hold); the accepted ones are written with ONE
+    ///    multi-row `INSERT` into the journal, then `LAST_INSERT_ID()` (or an id lookup through
+    ///    the unique key, where the server does not number one INSERT's rows consecutively),
+    ///    ONE multi-row `INSERT` of the new holds, one `UPDATE` per hold ended, ONE `UPDATE`
+    ///    of the balance and `COMMIT`.
     /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
     ///    journal, and the rest run again from step 1 (at most four rounds).
@@ -79,11 +93,29 @@ impl BalanceLedger {
         ops: &[AccountOp],
         deadline: Deadline,
     ) -> Result<Vec<Result<Entry>>> {
-        let requests: Vec<Request<'_>> = ops.iter().map(|op| op.request(user_id)).collect();
-        let mut results: Vec<Option<Result<Entry>>> = requests
-            .iter()
-            .map(|r| r.validate().err().map(Err))
-            .collect();
+        let holds = self.ended_holds(conn, ops, deadline)?;
+        let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
+        let mut requests: Vec<Request<'_>> = Vec::with_capacity(ops.len());
+        for op in ops {
+            let hold = op
+                .hold_id()
+                .and_then(|id| holds.iter().find(|h| h.id == id));
+            let request = check_ending(op)
+                .and_then(|()| op.request(user_id, hold))
+                .and_then(|request| request.validate().map(|()| request));
+            match request {
+                Ok(request) => {
+                    results.push(None);
+                    requests.push(request);
+                }
+                Err(refusal) => {
+                    results.push(Some(Err(refusal)));
+                    // Answered already: never decided, never written.
+                    let answered = Request::plain(EntryKind::Charge, user_id, Decimal::ZERO, "");
+                    requests.push(answered);
+                }
+            }
+        }
         // Whether the account was missing when the batch first locked it: then, as for single
         // calls, a deduct before the batch's first charge finds no account.
         let mut account_was_missing = false;
@@ -174,11 +206,24 @@ impl BalanceLedger {
             let missing = *account_was_missing;
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 let insert_ids = self.runner.insert_ids(conn)?;
-                let Some(account) = lock_account(conn, user_id)? else {
+                let Some(mut account) = lock_account(conn, user_id)? else {
                     return Ok(Step::CreateAccount(user_id));
                 };
-                apply_planned(conn, insert_ids, &account, missing, requests, pending)
-                    .map(Step::Done)
+                let ended: Vec<i64> = pending
+                    .iter()
+                    .filter_map(|i| requests[*i].ended_hold())
+                    .collect();
+                let holds = lock_holds(conn, &ended)?;
+                let now = match holds.is_empty() {
+                    true => None,
+                    false => Some(account.clock(conn)?),
+                };
+                let locked = Locked {
+                    account: &account,
+                    holds,
+                    now,
+                };
+                apply_planned(conn, insert_ids, locked, missing, requests, pending).map(Step::Done)
             })?;
             match attempt {
                 Step::Done(decided) => return Ok(decided),
@@ -199,6 +244,57 @@ impl BalanceLedger {
             }
         }
     }
+}
+
+impl BalanceLedger {
+    /// The holds the batch's captures and releases name (valid ids only), read lock-free by
+    /// `deadline`: their account and amount never change, and they decide the requests' hashes.
+    fn ended_holds(
+        &self,
+        conn: &mut MysqlConnection,
+        ops: &[AccountOp],
+        deadline: Deadline,
+    ) -> Result<Vec<Hold>> {
+        let ids: Vec<i64> = ops
+            .iter()
+            .filter_map(AccountOp::hold_id)
+            .filter(|id| *id > 0)
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.runner.read_by(conn, deadline, |conn| {
+            let mut holds = Vec::with_capacity(ids.len());
+            for id in &ids {
+                holds.extend(find_hold(conn, *id)?);
+            }
+            Ok(holds)
+        })
+    }
+}
+
+/// A capture's or release's input, checked as its single call checks it before anything else.
+pub(crate) fn check_ending(op: &AccountOp) -> Result<()> {
+    match op {
+        AccountOp::Capture {
+            hold_id,
+            amount,
+            key,
+        } => validate_ending(*hold_id, Some(*amount), key),
+        AccountOp::Release { hold_id, key } => validate_ending(*hold_id, None, key),
+        _ => Ok(()),
+    }
+}
+
+/// How a capture or release ends its hold: the state and the amount captured.
+type HoldEnd = (HoldState, Decimal);
+
+/// What a batch transaction holds locked: the account, the holds its captures and releases
+/// end, and the server clock read under the account's lock (when there are such holds).
+struct Locked<'a> {
+    account: &'a Account,
+    holds: Vec<Hold>,
+    now: Option<chrono::NaiveDateTime>,
 }
 
 /// The keys of the requests `open`.
@@ -224,24 +320,27 @@ fn outcome_unknown(failure: &Error) -> Error {
     Error::OutcomeUnknown { source }
 }
 
-/// Inside the batch transaction, with the account locked: decides every pending request in
-/// order against the running balance (as if they were made one after another), writes the
-/// accepted ones with one multi-row INSERT ([`insert_entries`]) and stores the final balance
+/// Inside the batch transaction, with the account (and the holds the batch ends) locked:
+/// decides every pending request in order against the running balance and the running state of
+/// each hold (as if they were made one after another), writes the accepted ones with one
+/// multi-row INSERT ([`insert_entries`]), the new holds with another ([`insert_holds`]), ends
+/// the holds captured or released ([`end_hold`]) and stores the final balance
 /// ([`store_balance`]) — the single call's statements, for N rows.
 /// `account_was_missing`: the account did not exist when the batch began, so until the first
-/// charge a deduct finds no account (the single call's answer).
+/// charge a deduct or hold finds no account (the single call's answer).
 fn apply_planned(
     conn: &mut MysqlConnection,
     insert_ids: InsertIds,
-    account: &Account,
+    mut locked: Locked<'_>,
     account_was_missing: bool,
     requests: &[Request<'_>],
     pending: &[usize],
 ) -> Result<Vec<(usize, Result<Entry>)>> {
+    let account = locked.account;
     let mut running = *account;
     let mut exists = !account_was_missing;
-    // (request index, balance after, request hash) of every row to write.
-    let mut new_rows: Vec<(usize, rust_decimal::Decimal, String)> = Vec::new();
+    // (request index, balance after, request hash, how it ends a hold) of every row to write.
+    let mut new_rows: Vec<(usize, Decimal, String, Option<HoldEnd>)> = Vec::new();
     let mut written_keys: HashMap<&str, usize> = HashMap::new();
     let mut decisions: Vec<(usize, Decision)> = Vec::with_capacity(pending.len());
     for &index in pending {
@@ -250,7 +349,7 @@ fn apply_planned(
         let decision = match written_keys.get(request.key) {
             Some(&n) if new_rows[n].2 == hash => Decision::SameAs(n),
             Some(&n) => Decision::Conflict(n),
-            None if !exists && request.kind == EntryKind::Deduct => {
+            None if !exists && request.kind != EntryKind::Charge => {
                 Decision::Refused(Error::AccountNotFound {
                     user_id: account.user_id,
                 })
@@ -258,10 +357,10 @@ fn apply_planned(
             None => {
                 // A single charge creates the account before it is decided.
                 exists = true;
-                match running.after(request.kind, request.amount) {
-                    Ok(after) => {
-                        running.balance = after;
-                        new_rows.push((index, after, hash));
+                match decide(&running, &mut locked, request) {
+                    Ok((after, ends)) => {
+                        running = after;
+                        new_rows.push((index, after.balance, hash, ends));
                         written_keys.insert(request.key, new_rows.len() - 1);
                         Decision::New(new_rows.len() - 1)
                     }
@@ -274,11 +373,22 @@ fn apply_planned(
     let created_at = now();
     let rows: Vec<_> = new_rows
         .iter()
-        .map(|(index, after, hash)| requests[*index].row(hash, *after, None, created_at))
+        .map(|(index, after, hash, _)| requests[*index].row(hash, *after, None, created_at))
         .collect();
     let entries = insert_entries(conn, Some(insert_ids), &rows)?;
+    let placed: Vec<_> = new_rows
+        .iter()
+        .zip(&entries)
+        .filter_map(|((index, ..), entry)| requests[*index].expires_at.map(|at| (entry, at)))
+        .collect();
+    insert_holds(conn, &placed)?;
+    for ((index, _, _, ends), entry) in new_rows.iter().zip(&entries) {
+        if let (Some((state, captured)), Some(hold_id)) = (ends, requests[*index].ended_hold()) {
+            end_hold(conn, hold_id, *state, *captured, entry)?;
+        }
+    }
     if !entries.is_empty() {
-        store_balance(conn, account, running.balance, entries.len())?;
+        store_balance(conn, account, &running, entries.len())?;
     }
     Ok(decisions
         .into_iter()
@@ -295,4 +405,30 @@ fn apply_planned(
             (index, result)
         })
         .collect())
+}
+
+/// One request decided on the `running` account: the account after it and, for a capture or
+/// release, the state it ends its hold in and the amount captured (the hold's running state is
+/// updated, so a second end of it in the batch is refused as the single call would be).
+fn decide(
+    running: &Account,
+    locked: &mut Locked<'_>,
+    request: &Request<'_>,
+) -> Result<(Account, Option<HoldEnd>)> {
+    match request.kind {
+        EntryKind::Hold => Ok((running.reserve(request.amount)?, None)),
+        EntryKind::Capture | EntryKind::Release => {
+            let hold_id = request.ended_hold().unwrap_or_default();
+            let now = locked.now.ok_or(Error::HoldNotFound { hold_id })?;
+            let hold = locked
+                .holds
+                .iter_mut()
+                .find(|hold| hold.id == hold_id)
+                .ok_or(Error::HoldNotFound { hold_id })?;
+            let (after, state, captured) = ending(running, hold, request, now)?;
+            hold.state = state;
+            Ok((after, Some((state, captured))))
+        }
+        kind => Ok((running.after(kind, request.amount)?, None)),
+    }
 }

@@ -108,6 +108,9 @@ impl Error {
                 | Self::BalanceLimitExceeded { .. }
                 | Self::RefundExceedsDeduct { .. }
                 | Self::AccountNotFound { .. }
+                | Self::HoldNotActive { .. }
+                | Self::HoldExpired { .. }
+                | Self::CaptureExceedsHold { .. }
         ) || self.server_kind() == Some(ServerErrorKind::DuplicateKey)
     }
 }

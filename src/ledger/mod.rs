@@ -1,11 +1,14 @@
-//! [`BalanceLedger`]: charge, deduct, refund and transfer — never negative, never applied twice,
-//! every change journaled.
+//! [`BalanceLedger`]: charge, deduct, refund, transfer and holds (reserve, capture, release,
+//! expire) — never negative, never applied twice, every change journaled.
 //!
 //! # How a change is made
 //! One SERIALIZABLE transaction per call (see [`TxnRunner`]):
 //! 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — through the primary key,
 //!    so InnoDB takes one record lock. A transfer locks both rows in ascending `user_id` order.
-//! 2. Check the balance against the request (nothing written on refusal).
+//!    If the account has active holds, the server clock and the sum of its holds not yet
+//!    expired on it are read next (see `holds`): the *available* balance is the posted balance
+//!    minus them.
+//! 2. Check the available balance against the request (nothing written on refusal).
 //! 3. `INSERT` the journal entry, `SELECT LAST_INSERT_ID()`, `UPDATE` the balance, `COMMIT`.
 //!
 //! There is no "does this key exist?" read before the insert: under SERIALIZABLE a read of a
@@ -28,27 +31,35 @@
 //! * `rows`: every statement, shared by the single and the batch path (the lock, the journal
 //!   INSERT of one or N rows with their ids, the balance UPDATE, key lookups of one or N keys);
 //! * `ops`: the single operations and reads; `idempotency`: the loop around every single write;
+//! * `holds`: [`BalanceLedger::hold`], [`capture`](BalanceLedger::capture),
+//!   [`release`](BalanceLedger::release), [`expire_holds`](BalanceLedger::expire_holds) — the
+//!   lifecycle, statement by statement;
 //! * `batch`: [`BalanceLedger::apply_many`]; `audit`: [`BalanceLedger::audit`].
 
 mod audit;
 mod batch;
+mod holds;
 mod idempotency;
 mod ops;
 mod request;
 mod rows;
 mod types;
 
-pub use crate::records::{AuditReport, EntryKind};
-pub use crate::validate::{validate_amount, validate_key, MAX_AMOUNT, MAX_KEY_BYTES};
+pub use crate::records::{AuditReport, EntryKind, HoldState};
+pub use crate::validate::{
+    validate_amount, validate_expiry, validate_key, MAX_AMOUNT, MAX_HOLD_DURATION, MAX_KEY_BYTES,
+};
+pub(crate) use batch::check_ending;
+pub use holds::MAX_EXPIRY_BATCH;
 pub use request::request_hash;
-pub use types::{AccountOp, Balance, Entry, HistoryPage, Transfer};
+pub use types::{AccountOp, Balance, Entry, ExpiredHolds, HistoryPage, Hold, Transfer};
 
-use crate::txn::{TxnPolicy, TxnRunner};
+use crate::txn::{RetryPolicy, TxnPolicy, TxnRunner};
 
 /// Largest page [`BalanceLedger::history`] returns.
 pub const MAX_HISTORY_PAGE: u32 = 1000;
 
-/// Keeps point/money balances: charge, deduct, refund, transfer, balance, history, audit.
+/// Keeps point/money balances: charge, deduct, refund, transfer, holds, balance, history, audit.
 ///
 /// Holds a [`TxnPolicy`], no connection; share one ledger between threads.
 ///
@@ -86,13 +97,35 @@ pub const MAX_HISTORY_PAGE: u32 = 1000;
 ///     Err(Error::InsufficientBalance { .. })
 /// ));
 /// assert_eq!(ledger.balance(&mut conn, 7)?.balance, dec(80_00, 2));
+///
+/// // Checkout: reserve 50, capture the 45 the payment charged (the other 5 are released).
+/// let expires_at = chrono::Utc::now().naive_utc() + chrono::Duration::minutes(15);
+/// let hold = ledger.hold(&mut conn, 7, dec(50_00, 2), "checkout-1", expires_at)?;
+/// let balance = ledger.balance(&mut conn, 7)?;
+/// assert_eq!((balance.balance, balance.available), (dec(80_00, 2), dec(30_00, 2)));
+/// ledger.capture(&mut conn, hold.id, dec(45_00, 2), "paid-1")?;
+/// // A cancelled order: its hold is released, nothing posted.
+/// let cancelled = ledger.hold(&mut conn, 7, dec(10_00, 2), "checkout-2", expires_at)?;
+/// ledger.release(&mut conn, cancelled.id, "cancel-2")?;
+/// let balance = ledger.balance(&mut conn, 7)?;
+/// assert_eq!((balance.balance, balance.held), (dec(35_00, 2), dec(0, 0)));
 /// assert!(ledger.audit(&mut conn, 7)?.is_consistent());
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BalanceLedger {
     runner: TxnRunner,
+    /// The policy's runner trying each transaction once: [`expire_holds`](Self::expire_holds)
+    /// skips a locked account instead of waiting for it. Boxed: it is rarely used, and the
+    /// ledger is embedded by value (in [`CombiningLedger`](crate::combine::CombiningLedger)).
+    sweeper: Box<TxnRunner>,
+}
+
+impl Default for BalanceLedger {
+    fn default() -> Self {
+        Self::with_policy(TxnPolicy::default())
+    }
 }
 
 impl BalanceLedger {
@@ -103,8 +136,16 @@ impl BalanceLedger {
 
     /// A ledger with `policy`.
     pub fn with_policy(policy: TxnPolicy) -> Self {
+        let once = TxnPolicy {
+            retry: RetryPolicy {
+                max_attempts: 1,
+                ..policy.retry.clone()
+            },
+            ..policy.clone()
+        };
         Self {
             runner: TxnRunner::new(policy),
+            sweeper: Box::new(TxnRunner::new(once)),
         }
     }
 

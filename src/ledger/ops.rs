@@ -9,10 +9,10 @@ use rust_decimal::Decimal;
 use super::idempotency::Step;
 use super::request::Request;
 use super::rows::{
-    find_balance, find_entry, find_transfer_credit, insert_entries, lock_account, lock_entry,
-    store_balance, Account,
+    find_balance, find_entry, find_transfer_credit, insert_entries, insert_holds, lock_account,
+    lock_entry, store_balance, unexpired_holds, Account,
 };
-use super::types::{Balance, Entry, EntryRow, HistoryPage, Transfer};
+use super::types::{AccountOp, Balance, Entry, EntryRow, HistoryPage, Transfer};
 use super::{BalanceLedger, MAX_HISTORY_PAGE};
 use crate::error::{Error, Result};
 use crate::records::EntryKind;
@@ -102,19 +102,39 @@ impl BalanceLedger {
         self.change(conn, &request, deadline)
     }
 
-    /// One charge or deduct by `deadline` (a combined caller's): the batch of one.
+    /// One request of a batch by `deadline` (a combined caller's), through its single call: the
+    /// batch of one. A capture or release of a hold of another account is
+    /// [`Error::HoldNotFound`], as in a batch.
     pub(crate) fn apply_one_by(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,
-        op: &super::AccountOp,
+        op: &AccountOp,
         deadline: Deadline,
     ) -> Result<Entry> {
-        self.change(conn, &op.request(user_id), deadline)
+        match op {
+            AccountOp::Charge { .. } | AccountOp::Deduct { .. } | AccountOp::Hold { .. } => {
+                self.change(conn, &op.request(user_id, None)?, deadline)
+            }
+            AccountOp::Capture {
+                hold_id,
+                amount,
+                key,
+            } => self.end_hold_by(
+                conn,
+                (*hold_id, Some(user_id)),
+                Some(*amount),
+                key,
+                deadline,
+            ),
+            AccountOp::Release { hold_id, key } => {
+                self.end_hold_by(conn, (*hold_id, Some(user_id)), None, key, deadline)
+            }
+        }
     }
 
-    /// A charge or a deduct: one account, one journal entry.
-    fn change(
+    /// A charge, a deduct or a hold: one account, one journal entry (and a hold's row).
+    pub(crate) fn change(
         &self,
         conn: &mut MysqlConnection,
         request: &Request<'_>,
@@ -131,8 +151,20 @@ impl BalanceLedger {
                     Err(Error::AccountNotFound { user_id })
                 };
             };
-            let after = account.after(kind, request.amount)?;
-            write_entry(conn, &account, (request, &hash), after, |_| Ok(())).map(Step::Done)
+            match (kind, request.expires_at) {
+                (EntryKind::Hold, Some(expires_at)) => {
+                    let after = account.reserve(request.amount)?;
+                    let place = |conn: &mut MysqlConnection, entry: &Entry| {
+                        insert_holds(conn, &[(entry, expires_at)])
+                    };
+                    write_entry(conn, &account, (request, &hash), after, place)
+                }
+                _ => {
+                    let after = account.after(kind, request.amount)?;
+                    write_entry(conn, &account, (request, &hash), after, |_, _| Ok(()))
+                }
+            }
+            .map(Step::Done)
         })
     }
 
@@ -190,6 +222,7 @@ impl BalanceLedger {
             amount,
             reference: Some(deduct_entry_id),
             key: idempotency_key,
+            expires_at: None,
         };
         if original.kind != EntryKind::Deduct {
             return Err(Error::NotRefundable {
@@ -213,7 +246,7 @@ impl BalanceLedger {
             }
             let after = account.credit(amount)?;
             let refunded = deduct.refunded_amount + amount;
-            let set_refunded = |conn: &mut MysqlConnection| {
+            let set_refunded = |conn: &mut MysqlConnection, _: &Entry| {
                 SetRefunded {
                     entry_id: deduct_entry_id,
                     refunded,
@@ -265,6 +298,7 @@ impl BalanceLedger {
             amount,
             reference: Some(to),
             key: idempotency_key,
+            expires_at: None,
         };
         request.validate()?;
         validate_id("user", to)?;
@@ -298,12 +332,12 @@ impl BalanceLedger {
             let debit = one(insert_entries(
                 conn,
                 None,
-                &[request.row(&out_hash, sender_after, None, at)],
+                &[request.row(&out_hash, sender_after.balance, None, at)],
             )?)?;
-            let credit_row = incoming.row(&in_hash, receiver_after, Some(debit.id), at);
+            let credit_row = incoming.row(&in_hash, receiver_after.balance, Some(debit.id), at);
             let credit = one(insert_entries(conn, None, &[credit_row])?)?;
-            store_balance(conn, &sender, sender_after, 1)?;
-            store_balance(conn, &receiver, receiver_after, 1)?;
+            store_balance(conn, &sender, &sender_after, 1)?;
+            store_balance(conn, &receiver, &receiver_after, 1)?;
             Ok(Step::Done(Transfer { debit, credit }))
         };
         self.idempotent(conn, &request, deadline, attempt, |conn, debit| {
@@ -315,16 +349,23 @@ impl BalanceLedger {
         })
     }
 
-    /// The current balance of `user_id`, from a lock-free consistent snapshot.
+    /// The current balance of `user_id` — posted, held (active holds not yet expired on the
+    /// server clock) and available — from a lock-free consistent snapshot.
     ///
     /// # Errors
     /// [`Error::InvalidId`], [`Error::AccountNotFound`]; the reader's failures
     /// ([`Error::Contended`], [`Error::Timeout`], [`Error::Server`], ...).
     pub fn balance(&self, conn: &mut MysqlConnection, user_id: i64) -> Result<Balance> {
         validate_id("user", user_id)?;
-        self.runner
-            .read(conn, |conn| find_balance(conn, user_id))?
-            .ok_or(Error::AccountNotFound { user_id })
+        self.runner.read(conn, |conn| {
+            let row = find_balance(conn, user_id)?.ok_or(Error::AccountNotFound { user_id })?;
+            let unexpired = if row.held > Decimal::ZERO {
+                unexpired_holds(conn, user_id)?.1
+            } else {
+                Decimal::ZERO
+            };
+            Ok(row.with_unexpired(unexpired))
+        })
     }
 
     /// Up to `limit` journal entries of `user_id`, newest first, older than the entry id
@@ -376,26 +417,27 @@ impl BalanceLedger {
 }
 
 /// The single write of one entry on a locked `account`: the journal INSERT (a batch of one),
-/// `between` (a refund's update of its deduct), then the balance UPDATE.
-fn write_entry(
+/// `between` (a refund's update of its deduct, a hold's row, the end of a hold), then the
+/// balance UPDATE.
+pub(super) fn write_entry(
     conn: &mut MysqlConnection,
     account: &Account,
     (request, hash): (&Request<'_>, &str),
-    after: Decimal,
-    between: impl FnOnce(&mut MysqlConnection) -> Result<()>,
+    after: Account,
+    between: impl FnOnce(&mut MysqlConnection, &Entry) -> Result<()>,
 ) -> Result<Entry> {
     let entry = one(insert_entries(
         conn,
         None,
-        &[request.row(hash, after, None, now())],
+        &[request.row(hash, after.balance, None, now())],
     )?)?;
-    between(conn)?;
-    store_balance(conn, account, after, 1)?;
+    between(conn, &entry)?;
+    store_balance(conn, account, &after, 1)?;
     Ok(entry)
 }
 
 /// The entry of a batch of one.
-fn one(entries: Vec<Entry>) -> Result<Entry> {
+pub(super) fn one(entries: Vec<Entry>) -> Result<Entry> {
     entries
         .into_iter()
         .next()

@@ -5,17 +5,19 @@
 use chrono::NaiveDateTime;
 use rust_decimal::Decimal;
 
-use super::types::{Entry, EntryRow, NewEntry};
+use super::types::{Entry, EntryRow, Hold, NewEntry};
 use crate::error::{Error, Result};
 use crate::records::EntryKind;
-use crate::validate::{validate_amount, validate_id, validate_key};
+use crate::util::to_micros;
+use crate::validate::{validate_amount, validate_expiry, validate_id, validate_key};
 
 /// The hash `balance_history.request_hash` stores for a request: FNV-1a 64 of
 /// `"{kind}|{user_id}|{amount normalized}|{reference or 0}"`, as 16 lowercase hex digits.
 ///
 /// `reference` is the counterparty of a transfer (on both sides: the receiver on the sending
-/// entry, the sender on the receiving one), the deduct entry of a refund, `None` for charges and
-/// deducts. `10.0` and `10.00` hash alike. The hash compares two requests under one key of one
+/// entry, the sender on the receiving one), the deduct entry of a refund, the expiry of a hold
+/// (microseconds since the Unix epoch, UTC), the hold a capture, release or expire entry ends,
+/// `None` for charges and deducts. A release's amount is its hold's. `10.0` and `10.00` hash alike. The hash compares two requests under one key of one
 /// account, so it is stable across versions and processes, not collision-resistant against an
 /// attacker. Hand-written writers (benchmark strategies, say) store it to stay compatible with
 /// the ledger's idempotency checks.
@@ -52,9 +54,12 @@ pub(crate) struct Request<'a> {
     pub(crate) kind: EntryKind,
     pub(crate) user_id: i64,
     pub(crate) amount: Decimal,
-    /// Counterparty of a transfer, deduct entry of a refund.
+    /// Counterparty of a transfer, deduct entry of a refund, expiry of a hold (microseconds),
+    /// the hold a capture, release or expiry ends.
     pub(crate) reference: Option<i64>,
     pub(crate) key: &'a str,
+    /// A hold's expiry (at the stored precision).
+    pub(crate) expires_at: Option<NaiveDateTime>,
 }
 
 impl<'a> Request<'a> {
@@ -66,7 +71,43 @@ impl<'a> Request<'a> {
             amount,
             reference: None,
             key,
+            expires_at: None,
         }
+    }
+
+    /// A hold of `amount` until `expires_at` (kept at the stored precision: microseconds).
+    pub(crate) fn hold(
+        user_id: i64,
+        amount: Decimal,
+        key: &'a str,
+        expires_at: NaiveDateTime,
+    ) -> Self {
+        let expires_at = to_micros(expires_at);
+        Self {
+            kind: EntryKind::Hold,
+            user_id,
+            amount,
+            reference: Some(expires_at.and_utc().timestamp_micros()),
+            key,
+            expires_at: Some(expires_at),
+        }
+    }
+
+    /// A capture or release (`kind`) of `amount` ending `hold`, on the hold's account.
+    pub(crate) fn ending(kind: EntryKind, hold: &Hold, amount: Decimal, key: &'a str) -> Self {
+        Self {
+            kind,
+            user_id: hold.user_id,
+            amount,
+            reference: Some(hold.id),
+            key,
+            expires_at: None,
+        }
+    }
+
+    /// The hold a capture, release or expiry ends.
+    pub(crate) fn ended_hold(&self) -> Option<i64> {
+        self.kind.ends_hold_as().and(self.reference)
     }
 
     /// [`request_hash`] of this request.
@@ -74,12 +115,16 @@ impl<'a> Request<'a> {
         request_hash(self.kind, self.user_id, self.amount, self.reference)
     }
 
-    /// Checks the user id, the amount and the key: [`Error::InvalidId`],
-    /// [`Error::InvalidAmount`] or [`Error::InvalidIdempotencyKey`].
+    /// Checks the user id, the amount, the key and a hold's expiry: [`Error::InvalidId`],
+    /// [`Error::InvalidAmount`], [`Error::InvalidIdempotencyKey`] or [`Error::InvalidExpiry`].
     pub(crate) fn validate(&self) -> Result<()> {
         validate_id("user", self.user_id)?;
         validate_amount(self.amount)?;
-        validate_key(self.key)
+        validate_key(self.key)?;
+        if let Some(expires_at) = self.expires_at {
+            validate_expiry(expires_at)?;
+        }
+        Ok(())
     }
 
     /// The journal row this request writes, with its `hash`, the balance after it and (on the
@@ -92,10 +137,13 @@ impl<'a> Request<'a> {
         created_at: NaiveDateTime,
     ) -> NewEntry<'a> {
         let (key, related, counterparty) = match self.kind {
-            EntryKind::Refund => (Some(self.key), self.reference, None),
+            EntryKind::Refund | EntryKind::Capture | EntryKind::Release => {
+                (Some(self.key), self.reference, None)
+            }
+            EntryKind::Expire => (None, self.reference, None),
             EntryKind::TransferIn => (None, sending_entry, self.reference),
             EntryKind::TransferOut => (Some(self.key), None, self.reference),
-            EntryKind::Charge | EntryKind::Deduct => (Some(self.key), None, None),
+            EntryKind::Charge | EntryKind::Deduct | EntryKind::Hold => (Some(self.key), None, None),
         };
         NewEntry {
             entry_kind: self.kind,
@@ -108,6 +156,7 @@ impl<'a> Request<'a> {
             related_entry_id: related,
             counterparty_user_id: counterparty,
             created_at,
+            ended_hold_id: self.ended_hold(),
         }
     }
 
@@ -144,6 +193,7 @@ mod tests {
             amount: Decimal::new(100, 1),
             reference: None,
             key: "k",
+            expires_at: None,
         };
         let b = Request {
             amount: Decimal::new(1000, 2),

@@ -1,33 +1,44 @@
 //! The ledger's statements, one function each, shared by the single and the batch path: a
 //! single call is the batch of one. Every statement run between the account lock and COMMIT is
-//! one of [`lock_account`], [`lock_entry`], [`insert_entries`] (and the `LAST_INSERT_ID()` or
-//! key lookup inside it), [`SetRefunded`](crate::statements::SetRefunded) and
-//! [`store_balance`]; each is a cached prepared statement on the single path.
+//! one of [`lock_account`] (with [`HeldFunds`] when the account has active holds),
+//! [`lock_entry`], [`lock_holds`], [`insert_entries`] (and the `LAST_INSERT_ID()` or key lookup
+//! inside it), [`insert_holds`], [`end_hold`], [`SetRefunded`](crate::statements::SetRefunded)
+//! and [`store_balance`]; each is a cached prepared statement on the single path.
 
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use rust_decimal::Decimal;
 
-use super::types::{Balance, Entry, EntryRow, NewEntry};
+use chrono::NaiveDateTime;
+
+use super::types::{BalanceRow, Entry, EntryRow, Hold, HoldRow, NewEntry, NewHold};
 use crate::error::{Error, Result};
-use crate::records::EntryKind;
-use crate::schema::{balance_history, user_balance};
-use crate::statements::SetBalance;
+use crate::records::{EntryKind, HoldState};
+use crate::schema::{balance_history, balance_hold, user_balance};
+use crate::statements::{HeldFunds, SetBalance, SetHoldEnded};
 use crate::txn::InsertIds;
 use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
 
-/// The locked state of one account.
+/// The locked state of one account (or its running state inside a batch).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Account {
     pub(crate) user_id: i64,
+    /// The posted balance.
     pub(crate) balance: Decimal,
+    /// The active holds, expired or not (the stored `held`).
+    pub(crate) held: Decimal,
+    /// `balance` minus the active holds not yet expired on the server clock.
+    pub(crate) available: Decimal,
     pub(crate) version: i64,
+    /// The server clock read with the holds (`None`: the account had no active hold, so nothing
+    /// was read).
+    pub(crate) clock: Option<NaiveDateTime>,
 }
 
 impl Account {
-    /// The balance after a credit or debit of `amount`, or why it is refused.
-    pub(crate) fn after(&self, kind: EntryKind, amount: Decimal) -> Result<Decimal> {
+    /// The account after a credit or debit of `amount`, or why it is refused.
+    pub(crate) fn after(&self, kind: EntryKind, amount: Decimal) -> Result<Account> {
         if kind.is_credit() {
             self.credit(amount)
         } else {
@@ -36,45 +47,140 @@ impl Account {
     }
 
     /// [`Error::BalanceLimitExceeded`] past DECIMAL(19,4).
-    pub(crate) fn credit(&self, amount: Decimal) -> Result<Decimal> {
-        self.balance
+    pub(crate) fn credit(&self, amount: Decimal) -> Result<Account> {
+        let balance = self
+            .balance
             .checked_add(amount)
             .filter(|after| *after <= MAX_AMOUNT)
             .ok_or(Error::BalanceLimitExceeded {
                 user_id: self.user_id,
                 balance: self.balance,
                 requested: amount,
-            })
+            })?;
+        Ok(Account {
+            balance,
+            available: self.available + amount,
+            ..*self
+        })
     }
 
-    /// [`Error::InsufficientBalance`] below zero.
-    pub(crate) fn debit(&self, amount: Decimal) -> Result<Decimal> {
-        if self.balance < amount {
+    /// [`Error::InsufficientBalance`] when the available balance is smaller.
+    pub(crate) fn debit(&self, amount: Decimal) -> Result<Account> {
+        self.covers(amount)?;
+        Ok(Account {
+            balance: self.balance - amount,
+            available: self.available - amount,
+            ..*self
+        })
+    }
+
+    /// The account with a new hold of `amount`: [`Error::InsufficientBalance`] when the
+    /// available balance is smaller.
+    pub(crate) fn reserve(&self, amount: Decimal) -> Result<Account> {
+        self.covers(amount)?;
+        let held = self
+            .held
+            .checked_add(amount)
+            .filter(|held| *held <= MAX_AMOUNT)
+            .ok_or(Error::BalanceLimitExceeded {
+                user_id: self.user_id,
+                balance: self.held,
+                requested: amount,
+            })?;
+        Ok(Account {
+            held,
+            available: self.available - amount,
+            ..*self
+        })
+    }
+
+    /// The account after `hold` ends with `captured` posted (zero for a release or expiry):
+    /// the hold no longer counts as active; if it had not expired yet its amount is available
+    /// again, less what was captured.
+    pub(crate) fn settle(&self, hold: &Hold, captured: Decimal, now: NaiveDateTime) -> Account {
+        let reserved = if hold.expires_at > now {
+            hold.amount
+        } else {
+            Decimal::ZERO
+        };
+        Account {
+            balance: self.balance - captured,
+            held: self.held - hold.amount,
+            available: self.available + reserved - captured,
+            ..*self
+        }
+    }
+
+    fn covers(&self, amount: Decimal) -> Result<()> {
+        // The posted balance covers whatever the available balance covers (holds are never
+        // negative); both are checked so that a journal written by others cannot go negative.
+        if self.available < amount || self.balance < amount {
             return Err(Error::InsufficientBalance {
                 user_id: self.user_id,
-                available: self.balance,
+                available: self.available.min(self.balance),
                 requested: amount,
             });
         }
-        Ok(self.balance - amount)
+        Ok(())
+    }
+
+    /// The server clock, read now if the lock did not read it.
+    pub(crate) fn clock(&mut self, conn: &mut MysqlConnection) -> Result<NaiveDateTime> {
+        if let Some(now) = self.clock {
+            return Ok(now);
+        }
+        let (now, _): (NaiveDateTime, Decimal) = HeldFunds {
+            user_id: self.user_id,
+        }
+        .get_result(conn)?;
+        self.clock = Some(now);
+        Ok(now)
     }
 }
 
-/// `SELECT balance, version FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT`: the hot
-/// row, through the primary key (one record lock). `None`: no account.
+/// `SELECT balance, held, version FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT`: the
+/// hot row, through the primary key (one record lock). `None`: no account. When the account
+/// has active holds, [`HeldFunds`] then reads the server clock and sums those not yet expired
+/// on it (a range of the `(user_id, state, expires_at)` index that only transactions holding
+/// this row lock write to).
 pub(crate) fn lock_account(conn: &mut MysqlConnection, user_id: i64) -> Result<Option<Account>> {
-    let row: Option<(Decimal, i64)> = user_balance::table
+    let row: Option<(Decimal, Decimal, i64)> = user_balance::table
         .find(user_id)
-        .select((user_balance::balance, user_balance::version))
+        .select((
+            user_balance::balance,
+            user_balance::held,
+            user_balance::version,
+        ))
         .for_update()
         .no_wait()
         .first(conn)
         .optional()?;
-    Ok(row.map(|(balance, version)| Account {
+    let Some((balance, held, version)) = row else {
+        return Ok(None);
+    };
+    let (available, clock) = if held > Decimal::ZERO {
+        let (now, unexpired): (NaiveDateTime, Decimal) = HeldFunds { user_id }.get_result(conn)?;
+        (balance - unexpired, Some(now))
+    } else {
+        (balance, None)
+    };
+    Ok(Some(Account {
         user_id,
         balance,
+        held,
+        available,
         version,
+        clock,
     }))
+}
+
+/// The server clock and the active holds of `user_id` not yet expired on it (no lock: for
+/// reads in a snapshot).
+pub(crate) fn unexpired_holds(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+) -> Result<(NaiveDateTime, Decimal)> {
+    Ok(HeldFunds { user_id }.get_result(conn)?)
 }
 
 /// The journal entry `entry_id`, `FOR UPDATE NOWAIT` (a refund's deduct, locked after its
@@ -83,6 +189,85 @@ pub(crate) fn lock_entry(conn: &mut MysqlConnection, entry_id: i64) -> Result<En
     let entry = balance_history::table.find(entry_id);
     let read = entry.select(EntryRow::as_select()).for_update().no_wait();
     locked_row::<_, EntryRow>(conn, read, Error::EntryNotFound { entry_id })?.into_entry()
+}
+
+/// The holds `hold_ids` (of one account, whose row the caller has locked), each `FOR UPDATE
+/// NOWAIT` through the primary key in ascending id order: [`Error::HoldNotFound`] for a missing
+/// one.
+pub(crate) fn lock_holds(conn: &mut MysqlConnection, hold_ids: &[i64]) -> Result<Vec<Hold>> {
+    let mut ids = hold_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.into_iter()
+        .map(|hold_id| {
+            let hold = balance_hold::table.find(hold_id);
+            let read = hold.select(HoldRow::as_select()).for_update().no_wait();
+            locked_row::<_, HoldRow>(conn, read, Error::HoldNotFound { hold_id })?.into_hold()
+        })
+        .collect()
+}
+
+/// The hold `hold_id` (no lock).
+pub(crate) fn find_hold(conn: &mut MysqlConnection, hold_id: i64) -> Result<Option<Hold>> {
+    balance_hold::table
+        .find(hold_id)
+        .select(HoldRow::as_select())
+        .first::<HoldRow>(conn)
+        .optional()?
+        .map(HoldRow::into_hold)
+        .transpose()
+}
+
+/// Writes the hold rows of the hold `entries` just written (one INSERT), with `expires_at` of
+/// each.
+pub(crate) fn insert_holds(
+    conn: &mut MysqlConnection,
+    holds: &[(&Entry, NaiveDateTime)],
+) -> Result<()> {
+    let rows: Vec<NewHold> = holds
+        .iter()
+        .map(|(entry, expires_at)| NewHold {
+            id: entry.id,
+            user_id: entry.user_id,
+            amount: entry.amount,
+            expires_at: *expires_at,
+            created_at: entry.created_at,
+        })
+        .collect();
+    match rows.as_slice() {
+        [] => {}
+        [one] => {
+            diesel::insert_into(balance_hold::table)
+                .values(one)
+                .execute(conn)?;
+        }
+        all => {
+            diesel::insert_into(balance_hold::table)
+                .values(all)
+                .execute(conn)?;
+        }
+    }
+    Ok(())
+}
+
+/// `UPDATE balance_hold SET state = ..`: `hold` ended by `entry` (a capture, release or expire
+/// entry) as `state`, with `captured` posted.
+pub(crate) fn end_hold(
+    conn: &mut MysqlConnection,
+    hold_id: i64,
+    state: HoldState,
+    captured: Decimal,
+    entry: &Entry,
+) -> Result<()> {
+    SetHoldEnded {
+        state: state.as_str(),
+        captured,
+        ended_at: entry.created_at,
+        entry_id: entry.id,
+        hold_id,
+    }
+    .execute(conn)?;
+    Ok(())
 }
 
 /// Writes `rows` (of one account) with ONE `INSERT` and returns their entries with their ids,
@@ -123,17 +308,18 @@ pub(crate) fn insert_entries(
         .collect())
 }
 
-/// `UPDATE user_balance SET balance = ?, version = ?`: the account's new balance after
-/// `written` journal entries.
+/// `UPDATE user_balance SET balance = ?, held = ?, version = ?`: the locked `account`'s new
+/// state `after` `written` journal entries.
 pub(crate) fn store_balance(
     conn: &mut MysqlConnection,
     account: &Account,
-    balance: Decimal,
+    after: &Account,
     written: usize,
 ) -> Result<()> {
     SetBalance {
         user_id: account.user_id,
-        balance,
+        balance: after.balance,
+        held: after.held,
         version: account.version + i64::try_from(written).unwrap_or(i64::MAX),
     }
     .execute(conn)?;
@@ -191,10 +377,10 @@ pub(crate) fn find_transfer_credit(
 }
 
 /// The account's balance row (no lock).
-pub(crate) fn find_balance(conn: &mut MysqlConnection, user_id: i64) -> Result<Option<Balance>> {
+pub(crate) fn find_balance(conn: &mut MysqlConnection, user_id: i64) -> Result<Option<BalanceRow>> {
     Ok(user_balance::table
         .find(user_id)
-        .select(Balance::as_select())
+        .select(BalanceRow::as_select())
         .first(conn)
         .optional()?)
 }

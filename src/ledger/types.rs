@@ -1,5 +1,5 @@
-//! The ledger's public types ([`Entry`], [`Transfer`], [`Balance`], [`HistoryPage`],
-//! [`AccountOp`]) and the journal's row types.
+//! The ledger's public types ([`Entry`], [`Transfer`], [`Balance`], [`Hold`], [`HistoryPage`],
+//! [`ExpiredHolds`], [`AccountOp`]) and the journal's and holds' row types.
 
 use std::str::FromStr;
 
@@ -9,8 +9,8 @@ use rust_decimal::Decimal;
 
 use super::request::Request;
 use crate::error::{Error, Result};
-use crate::records::EntryKind;
-use crate::schema::{balance_history, user_balance};
+use crate::records::{EntryKind, HoldState};
+use crate::schema::{balance_history, balance_hold, user_balance};
 
 impl FromStr for EntryKind {
     type Err = Error;
@@ -45,7 +45,8 @@ pub struct Entry {
     pub balance_after: Decimal,
     /// The caller's idempotency key (`None` on the receiving side of a transfer).
     pub idempotency_key: Option<String>,
-    /// The deduct a refund refers to, or the sending entry of a received transfer.
+    /// The deduct a refund refers to, the sending entry of a received transfer, or the hold
+    /// (its id) a capture, release or expire entry ended.
     pub related_entry_id: Option<i64>,
     /// The other account of a transfer.
     pub counterparty_user_id: Option<i64>,
@@ -107,6 +108,8 @@ pub(crate) struct NewEntry<'a> {
     pub(crate) related_entry_id: Option<i64>,
     pub(crate) counterparty_user_id: Option<i64>,
     pub(crate) created_at: NaiveDateTime,
+    /// The hold a capture, release or expire entry ends (unique: a hold ends once).
+    pub(crate) ended_hold_id: Option<i64>,
 }
 
 impl NewEntry<'_> {
@@ -137,19 +140,134 @@ pub struct Transfer {
     pub credit: Entry,
 }
 
-/// An account's balance.
+/// An account's balance: posted, held and available.
 #[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
-#[diesel(table_name = user_balance, check_for_backend(diesel::mysql::Mysql))]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balance {
     /// The account.
     pub user_id: i64,
-    /// The balance.
+    /// The posted balance: what the journal's charges, deducts, refunds, transfers and captures
+    /// sum to.
     pub balance: Decimal,
-    /// Number of changes applied so far.
+    /// The active holds whose expiry is still ahead of the server clock, summed.
+    pub held: Decimal,
+    /// `balance - held`: what a deduct, a transfer or a new hold can use.
+    pub available: Decimal,
+    /// Number of journal entries written so far (holds and their ends included).
     pub version: i64,
     /// Time of the last change (UTC).
     pub updated_at: NaiveDateTime,
+}
+
+/// An account row as read.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = user_balance, check_for_backend(diesel::mysql::Mysql))]
+pub(crate) struct BalanceRow {
+    pub(crate) user_id: i64,
+    pub(crate) balance: Decimal,
+    /// The ACTIVE holds summed, expired or not (see the migration).
+    pub(crate) held: Decimal,
+    pub(crate) version: i64,
+    pub(crate) updated_at: NaiveDateTime,
+}
+
+impl BalanceRow {
+    /// The balance with `unexpired` (the active holds not yet expired) held.
+    pub(crate) fn with_unexpired(self, unexpired: Decimal) -> Balance {
+        Balance {
+            user_id: self.user_id,
+            balance: self.balance,
+            held: unexpired,
+            available: self.balance - unexpired,
+            version: self.version,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A hold: points reserved on an account until it is captured, released or expires.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// The hold's id: the id of the journal entry that placed it.
+    pub id: i64,
+    /// The account.
+    pub user_id: i64,
+    /// The amount reserved.
+    pub amount: Decimal,
+    /// What its capture posted (zero unless captured).
+    pub captured_amount: Decimal,
+    /// Where it is in its lifecycle. `Active` with `expires_at` passed: expired, not yet marked.
+    pub state: HoldState,
+    /// When it stops reserving (UTC, compared with the server clock).
+    pub expires_at: NaiveDateTime,
+    /// When it was placed (UTC).
+    pub created_at: NaiveDateTime,
+    /// When it was captured, released or marked expired (UTC).
+    pub ended_at: Option<NaiveDateTime>,
+    /// The journal entry that ended it.
+    pub ended_by_entry_id: Option<i64>,
+}
+
+/// A hold row as read.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = balance_hold, check_for_backend(diesel::mysql::Mysql))]
+pub(crate) struct HoldRow {
+    pub(crate) id: i64,
+    pub(crate) user_id: i64,
+    pub(crate) amount: Decimal,
+    pub(crate) captured_amount: Decimal,
+    pub(crate) state: String,
+    pub(crate) expires_at: NaiveDateTime,
+    pub(crate) created_at: NaiveDateTime,
+    pub(crate) ended_at: Option<NaiveDateTime>,
+    pub(crate) ended_by_entry_id: Option<i64>,
+}
+
+impl HoldRow {
+    pub(crate) fn into_hold(self) -> Result<Hold> {
+        let state = HoldState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == self.state)
+            .ok_or_else(|| {
+                Error::from(diesel::result::Error::DeserializationError(
+                    format!("unknown hold state {:?}", self.state).into(),
+                ))
+            })?;
+        Ok(Hold {
+            id: self.id,
+            user_id: self.user_id,
+            amount: self.amount,
+            captured_amount: self.captured_amount,
+            state,
+            expires_at: self.expires_at,
+            created_at: self.created_at,
+            ended_at: self.ended_at,
+            ended_by_entry_id: self.ended_by_entry_id,
+        })
+    }
+}
+
+/// A hold row to write: its id is the journal entry that placed it.
+#[derive(Insertable)]
+#[diesel(table_name = balance_hold)]
+pub(crate) struct NewHold {
+    pub(crate) id: i64,
+    pub(crate) user_id: i64,
+    pub(crate) amount: Decimal,
+    pub(crate) expires_at: NaiveDateTime,
+    pub(crate) created_at: NaiveDateTime,
+}
+
+/// What one [`BalanceLedger::expire_holds`](super::BalanceLedger::expire_holds) call did.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExpiredHolds {
+    /// The expire entries written, one per hold marked expired (`related_entry_id`: the hold).
+    pub expired: Vec<Entry>,
+    /// Accounts with expired holds that were skipped because their row was locked (by a
+    /// caller or another sweeper) or the call's deadline ran out: a later call picks them up.
+    pub skipped_accounts: Vec<i64>,
 }
 
 /// One page of an account's journal, newest first.
@@ -180,6 +298,33 @@ pub enum AccountOp {
         /// The idempotency key.
         key: String,
     },
+    /// Reserve `amount` until `expires_at`, as [`BalanceLedger::hold`](super::BalanceLedger::hold).
+    Hold {
+        /// The amount.
+        amount: Decimal,
+        /// The idempotency key.
+        key: String,
+        /// When the hold stops reserving (UTC).
+        expires_at: NaiveDateTime,
+    },
+    /// Capture `amount` of the account's hold `hold_id`, as
+    /// [`BalanceLedger::capture`](super::BalanceLedger::capture).
+    Capture {
+        /// The hold (of the batch's account).
+        hold_id: i64,
+        /// The amount.
+        amount: Decimal,
+        /// The idempotency key.
+        key: String,
+    },
+    /// Release the account's hold `hold_id`, as
+    /// [`BalanceLedger::release`](super::BalanceLedger::release).
+    Release {
+        /// The hold (of the batch's account).
+        hold_id: i64,
+        /// The idempotency key.
+        key: String,
+    },
 }
 
 impl AccountOp {
@@ -199,11 +344,69 @@ impl AccountOp {
         }
     }
 
-    pub(crate) fn request(&self, user_id: i64) -> Request<'_> {
-        let (kind, amount, key) = match self {
-            Self::Charge { amount, key } => (EntryKind::Charge, *amount, key),
-            Self::Deduct { amount, key } => (EntryKind::Deduct, *amount, key),
+    /// A hold request.
+    pub fn hold(amount: Decimal, key: impl Into<String>, expires_at: NaiveDateTime) -> Self {
+        Self::Hold {
+            amount,
+            key: key.into(),
+            expires_at,
+        }
+    }
+
+    /// A capture request.
+    pub fn capture(hold_id: i64, amount: Decimal, key: impl Into<String>) -> Self {
+        Self::Capture {
+            hold_id,
+            amount,
+            key: key.into(),
+        }
+    }
+
+    /// A release request.
+    pub fn release(hold_id: i64, key: impl Into<String>) -> Self {
+        Self::Release {
+            hold_id,
+            key: key.into(),
+        }
+    }
+
+    /// The hold a capture or release ends.
+    pub(crate) fn hold_id(&self) -> Option<i64> {
+        match self {
+            Self::Capture { hold_id, .. } | Self::Release { hold_id, .. } => Some(*hold_id),
+            _ => None,
+        }
+    }
+
+    /// The request of this op on `user_id`; a capture or release with the hold it ends (read
+    /// beforehand: its owner and amount never change). [`Error::HoldNotFound`] for a hold that
+    /// is not the account's.
+    pub(crate) fn request(&self, user_id: i64, hold: Option<&Hold>) -> Result<Request<'_>> {
+        let ended = |hold_id: i64| match hold {
+            Some(hold) if hold.id == hold_id && hold.user_id == user_id => Ok(hold),
+            _ => Err(Error::HoldNotFound { hold_id }),
         };
-        Request::plain(kind, user_id, amount, key)
+        Ok(match self {
+            Self::Charge { amount, key } => {
+                Request::plain(EntryKind::Charge, user_id, *amount, key)
+            }
+            Self::Deduct { amount, key } => {
+                Request::plain(EntryKind::Deduct, user_id, *amount, key)
+            }
+            Self::Hold {
+                amount,
+                key,
+                expires_at,
+            } => Request::hold(user_id, *amount, key, *expires_at),
+            Self::Capture {
+                hold_id,
+                amount,
+                key,
+            } => Request::ending(EntryKind::Capture, ended(*hold_id)?, *amount, key),
+            Self::Release { hold_id, key } => {
+                let hold = ended(*hold_id)?;
+                Request::ending(EntryKind::Release, hold, hold.amount, key)
+            }
+        })
     }
 }

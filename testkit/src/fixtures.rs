@@ -281,8 +281,8 @@ pub fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnec
 // Readers of what the database stored
 // ---------------------------------------------------------------------------------------------
 
-/// Every column of a `user_balance` row: (user, balance, version, updated_at).
-pub type BalanceRow = (i64, Decimal, i64, NaiveDateTime);
+/// Every column of a `user_balance` row: (user, balance, version, updated_at, held).
+pub type BalanceRow = (i64, Decimal, i64, NaiveDateTime, Decimal);
 
 /// Every column of a `balance_history` row, in schema order.
 pub type HistoryRow = (
@@ -297,6 +297,7 @@ pub type HistoryRow = (
     Option<i64>,
     Decimal,
     NaiveDateTime,
+    Option<i64>,
 );
 
 /// (id, coupon template, total_quantity, stock_quantity) of a campaign.

@@ -19,11 +19,12 @@ use diesel::sql_types::{BigInt, Text};
 use lockstock::combine::{CombiningIssuer, CombiningLedger};
 use lockstock::schema::{user_balance, user_coupon};
 use lockstock::{
-    BalanceLedger, CouponIssuer, Error, RetryPolicy, ServerErrorKind, SessionSettings, TxnPolicy,
-    TxnRunner,
+    BalanceLedger, CouponIssuer, EntryKind, Error, RetryPolicy, ServerErrorKind, SessionSettings,
+    TxnPolicy, TxnRunner,
 };
 use lockstock_testkit::fixtures::{
-    connect, count_key, fresh_database, issued_rows, open_campaign_named, stock_row, stored_balance,
+    audit_ok, connect, count_key, fresh_database, issued_rows, open_campaign_named, stock_row,
+    stored_balance,
 };
 use lockstock_testkit::rng::{seed, Rng};
 use lockstock_testkit::workload::{self, Client, Op, Outcome, Record, Summary};
@@ -793,4 +794,163 @@ fn nowait_refuses_a_lock_holder_at_once() {
         .expect("after release");
     assert_eq!(entry.balance_after, dec(9_900));
     ledger.audit(&mut conn, 1).expect("audit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Holds under killed connections.
+// ---------------------------------------------------------------------------------------------
+
+/// What a victim was finally told about one hold: its id, and how the victim ended it (the
+/// capture's amount, or `None` for a release).
+type HoldOutcome = (i64, Option<Decimal>);
+
+/// A call retried with the same key on a fresh connection after any failure that is not an
+/// answer (a killed connection, an unknown outcome, contention), at most 100 times.
+fn decided<T>(
+    url: &str,
+    conn: &mut MysqlConnection,
+    before: &mut impl FnMut(&mut MysqlConnection),
+    mut call: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    for _ in 0..100 {
+        before(conn);
+        match call(conn) {
+            Ok(value) => return Ok(value),
+            Err(
+                e @ (Error::InsufficientBalance { .. }
+                | Error::HoldNotActive { .. }
+                | Error::HoldExpired { .. }
+                | Error::IdempotencyConflict { .. }),
+            ) => return Err(e),
+            Err(_) => *conn = connect(url),
+        }
+    }
+    panic!("no answer after 100 tries")
+}
+
+/// Victims place holds on one account and capture or release each one they got, while a killer
+/// runs `KILL` or `KILL QUERY` on their connections after a random 0–3 ms for about half of
+/// their calls. A victim retries every call with the same key on a new connection until it is
+/// answered. Afterwards: every hold a victim was told about exists and ended as it was told,
+/// no hold exists that no victim placed, every hold ended exactly once, and the audit passes.
+#[test]
+fn killed_connections_leave_holds_ended_exactly_once() {
+    let _storm = lockstock_testkit::fixtures::storm();
+    let test = "killed_connections_leave_holds_ended_exactly_once";
+    let seed = seed(test);
+    let (url, mut admin) = fresh_database("faults_kill_holds");
+    const USER: i64 = 1;
+    const VICTIMS: usize = 3;
+    const ROUNDS: usize = 25;
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, USER, dec(50_000), "fund")
+        .expect("fund");
+    let kills = AtomicUsize::new(0);
+    let outcomes: Vec<HoldOutcome> = thread::scope(|s| {
+        let victims: Vec<_> = (0..VICTIMS)
+            .map(|v| {
+                let (tx, rx) = mpsc::channel::<(i64, Duration, bool)>();
+                let (killer_url, kills) = (url.clone(), &kills);
+                s.spawn(move || {
+                    let mut admin = connect(&killer_url);
+                    for (id, delay, query_only) in rx {
+                        thread::sleep(delay);
+                        if kill(&mut admin, id, query_only).expect("KILL") {
+                            kills.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                let (url, ledger) = (url.clone(), &ledger);
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed ^ v as u64);
+                    let mut conn = connect(&url);
+                    let mut hook_rng = Rng::new(seed ^ 0x5EED ^ v as u64);
+                    let mut before = |conn: &mut MysqlConnection| {
+                        if hook_rng.chance(500) {
+                            if let Ok(id) = connection_id(conn) {
+                                let delay = Duration::from_micros(hook_rng.below(3_001));
+                                let query_only = hook_rng.below(3) == 0;
+                                tx.send((id, delay, query_only)).expect("killer alive");
+                            }
+                        }
+                    };
+                    let expires_at = chrono::Utc::now().naive_utc() + chrono::Duration::minutes(10);
+                    let mut told = Vec::new();
+                    for round in 0..ROUNDS {
+                        let amount = dec(1_000 + rng.below(9_000) as i64);
+                        let key = format!("h-{v}-{round}");
+                        let placed = decided(&url, &mut conn, &mut before, |c| {
+                            ledger.hold(c, USER, amount, &key, expires_at)
+                        });
+                        let hold = match placed {
+                            Ok(hold) => hold,
+                            Err(Error::InsufficientBalance { .. }) => continue,
+                            Err(e) => panic!("hold: {e:?}"),
+                        };
+                        assert_eq!((hold.kind, hold.amount), (EntryKind::Hold, amount));
+                        let ended = if rng.chance(500) {
+                            let part = dec(100 + rng.below(900) as i64);
+                            let key = format!("c-{v}-{round}");
+                            decided(&url, &mut conn, &mut before, |c| {
+                                ledger.capture(c, hold.id, part, &key)
+                            })
+                            .map(|_| Some(part))
+                        } else {
+                            let key = format!("r-{v}-{round}");
+                            decided(&url, &mut conn, &mut before, |c| {
+                                ledger.release(c, hold.id, &key)
+                            })
+                            .map(|_| None)
+                        };
+                        told.push((hold.id, ended.unwrap_or_else(|e| panic!("end: {e:?}"))));
+                    }
+                    drop(tx);
+                    told
+                })
+            })
+            .collect();
+        victims
+            .into_iter()
+            .flat_map(|h| h.join().expect("victim"))
+            .collect()
+    });
+    let mut conn = connect(&url);
+    let states = crate::holds::every_hold_ended_once(&mut conn);
+    assert_eq!(states.get("active"), None, "a hold was left active");
+    let rows: Vec<(i64, Decimal, String)> = lockstock::schema::balance_hold::table
+        .select((
+            lockstock::schema::balance_hold::id,
+            lockstock::schema::balance_hold::captured_amount,
+            lockstock::schema::balance_hold::state,
+        ))
+        .load(&mut conn)
+        .expect("holds");
+    assert_eq!(rows.len(), outcomes.len(), "holds no victim was told about");
+    let mut posted = Decimal::ZERO;
+    for (id, ended) in &outcomes {
+        let row = rows
+            .iter()
+            .find(|r| r.0 == *id)
+            .expect("a hold a victim was told about");
+        match ended {
+            Some(part) => {
+                assert_eq!((row.1, row.2.as_str()), (*part, "captured"), "hold {id}");
+                posted += *part;
+            }
+            None => assert_eq!(row.2, "released", "hold {id}"),
+        }
+    }
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(
+        (balance.balance, balance.held),
+        (dec(50_000) - posted, Decimal::ZERO)
+    );
+    eprintln!(
+        "{test}: {} holds ended, {} kills hit a live connection",
+        outcomes.len(),
+        kills.load(Ordering::Relaxed)
+    );
+    assert!(kills.load(Ordering::Relaxed) > 0, "no kill landed");
+    audit_ok(&ledger, &mut conn, USER);
 }

@@ -12,8 +12,8 @@ use diesel::query_builder::{AsQuery, QueryFragment};
 use diesel::sql_types::Text;
 use diesel_migrations::MigrationHarness;
 use lockstock::schema::{
-    balance_history, coupon, designated_writer, fcfs_coupon, fcfs_coupon_restock, user_balance,
-    user_coupon,
+    balance_history, balance_hold, coupon, designated_writer, fcfs_coupon, fcfs_coupon_restock,
+    user_balance, user_coupon,
 };
 use lockstock::{BalanceLedger, Error, RetryPolicy, ServerErrorKind, TxnPolicy, TxnRunner};
 use rust_decimal::Decimal;
@@ -47,6 +47,7 @@ fn migrations_up_down_up() {
     let (_url, mut conn) = fresh_database("foundation_migrations");
     let all = [
         "balance_history",
+        "balance_hold",
         "coupon",
         "designated_writer",
         "fcfs_coupon",
@@ -99,6 +100,7 @@ fn schema_rs_matches_migrations() {
     let declared = [
         ("user_balance", sql_of(user_balance::table)),
         ("balance_history", sql_of(balance_history::table)),
+        ("balance_hold", sql_of(balance_hold::table)),
         ("coupon", sql_of(coupon::table)),
         ("fcfs_coupon", sql_of(fcfs_coupon::table)),
         ("fcfs_coupon_restock", sql_of(fcfs_coupon_restock::table)),
@@ -125,9 +127,30 @@ fn schema_rs_matches_migrations() {
     ledger
         .charge(&mut conn, 1, Decimal::new(5, 0), "k")
         .expect("charge");
+    let expires_at = chrono::Utc::now().naive_utc() + chrono::Duration::minutes(5);
+    let hold = ledger
+        .hold(&mut conn, 1, Decimal::new(2, 0), "h", expires_at)
+        .expect("hold");
+    ledger.release(&mut conn, hold.id, "r").expect("release");
     let stored = snapshot(&mut conn);
     assert_eq!(stored.balances.len(), 1);
-    assert_eq!(stored.history.len(), 1);
+    assert_eq!(stored.history.len(), 3);
+    type HoldColumns = (
+        i64,
+        i64,
+        Decimal,
+        Decimal,
+        String,
+        chrono::NaiveDateTime,
+        chrono::NaiveDateTime,
+        Option<chrono::NaiveDateTime>,
+        Option<i64>,
+    );
+    let holds = balance_hold::table
+        .select(balance_hold::all_columns)
+        .load::<HoldColumns>(&mut conn)
+        .expect("balance_hold");
+    assert_eq!(holds.len(), 1);
     let issuer = lockstock::CouponIssuer::new();
     let (_template, campaign) = open_campaign_named(&mut conn, &issuer, "schema", 1);
     issuer

@@ -11,6 +11,7 @@ mod faults;
 mod foundation;
 mod galera;
 mod galera_router;
+mod holds;
 mod ledger;
 mod model;
 mod processes;

@@ -19,12 +19,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{Duration, NaiveDateTime, Timelike, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use lockstock::error::{AmountProblem, KeyProblem};
+use lockstock::error::{AmountProblem, ExpiryProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
 use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance};
 use lockstock::{
-    BalanceLedger, Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Entry, EntryKind, Error,
-    IssuedCoupon, NewCampaign, NewCoupon, Transfer,
+    AccountOp, BalanceLedger, Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Entry,
+    EntryKind, Error, HoldState, IssuedCoupon, NewCampaign, NewCoupon, Transfer,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
@@ -329,6 +329,11 @@ enum ErrV {
     RedeemedByAnotherOrder(Id, String),
     RestockConflict(Id, String, u32),
     CouponNotValid(Id, NaiveDateTime, NaiveDateTime),
+    HoldNotFound(Id),
+    HoldNotActive(Id, HoldState),
+    HoldExpired(Id),
+    CaptureExceedsHold(Id, Decimal, Decimal),
+    InvalidExpiry(ExpiryProblem),
     Other(String),
 }
 
@@ -545,6 +550,15 @@ impl Ids {
                 valid_from,
                 valid_until,
             } => ErrV::CouponNotValid(held(*user_coupon_id), *valid_from, *valid_until),
+            Error::HoldNotFound { hold_id } => ErrV::HoldNotFound(entry(*hold_id)),
+            Error::HoldNotActive { hold_id, state } => ErrV::HoldNotActive(entry(*hold_id), *state),
+            Error::HoldExpired { hold_id, .. } => ErrV::HoldExpired(entry(*hold_id)),
+            Error::CaptureExceedsHold {
+                hold_id,
+                held,
+                requested,
+            } => ErrV::CaptureExceedsHold(entry(*hold_id), *held, *requested),
+            Error::InvalidExpiry { problem, .. } => ErrV::InvalidExpiry(*problem),
             other => ErrV::Other(format!("{other:?}")),
         }
     }
@@ -1310,7 +1324,7 @@ fn reset(conn: &mut MysqlConnection) {
         "SET FOREIGN_KEY_CHECKS = 0; \
          DELETE FROM user_coupon; DELETE FROM fcfs_coupon_restock; DELETE FROM fcfs_coupon; \
          DELETE FROM coupon; \
-         DELETE FROM balance_history; DELETE FROM user_balance; \
+         DELETE FROM balance_hold; DELETE FROM balance_history; DELETE FROM user_balance; \
          SET FOREIGN_KEY_CHECKS = 1",
     )
     .expect("empty the tables");
@@ -1555,12 +1569,16 @@ fn keys_that_differ_only_by_trailing_spaces_are_refused() {
 // Batches answer as single calls (review finding 10c and the batch half of findings 2 and 4).
 // ---------------------------------------------------------------------------------------------
 
-/// A charge or deduct of the batch model, or an earlier one again (exactly, or with its amount
-/// written with one more zero decimal: the same request).
+/// A charge, deduct, hold, capture or release of the batch model, or an earlier one again
+/// (exactly, or with its amount written with one more zero decimal: the same request). A
+/// capture or release names the `n`-th hold request sent so far (on that hold's account).
 #[derive(Debug, Clone)]
 enum LedgerOp {
     Charge(i64, Decimal, String),
     Deduct(i64, Decimal, String),
+    Hold(i64, Decimal, String, bool),
+    Capture(u8, Decimal, String),
+    Release(u8, String),
     Repeat(u8, bool),
 }
 
@@ -1568,8 +1586,55 @@ fn ledger_op() -> impl Strategy<Value = LedgerOp> {
     prop_oneof![
         4 => (user(), amount(), key()).prop_map(|(u, a, k)| LedgerOp::Charge(u, a, k)),
         5 => (user(), amount(), key()).prop_map(|(u, a, k)| LedgerOp::Deduct(u, a, k)),
+        3 => (user(), amount(), key(), prop::bool::weighted(0.05))
+            .prop_map(|(u, a, k, past)| LedgerOp::Hold(u, a, k, past)),
+        // Mostly small captures, so that many fit their hold.
+        3 => (any::<u8>(), prop_oneof![3 => (1..=500i64).prop_map(|c| Decimal::new(c, 2)), 1 => amount()], key())
+            .prop_map(|(n, a, k)| LedgerOp::Capture(n, a, k)),
+        1 => (any::<u8>(), key()).prop_map(|(n, k)| LedgerOp::Release(n, k)),
         3 => (any::<u8>(), any::<bool>()).prop_map(|(n, rescale)| LedgerOp::Repeat(n, rescale)),
     ]
+}
+
+/// A request of the batch model as sent: its account and what it is.
+#[derive(Debug, Clone)]
+struct Sent {
+    user: i64,
+    what: SentOp,
+    amount: Decimal,
+    key: String,
+}
+
+#[derive(Debug, Clone)]
+enum SentOp {
+    Charge,
+    Deduct,
+    /// A hold, expiring at the given time.
+    Hold(NaiveDateTime),
+    /// A capture or release (`true`: capture) of the hold placed by the request at the index,
+    /// or of no hold at all (`None`).
+    End(bool, Option<usize>),
+}
+
+/// The hold id a capture or release of the hold request `index` names, given the answers so
+/// far: the hold's entry, or an id no hold has.
+fn hold_id_of(index: Option<usize>, answers: &[Option<Result<Entry, Error>>]) -> i64 {
+    match index.and_then(|i| answers[i].as_ref()) {
+        Some(Ok(entry)) => entry.id,
+        _ => 990_000 + index.unwrap_or(0) as i64,
+    }
+}
+
+/// The batch request of `sent`, its hold resolved through `answers`.
+fn account_op(sent: &Sent, answers: &[Option<Result<Entry, Error>>]) -> AccountOp {
+    let key = sent.key.clone();
+    match sent.what {
+        SentOp::Charge => AccountOp::charge(sent.amount, key),
+        SentOp::Deduct => AccountOp::deduct(sent.amount, key),
+        SentOp::Hold(at) => AccountOp::hold(sent.amount, key, at),
+        SentOp::End(true, hold) => AccountOp::capture(hold_id_of(hold, answers), sent.amount, key),
+        SentOp::End(false, hold) => AccountOp::release(hold_id_of(hold, answers), key),
+    }
 }
 
 /// Entry ids bound to (account, position in its journal): the same in both databases when
@@ -1606,46 +1671,100 @@ fn run_batch_case(
     reset(single);
     reset(many);
     let ledger = BalanceLedger::new();
-    // (account, charge?, amount, key)
-    let mut sent: Vec<(i64, bool, Decimal, String)> = Vec::new();
+    let later = Utc::now().naive_utc() + Duration::minutes(10);
+    let past = Utc::now().naive_utc() - Duration::minutes(1);
+    let mut sent: Vec<Sent> = Vec::new();
     for op in ops {
+        let holds: Vec<usize> = (0..sent.len())
+            .filter(|i| matches!(sent[*i].what, SentOp::Hold(_)))
+            .collect();
+        let ending = |n: &u8| {
+            let hold = (!holds.is_empty()).then(|| holds[usize::from(*n) % holds.len()]);
+            (hold.map_or(1, |h| sent[h].user), hold)
+        };
         let resolved = match op {
-            LedgerOp::Charge(u, a, k) => (*u, true, *a, k.clone()),
-            LedgerOp::Deduct(u, a, k) => (*u, false, *a, k.clone()),
+            LedgerOp::Charge(u, a, k) => Sent {
+                user: *u,
+                what: SentOp::Charge,
+                amount: *a,
+                key: k.clone(),
+            },
+            LedgerOp::Deduct(u, a, k) => Sent {
+                user: *u,
+                what: SentOp::Deduct,
+                amount: *a,
+                key: k.clone(),
+            },
+            LedgerOp::Hold(u, a, k, expired) => Sent {
+                user: *u,
+                what: SentOp::Hold(if *expired { past } else { later }),
+                amount: *a,
+                key: k.clone(),
+            },
+            LedgerOp::Capture(n, a, k) => {
+                let (user, hold) = ending(n);
+                Sent {
+                    user,
+                    what: SentOp::End(true, hold),
+                    amount: *a,
+                    key: k.clone(),
+                }
+            }
+            LedgerOp::Release(n, k) => {
+                let (user, hold) = ending(n);
+                Sent {
+                    user,
+                    what: SentOp::End(false, hold),
+                    amount: Decimal::ZERO,
+                    key: k.clone(),
+                }
+            }
             LedgerOp::Repeat(_, _) if sent.is_empty() => continue,
             LedgerOp::Repeat(n, rescale) => {
                 let mut again = sent[usize::from(*n) % sent.len()].clone();
-                if *rescale && again.2.scale() < 28 {
-                    again.2.rescale(again.2.scale() + 1);
+                if *rescale && again.amount.scale() < 28 {
+                    again.amount.rescale(again.amount.scale() + 1);
                 }
                 again
             }
         };
         sent.push(resolved);
     }
-    let op_of = |(_, charge, amount, key): &(i64, bool, Decimal, String)| {
-        if *charge {
-            lockstock::AccountOp::charge(*amount, key.clone())
-        } else {
-            lockstock::AccountOp::deduct(*amount, key.clone())
-        }
-    };
-    let singles: Vec<Result<Entry, Error>> = sent
-        .iter()
-        .map(|(user, charge, amount, key)| {
-            if *charge {
-                ledger.charge(single, *user, *amount, key)
-            } else {
-                ledger.deduct(single, *user, *amount, key)
-            }
-        })
-        .collect();
+    let mut answered: Vec<Option<Result<Entry, Error>>> = Vec::with_capacity(sent.len());
+    for request in &sent {
+        let answer = match account_op(request, &answered) {
+            AccountOp::Charge { amount, key } => ledger.charge(single, request.user, amount, &key),
+            AccountOp::Deduct { amount, key } => ledger.deduct(single, request.user, amount, &key),
+            AccountOp::Hold {
+                amount,
+                key,
+                expires_at,
+            } => ledger.hold(single, request.user, amount, &key, expires_at),
+            AccountOp::Capture {
+                hold_id,
+                amount,
+                key,
+            } => ledger.capture(single, hold_id, amount, &key),
+            AccountOp::Release { hold_id, key } => ledger.release(single, hold_id, &key),
+            other => panic!("unexpected op {other:?}"),
+        };
+        answered.push(Some(answer));
+    }
+    let singles: Vec<Result<Entry, Error>> = answered.into_iter().flatten().collect();
     let mut batched: Vec<Option<Result<Entry, Error>>> = sent.iter().map(|_| None).collect();
-    let users: std::collections::BTreeSet<i64> = sent.iter().map(|s| s.0).collect();
+    let users: std::collections::BTreeSet<i64> = sent.iter().map(|s| s.user).collect();
     for user in users {
-        let mine: Vec<usize> = (0..sent.len()).filter(|i| sent[*i].0 == user).collect();
+        let mine: Vec<usize> = (0..sent.len()).filter(|i| sent[*i].user == user).collect();
         let mut chunks: Vec<Vec<usize>> = vec![Vec::new()];
         for i in mine {
+            // A capture or release must know its hold's id: never in the hold's batch.
+            let names_this_batch = match sent[i].what {
+                SentOp::End(_, Some(hold)) => chunks.last().is_some_and(|c| c.contains(&hold)),
+                _ => false,
+            };
+            if names_this_batch {
+                chunks.push(Vec::new());
+            }
             if let Some(chunk) = chunks.last_mut() {
                 chunk.push(i);
             }
@@ -1654,7 +1773,10 @@ fn run_batch_case(
             }
         }
         for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
-            let batch: Vec<lockstock::AccountOp> = chunk.iter().map(|i| op_of(&sent[*i])).collect();
+            let batch: Vec<AccountOp> = chunk
+                .iter()
+                .map(|i| account_op(&sent[*i], &batched))
+                .collect();
             let results = match ledger.apply_many(many, user, &batch) {
                 Ok(results) => results,
                 Err(e) => {

@@ -1,0 +1,363 @@
+//! Holds: [`BalanceLedger::hold`], [`capture`](BalanceLedger::capture),
+//! [`release`](BalanceLedger::release), [`expire_holds`](BalanceLedger::expire_holds) and
+//! [`hold_status`](BalanceLedger::hold_status).
+//!
+//! A hold reserves points on an account without posting them: the *available* balance is the
+//! posted balance minus the active holds whose `expires_at` is still ahead of the server clock
+//! (`UTC_TIMESTAMP(6)`, read inside the same locked transaction), so a hold stops reserving the
+//! moment it expires, whether or not anything has run. Each hold ends exactly once:
+//!
+//! ```text
+//!            capture (≤ amount; the rest released)
+//!          ┌──────────────────────────────▶ captured
+//! active ──┼─ release ────────────────────▶ released
+//!          └─ expires_at passes, then ────▶ expired
+//!             expire_holds marks it
+//! ```
+//!
+//! # Statements, in order (one SERIALIZABLE transaction, through the runner)
+//! * `hold` is a deduct that posts nothing: `SELECT balance, held, version FROM user_balance
+//!   WHERE user_id = ? FOR UPDATE NOWAIT`; if the account has active holds (`held > 0`), the
+//!   server clock and the sum of its unexpired active holds (`HeldFunds`, one statement on the
+//!   `(user_id, state, expires_at)` index); the check `available >= amount`; the journal
+//!   `INSERT` (kind `hold`, `balance_after` = the unchanged posted balance) and
+//!   `LAST_INSERT_ID()`; the `balance_hold` `INSERT` (its id is the entry's); the account
+//!   `UPDATE` (`held + amount`, `version + 1`); `COMMIT`.
+//! * `capture` and `release` read the hold first, lock-free (its account and amount never
+//!   change), then: the account row `FOR UPDATE NOWAIT` (as above, with the clock); the hold row
+//!   `FOR UPDATE NOWAIT` by primary key; the checks (active, not expired on the clock read under
+//!   the lock, a capture not above the hold); the journal `INSERT` (kind `capture` or `release`,
+//!   `related_entry_id` and `ended_hold_id` = the hold; the UNIQUE key on `ended_hold_id` makes a
+//!   second end of one hold impossible); `UPDATE balance_hold` (state, captured amount, end
+//!   time, ending entry); the account `UPDATE` (`balance - captured`, `held - amount`,
+//!   `version + 1`); `COMMIT`.
+//! * `expire_holds` reads up to `limit` due holds (`state = 'active' AND expires_at <=
+//!   UTC_TIMESTAMP(6)`, on the `(state, expires_at)` index) in a lock-free snapshot, then per
+//!   account in ascending `user_id` order ONE transaction tried ONCE: the account row
+//!   `FOR UPDATE NOWAIT` — refused (a caller or another sweeper holds it): the account is
+//!   skipped and reported; its due holds `FOR UPDATE NOWAIT` in ascending id order; for each
+//!   still active and expired on the clock read under the lock, an `expire` entry (no key) and
+//!   the hold's `UPDATE`; one account `UPDATE`; `COMMIT`.
+//!
+//! Lock order everywhere: the account row, then its holds in ascending id order (a transfer:
+//! both accounts in ascending `user_id` order). Only transactions holding an account's row lock
+//! write its holds, so the hold checks and the `HeldFunds` sum see a state no one else changes
+//! before COMMIT. Under SERIALIZABLE the sum takes shared locks on the account's `active` range
+//! of the `(user_id, state, expires_at)` index and the gap after it; an account without active
+//! holds skips the read, so deducts and charges of accounts that never hold anything run the
+//! same statements as before.
+//!
+//! Idempotency is the journal's, as for every other call: a hold, capture or release carries
+//! its key; the same key and request answer the original entry, another request
+//! [`Error::IdempotencyConflict`]; a refusal (insufficient balance, hold not active, expired,
+//! capture above the hold) first looks the key up, so a retried call that already succeeded
+//! gets its entry back rather than the refusal.
+
+use std::collections::BTreeMap;
+
+use diesel::dsl::sql;
+use diesel::mysql::MysqlConnection;
+use diesel::prelude::*;
+use rust_decimal::Decimal;
+
+use super::ops::{one, write_entry};
+use super::request::Request;
+use super::rows::{
+    end_hold, find_hold, insert_entries, lock_account, lock_holds, store_balance, Account,
+};
+use super::types::{Entry, ExpiredHolds, Hold};
+use super::BalanceLedger;
+use crate::error::{Error, Result};
+use crate::records::{EntryKind, HoldState};
+use crate::schema::balance_hold;
+use crate::txn::Deadline;
+use crate::util::now;
+use crate::validate::{validate_amount, validate_id, validate_key};
+
+/// Largest `limit` of [`BalanceLedger::expire_holds`].
+pub const MAX_EXPIRY_BATCH: u32 = 1000;
+
+impl BalanceLedger {
+    /// Reserves `amount` of `user_id`'s available balance until `expires_at` (UTC, compared
+    /// with the server clock) without posting it. Returns the hold's journal entry (kind
+    /// [`EntryKind::Hold`]); its id is the hold's id.
+    ///
+    /// # Errors
+    /// Invalid input ([`Error::InvalidId`], [`Error::InvalidAmount`],
+    /// [`Error::InvalidIdempotencyKey`], [`Error::InvalidExpiry`]: not in the future or more
+    /// than [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION) ahead);
+    /// [`Error::InsufficientBalance`] when the available balance is smaller;
+    /// [`Error::AccountNotFound`]; [`Error::IdempotencyConflict`]; and the runner's failures, as
+    /// for [`charge`](Self::charge).
+    pub fn hold(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+        expires_at: chrono::NaiveDateTime,
+    ) -> Result<Entry> {
+        let request = Request::hold(user_id, amount, idempotency_key, expires_at);
+        self.change(conn, &request, self.runner.deadline())
+    }
+
+    /// Captures `amount` of the active hold `hold_id`: posts it as a debit (kind
+    /// [`EntryKind::Capture`], linked to the hold) and ends the hold — a partial capture
+    /// releases the rest. A hold is captured at most once. The key belongs to the hold's
+    /// account.
+    ///
+    /// # Errors
+    /// Invalid input; [`Error::HoldNotFound`]; [`Error::HoldNotActive`] (already captured or
+    /// released); [`Error::HoldExpired`] (its expiry passed on the server clock);
+    /// [`Error::CaptureExceedsHold`]; [`Error::IdempotencyConflict`]; and the runner's failures,
+    /// as for [`charge`](Self::charge).
+    pub fn capture(
+        &self,
+        conn: &mut MysqlConnection,
+        hold_id: i64,
+        amount: Decimal,
+        idempotency_key: &str,
+    ) -> Result<Entry> {
+        let deadline = self.runner.deadline();
+        self.end_hold_by(
+            conn,
+            (hold_id, None),
+            Some(amount),
+            idempotency_key,
+            deadline,
+        )
+    }
+
+    /// Releases (voids) the active hold `hold_id`: its amount is available again, nothing is
+    /// posted (an entry of kind [`EntryKind::Release`] for the hold's amount, linked to it).
+    ///
+    /// # Errors
+    /// As [`capture`](Self::capture), without [`Error::CaptureExceedsHold`].
+    pub fn release(
+        &self,
+        conn: &mut MysqlConnection,
+        hold_id: i64,
+        idempotency_key: &str,
+    ) -> Result<Entry> {
+        let deadline = self.runner.deadline();
+        self.end_hold_by(conn, (hold_id, None), None, idempotency_key, deadline)
+    }
+
+    /// The hold `hold_id` as stored, from a lock-free snapshot. An `Active` hold whose
+    /// `expires_at` has passed is expired (it reserves nothing) but not yet marked.
+    ///
+    /// # Errors
+    /// [`Error::InvalidId`], [`Error::HoldNotFound`]; the reader's failures, as for
+    /// [`balance`](Self::balance).
+    pub fn hold_status(&self, conn: &mut MysqlConnection, hold_id: i64) -> Result<Hold> {
+        validate_id("hold", hold_id)?;
+        self.runner
+            .read(conn, |conn| find_hold(conn, hold_id))?
+            .ok_or(Error::HoldNotFound { hold_id })
+    }
+
+    /// Marks up to `limit` holds whose expiry has passed on the server clock as expired, each
+    /// with an `expire` journal entry (no key; `related_entry_id`: the hold). Safe to run from
+    /// several processes at once: each account is locked `NOWAIT` in ascending `user_id` order
+    /// and tried once; one that is locked is skipped and reported in
+    /// [`ExpiredHolds::skipped_accounts`] for a later call. Expiry does not depend on this
+    /// call: an expired hold stops reserving at once; this only records its end.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a `limit` outside 1 to [`MAX_EXPIRY_BATCH`]; a failure of
+    /// the first read or of an account's transaction other than a lock refusal or the deadline
+    /// ([`Error::Server`], [`Error::OutcomeUnknown`], [`Error::ConnectionBroken`], ...): the
+    /// accounts done before it stay done.
+    pub fn expire_holds(&self, conn: &mut MysqlConnection, limit: u32) -> Result<ExpiredHolds> {
+        if limit == 0 || limit > MAX_EXPIRY_BATCH {
+            return Err(Error::InvalidInput {
+                field: "limit",
+                problem: "must be between 1 and 1000",
+            });
+        }
+        let deadline = self.runner.deadline();
+        let due: Vec<(i64, i64)> = self.runner.read_by(conn, deadline, |conn| {
+            Ok(balance_hold::table
+                .filter(balance_hold::state.eq(HoldState::Active.as_str()))
+                .filter(
+                    balance_hold::expires_at
+                        .le(sql::<diesel::sql_types::Datetime>("UTC_TIMESTAMP(6)")),
+                )
+                .order((balance_hold::expires_at.asc(), balance_hold::id.asc()))
+                .limit(i64::from(limit))
+                .select((balance_hold::user_id, balance_hold::id))
+                .load(conn)?)
+        })?;
+        let mut by_account: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        for (user_id, hold_id) in due {
+            by_account.entry(user_id).or_default().push(hold_id);
+        }
+        let mut report = ExpiredHolds::default();
+        for (user_id, hold_ids) in by_account {
+            let attempt = self.sweeper.run_by(conn, deadline, |conn| {
+                expire_on_account(conn, user_id, &hold_ids)
+            });
+            match attempt {
+                Ok(entries) => report.expired.extend(entries),
+                Err(Error::Contended { .. } | Error::Timeout { .. }) => {
+                    report.skipped_accounts.push(user_id)
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(report)
+    }
+
+    /// The account of the hold `hold_id` (which never changes), read by `deadline`.
+    pub(crate) fn hold_owner_by(
+        &self,
+        conn: &mut MysqlConnection,
+        hold_id: i64,
+        deadline: Deadline,
+    ) -> Result<i64> {
+        validate_id("hold", hold_id)?;
+        self.runner
+            .read_by(conn, deadline, |conn| find_hold(conn, hold_id))?
+            .map(|hold| hold.user_id)
+            .ok_or(Error::HoldNotFound { hold_id })
+    }
+
+    /// A capture (`amount`: `Some`) or release of `hold_id` by `deadline`; with `owner`, a hold
+    /// of another account is [`Error::HoldNotFound`] (a batch's answer).
+    pub(crate) fn end_hold_by(
+        &self,
+        conn: &mut MysqlConnection,
+        (hold_id, owner): (i64, Option<i64>),
+        amount: Option<Decimal>,
+        idempotency_key: &str,
+        deadline: Deadline,
+    ) -> Result<Entry> {
+        validate_ending(hold_id, amount, idempotency_key)?;
+        let hold = self
+            .runner
+            .read_by(conn, deadline, |conn| find_hold(conn, hold_id))?
+            .filter(|hold| owner.unwrap_or(hold.user_id) == hold.user_id)
+            .ok_or(Error::HoldNotFound { hold_id })?;
+        let request = match amount {
+            Some(amount) => Request::ending(EntryKind::Capture, &hold, amount, idempotency_key),
+            None => Request::ending(EntryKind::Release, &hold, hold.amount, idempotency_key),
+        };
+        let hash = request.hash();
+        self.single_entry(conn, &request, deadline, |conn| {
+            let mut account = lock_account(conn, hold.user_id)?.ok_or(Error::AccountNotFound {
+                user_id: hold.user_id,
+            })?;
+            let locked = lock_holds(conn, &[hold_id])?;
+            let locked = locked.first().ok_or(Error::HoldNotFound { hold_id })?;
+            let now = account.clock(conn)?;
+            let after = ending(&account, locked, &request, now)?;
+            let end = |conn: &mut MysqlConnection, entry: &Entry| {
+                end_hold(conn, hold_id, after.1, after.2, entry)
+            };
+            write_entry(conn, &account, (&request, &hash), after.0, end)
+                .map(super::idempotency::Step::Done)
+        })
+    }
+}
+
+/// Checks a capture's or release's input before anything is sent: the hold id, the capture's
+/// amount and the key.
+pub(crate) fn validate_ending(hold_id: i64, amount: Option<Decimal>, key: &str) -> Result<()> {
+    validate_id("hold", hold_id)?;
+    if let Some(amount) = amount {
+        validate_amount(amount)?;
+    }
+    validate_key(key)
+}
+
+/// Whether `request` (a capture, release or expiry) may end `hold` on the (locked or running)
+/// `account` at the server time `now`; if so, the account after it, the hold's new state and
+/// the amount captured. Refusals: [`Error::HoldNotActive`], [`Error::HoldExpired`] (an expired
+/// hold for a capture or release), [`Error::CaptureExceedsHold`].
+pub(crate) fn ending(
+    account: &Account,
+    hold: &Hold,
+    request: &Request<'_>,
+    now: chrono::NaiveDateTime,
+) -> Result<(Account, HoldState, Decimal)> {
+    let hold_id = hold.id;
+    let state = request
+        .kind
+        .ends_hold_as()
+        .ok_or_else(|| Error::internal("ending a hold with an entry that ends none"))?;
+    let expired = Error::HoldExpired {
+        hold_id,
+        expired_at: hold.expires_at,
+    };
+    match hold.state {
+        HoldState::Active if hold.expires_at > now && state == HoldState::Expired => {
+            return Err(Error::internal("expiring a hold that has not expired"))
+        }
+        HoldState::Active if hold.expires_at <= now && state != HoldState::Expired => {
+            return Err(expired)
+        }
+        HoldState::Active => {}
+        HoldState::Expired => return Err(expired),
+        ended => {
+            return Err(Error::HoldNotActive {
+                hold_id,
+                state: ended,
+            })
+        }
+    }
+    let captured = if state == HoldState::Captured {
+        if request.amount > hold.amount {
+            return Err(Error::CaptureExceedsHold {
+                hold_id,
+                held: hold.amount,
+                requested: request.amount,
+            });
+        }
+        request.amount
+    } else {
+        Decimal::ZERO
+    };
+    if account.balance < captured {
+        // Unreachable while every debit checks the available balance; kept so that a journal
+        // written by others can never be taken below zero.
+        return Err(Error::InsufficientBalance {
+            user_id: account.user_id,
+            available: account.balance,
+            requested: captured,
+        });
+    }
+    Ok((account.settle(hold, captured, now), state, captured))
+}
+
+/// Inside a sweeper's transaction: marks the due `hold_ids` of `user_id` that are still active
+/// and expired on the server clock read under the account's lock.
+fn expire_on_account(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    hold_ids: &[i64],
+) -> Result<Vec<Entry>> {
+    let Some(mut account) = lock_account(conn, user_id)? else {
+        return Ok(Vec::new());
+    };
+    let clock = account.clock(conn)?;
+    let mut running = account;
+    let mut entries = Vec::new();
+    for hold in lock_holds(conn, hold_ids)? {
+        if hold.user_id != user_id || hold.state != HoldState::Active || hold.expires_at > clock {
+            continue;
+        }
+        let request = Request::ending(EntryKind::Expire, &hold, hold.amount, "");
+        let hash = request.hash();
+        let (after, state, captured) = ending(&running, &hold, &request, clock)?;
+        running = after;
+        // Journal timestamps are the client's, as for every entry; expiry uses the server's.
+        let row = request.row(&hash, running.balance, None, now());
+        let entry = one(insert_entries(conn, None, &[row])?)?;
+        end_hold(conn, hold.id, state, captured, &entry)?;
+        entries.push(entry);
+    }
+    if !entries.is_empty() {
+        store_balance(conn, &account, &running, entries.len())?;
+    }
+    Ok(entries)
+}

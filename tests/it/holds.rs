@@ -1,0 +1,980 @@
+//! Holds (reserve, capture, release, expire) against a real server. Every invariant is read back
+//! from the database: the `balance_hold` rows, the journal's ending entries, the balances, and
+//! `audit` (available = posted − active unexpired holds, every hold ended exactly once).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration as StdDuration;
+
+use chrono::{Duration, NaiveDateTime};
+use diesel::prelude::*;
+
+use lockstock::combine::CombiningLedger;
+use lockstock::error::{AmountProblem, ExpiryProblem, KeyProblem};
+use lockstock::schema::{balance_history, balance_hold, user_balance};
+use lockstock::{AccountOp, BalanceLedger, Entry, EntryKind, Error, HoldState};
+use rust_decimal::Decimal;
+
+use lockstock_testkit::fixtures::{
+    audit_ok, concurrently, connect, fresh_database, funded_account, now, pool, snapshot,
+};
+use lockstock_testkit::rng::{seed, Rng};
+
+fn dec(units: i64) -> Decimal {
+    Decimal::new(units, 0)
+}
+
+/// An expiry `seconds` ahead of the client clock.
+fn in_secs(seconds: i64) -> NaiveDateTime {
+    now() + Duration::seconds(seconds)
+}
+
+/// One `balance_hold` row: (id, user, amount, captured, state, ended_by_entry_id).
+type HoldRow = (i64, i64, Decimal, Decimal, String, Option<i64>);
+
+fn hold_rows(conn: &mut MysqlConnection) -> Vec<HoldRow> {
+    balance_hold::table
+        .select((
+            balance_hold::id,
+            balance_hold::user_id,
+            balance_hold::amount,
+            balance_hold::captured_amount,
+            balance_hold::state,
+            balance_hold::ended_by_entry_id,
+        ))
+        .order(balance_hold::id.asc())
+        .load(conn)
+        .expect("read balance_hold")
+}
+
+/// (entry id, kind, amount, ended_hold_id) of every journal entry that ends a hold.
+fn ending_entries(conn: &mut MysqlConnection) -> Vec<(i64, String, Decimal, Option<i64>)> {
+    balance_history::table
+        .filter(balance_history::ended_hold_id.is_not_null())
+        .select((
+            balance_history::id,
+            balance_history::kind,
+            balance_history::amount,
+            balance_history::ended_hold_id,
+        ))
+        .load(conn)
+        .expect("read ending entries")
+}
+
+/// Checks from the database that every hold that is not active ended by exactly one journal
+/// entry of its state's kind (the captured amount for a capture, the hold's otherwise), and an
+/// active one by none. Returns the holds by state.
+pub(crate) fn every_hold_ended_once(conn: &mut MysqlConnection) -> HashMap<String, usize> {
+    let holds = hold_rows(conn);
+    let ends = ending_entries(conn);
+    let mut by_state = HashMap::new();
+    for (id, _, amount, captured, state, ended_by) in &holds {
+        *by_state.entry(state.clone()).or_insert(0) += 1;
+        let mine: Vec<_> = ends.iter().filter(|e| e.3 == Some(*id)).collect();
+        match state.as_str() {
+            "active" => assert!(mine.is_empty() && ended_by.is_none(), "hold {id}: {mine:?}"),
+            ended => {
+                assert_eq!(mine.len(), 1, "hold {id} ({ended}) ended by {mine:?}");
+                let (entry, kind, entry_amount, _) = mine[0];
+                assert_eq!(Some(*entry), *ended_by, "hold {id}");
+                let want = match ended {
+                    "captured" => ("capture", *captured),
+                    "released" => ("release", *amount),
+                    "expired" => ("expire", *amount),
+                    other => panic!("hold {id} in state {other}"),
+                };
+                assert_eq!((kind.as_str(), *entry_amount), want, "hold {id}");
+            }
+        }
+    }
+    assert_eq!(ends.len(), holds.iter().filter(|h| h.4 != "active").count());
+    by_state
+}
+
+/// The stored (balance, held) of `user`.
+fn stored(conn: &mut MysqlConnection, user: i64) -> (Decimal, Decimal) {
+    user_balance::table
+        .find(user)
+        .select((user_balance::balance, user_balance::held))
+        .first(conn)
+        .expect("read account")
+}
+
+#[test]
+fn hold_capture_release_lifecycle() {
+    const USER: i64 = 1;
+    let (_url, mut conn) = fresh_database("holds_lifecycle");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+
+    let hold = ledger
+        .hold(&mut conn, USER, dec(30), "h1", in_secs(600))
+        .expect("hold");
+    assert_eq!((hold.kind, hold.amount), (EntryKind::Hold, dec(30)));
+    assert_eq!(hold.balance_after, dec(100), "a hold posts nothing");
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(
+        (balance.balance, balance.held, balance.available),
+        (dec(100), dec(30), dec(70))
+    );
+    assert_eq!(stored(&mut conn, USER), (dec(100), dec(30)));
+    let status = ledger.hold_status(&mut conn, hold.id).expect("status");
+    assert_eq!((status.state, status.amount), (HoldState::Active, dec(30)));
+
+    // The held points are not available to a deduct, a transfer or another hold.
+    match ledger.deduct(&mut conn, USER, dec(71), "d1") {
+        Err(Error::InsufficientBalance {
+            available,
+            requested,
+            ..
+        }) => assert_eq!((available, requested), (dec(70), dec(71))),
+        other => panic!("expected InsufficientBalance, got {other:?}"),
+    }
+    assert!(matches!(
+        ledger.transfer(&mut conn, USER, 2, dec(71), "t1"),
+        Err(Error::InsufficientBalance { .. })
+    ));
+    assert!(matches!(
+        ledger.hold(&mut conn, USER, dec(71), "h2", in_secs(600)),
+        Err(Error::InsufficientBalance { .. })
+    ));
+
+    // A partial capture posts 20 and releases the other 10.
+    let capture = ledger
+        .capture(&mut conn, hold.id, dec(20), "c1")
+        .expect("capture");
+    assert_eq!(
+        (capture.kind, capture.amount, capture.balance_after),
+        (EntryKind::Capture, dec(20), dec(80))
+    );
+    assert_eq!(capture.related_entry_id, Some(hold.id));
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(
+        (balance.balance, balance.held, balance.available),
+        (dec(80), dec(0), dec(80))
+    );
+    match ledger.capture(&mut conn, hold.id, dec(5), "c2") {
+        Err(Error::HoldNotActive { hold_id, state }) => {
+            assert_eq!((hold_id, state), (hold.id, HoldState::Captured))
+        }
+        other => panic!("expected HoldNotActive, got {other:?}"),
+    }
+    assert!(matches!(
+        ledger.release(&mut conn, hold.id, "r0"),
+        Err(Error::HoldNotActive {
+            state: HoldState::Captured,
+            ..
+        })
+    ));
+
+    // A cancelled order: the hold is released, nothing posted.
+    let second = ledger
+        .hold(&mut conn, USER, dec(50), "h3", in_secs(600))
+        .expect("hold");
+    assert_eq!(
+        ledger.balance(&mut conn, USER).expect("balance").available,
+        dec(30)
+    );
+    match ledger.capture(&mut conn, second.id, dec(51), "c3") {
+        Err(Error::CaptureExceedsHold {
+            hold_id,
+            held,
+            requested,
+        }) => assert_eq!((hold_id, held, requested), (second.id, dec(50), dec(51))),
+        other => panic!("expected CaptureExceedsHold, got {other:?}"),
+    }
+    let release = ledger.release(&mut conn, second.id, "r1").expect("release");
+    assert_eq!(
+        (release.kind, release.amount, release.balance_after),
+        (EntryKind::Release, dec(50), dec(80))
+    );
+    assert!(matches!(
+        ledger.release(&mut conn, second.id, "r2"),
+        Err(Error::HoldNotActive {
+            state: HoldState::Released,
+            ..
+        })
+    ));
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(
+        (
+            balance.balance,
+            balance.held,
+            balance.available,
+            balance.version
+        ),
+        (dec(80), dec(0), dec(80), 5)
+    );
+
+    // history shows every step, newest first.
+    let kinds: Vec<EntryKind> = ledger
+        .history(&mut conn, USER, None, 10)
+        .expect("history")
+        .entries
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            EntryKind::Release,
+            EntryKind::Hold,
+            EntryKind::Capture,
+            EntryKind::Hold,
+            EntryKind::Charge
+        ]
+    );
+    let by_state = every_hold_ended_once(&mut conn);
+    assert_eq!(by_state.get("captured"), Some(&1));
+    assert_eq!(by_state.get("released"), Some(&1));
+    let report = ledger.audit(&mut conn, USER).expect("audit");
+    assert_eq!(
+        (report.balance, report.held, report.available, report.holds),
+        (dec(80), dec(0), dec(80), 2)
+    );
+}
+
+/// Calls `call` again (the same request, the same key) while it is refused for contention;
+/// any other answer is returned. A retry never applies anything twice: the key decides.
+fn until_decided<T>(mut call: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+    for _ in 0..200 {
+        match call() {
+            Err(Error::Contended { .. } | Error::OutcomeUnknown { .. }) => {
+                thread::sleep(StdDuration::from_millis(2))
+            }
+            other => return other,
+        }
+    }
+    panic!("still contended after 200 tries")
+}
+
+#[test]
+fn replays_and_conflicts_for_hold_capture_and_release() {
+    const USER: i64 = 3;
+    let (_url, mut conn) = fresh_database("holds_idempotency");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+    let expires_at = in_secs(600);
+
+    let hold = ledger
+        .hold(&mut conn, USER, dec(40), "h", expires_at)
+        .expect("hold");
+    // The same request (amount written differently, expiry the same microsecond): the same entry.
+    let again = ledger
+        .hold(&mut conn, USER, Decimal::new(4000, 2), "h", expires_at)
+        .expect("replay");
+    assert_eq!(again, hold);
+    // Another amount or another expiry under the key: a conflict naming the first entry.
+    for (amount, at) in [
+        (dec(41), expires_at),
+        (dec(40), expires_at + Duration::seconds(1)),
+    ] {
+        match ledger.hold(&mut conn, USER, amount, "h", at) {
+            Err(Error::IdempotencyConflict {
+                existing_entry_id, ..
+            }) => assert_eq!(existing_entry_id, hold.id),
+            other => panic!("expected IdempotencyConflict, got {other:?}"),
+        }
+    }
+    // The key of a charge is no hold's.
+    assert!(matches!(
+        ledger.hold(&mut conn, USER, dec(1), "fund-3", expires_at),
+        Err(Error::IdempotencyConflict { .. })
+    ));
+
+    let capture = ledger
+        .capture(&mut conn, hold.id, dec(25), "c")
+        .expect("capture");
+    // Replayed after the hold ended: the original capture, not HoldNotActive.
+    assert_eq!(
+        ledger
+            .capture(&mut conn, hold.id, dec(25), "c")
+            .expect("replay"),
+        capture
+    );
+    match ledger.capture(&mut conn, hold.id, dec(24), "c") {
+        Err(Error::IdempotencyConflict {
+            existing_entry_id, ..
+        }) => assert_eq!(existing_entry_id, capture.id),
+        other => panic!("expected IdempotencyConflict, got {other:?}"),
+    }
+    // The capture's key used to release the same hold: a different request.
+    assert!(matches!(
+        ledger.release(&mut conn, hold.id, "c"),
+        Err(Error::IdempotencyConflict { .. })
+    ));
+
+    let second = ledger
+        .hold(&mut conn, USER, dec(30), "h2", expires_at)
+        .expect("hold");
+    let release = ledger.release(&mut conn, second.id, "r").expect("release");
+    assert_eq!(
+        ledger.release(&mut conn, second.id, "r").expect("replay"),
+        release
+    );
+    // The release's key for a capture of the same hold, or a release of another hold.
+    assert!(matches!(
+        ledger.capture(&mut conn, second.id, dec(30), "r"),
+        Err(Error::IdempotencyConflict { .. })
+    ));
+    assert!(matches!(
+        ledger.release(&mut conn, hold.id, "r"),
+        Err(Error::IdempotencyConflict { .. })
+    ));
+
+    let before = snapshot(&mut conn);
+    // Replays change nothing.
+    ledger
+        .hold(&mut conn, USER, dec(40), "h", expires_at)
+        .expect("replay");
+    ledger
+        .capture(&mut conn, hold.id, dec(25), "c")
+        .expect("replay");
+    ledger.release(&mut conn, second.id, "r").expect("replay");
+    assert_eq!(snapshot(&mut conn), before);
+    every_hold_ended_once(&mut conn);
+    audit_ok(&ledger, &mut conn, USER);
+}
+
+#[test]
+fn bad_hold_inputs_are_typed_and_change_nothing() {
+    const USER: i64 = 4;
+    let (_url, mut conn) = fresh_database("holds_bad_inputs");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+    let hold = ledger
+        .hold(&mut conn, USER, dec(10), "h", in_secs(600))
+        .expect("hold");
+    let before = snapshot(&mut conn);
+    let later = in_secs(600);
+    let amount = |want: AmountProblem| move |e: &Error| matches!(e, Error::InvalidAmount { problem, .. } if *problem == want);
+    let expiry = |want: ExpiryProblem| move |e: &Error| matches!(e, Error::InvalidExpiry { problem, .. } if *problem == want);
+    let key = |want: KeyProblem| move |e: &Error| matches!(e, Error::InvalidIdempotencyKey { problem } if *problem == want);
+    type Check = Box<dyn Fn(&Error) -> bool>;
+    let cases: Vec<(&str, Result<Entry, Error>, Check)> = vec![
+        (
+            "hold zero",
+            ledger.hold(&mut conn, USER, Decimal::ZERO, "x", later),
+            Box::new(amount(AmountProblem::NotPositive)),
+        ),
+        (
+            "hold 5 decimals",
+            ledger.hold(&mut conn, USER, Decimal::new(1, 5), "x", later),
+            Box::new(amount(AmountProblem::TooManyDecimals)),
+        ),
+        (
+            "hold empty key",
+            ledger.hold(&mut conn, USER, dec(1), "", later),
+            Box::new(key(KeyProblem::Empty)),
+        ),
+        (
+            "hold expiring in the past",
+            ledger.hold(&mut conn, USER, dec(1), "x", now() - Duration::seconds(1)),
+            Box::new(expiry(ExpiryProblem::NotInFuture)),
+        ),
+        (
+            "hold for a year",
+            ledger.hold(&mut conn, USER, dec(1), "x", now() + Duration::days(365)),
+            Box::new(expiry(ExpiryProblem::TooFar)),
+        ),
+        (
+            "hold on user 0",
+            ledger.hold(&mut conn, 0, dec(1), "x", later),
+            Box::new(|e: &Error| {
+                matches!(
+                    e,
+                    Error::InvalidId {
+                        what: "user",
+                        id: 0
+                    }
+                )
+            }),
+        ),
+        (
+            "hold on no account",
+            ledger.hold(&mut conn, 999, dec(1), "x", later),
+            Box::new(|e: &Error| matches!(e, Error::AccountNotFound { user_id: 999 })),
+        ),
+        (
+            "capture hold 0",
+            ledger.capture(&mut conn, 0, dec(1), "x"),
+            Box::new(|e: &Error| {
+                matches!(
+                    e,
+                    Error::InvalidId {
+                        what: "hold",
+                        id: 0
+                    }
+                )
+            }),
+        ),
+        (
+            "capture negative",
+            ledger.capture(&mut conn, hold.id, dec(-1), "x"),
+            Box::new(amount(AmountProblem::NotPositive)),
+        ),
+        (
+            "capture key with a trailing space",
+            ledger.capture(&mut conn, hold.id, dec(1), "x "),
+            Box::new(key(KeyProblem::TrailingSpace)),
+        ),
+        (
+            "capture of no hold",
+            ledger.capture(&mut conn, 424_242, dec(1), "x"),
+            Box::new(|e: &Error| matches!(e, Error::HoldNotFound { hold_id: 424_242 })),
+        ),
+        (
+            "capture of a charge entry",
+            ledger.capture(&mut conn, hold.id - 1, dec(1), "x"),
+            Box::new(|e: &Error| matches!(e, Error::HoldNotFound { .. })),
+        ),
+        (
+            "capture above the hold",
+            ledger.capture(&mut conn, hold.id, dec(11), "x"),
+            Box::new(|e: &Error| matches!(e, Error::CaptureExceedsHold { .. })),
+        ),
+        (
+            "release of no hold",
+            ledger.release(&mut conn, 424_242, "x"),
+            Box::new(|e: &Error| matches!(e, Error::HoldNotFound { hold_id: 424_242 })),
+        ),
+        (
+            "release with a long key",
+            ledger.release(&mut conn, hold.id, &"k".repeat(65)),
+            Box::new(key(KeyProblem::TooLong { len: 65 })),
+        ),
+    ];
+    for (name, result, check) in cases {
+        match result {
+            Err(e) => assert!(check(&e), "{name}: unexpected error {e:?}"),
+            Ok(entry) => panic!("{name}: accepted as {entry:?}"),
+        }
+    }
+    assert!(matches!(
+        ledger.expire_holds(&mut conn, 0),
+        Err(Error::InvalidInput { field: "limit", .. })
+    ));
+    assert!(matches!(
+        ledger.hold_status(&mut conn, -1),
+        Err(Error::InvalidId { what: "hold", .. })
+    ));
+    assert_eq!(
+        snapshot(&mut conn),
+        before,
+        "a refused call wrote something"
+    );
+    audit_ok(&ledger, &mut conn, USER);
+}
+
+#[test]
+fn an_expired_hold_stops_reserving_before_any_sweep() {
+    const USER: i64 = 5;
+    let (_url, mut conn) = fresh_database("holds_expiry");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+    let short = ledger
+        .hold(
+            &mut conn,
+            USER,
+            dec(60),
+            "short",
+            now() + Duration::milliseconds(1200),
+        )
+        .expect("hold");
+    let long = ledger
+        .hold(&mut conn, USER, dec(30), "long", in_secs(600))
+        .expect("hold");
+    assert_eq!(
+        ledger.balance(&mut conn, USER).expect("balance").available,
+        dec(10)
+    );
+    // Wait for the server clock to pass the expiry.
+    while ledger.balance(&mut conn, USER).expect("balance").held != dec(30) {
+        thread::sleep(StdDuration::from_millis(100));
+    }
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!((balance.balance, balance.available), (dec(100), dec(70)));
+    // Nothing has marked it: it is still stored as active, yet it reserves nothing.
+    let status = ledger.hold_status(&mut conn, short.id).expect("status");
+    assert_eq!(status.state, HoldState::Active);
+    assert_eq!(stored(&mut conn, USER), (dec(100), dec(90)));
+    // Its points can be spent; it can be neither captured nor released.
+    ledger
+        .deduct(&mut conn, USER, dec(70), "spend")
+        .expect("deduct the expired hold's points");
+    for result in [
+        ledger.capture(&mut conn, short.id, dec(1), "c"),
+        ledger.release(&mut conn, short.id, "r"),
+    ] {
+        match result {
+            Err(Error::HoldExpired {
+                hold_id,
+                expired_at,
+            }) => assert_eq!((hold_id, expired_at), (short.id, status.expires_at)),
+            other => panic!("expected HoldExpired, got {other:?}"),
+        }
+    }
+    audit_ok(&ledger, &mut conn, USER);
+
+    let swept = ledger.expire_holds(&mut conn, 10).expect("sweep");
+    assert_eq!(swept.skipped_accounts, Vec::<i64>::new());
+    assert_eq!(swept.expired.len(), 1);
+    let entry = &swept.expired[0];
+    assert_eq!(
+        (
+            entry.kind,
+            entry.amount,
+            entry.related_entry_id,
+            entry.balance_after
+        ),
+        (EntryKind::Expire, dec(60), Some(short.id), dec(30))
+    );
+    assert_eq!(entry.idempotency_key, None);
+    assert_eq!(
+        ledger.expire_holds(&mut conn, 10).expect("sweep").expired,
+        Vec::<Entry>::new(),
+        "a hold expires once"
+    );
+    assert!(matches!(
+        ledger.capture(&mut conn, short.id, dec(1), "c"),
+        Err(Error::HoldExpired { .. })
+    ));
+    assert_eq!(stored(&mut conn, USER), (dec(30), dec(30)));
+    ledger
+        .capture(&mut conn, long.id, dec(30), "c-long")
+        .expect("capture the live hold");
+    let states = every_hold_ended_once(&mut conn);
+    assert_eq!(
+        (states.get("expired"), states.get("captured")),
+        (Some(&1), Some(&1))
+    );
+    let report = ledger.audit(&mut conn, USER).expect("audit");
+    assert_eq!((report.balance, report.available), (dec(0), dec(0)));
+}
+
+/// 32 threads place holds far above the account's balance and capture (partly) or release
+/// each one they got, while another connection samples the balance: the available and the
+/// posted balance never go below zero, every hold ends exactly once, and the audit passes.
+#[test]
+fn thirty_two_threads_hold_capture_and_release_on_one_account() {
+    const THREADS: usize = 32;
+    const HOLDS_PER_THREAD: usize = 6;
+    const USER: i64 = 7;
+    let (url, mut conn) = fresh_database("holds_hot_account");
+    let ledger = BalanceLedger::new();
+    let initial = dec(1000);
+    funded_account(&mut conn, &ledger, USER, initial);
+    let seed = seed("thirty_two_threads_hold_capture_and_release_on_one_account");
+    let stop = AtomicBool::new(false);
+    let samples = AtomicUsize::new(0);
+    let outcomes = thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut conn = connect(&url);
+            while !stop.load(Ordering::Relaxed) {
+                let balance = ledger.balance(&mut conn, USER).expect("sample balance");
+                assert!(balance.balance >= Decimal::ZERO, "{balance:?}");
+                assert!(balance.available >= Decimal::ZERO, "{balance:?}");
+                assert_eq!(balance.available, balance.balance - balance.held);
+                let (posted, held) = stored(&mut conn, USER);
+                assert!(posted >= Decimal::ZERO && held >= Decimal::ZERO);
+                samples.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let outcomes = concurrently(THREADS, &url, |thread, conn| {
+            let mut rng = Rng::new(seed ^ thread as u64);
+            let mut tally = (0usize, 0usize, 0usize, Decimal::ZERO); // refused, captured, released, posted
+            for i in 0..HOLDS_PER_THREAD {
+                let amount = dec(20 + rng.below(100) as i64);
+                let key = format!("h-{thread}-{i}");
+                let placed = until_decided(|| ledger.hold(conn, USER, amount, &key, in_secs(600)));
+                let hold = match placed {
+                    Ok(hold) => hold,
+                    Err(Error::InsufficientBalance { available, .. }) => {
+                        assert!(available >= Decimal::ZERO && available < amount);
+                        tally.0 += 1;
+                        continue;
+                    }
+                    Err(e) => panic!("hold: {e:?}"),
+                };
+                thread::sleep(StdDuration::from_millis(rng.below(5)));
+                if rng.chance(600) {
+                    let part =
+                        dec(1 + rng.below(amount.try_into().unwrap_or(1)) as i64).min(amount);
+                    let key = format!("c-{thread}-{i}");
+                    let entry = until_decided(|| ledger.capture(conn, hold.id, part, &key))
+                        .unwrap_or_else(|e| panic!("capture: {e:?}"));
+                    assert_eq!((entry.kind, entry.amount), (EntryKind::Capture, part));
+                    tally.1 += 1;
+                    tally.3 += part;
+                } else {
+                    let key = format!("r-{thread}-{i}");
+                    until_decided(|| ledger.release(conn, hold.id, &key))
+                        .unwrap_or_else(|e| panic!("release: {e:?}"));
+                    tally.2 += 1;
+                }
+            }
+            tally
+        });
+        stop.store(true, Ordering::Relaxed);
+        sampler.join().expect("sampler");
+        outcomes
+    });
+    assert!(
+        samples.load(Ordering::Relaxed) > 0,
+        "the sampler never read"
+    );
+    let refused: usize = outcomes.iter().map(|o| o.0).sum();
+    let captured: usize = outcomes.iter().map(|o| o.1).sum();
+    let released: usize = outcomes.iter().map(|o| o.2).sum();
+    let posted: Decimal = outcomes.iter().map(|o| o.3).sum();
+    println!(
+        "{} holds placed ({captured} captured, {released} released), {refused} refused, {} samples",
+        captured + released,
+        samples.load(Ordering::Relaxed)
+    );
+    assert!(refused > 0, "the holds never exceeded the balance");
+    let states = every_hold_ended_once(&mut conn);
+    assert_eq!(states.get("active"), None);
+    assert_eq!(states.get("captured").copied().unwrap_or(0), captured);
+    assert_eq!(states.get("released").copied().unwrap_or(0), released);
+    assert_eq!(stored(&mut conn, USER), (initial - posted, Decimal::ZERO));
+    let report = ledger.audit(&mut conn, USER).expect("audit");
+    assert_eq!(report.holds as usize, captured + released);
+}
+
+/// Holds that expire (on the server clock) while captures race them and two sweepers mark
+/// them: each ends captured or expired, never both, and a capture is answered Ok exactly for
+/// the holds that end captured.
+#[test]
+fn captures_racing_expiry_end_each_hold_once() {
+    const HOLDS: usize = 24;
+    const CAPTURERS: usize = 6;
+    const USER: i64 = 8;
+    let (url, mut conn) = fresh_database("holds_expiry_race");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(10_000));
+    // Far enough ahead for the threads to connect before the race starts.
+    let expires_at = now() + Duration::milliseconds(2500);
+    let holds: Vec<i64> = (0..HOLDS)
+        .map(|i| {
+            ledger
+                .hold(&mut conn, USER, dec(10), &format!("h{i}"), expires_at)
+                .expect("hold")
+                .id
+        })
+        .collect();
+    let seed = seed("captures_racing_expiry_end_each_hold_once");
+    let done = AtomicBool::new(false);
+    let (answers, swept) = thread::scope(|s| {
+        let sweepers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut conn = connect(&url);
+                    let mut expired = Vec::new();
+                    while !done.load(Ordering::Relaxed) {
+                        let report = ledger.expire_holds(&mut conn, 5).expect("sweep");
+                        expired.extend(report.expired.into_iter().map(|e| e.related_entry_id));
+                        thread::sleep(StdDuration::from_millis(20));
+                    }
+                    expired
+                })
+            })
+            .collect();
+        let answers = concurrently(CAPTURERS, &url, |thread, conn| {
+            let mut rng = Rng::new(seed ^ thread as u64);
+            let mut answers = Vec::new();
+            for (i, hold) in holds
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % CAPTURERS == thread)
+            {
+                // Aim around the expiry: from 400 ms before it to 200 ms after it.
+                let at = expires_at - Duration::milliseconds(400)
+                    + Duration::milliseconds(rng.below(600) as i64);
+                if let Ok(wait) = (at - now()).to_std() {
+                    thread::sleep(wait);
+                }
+                let key = format!("c{i}");
+                let answer = until_decided(|| ledger.capture(conn, *hold, dec(7), &key));
+                match &answer {
+                    Ok(_) | Err(Error::HoldExpired { .. }) => {}
+                    Err(e) => panic!("capture of {hold}: {e:?}"),
+                }
+                answers.push((*hold, answer.is_ok()));
+            }
+            answers
+        });
+        // Past the expiry (the server's clock decides): sweep until nothing is active.
+        while ledger.balance(&mut conn, USER).expect("balance").held > Decimal::ZERO {
+            thread::sleep(StdDuration::from_millis(50));
+        }
+        while !ledger
+            .expire_holds(&mut conn, 100)
+            .expect("sweep")
+            .expired
+            .is_empty()
+        {}
+        done.store(true, Ordering::Relaxed);
+        let swept: Vec<Option<i64>> = sweepers
+            .into_iter()
+            .flat_map(|h| h.join().expect("sweeper"))
+            .collect();
+        (answers.concat(), swept)
+    });
+    let states = every_hold_ended_once(&mut conn);
+    assert_eq!(states.get("active"), None);
+    let rows: HashMap<i64, String> = hold_rows(&mut conn)
+        .into_iter()
+        .map(|h| (h.0, h.4))
+        .collect();
+    for (hold, captured) in &answers {
+        let want = if *captured { "captured" } else { "expired" };
+        assert_eq!(rows[hold], want, "hold {hold}");
+    }
+    let mut swept_ids: Vec<i64> = swept.into_iter().flatten().collect();
+    swept_ids.sort_unstable();
+    let before = swept_ids.len();
+    swept_ids.dedup();
+    assert_eq!(before, swept_ids.len(), "two sweepers expired one hold");
+    let captured = answers.iter().filter(|a| a.1).count();
+    println!(
+        "{captured} captured, {} expired ({} by the racing sweepers)",
+        HOLDS - captured,
+        swept_ids.len()
+    );
+    audit_ok(&ledger, &mut conn, USER);
+}
+
+/// Several sweepers at once over many accounts: every due hold is expired exactly once (the
+/// unique ending entry and the reports agree), locked accounts are skipped, not waited for.
+#[test]
+fn concurrent_sweepers_expire_each_hold_once() {
+    const ACCOUNTS: i64 = 4;
+    const HOLDS: usize = 12;
+    let (url, mut conn) = fresh_database("holds_sweepers");
+    let ledger = BalanceLedger::new();
+    let expires_at = now() + Duration::milliseconds(800);
+    for user in 1..=ACCOUNTS {
+        funded_account(&mut conn, &ledger, user, dec(1000));
+        for i in 0..HOLDS {
+            ledger
+                .hold(&mut conn, user, dec(5), &format!("h{i}"), expires_at)
+                .expect("hold");
+        }
+    }
+    while (1..=ACCOUNTS)
+        .any(|u| ledger.balance(&mut conn, u).expect("balance").held > Decimal::ZERO)
+    {
+        thread::sleep(StdDuration::from_millis(50));
+    }
+    let reports = concurrently(4, &url, |_, conn| {
+        let mut expired = Vec::new();
+        let mut skipped = 0;
+        loop {
+            let report = ledger.expire_holds(conn, 7).expect("sweep");
+            skipped += report.skipped_accounts.len();
+            if report.expired.is_empty() && report.skipped_accounts.is_empty() {
+                return (expired, skipped);
+            }
+            expired.extend(report.expired);
+        }
+    });
+    let mut ends: Vec<i64> = reports
+        .iter()
+        .flat_map(|r| r.0.iter().filter_map(|e| e.related_entry_id))
+        .collect();
+    ends.sort_unstable();
+    let total = ends.len();
+    ends.dedup();
+    assert_eq!((total, ends.len()), (HOLDS * ACCOUNTS as usize, total));
+    let states = every_hold_ended_once(&mut conn);
+    assert_eq!(states.get("expired"), Some(&(HOLDS * ACCOUNTS as usize)));
+    println!(
+        "sweepers skipped {} locked accounts",
+        reports.iter().map(|r| r.1).sum::<usize>()
+    );
+    for user in 1..=ACCOUNTS {
+        let report = ledger.audit(&mut conn, user).expect("audit");
+        assert_eq!((report.balance, report.available), (dec(1000), dec(1000)));
+    }
+}
+
+/// Holds and captures through `CombiningLedger` from many threads on one account: each answer
+/// is the single call's, and the account stays exact.
+#[test]
+fn combining_ledger_holds_and_captures() {
+    const THREADS: usize = 16;
+    const USER: i64 = 9;
+    let (url, mut conn) = fresh_database("holds_combining");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(500));
+    let hot = CombiningLedger::new(pool(&url, 4), BalanceLedger::new());
+    let results = lockstock_testkit::fixtures::together(THREADS, |thread| {
+        let (key, expires_at) = (format!("h{thread}"), in_secs(600));
+        let hold = until_decided(|| hot.hold(USER, dec(40), &key, expires_at));
+        let Ok(hold) = hold else {
+            assert!(
+                matches!(hold, Err(Error::InsufficientBalance { .. })),
+                "{hold:?}"
+            );
+            return None;
+        };
+        assert_eq!(
+            until_decided(|| hot.hold(USER, dec(40), &key, expires_at))
+                .expect("replay")
+                .id,
+            hold.id,
+            "a replayed hold is the original"
+        );
+        let ending = if thread % 2 == 0 {
+            until_decided(|| hot.capture(hold.id, dec(25), &format!("c{thread}")))
+        } else {
+            until_decided(|| hot.release(hold.id, &format!("r{thread}")))
+        };
+        let ending = ending.expect("end the hold");
+        assert_eq!(ending.related_entry_id, Some(hold.id));
+        Some(ending.kind)
+    });
+    let placed = results.iter().flatten().count();
+    assert_eq!(placed, 12, "500 holds 12 holds of 40 at most at once");
+    assert!(matches!(
+        hot.capture(424_242, dec(1), "x"),
+        Err(Error::HoldNotFound { hold_id: 424_242 })
+    ));
+    assert!(matches!(
+        hot.capture(0, dec(1), "x"),
+        Err(Error::InvalidId { what: "hold", .. })
+    ));
+    every_hold_ended_once(&mut conn);
+    let captures = results
+        .iter()
+        .filter(|r| **r == Some(EntryKind::Capture))
+        .count();
+    let report = ledger.audit(&mut conn, USER).expect("audit");
+    assert_eq!(report.balance, dec(500) - dec(25) * Decimal::from(captures));
+}
+
+/// A batch of holds, captures and releases answers each request as the single calls made one
+/// after another (the same ops on a second account).
+#[test]
+fn batch_holds_answer_as_single_calls() {
+    let (_url, mut conn) = fresh_database("holds_batch");
+    let ledger = BalanceLedger::new();
+    let (single, batched) = (11i64, 12i64);
+    let later = in_secs(600);
+    let mut placed = HashMap::new();
+    for user in [single, batched] {
+        funded_account(&mut conn, &ledger, user, dec(100));
+        let a = ledger
+            .hold(&mut conn, user, dec(30), "a", later)
+            .expect("a");
+        let b = ledger
+            .hold(&mut conn, user, dec(20), "b", later)
+            .expect("b");
+        placed.insert(user, (a.id, b.id));
+    }
+    let other = placed[&single].0; // a hold of another account for the batch
+    let ops = |user: i64| {
+        let (a, b) = placed[&user];
+        vec![
+            AccountOp::hold(dec(40), "c", later),
+            AccountOp::hold(dec(11), "d", later), // 100 - 30 - 20 - 40 = 10 available
+            AccountOp::capture(a, dec(31), "x1"), // above the hold
+            AccountOp::capture(a, dec(30), "x2"),
+            AccountOp::capture(a, dec(1), "x3"), // captured already
+            AccountOp::release(b, "y1"),
+            AccountOp::release(b, "y1"), // the same request: the same entry
+            AccountOp::release(a, "y1"), // another request under the key
+            AccountOp::hold(dec(11), "d", later), // the key was refused: free again
+            AccountOp::deduct(dec(30), "z"),
+            AccountOp::capture(0, dec(1), "bad"),
+            AccountOp::hold(dec(1), "e", now() - Duration::seconds(1)),
+            AccountOp::capture(if user == batched { other } else { 424_242 }, dec(1), "w"),
+        ]
+    };
+    let singles: Vec<Result<Entry, Error>> = ops(single)
+        .iter()
+        .map(|op| match op {
+            AccountOp::Hold {
+                amount,
+                key,
+                expires_at,
+            } => ledger.hold(&mut conn, single, *amount, key, *expires_at),
+            AccountOp::Capture {
+                hold_id,
+                amount,
+                key,
+            } => ledger.capture(&mut conn, *hold_id, *amount, key),
+            AccountOp::Release { hold_id, key } => ledger.release(&mut conn, *hold_id, key),
+            AccountOp::Deduct { amount, key } => ledger.deduct(&mut conn, single, *amount, key),
+            other => panic!("unexpected op {other:?}"),
+        })
+        .collect();
+    let batch = ledger
+        .apply_many(&mut conn, batched, &ops(batched))
+        .expect("batch");
+    // Compare with the hold ids and entry ids mapped to the account's journal positions.
+    let position = |conn: &mut MysqlConnection, user: i64| -> HashMap<i64, usize> {
+        let ids: Vec<i64> = balance_history::table
+            .filter(balance_history::user_id.eq(user))
+            .order(balance_history::id.asc())
+            .select(balance_history::id)
+            .load(conn)
+            .expect("ids");
+        ids.into_iter().enumerate().map(|(i, id)| (id, i)).collect()
+    };
+    let (ps, pb) = (position(&mut conn, single), position(&mut conn, batched));
+    let view = |p: &HashMap<i64, usize>, r: &Result<Entry, Error>| match r {
+        Ok(e) => format!(
+            "{} {} {} {:?} {:?}",
+            e.kind,
+            e.amount,
+            e.balance_after,
+            e.idempotency_key,
+            e.related_entry_id.map(|id| p.get(&id).copied())
+        ),
+        Err(Error::IdempotencyConflict {
+            key,
+            existing_entry_id,
+            ..
+        }) => format!("conflict {key} {:?}", p.get(existing_entry_id)),
+        Err(Error::HoldNotActive { hold_id, state }) => {
+            format!("not active {:?} {state}", p.get(hold_id))
+        }
+        Err(Error::CaptureExceedsHold {
+            hold_id,
+            held,
+            requested,
+        }) => format!("exceeds {:?} {held} {requested}", p.get(hold_id)),
+        Err(Error::HoldNotFound { .. }) => "hold not found".to_owned(),
+        Err(e) => format!("{:?}", std::mem::discriminant(e)),
+    };
+    assert_eq!(singles.len(), batch.len());
+    for (i, (s, b)) in singles.iter().zip(&batch).enumerate() {
+        assert_eq!(
+            view(&pb, b),
+            view(&ps, s),
+            "request {i}: batch (left), single (right)"
+        );
+    }
+    assert!(matches!(
+        batch[10],
+        Err(Error::InvalidId { what: "hold", .. })
+    ));
+    assert!(matches!(
+        batch[11],
+        Err(Error::InvalidExpiry {
+            problem: ExpiryProblem::NotInFuture,
+            ..
+        })
+    ));
+    let balance = |user| {
+        let b = ledger.balance(&mut connect(&_url), user).expect("balance");
+        (b.balance, b.held, b.available, b.version)
+    };
+    assert_eq!(balance(batched), balance(single));
+    every_hold_ended_once(&mut conn);
+    audit_ok(&ledger, &mut conn, single);
+    audit_ok(&ledger, &mut conn, batched);
+}
