@@ -4,6 +4,12 @@
 //! database: coupons issued, over-issue, users holding two, stock + issued == total, and a
 //! ledger audit of every account plus money conservation.
 //!
+//! The sale runs twice on campaigns of the same size with the same request order: first with
+//! one transaction per request (`CouponIssuer::issue`, each thread on its own connection), then
+//! combined (`CombiningIssuer` over a pool of 8), one line each and the speed-up (time until
+//! the last coupon was issued). The checks and the final `flash-sale:` line are those of the
+//! combined run, which the ledger threads run beside.
+//!
 //! `make demo` or `cargo run --release --example flash_sale`
 //!
 //! Uses the throwaway MariaDB (or the server of `DATABASE_URL`); the example's own database
@@ -22,9 +28,14 @@ use chrono::{Duration, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::dsl::sum;
 use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::BigInt;
+use lockstock::combine::CombiningIssuer;
 use lockstock::schema::{fcfs_coupon, user_balance, user_coupon};
-use lockstock::{BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon};
+use lockstock::{
+    BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, SessionSettings,
+    TxnPolicy,
+};
 use rust_decimal::Decimal;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -39,6 +50,8 @@ const LEDGER_USERS: i64 = 200;
 /// Ledger account ids: 1_000_001 ..= 1_000_200 (a separate table from coupon users anyway).
 const LEDGER_BASE: i64 = 1_000_000;
 const LEDGER_OPS_PER_USER: u64 = 8;
+/// Connections of the combined run's pool.
+const POOL_SIZE: u32 = 8;
 const DEFAULT_SEED: u64 = 0x5EED_F1A5;
 
 /// Joins the `what` threads, handing each one's stats to `merge` and noting in `failures` the
@@ -85,6 +98,9 @@ fn main() -> Result<(), BoxError> {
         issue_ends_at: now + Duration::hours(1),
     };
     let campaign = issuer.create_campaign(&mut conn, &sale)?;
+    // The per-request run's campaign: the same size, the same requests, its own issuer.
+    let single_issuer = Arc::new(CouponIssuer::new());
+    let single_campaign = single_issuer.create_campaign(&mut conn, &sale)?;
 
     let requests = Arc::new(request_order(seed));
     println!(
@@ -101,30 +117,38 @@ fn main() -> Result<(), BoxError> {
         LEDGER_USERS
     );
 
-    // Everyone connects first, then all start at once.
+    let mut failures: Vec<String> = Vec::new();
+    // One transaction per request, each thread on its own connection.
+    let single = {
+        let barrier = Arc::new(Barrier::new(ISSUE_THREADS + 1));
+        let threads = issue_threads(&requests, &barrier, || {
+            let (url, issuer) = (url.clone(), single_issuer.clone());
+            move || -> Result<_, BoxError> {
+                let mut conn = MysqlConnection::establish(&url)?;
+                Ok(move |user| issuer.issue(&mut conn, user, single_campaign.id))
+            }
+        });
+        barrier.wait();
+        let started = Instant::now();
+        let mut stats = IssueStats::default();
+        join_into(threads, "per-request issue", &mut failures, |s| {
+            stats.merge(s)
+        });
+        stats.finish(started)
+    };
+    println!("{}", single.line("per-request"));
+
+    // Combined: every thread through one CombiningIssuer; the ledger threads beside it.
+    let pool = Pool::builder()
+        .max_size(POOL_SIZE)
+        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
+        .build(ConnectionManager::<MysqlConnection>::new(url.clone()))?;
+    let hot = Arc::new(CombiningIssuer::new(pool, CouponIssuer::new()));
     let barrier = Arc::new(Barrier::new(ISSUE_THREADS + LEDGER_THREADS + 1));
-    let next = Arc::new(AtomicUsize::new(0));
-    let issue_threads: Vec<_> = (0..ISSUE_THREADS)
-        .map(|_| {
-            let (url, issuer, barrier) = (url.clone(), issuer.clone(), barrier.clone());
-            let (requests, next) = (requests.clone(), next.clone());
-            thread::spawn(move || -> Result<IssueStats, BoxError> {
-                let conn = MysqlConnection::establish(&url);
-                barrier.wait();
-                let mut conn = conn?;
-                let mut stats = IssueStats::default();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&user) = requests.get(i) else {
-                        return Ok(stats);
-                    };
-                    let started = Instant::now();
-                    let result = issuer.issue(&mut conn, user, campaign.id);
-                    stats.record(result, micros(started.elapsed()));
-                }
-            })
-        })
-        .collect();
+    let issue_threads = issue_threads(&requests, &barrier, || {
+        let hot = hot.clone();
+        move || -> Result<_, BoxError> { Ok(move |user| hot.issue(user, campaign.id)) }
+    });
     let ledger_threads: Vec<_> = (0..LEDGER_THREADS)
         .map(|t| {
             let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
@@ -139,11 +163,21 @@ fn main() -> Result<(), BoxError> {
     barrier.wait();
     let started = Instant::now();
     let mut issue = IssueStats::default();
-    let mut failures: Vec<String> = Vec::new();
     join_into(issue_threads, "issue", &mut failures, |stats| {
         issue.merge(stats)
     });
-    let elapsed = started.elapsed();
+    let issue = issue.finish(started);
+    let elapsed = issue.elapsed;
+    println!("{}", issue.line("combining"));
+    println!(
+        "speed-up: combining issued the {STOCK} coupons {:.1}x as fast as one transaction per \
+         request ({} ms vs {} ms until the last one)",
+        single.sold_out.as_secs_f64() / issue.sold_out.as_secs_f64().max(1e-9),
+        issue.sold_out.as_millis(),
+        single.sold_out.as_millis()
+    );
+    let IssueRun { mut stats, .. } = issue;
+    let issue = &mut stats;
     let mut money = LedgerStats::default();
     join_into(ledger_threads, "ledger", &mut failures, |stats| {
         money.merge(stats)
@@ -316,6 +350,41 @@ fn main() -> Result<(), BoxError> {
     }
 }
 
+/// Starts the issue threads: each runs its `setup` (made by `make`: e.g. connecting), waits at
+/// `barrier`, then sends the next request of `requests` until none are left.
+fn issue_threads<S, F>(
+    requests: &Arc<Vec<i64>>,
+    barrier: &Arc<Barrier>,
+    mut make: impl FnMut() -> S,
+) -> Vec<thread::JoinHandle<Result<IssueStats, BoxError>>>
+where
+    S: FnOnce() -> Result<F, BoxError> + Send + 'static,
+    F: FnMut(i64) -> Result<lockstock::IssuedCoupon, Error>,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    (0..ISSUE_THREADS)
+        .map(|_| {
+            let setup = make();
+            let (requests, next, barrier) = (requests.clone(), next.clone(), barrier.clone());
+            thread::spawn(move || -> Result<IssueStats, BoxError> {
+                let issue = setup();
+                barrier.wait();
+                let mut issue = issue?;
+                let mut stats = IssueStats::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&user) = requests.get(i) else {
+                        return Ok(stats);
+                    };
+                    let started = Instant::now();
+                    let result = issue(user);
+                    stats.record(result, started);
+                }
+            })
+        })
+        .collect()
+}
+
 /// The example's database, dropped and recreated, with the migrations applied.
 fn fresh_database() -> Result<String, BoxError> {
     let url = lockstock_testkit::sandbox::database_url(DATABASE)?;
@@ -349,6 +418,8 @@ struct Count {
 #[derive(Default)]
 struct IssueStats {
     issued: u64,
+    /// When the last coupon was issued.
+    last_issued: Option<Instant>,
     /// Latencies (µs) of the calls, per outcome.
     outcomes: BTreeMap<&'static str, Vec<u64>>,
     others: BTreeMap<String, u64>,
@@ -356,10 +427,12 @@ struct IssueStats {
 }
 
 impl IssueStats {
-    fn record(&mut self, result: Result<lockstock::IssuedCoupon, Error>, latency_us: u64) {
+    fn record(&mut self, result: Result<lockstock::IssuedCoupon, Error>, started: Instant) {
+        let latency_us = micros(started.elapsed());
         let outcome = match result {
             Ok(_) => {
                 self.issued += 1;
+                self.last_issued = Some(Instant::now());
                 "issued"
             }
             Err(Error::SoldOut { .. }) => "sold_out",
@@ -380,6 +453,7 @@ impl IssueStats {
 
     fn merge(&mut self, other: IssueStats) {
         self.issued += other.issued;
+        self.last_issued = self.last_issued.max(other.last_issued);
         for (k, latencies) in other.outcomes {
             self.outcomes.entry(k).or_default().extend(latencies);
         }
@@ -388,6 +462,52 @@ impl IssueStats {
         }
         self.latencies_us.extend(other.latencies_us);
     }
+}
+
+impl IssueStats {
+    /// The run that started at `started` and has just ended.
+    fn finish(self, started: Instant) -> IssueRun {
+        IssueRun {
+            elapsed: started.elapsed(),
+            sold_out: self.last_issued.map_or(StdDuration::ZERO, |at| {
+                at.saturating_duration_since(started)
+            }),
+            stats: self,
+        }
+    }
+}
+
+/// One run of the sale: its answers and times.
+struct IssueRun {
+    stats: IssueStats,
+    /// Until every thread had its last answer.
+    elapsed: StdDuration,
+    /// Until the last coupon was issued.
+    sold_out: StdDuration,
+}
+
+impl IssueRun {
+    /// The run's one-line summary.
+    fn line(&self, name: &str) -> String {
+        let issued = self.stats.issued;
+        format!(
+            "{name:<12} issued {issued} in {} ms ({:.0} coupons/s); {} requests answered in {} ms, \
+             p99 {} ms, {} contended",
+            self.sold_out.as_millis(),
+            issued as f64 / self.sold_out.as_secs_f64().max(1e-9),
+            self.stats.latencies_us.len(),
+            self.elapsed.as_millis(),
+            ms(percentile_of(&self.stats.latencies_us, 99.0)),
+            self.stats.count("contended")
+        )
+    }
+}
+
+/// The `p`-th percentile of unsorted `values`.
+fn percentile_of(values: &[u64], p: f64) -> u64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    percentile(&sorted, p)
 }
 
 #[derive(Default)]

@@ -29,7 +29,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::mysql::MysqlConnection;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
@@ -39,13 +39,31 @@ use crate::coupon::{CouponIssuer, IssuedCoupon};
 use crate::error::{Error, Result};
 use crate::ledger::{AccountOp, BalanceLedger, Entry};
 use crate::route::Router;
-use crate::txn::{mark_broken, watched, Deadline};
+use crate::txn::{mark_broken, refusals_on_this_thread, watched, Deadline};
 
 /// An r2d2 pool of MySQL connections.
 pub type MysqlPool = Pool<ConnectionManager<MysqlConnection>>;
 
 /// Largest batch by default.
 pub const DEFAULT_MAX_BATCH: usize = 256;
+
+/// The first linger after a batch met a refusal.
+const LINGER_STEP: Duration = Duration::from_micros(200);
+/// The longest linger.
+const LINGER_MAX: Duration = Duration::from_millis(2);
+/// A linger is at most this fraction (1 / n) of the time the queued requests have left.
+const LINGER_SHARE: u32 = 8;
+/// A lane's linger is forgotten this long after its last refused batch.
+const LINGER_MEMORY: Duration = Duration::from_secs(1);
+
+/// What one batch run returned to the core.
+struct Ran<Resp> {
+    /// One result per request, or a whole-batch error.
+    outcome: Result<Vec<Result<Resp>>>,
+    /// Whether the hot row was refused (and retried) during the run: another process's batch,
+    /// or another path, held it.
+    refused: bool,
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -76,6 +94,10 @@ type Queued<Req, Resp> = (Req, Deadline, Arc<Slot<Resp>>);
 struct Lane<Req, Resp> {
     queue: VecDeque<Queued<Req, Resp>>,
     leading: bool,
+    /// How long the next leader waits before it forms its batch (zero: not at all), and when
+    /// a batch of this key last met a refusal.
+    linger: Duration,
+    refused_at: Option<Instant>,
 }
 
 impl<Req, Resp> Default for Lane<Req, Resp> {
@@ -83,7 +105,44 @@ impl<Req, Resp> Default for Lane<Req, Resp> {
         Self {
             queue: VecDeque::new(),
             leading: false,
+            linger: Duration::ZERO,
+            refused_at: None,
         }
+    }
+}
+
+impl<Req, Resp> Lane<Req, Resp> {
+    /// Adapts the linger to the last batch: doubled (from [`LINGER_STEP`], up to
+    /// [`LINGER_MAX`]) when it met a refusal, halved (to zero below the step) when it did not.
+    fn adapt(&mut self, refused: bool) {
+        if refused {
+            self.linger = (self.linger * 2).clamp(LINGER_STEP, LINGER_MAX);
+            self.refused_at = Some(Instant::now());
+        } else if self.linger > LINGER_STEP {
+            self.linger /= 2;
+        } else {
+            self.linger = Duration::ZERO;
+        }
+    }
+
+    /// Whether the lane can be forgotten once idle: no linger worth remembering.
+    fn forgettable(&self) -> bool {
+        self.linger.is_zero()
+            || !matches!(self.refused_at, Some(at) if at.elapsed() <= LINGER_MEMORY)
+    }
+
+    /// How long a leader with `deadline` lingers now: the linger, at most a share of the time
+    /// left to it and to every queued request; zero once the batch is full.
+    fn linger_for(&self, deadline: Deadline, max_batch: usize) -> Duration {
+        if self.linger.is_zero() || self.queue.len() >= max_batch {
+            return Duration::ZERO;
+        }
+        let least_left = self
+            .queue
+            .iter()
+            .map(|(_, d, _)| d.remaining())
+            .fold(deadline.remaining(), Duration::min);
+        self.linger.min(least_left / LINGER_SHARE)
     }
 }
 
@@ -145,6 +204,21 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         request: Req,
         deadline: Deadline,
         run_batch: impl Fn(&K, Vec<Req>, Deadline) -> Result<Vec<Result<Resp>>>,
+    ) -> Result<Resp> {
+        self.submit_observed(key, request, deadline, |key, requests, deadline| Ran {
+            outcome: run_batch(key, requests, deadline),
+            refused: false,
+        })
+    }
+
+    /// [`submit`](Self::submit) where `run_batch` also says whether its batch met a refusal
+    /// of the hot row: then the next leaders of the key linger (see [`Combining`]).
+    fn submit_observed(
+        &self,
+        key: K,
+        request: Req,
+        deadline: Deadline,
+        run_batch: impl Fn(&K, Vec<Req>, Deadline) -> Ran<Resp>,
     ) -> Result<Resp> {
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState::Queued),
@@ -226,8 +300,15 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         &self,
         key: &K,
         deadline: Deadline,
-        run_batch: &impl Fn(&K, Vec<Req>, Deadline) -> Result<Vec<Result<Resp>>>,
+        run_batch: &impl Fn(&K, Vec<Req>, Deadline) -> Ran<Resp>,
     ) {
+        // After refusals, wait a little so that more requests join this batch.
+        let linger = lock(&self.lanes).get(key).map_or(Duration::ZERO, |lane| {
+            lane.linger_for(deadline, self.max_batch)
+        });
+        if !linger.is_zero() {
+            std::thread::sleep(linger);
+        }
         let drained: Vec<Queued<Req, Resp>> = {
             let mut lanes = lock(&self.lanes);
             let lane = lanes.entry(key.clone()).or_default();
@@ -263,6 +344,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         // Answers go out before the leadership: the callers just answered resubmit at once and
         // make the next batch larger (handing over first measured ~25% slower at 64 clients).
         let mut panicked = None;
+        let mut refused = None;
         if let Some(batch_deadline) = batch_deadline {
             trace_event!(batch = count, "running a combined batch");
             // A panicking batch must still answer its callers and pass the leadership on, or
@@ -271,7 +353,10 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 run_batch(key, requests, batch_deadline)
             }));
             match outcome {
-                Ok(outcome) => deliver(&slots, outcome),
+                Ok(ran) => {
+                    refused = Some(ran.refused);
+                    deliver(&slots, ran.outcome);
+                }
                 Err(panic) => {
                     let error = Error::internal("the batch panicked");
                     deliver(&slots, Err(error));
@@ -284,19 +369,17 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             stats.largest_batch = stats.largest_batch.max(count);
         }
         let mut lanes = lock(&self.lanes);
-        let next = lanes
-            .get_mut(key)
-            .and_then(|lane| match lane.queue.front() {
-                Some((_, _, slot)) => Some(slot.clone()),
-                None => {
-                    lane.leading = false;
-                    None
-                }
-            });
-        match next {
-            Some(slot) => slot.set(SlotState::Lead),
+        let lane = lanes.entry(key.clone()).or_default();
+        if let Some(refused) = refused {
+            lane.adapt(refused);
+        }
+        match lane.queue.front() {
+            Some((_, _, slot)) => slot.set(SlotState::Lead),
             None => {
-                lanes.remove(key);
+                lane.leading = false;
+                if lane.forgettable() {
+                    lanes.remove(key);
+                }
             }
         }
         drop(lanes);
@@ -445,14 +528,19 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
         many: impl Fn(&S, &mut MysqlConnection, i64, &[Req], Deadline) -> Result<Vec<Result<Resp>>>,
     ) -> Result<Resp> {
         self.combiner
-            .submit(key, request, deadline, |key, requests, deadline| {
+            .submit_observed(key, request, deadline, |key, requests, deadline| {
                 // A lone request's error is the batch's: the same answer reaches its caller,
                 // and a router sees the node failures among them.
                 let run = |conn: &mut MysqlConnection, deadline| match requests.as_slice() {
                     [alone] => one(&self.inner, conn, *key, alone, deadline).map(|r| vec![Ok(r)]),
                     all => many(&self.inner, conn, *key, all, deadline),
                 };
-                self.with_connection(deadline, grace, run)
+                let refusals = refusals_on_this_thread();
+                let outcome = self.with_connection(deadline, grace, run);
+                Ran {
+                    outcome,
+                    refused: refusals_on_this_thread() > refusals,
+                }
             })
     }
 

@@ -181,3 +181,115 @@ fn a_panicking_batch_does_not_wedge_the_lane() {
         Some(10)
     );
 }
+
+/// A batch run that reports a refusal of the hot row (as another process's batch causes).
+fn refused_doubled(_: &u8, requests: Vec<u64>, _: Deadline) -> Ran<u64> {
+    Ran {
+        outcome: Ok(requests.into_iter().map(|r| Ok(r * 2)).collect()),
+        refused: true,
+    }
+}
+
+fn calm_doubled(key: &u8, requests: Vec<u64>, deadline: Deadline) -> Ran<u64> {
+    Ran {
+        outcome: doubled(key, requests, deadline),
+        refused: false,
+    }
+}
+
+fn linger_of(combiner: &Doubler, key: u8) -> Option<Duration> {
+    lock(&combiner.lanes).get(&key).map(|lane| lane.linger)
+}
+
+#[test]
+fn a_refused_batch_makes_the_next_leaders_linger_and_calm_batches_end_it() {
+    let combiner = Doubler::new(8);
+    let deadline = || within(Duration::from_secs(5));
+    assert_eq!(
+        combiner
+            .submit_observed(0, 1, deadline(), refused_doubled)
+            .ok(),
+        Some(2)
+    );
+    // Remembered while idle, doubled by every refused batch up to the cap.
+    assert_eq!(linger_of(&combiner, 0), Some(LINGER_STEP));
+    for _ in 0..8 {
+        assert!(combiner
+            .submit_observed(0, 1, deadline(), refused_doubled)
+            .is_ok());
+    }
+    assert_eq!(linger_of(&combiner, 0), Some(LINGER_MAX));
+    // Halved by every calm batch; the lane is forgotten once the linger is gone.
+    assert!(combiner
+        .submit_observed(0, 3, deadline(), calm_doubled)
+        .is_ok());
+    assert_eq!(linger_of(&combiner, 0), Some(LINGER_MAX / 2));
+    for _ in 0..8 {
+        assert_eq!(
+            combiner
+                .submit_observed(0, 3, deadline(), calm_doubled)
+                .ok(),
+            Some(6)
+        );
+    }
+    assert_eq!(linger_of(&combiner, 0), None, "lane left behind");
+    assert_eq!(combiner.stats().batches, 18);
+}
+
+#[test]
+fn a_linger_never_takes_more_than_a_share_of_any_queued_deadline() {
+    let mut lane: Lane<u64, u64> = Lane {
+        linger: LINGER_MAX,
+        ..Lane::default()
+    };
+    let slot = || {
+        Arc::new(Slot {
+            state: Mutex::new(SlotState::Queued),
+            changed: Condvar::new(),
+        })
+    };
+    let long = within(Duration::from_secs(5));
+    assert_eq!(lane.linger_for(long, 4), LINGER_MAX);
+    // A queued request with 800 µs left: the leader lingers at most an eighth of it.
+    lane.queue
+        .push_back((1, within(Duration::from_micros(800)), slot()));
+    assert!(lane.linger_for(long, 4) <= Duration::from_micros(100));
+    // A leader whose own deadline has passed, or a full batch: no linger at all.
+    assert_eq!(lane.linger_for(within(Duration::ZERO), 4), Duration::ZERO);
+    lane.queue.clear();
+    for r in 0..4 {
+        lane.queue.push_back((r, long, slot()));
+    }
+    assert_eq!(lane.linger_for(long, 4), Duration::ZERO);
+}
+
+#[test]
+fn lingering_leaders_answer_every_caller_within_its_deadline() {
+    let combiner = Doubler::new(64);
+    let barrier = Barrier::new(16);
+    thread::scope(|scope| {
+        let callers: Vec<_> = (0..16u64)
+            .map(|t| {
+                let (combiner, barrier) = (&combiner, &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    (0..20u64).all(|i| {
+                        // Every batch "refused": the linger stays at its cap.
+                        let request = t * 100 + i;
+                        let deadline = within(Duration::from_millis(40));
+                        let answer =
+                            combiner.submit_observed(0, request, deadline, refused_doubled);
+                        answer.is_ok_and(|a| a == request * 2) && !deadline.is_expired()
+                    })
+                })
+            })
+            .collect();
+        for caller in callers {
+            assert!(
+                caller.join().unwrap_or(false),
+                "a caller timed out or got a wrong answer"
+            );
+        }
+    });
+    assert_eq!(combiner.stats().requests, 16 * 20);
+}

@@ -241,6 +241,17 @@ pub(crate) fn watched<T>(
     (value, guard.disarm())
 }
 
+std::thread_local! {
+    /// Refusals the runner retried on this thread (see [`refusals_on_this_thread`]).
+    static REFUSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many refusals the runner has retried on the calling thread so far: a combiner's leader
+/// reads it around a batch (which runs on its thread) to learn whether the hot row was refused.
+pub(crate) fn refusals_on_this_thread() -> u64 {
+    REFUSED.with(std::cell::Cell::get)
+}
+
 /// How the server numbers the rows of one multi-row INSERT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InsertIds {
@@ -378,6 +389,7 @@ impl TxnRunner {
                 Err(error) => return Err(error),
             };
             attempts.refused += 1;
+            REFUSED.with(|refused| refused.set(refused.get() + 1));
             let elapsed = deadline.elapsed();
             let pause = retry.backoff(attempts.started - 1);
             trace_event!(

@@ -251,3 +251,102 @@ fn combining_ledger_keeps_balances_exact_under_64_callers() {
     );
     ledger.audit(&mut conn, 1).expect("audit");
 }
+
+/// Three combiners on one hot campaign and one hot account, each with its own pool — as three
+/// application processes: their leaders refuse each other with NOWAIT and linger; every answer
+/// is the one the database holds, and nothing is over-issued, lost or applied twice.
+#[test]
+fn several_combiners_on_one_key_keep_the_invariants_and_answer_truly() {
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let (url, mut conn) = fresh_database("combine_several");
+    let issuer = CouponIssuer::new();
+    let campaign = open_campaign(&mut conn, &issuer, 150).id;
+    BalanceLedger::new()
+        .charge(&mut conn, 1, Decimal::new(500, 0), "seed")
+        .expect("seed");
+    let issuers: Vec<_> = (0..3)
+        .map(|_| Arc::new(CombiningIssuer::new(pool(&url, 2), CouponIssuer::new())))
+        .collect();
+    let ledgers: Vec<_> = (0..3)
+        .map(|_| Arc::new(CombiningLedger::new(pool(&url, 2), BalanceLedger::new())))
+        .collect();
+    let barrier = Arc::new(Barrier::new(24));
+    let workers: Vec<_> = (0..24i64)
+        .map(|t| {
+            let hot = issuers[(t % 3) as usize].clone();
+            let ledger = ledgers[(t % 3) as usize].clone();
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                let (mut coupons, mut entries, mut refused) = (Vec::new(), Vec::new(), 0u32);
+                for i in 0..10i64 {
+                    // 120 users, each asked twice, by threads of different combiners.
+                    let user = 1 + (t * 10 + i) % 120;
+                    match hot.issue(user, campaign) {
+                        Ok(coupon) => coupons.push((user, coupon.id)),
+                        Err(Error::AlreadyIssued { .. }) | Err(Error::SoldOut { .. }) => {}
+                        Err(e) => panic!("untyped answer for user {user}: {e:?}"),
+                    }
+                    match ledger.deduct(1, Decimal::new(3, 0), &format!("p{t}-{i}")) {
+                        Ok(entry) => entries.push((format!("p{t}-{i}"), entry.id)),
+                        Err(Error::InsufficientBalance { .. }) => refused += 1,
+                        Err(e) => panic!("untyped answer: {e:?}"),
+                    }
+                }
+                (coupons, entries, refused)
+            })
+        })
+        .collect();
+    let (mut coupons, mut entries) = (Vec::new(), Vec::new());
+    for worker in workers {
+        let (c, e, _) = worker.join().expect("worker");
+        coupons.extend(c);
+        entries.extend(e);
+    }
+    // Coupons: 120 users for 150 coupons: every user got exactly one, the one answered.
+    let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
+    assert_eq!((rows, stock, duplicates), (120, 30, 0));
+    let held: HashMap<i64, i64> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign))
+        .select((user_coupon::user_id, user_coupon::id))
+        .load::<(i64, i64)>(&mut conn)
+        .expect("rows")
+        .into_iter()
+        .collect();
+    assert_eq!(coupons.len(), 120, "each user issued once");
+    for (user, id) in &coupons {
+        assert_eq!(
+            held.get(user),
+            Some(id),
+            "user {user} was answered another coupon"
+        );
+    }
+    // Ledger: every deduct answered Ok is the journal row of its key; the balance adds up.
+    let journal: HashMap<String, i64> = balance_history::table
+        .filter(balance_history::kind.eq("deduct"))
+        .select((balance_history::idempotency_key, balance_history::id))
+        .load::<(Option<String>, i64)>(&mut conn)
+        .expect("journal")
+        .into_iter()
+        .filter_map(|(key, id)| key.map(|key| (key, id)))
+        .collect();
+    assert_eq!(journal.len(), entries.len());
+    for (key, id) in &entries {
+        assert_eq!(
+            journal.get(key),
+            Some(id),
+            "deduct {key} answered another entry"
+        );
+    }
+    let balance: Decimal = user_balance::table
+        .find(1i64)
+        .select(user_balance::balance)
+        .first(&mut conn)
+        .expect("balance");
+    assert_eq!(
+        balance,
+        Decimal::new(500, 0) - Decimal::from(entries.len() as i64) * Decimal::new(3, 0)
+    );
+    assert!(balance >= Decimal::ZERO);
+    BalanceLedger::new().audit(&mut conn, 1).expect("audit");
+}
