@@ -1,15 +1,33 @@
 //! Contention report: one hot coupon campaign and one hot account under 1 to 256 concurrent
 //! clients, five strategies (see `lockstock_testkit::strategies`), against the throwaway
 //! MariaDB (or `DATABASE_URL`). Prints markdown tables, the uncontended latency of the library
-//! against hand-written Diesel, writes an SVG chart to `target/contention.svg`, and ends with
+//! against hand-written Diesel, and then, in the same run:
 //!
-//! `contention: coupon combining/seed=<ratio> ledger combining/seed=<ratio> clients=64`
+//! * **the floor** (`Harness::floor`) of every combining cell: one connection writing, per
+//!   transaction, exactly the rows a combined batch of the cell's mean size writes (one
+//!   multi-row INSERT, one UPDATE of the hot row, COMMIT), nothing else — and combining/floor;
+//! * **across processes**: 1, 2 and 4 application processes × 64 / P clients on one hot
+//!   coupon and one hot account, each process with its own combiner and pool. The report
+//!   re-executes itself as the worker processes (configured through `LOCKSTOCK_REPORT_WORKER_*`
+//!   environment variables; a worker prints its run on stdout), starts them together and checks
+//!   the hot row from the database once all are done;
+//! * **the Redis gate** (`Harness::redis_gate`), where `redis-server` is installed (`make
+//!   report` installs it; otherwise the row is skipped): `DECR` on a throwaway Redis as the
+//!   stock gate plus one INSERT per granted request, at every client count next to combining,
+//!   and a sell-out run, with over- and under-issue counted.
 //!
-//! Every cell is checked against the database afterwards; the exit status is non-zero if an
-//! invariant does not hold.
+//! It writes an SVG chart to `target/contention.svg` (the floor as a dotted line) and ends with
+//!
+//! `contention-processes: coupon 4proc/1proc=<r> ledger 4proc/1proc=<s>`
+//!
+//! `contention: coupon combining/seed=<x> ledger combining/seed=<y> coupon combining/floor=<a> ledger combining/floor=<b> clients=64`
+//!
+//! (ratios of successful requests per second at 64 clients; the floor's at the cell's batch
+//! size). Every cell, floor, process run and gate run is checked against the database
+//! afterwards; the exit status is non-zero if an invariant does not hold.
 //!
 //! ```text
-//! cargo run --release --example contention_report              # quick: ~1-2 min
+//! cargo run --release --example contention_report              # quick: ~2 min
 //! cargo run --release --example contention_report -- --full    # 1..256 clients, longer cells
 //! cargo run --release --example contention_report -- --galera  # 3-node Galera: ~3 min
 //! ```
