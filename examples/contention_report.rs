@@ -179,8 +179,9 @@ fn run() -> Result<bool, BoxError> {
     let singles = uncontended(&mut harness, &options, &mut violations)?;
     print_uncontended(&singles);
 
-    // The matrix.
+    // The matrix, and the floor right after each combining cell (the same load on the machine).
     let mut results: Vec<CellResult> = Vec::new();
+    let mut floors: Vec<(usize, Floor)> = Vec::new();
     for domain in Domain::ALL {
         for &clients in &options.clients {
             for strategy in Strategy::ALL {
@@ -209,14 +210,15 @@ fn run() -> Result<bool, BoxError> {
                         clients
                     ));
                 }
+                if strategy == Strategy::Combining {
+                    floors.push(floor(&mut harness, &options, &result, &mut violations)?);
+                }
                 results.push(result);
             }
         }
         print_table(domain, &results);
     }
 
-    // The floor at each combining cell's mean batch size.
-    let floors = floors(&mut harness, &options, &results, &mut violations)?;
     print_floors(&results, &floors);
 
     // Across processes.
@@ -271,33 +273,29 @@ fn mean_batch(r: &CellResult) -> usize {
     })
 }
 
-/// The floor ([`Harness::floor`]) of every combining cell, at its mean batch size, for as long
-/// as a cell; by client count.
-fn floors(
+/// The floor ([`Harness::floor`]) of combining cell `r`, at its mean batch size, for as long as
+/// a cell; with the cell's client count.
+fn floor(
     harness: &mut Harness,
     options: &Options,
-    results: &[CellResult],
+    r: &CellResult,
     violations: &mut Vec<String>,
-) -> Result<Vec<(usize, Floor)>, BoxError> {
-    let mut floors = Vec::new();
-    for r in results.iter().filter(|r| r.strategy == Strategy::Combining) {
-        let floor = harness.floor(r.domain, mean_batch(r), options.cell_time)?;
-        eprintln!(
-            "  {:<6} floor     {:>3} clients: {:>9.0} rows/s (batch {})",
-            r.domain.name(),
-            r.clients,
-            floor.rows_per_second(),
-            floor.batch
-        );
-        violations.extend(
-            floor
-                .violations
-                .iter()
-                .map(|v| format!("{} floor at {} clients: {v}", r.domain.name(), r.clients)),
-        );
-        floors.push((r.clients, floor));
-    }
-    Ok(floors)
+) -> Result<(usize, Floor), BoxError> {
+    let floor = harness.floor(r.domain, mean_batch(r), options.cell_time)?;
+    eprintln!(
+        "  {:<6} floor      {:>3} clients: {:>9.0} rows/s (batch {})",
+        r.domain.name(),
+        r.clients,
+        floor.rows_per_second(),
+        floor.batch
+    );
+    violations.extend(
+        floor
+            .violations
+            .iter()
+            .map(|v| format!("{} floor at {} clients: {v}", r.domain.name(), r.clients)),
+    );
+    Ok((r.clients, floor))
 }
 
 fn floor_of(floors: &[(usize, Floor)], domain: Domain, clients: usize) -> Option<&Floor> {
@@ -316,7 +314,7 @@ fn print_floors(results: &[CellResult], floors: &[(usize, Floor)]) {
         "The floor: one connection writing, per transaction, exactly the rows a combined batch \
          writes (one multi-row INSERT of N user_coupon rows or N deduct journal rows, one UPDATE \
          of the hot row, COMMIT; SERIALIZABLE), no locking read, no per-request answers, for as \
-         long as a cell, right after the matrix; N = the combining cell's mean batch. Its rows \
+         long as a cell, right after the combining cell; N = that cell's mean batch. Its rows \
          are checked like a cell's.\n"
     );
     println!("| hot row | clients | combining ok/s | mean batch N | floor rows/s at N | combining/floor |");
