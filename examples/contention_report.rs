@@ -165,6 +165,7 @@ fn run() -> Result<bool, BoxError> {
     let version = harness.server_version()?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let machine = format!("{cores} cores, server {version}");
+    let load_at_start = load_average();
     println!("# lockstock contention report\n");
     println!(
         "{machine}; {} mode: {:.1} s per cell, clients {:?}, one thread (and connection) per \
@@ -242,7 +243,12 @@ fn run() -> Result<bool, BoxError> {
     }
     std::fs::write(&path, chart)?;
     println!("chart: {}\n", path.display());
-    println!("elapsed: {:.0} s\n", started.elapsed().as_secs_f64());
+    println!(
+        "elapsed: {:.0} s; load average (1 min, /proc/loadavg) at the start {load_at_start}, at \
+         the end {} — the floor and combining share whatever else the machine runs\n",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
 
     if !violations.is_empty() {
         eprintln!("INVARIANT VIOLATIONS:");
@@ -264,6 +270,14 @@ fn run() -> Result<bool, BoxError> {
         floor_ratio(&results, &floors, Domain::Ledger)
     );
     Ok(violations.is_empty())
+}
+
+/// The 1-minute load average (`/proc/loadavg`), or `n/a`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "n/a".to_string())
 }
 
 /// The mean batch of a combining cell, rounded (at least 1).
