@@ -671,7 +671,8 @@ impl ClientTally {
     }
 }
 
-/// What the clients of one run did, merged: see [`drive`], [`combining_clients`].
+/// What the clients of one run did, merged ([`Harness::run_cell`], [`combining_clients`],
+/// [`Harness::redis_gate`]).
 #[derive(Debug, Clone, Default)]
 pub struct Run {
     /// The ids the successful requests handed out (coupon ids, journal entry ids).
