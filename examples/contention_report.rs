@@ -1,15 +1,33 @@
 //! Contention report: one hot coupon campaign and one hot account under 1 to 256 concurrent
 //! clients, five strategies (see `lockstock_testkit::strategies`), against the throwaway
 //! MariaDB (or `DATABASE_URL`). Prints markdown tables, the uncontended latency of the library
-//! against hand-written Diesel, writes an SVG chart to `target/contention.svg`, and ends with
+//! against hand-written Diesel, and then, in the same run:
 //!
-//! `contention: coupon combining/seed=<ratio> ledger combining/seed=<ratio> clients=64`
+//! * **the floor** (`Harness::floor`) of every combining cell: one connection writing, per
+//!   transaction, exactly the rows a combined batch of the cell's mean size writes (one
+//!   multi-row INSERT, one UPDATE of the hot row, COMMIT), nothing else — and combining/floor;
+//! * **across processes**: 1, 2 and 4 application processes × 64 / P clients on one hot
+//!   coupon and one hot account, each process with its own combiner and pool. The report
+//!   re-executes itself as the worker processes (configured through `LOCKSTOCK_REPORT_WORKER_*`
+//!   environment variables; a worker prints its run on stdout), starts them together and checks
+//!   the hot row from the database once all are done;
+//! * **the Redis gate** (`Harness::redis_gate`), where `redis-server` is installed (`make
+//!   report` installs it; otherwise the row is skipped): `DECR` on a throwaway Redis as the
+//!   stock gate plus one INSERT per granted request, at every client count next to combining,
+//!   and a sell-out run, with over- and under-issue counted.
 //!
-//! Every cell is checked against the database afterwards; the exit status is non-zero if an
-//! invariant does not hold.
+//! It writes an SVG chart to `target/contention.svg` (the floor as a dotted line) and ends with
+//!
+//! `contention-processes: coupon 4proc/1proc=<r> ledger 4proc/1proc=<s>`
+//!
+//! `contention: coupon combining/seed=<x> ledger combining/seed=<y> coupon combining/floor=<a> ledger combining/floor=<b> clients=64`
+//!
+//! (ratios of successful requests per second at 64 clients; the floor's at the cell's batch
+//! size). Every cell, floor, process run and gate run is checked against the database
+//! afterwards; the exit status is non-zero if an invariant does not hold.
 //!
 //! ```text
-//! cargo run --release --example contention_report              # quick: ~1-2 min
+//! cargo run --release --example contention_report              # quick: ~2 min
 //! cargo run --release --example contention_report -- --full    # 1..256 clients, longer cells
 //! cargo run --release --example contention_report -- --galera  # 3-node Galera: ~3 min
 //! ```
@@ -57,9 +75,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use lockstock_testkit::redis::RedisServer;
 use lockstock_testkit::strategies::{
-    mean_us, percentile_us, BoxError, CellConfig, CellResult, Domain, Harness, Single, Strategy,
-    Uncontended,
+    mean_us, percentile_us, BoxError, CellConfig, CellResult, Domain, Floor, Gate, Harness, Run,
+    Single, Strategy, Uncontended,
 };
 
 /// Requests a time-limited cell may start at most (the campaign's stock).
@@ -122,6 +141,9 @@ impl Options {
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os(processes::WORKER_ENV).is_some() {
+        return processes::worker();
+    }
     match run() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -143,6 +165,7 @@ fn run() -> Result<bool, BoxError> {
     let version = harness.server_version()?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let machine = format!("{cores} cores, server {version}");
+    let load_at_start = load_average();
     println!("# lockstock contention report\n");
     println!(
         "{machine}; {} mode: {:.1} s per cell, clients {:?}, one thread (and connection) per \
@@ -157,8 +180,9 @@ fn run() -> Result<bool, BoxError> {
     let singles = uncontended(&mut harness, &options, &mut violations)?;
     print_uncontended(&singles);
 
-    // The matrix.
+    // The matrix, and the floor right after each combining cell (the same load on the machine).
     let mut results: Vec<CellResult> = Vec::new();
+    let mut floors: Vec<(usize, Floor)> = Vec::new();
     for domain in Domain::ALL {
         for &clients in &options.clients {
             for strategy in Strategy::ALL {
@@ -187,20 +211,44 @@ fn run() -> Result<bool, BoxError> {
                         clients
                     ));
                 }
+                if strategy == Strategy::Combining {
+                    floors.push(floor(&mut harness, &options, &result, &mut violations)?);
+                }
                 results.push(result);
             }
         }
         print_table(domain, &results);
     }
 
-    let chart = chart_svg(&results, &options.clients, &machine);
+    print_floors(&results, &floors);
+
+    // Across processes.
+    let runs = processes::measure(&mut harness, options.cell_time)?;
+    for run in &runs {
+        violations.extend(
+            run.violations
+                .iter()
+                .map(|v| format!("{} {} processes: {v}", run.domain.name(), run.processes)),
+        );
+    }
+    print_processes(&runs);
+
+    // The Redis gate.
+    redis_gate(&mut harness, &options, &results, &mut violations)?;
+
+    let chart = chart_svg(&results, &floors, &options.clients, &machine);
     let path = chart_path();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(&path, chart)?;
     println!("chart: {}\n", path.display());
-    println!("elapsed: {:.0} s\n", started.elapsed().as_secs_f64());
+    println!(
+        "elapsed: {:.0} s; load average (1 min, /proc/loadavg) at the start {load_at_start}, at \
+         the end {} — the floor and combining share whatever else the machine runs\n",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
 
     if !violations.is_empty() {
         eprintln!("INVARIANT VIOLATIONS:");
@@ -209,11 +257,277 @@ fn run() -> Result<bool, BoxError> {
         }
     }
     println!(
-        "contention: coupon combining/seed={} ledger combining/seed={} clients={RATIO_CLIENTS}",
+        "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
+        process_ratio(&runs, Domain::Coupon),
+        process_ratio(&runs, Domain::Ledger)
+    );
+    println!(
+        "contention: coupon combining/seed={} ledger combining/seed={} coupon \
+         combining/floor={} ledger combining/floor={} clients={RATIO_CLIENTS}",
         ratio(&results, Domain::Coupon),
-        ratio(&results, Domain::Ledger)
+        ratio(&results, Domain::Ledger),
+        floor_ratio(&results, &floors, Domain::Coupon),
+        floor_ratio(&results, &floors, Domain::Ledger)
     );
     Ok(violations.is_empty())
+}
+
+/// The 1-minute load average (`/proc/loadavg`), or `n/a`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "n/a".to_string())
+}
+
+/// The mean batch of a combining cell, rounded (at least 1).
+fn mean_batch(r: &CellResult) -> usize {
+    r.batches.filter(|b| b.batches > 0).map_or(1, |b| {
+        ((b.requests as f64 / b.batches as f64).round() as usize).max(1)
+    })
+}
+
+/// The floor ([`Harness::floor`]) of combining cell `r`, at its mean batch size, for as long as
+/// a cell; with the cell's client count.
+fn floor(
+    harness: &mut Harness,
+    options: &Options,
+    r: &CellResult,
+    violations: &mut Vec<String>,
+) -> Result<(usize, Floor), BoxError> {
+    let floor = harness.floor(r.domain, mean_batch(r), options.cell_time)?;
+    eprintln!(
+        "  {:<6} floor      {:>3} clients: {:>9.0} rows/s (batch {})",
+        r.domain.name(),
+        r.clients,
+        floor.rows_per_second(),
+        floor.batch
+    );
+    violations.extend(
+        floor
+            .violations
+            .iter()
+            .map(|v| format!("{} floor at {} clients: {v}", r.domain.name(), r.clients)),
+    );
+    Ok((r.clients, floor))
+}
+
+fn floor_of(floors: &[(usize, Floor)], domain: Domain, clients: usize) -> Option<&Floor> {
+    floors
+        .iter()
+        .find(|(c, f)| *c == clients && f.domain == domain)
+        .map(|(_, f)| f)
+}
+
+fn print_floors(results: &[CellResult], floors: &[(usize, Floor)]) {
+    println!(
+        "## Combining against the floor
+"
+    );
+    println!(
+        "The floor: one connection writing, per transaction, exactly the rows a combined batch \
+         writes (one multi-row INSERT of N user_coupon rows or N deduct journal rows, one UPDATE \
+         of the hot row, COMMIT; SERIALIZABLE), no locking read, no per-request answers, for as \
+         long as a cell, right after the combining cell; N = that cell's mean batch. Its rows \
+         are checked like a cell's.\n"
+    );
+    println!("| hot row | clients | combining ok/s | mean batch N | floor rows/s at N | combining/floor |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in results.iter().filter(|r| r.strategy == Strategy::Combining) {
+        if let Some(floor) = floor_of(floors, r.domain, r.clients) {
+            println!(
+                "| {} | {} | {:.0} | {} | {:.0} | {:.2} |",
+                r.domain.name(),
+                r.clients,
+                r.throughput(),
+                floor.batch,
+                floor.rows_per_second(),
+                r.throughput() / floor.rows_per_second().max(1e-9)
+            );
+        }
+    }
+    println!();
+}
+
+fn floor_ratio(results: &[CellResult], floors: &[(usize, Floor)], domain: Domain) -> String {
+    match (
+        throughput_of(results, domain, Strategy::Combining),
+        floor_of(floors, domain, RATIO_CLIENTS).map(Floor::rows_per_second),
+    ) {
+        (Some(combining), Some(floor)) if floor > 0.0 => format!("{:.2}", combining / floor),
+        _ => "n/a".to_string(),
+    }
+}
+
+fn print_processes(runs: &[processes::ProcessRun]) {
+    println!("## Across processes\n");
+    println!(
+        "P application processes (the report re-executed as workers) x {RATIO_CLIENTS}/P \
+         clients on one hot row, each process with its own combiner and pool of \
+         min(clients, 8); throughput = all successes / (last process's end - first process's \
+         start); checked from the database once every process is done.\n"
+    );
+    println!(
+        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | notes |"
+    );
+    println!("|---|---|---:|---:|---:|---|---|---:|---|");
+    for run in runs {
+        let one = runs
+            .iter()
+            .find(|r| r.domain == run.domain && r.processes == 1)
+            .map_or(0.0, |r| r.run.throughput());
+        let b = run.batches;
+        let mean = if b.batches == 0 {
+            0.0
+        } else {
+            b.requests as f64 / b.batches as f64
+        };
+        let errors = run_errors(&run.run);
+        println!(
+            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} |",
+            run.domain.name(),
+            run.processes,
+            RATIO_CLIENTS / run.processes,
+            run.run.throughput(),
+            run.run.percentile_ms(50.0),
+            run.run.percentile_ms(99.0),
+            b.batches,
+            run.run.throughput() / one.max(1e-9),
+            if run.violations.is_empty() {
+                String::new()
+            } else {
+                format!("INVARIANT VIOLATED: {}", run.violations.join("; "))
+            }
+        );
+    }
+    println!();
+}
+
+fn process_ratio(runs: &[processes::ProcessRun], domain: Domain) -> String {
+    let rate = |processes: usize| {
+        runs.iter()
+            .find(|r| r.domain == domain && r.processes == processes)
+            .map(|r| r.run.throughput())
+    };
+    match (rate(4), rate(1)) {
+        (Some(four), Some(one)) if one > 0.0 => format!("{:.2}", four / one),
+        _ => "n/a".to_string(),
+    }
+}
+
+/// Stock and requests of the Redis gate's sell-out run.
+const SELL_OUT_STOCK: u64 = 5_000;
+
+/// The Redis gate ([`Harness::redis_gate`]) at every client count, next to combining, and one
+/// sell-out run (twice the stock in requests), if `redis-server` is installed.
+fn redis_gate(
+    harness: &mut Harness,
+    options: &Options,
+    results: &[CellResult],
+    violations: &mut Vec<String>,
+) -> Result<(), BoxError> {
+    println!("## Redis gate vs combining (hot coupon)\n");
+    if !RedisServer::installed() {
+        println!("skipped: redis-server is not installed (`make report` installs it).\n");
+        eprintln!("  redis gate: skipped (no redis-server)");
+        return Ok(());
+    }
+    let server = RedisServer::start()?;
+    let mut gates = Vec::new();
+    for &clients in &options.clients {
+        let limits = (CELL_REQUEST_CAP, Some(options.cell_time));
+        let gate = harness.redis_gate(&server, clients, CELL_REQUEST_CAP, limits)?;
+        eprintln!(
+            "  coupon redis gate {clients:>3} clients: {:>9.0}/s ({} ok, {} errors)",
+            gate.run.throughput(),
+            gate.run.ok_ids.len(),
+            gate.run.error_count()
+        );
+        gates.push(gate);
+    }
+    let sell_out = harness.redis_gate(
+        &server,
+        RATIO_CLIENTS,
+        SELL_OUT_STOCK,
+        (2 * SELL_OUT_STOCK, None),
+    )?;
+    drop(server);
+    println!(
+        "Redis `DECR` on the campaign's stock key as the gate (below zero: `INCR` back, sold \
+         out), then one autocommit INSERT of the user_coupon row into MariaDB per granted \
+         request (`INCR` back if it fails); a throwaway redis-server without persistence on a \
+         Unix socket (MariaDB is reached through its socket too). Same clients, one MariaDB and \
+         one Redis connection each. Checked: rows == successes, no user twice, ids handed out \
+         == rows, and Redis's remaining stock + rows == stock (over-issue: more; under-issue: \
+         less, a grant lost between DECR and INSERT). Sell-out: {} requests for a stock of \
+         {SELL_OUT_STOCK}, {RATIO_CLIENTS} clients.\n",
+        2 * SELL_OUT_STOCK
+    );
+    println!(
+        "| clients | strategy | ok/s | p50 ms | p99 ms | errors | over-issued | under-issued | notes |"
+    );
+    println!("|---:|---|---:|---:|---:|---|---:|---:|---|");
+    let gate_row = |label: &str, gate: &Gate| {
+        println!(
+            "| {} | {label} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} rows, {} left in Redis, \
+             stock {}{} |",
+            gate.clients,
+            gate.run.throughput(),
+            gate.run.percentile_ms(50.0),
+            gate.run.percentile_ms(99.0),
+            run_errors(&gate.run),
+            gate.over_issued,
+            gate.under_issued,
+            gate.rows,
+            gate.remaining,
+            gate.stock,
+            if gate.violations.is_empty() {
+                String::new()
+            } else {
+                format!(" INVARIANT VIOLATED: {}", gate.violations.join("; "))
+            }
+        );
+    };
+    for gate in &gates {
+        gate_row("redis gate", gate);
+        if let Some(r) = results.iter().find(|r| {
+            r.domain == Domain::Coupon
+                && r.strategy == Strategy::Combining
+                && r.clients == gate.clients
+        }) {
+            println!(
+                "| {} | combining | {:.0} | {:.2} | {:.2} | {} | 0 | 0 | checked in the matrix |",
+                r.clients,
+                r.throughput(),
+                r.percentile_ms(50.0),
+                r.percentile_ms(99.0),
+                errors_cell(r)
+            );
+        }
+    }
+    gate_row("redis gate, sell-out", &sell_out);
+    println!();
+    for gate in gates.iter().chain([&sell_out]) {
+        violations.extend(
+            gate.violations
+                .iter()
+                .map(|v| format!("redis gate {} clients: {v}", gate.clients)),
+        );
+    }
+    Ok(())
+}
+
+/// The errors of a run for a table: `0`, or the count and the kinds.
+fn run_errors(run: &Run) -> String {
+    if run.error_count() == 0 {
+        return "0".to_string();
+    }
+    let kinds: Vec<String> = run
+        .errors_by_kind()
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect();
+    format!("{} ({})", run.error_count(), kinds.join(", "))
 }
 
 struct SingleStats {
@@ -426,6 +740,9 @@ fn color(strategy: Strategy) -> (&'static str, &'static str) {
     }
 }
 
+/// The floor's line in the chart.
+const FLOOR_COLOR: &str = "#333333";
+
 fn si(value: f64) -> String {
     if value >= 1e6 {
         format!("{}M", value / 1e6)
@@ -436,7 +753,12 @@ fn si(value: f64) -> String {
     }
 }
 
-fn chart_svg(results: &[CellResult], clients: &[usize], machine: &str) -> String {
+fn chart_svg(
+    results: &[CellResult],
+    floors: &[(usize, Floor)],
+    clients: &[usize],
+    machine: &str,
+) -> String {
     const WIDTH: f64 = 1100.0;
     const HEIGHT: f64 = 560.0;
     const PLOT_W: f64 = 420.0;
@@ -445,6 +767,7 @@ fn chart_svg(results: &[CellResult], clients: &[usize], machine: &str) -> String
     let positive: Vec<f64> = results
         .iter()
         .map(CellResult::throughput)
+        .chain(floors.iter().map(|(_, f)| f.rows_per_second()))
         .filter(|t| *t > 0.0)
         .collect();
     let lo = positive
@@ -572,10 +895,38 @@ fn chart_svg(results: &[CellResult], clients: &[usize], machine: &str) -> String
                 );
             }
         }
+        // The floor at each combining cell's mean batch size.
+        let points: Vec<(f64, f64, &Floor, usize)> = floors
+            .iter()
+            .filter(|(_, f)| f.domain == *domain)
+            .map(|(c, f)| (x_of(*c), y_of(f.rows_per_second()), f, *c))
+            .collect();
+        if !points.is_empty() {
+            let path: Vec<String> = points
+                .iter()
+                .map(|(x, y, _, _)| format!("{x:.1},{y:.1}"))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{FLOOR_COLOR}" stroke-width="2" stroke-dasharray="2 3"/>"#,
+                path.join(" ")
+            );
+            for (x, y, f, c) in &points {
+                let _ = writeln!(
+                    svg,
+                    r#"<rect x="{:.1}" y="{:.1}" width="6" height="6" fill="{FLOOR_COLOR}"><title>floor {}, {c} clients (batch {}): {:.0} rows/s</title></rect>"#,
+                    x - 3.0,
+                    y - 3.0,
+                    domain.name(),
+                    f.batch,
+                    f.rows_per_second()
+                );
+            }
+        }
     }
     // Legend.
     let legend_y = HEIGHT - 40.0;
-    let mut x = WIDTH / 2.0 - 300.0;
+    let mut x = WIDTH / 2.0 - 360.0;
     for strategy in Strategy::ALL {
         let (stroke, dash) = color(strategy);
         let dash_attr = dash_attr(dash);
@@ -589,6 +940,14 @@ fn chart_svg(results: &[CellResult], clients: &[usize], machine: &str) -> String
         );
         x += 120.0;
     }
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{x:.1}" y1="{legend_y:.1}" x2="{:.1}" y2="{legend_y:.1}" stroke="{FLOOR_COLOR}" stroke-width="3" stroke-dasharray="2 3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+        x + 28.0,
+        x + 34.0,
+        legend_y + 4.0,
+        escape("floor (a batch's rows, nothing else)")
+    );
     svg.push_str("</svg>\n");
     svg
 }
@@ -1105,5 +1464,293 @@ mod galera {
             }
             println!("{text}");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Across processes: the report re-executes itself as worker processes
+// ---------------------------------------------------------------------------------------------
+
+mod processes {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use lockstock::combine::CombinerStats;
+    use lockstock_testkit::strategies::{
+        combining_clients, combining_pool_size, pool, BoxError, CouponTarget, Domain, Harness,
+        Prepared, Run, Target,
+    };
+
+    use super::{CELL_REQUEST_CAP, RATIO_CLIENTS};
+
+    /// Set in a worker: the database URL (the parent's server; a worker starts none).
+    pub(super) const WORKER_ENV: &str = "LOCKSTOCK_REPORT_WORKER_URL";
+    /// The hot row: `coupon <campaign> <coupon> <total>` or `ledger <account>`.
+    const TARGET_ENV: &str = "LOCKSTOCK_REPORT_WORKER_TARGET";
+    /// `<user_base> <clients> <millis> <max_requests>`.
+    const RUN_ENV: &str = "LOCKSTOCK_REPORT_WORKER_RUN";
+    /// The prefix of the worker's idempotency keys.
+    const KEYS_ENV: &str = "LOCKSTOCK_REPORT_WORKER_KEYS";
+    /// Process counts measured; each runs [`RATIO_CLIENTS`] / count clients.
+    pub(super) const PROCESSES: [usize; 3] = [1, 2, 4];
+    /// Ids and latencies per output line.
+    const CHUNK: usize = 1_000;
+
+    /// One (domain, process count) measurement.
+    pub(super) struct ProcessRun {
+        pub(super) domain: Domain,
+        pub(super) processes: usize,
+        pub(super) run: Run,
+        pub(super) batches: CombinerStats,
+        pub(super) violations: Vec<String>,
+    }
+
+    fn micros_since_epoch() -> u128 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+    }
+
+    fn env(name: &str) -> Result<String, BoxError> {
+        std::env::var(name).map_err(|_| format!("worker without {name}").into())
+    }
+
+    fn numbers<T: std::str::FromStr>(text: &str) -> Result<Vec<T>, BoxError> {
+        text.split_whitespace()
+            .map(|word| {
+                word.parse()
+                    .map_err(|_| format!("not a number: {word:?}").into())
+            })
+            .collect()
+    }
+
+    /// The worker process: one combiner with its own pool, the clients, then its run on stdout.
+    pub(super) fn worker() -> ExitCode {
+        match work() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("contention_report worker: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    fn work() -> Result<(), BoxError> {
+        let url = env(WORKER_ENV)?;
+        let target_text = env(TARGET_ENV)?;
+        let target = match target_text.split_once(' ') {
+            Some(("coupon", rest)) => match numbers::<i64>(rest)?.as_slice() {
+                &[campaign_id, coupon_id, total] => Target::Coupon(CouponTarget {
+                    campaign_id,
+                    coupon_id,
+                    total: i32::try_from(total)?,
+                }),
+                _ => return Err(format!("bad target {target_text:?}").into()),
+            },
+            Some(("ledger", account)) => Target::Account(account.trim().parse()?),
+            _ => return Err(format!("bad target {target_text:?}").into()),
+        };
+        let domain = match target {
+            Target::Coupon(_) => Domain::Coupon,
+            Target::Account(_) => Domain::Ledger,
+        };
+        let &[user_base, clients, millis, max_requests] =
+            numbers::<u64>(&env(RUN_ENV)?)?.as_slice()
+        else {
+            return Err("bad run parameters".into());
+        };
+        let prepared = Prepared {
+            target,
+            user_base: i64::try_from(user_base)?,
+            key_prefix: env(KEYS_ENV)?,
+        };
+        let clients = usize::try_from(clients)?;
+        let pool = pool(&url, combining_pool_size(clients))?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready")?;
+        out.flush()?;
+        let mut go = String::new();
+        std::io::stdin().read_line(&mut go)?;
+        if go.trim() != "go" {
+            return Err("no start signal".into());
+        }
+        let start = micros_since_epoch();
+        let limits = (max_requests, Some(Duration::from_millis(millis)));
+        let (run, stats) = combining_clients(pool, domain, &prepared, clients, limits)?;
+        let end = start + run.wall.as_micros();
+        writeln!(out, "window {start} {end}")?;
+        writeln!(
+            out,
+            "batches {} {} {}",
+            stats.batches, stats.requests, stats.largest_batch
+        )?;
+        writeln!(out, "counts {} {}", run.stuck, run.refusals)?;
+        for ids in run.ok_ids.chunks(CHUNK) {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            writeln!(out, "ok {}", ids.join(" "))?;
+        }
+        for latencies in run.latencies_us.chunks(CHUNK) {
+            let latencies: Vec<String> = latencies.iter().map(u32::to_string).collect();
+            writeln!(out, "lat {}", latencies.join(" "))?;
+        }
+        for (kind, count) in &run.errors {
+            writeln!(out, "err {count} {kind}")?;
+        }
+        writeln!(out, "end")?;
+        out.flush()?;
+        // Stuck clients' threads may still run: leave without them.
+        std::process::exit(0)
+    }
+
+    /// A worker started and ready.
+    struct Worker {
+        child: Child,
+        stdout: BufReader<ChildStdout>,
+    }
+
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// One worker's output: its run, its window (µs since the epoch) and combiner statistics.
+    fn read_worker(worker: &mut Worker) -> Result<(Run, (u128, u128), CombinerStats), BoxError> {
+        let mut run = Run::default();
+        let (mut window, mut stats, mut ended) = ((0, 0), CombinerStats::default(), false);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if worker.stdout.read_line(&mut line)? == 0 {
+                break;
+            }
+            let (kind, rest) = line
+                .trim_end()
+                .split_once(' ')
+                .unwrap_or((line.trim_end(), ""));
+            match kind {
+                "window" => match numbers::<u128>(rest)?.as_slice() {
+                    &[start, end] => window = (start, end),
+                    _ => return Err("bad window line".into()),
+                },
+                "batches" => match numbers::<u64>(rest)?.as_slice() {
+                    &[batches, requests, largest] => {
+                        stats.batches = batches;
+                        stats.requests = requests;
+                        stats.largest_batch = usize::try_from(largest)?;
+                    }
+                    _ => return Err("bad batches line".into()),
+                },
+                "counts" => match numbers::<u64>(rest)?.as_slice() {
+                    &[stuck, refusals] => (run.stuck, run.refusals) = (stuck, refusals),
+                    _ => return Err("bad counts line".into()),
+                },
+                "ok" => run.ok_ids.extend(numbers::<i64>(rest)?),
+                "lat" => run.latencies_us.extend(numbers::<u32>(rest)?),
+                "err" => {
+                    let (count, what) = rest.split_once(' ').ok_or("bad err line")?;
+                    *run.errors.entry(what.to_string()).or_default() += count.parse::<u64>()?;
+                }
+                "end" => ended = true,
+                other => return Err(format!("unexpected worker output {other:?}").into()),
+            }
+        }
+        let status = worker.child.wait()?;
+        if !status.success() || !ended {
+            return Err(format!("a worker failed ({status})").into());
+        }
+        Ok((run, window, stats))
+    }
+
+    /// Every (domain, process count): `processes` workers × [`RATIO_CLIENTS`] / `processes`
+    /// clients on one fresh hot row for `time`, then the checks from the database.
+    pub(super) fn measure(
+        harness: &mut Harness,
+        time: Duration,
+    ) -> Result<Vec<ProcessRun>, BoxError> {
+        let exe = std::env::current_exe()?;
+        let mut runs = Vec::new();
+        for domain in Domain::ALL {
+            for processes in PROCESSES {
+                let clients = RATIO_CLIENTS / processes;
+                let share = CELL_REQUEST_CAP / processes as u64;
+                let prepared = harness.prepare(domain, CELL_REQUEST_CAP)?;
+                let target = match prepared.target {
+                    Target::Coupon(t) => {
+                        format!("coupon {} {} {}", t.campaign_id, t.coupon_id, t.total)
+                    }
+                    Target::Account(account) => format!("ledger {account}"),
+                };
+                let mut workers = Vec::new();
+                for i in 0..processes {
+                    let user_base = prepared.user_base as u64 + i as u64 * share;
+                    let mut child = Command::new(&exe)
+                        .env(WORKER_ENV, harness.url())
+                        .env("DATABASE_URL", harness.url())
+                        .env(TARGET_ENV, &target)
+                        .env(
+                            RUN_ENV,
+                            format!("{user_base} {clients} {} {share}", time.as_millis()),
+                        )
+                        .env(KEYS_ENV, format!("{}-p{i}", prepared.key_prefix))
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::inherit())
+                        .spawn()?;
+                    let stdout = child.stdout.take().ok_or("no worker stdout")?;
+                    workers.push(Worker {
+                        child,
+                        stdout: BufReader::new(stdout),
+                    });
+                }
+                for worker in &mut workers {
+                    let mut ready = String::new();
+                    worker.stdout.read_line(&mut ready)?;
+                    if ready.trim() != "ready" {
+                        return Err("a worker did not get ready".into());
+                    }
+                }
+                for worker in &mut workers {
+                    let stdin = worker.child.stdin.as_mut().ok_or("no worker stdin")?;
+                    stdin.write_all(b"go\n")?;
+                    stdin.flush()?;
+                }
+                let mut run = Run::default();
+                let mut batches = CombinerStats::default();
+                let (mut first, mut last) = (u128::MAX, 0);
+                for worker in &mut workers {
+                    let (one, (start, end), stats) = read_worker(worker)?;
+                    run.absorb(one);
+                    (first, last) = (first.min(start), last.max(end));
+                    batches.batches += stats.batches;
+                    batches.requests += stats.requests;
+                    batches.largest_batch = batches.largest_batch.max(stats.largest_batch);
+                }
+                drop(workers);
+                run.wall = Duration::from_micros(
+                    u64::try_from(last.saturating_sub(first)).unwrap_or(u64::MAX),
+                );
+                let mut violations = run.consistency(Some(batches));
+                violations.extend(harness.check(prepared.target, &run.ok_ids, run.stuck)?);
+                eprintln!(
+                    "  {:<6} {processes} processes x {clients} clients: {:>9.0}/s ({} ok, {} \
+                     errors)",
+                    domain.name(),
+                    run.throughput(),
+                    run.ok_ids.len(),
+                    run.error_count()
+                );
+                runs.push(ProcessRun {
+                    domain,
+                    processes,
+                    run,
+                    batches,
+                    violations,
+                });
+            }
+        }
+        Ok(runs)
     }
 }

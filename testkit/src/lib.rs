@@ -15,6 +15,8 @@
 //! * [`strategies`]: contention strategies for one hot campaign and one hot account (the
 //!   library's, hand-written Diesel, waiting locks, conditional updates, combining) with a
 //!   harness that runs and checks them — for benchmarks and reports.
+//! * [`redis`]: a throwaway `redis-server` (no persistence, a socket of its own, the same cleanup
+//!   guarantees) and a minimal RESP client, for the report's Redis-gate comparison.
 //! * [`galera`]: a throwaway MariaDB Galera cluster (3 nodes by default) on loopback ports,
 //!   with per-node kill, stop, restart, pause and resume, and the same cleanup guarantees.
 //!
@@ -28,6 +30,7 @@
 
 pub mod fixtures;
 pub mod galera;
+pub mod redis;
 pub mod rng;
 pub mod sandbox;
 pub mod strategies;

@@ -703,7 +703,7 @@ pub(crate) fn search_path(name: &OsStr) -> Option<PathBuf> {
         .find(|candidate| is_executable(candidate))
 }
 
-fn find_binary(
+pub(crate) fn find_binary(
     env: &str,
     defaults: &[&str],
     on_path: &[&str],

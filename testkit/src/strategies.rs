@@ -19,6 +19,12 @@
 //! ([`Topology`]), and counts the cluster's certification failures and brute-force aborts
 //! ([`Conflicts`]). A client whose call never returns is counted as stuck and left behind
 //! ([`STUCK_GRACE`]) instead of hanging the cell.
+//!
+//! Beyond the cells: [`Harness::floor`] measures what the server can write at a combined
+//! batch's size (one connection, the batch's rows and one UPDATE per transaction, nothing
+//! else); [`combining_clients`] runs one process's combiner on a hot row [`Harness::prepare`]d
+//! by another process, which [`Harness::check`]s it once every process is done; and
+//! [`Harness::redis_gate`] runs the Redis `DECR` gate with one INSERT per granted request.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -39,6 +45,8 @@ use lockstock::{
     SessionSettings, TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
+
+use crate::redis::RedisServer;
 
 /// Errors of the harness itself (setup, connections, invariant queries).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -650,16 +658,274 @@ struct ClientTally {
 }
 
 impl ClientTally {
-    fn record(&mut self, result: Result<i64, Error>, refusals: u64, started: Instant) {
+    /// One request that started at `started`: its id or the kind of its error, and its refusals.
+    fn record(&mut self, result: Result<i64, String>, refusals: u64, started: Instant) {
         let micros = started.elapsed().as_micros();
         self.latencies_us
             .push(u32::try_from(micros).unwrap_or(u32::MAX));
         self.refusals += refusals;
         match result {
             Ok(id) => self.ok_ids.push(id),
-            Err(error) => *self.errors.entry(error_kind(&error)).or_default() += 1,
+            Err(kind) => *self.errors.entry(kind).or_default() += 1,
         }
     }
+}
+
+/// What the clients of one run did, merged ([`Harness::run_cell`], [`combining_clients`],
+/// [`Harness::redis_gate`]).
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    /// The ids the successful requests handed out (coupon ids, journal entry ids).
+    pub ok_ids: Vec<i64>,
+    /// Failed requests by kind ([`error_kind`]).
+    pub errors: HashMap<String, u64>,
+    /// Refusals or retries the requests reported (0 where not observable).
+    pub refusals: u64,
+    /// Latency of every request (µs), sorted.
+    pub latencies_us: Vec<u32>,
+    /// From the start signal until the last client finished.
+    pub wall: Duration,
+    /// Clients still running [`STUCK_GRACE`] after the run's time (each with one call in
+    /// flight, in doubt for the checks).
+    pub stuck: u64,
+}
+
+impl Run {
+    /// Requests answered.
+    pub fn attempted(&self) -> u64 {
+        self.latencies_us.len() as u64
+    }
+
+    /// Requests that failed.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// Successful requests per second.
+    pub fn throughput(&self) -> f64 {
+        per_second(self.ok_ids.len() as u64, self.wall)
+    }
+
+    /// Latency percentile `p` (0..=100) in milliseconds.
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        percentile_us(&self.latencies_us, p) / 1000.0
+    }
+
+    /// Error counts by kind, most frequent first.
+    pub fn errors_by_kind(&self) -> Vec<(String, u64)> {
+        let mut errors: Vec<(String, u64)> =
+            self.errors.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        errors.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        errors
+    }
+
+    /// Adds `other` (another process's clients, run at the same time) to this run; the wall
+    /// time is the caller's to set.
+    pub fn absorb(&mut self, other: Run) {
+        self.ok_ids.extend(other.ok_ids);
+        for (kind, count) in other.errors {
+            *self.errors.entry(kind).or_default() += count;
+        }
+        self.refusals += other.refusals;
+        self.latencies_us.extend(other.latencies_us);
+        self.latencies_us.sort_unstable();
+        self.stuck += other.stuck;
+    }
+
+    /// Every request answered once, and a combiner (`batches`) batched no request that was not
+    /// made and none fewer than succeeded. Returns the violations.
+    pub fn consistency(&self, batches: Option<CombinerStats>) -> Vec<String> {
+        let (ok, errors, attempted) = (
+            self.ok_ids.len() as u64,
+            self.error_count(),
+            self.attempted(),
+        );
+        let mut violations = Vec::new();
+        if ok + errors != attempted {
+            violations.push(format!("{ok} ok + {errors} errors != {attempted} requests"));
+        }
+        if let Some(stats) = batches {
+            // Requests that timed out while queued never reach a batch; a stuck client's
+            // request may be in one.
+            if stats.requests > attempted + self.stuck || stats.requests < ok {
+                violations.push(format!(
+                    "combiner batched {} requests; {attempted} were made, {ok} succeeded",
+                    stats.requests
+                ));
+            }
+        }
+        violations
+    }
+}
+
+/// Rows a floor measurement may write at most ([`Harness::floor`]): its campaign's stock.
+const FLOOR_CAPACITY: u64 = 20_000_000;
+
+/// What [`Harness::floor`] measured.
+#[derive(Debug, Clone)]
+pub struct Floor {
+    /// Which hot row.
+    pub domain: Domain,
+    /// Rows per transaction.
+    pub batch: usize,
+    /// Transactions committed.
+    pub transactions: u64,
+    /// Rows written (`transactions * batch`).
+    pub rows: u64,
+    /// How long it wrote.
+    pub wall: Duration,
+    /// What the checks afterwards found; empty when consistent.
+    pub violations: Vec<String>,
+}
+
+impl Floor {
+    /// Rows written per second: the most requests per second a combiner with this batch size
+    /// could answer on this server.
+    pub fn rows_per_second(&self) -> f64 {
+        per_second(self.rows, self.wall)
+    }
+}
+
+/// One floor transaction: `SET TRANSACTION ISOLATION LEVEL SERIALIZABLE` and `BEGIN` in one
+/// batch (as lockstock's runner sends them), `body`, COMMIT; ROLLBACK if `body` fails.
+fn floor_transaction(
+    conn: &mut MysqlConnection,
+    body: impl FnOnce(&mut MysqlConnection) -> Result<(), diesel::result::Error>,
+) -> Result<(), BoxError> {
+    conn.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN")?;
+    match body(conn) {
+        Ok(()) => Ok(conn.batch_execute("COMMIT")?),
+        Err(error) => {
+            let _ = conn.batch_execute("ROLLBACK");
+            Err(error.into())
+        }
+    }
+}
+
+/// What [`Harness::redis_gate`] measured.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// The campaign's stock.
+    pub stock: i32,
+    /// `user_coupon` rows stored for the campaign.
+    pub rows: u64,
+    /// What Redis says is left.
+    pub remaining: i64,
+    /// Coupons beyond the stock (rows over it, or Redis counting more stock than is left).
+    pub over_issued: u64,
+    /// Stock Redis gave out without a row in MariaDB (a grant lost after `DECR`).
+    pub under_issued: u64,
+    /// What the clients saw.
+    pub run: Run,
+    /// Violations found afterwards (an over-issue included; an under-issue is reported in
+    /// `under_issued`, not here); empty when consistent.
+    pub violations: Vec<String>,
+}
+
+/// What [`drive`] gives back: the run and each client's state (`None`: stuck, left behind).
+struct Driven<S> {
+    run: Run,
+    returned: Vec<Option<S>>,
+}
+
+/// Runs one thread per state, started together; each calls `request(state, n)` with request
+/// numbers `n` shared by all, until `max_requests` are started or `max_time` is over, and
+/// records what it returns: the id handed out or the kind of error, and refusals. A client not
+/// back [`STUCK_GRACE`] after `max_time` is counted as stuck and left behind.
+fn drive<S, F>(
+    states: Vec<S>,
+    request: F,
+    max_requests: u64,
+    max_time: Option<Duration>,
+) -> Result<Driven<S>, BoxError>
+where
+    S: Send + 'static,
+    F: Fn(&mut S, u64) -> (Result<i64, String>, u64) + Send + Sync + 'static,
+{
+    let request = Arc::new(request);
+    let next = Arc::new(AtomicU64::new(0));
+    let barrier = Arc::new(Barrier::new(states.len() + 1));
+    let tallies: Vec<Arc<Mutex<ClientTally>>> = states.iter().map(|_| Arc::default()).collect();
+    let mut threads = BoundedThreads::new();
+    for (mut state, tally) in states.into_iter().zip(&tallies) {
+        let (next, barrier, tally) = (next.clone(), barrier.clone(), tally.clone());
+        let request = request.clone();
+        threads.spawn(move || {
+            barrier.wait();
+            let deadline = max_time.map(|t| Instant::now() + t);
+            loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= max_requests {
+                    break;
+                }
+                let started = Instant::now();
+                let (result, refusals) = request(&mut state, n);
+                lock(&tally).record(result, refusals, started);
+            }
+            state
+        });
+    }
+    barrier.wait();
+    let start = Instant::now();
+    let (returned, last) = threads.collect(max_time.map(|t| start + t + STUCK_GRACE))?;
+    let mut run = Run {
+        wall: last.map_or(Duration::ZERO, |at| at.saturating_duration_since(start)),
+        stuck: returned.iter().filter(|r| r.is_none()).count() as u64,
+        ..Run::default()
+    };
+    for tally in &tallies {
+        let tally = std::mem::take(&mut *lock(tally));
+        run.ok_ids.extend(tally.ok_ids);
+        for (kind, count) in tally.errors {
+            *run.errors.entry(kind).or_default() += count;
+        }
+        run.refusals += tally.refusals;
+        run.latencies_us.extend(tally.latencies_us);
+    }
+    run.latencies_us.sort_unstable();
+    Ok(Driven { run, returned })
+}
+
+/// The statistics of two combiners as one.
+fn merge_stats(a: CombinerStats, b: CombinerStats) -> CombinerStats {
+    CombinerStats {
+        batches: a.batches + b.batches,
+        requests: a.requests + b.requests,
+        largest_batch: a.largest_batch.max(b.largest_batch),
+    }
+}
+
+/// Runs `clients` threads on the hot row of `prepared` through one combiner of `domain` over
+/// `pool` (as one application process does), until `max_requests` are started or `max_time`
+/// is over. Returns the run and the combiner's statistics; checks nothing (the caller checks
+/// the database once every process is done, [`Harness::check`]).
+pub fn combining_clients(
+    pool: MysqlPool,
+    domain: Domain,
+    prepared: &Prepared,
+    clients: usize,
+    (max_requests, max_time): (u64, Option<Duration>),
+) -> Result<(Run, CombinerStats), BoxError> {
+    let executor = Arc::new(Executor::combining(domain, pool));
+    let (target, user_base) = (prepared.target, prepared.user_base);
+    let key_prefix: Arc<str> = prepared.key_prefix.as_str().into();
+    let states: Vec<Arc<Executor>> = (0..clients.max(1)).map(|_| executor.clone()).collect();
+    let driven = drive(
+        states,
+        move |executor, n| {
+            let (result, refusals) = executor.request(None, target, user_base, &key_prefix, n);
+            (result.map_err(|e| error_kind(&e)), refusals)
+        },
+        max_requests,
+        max_time,
+    )?;
+    let stats = executor.stats().unwrap_or_default();
+    Ok((driven.run, stats))
 }
 
 /// A short name for an error, for the report; an unclassified server error (`Other`) with the
@@ -684,10 +950,24 @@ pub fn error_kind(error: &Error) -> String {
 }
 
 /// The hot row of one cell.
-#[derive(Clone, Copy)]
-enum Target {
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// A campaign.
     Coupon(CouponTarget),
+    /// An account (`user_balance.user_id`).
     Account(i64),
+}
+
+/// A fresh hot row and room for requests on it ([`Harness::prepare`]): request `n` is made for
+/// user `user_base + n` (coupons) or under idempotency key `"{key_prefix}-{n}"` (deducts).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The hot row.
+    pub target: Target,
+    /// The first user id of the requests (ids up to `user_base + requests` are fresh).
+    pub user_base: i64,
+    /// The prefix of the requests' idempotency keys.
+    pub key_prefix: String,
 }
 
 /// Per-cell request executor, shared by the client threads of one node (one combiner per node).
@@ -703,6 +983,18 @@ enum Executor {
 }
 
 impl Executor {
+    /// A combiner of `domain` over `pool`.
+    fn combining(domain: Domain, pool: MysqlPool) -> Self {
+        match domain {
+            Domain::Coupon => {
+                Self::CombiningIssuer(CombiningIssuer::new(pool, CouponIssuer::new()))
+            }
+            Domain::Ledger => {
+                Self::CombiningLedger(CombiningLedger::new(pool, BalanceLedger::new()))
+            }
+        }
+    }
+
     /// Request number `n` of the cell: (result, refusals).
     fn request(
         &self,
@@ -1147,6 +1439,24 @@ impl Harness {
         Ok(user_id)
     }
 
+    /// A fresh hot row of `domain` for up to `requests` requests (a campaign of that stock, or
+    /// an account charged with [`INITIAL_BALANCE`]), with as many fresh user ids and a key
+    /// prefix of its own.
+    pub fn prepare(&mut self, domain: Domain, requests: u64) -> Result<Prepared, BoxError> {
+        self.cells += 1;
+        let key_prefix = format!("{}-{}", self.tag, self.cells);
+        let user_base = self.fresh_ids(requests);
+        let target = match domain {
+            Domain::Coupon => Target::Coupon(self.new_campaign(requests)?),
+            Domain::Ledger => Target::Account(self.new_account()?),
+        };
+        Ok(Prepared {
+            target,
+            user_base,
+            key_prefix,
+        })
+    }
+
     /// Runs one cell: fresh campaign/account, `clients` threads (each with its own connection,
     /// or sharing its node's combiner) placed by the [`Topology`], then checks the invariants
     /// from the database.
@@ -1156,20 +1466,15 @@ impl Harness {
     /// requests it completed count, and its one call in flight is in doubt for the checks.
     pub fn run_cell(&mut self, config: &CellConfig) -> Result<CellResult, BoxError> {
         let clients = config.clients.max(1);
-        self.cells += 1;
-        let key_prefix: Arc<str> = format!("{}-{}", self.tag, self.cells).into();
-        let user_base = self.fresh_ids(config.max_requests);
-        let target = match config.domain {
-            Domain::Coupon => Target::Coupon(self.new_campaign(config.max_requests)?),
-            Domain::Ledger => Target::Account(self.new_account()?),
-        };
+        let prepared = self.prepare(config.domain, config.max_requests)?;
+        let target = prepared.target;
         self.sync_nodes()?;
         let before = self.conflicts()?;
         let nodes: Vec<usize> = (0..clients).map(|i| self.node_of(i)).collect();
         let combining = config.strategy == Strategy::Combining;
         // By node: one combiner with its own pool each, or one executor for all.
         let mut executors: HashMap<usize, Arc<Executor>> = HashMap::new();
-        let mut conns: Vec<Option<MysqlConnection>> = Vec::with_capacity(clients);
+        let mut states: Vec<(Arc<Executor>, Option<MysqlConnection>)> = Vec::with_capacity(clients);
         if combining {
             for &node in &nodes {
                 if executors.contains_key(&node) {
@@ -1177,17 +1482,14 @@ impl Harness {
                 }
                 let on_node = nodes.iter().filter(|&&n| n == node).count();
                 let pool = self.pool(node, combining_pool_size(on_node))?;
-                let executor = match config.domain {
-                    Domain::Coupon => {
-                        Executor::CombiningIssuer(CombiningIssuer::new(pool, CouponIssuer::new()))
-                    }
-                    Domain::Ledger => {
-                        Executor::CombiningLedger(CombiningLedger::new(pool, BalanceLedger::new()))
-                    }
-                };
-                executors.insert(node, Arc::new(executor));
+                executors.insert(node, Arc::new(Executor::combining(config.domain, pool)));
             }
-            conns.resize_with(clients, || None);
+            for node in &nodes {
+                let executor = executors
+                    .get(node)
+                    .ok_or("no executor for a client's node")?;
+                states.push((executor.clone(), None));
+            }
         } else {
             let own = Arc::new(Executor::Own {
                 strategy: config.strategy,
@@ -1195,133 +1497,352 @@ impl Harness {
                 issuer: self.issuer.clone(),
                 ledger: self.ledger.clone(),
             });
+            executors.insert(0, own.clone());
             for &node in &nodes {
-                executors.insert(node, own.clone());
-                conns.push(Some(self.client(node)?));
+                states.push((own.clone(), Some(self.client(node)?)));
             }
         }
-
-        let next = Arc::new(AtomicU64::new(0));
-        let barrier = Arc::new(Barrier::new(clients + 1));
-        let tallies: Vec<Arc<Mutex<ClientTally>>> = (0..clients).map(|_| Arc::default()).collect();
-        let (max_requests, max_time) = (config.max_requests, config.max_time);
-        let mut threads = BoundedThreads::new();
-        for (i, mut conn) in conns.into_iter().enumerate() {
-            let executor = executors
-                .get(&nodes[i])
-                .cloned()
-                .ok_or("no executor for a client's node")?;
-            let (next, barrier, tally) = (next.clone(), barrier.clone(), tallies[i].clone());
-            let key_prefix = key_prefix.clone();
-            threads.spawn(move || {
-                barrier.wait();
-                let deadline = max_time.map(|t| Instant::now() + t);
-                loop {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        break;
-                    }
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= max_requests {
-                        break;
-                    }
-                    let started = Instant::now();
-                    let (result, refusals) =
-                        executor.request(conn.as_mut(), target, user_base, &key_prefix, n);
-                    lock(&tally).record(result, refusals, started);
-                }
-                conn
-            });
-        }
-        barrier.wait();
-        let start = Instant::now();
-        let (returned, last) = threads.collect(max_time.map(|t| start + t + STUCK_GRACE))?;
-        let wall = last.map_or(Duration::ZERO, |at| at.saturating_duration_since(start));
-        let mut stuck = 0;
-        for (i, conn) in returned.into_iter().enumerate() {
-            match conn {
-                Some(Some(conn)) => self.clients[nodes[i]].push(conn),
-                Some(None) => {}
-                None => stuck += 1,
+        let (user_base, key_prefix) = (prepared.user_base, Arc::<str>::from(prepared.key_prefix));
+        let run = drive(
+            states,
+            move |(executor, conn), n| {
+                let (result, refusals) =
+                    executor.request(conn.as_mut(), target, user_base, &key_prefix, n);
+                (result.map_err(|e| error_kind(&e)), refusals)
+            },
+            config.max_requests,
+            config.max_time,
+        )?;
+        for (i, state) in run.returned.into_iter().enumerate() {
+            if let Some((_, Some(conn))) = state {
+                self.clients[nodes[i]].push(conn);
             }
         }
-        if stuck > 0 && combining {
+        let run = run.run;
+        if run.stuck > 0 && combining {
             // A stuck pool connection is never given back.
             self.pools.clear();
         }
-
-        let mut ok_ids = Vec::new();
-        let mut errors: HashMap<String, u64> = HashMap::new();
-        let mut refusals = 0;
-        let mut latencies_us = Vec::new();
-        for tally in &tallies {
-            let tally = std::mem::take(&mut *lock(tally));
-            ok_ids.extend(tally.ok_ids);
-            for (kind, count) in tally.errors {
-                *errors.entry(kind).or_default() += count;
-            }
-            refusals += tally.refusals;
-            latencies_us.extend(tally.latencies_us);
-        }
-        latencies_us.sort_unstable();
         let batches = executors
             .values()
             .filter_map(|e| e.stats())
-            .reduce(|a, b| CombinerStats {
-                batches: a.batches + b.batches,
-                requests: a.requests + b.requests,
-                largest_batch: a.largest_batch.max(b.largest_batch),
-            });
+            .reduce(merge_stats);
         drop(executors);
-        let ok = ok_ids.len() as u64;
-        let error_count: u64 = errors.values().sum();
-        let attempted = latencies_us.len() as u64;
-        let mut violations = Vec::new();
-        if ok + error_count != attempted {
-            violations.push(format!(
-                "{ok} ok + {error_count} errors != {attempted} requests"
-            ));
-        }
-        if let Some(stats) = batches {
-            // Requests that timed out while queued never reach a batch; a stuck client's
-            // request may be in one.
-            if stats.requests > attempted + stuck || stats.requests < ok {
-                violations.push(format!(
-                    "combiner batched {} requests; {attempted} were made, {ok} succeeded",
-                    stats.requests
-                ));
-            }
-        }
-        match target {
-            Target::Coupon(t) => self.check_coupons(&t, &ok_ids, stuck, &mut violations)?,
-            Target::Account(a) => self.check_account(a, &ok_ids, stuck, &mut violations)?,
-        }
+        let mut violations = run.consistency(batches);
+        violations.extend(self.check(target, &run.ok_ids, run.stuck)?);
         let conflicts = match (before, self.conflicts()?) {
             (Some(before), Some(after)) => Some(after.since(before)),
             _ => None,
         };
-        let mut errors_by_kind: Vec<(String, u64)> = errors.into_iter().collect();
-        errors_by_kind.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let refusals = match config.strategy {
+            // Not observable through the library's API for these two.
+            Strategy::SeedLib | Strategy::Combining => None,
+            _ => Some(run.refusals),
+        };
         Ok(CellResult {
             domain: config.domain,
             strategy: config.strategy,
             topology: self.topology,
             clients,
-            attempted,
-            ok,
-            errors: error_count,
-            // Not observable through the library's API for these two.
-            refusals: match config.strategy {
-                Strategy::SeedLib | Strategy::Combining => None,
-                _ => Some(refusals),
-            },
-            wall,
-            latencies_us,
+            attempted: run.attempted(),
+            ok: run.ok_ids.len() as u64,
+            errors: run.error_count(),
+            refusals,
+            wall: run.wall,
+            errors_by_kind: run.errors_by_kind(),
+            latencies_us: run.latencies_us,
             batches,
-            errors_by_kind,
-            stuck,
+            stuck: run.stuck,
             conflicts,
             violations,
         })
+    }
+
+    /// Checks the hot row `target` against the database after requests whose successes handed
+    /// out `ok_ids` (coupon ids or journal entry ids), of which up to `in_doubt` more may have
+    /// been applied without an answer (calls of stuck clients). Returns the violations.
+    pub fn check(
+        &mut self,
+        target: Target,
+        ok_ids: &[i64],
+        in_doubt: u64,
+    ) -> Result<Vec<String>, BoxError> {
+        let mut violations = Vec::new();
+        match target {
+            Target::Coupon(t) => self.check_coupons(&t, ok_ids, in_doubt, &mut violations)?,
+            Target::Account(a) => self.check_account(a, ok_ids, in_doubt, &mut violations)?,
+        }
+        Ok(violations)
+    }
+
+    /// The floor of a combined batch of `batch` requests on `domain`: one connection writing,
+    /// per transaction, exactly the rows such a batch writes — one multi-row INSERT of `batch`
+    /// `user_coupon` rows (the columns `CouponIssuer` writes) or `batch` deduct journal rows
+    /// (the columns `BalanceLedger` writes, with their running `balance_after`), one UPDATE of
+    /// the hot row to its new stock or balance and version, COMMIT — SERIALIZABLE like
+    /// lockstock's transactions, with no locking read and no per-request answers — on a fresh
+    /// campaign or account, for `time`. The rows are real: they are checked afterwards like a
+    /// cell's ([`Floor::violations`]).
+    pub fn floor(
+        &mut self,
+        domain: Domain,
+        batch: usize,
+        time: Duration,
+    ) -> Result<Floor, BoxError> {
+        let batch = batch.max(1);
+        let prepared = self.prepare(domain, FLOOR_CAPACITY)?;
+        let mut conn = self.client(0)?;
+        let mut floor = Floor {
+            domain,
+            batch,
+            transactions: 0,
+            rows: 0,
+            wall: Duration::ZERO,
+            violations: Vec::new(),
+        };
+        let start = Instant::now();
+        match prepared.target {
+            Target::Coupon(t) => {
+                let mut stock = t.total;
+                let size = i32::try_from(batch).map_err(|_| "batch too large")?;
+                while start.elapsed() < time && stock >= size {
+                    let first = prepared.user_base + floor.rows as i64;
+                    let at = now();
+                    let rows: Vec<_> = (first..first + i64::from(size))
+                        .map(|user_id| {
+                            (
+                                user_coupon::user_id.eq(user_id),
+                                user_coupon::coupon_id.eq(t.coupon_id),
+                                user_coupon::fcfs_coupon_id.eq(t.campaign_id),
+                                user_coupon::status.eq("issued"),
+                                user_coupon::issued_at.eq(at),
+                            )
+                        })
+                        .collect();
+                    floor_transaction(&mut conn, |conn| {
+                        diesel::insert_into(user_coupon::table)
+                            .values(&rows)
+                            .execute(conn)?;
+                        diesel::update(fcfs_coupon::table.find(t.campaign_id))
+                            .set(fcfs_coupon::stock_quantity.eq(stock - size))
+                            .execute(conn)?;
+                        Ok(())
+                    })?;
+                    stock -= size;
+                    floor.rows += batch as u64;
+                    floor.transactions += 1;
+                }
+            }
+            Target::Account(user_id) => {
+                let (mut balance, mut version): (Decimal, i64) = user_balance::table
+                    .find(user_id)
+                    .select((user_balance::balance, user_balance::version))
+                    .first(&mut conn)?;
+                let hash = deduct_hash(user_id, DEDUCT_AMOUNT);
+                while start.elapsed() < time && balance >= DEDUCT_AMOUNT * Decimal::from(batch) {
+                    let keys: Vec<String> = (floor.rows..floor.rows + batch as u64)
+                        .map(|n| format!("{}-{n}", prepared.key_prefix))
+                        .collect();
+                    let at = now();
+                    let rows: Vec<_> = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(i, key)| {
+                            (
+                                balance_history::user_id.eq(user_id),
+                                balance_history::kind.eq("deduct"),
+                                balance_history::amount.eq(DEDUCT_AMOUNT),
+                                balance_history::balance_after
+                                    .eq(balance - DEDUCT_AMOUNT * Decimal::from(i + 1)),
+                                balance_history::idempotency_key.eq(Some(key.as_str())),
+                                balance_history::request_hash.eq(hash.as_str()),
+                                balance_history::created_at.eq(at),
+                            )
+                        })
+                        .collect();
+                    let after = balance - DEDUCT_AMOUNT * Decimal::from(batch);
+                    let next_version = version + batch as i64;
+                    floor_transaction(&mut conn, |conn| {
+                        diesel::insert_into(balance_history::table)
+                            .values(&rows)
+                            .execute(conn)?;
+                        diesel::update(user_balance::table.find(user_id))
+                            .set((
+                                user_balance::balance.eq(after),
+                                user_balance::version.eq(next_version),
+                            ))
+                            .execute(conn)?;
+                        Ok(())
+                    })?;
+                    (balance, version) = (after, next_version);
+                    floor.rows += batch as u64;
+                    floor.transactions += 1;
+                }
+            }
+        }
+        floor.wall = start.elapsed();
+        self.clients[0].push(conn);
+        floor.violations = self.check_floor(prepared.target, floor.rows)?;
+        Ok(floor)
+    }
+
+    /// The Redis gate, the pattern large shops run for flash sales: a campaign of `stock`
+    /// whose stock lives in Redis (`SET` to `stock` first); each request `DECR`s it — a value
+    /// below zero is sold out (`INCR` back, answered `SoldOut`) — and a granted request INSERTs
+    /// its `user_coupon` row into MariaDB (autocommit, then `LAST_INSERT_ID()` for the id it
+    /// hands out), `INCR`ing the stock back if the INSERT fails. `clients` threads, each with
+    /// its own MariaDB and Redis connection, up to `max_requests` requests (fresh users) or
+    /// `max_time`. The campaign's row in MariaDB is never touched: Redis is the gate.
+    ///
+    /// Checked afterwards: rows == successes (up to stuck calls in doubt), no user twice, the
+    /// ids handed out are the rows stored, and Redis's remaining stock + rows == `stock`
+    /// ([`Gate::over_issued`], [`Gate::under_issued`] say by how much not).
+    pub fn redis_gate(
+        &mut self,
+        redis: &RedisServer,
+        clients: usize,
+        stock: u64,
+        (max_requests, max_time): (u64, Option<Duration>),
+    ) -> Result<Gate, BoxError> {
+        let user_base = self.fresh_ids(max_requests);
+        let campaign = self.new_campaign(stock)?;
+        let key = format!("lockstock:{}:stock:{}", self.tag, campaign.campaign_id);
+        let mut admin = redis.connect()?;
+        admin.set(&key, i64::from(campaign.total))?;
+        let mut states = Vec::with_capacity(clients.max(1));
+        for _ in 0..clients.max(1) {
+            states.push((self.client(0)?, redis.connect()?));
+        }
+        let gate_key: Arc<str> = key.as_str().into();
+        let driven = drive(
+            states,
+            move |(conn, redis), n| {
+                let user = user_base + i64::try_from(n).unwrap_or(i64::MAX - user_base);
+                let result = match redis.decr(&gate_key) {
+                    Err(e) => Err(format!("Redis DECR: {e}")),
+                    Ok(left) if left < 0 => match redis.incr(&gate_key) {
+                        Ok(_) => Err("SoldOut".to_string()),
+                        Err(e) => Err(format!("Redis INCR: {e}")),
+                    },
+                    Ok(_) => match insert_user_coupon(conn, user, &campaign, now()) {
+                        Ok(id) => Ok(id),
+                        Err(error) => {
+                            // Given back; if this fails too, the grant is lost (under-issue).
+                            let _ = redis.incr(&gate_key);
+                            Err(error_kind(&error))
+                        }
+                    },
+                };
+                (result, 0)
+            },
+            max_requests,
+            max_time,
+        )?;
+        for (conn, _) in driven.returned.into_iter().flatten() {
+            self.clients[0].push(conn);
+        }
+        let run = driven.run;
+        let (stored, _, total, repeated) = coupon_facts(&mut self.setup, &campaign)?;
+        let remaining = admin.get_integer(&key)?.unwrap_or(0);
+        let rows = stored.len() as i64;
+        let mut violations = run.consistency(None);
+        if !within_doubt(stored.len(), run.ok_ids.len(), run.stuck) {
+            violations.push(format!(
+                "redis gate: {rows} rows for the campaign but {} successes{}",
+                run.ok_ids.len(),
+                doubt_note(run.stuck)
+            ));
+        }
+        if !repeated.is_empty() {
+            violations.push(format!(
+                "redis gate: {} users hold the coupon twice",
+                repeated.len()
+            ));
+        }
+        let names = ("redis gate", "coupon id", "not stored for the campaign");
+        check_handed_out(names, stored, &run.ok_ids, run.stuck, &mut violations);
+        // Stock the gate and the rows account for beyond the campaign's (> 0: coupons beyond
+        // the stock, or will be), or short of it (< 0: stock taken without a row).
+        let accounted = remaining + rows - i64::from(total);
+        let over_issued = (rows - i64::from(total))
+            .max(accounted)
+            .max(0)
+            .unsigned_abs();
+        if over_issued > 0 {
+            violations.push(format!(
+                "redis gate: over-issued by {over_issued}: {rows} rows, {remaining} left in \
+                 Redis, stock {total}"
+            ));
+        }
+        let gate = Gate {
+            clients: clients.max(1),
+            stock: total,
+            rows: rows.unsigned_abs(),
+            remaining,
+            over_issued,
+            under_issued: (-accounted).max(0).unsigned_abs(),
+            run,
+            violations,
+        };
+        Ok(gate)
+    }
+
+    /// A floor's hot row after `rows` rows: exactly that many rows, the stock or balance they
+    /// account for, and (ledger) the library's audit.
+    fn check_floor(&mut self, target: Target, rows: u64) -> Result<Vec<String>, BoxError> {
+        let mut violations = Vec::new();
+        let written = i64::try_from(rows)?;
+        match target {
+            Target::Coupon(t) => {
+                let (stored, stock, total, _) = coupon_facts(&mut self.setup, &t)?;
+                let stored = stored.len() as i64;
+                if stored != written || i64::from(stock) + stored != i64::from(total) {
+                    violations.push(format!(
+                        "floor coupon: {stored} rows stored, {written} written, stock {stock}, \
+                         total {total}"
+                    ));
+                }
+            }
+            Target::Account(user_id) => {
+                let deducts: i64 = balance_history::table
+                    .filter(balance_history::user_id.eq(user_id))
+                    .filter(balance_history::kind.eq("deduct"))
+                    .count()
+                    .get_result(&mut self.setup)?;
+                let balance: Decimal = user_balance::table
+                    .find(user_id)
+                    .select(user_balance::balance)
+                    .first(&mut self.setup)?;
+                let expected = INITIAL_BALANCE - DEDUCT_AMOUNT * Decimal::from(written);
+                if deducts != written || balance != expected {
+                    violations.push(format!(
+                        "floor ledger: {deducts} deduct rows stored, {written} written, balance \
+                         {balance}, expected {expected}"
+                    ));
+                }
+                self.audit_into(user_id, "floor ledger", &mut violations)?;
+            }
+        }
+        Ok(violations)
+    }
+
+    /// The library's audit of account `user_id` (running sum, balance_after, version); its
+    /// problems go to `violations`, named `what`.
+    fn audit_into(
+        &mut self,
+        user_id: i64,
+        what: &str,
+        violations: &mut Vec<String>,
+    ) -> Result<(), BoxError> {
+        match self.ledger.audit(&mut self.setup, user_id) {
+            Ok(report) if report.is_consistent() => {}
+            Ok(report) => violations.push(format!("{what}: audit: {:?}", report.problems)),
+            Err(Error::AuditFailed(report)) => {
+                violations.push(format!("{what}: audit: {:?}", report.problems))
+            }
+            Err(other) => return Err(other.into()),
+        }
+        Ok(())
     }
 
     /// Coupons: rows == successes, stock + rows == total, stock >= 0, no user twice, and the
@@ -1334,21 +1855,7 @@ impl Harness {
         in_doubt: u64,
         violations: &mut Vec<String>,
     ) -> Result<(), BoxError> {
-        let conn = &mut self.setup;
-        let rows: Vec<i64> = user_coupon::table
-            .filter(user_coupon::fcfs_coupon_id.eq(target.campaign_id))
-            .select(user_coupon::id)
-            .load(conn)?;
-        let (stock, total): (i32, i32) = fcfs_coupon::table
-            .find(target.campaign_id)
-            .select((fcfs_coupon::stock_quantity, fcfs_coupon::total_quantity))
-            .first(conn)?;
-        let repeated: Vec<i64> = user_coupon::table
-            .filter(user_coupon::coupon_id.eq(target.coupon_id))
-            .group_by(user_coupon::user_id)
-            .having(count_star().gt(1))
-            .select(user_coupon::user_id)
-            .load(conn)?;
+        let (rows, stock, total, repeated) = coupon_facts(&mut self.setup, target)?;
         let row_count = rows.len() as i64;
         if !within_doubt(rows.len(), ok_ids.len(), in_doubt) {
             violations.push(format!(
@@ -1420,18 +1927,33 @@ impl Harness {
         if balance < Decimal::ZERO {
             violations.push(format!("ledger: negative balance {balance}"));
         }
-        match self.ledger.audit(conn, user_id) {
-            Ok(report) if report.is_consistent() => {}
-            Ok(report) => violations.push(format!("ledger: audit: {:?}", report.problems)),
-            Err(Error::AuditFailed(report)) => {
-                violations.push(format!("ledger: audit: {:?}", report.problems))
-            }
-            Err(other) => return Err(other.into()),
-        }
+        self.audit_into(user_id, "ledger", violations)?;
         let names = ("ledger", "entry id", "not stored deducts");
         check_handed_out(names, deducts, ok_ids, in_doubt, violations);
         Ok(())
     }
+}
+
+/// A campaign's rows (ids), its stock and total, and the users holding its coupon twice.
+fn coupon_facts(
+    conn: &mut MysqlConnection,
+    target: &CouponTarget,
+) -> Result<(Vec<i64>, i32, i32, Vec<i64>), BoxError> {
+    let rows: Vec<i64> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(target.campaign_id))
+        .select(user_coupon::id)
+        .load(conn)?;
+    let (stock, total): (i32, i32) = fcfs_coupon::table
+        .find(target.campaign_id)
+        .select((fcfs_coupon::stock_quantity, fcfs_coupon::total_quantity))
+        .first(conn)?;
+    let repeated: Vec<i64> = user_coupon::table
+        .filter(user_coupon::coupon_id.eq(target.coupon_id))
+        .group_by(user_coupon::user_id)
+        .having(count_star().gt(1))
+        .select(user_coupon::user_id)
+        .load(conn)?;
+    Ok((rows, stock, total, repeated))
 }
 
 /// `stored` rows for `ok` successes, when up to `in_doubt` calls may have been applied without

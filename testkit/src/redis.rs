@@ -1,0 +1,358 @@
+//! A throwaway Redis server and a minimal synchronous client, for the contention report's
+//! Redis-gate row (`DECR` as the stock gate, one INSERT per granted request into MariaDB).
+//!
+//! [`RedisServer::start`] runs `redis-server` (from the system packages, or
+//! `LOCKSTOCK_REDIS_SERVER`) with no persistence (`save ""`, `appendonly no`), no TCP port and a
+//! Unix socket in a private directory `lockstock-redis-*` — like the MariaDB sandbox, which the
+//! report reaches through its socket too. The server is killed and the directory removed when
+//! the value is dropped, and a watchdog process does both if this process dies first.
+//!
+//! [`RedisConnection`] speaks RESP2 over the socket: commands go out as arrays of bulk strings
+//! (the arguments are never interpreted: no injection), replies are read fully; every read and
+//! write has a timeout.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::sandbox::{
+    find_binary, io_err, kill_and_reap, make_private_dir, remove_watched_dir, spawn_detached,
+    spawn_watchdog_script, write_atomically, SandboxError,
+};
+
+/// The socket, relative to the server's directory.
+const SOCKET_NAME: &str = "redis.sock";
+/// File the watchdog reads to find the server's pid.
+const PID_FILE: &str = "redis.pid.lockstock";
+/// How long a start may take.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every read and write of a connection.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Watchdog body (see `sandbox::spawn_watchdog_script`): kills the process whose pid is in
+/// `$dir/redis.pid.lockstock` if it is a `redis-server` (Redis rewrites its command line, so
+/// the process name is what is checked).
+const WATCHDOG_SCRIPT: &str = r#"
+p=$(cat "$dir/redis.pid.lockstock" 2>/dev/null)
+case "$p" in
+  ''|*[!0-9]*) ;;
+  *)
+    if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = redis-server ]; then
+      pids=$p
+      kill -9 "$p" 2>/dev/null
+    fi
+    ;;
+esac
+"#;
+
+/// Errors of the Redis server or a connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisError {
+    /// Finding the binary, creating the directory or starting the watchdog failed.
+    #[error(transparent)]
+    Setup(#[from] SandboxError),
+    /// The server did not answer on its socket in time.
+    #[error("redis-server did not start within {timeout:?}: {detail}")]
+    Start {
+        /// How long it was given.
+        timeout: Duration,
+        /// The last connection error, or the server's exit status.
+        detail: String,
+    },
+    /// Reading or writing the socket failed (a timeout included).
+    #[error("redis connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server answered something that is not RESP, or not the reply expected.
+    #[error("redis protocol: {0}")]
+    Protocol(String),
+    /// The server answered with an error reply.
+    #[error("redis error reply: {0}")]
+    Server(String),
+}
+
+/// A reply of the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `+OK` and other simple strings.
+    Simple(String),
+    /// `:n`.
+    Integer(i64),
+    /// `$n ...`; `None` for the null bulk string (`$-1`).
+    Bulk(Option<Vec<u8>>),
+    /// `*n ...`; `None` for the null array.
+    Array(Option<Vec<Reply>>),
+}
+
+/// A throwaway `redis-server` on a Unix socket; killed and removed on drop.
+pub struct RedisServer {
+    server: Option<Child>,
+    watchdog: Option<Child>,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl RedisServer {
+    /// Whether a `redis-server` binary is installed (`LOCKSTOCK_REDIS_SERVER`,
+    /// `/usr/bin/redis-server` or `PATH`).
+    pub fn installed() -> bool {
+        find_redis_server().is_ok()
+    }
+
+    /// Starts a server with no persistence on a socket of its own and waits until it answers
+    /// `PING`.
+    pub fn start() -> Result<Self, RedisError> {
+        let binary = find_redis_server()?;
+        let dir = make_private_dir("redis", Path::new(SOCKET_NAME))?;
+        let socket = dir.join(SOCKET_NAME);
+        let mut server = Self {
+            server: None,
+            watchdog: None,
+            dir,
+            socket,
+        };
+        server.watchdog = Some(spawn_watchdog_script(
+            WATCHDOG_SCRIPT,
+            "lockstock-redis-watchdog",
+            &server.dir,
+        )?);
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--port")
+            .arg("0")
+            .arg("--unixsocket")
+            .arg(&server.socket)
+            .arg("--unixsocketperm")
+            .arg("700")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(&server.dir)
+            .arg("--logfile")
+            .arg(server.dir.join("redis.log"))
+            .arg("--databases")
+            .arg("1");
+        let child = spawn_detached(&mut cmd)
+            .map_err(io_err(format!("cannot start {}", binary.display())))?;
+        let pid = child.id();
+        server.server = Some(child);
+        write_atomically(&server.dir.join(PID_FILE), pid.to_string().as_bytes())?;
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// The server's Unix socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A new connection.
+    pub fn connect(&self) -> Result<RedisConnection, RedisError> {
+        RedisConnection::open(&self.socket)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), RedisError> {
+        let started = Instant::now();
+        loop {
+            let detail = match self.connect().and_then(|mut c| c.command(&[b"PING"])) {
+                Ok(Reply::Simple(pong)) if pong == "PONG" => return Ok(()),
+                Ok(other) => format!("PING answered {other:?}"),
+                Err(error) => error.to_string(),
+            };
+            let exited = match self.server.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(status))) => Some(status.to_string()),
+                _ => None,
+            };
+            if exited.is_some() || started.elapsed() >= START_TIMEOUT {
+                let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+                return Err(RedisError::Start {
+                    timeout: START_TIMEOUT,
+                    detail: format!(
+                        "{}; log: {}",
+                        exited.map_or(detail, |s| format!("exited with {s}")),
+                        log.trim()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill_and_reap(self.server.take());
+        remove_watched_dir(&self.dir, self.watchdog.take());
+    }
+}
+
+fn find_redis_server() -> Result<PathBuf, SandboxError> {
+    find_binary(
+        "LOCKSTOCK_REDIS_SERVER",
+        &["/usr/bin/redis-server"],
+        &["redis-server"],
+        &[],
+    )
+}
+
+/// One connection to a Redis server (RESP2, synchronous, one command at a time).
+pub struct RedisConnection {
+    stream: BufReader<UnixStream>,
+    out: Vec<u8>,
+}
+
+impl RedisConnection {
+    /// Connects to the server on Unix socket `socket`.
+    pub fn open(socket: &Path) -> Result<Self, RedisError> {
+        let stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(Self {
+            stream: BufReader::new(stream),
+            out: Vec::with_capacity(64),
+        })
+    }
+
+    /// Sends one command (its name and arguments, each a bulk string) and reads its reply; an
+    /// error reply is [`RedisError::Server`].
+    pub fn command(&mut self, args: &[&[u8]]) -> Result<Reply, RedisError> {
+        self.out.clear();
+        self.out
+            .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in args {
+            self.out
+                .extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            self.out.extend_from_slice(arg);
+            self.out.extend_from_slice(b"\r\n");
+        }
+        self.stream.get_mut().write_all(&self.out)?;
+        self.reply()
+    }
+
+    /// A command whose reply is an integer.
+    fn integer(&mut self, args: &[&[u8]]) -> Result<i64, RedisError> {
+        match self.command(args)? {
+            Reply::Integer(n) => Ok(n),
+            other => Err(RedisError::Protocol(format!(
+                "expected an integer reply, got {other:?}"
+            ))),
+        }
+    }
+
+    /// `DECR key`: the value after.
+    pub fn decr(&mut self, key: &str) -> Result<i64, RedisError> {
+        self.integer(&[b"DECR", key.as_bytes()])
+    }
+
+    /// `INCR key`: the value after.
+    pub fn incr(&mut self, key: &str) -> Result<i64, RedisError> {
+        self.integer(&[b"INCR", key.as_bytes()])
+    }
+
+    /// `SET key value`.
+    pub fn set(&mut self, key: &str, value: i64) -> Result<(), RedisError> {
+        match self.command(&[b"SET", key.as_bytes(), value.to_string().as_bytes()])? {
+            Reply::Simple(ok) if ok == "OK" => Ok(()),
+            other => Err(RedisError::Protocol(format!("SET answered {other:?}"))),
+        }
+    }
+
+    /// `GET key` as an integer; `None` if the key does not exist.
+    pub fn get_integer(&mut self, key: &str) -> Result<Option<i64>, RedisError> {
+        match self.command(&[b"GET", key.as_bytes()])? {
+            Reply::Bulk(None) => Ok(None),
+            Reply::Bulk(Some(bytes)) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .map(Some)
+                .ok_or_else(|| RedisError::Protocol(format!("GET {key}: not an integer"))),
+            other => Err(RedisError::Protocol(format!("GET answered {other:?}"))),
+        }
+    }
+
+    /// One reply line without its `\r\n`.
+    fn line(&mut self) -> Result<String, RedisError> {
+        let mut line = Vec::new();
+        self.stream.read_until(b'\n', &mut line)?;
+        if !line.ends_with(b"\r\n") {
+            return Err(RedisError::Protocol("connection closed mid-reply".into()));
+        }
+        line.truncate(line.len() - 2);
+        String::from_utf8(line).map_err(|_| RedisError::Protocol("reply is not UTF-8".into()))
+    }
+
+    fn reply(&mut self) -> Result<Reply, RedisError> {
+        let line = self.line()?;
+        let (kind, rest) = line.split_at(line.len().min(1));
+        let number = || {
+            rest.parse::<i64>()
+                .map_err(|_| RedisError::Protocol(format!("bad length or integer {line:?}")))
+        };
+        match kind {
+            "+" => Ok(Reply::Simple(rest.to_string())),
+            "-" => Err(RedisError::Server(rest.to_string())),
+            ":" => Ok(Reply::Integer(number()?)),
+            "$" => match usize::try_from(number()?) {
+                Err(_) => Ok(Reply::Bulk(None)),
+                Ok(len) => {
+                    let mut bytes = vec![0; len + 2];
+                    self.stream.read_exact(&mut bytes)?;
+                    if !bytes.ends_with(b"\r\n") {
+                        return Err(RedisError::Protocol("bulk string without CRLF".into()));
+                    }
+                    bytes.truncate(len);
+                    Ok(Reply::Bulk(Some(bytes)))
+                }
+            },
+            "*" => match usize::try_from(number()?) {
+                Err(_) => Ok(Reply::Array(None)),
+                Ok(len) => {
+                    let mut items = Vec::with_capacity(len.min(1024));
+                    for _ in 0..len {
+                        items.push(self.reply()?);
+                    }
+                    Ok(Reply::Array(Some(items)))
+                }
+            },
+            _ => Err(RedisError::Protocol(format!("unknown reply {line:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decr_gate_against_a_throwaway_server() {
+        if !RedisServer::installed() {
+            eprintln!("redis-server is not installed; skipped");
+            return;
+        }
+        let server = RedisServer::start().unwrap();
+        let dir = server.socket_path().parent().unwrap().to_path_buf();
+        let mut conn = server.connect().unwrap();
+        conn.set("stock", 2).unwrap();
+        assert_eq!(conn.decr("stock").unwrap(), 1);
+        assert_eq!(conn.decr("stock").unwrap(), 0);
+        assert_eq!(conn.decr("stock").unwrap(), -1);
+        assert_eq!(conn.incr("stock").unwrap(), 0);
+        assert_eq!(conn.get_integer("stock").unwrap(), Some(0));
+        assert_eq!(conn.get_integer("missing").unwrap(), None);
+        // Arguments are bulk strings: a key with spaces and CRLF is one key.
+        conn.set("a b\r\nSET x 1", 7).unwrap();
+        assert_eq!(conn.get_integer("x").unwrap(), None);
+        assert_eq!(conn.get_integer("a b\r\nSET x 1").unwrap(), Some(7));
+        assert!(matches!(
+            conn.command(&[b"NOSUCHCOMMAND"]),
+            Err(RedisError::Server(_))
+        ));
+        drop(conn);
+        drop(server);
+        assert!(!dir.exists(), "the server's directory is removed");
+    }
+}
