@@ -3,15 +3,24 @@
 //! ids, reversed windows, replayed keys with the same or a different request, refunds beyond the
 //! deduct, transfers to self, sold-out and already-held coupons, restores by the wrong order,
 //! replayed and reused restock keys, batches of issues whose every answer must be the single
-//! call's, holders included) — run against the server and
-//! against an in-memory model. Every answer (the fields of an ok value, or the error variant
-//! with its fields) and the final state (balances, the journal of every account, campaigns and
-//! their stock, issued coupons) must match the model exactly. Ids are compared through a
-//! bijection between the server's ids and the model's, since AUTO_INCREMENT leaves gaps.
+//! call's, holders included; holds placed, captured in full, in part, above the held amount and
+//! twice, released, expired and swept by `expire_holds`, with expiries in the past, too far
+//! ahead or already due on the server clock; deducts, transfers and holds refused for want of
+//! the *available* balance) — run against the server and against an in-memory model. Every
+//! answer (the fields of an ok value, or the error variant with its fields) and the final
+//! state (balances posted, held and available, the journal of every account with its links to
+//! the holds, the hold rows, campaigns and their stock, issued coupons; `audit` of every
+//! account) must match the model exactly. Ids are compared through a bijection between the
+//! server's ids and the model's, since AUTO_INCREMENT leaves gaps.
+//!
+//! Expiry is deterministic: the test's session clock (`SET timestamp`, what `UTC_TIMESTAMP(6)`
+//! answers on that connection) is set to the case's start and moves on only by an
+//! [`Op::Elapse`] of 10 or 120 minutes, while hold expiries are minutes to days from it; the
+//! caller's clock, against which a hold's expiry is validated, runs on as usual.
 //!
 //! One database, emptied between cases. Prints its seed; `LOCKSTOCK_SEED` replays the cases,
 //! `PROPTEST_CASES` changes their number (default 64, of up to 60 operations after
-//! an 11-operation prelude).
+//! a 10-operation prelude).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -82,6 +91,10 @@ enum Op {
     Restock(Ref, u32, String),
     Redeem(Ref, String),
     Restore(Ref, RestoreOrder),
+    /// A deduct of the account's whole posted balance: refused while a hold reserves part of it.
+    DeductPosted(i64, String),
+    /// A transfer of the sender's whole posted balance, likewise.
+    TransferPosted(i64, i64, String),
     /// A hold expiring at a time relative to the server clock.
     Hold(i64, Decimal, String, HoldExpiry),
     /// A capture of a hold (mostly an active one).
@@ -249,11 +262,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (reference(), quantity(), restock_key).prop_map(|(r, q, k)| Op::Restock(r, q, k)),
         2 => (reference(), order_ref()).prop_map(|(r, o)| Op::Redeem(r, o)),
         2 => (reference(), restore_order).prop_map(|(r, o)| Op::Restore(r, o)),
-        5 => (user(), amount(), key(), hold_expiry()).prop_map(|(u, a, k, e)| Op::Hold(u, a, k, e)),
+        // Some large holds, so that deducts, transfers and holds meet a short available balance.
+        5 => (user(), prop_oneof![3 => amount(), 1 => (300..=1_000i64).prop_map(Decimal::from)], key(), hold_expiry())
+            .prop_map(|(u, a, k, e)| Op::Hold(u, a, k, e)),
         4 => (reference(), capture_amount(), key()).prop_map(|(r, a, k)| Op::Capture(r, a, k)),
+        1 => (user(), key()).prop_map(|(u, k)| Op::DeductPosted(u, k)),
+        1 => (user(), user(), key()).prop_map(|(f, t, k)| Op::TransferPosted(f, t, k)),
         2 => (reference(), key()).prop_map(|(r, k)| Op::Release(r, k)),
         1 => reference().prop_map(Op::HoldStatus),
-        1 => prop_oneof![
+        2 => prop_oneof![
             3 => Just(MAX_EXPIRY_BATCH),
             2 => 1..=2u32,
             1 => Just(0u32),
@@ -948,6 +965,8 @@ impl Model {
                 };
                 Resolved::Restore(target, order)
             }
+            Op::DeductPosted(u, k) => Resolved::Deduct(*u, self.balance(*u), k.clone()),
+            Op::TransferPosted(f, t, k) => Resolved::Transfer(*f, *t, self.balance(*f), k.clone()),
             Op::Hold(u, a, k, e) => {
                 let s = self.clock;
                 let at = match e {
@@ -1793,6 +1812,36 @@ fn answer_name(answer: &Answer, fresh: &[(Kind, usize)]) -> String {
     }
 }
 
+/// [`answer_name`], told apart where holds make the difference: partial captures, holds placed
+/// already expired (the server clock ahead of the caller's), refusals for want of the
+/// *available* balance where the posted balance would have done.
+fn label(model: &Model, answer: &Answer, fresh: &[(Kind, usize)]) -> String {
+    let name = answer_name(answer, fresh);
+    let hold_of = |e: &EntryV| match e.related {
+        Some(Id::M(m)) => model.holds.get(&m),
+        _ => None,
+    };
+    let detail = match answer {
+        Answer::Entry(_) if fresh.is_empty() => None,
+        Answer::Entry(e) if e.kind == EntryKind::Capture => hold_of(e)
+            .filter(|h| e.amount < h.amount)
+            .map(|_| "partial"),
+        Answer::Entry(e) if e.kind == EntryKind::Hold => model
+            .holds
+            .get(&model_index(e.id))
+            .filter(|h| h.expires_at <= model.clock)
+            .map(|_| "already expired"),
+        Answer::Err(ErrV::InsufficientBalance {
+            user, requested, ..
+        }) if model.balance(*user) >= *requested => Some("held"),
+        _ => None,
+    };
+    match detail {
+        Some(detail) => format!("{name} ({detail})"),
+        None => name,
+    }
+}
+
 /// Runs one case; `Err` describes the first disagreement.
 fn run_case(
     conn: &mut MysqlConnection,
@@ -1835,7 +1884,7 @@ fn run_case(
             resolved
         );
         if n >= prelude.len() {
-            *seen.entry(answer_name(&expected, &fresh)).or_default() += 1;
+            *seen.entry(label(&model, &expected, &fresh)).or_default() += 1;
         }
     }
     compare_state(conn, &ledger, &model, &ids)
