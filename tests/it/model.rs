@@ -3,15 +3,24 @@
 //! ids, reversed windows, replayed keys with the same or a different request, refunds beyond the
 //! deduct, transfers to self, sold-out and already-held coupons, restores by the wrong order,
 //! replayed and reused restock keys, batches of issues whose every answer must be the single
-//! call's, holders included) — run against the server and
-//! against an in-memory model. Every answer (the fields of an ok value, or the error variant
-//! with its fields) and the final state (balances, the journal of every account, campaigns and
-//! their stock, issued coupons) must match the model exactly. Ids are compared through a
-//! bijection between the server's ids and the model's, since AUTO_INCREMENT leaves gaps.
+//! call's, holders included; holds placed, captured in full, in part, above the held amount and
+//! twice, released, expired and swept by `expire_holds`, with expiries in the past, too far
+//! ahead or already due on the server clock; deducts, transfers and holds refused for want of
+//! the *available* balance) — run against the server and against an in-memory model. Every
+//! answer (the fields of an ok value, or the error variant with its fields) and the final
+//! state (balances posted, held and available, the journal of every account with its links to
+//! the holds, the hold rows, campaigns and their stock, issued coupons; `audit` of every
+//! account) must match the model exactly. Ids are compared through a bijection between the
+//! server's ids and the model's, since AUTO_INCREMENT leaves gaps.
+//!
+//! Expiry is deterministic: the test's session clock (`SET timestamp`, what `UTC_TIMESTAMP(6)`
+//! answers on that connection) is set to the case's start and moves on only by an
+//! [`Op::Elapse`] of 10 or 120 minutes, while hold expiries are minutes to days from it; the
+//! caller's clock, against which a hold's expiry is validated, runs on as usual.
 //!
 //! One database, emptied between cases. Prints its seed; `LOCKSTOCK_SEED` replays the cases,
 //! `PROPTEST_CASES` changes their number (default 64, of up to 60 operations after
-//! an 11-operation prelude).
+//! a 10-operation prelude).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -20,11 +29,12 @@ use chrono::{Duration, NaiveDateTime, Timelike, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use lockstock::error::{AmountProblem, ExpiryProblem, KeyProblem};
-use lockstock::ledger::MAX_AMOUNT;
-use lockstock::schema::{balance_history, coupon, fcfs_coupon, user_balance};
+use lockstock::ledger::{MAX_AMOUNT, MAX_EXPIRY_BATCH, MAX_HOLD_DURATION};
+use lockstock::schema::{balance_history, balance_hold, coupon, fcfs_coupon, user_balance};
 use lockstock::{
     AccountOp, BalanceLedger, Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Entry,
-    EntryKind, Error, HoldState, IssuedCoupon, NewCampaign, NewCoupon, Transfer,
+    EntryKind, Error, ExpiredHolds, Hold, HoldState, IssuedCoupon, NewCampaign, NewCoupon,
+    Transfer,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
@@ -81,9 +91,52 @@ enum Op {
     Restock(Ref, u32, String),
     Redeem(Ref, String),
     Restore(Ref, RestoreOrder),
+    /// A deduct of the account's whole posted balance: refused while a hold reserves part of it.
+    DeductPosted(i64, String),
+    /// A transfer of the sender's whole posted balance, likewise.
+    TransferPosted(i64, i64, String),
+    /// A hold expiring at a time relative to the server clock.
+    Hold(i64, Decimal, String, HoldExpiry),
+    /// A capture of a hold (mostly an active one).
+    Capture(Ref, CaptureAmount, String),
+    Release(Ref, String),
+    HoldStatus(Ref),
+    /// `expire_holds` with this limit.
+    ExpireHolds(u32),
+    /// The server clock moves on by this many minutes.
+    Elapse(i64),
     /// The n-th earlier operation of the case again, exactly as sent — or, for a ledger
     /// operation, with its amount written with one more (zero) decimal, which is the same request.
     Repeat(u8, bool),
+}
+
+/// When a hold expires, relative to the server clock `S` of the case (see [`Model::clock`]).
+#[derive(Debug, Clone, Copy)]
+enum HoldExpiry {
+    /// `S` + 5 minutes: expires at the next [`Op::Elapse`].
+    Short,
+    /// `S` + 1 hour.
+    Long,
+    /// `S` + 89 days: just within the longest hold.
+    Longest,
+    /// `S` + 91 days: refused, too far ahead.
+    TooFar,
+    /// `S` - 1 minute: refused while the server clock is the caller's; once the server clock
+    /// is ahead of the caller's, a hold placed already expired (it reserves nothing).
+    Past,
+    /// An hour before the case started: refused, not in the future.
+    Stale,
+}
+
+/// What a capture asks for, relative to the hold's amount.
+#[derive(Debug, Clone)]
+enum CaptureAmount {
+    Full,
+    /// This many hundredths of the hold (rounded to a cent; zero is refused).
+    Part(u8),
+    /// The hold plus the smallest amount.
+    Above,
+    Any(Decimal),
 }
 
 /// The order a restore names.
@@ -209,11 +262,48 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (reference(), quantity(), restock_key).prop_map(|(r, q, k)| Op::Restock(r, q, k)),
         2 => (reference(), order_ref()).prop_map(|(r, o)| Op::Redeem(r, o)),
         2 => (reference(), restore_order).prop_map(|(r, o)| Op::Restore(r, o)),
+        // Some large holds, so that deducts, transfers and holds meet a short available balance.
+        5 => (user(), prop_oneof![3 => amount(), 1 => (300..=1_000i64).prop_map(Decimal::from)], key(), hold_expiry())
+            .prop_map(|(u, a, k, e)| Op::Hold(u, a, k, e)),
+        4 => (reference(), capture_amount(), key()).prop_map(|(r, a, k)| Op::Capture(r, a, k)),
+        1 => (user(), key()).prop_map(|(u, k)| Op::DeductPosted(u, k)),
+        1 => (user(), user(), key()).prop_map(|(f, t, k)| Op::TransferPosted(f, t, k)),
+        2 => (reference(), key()).prop_map(|(r, k)| Op::Release(r, k)),
+        1 => reference().prop_map(Op::HoldStatus),
+        2 => prop_oneof![
+            3 => Just(MAX_EXPIRY_BATCH),
+            2 => 1..=2u32,
+            1 => Just(0u32),
+            1 => Just(MAX_EXPIRY_BATCH + 1),
+        ]
+        .prop_map(Op::ExpireHolds),
+        1 => prop_oneof![3 => Just(10i64), 1 => Just(120i64)].prop_map(Op::Elapse),
         4 => (any::<u8>(), any::<bool>()).prop_map(|(n, rescale)| Op::Repeat(n, rescale)),
     ]
 }
 
-/// Every case starts with accounts 1 to 3 charged 1000 (4 has none), two templates (valid now,
+fn hold_expiry() -> impl Strategy<Value = HoldExpiry> {
+    prop_oneof![
+        6 => Just(HoldExpiry::Short),
+        4 => Just(HoldExpiry::Long),
+        1 => Just(HoldExpiry::Longest),
+        1 => Just(HoldExpiry::TooFar),
+        1 => Just(HoldExpiry::Past),
+        1 => Just(HoldExpiry::Stale),
+    ]
+}
+
+fn capture_amount() -> impl Strategy<Value = CaptureAmount> {
+    prop_oneof![
+        3 => Just(CaptureAmount::Full),
+        4 => (0..=100u8).prop_map(CaptureAmount::Part),
+        1 => Just(CaptureAmount::Above),
+        2 => amount().prop_map(CaptureAmount::Any),
+    ]
+}
+
+/// Every case starts with accounts 1 to 3 charged 1000 (4 has none), two holds (250 on account
+/// 1 for an hour, 100 on account 2 until the next [`Op::Elapse`]), two templates (valid now,
 /// valid from in an hour) and three campaigns (open with 2 coupons, open with 1 of the second
 /// template, not started yet).
 fn prelude() -> Vec<Op> {
@@ -226,6 +316,8 @@ fn prelude() -> Vec<Op> {
         Op::Charge(1, thousand, "init".into()),
         Op::Charge(2, thousand, "init".into()),
         Op::Charge(3, thousand, "init".into()),
+        Op::Hold(1, Decimal::new(250, 0), "hold".into(), HoldExpiry::Long),
+        Op::Hold(2, Decimal::new(100, 0), "hold".into(), HoldExpiry::Short),
         Op::CreateCoupon(
             "fixed".into(),
             Discount::Fixed(Decimal::new(500, 0)),
@@ -331,17 +423,44 @@ enum ErrV {
     CouponNotValid(Id, NaiveDateTime, NaiveDateTime),
     HoldNotFound(Id),
     HoldNotActive(Id, HoldState),
-    HoldExpired(Id),
+    HoldExpired(Id, NaiveDateTime),
     CaptureExceedsHold(Id, Decimal, Decimal),
-    InvalidExpiry(ExpiryProblem),
+    InvalidExpiry(NaiveDateTime, ExpiryProblem),
     Other(String),
+}
+
+/// A hold as `hold_status` shows it (its timestamps from the caller's clock left out).
+#[derive(Debug, Clone, PartialEq)]
+struct HoldV {
+    id: Id,
+    user: i64,
+    amount: Decimal,
+    captured: Decimal,
+    state: HoldState,
+    expires_at: NaiveDateTime,
+    ended_by: Option<Id>,
+}
+
+/// An account's balance: user, posted, held (unexpired active holds), available, version.
+#[derive(Debug, Clone, PartialEq)]
+struct BalanceV {
+    user: i64,
+    posted: Decimal,
+    held: Decimal,
+    available: Decimal,
+    version: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum Answer {
     Entry(EntryV),
     Transfer(EntryV, EntryV),
-    Balance(i64, Decimal, i64),
+    Balance(BalanceV),
+    Hold(HoldV),
+    /// `expire_holds`: the expire entries written and the accounts skipped.
+    Expired(Vec<EntryV>, Vec<i64>),
+    /// The server clock moved on.
+    Elapsed,
     Coupon {
         id: Id,
         name: String,
@@ -429,6 +548,18 @@ impl Ids {
             related: e.related_entry_id.map(|r| self.entries.id(r)),
             counterparty: e.counterparty_user_id,
             refunded: e.refunded_amount,
+        }
+    }
+
+    fn hold(&self, h: &Hold) -> HoldV {
+        HoldV {
+            id: self.entries.id(h.id),
+            user: h.user_id,
+            amount: h.amount,
+            captured: h.captured_amount,
+            state: h.state,
+            expires_at: h.expires_at,
+            ended_by: h.ended_by_entry_id.map(|e| self.entries.id(e)),
         }
     }
 
@@ -552,13 +683,19 @@ impl Ids {
             } => ErrV::CouponNotValid(held(*user_coupon_id), *valid_from, *valid_until),
             Error::HoldNotFound { hold_id } => ErrV::HoldNotFound(entry(*hold_id)),
             Error::HoldNotActive { hold_id, state } => ErrV::HoldNotActive(entry(*hold_id), *state),
-            Error::HoldExpired { hold_id, .. } => ErrV::HoldExpired(entry(*hold_id)),
+            Error::HoldExpired {
+                hold_id,
+                expired_at,
+            } => ErrV::HoldExpired(entry(*hold_id), *expired_at),
             Error::CaptureExceedsHold {
                 hold_id,
                 held,
                 requested,
             } => ErrV::CaptureExceedsHold(entry(*hold_id), *held, *requested),
-            Error::InvalidExpiry { problem, .. } => ErrV::InvalidExpiry(*problem),
+            Error::InvalidExpiry {
+                expires_at,
+                problem,
+            } => ErrV::InvalidExpiry(*expires_at, *problem),
             other => ErrV::Other(format!("{other:?}")),
         }
     }
@@ -574,8 +711,31 @@ struct RequestId {
     kind: EntryKind,
     user: i64,
     amount: Decimal,
-    /// Counterparty of a transfer, (server) deduct id of a refund, 0 otherwise.
+    /// Counterparty of a transfer, (server) deduct id of a refund, expiry of a hold
+    /// (microseconds), (server) hold id of a capture or release, 0 otherwise.
     reference: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct MAccount {
+    /// The posted balance.
+    balance: Decimal,
+    /// The active holds, expired or not (the stored `held`).
+    held: Decimal,
+    version: i64,
+}
+
+#[derive(Debug, Clone)]
+struct MHold {
+    user: i64,
+    amount: Decimal,
+    expires_at: NaiveDateTime,
+    /// `Active` until captured, released or marked expired (an expired hold stays `Active`
+    /// until `expire_holds` marks it, but reserves nothing).
+    state: HoldState,
+    captured: Decimal,
+    /// The entry that ended it.
+    ended_by: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -614,6 +774,12 @@ enum Resolved {
     Restock((i64, Id), u32, String),
     Redeem((i64, Id), String),
     Restore((i64, Id), String),
+    Hold(i64, Decimal, String, NaiveDateTime),
+    Capture((i64, Id), Decimal, String),
+    Release((i64, Id), String),
+    HoldStatus((i64, Id)),
+    ExpireHolds(u32),
+    Elapse(i64),
 }
 
 impl Resolved {
@@ -630,6 +796,8 @@ impl Resolved {
             Resolved::Deduct(u, a, k) => Resolved::Deduct(u, more(a), k),
             Resolved::Refund(r, a, k) => Resolved::Refund(r, more(a), k),
             Resolved::Transfer(f, t, a, k) => Resolved::Transfer(f, t, more(a), k),
+            Resolved::Hold(u, a, k, e) => Resolved::Hold(u, more(a), k, e),
+            Resolved::Capture(h, a, k) => Resolved::Capture(h, more(a), k),
             other => other,
         }
     }
@@ -641,7 +809,13 @@ type Step = Result<(Answer, Vec<(Kind, usize)>), ErrV>;
 struct Model {
     /// Case start, whole seconds; all windows are relative to it.
     now: NaiveDateTime,
-    accounts: BTreeMap<i64, (Decimal, i64)>,
+    /// The server clock (`UTC_TIMESTAMP(6)`): the test's session clock, set to `now` when the
+    /// case starts and moved on only by [`Op::Elapse`], so that every hold is unambiguously
+    /// expired or not.
+    clock: NaiveDateTime,
+    accounts: BTreeMap<i64, MAccount>,
+    /// The holds by the model index of their hold entry.
+    holds: BTreeMap<usize, MHold>,
     entries: Vec<MEntry>,
     keys: HashMap<(i64, String), usize>,
     /// (name, discount, valid_from, valid_until).
@@ -689,6 +863,19 @@ fn check_id(what: &'static str, id: i64) -> Result<(), ErrV> {
     }
 }
 
+/// A hold's expiry is checked against the caller's clock; the margins are minutes.
+fn check_expiry(expires_at: NaiveDateTime) -> Result<(), ErrV> {
+    let now = clock();
+    let problem = if expires_at <= now {
+        ExpiryProblem::NotInFuture
+    } else if expires_at - now > MAX_HOLD_DURATION {
+        ExpiryProblem::TooFar
+    } else {
+        return Ok(());
+    };
+    Err(ErrV::InvalidExpiry(expires_at, problem))
+}
+
 fn check_quantity(q: u32) -> Result<i32, ErrV> {
     i32::try_from(q)
         .ok()
@@ -704,7 +891,9 @@ impl Model {
     fn new(now: NaiveDateTime) -> Self {
         Model {
             now,
+            clock: now,
             accounts: BTreeMap::new(),
+            holds: BTreeMap::new(),
             entries: Vec::new(),
             keys: HashMap::new(),
             coupons: Vec::new(),
@@ -776,7 +965,94 @@ impl Model {
                 };
                 Resolved::Restore(target, order)
             }
+            Op::DeductPosted(u, k) => Resolved::Deduct(*u, self.balance(*u), k.clone()),
+            Op::TransferPosted(f, t, k) => Resolved::Transfer(*f, *t, self.balance(*f), k.clone()),
+            Op::Hold(u, a, k, e) => {
+                let s = self.clock;
+                let at = match e {
+                    HoldExpiry::Short => s + Duration::minutes(5),
+                    HoldExpiry::Long => s + Duration::hours(1),
+                    HoldExpiry::Longest => s + Duration::days(89),
+                    HoldExpiry::TooFar => s + Duration::days(91),
+                    HoldExpiry::Past => s - Duration::minutes(1),
+                    HoldExpiry::Stale => now - Duration::hours(1),
+                };
+                Resolved::Hold(*u, *a, k.clone(), at)
+            }
+            Op::Capture(r, a, k) => {
+                let target = self.hold_ref(*r, ids);
+                let held = match target.1 {
+                    Id::M(m) => self.holds.get(&m).map(|h| h.amount),
+                    Id::Raw(_) => None,
+                }
+                .unwrap_or(Decimal::ONE_HUNDRED);
+                let amount = match a {
+                    CaptureAmount::Full => held,
+                    CaptureAmount::Part(p) => {
+                        (held * Decimal::from(*p) / Decimal::ONE_HUNDRED).round_dp(2)
+                    }
+                    CaptureAmount::Above => held + Decimal::new(1, 4),
+                    CaptureAmount::Any(a) => *a,
+                };
+                Resolved::Capture(target, amount, k.clone())
+            }
+            Op::Release(r, k) => Resolved::Release(self.hold_ref(*r, ids), k.clone()),
+            Op::HoldStatus(r) => Resolved::HoldStatus(self.hold_ref(*r, ids)),
+            Op::ExpireHolds(limit) => Resolved::ExpireHolds(*limit),
+            Op::Elapse(minutes) => Resolved::Elapse(*minutes),
             Op::Repeat(..) => unreachable!("repeats are resolved by the runner"),
+        }
+    }
+
+    /// A hold argument: mostly an active hold (three in five), else any hold, any entry, a
+    /// missing or an invalid id.
+    fn hold_ref(&self, r: Ref, ids: &Ids) -> (i64, Id) {
+        let active: Vec<usize> = (self.holds.iter())
+            .filter(|(_, h)| h.state == HoldState::Active)
+            .map(|(m, _)| *m)
+            .collect();
+        let all: Vec<usize> = self.holds.keys().copied().collect();
+        let pick = |from: &[usize], n: u8| {
+            let m = from[usize::from(n) % from.len()];
+            (ids.entries.to_server[m], Id::M(m))
+        };
+        match r {
+            Ref::Nth(n) if n % 5 < 3 && !active.is_empty() => pick(&active, n),
+            Ref::Nth(n) if n % 5 < 4 && !all.is_empty() => pick(&all, n),
+            other => ids.entries.resolve(other),
+        }
+    }
+
+    fn hold(&self, m: usize) -> HoldV {
+        let h = &self.holds[&m];
+        HoldV {
+            id: Id::M(m),
+            user: h.user,
+            amount: h.amount,
+            captured: h.captured,
+            state: h.state,
+            expires_at: h.expires_at,
+            ended_by: h.ended_by.map(Id::M),
+        }
+    }
+
+    /// The active holds of `user` not yet expired on the server clock, summed.
+    fn unexpired(&self, user: i64) -> Decimal {
+        (self.holds.values())
+            .filter(|h| h.user == user && h.state == HoldState::Active)
+            .filter(|h| h.expires_at > self.clock)
+            .map(|h| h.amount)
+            .sum()
+    }
+
+    fn balance_view(&self, user: i64, account: &MAccount) -> BalanceV {
+        let held = self.unexpired(user);
+        BalanceV {
+            user,
+            posted: account.balance,
+            held,
+            available: account.balance - held,
+            version: account.version,
         }
     }
 
@@ -839,12 +1115,12 @@ impl Model {
         let (user, kind, amount) = (request.user, request.kind, request.amount);
         let account = self.accounts.entry(user).or_default();
         if kind.is_credit() {
-            account.0 += amount;
-        } else {
-            account.0 -= amount;
+            account.balance += amount;
+        } else if kind.is_debit() {
+            account.balance -= amount;
         }
-        account.1 += 1;
-        let balance_after = account.0;
+        account.version += 1;
+        let balance_after = account.balance;
         let m = self.entries.len();
         if let Some(key) = key {
             self.keys.insert((user, key.to_owned()), m);
@@ -864,7 +1140,9 @@ impl Model {
     }
 
     fn balance(&self, user: i64) -> Decimal {
-        self.accounts.get(&user).map_or(Decimal::ZERO, |a| a.0)
+        self.accounts
+            .get(&user)
+            .map_or(Decimal::ZERO, |a| a.balance)
     }
 
     fn fits(&self, user: i64, amount: Decimal) -> Result<(), ErrV> {
@@ -879,8 +1157,9 @@ impl Model {
         }
     }
 
+    /// Whether the available balance (posted minus unexpired active holds) covers `amount`.
     fn covers(&self, user: i64, amount: Decimal) -> Result<(), ErrV> {
-        let available = self.balance(user);
+        let available = self.balance(user) - self.unexpired(user);
         if available < amount {
             return Err(ErrV::InsufficientBalance {
                 user,
@@ -915,7 +1194,7 @@ impl Model {
                         return replayed;
                     }
                 } else {
-                    self.accounts.insert(*user, (Decimal::ZERO, 0));
+                    self.accounts.insert(*user, MAccount::default());
                 }
                 self.fits(*user, *amount)?;
                 let m = self.post(request, Some(key), None, None);
@@ -995,7 +1274,7 @@ impl Model {
                     return replayed;
                 }
                 self.covers(*from, *amount)?;
-                self.accounts.entry(*to).or_insert((Decimal::ZERO, 0));
+                self.accounts.entry(*to).or_default();
                 self.fits(*to, *amount)?;
                 let debit = self.post(request, Some(key), None, Some(*to));
                 let incoming = RequestId {
@@ -1012,11 +1291,14 @@ impl Model {
             }
             Resolved::Balance(user) => {
                 check_id("user", *user)?;
-                let (balance, version) = *self
+                let account = self
                     .accounts
                     .get(user)
                     .ok_or(ErrV::AccountNotFound(*user))?;
-                Ok((Answer::Balance(*user, balance, version), Vec::new()))
+                Ok((
+                    Answer::Balance(self.balance_view(*user, account)),
+                    Vec::new(),
+                ))
             }
             Resolved::CreateCoupon(name, discount, from, until) => {
                 if name.trim().is_empty() || name.chars().count() > 255 {
@@ -1205,7 +1487,163 @@ impl Model {
                 self.held[m].order_ref = None;
                 Ok((Answer::Issued(self.held(m)), Vec::new()))
             }
+            Resolved::Hold(user, amount, key, expires_at) => {
+                check_id("user", *user)?;
+                check_amount(*amount)?;
+                check_key(key)?;
+                check_expiry(*expires_at)?;
+                let request = RequestId {
+                    kind: EntryKind::Hold,
+                    user: *user,
+                    amount: amount.normalize(),
+                    reference: expires_at.and_utc().timestamp_micros(),
+                };
+                let Some(account) = self.accounts.get(user).copied() else {
+                    return Err(ErrV::AccountNotFound(*user));
+                };
+                if let Some(replayed) = self.replay(*user, key, &request) {
+                    return replayed;
+                }
+                self.covers(*user, *amount)?;
+                // The stored `held` counts expired holds not yet marked, too.
+                let held = match account.held.checked_add(*amount) {
+                    Some(held) if held <= MAX_AMOUNT => held,
+                    _ => {
+                        return Err(ErrV::BalanceLimitExceeded {
+                            user: *user,
+                            balance: account.held,
+                            requested: *amount,
+                        })
+                    }
+                };
+                let m = self.post(request, Some(key), None, None);
+                self.accounts.entry(*user).or_default().held = held;
+                let hold = MHold {
+                    user: *user,
+                    amount: *amount,
+                    expires_at: *expires_at,
+                    state: HoldState::Active,
+                    captured: Decimal::ZERO,
+                    ended_by: None,
+                };
+                self.holds.insert(m, hold);
+                Ok((Answer::Entry(self.entry(m)), vec![(Kind::Entry, m)]))
+            }
+            Resolved::Capture((raw, id), amount, key) => {
+                check_id("hold", *raw)?;
+                check_amount(*amount)?;
+                check_key(key)?;
+                self.end_hold((*raw, *id), Some(*amount), key)
+            }
+            Resolved::Release((raw, id), key) => {
+                check_id("hold", *raw)?;
+                check_key(key)?;
+                self.end_hold((*raw, *id), None, key)
+            }
+            Resolved::HoldStatus((raw, id)) => {
+                check_id("hold", *raw)?;
+                match *id {
+                    Id::M(m) if self.holds.contains_key(&m) => {
+                        Ok((Answer::Hold(self.hold(m)), Vec::new()))
+                    }
+                    _ => Err(ErrV::HoldNotFound(*id)),
+                }
+            }
+            Resolved::ExpireHolds(limit) => {
+                if *limit == 0 || *limit > MAX_EXPIRY_BATCH {
+                    return Err(ErrV::InvalidInput("limit"));
+                }
+                // Due holds by expiry and id, up to `limit`; then per account in ascending
+                // order, each account's holds by id.
+                let mut due: Vec<(NaiveDateTime, usize)> = (self.holds.iter())
+                    .filter(|(_, h)| h.state == HoldState::Active && h.expires_at <= self.clock)
+                    .map(|(m, h)| (h.expires_at, *m))
+                    .collect();
+                due.sort_unstable();
+                due.truncate(*limit as usize);
+                let mut by_account: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+                for (_, m) in due {
+                    by_account.entry(self.holds[&m].user).or_default().push(m);
+                }
+                let mut expired = Vec::new();
+                for (user, mut holds) in by_account {
+                    holds.sort_unstable();
+                    for m in holds {
+                        let amount = self.holds[&m].amount;
+                        let request = RequestId {
+                            kind: EntryKind::Expire,
+                            user,
+                            amount,
+                            reference: 0,
+                        };
+                        let e = self.post(request, None, Some(m), None);
+                        self.accounts.entry(user).or_default().held -= amount;
+                        self.holds.entry(m).and_modify(|h| {
+                            h.state = HoldState::Expired;
+                            h.ended_by = Some(e);
+                        });
+                        expired.push(e);
+                    }
+                }
+                let entries = expired.iter().map(|e| self.entry(*e)).collect();
+                let fresh = expired.iter().map(|e| (Kind::Entry, *e)).collect();
+                Ok((Answer::Expired(entries, Vec::new()), fresh))
+            }
+            Resolved::Elapse(minutes) => {
+                self.clock += Duration::minutes(*minutes);
+                Ok((Answer::Elapsed, Vec::new()))
+            }
         }
+    }
+
+    /// A capture (`amount`: `Some`) or release of the hold `raw` (expected as `id`): checked
+    /// after its (valid) input.
+    fn end_hold(&mut self, (raw, id): (i64, Id), amount: Option<Decimal>, key: &str) -> Step {
+        let (m, hold) = match id {
+            Id::M(m) => self.holds.get(&m).map(|h| (m, h.clone())),
+            Id::Raw(_) => None,
+        }
+        .ok_or(ErrV::HoldNotFound(id))?;
+        let kind = match amount {
+            Some(_) => EntryKind::Capture,
+            None => EntryKind::Release,
+        };
+        // A release is for the hold's amount; a capture posts what it asks for.
+        let request = RequestId {
+            kind,
+            user: hold.user,
+            amount: amount.unwrap_or(hold.amount).normalize(),
+            reference: raw,
+        };
+        if let Some(replayed) = self.replay(hold.user, key, &request) {
+            return replayed;
+        }
+        match hold.state {
+            HoldState::Active if hold.expires_at > self.clock => {}
+            HoldState::Active | HoldState::Expired => {
+                return Err(ErrV::HoldExpired(id, hold.expires_at))
+            }
+            ended => return Err(ErrV::HoldNotActive(id, ended)),
+        }
+        let captured = match amount {
+            Some(asked) if asked > hold.amount => {
+                return Err(ErrV::CaptureExceedsHold(id, hold.amount, asked))
+            }
+            Some(asked) => asked,
+            None => Decimal::ZERO,
+        };
+        let e = self.post(request, Some(key), Some(m), None);
+        self.accounts.entry(hold.user).or_default().held -= hold.amount;
+        self.holds.entry(m).and_modify(|h| {
+            h.state = if amount.is_some() {
+                HoldState::Captured
+            } else {
+                HoldState::Released
+            };
+            h.captured = captured;
+            h.ended_by = Some(e);
+        });
+        Ok((Answer::Entry(self.entry(e)), vec![(Kind::Entry, e)]))
     }
 
     fn check_validity(&self, m: usize) -> Result<(), ErrV> {
@@ -1225,7 +1663,10 @@ impl Model {
 enum Done {
     Entry(Entry),
     Transfer(Transfer),
-    Balance(i64, Decimal, i64),
+    Balance(lockstock::Balance),
+    Hold(Hold),
+    Expired(ExpiredHolds),
+    Elapsed,
     Coupon(Coupon),
     Campaign(Campaign),
     Issued(IssuedCoupon),
@@ -1243,10 +1684,7 @@ fn call(
         Resolved::Deduct(u, a, k) => Done::Entry(ledger.deduct(conn, *u, *a, k)?),
         Resolved::Refund((raw, _), a, k) => Done::Entry(ledger.refund(conn, *raw, *a, k)?),
         Resolved::Transfer(f, t, a, k) => Done::Transfer(ledger.transfer(conn, *f, *t, *a, k)?),
-        Resolved::Balance(u) => {
-            let b = ledger.balance(conn, *u)?;
-            Done::Balance(b.user_id, b.balance, b.version)
-        }
+        Resolved::Balance(u) => Done::Balance(ledger.balance(conn, *u)?),
         Resolved::CreateCoupon(name, discount, from, until) => Done::Coupon(issuer.create_coupon(
             conn,
             &NewCoupon {
@@ -1272,6 +1710,13 @@ fn call(
         Resolved::Restock((raw, _), q, k) => Done::Campaign(issuer.restock(conn, *raw, *q, k)?),
         Resolved::Redeem((raw, _), o) => Done::Issued(issuer.redeem(conn, *raw, o)?),
         Resolved::Restore((raw, _), o) => Done::Issued(issuer.restore(conn, *raw, o)?),
+        Resolved::Hold(u, a, k, at) => Done::Entry(ledger.hold(conn, *u, *a, k, *at)?),
+        Resolved::Capture((raw, _), a, k) => Done::Entry(ledger.capture(conn, *raw, *a, k)?),
+        Resolved::Release((raw, _), k) => Done::Entry(ledger.release(conn, *raw, k)?),
+        Resolved::HoldStatus((raw, _)) => Done::Hold(ledger.hold_status(conn, *raw)?),
+        Resolved::ExpireHolds(limit) => Done::Expired(ledger.expire_holds(conn, *limit)?),
+        // The runner sets the server clock.
+        Resolved::Elapse(_) => Done::Elapsed,
     })
 }
 
@@ -1281,7 +1726,8 @@ fn view(ids: &mut Ids, result: &Result<Done, Error>, fresh: &[(Kind, usize)]) ->
         let server: Vec<i64> = match done {
             Done::Entry(e) => vec![e.id],
             Done::Transfer(t) => vec![t.debit.id, t.credit.id],
-            Done::Balance(..) => Vec::new(),
+            Done::Balance(_) | Done::Hold(_) | Done::Elapsed => Vec::new(),
+            Done::Expired(e) => e.expired.iter().map(|e| e.id).collect(),
             Done::Coupon(c) => vec![c.id],
             Done::Campaign(c) => vec![c.id],
             Done::Issued(c) => vec![c.id],
@@ -1296,7 +1742,19 @@ fn view(ids: &mut Ids, result: &Result<Done, Error>, fresh: &[(Kind, usize)]) ->
     match result {
         Ok(Done::Entry(e)) => Answer::Entry(ids.entry(e)),
         Ok(Done::Transfer(t)) => Answer::Transfer(ids.entry(&t.debit), ids.entry(&t.credit)),
-        Ok(Done::Balance(u, b, v)) => Answer::Balance(*u, *b, *v),
+        Ok(Done::Balance(b)) => Answer::Balance(BalanceV {
+            user: b.user_id,
+            posted: b.balance,
+            held: b.held,
+            available: b.available,
+            version: b.version,
+        }),
+        Ok(Done::Hold(h)) => Answer::Hold(ids.hold(h)),
+        Ok(Done::Expired(e)) => Answer::Expired(
+            e.expired.iter().map(|e| ids.entry(e)).collect(),
+            e.skipped_accounts.clone(),
+        ),
+        Ok(Done::Elapsed) => Answer::Elapsed,
         Ok(Done::Coupon(c)) => Answer::Coupon {
             id: ids.coupons.id(c.id),
             name: c.name.clone(),
@@ -1340,13 +1798,47 @@ fn answer_name(answer: &Answer, fresh: &[(Kind, usize)]) -> String {
         Answer::Entry(_) | Answer::Transfer(..) if fresh.is_empty() => "Ok replayed".into(),
         Answer::Entry(e) => format!("Ok {:?}", e.kind),
         Answer::Transfer(..) => "Ok transfer".into(),
-        Answer::Balance(..) => "Ok balance".into(),
+        Answer::Balance(_) => "Ok balance".into(),
+        Answer::Hold(h) => format!("Ok status {:?}", h.state),
+        Answer::Expired(e, _) if e.is_empty() => "Ok expire_holds (none due)".into(),
+        Answer::Expired(..) => "Ok expire_holds".into(),
+        Answer::Elapsed => "Ok elapse".into(),
         Answer::Coupon { .. } => "Ok coupon".into(),
         Answer::Campaign(_) if fresh.is_empty() => "Ok restock".into(),
         Answer::Campaign(_) => "Ok campaign".into(),
         Answer::Issued(i) if fresh.is_empty() => format!("Ok {:?}", i.status),
         Answer::Issued(_) => "Ok issue".into(),
         Answer::Batch(_) => "Ok batch".into(),
+    }
+}
+
+/// [`answer_name`], told apart where holds make the difference: partial captures, holds placed
+/// already expired (the server clock ahead of the caller's), refusals for want of the
+/// *available* balance where the posted balance would have done.
+fn label(model: &Model, answer: &Answer, fresh: &[(Kind, usize)]) -> String {
+    let name = answer_name(answer, fresh);
+    let hold_of = |e: &EntryV| match e.related {
+        Some(Id::M(m)) => model.holds.get(&m),
+        _ => None,
+    };
+    let detail = match answer {
+        Answer::Entry(_) if fresh.is_empty() => None,
+        Answer::Entry(e) if e.kind == EntryKind::Capture => hold_of(e)
+            .filter(|h| e.amount < h.amount)
+            .map(|_| "partial"),
+        Answer::Entry(e) if e.kind == EntryKind::Hold => model
+            .holds
+            .get(&model_index(e.id))
+            .filter(|h| h.expires_at <= model.clock)
+            .map(|_| "already expired"),
+        Answer::Err(ErrV::InsufficientBalance {
+            user, requested, ..
+        }) if model.balance(*user) >= *requested => Some("held"),
+        _ => None,
+    };
+    match detail {
+        Some(detail) => format!("{name} ({detail})"),
+        None => name,
     }
 }
 
@@ -1361,6 +1853,7 @@ fn run_case(
     let issuer = CouponIssuer::new();
     let now = Utc::now().naive_utc();
     let mut model = Model::new(now.with_nanosecond(0).unwrap_or(now));
+    set_server_clock(conn, model.clock);
     let mut ids = Ids::default();
     let prelude = prelude();
     let mut sent: Vec<Resolved> = Vec::new();
@@ -1378,6 +1871,9 @@ fn run_case(
         };
         sent.push(resolved.clone());
         let (expected, fresh) = model.apply(&resolved);
+        if let Resolved::Elapse(_) = resolved {
+            set_server_clock(conn, model.clock);
+        }
         let result = call(&ledger, &issuer, conn, &resolved);
         let actual = view(&mut ids, &result, &fresh);
         prop_assert_eq!(
@@ -1388,35 +1884,55 @@ fn run_case(
             resolved
         );
         if n >= prelude.len() {
-            *seen.entry(answer_name(&expected, &fresh)).or_default() += 1;
+            *seen.entry(label(&model, &expected, &fresh)).or_default() += 1;
         }
     }
     compare_state(conn, &ledger, &model, &ids)
 }
 
-/// The final state: balances, every account's journal, campaigns, templates, issued coupons.
+/// Sets the session's server clock (`UTC_TIMESTAMP(6)` and `NOW()` of this connection) to
+/// `at` (whole seconds): it stays there until set again, so holds expire only when the model
+/// says so. The caller's clock (hold expiry checks, journal timestamps) runs on.
+fn set_server_clock(conn: &mut MysqlConnection, at: NaiveDateTime) {
+    diesel::sql_query("SET timestamp = ?")
+        .bind::<diesel::sql_types::BigInt, _>(at.and_utc().timestamp())
+        .execute(conn)
+        .expect("set the server clock");
+}
+
+/// The final state: balances (posted, held, available), every account's journal, the holds,
+/// campaigns, templates, issued coupons.
 fn compare_state(
     conn: &mut MysqlConnection,
     ledger: &BalanceLedger,
     model: &Model,
     ids: &Ids,
 ) -> Result<(), TestCaseError> {
-    let balances: Vec<(i64, Decimal, i64)> = user_balance::table
+    let balances: Vec<(i64, Decimal, Decimal, i64)> = user_balance::table
         .select((
             user_balance::user_id,
             user_balance::balance,
+            user_balance::held,
             user_balance::version,
         ))
         .order(user_balance::user_id.asc())
         .load(conn)
         .expect("balances");
-    let expected: Vec<(i64, Decimal, i64)> = model
-        .accounts
-        .iter()
-        .map(|(u, (b, v))| (*u, *b, *v))
+    let expected: Vec<(i64, Decimal, Decimal, i64)> = (model.accounts.iter())
+        .map(|(u, a)| (*u, a.balance, a.held, a.version))
         .collect();
-    prop_assert_eq!(&balances, &expected, "balances");
+    prop_assert_eq!(&balances, &expected, "balances (posted, held as stored)");
     for (user, ..) in &balances {
+        let b = ledger.balance(conn, *user).expect("balance");
+        let actual = BalanceV {
+            user: b.user_id,
+            posted: b.balance,
+            held: b.held,
+            available: b.available,
+            version: b.version,
+        };
+        let expected = model.balance_view(*user, &model.accounts[user]);
+        prop_assert_eq!(&actual, &expected, "balance of {}", user);
         let mut journal = ledger
             .history(conn, *user, None, 1000)
             .expect("history")
@@ -1437,6 +1953,16 @@ fn compare_state(
         .get_result(conn)
         .expect("journal size");
     prop_assert_eq!(entries as usize, model.entries.len(), "journal size");
+    let hold_ids: Vec<i64> = balance_hold::table
+        .select(balance_hold::id)
+        .order(balance_hold::id.asc())
+        .load(conn)
+        .expect("hold ids");
+    let holds: Vec<HoldV> = (hold_ids.iter())
+        .map(|id| ids.hold(&ledger.hold_status(conn, *id).expect("hold")))
+        .collect();
+    let expected: Vec<HoldV> = model.holds.keys().map(|m| model.hold(*m)).collect();
+    prop_assert_eq!(&holds, &expected, "holds");
     let templates: i64 = coupon::table.count().get_result(conn).expect("templates");
     prop_assert_eq!(templates as usize, model.coupons.len(), "coupon templates");
     let campaigns: Vec<CampaignV> = fcfs_coupon::table
