@@ -83,10 +83,26 @@ fn short_read_back(conn: &mut MysqlConnection, found: usize, inserted: usize) ->
     .get_result(conn);
     match open {
         Ok(0) if found == 0 => silently_aborted(inserted),
+        // A guarded write on a Galera node runs with `autocommit = 0`, so the read-back itself
+        // opened a new transaction: the savepoint the runner set after BEGIN tells.
+        Ok(_) if found == 0 && savepoint_gone(conn) => silently_aborted(inserted),
         open => Error::internal(format!(
             "the read-back of a {inserted}-row INSERT found {found} rows \
              (in a transaction: {open:?})"
         )),
+    }
+}
+
+/// Whether the savepoint a guarded Galera write sets after `BEGIN` is gone (the transaction it
+/// belonged to was rolled back). Releasing it is harmless here: the caller fails the attempt.
+fn savepoint_gone(conn: &mut MysqlConnection) -> bool {
+    use diesel::RunQueryDsl;
+    match crate::statements::ReleaseSavepoint.execute(conn) {
+        Ok(_) => false,
+        Err(e) => e
+            .to_string()
+            .to_ascii_lowercase()
+            .contains("does not exist"),
     }
 }
 

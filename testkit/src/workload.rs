@@ -510,8 +510,13 @@ fn execute(
             }
             continue;
         }
+        // Nothing applied, the connection is gone (a lost connection, a broken one, or one the
+        // watchdog shut down because the server did not answer in time): a new connection.
         if error.server_kind() == Some(ServerErrorKind::ConnectionLost)
-            || matches!(error, Error::ConnectionBroken { .. })
+            || matches!(
+                error,
+                Error::ConnectionBroken { .. } | Error::ServerUnresponsive { .. }
+            )
         {
             record.lost += 1;
             *conn = None;
