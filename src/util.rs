@@ -86,10 +86,21 @@ fn short_read_back(conn: &mut MysqlConnection, found: usize, inserted: usize) ->
         // A guarded write on a Galera node runs with `autocommit = 0`, so the read-back itself
         // opened a new transaction: the savepoint the runner set after BEGIN tells.
         Ok(_) if found == 0 && savepoint_gone(conn) => silently_aborted(inserted),
-        open => Error::internal(format!(
-            "the read-back of a {inserted}-row INSERT found {found} rows \
-             (in a transaction: {open:?})"
+        Ok(open) => Error::internal(format!(
+            "the read-back of a {inserted}-row INSERT found {found} rows (in a transaction: {open})"
         )),
+        Err(e) => {
+            let error = crate::error::ServerError::new(e);
+            if error.kind().is_definite_abort() {
+                // The abort, reported late on the next statement: a deadlock victim's answer.
+                Error::Server(error)
+            } else {
+                Error::internal(format!(
+                    "the read-back of a {inserted}-row INSERT found {found} rows, \
+                     and @@in_transaction failed: {error}"
+                ))
+            }
+        }
     }
 }
 

@@ -941,6 +941,9 @@ pub fn error_kind(error: &Error) -> String {
             kind => format!("{prefix}{kind:?}"),
         };
     }
+    if let Error::Internal { reason } = error {
+        return format!("Internal \"{reason}\"");
+    }
     let debug = format!("{error:?}");
     debug
         .split(|c: char| !c.is_alphanumeric())
@@ -1474,7 +1477,8 @@ impl Harness {
         let combining = config.strategy == Strategy::Combining;
         // By node: one combiner with its own pool each, or one executor for all.
         let mut executors: HashMap<usize, Arc<Executor>> = HashMap::new();
-        let mut states: Vec<(Arc<Executor>, Option<MysqlConnection>)> = Vec::with_capacity(clients);
+        let mut states: Vec<(Arc<Executor>, Option<MysqlConnection>, Arc<str>)> =
+            Vec::with_capacity(clients);
         if combining {
             for &node in &nodes {
                 if executors.contains_key(&node) {
@@ -1488,7 +1492,11 @@ impl Harness {
                 let executor = executors
                     .get(node)
                     .ok_or("no executor for a client's node")?;
-                states.push((executor.clone(), None));
+                states.push((
+                    executor.clone(),
+                    None,
+                    Arc::from(self.node_urls[*node].as_str()),
+                ));
             }
         } else {
             let own = Arc::new(Executor::Own {
@@ -1499,22 +1507,35 @@ impl Harness {
             });
             executors.insert(0, own.clone());
             for &node in &nodes {
-                states.push((own.clone(), Some(self.client(node)?)));
+                let url = Arc::from(self.node_urls[node].as_str());
+                states.push((own.clone(), Some(self.client(node)?), url));
             }
         }
         let (user_base, key_prefix) = (prepared.user_base, Arc::<str>::from(prepared.key_prefix));
         let run = drive(
             states,
-            move |(executor, conn), n| {
+            move |(executor, conn, url), n| {
                 let (result, refusals) =
                     executor.request(conn.as_mut(), target, user_base, &key_prefix, n);
+                // A client whose connection is gone (lost, broken, or shut down by the watchdog)
+                // continues on a new one, like an application would.
+                if let (Err(error), Some(_)) = (&result, conn.as_ref()) {
+                    let gone = error.server_kind() == Some(ServerErrorKind::ConnectionLost)
+                        || matches!(
+                            error,
+                            Error::ConnectionBroken { .. } | Error::ServerUnresponsive { .. }
+                        );
+                    if gone {
+                        *conn = connect(url).ok();
+                    }
+                }
                 (result.map_err(|e| error_kind(&e)), refusals)
             },
             config.max_requests,
             config.max_time,
         )?;
         for (i, state) in run.returned.into_iter().enumerate() {
-            if let Some((_, Some(conn))) = state {
+            if let Some((_, Some(conn), _)) = state {
                 self.clients[nodes[i]].push(conn);
             }
         }
