@@ -4,6 +4,8 @@
 //! whose fields may be defaulted, which costs a prepare round trip — on the hot paths, while the
 //! row lock is held. These types carry a static query id, so Diesel prepares each once per
 //! connection and only executes it afterwards. The SQL is constant; values are bound.
+//! Multi-row INSERTs ([`InsertRows`]) are cached by their SQL text, one per row count up to
+//! [`MAX_CACHED_ROWS`].
 
 use chrono::NaiveDateTime;
 use diesel::mysql::Mysql;
@@ -169,3 +171,83 @@ impl QueryFragment<Mysql> for PreparedSql<'_> {
 }
 
 impl RunQueryDsl<MysqlConnection> for PreparedSql<'_> {}
+
+/// The most rows a multi-row INSERT may have and still be a cached prepared statement: one is
+/// cached per row count (and table) up to this, so a connection holds at most this many per
+/// table; a larger INSERT is prepared, run and closed each time (one round trip more).
+pub(crate) const MAX_CACHED_ROWS: usize = 64;
+
+/// A row type [`InsertRows`] writes: the INSERT's head, and the row's values bound in the
+/// order of its columns.
+pub(crate) trait InsertRow {
+    /// ``INSERT INTO `table` (`a`, `b`) VALUES ``.
+    const INSERT: &'static str;
+
+    /// Binds this row's values, comma-separated, in the order of [`INSERT`](Self::INSERT)'s
+    /// columns.
+    fn walk_values<'b>(&'b self, out: &mut AstPass<'_, 'b, Mysql>) -> QueryResult<()>;
+}
+
+/// Implements [`InsertRow`] for a row type: the table, then each field with its SQL type and
+/// column, in order.
+macro_rules! insert_row {
+    ($ty:ty => $table:literal {
+        $first:ident: $first_sql:ty => $first_col:literal
+        $(, $field:ident: $sql:ty => $col:literal)* $(,)?
+    }) => {
+        impl $crate::statements::InsertRow for $ty {
+            const INSERT: &'static str = concat!(
+                "INSERT INTO `", $table, "` (`", $first_col, "`", $(", `", $col, "`",)* ") VALUES "
+            );
+
+            fn walk_values<'b>(
+                &'b self,
+                out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::mysql::Mysql>,
+            ) -> diesel::QueryResult<()> {
+                out.push_bind_param::<$first_sql, _>(&self.$first)?;
+                $(
+                    out.push_sql(", ");
+                    out.push_bind_param::<$sql, _>(&self.$field)?;
+                )*
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use insert_row;
+
+/// ONE `INSERT` of `rows` (at least one), as a cached prepared statement. Diesel's own batch
+/// insert (`insert_into(..).values(vec)`) is never cached — its SQL varies with the row count —
+/// which costs a prepare round trip per batch, while the hot row is locked. The SQL of `n` rows
+/// of one table is always the same, so this one is cached by its text (no static query id)
+/// while it has at most [`MAX_CACHED_ROWS`] rows: a connection caches at most that many per
+/// row type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InsertRows<'a, R>(pub(crate) &'a [R]);
+
+impl<R> QueryId for InsertRows<'_, R> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<R: InsertRow> QueryFragment<Mysql> for InsertRows<'_, R> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        if self.0.len() > MAX_CACHED_ROWS {
+            out.unsafe_to_cache_prepared();
+        }
+        if self.0.is_empty() {
+            return Err(diesel::result::Error::QueryBuilderError(
+                "an INSERT of no rows".into(),
+            ));
+        }
+        out.push_sql(R::INSERT);
+        for (i, row) in self.0.iter().enumerate() {
+            out.push_sql(if i == 0 { "(" } else { ", (" });
+            row.walk_values(&mut out)?;
+            out.push_sql(")");
+        }
+        Ok(())
+    }
+}
+
+impl<R> RunQueryDsl<MysqlConnection> for InsertRows<'_, R> {}

@@ -1,19 +1,20 @@
 //! The issuer's statements, one function each, shared by the single and the batch path: a
 //! single issue is the batch of one. Between the stock-row lock and COMMIT only
 //! [`lock_campaign`], [`insert_user_coupons`] (batch; the single issue inserts before the lock),
-//! its id read-back and [`set_stock`] run; on the single path each is a cached prepared
-//! statement.
+//! its id read-back and [`set_stock`] run; each is a cached prepared statement (the INSERT up
+//! to [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
 use chrono::NaiveDateTime;
 use diesel::dsl;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Datetime, Text};
 use std::collections::HashMap;
 
 use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
-use crate::statements::SetStock;
+use crate::statements::{insert_row, InsertRows, SetStock};
 use crate::txn::InsertIds;
 use crate::util::{inserted_ids, locked_row};
 
@@ -51,8 +52,8 @@ pub(crate) fn set_stock(conn: &mut MysqlConnection, campaign_id: i64, stock: i32
 }
 
 /// Issues a coupon of the campaign to each of `users` with ONE `INSERT` (UNIQUE(user_id,
-/// coupon_id) refuses a holder) and returns the new ids, in the order of `users`. One user is a
-/// cached prepared statement; `order` says how several rows are numbered (see
+/// coupon_id) refuses a holder) and returns the new ids, in the order of `users`. A cached
+/// prepared statement ([`InsertRows`]) for up to `MAX_CACHED_ROWS` users; `order` says how several rows are numbered (see
 /// [`inserted_ids`]; `None` for one row); where they are not consecutive the ids are read back
 /// through the unique index.
 pub(crate) fn insert_user_coupons(
@@ -62,28 +63,43 @@ pub(crate) fn insert_user_coupons(
     users: &[i64],
     issued_at: NaiveDateTime,
 ) -> Result<Vec<i64>> {
-    let row = |user_id: i64| {
-        (
-            user_coupon::user_id.eq(user_id),
-            user_coupon::coupon_id.eq(coupon_id),
-            user_coupon::fcfs_coupon_id.eq(campaign_id),
-            user_coupon::status.eq(CouponStatus::Issued.as_str()),
-            user_coupon::issued_at.eq(issued_at),
-        )
-    };
-    match users {
-        [] => return Ok(Vec::new()),
-        [one] => diesel::insert_into(user_coupon::table)
-            .values(row(*one))
-            .execute(conn)?,
-        _ => diesel::insert_into(user_coupon::table)
-            .values(users.iter().map(|u| row(*u)).collect::<Vec<_>>())
-            .execute(conn)?,
-    };
+    let rows: Vec<NewUserCoupon> = users
+        .iter()
+        .map(|&user_id| NewUserCoupon {
+            user_id,
+            coupon_id,
+            campaign_id,
+            status: CouponStatus::Issued.as_str(),
+            issued_at,
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    InsertRows(&rows).execute(conn)?;
     inserted_ids(conn, order, users.len(), |conn| {
         let held = holders(conn, coupon_id, users)?;
         Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
     })
+}
+
+/// A `user_coupon` row to write.
+struct NewUserCoupon {
+    user_id: i64,
+    coupon_id: i64,
+    campaign_id: i64,
+    status: &'static str,
+    issued_at: NaiveDateTime,
+}
+
+insert_row! {
+    NewUserCoupon => "user_coupon" {
+        user_id: BigInt => "user_id",
+        coupon_id: BigInt => "coupon_id",
+        campaign_id: BigInt => "fcfs_coupon_id",
+        status: Text => "status",
+        issued_at: Datetime => "issued_at",
+    }
 }
 
 /// Which of `users` hold a coupon of the template, and its id — one user or a batch's, one

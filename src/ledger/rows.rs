@@ -3,10 +3,12 @@
 //! one of [`lock_account`] (with [`HeldFunds`] when the account has active holds),
 //! [`lock_entry`], [`lock_holds`], [`insert_entries`] (and the `LAST_INSERT_ID()` or key lookup
 //! inside it), [`insert_holds`], [`end_hold`], [`SetRefunded`](crate::statements::SetRefunded)
-//! and [`store_balance`]; each is a cached prepared statement on the single path.
+//! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
+//! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Datetime, Nullable, Numeric, Text};
 use rust_decimal::Decimal;
 
 use chrono::NaiveDateTime;
@@ -15,7 +17,7 @@ use super::types::{BalanceRow, Entry, EntryRow, Hold, HoldRow, NewEntry, NewHold
 use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
-use crate::statements::{HeldFunds, SetBalance, SetHoldEnded};
+use crate::statements::{insert_row, HeldFunds, InsertRows, SetBalance, SetHoldEnded};
 use crate::txn::InsertIds;
 use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
@@ -218,6 +220,31 @@ pub(crate) fn find_hold(conn: &mut MysqlConnection, hold_id: i64) -> Result<Opti
         .transpose()
 }
 
+insert_row! {
+    NewEntry<'_> => "balance_history" {
+        user_id: BigInt => "user_id",
+        kind: Text => "kind",
+        amount: Numeric => "amount",
+        balance_after: Numeric => "balance_after",
+        idempotency_key: Nullable<Text> => "idempotency_key",
+        request_hash: Text => "request_hash",
+        related_entry_id: Nullable<BigInt> => "related_entry_id",
+        counterparty_user_id: Nullable<BigInt> => "counterparty_user_id",
+        created_at: Datetime => "created_at",
+        ended_hold_id: Nullable<BigInt> => "ended_hold_id",
+    }
+}
+
+insert_row! {
+    NewHold => "balance_hold" {
+        id: BigInt => "id",
+        user_id: BigInt => "user_id",
+        amount: Numeric => "amount",
+        expires_at: Datetime => "expires_at",
+        created_at: Datetime => "created_at",
+    }
+}
+
 /// Writes the hold rows of the hold `entries` just written (one INSERT), with `expires_at` of
 /// each.
 pub(crate) fn insert_holds(
@@ -234,18 +261,8 @@ pub(crate) fn insert_holds(
             created_at: entry.created_at,
         })
         .collect();
-    match rows.as_slice() {
-        [] => {}
-        [one] => {
-            diesel::insert_into(balance_hold::table)
-                .values(one)
-                .execute(conn)?;
-        }
-        all => {
-            diesel::insert_into(balance_hold::table)
-                .values(all)
-                .execute(conn)?;
-        }
+    if !rows.is_empty() {
+        InsertRows(&rows).execute(conn)?;
     }
     Ok(())
 }
@@ -271,7 +288,8 @@ pub(crate) fn end_hold(
 }
 
 /// Writes `rows` (of one account) with ONE `INSERT` and returns their entries with their ids,
-/// in order. One row is a cached prepared statement; `order` says how several rows are numbered
+/// in order. A cached prepared statement ([`InsertRows`]) for up to `MAX_CACHED_ROWS` rows;
+/// `order` says how several rows are numbered
 /// (see [`inserted_ids`]; `None` for one row). Several rows carry their keys, through which
 /// their ids are read back where they are not consecutive.
 pub(crate) fn insert_entries(
@@ -279,15 +297,10 @@ pub(crate) fn insert_entries(
     order: Option<InsertIds>,
     rows: &[NewEntry<'_>],
 ) -> Result<Vec<Entry>> {
-    match rows {
-        [] => return Ok(Vec::new()),
-        [one] => diesel::insert_into(balance_history::table)
-            .values(one)
-            .execute(conn)?,
-        _ => diesel::insert_into(balance_history::table)
-            .values(rows)
-            .execute(conn)?,
-    };
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    InsertRows(rows).execute(conn)?;
     let ids = inserted_ids(conn, order, rows.len(), |conn| {
         let keys: Vec<&str> = rows.iter().filter_map(|row| row.idempotency_key).collect();
         let stored = journal_rows(conn, rows[0].user_id, &keys)?;

@@ -90,14 +90,10 @@ impl EntryRow {
     }
 }
 
-/// A journal row to write: built by [`Request::row`] for the single and the batch path alike.
-// `treat_none_as_default_value = false`: otherwise every field is "maybe DEFAULT" and Diesel
-// re-prepares the INSERT on every call (the Option columns default to NULL anyway).
-#[derive(Insertable)]
-#[diesel(table_name = balance_history, treat_none_as_default_value = false)]
+/// A journal row to write: built by [`Request::row`] for the single and the batch path alike,
+/// written by `InsertRows` (its columns: `rows.rs`).
 pub(crate) struct NewEntry<'a> {
     /// What `kind` stores (not a column of its own).
-    #[diesel(skip_insertion)]
     pub(crate) entry_kind: EntryKind,
     pub(crate) user_id: i64,
     pub(crate) kind: &'a str,
@@ -248,9 +244,7 @@ impl HoldRow {
     }
 }
 
-/// A hold row to write: its id is the journal entry that placed it.
-#[derive(Insertable)]
-#[diesel(table_name = balance_hold)]
+/// A hold row to write: its id is the journal entry that placed it (written by `InsertRows`).
 pub(crate) struct NewHold {
     pub(crate) id: i64,
     pub(crate) user_id: i64,

@@ -383,6 +383,17 @@ pub fn stock_row(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, i32) {
         .expect("read fcfs_coupon")
 }
 
+/// How many statements the server has prepared for this connection so far
+/// (`Com_stmt_prepare`), read with a statement that is itself prepared only once.
+pub fn statement_prepares(conn: &mut MysqlConnection) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>(
+        "(SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.SESSION_STATUS \
+         WHERE VARIABLE_NAME = 'COM_STMT_PREPARE')",
+    ))
+    .get_result(conn)
+    .expect("read Com_stmt_prepare")
+}
+
 /// Every campaign row.
 pub fn campaign_rows(conn: &mut MysqlConnection) -> Vec<CampaignRow> {
     fcfs_coupon::table

@@ -21,8 +21,8 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
     assert_refused, concurrently, connect, create_campaign, create_coupon, fresh_database,
-    issued_rows, killed_connection, micros_to_time, now, open_campaign_named, stock_row,
-    user_coupon_row,
+    issued_rows, killed_connection, micros_to_time, now, open_campaign_named, statement_prepares,
+    stock_row, user_coupon_row,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -864,4 +864,39 @@ fn sold_out_ttl_lets_other_issuers_see_a_restock() {
     });
     assert_eq!(issued_rows(&mut conn, campaign.id), 2);
     assert_eq!(stock_row(&mut conn, campaign.id), (3, 1));
+}
+
+/// A batch's multi-row INSERT is a cached prepared statement: a second batch of the same size
+/// on the connection prepares nothing (before the fix Diesel prepared every multi-row INSERT
+/// again — a round trip while the campaign row is locked). Every answer is still the rows the
+/// database holds.
+#[test]
+fn a_batch_of_a_size_seen_before_prepares_nothing() {
+    let (_url, mut conn) = fresh_database("coupon_batch_prepares");
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "prepares", 100);
+    let reading = statement_prepares(&mut conn);
+    let read_cost = statement_prepares(&mut conn) - reading;
+    let mut issued = Vec::new();
+    for users in [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]] {
+        let before = statement_prepares(&mut conn);
+        let results = issuer
+            .issue_many(&mut conn, campaign.id, &users)
+            .expect("batch");
+        let prepared = statement_prepares(&mut conn) - before - read_cost;
+        issued.extend(results.into_iter().map(|r| r.expect("issued")));
+        if users[0] == 6 {
+            assert_eq!(prepared, 0, "the second batch of five prepared statements");
+        }
+    }
+    let stored: BTreeMap<i64, i64> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .select((user_coupon::user_id, user_coupon::id))
+        .load::<(i64, i64)>(&mut conn)
+        .expect("rows")
+        .into_iter()
+        .collect();
+    let answered: BTreeMap<i64, i64> = issued.iter().map(|c| (c.user_id, c.id)).collect();
+    assert_eq!(answered, stored);
+    assert_eq!(stock_row(&mut conn, campaign.id), (100, 90));
 }
