@@ -68,7 +68,7 @@ test: deps
 check-leftovers:
 	@sleep 2; \
 	bad=0; \
-	for kind in sandbox galera; do \
+	for kind in sandbox galera redis; do \
 	  dirs=$$(ls -d "$${TMPDIR:-/tmp}"/lockstock-$$kind-* /tmp/lockstock-$$kind-* 2>/dev/null | sort -u); \
 	  if [ -n "$$dirs" ]; then \
 	    echo "error: leftover $$kind directories:" >&2; echo "$$dirs" >&2; bad=1; \
@@ -76,15 +76,16 @@ check-leftovers:
 	done; \
 	for p in /proc/[0-9]*; do \
 	  comm=$$(cat "$$p/comm" 2>/dev/null) || continue; \
-	  case "$$comm" in mariadbd|mysqld|rsync|socat|wsrep_sst_rsync) ;; *) continue ;; esac; \
+	  case "$$comm" in mariadbd|mysqld|rsync|socat|wsrep_sst_rsync|redis-server) ;; *) continue ;; esac; \
 	  cmd=$$(tr '\000' ' ' < "$$p/cmdline" 2>/dev/null) || continue; \
 	  case "$$cmd" in \
 	    *lockstock-sandbox-*) echo "error: leftover sandbox server, pid $${p#/proc/}: $$cmd" >&2; bad=1 ;; \
 	    *lockstock-galera-*) echo "error: leftover galera process, pid $${p#/proc/}: $$cmd" >&2; bad=1 ;; \
+	    *lockstock-redis-*) echo "error: leftover redis server, pid $${p#/proc/}: $$cmd" >&2; bad=1 ;; \
 	  esac; \
 	done; \
 	if [ $$bad != 0 ]; then exit 1; fi; \
-	echo "no leftover sandboxes or galera clusters"
+	echo "no leftover sandboxes, galera clusters or redis servers"
 
 demo: deps
 	$(CARGO) run --release --example $(DEMO)
