@@ -13,7 +13,7 @@ use diesel::{QueryableByName, RunQueryDsl};
 
 use super::Shared;
 use crate::error::{Error, ServerError};
-use crate::txn::{apply_session_settings, TxnPolicy};
+use crate::txn::{apply_session_settings, Deadline, TxnPolicy};
 
 /// The probe: the node's name and the three status values that make it healthy, in one round
 /// trip on a connection of its own (no causal wait: it must answer on a lagging node too).
@@ -71,6 +71,10 @@ pub(super) struct Probe {
     running_since: Option<Instant>,
     /// When a call last failed on the node.
     failed_at: Option<Instant>,
+    /// A call lost its connection to the node (one connection killed, or the node gone): calls
+    /// wait for the next probe, which starts at once, to tell which (see
+    /// [`State::suspect`]).
+    suspect_since: Option<Instant>,
 }
 
 /// Everything the router's threads and callers share, under one mutex.
@@ -105,7 +109,27 @@ impl State {
         let stuck = p
             .running_since
             .is_some_and(|since| since.elapsed() > probe_timeout);
-        p.ok && !stuck && p.name.is_some() && !self.duplicate_name(node)
+        let unresolved = p
+            .suspect_since
+            .is_some_and(|since| since.elapsed() > probe_timeout);
+        p.ok && !stuck && !unresolved && p.name.is_some() && !self.duplicate_name(node)
+    }
+
+    /// Whether calls should wait before using `node`: a call lost its connection to it and no
+    /// probe has answered since. After the probe timeout the suspicion makes the node
+    /// unhealthy ([`healthy`](Self::healthy)), so a probe that hangs leads to a failover.
+    pub(super) fn suspect(&self, node: usize) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(|p| p.suspect_since.is_some())
+    }
+
+    /// Records that a call lost its connection to `node`: not a failover yet — the node's
+    /// probe (woken now) decides, on a connection of its own.
+    pub(super) fn mark_suspect(&mut self, node: usize) {
+        if let Some(p) = self.nodes.get_mut(node) {
+            p.suspect_since.get_or_insert_with(Instant::now);
+        }
     }
 
     /// Whether another node of this router has the same name as `node`.
@@ -184,6 +208,10 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
             p.running_since = None;
             // A call that failed on the node after this probe started overrules it.
             let overruled = p.failed_at.is_some_and(|at| at >= started);
+            // A probe that started after a suspicion settles it, either way.
+            if p.suspect_since.is_some_and(|since| since <= started) {
+                p.suspect_since = None;
+            }
             match answer {
                 Ok(row) => {
                     p.ready = row.ready.eq_ignore_ascii_case("ON");
@@ -215,7 +243,13 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
             }
         }
         shared.changed.notify_all();
-        shared.sleep(shared.interval);
+        // Sleep the interval, or less: a suspicion wakes the probe at once.
+        let until = Deadline::after(shared.interval);
+        let mut state = shared.lock();
+        while !until.is_expired() && !shared.stopped.load(Ordering::Relaxed) && !state.suspect(node)
+        {
+            state = shared.wait(state, until.remaining());
+        }
     }
 }
 

@@ -67,9 +67,13 @@
 //! `wsrep_local_state_comment` (information_schema.GLOBAL_STATUS); a node is healthy when they
 //! are `ON`, `Primary` and `Synced`. A node is down from the moment a call on it fails with a
 //! node failure (below), a probe finds it otherwise, or a probe has been hanging on it for longer
-//! than the probe timeout (the [`probe_policy`](RouterBuilder::probe_policy)'s deadline plus its
-//! [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace)), until a probe finds it healthy
-//! again. [`Router::stats`] shows the writer, the epoch, the failovers and each node's health.
+//! than the probe timeout. A lost or broken connection alone may be that connection's (a
+//! `KILL`): it makes the node *suspect* — calls wait while the node's probe, woken at once,
+//! checks it on a connection of its own, and only a failed probe (or none answering within the
+//! probe timeout) takes the node down. A node that is down stays down until a probe finds it
+//! healthy again. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
+//! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).
+//! [`Router::stats`] shows the writer, the epoch, the failovers and each node's health.
 //!
 //! # What a caller sees
 //!
@@ -409,7 +413,7 @@ impl Router {
             let node = shared.wait_for(deadline, last.take(), |state| {
                 state
                     .writer
-                    .filter(|&w| state.healthy(w, shared.probe_timeout))
+                    .filter(|&w| state.healthy(w, shared.probe_timeout) && !state.suspect(w))
             })?;
             match shared.attempt(node, Use::Write, deadline, &mut call) {
                 Attempt::Done(result) => return result,
@@ -440,9 +444,10 @@ impl Router {
                 if !causal {
                     return state
                         .writer
-                        .filter(|&w| state.healthy(w, shared.probe_timeout));
+                        .filter(|&w| state.healthy(w, shared.probe_timeout) && !state.suspect(w));
                 }
-                let healthy = state.healthy_nodes(shared.probe_timeout);
+                let mut healthy = state.healthy_nodes(shared.probe_timeout);
+                healthy.retain(|&n| !state.suspect(n));
                 let turn = shared.next_reader.fetch_add(1, Ordering::Relaxed);
                 healthy.get(turn % healthy.len().max(1)).copied()
             })?;
@@ -573,15 +578,6 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner().0)
     }
 
-    /// Sleeps `period`, or less when the router is dropped.
-    fn sleep(&self, period: Duration) {
-        let until = Deadline::after(period);
-        let mut state = self.lock();
-        while !until.is_expired() && !self.stopped.load(Ordering::Relaxed) {
-            state = self.wait(state, until.remaining());
-        }
-    }
-
     fn pool(&self, node: usize, purpose: Use) -> MysqlPool {
         let pools = self.nodes[node]
             .pools
@@ -597,6 +593,12 @@ impl Shared {
     /// coordinator and replace its pools.
     fn fail(&self, node: usize, error: &Error) {
         trace_event!(node, error = %error, "router: node failure");
+        if is_connection_failure(error) {
+            // One connection, or the node? Its probe tells, now; calls wait for it.
+            self.lock().mark_suspect(node);
+            self.changed.notify_all();
+            return;
+        }
         {
             let mut state = self.lock();
             state.mark_failed(node, error);
@@ -662,6 +664,9 @@ impl Shared {
         };
         match call(&mut conn, deadline) {
             Err(error) if is_node_failure(&error) => {
+                // Never back into the pool (it does not test on checkout): r2d2 discards a
+                // connection marked broken.
+                crate::txn::mark_broken(&mut conn);
                 drop(conn);
                 self.fail(node, &error);
                 if deadline.is_expired() {
@@ -671,6 +676,17 @@ impl Shared {
             }
             result => Attempt::Done(result),
         }
+    }
+}
+
+/// A failure of one connection that may or may not be the node's: a lost connection (a `KILL`,
+/// a dead node) or a broken one (a failed ROLLBACK) — but not a node outside the Primary
+/// component, which is the node's for sure.
+fn is_connection_failure(error: &Error) -> bool {
+    match error {
+        Error::ConnectionBroken { source } => source.kind() != ServerErrorKind::NodeNotReady,
+        Error::Server(source) => source.kind() == ServerErrorKind::ConnectionLost,
+        _ => false,
     }
 }
 

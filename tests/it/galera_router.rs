@@ -603,3 +603,53 @@ fn isolate(cluster: &GaleraCluster, node: usize, isolated: bool) {
     ))
     .expect("gmcast.isolate");
 }
+
+/// One connection killed (`KILL`, an operator or a proxy) is not a dead writer: the call that
+/// lost it runs again on the same writer once the node's probe — woken at once, on a connection
+/// of its own — found the node healthy, and the writer does not move. Before, any lost
+/// connection marked the node down and failed the writer over.
+#[test]
+fn galera_router_keeps_the_writer_when_one_connection_is_killed() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_kill_one");
+    let router = routers(&urls, 1).remove(0);
+    let writer = router.writer().expect("a writer");
+    let epoch = router.stats().epoch;
+    let ledger = BalanceLedger::new();
+    let ten = Decimal::new(10, 0);
+    let mut attempts = 0;
+    let started = Instant::now();
+    let deadline = Deadline::after(Duration::from_secs(3));
+    let entry = router
+        .write(deadline, |conn, deadline| {
+            attempts += 1;
+            if attempts == 1 {
+                let id: i64 = diesel::select(diesel::dsl::sql::<BigInt>("CONNECTION_ID()"))
+                    .get_result(conn)
+                    .expect("connection id");
+                let mut killer = MysqlConnection::establish(&urls[writer]).expect("killer");
+                killer
+                    .batch_execute(&format!("KILL {id}"))
+                    .expect("kill the call's connection");
+            }
+            ledger.charge_by(conn, 7, ten, "kill-one", deadline)
+        })
+        .expect("the call runs again on the same writer");
+    let took = started.elapsed();
+    assert_eq!(attempts, 2, "one lost connection, one retry");
+    assert!(took < call_bound(), "took {took:?}");
+    let stats = router.stats();
+    assert_eq!(router.writer(), Some(writer), "{stats:?}");
+    assert_eq!(stats.failovers, 0, "{stats:?}");
+    assert_eq!(stats.epoch, epoch, "{stats:?}");
+    let mut check = causal(&urls[writer]);
+    let entries: i64 = lockstock::schema::balance_history::table
+        .filter(lockstock::schema::balance_history::idempotency_key.eq("kill-one"))
+        .count()
+        .get_result(&mut check)
+        .expect("count");
+    assert_eq!(entries, 1);
+    assert_eq!(entry.amount, ten);
+}
