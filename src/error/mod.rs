@@ -17,6 +17,7 @@ use diesel::result::Error as DieselError;
 use rust_decimal::Decimal;
 
 use crate::records::{AuditReport, EntryKind, HoldState};
+pub(crate) use kind::classify as classify_kind;
 pub use kind::ServerErrorKind;
 
 /// Result type of every fallible lockstock call.

@@ -107,7 +107,7 @@ pub(super) fn run_transaction<T>(
             Ok(_) => {
                 // Committed: whatever happens now, the answer is the value.
                 if let Some(restore) = begin.restore {
-                    if restore_session(conn, restore).is_err() {
+                    if after_late_abort(conn, |conn| restore_session(conn, restore)).is_err() {
                         mark_broken(conn);
                     }
                 }
@@ -136,7 +136,7 @@ pub(super) fn run_transaction<T>(
 /// Ends a transaction that failed: ROLLBACK, then the caller's session restored. `None` when
 /// both worked; otherwise the connection is marked broken and the error says why.
 fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
-    if let Err(e) = Rollback.execute(conn) {
+    if let Err(e) = after_late_abort(conn, |conn| Rollback.execute(conn).map(|_| ())) {
         // Release the locks now if the server still answers (the prepared form may be what
         // failed), but never trust this connection again.
         let _ = conn.batch_execute("ROLLBACK");
@@ -146,7 +146,7 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
         });
     }
     let restore = begin.restore?;
-    match restore_session(conn, restore) {
+    match after_late_abort(conn, |conn| restore_session(conn, restore)) {
         Ok(()) => None,
         Err(e) => {
             mark_broken(conn);
@@ -154,6 +154,21 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
                 source: ServerError::new(e),
             })
         }
+    }
+}
+
+/// Runs `statement`, and once more if it failed with a definite abort: on a Galera node a
+/// brute-force abort can be reported late, on the next statement — also on the ROLLBACK or the
+/// restoring SET after a failed body. The transaction is gone then (that is what the abort
+/// did), so the statement is sent again instead of breaking the connection; only a second
+/// failure counts.
+fn after_late_abort(
+    conn: &mut MysqlConnection,
+    mut statement: impl FnMut(&mut MysqlConnection) -> Result<(), diesel::result::Error>,
+) -> Result<(), diesel::result::Error> {
+    match statement(conn) {
+        Err(e) if crate::error::classify_kind(&e).is_definite_abort() => statement(conn),
+        done => done,
     }
 }
 
