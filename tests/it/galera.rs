@@ -47,6 +47,10 @@ struct Tally {
     unresponsive: usize,
     timeout: usize,
     outcome_unknown: usize,
+    /// `ConnectionBroken`: a call on a connection an earlier call left broken (e.g. the
+    /// watchdog shut it down after COMMIT while the session was being restored): refused
+    /// before anything was sent.
+    broken: usize,
 }
 
 /// Asserts that `call`'s answer is typed and true against the database on `conn` (coupons of
@@ -63,6 +67,7 @@ fn assert_true(conn: &mut MysqlConnection, campaign: i64, call: &Call, tally: &m
         Err(Error::ServerUnresponsive { .. }) => (&mut tally.unresponsive, 0),
         Err(Error::Timeout { .. }) => (&mut tally.timeout, 0),
         Err(Error::OutcomeUnknown { .. }) => (&mut tally.outcome_unknown, 1),
+        Err(Error::ConnectionBroken { .. }) => (&mut tally.broken, 0),
         Err(e) => {
             assert_typed(e, &call.key);
             panic!("unexpected answer: {call:?}");
