@@ -163,6 +163,12 @@ struct Id {
     id: i64,
 }
 
+#[derive(QueryableByName)]
+struct Line {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    line: String,
+}
+
 #[test]
 fn finding_7_session_settings_are_restored() {
     let (url, mut conn) = fresh_database("review_session");
@@ -250,6 +256,7 @@ fn finding_8_kill_query_rolls_back_and_retries() {
     let killer = thread::spawn(move || {
         let mut admin = connect(&admin_url);
         // Wait until the victim is waiting for the lock, then interrupt that statement.
+        let mut seen = false;
         for _ in 0..2000 {
             let waiting: i64 = diesel::sql_query(format!(
                 "SELECT COUNT(*) AS id FROM information_schema.innodb_trx \
@@ -259,9 +266,25 @@ fn finding_8_kill_query_rolls_back_and_retries() {
             .expect("processlist")
             .id;
             if waiting > 0 {
+                seen = true;
                 break;
             }
             thread::sleep(Duration::from_millis(10));
+        }
+        if !seen {
+            // Seen once in CI (not reproduced): say what the server showed instead.
+            let lines: Vec<Line> = diesel::sql_query(
+                "SELECT CONCAT_WS(' | ', 'thread', id, command, time, IFNULL(state, ''), \
+                 IFNULL(LEFT(info, 100), '')) AS line FROM information_schema.processlist \
+                 UNION ALL SELECT CONCAT_WS(' | ', 'trx', trx_mysql_thread_id, trx_state, \
+                 IFNULL(LEFT(trx_query, 100), '')) FROM information_schema.innodb_trx",
+            )
+            .load(&mut admin)
+            .unwrap_or_default();
+            eprintln!("victim {victim_id} never seen waiting; the server showed:");
+            for l in lines {
+                eprintln!("  {}", l.line);
+            }
         }
         admin
             .batch_execute(&format!("KILL QUERY {victim_id}"))
