@@ -119,21 +119,25 @@ statement! {
     Rollback => "ROLLBACK"
 }
 
+/// The SET that puts back what lockstock's first SET saved on MariaDB.
+macro_rules! restore_mariadb {
+    () => {
+        "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
+         max_statement_time = @lockstock_statement_time, \
+         lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
+         tx_isolation = @lockstock_isolation"
+    };
+}
+
 statement! {
     /// Restores the session variables lockstock's begin batch saved (MariaDB).
-    RestoreMariaDb => "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
-        max_statement_time = @lockstock_statement_time, \
-        lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
-        tx_isolation = @lockstock_isolation"
+    RestoreMariaDb => restore_mariadb!()
 }
 
 statement! {
     /// Restores the session variables lockstock's begin batch saved for a guarded write on a
     /// MariaDB Galera node (with `autocommit`).
-    RestoreGalera => "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
-        max_statement_time = @lockstock_statement_time, \
-        lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
-        tx_isolation = @lockstock_isolation, autocommit = @lockstock_autocommit"
+    RestoreGalera => concat!(restore_mariadb!(), ", autocommit = @lockstock_autocommit")
 }
 
 statement! {

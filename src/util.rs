@@ -85,7 +85,13 @@ fn short_read_back(conn: &mut MysqlConnection, found: usize, inserted: usize) ->
         Ok(0) if found == 0 => silently_aborted(inserted),
         // A guarded write on a Galera node runs with `autocommit = 0`, so the read-back itself
         // opened a new transaction: the savepoint the runner set after BEGIN tells.
-        Ok(_) if found == 0 && savepoint_gone(conn) => silently_aborted(inserted),
+        Ok(_)
+            if found == 0
+                && crate::txn::release_savepoint(conn)
+                    .is_err_and(|e| e.server_kind() == Some(crate::ServerErrorKind::Deadlock)) =>
+        {
+            silently_aborted(inserted)
+        }
         Ok(open) => Error::internal(format!(
             "the read-back of a {inserted}-row INSERT found {found} rows (in a transaction: {open})"
         )),
@@ -104,30 +110,12 @@ fn short_read_back(conn: &mut MysqlConnection, found: usize, inserted: usize) ->
     }
 }
 
-/// Whether the savepoint a guarded Galera write sets after `BEGIN` is gone (the transaction it
-/// belonged to was rolled back). Releasing it is harmless here: the caller fails the attempt.
-fn savepoint_gone(conn: &mut MysqlConnection) -> bool {
-    use diesel::RunQueryDsl;
-    match crate::statements::ReleaseSavepoint.execute(conn) {
-        Ok(_) => false,
-        Err(e) => e
-            .to_string()
-            .to_ascii_lowercase()
-            .contains("does not exist"),
-    }
-}
-
 /// The typed answer for a transaction the server rolled back without reporting it, found out
 /// because its own `inserted` rows were gone: a retryable [`ServerErrorKind::Deadlock`](
 /// crate::ServerErrorKind::Deadlock) that says what happened.
 pub(crate) fn silently_aborted(inserted: usize) -> Error {
-    let message = format!(
-        "the transaction was rolled back by the server without an error (a Galera brute-force \
-         abort): the {inserted} rows it had just inserted are gone and no transaction is open"
-    );
-    Error::from(diesel::result::Error::DatabaseError(
-        diesel::result::DatabaseErrorKind::SerializationFailure,
-        Box::new(message),
+    crate::txn::silently_rolled_back(&format!(
+        "the {inserted} rows it had just inserted are gone and no transaction is open"
     ))
 }
 

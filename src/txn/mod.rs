@@ -75,8 +75,8 @@ mod watchdog;
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 use session::carries_settings;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
-pub(crate) use transaction::mark_broken;
 use transaction::{ensure_no_open_transaction, run_transaction, Begin, Restore};
+pub(crate) use transaction::{mark_broken, release_savepoint, silently_rolled_back};
 use watchdog::Guard;
 
 use std::sync::OnceLock;

@@ -190,7 +190,7 @@ fn restore_session(
 /// brute-force abort the server did not report: what ran since is in a new transaction
 /// (`autocommit = 0`) that the caller's error path rolls back, and the whole transaction is
 /// retried as a deadlock victim's.
-fn release_savepoint(conn: &mut MysqlConnection) -> Result<(), Error> {
+pub(crate) fn release_savepoint(conn: &mut MysqlConnection) -> Result<(), Error> {
     match ReleaseSavepoint.execute(conn) {
         Ok(_) => Ok(()),
         Err(e) => {
@@ -200,7 +200,7 @@ fn release_savepoint(conn: &mut MysqlConnection) -> Result<(), Error> {
                 .to_ascii_lowercase()
                 .contains("does not exist")
             {
-                Err(silently_rolled_back())
+                Err(silently_rolled_back("its savepoint is gone"))
             } else {
                 Err(Error::Server(error))
             }
@@ -208,13 +208,15 @@ fn release_savepoint(conn: &mut MysqlConnection) -> Result<(), Error> {
     }
 }
 
-/// The retryable answer for a transaction the server rolled back without reporting it.
-pub(crate) fn silently_rolled_back() -> Error {
+/// The retryable answer for a transaction the server rolled back without reporting it (a
+/// Galera brute-force abort), found out by `evidence`: a
+/// [`ServerErrorKind::Deadlock`](crate::ServerErrorKind::Deadlock) that says what happened.
+pub(crate) fn silently_rolled_back(evidence: &str) -> Error {
     Error::from(diesel::result::Error::DatabaseError(
         diesel::result::DatabaseErrorKind::SerializationFailure,
-        Box::new(String::from(
+        Box::new(format!(
             "the transaction was rolled back by the server without an error (a Galera \
-             brute-force abort): its savepoint is gone",
+             brute-force abort): {evidence}"
         )),
     ))
 }

@@ -82,6 +82,26 @@ fn assert_true(conn: &mut MysqlConnection, campaign: i64, call: &Call, tally: &m
     applied
 }
 
+/// On the node behind `url` (read causally): every account of `users` passes `audit`, and the
+/// campaign's stock plus its issued rows make its total.
+fn assert_node_consistent(
+    ledger: &BalanceLedger,
+    url: &str,
+    users: impl IntoIterator<Item = i64>,
+    campaign: i64,
+) {
+    let conn = &mut causal(url);
+    for user in users {
+        audit_ok(ledger, conn, user);
+    }
+    let (total, stock) = stock_row(conn, campaign);
+    assert_eq!(
+        i64::from(total - stock),
+        issued_rows(conn, campaign),
+        "{url}"
+    );
+}
+
 /// How long the conflicting clients may take altogether before the test fails as hung.
 const HANG_LIMIT: Duration = Duration::from_secs(30);
 
@@ -359,16 +379,7 @@ fn galera_write_conflicts_are_typed_and_retried() {
     );
     for (node, url) in urls.iter().enumerate() {
         assert_eq!(dump(url), first, "node {node} differs from node 0");
-        let conn = &mut causal(url);
-        for user in [1, 2] {
-            audit_ok(&ledger, conn, user);
-        }
-        let (total, stock) = stock_row(conn, campaign);
-        assert_eq!(
-            i64::from(total - stock),
-            issued_rows(conn, campaign),
-            "node {node}"
-        );
+        assert_node_consistent(&ledger, url, [1, 2], campaign);
     }
     assert_eq!(checksums(&urls[1]), checksums(&urls[0]));
     eprintln!(
@@ -814,16 +825,7 @@ fn galera_paused_node_call_returns_by_deadline() {
     let first = checksums(&urls[0]);
     for (node, url) in urls.iter().enumerate() {
         assert_eq!(checksums(url), first, "node {node} differs from node 0");
-        let conn = &mut causal(url);
-        for user in 1..=5 {
-            audit_ok(&ledger, conn, user);
-        }
-        let (total, stock) = stock_row(conn, campaign);
-        assert_eq!(
-            i64::from(total - stock),
-            issued_rows(conn, campaign),
-            "node {node}"
-        );
+        assert_node_consistent(&ledger, url, 1..=5, campaign);
     }
     eprintln!(
         "galera_paused_node_call_returns_by_deadline took {:?}",
