@@ -197,6 +197,23 @@ fn calm_doubled(key: &u8, requests: Vec<u64>, deadline: Deadline) -> Ran<u64> {
     }
 }
 
+/// [`Combiner::submit_observed`] with nothing to prepare.
+fn observed(
+    combiner: &Doubler,
+    key: u8,
+    request: u64,
+    deadline: Deadline,
+    run: fn(&u8, Vec<u64>, Deadline) -> Ran<u64>,
+) -> Result<u64> {
+    combiner.submit_observed(
+        key,
+        request,
+        deadline,
+        |_, _| (),
+        |k, r, d, ()| run(k, r, d),
+    )
+}
+
 fn linger_of(combiner: &Doubler, key: u8) -> Option<Duration> {
     lock(&combiner.lanes).get(&key).map(|lane| lane.linger)
 }
@@ -206,29 +223,21 @@ fn a_refused_batch_makes_the_next_leaders_linger_and_calm_batches_end_it() {
     let combiner = Doubler::new(8);
     let deadline = || within(Duration::from_secs(5));
     assert_eq!(
-        combiner
-            .submit_observed(0, 1, deadline(), refused_doubled)
-            .ok(),
+        observed(&combiner, 0, 1, deadline(), refused_doubled).ok(),
         Some(2)
     );
     // Remembered while idle, doubled by every refused batch up to the cap.
     assert_eq!(linger_of(&combiner, 0), Some(LINGER_STEP));
     for _ in 0..8 {
-        assert!(combiner
-            .submit_observed(0, 1, deadline(), refused_doubled)
-            .is_ok());
+        assert!(observed(&combiner, 0, 1, deadline(), refused_doubled).is_ok());
     }
     assert_eq!(linger_of(&combiner, 0), Some(LINGER_MAX));
     // Halved by every calm batch; the lane is forgotten once the linger is gone.
-    assert!(combiner
-        .submit_observed(0, 3, deadline(), calm_doubled)
-        .is_ok());
+    assert!(observed(&combiner, 0, 3, deadline(), calm_doubled).is_ok());
     assert_eq!(linger_of(&combiner, 0), Some(LINGER_MAX / 2));
     for _ in 0..8 {
         assert_eq!(
-            combiner
-                .submit_observed(0, 3, deadline(), calm_doubled)
-                .ok(),
+            observed(&combiner, 0, 3, deadline(), calm_doubled).ok(),
             Some(6)
         );
     }
@@ -277,8 +286,7 @@ fn lingering_leaders_answer_every_caller_within_its_deadline() {
                         // Every batch "refused": the linger stays at its cap.
                         let request = t * 100 + i;
                         let deadline = within(Duration::from_millis(40));
-                        let answer =
-                            combiner.submit_observed(0, request, deadline, refused_doubled);
+                        let answer = observed(combiner, 0, request, deadline, refused_doubled);
                         answer.is_ok_and(|a| a == request * 2) && !deadline.is_expired()
                     })
                 })
@@ -292,4 +300,64 @@ fn lingering_leaders_answer_every_caller_within_its_deadline() {
         }
     });
     assert_eq!(combiner.stats().requests, 16 * 20);
+}
+
+#[test]
+fn the_next_leader_prepares_while_the_batch_before_it_runs_and_batches_never_overlap() {
+    use std::sync::atomic::AtomicBool;
+    // More callers than a batch takes: one is always left queued to lead the next batch.
+    let combiner = Doubler::new(4);
+    let running = AtomicBool::new(false);
+    let overlapped = AtomicBool::new(false);
+    // Preparations that started while a batch of the key was running.
+    let prepared_during_a_batch = AtomicUsize::new(0);
+    let barrier = Barrier::new(8);
+    thread::scope(|scope| {
+        for t in 0..8u64 {
+            let (combiner, barrier) = (&combiner, &barrier);
+            let (running, overlapped) = (&running, &overlapped);
+            let prepared_during_a_batch = &prepared_during_a_batch;
+            scope.spawn(move || {
+                barrier.wait();
+                for i in 0..10u64 {
+                    let request = t * 100 + i;
+                    let answer = combiner.submit_observed(
+                        0,
+                        request,
+                        within(Duration::from_secs(10)),
+                        |_, _| {
+                            if running.load(Ordering::SeqCst) {
+                                prepared_during_a_batch.fetch_add(1, Ordering::SeqCst);
+                            }
+                            thread::sleep(Duration::from_millis(1));
+                        },
+                        |key, requests, deadline, ()| {
+                            if running.swap(true, Ordering::SeqCst) {
+                                overlapped.store(true, Ordering::SeqCst);
+                            }
+                            let outcome = doubled(key, requests, deadline);
+                            thread::sleep(Duration::from_millis(3));
+                            running.store(false, Ordering::SeqCst);
+                            Ran {
+                                outcome,
+                                refused: false,
+                            }
+                        },
+                    );
+                    assert_eq!(answer.ok(), Some(request * 2));
+                }
+            });
+        }
+    });
+    assert!(
+        !overlapped.load(Ordering::SeqCst),
+        "two batches of one key ran at once"
+    );
+    assert!(
+        prepared_during_a_batch.load(Ordering::SeqCst) > 0,
+        "no leader prepared while a batch ran: {:?}",
+        combiner.stats()
+    );
+    assert_eq!(combiner.stats().requests, 80);
+    assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
 }

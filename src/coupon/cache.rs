@@ -84,7 +84,7 @@ impl CouponIssuer {
     }
 
     /// Whether this issuer saw the campaign sold out (within the TTL, if one is set).
-    pub(super) fn known_sold_out(&self, campaign_id: i64) -> bool {
+    pub(crate) fn known_sold_out(&self, campaign_id: i64) -> bool {
         let mut marks = lock(&self.sold_out);
         match (marks.marked.get(&campaign_id), self.sold_out_ttl) {
             (None, _) => false,

@@ -73,9 +73,11 @@ mod transaction;
 mod watchdog;
 
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
-use session::carries_settings;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
-use transaction::{ensure_no_open_transaction, run_transaction, Begin, Restore};
+use session::{carries_settings, set_primed, take_primed};
+use transaction::{
+    end_unused, ensure_no_open_transaction, open_transaction, run_transaction, Begin, Restore,
+};
 pub(crate) use transaction::{mark_broken, release_savepoint, silently_rolled_back};
 use watchdog::Guard;
 
@@ -423,8 +425,83 @@ impl TxnRunner {
         body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
         ensure_no_open_transaction(conn)?;
+        if let Some(isolation) = take_primed(conn) {
+            if !read_only && isolation == self.policy.isolation {
+                let begin = self.begin(conn, read_only)?;
+                if begin.restore.is_none() && !begin.savepoint {
+                    // Opened by `prime` exactly as `begin` would open it now.
+                    let open = Begin {
+                        setup: &[],
+                        begin: None,
+                        ..begin
+                    };
+                    return run_transaction(conn, open, body);
+                }
+            }
+            // Not this transaction's kind: end it, then begin as always.
+            if let Some(broken) = end_unused(conn) {
+                return Err(broken);
+            }
+        }
         let begin = self.begin(conn, read_only)?;
         run_transaction(conn, begin, body)
+    }
+
+    /// Opens, ahead of time, the transaction that the next write through this runner on `conn`
+    /// runs in: `SET TRANSACTION ISOLATION LEVEL ...` and `BEGIN`, so a combiner's next batch
+    /// sends them while the batch before it still holds the hot row. Only on a connection that
+    /// carries this runner's session settings (see [`apply_session_settings`]) and is not a
+    /// Galera node (guarded writes need their own SET): elsewhere nothing is sent and the
+    /// answer is `Ok(false)`.
+    ///
+    /// The next [`run`](Self::run) / [`run_by`](Self::run_by) on `conn` uses the open
+    /// transaction for its first attempt; anything else through a runner ends it first
+    /// (ROLLBACK), and so does [`unprime`](Self::unprime). It holds no lock and no snapshot:
+    /// nothing is read in it before the write's body runs. Bounded by `deadline` like a call.
+    ///
+    /// # Errors
+    /// As [`run`](Self::run) before anything is applied: nothing is left open then.
+    pub(crate) fn prime(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+    ) -> Result<bool, Error> {
+        if deadline.is_expired() {
+            return Err(Error::Timeout {
+                elapsed: deadline.elapsed(),
+            });
+        }
+        bounded(conn, deadline, self.policy.unresponsive_grace, |conn, _| {
+            ensure_no_open_transaction(conn)?;
+            if let Some(isolation) = take_primed(conn) {
+                if isolation == self.policy.isolation {
+                    return Ok(set_primed(conn, isolation));
+                }
+                if let Some(broken) = end_unused(conn) {
+                    return Err(broken);
+                }
+            }
+            let begin = self.begin(conn, false)?;
+            if begin.restore.is_some() || begin.savepoint {
+                return Ok(false);
+            }
+            open_transaction(conn, begin)?;
+            Ok(set_primed(conn, self.policy.isolation))
+        })
+    }
+
+    /// Ends the transaction [`prime`](Self::prime) opened on `conn` if nothing used it
+    /// (ROLLBACK, bounded by `deadline`); a connection where that fails is marked broken.
+    pub(crate) fn unprime(&self, conn: &mut MysqlConnection, deadline: Deadline) {
+        if take_primed(conn).is_none() {
+            return;
+        }
+        let ended = bounded(conn, deadline, self.policy.unresponsive_grace, |conn, _| {
+            end_unused(conn).map_or(Ok(()), Err)
+        });
+        if ended.is_err() {
+            mark_broken(conn);
+        }
     }
 
     /// How to begin on this connection: with the session settings saved, set and later restored,
@@ -453,7 +530,7 @@ impl TxnRunner {
             } else {
                 &sql.own[kind]
             },
-            begin: if read_only { BEGIN_READ } else { BEGIN_WRITE },
+            begin: Some(if read_only { BEGIN_READ } else { BEGIN_WRITE }),
             restore: (!marked).then_some(match (sql.flavor, guarded) {
                 (ServerFlavor::MySql, _) => Restore::MySql,
                 (ServerFlavor::MariaDb, false) => Restore::MariaDb,

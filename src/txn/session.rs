@@ -81,6 +81,7 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
     })?;
     conn.set_instrumentation(SessionMark {
         session,
+        primed: None,
         inner: diesel::connection::get_default_instrumentation(),
     });
     Ok(())
@@ -89,6 +90,11 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
 /// The mark [`apply_session_settings`] leaves on a connection: which settings it carries.
 struct SessionMark {
     session: String,
+    /// A write transaction is open on the connection, begun by [`TxnRunner::prime`] at this
+    /// isolation level, with nothing sent in it yet.
+    ///
+    /// [`TxnRunner::prime`]: super::TxnRunner::prime
+    primed: Option<super::Isolation>,
     inner: Option<Box<dyn Instrumentation>>,
 }
 
@@ -105,6 +111,25 @@ pub(super) fn carries_settings(conn: &mut MysqlConnection, session: &str) -> boo
     conn.instrumentation()
         .downcast_ref::<SessionMark>()
         .is_some_and(|mark| mark.session == session)
+}
+
+/// Records on a marked connection that a write transaction at `isolation` is open on it with
+/// nothing sent in it yet (false: not a marked connection, nothing recorded).
+pub(super) fn set_primed(conn: &mut MysqlConnection, isolation: super::Isolation) -> bool {
+    match conn.instrumentation().downcast_mut::<SessionMark>() {
+        Some(mark) => {
+            mark.primed = Some(isolation);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Takes the record of [`set_primed`]: the isolation level of the open, unused transaction.
+pub(super) fn take_primed(conn: &mut MysqlConnection) -> Option<super::Isolation> {
+    conn.instrumentation()
+        .downcast_mut::<SessionMark>()
+        .and_then(|mark| mark.primed.take())
 }
 
 /// An r2d2 connection customizer that applies a [`TxnPolicy`]'s session settings (timeouts,

@@ -28,8 +28,9 @@ pub(super) fn ensure_no_open_transaction(conn: &mut MysqlConnection) -> Result<(
 pub(super) struct Begin<'a> {
     /// The statements before `begin`; the first one refuses a nested call, atomically.
     pub(super) setup: &'a [String],
-    /// `BEGIN` or the read-only snapshot's `START TRANSACTION`.
-    pub(super) begin: &'static str,
+    /// `BEGIN` or the read-only snapshot's `START TRANSACTION`; `None` for a transaction
+    /// that [`TxnRunner::prime`](super::TxnRunner::prime) opened already.
+    pub(super) begin: Option<&'static str>,
     /// Restore the caller's session variables afterwards (they were saved by `setup`).
     pub(super) restore: Option<Restore>,
     /// A write on a Galera node: `SAVEPOINT` after `BEGIN`, released before COMMIT (see the
@@ -65,36 +66,7 @@ pub(super) fn run_transaction<T>(
     begin: Begin<'_>,
     body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    for sql in begin.setup {
-        // A SET is atomic: when it fails, nothing of it was applied.
-        if let Err(e) = PreparedSql(sql).execute(conn) {
-            let error = ServerError::new(e);
-            let message = error.message().to_ascii_lowercase();
-            if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
-                return Err(Error::NestedTransaction);
-            }
-            if message.contains(NOT_DESIGNATED_LOCALE) {
-                return Err(Error::NotDesignatedWriter);
-            }
-            return Err(Error::Server(error));
-        }
-    }
-    if let Err(e) = PreparedSql(begin.begin).execute(conn) {
-        let error = ServerError::new(e);
-        // The settings are in place: put the caller's back.
-        return Err(match end_failed(conn, begin) {
-            Some(broken) if error.kind() != ServerErrorKind::ConnectionLost => broken,
-            _ => Error::Server(error),
-        });
-    }
-    if begin.savepoint {
-        if let Err(e) = Savepoint.execute(conn) {
-            return Err(match end_failed(conn, begin) {
-                Some(broken) => broken,
-                None => Error::from(e),
-            });
-        }
-    }
+    open_transaction(conn, begin)?;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let value = body(conn)?;
         if begin.savepoint {
@@ -131,6 +103,59 @@ pub(super) fn run_transaction<T>(
             std::panic::resume_unwind(panic)
         }
     }
+}
+
+/// The setup statements, `BEGIN` and the savepoint of `begin`: on success a transaction is
+/// open; on failure none is, and the caller's session is as it was (or the connection is
+/// marked broken and the error says so).
+pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> Result<(), Error> {
+    for sql in begin.setup {
+        // A SET is atomic: when it fails, nothing of it was applied.
+        if let Err(e) = PreparedSql(sql).execute(conn) {
+            let error = ServerError::new(e);
+            let message = error.message().to_ascii_lowercase();
+            if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
+                return Err(Error::NestedTransaction);
+            }
+            if message.contains(NOT_DESIGNATED_LOCALE) {
+                return Err(Error::NotDesignatedWriter);
+            }
+            return Err(Error::Server(error));
+        }
+    }
+    if let Some(sql) = begin.begin {
+        if let Err(e) = PreparedSql(sql).execute(conn) {
+            let error = ServerError::new(e);
+            // The settings are in place: put the caller's back.
+            return Err(match end_failed(conn, begin) {
+                Some(broken) if error.kind() != ServerErrorKind::ConnectionLost => broken,
+                _ => Error::Server(error),
+            });
+        }
+    }
+    if begin.savepoint {
+        if let Err(e) = Savepoint.execute(conn) {
+            return Err(match end_failed(conn, begin) {
+                Some(broken) => broken,
+                None => Error::from(e),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Ends a transaction that [`TxnRunner::prime`](super::TxnRunner::prime) opened and nothing
+/// used (nothing was sent in it): ROLLBACK. `None` when it worked; otherwise the connection is
+/// marked broken and the error says why.
+pub(super) fn end_unused(conn: &mut MysqlConnection) -> Option<Error> {
+    let plain = Begin {
+        setup: &[],
+        begin: None,
+        restore: None,
+        savepoint: false,
+        read_only: false,
+    };
+    end_failed(conn, plain)
 }
 
 /// Ends a transaction that failed: ROLLBACK, then the caller's session restored. `None` when

@@ -350,3 +350,79 @@ fn several_combiners_on_one_key_keep_the_invariants_and_answer_truly() {
     assert!(balance >= Decimal::ZERO);
     BalanceLedger::new().audit(&mut conn, 1).expect("audit");
 }
+
+/// `@@in_transaction` and `@@tx_isolation` of every connection of `pool`, all checked out at
+/// once (so each one is seen).
+fn pooled_sessions(pool: &lockstock::combine::MysqlPool) -> Vec<(i64, String)> {
+    let size = pool.max_size() as usize;
+    let mut held = Vec::with_capacity(size);
+    for _ in 0..size {
+        held.push(pool.get().expect("checkout"));
+    }
+    held.iter_mut()
+        .map(|conn| {
+            diesel::select((
+                diesel::dsl::sql::<diesel::sql_types::BigInt>("@@in_transaction"),
+                diesel::dsl::sql::<diesel::sql_types::Text>("@@tx_isolation"),
+            ))
+            .get_result::<(i64, String)>(&mut **conn)
+            .expect("session state")
+        })
+        .collect()
+}
+
+/// A combiner's leader opens its transaction before its turn (while the batch before it runs);
+/// when its batch then sends nothing — every request refused before a round trip — the open
+/// transaction must be ended before the connection goes back to the pool, or the next user of
+/// the pooled connection would run inside it.
+#[test]
+fn combining_hands_connections_back_without_an_open_transaction() {
+    let (url, mut conn) = fresh_database("combine_unused_primed");
+    let ledger = BalanceLedger::new();
+    lockstock_testkit::fixtures::funded_account(&mut conn, &ledger, 7, Decimal::new(100, 0));
+    let one = pool(&url, 1);
+    let hot = CombiningLedger::new(one.clone(), BalanceLedger::new());
+    // Refused before anything is sent: the primed transaction is never used.
+    assert_refused(&hot.deduct(7, Decimal::new(-5, 0), "negative"), |e| {
+        matches!(e, Error::InvalidAmount { .. })
+    });
+    assert_eq!(
+        pooled_sessions(&one),
+        vec![(0, "REPEATABLE-READ".to_string())]
+    );
+    // A deduct uses it, and leaves nothing open either.
+    hot.deduct(7, Decimal::new(5, 0), "used").expect("deduct");
+    assert_eq!(
+        pooled_sessions(&one),
+        vec![(0, "REPEATABLE-READ".to_string())]
+    );
+
+    // Under load, with a sell-out in the middle (batches answered from the sold-out mark
+    // after their leader prepared), then idle: every pooled connection is clean.
+    let issuer = CouponIssuer::new();
+    let id = open_campaign(&mut conn, &issuer, 60).id;
+    let three = pool(&url, 3);
+    let hot = Arc::new(CombiningIssuer::new(three.clone(), issuer));
+    let barrier = Arc::new(Barrier::new(16));
+    let workers: Vec<_> = (0..16i64)
+        .map(|t| {
+            let (hot, barrier) = (hot.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                (0..12i64)
+                    .filter(|i| hot.issue(1 + t * 12 + i, id).is_ok())
+                    .count()
+            })
+        })
+        .collect();
+    let issued: usize = workers.into_iter().map(|w| w.join().expect("worker")).sum();
+    assert_eq!(issued, 60);
+    assert_eq!(issued_rows(&mut conn, id), (60, 0, 0));
+    for (open, isolation) in pooled_sessions(&three) {
+        assert_eq!(
+            open, 0,
+            "a pooled connection was handed back inside a transaction"
+        );
+        assert_eq!(isolation, "REPEATABLE-READ");
+    }
+}
