@@ -473,10 +473,8 @@ impl TxnRunner {
         }
         bounded(conn, deadline, self.policy.unresponsive_grace, |conn, _| {
             ensure_no_open_transaction(conn)?;
-            if let Some(isolation) = take_primed(conn) {
-                if isolation == self.policy.isolation {
-                    return Ok(set_primed(conn, isolation));
-                }
+            // A leftover is ended, never reused: this runner's kind of transaction is begun.
+            if take_primed(conn).is_some() {
                 if let Some(broken) = end_unused(conn) {
                     return Err(broken);
                 }

@@ -8,7 +8,7 @@ use std::thread;
 
 use diesel::prelude::*;
 use lockstock::combine::{CombiningIssuer, CombiningLedger};
-use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon};
+use lockstock::schema::{balance_history, fcfs_coupon, user_coupon};
 use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Error};
 use rust_decimal::Decimal;
 
@@ -219,11 +219,7 @@ fn combining_ledger_keeps_balances_exact_under_64_callers() {
         ok += o;
         refused += r;
     }
-    let balance: Decimal = user_balance::table
-        .find(1i64)
-        .select(user_balance::balance)
-        .first(&mut conn)
-        .expect("balance");
+    let balance = lockstock_testkit::fixtures::stored_balance(&mut conn, 1);
     let deducts: i64 = balance_history::table
         .filter(balance_history::kind.eq("deduct"))
         .count()
@@ -338,11 +334,7 @@ fn several_combiners_on_one_key_keep_the_invariants_and_answer_truly() {
             "deduct {key} answered another entry"
         );
     }
-    let balance: Decimal = user_balance::table
-        .find(1i64)
-        .select(user_balance::balance)
-        .first(&mut conn)
-        .expect("balance");
+    let balance = lockstock_testkit::fixtures::stored_balance(&mut conn, 1);
     assert_eq!(
         balance,
         Decimal::new(500, 0) - Decimal::from(entries.len() as i64) * Decimal::new(3, 0)

@@ -782,11 +782,7 @@ fn nowait_refuses_a_lock_holder_at_once() {
     }
     assert!(took < Duration::from_millis(900), "waited {took:?}");
     assert_eq!(count_key(&mut conn, 1, "blocked"), 0);
-    let balance: Decimal = user_balance::table
-        .find(1)
-        .select(user_balance::balance)
-        .first(&mut conn)
-        .expect("balance");
+    let balance = lockstock_testkit::fixtures::stored_balance(&mut conn, 1);
     assert_eq!(balance, dec(10_000));
     holder.batch_execute("ROLLBACK").expect("release");
     let entry = ledger

@@ -526,11 +526,7 @@ fn read_committed_policy_keeps_balances_exact() {
             .count() as i64
     });
     let ok: i64 = workers.into_iter().sum();
-    let balance: Decimal = user_balance::table
-        .find(1i64)
-        .select(user_balance::balance)
-        .first(&mut conn)
-        .expect("balance");
+    let balance = lockstock_testkit::fixtures::stored_balance(&mut conn, 1);
     assert_eq!(
         balance,
         Decimal::new(100, 0) - Decimal::from(ok) * Decimal::new(3, 0)
