@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::txn::InsertIds;
 
 diesel::define_sql_function! {
-    /// The id of the row the last INSERT on this connection created.
+    /// The id of the (first) row the last INSERT on this connection created.
     fn last_insert_id() -> diesel::sql_types::Unsigned<diesel::sql_types::BigInt>;
 }
 
@@ -39,17 +39,23 @@ pub(crate) fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
 /// (`order` may be `None`). Several rows numbered consecutively (`innodb_autoinc_lock_mode` 0
 /// or 1): `LAST_INSERT_ID()` and the step. Otherwise (mode 2, MySQL 8's default) one INSERT's
 /// ids need not be consecutive: `lookup` reads them back through a unique index, in order.
+/// `first`: `LAST_INSERT_ID()` where it was read already (in a later statement's round trip).
 pub(crate) fn inserted_ids(
     conn: &mut MysqlConnection,
     order: Option<InsertIds>,
     count: usize,
+    first: Option<i64>,
     lookup: impl FnOnce(&mut MysqlConnection) -> Result<Vec<i64>>,
 ) -> Result<Vec<i64>> {
+    let first_id = |conn: &mut MysqlConnection| match first {
+        Some(first) => Ok(first),
+        None => inserted_id(conn),
+    };
     match (count, order) {
         (0, _) => Ok(Vec::new()),
-        (1, _) => Ok(vec![inserted_id(conn)?]),
+        (1, _) => Ok(vec![first_id(conn)?]),
         (_, Some(InsertIds::Consecutive { step })) => {
-            let first = inserted_id(conn)?;
+            let first = first_id(conn)?;
             Ok((0..count)
                 .map(|i| first + step * i64::try_from(i).unwrap_or(i64::MAX))
                 .collect())

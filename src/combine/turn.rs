@@ -5,7 +5,7 @@
 //! it took the turn in, and only that ticket gives it back. A leader waiting for the turn
 //! sleeps on a condition variable.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 
 use crate::txn::Deadline;
@@ -17,6 +17,8 @@ const GENERATION: u64 = 2;
 #[derive(Debug, Default)]
 pub(crate) struct Turn {
     state: AtomicU64,
+    /// Batches that handed the turn on at COMMIT and whose COMMIT has not answered yet.
+    committing: AtomicUsize,
     sleep: Mutex<()>,
     changed: Condvar,
 }
@@ -56,6 +58,30 @@ impl Turn {
                     .unwrap_or_else(|e| e.into_inner());
             }
         }
+    }
+
+    /// Whether a batch that handed the turn on at COMMIT is still waiting for its answer.
+    pub(crate) fn is_committing(&self) -> bool {
+        self.committing.load(Ordering::Acquire) > 0
+    }
+
+    /// Hands the turn of `ticket` on as its batch sends COMMIT: counted as committing (until
+    /// [`committed`](Self::committed)), then released. `false` (nothing done) if `ticket` does
+    /// not hold the turn.
+    pub(crate) fn pass_at_commit(&self, ticket: u64) -> bool {
+        if self.state.load(Ordering::Acquire) != (ticket << 1) | BUSY {
+            return false;
+        }
+        self.committing.fetch_add(1, Ordering::AcqRel);
+        self.release(ticket);
+        true
+    }
+
+    /// The COMMIT of a batch that [`pass_at_commit`](Self::pass_at_commit) answered (or failed).
+    pub(crate) fn committed(&self) {
+        let _ = self
+            .committing
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Gives the turn of `ticket` back; nothing if it is not held by that ticket.

@@ -7,7 +7,10 @@ use std::collections::{HashMap, HashSet};
 use diesel::mysql::MysqlConnection;
 
 use super::cache::lock;
-use super::rows::{holders, insert_user_coupons, lock_campaign, set_stock};
+use super::rows::{
+    holders, insert_user_coupons, lock_campaign_after_insert, set_stock, user_coupon_ids,
+    write_user_coupons,
+};
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
@@ -26,14 +29,20 @@ impl CouponIssuer {
     /// in the batch is answered `SoldOut` too, holders included — as `issue` answers from the
     /// mark. All requests of a batch are decided at the time the stock row is locked.
     ///
-    /// Inside the transaction: one lock-free-for-the-hot-row read of which users already hold
-    /// the coupon (only for campaigns where that is needed, see below), then the stock row
-    /// `FOR UPDATE NOWAIT` (with the facts the cached ones are checked against), one multi-row
-    /// INSERT, one id lookup, one UPDATE, COMMIT — the hot row is held for four statements
-    /// whatever the batch size. The holders are read on campaigns where a batch has met one
-    /// (a duplicate, nothing written, makes the batch run again with the read), and when a
-    /// request would be refused `SoldOut` without knowing whether it holds the coupon (the
-    /// batch runs again with the read: a holder is answered `AlreadyIssued`).
+    /// Inside the transaction, as the single issue: one read of which users already hold the
+    /// coupon (only for campaigns where that is needed, see below), then — before the hot row —
+    /// ONE multi-row INSERT of a coupon for every request the stock decides nothing about (the
+    /// unique index refusing a holder), then the stock row `FOR UPDATE NOWAIT` (with the facts
+    /// the cached ones are checked against, and in the same read the first new id), one
+    /// UPDATE, COMMIT: the hot row is held for two statements whatever the batch size. Where the
+    /// stock runs out inside the batch the attempt is rolled back and run again with the stock
+    /// row locked first (then: the lock, one INSERT of the winners, their ids, the UPDATE). The
+    /// holders are read on campaigns where a batch has met one (a duplicate, nothing written,
+    /// makes the batch run again with the read), and when a request would be refused `SoldOut`
+    /// without knowing whether it holds the coupon (the batch runs again with the read: a
+    /// holder is answered `AlreadyIssued`). The issue time of the batch's coupons is the
+    /// attempt's start, as for a single issue; the window is checked at it and again once the
+    /// stock row is locked.
     ///
     /// # Errors
     /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],
@@ -93,6 +102,7 @@ impl CouponIssuer {
         };
         let mut read_holders = lock(&self.repeat_askers).contains(&campaign_id);
         let mut refreshes = 0;
+        let mut insert_first = true;
         let ((decisions, ids, stock, at, seen), coupon_id) = loop {
             let facts = match self.facts_by(conn, campaign_id, deadline) {
                 Ok(facts) => facts,
@@ -105,7 +115,7 @@ impl CouponIssuer {
             let coupon_id = facts.coupon_id;
             // Read before the stock is: a zero read after a newer sighting is not marked.
             let seen = self.sightings(campaign_id);
-            let (mut stale, mut unknown_holders) = (false, false);
+            let (mut stale, mut unknown_holders, mut short) = (false, false, false);
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
@@ -114,29 +124,52 @@ impl CouponIssuer {
                 } else {
                     HashMap::new()
                 };
-                let campaign = lock_campaign(conn, campaign_id)?
+                // This attempt's time: the issue time, and the window is checked at it.
+                let at = self.now();
+                facts.check_window(campaign_id, at)?;
+                // Before the hot row, as the single issue: the coupons of every request that
+                // the stock decides nothing about, written with the unique index checking
+                // them; the lock then reads the first new id.
+                let early = if insert_first {
+                    let (_, everyone) = decide(user_ids, &holders, i32::MAX);
+                    write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at)?;
+                    Some(everyone)
+                } else {
+                    None
+                };
+                let (campaign, first_id) = lock_campaign_after_insert(conn, campaign_id)?
                     .ok_or(Error::CampaignNotFound { campaign_id })?;
                 let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
                 if current != facts {
                     stale = true;
                     return Err(stale_facts(campaign_id));
                 }
-                // Every request is decided now, with the hot row held: the batch's time.
-                let at = self.now();
-                current.check_window(campaign_id, at)?;
+                // Every request is decided now, with the hot row held.
+                current.check_window(campaign_id, self.now())?;
                 let (decisions, winners) = decide(user_ids, &holders, stock);
                 if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
                     // The refused user may hold the coupon (then: AlreadyIssued).
                     unknown_holders = true;
                     return Err(Error::internal("holders needed"));
                 }
-                let new_ids = insert_user_coupons(
-                    conn,
-                    Some(insert_ids),
-                    (campaign_id, coupon_id),
-                    &winners,
-                    at,
-                )?;
+                let new_ids = match early {
+                    Some(written) if written == winners => {
+                        user_coupon_ids(conn, insert_ids, coupon_id, &winners, first_id)?
+                    }
+                    // The stock runs out in this batch: written for too many; again with the
+                    // stock read first.
+                    Some(_) => {
+                        short = true;
+                        return Err(Error::internal("the stock runs out in the batch"));
+                    }
+                    None => insert_user_coupons(
+                        conn,
+                        Some(insert_ids),
+                        (campaign_id, coupon_id),
+                        &winners,
+                        at,
+                    )?,
+                };
                 if !winners.is_empty() {
                     let left = stock.max(0) - i32::try_from(winners.len()).unwrap_or(i32::MAX);
                     set_stock(conn, campaign_id, left)?;
@@ -150,6 +183,7 @@ impl CouponIssuer {
                     refreshes += 1;
                 }
                 Err(_) if unknown_holders => read_holders = true,
+                Err(_) if short => insert_first = false,
                 Err(e)
                     if !read_holders && e.server_kind() == Some(ServerErrorKind::DuplicateKey) =>
                 {

@@ -3,7 +3,9 @@
 
 use diesel::mysql::MysqlConnection;
 
-use super::rows::{find_campaign, holders, insert_user_coupons, lock_campaign, set_stock};
+use super::rows::{
+    find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons,
+};
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
@@ -66,15 +68,10 @@ impl CouponIssuer {
                 let at = self.now();
                 facts.check_window(campaign_id, at)?;
                 // Before the hot row: the unique index decides "already issued?".
-                let ids = insert_user_coupons(
-                    conn,
-                    None,
-                    (campaign_id, facts.coupon_id),
-                    &[user_id],
-                    at,
-                )?;
-                // The hot row: locked from here to COMMIT for one UPDATE.
-                let campaign = lock_campaign(conn, campaign_id)?
+                write_user_coupons(conn, (campaign_id, facts.coupon_id), &[user_id], at)?;
+                // The hot row, with the new coupon's id: locked from here to COMMIT for one
+                // UPDATE.
+                let (campaign, id) = lock_campaign_after_insert(conn, campaign_id)?
                     .ok_or(Error::CampaignNotFound { campaign_id })?;
                 let current = CampaignFacts::of(&campaign);
                 if current != facts {
@@ -89,10 +86,6 @@ impl CouponIssuer {
                 }
                 stock_seen = true;
                 set_stock(conn, campaign_id, campaign.stock_quantity - 1)?;
-                let id = ids
-                    .first()
-                    .copied()
-                    .ok_or_else(|| Error::internal("an issued coupon has no id"))?;
                 Ok(IssuedCoupon {
                     id,
                     user_id,

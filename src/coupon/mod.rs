@@ -9,15 +9,16 @@
 //!    hot row and the duplicate check costs no time under its lock. There is no "does the user
 //!    have one?" SELECT: under SERIALIZABLE it would take shared gap locks that block or deadlock
 //!    other users' inserts.
-//! 2. `SELECT LAST_INSERT_ID()`, still outside the hot lock.
-//! 3. `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
-//!    fcfs_coupon WHERE id = ? FOR UPDATE NOWAIT` — the hot row, by primary key (the one locking
-//!    read of it that issues, batches and restocks share); an empty result is
+//! 2. `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at,
+//!    LAST_INSERT_ID() FROM fcfs_coupon WHERE id = ? FOR UPDATE NOWAIT` — the hot row, by
+//!    primary key, and in the same read the new coupon's id (restocks lock it with the same
+//!    read, without the id; a batch whose stock runs out inside it locks first); an empty
+//!    result is
 //!    `CampaignNotFound`. The template and window read with it must equal the cached ones (else
 //!    the cache is forgotten and the request runs again with fresh facts: no wrong `coupon_id`
 //!    is ever committed); the window is checked once more at the time the lock is granted; zero
 //!    stock is `SoldOut`. Any refusal rolls back, taking the inserted row with it.
-//! 4. `UPDATE fcfs_coupon SET stock_quantity = ?` and `COMMIT`.
+//! 3. `UPDATE fcfs_coupon SET stock_quantity = ?` and `COMMIT`.
 //!
 //! So the stock row is locked for one UPDATE and the COMMIT. The CHECK (stock_quantity >= 0)
 //! constraint is the last line of defence against over-issue. A duplicate (step 1) is answered

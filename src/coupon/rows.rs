@@ -1,8 +1,11 @@
 //! The issuer's statements, one function each, shared by the single and the batch path: a
-//! single issue is the batch of one. Between the stock-row lock and COMMIT only
-//! [`lock_campaign`], [`insert_user_coupons`] (batch; the single issue inserts before the lock),
-//! its id read-back and [`set_stock`] run; each is a cached prepared statement (the INSERT up
-//! to [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
+//! single issue is the batch of one. Issues write their coupons before the stock row is locked
+//! ([`write_user_coupons`]; the unique index decides "already issued?"), then lock it with
+//! [`lock_campaign_after_insert`], which reads the new rows' first id in the same statement;
+//! between the lock and COMMIT only [`set_stock`] runs. A batch whose stock runs out inside it
+//! locks first and then writes its winners ([`insert_user_coupons`], with their ids read back).
+//! Each is a cached prepared statement (the INSERTs up to
+//! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
 use chrono::NaiveDateTime;
 use diesel::dsl;
@@ -15,8 +18,8 @@ use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{insert_row, InsertRows, SetStock};
-use crate::txn::InsertIds;
-use crate::util::{inserted_ids, locked_row};
+use crate::txn::{locking_read, InsertIds};
+use crate::util::{inserted_ids, last_insert_id, locked_row};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
 /// fcfs_coupon WHERE id = ?`: the campaign row through its primary key.
@@ -31,13 +34,43 @@ fn campaign_row(campaign_id: i64) -> CampaignRow {
 
 /// The campaign row `FOR UPDATE NOWAIT`: the hot row, through the primary key — its stock, and
 /// in the same read (no extra round trip) the facts the cached ones are checked against.
-/// Issues, batches and restocks lock it with this one statement.
+/// Restocks, and batches whose stock runs out inside them, lock it with this statement; issues
+/// with [`lock_campaign_after_insert`]. In a combiner's batch a refusal is sent again while it
+/// can be the key's previous batch committing, and polled briefly otherwise ([`locking_read`]).
 pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
-    Ok(campaign_row(id)
-        .for_update()
-        .no_wait()
-        .first(conn)
-        .optional()?)
+    Ok(locking_read(conn, |conn| {
+        campaign_row(id)
+            .for_update()
+            .no_wait()
+            .first(conn)
+            .optional()
+    })?)
+}
+
+/// [`lock_campaign`] with, in the same read, the id of the first row the last INSERT on this
+/// connection created (`LAST_INSERT_ID()`): an issue that inserted its rows before the lock
+/// ([`write_user_coupons`]) learns their ids without a round trip of its own.
+pub(crate) fn lock_campaign_after_insert(
+    conn: &mut MysqlConnection,
+    id: i64,
+) -> Result<Option<(Campaign, i64)>> {
+    let locked: Option<(Campaign, u64)> = locking_read(conn, |conn| {
+        fcfs_coupon::table
+            .find(id)
+            .select((Campaign::as_select(), last_insert_id()))
+            .for_update()
+            .no_wait()
+            .first(conn)
+            .optional()
+    })?;
+    locked
+        .map(|(campaign, first)| {
+            let first = i64::try_from(first).map_err(|_| {
+                Error::internal(format!("LAST_INSERT_ID() {first} is out of range"))
+            })?;
+            Ok((campaign, first))
+        })
+        .transpose()
 }
 
 /// The campaign row, no lock (in a snapshot).
@@ -63,7 +96,55 @@ pub(crate) fn insert_user_coupons(
     users: &[i64],
     issued_at: NaiveDateTime,
 ) -> Result<Vec<i64>> {
-    let rows: Vec<NewUserCoupon> = users
+    let rows = new_rows((campaign_id, coupon_id), users, issued_at);
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    InsertRows(&rows).execute(conn)?;
+    inserted_ids(conn, order, users.len(), None, |conn| {
+        let held = holders(conn, coupon_id, users)?;
+        Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
+    })
+}
+
+/// Writes a coupon of the campaign for each of `users` with ONE `INSERT` (UNIQUE(user_id,
+/// coupon_id) refuses a holder) and reads nothing back: the ids of the new rows follow from the
+/// first one, which [`lock_campaign_after_insert`] reads (see [`user_coupon_ids`]).
+pub(crate) fn write_user_coupons(
+    conn: &mut MysqlConnection,
+    (campaign_id, coupon_id): (i64, i64),
+    users: &[i64],
+    issued_at: NaiveDateTime,
+) -> Result<()> {
+    let rows = new_rows((campaign_id, coupon_id), users, issued_at);
+    if !rows.is_empty() {
+        InsertRows(&rows).execute(conn)?;
+    }
+    Ok(())
+}
+
+/// The ids of the coupons [`write_user_coupons`] wrote for `users` (in their order), the first
+/// of them being `first`: consecutive where the server numbers one INSERT's rows so, else read
+/// back through the unique index (see [`inserted_ids`]).
+pub(crate) fn user_coupon_ids(
+    conn: &mut MysqlConnection,
+    order: InsertIds,
+    coupon_id: i64,
+    users: &[i64],
+    first: i64,
+) -> Result<Vec<i64>> {
+    inserted_ids(conn, Some(order), users.len(), Some(first), |conn| {
+        let held = holders(conn, coupon_id, users)?;
+        Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
+    })
+}
+
+fn new_rows(
+    (campaign_id, coupon_id): (i64, i64),
+    users: &[i64],
+    issued_at: NaiveDateTime,
+) -> Vec<NewUserCoupon> {
+    users
         .iter()
         .map(|&user_id| NewUserCoupon {
             user_id,
@@ -72,15 +153,7 @@ pub(crate) fn insert_user_coupons(
             status: CouponStatus::Issued.as_str(),
             issued_at,
         })
-        .collect();
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    InsertRows(&rows).execute(conn)?;
-    inserted_ids(conn, order, users.len(), |conn| {
-        let held = holders(conn, coupon_id, users)?;
-        Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
-    })
+        .collect()
 }
 
 /// A `user_coupon` row to write.

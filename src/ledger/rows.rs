@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{insert_row, HeldFunds, InsertRows, SetBalance, SetHoldEnded};
-use crate::txn::InsertIds;
+use crate::txn::{locking_read, InsertIds};
 use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
 
@@ -144,19 +144,22 @@ impl Account {
 /// hot row, through the primary key (one record lock). `None`: no account. When the account
 /// has active holds, [`HeldFunds`] then reads the server clock and sums those not yet expired
 /// on it (a range of the `(user_id, state, expires_at)` index that only transactions holding
-/// this row lock write to).
+/// this row lock write to). In a combiner's batch a refusal is sent again while it can be the
+/// account's previous batch committing, and polled briefly otherwise ([`locking_read`]).
 pub(crate) fn lock_account(conn: &mut MysqlConnection, user_id: i64) -> Result<Option<Account>> {
-    let row: Option<(Decimal, Decimal, i64)> = user_balance::table
-        .find(user_id)
-        .select((
-            user_balance::balance,
-            user_balance::held,
-            user_balance::version,
-        ))
-        .for_update()
-        .no_wait()
-        .first(conn)
-        .optional()?;
+    let row: Option<(Decimal, Decimal, i64)> = locking_read(conn, |conn| {
+        user_balance::table
+            .find(user_id)
+            .select((
+                user_balance::balance,
+                user_balance::held,
+                user_balance::version,
+            ))
+            .for_update()
+            .no_wait()
+            .first(conn)
+            .optional()
+    })?;
     let Some((balance, held, version)) = row else {
         return Ok(None);
     };
@@ -301,7 +304,7 @@ pub(crate) fn insert_entries(
         return Ok(Vec::new());
     }
     InsertRows(rows).execute(conn)?;
-    let ids = inserted_ids(conn, order, rows.len(), |conn| {
+    let ids = inserted_ids(conn, order, rows.len(), None, |conn| {
         let keys: Vec<&str> = rows.iter().filter_map(|row| row.idempotency_key).collect();
         let stored = journal_rows(conn, rows[0].user_id, &keys)?;
         Ok(keys

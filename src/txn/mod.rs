@@ -5,7 +5,8 @@
 //! 2. saves the caller's session variables and sets its own in one atomic `SET` (or, on a
 //!    connection that carries them already, only `SET TRANSACTION ISOLATION LEVEL ...`), then
 //!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch,
-//! 3. runs the body, then COMMIT (a cached prepared statement: one round trip); any error — or
+//! 3. runs the body, then COMMIT (a cached prepared statement: one round trip; in a combiner's
+//!    batch the key's turn is handed on just before it is sent, see the `combine` module); any error — or
 //!    a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its NOWAIT
 //!    refusal, 1205) rolls back only the statement, so the runner must not continue it,
 //! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
@@ -65,6 +66,7 @@
 //! Linux only (x86_64 and aarch64). Elsewhere nothing is armed and a call waits as long as the
 //! server does.
 
+mod handoff;
 mod policy;
 mod session;
 #[cfg(test)]
@@ -72,6 +74,7 @@ mod tests;
 mod transaction;
 mod watchdog;
 
+pub(crate) use handoff::{locking_read, with_handoff, Handoff};
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 use session::{carries_settings, set_primed, take_primed};

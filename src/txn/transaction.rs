@@ -75,7 +75,7 @@ pub(super) fn run_transaction<T>(
         Ok::<T, Error>(value)
     }));
     match outcome {
-        Ok(Ok(value)) => match Commit.execute(conn) {
+        Ok(Ok(value)) => match commit(conn, begin) {
             Ok(_) => {
                 // Committed: whatever happens now, the answer is the value.
                 if let Some(restore) = begin.restore {
@@ -103,6 +103,18 @@ pub(super) fn run_transaction<T>(
             std::panic::resume_unwind(panic)
         }
     }
+}
+
+/// COMMIT; a write's tells a combiner's handoff (see [`handoff`](super::handoff)) before it
+/// is sent and once it answered — not a Galera-guarded one, whose turn is handed on after it.
+fn commit(conn: &mut MysqlConnection, begin: Begin<'_>) -> diesel::QueryResult<usize> {
+    if begin.read_only || begin.savepoint {
+        return Commit.execute(conn);
+    }
+    super::handoff::before_commit();
+    let committed = Commit.execute(conn);
+    super::handoff::after_commit();
+    committed
 }
 
 /// The setup statements, `BEGIN` and the savepoint of `begin`: on success a transaction is

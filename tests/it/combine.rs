@@ -418,3 +418,62 @@ fn combining_hands_connections_back_without_an_open_transaction() {
         assert_eq!(isolation, "REPEATABLE-READ");
     }
 }
+
+/// Holds the campaign row of `campaign` on a connection of its own (`BEGIN`, `FOR UPDATE`) and
+/// commits `hold` after `start` is released; returns when it has committed.
+fn hold_campaign_row(
+    url: &str,
+    campaign: i64,
+    start: Arc<Barrier>,
+    hold: std::time::Duration,
+) -> thread::JoinHandle<()> {
+    let mut holder = lockstock_testkit::fixtures::connect(url);
+    thread::spawn(move || {
+        use diesel::connection::SimpleConnection;
+        holder.batch_execute("BEGIN").expect("begin");
+        let _: i32 = fcfs_coupon::table
+            .find(campaign)
+            .select(fcfs_coupon::stock_quantity)
+            .for_update()
+            .first(&mut holder)
+            .expect("lock the campaign row");
+        start.wait();
+        thread::sleep(hold);
+        holder.batch_execute("COMMIT").expect("commit");
+    })
+}
+
+/// A combined batch whose hot row another transaction holds for a moment polls it with NOWAIT
+/// (only the statement is refused) instead of failing its transaction: with a policy that
+/// never retries a transaction, a 2 ms hold is waited out — and a hold longer than the poll
+/// budget is still refused (`Contended`, nothing applied), never waited for in the server.
+#[test]
+fn a_combined_batch_polls_a_row_held_for_a_moment_and_gives_up_on_a_long_hold() {
+    let (url, mut conn) = fresh_database("combine_polls");
+    let setup = CouponIssuer::new();
+    let campaign = open_campaign(&mut conn, &setup, 10).id;
+    let policy = lockstock::TxnPolicy::default().with_retry(lockstock::RetryPolicy::no_retry());
+    let hot = CombiningIssuer::new(pool(&url, 2), CouponIssuer::with_policy(policy));
+    // Facts cached, connections warm: the next issue goes straight to its statements.
+    hot.issue(1, campaign).expect("a first coupon");
+
+    // User `user` asks while another transaction holds the campaign row for `millis`.
+    let issue_while_held = |user: i64, millis: u64| {
+        let start = Arc::new(Barrier::new(2));
+        let hold = std::time::Duration::from_millis(millis);
+        let holder = hold_campaign_row(&url, campaign, start.clone(), hold);
+        start.wait();
+        let answer = hot.issue(user, campaign);
+        holder.join().expect("holder");
+        answer
+    };
+    let polled = issue_while_held(2, 2);
+    assert!(polled.is_ok(), "a 2 ms hold failed the batch: {polled:?}");
+    let refused = issue_while_held(3, 300);
+    assert!(
+        matches!(refused, Err(Error::Contended { .. })),
+        "a 300 ms hold: {refused:?}"
+    );
+    let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
+    assert_eq!((rows, stock, duplicates), (2, 8, 0), "users 1 and 2 only");
+}
