@@ -40,9 +40,9 @@ pub(crate) trait Handoff {
 }
 
 /// The first pause between two polls of a row held elsewhere.
-const POLL_FIRST: Duration = Duration::from_micros(30);
+const POLL_FIRST: Duration = Duration::from_micros(50);
 /// The longest pause between two polls.
-const POLL_MAX: Duration = Duration::from_micros(150);
+const POLL_MAX: Duration = Duration::from_micros(400);
 
 std::thread_local! {
     static HANDOFF: RefCell<Option<Rc<dyn Handoff>>> = const { RefCell::new(None) };
