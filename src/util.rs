@@ -29,7 +29,11 @@ pub(crate) fn to_micros(at: NaiveDateTime) -> NaiveDateTime {
 
 /// The id of the first row the last INSERT on this connection created.
 pub(crate) fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
-    let id: u64 = diesel::select(last_insert_id()).get_result(conn)?;
+    row_id(diesel::select(last_insert_id()).get_result(conn)?)
+}
+
+/// `LAST_INSERT_ID()`'s unsigned value as a row id.
+pub(crate) fn row_id(id: u64) -> Result<i64> {
     i64::try_from(id)
         .map_err(|e| Error::from(diesel::result::Error::DeserializationError(e.into())))
 }

@@ -153,9 +153,13 @@ impl CouponIssuer {
                     return Err(Error::internal("holders needed"));
                 }
                 let new_ids = match early {
-                    Some(written) if written == winners => {
-                        user_coupon_ids(conn, insert_ids, coupon_id, &winners, first_id)?
-                    }
+                    Some(written) if written == winners => user_coupon_ids(
+                        conn,
+                        Some(insert_ids),
+                        coupon_id,
+                        &winners,
+                        Some(first_id),
+                    )?,
                     // The stock runs out in this batch: written for too many; again with the
                     // stock read first.
                     Some(_) => {

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{insert_row, InsertRows, SetStock};
 use crate::txn::{locking_read, InsertIds};
-use crate::util::{inserted_ids, last_insert_id, locked_row};
+use crate::util::{inserted_ids, last_insert_id, locked_row, row_id};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
 /// fcfs_coupon WHERE id = ?`: the campaign row through its primary key.
@@ -64,12 +64,7 @@ pub(crate) fn lock_campaign_after_insert(
             .optional()
     })?;
     locked
-        .map(|(campaign, first)| {
-            let first = i64::try_from(first).map_err(|_| {
-                Error::internal(format!("LAST_INSERT_ID() {first} is out of range"))
-            })?;
-            Ok((campaign, first))
-        })
+        .map(|(campaign, first)| Ok((campaign, row_id(first)?)))
         .transpose()
 }
 
@@ -96,15 +91,8 @@ pub(crate) fn insert_user_coupons(
     users: &[i64],
     issued_at: NaiveDateTime,
 ) -> Result<Vec<i64>> {
-    let rows = new_rows((campaign_id, coupon_id), users, issued_at);
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    InsertRows(&rows).execute(conn)?;
-    inserted_ids(conn, order, users.len(), None, |conn| {
-        let held = holders(conn, coupon_id, users)?;
-        Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
-    })
+    write_user_coupons(conn, (campaign_id, coupon_id), users, issued_at)?;
+    user_coupon_ids(conn, order, coupon_id, users, None)
 }
 
 /// Writes a coupon of the campaign for each of `users` with ONE `INSERT` (UNIQUE(user_id,
@@ -123,17 +111,18 @@ pub(crate) fn write_user_coupons(
     Ok(())
 }
 
-/// The ids of the coupons [`write_user_coupons`] wrote for `users` (in their order), the first
-/// of them being `first`: consecutive where the server numbers one INSERT's rows so, else read
-/// back through the unique index (see [`inserted_ids`]).
+/// The ids of the coupons [`write_user_coupons`] just wrote for `users` (in their order), the
+/// first of them being `first` where it was read already (else `LAST_INSERT_ID()` is asked):
+/// consecutive where the server numbers one INSERT's rows so, else read back through the unique
+/// index (see [`inserted_ids`]).
 pub(crate) fn user_coupon_ids(
     conn: &mut MysqlConnection,
-    order: InsertIds,
+    order: Option<InsertIds>,
     coupon_id: i64,
     users: &[i64],
-    first: i64,
+    first: Option<i64>,
 ) -> Result<Vec<i64>> {
-    inserted_ids(conn, Some(order), users.len(), Some(first), |conn| {
+    inserted_ids(conn, order, users.len(), first, |conn| {
         let held = holders(conn, coupon_id, users)?;
         Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
     })
