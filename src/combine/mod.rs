@@ -25,7 +25,7 @@
 //! answers are on the hot row's critical path. The next batch's `FOR UPDATE NOWAIT` can reach
 //! the server just before that COMMIT does: such a refusal (only the statement is rolled back)
 //! is sent again at once, and a refusal while no batch of the key is committing — another
-//! process, or any other transaction, holds the row — is polled a few times (50 to 400 µs
+//! process, or any other transaction, holds the row — is polled a few times (50 to 150 µs
 //! apart, at most 3 ms or a quarter of the time the batch has left) before the runner rolls
 //! back and retries as always ([`locking_read`](crate::txn)). At 64 clients this halves the
 //! batches (about 31 requests instead of 54: the callers of one batch are still being answered
@@ -36,6 +36,12 @@
 //! retried by the runner like any other; if it still fails before committing, every caller in it
 //! gets a copy of the typed error (nothing applied, or for [`Error::OutcomeUnknown`] all or none).
 //! Once a batch has committed, every caller gets its own answer.
+//!
+//! After a batch of a key met a refusal of another process, the key's next leaders linger before
+//! forming their batch (from 200 µs, doubled per refused batch up to 2 ms, halved per calm one,
+//! at most an eighth of the time any queued caller has left), and stop as soon as as many
+//! requests are queued as the key's recent batches held: between processes a batch pays the
+//! wait for the row once, so it should carry every request its process has.
 //!
 //! Each caller has ONE [`Deadline`], fixed when it submits, for everything its call goes through:
 //! the queue, the pool checkout (`get_timeout` with the time left) and the batch transaction. A
@@ -81,6 +87,10 @@ const LINGER_STEP: Duration = Duration::from_micros(200);
 const LINGER_MAX: Duration = Duration::from_millis(2);
 /// A linger is at most this fraction (1 / n) of the time the queued requests have left.
 const LINGER_SHARE: u32 = 8;
+/// How often a lingering leader looks whether its batch is full.
+const LINGER_CHECK: Duration = Duration::from_micros(50);
+/// The usual batch size of a lane forgets a larger batch by 1 / n per batch.
+const USUAL_DECAY: usize = 16;
 /// A lane's linger is forgotten this long after its last refused batch.
 const LINGER_MEMORY: Duration = Duration::from_secs(1);
 
@@ -132,6 +142,9 @@ struct Lane<Req, Resp> {
     /// a batch of this key last met a refusal.
     linger: Duration,
     refused_at: Option<Instant>,
+    /// The size of this key's recent batches (the largest, decaying by 1 / [`USUAL_DECAY`] a
+    /// batch): a lingering leader stops once that many requests are queued.
+    usual: usize,
 }
 
 impl<Req, Resp> Default for Lane<Req, Resp> {
@@ -142,6 +155,7 @@ impl<Req, Resp> Default for Lane<Req, Resp> {
             turn: Arc::default(),
             linger: Duration::ZERO,
             refused_at: None,
+            usual: 0,
         }
     }
 }
@@ -379,9 +393,20 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 lane.linger_for(deadline, self.max_batch)
             });
             if !linger.is_zero() {
-                drop(lanes);
-                std::thread::sleep(linger);
-                lanes = lock(&self.lanes);
+                // Until the batch is as large as the key's recent ones, or the linger is over.
+                let until = Instant::now() + linger;
+                loop {
+                    let full = lanes
+                        .get(key)
+                        .map_or(true, |lane| lane.queue.len() >= lane.usual.max(1));
+                    let left = until.saturating_duration_since(Instant::now());
+                    if full || left.is_zero() {
+                        break;
+                    }
+                    drop(lanes);
+                    std::thread::sleep(left.min(LINGER_CHECK));
+                    lanes = lock(&self.lanes);
+                }
             }
         }
         let lane = lanes.entry(key.clone()).or_default();
@@ -483,6 +508,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 if let Some(refused) = refused {
                     lane.adapt(refused);
                 }
+                lane.usual = count.max(lane.usual - lane.usual / USUAL_DECAY);
                 if lane.forgettable() {
                     lanes.remove(key);
                 }

@@ -246,6 +246,27 @@ fn a_refused_batch_makes_the_next_leaders_linger_and_calm_batches_end_it() {
 }
 
 #[test]
+fn a_lingering_leader_stops_once_its_batch_is_as_large_as_the_usual_one() {
+    let combiner = Doubler::new(8);
+    let deadline = || within(Duration::from_secs(5));
+    // One caller, every batch refused: the linger at its cap, the usual batch one request.
+    for _ in 0..8 {
+        assert!(observed(&combiner, 0, 1, deadline(), refused_doubled).is_ok());
+    }
+    assert_eq!(linger_of(&combiner, 0), Some(LINGER_MAX));
+    // A batch that is full already (the one caller is queued) does not wait out the linger.
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        assert!(observed(&combiner, 0, 1, deadline(), refused_doubled).is_ok());
+    }
+    assert!(
+        started.elapsed() < LINGER_MAX * 10,
+        "20 batches of the usual size took {:?}: they lingered",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn a_linger_never_takes_more_than_a_share_of_any_queued_deadline() {
     let mut lane: Lane<u64, u64> = Lane {
         linger: LINGER_MAX,

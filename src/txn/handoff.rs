@@ -42,7 +42,7 @@ pub(crate) trait Handoff {
 /// The first pause between two polls of a row held elsewhere.
 const POLL_FIRST: Duration = Duration::from_micros(50);
 /// The longest pause between two polls.
-const POLL_MAX: Duration = Duration::from_micros(400);
+const POLL_MAX: Duration = Duration::from_micros(150);
 
 std::thread_local! {
     static HANDOFF: RefCell<Option<Rc<dyn Handoff>>> = const { RefCell::new(None) };
@@ -87,7 +87,7 @@ pub(super) fn after_commit() {
 /// - at once, while the refusal can be the in-process predecessor's COMMIT not having reached
 ///   the server yet (see the module docs);
 /// - otherwise (another process's batch, or any other transaction, holds the row) after a
-///   pause that starts at 50 µs and doubles up to 400 µs, for at most the handoff's
+///   pause that starts at 50 µs and doubles up to 150 µs, for at most the handoff's
 ///   [`poll_budget`](Handoff::poll_budget) — a batch holds the row for well under a
 ///   millisecond, and a whole-transaction retry (ROLLBACK, backoff, the transaction again)
 ///   would leave the row idle for longer than that. Once the budget is spent the refusal goes
