@@ -176,6 +176,34 @@ impl QueryFragment<Mysql> for PreparedSql<'_> {
 
 impl RunQueryDsl<MysqlConnection> for PreparedSql<'_> {}
 
+/// `SET STATEMENT max_statement_time = <s> FOR <query>` (MariaDB): `query`, a locking read
+/// without NOWAIT, waits for its row in the server for at most the time limit, then fails with
+/// 1969 — only the statement is rolled back. `limit` is one of a few constant prefixes (see
+/// [`Lock::Wait`](crate::txn::Lock)), so each (query, limit) is one cached prepared statement.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WaitAtMost<Q> {
+    pub(crate) limit: &'static str,
+    pub(crate) query: Q,
+}
+
+impl<Q: Query> Query for WaitAtMost<Q> {
+    type SqlType = Q::SqlType;
+}
+
+impl<Q> QueryId for WaitAtMost<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for WaitAtMost<Q> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql(self.limit);
+        self.query.walk_ast(out.reborrow())
+    }
+}
+
+impl<Q> RunQueryDsl<MysqlConnection> for WaitAtMost<Q> {}
+
 /// The most rows a multi-row INSERT may have and still be a cached prepared statement: one is
 /// cached per row count (and table) up to this, so a connection holds at most this many per
 /// table; a larger INSERT is prepared, run and closed each time (one round trip more).

@@ -18,7 +18,7 @@ use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{insert_row, InsertRows, SetStock};
-use crate::txn::{locking_read, InsertIds};
+use crate::txn::{locking_read, Holding, InsertIds, Lock};
 use crate::util::{inserted_ids, last_insert_id, locked_row, row_id};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
@@ -36,14 +36,16 @@ fn campaign_row(campaign_id: i64) -> CampaignRow {
 /// in the same read (no extra round trip) the facts the cached ones are checked against.
 /// Restocks, and batches whose stock runs out inside them, lock it with this statement; issues
 /// with [`lock_campaign_after_insert`]. In a combiner's batch a refusal is sent again while it
-/// can be the key's previous batch committing, and polled briefly otherwise ([`locking_read`]).
+/// can be the key's previous batch committing, and polled for a few milliseconds otherwise
+/// ([`locking_read`]: every transaction that locks it holds rows already — its coupons, or the
+/// coupon it redeems or restores — so it never waits).
 pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
-    Ok(locking_read(conn, |conn| {
-        campaign_row(id)
-            .for_update()
-            .no_wait()
-            .first(conn)
-            .optional()
+    Ok(locking_read(conn, Holding::Locks, |conn, lock| {
+        let read = campaign_row(id).for_update();
+        match lock {
+            Lock::NoWait => read.no_wait().first(conn).optional(),
+            Lock::Wait(wait) => wait.bound(read).get_result(conn).optional(),
+        }
     })?)
 }
 
@@ -54,14 +56,15 @@ pub(crate) fn lock_campaign_after_insert(
     conn: &mut MysqlConnection,
     id: i64,
 ) -> Result<Option<(Campaign, i64)>> {
-    let locked: Option<(Campaign, u64)> = locking_read(conn, |conn| {
-        fcfs_coupon::table
+    let locked: Option<(Campaign, u64)> = locking_read(conn, Holding::Locks, |conn, lock| {
+        let read = fcfs_coupon::table
             .find(id)
             .select((Campaign::as_select(), last_insert_id()))
-            .for_update()
-            .no_wait()
-            .first(conn)
-            .optional()
+            .for_update();
+        match lock {
+            Lock::NoWait => read.no_wait().first(conn).optional(),
+            Lock::Wait(wait) => wait.bound(read).get_result(conn).optional(),
+        }
     })?;
     locked
         .map(|(campaign, first)| Ok((campaign, row_id(first)?)))

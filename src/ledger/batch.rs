@@ -20,7 +20,7 @@ use super::types::{AccountOp, Entry, Hold};
 use super::BalanceLedger;
 use crate::error::{Error, Result, ServerError, ServerErrorKind};
 use crate::records::{EntryKind, HoldState};
-use crate::txn::{Deadline, InsertIds};
+use crate::txn::{Deadline, Holding, InsertIds};
 use crate::util::now;
 
 /// What the batch transaction decided for one request.
@@ -206,7 +206,7 @@ impl BalanceLedger {
             let missing = *account_was_missing;
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 let insert_ids = self.runner.insert_ids(conn)?;
-                let Some(mut account) = lock_account(conn, user_id)? else {
+                let Some(mut account) = lock_account(conn, user_id, Holding::Nothing)? else {
                     return Ok(Step::CreateAccount(user_id));
                 };
                 let ended: Vec<i64> = pending

@@ -70,7 +70,7 @@ use super::BalanceLedger;
 use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::balance_hold;
-use crate::txn::Deadline;
+use crate::txn::{Deadline, Holding};
 use crate::util::now;
 use crate::validate::{validate_amount, validate_id, validate_key};
 
@@ -244,9 +244,11 @@ impl BalanceLedger {
         };
         let hash = request.hash();
         self.single_entry(conn, &request, deadline, |conn| {
-            let mut account = lock_account(conn, hold.user_id)?.ok_or(Error::AccountNotFound {
-                user_id: hold.user_id,
-            })?;
+            let mut account = lock_account(conn, hold.user_id, Holding::Nothing)?.ok_or(
+                Error::AccountNotFound {
+                    user_id: hold.user_id,
+                },
+            )?;
             let locked = lock_holds(conn, &[hold_id])?;
             let locked = locked.first().ok_or(Error::HoldNotFound { hold_id })?;
             let now = account.clock(conn)?;
@@ -336,7 +338,7 @@ fn expire_on_account(
     user_id: i64,
     hold_ids: &[i64],
 ) -> Result<Vec<Entry>> {
-    let Some(mut account) = lock_account(conn, user_id)? else {
+    let Some(mut account) = lock_account(conn, user_id, Holding::Nothing)? else {
         return Ok(Vec::new());
     };
     let clock = account.clock(conn)?;

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::records::EntryKind;
 use crate::schema::balance_history;
 use crate::statements::SetRefunded;
-use crate::txn::Deadline;
+use crate::txn::{Deadline, Holding};
 use crate::util::now;
 use crate::validate::{validate_amount, validate_id, validate_key};
 
@@ -144,7 +144,7 @@ impl BalanceLedger {
         let (kind, user_id) = (request.kind, request.user_id);
         let hash = request.hash();
         self.single_entry(conn, request, deadline, |conn| {
-            let Some(account) = lock_account(conn, user_id)? else {
+            let Some(account) = lock_account(conn, user_id, Holding::Nothing)? else {
                 return if kind == EntryKind::Charge {
                     Ok(Step::CreateAccount(user_id))
                 } else {
@@ -232,9 +232,11 @@ impl BalanceLedger {
         }
         let hash = request.hash();
         self.single_entry(conn, &request, deadline, |conn| {
-            let account = lock_account(conn, original.user_id)?.ok_or(Error::AccountNotFound {
-                user_id: original.user_id,
-            })?;
+            let account = lock_account(conn, original.user_id, Holding::Nothing)?.ok_or(
+                Error::AccountNotFound {
+                    user_id: original.user_id,
+                },
+            )?;
             let deduct = lock_entry(conn, deduct_entry_id)?;
             if deduct.refunded_amount + amount > deduct.amount {
                 return Err(Error::RefundExceedsDeduct {
@@ -314,8 +316,8 @@ impl BalanceLedger {
         let (out_hash, in_hash) = (request.hash(), incoming.hash());
         let attempt = |conn: &mut MysqlConnection| {
             let (first, second) = (from.min(to), from.max(to));
-            let first_row = lock_account(conn, first)?;
-            let second_row = lock_account(conn, second)?;
+            let first_row = lock_account(conn, first, Holding::Nothing)?;
+            let second_row = lock_account(conn, second, Holding::Locks)?;
             let (sender, receiver) = if first == from {
                 (first_row, second_row)
             } else {

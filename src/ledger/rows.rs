@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{insert_row, HeldFunds, InsertRows, SetBalance, SetHoldEnded};
-use crate::txn::{locking_read, InsertIds};
+use crate::txn::{locking_read, Holding, InsertIds, Lock};
 use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
 
@@ -145,20 +145,27 @@ impl Account {
 /// has active holds, [`HeldFunds`] then reads the server clock and sums those not yet expired
 /// on it (a range of the `(user_id, state, expires_at)` index that only transactions holding
 /// this row lock write to). In a combiner's batch a refusal is sent again while it can be the
-/// account's previous batch committing, and polled briefly otherwise ([`locking_read`]).
-pub(crate) fn lock_account(conn: &mut MysqlConnection, user_id: i64) -> Result<Option<Account>> {
-    let row: Option<(Decimal, Decimal, i64)> = locking_read(conn, |conn| {
-        user_balance::table
+/// account's previous batch committing, and otherwise — when it is the transaction's first
+/// lock (`holding`), as in every combined operation — waited out in the server for a few
+/// milliseconds at most ([`locking_read`]).
+pub(crate) fn lock_account(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    holding: Holding,
+) -> Result<Option<Account>> {
+    let row: Option<(Decimal, Decimal, i64)> = locking_read(conn, holding, |conn, lock| {
+        let read = user_balance::table
             .find(user_id)
             .select((
                 user_balance::balance,
                 user_balance::held,
                 user_balance::version,
             ))
-            .for_update()
-            .no_wait()
-            .first(conn)
-            .optional()
+            .for_update();
+        match lock {
+            Lock::NoWait => read.no_wait().first(conn).optional(),
+            Lock::Wait(wait) => wait.bound(read).get_result(conn).optional(),
+        }
     })?;
     let Some((balance, held, version)) = row else {
         return Ok(None);

@@ -8,20 +8,24 @@
 //! COMMIT did: that refusal is the in-process predecessor's, not contention, so the locking
 //! read is sent again at once ([`locking_read`]) — only the statement was rolled back — for as
 //! long as a predecessor of the key was committing when it was sent. A refusal with no
-//! predecessor committing is a real one and goes to the runner as always (rollback, backoff,
-//! retry).
+//! predecessor committing is another process's batch (or any other transaction) holding the
+//! row: a transaction that holds nothing yet waits for it in the server for a few milliseconds
+//! at most, one that holds rows polls it (see [`locking_read`]); if the row stays taken, the
+//! refusal goes to the runner as always (rollback, backoff, retry).
 //!
 //! The handoff is installed for the calling thread by the combiner around a batch
 //! ([`with_handoff`]); elsewhere nothing of this runs.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use diesel::mysql::MysqlConnection;
 use diesel::QueryResult;
 
+use super::ServerFlavor;
 use crate::error::{classify_kind, ServerErrorKind};
+use crate::statements::WaitAtMost;
 
 /// What a combiner's batch does around its COMMIT, and what its locking reads ask.
 pub(crate) trait Handoff {
@@ -32,14 +36,14 @@ pub(crate) trait Handoff {
     /// Whether a batch of the same key before this one is still committing (it may still hold
     /// the hot row for the few microseconds until its COMMIT reaches the server).
     fn predecessor_committing(&self) -> bool;
-    /// How long, from its first refusal, the locking read may poll a row held by another
-    /// process (see [`locking_read`]); zero: not at all.
-    fn poll_budget(&self) -> Duration;
+    /// How long, from its first refusal, the locking read may wait for a row held by another
+    /// process (see [`locking_read`]); below a millisecond: not at all.
+    fn wait_budget(&self) -> Duration;
     /// The locking read met a refusal that was not the in-process predecessor's.
     fn refused(&self);
 }
 
-/// The first pause between two polls of a row held elsewhere.
+/// The first pause between two polls of a row held elsewhere (MySQL).
 const POLL_FIRST: Duration = Duration::from_micros(50);
 /// The longest pause between two polls.
 const POLL_MAX: Duration = Duration::from_micros(150);
@@ -81,31 +85,117 @@ pub(super) fn after_commit() {
     }
 }
 
-/// Runs the hot row's locking read `read` (a `FOR UPDATE NOWAIT`). Outside a combiner's batch,
-/// once. In a batch, a refusal is answered by sending the statement again — only it was rolled
-/// back, the transaction goes on:
-/// - at once, while the refusal can be the in-process predecessor's COMMIT not having reached
-///   the server yet (see the module docs);
-/// - otherwise (another process's batch, or any other transaction, holds the row) after a
-///   pause that starts at 50 µs and doubles up to 150 µs, for at most the handoff's
-///   [`poll_budget`](Handoff::poll_budget) — a batch holds the row for well under a
-///   millisecond, and a whole-transaction retry (ROLLBACK, backoff, the transaction again)
-///   would leave the row idle for longer than that. Once the budget is spent the refusal goes
-///   to the runner, which rolls back and retries as always.
+/// What the transaction holds when it sends its hot row's locking read: only a transaction that
+/// holds nothing may wait for the row — it cannot be part of a deadlock, where one that holds
+/// rows (rows it inserted included) and waits could close a cycle with the row's holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holding {
+    /// The read is the transaction's first locking statement.
+    Nothing,
+    /// The transaction has locked or written rows before.
+    Locks,
+}
+
+/// How the hot row's locking read is sent ([`locking_read`] chooses).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lock {
+    /// `... FOR UPDATE NOWAIT`.
+    NoWait,
+    /// `SET STATEMENT max_statement_time = <limit> FOR ... FOR UPDATE`: the read waits for its
+    /// row in the server, for at most the limit (see [`Wait::bound`]).
+    Wait(Wait),
+}
+
+/// A bounded server-side wait for a row: one of a few constant time limits, so that each
+/// locking read and limit is one cached prepared statement.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wait {
+    limit: &'static str,
+}
+
+/// The time limits a locking read may wait for its row, longest first.
+const WAITS: [(Duration, &str); 3] = [
+    (
+        Duration::from_millis(8),
+        "SET STATEMENT max_statement_time = 0.008 FOR ",
+    ),
+    (
+        Duration::from_millis(3),
+        "SET STATEMENT max_statement_time = 0.003 FOR ",
+    ),
+    (
+        Duration::from_millis(1),
+        "SET STATEMENT max_statement_time = 0.001 FOR ",
+    ),
+];
+
+impl Wait {
+    /// The longest wait within `budget`; `None` below a millisecond.
+    fn within(budget: Duration) -> Option<Self> {
+        WAITS
+            .iter()
+            .find(|(limit, _)| *limit <= budget)
+            .map(|(_, limit)| Self { limit })
+    }
+
+    /// `query` (a locking read without NOWAIT) waiting for its row at most this long.
+    pub(crate) fn bound<Q>(self, query: Q) -> WaitAtMost<Q> {
+        WaitAtMost {
+            limit: self.limit,
+            query,
+        }
+    }
+}
+
+std::thread_local! {
+    /// Whether the server of the calling thread's current transaction bounds one statement's
+    /// time (MariaDB's `SET STATEMENT max_statement_time = ... FOR`), set as the runner begins.
+    static BOUNDED_WAITS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Notes, as a transaction begins on `flavor`, whether its locking reads can wait in the server
+/// for a bounded time.
+pub(super) fn note_server(flavor: ServerFlavor) {
+    BOUNDED_WAITS.with(|w| w.set(flavor == ServerFlavor::MariaDb));
+}
+
+/// Runs the hot row's locking read `read`, first as `FOR UPDATE NOWAIT` ([`Lock::NoWait`]).
+/// Outside a combiner's batch, once. In a batch, a refusal is answered — only the statement was
+/// rolled back, the transaction goes on:
+/// - while the refusal can be the in-process predecessor's COMMIT not having reached the server
+///   yet (see the module docs), by sending the NOWAIT read again at once;
+/// - otherwise (another process's batch, or any other transaction, holds the row), if the
+///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) and the server is
+///   MariaDB, by waiting for the row IN THE SERVER, once, for at most the handoff's
+///   [`wait_budget`](Handoff::wait_budget) rounded down to 8, 3 or 1 ms ([`Lock::Wait`]): the
+///   server hands the row over the moment its holder commits, where polling found it free only
+///   at its next try and loaded the server with refusals meanwhile. A batch holds the row for
+///   well under a millisecond, and a whole-transaction retry (ROLLBACK, backoff, the
+///   transaction again) would leave the row idle for longer than that. The batch's leader is
+///   the only waiter its process sends for the key, so at most one waiter per process queues
+///   on the row, and the wait is bounded by the statement time limit, not by
+///   `innodb_lock_wait_timeout`. A transaction that waits holds no lock, so it can never close
+///   a deadlock cycle: NOWAIT's promise. A transaction that holds rows already (a coupon batch
+///   has inserted its coupons; [`Holding::Locks`]), and any on MySQL, which has no such bound,
+///   polls the NOWAIT read instead (a pause from 50 µs doubling to 150 µs) within the same
+///   budget.
 ///
-/// Any other answer — the row, another error — is returned as it is.
+/// When the wait (or the polling) ends without the row, the first refusal goes to the runner,
+/// which rolls back and retries as always. Any other answer — the row, another error — is
+/// returned as it is.
 pub(crate) fn locking_read<T>(
     conn: &mut MysqlConnection,
-    mut read: impl FnMut(&mut MysqlConnection) -> QueryResult<T>,
+    holding: Holding,
+    mut read: impl FnMut(&mut MysqlConnection, Lock) -> QueryResult<T>,
 ) -> QueryResult<T> {
     let Some(handoff) = installed() else {
-        return read(conn);
+        return read(conn, Lock::NoWait);
     };
     let mut first_refusal: Option<(Instant, Duration)> = None;
     let mut pause = POLL_FIRST;
     loop {
         let predecessor = handoff.predecessor_committing();
-        match read(conn) {
+        match read(conn, Lock::NoWait) {
             Err(e) if is_refusal(&e) => {
                 if predecessor {
                     std::thread::yield_now();
@@ -113,7 +203,16 @@ pub(crate) fn locking_read<T>(
                 }
                 handoff.refused();
                 let (since, budget) =
-                    *first_refusal.get_or_insert_with(|| (Instant::now(), handoff.poll_budget()));
+                    *first_refusal.get_or_insert_with(|| (Instant::now(), handoff.wait_budget()));
+                if holding == Holding::Nothing && BOUNDED_WAITS.with(Cell::get) {
+                    let Some(wait) = Wait::within(budget) else {
+                        return Err(e);
+                    };
+                    return match read(conn, Lock::Wait(wait)) {
+                        Err(waited) if is_refusal(&waited) || is_time_limit(&waited) => Err(e),
+                        answer => answer,
+                    };
+                }
                 if since.elapsed() + pause > budget {
                     return Err(e);
                 }
@@ -123,6 +222,10 @@ pub(crate) fn locking_read<T>(
             answer => return answer,
         }
     }
+}
+
+fn is_time_limit(error: &diesel::result::Error) -> bool {
+    classify_kind(error) == ServerErrorKind::StatementTimeout
 }
 
 fn is_refusal(error: &diesel::result::Error) -> bool {

@@ -74,7 +74,7 @@ mod tests;
 mod transaction;
 mod watchdog;
 
-pub(crate) use handoff::{locking_read, with_handoff, Handoff};
+pub(crate) use handoff::{locking_read, with_handoff, Handoff, Holding, Lock};
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 use session::{carries_settings, set_primed, take_primed};
@@ -521,6 +521,7 @@ impl TxnRunner {
                 self.sql.get_or_init(|| built)
             }
         };
+        handoff::note_server(sql.flavor);
         let guarded = sql.galera && !read_only;
         // A guarded write needs its own SET (autocommit): no marked-connection shortcut.
         let marked = !guarded && carries_settings(conn, &sql.session);

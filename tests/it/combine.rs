@@ -477,3 +477,115 @@ fn a_combined_batch_polls_a_row_held_for_a_moment_and_gives_up_on_a_long_hold() 
     let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
     assert_eq!((rows, stock, duplicates), (2, 8, 0), "users 1 and 2 only");
 }
+
+/// How many times, while `running` is not finished, a locking read of `table` on the database
+/// `database` was seen running for over 2 ms in the server's process list — a point lookup
+/// that long is waiting for its row lock (a NOWAIT read is refused at once).
+fn lock_waits_seen<T>(
+    observer: &mut MysqlConnection,
+    database: &str,
+    table: &str,
+    running: &thread::JoinHandle<T>,
+) -> usize {
+    #[derive(QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        waiting: i64,
+    }
+    let statement = format!("%FROM `{table}`%FOR UPDATE%");
+    let mut seen = 0;
+    while !running.is_finished() {
+        let now: Waiting = diesel::sql_query(
+            "SELECT COUNT(*) AS waiting FROM information_schema.PROCESSLIST \
+             WHERE DB = ? AND INFO LIKE ? AND TIME_MS > 2",
+        )
+        .bind::<diesel::sql_types::Text, _>(database)
+        .bind::<diesel::sql_types::Text, _>(&statement)
+        .get_result(observer)
+        .expect("lock waits");
+        seen += usize::try_from(now.waiting).unwrap_or(0);
+    }
+    seen
+}
+
+/// A combined ledger batch whose account another transaction holds waits for the row IN THE
+/// SERVER — its account lock is its transaction's first lock, so the wait cannot close a
+/// deadlock — and gets it when the holder commits; each wait is bounded by the batch's wait
+/// budget, not by `innodb_lock_wait_timeout`: with a policy that never retries a transaction,
+/// a 300 ms hold is answered `Contended` with nothing applied. A combined coupon batch, which
+/// holds the coupons it inserted when it reaches the campaign row, is never seen waiting for it
+/// (it polls). Before, ledger batches polled the row too and were never seen waiting.
+#[test]
+fn a_combined_ledger_batch_waits_for_its_account_in_the_server_a_coupon_batch_never() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut conn) = fresh_database("combine_waits");
+    BalanceLedger::new()
+        .charge(&mut conn, 1, Decimal::new(100, 0), "seed")
+        .expect("seed");
+    let once = lockstock::TxnPolicy::default().with_retry(lockstock::RetryPolicy::no_retry());
+    let retrying = Arc::new(CombiningLedger::new(pool(&url, 2), BalanceLedger::new()));
+    let single_try = Arc::new(CombiningLedger::new(
+        pool(&url, 2),
+        BalanceLedger::with_policy(once),
+    ));
+    // Connections warm: the next deducts go straight to their statements.
+    retrying.deduct(1, Decimal::ONE, "warm").expect("warm");
+    single_try
+        .deduct(1, Decimal::ONE, "warm too")
+        .expect("warm");
+    let mut observer = lockstock_testkit::fixtures::connect(&url);
+
+    // The account held for `millis` while a deduct with key `key` runs through `hot`; the
+    // answer and how often it was seen waiting for the row in the server.
+    let mut deduct_while_held = |hot: &Arc<CombiningLedger>, key: &'static str, millis: u64| {
+        let mut holder = lockstock_testkit::fixtures::connect(&url);
+        holder.batch_execute("BEGIN").expect("begin");
+        let _: Decimal =
+            lockstock_testkit::fixtures::lock_balance(&mut holder, 1).expect("hold the account");
+        let deduct = {
+            let hot = hot.clone();
+            thread::spawn(move || hot.deduct(1, Decimal::ONE, key))
+        };
+        let releaser = thread::spawn(move || {
+            thread::sleep(std::time::Duration::from_millis(millis));
+            holder.batch_execute("COMMIT").expect("commit");
+        });
+        let seen = lock_waits_seen(&mut observer, "combine_waits", "user_balance", &deduct);
+        releaser.join().expect("releaser");
+        (deduct.join().expect("deduct"), seen)
+    };
+    let (waited, seen) = deduct_while_held(&retrying, "held", 150);
+    assert!(waited.is_ok(), "the deduct failed: {waited:?}");
+    assert!(seen > 0, "the batch was never seen waiting for the account");
+    let (refused, _) = deduct_while_held(&single_try, "long", 300);
+    assert!(
+        matches!(refused, Err(Error::Contended { .. })),
+        "a 300 ms hold without retries: {refused:?}"
+    );
+    assert_eq!(
+        lockstock_testkit::fixtures::stored_balance(&mut conn, 1),
+        Decimal::new(97, 0),
+        "the warm-ups and the held deduct only"
+    );
+    BalanceLedger::new().audit(&mut conn, 1).expect("audit");
+
+    // A coupon batch holds its new coupons when it locks the campaign row: it never waits.
+    let issuer = CouponIssuer::new();
+    let campaign = open_campaign(&mut conn, &issuer, 10).id;
+    let coupons = Arc::new(CombiningIssuer::new(pool(&url, 2), CouponIssuer::new()));
+    coupons.issue(1, campaign).expect("a first coupon");
+    let start = Arc::new(Barrier::new(2));
+    let hold = std::time::Duration::from_millis(150);
+    let holder = hold_campaign_row(&url, campaign, start.clone(), hold);
+    start.wait();
+    let issue = {
+        let coupons = coupons.clone();
+        thread::spawn(move || coupons.issue(2, campaign))
+    };
+    let seen = lock_waits_seen(&mut observer, "combine_waits", "fcfs_coupon", &issue);
+    holder.join().expect("holder");
+    let issued = issue.join().expect("issue");
+    assert_eq!(seen, 0, "a coupon batch waited for the campaign row");
+    assert!(issued.is_ok(), "the issue failed: {issued:?}");
+    assert_eq!(issued_rows(&mut conn, campaign), (2, 8, 0), "users 1 and 2");
+}
