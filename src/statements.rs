@@ -176,33 +176,37 @@ impl QueryFragment<Mysql> for PreparedSql<'_> {
 
 impl RunQueryDsl<MysqlConnection> for PreparedSql<'_> {}
 
-/// `SET STATEMENT max_statement_time = <s> FOR <query>` (MariaDB): `query`, a locking read
-/// without NOWAIT, waits for its row in the server for at most the time limit, then fails with
-/// 1969 — only the statement is rolled back. `limit` is one of a few constant prefixes (see
-/// [`Lock::Wait`](crate::txn::Lock)), so each (query, limit) is one cached prepared statement.
+/// A hot row's locking read as the handoff's `Lock` sends it: `query` (a `... FOR
+/// UPDATE` through the primary key) between a constant `prefix` and `suffix` — `... FOR UPDATE
+/// NOWAIT`, or `SET STATEMENT max_statement_time = <s> FOR ... FOR UPDATE` (MariaDB), which
+/// waits for the row in the server for at most the time limit, then fails with 1969 (only the
+/// statement is rolled back). Each (query, form) is one cached prepared statement.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct WaitAtMost<Q> {
-    pub(crate) limit: &'static str,
+pub(crate) struct LockingRead<Q> {
+    pub(crate) prefix: &'static str,
     pub(crate) query: Q,
+    pub(crate) suffix: &'static str,
 }
 
-impl<Q: Query> Query for WaitAtMost<Q> {
+impl<Q: Query> Query for LockingRead<Q> {
     type SqlType = Q::SqlType;
 }
 
-impl<Q> QueryId for WaitAtMost<Q> {
+impl<Q> QueryId for LockingRead<Q> {
     type QueryId = ();
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for WaitAtMost<Q> {
+impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for LockingRead<Q> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql(self.limit);
-        self.query.walk_ast(out.reborrow())
+        out.push_sql(self.prefix);
+        self.query.walk_ast(out.reborrow())?;
+        out.push_sql(self.suffix);
+        Ok(())
     }
 }
 
-impl<Q> RunQueryDsl<MysqlConnection> for WaitAtMost<Q> {}
+impl<Q> RunQueryDsl<MysqlConnection> for LockingRead<Q> {}
 
 /// The most rows a multi-row INSERT may have and still be a cached prepared statement: one is
 /// cached per row count (and table) up to this, so a connection holds at most this many per

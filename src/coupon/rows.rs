@@ -18,7 +18,7 @@ use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{insert_row, InsertRows, SetStock};
-use crate::txn::{locking_read, Holding, InsertIds, Lock};
+use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, last_insert_id, locked_row, row_id};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
@@ -41,11 +41,9 @@ fn campaign_row(campaign_id: i64) -> CampaignRow {
 /// coupon it redeems or restores — so it never waits).
 pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
     Ok(locking_read(conn, Holding::Locks, |conn, lock| {
-        let read = campaign_row(id).for_update();
-        match lock {
-            Lock::NoWait => read.no_wait().first(conn).optional(),
-            Lock::Wait(wait) => wait.bound(read).get_result(conn).optional(),
-        }
+        lock.read(campaign_row(id).for_update())
+            .get_result(conn)
+            .optional()
     })?)
 }
 
@@ -61,10 +59,7 @@ pub(crate) fn lock_campaign_after_insert(
             .find(id)
             .select((Campaign::as_select(), last_insert_id()))
             .for_update();
-        match lock {
-            Lock::NoWait => read.no_wait().first(conn).optional(),
-            Lock::Wait(wait) => wait.bound(read).get_result(conn).optional(),
-        }
+        lock.read(read).get_result(conn).optional()
     })?;
     locked
         .map(|(campaign, first)| Ok((campaign, row_id(first)?)))

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{insert_row, HeldFunds, InsertRows, SetBalance, SetHoldEnded};
-use crate::txn::{locking_read, Holding, InsertIds, Lock};
+use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
 
@@ -162,10 +162,7 @@ pub(crate) fn lock_account(
                 user_balance::version,
             ))
             .for_update();
-        match lock {
-            Lock::NoWait => read.no_wait().first(conn).optional(),
-            Lock::Wait(wait) => wait.bound(read).get_result(conn).optional(),
-        }
+        lock.read(read).get_result(conn).optional()
     })?;
     let Some((balance, held, version)) = row else {
         return Ok(None);

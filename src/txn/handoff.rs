@@ -25,7 +25,7 @@ use diesel::QueryResult;
 
 use super::ServerFlavor;
 use crate::error::{classify_kind, ServerErrorKind};
-use crate::statements::WaitAtMost;
+use crate::statements::LockingRead;
 
 /// What a combiner's batch does around its COMMIT, and what its locking reads ask.
 pub(crate) trait Handoff {
@@ -96,14 +96,29 @@ pub(crate) enum Holding {
     Locks,
 }
 
-/// How the hot row's locking read is sent ([`locking_read`] chooses).
+/// How the hot row's locking read is sent ([`locking_read`] chooses; [`Lock::read`] builds it).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Lock {
     /// `... FOR UPDATE NOWAIT`.
     NoWait,
     /// `SET STATEMENT max_statement_time = <limit> FOR ... FOR UPDATE`: the read waits for its
-    /// row in the server, for at most the limit (see [`Wait::bound`]).
+    /// row in the server, for at most the limit.
     Wait(Wait),
+}
+
+impl Lock {
+    /// `query`, a `... FOR UPDATE` of the hot row through its primary key, sent this way.
+    pub(crate) fn read<Q>(self, query: Q) -> LockingRead<Q> {
+        let (prefix, suffix) = match self {
+            Lock::NoWait => ("", " NOWAIT"),
+            Lock::Wait(wait) => (wait.limit, ""),
+        };
+        LockingRead {
+            prefix,
+            query,
+            suffix,
+        }
+    }
 }
 
 /// A bounded server-side wait for a row: one of a few constant time limits, so that each
@@ -137,14 +152,6 @@ impl Wait {
             .find(|(limit, _)| *limit <= budget)
             .map(|(_, limit)| Self { limit })
     }
-
-    /// `query` (a locking read without NOWAIT) waiting for its row at most this long.
-    pub(crate) fn bound<Q>(self, query: Q) -> WaitAtMost<Q> {
-        WaitAtMost {
-            limit: self.limit,
-            query,
-        }
-    }
 }
 
 std::thread_local! {
@@ -159,7 +166,8 @@ pub(super) fn note_server(flavor: ServerFlavor) {
     BOUNDED_WAITS.with(|w| w.set(flavor == ServerFlavor::MariaDb));
 }
 
-/// Runs the hot row's locking read `read`, first as `FOR UPDATE NOWAIT` ([`Lock::NoWait`]).
+/// Runs the hot row's locking read `read` (built with [`Lock::read`]), first as `FOR UPDATE
+/// NOWAIT` ([`Lock::NoWait`]).
 /// Outside a combiner's batch, once. In a batch, a refusal is answered — only the statement was
 /// rolled back, the transaction goes on:
 /// - while the refusal can be the in-process predecessor's COMMIT not having reached the server
