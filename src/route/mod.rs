@@ -47,7 +47,7 @@
 //!
 //! Every process has its own router, and two routers that picked different writers would make
 //! the cluster multi-writer again. So the choice is kept in the database: the table
-//! `designated_writer` (migration `2026-12-01-000004_designated_writer`) holds one row with the
+//! `designated_writer` (migration `2026-11-28-000004_designated_writer`) holds one row with the
 //! writer's `@@wsrep_node_name`, an epoch and when it changed. A router adopts the node the row
 //! names while that node is healthy; a router that finds the row naming another node than its
 //! writer (every health interval, and after a failure) follows the row; a router that finds
