@@ -24,7 +24,10 @@
 //! callers are answered — two batches' flushes share one, and neither the flush nor the
 //! answers are on the hot row's critical path. The next batch's `FOR UPDATE NOWAIT` can reach
 //! the server just before that COMMIT does: such a refusal (only the statement is rolled back)
-//! is sent again at once. A refusal while no batch of the key is committing — another
+//! is sent again at once (for at most the wait budget below: a COMMIT the server holds back,
+//! e.g. during a backup's `BACKUP STAGE BLOCK_COMMIT`, keeps the row locked as long as it
+//! lasts, and the batch is then refused as by any other holder). A refusal while no batch of
+//! the key is committing — another
 //! process, or any other transaction, holds the row — is waited out for at most 8 ms (or a
 //! quarter of the time the batch has left) before the runner rolls back and retries as always
 //! ([`locking_read`](crate::txn)): a ledger batch, whose account lock is its transaction's

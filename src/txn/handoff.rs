@@ -7,7 +7,10 @@
 //! one (group commit). The next batch's `FOR UPDATE NOWAIT` may reach the server before the
 //! COMMIT did: that refusal is the in-process predecessor's, not contention, so the locking
 //! read is sent again at once ([`locking_read`]) — only the statement was rolled back — for as
-//! long as a predecessor of the key was committing when it was sent. A refusal with no
+//! long as a predecessor of the key was committing when it was sent, within the budget a wait
+//! for another process's batch has: a COMMIT that the server holds back (a backup's `BACKUP
+//! STAGE BLOCK_COMMIT`, `FLUSH TABLES WITH READ LOCK`) keeps the row locked for as long, and
+//! the refusal then goes to the runner like any other. A refusal with no
 //! predecessor committing is another process's batch (or any other transaction) holding the
 //! row: a transaction that holds nothing yet waits for it in the server for a few milliseconds
 //! at most, one that holds rows polls it (see [`locking_read`]); if the row stays taken, the
@@ -171,7 +174,9 @@ pub(super) fn note_server(flavor: ServerFlavor) {
 /// Outside a combiner's batch, once. In a batch, a refusal is answered — only the statement was
 /// rolled back, the transaction goes on:
 /// - while the refusal can be the in-process predecessor's COMMIT not having reached the server
-///   yet (see the module docs), by sending the NOWAIT read again at once;
+///   yet (see the module docs), by sending the NOWAIT read again at once — until the handoff's
+///   [`wait_budget`](Handoff::wait_budget) from the first refusal is spent (a COMMIT the server
+///   holds back keeps the row locked meanwhile);
 /// - otherwise (another process's batch, or any other transaction, holds the row), if the
 ///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) and the server is
 ///   MariaDB, by waiting for the row IN THE SERVER, once, for at most the handoff's
@@ -205,13 +210,18 @@ pub(crate) fn locking_read<T>(
         let predecessor = handoff.predecessor_committing();
         match read(conn, Lock::NoWait) {
             Err(e) if is_refusal(&e) => {
+                let (since, budget) =
+                    *first_refusal.get_or_insert_with(|| (Instant::now(), handoff.wait_budget()));
                 if predecessor {
+                    // A COMMIT the server holds back (a backup's BLOCK_COMMIT, FLUSH TABLES
+                    // WITH READ LOCK) keeps the row locked: within the budget only.
+                    if since.elapsed() >= budget {
+                        return Err(e);
+                    }
                     std::thread::yield_now();
                     continue;
                 }
                 handoff.refused();
-                let (since, budget) =
-                    *first_refusal.get_or_insert_with(|| (Instant::now(), handoff.wait_budget()));
                 if holding == Holding::Nothing && BOUNDED_WAITS.with(Cell::get) {
                     let Some(wait) = Wait::within(budget) else {
                         return Err(e);

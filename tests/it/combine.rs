@@ -590,3 +590,122 @@ fn a_combined_ledger_batch_waits_for_its_account_in_the_server_a_coupon_batch_ne
     assert!(issued.is_ok(), "the issue failed: {issued:?}");
     assert_eq!(issued_rows(&mut conn, campaign), (2, 8, 0), "users 1 and 2");
 }
+
+/// Waits (at most 10 s) until a COMMIT on database `db` is seen held back by the server
+/// (`BACKUP STAGE BLOCK_COMMIT`), and returns how many are.
+fn commits_held_back(observer: &mut MysqlConnection, db: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let held = diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+             WHERE DB = ? AND INFO = 'COMMIT' AND STATE LIKE 'Waiting for backup lock%'",
+        )
+        .bind::<diesel::sql_types::Text, _>(db)
+        .get_result::<Count>(observer)
+        .expect("processlist")
+        .n;
+        if held > 0 || start.elapsed() > std::time::Duration::from_secs(10) {
+            return held;
+        }
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A batch whose COMMIT the server holds back keeps the hot row locked after it handed the
+/// key's turn on (a backup's `BACKUP STAGE BLOCK_COMMIT`, or `FLUSH TABLES WITH READ LOCK`).
+/// The key's next batch is refused by that row like by any other holder once its wait budget
+/// is spent — it does not send its NOWAIT read again for as long as the COMMIT is held back
+/// (before the fix: until the held batch's watchdog ended it, seconds later). With a
+/// no-retry policy the next caller is answered `Contended` at once, nothing applied; the held
+/// batch commits when the backup ends. For the account (which may wait in the server) and the
+/// coupon (which polls).
+#[test]
+fn a_batch_behind_a_commit_the_server_holds_back_is_refused_within_its_wait_budget() {
+    use diesel::connection::SimpleConnection;
+    use lockstock_testkit::fixtures::{connect, issued_rows as coupon_rows, stored_balance};
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
+    let db = "combine_held_commit";
+    let url = sandbox.create_database(db).expect("database");
+    let mut conn = connect(&url);
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    let once = lockstock::TxnPolicy::default().with_retry(lockstock::RetryPolicy::no_retry());
+    BalanceLedger::new()
+        .charge(&mut conn, 1, Decimal::new(100, 0), "seed")
+        .expect("seed");
+    let issuer = CouponIssuer::new();
+    let campaign = open_campaign(&mut conn, &issuer, 10).id;
+    let ledger = Arc::new(CombiningLedger::new(
+        pool(&url, 3),
+        BalanceLedger::with_policy(once.clone()),
+    ));
+    let coupons = Arc::new(CombiningIssuer::new(
+        pool(&url, 3),
+        CouponIssuer::with_policy(once),
+    ));
+    ledger.deduct(1, Decimal::ONE, "warm").expect("warm");
+    coupons.issue(1, campaign).expect("warm");
+    let mut observer = connect(&url);
+    let mut backup = connect(&url);
+    // With commits held back: `held` on a thread until its COMMIT is seen held back, then
+    // `next` here, which must be refused (nothing waits for the held COMMIT) within a second.
+    let mut behind_a_held_commit =
+        |what: &str,
+         held: Box<dyn FnOnce() -> Result<String, Error> + Send>,
+         next: &dyn Fn() -> Result<String, Error>| {
+            backup
+                .batch_execute("BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT")
+                .expect("block commits");
+            let held = thread::spawn(held);
+            let seen = commits_held_back(&mut observer, db);
+            let started = std::time::Instant::now();
+            let answer = next();
+            let took = started.elapsed();
+            backup.batch_execute("BACKUP STAGE END").expect("unblock");
+            let held = held.join().expect("the held call");
+            assert_eq!(seen, 1, "{what}: the first COMMIT is held back");
+            assert!(
+                matches!(answer, Err(Error::Contended { .. })),
+                "{what}: the next call answered {answer:?} after {took:?}"
+            );
+            assert!(
+                took < std::time::Duration::from_secs(1),
+                "{what}: the next call took {took:?}"
+            );
+            assert!(held.is_ok(), "{what}: the held call answered {held:?}");
+        };
+
+    let (first, second) = (ledger.clone(), ledger.clone());
+    behind_a_held_commit(
+        "account",
+        Box::new(move || {
+            first
+                .deduct(1, Decimal::ONE, "held")
+                .map(|e| e.id.to_string())
+        }),
+        &move || {
+            second
+                .deduct(1, Decimal::ONE, "next")
+                .map(|e| e.id.to_string())
+        },
+    );
+    assert_eq!(
+        stored_balance(&mut conn, 1),
+        Decimal::new(98, 0),
+        "the warm-up and the held deduct only"
+    );
+    BalanceLedger::new().audit(&mut conn, 1).expect("audit");
+
+    let (first, second) = (coupons.clone(), coupons.clone());
+    behind_a_held_commit(
+        "coupon",
+        Box::new(move || first.issue(2, campaign).map(|c| format!("{c:?}"))),
+        &move || second.issue(3, campaign).map(|c| format!("{c:?}")),
+    );
+    assert_eq!(coupon_rows(&mut conn, campaign), 2, "users 1 and 2");
+}
