@@ -344,7 +344,23 @@ impl GaleraBuilder {
 
     /// Creates the directories, bootstraps node 0, starts the others and
     /// waits until every node is ready, Synced and sees all `n` members.
+    ///
+    /// A start in which a node's server exits, or the cluster is not Synced in time, is tried
+    /// once more from scratch (new directories and ports) after its error is printed to
+    /// stderr: on a loaded machine a joiner's state transfer occasionally fails.
     pub fn start(self) -> Result<GaleraCluster, GaleraError> {
+        match self.start_once() {
+            Err(error @ (GaleraError::NodeExited { .. } | GaleraError::Timeout { .. })) => {
+                eprintln!(
+                    "lockstock-testkit: a Galera cluster did not start, trying once more: {error}"
+                );
+                self.start_once()
+            }
+            started => started,
+        }
+    }
+
+    fn start_once(&self) -> Result<GaleraCluster, GaleraError> {
         if !(1..=MAX_NODES).contains(&self.nodes) {
             return Err(GaleraError::InvalidNodeCount { nodes: self.nodes });
         }
@@ -375,8 +391,8 @@ impl GaleraBuilder {
             mariadbd,
             provider,
             run_as_mysql: owner.is_some(),
-            provider_options: self.provider_options,
-            server_args: self.server_args,
+            provider_options: self.provider_options.clone(),
+            server_args: self.server_args.clone(),
             nodes: Vec::new(),
             watchdog: None,
         };
@@ -413,13 +429,13 @@ impl GaleraBuilder {
             cluster.run_as_mysql.then_some(SERVER_USER),
         )?;
         cluster.spawn_server(0, true)?;
-        cluster.wait_synced_inner(0, Some(1), self.timeout)?;
+        cluster.wait_synced_inner(0, Some(1), self.timeout, false)?;
         for node in 1..self.nodes {
             cluster.spawn_server(node, false)?;
         }
         for node in 0..self.nodes {
             let left = self.timeout.saturating_sub(started.elapsed());
-            cluster.wait_synced_inner(node, Some(self.nodes), left)?;
+            cluster.wait_synced_inner(node, Some(self.nodes), left, true)?;
         }
         Ok(cluster)
     }
@@ -612,7 +628,7 @@ impl GaleraCluster {
         node: usize,
         timeout: Duration,
     ) -> Result<NodeStatus, GaleraError> {
-        self.wait_synced_inner(node, None, timeout)
+        self.wait_synced_inner(node, None, timeout, false)
     }
 
     /// Waits up to `timeout` until every running, unpaused node is ready,
@@ -745,7 +761,7 @@ impl GaleraCluster {
             mark_safe_to_bootstrap(&self.nodes[node].dir.join(GRASTATE))?;
         }
         self.spawn_server(node, !others)?;
-        self.wait_synced_inner(node, None, RESTART_TIMEOUT)
+        self.wait_synced_inner(node, None, RESTART_TIMEOUT, false)
     }
 
     /// Stops `node` with SIGSTOP (its whole process group): the server
@@ -904,16 +920,24 @@ impl GaleraCluster {
         Ok(())
     }
 
-    /// Waits until `node` is synced (and, if given, sees `size` members).
+    /// Waits until `node` is synced (and, if given, sees `size` members). `starting`: the
+    /// cluster is being started, so any node's server that exits ends the wait (with that
+    /// node's log) — not only `node`'s.
     fn wait_synced_inner(
         &mut self,
         node: usize,
         size: Option<usize>,
         timeout: Duration,
+        starting: bool,
     ) -> Result<NodeStatus, GaleraError> {
         self.running(node)?;
         let started = Instant::now();
         loop {
+            if starting {
+                for other in 0..self.nodes.len() {
+                    self.check_exited(other)?;
+                }
+            }
             self.check_exited(node)?;
             let last = match self.status(node) {
                 Ok(status) => {
