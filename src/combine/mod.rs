@@ -19,32 +19,30 @@
 //! connection that carries lockstock's session settings, not on a Galera node). Only then does it
 //! wait for the turn, form its batch from everything queued by that time, and send the batch's
 //! statements. A batch hands the turn on as it sends its COMMIT, not when the COMMIT answers:
-//! InnoDB releases the row lock when it commits in memory, before the redo log is flushed, so
-//! the next batch locks the hot row while the one before it waits for its flush and its
-//! callers are answered — two batches' flushes share one, and neither the flush nor the
-//! answers are on the hot row's critical path. The next batch's `FOR UPDATE NOWAIT` can reach
-//! the server just before that COMMIT does: such a refusal (only the statement is rolled back)
-//! is sent again at once (for at most the wait budget below: a COMMIT the server holds back,
-//! e.g. during a backup's `BACKUP STAGE BLOCK_COMMIT`, keeps the row locked as long as it
-//! lasts, and the batch is then refused as by any other holder). A refusal while no batch of
-//! the key is committing — another
-//! process, or any other transaction, holds the row — is waited out for at most 8 ms (or a
-//! quarter of the time the batch has left) before the runner rolls back and retries as always
-//! ([`locking_read`](crate::txn)): a ledger batch, whose account lock is its transaction's
-//! first lock, waits for the row in the server (`SET STATEMENT max_statement_time = ... FOR
-//! SELECT ... FOR UPDATE`: the server hands it the row as its holder commits, and a waiter that
-//! holds nothing cannot take part in a deadlock); a coupon batch, which holds the coupons it
-//! inserted, polls with NOWAIT (50 to 150 µs apart), so it never waits while holding rows.
-//! Between processes this raised a hot account's 4-process throughput from 0.43-0.53 to about
-//! 0.6 of one process's, and halved its p99 (see the README). At 64 clients the handoff halves the
-//! batches (about 31 requests instead of 54: the callers of one batch are still being answered
-//! when the next is formed) and raises the requests per second (coupons 40,000 to 44,000-50,000
-//! on the machine of the README; see there). A prepared transaction that its batch does not use
-//! (every request refused before a round trip) is rolled back before the connection goes back
-//! to the pool. A failed batch transaction is
-//! retried by the runner like any other; if it still fails before committing, every caller in it
-//! gets a copy of the typed error (nothing applied, or for [`Error::OutcomeUnknown`] all or none).
-//! Once a batch has committed, every caller gets its own answer.
+//! InnoDB releases the row lock when it commits in memory, before the redo log is flushed, so the
+//! next batch locks the hot row while the one before it waits for its flush and its callers are
+//! answered — two batches' flushes share one, and neither the flush nor the answers are on the hot
+//! row's critical path. The next batch's `FOR UPDATE NOWAIT` can reach the server just before that
+//! COMMIT does: such a refusal (only the statement is rolled back) is sent again at once (for at
+//! most the wait budget below: a COMMIT the server holds back, e.g. during a backup's `BACKUP STAGE
+//! BLOCK_COMMIT`, keeps the row locked as long as it lasts, and the batch is then refused as by any
+//! other holder). A refusal while no batch of the key is committing — another process, or any other
+//! transaction, holds the row — is waited out for at most 8 ms (or a quarter of the time the batch
+//! has left) before the runner rolls back and retries as always ([`locking_read`](crate::txn)): a
+//! ledger batch, whose account lock is its transaction's first lock, waits for the row in the
+//! server (`SET STATEMENT max_statement_time = ... FOR SELECT ... FOR UPDATE`: the server hands it
+//! the row as its holder commits, and a waiter that holds nothing cannot take part in a deadlock);
+//! a coupon batch, which holds the coupons it inserted, polls with NOWAIT (50 to 150 µs apart), so
+//! it never waits while holding rows. Between processes this raised a hot account's 4-process
+//! throughput from 0.43-0.53 to about 0.6 of one process's, and halved its p99 (see the README). At
+//! 64 clients the handoff halves the batches (about 31 requests instead of 54: the callers of one
+//! batch are still being answered when the next is formed) and raises the requests per second
+//! (coupons 40,000 to 44,000-50,000 on the machine of the README; see there). A prepared
+//! transaction that its batch does not use (every request refused before a round trip) is rolled
+//! back before the connection goes back to the pool. A failed batch transaction is retried by the
+//! runner like any other; if it still fails before committing, every caller in it gets a copy of
+//! the typed error (nothing applied, or for [`Error::OutcomeUnknown`] all or none). Once a batch
+//! has committed, every caller gets its own answer.
 //!
 //! After a batch of a key met a refusal of another process, the key's next leaders linger before
 //! forming their batch (from 200 µs, doubled per refused batch up to 2 ms, halved per calm one,

@@ -8,8 +8,8 @@ use diesel::mysql::MysqlConnection;
 
 use super::cache::lock;
 use super::rows::{
-    holders, insert_user_coupons, lock_campaign_after_insert, set_stock, user_coupon_ids,
-    write_user_coupons,
+    holders, insert_user_coupons, lock_campaign, lock_campaign_after_insert, set_stock,
+    user_coupon_ids, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
@@ -137,8 +137,18 @@ impl CouponIssuer {
                 } else {
                     None
                 };
-                let (campaign, first_id) = lock_campaign_after_insert(conn, campaign_id)?
-                    .ok_or(Error::CampaignNotFound { campaign_id })?;
+                let not_found = || Error::CampaignNotFound { campaign_id };
+                // With the coupons written: their first id in the same read.
+                let (campaign, first_id) = if early.is_some() {
+                    let (campaign, first) =
+                        lock_campaign_after_insert(conn, campaign_id)?.ok_or_else(not_found)?;
+                    (campaign, Some(first))
+                } else {
+                    (
+                        lock_campaign(conn, campaign_id)?.ok_or_else(not_found)?,
+                        None,
+                    )
+                };
                 let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
                 if current != facts {
                     stale = true;
@@ -153,13 +163,9 @@ impl CouponIssuer {
                     return Err(Error::internal("holders needed"));
                 }
                 let new_ids = match early {
-                    Some(written) if written == winners => user_coupon_ids(
-                        conn,
-                        Some(insert_ids),
-                        coupon_id,
-                        &winners,
-                        Some(first_id),
-                    )?,
+                    Some(written) if written == winners => {
+                        user_coupon_ids(conn, Some(insert_ids), coupon_id, &winners, first_id)?
+                    }
                     // The stock runs out in this batch: written for too many; again with the
                     // stock read first.
                     Some(_) => {

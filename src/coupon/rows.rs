@@ -34,8 +34,9 @@ fn campaign_row(campaign_id: i64) -> CampaignRow {
 
 /// The campaign row `FOR UPDATE NOWAIT`: the hot row, through the primary key — its stock, and
 /// in the same read (no extra round trip) the facts the cached ones are checked against.
-/// Restocks, and batches whose stock runs out inside them, lock it with this statement; issues
-/// with [`lock_campaign_after_insert`]. In a combiner's batch a refusal is sent again while it
+/// Restocks, and batches whose stock runs out inside them (they lock before writing), lock it
+/// with this statement; issues that wrote their coupons first with
+/// [`lock_campaign_after_insert`]. In a combiner's batch a refusal is sent again while it
 /// can be the key's previous batch committing, and polled for a few milliseconds otherwise
 /// ([`locking_read`]: every transaction that locks it holds rows already — its coupons, or the
 /// coupon it redeems or restores — so it never waits).

@@ -6,9 +6,9 @@
 //!    connection that carries them already, only `SET TRANSACTION ISOLATION LEVEL ...`), then
 //!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch,
 //! 3. runs the body, then COMMIT (a cached prepared statement: one round trip; in a combiner's
-//!    batch the key's turn is handed on just before it is sent, see the `combine` module); any error — or
-//!    a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its NOWAIT
-//!    refusal, 1205) rolls back only the statement, so the runner must not continue it,
+//!    batch the key's turn is handed on just before it is sent, see the `combine` module); any
+//!    error — or a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its
+//!    NOWAIT refusal, 1205) rolls back only the statement, so the runner must not continue it,
 //! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
 //!    exponential backoff, bounded by attempts and by a deadline for the whole call.
 //!
@@ -29,11 +29,11 @@
 //!   ran after the silent rollback and retries the whole transaction (a retryable
 //!   [`ServerErrorKind::Deadlock`](crate::ServerErrorKind::Deadlock)).
 //!
-//! What remains is the one round trip between the release and COMMIT: a silent rollback in
-//! exactly that gap would make the COMMIT commit nothing and answer success. It takes writes on
-//! several nodes to brute-force abort at all; with one writer (see [`route`](crate::route))
-//! none were seen. A SET before it (one more round trip) refuses ([`Error::NotDesignatedWriter`]) a write on a node other
-//! than the designated writer of the `designated_writer` row (once a router designated one),
+//! What remains is the one round trip between the release and COMMIT: a silent rollback in exactly
+//! that gap would make the COMMIT commit nothing and answer success. It takes writes on several
+//! nodes to brute-force abort at all; with one writer (see [`route`](crate::route)) none were seen.
+//! A SET before it (one more round trip) refuses ([`Error::NotDesignatedWriter`]) a write on a node
+//! other than the designated writer of the `designated_writer` row (once a router designated one),
 //! unless [`TxnPolicy::designated_writer_only`] is off.
 //!
 //! # A server that never answers
