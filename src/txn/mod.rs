@@ -30,8 +30,15 @@
 //!   [`ServerErrorKind::Deadlock`](crate::ServerErrorKind::Deadlock)).
 //!
 //! What remains is the one round trip between the release and COMMIT: a silent rollback in exactly
-//! that gap would make the COMMIT commit nothing and answer success. It takes writes on several
-//! nodes to brute-force abort at all; with one writer (see [`route`](crate::route)) none were seen.
+//! that gap would make the COMMIT commit nothing and answer success. Measured on a 2-node cluster
+//! (MariaDB 10.11.19, Galera 26.4.23) with statements shaped like a guarded ledger batch: an abort
+//! that reaches the transaction while it waits after the release is reported by the COMMIT (a
+//! deadlock, retried); in 120 s of conflicting writes from both nodes the savepoint caught 589
+//! silent rollbacks, none fell into the gap, and all 8,936 COMMITs answered success were applied
+//! — while the other node's unguarded transactions (`autocommit = 1`, no savepoint) answered
+//! success with half of them applied 53 times in 52,809. A silent rollback there would have to
+//! race the release statement itself. It takes writes on several nodes to brute-force abort at
+//! all; with one writer (see [`route`](crate::route)) none were seen.
 //! A SET before it (one more round trip) refuses ([`Error::NotDesignatedWriter`]) a write on a node
 //! other than the designated writer of the `designated_writer` row (once a router designated one),
 //! unless [`TxnPolicy::designated_writer_only`] is off.
