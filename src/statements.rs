@@ -213,11 +213,57 @@ impl<Q> RunQueryDsl<MysqlConnection> for LockingRead<Q> {}
 /// table; a larger INSERT is prepared, run and closed each time (one round trip more).
 pub(crate) const MAX_CACHED_ROWS: usize = 64;
 
+/// The most parameters one prepared statement may bind on MySQL and MariaDB (the protocol
+/// counts them in 16 bits; the server refuses more with "Prepared statement contains too many
+/// placeholders").
+pub(crate) const MAX_PLACEHOLDERS: usize = 65_535;
+
+/// The most rows one multi-row INSERT writes. A batch with more rows is written with several
+/// INSERTs in the same transaction ([`insert_chunks`]), so a batch of any size answers as its
+/// single calls would, and no statement comes near [`MAX_PLACEHOLDERS`] or the server's
+/// `max_allowed_packet`.
+pub(crate) const MAX_INSERT_ROWS: usize = 1_000;
+
+/// The most values one `IN (...)` list binds: a longer list is read with several statements.
+pub(crate) const MAX_LIST_VALUES: usize = 10_000;
+
+/// What `read` returns for `values`, read with one statement per [`MAX_LIST_VALUES`] of them
+/// (an `IN (...)` list each), in order.
+pub(crate) fn read_in_lists<V, T, E>(
+    values: &[V],
+    mut read: impl FnMut(&[V]) -> Result<Vec<T>, E>,
+) -> Result<Vec<T>, E> {
+    let mut all = Vec::new();
+    for some in values.chunks(MAX_LIST_VALUES) {
+        all.extend(read(some)?);
+    }
+    Ok(all)
+}
+
+/// How many rows of `R` one INSERT writes at most: [`MAX_INSERT_ROWS`], fewer for a row type
+/// so wide that they would bind more than [`MAX_PLACEHOLDERS`].
+pub(crate) const fn rows_per_insert<R: InsertRow>() -> usize {
+    let fit = MAX_PLACEHOLDERS / R::COLUMNS;
+    if fit < MAX_INSERT_ROWS {
+        fit
+    } else {
+        MAX_INSERT_ROWS
+    }
+}
+
+/// `rows` in the pieces one INSERT each writes ([`rows_per_insert`]), in order.
+pub(crate) fn insert_chunks<R: InsertRow>(rows: &[R]) -> std::slice::Chunks<'_, R> {
+    rows.chunks(rows_per_insert::<R>())
+}
+
 /// A row type [`InsertRows`] writes: the INSERT's head, and the row's values bound in the
 /// order of its columns.
 pub(crate) trait InsertRow {
     /// ``INSERT INTO `table` (`a`, `b`) VALUES ``.
     const INSERT: &'static str;
+
+    /// How many values one row binds (its columns).
+    const COLUMNS: usize;
 
     /// Binds this row's values, comma-separated, in the order of [`INSERT`](Self::INSERT)'s
     /// columns.
@@ -235,6 +281,8 @@ macro_rules! insert_row {
             const INSERT: &'static str = concat!(
                 "INSERT INTO `", $table, "` (`", $first_col, "`", $(", `", $col, "`",)* ") VALUES "
             );
+
+            const COLUMNS: usize = 1 $(+ { let _ = $col; 1 })*;
 
             fn walk_values<'b>(
                 &'b self,
@@ -274,6 +322,17 @@ impl<R: InsertRow> QueryFragment<Mysql> for InsertRows<'_, R> {
         if self.0.is_empty() {
             return Err(diesel::result::Error::QueryBuilderError(
                 "an INSERT of no rows".into(),
+            ));
+        }
+        if self.0.len() > rows_per_insert::<R>() {
+            // Callers split larger batches with `insert_chunks`; never sent to the server.
+            return Err(diesel::result::Error::QueryBuilderError(
+                format!(
+                    "an INSERT of {} rows (at most {})",
+                    self.0.len(),
+                    rows_per_insert::<R>()
+                )
+                .into(),
             ));
         }
         out.push_sql(R::INSERT);

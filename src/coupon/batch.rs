@@ -8,8 +8,8 @@ use diesel::mysql::MysqlConnection;
 
 use super::cache::lock;
 use super::rows::{
-    holders, insert_user_coupons, lock_campaign, lock_campaign_after_insert, set_stock,
-    user_coupon_ids, write_user_coupons,
+    fits_one_insert, holders, insert_user_coupons, lock_campaign, lock_campaign_after_insert,
+    set_stock, user_coupon_ids, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
@@ -42,7 +42,10 @@ impl CouponIssuer {
     /// without knowing whether it holds the coupon (the batch runs again with the read: a
     /// holder is answered `AlreadyIssued`). The issue time of the batch's coupons is the
     /// attempt's start, as for a single issue; the window is checked at it and again once the
-    /// stock row is locked.
+    /// stock row is locked. A batch of more than 1,000 users writes them with one INSERT per
+    /// 1,000, each followed by its ids (and then locks the stock row without reading an id):
+    /// one prepared statement binds at most 65,535 values, and a batch of any size answers as
+    /// its single issues.
     ///
     /// # Errors
     /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],
@@ -130,16 +133,29 @@ impl CouponIssuer {
                 // Before the hot row, as the single issue: the coupons of every request that
                 // the stock decides nothing about, written with the unique index checking
                 // them; the lock then reads the first new id.
+                // A batch too large for one INSERT writes a chunk at a time, each with its ids.
                 let early = if insert_first {
                     let (_, everyone) = decide(user_ids, &holders, i32::MAX);
-                    write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at)?;
-                    Some(everyone)
+                    let ids = if fits_one_insert(everyone.len()) {
+                        write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at)?;
+                        None
+                    } else {
+                        let written = (campaign_id, coupon_id);
+                        Some(insert_user_coupons(
+                            conn,
+                            Some(insert_ids),
+                            written,
+                            &everyone,
+                            at,
+                        )?)
+                    };
+                    Some((everyone, ids))
                 } else {
                     None
                 };
                 let not_found = || Error::CampaignNotFound { campaign_id };
-                // With the coupons written: their first id in the same read.
-                let (campaign, first_id) = if early.is_some() {
+                // With the coupons written by one INSERT: their first id in the same read.
+                let (campaign, first_id) = if let Some((_, None)) = early {
                     let (campaign, first) =
                         lock_campaign_after_insert(conn, campaign_id)?.ok_or_else(not_found)?;
                     (campaign, Some(first))
@@ -163,7 +179,8 @@ impl CouponIssuer {
                     return Err(Error::internal("holders needed"));
                 }
                 let new_ids = match early {
-                    Some(written) if written == winners => {
+                    Some((written, Some(ids))) if written == winners => ids,
+                    Some((written, None)) if written == winners => {
                         user_coupon_ids(conn, Some(insert_ids), coupon_id, &winners, first_id)?
                     }
                     // The stock runs out in this batch: written for too many; again with the

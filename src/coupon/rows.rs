@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
-use crate::statements::{insert_row, InsertRows, SetStock};
+use crate::statements::{insert_row, read_in_lists, rows_per_insert, InsertRows, SetStock};
 use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, last_insert_id, locked_row, row_id};
 
@@ -79,10 +79,11 @@ pub(crate) fn set_stock(conn: &mut MysqlConnection, campaign_id: i64, stock: i32
 }
 
 /// Issues a coupon of the campaign to each of `users` with ONE `INSERT` (UNIQUE(user_id,
-/// coupon_id) refuses a holder) and returns the new ids, in the order of `users`. A cached
-/// prepared statement ([`InsertRows`]) for up to `MAX_CACHED_ROWS` users; `order` says how several rows are numbered (see
-/// [`inserted_ids`]; `None` for one row); where they are not consecutive the ids are read back
-/// through the unique index.
+/// coupon_id) refuses a holder) — one per [`MAX_INSERT_ROWS`](crate::statements::MAX_INSERT_ROWS)
+/// users of a larger batch, each with its ids — and returns the new ids, in the order of
+/// `users`. A cached prepared statement ([`InsertRows`]) for up to `MAX_CACHED_ROWS` users;
+/// `order` says how several rows are numbered (see [`inserted_ids`]; `None` for one row); where
+/// they are not consecutive the ids are read back through the unique index.
 pub(crate) fn insert_user_coupons(
     conn: &mut MysqlConnection,
     order: Option<InsertIds>,
@@ -90,13 +91,25 @@ pub(crate) fn insert_user_coupons(
     users: &[i64],
     issued_at: NaiveDateTime,
 ) -> Result<Vec<i64>> {
-    write_user_coupons(conn, (campaign_id, coupon_id), users, issued_at)?;
-    user_coupon_ids(conn, order, coupon_id, users, None)
+    let mut ids = Vec::with_capacity(users.len());
+    for some in users.chunks(rows_per_insert::<NewUserCoupon>()) {
+        write_user_coupons(conn, (campaign_id, coupon_id), some, issued_at)?;
+        ids.extend(user_coupon_ids(conn, order, coupon_id, some, None)?);
+    }
+    Ok(ids)
+}
+
+/// Whether [`write_user_coupons`] writes the coupons of `users` users with one INSERT (at most
+/// [`MAX_INSERT_ROWS`](crate::statements::MAX_INSERT_ROWS)); a larger batch writes them with
+/// [`insert_user_coupons`], an INSERT and its ids per chunk.
+pub(crate) fn fits_one_insert(users: usize) -> bool {
+    users <= rows_per_insert::<NewUserCoupon>()
 }
 
 /// Writes a coupon of the campaign for each of `users` with ONE `INSERT` (UNIQUE(user_id,
 /// coupon_id) refuses a holder) and reads nothing back: the ids of the new rows follow from the
-/// first one, which [`lock_campaign_after_insert`] reads (see [`user_coupon_ids`]).
+/// first one, which [`lock_campaign_after_insert`] reads (see [`user_coupon_ids`]). At most
+/// [`fits_one_insert`] users.
 pub(crate) fn write_user_coupons(
     conn: &mut MysqlConnection,
     (campaign_id, coupon_id): (i64, i64),
@@ -164,19 +177,21 @@ insert_row! {
 }
 
 /// Which of `users` hold a coupon of the template, and its id — one user or a batch's, one
-/// statement (no lock on the hot row).
+/// statement (one per [`MAX_LIST_VALUES`](crate::statements::MAX_LIST_VALUES) users; no lock on
+/// the hot row).
 pub(crate) fn holders(
     conn: &mut MysqlConnection,
     coupon_id: i64,
     users: &[i64],
 ) -> Result<HashMap<i64, i64>> {
-    Ok(user_coupon::table
-        .filter(user_coupon::coupon_id.eq(coupon_id))
-        .filter(user_coupon::user_id.eq_any(users))
-        .select((user_coupon::user_id, user_coupon::id))
-        .load::<(i64, i64)>(conn)?
-        .into_iter()
-        .collect())
+    let held = read_in_lists(users, |some| {
+        user_coupon::table
+            .filter(user_coupon::coupon_id.eq(coupon_id))
+            .filter(user_coupon::user_id.eq_any(some))
+            .select((user_coupon::user_id, user_coupon::id))
+            .load::<(i64, i64)>(conn)
+    })?;
+    Ok(held.into_iter().collect())
 }
 
 /// The issued coupon `user_coupon_id`, `FOR UPDATE NOWAIT` (a redeem's or restore's only lock):

@@ -14,6 +14,7 @@ use super::BalanceLedger;
 use crate::error::{Error, Result};
 use crate::records::{AuditReport, EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold};
+use crate::statements::read_in_lists;
 use crate::validate::validate_id;
 
 /// The holds of an account as the audit reads them: the rows, the `ended_hold_id` of every
@@ -53,10 +54,12 @@ impl BalanceLedger {
                 .filter(|r| r.kind == EntryKind::TransferIn.as_str())
                 .filter_map(|r| r.related_entry_id)
                 .collect();
-            let senders: Vec<EntryRow> = balance_history::table
-                .filter(balance_history::id.eq_any(&sender_ids))
-                .select(EntryRow::as_select())
-                .load(conn)?;
+            let senders: Vec<EntryRow> = read_in_lists(&sender_ids, |ids| {
+                balance_history::table
+                    .filter(balance_history::id.eq_any(ids))
+                    .select(EntryRow::as_select())
+                    .load(conn)
+            })?;
             let holds = balance_hold::table
                 .filter(balance_hold::user_id.eq(user_id))
                 .select(HoldRow::as_select())
@@ -97,6 +100,7 @@ impl BalanceLedger {
 }
 
 fn audit_entries(account: &BalanceRow, entries: &[Entry], senders: &[EntryRow]) -> AuditReport {
+    let senders: HashMap<i64, &EntryRow> = senders.iter().map(|s| (s.id, s)).collect();
     let mut problems = Vec::new();
     let mut running = Decimal::ZERO;
     let mut refunds_of = std::collections::HashMap::<i64, Decimal>::new();
@@ -125,9 +129,7 @@ fn audit_entries(account: &BalanceRow, entries: &[Entry], senders: &[EntryRow]) 
             }
         }
         if entry.kind == EntryKind::TransferIn {
-            let sender = senders
-                .iter()
-                .find(|s| Some(s.id) == entry.related_entry_id);
+            let sender = entry.related_entry_id.and_then(|id| senders.get(&id));
             let matches = sender.is_some_and(|s| {
                 s.kind == EntryKind::TransferOut.as_str()
                     && s.amount == entry.amount

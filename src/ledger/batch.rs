@@ -60,7 +60,9 @@ impl BalanceLedger {
     ///    multi-row `INSERT` into the journal, then `LAST_INSERT_ID()` (or an id lookup through
     ///    the unique key, where the server does not number one INSERT's rows consecutively),
     ///    ONE multi-row `INSERT` of the new holds, one `UPDATE` per hold ended, ONE `UPDATE`
-    ///    of the balance and `COMMIT`.
+    ///    of the balance and `COMMIT`. A batch of more than 1,000 entries (or holds) writes
+    ///    them with one INSERT per 1,000, each followed by its ids: one prepared statement
+    ///    binds at most 65,535 values, and a batch of any size answers as its single calls.
     /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
     ///    journal, and the rest run again from step 1 (at most four rounds).
@@ -96,10 +98,9 @@ impl BalanceLedger {
         let holds = self.ended_holds(conn, ops, deadline)?;
         let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
         let mut requests: Vec<Request<'_>> = Vec::with_capacity(ops.len());
+        let holds: HashMap<i64, &Hold> = holds.iter().map(|hold| (hold.id, hold)).collect();
         for op in ops {
-            let hold = op
-                .hold_id()
-                .and_then(|id| holds.iter().find(|h| h.id == id));
+            let hold = op.hold_id().and_then(|id| holds.get(&id).copied());
             let request = check_ending(op)
                 .and_then(|()| op.request(user_id, hold))
                 .and_then(|request| request.validate().map(|()| request));
@@ -293,6 +294,7 @@ type HoldEnd = (HoldState, Decimal);
 /// end, and the server clock read under the account's lock (when there are such holds).
 struct Locked<'a> {
     account: &'a Account,
+    /// In ascending id order (as [`lock_holds`] returns them).
     holds: Vec<Hold>,
     now: Option<chrono::NaiveDateTime>,
 }
@@ -420,10 +422,11 @@ fn decide(
         EntryKind::Capture | EntryKind::Release => {
             let hold_id = request.ended_hold().unwrap_or_default();
             let now = locked.now.ok_or(Error::HoldNotFound { hold_id })?;
-            let hold = locked
-                .holds
-                .iter_mut()
-                .find(|hold| hold.id == hold_id)
+            // `lock_holds` returns them in ascending id order.
+            let found = locked.holds.binary_search_by_key(&hold_id, |hold| hold.id);
+            let hold = found
+                .ok()
+                .and_then(|at| locked.holds.get_mut(at))
                 .ok_or(Error::HoldNotFound { hold_id })?;
             let (after, state, captured) = ending(running, hold, request, now)?;
             hold.state = state;

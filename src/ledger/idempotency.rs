@@ -5,7 +5,7 @@
 
 use diesel::mysql::MysqlConnection;
 
-use super::request::Request;
+use super::request::{KeyedRows, Request};
 use super::rows::{create_account, journal_rows};
 use super::types::Entry;
 use super::BalanceLedger;
@@ -90,12 +90,14 @@ impl BalanceLedger {
         deadline: Deadline,
         user_id: i64,
         keys: &[&str],
-    ) -> Result<Vec<super::types::EntryRow>> {
+    ) -> Result<KeyedRows> {
         if keys.is_empty() {
-            return Ok(Vec::new());
+            return Ok(KeyedRows::default());
         }
-        self.runner
-            .read_by(conn, deadline, |conn| journal_rows(conn, user_id, keys))
+        let rows = self
+            .runner
+            .read_by(conn, deadline, |conn| journal_rows(conn, user_id, keys))?;
+        Ok(KeyedRows::new(rows))
     }
 }
 

@@ -2,6 +2,8 @@
 //! ([`request_hash`]), the journal row it writes, and the answer a journal row under its key
 //! gives it.
 
+use std::collections::HashMap;
+
 use chrono::NaiveDateTime;
 use rust_decimal::Decimal;
 
@@ -161,9 +163,9 @@ impl<'a> Request<'a> {
     }
 
     /// The answer the journal gives this request, if its key is among `rows`.
-    pub(crate) fn answer_from(&self, rows: &[EntryRow]) -> Option<Result<Entry>> {
-        rows.iter()
-            .find(|r| r.idempotency_key.as_deref() == Some(self.key))
+    pub(crate) fn answer_from(&self, rows: &KeyedRows) -> Option<Result<Entry>> {
+        rows.0
+            .get(self.key)
             .map(|row| self.answer_from_journal(row.clone()))
     }
 
@@ -178,6 +180,22 @@ impl<'a> Request<'a> {
             });
         }
         row.into_entry()
+    }
+}
+
+/// The journal rows a key lookup found (of one account), by their idempotency key: a batch's
+/// requests find theirs in constant time however many there are.
+#[derive(Default)]
+pub(crate) struct KeyedRows(HashMap<String, EntryRow>);
+
+impl KeyedRows {
+    /// `rows` by key (a row without one — the receiving side of a transfer — is never a key's).
+    pub(crate) fn new(rows: Vec<EntryRow>) -> Self {
+        Self(
+            rows.into_iter()
+                .filter_map(|row| row.idempotency_key.clone().map(|key| (key, row)))
+                .collect(),
+        )
     }
 }
 

@@ -6,6 +6,8 @@
 //! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
 //! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
+use std::collections::HashMap;
+
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Datetime, Nullable, Numeric, Text};
@@ -17,7 +19,9 @@ use super::types::{BalanceRow, Entry, EntryRow, Hold, HoldRow, NewEntry, NewHold
 use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
-use crate::statements::{insert_row, HeldFunds, InsertRows, SetBalance, SetHoldEnded};
+use crate::statements::{
+    insert_chunks, insert_row, read_in_lists, HeldFunds, InsertRows, SetBalance, SetHoldEnded,
+};
 use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
@@ -252,8 +256,8 @@ insert_row! {
     }
 }
 
-/// Writes the hold rows of the hold `entries` just written (one INSERT), with `expires_at` of
-/// each.
+/// Writes the hold rows of the hold `entries` just written (one INSERT, one per
+/// [`MAX_INSERT_ROWS`](crate::statements::MAX_INSERT_ROWS) holds), with `expires_at` of each.
 pub(crate) fn insert_holds(
     conn: &mut MysqlConnection,
     holds: &[(&Entry, NaiveDateTime)],
@@ -268,8 +272,8 @@ pub(crate) fn insert_holds(
             created_at: entry.created_at,
         })
         .collect();
-    if !rows.is_empty() {
-        InsertRows(&rows).execute(conn)?;
+    for chunk in insert_chunks(&rows) {
+        InsertRows(chunk).execute(conn)?;
     }
     Ok(())
 }
@@ -294,38 +298,34 @@ pub(crate) fn end_hold(
     Ok(())
 }
 
-/// Writes `rows` (of one account) with ONE `INSERT` and returns their entries with their ids,
-/// in order. A cached prepared statement ([`InsertRows`]) for up to `MAX_CACHED_ROWS` rows;
-/// `order` says how several rows are numbered
-/// (see [`inserted_ids`]; `None` for one row). Several rows carry their keys, through which
-/// their ids are read back where they are not consecutive.
+/// Writes `rows` (of one account) with ONE `INSERT` — one per
+/// [`MAX_INSERT_ROWS`](crate::statements::MAX_INSERT_ROWS) rows of a larger batch, each with
+/// its ids — and returns their entries with their ids, in order. A cached prepared statement
+/// ([`InsertRows`]) for up to `MAX_CACHED_ROWS` rows; `order` says how several rows are
+/// numbered (see [`inserted_ids`]; `None` for one row). Several rows carry their keys, through
+/// which their ids are read back where they are not consecutive.
 pub(crate) fn insert_entries(
     conn: &mut MysqlConnection,
     order: Option<InsertIds>,
     rows: &[NewEntry<'_>],
 ) -> Result<Vec<Entry>> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
+    let mut entries = Vec::with_capacity(rows.len());
+    for chunk in insert_chunks(rows) {
+        InsertRows(chunk).execute(conn)?;
+        let ids = inserted_ids(conn, order, chunk.len(), None, |conn| {
+            let keys: Vec<&str> = chunk.iter().filter_map(|row| row.idempotency_key).collect();
+            let stored: HashMap<String, i64> = journal_rows(conn, chunk[0].user_id, &keys)?
+                .into_iter()
+                .filter_map(|r| r.idempotency_key.map(|key| (key, r.id)))
+                .collect();
+            Ok(keys
+                .iter()
+                .filter_map(|key| stored.get(*key).copied())
+                .collect())
+        })?;
+        entries.extend(chunk.iter().zip(ids).map(|(row, id)| row.written(id)));
     }
-    InsertRows(rows).execute(conn)?;
-    let ids = inserted_ids(conn, order, rows.len(), None, |conn| {
-        let keys: Vec<&str> = rows.iter().filter_map(|row| row.idempotency_key).collect();
-        let stored = journal_rows(conn, rows[0].user_id, &keys)?;
-        Ok(keys
-            .iter()
-            .filter_map(|key| {
-                let row = stored
-                    .iter()
-                    .find(|r| r.idempotency_key.as_deref() == Some(*key));
-                row.map(|r| r.id)
-            })
-            .collect())
-    })?;
-    Ok(rows
-        .iter()
-        .zip(ids)
-        .map(|(row, id)| row.written(id))
-        .collect())
+    Ok(entries)
 }
 
 /// `UPDATE user_balance SET balance = ?, held = ?, version = ?`: the locked `account`'s new
@@ -354,20 +354,20 @@ pub(crate) fn create_account(conn: &mut MysqlConnection, user_id: i64) -> Result
     Ok(())
 }
 
-/// The journal rows of `user_id` under `keys` — one key or a batch's, one statement.
+/// The journal rows of `user_id` under `keys` — one key or a batch's, one statement (one per
+/// [`MAX_LIST_VALUES`](crate::statements::MAX_LIST_VALUES) keys).
 pub(crate) fn journal_rows(
     conn: &mut MysqlConnection,
     user_id: i64,
     keys: &[&str],
 ) -> Result<Vec<EntryRow>> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(balance_history::table
-        .filter(balance_history::user_id.eq(user_id))
-        .filter(balance_history::idempotency_key.eq_any(keys))
-        .select(EntryRow::as_select())
-        .load(conn)?)
+    Ok(read_in_lists(keys, |some| {
+        balance_history::table
+            .filter(balance_history::user_id.eq(user_id))
+            .filter(balance_history::idempotency_key.eq_any(some))
+            .select(EntryRow::as_select())
+            .load(conn)
+    })?)
 }
 
 /// The journal entry `entry_id` (no lock).

@@ -900,3 +900,79 @@ fn a_batch_of_a_size_seen_before_prepares_nothing() {
     assert_eq!(answered, stored);
     assert_eq!(stock_row(&mut conn, campaign.id), (100, 90));
 }
+
+/// A batch with more users than one statement can carry — 70,000 coupons bind 350,000 values,
+/// and one prepared statement binds at most 65,535 — answers as its single issues would: every
+/// user issued once, the repeat answered `AlreadyIssued` with the same coupon (the 70,000 users
+/// looked up), and where the stock runs out inside the batch the first users issued and the
+/// rest `SoldOut`. Before the statements were split, each of these answered an untyped server
+/// error ("Prepared statement contains too many placeholders").
+#[test]
+fn a_batch_larger_than_one_statement_answers_as_its_single_calls() {
+    const N: i64 = 70_000;
+    // Loads the server for a few seconds: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
+    let (_url, mut conn) = fresh_database("coupon_huge_batch");
+    let issuer = CouponIssuer::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        std::time::Duration::from_secs(120),
+    ));
+    let users: Vec<i64> = (1..=N).collect();
+
+    // Stock for everyone: all issued (the INSERTs written before the stock row is locked).
+    let (_, plenty) = open_campaign_named(&mut conn, &issuer, "plenty", 100_000);
+    let issued: Vec<IssuedCoupon> = issuer
+        .issue_many(&mut conn, plenty.id, &users)
+        .expect("the batch")
+        .into_iter()
+        .map(|answer| answer.expect("issued"))
+        .collect();
+    assert!(issued.iter().zip(&users).all(|(c, u)| c.user_id == *u));
+    let ids: BTreeMap<i64, i64> = issued.iter().map(|c| (c.user_id, c.id)).collect();
+    assert_eq!(
+        ids.values().collect::<std::collections::HashSet<_>>().len(),
+        users.len()
+    );
+    assert_eq!(issued_rows(&mut conn, plenty.id), N);
+    assert_eq!(stock_row(&mut conn, plenty.id), (100_000, 30_000));
+    let stored: BTreeMap<i64, i64> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(plenty.id))
+        .select((user_coupon::user_id, user_coupon::id))
+        .load::<(i64, i64)>(&mut conn)
+        .expect("coupons")
+        .into_iter()
+        .collect();
+    assert_eq!(stored, ids, "what is stored is what was answered");
+
+    // The repeat: every user holds it already.
+    for answer in issuer
+        .issue_many(&mut conn, plenty.id, &users)
+        .expect("the repeat")
+    {
+        match answer {
+            Err(Error::AlreadyIssued {
+                user_id,
+                user_coupon_id,
+                ..
+            }) => assert_eq!(ids.get(&user_id), Some(&user_coupon_id)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stock_row(&mut conn, plenty.id), (100_000, 30_000));
+
+    // The stock runs out inside the batch: the stock row locked first, then the winners written.
+    let (_, scarce) = open_campaign_named(&mut conn, &issuer, "scarce", 50_000);
+    let answers = issuer
+        .issue_many(&mut conn, scarce.id, &users)
+        .expect("the batch");
+    for (user, answer) in users.iter().zip(&answers) {
+        match answer {
+            Ok(coupon) if *user <= 50_000 => assert_eq!(coupon.user_id, *user),
+            Err(Error::SoldOut { campaign_id }) if *user > 50_000 => {
+                assert_eq!(*campaign_id, scarce.id)
+            }
+            other => panic!("user {user}: {other:?}"),
+        }
+    }
+    assert_eq!(issued_rows(&mut conn, scarce.id), 50_000);
+    assert_eq!(stock_row(&mut conn, scarce.id), (50_000, 0));
+}

@@ -11,7 +11,7 @@ use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
 use lockstock::schema::{balance_history, user_balance};
-use lockstock::{BalanceLedger, Entry, EntryKind, Error, ServerErrorKind, TxnPolicy};
+use lockstock::{AccountOp, BalanceLedger, Entry, EntryKind, Error, ServerErrorKind, TxnPolicy};
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
@@ -1062,4 +1062,95 @@ fn audit_detects_a_tampered_balance() {
         ),
         other => panic!("expected AuditFailed, got {other:?}"),
     }
+}
+
+/// A batch with more requests than one statement can carry — 70,000 journal rows bind 700,000
+/// values, and one prepared statement binds at most 65,535 — answers as its single calls would:
+/// every request applied once, in order, with its running balance, the repeated key answered
+/// with its first entry, and the replay of the whole batch answered from the journal (its
+/// 70,000 keys looked up) with nothing written. Before the INSERTs were split, the batch
+/// answered an untyped server error ("Prepared statement contains too many placeholders")
+/// from 6,554 rows on.
+#[test]
+fn a_batch_larger_than_one_statement_answers_as_its_single_calls() {
+    const N: usize = 70_000;
+    // Loads the server for a few seconds: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
+    let (_url, mut conn) = fresh_database("ledger_huge_batch");
+    let ledger = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        Duration::from_secs(120),
+    ));
+    // Charge 2, deduct 1, ...: never short; then op 0 once more (same key, same request).
+    let mut ops: Vec<AccountOp> = (0..N)
+        .map(|i| {
+            let key = format!("big-{i}");
+            if i % 2 == 0 {
+                AccountOp::charge(dec(2, 0), key)
+            } else {
+                AccountOp::deduct(dec(1, 0), key)
+            }
+        })
+        .collect();
+    ops.push(AccountOp::charge(dec(2, 0), "big-0"));
+
+    let answers: Vec<Entry> = ledger
+        .apply_many(&mut conn, 1, &ops)
+        .expect("the batch")
+        .into_iter()
+        .enumerate()
+        .map(|(i, answer)| answer.unwrap_or_else(|e| panic!("request {i}: {e:?}")))
+        .collect();
+    let mut balance = Decimal::ZERO;
+    for (i, entry) in answers.iter().take(N).enumerate() {
+        balance += if i % 2 == 0 { dec(2, 0) } else { dec(-1, 0) };
+        assert_eq!(entry.balance_after, balance, "request {i}");
+        assert_eq!(
+            entry.idempotency_key.as_deref(),
+            Some(format!("big-{i}").as_str())
+        );
+    }
+    assert_eq!(
+        answers[N], answers[0],
+        "the repeated key answers its first entry"
+    );
+    let ids: HashSet<i64> = answers.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), N, "one entry per request");
+
+    // What the journal holds is what was answered.
+    let stored: Vec<(i64, Decimal, Option<String>)> = balance_history::table
+        .filter(balance_history::user_id.eq(1_i64))
+        .order(balance_history::id.asc())
+        .select((
+            balance_history::id,
+            balance_history::balance_after,
+            balance_history::idempotency_key,
+        ))
+        .load(&mut conn)
+        .expect("journal");
+    let mut answered: Vec<(i64, Decimal, Option<String>)> = answers[..N]
+        .iter()
+        .map(|e| (e.id, e.balance_after, e.idempotency_key.clone()))
+        .collect();
+    answered.sort_by_key(|a| a.0);
+    assert_eq!(stored, answered);
+    assert_eq!(stored_balance(&mut conn, 1), balance);
+    audit_ok(&ledger, &mut conn, 1);
+
+    // The replay: every request answered from the journal, nothing written.
+    let replayed: Vec<Entry> = ledger
+        .apply_many(&mut conn, 1, &ops)
+        .expect("the replay")
+        .into_iter()
+        .map(|answer| answer.expect("replayed"))
+        .collect();
+    assert_eq!(replayed, answers);
+    assert_eq!(stored_balance(&mut conn, 1), balance);
+    assert_eq!(
+        balance_history::table
+            .filter(balance_history::user_id.eq(1_i64))
+            .count()
+            .get_result::<i64>(&mut conn)
+            .expect("journal size"),
+        i64::try_from(N).expect("N")
+    );
 }
