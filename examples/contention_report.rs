@@ -7,7 +7,9 @@
 //!   transaction, exactly the rows a combined batch of the cell's mean size writes (one
 //!   multi-row INSERT, one UPDATE of the hot row, COMMIT), nothing else — and combining/floor;
 //! * **across processes**: 1, 2 and 4 application processes × 64 / P clients on one hot
-//!   coupon and one hot account, each process with its own combiner and pool. The report
+//!   coupon and one hot account, each process with its own combiner and pool, in three
+//!   interleaved rounds (1, 2, 4, 1, 2, 4, ...: a drift of the machine's speed touches every
+//!   count alike) of which each count's median run is reported and compared. The report
 //!   re-executes itself as the worker processes (configured through `LOCKSTOCK_REPORT_WORKER_*`
 //!   environment variables; a worker prints its run on stdout), starts them together and checks
 //!   the hot row from the database once all are done;
@@ -365,17 +367,27 @@ fn print_processes(runs: &[processes::ProcessRun]) {
         "P application processes (the report re-executed as workers) x {RATIO_CLIENTS}/P \
          clients on one hot row, each process with its own combiner and pool of \
          min(clients, 8); throughput = all successes / (last process's end - first process's \
-         start); checked from the database once every process is done.\n"
+         start); checked from the database once every process is done. {} interleaved rounds; \
+         each row is the round with the median throughput, its vs-1-process against 1 \
+         process's median.\n",
+        processes::ROUNDS
     );
     println!(
-        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | notes |"
+        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | ok/s per round | notes |"
     );
-    println!("|---|---|---:|---:|---:|---|---|---:|---|");
-    for run in runs {
-        let one = runs
+    println!("|---|---|---:|---:|---:|---|---|---:|---|---|");
+    let medians = Domain::ALL.iter().flat_map(|&domain| {
+        processes::PROCESSES
             .iter()
-            .find(|r| r.domain == run.domain && r.processes == 1)
-            .map_or(0.0, |r| r.run.throughput());
+            .filter_map(move |&count| processes::median(runs, domain, count))
+    });
+    for run in medians {
+        let one = processes::median(runs, run.domain, 1).map_or(0.0, |r| r.run.throughput());
+        let rounds: Vec<String> = runs
+            .iter()
+            .filter(|r| r.domain == run.domain && r.processes == run.processes)
+            .map(|r| format!("{:.0}", r.run.throughput()))
+            .collect();
         let b = run.batches;
         let mean = if b.batches == 0 {
             0.0
@@ -384,7 +396,7 @@ fn print_processes(runs: &[processes::ProcessRun]) {
         };
         let errors = run_errors(&run.run);
         println!(
-            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} |",
+            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} |",
             run.domain.name(),
             run.processes,
             RATIO_CLIENTS / run.processes,
@@ -393,6 +405,7 @@ fn print_processes(runs: &[processes::ProcessRun]) {
             run.run.percentile_ms(99.0),
             b.batches,
             run.run.throughput() / one.max(1e-9),
+            rounds.join(" / "),
             if run.violations.is_empty() {
                 String::new()
             } else {
@@ -404,11 +417,8 @@ fn print_processes(runs: &[processes::ProcessRun]) {
 }
 
 fn process_ratio(runs: &[processes::ProcessRun], domain: Domain) -> String {
-    let rate = |processes: usize| {
-        runs.iter()
-            .find(|r| r.domain == domain && r.processes == processes)
-            .map(|r| r.run.throughput())
-    };
+    let rate =
+        |processes: usize| processes::median(runs, domain, processes).map(|r| r.run.throughput());
     match (rate(4), rate(1)) {
         (Some(four), Some(one)) if one > 0.0 => format!("{:.2}", four / one),
         _ => "n/a".to_string(),
@@ -1503,6 +1513,8 @@ mod processes {
     const KEYS_ENV: &str = "LOCKSTOCK_REPORT_WORKER_KEYS";
     /// Process counts measured; each runs [`RATIO_CLIENTS`] / count clients.
     pub(super) const PROCESSES: [usize; 3] = [1, 2, 4];
+    /// Rounds of every (domain, process count), interleaved; the median is compared.
+    pub(super) const ROUNDS: usize = 3;
     /// Ids and latencies per output line.
     const CHUNK: usize = 1_000;
 
@@ -1673,15 +1685,31 @@ mod processes {
         Ok((run, window, stats))
     }
 
-    /// Every (domain, process count): `processes` workers × [`RATIO_CLIENTS`] / `processes`
-    /// clients on one fresh hot row for `time`, then the checks from the database.
+    /// The run of `domain` with `processes` processes whose throughput is the median of its
+    /// rounds (the lower middle one of an even number).
+    pub(super) fn median(
+        runs: &[ProcessRun],
+        domain: Domain,
+        processes: usize,
+    ) -> Option<&ProcessRun> {
+        let mut of: Vec<&ProcessRun> = runs
+            .iter()
+            .filter(|r| r.domain == domain && r.processes == processes)
+            .collect();
+        of.sort_by(|a, b| a.run.throughput().total_cmp(&b.run.throughput()));
+        of.get(of.len().saturating_sub(1) / 2).copied()
+    }
+
+    /// [`ROUNDS`] rounds of every (domain, process count): `processes` workers ×
+    /// [`RATIO_CLIENTS`] / `processes` clients on one fresh hot row for `time`, then the checks
+    /// from the database.
     pub(super) fn measure(
         harness: &mut Harness,
         time: Duration,
     ) -> Result<Vec<ProcessRun>, BoxError> {
         let exe = std::env::current_exe()?;
         let mut runs = Vec::new();
-        for domain in Domain::ALL {
+        for domain in (0..ROUNDS).flat_map(|_| Domain::ALL) {
             for processes in PROCESSES {
                 let clients = RATIO_CLIENTS / processes;
                 let share = CELL_REQUEST_CAP / processes as u64;
