@@ -208,30 +208,6 @@ impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for LockingRead<Q> {
 
 impl<Q> RunQueryDsl<MysqlConnection> for LockingRead<Q> {}
 
-/// A write that never waits for a row lock: `SET STATEMENT innodb_lock_wait_timeout = 0 FOR`
-/// the write (MariaDB). Where it would wait — another transaction's uncommitted row under the
-/// same unique key, a gap another transaction has locked — it is refused at once (1205; only
-/// the statement is rolled back), like a `NOWAIT` read: a transaction that holds a hot row
-/// sends its later writes that could meet other transactions' rows this way, so that a waiter
-/// for the hot row is never waited for (see [`Holding`](crate::txn::Holding)). Cached by its
-/// SQL text, as the write it wraps.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct WaitFree<Q>(pub(crate) Q);
-
-impl<Q> QueryId for WaitFree<Q> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for WaitFree<Q> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql("SET STATEMENT innodb_lock_wait_timeout = 0 FOR ");
-        self.0.walk_ast(out.reborrow())
-    }
-}
-
-impl<Q> RunQueryDsl<MysqlConnection> for WaitFree<Q> {}
-
 /// The most rows a multi-row INSERT may have and still be a cached prepared statement: one is
 /// cached per row count (and table) up to this, so a connection holds at most this many per
 /// table; a larger INSERT is prepared, run and closed each time (one round trip more).

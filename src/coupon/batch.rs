@@ -9,12 +9,12 @@ use diesel::mysql::MysqlConnection;
 use super::cache::lock;
 use super::rows::{
     fits_one_insert, holders, insert_user_coupons, lock_campaign, lock_campaign_after_insert,
-    set_stock, user_coupon_ids, write_user_coupons, CampaignLock,
+    set_stock, user_coupon_ids, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::txn::{Deadline, Holding};
+use crate::txn::Deadline;
 use crate::validate::validate_id;
 
 impl CouponIssuer {
@@ -136,18 +136,17 @@ impl CouponIssuer {
                 // A batch too large for one INSERT writes a chunk at a time, each with its ids.
                 let early = if insert_first {
                     let (_, everyone) = decide(user_ids, &holders, i32::MAX);
-                    let written = (campaign_id, coupon_id);
                     let ids = if fits_one_insert(everyone.len()) {
-                        write_user_coupons(conn, written, &everyone, at, CampaignLock::NotHeld)?;
+                        write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at)?;
                         None
                     } else {
+                        let written = (campaign_id, coupon_id);
                         Some(insert_user_coupons(
                             conn,
                             Some(insert_ids),
                             written,
                             &everyone,
                             at,
-                            CampaignLock::NotHeld,
                         )?)
                     };
                     Some((everyone, ids))
@@ -161,9 +160,10 @@ impl CouponIssuer {
                         lock_campaign_after_insert(conn, campaign_id)?.ok_or_else(not_found)?;
                     (campaign, Some(first))
                 } else {
-                    // Holding at most its own coupons (and the holder read's shared locks).
-                    let campaign = lock_campaign(conn, campaign_id, Holding::OwnCoupons)?;
-                    (campaign.ok_or_else(not_found)?, None)
+                    (
+                        lock_campaign(conn, campaign_id)?.ok_or_else(not_found)?,
+                        None,
+                    )
                 };
                 let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
                 if current != facts {
@@ -195,7 +195,6 @@ impl CouponIssuer {
                         (campaign_id, coupon_id),
                         &winners,
                         at,
-                        CampaignLock::Held,
                     )?,
                 };
                 if !winners.is_empty() {

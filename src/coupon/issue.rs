@@ -4,7 +4,7 @@
 use diesel::mysql::MysqlConnection;
 
 use super::rows::{
-    find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons, CampaignLock,
+    find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
@@ -68,8 +68,7 @@ impl CouponIssuer {
                 let at = self.now();
                 facts.check_window(campaign_id, at)?;
                 // Before the hot row: the unique index decides "already issued?".
-                let coupon = (campaign_id, facts.coupon_id);
-                write_user_coupons(conn, coupon, &[user_id], at, CampaignLock::NotHeld)?;
+                write_user_coupons(conn, (campaign_id, facts.coupon_id), &[user_id], at)?;
                 // The hot row, with the new coupon's id: locked from here to COMMIT for one
                 // UPDATE.
                 let (campaign, id) = lock_campaign_after_insert(conn, campaign_id)?

@@ -9,7 +9,7 @@ use super::types::{positive_quantity, validate_order_ref, Campaign, CouponStatus
 use super::CouponIssuer;
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::schema::{fcfs_coupon, fcfs_coupon_restock};
-use crate::txn::{Deadline, Holding};
+use crate::txn::Deadline;
 use crate::validate::{validate_id, validate_key};
 
 impl CouponIssuer {
@@ -54,8 +54,8 @@ impl CouponIssuer {
         deadline: Deadline,
     ) -> Result<Campaign> {
         let applied = self.runner.run_by(conn, deadline, |conn| {
-            let mut campaign = lock_campaign(conn, campaign_id, Holding::Nothing)?
-                .ok_or(Error::CampaignNotFound { campaign_id })?;
+            let mut campaign =
+                lock_campaign(conn, campaign_id)?.ok_or(Error::CampaignNotFound { campaign_id })?;
             let (Some(total), Some(stock)) = (
                 campaign.total_quantity.checked_add(additional),
                 campaign.stock_quantity.checked_add(additional),

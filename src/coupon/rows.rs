@@ -3,11 +3,9 @@
 //! ([`write_user_coupons`]; the unique index decides "already issued?"), then lock it with
 //! [`lock_campaign_after_insert`], which reads the new rows' first id in the same statement;
 //! between the lock and COMMIT only [`set_stock`] runs. A batch whose stock runs out inside it
-//! locks first and then writes its winners ([`insert_user_coupons`], with their ids read back,
-//! [`CampaignLock::Held`]: refused at once where the INSERT would wait for another
-//! transaction's row, so that an issue that wrote its coupons and waits for the campaign row is
-//! never waited for by the row's holder). Each is a cached prepared statement (the INSERTs up
-//! to [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
+//! locks first and then writes its winners ([`insert_user_coupons`], with their ids read back).
+//! Each is a cached prepared statement (the INSERTs up to
+//! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
 use chrono::NaiveDateTime;
 use diesel::dsl;
@@ -19,10 +17,8 @@ use std::collections::HashMap;
 use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
-use crate::statements::{
-    insert_row, read_in_lists, rows_per_insert, InsertRows, SetStock, WaitFree,
-};
-use crate::txn::{bounded_waits, locking_read, Holding, InsertIds};
+use crate::statements::{insert_row, read_in_lists, rows_per_insert, InsertRows, SetStock};
+use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, last_insert_id, locked_row, row_id};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
@@ -38,17 +34,14 @@ fn campaign_row(campaign_id: i64) -> CampaignRow {
 
 /// The campaign row `FOR UPDATE NOWAIT`: the hot row, through the primary key — its stock, and
 /// in the same read (no extra round trip) the facts the cached ones are checked against.
-/// Restocks, batches whose stock runs out inside them (they lock before writing) and batches
-/// too large for one INSERT lock it with this statement; issues that wrote their coupons with
-/// one INSERT first with [`lock_campaign_after_insert`]. In a combiner's batch a refusal is
-/// sent again while it can be the key's previous batch committing, and otherwise waited out in
-/// the server for a few milliseconds at most, as `holding` allows ([`locking_read`]).
-pub(crate) fn lock_campaign(
-    conn: &mut MysqlConnection,
-    id: i64,
-    holding: Holding,
-) -> Result<Option<Campaign>> {
-    Ok(locking_read(conn, holding, |conn, lock| {
+/// Restocks, and batches whose stock runs out inside them (they lock before writing), lock it
+/// with this statement; issues that wrote their coupons first with
+/// [`lock_campaign_after_insert`]. In a combiner's batch a refusal is sent again while it
+/// can be the key's previous batch committing, and polled for a few milliseconds otherwise
+/// ([`locking_read`]: every transaction that locks it holds rows already — its coupons, or the
+/// coupon it redeems or restores — so it never waits).
+pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
+    Ok(locking_read(conn, Holding::Locks, |conn, lock| {
         lock.read(campaign_row(id).for_update())
             .get_result(conn)
             .optional()
@@ -62,7 +55,7 @@ pub(crate) fn lock_campaign_after_insert(
     conn: &mut MysqlConnection,
     id: i64,
 ) -> Result<Option<(Campaign, i64)>> {
-    let locked: Option<(Campaign, u64)> = locking_read(conn, Holding::OwnCoupons, |conn, lock| {
+    let locked: Option<(Campaign, u64)> = locking_read(conn, Holding::Locks, |conn, lock| {
         let read = fcfs_coupon::table
             .find(id)
             .select((Campaign::as_select(), last_insert_id()))
@@ -97,11 +90,10 @@ pub(crate) fn insert_user_coupons(
     (campaign_id, coupon_id): (i64, i64),
     users: &[i64],
     issued_at: NaiveDateTime,
-    campaign: CampaignLock,
 ) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(users.len());
     for some in users.chunks(rows_per_insert::<NewUserCoupon>()) {
-        write_user_coupons(conn, (campaign_id, coupon_id), some, issued_at, campaign)?;
+        write_user_coupons(conn, (campaign_id, coupon_id), some, issued_at)?;
         ids.extend(user_coupon_ids(conn, order, coupon_id, some, None)?);
     }
     Ok(ids)
@@ -123,31 +115,12 @@ pub(crate) fn write_user_coupons(
     (campaign_id, coupon_id): (i64, i64),
     users: &[i64],
     issued_at: NaiveDateTime,
-    campaign: CampaignLock,
 ) -> Result<()> {
     let rows = new_rows((campaign_id, coupon_id), users, issued_at);
-    if rows.is_empty() {
-        return Ok(());
-    }
-    if campaign == CampaignLock::Held && bounded_waits() {
-        WaitFree(InsertRows(&rows)).execute(conn)?;
-    } else {
+    if !rows.is_empty() {
         InsertRows(&rows).execute(conn)?;
     }
     Ok(())
-}
-
-/// Whether the transaction holds the campaign row when it writes coupons. Coupons written while
-/// it does never wait for another transaction's row ([`WaitFree`]): a transaction that has
-/// written its coupons and waits for the campaign row can then never be waited for by the row's
-/// holder (see [`Holding::OwnCoupons`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CampaignLock {
-    /// Written before the campaign row is locked (the unique index may make the INSERT wait
-    /// for another transaction's coupon of the same user).
-    NotHeld,
-    /// Written with the campaign row locked: refused at once where it would wait.
-    Held,
 }
 
 /// The ids of the coupons [`write_user_coupons`] just wrote for `users` (in their order), the

@@ -10,11 +10,11 @@
 //! long as a predecessor of the key was committing when it was sent, within the budget a wait
 //! for another process's batch has: a COMMIT that the server holds back (a backup's `BACKUP
 //! STAGE BLOCK_COMMIT`, `FLUSH TABLES WITH READ LOCK`) keeps the row locked for as long, and
-//! the refusal then goes to the runner like any other. A refusal with no predecessor committing
-//! is another process's batch (or any other transaction) holding the row: a transaction that
-//! holds nothing yet (or only its own new coupons) waits for it in the server for a few
-//! milliseconds at most, one that holds other rows polls it (see [`locking_read`]); if the row
-//! stays taken, the refusal goes to the runner as always (rollback, backoff, retry).
+//! the refusal then goes to the runner like any other. A refusal with no
+//! predecessor committing is another process's batch (or any other transaction) holding the
+//! row: a transaction that holds nothing yet waits for it in the server for a few milliseconds
+//! at most, one that holds rows polls it (see [`locking_read`]); if the row stays taken, the
+//! refusal goes to the runner as always (rollback, backoff, retry).
 //!
 //! The handoff is installed for the calling thread by the combiner around a batch
 //! ([`with_handoff`]); elsewhere nothing of this runs.
@@ -88,24 +88,14 @@ pub(super) fn after_commit() {
     }
 }
 
-/// What the transaction holds when it sends its hot row's locking read. A transaction may wait
-/// for the row only if no holder of it can be waiting for something the transaction holds:
-/// then it cannot close a deadlock cycle with the row's holder.
+/// What the transaction holds when it sends its hot row's locking read: only a transaction that
+/// holds nothing may wait for the row — it cannot be part of a deadlock, where one that holds
+/// rows (rows it inserted included) and waits could close a cycle with the row's holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Holding {
     /// The read is the transaction's first locking statement.
     Nothing,
-    /// The transaction has written only coupons of its own (and taken the shared locks of its
-    /// read of their holders) before locking their campaign row. No lockstock transaction that
-    /// holds a campaign row waits for those: the only one that writes coupons after locking the
-    /// row (a batch whose stock runs out inside it) sends that INSERT so that it is refused
-    /// instead of waiting ([`bounded_waits`]: `SET STATEMENT innodb_lock_wait_timeout = 0
-    /// FOR`), and every other write after a campaign lock is to rows only the lock's holder
-    /// writes. A transaction of another program that holds the row and then waits for such a
-    /// coupon closes a cycle that the server's deadlock detection ends at once (a retryable
-    /// `Deadlock`), or, with detection off, the wait's time limit.
-    OwnCoupons,
-    /// The transaction has locked or written other rows before.
+    /// The transaction has locked or written rows before.
     Locks,
 }
 
@@ -179,15 +169,6 @@ pub(super) fn note_server(flavor: ServerFlavor) {
     BOUNDED_WAITS.with(|w| w.set(flavor == ServerFlavor::MariaDb));
 }
 
-/// Whether the server of the calling thread's current transaction bounds one statement's waits
-/// (MariaDB): there hot-row reads may wait in the server ([`locking_read`]), and a write after
-/// a hot-row lock that must never wait is sent with `SET STATEMENT innodb_lock_wait_timeout =
-/// 0 FOR` ([`WaitFree`](crate::statements::WaitFree)). Elsewhere (MySQL) no transaction waits
-/// for a hot row, so nothing can wait for its holder's writes either.
-pub(crate) fn bounded_waits() -> bool {
-    BOUNDED_WAITS.with(Cell::get)
-}
-
 /// Runs the hot row's locking read `read` (built with [`Lock::read`]), first as `FOR UPDATE
 /// NOWAIT` ([`Lock::NoWait`]).
 /// Outside a combiner's batch, once. In a batch, a refusal is answered — only the statement was
@@ -197,9 +178,8 @@ pub(crate) fn bounded_waits() -> bool {
 ///   [`wait_budget`](Handoff::wait_budget) from the first refusal is spent (a COMMIT the server
 ///   holds back keeps the row locked meanwhile);
 /// - otherwise (another process's batch, or any other transaction, holds the row), if the
-///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) or only its own new
-///   coupons ([`Holding::OwnCoupons`]: an issue batch) and the server is MariaDB, by waiting
-///   for the row IN THE SERVER, once, for at most the handoff's
+///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) and the server is
+///   MariaDB, by waiting for the row IN THE SERVER, once, for at most the handoff's
 ///   [`wait_budget`](Handoff::wait_budget) rounded down to 8, 3 or 1 ms ([`Lock::Wait`]): the
 ///   server hands the row over the moment its holder commits, where polling found it free only
 ///   at its next try and loaded the server with refusals meanwhile. A batch holds the row for
@@ -207,11 +187,11 @@ pub(crate) fn bounded_waits() -> bool {
 ///   transaction again) would leave the row idle for longer than that. The batch's leader is
 ///   the only waiter its process sends for the key, so at most one waiter per process queues
 ///   on the row, and the wait is bounded by the statement time limit, not by
-///   `innodb_lock_wait_timeout`. A transaction that waits holds nothing that a holder of the
-///   row could be waiting for (see [`Holding`]), so it cannot close a deadlock cycle with
-///   lockstock's transactions: NOWAIT's promise. A transaction that holds other rows already
-///   ([`Holding::Locks`]), and any on MySQL, which has no such bound, polls the NOWAIT read
-///   instead (a pause from 50 µs doubling to 150 µs) within the same budget.
+///   `innodb_lock_wait_timeout`. A transaction that waits holds no lock, so it can never close
+///   a deadlock cycle: NOWAIT's promise. A transaction that holds rows already (a coupon batch
+///   has inserted its coupons; [`Holding::Locks`]), and any on MySQL, which has no such bound,
+///   polls the NOWAIT read instead (a pause from 50 µs doubling to 150 µs) within the same
+///   budget.
 ///
 /// When the wait (or the polling) ends without the row, the first refusal goes to the runner,
 /// which rolls back and retries as always. Any other answer — the row, another error — is
@@ -242,7 +222,7 @@ pub(crate) fn locking_read<T>(
                     continue;
                 }
                 handoff.refused();
-                if holding != Holding::Locks && bounded_waits() {
+                if holding == Holding::Nothing && BOUNDED_WAITS.with(Cell::get) {
                     let Some(wait) = Wait::within(budget) else {
                         return Err(e);
                     };
