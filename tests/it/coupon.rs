@@ -910,8 +910,8 @@ fn a_batch_of_a_size_seen_before_prepares_nothing() {
 #[test]
 fn a_batch_larger_than_one_statement_answers_as_its_single_calls() {
     const N: i64 = 70_000;
-    // Loads the server for a few seconds: never beside a test that asserts time bounds.
-    let _storm = lockstock_testkit::fixtures::storm();
+    // Loads the server for a few seconds: alone, so that no timing or fault test runs beside it.
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
     let (_url, mut conn) = fresh_database("coupon_huge_batch");
     let issuer = CouponIssuer::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
         std::time::Duration::from_secs(120),

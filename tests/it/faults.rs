@@ -302,9 +302,13 @@ fn connections_to(
     .collect())
 }
 
+/// How long the killer of [`pool_and_combiner_recover_from_killed_connections`] kills at most.
+const KILLING: Duration = Duration::from_secs(4);
+
 /// An r2d2 pool of 2 whose connections are killed: the next `pool.get()` works, and the
 /// combining ledger and issuer keep answering (retried calls apply once, batches all or
-/// nothing) while their pooled connections are killed under them, and work afterwards.
+/// nothing) while their pooled connections are killed under them (for the callers' first
+/// [`KILLING`] at most), and work afterwards.
 #[test]
 fn pool_and_combiner_recover_from_killed_connections() {
     let _storm = lockstock_testkit::fixtures::storm();
@@ -375,7 +379,12 @@ fn pool_and_combiner_recover_from_killed_connections() {
                 let mut keep = HashSet::from([admin_id]);
                 keep.insert(connection_id(&mut admin).expect("id"));
                 let mut rng = Rng::new(seed);
-                while !stop.load(Ordering::Relaxed) {
+                // For a bounded time: a killer that kills every new connection within a few
+                // milliseconds can keep a loaded server's pool from ever reconnecting (r2d2
+                // backs off up to half its connection timeout between attempts), and the callers
+                // would retry for ever (seen once in CI, with another test loading the server).
+                let killing = Instant::now();
+                while !stop.load(Ordering::Relaxed) && killing.elapsed() < KILLING {
                     thread::sleep(Duration::from_micros(2_000 + rng.below(4_000)));
                     let ids = connections_to(&mut admin, db, &keep).expect("processlist");
                     if let Some(id) = ids.get(rng.below(ids.len().max(1) as u64) as usize) {

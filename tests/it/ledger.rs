@@ -1074,8 +1074,8 @@ fn audit_detects_a_tampered_balance() {
 #[test]
 fn a_batch_larger_than_one_statement_answers_as_its_single_calls() {
     const N: usize = 70_000;
-    // Loads the server for a few seconds: never beside a test that asserts time bounds.
-    let _storm = lockstock_testkit::fixtures::storm();
+    // Loads the server for a few seconds: alone, so that no timing or fault test runs beside it.
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
     let (_url, mut conn) = fresh_database("ledger_huge_batch");
     let ledger = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
         Duration::from_secs(120),
