@@ -197,6 +197,11 @@ impl KeyedRows {
                 .collect(),
         )
     }
+
+    /// The id of the journal entry under `key`, if one was found.
+    pub(crate) fn id_of(&self, key: &str) -> Option<i64> {
+        self.0.get(key).map(|row| row.id)
+    }
 }
 
 #[cfg(test)]

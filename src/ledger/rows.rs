@@ -6,8 +6,6 @@
 //! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
 //! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
-use std::collections::HashMap;
-
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Datetime, Nullable, Numeric, Text};
@@ -15,6 +13,7 @@ use rust_decimal::Decimal;
 
 use chrono::NaiveDateTime;
 
+use super::request::KeyedRows;
 use super::types::{BalanceRow, Entry, EntryRow, Hold, HoldRow, NewEntry, NewHold};
 use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
@@ -314,14 +313,8 @@ pub(crate) fn insert_entries(
         InsertRows(chunk).execute(conn)?;
         let ids = inserted_ids(conn, order, chunk.len(), None, |conn| {
             let keys: Vec<&str> = chunk.iter().filter_map(|row| row.idempotency_key).collect();
-            let stored: HashMap<String, i64> = journal_rows(conn, chunk[0].user_id, &keys)?
-                .into_iter()
-                .filter_map(|r| r.idempotency_key.map(|key| (key, r.id)))
-                .collect();
-            Ok(keys
-                .iter()
-                .filter_map(|key| stored.get(*key).copied())
-                .collect())
+            let stored = KeyedRows::new(journal_rows(conn, chunk[0].user_id, &keys)?);
+            Ok(keys.iter().filter_map(|key| stored.id_of(key)).collect())
         })?;
         entries.extend(chunk.iter().zip(ids).map(|(row, id)| row.written(id)));
     }

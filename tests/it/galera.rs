@@ -917,18 +917,12 @@ struct Part {
     part: String,
 }
 
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-/// A single count (`... AS n`).
+/// A single number (`... AS total`).
 fn count(conn: &mut MysqlConnection, query: &str) -> i64 {
     diesel::sql_query(query)
-        .get_result::<Count>(conn)
+        .get_result::<Counter>(conn)
         .unwrap_or_else(|e| panic!("{query}: {e}"))
-        .n
+        .total
 }
 
 /// The guard against silent rollbacks under real brute-force aborts, on a 2-node cluster whose
@@ -974,8 +968,8 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
                 tag += 1;
                 let attempt = (|| -> QueryResult<()> {
                     conn.batch_execute("BEGIN")?;
-                    diesel::sql_query("SELECT id AS n FROM hot WHERE id = 1 FOR UPDATE")
-                        .get_result::<Count>(&mut conn)?;
+                    diesel::sql_query("SELECT id AS total FROM hot WHERE id = 1 FOR UPDATE")
+                        .get_result::<Counter>(&mut conn)?;
                     diesel::sql_query(
                         "INSERT INTO journal (node, tag, hot_id) VALUES (1, ?, 1), (1, ?, 1)",
                     )
@@ -990,11 +984,12 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
                 match attempt {
                     Ok(()) => {
                         ok += 1;
-                        let rows =
-                            diesel::sql_query("SELECT COUNT(*) AS n FROM journal WHERE tag = ?")
-                                .bind::<BigInt, _>(tag)
-                                .get_result::<Count>(&mut conn);
-                        if rows.is_ok_and(|r| r.n == 0) {
+                        let rows = diesel::sql_query(
+                            "SELECT COUNT(*) AS total FROM journal WHERE tag = ?",
+                        )
+                        .bind::<BigInt, _>(tag)
+                        .get_result::<Counter>(&mut conn);
+                        if rows.is_ok_and(|r| r.total == 0) {
                             half += 1;
                             let _ = sender.send((ok, half));
                         }
@@ -1017,8 +1012,8 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
     while halves < 3 && run_started.elapsed() < Duration::from_secs(40) {
         let answer = runner.run(&mut conn, |conn| {
             attempts += 1;
-            diesel::sql_query("SELECT id AS n FROM hot WHERE id = 1 FOR UPDATE")
-                .get_result::<Count>(conn)?;
+            diesel::sql_query("SELECT id AS total FROM hot WHERE id = 1 FOR UPDATE")
+                .get_result::<Counter>(conn)?;
             diesel::sql_query(
                 "INSERT INTO journal (node, tag, hot_id) VALUES (0, 0, 1), (0, 0, 1)",
             )
@@ -1054,8 +1049,11 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
         .wait_cluster_synced(Duration::from_secs(30))
         .expect("cluster synced");
     let check = &mut causal(&urls[0]);
-    let rows = count(check, "SELECT COUNT(*) AS n FROM journal WHERE node = 0");
-    let counter = count(check, "SELECT guarded AS n FROM hot WHERE id = 1");
+    let rows = count(
+        check,
+        "SELECT COUNT(*) AS total FROM journal WHERE node = 0",
+    );
+    let counter = count(check, "SELECT guarded AS total FROM hot WHERE id = 1");
     eprintln!(
         "galera_runner_answers_whole_transactions_under_silent_rollbacks: runner {ok} successes, \
          {failed} failures in {attempts} attempts; unguarded control {control_ok} successes, \
