@@ -11,8 +11,11 @@ use chrono::NaiveDateTime;
 use diesel::mysql::Mysql;
 use diesel::query_builder::Query;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::query_dsl::methods::ExecuteDsl;
 use diesel::sql_types::{BigInt, Datetime, Integer, Numeric, Text};
 use diesel::{MysqlConnection, QueryResult, RunQueryDsl};
+
+use crate::txn::bounded_waits;
 use rust_decimal::Decimal;
 
 /// Defines a statement type with a static query id: a unit struct for constant SQL, or a struct
@@ -207,6 +210,50 @@ impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for LockingRead<Q> {
 }
 
 impl<Q> RunQueryDsl<MysqlConnection> for LockingRead<Q> {}
+
+/// A write that never waits for a row lock: `SET STATEMENT innodb_lock_wait_timeout = 0 FOR`
+/// the write (MariaDB). Where it would wait (a gap another transaction has locked, another
+/// transaction's uncommitted row under the same unique key) it is refused at once (1205, only
+/// the statement rolled back), like a `NOWAIT` read, and the runner rolls back and retries. A
+/// transaction that holds a hot row sends the writes that can meet other transactions' locks
+/// this way: it never waits while it holds the row, so it never closes a deadlock — in which
+/// the server could roll back another program's transaction as the victim. Cached by its SQL
+/// text, as the write it wraps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WaitFree<Q>(pub(crate) Q);
+
+impl<Q> QueryId for WaitFree<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for WaitFree<Q> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql("SET STATEMENT innodb_lock_wait_timeout = 0 FOR ");
+        self.0.walk_ast(out.reborrow())
+    }
+}
+
+impl<Q> RunQueryDsl<MysqlConnection> for WaitFree<Q> {}
+
+/// Runs `write`, a statement sent while the transaction holds a hot row (the account, the
+/// stock row) that can meet other transactions' locks — an INSERT: a gap another transaction
+/// read under SERIALIZABLE, a row it inserted under the same unique key — so that it never
+/// waits while the row is held: on MariaDB [`WaitFree`], refused at once where it would wait
+/// (the runner rolls back and retries). A transaction that waited here could close a deadlock
+/// with the other lock's holder, and the server could roll back someone else's transaction as
+/// its victim. MySQL has no per-statement bound (and no lock wait below one second): there the
+/// write may wait for up to `innodb_lock_wait_timeout`.
+pub(crate) fn write_under_lock<W>(conn: &mut MysqlConnection, write: W) -> QueryResult<usize>
+where
+    W: QueryFragment<Mysql> + QueryId,
+{
+    if bounded_waits() {
+        ExecuteDsl::<MysqlConnection, Mysql>::execute(WaitFree(write), conn)
+    } else {
+        ExecuteDsl::<MysqlConnection, Mysql>::execute(write, conn)
+    }
+}
 
 /// The most rows a multi-row INSERT may have and still be a cached prepared statement: one is
 /// cached per row count (and table) up to this, so a connection holds at most this many per

@@ -9,7 +9,7 @@ use diesel::mysql::MysqlConnection;
 use super::cache::lock;
 use super::rows::{
     fits_one_insert, holders, insert_user_coupons, lock_campaign, lock_campaign_after_insert,
-    set_stock, user_coupon_ids, write_user_coupons,
+    set_stock, user_coupon_ids, write_user_coupons, CampaignLock,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
@@ -137,7 +137,13 @@ impl CouponIssuer {
                 let early = if insert_first {
                     let (_, everyone) = decide(user_ids, &holders, i32::MAX);
                     let ids = if fits_one_insert(everyone.len()) {
-                        write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at)?;
+                        write_user_coupons(
+                            conn,
+                            (campaign_id, coupon_id),
+                            &everyone,
+                            at,
+                            CampaignLock::NotHeld,
+                        )?;
                         None
                     } else {
                         let written = (campaign_id, coupon_id);
@@ -147,6 +153,7 @@ impl CouponIssuer {
                             written,
                             &everyone,
                             at,
+                            CampaignLock::NotHeld,
                         )?)
                     };
                     Some((everyone, ids))
@@ -195,6 +202,7 @@ impl CouponIssuer {
                         (campaign_id, coupon_id),
                         &winners,
                         at,
+                        CampaignLock::Held,
                     )?,
                 };
                 if !winners.is_empty() {

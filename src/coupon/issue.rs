@@ -4,7 +4,7 @@
 use diesel::mysql::MysqlConnection;
 
 use super::rows::{
-    find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons,
+    find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons, CampaignLock,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
@@ -68,7 +68,13 @@ impl CouponIssuer {
                 let at = self.now();
                 facts.check_window(campaign_id, at)?;
                 // Before the hot row: the unique index decides "already issued?".
-                write_user_coupons(conn, (campaign_id, facts.coupon_id), &[user_id], at)?;
+                write_user_coupons(
+                    conn,
+                    (campaign_id, facts.coupon_id),
+                    &[user_id],
+                    at,
+                    CampaignLock::NotHeld,
+                )?;
                 // The hot row, with the new coupon's id: locked from here to COMMIT for one
                 // UPDATE.
                 let (campaign, id) = lock_campaign_after_insert(conn, campaign_id)?

@@ -9,6 +9,7 @@ use super::types::{positive_quantity, validate_order_ref, Campaign, CouponStatus
 use super::CouponIssuer;
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::schema::{fcfs_coupon, fcfs_coupon_restock};
+use crate::statements::write_under_lock;
 use crate::txn::Deadline;
 use crate::validate::{validate_id, validate_key};
 
@@ -66,15 +67,17 @@ impl CouponIssuer {
                 });
             };
             // UNIQUE(fcfs_coupon_id, idempotency_key) refuses a key used before.
-            diesel::insert_into(fcfs_coupon_restock::table)
-                .values((
+            // Under the stock lock: never waits (a restock of the same key elsewhere).
+            write_under_lock(
+                conn,
+                diesel::insert_into(fcfs_coupon_restock::table).values((
                     fcfs_coupon_restock::fcfs_coupon_id.eq(campaign_id),
                     fcfs_coupon_restock::idempotency_key.eq(key),
                     fcfs_coupon_restock::additional.eq(additional),
                     fcfs_coupon_restock::total_after.eq(total),
                     fcfs_coupon_restock::stock_after.eq(stock),
-                ))
-                .execute(conn)?;
+                )),
+            )?;
             diesel::update(fcfs_coupon::table.find(campaign_id))
                 .set((
                     fcfs_coupon::total_quantity.eq(total),

@@ -4,7 +4,11 @@
 //! [`lock_entry`], [`lock_holds`], [`insert_entries`] (and the `LAST_INSERT_ID()` or key lookup
 //! inside it), [`insert_holds`], [`end_hold`], [`SetRefunded`](crate::statements::SetRefunded)
 //! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
-//! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
+//! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count). None of
+//! them waits for a lock while the account is held: the reads and updates lock with NOWAIT or
+//! touch rows this transaction locked already, and the INSERTs — which another transaction's
+//! gap lock or uncommitted row under the same key could hold up — are sent wait-free
+//! ([`write_under_lock`]).
 
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
@@ -19,7 +23,8 @@ use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{
-    insert_chunks, insert_row, read_in_lists, HeldFunds, InsertRows, SetBalance, SetHoldEnded,
+    insert_chunks, insert_row, read_in_lists, write_under_lock, HeldFunds, InsertRows, SetBalance,
+    SetHoldEnded,
 };
 use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
@@ -272,7 +277,7 @@ pub(crate) fn insert_holds(
         })
         .collect();
     for chunk in insert_chunks(&rows) {
-        InsertRows(chunk).execute(conn)?;
+        write_under_lock(conn, InsertRows(chunk))?;
     }
     Ok(())
 }
@@ -310,7 +315,7 @@ pub(crate) fn insert_entries(
 ) -> Result<Vec<Entry>> {
     let mut entries = Vec::with_capacity(rows.len());
     for chunk in insert_chunks(rows) {
-        InsertRows(chunk).execute(conn)?;
+        write_under_lock(conn, InsertRows(chunk))?;
         let ids = inserted_ids(conn, order, chunk.len(), None, |conn| {
             let keys: Vec<&str> = chunk.iter().filter_map(|row| row.idempotency_key).collect();
             let stored = KeyedRows::new(journal_rows(conn, chunk[0].user_id, &keys)?);

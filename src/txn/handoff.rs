@@ -169,6 +169,12 @@ pub(super) fn note_server(flavor: ServerFlavor) {
     BOUNDED_WAITS.with(|w| w.set(flavor == ServerFlavor::MariaDb));
 }
 
+/// Whether the server of the calling thread's current transaction bounds one statement's lock
+/// wait (MariaDB's `SET STATEMENT ... FOR`; see [`WaitFree`](crate::statements::WaitFree)).
+pub(crate) fn bounded_waits() -> bool {
+    BOUNDED_WAITS.with(Cell::get)
+}
+
 /// Runs the hot row's locking read `read` (built with [`Lock::read`]), first as `FOR UPDATE
 /// NOWAIT` ([`Lock::NoWait`]).
 /// Outside a combiner's batch, once. In a batch, a refusal is answered — only the statement was
@@ -222,7 +228,7 @@ pub(crate) fn locking_read<T>(
                     continue;
                 }
                 handoff.refused();
-                if holding == Holding::Nothing && BOUNDED_WAITS.with(Cell::get) {
+                if holding == Holding::Nothing && bounded_waits() {
                     let Some(wait) = Wait::within(budget) else {
                         return Err(e);
                     };

@@ -81,7 +81,7 @@ mod tests;
 mod transaction;
 mod watchdog;
 
-pub(crate) use handoff::{locking_read, with_handoff, Handoff, Holding};
+pub(crate) use handoff::{bounded_waits, locking_read, with_handoff, Handoff, Holding};
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 use session::{carries_settings, set_primed, take_primed};

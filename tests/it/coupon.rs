@@ -10,6 +10,7 @@ use std::thread;
 use std::time::Instant;
 
 use chrono::{Duration, NaiveDate, NaiveDateTime};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use lockstock::coupon::{Clock, MAX_ORDER_REF_BYTES};
@@ -975,4 +976,223 @@ fn a_batch_larger_than_one_statement_answers_as_its_single_calls() {
     }
     assert_eq!(issued_rows(&mut conn, scarce.id), 50_000);
     assert_eq!(stock_row(&mut conn, scarce.id), (50_000, 0));
+}
+
+/// A clock that, once armed, stops every caller until the test lets it go: the test acts at a
+/// chosen point of a running transaction (the issuer reads its clock inside it).
+#[derive(Clone, Default)]
+struct SteppedClock(Arc<(std::sync::Mutex<Stopped>, std::sync::Condvar)>);
+
+#[derive(Default)]
+struct Stopped {
+    armed: bool,
+    caller: bool,
+}
+
+impl SteppedClock {
+    fn clock(&self) -> Clock {
+        let this = self.clone();
+        Arc::new(move || {
+            let (state, changed) = &*this.0;
+            let mut stopped = state.lock().expect("clock");
+            if stopped.armed {
+                stopped.caller = true;
+                changed.notify_all();
+                while stopped.caller {
+                    stopped = changed.wait(stopped).expect("clock");
+                }
+            }
+            now()
+        })
+    }
+
+    /// Waits for a stopped caller (true) or for `done` (false).
+    fn stopped(&self, done: &dyn Fn() -> bool) -> bool {
+        let (state, changed) = &*self.0;
+        let mut stopped = state.lock().expect("clock");
+        let since = Instant::now();
+        loop {
+            if stopped.caller {
+                return true;
+            }
+            if done() {
+                return false;
+            }
+            assert!(
+                since.elapsed() < std::time::Duration::from_secs(60),
+                "nobody read the clock"
+            );
+            stopped = changed
+                .wait_timeout(stopped, std::time::Duration::from_millis(5))
+                .expect("clock")
+                .0;
+        }
+    }
+
+    /// Lets the stopped caller go; `armed`: whether later callers stop too.
+    fn go(&self, armed: bool) {
+        let (state, changed) = &*self.0;
+        let mut stopped = state.lock().expect("clock");
+        stopped.armed = armed;
+        stopped.caller = false;
+        changed.notify_all();
+    }
+}
+
+/// Whether a `FOR UPDATE NOWAIT` read by `probe` (READ COMMITTED: no gap locks; rolled back at
+/// once) is refused: another session holds the row, or an uncommitted insert of it.
+fn taken(
+    probe: &mut MysqlConnection,
+    read: impl FnOnce(&mut MysqlConnection) -> QueryResult<usize>,
+) -> bool {
+    probe.batch_execute("BEGIN").expect("begin");
+    let answer = read(probe);
+    probe.batch_execute("ROLLBACK").expect("rollback");
+    match answer {
+        Ok(_) => false,
+        Err(e) if e.to_string().contains("Lock wait timeout") => true,
+        Err(e) => panic!("probe: {e}"),
+    }
+}
+
+/// An issue that holds the stock row never waits for another transaction's lock, so it never
+/// closes a deadlock that the server would break by rolling back someone else's transaction.
+///
+/// A batch whose stock runs out inside it reads which users hold a coupon, locks the stock row
+/// and then writes its winners. Here, while it holds the stock row (stopped in its clock),
+/// another program runs the design note's issue under SERIALIZABLE: it reads whether one of the
+/// winners holds a coupon (locking the gap that coupon would go into), then asks for the stock
+/// row, inserts the coupon and takes one from the stock. Before the fix the batch's INSERT
+/// waited for that gap lock while holding the stock row: a deadlock, and InnoDB rolled back the
+/// other program's transaction (nothing written yet: the lighter one) as its victim. Now the
+/// INSERT is refused at once, the batch rolls back and retries, the other program commits, and
+/// the batch answers that user `AlreadyIssued` with the other program's coupon.
+#[test]
+fn a_batch_holding_the_stock_row_never_waits_for_another_transactions_coupon() {
+    const STOCK: u32 = 40;
+    const CONTESTED: i64 = 1_000;
+    let (url, mut admin) = fresh_database("coupon_no_wait_under_lock");
+    let setup = CouponIssuer::new();
+    let (coupon, campaign) = open_campaign_named(&mut admin, &setup, "contested", STOCK);
+    // 39 winners written before the contested one (the batch's INSERT has rows to lose), then
+    // more users than the stock: the batch's first attempt finds the stock short and locks first.
+    let mut users: Vec<i64> = (1..i64::from(STOCK)).collect();
+    users.push(CONTESTED);
+    users.extend(2_001..=2_041);
+    let clock = SteppedClock::default();
+    let issuer = Arc::new(
+        CouponIssuer::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+            std::time::Duration::from_secs(20),
+        ))
+        .with_clock(clock.clock()),
+    );
+    clock.go(true);
+    let batch = {
+        let (url, issuer, users) = (url.clone(), issuer.clone(), users.clone());
+        thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &users))
+    };
+    let mut probe = connect(&url);
+    probe
+        .batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .expect("read committed");
+    let campaign_id = campaign.id;
+    let mut foreign = connect(&url);
+    foreign
+        .batch_execute("SET SESSION innodb_lock_wait_timeout = 10")
+        .expect("lock wait");
+    // Step through the batch's clock reads until it holds the stock row and has written none of
+    // its coupons: the stock was found short, and the winners are written next.
+    loop {
+        assert!(
+            clock.stopped(&|| batch.is_finished()),
+            "the batch ended without locking the stock row first"
+        );
+        let stock_held = taken(&mut probe, |c| {
+            fcfs_coupon::table
+                .find(campaign_id)
+                .select(fcfs_coupon::stock_quantity)
+                .for_update()
+                .no_wait()
+                .load::<i32>(c)
+                .map(|rows| rows.len())
+        });
+        let contested_written = taken(&mut probe, |c| {
+            user_coupon::table
+                .filter(user_coupon::user_id.eq(CONTESTED))
+                .filter(user_coupon::coupon_id.eq(coupon.id))
+                .select(user_coupon::id)
+                .for_update()
+                .no_wait()
+                .load::<i64>(c)
+                .map(|rows| rows.len())
+        });
+        if stock_held && !contested_written {
+            break;
+        }
+        clock.go(true);
+    }
+    // Another program's transaction, the design note's issue under SERIALIZABLE (the batch
+    // read which users hold a coupon before it locked the stock row, so this read does not
+    // wait): does the contested user hold one? ...
+    foreign
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        .expect("serializable");
+    foreign.batch_execute("BEGIN").expect("begin");
+    let held: i64 = user_coupon::table
+        .filter(user_coupon::user_id.eq(CONTESTED))
+        .filter(user_coupon::coupon_id.eq(coupon.id))
+        .count()
+        .get_result(&mut foreign)
+        .expect("the other program's read");
+    assert_eq!(held, 0);
+    // ... then, while the batch writes its winners, the stock row, the coupon, the stock.
+    clock.go(false);
+    thread::sleep(std::time::Duration::from_millis(300));
+    let issued = fcfs_coupon::table
+        .find(campaign_id)
+        .select(fcfs_coupon::stock_quantity)
+        .for_update()
+        .first::<i32>(&mut foreign)
+        .and_then(|stock| {
+            diesel::insert_into(user_coupon::table)
+                .values((
+                    user_coupon::user_id.eq(CONTESTED),
+                    user_coupon::coupon_id.eq(coupon.id),
+                    user_coupon::fcfs_coupon_id.eq(campaign_id),
+                ))
+                .execute(&mut foreign)?;
+            diesel::update(fcfs_coupon::table.find(campaign_id))
+                .set(fcfs_coupon::stock_quantity.eq(stock - 1))
+                .execute(&mut foreign)
+        });
+    let victim = issued.is_err();
+    foreign
+        .batch_execute(if victim { "ROLLBACK" } else { "COMMIT" })
+        .expect("end");
+    assert!(
+        !victim,
+        "the other program's transaction was rolled back: {:?}",
+        issued.err()
+    );
+    let foreign_id: i64 = user_coupon::table
+        .filter(user_coupon::user_id.eq(CONTESTED))
+        .filter(user_coupon::coupon_id.eq(coupon.id))
+        .select(user_coupon::id)
+        .first(&mut admin)
+        .expect("its coupon");
+
+    let answers = batch.join().expect("batch").expect("the batch");
+    for (user, answer) in users.iter().zip(&answers) {
+        match answer {
+            Ok(issued) if *user < i64::from(STOCK) => assert_eq!(issued.user_id, *user),
+            Err(Error::AlreadyIssued { user_coupon_id, .. }) if *user == CONTESTED => {
+                assert_eq!(*user_coupon_id, foreign_id)
+            }
+            Err(Error::SoldOut { .. }) if *user > 2_000 => {}
+            other => panic!("user {user}: {other:?}"),
+        }
+    }
+    assert_eq!(stock_row(&mut admin, campaign_id), (STOCK as i32, 0));
+    assert_eq!(issued_rows(&mut admin, campaign_id), i64::from(STOCK));
+    assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
 }

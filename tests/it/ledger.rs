@@ -7,6 +7,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
@@ -1153,4 +1154,79 @@ fn a_batch_larger_than_one_statement_answers_as_its_single_calls() {
             .expect("journal size"),
         i64::try_from(N).expect("N")
     );
+}
+
+/// A write that holds an account never waits for another transaction's lock, so it never
+/// closes a deadlock that the server would break by rolling back someone else's transaction.
+///
+/// Another program's transaction under SERIALIZABLE reads whether the account's journal has a
+/// key (locking the gap that key would go into), and then asks for the account row. Meanwhile a
+/// batch holds the account and writes its journal rows, the last of them under that key. Before
+/// the fix the batch's INSERT waited for the gap lock while holding the account: a deadlock, and
+/// InnoDB rolled back the other program's transaction (nothing written: the lighter one) as its
+/// victim. Now the INSERT is refused at once, the batch rolls back and retries, the other
+/// program gets the account and commits, and the batch then applies every request.
+#[test]
+fn a_write_holding_the_account_never_waits_for_another_transactions_lock() {
+    const USER: i64 = 7;
+    let (url, mut conn, setup) =
+        ledger_with_account("ledger_no_wait_under_lock", USER, dec(1_000, 0));
+    // Keys around the contested one, so that the other program's read locks a narrow gap and the
+    // batch writes rows (it has rows to lose) before it reaches it.
+    setup.charge(&mut conn, USER, dec(1, 0), "m1").expect("m1");
+    setup.charge(&mut conn, USER, dec(1, 0), "m3").expect("m3");
+    let ledger = Arc::new(BalanceLedger::with_policy(
+        TxnPolicy::default().with_retry(retry_policy(100_000, Duration::from_secs(20))),
+    ));
+    let mut ops: Vec<AccountOp> = (1..30)
+        .map(|i| AccountOp::Deduct {
+            amount: dec(1, 0),
+            key: format!("a{i:02}"),
+        })
+        .collect();
+    ops.push(AccountOp::Deduct {
+        amount: dec(1, 0),
+        key: "m2".into(),
+    });
+
+    let mut foreign = connect(&url);
+    foreign
+        .batch_execute(
+            "SET SESSION innodb_lock_wait_timeout = 10; \
+             SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
+        )
+        .expect("begin");
+    let used: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(USER))
+        .filter(balance_history::idempotency_key.eq("m2"))
+        .count()
+        .get_result(&mut foreign)
+        .expect("the other program's read");
+    assert_eq!(used, 0);
+    let batch = {
+        let (url, ledger, ops) = (url.clone(), ledger.clone(), ops.clone());
+        thread::spawn(move || ledger.apply_many(&mut connect(&url), USER, &ops))
+    };
+    thread::sleep(Duration::from_millis(300));
+    let locked = user_balance::table
+        .find(USER)
+        .select(user_balance::balance)
+        .for_update()
+        .first::<Decimal>(&mut foreign);
+    foreign
+        .batch_execute(if locked.is_ok() { "COMMIT" } else { "ROLLBACK" })
+        .expect("end");
+    assert!(
+        locked.is_ok(),
+        "the other program's transaction was rolled back: {:?}",
+        locked.err()
+    );
+
+    let answers = batch.join().expect("batch").expect("the batch");
+    for (op, answer) in ops.iter().zip(&answers) {
+        assert!(answer.is_ok(), "{op:?}: {answer:?}");
+    }
+    assert_eq!(stored_balance(&mut conn, USER), dec(1_002 - 30, 0));
+    assert_eq!(count_key(&mut conn, USER, "m2"), 1);
+    audit_ok(&setup, &mut conn, USER);
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use diesel::connection::SimpleConnection;
+use diesel::connection::{InstrumentationEvent, SimpleConnection};
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Text};
@@ -42,13 +42,6 @@ fn waits_for_row_lock(admin: &mut MysqlConnection, id: i64) -> bool {
     thread::sleep(Duration::from_millis(150));
     let waiting = "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
                    WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'";
-    count_for(admin, waiting, id) > 0
-}
-
-/// Whether connection `id` waits for a table's metadata lock.
-fn waits_for_metadata_lock(admin: &mut MysqlConnection, id: i64) -> bool {
-    let waiting = "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
-                   WHERE ID = ? AND STATE = 'Waiting for table metadata lock'";
     count_for(admin, waiting, id) > 0
 }
 
@@ -140,15 +133,73 @@ fn deduct_hash(user_id: i64, amount: Decimal, key: &str) -> String {
         .expect("hash")
 }
 
+/// Stops the connection it is installed on (Diesel's instrumentation hook) before each
+/// statement `stop_at` picks, until the test lets it go: [`Pauses::stopped`], [`Pauses::go`].
+#[derive(Clone, Default)]
+struct Pauses(Arc<(std::sync::Mutex<Option<String>>, std::sync::Condvar)>);
+
+impl Pauses {
+    fn install(
+        &self,
+        conn: &mut MysqlConnection,
+        mut stop_at: impl FnMut(&str) -> bool + Send + 'static,
+    ) {
+        let this = self.clone();
+        conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::StartQuery { query, .. } = event {
+                let sql = query.to_string();
+                if stop_at(&sql) {
+                    let (state, changed) = &*this.0;
+                    let mut stopped = state.lock().expect("pauses");
+                    *stopped = Some(sql);
+                    changed.notify_all();
+                    while stopped.is_some() {
+                        stopped = changed.wait(stopped).expect("pauses");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Waits until the connection stopped (a liveness guard of 20 s); the statement it stopped
+    /// before.
+    fn stopped(&self) -> String {
+        let (state, changed) = &*self.0;
+        let mut stopped = state.lock().expect("pauses");
+        let started = Instant::now();
+        loop {
+            if let Some(sql) = stopped.as_ref() {
+                return sql.clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the connection never stopped"
+            );
+            stopped = changed
+                .wait_timeout(stopped, Duration::from_millis(10))
+                .expect("pauses")
+                .0;
+        }
+    }
+
+    /// Lets the stopped connection go on.
+    fn go(&self) {
+        let (state, changed) = &*self.0;
+        *state.lock().expect("pauses") = None;
+        changed.notify_all();
+    }
+}
+
 /// A batch whose first round hits a key already in the journal looks the keys up, then runs a
 /// second round. Another connection commits `deduct(50, "K")` after that lookup and before the
 /// second round locks the account: the batch's own `deduct(50, "K")` is then refused for the
 /// balance — and must still be answered from the journal, as the single call is.
 ///
-/// Made deterministic with three server locks: the `k0` journal record (so the first round
-/// waits while holding the account), the account row (taken by the other connection as soon as
-/// the first round rolls back) and the journal table's metadata lock (so the lookup has opened
-/// its snapshot but not read yet while the other connection commits).
+/// Made deterministic by stopping the batch's connection (Diesel's instrumentation hook)
+/// before its first round's journal INSERT — the account held, so the other connection queues
+/// for it — and before its key lookup's read — its snapshot open, so the other connection
+/// commits after it. (Until lockstock stopped waiting for locks while it holds an account, a
+/// row lock that the first round's INSERT waited for did the first stop.)
 ///
 /// Before the fix: `InsufficientBalance { available: 11, requested: 50 }`.
 #[test]
@@ -159,21 +210,22 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
     ledger.charge(&mut admin, 1, dec(60), "seed").expect("seed");
     let k0 = ledger.charge(&mut admin, 1, dec(1), "k0").expect("k0");
 
-    // G holds the k0 record (through the unique key index the batch's INSERT checks).
-    let mut g = connect(&url);
-    g.batch_execute("BEGIN").expect("begin G");
-    let locked: i64 = balance_history::table
-        .filter(balance_history::user_id.eq(1i64))
-        .filter(balance_history::idempotency_key.eq("k0"))
-        .select(balance_history::id)
-        .for_update()
-        .first(&mut g)
-        .expect("lock k0");
-    assert_eq!(locked, k0.id);
-
-    // B: the batch. Its first round locks the account and waits for the k0 record.
+    // B: the batch, stopped before its first journal INSERT and before its first key lookup
+    // after it.
     let mut b = connect(&url);
-    let b_id = connection_id(&mut b);
+    let pauses = Pauses::default();
+    let (mut inserts, mut lookups) = (0, 0);
+    pauses.install(&mut b, move |sql| {
+        if sql.contains("INSERT INTO `balance_history`") {
+            inserts += 1;
+            return inserts == 1;
+        }
+        if inserts > 0 && sql.contains("`balance_history`.`idempotency_key` IN") {
+            lookups += 1;
+            return lookups == 1;
+        }
+        false
+    });
     let batch = thread::spawn(move || {
         let ops = [
             AccountOp::charge(dec(1), "k0"),
@@ -181,18 +233,20 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
         ];
         patient_ledger().apply_many(&mut b, 1, &ops)
     });
-    wait_until(&mut admin, "the batch waits for the k0 record", |a| {
-        waits_for_row_lock(a, b_id)
-    });
+    let first = pauses.stopped();
+    assert!(first.contains("INSERT"), "{first}");
 
-    // H: the other connection's deduct(50, "K"); queues for the account row the batch holds.
+    // H: the other connection's deduct(50, "K"); queues for the account row the batch holds,
+    // and writes once told.
     let mut h = connect(&url);
     let h_id = connection_id(&mut h);
     h.batch_execute("SET SESSION innodb_lock_wait_timeout = 60; BEGIN")
         .expect("begin H");
+    let (write, told) = mpsc::channel::<()>();
     let other = thread::spawn(move || {
         let balance: Decimal = lock_balance(&mut h, 1).expect("lock the account");
         assert_eq!(balance, dec(61));
+        told.recv().expect("told to write");
         diesel::sql_query(
             "INSERT INTO balance_history \
              (user_id, kind, amount, balance_after, idempotency_key, request_hash, created_at) \
@@ -216,33 +270,14 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
         waits_for_row_lock(a, h_id)
     });
 
-    // M: the journal's metadata lock, queued behind the batch's first round.
-    let mut m = connect(&url);
-    let m_id = connection_id(&mut m);
-    let (unlock, unlocked) = mpsc::channel::<()>();
-    let metadata = thread::spawn(move || {
-        m.batch_execute("LOCK TABLES balance_history WRITE")
-            .expect("lock tables");
-        unlocked.recv().expect("unlock signal");
-        m.batch_execute("UNLOCK TABLES").expect("unlock tables");
-    });
-    wait_until(
-        &mut admin,
-        "M queues for the journal's metadata lock",
-        |a| waits_for_metadata_lock(a, m_id),
-    );
-
-    // Release k0: the first round fails on the duplicate and rolls back; H gets the account,
-    // M the table; the batch's key lookup opens its snapshot and waits for the table.
-    g.batch_execute("ROLLBACK").expect("rollback G");
-    wait_until(
-        &mut admin,
-        "the batch's key lookup waits for the table",
-        |a| waits_for_metadata_lock(a, b_id),
-    );
-    unlock.send(()).expect("unlock");
-    metadata.join().expect("M");
+    // The first round fails on the duplicate k0 and rolls back; H gets the account; the
+    // batch's key lookup opens its snapshot and stops before its read; H commits K.
+    pauses.go();
+    let second = pauses.stopped();
+    assert!(second.contains("SELECT"), "{second}");
+    write.send(()).expect("tell H");
     let committed = other.join().expect("H");
+    pauses.go();
     let results = batch.join().expect("batch").expect("batch call");
 
     assert_eq!(results.len(), 2);
