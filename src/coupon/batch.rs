@@ -9,12 +9,12 @@ use diesel::mysql::MysqlConnection;
 use super::cache::lock;
 use super::rows::{
     fits_one_insert, holders, insert_user_coupons, lock_campaign, lock_campaign_after_insert,
-    set_stock, user_coupon_ids, write_user_coupons, CampaignLock,
+    set_stock, user_coupon_ids, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::txn::Deadline;
+use crate::txn::{Deadline, Holding};
 use crate::validate::validate_id;
 
 impl CouponIssuer {
@@ -134,16 +134,16 @@ impl CouponIssuer {
                 // the stock decides nothing about, written with the unique index checking
                 // them; the lock then reads the first new id.
                 // A batch too large for one INSERT writes a chunk at a time, each with its ids.
+                // The holders read locked rows and gaps: an INSERT after it never waits.
+                let holding = if read_holders {
+                    Holding::Locks
+                } else {
+                    Holding::Nothing
+                };
                 let early = if insert_first {
                     let (_, everyone) = decide(user_ids, &holders, i32::MAX);
                     let ids = if fits_one_insert(everyone.len()) {
-                        write_user_coupons(
-                            conn,
-                            (campaign_id, coupon_id),
-                            &everyone,
-                            at,
-                            CampaignLock::NotHeld,
-                        )?;
+                        write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at, holding)?;
                         None
                     } else {
                         let written = (campaign_id, coupon_id);
@@ -153,7 +153,7 @@ impl CouponIssuer {
                             written,
                             &everyone,
                             at,
-                            CampaignLock::NotHeld,
+                            holding,
                         )?)
                     };
                     Some((everyone, ids))
@@ -202,7 +202,7 @@ impl CouponIssuer {
                         (campaign_id, coupon_id),
                         &winners,
                         at,
-                        CampaignLock::Held,
+                        Holding::Locks,
                     )?,
                 };
                 if !winners.is_empty() {

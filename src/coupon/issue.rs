@@ -4,12 +4,12 @@
 use diesel::mysql::MysqlConnection;
 
 use super::rows::{
-    find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons, CampaignLock,
+    find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::txn::Deadline;
+use crate::txn::{Deadline, Holding};
 use crate::validate::validate_id;
 
 impl CouponIssuer {
@@ -73,7 +73,7 @@ impl CouponIssuer {
                     (campaign_id, facts.coupon_id),
                     &[user_id],
                     at,
-                    CampaignLock::NotHeld,
+                    Holding::Nothing,
                 )?;
                 // The hot row, with the new coupon's id: locked from here to COMMIT for one
                 // UPDATE.

@@ -3,10 +3,13 @@
 //! ([`write_user_coupons`]; the unique index decides "already issued?"), then lock it with
 //! [`lock_campaign_after_insert`], which reads the new rows' first id in the same statement;
 //! between the lock and COMMIT only [`set_stock`] runs. A batch whose stock runs out inside it
-//! locks first and then writes its winners ([`insert_user_coupons`], with their ids read back):
-//! that INSERT, the one write of coupons under a stock lock ([`CampaignLock::Held`]), never
-//! waits ([`write_under_lock`]: refused at once where another transaction's lock is in its
-//! way), so an issue never waits while it holds the stock row. Each is a cached prepared statement (the INSERTs up to
+//! locks first and then writes its winners ([`insert_user_coupons`], with their ids read back).
+//! An INSERT of coupons waits for another transaction's lock (a coupon of the same user not
+//! committed yet, a gap read under SERIALIZABLE) only where it is the transaction's first lock
+//! and writes one row — a single issue: it holds nothing while it waits. Every other one (a
+//! batch's: it holds the rows it read or wrote before, or the stock row) is refused at once
+//! instead ([`write_under_lock`]), so an issue never closes a deadlock in which the server
+//! could roll back another program's transaction. Each is a cached prepared statement (the INSERTs up to
 //! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
 use chrono::NaiveDateTime;
@@ -94,11 +97,11 @@ pub(crate) fn insert_user_coupons(
     (campaign_id, coupon_id): (i64, i64),
     users: &[i64],
     issued_at: NaiveDateTime,
-    campaign: CampaignLock,
+    holding: Holding,
 ) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(users.len());
     for some in users.chunks(rows_per_insert::<NewUserCoupon>()) {
-        write_user_coupons(conn, (campaign_id, coupon_id), some, issued_at, campaign)?;
+        write_user_coupons(conn, (campaign_id, coupon_id), some, issued_at, holding)?;
         ids.extend(user_coupon_ids(conn, order, coupon_id, some, None)?);
     }
     Ok(ids)
@@ -120,27 +123,20 @@ pub(crate) fn write_user_coupons(
     (campaign_id, coupon_id): (i64, i64),
     users: &[i64],
     issued_at: NaiveDateTime,
-    campaign: CampaignLock,
+    holding: Holding,
 ) -> Result<()> {
     let rows = new_rows((campaign_id, coupon_id), users, issued_at);
     if rows.is_empty() {
         return Ok(());
     }
-    match campaign {
-        CampaignLock::Held => write_under_lock(conn, InsertRows(&rows))?,
-        CampaignLock::NotHeld => InsertRows(&rows).execute(conn)?,
-    };
+    // One row as the transaction's first lock may wait: it holds nothing meanwhile. Anything
+    // else never waits (a multi-row INSERT holds its earlier rows when a later one would).
+    if holding == Holding::Nothing && rows.len() == 1 {
+        InsertRows(&rows).execute(conn)?;
+    } else {
+        write_under_lock(conn, InsertRows(&rows))?;
+    }
     Ok(())
-}
-
-/// Whether the transaction holds the campaign's stock row when it writes coupons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CampaignLock {
-    /// Written before the stock row is locked: the INSERT may wait for another transaction's
-    /// lock (a coupon of the same user, a gap it read), holding no hot row meanwhile.
-    NotHeld,
-    /// Written with the stock row locked: never waits ([`write_under_lock`]).
-    Held,
 }
 
 /// The ids of the coupons [`write_user_coupons`] just wrote for `users` (in their order), the

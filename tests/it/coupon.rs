@@ -1196,3 +1196,79 @@ fn a_batch_holding_the_stock_row_never_waits_for_another_transactions_coupon() {
     assert_eq!(issued_rows(&mut admin, campaign_id), i64::from(STOCK));
     assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
 }
+
+/// An issue never waits for another transaction's lock while it holds locks of its own (the
+/// coupons a batch's INSERT wrote before the one that waits), so it never closes a deadlock in
+/// which the server could roll back another program's transaction.
+///
+/// Another program's transaction under SERIALIZABLE reads whether user 3 holds a coupon
+/// (locking the gap that coupon would go into). A batch for users 1 and 3 writes user 1's
+/// coupon and reaches user 3's gap; then the other program writes a coupon for user 1. Before
+/// the fix the batch's INSERT waited for the gap lock while it held user 1's new coupon, which
+/// the other program's INSERT waited for: a deadlock, and InnoDB rolled back the other
+/// program's transaction (nothing written: the lighter one). Now the batch's INSERT is refused
+/// at once, the batch rolls back and retries, the other program commits, and the batch answers
+/// user 1 `AlreadyIssued` with the other program's coupon and issues user 3's.
+#[test]
+fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
+    let (url, mut admin) = fresh_database("coupon_no_wait_holding_coupons");
+    let issuer = Arc::new(CouponIssuer::with_policy(
+        lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(20)),
+    ));
+    let (coupon, campaign) = open_campaign_named(&mut admin, &issuer, "contested", 10);
+    // User 2's coupon splits the unique index: users 1 and 3 go into different gaps.
+    issuer.issue(&mut admin, 2, campaign.id).expect("user 2");
+    let mut foreign = connect(&url);
+    foreign
+        .batch_execute(
+            "SET SESSION innodb_lock_wait_timeout = 10; \
+             SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
+        )
+        .expect("begin");
+    let held: i64 = user_coupon::table
+        .filter(user_coupon::user_id.eq(3))
+        .filter(user_coupon::coupon_id.eq(coupon.id))
+        .count()
+        .get_result(&mut foreign)
+        .expect("the other program's read");
+    assert_eq!(held, 0);
+    let batch = {
+        let (url, issuer) = (url.clone(), issuer.clone());
+        thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &[1, 3]))
+    };
+    thread::sleep(std::time::Duration::from_millis(300));
+    let written = diesel::insert_into(user_coupon::table)
+        .values((
+            user_coupon::user_id.eq(1),
+            user_coupon::coupon_id.eq(coupon.id),
+            user_coupon::fcfs_coupon_id.eq(campaign.id),
+        ))
+        .execute(&mut foreign);
+    let victim = written.is_err();
+    foreign
+        .batch_execute(if victim { "ROLLBACK" } else { "COMMIT" })
+        .expect("end");
+    assert!(
+        !victim,
+        "the other program's transaction was rolled back: {:?}",
+        written.err()
+    );
+    let foreign_id: i64 = user_coupon::table
+        .filter(user_coupon::user_id.eq(1))
+        .filter(user_coupon::coupon_id.eq(coupon.id))
+        .select(user_coupon::id)
+        .first(&mut admin)
+        .expect("its coupon");
+
+    let answers = batch.join().expect("batch").expect("the batch");
+    match &answers[..] {
+        [Err(Error::AlreadyIssued { user_coupon_id, .. }), Ok(issued)] => {
+            assert_eq!(*user_coupon_id, foreign_id);
+            assert_eq!(issued.user_id, 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stock_row(&mut admin, campaign.id), (10, 8));
+    assert_eq!(issued_rows(&mut admin, campaign.id), 3);
+    assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
+}
