@@ -6,9 +6,10 @@
 //! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
 //! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count). None of
 //! them waits for a lock while the account is held: the reads and updates lock with NOWAIT or
-//! touch rows this transaction locked already, and the INSERTs — which another transaction's
-//! gap lock or uncommitted row under the same key could hold up — are sent wait-free
-//! ([`write_under_lock`]).
+//! touch rows this transaction locked already, the INSERTs — which another transaction's gap
+//! lock or uncommitted row under the same key could hold up — are sent wait-free
+//! ([`write_under_lock`]), and so is the holds sum ([`read_under_lock`]: its range read locks the
+//! record after the account's range, another account's).
 
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
@@ -23,8 +24,8 @@ use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{
-    insert_chunks, insert_row, read_in_lists, write_under_lock, HeldFunds, InsertRows, SetBalance,
-    SetHoldEnded,
+    insert_chunks, insert_row, read_in_lists, read_under_lock, write_under_lock, HeldFunds,
+    InsertRows, SetBalance, SetHoldEnded, Uncached,
 };
 use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
@@ -139,10 +140,12 @@ impl Account {
         if let Some(now) = self.clock {
             return Ok(now);
         }
-        let (now, _): (NaiveDateTime, Decimal) = HeldFunds {
-            user_id: self.user_id,
-        }
-        .get_result(conn)?;
+        let (now, _): (NaiveDateTime, Decimal) = read_under_lock(
+            conn,
+            HeldFunds {
+                user_id: self.user_id,
+            },
+        )?;
         self.clock = Some(now);
         Ok(now)
     }
@@ -152,7 +155,8 @@ impl Account {
 /// hot row, through the primary key (one record lock). `None`: no account. When the account
 /// has active holds, [`HeldFunds`] then reads the server clock and sums those not yet expired
 /// on it (a range of the `(user_id, state, expires_at)` index that only transactions holding
-/// this row lock write to). In a combiner's batch a refusal is sent again while it can be the
+/// this row lock write to; under SERIALIZABLE the read also locks the record after the range,
+/// another account's, so it never waits: [`read_under_lock`]). In a combiner's batch a refusal is sent again while it can be the
 /// account's previous batch committing, and otherwise — when it is the transaction's first
 /// lock (`holding`), as in every combined operation — waited out in the server for a few
 /// milliseconds at most ([`locking_read`]).
@@ -176,7 +180,8 @@ pub(crate) fn lock_account(
         return Ok(None);
     };
     let (available, clock) = if held > Decimal::ZERO {
-        let (now, unexpired): (NaiveDateTime, Decimal) = HeldFunds { user_id }.get_result(conn)?;
+        let (now, unexpired): (NaiveDateTime, Decimal) =
+            read_under_lock(conn, HeldFunds { user_id })?;
         (balance - unexpired, Some(now))
     } else {
         (balance, None)
@@ -197,7 +202,7 @@ pub(crate) fn unexpired_holds(
     conn: &mut MysqlConnection,
     user_id: i64,
 ) -> Result<(NaiveDateTime, Decimal)> {
-    Ok(HeldFunds { user_id }.get_result(conn)?)
+    Ok(Uncached(HeldFunds { user_id }).get_result(conn)?)
 }
 
 /// The journal entry `entry_id`, `FOR UPDATE NOWAIT` (a refund's deduct, locked after its
@@ -384,14 +389,17 @@ pub(crate) fn find_transfer_credit(
     conn: &mut MysqlConnection,
     debit_id: i64,
 ) -> Result<Option<Entry>> {
-    balance_history::table
-        .filter(balance_history::related_entry_id.eq(debit_id))
-        .filter(balance_history::kind.eq(EntryKind::TransferIn.as_str()))
-        .select(EntryRow::as_select())
-        .first::<EntryRow>(conn)
-        .optional()?
-        .map(EntryRow::into_entry)
-        .transpose()
+    Uncached(
+        balance_history::table
+            .filter(balance_history::related_entry_id.eq(debit_id))
+            .filter(balance_history::kind.eq(EntryKind::TransferIn.as_str()))
+            .select(EntryRow::as_select())
+            .limit(1),
+    )
+    .get_result::<EntryRow>(conn)
+    .optional()?
+    .map(EntryRow::into_entry)
+    .transpose()
 }
 
 /// The account's balance row (no lock).

@@ -495,6 +495,31 @@ pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
 // Contention and deadlines
 // ---------------------------------------------------------------------------------------------
 
+/// Another program's transaction, open on `foreign`: after `delay` (while lockstock's call runs
+/// beside it) it does `work` — typically asking for a row the call holds — and commits; if the
+/// server rolled it back instead (a deadlock victim: 1213), it rolls back and panics. The
+/// check that lockstock never waits for a lock while it holds one, so never closes a deadlock
+/// in which someone else's transaction is sacrificed. Returns what `work` answered.
+pub fn assert_not_sacrificed<T>(
+    foreign: &mut MysqlConnection,
+    delay: StdDuration,
+    work: impl FnOnce(&mut MysqlConnection) -> QueryResult<T>,
+) -> T {
+    std::thread::sleep(delay);
+    match work(foreign) {
+        Ok(answer) => {
+            foreign
+                .batch_execute("COMMIT")
+                .expect("commit the other program");
+            answer
+        }
+        Err(e) => {
+            foreign.batch_execute("ROLLBACK").ok();
+            panic!("the other program's transaction was rolled back: {e:?}");
+        }
+    }
+}
+
 /// Holds rows from its own connection to `url` until `stop` is set: runs `session` (SQL) once,
 /// then over and over `BEGIN`, `lock(conn)` (locking reads), `hold`, `COMMIT`, `gap`. Calls on
 /// those rows are refused (or wait) most of the time.

@@ -21,9 +21,9 @@ use lockstock::{
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    assert_refused, concurrently, connect, create_campaign, create_coupon, fresh_database,
-    issued_rows, killed_connection, micros_to_time, now, open_campaign_named, statement_prepares,
-    stock_row, user_coupon_row,
+    assert_not_sacrificed, assert_refused, concurrently, connect, create_campaign, create_coupon,
+    fresh_database, issued_rows, killed_connection, micros_to_time, now, open_campaign_named,
+    statement_prepares, stock_row, user_coupon_row,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1147,33 +1147,23 @@ fn a_batch_holding_the_stock_row_never_waits_for_another_transactions_coupon() {
     assert_eq!(held, 0);
     // ... then, while the batch writes its winners, the stock row, the coupon, the stock.
     clock.go(false);
-    thread::sleep(std::time::Duration::from_millis(300));
-    let issued = fcfs_coupon::table
-        .find(campaign_id)
-        .select(fcfs_coupon::stock_quantity)
-        .for_update()
-        .first::<i32>(&mut foreign)
-        .and_then(|stock| {
-            diesel::insert_into(user_coupon::table)
-                .values((
-                    user_coupon::user_id.eq(CONTESTED),
-                    user_coupon::coupon_id.eq(coupon.id),
-                    user_coupon::fcfs_coupon_id.eq(campaign_id),
-                ))
-                .execute(&mut foreign)?;
-            diesel::update(fcfs_coupon::table.find(campaign_id))
-                .set(fcfs_coupon::stock_quantity.eq(stock - 1))
-                .execute(&mut foreign)
-        });
-    let victim = issued.is_err();
-    foreign
-        .batch_execute(if victim { "ROLLBACK" } else { "COMMIT" })
-        .expect("end");
-    assert!(
-        !victim,
-        "the other program's transaction was rolled back: {:?}",
-        issued.err()
-    );
+    assert_not_sacrificed(&mut foreign, std::time::Duration::from_millis(300), |c| {
+        let stock: i32 = fcfs_coupon::table
+            .find(campaign_id)
+            .select(fcfs_coupon::stock_quantity)
+            .for_update()
+            .first(c)?;
+        diesel::insert_into(user_coupon::table)
+            .values((
+                user_coupon::user_id.eq(CONTESTED),
+                user_coupon::coupon_id.eq(coupon.id),
+                user_coupon::fcfs_coupon_id.eq(campaign_id),
+            ))
+            .execute(c)?;
+        diesel::update(fcfs_coupon::table.find(campaign_id))
+            .set(fcfs_coupon::stock_quantity.eq(stock - 1))
+            .execute(c)
+    });
     let foreign_id: i64 = user_coupon::table
         .filter(user_coupon::user_id.eq(CONTESTED))
         .filter(user_coupon::coupon_id.eq(coupon.id))
@@ -1236,23 +1226,15 @@ fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
         let (url, issuer) = (url.clone(), issuer.clone());
         thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &[1, 3]))
     };
-    thread::sleep(std::time::Duration::from_millis(300));
-    let written = diesel::insert_into(user_coupon::table)
-        .values((
-            user_coupon::user_id.eq(1),
-            user_coupon::coupon_id.eq(coupon.id),
-            user_coupon::fcfs_coupon_id.eq(campaign.id),
-        ))
-        .execute(&mut foreign);
-    let victim = written.is_err();
-    foreign
-        .batch_execute(if victim { "ROLLBACK" } else { "COMMIT" })
-        .expect("end");
-    assert!(
-        !victim,
-        "the other program's transaction was rolled back: {:?}",
-        written.err()
-    );
+    assert_not_sacrificed(&mut foreign, std::time::Duration::from_millis(300), |c| {
+        diesel::insert_into(user_coupon::table)
+            .values((
+                user_coupon::user_id.eq(1),
+                user_coupon::coupon_id.eq(coupon.id),
+                user_coupon::fcfs_coupon_id.eq(campaign.id),
+            ))
+            .execute(c)
+    });
     let foreign_id: i64 = user_coupon::table
         .filter(user_coupon::user_id.eq(1))
         .filter(user_coupon::coupon_id.eq(coupon.id))

@@ -17,7 +17,8 @@ use lockstock::{AccountOp, BalanceLedger, Entry, EntryKind, Error, HoldState};
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    audit_ok, concurrently, connect, fresh_database, funded_account, now, pool, snapshot,
+    assert_not_sacrificed, audit_ok, concurrently, connect, fresh_database, funded_account,
+    lock_balance, now, pool, snapshot,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -977,4 +978,116 @@ fn batch_holds_answer_as_single_calls() {
     every_hold_ended_once(&mut conn);
     audit_ok(&ledger, &mut conn, single);
     audit_ok(&ledger, &mut conn, batched);
+}
+
+/// An account's unexpired holds are summed, with the account locked, by a range read that
+/// under SERIALIZABLE also locks the record after the range — another account's hold. That
+/// read never waits: another program's transaction that locked that account's holds and then
+/// asks for this account would otherwise close a deadlock, and InnoDB rolled it back (it held
+/// fewer locks) as the victim before the fix. Now the read is refused at once, the deduct
+/// retries, the other program gets the account, and the deduct then applies.
+#[test]
+fn the_holds_read_under_an_account_lock_never_waits() {
+    use diesel::connection::SimpleConnection;
+    const A: i64 = 10;
+    const B: i64 = 11;
+    let (url, mut conn) = fresh_database("holds_read_never_waits");
+    let setup = BalanceLedger::new();
+    funded_account(&mut conn, &setup, A, dec(1_000));
+    funded_account(&mut conn, &setup, B, dec(1_000));
+    // Many holds on A (the deduct's read locks them all: the heavier transaction), one on B.
+    for i in 0..20 {
+        setup
+            .hold(&mut conn, A, dec(1), &format!("a-hold-{i}"), in_secs(3_600))
+            .expect("hold on A");
+    }
+    setup
+        .hold(&mut conn, B, dec(1), "b-hold", in_secs(3_600))
+        .expect("hold on B");
+    let ledger = std::sync::Arc::new(BalanceLedger::with_policy(
+        lockstock::TxnPolicy::default().with_retry(lockstock_testkit::fixtures::retry_policy(
+            100_000,
+            StdDuration::from_secs(20),
+        )),
+    ));
+
+    // Another program: B's holds, locked through the index the read of A's holds ends on.
+    let mut foreign = connect(&url);
+    foreign
+        .batch_execute(
+            "SET SESSION innodb_lock_wait_timeout = 10; \
+             SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
+        )
+        .expect("begin");
+    let b_holds: Vec<i64> = balance_hold::table
+        .filter(balance_hold::user_id.eq(B))
+        .filter(balance_hold::state.eq("active"))
+        .select(balance_hold::id)
+        .for_update()
+        .load(&mut foreign)
+        .expect("lock B's holds");
+    assert_eq!(b_holds.len(), 1);
+    let deduct = {
+        let (url, ledger) = (url.clone(), ledger.clone());
+        thread::spawn(move || ledger.deduct(&mut connect(&url), A, dec(5), "d"))
+    };
+    assert_not_sacrificed(&mut foreign, StdDuration::from_millis(300), |c| {
+        lock_balance(c, A)
+    });
+    let entry = deduct.join().expect("deduct").expect("the deduct");
+    assert_eq!(entry.balance_after, dec(995));
+    audit_ok(&setup, &mut conn, A);
+    audit_ok(&setup, &mut conn, B);
+}
+
+/// A read that failed after the server had begun its result is never executed again from the
+/// statement cache. The deduct's read of the account's holds is refused (another program holds
+/// the next account's holds, which the range read locks under SERIALIZABLE), again and again
+/// until the deadline: the deduct answers `Contended`, and its connection serves the next call.
+/// Before the fix the retry re-ran the cached statement, which waited for the rest of a result
+/// the server never sends: the call hung until the watchdog shut the connection down at
+/// deadline + grace, answered `ServerUnresponsive` for a server that answered, and the
+/// connection was lost (`ConnectionBroken` on the next call).
+#[test]
+fn a_refused_holds_read_is_retried_without_hanging() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut conn) = fresh_database("holds_read_retried");
+    let setup = BalanceLedger::new();
+    for user in [10, 11] {
+        funded_account(&mut conn, &setup, user, dec(1_000));
+        setup
+            .hold(
+                &mut conn,
+                user,
+                dec(1),
+                &format!("hold-{user}"),
+                in_secs(3_600),
+            )
+            .expect("hold");
+    }
+    let ledger = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        StdDuration::from_secs(2),
+    ));
+    let mut foreign = connect(&url);
+    foreign
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN")
+        .expect("begin");
+    let _: Vec<i64> = balance_hold::table
+        .filter(balance_hold::user_id.eq(11))
+        .filter(balance_hold::state.eq("active"))
+        .select(balance_hold::id)
+        .for_update()
+        .load(&mut foreign)
+        .expect("lock account 11's holds");
+    let mut caller = connect(&url);
+    match ledger.deduct(&mut caller, 10, dec(1), "d1") {
+        Err(Error::Contended { attempts, .. }) => assert!(attempts > 1, "{attempts}"),
+        other => panic!("{other:?}"),
+    }
+    foreign.batch_execute("ROLLBACK").expect("release");
+    let entry = ledger
+        .deduct(&mut caller, 10, dec(1), "d2")
+        .expect("the same connection, next call");
+    assert_eq!(entry.balance_after, dec(999));
+    audit_ok(&setup, &mut conn, 10);
 }

@@ -16,8 +16,8 @@ use lockstock::{AccountOp, BalanceLedger, Entry, EntryKind, Error, ServerErrorKi
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    assert_refused, audit_ok, concurrently, connect, count_key, count_kind, fresh_database,
-    funded_account, retry_policy, snapshot, stored_balance,
+    assert_not_sacrificed, assert_refused, audit_ok, concurrently, connect, count_key, count_kind,
+    fresh_database, funded_account, lock_balance, retry_policy, snapshot, stored_balance,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -1207,20 +1207,9 @@ fn a_write_holding_the_account_never_waits_for_another_transactions_lock() {
         let (url, ledger, ops) = (url.clone(), ledger.clone(), ops.clone());
         thread::spawn(move || ledger.apply_many(&mut connect(&url), USER, &ops))
     };
-    thread::sleep(Duration::from_millis(300));
-    let locked = user_balance::table
-        .find(USER)
-        .select(user_balance::balance)
-        .for_update()
-        .first::<Decimal>(&mut foreign);
-    foreign
-        .batch_execute(if locked.is_ok() { "COMMIT" } else { "ROLLBACK" })
-        .expect("end");
-    assert!(
-        locked.is_ok(),
-        "the other program's transaction was rolled back: {:?}",
-        locked.err()
-    );
+    assert_not_sacrificed(&mut foreign, Duration::from_millis(300), |c| {
+        lock_balance(c, USER)
+    });
 
     let answers = batch.join().expect("batch").expect("the batch");
     for (op, answer) in ops.iter().zip(&answers) {
@@ -1229,4 +1218,47 @@ fn a_write_holding_the_account_never_waits_for_another_transactions_lock() {
     assert_eq!(stored_balance(&mut conn, USER), dec(1_002 - 30, 0));
     assert_eq!(count_key(&mut conn, USER, "m2"), 1);
     audit_ok(&setup, &mut conn, USER);
+}
+
+/// A snapshot read cut off after the server had begun its result (here by the statement time
+/// limit) is never executed again from the statement cache: the same call on the same
+/// connection is cut off the same way (`StatementTimeout`), and the connection then serves a
+/// call with more time. Before the fix the second call re-ran the cached statement, which
+/// waited for the rest of the first result: it hung until the watchdog shut the connection
+/// down at deadline + grace, answered `ServerUnresponsive` for a server that answered, and the
+/// connection was lost.
+#[test]
+fn a_read_cut_off_mid_result_is_not_run_again_from_the_cache() {
+    const USER: i64 = 9;
+    const ENTRIES: i64 = 40_000;
+    // Loads the server for a few seconds: alone.
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    let (_url, mut conn, setup) = ledger_with_account("ledger_cut_off_read", USER, dec(1_000, 0));
+    let ops: Vec<AccountOp> = (0..ENTRIES)
+        .map(|i| AccountOp::Charge {
+            amount: dec(1, 0),
+            key: format!("c{i}"),
+        })
+        .collect();
+    BalanceLedger::with_policy(
+        TxnPolicy::default().with_retry(retry_policy(10, Duration::from_secs(120))),
+    )
+    .apply_many(&mut conn, USER, &ops)
+    .expect("the journal");
+    let mut hasty_policy = TxnPolicy::default();
+    hasty_policy.statement_timeout = Duration::from_millis(1);
+    let hasty = BalanceLedger::with_policy(
+        hasty_policy.with_retry(retry_policy(1, Duration::from_secs(2))),
+    );
+    for round in 0..2 {
+        let started = Instant::now();
+        match hasty.audit(&mut conn, USER) {
+            Err(e) if e.server_kind() == Some(ServerErrorKind::StatementTimeout) => {}
+            other => panic!("round {round} after {:?}: {other:?}", started.elapsed()),
+        }
+    }
+    let report = setup
+        .audit(&mut conn, USER)
+        .expect("the same connection, with time");
+    assert_eq!(report.entries, ENTRIES as u64 + 1);
 }
