@@ -305,6 +305,14 @@ impl TxnRunner {
     /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
     /// start: it sees a rolled-back database each time.
     ///
+    /// A read in `body` that returns several rows through a range (not by primary key) should not
+    /// be a cached prepared statement (Diesel caches every query whose SQL does not vary, `IN`
+    /// lists excepted): if it fails after the server has begun its result — refused or timed
+    /// out on a lock, cut off by the statement time limit — the client library waits, on that
+    /// statement's next execution (the retry), for the rest of a result the server never sends,
+    /// and the call ends as [`Error::ServerUnresponsive`] at the deadline plus the grace.
+    /// lockstock's own range reads are prepared, run and closed each time for this reason.
+    ///
     /// # Errors
     /// What `body` fails with, once it is not retried any more; [`Error::Contended`] when
     /// refusals outlast the attempts or the deadline; [`Error::Timeout`] when the deadline passed
