@@ -15,7 +15,7 @@ use diesel::query_dsl::methods::{ExecuteDsl, LoadQuery};
 use diesel::sql_types::{BigInt, Datetime, Integer, Numeric, Text};
 use diesel::{MysqlConnection, QueryResult, RunQueryDsl};
 
-use crate::txn::bounded_waits;
+use crate::txn::{bounded_waits, note_clean_failure};
 use rust_decimal::Decimal;
 
 /// Defines a statement type with a static query id: a unit struct for constant SQL, or a struct
@@ -252,11 +252,16 @@ pub(crate) fn write_under_lock<W>(conn: &mut MysqlConnection, write: W) -> Query
 where
     W: QueryFragment<Mysql> + QueryId,
 {
-    if bounded_waits() {
+    let written = if bounded_waits() {
         ExecuteDsl::<MysqlConnection, Mysql>::execute(WaitFree(write), conn)
     } else {
         ExecuteDsl::<MysqlConnection, Mysql>::execute(write, conn)
+    };
+    if written.is_err() {
+        // A write has no result to be left waiting for.
+        note_clean_failure();
     }
+    written
 }
 
 /// [`write_under_lock`] for a locking range read: `read`, sent while the transaction holds a

@@ -143,7 +143,14 @@ where
     Q: LimitDsl + RunQueryDsl<MysqlConnection>,
     Limit<Q>: for<'query> LoadQuery<'query, MysqlConnection, R>,
 {
-    locking_read.first(conn).optional()?.ok_or(missing)
+    match locking_read.first(conn).optional() {
+        Ok(row) => row.ok_or(missing),
+        Err(e) => {
+            // A primary-key read fails before the server begins its result.
+            crate::txn::note_clean_failure();
+            Err(e.into())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -205,6 +205,21 @@ pub(crate) fn bounded_waits() -> bool {
 pub(crate) fn locking_read<T>(
     conn: &mut MysqlConnection,
     holding: Holding,
+    read: impl FnMut(&mut MysqlConnection, Lock) -> QueryResult<T>,
+) -> QueryResult<T> {
+    let answer = lock_or_wait(conn, holding, read);
+    if let Err(e) = &answer {
+        if is_refusal(e) || is_time_limit(e) {
+            // A primary-key read: refused before the server began its result.
+            super::note_clean_failure();
+        }
+    }
+    answer
+}
+
+fn lock_or_wait<T>(
+    conn: &mut MysqlConnection,
+    holding: Holding,
     mut read: impl FnMut(&mut MysqlConnection, Lock) -> QueryResult<T>,
 ) -> QueryResult<T> {
     let Some(handoff) = installed() else {

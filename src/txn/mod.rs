@@ -88,7 +88,9 @@ use session::{carries_settings, set_primed, take_primed};
 use transaction::{
     end_unused, ensure_no_open_transaction, open_transaction, run_transaction, Begin, Restore,
 };
-pub(crate) use transaction::{mark_broken, release_savepoint, silently_rolled_back};
+pub(crate) use transaction::{
+    mark_broken, note_clean_failure, release_savepoint, silently_rolled_back,
+};
 use watchdog::Guard;
 
 use std::sync::OnceLock;
@@ -305,13 +307,15 @@ impl TxnRunner {
     /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
     /// start: it sees a rolled-back database each time.
     ///
-    /// A read in `body` that returns several rows through a range (not by primary key) should not
-    /// be a cached prepared statement (Diesel caches every query whose SQL does not vary, `IN`
-    /// lists excepted): if it fails after the server has begun its result — refused or timed
-    /// out on a lock, cut off by the statement time limit — the client library waits, on that
-    /// statement's next execution (the retry), for the rest of a result the server never sends,
-    /// and the call ends as [`Error::ServerUnresponsive`] at the deadline plus the grace.
-    /// lockstock's own range reads are prepared, run and closed each time for this reason.
+    /// A read in `body` that returns rows through a range (not by primary key) may fail after
+    /// the server has begun its result — refused or timed out on a lock, cut off by the
+    /// statement time limit. Diesel caches the statement (every query whose SQL does not vary,
+    /// `IN` lists excepted), and the client library would then wait, on its next execution, for
+    /// the rest of a result the server never sends. So after an attempt that failed any way but
+    /// a refusal of lockstock's own primary-key reads, a write's constraint or a lost
+    /// connection, the runner drops the connection's cached prepared statements (Diesel evicts
+    /// none singly and tells no cache size: the cache is set to Diesel's default, unbounded,
+    /// afresh); the retry prepares them again. lockstock's own range reads are never cached.
     ///
     /// # Errors
     /// What `body` fails with, once it is not retried any more; [`Error::Contended`] when

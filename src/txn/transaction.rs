@@ -9,6 +9,55 @@ use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::statements::{
     Commit, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback, Savepoint,
 };
+std::thread_local! {
+    /// Set by lockstock's own statements that failed in a way that leaves no statement of the
+    /// connection expecting a result (see [`note_clean_failure`]); cleared as each attempt's body
+    /// starts.
+    static CLEAN_FAILURE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Notes that the statement failing now left nothing behind in the connection's statement
+/// cache: a primary-key locking read refused or timed out (its row is read before the server
+/// begins its result), or a write (no result at all). A body failing any other way may have
+/// failed inside a cached read's result — a read of the caller's own, say — which the client
+/// library would then wait out on its next execution: the runner drops the connection's
+/// prepared statements then ([`forget_prepared`]).
+pub(crate) fn note_clean_failure() {
+    CLEAN_FAILURE.with(|clean| clean.set(true));
+}
+
+/// Whether `error`, which ended an attempt's body, may have been a cached read's failure in the
+/// middle of its result: a server error other than a refusal lockstock noted as clean, a
+/// write's constraint, or a lost connection (whose statements are gone with it).
+fn may_leave_a_stale_statement(error: &Error) -> bool {
+    let clean = CLEAN_FAILURE.with(|clean| clean.replace(false));
+    match error {
+        Error::Server(e) => {
+            !clean
+                && !matches!(
+                    e.kind(),
+                    ServerErrorKind::ConnectionLost
+                        | ServerErrorKind::NodeNotReady
+                        | ServerErrorKind::DuplicateKey
+                        | ServerErrorKind::CheckViolation
+                )
+        }
+        _ => false,
+    }
+}
+
+/// Drops every prepared statement `conn` caches (each is closed; the next use prepares it
+/// again). libmariadb leaves a cached SELECT that failed after the server began its result
+/// expecting the rest of that result: executed again, it waits for packets the server never
+/// sends (the server waits for a command) until the watchdog ends the call as an unresponsive
+/// server. Diesel evicts no single statement and tells no cache size, so the cache is set to
+/// Diesel's default (unbounded) afresh.
+pub(crate) fn forget_prepared(conn: &mut MysqlConnection) {
+    use diesel::connection::{CacheSize, Connection};
+    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+    conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
+}
+
 /// lockstock must own the transaction to retry it: refuse a call made inside one that the
 /// caller opened through Diesel (a raw `BEGIN` is caught by [`NESTED_CHECK`]). A connection
 /// whose transaction manager is broken (also one lockstock marked after a failed ROLLBACK) is
@@ -67,6 +116,7 @@ pub(super) fn run_transaction<T>(
     body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
 ) -> Result<T, Error> {
     open_transaction(conn, begin)?;
+    CLEAN_FAILURE.with(|clean| clean.set(false));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let value = body(conn)?;
         if begin.savepoint {
@@ -92,12 +142,22 @@ pub(super) fn run_transaction<T>(
                 Err(error)
             }
         },
-        Ok(Err(error)) => match end_failed(conn, begin) {
-            // A lost connection: the server rolled back already; the body's error says so.
-            Some(_) if error.server_kind() == Some(ServerErrorKind::ConnectionLost) => Err(error),
-            Some(broken) => Err(broken),
-            None => Err(error),
-        },
+        Ok(Err(error)) => {
+            let stale = may_leave_a_stale_statement(&error);
+            match end_failed(conn, begin) {
+                // A lost connection: the server rolled back already; the body's error says so.
+                Some(_) if error.server_kind() == Some(ServerErrorKind::ConnectionLost) => {
+                    Err(error)
+                }
+                Some(broken) => Err(broken),
+                None => {
+                    if stale {
+                        forget_prepared(conn);
+                    }
+                    Err(error)
+                }
+            }
+        }
         Err(panic) => {
             let _ = end_failed(conn, begin);
             std::panic::resume_unwind(panic)

@@ -495,6 +495,24 @@ pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
 // Contention and deadlines
 // ---------------------------------------------------------------------------------------------
 
+/// Another program's SERIALIZABLE transaction on `url`, begun, that holds `user_id`'s active
+/// holds `FOR UPDATE` (their index records too: a range read of the account before it, under
+/// SERIALIZABLE, locks the first of them and waits). Roll it back to let go.
+pub fn holds_locker(url: &str, user_id: i64) -> MysqlConnection {
+    let mut foreign = connect(url);
+    foreign
+        .batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN")
+        .expect("begin the other program");
+    let _: Vec<i64> = lockstock::schema::balance_hold::table
+        .filter(lockstock::schema::balance_hold::user_id.eq(user_id))
+        .filter(lockstock::schema::balance_hold::state.eq("active"))
+        .select(lockstock::schema::balance_hold::id)
+        .for_update()
+        .load(&mut foreign)
+        .expect("lock the account's holds");
+    foreign
+}
+
 /// Another program's transaction, open on `foreign`: after `delay` (while lockstock's call runs
 /// beside it) it does `work` — typically asking for a row the call holds — and commits; if the
 /// server rolled it back instead (a deadlock victim: 1213), it rolls back and panics. The

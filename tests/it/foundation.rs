@@ -19,8 +19,8 @@ use lockstock::{BalanceLedger, Error, RetryPolicy, ServerErrorKind, TxnPolicy, T
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
-    concurrently, connect, fresh_database, lock_balance, open_campaign_named, pool_with,
-    retry_policy, session_vars, snapshot,
+    concurrently, connect, fresh_database, holds_locker, lock_balance, now, open_campaign_named,
+    policy_with_deadline, pool_with, retry_policy, session_vars, snapshot,
 };
 
 #[derive(QueryableByName)]
@@ -572,4 +572,57 @@ fn transactions_run_at_the_policys_isolation_level() {
     }
     // The default policy is SERIALIZABLE.
     assert_eq!(TxnPolicy::default().isolation, Isolation::Serializable);
+}
+
+/// A caller's own body may read a range with a cached prepared statement (Diesel caches every
+/// query whose SQL does not vary). When that read is refused in the middle of its result — here
+/// it locks, under SERIALIZABLE, the record after its range, which another transaction holds —
+/// the runner retries the body without hanging: it answers `Contended` by the deadline, and the
+/// connection then runs the same body. Before the fix the retry re-ran the cached statement,
+/// which waited for the rest of the first result: the call hung until the watchdog ended it as
+/// `ServerUnresponsive`, and the connection was lost.
+#[test]
+fn a_callers_range_read_refused_mid_result_is_retried_without_hanging() {
+    let (url, mut conn) = fresh_database("runner_stale_statement");
+    let ledger = BalanceLedger::new();
+    for user in [10i64, 11] {
+        ledger
+            .charge(
+                &mut conn,
+                user,
+                Decimal::new(100, 0),
+                &format!("fund-{user}"),
+            )
+            .expect("fund");
+        ledger
+            .hold(
+                &mut conn,
+                user,
+                Decimal::ONE,
+                "hold",
+                now() + chrono::Duration::hours(1),
+            )
+            .expect("hold");
+    }
+    let mut foreign = holds_locker(&url, 11);
+    let since = now() - chrono::Duration::hours(1);
+    let read = |c: &mut MysqlConnection| -> Result<Vec<i64>, Error> {
+        Ok(balance_hold::table
+            .filter(balance_hold::user_id.eq(10))
+            .filter(balance_hold::state.eq("active"))
+            .filter(balance_hold::expires_at.gt(since))
+            .select(balance_hold::id)
+            .load(c)?)
+    };
+    let runner = TxnRunner::new(policy_with_deadline(Duration::from_secs(2)));
+    let mut caller = connect(&url);
+    match runner.run(&mut caller, read) {
+        Err(Error::Contended { attempts, .. }) => assert!(attempts > 1, "{attempts}"),
+        other => panic!("{other:?}"),
+    }
+    foreign.batch_execute("ROLLBACK").expect("release");
+    let holds = runner
+        .run(&mut caller, read)
+        .expect("the same connection, next call");
+    assert_eq!(holds.len(), 1);
 }

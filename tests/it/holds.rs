@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
     assert_not_sacrificed, audit_ok, concurrently, connect, fresh_database, funded_account,
-    lock_balance, now, pool, snapshot,
+    holds_locker, lock_balance, now, pool, snapshot,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -1068,17 +1068,7 @@ fn a_refused_holds_read_is_retried_without_hanging() {
     let ledger = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
         StdDuration::from_secs(2),
     ));
-    let mut foreign = connect(&url);
-    foreign
-        .batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN")
-        .expect("begin");
-    let _: Vec<i64> = balance_hold::table
-        .filter(balance_hold::user_id.eq(11))
-        .filter(balance_hold::state.eq("active"))
-        .select(balance_hold::id)
-        .for_update()
-        .load(&mut foreign)
-        .expect("lock account 11's holds");
+    let mut foreign = holds_locker(&url, 11);
     let mut caller = connect(&url);
     match ledger.deduct(&mut caller, 10, dec(1), "d1") {
         Err(Error::Contended { attempts, .. }) => assert!(attempts > 1, "{attempts}"),
