@@ -709,3 +709,89 @@ fn a_batch_behind_a_commit_the_server_holds_back_is_refused_within_its_wait_budg
     );
     assert_eq!(coupon_rows(&mut conn, campaign), 2, "users 1 and 2");
 }
+
+/// lockstock transactions never deadlock one another: none waits for a lock while it holds one
+/// (coupon INSERTs that hold rows or gaps are wait-free, the stock row is locked with NOWAIT).
+/// Two combiners (as two processes) race for the same users of campaigns whose stock runs out,
+/// round after round, on a private server; it resolves no deadlock at all, every answer is a
+/// success, `AlreadyIssued` or `SoldOut`, and every campaign's coupons are its successes (no
+/// user twice, the stock never below zero). Before the coupon INSERTs were wait-free the server
+/// resolved 8 to 12 deadlocks in 30 rounds (three runs), between coupon INSERTs waiting for each other's
+/// rows and gaps.
+#[test]
+fn racing_combiners_at_a_sell_out_never_deadlock() {
+    use diesel::connection::SimpleConnection;
+    const ROUNDS: usize = 30;
+    const THREADS: usize = 5;
+    const USERS_PER_THREAD: i64 = 8;
+    const STOCK: u32 = 20;
+    let _storm = lockstock_testkit::fixtures::storm();
+    // A private server: its deadlock count is this test's alone.
+    let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
+    let url = sandbox
+        .create_database("racing_combiners")
+        .expect("database");
+    let mut conn = lockstock_testkit::fixtures::connect(&url);
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    let issuer = CouponIssuer::new();
+    let combiners: Vec<Arc<CombiningIssuer>> = (0..2)
+        .map(|_| Arc::new(CombiningIssuer::new(pool(&url, 4), CouponIssuer::new())))
+        .collect();
+    for round in 0..ROUNDS {
+        let campaign = open_campaign(&mut conn, &issuer, STOCK).id;
+        let start = Arc::new(Barrier::new(2 * THREADS));
+        let threads: Vec<_> = combiners
+            .iter()
+            .flat_map(|combiner| (0..THREADS).map(move |t| (combiner.clone(), t)))
+            .map(|(combiner, t)| {
+                let start = start.clone();
+                thread::spawn(move || {
+                    start.wait();
+                    let first = i64::try_from(t).expect("t") * USERS_PER_THREAD + 1;
+                    (first..first + USERS_PER_THREAD)
+                        .map(|user| (user, combiner.issue(user, campaign)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut issued = HashMap::new();
+        for thread in threads {
+            for (user, answer) in thread.join().expect("a client") {
+                match answer {
+                    Ok(coupon) => {
+                        assert_eq!(coupon.user_id, user);
+                        assert!(
+                            issued.insert(user, coupon.id).is_none(),
+                            "round {round}: user {user} twice"
+                        );
+                    }
+                    Err(Error::AlreadyIssued { .. } | Error::SoldOut { .. }) => {}
+                    Err(e) => panic!("round {round}, user {user}: {e:?}"),
+                }
+            }
+        }
+        let rows = lockstock_testkit::fixtures::issued_rows(&mut conn, campaign);
+        assert_eq!(
+            rows,
+            i64::try_from(issued.len()).expect("len"),
+            "round {round}"
+        );
+        let (_, stock) = lockstock_testkit::fixtures::stock_row(&mut conn, campaign);
+        assert_eq!(i64::from(stock), i64::from(STOCK) - rows, "round {round}");
+    }
+    #[derive(QueryableByName)]
+    struct Status {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    let deadlocks = diesel::sql_query(
+        "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
+         WHERE VARIABLE_NAME = 'INNODB_DEADLOCKS'",
+    )
+    .get_result::<Status>(&mut conn)
+    .expect("Innodb_deadlocks")
+    .value;
+    assert_eq!(deadlocks, "0", "deadlocks the server resolved");
+    conn.batch_execute("SELECT 1")
+        .expect("the server still answers");
+}
