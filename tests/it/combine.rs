@@ -716,8 +716,8 @@ fn a_batch_behind_a_commit_the_server_holds_back_is_refused_within_its_wait_budg
 /// round after round, on a private server; it resolves no deadlock at all, every answer is a
 /// success, `AlreadyIssued` or `SoldOut`, and every campaign's coupons are its successes (no
 /// user twice, the stock never below zero). Before the coupon INSERTs were wait-free the server
-/// resolved 8 to 12 deadlocks in 30 rounds (three runs), between coupon INSERTs waiting for each other's
-/// rows and gaps.
+/// resolved 8 to 12 deadlocks in 30 rounds (three runs), between coupon INSERTs waiting for
+/// each other's rows and gaps.
 #[test]
 fn racing_combiners_at_a_sell_out_never_deadlock() {
     use diesel::connection::SimpleConnection;
