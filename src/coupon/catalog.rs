@@ -11,7 +11,6 @@ use super::types::{
 use super::CouponIssuer;
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
-use crate::statements::Uncached;
 use crate::txn::Deadline;
 use crate::util::{inserted_id, to_micros};
 use crate::validate::validate_id;
@@ -202,13 +201,11 @@ impl CouponIssuer {
         validate_id("user", user_id)?;
         let deadline = self.runner.deadline();
         let rows: Vec<UserCouponRow> = self.runner.read_by(conn, deadline, |conn| {
-            Ok(Uncached(
-                user_coupon::table
-                    .filter(user_coupon::user_id.eq(user_id))
-                    .order(user_coupon::id.asc())
-                    .select(UserCouponRow::as_select()),
-            )
-            .load(conn)?)
+            Ok(user_coupon::table
+                .filter(user_coupon::user_id.eq(user_id))
+                .order(user_coupon::id.asc())
+                .select(UserCouponRow::as_select())
+                .load(conn)?)
         })?;
         rows.into_iter().map(UserCouponRow::into_coupon).collect()
     }

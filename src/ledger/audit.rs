@@ -14,7 +14,7 @@ use super::BalanceLedger;
 use crate::error::{Error, Result};
 use crate::records::{AuditReport, EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold};
-use crate::statements::{read_in_lists, Uncached};
+use crate::statements::read_in_lists;
 use crate::validate::validate_id;
 
 /// The holds of an account as the audit reads them: the rows, the `ended_hold_id` of every
@@ -44,13 +44,11 @@ impl BalanceLedger {
         validate_id("user", user_id)?;
         let (account, rows, senders, holds) = self.runner.read(conn, |conn| {
             let account = find_balance(conn, user_id)?.ok_or(Error::AccountNotFound { user_id })?;
-            let rows: Vec<EntryRow> = Uncached(
-                balance_history::table
-                    .filter(balance_history::user_id.eq(user_id))
-                    .order(balance_history::id.asc())
-                    .select(EntryRow::as_select()),
-            )
-            .load(conn)?;
+            let rows: Vec<EntryRow> = balance_history::table
+                .filter(balance_history::user_id.eq(user_id))
+                .order(balance_history::id.asc())
+                .select(EntryRow::as_select())
+                .load(conn)?;
             let sender_ids: Vec<i64> = rows
                 .iter()
                 .filter(|r| r.kind == EntryKind::TransferIn.as_str())
@@ -62,22 +60,18 @@ impl BalanceLedger {
                     .select(EntryRow::as_select())
                     .load(conn)
             })?;
-            let holds = Uncached(
-                balance_hold::table
-                    .filter(balance_hold::user_id.eq(user_id))
-                    .select(HoldRow::as_select()),
-            )
-            .load::<HoldRow>(conn)?
-            .into_iter()
-            .map(HoldRow::into_hold)
-            .collect::<Result<Vec<_>>>()?;
-            let ends: Vec<(i64, Option<i64>)> = Uncached(
-                balance_history::table
-                    .filter(balance_history::user_id.eq(user_id))
-                    .filter(balance_history::ended_hold_id.is_not_null())
-                    .select((balance_history::id, balance_history::ended_hold_id)),
-            )
-            .load(conn)?;
+            let holds = balance_hold::table
+                .filter(balance_hold::user_id.eq(user_id))
+                .select(HoldRow::as_select())
+                .load::<HoldRow>(conn)?
+                .into_iter()
+                .map(HoldRow::into_hold)
+                .collect::<Result<Vec<_>>>()?;
+            let ends: Vec<(i64, Option<i64>)> = balance_history::table
+                .filter(balance_history::user_id.eq(user_id))
+                .filter(balance_history::ended_hold_id.is_not_null())
+                .select((balance_history::id, balance_history::ended_hold_id))
+                .load(conn)?;
             let ends = ends
                 .into_iter()
                 .filter_map(|(entry, hold)| hold.map(|hold| (entry, hold)))

@@ -70,7 +70,6 @@ use super::BalanceLedger;
 use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::balance_hold;
-use crate::statements::Uncached;
 use crate::txn::{Deadline, Holding};
 use crate::util::now;
 use crate::validate::{validate_amount, validate_id, validate_key};
@@ -178,18 +177,16 @@ impl BalanceLedger {
         }
         let deadline = self.runner.deadline();
         let due: Vec<(i64, i64)> = self.runner.read_by(conn, deadline, |conn| {
-            Ok(Uncached(
-                balance_hold::table
-                    .filter(balance_hold::state.eq(HoldState::Active.as_str()))
-                    .filter(
-                        balance_hold::expires_at
-                            .le(sql::<diesel::sql_types::Datetime>("UTC_TIMESTAMP(6)")),
-                    )
-                    .order((balance_hold::expires_at.asc(), balance_hold::id.asc()))
-                    .limit(i64::from(limit))
-                    .select((balance_hold::user_id, balance_hold::id)),
-            )
-            .load(conn)?)
+            Ok(balance_hold::table
+                .filter(balance_hold::state.eq(HoldState::Active.as_str()))
+                .filter(
+                    balance_hold::expires_at
+                        .le(sql::<diesel::sql_types::Datetime>("UTC_TIMESTAMP(6)")),
+                )
+                .order((balance_hold::expires_at.asc(), balance_hold::id.asc()))
+                .limit(i64::from(limit))
+                .select((balance_hold::user_id, balance_hold::id))
+                .load(conn)?)
         })?;
         let mut by_account: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
         for (user_id, hold_id) in due {

@@ -17,7 +17,7 @@ use super::{BalanceLedger, MAX_HISTORY_PAGE};
 use crate::error::{Error, Result};
 use crate::records::EntryKind;
 use crate::schema::balance_history;
-use crate::statements::{SetRefunded, Uncached};
+use crate::statements::SetRefunded;
 use crate::txn::{Deadline, Holding};
 use crate::util::now;
 use crate::validate::{validate_amount, validate_id, validate_key};
@@ -400,7 +400,7 @@ impl BalanceLedger {
             if let Some(cursor) = before {
                 query = query.filter(balance_history::id.lt(cursor));
             }
-            Ok(Uncached(query).load(conn)?)
+            Ok(query.load(conn)?)
         })?;
         let entries = rows
             .into_iter()

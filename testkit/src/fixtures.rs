@@ -495,14 +495,25 @@ pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
 // Contention and deadlines
 // ---------------------------------------------------------------------------------------------
 
-/// Another program's SERIALIZABLE transaction on `url`, begun, that holds `user_id`'s active
-/// holds `FOR UPDATE` (their index records too: a range read of the account before it, under
-/// SERIALIZABLE, locks the first of them and waits). Roll it back to let go.
-pub fn holds_locker(url: &str, user_id: i64) -> MysqlConnection {
+/// Another program's transaction on `url`: SERIALIZABLE (its reads take shared locks, gaps
+/// included, as the design note's "does it exist?" reads do), waiting up to 10 s for a lock,
+/// begun. End it with COMMIT or ROLLBACK (or [`assert_not_sacrificed`]).
+pub fn other_program(url: &str) -> MysqlConnection {
     let mut foreign = connect(url);
     foreign
-        .batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN")
+        .batch_execute(
+            "SET SESSION innodb_lock_wait_timeout = 10; \
+             SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
+        )
         .expect("begin the other program");
+    foreign
+}
+
+/// [`other_program`], holding `user_id`'s active holds `FOR UPDATE` (their index records too: a
+/// range read of the account before it, under SERIALIZABLE, locks the first of them and waits).
+/// Roll it back to let go.
+pub fn holds_locker(url: &str, user_id: i64) -> MysqlConnection {
+    let mut foreign = other_program(url);
     let _: Vec<i64> = lockstock::schema::balance_hold::table
         .filter(lockstock::schema::balance_hold::user_id.eq(user_id))
         .filter(lockstock::schema::balance_hold::state.eq("active"))

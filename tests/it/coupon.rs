@@ -23,7 +23,7 @@ use rust_decimal::Decimal;
 use lockstock_testkit::fixtures::{
     assert_not_sacrificed, assert_refused, concurrently, connect, create_campaign, create_coupon,
     fresh_database, issued_rows, killed_connection, micros_to_time, now, open_campaign_named,
-    statement_prepares, stock_row, user_coupon_row,
+    other_program, statement_prepares, stock_row, user_coupon_row,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1096,10 +1096,6 @@ fn a_batch_holding_the_stock_row_never_waits_for_another_transactions_coupon() {
         .batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
         .expect("read committed");
     let campaign_id = campaign.id;
-    let mut foreign = connect(&url);
-    foreign
-        .batch_execute("SET SESSION innodb_lock_wait_timeout = 10")
-        .expect("lock wait");
     // Step through the batch's clock reads until it holds the stock row and has written none of
     // its coupons: the stock was found short, and the winners are written next.
     loop {
@@ -1134,10 +1130,7 @@ fn a_batch_holding_the_stock_row_never_waits_for_another_transactions_coupon() {
     // Another program's transaction, the design note's issue under SERIALIZABLE (the batch
     // read which users hold a coupon before it locked the stock row, so this read does not
     // wait): does the contested user hold one? ...
-    foreign
-        .batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
-        .expect("serializable");
-    foreign.batch_execute("BEGIN").expect("begin");
+    let mut foreign = other_program(&url);
     let held: i64 = user_coupon::table
         .filter(user_coupon::user_id.eq(CONTESTED))
         .filter(user_coupon::coupon_id.eq(coupon.id))
@@ -1208,13 +1201,7 @@ fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
     let (coupon, campaign) = open_campaign_named(&mut admin, &issuer, "contested", 10);
     // User 2's coupon splits the unique index: users 1 and 3 go into different gaps.
     issuer.issue(&mut admin, 2, campaign.id).expect("user 2");
-    let mut foreign = connect(&url);
-    foreign
-        .batch_execute(
-            "SET SESSION innodb_lock_wait_timeout = 10; \
-             SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
-        )
-        .expect("begin");
+    let mut foreign = other_program(&url);
     let held: i64 = user_coupon::table
         .filter(user_coupon::user_id.eq(3))
         .filter(user_coupon::coupon_id.eq(coupon.id))

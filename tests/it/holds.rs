@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
     assert_not_sacrificed, audit_ok, concurrently, connect, fresh_database, funded_account,
-    holds_locker, lock_balance, now, pool, snapshot,
+    holds_locker, lock_balance, now, other_program, pool, snapshot,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -988,7 +988,6 @@ fn batch_holds_answer_as_single_calls() {
 /// retries, the other program gets the account, and the deduct then applies.
 #[test]
 fn the_holds_read_under_an_account_lock_never_waits() {
-    use diesel::connection::SimpleConnection;
     const A: i64 = 10;
     const B: i64 = 11;
     let (url, mut conn) = fresh_database("holds_read_never_waits");
@@ -1012,13 +1011,7 @@ fn the_holds_read_under_an_account_lock_never_waits() {
     ));
 
     // Another program: B's holds, locked through the index the read of A's holds ends on.
-    let mut foreign = connect(&url);
-    foreign
-        .batch_execute(
-            "SET SESSION innodb_lock_wait_timeout = 10; \
-             SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
-        )
-        .expect("begin");
+    let mut foreign = other_program(&url);
     let b_holds: Vec<i64> = balance_hold::table
         .filter(balance_hold::user_id.eq(B))
         .filter(balance_hold::state.eq("active"))

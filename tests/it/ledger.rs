@@ -7,7 +7,6 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use lockstock::error::{AmountProblem, KeyProblem};
 use lockstock::ledger::MAX_AMOUNT;
@@ -17,7 +16,8 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
     assert_not_sacrificed, assert_refused, audit_ok, concurrently, connect, count_key, count_kind,
-    fresh_database, funded_account, lock_balance, retry_policy, snapshot, stored_balance,
+    fresh_database, funded_account, lock_balance, other_program, retry_policy, snapshot,
+    stored_balance,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -1189,13 +1189,7 @@ fn a_write_holding_the_account_never_waits_for_another_transactions_lock() {
         key: "m2".into(),
     });
 
-    let mut foreign = connect(&url);
-    foreign
-        .batch_execute(
-            "SET SESSION innodb_lock_wait_timeout = 10; \
-             SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; BEGIN",
-        )
-        .expect("begin");
+    let mut foreign = other_program(&url);
     let used: i64 = balance_history::table
         .filter(balance_history::user_id.eq(USER))
         .filter(balance_history::idempotency_key.eq("m2"))
