@@ -267,51 +267,20 @@ where
 /// [`write_under_lock`] for a locking range read: `read`, sent while the transaction holds a
 /// hot row, whose range can reach rows other transactions lock (under SERIALIZABLE a range
 /// read locks the record after it, which may be another account's), answers its one row or is
-/// refused at once where it would wait (MariaDB). Never cached ([`Uncached`]): it can fail
-/// after its result's metadata was sent.
+/// refused at once where it would wait (MariaDB). Such a refusal comes after the server began
+/// the result, so it is not noted clean: the runner then drops the connection's cached
+/// statements (see [`forget_prepared`](crate::txn)) before the retry.
 pub(crate) fn read_under_lock<Q, U>(conn: &mut MysqlConnection, read: Q) -> QueryResult<U>
 where
-    Q: Query + QueryFragment<Mysql> + QueryId,
-    Uncached<Q>: LoadQuery<'static, MysqlConnection, U>,
-    Uncached<WaitFree<Q>>: LoadQuery<'static, MysqlConnection, U>,
+    Q: Query + QueryFragment<Mysql> + QueryId + LoadQuery<'static, MysqlConnection, U>,
+    WaitFree<Q>: LoadQuery<'static, MysqlConnection, U>,
 {
     if bounded_waits() {
-        Uncached(WaitFree(read)).get_result(conn)
+        WaitFree(read).get_result(conn)
     } else {
-        Uncached(read).get_result(conn)
+        read.get_result(conn)
     }
 }
-
-/// A read that is prepared, run and closed each time, never kept in the connection's statement
-/// cache: for every SELECT that can fail after the server has sent its result's column
-/// metadata — a range read (not a primary-key lookup, whose row is read before the metadata is
-/// sent) refused or timed out on a lock, interrupted by `KILL QUERY`, by the statement time
-/// limit or by a Galera brute-force abort. The client library leaves a cached statement that
-/// failed that way expecting the rest of its result: its next execution waits for packets the
-/// server never sends (the server waits for a command), and the call hangs until the watchdog
-/// shuts the connection down and answers [`ServerUnresponsive`](crate::Error::ServerUnresponsive)
-/// for a server that answered. A fresh statement each time costs one round trip (the
-/// prepare); lists (`IN (...)`) are never cached by Diesel anyway.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Uncached<Q>(pub(crate) Q);
-
-impl<Q> QueryId for Uncached<Q> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<Q: QueryFragment<Mysql>> QueryFragment<Mysql> for Uncached<Q> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.unsafe_to_cache_prepared();
-        self.0.walk_ast(out.reborrow())
-    }
-}
-
-impl<Q: Query> Query for Uncached<Q> {
-    type SqlType = Q::SqlType;
-}
-
-impl<Q> RunQueryDsl<MysqlConnection> for Uncached<Q> {}
 
 /// The most rows a multi-row INSERT may have and still be a cached prepared statement: one is
 /// cached per row count (and table) up to this, so a connection holds at most this many per

@@ -25,7 +25,7 @@ use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{
     insert_row, read_in_lists, rows_per_insert, write_under_lock, InsertRows, SetStock,
 };
-use crate::txn::{locking_read, Holding, InsertIds};
+use crate::txn::{locking_read, note_clean_failure, Holding, InsertIds};
 use crate::util::{inserted_ids, last_insert_id, locked_row, row_id};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
@@ -132,7 +132,10 @@ pub(crate) fn write_user_coupons(
     // One row as the transaction's first lock may wait: it holds nothing meanwhile. Anything
     // else never waits (a multi-row INSERT holds its earlier rows when a later one would).
     if holding == Holding::Nothing && rows.len() == 1 {
-        InsertRows(&rows).execute(conn)?;
+        // A write has no result to be left waiting for (no cache reset after a refusal).
+        InsertRows(&rows)
+            .execute(conn)
+            .inspect_err(|_| note_clean_failure())?;
     } else {
         write_under_lock(conn, InsertRows(&rows))?;
     }

@@ -25,7 +25,7 @@ use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{
     insert_chunks, insert_row, read_in_lists, read_under_lock, write_under_lock, HeldFunds,
-    InsertRows, SetBalance, SetHoldEnded, Uncached,
+    InsertRows, SetBalance, SetHoldEnded,
 };
 use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
@@ -156,8 +156,8 @@ impl Account {
 /// has active holds, [`HeldFunds`] then reads the server clock and sums those not yet expired
 /// on it (a range of the `(user_id, state, expires_at)` index that only transactions holding
 /// this row lock write to; under SERIALIZABLE the read also locks the record after the range,
-/// another account's, so it never waits: [`read_under_lock`]). In a combiner's batch a refusal is sent again while it can be the
-/// account's previous batch committing, and otherwise — when it is the transaction's first
+/// another account's, so it never waits: [`read_under_lock`]). In a combiner's batch a refusal
+/// is sent again while it can be the account's previous batch committing, and otherwise — when it is the transaction's first
 /// lock (`holding`), as in every combined operation — waited out in the server for a few
 /// milliseconds at most ([`locking_read`]).
 pub(crate) fn lock_account(
@@ -202,7 +202,7 @@ pub(crate) fn unexpired_holds(
     conn: &mut MysqlConnection,
     user_id: i64,
 ) -> Result<(NaiveDateTime, Decimal)> {
-    Ok(Uncached(HeldFunds { user_id }).get_result(conn)?)
+    Ok(HeldFunds { user_id }.get_result(conn)?)
 }
 
 /// The journal entry `entry_id`, `FOR UPDATE NOWAIT` (a refund's deduct, locked after its
@@ -389,17 +389,14 @@ pub(crate) fn find_transfer_credit(
     conn: &mut MysqlConnection,
     debit_id: i64,
 ) -> Result<Option<Entry>> {
-    Uncached(
-        balance_history::table
-            .filter(balance_history::related_entry_id.eq(debit_id))
-            .filter(balance_history::kind.eq(EntryKind::TransferIn.as_str()))
-            .select(EntryRow::as_select())
-            .limit(1),
-    )
-    .get_result::<EntryRow>(conn)
-    .optional()?
-    .map(EntryRow::into_entry)
-    .transpose()
+    balance_history::table
+        .filter(balance_history::related_entry_id.eq(debit_id))
+        .filter(balance_history::kind.eq(EntryKind::TransferIn.as_str()))
+        .select(EntryRow::as_select())
+        .first::<EntryRow>(conn)
+        .optional()?
+        .map(EntryRow::into_entry)
+        .transpose()
 }
 
 /// The account's balance row (no lock).

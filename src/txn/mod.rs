@@ -315,7 +315,7 @@ impl TxnRunner {
     /// a refusal of lockstock's own primary-key reads, a write's constraint or a lost
     /// connection, the runner drops the connection's cached prepared statements (Diesel evicts
     /// none singly and tells no cache size: the cache is set to Diesel's default, unbounded,
-    /// afresh); the retry prepares them again. lockstock's own range reads are never cached.
+    /// afresh); the retry prepares them again. lockstock's own range reads rely on the same.
     ///
     /// # Errors
     /// What `body` fails with, once it is not retried any more; [`Error::Contended`] when
