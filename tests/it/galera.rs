@@ -928,16 +928,22 @@ fn count(conn: &mut MysqlConnection, query: &str) -> i64 {
 /// The guard against silent rollbacks under real brute-force aborts, on a 2-node cluster whose
 /// nodes write the same row: node 0 runs transactions shaped like a ledger batch (the row
 /// `FOR UPDATE`, a 2-row journal INSERT, `LAST_INSERT_ID()`, the row's UPDATE) through lockstock's
-/// runner; node 1 runs the same transaction unguarded (`autocommit = 1`, plain `BEGIN`, no
-/// savepoint) — the negative control, which checks right after each success whether its journal
-/// rows are there.
+/// runner; the same transaction runs unguarded (`autocommit = 1`, plain `BEGIN`, no savepoint) on
+/// two connections to node 1 and one to node 0 — the negative control, which checks right after
+/// each success whether its journal rows are there.
 ///
 /// Every success of the runner is applied whole, and nothing else is: node 0's journal rows are
-/// exactly two per success and its counter column equals their number. The control must have
-/// answered success with its journal rows gone at least once (the run provoked silent
-/// rollbacks); it runs until it did so three times, 40 s at most (typically 13–16 s: ~700
-/// successes in ~2,000 attempts). With the guard switched off (no `autocommit = 0`, no savepoint)
-/// the runner answered 177 successes and left 352 journal rows.
+/// exactly two per success and its counter column equals their number. The runner must have
+/// succeeded and been aborted. The control must have answered success with its journal rows gone
+/// at least once (the run provoked silent rollbacks). The run lasts until the control did so
+/// three times and the runner succeeded 3,000 times, 40 s at most (locally 28–37 s: ~6,000
+/// attempts, 140–200 control successes with rows gone).
+///
+/// With controls on node 1 only, a clean-clone CI run saw none in 40 s: only the runner's 491
+/// commits aborted them (locally ~1 in 200 did). Node 1's thousands of commits abort the control
+/// on the runner's own node. With the guard switched off (no `autocommit = 0`, no savepoint) the
+/// runner's 3,000 successes left 5,992 and 5,984 journal rows in two runs (at 1,000 successes,
+/// 1,998 in each of two).
 #[test]
 fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
     let _guard = exclusive();
@@ -958,8 +964,12 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
     let stop = Arc::new(AtomicBool::new(false));
     let (sender, controls) = mpsc::channel::<(u64, u64)>();
     let mut hammers = Vec::new();
-    for thread in 0..2_i64 {
-        let (stop, sender, url) = (stop.clone(), sender.clone(), urls[1].clone());
+    // Two controls on node 1 and one on node 0 (the runner's node): each node's commits abort
+    // the other node's transactions, so both nodes see silent rollbacks, whichever node the
+    // machine happens to make faster.
+    for (thread, node) in [(0_i64, 1_i64), (1, 1), (2, 0)] {
+        let (stop, sender) = (stop.clone(), sender.clone());
+        let url = urls[usize::try_from(node).expect("node index")].clone();
         hammers.push(thread::spawn(move || {
             let mut conn = causal(&url);
             let (mut ok, mut half) = (0_u64, 0_u64);
@@ -970,6 +980,8 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
                     conn.batch_execute("BEGIN")?;
                     diesel::sql_query("SELECT id AS total FROM hot WHERE id = 1 FOR UPDATE")
                         .get_result::<Counter>(&mut conn)?;
+                    // The controls' rows are tagged node 1 wherever they run: the runner's
+                    // rows are the only ones tagged node 0.
                     diesel::sql_query(
                         "INSERT INTO journal (node, tag, hot_id) VALUES (1, ?, 1), (1, ?, 1)",
                     )
@@ -999,7 +1011,7 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
                     }
                 }
             }
-            (ok, half)
+            (node, ok, half)
         }));
     }
     drop(sender);
@@ -1009,7 +1021,7 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
     let (mut ok, mut failed, mut attempts) = (0_i64, 0_u64, 0_u64);
     let mut halves = 0;
     let run_started = Instant::now();
-    while halves < 3 && run_started.elapsed() < Duration::from_secs(40) {
+    while (halves < 3 || ok < 3_000) && run_started.elapsed() < Duration::from_secs(40) {
         let answer = runner.run(&mut conn, |conn| {
             attempts += 1;
             diesel::sql_query("SELECT id AS total FROM hot WHERE id = 1 FOR UPDATE")
@@ -1039,11 +1051,12 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
         halves += controls.try_iter().count();
     }
     stop.store(true, Ordering::Relaxed);
-    let (mut control_ok, mut control_half) = (0, 0);
+    let (mut control_ok, mut control_half, mut halves_by_node) = (0, 0, [0_u64; 2]);
     for hammer in hammers {
-        let (ok, half) = hammer.join().expect("control thread");
+        let (node, ok, half) = hammer.join().expect("control thread");
         control_ok += ok;
         control_half += half;
+        halves_by_node[usize::try_from(node).expect("node index")] += half;
     }
     cluster
         .wait_cluster_synced(Duration::from_secs(30))
@@ -1057,7 +1070,8 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
     eprintln!(
         "galera_runner_answers_whole_transactions_under_silent_rollbacks: runner {ok} successes, \
          {failed} failures in {attempts} attempts; unguarded control {control_ok} successes, \
-         {control_half} of them with their journal rows gone; {:?} ({:?} in all)",
+         {control_half} of them with their journal rows gone (node 0, node 1: {halves_by_node:?}); \
+         {:?} ({:?} in all)",
         run_started.elapsed(),
         started.elapsed()
     );
@@ -1069,6 +1083,10 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
     assert_eq!(
         counter, ok,
         "one counter step per success of the runner, none else"
+    );
+    assert!(
+        ok > 0 && attempts > u64::try_from(ok).expect("successes") + failed,
+        "the runner must have succeeded and have had attempts aborted"
     );
     assert!(
         control_half > 0,
