@@ -7,7 +7,8 @@ use diesel::RunQueryDsl;
 use super::*;
 use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::statements::{
-    Commit, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback, Savepoint,
+    Commit, PreparedSoFar, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback,
+    Savepoint,
 };
 std::thread_local! {
     /// Set by lockstock's own statements that failed in a way that leaves no statement of the
@@ -50,12 +51,32 @@ fn may_leave_a_stale_statement(error: &Error) -> bool {
 /// again). libmariadb leaves a cached SELECT that failed after the server began its result
 /// expecting the rest of that result: executed again, it waits for packets the server never
 /// sends (the server waits for a command) until the watchdog ends the call as an unresponsive
-/// server. Diesel evicts no single statement and tells no cache size, so the cache is set to
-/// Diesel's default (unbounded) afresh.
+/// server. Diesel evicts no single statement and tells no cache size, so the cache is switched
+/// off and on again — only if it is on ([`caches_prepared`]): a caller who switched it off keeps
+/// it off, and such a connection has no cached statement to forget.
 pub(crate) fn forget_prepared(conn: &mut MysqlConnection) {
     use diesel::connection::{CacheSize, Connection};
+    if caches_prepared(conn) == Some(false) {
+        return;
+    }
     conn.set_prepared_statement_cache_size(CacheSize::Disabled);
     conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
+}
+
+/// Whether Diesel caches `conn`'s prepared statements, asked of the server (Diesel has no
+/// getter): [`PreparedSoFar`] read twice in a row is prepared once with the cache on (its
+/// second read is the cached statement) and twice with it off. Two round trips, on the path
+/// after a failed attempt only. `None` if the server did not answer the question.
+fn caches_prepared(conn: &mut MysqlConnection) -> Option<bool> {
+    let mut read = || {
+        PreparedSoFar
+            .get_result::<(String, String)>(conn)
+            .ok()
+            .and_then(|(_, count)| count.parse::<u64>().ok())
+    };
+    let first = read()?;
+    let second = read()?;
+    Some(second == first)
 }
 
 /// lockstock must own the transaction to retry it: refuse a call made inside one that the

@@ -626,3 +626,60 @@ fn a_callers_range_read_refused_mid_result_is_retried_without_hanging() {
         .expect("the same connection, next call");
     assert_eq!(holds.len(), 1);
 }
+
+/// How many statements the server prepared for `conn` while it ran a cacheable `SELECT ?` twice,
+/// counted with `Com_stmt_prepare` (read through `sql_query`, which Diesel never caches: the
+/// second read counts itself): 3 with Diesel's statement cache off, 1 with it on and the
+/// `SELECT` cached, 2 with it on and the `SELECT` not cached yet.
+fn prepares_for_two_runs(conn: &mut MysqlConnection) -> i64 {
+    let before = prepares(conn);
+    for _ in 0..2 {
+        diesel::select(1_i32.into_sql::<diesel::sql_types::Integer>())
+            .get_result::<i32>(conn)
+            .expect("run");
+    }
+    prepares(conn) - before
+}
+
+/// A caller who switched Diesel's statement cache off keeps it off through a failed attempt.
+/// After a failure that may leave a cached read expecting the rest of its result, the runner
+/// drops the connection's cached statements by switching the cache off and on (Diesel evicts no
+/// single statement); before the fix it switched it on for every caller, also one who had it
+/// off (for a server's `max_prepared_stmt_count`, or a proxy that cannot keep prepared
+/// statements). With the cache on, the same failure leaves it on.
+#[test]
+fn a_failed_attempt_keeps_the_callers_statement_cache_setting() {
+    use diesel::connection::CacheSize;
+    let (url, _conn) = fresh_database("runner_cache_setting");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let failing = |conn: &mut MysqlConnection| -> Result<(), Error> {
+        diesel::sql_query("SELECT no_such_column FROM user_balance").execute(conn)?;
+        Ok(())
+    };
+    for (size, expected) in [(CacheSize::Disabled, 3), (CacheSize::Unbounded, 1)] {
+        let mut caller = connect(&url);
+        caller.set_prepared_statement_cache_size(size);
+        // Warm: with the cache on, the `SELECT` is cached from here on.
+        prepares_for_two_runs(&mut caller);
+        assert_eq!(
+            prepares_for_two_runs(&mut caller),
+            expected,
+            "{size:?}, before"
+        );
+        match runner.run(&mut caller, failing) {
+            Err(Error::Server(e)) => assert_eq!(e.kind(), ServerErrorKind::Other, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        let after = prepares_for_two_runs(&mut caller);
+        match size {
+            // The cache emptied: the `SELECT` prepared once more.
+            CacheSize::Unbounded => assert_eq!(after, 2, "{size:?}, after"),
+            _ => assert_eq!(after, expected, "{size:?}, after"),
+        }
+        assert_eq!(
+            prepares_for_two_runs(&mut caller),
+            expected,
+            "{size:?}, after"
+        );
+    }
+}
