@@ -1241,3 +1241,63 @@ fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
     assert_eq!(issued_rows(&mut admin, campaign.id), 3);
     assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
 }
+
+/// A restock, which holds the stock row when it records its key, never waits for another
+/// transaction's lock there either.
+///
+/// Another program's transaction under SERIALIZABLE reads whether the campaign has a restock
+/// under the key `r2` (locking the gap that key would go into), and then asks for the stock row.
+/// Meanwhile lockstock's restock under `r2` holds the stock row and records its key. Before the
+/// fix that INSERT waited for the gap lock while holding the stock row: a deadlock, and InnoDB
+/// rolled back the other program's transaction (nothing written: the lighter one) as its
+/// victim. Now the INSERT is refused at once, the restock rolls back and retries, the other
+/// program gets the stock row and commits, and the restock then applies once.
+#[test]
+fn a_restock_holding_the_stock_row_never_waits_for_another_transactions_lock() {
+    use lockstock::schema::fcfs_coupon_restock;
+    let (url, mut admin) = fresh_database("coupon_restock_no_wait");
+    let issuer = Arc::new(CouponIssuer::with_policy(
+        lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(20)),
+    ));
+    let (_coupon, campaign) = open_campaign_named(&mut admin, &issuer, "restocked", 10);
+    // Keys on both sides of the contested one: the other program's read locks a narrow gap.
+    for key in ["r1", "r3"] {
+        issuer
+            .restock(&mut admin, campaign.id, 1, key)
+            .expect("restock");
+    }
+    let mut foreign = other_program(&url);
+    let used: i64 = fcfs_coupon_restock::table
+        .filter(fcfs_coupon_restock::fcfs_coupon_id.eq(campaign.id))
+        .filter(fcfs_coupon_restock::idempotency_key.eq("r2"))
+        .count()
+        .get_result(&mut foreign)
+        .expect("the other program's read");
+    assert_eq!(used, 0);
+    let restock = {
+        let (url, issuer) = (url.clone(), issuer.clone());
+        thread::spawn(move || issuer.restock(&mut connect(&url), campaign.id, 5, "r2"))
+    };
+    let seen = assert_not_sacrificed(&mut foreign, std::time::Duration::from_millis(300), |c| {
+        fcfs_coupon::table
+            .find(campaign.id)
+            .select(fcfs_coupon::stock_quantity)
+            .for_update()
+            .first::<i32>(c)
+    });
+    // The restock had not committed when the other program got the row.
+    assert_eq!(seen, 12);
+
+    let restocked = restock.join().expect("restock").expect("the restock");
+    assert_eq!(
+        (restocked.total_quantity, restocked.stock_quantity),
+        (17, 17)
+    );
+    assert_eq!(stock_row(&mut admin, campaign.id), (17, 17));
+    // Once: the same key again answers as the restock left the campaign.
+    let again = issuer
+        .restock(&mut admin, campaign.id, 5, "r2")
+        .expect("the same restock again");
+    assert_eq!((again.total_quantity, again.stock_quantity), (17, 17));
+    assert_eq!(stock_row(&mut admin, campaign.id), (17, 17));
+}
