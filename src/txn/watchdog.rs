@@ -21,7 +21,9 @@
 //! `shutdown(SHUT_RDWR)`: libmariadb's poll returns, the statement fails with "Lost
 //! connection" (2013), and the server rolls back an open transaction when it sees the socket
 //! closed. A thread that is not blocked in one of those calls (running, sleeping in a backoff,
-//! waiting for a lock) is looked at again every [`HUNT`] until its guard is dropped.
+//! waiting for a lock) is looked at again every [`HUNT`] until its guard is dropped — also once
+//! a socket of it was shut down: past its moment, a call is cut wherever it blocks next (a pool
+//! checkout pings one idle connection after another, each on its own socket).
 //!
 //! Descriptor reuse cannot hit another connection: the watchdog identifies and shuts the socket
 //! down while it holds the schedule mutex, and disarming takes the same mutex, so the guarded
@@ -88,10 +90,9 @@ impl Watchdog {
             let now = Instant::now();
             let mut next: Option<Instant> = None;
             for i in 0..schedule.entries.len() {
+                // A fired entry stays watched: the call may block again on another socket
+                // (r2d2 pings the next idle connection after the first failed its ping).
                 let entry = &schedule.entries[i];
-                if entry.fired {
-                    continue;
-                }
                 if entry.due > now {
                     next = Some(next.map_or(entry.due, |n| n.min(entry.due)));
                     continue;
@@ -102,9 +103,9 @@ impl Watchdog {
                     for other in schedule.entries.iter_mut().filter(|e| e.tid == tid) {
                         other.fired = true;
                     }
-                } else {
-                    next = Some(next.map_or(now + HUNT, |n| n.min(now + HUNT)));
                 }
+                // Looked at again until disarmed, whether or not it blocked on a socket now.
+                next = Some(next.map_or(now + HUNT, |n| n.min(now + HUNT)));
             }
             let empty = schedule.entries.is_empty();
             let until = match next {

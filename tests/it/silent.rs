@@ -329,3 +329,55 @@ fn silent_server_pause_under_load_answers_are_true() {
         audit_ok(&ledger, &mut conn, user);
     }
 }
+
+/// A combiner's pool checkout on a paused server returns by deadline + grace also when the pool
+/// holds several idle connections. r2d2 pings each idle connection in turn inside one checkout
+/// (the pool tests connections on checkout, its default): the watchdog shuts the first ping's
+/// socket down, r2d2 drops that connection and pings the next one. Before the fix the watchdog
+/// looked at a call only until it had shut one socket down, so the second ping waited for the
+/// paused server for ever (and with it every later caller of that key).
+#[test]
+fn silent_server_checkout_past_the_deadline_is_cut_on_every_connection() {
+    let _alone = exclusive();
+    let (mut sandbox, url, mut conn) = private_server("silent_checkout");
+    let ledger = BalanceLedger::with_policy(policy());
+    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
+    // Three connections, all idle and opened before the pause; pinged on checkout.
+    let combining = std::sync::Arc::new(CombiningLedger::new(
+        pool_with(&url, 3, policy()),
+        ledger.clone(),
+    ));
+    combining
+        .charge(1, Decimal::ONE, "warm-up")
+        .expect("warm-up");
+    sandbox.pause().expect("pause");
+    let (tx, rx) = mpsc::channel();
+    let worker = {
+        let combining = combining.clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let answer = combining.charge(1, Decimal::ONE, "paused");
+            let _ = tx.send((answer, started.elapsed()));
+        })
+    };
+    let (answer, took) = answer_or_resume(&mut sandbox, "combined charge", &rx);
+    eprintln!(
+        "combined charge over three idle connections on a paused server: {answer:?} after {took:?}"
+    );
+    sandbox.resume().expect("resume");
+    worker.join().expect("worker");
+    assert!(took <= bound(), "the call took {took:?}");
+    assert!(
+        matches!(
+            answer,
+            Err(Error::Timeout { .. } | Error::ServerUnresponsive { .. })
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(count_key(&mut connect(&url), 1, "paused"), 0);
+    // The combiner serves the key again.
+    combining
+        .charge(1, Decimal::ONE, "after")
+        .expect("a charge after the resume");
+    assert_eq!(stored_balance(&mut connect(&url), 1), Decimal::from(102));
+}
