@@ -53,14 +53,20 @@ fn may_leave_a_stale_statement(error: &Error) -> bool {
 /// sends (the server waits for a command) until the watchdog ends the call as an unresponsive
 /// server. Diesel evicts no single statement and tells no cache size, so the cache is switched
 /// off and on again — only if it is on ([`caches_prepared`]): a caller who switched it off keeps
-/// it off, and such a connection has no cached statement to forget.
+/// it off, and such a connection has no cached statement to forget. A question the server does
+/// not answer is asked once more (a `KILL QUERY` or a late Galera abort fails one statement);
+/// unanswered twice, the connection is marked broken rather than guessed at: switching the cache
+/// on could override the caller's choice, leaving it could leave a stale statement to hang on.
 pub(crate) fn forget_prepared(conn: &mut MysqlConnection) {
     use diesel::connection::{CacheSize, Connection};
-    if caches_prepared(conn) == Some(false) {
-        return;
+    match caches_prepared(conn).or_else(|| caches_prepared(conn)) {
+        Some(false) => {}
+        Some(true) => {
+            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+            conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
+        }
+        None => mark_broken(conn),
     }
-    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-    conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
 }
 
 /// Whether Diesel caches `conn`'s prepared statements, asked of the server (Diesel has no
