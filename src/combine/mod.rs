@@ -451,21 +451,23 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             Some((_, _, slot)) => slot.set(SlotState::Lead),
             None => lane.leading = false,
         }
-        let run = match (batch_deadline, prepared, ticket) {
+        let (run, unused) = match (batch_deadline, prepared, ticket) {
             (Some(batch_deadline), Some(prepared), Some(ticket)) => {
-                Some((batch_deadline, prepared, ticket))
+                (Some((batch_deadline, prepared, ticket)), None)
             }
-            (_, _, ticket) => {
+            (_, prepared, ticket) => {
                 if let Some(ticket) = ticket {
                     turn.release(ticket);
                 }
-                None
+                (None, prepared)
             }
         };
         if lane.forgettable() {
             lanes.remove(key);
         }
         drop(lanes);
+        // Not under the lanes' lock: dropping a prepared connection may end its transaction.
+        drop(unused);
         let Some((batch_deadline, prepared, ticket)) = run else {
             // Nothing to run: every request taken had expired (answered above), or the
             // preparation panicked (what was prepared is dropped here).
@@ -667,17 +669,22 @@ type PooledMysql = PooledConnection<ConnectionManager<MysqlConnection>>;
 struct Prepared<'a> {
     conn: PooledMysql,
     runner: &'a TxnRunner,
+    /// The deadline of the leader that prepared it: ending its transaction unused never
+    /// outlasts it.
+    deadline: Deadline,
 }
 
 impl Drop for Prepared<'_> {
     fn drop(&mut self) {
-        let deadline = Deadline::after(UNPRIME_TIMEOUT);
-        self.runner.unprime(&mut self.conn, deadline);
+        if self.deadline.is_expired() {
+            // Nothing is sent past the leader's deadline: if a transaction is open, the pool
+            // discards the connection and the server rolls it back.
+            self.runner.abandon_primed(&mut self.conn);
+            return;
+        }
+        self.runner.unprime(&mut self.conn, self.deadline);
     }
 }
-
-/// How long ending an unused transaction may take before its connection is given up.
-const UNPRIME_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A domain type (`S`: a [`CouponIssuer`] or a [`BalanceLedger`]) in front of a pool, with a
 /// [`Combiner`] that combines concurrent requests per hot key (a campaign, an account) into
@@ -757,7 +764,11 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
                     // Marked broken if it is: the batch checks out another.
                     return None;
                 }
-                Some(Prepared { conn, runner })
+                Some(Prepared {
+                    conn,
+                    runner,
+                    deadline,
+                })
             }
             Source::Router(_) => None,
         };

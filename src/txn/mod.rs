@@ -511,6 +511,15 @@ impl TxnRunner {
         })
     }
 
+    /// Gives up the transaction [`prime`](Self::prime) opened on `conn`, if nothing used it,
+    /// without sending anything (past a deadline): the connection is marked broken, so a pool
+    /// discards it and the server rolls the transaction back when it closes.
+    pub(crate) fn abandon_primed(&self, conn: &mut MysqlConnection) {
+        if take_primed(conn).is_some() {
+            mark_broken(conn);
+        }
+    }
+
     /// Ends the transaction [`prime`](Self::prime) opened on `conn` if nothing used it
     /// (ROLLBACK, bounded by `deadline`); a connection where that fails is marked broken.
     pub(crate) fn unprime(&self, conn: &mut MysqlConnection, deadline: Deadline) {

@@ -381,3 +381,75 @@ fn silent_server_checkout_past_the_deadline_is_cut_on_every_connection() {
         .expect("a charge after the resume");
     assert_eq!(stored_balance(&mut connect(&url), 1), Decimal::from(102));
 }
+
+/// A combiner's next leader, which opened its transaction ahead of its turn (`prime`), answers
+/// by its own deadline when the turn never comes — without ending that transaction on a server
+/// that does not answer. Before the fix it then sent the ROLLBACK under a fresh 1 s deadline,
+/// holding the combiner's lock (every caller of every key waited for it), and answered about
+/// 1.5 s past its deadline.
+///
+/// Caller Z's deduct runs while another program holds the account (Z's batch keeps being
+/// refused, holding the key's turn); caller A, 100 ms later, leads the next batch: it checks
+/// out a connection and opens its transaction, then waits for the turn. The server is paused:
+/// Z's batch hangs until Z's deadline + grace, after A's deadline.
+#[test]
+fn silent_server_next_leader_answers_by_its_deadline() {
+    let _alone = exclusive();
+    let (mut sandbox, url, mut conn) = private_server("silent_next_leader");
+    let ledger = BalanceLedger::with_policy(policy());
+    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
+    let combining = std::sync::Arc::new(CombiningLedger::new(
+        pool_with(&url, 3, policy()),
+        ledger.clone(),
+    ));
+    combining
+        .charge(1, Decimal::ONE, "warm-up")
+        .expect("warm-up");
+    let mut foreign = lockstock_testkit::fixtures::other_program(&url);
+    lockstock_testkit::fixtures::lock_balance(&mut foreign, 1).expect("hold the account");
+    let call = |key: &'static str| {
+        let combining = combining.clone();
+        let (tx, rx) = mpsc::channel();
+        let worker = thread::spawn(move || {
+            let started = Instant::now();
+            let answer = combining.deduct(1, Decimal::ONE, key);
+            let _ = tx.send((answer, started.elapsed()));
+        });
+        (worker, rx)
+    };
+    let (z, z_answer) = call("z");
+    thread::sleep(Duration::from_millis(100));
+    let (a, a_answer) = call("a");
+    // A has checked out and primed its connection (a few ms on a running server).
+    thread::sleep(Duration::from_millis(200));
+    sandbox.pause().expect("pause");
+    let (answer, took) = answer_or_resume(&mut sandbox, "the next leader", &a_answer);
+    let (z_is, z_took) = answer_or_resume(&mut sandbox, "the running batch", &z_answer);
+    sandbox.resume().expect("resume");
+    for worker in [z, a] {
+        worker.join().expect("caller");
+    }
+    eprintln!("next leader: {answer:?} after {took:?}; running batch: {z_is:?} after {z_took:?}");
+    assert!(
+        matches!(answer, Err(Error::Timeout { .. })),
+        "the next leader: {answer:?}"
+    );
+    assert!(
+        took <= DEADLINE + policy().unresponsive_grace,
+        "the next leader answered after {took:?}"
+    );
+    assert!(z_is.is_err(), "{z_is:?}");
+    // Z's answer does not wait for A either (it waited 1.1 s for the combiner's lock before).
+    assert!(
+        z_took <= bound(),
+        "the running batch answered after {z_took:?}"
+    );
+    diesel::connection::SimpleConnection::batch_execute(&mut foreign, "ROLLBACK").expect("release");
+    let mut conn = connect(&url);
+    assert_eq!(count_key(&mut conn, 1, "a"), 0);
+    assert_eq!(count_key(&mut conn, 1, "z"), 0);
+    assert_eq!(stored_balance(&mut conn, 1), Decimal::from(101));
+    combining
+        .deduct(1, Decimal::ONE, "after")
+        .expect("a deduct after the resume");
+}
