@@ -330,6 +330,20 @@ fn silent_server_pause_under_load_answers_are_true() {
     }
 }
 
+/// A private server with account 1 funded (100, then 1 charged through the combiner) and a
+/// combining ledger over a pool of three connections, all idle and opened before any pause,
+/// pinged on checkout (r2d2's default).
+fn combining_server(name: &str) -> (Sandbox, String, std::sync::Arc<CombiningLedger>) {
+    let (sandbox, url, mut conn) = private_server(name);
+    let ledger = BalanceLedger::with_policy(policy());
+    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
+    let combining = std::sync::Arc::new(CombiningLedger::new(pool_with(&url, 3, policy()), ledger));
+    combining
+        .charge(1, Decimal::ONE, "warm-up")
+        .expect("warm-up");
+    (sandbox, url, combining)
+}
+
 /// A combiner's pool checkout on a paused server returns by deadline + grace also when the pool
 /// holds several idle connections. r2d2 pings each idle connection in turn inside one checkout
 /// (the pool tests connections on checkout, its default): the watchdog shuts the first ping's
@@ -339,17 +353,7 @@ fn silent_server_pause_under_load_answers_are_true() {
 #[test]
 fn silent_server_checkout_past_the_deadline_is_cut_on_every_connection() {
     let _alone = exclusive();
-    let (mut sandbox, url, mut conn) = private_server("silent_checkout");
-    let ledger = BalanceLedger::with_policy(policy());
-    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
-    // Three connections, all idle and opened before the pause; pinged on checkout.
-    let combining = std::sync::Arc::new(CombiningLedger::new(
-        pool_with(&url, 3, policy()),
-        ledger.clone(),
-    ));
-    combining
-        .charge(1, Decimal::ONE, "warm-up")
-        .expect("warm-up");
+    let (mut sandbox, url, combining) = combining_server("silent_checkout");
     sandbox.pause().expect("pause");
     let (tx, rx) = mpsc::channel();
     let worker = {
@@ -395,16 +399,7 @@ fn silent_server_checkout_past_the_deadline_is_cut_on_every_connection() {
 #[test]
 fn silent_server_next_leader_answers_by_its_deadline() {
     let _alone = exclusive();
-    let (mut sandbox, url, mut conn) = private_server("silent_next_leader");
-    let ledger = BalanceLedger::with_policy(policy());
-    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
-    let combining = std::sync::Arc::new(CombiningLedger::new(
-        pool_with(&url, 3, policy()),
-        ledger.clone(),
-    ));
-    combining
-        .charge(1, Decimal::ONE, "warm-up")
-        .expect("warm-up");
+    let (mut sandbox, url, combining) = combining_server("silent_next_leader");
     let mut foreign = lockstock_testkit::fixtures::other_program(&url);
     lockstock_testkit::fixtures::lock_balance(&mut foreign, 1).expect("hold the account");
     let call = |key: &'static str| {
