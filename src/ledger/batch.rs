@@ -103,7 +103,7 @@ impl BalanceLedger {
             let hold = op.hold_id().and_then(|id| holds.get(&id).copied());
             let request = check_ending(op)
                 .and_then(|()| op.request(user_id, hold))
-                .and_then(|request| request.validate().map(|()| request));
+                .and_then(Request::checked);
             match request {
                 Ok(request) => {
                     results.push(None);
@@ -234,9 +234,14 @@ impl BalanceLedger {
                         .iter()
                         .any(|i| requests[*i].kind == EntryKind::Charge);
                     if created || !any_charge {
-                        // As the single calls: no account, and nothing here creates one.
-                        let missing = || Err(Error::AccountNotFound { user_id });
-                        return Ok(pending.iter().map(|i| (*i, missing())).collect());
+                        // As the single calls: no account, and nothing here creates one (a
+                        // hold whose expiry passed is refused for that before any account).
+                        let refusal = |i: usize| {
+                            Err(requests[i]
+                                .expiry_refusal()
+                                .unwrap_or(Error::AccountNotFound { user_id }))
+                        };
+                        return Ok(pending.iter().map(|i| (*i, refusal(*i))).collect());
                     }
                     self.runner
                         .run_by(conn, deadline, |conn| create_account(conn, user_id))?;
@@ -351,6 +356,13 @@ fn apply_planned(
         let decision = match written_keys.get(request.key) {
             Some(&n) if new_rows[n].2 == hash => Decision::SameAs(n),
             Some(&n) => Decision::Conflict(n),
+            // Its key was free when it came (the single call's order: its key, then its
+            // expiry); a key recorded before the batch answers it after the commit.
+            None if request.expired => Decision::Refused(
+                request
+                    .expiry_refusal()
+                    .unwrap_or_else(|| Error::internal("an expired request without an expiry")),
+            ),
             None if !exists && request.kind != EntryKind::Charge => {
                 Decision::Refused(Error::AccountNotFound {
                     user_id: account.user_id,

@@ -82,6 +82,10 @@ impl BalanceLedger {
     /// with the server clock) without posting it. Returns the hold's journal entry (kind
     /// [`EntryKind::Hold`]); its id is the hold's id.
     ///
+    /// Safe to retry with the same key and request, also after `expires_at` has passed (a
+    /// retry after [`Error::OutcomeUnknown`], say): it answers the recorded entry. An expiry
+    /// that has passed is refused only when the key was not recorded.
+    ///
     /// # Errors
     /// Invalid input ([`Error::InvalidId`], [`Error::InvalidAmount`],
     /// [`Error::InvalidIdempotencyKey`], [`Error::InvalidExpiry`]: not in the future or more

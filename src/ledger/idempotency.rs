@@ -9,7 +9,7 @@ use super::request::{KeyedRows, Request};
 use super::rows::{create_account, journal_rows};
 use super::types::Entry;
 use super::BalanceLedger;
-use crate::error::{Error, Result, ServerErrorKind};
+use crate::error::{Error, ExpiryProblem, Result, ServerErrorKind};
 use crate::txn::Deadline;
 
 /// Outcome of one transaction attempt that is not an error.
@@ -73,7 +73,7 @@ impl BalanceLedger {
 
     /// The entry recorded under the request's key, if any; a different request under the same
     /// key is an [`Error::IdempotencyConflict`].
-    fn existing(
+    pub(crate) fn existing(
         &self,
         conn: &mut MysqlConnection,
         request: &Request<'_>,
@@ -113,6 +113,10 @@ impl Error {
                 | Self::HoldNotActive { .. }
                 | Self::HoldExpired { .. }
                 | Self::CaptureExceedsHold { .. }
+                | Self::InvalidExpiry {
+                    problem: ExpiryProblem::NotInFuture,
+                    ..
+                }
         ) || self.server_kind() == Some(ServerErrorKind::DuplicateKey)
     }
 }

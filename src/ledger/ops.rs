@@ -140,7 +140,14 @@ impl BalanceLedger {
         request: &Request<'_>,
         deadline: Deadline,
     ) -> Result<Entry> {
-        request.validate()?;
+        let request = &request.checked()?;
+        if let Some(refusal) = request.expiry_refusal() {
+            // A retry of a hold placed before its expiry passed answers the recorded entry.
+            return match self.existing(conn, request, deadline)? {
+                Some(entry) => Ok(entry),
+                None => Err(refusal),
+            };
+        }
         let (kind, user_id) = (request.kind, request.user_id);
         let hash = request.hash();
         self.single_entry(conn, request, deadline, |conn| {
@@ -223,6 +230,7 @@ impl BalanceLedger {
             reference: Some(deduct_entry_id),
             key: idempotency_key,
             expires_at: None,
+            expired: false,
         };
         if original.kind != EntryKind::Deduct {
             return Err(Error::NotRefundable {
@@ -301,6 +309,7 @@ impl BalanceLedger {
             reference: Some(to),
             key: idempotency_key,
             expires_at: None,
+            expired: false,
         };
         request.validate()?;
         validate_id("user", to)?;

@@ -8,7 +8,7 @@ use chrono::NaiveDateTime;
 use rust_decimal::Decimal;
 
 use super::types::{Entry, EntryRow, Hold, NewEntry};
-use crate::error::{Error, Result};
+use crate::error::{Error, ExpiryProblem, Result};
 use crate::records::EntryKind;
 use crate::util::to_micros;
 use crate::validate::{validate_amount, validate_expiry, validate_id, validate_key};
@@ -62,6 +62,9 @@ pub(crate) struct Request<'a> {
     pub(crate) key: &'a str,
     /// A hold's expiry (at the stored precision).
     pub(crate) expires_at: Option<NaiveDateTime>,
+    /// A hold whose expiry had passed when the call checked it ([`Request::checked`]): refused
+    /// unless its key was recorded before, which then decides the answer.
+    pub(crate) expired: bool,
 }
 
 impl<'a> Request<'a> {
@@ -74,6 +77,7 @@ impl<'a> Request<'a> {
             reference: None,
             key,
             expires_at: None,
+            expired: false,
         }
     }
 
@@ -92,6 +96,7 @@ impl<'a> Request<'a> {
             reference: Some(expires_at.and_utc().timestamp_micros()),
             key,
             expires_at: Some(expires_at),
+            expired: false,
         }
     }
 
@@ -104,6 +109,7 @@ impl<'a> Request<'a> {
             reference: Some(hold.id),
             key,
             expires_at: None,
+            expired: false,
         }
     }
 
@@ -115,6 +121,36 @@ impl<'a> Request<'a> {
     /// [`request_hash`] of this request.
     pub(crate) fn hash(&self) -> String {
         request_hash(self.kind, self.user_id, self.amount, self.reference)
+    }
+
+    /// [`validate`](Self::validate), except that a hold whose expiry has passed comes back
+    /// marked [`expired`](Self::expired) instead of refused: a hold placed before its expiry
+    /// passed and retried after it (say after [`Error::OutcomeUnknown`]) answers the recorded
+    /// entry, as any retry does; without a recorded key it is refused with
+    /// [`Error::InvalidExpiry`] when decided ([`Request::expiry_refusal`]).
+    pub(crate) fn checked(mut self) -> Result<Self> {
+        match self.validate() {
+            Ok(()) => Ok(self),
+            Err(Error::InvalidExpiry {
+                problem: ExpiryProblem::NotInFuture,
+                ..
+            }) => {
+                self.expired = true;
+                Ok(self)
+            }
+            Err(refusal) => Err(refusal),
+        }
+    }
+
+    /// The refusal of a hold marked [`expired`](Self::expired) whose key was not recorded.
+    pub(crate) fn expiry_refusal(&self) -> Option<Error> {
+        match (self.expired, self.expires_at) {
+            (true, Some(expires_at)) => Some(Error::InvalidExpiry {
+                expires_at,
+                problem: ExpiryProblem::NotInFuture,
+            }),
+            _ => None,
+        }
     }
 
     /// Checks the user id, the amount, the key and a hold's expiry: [`Error::InvalidId`],
@@ -217,6 +253,7 @@ mod tests {
             reference: None,
             key: "k",
             expires_at: None,
+            expired: false,
         };
         let b = Request {
             amount: Decimal::new(1000, 2),

@@ -1074,3 +1074,155 @@ fn a_refused_holds_read_is_retried_without_hanging() {
     assert_eq!(entry.balance_after, dec(999));
     audit_ok(&setup, &mut conn, 10);
 }
+
+/// A hold retried after its expiry passed (say after `OutcomeUnknown`) answers the entry it
+/// recorded, as every retry does — in a single call, a batch and a combined call alike; the
+/// same key with another request is a conflict; a hold whose expiry passed under a key nobody
+/// used is refused (`InvalidExpiry`) and writes nothing. Inside a batch the key is looked at in
+/// the single calls' order: a key the batch writes after the expired hold was free when it came.
+/// Before the fix every such retry answered `InvalidExpiry` (documented as "nothing changed")
+/// while the hold it placed stood in the journal.
+#[test]
+fn a_hold_retried_after_its_expiry_passed_answers_its_entry() {
+    const USER: i64 = 4;
+    let (url, mut conn) = fresh_database("holds_retry_after_expiry");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+    let expires_at = now() + Duration::milliseconds(800);
+    let hold = ledger
+        .hold(&mut conn, USER, dec(10), "h", expires_at)
+        .expect("hold");
+    let journal = |conn: &mut MysqlConnection| -> i64 {
+        balance_history::table
+            .filter(balance_history::user_id.eq(USER))
+            .count()
+            .get_result(conn)
+            .expect("journal size")
+    };
+    while now() <= expires_at {
+        thread::sleep(StdDuration::from_millis(50));
+    }
+    let size = journal(&mut conn);
+
+    // The same request: the recorded entry, by every path.
+    let combining = CombiningLedger::new(pool(&url, 2), ledger.clone());
+    assert_eq!(
+        ledger
+            .hold(&mut conn, USER, dec(10), "h", expires_at)
+            .expect("single retry"),
+        hold
+    );
+    let same = AccountOp::Hold {
+        amount: dec(10),
+        key: "h".into(),
+        expires_at,
+    };
+    let answers = ledger
+        .apply_many(&mut conn, USER, std::slice::from_ref(&same))
+        .expect("batch");
+    match &answers[..] {
+        [Ok(entry)] => assert_eq!(*entry, hold),
+        other => panic!("batch retry: {other:?}"),
+    }
+    assert_eq!(
+        combining
+            .hold(USER, dec(10), "h", expires_at)
+            .expect("combined retry"),
+        hold
+    );
+
+    // Each case as single calls on one account and as one batch on a twin account: the same
+    // answers, and both journals grow alike.
+    let ops = vec![
+        // Another request under the recorded key.
+        AccountOp::Hold {
+            amount: dec(11),
+            key: "h".into(),
+            expires_at,
+        },
+        // A key nobody used: refused.
+        AccountOp::Hold {
+            amount: dec(1),
+            key: "fresh".into(),
+            expires_at,
+        },
+        // A key the batch writes later: free when the expired hold came.
+        AccountOp::Hold {
+            amount: dec(1),
+            key: "later".into(),
+            expires_at,
+        },
+        AccountOp::Charge {
+            amount: dec(1),
+            key: "later".into(),
+        },
+        // A key the batch wrote before: the single call finds it.
+        AccountOp::Hold {
+            amount: dec(1),
+            key: "later".into(),
+            expires_at,
+        },
+    ];
+    let singles: Vec<Result<Entry, Error>> = ops
+        .iter()
+        .map(|op| match op {
+            AccountOp::Hold {
+                amount,
+                key,
+                expires_at,
+            } => ledger.hold(&mut conn, USER, *amount, key, *expires_at),
+            AccountOp::Charge { amount, key } => ledger.charge(&mut conn, USER, *amount, key),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let kinds = |answers: &[Result<Entry, Error>]| -> Vec<String> {
+        answers
+            .iter()
+            .map(|answer| match answer {
+                Ok(entry) => format!("ok {:?} {}", entry.kind, entry.amount),
+                Err(Error::IdempotencyConflict { key, .. }) => format!("conflict {key}"),
+                Err(Error::InvalidExpiry { problem, .. }) => format!("expiry {problem:?}"),
+                Err(other) => format!("{other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(
+        kinds(&singles),
+        [
+            "conflict h",
+            "expiry NotInFuture",
+            "expiry NotInFuture",
+            "ok Charge 1",
+            "conflict later",
+        ]
+    );
+    assert!(matches!(
+        &singles[0],
+        Err(Error::IdempotencyConflict { existing_entry_id, .. }) if *existing_entry_id == hold.id
+    ));
+    assert_eq!(journal(&mut conn), size + 1, "only the charge was written");
+
+    const TWIN: i64 = 5;
+    funded_account(&mut conn, &ledger, TWIN, dec(100));
+    let twin_hold = ledger
+        .hold(&mut conn, TWIN, dec(10), "h", in_secs(600))
+        .expect("the twin's hold");
+    // The twin's "h" is a hold of another expiry: "h" conflicts there too.
+    let batch = ledger.apply_many(&mut conn, TWIN, &ops).expect("batch");
+    assert_eq!(kinds(&batch), kinds(&singles));
+    assert!(matches!(
+        &batch[0],
+        Err(Error::IdempotencyConflict { existing_entry_id, .. }) if *existing_entry_id == twin_hold.id
+    ));
+    let twin_journal: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(TWIN))
+        .count()
+        .get_result(&mut conn)
+        .expect("twin journal");
+    assert_eq!(
+        twin_journal, 3,
+        "the funding charge, the hold and the batch's charge"
+    );
+    audit_ok(&ledger, &mut conn, USER);
+    audit_ok(&ledger, &mut conn, TWIN);
+}

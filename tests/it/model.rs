@@ -1491,13 +1491,22 @@ impl Model {
                 check_id("user", *user)?;
                 check_amount(*amount)?;
                 check_key(key)?;
-                check_expiry(*expires_at)?;
                 let request = RequestId {
                     kind: EntryKind::Hold,
                     user: *user,
                     amount: amount.normalize(),
                     reference: expires_at.and_utc().timestamp_micros(),
                 };
+                if let Err(refusal) = check_expiry(*expires_at) {
+                    // An expiry that passed: a key recorded before decides (a retry answers
+                    // its entry, another request under the key is a conflict).
+                    if matches!(refusal, ErrV::InvalidExpiry(_, ExpiryProblem::NotInFuture)) {
+                        if let Some(replayed) = self.replay(*user, key, &request) {
+                            return replayed;
+                        }
+                    }
+                    return Err(refusal);
+                }
                 let Some(account) = self.accounts.get(user).copied() else {
                     return Err(ErrV::AccountNotFound(*user));
                 };
