@@ -31,6 +31,31 @@ fn in_secs(seconds: i64) -> NaiveDateTime {
     now() + Duration::seconds(seconds)
 }
 
+/// `op` on `user`'s account as its single call.
+fn single_call(
+    ledger: &BalanceLedger,
+    conn: &mut MysqlConnection,
+    user: i64,
+    op: &AccountOp,
+) -> Result<Entry, Error> {
+    match op {
+        AccountOp::Hold {
+            amount,
+            key,
+            expires_at,
+        } => ledger.hold(conn, user, *amount, key, *expires_at),
+        AccountOp::Capture {
+            hold_id,
+            amount,
+            key,
+        } => ledger.capture(conn, *hold_id, *amount, key),
+        AccountOp::Release { hold_id, key } => ledger.release(conn, *hold_id, key),
+        AccountOp::Deduct { amount, key } => ledger.deduct(conn, user, *amount, key),
+        AccountOp::Charge { amount, key } => ledger.charge(conn, user, *amount, key),
+        other => panic!("unexpected op {other:?}"),
+    }
+}
+
 /// One `balance_hold` row: (id, user, amount, captured, state, ended_by_entry_id).
 type HoldRow = (i64, i64, Decimal, Decimal, String, Option<i64>);
 
@@ -896,21 +921,7 @@ fn batch_holds_answer_as_single_calls() {
     };
     let singles: Vec<Result<Entry, Error>> = ops(single)
         .iter()
-        .map(|op| match op {
-            AccountOp::Hold {
-                amount,
-                key,
-                expires_at,
-            } => ledger.hold(&mut conn, single, *amount, key, *expires_at),
-            AccountOp::Capture {
-                hold_id,
-                amount,
-                key,
-            } => ledger.capture(&mut conn, *hold_id, *amount, key),
-            AccountOp::Release { hold_id, key } => ledger.release(&mut conn, *hold_id, key),
-            AccountOp::Deduct { amount, key } => ledger.deduct(&mut conn, single, *amount, key),
-            other => panic!("unexpected op {other:?}"),
-        })
+        .map(|op| single_call(&ledger, &mut conn, single, op))
         .collect();
     let batch = ledger
         .apply_many(&mut conn, batched, &ops(batched))
@@ -1165,15 +1176,7 @@ fn a_hold_retried_after_its_expiry_passed_answers_its_entry() {
     ];
     let singles: Vec<Result<Entry, Error>> = ops
         .iter()
-        .map(|op| match op {
-            AccountOp::Hold {
-                amount,
-                key,
-                expires_at,
-            } => ledger.hold(&mut conn, USER, *amount, key, *expires_at),
-            AccountOp::Charge { amount, key } => ledger.charge(&mut conn, USER, *amount, key),
-            other => panic!("{other:?}"),
-        })
+        .map(|op| single_call(&ledger, &mut conn, USER, op))
         .collect();
     let kinds = |answers: &[Result<Entry, Error>]| -> Vec<String> {
         answers
