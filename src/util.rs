@@ -20,10 +20,12 @@ pub(crate) fn now() -> NaiveDateTime {
     to_micros(Utc::now().naive_utc())
 }
 
-/// `at` truncated to DATETIME(6)'s microseconds, so what is returned equals what is stored.
+/// `at` truncated to DATETIME(6)'s microseconds, so what is returned equals what is stored. A
+/// leap second (chrono's nanosecond of 1,000,000,000 or more), which DATETIME cannot hold, is
+/// the last microsecond of the second before it: the order of times is kept.
 pub(crate) fn to_micros(at: NaiveDateTime) -> NaiveDateTime {
     use chrono::Timelike;
-    let nanos = at.nanosecond();
+    let nanos = at.nanosecond().min(999_999_999);
     at.with_nanosecond(nanos - nanos % 1_000).unwrap_or(at)
 }
 

@@ -54,7 +54,9 @@ impl CouponIssuer {
             });
         }
         new.discount.validate()?;
-        if new.valid_from >= new.valid_until {
+        // Compared as stored (microseconds).
+        let (valid_from, valid_until) = (to_micros(new.valid_from), to_micros(new.valid_until));
+        if valid_from >= valid_until {
             return Err(Error::InvalidInput {
                 field: "valid_until",
                 problem: "must be after valid_from",
@@ -66,8 +68,8 @@ impl CouponIssuer {
             discount_kind,
             discount_value,
             max_discount,
-            valid_from: new.valid_from,
-            valid_until: new.valid_until,
+            valid_from,
+            valid_until,
         };
         let id = self.insert_returning_id(conn, self.runner.deadline(), |conn| {
             diesel::insert_into(coupon::table)
@@ -78,8 +80,8 @@ impl CouponIssuer {
             id,
             name: new.name.to_owned(),
             discount: new.discount,
-            valid_from: to_micros(new.valid_from),
-            valid_until: to_micros(new.valid_until),
+            valid_from,
+            valid_until,
         })
     }
 
@@ -124,7 +126,9 @@ impl CouponIssuer {
     ) -> Result<Campaign> {
         validate_id("coupon", new.coupon_id)?;
         let quantity = positive_quantity(new.quantity)?;
-        if new.issue_starts_at >= new.issue_ends_at {
+        // Compared as stored (microseconds).
+        let (starts, ends) = (to_micros(new.issue_starts_at), to_micros(new.issue_ends_at));
+        if starts >= ends {
             return Err(Error::InvalidInput {
                 field: "issue_ends_at",
                 problem: "must be after issue_starts_at",
@@ -132,7 +136,7 @@ impl CouponIssuer {
         }
         let deadline = self.runner.deadline();
         let template = self.coupon_by(conn, new.coupon_id, deadline)?;
-        if new.issue_starts_at >= template.valid_until {
+        if starts >= template.valid_until {
             return Err(Error::InvalidInput {
                 field: "issue_starts_at",
                 problem: "must be before the coupon's valid_until",
@@ -142,8 +146,8 @@ impl CouponIssuer {
             coupon_id: new.coupon_id,
             total_quantity: quantity,
             stock_quantity: quantity,
-            issue_starts_at: new.issue_starts_at,
-            issue_ends_at: new.issue_ends_at,
+            issue_starts_at: starts,
+            issue_ends_at: ends,
         };
         let id = self.insert_returning_id(conn, deadline, |conn| {
             diesel::insert_into(fcfs_coupon::table)
@@ -155,8 +159,8 @@ impl CouponIssuer {
             coupon_id: new.coupon_id,
             total_quantity: quantity,
             stock_quantity: quantity,
-            issue_starts_at: to_micros(new.issue_starts_at),
-            issue_ends_at: to_micros(new.issue_ends_at),
+            issue_starts_at: starts,
+            issue_ends_at: ends,
         })
     }
 

@@ -50,6 +50,11 @@ impl ManualClock {
     }
 }
 
+/// `n` nanoseconds.
+fn nanos(n: i64) -> Duration {
+    Duration::nanoseconds(n)
+}
+
 fn time(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, micro: u32) -> NaiveDateTime {
     NaiveDate::from_ymd_opt(y, mo, d)
         .and_then(|date| date.and_hms_micro_opt(h, mi, s, micro))
@@ -391,6 +396,12 @@ fn refused_creations_write_nothing() {
         ("quantity > i32", campaign(coupon.id, u32::MAX, t, t + hour)),
         ("reversed window", campaign(coupon.id, 5, t + hour, t)),
         ("empty window", campaign(coupon.id, 5, t, t)),
+        // Stored at microseconds: a window inside one microsecond is empty (the CHECK answered
+        // an untyped server error before).
+        (
+            "window shorter than a microsecond",
+            campaign(coupon.id, 5, t + nanos(100), t + nanos(900)),
+        ),
         (
             "opens after the coupon expires",
             campaign(coupon.id, 5, t + Duration::days(2), t + Duration::days(3)),
@@ -423,6 +434,10 @@ fn refused_creations_write_nothing() {
         ("blank name", template("  ", fixed, t, t + hour)),
         ("reversed validity", template("x", fixed, t + hour, t)),
         ("empty validity", template("x", fixed, t, t)),
+        (
+            "validity shorter than a microsecond",
+            template("x", fixed, t + nanos(100), t + nanos(900)),
+        ),
         (
             "percent over 100",
             template(

@@ -1229,3 +1229,52 @@ fn a_hold_retried_after_its_expiry_passed_answers_its_entry() {
     audit_ok(&ledger, &mut conn, USER);
     audit_ok(&ledger, &mut conn, TWIN);
 }
+
+/// A leap second (chrono's nanosecond of 1,000,000,000 or more, which DATETIME cannot hold) is
+/// stored as the last microsecond of the second before it, by a single call and a batch alike,
+/// and the hold works as any other.
+#[test]
+fn a_leap_second_expiry_is_the_last_microsecond_of_its_second() {
+    use chrono::Timelike;
+    const USER: i64 = 6;
+    let (_url, mut conn) = fresh_database("holds_leap_second");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+    // hh:mm:59 + 1.5 s, one to two minutes ahead.
+    let base = (now() + Duration::minutes(2))
+        .with_second(59)
+        .and_then(|t| t.with_nanosecond(0))
+        .expect("second 59");
+    let leap = base.with_nanosecond(1_500_000_000).expect("a leap second");
+    let last = base
+        .with_nanosecond(999_999_000)
+        .expect("its last microsecond");
+    let single = ledger
+        .hold(&mut conn, USER, dec(1), "leap", leap)
+        .expect("a hold until a leap second");
+    let batch = ledger
+        .apply_many(
+            &mut conn,
+            USER,
+            &[AccountOp::hold(dec(2), "leap-batch", leap)],
+        )
+        .expect("batch");
+    let batched = match &batch[..] {
+        [Ok(entry)] => entry.clone(),
+        other => panic!("{other:?}"),
+    };
+    for id in [single.id, batched.id] {
+        let hold = ledger.hold_status(&mut conn, id).expect("status");
+        assert_eq!(hold.expires_at, last);
+        assert_eq!(hold.state, HoldState::Active);
+    }
+    // The same request again: the same entry.
+    assert_eq!(
+        ledger
+            .hold(&mut conn, USER, dec(1), "leap", leap)
+            .expect("replay"),
+        single
+    );
+    assert_eq!(stored(&mut conn, USER), (dec(100), dec(3)));
+    audit_ok(&ledger, &mut conn, USER);
+}
