@@ -141,7 +141,7 @@ impl CouponIssuer {
                     Holding::Nothing
                 };
                 let early = if insert_first {
-                    let (_, everyone) = decide(user_ids, &holders, i32::MAX);
+                    let (_, everyone) = decide(user_ids, &holders, i32::MAX, self.marks_stick());
                     let ids = if fits_one_insert(everyone.len()) {
                         write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at, holding)?;
                         None
@@ -179,7 +179,7 @@ impl CouponIssuer {
                 }
                 // Every request is decided now, with the hot row held.
                 current.check_window(campaign_id, self.now())?;
-                let (decisions, winners) = decide(user_ids, &holders, stock);
+                let (decisions, winners) = decide(user_ids, &holders, stock, self.marks_stick());
                 if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
                     // The refused user may hold the coupon (then: AlreadyIssued).
                     unknown_holders = true;
@@ -294,11 +294,13 @@ enum BatchDecision {
 }
 
 /// The single calls' answers, in order, for a locked `stock` and the known `holders`; and the
-/// users to issue to.
+/// users to issue to. `marks_stick`: a sold-out mark set by one call answers the next ones (the
+/// issuer keeps its marks: no TTL, or a TTL above zero).
 fn decide(
     user_ids: &[i64],
     holders: &HashMap<i64, i64>,
     stock: i32,
+    marks_stick: bool,
 ) -> (Vec<BatchDecision>, Vec<i64>) {
     let mut left = stock.max(0);
     let mut winners: Vec<i64> = Vec::new();
@@ -321,7 +323,7 @@ fn decide(
                 winners.push(user_id);
                 BatchDecision::Issue
             } else {
-                marked = true;
+                marked = marks_stick;
                 BatchDecision::SoldOut
             }
         })
