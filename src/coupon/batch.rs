@@ -104,7 +104,7 @@ impl CouponIssuer {
             other => Err(other),
         };
         let mut read_holders = lock(&self.repeat_askers).contains(&campaign_id);
-        let mut refreshes = 0;
+        let (mut refreshes, mut late_holders) = (0, 0);
         let mut insert_first = true;
         let ((decisions, ids, stock, at, seen), coupon_id) = loop {
             let facts = match self.facts_by(conn, campaign_id, deadline) {
@@ -224,6 +224,15 @@ impl CouponIssuer {
                 {
                     lock(&self.repeat_askers).insert(campaign_id);
                     read_holders = true;
+                }
+                // Below SERIALIZABLE the holders read is a snapshot that locks nothing: a user
+                // was issued a coupon after it. Read again (each time for a new holder among
+                // the batch's users, so at most once per user).
+                Err(e)
+                    if e.server_kind() == Some(ServerErrorKind::DuplicateKey)
+                        && late_holders < user_ids.len() =>
+                {
+                    late_holders += 1;
                 }
                 Err(refusal) => return closed(refusal),
                 Ok(decided) => break (decided, coupon_id),

@@ -1316,3 +1316,64 @@ fn a_restock_holding_the_stock_row_never_waits_for_another_transactions_lock() {
     assert_eq!((again.total_quantity, again.stock_quantity), (17, 17));
     assert_eq!(stock_row(&mut admin, campaign.id), (17, 17));
 }
+
+/// Under READ COMMITTED or REPEATABLE READ a batch's read of which users hold a coupon is a
+/// snapshot that locks nothing: another transaction may issue one of the batch's users a coupon
+/// between that read and the batch's INSERT. The batch then runs again (reading the holders
+/// afresh) and answers that user `AlreadyIssued`, as the single calls made in that order would.
+/// Before the fix the duplicate key failed the whole batch with an untyped server error.
+#[test]
+fn a_coupon_issued_after_the_holders_read_is_already_issued_at_every_isolation() {
+    use lockstock::Isolation;
+    let (url, mut admin) = fresh_database("coupon_holders_snapshot");
+    for (round, isolation) in [Isolation::RepeatableRead, Isolation::ReadCommitted]
+        .into_iter()
+        .enumerate()
+    {
+        let clock = SteppedClock::default();
+        let issuer = Arc::new(
+            CouponIssuer::with_policy(
+                lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(
+                    20,
+                ))
+                .with_isolation(isolation),
+            )
+            .with_clock(clock.clock()),
+        );
+        let (coupon, campaign) =
+            open_campaign_named(&mut admin, &issuer, &format!("snapshot {round}"), 10);
+        // The campaign's batches read the holders first: a user asked again.
+        issuer.issue(&mut admin, 1, campaign.id).expect("user 1");
+        let answers = issuer
+            .issue_many(&mut admin, campaign.id, &[1, 2])
+            .expect("a batch with a holder");
+        assert!(matches!(answers[0], Err(Error::AlreadyIssued { .. })));
+        assert!(answers[1].is_ok());
+
+        clock.go(true);
+        let batch = {
+            let (url, issuer) = (url.clone(), issuer.clone());
+            thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &[3, 4]))
+        };
+        // The window check before the transaction; then the issue time, read after the holders
+        // and before the INSERT.
+        assert!(clock.stopped(&|| batch.is_finished()), "{isolation:?}");
+        clock.go(true);
+        assert!(clock.stopped(&|| batch.is_finished()), "{isolation:?}");
+        let other = CouponIssuer::new()
+            .issue(&mut connect(&url), 3, campaign.id)
+            .expect("user 3, by another caller");
+        clock.go(false);
+        let answers = batch.join().expect("batch").expect("the batch");
+        match &answers[..] {
+            [Err(Error::AlreadyIssued { user_coupon_id, .. }), Ok(issued)] => {
+                assert_eq!(*user_coupon_id, other.id, "{isolation:?}");
+                assert_eq!(issued.user_id, 4, "{isolation:?}");
+            }
+            other => panic!("{isolation:?}: {other:?}"),
+        }
+        assert_eq!(stock_row(&mut admin, campaign.id), (10, 6), "{isolation:?}");
+        assert_eq!(issued_rows(&mut admin, campaign.id), 4, "{isolation:?}");
+        assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
+    }
+}
