@@ -165,18 +165,10 @@ impl RunnerSql {
                 } else {
                     ("", "")
                 };
-                let mut setup = Vec::new();
-                if guarded && policy.designated_writer_only {
-                    // Its own statement: a SET that reads a table AND turns autocommit off
-                    // leaves MariaDB 10.11 in a state where the next transaction's ROLLBACK
-                    // does not roll back (seen on Galera; see the galera tests).
-                    setup.push(format!(
-                        "SET SESSION lc_messages = IF((SELECT node_name FROM designated_writer \
-                         WHERE id = 1) NOT IN ('', CONVERT(@@wsrep_node_name USING utf8mb4) \
-                         COLLATE utf8mb4_bin), '{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
-                    ));
-                }
-                setup.push(format!(
+                // First the atomic SET: the check that no transaction is open, the caller's
+                // values saved, ours set. Nothing before it may read a table: under a caller's
+                // `autocommit = 0` the read would open a transaction of its own.
+                let mut setup = vec![format!(
                     "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
                      @lockstock_statement_time = @@session.max_statement_time, \
                      @lockstock_lc_messages = @@session.lc_messages, \
@@ -185,7 +177,19 @@ impl RunnerSql {
                      SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
                      {settings}, tx_isolation = '{}'{autocommit}",
                     levels[kind].variable_value()
-                ));
+                )];
+                if guarded && policy.designated_writer_only {
+                    // Its own statement: a SET that reads a table AND turns autocommit off
+                    // leaves MariaDB 10.11 in a state where the next transaction's ROLLBACK
+                    // does not roll back (seen on Galera; see the galera tests). Its read opens
+                    // a transaction (autocommit is off now) that BEGIN ends; when it refuses,
+                    // the runner rolls back and restores the caller's session.
+                    setup.push(format!(
+                        "SET SESSION lc_messages = IF((SELECT node_name FROM designated_writer \
+                         WHERE id = 1) NOT IN ('', CONVERT(@@wsrep_node_name USING utf8mb4) \
+                         COLLATE utf8mb4_bin), '{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
+                    ));
+                }
                 setup
             }
             // MySQL has no @@in_transaction: SET TRANSACTION checks first.

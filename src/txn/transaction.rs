@@ -208,18 +208,30 @@ fn commit(conn: &mut MysqlConnection, begin: Begin<'_>) -> diesel::QueryResult<u
 /// open; on failure none is, and the caller's session is as it was (or the connection is
 /// marked broken and the error says so).
 pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> Result<(), Error> {
-    for sql in begin.setup {
+    for (at, sql) in begin.setup.iter().enumerate() {
         // A SET is atomic: when it fails, nothing of it was applied.
         if let Err(e) = PreparedSql(sql).execute(conn) {
             let error = ServerError::new(e);
             let message = error.message().to_ascii_lowercase();
-            if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
-                return Err(Error::NestedTransaction);
+            let refusal = if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
+                Error::NestedTransaction
+            } else if message.contains(NOT_DESIGNATED_LOCALE) {
+                Error::NotDesignatedWriter
+            } else {
+                Error::Server(error.clone())
+            };
+            // On MariaDB the first SET saves the caller's values and sets ours: after it (a
+            // read may also have opened a transaction) roll back and put the caller's back. On
+            // MySQL the saving SET comes last.
+            let saved = at > 0 && matches!(begin.restore, Some(Restore::MariaDb | Restore::Galera));
+            if saved {
+                if let Some(broken) = end_failed(conn, begin) {
+                    if error.kind() != ServerErrorKind::ConnectionLost {
+                        return Err(broken);
+                    }
+                }
             }
-            if message.contains(NOT_DESIGNATED_LOCALE) {
-                return Err(Error::NotDesignatedWriter);
-            }
-            return Err(Error::Server(error));
+            return Err(refusal);
         }
     }
     if let Some(sql) = begin.begin {

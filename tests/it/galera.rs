@@ -1093,3 +1093,61 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
         "the unguarded control never lost its rows: no silent rollback was provoked"
     );
 }
+
+/// A caller whose session runs with `autocommit = 0` writes through lockstock on a Galera node
+/// like any other: the designated-writer check (a read of `designated_writer`) comes after the
+/// check that no transaction is open, so the read's implicit transaction is lockstock's own.
+/// The caller's `autocommit = 0` is restored and no transaction is left open, also when the
+/// node is not the designated writer. Before the fix the check's read opened a transaction
+/// under the caller's `autocommit = 0`, the nested-transaction check then refused every write
+/// (`NestedTransaction`), and the read's transaction stayed open on the caller's connection.
+#[test]
+fn galera_a_caller_with_autocommit_off_writes_and_keeps_it() {
+    let _guard = exclusive();
+    let cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&cluster, "gal_autocommit_off");
+    let ledger = BalanceLedger::new();
+    let ten = Decimal::new(10, 0);
+    let session = |conn: &mut MysqlConnection| -> (i64, i64) {
+        let autocommit = count(conn, "SELECT @@autocommit AS total");
+        let open = count(conn, "SELECT @@in_transaction AS total");
+        (autocommit, open)
+    };
+    let mut conn = causal(&urls[0]);
+    conn.batch_execute("SET autocommit = 0")
+        .expect("autocommit off");
+    ledger
+        .charge(&mut conn, 1, ten, "off-1")
+        .expect("a charge with the caller's autocommit off");
+    assert_eq!(session(&mut conn), (0, 0), "(autocommit, in transaction)");
+    ledger
+        .deduct(&mut conn, 1, Decimal::ONE, "off-2")
+        .expect("a deduct with the caller's autocommit off");
+    assert_eq!(session(&mut conn), (0, 0), "(autocommit, in transaction)");
+    // Committed: another connection sees both.
+    assert_eq!(
+        ledger
+            .balance(&mut causal(&urls[0]), 1)
+            .expect("balance")
+            .balance,
+        Decimal::new(9, 0)
+    );
+
+    // Not the designated writer: refused, nothing written, nothing left open.
+    causal(&urls[0])
+        .batch_execute("UPDATE designated_writer SET node_name = 'elsewhere' WHERE id = 1")
+        .expect("designate another node");
+    match ledger.charge(&mut conn, 1, ten, "off-3") {
+        Err(Error::NotDesignatedWriter) => {}
+        other => panic!("expected NotDesignatedWriter, got {other:?}"),
+    }
+    assert_eq!(session(&mut conn), (0, 0), "(autocommit, in transaction)");
+    assert_eq!(
+        count(
+            &mut causal(&urls[0]),
+            "SELECT COUNT(*) AS total FROM balance_history WHERE user_id = 1"
+        ),
+        2
+    );
+    audit_ok(&ledger, &mut causal(&urls[0]), 1);
+}
