@@ -255,12 +255,14 @@ fn finding_8_kill_query_rolls_back_and_retries() {
     let admin_url = url.clone();
     let killer = thread::spawn(move || {
         let mut admin = connect(&admin_url);
-        // Wait until the victim is waiting for the lock, then interrupt that statement.
+        // Wait until the victim runs its locking read (it waits for the row), then interrupt
+        // that statement. The process list is read live; `innodb_trx` is a snapshot, and in two
+        // CI runs it never showed the victim waiting although its statement waited 20 s.
         let mut seen = false;
         for _ in 0..2000 {
             let waiting: i64 = diesel::sql_query(format!(
-                "SELECT COUNT(*) AS id FROM information_schema.innodb_trx \
-                 WHERE trx_mysql_thread_id = {victim_id} AND trx_state = 'LOCK WAIT'"
+                "SELECT COUNT(*) AS id FROM information_schema.processlist \
+                 WHERE id = {victim_id} AND info LIKE '%FOR UPDATE%'"
             ))
             .get_result::<Id>(&mut admin)
             .expect("processlist")
