@@ -8,6 +8,7 @@ use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use rust_decimal::Decimal;
 
+use super::request_hash;
 use super::rows::{find_balance, unexpired_holds};
 use super::types::{BalanceRow, Entry, EntryRow, Hold, HoldRow};
 use super::BalanceLedger;
@@ -30,11 +31,15 @@ impl BalanceLedger {
     /// Proves from one consistent snapshot that the stored balance equals the journal's running
     /// sum, that every entry's `balance_after` matches it, that the change counter equals the
     /// number of entries, that every deduct's refunded total equals its refunds, that every
-    /// received transfer matches its sending entry, and for holds: that every hold has its hold
-    /// entry, that every hold ended exactly once (an active hold by no entry; a captured,
-    /// released or expired one by exactly one entry of that kind, for the captured amount or the
-    /// hold's), that the stored `held` equals the active holds, and that the available balance
-    /// (posted minus the active holds not yet expired on the server clock) is not negative.
+    /// received transfer matches its sending entry and every sent transfer has exactly one
+    /// receiving entry, that every entry matches the request it recorded (its request hash,
+    /// recomputed from the row: kind, account, amount and reference — a hold's from its expiry)
+    /// and carries its idempotency key where the call took one, and for holds: that every hold
+    /// has its hold entry, that every hold ended exactly once (an active hold by no entry; a
+    /// captured, released or expired one by exactly one entry of that kind, for the captured
+    /// amount or the hold's), that the stored `held` equals the active holds, and that the
+    /// available balance (posted minus the active holds not yet expired on the server clock) is
+    /// not negative.
     ///
     /// # Errors
     /// [`Error::AuditFailed`] with the report when the account is inconsistent;
@@ -42,7 +47,7 @@ impl BalanceLedger {
     /// ([`Error::Contended`], [`Error::Timeout`], [`Error::Server`], ...).
     pub fn audit(&self, conn: &mut MysqlConnection, user_id: i64) -> Result<AuditReport> {
         validate_id("user", user_id)?;
-        let (account, rows, senders, holds) = self.runner.read(conn, |conn| {
+        let (account, rows, transfers, holds) = self.runner.read(conn, |conn| {
             let account = find_balance(conn, user_id)?.ok_or(Error::AccountNotFound { user_id })?;
             let rows: Vec<EntryRow> = balance_history::table
                 .filter(balance_history::user_id.eq(user_id))
@@ -57,6 +62,18 @@ impl BalanceLedger {
             let senders: Vec<EntryRow> = read_in_lists(&sender_ids, |ids| {
                 balance_history::table
                     .filter(balance_history::id.eq_any(ids))
+                    .select(EntryRow::as_select())
+                    .load(conn)
+            })?;
+            let sent_ids: Vec<i64> = rows
+                .iter()
+                .filter(|r| r.kind == EntryKind::TransferOut.as_str())
+                .map(|r| r.id)
+                .collect();
+            let receivers: Vec<EntryRow> = read_in_lists(&sent_ids, |ids| {
+                balance_history::table
+                    .filter(balance_history::related_entry_id.eq_any(ids))
+                    .filter(balance_history::kind.eq(EntryKind::TransferIn.as_str()))
                     .select(EntryRow::as_select())
                     .load(conn)
             })?;
@@ -83,13 +100,16 @@ impl BalanceLedger {
                 clock,
                 unexpired,
             };
-            Ok((account, rows, senders, holds))
+            Ok((account, rows, (senders, receivers), holds))
         })?;
+        let record_problems = audit_records(&rows, &holds.holds);
         let entries = rows
             .into_iter()
             .map(EntryRow::into_entry)
             .collect::<Result<Vec<_>>>()?;
-        let mut report = audit_entries(&account, &entries, &senders);
+        let (senders, receivers) = transfers;
+        let mut report = audit_entries(&account, &entries, &senders, &receivers);
+        report.problems.extend(record_problems);
         audit_holds(&account, &entries, &holds, &mut report);
         if report.is_consistent() {
             Ok(report)
@@ -99,8 +119,59 @@ impl BalanceLedger {
     }
 }
 
-fn audit_entries(account: &BalanceRow, entries: &[Entry], senders: &[EntryRow]) -> AuditReport {
+/// Each journal row as its request recorded it: the request hash recomputed from the row (the
+/// kind, the account, the amount and the reference: a refund's deduct, a hold's expiry, the
+/// hold an ending entry ends, a transfer's counterparty) equals the stored one, and every entry
+/// a caller asks for by key has its key. So a row relabelled (a deduct turned into a sent
+/// transfer), a hold's expiry moved, or a key removed (which would let a retry apply twice) is
+/// found, though the sums still agree.
+fn audit_records(rows: &[EntryRow], holds: &[Hold]) -> Vec<String> {
+    let expiries: HashMap<i64, NaiveDateTime> = holds
+        .iter()
+        .map(|hold| (hold.id, hold.expires_at))
+        .collect();
+    let mut problems = Vec::new();
+    for row in rows {
+        let Ok(kind) = row.kind.parse::<EntryKind>() else {
+            continue; // reported when the rows are read as entries
+        };
+        let reference = match kind {
+            EntryKind::Charge | EntryKind::Deduct => None,
+            EntryKind::Refund | EntryKind::Capture | EntryKind::Release | EntryKind::Expire => {
+                row.related_entry_id
+            }
+            EntryKind::Hold => expiries
+                .get(&row.id)
+                .map(|at| at.and_utc().timestamp_micros()),
+            EntryKind::TransferOut | EntryKind::TransferIn => row.counterparty_user_id,
+        };
+        if request_hash(kind, row.user_id, row.amount, reference) != row.request_hash {
+            problems.push(format!(
+                "entry {} ({kind} of {}) does not match its recorded request",
+                row.id, row.amount
+            ));
+        }
+        let keyed = !matches!(kind, EntryKind::Expire | EntryKind::TransferIn);
+        if keyed && row.idempotency_key.is_none() {
+            problems.push(format!("{kind} entry {} has no idempotency key", row.id));
+        }
+    }
+    problems
+}
+
+fn audit_entries(
+    account: &BalanceRow,
+    entries: &[Entry],
+    senders: &[EntryRow],
+    receivers: &[EntryRow],
+) -> AuditReport {
     let senders: HashMap<i64, &EntryRow> = senders.iter().map(|s| (s.id, s)).collect();
+    let mut received: HashMap<i64, Vec<&EntryRow>> = HashMap::new();
+    for receiver in receivers {
+        if let Some(sent) = receiver.related_entry_id {
+            received.entry(sent).or_default().push(receiver);
+        }
+    }
     let mut problems = Vec::new();
     let mut running = Decimal::ZERO;
     let mut refunds_of = std::collections::HashMap::<i64, Decimal>::new();
@@ -126,6 +197,22 @@ fn audit_entries(account: &BalanceRow, entries: &[Entry], senders: &[EntryRow]) 
             match entry.related_entry_id {
                 Some(deduct) => *refunds_of.entry(deduct).or_default() += entry.amount,
                 None => problems.push(format!("refund {} links to no deduct", entry.id)),
+            }
+        }
+        if entry.kind == EntryKind::TransferOut {
+            let matches = match received.get(&entry.id).map(Vec::as_slice) {
+                Some([receiver]) => {
+                    receiver.amount == entry.amount
+                        && Some(receiver.user_id) == entry.counterparty_user_id
+                        && receiver.counterparty_user_id == Some(entry.user_id)
+                }
+                _ => false,
+            };
+            if !matches {
+                problems.push(format!(
+                    "sent transfer {} has no single matching receiving entry",
+                    entry.id
+                ));
             }
         }
         if entry.kind == EntryKind::TransferIn {

@@ -1256,3 +1256,100 @@ fn a_read_cut_off_mid_result_is_not_run_again_from_the_cache() {
         .expect("the same connection, with time");
     assert_eq!(report.entries, ENTRIES as u64 + 1);
 }
+
+/// The audit finds journal records changed behind the ledger's back even when every sum still
+/// agrees: a deduct relabelled as a sent transfer (which a refund would then refuse), a hold's
+/// expiry moved (freeing or prolonging its reservation), an idempotency key removed (a retry of
+/// that deduct would apply twice), and a sent transfer whose receiving entry is gone. Each is
+/// done to its own account; the untouched twin passes. Before the fix the audit passed all four.
+#[test]
+fn audit_detects_records_changed_behind_its_back() {
+    use lockstock::schema::balance_hold;
+    let (_url, mut conn) = fresh_database("ledger_audit_records");
+    let ledger = BalanceLedger::new();
+    let tampered =
+        |conn: &mut MysqlConnection, user: i64, what: &str| match ledger.audit(conn, user) {
+            Err(Error::AuditFailed(report)) => {
+                assert!(!report.problems.is_empty(), "{what}");
+                eprintln!("{what}: {:?}", report.problems);
+            }
+            other => panic!("{what}: expected AuditFailed, got {other:?}"),
+        };
+    // Five accounts with the same history: a charge, a deduct, a hold, a transfer to the last.
+    let users = [71_i64, 72, 73, 74, 75];
+    let receiver = 79;
+    funded_account(&mut conn, &ledger, receiver, dec(1, 0));
+    let mut deducts = Vec::new();
+    let mut holds = Vec::new();
+    let mut sent = Vec::new();
+    for user in users {
+        funded_account(&mut conn, &ledger, user, dec(100, 0));
+        deducts.push(
+            ledger
+                .deduct(&mut conn, user, dec(10, 0), &format!("d{user}"))
+                .expect("deduct")
+                .id,
+        );
+        holds.push(
+            ledger
+                .hold(
+                    &mut conn,
+                    user,
+                    dec(20, 0),
+                    &format!("h{user}"),
+                    chrono::Utc::now().naive_utc() + chrono::Duration::hours(1),
+                )
+                .expect("hold")
+                .id,
+        );
+        sent.push(
+            ledger
+                .transfer(&mut conn, user, receiver, dec(5, 0), &format!("t{user}"))
+                .expect("transfer"),
+        );
+    }
+    for user in users {
+        audit_ok(&ledger, &mut conn, user);
+    }
+
+    diesel::update(balance_history::table.find(deducts[0]))
+        .set(balance_history::kind.eq("transfer_out"))
+        .execute(&mut conn)
+        .expect("relabel");
+    tampered(
+        &mut conn,
+        users[0],
+        "a deduct relabelled as a sent transfer",
+    );
+
+    diesel::update(balance_hold::table.find(holds[1]))
+        .set(
+            balance_hold::expires_at
+                .eq(chrono::Utc::now().naive_utc() + chrono::Duration::days(30)),
+        )
+        .execute(&mut conn)
+        .expect("move the expiry");
+    tampered(&mut conn, users[1], "a hold's expiry moved");
+
+    diesel::update(balance_history::table.find(deducts[2]))
+        .set(balance_history::idempotency_key.eq(None::<String>))
+        .execute(&mut conn)
+        .expect("drop the key");
+    tampered(&mut conn, users[2], "a deduct's key removed");
+
+    // The receiving entry of user 74's transfer, moved onto user 73's (two receiving entries
+    // for one sent, none for the other).
+    let received = sent[3].credit.id;
+    diesel::update(balance_history::table.find(received))
+        .set(balance_history::related_entry_id.eq(sent[2].debit.id))
+        .execute(&mut conn)
+        .expect("unlink");
+    tampered(
+        &mut conn,
+        users[3],
+        "a sent transfer without its receiving entry",
+    );
+
+    // The untouched account passes.
+    audit_ok(&ledger, &mut conn, users[4]);
+}
