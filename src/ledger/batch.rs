@@ -13,8 +13,8 @@ use super::holds::{ending, validate_ending};
 use super::idempotency::Step;
 use super::request::Request;
 use super::rows::{
-    create_account, end_hold, find_hold, insert_entries, insert_holds, lock_account, lock_holds,
-    store_balance, Account,
+    end_hold, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create, store_balance,
+    Account,
 };
 use super::types::{AccountOp, Entry, Hold};
 use super::BalanceLedger;
@@ -51,10 +51,11 @@ impl BalanceLedger {
     ///    and amount never change).
     /// 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — the account row,
     ///    locked once for the whole batch, with the server clock and the sum of its unexpired
-    ///    active holds when it has any. A missing account is created first by a separate
-    ///    short transaction (`INSERT IGNORE`), as for a single charge, and only if the batch
-    ///    has a charge. Then the holds the batch captures or releases, `FOR UPDATE NOWAIT` in
-    ///    ascending id order.
+    ///    active holds when it has any. A missing account is created, as for a single charge
+    ///    and only if the batch has one, in the batch's transaction: found missing, the
+    ///    transaction ends and the next one writes the empty row (`INSERT IGNORE`, wait-free)
+    ///    and locks it, so a batch that fails leaves no account. Then the holds the batch
+    ///    captures or releases, `FOR UPDATE NOWAIT` in ascending id order.
     /// 2. With the row locked, every request is decided in order against the running balance
     ///    (and the running state of each hold); the accepted ones are written with ONE
     ///    multi-row `INSERT` into the journal, then `LAST_INSERT_ID()` (or an id lookup through
@@ -191,8 +192,9 @@ impl BalanceLedger {
             .collect())
     }
 
-    /// One round of a batch: the account-creation transaction if needed, then the batch
-    /// transaction; the decision for every pending request. Nothing is committed when it fails.
+    /// One round of a batch: the batch transaction (run again to create the account when it is
+    /// missing and the batch has a charge); the decision for every pending request. Nothing is
+    /// committed when it fails.
     fn batch_round(
         &self,
         conn: &mut MysqlConnection,
@@ -202,12 +204,15 @@ impl BalanceLedger {
         deadline: Deadline,
         account_was_missing: &mut bool,
     ) -> Result<Vec<(usize, Result<Entry>)>> {
-        let mut created = false;
+        // Whether to create the missing account (in the batch's transaction: a batch that
+        // fails leaves none behind).
+        let mut create = false;
         loop {
             let missing = *account_was_missing;
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 let insert_ids = self.runner.insert_ids(conn)?;
-                let Some(mut account) = lock_account(conn, user_id, Holding::Nothing)? else {
+                let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)?
+                else {
                     return Ok(Step::CreateAccount(user_id));
                 };
                 let ended: Vec<i64> = pending
@@ -233,7 +238,7 @@ impl BalanceLedger {
                     let any_charge = pending
                         .iter()
                         .any(|i| requests[*i].kind == EntryKind::Charge);
-                    if created || !any_charge {
+                    if create || !any_charge {
                         // As the single calls: no account, and nothing here creates one (a
                         // hold whose expiry passed is refused for that before any account).
                         let refusal = |i: usize| {
@@ -243,9 +248,7 @@ impl BalanceLedger {
                         };
                         return Ok(pending.iter().map(|i| (*i, refusal(*i))).collect());
                     }
-                    self.runner
-                        .run_by(conn, deadline, |conn| create_account(conn, user_id))?;
-                    created = true;
+                    create = true;
                 }
             }
         }

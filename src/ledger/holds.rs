@@ -247,7 +247,7 @@ impl BalanceLedger {
             None => Request::ending(EntryKind::Release, &hold, hold.amount, idempotency_key),
         };
         let hash = request.hash();
-        self.single_entry(conn, &request, deadline, |conn| {
+        self.single_entry(conn, &request, deadline, |conn, _| {
             let mut account = lock_account(conn, hold.user_id, Holding::Nothing)?.ok_or(
                 Error::AccountNotFound {
                     user_id: hold.user_id,

@@ -1,12 +1,12 @@
-//! The idempotency loop around every single write: run the transaction, create a missing
-//! account in a separate short transaction and run again, and answer a reused key (or a refusal
-//! while the key exists) from the journal — the original entry for the same request,
-//! [`Error::IdempotencyConflict`] for a different one.
+//! The idempotency loop around every single write: run the transaction, run it again creating a
+//! missing account inside it (so a call that fails leaves no account), and answer a reused key
+//! (or a refusal while the key exists) from the journal — the original entry for the same
+//! request, [`Error::IdempotencyConflict`] for a different one.
 
 use diesel::mysql::MysqlConnection;
 
 use super::request::{KeyedRows, Request};
-use super::rows::{create_account, journal_rows};
+use super::rows::journal_rows;
 use super::types::Entry;
 use super::BalanceLedger;
 use crate::error::{Error, ExpiryProblem, Result, ServerErrorKind};
@@ -26,38 +26,37 @@ impl BalanceLedger {
         conn: &mut MysqlConnection,
         request: &Request<'_>,
         deadline: Deadline,
-        attempt: impl FnMut(&mut MysqlConnection) -> Result<Step<Entry>>,
+        attempt: impl FnMut(&mut MysqlConnection, bool) -> Result<Step<Entry>>,
     ) -> Result<Entry> {
         self.idempotent(conn, request, deadline, attempt, |_, entry| Ok(entry))
     }
 
-    /// Runs `attempt` in the runner; creates a missing account outside the transaction and runs
-    /// again; turns a reused key (or a refusal while the key exists) into the original result or
-    /// an [`Error::IdempotencyConflict`]. Everything runs by the call's one `deadline`.
+    /// Runs `attempt` in the runner; when it finds the account missing
+    /// ([`Step::CreateAccount`]), runs it again with `true` (create the account: an empty row,
+    /// written in that same transaction, so a call that fails leaves no account behind); turns a
+    /// reused key (or a refusal while the key exists) into the original result or an
+    /// [`Error::IdempotencyConflict`]. Everything runs by the call's one `deadline`.
     pub(crate) fn idempotent<T>(
         &self,
         conn: &mut MysqlConnection,
         request: &Request<'_>,
         deadline: Deadline,
-        mut attempt: impl FnMut(&mut MysqlConnection) -> Result<Step<T>>,
+        mut attempt: impl FnMut(&mut MysqlConnection, bool) -> Result<Step<T>>,
         replay: impl FnOnce(&mut MysqlConnection, Entry) -> Result<T>,
     ) -> Result<T> {
-        // Creating an account is a separate short transaction (retried like any other): an
-        // empty FOR UPDATE on a missing key holds only a gap lock, and two first charges
-        // inserting into the same gap would deadlock. INSERT IGNORE is idempotent, so racing
-        // creators are harmless.
-        let mut created = false;
+        let mut create = false;
         loop {
-            match self.runner.run_by(conn, deadline, &mut attempt) {
+            match self
+                .runner
+                .run_by(conn, deadline, |conn| attempt(conn, create))
+            {
                 Ok(Step::Done(value)) => return Ok(value),
-                Ok(Step::CreateAccount(user_id)) if !created => {
+                Ok(Step::CreateAccount(_)) if !create => {
                     // A key already used decides the answer before the account is written.
                     if let Some(entry) = self.existing(conn, request, deadline)? {
                         return replay(conn, entry);
                     }
-                    self.runner
-                        .run_by(conn, deadline, |conn| create_account(conn, user_id))?;
-                    created = true;
+                    create = true;
                 }
                 Ok(Step::CreateAccount(user_id)) => return Err(Error::AccountNotFound { user_id }),
                 Err(error) if error.replay_may_apply() => {

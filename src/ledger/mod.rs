@@ -20,8 +20,8 @@
 //!
 //! Every call has ONE [`Deadline`](crate::Deadline), fixed when it starts (the policy's
 //! [`RetryPolicy::deadline`](crate::RetryPolicy::deadline)) and shared by all it does: the
-//! account-creation transaction, every retry, every round of a batch and every key lookup. Once
-//! it has passed nothing more is sent.
+//! transaction that creates a missing account, every retry, every round of a batch and every
+//! key lookup. Once it has passed nothing more is sent.
 //!
 //! # Modules
 //! * `types`: the public types ([`Entry`], [`Transfer`], [`Balance`], [`HistoryPage`],

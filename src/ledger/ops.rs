@@ -10,7 +10,7 @@ use super::idempotency::Step;
 use super::request::Request;
 use super::rows::{
     find_balance, find_entry, find_transfer_credit, insert_entries, insert_holds, lock_account,
-    lock_entry, store_balance, unexpired_holds, Account,
+    lock_entry, lock_or_create, store_balance, unexpired_holds, Account,
 };
 use super::types::{AccountOp, Balance, Entry, EntryRow, HistoryPage, Transfer};
 use super::{BalanceLedger, MAX_HISTORY_PAGE};
@@ -150,8 +150,9 @@ impl BalanceLedger {
         }
         let (kind, user_id) = (request.kind, request.user_id);
         let hash = request.hash();
-        self.single_entry(conn, request, deadline, |conn| {
-            let Some(account) = lock_account(conn, user_id, Holding::Nothing)? else {
+        self.single_entry(conn, request, deadline, |conn, create| {
+            let create = create && kind == EntryKind::Charge;
+            let Some(account) = lock_or_create(conn, user_id, Holding::Nothing, create)? else {
                 return if kind == EntryKind::Charge {
                     Ok(Step::CreateAccount(user_id))
                 } else {
@@ -239,7 +240,7 @@ impl BalanceLedger {
             });
         }
         let hash = request.hash();
-        self.single_entry(conn, &request, deadline, |conn| {
+        self.single_entry(conn, &request, deadline, |conn, _| {
             let account = lock_account(conn, original.user_id, Holding::Nothing)?.ok_or(
                 Error::AccountNotFound {
                     user_id: original.user_id,
@@ -323,7 +324,7 @@ impl BalanceLedger {
             ..request
         };
         let (out_hash, in_hash) = (request.hash(), incoming.hash());
-        let attempt = |conn: &mut MysqlConnection| {
+        let attempt = |conn: &mut MysqlConnection, create: bool| {
             let (first, second) = (from.min(to), from.max(to));
             let first_row = lock_account(conn, first, Holding::Nothing)?;
             let second_row = lock_account(conn, second, Holding::Locks)?;
@@ -335,8 +336,14 @@ impl BalanceLedger {
             let sender = sender.ok_or(Error::AccountNotFound { user_id: from })?;
             // Refuse before creating the receiver: a refused transfer writes nothing.
             let sender_after = sender.debit(amount)?;
-            let Some(receiver) = receiver else {
-                return Ok(Step::CreateAccount(to));
+            let receiver = match receiver {
+                Some(receiver) => receiver,
+                // Created in this transaction, which holds the sender's lock (and a lock on
+                // the receiver's gap): never waits.
+                None => match lock_or_create(conn, to, Holding::Locks, create)? {
+                    Some(receiver) => receiver,
+                    None => return Ok(Step::CreateAccount(to)),
+                },
             };
             let receiver_after = receiver.credit(amount)?;
             let at = now();

@@ -349,12 +349,29 @@ pub(crate) fn store_balance(
     Ok(())
 }
 
-/// `INSERT IGNORE` of an empty account: idempotent, so racing creators are harmless.
-pub(crate) fn create_account(conn: &mut MysqlConnection, user_id: i64) -> Result<()> {
-    diesel::insert_or_ignore_into(user_balance::table)
-        .values(user_balance::user_id.eq(user_id))
-        .execute(conn)?;
-    Ok(())
+/// [`lock_account`]; a missing account is created first when `create` (a first charge, a
+/// transfer's receiver): an empty row, `INSERT IGNORE` (a racing creator's committed row is
+/// kept) written in the caller's transaction — so the account exists only if that transaction
+/// commits — and wait-free (the missing key's gap may be locked by another transaction, a
+/// racing creator's among them: refused and retried, never waited for), then locked.
+pub(crate) fn lock_or_create(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    holding: Holding,
+    create: bool,
+) -> Result<Option<Account>> {
+    if let Some(account) = lock_account(conn, user_id, holding)? {
+        return Ok(Some(account));
+    }
+    if !create {
+        return Ok(None);
+    }
+    write_under_lock(
+        conn,
+        diesel::insert_or_ignore_into(user_balance::table)
+            .values(user_balance::user_id.eq(user_id)),
+    )?;
+    lock_account(conn, user_id, Holding::Locks)
 }
 
 /// The journal rows of `user_id` under `keys` — one key or a batch's, one statement (one per

@@ -1353,3 +1353,96 @@ fn audit_detects_records_changed_behind_its_back() {
     // The untouched account passes.
     audit_ok(&ledger, &mut conn, users[4]);
 }
+
+/// A first charge (or a batch with one, or a transfer to a new receiver) that fails leaves no
+/// account behind: the account is created in the call's own transaction. Here another
+/// program's SERIALIZABLE read of the journal key keeps the call's journal INSERT from going
+/// in until the deadline (`Contended`, nothing applied). Before the fix the account was created
+/// first in a transaction of its own and stayed: `balance` then answered a zero balance for an
+/// account that no successful call had made, and a deduct `InsufficientBalance` instead of
+/// `AccountNotFound`.
+#[test]
+fn a_failed_first_charge_leaves_no_account() {
+    let (url, mut conn) = fresh_database("ledger_failed_first_charge");
+    let ledger = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        Duration::from_millis(500),
+    ));
+    let (sender, new_user, batch_user, receiver) = (1_i64, 2_i64, 3_i64, 4_i64);
+    funded_account(&mut conn, &ledger, sender, dec(100, 0));
+    let accounts = |conn: &mut MysqlConnection| -> Vec<i64> {
+        user_balance::table
+            .select(user_balance::user_id)
+            .order(user_balance::user_id.asc())
+            .load(conn)
+            .expect("accounts")
+    };
+    // Another program reads (under SERIALIZABLE) whether each call's key is in the journal.
+    let mut foreign = other_program(&url);
+    for (user, key) in [(new_user, "k"), (batch_user, "b"), (sender, "t")] {
+        let used: i64 = balance_history::table
+            .filter(balance_history::user_id.eq(user))
+            .filter(balance_history::idempotency_key.eq(key))
+            .count()
+            .get_result(&mut foreign)
+            .expect("the other program's read");
+        assert_eq!(used, 0);
+    }
+    let refused = |what: &str, answer: Result<(), Error>| {
+        assert!(
+            matches!(answer, Err(Error::Contended { .. } | Error::Timeout { .. })),
+            "{what}: {answer:?}"
+        );
+    };
+    refused(
+        "a first charge",
+        ledger
+            .charge(&mut conn, new_user, dec(10, 0), "k")
+            .map(|_| ()),
+    );
+    refused(
+        "a batch with a first charge",
+        ledger
+            .apply_many(&mut conn, batch_user, &[AccountOp::charge(dec(10, 0), "b")])
+            .map(|_| ()),
+    );
+    refused(
+        "a transfer to a new receiver",
+        ledger
+            .transfer(&mut conn, sender, receiver, dec(10, 0), "t")
+            .map(|_| ()),
+    );
+    diesel::connection::SimpleConnection::batch_execute(&mut foreign, "ROLLBACK").expect("release");
+    assert_eq!(accounts(&mut conn), [sender], "no account was left behind");
+    for user in [new_user, batch_user, receiver] {
+        assert!(
+            matches!(
+                ledger.balance(&mut conn, user),
+                Err(Error::AccountNotFound { .. })
+            ),
+            "user {user}"
+        );
+        assert!(matches!(
+            ledger.deduct(&mut conn, user, dec(1, 0), "d"),
+            Err(Error::AccountNotFound { .. })
+        ));
+    }
+    // The same calls succeed now, once each.
+    ledger
+        .charge(&mut conn, new_user, dec(10, 0), "k")
+        .expect("the first charge");
+    ledger
+        .apply_many(&mut conn, batch_user, &[AccountOp::charge(dec(10, 0), "b")])
+        .expect("the batch")[0]
+        .as_ref()
+        .expect("its charge");
+    ledger
+        .transfer(&mut conn, sender, receiver, dec(10, 0), "t")
+        .expect("the transfer");
+    assert_eq!(
+        accounts(&mut conn),
+        [sender, new_user, batch_user, receiver]
+    );
+    for user in [sender, new_user, batch_user, receiver] {
+        audit_ok(&ledger, &mut conn, user);
+    }
+}
