@@ -9,8 +9,8 @@ use rust_decimal::Decimal;
 use super::idempotency::Step;
 use super::request::Request;
 use super::rows::{
-    find_balance, find_entry, find_transfer_credit, insert_entries, insert_holds, lock_account,
-    lock_entry, lock_or_create, store_balance, unexpired_holds, Account,
+    create_account, find_balance, find_entry, find_transfer_credit, insert_entries, insert_holds,
+    lock_account, lock_entry, lock_or_create, store_balance, unexpired_holds, Account,
 };
 use super::types::{AccountOp, Balance, Entry, EntryRow, HistoryPage, Transfer};
 use super::{BalanceLedger, MAX_HISTORY_PAGE};
@@ -326,7 +326,16 @@ impl BalanceLedger {
         let (out_hash, in_hash) = (request.hash(), incoming.hash());
         let attempt = |conn: &mut MysqlConnection, create: bool| {
             let (first, second) = (from.min(to), from.max(to));
-            let first_row = lock_account(conn, first, Holding::Nothing)?;
+            // The receiver was found missing: written first (before any lock read of its key).
+            if create {
+                create_account(conn, to)?;
+            }
+            let holding = if create {
+                Holding::Locks
+            } else {
+                Holding::Nothing
+            };
+            let first_row = lock_account(conn, first, holding)?;
             let second_row = lock_account(conn, second, Holding::Locks)?;
             let (sender, receiver) = if first == from {
                 (first_row, second_row)
@@ -336,14 +345,8 @@ impl BalanceLedger {
             let sender = sender.ok_or(Error::AccountNotFound { user_id: from })?;
             // Refuse before creating the receiver: a refused transfer writes nothing.
             let sender_after = sender.debit(amount)?;
-            let receiver = match receiver {
-                Some(receiver) => receiver,
-                // Created in this transaction, which holds the sender's lock (and a lock on
-                // the receiver's gap): never waits.
-                None => match lock_or_create(conn, to, Holding::Locks, create)? {
-                    Some(receiver) => receiver,
-                    None => return Ok(Step::CreateAccount(to)),
-                },
+            let Some(receiver) = receiver else {
+                return Ok(Step::CreateAccount(to));
             };
             let receiver_after = receiver.credit(amount)?;
             let at = now();

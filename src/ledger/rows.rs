@@ -349,29 +349,34 @@ pub(crate) fn store_balance(
     Ok(())
 }
 
-/// [`lock_account`]; a missing account is created first when `create` (a first charge, a
-/// transfer's receiver): an empty row, `INSERT IGNORE` (a racing creator's committed row is
-/// kept) written in the caller's transaction — so the account exists only if that transaction
-/// commits — and wait-free (the missing key's gap may be locked by another transaction, a
-/// racing creator's among them: refused and retried, never waited for), then locked.
+/// [`lock_account`], or with `create` (the account was found missing: a first charge, a
+/// transfer's receiver) [`create_account`] and then the lock. Sent as the transaction's first
+/// statements.
 pub(crate) fn lock_or_create(
     conn: &mut MysqlConnection,
     user_id: i64,
     holding: Holding,
     create: bool,
 ) -> Result<Option<Account>> {
-    if let Some(account) = lock_account(conn, user_id, holding)? {
-        return Ok(Some(account));
-    }
     if !create {
-        return Ok(None);
+        return lock_account(conn, user_id, holding);
     }
+    create_account(conn, user_id)?;
+    lock_account(conn, user_id, Holding::Locks)
+}
+
+/// Writes `user_id`'s account, empty, unless it exists (`INSERT IGNORE`: a racing creator's
+/// committed row is kept), in the caller's transaction — so the account exists only if that
+/// transaction commits. Sent before any lock read of the missing key, whose gap lock would
+/// refuse a racing creator's INSERT (and theirs this one); wait-free: a racing creator's
+/// uncommitted row (or another transaction's gap lock) refuses it, and the runner retries.
+pub(crate) fn create_account(conn: &mut MysqlConnection, user_id: i64) -> Result<()> {
     write_under_lock(
         conn,
         diesel::insert_or_ignore_into(user_balance::table)
             .values(user_balance::user_id.eq(user_id)),
     )?;
-    lock_account(conn, user_id, Holding::Locks)
+    Ok(())
 }
 
 /// The journal rows of `user_id` under `keys` — one key or a batch's, one statement (one per

@@ -1446,3 +1446,45 @@ fn a_failed_first_charge_leaves_no_account() {
         audit_ok(&ledger, &mut conn, user);
     }
 }
+
+/// First charges of many new accounts at once — their ids in one gap of the index, as new ids
+/// are — all succeed, each creating its account once: the account row is written before any
+/// lock read of its key, so no creator holds a gap lock that refuses another's INSERT (with the
+/// lock read first, racing creators refused each other until their retries ran out).
+#[test]
+fn racing_first_charges_of_new_accounts_all_succeed() {
+    const THREADS: i64 = 16;
+    const EACH: i64 = 25;
+    let (url, mut conn) = fresh_database("ledger_racing_sign_ups");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, 1, dec(1, 0));
+    funded_account(&mut conn, &ledger, 1_000_000, dec(1, 0));
+    let threads = usize::try_from(THREADS).expect("threads");
+    let answers: Vec<Result<(), String>> = concurrently(threads, &url, |thread, conn| {
+        let thread = i64::try_from(thread).expect("thread");
+        (0..EACH)
+            .map(|n| {
+                // Interleaved ids: every thread's next account falls between the others'.
+                let user = 2 + n * THREADS + thread;
+                ledger
+                    .charge(conn, user, dec(5, 0), "sign-up")
+                    .map(|_| ())
+                    .map_err(|e| format!("user {user}: {e:?}"))
+            })
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    let failed: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    let accounts: i64 = user_balance::table
+        .count()
+        .get_result(&mut conn)
+        .expect("accounts");
+    assert_eq!(accounts, 2 + THREADS * EACH);
+    for user in [2, 2 + THREADS * EACH - 1] {
+        assert_eq!(stored_balance(&mut conn, user), dec(5, 0));
+        audit_ok(&ledger, &mut conn, user);
+    }
+}
