@@ -53,13 +53,13 @@ fn may_leave_a_stale_statement(error: &Error) -> bool {
 /// sends (the server waits for a command) until the watchdog ends the call as an unresponsive
 /// server. Diesel evicts no single statement and tells no cache size, so the cache is switched
 /// off and on again — only if it is on ([`caches_prepared`]): a caller who switched it off keeps
-/// it off, and such a connection has no cached statement to forget. A question the server does
-/// not answer is asked once more (a `KILL QUERY` or a late Galera abort fails one statement);
-/// unanswered twice, the connection is marked broken rather than guessed at: switching the cache
-/// on could override the caller's choice, leaving it could leave a stale statement to hang on.
+/// it off, and such a connection has no cached statement to forget. If the server does not
+/// answer the question, the connection is marked broken rather than guessed at: switching the
+/// cache on could override the caller's choice, leaving it could leave a stale statement to
+/// hang on — the question's own among them (it is cached too), so it is not asked again.
 pub(crate) fn forget_prepared(conn: &mut MysqlConnection) {
     use diesel::connection::{CacheSize, Connection};
-    match caches_prepared(conn).or_else(|| caches_prepared(conn)) {
+    match caches_prepared(conn) {
         Some(false) => {}
         Some(true) => {
             conn.set_prepared_statement_cache_size(CacheSize::Disabled);
