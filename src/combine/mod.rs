@@ -669,8 +669,8 @@ type PooledMysql = PooledConnection<ConnectionManager<MysqlConnection>>;
 struct Prepared<'a> {
     conn: PooledMysql,
     runner: &'a TxnRunner,
-    /// The deadline of the leader that prepared it: ending its transaction unused never
-    /// outlasts it.
+    /// The deadline of the leader that prepared it, then of the batch that runs on it (its
+    /// earliest caller's): ending its transaction unused never outlasts it.
     deadline: Deadline,
 }
 
@@ -786,7 +786,12 @@ impl<S, Req, Resp> Combining<S, Req, Resp> {
                 };
                 let refusals = refusals_on_this_thread();
                 let outcome = match prepared {
-                    Some(mut prepared) => run(&mut prepared.conn, deadline),
+                    Some(mut prepared) => {
+                        // Dropped before the callers are answered: ending a transaction the
+                        // batch did not use is bounded by their deadline, not the leader's.
+                        prepared.deadline = prepared.deadline.min(deadline);
+                        run(&mut prepared.conn, deadline)
+                    }
                     None => self.with_connection(deadline, grace, run),
                 };
                 Ran {
