@@ -25,9 +25,18 @@
 //! a socket of it was shut down: past its moment, a call is cut wherever it blocks next (a pool
 //! checkout pings one idle connection after another, each on its own socket).
 //!
-//! Descriptor reuse cannot hit another connection: the watchdog identifies and shuts the socket
-//! down while it holds the schedule mutex, and disarming takes the same mutex, so the guarded
-//! call (which never closes its connection while armed) is still inside the guarded region.
+//! Descriptor reuse: the watchdog identifies and shuts the socket down while it holds the
+//! schedule mutex, and disarming takes the same mutex, so the guarded call is still inside the
+//! guarded region. lockstock's own statements never close their connection while armed; a
+//! pool checkout does (r2d2 drops a connection whose ping failed, inside `get`), so there a
+//! socket could in principle be closed and its number reused by another thread between the
+//! watchdog's read of the blocked call and its shutdown — only if the server answered in those
+//! microseconds, past the call's deadline + grace.
+//!
+//! Past its moment a call is cut wherever it blocks on a socket, whatever the socket: inside a
+//! pool checkout that includes r2d2's error handler, which logs through the `log` crate on the
+//! calling thread — a logger that blocks on a network socket there, past the deadline + grace,
+//! would have that socket shut down.
 //!
 //! Linux only (x86_64 and aarch64 system call numbers). On other targets arming does nothing
 //! and no thread is started: a call on a silent server waits as long as the server does.
