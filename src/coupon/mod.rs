@@ -201,6 +201,10 @@ impl CouponIssuer {
     /// TTL (the default) the mark stays until this issuer restocks the campaign or reads its
     /// stock above zero ([`campaign`](Self::campaign), [`remaining`](Self::remaining)); with
     /// several issuers or processes, a restock made elsewhere is then seen within `ttl`.
+    ///
+    /// A batch ([`issue_many`](Self::issue_many), a combined batch) is decided at one moment:
+    /// a mark its sell-out sets answers its later requests if `ttl` is above zero, as it would
+    /// answer single calls made within `ttl`; a TTL of zero never answers from a mark.
     pub fn with_sold_out_ttl(mut self, ttl: Duration) -> Self {
         self.sold_out_ttl = Some(ttl);
         self
