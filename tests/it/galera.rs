@@ -1133,6 +1133,39 @@ fn galera_a_caller_with_autocommit_off_writes_and_keeps_it() {
         Decimal::new(9, 0)
     );
 
+    // A guarded body that wrote and then failed leaves nothing, with either autocommit (the
+    // designated-writer read now runs with autocommit already off).
+    causal(&urls[0])
+        .batch_execute("CREATE TABLE guarded_probe (id INT PRIMARY KEY) ENGINE=InnoDB")
+        .expect("probe table");
+    let runner = lockstock::TxnRunner::new(TxnPolicy::default());
+    let mut plain = causal(&urls[0]);
+    for (id, conn) in [(1, &mut conn), (2, &mut plain)] {
+        let failed = runner.run(conn, |c| {
+            diesel::sql_query("INSERT INTO guarded_probe VALUES (?)")
+                .bind::<diesel::sql_types::Integer, _>(id)
+                .execute(c)?;
+            Err::<(), _>(Error::InvalidInput {
+                field: "test",
+                problem: "fails after a write",
+            })
+        });
+        assert!(
+            matches!(failed, Err(Error::InvalidInput { .. })),
+            "{failed:?}"
+        );
+    }
+    assert_eq!(session(&mut conn), (0, 0), "(autocommit, in transaction)");
+    assert_eq!(session(&mut plain), (1, 0), "(autocommit, in transaction)");
+    assert_eq!(
+        count(
+            &mut causal(&urls[0]),
+            "SELECT COUNT(*) AS total FROM guarded_probe"
+        ),
+        0,
+        "the failed bodies' writes were rolled back"
+    );
+
     // Not the designated writer: refused, nothing written, nothing left open.
     causal(&urls[0])
         .batch_execute("UPDATE designated_writer SET node_name = 'elsewhere' WHERE id = 1")
