@@ -83,16 +83,6 @@ impl Query for HeldFunds {
 }
 
 statement! {
-    /// `SHOW SESSION STATUS LIKE 'Com_stmt_prepare'`: how many statements this session prepared
-    /// (the status name, then the count), as a cacheable statement.
-    PreparedSoFar => "SHOW SESSION STATUS LIKE 'Com_stmt_prepare'"
-}
-
-impl Query for PreparedSoFar {
-    type SqlType = (Text, Text);
-}
-
-statement! {
     /// `UPDATE balance_hold SET state = ?, captured_amount = ?, ended_at = ?,
     /// ended_by_entry_id = ? WHERE id = ?`: a hold ends.
     SetHoldEnded {

@@ -318,9 +318,9 @@ impl TxnRunner {
     /// the rest of a result the server never sends. So after an attempt that failed any way but
     /// a refusal of lockstock's own primary-key reads, a write's constraint or a lost
     /// connection, the runner drops the connection's cached prepared statements (Diesel evicts
-    /// none singly: the cache is switched off and on, if it is on — the runner asks the server,
-    /// as Diesel tells no cache size; a cache the caller switched off stays off); the retry
-    /// prepares them again. lockstock's own range reads rely on the same.
+    /// none singly: the cache is switched off and on — unless the policy says the connections
+    /// cache nothing, [`TxnPolicy::caches_statements`]); the retry prepares them again.
+    /// lockstock's own range reads rely on the same.
     ///
     /// # Errors
     /// What `body` fails with, once it is not retried any more; [`Error::Contended`] when
@@ -573,6 +573,7 @@ impl TxnRunner {
             }),
             savepoint: guarded,
             read_only,
+            caches_statements: self.policy.caches_statements,
         })
     }
 

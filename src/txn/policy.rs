@@ -113,6 +113,13 @@ pub struct TxnPolicy {
     /// (default on; an empty row — no router ever designated a writer — allows every node).
     /// Checked inside the first SET of the transaction: no extra round trip.
     pub designated_writer_only: bool,
+    /// Whether the connections cache prepared statements: Diesel's default (`true`). Set it to
+    /// `false` if you switched the cache off (`set_prepared_statement_cache_size(
+    /// CacheSize::Disabled)`). After an attempt whose body may have failed inside a cached
+    /// read's result, the runner drops the connection's cached statements by switching the
+    /// cache off and on (Diesel evicts none singly and tells no cache size); with `false` it
+    /// leaves the cache alone, and nothing is cached to go stale.
+    pub caches_statements: bool,
 }
 
 impl Default for TxnPolicy {
@@ -124,6 +131,7 @@ impl Default for TxnPolicy {
             statement_timeout: Duration::from_secs(5),
             unresponsive_grace: Duration::from_millis(500),
             designated_writer_only: true,
+            caches_statements: true,
         }
     }
 }

@@ -7,8 +7,7 @@ use diesel::RunQueryDsl;
 use super::*;
 use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::statements::{
-    Commit, PreparedSoFar, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback,
-    Savepoint,
+    Commit, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback, Savepoint,
 };
 std::thread_local! {
     /// Set by lockstock's own statements that failed in a way that leaves no statement of the
@@ -52,37 +51,13 @@ fn may_leave_a_stale_statement(error: &Error) -> bool {
 /// expecting the rest of that result: executed again, it waits for packets the server never
 /// sends (the server waits for a command) until the watchdog ends the call as an unresponsive
 /// server. Diesel evicts no single statement and tells no cache size, so the cache is switched
-/// off and on again — only if it is on ([`caches_prepared`]): a caller who switched it off keeps
-/// it off, and such a connection has no cached statement to forget. If the server does not
-/// answer the question, the connection is marked broken rather than guessed at: switching the
-/// cache on could override the caller's choice, leaving it could leave a stale statement to
-/// hang on — the question's own among them (it is cached too), so it is not asked again.
+/// off and on again — only where the policy says the connections cache statements
+/// ([`TxnPolicy::caches_statements`](super::TxnPolicy::caches_statements), Diesel's default):
+/// a caller who switched the cache off says so there, and keeps it off.
 pub(crate) fn forget_prepared(conn: &mut MysqlConnection) {
     use diesel::connection::{CacheSize, Connection};
-    match caches_prepared(conn) {
-        Some(false) => {}
-        Some(true) => {
-            conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-            conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
-        }
-        None => mark_broken(conn),
-    }
-}
-
-/// Whether Diesel caches `conn`'s prepared statements, asked of the server (Diesel has no
-/// getter): [`PreparedSoFar`] read twice in a row is prepared once with the cache on (its
-/// second read is the cached statement) and twice with it off. Two round trips, on the path
-/// after a failed attempt only. `None` if the server did not answer the question.
-fn caches_prepared(conn: &mut MysqlConnection) -> Option<bool> {
-    let mut read = || {
-        PreparedSoFar
-            .get_result::<(String, String)>(conn)
-            .ok()
-            .and_then(|(_, count)| count.parse::<u64>().ok())
-    };
-    let first = read()?;
-    let second = read()?;
-    Some(second == first)
+    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+    conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
 }
 
 /// lockstock must own the transaction to retry it: refuse a call made inside one that the
@@ -114,6 +89,9 @@ pub(super) struct Begin<'a> {
     pub(super) savepoint: bool,
     /// A read-only snapshot: a failed COMMIT cannot have written anything.
     pub(super) read_only: bool,
+    /// The connection caches prepared statements (the policy says so): a failed body's may be
+    /// left mid-result, and are dropped ([`forget_prepared`]).
+    pub(super) caches_statements: bool,
 }
 
 /// Which session variables the setup saved, so which statement puts them back.
@@ -178,7 +156,7 @@ pub(super) fn run_transaction<T>(
                 }
                 Some(broken) => Err(broken),
                 None => {
-                    if stale {
+                    if stale && begin.caches_statements {
                         forget_prepared(conn);
                     }
                     Err(error)
@@ -265,6 +243,7 @@ pub(super) fn end_unused(conn: &mut MysqlConnection) -> Option<Error> {
         restore: None,
         savepoint: false,
         read_only: false,
+        caches_statements: false,
     };
     end_failed(conn, plain)
 }

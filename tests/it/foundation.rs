@@ -641,22 +641,26 @@ fn prepares_for_two_runs(conn: &mut MysqlConnection) -> i64 {
     prepares(conn) - before
 }
 
-/// A caller who switched Diesel's statement cache off keeps it off through a failed attempt.
-/// After a failure that may leave a cached read expecting the rest of its result, the runner
-/// drops the connection's cached statements by switching the cache off and on (Diesel evicts no
-/// single statement); before the fix it switched it on for every caller, also one who had it
-/// off (for a server's `max_prepared_stmt_count`, or a proxy that cannot keep prepared
-/// statements). With the cache on, the same failure leaves it on.
+/// A caller who switched Diesel's statement cache off, and says so in the policy
+/// (`caches_statements = false`), keeps it off through a failed attempt. After a failure that
+/// may leave a cached read expecting the rest of its result, the runner drops the connection's
+/// cached statements by switching the cache off and on (Diesel evicts no single statement and
+/// tells no cache size); before the fix it did so for every caller, switching the cache on
+/// also for one who had it off (for a server's `max_prepared_stmt_count`, or a proxy that
+/// cannot keep prepared statements). With the cache on, the same failure empties it and leaves
+/// it on.
 #[test]
 fn a_failed_attempt_keeps_the_callers_statement_cache_setting() {
     use diesel::connection::CacheSize;
     let (url, _conn) = fresh_database("runner_cache_setting");
-    let runner = TxnRunner::new(TxnPolicy::default());
     let failing = |conn: &mut MysqlConnection| -> Result<(), Error> {
         diesel::sql_query("SELECT no_such_column FROM user_balance").execute(conn)?;
         Ok(())
     };
     for (size, expected) in [(CacheSize::Disabled, 3), (CacheSize::Unbounded, 1)] {
+        let mut policy = TxnPolicy::default();
+        policy.caches_statements = size == CacheSize::Unbounded;
+        let runner = TxnRunner::new(policy);
         let mut caller = connect(&url);
         caller.set_prepared_statement_cache_size(size);
         // Warm: with the cache on, the `SELECT` is cached from here on.
