@@ -277,17 +277,27 @@ fn silent_server_pause_under_load_answers_are_true() {
     });
 
     let late: Vec<&Record> = records.iter().filter(|r| r.took > bound()).collect();
+    // The watchdog's answers: `ServerUnresponsive`, or `OutcomeUnknown` for a call cut while
+    // its COMMIT was in flight (all four calls can be: a clean-clone CI run saw no
+    // `ServerUnresponsive`).
     let unresponsive = records
         .iter()
         .filter(|r| matches!(r.answer, Err(Error::ServerUnresponsive { .. })))
         .count();
+    let unknown = records
+        .iter()
+        .filter(|r| matches!(r.answer, Err(Error::OutcomeUnknown { .. })))
+        .count();
     eprintln!(
-        "{} calls, {unresponsive} ServerUnresponsive, worst {:?}",
+        "{} calls, {unresponsive} ServerUnresponsive, {unknown} OutcomeUnknown, worst {:?}",
         records.len(),
         records.iter().map(|r| r.took).max().unwrap_or_default()
     );
     assert!(late.is_empty(), "calls later than {:?}: {late:#?}", bound());
-    assert!(unresponsive > 0, "the pause was not seen by any call");
+    assert!(
+        unresponsive + unknown > 0,
+        "the pause was not seen by any call"
+    );
 
     let mut conn = connect(&url);
     let holders: HashMap<i64, usize> =
