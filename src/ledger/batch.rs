@@ -121,6 +121,9 @@ impl BalanceLedger {
         // Whether the account was missing when the batch first locked it: then, as for single
         // calls, a deduct before the batch's first charge finds no account.
         let mut account_was_missing = false;
+        // The first request answered from the journal: the account exists for every request
+        // after it (its entry is the account's), as it would for the single calls.
+        let mut journal_answered: Option<usize> = None;
         // Optimistic first: no key lookup before the write, as in the single path.
         let mut lookup_first = false;
         for round in 0.. {
@@ -131,6 +134,9 @@ impl BalanceLedger {
                     self.journal_rows_by(conn, deadline, user_id, &keys(&requests, &open))?;
                 for index in open {
                     results[index] = requests[index].answer_from(&rows);
+                    if results[index].is_some() {
+                        journal_answered = Some(journal_answered.map_or(index, |k| k.min(index)));
+                    }
                 }
             }
             let pending = unanswered(&results);
@@ -143,7 +149,7 @@ impl BalanceLedger {
                 &requests,
                 &pending,
                 deadline,
-                &mut account_was_missing,
+                (&mut account_was_missing, journal_answered),
             ) {
                 Ok(decided) => decided,
                 Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) && round < 3 => {
@@ -202,13 +208,13 @@ impl BalanceLedger {
         requests: &[Request<'_>],
         pending: &[usize],
         deadline: Deadline,
-        account_was_missing: &mut bool,
+        (account_was_missing, journal_answered): (&mut bool, Option<usize>),
     ) -> Result<Vec<(usize, Result<Entry>)>> {
         // Whether to create the missing account (in the batch's transaction: a batch that
         // fails leaves none behind).
         let mut create = false;
         loop {
-            let missing = *account_was_missing;
+            let missing = (*account_was_missing, journal_answered);
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)?
@@ -337,12 +343,14 @@ fn outcome_unknown(failure: &Error) -> Error {
 /// the holds captured or released ([`end_hold`]) and stores the final balance
 /// ([`store_balance`]) — the single call's statements, for N rows.
 /// `account_was_missing`: the account did not exist when the batch began, so until the first
-/// charge a deduct or hold finds no account (the single call's answer).
+/// charge a deduct or hold finds no account (the single call's answer) — unless a request
+/// before it was answered from the journal (`journal_answered`: the first such request), whose
+/// entry shows the account exists.
 fn apply_planned(
     conn: &mut MysqlConnection,
     insert_ids: InsertIds,
     mut locked: Locked<'_>,
-    account_was_missing: bool,
+    (account_was_missing, journal_answered): (bool, Option<usize>),
     requests: &[Request<'_>],
     pending: &[usize],
 ) -> Result<Vec<(usize, Result<Entry>)>> {
@@ -356,6 +364,9 @@ fn apply_planned(
     for &index in pending {
         let request = &requests[index];
         let hash = request.hash();
+        if journal_answered.is_some_and(|first| index > first) {
+            exists = true;
+        }
         let decision = match written_keys.get(request.key) {
             Some(&n) if new_rows[n].2 == hash => Decision::SameAs(n),
             Some(&n) => Decision::Conflict(n),

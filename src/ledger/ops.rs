@@ -343,7 +343,8 @@ impl BalanceLedger {
                 (second_row, first_row)
             };
             let sender = sender.ok_or(Error::AccountNotFound { user_id: from })?;
-            // Refuse before creating the receiver: a refused transfer writes nothing.
+            // Refused here, the transfer writes nothing (a receiver created above is rolled
+            // back with it).
             let sender_after = sender.debit(amount)?;
             let Some(receiver) = receiver else {
                 return Ok(Step::CreateAccount(to));

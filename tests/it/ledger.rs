@@ -1488,3 +1488,53 @@ fn racing_first_charges_of_new_accounts_all_succeed() {
         audit_ok(&ledger, &mut conn, user);
     }
 }
+
+/// A batch on an account that did not exist when it began answers a deduct after a charge as
+/// the single calls would once that charge was committed meanwhile by another call under the
+/// same key: the charge is answered from the journal, and its entry shows the account exists,
+/// so the deduct after it is decided against the balance. Before the fix the batch still took
+/// the account for missing (as when it first locked it) and answered the deduct
+/// `AccountNotFound` — an answer no order of single calls gives after that charge.
+#[test]
+fn a_batch_sees_an_account_a_replayed_charge_created() {
+    use diesel::connection::{Connection, InstrumentationEvent};
+    const USER: i64 = 42;
+    let (url, mut conn) = fresh_database("ledger_batch_replayed_creation");
+    let ledger = BalanceLedger::new();
+    let mut batch_conn = connect(&url);
+    // Just before the batch writes the missing account, another call makes the same charge
+    // (the caller's retry, say) and commits it with the account.
+    let (other_url, other_ledger) = (url.clone(), ledger.clone());
+    let mut fired = false;
+    batch_conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::StartQuery { query, .. } = event {
+            if !fired
+                && query
+                    .to_string()
+                    .contains("INSERT IGNORE INTO `user_balance`")
+            {
+                fired = true;
+                other_ledger
+                    .charge(&mut connect(&other_url), USER, dec(10, 0), "k2")
+                    .expect("the other call's charge");
+            }
+        }
+    });
+    let ops = [
+        AccountOp::charge(dec(10, 0), "k2"),
+        AccountOp::deduct(dec(5, 0), "k3"),
+    ];
+    let answers = ledger
+        .apply_many(&mut batch_conn, USER, &ops)
+        .expect("the batch");
+    match &answers[..] {
+        [Ok(charge), Ok(deduct)] => {
+            assert_eq!(charge.kind, EntryKind::Charge);
+            assert_eq!(deduct.balance_after, dec(5, 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stored_balance(&mut conn, USER), dec(5, 0));
+    assert_eq!(count_key(&mut conn, USER, "k2"), 1);
+    audit_ok(&ledger, &mut conn, USER);
+}
