@@ -1448,9 +1448,10 @@ fn a_failed_first_charge_leaves_no_account() {
 }
 
 /// First charges of many new accounts at once — their ids in one gap of the index, as new ids
-/// are — all succeed, each creating its account once: the account row is written before any
-/// lock read of its key, so no creator holds a gap lock that refuses another's INSERT (with the
-/// lock read first, racing creators refused each other until their retries ran out).
+/// are — all succeed, each creating its account once. The attempt that creates an account
+/// writes it before any lock read of its key; the attempt before it (which finds the account
+/// missing) still takes the gap's lock for a moment, so creators are refused now and then and
+/// retried — never more than the retries can absorb here.
 #[test]
 fn racing_first_charges_of_new_accounts_all_succeed() {
     const THREADS: i64 = 16;
