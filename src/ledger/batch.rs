@@ -118,12 +118,11 @@ impl BalanceLedger {
                 }
             }
         }
-        // Whether the account was missing when the batch first locked it: then, as for single
-        // calls, a deduct before the batch's first charge finds no account.
-        let mut account_was_missing = false;
-        // The first request answered from the journal: the account exists for every request
-        // after it (its entry is the account's), as it would for the single calls.
-        let mut journal_answered: Option<usize> = None;
+        // `Some` if the account was missing when the batch first locked it: then, as for single
+        // calls, a deduct before the batch's first charge finds no account — or before the
+        // request it holds, the first one answered from the journal (its entry is the
+        // account's, so the account exists for every request after it).
+        let mut missing_before: Option<usize> = None;
         // Optimistic first: no key lookup before the write, as in the single path.
         let mut lookup_first = false;
         for round in 0.. {
@@ -134,8 +133,8 @@ impl BalanceLedger {
                     self.journal_rows_by(conn, deadline, user_id, &keys(&requests, &open))?;
                 for index in open {
                     results[index] = requests[index].answer_from(&rows);
-                    if results[index].is_some() {
-                        journal_answered = Some(journal_answered.map_or(index, |k| k.min(index)));
+                    if let (Some(_), Some(first)) = (&results[index], missing_before.as_mut()) {
+                        *first = (*first).min(index);
                     }
                 }
             }
@@ -149,7 +148,7 @@ impl BalanceLedger {
                 &requests,
                 &pending,
                 deadline,
-                (&mut account_was_missing, journal_answered),
+                &mut missing_before,
             ) {
                 Ok(decided) => decided,
                 Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) && round < 3 => {
@@ -208,13 +207,13 @@ impl BalanceLedger {
         requests: &[Request<'_>],
         pending: &[usize],
         deadline: Deadline,
-        (account_was_missing, journal_answered): (&mut bool, Option<usize>),
+        missing_before: &mut Option<usize>,
     ) -> Result<Vec<(usize, Result<Entry>)>> {
         // Whether to create the missing account (in the batch's transaction: a batch that
         // fails leaves none behind).
         let mut create = false;
         loop {
-            let missing = (*account_was_missing, journal_answered);
+            let missing = *missing_before;
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)?
@@ -240,7 +239,7 @@ impl BalanceLedger {
             match attempt {
                 Step::Done(decided) => return Ok(decided),
                 Step::CreateAccount(_) => {
-                    *account_was_missing = true;
+                    missing_before.get_or_insert(usize::MAX);
                     let any_charge = pending
                         .iter()
                         .any(|i| requests[*i].kind == EntryKind::Charge);
@@ -342,21 +341,21 @@ fn outcome_unknown(failure: &Error) -> Error {
 /// multi-row INSERT ([`insert_entries`]), the new holds with another ([`insert_holds`]), ends
 /// the holds captured or released ([`end_hold`]) and stores the final balance
 /// ([`store_balance`]) — the single call's statements, for N rows.
-/// `account_was_missing`: the account did not exist when the batch began, so until the first
-/// charge a deduct or hold finds no account (the single call's answer) — unless a request
-/// before it was answered from the journal (`journal_answered`: the first such request), whose
-/// entry shows the account exists.
+/// `missing_before`: `Some` if the account did not exist when the batch began, so until the
+/// first charge a deduct or hold finds no account (the single call's answer) — unless it comes
+/// after the request `missing_before` holds, the first answered from the journal, whose entry
+/// shows the account exists.
 fn apply_planned(
     conn: &mut MysqlConnection,
     insert_ids: InsertIds,
     mut locked: Locked<'_>,
-    (account_was_missing, journal_answered): (bool, Option<usize>),
+    missing_before: Option<usize>,
     requests: &[Request<'_>],
     pending: &[usize],
 ) -> Result<Vec<(usize, Result<Entry>)>> {
     let account = locked.account;
     let mut running = *account;
-    let mut exists = !account_was_missing;
+    let mut exists = missing_before.is_none();
     // (request index, balance after, request hash, how it ends a hold) of every row to write.
     let mut new_rows: Vec<(usize, Decimal, String, Option<HoldEnd>)> = Vec::new();
     let mut written_keys: HashMap<&str, usize> = HashMap::new();
@@ -364,25 +363,21 @@ fn apply_planned(
     for &index in pending {
         let request = &requests[index];
         let hash = request.hash();
-        if journal_answered.is_some_and(|first| index > first) {
+        if missing_before.is_some_and(|first| index > first) {
             exists = true;
         }
-        let decision = match written_keys.get(request.key) {
-            Some(&n) if new_rows[n].2 == hash => Decision::SameAs(n),
-            Some(&n) => Decision::Conflict(n),
+        let decision = match (written_keys.get(request.key), request.expiry_refusal()) {
+            (Some(&n), _) if new_rows[n].2 == hash => Decision::SameAs(n),
+            (Some(&n), _) => Decision::Conflict(n),
             // Its key was free when it came (the single call's order: its key, then its
             // expiry); a key recorded before the batch answers it after the commit.
-            None if request.expired => Decision::Refused(
-                request
-                    .expiry_refusal()
-                    .unwrap_or_else(|| Error::internal("an expired request without an expiry")),
-            ),
-            None if !exists && request.kind != EntryKind::Charge => {
+            (None, Some(refusal)) => Decision::Refused(refusal),
+            (None, None) if !exists && request.kind != EntryKind::Charge => {
                 Decision::Refused(Error::AccountNotFound {
                     user_id: account.user_id,
                 })
             }
-            None => {
+            (None, None) => {
                 // A single charge creates the account before it is decided.
                 exists = true;
                 match decide(&running, &mut locked, request) {
