@@ -122,7 +122,8 @@ statement! {
     Rollback => "ROLLBACK"
 }
 
-/// The SET that puts back what lockstock's first SET saved on MariaDB.
+/// The SET that puts back what lockstock's first SET saved on MariaDB (the user variables are
+/// cleared by `clear_saved!`, which must come after it in the same statement).
 macro_rules! restore_mariadb {
     () => {
         "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
@@ -132,15 +133,30 @@ macro_rules! restore_mariadb {
     };
 }
 
+/// The end of every restoring SET: the `@lockstock_*` user variables the saving SET wrote are
+/// set back to NULL — what the caller's session read for them before lockstock's first call.
+/// The assignments come after the ones that read them (a SET assigns in order).
+macro_rules! clear_saved {
+    () => {
+        ", @lockstock_lock_wait = NULL, @lockstock_statement_time = NULL, \
+         @lockstock_lc_messages = NULL, @lockstock_time_zone = NULL"
+    };
+}
+
 statement! {
     /// Restores the session variables lockstock's begin batch saved (MariaDB).
-    RestoreMariaDb => restore_mariadb!()
+    RestoreMariaDb => concat!(restore_mariadb!(), clear_saved!(), ", @lockstock_isolation = NULL")
 }
 
 statement! {
     /// Restores the session variables lockstock's begin batch saved for a guarded write on a
     /// MariaDB Galera node (with `autocommit`).
-    RestoreGalera => concat!(restore_mariadb!(), ", autocommit = @lockstock_autocommit")
+    RestoreGalera => concat!(
+        restore_mariadb!(),
+        ", autocommit = @lockstock_autocommit",
+        clear_saved!(),
+        ", @lockstock_isolation = NULL, @lockstock_autocommit = NULL"
+    )
 }
 
 statement! {
@@ -155,9 +171,12 @@ statement! {
 
 statement! {
     /// Restores the session variables lockstock's begin batch saved (MySQL 8).
-    RestoreMySql => "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
-        max_execution_time = @lockstock_statement_time, \
-        lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone"
+    RestoreMySql => concat!(
+        "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
+         max_execution_time = @lockstock_statement_time, \
+         lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone",
+        clear_saved!()
+    )
 }
 
 /// One constant statement built once per runner (session settings for a policy), prepared

@@ -1111,6 +1111,13 @@ fn galera_a_caller_with_autocommit_off_writes_and_keeps_it() {
     let session = |conn: &mut MysqlConnection| -> (i64, i64) {
         let autocommit = count(conn, "SELECT @@autocommit AS total");
         let open = count(conn, "SELECT @@in_transaction AS total");
+        // The user variables that saved the caller's values are cleared again.
+        let saved = count(
+            conn,
+            "SELECT COUNT(COALESCE(@lockstock_autocommit, @lockstock_isolation, \
+             @lockstock_lock_wait)) AS total",
+        );
+        assert_eq!(saved, 0, "lockstock's saved values left in the session");
         (autocommit, open)
     };
     let mut conn = causal(&urls[0]);

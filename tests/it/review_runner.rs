@@ -169,6 +169,24 @@ struct Line {
     line: String,
 }
 
+/// The user variables in which lockstock saves the caller's session values, as one line —
+/// `None` when every one reads NULL (as in a session lockstock never touched).
+fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
+    #[derive(QueryableByName)]
+    struct Saved {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        line: Option<String>,
+    }
+    diesel::sql_query(
+        "SELECT NULLIF(CONCAT_WS(',', @lockstock_lock_wait, @lockstock_statement_time, \
+         @lockstock_lc_messages, @lockstock_time_zone, @lockstock_isolation, \
+         @lockstock_autocommit), '') AS line",
+    )
+    .get_result::<Saved>(conn)
+    .expect("read lockstock's user variables")
+    .line
+}
+
 #[test]
 fn finding_7_session_settings_are_restored() {
     let (url, mut conn) = fresh_database("review_session");
@@ -178,17 +196,22 @@ fn finding_7_session_settings_are_restored() {
     )
     .expect("caller's own settings");
     let before = session_vars(&mut conn);
+    assert_eq!(saved_values(&mut conn), None, "a fresh session");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
     assert_eq!(session_vars(&mut conn), before, "after a commit");
+    assert_eq!(saved_values(&mut conn), None, "after a commit");
     let refused = ledger.deduct(&mut conn, 1, dec(50), "d");
     assert!(matches!(refused, Err(Error::InsufficientBalance { .. })));
     assert_eq!(session_vars(&mut conn), before, "after a rollback");
+    assert_eq!(saved_values(&mut conn), None, "after a rollback");
     ledger.balance(&mut conn, 1).expect("balance");
     assert_eq!(session_vars(&mut conn), before, "after a read");
+    assert_eq!(saved_values(&mut conn), None, "after a read");
     let missing = lockstock::CouponIssuer::new().issue(&mut conn, 1, 77);
     assert!(matches!(missing, Err(Error::CampaignNotFound { .. })));
     assert_eq!(session_vars(&mut conn), before, "after a refused issue");
+    assert_eq!(saved_values(&mut conn), None, "after a refused issue");
 
     // A connection that carries lockstock's settings (pooled through SessionSettings) gets no
     // session statements at all: only the isolation level of the next transaction is set.
