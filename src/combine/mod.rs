@@ -849,6 +849,10 @@ impl CombiningIssuer {
     /// As [`CouponIssuer::issue`]; also [`Error::Timeout`] (queued or waiting for a pooled
     /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
     pub fn issue(&self, user_id: i64, campaign_id: i64) -> Result<IssuedCoupon> {
+        // Answered before anything is queued or checked out, as `issue` answers it.
+        if let Some(refusal) = self.inner.refusal_before_sending(user_id, campaign_id) {
+            return Err(refusal);
+        }
         let request = (campaign_id, user_id, self.inner.runner().deadline());
         self.submit_pooled(
             request,
@@ -939,8 +943,14 @@ impl CombiningLedger {
         self.submit(owner, op, deadline)
     }
 
+    /// A charge, deduct or hold; its input is checked before anything is queued, as the single
+    /// call checks it before it sends anything.
     fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
-        self.submit(user_id, op, self.inner.runner().deadline())
+        let deadline = self.inner.runner().deadline();
+        if let Some(refusal) = op.refusal_before_sending(user_id) {
+            return Err(refusal);
+        }
+        self.submit(user_id, op, deadline)
     }
 
     fn submit(&self, user_id: i64, op: AccountOp, deadline: Deadline) -> Result<Entry> {

@@ -51,8 +51,11 @@ impl CouponIssuer {
     /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
     /// [`Error::Server`], [`Error::Internal`] for facts that keep disagreeing): then no request
-    /// was applied (or, for [`Error::OutcomeUnknown`], all or none were). Refusals of the
-    /// campaign as a whole (not found, window closed, sold out) are answered per request.
+    /// was applied (or, for [`Error::OutcomeUnknown`], all or none were). It is given only
+    /// when every user id is valid: otherwise such a failure is answered per request, an
+    /// invalid id with [`Error::InvalidId`] (as `issue` answers it before sending anything)
+    /// and every other request with a copy of the failure. Refusals of the campaign as a
+    /// whole (not found, window closed, sold out) are answered per request.
     pub fn issue_many(
         &self,
         conn: &mut MysqlConnection,
@@ -64,6 +67,29 @@ impl CouponIssuer {
 
     /// [`issue_many`](Self::issue_many), bounded by the caller's `deadline`.
     pub(crate) fn issue_many_by(
+        &self,
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        user_ids: &[i64],
+        deadline: Deadline,
+    ) -> Result<Vec<Result<IssuedCoupon>>> {
+        let failure = match self.decide_many_by(conn, campaign_id, user_ids, deadline) {
+            Err(failure) => failure,
+            decided => return decided,
+        };
+        if user_ids.iter().all(|&user_id| user_id > 0) {
+            return Err(failure);
+        }
+        // As the single issues: an invalid user id is refused whatever the rest met.
+        Ok(user_ids
+            .iter()
+            .map(|&user_id| validate_id("user", user_id).and_then(|()| Err(failure.clone())))
+            .collect())
+    }
+
+    /// [`issue_many_by`](Self::issue_many_by), with a failure of the whole transaction as the
+    /// outer `Err`.
+    fn decide_many_by(
         &self,
         conn: &mut MysqlConnection,
         campaign_id: i64,

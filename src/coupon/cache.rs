@@ -35,14 +35,19 @@ impl CouponIssuer {
         campaign_id: i64,
         deadline: Deadline,
     ) -> Result<CampaignFacts> {
-        if let Some(facts) = lock(&self.facts).get(&campaign_id) {
-            return Ok(*facts);
+        if let Some(facts) = self.cached_facts(campaign_id) {
+            return Ok(facts);
         }
         let campaign = self.read_campaign(conn, campaign_id, deadline)?;
         if campaign.stock_quantity > 0 {
             self.saw_stock(campaign_id);
         }
         Ok(self.cache_facts(&campaign))
+    }
+
+    /// The campaign's facts if they are cached (nothing is read).
+    pub(super) fn cached_facts(&self, campaign_id: i64) -> Option<CampaignFacts> {
+        lock(&self.facts).get(&campaign_id).copied()
     }
 
     pub(super) fn cache_facts(&self, campaign: &Campaign) -> CampaignFacts {

@@ -37,6 +37,20 @@ impl CouponIssuer {
         self.issue_by(conn, user_id, campaign_id, self.runner.deadline())
     }
 
+    /// What [`issue`](Self::issue) answers before it sends anything, if it refuses: an invalid
+    /// id, the sold-out mark, or a window that the cached facts of the campaign show closed.
+    pub(crate) fn refusal_before_sending(&self, user_id: i64, campaign_id: i64) -> Option<Error> {
+        if let Err(refusal) = validate_id("user", user_id).and(validate_id("campaign", campaign_id))
+        {
+            return Some(refusal);
+        }
+        if self.known_sold_out(campaign_id) {
+            return Some(Error::SoldOut { campaign_id });
+        }
+        let facts = self.cached_facts(campaign_id)?;
+        facts.check_window(campaign_id, self.now()).err()
+    }
+
     /// [`issue`](Self::issue), bounded by the caller's `deadline` (a combiner or a
     /// [`Router`](crate::route::Router) passes the deadline its caller started with).
     ///
@@ -49,10 +63,8 @@ impl CouponIssuer {
         campaign_id: i64,
         deadline: Deadline,
     ) -> Result<IssuedCoupon> {
-        validate_id("user", user_id)?;
-        validate_id("campaign", campaign_id)?;
-        if self.known_sold_out(campaign_id) {
-            return Err(Error::SoldOut { campaign_id });
+        if let Some(refusal) = self.refusal_before_sending(user_id, campaign_id) {
+            return Err(refusal);
         }
         let mut refreshes = 0;
         loop {

@@ -75,10 +75,14 @@ impl BalanceLedger {
     /// The outer `Err` is a failure before anything was committed ([`Error::Contended`],
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
     /// [`Error::Server`]): then no request in the batch was applied (or, for
-    /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). Once the batch has committed
-    /// the call answers per request: the committed ones with their entries, the others with
-    /// the single call's error; a refused one whose key could not be looked up after the commit
-    /// (step 4) with [`Error::OutcomeUnknown`].
+    /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). It is given only for a batch
+    /// of valid requests: where some request is refused before anything is sent (an invalid
+    /// id, amount, key or expiry — what its single call answers without a round trip), such a
+    /// failure is answered per request instead: those requests with their refusals, every
+    /// other one with a copy of the failure. Once the batch has committed the call answers per
+    /// request: the committed ones with their entries, the others with the single call's
+    /// error; a refused one whose key could not be looked up after the commit (step 4) with
+    /// [`Error::OutcomeUnknown`].
     pub fn apply_many(
         &self,
         conn: &mut MysqlConnection,
@@ -90,6 +94,33 @@ impl BalanceLedger {
 
     /// [`apply_many`](Self::apply_many) by `deadline` (a combined batch's: its earliest caller's).
     pub(crate) fn apply_many_by(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        ops: &[AccountOp],
+        deadline: Deadline,
+    ) -> Result<Vec<Result<Entry>>> {
+        let failure = match self.decide_many_by(conn, user_id, ops, deadline) {
+            Err(failure) => failure,
+            decided => return decided,
+        };
+        let refusals: Vec<Option<Error>> = ops
+            .iter()
+            .map(|op| op.refusal_before_sending(user_id))
+            .collect();
+        if refusals.iter().all(Option::is_none) {
+            return Err(failure);
+        }
+        // As the single calls: each refused one answers its refusal, whatever the rest met.
+        Ok(refusals
+            .into_iter()
+            .map(|refusal| Err(refusal.unwrap_or_else(|| failure.clone())))
+            .collect())
+    }
+
+    /// [`apply_many_by`](Self::apply_many_by), with a failure before the commit as the outer
+    /// `Err`.
+    fn decide_many_by(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,

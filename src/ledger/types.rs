@@ -372,6 +372,16 @@ impl AccountOp {
         }
     }
 
+    /// The refusal the single call answers for this op on `user_id` before it sends anything —
+    /// an invalid id, amount, key or expiry ([`Error::InvalidExpiry`] of a hold whose expiry
+    /// has passed excepted: that call looks its key up first) — or `None`.
+    pub(crate) fn refusal_before_sending(&self, user_id: i64) -> Option<Error> {
+        match self {
+            Self::Capture { .. } | Self::Release { .. } => super::check_ending(self).err(),
+            _ => self.request(user_id, None).and_then(Request::checked).err(),
+        }
+    }
+
     /// The request of this op on `user_id`; a capture or release with the hold it ends (read
     /// beforehand: its owner and amount never change). [`Error::HoldNotFound`] for a hold that
     /// is not the account's.

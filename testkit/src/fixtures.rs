@@ -720,6 +720,31 @@ pub fn assert_refused<T: Debug>(result: &Result<T, Error>, expected: impl FnOnce
     }
 }
 
+/// The name of an answer's variant: `Ok`, or the error's (`Contended`, `InvalidId`, ...) — to
+/// compare a batch's answers with its single calls'.
+pub fn variant<T>(result: &Result<T, Error>) -> String {
+    match result {
+        Ok(_) => "Ok".to_owned(),
+        Err(e) => format!("{e:?}")
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    }
+}
+
+/// Begins a transaction on `conn` that holds campaign `campaign_id`'s stock row `FOR UPDATE`
+/// (waiting for it): the row stays locked until `conn`'s transaction ends.
+pub fn hold_stock_row(conn: &mut MysqlConnection, campaign_id: i64) {
+    conn.batch_execute("BEGIN").expect("begin");
+    let _: Vec<i32> = fcfs_coupon::table
+        .find(campaign_id)
+        .select(fcfs_coupon::stock_quantity)
+        .for_update()
+        .load(conn)
+        .expect("lock the stock row");
+}
+
 /// Reads account `user_id`'s balance with `FOR UPDATE` (waiting): the row stays locked until
 /// `conn`'s transaction ends.
 pub fn lock_balance(conn: &mut MysqlConnection, user_id: i64) -> QueryResult<Decimal> {

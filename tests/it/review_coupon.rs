@@ -20,9 +20,9 @@ use lockstock::{Campaign, CouponIssuer, CouponStatus, Error, IssuedCoupon, TxnPo
 
 use lockstock_testkit::fixtures::{
     assert_none_later_than, assert_refused, campaign_rows, concurrently, connect, create_campaign,
-    fresh_database, killed_connection, micros_to_time, now, open_campaign_named,
+    fresh_database, hold_stock_row, killed_connection, micros_to_time, now, open_campaign_named,
     policy_with_deadline, pool_with, row_holder, stock_row, together, user_coupon_row,
-    user_coupon_rows, valid_coupon, while_checked_out, CallLog,
+    user_coupon_rows, valid_coupon, variant, while_checked_out, CallLog,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -686,13 +686,7 @@ fn finding_9_window_uses_the_committing_attempts_time() {
 
     // Another session holds the stock row, so every attempt is refused and retried.
     let mut holder = connect(&url);
-    holder.batch_execute("BEGIN").expect("begin");
-    let _: Vec<i32> = fcfs_coupon::table
-        .find(campaign.id)
-        .select(fcfs_coupon::stock_quantity)
-        .for_update()
-        .load(&mut holder)
-        .expect("lock the stock row");
+    hold_stock_row(&mut holder, campaign.id);
     clock.readers.lock().expect("readers").clear();
 
     let singles: Vec<_> = (0..SINGLES)
@@ -1097,4 +1091,64 @@ fn finding_10f_one_issuer_on_two_databases_writes_each_campaigns_template() {
     }
     check_invariants(&mut a, "database a");
     check_invariants(&mut b, "database b");
+}
+
+/// A batch whose transaction fails as a whole (here `Contended`: another program holds the
+/// stock row) still answers an invalid user id `InvalidId`, as `issue` does before it sends
+/// anything; a combined issue answers an invalid id, and a campaign its issuer has seen sold
+/// out, before it queues or checks a connection out. Before the fix the batch answered
+/// `Err(Contended)` as a whole, and the combined calls `Timeout` when no pooled connection came
+/// free in time.
+#[test]
+fn a_failed_batch_refuses_invalid_users_as_its_single_calls_do() {
+    let (url, mut conn) = fresh_database("review_coupon_batch_bad_input");
+    let setup = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &setup, "contended", 5);
+    let (_coupon, gone) = open_campaign_named(&mut conn, &setup, "gone", 1);
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 1;
+    let once = CouponIssuer::with_policy(TxnPolicy::default().with_retry(retry));
+    let mut holder = connect(&url);
+    hold_stock_row(&mut holder, campaign.id);
+    let users = [-1, 5, 0];
+    let singles: Vec<String> = users
+        .iter()
+        .map(|&user| variant(&once.issue(&mut conn, user, campaign.id)))
+        .collect();
+    assert_eq!(singles, ["InvalidId", "Contended", "InvalidId"]);
+    let batch = once
+        .issue_many(&mut conn, campaign.id, &users)
+        .expect("answered per request");
+    assert_eq!(batch.iter().map(variant).collect::<Vec<_>>(), singles);
+    assert!(matches!(
+        once.issue_many(&mut conn, campaign.id, &[5, 6]),
+        Err(Error::Contended { .. })
+    ));
+    holder.batch_execute("ROLLBACK").expect("rollback");
+
+    // Combined: answered before anything is queued or checked out.
+    let policy = policy_with_deadline(StdDuration::from_millis(300));
+    let one = pool_with(&url, 1, policy.clone());
+    let combined = CombiningIssuer::new(one.clone(), CouponIssuer::with_policy(policy));
+    combined
+        .issuer()
+        .issue(&mut conn, 1, gone.id)
+        .expect("the last one");
+    assert_refused(&combined.issuer().issue(&mut conn, 2, gone.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
+    let answers = while_checked_out(&one, StdDuration::from_secs(1), || {
+        [
+            combined.issue(-4, campaign.id),
+            combined.issue(4, -9),
+            combined.issue(3, gone.id),
+        ]
+    });
+    assert_eq!(
+        answers.iter().map(variant).collect::<Vec<_>>(),
+        ["InvalidId", "InvalidId", "SoldOut"]
+    );
+    assert_eq!(stock_row(&mut conn, campaign.id), (5, 5));
+    assert_eq!(stock_row(&mut conn, gone.id), (1, 0));
+    check_invariants(&mut conn, "bad input in failed batches");
 }

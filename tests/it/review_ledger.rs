@@ -23,7 +23,7 @@ use rust_decimal::Decimal;
 use lockstock_testkit::fixtures::{
     assert_none_later_than, audit_ok, concurrently, connect, connection_id, count_key,
     fresh_database, journal_size, lock_balance, policy_with_deadline, pool_with, retry_policy,
-    row_holder, stored_balance, together, while_checked_out, CallLog,
+    row_holder, stored_balance, together, variant, while_checked_out, CallLog,
 };
 
 fn dec(units: i64) -> Decimal {
@@ -656,4 +656,80 @@ fn finding_10c_batch_deduct_before_first_charge_is_account_not_found() {
     );
     audit_ok(&ledger, &mut conn, 5);
     audit_ok(&ledger, &mut conn, 8);
+}
+
+/// A batch whose transaction fails as a whole (here `Contended`: another program holds the
+/// account's row) still answers each request as its single call would: one with bad input is
+/// refused for its input, before anything is sent, and only the valid ones get the failure.
+/// Before the fix the whole batch answered `Err(Contended)`, and a combined charge with a zero
+/// amount waited in the queue and answered `Timeout` when no pooled connection came free.
+#[test]
+fn a_failed_batch_refuses_bad_input_as_its_single_calls_do() {
+    let (url, mut conn) = fresh_database("review_batch_bad_input");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 7, dec(10), "fund").expect("fund");
+    let once = BalanceLedger::with_policy(
+        TxnPolicy::default().with_retry(retry_policy(1, Duration::from_secs(5))),
+    );
+    let ops = [
+        AccountOp::charge(dec(0), "a"),
+        AccountOp::deduct(dec(1), "b"),
+        AccountOp::charge(dec(1), ""),
+        AccountOp::deduct(Decimal::new(1, 7), "c"),
+        AccountOp::release(-3, "d"),
+    ];
+    let mut holder = connect(&url);
+    holder.batch_execute("BEGIN").expect("begin");
+    lock_balance(&mut holder, 7).expect("hold the account");
+    let singles: Vec<String> = [
+        once.charge(&mut conn, 7, dec(0), "a"),
+        once.deduct(&mut conn, 7, dec(1), "b"),
+        once.charge(&mut conn, 7, dec(1), ""),
+        once.deduct(&mut conn, 7, Decimal::new(1, 7), "c"),
+        once.release(&mut conn, -3, "d"),
+    ]
+    .iter()
+    .map(variant)
+    .collect();
+    assert_eq!(
+        singles,
+        [
+            "InvalidAmount",
+            "Contended",
+            "InvalidIdempotencyKey",
+            "InvalidAmount",
+            "InvalidId"
+        ]
+    );
+    let batch = once
+        .apply_many(&mut conn, 7, &ops)
+        .expect("answered per request");
+    assert_eq!(batch.iter().map(variant).collect::<Vec<_>>(), singles);
+    // A batch of valid requests only keeps the whole-batch failure.
+    assert!(matches!(
+        once.apply_many(&mut conn, 7, &ops[1..2]),
+        Err(Error::Contended { .. })
+    ));
+
+    // Combined: bad input is answered before anything is queued or checked out.
+    let one = pool_with(&url, 1, policy_with_deadline(Duration::from_millis(300)));
+    let combined = CombiningLedger::new(
+        one.clone(),
+        BalanceLedger::with_policy(policy_with_deadline(Duration::from_millis(300))),
+    );
+    let answers = while_checked_out(&one, Duration::from_secs(1), || {
+        [
+            combined.charge(7, dec(0), "z"),
+            combined.deduct(-7, dec(1), "y"),
+            combined.hold(7, dec(1), "", chrono::Utc::now().naive_utc()),
+        ]
+    });
+    assert_eq!(
+        answers.iter().map(variant).collect::<Vec<_>>(),
+        ["InvalidAmount", "InvalidId", "InvalidIdempotencyKey"]
+    );
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    assert_eq!(journal_size(&mut conn, 7), 1, "only the funding charge");
+    assert_eq!(stored_balance(&mut conn, 7), dec(10));
+    audit_ok(&ledger, &mut conn, 7);
 }
