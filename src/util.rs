@@ -34,6 +34,41 @@ pub(crate) fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
     row_id(diesel::select(last_insert_id()).get_result(conn)?)
 }
 
+/// `@@session.auto_increment_increment`: the step between the ids of one INSERT's rows where
+/// they are consecutive (a session may set its own, so it is read with the first id). An
+/// expression of its own, not a SQL literal: a statement with a literal is never cached.
+#[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
+pub(crate) struct IdStep;
+
+impl diesel::Expression for IdStep {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::mysql::Mysql> for IdStep {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::mysql::Mysql>,
+    ) -> diesel::QueryResult<()> {
+        out.push_sql("@@session.auto_increment_increment");
+        Ok(())
+    }
+}
+
+impl diesel::expression::ValidGrouping<()> for IdStep {
+    type IsAggregate = diesel::expression::is_aggregate::Never;
+}
+
+impl<QS> diesel::SelectableExpression<QS> for IdStep {}
+
+impl<QS> diesel::AppearsOnTable<QS> for IdStep {}
+
+/// The first id of the last INSERT on this connection and the session's step between ids, in
+/// one round trip.
+fn first_id_and_step(conn: &mut MysqlConnection) -> Result<(i64, i64)> {
+    let (first, step): (u64, i64) = diesel::select((last_insert_id(), IdStep)).get_result(conn)?;
+    Ok((row_id(first)?, step))
+}
+
 /// `LAST_INSERT_ID()`'s unsigned value as a row id.
 pub(crate) fn row_id(id: u64) -> Result<i64> {
     i64::try_from(id)
@@ -45,26 +80,40 @@ pub(crate) fn row_id(id: u64) -> Result<i64> {
 /// (`order` may be `None`). Several rows numbered consecutively (`innodb_autoinc_lock_mode` 0
 /// or 1): `LAST_INSERT_ID()` and the step. Otherwise (mode 2, MySQL 8's default) one INSERT's
 /// ids need not be consecutive: `lookup` reads them back through a unique index, in order.
-/// `first`: `LAST_INSERT_ID()` where it was read already (in a later statement's round trip).
+/// `first`: `LAST_INSERT_ID()` and the session's step (see [`IdStep`]) where they were read
+/// already (in a later statement's round trip).
 pub(crate) fn inserted_ids(
     conn: &mut MysqlConnection,
     order: Option<InsertIds>,
     count: usize,
-    first: Option<i64>,
+    first: Option<(i64, i64)>,
     lookup: impl FnOnce(&mut MysqlConnection) -> Result<Vec<i64>>,
 ) -> Result<Vec<i64>> {
-    let first_id = |conn: &mut MysqlConnection| match first {
-        Some(first) => Ok(first),
-        None => inserted_id(conn),
-    };
     match (count, order) {
         (0, _) => Ok(Vec::new()),
-        (1, _) => Ok(vec![first_id(conn)?]),
-        (_, Some(InsertIds::Consecutive { step })) => {
-            let first = first_id(conn)?;
-            Ok((0..count)
-                .map(|i| first + step * i64::try_from(i).unwrap_or(i64::MAX))
-                .collect())
+        (1, _) => Ok(vec![match first {
+            Some((first, _)) => first,
+            None => inserted_id(conn)?,
+        }]),
+        (_, Some(InsertIds::Consecutive)) => {
+            let (first, step) = match first {
+                Some(read) => read,
+                None => first_id_and_step(conn)?,
+            };
+            if step < 1 {
+                return Err(Error::internal(format!(
+                    "auto_increment_increment {step} numbers no rows"
+                )));
+            }
+            (0..count)
+                .map(|i| {
+                    i64::try_from(i)
+                        .ok()
+                        .and_then(|i| step.checked_mul(i))
+                        .and_then(|offset| first.checked_add(offset))
+                        .ok_or_else(|| Error::internal("an inserted row's id past 2^63 - 1"))
+                })
+                .collect()
         }
         (_, Some(InsertIds::Unordered)) => {
             let ids = lookup(conn)?;

@@ -26,7 +26,7 @@ use crate::statements::{
     insert_row, read_in_lists, rows_per_insert, write_under_lock, InsertRows, SetStock,
 };
 use crate::txn::{locking_read, note_clean_failure, Holding, InsertIds};
-use crate::util::{inserted_ids, last_insert_id, locked_row, row_id};
+use crate::util::{inserted_ids, last_insert_id, locked_row, row_id, IdStep};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
 /// fcfs_coupon WHERE id = ?`: the campaign row through its primary key.
@@ -56,21 +56,22 @@ pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Optio
 }
 
 /// [`lock_campaign`] with, in the same read, the id of the first row the last INSERT on this
-/// connection created (`LAST_INSERT_ID()`): an issue that inserted its rows before the lock
-/// ([`write_user_coupons`]) learns their ids without a round trip of its own.
+/// connection created (`LAST_INSERT_ID()`) and the session's step between ids: an issue that
+/// inserted its rows before the lock ([`write_user_coupons`]) learns their ids without a round
+/// trip of its own.
 pub(crate) fn lock_campaign_after_insert(
     conn: &mut MysqlConnection,
     id: i64,
-) -> Result<Option<(Campaign, i64)>> {
-    let locked: Option<(Campaign, u64)> = locking_read(conn, Holding::Locks, |conn, lock| {
+) -> Result<Option<(Campaign, (i64, i64))>> {
+    let locked: Option<(Campaign, u64, i64)> = locking_read(conn, Holding::Locks, |conn, lock| {
         let read = fcfs_coupon::table
             .find(id)
-            .select((Campaign::as_select(), last_insert_id()))
+            .select((Campaign::as_select(), last_insert_id(), IdStep))
             .for_update();
         lock.read(read).get_result(conn).optional()
     })?;
     locked
-        .map(|(campaign, first)| Ok((campaign, row_id(first)?)))
+        .map(|(campaign, first, step)| Ok((campaign, (row_id(first)?, step))))
         .transpose()
 }
 
@@ -143,7 +144,8 @@ pub(crate) fn write_user_coupons(
 }
 
 /// The ids of the coupons [`write_user_coupons`] just wrote for `users` (in their order), the
-/// first of them being `first` where it was read already (else `LAST_INSERT_ID()` is asked):
+/// first of them and the step being `first` where they were read already (else
+/// `LAST_INSERT_ID()` is asked):
 /// consecutive where the server numbers one INSERT's rows so, else read back through the unique
 /// index (see [`inserted_ids`]).
 pub(crate) fn user_coupon_ids(
@@ -151,7 +153,7 @@ pub(crate) fn user_coupon_ids(
     order: Option<InsertIds>,
     coupon_id: i64,
     users: &[i64],
-    first: Option<i64>,
+    first: Option<(i64, i64)>,
 ) -> Result<Vec<i64>> {
     inserted_ids(conn, order, users.len(), first, |conn| {
         let held = holders(conn, coupon_id, users)?;

@@ -273,11 +273,10 @@ pub(crate) fn refusals_on_this_thread() -> u64 {
 /// How the server numbers the rows of one multi-row INSERT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InsertIds {
-    /// `LAST_INSERT_ID() + i * step` (`innodb_autoinc_lock_mode` 0 or 1, MariaDB's default).
-    Consecutive {
-        /// `auto_increment_increment`.
-        step: i64,
-    },
+    /// `LAST_INSERT_ID() + i * step` (`innodb_autoinc_lock_mode` 0 or 1, MariaDB's default),
+    /// `step` being the session's `auto_increment_increment` — read with `LAST_INSERT_ID()`
+    /// each time, since a session may set its own.
+    Consecutive,
     /// Interleaved (`innodb_autoinc_lock_mode = 2`, MySQL 8's default): read the ids back.
     Unordered,
 }
@@ -577,18 +576,18 @@ impl TxnRunner {
         })
     }
 
-    /// How this server numbers multi-row INSERTs (asked once per runner).
+    /// How this server numbers multi-row INSERTs (asked once per runner: the lock mode is a
+    /// server setting, fixed at its start).
     pub(crate) fn insert_ids(&self, conn: &mut MysqlConnection) -> Result<InsertIds, Error> {
         if let Some(ids) = self.insert_ids.get() {
             return Ok(*ids);
         }
-        let (mode, step): (i64, i64) = diesel::select((
-            diesel::dsl::sql::<diesel::sql_types::BigInt>("@@innodb_autoinc_lock_mode"),
-            diesel::dsl::sql::<diesel::sql_types::BigInt>("@@auto_increment_increment"),
+        let mode: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "@@innodb_autoinc_lock_mode",
         ))
         .get_result(conn)?;
-        let ids = if mode <= 1 && step >= 1 {
-            InsertIds::Consecutive { step }
+        let ids = if mode <= 1 {
+            InsertIds::Consecutive
         } else {
             InsertIds::Unordered
         };

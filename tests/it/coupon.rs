@@ -22,8 +22,8 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
     assert_not_sacrificed, assert_refused, concurrently, connect, create_campaign, create_coupon,
-    fresh_database, issued_rows, killed_connection, micros_to_time, now, open_campaign_named,
-    other_program, statement_prepares, stock_row, user_coupon_row,
+    fresh_database, issued_rows, killed_connection, micros_to_time, now, open_campaign,
+    open_campaign_named, other_program, statement_prepares, stock_row, user_coupon_row,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1375,5 +1375,39 @@ fn a_coupon_issued_after_the_holders_read_is_already_issued_at_every_isolation()
         assert_eq!(stock_row(&mut admin, campaign.id), (10, 6), "{isolation:?}");
         assert_eq!(issued_rows(&mut admin, campaign.id), 4, "{isolation:?}");
         assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
+    }
+}
+
+/// A batch numbers its coupons from `LAST_INSERT_ID()` by the step of the session it runs on
+/// (a caller's session may set its own `auto_increment_increment`); before the fix the runner
+/// kept the step of the first session it met and answered other rows' ids.
+#[test]
+fn a_batch_answers_its_coupons_ids_on_a_session_with_its_own_id_step() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut conn) = fresh_database("coupon_id_step");
+    let issuer = CouponIssuer::new();
+    let campaign = open_campaign(&mut conn, &issuer, 10);
+    for result in issuer
+        .issue_many(&mut conn, campaign.id, &[1, 2])
+        .expect("batch")
+    {
+        result.expect("issued");
+    }
+    let mut stepped = connect(&url);
+    stepped
+        .batch_execute("SET SESSION auto_increment_increment = 3")
+        .expect("the caller's own step");
+    let users = [3, 4, 5];
+    let answers = issuer
+        .issue_many(&mut stepped, campaign.id, &users)
+        .expect("batch");
+    for (user, answer) in users.iter().zip(answers) {
+        let coupon = answer.expect("issued");
+        let stored: i64 = user_coupon::table
+            .find(coupon.id)
+            .select(user_coupon::user_id)
+            .first(&mut conn)
+            .expect("the answered coupon is stored");
+        assert_eq!((coupon.user_id, stored), (*user, *user));
     }
 }

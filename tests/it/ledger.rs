@@ -1539,3 +1539,47 @@ fn a_batch_sees_an_account_a_replayed_charge_created() {
     assert_eq!(count_key(&mut conn, USER, "k2"), 1);
     audit_ok(&ledger, &mut conn, USER);
 }
+
+/// A batch numbers its journal rows from `LAST_INSERT_ID()` by the step of the session it runs
+/// on: a caller's session may set its own `auto_increment_increment`. Before the fix the
+/// runner kept the step of the first session it met, so a batch on a session stepping by 3
+/// answered ids of other rows (and its hold rows pointed at them).
+#[test]
+fn a_batch_answers_its_rows_ids_on_a_session_with_its_own_id_step() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut conn) = fresh_database("ledger_id_step");
+    let ledger = BalanceLedger::new();
+    let two = |key: &str| {
+        [
+            AccountOp::charge(dec(5, 0), format!("{key}-1")),
+            AccountOp::charge(dec(6, 0), format!("{key}-2")),
+        ]
+    };
+    // The runner first meets a session numbering 1, 2, 3, ...
+    for result in ledger
+        .apply_many(&mut conn, 1, &two("plain"))
+        .expect("batch")
+    {
+        result.expect("charge");
+    }
+    let mut stepped = connect(&url);
+    stepped
+        .batch_execute("SET SESSION auto_increment_increment = 3")
+        .expect("the caller's own step");
+    let expires_at = chrono::Utc::now().naive_utc() + chrono::Duration::hours(1);
+    let mut ops = two("stepped").to_vec();
+    ops.push(AccountOp::hold(dec(2, 0), "stepped-hold", expires_at));
+    ops.push(AccountOp::deduct(dec(1, 0), "stepped-3"));
+    let answers = ledger.apply_many(&mut stepped, 2, &ops).expect("batch");
+    for (op, answer) in ops.iter().zip(answers) {
+        let entry = answer.expect("applied");
+        let stored: (i64, Option<String>) = balance_history::table
+            .find(entry.id)
+            .select((balance_history::user_id, balance_history::idempotency_key))
+            .first(&mut conn)
+            .expect("the answered entry is stored");
+        assert_eq!(stored, (2, entry.idempotency_key.clone()), "{op:?}");
+    }
+    audit_ok(&ledger, &mut conn, 1);
+    audit_ok(&ledger, &mut conn, 2);
+}
