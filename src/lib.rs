@@ -88,7 +88,9 @@ pub use ledger::{
     Hold, HoldState, Transfer,
 };
 pub use route::{ReadConsistency, Router, RouterBuilder, RouterStats};
-pub use txn::{Deadline, Isolation, RetryPolicy, SessionSettings, TxnPolicy, TxnRunner};
+pub use txn::{
+    Deadline, Isolation, RetryPolicy, SessionSettings, StatementCache, TxnPolicy, TxnRunner,
+};
 
 use diesel::mysql::MysqlConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness};

@@ -122,6 +122,17 @@ statement! {
     Rollback => "ROLLBACK"
 }
 
+statement! {
+    /// How many statements the server has prepared for this connection (`Com_stmt_prepare`,
+    /// counting this one when it is prepared for this run).
+    StatementPrepares => "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM \
+        information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'COM_STMT_PREPARE'"
+}
+
+impl Query for StatementPrepares {
+    type SqlType = BigInt;
+}
+
 /// The SET that puts back what lockstock's first SET saved on MariaDB (the user variables are
 /// cleared by `clear_saved!`, which must come after it in the same statement).
 macro_rules! restore_mariadb {

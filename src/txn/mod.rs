@@ -82,7 +82,7 @@ mod transaction;
 mod watchdog;
 
 pub(crate) use handoff::{bounded_waits, locking_read, with_handoff, Handoff, Holding};
-pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, TxnPolicy};
+pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, StatementCache, TxnPolicy};
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 use session::{carries_settings, set_primed, take_primed};
 use transaction::{
@@ -317,8 +317,9 @@ impl TxnRunner {
     /// the rest of a result the server never sends. So after an attempt that failed any way but
     /// a refusal of lockstock's own primary-key reads, a write's constraint or a lost
     /// connection, the runner drops the connection's cached prepared statements (Diesel evicts
-    /// none singly: the cache is switched off and on — unless the policy says the connections
-    /// cache nothing, [`TxnPolicy::caches_statements`]); the retry prepares them again.
+    /// none singly: the cache is switched off and on — only where it is on, which the runner
+    /// asks the server unless the policy tells, [`TxnPolicy::statement_cache`]); the retry
+    /// prepares them again.
     /// lockstock's own range reads rely on the same.
     ///
     /// # Errors
@@ -572,7 +573,7 @@ impl TxnRunner {
             }),
             savepoint: guarded,
             read_only,
-            caches_statements: self.policy.caches_statements,
+            statement_cache: self.policy.statement_cache,
         })
     }
 

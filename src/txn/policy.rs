@@ -20,6 +20,28 @@ pub enum Isolation {
     ReadCommitted,
 }
 
+/// What the runner knows of the connections' prepared-statement cache (Diesel's
+/// `set_prepared_statement_cache_size`). After an attempt whose body may have failed inside a
+/// cached read's result (which libmariadb would wait for on the statement's next use), the
+/// runner drops the connection's cached statements by switching the cache off and on — Diesel
+/// evicts none singly and tells no cache size — but only where the cache is on, so that a
+/// caller who switched it off keeps it off.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StatementCache {
+    /// Unknown: after such an attempt the runner asks the server (one cached status read,
+    /// sent twice: whether the second was prepared again). Right for every connection; the
+    /// default.
+    #[default]
+    Ask,
+    /// The connections cache statements (Diesel's default): dropped after such an attempt
+    /// without asking. Saves the two reads where a caller's own bodies fail often.
+    Cached,
+    /// The connections cache nothing (`CacheSize::Disabled`): nothing is cached to go stale,
+    /// and the cache is left alone.
+    Uncached,
+}
+
 impl Isolation {
     /// The value of MariaDB's `tx_isolation` variable.
     pub(super) fn variable_value(self) -> &'static str {
@@ -113,13 +135,12 @@ pub struct TxnPolicy {
     /// (default on; an empty row — no router ever designated a writer — allows every node).
     /// Checked inside the first SET of the transaction: no extra round trip.
     pub designated_writer_only: bool,
-    /// Whether the connections cache prepared statements: Diesel's default (`true`). Set it to
-    /// `false` if you switched the cache off (`set_prepared_statement_cache_size(
-    /// CacheSize::Disabled)`). After an attempt whose body may have failed inside a cached
-    /// read's result, the runner drops the connection's cached statements by switching the
-    /// cache off and on (Diesel evicts none singly and tells no cache size); with `false` it
-    /// leaves the cache alone, and nothing is cached to go stale.
-    pub caches_statements: bool,
+    /// What the runner knows of the connections' prepared-statement cache (default
+    /// [`StatementCache::Ask`]: it asks the server when it matters). lockstock's own calls note
+    /// their refusals that leave no statement mid-result, so they rarely need to know; set
+    /// [`StatementCache::Cached`] where your own [`run`](super::TxnRunner::run) bodies are often
+    /// refused and your connections keep Diesel's default cache.
+    pub statement_cache: StatementCache,
 }
 
 impl Default for TxnPolicy {
@@ -131,7 +152,7 @@ impl Default for TxnPolicy {
             statement_timeout: Duration::from_secs(5),
             unresponsive_grace: Duration::from_millis(500),
             designated_writer_only: true,
-            caches_statements: true,
+            statement_cache: StatementCache::Ask,
         }
     }
 }
@@ -146,6 +167,12 @@ impl TxnPolicy {
     /// The same policy with another retry policy.
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// The same policy, knowing the connections' statement cache (see [`StatementCache`]).
+    pub fn with_statement_cache(mut self, cache: StatementCache) -> Self {
+        self.statement_cache = cache;
         self
     }
 

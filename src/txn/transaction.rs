@@ -8,6 +8,7 @@ use super::*;
 use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::statements::{
     Commit, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback, Savepoint,
+    StatementPrepares,
 };
 std::thread_local! {
     /// Set by lockstock's own statements that failed in a way that leaves no statement of the
@@ -51,13 +52,30 @@ fn may_leave_a_stale_statement(error: &Error) -> bool {
 /// expecting the rest of that result: executed again, it waits for packets the server never
 /// sends (the server waits for a command) until the watchdog ends the call as an unresponsive
 /// server. Diesel evicts no single statement and tells no cache size, so the cache is switched
-/// off and on again — only where the policy says the connections cache statements
-/// ([`TxnPolicy::caches_statements`](super::TxnPolicy::caches_statements), Diesel's default):
-/// a caller who switched the cache off says so there, and keeps it off.
-pub(crate) fn forget_prepared(conn: &mut MysqlConnection) {
+/// off and on again — only where it is on, so that a caller who switched it off keeps it off:
+/// as the policy says ([`StatementCache`]), or as the server tells ([`caches_statements`]).
+pub(crate) fn forget_prepared(conn: &mut MysqlConnection, cache: StatementCache) {
     use diesel::connection::{CacheSize, Connection};
-    conn.set_prepared_statement_cache_size(CacheSize::Disabled);
-    conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
+    let on = match cache {
+        StatementCache::Cached => true,
+        StatementCache::Uncached => false,
+        // A server that cannot tell (MySQL has no `information_schema.SESSION_STATUS`): dropped
+        // anyway, since a stale statement would hang the next call on it until its deadline.
+        StatementCache::Ask => caches_statements(conn).unwrap_or(true),
+    };
+    if on {
+        conn.set_prepared_statement_cache_size(CacheSize::Disabled);
+        conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
+    }
+}
+
+/// Whether `conn` caches prepared statements: the server's count of statements prepared for
+/// this connection, read twice by the same statement — the second read is prepared again
+/// (and counted) only where nothing is cached.
+fn caches_statements(conn: &mut MysqlConnection) -> diesel::QueryResult<bool> {
+    let first: i64 = StatementPrepares.get_result(conn)?;
+    let second: i64 = StatementPrepares.get_result(conn)?;
+    Ok(second == first)
 }
 
 /// lockstock must own the transaction to retry it: refuse a call made inside one that the
@@ -89,9 +107,10 @@ pub(super) struct Begin<'a> {
     pub(super) savepoint: bool,
     /// A read-only snapshot: a failed COMMIT cannot have written anything.
     pub(super) read_only: bool,
-    /// The connection caches prepared statements (the policy says so): a failed body's may be
-    /// left mid-result, and are dropped ([`forget_prepared`]).
-    pub(super) caches_statements: bool,
+    /// What the policy says of the connection's statement cache: a failed body's cached
+    /// statements may be left mid-result, and are dropped where it is on
+    /// ([`forget_prepared`]).
+    pub(super) statement_cache: StatementCache,
 }
 
 /// Which session variables the setup saved, so which statement puts them back.
@@ -156,8 +175,8 @@ pub(super) fn run_transaction<T>(
                 }
                 Some(broken) => Err(broken),
                 None => {
-                    if stale && begin.caches_statements {
-                        forget_prepared(conn);
+                    if stale {
+                        forget_prepared(conn, begin.statement_cache);
                     }
                     Err(error)
                 }
@@ -243,7 +262,7 @@ pub(super) fn end_unused(conn: &mut MysqlConnection) -> Option<Error> {
         restore: None,
         savepoint: false,
         read_only: false,
-        caches_statements: false,
+        statement_cache: StatementCache::Uncached,
     };
     end_failed(conn, plain)
 }

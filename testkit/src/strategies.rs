@@ -42,7 +42,7 @@ use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon}
 use lockstock::txn::{apply_session_settings, Attempts};
 use lockstock::{
     BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, ServerErrorKind,
-    SessionSettings, TxnPolicy, TxnRunner,
+    SessionSettings, StatementCache, TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
 
@@ -1324,7 +1324,11 @@ impl Harness {
             setup,
             observers,
             pools: HashMap::new(),
-            runner: TxnRunner::new(TxnPolicy::default()),
+            // The cells' connections keep Diesel's statement cache: told, the runner need not
+            // ask the server after each refusal of the design note's body.
+            runner: TxnRunner::new(
+                TxnPolicy::default().with_statement_cache(StatementCache::Cached),
+            ),
             issuer: CouponIssuer::new(),
             ledger: BalanceLedger::new(),
             next_id: 1_000,

@@ -15,7 +15,9 @@ use lockstock::schema::{
     balance_history, balance_hold, coupon, designated_writer, fcfs_coupon, fcfs_coupon_restock,
     user_balance, user_coupon,
 };
-use lockstock::{BalanceLedger, Error, RetryPolicy, ServerErrorKind, TxnPolicy, TxnRunner};
+use lockstock::{
+    BalanceLedger, Error, RetryPolicy, ServerErrorKind, StatementCache, TxnPolicy, TxnRunner,
+};
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
@@ -641,14 +643,15 @@ fn prepares_for_two_runs(conn: &mut MysqlConnection) -> i64 {
     prepares(conn) - before
 }
 
-/// A caller who switched Diesel's statement cache off, and says so in the policy
-/// (`caches_statements = false`), keeps it off through a failed attempt. After a failure that
-/// may leave a cached read expecting the rest of its result, the runner drops the connection's
-/// cached statements by switching the cache off and on (Diesel evicts no single statement and
-/// tells no cache size); before the fix it did so for every caller, switching the cache on
-/// also for one who had it off (for a server's `max_prepared_stmt_count`, or a proxy that
-/// cannot keep prepared statements). With the cache on, the same failure empties it and leaves
-/// it on.
+/// A caller who switched Diesel's statement cache off keeps it off through a failed attempt —
+/// with the default policy, which asks the server, and with one that says so
+/// (`StatementCache::Uncached`). After a failure that may leave a cached read expecting the
+/// rest of its result, the runner drops the connection's cached statements by switching the
+/// cache off and on (Diesel evicts no single statement and tells no cache size); before the
+/// fix it did so for every caller, switching the cache on also for one who had it off (for a
+/// server's `max_prepared_stmt_count`, or a proxy that cannot keep prepared statements), and
+/// then for every caller whose policy did not say so. With the cache on, the same failure
+/// empties it and leaves it on.
 #[test]
 fn a_failed_attempt_keeps_the_callers_statement_cache_setting() {
     use diesel::connection::CacheSize;
@@ -657,9 +660,15 @@ fn a_failed_attempt_keeps_the_callers_statement_cache_setting() {
         diesel::sql_query("SELECT no_such_column FROM user_balance").execute(conn)?;
         Ok(())
     };
-    for (size, expected) in [(CacheSize::Disabled, 3), (CacheSize::Unbounded, 1)] {
+    for (size, cache) in [
+        (CacheSize::Disabled, StatementCache::Ask),
+        (CacheSize::Unbounded, StatementCache::Ask),
+        (CacheSize::Disabled, StatementCache::Uncached),
+        (CacheSize::Unbounded, StatementCache::Cached),
+    ] {
+        let expected = if size == CacheSize::Disabled { 3 } else { 1 };
         let mut policy = TxnPolicy::default();
-        policy.caches_statements = size == CacheSize::Unbounded;
+        policy.statement_cache = cache;
         let runner = TxnRunner::new(policy);
         let mut caller = connect(&url);
         caller.set_prepared_statement_cache_size(size);
