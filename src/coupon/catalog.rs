@@ -41,6 +41,10 @@ struct CampaignInsert {
 impl CouponIssuer {
     /// Creates a coupon template.
     ///
+    /// Not idempotent: a template has no key, so a call repeated after
+    /// [`Error::OutcomeUnknown`] creates a second one if the first committed. Look for it first
+    /// (the `coupon` table, by name), as for any insert without a natural key.
+    ///
     /// # Errors
     /// [`Error::InvalidInput`] (name, window), [`Error::InvalidAmount`] or
     /// [`Error::InvalidInput`] for the discount; the runner's failures ([`Error::Contended`],
@@ -114,6 +118,11 @@ impl CouponIssuer {
     }
 
     /// Creates a campaign of `quantity` coupons of a template.
+    ///
+    /// Not idempotent: a campaign has no key, so a call repeated after
+    /// [`Error::OutcomeUnknown`] creates a second campaign — with its own full stock of the same
+    /// template — if the first committed. Look for it first (the `fcfs_coupon` table, by
+    /// template and window) before creating it again.
     ///
     /// # Errors
     /// [`Error::InvalidId`], [`Error::InvalidInput`] (quantity, window, a window that starts

@@ -22,6 +22,11 @@ impl CouponIssuer {
     /// also to a user who already holds the coupon ([`user_coupons`](Self::user_coupons)
     /// tells); while it has not, a holder gets [`Error::AlreadyIssued`] even at zero stock.
     ///
+    /// Safe to retry after [`Error::OutcomeUnknown`]: one coupon per user, so a repeat never
+    /// issues a second one; it answers [`Error::AlreadyIssued`] with the coupon's id if the
+    /// first committed — or [`Error::SoldOut`] once this issuer has seen the campaign sold out
+    /// (perhaps by that very coupon): then [`user_coupons`](Self::user_coupons) tells.
+    ///
     /// # Errors
     /// [`Error::InvalidId`]; [`Error::SoldOut`], [`Error::AlreadyIssued`],
     /// [`Error::NotStarted`], [`Error::Ended`], [`Error::CampaignNotFound`]; the runner's

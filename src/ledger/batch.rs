@@ -215,8 +215,15 @@ impl BalanceLedger {
                     }
                 }
                 Err(failure) => {
-                    for (index, _) in refused {
-                        results[index] = Some(Err(outcome_unknown(&failure)));
+                    for (index, refusal) in refused {
+                        // A hold whose expiry had passed was refused for its input, never
+                        // written: its refusal stands, as in its single call.
+                        let expired = requests[index].expiry_refusal().is_some();
+                        results[index] = Some(Err(if expired {
+                            refusal
+                        } else {
+                            outcome_unknown(&failure)
+                        }));
                     }
                 }
             }

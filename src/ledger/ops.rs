@@ -143,10 +143,13 @@ impl BalanceLedger {
         let request = &request.checked()?;
         if let Some(refusal) = request.expiry_refusal() {
             // A retry of a hold placed before its expiry passed answers the recorded entry.
-            return match self.existing(conn, request, deadline)? {
-                Some(entry) => Ok(entry),
-                None => Err(refusal),
+            // Where its key cannot be looked up (a caller's open transaction, a server gone)
+            // the refusal stands: this call wrote nothing and never could have.
+            let rows = match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
+                Ok(rows) => rows,
+                Err(_) => return Err(refusal),
             };
+            return request.answer_from(&rows).unwrap_or(Err(refusal));
         }
         let (kind, user_id) = (request.kind, request.user_id);
         let hash = request.hash();

@@ -1278,3 +1278,39 @@ fn a_leap_second_expiry_is_the_last_microsecond_of_its_second() {
     assert_eq!(stored(&mut conn, USER), (dec(100), dec(3)));
     audit_ok(&ledger, &mut conn, USER);
 }
+
+/// A hold whose expiry has passed is looked up by its key (a retry of a hold placed in time
+/// answers its entry), but where the key cannot be looked up the call still answers the input's
+/// refusal, as it answers every other bad input: it wrote nothing and never could have. Before
+/// the fix, inside a caller's open transaction it answered `NestedTransaction` (the lookup's
+/// refusal) where a zero amount answered `InvalidAmount`.
+#[test]
+fn an_expired_hold_is_refused_for_its_input_where_its_key_cannot_be_looked_up() {
+    use diesel::connection::SimpleConnection;
+    const USER: i64 = 6;
+    let (_url, mut conn) = fresh_database("holds_expired_unlooked");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+    let past = now() - Duration::seconds(5);
+    conn.batch_execute("BEGIN")
+        .expect("the caller's transaction");
+    match ledger.hold(&mut conn, USER, dec(0), "zero", now() + Duration::hours(1)) {
+        Err(Error::InvalidAmount { .. }) => {}
+        other => panic!("zero amount in a caller's transaction: {other:?}"),
+    }
+    match ledger.hold(&mut conn, USER, dec(1), "late", past) {
+        Err(Error::InvalidExpiry {
+            problem: ExpiryProblem::NotInFuture,
+            expires_at,
+        }) => assert_eq!(expires_at, past),
+        other => panic!("expired hold in a caller's transaction: {other:?}"),
+    }
+    conn.batch_execute("ROLLBACK").expect("rollback");
+    let journal: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(USER))
+        .count()
+        .get_result(&mut conn)
+        .expect("journal size");
+    assert_eq!(journal, 1, "only the funding charge");
+    audit_ok(&ledger, &mut conn, USER);
+}
