@@ -134,13 +134,18 @@ impl Query for StatementPrepares {
 }
 
 /// The SET that puts back what lockstock's first SET saved on MariaDB (the user variables are
-/// cleared by `clear_saved!`, which must come after it in the same statement).
+/// cleared by `clear_saved!`, which must come after it in the same statement). Each value
+/// falls back to the session's current one where its variable is NULL — already put back and
+/// cleared — so that sending it again (after a Galera abort reported late, on it) changes
+/// nothing.
 macro_rules! restore_mariadb {
     () => {
-        "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
-         max_statement_time = @lockstock_statement_time, \
-         lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone, \
-         tx_isolation = @lockstock_isolation"
+        "SET SESSION innodb_lock_wait_timeout = \
+         COALESCE(@lockstock_lock_wait, @@session.innodb_lock_wait_timeout), \
+         max_statement_time = COALESCE(@lockstock_statement_time, @@session.max_statement_time), \
+         lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
+         time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
+         tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation)"
     };
 }
 
@@ -164,7 +169,7 @@ statement! {
     /// MariaDB Galera node (with `autocommit`).
     RestoreGalera => concat!(
         restore_mariadb!(),
-        ", autocommit = @lockstock_autocommit",
+        ", autocommit = COALESCE(@lockstock_autocommit, @@session.autocommit)",
         clear_saved!(),
         ", @lockstock_isolation = NULL, @lockstock_autocommit = NULL"
     )
@@ -183,9 +188,11 @@ statement! {
 statement! {
     /// Restores the session variables lockstock's begin batch saved (MySQL 8).
     RestoreMySql => concat!(
-        "SET SESSION innodb_lock_wait_timeout = @lockstock_lock_wait, \
-         max_execution_time = @lockstock_statement_time, \
-         lc_messages = @lockstock_lc_messages, time_zone = @lockstock_time_zone",
+        "SET SESSION innodb_lock_wait_timeout = \
+         COALESCE(@lockstock_lock_wait, @@session.innodb_lock_wait_timeout), \
+         max_execution_time = COALESCE(@lockstock_statement_time, @@session.max_execution_time), \
+         lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
+         time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone)",
         clear_saved!()
     )
 }
