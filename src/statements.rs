@@ -124,12 +124,22 @@ statement! {
 
 statement! {
     /// How many statements the server has prepared for this connection (`Com_stmt_prepare`,
-    /// counting this one when it is prepared for this run).
+    /// counting this one when it is prepared for this run): MariaDB.
     StatementPrepares => "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM \
         information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'COM_STMT_PREPARE'"
 }
 
 impl Query for StatementPrepares {
+    type SqlType = BigInt;
+}
+
+statement! {
+    /// [`StatementPrepares`] on MySQL 8, which keeps session status in `performance_schema`.
+    StatementPreparesMySql => "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM \
+        performance_schema.session_status WHERE VARIABLE_NAME = 'Com_stmt_prepare'"
+}
+
+impl Query for StatementPreparesMySql {
     type SqlType = BigInt;
 }
 

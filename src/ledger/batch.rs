@@ -77,9 +77,10 @@ impl BalanceLedger {
     /// [`Error::Server`]): then no request in the batch was applied (or, for
     /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). It is given only for a batch
     /// of valid requests: where some request is refused before anything is sent (an invalid
-    /// id, amount, key or expiry — what its single call answers without a round trip), such a
-    /// failure is answered per request instead: those requests with their refusals, every
-    /// other one with a copy of the failure. Once the batch has committed the call answers per
+    /// id, amount, key or expiry — what its single call answers without a round trip), or is a
+    /// hold whose expiry has passed, such a failure is answered per request instead: those
+    /// requests with their refusals (the expired hold as its single call answers it: its key
+    /// looked up, else [`Error::InvalidExpiry`]), every other one with a copy of the failure. Once the batch has committed the call answers per
     /// request: the committed ones with their entries, the others with the single call's
     /// error; a refused one whose key could not be looked up after the commit (step 4) with
     /// [`Error::OutcomeUnknown`].
@@ -100,21 +101,38 @@ impl BalanceLedger {
         ops: &[AccountOp],
         deadline: Deadline,
     ) -> Result<Vec<Result<Entry>>> {
-        let failure = match self.decide_many_by(conn, user_id, ops, deadline) {
-            Err(failure) => failure,
-            decided => return decided,
-        };
+        // What each single call would answer without the server, decided before anything is
+        // sent (an expiry is checked against the clock now, as the single call checks it).
         let refusals: Vec<Option<Error>> = ops
             .iter()
             .map(|op| op.refusal_before_sending(user_id))
             .collect();
-        if refusals.iter().all(Option::is_none) {
+        let failure = match self.decide_many_by(conn, user_id, ops, deadline) {
+            Err(failure) => failure,
+            decided => return decided,
+        };
+        fn expired(op: &AccountOp, user_id: i64) -> Option<(Request<'_>, Error)> {
+            let request = op.request(user_id, None).and_then(Request::checked).ok()?;
+            let refusal = request.expiry_refusal()?;
+            Some((request, refusal))
+        }
+        if refusals.iter().all(Option::is_none)
+            && !ops.iter().any(|op| expired(op, user_id).is_some())
+        {
             return Err(failure);
         }
-        // As the single calls: each refused one answers its refusal, whatever the rest met.
-        Ok(refusals
-            .into_iter()
-            .map(|refusal| Err(refusal.unwrap_or_else(|| failure.clone())))
+        // As the single calls: each refused one answers its refusal, and a hold whose expiry
+        // passed what its single call answers (its key looked up), whatever the rest met.
+        Ok(ops
+            .iter()
+            .zip(refusals)
+            .map(|(op, refusal)| match (refusal, expired(op, user_id)) {
+                (Some(refusal), _) => Err(refusal),
+                (None, Some((request, refusal))) => {
+                    self.expired_hold(conn, &request, refusal, deadline)
+                }
+                (None, None) => Err(failure.clone()),
+            })
             .collect())
     }
 

@@ -133,6 +133,23 @@ impl BalanceLedger {
         }
     }
 
+    /// The answer to a hold whose expiry has passed (`refusal`): a retry of a hold placed before
+    /// its expiry passed answers the recorded entry (another request under its key, the
+    /// conflict). Where its key cannot be looked up (a caller's open transaction, a server
+    /// gone) the refusal stands: the call wrote nothing and never could have.
+    pub(crate) fn expired_hold(
+        &self,
+        conn: &mut MysqlConnection,
+        request: &Request<'_>,
+        refusal: Error,
+        deadline: Deadline,
+    ) -> Result<Entry> {
+        match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
+            Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
+            Err(_) => Err(refusal),
+        }
+    }
+
     /// A charge, a deduct or a hold: one account, one journal entry (and a hold's row).
     pub(crate) fn change(
         &self,
@@ -142,14 +159,7 @@ impl BalanceLedger {
     ) -> Result<Entry> {
         let request = &request.checked()?;
         if let Some(refusal) = request.expiry_refusal() {
-            // A retry of a hold placed before its expiry passed answers the recorded entry.
-            // Where its key cannot be looked up (a caller's open transaction, a server gone)
-            // the refusal stands: this call wrote nothing and never could have.
-            let rows = match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
-                Ok(rows) => rows,
-                Err(_) => return Err(refusal),
-            };
-            return request.answer_from(&rows).unwrap_or(Err(refusal));
+            return self.expired_hold(conn, request, refusal, deadline);
         }
         let (kind, user_id) = (request.kind, request.user_id);
         let hash = request.hash();

@@ -86,7 +86,8 @@ pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, StatementCache, Txn
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 use session::{carries_settings, set_primed, take_primed};
 use transaction::{
-    end_unused, ensure_no_open_transaction, open_transaction, run_transaction, Begin, Restore,
+    end_unused, ensure_no_open_transaction, forget_cache_probe, open_transaction, run_transaction,
+    Begin, Restore,
 };
 pub(crate) use transaction::{
     mark_broken, note_clean_failure, release_savepoint, silently_rolled_back,
@@ -374,6 +375,7 @@ impl TxnRunner {
     ) -> (Result<T, Error>, Attempts) {
         let mut attempts = Attempts::default();
         let grace = self.policy.unresponsive_grace;
+        forget_cache_probe();
         let result = bounded(conn, deadline, grace, |conn, guard| {
             self.retry_loop(conn, deadline, read_only, &mut body, guard, &mut attempts)
         });
@@ -574,6 +576,7 @@ impl TxnRunner {
             savepoint: guarded,
             read_only,
             statement_cache: self.policy.statement_cache,
+            flavor: sql.flavor,
         })
     }
 

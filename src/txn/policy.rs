@@ -30,8 +30,11 @@ pub enum Isolation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StatementCache {
     /// Unknown: after such an attempt the runner asks the server (one cached status read,
-    /// sent twice: whether the second was prepared again). Right for every connection; the
-    /// default.
+    /// sent twice: whether the second was prepared again), at most once per call. The
+    /// default. Not behind a proxy that routes statements to several servers (the two reads may
+    /// reach different ones): say what you know there. A server that does not answer the
+    /// question (no session status to read) leaves the cache as it is, and the connection
+    /// marked broken ([`Error::ConnectionBroken`](crate::Error::ConnectionBroken)).
     #[default]
     Ask,
     /// The connections cache statements (Diesel's default): dropped after such an attempt

@@ -8,9 +8,13 @@ use super::*;
 use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::statements::{
     Commit, ReleaseSavepoint, RestoreGalera, RestoreMariaDb, RestoreMySql, Rollback, Savepoint,
-    StatementPrepares,
+    StatementPrepares, StatementPreparesMySql,
 };
 std::thread_local! {
+    /// What [`caches_statements`] found during the current call (the connection's address and
+    /// the answer), so a call asks at most once per connection; cleared as each call starts
+    /// ([`forget_cache_probe`]).
+    static CACHE_PROBE: std::cell::Cell<Option<(usize, bool)>> = const { std::cell::Cell::new(None) };
     /// Set by lockstock's own statements that failed in a way that leaves no statement of the
     /// connection expecting a result (see [`note_clean_failure`]); cleared as each attempt's body
     /// starts.
@@ -54,27 +58,65 @@ fn may_leave_a_stale_statement(error: &Error) -> bool {
 /// server. Diesel evicts no single statement and tells no cache size, so the cache is switched
 /// off and on again — only where it is on, so that a caller who switched it off keeps it off:
 /// as the policy says ([`StatementCache`]), or as the server tells ([`caches_statements`]).
-pub(crate) fn forget_prepared(conn: &mut MysqlConnection, cache: StatementCache) {
+/// `Some` when the server did not tell (the connection is marked broken then).
+pub(crate) fn forget_prepared(
+    conn: &mut MysqlConnection,
+    cache: StatementCache,
+    flavor: ServerFlavor,
+) -> Option<Error> {
     use diesel::connection::{CacheSize, Connection};
     let on = match cache {
         StatementCache::Cached => true,
         StatementCache::Uncached => false,
-        // A server that cannot tell (MySQL has no `information_schema.SESSION_STATUS`): dropped
-        // anyway, since a stale statement would hang the next call on it until its deadline.
-        StatementCache::Ask => caches_statements(conn).unwrap_or(true),
+        StatementCache::Ask => {
+            let address = std::ptr::from_ref::<MysqlConnection>(conn) as usize;
+            match CACHE_PROBE.with(std::cell::Cell::get) {
+                Some((probed, on)) if probed == address => on,
+                _ => match caches_statements(conn, flavor) {
+                    Ok(on) => {
+                        CACHE_PROBE.with(|probe| probe.set(Some((address, on))));
+                        on
+                    }
+                    // A server that does not tell: neither switch the caller's cache on nor
+                    // leave a statement that may be stale (its next use would wait for the
+                    // server until the watchdog): the connection is not used again.
+                    Err(e) => {
+                        mark_broken(conn);
+                        return Some(Error::ConnectionBroken {
+                            source: ServerError::new(e),
+                        });
+                    }
+                },
+            }
+        }
     };
     if on {
         conn.set_prepared_statement_cache_size(CacheSize::Disabled);
         conn.set_prepared_statement_cache_size(CacheSize::Unbounded);
     }
+    None
+}
+
+/// Clears what [`forget_prepared`] learned of a connection's cache: each call asks afresh.
+pub(super) fn forget_cache_probe() {
+    CACHE_PROBE.with(|probe| probe.set(None));
 }
 
 /// Whether `conn` caches prepared statements: the server's count of statements prepared for
 /// this connection, read twice by the same statement — the second read is prepared again
 /// (and counted) only where nothing is cached.
-fn caches_statements(conn: &mut MysqlConnection) -> diesel::QueryResult<bool> {
-    let first: i64 = StatementPrepares.get_result(conn)?;
-    let second: i64 = StatementPrepares.get_result(conn)?;
+fn caches_statements(
+    conn: &mut MysqlConnection,
+    flavor: ServerFlavor,
+) -> diesel::QueryResult<bool> {
+    let prepares = |conn: &mut MysqlConnection| -> diesel::QueryResult<i64> {
+        match flavor {
+            ServerFlavor::MariaDb => StatementPrepares.get_result(conn),
+            ServerFlavor::MySql => StatementPreparesMySql.get_result(conn),
+        }
+    };
+    let first = prepares(conn)?;
+    let second = prepares(conn)?;
     Ok(second == first)
 }
 
@@ -111,6 +153,8 @@ pub(super) struct Begin<'a> {
     /// statements may be left mid-result, and are dropped where it is on
     /// ([`forget_prepared`]).
     pub(super) statement_cache: StatementCache,
+    /// The server's flavour (how [`forget_prepared`] asks it about the cache).
+    pub(super) flavor: ServerFlavor,
 }
 
 /// Which session variables the setup saved, so which statement puts them back.
@@ -176,7 +220,11 @@ pub(super) fn run_transaction<T>(
                 Some(broken) => Err(broken),
                 None => {
                     if stale {
-                        forget_prepared(conn, begin.statement_cache);
+                        if let Some(broken) =
+                            forget_prepared(conn, begin.statement_cache, begin.flavor)
+                        {
+                            return Err(broken);
+                        }
                     }
                     Err(error)
                 }
@@ -263,6 +311,7 @@ pub(super) fn end_unused(conn: &mut MysqlConnection) -> Option<Error> {
         savepoint: false,
         read_only: false,
         statement_cache: StatementCache::Uncached,
+        flavor: ServerFlavor::MariaDb,
     };
     end_failed(conn, plain)
 }

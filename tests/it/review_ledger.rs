@@ -733,3 +733,49 @@ fn a_failed_batch_refuses_bad_input_as_its_single_calls_do() {
     assert_eq!(stored_balance(&mut conn, 7), dec(10));
     audit_ok(&ledger, &mut conn, 7);
 }
+
+/// A hold whose expiry has passed is answered in a batch as its single call answers it — its
+/// key looked up, else `InvalidExpiry` — also when the batch cannot run at all (here: inside
+/// the caller's own transaction, where a batch of valid requests answers `NestedTransaction`).
+/// Before the fix the batch answered the whole-batch failure for it: `Err(NestedTransaction)`.
+#[test]
+fn a_failed_batch_answers_an_expired_hold_as_its_single_call_does() {
+    let (_url, mut conn) = fresh_database("review_batch_expired_hold");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 7, dec(10), "fund").expect("fund");
+    let past = chrono::Utc::now().naive_utc() - chrono::Duration::seconds(5);
+    let late = AccountOp::hold(dec(1), "late", past);
+    conn.batch_execute("BEGIN")
+        .expect("the caller's transaction");
+    let single = ledger.hold(&mut conn, 7, dec(1), "late", past);
+    assert_eq!(variant(&single), "InvalidExpiry");
+    let alone = ledger
+        .apply_many(&mut conn, 7, std::slice::from_ref(&late))
+        .expect("answered per request");
+    assert_eq!(
+        alone.iter().map(variant).collect::<Vec<_>>(),
+        ["InvalidExpiry"]
+    );
+    let mixed = ledger
+        .apply_many(
+            &mut conn,
+            7,
+            &[
+                AccountOp::charge(dec(0), "z"),
+                late,
+                AccountOp::charge(dec(1), "y"),
+            ],
+        )
+        .expect("answered per request");
+    assert_eq!(
+        mixed.iter().map(variant).collect::<Vec<_>>(),
+        ["InvalidAmount", "InvalidExpiry", "NestedTransaction"]
+    );
+    assert!(matches!(
+        ledger.apply_many(&mut conn, 7, &[AccountOp::charge(dec(1), "y")]),
+        Err(Error::NestedTransaction)
+    ));
+    conn.batch_execute("ROLLBACK").expect("rollback");
+    assert_eq!(journal_size(&mut conn, 7), 1, "only the funding charge");
+    audit_ok(&ledger, &mut conn, 7);
+}
