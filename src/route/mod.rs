@@ -68,9 +68,10 @@
 //! are `ON`, `Primary` and `Synced`. A node is down from the moment a call on it fails with a
 //! node failure (below), a probe finds it otherwise, or a probe has been hanging on it for longer
 //! than the probe timeout. A lost or broken connection alone may be that connection's (a
-//! `KILL`): it makes the node *suspect* — calls wait while the node's probe, woken at once,
-//! checks it on a connection of its own, and only a failed probe (or none answering within the
-//! probe timeout) takes the node down. A node that is down stays down until a probe finds it
+//! `KILL`), and a call cut off at its deadline ([`Error::ServerUnresponsive`]) may have met a
+//! statement slower than the deadline on a healthy node: either makes the node *suspect* —
+//! calls wait while the node's probe, woken at once, checks it on a connection of its own, and
+//! only a failed probe (or none answering within the probe timeout) takes the node down. A node that is down stays down until a probe finds it
 //! healthy again. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
 //! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).
 //! [`Router::stats`] shows the writer, the epoch, the failovers and each node's health.
@@ -78,7 +79,9 @@
 //! # What a caller sees
 //!
 //! [`Router::write`] runs the caller's closure on a connection to the writer with the caller's
-//! [`Deadline`]. The closure must be a lockstock call with an idempotency key (or otherwise safe
+//! [`Deadline`], and bounds it by that deadline whatever the closure calls: a lockstock call
+//! without a deadline parameter (`balance`, `audit`, `hold`, ...) runs by its own policy's,
+//! but the router's watchdog cuts the connection at the caller's deadline plus grace. The closure must be a lockstock call with an idempotency key (or otherwise safe
 //! to run again): the router runs it again after a *node failure*, an answer that says nothing
 //! was applied and the node is to blame —
 //! [`Error::ServerUnresponsive`], [`Error::ConnectionBroken`], a lost connection before COMMIT
@@ -593,8 +596,10 @@ impl Shared {
     /// coordinator and replace its pools.
     fn fail(&self, node: usize, error: &Error) {
         trace_event!(node, error = %error, "router: node failure");
-        if is_connection_failure(error) {
-            // One connection, or the node? Its probe tells, now; calls wait for it.
+        if is_connection_failure(error) || matches!(error, Error::ServerUnresponsive { .. }) {
+            // One connection, or the node? Its probe tells, now; calls wait for it. (A call cut
+            // off at its deadline may have met a frozen node — whose probe then times out — or
+            // only a statement slower than the deadline on a healthy one.)
             self.lock().mark_suspect(node);
             self.changed.notify_all();
             return;
@@ -662,7 +667,12 @@ impl Shared {
                 return Attempt::NodeFailed(error);
             }
         };
-        match call(&mut conn, deadline) {
+        // Bounded by the router's deadline whatever the closure calls (a call without a deadline
+        // parameter runs by its own policy's, which may be later): a node that stops answering
+        // is cut off at the caller's deadline plus grace.
+        let result =
+            crate::txn::bounded(&mut conn, deadline, grace, |conn, _| call(conn, deadline));
+        match result {
             Err(error) if is_node_failure(&error) => {
                 // Never back into the pool (it does not test on checkout): r2d2 discards a
                 // connection marked broken.

@@ -653,3 +653,92 @@ fn galera_router_keeps_the_writer_when_one_connection_is_killed() {
     assert_eq!(entries, 1);
     assert_eq!(entry.amount, ten);
 }
+
+/// A closure whose lockstock call takes no deadline (here `balance`, which runs by its own
+/// policy's: 3 s) still answers by the router's deadline plus grace on a frozen writer: the
+/// router bounds every closure it runs. The writer is only suspected — a call cut off at its
+/// deadline may have met a slow statement on a healthy node — and its probe, which times out,
+/// takes it down. Before the fix the call answered after the ledger's own deadline plus grace
+/// (~3.5 s).
+#[test]
+fn galera_router_bounds_a_call_without_a_deadline_of_its_own() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_bounded");
+    let router = routers(&urls, 1).remove(0);
+    let writer = router.writer().expect("a writer");
+    let ledger = BalanceLedger::new();
+    let long = Deadline::after(Duration::from_secs(5));
+    router
+        .write(long, |conn, deadline| {
+            ledger.charge_by(conn, 7, Decimal::new(10, 0), "fund", deadline)
+        })
+        .expect("fund");
+    // Warm: the balance read's connection is pooled and idle (no ping on checkout).
+    router
+        .write(long, |conn, _| ledger.balance(conn, 7))
+        .expect("warm");
+    cluster.pause(writer).expect("pause the writer");
+    let started = Instant::now();
+    let deadline = Duration::from_millis(300);
+    let answer = router.write(Deadline::after(deadline), |conn, _| ledger.balance(conn, 7));
+    let took = started.elapsed();
+    cluster.resume(writer).expect("resume");
+    cluster
+        .wait_cluster_synced(Duration::from_secs(60))
+        .expect("synced after resume");
+    eprintln!("answered {answer:?} after {took:?}");
+    let bound = deadline + TxnPolicy::default().unresponsive_grace + Duration::from_secs(1);
+    assert!(took <= bound, "answered after {took:?} (bound {bound:?})");
+    assert!(
+        matches!(
+            answer,
+            Err(Error::ServerUnresponsive { .. } | Error::Timeout { .. })
+        ),
+        "{answer:?}"
+    );
+}
+
+/// A call cut off at its deadline on a healthy writer — a statement slower than the deadline,
+/// not a dead node — does not fail the writer over: the node is only suspected, its probe finds
+/// it healthy, and the writer and the designated-writer row stay. Before the fix the cut call
+/// marked the node down and the routers moved the writer.
+#[test]
+fn galera_router_keeps_the_writer_after_a_slow_call_is_cut_off() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_slow_call");
+    let router = routers(&urls, 1).remove(0);
+    let writer = router.writer().expect("a writer");
+    let before = router.stats();
+    let runner = lockstock::TxnRunner::new(TxnPolicy::default());
+    let answer = router.write(
+        Deadline::after(Duration::from_millis(200)),
+        |conn, deadline| {
+            runner.run_by(conn, deadline, |conn| {
+                diesel::sql_query("SELECT SLEEP(2)").execute(conn)?;
+                Ok(())
+            })
+        },
+    );
+    assert!(
+        matches!(answer, Err(Error::ServerUnresponsive { .. })),
+        "{answer:?}"
+    );
+    // Longer than a probe round (interval 200 ms, timeout ~1.5 s) and an election.
+    thread::sleep(Duration::from_secs(3));
+    let after = router.stats();
+    eprintln!("before {before:?}\nafter {after:?}");
+    assert_eq!(router.writer(), Some(writer), "the writer moved");
+    assert_eq!(after.failovers, before.failovers, "failed over");
+    assert_eq!(after.epoch, before.epoch, "the designated-writer row moved");
+    // And the writer takes calls.
+    let ledger = BalanceLedger::new();
+    router
+        .write(Deadline::after(Duration::from_secs(3)), |conn, deadline| {
+            ledger.charge_by(conn, 9, Decimal::new(1, 0), "after", deadline)
+        })
+        .expect("a call after the slow one");
+}
