@@ -82,7 +82,7 @@ fn maintain(shared: &Shared) {
             }
             // Another router moved the writer: follow the row.
             Ok(_) => shared.lock().writer = None,
-            Err(error) => shared.fail(writer, &error),
+            Err(error) => blame(shared, writer, &error),
         }
     }
     elect(shared, deadline);
@@ -98,7 +98,7 @@ fn elect(shared: &Shared, deadline: Deadline) {
         let healthy = shared.lock().healthy_nodes(shared.probe_timeout);
         let Some(seen) = healthy.iter().find_map(|&node| {
             read(shared, node, deadline)
-                .map_err(|error| shared.fail(node, &error))
+                .map_err(|error| blame(shared, node, &error))
                 .ok()
         }) else {
             return;
@@ -117,7 +117,7 @@ fn elect(shared: &Shared, deadline: Deadline) {
                     // Another router claimed it first: read it again.
                     Ok(false) => continue,
                     Err(error) => {
-                        shared.fail(candidate, &error);
+                        blame(shared, candidate, &error);
                         continue;
                     }
                 }
@@ -130,8 +130,17 @@ fn elect(shared: &Shared, deadline: Deadline) {
                 return;
             }
             Ok(_) => continue,
-            Err(error) => shared.fail(target, &error),
+            Err(error) => blame(shared, target, &error),
         }
+    }
+}
+
+/// A failed read or claim on `node`, as a node failure — unless it is [`Error::Timeout`]: nothing
+/// was sent to the node (the round's deadline was spent on another node, or every pooled
+/// connection was busy with callers' calls), so nothing is known of it. Its probe decides.
+fn blame(shared: &Shared, node: usize, error: &Error) {
+    if !matches!(error, Error::Timeout { .. }) {
+        shared.fail(node, error);
     }
 }
 

@@ -742,3 +742,57 @@ fn galera_router_keeps_the_writer_after_a_slow_call_is_cut_off() {
         })
         .expect("a call after the slow one");
 }
+
+/// Callers holding every pooled read connection for longer than the coordinator's deadline do
+/// not cost the router its writer: the coordinator's read of the designated-writer row, which
+/// finds no free connection (`Timeout`, nothing sent), blames no node. Before the fix it
+/// marked the writer down (no writer until the probes cleared it) and every node it could not
+/// reach in the same round.
+#[test]
+fn galera_router_keeps_its_writer_while_its_pools_are_busy() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_busy_pools");
+    let router = Arc::new(
+        Router::builder(urls.clone())
+            .pool_size(1)
+            .health_interval(Duration::from_millis(200))
+            .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+            .read_consistency(ReadConsistency::Causal)
+            .build()
+            .expect("router"),
+    );
+    let writer = router
+        .wait_for_writer(Duration::from_secs(20))
+        .expect("a writer");
+    let busy: Vec<_> = (0..urls.len())
+        .map(|_| {
+            let router = router.clone();
+            thread::spawn(move || {
+                router.read(Deadline::after(Duration::from_secs(10)), |_, _| {
+                    thread::sleep(Duration::from_secs(3));
+                    Ok(())
+                })
+            })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut without = 0;
+    while Instant::now() < until {
+        if router.writer() != Some(writer) {
+            without += 1;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    for call in busy {
+        call.join().expect("busy read").expect("busy read answered");
+    }
+    let stats = router.stats();
+    eprintln!("{stats:?}");
+    assert_eq!(
+        without, 0,
+        "looks without the writer while the pools were busy"
+    );
+    assert_eq!(router.writer(), Some(writer));
+}
