@@ -100,6 +100,9 @@ pub const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!(
 
 /// Applies every pending migration in [`MIGRATIONS`].
 ///
+/// Not bounded by a deadline or the watchdog (a migration's DDL may rightly take long): run it
+/// at deployment, not on a request path.
+///
 /// # Errors
 /// [`Error::Migration`] when a migration (or reading which are applied) fails.
 pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {

@@ -267,13 +267,21 @@ pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> 
             };
             // On MariaDB the first SET saves the caller's values and sets ours: after it (a
             // read may also have opened a transaction) roll back and put the caller's back. On
-            // MySQL the saving SET comes last.
+            // MySQL the saving SET comes last, after `SET TRANSACTION ISOLATION LEVEL`, whose
+            // level would stay pending for the caller's next transaction: a ROLLBACK ends it
+            // (nothing of the caller's is open: that SET refuses inside a transaction).
             let saved = at > 0 && matches!(begin.restore, Some(Restore::MariaDb | Restore::Galera));
-            if saved {
-                if let Some(broken) = end_failed(conn, begin) {
-                    if error.kind() != ServerErrorKind::ConnectionLost {
-                        return Err(broken);
-                    }
+            let pending_level = at > 0 && begin.restore == Some(Restore::MySql);
+            let ended = if saved {
+                end_failed(conn, begin)
+            } else if pending_level {
+                end_unused(conn)
+            } else {
+                None
+            };
+            if let Some(broken) = ended {
+                if error.kind() != ServerErrorKind::ConnectionLost {
+                    return Err(broken);
                 }
             }
             return Err(refusal);
