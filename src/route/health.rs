@@ -192,13 +192,28 @@ impl State {
 
 /// The loop of `node`'s probe thread: probe, record, sleep the interval; until the router is
 /// dropped. A probe that hangs (a frozen node) keeps this thread only; the node counts as
-/// unhealthy once the probe has run longer than the probe timeout.
+/// unhealthy once the probe has run longer than the probe timeout, and the watchdog cuts it
+/// off then (its connection is dropped and the next probe connects afresh): a connection whose
+/// server side is gone without a word (a half-open TCP connection) would otherwise keep the
+/// probe — and the node down — for ever.
 pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
     let mut conn: Option<MysqlConnection> = None;
+    let policy = shared.probe.policy();
     while !shared.stopped.load(Ordering::Relaxed) {
         let started = Instant::now();
         shared.lock().nodes[node].running_since = Some(started);
-        let answer = probe(&mut conn, &shared.nodes[node].url, &shared.session_policy);
+        let deadline = Deadline::after(policy.retry.deadline);
+        let (answer, cut) = crate::txn::watched(deadline, policy.unresponsive_grace, |_| {
+            probe(&mut conn, &shared.nodes[node].url, &shared.session_policy)
+        });
+        let answer = if cut {
+            Err(format!(
+                "no answer within the probe timeout ({:?})",
+                shared.probe_timeout
+            ))
+        } else {
+            answer
+        };
         if answer.is_err() {
             conn = None;
         }

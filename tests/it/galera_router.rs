@@ -796,3 +796,135 @@ fn galera_router_keeps_its_writer_while_its_pools_are_busy() {
     );
     assert_eq!(router.writer(), Some(writer));
 }
+
+/// A TCP relay on 127.0.0.1 to `target`. While `cut` is set it black-holes every connection:
+/// the server side is closed, the client side kept open and silent — a half-open connection,
+/// as a network failure leaves one — and new connections are held the same way. Cleared, new
+/// connections are relayed again (the held ones stay silent).
+struct Relay {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn to(target: std::net::SocketAddr) -> Relay {
+        use std::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("relay listener");
+        let port = listener.local_addr().expect("relay port").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let held: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (cutting, holding) = (cut.clone(), held.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if cutting.load(Ordering::SeqCst) {
+                    holding.lock().expect("held").push(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let pump = |from: std::net::TcpStream, to: std::net::TcpStream| {
+                    let (cut, held) = (cutting.clone(), holding.clone());
+                    move || Relay::pump(from, to, &cut, &held)
+                };
+                let (c1, s1) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                thread::spawn(pump(client, server));
+                thread::spawn(pump(s1, c1));
+            }
+        });
+        Relay { port, cut }
+    }
+
+    /// Copies `from` to `to` until either closes or the relay is cut: then the server's side
+    /// is shut down and the client's kept (silent) in `held`.
+    fn pump(
+        mut from: std::net::TcpStream,
+        mut to: std::net::TcpStream,
+        cut: &AtomicBool,
+        held: &Mutex<Vec<std::net::TcpStream>>,
+    ) {
+        use std::io::{Read, Write};
+        from.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("read timeout");
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            if cut.load(Ordering::SeqCst) {
+                // Both pumps of a pair get here; each keeps one socket open and closes its
+                // peer's server side: which is which does not matter for a silent client.
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                held.lock().expect("held").push(from);
+                return;
+            }
+            match from.read(&mut buffer) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if to.write_all(&buffer[..n]).is_err() {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// A node whose probe connection is left half-open (the network dropped the server's side
+/// without a word) is probed afresh once the probe timed out, and is healthy again as soon as
+/// new connections reach it. Before the fix the probe waited on the dead connection for ever,
+/// so the node never came back.
+#[test]
+fn galera_router_probe_recovers_from_a_half_open_connection() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let name = "gal_route_half_open";
+    let urls = database(cluster, name);
+    let relay = Relay::to(
+        format!("127.0.0.1:{}", cluster.ports(0).client)
+            .parse()
+            .expect("node 0's address"),
+    );
+    let relayed = format!("mysql://root@127.0.0.1:{}/{name}", relay.port);
+    let router = Router::builder([relayed, urls[1].clone(), urls[2].clone()])
+        .pool_size(2)
+        .health_interval(Duration::from_millis(200))
+        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+        .build()
+        .expect("router");
+    router
+        .wait_for_writer(Duration::from_secs(20))
+        .expect("a writer");
+    let healthy = |router: &Router| router.stats().nodes[0].healthy;
+    let wait = |want: bool, within: Duration| -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if healthy(&router) == want {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    assert!(
+        wait(true, Duration::from_secs(10)),
+        "node 0 healthy through the relay"
+    );
+    relay.cut.store(true, Ordering::SeqCst);
+    assert!(
+        wait(false, Duration::from_secs(10)),
+        "node 0 down while cut"
+    );
+    relay.cut.store(false, Ordering::SeqCst);
+    let back = wait(true, Duration::from_secs(15));
+    eprintln!("{:?}", router.stats().nodes[0]);
+    assert!(back, "node 0 never healthy again after the network healed");
+}
