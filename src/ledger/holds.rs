@@ -167,11 +167,17 @@ impl BalanceLedger {
     /// [`ExpiredHolds::skipped_accounts`] for a later call. Expiry does not depend on this
     /// call: an expired hold stops reserving at once; this only records its end.
     ///
+    /// An account's transaction that fails otherwise ([`Error::Server`],
+    /// [`Error::OutcomeUnknown`], [`Error::ConnectionBroken`], ...) ends the sweep: once an
+    /// earlier account's expirations committed, the call answers them, with the failed account
+    /// and the ones not tried in [`ExpiredHolds::skipped_accounts`] (a later call picks them up;
+    /// one whose COMMIT's outcome was unknown is found done or due again) — never an `Err`
+    /// for work that committed.
+    ///
     /// # Errors
     /// [`Error::InvalidInput`] for a `limit` outside 1 to [`MAX_EXPIRY_BATCH`]; a failure of
-    /// the first read or of an account's transaction other than a lock refusal or the deadline
-    /// ([`Error::Server`], [`Error::OutcomeUnknown`], [`Error::ConnectionBroken`], ...): the
-    /// accounts done before it stay done.
+    /// the first read, or of the first account's transaction other than a lock refusal or the
+    /// deadline: nothing was expired then.
     pub fn expire_holds(&self, conn: &mut MysqlConnection, limit: u32) -> Result<ExpiredHolds> {
         if limit == 0 || limit > MAX_EXPIRY_BATCH {
             return Err(Error::InvalidInput {
@@ -197,7 +203,8 @@ impl BalanceLedger {
             by_account.entry(user_id).or_default().push(hold_id);
         }
         let mut report = ExpiredHolds::default();
-        for (user_id, hold_ids) in by_account {
+        let mut accounts = by_account.into_iter();
+        while let Some((user_id, hold_ids)) = accounts.next() {
             let attempt = self.sweeper.run_by(conn, deadline, |conn| {
                 expire_on_account(conn, user_id, &hold_ids)
             });
@@ -206,7 +213,15 @@ impl BalanceLedger {
                 Err(Error::Contended { .. } | Error::Timeout { .. }) => {
                     report.skipped_accounts.push(user_id)
                 }
-                Err(error) => return Err(error),
+                Err(error) if report.expired.is_empty() => return Err(error),
+                // Earlier accounts committed: answer them; the rest are left for a later call.
+                Err(_) => {
+                    report.skipped_accounts.push(user_id);
+                    report
+                        .skipped_accounts
+                        .extend(accounts.map(|(user_id, _)| user_id));
+                    break;
+                }
             }
         }
         Ok(report)

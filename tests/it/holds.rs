@@ -1314,3 +1314,52 @@ fn an_expired_hold_is_refused_for_its_input_where_its_key_cannot_be_looked_up() 
     assert_eq!(journal, 1, "only the funding charge");
     audit_ok(&ledger, &mut conn, USER);
 }
+
+/// A sweep whose transaction on one account fails after another account's expirations
+/// committed answers what it committed, with the failed account and the ones after it left
+/// for a later call — never an `Err` for expirations that are in the journal. Before the fix it
+/// answered the failure (here a trigger's, on account 2's expire entry) as the whole call's.
+#[test]
+fn a_sweep_that_fails_after_committing_answers_what_it_committed() {
+    use diesel::connection::SimpleConnection;
+    let (_url, mut conn) = fresh_database("holds_sweep_partial");
+    let ledger = BalanceLedger::new();
+    let expires_at = now() + Duration::milliseconds(600);
+    let mut holds = Vec::new();
+    for user in 1..=3 {
+        funded_account(&mut conn, &ledger, user, dec(100));
+        holds.push(
+            ledger
+                .hold(&mut conn, user, dec(10), "h", expires_at)
+                .expect("hold"),
+        );
+    }
+    while now() <= expires_at {
+        thread::sleep(StdDuration::from_millis(50));
+    }
+    conn.batch_execute(
+        "CREATE TRIGGER fail_expiry_of_2 BEFORE INSERT ON balance_history FOR EACH ROW \
+         BEGIN IF NEW.user_id = 2 AND NEW.kind = 'expire' THEN \
+         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected expiry failure'; END IF; END",
+    )
+    .expect("trigger");
+    let first = ledger
+        .expire_holds(&mut conn, 10)
+        .expect("the committed part");
+    assert_eq!(
+        first.expired.iter().map(|e| e.user_id).collect::<Vec<_>>(),
+        [1]
+    );
+    assert_eq!(first.skipped_accounts, [2, 3]);
+    conn.batch_execute("DROP TRIGGER fail_expiry_of_2")
+        .expect("drop trigger");
+    let second = ledger.expire_holds(&mut conn, 10).expect("the rest");
+    assert_eq!(
+        second.expired.iter().map(|e| e.user_id).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    assert!(second.skipped_accounts.is_empty());
+    for user in 1..=3 {
+        audit_ok(&ledger, &mut conn, user);
+    }
+}
