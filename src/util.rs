@@ -34,9 +34,11 @@ pub(crate) fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
     row_id(diesel::select(last_insert_id()).get_result(conn)?)
 }
 
-/// `@@session.auto_increment_increment`: the step between the ids of one INSERT's rows where
-/// they are consecutive (a session may set its own, so it is read with the first id). An
-/// expression of its own, not a SQL literal: a statement with a literal is never cached.
+/// The step between the ids of one INSERT's rows where the server numbers them consecutively
+/// (`innodb_autoinc_lock_mode` 0 or 1): the session's `auto_increment_increment` — a session
+/// may set its own, so it is read with the first id — and 0 where it does not (mode 2: a runner
+/// that met another server first must not take them for consecutive). An expression of its
+/// own, not a SQL literal: a statement with a literal is never cached.
 #[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
 pub(crate) struct IdStep;
 
@@ -49,7 +51,7 @@ impl diesel::query_builder::QueryFragment<diesel::mysql::Mysql> for IdStep {
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::mysql::Mysql>,
     ) -> diesel::QueryResult<()> {
-        out.push_sql("@@session.auto_increment_increment");
+        out.push_sql("IF(@@innodb_autoinc_lock_mode <= 1, @@session.auto_increment_increment, 0)");
         Ok(())
     }
 }
@@ -100,10 +102,9 @@ pub(crate) fn inserted_ids(
                 Some(read) => read,
                 None => first_id_and_step(conn)?,
             };
+            // Not numbered consecutively after all (see [`IdStep`]): read back.
             if step < 1 {
-                return Err(Error::internal(format!(
-                    "auto_increment_increment {step} numbers no rows"
-                )));
+                return read_back(conn, count, lookup);
             }
             (0..count)
                 .map(|i| {
@@ -115,15 +116,23 @@ pub(crate) fn inserted_ids(
                 })
                 .collect()
         }
-        (_, Some(InsertIds::Unordered)) => {
-            let ids = lookup(conn)?;
-            if ids.len() == count {
-                Ok(ids)
-            } else {
-                Err(short_read_back(conn, ids.len(), count))
-            }
-        }
+        (_, Some(InsertIds::Unordered)) => read_back(conn, count, lookup),
         (_, None) => Err(Error::internal("several rows inserted without an id order")),
+    }
+}
+
+/// The ids of the `count` rows one INSERT just wrote, read back by `lookup` (through a unique
+/// index, in order).
+fn read_back(
+    conn: &mut MysqlConnection,
+    count: usize,
+    lookup: impl FnOnce(&mut MysqlConnection) -> Result<Vec<i64>>,
+) -> Result<Vec<i64>> {
+    let ids = lookup(conn)?;
+    if ids.len() == count {
+        Ok(ids)
+    } else {
+        Err(short_read_back(conn, ids.len(), count))
     }
 }
 

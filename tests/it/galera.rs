@@ -1191,3 +1191,47 @@ fn galera_a_caller_with_autocommit_off_writes_and_keeps_it() {
     );
     audit_ok(&ledger, &mut causal(&urls[0]), 1);
 }
+
+/// A ledger whose runner first met a standalone server (`innodb_autoinc_lock_mode` 1: one
+/// INSERT's rows numbered consecutively) and then runs batches on a Galera node (mode 2, where
+/// they need not be) reads the ids back there instead of computing them: the step it reads
+/// with `LAST_INSERT_ID()` says 0 where the server does not number consecutively. Every
+/// answered id is the stored row's.
+#[test]
+fn galera_a_runner_that_met_another_server_first_answers_stored_ids() {
+    let _guard = exclusive();
+    let (_standalone_url, mut standalone) =
+        lockstock_testkit::fixtures::fresh_database("gal_mode_first");
+    let ledger = BalanceLedger::new();
+    let two = |key: &str| {
+        [
+            lockstock::AccountOp::charge(Decimal::new(5, 0), format!("{key}-1")),
+            lockstock::AccountOp::charge(Decimal::new(6, 0), format!("{key}-2")),
+        ]
+    };
+    for answer in ledger
+        .apply_many(&mut standalone, 1, &two("standalone"))
+        .expect("batch on the standalone server")
+    {
+        answer.expect("charge");
+    }
+    let cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&cluster, "gal_mode_second");
+    let mut node = causal(&urls[0]);
+    for answer in ledger
+        .apply_many(&mut node, 2, &two("galera"))
+        .expect("batch on the Galera node")
+    {
+        let entry = answer.expect("charge");
+        let stored: (i64, Option<String>) = lockstock::schema::balance_history::table
+            .find(entry.id)
+            .select((
+                lockstock::schema::balance_history::user_id,
+                lockstock::schema::balance_history::idempotency_key,
+            ))
+            .first(&mut node)
+            .expect("the answered entry is stored");
+        assert_eq!(stored, (2, entry.idempotency_key.clone()));
+    }
+    audit_ok(&ledger, &mut node, 2);
+}
