@@ -260,8 +260,9 @@ pub struct ExpiredHolds {
     /// The expire entries written, one per hold marked expired (`related_entry_id`: the hold).
     pub expired: Vec<Entry>,
     /// Accounts with expired holds that were skipped because their row was locked (by a
-    /// caller or another sweeper), the call's deadline ran out, or an earlier account's
-    /// transaction failed after others had committed: a later call picks them up.
+    /// caller or another sweeper) or the call's deadline ran out, and — when an account's
+    /// transaction failed after others had committed — that account and the ones not tried
+    /// after it: a later call picks them up.
     pub skipped_accounts: Vec<i64>,
 }
 

@@ -27,7 +27,7 @@ use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 
-use super::{checkout, Shared, Use};
+use super::{checkout, checkout_within, Shared, Use};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::schema::designated_writer as row;
 use crate::txn::Deadline;
@@ -75,14 +75,18 @@ fn maintain(shared: &Shared) {
         }
     };
     if let (Some(writer), Some(name)) = (writer, name) {
-        match read(shared, writer, deadline) {
+        match read(shared, writer, deadline, deadline.remaining()) {
             Ok(Some(row)) if row.name == name => {
                 shared.lock().epoch = row.epoch;
                 return;
             }
             // Another router moved the writer: follow the row.
             Ok(_) => shared.lock().writer = None,
-            Err(error) => blame(shared, writer, &error),
+            // A writer whose pool gave no connection in time (callers hold them all) stays;
+            // the election below finds it again if it can.
+            Err(error) => {
+                blame(shared, writer, &error);
+            }
         }
     }
     elect(shared, deadline);
@@ -91,15 +95,33 @@ fn maintain(shared: &Shared) {
 /// Finds the node the row names (claiming the row for a healthy node if it names none) and
 /// adopts it.
 fn elect(shared: &Shared, deadline: Deadline) {
+    // Nodes that gave no connection in time during this election: skipped for the rest of it
+    // (never blamed for that: see [`blame`]).
+    let mut timed_out: Vec<usize> = Vec::new();
     for _ in 0..ROUNDS {
         if deadline.is_expired() || shared.stopped.load(Ordering::Relaxed) {
             return;
         }
-        let healthy = shared.lock().healthy_nodes(shared.probe_timeout);
-        let Some(seen) = healthy.iter().find_map(|&node| {
-            read(shared, node, deadline)
-                .map_err(|error| blame(shared, node, &error))
-                .ok()
+        let mut healthy = shared.lock().healthy_nodes(shared.probe_timeout);
+        healthy.retain(|node| !timed_out.contains(node));
+        // Each node gets its share of what is left of the round: one that cannot give a
+        // connection in time does not spend the others' (and a node is never tried, and so
+        // never blamed, with the deadline spent).
+        let Some(seen) = healthy.iter().enumerate().find_map(|(tried, &node)| {
+            let left = u32::try_from(healthy.len() - tried).unwrap_or(u32::MAX);
+            if deadline.is_expired() {
+                return None;
+            }
+            let share = deadline.remaining() / left.max(1);
+            match read(shared, node, deadline, share) {
+                Ok(seen) => Some(seen),
+                Err(error) => {
+                    if blame(shared, node, &error) {
+                        timed_out.push(node);
+                    }
+                    None
+                }
+            }
         }) else {
             return;
         };
@@ -117,31 +139,40 @@ fn elect(shared: &Shared, deadline: Deadline) {
                     // Another router claimed it first: read it again.
                     Ok(false) => continue,
                     Err(error) => {
-                        blame(shared, candidate, &error);
+                        if blame(shared, candidate, &error) {
+                            timed_out.push(candidate);
+                        }
                         continue;
                     }
                 }
             }
             (None, None) => return,
         };
-        match read(shared, target, deadline) {
+        match read(shared, target, deadline, deadline.remaining()) {
             Ok(Some(row)) if Some(&row.name) == shared.lock().nodes[target].name.as_ref() => {
                 adopt(shared, target, row.epoch);
                 return;
             }
             Ok(_) => continue,
-            Err(error) => blame(shared, target, &error),
+            Err(error) => {
+                if blame(shared, target, &error) {
+                    timed_out.push(target);
+                }
+            }
         }
     }
 }
 
-/// A failed read or claim on `node`, as a node failure — unless it is [`Error::Timeout`]: nothing
-/// was sent to the node (the round's deadline was spent on another node, or every pooled
-/// connection was busy with callers' calls), so nothing is known of it. Its probe decides.
-fn blame(shared: &Shared, node: usize, error: &Error) {
-    if !matches!(error, Error::Timeout { .. }) {
-        shared.fail(node, error);
+/// A failed read or claim on `node`, as a node failure — unless it is [`Error::Timeout`]: no
+/// connection came in time (callers' calls hold them all, or none could be opened), so nothing
+/// was sent, and the node is not marked down for it (its probe decides): `true`, and the
+/// election goes on without it.
+fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
+    if matches!(error, Error::Timeout { .. }) {
+        return true;
     }
+    shared.fail(node, error);
+    false
 }
 
 fn adopt(shared: &Shared, node: usize, epoch: i64) {
@@ -160,9 +191,15 @@ fn adopt(shared: &Shared, node: usize, epoch: i64) {
 
 /// The row, read causally on `node` (its read pool sets `wsrep_sync_wait = 1`, so the
 /// snapshot's `START TRANSACTION` waits until the node applied every earlier commit).
-fn read(shared: &Shared, node: usize, deadline: Deadline) -> Result<Option<Designated>> {
+fn read(
+    shared: &Shared,
+    node: usize,
+    deadline: Deadline,
+    wait: Duration,
+) -> Result<Option<Designated>> {
     let pool = shared.pool(node, Use::CausalRead);
-    let mut conn = checkout(&pool, deadline, shared.probe.policy().unresponsive_grace)?;
+    let grace = shared.probe.policy().unresponsive_grace;
+    let mut conn = checkout_within(&pool, deadline, grace, wait)?;
     shared.probe.read_by(&mut conn, deadline, |conn| {
         Ok(row::table
             .find(ROW_ID)

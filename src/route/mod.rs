@@ -71,8 +71,12 @@
 //! `KILL`), and a call cut off at its deadline ([`Error::ServerUnresponsive`]) may have met a
 //! statement slower than the deadline on a healthy node: either makes the node *suspect* —
 //! calls wait while the node's probe, woken at once, checks it on a connection of its own, and
-//! only a failed probe (or none answering within the probe timeout) takes the node down. A node that is down stays down until a probe finds it
-//! healthy again. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
+//! only a failed probe (or none answering within the probe timeout) takes the node down. A cut
+//! call also replaces the node's pools (their connections may all be dead), and a second one
+//! with no call answered in between takes the node down whatever its probe says (its
+//! statements hang). A node that is down stays down until a probe finds it healthy again. The
+//! coordinator never marks a node down because no pooled connection came in time (nothing was
+//! sent): it goes on without that node for the rest of the election. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
 //! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).
 //! [`Router::stats`] shows the writer, the epoch, the failovers and each node's health.
 //!
@@ -81,15 +85,17 @@
 //! [`Router::write`] runs the caller's closure on a connection to the writer with the caller's
 //! [`Deadline`], and bounds it by that deadline whatever the closure calls: a lockstock call
 //! without a deadline parameter (`balance`, `audit`, `hold`, ...) runs by its own policy's,
-//! but the router's watchdog cuts the connection at the caller's deadline plus grace. The closure must be a lockstock call with an idempotency key (or otherwise safe
-//! to run again): the router runs it again after a *node failure*, an answer that says nothing
+//! but the router's watchdog cuts the connection at the caller's deadline plus grace (any
+//! other socket the closure blocks on then is shut down too: keep closures to the
+//! connection). The closure must be a lockstock call with an idempotency key (or otherwise
+//! safe to run again): the router runs it again after a *node failure*, an answer that says nothing
 //! was applied and the node is to blame —
 //! [`Error::ServerUnresponsive`], [`Error::ConnectionBroken`], a lost connection before COMMIT
 //! ([`ServerErrorKind::ConnectionLost`]), a node
 //! outside the Primary component ([`NodeNotReady`](crate::ServerErrorKind::NodeNotReady), 1047)
-//! or no pooled connection to be had while the pool is not busy. The node is marked down, the
-//! router waits (within the deadline) for the coordinator to fail over and runs the call on the
-//! new writer. Everything else comes back as it is: results, domain refusals
+//! or no pooled connection to be had while the pool is not busy. The node is marked down (or
+//! suspect, as above), the router waits (within the deadline) for the coordinator to fail over
+//! — or for the probe to clear the node — and runs the call again. Everything else comes back as it is: results, domain refusals
 //! ([`Error::InsufficientBalance`], [`Error::SoldOut`], ...), [`Error::Contended`], and
 //! [`Error::OutcomeUnknown`] — a COMMIT whose answer was lost may have been applied, so the
 //! router does not decide: retry with the same idempotency key (through the router: it finds
@@ -145,7 +151,7 @@ mod election;
 mod health;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -266,7 +272,11 @@ impl RouterBuilder {
             .into_iter()
             .map(|url| {
                 let pools = Mutex::new(Pools::new(&url, self.pool_size, &self.session_policy));
-                Node { url, pools }
+                Node {
+                    url,
+                    pools,
+                    cut_calls: AtomicU32::new(0),
+                }
             })
             .collect::<Vec<_>>();
         let state = State {
@@ -515,7 +525,15 @@ struct Node {
     /// Replaced by fresh pools after a node failure, so no connection to a dead server is
     /// handed out again.
     pools: Mutex<Pools>,
+    /// Calls on the node cut off at their deadline since its last call that was not: one makes
+    /// it suspect, [`CUTS_TO_FAIL`] in a row take it down (its statements hang although its
+    /// probe may still answer).
+    cut_calls: AtomicU32,
 }
+
+/// Calls cut off at their deadline in a row (no call answered between them) that take a node
+/// down whatever its probe says.
+const CUTS_TO_FAIL: u32 = 2;
 
 struct Pools {
     write: MysqlPool,
@@ -596,20 +614,38 @@ impl Shared {
     /// coordinator and replace its pools.
     fn fail(&self, node: usize, error: &Error) {
         trace_event!(node, error = %error, "router: node failure");
-        if is_connection_failure(error) || matches!(error, Error::ServerUnresponsive { .. }) {
-            // One connection, or the node? Its probe tells, now; calls wait for it. (A call cut
-            // off at its deadline may have met a frozen node — whose probe then times out — or
-            // only a statement slower than the deadline on a healthy one.)
+        // A call cut off at its deadline may have met a frozen node — whose probe then times
+        // out — or only a statement slower than the deadline on a healthy one; calls cut off in
+        // a row mean its statements hang, whatever its probe says.
+        let cut = matches!(error, Error::ServerUnresponsive { .. });
+        let cuts = if cut {
+            self.nodes[node].cut_calls.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
+        };
+        if is_connection_failure(error) || (cut && cuts < CUTS_TO_FAIL) {
+            // One connection, or the node? Its probe tells, now; calls wait for it.
             self.lock().mark_suspect(node);
             self.changed.notify_all();
+            // The pooled connections of a node whose calls are cut off may all be dead
+            // (half-open after a network fault): each would cost a call its deadline.
+            if cut {
+                self.renew_pools(node);
+            }
             return;
         }
+        self.nodes[node].cut_calls.store(0, Ordering::Relaxed);
         {
             let mut state = self.lock();
             state.mark_failed(node, error);
             state.elect = true;
         }
         self.changed.notify_all();
+        self.renew_pools(node);
+    }
+
+    /// Replaces `node`'s pools with fresh ones: no pooled connection is handed out again.
+    fn renew_pools(&self, node: usize) {
         let fresh = Pools::new(&self.nodes[node].url, self.pool_size, &self.session_policy);
         *self.nodes[node]
             .pools
@@ -684,7 +720,13 @@ impl Shared {
                 }
                 Attempt::NodeFailed(error)
             }
-            result => Attempt::Done(result),
+            result => {
+                let cuts = &self.nodes[node].cut_calls;
+                if cuts.load(Ordering::Relaxed) != 0 {
+                    cuts.store(0, Ordering::Relaxed);
+                }
+                Attempt::Done(result)
+            }
         }
     }
 }

@@ -928,3 +928,43 @@ fn galera_router_probe_recovers_from_a_half_open_connection() {
     eprintln!("{:?}", router.stats().nodes[0]);
     assert!(back, "node 0 never healthy again after the network healed");
 }
+
+/// Calls cut off at their deadline in a row on the writer — its statements hang although its
+/// probe (a status read) still answers — take it down and the router fails over; one cut-off
+/// call alone does not (see `galera_router_keeps_the_writer_after_a_slow_call_is_cut_off`).
+#[test]
+fn galera_router_fails_over_when_the_writers_calls_keep_being_cut_off() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_cut_calls");
+    let router = routers(&urls, 1).remove(0);
+    let writer = router.writer().expect("a writer");
+    let before = router.stats();
+    let runner = lockstock::TxnRunner::new(TxnPolicy::default());
+    let slow = || {
+        router.write(Deadline::after(Duration::from_secs(1)), |conn, deadline| {
+            runner.run_by(conn, deadline, |conn| {
+                diesel::sql_query("SELECT SLEEP(5)").execute(conn)?;
+                Ok(())
+            })
+        })
+    };
+    // The first cut makes the writer suspect; its probe clears it (the second call waits for
+    // that); the second cut, with no call answered between them, takes it down.
+    for _ in 0..2 {
+        let answer = slow();
+        assert!(
+            matches!(answer, Err(Error::ServerUnresponsive { .. })),
+            "{answer:?}"
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(15);
+    while router.writer().is_none_or(|w| w == writer) && Instant::now() < until {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let after = router.stats();
+    eprintln!("before {before:?}\nafter {after:?}");
+    assert_ne!(router.writer(), Some(writer), "still the writer");
+    assert!(after.failovers > before.failovers, "{after:?}");
+}
