@@ -5,8 +5,10 @@
 //! 1. With a healthy writer: one causal read of the row on it. If the row still names it,
 //!    nothing changes; if it names another node (another router failed over), this router
 //!    drops its writer and goes on with 2.
-//! 2. Without one: read the row causally on the first healthy node. If it names a healthy
-//!    node, that node is the target. Otherwise the first healthy node claims the row:
+//! 2. Without one: read the row causally on the first healthy node (each node tried gets its
+//!    share of what is left of the round; one that gives no connection in time is skipped for
+//!    the rest of the election, not marked down). If it names a healthy node, that node is the
+//!    target. Otherwise the first node still healthy and not suspect claims the row:
 //!    `UPDATE designated_writer SET node_name = @@wsrep_node_name, epoch = epoch + 1 ...
 //!    WHERE id = 1 AND epoch = <read>` sent through that node itself. Of two routers that race,
 //!    Galera's certification commits one UPDATE and aborts the other (1213, retried by the
@@ -82,8 +84,8 @@ fn maintain(shared: &Shared) {
             }
             // Another router moved the writer: follow the row.
             Ok(_) => shared.lock().writer = None,
-            // A writer whose pool gave no connection in time (callers hold them all) stays;
-            // the election below finds it again if it can.
+            // A writer whose pool gave no connection in time (callers hold them all) is not
+            // marked down: it stays adopted unless something else clears it.
             Err(error) => {
                 blame(shared, writer, &error);
             }
@@ -131,7 +133,14 @@ fn elect(shared: &Shared, deadline: Deadline) {
                 .and_then(|row| state.node_named(&row.name))
                 .filter(|&node| state.healthy(node, shared.probe_timeout))
         };
-        let target = match (named, healthy.first()) {
+        // A candidate that is still healthy now (not one taken down or suspected meanwhile).
+        let candidate = {
+            let state = shared.lock();
+            healthy
+                .iter()
+                .find(|&&node| state.healthy(node, shared.probe_timeout) && !state.suspect(node))
+        };
+        let target = match (named, candidate) {
             (Some(node), _) => node,
             (None, Some(&candidate)) => {
                 match claim(shared, candidate, seen.as_ref().map(|r| r.epoch), deadline) {
@@ -163,12 +172,12 @@ fn elect(shared: &Shared, deadline: Deadline) {
     }
 }
 
-/// A failed read or claim on `node`, as a node failure — unless it is [`Error::Timeout`]: no
-/// connection came in time (callers' calls hold them all, or none could be opened), so nothing
-/// was sent, and the node is not marked down for it (its probe decides): `true`, and the
-/// election goes on without it.
+/// A failed read or claim on `node`, as a node failure — unless no connection came in time
+/// ([`Error::Timeout`], or [`Error::Pool`] when the node's share of the round ran out):
+/// callers' calls hold them all, or none could be opened, so nothing was sent, and the node is
+/// not marked down for it (its probe decides): `true`, and the election goes on without it.
 fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
-    if matches!(error, Error::Timeout { .. }) {
+    if matches!(error, Error::Timeout { .. } | Error::Pool(_)) {
         return true;
     }
     shared.fail(node, error);
@@ -199,6 +208,8 @@ fn read(
 ) -> Result<Option<Designated>> {
     let pool = shared.pool(node, Use::CausalRead);
     let grace = shared.probe.policy().unresponsive_grace;
+    // The node's share of the round, for the checkout and the read alike.
+    let deadline = deadline.min(Deadline::after(wait));
     let mut conn = checkout_within(&pool, deadline, grace, wait)?;
     shared.probe.read_by(&mut conn, deadline, |conn| {
         Ok(row::table

@@ -72,9 +72,10 @@
 //! statement slower than the deadline on a healthy node: either makes the node *suspect* —
 //! calls wait while the node's probe, woken at once, checks it on a connection of its own, and
 //! only a failed probe (or none answering within the probe timeout) takes the node down. A cut
-//! call also replaces the node's pools (their connections may all be dead), and a second one
-//! with no call answered in between takes the node down whatever its probe says (its
-//! statements hang). A node that is down stays down until a probe finds it healthy again. The
+//! call (also a COMMIT cut off: `OutcomeUnknown`) also replaces the node's pools (their
+//! connections may all be dead), and a second cut of a call that started after the first was
+//! cut — calls in flight together met the same stall — takes the node down whatever its probe
+//! says (its statements hang), unless a call started after the first cut was answered. A node that is down stays down until a probe finds it healthy again. The
 //! coordinator never marks a node down because no pooled connection came in time (nothing was
 //! sent): it goes on without that node for the rest of the election. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
 //! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).
@@ -151,9 +152,9 @@ mod election;
 mod health;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::mysql::MysqlConnection;
@@ -275,7 +276,7 @@ impl RouterBuilder {
                 Node {
                     url,
                     pools,
-                    cut_calls: AtomicU32::new(0),
+                    cuts: Mutex::new(Cuts::default()),
                 }
             })
             .collect::<Vec<_>>();
@@ -525,15 +526,22 @@ struct Node {
     /// Replaced by fresh pools after a node failure, so no connection to a dead server is
     /// handed out again.
     pools: Mutex<Pools>,
-    /// Calls on the node cut off at their deadline since its last call that was not: one makes
-    /// it suspect, [`CUTS_TO_FAIL`] in a row take it down (its statements hang although its
-    /// probe may still answer).
-    cut_calls: AtomicU32,
+    /// Calls on the node cut off at their deadline (see [`Cuts`]).
+    cuts: Mutex<Cuts>,
 }
 
-/// Calls cut off at their deadline in a row (no call answered between them) that take a node
-/// down whatever its probe says.
+/// Calls cut off at their deadline in a row that take a node down whatever its probe says (its
+/// statements hang although its status read answers).
 const CUTS_TO_FAIL: u32 = 2;
+
+/// A node's calls cut off at their deadline. A cut counts only if its call started after the
+/// last counted one was cut (calls in flight together met the same stall: one cut), and a call
+/// answered that started after it clears the count (the node served it).
+#[derive(Debug, Default)]
+struct Cuts {
+    count: u32,
+    last: Option<Instant>,
+}
 
 struct Pools {
     write: MysqlPool,
@@ -614,27 +622,67 @@ impl Shared {
     /// coordinator and replace its pools.
     fn fail(&self, node: usize, error: &Error) {
         trace_event!(node, error = %error, "router: node failure");
-        // A call cut off at its deadline may have met a frozen node — whose probe then times
-        // out — or only a statement slower than the deadline on a healthy one; calls cut off in
-        // a row mean its statements hang, whatever its probe says.
-        let cut = matches!(error, Error::ServerUnresponsive { .. });
-        let cuts = if cut {
-            self.nodes[node].cut_calls.fetch_add(1, Ordering::Relaxed) + 1
-        } else {
-            0
-        };
-        if is_connection_failure(error) || (cut && cuts < CUTS_TO_FAIL) {
+        if is_connection_failure(error) {
             // One connection, or the node? Its probe tells, now; calls wait for it.
-            self.lock().mark_suspect(node);
-            self.changed.notify_all();
-            // The pooled connections of a node whose calls are cut off may all be dead
-            // (half-open after a network fault): each would cost a call its deadline.
-            if cut {
-                self.renew_pools(node);
-            }
+            self.suspect(node);
             return;
         }
-        self.nodes[node].cut_calls.store(0, Ordering::Relaxed);
+        self.take_down(node, error);
+    }
+
+    /// Marks `node` suspect: calls wait while its probe, woken at once, checks it.
+    fn suspect(&self, node: usize) {
+        self.lock().mark_suspect(node);
+        self.changed.notify_all();
+    }
+
+    /// A call on `node` that started at `started` was cut off at its deadline (`error`). It may
+    /// have met a frozen node — whose probe then times out — or only a statement slower than
+    /// the deadline on a healthy one: the node is suspect, and its pools are replaced (after a
+    /// network fault their connections may all be half-open, each costing a call its
+    /// deadline). [`CUTS_TO_FAIL`] cuts in a row take it down whatever its probe says.
+    fn cut(&self, node: usize, started: Instant, error: &Error) {
+        let counted = {
+            let mut cuts = self.nodes[node]
+                .cuts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if cuts.last.is_some_and(|last| started < last) {
+                // In flight with the last counted cut: the same stall.
+                return;
+            }
+            cuts.count += 1;
+            cuts.last = Some(Instant::now());
+            if cuts.count >= CUTS_TO_FAIL {
+                *cuts = Cuts::default();
+                None
+            } else {
+                Some(())
+            }
+        };
+        match counted {
+            Some(()) => {
+                self.suspect(node);
+                self.renew_pools(node);
+            }
+            None => self.take_down(node, error),
+        }
+    }
+
+    /// A call on `node` that started at `started` was answered: a count of cuts before it is
+    /// cleared.
+    fn answered(&self, node: usize, started: Instant) {
+        let mut cuts = self.nodes[node]
+            .cuts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cuts.count > 0 && cuts.last.is_some_and(|last| started > last) {
+            *cuts = Cuts::default();
+        }
+    }
+
+    /// Marks `node` down (and no writer if it was), wakes the coordinator, replaces its pools.
+    fn take_down(&self, node: usize, error: &Error) {
         {
             let mut state = self.lock();
             state.mark_failed(node, error);
@@ -706,24 +754,37 @@ impl Shared {
         // Bounded by the router's deadline whatever the closure calls (a call without a deadline
         // parameter runs by its own policy's, which may be later): a node that stops answering
         // is cut off at the caller's deadline plus grace.
-        let result =
-            crate::txn::bounded(&mut conn, deadline, grace, |conn, _| call(conn, deadline));
+        let started = Instant::now();
+        let (result, cut) =
+            crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| call(conn, deadline));
+        if cut {
+            // Also a COMMIT cut off (`OutcomeUnknown`): the node left a call hanging. (The
+            // connection is marked broken: r2d2 discards it.)
+            let blamed = match &result {
+                Err(error) => error.clone(),
+                Ok(_) => Error::ServerUnresponsive {
+                    elapsed: deadline.elapsed(),
+                },
+            };
+            self.cut(node, started, &blamed);
+        }
         match result {
             Err(error) if is_node_failure(&error) => {
-                // Never back into the pool (it does not test on checkout): r2d2 discards a
-                // connection marked broken.
-                crate::txn::mark_broken(&mut conn);
-                drop(conn);
-                self.fail(node, &error);
+                if !cut {
+                    // Never back into the pool (it does not test on checkout): r2d2 discards a
+                    // connection marked broken.
+                    crate::txn::mark_broken(&mut conn);
+                    drop(conn);
+                    self.fail(node, &error);
+                }
                 if deadline.is_expired() {
                     return Attempt::Done(Err(error));
                 }
                 Attempt::NodeFailed(error)
             }
             result => {
-                let cuts = &self.nodes[node].cut_calls;
-                if cuts.load(Ordering::Relaxed) != 0 {
-                    cuts.store(0, Ordering::Relaxed);
+                if !cut {
+                    self.answered(node, started);
                 }
                 Attempt::Done(result)
             }

@@ -231,19 +231,31 @@ pub(crate) fn bounded<T>(
     grace: Duration,
     f: impl FnOnce(&mut MysqlConnection, &Guard) -> Result<T, Error>,
 ) -> Result<T, Error> {
+    bounded_telling(conn, deadline, grace, f).0
+}
+
+/// [`bounded`], and whether the watchdog shut the connection down (a call cut off at its
+/// deadline, whatever it answers: also [`Error::OutcomeUnknown`] for a COMMIT cut off).
+pub(crate) fn bounded_telling<T>(
+    conn: &mut MysqlConnection,
+    deadline: Deadline,
+    grace: Duration,
+    f: impl FnOnce(&mut MysqlConnection, &Guard) -> Result<T, Error>,
+) -> (Result<T, Error>, bool) {
     let (result, fired) = watched(deadline, grace, |guard| f(conn, guard));
     if !fired {
-        return result;
+        return (result, false);
     }
     mark_broken(conn);
     trace_event!(ok = result.is_ok(), "the watchdog shut the connection down");
-    match result {
+    let result = match result {
         Ok(value) => Ok(value),
         Err(error @ Error::OutcomeUnknown { .. }) => Err(error),
         Err(_) => Err(Error::ServerUnresponsive {
             elapsed: deadline.elapsed(),
         }),
-    }
+    };
+    (result, true)
 }
 
 /// Runs `f` with the watchdog armed for the calling thread, due `grace` after `deadline`;

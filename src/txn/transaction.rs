@@ -72,7 +72,8 @@ pub(crate) fn forget_prepared(
             let address = std::ptr::from_ref::<MysqlConnection>(conn) as usize;
             match CACHE_PROBE.with(std::cell::Cell::get) {
                 Some((probed, on)) if probed == address => on,
-                _ => match caches_statements(conn, flavor) {
+                // A Galera abort reported late may land on the first read: asked again then.
+                _ => match after_late_abort_value(conn, |conn| caches_statements(conn, flavor)) {
                     Ok(on) => {
                         CACHE_PROBE.with(|probe| probe.set(Some((address, on))));
                         on
@@ -211,6 +212,21 @@ pub(super) fn run_transaction<T>(
             }
         },
         Ok(Err(error)) => {
+            // On a guarded Galera write, a body that failed may have failed BECAUSE the server
+            // rolled the transaction back without a word (a brute-force abort): its later
+            // statements ran in a new transaction and missed its rows (a foreign key to a row
+            // it had inserted, an account it had created). The savepoint tells: gone, this is a
+            // deadlock victim's answer, retried.
+            let error = if begin.savepoint
+                && error.server_kind() != Some(ServerErrorKind::ConnectionLost)
+            {
+                match release_savepoint(conn) {
+                    Err(gone) if gone.server_kind() == Some(ServerErrorKind::Deadlock) => gone,
+                    _ => error,
+                }
+            } else {
+                error
+            };
             let stale = may_leave_a_stale_statement(&error);
             match end_failed(conn, begin) {
                 // A lost connection: the server rolled back already; the body's error says so.
@@ -348,6 +364,17 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
     }
 }
 
+/// [`after_late_abort`] for a statement with a value.
+fn after_late_abort_value<T>(
+    conn: &mut MysqlConnection,
+    mut statement: impl FnMut(&mut MysqlConnection) -> Result<T, diesel::result::Error>,
+) -> Result<T, diesel::result::Error> {
+    match statement(conn) {
+        Err(e) if crate::error::classify_kind(&e).is_definite_abort() => statement(conn),
+        done => done,
+    }
+}
+
 /// Runs `statement`, and once more if it failed with a definite abort: on a Galera node a
 /// brute-force abort can be reported late, on the next statement — also on the ROLLBACK or the
 /// restoring SET after a failed body. The transaction is gone then (that is what the abort
@@ -355,12 +382,9 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
 /// failure counts.
 fn after_late_abort(
     conn: &mut MysqlConnection,
-    mut statement: impl FnMut(&mut MysqlConnection) -> Result<(), diesel::result::Error>,
+    statement: impl FnMut(&mut MysqlConnection) -> Result<(), diesel::result::Error>,
 ) -> Result<(), diesel::result::Error> {
-    match statement(conn) {
-        Err(e) if crate::error::classify_kind(&e).is_definite_abort() => statement(conn),
-        done => done,
-    }
+    after_late_abort_value(conn, statement)
 }
 
 /// Puts back the session variables the begin batch saved.
