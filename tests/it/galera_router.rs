@@ -700,10 +700,11 @@ fn galera_router_bounds_a_call_without_a_deadline_of_its_own() {
     );
 }
 
-/// A call cut off at its deadline on a healthy writer — a statement slower than the deadline,
-/// not a dead node — does not fail the writer over: the node is only suspected, its probe finds
-/// it healthy, and the writer and the designated-writer row stay. Before the fix the cut call
-/// marked the node down and the routers moved the writer.
+/// Calls cut off at their deadline on a healthy writer — statements slower than the deadline,
+/// not a dead node; here three in flight together — do not fail the writer over: the node is
+/// only suspected, its probe finds it healthy, and the writer and the designated-writer row
+/// stay. Before the fix a cut call marked the node down and the routers moved the writer (and
+/// with cuts merely counted, the second concurrent one did).
 #[test]
 fn galera_router_keeps_the_writer_after_a_slow_call_is_cut_off() {
     let _guard = exclusive();
@@ -714,19 +715,36 @@ fn galera_router_keeps_the_writer_after_a_slow_call_is_cut_off() {
     let writer = router.writer().expect("a writer");
     let before = router.stats();
     let runner = lockstock::TxnRunner::new(TxnPolicy::default());
-    let answer = router.write(
-        Deadline::after(Duration::from_millis(200)),
-        |conn, deadline| {
-            runner.run_by(conn, deadline, |conn| {
-                diesel::sql_query("SELECT SLEEP(2)").execute(conn)?;
-                Ok(())
+    // Three callers meet the same stall, cut off one after another: one stall, not three.
+    let answers: Vec<_> = thread::scope(|scope| {
+        let calls: Vec<_> = [200, 300, 400]
+            .map(|ms| {
+                let (router, runner) = (&router, &runner);
+                scope.spawn(move || {
+                    router.write(
+                        Deadline::after(Duration::from_millis(ms)),
+                        |conn, deadline| {
+                            runner.run_by(conn, deadline, |conn| {
+                                diesel::sql_query("SELECT SLEEP(3)").execute(conn)?;
+                                Ok(())
+                            })
+                        },
+                    )
+                })
             })
-        },
-    );
-    assert!(
-        matches!(answer, Err(Error::ServerUnresponsive { .. })),
-        "{answer:?}"
-    );
+            .into_iter()
+            .collect();
+        calls
+            .into_iter()
+            .map(|call| call.join().expect("slow call"))
+            .collect()
+    });
+    for answer in &answers {
+        assert!(
+            matches!(answer, Err(Error::ServerUnresponsive { .. })),
+            "{answer:?}"
+        );
+    }
     // Longer than a probe round (interval 200 ms, timeout ~1.5 s) and an election.
     thread::sleep(Duration::from_secs(3));
     let after = router.stats();
