@@ -175,13 +175,21 @@ fn elect(shared: &Shared, deadline: Deadline) {
 /// A failed read or claim on `node`, as a node failure — unless no connection came in time
 /// ([`Error::Timeout`], or [`Error::Pool`] when the node's share of the round ran out):
 /// callers' calls hold them all, or none could be opened, so nothing was sent, and the node is
-/// not marked down for it (its probe decides): `true`, and the election goes on without it.
+/// not marked down for it (its probe decides) — or the read was cut off at its share of the
+/// deadline ([`Error::ServerUnresponsive`]: a slow causal read is no dead node), which makes
+/// it suspect. Then `true`, and the election goes on without it.
 fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
-    if matches!(error, Error::Timeout { .. } | Error::Pool(_)) {
-        return true;
+    match error {
+        Error::Timeout { .. } | Error::Pool(_) => true,
+        Error::ServerUnresponsive { .. } => {
+            shared.suspect(node);
+            true
+        }
+        _ => {
+            shared.fail(node, error);
+            false
+        }
     }
-    shared.fail(node, error);
-    false
 }
 
 fn adopt(shared: &Shared, node: usize, epoch: i64) {

@@ -683,6 +683,11 @@ impl Shared {
 
     /// Marks `node` down (and no writer if it was), wakes the coordinator, replaces its pools.
     fn take_down(&self, node: usize, error: &Error) {
+        // Down from here on: cuts counted before do not carry over to its return.
+        *self.nodes[node]
+            .cuts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Cuts::default();
         {
             let mut state = self.lock();
             state.mark_failed(node, error);
