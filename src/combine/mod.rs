@@ -947,7 +947,7 @@ impl CombiningLedger {
     /// call checks it before it sends anything.
     fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
         let deadline = self.inner.runner().deadline();
-        if let Some(refusal) = op.refusal_before_sending(user_id) {
+        if let crate::ledger::BeforeSending::Refused(refusal) = op.before_sending(user_id) {
             return Err(refusal);
         }
         self.submit(user_id, op, deadline)

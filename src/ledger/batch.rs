@@ -16,7 +16,7 @@ use super::rows::{
     end_hold, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create, store_balance,
     Account,
 };
-use super::types::{AccountOp, Entry, Hold};
+use super::types::{AccountOp, BeforeSending, Entry, Hold};
 use super::BalanceLedger;
 use crate::error::{Error, Result, ServerError, ServerErrorKind};
 use crate::records::{EntryKind, HoldState};
@@ -101,37 +101,27 @@ impl BalanceLedger {
         ops: &[AccountOp],
         deadline: Deadline,
     ) -> Result<Vec<Result<Entry>>> {
-        // What each single call would answer without the server, decided before anything is
-        // sent (an expiry is checked against the clock now, as the single call checks it).
-        let refusals: Vec<Option<Error>> = ops
-            .iter()
-            .map(|op| op.refusal_before_sending(user_id))
-            .collect();
+        // What each single call decides without the server, decided before anything is sent
+        // (an expiry is checked against the clock now, as the single call checks it).
+        let before: Vec<BeforeSending<'_>> =
+            ops.iter().map(|op| op.before_sending(user_id)).collect();
         let failure = match self.decide_many_by(conn, user_id, ops, deadline) {
             Err(failure) => failure,
             decided => return decided,
         };
-        fn expired(op: &AccountOp, user_id: i64) -> Option<(Request<'_>, Error)> {
-            let request = op.request(user_id, None).and_then(Request::checked).ok()?;
-            let refusal = request.expiry_refusal()?;
-            Some((request, refusal))
-        }
-        if refusals.iter().all(Option::is_none)
-            && !ops.iter().any(|op| expired(op, user_id).is_some())
-        {
+        if before.iter().all(|b| matches!(b, BeforeSending::Send)) {
             return Err(failure);
         }
         // As the single calls: each refused one answers its refusal, and a hold whose expiry
         // passed what its single call answers (its key looked up), whatever the rest met.
-        Ok(ops
-            .iter()
-            .zip(refusals)
-            .map(|(op, refusal)| match (refusal, expired(op, user_id)) {
-                (Some(refusal), _) => Err(refusal),
-                (None, Some((request, refusal))) => {
+        Ok(before
+            .into_iter()
+            .map(|before| match before {
+                BeforeSending::Refused(refusal) => Err(refusal),
+                BeforeSending::Expired(request, refusal) => {
                     self.expired_hold(conn, &request, refusal, deadline)
                 }
-                (None, None) => Err(failure.clone()),
+                BeforeSending::Send => Err(failure.clone()),
             })
             .collect())
     }

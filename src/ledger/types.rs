@@ -253,6 +253,17 @@ pub(crate) struct NewHold {
     pub(crate) created_at: NaiveDateTime,
 }
 
+/// What a single call decides of its request before it sends anything.
+pub(crate) enum BeforeSending<'a> {
+    /// Refused for its input: an invalid id, amount, key or expiry.
+    Refused(Error),
+    /// A hold whose expiry has passed, with that refusal: its key is looked up first (a retry
+    /// of a hold placed in time answers its entry).
+    Expired(Request<'a>, Error),
+    /// Sent to the server.
+    Send,
+}
+
 /// What one [`BalanceLedger::expire_holds`](super::BalanceLedger::expire_holds) call did.
 #[non_exhaustive]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -374,13 +385,23 @@ impl AccountOp {
         }
     }
 
-    /// The refusal the single call answers for this op on `user_id` before it sends anything —
-    /// an invalid id, amount, key or expiry ([`Error::InvalidExpiry`] of a hold whose expiry
-    /// has passed excepted: that call looks its key up first) — or `None`.
-    pub(crate) fn refusal_before_sending(&self, user_id: i64) -> Option<Error> {
-        match self {
-            Self::Capture { .. } | Self::Release { .. } => super::check_ending(self).err(),
-            _ => self.request(user_id, None).and_then(Request::checked).err(),
+    /// What the single call of this op on `user_id` decides before it sends anything.
+    pub(crate) fn before_sending(&self, user_id: i64) -> BeforeSending<'_> {
+        let checked = match self {
+            Self::Capture { .. } | Self::Release { .. } => {
+                return match super::check_ending(self) {
+                    Ok(()) => BeforeSending::Send,
+                    Err(refusal) => BeforeSending::Refused(refusal),
+                }
+            }
+            _ => self.request(user_id, None).and_then(Request::checked),
+        };
+        match checked {
+            Err(refusal) => BeforeSending::Refused(refusal),
+            Ok(request) => match request.expiry_refusal() {
+                Some(refusal) => BeforeSending::Expired(request, refusal),
+                None => BeforeSending::Send,
+            },
         }
     }
 

@@ -73,7 +73,7 @@ pub(crate) fn forget_prepared(
             match CACHE_PROBE.with(std::cell::Cell::get) {
                 Some((probed, on)) if probed == address => on,
                 // A Galera abort reported late may land on the first read: asked again then.
-                _ => match after_late_abort_value(conn, |conn| caches_statements(conn, flavor)) {
+                _ => match after_late_abort(conn, |conn| caches_statements(conn, flavor)) {
                     Ok(on) => {
                         CACHE_PROBE.with(|probe| probe.set(Some((address, on))));
                         on
@@ -216,10 +216,13 @@ pub(super) fn run_transaction<T>(
             // rolled the transaction back without a word (a brute-force abort): its later
             // statements ran in a new transaction and missed its rows (a foreign key to a row
             // it had inserted, an account it had created). The savepoint tells: gone, this is a
-            // deadlock victim's answer, retried.
+            // deadlock victim's answer, retried (a lost connection or a deadlock says so
+            // already).
             let error = if begin.savepoint
-                && error.server_kind() != Some(ServerErrorKind::ConnectionLost)
-            {
+                && !matches!(
+                    error.server_kind(),
+                    Some(ServerErrorKind::ConnectionLost | ServerErrorKind::Deadlock)
+                ) {
                 match release_savepoint(conn) {
                     Err(gone) if gone.server_kind() == Some(ServerErrorKind::Deadlock) => gone,
                     _ => error,
@@ -364,8 +367,12 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
     }
 }
 
-/// [`after_late_abort`] for a statement with a value.
-fn after_late_abort_value<T>(
+/// Runs `statement`, and once more if it failed with a definite abort: on a Galera node a
+/// brute-force abort can be reported late, on the next statement — also on the ROLLBACK or the
+/// restoring SET after a failed body. The transaction is gone then (that is what the abort
+/// did), so the statement is sent again instead of breaking the connection; only a second
+/// failure counts.
+fn after_late_abort<T>(
     conn: &mut MysqlConnection,
     mut statement: impl FnMut(&mut MysqlConnection) -> Result<T, diesel::result::Error>,
 ) -> Result<T, diesel::result::Error> {
@@ -373,18 +380,6 @@ fn after_late_abort_value<T>(
         Err(e) if crate::error::classify_kind(&e).is_definite_abort() => statement(conn),
         done => done,
     }
-}
-
-/// Runs `statement`, and once more if it failed with a definite abort: on a Galera node a
-/// brute-force abort can be reported late, on the next statement — also on the ROLLBACK or the
-/// restoring SET after a failed body. The transaction is gone then (that is what the abort
-/// did), so the statement is sent again instead of breaking the connection; only a second
-/// failure counts.
-fn after_late_abort(
-    conn: &mut MysqlConnection,
-    statement: impl FnMut(&mut MysqlConnection) -> Result<(), diesel::result::Error>,
-) -> Result<(), diesel::result::Error> {
-    after_late_abort_value(conn, statement)
 }
 
 /// Puts back the session variables the begin batch saved.

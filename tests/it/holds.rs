@@ -18,7 +18,7 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
     assert_not_sacrificed, audit_ok, concurrently, connect, fresh_database, funded_account,
-    holds_locker, lock_balance, now, other_program, pool, snapshot,
+    holds_locker, journal_size, lock_balance, now, other_program, pool, snapshot,
 };
 use lockstock_testkit::rng::{seed, Rng};
 
@@ -1306,12 +1306,7 @@ fn an_expired_hold_is_refused_for_its_input_where_its_key_cannot_be_looked_up() 
         other => panic!("expired hold in a caller's transaction: {other:?}"),
     }
     conn.batch_execute("ROLLBACK").expect("rollback");
-    let journal: i64 = balance_history::table
-        .filter(balance_history::user_id.eq(USER))
-        .count()
-        .get_result(&mut conn)
-        .expect("journal size");
-    assert_eq!(journal, 1, "only the funding charge");
+    assert_eq!(journal_size(&mut conn, USER), 1, "only the funding charge");
     audit_ok(&ledger, &mut conn, USER);
 }
 
