@@ -91,8 +91,8 @@ use crate::sandbox::{
     create_database_on, find_install_db, find_mariadbd, flag, io_err, is_root, kill_and_reap,
     make_private_dir, percent_encode, read_tail, remove_watched_dir, request_shutdown,
     run_install_db, search_path, server_command, spawn_detached, spawn_watchdog_script,
-    validate_database_name, wait_timeout, write_atomically, SandboxError, ERROR_LOG, SOCKET_NAME,
-    STOP_TIMEOUT,
+    validate_database_name, wait_stopped, wait_timeout, write_atomically, SandboxError, ERROR_LOG,
+    SOCKET_NAME, STOP_TIMEOUT,
 };
 
 /// Number of nodes of [`GaleraCluster::builder`]'s default cluster.
@@ -769,9 +769,20 @@ impl GaleraCluster {
     /// until they evict it after `evs.suspect_timeout` (5 s by default), then
     /// continue without it. Connections to a paused node hang, so
     /// [`status`](Self::status) refuses it.
+    ///
+    /// It returns once every thread of the node's server has stopped (SIGSTOP is delivered
+    /// asynchronously).
     pub fn pause(&mut self, node: usize) -> Result<(), GaleraError> {
         self.running(node)?;
-        self.signal_paused(node, "STOP", true)
+        self.signal_paused(node, "STOP", true)?;
+        let pid = self.nodes[node]
+            .server
+            .as_ref()
+            .map(Child::id)
+            .ok_or(GaleraError::NodeNotRunning { node })?;
+        wait_stopped(pid, STOP_TIMEOUT).map_err(gio_err(format!(
+            "node {node}'s server {pid} did not stop on SIGSTOP"
+        )))
     }
 
     /// Continues a [`pause`](Self::pause)d node with SIGCONT. It does not

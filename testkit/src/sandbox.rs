@@ -222,6 +222,42 @@ pub enum SandboxError {
     },
 }
 
+/// Waits until every thread of process `pid` is stopped (or dead) — at most `within`.
+///
+/// A signal that stops a process is delivered asynchronously: `kill` returns once it is
+/// queued, one thread takes it and the others stop as each of them next runs.
+pub(crate) fn wait_stopped(pid: u32, within: Duration) -> std::io::Result<()> {
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    let started = Instant::now();
+    loop {
+        let mut running = 0_usize;
+        for task in fs::read_dir(&tasks)? {
+            // A thread that exited meanwhile is not running.
+            let Ok(stat) = fs::read_to_string(task?.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) S ...`: the state follows the last `)` (comm may hold one).
+            let state = stat
+                .rfind(')')
+                .and_then(|end| stat.get(end + 1..))
+                .and_then(|rest| rest.trim_start().chars().next());
+            if !matches!(state, Some('T' | 't' | 'Z' | 'X')) {
+                running += 1;
+            }
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        if started.elapsed() >= within {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{running} thread(s) still running after {within:?}"),
+            ));
+        }
+        sleep(Duration::from_micros(200));
+    }
+}
+
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
     let context = context.into();
     move |source| SandboxError::Io { context, source }
@@ -330,10 +366,17 @@ impl Sandbox {
     /// (a hung or unreachable server; new connections hang in their handshake). Undo with
     /// [`resume`](Self::resume); [`stop`](Self::stop), [`kill`](Self::kill),
     /// [`restart`](Self::restart) and dropping the sandbox resume a paused server first.
+    ///
+    /// It returns once every thread of the server has stopped: SIGSTOP is delivered
+    /// asynchronously (one thread takes it and stops the others as each next runs), so a
+    /// server on a busy machine could otherwise answer a few more statements after `pause`.
     pub fn pause(&mut self) -> Result<(), SandboxError> {
         self.signal(libc::SIGSTOP, "cannot pause (SIGSTOP) the sandbox server")?;
         self.paused = true;
-        Ok(())
+        let pid = self.pid().ok_or(SandboxError::NotRunning)?;
+        wait_stopped(pid, STOP_TIMEOUT).map_err(io_err(format!(
+            "sandbox server {pid} did not stop on SIGSTOP"
+        )))
     }
 
     /// Continues a [`pause`](Self::pause)d server with SIGCONT (a no-op on a running one).

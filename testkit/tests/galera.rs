@@ -11,7 +11,7 @@ use lockstock_testkit::galera::{GaleraCluster, GaleraError};
 mod common;
 use common::{
     assert_named_for_this_process, is_child, process_alive, process_state, report_and_hang,
-    report_of_killed_child, wait_until, Count, TestResult,
+    report_of_killed_child, running_threads, wait_until, Count, TestResult,
 };
 
 const CHILD_ENV: &str = "LOCKSTOCK_GALERA_CHILD";
@@ -201,6 +201,8 @@ fn galera_pause_resume_and_drop_cleans_up() -> TestResult {
     cluster.pause(2)?;
     assert!(cluster.is_paused(2));
     assert_eq!(process_state(pid), Some('T'));
+    let running = running_threads(pid);
+    assert!(running.is_empty(), "still running after pause: {running:?}");
     assert!(matches!(
         cluster.status(2),
         Err(GaleraError::NodePaused { node: 2 })

@@ -2,6 +2,7 @@
 
 use std::error::Error;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -11,7 +12,7 @@ use lockstock_testkit::sandbox::{database_url, Sandbox, SandboxError};
 mod common;
 use common::{
     assert_named_for_this_process, is_child, process_alive, process_state, report_and_hang,
-    report_of_killed_child, wait_until, Count, TestResult,
+    report_of_killed_child, running_threads, wait_until, Count, TestResult,
 };
 
 const CHILD_ENV: &str = "LOCKSTOCK_SANDBOX_CHILD";
@@ -160,12 +161,7 @@ fn pause_freezes_the_server_until_resumed_and_stop_resumes_first() -> TestResult
 
     sandbox.pause()?;
     assert!(sandbox.is_paused());
-    // SIGSTOP is delivered asynchronously.
-    assert!(
-        wait_until(Duration::from_secs(5), || process_state(pid) == Some('T')).is_some(),
-        "server {pid} not stopped: {:?}",
-        process_state(pid)
-    );
+    assert_eq!(process_state(pid), Some('T'), "server {pid} not stopped");
     // A query on the paused server gets no answer until the server is resumed.
     let (tx, rx) = std::sync::mpsc::channel();
     let query = std::thread::spawn(move || {
@@ -205,6 +201,61 @@ fn pause_freezes_the_server_until_resumed_and_stop_resumes_first() -> TestResult
     drop(sandbox);
     assert!(!process_alive(pid), "paused server {pid} still exists");
     assert!(!dir.exists(), "{} still exists", dir.display());
+    Ok(())
+}
+
+/// `pause` returns once the server answers nothing more: every one of its threads is stopped
+/// (SIGSTOP is delivered asynchronously; a server under load answered a whole transaction
+/// after `pause` had returned when it only sent the signal).
+#[test]
+fn pause_returns_once_every_thread_has_stopped() -> TestResult {
+    let mut sandbox = Sandbox::start()?;
+    let url = sandbox.create_database("sbx_pause_stops")?;
+    let pid = sandbox.pid().ok_or("no pid")?;
+    // Clients querying without a pause keep the server's threads running.
+    let answers = std::sync::Arc::new(AtomicU64::new(0));
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, answers, done) = (url.clone(), answers.clone(), done.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut conn = MysqlConnection::establish(&url).map_err(|e| e.to_string())?;
+                while !done.load(Ordering::Relaxed) {
+                    diesel::select(diesel::dsl::sql::<Integer>("1"))
+                        .get_result::<i32>(&mut conn)
+                        .map_err(|e| e.to_string())?;
+                    answers.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for round in 0..20 {
+        std::thread::sleep(Duration::from_millis(20));
+        sandbox.pause()?;
+        let running = running_threads(pid);
+        let at_pause = answers.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        // Each client may count the one answer it read before the pause.
+        let later = answers.load(Ordering::Relaxed) - at_pause;
+        sandbox.resume()?;
+        assert!(
+            running.is_empty(),
+            "round {round}: threads still running after pause: {running:?}"
+        );
+        assert!(
+            later <= 4,
+            "round {round}: {later} answers after pause returned"
+        );
+    }
+    done.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().map_err(|_| "client panicked")??;
+    }
+    assert!(
+        answers.load(Ordering::Relaxed) > 0,
+        "no client was answered"
+    );
     Ok(())
 }
 

@@ -26,6 +26,22 @@ pub fn process_state(pid: u32) -> Option<char> {
     stat.rsplit_once(") ")?.1.chars().next()
 }
 
+/// The threads of `pid` that are neither stopped nor dead: `(thread id, state)`.
+pub fn running_threads(pid: u32) -> Vec<(String, char)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            let tid = task.file_name().to_string_lossy().into_owned();
+            (!matches!(state, 'T' | 't' | 'Z' | 'X')).then_some((tid, state))
+        })
+        .collect()
+}
+
 /// True if `pid` exists and is not a zombie (an orphaned, killed server may stay a zombie until
 /// init reaps it).
 pub fn process_alive(pid: u32) -> bool {
