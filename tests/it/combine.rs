@@ -139,6 +139,8 @@ fn apply_many_is_sequential_per_request() {
 
 #[test]
 fn combining_issuer_never_over_issues_under_64_callers() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     let (url, mut conn) = fresh_database("combine_issuer");
     let issuer = CouponIssuer::new();
     let id = open_campaign(&mut conn, &issuer, 500).id;
@@ -186,6 +188,8 @@ fn combining_issuer_never_over_issues_under_64_callers() {
 
 #[test]
 fn combining_ledger_keeps_balances_exact_under_64_callers() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     let (url, mut conn) = fresh_database("combine_ledger");
     let ledger = BalanceLedger::new();
     ledger
@@ -467,15 +471,34 @@ fn a_combined_batch_polls_a_row_held_for_a_moment_and_gives_up_on_a_long_hold() 
         holder.join().expect("holder");
         answer
     };
-    let polled = issue_while_held(2, 2);
-    assert!(polled.is_ok(), "a 2 ms hold failed the batch: {polled:?}");
+    // The poll budget is 8 ms: on a loaded machine the holder's COMMIT may come later than
+    // that now and then (the batch is then refused, nothing applied); one of three tries,
+    // each for a new user, must be waited out.
+    let polled: Vec<_> = (0..3)
+        .map(|attempt| issue_while_held(20 + attempt, 2))
+        .collect();
+    assert!(
+        polled.iter().any(Result::is_ok),
+        "every 2 ms hold failed the batch: {polled:?}"
+    );
+    assert!(
+        polled
+            .iter()
+            .all(|p| matches!(p, Ok(_) | Err(Error::Contended { .. }))),
+        "{polled:?}"
+    );
+    let waited_out = polled.iter().filter(|p| p.is_ok()).count() as i64;
     let refused = issue_while_held(3, 300);
     assert!(
         matches!(refused, Err(Error::Contended { .. })),
         "a 300 ms hold: {refused:?}"
     );
     let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
-    assert_eq!((rows, stock, duplicates), (2, 8, 0), "users 1 and 2 only");
+    assert_eq!(
+        (rows, stock, duplicates),
+        (1 + waited_out, 9 - waited_out as i32, 0),
+        "user 1 and the users whose hold was waited out only"
+    );
 }
 
 /// How many times, while `running` is not finished, a locking read of `table` on the database

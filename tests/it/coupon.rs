@@ -119,6 +119,8 @@ fn outcome_name(result: &Result<IssuedCoupon, Error>) -> String {
 
 #[test]
 fn flash_sale_never_over_issues_and_never_duplicates() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     const STOCK: u32 = 500;
     const USERS: i64 = 2_000;
     const THREADS: i64 = 64;
@@ -807,6 +809,8 @@ fn user_coupons_and_remaining_match_the_database() {
 /// answering SoldOut from memory after the restock returned.
 #[test]
 fn restock_is_not_undone_by_a_stale_sold_out_read() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     const ROUNDS: i64 = 100;
     const READERS: usize = 3;
     let (url, mut conn) = fresh_database("coupon_restock_race");
@@ -857,7 +861,7 @@ fn sold_out_ttl_lets_other_issuers_see_a_restock() {
     let admin = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign_named(&mut conn, &admin, "ttl", 1);
     let forever = CouponIssuer::new();
-    let brief = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::from_millis(200));
+    let brief = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::from_millis(1000));
     forever.issue(&mut conn, 1, campaign.id).expect("the one");
     for issuer in [&forever, &brief] {
         assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
@@ -871,7 +875,7 @@ fn sold_out_ttl_lets_other_issuers_see_a_restock() {
     assert_refused(&brief.issue(&mut conn, 2, campaign.id), |e| {
         matches!(e, Error::SoldOut { .. })
     });
-    thread::sleep(std::time::Duration::from_millis(250));
+    thread::sleep(std::time::Duration::from_millis(1050));
     brief
         .issue(&mut conn, 2, campaign.id)
         .expect("seen after the TTL");

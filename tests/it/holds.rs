@@ -505,7 +505,7 @@ fn an_expired_hold_stops_reserving_before_any_sweep() {
             USER,
             dec(60),
             "short",
-            now() + Duration::milliseconds(1200),
+            now() + Duration::milliseconds(2000),
         )
         .expect("hold");
     let long = ledger
@@ -584,6 +584,8 @@ fn an_expired_hold_stops_reserving_before_any_sweep() {
 /// posted balance never go below zero, every hold ends exactly once, and the audit passes.
 #[test]
 fn thirty_two_threads_hold_capture_and_release_on_one_account() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     const THREADS: usize = 32;
     const HOLDS_PER_THREAD: usize = 6;
     const USER: i64 = 7;
@@ -680,15 +682,17 @@ fn captures_racing_expiry_end_each_hold_once() {
     let (url, mut conn) = fresh_database("holds_expiry_race");
     let ledger = BalanceLedger::new();
     funded_account(&mut conn, &ledger, USER, dec(10_000));
-    // Far enough ahead for the threads to connect before the race starts.
+    // Far enough ahead for the threads to connect before the race starts; one batch (one
+    // transaction) places every hold.
     let expires_at = now() + Duration::milliseconds(2500);
-    let holds: Vec<i64> = (0..HOLDS)
-        .map(|i| {
-            ledger
-                .hold(&mut conn, USER, dec(10), &format!("h{i}"), expires_at)
-                .expect("hold")
-                .id
-        })
+    let ops: Vec<AccountOp> = (0..HOLDS)
+        .map(|i| AccountOp::hold(dec(10), format!("h{i}"), expires_at))
+        .collect();
+    let holds: Vec<i64> = ledger
+        .apply_many(&mut conn, USER, &ops)
+        .expect("holds")
+        .into_iter()
+        .map(|answer| answer.expect("hold").id)
         .collect();
     let seed = seed("captures_racing_expiry_end_each_hold_once");
     let done = AtomicBool::new(false);
@@ -780,13 +784,18 @@ fn concurrent_sweepers_expire_each_hold_once() {
     const HOLDS: usize = 12;
     let (url, mut conn) = fresh_database("holds_sweepers");
     let ledger = BalanceLedger::new();
-    let expires_at = now() + Duration::milliseconds(800);
     for user in 1..=ACCOUNTS {
         funded_account(&mut conn, &ledger, user, dec(1000));
-        for i in 0..HOLDS {
-            ledger
-                .hold(&mut conn, user, dec(5), &format!("h{i}"), expires_at)
-                .expect("hold");
+    }
+    // One batch of holds per account (a transaction each), all due in 800 ms: few commits
+    // between reading the clock and the last hold, so a loaded machine still places them all.
+    let expires_at = now() + Duration::milliseconds(800);
+    let holds: Vec<AccountOp> = (0..HOLDS)
+        .map(|i| AccountOp::hold(dec(5), format!("h{i}"), expires_at))
+        .collect();
+    for user in 1..=ACCOUNTS {
+        for answer in ledger.apply_many(&mut conn, user, &holds).expect("holds") {
+            answer.expect("hold");
         }
     }
     while (1..=ACCOUNTS)
@@ -1319,10 +1328,12 @@ fn a_sweep_that_fails_after_committing_answers_what_it_committed() {
     use diesel::connection::SimpleConnection;
     let (_url, mut conn) = fresh_database("holds_sweep_partial");
     let ledger = BalanceLedger::new();
+    for user in 1..=3 {
+        funded_account(&mut conn, &ledger, user, dec(100));
+    }
     let expires_at = now() + Duration::milliseconds(600);
     let mut holds = Vec::new();
     for user in 1..=3 {
-        funded_account(&mut conn, &ledger, user, dec(100));
         holds.push(
             ledger
                 .hold(&mut conn, user, dec(10), "h", expires_at)

@@ -110,6 +110,8 @@ fn refusal(error: Error, user: i64, amount: Decimal, who: &str) -> Refusal {
 
 #[test]
 fn concurrent_deducts_never_overdraw_one_account() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     const THREADS: usize = 32;
     const PER_THREAD: usize = 20;
     const USER: i64 = 1;
@@ -192,6 +194,8 @@ fn concurrent_deducts_never_overdraw_one_account() {
 
 #[test]
 fn bank_transfers_conserve_money_under_a_snapshot_reader() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     const ACCOUNTS: i64 = 8;
     const WRITERS: usize = 16;
     const OPS_PER_WRITER: usize = 320; // 16 × 320 = 5,120 ≥ 5,000
@@ -1454,6 +1458,8 @@ fn a_failed_first_charge_leaves_no_account() {
 /// retried — never more than the retries can absorb here.
 #[test]
 fn racing_first_charges_of_new_accounts_all_succeed() {
+    // Heavy: never beside a test that asserts time bounds.
+    let _storm = lockstock_testkit::fixtures::storm();
     const THREADS: i64 = 16;
     const EACH: i64 = 25;
     let (url, mut conn) = fresh_database("ledger_racing_sign_ups");
