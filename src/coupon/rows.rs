@@ -26,7 +26,7 @@ use crate::statements::{
     insert_row, read_in_lists, rows_per_insert, write_under_lock, InsertRows, SetStock,
 };
 use crate::txn::{locking_read, note_clean_failure, Holding, InsertIds};
-use crate::util::{inserted_ids, last_insert_id, locked_row, row_id, IdStep};
+use crate::util::{inserted_ids, last_insert_id, locked_row, IdStep};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
 /// fcfs_coupon WHERE id = ?`: the campaign row through its primary key.
@@ -70,9 +70,10 @@ pub(crate) fn lock_campaign_after_insert(
             .for_update();
         lock.read(read).get_result(conn).optional()
     })?;
-    locked
-        .map(|(campaign, first, step)| Ok((campaign, (row_id(first)?, step))))
-        .transpose()
+    // Where the INSERT wrote no row (every user a holder), `LAST_INSERT_ID()` is the session's
+    // earlier value, which no id is read from: a value no BIGINT id can have (a caller's own
+    // `LAST_INSERT_ID(expr)`) is no error then.
+    Ok(locked.map(|(campaign, first, step)| (campaign, (i64::try_from(first).unwrap_or(0), step))))
 }
 
 /// The campaign row, no lock (in a snapshot).
