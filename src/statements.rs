@@ -152,6 +152,7 @@ macro_rules! restore_mariadb {
     () => {
         "SET SESSION innodb_lock_wait_timeout = \
          COALESCE(@lockstock_lock_wait, @@session.innodb_lock_wait_timeout), \
+         lock_wait_timeout = COALESCE(@lockstock_mdl_wait, @@session.lock_wait_timeout), \
          max_statement_time = COALESCE(@lockstock_statement_time, @@session.max_statement_time), \
          lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
          time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
@@ -164,7 +165,8 @@ macro_rules! restore_mariadb {
 /// The assignments come after the ones that read them (a SET assigns in order).
 macro_rules! clear_saved {
     () => {
-        ", @lockstock_lock_wait = NULL, @lockstock_statement_time = NULL, \
+        ", @lockstock_lock_wait = NULL, @lockstock_mdl_wait = NULL, \
+         @lockstock_statement_time = NULL, \
          @lockstock_lc_messages = NULL, @lockstock_time_zone = NULL"
     };
 }
@@ -200,6 +202,7 @@ statement! {
     RestoreMySql => concat!(
         "SET SESSION innodb_lock_wait_timeout = \
          COALESCE(@lockstock_lock_wait, @@session.innodb_lock_wait_timeout), \
+         lock_wait_timeout = COALESCE(@lockstock_mdl_wait, @@session.lock_wait_timeout), \
          max_execution_time = COALESCE(@lockstock_statement_time, @@session.max_execution_time), \
          lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
          time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone)",
@@ -225,6 +228,30 @@ impl QueryFragment<Mysql> for PreparedSql<'_> {
 }
 
 impl RunQueryDsl<MysqlConnection> for PreparedSql<'_> {}
+
+/// [`PreparedSql`] whose one `?` is a bound `DOUBLE` (a transaction's statement limit): one
+/// cached statement whatever the value.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PreparedSqlWith<'a>(pub(crate) &'a str, pub(crate) f64);
+
+impl QueryId for PreparedSqlWith<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl QueryFragment<Mysql> for PreparedSqlWith<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        let (before, after) = self.0.split_once('?').ok_or_else(|| {
+            diesel::result::Error::QueryBuilderError("a statement without its parameter".into())
+        })?;
+        out.push_sql(before);
+        out.push_bind_param::<diesel::sql_types::Double, f64>(&self.1)?;
+        out.push_sql(after);
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<MysqlConnection> for PreparedSqlWith<'_> {}
 
 /// A hot row's locking read as the handoff's `Lock` sends it: `query` (a `... FOR
 /// UPDATE` through the primary key) between a constant `prefix` and `suffix` — `... FOR UPDATE

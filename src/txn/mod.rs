@@ -12,6 +12,24 @@
 //! 4. restarts the body from the start after a retryable refusal, sleeping a full-jitter
 //!    exponential backoff, bounded by attempts and by a deadline for the whole call.
 //!
+//! # Statements that wait, and the deadline
+//!
+//! The hot rows are read with NOWAIT, but other statements may wait for a lock: a row another
+//! transaction inserted or locked (a user's coupon, an idempotency key — and under SERIALIZABLE
+//! every plain read takes shared locks), or a table's metadata lock (an `ALTER TABLE`, a `LOCK
+//! TABLES`). The policy bounds row-lock waits by [`TxnPolicy::lock_wait_timeout`]
+//! (`innodb_lock_wait_timeout`), metadata-lock waits by the same (`lock_wait_timeout`, which the
+//! server leaves at a year) and every statement by [`TxnPolicy::statement_timeout`]. Where the
+//! call has less time left than that when a transaction begins (MariaDB), the transaction's
+//! statements are limited to the time left: the first SET takes `max_statement_time` as a
+//! parameter (no extra statement), and on a connection that carries the settings (whose `SET
+//! TRANSACTION` cannot carry it) the transaction is begun as on the caller's own connection —
+//! settings saved, set and restored, one round trip more — and not opened ahead by a combiner.
+//! A statement stopped there answers [`Error::Contended`] (nothing applied) once the deadline
+//! has passed; the connection stays usable. Each statement gets the time left when its
+//! transaction began, so several long waits in one transaction may still outlast the deadline
+//! (the watchdog below then ends the call). MySQL 8 (on paper) keeps the policy's limits.
+//!
 //! # MariaDB Galera: a transaction rolled back without an error
 //!
 //! On a Galera node a transaction can be brute-force aborted by a replicated write that needs
@@ -27,7 +45,7 @@
 //! - `SAVEPOINT lockstock` right after `BEGIN`, `RELEASE SAVEPOINT lockstock` right before
 //!   COMMIT: a rollback drops the savepoint, so the release fails, the runner rolls back what
 //!   ran after the silent rollback and retries the whole transaction (a retryable
-//!   [`ServerErrorKind::Deadlock`](crate::ServerErrorKind::Deadlock)).
+//!   [`ServerErrorKind::Deadlock`]).
 //!
 //! What remains is the one round trip between the release and COMMIT: a silent rollback in exactly
 //! that gap would make the COMMIT commit nothing and answer success. Measured on a 2-node cluster
@@ -100,8 +118,8 @@ use std::time::Duration;
 use diesel::mysql::MysqlConnection;
 use diesel::RunQueryDsl;
 
-use crate::error::{Error, ServerError};
-use crate::statements::PreparedSql;
+use crate::error::{Error, ServerError, ServerErrorKind};
+use crate::statements::{PreparedSql, PreparedSqlWith};
 
 /// Runs transactions under a [`TxnPolicy`]. Domain types hold one; it holds no connection.
 #[derive(Debug, Default)]
@@ -147,7 +165,11 @@ const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
 impl RunnerSql {
     fn new(policy: &TxnPolicy, flavor: ServerFlavor, galera: bool) -> Self {
         let session = policy.session_sql(flavor);
-        let settings = policy.settings(flavor);
+        // Our own connections' first SET takes the statement limit as a parameter (MariaDB).
+        let settings = match flavor {
+            ServerFlavor::MariaDb => policy.settings_bound(),
+            ServerFlavor::MySql => policy.settings(flavor),
+        };
         let levels = [policy.isolation, Isolation::RepeatableRead];
         let set_transaction =
             |level: Isolation| format!("SET TRANSACTION ISOLATION LEVEL {}", level.sql());
@@ -171,6 +193,7 @@ impl RunnerSql {
                 // `autocommit = 0` the read would open a transaction of its own.
                 let mut setup = vec![format!(
                     "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                     @lockstock_mdl_wait = @@session.lock_wait_timeout, \
                      @lockstock_statement_time = @@session.max_statement_time, \
                      @lockstock_lc_messages = @@session.lc_messages, \
                      @lockstock_time_zone = @@session.time_zone, \
@@ -198,6 +221,7 @@ impl RunnerSql {
                 set_transaction(levels[kind]),
                 format!(
                     "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                     @lockstock_mdl_wait = @@session.lock_wait_timeout, \
                      @lockstock_statement_time = @@session.max_execution_time, \
                      @lockstock_lc_messages = @@session.lc_messages, \
                      @lockstock_time_zone = @@session.time_zone, \
@@ -425,8 +449,24 @@ impl TxnRunner {
                 return Err(error);
             }
             attempts.started += 1;
-            let error = match self.once(conn, read_only, body) {
+            let left = deadline.remaining();
+            let error = match self.once(conn, read_only, left, body) {
                 Ok(value) => return Ok(value),
+                // A statement stopped by its limit once the deadline had passed (the limit
+                // is at most the time left, see `begin`): the deadline ran out while it
+                // waited; nothing was applied.
+                Err(Error::Server(error))
+                    if error.kind() == ServerErrorKind::StatementTimeout
+                        && deadline.is_expired()
+                        && !guard.fired() =>
+                {
+                    attempts.refused += 1;
+                    return Err(Error::Contended {
+                        attempts: attempts.started,
+                        elapsed: deadline.elapsed(),
+                        last: error,
+                    });
+                }
                 // Never retried on a connection the watchdog shut down.
                 Err(Error::Server(error)) if error.kind().is_retryable() && !guard.fired() => error,
                 Err(error) => return Err(error),
@@ -463,12 +503,13 @@ impl TxnRunner {
         &self,
         conn: &mut MysqlConnection,
         read_only: bool,
+        left: Duration,
         body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
         ensure_no_open_transaction(conn)?;
         if let Some(isolation) = take_primed(conn) {
             if !read_only && isolation == self.policy.isolation {
-                let begin = self.begin(conn, read_only)?;
+                let begin = self.begin(conn, read_only, left)?;
                 if begin.restore.is_none() && !begin.savepoint {
                     // Opened by `prime` exactly as `begin` would open it now.
                     let open = Begin {
@@ -484,7 +525,7 @@ impl TxnRunner {
                 return Err(broken);
             }
         }
-        let begin = self.begin(conn, read_only)?;
+        let begin = self.begin(conn, read_only, left)?;
         run_transaction(conn, begin, body)
     }
 
@@ -520,7 +561,7 @@ impl TxnRunner {
                     return Err(broken);
                 }
             }
-            let begin = self.begin(conn, false)?;
+            let begin = self.begin(conn, false, deadline.remaining())?;
             if begin.restore.is_some() || begin.savepoint {
                 return Ok(false);
             }
@@ -552,12 +593,25 @@ impl TxnRunner {
         }
     }
 
-    /// How to begin on this connection: with the session settings saved, set and later restored,
-    /// or — on a connection that carries this policy's settings already — without any.
+    /// Whether a transaction begun with `left` of its call's deadline limits its statements
+    /// to `left` rather than by the policy's limits alone: on MariaDB, where a statement could
+    /// otherwise wait for a lock (or run) past the deadline.
+    fn limited_by_deadline(&self, left: Duration) -> bool {
+        self.sql
+            .get()
+            .is_some_and(|sql| sql.flavor == ServerFlavor::MariaDb)
+            && left < self.policy.longest_statement()
+    }
+
+    /// How to begin on this connection, `left` before the call's deadline: with the session
+    /// settings saved, set and later restored — the statement limit at most `left` (MariaDB)
+    /// — or, on a connection that carries this policy's settings already and while the
+    /// policy's lock wait and statement limit end before the deadline, without any.
     fn begin<'a>(
         &'a self,
         conn: &mut MysqlConnection,
         read_only: bool,
+        left: Duration,
     ) -> Result<Begin<'a>, Error> {
         let sql = match self.sql.get() {
             Some(sql) => sql,
@@ -570,8 +624,10 @@ impl TxnRunner {
         };
         handoff::note_server(sql.flavor);
         let guarded = sql.galera && !read_only;
-        // A guarded write needs its own SET (autocommit): no marked-connection shortcut.
-        let marked = !guarded && carries_settings(conn, &sql.session);
+        // A guarded write needs its own SET (autocommit): no marked-connection shortcut; nor
+        // a transaction whose statements must end sooner than the settings let them.
+        let marked =
+            !guarded && !self.limited_by_deadline(left) && carries_settings(conn, &sql.session);
         let kind = usize::from(read_only);
         Ok(Begin {
             setup: if marked {
@@ -589,6 +645,8 @@ impl TxnRunner {
             read_only,
             statement_cache: self.policy.statement_cache,
             flavor: sql.flavor,
+            statement_limit: (!marked && sql.flavor == ServerFlavor::MariaDb)
+                .then(|| self.policy.statement_limit(left)),
         })
     }
 

@@ -122,10 +122,13 @@ pub struct TxnPolicy {
     pub isolation: Isolation,
     /// Retry and deadline.
     pub retry: RetryPolicy,
-    /// `innodb_lock_wait_timeout` for statements that wait for locks (whole seconds, at least 1).
-    /// `NOWAIT` reads never wait.
+    /// `innodb_lock_wait_timeout` for statements that wait for row locks and
+    /// `lock_wait_timeout` for metadata locks (whole seconds, at least 1). `NOWAIT` reads never
+    /// wait. A transaction begun with less of its call's deadline left is limited to that
+    /// (see [the runner](super#statements-that-wait-and-the-deadline)).
     pub lock_wait_timeout: Duration,
-    /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL).
+    /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL);
+    /// on MariaDB at most the time the call has left when the statement's transaction begins.
     pub statement_timeout: Duration,
     /// How long past a call's deadline lockstock waits for a server that does not answer at
     /// all before it shuts the connection down and answers
@@ -191,13 +194,10 @@ impl TxnPolicy {
     ///
     /// Timeouts are rounded up, never down: a statement limit under a millisecond becomes one
     /// millisecond (0 would mean "no limit"), a lock wait under a second becomes one second.
+    /// The lock wait bounds row locks (`innodb_lock_wait_timeout`) and metadata locks
+    /// (`lock_wait_timeout`, e.g. behind a concurrent `ALTER TABLE`) alike.
     pub(super) fn settings(&self, flavor: ServerFlavor) -> String {
-        let lock_wait = self.lock_wait_timeout.as_secs_f64().ceil().max(1.0) as u64;
-        let millis = self
-            .statement_timeout
-            .as_nanos()
-            .div_ceil(1_000_000)
-            .clamp(1, u128::from(u32::MAX));
+        let millis = statement_millis(self.statement_timeout);
         let limit = match flavor {
             ServerFlavor::MariaDb => format!(
                 "max_statement_time = {}.{:03}",
@@ -206,8 +206,52 @@ impl TxnPolicy {
             ),
             ServerFlavor::MySql => format!("max_execution_time = {millis}"),
         };
-        format!("innodb_lock_wait_timeout = {lock_wait}, {limit}, time_zone = '+00:00'")
+        self.settings_with(&limit)
     }
+
+    /// [`settings`](Self::settings) with the statement limit a bound parameter (MariaDB):
+    /// each transaction of a call on a connection without the settings limits its statements
+    /// to the time the call has left ([`statement_limit`](Self::statement_limit)).
+    pub(super) fn settings_bound(&self) -> String {
+        self.settings_with("max_statement_time = ?")
+    }
+
+    fn settings_with(&self, limit: &str) -> String {
+        let lock_wait = self.lock_wait_seconds();
+        format!(
+            "innodb_lock_wait_timeout = {lock_wait}, lock_wait_timeout = {lock_wait}, {limit}, \
+             time_zone = '+00:00'"
+        )
+    }
+
+    /// The lock wait the server is told: whole seconds, at least one.
+    fn lock_wait_seconds(&self) -> u64 {
+        self.lock_wait_timeout.as_secs_f64().ceil().max(1.0) as u64
+    }
+
+    /// The longest a statement may run with the policy's settings: a lock wait or the
+    /// statement limit, whichever is shorter.
+    pub(super) fn longest_statement(&self) -> Duration {
+        Duration::from_secs(self.lock_wait_seconds()).min(Duration::from_millis(statement_millis(
+            self.statement_timeout,
+        ) as u64))
+    }
+
+    /// The statement limit (MariaDB's `max_statement_time`, in seconds) of a transaction
+    /// begun with `left` of its call's deadline: the policy's limit, or `left` where that is
+    /// shorter (rounded up to the millisecond), so that no statement outlives the deadline by
+    /// waiting for a lock.
+    pub(super) fn statement_limit(&self, left: Duration) -> f64 {
+        statement_millis(self.statement_timeout.min(left)) as f64 / 1000.0
+    }
+}
+
+/// A statement limit in whole milliseconds, rounded up: at least one (0 means "no limit").
+fn statement_millis(limit: Duration) -> u128 {
+    limit
+        .as_nanos()
+        .div_ceil(1_000_000)
+        .clamp(1, u128::from(u32::MAX))
 }
 
 /// The moment by which one call must return, fixed when the call starts and shared by

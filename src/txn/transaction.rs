@@ -156,6 +156,9 @@ pub(super) struct Begin<'a> {
     pub(super) statement_cache: StatementCache,
     /// The server's flavour (how [`forget_prepared`] asks it about the cache).
     pub(super) flavor: ServerFlavor,
+    /// The statement limit, in seconds, that the first setup statement takes as its one
+    /// parameter (MariaDB, on a connection without the settings); `None`: no parameter.
+    pub(super) statement_limit: Option<f64>,
 }
 
 /// Which session variables the setup saved, so which statement puts them back.
@@ -274,7 +277,11 @@ fn commit(conn: &mut MysqlConnection, begin: Begin<'_>) -> diesel::QueryResult<u
 pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> Result<(), Error> {
     for (at, sql) in begin.setup.iter().enumerate() {
         // A SET is atomic: when it fails, nothing of it was applied.
-        if let Err(e) = PreparedSql(sql).execute(conn) {
+        let sent = match begin.statement_limit {
+            Some(limit) if at == 0 => PreparedSqlWith(sql, limit).execute(conn),
+            _ => PreparedSql(sql).execute(conn),
+        };
+        if let Err(e) = sent {
             let error = ServerError::new(e);
             let message = error.message().to_ascii_lowercase();
             let refusal = if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
@@ -339,6 +346,7 @@ pub(super) fn end_unused(conn: &mut MysqlConnection) -> Option<Error> {
         read_only: false,
         statement_cache: StatementCache::Uncached,
         flavor: ServerFlavor::MariaDb,
+        statement_limit: None,
     };
     end_failed(conn, plain)
 }

@@ -466,6 +466,9 @@ pub struct SessionVars {
     /// `innodb_lock_wait_timeout`, in seconds.
     #[diesel(sql_type = BigInt)]
     pub lock_wait: i64,
+    /// `lock_wait_timeout` (metadata locks), in seconds.
+    #[diesel(sql_type = BigInt)]
+    pub metadata_lock_wait: i64,
     /// `max_statement_time`, in seconds.
     #[diesel(sql_type = Double)]
     pub statement: f64,
@@ -484,6 +487,7 @@ pub struct SessionVars {
 pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
     diesel::sql_query(
         "SELECT @@session.innodb_lock_wait_timeout AS lock_wait, \
+         CAST(@@session.lock_wait_timeout AS SIGNED) AS metadata_lock_wait, \
          @@session.max_statement_time AS statement, @@session.lc_messages AS messages, \
          @@session.time_zone AS zone, @@session.tx_isolation AS isolation",
     )

@@ -725,7 +725,12 @@ fn galera_router_keeps_the_writer_after_a_slow_call_is_cut_off() {
                         Deadline::after(Duration::from_millis(ms)),
                         |conn, deadline| {
                             runner.run_by(conn, deadline, |conn| {
-                                diesel::sql_query("SELECT SLEEP(3)").execute(conn)?;
+                                // Unlimited (the runner would stop it at the deadline):
+                                // a statement that hangs.
+                                diesel::sql_query(
+                                    "SET STATEMENT max_statement_time = 0 FOR SELECT SLEEP(3)",
+                                )
+                                .execute(conn)?;
                                 Ok(())
                             })
                         },
@@ -963,7 +968,10 @@ fn galera_router_fails_over_when_the_writers_calls_keep_being_cut_off() {
     let slow = || {
         router.write(Deadline::after(Duration::from_secs(1)), |conn, deadline| {
             runner.run_by(conn, deadline, |conn| {
-                diesel::sql_query("SELECT SLEEP(5)").execute(conn)?;
+                // Unlimited (the runner would stop it at the deadline):
+                // a statement that hangs.
+                diesel::sql_query("SET STATEMENT max_statement_time = 0 FOR SELECT SLEEP(5)")
+                    .execute(conn)?;
                 Ok(())
             })
         })

@@ -1152,3 +1152,123 @@ fn a_failed_batch_refuses_invalid_users_as_its_single_calls_do() {
     assert_eq!(stock_row(&mut conn, gone.id), (1, 0));
     check_invariants(&mut conn, "bad input in failed batches");
 }
+
+/// A call whose statement waits for a lock another transaction holds — not the hot row, which
+/// is never waited for — answers by its deadline on a healthy server, typed as contention, and
+/// leaves its connection usable: each transaction limits its statements to the time its call
+/// has left (`max_statement_time`), and metadata-lock waits to the policy's lock wait.
+///
+/// Before the fix the waits ran by the session's limits (a row lock 1 s, a metadata lock
+/// without a limit but the 5 s statement limit): past a 300 ms deadline, the watchdog shut the
+/// connection down at deadline + grace and the call answered `ServerUnresponsive` — on its own
+/// connection and on a pooled one that carries the policy's settings alike.
+#[test]
+fn a_lock_wait_ends_by_the_deadline_and_keeps_the_connection() {
+    let _exclusive = lockstock_testkit::fixtures::exclusive();
+    const DEADLINE: StdDuration = StdDuration::from_millis(300);
+    let (url, mut admin) = fresh_database("review_lock_wait_deadline");
+    let issuer = CouponIssuer::with_policy(policy_with_deadline(DEADLINE));
+    let (_coupon, campaign) = open_campaign_named(&mut admin, &issuer, "waits", 10);
+    let pool = pool_with(&url, 1, issuer.policy().clone());
+    let mut own = connect(&url);
+    let mut pooled = pool.get().expect("pooled");
+    // Warm: the runner knows the server, the facts are cached, the statements prepared.
+    issuer.issue(&mut own, 1, campaign.id).expect("warm-up");
+    issuer.issue(&mut pooled, 2, campaign.id).expect("warm-up");
+
+    // Row locks: another transaction inserted user 7's (and 8's) coupon and has not committed.
+    let mut holder = connect(&url);
+    holder.batch_execute("BEGIN").expect("begin");
+    for user in [7, 8] {
+        diesel::insert_into(user_coupon::table)
+            .values((
+                user_coupon::user_id.eq(user),
+                user_coupon::coupon_id.eq(campaign.coupon_id),
+                user_coupon::fcfs_coupon_id.eq(campaign.id),
+                user_coupon::issued_at.eq(chrono::Utc::now().naive_utc()),
+            ))
+            .execute(&mut holder)
+            .expect("the other transaction's row");
+    }
+    // Metadata locks: another session holds the table.
+    let mut table_holder = connect(&url);
+    let mut waits = Vec::new();
+    for (what, user) in [("own connection", 7), ("pooled connection", 8)] {
+        let conn: &mut MysqlConnection = if user == 7 { &mut own } else { &mut pooled };
+        let started = std::time::Instant::now();
+        let answer = issuer.issue(conn, user, campaign.id);
+        waits.push((what, "row lock", answer, started.elapsed()));
+    }
+    holder.batch_execute("ROLLBACK").expect("release the rows");
+    table_holder
+        .batch_execute("LOCK TABLES user_coupon WRITE")
+        .expect("lock the table");
+    for (what, user) in [("own connection", 9), ("pooled connection", 10)] {
+        let conn: &mut MysqlConnection = if user == 9 { &mut own } else { &mut pooled };
+        let started = std::time::Instant::now();
+        let answer = issuer.issue(conn, user, campaign.id);
+        waits.push((what, "table lock", answer, started.elapsed()));
+    }
+    table_holder
+        .batch_execute("UNLOCK TABLES")
+        .expect("unlock the table");
+    for (what, lock, answer, took) in &waits {
+        eprintln!("{lock} on the {what}: {answer:?} after {took:?}");
+        assert!(
+            matches!(answer, Err(Error::Contended { .. })),
+            "{lock} on the {what}: {answer:?}"
+        );
+        assert!(
+            *took <= DEADLINE + SLACK,
+            "{lock} on the {what} answered after {took:?}"
+        );
+    }
+    // Both connections still work, and nothing was issued to the waiting users.
+    for conn in [&mut own, &mut *pooled] {
+        assert!(issuer.remaining(conn, campaign.id).is_ok());
+    }
+    issuer
+        .issue(&mut own, 7, campaign.id)
+        .expect("after the wait");
+    issuer
+        .issue(&mut pooled, 8, campaign.id)
+        .expect("after the wait");
+    let issued: Vec<i64> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
+        .select(user_coupon::user_id)
+        .order(user_coupon::user_id)
+        .load(&mut admin)
+        .expect("issued users");
+    assert_eq!(issued, vec![1, 2, 7, 8]);
+}
+
+/// A batch of users who all hold the coupon answers `AlreadyIssued` for each, as their single
+/// calls do, whatever the caller's session left in `LAST_INSERT_ID()`: the batch's INSERT
+/// writes no row, and the id it reads with the campaign row is the caller's. Before the fix a
+/// value no row id can have (`LAST_INSERT_ID(18446744073709551615)`) failed the whole batch
+/// with an untyped `Server` error.
+#[test]
+fn a_batch_of_holders_answers_as_single_calls_whatever_last_insert_id_holds() {
+    let (_url, mut conn) = fresh_database("review_batch_last_insert_id");
+    let issuer = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "holders", 10);
+    for user in [1, 2] {
+        issuer.issue(&mut conn, user, campaign.id).expect("issue");
+    }
+    for stale in ["18446744073709551615", "9223372036854775808", "5"] {
+        diesel::sql_query(format!("DO LAST_INSERT_ID({stale})"))
+            .execute(&mut conn)
+            .expect("the caller's LAST_INSERT_ID");
+        let answers = issuer
+            .issue_many(&mut conn, campaign.id, &[1, 2])
+            .expect("batch");
+        for (user, answer) in [1, 2].iter().zip(&answers) {
+            assert!(
+                matches!(answer, Err(Error::AlreadyIssued { user_id, .. }) if user_id == user),
+                "LAST_INSERT_ID({stale}), user {user}: {answer:?}"
+            );
+        }
+    }
+    assert_eq!(stock_row(&mut conn, campaign.id).1, 8);
+    check_invariants(&mut conn, "holders batch");
+}

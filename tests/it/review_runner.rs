@@ -178,7 +178,8 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
         line: Option<String>,
     }
     diesel::sql_query(
-        "SELECT NULLIF(CONCAT_WS(',', @lockstock_lock_wait, @lockstock_statement_time, \
+        "SELECT NULLIF(CONCAT_WS(',', @lockstock_lock_wait, @lockstock_mdl_wait, \
+         @lockstock_statement_time, \
          @lockstock_lc_messages, @lockstock_time_zone, @lockstock_isolation, \
          @lockstock_autocommit), '') AS line",
     )
@@ -191,7 +192,7 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
 fn finding_7_session_settings_are_restored() {
     let (url, mut conn) = fresh_database("review_session");
     conn.batch_execute(
-        "SET SESSION innodb_lock_wait_timeout = 37, max_statement_time = 0, \
+        "SET SESSION innodb_lock_wait_timeout = 37, lock_wait_timeout = 41, max_statement_time = 0, \
          time_zone = '+09:00', lc_messages = 'de_DE', tx_isolation = 'READ-UNCOMMITTED'",
     )
     .expect("caller's own settings");
