@@ -12,8 +12,8 @@ use super::CouponIssuer;
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::txn::Deadline;
-use crate::util::{inserted_id, to_micros};
-use crate::validate::validate_id;
+use crate::util::inserted_id;
+use crate::validate::{validate_datetime, validate_id};
 
 /// A new `coupon` row.
 #[derive(Insertable)]
@@ -59,7 +59,8 @@ impl CouponIssuer {
         }
         new.discount.validate()?;
         // Compared as stored (microseconds).
-        let (valid_from, valid_until) = (to_micros(new.valid_from), to_micros(new.valid_until));
+        let valid_from = validate_datetime("valid_from", new.valid_from)?;
+        let valid_until = validate_datetime("valid_until", new.valid_until)?;
         if valid_from >= valid_until {
             return Err(Error::InvalidInput {
                 field: "valid_until",
@@ -136,7 +137,8 @@ impl CouponIssuer {
         validate_id("coupon", new.coupon_id)?;
         let quantity = positive_quantity(new.quantity)?;
         // Compared as stored (microseconds).
-        let (starts, ends) = (to_micros(new.issue_starts_at), to_micros(new.issue_ends_at));
+        let starts = validate_datetime("issue_starts_at", new.issue_starts_at)?;
+        let ends = validate_datetime("issue_ends_at", new.issue_ends_at)?;
         if starts >= ends {
             return Err(Error::InvalidInput {
                 field: "issue_ends_at",
