@@ -206,9 +206,13 @@ where
     match locking_read.first(conn).optional() {
         Ok(row) => row.ok_or(missing),
         Err(e) => {
-            // A primary-key read fails before the server begins its result.
-            crate::txn::note_clean_failure();
-            Err(e.into())
+            let error = Error::from(e);
+            // A primary-key read refused for its lock fails before the server begins its
+            // result; one stopped by its time limit may have begun it.
+            if error.server_kind() != Some(crate::error::ServerErrorKind::StatementTimeout) {
+                crate::txn::note_clean_failure();
+            }
+            Err(error)
         }
     }
 }

@@ -176,11 +176,17 @@ fn elect(shared: &Shared, deadline: Deadline) {
 /// ([`Error::Timeout`], or [`Error::Pool`] when the node's share of the round ran out):
 /// callers' calls hold them all, or none could be opened, so nothing was sent, and the node is
 /// not marked down for it (its probe decides) — or the read was cut off at its share of the
-/// deadline ([`Error::ServerUnresponsive`]: a slow causal read is no dead node), which makes
-/// it suspect. Then `true`, and the election goes on without it.
+/// deadline ([`Error::ServerUnresponsive`]: a slow causal read is no dead node) or stopped
+/// there by the server ([`Error::Contended`] after a statement timeout: the runner limits
+/// statements to the time left), which makes it suspect. Then `true`, and the election goes
+/// on without it.
 fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
     match error {
         Error::Timeout { .. } | Error::Pool(_) => true,
+        Error::Contended { last, .. } if last.kind() == ServerErrorKind::StatementTimeout => {
+            shared.suspect(node);
+            true
+        }
         Error::ServerUnresponsive { .. } => {
             shared.suspect(node);
             true

@@ -27,8 +27,15 @@
 //! settings saved, set and restored, one round trip more — and not opened ahead by a combiner.
 //! A statement stopped there answers [`Error::Contended`] (nothing applied) once the deadline
 //! has passed; the connection stays usable. Each statement gets the time left when its
-//! transaction began, so several long waits in one transaction may still outlast the deadline
-//! (the watchdog below then ends the call). MySQL 8 (on paper) keeps the policy's limits.
+//! transaction began (at least 20 ms, so that a COMMIT sent at the last moment is not stopped
+//! half-way), so several long waits in one transaction may still outlast the deadline (the
+//! watchdog below then ends the call); so may a statement slow for another reason than a lock
+//! on a connection that carries the settings, up to the statement limit. MySQL 8 (on paper)
+//! keeps the policy's limits.
+//!
+//! The price: a call with less time left than the policy's lock wait (1 s by default — every
+//! call of a policy whose deadline is that short) sends one statement more per transaction on a
+//! pooled connection, and a combiner's next batch does not open its transaction ahead for it.
 //!
 //! # MariaDB Galera: a transaction rolled back without an error
 //!
@@ -593,20 +600,20 @@ impl TxnRunner {
         }
     }
 
-    /// Whether a transaction begun with `left` of its call's deadline limits its statements
-    /// to `left` rather than by the policy's limits alone: on MariaDB, where a statement could
-    /// otherwise wait for a lock (or run) past the deadline.
+    /// Whether a transaction begun with `left` of its call's deadline must limit its
+    /// statements to `left` rather than by the policy's settings alone: on MariaDB, where a
+    /// statement could otherwise wait for a lock past the deadline.
     fn limited_by_deadline(&self, left: Duration) -> bool {
         self.sql
             .get()
             .is_some_and(|sql| sql.flavor == ServerFlavor::MariaDb)
-            && left < self.policy.longest_statement()
+            && left < self.policy.longest_lock_wait()
     }
 
     /// How to begin on this connection, `left` before the call's deadline: with the session
     /// settings saved, set and later restored — the statement limit at most `left` (MariaDB)
-    /// — or, on a connection that carries this policy's settings already and while the
-    /// policy's lock wait and statement limit end before the deadline, without any.
+    /// — or, on a connection that carries this policy's settings already and while a lock
+    /// wait under them ends before the deadline, without any.
     fn begin<'a>(
         &'a self,
         conn: &mut MysqlConnection,

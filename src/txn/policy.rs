@@ -229,9 +229,10 @@ impl TxnPolicy {
         self.lock_wait_timeout.as_secs_f64().ceil().max(1.0) as u64
     }
 
-    /// The longest a statement may run with the policy's settings: a lock wait or the
-    /// statement limit, whichever is shorter.
-    pub(super) fn longest_statement(&self) -> Duration {
+    /// The longest a statement may wait for a lock with the policy's settings: the lock wait
+    /// or the statement limit, whichever is shorter. (A statement slow for another reason may
+    /// run up to the statement limit.)
+    pub(super) fn longest_lock_wait(&self) -> Duration {
         Duration::from_secs(self.lock_wait_seconds()).min(Duration::from_millis(statement_millis(
             self.statement_timeout,
         ) as u64))
@@ -239,12 +240,20 @@ impl TxnPolicy {
 
     /// The statement limit (MariaDB's `max_statement_time`, in seconds) of a transaction
     /// begun with `left` of its call's deadline: the policy's limit, or `left` where that is
-    /// shorter (rounded up to the millisecond), so that no statement outlives the deadline by
-    /// waiting for a lock.
+    /// shorter (rounded up to the millisecond) but never under [`SHORTEST_LIMIT`], so that no
+    /// statement outlives the deadline by waiting for a lock, and a COMMIT sent in the last
+    /// moments is not stopped in the middle (an outcome the caller could not know).
     pub(super) fn statement_limit(&self, left: Duration) -> f64 {
-        statement_millis(self.statement_timeout.min(left)) as f64 / 1000.0
+        let limit = self
+            .statement_timeout
+            .min(left.max(SHORTEST_LIMIT.min(self.statement_timeout)));
+        statement_millis(limit) as f64 / 1000.0
     }
 }
+
+/// The shortest statement limit a transaction gets from its deadline (see
+/// [`TxnPolicy::statement_limit`]): a statement may outlast its deadline by this much.
+pub(super) const SHORTEST_LIMIT: Duration = Duration::from_millis(20);
 
 /// A statement limit in whole milliseconds, rounded up: at least one (0 means "no limit").
 fn statement_millis(limit: Duration) -> u128 {

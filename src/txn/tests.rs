@@ -51,3 +51,29 @@ fn session_sql_per_flavor() {
     assert!(mysql.contains("max_execution_time = 5000"), "{mysql}");
     assert!(!mysql.contains("max_statement_time"), "{mysql}");
 }
+
+#[test]
+fn a_transactions_statement_limit_is_the_time_left_within_the_policys() {
+    let policy = TxnPolicy::default();
+    let ms = Duration::from_millis;
+    // The policy's limit where more is left; the time left (rounded up to the millisecond)
+    // where less is; never under the floor a COMMIT needs.
+    assert_eq!(policy.statement_limit(ms(60_000)), 5.0);
+    assert_eq!(policy.statement_limit(ms(300)), 0.3);
+    assert_eq!(policy.statement_limit(Duration::from_micros(299_001)), 0.3);
+    assert_eq!(policy.statement_limit(Duration::ZERO), 0.02);
+    assert_eq!(policy.statement_limit(ms(5)), 0.02);
+    // A policy limit under the floor stays the limit.
+    let strict = TxnPolicy {
+        statement_timeout: ms(3),
+        ..TxnPolicy::default()
+    };
+    assert_eq!(strict.statement_limit(Duration::ZERO), 0.003);
+    // The longest lock wait: the lock wait (whole seconds), or the statement limit if shorter.
+    assert_eq!(policy.longest_lock_wait(), ms(1_000));
+    assert_eq!(strict.longest_lock_wait(), ms(3));
+    let bound = policy.settings_bound();
+    assert!(bound.contains("max_statement_time = ?"), "{bound}");
+    assert!(bound.contains("lock_wait_timeout = 1"), "{bound}");
+    assert_eq!(bound.matches('?').count(), 1, "{bound}");
+}

@@ -1175,6 +1175,10 @@ fn a_lock_wait_ends_by_the_deadline_and_keeps_the_connection() {
     // Warm: the runner knows the server, the facts are cached, the statements prepared.
     issuer.issue(&mut own, 1, campaign.id).expect("warm-up");
     issuer.issue(&mut pooled, 2, campaign.id).expect("warm-up");
+    let sessions_before = [
+        lockstock_testkit::fixtures::session_vars(&mut own),
+        lockstock_testkit::fixtures::session_vars(&mut pooled),
+    ];
 
     // Row locks: another transaction inserted user 7's (and 8's) coupon and has not committed.
     let mut holder = connect(&url);
@@ -1223,8 +1227,17 @@ fn a_lock_wait_ends_by_the_deadline_and_keeps_the_connection() {
             "{lock} on the {what} answered after {took:?}"
         );
     }
-    // Both connections still work, and nothing was issued to the waiting users.
-    for conn in [&mut own, &mut *pooled] {
+    // Both connections still work, their sessions as they were, and nothing was issued to
+    // the waiting users.
+    for (conn, before) in [&mut own, &mut *pooled].into_iter().zip(&sessions_before) {
+        assert_eq!(&lockstock_testkit::fixtures::session_vars(conn), before);
+        let saved: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "COUNT(COALESCE(@lockstock_lock_wait, @lockstock_mdl_wait, \
+             @lockstock_statement_time, @lockstock_isolation))",
+        ))
+        .get_result(conn)
+        .expect("lockstock's user variables");
+        assert_eq!(saved, 0, "lockstock's saved values left in the session");
         assert!(issuer.remaining(conn, campaign.id).is_ok());
     }
     issuer
@@ -1271,4 +1284,98 @@ fn a_batch_of_holders_answers_as_single_calls_whatever_last_insert_id_holds() {
     }
     assert_eq!(stock_row(&mut conn, campaign.id).1, 8);
     check_invariants(&mut conn, "holders batch");
+}
+
+/// Dates a `DATETIME(6)` column cannot hold are refused as input, naming the field, and
+/// nothing is created. Before the fix a year past 9999 reached the server (stored as a zero
+/// date: the window CHECK failed as an untyped `Server` error) and a negative year failed in
+/// Diesel's encoding (`Server` too).
+#[test]
+fn dates_a_datetime_column_cannot_hold_are_refused_as_input() {
+    use chrono::NaiveDate;
+    use lockstock::{Discount, NewCampaign, NewCoupon};
+    let (_url, mut conn) = fresh_database("review_datetime_range");
+    let issuer = CouponIssuer::new();
+    let template = valid_coupon(&mut conn, &issuer, "range");
+    let t = now();
+    let year = |y: i32| {
+        NaiveDate::from_ymd_opt(y, 6, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("a date")
+    };
+    let outside = [
+        NaiveDateTime::MIN,
+        year(-1),
+        year(999),
+        year(10_000),
+        year(67_566),
+        NaiveDateTime::MAX,
+    ];
+    let counts = |conn: &mut MysqlConnection| -> (i64, i64) {
+        (
+            lockstock::schema::coupon::table
+                .count()
+                .get_result(conn)
+                .expect("coupons"),
+            fcfs_coupon::table
+                .count()
+                .get_result(conn)
+                .expect("campaigns"),
+        )
+    };
+    let before = counts(&mut conn);
+    for at in outside {
+        for (field, from, until) in [("valid_from", at, t), ("valid_until", t, at)] {
+            let answer = issuer.create_coupon(
+                &mut conn,
+                &NewCoupon {
+                    name: "outside",
+                    discount: Discount::Fixed(rust_decimal::Decimal::ONE),
+                    valid_from: from,
+                    valid_until: until,
+                },
+            );
+            assert!(
+                matches!(answer, Err(Error::InvalidInput { field: f, .. }) if f == field),
+                "{field} {at}: {answer:?}"
+            );
+        }
+        for (field, starts, ends) in [("issue_starts_at", at, t), ("issue_ends_at", t, at)] {
+            let answer = issuer.create_campaign(
+                &mut conn,
+                &NewCampaign {
+                    coupon_id: template.id,
+                    quantity: 1,
+                    issue_starts_at: starts,
+                    issue_ends_at: ends,
+                },
+            );
+            assert!(
+                matches!(answer, Err(Error::InvalidInput { field: f, .. }) if f == field),
+                "{field} {at}: {answer:?}"
+            );
+        }
+    }
+    assert_eq!(counts(&mut conn), before, "something was created");
+    // The range's ends themselves are stored and read back as given.
+    let first = NaiveDate::from_ymd_opt(1000, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .expect("first");
+    let last = NaiveDate::from_ymd_opt(9999, 12, 31)
+        .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 999_999))
+        .expect("last");
+    let widest = issuer
+        .create_coupon(
+            &mut conn,
+            &NewCoupon {
+                name: "widest",
+                discount: Discount::Fixed(rust_decimal::Decimal::ONE),
+                valid_from: first,
+                valid_until: last,
+            },
+        )
+        .expect("the widest validity");
+    assert_eq!((widest.valid_from, widest.valid_until), (first, last));
+    let stored = issuer.coupon(&mut conn, widest.id).expect("read back");
+    assert_eq!((stored.valid_from, stored.valid_until), (first, last));
 }
