@@ -137,7 +137,8 @@ impl fmt::Display for KeyProblem {
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpiryProblem {
-    /// Not after the current time (the caller's clock): the hold would never reserve anything.
+    /// Not after the current time — the caller's clock, checked before anything is sent, or
+    /// the server's, checked under the account's lock: the hold would never reserve anything.
     NotInFuture,
     /// Further ahead than [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION).
     TooFar,

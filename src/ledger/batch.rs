@@ -271,7 +271,9 @@ impl BalanceLedger {
                     .filter_map(|i| requests[*i].ended_hold())
                     .collect();
                 let holds = lock_holds(conn, &ended)?;
-                let now = match holds.is_empty() {
+                // The server clock, for the holds it ends and the holds it places.
+                let places = pending.iter().any(|i| requests[*i].kind == EntryKind::Hold);
+                let now = match holds.is_empty() && !places {
                     true => None,
                     false => Some(account.clock(conn)?),
                 };
@@ -350,7 +352,7 @@ pub(crate) fn check_ending(op: &AccountOp) -> Result<()> {
 type HoldEnd = (HoldState, Decimal);
 
 /// What a batch transaction holds locked: the account, the holds its captures and releases
-/// end, and the server clock read under the account's lock (when there are such holds).
+/// end, and the server clock read under the account's lock (when it ends or places holds).
 struct Locked<'a> {
     account: &'a Account,
     /// In ascending id order (as [`lock_holds`] returns them).
@@ -485,7 +487,13 @@ fn decide(
     request: &Request<'_>,
 ) -> Result<(Account, Option<HoldEnd>)> {
     match request.kind {
-        EntryKind::Hold => Ok((running.reserve(request.amount)?, None)),
+        EntryKind::Hold => {
+            let (expires_at, now) = request
+                .expires_at
+                .zip(locked.now)
+                .ok_or_else(|| Error::internal("a hold decided without its expiry or the clock"))?;
+            Ok((running.reserve(request.amount, expires_at, now)?, None))
+        }
         EntryKind::Capture | EntryKind::Release => {
             let hold_id = request.ended_hold().unwrap_or_default();
             let now = locked.now.ok_or(Error::HoldNotFound { hold_id })?;

@@ -88,8 +88,10 @@ impl BalanceLedger {
     ///
     /// # Errors
     /// Invalid input ([`Error::InvalidId`], [`Error::InvalidAmount`],
-    /// [`Error::InvalidIdempotencyKey`], [`Error::InvalidExpiry`]: not in the future or more
-    /// than [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION) ahead);
+    /// [`Error::InvalidIdempotencyKey`], [`Error::InvalidExpiry`]: not in the future — on the
+    /// caller's clock before anything is sent, and on the server's under the account's lock,
+    /// which every later check of the hold reads — or more than
+    /// [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION) ahead);
     /// [`Error::InsufficientBalance`] when the available balance is smaller;
     /// [`Error::AccountNotFound`]; [`Error::IdempotencyConflict`]; and the runner's failures, as
     /// for [`charge`](Self::charge).

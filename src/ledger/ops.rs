@@ -165,7 +165,7 @@ impl BalanceLedger {
         let hash = request.hash();
         self.single_entry(conn, request, deadline, |conn, create| {
             let create = create && kind == EntryKind::Charge;
-            let Some(account) = lock_or_create(conn, user_id, Holding::Nothing, create)? else {
+            let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)? else {
                 return if kind == EntryKind::Charge {
                     Ok(Step::CreateAccount(user_id))
                 } else {
@@ -174,7 +174,8 @@ impl BalanceLedger {
             };
             match (kind, request.expires_at) {
                 (EntryKind::Hold, Some(expires_at)) => {
-                    let after = account.reserve(request.amount)?;
+                    let now = account.clock(conn)?;
+                    let after = account.reserve(request.amount, expires_at, now)?;
                     let place = |conn: &mut MysqlConnection, entry: &Entry| {
                         insert_holds(conn, &[(entry, expires_at)])
                     };

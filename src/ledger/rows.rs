@@ -85,9 +85,23 @@ impl Account {
         })
     }
 
-    /// The account with a new hold of `amount`: [`Error::InsufficientBalance`] when the
+    /// The account with a new hold of `amount` until `expires_at`: [`Error::InvalidExpiry`]
+    /// when that is not after `now` (the server clock, read under the account's lock — the
+    /// clock every later check of the hold uses: a hold placed expired on it would never
+    /// reserve anything, yet count against `held`), [`Error::InsufficientBalance`] when the
     /// available balance is smaller.
-    pub(crate) fn reserve(&self, amount: Decimal) -> Result<Account> {
+    pub(crate) fn reserve(
+        &self,
+        amount: Decimal,
+        expires_at: NaiveDateTime,
+        now: NaiveDateTime,
+    ) -> Result<Account> {
+        if expires_at <= now {
+            return Err(Error::InvalidExpiry {
+                expires_at,
+                problem: crate::error::ExpiryProblem::NotInFuture,
+            });
+        }
         self.covers(amount)?;
         let held = self
             .held

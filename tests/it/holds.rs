@@ -1369,3 +1369,68 @@ fn a_sweep_that_fails_after_committing_answers_what_it_committed() {
         audit_ok(&ledger, &mut conn, user);
     }
 }
+
+/// A hold whose expiry has passed on the server clock — the clock every later check of the
+/// hold reads — is refused (`InvalidExpiry`, nothing written) by the single call and in a
+/// batch alike, though the caller's clock still has it ahead. Here the server clock runs an
+/// hour ahead (`SET timestamp`, as a skewed server would). Before the fix the single hold was
+/// journaled and raised `held` while reserving nothing (a deduct of everything then went
+/// through), and the batch reserved it (the deduct after it refused): the batch answered
+/// differently from its single calls.
+#[test]
+fn a_hold_expired_on_the_server_clock_is_refused_alone_and_in_a_batch() {
+    use diesel::connection::SimpleConnection;
+    let (_url, mut conn) = fresh_database("holds_server_clock");
+    let ledger = BalanceLedger::new();
+    for user in [1, 2] {
+        funded_account(&mut conn, &ledger, user, dec(100));
+    }
+    conn.batch_execute("SET timestamp = UNIX_TIMESTAMP() + 3600")
+        .expect("the server clock an hour ahead");
+    let expires_at = in_secs(600);
+    let singles = [
+        ledger
+            .hold(&mut conn, 1, dec(100), "h", expires_at)
+            .map(|_| ()),
+        ledger.deduct(&mut conn, 1, dec(100), "d").map(|_| ()),
+    ];
+    let batch: Vec<_> = ledger
+        .apply_many(
+            &mut conn,
+            2,
+            &[
+                AccountOp::hold(dec(100), "h", expires_at),
+                AccountOp::deduct(dec(100), "d"),
+            ],
+        )
+        .expect("batch")
+        .into_iter()
+        .map(|answer| answer.map(|_| ()))
+        .collect();
+    conn.batch_execute("SET timestamp = DEFAULT")
+        .expect("the server clock back");
+    for answers in [&singles[..], &batch[..]] {
+        assert!(
+            matches!(
+                answers,
+                [
+                    Err(Error::InvalidExpiry {
+                        problem: ExpiryProblem::NotInFuture,
+                        ..
+                    }),
+                    Ok(())
+                ]
+            ),
+            "{answers:?}"
+        );
+    }
+    for user in [1, 2] {
+        assert_eq!(stored(&mut conn, user), (dec(0), dec(0)));
+        assert_eq!(
+            journal_size(&mut conn, user),
+            2,
+            "the funding charge and the deduct"
+        );
+        audit_ok(&ledger, &mut conn, user);
+    }
+}

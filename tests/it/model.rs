@@ -121,8 +121,8 @@ enum HoldExpiry {
     Longest,
     /// `S` + 91 days: refused, too far ahead.
     TooFar,
-    /// `S` - 1 minute: refused while the server clock is the caller's; once the server clock
-    /// is ahead of the caller's, a hold placed already expired (it reserves nothing).
+    /// `S` - 1 minute: refused on the caller's clock while the server clock is the caller's;
+    /// once the server clock is ahead of the caller's, refused on the server clock.
     Past,
     /// An hour before the case started: refused, not in the future.
     Stale,
@@ -1512,6 +1512,10 @@ impl Model {
                 };
                 if let Some(replayed) = self.replay(*user, key, &request) {
                     return replayed;
+                }
+                // Checked again on the server clock (under the account's lock).
+                if *expires_at <= self.clock {
+                    return Err(ErrV::InvalidExpiry(*expires_at, ExpiryProblem::NotInFuture));
                 }
                 self.covers(*user, *amount)?;
                 // The stored `held` counts expired holds not yet marked, too.
