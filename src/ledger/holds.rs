@@ -17,9 +17,11 @@
 //!
 //! # Statements, in order (one SERIALIZABLE transaction, through the runner)
 //! * `hold` is a deduct that posts nothing: `SELECT balance, held, version FROM user_balance
-//!   WHERE user_id = ? FOR UPDATE NOWAIT`; if the account has active holds (`held > 0`), the
-//!   server clock and the sum of its unexpired active holds (`HeldFunds`, one statement on the
-//!   `(user_id, state, expires_at)` index); the check `available >= amount`; the journal
+//!   WHERE user_id = ? FOR UPDATE NOWAIT`; the server clock and the sum of the account's
+//!   unexpired active holds (`HeldFunds`, one statement on the `(user_id, state, expires_at)`
+//!   index; the same statement reads them for any operation on an account with `held > 0`);
+//!   the checks `expires_at` after that clock (else `InvalidExpiry`, as the caller's clock is
+//!   checked before anything is sent) and `available >= amount`; the journal
 //!   `INSERT` (kind `hold`, `balance_after` = the unchanged posted balance) and
 //!   `LAST_INSERT_ID()`; the `balance_hold` `INSERT` (its id is the entry's); the account
 //!   `UPDATE` (`held + amount`, `version + 1`); `COMMIT`.
