@@ -408,8 +408,9 @@ impl BalanceLedger {
     /// `before` (keyset pagination over the (user_id, id) index: no OFFSET scans).
     ///
     /// # Errors
-    /// [`Error::InvalidId`], [`Error::InvalidInput`] for a `limit` outside 1 to
-    /// [`MAX_HISTORY_PAGE`]; the reader's failures, as for [`balance`](Self::balance).
+    /// [`Error::InvalidId`] (the user, or a cursor `before` that is no entry id: not
+    /// positive), [`Error::InvalidInput`] for a `limit` outside 1 to [`MAX_HISTORY_PAGE`]; the
+    /// reader's failures, as for [`balance`](Self::balance).
     pub fn history(
         &self,
         conn: &mut MysqlConnection,
@@ -418,17 +419,21 @@ impl BalanceLedger {
         limit: u32,
     ) -> Result<HistoryPage> {
         validate_id("user", user_id)?;
+        if let Some(cursor) = before {
+            validate_id("entry", cursor)?;
+        }
         if limit == 0 || limit > MAX_HISTORY_PAGE {
             return Err(Error::InvalidInput {
                 field: "limit",
                 problem: "must be between 1 and 1000",
             });
         }
+        // One entry more than the page: whether an older page exists.
         let rows: Vec<EntryRow> = self.runner.read(conn, |conn| {
             let mut query = balance_history::table
                 .filter(balance_history::user_id.eq(user_id))
                 .order(balance_history::id.desc())
-                .limit(i64::from(limit))
+                .limit(i64::from(limit) + 1)
                 .select(EntryRow::as_select())
                 .into_boxed();
             if let Some(cursor) = before {
@@ -436,11 +441,13 @@ impl BalanceLedger {
             }
             Ok(query.load(conn)?)
         })?;
+        let more = rows.len() > limit as usize;
         let entries = rows
             .into_iter()
+            .take(limit as usize)
             .map(EntryRow::into_entry)
             .collect::<Result<Vec<_>>>()?;
-        let next_cursor = if entries.len() == limit as usize {
+        let next_cursor = if more {
             entries.last().map(|e| e.id)
         } else {
             None

@@ -965,6 +965,30 @@ fn history_pages_newest_first_without_gaps() {
     // History of an account without entries is an empty last page.
     let empty = ledger.history(&mut conn, 4242, None, 10).expect("empty");
     assert!(empty.entries.is_empty() && empty.next_cursor.is_none());
+    // A page that ends with the oldest entry is the last: no cursor to an empty page (before
+    // the fix, pages of 5 over 25 entries gave a sixth, empty one).
+    let mut sizes = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = ledger.history(&mut conn, USER, cursor, 5).expect("page");
+        sizes.push(page.entries.len());
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+        assert!(sizes.len() <= 5, "too many pages: {sizes:?}");
+    }
+    assert_eq!(sizes, vec![5; 5]);
+    // A cursor that is no entry id is refused, as every id is (before: an empty page).
+    for cursor in [0, -5] {
+        assert!(
+            matches!(
+                ledger.history(&mut conn, USER, Some(cursor), 10),
+                Err(Error::InvalidId { .. })
+            ),
+            "cursor {cursor}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
