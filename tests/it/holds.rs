@@ -1434,3 +1434,42 @@ fn a_hold_expired_on_the_server_clock_is_refused_alone_and_in_a_batch() {
         audit_ok(&ledger, &mut conn, user);
     }
 }
+
+/// A batch on an id that is no account id refuses its captures and releases as `InvalidId`
+/// of the user, as it refuses its charges, before anything is sent — no hold can be that
+/// account's. Before the fix they read their holds and answered `HoldNotFound`.
+#[test]
+fn a_batch_on_no_account_id_refuses_its_captures_as_invalid_ids() {
+    const USER: i64 = 3;
+    let (_url, mut conn) = fresh_database("holds_batch_bad_user");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, USER, dec(100));
+    let hold = ledger
+        .hold(&mut conn, USER, dec(10), "h", in_secs(600))
+        .expect("hold");
+    let before = snapshot(&mut conn);
+    for user in [0, -1, i64::MIN] {
+        let answers = ledger
+            .apply_many(
+                &mut conn,
+                user,
+                &[
+                    AccountOp::capture(hold.id, dec(5), "c"),
+                    AccountOp::release(hold.id, "r"),
+                    AccountOp::charge(dec(1), "k"),
+                ],
+            )
+            .expect("answers");
+        for answer in &answers {
+            assert!(
+                matches!(answer, Err(Error::InvalidId { what: "user", id }) if *id == user),
+                "user {user}: {answers:?}"
+            );
+        }
+    }
+    assert_eq!(
+        snapshot(&mut conn),
+        before,
+        "a refused batch wrote something"
+    );
+}
