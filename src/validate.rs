@@ -77,7 +77,6 @@ pub fn validate_expiry(expires_at: NaiveDateTime) -> Result<NaiveDateTime> {
     })
 }
 
-/// Checks that an id is positive: [`Error::InvalidId`] otherwise.
 /// Checks that `at` fits a `DATETIME(6)` column — 1000-01-01 00:00:00 to 9999-12-31
 /// 23:59:59.999999 (the server stores a later date as a zero date, with a warning) — and
 /// returns it as stored (whole microseconds).
@@ -96,6 +95,7 @@ pub(crate) fn validate_datetime(field: &'static str, at: NaiveDateTime) -> Resul
     }
 }
 
+/// Checks that an id is positive: [`Error::InvalidId`] otherwise.
 pub(crate) fn validate_id(what: &'static str, id: i64) -> Result<()> {
     if id > 0 {
         Ok(())

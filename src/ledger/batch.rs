@@ -52,7 +52,7 @@ impl BalanceLedger {
     ///    and amount never change).
     /// 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — the account row,
     ///    locked once for the whole batch, with the server clock and the sum of its unexpired
-    ///    active holds when it has any. A missing account is created, as for a single charge
+    ///    active holds when it has any (the clock also when the batch places or ends holds). A missing account is created, as for a single charge
     ///    and only if the batch has one, in the batch's transaction: found missing, the
     ///    transaction ends and the next one writes the empty row (`INSERT IGNORE`, wait-free)
     ///    and locks it, so a batch that fails leaves no account. Then the holds the batch
@@ -68,9 +68,10 @@ impl BalanceLedger {
     /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
     ///    journal, and the rest run again from step 1 (at most four rounds).
-    /// 4. After the commit, a request refused for the balance (or a missing account) under a key
-    ///    that the batch did not write is looked up in the journal, lock-free: a key that exists
-    ///    answers it, as it answers the single call.
+    /// 4. After the commit, a request refused for the balance (or a missing account, or a
+    ///    hold's expiry on the server clock) under a key that the batch did not write is looked
+    ///    up in the journal, lock-free: a key that exists answers it, as it answers the single
+    ///    call.
     ///
     /// # Errors
     /// The outer `Err` is a failure before anything was committed ([`Error::Contended`],
@@ -84,7 +85,8 @@ impl BalanceLedger {
     /// looked up, else [`Error::InvalidExpiry`]), every other one with a copy of the failure. Once the batch has committed the call answers per
     /// request: the committed ones with their entries, the others with the single call's
     /// error; a refused one whose key could not be looked up after the commit (step 4) with
-    /// [`Error::OutcomeUnknown`].
+    /// [`Error::OutcomeUnknown`] — but a hold refused for its expiry keeps its
+    /// [`Error::InvalidExpiry`], as its single call does.
     pub fn apply_many(
         &self,
         conn: &mut MysqlConnection,
@@ -229,10 +231,10 @@ impl BalanceLedger {
                 }
                 Err(failure) => {
                     for (index, refusal) in refused {
-                        // A hold whose expiry had passed was refused for its input, never
-                        // written: its refusal stands, as in its single call.
-                        let expired = requests[index].expiry_refusal().is_some();
-                        results[index] = Some(Err(if expired {
+                        // A hold whose expiry had passed (on the caller's clock or the
+                        // server's) was refused for its input, never written: its refusal
+                        // stands, as in its single call.
+                        results[index] = Some(Err(if is_expiry_refusal(&refusal) {
                             refusal
                         } else {
                             outcome_unknown(&failure)
@@ -361,6 +363,18 @@ pub(crate) fn check_ending_on(op: &AccountOp, user_id: i64) -> Result<()> {
         Some(_) => validate_id("user", user_id),
         None => Ok(()),
     }
+}
+
+/// A hold refused because its expiry is not in the future (on either clock): refused for its
+/// input, whatever its key's lookup finds or fails to find.
+pub(crate) fn is_expiry_refusal(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::InvalidExpiry {
+            problem: crate::error::ExpiryProblem::NotInFuture,
+            ..
+        }
+    )
 }
 
 /// How a capture or release ends its hold: the state and the amount captured.

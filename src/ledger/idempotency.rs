@@ -60,10 +60,20 @@ impl BalanceLedger {
                 }
                 Ok(Step::CreateAccount(user_id)) => return Err(Error::AccountNotFound { user_id }),
                 Err(error) if error.replay_may_apply() => {
-                    return match self.existing(conn, request, deadline)? {
+                    let rows =
+                        match self.journal_rows_by(conn, deadline, request.user_id, &[request.key])
+                        {
+                            Ok(rows) => rows,
+                            // A hold whose expiry had passed on the server clock was refused for
+                            // its input: the refusal stands where its key cannot be looked up (as
+                            // on the caller's clock, see `expired_hold`).
+                            Err(_) if super::batch::is_expiry_refusal(&error) => return Err(error),
+                            Err(failure) => return Err(failure),
+                        };
+                    return match request.answer_from(&rows).transpose()? {
                         Some(entry) => replay(conn, entry),
                         None => Err(error),
-                    }
+                    };
                 }
                 Err(error) => return Err(error),
             }

@@ -5,9 +5,9 @@
 //! One SERIALIZABLE transaction per call (see [`TxnRunner`]):
 //! 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — through the primary key,
 //!    so InnoDB takes one record lock. A transfer locks both rows in ascending `user_id` order.
-//!    If the account has active holds, the server clock and the sum of its holds not yet
-//!    expired on it are read next (see `holds`): the *available* balance is the posted balance
-//!    minus them.
+//!    If the account has active holds (or a hold is placed), the server clock and the sum of its
+//!    holds not yet expired on it are read next (see `holds`): the *available* balance is the
+//!    posted balance minus them.
 //! 2. Check the available balance against the request (nothing written on refusal).
 //! 3. `INSERT` the journal entry, `SELECT LAST_INSERT_ID()`, `UPDATE` the balance, `COMMIT`.
 //!
