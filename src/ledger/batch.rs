@@ -22,7 +22,6 @@ use crate::error::{Error, Result, ServerError, ServerErrorKind};
 use crate::records::{EntryKind, HoldState};
 use crate::txn::{Deadline, Holding, InsertIds};
 use crate::util::now;
-use crate::validate::validate_id;
 
 /// What the batch transaction decided for one request.
 #[derive(Debug)]
@@ -138,17 +137,13 @@ impl BalanceLedger {
         ops: &[AccountOp],
         deadline: Deadline,
     ) -> Result<Vec<Result<Entry>>> {
-        // No hold belongs to an id that is no account id: nothing to read then.
-        let holds = match user_id > 0 {
-            true => self.ended_holds(conn, ops, deadline)?,
-            false => Vec::new(),
-        };
+        let holds = self.ended_holds(conn, ops, deadline)?;
         let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
         let mut requests: Vec<Request<'_>> = Vec::with_capacity(ops.len());
         let holds: HashMap<i64, &Hold> = holds.iter().map(|hold| (hold.id, hold)).collect();
         for op in ops {
             let hold = op.hold_id().and_then(|id| holds.get(&id).copied());
-            let request = check_ending_on(op, user_id)
+            let request = check_ending(op)
                 .and_then(|()| op.request(user_id, hold))
                 .and_then(Request::checked);
             match request {
@@ -352,16 +347,6 @@ pub(crate) fn check_ending(op: &AccountOp) -> Result<()> {
         } => validate_ending(*hold_id, Some(*amount), key),
         AccountOp::Release { hold_id, key } => validate_ending(*hold_id, None, key),
         _ => Ok(()),
-    }
-}
-
-/// [`check_ending`] for a capture or release in a batch on `user_id`: its own input, then the
-/// account it must belong to (no hold belongs to an id that is no account id).
-pub(crate) fn check_ending_on(op: &AccountOp, user_id: i64) -> Result<()> {
-    check_ending(op)?;
-    match op.hold_id() {
-        Some(_) => validate_id("user", user_id),
-        None => Ok(()),
     }
 }
 

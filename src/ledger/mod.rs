@@ -49,7 +49,7 @@ pub use crate::records::{AuditReport, EntryKind, HoldState};
 pub use crate::validate::{
     validate_amount, validate_expiry, validate_key, MAX_AMOUNT, MAX_HOLD_DURATION, MAX_KEY_BYTES,
 };
-pub(crate) use batch::{check_ending, check_ending_on};
+pub(crate) use batch::check_ending;
 pub use holds::MAX_EXPIRY_BATCH;
 pub use request::request_hash;
 pub(crate) use types::BeforeSending;

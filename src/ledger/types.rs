@@ -389,7 +389,7 @@ impl AccountOp {
     pub(crate) fn before_sending(&self, user_id: i64) -> BeforeSending<'_> {
         let checked = match self {
             Self::Capture { .. } | Self::Release { .. } => {
-                return match super::check_ending_on(self, user_id) {
+                return match super::check_ending(self) {
                     Ok(()) => BeforeSending::Send,
                     Err(refusal) => BeforeSending::Refused(refusal),
                 }
