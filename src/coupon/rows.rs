@@ -102,7 +102,10 @@ pub(crate) fn insert_user_coupons(
     holding: Holding,
 ) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(users.len());
-    for some in users.chunks(rows_per_insert::<NewUserCoupon>()) {
+    for (at, some) in users.chunks(rows_per_insert::<NewUserCoupon>()).enumerate() {
+        // After the first chunk the transaction holds that chunk's rows: no later chunk may
+        // wait for a lock (a one-row chunk of `Holding::Nothing` would).
+        let holding = if at == 0 { holding } else { Holding::Locks };
         write_user_coupons(conn, (campaign_id, coupon_id), some, issued_at, holding)?;
         ids.extend(user_coupon_ids(conn, order, coupon_id, some, None)?);
     }

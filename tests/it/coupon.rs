@@ -1261,6 +1261,62 @@ fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
     assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
 }
 
+/// The same for a batch too large for one INSERT whose last chunk is one user: that chunk's
+/// INSERT never waits either, since the batch holds the rows of the chunks before it.
+///
+/// Users 2 and 4 hold coupons, so user 3's coupon would go into the gap between them, which
+/// another program's SERIALIZABLE read locks; the batch of 1,001 users writes users 1 and
+/// 5..=1003 in its first INSERT and user 3 alone in its second. Before the fix that one-row
+/// INSERT waited for the gap lock while the batch held user 1's row; the other program then
+/// asked for user 1's row: a deadlock, and InnoDB rolled the other program back as its victim.
+#[test]
+fn a_large_batchs_last_one_user_chunk_never_waits_while_holding_its_first_chunk() {
+    let (url, mut admin) = fresh_database("coupon_no_wait_last_chunk");
+    let issuer = Arc::new(CouponIssuer::with_policy(
+        lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(20)),
+    ));
+    let (coupon, campaign) = open_campaign_named(&mut admin, &issuer, "contested", 2_000);
+    for user in [2, 4] {
+        issuer
+            .issue(&mut admin, user, campaign.id)
+            .expect("a holder");
+    }
+    let mut foreign = other_program(&url);
+    let held: i64 = user_coupon::table
+        .filter(user_coupon::user_id.eq(3))
+        .filter(user_coupon::coupon_id.eq(coupon.id))
+        .count()
+        .get_result(&mut foreign)
+        .expect("the other program's read");
+    assert_eq!(held, 0);
+    let users: Vec<i64> = std::iter::once(1).chain(5..=1003).chain([3]).collect();
+    assert_eq!(users.len(), 1_001);
+    let batch = {
+        let (url, issuer, users) = (url.clone(), issuer.clone(), users.clone());
+        thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &users))
+    };
+    assert_not_sacrificed(&mut foreign, std::time::Duration::from_millis(500), |c| {
+        diesel::insert_into(user_coupon::table)
+            .values((
+                user_coupon::user_id.eq(1),
+                user_coupon::coupon_id.eq(coupon.id),
+                user_coupon::fcfs_coupon_id.eq(campaign.id),
+            ))
+            .execute(c)
+    });
+    let answers = batch.join().expect("batch").expect("the batch");
+    assert_eq!(answers.len(), users.len());
+    assert!(
+        matches!(&answers[0], Err(Error::AlreadyIssued { user_id: 1, .. })),
+        "{:?}",
+        answers[0]
+    );
+    assert!(answers[1..].iter().all(Result::is_ok), "the others issued");
+    assert_eq!(stock_row(&mut admin, campaign.id), (2_000, 2_000 - 1_002));
+    assert_eq!(issued_rows(&mut admin, campaign.id), 1_003);
+    assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
+}
+
 /// A restock, which holds the stock row when it records its key, never waits for another
 /// transaction's lock there either.
 ///
