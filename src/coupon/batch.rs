@@ -50,12 +50,13 @@ impl CouponIssuer {
     /// # Errors
     /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
-    /// [`Error::Server`], [`Error::Internal`] for facts that keep disagreeing): then no request
-    /// was applied (or, for [`Error::OutcomeUnknown`], all or none were). It is given only
-    /// when every user id is valid: otherwise such a failure is answered per request, an
-    /// invalid id with [`Error::InvalidId`] (as `issue` answers it before sending anything)
-    /// and every other request with a copy of the failure. Refusals of the campaign as a
-    /// whole (not found, window closed, sold out) are answered per request.
+    /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`], [`Error::Server`],
+    /// [`Error::Internal`] for facts that keep disagreeing): then no request was applied (or,
+    /// for [`Error::OutcomeUnknown`], all or none were). It is given only when every user id
+    /// is valid: otherwise such a failure is answered per request, an invalid id with
+    /// [`Error::InvalidId`] (as `issue` answers it before sending anything) and every other
+    /// request with a copy of the failure. Refusals of the campaign as a whole (an invalid
+    /// campaign id, not found, window closed, sold out) are answered per request.
     pub fn issue_many(
         &self,
         conn: &mut MysqlConnection,

@@ -25,14 +25,18 @@ impl CouponIssuer {
     /// Safe to retry after [`Error::OutcomeUnknown`]: one coupon per user, so a repeat never
     /// issues a second one; it answers [`Error::AlreadyIssued`] with the coupon's id if the
     /// first committed — or [`Error::SoldOut`] once this issuer has seen the campaign sold out
-    /// (perhaps by that very coupon): then [`user_coupons`](Self::user_coupons) tells.
+    /// (perhaps by that very coupon), or [`Error::Ended`] once the window has closed (the
+    /// window is checked before the coupon is looked for): then
+    /// [`user_coupons`](Self::user_coupons) tells.
     ///
     /// # Errors
     /// [`Error::InvalidId`]; [`Error::SoldOut`], [`Error::AlreadyIssued`],
     /// [`Error::NotStarted`], [`Error::Ended`], [`Error::CampaignNotFound`]; the runner's
     /// failures ([`Error::Contended`], [`Error::Timeout`], [`Error::OutcomeUnknown`],
-    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], [`Error::Server`]);
-    /// [`Error::Internal`] when the cached campaign facts keep disagreeing with the database.
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
+    /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`] on a Galera node,
+    /// [`Error::Server`]); [`Error::Internal`] when the cached campaign facts keep disagreeing
+    /// with the database.
     pub fn issue(
         &self,
         conn: &mut MysqlConnection,
