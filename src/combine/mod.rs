@@ -42,7 +42,9 @@
 //! back before the connection goes back to the pool. A failed batch transaction is retried by the
 //! runner like any other; if it still fails before committing, every caller in it gets a copy of
 //! the typed error (nothing applied, or for [`Error::OutcomeUnknown`] all or none). Once a batch
-//! has committed, every caller gets its own answer.
+//! has committed, every caller gets its own answer; a batch that fails to give them (a panic, a
+//! wrong number of answers) after sending a COMMIT answers [`Error::OutcomeUnknown`], never
+//! [`Error::Internal`] (which promises that nothing was committed).
 //!
 //! After a batch of a key met a refusal of another process, the key's next leaders linger before
 //! forming their batch (from 200 µs, doubled per refused batch up to 2 ms, halved per calm one,
@@ -491,6 +493,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             passed: Cell::new(false),
             in_commit: Cell::new(false),
             refused: Cell::new(false),
+            commit_sent: Cell::new(false),
         });
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             with_handoff(handoff.clone(), || {
@@ -498,12 +501,19 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             })
         }));
         let polled = handoff.refused.get();
+        // Past a COMMIT, a batch that fails to answer may have applied its work: its callers
+        // are told the outcome is unknown, never that nothing was committed.
+        let committed = handoff.commit_sent.get();
         drop(handoff);
         let refused = outcome.as_ref().ok().map(|ran| ran.refused || polled);
         match outcome {
-            Ok(ran) => deliver(&slots, ran.outcome),
+            Ok(ran) => deliver(&slots, ran.outcome, committed),
             Err(panic) => {
-                deliver(&slots, Err(Error::internal("the batch panicked")));
+                deliver(
+                    &slots,
+                    Err(Error::internal("the batch panicked")),
+                    committed,
+                );
                 panicked = Some(panic);
             }
         }
@@ -555,6 +565,8 @@ struct BatchHandoff {
     in_commit: Cell<bool>,
     /// The hot row was refused (held by another process, or any other transaction).
     refused: Cell<bool>,
+    /// A COMMIT of the batch was sent (its work may be committed from then on).
+    commit_sent: Cell<bool>,
 }
 
 /// How long a batch waits for a hot row another process holds before its transaction is
@@ -565,6 +577,10 @@ const WAIT_BUDGET: Duration = Duration::from_millis(8);
 const WAIT_SHARE: u32 = 4;
 
 impl Handoff for BatchHandoff {
+    fn commit_sent(&self) {
+        self.commit_sent.set(true);
+    }
+
     fn before_commit(&self) {
         if !self.passed.get() && self.turn.pass_at_commit(self.ticket) {
             self.passed.set(true);
@@ -598,21 +614,26 @@ impl Drop for BatchHandoff {
     }
 }
 
-fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>) {
+/// Answers the callers of a batch with its `outcome`. Where the batch failed to answer each
+/// caller (a wrong number of results, a panic: [`Error::Internal`]) after a COMMIT was sent
+/// (`committed`), its work may be applied: the callers get [`Error::OutcomeUnknown`] instead.
+fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>, committed: bool) {
+    let outcome = match outcome {
+        Ok(results) if results.len() != slots.len() => Err(Error::internal(format!(
+            "batch returned {} results for {} requests",
+            results.len(),
+            slots.len()
+        ))),
+        other => other,
+    };
+    let outcome = match outcome {
+        Err(error @ Error::Internal { .. }) if committed => Err(Error::outcome_unknown(&error)),
+        other => other,
+    };
     match outcome {
-        Ok(results) if results.len() == slots.len() => {
+        Ok(results) => {
             for (slot, result) in slots.iter().zip(results) {
                 slot.set(SlotState::Done(result));
-            }
-        }
-        Ok(results) => {
-            let error = Error::internal(format!(
-                "batch returned {} results for {} requests",
-                results.len(),
-                slots.len()
-            ));
-            for slot in slots {
-                slot.set(SlotState::Done(Err(error.clone())));
             }
         }
         Err(error) => {

@@ -495,6 +495,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// [`Error::OutcomeUnknown`] for a failure after a COMMIT may have been sent: the server's
+    /// error where there is one, else the failure's text.
+    pub(crate) fn outcome_unknown(failure: &Error) -> Error {
+        let source = failure.server_error().cloned().unwrap_or_else(|| {
+            ServerError::new(diesel::result::Error::QueryBuilderError(
+                failure.to_string().into(),
+            ))
+        });
+        Error::OutcomeUnknown { source }
+    }
+
     /// Whether the same call may succeed if repeated: contention, lock refusals and lost
     /// connections (on a new connection), a Galera node outside the Primary component
     /// ([`ServerErrorKind::NodeNotReady`]: on a connection to another node). With the same

@@ -18,7 +18,7 @@ use super::rows::{
 };
 use super::types::{AccountOp, BeforeSending, Entry, Hold};
 use super::BalanceLedger;
-use crate::error::{Error, Result, ServerError, ServerErrorKind};
+use crate::error::{Error, Result, ServerErrorKind};
 use crate::records::{EntryKind, HoldState};
 use crate::txn::{Deadline, Holding, InsertIds};
 use crate::util::now;
@@ -232,7 +232,7 @@ impl BalanceLedger {
                         results[index] = Some(Err(if is_expiry_refusal(&refusal) {
                             refusal
                         } else {
-                            outcome_unknown(&failure)
+                            Error::outcome_unknown(&failure)
                         }));
                     }
                 }
@@ -384,17 +384,6 @@ fn unanswered(results: &[Option<Result<Entry>>]) -> Vec<usize> {
     (0..results.len())
         .filter(|i| results[*i].is_none())
         .collect()
-}
-
-/// [`Error::OutcomeUnknown`] for a request that may have been applied (by another call with
-/// its key) but could not be checked because of `failure`: the server's error when there is one.
-fn outcome_unknown(failure: &Error) -> Error {
-    let source = failure.server_error().cloned().unwrap_or_else(|| {
-        ServerError::new(diesel::result::Error::QueryBuilderError(
-            failure.to_string().into(),
-        ))
-    });
-    Error::OutcomeUnknown { source }
 }
 
 /// Inside the batch transaction, with the account (and the holds the batch ends) locked:

@@ -32,6 +32,9 @@ use crate::statements::LockingRead;
 
 /// What a combiner's batch does around its COMMIT, and what its locking reads ask.
 pub(crate) trait Handoff {
+    /// Right before the COMMIT of any write is sent (Galera-guarded ones included): from then
+    /// on the batch's work may be committed.
+    fn commit_sent(&self);
     /// Right before the COMMIT of a write (not a Galera-guarded one) is sent.
     fn before_commit(&self);
     /// Once that COMMIT answered or failed.
@@ -72,6 +75,13 @@ pub(crate) fn with_handoff<T>(handoff: Rc<dyn Handoff>, f: impl FnOnce() -> T) -
 
 fn installed() -> Option<Rc<dyn Handoff>> {
     HANDOFF.with(|h| h.borrow().clone())
+}
+
+/// Tells the installed handoff (if any) that the COMMIT of a write is about to be sent.
+pub(super) fn commit_sent() {
+    if let Some(handoff) = installed() {
+        handoff.commit_sent();
+    }
 }
 
 /// Tells the installed handoff (if any) that a COMMIT is about to be sent.

@@ -262,7 +262,11 @@ pub(super) fn run_transaction<T>(
 /// COMMIT; a write's tells a combiner's handoff (see [`handoff`](super::handoff)) before it
 /// is sent and once it answered — not a Galera-guarded one, whose turn is handed on after it.
 fn commit(conn: &mut MysqlConnection, begin: Begin<'_>) -> diesel::QueryResult<usize> {
-    if begin.read_only || begin.savepoint {
+    if begin.read_only {
+        return Commit.execute(conn);
+    }
+    super::handoff::commit_sent();
+    if begin.savepoint {
         return Commit.execute(conn);
     }
     super::handoff::before_commit();

@@ -3,7 +3,7 @@
 //! keys applied once. Everything is checked from the database afterwards.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use diesel::prelude::*;
@@ -12,7 +12,7 @@ use lockstock::schema::{balance_history, fcfs_coupon, user_coupon};
 use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Error};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{assert_refused, fresh_database, open_campaign, pool};
+use lockstock_testkit::fixtures::{assert_refused, connect, fresh_database, open_campaign, pool};
 
 fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i64, i32, i64) {
     let rows: i64 = user_coupon::table
@@ -817,4 +817,89 @@ fn racing_combiners_at_a_sell_out_never_deadlock() {
     assert_eq!(deadlocks, "0", "deadlocks the server resolved");
     conn.batch_execute("SELECT 1")
         .expect("the server still answers");
+}
+
+/// A batch that fails to answer its callers after its COMMIT was sent — a `run_batch` that
+/// commits and then returns the wrong number of results, or panics — answers
+/// `OutcomeUnknown`, never `Internal` (whose promise is that nothing was committed): its work
+/// is in the database. Before the fix every caller got `Internal`.
+#[test]
+fn a_batch_that_fails_to_answer_after_its_commit_answers_outcome_unknown() {
+    use diesel::connection::SimpleConnection;
+    use lockstock::combine::Combiner;
+    use lockstock::{Deadline, TxnRunner};
+    let (url, mut admin) = fresh_database("combine_commit_then_fail");
+    admin
+        .batch_execute("CREATE TABLE applied (id INT PRIMARY KEY)")
+        .expect("table");
+    let conn = Mutex::new(connect(&url));
+    let runner = TxnRunner::default();
+    let commit = |requests: &[i32], deadline: Deadline| {
+        let mut conn = conn.lock().expect("connection");
+        runner.run_by(&mut conn, deadline, |c| {
+            for id in requests {
+                diesel::sql_query("INSERT INTO applied VALUES (?)")
+                    .bind::<diesel::sql_types::Integer, _>(*id)
+                    .execute(c)?;
+            }
+            Ok(())
+        })
+    };
+    let combiner = Combiner::<u8, i32, ()>::new(4);
+    let deadline = || Deadline::after(std::time::Duration::from_secs(5));
+    // Committed, then the wrong number of answers.
+    let short = combiner.submit(0, 1, deadline(), |_, requests, deadline| {
+        commit(&requests, deadline)?;
+        Ok(Vec::new())
+    });
+    assert!(
+        matches!(short, Err(Error::OutcomeUnknown { .. })),
+        "{short:?}"
+    );
+    // Committed, then a panic: the leader's own call panics; a caller combined with it is
+    // answered.
+    let entered = Barrier::new(2);
+    let (leader, follower) = thread::scope(|s| {
+        let leader = s.spawn(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                combiner.submit(1, 2, deadline(), |_, requests, deadline| {
+                    entered.wait();
+                    // Let the follower queue behind this batch, then take it in the next.
+                    thread::sleep(std::time::Duration::from_millis(200));
+                    commit(&requests, deadline)?;
+                    panic!("after the commit");
+                })
+            }))
+        });
+        entered.wait();
+        let follower = s.spawn(|| {
+            combiner.submit(1, 3, deadline(), |_, requests, deadline| {
+                commit(&requests, deadline)?;
+                panic!("after the commit");
+            })
+        });
+        (leader.join().expect("leader thread"), follower.join())
+    });
+    assert!(leader.is_err(), "the leader's call panicked");
+    // The follower led the next batch (and panicked) or was answered by the first: either
+    // way, when it was answered, it was not told that nothing was committed.
+    if let Ok(answer) = follower {
+        assert!(
+            matches!(answer, Err(Error::OutcomeUnknown { .. })),
+            "{answer:?}"
+        );
+    }
+    let applied: Vec<i32> = diesel::sql_query("SELECT id FROM applied ORDER BY id")
+        .load::<Applied>(&mut admin)
+        .expect("applied")
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(applied, vec![1, 2, 3]);
+}
+
+#[derive(QueryableByName)]
+struct Applied {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    id: i32,
 }
