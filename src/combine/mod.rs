@@ -625,11 +625,11 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>, 
             slots.len()
         ))),
         other => other,
-    };
-    let outcome = match outcome {
-        Err(error @ Error::Internal { .. }) if committed => Err(Error::outcome_unknown(&error)),
-        other => other,
-    };
+    }
+    .map_err(|error| match error {
+        Error::Internal { .. } if committed => Error::outcome_unknown(&error),
+        error => error,
+    });
     match outcome {
         Ok(results) => {
             for (slot, result) in slots.iter().zip(results) {

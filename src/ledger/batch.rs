@@ -51,7 +51,8 @@ impl BalanceLedger {
     ///    and amount never change).
     /// 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — the account row,
     ///    locked once for the whole batch, with the server clock and the sum of its unexpired
-    ///    active holds when it has any (the clock also when the batch places or ends holds). A missing account is created, as for a single charge
+    ///    active holds when it has any (the clock also when the batch places or ends holds). A
+    ///    missing account is created, as for a single charge
     ///    and only if the batch has one, in the batch's transaction: found missing, the
     ///    transaction ends and the next one writes the empty row (`INSERT IGNORE`, wait-free)
     ///    and locks it, so a batch that fails leaves no account. Then the holds the batch
@@ -229,7 +230,7 @@ impl BalanceLedger {
                         // A hold whose expiry had passed (on the caller's clock or the
                         // server's) was refused for its input, never written: its refusal
                         // stands, as in its single call.
-                        results[index] = Some(Err(if is_expiry_refusal(&refusal) {
+                        results[index] = Some(Err(if refusal.is_expiry_refusal() {
                             refusal
                         } else {
                             Error::outcome_unknown(&failure)
@@ -348,18 +349,6 @@ pub(crate) fn check_ending(op: &AccountOp) -> Result<()> {
         AccountOp::Release { hold_id, key } => validate_ending(*hold_id, None, key),
         _ => Ok(()),
     }
-}
-
-/// A hold refused because its expiry is not in the future (on either clock): refused for its
-/// input, whatever its key's lookup finds or fails to find.
-pub(crate) fn is_expiry_refusal(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::InvalidExpiry {
-            problem: crate::error::ExpiryProblem::NotInFuture,
-            ..
-        }
-    )
 }
 
 /// How a capture or release ends its hold: the state and the amount captured.

@@ -59,21 +59,17 @@ impl BalanceLedger {
                     create = true;
                 }
                 Ok(Step::CreateAccount(user_id)) => return Err(Error::AccountNotFound { user_id }),
+                // A hold whose expiry had passed on the server clock: answered as one refused
+                // on the caller's clock (its refusal stands where its key cannot be looked up).
+                Err(error) if error.is_expiry_refusal() => {
+                    let entry = self.expired_hold(conn, request, error, deadline)?;
+                    return replay(conn, entry);
+                }
                 Err(error) if error.replay_may_apply() => {
-                    let rows =
-                        match self.journal_rows_by(conn, deadline, request.user_id, &[request.key])
-                        {
-                            Ok(rows) => rows,
-                            // A hold whose expiry had passed on the server clock was refused for
-                            // its input: the refusal stands where its key cannot be looked up (as
-                            // on the caller's clock, see `expired_hold`).
-                            Err(_) if super::batch::is_expiry_refusal(&error) => return Err(error),
-                            Err(failure) => return Err(failure),
-                        };
-                    return match request.answer_from(&rows).transpose()? {
+                    return match self.existing(conn, request, deadline)? {
                         Some(entry) => replay(conn, entry),
                         None => Err(error),
-                    };
+                    }
                 }
                 Err(error) => return Err(error),
             }
@@ -111,6 +107,18 @@ impl BalanceLedger {
 }
 
 impl Error {
+    /// A hold refused because its expiry is not in the future (on either clock): refused for
+    /// its input, whatever its key's lookup finds or fails to find.
+    pub(crate) fn is_expiry_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidExpiry {
+                problem: ExpiryProblem::NotInFuture,
+                ..
+            }
+        )
+    }
+
     /// Refusals after which an existing entry under the same key decides the answer.
     pub(crate) fn replay_may_apply(&self) -> bool {
         matches!(

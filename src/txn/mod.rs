@@ -603,11 +603,8 @@ impl TxnRunner {
     /// Whether a transaction begun with `left` of its call's deadline must limit its
     /// statements to `left` rather than by the policy's settings alone: on MariaDB, where a
     /// statement could otherwise wait for a lock past the deadline.
-    fn limited_by_deadline(&self, left: Duration) -> bool {
-        self.sql
-            .get()
-            .is_some_and(|sql| sql.flavor == ServerFlavor::MariaDb)
-            && left < self.policy.longest_lock_wait()
+    fn limited_by_deadline(&self, flavor: ServerFlavor, left: Duration) -> bool {
+        flavor == ServerFlavor::MariaDb && left < self.policy.longest_lock_wait()
     }
 
     /// How to begin on this connection, `left` before the call's deadline: with the session
@@ -633,8 +630,9 @@ impl TxnRunner {
         let guarded = sql.galera && !read_only;
         // A guarded write needs its own SET (autocommit): no marked-connection shortcut; nor
         // a transaction whose statements must end sooner than the settings let them.
-        let marked =
-            !guarded && !self.limited_by_deadline(left) && carries_settings(conn, &sql.session);
+        let marked = !guarded
+            && !self.limited_by_deadline(sql.flavor, left)
+            && carries_settings(conn, &sql.session);
         let kind = usize::from(read_only);
         Ok(Begin {
             setup: if marked {

@@ -1220,26 +1220,13 @@ fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
     let (coupon, campaign) = open_campaign_named(&mut admin, &issuer, "contested", 10);
     // User 2's coupon splits the unique index: users 1 and 3 go into different gaps.
     issuer.issue(&mut admin, 2, campaign.id).expect("user 2");
-    let mut foreign = other_program(&url);
-    let held: i64 = user_coupon::table
-        .filter(user_coupon::user_id.eq(3))
-        .filter(user_coupon::coupon_id.eq(coupon.id))
-        .count()
-        .get_result(&mut foreign)
-        .expect("the other program's read");
-    assert_eq!(held, 0);
+    let mut foreign = reading_the_gap_of(&url, coupon.id, 3);
     let batch = {
         let (url, issuer) = (url.clone(), issuer.clone());
         thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &[1, 3]))
     };
     assert_not_sacrificed(&mut foreign, std::time::Duration::from_millis(300), |c| {
-        diesel::insert_into(user_coupon::table)
-            .values((
-                user_coupon::user_id.eq(1),
-                user_coupon::coupon_id.eq(coupon.id),
-                user_coupon::fcfs_coupon_id.eq(campaign.id),
-            ))
-            .execute(c)
+        coupon_of(c, 1, (coupon.id, campaign.id))
     });
     let foreign_id: i64 = user_coupon::table
         .filter(user_coupon::user_id.eq(1))
@@ -1259,6 +1246,35 @@ fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
     assert_eq!(stock_row(&mut admin, campaign.id), (10, 8));
     assert_eq!(issued_rows(&mut admin, campaign.id), 3);
     assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
+}
+
+/// Another program's SERIALIZABLE transaction that read whether `user` holds the coupon
+/// template `coupon_id` (none): it holds the gap that coupon would go into.
+fn reading_the_gap_of(url: &str, coupon_id: i64, user: i64) -> MysqlConnection {
+    let mut foreign = other_program(url);
+    let held: i64 = user_coupon::table
+        .filter(user_coupon::user_id.eq(user))
+        .filter(user_coupon::coupon_id.eq(coupon_id))
+        .count()
+        .get_result(&mut foreign)
+        .expect("the other program's read");
+    assert_eq!(held, 0);
+    foreign
+}
+
+/// Inserts `user`'s coupon of (template, campaign) on `conn`, as another program would.
+fn coupon_of(
+    conn: &mut MysqlConnection,
+    user: i64,
+    (coupon_id, campaign_id): (i64, i64),
+) -> QueryResult<usize> {
+    diesel::insert_into(user_coupon::table)
+        .values((
+            user_coupon::user_id.eq(user),
+            user_coupon::coupon_id.eq(coupon_id),
+            user_coupon::fcfs_coupon_id.eq(campaign_id),
+        ))
+        .execute(conn)
 }
 
 /// The same for a batch too large for one INSERT whose last chunk is one user: that chunk's
@@ -1281,14 +1297,7 @@ fn a_large_batchs_last_one_user_chunk_never_waits_while_holding_its_first_chunk(
             .issue(&mut admin, user, campaign.id)
             .expect("a holder");
     }
-    let mut foreign = other_program(&url);
-    let held: i64 = user_coupon::table
-        .filter(user_coupon::user_id.eq(3))
-        .filter(user_coupon::coupon_id.eq(coupon.id))
-        .count()
-        .get_result(&mut foreign)
-        .expect("the other program's read");
-    assert_eq!(held, 0);
+    let mut foreign = reading_the_gap_of(&url, coupon.id, 3);
     let users: Vec<i64> = std::iter::once(1).chain(5..=1003).chain([3]).collect();
     assert_eq!(users.len(), 1_001);
     let batch = {
@@ -1296,13 +1305,7 @@ fn a_large_batchs_last_one_user_chunk_never_waits_while_holding_its_first_chunk(
         thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &users))
     };
     assert_not_sacrificed(&mut foreign, std::time::Duration::from_millis(500), |c| {
-        diesel::insert_into(user_coupon::table)
-            .values((
-                user_coupon::user_id.eq(1),
-                user_coupon::coupon_id.eq(coupon.id),
-                user_coupon::fcfs_coupon_id.eq(campaign.id),
-            ))
-            .execute(c)
+        coupon_of(c, 1, (coupon.id, campaign.id))
     });
     let answers = batch.join().expect("batch").expect("the batch");
     assert_eq!(answers.len(), users.len());
