@@ -55,7 +55,10 @@
 //! Each caller has ONE [`Deadline`], fixed when it submits, for everything its call goes through:
 //! the queue, the pool checkout (`get_timeout` with the time left) and the batch transaction. A
 //! batch runs by the earliest deadline of the requests in it, so it never outlives any of its
-//! callers. A waiter whose deadline passes before its request was taken into a batch is removed
+//! callers; when it gives up without committing ([`Error::Contended`], [`Error::Timeout`]),
+//! only the callers whose deadline it ran by are answered so: a request with a later deadline
+//! goes back to the front of the queue and runs in the next batch, as its single call would
+//! still be retrying. A waiter whose deadline passes before its request was taken into a batch is removed
 //! from the queue and gets [`Error::Timeout`] (so does a request found expired when a batch is
 //! formed, and a leader whose own deadline has passed hands the leadership on without running a
 //! batch); once taken, it waits for the batch's answer so no outcome is lost.
@@ -250,12 +253,19 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     pub fn stats(&self) -> CombinerStats {
         *lock(&self.stats)
     }
+}
 
+impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
     /// Submits `request` for `key` and returns its own result. `run_batch` gets the requests of
     /// one batch in arrival order and the batch's deadline (the earliest of its callers'), and
     /// must return one result per request, in the same order, or a whole-batch error.
     /// `deadline` is the caller's, fixed when its call started: it bounds the time spent queued,
-    /// and no batch the request is in runs past it.
+    /// and no batch the request is in runs past it. A request that `run_batch` answers
+    /// [`Error::Contended`] or [`Error::Timeout`] (alone or by a whole-batch error) while its
+    /// own deadline is later than the batch's is queued again at the front and runs in the
+    /// next batch — unless the batch panicked or sent a COMMIT through lockstock's runner — so
+    /// `run_batch` may see a request more than once, and must have applied nothing it answers
+    /// so.
     ///
     /// # Errors
     /// [`Error::Timeout`] when `deadline` passes before the request is taken into a batch; a
@@ -302,11 +312,19 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             lane.queue.push_back((request, deadline, slot.clone()));
             !std::mem::replace(&mut lane.leading, true)
         };
-        if !lead_now && !self.wait_for_turn(&key, &slot, deadline)? {
-            return self.take_result(&slot);
+        let mut lead_now = lead_now;
+        loop {
+            if !lead_now && !self.wait_for_turn(&key, &slot, deadline)? {
+                return self.take_result(&slot);
+            }
+            self.lead(&key, &slot, deadline, &prepare, &run_batch);
+            // Put back into the queue (a batch that gave up by an earlier caller's deadline):
+            // wait for the next batch, or for the leadership, as any queued caller.
+            if matches!(*lock(&slot.state), SlotState::Done(_)) {
+                return self.take_result(&slot);
+            }
+            lead_now = false;
         }
-        self.lead(&key, deadline, &prepare, &run_batch);
-        self.take_result(&slot)
     }
 
     /// Waits until the slot is answered (`Ok(false)`) or handed leadership (`Ok(true)`).
@@ -375,6 +393,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     fn lead<P>(
         &self,
         key: &K,
+        own: &Arc<Slot<Resp>>,
         deadline: Deadline,
         prepare: &impl Fn(&K, Deadline) -> P,
         run_batch: &impl Fn(&K, Vec<Req>, Deadline, P) -> Ran<Resp>,
@@ -419,16 +438,34 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             }
         }
         let lane = lanes.entry(key.clone()).or_default();
-        // Without the turn (this leader's deadline passed first) it answers only itself.
-        let take = if deadline.is_expired() || ticket.is_none() {
-            1
+        let own_at = lane.queue.iter().position(|(_, _, s)| Arc::ptr_eq(s, own));
+        let drained: Vec<Queued<Req, Resp>> = if deadline.is_expired() || ticket.is_none() {
+            // Without the turn (this leader's deadline passed first) it answers only itself.
+            own_at
+                .and_then(|at| lane.queue.remove(at))
+                .into_iter()
+                .collect()
         } else {
-            self.max_batch
+            // In arrival order; requests put back after a batch gave up come before the
+            // leader's own, which is always in its batch.
+            let take = lane.queue.len().min(self.max_batch);
+            let mut drained: Vec<Queued<Req, Resp>> = lane.queue.drain(..take).collect();
+            if let Some(mine) = own_at
+                .filter(|&at| at >= take)
+                .and_then(|at| lane.queue.remove(at - take))
+            {
+                if let Some(last) = drained.pop() {
+                    lane.queue.push_front(last);
+                }
+                drained.push(mine);
+            }
+            drained
         };
-        let take = lane.queue.len().min(take);
-        let drained: Vec<Queued<Req, Resp>> = lane.queue.drain(..take).collect();
         let mut requests = Vec::with_capacity(drained.len());
         let mut slots = Vec::with_capacity(drained.len());
+        // A copy of every request, to put it back if the batch gives up by an earlier
+        // caller's deadline while it still has time.
+        let mut copies = Vec::with_capacity(drained.len());
         let mut batch_deadline: Option<Deadline> = None;
         for (request, deadline, slot) in drained {
             if deadline.is_expired() {
@@ -444,6 +481,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 }
             }
             batch_deadline = Some(batch_deadline.map_or(deadline, |d| d.min(deadline)));
+            copies.push((request.clone(), deadline));
             requests.push(request);
             slots.push(slot);
         }
@@ -506,22 +544,52 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let committed = handoff.commit_sent.get();
         drop(handoff);
         let refused = outcome.as_ref().ok().map(|ran| ran.refused || polled);
-        match outcome {
-            Ok(ran) => deliver(&slots, ran.outcome, committed),
+        let answers = match outcome {
+            Ok(ran) => answers(slots.len(), ran.outcome, committed),
             Err(panic) => {
-                deliver(
-                    &slots,
+                panicked = Some(panic);
+                answers(
+                    slots.len(),
                     Err(Error::internal("the batch panicked")),
                     committed,
-                );
-                panicked = Some(panic);
+                )
+            }
+        };
+        // A request the batch gave up on by an earlier caller's deadline (or attempts) while
+        // nothing was committed goes back to the front of the queue if its own deadline is
+        // later: its single call would still be retrying. The rest are answered.
+        let mut again = Vec::new();
+        for ((slot, answer), (request, deadline)) in slots.into_iter().zip(answers).zip(copies) {
+            let retry = panicked.is_none()
+                && !committed
+                && matches!(answer, Err(Error::Contended { .. } | Error::Timeout { .. }))
+                && deadline.is_later_than(&batch_deadline)
+                && !deadline.is_expired();
+            if retry {
+                again.push((request, deadline, slot));
+            } else {
+                slot.set(SlotState::Done(answer));
             }
         }
+        let answered = count - again.len();
         // A batch that committed handed the turn on as it sent COMMIT (`BatchHandoff`); one
         // that did not (it failed, answered without a write, or ran a Galera-guarded write)
-        // gives it back now, after its answers.
+        // gives it back now, after its answers — and after putting back what runs again, so
+        // the next batch takes it first.
         {
             let mut lanes = lock(&self.lanes);
+            if !again.is_empty() {
+                let lane = lanes.entry(key.clone()).or_default();
+                for (request, deadline, slot) in again.into_iter().rev() {
+                    slot.set(SlotState::Queued);
+                    lane.queue.push_front((request, deadline, slot));
+                }
+                if !std::mem::replace(&mut lane.leading, true) {
+                    if let Some((_, _, slot)) = lane.queue.front() {
+                        slot.set(SlotState::Lead);
+                    }
+                }
+            }
             turn.release(ticket);
             if let Some(lane) = lanes.get_mut(key) {
                 if let Some(refused) = refused {
@@ -536,7 +604,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         {
             let mut stats = lock(&self.stats);
             stats.batches += 1;
-            stats.requests += count as u64;
+            stats.requests += answered as u64;
             stats.largest_batch = stats.largest_batch.max(count);
         }
         if let Some(panic) = panicked {
@@ -614,15 +682,19 @@ impl Drop for BatchHandoff {
     }
 }
 
-/// Answers the callers of a batch with its `outcome`. Where the batch failed to answer each
-/// caller (a wrong number of results, a panic: [`Error::Internal`]) after a COMMIT was sent
-/// (`committed`), its work may be applied: the callers get [`Error::OutcomeUnknown`] instead.
-fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>, committed: bool) {
+/// The answers of the `count` callers of a batch from its `outcome` (a whole-batch error is
+/// copied to each). Where the batch failed to answer each caller (a wrong number of results, a
+/// panic: [`Error::Internal`]) after a COMMIT was sent (`committed`), its work may be applied:
+/// the callers get [`Error::OutcomeUnknown`] instead.
+fn answers<Resp>(
+    count: usize,
+    outcome: Result<Vec<Result<Resp>>>,
+    committed: bool,
+) -> Vec<Result<Resp>> {
     let outcome = match outcome {
-        Ok(results) if results.len() != slots.len() => Err(Error::internal(format!(
-            "batch returned {} results for {} requests",
+        Ok(results) if results.len() != count => Err(Error::internal(format!(
+            "batch returned {} results for {count} requests",
             results.len(),
-            slots.len()
         ))),
         other => other,
     }
@@ -631,16 +703,8 @@ fn deliver<Resp>(slots: &[Arc<Slot<Resp>>], outcome: Result<Vec<Result<Resp>>>, 
         error => error,
     });
     match outcome {
-        Ok(results) => {
-            for (slot, result) in slots.iter().zip(results) {
-                slot.set(SlotState::Done(result));
-            }
-        }
-        Err(error) => {
-            for slot in slots {
-                slot.set(SlotState::Done(Err(error.clone())));
-            }
-        }
+        Ok(results) => results,
+        Err(error) => (0..count).map(|_| Err(error.clone())).collect(),
     }
 }
 
@@ -728,7 +792,7 @@ enum Source {
     Router(Arc<Router>),
 }
 
-impl<S, Req, Resp> Combining<S, Req, Resp> {
+impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
     /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
     pub fn new(pool: MysqlPool, inner: S) -> Self {
         Self::with_max_batch(pool, inner, DEFAULT_MAX_BATCH)

@@ -84,9 +84,11 @@ fn a_queued_caller_times_out_without_being_sent_and_the_lane_recovers() {
 /// The requests of one batch and the deadline it ran by.
 type Seen = (Vec<u64>, Deadline);
 
-#[test]
-fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
-    let combiner = Arc::new(Doubler::new(8));
+/// A first batch of key 0 (request 1, answered 1) that runs until the returned sender sends:
+/// requests submitted meanwhile queue for the next batch.
+fn a_batch_held_open(
+    combiner: &Arc<Doubler>,
+) -> (thread::JoinHandle<Result<u64>>, std::sync::mpsc::Sender<()>) {
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let release_rx = Mutex::new(release_rx);
@@ -101,6 +103,42 @@ fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
         })
     };
     assert!(started_rx.recv().is_ok(), "first batch running");
+    (first, release_tx)
+}
+
+/// Submits `requests` one after another (50 ms apart, so that they queue in order) behind the
+/// batch held open by `first`, then lets that batch end; their answers, in order.
+fn queued_behind(
+    first: thread::JoinHandle<Result<u64>>,
+    release: std::sync::mpsc::Sender<()>,
+    requests: impl IntoIterator<Item = (u64, Deadline)>,
+    submit: impl Fn(u64, Deadline) -> thread::JoinHandle<Result<u64>>,
+) -> Vec<Result<u64>> {
+    let queued: Vec<_> = requests
+        .into_iter()
+        .map(|(request, deadline)| {
+            let handle = submit(request, deadline);
+            // All must be queued before the first batch ends (only ordering, no assertion).
+            thread::sleep(Duration::from_millis(50));
+            handle
+        })
+        .collect();
+    assert!(release.send(()).is_ok(), "release");
+    assert!(matches!(first.join().map_err(|_| ()), Ok(Ok(1))));
+    queued
+        .into_iter()
+        .map(|handle| {
+            handle
+                .join()
+                .unwrap_or_else(|_| Err(Error::internal("a caller panicked")))
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
+    let combiner = Arc::new(Doubler::new(8));
+    let (first, release_tx) = a_batch_held_open(&combiner);
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let submit = |request: u64, deadline: Deadline| {
         let (combiner, seen) = (combiner.clone(), seen.clone());
@@ -113,20 +151,9 @@ fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
     };
     let late = within(Duration::from_secs(9));
     let early = within(Duration::from_secs(5));
-    let queued: Vec<_> = [(2, late), (3, early)]
+    let answers: Vec<_> = queued_behind(first, release_tx, [(2, late), (3, early)], submit)
         .into_iter()
-        .map(|(request, deadline)| {
-            let handle = submit(request, deadline);
-            // Both must be queued before the first batch ends (only ordering, no assertion).
-            thread::sleep(Duration::from_millis(50));
-            handle
-        })
-        .collect();
-    assert!(release_tx.send(()).is_ok(), "release");
-    assert!(matches!(first.join().map_err(|_| ()), Ok(Ok(1))));
-    let answers: Vec<_> = queued
-        .into_iter()
-        .map(|h| h.join().map_err(|_| ()).and_then(|r| r.map_err(|_| ())))
+        .map(|r| r.map_err(|_| ()))
         .collect();
     assert_eq!(answers, vec![Ok(4), Ok(6)]);
     assert_eq!(*lock(&seen), vec![(vec![2, 3], early)]);
@@ -136,6 +163,45 @@ fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
         panic!("sent an expired request: {requests:?}")
     });
     assert!(matches!(expired, Err(Error::Timeout { .. })), "{expired:?}");
+    assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+}
+
+#[test]
+fn a_batch_that_gives_up_by_an_earlier_deadline_runs_the_later_requests_again() {
+    let combiner = Arc::new(Doubler::new(8));
+    let (first, release_tx) = a_batch_held_open(&combiner);
+    let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+    // The batch gives up (as the runner does at its deadline) while request 3, whose deadline
+    // is the earliest, is in it.
+    let submit = |request: u64, deadline: Deadline| {
+        let (combiner, seen) = (combiner.clone(), seen.clone());
+        thread::spawn(move || {
+            combiner.submit(0, request, deadline, move |_, requests, batch| {
+                lock(&seen).push(requests.clone());
+                if requests.contains(&3) {
+                    return Err(Error::Timeout {
+                        elapsed: batch.elapsed(),
+                    });
+                }
+                Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
+            })
+        })
+    };
+    // 2 leads the batch (queued first), 3 has the earliest deadline, 4 queued last.
+    let deadlines =
+        [(2, 9), (3, 5), (4, 9)].map(|(r, secs)| (r, within(Duration::from_secs(secs))));
+    let answers: Vec<_> = queued_behind(first, release_tx, deadlines, submit)
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(answer) => Ok(answer),
+            Err(Error::Timeout { .. }) => Err("timeout"),
+            _ => Err("other"),
+        })
+        .collect();
+    // Before: the later requests got the batch's Timeout with most of their time left.
+    assert_eq!(answers, vec![Ok(4), Err("timeout"), Ok(8)]);
+    assert_eq!(*lock(&seen), vec![vec![2, 3, 4], vec![2, 4]]);
+    assert_eq!(combiner.stats().requests, 4, "each request counted once");
     assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
 }
 

@@ -309,6 +309,11 @@ impl Deadline {
         self.at.checked_add(grace).unwrap_or(self.at)
     }
 
+    /// Whether this deadline is later than `other`.
+    pub(crate) fn is_later_than(&self, other: &Self) -> bool {
+        self.at > other.at
+    }
+
     /// The earlier of two deadlines (a combined batch runs by its earliest caller's).
     pub fn min(self, other: Self) -> Self {
         if other.at < self.at {

@@ -501,6 +501,66 @@ fn a_combined_batch_polls_a_row_held_for_a_moment_and_gives_up_on_a_long_hold() 
     );
 }
 
+/// A batch runs by the earliest deadline of its callers; when it gives up by that deadline
+/// (the hot row held elsewhere all along), a caller that joined it later still has time, and
+/// its single call would still be retrying: its request runs again in the next batch instead
+/// of being answered with the batch's `Contended`.
+#[test]
+fn a_caller_with_time_left_is_not_answered_by_an_earlier_callers_deadline() {
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let (url, mut conn) = fresh_database("combine_requeue");
+    let setup = CouponIssuer::new();
+    let campaign = open_campaign(&mut conn, &setup, 10).id;
+    // Many attempts: every batch gives up by its deadline, never by its attempts.
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 100_000;
+    retry.deadline = std::time::Duration::from_secs(1);
+    let policy = lockstock::TxnPolicy::default().with_retry(retry);
+    let hot = Arc::new(CombiningIssuer::new(
+        pool(&url, 4),
+        CouponIssuer::with_policy(policy),
+    ));
+    hot.issue(1, campaign).expect("a first coupon");
+
+    // The row is held for 1.25 s. User 2 asks first (its batch gives up at 1 s), user 3 at
+    // 150 ms (it leads the next batch, which gives up at 1.15 s), user 4 at 500 ms: queued
+    // behind user 3's leadership, it is in that batch and has until 1.5 s.
+    let start = Arc::new(Barrier::new(2));
+    let holder = hold_campaign_row(
+        &url,
+        campaign,
+        start.clone(),
+        std::time::Duration::from_millis(1250),
+    );
+    start.wait();
+    let asks: Vec<_> = [(2, 0), (3, 150), (4, 350)]
+        .into_iter()
+        .map(|(user, after)| {
+            thread::sleep(std::time::Duration::from_millis(after));
+            let hot = hot.clone();
+            thread::spawn(move || hot.issue(user, campaign))
+        })
+        .collect();
+    let answers: Vec<_> = asks
+        .into_iter()
+        .map(|ask| ask.join().expect("caller"))
+        .collect();
+    holder.join().expect("holder");
+    assert!(
+        matches!(answers[0], Err(Error::Contended { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1], Err(Error::Contended { .. })),
+        "{answers:?}"
+    );
+    // Before: user 4 got user 3's batch's Contended with 350 ms of its deadline left.
+    let issued = answers[2].as_ref().expect("user 4, after the row was free");
+    assert_eq!(issued.user_id, 4);
+    let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
+    assert_eq!((rows, stock, duplicates), (2, 8, 0), "users 1 and 4 only");
+}
+
 /// How many times, while `running` is not finished, a locking read of `table` on the database
 /// `database` that can wait (`FOR UPDATE` without NOWAIT) was seen running for over 2 ms in the
 /// server's process list: a point lookup that long is waiting for its row lock. NOWAIT reads
