@@ -160,12 +160,17 @@ macro_rules! restore_mariadb {
     };
 }
 
-/// The end of every restoring SET: the `@lockstock_*` user variables the saving SET wrote are
-/// set back to NULL — what the caller's session read for them before lockstock's first call.
-/// The assignments come after the ones that read them (a SET assigns in order).
+/// The end of every restoring SET: the caller's `LAST_INSERT_ID()` put back (lockstock's
+/// INSERTs changed it; `LAST_INSERT_ID(expr)` sets it), then the `@lockstock_*` user variables
+/// the saving SET wrote are set back to NULL — what the caller's session read for them before
+/// lockstock's first call. The assignments come after the ones that read them (a SET assigns in
+/// order).
 macro_rules! clear_saved {
     () => {
-        ", @lockstock_lock_wait = NULL, @lockstock_mdl_wait = NULL, \
+        ", @lockstock_last_insert_id = \
+         LAST_INSERT_ID(COALESCE(@lockstock_last_insert_id, LAST_INSERT_ID())), \
+         @lockstock_last_insert_id = NULL, \
+         @lockstock_lock_wait = NULL, @lockstock_mdl_wait = NULL, \
          @lockstock_statement_time = NULL, \
          @lockstock_lc_messages = NULL, @lockstock_time_zone = NULL"
     };

@@ -2,7 +2,8 @@
 //!
 //! Every balance or stock change in lockstock goes through [`TxnRunner::run`]. It
 //! 1. refuses to run inside a transaction the caller opened (it could not retry it),
-//! 2. saves the caller's session variables and sets its own in one atomic `SET` (or, on a
+//! 2. saves the caller's session variables (and its `LAST_INSERT_ID()`, which lockstock's
+//!    INSERTs change: put back with them) and sets its own in one atomic `SET` (or, on a
 //!    connection that carries them already, only `SET TRANSACTION ISOLATION LEVEL ...`), then
 //!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch,
 //! 3. runs the body, then COMMIT (a cached prepared statement: one round trip; in a combiner's
@@ -199,7 +200,8 @@ impl RunnerSql {
                 // values saved, ours set. Nothing before it may read a table: under a caller's
                 // `autocommit = 0` the read would open a transaction of its own.
                 let mut setup = vec![format!(
-                    "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                    "SET @lockstock_last_insert_id = LAST_INSERT_ID(), \
+                     @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
                      @lockstock_mdl_wait = @@session.lock_wait_timeout, \
                      @lockstock_statement_time = @@session.max_statement_time, \
                      @lockstock_lc_messages = @@session.lc_messages, \
@@ -227,7 +229,8 @@ impl RunnerSql {
             ServerFlavor::MySql => vec![
                 set_transaction(levels[kind]),
                 format!(
-                    "SET @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+                    "SET @lockstock_last_insert_id = LAST_INSERT_ID(), \
+                     @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
                      @lockstock_mdl_wait = @@session.lock_wait_timeout, \
                      @lockstock_statement_time = @@session.max_execution_time, \
                      @lockstock_lc_messages = @@session.lc_messages, \

@@ -181,7 +181,7 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
         "SELECT NULLIF(CONCAT_WS(',', @lockstock_lock_wait, @lockstock_mdl_wait, \
          @lockstock_statement_time, \
          @lockstock_lc_messages, @lockstock_time_zone, @lockstock_isolation, \
-         @lockstock_autocommit), '') AS line",
+         @lockstock_autocommit, @lockstock_last_insert_id), '') AS line",
     )
     .get_result::<Saved>(conn)
     .expect("read lockstock's user variables")
@@ -213,6 +213,50 @@ fn finding_7_session_settings_are_restored() {
     assert!(matches!(missing, Err(Error::CampaignNotFound { .. })));
     assert_eq!(session_vars(&mut conn), before, "after a refused issue");
     assert_eq!(saved_values(&mut conn), None, "after a refused issue");
+
+    // The caller's LAST_INSERT_ID() (what Diesel on MySQL reads an inserted row's id with) is
+    // what its own last INSERT left, whatever lockstock inserted meanwhile: journal entries,
+    // holds, coupons, in single calls and batches.
+    let last_insert_id = |c: &mut MysqlConnection| {
+        diesel::sql_query("SELECT CAST(LAST_INSERT_ID() AS SIGNED) AS id")
+            .get_result::<Id>(c)
+            .expect("LAST_INSERT_ID()")
+            .id
+    };
+    diesel::sql_query("SELECT LAST_INSERT_ID(4242) AS id")
+        .get_result::<Id>(&mut conn)
+        .expect("the caller's insert id");
+    let issuer = lockstock::CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &issuer, 10).id;
+    diesel::sql_query("SELECT LAST_INSERT_ID(4242) AS id")
+        .get_result::<Id>(&mut conn)
+        .expect("the caller's insert id");
+    ledger
+        .charge(&mut conn, 2, dec(10), "lid-c")
+        .expect("charge");
+    assert_eq!(last_insert_id(&mut conn), 4242, "after a charge");
+    let batch = ledger
+        .apply_many(
+            &mut conn,
+            2,
+            &[
+                lockstock::AccountOp::deduct(dec(1), "lid-d"),
+                lockstock::AccountOp::hold(
+                    dec(1),
+                    "lid-h",
+                    chrono::Utc::now().naive_utc() + chrono::Duration::hours(1),
+                ),
+            ],
+        )
+        .expect("batch");
+    assert!(batch.iter().all(Result::is_ok), "{batch:?}");
+    assert_eq!(last_insert_id(&mut conn), 4242, "after a batch");
+    issuer.issue(&mut conn, 5, campaign).expect("issue");
+    issuer
+        .issue_many(&mut conn, campaign, &[6, 7])
+        .expect("issue_many");
+    assert_eq!(last_insert_id(&mut conn), 4242, "after coupons");
+    assert_eq!(saved_values(&mut conn), None, "after coupons");
 
     // A connection that carries lockstock's settings (pooled through SessionSettings) gets no
     // session statements at all: only the isolation level of the next transaction is set.
