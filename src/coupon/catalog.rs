@@ -135,7 +135,7 @@ impl CouponIssuer {
         new: &NewCampaign,
     ) -> Result<Campaign> {
         validate_id("coupon", new.coupon_id)?;
-        let quantity = positive_quantity(new.quantity)?;
+        let quantity = positive_quantity("quantity", new.quantity)?;
         // Compared as stored (microseconds).
         let starts = validate_datetime("issue_starts_at", new.issue_starts_at)?;
         let ends = validate_datetime("issue_ends_at", new.issue_ends_at)?;

@@ -24,7 +24,8 @@ impl CouponIssuer {
     /// ([`Error::OutcomeUnknown`]) leaves no mark behind.
     ///
     /// # Errors
-    /// [`Error::InvalidId`], [`Error::InvalidInput`] (quantity, or a total past 2^31 - 1),
+    /// [`Error::InvalidId`], [`Error::InvalidInput`] (`additional`: zero or past 2^31 - 1, or a
+    /// total it would take past that),
     /// [`Error::InvalidIdempotencyKey`]; [`Error::CampaignNotFound`], [`Error::RestockConflict`];
     /// the runner's failures ([`Error::Contended`], [`Error::Timeout`],
     /// [`Error::OutcomeUnknown`], [`Error::Server`], ...).
@@ -36,7 +37,7 @@ impl CouponIssuer {
         key: &str,
     ) -> Result<Campaign> {
         validate_id("campaign", campaign_id)?;
-        let additional = positive_quantity(additional)?;
+        let additional = positive_quantity("additional", additional)?;
         validate_key(key)?;
         let deadline = self.runner.deadline();
         self.saw_stock(campaign_id);

@@ -84,7 +84,7 @@ fn finding_10e_apply_to_never_panics() {
 
 #[test]
 fn quantity_bounds() {
-    assert!(positive_quantity(0).is_err());
-    assert!(positive_quantity(u32::MAX).is_err());
-    assert_eq!(positive_quantity(500).ok(), Some(500));
+    assert!(positive_quantity("quantity", 0).is_err());
+    assert!(positive_quantity("quantity", u32::MAX).is_err());
+    assert_eq!(positive_quantity("quantity", 500).ok(), Some(500));
 }

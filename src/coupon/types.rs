@@ -299,12 +299,12 @@ pub(crate) fn validate_order_ref(order_ref: &str) -> Result<()> {
 }
 
 /// A quantity as the INT columns hold it: 1 to 2^31 - 1 ([`Error::InvalidInput`]).
-pub(crate) fn positive_quantity(quantity: u32) -> Result<i32> {
+pub(crate) fn positive_quantity(field: &'static str, quantity: u32) -> Result<i32> {
     i32::try_from(quantity)
         .ok()
         .filter(|q| *q > 0)
         .ok_or(Error::InvalidInput {
-            field: "quantity",
+            field,
             problem: "must be between 1 and 2^31 - 1",
         })
 }

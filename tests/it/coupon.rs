@@ -521,10 +521,11 @@ fn sold_out_is_cached_until_restock() {
     });
     drop(doomed);
 
-    // Restock 0 is refused and changes nothing; the cache stays.
+    // Restock 0 is refused (naming the parameter) and changes nothing; the cache stays.
     match issuer.restock(&mut conn, campaign.id, 0, "restock-0") {
         Err(Error::InvalidInput {
-            field: "quantity", ..
+            field: "additional",
+            ..
         }) => {}
         other => panic!("restock 0: expected InvalidInput, got {other:?}"),
     }

@@ -876,11 +876,11 @@ fn check_expiry(expires_at: NaiveDateTime) -> Result<(), ErrV> {
     Err(ErrV::InvalidExpiry(expires_at, problem))
 }
 
-fn check_quantity(q: u32) -> Result<i32, ErrV> {
+fn check_quantity(field: &'static str, q: u32) -> Result<i32, ErrV> {
     i32::try_from(q)
         .ok()
         .filter(|q| *q > 0)
-        .ok_or(ErrV::InvalidInput("quantity"))
+        .ok_or(ErrV::InvalidInput(field))
 }
 
 fn clock() -> NaiveDateTime {
@@ -1337,7 +1337,7 @@ impl Model {
             }
             Resolved::CreateCampaign((raw, id), quantity, starts, ends) => {
                 check_id("coupon", *raw)?;
-                let quantity = check_quantity(*quantity)?;
+                let quantity = check_quantity("quantity", *quantity)?;
                 if starts >= ends {
                     return Err(ErrV::InvalidInput("issue_ends_at"));
                 }
@@ -1420,7 +1420,7 @@ impl Model {
             }
             Resolved::Restock((raw, id), additional, key) => {
                 check_id("campaign", *raw)?;
-                let additional = check_quantity(*additional)?;
+                let additional = check_quantity("additional", *additional)?;
                 check_key(key)?;
                 let Id::M(c) = *id else {
                     return Err(ErrV::CampaignNotFound(*id));
