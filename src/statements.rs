@@ -113,13 +113,15 @@ statement! {
 statement! {
     /// `COMMIT`, as a cached prepared statement: one round trip, where Diesel's transaction
     /// manager sends it as a multi-statement batch (three round trips: the batch toggles the
-    /// multi-statement option on and off around it).
-    Commit => "COMMIT"
+    /// multi-statement option on and off around it). `AND NO CHAIN NO RELEASE` whatever the
+    /// caller's `completion_type`: CHAIN would leave the next transaction open on the caller's
+    /// connection, RELEASE would close it.
+    Commit => "COMMIT AND NO CHAIN NO RELEASE"
 }
 
 statement! {
-    /// `ROLLBACK`, as a cached prepared statement.
-    Rollback => "ROLLBACK"
+    /// `ROLLBACK`, as a cached prepared statement (`AND NO CHAIN NO RELEASE`, as [`Commit`]).
+    Rollback => "ROLLBACK AND NO CHAIN NO RELEASE"
 }
 
 statement! {

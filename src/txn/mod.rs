@@ -6,7 +6,10 @@
 //!    INSERTs change: put back with them) and sets its own in one atomic `SET` (or, on a
 //!    connection that carries them already, only `SET TRANSACTION ISOLATION LEVEL ...`), then
 //!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch,
-//! 3. runs the body, then COMMIT (a cached prepared statement: one round trip; in a combiner's
+//! 3. runs the body, then COMMIT (`AND NO CHAIN NO RELEASE`, as every ROLLBACK: a caller's
+//!    `completion_type` must not open a transaction on its connection after lockstock's, nor
+//!    close it; writes begin `START TRANSACTION READ WRITE`, whatever the caller's `SET
+//!    TRANSACTION` left for its next transaction; a cached prepared statement: one round trip; in a combiner's
 //!    batch the key's turn is handed on just before it is sent, see the `combine` module); any
 //!    error — or a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its
 //!    NOWAIT refusal, 1205) rolls back only the statement, so the runner must not continue it,
@@ -166,8 +169,10 @@ const NESTED_1568: &str = "transaction characteristics can't be changed";
 /// node is not the designated writer (the `designated_writer` row names another node).
 pub(super) const NOT_DESIGNATED_LOCALE: &str = "lockstock_not_designated_writer";
 
-/// `START TRANSACTION` of a write and of a read-only snapshot.
-const BEGIN_WRITE: &str = "BEGIN";
+/// `START TRANSACTION` of a write and of a read-only snapshot. READ WRITE: a caller's
+/// `SET TRANSACTION READ ONLY` for its next transaction would otherwise make this one refuse
+/// its writes.
+const BEGIN_WRITE: &str = "START TRANSACTION READ WRITE";
 const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
 
 impl RunnerSql {

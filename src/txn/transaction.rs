@@ -361,7 +361,7 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
     if let Err(e) = after_late_abort(conn, |conn| Rollback.execute(conn).map(|_| ())) {
         // Release the locks now if the server still answers (the prepared form may be what
         // failed), but never trust this connection again.
-        let _ = conn.batch_execute("ROLLBACK");
+        let _ = conn.batch_execute("ROLLBACK AND NO CHAIN NO RELEASE");
         mark_broken(conn);
         return Some(Error::ConnectionBroken {
             source: ServerError::new(e),

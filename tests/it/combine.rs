@@ -686,7 +686,7 @@ fn commits_held_back(observer: &mut MysqlConnection, db: &str) -> i64 {
     loop {
         let held = diesel::sql_query(
             "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
-             WHERE DB = ? AND INFO = 'COMMIT' AND STATE LIKE 'Waiting for backup lock%'",
+             WHERE DB = ? AND INFO LIKE 'COMMIT%' AND STATE LIKE 'Waiting for backup lock%'",
         )
         .bind::<diesel::sql_types::Text, _>(db)
         .get_result::<Count>(observer)

@@ -423,6 +423,74 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
     ledger.audit(&mut conn, 1).expect("audit");
 }
 
+/// A caller's `completion_type` (CHAIN: every COMMIT or ROLLBACK opens the next transaction;
+/// RELEASE: it closes the connection) never applies to lockstock's COMMIT and ROLLBACK: after
+/// each call the caller's connection is open, outside any transaction, and the next call runs.
+#[test]
+fn a_callers_completion_type_leaves_no_transaction_open_and_the_connection_alive() {
+    let (url, mut conn) = fresh_database("review_completion_type");
+    let ledger = BalanceLedger::new();
+    let issuer = lockstock::CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &issuer, 10).id;
+    let in_transaction = |c: &mut MysqlConnection| {
+        diesel::sql_query("SELECT CAST(@@in_transaction AS SIGNED) AS id")
+            .get_result::<Id>(c)
+            .expect("@@in_transaction")
+            .id
+    };
+    for mode in ["CHAIN", "RELEASE"] {
+        let mut caller = connect(&url);
+        caller
+            .batch_execute(&format!("SET SESSION completion_type = '{mode}'"))
+            .expect("the caller's completion type");
+        let user = if mode == "CHAIN" { 1 } else { 2 };
+        ledger
+            .charge(&mut caller, user, dec(10), "c")
+            .expect("a write");
+        assert_eq!(in_transaction(&mut caller), 0, "{mode}: after a commit");
+        let refused = ledger.deduct(&mut caller, user, dec(50), "d");
+        assert!(
+            matches!(refused, Err(Error::InsufficientBalance { .. })),
+            "{mode}: {refused:?}"
+        );
+        assert_eq!(in_transaction(&mut caller), 0, "{mode}: after a rollback");
+        ledger.balance(&mut caller, user).expect("a read");
+        assert_eq!(in_transaction(&mut caller), 0, "{mode}: after a read");
+        // A read, then a write: the refund reads its deduct first.
+        let deduct = ledger
+            .deduct(&mut caller, user, dec(4), "d2")
+            .expect("a deduct");
+        ledger
+            .refund(&mut caller, deduct.id, dec(1), "r")
+            .expect("a read and a write");
+        issuer.issue(&mut caller, user, campaign).expect("an issue");
+        assert_eq!(in_transaction(&mut caller), 0, "{mode}: at the end");
+        let completion = diesel::sql_query("SELECT @@session.completion_type AS line")
+            .get_result::<Line>(&mut caller)
+            .expect("the caller's completion type, kept");
+        assert_eq!(completion.line, mode);
+        ledger.audit(&mut conn, user).expect("audit");
+    }
+}
+
+/// A `SET TRANSACTION READ ONLY` the caller sent for its next transaction does not make
+/// lockstock's write fail: lockstock's transaction is that next one, and it begins READ WRITE.
+#[test]
+fn a_callers_pending_read_only_does_not_make_a_write_fail() {
+    let (_url, mut conn) = fresh_database("review_pending_read_only");
+    let ledger = BalanceLedger::new();
+    conn.batch_execute("SET TRANSACTION READ ONLY")
+        .expect("the caller's next transaction");
+    ledger.charge(&mut conn, 1, dec(10), "c").expect("a write");
+    let issuer = lockstock::CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &issuer, 10).id;
+    conn.batch_execute("SET TRANSACTION READ ONLY")
+        .expect("the caller's next transaction");
+    issuer.issue(&mut conn, 1, campaign).expect("an issue");
+    assert_eq!(journal_size(&mut conn, 1), 1);
+    ledger.audit(&mut conn, 1).expect("audit");
+}
+
 #[test]
 fn finding_10b_lost_read_only_commit_is_not_outcome_unknown() {
     let (url, mut conn) = fresh_database("review_read_commit");
