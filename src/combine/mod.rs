@@ -6,8 +6,9 @@
 //! becomes the *leader*, takes everything queued meanwhile (up to a batch limit), runs ONE batch
 //! transaction on one pooled connection ([`CouponIssuer::issue_many`],
 //! [`BalanceLedger::apply_many`]) and hands every caller its own result. Callers that arrive
-//! while a batch runs queue up for the next one; when the leader is done it hands leadership to
-//! the oldest waiter and returns. Synchronous: threads and a condition variable, no runtime.
+//! while a batch runs queue up for the next one; as the leader forms its batch it hands
+//! leadership to the oldest waiter left, and once its callers are answered it returns.
+//! Synchronous: threads and a condition variable, no runtime.
 //!
 //! The row is still locked with `FOR UPDATE NOWAIT` inside SERIALIZABLE; one batch per key runs
 //! its statements at a time (it holds the key's *turn* until it sends COMMIT), so batches of one
@@ -55,13 +56,16 @@
 //! Each caller has ONE [`Deadline`], fixed when it submits, for everything its call goes through:
 //! the queue, the pool checkout (`get_timeout` with the time left) and the batch transaction. A
 //! batch runs by the earliest deadline of the requests in it, so it never outlives any of its
-//! callers; when it gives up without committing ([`Error::Contended`], [`Error::Timeout`]),
-//! only the callers whose deadline it ran by are answered so: a request with a later deadline
-//! goes back to the front of the queue and runs in the next batch, as its single call would
-//! still be retrying. A waiter whose deadline passes before its request was taken into a batch is removed
-//! from the queue and gets [`Error::Timeout`] (so does a request found expired when a batch is
-//! formed, and a leader whose own deadline has passed hands the leadership on without running a
-//! batch); once taken, it waits for the batch's answer so no outcome is lost.
+//! callers. When it gives up by that deadline without committing ([`Error::Contended`] with
+//! attempts left, [`Error::Timeout`]), only the callers whose deadline it ran by are answered
+//! so: a request with a later deadline (at least 10 ms left) goes back to the front of the
+//! queue and runs in the next batch, as its single call would still be retrying — until the
+//! attempts spent on it reach the policy's `max_attempts`. A waiter whose deadline passes
+//! before its request was taken into a batch is removed from the queue and gets
+//! [`Error::Timeout`] — or, given back by a batch, that batch's error (so does a request found
+//! expired when a batch is formed, and a leader whose own deadline has passed hands the
+//! leadership on without running a batch); once taken, it waits for the batch's answer so no
+//! outcome is lost.
 //!
 //! [`CouponIssuer::issue_many`]: crate::CouponIssuer::issue_many
 //! [`BalanceLedger::apply_many`]: crate::BalanceLedger::apply_many
@@ -129,21 +133,71 @@ enum SlotState<Resp> {
 struct Slot<Resp> {
     state: Mutex<SlotState<Resp>>,
     changed: Condvar,
+    /// For a request given back by batches that gave up ([`Again`]): the attempts they spent on
+    /// it, and the error the last one gave up with — its answer if its deadline passes while it
+    /// waits again, as its single call would answer after refusals.
+    tried: Mutex<(u32, Option<Error>)>,
 }
 
 impl<Resp> Slot<Resp> {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(SlotState::Queued),
+            changed: Condvar::new(),
+            tried: Mutex::new((0, None)),
+        }
+    }
+
     fn set(&self, state: SlotState<Resp>) {
         *lock(&self.state) = state;
         self.changed.notify_one();
     }
+
+    /// The answer of a request whose deadline passed before it was taken into a batch: the
+    /// error a batch that gave it back gave up with, or [`Error::Timeout`].
+    fn expired(&self, deadline: Deadline) -> Error {
+        lock(&self.tried).1.take().unwrap_or(Error::Timeout {
+            elapsed: deadline.elapsed(),
+        })
+    }
 }
+
+/// How a combiner runs a request again after its batch gave up by an earlier caller's deadline
+/// (see [`Combining`]): a copy of the request is kept for it, and `spent` says whether the
+/// error allows it — with the attempts spent on the request so far, the attempts spent then
+/// (`None`: answer the error).
+struct Again<'a, Req> {
+    copy: &'a dyn Fn(&Req) -> Req,
+    spent: &'a dyn Fn(&Error, u32) -> Option<u32>,
+}
+
+/// [`Again::spent`] for a policy of `max_attempts`: a request runs again after its batch gave
+/// up by the deadline — [`Error::Timeout`], or [`Error::Contended`] with attempts left — while
+/// the attempts spent on it stay under `max_attempts`.
+fn within_attempts(max_attempts: u32) -> impl Fn(&Error, u32) -> Option<u32> {
+    let max_attempts = max_attempts.max(1);
+    move |error, spent| match error {
+        Error::Contended { attempts, .. } if *attempts < max_attempts => {
+            let spent = spent.saturating_add(*attempts);
+            (spent < max_attempts).then_some(spent)
+        }
+        Error::Timeout { .. } => Some(spent),
+        _ => None,
+    }
+}
+
+/// A request given back must have at least this much time left: with less, its single call
+/// would be giving up too (its next backoff would not fit), and a batch run by it would be over
+/// before it began.
+const AGAIN_AT_LEAST: Duration = Duration::from_millis(10);
 
 /// A queued request: the request, its caller's deadline, the caller's slot.
 type Queued<Req, Resp> = (Req, Deadline, Arc<Slot<Resp>>);
 
 struct Lane<Req, Resp> {
     queue: VecDeque<Queued<Req, Resp>>,
-    /// A leader exists: the oldest queued request's caller, preparing its batch or waiting for
+    /// A leader exists: a queued request's caller (the oldest, or the oldest behind requests a
+    /// batch gave back), preparing its batch or waiting for
     /// the turn.
     leading: bool,
     /// Held by the batch of this key that is running (it holds, or is about to take, the hot
@@ -253,19 +307,13 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     pub fn stats(&self) -> CombinerStats {
         *lock(&self.stats)
     }
-}
 
-impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
     /// Submits `request` for `key` and returns its own result. `run_batch` gets the requests of
     /// one batch in arrival order and the batch's deadline (the earliest of its callers'), and
     /// must return one result per request, in the same order, or a whole-batch error.
     /// `deadline` is the caller's, fixed when its call started: it bounds the time spent queued,
-    /// and no batch the request is in runs past it. A request that `run_batch` answers
-    /// [`Error::Contended`] or [`Error::Timeout`] (alone or by a whole-batch error) while its
-    /// own deadline is later than the batch's is queued again at the front and runs in the
-    /// next batch — unless the batch panicked or sent a COMMIT through lockstock's runner — so
-    /// `run_batch` may see a request more than once, and must have applied nothing it answers
-    /// so.
+    /// and no batch the request is in runs past it: a batch's error is the answer of every
+    /// request in it.
     ///
     /// # Errors
     /// [`Error::Timeout`] when `deadline` passes before the request is taken into a batch; a
@@ -282,6 +330,7 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
             key,
             request,
             deadline,
+            None,
             |_, _| (),
             |key, requests, deadline, ()| Ran {
                 outcome: run_batch(key, requests, deadline),
@@ -293,19 +342,18 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
     /// [`submit`](Self::submit) where `run_batch` also says whether its batch met a refusal
     /// of the hot row (then the next leaders of the key linger, see [`Combining`]), and where
     /// a leader first runs `prepare` with its own deadline — while the key's previous batch
-    /// may still run — and hands what it made to its batch.
+    /// may still run — and hands what it made to its batch. With `again`, a request that a
+    /// batch gave up on by an earlier caller's deadline is run again ([`Again`]).
     fn submit_observed<P>(
         &self,
         key: K,
         request: Req,
         deadline: Deadline,
+        again: Option<&Again<'_, Req>>,
         prepare: impl Fn(&K, Deadline) -> P,
         run_batch: impl Fn(&K, Vec<Req>, Deadline, P) -> Ran<Resp>,
     ) -> Result<Resp> {
-        let slot = Arc::new(Slot {
-            state: Mutex::new(SlotState::Queued),
-            changed: Condvar::new(),
-        });
+        let slot = Arc::new(Slot::new());
         let lead_now = {
             let mut lanes = lock(&self.lanes);
             let lane = lanes.entry(key.clone()).or_default();
@@ -317,9 +365,9 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
             if !lead_now && !self.wait_for_turn(&key, &slot, deadline)? {
                 return self.take_result(&slot);
             }
-            self.lead(&key, &slot, deadline, &prepare, &run_batch);
-            // Put back into the queue (a batch that gave up by an earlier caller's deadline):
-            // wait for the next batch, or for the leadership, as any queued caller.
+            self.lead(&key, &slot, deadline, again, &prepare, &run_batch);
+            // Given back (its batch gave up by an earlier caller's deadline): it waits for the
+            // next batch, or for the leadership, as any queued caller.
             if matches!(*lock(&slot.state), SlotState::Done(_)) {
                 return self.take_result(&slot);
             }
@@ -345,9 +393,7 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
                     if left.is_zero() {
                         drop(state);
                         if self.withdraw(key, slot) {
-                            return Err(Error::Timeout {
-                                elapsed: deadline.elapsed(),
-                            });
+                            return Err(slot.expired(deadline));
                         }
                         state = lock(&slot.state);
                         continue;
@@ -386,7 +432,8 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
     /// queued (up to the limit), hands the leadership to the oldest request left (whose caller
     /// prepares the next batch meanwhile), runs the batch, gives the turn back and answers.
     ///
-    /// The leader's own request is the oldest in the queue. If its `deadline` has passed before
+    /// The leader's own request is in its batch (only requests a batch gave back come before
+    /// it, fewer than a batch). If its `deadline` has passed before
     /// the turn came, it answers only itself ([`Error::Timeout`]) and runs no batch, so a leader
     /// never works past its own deadline. Requests found expired are answered
     /// [`Error::Timeout`] (never sent); the batch runs by the earliest deadline of the rest.
@@ -395,6 +442,7 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
         key: &K,
         own: &Arc<Slot<Resp>>,
         deadline: Deadline,
+        again: Option<&Again<'_, Req>>,
         prepare: &impl Fn(&K, Deadline) -> P,
         run_batch: &impl Fn(&K, Vec<Req>, Deadline, P) -> Ran<Resp>,
     ) {
@@ -446,32 +494,19 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
                 .into_iter()
                 .collect()
         } else {
-            // In arrival order; requests put back after a batch gave up come before the
-            // leader's own, which is always in its batch.
+            // In arrival order. Requests given back by the batch before come first, ahead of
+            // the leader's own: fewer than a batch (the one whose deadline that batch ran by is
+            // never given back), so the leader's own request is in its batch.
             let take = lane.queue.len().min(self.max_batch);
-            let mut drained: Vec<Queued<Req, Resp>> = lane.queue.drain(..take).collect();
-            if let Some(mine) = own_at
-                .filter(|&at| at >= take)
-                .and_then(|at| lane.queue.remove(at - take))
-            {
-                if let Some(last) = drained.pop() {
-                    lane.queue.push_front(last);
-                }
-                drained.push(mine);
-            }
-            drained
+            lane.queue.drain(..take).collect()
         };
         let mut requests = Vec::with_capacity(drained.len());
         let mut slots = Vec::with_capacity(drained.len());
-        // A copy of every request, to put it back if the batch gives up by an earlier
-        // caller's deadline while it still has time.
-        let mut copies = Vec::with_capacity(drained.len());
+        let mut deadlines = Vec::with_capacity(drained.len());
         let mut batch_deadline: Option<Deadline> = None;
         for (request, deadline, slot) in drained {
             if deadline.is_expired() {
-                slot.set(SlotState::Done(Err(Error::Timeout {
-                    elapsed: deadline.elapsed(),
-                })));
+                slot.set(SlotState::Done(Err(slot.expired(deadline))));
                 continue;
             }
             {
@@ -481,9 +516,9 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
                 }
             }
             batch_deadline = Some(batch_deadline.map_or(deadline, |d| d.min(deadline)));
-            copies.push((request.clone(), deadline));
             requests.push(request);
             slots.push(slot);
+            deadlines.push(deadline);
         }
         let count = requests.len();
         // The next leader prepares its batch while this one runs.
@@ -534,53 +569,66 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
             commit_sent: Cell::new(false),
         });
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            with_handoff(handoff.clone(), || {
+            // A copy of each request, to run it again if the batch gives up by an earlier
+            // caller's deadline.
+            let copies: Vec<Option<Req>> = requests
+                .iter()
+                .map(|request| again.map(|again| (again.copy)(request)))
+                .collect();
+            let ran = with_handoff(handoff.clone(), || {
                 run_batch(key, requests, batch_deadline, prepared)
-            })
+            });
+            (ran, copies)
         }));
         let polled = handoff.refused.get();
         // Past a COMMIT, a batch that fails to answer may have applied its work: its callers
         // are told the outcome is unknown, never that nothing was committed.
         let committed = handoff.commit_sent.get();
         drop(handoff);
-        let refused = outcome.as_ref().ok().map(|ran| ran.refused || polled);
-        let answers = match outcome {
-            Ok(ran) => answers(slots.len(), ran.outcome, committed),
+        let refused = outcome.as_ref().ok().map(|(ran, _)| ran.refused || polled);
+        let (answers, copies) = match outcome {
+            Ok((ran, copies)) => (answers(slots.len(), ran.outcome, committed), copies),
             Err(panic) => {
                 panicked = Some(panic);
-                answers(
-                    slots.len(),
-                    Err(Error::internal("the batch panicked")),
-                    committed,
-                )
+                let failed = Err(Error::internal("the batch panicked"));
+                (answers(slots.len(), failed, committed), Vec::new())
             }
         };
-        // A request the batch gave up on by an earlier caller's deadline (or attempts) while
-        // nothing was committed goes back to the front of the queue if its own deadline is
-        // later: its single call would still be retrying. The rest are answered.
-        let mut again = Vec::new();
-        for ((slot, answer), (request, deadline)) in slots.into_iter().zip(answers).zip(copies) {
-            let retry = panicked.is_none()
-                && !committed
-                && matches!(answer, Err(Error::Contended { .. } | Error::Timeout { .. }))
-                && deadline.is_later_than(&batch_deadline)
-                && !deadline.is_expired();
-            if retry {
-                again.push((request, deadline, slot));
-            } else {
-                slot.set(SlotState::Done(answer));
+        // A request the batch gave up on ([`Again`]) by an earlier caller's deadline, with
+        // nothing committed, goes back to the front of the queue while it has time and
+        // attempts left: its single call would still be retrying. The rest are answered.
+        let mut given_back = Vec::new();
+        let mut copies = copies.into_iter();
+        for ((slot, answer), deadline) in slots.into_iter().zip(answers).zip(deadlines) {
+            let copy = copies.next().flatten();
+            let spent = match (&answer, again, copy.is_some()) {
+                (Err(error), Some(again), true)
+                    if !committed
+                        && deadline.is_later_than(&batch_deadline)
+                        && deadline.remaining() >= AGAIN_AT_LEAST =>
+                {
+                    (again.spent)(error, lock(&slot.tried).0)
+                }
+                _ => None,
+            };
+            match (spent, copy, answer) {
+                (Some(spent), Some(request), Err(error)) => {
+                    *lock(&slot.tried) = (spent, Some(error));
+                    given_back.push((request, deadline, slot));
+                }
+                (_, _, answer) => slot.set(SlotState::Done(answer)),
             }
         }
-        let answered = count - again.len();
+        let answered = count - given_back.len();
         // A batch that committed handed the turn on as it sent COMMIT (`BatchHandoff`); one
         // that did not (it failed, answered without a write, or ran a Galera-guarded write)
         // gives it back now, after its answers — and after putting back what runs again, so
         // the next batch takes it first.
         {
             let mut lanes = lock(&self.lanes);
-            if !again.is_empty() {
+            if !given_back.is_empty() {
                 let lane = lanes.entry(key.clone()).or_default();
-                for (request, deadline, slot) in again.into_iter().rev() {
+                for (request, deadline, slot) in given_back.into_iter().rev() {
                     slot.set(SlotState::Queued);
                     lane.queue.push_front((request, deadline, slot));
                 }
@@ -616,7 +664,7 @@ impl<K: Eq + Hash + Clone, Req: Clone, Resp> Combiner<K, Req, Resp> {
         let mut state = lock(&slot.state);
         match std::mem::replace(&mut *state, SlotState::Taken) {
             SlotState::Done(result) => result,
-            // Unreachable by construction: a leader answers its own slot before returning.
+            // Unreachable by construction: a caller takes its result once its slot is done.
             _ => Err(Error::internal("combined request got no answer")),
         }
     }
@@ -857,10 +905,18 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
             }
             Source::Router(_) => None,
         };
+        // A request its batch gave up on by an earlier caller's deadline runs again while it
+        // has attempts left: a `Contended` batch that used up the attempts answers everyone.
+        let spent = within_attempts(runner.policy().retry.max_attempts);
+        let again = Again {
+            copy: &Req::clone,
+            spent: &spent,
+        };
         self.combiner.submit_observed(
             key,
             request,
             deadline,
+            Some(&again),
             prepare,
             |key, requests, deadline, prepared| {
                 // A lone request's error is the batch's: the same answer reaches its caller,

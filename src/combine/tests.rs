@@ -166,43 +166,95 @@ fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
     assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
 }
 
-#[test]
-fn a_batch_that_gives_up_by_an_earlier_deadline_runs_the_later_requests_again() {
+/// A refusal as the runner gives up with it after `attempts` transactions.
+fn contended(attempts: u32) -> Error {
+    Error::Contended {
+        attempts,
+        elapsed: Duration::from_millis(1),
+        last: crate::error::ServerError::new(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new(String::from(
+                "Lock wait timeout exceeded; try restarting transaction",
+            )),
+        )),
+    }
+}
+
+/// Requests 2 (leading), 3 (the earliest deadline) and 4 queued behind a batch held open,
+/// combined with give-backs as `Combining` does (at most `max_attempts` spent per request);
+/// every batch that holds request 3 gives up with `failure`. The answers (`Ok` or the error's
+/// kind) and the batches run.
+fn given_back_behind_a_batch(
+    failure: fn() -> Error,
+    max_attempts: u32,
+) -> (Vec<std::result::Result<u64, &'static str>>, Vec<Vec<u64>>) {
     let combiner = Arc::new(Doubler::new(8));
     let (first, release_tx) = a_batch_held_open(&combiner);
     let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
-    // The batch gives up (as the runner does at its deadline) while request 3, whose deadline
-    // is the earliest, is in it.
     let submit = |request: u64, deadline: Deadline| {
         let (combiner, seen) = (combiner.clone(), seen.clone());
         thread::spawn(move || {
-            combiner.submit(0, request, deadline, move |_, requests, batch| {
+            let spent = within_attempts(max_attempts);
+            let again = Again {
+                copy: &u64::clone,
+                spent: &spent,
+            };
+            let run = |_: &u8, requests: Vec<u64>, _: Deadline, ()| {
                 lock(&seen).push(requests.clone());
-                if requests.contains(&3) {
-                    return Err(Error::Timeout {
-                        elapsed: batch.elapsed(),
-                    });
+                let outcome = if requests.contains(&3) {
+                    Err(failure())
+                } else {
+                    Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
+                };
+                Ran {
+                    outcome,
+                    refused: false,
                 }
-                Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
-            })
+            };
+            combiner.submit_observed(0, request, deadline, Some(&again), |_, _| (), run)
         })
     };
-    // 2 leads the batch (queued first), 3 has the earliest deadline, 4 queued last.
     let deadlines =
         [(2, 9), (3, 5), (4, 9)].map(|(r, secs)| (r, within(Duration::from_secs(secs))));
-    let answers: Vec<_> = queued_behind(first, release_tx, deadlines, submit)
+    let answers = queued_behind(first, release_tx, deadlines, submit)
         .into_iter()
         .map(|answer| match answer {
             Ok(answer) => Ok(answer),
             Err(Error::Timeout { .. }) => Err("timeout"),
-            _ => Err("other"),
+            Err(Error::Contended { .. }) => Err("contended"),
+            Err(_) => Err("other"),
         })
         .collect();
-    // Before: the later requests got the batch's Timeout with most of their time left.
-    assert_eq!(answers, vec![Ok(4), Err("timeout"), Ok(8)]);
-    assert_eq!(*lock(&seen), vec![vec![2, 3, 4], vec![2, 4]]);
-    assert_eq!(combiner.stats().requests, 4, "each request counted once");
+    let batches = lock(&seen).clone();
     assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+    (answers, batches)
+}
+
+#[test]
+fn a_batch_that_gives_up_by_an_earlier_deadline_runs_the_later_requests_again() {
+    // Before: the later requests got the batch's error with most of their time left.
+    let (answers, batches) = given_back_behind_a_batch(
+        || Error::Timeout {
+            elapsed: Duration::from_millis(1),
+        },
+        64,
+    );
+    assert_eq!(answers, vec![Ok(4), Err("timeout"), Ok(8)]);
+    assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
+    let (answers, batches) = given_back_behind_a_batch(|| contended(3), 64);
+    assert_eq!(answers, vec![Ok(4), Err("contended"), Ok(8)]);
+    assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
+}
+
+#[test]
+fn a_batch_that_used_up_its_attempts_answers_everyone() {
+    // The runner gave up by its attempts, not by the deadline: every single call would too.
+    let (answers, batches) = given_back_behind_a_batch(|| contended(64), 64);
+    assert_eq!(answers, vec![Err("contended"); 3]);
+    assert_eq!(batches, vec![vec![2, 3, 4]]);
+    // Attempts spent by earlier batches count: 40 spent, 40 more would pass 64.
+    let (answers, _) = given_back_behind_a_batch(|| contended(40), 64);
+    assert_eq!(answers, vec![Ok(4), Err("contended"), Ok(8)]);
 }
 
 #[test]
@@ -275,6 +327,7 @@ fn observed(
         key,
         request,
         deadline,
+        None,
         |_, _| (),
         |k, r, d, ()| run(k, r, d),
     )
@@ -338,12 +391,7 @@ fn a_linger_never_takes_more_than_a_share_of_any_queued_deadline() {
         linger: LINGER_MAX,
         ..Lane::default()
     };
-    let slot = || {
-        Arc::new(Slot {
-            state: Mutex::new(SlotState::Queued),
-            changed: Condvar::new(),
-        })
-    };
+    let slot = || Arc::new(Slot::new());
     let long = within(Duration::from_secs(5));
     assert_eq!(lane.linger_for(long, 4), LINGER_MAX);
     // A queued request with 800 µs left: the leader lingers at most an eighth of it.
@@ -412,6 +460,7 @@ fn the_next_leader_prepares_while_the_batch_before_it_runs_and_batches_never_ove
                         0,
                         request,
                         within(Duration::from_secs(10)),
+                        None,
                         |_, _| {
                             if running.load(Ordering::SeqCst) {
                                 prepared_during_a_batch.fetch_add(1, Ordering::SeqCst);
