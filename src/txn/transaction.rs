@@ -379,17 +379,20 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
     }
 }
 
-/// Runs `statement`, and once more if it failed with a definite abort: on a Galera node a
-/// brute-force abort can be reported late, on the next statement — also on the ROLLBACK or the
-/// restoring SET after a failed body. The transaction is gone then (that is what the abort
-/// did), so the statement is sent again instead of breaking the connection; only a second
-/// failure counts.
+/// Runs `statement`, and once more if it failed with a definite abort or was interrupted: on a
+/// Galera node a brute-force abort can be reported late, on the next statement — also on the
+/// ROLLBACK or the restoring SET after a failed body (the transaction is gone then: that is
+/// what the abort did); a `KILL QUERY` meant for the transaction's last statement can land on
+/// the ROLLBACK or the restoring SET after it (only that statement is stopped). Both are safe
+/// to send twice, so the statement is sent again instead of breaking the connection (or, after
+/// a COMMIT, leaving lockstock's settings on the caller's session); only a second failure
+/// counts.
 fn after_late_abort<T>(
     conn: &mut MysqlConnection,
     mut statement: impl FnMut(&mut MysqlConnection) -> Result<T, diesel::result::Error>,
 ) -> Result<T, diesel::result::Error> {
     match statement(conn) {
-        Err(e) if crate::error::classify_kind(&e).is_definite_abort() => statement(conn),
+        Err(e) if crate::error::classify_kind(&e).is_retryable() => statement(conn),
         done => done,
     }
 }
