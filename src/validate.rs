@@ -33,6 +33,19 @@ pub fn validate_amount(amount: Decimal) -> Result<()> {
     })
 }
 
+/// `amount` at the four decimal places a `DECIMAL(19,4)` column stores — as the server answers
+/// it back, so that an answer reads the same written, replayed or read (`10` is answered
+/// `10.0000`) — when it is a valid amount ([`validate_amount`]); any other value as given, for
+/// its refusal.
+pub(crate) fn at_stored_scale(amount: Decimal) -> Decimal {
+    if validate_amount(amount).is_err() {
+        return amount;
+    }
+    let mut stored = amount;
+    stored.rescale(4);
+    stored
+}
+
 /// Checks an idempotency key: 1 to 64 bytes, not ending with a space.
 ///
 /// # Errors

@@ -20,7 +20,7 @@ use crate::schema::balance_history;
 use crate::statements::SetRefunded;
 use crate::txn::{Deadline, Holding};
 use crate::util::now;
-use crate::validate::{validate_amount, validate_id, validate_key};
+use crate::validate::{at_stored_scale, validate_amount, validate_id, validate_key};
 
 impl BalanceLedger {
     /// Adds `amount` to `user_id`'s balance, creating the account on its first charge.
@@ -241,12 +241,14 @@ impl BalanceLedger {
         let request = Request {
             kind: EntryKind::Refund,
             user_id: original.user_id,
-            amount,
+            amount: at_stored_scale(amount),
             reference: Some(deduct_entry_id),
             key: idempotency_key,
             expires_at: None,
             expired: false,
         };
+        // Answered as stored (four places).
+        let amount = request.amount;
         if original.kind != EntryKind::Deduct {
             return Err(Error::NotRefundable {
                 entry_id: deduct_entry_id,
@@ -320,13 +322,14 @@ impl BalanceLedger {
         let request = Request {
             kind: EntryKind::TransferOut,
             user_id: from,
-            amount,
+            amount: at_stored_scale(amount),
             reference: Some(to),
             key: idempotency_key,
             expires_at: None,
             expired: false,
         };
         request.validate()?;
+        let amount = request.amount;
         validate_id("user", to)?;
         if from == to {
             return Err(Error::SelfTransfer { user_id: from });

@@ -11,7 +11,9 @@ use super::types::{Entry, EntryRow, Hold, NewEntry};
 use crate::error::{Error, ExpiryProblem, Result};
 use crate::records::EntryKind;
 use crate::util::to_micros;
-use crate::validate::{validate_amount, validate_expiry, validate_id, validate_key};
+use crate::validate::{
+    at_stored_scale, validate_amount, validate_expiry, validate_id, validate_key,
+};
 
 /// The hash `balance_history.request_hash` stores for a request: FNV-1a 64 of
 /// `"{kind}|{user_id}|{amount normalized}|{reference or 0}"`, as 16 lowercase hex digits.
@@ -73,7 +75,7 @@ impl<'a> Request<'a> {
         Self {
             kind,
             user_id,
-            amount,
+            amount: at_stored_scale(amount),
             reference: None,
             key,
             expires_at: None,
@@ -92,7 +94,7 @@ impl<'a> Request<'a> {
         Self {
             kind: EntryKind::Hold,
             user_id,
-            amount,
+            amount: at_stored_scale(amount),
             reference: Some(expires_at.and_utc().timestamp_micros()),
             key,
             expires_at: Some(expires_at),
@@ -105,7 +107,7 @@ impl<'a> Request<'a> {
         Self {
             kind,
             user_id: hold.user_id,
-            amount,
+            amount: at_stored_scale(amount),
             reference: Some(hold.id),
             key,
             expires_at: None,

@@ -120,7 +120,8 @@ impl NewEntry<'_> {
             idempotency_key: self.idempotency_key.map(str::to_owned),
             related_entry_id: self.related_entry_id,
             counterparty_user_id: self.counterparty_user_id,
-            refunded_amount: Decimal::ZERO,
+            // As the column stores it (four places).
+            refunded_amount: Decimal::new(0, 4),
             created_at: self.created_at,
         }
     }

@@ -1204,7 +1204,7 @@ fn a_hold_retried_after_its_expiry_passed_answers_its_entry() {
             "conflict h",
             "expiry NotInFuture",
             "expiry NotInFuture",
-            "ok Charge 1",
+            "ok Charge 1.0000",
             "conflict later",
         ]
     );

@@ -1613,3 +1613,76 @@ fn a_batch_answers_its_rows_ids_on_a_session_with_its_own_id_step() {
     audit_ok(&ledger, &mut conn, 1);
     audit_ok(&ledger, &mut conn, 2);
 }
+
+/// Amounts are answered as the `DECIMAL(19,4)` columns store them, whatever scale the caller
+/// wrote them with: an entry reads the same written, replayed, batched or read back (`10`,
+/// `10.0`, `10.00000` are all `10.0000`), and so do the balances computed from it. Before, a
+/// fresh entry carried the caller's `10` and its replay the stored `10.0000` (equal by value,
+/// different as text and in serde).
+#[test]
+fn answers_carry_the_stored_scale_written_replayed_or_batched() {
+    let (_url, mut conn) = fresh_database("ledger_stored_scale");
+    let ledger = BalanceLedger::new();
+    let text = |entry: &Entry| {
+        format!(
+            "{} {} {}",
+            entry.amount, entry.balance_after, entry.refunded_amount
+        )
+    };
+    let charged = ledger
+        .charge(&mut conn, 1, dec(100, 0), "c")
+        .expect("charge");
+    assert_eq!(text(&charged), "100.0000 100.0000 0.0000");
+    let deducted = ledger
+        .deduct(&mut conn, 1, dec(1_000_000, 5), "d")
+        .expect("deduct 10.00000");
+    assert_eq!(text(&deducted), "10.0000 90.0000 0.0000");
+    let replayed = ledger
+        .deduct(&mut conn, 1, dec(10, 0), "d")
+        .expect("the same deduct, replayed");
+    assert_eq!(text(&replayed), text(&deducted));
+    let refund = ledger
+        .refund(&mut conn, deducted.id, dec(5, 1), "r")
+        .expect("refund 0.5");
+    assert_eq!(text(&refund), "0.5000 90.5000 0.0000");
+    let batch = ledger
+        .apply_many(
+            &mut conn,
+            1,
+            &[
+                AccountOp::deduct(dec(1, 0), "b"),
+                AccountOp::deduct(dec(10, 1), "b"),
+                AccountOp::charge(dec(200, 2), "b2"),
+            ],
+        )
+        .expect("batch");
+    let texts: Vec<String> = batch
+        .iter()
+        .map(|answer| answer.as_ref().map(text).expect("applied"))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "1.0000 89.5000 0.0000",
+            "1.0000 89.5000 0.0000",
+            "2.0000 91.5000 0.0000"
+        ]
+    );
+    match ledger.deduct(&mut conn, 1, dec(100, 0), "too much") {
+        Err(Error::InsufficientBalance {
+            available,
+            requested,
+            ..
+        }) => assert_eq!(
+            (available.to_string(), requested.to_string()),
+            ("91.5000".to_owned(), "100.0000".to_owned())
+        ),
+        other => panic!("expected InsufficientBalance, got {other:?}"),
+    }
+    let transfer = ledger
+        .transfer(&mut conn, 1, 2, dec(15, 1), "t")
+        .expect("transfer 1.5");
+    assert_eq!(text(&transfer.debit), "1.5000 90.0000 0.0000");
+    assert_eq!(text(&transfer.credit), "1.5000 1.5000 0.0000");
+    ledger.audit(&mut conn, 1).expect("audit");
+}
