@@ -84,7 +84,7 @@ impl CouponIssuer {
         Ok(Coupon {
             id,
             name: new.name.to_owned(),
-            discount: new.discount,
+            discount: new.discount.stored(),
             valid_from,
             valid_until,
         })

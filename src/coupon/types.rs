@@ -71,6 +71,22 @@ impl Discount {
         }
     }
 
+    /// This (validated) discount as its `DECIMAL(19,4)` columns store it — four places — as
+    /// [`CouponIssuer::coupon`](crate::CouponIssuer::coupon) reads it back.
+    pub(crate) fn stored(&self) -> Self {
+        let four = |mut value: Decimal| {
+            value.rescale(4);
+            value
+        };
+        match *self {
+            Self::Fixed(amount) => Self::Fixed(four(amount)),
+            Self::Percent { percent, cap } => Self::Percent {
+                percent: four(percent),
+                cap: cap.map(four),
+            },
+        }
+    }
+
     pub(crate) fn columns(&self) -> (&'static str, Decimal, Option<Decimal>) {
         match *self {
             Self::Fixed(amount) => ("fixed", amount, None),

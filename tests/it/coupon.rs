@@ -469,6 +469,43 @@ fn refused_creations_write_nothing() {
     assert_eq!(table_counts(&mut conn), before, "refusals wrote nothing");
 }
 
+/// A template is answered as it is stored and read back: its discount at the four places of
+/// its `DECIMAL(19,4)` columns, whatever scale the caller wrote it with.
+#[test]
+fn a_created_template_answers_its_discount_as_stored() {
+    let (_url, mut conn) = fresh_database("coupon_stored_scale");
+    let issuer = CouponIssuer::new();
+    let t = chrono::Utc::now().naive_utc();
+    for discount in [
+        Discount::Fixed(Decimal::new(5_000, 0)),
+        Discount::Percent {
+            percent: Decimal::new(125, 1),
+            cap: Some(Decimal::new(30_000, 0)),
+        },
+    ] {
+        let created = issuer
+            .create_coupon(
+                &mut conn,
+                &NewCoupon {
+                    name: "scaled",
+                    discount,
+                    valid_from: t,
+                    valid_until: t + Duration::hours(1),
+                },
+            )
+            .expect("create");
+        let read = issuer.coupon(&mut conn, created.id).expect("read back");
+        assert_eq!(
+            format!("{:?}", created.discount),
+            format!("{:?}", read.discount)
+        );
+        assert_eq!(
+            created.discount, discount,
+            "equal by value to what was given"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Zero stock, the sold-out cache, restock
 // ---------------------------------------------------------------------------------------------
