@@ -344,14 +344,59 @@ fn silent_server_pause_under_load_answers_are_true() {
 /// combining ledger over a pool of three connections, all idle and opened before any pause,
 /// pinged on checkout (r2d2's default).
 fn combining_server(name: &str) -> (Sandbox, String, std::sync::Arc<CombiningLedger>) {
+    combining_server_of(name, 3)
+}
+
+/// [`combining_server`] with a pool of `connections`.
+fn combining_server_of(
+    name: &str,
+    connections: u32,
+) -> (Sandbox, String, std::sync::Arc<CombiningLedger>) {
     let (sandbox, url, mut conn) = private_server(name);
     let ledger = BalanceLedger::with_policy(policy());
     funded_account(&mut conn, &ledger, 1, Decimal::from(100));
-    let combining = std::sync::Arc::new(CombiningLedger::new(pool_with(&url, 3, policy()), ledger));
+    let combining = std::sync::Arc::new(CombiningLedger::new(
+        pool_with(&url, connections, policy()),
+        ledger,
+    ));
     combining
         .charge(1, Decimal::ONE, "warm-up")
         .expect("warm-up");
     (sandbox, url, combining)
+}
+
+/// Pauses the server of `combining` (at `url`), has it charge account 1 under key `paused` on
+/// another thread, resumes the server once the call answered; checks that it answered
+/// `Timeout` or `ServerUnresponsive` and wrote nothing; how long it took.
+fn paused_combined_charge(
+    sandbox: &mut Sandbox,
+    url: &str,
+    combining: &std::sync::Arc<CombiningLedger>,
+    what: &str,
+) -> Duration {
+    sandbox.pause().expect("pause");
+    let (tx, rx) = mpsc::channel();
+    let worker = {
+        let combining = combining.clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let answer = combining.charge(1, Decimal::ONE, "paused");
+            let _ = tx.send((answer, started.elapsed()));
+        })
+    };
+    let (answer, took) = answer_or_resume(sandbox, "combined charge", &rx);
+    eprintln!("combined charge over {what} on a paused server: {answer:?} after {took:?}");
+    sandbox.resume().expect("resume");
+    worker.join().expect("worker");
+    assert!(
+        matches!(
+            answer,
+            Err(Error::Timeout { .. } | Error::ServerUnresponsive { .. })
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(count_key(&mut connect(url), 1, "paused"), 0);
+    took
 }
 
 /// A combiner's pool checkout on a paused server returns by deadline + grace also when the pool
@@ -364,36 +409,29 @@ fn combining_server(name: &str) -> (Sandbox, String, std::sync::Arc<CombiningLed
 fn silent_server_checkout_past_the_deadline_is_cut_on_every_connection() {
     let _alone = exclusive();
     let (mut sandbox, url, combining) = combining_server("silent_checkout");
-    sandbox.pause().expect("pause");
-    let (tx, rx) = mpsc::channel();
-    let worker = {
-        let combining = combining.clone();
-        thread::spawn(move || {
-            let started = Instant::now();
-            let answer = combining.charge(1, Decimal::ONE, "paused");
-            let _ = tx.send((answer, started.elapsed()));
-        })
-    };
-    let (answer, took) = answer_or_resume(&mut sandbox, "combined charge", &rx);
-    eprintln!(
-        "combined charge over three idle connections on a paused server: {answer:?} after {took:?}"
-    );
-    sandbox.resume().expect("resume");
-    worker.join().expect("worker");
+    let took = paused_combined_charge(&mut sandbox, &url, &combining, "three idle connections");
     assert!(took <= bound(), "the call took {took:?}");
-    assert!(
-        matches!(
-            answer,
-            Err(Error::Timeout { .. } | Error::ServerUnresponsive { .. })
-        ),
-        "{answer:?}"
-    );
-    assert_eq!(count_key(&mut connect(&url), 1, "paused"), 0);
     // The combiner serves the key again.
     combining
         .charge(1, Decimal::ONE, "after")
         .expect("a charge after the resume");
     assert_eq!(stored_balance(&mut connect(&url), 1), Decimal::from(102));
+}
+
+/// The same with a pool of 100 idle connections: past the deadline + grace, every ping the
+/// checkout sends is cut as soon as it blocks. Before the fix the watchdog looked at the call
+/// every 10 ms, so each idle connection added up to 10 ms (a second past the promise here).
+#[test]
+fn silent_server_checkout_over_many_idle_connections_is_cut_promptly() {
+    let _alone = exclusive();
+    let (mut sandbox, url, combining) = combining_server_of("silent_many_idle", 100);
+    let took = paused_combined_charge(&mut sandbox, &url, &combining, "100 idle connections");
+    let promise = DEADLINE + policy().unresponsive_grace;
+    assert!(
+        took <= promise + Duration::from_millis(600),
+        "the call took {took:?}, {:?} past its deadline + grace",
+        took.saturating_sub(promise)
+    );
 }
 
 /// A combiner's next leader, which opened its transaction ahead of its turn (`prime`), answers
