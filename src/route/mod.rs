@@ -756,12 +756,13 @@ impl Shared {
                 return Attempt::NodeFailed(error);
             }
         };
-        // Bounded by the router's deadline whatever the closure calls (a call without a deadline
-        // parameter runs by its own policy's, which may be later): a node that stops answering
-        // is cut off at the caller's deadline plus grace.
+        // Bounded by the router's deadline whatever the closure calls: a lockstock call without
+        // a deadline parameter runs by the router's (`within_deadline`) when its own policy's
+        // is later, and a node that stops answering is cut off at the deadline plus grace.
         let started = Instant::now();
-        let (result, cut) =
-            crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| call(conn, deadline));
+        let (result, cut) = crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| {
+            crate::txn::within_deadline(deadline, || call(conn, deadline))
+        });
         if cut {
             // Also a COMMIT cut off (`OutcomeUnknown`): the node left a call hanging. (The
             // connection is marked broken: r2d2 discards it.)

@@ -311,7 +311,30 @@ pub(crate) fn watched<T>(
     (value, guard.disarm())
 }
 
+/// Runs `f` with `deadline` as the deadline every lockstock call it makes on this thread runs
+/// by at the latest ([`TxnRunner::deadline`] takes the earlier one), restoring the enclosing
+/// one afterwards — also when `f` panics.
+pub(crate) fn within_deadline<T>(deadline: Deadline, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<Deadline>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ENCLOSING.with(|enclosing| enclosing.set(self.0));
+        }
+    }
+    let outer = ENCLOSING.with(|enclosing| {
+        enclosing.replace(Some(
+            enclosing
+                .get()
+                .map_or(deadline, |outer| outer.min(deadline)),
+        ))
+    });
+    let _restore = Restore(outer);
+    f()
+}
+
 std::thread_local! {
+    /// The deadline of the call the calling thread is inside ([`within_deadline`]).
+    static ENCLOSING: std::cell::Cell<Option<Deadline>> = const { std::cell::Cell::new(None) };
     /// Refusals the runner retried on this thread (see [`refusals_on_this_thread`]).
     static REFUSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -354,9 +377,16 @@ impl TxnRunner {
         &self.policy
     }
 
-    /// A deadline for a call starting now: the policy's [`RetryPolicy::deadline`] from now.
+    /// A deadline for a call starting now: the policy's [`RetryPolicy::deadline`] from now — or
+    /// the deadline of the call this one runs inside, if that is earlier: a [`Router`] runs
+    /// its closure within the router call's deadline, so a lockstock call in it without a
+    /// deadline parameter (say [`BalanceLedger::hold`](crate::BalanceLedger::hold)) is bounded
+    /// by the router's, not by its own policy's.
+    ///
+    /// [`Router`]: crate::route::Router
     pub fn deadline(&self) -> Deadline {
-        Deadline::after(self.policy.retry.deadline)
+        let own = Deadline::after(self.policy.retry.deadline);
+        ENCLOSING.with(|enclosing| enclosing.get().map_or(own, |outer| own.min(outer)))
     }
 
     /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
@@ -628,7 +658,7 @@ impl TxnRunner {
         let sql = match self.sql.get() {
             Some(sql) => sql,
             None => {
-                let flavor = ServerFlavor::detect(conn)?;
+                let flavor = ServerFlavor::ask(conn)?;
                 let galera = flavor == ServerFlavor::MariaDb && session::wsrep_on(conn)?;
                 let built = RunnerSql::new(&self.policy, flavor, galera);
                 self.sql.get_or_init(|| built)

@@ -20,11 +20,22 @@ pub enum ServerFlavor {
 }
 
 impl ServerFlavor {
-    /// Asks the server.
+    /// Asks the server, by the default policy's deadline (and its unresponsive grace: a server
+    /// that never answers is cut off then, and the connection marked broken).
     ///
     /// # Errors
-    /// [`Error::Server`] when `SELECT VERSION()` fails.
+    /// [`Error::Server`] when `SELECT VERSION()` fails; [`Error::ServerUnresponsive`] when the
+    /// server does not answer in time.
     pub fn detect(conn: &mut MysqlConnection) -> Result<Self, Error> {
+        let policy = TxnPolicy::default();
+        let deadline = Deadline::after(policy.retry.deadline);
+        bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
+            Self::ask(conn)
+        })
+    }
+
+    /// [`detect`](Self::detect) for a caller that bounds it already (under the watchdog).
+    pub(super) fn ask(conn: &mut MysqlConnection) -> Result<Self, Error> {
         let version: String =
             diesel::select(diesel::dsl::sql::<Text>("VERSION()")).get_result(conn)?;
         Ok(if version.to_ascii_lowercase().contains("mariadb") {

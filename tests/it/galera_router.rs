@@ -654,6 +654,20 @@ fn galera_router_keeps_the_writer_when_one_connection_is_killed() {
     assert_eq!(entry.amount, ten);
 }
 
+/// A fresh database `name` on the cluster, one router over it, its writer, and account 7
+/// funded with 10 through the router.
+fn funded_router(cluster: &GaleraCluster, name: &str) -> (Vec<String>, Arc<Router>, usize) {
+    let urls = database(cluster, name);
+    let router = routers(&urls, 1).remove(0);
+    let writer = router.writer().expect("a writer");
+    router
+        .write(Deadline::after(Duration::from_secs(5)), |conn, deadline| {
+            BalanceLedger::new().charge_by(conn, 7, Decimal::new(10, 0), "fund", deadline)
+        })
+        .expect("fund");
+    (urls, router, writer)
+}
+
 /// A closure whose lockstock call takes no deadline (here `balance`, which runs by its own
 /// policy's: 3 s) still answers by the router's deadline plus grace on a frozen writer: the
 /// router bounds every closure it runs. The writer is only suspected — a call cut off at its
@@ -665,16 +679,9 @@ fn galera_router_bounds_a_call_without_a_deadline_of_its_own() {
     let _guard = exclusive();
     let mut guard = cluster();
     let cluster = guard.as_mut().expect("cluster");
-    let urls = database(cluster, "gal_route_bounded");
-    let router = routers(&urls, 1).remove(0);
-    let writer = router.writer().expect("a writer");
+    let (_urls, router, writer) = funded_router(cluster, "gal_route_bounded");
     let ledger = BalanceLedger::new();
     let long = Deadline::after(Duration::from_secs(5));
-    router
-        .write(long, |conn, deadline| {
-            ledger.charge_by(conn, 7, Decimal::new(10, 0), "fund", deadline)
-        })
-        .expect("fund");
     // Warm: the balance read's connection is pooled and idle (no ping on checkout).
     router
         .write(long, |conn, _| ledger.balance(conn, 7))
@@ -698,6 +705,48 @@ fn galera_router_bounds_a_call_without_a_deadline_of_its_own() {
         ),
         "{answer:?}"
     );
+}
+
+/// A lockstock call without a deadline parameter inside a router call runs by the router
+/// call's deadline when that is earlier than its own policy's: with the account's row held by
+/// another transaction (every NOWAIT refused at once, the thread mostly asleep in backoff, so
+/// the watchdog finds no socket to cut), a `hold` inside `router.write` with 300 ms answers
+/// `Contended` by then, and the writer stays. Before the fix it ran by the ledger's own 3 s
+/// deadline (or was cut at a random statement past the router's deadline and the node
+/// suspected).
+#[test]
+fn galera_router_bounds_a_call_that_is_refused_by_its_own_deadline() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let (urls, router, writer) = funded_router(cluster, "gal_route_refused_call");
+    let ledger = BalanceLedger::new();
+    let long = Deadline::after(Duration::from_secs(5));
+    let mut holder = causal(&urls[writer]);
+    holder.batch_execute("BEGIN").expect("begin");
+    lockstock_testkit::fixtures::lock_balance(&mut holder, 7).expect("hold the account");
+    let started = Instant::now();
+    let deadline = Duration::from_millis(300);
+    let expires = chrono::Utc::now().naive_utc() + chrono::Duration::hours(1);
+    let answer = router.write(Deadline::after(deadline), |conn, _| {
+        ledger.hold(conn, 7, Decimal::ONE, "h", expires)
+    });
+    let took = started.elapsed();
+    holder.batch_execute("ROLLBACK").expect("let go");
+    eprintln!("answered {answer:?} after {took:?}");
+    assert!(
+        matches!(answer, Err(Error::Contended { .. })),
+        "{answer:?} after {took:?}"
+    );
+    let bound = deadline + Duration::from_millis(200);
+    assert!(took <= bound, "answered after {took:?} (bound {bound:?})");
+    assert_eq!(router.writer(), Some(writer), "the writer moved");
+    let held = router
+        .write(long, |conn, _| {
+            ledger.hold(conn, 7, Decimal::ONE, "h", expires)
+        })
+        .expect("the hold, once the row is free");
+    assert_eq!(held.amount, Decimal::ONE);
 }
 
 /// Calls cut off at their deadline on a healthy writer — statements slower than the deadline,
