@@ -67,7 +67,8 @@ impl BalanceLedger {
     ///    binds at most 65,535 values, and a batch of any size answers as its single calls.
     /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
-    ///    journal, and the rest run again from step 1 (at most four rounds).
+    ///    journal, and the rest run again from step 1 (as often as keys are found taken: each
+    ///    such round answers at least one request; single calls never give up on it either).
     /// 4. After the commit, a request refused for the balance (or a missing account, or a
     ///    hold's expiry on the server clock) under a key that the batch did not write is looked
     ///    up in the journal, lock-free: a key that exists answers it, as it answers the single
@@ -82,11 +83,11 @@ impl BalanceLedger {
     /// id, amount, key or expiry — what its single call answers without a round trip), or is a
     /// hold whose expiry has passed, such a failure is answered per request instead: those
     /// requests with their refusals (the expired hold as its single call answers it: its key
-    /// looked up, else [`Error::InvalidExpiry`]), every other one with a copy of the failure. Once the batch has committed the call answers per
-    /// request: the committed ones with their entries, the others with the single call's
-    /// error; a refused one whose key could not be looked up after the commit (step 4) with
-    /// [`Error::OutcomeUnknown`] — but a hold refused for its expiry keeps its
-    /// [`Error::InvalidExpiry`], as its single call does.
+    /// looked up, else [`Error::InvalidExpiry`]), every other one with a copy of the failure.
+    /// Once the batch has committed the call answers per request: the committed ones with
+    /// their entries, the others with the single call's error; a refused one whose key could
+    /// not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`] — but a hold
+    /// refused for its expiry with the lookup's failure, as its single call answers it.
     pub fn apply_many(
         &self,
         conn: &mut MysqlConnection,
@@ -193,7 +194,12 @@ impl BalanceLedger {
                 &mut missing_before,
             ) {
                 Ok(decided) => decided,
-                Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) && round < 3 => {
+                // Each such round answers at least the request whose key another call
+                // committed meanwhile (the lookup sees it), so this ends.
+                Err(e)
+                    if e.server_kind() == Some(ServerErrorKind::DuplicateKey)
+                        && round < requests.len() =>
+                {
                     lookup_first = true;
                     continue;
                 }
@@ -226,12 +232,12 @@ impl BalanceLedger {
                     }
                 }
                 Err(failure) => {
+                    // Its key may have been recorded by an earlier call. A hold refused for its
+                    // expiry answers the lookup's failure, as its single call does
+                    // (`expired_hold`): an input refusal would say it never applied.
                     for (index, refusal) in refused {
-                        // A hold whose expiry had passed (on the caller's clock or the
-                        // server's) was refused for its input, never written: its refusal
-                        // stands, as in its single call.
                         results[index] = Some(Err(if refusal.is_expiry_refusal() {
-                            refusal
+                            failure.clone()
                         } else {
                             Error::outcome_unknown(&failure)
                         }));

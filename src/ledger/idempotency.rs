@@ -60,7 +60,7 @@ impl BalanceLedger {
                 }
                 Ok(Step::CreateAccount(user_id)) => return Err(Error::AccountNotFound { user_id }),
                 // A hold whose expiry had passed on the server clock: answered as one refused
-                // on the caller's clock (its refusal stands where its key cannot be looked up).
+                // on the caller's clock (see `expired_hold` for a key it cannot look up).
                 Err(error) if error.is_expiry_refusal() => {
                     let entry = self.expired_hold(conn, request, error, deadline)?;
                     return replay(conn, entry);

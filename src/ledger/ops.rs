@@ -135,8 +135,11 @@ impl BalanceLedger {
 
     /// The answer to a hold whose expiry has passed (`refusal`): a retry of a hold placed before
     /// its expiry passed answers the recorded entry (another request under its key, the
-    /// conflict). Where its key cannot be looked up (a caller's open transaction, a server
-    /// gone) the refusal stands: the call wrote nothing and never could have.
+    /// conflict); a key not recorded, the refusal. Inside a transaction the caller opened,
+    /// where lockstock sends nothing, the refusal too, as every bad input is refused there.
+    /// Where the key cannot be looked up otherwise (a server gone, a lock wait past the
+    /// deadline) that failure is the answer: the refusal would tell a retry that its hold was
+    /// never placed, which the call could not find out.
     pub(crate) fn expired_hold(
         &self,
         conn: &mut MysqlConnection,
@@ -146,7 +149,8 @@ impl BalanceLedger {
     ) -> Result<Entry> {
         match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
             Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
-            Err(_) => Err(refusal),
+            Err(Error::NestedTransaction) => Err(refusal),
+            Err(failure) => Err(failure),
         }
     }
 

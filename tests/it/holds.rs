@@ -1095,6 +1095,69 @@ fn a_refused_holds_read_is_retried_without_hanging() {
     audit_ok(&setup, &mut conn, 10);
 }
 
+/// `user`'s account funded with 100 and a hold of 10 under key `h` placed to expire in
+/// `millis`; returns once its expiry has passed, with the hold's entry and expiry.
+fn an_expired_hold(
+    conn: &mut MysqlConnection,
+    ledger: &BalanceLedger,
+    user: i64,
+    millis: i64,
+) -> (Entry, chrono::NaiveDateTime) {
+    funded_account(conn, ledger, user, dec(100));
+    let expires_at = now() + Duration::milliseconds(millis);
+    let hold = ledger
+        .hold(conn, user, dec(10), "h", expires_at)
+        .expect("hold");
+    while now() <= expires_at {
+        thread::sleep(StdDuration::from_millis(20));
+    }
+    (hold, expires_at)
+}
+
+/// A hold retried after its expiry passed, when its key cannot be looked up (here: another
+/// program holds the journal with `LOCK TABLES ... WRITE` past the call's deadline), answers
+/// why it could not be looked up — never `InvalidExpiry`, which would tell the retry that its
+/// hold was never placed although it stands in the journal. Single call and batch alike.
+#[test]
+fn a_retried_expired_hold_whose_key_cannot_be_looked_up_is_not_refused_as_input() {
+    use diesel::connection::SimpleConnection;
+    const USER: i64 = 5;
+    let (url, mut conn) = fresh_database("holds_retry_unknown");
+    let ledger = BalanceLedger::new();
+    let (_, expires_at) = an_expired_hold(&mut conn, &ledger, USER, 300);
+    let mut locker = lockstock_testkit::fixtures::connect(&url);
+    locker
+        .batch_execute("LOCK TABLES balance_history WRITE")
+        .expect("another program locks the journal");
+    let short = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        StdDuration::from_millis(300),
+    ));
+    let single = short.hold(&mut conn, USER, dec(10), "h", expires_at);
+    let batch = short.apply_many(
+        &mut conn,
+        USER,
+        &[AccountOp::hold(dec(10), "h", expires_at)],
+    );
+    locker.batch_execute("UNLOCK TABLES").expect("unlock");
+    // Before: InvalidExpiry (NotInFuture), as if the hold had never been placed.
+    assert!(
+        matches!(single, Err(Error::Contended { .. } | Error::Timeout { .. })),
+        "{single:?}"
+    );
+    assert!(
+        matches!(
+            batch.as_deref(),
+            Ok([Err(Error::Contended { .. } | Error::Timeout { .. })])
+        ),
+        "{batch:?}"
+    );
+    // Once it can be looked up, the retry answers the recorded entry.
+    let retried = ledger
+        .hold(&mut conn, USER, dec(10), "h", expires_at)
+        .expect("the retry, answered from the journal");
+    assert_eq!(retried.amount, dec(10));
+}
+
 /// A hold retried after its expiry passed (say after `OutcomeUnknown`) answers the entry it
 /// recorded, as every retry does — in a single call, a batch and a combined call alike; the
 /// same key with another request is a conflict; a hold whose expiry passed under a key nobody
@@ -1107,11 +1170,7 @@ fn a_hold_retried_after_its_expiry_passed_answers_its_entry() {
     const USER: i64 = 4;
     let (url, mut conn) = fresh_database("holds_retry_after_expiry");
     let ledger = BalanceLedger::new();
-    funded_account(&mut conn, &ledger, USER, dec(100));
-    let expires_at = now() + Duration::milliseconds(800);
-    let hold = ledger
-        .hold(&mut conn, USER, dec(10), "h", expires_at)
-        .expect("hold");
+    let (hold, expires_at) = an_expired_hold(&mut conn, &ledger, USER, 800);
     let journal = |conn: &mut MysqlConnection| -> i64 {
         balance_history::table
             .filter(balance_history::user_id.eq(USER))
@@ -1119,9 +1178,6 @@ fn a_hold_retried_after_its_expiry_passed_answers_its_entry() {
             .get_result(conn)
             .expect("journal size")
     };
-    while now() <= expires_at {
-        thread::sleep(StdDuration::from_millis(50));
-    }
     let size = journal(&mut conn);
 
     // The same request: the recorded entry, by every path.
