@@ -575,8 +575,18 @@ struct CausalReads(SessionSettings);
 impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for CausalReads {
     fn on_acquire(&self, conn: &mut MysqlConnection) -> Result<(), diesel::r2d2::Error> {
         self.0.on_acquire(conn)?;
-        conn.batch_execute("SET SESSION wsrep_sync_wait = 1")
-            .map_err(diesel::r2d2::Error::QueryError)
+        // Under the watchdog, as the settings are: a node that stops answering must not keep
+        // one of the pool's threads (and its slot) for ever.
+        let policy = self.0.policy();
+        let deadline = Deadline::after(policy.retry.deadline);
+        crate::txn::bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
+            Ok(conn.batch_execute("SET SESSION wsrep_sync_wait = 1")?)
+        })
+        .map_err(|e| {
+            diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(
+                e.to_string().into(),
+            ))
+        })
     }
 }
 

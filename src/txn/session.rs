@@ -85,7 +85,7 @@ pub(super) fn wsrep_on(conn: &mut MysqlConnection) -> Result<bool, Error> {
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
     let deadline = Deadline::after(policy.retry.deadline);
     let session = bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
-        let flavor = ServerFlavor::detect(conn)?;
+        let flavor = ServerFlavor::ask(conn)?;
         let session = policy.session_sql(flavor);
         conn.batch_execute(&session)?;
         Ok(session)
@@ -152,6 +152,11 @@ pub struct SessionSettings {
 }
 
 impl SessionSettings {
+    /// The policy the settings are taken from.
+    pub(crate) fn policy(&self) -> &TxnPolicy {
+        &self.policy
+    }
+
     /// Settings taken from `policy`.
     pub fn new(policy: TxnPolicy) -> Self {
         Self { policy }
