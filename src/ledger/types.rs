@@ -50,7 +50,9 @@ pub struct Entry {
     pub related_entry_id: Option<i64>,
     /// The other account of a transfer.
     pub counterparty_user_id: Option<i64>,
-    /// On a deduct: how much of it has been refunded so far.
+    /// On a deduct: how much of it has been refunded so far — read with the entry, so a
+    /// replayed deduct answers the refunds made since its first answer (every other field is
+    /// as first answered).
     pub refunded_amount: Decimal,
     /// When it was written (UTC).
     pub created_at: NaiveDateTime,
