@@ -12,7 +12,7 @@ use super::rows::{
     set_stock, user_coupon_ids, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
-use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
+use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, Holding};
 use crate::validate::validate_id;
@@ -240,7 +240,9 @@ impl CouponIssuer {
                 Ok((decisions, ids, stock, at, seen))
             });
             match attempt {
-                Err(_) if stale && refreshes < FACT_REFRESHES => {
+                // Facts of another database (the INSERT names a template or campaign missing
+                // here) are stale facts too.
+                Err(e) if (stale || names_missing_row(&e)) && refreshes < FACT_REFRESHES => {
                     self.forget_facts(campaign_id);
                     refreshes += 1;
                 }

@@ -7,7 +7,7 @@ use super::rows::{
     find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
-use super::{stale_facts, CouponIssuer, FACT_REFRESHES};
+use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, Holding};
 use crate::validate::validate_id;
@@ -124,7 +124,10 @@ impl CouponIssuer {
                     order_ref: None,
                 })
             });
-            if stale && refreshes < FACT_REFRESHES {
+            // Facts of another database (the INSERT names a template or campaign missing here)
+            // are stale facts too.
+            let missing_row = result.as_ref().is_err_and(names_missing_row);
+            if (stale || missing_row) && refreshes < FACT_REFRESHES {
                 self.forget_facts(campaign_id);
                 refreshes += 1;
                 continue;

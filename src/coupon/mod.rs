@@ -167,6 +167,20 @@ impl Default for CouponIssuer {
 /// issuer was used on another database in between) before it gives up.
 pub(crate) const FACT_REFRESHES: u32 = 3;
 
+/// Whether a coupon INSERT failed a foreign key: it names a campaign or template this database
+/// does not have — the cached facts came from another database (one issuer on two).
+pub(crate) fn names_missing_row(error: &Error) -> bool {
+    matches!(
+        error
+            .server_error()
+            .map(crate::error::ServerError::diesel_error),
+        Some(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ForeignKeyViolation,
+            _
+        ))
+    )
+}
+
 pub(crate) fn stale_facts(campaign_id: i64) -> Error {
     Error::internal(format!(
         "the cached facts of campaign {campaign_id} kept disagreeing with its row"

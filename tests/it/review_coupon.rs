@@ -1093,6 +1093,56 @@ fn finding_10f_one_issuer_on_two_databases_writes_each_campaigns_template() {
     check_invariants(&mut b, "database b");
 }
 
+/// The same where the other database lacks what the cached facts name: campaign 1 hands out
+/// template 2 in database a, and database b has only template 1 — or no campaign 1 at all. The
+/// issue's INSERT, sent before the campaign row is read, fails its foreign key there; the facts
+/// are read again and the issue answers as in a fresh issuer (template 1's coupon,
+/// `CampaignNotFound`). Before the fix: an untyped `Server` error (1452), single and batch.
+#[test]
+fn one_issuer_on_two_databases_refreshes_facts_the_other_database_lacks() {
+    let (_url_a, mut a) = fresh_database("review_fk_a");
+    let (_url_b, mut b) = fresh_database("review_fk_b");
+    let (_url_c, mut c) = fresh_database("review_fk_c");
+    let issuer = CouponIssuer::new();
+    let (_a1, a2) = two_campaigns(&issuer, &mut a, 1);
+    assert_eq!((a2.id, a2.coupon_id), (2, 2));
+    // Database b: one template, campaigns 1 and 2 of it.
+    let only = valid_coupon(&mut b, &issuer, "only");
+    let t = now();
+    let b2 = (0..2)
+        .map(|_| {
+            let (starts, ends) = (t - Duration::hours(1), t + Duration::hours(1));
+            create_campaign(&mut b, &issuer, only.id, 10, starts, ends)
+        })
+        .last()
+        .expect("two campaigns");
+    assert_eq!((b2.id, b2.coupon_id), (2, 1));
+    // Facts of campaign 2 cached from database a: template 2.
+    assert_eq!(issuer.issue(&mut a, 1, 2).expect("a: 1").coupon_id, 2);
+    assert_eq!(issuer.issue(&mut b, 2, 2).expect("b: 2").coupon_id, 1);
+    assert_eq!(issuer.issue(&mut a, 3, 2).expect("a: 3").coupon_id, 2);
+    for issued in issuer.issue_many(&mut b, 2, &[4, 5]).expect("b: batch") {
+        assert_eq!(issued.expect("b: batch issue").coupon_id, 1);
+    }
+    // Database c has no campaign 2 (nor any template).
+    assert_eq!(issuer.issue(&mut a, 6, 2).expect("a: 6").coupon_id, 2);
+    let missing = issuer.issue(&mut c, 7, 2);
+    assert!(
+        matches!(missing, Err(Error::CampaignNotFound { campaign_id: 2 })),
+        "{missing:?}"
+    );
+    assert_eq!(issuer.issue(&mut a, 8, 2).expect("a: 8").coupon_id, 2);
+    let batch = issuer.issue_many(&mut c, 2, &[9, 10]).expect("c: batch");
+    assert!(
+        batch
+            .iter()
+            .all(|r| matches!(r, Err(Error::CampaignNotFound { campaign_id: 2 }))),
+        "{batch:?}"
+    );
+    check_invariants(&mut a, "database a");
+    check_invariants(&mut b, "database b");
+}
+
 /// A batch whose transaction fails as a whole (here `Contended`: another program holds the
 /// stock row) still answers an invalid user id `InvalidId`, as `issue` does before it sends
 /// anything; a combined issue answers an invalid id, and a campaign its issuer has seen sold
