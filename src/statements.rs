@@ -158,7 +158,8 @@ macro_rules! restore_mariadb {
          max_statement_time = COALESCE(@lockstock_statement_time, @@session.max_statement_time), \
          lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
          time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
-         tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation)"
+         tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation), \
+         tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only)"
     };
 }
 
@@ -180,7 +181,11 @@ macro_rules! clear_saved {
 
 statement! {
     /// Restores the session variables lockstock's begin batch saved (MariaDB).
-    RestoreMariaDb => concat!(restore_mariadb!(), clear_saved!(), ", @lockstock_isolation = NULL")
+    RestoreMariaDb => concat!(
+        restore_mariadb!(),
+        clear_saved!(),
+        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL"
+    )
 }
 
 statement! {
@@ -190,7 +195,7 @@ statement! {
         restore_mariadb!(),
         ", autocommit = COALESCE(@lockstock_autocommit, @@session.autocommit)",
         clear_saved!(),
-        ", @lockstock_isolation = NULL, @lockstock_autocommit = NULL"
+        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, @lockstock_autocommit = NULL"
     )
 }
 

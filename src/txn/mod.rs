@@ -8,8 +8,8 @@
 //!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch,
 //! 3. runs the body, then COMMIT (`AND NO CHAIN NO RELEASE`, as every ROLLBACK: a caller's
 //!    `completion_type` must not open a transaction on its connection after lockstock's, nor
-//!    close it; writes begin `START TRANSACTION READ WRITE`, whatever the caller's `SET
-//!    TRANSACTION` left for its next transaction; a cached prepared statement: one round trip; in a combiner's
+//!    close it; a write's transaction is READ WRITE, whatever the caller's `SET TRANSACTION`
+//!    left for its next one; a cached prepared statement: one round trip; in a combiner's
 //!    batch the key's turn is handed on just before it is sent, see the `combine` module); any
 //!    error — or a panic — rolls the whole transaction back: MariaDB's lock wait timeout (also its
 //!    NOWAIT refusal, 1205) rolls back only the statement, so the runner must not continue it,
@@ -169,10 +169,13 @@ const NESTED_1568: &str = "transaction characteristics can't be changed";
 /// node is not the designated writer (the `designated_writer` row names another node).
 pub(super) const NOT_DESIGNATED_LOCALE: &str = "lockstock_not_designated_writer";
 
-/// `START TRANSACTION` of a write and of a read-only snapshot. READ WRITE: a caller's
-/// `SET TRANSACTION READ ONLY` for its next transaction would otherwise make this one refuse
-/// its writes.
-const BEGIN_WRITE: &str = "START TRANSACTION READ WRITE";
+/// `START TRANSACTION` of a write and of a read-only snapshot. A write's access mode is set
+/// READ WRITE before it (the first SET's `tx_read_only = 0`, or `SET TRANSACTION ..., READ
+/// WRITE`): a caller's `SET TRANSACTION READ ONLY` for its next transaction would otherwise make
+/// it refuse its writes. Not `START TRANSACTION READ WRITE`, which a server running
+/// `read_only` refuses at once for users without SUPER (then a call that only refuses — a
+/// balance too low — would fail untyped).
+const BEGIN_WRITE: &str = "BEGIN";
 const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
 
 impl RunnerSql {
@@ -184,8 +187,11 @@ impl RunnerSql {
             ServerFlavor::MySql => policy.settings(flavor),
         };
         let levels = [policy.isolation, Isolation::RepeatableRead];
-        let set_transaction =
-            |level: Isolation| format!("SET TRANSACTION ISOLATION LEVEL {}", level.sql());
+        // Writes (`kind` 0) also READ WRITE, whatever the caller set for its next transaction.
+        let set_transaction = |level: Isolation, kind: usize| {
+            let access = if kind == 0 { ", READ WRITE" } else { "" };
+            format!("SET TRANSACTION ISOLATION LEVEL {}{access}", level.sql())
+        };
         // Writes on a Galera node: (by policy) the designated writer checked, then autocommit
         // saved and turned off in the atomic SET.
         let guard_write = |kind: usize| galera && kind == 0;
@@ -211,9 +217,10 @@ impl RunnerSql {
                      @lockstock_statement_time = @@session.max_statement_time, \
                      @lockstock_lc_messages = @@session.lc_messages, \
                      @lockstock_time_zone = @@session.time_zone, \
-                     @lockstock_isolation = @@session.tx_isolation, {save_autocommit}\
+                     @lockstock_isolation = @@session.tx_isolation, \
+                     @lockstock_read_only = @@session.tx_read_only, {save_autocommit}\
                      SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
-                     {settings}, tx_isolation = '{}'{autocommit}",
+                     {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()
                 )];
                 if guarded && policy.designated_writer_only {
@@ -232,7 +239,7 @@ impl RunnerSql {
             }
             // MySQL has no @@in_transaction: SET TRANSACTION checks first.
             ServerFlavor::MySql => vec![
-                set_transaction(levels[kind]),
+                set_transaction(levels[kind], kind),
                 format!(
                     "SET @lockstock_last_insert_id = LAST_INSERT_ID(), \
                      @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
@@ -244,7 +251,7 @@ impl RunnerSql {
                 ),
             ],
         });
-        let marked = levels.map(|level| vec![set_transaction(level)]);
+        let marked = [0, 1].map(|kind| vec![set_transaction(levels[kind], kind)]);
         Self {
             flavor,
             galera,

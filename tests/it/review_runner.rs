@@ -181,7 +181,7 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
         "SELECT NULLIF(CONCAT_WS(',', @lockstock_lock_wait, @lockstock_mdl_wait, \
          @lockstock_statement_time, \
          @lockstock_lc_messages, @lockstock_time_zone, @lockstock_isolation, \
-         @lockstock_autocommit, @lockstock_last_insert_id), '') AS line",
+         @lockstock_autocommit, @lockstock_last_insert_id, @lockstock_read_only), '') AS line",
     )
     .get_result::<Saved>(conn)
     .expect("read lockstock's user variables")
@@ -260,11 +260,7 @@ fn finding_7_session_settings_are_restored() {
 
     // A connection that carries lockstock's settings (pooled through SessionSettings) gets no
     // session statements at all: only the isolation level of the next transaction is set.
-    let pool = Pool::builder()
-        .max_size(1)
-        .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
-        .build(ConnectionManager::<MysqlConnection>::new(url))
-        .expect("pool");
+    let pool = lockstock_testkit::fixtures::pool_with(&url, 1, TxnPolicy::default());
     let mut pooled = pool.get().expect("pooled");
     let set_statements = |c: &mut MysqlConnection, ledger: &BalanceLedger, key: &str| {
         let count = |c: &mut MysqlConnection| {
@@ -473,11 +469,13 @@ fn a_callers_completion_type_leaves_no_transaction_open_and_the_connection_alive
     }
 }
 
-/// A `SET TRANSACTION READ ONLY` the caller sent for its next transaction does not make
-/// lockstock's write fail: lockstock's transaction is that next one, and it begins READ WRITE.
+/// A `SET TRANSACTION READ ONLY` the caller sent for its next transaction, or a read-only
+/// session, does not make lockstock's write fail: its transaction is READ WRITE, and the
+/// caller's session access mode is put back. Also on a pooled connection that carries
+/// lockstock's settings.
 #[test]
 fn a_callers_pending_read_only_does_not_make_a_write_fail() {
-    let (_url, mut conn) = fresh_database("review_pending_read_only");
+    let (url, mut conn) = fresh_database("review_pending_read_only");
     let ledger = BalanceLedger::new();
     conn.batch_execute("SET TRANSACTION READ ONLY")
         .expect("the caller's next transaction");
@@ -487,7 +485,26 @@ fn a_callers_pending_read_only_does_not_make_a_write_fail() {
     conn.batch_execute("SET TRANSACTION READ ONLY")
         .expect("the caller's next transaction");
     issuer.issue(&mut conn, 1, campaign).expect("an issue");
-    assert_eq!(journal_size(&mut conn, 1), 1);
+    conn.batch_execute("SET SESSION tx_read_only = 1")
+        .expect("a read-only session");
+    ledger.charge(&mut conn, 1, dec(1), "c2").expect("a write");
+    let read_only = diesel::sql_query("SELECT CAST(@@session.tx_read_only AS SIGNED) AS id")
+        .get_result::<Id>(&mut conn)
+        .expect("tx_read_only")
+        .id;
+    assert_eq!(read_only, 1, "the caller's access mode, put back");
+    assert_eq!(saved_values(&mut conn), None);
+    conn.batch_execute("SET SESSION tx_read_only = 0")
+        .expect("back");
+    let pool = lockstock_testkit::fixtures::pool_with(&url, 1, TxnPolicy::default());
+    let mut pooled = pool.get().expect("pooled");
+    pooled
+        .batch_execute("SET TRANSACTION READ ONLY")
+        .expect("the caller's next transaction");
+    ledger
+        .charge(&mut pooled, 1, dec(1), "c3")
+        .expect("a write");
+    assert_eq!(journal_size(&mut conn, 1), 3);
     ledger.audit(&mut conn, 1).expect("audit");
 }
 
