@@ -59,8 +59,9 @@
 //! callers. When it gives up by that deadline without committing ([`Error::Contended`] with
 //! attempts left, [`Error::Timeout`]), only the callers whose deadline it ran by are answered
 //! so: a request with a later deadline (at least 10 ms left) goes back to the front of the
-//! queue and runs in the next batch, as its single call would still be retrying — until the
-//! attempts spent on it reach the policy's `max_attempts`. A waiter whose deadline passes
+//! queue and runs in the next batch, as its single call would still be retrying — but not
+//! once the attempts spent on it have reached the policy's `max_attempts` (the batch it runs in
+//! then may take up to `max_attempts` more: a batch counts its own). A waiter whose deadline passes
 //! before its request was taken into a batch is removed from the queue and gets
 //! [`Error::Timeout`] — or, given back by a batch, that batch's error (so does a request found
 //! expired when a batch is formed, and a leader whose own deadline has passed hands the
@@ -486,10 +487,11 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             }
         }
         let lane = lanes.entry(key.clone()).or_default();
-        let own_at = lane.queue.iter().position(|(_, _, s)| Arc::ptr_eq(s, own));
         let drained: Vec<Queued<Req, Resp>> = if deadline.is_expired() || ticket.is_none() {
             // Without the turn (this leader's deadline passed first) it answers only itself.
-            own_at
+            lane.queue
+                .iter()
+                .position(|(_, _, s)| Arc::ptr_eq(s, own))
                 .and_then(|at| lane.queue.remove(at))
                 .into_iter()
                 .collect()
@@ -569,11 +571,16 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             commit_sent: Cell::new(false),
         });
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            // A copy of each request, to run it again if the batch gives up by an earlier
-            // caller's deadline.
+            // A copy of each request that could run again if the batch gives up by an earlier
+            // caller's deadline (not those whose deadline the batch runs by).
             let copies: Vec<Option<Req>> = requests
                 .iter()
-                .map(|request| again.map(|again| (again.copy)(request)))
+                .zip(&deadlines)
+                .map(|(request, deadline)| {
+                    again
+                        .filter(|_| deadline.is_later_than(&batch_deadline))
+                        .map(|again| (again.copy)(request))
+                })
                 .collect();
             let ran = with_handoff(handoff.clone(), || {
                 run_batch(key, requests, batch_deadline, prepared)

@@ -182,11 +182,12 @@ fn contended(attempts: u32) -> Error {
 
 /// Requests 2 (leading), 3 (the earliest deadline) and 4 queued behind a batch held open,
 /// combined with give-backs as `Combining` does (at most `max_attempts` spent per request);
-/// every batch that holds request 3 gives up with `failure`. The answers (`Ok` or the error's
-/// kind) and the batches run.
+/// every batch that `fails` gives up with `failure`. The answers (`Ok` or the error's kind)
+/// and the batches run.
 fn given_back_behind_a_batch(
     failure: fn() -> Error,
     max_attempts: u32,
+    fails: fn(&[u64]) -> bool,
 ) -> (Vec<std::result::Result<u64, &'static str>>, Vec<Vec<u64>>) {
     let combiner = Arc::new(Doubler::new(8));
     let (first, release_tx) = a_batch_held_open(&combiner);
@@ -201,7 +202,7 @@ fn given_back_behind_a_batch(
             };
             let run = |_: &u8, requests: Vec<u64>, _: Deadline, ()| {
                 lock(&seen).push(requests.clone());
-                let outcome = if requests.contains(&3) {
+                let outcome = if fails(&requests) {
                     Err(failure())
                 } else {
                     Ok(requests.into_iter().map(|r| Ok(r * 2)).collect())
@@ -233,15 +234,17 @@ fn given_back_behind_a_batch(
 #[test]
 fn a_batch_that_gives_up_by_an_earlier_deadline_runs_the_later_requests_again() {
     // Before: the later requests got the batch's error with most of their time left.
+    let with_3 = |requests: &[u64]| requests.contains(&3);
     let (answers, batches) = given_back_behind_a_batch(
         || Error::Timeout {
             elapsed: Duration::from_millis(1),
         },
         64,
+        with_3,
     );
     assert_eq!(answers, vec![Ok(4), Err("timeout"), Ok(8)]);
     assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
-    let (answers, batches) = given_back_behind_a_batch(|| contended(3), 64);
+    let (answers, batches) = given_back_behind_a_batch(|| contended(3), 64, with_3);
     assert_eq!(answers, vec![Ok(4), Err("contended"), Ok(8)]);
     assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
 }
@@ -249,12 +252,16 @@ fn a_batch_that_gives_up_by_an_earlier_deadline_runs_the_later_requests_again() 
 #[test]
 fn a_batch_that_used_up_its_attempts_answers_everyone() {
     // The runner gave up by its attempts, not by the deadline: every single call would too.
-    let (answers, batches) = given_back_behind_a_batch(|| contended(64), 64);
+    let with_3 = |requests: &[u64]| requests.contains(&3);
+    let (answers, batches) = given_back_behind_a_batch(|| contended(64), 64, with_3);
     assert_eq!(answers, vec![Err("contended"); 3]);
     assert_eq!(batches, vec![vec![2, 3, 4]]);
-    // Attempts spent by earlier batches count: 40 spent, 40 more would pass 64.
-    let (answers, _) = given_back_behind_a_batch(|| contended(40), 64);
-    assert_eq!(answers, vec![Ok(4), Err("contended"), Ok(8)]);
+    // Attempts spent by earlier batches count: every batch gives up after 40 attempts; request
+    // 4, given back once (40 spent), is not given back again (80 would pass 64) — without the
+    // count it would run alone in a third batch.
+    let (answers, batches) = given_back_behind_a_batch(|| contended(40), 64, |_| true);
+    assert_eq!(answers, vec![Err("contended"); 3]);
+    assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
 }
 
 #[test]
