@@ -48,8 +48,11 @@ use std::time::{Duration, Instant};
 const HUNT: Duration = Duration::from_millis(10);
 /// ... and once a socket of it was shut down: a pool checkout past its deadline pings one
 /// idle connection after another, and each is cut only when it is found blocked — every
-/// [`HUNT`] would add 10 ms per idle connection of a large pool.
+/// [`HUNT`] would add 10 ms per idle connection of a large pool. While at most
+/// [`HUNT_FIRED_MAX`] calls are looked at so (each look reads `/proc` under the schedule's
+/// lock, which every call takes to arm and disarm).
 const HUNT_FIRED: Duration = Duration::from_millis(1);
+const HUNT_FIRED_MAX: usize = 8;
 /// How long the watchdog sleeps past an emptied schedule before it waits for work unbounded:
 /// arms in between (the common case under load) need not wake it.
 const IDLE: Duration = Duration::from_secs(1);
@@ -102,6 +105,7 @@ impl Watchdog {
         loop {
             let now = Instant::now();
             let mut next: Option<Instant> = None;
+            let quick = schedule.entries.iter().filter(|e| e.fired).count() <= HUNT_FIRED_MAX;
             for i in 0..schedule.entries.len() {
                 // A fired entry stays watched: the call may block again on another socket
                 // (r2d2 pings the next idle connection after the first failed its ping).
@@ -120,7 +124,7 @@ impl Watchdog {
                     fired = true;
                 }
                 // Looked at again until disarmed, whether or not it blocked on a socket now.
-                let again = now + if fired { HUNT_FIRED } else { HUNT };
+                let again = now + if fired && quick { HUNT_FIRED } else { HUNT };
                 next = Some(next.map_or(again, |n| n.min(again)));
             }
             let empty = schedule.entries.is_empty();
