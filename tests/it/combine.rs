@@ -514,7 +514,7 @@ fn a_caller_with_time_left_is_not_answered_by_an_earlier_callers_deadline() {
     // Many attempts: every batch gives up by its deadline, never by its attempts.
     let mut retry = lockstock::RetryPolicy::default();
     retry.max_attempts = 100_000;
-    retry.deadline = std::time::Duration::from_secs(1);
+    retry.deadline = std::time::Duration::from_secs(2);
     let policy = lockstock::TxnPolicy::default().with_retry(retry);
     let hot = Arc::new(CombiningIssuer::new(
         pool(&url, 4),
@@ -522,18 +522,18 @@ fn a_caller_with_time_left_is_not_answered_by_an_earlier_callers_deadline() {
     ));
     hot.issue(1, campaign).expect("a first coupon");
 
-    // The row is held for 1.25 s. User 2 asks first (its batch gives up at 1 s), user 3 at
-    // 150 ms (it leads the next batch, which gives up at 1.15 s), user 4 at 500 ms: queued
-    // behind user 3's leadership, it is in that batch and has until 1.5 s.
+    // The row is held for 2.3 s. User 2 asks first (its batch gives up at 2 s), user 3 at
+    // 150 ms (it leads the next batch, which gives up at 2.15 s), user 4 at 1 s: queued
+    // behind user 3's leadership, it is in that batch and has until 3 s.
     let start = Arc::new(Barrier::new(2));
     let holder = hold_campaign_row(
         &url,
         campaign,
         start.clone(),
-        std::time::Duration::from_millis(1250),
+        std::time::Duration::from_millis(2300),
     );
     start.wait();
-    let asks: Vec<_> = [(2, 0), (3, 150), (4, 350)]
+    let asks: Vec<_> = [(2, 0), (3, 150), (4, 850)]
         .into_iter()
         .map(|(user, after)| {
             thread::sleep(std::time::Duration::from_millis(after));
@@ -554,7 +554,7 @@ fn a_caller_with_time_left_is_not_answered_by_an_earlier_callers_deadline() {
         matches!(answers[1], Err(Error::Contended { .. })),
         "{answers:?}"
     );
-    // Before: user 4 got user 3's batch's Contended with 350 ms of its deadline left.
+    // Before: user 4 got user 3's batch's Contended with 850 ms of its deadline left.
     let issued = answers[2].as_ref().expect("user 4, after the row was free");
     assert_eq!(issued.user_id, 4);
     let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
