@@ -27,6 +27,14 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What [`CouponIssuer::sightings`] read: the count of above-zero stock sightings of a campaign,
+/// and when.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sightings {
+    count: u64,
+    at: Instant,
+}
+
 impl CouponIssuer {
     /// The campaign's facts, from the cache or read (a read that sees stock clears the mark).
     pub(super) fn facts_by(
@@ -60,14 +68,19 @@ impl CouponIssuer {
         lock(&self.facts).remove(&campaign_id);
     }
 
-    /// How often this issuer has seen the campaign's stock above zero; read before reading a
-    /// stock that may be zero, and passed to [`mark_sold_out`](Self::mark_sold_out).
-    pub(super) fn sightings(&self, campaign_id: i64) -> u64 {
-        lock(&self.sold_out)
+    /// How often this issuer has seen the campaign's stock above zero, and when it asked;
+    /// read before reading a stock that may be zero, and passed to
+    /// [`mark_sold_out`](Self::mark_sold_out).
+    pub(super) fn sightings(&self, campaign_id: i64) -> Sightings {
+        let count = lock(&self.sold_out)
             .sightings
             .get(&campaign_id)
             .copied()
-            .unwrap_or(0)
+            .unwrap_or(0);
+        Sightings {
+            count,
+            at: Instant::now(),
+        }
     }
 
     /// The campaign's stock was seen (or put) above zero: clears its sold-out mark, and keeps
@@ -79,12 +92,15 @@ impl CouponIssuer {
         *sightings = sightings.wrapping_add(1);
     }
 
-    /// Marks a campaign sold out, unless its stock was seen above zero since `seen` (the count
-    /// of [`sightings`](Self::sightings) read before the zero was): that zero may be stale.
-    pub(super) fn mark_sold_out(&self, campaign_id: i64, seen: u64) {
+    /// Marks a campaign sold out, unless its stock was seen above zero since `seen` (the
+    /// [`sightings`](Self::sightings) read before the zero was): that zero may be stale. The
+    /// mark dates from `seen` — before the zero was read — not from now: a TTL counts from the
+    /// read, however long the call took after it (a slow COMMIT), so a restock made elsewhere
+    /// after the read is seen within the TTL of it.
+    pub(super) fn mark_sold_out(&self, campaign_id: i64, seen: Sightings) {
         let mut marks = lock(&self.sold_out);
-        if marks.sightings.get(&campaign_id).copied().unwrap_or(0) == seen {
-            marks.marked.insert(campaign_id, Instant::now());
+        if marks.sightings.get(&campaign_id).copied().unwrap_or(0) == seen.count {
+            marks.marked.insert(campaign_id, seen.at);
         }
     }
 

@@ -88,3 +88,23 @@ fn quantity_bounds() {
     assert!(positive_quantity("quantity", u32::MAX).is_err());
     assert_eq!(positive_quantity("quantity", 500).ok(), Some(500));
 }
+
+/// A sold-out mark dates from the read of the zero stock (the sightings taken before it), not
+/// from when the call got to set it: a call slower than the TTL after its read (a COMMIT held
+/// back) leaves no mark that outlives the TTL of the read. Before the fix the mark was dated
+/// when it was set, so a restock made elsewhere after the read could go unseen for the TTL
+/// plus the call's remaining time.
+#[test]
+fn a_sold_out_mark_dates_from_the_read_of_the_zero() {
+    use std::time::Duration;
+    let short = super::CouponIssuer::new().with_sold_out_ttl(Duration::from_millis(200));
+    let seen = short.sightings(1);
+    // The rest of the call took longer than the TTL.
+    std::thread::sleep(Duration::from_millis(250));
+    short.mark_sold_out(1, seen);
+    assert!(!short.known_sold_out(1), "a mark older than its TTL");
+    let long = super::CouponIssuer::new().with_sold_out_ttl(Duration::from_secs(600));
+    let seen = long.sightings(1);
+    long.mark_sold_out(1, seen);
+    assert!(long.known_sold_out(1), "a fresh mark");
+}
