@@ -303,12 +303,16 @@ impl CampaignFacts {
     }
 }
 
-/// Checks an order reference: 1 to [`MAX_ORDER_REF_BYTES`] bytes ([`Error::InvalidInput`]).
+/// Checks an order reference: 1 to [`MAX_ORDER_REF_BYTES`] bytes, not ending with a space
+/// ([`Error::InvalidInput`]).
 pub(crate) fn validate_order_ref(order_ref: &str) -> Result<()> {
-    if order_ref.is_empty() || order_ref.len() > MAX_ORDER_REF_BYTES {
+    // The column compares with PAD SPACE: a shop's own SQL would take "o-1 " for "o-1", which
+    // lockstock tells apart (compared exactly, a restore by one of a redemption by the other
+    // is refused). So, as for idempotency keys, no trailing space.
+    if order_ref.is_empty() || order_ref.len() > MAX_ORDER_REF_BYTES || order_ref.ends_with(' ') {
         return Err(Error::InvalidInput {
             field: "order_ref",
-            problem: "must be 1 to 64 bytes",
+            problem: "must be 1 to 64 bytes, not ending with a space",
         });
     }
     Ok(())

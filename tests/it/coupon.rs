@@ -756,7 +756,8 @@ fn redeem_and_restore_respect_validity_and_input() {
         matches!(e, Error::UserCouponNotFound { .. })
     });
 
-    // order_ref: 1 to 64 bytes (bytes, not characters).
+    // order_ref: 1 to 64 bytes (bytes, not characters), not ending with a space (the column
+    // compares with PAD SPACE: a shop's SQL would take "o-1 " for "o-1").
     clock.set(t);
     let second = issuer.issue(&mut conn, 12, campaign.id).expect("issue");
     clock.set(valid_from);
@@ -764,6 +765,7 @@ fn redeem_and_restore_respect_validity_and_input() {
         String::new(),
         "x".repeat(MAX_ORDER_REF_BYTES + 1),
         "é".repeat(33),
+        "o-1 ".to_owned(),
     ] {
         match issuer.redeem(&mut conn, second.id, &bad) {
             Err(Error::InvalidInput {

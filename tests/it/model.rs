@@ -235,6 +235,7 @@ fn op() -> impl Strategy<Value = Op> {
             2 => Just("order-2".to_owned()),
             1 => Just(String::new()),
             1 => Just("r".repeat(65)),
+            1 => Just("order-1 ".to_owned()),
         ]
     };
     let restore_order = prop_oneof![
@@ -1449,7 +1450,7 @@ impl Model {
             }
             Resolved::Redeem((raw, id), order_ref) => {
                 check_id("user coupon", *raw)?;
-                if order_ref.is_empty() || order_ref.len() > 64 {
+                if order_ref.is_empty() || order_ref.len() > 64 || order_ref.ends_with(' ') {
                     return Err(ErrV::InvalidInput("order_ref"));
                 }
                 let Id::M(m) = *id else {
@@ -1469,7 +1470,7 @@ impl Model {
             }
             Resolved::Restore((raw, id), order_ref) => {
                 check_id("user coupon", *raw)?;
-                if order_ref.is_empty() || order_ref.len() > 64 {
+                if order_ref.is_empty() || order_ref.len() > 64 || order_ref.ends_with(' ') {
                     return Err(ErrV::InvalidInput("order_ref"));
                 }
                 let Id::M(m) = *id else {
