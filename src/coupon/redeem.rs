@@ -152,8 +152,8 @@ impl CouponIssuer {
         Ok(Some(campaign))
     }
 
-    /// Marks a held coupon used on order `order_ref` (1 to 64 bytes, not ending with a space). Exactly one of concurrent
-    /// redeems wins; the others get [`Error::AlreadyRedeemed`].
+    /// Marks a held coupon used on order `order_ref` (1 to 64 bytes, not ending with a space).
+    /// Exactly one of concurrent redeems wins; the others get [`Error::AlreadyRedeemed`].
     ///
     /// Safe to retry (after [`Error::OutcomeUnknown`], say): a coupon already redeemed by the
     /// same `order_ref` is returned as it is, unchanged, whatever the time now.
