@@ -172,9 +172,7 @@ pub(super) const NOT_DESIGNATED_LOCALE: &str = "lockstock_not_designated_writer"
 /// `START TRANSACTION` of a write and of a read-only snapshot. A write's access mode is set
 /// READ WRITE before it (the first SET's `tx_read_only = 0`, or `SET TRANSACTION ..., READ
 /// WRITE`): a caller's `SET TRANSACTION READ ONLY` for its next transaction would otherwise make
-/// it refuse its writes. Not `START TRANSACTION READ WRITE`, which a server running
-/// `read_only` refuses at once for users without SUPER (then a call that only refuses — a
-/// balance too low — would fail untyped).
+/// it refuse its writes.
 const BEGIN_WRITE: &str = "BEGIN";
 const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
 

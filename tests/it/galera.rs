@@ -1115,7 +1115,8 @@ fn galera_a_caller_with_autocommit_off_writes_and_keeps_it() {
         let saved = count(
             conn,
             "SELECT COUNT(COALESCE(@lockstock_autocommit, @lockstock_isolation, \
-             @lockstock_lock_wait, @lockstock_mdl_wait)) AS total",
+             @lockstock_lock_wait, @lockstock_mdl_wait, @lockstock_read_only, \
+             @lockstock_last_insert_id)) AS total",
         );
         assert_eq!(saved, 0, "lockstock's saved values left in the session");
         (autocommit, open)

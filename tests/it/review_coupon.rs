@@ -1283,7 +1283,8 @@ fn a_lock_wait_ends_by_the_deadline_and_keeps_the_connection() {
         assert_eq!(&lockstock_testkit::fixtures::session_vars(conn), before);
         let saved: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
             "COUNT(COALESCE(@lockstock_lock_wait, @lockstock_mdl_wait, \
-             @lockstock_statement_time, @lockstock_isolation))",
+             @lockstock_statement_time, @lockstock_isolation, @lockstock_read_only, \
+             @lockstock_last_insert_id))",
         ))
         .get_result(conn)
         .expect("lockstock's user variables");
