@@ -156,6 +156,8 @@ impl CouponIssuer {
                 };
                 // This attempt's time: the issue time, and the window is checked at it.
                 let at = self.now();
+                // A sold-out mark dates from this attempt's read.
+                let seen = seen.now();
                 facts.check_window(campaign_id, at)?;
                 // Before the hot row, as the single issue: the coupons of every request that
                 // the stock decides nothing about, written with the unique index checking

@@ -35,6 +35,17 @@ pub(super) struct Sightings {
     at: Instant,
 }
 
+impl Sightings {
+    /// The same count, dated now: taken as an attempt that reads the stock begins, so that a
+    /// mark dates from the read that set it, not from a retry loop's start.
+    pub(super) fn now(self) -> Self {
+        Self {
+            at: Instant::now(),
+            ..self
+        }
+    }
+}
+
 impl CouponIssuer {
     /// The campaign's facts, from the cache or read (a read that sees stock clears the mark).
     pub(super) fn facts_by(
@@ -100,7 +111,9 @@ impl CouponIssuer {
     pub(super) fn mark_sold_out(&self, campaign_id: i64, seen: Sightings) {
         let mut marks = lock(&self.sold_out);
         if marks.sightings.get(&campaign_id).copied().unwrap_or(0) == seen.count {
-            marks.marked.insert(campaign_id, seen.at);
+            // A slower call's older read never shortens a newer mark.
+            let at = marks.marked.entry(campaign_id).or_insert(seen.at);
+            *at = (*at).max(seen.at);
         }
     }
 

@@ -82,11 +82,14 @@ impl CouponIssuer {
             facts.check_window(campaign_id, self.now())?;
             // Read before the stock is: a zero read after a newer sighting is not marked.
             let seen = self.sightings(campaign_id);
+            // Dated as the attempt that reads the stock begins.
+            let mut read = seen;
             let mut stale = false;
             let mut stock_seen = false;
             let result = self.runner.run_by(conn, deadline, |conn| {
                 // This attempt's time: the window is checked at it, and it is the issue time.
                 let at = self.now();
+                read = seen.now();
                 facts.check_window(campaign_id, at)?;
                 // Before the hot row: the unique index decides "already issued?".
                 write_user_coupons(
@@ -134,7 +137,7 @@ impl CouponIssuer {
             }
             return match result {
                 Err(Error::SoldOut { .. }) => {
-                    self.mark_sold_out(campaign_id, seen);
+                    self.mark_sold_out(campaign_id, read);
                     Err(Error::SoldOut { campaign_id })
                 }
                 Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => {

@@ -211,7 +211,8 @@ impl CouponIssuer {
         self
     }
 
-    /// The same issuer forgetting a sold-out campaign `ttl` after it saw it sold out. Without a
+    /// The same issuer forgetting a sold-out campaign `ttl` after it saw it sold out (after the
+    /// attempt that read the zero stock began, however long the call took after it). Without a
     /// TTL (the default) the mark stays until this issuer restocks the campaign or reads its
     /// stock above zero ([`campaign`](Self::campaign), [`remaining`](Self::remaining)); with
     /// several issuers or processes, a restock made elsewhere is then seen within `ttl`.
