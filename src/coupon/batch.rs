@@ -248,6 +248,7 @@ impl CouponIssuer {
                     self.forget_facts(campaign_id);
                     refreshes += 1;
                 }
+                Err(e) if names_missing_row(&e) => return closed(stale_facts(campaign_id)),
                 Err(_) if unknown_holders => read_holders = true,
                 Err(_) if short => insert_first = false,
                 Err(e)

@@ -135,6 +135,9 @@ impl CouponIssuer {
                 refreshes += 1;
                 continue;
             }
+            if missing_row {
+                return Err(stale_facts(campaign_id));
+            }
             return match result {
                 Err(Error::SoldOut { .. }) => {
                     self.mark_sold_out(campaign_id, read);

@@ -167,8 +167,9 @@ impl Default for CouponIssuer {
 /// issuer was used on another database in between) before it gives up.
 pub(crate) const FACT_REFRESHES: u32 = 3;
 
-/// Whether a coupon INSERT failed a foreign key: it names a campaign or template this database
-/// does not have — the cached facts came from another database (one issuer on two).
+/// Whether a coupon INSERT failed a foreign key: it names a template this database does not
+/// have — the cached facts came from another database (one issuer on two). (A missing campaign
+/// is found by the stock lock: no row.)
 pub(crate) fn names_missing_row(error: &Error) -> bool {
     matches!(
         error

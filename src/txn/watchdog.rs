@@ -63,6 +63,7 @@ struct Entry {
     id: u64,
     /// The kernel id of the guarded thread.
     tid: i64,
+    /// When it is looked at next: its moment, then (past it) every [`HUNT`] or [`HUNT_FIRED`].
     due: Instant,
     /// The watchdog shut a socket of this thread down.
     fired: bool,
@@ -123,8 +124,11 @@ impl Watchdog {
                     }
                     fired = true;
                 }
-                // Looked at again until disarmed, whether or not it blocked on a socket now.
+                // Looked at again until disarmed, whether or not it blocked on a socket now —
+                // each entry at its own pace: a call overdue but not blocked on a socket (an
+                // exhausted pool's wait) is not looked at every HUNT_FIRED for another's sake.
                 let again = now + if fired && quick { HUNT_FIRED } else { HUNT };
+                schedule.entries[i].due = again;
                 next = Some(next.map_or(again, |n| n.min(again)));
             }
             let empty = schedule.entries.is_empty();
