@@ -14,7 +14,7 @@ use super::rows::{
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
-use crate::txn::{Deadline, Holding};
+use crate::txn::{Deadline, Holding, InsertIds};
 use crate::validate::validate_id;
 
 impl CouponIssuer {
@@ -33,7 +33,9 @@ impl CouponIssuer {
     /// coupon (only for campaigns where that is needed, see below), then — before the hot row —
     /// ONE multi-row INSERT of a coupon for every request the stock decides nothing about (the
     /// unique index refusing a holder), then the stock row `FOR UPDATE NOWAIT` (with the facts
-    /// the cached ones are checked against, and in the same read the first new id), one
+    /// the cached ones are checked against, and in the same read the first new id — where the
+    /// server does not number one INSERT's rows consecutively, `innodb_autoinc_lock_mode` 2, the
+    /// ids are read back before it), one
     /// UPDATE, COMMIT: the hot row is held for two statements whatever the batch size. Where the
     /// stock runs out inside the batch the attempt is rolled back and run again with the stock
     /// row locked first (then: the lock, one INSERT of the winners, their ids, the UPDATE). The
@@ -171,7 +173,12 @@ impl CouponIssuer {
                 };
                 let early = if insert_first {
                     let (_, everyone) = decide(user_ids, &holders, i32::MAX, self.marks_stick());
-                    let ids = if fits_one_insert(everyone.len()) {
+                    // Where one INSERT's rows are numbered consecutively, the lock reads the
+                    // first id; otherwise (innodb_autoinc_lock_mode 2: Galera, MySQL 8) the ids
+                    // are read back now, before the hot row, not under its lock.
+                    let ids = if fits_one_insert(everyone.len())
+                        && insert_ids == InsertIds::Consecutive
+                    {
                         write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at, holding)?;
                         None
                     } else {
