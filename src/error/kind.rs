@@ -63,6 +63,11 @@ pub enum ServerErrorKind {
     /// kind as its source; a COMMIT refused this way is answered
     /// [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown), conservatively.
     NodeNotReady,
+    /// The server runs `read_only` (1290: `--read-only`, MySQL also `--super-read-only`) — a
+    /// replica, a node being drained — and refuses the statement: writes, and on MariaDB 10.11
+    /// also locking reads, of users without `READ ONLY ADMIN`. Nothing was applied. Not retried:
+    /// the server stays read-only until someone changes it; send writes to the primary.
+    ReadOnly,
     /// Anything else.
     Other,
 }
@@ -191,6 +196,12 @@ const CLASSIFICATION: &[Classification] = &[
             "connection refused",
             "broken pipe",
         ],
+    },
+    Classification {
+        kind: ServerErrorKind::ReadOnly,
+        mariadb_code: 1290,
+        mysql_code: 1290,
+        fragments: &["--read-only option", "--super-read-only option"],
     },
     // MariaDB Galera only: MySQL 8 has no Galera (its 1047 is "Unknown command").
     Classification {

@@ -60,6 +60,11 @@ const TEXTS: &[(ServerErrorKind, &str, &str)] = &[
             "Lost connection to MySQL server during query",
         ),
         (
+            ServerErrorKind::ReadOnly,
+            "The MariaDB server is running with the --read-only option so it cannot execute this statement",
+            "The MySQL server is running with the --super-read-only option so it cannot execute this statement",
+        ),
+        (
             ServerErrorKind::ConnectionLost,
             "Connection was killed",
             "Lost connection to MySQL server at 'reading initial communication packet', system error: 0",
@@ -136,6 +141,7 @@ fn retryability() {
         ServerErrorKind::StatementTimeout,
         ServerErrorKind::ConnectionLost,
         ServerErrorKind::NodeNotReady,
+        ServerErrorKind::ReadOnly,
         ServerErrorKind::Other,
     ] {
         assert!(!kind.is_retryable(), "{kind:?}");

@@ -469,6 +469,38 @@ fn a_callers_completion_type_leaves_no_transaction_open_and_the_connection_alive
     }
 }
 
+/// On a server running `read_only` (a replica, a node being drained) a user without `READ ONLY
+/// ADMIN` gets a typed answer: MariaDB 10.11 refuses that user's locking reads there, so a
+/// deduct answers `Server` of kind `ReadOnly` (not retried, nothing applied), and a plain read
+/// answers. Before: kind `Other`.
+#[test]
+fn a_read_only_server_is_a_typed_refusal() {
+    let sandbox = Sandbox::start().expect("private server");
+    let (url, mut admin) = private_database(&sandbox, "review_read_only");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut admin, 1, dec(10), "c").expect("charge");
+    admin
+        .batch_execute(
+            "CREATE USER 'plain'@'localhost'; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON review_read_only.* TO 'plain'@'localhost'; \
+             SET GLOBAL read_only = 1",
+        )
+        .expect("a plain user on a read-only server");
+    let mut plain = connect(&url.replacen("root@", "plain@", 1));
+    let refused = ledger.deduct(&mut plain, 1, dec(5), "d");
+    let read = ledger.balance(&mut plain, 1);
+    admin
+        .batch_execute("SET GLOBAL read_only = 0")
+        .expect("writable again");
+    assert_eq!(
+        refused.as_ref().err().and_then(Error::server_kind),
+        Some(lockstock::ServerErrorKind::ReadOnly),
+        "{refused:?}"
+    );
+    assert_eq!(read.expect("a read").balance, dec(10));
+    assert_eq!(journal_size(&mut admin, 1), 1, "nothing applied");
+}
+
 /// A `SET TRANSACTION READ ONLY` the caller sent for its next transaction, or a read-only
 /// session, does not make lockstock's write fail: its transaction is READ WRITE, and the
 /// caller's session access mode is put back. Also on a pooled connection that carries
