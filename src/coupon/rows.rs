@@ -23,9 +23,9 @@ use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{
-    insert_row, read_in_lists, rows_per_insert, write_under_lock, InsertRows, SetStock,
+    insert_row, read_in_lists, rows_per_insert, write_under_lock, InsertRows, SetStock, WaitFree,
 };
-use crate::txn::{locking_read, note_clean_failure, Holding, InsertIds};
+use crate::txn::{bounded_waits, locking_read, note_clean_failure, Holding, InsertIds};
 use crate::util::{inserted_ids, last_insert_id, locked_row, IdStep};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
@@ -203,18 +203,26 @@ insert_row! {
 
 /// Which of `users` hold a coupon of the template, and its id — one user or a batch's, one
 /// statement (one per [`MAX_LIST_VALUES`](crate::statements::MAX_LIST_VALUES) users; no lock on
-/// the hot row).
+/// the hot row). Wait-free on MariaDB ([`WaitFree`]): under SERIALIZABLE the read locks one
+/// user's index range after another, so waiting for a later user's row (another transaction's
+/// uncommitted coupon) would hold the earlier users' gaps — a deadlock if that transaction then
+/// inserts one of them, broken by rolling someone back. Refused at once instead (the runner
+/// retries); a refusal comes mid-result, so it is not noted clean.
 pub(crate) fn holders(
     conn: &mut MysqlConnection,
     coupon_id: i64,
     users: &[i64],
 ) -> Result<HashMap<i64, i64>> {
     let held = read_in_lists(users, |some| {
-        user_coupon::table
+        let read = user_coupon::table
             .filter(user_coupon::coupon_id.eq(coupon_id))
             .filter(user_coupon::user_id.eq_any(some))
-            .select((user_coupon::user_id, user_coupon::id))
-            .load::<(i64, i64)>(conn)
+            .select((user_coupon::user_id, user_coupon::id));
+        if bounded_waits() {
+            WaitFree(read).load::<(i64, i64)>(conn)
+        } else {
+            read.load::<(i64, i64)>(conn)
+        }
     })?;
     Ok(held.into_iter().collect())
 }

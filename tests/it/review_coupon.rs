@@ -1143,6 +1143,55 @@ fn one_issuer_on_two_databases_refreshes_facts_the_other_database_lacks() {
     check_invariants(&mut b, "database b");
 }
 
+/// A batch that reads which of its users hold the coupon (a campaign where a batch met a
+/// holder) never waits in that read: it locks one user's index range after another, so a wait
+/// for a later user's row — another program's uncommitted coupon — would hold the earlier
+/// users' gaps, and that program inserting one of them would close a deadlock the server breaks
+/// by rolling someone back. The read is wait-free: refused at once, the batch is retried until
+/// its deadline (`Contended` after several attempts, each refused). Before the fix the read
+/// waited, one attempt, until the statement limit stopped it at the deadline.
+#[test]
+fn a_batchs_holders_read_never_waits() {
+    let (url, mut conn) = fresh_database("review_holders_wait_free");
+    let issuer = CouponIssuer::with_policy(policy_with_deadline(StdDuration::from_millis(300)));
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "holders", 10);
+    // User 5 holds the coupon; a batch meets it: from now on this campaign's batches read
+    // their users' holders first.
+    issuer.issue(&mut conn, 5, campaign.id).expect("user 5");
+    let met = issuer
+        .issue_many(&mut conn, campaign.id, &[5, 6])
+        .expect("a batch that meets a holder");
+    assert!(
+        matches!(met[0], Err(Error::AlreadyIssued { .. })),
+        "{met:?}"
+    );
+    // Another program inserted user 2's coupon and has not committed.
+    let mut other = lockstock_testkit::fixtures::other_program(&url);
+    diesel::insert_into(user_coupon::table)
+        .values((
+            user_coupon::user_id.eq(2),
+            user_coupon::coupon_id.eq(campaign.coupon_id),
+            user_coupon::fcfs_coupon_id.eq(campaign.id),
+            user_coupon::issued_at.eq(chrono::Utc::now().naive_utc()),
+        ))
+        .execute(&mut other)
+        .expect("the other program's row");
+    let batch = issuer.issue_many(&mut conn, campaign.id, &[1, 2]);
+    other.batch_execute("ROLLBACK").expect("rollback");
+    match &batch {
+        Err(Error::Contended { attempts, last, .. }) => {
+            assert!(*attempts > 1, "one attempt that waited: {batch:?}");
+            assert_eq!(
+                last.kind(),
+                lockstock::ServerErrorKind::LockWaitTimeout,
+                "{batch:?}"
+            );
+        }
+        other => panic!("expected Contended, got {other:?}"),
+    }
+    assert_eq!(stock_row(&mut conn, campaign.id).1, 8, "users 5 and 6 only");
+}
+
 /// A batch whose transaction fails as a whole (here `Contended`: another program holds the
 /// stock row) still answers an invalid user id `InvalidId`, as `issue` does before it sends
 /// anything; a combined issue answers an invalid id, and a campaign its issuer has seen sold
