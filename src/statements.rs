@@ -180,7 +180,7 @@ macro_rules! clear_saved {
 }
 
 statement! {
-    /// Restores the session variables lockstock's begin batch saved (MariaDB).
+    /// Restores the session variables lockstock's first SET saved (MariaDB).
     RestoreMariaDb => concat!(
         restore_mariadb!(),
         clear_saved!(),
@@ -189,7 +189,7 @@ statement! {
 }
 
 statement! {
-    /// Restores the session variables lockstock's begin batch saved for a guarded write on a
+    /// Restores the session variables lockstock's first SET saved for a guarded write on a
     /// MariaDB Galera node (with `autocommit`).
     RestoreGalera => concat!(
         restore_mariadb!(),
@@ -210,7 +210,7 @@ statement! {
 }
 
 statement! {
-    /// Restores the session variables lockstock's begin batch saved (MySQL 8).
+    /// Restores the session variables lockstock's first SET saved (MySQL 8).
     RestoreMySql => concat!(
         "SET SESSION innodb_lock_wait_timeout = \
          COALESCE(@lockstock_lock_wait, @@session.innodb_lock_wait_timeout), \

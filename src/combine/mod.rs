@@ -319,7 +319,9 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// # Errors
     /// [`Error::Timeout`] when `deadline` passes before the request is taken into a batch; a
     /// copy of the whole-batch error when `run_batch` fails; [`Error::Internal`] when it answers
-    /// the wrong number of requests (or panics: then the panic goes on in the leader).
+    /// the wrong number of requests (or panics: then the panic goes on in the leader) —
+    /// [`Error::OutcomeUnknown`] instead where a COMMIT of the batch was sent through
+    /// lockstock's runner.
     pub fn submit(
         &self,
         key: K,

@@ -295,7 +295,9 @@ impl CouponIssuer {
                 order_ref: None,
             })
         };
-        let missing = || Error::internal("a request the batch issued has no id");
+        // Past the batch's commit: never "nothing committed" (`Internal`) for a request.
+        let missing =
+            || Error::outcome_unknown(&Error::internal("a request the batch issued has no id"));
         Ok(user_ids
             .iter()
             .zip(decisions)

@@ -45,8 +45,9 @@ fn campaign_row(campaign_id: i64) -> CampaignRow {
 /// with this statement; issues that wrote their coupons first with
 /// [`lock_campaign_after_insert`]. In a combiner's batch a refusal is sent again while it
 /// can be the key's previous batch committing, and polled for a few milliseconds otherwise
-/// ([`locking_read`]: every transaction that locks it holds rows already — its coupons, or the
-/// coupon it redeems or restores — so it never waits).
+/// ([`locking_read`] with [`Holding::Locks`]: an issue that locks it holds its coupons or the
+/// holders' gaps already, so it never waits — a restock, which holds nothing yet, is polled
+/// the same way).
 pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
     Ok(locking_read(conn, Holding::Locks, |conn, lock| {
         lock.read(campaign_row(id).for_update())

@@ -248,7 +248,14 @@ impl BalanceLedger {
         }
         Ok(results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::internal("batch request left unanswered"))))
+            // Past the batch's commit: never "nothing committed" (`Internal`) for a request.
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::outcome_unknown(&Error::internal(
+                        "batch request left unanswered",
+                    )))
+                })
+            })
             .collect())
     }
 

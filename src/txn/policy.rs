@@ -128,7 +128,9 @@ pub struct TxnPolicy {
     /// (see [the runner](super#statements-that-wait-and-the-deadline)).
     pub lock_wait_timeout: Duration,
     /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL);
-    /// on MariaDB at most the time the call has left when the statement's transaction begins.
+    /// on MariaDB at most the time the call has left when the statement's transaction begins
+    /// — on a connection that carries the settings only once that is less than the lock wait
+    /// (see [the runner](super#statements-that-wait-and-the-deadline)).
     pub statement_timeout: Duration,
     /// How long past a call's deadline lockstock waits for a server that does not answer at
     /// all before it shuts the connection down and answers
@@ -139,7 +141,9 @@ pub struct TxnPolicy {
     /// [`Error::NotDesignatedWriter`](crate::Error::NotDesignatedWriter) when the
     /// `designated_writer` row (kept by [`Router`](crate::route::Router)) names another node
     /// (default on; an empty row — no router ever designated a writer — allows every node).
-    /// Checked inside the first SET of the transaction: no extra round trip.
+    /// Checked by a SET of its own right after the first (a SET that reads a table and turns
+    /// `autocommit` off in one statement misbehaves on MariaDB 10.11): one round trip more per
+    /// guarded write.
     pub designated_writer_only: bool,
     /// What the runner knows of the connections' prepared-statement cache (default
     /// [`StatementCache::Ask`]: it asks the server when it matters). lockstock's own calls note

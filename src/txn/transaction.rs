@@ -397,7 +397,7 @@ fn after_late_abort<T>(
     }
 }
 
-/// Puts back the session variables the begin batch saved.
+/// Puts back the session variables the first SET saved.
 fn restore_session(
     conn: &mut MysqlConnection,
     restore: Restore,
