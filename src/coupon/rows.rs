@@ -207,23 +207,27 @@ insert_row! {
 /// the hot row). Wait-free on MariaDB ([`WaitFree`]): under SERIALIZABLE the read locks one
 /// user's index range after another, so waiting for a later user's row (another transaction's
 /// uncommitted coupon) would hold the earlier users' gaps — a deadlock if that transaction then
-/// inserts one of them, broken by rolling someone back. Refused at once instead (the runner
-/// retries); a refusal comes mid-result, so it is not noted clean.
+/// inserts one of them, broken by rolling someone back. Refused at once instead — and, in a
+/// combined batch, sent again a few times within its wait budget ([`locking_read`] as for a
+/// transaction that holds rows: only the statement was refused) before the refusal goes to
+/// the runner. The statement (an `IN` list) is never cached, so a refusal leaves no stale one.
 pub(crate) fn holders(
     conn: &mut MysqlConnection,
     coupon_id: i64,
     users: &[i64],
 ) -> Result<HashMap<i64, i64>> {
     let held = read_in_lists(users, |some| {
-        let read = user_coupon::table
-            .filter(user_coupon::coupon_id.eq(coupon_id))
-            .filter(user_coupon::user_id.eq_any(some))
-            .select((user_coupon::user_id, user_coupon::id));
-        if bounded_waits() {
-            WaitFree(read).load::<(i64, i64)>(conn)
-        } else {
-            read.load::<(i64, i64)>(conn)
-        }
+        locking_read(conn, Holding::Locks, |conn, _| {
+            let read = user_coupon::table
+                .filter(user_coupon::coupon_id.eq(coupon_id))
+                .filter(user_coupon::user_id.eq_any(some))
+                .select((user_coupon::user_id, user_coupon::id));
+            if bounded_waits() {
+                WaitFree(read).load::<(i64, i64)>(conn)
+            } else {
+                read.load::<(i64, i64)>(conn)
+            }
+        })
     })?;
     Ok(held.into_iter().collect())
 }
