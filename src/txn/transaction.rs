@@ -458,7 +458,9 @@ pub(crate) fn mark_broken(conn: &mut MysqlConnection) {
 /// read-only snapshot, which cannot have written anything.
 fn commit_failure(error: diesel::result::Error, read_only: bool) -> Error {
     let error = ServerError::new(error);
-    if read_only || error.kind().is_definite_abort() {
+    // A server switched to `read_only` refuses the COMMIT of a writing transaction before
+    // applying anything (1290), as a definite abort does (but it is not retried).
+    if read_only || error.kind().is_definite_abort() || error.kind() == ServerErrorKind::ReadOnly {
         Error::Server(error)
     } else {
         Error::OutcomeUnknown { source: error }

@@ -469,24 +469,37 @@ fn a_callers_completion_type_leaves_no_transaction_open_and_the_connection_alive
     }
 }
 
+/// A private server with database `name`, account 1 funded with 10, a user `plain` with only
+/// SELECT, INSERT, UPDATE and DELETE on the database, and `then` run as root: the server, the
+/// URL, root's connection, plain's.
+fn account_and_a_plain_user(
+    name: &str,
+    then: &str,
+) -> (Sandbox, String, MysqlConnection, MysqlConnection) {
+    let sandbox = Sandbox::start().expect("private server");
+    let (url, mut admin) = private_database(&sandbox, name);
+    BalanceLedger::new()
+        .charge(&mut admin, 1, dec(10), "c")
+        .expect("charge");
+    admin
+        .batch_execute(&format!(
+            "CREATE USER 'plain'@'localhost'; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {name}.* TO 'plain'@'localhost'; {then}"
+        ))
+        .expect("a plain user");
+    let plain = connect(&url.replacen("root@", "plain@", 1));
+    (sandbox, url, admin, plain)
+}
+
 /// On a server running `read_only` (a replica, a node being drained) a user without `READ ONLY
 /// ADMIN` gets a typed answer: MariaDB 10.11 refuses that user's locking reads there, so a
 /// deduct answers `Server` of kind `ReadOnly` (not retried, nothing applied), and a plain read
 /// answers. Before: kind `Other`.
 #[test]
 fn a_read_only_server_is_a_typed_refusal() {
-    let sandbox = Sandbox::start().expect("private server");
-    let (url, mut admin) = private_database(&sandbox, "review_read_only");
+    let (_sandbox, _url, mut admin, mut plain) =
+        account_and_a_plain_user("review_read_only", "SET GLOBAL read_only = 1");
     let ledger = BalanceLedger::new();
-    ledger.charge(&mut admin, 1, dec(10), "c").expect("charge");
-    admin
-        .batch_execute(
-            "CREATE USER 'plain'@'localhost'; \
-             GRANT SELECT, INSERT, UPDATE, DELETE ON review_read_only.* TO 'plain'@'localhost'; \
-             SET GLOBAL read_only = 1",
-        )
-        .expect("a plain user on a read-only server");
-    let mut plain = connect(&url.replacen("root@", "plain@", 1));
     let refused = ledger.deduct(&mut plain, 1, dec(5), "d");
     let read = ledger.balance(&mut plain, 1);
     admin
@@ -498,6 +511,40 @@ fn a_read_only_server_is_a_typed_refusal() {
         "{refused:?}"
     );
     assert_eq!(read.expect("a read").balance, dec(10));
+    assert_eq!(journal_size(&mut admin, 1), 1, "nothing applied");
+}
+
+/// A server switched to `read_only` while a write runs refuses its COMMIT before applying
+/// anything: the answer is `Server` of kind `ReadOnly` (certain: nothing applied), not
+/// `OutcomeUnknown`. The switch lands while the balance UPDATE sleeps in a trigger.
+#[test]
+fn a_commit_refused_by_a_server_turned_read_only_is_certain() {
+    // The switch must land inside the sleeping UPDATE: not beside the tests that load the machine.
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let (_sandbox, url, mut admin, mut plain) = account_and_a_plain_user(
+        "review_read_only_commit",
+        "CREATE TRIGGER slow_balance BEFORE UPDATE ON user_balance \
+         FOR EACH ROW BEGIN DO SLEEP(0.6); END",
+    );
+    let ledger = BalanceLedger::new();
+    let switch = {
+        let mut admin = connect(&url);
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(250));
+            admin
+                .batch_execute("SET GLOBAL read_only = 1")
+                .expect("read-only now");
+        })
+    };
+    let answer = ledger.deduct(&mut plain, 1, dec(1), "d");
+    switch.join().expect("switch");
+    admin
+        .batch_execute("SET GLOBAL read_only = 0; DROP TRIGGER slow_balance")
+        .expect("writable again");
+    assert!(
+        matches!(&answer, Err(Error::Server(e)) if e.kind() == lockstock::ServerErrorKind::ReadOnly),
+        "{answer:?}"
+    );
     assert_eq!(journal_size(&mut admin, 1), 1, "nothing applied");
 }
 
