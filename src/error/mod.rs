@@ -286,12 +286,14 @@ pub enum Error {
         /// The amount asked for.
         requested: Decimal,
     },
-    /// The balance would exceed what DECIMAL(19,4) can hold.
+    /// The balance — or, for a hold, the amount the account holds — would exceed what
+    /// DECIMAL(19,4) can hold.
     #[error("balance of user {user_id} would exceed DECIMAL(19,4): {balance} + {requested}")]
     BalanceLimitExceeded {
         /// The account.
         user_id: i64,
-        /// Its balance.
+        /// Its balance; for a hold, the amount it holds already (its `held`, which counts
+        /// expired holds not yet swept).
         balance: Decimal,
         /// The amount asked for.
         requested: Decimal,
