@@ -171,15 +171,7 @@ pub(crate) const FACT_REFRESHES: u32 = 3;
 /// have — the cached facts came from another database (one issuer on two). (A missing campaign
 /// is found by the stock lock: no row.)
 pub(crate) fn names_missing_row(error: &Error) -> bool {
-    matches!(
-        error
-            .server_error()
-            .map(crate::error::ServerError::diesel_error),
-        Some(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::ForeignKeyViolation,
-            _
-        ))
-    )
+    error.server_kind() == Some(crate::error::ServerErrorKind::ForeignKeyViolation)
 }
 
 pub(crate) fn stale_facts(campaign_id: i64) -> Error {

@@ -44,6 +44,9 @@ pub enum ServerErrorKind {
     DuplicateKey,
     /// A CHECK constraint rejected a write (MariaDB 4025, MySQL 3819).
     CheckViolation,
+    /// A FOREIGN KEY constraint rejected a write (1452: the row it refers to is missing; 1451: a
+    /// row refers to the one deleted).
+    ForeignKeyViolation,
     /// The statement time limit interrupted a statement (MariaDB 1969, MySQL 3024).
     StatementTimeout,
     /// The connection to the server was lost or killed (2006, 2013, 1927, 1053, 4031).
@@ -167,6 +170,12 @@ const CLASSIFICATION: &[Classification] = &[
         fragments: &["` failed for `", "check constraint '"],
     },
     Classification {
+        kind: ServerErrorKind::ForeignKeyViolation,
+        mariadb_code: 1452,
+        mysql_code: 1452,
+        fragments: &["a foreign key constraint fails"],
+    },
+    Classification {
         kind: ServerErrorKind::StatementTimeout,
         mariadb_code: 1969,
         mysql_code: 3024,
@@ -219,6 +228,7 @@ pub(crate) fn classify(error: &DieselError) -> ServerErrorKind {
             DatabaseErrorKind::UniqueViolation => ServerErrorKind::DuplicateKey,
             DatabaseErrorKind::SerializationFailure => ServerErrorKind::Deadlock,
             DatabaseErrorKind::CheckViolation => ServerErrorKind::CheckViolation,
+            DatabaseErrorKind::ForeignKeyViolation => ServerErrorKind::ForeignKeyViolation,
             DatabaseErrorKind::ClosedConnection => ServerErrorKind::ConnectionLost,
             _ => classify_message(info.message()),
         },

@@ -60,6 +60,11 @@ const TEXTS: &[(ServerErrorKind, &str, &str)] = &[
             "Lost connection to MySQL server during query",
         ),
         (
+            ServerErrorKind::ForeignKeyViolation,
+            "Cannot add or update a child row: a foreign key constraint fails (`db`.`user_coupon`, CONSTRAINT `user_coupon_coupon` FOREIGN KEY (`coupon_id`) REFERENCES `coupon` (`id`))",
+            "Cannot add or update a child row: a foreign key constraint fails (`db`.`user_coupon`, CONSTRAINT `user_coupon_coupon` FOREIGN KEY (`coupon_id`) REFERENCES `coupon` (`id`))",
+        ),
+        (
             ServerErrorKind::ReadOnly,
             "The MariaDB server is running with the --read-only option so it cannot execute this statement",
             "The MySQL server is running with the --super-read-only option so it cannot execute this statement",
@@ -138,6 +143,7 @@ fn retryability() {
     for kind in [
         ServerErrorKind::DuplicateKey,
         ServerErrorKind::CheckViolation,
+        ServerErrorKind::ForeignKeyViolation,
         ServerErrorKind::StatementTimeout,
         ServerErrorKind::ConnectionLost,
         ServerErrorKind::NodeNotReady,
