@@ -91,6 +91,8 @@ const RATIO_CLIENTS: usize = 64;
 struct Options {
     full: bool,
     galera: bool,
+    /// Only the runs across processes (and their final line).
+    processes_only: bool,
     clients: Vec<usize>,
     cell_time: Duration,
     single_rounds: usize,
@@ -101,19 +103,22 @@ impl Options {
     fn parse() -> Result<Self, BoxError> {
         let mut full = false;
         let mut galera = false;
+        let mut processes_only = false;
         for arg in std::env::args().skip(1) {
             match arg.as_str() {
                 "--full" => full = true,
                 "--quick" => full = false,
                 "--galera" => galera = true,
+                "--processes" => processes_only = true,
                 "-h" | "--help" => {
                     println!(
-                        "usage: contention_report [--quick | --full | --galera]\n  \
+                        "usage: contention_report [--quick | --full | --galera | --processes]\n  \
                          --quick   1, 16, 64, 256 clients, 1.5 s per cell (default)\n  \
                          --full    1, 16, 64, 256 clients, 5 s per cell, more latency samples\n  \
                          --galera  a throwaway 3-node Galera cluster: per-request vs combining \
                          at 1, 16, 64 clients, one writer vs spread, and the mixed workload \
-                         (about 3 minutes)"
+                         (about 3 minutes)\n  \
+                         --processes  only the runs across processes (1, 2, 4 processes)"
                     );
                     std::process::exit(0);
                 }
@@ -124,6 +129,7 @@ impl Options {
             Self {
                 full,
                 galera,
+                processes_only,
                 clients: vec![1, 16, 64, 256],
                 cell_time: Duration::from_secs(5),
                 single_rounds: 10,
@@ -133,6 +139,7 @@ impl Options {
             Self {
                 full,
                 galera,
+                processes_only,
                 clients: vec![1, 16, 64, 256],
                 cell_time: Duration::from_millis(1500),
                 single_rounds: 4,
@@ -164,6 +171,16 @@ fn run() -> Result<bool, BoxError> {
     }
     let started = Instant::now();
     let mut harness = Harness::new("lockstock_contention_report")?;
+    if options.processes_only {
+        let runs = processes::measure(&mut harness, options.cell_time)?;
+        print_processes(&runs);
+        println!(
+            "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
+            process_ratio(&runs, Domain::Coupon),
+            process_ratio(&runs, Domain::Ledger)
+        );
+        return Ok(runs.iter().all(|run| run.violations.is_empty()));
+    }
     let version = harness.server_version()?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let machine = format!("{cores} cores, server {version}");
