@@ -240,15 +240,22 @@ fn nowait_race_exactly_one_holds_the_lock() {
     let _exclusive = lockstock_testkit::fixtures::exclusive();
     let (url, _conn) = fresh_database("foundation_nowait_race");
     seed_account(&url, 1);
+    // Racers that have answered: a winner holds the row until the other one has (or 10 s).
+    let answered = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<_> = concurrently(2, &url, |_, conn| {
         let runner = TxnRunner::new(TxnPolicy::default().with_retry(RetryPolicy::no_retry()));
         let started = Instant::now();
         let result = runner.run(conn, |conn| {
             lock_nowait(conn, 1)?;
-            // Hold the lock long enough that the other racer certainly asks meanwhile.
-            thread::sleep(Duration::from_millis(400));
+            let holding = Instant::now();
+            while answered.load(std::sync::atomic::Ordering::SeqCst) == 0
+                && holding.elapsed() < Duration::from_secs(10)
+            {
+                thread::sleep(Duration::from_millis(5));
+            }
             Ok(())
         });
+        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         (result, started.elapsed())
     });
     let winners = results.iter().filter(|(r, _)| r.is_ok()).count();

@@ -787,9 +787,9 @@ fn concurrent_sweepers_expire_each_hold_once() {
     for user in 1..=ACCOUNTS {
         funded_account(&mut conn, &ledger, user, dec(1000));
     }
-    // One batch of holds per account (a transaction each), all due in 800 ms: few commits
+    // One batch of holds per account (a transaction each), all due in 1.5 s: few commits
     // between reading the clock and the last hold, so a loaded machine still places them all.
-    let expires_at = now() + Duration::milliseconds(800);
+    let expires_at = now() + Duration::milliseconds(1500);
     let holds: Vec<AccountOp> = (0..HOLDS)
         .map(|i| AccountOp::hold(dec(5), format!("h{i}"), expires_at))
         .collect();
@@ -1096,7 +1096,8 @@ fn a_refused_holds_read_is_retried_without_hanging() {
 }
 
 /// `user`'s account funded with 100 and a hold of 10 under key `h` placed to expire in
-/// `millis`; returns once its expiry has passed, with the hold's entry and expiry.
+/// `millis` (longer if it could not be placed in time); returns once its expiry has passed,
+/// with the hold's entry and expiry.
 fn an_expired_hold(
     conn: &mut MysqlConnection,
     ledger: &BalanceLedger,
@@ -1104,10 +1105,16 @@ fn an_expired_hold(
     millis: i64,
 ) -> (Entry, chrono::NaiveDateTime) {
     funded_account(conn, ledger, user, dec(100));
-    let expires_at = now() + Duration::milliseconds(millis);
-    let hold = ledger
-        .hold(conn, user, dec(10), "h", expires_at)
-        .expect("hold");
+    // Setup, not what is tested: a placement that a loaded machine made late (refused, nothing
+    // written) is made again with a longer lead.
+    let mut lead = millis;
+    let (hold, expires_at) = loop {
+        let expires_at = now() + Duration::milliseconds(lead);
+        match ledger.hold(conn, user, dec(10), "h", expires_at) {
+            Err(Error::InvalidExpiry { .. }) if lead < 60_000 => lead *= 2,
+            placed => break (placed.expect("hold"), expires_at),
+        }
+    };
     while now() <= expires_at {
         thread::sleep(StdDuration::from_millis(20));
     }
@@ -1387,7 +1394,7 @@ fn a_sweep_that_fails_after_committing_answers_what_it_committed() {
     for user in 1..=3 {
         funded_account(&mut conn, &ledger, user, dec(100));
     }
-    let expires_at = now() + Duration::milliseconds(600);
+    let expires_at = now() + Duration::milliseconds(1500);
     let mut holds = Vec::new();
     for user in 1..=3 {
         holds.push(

@@ -368,9 +368,9 @@ fn finding_4_committed_batch_never_answers_nothing_applied() {
 /// them. Before the fix both got a copy of the lookup's `Err(Server)`, with
 /// `is_outcome_unknown() == false`, although one had committed.
 ///
-/// The two callers queue while the lane's first batch waits for an account row the test holds;
-/// the short pauses only let the threads enqueue, and the combiner's counts afterwards prove
-/// that the two were one batch.
+/// The two callers queue while the lane's first batch (seen at the account row in the server)
+/// waits for an account row the test holds; the short pause only lets the threads enqueue, and
+/// the combiner's counts afterwards prove that the two were one batch.
 #[test]
 fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
     let (url, mut admin) = fresh_database("review_f4c");
@@ -394,7 +394,21 @@ fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
         let hot = hot.clone();
         thread::spawn(move || hot.charge(1, dec(1), "a"))
     };
-    thread::sleep(Duration::from_millis(300));
+    // The first batch is running once its connection is seen at the account row.
+    let mut observer = connect(&url);
+    wait_until(
+        &mut observer,
+        "the first batch at the account",
+        |observer| {
+            diesel::sql_query(
+                "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+             WHERE USER = 'lockstock_blind' AND DB = 'review_f4c' AND INFO LIKE '%user_balance%'",
+            )
+            .get_result::<Count>(observer)
+            .expect("processlist")
+            .n > 0
+        },
+    );
     let x = {
         let hot = hot.clone();
         thread::spawn(move || hot.charge(1, dec(10), "x"))

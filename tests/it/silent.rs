@@ -441,8 +441,9 @@ fn silent_server_checkout_over_many_idle_connections_is_cut_promptly() {
 /// 1.5 s past its deadline.
 ///
 /// Caller Z's deduct runs while another program holds the account (Z's batch keeps being
-/// refused, holding the key's turn); caller A, 100 ms later, leads the next batch: it checks
-/// out a connection and opens its transaction, then waits for the turn. The server is paused:
+/// refused, holding the key's turn); caller A, once Z's batch is seen at the account in the
+/// server, leads the next batch: it checks out a connection and opens its transaction, then
+/// waits for the turn. The server is paused:
 /// Z's batch hangs until Z's deadline + grace, after A's deadline.
 #[test]
 fn silent_server_next_leader_answers_by_its_deadline() {
@@ -461,10 +462,37 @@ fn silent_server_next_leader_answers_by_its_deadline() {
         (worker, rx)
     };
     let (z, z_answer) = call("z");
-    thread::sleep(Duration::from_millis(100));
+    // Z's batch runs (holding the key's turn) once a statement of it is seen at the account.
+    let foreign_id = connection_id(&mut foreign);
+    let mut observer = connect(&url);
+    let watching = Instant::now();
+    loop {
+        #[derive(QueryableByName)]
+        struct Seen {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let seen = diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+             WHERE ID <> ? AND INFO LIKE '%user_balance%'",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(foreign_id)
+        .get_result::<Seen>(&mut observer)
+        .expect("processlist")
+        .n;
+        assert!(
+            watching.elapsed() < DEADLINE,
+            "Z's batch was never seen at the account"
+        );
+        if seen > 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    drop(observer);
     let (a, a_answer) = call("a");
     // A has checked out and primed its connection (a few ms on a running server).
-    thread::sleep(Duration::from_millis(200));
+    thread::sleep(Duration::from_millis(300));
     sandbox.pause().expect("pause");
     let (answer, took) = answer_or_resume(&mut sandbox, "the next leader", &a_answer);
     let (z_is, z_took) = answer_or_resume(&mut sandbox, "the running batch", &z_answer);
