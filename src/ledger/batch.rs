@@ -10,7 +10,7 @@ use diesel::mysql::MysqlConnection;
 use rust_decimal::Decimal;
 
 use super::holds::{ending, validate_ending};
-use super::idempotency::Step;
+use super::idempotency::{unknown_after_refusal, Step};
 use super::request::Request;
 use super::rows::{
     end_hold, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create, store_balance,
@@ -86,8 +86,8 @@ impl BalanceLedger {
     /// looked up, else [`Error::InvalidExpiry`]), every other one with a copy of the failure.
     /// Once the batch has committed the call answers per request: the committed ones with
     /// their entries, the others with the single call's error; a refused one whose key could
-    /// not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`] — but a hold
-    /// refused for its expiry with the lookup's failure, as its single call answers it.
+    /// not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`], as its single
+    /// call answers it.
     pub fn apply_many(
         &self,
         conn: &mut MysqlConnection,
@@ -232,15 +232,10 @@ impl BalanceLedger {
                     }
                 }
                 Err(failure) => {
-                    // Its key may have been recorded by an earlier call. A hold refused for its
-                    // expiry answers the lookup's failure, as its single call does
-                    // (`expired_hold`): an input refusal would say it never applied.
-                    for (index, refusal) in refused {
-                        results[index] = Some(Err(if refusal.is_expiry_refusal() {
-                            failure.clone()
-                        } else {
-                            Error::outcome_unknown(&failure)
-                        }));
+                    // Its key may have been recorded by an earlier call: as its single call
+                    // answers it (`unknown_after_refusal`).
+                    for (index, _) in refused {
+                        results[index] = Some(Err(unknown_after_refusal(failure.clone())));
                     }
                 }
             }

@@ -16,7 +16,9 @@
 //! UNIQUE(user_id, idempotency_key) index rejects a reused key, and only then — or when the
 //! request is refused — is the key looked up, in a lock-free snapshot. A key that exists always
 //! wins: the same request gets its original entry back, a different one [`Error::IdempotencyConflict`](crate::Error::IdempotencyConflict),
-//! whatever the balance is now (TigerBeetle's `exists` semantics).
+//! whatever the balance is now (TigerBeetle's `exists` semantics). A refused request whose key
+//! cannot be looked up (the server gone, the journal locked past the deadline) answers
+//! [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown): an earlier call may have applied it.
 //!
 //! Every call has ONE [`Deadline`](crate::Deadline), fixed when it starts (the policy's
 //! [`RetryPolicy::deadline`](crate::RetryPolicy::deadline)) and shared by all it does: the

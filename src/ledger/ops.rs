@@ -138,8 +138,9 @@ impl BalanceLedger {
     /// conflict); a key not recorded, the refusal. Inside a transaction the caller opened,
     /// where lockstock sends nothing, the refusal too, as every bad input is refused there.
     /// Where the key cannot be looked up otherwise (a server gone, a lock wait past the
-    /// deadline) that failure is the answer: the refusal would tell a retry that its hold was
-    /// never placed, which the call could not find out.
+    /// deadline) the answer is [`Error::OutcomeUnknown`] with that failure: the refusal would
+    /// tell a retry that its hold was never placed, and the failure itself that nothing was
+    /// applied, neither of which the call could find out.
     pub(crate) fn expired_hold(
         &self,
         conn: &mut MysqlConnection,
@@ -150,7 +151,7 @@ impl BalanceLedger {
         match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
             Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
             Err(Error::NestedTransaction) => Err(refusal),
-            Err(failure) => Err(failure),
+            Err(failure) => Err(super::idempotency::unknown_after_refusal(failure)),
         }
     }
 

@@ -793,3 +793,34 @@ fn a_failed_batch_answers_an_expired_hold_as_its_single_call_does() {
     assert_eq!(journal_size(&mut conn, 7), 1, "only the funding charge");
     audit_ok(&ledger, &mut conn, 7);
 }
+
+/// A retry of a deduct that was applied (say after `OutcomeUnknown`) is refused for the balance
+/// its first attempt spent; its key is then looked up. Where it cannot be (here another
+/// program holds the journal with `LOCK TABLES ... WRITE` past the call's deadline) the answer
+/// is `OutcomeUnknown` — the request may be applied, and here it is — never the lookup's own
+/// failure (`Contended`, `Timeout`), which says that nothing was applied. Single call and
+/// batch alike; before, the single call answered the lookup's failure and the batch
+/// `OutcomeUnknown`.
+#[test]
+fn a_refused_retry_whose_key_cannot_be_looked_up_may_be_applied() {
+    let (url, mut conn) = fresh_database("review_refused_lookup");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
+    let first = ledger
+        .deduct(&mut conn, 1, dec(8), "d")
+        .expect("the first deduct, applied");
+    crate::holds::unknown_while_the_journal_is_locked(
+        &url,
+        &mut conn,
+        1,
+        &AccountOp::deduct(dec(8), "d"),
+        |ledger, conn| ledger.deduct(conn, 1, dec(8), "d"),
+    );
+    // Once it can be looked up, the retry answers the recorded entry.
+    let retried = ledger
+        .deduct(&mut conn, 1, dec(8), "d")
+        .expect("the retry, answered from the journal");
+    assert_eq!(retried.id, first.id);
+    assert_eq!(journal_size(&mut conn, 1), 2);
+    audit_ok(&ledger, &mut conn, 1);
+}
