@@ -79,11 +79,14 @@ impl BalanceLedger {
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
     /// [`Error::Server`]): then no request in the batch was applied (or, for
     /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). It is given only for a batch
-    /// of valid requests: where some request is refused before anything is sent (an invalid
-    /// id, amount, key or expiry — what its single call answers without a round trip), or is a
-    /// hold whose expiry has passed, such a failure is answered per request instead: those
-    /// requests with their refusals (the expired hold as its single call answers it: its key
-    /// looked up, else [`Error::InvalidExpiry`]), every other one with a copy of the failure.
+    /// of valid requests that all needed the account's row: where some request is refused
+    /// before anything is sent (an invalid id, amount, key or expiry — what its single call
+    /// answers without a round trip), is a hold whose expiry has passed, or was answered
+    /// without the row before the failure (a capture or release of a hold that is not this
+    /// account's: [`Error::HoldNotFound`], read lock-free as its single call reads it; a key
+    /// found in the journal), such a failure is answered per request instead: those requests
+    /// with their answers (the expired hold as its single call answers it: its key looked up,
+    /// else [`Error::InvalidExpiry`]), every other one with a copy of the failure.
     /// Once the batch has committed the call answers per request: the committed ones with
     /// their entries, the others with the single call's error; a refused one whose key could
     /// not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`], as its single
@@ -109,38 +112,60 @@ impl BalanceLedger {
         // (an expiry is checked against the clock now, as the single call checks it).
         let before: Vec<BeforeSending<'_>> =
             ops.iter().map(|op| op.before_sending(user_id)).collect();
-        let failure = match self.decide_many_by(conn, user_id, ops, deadline) {
+        let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
+        let failure = match self.decide_many_by(conn, user_id, ops, deadline, &mut results) {
+            Ok(()) => {
+                return Ok(results
+                    .into_iter()
+                    // Past the batch's commit: never "nothing committed" (`Internal`).
+                    .map(|r| {
+                        r.unwrap_or_else(|| {
+                            Err(Error::outcome_unknown(&Error::internal(
+                                "batch request left unanswered",
+                            )))
+                        })
+                    })
+                    .collect());
+            }
             Err(failure) => failure,
-            decided => return decided,
         };
-        if before.iter().all(|b| matches!(b, BeforeSending::Send)) {
+        if before.iter().all(|b| matches!(b, BeforeSending::Send))
+            && results.iter().all(Option::is_none)
+        {
             return Err(failure);
         }
-        // As the single calls: each refused one answers its refusal, and a hold whose expiry
-        // passed what its single call answers (its key looked up), whatever the rest met.
+        // As the single calls: each refused one answers its refusal, a hold whose expiry passed
+        // what its single call answers (its key looked up), and one answered without the
+        // account's row before the failure (a hold that is not the account's, a key found in
+        // the journal) that answer, whatever the rest met.
+        results.resize_with(before.len(), || None);
         Ok(before
             .into_iter()
-            .map(|before| match before {
-                BeforeSending::Refused(refusal) => Err(refusal),
-                BeforeSending::Expired(request, refusal) => {
+            .zip(results)
+            .map(|(before, settled)| match (settled, before) {
+                (_, BeforeSending::Refused(refusal)) => Err(refusal),
+                (_, BeforeSending::Expired(request, refusal)) => {
                     self.expired_hold(conn, &request, refusal, deadline)
                 }
-                BeforeSending::Send => Err(failure.clone()),
+                (Some(settled), BeforeSending::Send) => settled,
+                (None, BeforeSending::Send) => Err(failure.clone()),
             })
             .collect())
     }
 
-    /// [`apply_many_by`](Self::apply_many_by), with a failure before the commit as the outer
-    /// `Err`.
+    /// [`apply_many_by`](Self::apply_many_by): the answers in `results` (one per request once
+    /// the batch's holds are read: `None` where a request is not answered yet), and a failure
+    /// before the commit as the `Err` (`results` then keeps what was answered without the
+    /// account's row).
     fn decide_many_by(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,
         ops: &[AccountOp],
         deadline: Deadline,
-    ) -> Result<Vec<Result<Entry>>> {
+        results: &mut Vec<Option<Result<Entry>>>,
+    ) -> Result<()> {
         let holds = self.ended_holds(conn, ops, deadline)?;
-        let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
         let mut requests: Vec<Request<'_>> = Vec::with_capacity(ops.len());
         let holds: HashMap<i64, &Hold> = holds.iter().map(|hold| (hold.id, hold)).collect();
         for op in ops {
@@ -170,8 +195,9 @@ impl BalanceLedger {
         let mut lookup_first = false;
         for round in 0.. {
             if lookup_first {
-                // Nothing has been committed yet: a failure here fails the whole call.
-                let open = unanswered(&results);
+                // Nothing has been committed yet: a failure here fails the call (the answers
+                // found so far stay).
+                let open = unanswered(results);
                 let rows =
                     self.journal_rows_by(conn, deadline, user_id, &keys(&requests, &open))?;
                 for index in open {
@@ -181,7 +207,7 @@ impl BalanceLedger {
                     }
                 }
             }
-            let pending = unanswered(&results);
+            let pending = unanswered(results);
             if pending.is_empty() {
                 break;
             }
@@ -241,17 +267,7 @@ impl BalanceLedger {
             }
             break;
         }
-        Ok(results
-            .into_iter()
-            // Past the batch's commit: never "nothing committed" (`Internal`) for a request.
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(Error::outcome_unknown(&Error::internal(
-                        "batch request left unanswered",
-                    )))
-                })
-            })
-            .collect())
+        Ok(())
     }
 
     /// One round of a batch: the batch transaction (run again to create the account when it is

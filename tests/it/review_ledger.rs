@@ -824,3 +824,50 @@ fn a_refused_retry_whose_key_cannot_be_looked_up_may_be_applied() {
     assert_eq!(journal_size(&mut conn, 1), 2);
     audit_ok(&ledger, &mut conn, 1);
 }
+
+/// A batch that fails as a whole (here: its account held by another program past its
+/// deadline) still answers each request that its single call answers without the account's
+/// row: a capture of a hold that does not exist, or of another account's hold, is
+/// `HoldNotFound` (read lock-free before the batch), as the single capture answers it — only
+/// the requests that needed the row share the failure. Before, the whole batch answered the
+/// failure (`Contended`).
+#[test]
+fn a_failed_batch_answers_a_missing_hold_as_its_single_call_does() {
+    let (url, mut conn) = fresh_database("review_failed_batch_hold");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(100), "c").expect("charge");
+    ledger.charge(&mut conn, 2, dec(100), "c").expect("charge");
+    let others = ledger
+        .hold(
+            &mut conn,
+            2,
+            dec(10),
+            "h",
+            chrono::Utc::now().naive_utc() + chrono::Duration::hours(1),
+        )
+        .expect("another account's hold");
+    let mut holder = connect(&url);
+    holder.batch_execute("BEGIN").expect("begin");
+    let _: Decimal = lock_balance(&mut holder, 1).expect("hold the account");
+    let short = BalanceLedger::with_policy(policy_with_deadline(Duration::from_millis(300)));
+    let ops = [
+        AccountOp::capture(999_999, dec(1), "c1"),
+        AccountOp::charge(dec(10), "k1"),
+        AccountOp::release(others.id, "r1"),
+    ];
+    let batch = short.apply_many(&mut conn, 1, &ops);
+    let single = short.capture(&mut conn, 999_999, dec(1), "c1");
+    holder.batch_execute("ROLLBACK").expect("release");
+    assert!(
+        matches!(single, Err(Error::HoldNotFound { hold_id: 999_999 })),
+        "{single:?}"
+    );
+    match batch.as_deref() {
+        Ok(
+            [Err(Error::HoldNotFound { hold_id: 999_999 }), Err(Error::Contended { .. } | Error::Timeout { .. }), Err(Error::HoldNotFound { hold_id })],
+        ) => assert_eq!(*hold_id, others.id),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(journal_size(&mut conn, 1), 1, "nothing applied");
+    audit_ok(&ledger, &mut conn, 1);
+}
