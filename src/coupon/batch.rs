@@ -17,6 +17,14 @@ use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, Holding, InsertIds};
 use crate::validate::validate_id;
 
+/// The users a batch's attempts found holding the campaign's coupon (`coupon_id`), with their
+/// coupon's id.
+#[derive(Debug, Default)]
+struct SeenHolders {
+    coupon_id: i64,
+    held: HashMap<i64, i64>,
+}
+
 impl CouponIssuer {
     /// Issues one coupon of `campaign_id` to each of `user_ids` in one transaction, first come
     /// first served in the given order.
@@ -55,10 +63,13 @@ impl CouponIssuer {
     /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`], [`Error::Server`],
     /// [`Error::Internal`] for facts that keep disagreeing): then no request was applied (or,
     /// for [`Error::OutcomeUnknown`], all or none were). It is given only when every user id
-    /// is valid: otherwise such a failure is answered per request, an invalid id with
-    /// [`Error::InvalidId`] (as `issue` answers it before sending anything) and every other
-    /// request with a copy of the failure. Refusals of the campaign as a whole (an invalid
-    /// campaign id, not found, window closed, sold out) are answered per request.
+    /// is valid and the batch found none of its users holding the coupon: otherwise such a
+    /// failure is answered per request, an invalid id with [`Error::InvalidId`] (as `issue`
+    /// answers it before sending anything), a user found holding the coupon with
+    /// [`Error::AlreadyIssued`] (as `issue` answers it without the stock row: the unique index
+    /// refuses its INSERT) and every other request with a copy of the failure. Refusals of the
+    /// campaign as a whole (an invalid campaign id, not found, window closed, sold out) are
+    /// answered per request.
     pub fn issue_many(
         &self,
         conn: &mut MysqlConnection,
@@ -76,28 +87,47 @@ impl CouponIssuer {
         user_ids: &[i64],
         deadline: Deadline,
     ) -> Result<Vec<Result<IssuedCoupon>>> {
-        let failure = match self.decide_many_by(conn, campaign_id, user_ids, deadline) {
+        let mut found = SeenHolders::default();
+        let failure = match self.decide_many_by(conn, campaign_id, user_ids, deadline, &mut found) {
             Err(failure) => failure,
             decided => return decided,
         };
-        if user_ids.iter().all(|&user_id| user_id > 0) {
+        let holder = |user_id: i64| found.held.get(&user_id).copied();
+        if user_ids
+            .iter()
+            .all(|&user_id| user_id > 0 && holder(user_id).is_none())
+        {
             return Err(failure);
         }
-        // As the single issues: an invalid user id is refused whatever the rest met.
+        // As the single issues: an invalid user id is refused whatever the rest met, and a user
+        // found holding the coupon (its single issue's INSERT is refused by the unique index,
+        // and it is answered without the stock row) is `AlreadyIssued`.
         Ok(user_ids
             .iter()
-            .map(|&user_id| validate_id("user", user_id).and_then(|()| Err(failure.clone())))
+            .map(|&user_id| {
+                validate_id("user", user_id)?;
+                Err(match holder(user_id) {
+                    Some(user_coupon_id) => Error::AlreadyIssued {
+                        user_id,
+                        coupon_id: found.coupon_id,
+                        user_coupon_id,
+                    },
+                    None => failure.clone(),
+                })
+            })
             .collect())
     }
 
     /// [`issue_many_by`](Self::issue_many_by), with a failure of the whole transaction as the
-    /// outer `Err`.
+    /// outer `Err`; `found`: the holders among `user_ids` that its attempts read (committed
+    /// coupons: still held when the batch fails).
     fn decide_many_by(
         &self,
         conn: &mut MysqlConnection,
         campaign_id: i64,
         user_ids: &[i64],
         deadline: Deadline,
+        found: &mut SeenHolders,
     ) -> Result<Vec<Result<IssuedCoupon>>> {
         // A refusal of the whole campaign: `issue` checks the user id before anything else.
         let everyone = |refusal: &dyn Fn() -> Error| -> Vec<Result<IssuedCoupon>> {
@@ -156,6 +186,15 @@ impl CouponIssuer {
                 } else {
                     HashMap::new()
                 };
+                if found.coupon_id != coupon_id {
+                    *found = SeenHolders {
+                        coupon_id,
+                        held: HashMap::new(),
+                    };
+                }
+                found
+                    .held
+                    .extend(holders.iter().map(|(user, id)| (*user, *id)));
                 // This attempt's time: the issue time, and the window is checked at it.
                 let at = self.now();
                 // A sold-out mark dates from this attempt's read.

@@ -874,6 +874,13 @@ fn finding_9_deadline_bounds_coupon_calls() {
                             Err(Error::AlreadyIssued { user_id, .. }) if user_id == holder_user => {
                                 None
                             }
+                            // The batch failed as a whole after it found its holder: the
+                            // others share the failure, answered per request.
+                            Err(
+                                Error::Contended { .. }
+                                | Error::Timeout { .. }
+                                | Error::OutcomeUnknown { .. },
+                            ) => None,
                             Err(e) => panic!("{what}: unexpected request answer {e:?}"),
                         })
                         .collect()
@@ -1478,4 +1485,46 @@ fn dates_a_datetime_column_cannot_hold_are_refused_as_input() {
     assert_eq!((widest.valid_from, widest.valid_until), (first, last));
     let stored = issuer.coupon(&mut conn, widest.id).expect("read back");
     assert_eq!((stored.valid_from, stored.valid_until), (first, last));
+}
+
+/// A batch that fails as a whole (here: the stock row held by another program past its
+/// deadline) still answers the users it found holding the coupon `AlreadyIssued`, as their
+/// single issues answer them — the unique index refuses their INSERT before the stock row —
+/// and only the others share the failure. Before, every user got the failure (`Contended`).
+#[test]
+fn a_failed_batch_answers_holders_as_their_single_issues_do() {
+    let (url, mut conn) = fresh_database("review_failed_batch_holders");
+    let setup = CouponIssuer::new();
+    let campaign = open_campaign_named(&mut conn, &setup, "held", 10).1;
+    let first = setup.issue(&mut conn, 1, campaign.id).expect("user 1");
+    let second = setup.issue(&mut conn, 2, campaign.id).expect("user 2");
+    let mut holder = connect(&url);
+    hold_stock_row(&mut holder, campaign.id);
+    let short = CouponIssuer::with_policy(policy_with_deadline(StdDuration::from_millis(300)));
+    let batch = short.issue_many(&mut conn, campaign.id, &[1, 7, 2]);
+    let single = short.issue(&mut conn, 1, campaign.id);
+    holder.batch_execute("ROLLBACK").expect("release");
+    assert!(
+        matches!(single, Err(Error::AlreadyIssued { user_id: 1, .. })),
+        "{single:?}"
+    );
+    match batch.as_deref() {
+        Ok(
+            [Err(Error::AlreadyIssued {
+                user_id: 1,
+                user_coupon_id: one,
+                ..
+            }), Err(Error::Contended { .. } | Error::Timeout { .. }), Err(Error::AlreadyIssued {
+                user_id: 2,
+                user_coupon_id: two,
+                ..
+            })],
+        ) => assert_eq!((*one, *two), (first.id, second.id)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        lockstock_testkit::fixtures::issued_rows(&mut conn, campaign.id),
+        2,
+        "nothing issued"
+    );
 }
