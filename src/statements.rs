@@ -159,7 +159,10 @@ macro_rules! restore_mariadb {
          lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
          time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
          tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation), \
-         tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only)"
+         tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only), \
+         sql_select_limit = COALESCE(@lockstock_select_limit, @@session.sql_select_limit), \
+         unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
+         foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks)"
     };
 }
 
@@ -175,7 +178,9 @@ macro_rules! clear_saved {
          @lockstock_last_insert_id = NULL, \
          @lockstock_lock_wait = NULL, @lockstock_mdl_wait = NULL, \
          @lockstock_statement_time = NULL, \
-         @lockstock_lc_messages = NULL, @lockstock_time_zone = NULL"
+         @lockstock_lc_messages = NULL, @lockstock_time_zone = NULL, \
+         @lockstock_select_limit = NULL, @lockstock_unique_checks = NULL, \
+         @lockstock_fk_checks = NULL"
     };
 }
 
@@ -217,7 +222,10 @@ statement! {
          lock_wait_timeout = COALESCE(@lockstock_mdl_wait, @@session.lock_wait_timeout), \
          max_execution_time = COALESCE(@lockstock_statement_time, @@session.max_execution_time), \
          lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
-         time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone)",
+         time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
+         sql_select_limit = COALESCE(@lockstock_select_limit, @@session.sql_select_limit), \
+         unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
+         foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks)",
         clear_saved!()
     )
 }

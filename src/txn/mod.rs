@@ -216,7 +216,10 @@ impl RunnerSql {
                      @lockstock_lc_messages = @@session.lc_messages, \
                      @lockstock_time_zone = @@session.time_zone, \
                      @lockstock_isolation = @@session.tx_isolation, \
-                     @lockstock_read_only = @@session.tx_read_only, {save_autocommit}\
+                     @lockstock_read_only = @@session.tx_read_only, \
+                     @lockstock_select_limit = @@session.sql_select_limit, \
+                     @lockstock_unique_checks = @@session.unique_checks, \
+                     @lockstock_fk_checks = @@session.foreign_key_checks, {save_autocommit}\
                      SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
                      {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()
@@ -245,6 +248,9 @@ impl RunnerSql {
                      @lockstock_statement_time = @@session.max_execution_time, \
                      @lockstock_lc_messages = @@session.lc_messages, \
                      @lockstock_time_zone = @@session.time_zone, \
+                     @lockstock_select_limit = @@session.sql_select_limit, \
+                     @lockstock_unique_checks = @@session.unique_checks, \
+                     @lockstock_fk_checks = @@session.foreign_key_checks, \
                      SESSION lc_messages = 'en_US', {settings}"
                 ),
             ],

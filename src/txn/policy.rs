@@ -222,9 +222,13 @@ impl TxnPolicy {
 
     fn settings_with(&self, limit: &str) -> String {
         let lock_wait = self.lock_wait_seconds();
+        // What lockstock's statements rely on, whatever the caller set: every row a read
+        // selects (`sql_select_limit` cuts a batch's reads and `audit` short), and the unique
+        // and foreign keys checked.
         format!(
             "innodb_lock_wait_timeout = {lock_wait}, lock_wait_timeout = {lock_wait}, {limit}, \
-             time_zone = '+00:00'"
+             time_zone = '+00:00', sql_select_limit = 18446744073709551615, unique_checks = 1, \
+             foreign_key_checks = 1"
         )
     }
 

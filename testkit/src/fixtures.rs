@@ -481,6 +481,12 @@ pub struct SessionVars {
     /// `tx_isolation`.
     #[diesel(sql_type = Text)]
     pub isolation: String,
+    /// `sql_select_limit`, as text (it is unsigned).
+    #[diesel(sql_type = Text)]
+    pub select_limit: String,
+    /// `unique_checks` and `foreign_key_checks`, 0 or 1 each.
+    #[diesel(sql_type = Text)]
+    pub key_checks: String,
 }
 
 /// The session variables of `conn` ([`SessionVars`]).
@@ -489,7 +495,9 @@ pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
         "SELECT @@session.innodb_lock_wait_timeout AS lock_wait, \
          CAST(@@session.lock_wait_timeout AS SIGNED) AS metadata_lock_wait, \
          @@session.max_statement_time AS statement, @@session.lc_messages AS messages, \
-         @@session.time_zone AS zone, @@session.tx_isolation AS isolation",
+         @@session.time_zone AS zone, @@session.tx_isolation AS isolation, \
+         CAST(@@session.sql_select_limit AS CHAR) AS select_limit, \
+         CONCAT(@@session.unique_checks, @@session.foreign_key_checks) AS key_checks",
     )
     .get_result(conn)
     .expect("read session variables")

@@ -181,7 +181,8 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
         "SELECT NULLIF(CONCAT_WS(',', @lockstock_lock_wait, @lockstock_mdl_wait, \
          @lockstock_statement_time, \
          @lockstock_lc_messages, @lockstock_time_zone, @lockstock_isolation, \
-         @lockstock_autocommit, @lockstock_last_insert_id, @lockstock_read_only), '') AS line",
+         @lockstock_autocommit, @lockstock_last_insert_id, @lockstock_read_only, \
+         @lockstock_select_limit, @lockstock_unique_checks, @lockstock_fk_checks), '') AS line",
     )
     .get_result::<Saved>(conn)
     .expect("read lockstock's user variables")
@@ -193,13 +194,21 @@ fn finding_7_session_settings_are_restored() {
     let (url, mut conn) = fresh_database("review_session");
     conn.batch_execute(
         "SET SESSION innodb_lock_wait_timeout = 37, lock_wait_timeout = 41, max_statement_time = 0, \
-         time_zone = '+09:00', lc_messages = 'de_DE', tx_isolation = 'READ-UNCOMMITTED'",
+         time_zone = '+09:00', lc_messages = 'de_DE', tx_isolation = 'READ-UNCOMMITTED', \
+         sql_select_limit = 1, unique_checks = 0, foreign_key_checks = 0",
     )
     .expect("caller's own settings");
     let before = session_vars(&mut conn);
     assert_eq!(saved_values(&mut conn), None, "a fresh session");
     let ledger = BalanceLedger::new();
     ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
+    // Reads of several rows see them all under the caller's `sql_select_limit = 1`: the
+    // audit reads the whole journal (before: it read one entry and found the balance off).
+    ledger.charge(&mut conn, 1, dec(5), "c2").expect("charge");
+    ledger
+        .audit(&mut conn, 1)
+        .expect("the audit of two entries");
+    ledger.deduct(&mut conn, 1, dec(5), "d0").expect("deduct");
     assert_eq!(session_vars(&mut conn), before, "after a commit");
     assert_eq!(saved_values(&mut conn), None, "after a commit");
     let refused = ledger.deduct(&mut conn, 1, dec(50), "d");
