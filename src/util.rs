@@ -7,7 +7,7 @@ use diesel::mysql::MysqlConnection;
 use diesel::query_dsl::methods::{LimitDsl, LoadQuery};
 use diesel::{OptionalExtension, RunQueryDsl};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::InsertIds;
 
 diesel::define_sql_function! {
@@ -208,8 +208,12 @@ where
         Err(e) => {
             let error = Error::from(e);
             // A primary-key read refused for its lock fails before the server begins its
-            // result; one stopped by its time limit may have begun it.
-            if error.server_kind() != Some(crate::error::ServerErrorKind::StatementTimeout) {
+            // result; one stopped otherwise (its time limit, `KILL QUERY`, a lost connection)
+            // may have begun it: the runner then drops the cached statements before a retry.
+            if matches!(
+                error.server_kind(),
+                Some(ServerErrorKind::LockRefused | ServerErrorKind::LockWaitTimeout)
+            ) {
                 crate::txn::note_clean_failure();
             }
             Err(error)
