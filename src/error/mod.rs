@@ -465,8 +465,10 @@ pub enum Error {
     NestedTransaction,
     /// Rolling a failed transaction back failed too. lockstock marked the connection broken
     /// (Diesel's transaction manager reports it so, and an r2d2 pool discards it instead of
-    /// handing it out again); the server rolls the transaction back when the connection closes.
-    /// Nothing was committed. Drop the connection and retry on a new one.
+    /// handing it out again) and ended its session where the server still took
+    /// `KILL CONNECTION` (so that a raw statement sent on it fails); the server rolls the
+    /// transaction back when the session ends. Nothing was committed. Drop the connection and
+    /// retry on a new one.
     ///
     /// A MariaDB Galera node outside the Primary component refuses `BEGIN` and `ROLLBACK`
     /// alike: a call on it answers this error with a

@@ -202,7 +202,7 @@ pub(super) fn run_transaction<T>(
                 // Committed: whatever happens now, the answer is the value.
                 if let Some(restore) = begin.restore {
                     if after_late_abort(conn, |conn| restore_session(conn, restore)).is_err() {
-                        mark_broken(conn);
+                        close_broken(conn);
                     }
                 }
                 Ok(value)
@@ -362,7 +362,7 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
         // Release the locks now if the server still answers (the prepared form may be what
         // failed), but never trust this connection again.
         let _ = conn.batch_execute("ROLLBACK AND NO CHAIN NO RELEASE");
-        mark_broken(conn);
+        close_broken(conn);
         return Some(Error::ConnectionBroken {
             source: ServerError::new(e),
         });
@@ -371,7 +371,7 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
     match after_late_abort(conn, |conn| restore_session(conn, restore)) {
         Ok(()) => None,
         Err(e) => {
-            mark_broken(conn);
+            close_broken(conn);
             Some(Error::ConnectionBroken {
                 source: ServerError::new(e),
             })
@@ -444,6 +444,17 @@ pub(crate) fn silently_rolled_back(evidence: &str) -> Error {
              brute-force abort): {evidence}"
         )),
     ))
+}
+
+/// Ends the session of a connection lockstock could not leave as it found it (a ROLLBACK or
+/// the restoring SET failed): `KILL CONNECTION CONNECTION_ID()` where the server still takes
+/// it — the server then rolls back what is left of the transaction and drops lockstock's
+/// settings with the session, and a statement the caller sends on the connection anyway
+/// (Diesel's `batch_execute` and `execute` do not look at the mark) fails instead of running
+/// inside a half-done transaction or under lockstock's settings — and marks it broken.
+pub(crate) fn close_broken(conn: &mut MysqlConnection) {
+    let _ = conn.batch_execute("KILL CONNECTION CONNECTION_ID()");
+    mark_broken(conn);
 }
 
 /// Marks the connection broken for Diesel and r2d2: `Connection::transaction` refuses it, an

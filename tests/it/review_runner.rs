@@ -108,6 +108,10 @@ fn finding_1_failed_rollback_breaks_the_connection() {
         Ok(())
     });
     assert!(callers_own.is_err(), "Diesel still trusts the connection");
+    // Its session is over: a raw statement (which Diesel's mark does not stop) fails too,
+    // instead of running under lockstock's settings, which the failed call never put back.
+    let raw = conn.batch_execute("DO 1");
+    assert!(raw.is_err(), "the broken connection still runs statements");
     drop(conn);
     admin
         .batch_execute("DROP TRIGGER fail_big_balances")
