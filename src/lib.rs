@@ -93,20 +93,41 @@ pub use txn::{
 };
 
 use diesel::mysql::MysqlConnection;
-use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
+use diesel_migrations::EmbeddedMigrations;
 
 /// The schema migrations, embedded in the crate.
 pub const MIGRATIONS: EmbeddedMigrations = diesel_migrations::embed_migrations!("migrations");
 
 /// Applies every pending migration in [`MIGRATIONS`].
 ///
-/// Not bounded by a deadline or the watchdog (a migration's DDL may rightly take long): run it
-/// at deployment, not on a request path.
+/// Not bounded by a deadline (a migration's DDL may rightly take long): run it at deployment,
+/// not on a request path; [`run_migrations_by`] bounds it. The caller's session is left as
+/// found, as by [`run_migrations_by`].
 ///
 /// # Errors
-/// [`Error::Migration`] when a migration (or reading which are applied) fails.
+/// As [`run_migrations_by`], without the deadline's.
 pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
-    conn.run_pending_migrations(MIGRATIONS)
-        .map(|_| ())
-        .map_err(|e| Error::Migration(e.into()))
+    txn::migrations::run(conn, None)
+}
+
+/// Applies every pending migration in [`MIGRATIONS`], returning by `deadline` (plus the default
+/// policy's [`unresponsive_grace`](TxnPolicy::unresponsive_grace)) also when the server stops
+/// answering: the watchdog then shuts the connection down (see
+/// [the txn module](crate::txn#a-server-that-never-answers)); a migration cut off so may have
+/// been applied in part (DDL commits as it goes: run the migrations again).
+///
+/// The caller's session is left as found: Diesel runs each migration in a transaction whose
+/// COMMIT follows the session's `completion_type`, so lockstock sets `NO_CHAIN` (and
+/// `autocommit = 1`, so that reading which migrations are applied leaves no transaction open)
+/// and puts the caller's values back afterwards. Inside a transaction the caller opened
+/// nothing is sent: DDL would commit it.
+///
+/// # Errors
+/// [`Error::NestedTransaction`] inside the caller's open transaction (nothing applied);
+/// [`Error::Migration`] when a migration (or reading which are applied) fails;
+/// [`Error::ServerUnresponsive`] when the server did not answer by the deadline plus the grace
+/// (the connection is shut down and marked broken); [`Error::Server`] when the session could
+/// not be set up or put back.
+pub fn run_migrations_by(conn: &mut MysqlConnection, deadline: Deadline) -> Result<()> {
+    txn::migrations::run(conn, Some(deadline))
 }

@@ -123,6 +123,70 @@ pub(crate) use transaction::{
 };
 use watchdog::Guard;
 
+/// [`run_migrations`](crate::run_migrations) with the caller's session kept.
+pub(crate) mod migrations {
+    use diesel::connection::SimpleConnection;
+    use diesel::mysql::MysqlConnection;
+    use diesel_migrations::MigrationHarness;
+
+    use super::NESTED_LOCALE;
+    use super::{bounded, ensure_no_open_transaction, Deadline, ServerFlavor, TxnPolicy};
+    use crate::error::Error;
+
+    /// Puts the caller's values back and clears the user variables.
+    const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type, \
+        autocommit = @lockstock_autocommit, \
+        @lockstock_completion_type = NULL, @lockstock_autocommit = NULL";
+
+    /// Applies the pending migrations, bounded by `deadline` if there is one.
+    pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(), Error> {
+        ensure_no_open_transaction(conn)?;
+        match deadline {
+            Some(deadline) => {
+                let grace = TxnPolicy::default().unresponsive_grace;
+                bounded(conn, deadline, grace, |conn, _| migrate(conn))
+            }
+            None => migrate(conn),
+        }
+    }
+
+    fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
+        // One atomic SET saves and sets what Diesel's harness depends on; on MariaDB it fails
+        // (an unknown locale, nothing set) inside a transaction the caller opened with a raw
+        // `BEGIN`, which `autocommit = 1` and the DDL would commit. (MySQL has no
+        // `@@in_transaction`.)
+        let nested_check = match ServerFlavor::ask(conn)? {
+            ServerFlavor::MariaDb => format!(
+                "SESSION lc_messages = \
+                 IF(@@in_transaction, '{NESTED_LOCALE}', @@session.lc_messages), "
+            ),
+            ServerFlavor::MySql => String::new(),
+        };
+        let setup = format!(
+            "SET @lockstock_completion_type = @@session.completion_type, \
+             @lockstock_autocommit = @@session.autocommit, {nested_check}\
+             SESSION completion_type = 'NO_CHAIN', autocommit = 1"
+        );
+        if let Err(e) = conn.batch_execute(&setup) {
+            let error = Error::from(e);
+            let nested = error
+                .server_error()
+                .is_some_and(|e| e.message().to_ascii_lowercase().contains(NESTED_LOCALE));
+            return Err(if nested {
+                Error::NestedTransaction
+            } else {
+                error
+            });
+        }
+        let migrated = conn
+            .run_pending_migrations(crate::MIGRATIONS)
+            .map(|_| ())
+            .map_err(|e| Error::Migration(e.into()));
+        let restored = conn.batch_execute(RESTORE).map_err(Error::from);
+        migrated.and(restored)
+    }
+}
+
 use std::sync::OnceLock;
 use std::time::Duration;
 

@@ -700,3 +700,68 @@ fn finding_10g_internal_failures_are_not_server_errors() {
     });
     assert!(matches!(short, Err(Error::Internal { .. })), "{short:?}");
 }
+
+/// Migrations leave the caller's session as found: Diesel runs each one in a transaction whose
+/// COMMIT follows the session's `completion_type` (CHAIN left a transaction open, and the next
+/// lockstock call answered `NestedTransaction`), and with `autocommit = 0` reading which are
+/// applied left one open too. Inside a raw `BEGIN` of the caller nothing is sent
+/// (`NestedTransaction`): DDL would commit the caller's transaction.
+#[test]
+fn migrations_leave_the_callers_session_as_found() {
+    let sandbox = Sandbox::start().expect("private server");
+    let url = sandbox
+        .create_database("review_migrations")
+        .expect("database");
+    let in_transaction = |conn: &mut MysqlConnection| {
+        diesel::sql_query("SELECT CAST(@@in_transaction AS SIGNED) AS id")
+            .get_result::<Id>(conn)
+            .expect("in_transaction")
+            .id
+    };
+    let mut inside = connect(&url);
+    inside
+        .batch_execute("CREATE TABLE callers_own (id INT PRIMARY KEY) ENGINE=InnoDB; BEGIN; INSERT INTO callers_own VALUES (1)")
+        .expect("the caller's transaction");
+    let refused = lockstock::run_migrations(&mut inside);
+    assert!(
+        matches!(refused, Err(Error::NestedTransaction)),
+        "{refused:?}"
+    );
+    assert_eq!(
+        in_transaction(&mut inside),
+        1,
+        "the caller's transaction, still open"
+    );
+    inside
+        .batch_execute("ROLLBACK")
+        .expect("the caller's rollback");
+
+    let mut conn = connect(&url);
+    conn.batch_execute("SET SESSION completion_type = 'CHAIN', autocommit = 0")
+        .expect("the caller's session");
+    let session = |conn: &mut MysqlConnection| {
+        diesel::sql_query(
+            "SELECT CONCAT(@@session.completion_type, ',', @@session.autocommit) AS line",
+        )
+        .get_result::<Line>(conn)
+        .expect("the caller's session")
+        .line
+    };
+    let before = session(&mut conn);
+    lockstock::run_migrations(&mut conn).expect("migrations");
+    assert_eq!(in_transaction(&mut conn), 0, "after the migrations");
+    lockstock::run_migrations(&mut conn).expect("nothing pending");
+    assert_eq!(in_transaction(&mut conn), 0, "after nothing pending");
+    assert_eq!(session(&mut conn), before, "the caller's session, kept");
+    assert!(before.starts_with("CHAIN,"), "{before}");
+    let rows = diesel::sql_query("SELECT CAST(COUNT(*) AS SIGNED) AS id FROM callers_own")
+        .get_result::<Id>(&mut conn)
+        .expect("the caller's table")
+        .id;
+    assert_eq!(rows, 0, "the caller's rolled-back row");
+    conn.batch_execute("SET SESSION completion_type = 'NO_CHAIN', autocommit = 1")
+        .expect("back");
+    BalanceLedger::new()
+        .charge(&mut conn, 1, dec(1), "c")
+        .expect("a call after the migrations");
+}

@@ -524,3 +524,39 @@ fn silent_server_next_leader_answers_by_its_deadline() {
         .deduct(1, Decimal::ONE, "after")
         .expect("a deduct after the resume");
 }
+
+/// `run_migrations_by` returns by its deadline plus the grace on a server that stops answering
+/// (`ServerUnresponsive`, the connection shut down); `run_migrations` documents that it waits.
+#[test]
+fn silent_server_migrations_by_a_deadline_return() {
+    let _alone = exclusive();
+    let mut sandbox = Sandbox::start().expect("a private sandbox");
+    let url = sandbox
+        .create_database("silent_migrations")
+        .expect("database");
+    let mut conn = connect(&url);
+    sandbox.pause().expect("pause");
+    let (tx, rx) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let started = Instant::now();
+        let answer = lockstock::run_migrations_by(&mut conn, lockstock::Deadline::after(DEADLINE));
+        let _ = tx.send((answer, started.elapsed()));
+    });
+    let (answer, took) = answer_or_resume(&mut sandbox, "the migrations", &rx);
+    sandbox.resume().expect("resume");
+    worker.join().expect("migrating thread");
+    assert!(
+        matches!(answer, Err(Error::ServerUnresponsive { .. })),
+        "{answer:?}"
+    );
+    assert!(
+        took <= DEADLINE + TxnPolicy::default().unresponsive_grace + Duration::from_millis(500),
+        "the migrations answered after {took:?}"
+    );
+    let mut again = connect(&url);
+    lockstock::run_migrations_by(
+        &mut again,
+        lockstock::Deadline::after(Duration::from_secs(30)),
+    )
+    .expect("the migrations on a running server");
+}
