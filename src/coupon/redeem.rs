@@ -119,6 +119,8 @@ impl CouponIssuer {
         key: &str,
         deadline: Deadline,
     ) -> Result<Option<Campaign>> {
+        // A key the unique index refused, or a retry refused for what its first attempt added:
+        // where the key cannot be looked up the restock may be applied (OutcomeUnknown).
         let recorded = self.runner.read_by(conn, deadline, |conn| {
             let restock: Option<(i32, i32, i32)> = fcfs_coupon_restock::table
                 .filter(fcfs_coupon_restock::fcfs_coupon_id.eq(campaign_id))
@@ -136,7 +138,8 @@ impl CouponIssuer {
             let campaign =
                 find_campaign(conn, campaign_id)?.ok_or(Error::CampaignNotFound { campaign_id })?;
             Ok(Some((restock, campaign)))
-        })?;
+        });
+        let recorded = recorded.map_err(Error::unknown_after_refusal)?;
         let Some(((recorded, total, stock), mut campaign)) = recorded else {
             return Ok(None);
         };
@@ -156,7 +159,10 @@ impl CouponIssuer {
     /// Exactly one of concurrent redeems wins; the others get [`Error::AlreadyRedeemed`].
     ///
     /// Safe to retry (after [`Error::OutcomeUnknown`], say): a coupon already redeemed by the
-    /// same `order_ref` is returned as it is, unchanged, whatever the time now.
+    /// same `order_ref` is returned as it is, unchanged, whatever the time now. The order
+    /// reference is the only key: a retry still pending after that order was cancelled
+    /// ([`restore`](Self::restore)) redeems the coupon again for it — stop retrying a redeem
+    /// once its order is cancelled, and never reuse an order reference for a new order.
     ///
     /// # Errors
     /// [`Error::InvalidId`], [`Error::InvalidInput`] (order reference);
@@ -194,7 +200,9 @@ impl CouponIssuer {
     /// [`Error::NotRedeemed`]. So a repeated cancel — or a retry after [`Error::OutcomeUnknown`]
     /// whose first attempt did restore the coupon — never frees a later order's redemption: it
     /// answers `NotRedeemed` (or `RedeemedByAnotherOrder` once another order used the coupon),
-    /// both meaning "this order does not hold the coupon (any more)", with nothing written.
+    /// both meaning "this order does not hold the coupon (any more)", with nothing written —
+    /// as long as each order has its own reference: a retried restore after the same reference
+    /// redeemed the coupon again frees that redemption.
     ///
     /// # Errors
     /// [`Error::InvalidId`], [`Error::InvalidInput`] (order reference);

@@ -499,6 +499,21 @@ pub enum Error {
 }
 
 impl Error {
+    /// The answer to a request whose key could not be looked up (`failure`) where the key may
+    /// have been recorded by an earlier call under it — a retry after [`Error::OutcomeUnknown`],
+    /// say, refused for what its first attempt spent, or refused by the key's unique index: the
+    /// request may be applied, so [`Error::OutcomeUnknown`], never the failure itself, which
+    /// would tell the retry that nothing was applied. (A conflict found under the key is an
+    /// answer, not a failure.)
+    pub(crate) fn unknown_after_refusal(failure: Error) -> Error {
+        match failure {
+            Error::IdempotencyConflict { .. }
+            | Error::RestockConflict { .. }
+            | Error::OutcomeUnknown { .. } => failure,
+            failure => Error::outcome_unknown(&failure),
+        }
+    }
+
     /// [`Error::OutcomeUnknown`] for a failure after a COMMIT may have been sent: the server's
     /// error where there is one, else the failure's text.
     pub(crate) fn outcome_unknown(failure: &Error) -> Error {

@@ -10,7 +10,7 @@ use diesel::mysql::MysqlConnection;
 use rust_decimal::Decimal;
 
 use super::holds::{ending, validate_ending};
-use super::idempotency::{unknown_after_refusal, Step};
+use super::idempotency::Step;
 use super::request::Request;
 use super::rows::{
     end_hold, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create, store_balance,
@@ -259,9 +259,9 @@ impl BalanceLedger {
                 }
                 Err(failure) => {
                     // Its key may have been recorded by an earlier call: as its single call
-                    // answers it (`unknown_after_refusal`).
+                    // answers it (`Error::unknown_after_refusal`).
                     for (index, _) in refused {
-                        results[index] = Some(Err(unknown_after_refusal(failure.clone())));
+                        results[index] = Some(Err(Error::unknown_after_refusal(failure.clone())));
                     }
                 }
             }

@@ -69,7 +69,7 @@ impl BalanceLedger {
                     return match self.existing(conn, request, deadline) {
                         Ok(Some(entry)) => replay(conn, entry),
                         Ok(None) => Err(error),
-                        Err(failure) => Err(unknown_after_refusal(failure)),
+                        Err(failure) => Err(Error::unknown_after_refusal(failure)),
                     }
                 }
                 Err(error) => return Err(error),
@@ -136,17 +136,5 @@ impl Error {
                     ..
                 }
         ) || self.server_kind() == Some(ServerErrorKind::DuplicateKey)
-    }
-}
-
-/// The answer to a refused request whose key could not be looked up afterwards (`failure`):
-/// the key may have been recorded by an earlier call under it — a retry after
-/// [`Error::OutcomeUnknown`], say — so the request may be applied: [`Error::OutcomeUnknown`],
-/// never the failure itself, which would tell the retry that nothing was applied. Single calls
-/// and batches alike. (A conflict found under the key is an answer, not a failure.)
-pub(crate) fn unknown_after_refusal(failure: Error) -> Error {
-    match failure {
-        Error::IdempotencyConflict { .. } | Error::OutcomeUnknown { .. } => failure,
-        failure => Error::outcome_unknown(&failure),
     }
 }

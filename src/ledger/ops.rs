@@ -151,7 +151,7 @@ impl BalanceLedger {
         match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
             Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
             Err(Error::NestedTransaction) => Err(refusal),
-            Err(failure) => Err(super::idempotency::unknown_after_refusal(failure)),
+            Err(failure) => Err(Error::unknown_after_refusal(failure)),
         }
     }
 
@@ -384,11 +384,20 @@ impl BalanceLedger {
             store_balance(conn, &receiver, &receiver_after, 1)?;
             Ok(Step::Done(Transfer { debit, credit }))
         };
+        // The key's debit is recorded, so the transfer is applied: its credit, where it cannot
+        // be read, makes the answer OutcomeUnknown (look it up, or retry), never a failure that
+        // says nothing was applied.
         self.idempotent(conn, &request, deadline, attempt, |conn, debit| {
             let credit = self
                 .runner
-                .read_by(conn, deadline, |conn| find_transfer_credit(conn, debit.id))?
-                .ok_or(Error::EntryNotFound { entry_id: debit.id })?;
+                .read_by(conn, deadline, |conn| find_transfer_credit(conn, debit.id))
+                .map_err(Error::unknown_after_refusal)?
+                .ok_or_else(|| {
+                    Error::outcome_unknown(&Error::internal(format!(
+                        "the credit entry of transfer {} is missing",
+                        debit.id
+                    )))
+                })?;
             Ok(Transfer { debit, credit })
         })
     }

@@ -1528,3 +1528,35 @@ fn a_failed_batch_answers_holders_as_their_single_issues_do() {
         "nothing issued"
     );
 }
+
+/// A restock retried after it applied (say after `OutcomeUnknown`) whose key cannot be looked
+/// up answers `OutcomeUnknown` — here the retry is refused for the total its first attempt
+/// raised to 2^31 - 1, and another program holds the restock table with `LOCK TABLES ...
+/// WRITE` past the call's deadline — never the lookup's own failure (`Timeout`,
+/// `Contended`), which says that nothing was applied. Once the key can be read, the retry
+/// answers the campaign as the restock left it.
+#[test]
+fn a_refused_restock_retry_whose_key_cannot_be_looked_up_may_be_applied() {
+    let (url, mut conn) = fresh_database("review_restock_lookup");
+    let issuer = CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &issuer, 2_147_483_642);
+    let first = issuer
+        .restock(&mut conn, campaign.id, 5, "more")
+        .expect("the first restock, applied");
+    assert_eq!(first.total_quantity, i32::MAX);
+    let mut locker = connect(&url);
+    locker
+        .batch_execute("LOCK TABLES fcfs_coupon_restock WRITE")
+        .expect("another program locks the restocks");
+    let short = CouponIssuer::with_policy(policy_with_deadline(StdDuration::from_millis(300)));
+    let retried = short.restock(&mut conn, campaign.id, 5, "more");
+    locker.batch_execute("UNLOCK TABLES").expect("unlock");
+    assert!(
+        matches!(retried, Err(Error::OutcomeUnknown { .. })),
+        "{retried:?}"
+    );
+    let replayed = issuer
+        .restock(&mut conn, campaign.id, 5, "more")
+        .expect("the retry, answered from the record");
+    assert_eq!(replayed.total_quantity, i32::MAX);
+}

@@ -871,3 +871,48 @@ fn a_failed_batch_answers_a_missing_hold_as_its_single_call_does() {
     assert_eq!(journal_size(&mut conn, 1), 1, "nothing applied");
     audit_ok(&ledger, &mut conn, 1);
 }
+
+/// A transfer retried after it applied (say after `OutcomeUnknown`) finds its debit under its
+/// key and reads its credit; when that read fails (here the connection is killed right before
+/// it) the answer is `OutcomeUnknown` — the transfer is applied — never the read's own failure,
+/// which says that nothing was applied. Before: the lost connection's error.
+#[test]
+fn a_transfer_retry_whose_credit_cannot_be_read_may_be_applied() {
+    let (url, mut admin) = fresh_database("review_transfer_replay");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut admin, 1, dec(100), "c").expect("charge");
+    ledger.charge(&mut admin, 2, dec(1), "c").expect("charge");
+    let first = ledger
+        .transfer(&mut admin, 1, 2, dec(10), "t")
+        .expect("the first transfer, applied");
+    let mut retrying = connect(&url);
+    let id = connection_id(&mut retrying);
+    let pauses = Pauses::default();
+    // The credit's read: the only statement that filters on the related entry.
+    pauses.install(&mut retrying, |sql| {
+        sql.starts_with("SELECT") && sql.contains("`related_entry_id` = ")
+    });
+    let retry = {
+        let ledger = ledger.clone();
+        thread::spawn(move || ledger.transfer(&mut retrying, 1, 2, dec(10), "t"))
+    };
+    pauses.stopped();
+    admin
+        .batch_execute(&format!("KILL {id}"))
+        .expect("kill the retrying connection");
+    pauses.go();
+    let answer = retry.join().expect("retry");
+    assert!(
+        matches!(answer, Err(Error::OutcomeUnknown { .. })),
+        "{answer:?}"
+    );
+    let replayed = ledger
+        .transfer(&mut connect(&url), 1, 2, dec(10), "t")
+        .expect("the retry on a new connection");
+    assert_eq!(
+        (replayed.debit.id, replayed.credit.id),
+        (first.debit.id, first.credit.id)
+    );
+    assert_eq!(stored_balance(&mut admin, 1), dec(90));
+    assert_eq!(stored_balance(&mut admin, 2), dec(11));
+}
