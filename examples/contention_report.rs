@@ -174,12 +174,23 @@ fn run() -> Result<bool, BoxError> {
     if options.processes_only {
         let runs = processes::measure(&mut harness, options.cell_time)?;
         print_processes(&runs);
+        let mut clean = true;
+        for run in &runs {
+            for violation in &run.violations {
+                clean = false;
+                eprintln!(
+                    "INVARIANT VIOLATION: {} {} processes: {violation}",
+                    run.domain.name(),
+                    run.processes
+                );
+            }
+        }
         println!(
             "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
             process_ratio(&runs, Domain::Coupon),
             process_ratio(&runs, Domain::Ledger)
         );
-        return Ok(runs.iter().all(|run| run.violations.is_empty()));
+        return Ok(clean);
     }
     let version = harness.server_version()?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

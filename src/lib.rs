@@ -119,10 +119,13 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// The caller's session is left as found: Diesel runs each migration in a transaction whose
 /// COMMIT follows the session's `completion_type`, so lockstock sets `NO_CHAIN` (and
 /// `autocommit = 1`, so that reading which migrations are applied leaves no transaction open)
-/// and puts the caller's values back afterwards. Inside a transaction the caller opened
-/// nothing is sent: DDL would commit it.
+/// and puts the caller's values back afterwards (where it cannot, it ends the session:
+/// [`Error::ConnectionBroken`]). Inside a transaction the caller opened through Diesel, or on
+/// MariaDB with a raw `BEGIN`, nothing is sent: DDL would commit it (MySQL 8 has no
+/// `@@in_transaction`: there a raw `BEGIN` is committed by the migrations).
 ///
 /// # Errors
+/// [`Error::Timeout`] when `deadline` has passed before anything was sent;
 /// [`Error::NestedTransaction`] inside the caller's open transaction (nothing applied);
 /// [`Error::Migration`] when a migration (or reading which are applied) fails;
 /// [`Error::ServerUnresponsive`] when the server did not answer by the deadline plus the grace

@@ -153,10 +153,11 @@ impl CouponIssuer {
                             continue;
                         }
                         Ok(None) => Err(stale_facts(campaign_id)),
-                        // A connection lost during the lookup is reported as such (retryable; a
-                        // retry answers AlreadyIssued), not as an untyped duplicate-key error.
-                        Err(lookup) if lookup.is_retryable() => Err(lookup),
-                        Err(_) => Err(e),
+                        // The user holds a coupon of the template (maybe from an earlier call of
+                        // this one that answered OutcomeUnknown): where it cannot be looked up,
+                        // the issue may be applied — never the lookup's failure, which would say
+                        // that nothing was (a retry answers AlreadyIssued).
+                        Err(lookup) => Err(Error::unknown_after_refusal(lookup)),
                     }
                 }
                 other => {

@@ -28,7 +28,9 @@ impl CouponIssuer {
     /// total it would take past that),
     /// [`Error::InvalidIdempotencyKey`]; [`Error::CampaignNotFound`], [`Error::RestockConflict`];
     /// the runner's failures ([`Error::Contended`], [`Error::Timeout`],
-    /// [`Error::OutcomeUnknown`], [`Error::Server`], ...).
+    /// [`Error::OutcomeUnknown`], [`Error::Server`], ...) — `OutcomeUnknown` also for a restock
+    /// refused by its key's unique index, or for the total (maybe raised by an earlier call
+    /// under the key), whose key could then not be looked up.
     pub fn restock(
         &self,
         conn: &mut MysqlConnection,

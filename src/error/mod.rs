@@ -442,10 +442,12 @@ pub enum Error {
         elapsed: Duration,
     },
     /// The change may or may not be applied: COMMIT failed in flight (a lost connection,
-    /// `KILL QUERY`), or a request of a batch that committed could not be answered (its key
-    /// could not be read back). Retry with the same idempotency key (or look the result up),
-    /// on a new connection if the old one was lost.
-    #[error("outcome unknown: the commit or its answer was lost")]
+    /// `KILL QUERY`), a request of a batch that committed could not be answered (its key could
+    /// not be read back), or a request refused now (or by its key's unique index) whose key —
+    /// which an earlier call may have recorded, say one that answered this error — could not
+    /// be looked up. Retry with the same idempotency key (or look the result up), on a new
+    /// connection if the old one was lost.
+    #[error("outcome unknown: the change may or may not be applied")]
     OutcomeUnknown {
         /// The failure.
         #[source]

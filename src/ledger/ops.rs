@@ -386,17 +386,18 @@ impl BalanceLedger {
         };
         // The key's debit is recorded, so the transfer is applied: its credit, where it cannot
         // be read, makes the answer OutcomeUnknown (look it up, or retry), never a failure that
-        // says nothing was applied.
+        // says nothing was applied. (A debit without its credit — they commit together — is a
+        // broken journal: `Internal`.)
         self.idempotent(conn, &request, deadline, attempt, |conn, debit| {
             let credit = self
                 .runner
                 .read_by(conn, deadline, |conn| find_transfer_credit(conn, debit.id))
                 .map_err(Error::unknown_after_refusal)?
                 .ok_or_else(|| {
-                    Error::outcome_unknown(&Error::internal(format!(
-                        "the credit entry of transfer {} is missing",
+                    Error::internal(format!(
+                        "the credit entry of transfer {} is missing from the journal",
                         debit.id
-                    )))
+                    ))
                 })?;
             Ok(Transfer { debit, credit })
         })

@@ -98,9 +98,12 @@
 //! suspect, as above), the router waits (within the deadline) for the coordinator to fail over
 //! — or for the probe to clear the node — and runs the call again. Everything else comes back as it is: results, domain refusals
 //! ([`Error::InsufficientBalance`], [`Error::SoldOut`], ...), [`Error::Contended`], and
-//! [`Error::OutcomeUnknown`] — a COMMIT whose answer was lost may have been applied, so the
-//! router does not decide: retry with the same idempotency key (through the router: it finds
-//! the committed entry and answers with it, or applies the change once). When the deadline
+//! [`Error::OutcomeUnknown`] — a COMMIT whose answer was lost may have been applied (so may a
+//! request refused now whose key, maybe recorded by an earlier call, could not be looked up),
+//! so the router does not decide: retry with the same idempotency key (through the router: it
+//! finds the committed entry and answers with it, or applies the change once). Where the
+//! connection or the node failed under it, the node is blamed all the same (suspect or down,
+//! as for a node failure), so the retry goes to a writer that answers. When the deadline
 //! passes while no writer is available, the call answers the last node failure it saw, or
 //! [`Error::Timeout`] if it never got to send anything; both mean nothing was applied.
 //!
@@ -785,6 +788,17 @@ impl Shared {
             self.cut(node, started, &blamed);
         }
         match result {
+            // A COMMIT whose answer was lost, or a refused request whose key could not be
+            // looked up, because the connection or the node failed: it may be applied, so it
+            // is not run again — but the node is blamed as for a node failure.
+            Err(Error::OutcomeUnknown { source })
+                if !cut && is_node_failure(&Error::Server(source.clone())) =>
+            {
+                crate::txn::mark_broken(&mut conn);
+                drop(conn);
+                self.fail(node, &Error::Server(source.clone()));
+                Attempt::Done(Err(Error::OutcomeUnknown { source }))
+            }
             Err(error) if is_node_failure(&error) => {
                 if !cut {
                     // Never back into the pool (it does not test on checkout): r2d2 discards a

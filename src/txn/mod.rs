@@ -142,6 +142,10 @@ pub(crate) mod migrations {
     pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(), Error> {
         ensure_no_open_transaction(conn)?;
         match deadline {
+            // Nothing is sent past the deadline.
+            Some(deadline) if deadline.is_expired() => Err(Error::Timeout {
+                elapsed: deadline.elapsed(),
+            }),
             Some(deadline) => {
                 let grace = TxnPolicy::default().unresponsive_grace;
                 bounded(conn, deadline, grace, |conn, _| migrate(conn))
@@ -182,7 +186,14 @@ pub(crate) mod migrations {
             .run_pending_migrations(crate::MIGRATIONS)
             .map(|_| ())
             .map_err(|e| Error::Migration(e.into()));
-        let restored = conn.batch_execute(RESTORE).map_err(Error::from);
+        // Where the caller's values cannot be put back, the session is ended (as the runner
+        // ends one it could not restore).
+        let restored = conn.batch_execute(RESTORE).map_err(|e| {
+            super::transaction::close_broken(conn);
+            Error::ConnectionBroken {
+                source: crate::error::ServerError::new(e),
+            }
+        });
         migrated.and(restored)
     }
 }
@@ -478,6 +489,11 @@ impl TxnRunner {
     /// asks the server unless the policy tells, [`TxnPolicy::statement_cache`]); the retry
     /// prepares them again.
     /// lockstock's own range reads rely on the same.
+    ///
+    /// Where the caller's session cannot be put back after the transaction (the restoring SET
+    /// fails), the connection is marked broken and its session ended (`KILL CONNECTION
+    /// CONNECTION_ID()`), also after a COMMIT: the call still answers its value, and the
+    /// connection's next statement fails instead of running under lockstock's settings.
     ///
     /// # Errors
     /// What `body` fails with, once it is not retried any more; [`Error::Contended`] when

@@ -1560,3 +1560,33 @@ fn a_refused_restock_retry_whose_key_cannot_be_looked_up_may_be_applied() {
         .expect("the retry, answered from the record");
     assert_eq!(replayed.total_quantity, i32::MAX);
 }
+
+/// An issue retried after it applied (say after `OutcomeUnknown`) is refused by the unique
+/// index, and the holder's coupon is looked up; where it cannot be (here another program holds
+/// the campaign table with `LOCK TABLES ... WRITE` past the call's deadline) the answer is
+/// `OutcomeUnknown` — the issue is applied — never the lookup's own failure (`Contended`,
+/// `Timeout`), which says that nothing was applied. Once it can be read: `AlreadyIssued`.
+#[test]
+fn an_issue_retry_whose_holder_cannot_be_looked_up_may_be_applied() {
+    let (url, mut conn) = fresh_database("review_issue_lookup");
+    let short = CouponIssuer::with_policy(policy_with_deadline(StdDuration::from_millis(300)));
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &short, 10);
+    let first = short
+        .issue(&mut conn, 1, campaign.id)
+        .expect("the first issue, applied");
+    let mut locker = connect(&url);
+    locker
+        .batch_execute("LOCK TABLES fcfs_coupon WRITE")
+        .expect("another program locks the campaigns");
+    let retried = short.issue(&mut conn, 1, campaign.id);
+    locker.batch_execute("UNLOCK TABLES").expect("unlock");
+    assert!(
+        matches!(retried, Err(Error::OutcomeUnknown { .. })),
+        "{retried:?}"
+    );
+    let again = short.issue(&mut conn, 1, campaign.id);
+    assert!(
+        matches!(again, Err(Error::AlreadyIssued { user_coupon_id, .. }) if user_coupon_id == first.id),
+        "{again:?}"
+    );
+}
