@@ -173,9 +173,10 @@ struct Again<'a, Req> {
 }
 
 /// [`Again::spent`] for a policy of `max_attempts`: a request runs again after its batch gave
-/// up by the deadline — [`Error::Timeout`], or [`Error::Contended`] with attempts left — while
-/// the attempts spent on it stay under `max_attempts`.
-fn within_attempts(max_attempts: u32) -> impl Fn(&Error, u32) -> Option<u32> {
+/// up by the deadline — [`Error::Timeout`], or [`Error::Contended`] with attempts left, or
+/// (`routed`: through a [`Router`], which runs a single call again after one until its
+/// deadline) a node failure — while the attempts spent on it stay under `max_attempts`.
+fn within_attempts(max_attempts: u32, routed: bool) -> impl Fn(&Error, u32) -> Option<u32> {
     let max_attempts = max_attempts.max(1);
     move |error, spent| match error {
         Error::Contended { attempts, .. } if *attempts < max_attempts => {
@@ -183,6 +184,7 @@ fn within_attempts(max_attempts: u32) -> impl Fn(&Error, u32) -> Option<u32> {
             (spent < max_attempts).then_some(spent)
         }
         Error::Timeout { .. } => Some(spent),
+        error if routed && error.is_node_failure() => Some(spent),
         _ => None,
     }
 }
@@ -916,7 +918,8 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
         };
         // A request its batch gave up on by an earlier caller's deadline runs again while it
         // has attempts left: a `Contended` batch that used up the attempts answers everyone.
-        let spent = within_attempts(runner.policy().retry.max_attempts);
+        let routed = matches!(self.source, Source::Router(_));
+        let spent = within_attempts(runner.policy().retry.max_attempts, routed);
         let again = Again {
             copy: &Req::clone,
             spent: &spent,
@@ -932,7 +935,22 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                 // and a router sees the node failures among them.
                 let run = |conn: &mut MysqlConnection, deadline| match requests.as_slice() {
                     [alone] => one(&self.inner, conn, *key, alone, deadline).map(|r| vec![Ok(r)]),
-                    all => many(&self.inner, conn, *key, all, deadline),
+                    all => {
+                        let answers = many(&self.inner, conn, *key, all, deadline)?;
+                        // A batch that failed before its commit keeps the answers it found
+                        // without the hot row; through a router, a node failure among the rest
+                        // is the whole batch's, so that the router runs it again on the writer
+                        // (as it runs a single call again). Only a batch that did not commit
+                        // answers a node failure: after a commit, failures are OutcomeUnknown.
+                        let node_failure = answers
+                            .iter()
+                            .filter_map(|a| a.as_ref().err())
+                            .find(|e| routed && e.is_node_failure());
+                        match node_failure {
+                            Some(failure) => Err(failure.clone()),
+                            None => Ok(answers),
+                        }
+                    }
                 };
                 let refusals = refusals_on_this_thread();
                 let outcome = match prepared {

@@ -195,7 +195,7 @@ fn given_back_behind_a_batch(
     let submit = |request: u64, deadline: Deadline| {
         let (combiner, seen) = (combiner.clone(), seen.clone());
         thread::spawn(move || {
-            let spent = within_attempts(max_attempts);
+            let spent = within_attempts(max_attempts, false);
             let again = Again {
                 copy: &u64::clone,
                 spent: &spent,
@@ -503,4 +503,34 @@ fn the_next_leader_prepares_while_the_batch_before_it_runs_and_batches_never_ove
     );
     assert_eq!(combiner.stats().requests, 80);
     assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+}
+
+/// Through a router a batch that gave up by an earlier caller's deadline during a failover
+/// (a node failure: the router waited for a writer until that deadline) gives the later
+/// requests back, as their single calls would still wait for the new writer; over a pool, a
+/// node failure is every caller's answer, as it is the single call's.
+#[test]
+fn a_routed_batch_gives_back_requests_after_a_node_failure() {
+    let lost = || {
+        Error::Server(crate::ServerError::new(
+            diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new("Lost connection to server during query".to_owned()),
+            ),
+        ))
+    };
+    assert!(lost().is_node_failure(), "{:?}", lost());
+    assert_eq!(within_attempts(5, true)(&lost(), 2), Some(2));
+    assert_eq!(within_attempts(5, false)(&lost(), 2), None);
+    assert_eq!(
+        within_attempts(5, true)(&Error::NotDesignatedWriter, 0),
+        Some(0)
+    );
+    // Not a node failure: answered through a router too.
+    let refused = Error::InsufficientBalance {
+        user_id: 1,
+        available: rust_decimal::Decimal::ONE,
+        requested: rust_decimal::Decimal::TEN,
+    };
+    assert_eq!(within_attempts(5, true)(&refused, 0), None);
 }

@@ -501,6 +501,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failure that applied nothing and blames the node or the connection, not the request:
+    /// a [`Router`](crate::Router) runs the call again on the writer after it.
+    pub(crate) fn is_node_failure(&self) -> bool {
+        match self {
+            Error::ServerUnresponsive { .. }
+            | Error::ConnectionBroken { .. }
+            | Error::NotDesignatedWriter
+            | Error::Pool(_) => true,
+            Error::Server(source) => matches!(
+                source.kind(),
+                ServerErrorKind::ConnectionLost | ServerErrorKind::NodeNotReady
+            ),
+            _ => false,
+        }
+    }
+
     /// The answer to a request whose key could not be looked up (`failure`) where the key may
     /// have been recorded by an earlier call under it — a retry after [`Error::OutcomeUnknown`],
     /// say, refused for what its first attempt spent, or refused by the key's unique index: the

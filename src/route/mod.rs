@@ -835,15 +835,5 @@ fn is_connection_failure(error: &Error) -> bool {
 
 /// A failure that applied nothing and blames the node, not the request.
 fn is_node_failure(error: &Error) -> bool {
-    match error {
-        Error::ServerUnresponsive { .. }
-        | Error::ConnectionBroken { .. }
-        | Error::NotDesignatedWriter
-        | Error::Pool(_) => true,
-        Error::Server(source) => matches!(
-            source.kind(),
-            ServerErrorKind::ConnectionLost | ServerErrorKind::NodeNotReady
-        ),
-        _ => false,
-    }
+    error.is_node_failure()
 }
