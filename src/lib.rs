@@ -119,8 +119,8 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// The caller's session is left as found: Diesel runs each migration in a transaction whose
 /// COMMIT follows the session's `completion_type`, so lockstock sets `NO_CHAIN` (and
 /// `autocommit = 1`, so that reading which migrations are applied leaves no transaction open)
-/// and puts the caller's values back afterwards (where it cannot, it ends the session:
-/// [`Error::ConnectionBroken`]). Inside a transaction the caller opened through Diesel, or on
+/// and puts the caller's values back afterwards (where it cannot, it ends the session and the
+/// connection is marked broken; the answer is still the migrations'). Inside a transaction the caller opened through Diesel, or on
 /// MariaDB with a raw `BEGIN`, nothing is sent: DDL would commit it (MySQL 8 has no
 /// `@@in_transaction`: there a raw `BEGIN` is committed by the migrations).
 ///
@@ -130,7 +130,7 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// [`Error::Migration`] when a migration (or reading which are applied) fails;
 /// [`Error::ServerUnresponsive`] when the server did not answer by the deadline plus the grace
 /// (the connection is shut down and marked broken); [`Error::Server`] when the session could
-/// not be set up or put back.
+/// not be set up (nothing applied).
 pub fn run_migrations_by(conn: &mut MysqlConnection, deadline: Deadline) -> Result<()> {
     txn::migrations::run(conn, Some(deadline))
 }

@@ -57,7 +57,8 @@
 //! the queue, the pool checkout (`get_timeout` with the time left) and the batch transaction. A
 //! batch runs by the earliest deadline of the requests in it, so it never outlives any of its
 //! callers. When it gives up by that deadline without committing ([`Error::Contended`] with
-//! attempts left, [`Error::Timeout`]), only the callers whose deadline it ran by are answered
+//! attempts left, [`Error::Timeout`]; through a [`Router`], also a node failure — the router
+//! waited for a writer until that deadline), only the callers whose deadline it ran by are answered
 //! so: a request with a later deadline (at least 10 ms left) goes back to the front of the
 //! queue and runs in the next batch, as its single call would still be retrying — but not
 //! once the attempts spent on it have reached the policy's `max_attempts` (the batch it runs in
@@ -868,7 +869,8 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
 
     /// Combines through `router`: every batch runs on the Galera cluster's writer, and a batch
     /// that meets a node failure (nothing applied) runs again on the new writer within its
-    /// deadline ([`Router::write`]); batches of up to [`DEFAULT_MAX_BATCH`].
+    /// deadline ([`Router::write`]) — and its callers with a later deadline are given back to
+    /// the queue when it gives up by an earlier one; batches of up to [`DEFAULT_MAX_BATCH`].
     pub fn routed(router: Arc<Router>, inner: S) -> Self {
         Self {
             source: Source::Router(router),
@@ -942,10 +944,23 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         // is the whole batch's, so that the router runs it again on the writer
                         // (as it runs a single call again). Only a batch that did not commit
                         // answers a node failure: after a commit, failures are OutcomeUnknown.
+                        // Not where an answer shows a request applied (never answered "nothing
+                        // applied" then), nor past the deadline (the router would not run it
+                        // again: the kept answers stay).
+                        let applied = answers.iter().any(|a| {
+                            matches!(
+                                a,
+                                Ok(_)
+                                    | Err(
+                                        Error::AlreadyIssued { .. } | Error::OutcomeUnknown { .. }
+                                    )
+                            )
+                        });
                         let node_failure = answers
                             .iter()
                             .filter_map(|a| a.as_ref().err())
-                            .find(|e| routed && e.is_node_failure());
+                            .find(|e| e.is_node_failure())
+                            .filter(|_| routed && !applied && !deadline.is_expired());
                         match node_failure {
                             Some(failure) => Err(failure.clone()),
                             None => Ok(answers),

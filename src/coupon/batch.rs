@@ -63,9 +63,7 @@ impl CouponIssuer {
     /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`], [`Error::Server`],
     /// [`Error::Internal`] for facts that keep disagreeing): then no request was applied (or,
     /// for [`Error::OutcomeUnknown`], all or none were). It is given only when every user id
-    /// is valid and the batch found none of its users holding the coupon or failed on its
-    /// connection or node (a lost connection, [`Error::ServerUnresponsive`], ...: a
-    /// [`Router`](crate::Router) runs such a batch again): otherwise such a
+    /// is valid and the batch found none of its users holding the coupon: otherwise such a
     /// failure is answered per request, an invalid id with [`Error::InvalidId`] (as `issue`
     /// answers it before sending anything), a user found holding the coupon with
     /// [`Error::AlreadyIssued`] (as `issue` answers it without the stock row: the unique index
@@ -95,10 +93,11 @@ impl CouponIssuer {
             decided => return decided,
         };
         let holder = |user_id: i64| found.held.get(&user_id).copied();
-        // A node failure stays the whole batch's (a `Router` runs the batch again on the
-        // writer, which answers every request), unless a user id is refused.
-        if user_ids.iter().all(|&user_id| user_id > 0)
-            && (failure.is_node_failure() || user_ids.iter().all(|&u| holder(u).is_none()))
+        // A user found holding the coupon is never answered the failure (a node failure
+        // included: it may say that nothing was applied).
+        if user_ids
+            .iter()
+            .all(|&user_id| user_id > 0 && holder(user_id).is_none())
         {
             return Err(failure);
         }

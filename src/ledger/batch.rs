@@ -79,9 +79,10 @@ impl BalanceLedger {
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
     /// [`Error::Server`]): then no request in the batch was applied (or, for
     /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). It is given only for a batch
-    /// of valid requests that all needed the account's row, or that failed on its connection or
-    /// node ([`Error::ConnectionBroken`], a lost connection, [`Error::ServerUnresponsive`], ...:
-    /// a [`Router`](crate::Router) runs such a batch again): where some request is refused
+    /// of valid requests that all needed the account's row — or that failed on its connection
+    /// or node ([`Error::ConnectionBroken`], a lost connection, [`Error::ServerUnresponsive`],
+    /// ...: a [`Router`](crate::Router) runs such a batch again) with none of them found
+    /// applied: where some request is refused
     /// before anything is sent (an invalid id, amount, key or expiry — what its single call
     /// answers without a round trip), is a hold whose expiry has passed, or was answered
     /// without the row before the failure (a capture or release of a hold that is not this
@@ -132,9 +133,12 @@ impl BalanceLedger {
             Err(failure) => failure,
         };
         // A node failure stays the whole batch's (a `Router` runs the batch again on the
-        // writer, which answers every request), unless a request is refused for its input.
+        // writer, which answers every request), unless a request is refused for its input or
+        // was found applied (its key's entry: never answered "nothing applied").
+        let found_applied = results.iter().any(|r| matches!(r, Some(Ok(_))));
         if before.iter().all(|b| matches!(b, BeforeSending::Send))
-            && (failure.is_node_failure() || results.iter().all(Option::is_none))
+            && ((failure.is_node_failure() && !found_applied)
+                || results.iter().all(Option::is_none))
         {
             return Err(failure);
         }

@@ -187,14 +187,11 @@ pub(crate) mod migrations {
             .map(|_| ())
             .map_err(|e| Error::Migration(e.into()));
         // Where the caller's values cannot be put back, the session is ended (as the runner
-        // ends one it could not restore).
-        let restored = conn.batch_execute(RESTORE).map_err(|e| {
+        // ends one it could not restore after a COMMIT): the answer stays the migrations'.
+        if conn.batch_execute(RESTORE).is_err() {
             super::transaction::close_broken(conn);
-            Error::ConnectionBroken {
-                source: crate::error::ServerError::new(e),
-            }
-        });
-        migrated.and(restored)
+        }
+        migrated
     }
 }
 
