@@ -185,6 +185,9 @@ fn killed_connection_errors_are_typed() {
 /// `KILL QUERY <connection id>` — after a random 0–3 ms, so kills land before, during and after
 /// statements and COMMIT. Victims reconnect and retry with the
 /// same key (or give up on purpose). Afterwards the database must agree with every answer.
+/// Rounds of 6 s (new victims, new coupon users) run until the kills have produced every kind
+/// of answer checked (an unknown outcome needs a KILL inside a COMMIT), at most four: a slow
+/// machine gets more time instead of a failed test.
 #[test]
 fn killed_connections_never_leave_partial_state() {
     let _storm = lockstock_testkit::fixtures::storm();
@@ -194,64 +197,80 @@ fn killed_connections_never_leave_partial_state() {
     let setup = workload::setup(&mut admin, 12, 2, 60);
     let duration = Duration::from_secs(soak_secs().unwrap_or(6));
     const VICTIMS: usize = 4;
+    // Rounds of `duration` until the kills produced every kind of answer the test checks for
+    // (an unknown outcome needs a KILL inside a COMMIT), at most this many.
+    const ROUNDS: usize = 4;
     let kills = AtomicUsize::new(0);
     let query_kills = AtomicUsize::new(0);
     let kill_attempts = AtomicUsize::new(0);
     let errors = workload::ErrorTexts::default();
-    let stop = AtomicBool::new(false);
     let started = Instant::now();
-    let records: Vec<Record> = thread::scope(|s| {
-        let mut victims = Vec::new();
-        for v in 0..VICTIMS {
-            let (tx, rx) = mpsc::channel::<(i64, Duration, bool)>();
-            let (killer_url, kills, query_kills, kill_attempts) =
-                (url.clone(), &kills, &query_kills, &kill_attempts);
-            s.spawn(move || {
-                let mut admin = connect(&killer_url);
-                for (id, delay, query_only) in rx {
-                    thread::sleep(delay);
-                    kill_attempts.fetch_add(1, Ordering::Relaxed);
-                    if kill(&mut admin, id, query_only).expect("KILL") {
-                        if query_only {
-                            query_kills.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            kills.fetch_add(1, Ordering::Relaxed);
+    let mut records: Vec<Record> = Vec::new();
+    for round in 0..ROUNDS {
+        let stop = AtomicBool::new(false);
+        records.extend(thread::scope(|s| {
+            let mut victims = Vec::new();
+            for v in 0..VICTIMS {
+                let (tx, rx) = mpsc::channel::<(i64, Duration, bool)>();
+                let (killer_url, kills, query_kills, kill_attempts) =
+                    (url.clone(), &kills, &query_kills, &kill_attempts);
+                s.spawn(move || {
+                    let mut admin = connect(&killer_url);
+                    for (id, delay, query_only) in rx {
+                        thread::sleep(delay);
+                        kill_attempts.fetch_add(1, Ordering::Relaxed);
+                        if kill(&mut admin, id, query_only).expect("KILL") {
+                            if query_only {
+                                query_kills.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                kills.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
-                }
-            });
-            let client = Client {
-                abandon_unknown: 300,
-                abandon_lost: 300,
-                ..Client::new(
-                    &url,
-                    format!("v{v}"),
-                    v,
-                    &setup,
-                    seed.wrapping_add(v as u64),
-                    &errors,
-                )
-            };
-            let stop = &stop;
-            victims.push(s.spawn(move || {
-                let mut rng = Rng::new(seed ^ 0xABCD ^ v as u64);
-                let mut hook = |conn: &mut MysqlConnection| {
-                    let Ok(id) = connection_id(conn) else {
-                        return false;
-                    };
-                    if rng.chance(500) {
-                        let delay = Duration::from_micros(rng.below(3_001));
-                        let query_only = rng.below(3) == 0;
-                        tx.send((id, delay, query_only)).expect("killer alive");
-                    }
-                    true
+                });
+                let client = Client {
+                    abandon_unknown: 300,
+                    abandon_lost: 300,
+                    ..Client::new(
+                        &url,
+                        format!("r{round}v{v}"),
+                        // Coupon users of their own in every round (one coupon per user).
+                        round * VICTIMS + v,
+                        &setup,
+                        seed.wrapping_add((round * VICTIMS + v) as u64),
+                        &errors,
+                    )
                 };
-                workload::run_client(&client, stop, &mut hook)
-            }));
+                let stop = &stop;
+                victims.push(s.spawn(move || {
+                    let mut rng = Rng::new(seed ^ 0xABCD ^ (round * VICTIMS + v) as u64);
+                    let mut hook = |conn: &mut MysqlConnection| {
+                        let Ok(id) = connection_id(conn) else {
+                            return false;
+                        };
+                        if rng.chance(500) {
+                            let delay = Duration::from_micros(rng.below(3_001));
+                            let query_only = rng.below(3) == 0;
+                            tx.send((id, delay, query_only)).expect("killer alive");
+                        }
+                        true
+                    };
+                    workload::run_client(&client, stop, &mut hook)
+                }));
+            }
+            thread::sleep(duration);
+            stop_and_collect(&stop, victims)
+        }));
+        let so_far = Summary::of(&records);
+        if kills.load(Ordering::Relaxed) > 0
+            && query_kills.load(Ordering::Relaxed) > 0
+            && so_far.unknown_answers > 0
+            && so_far.lost_answers > 0
+            && so_far.retried_to_ok > 0
+        {
+            break;
         }
-        thread::sleep(duration);
-        stop_and_collect(&stop, victims)
-    });
+    }
     let summary = Summary::of(&records);
     eprintln!(
         "{test}: {:?}, {} KILLs sent, {} KILL and {} KILL QUERY hit a live connection; {summary}",
