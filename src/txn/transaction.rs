@@ -360,7 +360,15 @@ pub(super) fn end_unused(conn: &mut MysqlConnection) -> Option<Error> {
 fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
     if let Err(e) = after_late_abort(conn, |conn| Rollback.execute(conn).map(|_| ())) {
         // Release the locks now if the server still answers (the prepared form may be what
-        // failed), but never trust this connection again.
+        // failed), but never trust this connection again. A statement left in the middle of
+        // its result (a Galera abort reported while its rows came) keeps the client out of
+        // step with the server — every statement after it fails in the client, the ROLLBACK
+        // and the KILL too, and the transaction would hold its locks as long as the caller
+        // keeps the connection: closing the cached statements first reads what is left of it.
+        diesel::connection::Connection::set_prepared_statement_cache_size(
+            conn,
+            diesel::connection::CacheSize::Disabled,
+        );
         let _ = conn.batch_execute("ROLLBACK AND NO CHAIN NO RELEASE");
         close_broken(conn);
         return Some(Error::ConnectionBroken {

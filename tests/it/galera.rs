@@ -1049,6 +1049,16 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
                     "only contention may fail a call here: {e:?}"
                 );
                 failed += 1;
+                // A connection the runner gave up on is not used again (as a pool discards
+                // it): a new one, and the old one closed.
+                if matches!(
+                    e,
+                    lockstock::Error::ConnectionBroken { .. }
+                        | lockstock::Error::ServerUnresponsive { .. }
+                ) {
+                    eprintln!("galera_runner_answers_whole_transactions_under_silent_rollbacks: {e}; a new connection");
+                    conn = causal(&urls[0]);
+                }
             }
         }
         halves += controls.try_iter().count();
