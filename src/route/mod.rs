@@ -792,14 +792,14 @@ impl Shared {
             // looked up, because the connection or the node failed: it may be applied, so it
             // is not run again — but the node is blamed as for a node failure.
             Err(Error::OutcomeUnknown { source })
-                if !cut && is_node_failure(&Error::Server(source.clone())) =>
+                if !cut && Error::Server(source.clone()).is_node_failure() =>
             {
                 crate::txn::mark_broken(&mut conn);
                 drop(conn);
                 self.fail(node, &Error::Server(source.clone()));
                 Attempt::Done(Err(Error::OutcomeUnknown { source }))
             }
-            Err(error) if is_node_failure(&error) => {
+            Err(error) if error.is_node_failure() => {
                 if !cut {
                     // Never back into the pool (it does not test on checkout): r2d2 discards a
                     // connection marked broken.
@@ -831,9 +831,4 @@ fn is_connection_failure(error: &Error) -> bool {
         Error::Server(source) => source.kind() == ServerErrorKind::ConnectionLost,
         _ => false,
     }
-}
-
-/// A failure that applied nothing and blames the node, not the request.
-fn is_node_failure(error: &Error) -> bool {
-    error.is_node_failure()
 }

@@ -123,77 +123,7 @@ pub(crate) use transaction::{
 };
 use watchdog::Guard;
 
-/// [`run_migrations`](crate::run_migrations) with the caller's session kept.
-pub(crate) mod migrations {
-    use diesel::connection::SimpleConnection;
-    use diesel::mysql::MysqlConnection;
-    use diesel_migrations::MigrationHarness;
-
-    use super::NESTED_LOCALE;
-    use super::{bounded, ensure_no_open_transaction, Deadline, ServerFlavor, TxnPolicy};
-    use crate::error::Error;
-
-    /// Puts the caller's values back and clears the user variables.
-    const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type, \
-        autocommit = @lockstock_autocommit, \
-        @lockstock_completion_type = NULL, @lockstock_autocommit = NULL";
-
-    /// Applies the pending migrations, bounded by `deadline` if there is one.
-    pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(), Error> {
-        ensure_no_open_transaction(conn)?;
-        match deadline {
-            // Nothing is sent past the deadline.
-            Some(deadline) if deadline.is_expired() => Err(Error::Timeout {
-                elapsed: deadline.elapsed(),
-            }),
-            Some(deadline) => {
-                let grace = TxnPolicy::default().unresponsive_grace;
-                bounded(conn, deadline, grace, |conn, _| migrate(conn))
-            }
-            None => migrate(conn),
-        }
-    }
-
-    fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
-        // One atomic SET saves and sets what Diesel's harness depends on; on MariaDB it fails
-        // (an unknown locale, nothing set) inside a transaction the caller opened with a raw
-        // `BEGIN`, which `autocommit = 1` and the DDL would commit. (MySQL has no
-        // `@@in_transaction`.)
-        let nested_check = match ServerFlavor::ask(conn)? {
-            ServerFlavor::MariaDb => format!(
-                "SESSION lc_messages = \
-                 IF(@@in_transaction, '{NESTED_LOCALE}', @@session.lc_messages), "
-            ),
-            ServerFlavor::MySql => String::new(),
-        };
-        let setup = format!(
-            "SET @lockstock_completion_type = @@session.completion_type, \
-             @lockstock_autocommit = @@session.autocommit, {nested_check}\
-             SESSION completion_type = 'NO_CHAIN', autocommit = 1"
-        );
-        if let Err(e) = conn.batch_execute(&setup) {
-            let error = Error::from(e);
-            let nested = error
-                .server_error()
-                .is_some_and(|e| e.message().to_ascii_lowercase().contains(NESTED_LOCALE));
-            return Err(if nested {
-                Error::NestedTransaction
-            } else {
-                error
-            });
-        }
-        let migrated = conn
-            .run_pending_migrations(crate::MIGRATIONS)
-            .map(|_| ())
-            .map_err(|e| Error::Migration(e.into()));
-        // Where the caller's values cannot be put back, the session is ended (as the runner
-        // ends one it could not restore after a COMMIT): the answer stays the migrations'.
-        if conn.batch_execute(RESTORE).is_err() {
-            super::transaction::close_broken(conn);
-        }
-        migrated
-    }
-}
+pub(crate) mod migrations;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -236,6 +166,13 @@ const NESTED_LOCALE: &str = "lockstock_nested_transaction";
 
 /// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
 const NESTED_1568: &str = "transaction characteristics can't be changed";
+
+/// Whether a failed setup statement refused because a transaction was open: lockstock's own
+/// check ([`NESTED_LOCALE`]) or MySQL's `SET TRANSACTION` inside one (1568).
+fn refused_as_nested(error: &ServerError) -> bool {
+    let message = error.message().to_ascii_lowercase();
+    message.contains(NESTED_LOCALE) || message.contains(NESTED_1568)
+}
 
 /// The value that makes the first SET of a write on a Galera node refuse, atomically, when the
 /// node is not the designated writer (the `designated_writer` row names another node).

@@ -288,7 +288,7 @@ pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> 
         if let Err(e) = sent {
             let error = ServerError::new(e);
             let message = error.message().to_ascii_lowercase();
-            let refusal = if message.contains(NESTED_LOCALE) || message.contains(NESTED_1568) {
+            let refusal = if refused_as_nested(&error) {
                 Error::NestedTransaction
             } else if message.contains(NOT_DESIGNATED_LOCALE) {
                 Error::NotDesignatedWriter
