@@ -69,6 +69,10 @@ impl BalanceLedger {
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
     ///    journal, and the rest run again from step 1 (as often as keys are found taken: each
     ///    such round answers at least one request; single calls never give up on it either).
+    ///    Where that lookup fails, every request still open is answered
+    ///    [`Error::OutcomeUnknown`], as a single call refused by its key's index whose lookup
+    ///    fails: one of their keys is recorded, maybe by an earlier call of the same request,
+    ///    and the batch cannot tell which.
     /// 4. After the commit, a request refused for the balance (or a missing account, or a
     ///    hold's expiry on the server clock) under a key that the batch did not write is looked
     ///    up in the journal, lock-free: a key that exists answers it, as it answers the single
@@ -203,11 +207,24 @@ impl BalanceLedger {
         let mut lookup_first = false;
         for round in 0.. {
             if lookup_first {
-                // Nothing has been committed yet: a failure here fails the call (the answers
-                // found so far stay).
+                // Nothing has been committed yet, but a key of the batch is in the journal (the
+                // unique index refused it): a request still open may have been applied by an
+                // earlier call under its key, and the batch cannot tell which — each is
+                // answered as its single call answers a failed lookup after a refusal
+                // (`Error::unknown_after_refusal`), never with the failure, which would say
+                // that nothing was applied. The answers found so far stay.
                 let open = unanswered(results);
                 let rows =
-                    self.journal_rows_by(conn, deadline, user_id, &keys(&requests, &open))?;
+                    match self.journal_rows_by(conn, deadline, user_id, &keys(&requests, &open)) {
+                        Ok(rows) => rows,
+                        Err(failure) => {
+                            for index in open {
+                                results[index] =
+                                    Some(Err(Error::unknown_after_refusal(failure.clone())));
+                            }
+                            return Ok(());
+                        }
+                    };
                 for index in open {
                     results[index] = requests[index].answer_from(&rows);
                     if let (Some(_), Some(first)) = (&results[index], missing_before.as_mut()) {

@@ -444,6 +444,51 @@ fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
     audit_ok(&patient, &mut admin, 1);
 }
 
+/// A batch retried under a key already in the journal (say after `OutcomeUnknown`) is refused
+/// by the key's unique index, and its keys are looked up; where that lookup fails (here a
+/// server account that may not read the journal) the requests still open may be applied, so
+/// each is answered `OutcomeUnknown`, as the single call is — never the lookup's failure as
+/// the batch's outer `Err`, which says that no request was applied. Before the fix the batch
+/// answered `Err(Server)` ("SELECT command denied").
+#[test]
+fn a_batch_whose_keys_cannot_be_looked_up_after_a_clash_may_be_applied() {
+    let (url, mut admin) = fresh_database("review_clash_lookup");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(100), "seed")
+        .expect("seed");
+    let applied = ledger
+        .deduct(&mut admin, 1, dec(10), "d")
+        .expect("the first deduct, applied");
+    let blind = journal_blind_url(&url, &mut admin, "review_clash_lookup");
+    let mut conn = connect(&blind);
+
+    let single = ledger.deduct(&mut conn, 1, dec(10), "d");
+    assert!(is_denied_outcome_unknown(&single), "{single:?}");
+    let ops = [
+        AccountOp::deduct(dec(10), "d"),
+        AccountOp::charge(dec(5), "c2"),
+    ];
+    let results = match ledger.apply_many(&mut conn, 1, &ops) {
+        Ok(results) => results,
+        Err(e) => panic!("a key of the batch is recorded, but the call answered {e:?}"),
+    };
+    assert_eq!(results.len(), 2);
+    for result in &results {
+        assert!(is_denied_outcome_unknown(result), "{result:?}");
+    }
+
+    // Nothing more was written: the first deduct only, no charge `c2`.
+    assert_eq!(count_key(&mut admin, 1, "d"), 1);
+    assert_eq!(count_key(&mut admin, 1, "c2"), 0);
+    assert_eq!(stored_balance(&mut admin, 1), dec(90));
+    let replayed = ledger
+        .deduct(&mut admin, 1, dec(10), "d")
+        .expect("the retry, answered from the journal");
+    assert_eq!(replayed.id, applied.id);
+    audit_ok(&ledger, &mut admin, 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Finding 9
 // ---------------------------------------------------------------------------------------------
