@@ -14,7 +14,9 @@
 //!
 //! When an entry comes due, the watchdog reads `/proc/self/task/<tid>/syscall` (proc(5): the
 //! system call number the thread is blocked in, then its argument registers). For `poll` /
-//! `ppoll` on one descriptor it reads the `struct pollfd` at the first argument with
+//! `ppoll` on one descriptor — also a `poll` that a stop of the process (SIGSTOP and SIGCONT,
+//! Ctrl-Z and `fg`, a cgroup freeze, a debugger attaching) interrupted, which the kernel resumes
+//! as `restart_syscall` with `poll`'s registers in place — it reads the `struct pollfd` at the first argument with
 //! `process_vm_readv` on its own process (never a raw pointer: the memory belongs to the
 //! blocked thread); for `read`, `recvfrom`, `recvmsg`, `write`, `sendto` and `sendmsg` the first
 //! argument is the descriptor. A descriptor that `fstat` confirms is a socket is
@@ -245,6 +247,9 @@ mod sys {
     mod nr {
         pub(super) const POLL: Option<i64> = Some(7);
         pub(super) const PPOLL: i64 = 271;
+        /// `restart_syscall`: a `poll` interrupted by a stop (SIGSTOP / SIGCONT, a debugger
+        /// attaching, a cgroup freeze) resumes as it, with `poll`'s arguments still in place.
+        pub(super) const RESTART: Option<i64> = Some(219);
         /// read, write, sendto, recvfrom, sendmsg, recvmsg: the first argument is the fd.
         pub(super) const FD_FIRST: [i64; 6] = [0, 1, 44, 45, 46, 47];
     }
@@ -252,12 +257,15 @@ mod sys {
     mod nr {
         pub(super) const POLL: Option<i64> = None;
         pub(super) const PPOLL: i64 = 73;
+        /// `restart_syscall` (an interrupted `ppoll` restarts as `ppoll` here; harmless).
+        pub(super) const RESTART: Option<i64> = Some(128);
         pub(super) const FD_FIRST: [i64; 6] = [63, 64, 206, 207, 211, 212];
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     mod nr {
         pub(super) const POLL: Option<i64> = None;
         pub(super) const PPOLL: i64 = -1;
+        pub(super) const RESTART: Option<i64> = None;
         pub(super) const FD_FIRST: [i64; 0] = [];
     }
 
@@ -292,7 +300,9 @@ mod sys {
         let mut args = fields.map(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok());
         let arg0 = args.next()??;
         let arg1 = args.next()??;
-        if Some(number) == nr::POLL || number == nr::PPOLL {
+        // A restarted call keeps the registers of the call it restarts: for anything but a
+        // `poll` of one descriptor, the checks below find no socket.
+        if Some(number) == nr::POLL || number == nr::PPOLL || Some(number) == nr::RESTART {
             if arg1 != 1 {
                 return None;
             }

@@ -557,3 +557,156 @@ fn silent_server_migrations_by_a_deadline_return() {
     )
     .expect("the migrations on a running server");
 }
+
+/// Set in the child of [`silent_server_call_of_a_stopped_and_continued_process_returns`]: the
+/// database URL its call uses.
+const STOPPED_CHILD_URL: &str = "LOCKSTOCK_STOPPED_CHILD_URL";
+/// What the child's lines to the parent begin with (libtest writes to stdout as well).
+const CHILD_SAYS: &str = "stopped-child: ";
+
+/// The child: runs only as a child of `silent_server_call_of_a_stopped_and_continued_process_returns`.
+/// Connects, says `ready`, waits for `go`, says `calling` and reads a balance with
+/// [`policy`]; then says what it got and after how many milliseconds.
+#[test]
+fn stopped_child() {
+    use std::io::{BufRead, Write};
+    let Ok(url) = std::env::var(STOPPED_CHILD_URL) else {
+        return;
+    };
+    let ledger = BalanceLedger::with_policy(policy());
+    let mut conn = connect(&url);
+    let mut out = std::io::stdout();
+    let mut say = |line: &str| {
+        writeln!(out, "{CHILD_SAYS}{line}").expect("to the parent");
+        out.flush().expect("to the parent");
+    };
+    say("ready");
+    let mut go = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut go)
+        .expect("from the parent");
+    assert_eq!(go.trim(), "go");
+    say("calling");
+    let started = Instant::now();
+    let answer = ledger.balance(&mut conn, 1);
+    let took = started.elapsed();
+    say(&format!("answered {} {answer:?}", took.as_millis()));
+}
+
+/// A call blocked on a paused server in a process that is stopped and continued meanwhile (a
+/// `kill -STOP` / `kill -CONT`, Ctrl-Z and `fg`, a cgroup freeze, a debugger attaching) still
+/// returns by its deadline plus grace. The stop interrupts libmariadb's `poll`, which the
+/// kernel resumes as `restart_syscall` with `poll`'s arguments in place; before the fix the
+/// watchdog recognised only `poll` and `ppoll` there, never shut the socket down, and the call
+/// waited for as long as the server did. The call runs in a child process (this test binary
+/// again, `--exact silent::stopped_child`), so only it is stopped.
+#[test]
+fn silent_server_call_of_a_stopped_and_continued_process_returns() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    if std::env::var_os(STOPPED_CHILD_URL).is_some() {
+        return;
+    }
+    let _alone = exclusive();
+    let (mut sandbox, url, mut conn) = private_server("silent_stopped");
+    funded_account(
+        &mut conn,
+        &BalanceLedger::with_policy(policy()),
+        1,
+        Decimal::from(100),
+    );
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "silent::stopped_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(STOPPED_CHILD_URL, &url)
+        .env("DATABASE_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the child");
+    let pid = child.id().to_string();
+    let mut to_child = child.stdin.take().expect("child stdin");
+    let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
+    let (lines, said) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in from_child.lines().map_while(Result::ok) {
+            // libtest's own "test ... " may come first on the line.
+            if let Some((_, line)) = line.split_once(CHILD_SAYS) {
+                if lines.send(line.to_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // The next line of the child, if it begins with `what` within `within`; else the child is
+    // killed and the server resumed, and the test fails.
+    fn expect(
+        said: &mpsc::Receiver<String>,
+        child: &mut std::process::Child,
+        sandbox: &mut Sandbox,
+        what: &str,
+        within: Duration,
+    ) -> String {
+        let line = said.recv_timeout(within).ok();
+        match line {
+            Some(line) if line.starts_with(what) => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = sandbox.resume();
+                panic!("the child did not say {what:?} within {within:?}: {other:?}");
+            }
+        }
+    }
+    let (child_mut, sandbox_mut) = (&mut child, &mut sandbox);
+    expect(
+        &said,
+        child_mut,
+        sandbox_mut,
+        "ready",
+        Duration::from_secs(30),
+    );
+    sandbox_mut.pause().expect("pause");
+    writeln!(to_child, "go").expect("to the child");
+    expect(
+        &said,
+        child_mut,
+        sandbox_mut,
+        "calling",
+        Duration::from_secs(10),
+    );
+    // The call is waiting for the paused server: stop the child and let it go on.
+    thread::sleep(Duration::from_millis(300));
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    thread::sleep(Duration::from_millis(100));
+    signal("-CONT");
+    let answer = expect(&said, child_mut, sandbox_mut, "answered", give_up());
+    let _ = sandbox.resume();
+    let status = child.wait().expect("the child ends");
+    assert!(status.success(), "the child failed: {status}");
+    eprintln!("stopped and continued mid-call: {answer}");
+    let millis: u128 = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .expect("milliseconds");
+    assert!(
+        Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX)) <= bound(),
+        "answered after {millis} ms, bound {:?}: {answer}",
+        bound()
+    );
+    assert!(answer.contains("ServerUnresponsive"), "{answer}");
+}
