@@ -16,14 +16,16 @@ use crate::error::{Error, ServerError};
 use crate::txn::{apply_session_settings, Deadline, TxnPolicy};
 
 /// The probe: the node's name and the three status values that make it healthy, in one round
-/// trip on a connection of its own (no causal wait: it must answer on a lagging node too).
+/// trip on a connection of its own (no causal wait: it must answer on a lagging node too). A
+/// missing status is the empty string — `SPACE(0)`, not a `''` literal, which a server's
+/// `sql_mode` with EMPTY_STRING_IS_NULL reads as NULL.
 const PROBE_SQL: &str = "SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
-       WHERE variable_name = 'WSREP_READY'), '') AS CHAR) AS ready, \
+       WHERE variable_name = 'WSREP_READY'), SPACE(0)) AS CHAR) AS ready, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
-       WHERE variable_name = 'WSREP_CLUSTER_STATUS'), '') AS CHAR) AS cluster_status, \
+       WHERE variable_name = 'WSREP_CLUSTER_STATUS'), SPACE(0)) AS CHAR) AS cluster_status, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
-       WHERE variable_name = 'WSREP_LOCAL_STATE_COMMENT'), '') AS CHAR) AS local_state";
+       WHERE variable_name = 'WSREP_LOCAL_STATE_COMMENT'), SPACE(0)) AS CHAR) AS local_state";
 
 #[derive(QueryableByName)]
 struct ProbeRow {

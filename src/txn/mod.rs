@@ -239,10 +239,13 @@ impl RunnerSql {
                     // does not roll back (seen on Galera; see the galera tests). Its read opens
                     // a transaction (autocommit is off now) that BEGIN ends; when it refuses,
                     // the runner rolls back and restores the caller's session.
+                    // No '' literal: the caller's sql_mode may read it as NULL
+                    // (EMPTY_STRING_IS_NULL), and `NOT IN (NULL, ...)` is never true.
                     setup.push(format!(
-                        "SET SESSION lc_messages = IF((SELECT node_name FROM designated_writer \
-                         WHERE id = 1) NOT IN ('', CONVERT(@@wsrep_node_name USING utf8mb4) \
-                         COLLATE utf8mb4_bin), '{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
+                        "SET SESSION lc_messages = IF((SELECT CHAR_LENGTH(node_name) > 0 \
+                         AND node_name <> CONVERT(@@wsrep_node_name USING utf8mb4) \
+                         COLLATE utf8mb4_bin FROM designated_writer WHERE id = 1), \
+                         '{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
                     ));
                 }
                 setup

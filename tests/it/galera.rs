@@ -889,6 +889,16 @@ fn galera_guards_silent_rollbacks_and_the_designated_writer() {
     ledger
         .charge(&mut conn, 1, ten, "no-row")
         .expect("an empty row allows every node");
+    // A caller's sql_mode may read '' as NULL (EMPTY_STRING_IS_NULL): the check must not
+    // depend on it (before the fix `node_name NOT IN (NULL, <this node>)` was NULL, never true,
+    // and a write on a node the row does not name went through).
+    let mut null_strings = causal(&urls[0]);
+    null_strings
+        .batch_execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',EMPTY_STRING_IS_NULL')")
+        .expect("the caller's sql_mode");
+    ledger
+        .charge(&mut null_strings, 1, ten, "no-row-null")
+        .expect("an empty row allows every node, whatever the sql_mode");
     conn.batch_execute("UPDATE designated_writer SET node_name = 'elsewhere' WHERE id = 1")
         .expect("designate another node");
     let refused = ledger.charge(&mut conn, 1, ten, "elsewhere");
@@ -897,6 +907,16 @@ fn galera_guards_silent_rollbacks_and_the_designated_writer() {
         "{refused:?}"
     );
     assert_eq!(count_key(&mut conn, 1, "elsewhere"), 0, "nothing applied");
+    let refused = ledger.charge(&mut null_strings, 1, ten, "elsewhere-null");
+    assert!(
+        matches!(refused, Err(Error::NotDesignatedWriter)),
+        "under EMPTY_STRING_IS_NULL: {refused:?}"
+    );
+    assert_eq!(
+        count_key(&mut conn, 1, "elsewhere-null"),
+        0,
+        "nothing applied"
+    );
     let mut allowing = TxnPolicy::default();
     allowing.designated_writer_only = false;
     BalanceLedger::with_policy(allowing)
@@ -909,7 +929,7 @@ fn galera_guards_silent_rollbacks_and_the_designated_writer() {
         .expect("the designated writer writes");
     assert_eq!(
         ledger.balance(&mut conn, 1).expect("balance").balance,
-        Decimal::new(30, 0)
+        Decimal::new(40, 0)
     );
     audit_ok(&ledger, &mut conn, 1);
 }
