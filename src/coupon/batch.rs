@@ -18,11 +18,14 @@ use crate::txn::{Deadline, Holding, InsertIds};
 use crate::validate::validate_id;
 
 /// The users a batch's attempts found holding the campaign's coupon (`coupon_id`), with their
-/// coupon's id.
+/// coupon's id; `unknown`: an attempt was refused by the unique index (some user of the batch
+/// holds the coupon, maybe from an earlier call of the same request) and no holders read has
+/// told which one since.
 #[derive(Debug, Default)]
 struct SeenHolders {
     coupon_id: i64,
     held: HashMap<i64, i64>,
+    unknown: bool,
 }
 
 impl CouponIssuer {
@@ -67,7 +70,11 @@ impl CouponIssuer {
     /// failure is answered per request, an invalid id with [`Error::InvalidId`] (as `issue`
     /// answers it before sending anything), a user found holding the coupon with
     /// [`Error::AlreadyIssued`] (as `issue` answers it without the stock row: the unique index
-    /// refuses its INSERT) and every other request with a copy of the failure. Refusals of the
+    /// refuses its INSERT) and every other request with a copy of the failure. Where the
+    /// unique index refused the batch's INSERT and the holders could not be read since, some
+    /// user holds the coupon — maybe from an earlier call of the same request — and the batch
+    /// cannot tell which: every user not found holding is answered [`Error::OutcomeUnknown`],
+    /// as a single issue whose holder cannot be looked up is, never the outer `Err`. Refusals of the
     /// campaign as a whole (an invalid campaign id, not found, window closed, sold out) are
     /// answered per request.
     pub fn issue_many(
@@ -94,10 +101,12 @@ impl CouponIssuer {
         };
         let holder = |user_id: i64| found.held.get(&user_id).copied();
         // A user found holding the coupon is never answered the failure (a node failure
-        // included: it may say that nothing was applied).
-        if user_ids
-            .iter()
-            .all(|&user_id| user_id > 0 && holder(user_id).is_none())
+        // included: it may say that nothing was applied); nor is any user while a holder among
+        // them is known to exist but not which one.
+        if !found.unknown
+            && user_ids
+                .iter()
+                .all(|&user_id| user_id > 0 && holder(user_id).is_none())
         {
             return Err(failure);
         }
@@ -114,6 +123,10 @@ impl CouponIssuer {
                         coupon_id: found.coupon_id,
                         user_coupon_id,
                     },
+                    // Refused by the unique index, the holder not read since: this user may
+                    // hold the coupon from an earlier call of this request, so it may be
+                    // applied — as a single issue whose holder cannot be looked up answers.
+                    None if found.unknown => Error::unknown_after_refusal(failure.clone()),
                     None => failure.clone(),
                 })
             })
@@ -191,8 +204,12 @@ impl CouponIssuer {
                 if found.coupon_id != coupon_id {
                     *found = SeenHolders {
                         coupon_id,
-                        held: HashMap::new(),
+                        ..SeenHolders::default()
                     };
+                }
+                // Every holder among the users, as of this read.
+                if read_holders {
+                    found.unknown = false;
                 }
                 found
                     .held
@@ -304,6 +321,7 @@ impl CouponIssuer {
                 {
                     lock(&self.repeat_askers).insert(campaign_id);
                     read_holders = true;
+                    found.unknown = true;
                 }
                 // Below SERIALIZABLE the holders read is a snapshot that locks nothing: a user
                 // was issued a coupon after it. Read again (each time for a new holder among
@@ -313,6 +331,7 @@ impl CouponIssuer {
                         && late_holders < user_ids.len() =>
                 {
                     late_holders += 1;
+                    found.unknown = true;
                 }
                 Err(refusal) => return closed(refusal),
                 Ok(decided) => break (decided, coupon_id),

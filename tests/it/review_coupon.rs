@@ -1590,3 +1590,77 @@ fn an_issue_retry_whose_holder_cannot_be_looked_up_may_be_applied() {
         "{again:?}"
     );
 }
+
+/// A batch retried after it applied to one of its users (say after `OutcomeUnknown`) is refused
+/// by the unique index and reads the holders among its users; where that read fails (here a
+/// server account that may write coupons but not read them) every user not found holding may
+/// hold its coupon from that earlier call, so each is answered `OutcomeUnknown`, as the single
+/// issue whose holder cannot be looked up is — never the read's failure as the batch's outer
+/// `Err`, which says that no request was applied. Before the fix: `Err(Server)` ("SELECT
+/// command denied").
+#[test]
+fn a_batch_whose_holders_cannot_be_read_after_a_clash_may_be_applied() {
+    let database = "review_batch_blind";
+    let (url, mut admin) = fresh_database(database);
+    let issuer = CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut admin, &issuer, 10);
+    let first = issuer
+        .issue(&mut admin, 1, campaign.id)
+        .expect("the first issue, applied");
+    let user = "lockstock_coupon_blind";
+    for host in ["localhost", "%"] {
+        admin
+            .batch_execute(&format!(
+                "CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'blind'; \
+                 GRANT SELECT, UPDATE ON `{database}`.`fcfs_coupon` TO '{user}'@'{host}'; \
+                 GRANT SELECT ON `{database}`.`coupon` TO '{user}'@'{host}'; \
+                 GRANT INSERT ON `{database}`.`user_coupon` TO '{user}'@'{host}'"
+            ))
+            .expect("restricted user");
+    }
+    let rest = url.split_once('@').map_or(url.as_str(), |(_, rest)| rest);
+    let mut blind = connect(&format!("mysql://{user}:blind@{rest}"));
+    let denied_unknown = |result: &Result<IssuedCoupon, Error>| match result {
+        Err(e @ Error::OutcomeUnknown { source }) => {
+            e.is_outcome_unknown() && source.message().to_lowercase().contains("denied")
+        }
+        _ => false,
+    };
+
+    let single = CouponIssuer::new().issue(&mut blind, 1, campaign.id);
+    assert!(denied_unknown(&single), "{single:?}");
+    let results = match CouponIssuer::new().issue_many(&mut blind, campaign.id, &[1, 2, -3]) {
+        Ok(results) => results,
+        Err(e) => panic!("user 1 holds the coupon, but the call answered {e:?}"),
+    };
+    assert_eq!(results.len(), 3);
+    assert!(denied_unknown(&results[0]), "{:?}", results[0]);
+    assert!(denied_unknown(&results[1]), "{:?}", results[1]);
+    assert!(
+        matches!(results[2], Err(Error::InvalidId { id: -3, .. })),
+        "{:?}",
+        results[2]
+    );
+
+    // Every user id valid: before the fix the outer `Err`.
+    let results = match CouponIssuer::new().issue_many(&mut blind, campaign.id, &[2, 1]) {
+        Ok(results) => results,
+        Err(e) => panic!("user 1 holds the coupon, but the call answered {e:?}"),
+    };
+    assert!(results.iter().all(denied_unknown), "{results:?}");
+
+    // Nothing more was issued: user 1's first coupon only, the stock as it left it.
+    let rows = user_coupon_rows(&mut admin);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, first.id);
+    assert_eq!(stock_row(&mut admin, campaign.id), (10, 9));
+    let again = issuer
+        .issue_many(&mut admin, campaign.id, &[1])
+        .expect("batch");
+    assert!(
+        matches!(again[0], Err(Error::AlreadyIssued { user_coupon_id, .. }) if user_coupon_id == first.id),
+        "{:?}",
+        again[0]
+    );
+    check_invariants(&mut admin, "after the blind batch");
+}
