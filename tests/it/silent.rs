@@ -630,7 +630,7 @@ fn silent_server_call_of_a_stopped_and_continued_process_returns() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("the child");
-    let pid = child.id().to_string();
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid");
     let mut to_child = child.stdin.take().expect("child stdin");
     let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
     let (lines, said) = mpsc::channel::<String>();
@@ -683,16 +683,14 @@ fn silent_server_call_of_a_stopped_and_continued_process_returns() {
     );
     // The call is waiting for the paused server: stop the child and let it go on.
     thread::sleep(Duration::from_millis(300));
-    let signal = |name: &str| {
-        let status = Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {name} {pid}");
+    let signal = |signal: libc::c_int| {
+        // SAFETY: kill sends a signal to our own child process; no memory is involved.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "signal {signal} to the child {pid}");
     };
-    signal("-STOP");
+    signal(libc::SIGSTOP);
     thread::sleep(Duration::from_millis(100));
-    signal("-CONT");
+    signal(libc::SIGCONT);
     let answer = expect(&said, child_mut, sandbox_mut, "answered", give_up());
     let _ = sandbox.resume();
     let status = child.wait().expect("the child ends");
