@@ -162,7 +162,10 @@ macro_rules! restore_mariadb {
          tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only), \
          sql_select_limit = COALESCE(@lockstock_select_limit, @@session.sql_select_limit), \
          unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
-         foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks)"
+         foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks), \
+         character_set_client = COALESCE(@lockstock_cs_client, @@session.character_set_client), \
+         character_set_results = COALESCE(@lockstock_cs_results, @@session.character_set_results), \
+         collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection)"
     };
 }
 
@@ -180,7 +183,8 @@ macro_rules! clear_saved {
          @lockstock_statement_time = NULL, \
          @lockstock_lc_messages = NULL, @lockstock_time_zone = NULL, \
          @lockstock_select_limit = NULL, @lockstock_unique_checks = NULL, \
-         @lockstock_fk_checks = NULL"
+         @lockstock_fk_checks = NULL, @lockstock_cs_client = NULL, \
+         @lockstock_cs_results = NULL, @lockstock_collation = NULL"
     };
 }
 
@@ -225,7 +229,10 @@ statement! {
          time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
          sql_select_limit = COALESCE(@lockstock_select_limit, @@session.sql_select_limit), \
          unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
-         foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks)",
+         foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks), \
+         character_set_client = COALESCE(@lockstock_cs_client, @@session.character_set_client), \
+         character_set_results = COALESCE(@lockstock_cs_results, @@session.character_set_results), \
+         collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection)",
         clear_saved!()
     )
 }

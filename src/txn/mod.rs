@@ -228,7 +228,10 @@ impl RunnerSql {
                      @lockstock_read_only = @@session.tx_read_only, \
                      @lockstock_select_limit = @@session.sql_select_limit, \
                      @lockstock_unique_checks = @@session.unique_checks, \
-                     @lockstock_fk_checks = @@session.foreign_key_checks, {save_autocommit}\
+                     @lockstock_fk_checks = @@session.foreign_key_checks, \
+                     @lockstock_cs_client = @@session.character_set_client, \
+                     @lockstock_cs_results = COALESCE(@@session.character_set_results, 'binary'), \
+                     @lockstock_collation = @@session.collation_connection, {save_autocommit}\
                      SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
                      {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()
@@ -263,6 +266,9 @@ impl RunnerSql {
                      @lockstock_select_limit = @@session.sql_select_limit, \
                      @lockstock_unique_checks = @@session.unique_checks, \
                      @lockstock_fk_checks = @@session.foreign_key_checks, \
+                     @lockstock_cs_client = @@session.character_set_client, \
+                     @lockstock_cs_results = COALESCE(@@session.character_set_results, 'binary'), \
+                     @lockstock_collation = @@session.collation_connection, \
                      SESSION lc_messages = 'en_US', {settings}"
                 ),
             ],

@@ -223,12 +223,15 @@ impl TxnPolicy {
     fn settings_with(&self, limit: &str) -> String {
         let lock_wait = self.lock_wait_seconds();
         // What lockstock's statements rely on, whatever the caller set: every row a read
-        // selects (`sql_select_limit` cuts a batch's reads and `audit` short), and the unique
-        // and foreign keys checked.
+        // selects (`sql_select_limit` cuts a batch's reads and `audit` short), the unique and
+        // foreign keys checked, and keys, order references and answers sent as utf8mb4 (a
+        // caller's `SET NAMES utf8mb3` turned a 4-byte character of a key into '?' or an
+        // error).
         format!(
             "innodb_lock_wait_timeout = {lock_wait}, lock_wait_timeout = {lock_wait}, {limit}, \
              time_zone = '+00:00', sql_select_limit = 18446744073709551615, unique_checks = 1, \
-             foreign_key_checks = 1"
+             foreign_key_checks = 1, character_set_client = utf8mb4, \
+             character_set_results = utf8mb4, collation_connection = utf8mb4_general_ci"
         )
     }
 

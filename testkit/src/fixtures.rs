@@ -487,6 +487,10 @@ pub struct SessionVars {
     /// `unique_checks` and `foreign_key_checks`, 0 or 1 each.
     #[diesel(sql_type = Text)]
     pub key_checks: String,
+    /// `character_set_client`, `character_set_results` (`NULL` when unset) and
+    /// `collation_connection`, comma-separated.
+    #[diesel(sql_type = Text)]
+    pub charsets: String,
 }
 
 /// The session variables of `conn` ([`SessionVars`]).
@@ -497,7 +501,10 @@ pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
          @@session.max_statement_time AS statement, @@session.lc_messages AS messages, \
          @@session.time_zone AS zone, @@session.tx_isolation AS isolation, \
          CAST(@@session.sql_select_limit AS CHAR) AS select_limit, \
-         CONCAT(@@session.unique_checks, @@session.foreign_key_checks) AS key_checks",
+         CONCAT(@@session.unique_checks, @@session.foreign_key_checks) AS key_checks, \
+         CONCAT_WS(',', @@session.character_set_client, \
+         COALESCE(@@session.character_set_results, 'NULL'), \
+         @@session.collation_connection) AS charsets",
     )
     .get_result(conn)
     .expect("read session variables")

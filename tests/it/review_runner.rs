@@ -186,7 +186,8 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
          @lockstock_statement_time, \
          @lockstock_lc_messages, @lockstock_time_zone, @lockstock_isolation, \
          @lockstock_autocommit, @lockstock_last_insert_id, @lockstock_read_only, \
-         @lockstock_select_limit, @lockstock_unique_checks, @lockstock_fk_checks), '') AS line",
+         @lockstock_select_limit, @lockstock_unique_checks, @lockstock_fk_checks, \
+         @lockstock_cs_client, @lockstock_cs_results, @lockstock_collation), '') AS line",
     )
     .get_result::<Saved>(conn)
     .expect("read lockstock's user variables")
@@ -306,6 +307,84 @@ fn finding_7_session_settings_are_restored() {
     );
     assert_eq!(session_vars(&mut conn), before);
     ledger.audit(&mut conn, 1).expect("audit");
+}
+
+/// The caller's connection character set (`SET NAMES utf8mb3`, as older applications set it)
+/// no longer reaches lockstock's statements: keys and order references with 4-byte characters
+/// are written, compared and answered as given — in single calls, a batch, a redeem and its
+/// restore — and the caller's character set is put back afterwards. Before the fix a key's
+/// 4-byte character reached the journal as an invalid utf8mb3 string (strict mode: the deduct
+/// was refused with "Incorrect string value"; without it, stored as '?', where two keys then
+/// collided).
+#[test]
+fn a_callers_character_set_does_not_reach_keys_or_order_references() {
+    let (url, mut conn) = fresh_database("review_charset");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(100), "seed").expect("seed");
+    let issuer = lockstock::CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &issuer, 10);
+    let coupon = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    conn.batch_execute("SET NAMES utf8mb3")
+        .expect("the caller's character set");
+    let before = session_vars(&mut conn);
+    assert!(before.charsets.starts_with("utf8mb3"), "{before:?}");
+
+    let first = ledger
+        .deduct(&mut conn, 1, dec(1), "k\u{1F600}")
+        .expect("a key with a 4-byte character");
+    assert_eq!(first.idempotency_key.as_deref(), Some("k\u{1F600}"));
+    let other = ledger
+        .deduct(&mut conn, 1, dec(2), "k\u{1F601}")
+        .expect("another such key");
+    assert_ne!(other.id, first.id);
+    let replay = ledger
+        .deduct(&mut conn, 1, dec(1), "k\u{1F600}")
+        .expect("the replay");
+    assert_eq!(replay.id, first.id);
+    let batch = ledger
+        .apply_many(
+            &mut conn,
+            1,
+            &[
+                lockstock::AccountOp::deduct(dec(1), "b\u{1F600}"),
+                lockstock::AccountOp::deduct(dec(1), "k\u{1F601}"),
+            ],
+        )
+        .expect("batch");
+    let batched = batch[0].as_ref().expect("the batch's new key");
+    assert_eq!(batched.idempotency_key.as_deref(), Some("b\u{1F600}"));
+    assert!(
+        matches!(&batch[1], Err(Error::IdempotencyConflict { existing_entry_id, .. }) if *existing_entry_id == other.id),
+        "{:?}",
+        batch[1]
+    );
+    let redeemed = issuer
+        .redeem(&mut conn, coupon.id, "o-\u{1F600}")
+        .expect("redeem");
+    assert_eq!(redeemed.order_ref.as_deref(), Some("o-\u{1F600}"));
+    issuer
+        .restore(&mut conn, coupon.id, "o-\u{1F600}")
+        .expect("the restore of the same order");
+    assert_eq!(
+        session_vars(&mut conn),
+        before,
+        "the caller's character set put back"
+    );
+
+    // Read on a utf8mb4 connection: the keys as given.
+    let mut plain = connect(&url);
+    for key in ["k\u{1F600}", "k\u{1F601}", "b\u{1F600}"] {
+        assert_eq!(
+            lockstock_testkit::fixtures::count_key(&mut plain, 1, key),
+            1,
+            "{key}"
+        );
+    }
+    assert_eq!(
+        ledger.balance(&mut plain, 1).expect("balance").balance,
+        dec(96)
+    );
+    lockstock_testkit::fixtures::audit_ok(&ledger, &mut plain, 1);
 }
 
 #[test]
