@@ -494,6 +494,18 @@ impl TxnRunner {
         let result = bounded(conn, deadline, grace, |conn, guard| {
             self.retry_loop(conn, deadline, read_only, &mut body, guard, &mut attempts)
         });
+        // A connection lost (killed, timed out by the server, a node restarted) never comes
+        // back: libmariadb does not reconnect. Marked broken, an r2d2 pool discards it — also
+        // one that does not test on checkout (the router's), which would otherwise hand the
+        // dead connection out again and again.
+        if let Err(error) = &result {
+            if error
+                .server_error()
+                .is_some_and(|e| e.kind() == ServerErrorKind::ConnectionLost)
+            {
+                mark_broken(conn);
+            }
+        }
         (result, attempts)
     }
 

@@ -844,3 +844,44 @@ fn migrations_leave_the_callers_session_as_found() {
         .charge(&mut conn, 1, dec(1), "c")
         .expect("a call after the migrations");
 }
+
+/// A connection the server lost (killed here; also a `wait_timeout`, a restarted node) is
+/// marked broken by the call that found it lost, so a pool discards it — also a pool that does
+/// not test on checkout, as the router's do. Before the fix it went back to the pool unmarked
+/// and the next checkout got the same dead connection: every later call answered the lost
+/// connection again.
+#[test]
+fn a_lost_connection_is_never_handed_out_again_by_its_pool() {
+    let (url, mut admin) = fresh_database("review_lost_pool");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut admin, 1, dec(10), "seed").expect("seed");
+    let pool: Pool<ConnectionManager<MysqlConnection>> = Pool::builder()
+        .max_size(1)
+        .test_on_check_out(false)
+        .build(ConnectionManager::<MysqlConnection>::new(url.as_str()))
+        .expect("pool");
+    let id = connection_id(&mut pool.get().expect("checkout"));
+    admin
+        .batch_execute(&format!("KILL CONNECTION {id}"))
+        .expect("kill the pooled connection");
+    {
+        let mut dead = pool.get().expect("the killed connection");
+        let lost = ledger.balance(&mut dead, 1);
+        assert!(
+            matches!(&lost, Err(e) if e.server_kind() == Some(ServerErrorKind::ConnectionLost)),
+            "{lost:?}"
+        );
+        let lost = ledger.charge(&mut dead, 1, dec(1), "lost");
+        assert!(lost.is_err(), "{lost:?}");
+    }
+    let mut fresh = pool.get().expect("a new connection");
+    assert_ne!(
+        connection_id(&mut fresh),
+        id,
+        "the dead connection was discarded"
+    );
+    let balance = ledger
+        .balance(&mut fresh, 1)
+        .expect("balance on a new connection");
+    assert_eq!(balance.balance, dec(10));
+}
