@@ -253,7 +253,13 @@ pub(super) fn run_transaction<T>(
             }
         }
         Err(panic) => {
-            let _ = end_failed(conn, begin);
+            // The body may have panicked on an error of its own statement (an `expect`), one
+            // cut off in the middle of its result: its cached statements are dropped as after
+            // any failure that may leave one, so the caller's connection never runs it again
+            // from the cache (it would wait for the rest of the old result).
+            if end_failed(conn, begin).is_none() {
+                let _ = forget_prepared(conn, begin.statement_cache, begin.flavor);
+            }
             std::panic::resume_unwind(panic)
         }
     }

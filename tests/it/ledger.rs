@@ -1270,7 +1270,9 @@ fn a_read_cut_off_mid_result_is_not_run_again_from_the_cache() {
     let mut hasty_policy = TxnPolicy::default();
     hasty_policy.statement_timeout = Duration::from_millis(1);
     let hasty = BalanceLedger::with_policy(
-        hasty_policy.with_retry(retry_policy(1, Duration::from_secs(2))),
+        hasty_policy
+            .clone()
+            .with_retry(retry_policy(1, Duration::from_secs(2))),
     );
     for round in 0..2 {
         let started = Instant::now();
@@ -1282,6 +1284,39 @@ fn a_read_cut_off_mid_result_is_not_run_again_from_the_cache() {
     let report = setup
         .audit(&mut conn, USER)
         .expect("the same connection, with time");
+    assert_eq!(report.entries, ENTRIES as u64 + 1);
+
+    // The same after a body that panics on its read cut off mid-result (an `expect` on the
+    // error): the runner rolls back, drops the cached statements and lets the panic go on; the
+    // caller who catches it and keeps the connection runs the same read again and is cut off
+    // the same way. Before the fix the panic path kept the cache: the second read waited for
+    // the rest of the first result until the watchdog cut it (`ServerUnresponsive` at deadline
+    // + grace, the connection lost).
+    let journal = |c: &mut MysqlConnection| {
+        balance_history::table
+            .filter(balance_history::user_id.eq(USER))
+            .select((balance_history::id, balance_history::balance_after))
+            .load::<(i64, Decimal)>(c)
+    };
+    let hasty_runner =
+        lockstock::TxnRunner::new(hasty_policy.with_retry(retry_policy(1, Duration::from_secs(2))));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hasty_runner.run(&mut conn, |c| {
+            Ok(journal(c).expect("a read cut off by its time limit").len())
+        })
+    }));
+    assert!(
+        panicked.is_err(),
+        "the body's read was not cut off: {panicked:?}"
+    );
+    let started = Instant::now();
+    match hasty_runner.run(&mut conn, |c| Ok(journal(c)?.len())) {
+        Err(e) if e.server_kind() == Some(ServerErrorKind::StatementTimeout) => {}
+        other => panic!("after the panic, {:?}: {other:?}", started.elapsed()),
+    }
+    let report = setup
+        .audit(&mut conn, USER)
+        .expect("the same connection, with time, after the panic");
     assert_eq!(report.entries, ENTRIES as u64 + 1);
 }
 
