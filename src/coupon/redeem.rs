@@ -239,7 +239,8 @@ impl CouponIssuer {
 
     /// A redeem (`to` used) or restore (`to` issued) in one transaction: the coupon row
     /// `FOR UPDATE NOWAIT`, `answer` (an answer without a write, if any), the template's validity
-    /// at this attempt's time, one `UPDATE`, `COMMIT`.
+    /// at this attempt's time (read wait-free: refused where another transaction holds the
+    /// template), one `UPDATE`, `COMMIT`.
     fn set_use(
         &self,
         conn: &mut MysqlConnection,

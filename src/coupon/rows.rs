@@ -23,7 +23,8 @@ use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{
-    insert_row, read_in_lists, rows_per_insert, write_under_lock, InsertRows, SetStock, WaitFree,
+    insert_row, read_in_lists, read_under_lock, rows_per_insert, write_under_lock, InsertRows,
+    SetStock, WaitFree,
 };
 use crate::txn::{bounded_waits, locking_read, note_clean_failure, Holding, InsertIds};
 use crate::util::{inserted_ids, last_insert_id, locked_row, IdStep};
@@ -268,15 +269,20 @@ pub(crate) fn set_redemption(
 }
 
 /// [`Error::CouponNotValid`] unless `at` is inside the coupon template's validity window.
+/// Read with the coupon's row locked, and under SERIALIZABLE a read takes a shared lock:
+/// wait-free ([`read_under_lock`]), so a transaction that holds the template refuses it at once
+/// (the runner rolls back and retries) instead of a wait that could close a deadlock with it.
 pub(crate) fn check_validity(
     conn: &mut MysqlConnection,
     held: &IssuedCoupon,
     at: NaiveDateTime,
 ) -> Result<()> {
-    let (valid_from, valid_until): (NaiveDateTime, NaiveDateTime) = coupon::table
-        .find(held.coupon_id)
-        .select((coupon::valid_from, coupon::valid_until))
-        .first(conn)?;
+    let (valid_from, valid_until): (NaiveDateTime, NaiveDateTime) = read_under_lock(
+        conn,
+        coupon::table
+            .find(held.coupon_id)
+            .select((coupon::valid_from, coupon::valid_until)),
+    )?;
     if at < valid_from || at >= valid_until {
         return Err(Error::CouponNotValid {
             user_coupon_id: held.id,

@@ -472,6 +472,10 @@ pub enum Error {
     /// transaction back when the session ends. Nothing was committed. Drop the connection and
     /// retry on a new one.
     ///
+    /// Also the answer, without a round trip, of a call on a connection lockstock marked broken
+    /// before: one an earlier call found lost (killed, a restarted server) or that the
+    /// watchdog shut down.
+    ///
     /// A MariaDB Galera node outside the Primary component refuses `BEGIN` and `ROLLBACK`
     /// alike: a call on it answers this error with a
     /// [`ServerErrorKind::NodeNotReady`] source (nothing was applied); retry on a connection

@@ -1664,3 +1664,75 @@ fn a_batch_whose_holders_cannot_be_read_after_a_clash_may_be_applied() {
     );
     check_invariants(&mut admin, "after the blind batch");
 }
+
+/// A redeem (and a restore) never waits for a lock while it holds the coupon's row: its read of
+/// the template's validity window, which SERIALIZABLE turns into a shared lock, is refused at
+/// once where another transaction holds the template (the runner rolls back and retries), so
+/// it cannot close a deadlock in which the server rolls back another program's transaction —
+/// here one holding the template that then asks for the coupon's row. Before the fix the read
+/// waited for the template with the coupon's row held (seen running for its whole time limit).
+#[test]
+fn a_redeem_never_waits_for_the_template_while_it_holds_the_coupon() {
+    #[derive(QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        waiting: i64,
+    }
+    let database = "review_redeem_template";
+    let (url, mut conn) = fresh_database(database);
+    let issuer = CouponIssuer::with_policy(policy_with_deadline(StdDuration::from_millis(800)));
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &issuer, 10);
+    let held = issuer.issue(&mut conn, 7, campaign.id).expect("issue");
+    let mut foreign = lockstock_testkit::fixtures::other_program(&url);
+    diesel::sql_query("SELECT id FROM coupon WHERE id = ? FOR UPDATE")
+        .bind::<diesel::sql_types::BigInt, _>(held.coupon_id)
+        .execute(&mut foreign)
+        .expect("another program holds the template");
+    let mut redeemer = connect(&url);
+    let redeemer_id = lockstock_testkit::fixtures::connection_id(&mut redeemer);
+    let redeem = {
+        let issuer = issuer.clone();
+        let id = held.id;
+        thread::spawn(move || issuer.redeem(&mut redeemer, id, "order-T"))
+    };
+    // Sampled while the redeem runs: its connection seen in a statement on the template for
+    // over 5 ms is waiting for the template's lock.
+    let mut observer = connect(&url);
+    let mut waits = 0;
+    while !redeem.is_finished() {
+        let now: Waiting = diesel::sql_query(
+            "SELECT COUNT(*) AS waiting FROM information_schema.PROCESSLIST \
+             WHERE ID = ? AND INFO LIKE '%`coupon`%' AND TIME_MS > 5",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(redeemer_id)
+        .get_result(&mut observer)
+        .expect("processlist");
+        waits += now.waiting;
+        thread::sleep(StdDuration::from_millis(2));
+    }
+    let answer = redeem.join().expect("the redeem");
+    // The other program, never a deadlock victim, takes the coupon's row and commits.
+    lockstock_testkit::fixtures::assert_not_sacrificed(&mut foreign, StdDuration::ZERO, |c| {
+        diesel::sql_query("SELECT id FROM user_coupon WHERE id = ? FOR UPDATE")
+            .bind::<diesel::sql_types::BigInt, _>(held.id)
+            .execute(c)
+    });
+    assert_eq!(
+        waits, 0,
+        "the redeem waited for the template while holding the coupon"
+    );
+    assert!(
+        matches!(answer, Err(Error::Contended { .. })),
+        "the template was held for the whole call: {answer:?}"
+    );
+    let (status, order_ref, _) = user_coupon_row(&mut conn, held.id);
+    assert_eq!(
+        (status.as_str(), order_ref),
+        ("issued", None),
+        "nothing applied"
+    );
+    let redeemed = issuer
+        .redeem(&mut conn, held.id, "order-T")
+        .expect("the redeem once the template is free");
+    assert_eq!(redeemed.order_ref.as_deref(), Some("order-T"));
+}
