@@ -208,8 +208,17 @@ pub(super) fn run_transaction<T>(
                 Ok(value)
             }
             Err(e) => {
-                let _ = end_failed(conn, begin);
+                let broken = end_failed(conn, begin);
                 let error = commit_failure(e, begin.read_only);
+                // A COMMIT refused for certain (nothing committed) whose ROLLBACK failed too:
+                // the connection is closed now, and no retry may run on it — its answer is the
+                // broken connection with the ROLLBACK's cause (a node outside the Primary
+                // component, say), not a retry's "broken transaction manager" or `Contended`.
+                // An unknown outcome stays unknown.
+                let error = match broken {
+                    Some(broken) if !error.is_outcome_unknown() => broken,
+                    _ => error,
+                };
                 trace_event!(outcome_unknown = error.is_outcome_unknown(), error = %error, "commit failed");
                 Err(error)
             }
