@@ -427,13 +427,13 @@ impl Router {
         let shared = &self.shared;
         let mut last = None;
         loop {
-            let node = shared.wait_for(deadline, last.take(), |state| {
+            let node = shared.wait_for(deadline, last.clone(), |state| {
                 state
                     .writer
                     .filter(|&w| state.healthy(w, shared.probe_timeout) && !state.suspect(w))
             })?;
             match shared.attempt(node, Use::Write, deadline, &mut call) {
-                Attempt::Done(result) => return result,
+                Attempt::Done(result) => return since_failure(result, last),
                 Attempt::NodeFailed(error) => last = Some(error),
                 Attempt::Busy => {}
             }
@@ -457,7 +457,7 @@ impl Router {
         };
         let mut last = None;
         loop {
-            let node = shared.wait_for(deadline, last.take(), |state| {
+            let node = shared.wait_for(deadline, last.clone(), |state| {
                 if !causal {
                     return state
                         .writer
@@ -469,7 +469,7 @@ impl Router {
                 healthy.get(turn % healthy.len().max(1)).copied()
             })?;
             match shared.attempt(node, purpose, deadline, &mut call) {
-                Attempt::Done(result) => return result,
+                Attempt::Done(result) => return since_failure(result, last),
                 Attempt::NodeFailed(error) => last = Some(error),
                 Attempt::Busy => {}
             }
@@ -514,6 +514,16 @@ impl Router {
                 .map(|node| state.health(node, self.shared.probe_timeout))
                 .collect(),
         }
+    }
+}
+
+/// A call's answer after the node failures before it: a [`Error::Timeout`] (the deadline
+/// passed before the attempt sent anything, say on a busy pool) after an earlier attempt met a
+/// node failure answers that failure — [`Error::Timeout`] promises that nothing was ever sent.
+fn since_failure<T>(result: Result<T>, last: Option<Error>) -> Result<T> {
+    match (result, last) {
+        (Err(Error::Timeout { .. }), Some(failure)) => Err(failure),
+        (result, _) => result,
     }
 }
 
