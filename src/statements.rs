@@ -164,7 +164,8 @@ macro_rules! restore_mariadb {
          unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
          foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks), \
          character_set_client = COALESCE(@lockstock_cs_client, @@session.character_set_client), \
-         character_set_results = COALESCE(@lockstock_cs_results, @@session.character_set_results), \
+         character_set_results = IF(@lockstock_cs_results_null, NULL, \
+         COALESCE(@lockstock_cs_results, @@session.character_set_results)), \
          collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection)"
     };
 }
@@ -184,7 +185,8 @@ macro_rules! clear_saved {
          @lockstock_lc_messages = NULL, @lockstock_time_zone = NULL, \
          @lockstock_select_limit = NULL, @lockstock_unique_checks = NULL, \
          @lockstock_fk_checks = NULL, @lockstock_cs_client = NULL, \
-         @lockstock_cs_results = NULL, @lockstock_collation = NULL"
+         @lockstock_cs_results = NULL, @lockstock_cs_results_null = NULL, \
+         @lockstock_collation = NULL"
     };
 }
 
@@ -231,7 +233,8 @@ statement! {
          unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
          foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks), \
          character_set_client = COALESCE(@lockstock_cs_client, @@session.character_set_client), \
-         character_set_results = COALESCE(@lockstock_cs_results, @@session.character_set_results), \
+         character_set_results = IF(@lockstock_cs_results_null, NULL, \
+         COALESCE(@lockstock_cs_results, @@session.character_set_results)), \
          collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection)",
         clear_saved!()
     )

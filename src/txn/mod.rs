@@ -230,7 +230,8 @@ impl RunnerSql {
                      @lockstock_unique_checks = @@session.unique_checks, \
                      @lockstock_fk_checks = @@session.foreign_key_checks, \
                      @lockstock_cs_client = @@session.character_set_client, \
-                     @lockstock_cs_results = COALESCE(@@session.character_set_results, 'binary'), \
+                     @lockstock_cs_results = @@session.character_set_results, \
+                     @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
                      @lockstock_collation = @@session.collation_connection, {save_autocommit}\
                      SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
                      {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
@@ -267,7 +268,8 @@ impl RunnerSql {
                      @lockstock_unique_checks = @@session.unique_checks, \
                      @lockstock_fk_checks = @@session.foreign_key_checks, \
                      @lockstock_cs_client = @@session.character_set_client, \
-                     @lockstock_cs_results = COALESCE(@@session.character_set_results, 'binary'), \
+                     @lockstock_cs_results = @@session.character_set_results, \
+                     @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
                      @lockstock_collation = @@session.collation_connection, \
                      SESSION lc_messages = 'en_US', {settings}"
                 ),
@@ -497,13 +499,21 @@ impl TxnRunner {
         // A connection lost (killed, timed out by the server, a node restarted) never comes
         // back: libmariadb does not reconnect. Marked broken, an r2d2 pool discards it — also
         // one that does not test on checkout (the router's), which would otherwise hand the
-        // dead connection out again and again.
+        // dead connection out again and again. Only once a round trip confirms it: an error is
+        // classified by its text, and a body's own error (a procedure's SIGNAL, another
+        // connection's failure passed on) may read like a lost connection on a live one.
         if let Err(error) = &result {
             if error
                 .server_error()
                 .is_some_and(|e| e.kind() == ServerErrorKind::ConnectionLost)
             {
-                mark_broken(conn);
+                let alive = bounded(conn, deadline, grace, |conn, _| {
+                    diesel::connection::SimpleConnection::batch_execute(conn, "DO 1")
+                        .map_err(Error::from)
+                });
+                if alive.is_err() {
+                    mark_broken(conn);
+                }
             }
         }
         (result, attempts)

@@ -187,7 +187,8 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
          @lockstock_lc_messages, @lockstock_time_zone, @lockstock_isolation, \
          @lockstock_autocommit, @lockstock_last_insert_id, @lockstock_read_only, \
          @lockstock_select_limit, @lockstock_unique_checks, @lockstock_fk_checks, \
-         @lockstock_cs_client, @lockstock_cs_results, @lockstock_collation), '') AS line",
+         @lockstock_cs_client, @lockstock_cs_results, @lockstock_cs_results_null, \
+         @lockstock_collation), '') AS line",
     )
     .get_result::<Saved>(conn)
     .expect("read lockstock's user variables")
@@ -370,6 +371,21 @@ fn a_callers_character_set_does_not_reach_keys_or_order_references() {
         before,
         "the caller's character set put back"
     );
+    // Results unconverted (`character_set_results = NULL`) are put back as NULL, not as a
+    // character set.
+    conn.batch_execute("SET character_set_results = NULL")
+        .expect("the caller's unconverted results");
+    let unconverted = session_vars(&mut conn);
+    assert!(unconverted.charsets.contains(",NULL,"), "{unconverted:?}");
+    ledger.balance(&mut conn, 1).expect("a read");
+    ledger
+        .deduct(&mut conn, 1, dec(1), "n\u{1F600}")
+        .expect("a write");
+    assert_eq!(
+        session_vars(&mut conn),
+        unconverted,
+        "results unconverted again"
+    );
 
     // Read on a utf8mb4 connection: the keys as given.
     let mut plain = connect(&url);
@@ -382,7 +398,7 @@ fn a_callers_character_set_does_not_reach_keys_or_order_references() {
     }
     assert_eq!(
         ledger.balance(&mut plain, 1).expect("balance").balance,
-        dec(96)
+        dec(95)
     );
     lockstock_testkit::fixtures::audit_ok(&ledger, &mut plain, 1);
 }
@@ -883,5 +899,24 @@ fn a_lost_connection_is_never_handed_out_again_by_its_pool() {
     let balance = ledger
         .balance(&mut fresh, 1)
         .expect("balance on a new connection");
+    assert_eq!(balance.balance, dec(10));
+
+    // An error that only reads like a lost connection (the body's own: a procedure's SIGNAL
+    // here) leaves a live connection usable: the loss is confirmed by a round trip first.
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let signalled = runner.run(&mut fresh, |c| {
+        diesel::sql_query(
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'gateway: connection refused'",
+        )
+        .execute(c)?;
+        Ok(())
+    });
+    assert!(
+        matches!(&signalled, Err(e) if e.server_kind() == Some(ServerErrorKind::ConnectionLost)),
+        "{signalled:?}"
+    );
+    let balance = ledger
+        .balance(&mut fresh, 1)
+        .expect("the live connection, still usable");
     assert_eq!(balance.balance, dec(10));
 }
