@@ -16,6 +16,12 @@
 //! at most, one that holds rows polls it (see [`locking_read`]); if the row stays taken, the
 //! refusal goes to the runner as always (rollback, backoff, retry).
 //!
+//! All of this assumes that a refusal rolls back only the refused statement, as InnoDB does by
+//! default. A server started with `innodb_rollback_on_timeout` rolls the whole transaction back
+//! on a refusal (a NOWAIT one too): there the read would be sent again outside any transaction,
+//! and the batch's writes after it too, so the first refusal always goes to the runner, which
+//! begins anew (the runner asks the server once, as it first begins).
+//!
 //! The handoff is installed for the calling thread by the combiner around a batch
 //! ([`with_handoff`]); elsewhere nothing of this runs.
 
@@ -171,12 +177,19 @@ std::thread_local! {
     /// Whether the server of the calling thread's current transaction bounds one statement's
     /// time (MariaDB's `SET STATEMENT max_statement_time = ... FOR`), set as the runner begins.
     static BOUNDED_WAITS: Cell<bool> = const { Cell::new(false) };
+    /// Whether a refused locking read may be sent again in the same transaction: only the
+    /// statement was rolled back. Not on a server with `innodb_rollback_on_timeout`, which
+    /// rolls the whole transaction back — a read sent again would run outside it, and so
+    /// would the batch's writes after it.
+    static RETRY_IN_PLACE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Notes, as a transaction begins on `flavor`, whether its locking reads can wait in the server
-/// for a bounded time.
-pub(super) fn note_server(flavor: ServerFlavor) {
+/// for a bounded time, and whether a refusal leaves the transaction open (`whole_rollback`:
+/// the server rolls it back whole).
+pub(super) fn note_server(flavor: ServerFlavor, whole_rollback: bool) {
     BOUNDED_WAITS.with(|w| w.set(flavor == ServerFlavor::MariaDb));
+    RETRY_IN_PLACE.with(|r| r.set(!whole_rollback));
 }
 
 /// Whether the server of the calling thread's current transaction bounds one statement's lock
@@ -235,6 +248,10 @@ fn lock_or_wait<T>(
     let Some(handoff) = installed() else {
         return read(conn, Lock::NoWait);
     };
+    if !RETRY_IN_PLACE.with(Cell::get) {
+        // A refusal ended the whole transaction: it goes to the runner, which begins anew.
+        return read(conn, Lock::NoWait);
+    }
     let mut first_refusal: Option<(Instant, Duration)> = None;
     let mut pause = POLL_FIRST;
     loop {

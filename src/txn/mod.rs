@@ -151,6 +151,10 @@ struct RunnerSql {
     /// A MariaDB Galera node: writes are guarded against a silent brute-force rollback (see
     /// the module docs).
     galera: bool,
+    /// The server rolls a whole transaction back on a lock wait timeout, a NOWAIT refusal
+    /// included (`innodb_rollback_on_timeout`, off by default): a refused statement may not be
+    /// sent again in the same transaction (see [`handoff`]).
+    whole_rollback: bool,
     /// The policy's `SET SESSION` statement (what [`apply_session_settings`] marks).
     session: String,
     /// Write / read: the statements before BEGIN on a connection without the settings.
@@ -186,7 +190,7 @@ const BEGIN_WRITE: &str = "BEGIN";
 const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
 
 impl RunnerSql {
-    fn new(policy: &TxnPolicy, flavor: ServerFlavor, galera: bool) -> Self {
+    fn new(policy: &TxnPolicy, flavor: ServerFlavor, galera: bool, whole_rollback: bool) -> Self {
         let session = policy.session_sql(flavor);
         // Our own connections' first SET takes the statement limit as a parameter (MariaDB).
         let settings = match flavor {
@@ -279,6 +283,7 @@ impl RunnerSql {
         Self {
             flavor,
             galera,
+            whole_rollback,
             session,
             own,
             marked,
@@ -716,11 +721,12 @@ impl TxnRunner {
             None => {
                 let flavor = ServerFlavor::ask(conn)?;
                 let galera = flavor == ServerFlavor::MariaDb && session::wsrep_on(conn)?;
-                let built = RunnerSql::new(&self.policy, flavor, galera);
+                let whole_rollback = session::rollback_on_timeout(conn)?;
+                let built = RunnerSql::new(&self.policy, flavor, galera, whole_rollback);
                 self.sql.get_or_init(|| built)
             }
         };
-        handoff::note_server(sql.flavor);
+        handoff::note_server(sql.flavor, sql.whole_rollback);
         let guarded = sql.galera && !read_only;
         // A guarded write needs its own SET (autocommit): no marked-connection shortcut; nor
         // a transaction whose statements must end sooner than the settings let them.

@@ -46,6 +46,17 @@ impl ServerFlavor {
     }
 }
 
+/// Whether the server rolls a whole transaction back on a lock wait timeout — a NOWAIT refusal
+/// included — rather than the statement (`@@innodb_rollback_on_timeout`, a startup option, off
+/// by default).
+pub(super) fn rollback_on_timeout(conn: &mut MysqlConnection) -> Result<bool, Error> {
+    let on: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "CAST(@@innodb_rollback_on_timeout AS SIGNED)",
+    ))
+    .get_result(conn)?;
+    Ok(on != 0)
+}
+
 /// Whether the server is a MariaDB Galera node with replication on (`@@wsrep_on`); a server
 /// built without Galera (no such variable) is not.
 pub(super) fn wsrep_on(conn: &mut MysqlConnection) -> Result<bool, Error> {

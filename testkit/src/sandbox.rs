@@ -279,6 +279,8 @@ pub struct Sandbox {
     watchdog: Option<Child>,
     /// The server was stopped with [`pause`](Self::pause) and not yet resumed.
     paused: bool,
+    /// More server options ([`start_with`](Self::start_with)).
+    options: Vec<String>,
 }
 
 impl Sandbox {
@@ -286,6 +288,12 @@ impl Sandbox {
     /// `mariadb-install-db`, starts `mariadbd` and waits (up to 15 s) until
     /// a connection succeeds.
     pub fn start() -> Result<Sandbox, SandboxError> {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more server options (`--name=value`), e.g. a setting a test
+    /// needs that the shared sandbox does not have.
+    pub fn start_with(options: &[&str]) -> Result<Sandbox, SandboxError> {
         let mariadbd = find_mariadbd()?;
         let install_db = find_install_db()?;
         let dir = make_dir()?;
@@ -298,6 +306,7 @@ impl Sandbox {
             server: None,
             watchdog: None,
             paused: false,
+            options: options.iter().map(|o| (*o).to_owned()).collect(),
         };
         sandbox.watchdog = Some(spawn_watchdog(&sandbox.dir)?);
         run_install_db(&install_db, &sandbox.dir, is_root().then_some("root"))?;
@@ -493,6 +502,7 @@ impl Sandbox {
             "--skip-log-bin",
             "--innodb-flush-log-at-trx-commit=1",
         ]);
+        cmd.args(&self.options);
         if is_root() {
             cmd.arg("--user=root");
         }

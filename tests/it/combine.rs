@@ -1007,3 +1007,111 @@ struct Applied {
     #[diesel(sql_type = diesel::sql_types::Integer)]
     id: i32,
 }
+
+/// On a server that rolls a whole transaction back when a lock wait times out, a NOWAIT
+/// refusal included (`innodb_rollback_on_timeout`, a startup option), a combined batch never
+/// sends its refused locking read again in the same transaction: the read would run outside
+/// any transaction, and the batch's writes after it too (the coupons inserted before the lock
+/// gone, the stock decremented for them; journal entries written without the account's lock).
+/// The refusal goes to the runner, which begins anew. Two combiners (like two processes) on
+/// one campaign and one account refuse each other often; afterwards every answer matches the
+/// database. Before the fix: answered coupons without a row and stock lost.
+#[test]
+fn combined_batches_on_a_server_that_rolls_back_whole_transactions_keep_their_answers() {
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let sandbox = lockstock_testkit::Sandbox::start_with(&["--innodb-rollback-on-timeout=1"])
+        .expect("a private server");
+    let url = sandbox
+        .create_database("combine_whole_rollback")
+        .expect("database");
+    let mut conn = connect(&url);
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    let whole: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "CAST(@@innodb_rollback_on_timeout AS SIGNED)",
+    ))
+    .get_result(&mut conn)
+    .expect("the option");
+    assert_eq!(whole, 1);
+    let issuer = CouponIssuer::new();
+    const STOCK: i32 = 1_000_000;
+    let campaign = open_campaign(&mut conn, &issuer, STOCK as u32).id;
+    BalanceLedger::new()
+        .charge(&mut conn, 1, Decimal::from(1_000_000), "seed")
+        .expect("seed");
+    let issuers =
+        [0, 1].map(|_| Arc::new(CombiningIssuer::new(pool(&url, 3), CouponIssuer::new())));
+    let ledgers =
+        [0, 1].map(|_| Arc::new(CombiningLedger::new(pool(&url, 3), BalanceLedger::new())));
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(2_500);
+    let issued = Arc::new(Mutex::new(Vec::new()));
+    let deducted = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..16_i64)
+        .map(|t| {
+            let (issuer, ledger) = (
+                issuers[(t % 2) as usize].clone(),
+                ledgers[(t % 2) as usize].clone(),
+            );
+            let (issued, deducted) = (issued.clone(), deducted.clone());
+            thread::spawn(move || {
+                let mut n = 0_i64;
+                while std::time::Instant::now() < until {
+                    n += 1;
+                    if t < 8 {
+                        let user = t * 1_000_000 + n;
+                        if let Ok(coupon) = issuer.issue(user, campaign) {
+                            issued.lock().expect("issued").push((user, coupon.id));
+                        }
+                    } else if let Ok(entry) = ledger.deduct(1, Decimal::ONE, &format!("d{t}-{n}")) {
+                        deducted.lock().expect("deducted").push(entry.id);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    let issued = issued.lock().expect("issued").clone();
+    let deducted = deducted.lock().expect("deducted").clone();
+    assert!(!issued.is_empty() && !deducted.is_empty());
+    // Every coupon answered exists, for its user; the stock fell by exactly the rows.
+    let rows: HashMap<i64, i64> = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign))
+        .select((user_coupon::id, user_coupon::user_id))
+        .load::<(i64, i64)>(&mut conn)
+        .expect("rows")
+        .into_iter()
+        .collect();
+    let missing = issued
+        .iter()
+        .filter(|(user, id)| rows.get(id) != Some(user))
+        .count();
+    assert_eq!(missing, 0, "of {} coupons answered", issued.len());
+    let (count, stock, duplicates) = issued_rows(&mut conn, campaign);
+    assert_eq!(count, issued.len() as i64, "rows = coupons answered");
+    assert_eq!(
+        i64::from(stock) + count,
+        i64::from(STOCK),
+        "stock + rows = total"
+    );
+    assert_eq!(duplicates, 0);
+    // Every deduct answered is in the journal; the balance and journal agree.
+    let entries: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(1))
+        .filter(balance_history::id.eq_any(&deducted))
+        .count()
+        .get_result(&mut conn)
+        .expect("entries");
+    assert_eq!(entries, deducted.len() as i64);
+    let balance = BalanceLedger::new().balance(&mut conn, 1).expect("balance");
+    assert_eq!(
+        balance.balance,
+        Decimal::from(1_000_000 - deducted.len() as i64)
+    );
+    lockstock_testkit::fixtures::audit_ok(&BalanceLedger::new(), &mut conn, 1);
+    eprintln!(
+        "whole-rollback server: {} coupons, {} deducts answered and found",
+        issued.len(),
+        deducted.len()
+    );
+}
