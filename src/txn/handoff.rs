@@ -20,7 +20,10 @@
 //! default. A server started with `innodb_rollback_on_timeout` rolls the whole transaction back
 //! on a refusal (a NOWAIT one too): there the read would be sent again outside any transaction,
 //! and the batch's writes after it too, so the first refusal always goes to the runner, which
-//! begins anew (the runner asks the server once, as it first begins).
+//! begins anew. The runner asks the server once, as it first begins; on MariaDB a batch also
+//! asks after its locking read's first refusal whether its transaction is still open
+//! (`@@in_transaction`: one round trip per refused read), since the runner may meet another
+//! server than the one it asked, or a server restarted with the option.
 //!
 //! The handoff is installed for the calling thread by the combiner around a batch
 //! ([`with_handoff`]); elsewhere nothing of this runs.
@@ -258,6 +261,13 @@ fn lock_or_wait<T>(
         let predecessor = handoff.predecessor_committing();
         match read(conn, Lock::NoWait) {
             Err(e) if is_refusal(&e) => {
+                // The first refusal on MariaDB: is the transaction still open? A server that
+                // rolls whole transactions back on a refusal (`innodb_rollback_on_timeout`)
+                // may be one this runner has not asked (another server than the one it met
+                // first, or restarted with the option): then the refusal goes to the runner.
+                if first_refusal.is_none() && bounded_waits() && !still_in_transaction(conn) {
+                    return Err(e);
+                }
                 let (since, budget) =
                     *first_refusal.get_or_insert_with(|| (Instant::now(), handoff.wait_budget()));
                 if predecessor {
@@ -288,6 +298,17 @@ fn lock_or_wait<T>(
             answer => return answer,
         }
     }
+}
+
+/// Whether the transaction on `conn` is still open (MariaDB's `@@in_transaction`); `false`
+/// also when the question fails.
+fn still_in_transaction(conn: &mut MysqlConnection) -> bool {
+    use diesel::RunQueryDsl;
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "CAST(@@in_transaction AS SIGNED)",
+    ))
+    .get_result::<i64>(conn)
+    .is_ok_and(|open| open != 0)
 }
 
 fn is_time_limit(error: &diesel::result::Error) -> bool {

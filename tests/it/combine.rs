@@ -1013,9 +1013,10 @@ struct Applied {
 /// sends its refused locking read again in the same transaction: the read would run outside
 /// any transaction, and the batch's writes after it too (the coupons inserted before the lock
 /// gone, the stock decremented for them; journal entries written without the account's lock).
-/// The refusal goes to the runner, which begins anew. Two combiners (like two processes) on
-/// one campaign and one account refuse each other often; afterwards every answer matches the
-/// database. Before the fix: answered coupons without a row and stock lost.
+/// The refusal goes to the runner, which begins anew — also for a runner that met another
+/// server (without the option) first. Two combiners (like two processes) on one campaign and
+/// one account refuse each other often; afterwards every answer matches the database. Before
+/// the fix: answered coupons without a row and stock lost.
 #[test]
 fn combined_batches_on_a_server_that_rolls_back_whole_transactions_keep_their_answers() {
     let _alone = lockstock_testkit::fixtures::exclusive();
@@ -1038,10 +1039,17 @@ fn combined_batches_on_a_server_that_rolls_back_whole_transactions_keep_their_an
     BalanceLedger::new()
         .charge(&mut conn, 1, Decimal::from(1_000_000), "seed")
         .expect("seed");
-    let issuers =
-        [0, 1].map(|_| Arc::new(CombiningIssuer::new(pool(&url, 3), CouponIssuer::new())));
-    let ledgers =
-        [0, 1].map(|_| Arc::new(CombiningLedger::new(pool(&url, 3), BalanceLedger::new())));
+    // The runners of the second combiner of each kind met the shared server first (without
+    // the option): what they asked there must not make them send a refused read again here.
+    let (_elsewhere_url, mut elsewhere) = fresh_database("combine_whole_rollback_elsewhere");
+    let met_elsewhere = CouponIssuer::new();
+    let ledger_elsewhere = BalanceLedger::new();
+    let _ = met_elsewhere.issue(&mut elsewhere, 1, 1);
+    let _ = ledger_elsewhere.charge(&mut elsewhere, 1, Decimal::ONE, "elsewhere");
+    let issuers = [CouponIssuer::new(), met_elsewhere]
+        .map(|source| Arc::new(CombiningIssuer::new(pool(&url, 3), source)));
+    let ledgers = [BalanceLedger::new(), ledger_elsewhere]
+        .map(|source| Arc::new(CombiningLedger::new(pool(&url, 3), source)));
     let until = std::time::Instant::now() + std::time::Duration::from_millis(2_500);
     let issued = Arc::new(Mutex::new(Vec::new()));
     let deducted = Arc::new(Mutex::new(Vec::new()));
