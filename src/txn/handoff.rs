@@ -18,7 +18,8 @@
 //!
 //! All of this assumes that a refusal rolls back only the refused statement, as InnoDB does by
 //! default. A server started with `innodb_rollback_on_timeout` rolls the whole transaction back
-//! on a refusal (a NOWAIT one too): there the read would be sent again outside any transaction,
+//! on a lock wait timeout — on MariaDB a NOWAIT refusal too, which is one there (MySQL 8's
+//! 3572 rolls back the statement only): the read would be sent again outside any transaction,
 //! and the batch's writes after it too, so the first refusal always goes to the runner, which
 //! begins anew. The runner asks the server once, as it first begins; on MariaDB a batch also
 //! asks after its locking read's first refusal whether its transaction is still open

@@ -151,8 +151,8 @@ struct RunnerSql {
     /// A MariaDB Galera node: writes are guarded against a silent brute-force rollback (see
     /// the module docs).
     galera: bool,
-    /// The server rolls a whole transaction back on a lock wait timeout, a NOWAIT refusal
-    /// included (`innodb_rollback_on_timeout`, off by default): a refused statement may not be
+    /// The server rolls a whole transaction back on a lock wait timeout, on MariaDB a NOWAIT
+    /// refusal included (`innodb_rollback_on_timeout`, off by default): a refused statement may not be
     /// sent again in the same transaction (see [`handoff`]).
     whole_rollback: bool,
     /// The policy's `SET SESSION` statement (what [`apply_session_settings`] marks).

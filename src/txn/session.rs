@@ -46,8 +46,8 @@ impl ServerFlavor {
     }
 }
 
-/// Whether the server rolls a whole transaction back on a lock wait timeout — a NOWAIT refusal
-/// included — rather than the statement (`@@innodb_rollback_on_timeout`, a startup option, off
+/// Whether the server rolls a whole transaction back on a lock wait timeout — on MariaDB a
+/// NOWAIT refusal included — rather than the statement (`@@innodb_rollback_on_timeout`, a startup option, off
 /// by default).
 pub(super) fn rollback_on_timeout(conn: &mut MysqlConnection) -> Result<bool, Error> {
     let on: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
