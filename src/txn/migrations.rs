@@ -12,8 +12,16 @@ use crate::error::Error;
 
 /// Puts the caller's values back and clears the user variables.
 const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type, \
-    autocommit = @lockstock_autocommit, \
-    @lockstock_completion_type = NULL, @lockstock_autocommit = NULL";
+    autocommit = @lockstock_autocommit, sql_mode = @lockstock_sql_mode, \
+    @lockstock_completion_type = NULL, @lockstock_autocommit = NULL, \
+    @lockstock_sql_mode = NULL";
+
+/// The `sql_mode` the migrations run under (what they were written for: MariaDB's default
+/// without `NO_AUTO_CREATE_USER`, which MySQL 8 no longer knows). A caller's mode could break
+/// them: with EMPTY_STRING_IS_NULL the designated-writer row's `''` is NULL in a NOT NULL
+/// column.
+const MIGRATION_SQL_MODE: &str =
+    "STRICT_TRANS_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION";
 
 /// Applies the pending migrations, bounded by `deadline` if there is one.
 pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(), Error> {
@@ -45,8 +53,10 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
     };
     let setup = format!(
         "SET @lockstock_completion_type = @@session.completion_type, \
-         @lockstock_autocommit = @@session.autocommit, {nested_check}\
-         SESSION completion_type = 'NO_CHAIN', autocommit = 1"
+         @lockstock_autocommit = @@session.autocommit, \
+         @lockstock_sql_mode = @@session.sql_mode, {nested_check}\
+         SESSION completion_type = 'NO_CHAIN', autocommit = 1, \
+         sql_mode = '{MIGRATION_SQL_MODE}'"
     );
     if let Err(e) = conn.batch_execute(&setup) {
         let error = Error::from(e);

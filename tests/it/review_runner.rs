@@ -920,3 +920,39 @@ fn a_lost_connection_is_never_handed_out_again_by_its_pool() {
         .expect("the live connection, still usable");
     assert_eq!(balance.balance, dec(10));
 }
+
+/// The migrations run under the `sql_mode` they were written for, whatever the caller's, and
+/// leave the caller's in place: under a caller's EMPTY_STRING_IS_NULL the designated-writer
+/// row's `''` was NULL in a NOT NULL column and the migrations failed.
+#[test]
+fn migrations_run_whatever_the_callers_sql_mode() {
+    #[derive(QueryableByName)]
+    struct Mode {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        mode: String,
+    }
+    let sandbox = Sandbox::start().expect("private server");
+    let url = sandbox
+        .create_database("review_migrations_mode")
+        .expect("database");
+    let mut conn = connect(&url);
+    conn.batch_execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',EMPTY_STRING_IS_NULL')")
+        .expect("the caller's sql_mode");
+    let mode = |conn: &mut MysqlConnection| {
+        diesel::sql_query("SELECT CAST(@@session.sql_mode AS CHAR) AS mode")
+            .get_result::<Mode>(conn)
+            .expect("sql_mode")
+            .mode
+    };
+    let before = mode(&mut conn);
+    assert!(before.contains("EMPTY_STRING_IS_NULL"), "{before}");
+    lockstock::run_migrations(&mut conn).expect("the migrations");
+    assert_eq!(mode(&mut conn), before, "the caller's sql_mode, put back");
+    let named: i64 = diesel::sql_query(
+        "SELECT CAST(COUNT(*) AS SIGNED) AS id FROM designated_writer WHERE node_name = ''",
+    )
+    .get_result::<Id>(&mut connect(&url))
+    .expect("the designated-writer row")
+    .id;
+    assert_eq!(named, 1, "the row names no node");
+}
