@@ -145,21 +145,16 @@ impl Query for StatementPreparesMySql {
     type SqlType = BigInt;
 }
 
-/// The SET that puts back what lockstock's first SET saved on MariaDB (the user variables are
-/// cleared by `clear_saved!`, which must come after it in the same statement). Each value
-/// falls back to the session's current one where its variable is NULL — already put back and
-/// cleared — so that sending it again (after a Galera abort reported late, on it) changes
-/// nothing.
-macro_rules! restore_mariadb {
+/// The assignments of every restoring SET that both servers share: each value the first SET
+/// saved on both (`SAVE_SHARED` in the runner), or the session's current one where its
+/// variable is NULL.
+macro_rules! restore_shared {
     () => {
-        "SET SESSION innodb_lock_wait_timeout = \
+        "innodb_lock_wait_timeout = \
          COALESCE(@lockstock_lock_wait, @@session.innodb_lock_wait_timeout), \
          lock_wait_timeout = COALESCE(@lockstock_mdl_wait, @@session.lock_wait_timeout), \
-         max_statement_time = COALESCE(@lockstock_statement_time, @@session.max_statement_time), \
          lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
          time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
-         tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation), \
-         tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only), \
          sql_select_limit = COALESCE(@lockstock_select_limit, @@session.sql_select_limit), \
          unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
          foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks), \
@@ -167,6 +162,24 @@ macro_rules! restore_mariadb {
          character_set_results = IF(@lockstock_cs_results_null, NULL, \
          COALESCE(@lockstock_cs_results, @@session.character_set_results)), \
          collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection)"
+    };
+}
+
+/// The SET that puts back what lockstock's first SET saved on MariaDB (the user variables are
+/// cleared by `clear_saved!`, which must come after it in the same statement). Each value
+/// falls back to the session's current one where its variable is NULL — already put back and
+/// cleared — so that sending it again (after a Galera abort reported late, on it) changes
+/// nothing.
+macro_rules! restore_mariadb {
+    () => {
+        concat!(
+            "SET SESSION ",
+            restore_shared!(),
+            ", max_statement_time = \
+             COALESCE(@lockstock_statement_time, @@session.max_statement_time), \
+             tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation), \
+             tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only)"
+        )
     };
 }
 
@@ -223,19 +236,10 @@ statement! {
 statement! {
     /// Restores the session variables lockstock's first SET saved (MySQL 8).
     RestoreMySql => concat!(
-        "SET SESSION innodb_lock_wait_timeout = \
-         COALESCE(@lockstock_lock_wait, @@session.innodb_lock_wait_timeout), \
-         lock_wait_timeout = COALESCE(@lockstock_mdl_wait, @@session.lock_wait_timeout), \
-         max_execution_time = COALESCE(@lockstock_statement_time, @@session.max_execution_time), \
-         lc_messages = COALESCE(@lockstock_lc_messages, @@session.lc_messages), \
-         time_zone = COALESCE(@lockstock_time_zone, @@session.time_zone), \
-         sql_select_limit = COALESCE(@lockstock_select_limit, @@session.sql_select_limit), \
-         unique_checks = COALESCE(@lockstock_unique_checks, @@session.unique_checks), \
-         foreign_key_checks = COALESCE(@lockstock_fk_checks, @@session.foreign_key_checks), \
-         character_set_client = COALESCE(@lockstock_cs_client, @@session.character_set_client), \
-         character_set_results = IF(@lockstock_cs_results_null, NULL, \
-         COALESCE(@lockstock_cs_results, @@session.character_set_results)), \
-         collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection)",
+        "SET SESSION ",
+        restore_shared!(),
+        ", max_execution_time = \
+         COALESCE(@lockstock_statement_time, @@session.max_execution_time)",
         clear_saved!()
     )
 }

@@ -163,6 +163,23 @@ struct RunnerSql {
     marked: [Vec<String>; 2],
 }
 
+/// What the first SET saves on both servers before it sets lockstock's values: the caller's
+/// `LAST_INSERT_ID()` and every session variable lockstock sets but the statement time limit
+/// (named differently) — put back by `restore_shared!` and cleared by `clear_saved!` (see
+/// `crate::statements`).
+const SAVE_SHARED: &str = "@lockstock_last_insert_id = LAST_INSERT_ID(), \
+     @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
+     @lockstock_mdl_wait = @@session.lock_wait_timeout, \
+     @lockstock_lc_messages = @@session.lc_messages, \
+     @lockstock_time_zone = @@session.time_zone, \
+     @lockstock_select_limit = @@session.sql_select_limit, \
+     @lockstock_unique_checks = @@session.unique_checks, \
+     @lockstock_fk_checks = @@session.foreign_key_checks, \
+     @lockstock_cs_client = @@session.character_set_client, \
+     @lockstock_cs_results = @@session.character_set_results, \
+     @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
+     @lockstock_collation = @@session.collation_connection";
+
 /// The value that makes the first SET refuse, atomically and before anything changes, to run
 /// inside a transaction the caller opened with a raw `BEGIN` (lockstock's `BEGIN` would
 /// silently commit it): `lc_messages` accepts only known locales.
@@ -222,21 +239,10 @@ impl RunnerSql {
                 // values saved, ours set. Nothing before it may read a table: under a caller's
                 // `autocommit = 0` the read would open a transaction of its own.
                 let mut setup = vec![format!(
-                    "SET @lockstock_last_insert_id = LAST_INSERT_ID(), \
-                     @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
-                     @lockstock_mdl_wait = @@session.lock_wait_timeout, \
+                    "SET {SAVE_SHARED}, \
                      @lockstock_statement_time = @@session.max_statement_time, \
-                     @lockstock_lc_messages = @@session.lc_messages, \
-                     @lockstock_time_zone = @@session.time_zone, \
                      @lockstock_isolation = @@session.tx_isolation, \
-                     @lockstock_read_only = @@session.tx_read_only, \
-                     @lockstock_select_limit = @@session.sql_select_limit, \
-                     @lockstock_unique_checks = @@session.unique_checks, \
-                     @lockstock_fk_checks = @@session.foreign_key_checks, \
-                     @lockstock_cs_client = @@session.character_set_client, \
-                     @lockstock_cs_results = @@session.character_set_results, \
-                     @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
-                     @lockstock_collation = @@session.collation_connection, {save_autocommit}\
+                     @lockstock_read_only = @@session.tx_read_only, {save_autocommit}\
                      SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
                      {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()
@@ -262,19 +268,8 @@ impl RunnerSql {
             ServerFlavor::MySql => vec![
                 set_transaction(levels[kind], kind),
                 format!(
-                    "SET @lockstock_last_insert_id = LAST_INSERT_ID(), \
-                     @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
-                     @lockstock_mdl_wait = @@session.lock_wait_timeout, \
+                    "SET {SAVE_SHARED}, \
                      @lockstock_statement_time = @@session.max_execution_time, \
-                     @lockstock_lc_messages = @@session.lc_messages, \
-                     @lockstock_time_zone = @@session.time_zone, \
-                     @lockstock_select_limit = @@session.sql_select_limit, \
-                     @lockstock_unique_checks = @@session.unique_checks, \
-                     @lockstock_fk_checks = @@session.foreign_key_checks, \
-                     @lockstock_cs_client = @@session.character_set_client, \
-                     @lockstock_cs_results = @@session.character_set_results, \
-                     @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
-                     @lockstock_collation = @@session.collation_connection, \
                      SESSION lc_messages = 'en_US', {settings}"
                 ),
             ],

@@ -1608,24 +1608,17 @@ fn a_batch_whose_holders_cannot_be_read_after_a_clash_may_be_applied() {
         .issue(&mut admin, 1, campaign.id)
         .expect("the first issue, applied");
     let user = "lockstock_coupon_blind";
-    for host in ["localhost", "%"] {
-        admin
-            .batch_execute(&format!(
-                "CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'blind'; \
-                 GRANT SELECT, UPDATE ON `{database}`.`fcfs_coupon` TO '{user}'@'{host}'; \
-                 GRANT SELECT ON `{database}`.`coupon` TO '{user}'@'{host}'; \
-                 GRANT INSERT ON `{database}`.`user_coupon` TO '{user}'@'{host}'"
-            ))
-            .expect("restricted user");
-    }
-    let rest = url.split_once('@').map_or(url.as_str(), |(_, rest)| rest);
-    let mut blind = connect(&format!("mysql://{user}:blind@{rest}"));
-    let denied_unknown = |result: &Result<IssuedCoupon, Error>| match result {
-        Err(e @ Error::OutcomeUnknown { source }) => {
-            e.is_outcome_unknown() && source.message().to_lowercase().contains("denied")
-        }
-        _ => false,
-    };
+    let mut blind = connect(&crate::review_ledger::restricted_url(
+        &url,
+        &mut admin,
+        (database, user),
+        &[
+            ("SELECT, UPDATE", "fcfs_coupon"),
+            ("SELECT", "coupon"),
+            ("INSERT", "user_coupon"),
+        ],
+    ));
+    let denied_unknown = crate::review_ledger::is_denied_outcome_unknown::<IssuedCoupon>;
 
     let single = CouponIssuer::new().issue(&mut blind, 1, campaign.id);
     assert!(denied_unknown(&single), "{single:?}");

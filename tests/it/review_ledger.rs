@@ -309,21 +309,40 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
 /// A server account that may lock and change balances and write the journal but not read the
 /// journal: the key lookup after a commit fails on the server ("SELECT command denied").
 fn journal_blind_url(url: &str, admin: &mut MysqlConnection, database: &str) -> String {
-    let user = "lockstock_blind";
+    restricted_url(
+        url,
+        admin,
+        (database, "lockstock_blind"),
+        &[
+            ("SELECT, INSERT, UPDATE", "user_balance"),
+            ("INSERT", "balance_history"),
+        ],
+    )
+}
+
+/// The URL of a server account `user` (password `blind`) that has only `grants` — privileges
+/// on a table of `database` — created through `admin`.
+pub(crate) fn restricted_url(
+    url: &str,
+    admin: &mut MysqlConnection,
+    (database, user): (&str, &str),
+    grants: &[(&str, &str)],
+) -> String {
     for host in ["localhost", "%"] {
-        admin
-            .batch_execute(&format!(
-                "CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'blind'; \
-                 GRANT SELECT, INSERT, UPDATE ON `{database}`.`user_balance` TO '{user}'@'{host}'; \
-                 GRANT INSERT ON `{database}`.`balance_history` TO '{user}'@'{host}'"
-            ))
-            .expect("restricted user");
+        let mut sql = format!("CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'blind'");
+        for (privileges, table) in grants {
+            sql.push_str(&format!(
+                "; GRANT {privileges} ON `{database}`.`{table}` TO '{user}'@'{host}'"
+            ));
+        }
+        admin.batch_execute(&sql).expect("restricted user");
     }
     let rest = url.split_once('@').map_or(url, |(_, rest)| rest);
     format!("mysql://{user}:blind@{rest}")
 }
 
-fn is_denied_outcome_unknown(result: &Result<Entry, Error>) -> bool {
+/// `OutcomeUnknown` whose source is the server's refusal of a privilege ("... denied").
+pub(crate) fn is_denied_outcome_unknown<T>(result: &Result<T, Error>) -> bool {
     match result {
         Err(e @ Error::OutcomeUnknown { source }) => {
             e.is_outcome_unknown() && source.message().to_lowercase().contains("denied")
