@@ -202,8 +202,10 @@ pub(super) const NOT_DESIGNATED_LOCALE: &str = "lockstock_not_designated_writer"
 /// `START TRANSACTION` of a write and of a read-only snapshot. A write's access mode is set
 /// READ WRITE before it (the first SET's `tx_read_only = 0`, or `SET TRANSACTION ..., READ
 /// WRITE`): a caller's `SET TRANSACTION READ ONLY` for its next transaction would otherwise make
-/// it refuse its writes.
-const BEGIN_WRITE: &str = "BEGIN";
+/// it refuse its writes. Not `BEGIN`: under a caller's `sql_mode = ORACLE` MariaDB parses a
+/// lone `BEGIN` as the start of a block ("You have an error in your SQL syntax"), and every
+/// write failed.
+const BEGIN_WRITE: &str = "START TRANSACTION";
 const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
 
 impl RunnerSql {

@@ -956,3 +956,242 @@ fn migrations_run_whatever_the_callers_sql_mode() {
     .id;
     assert_eq!(named, 1, "the row names no node");
 }
+
+/// Every `sql_mode` flag MariaDB has, one at a time, and the modes that combine them (`ORACLE`
+/// and `ANSI` among them), with the empty mode (nothing strict).
+const SQL_MODES: &[&str] = &[
+    "",
+    "REAL_AS_FLOAT",
+    "PIPES_AS_CONCAT",
+    "ANSI_QUOTES",
+    "IGNORE_SPACE",
+    "IGNORE_BAD_TABLE_OPTIONS",
+    "ONLY_FULL_GROUP_BY",
+    "NO_UNSIGNED_SUBTRACTION",
+    "NO_DIR_IN_CREATE",
+    "NO_KEY_OPTIONS,NO_TABLE_OPTIONS,NO_FIELD_OPTIONS",
+    "NO_AUTO_VALUE_ON_ZERO",
+    "NO_BACKSLASH_ESCAPES",
+    "STRICT_TRANS_TABLES",
+    "STRICT_ALL_TABLES",
+    "NO_ZERO_IN_DATE,NO_ZERO_DATE,ALLOW_INVALID_DATES",
+    "ERROR_FOR_DIVISION_BY_ZERO",
+    "NO_AUTO_CREATE_USER",
+    "HIGH_NOT_PRECEDENCE",
+    "NO_ENGINE_SUBSTITUTION",
+    "PAD_CHAR_TO_FULL_LENGTH",
+    "EMPTY_STRING_IS_NULL",
+    "SIMULTANEOUS_ASSIGNMENT",
+    "TIME_ROUND_FRACTIONAL",
+    "ORACLE",
+    "ANSI",
+    "TRADITIONAL",
+    "MSSQL",
+    "DB2",
+    "POSTGRESQL",
+    "MAXDB",
+    "MYSQL323",
+    "MYSQL40",
+];
+
+/// What every call of the ledger and the issuer answers on `conn` (a connection whose first
+/// lockstock statements are prepared under the caller's `sql_mode`), for accounts from `user`
+/// and a campaign of 3 coupons of its own; the invariants checked from `check`, a connection
+/// under the server's default mode.
+fn every_call_under_the_callers_mode(
+    conn: &mut MysqlConnection,
+    check: &mut MysqlConnection,
+    user: i64,
+    mode: &str,
+) {
+    let ledger = BalanceLedger::new();
+    let issuer = lockstock::CouponIssuer::new();
+    let (sender, receiver) = (user, user + 1);
+    let charged = ledger.charge(conn, sender, dec(100), "c").expect(mode);
+    assert_eq!(
+        ledger.charge(conn, sender, dec(100), "c").expect(mode).id,
+        charged.id,
+        "{mode}: the replay"
+    );
+    let deducted = ledger.deduct(conn, sender, dec(10), "d").expect(mode);
+    ledger.refund(conn, deducted.id, dec(4), "r").expect(mode);
+    ledger
+        .transfer(conn, sender, receiver, dec(5), "t")
+        .expect(mode);
+    let expires = lockstock_testkit::fixtures::now() + chrono::Duration::minutes(5);
+    let held = ledger
+        .hold(conn, sender, dec(20), "h1", expires)
+        .expect(mode);
+    ledger.capture(conn, held.id, dec(3), "cap").expect(mode);
+    let other = ledger
+        .hold(conn, sender, dec(20), "h2", expires)
+        .expect(mode);
+    ledger.release(conn, other.id, "rel").expect(mode);
+    ledger.expire_holds(conn, 10).expect(mode);
+    let batch = ledger
+        .apply_many(
+            conn,
+            sender,
+            &[
+                lockstock::AccountOp::deduct(dec(1), "m1"),
+                lockstock::AccountOp::charge(dec(2), "m2"),
+                lockstock::AccountOp::deduct(dec(1), "d"),
+            ],
+        )
+        .expect(mode);
+    assert!(batch[0].is_ok() && batch[1].is_ok(), "{mode}: {batch:?}");
+    assert!(
+        matches!(&batch[2], Err(Error::IdempotencyConflict { existing_entry_id, .. }) if *existing_entry_id == deducted.id),
+        "{mode}: {:?}",
+        batch[2]
+    );
+    // 100 - 10 + 4 - 5 - 3 - 1 + 2
+    let expected = dec(87);
+    assert_eq!(ledger.balance(conn, sender).expect(mode).balance, expected);
+    assert_eq!(
+        ledger
+            .history(conn, sender, None, 50)
+            .expect(mode)
+            .entries
+            .len(),
+        10
+    );
+    assert!(
+        ledger.audit(conn, sender).expect(mode).is_consistent(),
+        "{mode}"
+    );
+
+    let t = lockstock_testkit::fixtures::now();
+    let template = issuer
+        .create_coupon(
+            conn,
+            &lockstock::NewCoupon {
+                name: "mode",
+                discount: lockstock::Discount::Fixed(dec(5)),
+                valid_from: t - chrono::Duration::hours(1),
+                valid_until: t + chrono::Duration::days(1),
+            },
+        )
+        .expect(mode);
+    let campaign = issuer
+        .create_campaign(
+            conn,
+            &lockstock::NewCampaign {
+                coupon_id: template.id,
+                quantity: 3,
+                issue_starts_at: t - chrono::Duration::hours(1),
+                issue_ends_at: t + chrono::Duration::days(1),
+            },
+        )
+        .expect(mode);
+    let coupon = issuer.issue(conn, sender, campaign.id).expect(mode);
+    assert!(
+        matches!(
+            issuer.issue(conn, sender, campaign.id),
+            Err(Error::AlreadyIssued { .. })
+        ),
+        "{mode}"
+    );
+    let many = issuer
+        .issue_many(conn, campaign.id, &[receiver, user + 2, user + 3])
+        .expect(mode);
+    assert!(many[0].is_ok() && many[1].is_ok(), "{mode}: {many:?}");
+    assert!(
+        matches!(many[2], Err(Error::SoldOut { .. })),
+        "{mode}: {many:?}"
+    );
+    issuer.redeem(conn, coupon.id, "order").expect(mode);
+    issuer.restore(conn, coupon.id, "order").expect(mode);
+    issuer.restock(conn, campaign.id, 1, "more").expect(mode);
+    assert_eq!(
+        issuer.remaining(conn, campaign.id).expect(mode),
+        1,
+        "{mode}"
+    );
+    assert_eq!(issuer.user_coupons(conn, sender).expect(mode).len(), 1);
+
+    // From a connection under the server's default mode.
+    assert_eq!(
+        lockstock_testkit::fixtures::stored_balance(check, sender),
+        expected,
+        "{mode}"
+    );
+    assert!(ledger.audit(check, receiver).expect(mode).is_consistent());
+    assert_eq!(
+        lockstock_testkit::fixtures::stock_row(check, campaign.id),
+        (4, 1),
+        "{mode}: total and stock"
+    );
+    assert_eq!(
+        lockstock_testkit::fixtures::issued_rows(check, campaign.id),
+        3,
+        "{mode}"
+    );
+}
+
+fn sql_mode(conn: &mut MysqlConnection) -> String {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+        "CAST(@@session.sql_mode AS CHAR)",
+    ))
+    .get_result(conn)
+    .expect("sql_mode")
+}
+
+/// A caller's `sql_mode` does not change what lockstock's statements mean. Under `ORACLE`
+/// every write failed ("You have an error in your SQL syntax": a lone `BEGIN` starts a block
+/// there) on a connection whose first lockstock statements ran under it; lockstock leaves the
+/// mode as it found it. Then a pool of connections under `ORACLE` with lockstock's session
+/// settings, and combiners on it.
+#[test]
+fn lockstock_works_whatever_the_callers_sql_mode() {
+    let (url, mut check) = fresh_database("review_sql_modes");
+    for (i, mode) in SQL_MODES.iter().enumerate() {
+        let mut conn = connect(&url);
+        conn.batch_execute(&format!("SET SESSION sql_mode = '{mode}'"))
+            .expect(mode);
+        let before = sql_mode(&mut conn);
+        let user = 100 * (i64::try_from(i).expect("few modes") + 1);
+        every_call_under_the_callers_mode(&mut conn, &mut check, user, mode);
+        assert_eq!(sql_mode(&mut conn), before, "{mode}: the caller's mode");
+    }
+
+    #[derive(Debug)]
+    struct OracleMode;
+    impl diesel::r2d2::CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for OracleMode {
+        fn on_acquire(&self, conn: &mut MysqlConnection) -> Result<(), diesel::r2d2::Error> {
+            SessionSettings::default().on_acquire(conn)?;
+            conn.batch_execute("SET SESSION sql_mode = 'ORACLE'")
+                .map_err(diesel::r2d2::Error::QueryError)
+        }
+    }
+    let oracle = || {
+        Pool::builder()
+            .max_size(2)
+            .connection_customizer(Box::new(OracleMode))
+            .build(ConnectionManager::<MysqlConnection>::new(&url))
+            .expect("pool")
+    };
+    let pool = oracle();
+    let mut marked = pool.get().expect("a connection");
+    every_call_under_the_callers_mode(&mut marked, &mut check, 90_000, "ORACLE, marked");
+    drop(marked);
+    let ledger = lockstock::combine::CombiningLedger::new(oracle(), BalanceLedger::new());
+    let issuer = lockstock::combine::CombiningIssuer::new(oracle(), lockstock::CouponIssuer::new());
+    let campaign =
+        lockstock_testkit::fixtures::open_campaign(&mut check, &lockstock::CouponIssuer::new(), 10);
+    ledger
+        .charge(95_000, dec(10), "combined")
+        .expect("combined charge");
+    ledger
+        .deduct(95_000, dec(4), "combined d")
+        .expect("combined deduct");
+    issuer.issue(95_000, campaign.id).expect("combined issue");
+    assert_eq!(
+        lockstock_testkit::fixtures::stored_balance(&mut check, 95_000),
+        dec(6)
+    );
+    assert_eq!(
+        lockstock_testkit::fixtures::issued_rows(&mut check, campaign.id),
+        1
+    );
+}
