@@ -126,9 +126,14 @@ statement! {
 
 statement! {
     /// How many statements the server has prepared for this connection (`Com_stmt_prepare`,
-    /// counting this one when it is prepared for this run): MariaDB.
-    StatementPrepares => "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM \
-        information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'COM_STMT_PREPARE'"
+    /// counting this one when it is prepared for this run): MariaDB. Sent after the caller's
+    /// session is restored, so it answers whatever that session caps: its row whatever the
+    /// caller's `sql_select_limit` (an explicit `LIMIT` wins), and whatever its
+    /// `max_join_size` (which refused it as "would examine more than MAX_JOIN_SIZE rows" and
+    /// left a healthy connection `ConnectionBroken`).
+    StatementPrepares => "SET STATEMENT sql_big_selects = 1 FOR \
+        SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM \
+        information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'COM_STMT_PREPARE' LIMIT 1"
 }
 
 impl Query for StatementPrepares {
@@ -136,9 +141,11 @@ impl Query for StatementPrepares {
 }
 
 statement! {
-    /// [`StatementPrepares`] on MySQL 8, which keeps session status in `performance_schema`.
-    StatementPreparesMySql => "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM \
-        performance_schema.session_status WHERE VARIABLE_NAME = 'Com_stmt_prepare'"
+    /// [`StatementPrepares`] on MySQL 8, which keeps session status in `performance_schema`
+    /// (the cap lifted by an optimizer hint there).
+    StatementPreparesMySql => "SELECT /*+ SET_VAR(sql_big_selects = 1) */ \
+        CAST(VARIABLE_VALUE AS SIGNED) FROM performance_schema.session_status \
+        WHERE VARIABLE_NAME = 'Com_stmt_prepare' LIMIT 1"
 }
 
 impl Query for StatementPreparesMySql {
@@ -161,7 +168,9 @@ macro_rules! restore_shared {
          character_set_client = COALESCE(@lockstock_cs_client, @@session.character_set_client), \
          character_set_results = IF(@lockstock_cs_results_null, NULL, \
          COALESCE(@lockstock_cs_results, @@session.character_set_results)), \
-         collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection)"
+         collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection), \
+         sql_big_selects = COALESCE(@lockstock_big_selects, @@session.sql_big_selects), \
+         insert_id = COALESCE(@lockstock_insert_id, @@session.insert_id)"
     };
 }
 
@@ -199,7 +208,8 @@ macro_rules! clear_saved {
          @lockstock_select_limit = NULL, @lockstock_unique_checks = NULL, \
          @lockstock_fk_checks = NULL, @lockstock_cs_client = NULL, \
          @lockstock_cs_results = NULL, @lockstock_cs_results_null = NULL, \
-         @lockstock_collation = NULL"
+         @lockstock_collation = NULL, @lockstock_big_selects = NULL, \
+         @lockstock_insert_id = NULL"
     };
 }
 

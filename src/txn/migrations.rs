@@ -10,11 +10,24 @@ use super::{
 };
 use crate::error::Error;
 
-/// Puts the caller's values back and clears the user variables.
+/// Puts the caller's values back and clears the user variables (both servers).
 const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type, \
     autocommit = @lockstock_autocommit, sql_mode = @lockstock_sql_mode, \
+    sql_select_limit = @lockstock_select_limit, sql_big_selects = @lockstock_big_selects, \
+    default_storage_engine = @lockstock_engine, \
     @lockstock_completion_type = NULL, @lockstock_autocommit = NULL, \
-    @lockstock_sql_mode = NULL";
+    @lockstock_sql_mode = NULL, @lockstock_select_limit = NULL, \
+    @lockstock_big_selects = NULL, @lockstock_engine = NULL";
+
+/// [`RESTORE`]'s part that only MariaDB has.
+const RESTORE_MARIADB: &str = ", tx_read_only = @lockstock_read_only, \
+    max_statement_time = @lockstock_statement_time, \
+    @lockstock_read_only = NULL, @lockstock_statement_time = NULL";
+
+/// [`RESTORE`]'s part that only MySQL has.
+const RESTORE_MYSQL: &str = ", transaction_read_only = @lockstock_read_only, \
+    max_execution_time = @lockstock_statement_time, \
+    @lockstock_read_only = NULL, @lockstock_statement_time = NULL";
 
 /// The `sql_mode` the migrations run under (what they were written for: MariaDB's default
 /// without `NO_AUTO_CREATE_USER`, which MySQL 8 no longer knows). A caller's mode could break
@@ -44,19 +57,39 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
     // (an unknown locale, nothing set) inside a transaction the caller opened with a raw
     // `BEGIN`, which `autocommit = 1` and the DDL would commit. (MySQL has no
     // `@@in_transaction`.)
-    let nested_check = match ServerFlavor::ask(conn)? {
-        ServerFlavor::MariaDb => format!(
-            "SESSION lc_messages = \
-             IF(@@in_transaction, '{NESTED_LOCALE}', @@session.lc_messages), "
+    // Also what Diesel's harness reads and writes with: every applied version read (a
+    // caller's `sql_select_limit` made it run an applied migration again: "Table ...
+    // already exists"; `max_join_size` refused the read), no time limit but the deadline's,
+    // read-write whatever the caller set for its transactions, and its own table InnoDB.
+    let (flavor_saves, flavor_sets, restore_flavor) = match ServerFlavor::ask(conn)? {
+        ServerFlavor::MariaDb => (
+            format!(
+                "@lockstock_read_only = @@session.tx_read_only, \
+                 @lockstock_statement_time = @@session.max_statement_time, \
+                 SESSION lc_messages = \
+                 IF(@@in_transaction, '{NESTED_LOCALE}', @@session.lc_messages), "
+            ),
+            "tx_read_only = 0, max_statement_time = 0",
+            RESTORE_MARIADB,
         ),
-        ServerFlavor::MySql => String::new(),
+        ServerFlavor::MySql => (
+            "@lockstock_read_only = @@session.transaction_read_only, \
+             @lockstock_statement_time = @@session.max_execution_time, "
+                .to_owned(),
+            "transaction_read_only = 0, max_execution_time = 0",
+            RESTORE_MYSQL,
+        ),
     };
     let setup = format!(
         "SET @lockstock_completion_type = @@session.completion_type, \
          @lockstock_autocommit = @@session.autocommit, \
-         @lockstock_sql_mode = @@session.sql_mode, {nested_check}\
+         @lockstock_sql_mode = @@session.sql_mode, \
+         @lockstock_select_limit = @@session.sql_select_limit, \
+         @lockstock_big_selects = @@session.sql_big_selects, \
+         @lockstock_engine = @@session.default_storage_engine, {flavor_saves}\
          SESSION completion_type = 'NO_CHAIN', autocommit = 1, \
-         sql_mode = '{MIGRATION_SQL_MODE}'"
+         sql_mode = '{MIGRATION_SQL_MODE}', sql_select_limit = 18446744073709551615, sql_big_selects = 1, \
+         default_storage_engine = InnoDB, {flavor_sets}"
     );
     if let Err(e) = conn.batch_execute(&setup) {
         let error = Error::from(e);
@@ -72,7 +105,10 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
         .map_err(|e| Error::Migration(e.into()));
     // Where the caller's values cannot be put back, the session is ended (as the runner
     // ends one it could not restore after a COMMIT): the answer stays the migrations'.
-    if conn.batch_execute(RESTORE).is_err() {
+    if conn
+        .batch_execute(&format!("{RESTORE}{restore_flavor}"))
+        .is_err()
+    {
         super::transaction::close_broken(conn);
     }
     migrated

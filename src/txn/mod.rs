@@ -178,7 +178,9 @@ const SAVE_SHARED: &str = "@lockstock_last_insert_id = LAST_INSERT_ID(), \
      @lockstock_cs_client = @@session.character_set_client, \
      @lockstock_cs_results = @@session.character_set_results, \
      @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
-     @lockstock_collation = @@session.collation_connection";
+     @lockstock_collation = @@session.collation_connection, \
+     @lockstock_big_selects = @@session.sql_big_selects, \
+     @lockstock_insert_id = @@session.insert_id";
 
 /// The value that makes the first SET refuse, atomically and before anything changes, to run
 /// inside a transaction the caller opened with a raw `BEGIN` (lockstock's `BEGIN` would

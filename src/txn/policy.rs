@@ -226,12 +226,16 @@ impl TxnPolicy {
         // selects (`sql_select_limit` cuts a batch's reads and `audit` short), the unique and
         // foreign keys checked, and keys, order references and answers sent as utf8mb4 (a
         // caller's `SET NAMES utf8mb3` turned a 4-byte character of a key into '?' or an
-        // error).
+        // error), no cap on the rows a read may examine (a caller's `max_join_size` turns
+        // `sql_big_selects` off: lockstock's reads were refused), and no pending `insert_id`
+        // (a caller's would number lockstock's next row: a duplicate key, and the caller's
+        // own INSERT would no longer get it).
         format!(
             "innodb_lock_wait_timeout = {lock_wait}, lock_wait_timeout = {lock_wait}, {limit}, \
              time_zone = '+00:00', sql_select_limit = 18446744073709551615, unique_checks = 1, \
              foreign_key_checks = 1, character_set_client = utf8mb4, \
-             character_set_results = utf8mb4, collation_connection = utf8mb4_general_ci"
+             character_set_results = utf8mb4, collation_connection = utf8mb4_general_ci, \
+             sql_big_selects = 1, insert_id = 0"
         )
     }
 

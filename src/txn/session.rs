@@ -5,7 +5,7 @@ use diesel::connection::{Connection, Instrumentation, InstrumentationEvent, Simp
 use diesel::mysql::MysqlConnection;
 use diesel::r2d2::CustomizeConnection;
 use diesel::sql_types::Text;
-use diesel::RunQueryDsl;
+use diesel::{QueryDsl, RunQueryDsl};
 
 use super::{bounded, Deadline, TxnPolicy};
 use crate::error::Error;
@@ -36,8 +36,9 @@ impl ServerFlavor {
 
     /// [`detect`](Self::detect) for a caller that bounds it already (under the watchdog).
     pub(super) fn ask(conn: &mut MysqlConnection) -> Result<Self, Error> {
-        let version: String =
-            diesel::select(diesel::dsl::sql::<Text>("VERSION()")).get_result(conn)?;
+        let version: String = diesel::select(diesel::dsl::sql::<Text>("VERSION()"))
+            .limit(1)
+            .get_result(conn)?;
         Ok(if version.to_ascii_lowercase().contains("mariadb") {
             Self::MariaDb
         } else {
@@ -53,6 +54,7 @@ pub(super) fn rollback_on_timeout(conn: &mut MysqlConnection) -> Result<bool, Er
     let on: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
         "CAST(@@innodb_rollback_on_timeout AS SIGNED)",
     ))
+    .limit(1)
     .get_result(conn)?;
     Ok(on != 0)
 }
@@ -63,6 +65,7 @@ pub(super) fn wsrep_on(conn: &mut MysqlConnection) -> Result<bool, Error> {
     let on: diesel::QueryResult<i64> = diesel::select(
         diesel::dsl::sql::<diesel::sql_types::BigInt>("CAST(@@wsrep_on AS SIGNED)"),
     )
+    .limit(1)
     .get_result(conn);
     match on {
         Ok(on) => Ok(on != 0),
@@ -156,7 +159,7 @@ pub(super) fn take_primed(conn: &mut MysqlConnection) -> Option<super::Isolation
 
 /// An r2d2 connection customizer that applies a [`TxnPolicy`]'s session settings (timeouts,
 /// English messages, UTC, no `sql_select_limit`, `unique_checks` and `foreign_key_checks` on,
-/// the connection character set utf8mb4)
+/// the connection character set utf8mb4, `sql_big_selects` on, no pending `insert_id`)
 /// to every connection the pool opens, once — for the caller's own statements on it too, and
 /// a caller who changes them on such a connection changes them for lockstock's. Calls through a runner with
 /// the same policy then send no session settings at all (see [`apply_session_settings`]).

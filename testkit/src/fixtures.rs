@@ -491,6 +491,9 @@ pub struct SessionVars {
     /// `collation_connection`, comma-separated.
     #[diesel(sql_type = Text)]
     pub charsets: String,
+    /// `sql_big_selects` (0 or 1) and the pending `insert_id` (0: none), comma-separated.
+    #[diesel(sql_type = Text)]
+    pub big_selects_insert_id: String,
 }
 
 /// The session variables of `conn` ([`SessionVars`]).
@@ -504,7 +507,9 @@ pub fn session_vars(conn: &mut MysqlConnection) -> SessionVars {
          CONCAT(@@session.unique_checks, @@session.foreign_key_checks) AS key_checks, \
          CONCAT_WS(',', @@session.character_set_client, \
          COALESCE(@@session.character_set_results, 'NULL'), \
-         @@session.collation_connection) AS charsets",
+         @@session.collation_connection) AS charsets, \
+         CONCAT_WS(',', @@session.sql_big_selects, @@session.insert_id) AS big_selects_insert_id \
+         LIMIT 1",
     )
     .get_result(conn)
     .expect("read session variables")

@@ -924,6 +924,73 @@ fn a_lost_connection_is_never_handed_out_again_by_its_pool() {
 /// The migrations run under the `sql_mode` they were written for, whatever the caller's, and
 /// leave the caller's in place: under a caller's EMPTY_STRING_IS_NULL the designated-writer
 /// row's `''` was NULL in a NOT NULL column and the migrations failed.
+/// The migrations run, on a database that has them and on one that has none, whatever the
+/// caller's session caps or sets for its own statements, and leave it as found. Before: with
+/// `sql_select_limit = 1` Diesel's harness read one applied migration and ran the next again
+/// ("Table 'user_balance' already exists"); with 0 the version read found nothing
+/// (`Server(NotFound)`); `max_join_size` refused the harness's read; a session whose
+/// transactions are READ ONLY, or a statement limit of 0.1 ms, refused the DDL; and with
+/// `default_storage_engine = MyISAM` the harness's own table was MyISAM.
+#[test]
+fn migrations_run_whatever_the_callers_session() {
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Caps {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        caps: String,
+    }
+    let caps = |conn: &mut MysqlConnection| {
+        diesel::sql_query(
+            "SELECT CONCAT_WS(',', @@session.sql_select_limit, @@session.sql_big_selects, \
+             @@session.max_join_size, @@session.tx_read_only, @@session.max_statement_time, \
+             @@session.default_storage_engine) AS caps LIMIT 1",
+        )
+        .get_result::<Caps>(conn)
+        .expect("the session")
+    };
+    let (url, _conn) = fresh_database("review_migrations_session");
+    for (i, setting) in [
+        "SET sql_select_limit = 1",
+        "SET sql_select_limit = 0",
+        "SET max_join_size = 1",
+        "SET SESSION TRANSACTION READ ONLY",
+        "SET max_statement_time = 0.0001",
+        "SET default_storage_engine = MyISAM",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut conn = connect(&url);
+        conn.batch_execute(setting).expect(setting);
+        let before = caps(&mut conn);
+        lockstock::run_migrations(&mut conn)
+            .unwrap_or_else(|e| panic!("{setting}, migrated: {e:?}"));
+        assert_eq!(caps(&mut conn), before, "{setting}: the session as found");
+        // A connection of its own (a statement Diesel prepared reads the database that was
+        // the default when it was prepared).
+        let fresh = format!("review_migrations_session_{i}");
+        connect(&url)
+            .batch_execute(&format!("CREATE DATABASE {fresh}"))
+            .expect("a database without the migrations");
+        let fresh_url = url.replace("review_migrations_session", &fresh);
+        let mut conn = connect(&fresh_url);
+        conn.batch_execute(setting).expect(setting);
+        lockstock::run_migrations(&mut conn).unwrap_or_else(|e| panic!("{setting}, fresh: {e:?}"));
+        assert_eq!(caps(&mut conn), before, "{setting}: the session as found");
+        let not_innodb = diesel::sql_query(format!(
+            "SELECT CAST(COUNT(*) AS SIGNED) AS id FROM information_schema.TABLES \
+             WHERE TABLE_SCHEMA = '{fresh}' AND ENGINE <> 'InnoDB'"
+        ))
+        .get_result::<Id>(&mut connect(&url))
+        .expect("the engines")
+        .id;
+        assert_eq!(not_innodb, 0, "{setting}: every table InnoDB");
+        let mut plain = connect(&fresh_url);
+        BalanceLedger::new()
+            .charge(&mut plain, 1, dec(1), "k")
+            .unwrap_or_else(|e| panic!("{setting}: the fresh database works: {e:?}"));
+    }
+}
+
 #[test]
 fn migrations_run_whatever_the_callers_sql_mode() {
     #[derive(QueryableByName)]
@@ -995,10 +1062,10 @@ const SQL_MODES: &[&str] = &[
 ];
 
 /// What every call of the ledger and the issuer answers on `conn` (a connection whose first
-/// lockstock statements are prepared under the caller's `sql_mode`), for accounts from `user`
-/// and a campaign of 3 coupons of its own; the invariants checked from `check`, a connection
-/// under the server's default mode.
-fn every_call_under_the_callers_mode(
+/// lockstock statements are prepared under a caller's session: `mode` says which), for
+/// accounts from `user` and a campaign of 3 coupons of its own; the invariants checked from
+/// `check`, a connection with the server's defaults.
+fn every_call_answers_as_usual(
     conn: &mut MysqlConnection,
     check: &mut MysqlConnection,
     user: i64,
@@ -1151,7 +1218,7 @@ fn lockstock_works_whatever_the_callers_sql_mode() {
             .expect(mode);
         let before = sql_mode(&mut conn);
         let user = 100 * (i64::try_from(i).expect("few modes") + 1);
-        every_call_under_the_callers_mode(&mut conn, &mut check, user, mode);
+        every_call_answers_as_usual(&mut conn, &mut check, user, mode);
         assert_eq!(sql_mode(&mut conn), before, "{mode}: the caller's mode");
     }
 
@@ -1173,7 +1240,7 @@ fn lockstock_works_whatever_the_callers_sql_mode() {
     };
     let pool = oracle();
     let mut marked = pool.get().expect("a connection");
-    every_call_under_the_callers_mode(&mut marked, &mut check, 90_000, "ORACLE, marked");
+    every_call_answers_as_usual(&mut marked, &mut check, 90_000, "ORACLE, marked");
     drop(marked);
     let ledger = lockstock::combine::CombiningLedger::new(oracle(), BalanceLedger::new());
     let issuer = lockstock::combine::CombiningIssuer::new(oracle(), lockstock::CouponIssuer::new());
@@ -1194,4 +1261,76 @@ fn lockstock_works_whatever_the_callers_sql_mode() {
         lockstock_testkit::fixtures::issued_rows(&mut check, campaign.id),
         1
     );
+}
+
+/// A caller's session that caps the rows a read may examine (`max_join_size`, which turns
+/// `sql_big_selects` off) or returns (`sql_select_limit = 0`), or that has an `insert_id`
+/// pending for its next INSERT: every lockstock call answers as usual, from a runner's first
+/// call on, and the session is left as found — the pending id still numbers the caller's own
+/// next row. Before: with the cap, reads were refused ("The SELECT would examine more than
+/// MAX_JOIN_SIZE rows") and the calls answered `ConnectionBroken`; with no rows returned, a
+/// runner's first questions to the server (its version) found none and every call answered
+/// `Server(NotFound)`; with the pending id, lockstock's journal row took it (a duplicate key:
+/// `Server`) and the caller's INSERT did not. Also: a body's own failure under the cap is
+/// answered as itself, and the connection stays usable — the runner's check of the statement
+/// cache, sent after the caller's session is back, was refused and left it
+/// `ConnectionBroken`.
+#[test]
+fn a_callers_row_caps_and_pending_insert_id_do_not_reach_lockstock() {
+    let (url, mut check) = fresh_database("review_row_cap");
+    for (i, setting) in [
+        "SET max_join_size = 1",
+        "SET sql_select_limit = 0",
+        "SET insert_id = 1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut conn = connect(&url);
+        conn.batch_execute(setting).expect(setting);
+        let before = session_vars(&mut conn);
+        let user = 1_000 * (i64::try_from(i).expect("two settings") + 1);
+        every_call_answers_as_usual(&mut conn, &mut check, user, setting);
+        assert_eq!(
+            session_vars(&mut conn),
+            before,
+            "{setting}: the session as found"
+        );
+    }
+    let mut conn = connect(&url);
+    conn.batch_execute(
+        "CREATE TABLE callers_rows (id BIGINT AUTO_INCREMENT PRIMARY KEY, v INT); \
+         SET insert_id = 77",
+    )
+    .expect("the caller's table and pending id");
+    BalanceLedger::new()
+        .charge(&mut conn, 5_000, dec(1), "between")
+        .expect("a charge between");
+    conn.batch_execute("INSERT INTO callers_rows (v) VALUES (1)")
+        .expect("the caller's row");
+    let row = diesel::sql_query("SELECT MAX(id) AS id FROM callers_rows")
+        .get_result::<Id>(&mut conn)
+        .expect("the caller's row id")
+        .id;
+    assert_eq!(
+        row, 77,
+        "the caller's pending insert_id numbered the caller's row"
+    );
+
+    let mut capped = connect(&url);
+    capped
+        .batch_execute("SET max_join_size = 1")
+        .expect("the caller's cap");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let failed = runner.run(&mut capped, |c| {
+        diesel::sql_query("SELECT * FROM no_such_table").execute(c)?;
+        Ok(())
+    });
+    assert!(
+        matches!(&failed, Err(Error::Server(e)) if e.to_string().contains("no_such_table")),
+        "the body's own failure: {failed:?}"
+    );
+    BalanceLedger::new()
+        .charge(&mut capped, 6_000, dec(1), "after")
+        .expect("the same connection, still usable");
 }
