@@ -66,17 +66,33 @@ statement! {
     }
 }
 
-statement! {
-    /// The server clock and the account's active holds that have not expired on it, summed:
-    /// `SELECT UTC_TIMESTAMP(6), COALESCE(SUM(amount), 0) FROM balance_hold WHERE state =
-    /// 'active' AND expires_at > UTC_TIMESTAMP(6) AND user_id = ?` (through the
-    /// `(user_id, state, expires_at)` index). One statement, so both use one clock reading.
-    HeldFunds {
-        "SELECT UTC_TIMESTAMP(6), CAST(COALESCE(SUM(`amount`), 0) AS DECIMAL(19,4)) \
-         FROM `balance_hold` WHERE `state` = 'active' AND `expires_at` > UTC_TIMESTAMP(6) \
-         AND `user_id` = " user_id: i64 as BigInt,
+/// The server clock and the account's active holds that have not expired on it, summed:
+/// `SELECT UTC_TIMESTAMP(6), COALESCE(SUM(amount), 0) FROM balance_hold WHERE state =
+/// 'active' AND expires_at > UTC_TIMESTAMP(6) AND user_id = ? LOCK IN SHARE MODE` (through the
+/// `(user_id, state, expires_at)` index). One statement, so both use one clock reading. Sent
+/// under the account's lock, it reads the latest rows whatever the isolation level: a locking
+/// read (as every read is under SERIALIZABLE). A plain read under REPEATABLE READ reads the
+/// snapshot of the transaction's first plain read — for a transfer's second account, from
+/// before its lock: a hold committed in between was missing, and the transfer spent it.
+#[derive(Debug, Clone, Copy, QueryId)]
+pub(crate) struct HeldFunds {
+    pub(crate) user_id: i64,
+}
+
+impl QueryFragment<Mysql> for HeldFunds {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql(
+            "SELECT UTC_TIMESTAMP(6), CAST(COALESCE(SUM(`amount`), 0) AS DECIMAL(19,4)) \
+             FROM `balance_hold` WHERE `state` = 'active' AND `expires_at` > UTC_TIMESTAMP(6) \
+             AND `user_id` = ",
+        );
+        out.push_bind_param::<BigInt, _>(&self.user_id)?;
+        out.push_sql(" LOCK IN SHARE MODE");
+        Ok(())
     }
 }
+
+impl RunQueryDsl<MysqlConnection> for HeldFunds {}
 
 impl Query for HeldFunds {
     type SqlType = (Datetime, Numeric);

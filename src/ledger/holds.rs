@@ -85,8 +85,11 @@ impl BalanceLedger {
     /// [`EntryKind::Hold`]); its id is the hold's id.
     ///
     /// Safe to retry with the same key and request, also after `expires_at` has passed (a
-    /// retry after [`Error::OutcomeUnknown`], say): it answers the recorded entry. An expiry
-    /// that has passed is refused only when the key was not recorded.
+    /// retry after [`Error::OutcomeUnknown`], say), and on a clock behind the one that placed it
+    /// (to which the expiry is more than [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION)
+    /// ahead): it answers the recorded entry. An expiry refused on the caller's clock is
+    /// refused only when the key was not recorded (looked up first: where that lookup cannot
+    /// be made, [`Error::OutcomeUnknown`]).
     ///
     /// # Errors
     /// Invalid input ([`Error::InvalidId`], [`Error::InvalidAmount`],

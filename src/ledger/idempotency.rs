@@ -131,10 +131,9 @@ impl Error {
                 | Self::HoldNotActive { .. }
                 | Self::HoldExpired { .. }
                 | Self::CaptureExceedsHold { .. }
-                | Self::InvalidExpiry {
-                    problem: ExpiryProblem::NotInFuture,
-                    ..
-                }
+                // A hold's expiry refused on a clock: passed, or (on a clock behind the one
+                // that placed it) too far ahead.
+                | Self::InvalidExpiry { .. }
         ) || self.server_kind() == Some(ServerErrorKind::DuplicateKey)
     }
 }

@@ -133,9 +133,10 @@ impl BalanceLedger {
         }
     }
 
-    /// The answer to a hold whose expiry has passed (`refusal`): a retry of a hold placed before
-    /// its expiry passed answers the recorded entry (another request under its key, the
-    /// conflict); a key not recorded, the refusal. Inside a transaction the caller opened,
+    /// The answer to a hold whose expiry the caller's clock refused (`refusal`: passed, or
+    /// further ahead than a hold may last): a retry of a hold placed before its expiry passed,
+    /// or placed on a clock ahead of this one, answers the recorded entry (another request
+    /// under its key, the conflict); a key not recorded, the refusal. Inside a transaction the caller opened,
     /// where lockstock sends nothing, the refusal too, as every bad input is refused there.
     /// Where the key cannot be looked up otherwise (a server gone, a lock wait past the
     /// deadline) the answer is [`Error::OutcomeUnknown`] with that failure: the refusal would
@@ -250,7 +251,7 @@ impl BalanceLedger {
             reference: Some(deduct_entry_id),
             key: idempotency_key,
             expires_at: None,
-            expired: false,
+            expiry_refused: None,
         };
         // Answered as stored (four places).
         let amount = request.amount;
@@ -331,7 +332,7 @@ impl BalanceLedger {
             reference: Some(to),
             key: idempotency_key,
             expires_at: None,
-            expired: false,
+            expiry_refused: None,
         };
         request.validate()?;
         let amount = request.amount;

@@ -64,9 +64,10 @@ pub(crate) struct Request<'a> {
     pub(crate) key: &'a str,
     /// A hold's expiry (at the stored precision).
     pub(crate) expires_at: Option<NaiveDateTime>,
-    /// A hold whose expiry had passed when the call checked it ([`Request::checked`]): refused
-    /// unless its key was recorded before, which then decides the answer.
-    pub(crate) expired: bool,
+    /// A hold whose expiry the call's clock refused when it checked it ([`Request::checked`]):
+    /// passed, or further ahead than a hold may last. Refused unless its key was recorded
+    /// before, which then decides the answer.
+    pub(crate) expiry_refused: Option<ExpiryProblem>,
 }
 
 impl<'a> Request<'a> {
@@ -79,7 +80,7 @@ impl<'a> Request<'a> {
             reference: None,
             key,
             expires_at: None,
-            expired: false,
+            expiry_refused: None,
         }
     }
 
@@ -98,7 +99,7 @@ impl<'a> Request<'a> {
             reference: Some(expires_at.and_utc().timestamp_micros()),
             key,
             expires_at: Some(expires_at),
-            expired: false,
+            expiry_refused: None,
         }
     }
 
@@ -111,7 +112,7 @@ impl<'a> Request<'a> {
             reference: Some(hold.id),
             key,
             expires_at: None,
-            expired: false,
+            expiry_refused: None,
         }
     }
 
@@ -125,31 +126,31 @@ impl<'a> Request<'a> {
         request_hash(self.kind, self.user_id, self.amount, self.reference)
     }
 
-    /// [`validate`](Self::validate), except that a hold whose expiry has passed comes back
-    /// marked [`expired`](Self::expired) instead of refused: a hold placed before its expiry
-    /// passed and retried after it (say after [`Error::OutcomeUnknown`]) answers the recorded
-    /// entry, as any retry does; without a recorded key it is refused with
+    /// [`validate`](Self::validate), except that a hold whose expiry the caller's clock
+    /// refuses comes back marked ([`expiry_refused`](Self::expiry_refused)) instead of refused:
+    /// a hold placed before its expiry passed and retried after it (say after
+    /// [`Error::OutcomeUnknown`]) answers the recorded entry, as any retry does — and so does
+    /// one retried on a clock behind the one that placed it, to which the same expiry is
+    /// further ahead than a hold may last. Without a recorded key it is refused with
     /// [`Error::InvalidExpiry`] when decided ([`Request::expiry_refusal`]).
     pub(crate) fn checked(mut self) -> Result<Self> {
         match self.validate() {
             Ok(()) => Ok(self),
-            Err(Error::InvalidExpiry {
-                problem: ExpiryProblem::NotInFuture,
-                ..
-            }) => {
-                self.expired = true;
+            Err(Error::InvalidExpiry { problem, .. }) => {
+                self.expiry_refused = Some(problem);
                 Ok(self)
             }
             Err(refusal) => Err(refusal),
         }
     }
 
-    /// The refusal of a hold marked [`expired`](Self::expired) whose key was not recorded.
+    /// The refusal of a hold marked [`expiry_refused`](Self::expiry_refused) whose key was not
+    /// recorded.
     pub(crate) fn expiry_refusal(&self) -> Option<Error> {
-        match (self.expired, self.expires_at) {
-            (true, Some(expires_at)) => Some(Error::InvalidExpiry {
+        match (self.expiry_refused, self.expires_at) {
+            (Some(problem), Some(expires_at)) => Some(Error::InvalidExpiry {
                 expires_at,
-                problem: ExpiryProblem::NotInFuture,
+                problem,
             }),
             _ => None,
         }
@@ -255,7 +256,7 @@ mod tests {
             reference: None,
             key: "k",
             expires_at: None,
-            expired: false,
+            expiry_refused: None,
         };
         let b = Request {
             amount: Decimal::new(1000, 2),

@@ -1511,3 +1511,90 @@ fn a_hold_expired_on_the_server_clock_is_refused_alone_and_in_a_batch() {
         audit_ok(&ledger, &mut conn, user);
     }
 }
+
+/// A hold retried on a clock behind the one that placed it: to the retrying clock its expiry is
+/// further ahead than a hold may last (`TooFar`), yet the key was recorded, so the retry answers
+/// the recorded entry — as single call, in a batch and combined — as a retry after the expiry
+/// passed does. A new key with that expiry is still refused for it. Before: `InvalidExpiry
+/// { TooFar }` for the retry, without a look at the key (a caller would place the hold again
+/// under a new key, reserving the funds twice). The original is placed here by lockstock and
+/// then given the expiry a clock two hours ahead would have sent (its row and request hash), as
+/// another host's writer would have written it.
+#[test]
+fn a_hold_retried_on_a_clock_behind_its_writers_answers_the_recorded_entry() {
+    const USER: i64 = 41;
+    let (url, mut conn) = fresh_database("holds_retry_behind");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, USER, dec(100), "seed")
+        .expect("seed");
+    let placed = ledger
+        .hold(
+            &mut conn,
+            USER,
+            dec(50),
+            "h1",
+            now() + Duration::days(90) - Duration::hours(1),
+        )
+        .expect("the hold");
+    // At the stored precision (microseconds), as `now()` is.
+    let ahead = now() + Duration::days(90) + Duration::hours(1);
+    let hash = lockstock::ledger::request_hash(
+        EntryKind::Hold,
+        USER,
+        dec(50),
+        Some(ahead.and_utc().timestamp_micros()),
+    );
+    diesel::update(balance_history::table.find(placed.id))
+        .set(balance_history::request_hash.eq(&hash))
+        .execute(&mut conn)
+        .expect("the writer's hash");
+    diesel::update(balance_hold::table.find(placed.id))
+        .set(balance_hold::expires_at.eq(ahead))
+        .execute(&mut conn)
+        .expect("the writer's expiry");
+
+    let retried = ledger.hold(&mut conn, USER, dec(50), "h1", ahead);
+    assert_eq!(
+        retried.map(|e| e.id).ok(),
+        Some(placed.id),
+        "the single retry"
+    );
+    let batch = ledger
+        .apply_many(&mut conn, USER, &[AccountOp::hold(dec(50), "h1", ahead)])
+        .expect("the batch");
+    assert_eq!(batch.len(), 1);
+    assert_eq!(
+        batch[0].as_ref().map(|e| e.id).ok(),
+        Some(placed.id),
+        "in a batch"
+    );
+    let combined = CombiningLedger::new(pool(&url, 2), BalanceLedger::new());
+    assert_eq!(
+        combined.hold(USER, dec(50), "h1", ahead).map(|e| e.id).ok(),
+        Some(placed.id),
+        "combined"
+    );
+    // Another request under the key: the conflict, as for any retry.
+    assert!(
+        matches!(
+            ledger.hold(&mut conn, USER, dec(51), "h1", ahead),
+            Err(Error::IdempotencyConflict { existing_entry_id, .. }) if existing_entry_id == placed.id
+        ),
+        "another amount under the key"
+    );
+    // A key never recorded: refused for its expiry, nothing written.
+    let fresh = ledger.hold(&mut conn, USER, dec(10), "h2", ahead);
+    assert!(
+        matches!(
+            fresh,
+            Err(Error::InvalidExpiry {
+                problem: ExpiryProblem::TooFar,
+                ..
+            })
+        ),
+        "{fresh:?}"
+    );
+    assert_eq!(journal_size(&mut conn, USER), 2, "seed and the one hold");
+    audit_ok(&ledger, &mut conn, USER);
+}

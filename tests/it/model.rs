@@ -1499,12 +1499,11 @@ impl Model {
                     reference: expires_at.and_utc().timestamp_micros(),
                 };
                 if let Err(refusal) = check_expiry(*expires_at) {
-                    // An expiry that passed: a key recorded before decides (a retry answers
-                    // its entry, another request under the key is a conflict).
-                    if matches!(refusal, ErrV::InvalidExpiry(_, ExpiryProblem::NotInFuture)) {
-                        if let Some(replayed) = self.replay(*user, key, &request) {
-                            return replayed;
-                        }
+                    // An expiry the caller's clock refuses (passed, or too far ahead: a clock
+                    // behind the one that placed the hold): a key recorded before decides (a
+                    // retry answers its entry, another request under the key is a conflict).
+                    if let Some(replayed) = self.replay(*user, key, &request) {
+                        return replayed;
                     }
                     return Err(refusal);
                 }

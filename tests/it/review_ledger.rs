@@ -980,3 +980,69 @@ fn a_transfer_retry_whose_credit_cannot_be_read_may_be_applied() {
     assert_eq!(stored_balance(&mut admin, 1), dec(90));
     assert_eq!(stored_balance(&mut admin, 2), dec(11));
 }
+
+/// Under REPEATABLE READ a transfer's second account must count the holds committed before its
+/// lock. The transfer locks the lower account id first and sums that account's holds — its
+/// first plain read, which fixes the transaction's snapshot — then locks the sender. A hold on
+/// the sender committed in between (the transfer's connection stopped before its second lock)
+/// was missing from the sender's sum, read from that older snapshot: the transfer spent the
+/// held funds (`Ok`, the sender left with balance 10 and 110 held, available below zero).
+/// Now the sum reads the latest rows under the lock it holds: `InsufficientBalance`.
+#[test]
+fn a_transfer_under_repeatable_read_counts_holds_committed_before_its_lock() {
+    let (url, mut admin) = fresh_database("review_rr_transfer_holds");
+    let ledger = BalanceLedger::new();
+    // The receiver (the lower id, locked first) has a hold, so its sum is read.
+    ledger
+        .charge(&mut admin, 1, dec(10), "seed 1")
+        .expect("seed 1");
+    let expires = lockstock_testkit::fixtures::now() + chrono::Duration::hours(1);
+    ledger
+        .hold(&mut admin, 1, dec(5), "receiver's hold", expires)
+        .expect("the receiver's hold");
+    // The sender has a hold too, expiring before the one placed during the transfer: the new
+    // hold's index entry comes after it, outside the range the receiver's sum locks.
+    ledger
+        .charge(&mut admin, 2, dec(200), "seed 2")
+        .expect("seed 2");
+    ledger
+        .hold(
+            &mut admin,
+            2,
+            dec(10),
+            "sender's first hold",
+            expires - chrono::Duration::minutes(30),
+        )
+        .expect("the sender's first hold");
+
+    let mut t = connect(&url);
+    let pauses = Pauses::default();
+    let mut locks = 0;
+    pauses.install(&mut t, move |sql| {
+        if sql.contains("FROM `user_balance`") && sql.contains("FOR UPDATE") {
+            locks += 1;
+            return locks == 2;
+        }
+        false
+    });
+    let transfer = thread::spawn(move || {
+        BalanceLedger::with_policy(
+            TxnPolicy::default().with_isolation(lockstock::Isolation::RepeatableRead),
+        )
+        .transfer(&mut t, 2, 1, dec(190), "spend all")
+    });
+    let stopped = pauses.stopped();
+    assert!(stopped.contains("FOR UPDATE"), "{stopped}");
+    ledger
+        .hold(&mut admin, 2, dec(100), "sender's hold", expires)
+        .expect("the sender's hold, committed before the transfer locks the sender");
+    pauses.go();
+    let answer = transfer.join().expect("the transfer");
+    assert!(
+        matches!(answer, Err(Error::InsufficientBalance { .. })),
+        "the held funds are not available: {answer:?}"
+    );
+    assert_eq!(stored_balance(&mut admin, 2), dec(200));
+    audit_ok(&ledger, &mut admin, 1);
+    audit_ok(&ledger, &mut admin, 2);
+}
