@@ -98,6 +98,10 @@ impl BalanceLedger {
     /// which every later check of the hold reads — or more than
     /// [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION) ahead);
     /// [`Error::InsufficientBalance`] when the available balance is smaller;
+    /// [`Error::BalanceLimitExceeded`] when the amount the account holds would pass what
+    /// DECIMAL(19,4) holds — the stored total counts holds that have expired until
+    /// [`expire_holds`](Self::expire_holds) records them, so this can refuse a hold that the
+    /// available balance covers (expire the account's holds first);
     /// [`Error::AccountNotFound`]; [`Error::IdempotencyConflict`]; and the runner's failures, as
     /// for [`charge`](Self::charge).
     pub fn hold(
