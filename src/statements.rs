@@ -66,14 +66,17 @@ statement! {
     }
 }
 
-/// The server clock and the account's active holds that have not expired on it, summed:
+/// `HeldFunds`' SQL but its end: the server clock and the account's active holds that have
+/// not expired on it, summed, through the `(user_id, state, expires_at)` index. One statement,
+/// so both use one clock reading.
+const HELD_FUNDS: &str = "SELECT UTC_TIMESTAMP(6), \
+     CAST(COALESCE(SUM(`amount`), 0) AS DECIMAL(19,4)) FROM `balance_hold` \
+     WHERE `state` = 'active' AND `expires_at` > UTC_TIMESTAMP(6) AND `user_id` = ";
+
 /// `SELECT UTC_TIMESTAMP(6), COALESCE(SUM(amount), 0) FROM balance_hold WHERE state =
-/// 'active' AND expires_at > UTC_TIMESTAMP(6) AND user_id = ? LOCK IN SHARE MODE` (through the
-/// `(user_id, state, expires_at)` index). One statement, so both use one clock reading. Sent
-/// under the account's lock, it reads the latest rows whatever the isolation level: a locking
-/// read (as every read is under SERIALIZABLE). A plain read under REPEATABLE READ reads the
-/// snapshot of the transaction's first plain read — for a transfer's second account, from
-/// before its lock: a hold committed in between was missing, and the transfer spent it.
+/// 'active' AND expires_at > UTC_TIMESTAMP(6) AND user_id = ?`: a plain read, for a snapshot
+/// (`balance`, `audit`: no lock taken) and for the server clock alone. Inside a write
+/// transaction the sum that decides is [`HeldFundsLocked`].
 #[derive(Debug, Clone, Copy, QueryId)]
 pub(crate) struct HeldFunds {
     pub(crate) user_id: i64,
@@ -81,20 +84,39 @@ pub(crate) struct HeldFunds {
 
 impl QueryFragment<Mysql> for HeldFunds {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql(
-            "SELECT UTC_TIMESTAMP(6), CAST(COALESCE(SUM(`amount`), 0) AS DECIMAL(19,4)) \
-             FROM `balance_hold` WHERE `state` = 'active' AND `expires_at` > UTC_TIMESTAMP(6) \
-             AND `user_id` = ",
-        );
-        out.push_bind_param::<BigInt, _>(&self.user_id)?;
-        out.push_sql(" LOCK IN SHARE MODE");
-        Ok(())
+        out.push_sql(HELD_FUNDS);
+        out.push_bind_param::<BigInt, _>(&self.user_id)
     }
 }
 
 impl RunQueryDsl<MysqlConnection> for HeldFunds {}
 
 impl Query for HeldFunds {
+    type SqlType = (Datetime, Numeric);
+}
+
+/// [`HeldFunds`] as a locking read (`... LOCK IN SHARE MODE`), sent under the account's lock:
+/// it reads the latest rows whatever the isolation level (as every read is under
+/// SERIALIZABLE). A plain read under REPEATABLE READ reads the snapshot of the transaction's
+/// first plain read — for a transfer's second account, from before its lock: a hold
+/// committed in between was missing, and the transfer spent it.
+#[derive(Debug, Clone, Copy, QueryId)]
+pub(crate) struct HeldFundsLocked {
+    pub(crate) user_id: i64,
+}
+
+impl QueryFragment<Mysql> for HeldFundsLocked {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
+        out.push_sql(HELD_FUNDS);
+        out.push_bind_param::<BigInt, _>(&self.user_id)?;
+        out.push_sql(" LOCK IN SHARE MODE");
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<MysqlConnection> for HeldFundsLocked {}
+
+impl Query for HeldFundsLocked {
     type SqlType = (Datetime, Numeric);
 }
 

@@ -1,6 +1,6 @@
 //! The ledger's statements, one function each, shared by the single and the batch path: a
 //! single call is the batch of one. Every statement run between the account lock and COMMIT is
-//! one of [`lock_account`] (with [`HeldFunds`] when the account has active holds),
+//! one of [`lock_account`] (with [`HeldFundsLocked`] when the account has active holds),
 //! [`lock_entry`], [`lock_holds`], [`insert_entries`] (and the `LAST_INSERT_ID()` or key lookup
 //! inside it), [`insert_holds`], [`end_hold`], [`SetRefunded`](crate::statements::SetRefunded)
 //! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
@@ -25,7 +25,7 @@ use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{
     insert_chunks, insert_row, read_in_lists, read_under_lock, write_under_lock, HeldFunds,
-    InsertRows, SetBalance, SetHoldEnded,
+    HeldFundsLocked, InsertRows, SetBalance, SetHoldEnded,
 };
 use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
@@ -167,10 +167,11 @@ impl Account {
 
 /// `SELECT balance, held, version FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT`: the
 /// hot row, through the primary key (one record lock). `None`: no account. When the account
-/// has active holds, [`HeldFunds`] then reads the server clock and sums those not yet expired
-/// on it (a range of the `(user_id, state, expires_at)` index that only transactions holding
-/// this row lock write to; under SERIALIZABLE the read also locks the record after the range,
-/// another account's, so it never waits: [`read_under_lock`]). In a combiner's batch a refusal
+/// has active holds, [`HeldFundsLocked`] then reads the server clock and sums those not yet
+/// expired on it — the latest rows, at every isolation level (a range of the `(user_id,
+/// state, expires_at)` index that only transactions holding this row lock write to; the
+/// locking read also locks the record after the range, another account's, so it never waits:
+/// [`read_under_lock`]). In a combiner's batch a refusal
 /// is sent again while it can be the account's previous batch committing, and otherwise — when it is the transaction's first
 /// lock (`holding`), as in every combined operation — waited out in the server for a few
 /// milliseconds at most ([`locking_read`]).
@@ -195,7 +196,7 @@ pub(crate) fn lock_account(
     };
     let (available, clock) = if held > Decimal::ZERO {
         let (now, unexpired): (NaiveDateTime, Decimal) =
-            read_under_lock(conn, HeldFunds { user_id })?;
+            read_under_lock(conn, HeldFundsLocked { user_id })?;
         (balance - unexpired, Some(now))
     } else {
         (balance, None)

@@ -1046,3 +1046,60 @@ fn a_transfer_under_repeatable_read_counts_holds_committed_before_its_lock() {
     audit_ok(&ledger, &mut admin, 1);
     audit_ok(&ledger, &mut admin, 2);
 }
+
+/// `balance` and `audit` read one consistent snapshot, holds included, and lock nothing. Each
+/// reader is stopped before its holds sum while another connection ends or places a hold and
+/// commits; the sum must still be the snapshot's. (Reading it as the latest rows — a locking
+/// read — answered an available balance that never existed and made `audit` fail a healthy
+/// account; the reader's shared locks also refused the writers.)
+#[test]
+fn balance_and_audit_read_the_holds_of_their_snapshot() {
+    let (url, mut admin) = fresh_database("review_snapshot_holds");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(100), "seed")
+        .expect("seed");
+    let expires = lockstock_testkit::fixtures::now() + chrono::Duration::hours(1);
+    let hold = ledger
+        .hold(&mut admin, 1, dec(10), "h", expires)
+        .expect("the hold");
+    let stopped_before_the_sum = |conn: &mut MysqlConnection| {
+        let pauses = Pauses::default();
+        let mut stopped = false;
+        pauses.install(conn, move |sql| {
+            if !stopped && sql.contains("FROM `balance_hold`") && sql.contains("SUM(") {
+                stopped = true;
+                return true;
+            }
+            false
+        });
+        pauses
+    };
+
+    let mut reader = connect(&url);
+    let pauses = stopped_before_the_sum(&mut reader);
+    let read = thread::spawn(move || BalanceLedger::new().balance(&mut reader, 1));
+    pauses.stopped();
+    ledger
+        .capture(&mut admin, hold.id, dec(10), "capture")
+        .expect("the capture, while the reader is stopped");
+    pauses.go();
+    let balance = read.join().expect("the reader").expect("the balance");
+    assert_eq!(
+        (balance.balance, balance.held, balance.available),
+        (dec(100), dec(10), dec(90)),
+        "the snapshot's balance, held and available"
+    );
+
+    let mut auditor = connect(&url);
+    let pauses = stopped_before_the_sum(&mut auditor);
+    let audit = thread::spawn(move || BalanceLedger::new().audit(&mut auditor, 1));
+    pauses.stopped();
+    ledger
+        .hold(&mut admin, 1, dec(20), "h2", expires)
+        .expect("a hold placed while the audit is stopped");
+    pauses.go();
+    let report = audit.join().expect("the auditor");
+    assert!(report.is_ok(), "a consistent account: {report:?}");
+    audit_ok(&ledger, &mut admin, 1);
+}
