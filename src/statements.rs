@@ -75,8 +75,8 @@ const HELD_FUNDS: &str = "SELECT UTC_TIMESTAMP(6), \
 
 /// `SELECT UTC_TIMESTAMP(6), COALESCE(SUM(amount), 0) FROM balance_hold WHERE state =
 /// 'active' AND expires_at > UTC_TIMESTAMP(6) AND user_id = ?`: a plain read, for a snapshot
-/// (`balance`, `audit`: no lock taken) and for the server clock alone. Inside a write
-/// transaction the sum that decides is [`HeldFundsLocked`].
+/// (`balance`, `audit`: no lock taken), for the server clock alone, and under the account's
+/// lock in a write transaction (see `LockedRow::summed` in the ledger's rows).
 #[derive(Debug, Clone, Copy, QueryId)]
 pub(crate) struct HeldFunds {
     pub(crate) user_id: i64,
@@ -92,31 +92,6 @@ impl QueryFragment<Mysql> for HeldFunds {
 impl RunQueryDsl<MysqlConnection> for HeldFunds {}
 
 impl Query for HeldFunds {
-    type SqlType = (Datetime, Numeric);
-}
-
-/// [`HeldFunds`] as a locking read (`... LOCK IN SHARE MODE`), sent under the account's lock:
-/// it reads the latest rows whatever the isolation level (as every read is under
-/// SERIALIZABLE). A plain read under REPEATABLE READ reads the snapshot of the transaction's
-/// first plain read — for a transfer's second account, from before its lock: a hold
-/// committed in between was missing, and the transfer spent it.
-#[derive(Debug, Clone, Copy, QueryId)]
-pub(crate) struct HeldFundsLocked {
-    pub(crate) user_id: i64,
-}
-
-impl QueryFragment<Mysql> for HeldFundsLocked {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Mysql>) -> QueryResult<()> {
-        out.push_sql(HELD_FUNDS);
-        out.push_bind_param::<BigInt, _>(&self.user_id)?;
-        out.push_sql(" LOCK IN SHARE MODE");
-        Ok(())
-    }
-}
-
-impl RunQueryDsl<MysqlConnection> for HeldFundsLocked {}
-
-impl Query for HeldFundsLocked {
     type SqlType = (Datetime, Numeric);
 }
 
@@ -166,10 +141,10 @@ statement! {
     /// How many statements the server has prepared for this connection (`Com_stmt_prepare`,
     /// counting this one when it is prepared for this run): MariaDB. Sent after the caller's
     /// session is restored, so it answers whatever that session caps: its row whatever the
-    /// caller's `sql_select_limit` (an explicit `LIMIT` wins), and whatever its
-    /// `max_join_size` (which refused it as "would examine more than MAX_JOIN_SIZE rows" and
-    /// left a healthy connection `ConnectionBroken`).
-    StatementPrepares => "SET STATEMENT sql_big_selects = 1 FOR \
+    /// caller's `sql_select_limit` (an explicit `LIMIT` wins), its `max_join_size` (which
+    /// refused it as "would examine more than MAX_JOIN_SIZE rows" and left a healthy
+    /// connection `ConnectionBroken`) and its statement time limit (the watchdog bounds it).
+    StatementPrepares => "SET STATEMENT sql_big_selects = 1, max_statement_time = 0 FOR \
         SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM \
         information_schema.SESSION_STATUS WHERE VARIABLE_NAME = 'COM_STMT_PREPARE' LIMIT 1"
 }
@@ -181,7 +156,8 @@ impl Query for StatementPrepares {
 statement! {
     /// [`StatementPrepares`] on MySQL 8, which keeps session status in `performance_schema`
     /// (the cap lifted by an optimizer hint there).
-    StatementPreparesMySql => "SELECT /*+ SET_VAR(sql_big_selects = 1) */ \
+    StatementPreparesMySql => "SELECT /*+ SET_VAR(sql_big_selects = 1) \
+        SET_VAR(max_execution_time = 0) */ \
         CAST(VARIABLE_VALUE AS SIGNED) FROM performance_schema.session_status \
         WHERE VARIABLE_NAME = 'Com_stmt_prepare' LIMIT 1"
 }
@@ -207,8 +183,7 @@ macro_rules! restore_shared {
          character_set_results = IF(@lockstock_cs_results_null, NULL, \
          COALESCE(@lockstock_cs_results, @@session.character_set_results)), \
          collation_connection = COALESCE(@lockstock_collation, @@session.collation_connection), \
-         sql_big_selects = COALESCE(@lockstock_big_selects, @@session.sql_big_selects), \
-         insert_id = COALESCE(@lockstock_insert_id, @@session.insert_id)"
+         sql_big_selects = COALESCE(@lockstock_big_selects, @@session.sql_big_selects)"
     };
 }
 
@@ -225,7 +200,8 @@ macro_rules! restore_mariadb {
             ", max_statement_time = \
              COALESCE(@lockstock_statement_time, @@session.max_statement_time), \
              tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation), \
-             tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only)"
+             tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only), \
+             insert_id = COALESCE(@lockstock_insert_id, @@session.insert_id)"
         )
     };
 }
@@ -246,8 +222,7 @@ macro_rules! clear_saved {
          @lockstock_select_limit = NULL, @lockstock_unique_checks = NULL, \
          @lockstock_fk_checks = NULL, @lockstock_cs_client = NULL, \
          @lockstock_cs_results = NULL, @lockstock_cs_results_null = NULL, \
-         @lockstock_collation = NULL, @lockstock_big_selects = NULL, \
-         @lockstock_insert_id = NULL"
+         @lockstock_collation = NULL, @lockstock_big_selects = NULL"
     };
 }
 
@@ -256,7 +231,7 @@ statement! {
     RestoreMariaDb => concat!(
         restore_mariadb!(),
         clear_saved!(),
-        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL"
+        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, @lockstock_insert_id = NULL"
     )
 }
 
@@ -267,7 +242,8 @@ statement! {
         restore_mariadb!(),
         ", autocommit = COALESCE(@lockstock_autocommit, @@session.autocommit)",
         clear_saved!(),
-        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, @lockstock_autocommit = NULL"
+        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, \
+         @lockstock_insert_id = NULL, @lockstock_autocommit = NULL"
     )
 }
 

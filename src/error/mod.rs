@@ -137,10 +137,13 @@ impl fmt::Display for KeyProblem {
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpiryProblem {
-    /// Not after the current time — the caller's clock, checked before anything is sent, or
-    /// the server's, checked under the account's lock: the hold would never reserve anything.
+    /// Not after the current time — the caller's clock, checked before anything is written
+    /// (a key recorded before still answers its entry: a retry), or the server's, checked
+    /// under the account's lock: the hold would never reserve anything.
     NotInFuture,
-    /// Further ahead than [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION).
+    /// Further ahead than [`MAX_HOLD_DURATION`](crate::ledger::MAX_HOLD_DURATION) on the
+    /// caller's clock (a key recorded before — by a clock ahead of it — still answers its
+    /// entry).
     TooFar,
 }
 

@@ -87,12 +87,13 @@ impl BalanceLedger {
     /// or node ([`Error::ConnectionBroken`], a lost connection, [`Error::ServerUnresponsive`],
     /// ...: a [`Router`](crate::Router) runs such a batch again) with none of them found
     /// applied: where some request is refused
-    /// before anything is sent (an invalid id, amount, key or expiry — what its single call
-    /// answers without a round trip), is a hold whose expiry has passed, or was answered
+    /// before anything is sent (an invalid id, amount or key — what its single call answers
+    /// without a round trip), is a hold whose expiry the caller's clock refuses (passed, or
+    /// too far ahead), or was answered
     /// without the row before the failure (a capture or release of a hold that is not this
     /// account's: [`Error::HoldNotFound`], read lock-free as its single call reads it; a key
     /// found in the journal), such a failure is answered per request instead: those requests
-    /// with their answers (the expired hold as its single call answers it: its key looked up,
+    /// with their answers (the refused hold as its single call answers it: its key looked up,
     /// else [`Error::InvalidExpiry`]), every other one with a copy of the failure.
     /// Once the batch has committed the call answers per request: the committed ones with
     /// their entries, the others with the single call's error; a refused one whose key could

@@ -10,7 +10,8 @@ use super::idempotency::Step;
 use super::request::Request;
 use super::rows::{
     create_account, find_balance, find_entry, find_transfer_credit, insert_entries, insert_holds,
-    lock_account, lock_entry, lock_or_create, store_balance, unexpired_holds, Account,
+    lock_account, lock_account_row, lock_entry, lock_or_create, store_balance, unexpired_holds,
+    Account,
 };
 use super::types::{AccountOp, Balance, Entry, EntryRow, HistoryPage, Transfer};
 use super::{BalanceLedger, MAX_HISTORY_PAGE};
@@ -358,8 +359,14 @@ impl BalanceLedger {
             } else {
                 Holding::Nothing
             };
-            let first_row = lock_account(conn, first, holding)?;
-            let second_row = lock_account(conn, second, Holding::Locks)?;
+            // Both rows locked before either account's holds are summed: under REPEATABLE
+            // READ the first sum fixes the snapshot, which must have every change committed to
+            // either account before its lock (a hold on the second account, committed between
+            // the two locks, was missing from its sum, and the transfer spent it).
+            let first_row = lock_account_row(conn, first, holding)?;
+            let second_row = lock_account_row(conn, second, Holding::Locks)?;
+            let first_row = first_row.map(|row| row.summed(conn)).transpose()?;
+            let second_row = second_row.map(|row| row.summed(conn)).transpose()?;
             let (sender, receiver) = if first == from {
                 (first_row, second_row)
             } else {

@@ -1,6 +1,6 @@
 //! The ledger's statements, one function each, shared by the single and the batch path: a
 //! single call is the batch of one. Every statement run between the account lock and COMMIT is
-//! one of [`lock_account`] (with [`HeldFundsLocked`] when the account has active holds),
+//! one of [`lock_account`] (with [`HeldFunds`] when the account has active holds),
 //! [`lock_entry`], [`lock_holds`], [`insert_entries`] (and the `LAST_INSERT_ID()` or key lookup
 //! inside it), [`insert_holds`], [`end_hold`], [`SetRefunded`](crate::statements::SetRefunded)
 //! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
@@ -25,7 +25,7 @@ use crate::records::{EntryKind, HoldState};
 use crate::schema::{balance_history, balance_hold, user_balance};
 use crate::statements::{
     insert_chunks, insert_row, read_in_lists, read_under_lock, write_under_lock, HeldFunds,
-    HeldFundsLocked, InsertRows, SetBalance, SetHoldEnded,
+    InsertRows, SetBalance, SetHoldEnded,
 };
 use crate::txn::{locking_read, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
@@ -167,11 +167,10 @@ impl Account {
 
 /// `SELECT balance, held, version FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT`: the
 /// hot row, through the primary key (one record lock). `None`: no account. When the account
-/// has active holds, [`HeldFundsLocked`] then reads the server clock and sums those not yet
-/// expired on it — the latest rows, at every isolation level (a range of the `(user_id,
-/// state, expires_at)` index that only transactions holding this row lock write to; the
-/// locking read also locks the record after the range, another account's, so it never waits:
-/// [`read_under_lock`]). In a combiner's batch a refusal
+/// has active holds, [`HeldFunds`] then reads the server clock and sums those not yet expired
+/// on it (a range of the `(user_id, state, expires_at)` index that only transactions holding
+/// this row lock write to; under SERIALIZABLE the read also locks the record after the range,
+/// another account's, so it never waits: [`read_under_lock`]; see [`LockedRow::summed`]). In a combiner's batch a refusal
 /// is sent again while it can be the account's previous batch committing, and otherwise — when it is the transaction's first
 /// lock (`holding`), as in every combined operation — waited out in the server for a few
 /// milliseconds at most ([`locking_read`]).
@@ -180,6 +179,62 @@ pub(crate) fn lock_account(
     user_id: i64,
     holding: Holding,
 ) -> Result<Option<Account>> {
+    match lock_account_row(conn, user_id, holding)? {
+        Some(row) => row.summed(conn).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// An account row locked by [`lock_account_row`], its holds not summed yet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LockedRow {
+    user_id: i64,
+    balance: Decimal,
+    held: Decimal,
+    version: i64,
+}
+
+impl LockedRow {
+    /// The account, its active holds not yet expired summed ([`HeldFunds`]) when it has any.
+    /// A plain read: under REPEATABLE READ it reads the snapshot of the transaction's first
+    /// plain read, so every account a transaction decides on is locked before the first sum
+    /// (a transfer locks both, then sums): the snapshot then has every change committed to
+    /// them before their locks. Under SERIALIZABLE the read locks what it reads (and the
+    /// record after the range, another account's, which it never waits for:
+    /// [`read_under_lock`]); under READ COMMITTED it reads the latest rows.
+    pub(crate) fn summed(self, conn: &mut MysqlConnection) -> Result<Account> {
+        let Self {
+            user_id,
+            balance,
+            held,
+            version,
+        } = self;
+        let (available, clock) = if held > Decimal::ZERO {
+            let (now, unexpired): (NaiveDateTime, Decimal) =
+                read_under_lock(conn, HeldFunds { user_id })?;
+            (balance - unexpired, Some(now))
+        } else {
+            (balance, None)
+        };
+        Ok(Account {
+            user_id,
+            balance,
+            held,
+            available,
+            version,
+            clock,
+        })
+    }
+}
+
+/// The account row of [`lock_account`], locked, without its holds summed (`None`: no
+/// account): for a transaction that locks several accounts before it sums any
+/// ([`LockedRow::summed`]).
+pub(crate) fn lock_account_row(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    holding: Holding,
+) -> Result<Option<LockedRow>> {
     let row: Option<(Decimal, Decimal, i64)> = locking_read(conn, holding, |conn, lock| {
         let read = user_balance::table
             .find(user_id)
@@ -191,23 +246,11 @@ pub(crate) fn lock_account(
             .for_update();
         lock.read(read).get_result(conn).optional()
     })?;
-    let Some((balance, held, version)) = row else {
-        return Ok(None);
-    };
-    let (available, clock) = if held > Decimal::ZERO {
-        let (now, unexpired): (NaiveDateTime, Decimal) =
-            read_under_lock(conn, HeldFundsLocked { user_id })?;
-        (balance - unexpired, Some(now))
-    } else {
-        (balance, None)
-    };
-    Ok(Some(Account {
+    Ok(row.map(|(balance, held, version)| LockedRow {
         user_id,
         balance,
         held,
-        available,
         version,
-        clock,
     }))
 }
 

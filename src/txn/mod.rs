@@ -179,8 +179,7 @@ const SAVE_SHARED: &str = "@lockstock_last_insert_id = LAST_INSERT_ID(), \
      @lockstock_cs_results = @@session.character_set_results, \
      @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
      @lockstock_collation = @@session.collation_connection, \
-     @lockstock_big_selects = @@session.sql_big_selects, \
-     @lockstock_insert_id = @@session.insert_id";
+     @lockstock_big_selects = @@session.sql_big_selects";
 
 /// The value that makes the first SET refuse, atomically and before anything changes, to run
 /// inside a transaction the caller opened with a raw `BEGIN` (lockstock's `BEGIN` would
@@ -246,7 +245,8 @@ impl RunnerSql {
                     "SET {SAVE_SHARED}, \
                      @lockstock_statement_time = @@session.max_statement_time, \
                      @lockstock_isolation = @@session.tx_isolation, \
-                     @lockstock_read_only = @@session.tx_read_only, {save_autocommit}\
+                     @lockstock_read_only = @@session.tx_read_only, \
+                     @lockstock_insert_id = @@session.insert_id, {save_autocommit}\
                      SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
                      {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()

@@ -167,6 +167,12 @@ impl Default for TxnPolicy {
     }
 }
 
+/// No pending `insert_id` (MariaDB, where 0 clears it): a caller's `SET insert_id = N` would
+/// number lockstock's next row (a duplicate key), and the caller's own next INSERT would no
+/// longer get it (the runner puts the caller's back). Not on MySQL 8, where 0 is not "none"
+/// but an id: there a caller's pending `insert_id` numbers lockstock's next row.
+const NO_PENDING_INSERT_ID: &str = "insert_id = 0";
+
 impl TxnPolicy {
     /// The same policy with another isolation level.
     pub fn with_isolation(mut self, isolation: Isolation) -> Self {
@@ -204,7 +210,7 @@ impl TxnPolicy {
         let millis = statement_millis(self.statement_timeout);
         let limit = match flavor {
             ServerFlavor::MariaDb => format!(
-                "max_statement_time = {}.{:03}",
+                "max_statement_time = {}.{:03}, {NO_PENDING_INSERT_ID}",
                 millis / 1000,
                 millis % 1000
             ),
@@ -217,7 +223,7 @@ impl TxnPolicy {
     /// each transaction of a call on a connection without the settings limits its statements
     /// to the time the call has left ([`statement_limit`](Self::statement_limit)).
     pub(super) fn settings_bound(&self) -> String {
-        self.settings_with("max_statement_time = ?")
+        self.settings_with(&format!("max_statement_time = ?, {NO_PENDING_INSERT_ID}"))
     }
 
     fn settings_with(&self, limit: &str) -> String {
@@ -226,16 +232,14 @@ impl TxnPolicy {
         // selects (`sql_select_limit` cuts a batch's reads and `audit` short), the unique and
         // foreign keys checked, and keys, order references and answers sent as utf8mb4 (a
         // caller's `SET NAMES utf8mb3` turned a 4-byte character of a key into '?' or an
-        // error), no cap on the rows a read may examine (a caller's `max_join_size` turns
-        // `sql_big_selects` off: lockstock's reads were refused), and no pending `insert_id`
-        // (a caller's would number lockstock's next row: a duplicate key, and the caller's
-        // own INSERT would no longer get it).
+        // error), and no cap on the rows a read may examine (a caller's `max_join_size` turns
+        // `sql_big_selects` off: lockstock's reads were refused).
         format!(
             "innodb_lock_wait_timeout = {lock_wait}, lock_wait_timeout = {lock_wait}, {limit}, \
              time_zone = '+00:00', sql_select_limit = 18446744073709551615, unique_checks = 1, \
              foreign_key_checks = 1, character_set_client = utf8mb4, \
              character_set_results = utf8mb4, collation_connection = utf8mb4_general_ci, \
-             sql_big_selects = 1, insert_id = 0"
+             sql_big_selects = 1"
         )
     }
 

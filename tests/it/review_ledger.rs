@@ -987,7 +987,8 @@ fn a_transfer_retry_whose_credit_cannot_be_read_may_be_applied() {
 /// the sender committed in between (the transfer's connection stopped before its second lock)
 /// was missing from the sender's sum, read from that older snapshot: the transfer spent the
 /// held funds (`Ok`, the sender left with balance 10 and 110 held, available below zero).
-/// Now the sum reads the latest rows under the lock it holds: `InsufficientBalance`.
+/// Now both accounts are locked before either sum, so the snapshot has the hold:
+/// `InsufficientBalance`.
 #[test]
 fn a_transfer_under_repeatable_read_counts_holds_committed_before_its_lock() {
     let (url, mut admin) = fresh_database("review_rr_transfer_holds");
@@ -1000,8 +1001,7 @@ fn a_transfer_under_repeatable_read_counts_holds_committed_before_its_lock() {
     ledger
         .hold(&mut admin, 1, dec(5), "receiver's hold", expires)
         .expect("the receiver's hold");
-    // The sender has a hold too, expiring before the one placed during the transfer: the new
-    // hold's index entry comes after it, outside the range the receiver's sum locks.
+    // The sender has a hold too, expiring before the one placed during the transfer.
     ledger
         .charge(&mut admin, 2, dec(200), "seed 2")
         .expect("seed 2");
@@ -1102,4 +1102,45 @@ fn balance_and_audit_read_the_holds_of_their_snapshot() {
     let report = audit.join().expect("the auditor");
     assert!(report.is_ok(), "a consistent account: {report:?}");
     audit_ok(&ledger, &mut admin, 1);
+}
+
+/// Under REPEATABLE READ one account's holds sum locks nothing of another account: a hold on
+/// account 2 is placed while a deduct on account 1 (whose holds it summed) is stopped before
+/// its balance UPDATE. (A locking sum took next-key locks up to the next account's index
+/// entries, and the hold on account 2 was refused until `Contended`.)
+#[test]
+fn under_repeatable_read_one_accounts_holds_sum_does_not_block_another_account() {
+    let (url, mut admin) = fresh_database("review_rr_sum_gap");
+    let rr = || {
+        BalanceLedger::with_policy(
+            policy_with_deadline(Duration::from_secs(2))
+                .with_isolation(lockstock::Isolation::RepeatableRead),
+        )
+    };
+    let ledger = rr();
+    let expires = lockstock_testkit::fixtures::now() + chrono::Duration::hours(1);
+    ledger
+        .charge(&mut admin, 1, dec(100), "seed 1")
+        .expect("seed 1");
+    ledger
+        .hold(&mut admin, 1, dec(10), "h1", expires)
+        .expect("account 1's hold");
+    ledger
+        .charge(&mut admin, 2, dec(100), "seed 2")
+        .expect("seed 2");
+
+    let mut d = connect(&url);
+    let pauses = Pauses::default();
+    pauses.install(&mut d, |sql| sql.starts_with("UPDATE `user_balance`"));
+    let deduct = thread::spawn(move || rr().deduct(&mut d, 1, dec(5), "d"));
+    pauses.stopped();
+    let placed = ledger.hold(&mut admin, 2, dec(10), "h2", expires);
+    pauses.go();
+    assert!(placed.is_ok(), "account 2's hold: {placed:?}");
+    deduct
+        .join()
+        .expect("the deduct")
+        .expect("account 1's deduct");
+    audit_ok(&ledger, &mut admin, 1);
+    audit_ok(&ledger, &mut admin, 2);
 }

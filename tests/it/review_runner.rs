@@ -1317,20 +1317,24 @@ fn a_callers_row_caps_and_pending_insert_id_do_not_reach_lockstock() {
         "the caller's pending insert_id numbered the caller's row"
     );
 
-    let mut capped = connect(&url);
-    capped
-        .batch_execute("SET max_join_size = 1")
-        .expect("the caller's cap");
-    let runner = TxnRunner::new(TxnPolicy::default());
-    let failed = runner.run(&mut capped, |c| {
-        diesel::sql_query("SELECT * FROM no_such_table").execute(c)?;
-        Ok(())
-    });
-    assert!(
-        matches!(&failed, Err(Error::Server(e)) if e.to_string().contains("no_such_table")),
-        "the body's own failure: {failed:?}"
-    );
-    BalanceLedger::new()
-        .charge(&mut capped, 6_000, dec(1), "after")
-        .expect("the same connection, still usable");
+    for (i, cap) in ["SET max_join_size = 1", "SET max_statement_time = 0.000001"]
+        .iter()
+        .enumerate()
+    {
+        let mut capped = connect(&url);
+        capped.batch_execute(cap).expect("the caller's cap");
+        let runner = TxnRunner::new(TxnPolicy::default());
+        let failed = runner.run(&mut capped, |c| {
+            diesel::sql_query("SELECT * FROM no_such_table").execute(c)?;
+            Ok(())
+        });
+        assert!(
+            matches!(&failed, Err(Error::Server(e)) if e.to_string().contains("no_such_table")),
+            "{cap}: the body's own failure: {failed:?}"
+        );
+        let user = 6_000 + i64::try_from(i).expect("two caps");
+        BalanceLedger::new()
+            .charge(&mut capped, user, dec(1), "after")
+            .unwrap_or_else(|e| panic!("{cap}: the same connection, still usable: {e:?}"));
+    }
 }
