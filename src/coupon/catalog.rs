@@ -125,6 +125,9 @@ impl CouponIssuer {
     /// template — if the first committed. Look for it first (the `fcfs_coupon` table, by
     /// template and window) before creating it again.
     ///
+    /// A user gets one coupon per template, not per campaign: a second campaign of the same
+    /// template answers the users who hold its coupon [`Error::AlreadyIssued`].
+    ///
     /// # Errors
     /// [`Error::InvalidId`], [`Error::InvalidInput`] (quantity, window, a window that starts
     /// after the coupon's validity), [`Error::CouponNotFound`]; the runner's failures, as for

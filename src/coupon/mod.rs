@@ -88,7 +88,14 @@ pub type Clock = Arc<dyn Fn() -> NaiveDateTime + Send + Sync>;
 /// **One issuer serves one database**: its caches are keyed by campaign id only. Used on
 /// another database with the same campaign ids, it never writes a wrong template (the cached
 /// facts are checked against the locked campaign row and re-read on a mismatch), but its
-/// sold-out marks may answer [`Error::SoldOut`] for the other database's campaigns.
+/// sold-out marks may answer [`Error::SoldOut`], and a window it cached closed (refused
+/// without a round trip, so that requests before a sale opens or after it ends cost the
+/// server nothing) [`Error::NotStarted`] or [`Error::Ended`], for the other database's
+/// campaigns of the same id. Use one issuer per database.
+///
+/// One coupon per user **per template**: a unique index on (user, template) decides "already
+/// issued", so a user holding a template's coupon from one campaign is answered
+/// [`Error::AlreadyIssued`] (with that coupon) by every other campaign of the template.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
