@@ -8,8 +8,8 @@
 //! them waits for a lock while the account is held: the reads and updates lock with NOWAIT or
 //! touch rows this transaction locked already, the INSERTs — which another transaction's gap
 //! lock or uncommitted row under the same key could hold up — are sent wait-free
-//! ([`write_under_lock`]), and so is the holds sum ([`read_under_lock`]: its range read locks the
-//! record after the account's range, another account's).
+//! ([`write_under_lock`]), and so is the holds sum ([`read_under_lock`]: under SERIALIZABLE
+//! its range read locks the record after the account's range, another account's).
 
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;

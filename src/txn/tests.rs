@@ -77,3 +77,48 @@ fn a_transactions_statement_limit_is_the_time_left_within_the_policys() {
     assert!(bound.contains("lock_wait_timeout = 1"), "{bound}");
     assert_eq!(bound.matches('?').count(), 1, "{bound}");
 }
+
+/// `insert_id = 0` clears a pending id on MariaDB only; MySQL 8 takes 0 as an id. So the
+/// runner saves, pins and puts back `insert_id` on MariaDB (every restoring SET there clears
+/// what it saved) and never sends it to MySQL.
+#[test]
+fn insert_id_is_pinned_and_put_back_on_mariadb_only() {
+    use crate::statements::{RestoreGalera, RestoreMariaDb, RestoreMySql};
+    fn sql<T: diesel::query_builder::QueryFragment<diesel::mysql::Mysql>>(query: &T) -> String {
+        diesel::debug_query::<diesel::mysql::Mysql, _>(query).to_string()
+    }
+    const PIN: &str = " insert_id = ";
+    const SAVED: &str = "@lockstock_insert_id";
+    let policy = TxnPolicy::default();
+    assert!(policy
+        .session_sql(ServerFlavor::MariaDb)
+        .contains("insert_id = 0"));
+    assert!(policy.settings_bound().contains("insert_id = 0"));
+    assert!(!policy.session_sql(ServerFlavor::MySql).contains(PIN));
+    for galera in [false, true] {
+        let maria = RunnerSql::new(&policy, ServerFlavor::MariaDb, galera, false);
+        for own in &maria.own {
+            assert!(
+                own[0].contains("@lockstock_insert_id = @@session.insert_id"),
+                "{own:?}"
+            );
+            assert!(own[0].contains("insert_id = 0"), "{own:?}");
+        }
+        let mysql = RunnerSql::new(&policy, ServerFlavor::MySql, galera, false);
+        for statement in mysql.own.iter().chain(&mysql.marked).flatten() {
+            assert!(
+                !statement.contains(PIN) && !statement.contains(SAVED),
+                "{statement}"
+            );
+        }
+    }
+    for restore in [sql(&RestoreMariaDb), sql(&RestoreGalera)] {
+        assert!(
+            restore.contains("insert_id = COALESCE(@lockstock_insert_id, @@session.insert_id)"),
+            "{restore}"
+        );
+        assert!(restore.contains("@lockstock_insert_id = NULL"), "{restore}");
+    }
+    let mysql = sql(&RestoreMySql);
+    assert!(!mysql.contains(PIN) && !mysql.contains(SAVED), "{mysql}");
+}

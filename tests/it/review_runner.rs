@@ -1323,6 +1323,7 @@ fn a_callers_row_caps_and_pending_insert_id_do_not_reach_lockstock() {
     {
         let mut capped = connect(&url);
         capped.batch_execute(cap).expect("the caller's cap");
+        let before = session_vars(&mut capped);
         let runner = TxnRunner::new(TxnPolicy::default());
         let failed = runner.run(&mut capped, |c| {
             diesel::sql_query("SELECT * FROM no_such_table").execute(c)?;
@@ -1331,6 +1332,11 @@ fn a_callers_row_caps_and_pending_insert_id_do_not_reach_lockstock() {
         assert!(
             matches!(&failed, Err(Error::Server(e)) if e.to_string().contains("no_such_table")),
             "{cap}: the body's own failure: {failed:?}"
+        );
+        assert_eq!(
+            session_vars(&mut capped),
+            before,
+            "{cap}: the session as found"
         );
         let user = 6_000 + i64::try_from(i).expect("two caps");
         BalanceLedger::new()
