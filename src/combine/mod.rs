@@ -808,6 +808,21 @@ pub(crate) fn checkout_within(
 
 type PooledMysql = PooledConnection<ConnectionManager<MysqlConnection>>;
 
+/// Gives `conn` back to `pool`. A broken one (marked by lockstock, or cut by the watchdog) r2d2
+/// discards — without waking a caller waiting for a connection and, in a pool with `min_idle
+/// = 0` (the [`Router`]'s), without opening one in its place: the waiter slept out its whole
+/// checkout wait, and a router took the pool that gave nothing for a failed node. So the pool
+/// is asked for a connection at once (`get_timeout(0)`: nothing waits), which opens one where
+/// it has room; when that connection arrives, a waiter gets it.
+pub(crate) fn give_back(pool: &MysqlPool, mut conn: PooledMysql) {
+    let broken = diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
+    drop(conn);
+    if broken {
+        // An idle connection found instead goes straight back (and wakes a waiter).
+        let _ = pool.get_timeout(Duration::ZERO);
+    }
+}
+
 /// A leader's connection, checked out (and its transaction perhaps opened) ahead of its turn.
 /// Back to the pool on drop — with a transaction nothing used ended first, so a pooled
 /// connection never goes back with one open.

@@ -166,7 +166,7 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 pub use health::NodeHealth;
 use health::State;
 
-use crate::combine::{checkout, checkout_within, MysqlPool};
+use crate::combine::{checkout, checkout_within, give_back, MysqlPool};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, SessionSettings, TxnPolicy, TxnRunner};
 
@@ -805,7 +805,7 @@ impl Shared {
                 if !cut && Error::Server(source.clone()).is_node_failure() =>
             {
                 crate::txn::mark_broken(&mut conn);
-                drop(conn);
+                give_back(&pool, conn);
                 self.fail(node, &Error::Server(source.clone()));
                 Attempt::Done(Err(Error::OutcomeUnknown { source }))
             }
@@ -814,7 +814,10 @@ impl Shared {
                     // Never back into the pool (it does not test on checkout): r2d2 discards a
                     // connection marked broken.
                     crate::txn::mark_broken(&mut conn);
-                    drop(conn);
+                }
+                // A cut connection is marked broken already.
+                give_back(&pool, conn);
+                if !cut {
                     self.fail(node, &error);
                 }
                 if deadline.is_expired() {
@@ -823,6 +826,7 @@ impl Shared {
                 Attempt::NodeFailed(error)
             }
             result => {
+                give_back(&pool, conn);
                 if !cut {
                     self.answered(node, started);
                 }

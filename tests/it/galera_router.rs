@@ -1043,3 +1043,65 @@ fn galera_router_fails_over_when_the_writers_calls_keep_being_cut_off() {
     assert_ne!(router.writer(), Some(writer), "still the writer");
     assert!(after.failovers > before.failovers, "{after:?}");
 }
+
+/// A call cut off on the writer, while another caller waits for the pool's only connection,
+/// does not cost the router its writer: the cut connection is discarded, and the waiter gets a
+/// new one. (r2d2 wakes no waiter when it discards a connection and, with `min_idle = 0`, opens
+/// none: the waiter slept out its checkout wait, found a pool with room that gave nothing, and
+/// the router took the writer down and failed over.)
+#[test]
+fn galera_router_keeps_the_writer_when_a_call_waits_for_a_cut_connection() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_cut_waiter");
+    let router = Arc::new(
+        Router::builder(urls.clone())
+            .pool_size(1)
+            .build()
+            .expect("router"),
+    );
+    let writer = router
+        .wait_for_writer(Duration::from_secs(20))
+        .expect("a writer");
+    let before = router.stats();
+    let runner = lockstock::TxnRunner::new(TxnPolicy::default());
+    let (started, slow_started) = std::sync::mpsc::channel();
+    let slow = {
+        let (router, runner) = (router.clone(), runner.clone());
+        thread::spawn(move || {
+            router.write(
+                Deadline::after(Duration::from_millis(500)),
+                |conn, deadline| {
+                    started.send(()).expect("tell");
+                    runner.run_by(conn, deadline, |conn| {
+                        diesel::sql_query(
+                            "SET STATEMENT max_statement_time = 0 FOR SELECT SLEEP(3)",
+                        )
+                        .execute(conn)?;
+                        Ok(())
+                    })
+                },
+            )
+        })
+    };
+    slow_started
+        .recv()
+        .expect("the slow call holds the connection");
+    let ledger = BalanceLedger::new();
+    let waiter = router.write(
+        Deadline::after(Duration::from_secs(10)),
+        |conn, deadline| ledger.charge_by(conn, 9, Decimal::new(1, 0), "waiter", deadline),
+    );
+    let cut = slow.join().expect("slow call");
+    assert!(
+        matches!(cut, Err(Error::ServerUnresponsive { .. })),
+        "{cut:?}"
+    );
+    let after = router.stats();
+    eprintln!("before {before:?}\nafter {after:?}");
+    assert!(waiter.is_ok(), "the waiting call: {waiter:?}");
+    assert_eq!(router.writer(), Some(writer), "the writer moved");
+    assert_eq!(after.failovers, before.failovers, "failed over");
+    assert_eq!(after.epoch, before.epoch, "the designated-writer row moved");
+}
