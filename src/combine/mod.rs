@@ -827,22 +827,39 @@ pub(crate) fn give_back(pool: &MysqlPool, mut conn: PooledMysql) {
 /// Back to the pool on drop — with a transaction nothing used ended first, so a pooled
 /// connection never goes back with one open.
 struct Prepared<'a> {
-    conn: PooledMysql,
+    /// Taken back only by `drop` (always `Some` until then).
+    conn: Option<PooledMysql>,
+    pool: &'a MysqlPool,
     runner: &'a TxnRunner,
     /// The deadline of the leader that prepared it, then of the batch that runs on it (its
     /// earliest caller's): ending its transaction unused never outlasts it.
     deadline: Deadline,
 }
 
+impl Prepared<'_> {
+    fn conn(&mut self) -> Result<&mut MysqlConnection> {
+        match self.conn.as_mut() {
+            Some(conn) => Ok(&mut **conn),
+            None => Err(Error::internal(
+                "a prepared connection used after it was given back",
+            )),
+        }
+    }
+}
+
 impl Drop for Prepared<'_> {
     fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         if self.deadline.is_expired() {
             // Nothing is sent past the leader's deadline: if a transaction is open, the pool
             // discards the connection and the server rolls it back.
-            self.runner.abandon_primed(&mut self.conn);
-            return;
+            self.runner.abandon_primed(&mut conn);
+        } else {
+            self.runner.unprime(&mut conn, self.deadline);
         }
-        self.runner.unprime(&mut self.conn, self.deadline);
+        give_back(self.pool, conn);
     }
 }
 
@@ -923,10 +940,12 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                 let mut conn = checkout(pool, deadline, grace).ok()?;
                 if prime_if(*key) && runner.prime(&mut conn, deadline).is_err() {
                     // Marked broken if it is: the batch checks out another.
+                    give_back(pool, conn);
                     return None;
                 }
                 Some(Prepared {
-                    conn,
+                    conn: Some(conn),
+                    pool,
                     runner,
                     deadline,
                 })
@@ -988,7 +1007,10 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         // Dropped before the callers are answered: ending a transaction the
                         // batch did not use is bounded by their deadline, not the leader's.
                         prepared.deadline = prepared.deadline.min(deadline);
-                        run(&mut prepared.conn, deadline)
+                        match prepared.conn() {
+                            Ok(conn) => run(conn, deadline),
+                            Err(e) => Err(e),
+                        }
                     }
                     None => self.with_connection(deadline, grace, run),
                 };
@@ -1009,7 +1031,12 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
         mut f: impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
     ) -> Result<T> {
         match &self.source {
-            Source::Pool(pool) => f(&mut *checkout(pool, deadline, grace)?, deadline),
+            Source::Pool(pool) => {
+                let mut conn = checkout(pool, deadline, grace)?;
+                let answer = f(&mut conn, deadline);
+                give_back(pool, conn);
+                answer
+            }
             Source::Router(router) => router.write(deadline, f),
         }
     }

@@ -1123,3 +1123,81 @@ fn combined_batches_on_a_server_that_rolls_back_whole_transactions_keep_their_an
         deducted.len()
     );
 }
+
+/// A combined batch whose connection is lost (killed while the batch retries on a row another
+/// program holds) does not leave a leader of another key waiting for the pool's only
+/// connection until its deadline: the lost connection is discarded and the pool opens one in its
+/// place at once. (r2d2 wakes no waiter when it discards a connection and, with `min_idle = 0`,
+/// opens none: the other leader answered `Timeout` with a slot free.)
+#[test]
+fn a_lost_connection_does_not_leave_another_leader_waiting_for_the_pool() {
+    use diesel::connection::SimpleConnection;
+    use diesel::r2d2::{ConnectionManager, Pool};
+    use lockstock::SessionSettings;
+    let (url, mut admin) = fresh_database("combine_lost_waiter");
+    let ledger = BalanceLedger::new();
+    for user in [1, 2] {
+        ledger
+            .charge(&mut admin, user, Decimal::new(10, 0), "seed")
+            .expect("seed");
+    }
+    let policy =
+        lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(3));
+    let pool = Pool::builder()
+        .max_size(1)
+        .min_idle(Some(0))
+        .connection_customizer(Box::new(SessionSettings::new(policy.clone())))
+        .build(ConnectionManager::<MysqlConnection>::new(&url))
+        .expect("pool");
+    let combined = Arc::new(CombiningLedger::new(
+        pool,
+        BalanceLedger::with_policy(policy),
+    ));
+    // Another program holds account 1: its batch retries, holding the pool's connection.
+    let mut other = lockstock_testkit::fixtures::other_program(&url);
+    lockstock_testkit::fixtures::lock_balance(&mut other, 1).expect("hold account 1");
+    let mut ids = connect(&url);
+    let own: Vec<i64> = [&mut admin, &mut other, &mut ids]
+        .into_iter()
+        .map(lockstock_testkit::fixtures::connection_id)
+        .collect();
+    let first = {
+        let combined = combined.clone();
+        thread::spawn(move || combined.deduct(1, Decimal::new(1, 0), "first"))
+    };
+    // The pool's connection: the one session on this database that is not the test's.
+    let pooled = loop {
+        let rows: Vec<Pid> = diesel::sql_query(
+            "SELECT CAST(ID AS SIGNED) AS id FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE()",
+        )
+        .load(&mut ids)
+        .expect("sessions");
+        if let Some(row) = rows.iter().find(|row| !own.contains(&row.id)) {
+            break row.id;
+        }
+        thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let second = {
+        let combined = combined.clone();
+        thread::spawn(move || combined.deduct(2, Decimal::new(1, 0), "second"))
+    };
+    thread::sleep(std::time::Duration::from_millis(200));
+    ids.batch_execute(&format!("KILL CONNECTION {pooled}"))
+        .expect("kill the batch's connection");
+    let first = first.join().expect("first");
+    assert!(first.is_err(), "the killed batch: {first:?}");
+    let second = second.join().expect("second");
+    assert!(second.is_ok(), "the other leader: {second:?}");
+    other.batch_execute("ROLLBACK").expect("release account 1");
+    assert_eq!(
+        lockstock_testkit::fixtures::stored_balance(&mut admin, 2),
+        Decimal::new(9, 0)
+    );
+}
+
+#[derive(QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+}
