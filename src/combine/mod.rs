@@ -793,18 +793,50 @@ pub(crate) fn checkout_within(
     if deadline.is_expired() {
         return Err(timeout(deadline));
     }
-    let (got, fired) = watched(deadline, grace, |_| pool.get_timeout(wait));
+    let started = Instant::now();
+    let (got, fired) = watched(deadline, grace, |_| {
+        // In slices: each `get_timeout` opens a connection where the pool has room, so a
+        // waiter is never stranded by a connection discarded without a word ([`give_back`]
+        // covers lockstock's own). The error kept says why no connection could be made, where
+        // one did.
+        // (r2d2's message is "timed out waiting for connection", then ": " and the last
+        // connect error if there was one.)
+        let says_why = |error: &diesel::r2d2::PoolError| error.to_string().contains(": ");
+        let mut failed: Option<diesel::r2d2::PoolError> = None;
+        loop {
+            let left = wait.saturating_sub(started.elapsed());
+            match pool.get_timeout(left.min(CHECKOUT_SLICE)) {
+                Ok(conn) => return Ok(conn),
+                Err(error) => {
+                    if failed
+                        .as_ref()
+                        .map_or(true, |kept| says_why(&error) || !says_why(kept))
+                    {
+                        failed = Some(error);
+                    }
+                    if started.elapsed() >= wait {
+                        return Err(failed);
+                    }
+                }
+            }
+        }
+    });
     match got {
         Ok(mut conn) if fired => {
             // The ping answered as its socket was shut down: r2d2 discards the connection.
             mark_broken(&mut conn);
+            give_back(pool, conn);
             Err(timeout(deadline))
         }
         Ok(conn) => Ok(conn),
         Err(_) if deadline.is_expired() => Err(timeout(deadline)),
-        Err(error) => Err(Error::Pool(Arc::new(error))),
+        Err(Some(error)) => Err(Error::Pool(Arc::new(error))),
+        Err(None) => Err(timeout(deadline)),
     }
 }
+
+/// How long one wait for a pooled connection lasts before [`checkout_within`] asks again.
+const CHECKOUT_SLICE: Duration = Duration::from_millis(50);
 
 type PooledMysql = PooledConnection<ConnectionManager<MysqlConnection>>;
 

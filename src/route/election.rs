@@ -29,7 +29,7 @@ use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
 
-use super::{checkout, checkout_within, Shared, Use};
+use super::{checkout, checkout_within, give_back, Shared, Use};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::schema::designated_writer as row;
 use crate::txn::Deadline;
@@ -225,14 +225,16 @@ fn read(
     // The node's share of the round, for the checkout and the read alike.
     let deadline = deadline.min(Deadline::after(wait));
     let mut conn = checkout_within(&pool, deadline, grace, wait)?;
-    shared.probe.read_by(&mut conn, deadline, |conn| {
+    let row = shared.probe.read_by(&mut conn, deadline, |conn| {
         Ok(row::table
             .find(ROW_ID)
             .select((row::node_name, row::epoch))
             .first::<(String, i64)>(conn)
             .optional()?
             .map(|(name, epoch)| Designated { name, epoch }))
-    })
+    });
+    give_back(&pool, conn);
+    row
 }
 
 /// The compare-and-set of a failover, sent through `node`: the row names `node` with the next
@@ -268,6 +270,7 @@ fn claim(shared: &Shared, node: usize, seen: Option<i64>, deadline: Deadline) ->
             };
             Ok(changed == 1)
         });
+    give_back(&pool, conn);
     match claimed {
         Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => Ok(false),
         // The certification loser of a race keeps losing while its node applies the winner.
