@@ -840,29 +840,21 @@ const CHECKOUT_SLICE: Duration = Duration::from_millis(50);
 
 type PooledMysql = PooledConnection<ConnectionManager<MysqlConnection>>;
 
-/// How long [`give_back`]'s request for a new connection may take: it waits for nothing, but
-/// an idle connection returned meanwhile by another thread would be pinged (a pool that tests
-/// on checkout), and the ping of a silent server never returns — the watchdog cuts it then.
-const KICK_GRACE: Duration = Duration::from_millis(20);
-
 /// Gives `conn` back to `pool`. A broken one (marked by lockstock, or cut by the watchdog) r2d2
 /// discards — without waking a caller waiting for a connection and, in a pool with `min_idle
 /// = 0` (the [`Router`]'s), without opening one in its place: the waiter slept out its whole
 /// checkout wait, and a router took the pool that gave nothing for a failed node. So a pool
 /// with no idle connection is asked for one at once (`get_timeout(0)`: nothing waits), which
-/// opens one where it has room; when that connection arrives, a waiter gets it.
+/// opens one where it has room; when that connection arrives, a waiter gets it. Only a pool
+/// that does not test on checkout (the router's): one that does would ping an idle connection
+/// returned meanwhile by another thread, and a silent server's ping never returns. Waiters on
+/// such a pool get the new connection at their next slice ([`checkout_within`]).
 pub(crate) fn give_back(pool: &MysqlPool, mut conn: PooledMysql) {
     let broken = diesel::r2d2::R2D2Connection::is_broken(&mut *conn);
     drop(conn);
-    if broken && pool.state().idle_connections == 0 {
-        let (kicked, fired) = watched(Deadline::after(Duration::ZERO), KICK_GRACE, |_| {
-            pool.get_timeout(Duration::ZERO)
-        });
-        // An idle connection found instead goes straight back (and wakes a waiter) — unless
-        // its ping was cut.
-        if let (Ok(mut idle), true) = (kicked, fired) {
-            mark_broken(&mut idle);
-        }
+    if broken && !pool.test_on_check_out() && pool.state().idle_connections == 0 {
+        // An idle connection found instead goes straight back (and wakes a waiter).
+        let _ = pool.get_timeout(Duration::ZERO);
     }
 }
 
