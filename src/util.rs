@@ -147,11 +147,7 @@ fn read_back(
 /// runner retries. Anything else — some rows found, a transaction still open, or no way to ask
 /// (MySQL has no `@@in_transaction`) — is an internal error.
 fn short_read_back(conn: &mut MysqlConnection, found: usize, inserted: usize) -> Error {
-    let open: diesel::QueryResult<i64> = diesel::select(diesel::dsl::sql::<
-        diesel::sql_types::BigInt,
-    >("@@in_transaction"))
-    .get_result(conn);
-    match open {
+    match in_transaction(conn) {
         Ok(0) if found == 0 => silently_aborted(inserted),
         // A guarded write on a Galera node runs with `autocommit = 0`, so the read-back itself
         // opened a new transaction: the savepoint the runner set after BEGIN tells.
@@ -219,6 +215,15 @@ where
             Err(error)
         }
     }
+}
+
+/// MariaDB's `@@in_transaction` on `conn`: 1 while a transaction is open, 0 otherwise (MySQL
+/// has no such variable: an error).
+pub(crate) fn in_transaction(conn: &mut MysqlConnection) -> diesel::QueryResult<i64> {
+    diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "CAST(@@in_transaction AS SIGNED)",
+    ))
+    .get_result(conn)
 }
 
 #[cfg(test)]

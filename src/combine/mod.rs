@@ -1042,10 +1042,7 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         // Dropped before the callers are answered: ending a transaction the
                         // batch did not use is bounded by their deadline, not the leader's.
                         prepared.deadline = prepared.deadline.min(deadline);
-                        match prepared.conn() {
-                            Ok(conn) => run(conn, deadline),
-                            Err(e) => Err(e),
-                        }
+                        prepared.conn().and_then(|conn| run(conn, deadline))
                     }
                     None => self.with_connection(deadline, grace, run),
                 };

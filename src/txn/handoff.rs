@@ -304,12 +304,7 @@ fn lock_or_wait<T>(
 /// Whether the transaction on `conn` is still open (MariaDB's `@@in_transaction`); `false`
 /// also when the question fails.
 fn still_in_transaction(conn: &mut MysqlConnection) -> bool {
-    use diesel::RunQueryDsl;
-    diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
-        "CAST(@@in_transaction AS SIGNED)",
-    ))
-    .get_result::<i64>(conn)
-    .is_ok_and(|open| open != 0)
+    crate::util::in_transaction(conn).is_ok_and(|open| open != 0)
 }
 
 fn is_time_limit(error: &diesel::result::Error) -> bool {

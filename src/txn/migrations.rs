@@ -4,6 +4,7 @@ use diesel::connection::SimpleConnection;
 use diesel::mysql::MysqlConnection;
 use diesel_migrations::MigrationHarness;
 
+use super::policy::NO_SELECT_LIMIT;
 use super::{
     bounded, ensure_no_open_transaction, refused_as_nested, Deadline, ServerFlavor, TxnPolicy,
     NESTED_LOCALE,
@@ -88,8 +89,8 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
          @lockstock_big_selects = @@session.sql_big_selects, \
          @lockstock_engine = @@session.default_storage_engine, {flavor_saves}\
          SESSION completion_type = 'NO_CHAIN', autocommit = 1, \
-         sql_mode = '{MIGRATION_SQL_MODE}', sql_select_limit = 18446744073709551615, sql_big_selects = 1, \
-         default_storage_engine = InnoDB, {flavor_sets}"
+         sql_mode = '{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
+         sql_big_selects = 1, default_storage_engine = InnoDB, {flavor_sets}"
     );
     if let Err(e) = conn.batch_execute(&setup) {
         let error = Error::from(e);

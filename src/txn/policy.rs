@@ -167,6 +167,10 @@ impl Default for TxnPolicy {
     }
 }
 
+/// `sql_select_limit`'s largest value: every row a read selects (`DEFAULT` would be the
+/// server's global value, which may cap it too).
+pub(super) const NO_SELECT_LIMIT: u64 = u64::MAX;
+
 /// No pending `insert_id` (MariaDB, where 0 clears it): a caller's `SET insert_id = N` would
 /// number lockstock's next row (a duplicate key), and the caller's own next INSERT would no
 /// longer get it (the runner puts the caller's back). Not on MySQL 8, where 0 is not "none"
@@ -236,7 +240,7 @@ impl TxnPolicy {
         // `sql_big_selects` off: lockstock's reads were refused).
         format!(
             "innodb_lock_wait_timeout = {lock_wait}, lock_wait_timeout = {lock_wait}, {limit}, \
-             time_zone = '+00:00', sql_select_limit = 18446744073709551615, unique_checks = 1, \
+             time_zone = '+00:00', sql_select_limit = {NO_SELECT_LIMIT}, unique_checks = 1, \
              foreign_key_checks = 1, character_set_client = utf8mb4, \
              character_set_results = utf8mb4, collation_connection = utf8mb4_general_ci, \
              sql_big_selects = 1"

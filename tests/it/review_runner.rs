@@ -993,11 +993,6 @@ fn migrations_run_whatever_the_callers_session() {
 
 #[test]
 fn migrations_run_whatever_the_callers_sql_mode() {
-    #[derive(QueryableByName)]
-    struct Mode {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        mode: String,
-    }
     let sandbox = Sandbox::start().expect("private server");
     let url = sandbox
         .create_database("review_migrations_mode")
@@ -1005,16 +1000,14 @@ fn migrations_run_whatever_the_callers_sql_mode() {
     let mut conn = connect(&url);
     conn.batch_execute("SET SESSION sql_mode = CONCAT(@@sql_mode, ',EMPTY_STRING_IS_NULL')")
         .expect("the caller's sql_mode");
-    let mode = |conn: &mut MysqlConnection| {
-        diesel::sql_query("SELECT CAST(@@session.sql_mode AS CHAR) AS mode")
-            .get_result::<Mode>(conn)
-            .expect("sql_mode")
-            .mode
-    };
-    let before = mode(&mut conn);
+    let before = sql_mode(&mut conn);
     assert!(before.contains("EMPTY_STRING_IS_NULL"), "{before}");
     lockstock::run_migrations(&mut conn).expect("the migrations");
-    assert_eq!(mode(&mut conn), before, "the caller's sql_mode, put back");
+    assert_eq!(
+        sql_mode(&mut conn),
+        before,
+        "the caller's sql_mode, put back"
+    );
     let named: i64 = diesel::sql_query(
         "SELECT CAST(COUNT(*) AS SIGNED) AS id FROM designated_writer WHERE node_name = ''",
     )
