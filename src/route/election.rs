@@ -52,8 +52,17 @@ pub(super) struct Designated {
 /// dropped.
 pub(super) fn coordinate(shared: Arc<Shared>) {
     while !shared.stopped.load(Ordering::Relaxed) {
-        shared.lock().elect = false;
+        let tick = {
+            let mut state = shared.lock();
+            state.elect = false;
+            state.ticks_started += 1;
+            state.ticks_started
+        };
         maintain(&shared);
+        // A node held down since before this tick started may take calls again (if its probe
+        // says so): the coordinator has had its chance to move the writer away from it.
+        shared.lock().ticks_done = tick;
+        shared.changed.notify_all();
         // The next tick, or earlier when a caller asks; never more often than every 20 ms.
         std::thread::sleep(Duration::from_millis(20));
         let mut state = shared.lock();

@@ -73,6 +73,10 @@ pub(super) struct Probe {
     running_since: Option<Instant>,
     /// When a call last failed on the node.
     failed_at: Option<Instant>,
+    /// A call (or the coordinator) took the node down: it stays down, whatever its probe says,
+    /// until the coordinator has finished a tick numbered this or later (one that started
+    /// after the failure), so the writer moves first where another node can take it.
+    held_until_tick: Option<u64>,
     /// A call lost its connection to the node (one connection killed, or the node gone): calls
     /// wait for the next probe, which starts at once, to tell which (see
     /// [`State::suspect`]).
@@ -93,6 +97,9 @@ pub(super) struct State {
     pub(super) failovers: u64,
     /// A caller waits for a writer: the coordinator runs now instead of at its next tick.
     pub(super) elect: bool,
+    /// The coordinator's ticks started, and the number of the last one finished.
+    pub(super) ticks_started: u64,
+    pub(super) ticks_done: u64,
 }
 
 impl Probe {
@@ -114,7 +121,20 @@ impl State {
         let unresolved = p
             .suspect_since
             .is_some_and(|since| since.elapsed() > probe_timeout);
-        p.ok && !stuck && !unresolved && p.name.is_some() && !self.duplicate_name(node)
+        p.ok && !stuck
+            && !unresolved
+            && !self.held(node)
+            && p.name.is_some()
+            && !self.duplicate_name(node)
+    }
+
+    /// Whether `node` is held down after a failure until the coordinator has run once since
+    /// (see [`mark_failed`](Self::mark_failed)).
+    fn held(&self, node: usize) -> bool {
+        self.nodes
+            .get(node)
+            .and_then(|p| p.held_until_tick)
+            .is_some_and(|tick| self.ticks_done < tick)
     }
 
     /// Whether calls should wait before using `node`: a call lost its connection to it and no
@@ -159,10 +179,15 @@ impl State {
             .position(|p| p.name.as_deref() == Some(name))
     }
 
-    /// A call (or the coordinator) found `node` failing: down until its next probe succeeds,
-    /// and no longer the writer.
+    /// A call (or the coordinator) found `node` failing: no longer the writer, and down until
+    /// a probe that starts afterwards succeeds and the coordinator has finished a tick that
+    /// started afterwards. The probe alone does not bring it back: it may answer while the
+    /// node's calls fail or hang (calls cut off in a row: see `Shared::cut`), and were it to
+    /// answer before the coordinator looked, the coordinator would adopt the node again.
     pub(super) fn mark_failed(&mut self, node: usize, error: &Error) {
+        let next_tick = self.ticks_started + 1;
         if let Some(p) = self.nodes.get_mut(node) {
+            p.held_until_tick = Some(next_tick);
             p.ok = false;
             p.error = Some(error.to_string());
             if let Some(source) = error.server_error() {
@@ -221,6 +246,7 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
         }
         {
             let mut state = shared.lock();
+            let ticks_done = state.ticks_done;
             let p = &mut state.nodes[node];
             p.running_since = None;
             // A call that failed on the node after this probe started overrules it.
@@ -235,6 +261,7 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
                     let healthy =
                         p.ready && row.cluster_status == "Primary" && row.local_state == "Synced";
                     p.ok = healthy && !overruled;
+                    let kept = p.error.take();
                     p.error = (!healthy).then(|| {
                         format!(
                             "wsrep_ready = {}, wsrep_cluster_status = {}, \
@@ -244,6 +271,10 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
                     });
                     if overruled {
                         p.error = p.error.take().or_else(|| Some("a call failed".into()));
+                    }
+                    // Held down: the failure that took the node down stays its last error.
+                    if p.held_until_tick.is_some_and(|tick| tick > ticks_done) {
+                        p.error = p.error.take().or(kept);
                     }
                     p.name = Some(row.name);
                     p.cluster_status = row.cluster_status;

@@ -75,7 +75,11 @@
 //! call (also a COMMIT cut off: `OutcomeUnknown`) also replaces the node's pools (their
 //! connections may all be dead), and a second cut of a call that started after the first was
 //! cut — calls in flight together met the same stall — takes the node down whatever its probe
-//! says (its statements hang), unless a call started after the first cut was answered. A node that is down stays down until a probe finds it healthy again. The
+//! says (its statements hang), unless a call started after the first cut was answered. A node
+//! that is down stays down until a probe finds it healthy again — and one a call (or the
+//! coordinator) took down, until the coordinator has also run once since, so the writer moves
+//! first wherever another node can take it: a probe that answers at once (a status read, while
+//! the node's statements hang) does not hand the node its writer back. The
 //! coordinator never marks a node down because no pooled connection came in time (nothing was
 //! sent): it goes on without that node for the rest of the election. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
 //! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).

@@ -1044,6 +1044,57 @@ fn galera_router_fails_over_when_the_writers_calls_keep_being_cut_off() {
     assert!(after.failovers > before.failovers, "{after:?}");
 }
 
+/// A writer taken down by cut-off calls is not handed its writer back by its probe: the probe
+/// (a status read) answers while the node's statements hang, and one that answered between the
+/// take-down and the coordinator's next look made the node healthy again — the coordinator
+/// adopted it anew, and the calls kept hanging there. Here the probe runs without pause, so it
+/// always answers first: the node stays down until the coordinator has run once since, and the
+/// writer moves. Twice, on two databases, so a lucky ordering cannot pass it.
+#[test]
+fn galera_router_fails_over_from_cut_calls_although_the_probe_answers_at_once() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    for round in 0..2 {
+        let urls = database(cluster, &format!("gal_route_cut_probe_{round}"));
+        let router = Router::builder(urls)
+            .pool_size(2)
+            .health_interval(Duration::from_millis(1))
+            .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+            .build()
+            .expect("router");
+        let writer = router
+            .wait_for_writer(Duration::from_secs(20))
+            .expect("a writer");
+        let runner = lockstock::TxnRunner::new(TxnPolicy::default());
+        for _ in 0..2 {
+            let answer = router.write(Deadline::after(Duration::from_secs(1)), |conn, deadline| {
+                runner.run_by(conn, deadline, |conn| {
+                    diesel::sql_query("SET STATEMENT max_statement_time = 0 FOR SELECT SLEEP(5)")
+                        .execute(conn)?;
+                    Ok(())
+                })
+            });
+            assert!(
+                matches!(answer, Err(Error::ServerUnresponsive { .. })),
+                "{answer:?}"
+            );
+        }
+        let until = Instant::now() + Duration::from_secs(15);
+        while router.writer().map_or(true, |w| w == writer) && Instant::now() < until {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let stats = router.stats();
+        assert_ne!(
+            router.writer(),
+            Some(writer),
+            "round {round}: still the writer {stats:?}"
+        );
+        assert_eq!(stats.failovers, 1, "round {round}: {stats:?}");
+        assert!(stats.epoch >= 2, "round {round}: the row moved {stats:?}");
+    }
+}
+
 /// A call cut off on the writer, while another caller waits for the pool's only connection,
 /// does not cost the router its writer: the cut connection is discarded, and the waiter gets a
 /// new one. (r2d2 wakes no waiter when it discards a connection and, with `min_idle = 0`, opens
