@@ -63,7 +63,8 @@ impl CouponIssuer {
     /// # Errors
     /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
-    /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`], [`Error::Server`],
+    /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`], [`Error::NotReplicated`],
+    /// [`Error::Server`],
     /// [`Error::Internal`] for facts that keep disagreeing): then no request was applied (or,
     /// for [`Error::OutcomeUnknown`], all or none were). It is given only when every user id
     /// is valid and the batch found none of its users holding the coupon: otherwise such a

@@ -34,7 +34,8 @@ impl CouponIssuer {
     /// [`Error::NotStarted`], [`Error::Ended`], [`Error::CampaignNotFound`]; the runner's
     /// failures ([`Error::Contended`], [`Error::Timeout`], [`Error::OutcomeUnknown`],
     /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
-    /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`] on a Galera node,
+    /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`] or
+    /// [`Error::NotReplicated`] on a Galera node,
     /// [`Error::Server`]); [`Error::Internal`] when the cached campaign facts keep disagreeing
     /// with the database.
     pub fn issue(

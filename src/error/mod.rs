@@ -464,6 +464,14 @@ pub enum Error {
     /// through a [`Router`](crate::route::Router), which follows the row.
     #[error("this Galera node is not the designated writer; nothing was applied")]
     NotDesignatedWriter,
+    /// A write on a MariaDB Galera node through a session whose replication is off
+    /// (`SET SESSION wsrep_on = 0`, or the node's `wsrep_on` turned off globally): its changes
+    /// would stay on this node, and the other nodes' copies of the rows would part from it.
+    /// lockstock refused in its first statement, before anything changed: nothing was applied,
+    /// and the session is as it was. Use a connection with `wsrep_on = 1`. A
+    /// [`Router`](crate::route::Router) takes a node that answers this for a failed one.
+    #[error("replication is off on this Galera session (wsrep_on = 0); nothing was applied")]
+    NotReplicated,
     /// The call was made inside a transaction the caller opened; lockstock must own the
     /// transaction to retry it.
     #[error("called inside an open transaction; lockstock runs its own transactions")]
@@ -515,6 +523,7 @@ impl Error {
             Error::ServerUnresponsive { .. }
             | Error::ConnectionBroken { .. }
             | Error::NotDesignatedWriter
+            | Error::NotReplicated
             | Error::Pool(_) => true,
             Error::Server(source) => matches!(
                 source.kind(),

@@ -48,8 +48,11 @@
 //! was seen to roll such a transaction back between two statements WITHOUT reporting it: the
 //! next statement then ran outside any transaction, so under `autocommit = 1` the rest of the
 //! body would commit statement by statement and the final COMMIT succeed — half a transaction
-//! applied and answered as done. On a Galera node (`@@wsrep_on`, asked once per runner) every
-//! writing transaction is therefore guarded:
+//! applied and answered as done. On a Galera node (a wsrep provider loaded: `@@wsrep_provider`,
+//! asked once per runner) every writing transaction is therefore guarded:
+//! - the first SET refuses ([`Error::NotReplicated`]), before anything changes, on a session
+//!   whose replication a caller turned off (`wsrep_on = 0`): its writes would stay on this
+//!   node, and the cluster's copies of the rows would part;
 //! - the first SET also saves the caller's `autocommit` and sets `autocommit = 0` (restored
 //!   afterwards), so statements after a silent rollback open a new transaction instead of
 //!   committing one by one — and the marked-connection shortcut is not used;
@@ -186,6 +189,11 @@ const SAVE_SHARED: &str = "@lockstock_last_insert_id = LAST_INSERT_ID(), \
 /// silently commit it): `lc_messages` accepts only known locales.
 const NESTED_LOCALE: &str = "lockstock_nested_transaction";
 
+/// The value that makes the first SET of a write on a Galera node refuse, atomically and
+/// before anything changes, on a session whose replication is off (`wsrep_on = 0`, which takes
+/// SUPER to set): its changes would stay on this node.
+pub(super) const NOT_REPLICATED_LOCALE: &str = "lockstock_not_replicated";
+
 /// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
 const NESTED_1568: &str = "transaction characteristics can't be changed";
 
@@ -230,13 +238,14 @@ impl RunnerSql {
             // One atomic SET: the nested check, the caller's values saved, ours set.
             ServerFlavor::MariaDb => {
                 let guarded = guard_write(kind);
-                let (save_autocommit, autocommit) = if guarded {
+                let (save_autocommit, autocommit, replicated) = if guarded {
                     (
                         "@lockstock_autocommit = @@session.autocommit, ",
                         ", autocommit = 0",
+                        format!("IF(@@session.wsrep_on, 'en_US', '{NOT_REPLICATED_LOCALE}')"),
                     )
                 } else {
-                    ("", "")
+                    ("", "", "'en_US'".to_owned())
                 };
                 // First the atomic SET: the check that no transaction is open, the caller's
                 // values saved, ours set. Nothing before it may read a table: under a caller's
@@ -247,7 +256,7 @@ impl RunnerSql {
                      @lockstock_isolation = @@session.tx_isolation, \
                      @lockstock_read_only = @@session.tx_read_only, \
                      @lockstock_insert_id = @@session.insert_id, {save_autocommit}\
-                     SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', 'en_US'), \
+                     SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', {replicated}), \
                      {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()
                 )];
@@ -719,7 +728,7 @@ impl TxnRunner {
             Some(sql) => sql,
             None => {
                 let flavor = ServerFlavor::ask(conn)?;
-                let galera = flavor == ServerFlavor::MariaDb && session::wsrep_on(conn)?;
+                let galera = flavor == ServerFlavor::MariaDb && session::galera_node(conn)?;
                 let whole_rollback = session::rollback_on_timeout(conn)?;
                 let built = RunnerSql::new(&self.policy, flavor, galera, whole_rollback);
                 self.sql.get_or_init(|| built)

@@ -59,11 +59,14 @@ pub(super) fn rollback_on_timeout(conn: &mut MysqlConnection) -> Result<bool, Er
     Ok(on != 0)
 }
 
-/// Whether the server is a MariaDB Galera node with replication on (`@@wsrep_on`); a server
-/// built without Galera (no such variable) is not.
-pub(super) fn wsrep_on(conn: &mut MysqlConnection) -> Result<bool, Error> {
+/// Whether the server is a MariaDB Galera node: one with a wsrep provider loaded
+/// (`@@wsrep_provider`, a global setting). Not the session's `@@wsrep_on`: a caller's session
+/// with replication turned off (`SET SESSION wsrep_on = 0`) is still on a Galera node, and its
+/// writes are refused ([`Error::NotReplicated`]) rather than run unguarded. A server built
+/// without Galera (no such variable) is not one.
+pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
     let on: diesel::QueryResult<i64> = diesel::select(
-        diesel::dsl::sql::<diesel::sql_types::BigInt>("CAST(@@wsrep_on AS SIGNED)"),
+        diesel::dsl::sql::<diesel::sql_types::BigInt>("CAST(@@wsrep_provider <> 'none' AS SIGNED)"),
     )
     .limit(1)
     .get_result(conn);

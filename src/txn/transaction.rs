@@ -307,6 +307,8 @@ pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> 
                 Error::NestedTransaction
             } else if message.contains(NOT_DESIGNATED_LOCALE) {
                 Error::NotDesignatedWriter
+            } else if message.contains(NOT_REPLICATED_LOCALE) {
+                Error::NotReplicated
             } else {
                 Error::Server(error.clone())
             };

@@ -1269,3 +1269,93 @@ fn galera_a_runner_that_met_another_server_first_answers_stored_ids() {
     }
     audit_ok(&ledger, &mut node, 2);
 }
+
+/// A caller's session with replication turned off (`SET SESSION wsrep_on = 0`, which takes
+/// SUPER) on a Galera node: lockstock's writes there would stay on this node, and the other
+/// nodes' copies of the rows would part from it. Every write is refused with `NotReplicated`
+/// before anything changes — a single call, a batch, an issue — and the caller's session is left
+/// as it was. A runner whose first connection was such a session still knows the node for a
+/// Galera node: its later writes on other sessions are guarded (the designated-writer check).
+/// Before the fix the runner asked the session's `@@wsrep_on`: it took the node for a standalone
+/// server, and the writes committed on this node only.
+#[test]
+fn galera_a_session_with_replication_off_is_refused_and_kept() {
+    let _guard = exclusive();
+    let cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&cluster, "gal_wsrep_off");
+    let ledger = BalanceLedger::new();
+    let issuer = CouponIssuer::new();
+    let ten = Decimal::new(10, 0);
+    let campaign = open_campaign(&mut causal(&urls[0]), &issuer, 5);
+    let mut off = causal(&urls[0]);
+    off.batch_execute("SET SESSION wsrep_on = 0")
+        .expect("replication off for the session");
+    let session = |conn: &mut MysqlConnection| -> (i64, i64, i64) {
+        let saved = count(
+            conn,
+            "SELECT COUNT(COALESCE(@lockstock_autocommit, @lockstock_isolation, \
+             @lockstock_lock_wait, @lockstock_read_only, @lockstock_last_insert_id)) AS total",
+        );
+        assert_eq!(saved, 0, "lockstock's saved values left in the session");
+        (
+            count(conn, "SELECT CAST(@@session.wsrep_on AS SIGNED) AS total"),
+            count(conn, "SELECT @@autocommit AS total"),
+            count(conn, "SELECT @@in_transaction AS total"),
+        )
+    };
+    match ledger.charge(&mut off, 1, ten, "off-1") {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated, got {other:?}"),
+    }
+    assert_eq!(session(&mut off), (0, 1, 0), "(wsrep_on, autocommit, open)");
+    match ledger.apply_many(
+        &mut off,
+        1,
+        &[lockstock::AccountOp::charge(ten, "off-2".to_owned())],
+    ) {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated for the batch, got {other:?}"),
+    }
+    match issuer.issue(&mut off, 7, campaign.id) {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated for the issue, got {other:?}"),
+    }
+    assert_eq!(session(&mut off), (0, 1, 0), "(wsrep_on, autocommit, open)");
+    let mut check = causal(&urls[0]);
+    assert_eq!(
+        count(&mut check, "SELECT COUNT(*) AS total FROM balance_history"),
+        0,
+        "nothing journaled"
+    );
+    assert_eq!(
+        count(&mut check, "SELECT COUNT(*) AS total FROM user_coupon"),
+        0,
+        "nothing issued"
+    );
+    // Reads need no replication: they still answer on that session.
+    assert!(matches!(
+        ledger.balance(&mut off, 1),
+        Err(Error::AccountNotFound { user_id: 1 })
+    ));
+
+    // The same runner, on a session with replication on: it writes, guarded.
+    let mut on = causal(&urls[0]);
+    ledger
+        .charge(&mut on, 1, ten, "on-1")
+        .expect("a charge with replication on");
+    causal(&urls[0])
+        .batch_execute("UPDATE designated_writer SET node_name = 'elsewhere' WHERE id = 1")
+        .expect("designate another node");
+    match ledger.charge(&mut on, 1, ten, "on-2") {
+        Err(Error::NotDesignatedWriter) => {}
+        other => panic!("expected NotDesignatedWriter (a guarded write), got {other:?}"),
+    }
+    assert_eq!(
+        count(
+            &mut causal(&urls[0]),
+            "SELECT COUNT(*) AS total FROM balance_history"
+        ),
+        1
+    );
+    audit_ok(&ledger, &mut causal(&urls[0]), 1);
+}
