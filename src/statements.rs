@@ -237,13 +237,18 @@ statement! {
 
 statement! {
     /// Restores the session variables lockstock's first SET saved for a guarded write on a
-    /// MariaDB Galera node (with `autocommit`).
+    /// MariaDB Galera node (with `autocommit`, `wsrep_dirty_reads` and
+    /// `wsrep_trx_fragment_size`).
     RestoreGalera => concat!(
         restore_mariadb!(),
-        ", autocommit = COALESCE(@lockstock_autocommit, @@session.autocommit)",
+        ", autocommit = COALESCE(@lockstock_autocommit, @@session.autocommit), \
+         wsrep_dirty_reads = COALESCE(@lockstock_dirty_reads, @@session.wsrep_dirty_reads), \
+         wsrep_trx_fragment_size = \
+         COALESCE(@lockstock_fragment_size, @@session.wsrep_trx_fragment_size)",
         clear_saved!(),
         ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, \
-         @lockstock_insert_id = NULL, @lockstock_autocommit = NULL"
+         @lockstock_insert_id = NULL, @lockstock_autocommit = NULL, \
+         @lockstock_dirty_reads = NULL, @lockstock_fragment_size = NULL"
     )
 }
 

@@ -468,8 +468,9 @@ pub enum Error {
     /// (`SET SESSION wsrep_on = 0`, or the node's `wsrep_on` turned off globally): its changes
     /// would stay on this node, and the other nodes' copies of the rows would part from it.
     /// lockstock refused in its first statement, before anything changed: nothing was applied,
-    /// and the session is as it was. Use a connection with `wsrep_on = 1`. A
-    /// [`Router`](crate::route::Router) takes a node that answers this for a failed one.
+    /// and the session is as it was. Retry on a connection with `wsrep_on = 1` (another pooled
+    /// connection, another node): a [`Router`](crate::route::Router) discards the connection,
+    /// has the node's probe check the node's `wsrep_on`, and runs the call again.
     #[error("replication is off on this Galera session (wsrep_on = 0); nothing was applied")]
     NotReplicated,
     /// The call was made inside a transaction the caller opened; lockstock must own the
@@ -561,7 +562,8 @@ impl Error {
 
     /// Whether the same call may succeed if repeated: contention, lock refusals and lost
     /// connections (on a new connection), a Galera node outside the Primary component
-    /// ([`ServerErrorKind::NodeNotReady`]: on a connection to another node). With the same
+    /// ([`ServerErrorKind::NodeNotReady`]: on a connection to another node), a session with
+    /// replication off ([`Error::NotReplicated`]: on another connection). With the same
     /// idempotency key a repeat never applies a change twice.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -570,6 +572,7 @@ impl Error {
             | Self::Timeout { .. }
             | Self::ServerUnresponsive { .. }
             | Self::NotDesignatedWriter
+            | Self::NotReplicated
             | Self::ConnectionBroken { .. }
             | Self::Pool(_) => true,
             Self::Server(e) => {

@@ -81,7 +81,8 @@ impl BalanceLedger {
     /// # Errors
     /// The outer `Err` is a failure before anything was committed ([`Error::Contended`],
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
-    /// [`Error::Server`]): then no request in the batch was applied (or, for
+    /// [`Error::NotDesignatedWriter`], [`Error::NotReplicated`], [`Error::Server`]): then no
+    /// request in the batch was applied (or, for
     /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). It is given only for a batch
     /// of valid requests that all needed the account's row — or that failed on its connection
     /// or node ([`Error::ConnectionBroken`], a lost connection, [`Error::ServerUnresponsive`],

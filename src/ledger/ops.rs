@@ -31,7 +31,8 @@ impl BalanceLedger {
     /// [`Error::InvalidIdempotencyKey`]); [`Error::BalanceLimitExceeded`];
     /// [`Error::IdempotencyConflict`] for a key used by another request; and the runner's
     /// failures ([`Error::Contended`], [`Error::Timeout`], [`Error::OutcomeUnknown`],
-    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], [`Error::Server`]).
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], on a Galera node
+    /// [`Error::NotDesignatedWriter`] or [`Error::NotReplicated`], [`Error::Server`]).
     pub fn charge(
         &self,
         conn: &mut MysqlConnection,

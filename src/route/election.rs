@@ -252,10 +252,15 @@ fn read(
 fn claim(shared: &Shared, node: usize, seen: Option<i64>, deadline: Deadline) -> Result<bool> {
     let pool = shared.pool(node, Use::Write);
     let mut conn = checkout(&pool, deadline, shared.probe.policy().unresponsive_grace)?;
-    let this_node = diesel::dsl::sql::<Text>("@@wsrep_node_name");
     let claimed = shared
         .probe
         .run_by(&mut conn, deadline, |conn: &mut MysqlConnection| {
+            // The name as a value, not `@@wsrep_node_name` in the write: replicated as a
+            // statement (a node's `wsrep_forced_binlog_format = STATEMENT`), every node would
+            // apply its own name.
+            let this_node: String =
+                diesel::select(diesel::dsl::sql::<Text>("CAST(@@wsrep_node_name AS CHAR)"))
+                    .get_result(conn)?;
             let changed = match seen {
                 Some(epoch) => diesel::update(
                     row::table
@@ -263,7 +268,7 @@ fn claim(shared: &Shared, node: usize, seen: Option<i64>, deadline: Deadline) ->
                         .filter(row::epoch.eq(epoch)),
                 )
                 .set((
-                    row::node_name.eq(this_node.clone()),
+                    row::node_name.eq(this_node.as_str()),
                     row::epoch.eq(row::epoch + 1),
                     row::changed_at.eq(now()),
                 ))
@@ -271,7 +276,7 @@ fn claim(shared: &Shared, node: usize, seen: Option<i64>, deadline: Deadline) ->
                 None => diesel::insert_into(row::table)
                     .values((
                         row::id.eq(ROW_ID),
-                        row::node_name.eq(this_node.clone()),
+                        row::node_name.eq(this_node.as_str()),
                         row::epoch.eq(1),
                         row::changed_at.eq(now()),
                     ))

@@ -1,6 +1,7 @@
 //! What the router knows about its nodes: one probe thread per node asks the node who it is and
-//! whether it is ready, Primary and Synced; calls that fail on a node mark it down until its
-//! next probe succeeds.
+//! whether it replicates and is ready, Primary and Synced; a call that fails on a node marks it
+//! down until a probe started afterwards succeeds and the coordinator has run once since (see
+//! [`State::mark_failed`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::txn::{apply_session_settings, Deadline, TxnPolicy};
 /// missing status is the empty string — `SPACE(0)`, not a `''` literal, which a server's
 /// `sql_mode` with EMPTY_STRING_IS_NULL reads as NULL.
 const PROBE_SQL: &str = "SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
+     CAST(@@global.wsrep_on AS SIGNED) AS replicating, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
        WHERE variable_name = 'WSREP_READY'), SPACE(0)) AS CHAR) AS ready, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
@@ -31,6 +33,8 @@ const PROBE_SQL: &str = "SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
 struct ProbeRow {
     #[diesel(sql_type = Text)]
     name: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    replicating: i64,
     #[diesel(sql_type = Text)]
     ready: String,
     #[diesel(sql_type = Text)]
@@ -44,10 +48,13 @@ struct ProbeRow {
 pub struct NodeHealth {
     /// Its `@@wsrep_node_name`, once a probe reached it.
     pub name: Option<String>,
-    /// Whether the router sends calls to it: the last probe found it `wsrep_ready = ON`,
-    /// `wsrep_cluster_status = Primary` and `wsrep_local_state_comment = Synced`, no call failed
-    /// on it since, no probe has been hanging on it for longer than the probe timeout, and no
-    /// other URL of the router reaches a node of the same name.
+    /// Whether the router sends calls to it: the last probe found it replicating (`wsrep_on`
+    /// globally), `wsrep_ready = ON`, `wsrep_cluster_status = Primary` and
+    /// `wsrep_local_state_comment = Synced`, no call failed on it since, no probe has been
+    /// hanging on it for longer than the probe timeout, no other URL of the router reaches a
+    /// node of the same name — and, after a call (or the router's coordinator) took it down, the
+    /// coordinator has run once since, or twice the probe timeout has passed (so that a probe
+    /// answering at once does not hand the node back before the writer could move).
     pub healthy: bool,
     /// `wsrep_ready` of the last answered probe.
     pub ready: bool,
@@ -58,6 +65,10 @@ pub struct NodeHealth {
     /// Why it is not healthy, if a probe or a call failed on it.
     pub last_error: Option<String>,
 }
+
+/// A node held down after a failure is held at most this many probe timeouts (the tick in
+/// progress, then one started after the failure).
+const HOLD_TIMEOUTS: u32 = 2;
 
 /// The router's record of one node.
 #[derive(Debug, Default)]
@@ -123,18 +134,21 @@ impl State {
             .is_some_and(|since| since.elapsed() > probe_timeout);
         p.ok && !stuck
             && !unresolved
-            && !self.held(node)
+            && !self.held(node, probe_timeout)
             && p.name.is_some()
             && !self.duplicate_name(node)
     }
 
     /// Whether `node` is held down after a failure until the coordinator has run once since
-    /// (see [`mark_failed`](Self::mark_failed)).
-    fn held(&self, node: usize) -> bool {
-        self.nodes
-            .get(node)
-            .and_then(|p| p.held_until_tick)
-            .is_some_and(|tick| self.ticks_done < tick)
+    /// (see [`mark_failed`](Self::mark_failed)) — at most [`HOLD_TIMEOUTS`] probe timeouts: a
+    /// tick lasts at most one (its deadline, cut at the grace), but without the watchdog (off
+    /// Linux) a tick on a frozen node never ends, and the hold must not outlast it.
+    fn held(&self, node: usize, probe_timeout: Duration) -> bool {
+        self.nodes.get(node).is_some_and(|p| {
+            p.held_until_tick.is_some_and(|tick| self.ticks_done < tick)
+                && p.failed_at
+                    .is_some_and(|at| at.elapsed() < probe_timeout * HOLD_TIMEOUTS)
+        })
     }
 
     /// Whether calls should wait before using `node`: a call lost its connection to it and no
@@ -202,14 +216,18 @@ impl State {
 
     pub(super) fn health(&self, node: usize, probe_timeout: Duration) -> NodeHealth {
         let p = &self.nodes[node];
+        let healthy = self.healthy(node, probe_timeout);
         NodeHealth {
             name: p.name.clone(),
-            healthy: self.healthy(node, probe_timeout),
+            healthy,
             ready: p.ready,
             cluster_status: p.cluster_status.clone(),
             local_state: p.local_state.clone(),
             last_error: if self.duplicate_name(node) {
                 Some("another URL of the router reaches a node of the same name".into())
+            } else if healthy {
+                // A failure kept while the node was held down is over.
+                None
             } else {
                 p.error.clone()
             },
@@ -246,7 +264,7 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
         }
         {
             let mut state = shared.lock();
-            let ticks_done = state.ticks_done;
+            let held = state.held(node, shared.probe_timeout);
             let p = &mut state.nodes[node];
             p.running_since = None;
             // A call that failed on the node after this probe started overrules it.
@@ -258,22 +276,28 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
             match answer {
                 Ok(row) => {
                     p.ready = row.ready.eq_ignore_ascii_case("ON");
-                    let healthy =
-                        p.ready && row.cluster_status == "Primary" && row.local_state == "Synced";
+                    let replicating = row.replicating != 0;
+                    let healthy = replicating
+                        && p.ready
+                        && row.cluster_status == "Primary"
+                        && row.local_state == "Synced";
                     p.ok = healthy && !overruled;
                     let kept = p.error.take();
                     p.error = (!healthy).then(|| {
                         format!(
-                            "wsrep_ready = {}, wsrep_cluster_status = {}, \
+                            "wsrep_on = {}, wsrep_ready = {}, wsrep_cluster_status = {}, \
                              wsrep_local_state_comment = {}",
-                            row.ready, row.cluster_status, row.local_state
+                            if replicating { "ON" } else { "OFF" },
+                            row.ready,
+                            row.cluster_status,
+                            row.local_state
                         )
                     });
                     if overruled {
                         p.error = p.error.take().or_else(|| Some("a call failed".into()));
                     }
                     // Held down: the failure that took the node down stays its last error.
-                    if p.held_until_tick.is_some_and(|tick| tick > ticks_done) {
+                    if held {
                         p.error = p.error.take().or(kept);
                     }
                     p.name = Some(row.name);

@@ -97,8 +97,10 @@
 //! was applied and the node is to blame —
 //! [`Error::ServerUnresponsive`], [`Error::ConnectionBroken`], a lost connection before COMMIT
 //! ([`ServerErrorKind::ConnectionLost`]), a node
-//! outside the Primary component ([`NodeNotReady`](crate::ServerErrorKind::NodeNotReady), 1047)
-//! or no pooled connection to be had while the pool is not busy. The node is marked down (or
+//! outside the Primary component ([`NodeNotReady`](crate::ServerErrorKind::NodeNotReady), 1047),
+//! a node that is not the designated writer ([`Error::NotDesignatedWriter`]), a session that does
+//! not replicate ([`Error::NotReplicated`]: the connection is discarded and the probe, which reads
+//! the node's `wsrep_on`, decides) or no pooled connection to be had while the pool is not busy. The node is marked down (or
 //! suspect, as above), the router waits (within the deadline) for the coordinator to fail over
 //! — or for the probe to clear the node — and runs the call again. Everything else comes back as it is: results, domain refusals
 //! ([`Error::InsufficientBalance`], [`Error::SoldOut`], ...), [`Error::Contended`], and
@@ -585,7 +587,9 @@ impl Pools {
 }
 
 /// Session settings plus `wsrep_sync_wait = 1` (reads, `SHOW` and `START TRANSACTION` wait
-/// until the node applied every earlier commit of the cluster).
+/// until the node applied every earlier commit of the cluster) and `wsrep_dirty_reads = 0`
+/// (a node's global `wsrep_dirty_reads = ON`, which new sessions take, turns the causal wait
+/// off).
 #[derive(Debug)]
 struct CausalReads(SessionSettings);
 
@@ -597,7 +601,7 @@ impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for CausalReads {
         let policy = self.0.policy();
         let deadline = Deadline::after(policy.retry.deadline);
         crate::txn::bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
-            Ok(conn.batch_execute("SET SESSION wsrep_sync_wait = 1")?)
+            Ok(conn.batch_execute("SET SESSION wsrep_sync_wait = 1, wsrep_dirty_reads = 0")?)
         })
         .map_err(|e| {
             diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(
@@ -845,6 +849,8 @@ impl Shared {
 /// component, which is the node's for sure.
 fn is_connection_failure(error: &Error) -> bool {
     match error {
+        // The session's `wsrep_on`, or the node's: its probe reads the node's.
+        Error::NotReplicated => true,
         Error::ConnectionBroken { source } => source.kind() != ServerErrorKind::NodeNotReady,
         Error::Server(source) => source.kind() == ServerErrorKind::ConnectionLost,
         _ => false,

@@ -7,7 +7,7 @@ use diesel_migrations::MigrationHarness;
 use super::policy::NO_SELECT_LIMIT;
 use super::{
     bounded, ensure_no_open_transaction, refused_as_nested, Deadline, ServerFlavor, TxnPolicy,
-    NESTED_LOCALE,
+    NESTED_LOCALE, NOT_REPLICATED_LOCALE,
 };
 use crate::error::Error;
 
@@ -24,6 +24,10 @@ const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type,
 const RESTORE_MARIADB: &str = ", tx_read_only = @lockstock_read_only, \
     max_statement_time = @lockstock_statement_time, \
     @lockstock_read_only = NULL, @lockstock_statement_time = NULL";
+
+/// [`RESTORE`]'s part for a Galera node.
+const RESTORE_GALERA: &str = ", wsrep_OSU_method = @lockstock_osu_method, \
+    @lockstock_osu_method = NULL";
 
 /// [`RESTORE`]'s part that only MySQL has.
 const RESTORE_MYSQL: &str = ", transaction_read_only = @lockstock_read_only, \
@@ -62,23 +66,42 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
     // caller's `sql_select_limit` made it run an applied migration again: "Table ...
     // already exists"; `max_join_size` refused the read), no time limit but the deadline's,
     // read-write whatever the caller set for its transactions, and its own table InnoDB.
+    // On a Galera node the DDL must replicate too: the caller's session must replicate (or
+    // the refusal, an unknown locale, answers `NotReplicated`) and run DDL cluster-wide
+    // (`wsrep_OSU_method = TOI`: under a caller's RSU each CREATE TABLE stayed on this node,
+    // while Diesel's row of applied versions replicated).
     let (flavor_saves, flavor_sets, restore_flavor) = match ServerFlavor::ask(conn)? {
-        ServerFlavor::MariaDb => (
-            format!(
-                "@lockstock_read_only = @@session.tx_read_only, \
-                 @lockstock_statement_time = @@session.max_statement_time, \
-                 SESSION lc_messages = \
-                 IF(@@in_transaction, '{NESTED_LOCALE}', @@session.lc_messages), "
-            ),
-            "tx_read_only = 0, max_statement_time = 0",
-            RESTORE_MARIADB,
-        ),
+        ServerFlavor::MariaDb => {
+            let galera = super::session::galera_node(conn)?;
+            let (replicated, osu_save, osu_set, osu_restore) = if galera {
+                (
+                    format!(
+                        "IF(@@session.wsrep_on, @@session.lc_messages, '{NOT_REPLICATED_LOCALE}')"
+                    ),
+                    "@lockstock_osu_method = @@session.wsrep_OSU_method, ",
+                    ", wsrep_OSU_method = 'TOI'",
+                    RESTORE_GALERA,
+                )
+            } else {
+                ("@@session.lc_messages".to_owned(), "", "", "")
+            };
+            (
+                format!(
+                    "@lockstock_read_only = @@session.tx_read_only, \
+                     @lockstock_statement_time = @@session.max_statement_time, {osu_save}\
+                     SESSION lc_messages = \
+                     IF(@@in_transaction, '{NESTED_LOCALE}', {replicated}), "
+                ),
+                format!("tx_read_only = 0, max_statement_time = 0{osu_set}"),
+                format!("{RESTORE_MARIADB}{osu_restore}"),
+            )
+        }
         ServerFlavor::MySql => (
             "@lockstock_read_only = @@session.transaction_read_only, \
              @lockstock_statement_time = @@session.max_execution_time, "
                 .to_owned(),
-            "transaction_read_only = 0, max_execution_time = 0",
-            RESTORE_MYSQL,
+            "transaction_read_only = 0, max_execution_time = 0".to_owned(),
+            RESTORE_MYSQL.to_owned(),
         ),
     };
     let setup = format!(
@@ -96,6 +119,11 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
         let error = Error::from(e);
         return Err(if error.server_error().is_some_and(refused_as_nested) {
             Error::NestedTransaction
+        } else if error
+            .server_error()
+            .is_some_and(|e| e.message().contains(NOT_REPLICATED_LOCALE))
+        {
+            Error::NotReplicated
         } else {
             error
         });

@@ -53,6 +53,11 @@
 //! - the first SET refuses ([`Error::NotReplicated`]), before anything changes, on a session
 //!   whose replication a caller turned off (`wsrep_on = 0`): its writes would stay on this
 //!   node, and the cluster's copies of the rows would part;
+//! - it also saves, pins and later restores `wsrep_dirty_reads = 0` (a node outside the
+//!   Primary component would otherwise answer a write's reads from its frozen rows rather than
+//!   refuse with 1047) and `wsrep_trx_fragment_size = 0` (under a caller's streaming
+//!   replication a statement's duplicate key aborts the whole transaction with 1213, and a
+//!   batch that meets a key taken answered `Contended` instead of per request);
 //! - the first SET also saves the caller's `autocommit` and sets `autocommit = 0` (restored
 //!   afterwards), so statements after a silent rollback open a new transaction instead of
 //!   committing one by one — and the marked-connection shortcut is not used;
@@ -240,9 +245,19 @@ impl RunnerSql {
                 let guarded = guard_write(kind);
                 let (save_autocommit, autocommit, replicated) = if guarded {
                     (
-                        "@lockstock_autocommit = @@session.autocommit, ",
-                        ", autocommit = 0",
-                        format!("IF(@@session.wsrep_on, 'en_US', '{NOT_REPLICATED_LOCALE}')"),
+                        "@lockstock_autocommit = @@session.autocommit, \
+                         @lockstock_dirty_reads = @@session.wsrep_dirty_reads, \
+                         @lockstock_fragment_size = @@session.wsrep_trx_fragment_size, ",
+                        // Dirty reads would let a node outside the Primary component answer
+                        // from its frozen rows; streaming replication turns a statement's
+                        // duplicate key into a whole-transaction abort (1213).
+                        ", autocommit = 0, wsrep_dirty_reads = 0, wsrep_trx_fragment_size = 0",
+                        // (A runner that met a Galera node first may run on a standalone server
+                        // later: no provider there, nothing to replicate.)
+                        format!(
+                            "IF(@@session.wsrep_on OR @@global.wsrep_provider = 'none', \
+                             'en_US', '{NOT_REPLICATED_LOCALE}')"
+                        ),
                     )
                 } else {
                     ("", "", "'en_US'".to_owned())
@@ -461,7 +476,9 @@ impl TxnRunner {
     /// when a ROLLBACK failed; [`Error::ServerUnresponsive`] when the server did not answer by
     /// the deadline plus [`TxnPolicy::unresponsive_grace`] (see the
     /// [module docs](crate::txn#a-server-that-never-answers); COMMIT in flight then answers
-    /// `OutcomeUnknown`); [`Error::Server`] for any other server failure.
+    /// `OutcomeUnknown`); on a Galera node [`Error::NotDesignatedWriter`] and
+    /// [`Error::NotReplicated`] (see the module docs); [`Error::Server`] for any other server
+    /// failure.
     pub fn run<T>(
         &self,
         conn: &mut MysqlConnection,

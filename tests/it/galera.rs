@@ -1358,4 +1358,95 @@ fn galera_a_session_with_replication_off_is_refused_and_kept() {
         1
     );
     audit_ok(&ledger, &mut causal(&urls[0]), 1);
+
+    // The same runner, on a standalone server (no wsrep provider: `wsrep_on` is 0 there, and
+    // nothing needs replicating): it writes.
+    let (_standalone_url, mut standalone) =
+        lockstock_testkit::fixtures::fresh_database("gal_wsrep_off_standalone");
+    ledger
+        .charge(&mut standalone, 1, ten, "standalone-1")
+        .expect("a charge on a standalone server after a Galera node");
+    audit_ok(&ledger, &mut standalone, 1);
+}
+
+/// What else a caller's session on a Galera node could do to lockstock, each kept out and put
+/// back: a session that runs DDL locally (`wsrep_OSU_method = RSU`) still migrates the whole
+/// cluster, and one with replication off is refused (`NotReplicated`); streaming replication
+/// (`wsrep_trx_fragment_size`), under which a batch's duplicate key aborted the whole
+/// transaction (1213, retried until `Contended`) instead of the statement, leaves a batch
+/// answering as its single calls; `wsrep_dirty_reads` is turned off for a write and put back.
+#[test]
+fn galera_a_callers_wsrep_session_does_not_reach_lockstock() {
+    let _guard = exclusive();
+    let cluster = GaleraCluster::start(2).expect("start cluster");
+    let urls = cluster
+        .create_database("gal_wsrep_session")
+        .expect("database");
+    let value = |conn: &mut MysqlConnection, variable: &str| -> String {
+        diesel::select(diesel::dsl::sql::<Text>(&format!(
+            "CAST(@@session.{variable} AS CHAR)"
+        )))
+        .get_result(conn)
+        .expect(variable)
+    };
+
+    // Migrations under RSU: the tables reach the other node too.
+    let mut rsu = causal(&urls[0]);
+    rsu.batch_execute("SET SESSION wsrep_OSU_method = 'RSU'")
+        .expect("RSU");
+    lockstock::run_migrations(&mut rsu).expect("migrations under RSU");
+    assert_eq!(value(&mut rsu, "wsrep_OSU_method"), "RSU");
+    assert_eq!(
+        count(
+            &mut causal(&urls[1]),
+            "SELECT COUNT(*) AS total FROM information_schema.TABLES \
+             WHERE table_schema = 'gal_wsrep_session' \
+             AND table_name IN ('designated_writer', 'user_balance', 'user_coupon')"
+        ),
+        3,
+        "the schema on the other node"
+    );
+    // Replication off: refused, nothing changed in the session.
+    let mut off = causal(&urls[0]);
+    off.batch_execute("SET SESSION wsrep_on = 0")
+        .expect("replication off");
+    match lockstock::run_migrations(&mut off) {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated, got {other:?}"),
+    }
+    assert_eq!(value(&mut off, "wsrep_on"), "OFF");
+
+    // Streaming replication, one row per fragment: a batch meeting a holder answers as its
+    // single issues.
+    let issuer = CouponIssuer::new();
+    let campaign = open_campaign(&mut causal(&urls[0]), &issuer, 10);
+    let mut streaming = causal(&urls[0]);
+    streaming
+        .batch_execute(
+            "SET SESSION wsrep_trx_fragment_unit = 'rows', wsrep_trx_fragment_size = 1, \
+             wsrep_dirty_reads = 1",
+        )
+        .expect("streaming replication");
+    issuer
+        .issue(&mut streaming, 9, campaign.id)
+        .expect("a single issue");
+    let answers = issuer
+        .issue_many(&mut streaming, campaign.id, &[2, 9])
+        .expect("a batch answers per request");
+    assert!(answers[0].is_ok(), "{answers:?}");
+    assert!(
+        matches!(answers[1], Err(Error::AlreadyIssued { .. })),
+        "{answers:?}"
+    );
+    assert_eq!(value(&mut streaming, "wsrep_trx_fragment_size"), "1");
+    assert_eq!(value(&mut streaming, "wsrep_trx_fragment_unit"), "rows");
+    assert_eq!(value(&mut streaming, "wsrep_dirty_reads"), "ON");
+    let stock = count(
+        &mut causal(&urls[1]),
+        &format!(
+            "SELECT stock_quantity AS total FROM fcfs_coupon WHERE id = {}",
+            campaign.id
+        ),
+    );
+    assert_eq!(stock, 8, "two coupons issued, seen on the other node");
 }

@@ -654,6 +654,50 @@ fn galera_router_keeps_the_writer_when_one_connection_is_killed() {
     assert_eq!(entry.amount, ten);
 }
 
+/// A call refused `NotReplicated` on one pooled connection whose replication a closure turned
+/// off (`SET SESSION wsrep_on = 0`): that connection's, not the node's — the router discards
+/// the connection, the node's probe (which reads the node's `wsrep_on`) clears it, and the call
+/// runs again on a fresh connection to the same writer. Nothing was written on the first try.
+#[test]
+fn galera_router_keeps_the_writer_when_one_session_does_not_replicate() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_not_replicated");
+    let router = routers(&urls, 1).remove(0);
+    let writer = router.writer().expect("a writer");
+    let epoch = router.stats().epoch;
+    let ledger = BalanceLedger::new();
+    let ten = Decimal::new(10, 0);
+    let mut answers = Vec::new();
+    let entry = router
+        .write(Deadline::after(Duration::from_secs(3)), |conn, deadline| {
+            if answers.is_empty() {
+                conn.batch_execute("SET SESSION wsrep_on = 0")
+                    .expect("replication off for this session");
+            }
+            let answer = ledger.charge_by(conn, 7, ten, "not-replicated", deadline);
+            answers.push(format!("{answer:?}"));
+            answer
+        })
+        .expect("the call runs again on a replicating connection");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(answers[0].contains("NotReplicated"), "{answers:?}");
+    let stats = router.stats();
+    assert_eq!(router.writer(), Some(writer), "{stats:?}");
+    assert_eq!((stats.failovers, stats.epoch), (0, epoch), "{stats:?}");
+    // Written once, and on every node.
+    for url in &urls {
+        let entries: i64 = lockstock::schema::balance_history::table
+            .filter(lockstock::schema::balance_history::idempotency_key.eq("not-replicated"))
+            .count()
+            .get_result(&mut causal(url))
+            .expect("count");
+        assert_eq!(entries, 1, "{url}");
+    }
+    assert_eq!(entry.amount, ten);
+}
+
 /// A fresh database `name` on the cluster, one router over it, its writer, and account 7
 /// funded with 10 through the router.
 fn funded_router(cluster: &GaleraCluster, name: &str) -> (Vec<String>, Arc<Router>, usize) {
