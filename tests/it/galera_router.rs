@@ -463,7 +463,8 @@ fn galera_router_bank_and_flash_sale() {
 }
 
 /// The failover tests' common part: load through two routers, `fault` on the writer (its
-/// cluster index) after 1.5 s, load on for `after`, every router on another writer, then
+/// cluster index) after 1.5 s, load on for `after` (and until the routers moved, up to 20 s
+/// more), every router on another writer, then
 /// `heal` (still under load); afterwards every check of [`assert_converged`] and calls
 /// acknowledged after the fault.
 fn fails_over(
@@ -491,6 +492,19 @@ fn fails_over(
         fault_at = Some(Instant::now());
         eprintln!("  fault on {writer_name} at {:?}", started.elapsed());
         thread::sleep(after);
+        // Failover within a fixed time is no promise (eviction, then an election, on loaded
+        // cores): wait for it, up to 20 s more, before checking.
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until
+            && !routers.iter().all(|router| {
+                let stats = router.stats();
+                stats.failovers >= 1
+                    && stats.writer_name.as_deref() != Some(writer_name.as_str())
+                    && stats.writer_name.is_some()
+            })
+        {
+            thread::sleep(Duration::from_millis(100));
+        }
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             failed_over(&routers, &writer_name, survivor)
         }));
@@ -940,26 +954,29 @@ impl Relay {
                 let Ok(server) = std::net::TcpStream::connect(target) else {
                     continue;
                 };
-                let pump = |from: std::net::TcpStream, to: std::net::TcpStream| {
+                let pump = |from: std::net::TcpStream, to: std::net::TcpStream, to_server| {
                     let (cut, held) = (cutting.clone(), holding.clone());
-                    move || Relay::pump(from, to, &cut, &held)
+                    move || Relay::pump(from, to, to_server, &cut, &held)
                 };
                 let (c1, s1) = (
                     client.try_clone().expect("clone"),
                     server.try_clone().expect("clone"),
                 );
-                thread::spawn(pump(client, server));
-                thread::spawn(pump(s1, c1));
+                thread::spawn(pump(client, server, true));
+                thread::spawn(pump(s1, c1, false));
             }
         });
         Relay { port, cut }
     }
 
-    /// Copies `from` to `to` until either closes or the relay is cut: then the server's side
-    /// is shut down and the client's kept (silent) in `held`.
+    /// Copies `from` to `to` (`to_server`: from the client to the server) until either closes
+    /// or the relay is cut: then the server's socket is shut down and the client's kept open
+    /// and silent in `held` — by whichever pump sees the cut first (the client must never get
+    /// a FIN: its connection is to be half-open).
     fn pump(
         mut from: std::net::TcpStream,
         mut to: std::net::TcpStream,
+        to_server: bool,
         cut: &AtomicBool,
         held: &Mutex<Vec<std::net::TcpStream>>,
     ) {
@@ -969,10 +986,9 @@ impl Relay {
         let mut buffer = [0u8; 16 * 1024];
         loop {
             if cut.load(Ordering::SeqCst) {
-                // Both pumps of a pair get here; each keeps one socket open and closes its
-                // peer's server side: which is which does not matter for a silent client.
-                let _ = to.shutdown(std::net::Shutdown::Both);
-                held.lock().expect("held").push(from);
+                let (server, client) = if to_server { (to, from) } else { (from, to) };
+                let _ = server.shutdown(std::net::Shutdown::Both);
+                held.lock().expect("held").push(client);
                 return;
             }
             match from.read(&mut buffer) {
