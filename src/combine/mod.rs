@@ -279,6 +279,8 @@ pub struct CombinerStats {
     pub requests: u64,
     /// Largest batch so far.
     pub largest_batch: usize,
+    /// Requests waiting now, queued for a batch (not yet taken into one), over all keys.
+    pub queued: usize,
 }
 
 /// The generic flat-combining core: per-key queues, one leader per key, one batch at a time.
@@ -309,7 +311,14 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
 
     /// Counts so far.
     pub fn stats(&self) -> CombinerStats {
-        *lock(&self.stats)
+        let queued = lock(&self.lanes)
+            .values()
+            .map(|lane| lane.queue.len())
+            .sum();
+        CombinerStats {
+            queued,
+            ..*lock(&self.stats)
+        }
     }
 
     /// Submits `request` for `key` and returns its own result. `run_batch` gets the requests of

@@ -898,6 +898,7 @@ fn merge_stats(a: CombinerStats, b: CombinerStats) -> CombinerStats {
         batches: a.batches + b.batches,
         requests: a.requests + b.requests,
         largest_batch: a.largest_batch.max(b.largest_batch),
+        queued: a.queued + b.queued,
     }
 }
 

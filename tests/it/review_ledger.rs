@@ -436,7 +436,17 @@ fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
         let hot = hot.clone();
         thread::spawn(move || hot.deduct(1, dec(1_000), "y"))
     };
-    thread::sleep(Duration::from_millis(300));
+    // Both queued behind the first batch (not a fixed sleep: a thread started late would form
+    // a batch of its own).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while hot.stats().queued < 2 && std::time::Instant::now() < until {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        hot.stats().queued,
+        2,
+        "x and y queued behind the first batch"
+    );
     holder.batch_execute("ROLLBACK").expect("release");
 
     let first = first.join().expect("first");
