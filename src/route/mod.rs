@@ -77,9 +77,10 @@
 //! cut — calls in flight together met the same stall — takes the node down whatever its probe
 //! says (its statements hang), unless a call started after the first cut was answered. A node
 //! that is down stays down until a probe finds it healthy again — and one a call (or the
-//! coordinator) took down, until the coordinator has also run once since, so the writer moves
-//! first wherever another node can take it: a probe that answers at once (a status read, while
-//! the node's statements hang) does not hand the node its writer back. The
+//! coordinator) took down, until the coordinator has also run once since (at most two probe
+//! timeouts), so the writer moves first wherever another node can take it: a probe that
+//! answers at once (a status read, while the node's statements hang) does not hand the node
+//! its writer back. The
 //! coordinator never marks a node down because no pooled connection came in time (nothing was
 //! sent): it goes on without that node for the rest of the election. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
 //! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).
@@ -580,28 +581,43 @@ impl Pools {
         };
         let settings = SessionSettings::new(policy.clone());
         Self {
-            write: build(Box::new(settings.clone())),
-            read: build(Box::new(CausalReads(settings))),
+            write: build(Box::new(NodeSession {
+                settings: settings.clone(),
+                causal: false,
+            })),
+            read: build(Box::new(NodeSession {
+                settings,
+                causal: true,
+            })),
         }
     }
 }
 
-/// Session settings plus `wsrep_sync_wait = 1` (reads, `SHOW` and `START TRANSACTION` wait
-/// until the node applied every earlier commit of the cluster) and `wsrep_dirty_reads = 0`
-/// (a node's global `wsrep_dirty_reads = ON`, which new sessions take, turns the causal wait
-/// off).
+/// The router's connections: session settings plus `wsrep_dirty_reads = 0` (a node's global
+/// `wsrep_dirty_reads = ON`, which new sessions take, lets a node outside the Primary component
+/// answer reads from its frozen rows instead of refusing them with 1047, and turns the causal
+/// wait off) — and for causal reads `wsrep_sync_wait = 1` (reads, `SHOW` and `START
+/// TRANSACTION` wait until the node applied every earlier commit of the cluster).
 #[derive(Debug)]
-struct CausalReads(SessionSettings);
+struct NodeSession {
+    settings: SessionSettings,
+    causal: bool,
+}
 
-impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for CausalReads {
+impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for NodeSession {
     fn on_acquire(&self, conn: &mut MysqlConnection) -> Result<(), diesel::r2d2::Error> {
-        self.0.on_acquire(conn)?;
+        self.settings.on_acquire(conn)?;
         // Under the watchdog, as the settings are: a node that stops answering must not keep
         // one of the pool's threads (and its slot) for ever.
-        let policy = self.0.policy();
+        let policy = self.settings.policy();
         let deadline = Deadline::after(policy.retry.deadline);
+        let sql = if self.causal {
+            "SET SESSION wsrep_sync_wait = 1, wsrep_dirty_reads = 0"
+        } else {
+            "SET SESSION wsrep_dirty_reads = 0"
+        };
         crate::txn::bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
-            Ok(conn.batch_execute("SET SESSION wsrep_sync_wait = 1, wsrep_dirty_reads = 0")?)
+            Ok(conn.batch_execute(sql)?)
         })
         .map_err(|e| {
             diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(

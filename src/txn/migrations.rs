@@ -76,7 +76,7 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
             let (replicated, osu_save, osu_set, osu_restore) = if galera {
                 (
                     format!(
-                        "IF(@@session.wsrep_on, @@session.lc_messages, '{NOT_REPLICATED_LOCALE}')"
+                        "IF(@@session.wsrep_on AND @@global.wsrep_on, @@session.lc_messages, '{NOT_REPLICATED_LOCALE}')"
                     ),
                     "@lockstock_osu_method = @@session.wsrep_OSU_method, ",
                     ", wsrep_OSU_method = 'TOI'",

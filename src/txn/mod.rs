@@ -252,10 +252,13 @@ impl RunnerSql {
                         // from its frozen rows; streaming replication turns a statement's
                         // duplicate key into a whole-transaction abort (1213).
                         ", autocommit = 0, wsrep_dirty_reads = 0, wsrep_trx_fragment_size = 0",
+                        // Both flags: `SET GLOBAL wsrep_on = 0` turns replication off for the
+                        // sessions already open too, while their `@@session.wsrep_on` stays 1.
                         // (A runner that met a Galera node first may run on a standalone server
                         // later: no provider there, nothing to replicate.)
                         format!(
-                            "IF(@@session.wsrep_on OR @@global.wsrep_provider = 'none', \
+                            "IF((@@session.wsrep_on AND @@global.wsrep_on) \
+                             OR @@global.wsrep_provider = 'none', \
                              'en_US', '{NOT_REPLICATED_LOCALE}')"
                         ),
                     )

@@ -1359,6 +1359,45 @@ fn galera_a_session_with_replication_off_is_refused_and_kept() {
     );
     audit_ok(&ledger, &mut causal(&urls[0]), 1);
 
+    // The node's replication turned off while a connection is open: that session's
+    // `@@session.wsrep_on` stays 1, but nothing it writes replicates any more. Refused too,
+    // and the migrations as well.
+    let mut opened = causal(&urls[0]);
+    causal(&urls[0])
+        .batch_execute("UPDATE designated_writer SET node_name = SPACE(0) WHERE id = 1")
+        .expect("no designated writer");
+    causal(&urls[0])
+        .batch_execute("SET GLOBAL wsrep_on = 0")
+        .expect("replication off for the node");
+    let charged = ledger.charge(&mut opened, 1, ten, "global-off");
+    let migrated = lockstock::run_migrations(&mut opened);
+    causal(&urls[0])
+        .batch_execute("SET GLOBAL wsrep_on = 1")
+        .expect("replication on again");
+    assert_eq!(
+        count(
+            &mut opened,
+            "SELECT CAST(@@session.wsrep_on AS SIGNED) AS total"
+        ),
+        1,
+        "the open session's own flag"
+    );
+    match charged {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated with the node's replication off, got {other:?}"),
+    }
+    match migrated {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated for the migrations, got {other:?}"),
+    }
+    assert_eq!(
+        count(
+            &mut causal(&urls[0]),
+            "SELECT COUNT(*) AS total FROM balance_history"
+        ),
+        1
+    );
+
     // The same runner, on a standalone server (no wsrep provider: `wsrep_on` is 0 there, and
     // nothing needs replicating): it writes.
     let (_standalone_url, mut standalone) =
