@@ -294,8 +294,23 @@ impl<K, Req, Resp> std::fmt::Debug for Combiner<K, Req, Resp> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Combiner")
             .field("max_batch", &self.max_batch)
-            .field("stats", &*lock(&self.stats))
+            .field("stats", &self.snapshot())
             .finish_non_exhaustive()
+    }
+}
+
+impl<K, Req, Resp> Combiner<K, Req, Resp> {
+    /// The statistics now, with the requests queued (the lanes' lock is let go before the
+    /// statistics' is taken).
+    fn snapshot(&self) -> CombinerStats {
+        let queued = lock(&self.lanes)
+            .values()
+            .map(|lane| lane.queue.len())
+            .sum();
+        CombinerStats {
+            queued,
+            ..*lock(&self.stats)
+        }
     }
 }
 
@@ -311,14 +326,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
 
     /// Counts so far.
     pub fn stats(&self) -> CombinerStats {
-        let queued = lock(&self.lanes)
-            .values()
-            .map(|lane| lane.queue.len())
-            .sum();
-        CombinerStats {
-            queued,
-            ..*lock(&self.stats)
-        }
+        self.snapshot()
     }
 
     /// Submits `request` for `key` and returns its own result. `run_batch` gets the requests of
@@ -844,6 +852,25 @@ pub(crate) fn checkout_within(
     }
 }
 
+/// Marks `conn` broken (its pool discards it) where a batch on it was refused
+/// [`Error::NotReplicated`], as a whole or for a request: its session does not replicate — one
+/// opened while its Galera node's `wsrep_on` was off keeps `wsrep_on = 0` — and would refuse
+/// every write on it until the pool retired it.
+fn discard_if_not_replicating<Resp>(
+    conn: &mut MysqlConnection,
+    outcome: &Result<Vec<Result<Resp>>>,
+) {
+    let refused = match outcome {
+        Err(error) => matches!(error, Error::NotReplicated),
+        Ok(answers) => answers
+            .iter()
+            .any(|answer| matches!(answer, Err(Error::NotReplicated))),
+    };
+    if refused {
+        mark_broken(conn);
+    }
+}
+
 /// How long one wait for a pooled connection lasts before [`checkout_within`] asks again.
 const CHECKOUT_SLICE: Duration = Duration::from_millis(50);
 
@@ -1051,7 +1078,11 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         // Dropped before the callers are answered: ending a transaction the
                         // batch did not use is bounded by their deadline, not the leader's.
                         prepared.deadline = prepared.deadline.min(deadline);
-                        prepared.conn().and_then(|conn| run(conn, deadline))
+                        prepared.conn().and_then(|conn| {
+                            let outcome = run(conn, deadline);
+                            discard_if_not_replicating(conn, &outcome);
+                            outcome
+                        })
                     }
                     None => self.with_connection(deadline, grace, run),
                 };
@@ -1075,6 +1106,9 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
             Source::Pool(pool) => {
                 let mut conn = checkout(pool, deadline, grace)?;
                 let answer = f(&mut conn, deadline);
+                if matches!(answer, Err(Error::NotReplicated)) {
+                    mark_broken(&mut conn);
+                }
                 give_back(pool, conn);
                 answer
             }

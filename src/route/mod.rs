@@ -611,13 +611,22 @@ impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for NodeSession {
         // one of the pool's threads (and its slot) for ever.
         let policy = self.settings.policy();
         let deadline = Deadline::after(policy.retry.deadline);
-        let sql = if self.causal {
-            "SET SESSION wsrep_sync_wait = 1, wsrep_dirty_reads = 0"
-        } else {
-            "SET SESSION wsrep_dirty_reads = 0"
-        };
+        // A session that does not replicate (opened while the node's `wsrep_on` was off: it
+        // keeps `wsrep_on = 0` after the node's is back) never joins the pool: causal reads
+        // would not wait on it, and its writes would be refused for as long as it lived.
+        let sql = format!(
+            "SET SESSION {}wsrep_dirty_reads = 0, lc_messages = \
+             IF((@@session.wsrep_on AND @@global.wsrep_on) OR @@global.wsrep_provider = 'none', \
+             @@session.lc_messages, '{}')",
+            if self.causal {
+                "wsrep_sync_wait = 1, "
+            } else {
+                ""
+            },
+            crate::txn::NOT_REPLICATED_LOCALE
+        );
         crate::txn::bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
-            Ok(conn.batch_execute(sql)?)
+            Ok(conn.batch_execute(&sql)?)
         })
         .map_err(|e| {
             diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(

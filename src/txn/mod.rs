@@ -48,8 +48,10 @@
 //! was seen to roll such a transaction back between two statements WITHOUT reporting it: the
 //! next statement then ran outside any transaction, so under `autocommit = 1` the rest of the
 //! body would commit statement by statement and the final COMMIT succeed — half a transaction
-//! applied and answered as done. On a Galera node (a wsrep provider loaded: `@@wsrep_provider`,
-//! asked once per runner) every writing transaction is therefore guarded:
+//! applied and answered as done. On a Galera node (a wsrep provider configured and loaded:
+//! `@@wsrep_provider` and the `wsrep_provider_name` status, asked once per runner — a server
+//! started with a provider configured but `wsrep_on = OFF` loads none and is standalone) every
+//! writing transaction is therefore guarded:
 //! - the first SET refuses ([`Error::NotReplicated`]), before anything changes, on a session
 //!   whose replication a caller turned off (`wsrep_on = 0`): its writes would stay on this
 //!   node, and the cluster's copies of the rows would part;
@@ -197,7 +199,7 @@ const NESTED_LOCALE: &str = "lockstock_nested_transaction";
 /// The value that makes the first SET of a write on a Galera node refuse, atomically and
 /// before anything changes, on a session whose replication is off (`wsrep_on = 0`, which takes
 /// SUPER to set): its changes would stay on this node.
-pub(super) const NOT_REPLICATED_LOCALE: &str = "lockstock_not_replicated";
+pub(crate) const NOT_REPLICATED_LOCALE: &str = "lockstock_not_replicated";
 
 /// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
 const NESTED_1568: &str = "transaction characteristics can't be changed";

@@ -59,12 +59,36 @@ pub(super) fn rollback_on_timeout(conn: &mut MysqlConnection) -> Result<bool, Er
     Ok(on != 0)
 }
 
-/// Whether the server is a MariaDB Galera node: one with a wsrep provider loaded
-/// (`@@wsrep_provider`, a global setting). Not the session's `@@wsrep_on`: a caller's session
-/// with replication turned off (`SET SESSION wsrep_on = 0`) is still on a Galera node, and its
-/// writes are refused ([`Error::NotReplicated`]) rather than run unguarded. A server built
-/// without Galera (no such variable) is not one.
+/// Whether the server is a MariaDB Galera node: one with a wsrep provider configured
+/// (`@@wsrep_provider`, a global setting) and loaded (the `wsrep_provider_name` status is set:
+/// a server started with a provider configured but `wsrep_on = OFF` loads none, and is a
+/// standalone server). Not the session's `@@wsrep_on`: a caller's session with replication
+/// turned off (`SET SESSION wsrep_on = 0`) is still on a Galera node, and its writes are
+/// refused ([`Error::NotReplicated`]) rather than run unguarded. A server built without Galera
+/// (no such variable) is not one.
 pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
+    if !provider_configured(conn)? {
+        return Ok(false);
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Loaded {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        loaded: i64,
+    }
+    // A read of information_schema opens no transaction under a caller's `autocommit = 0`;
+    // the explicit LIMIT beats a caller's `sql_select_limit`, the statement's own
+    // `sql_big_selects` a caller's `max_join_size`.
+    let loaded = diesel::sql_query(
+        "SET STATEMENT sql_big_selects = 1 FOR SELECT CAST(COALESCE((SELECT variable_value \
+         FROM information_schema.GLOBAL_STATUS WHERE variable_name = 'WSREP_PROVIDER_NAME'), \
+         SPACE(0)) <> SPACE(0) AS SIGNED) AS loaded LIMIT 1",
+    )
+    .get_result::<Loaded>(conn)?;
+    Ok(loaded.loaded != 0)
+}
+
+/// Whether the server names a wsrep provider (`@@wsrep_provider` is not `none`).
+fn provider_configured(conn: &mut MysqlConnection) -> Result<bool, Error> {
     let on: diesel::QueryResult<i64> = diesel::select(
         diesel::dsl::sql::<diesel::sql_types::BigInt>("CAST(@@wsrep_provider <> 'none' AS SIGNED)"),
     )

@@ -1480,6 +1480,27 @@ fn galera_a_callers_wsrep_session_does_not_reach_lockstock() {
     assert_eq!(value(&mut streaming, "wsrep_trx_fragment_size"), "1");
     assert_eq!(value(&mut streaming, "wsrep_trx_fragment_unit"), "rows");
     assert_eq!(value(&mut streaming, "wsrep_dirty_reads"), "ON");
+    // Inside a write, lockstock's values; afterwards nothing of lockstock's left.
+    let runner = lockstock::TxnRunner::new(TxnPolicy::default());
+    let inside = runner
+        .run(&mut streaming, |conn| {
+            Ok((
+                value(conn, "wsrep_dirty_reads"),
+                value(conn, "wsrep_trx_fragment_size"),
+            ))
+        })
+        .expect("a write");
+    assert_eq!(inside, ("OFF".to_owned(), "0".to_owned()));
+    assert_eq!(value(&mut streaming, "wsrep_trx_fragment_size"), "1");
+    assert_eq!(
+        count(
+            &mut streaming,
+            "SELECT COUNT(COALESCE(@lockstock_dirty_reads, @lockstock_fragment_size, \
+             @lockstock_insert_id, @lockstock_autocommit, @lockstock_isolation)) AS total"
+        ),
+        0,
+        "lockstock's saved values left in the session"
+    );
     let stock = count(
         &mut causal(&urls[1]),
         &format!(
@@ -1488,4 +1509,81 @@ fn galera_a_callers_wsrep_session_does_not_reach_lockstock() {
         ),
     );
     assert_eq!(stock, 8, "two coupons issued, seen on the other node");
+}
+
+/// A pooled connection opened while the node's replication was off keeps `wsrep_on = 0` after
+/// the node's is back: a combiner over that pool discards it once a write on it is refused
+/// (`NotReplicated`), so the next call gets a replicating connection. Before the fix the
+/// connection went back to the pool and every later write on it was refused.
+#[test]
+fn galera_a_combiner_discards_a_connection_that_does_not_replicate() {
+    let _guard = exclusive();
+    let cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&cluster, "gal_wsrep_pool");
+    let ledger = BalanceLedger::new();
+    let ten = Decimal::new(10, 0);
+    causal(&urls[0])
+        .batch_execute("SET GLOBAL wsrep_on = 0")
+        .expect("replication off for the node");
+    // Its one connection is opened now, with the node's value.
+    let built = std::panic::catch_unwind(|| pool_with(&urls[0], 1, TxnPolicy::default()));
+    causal(&urls[0])
+        .batch_execute("SET GLOBAL wsrep_on = 1")
+        .expect("replication on again");
+    let pool = built.expect("pool");
+    let hot = CombiningLedger::new(pool.clone(), ledger.clone());
+    match hot.charge(1, ten, "first") {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated on the old connection, got {other:?}"),
+    }
+    hot.charge(1, ten, "second")
+        .expect("a charge on a new, replicating connection");
+    let wsrep_on: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+        "CAST(@@session.wsrep_on AS SIGNED)",
+    ))
+    .get_result(&mut *pool.get().expect("pooled"))
+    .expect("wsrep_on");
+    assert_eq!(wsrep_on, 1, "the pool's connection replicates");
+    assert_eq!(
+        count(
+            &mut causal(&urls[0]),
+            "SELECT COUNT(*) AS total FROM balance_history"
+        ),
+        1
+    );
+    audit_ok(&ledger, &mut causal(&urls[0]), 1);
+}
+
+/// A server with a wsrep provider configured but started with `wsrep_on = OFF` loads none: it is
+/// a standalone server (a node taken out of its cluster to run alone), and lockstock writes and
+/// migrates there. Before the fix the runner took `@@wsrep_provider` alone for a Galera node
+/// and refused every write and the migrations with `NotReplicated`.
+#[test]
+fn galera_a_server_with_a_provider_configured_but_replication_off_is_standalone() {
+    let Some(provider) = [
+        "/usr/lib/galera/libgalera_smm.so",
+        "/usr/lib/galera-4/libgalera_smm.so",
+        "/usr/lib64/galera-4/libgalera_smm.so",
+    ]
+    .into_iter()
+    .find(|path| std::path::Path::new(path).exists()) else {
+        panic!("no Galera library found: install galera-4 (make deps)");
+    };
+    let provider = format!("--wsrep_provider={provider}");
+    let sandbox = lockstock_testkit::Sandbox::start_with(&[
+        provider.as_str(),
+        "--wsrep_on=OFF",
+        "--binlog_format=ROW",
+    ])
+    .expect("start a server with a provider configured");
+    let url = sandbox
+        .create_database("gal_provider_off")
+        .expect("database");
+    let mut conn = MysqlConnection::establish(&url).expect("connect");
+    lockstock::run_migrations(&mut conn).expect("migrations on a standalone server");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, Decimal::new(10, 0), "standalone")
+        .expect("a charge on a standalone server");
+    audit_ok(&ledger, &mut conn, 1);
 }

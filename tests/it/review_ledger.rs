@@ -388,8 +388,8 @@ fn finding_4_committed_batch_never_answers_nothing_applied() {
 /// `is_outcome_unknown() == false`, although one had committed.
 ///
 /// The two callers queue while the lane's first batch (seen at the account row in the server)
-/// waits for an account row the test holds; the short pause only lets the threads enqueue, and
-/// the combiner's counts afterwards prove that the two were one batch.
+/// waits for an account row the test holds; the test waits until the combiner shows both
+/// queued, and its counts afterwards prove that the two were one batch.
 #[test]
 fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
     let (url, mut admin) = fresh_database("review_f4c");
