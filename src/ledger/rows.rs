@@ -6,9 +6,11 @@
 //! and [`store_balance`]; each is a cached prepared statement (the INSERTs up to
 //! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count). None of
 //! them waits for a lock while the account is held: the reads and updates lock with NOWAIT or
-//! touch rows this transaction locked already, the INSERTs — which another transaction's gap
-//! lock or uncommitted row under the same key could hold up — are sent wait-free
-//! ([`write_under_lock`]), and so is the holds sum ([`read_under_lock`]: under SERIALIZABLE
+//! touch rows this transaction locked already (and no index entry another transaction can
+//! lock), the INSERTs — which another transaction's gap lock or uncommitted row under the same
+//! key could hold up — are sent wait-free ([`write_under_lock`]), and so is the UPDATE that
+//! ends a hold ([`end_hold`]: its state is in two secondary indexes, whose entries another
+//! transaction's index-only read of the holds locks), and so is the holds sum ([`read_under_lock`]: under SERIALIZABLE
 //! its range read locks the record after the account's range, another account's).
 
 use diesel::mysql::MysqlConnection;
@@ -354,14 +356,19 @@ pub(crate) fn end_hold(
     captured: Decimal,
     entry: &Entry,
 ) -> Result<()> {
-    SetHoldEnded {
-        state: state.as_str(),
-        captured,
-        ended_at: entry.created_at,
-        entry_id: entry.id,
-        hold_id,
-    }
-    .execute(conn)?;
+    // Wait-free: the hold's state is in two secondary indexes, and rewriting their entries
+    // needs locks on them that another transaction's read of the holds (its index entries
+    // only) may hold — a wait here, with the account held, could close a deadlock.
+    write_under_lock(
+        conn,
+        SetHoldEnded {
+            state: state.as_str(),
+            captured,
+            ended_at: entry.created_at,
+            entry_id: entry.id,
+            hold_id,
+        },
+    )?;
     Ok(())
 }
 

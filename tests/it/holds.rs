@@ -1053,6 +1053,70 @@ fn the_holds_read_under_an_account_lock_never_waits() {
     audit_ok(&setup, &mut conn, B);
 }
 
+/// Ending a hold (its release here) never waits for another transaction's lock while it holds
+/// the account: the hold's UPDATE rewrites the hold's index entries (its state is in two
+/// secondary indexes), and another program's range read of the account before it locks the
+/// first of them. Before the fix the UPDATE waited there, holding the account's row; the other
+/// program then asked for that account, closing a deadlock, and InnoDB rolled the other
+/// program back (lockstock's transaction had written more). Now the UPDATE is refused at once,
+/// the release rolls back and retries, and the other program commits.
+#[test]
+fn ending_a_hold_under_an_account_lock_never_waits() {
+    const A: i64 = 10;
+    const B: i64 = 11;
+    let (url, mut conn) = fresh_database("holds_end_never_waits");
+    let setup = BalanceLedger::new();
+    funded_account(&mut conn, &setup, A, dec(1_000));
+    funded_account(&mut conn, &setup, B, dec(1_000));
+    let hold = setup
+        .hold(&mut conn, B, dec(1), "b-hold", in_secs(3_600))
+        .expect("hold on B");
+    let ledger = std::sync::Arc::new(BalanceLedger::with_policy(
+        lockstock::TxnPolicy::default().with_retry(lockstock_testkit::fixtures::retry_policy(
+            100_000,
+            StdDuration::from_secs(20),
+        )),
+    ));
+
+    // Another program reads B's active holds' ids — a shared-locking read (its SERIALIZABLE)
+    // answered from the index alone: it locks the hold's index entry, not its row, so the
+    // release locks the account and the hold (NOWAIT) and reaches the hold's UPDATE, which
+    // rewrites that entry. (The index forced: on a table this small the optimizer would scan
+    // the whole table.)
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        #[allow(dead_code)]
+        id: i64,
+    }
+    let mut foreign = other_program(&url);
+    let b_holds: Vec<Id> = diesel::sql_query(
+        "SELECT id FROM balance_hold FORCE INDEX (balance_hold_active) \
+         WHERE user_id = ? AND state = 'active' LOCK IN SHARE MODE",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(B)
+    .load(&mut foreign)
+    .expect("read B's holds");
+    assert_eq!(b_holds.len(), 1);
+    let release = {
+        let (url, ledger) = (url.clone(), ledger.clone());
+        thread::spawn(move || ledger.release(&mut connect(&url), hold.id, "r"))
+    };
+    assert_not_sacrificed(&mut foreign, StdDuration::from_millis(300), |c| {
+        lock_balance(c, B)
+    });
+    let entry = release.join().expect("release").expect("the release");
+    assert_eq!(entry.kind, EntryKind::Release);
+    let state: String = balance_hold::table
+        .find(hold.id)
+        .select(balance_hold::state)
+        .first(&mut conn)
+        .expect("the hold");
+    assert_eq!(state, "released");
+    audit_ok(&setup, &mut conn, A);
+    audit_ok(&setup, &mut conn, B);
+}
+
 /// A read that failed after the server had begun its result is never executed again from the
 /// statement cache. The deduct's read of the account's holds is refused (another program holds
 /// the next account's holds, which the range read locks under SERIALIZABLE), again and again
