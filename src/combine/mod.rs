@@ -1040,7 +1040,7 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
             |key, requests, deadline, prepared| {
                 // A lone request's error is the batch's: the same answer reaches its caller,
                 // and a router sees the node failures among them.
-                let run = |conn: &mut MysqlConnection, deadline| match requests.as_slice() {
+                let answer = |conn: &mut MysqlConnection, deadline| match requests.as_slice() {
                     [alone] => one(&self.inner, conn, *key, alone, deadline).map(|r| vec![Ok(r)]),
                     all => {
                         let answers = many(&self.inner, conn, *key, all, deadline)?;
@@ -1072,17 +1072,18 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         }
                     }
                 };
+                let run = |conn: &mut MysqlConnection, deadline| {
+                    let outcome = answer(conn, deadline);
+                    discard_if_not_replicating(conn, &outcome);
+                    outcome
+                };
                 let refusals = refusals_on_this_thread();
                 let outcome = match prepared {
                     Some(mut prepared) => {
                         // Dropped before the callers are answered: ending a transaction the
                         // batch did not use is bounded by their deadline, not the leader's.
                         prepared.deadline = prepared.deadline.min(deadline);
-                        prepared.conn().and_then(|conn| {
-                            let outcome = run(conn, deadline);
-                            discard_if_not_replicating(conn, &outcome);
-                            outcome
-                        })
+                        prepared.conn().and_then(|conn| run(conn, deadline))
                     }
                     None => self.with_connection(deadline, grace, run),
                 };
@@ -1106,9 +1107,6 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
             Source::Pool(pool) => {
                 let mut conn = checkout(pool, deadline, grace)?;
                 let answer = f(&mut conn, deadline);
-                if matches!(answer, Err(Error::NotReplicated)) {
-                    mark_broken(&mut conn);
-                }
                 give_back(pool, conn);
                 answer
             }

@@ -615,14 +615,14 @@ impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for NodeSession {
         // keeps `wsrep_on = 0` after the node's is back) never joins the pool: causal reads
         // would not wait on it, and its writes would be refused for as long as it lived.
         let sql = format!(
-            "SET SESSION {}wsrep_dirty_reads = 0, lc_messages = \
-             IF((@@session.wsrep_on AND @@global.wsrep_on) OR @@global.wsrep_provider = 'none', \
-             @@session.lc_messages, '{}')",
+            "SET SESSION {}wsrep_dirty_reads = 0, \
+             lc_messages = IF({}, @@session.lc_messages, '{}')",
             if self.causal {
                 "wsrep_sync_wait = 1, "
             } else {
                 ""
             },
+            crate::txn::REPLICATING,
             crate::txn::NOT_REPLICATED_LOCALE
         );
         crate::txn::bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {

@@ -7,7 +7,7 @@ use diesel_migrations::MigrationHarness;
 use super::policy::NO_SELECT_LIMIT;
 use super::{
     bounded, ensure_no_open_transaction, refused_as_nested, Deadline, ServerFlavor, TxnPolicy,
-    NESTED_LOCALE, NOT_REPLICATED_LOCALE,
+    NESTED_LOCALE, NOT_REPLICATED_LOCALE, REPLICATING,
 };
 use crate::error::Error;
 
@@ -75,9 +75,7 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
             let galera = super::session::galera_node(conn)?;
             let (replicated, osu_save, osu_set, osu_restore) = if galera {
                 (
-                    format!(
-                        "IF(@@session.wsrep_on AND @@global.wsrep_on, @@session.lc_messages, '{NOT_REPLICATED_LOCALE}')"
-                    ),
+                    format!("IF({REPLICATING}, @@session.lc_messages, '{NOT_REPLICATED_LOCALE}')"),
                     "@lockstock_osu_method = @@session.wsrep_OSU_method, ",
                     ", wsrep_OSU_method = 'TOI'",
                     RESTORE_GALERA,

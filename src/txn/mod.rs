@@ -201,6 +201,13 @@ const NESTED_LOCALE: &str = "lockstock_nested_transaction";
 /// SUPER to set): its changes would stay on this node.
 pub(crate) const NOT_REPLICATED_LOCALE: &str = "lockstock_not_replicated";
 
+/// Whether the session's writes replicate: its own `wsrep_on` and the node's (`SET GLOBAL
+/// wsrep_on = 0` stops replication for the sessions already open too, while their own flag
+/// stays 1) — or the server has no provider (a runner that met a Galera node first may run on
+/// a standalone server later: nothing to replicate there).
+pub(crate) const REPLICATING: &str = "((@@session.wsrep_on AND @@global.wsrep_on) \
+     OR @@global.wsrep_provider = 'none')";
+
 /// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
 const NESTED_1568: &str = "transaction characteristics can't be changed";
 
@@ -254,15 +261,7 @@ impl RunnerSql {
                         // from its frozen rows; streaming replication turns a statement's
                         // duplicate key into a whole-transaction abort (1213).
                         ", autocommit = 0, wsrep_dirty_reads = 0, wsrep_trx_fragment_size = 0",
-                        // Both flags: `SET GLOBAL wsrep_on = 0` turns replication off for the
-                        // sessions already open too, while their `@@session.wsrep_on` stays 1.
-                        // (A runner that met a Galera node first may run on a standalone server
-                        // later: no provider there, nothing to replicate.)
-                        format!(
-                            "IF((@@session.wsrep_on AND @@global.wsrep_on) \
-                             OR @@global.wsrep_provider = 'none', \
-                             'en_US', '{NOT_REPLICATED_LOCALE}')"
-                        ),
+                        format!("IF({REPLICATING}, 'en_US', '{NOT_REPLICATED_LOCALE}')"),
                     )
                 } else {
                     ("", "", "'en_US'".to_owned())

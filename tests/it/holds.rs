@@ -1000,6 +1000,33 @@ fn batch_holds_answer_as_single_calls() {
     audit_ok(&ledger, &mut conn, batched);
 }
 
+/// Two neighbouring accounts: B's index entries follow A's.
+const A: i64 = 10;
+const B: i64 = 11;
+
+/// Accounts [`A`] and [`B`] funded with 1,000 each in a fresh database `name`: its URL, a
+/// connection, the ledger that set them up, and a ledger that retries refusals for up to 20 s.
+fn neighbours(
+    name: &str,
+) -> (
+    String,
+    MysqlConnection,
+    BalanceLedger,
+    std::sync::Arc<BalanceLedger>,
+) {
+    let (url, mut conn) = fresh_database(name);
+    let setup = BalanceLedger::new();
+    funded_account(&mut conn, &setup, A, dec(1_000));
+    funded_account(&mut conn, &setup, B, dec(1_000));
+    let patient = std::sync::Arc::new(BalanceLedger::with_policy(
+        lockstock::TxnPolicy::default().with_retry(lockstock_testkit::fixtures::retry_policy(
+            100_000,
+            StdDuration::from_secs(20),
+        )),
+    ));
+    (url, conn, setup, patient)
+}
+
 /// An account's unexpired holds are summed, with the account locked, by a range read that
 /// under SERIALIZABLE also locks the record after the range — another account's hold. That
 /// read never waits: another program's transaction that locked that account's holds and then
@@ -1008,12 +1035,7 @@ fn batch_holds_answer_as_single_calls() {
 /// retries, the other program gets the account, and the deduct then applies.
 #[test]
 fn the_holds_read_under_an_account_lock_never_waits() {
-    const A: i64 = 10;
-    const B: i64 = 11;
-    let (url, mut conn) = fresh_database("holds_read_never_waits");
-    let setup = BalanceLedger::new();
-    funded_account(&mut conn, &setup, A, dec(1_000));
-    funded_account(&mut conn, &setup, B, dec(1_000));
+    let (url, mut conn, setup, ledger) = neighbours("holds_read_never_waits");
     // Many holds on A (the deduct's read locks them all: the heavier transaction), one on B.
     for i in 0..20 {
         setup
@@ -1023,12 +1045,6 @@ fn the_holds_read_under_an_account_lock_never_waits() {
     setup
         .hold(&mut conn, B, dec(1), "b-hold", in_secs(3_600))
         .expect("hold on B");
-    let ledger = std::sync::Arc::new(BalanceLedger::with_policy(
-        lockstock::TxnPolicy::default().with_retry(lockstock_testkit::fixtures::retry_policy(
-            100_000,
-            StdDuration::from_secs(20),
-        )),
-    ));
 
     // Another program: B's holds, locked through the index the read of A's holds ends on.
     let mut foreign = other_program(&url);
@@ -1055,28 +1071,17 @@ fn the_holds_read_under_an_account_lock_never_waits() {
 
 /// Ending a hold (its release here) never waits for another transaction's lock while it holds
 /// the account: the hold's UPDATE rewrites the hold's index entries (its state is in two
-/// secondary indexes), and another program's range read of the account before it locks the
-/// first of them. Before the fix the UPDATE waited there, holding the account's row; the other
+/// secondary indexes), and another program's index-only read of the account's holds locks
+/// those entries. Before the fix the UPDATE waited there, holding the account's row; the other
 /// program then asked for that account, closing a deadlock, and InnoDB rolled the other
 /// program back (lockstock's transaction had written more). Now the UPDATE is refused at once,
 /// the release rolls back and retries, and the other program commits.
 #[test]
 fn ending_a_hold_under_an_account_lock_never_waits() {
-    const A: i64 = 10;
-    const B: i64 = 11;
-    let (url, mut conn) = fresh_database("holds_end_never_waits");
-    let setup = BalanceLedger::new();
-    funded_account(&mut conn, &setup, A, dec(1_000));
-    funded_account(&mut conn, &setup, B, dec(1_000));
+    let (url, mut conn, setup, ledger) = neighbours("holds_end_never_waits");
     let hold = setup
         .hold(&mut conn, B, dec(1), "b-hold", in_secs(3_600))
         .expect("hold on B");
-    let ledger = std::sync::Arc::new(BalanceLedger::with_policy(
-        lockstock::TxnPolicy::default().with_retry(lockstock_testkit::fixtures::retry_policy(
-            100_000,
-            StdDuration::from_secs(20),
-        )),
-    ));
 
     // Another program reads B's active holds' ids — a shared-locking read (its SERIALIZABLE)
     // answered from the index alone: it locks the hold's index entry, not its row, so the
