@@ -171,7 +171,8 @@ pub enum Error {
         /// What is wrong with it.
         problem: AmountProblem,
     },
-    /// An idempotency key was empty or too long. Nothing was written.
+    /// An idempotency key was empty, longer than 64 bytes or ended with a space
+    /// ([`KeyProblem`]). Nothing was written.
     #[error("invalid idempotency key: {problem}")]
     InvalidIdempotencyKey {
         /// What is wrong with it.

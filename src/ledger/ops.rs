@@ -200,7 +200,9 @@ impl BalanceLedger {
 
     /// Gives back `amount` of the deduct `deduct_entry_id`. Partial refunds are allowed; their
     /// sum never exceeds the deduct ([`Error::RefundExceedsDeduct`]), also when they race. The
-    /// key belongs to the deduct's account.
+    /// key belongs to the deduct's account: a key of that account used by another request wins
+    /// over every refusal but [`Error::EntryNotFound`] (no entry: no account to look the key up
+    /// in).
     ///
     /// # Errors
     /// Invalid input; [`Error::EntryNotFound`], [`Error::NotRefundable`] (not a deduct),
@@ -258,10 +260,17 @@ impl BalanceLedger {
         // Answered as stored (four places).
         let amount = request.amount;
         if original.kind != EntryKind::Deduct {
-            return Err(Error::NotRefundable {
+            let refusal = Error::NotRefundable {
                 entry_id: deduct_entry_id,
                 kind: original.kind,
-            });
+            };
+            // A key that exists wins, as for every other refusal. This request was never
+            // applied (a refund of anything but a deduct is never written), so a key found is
+            // another request's, and a lookup that fails leaves the refusal standing.
+            return match self.existing(conn, &request, deadline) {
+                Err(conflict @ Error::IdempotencyConflict { .. }) => Err(conflict),
+                Ok(Some(_)) | Ok(None) | Err(_) => Err(refusal),
+            };
         }
         let hash = request.hash();
         self.single_entry(conn, &request, deadline, |conn, _| {

@@ -603,6 +603,13 @@ fn concurrent_refunds_never_exceed_the_deduct() {
         Err(Error::NotRefundable { kind, .. }) => assert_eq!(kind, EntryKind::Refund),
         other => panic!("refund of a refund: {other:?}"),
     }
+    // A key the account used for another request wins over the refusal.
+    match ledger.refund(&mut conn, charge.id, dec(1, 0), &key) {
+        Err(Error::IdempotencyConflict {
+            existing_entry_id, ..
+        }) => assert_eq!(existing_entry_id, done.0),
+        other => panic!("refund of a charge under a used key: {other:?}"),
+    }
     let unknown = deduct.id + 10_000;
     match ledger.refund(&mut conn, unknown, dec(1, 0), "refund-ghost") {
         Err(Error::EntryNotFound { entry_id }) => assert_eq!(entry_id, unknown),

@@ -1229,9 +1229,6 @@ impl Model {
                     return Err(ErrV::EntryNotFound(*id));
                 };
                 let original = self.entries[deduct].clone();
-                if original.kind != EntryKind::Deduct {
-                    return Err(ErrV::NotRefundable(*id, original.kind));
-                }
                 let request = RequestId {
                     kind: EntryKind::Refund,
                     user: original.user,
@@ -1240,6 +1237,9 @@ impl Model {
                 };
                 if let Some(replayed) = self.replay(original.user, key, &request) {
                     return replayed;
+                }
+                if original.kind != EntryKind::Deduct {
+                    return Err(ErrV::NotRefundable(*id, original.kind));
                 }
                 if original.refunded + amount > original.amount {
                     return Err(ErrV::RefundExceedsDeduct {
