@@ -10,7 +10,6 @@ use diesel::mysql::MysqlConnection;
 use rust_decimal::Decimal;
 
 use super::holds::{ending, validate_ending};
-use super::idempotency::Step;
 use super::request::Request;
 use super::rows::{
     end_hold, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create, store_balance,
@@ -314,11 +313,17 @@ impl BalanceLedger {
         let mut create = false;
         loop {
             let missing = *missing_before;
+            // The account was found missing: the attempt ends with a ROLLBACK, not an empty
+            // COMMIT, which in a combiner would hand the key's turn on (and count as a commit)
+            // while this batch goes on.
+            let mut account_missing = false;
             let attempt = self.runner.run_by(conn, deadline, |conn| {
+                account_missing = false;
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)?
                 else {
-                    return Ok(Step::CreateAccount(user_id));
+                    account_missing = true;
+                    return Err(Error::internal("the account is missing"));
                 };
                 let ended: Vec<i64> = pending
                     .iter()
@@ -336,11 +341,11 @@ impl BalanceLedger {
                     holds,
                     now,
                 };
-                apply_planned(conn, insert_ids, locked, missing, requests, pending).map(Step::Done)
-            })?;
+                apply_planned(conn, insert_ids, locked, missing, requests, pending)
+            });
             match attempt {
-                Step::Done(decided) => return Ok(decided),
-                Step::CreateAccount(_) => {
+                Ok(decided) => return Ok(decided),
+                Err(_) if account_missing => {
                     missing_before.get_or_insert(usize::MAX);
                     let any_charge = pending
                         .iter()
@@ -357,6 +362,7 @@ impl BalanceLedger {
                     }
                     create = true;
                 }
+                Err(failure) => return Err(failure),
             }
         }
     }

@@ -46,10 +46,24 @@ impl BalanceLedger {
     ) -> Result<T> {
         let mut create = false;
         loop {
-            match self
-                .runner
-                .run_by(conn, deadline, |conn| attempt(conn, create))
-            {
+            // An attempt that finds the account missing ends with a ROLLBACK, not an empty
+            // COMMIT (which in a combiner would hand the key's turn on while the call goes on).
+            let mut missing = None;
+            let attempt = self.runner.run_by(conn, deadline, |conn| {
+                missing = None;
+                match attempt(conn, create)? {
+                    Step::CreateAccount(user_id) => {
+                        missing = Some(user_id);
+                        Err(Error::internal("the account is missing"))
+                    }
+                    done => Ok(done),
+                }
+            });
+            let attempt = match (attempt, missing) {
+                (Err(_), Some(user_id)) => Ok(Step::CreateAccount(user_id)),
+                (attempt, _) => attempt,
+            };
+            match attempt {
                 Ok(Step::Done(value)) => return Ok(value),
                 Ok(Step::CreateAccount(_)) if !create => {
                     // A key already used decides the answer before the account is written.

@@ -1201,3 +1201,75 @@ struct Pid {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     id: i64,
 }
+
+#[test]
+fn a_first_charge_keeps_its_keys_turn_until_its_call_ends() {
+    use diesel::connection::SimpleConnection;
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let (url, mut conn) = fresh_database("combine_missing_account");
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 100_000;
+    retry.deadline = std::time::Duration::from_secs(10);
+    let policy = lockstock::TxnPolicy::default().with_retry(retry);
+    let hot = Arc::new(CombiningLedger::new(
+        pool(&url, 4),
+        BalanceLedger::with_policy(policy),
+    ));
+    const USER: i64 = 42;
+    // Another program's transaction locks the gap where the account would go: a first
+    // charge finds no account (a locking read of a missing row takes a gap lock, which gap
+    // locks do not refuse), and its INSERT of the account is refused until that ends.
+    let mut other = connect(&url);
+    other.batch_execute("BEGIN").expect("begin");
+    let none: Vec<i64> = lockstock::schema::user_balance::table
+        .filter(lockstock::schema::user_balance::user_id.eq(USER))
+        .select(lockstock::schema::user_balance::user_id)
+        .for_update()
+        .load(&mut other)
+        .expect("gap lock");
+    assert!(none.is_empty());
+    let first = {
+        let hot = hot.clone();
+        thread::spawn(move || hot.charge(USER, Decimal::from(10), "first"))
+    };
+    // The first call has found the account missing and is creating it, refused meanwhile.
+    thread::sleep(std::time::Duration::from_millis(300));
+    let second = {
+        let hot = hot.clone();
+        thread::spawn(move || hot.charge(USER, Decimal::from(5), "second"))
+    };
+    // The second caller leads the key's next batch: it waits for the turn as long as the first
+    // call runs. Before: the first call's attempt that found no account ended with an empty
+    // COMMIT, which handed the turn on, and the second batch ran beside it at once.
+    let queued = std::time::Instant::now();
+    while hot.stats().queued == 0 && queued.elapsed() < std::time::Duration::from_secs(5) {
+        thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < std::time::Duration::from_millis(700) {
+        assert_eq!(
+            hot.stats().queued,
+            1,
+            "the second caller took the turn while the first call still ran"
+        );
+        assert!(!first.is_finished(), "the first call ended early");
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    other.batch_execute("ROLLBACK").expect("rollback");
+    let first = first.join().expect("first caller").expect("first charge");
+    let second = second
+        .join()
+        .expect("second caller")
+        .expect("second charge");
+    assert!(first.id < second.id, "{first:?} {second:?}");
+    let ledger = BalanceLedger::new();
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(balance.balance, Decimal::from(15));
+    let rows: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(USER))
+        .count()
+        .get_result(&mut conn)
+        .expect("journal rows");
+    assert_eq!(rows, 2);
+    lockstock_testkit::fixtures::audit_ok(&ledger, &mut conn, USER);
+}
