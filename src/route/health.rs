@@ -147,7 +147,7 @@ impl State {
         self.nodes.get(node).is_some_and(|p| {
             p.held_until_tick.is_some_and(|tick| self.ticks_done < tick)
                 && p.failed_at
-                    .is_some_and(|at| at.elapsed() < probe_timeout * HOLD_TIMEOUTS)
+                    .is_some_and(|at| at.elapsed() < probe_timeout.saturating_mul(HOLD_TIMEOUTS))
         })
     }
 
@@ -349,5 +349,27 @@ fn describe(error: &Error) -> String {
     match error.server_error() {
         Some(source) => source.to_string(),
         None => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_taken_down_is_held_whatever_the_probe_timeout() {
+        let mut state = State {
+            nodes: vec![Probe::default()],
+            ..State::default()
+        };
+        state.mark_failed(0, &Error::NotReplicated);
+        // A probe policy without a deadline (Duration::MAX) overflowed the hold's bound.
+        for probe_timeout in [Duration::from_secs(1), Duration::MAX] {
+            assert!(state.held(0, probe_timeout));
+            assert!(!state.healthy(0, probe_timeout));
+        }
+        state.ticks_started += 1;
+        state.ticks_done = state.ticks_started;
+        assert!(!state.held(0, Duration::MAX));
     }
 }
