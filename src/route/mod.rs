@@ -137,7 +137,9 @@
 //! `wsrep_sync_wait = 1` ([`ReadConsistency::Causal`], the default): each read transaction's
 //! `START TRANSACTION` waits until the node applied every write the cluster committed before,
 //! so a read never misses an acknowledged write. [`ReadConsistency::Writer`] reads on the
-//! writer instead. Reads are run again after a node failure, like writes.
+//! writer this router knows instead, without the wait (it sees every write committed through
+//! it, but until this router follows a writer that another process moved, not those committed
+//! on the new one). Reads are run again after a node failure, like writes.
 //!
 //! # Routing outside the process
 //!
@@ -192,7 +194,11 @@ pub enum ReadConsistency {
     /// before it started, on whichever node.
     #[default]
     Causal,
-    /// The writer only (no causal wait needed; the writer has applied everything).
+    /// The writer this router knows, without a causal wait: it has applied every write that
+    /// was committed through it. Not a causal read: after another process's router moved the
+    /// writer, this router follows at its next health tick, and until then it reads on the old
+    /// writer, whose copy may not have applied a write acknowledged on the new one. Use
+    /// [`Causal`](Self::Causal) where a read must see every acknowledged write.
     Writer,
 }
 
