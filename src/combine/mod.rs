@@ -509,7 +509,9 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             }
         }
         let lane = lanes.entry(key.clone()).or_default();
-        let drained: Vec<Queued<Req, Resp>> = if deadline.is_expired() || ticket.is_none() {
+        // The leader's expiry is decided here, once.
+        let alone = deadline.is_expired() || ticket.is_none();
+        let drained: Vec<Queued<Req, Resp>> = if alone {
             // Without the turn (this leader's deadline passed first) it answers only itself.
             lane.queue
                 .iter()
@@ -528,8 +530,14 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let mut slots = Vec::with_capacity(drained.len());
         let mut deadlines = Vec::with_capacity(drained.len());
         let mut batch_deadline: Option<Deadline> = None;
+        #[cfg(test)]
+        tests::after_forming();
         for (request, deadline, slot) in drained {
-            if deadline.is_expired() {
+            // A leader that runs a batch is in it, also if its deadline passed since it was
+            // checked above: the batch then runs by that deadline (it gives up at once), never
+            // by a later caller's while the leader's caller waits for its end.
+            let leading = !alone && Arc::ptr_eq(&slot, own);
+            if deadline.is_expired() && !leading {
                 slot.set(SlotState::Done(Err(slot.expired(deadline))));
                 continue;
             }

@@ -534,3 +534,68 @@ fn a_routed_batch_gives_back_requests_after_a_node_failure() {
     };
     assert_eq!(within_attempts(5, true)(&refused, 0), None);
 }
+
+std::thread_local! {
+    /// How long a leader on this thread pauses between forming its batch and taking its
+    /// requests (0: not at all).
+    static PAUSE_AFTER_FORMING: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
+
+/// The pause point of [`PAUSE_AFTER_FORMING`] in `lead`.
+pub(super) fn after_forming() {
+    let pause = PAUSE_AFTER_FORMING.with(std::cell::Cell::get);
+    if !pause.is_zero() {
+        thread::sleep(pause);
+    }
+}
+
+#[test]
+fn a_leader_whose_deadline_passes_as_it_forms_its_batch_is_not_held_by_a_later_callers() {
+    let combiner = Arc::new(Doubler::new(64));
+    // Runs by its deadline: gives up at once when it has passed, else works until it passes.
+    let by_deadline = |_: &u8, requests: Vec<u64>, deadline: Deadline| {
+        if deadline.is_expired() {
+            return Err(Error::Timeout {
+                elapsed: deadline.started().elapsed(),
+            });
+        }
+        thread::sleep(deadline.remaining());
+        Ok(requests.into_iter().map(Ok).collect())
+    };
+    // A first batch holds the key's turn for 200 ms.
+    let first = {
+        let combiner = combiner.clone();
+        thread::spawn(move || {
+            combiner.submit(0, 1, within(Duration::from_secs(5)), |_, requests, _| {
+                thread::sleep(Duration::from_millis(200));
+                Ok(requests.into_iter().map(Ok).collect())
+            })
+        })
+    };
+    thread::sleep(Duration::from_millis(50));
+    // The leader of the next batch has until 300 ms; it gets the turn at 200 ms and pauses
+    // 150 ms as it forms its batch, with a caller that has 2 s queued behind it.
+    let leader = {
+        let combiner = combiner.clone();
+        thread::spawn(move || {
+            PAUSE_AFTER_FORMING.with(|pause| pause.set(Duration::from_millis(150)));
+            let started = Instant::now();
+            let answer = combiner.submit(0, 2, within(Duration::from_millis(250)), by_deadline);
+            (answer, started.elapsed())
+        })
+    };
+    thread::sleep(Duration::from_millis(50));
+    let later = {
+        let combiner = combiner.clone();
+        thread::spawn(move || combiner.submit(0, 3, within(Duration::from_secs(2)), by_deadline))
+    };
+    let Ok((answer, took)) = leader.join() else {
+        panic!("the leader panicked");
+    };
+    assert!(matches!(answer, Err(Error::Timeout { .. })), "{answer:?}");
+    // Before: the leader answered itself Timeout but ran the batch by the later caller's
+    // deadline, and its caller waited for it (about 2 s).
+    assert!(took < Duration::from_millis(1_000), "{took:?}");
+    assert!(matches!(first.join().map_err(|_| ()), Ok(Ok(1))));
+    assert!(later.join().is_ok(), "the later caller panicked");
+}
