@@ -73,7 +73,7 @@
 //! [`BalanceLedger::apply_many`]: crate::BalanceLedger::apply_many
 //! [`TxnRunner::prime`]: crate::txn::TxnRunner
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::rc::Rc;
@@ -980,8 +980,10 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
 
     /// Combines through `router`: every batch runs on the Galera cluster's writer, and a batch
     /// that meets a node failure (nothing applied) runs again on the new writer within its
-    /// deadline ([`Router::write`]) — and its callers with a later deadline are given back to
-    /// the queue when it gives up by an earlier one; batches of up to [`DEFAULT_MAX_BATCH`].
+    /// deadline ([`Router::write`]) — only its requests answered the failure: those it
+    /// answered without the hot row (a holder, a key found applied, bad input) keep their
+    /// answers — and its callers with a later deadline are given back to the queue when it
+    /// gives up by an earlier one; batches of up to [`DEFAULT_MAX_BATCH`].
     pub fn routed(router: Arc<Router>, inner: S) -> Self {
         Self {
             source: Source::Router(router),
@@ -1046,38 +1048,61 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
             Some(&again),
             prepare,
             |key, requests, deadline, prepared| {
+                // Through a router, the answers a run of the batch gave that stand (see below),
+                // kept for the router's next run of it.
+                let kept: RefCell<Vec<Option<Result<Resp>>>> = RefCell::new(Vec::new());
                 // A lone request's error is the batch's: the same answer reaches its caller,
                 // and a router sees the node failures among them.
                 let answer = |conn: &mut MysqlConnection, deadline| match requests.as_slice() {
                     [alone] => one(&self.inner, conn, *key, alone, deadline).map(|r| vec![Ok(r)]),
                     all => {
-                        let answers = many(&self.inner, conn, *key, all, deadline)?;
-                        // A batch that failed before its commit keeps the answers it found
-                        // without the hot row; through a router, a node failure among the rest
-                        // is the whole batch's, so that the router runs it again on the writer
-                        // (as it runs a single call again). Only a batch that did not commit
-                        // answers a node failure: after a commit, failures are OutcomeUnknown.
-                        // Not where an answer shows a request applied (never answered "nothing
-                        // applied" then), nor past the deadline (the router would not run it
-                        // again: the kept answers stay).
-                        let applied = answers.iter().any(|a| {
-                            matches!(
-                                a,
-                                Ok(_)
-                                    | Err(
-                                        Error::AlreadyIssued { .. } | Error::OutcomeUnknown { .. }
-                                    )
-                            )
-                        });
+                        let mut kept = kept.borrow_mut();
+                        kept.resize_with(all.len(), || None);
+                        let open: Vec<usize> =
+                            (0..all.len()).filter(|&i| kept[i].is_none()).collect();
+                        let some: Vec<Req> = open.iter().map(|&i| all[i].clone()).collect();
+                        let answers = many(&self.inner, conn, *key, &some, deadline)?;
+                        if answers.len() != some.len() {
+                            // The whole batch's error (after a COMMIT: OutcomeUnknown).
+                            return Err(Error::internal(format!(
+                                "batch returned {} results for {} requests",
+                                answers.len(),
+                                some.len()
+                            )));
+                        }
+                        // A batch that failed before its commit answers a node failure to the
+                        // requests it applied nothing for, and keeps the answers it found
+                        // without the hot row (a holder, a key found applied, bad input).
+                        // Through a router those requests run again on the writer, as their
+                        // single calls would (the node is blamed: the router sees the
+                        // failure); the answers found stand and are kept — a request found
+                        // applied is never run again, never answered "nothing applied". After
+                        // a commit failures are OutcomeUnknown, never a node failure. Not past
+                        // the deadline: the router would not run it again.
                         let node_failure = answers
                             .iter()
                             .filter_map(|a| a.as_ref().err())
                             .find(|e| e.is_node_failure())
-                            .filter(|_| routed && !applied && !deadline.is_expired());
-                        match node_failure {
-                            Some(failure) => Err(failure.clone()),
-                            None => Ok(answers),
+                            .filter(|_| routed && !deadline.is_expired())
+                            .cloned();
+                        for (&at, answer) in open.iter().zip(answers) {
+                            let runs_again = node_failure.is_some()
+                                && matches!(&answer, Err(e) if e.is_node_failure());
+                            if !runs_again {
+                                kept[at] = Some(answer);
+                            }
                         }
+                        if let Some(failure) = node_failure {
+                            return Err(failure);
+                        }
+                        Ok(kept
+                            .drain(..)
+                            .map(|a| {
+                                a.unwrap_or_else(|| {
+                                    Err(Error::internal("a request left unanswered"))
+                                })
+                            })
+                            .collect())
                     }
                 };
                 let run = |conn: &mut MysqlConnection, deadline| {
@@ -1094,6 +1119,16 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         prepared.conn().and_then(|conn| run(conn, deadline))
                     }
                     None => self.with_connection(deadline, grace, run),
+                };
+                // A router that gave up (its deadline passed without a writer) answers the
+                // requests still open; the answers kept stand.
+                let kept = kept.take();
+                let outcome = match outcome {
+                    Err(failure) if kept.iter().any(Option::is_some) => Ok(kept
+                        .into_iter()
+                        .map(|a| a.unwrap_or_else(|| Err(failure.clone())))
+                        .collect()),
+                    outcome => outcome,
                 };
                 Ran {
                     outcome,

@@ -1216,3 +1216,115 @@ fn galera_router_keeps_the_writer_when_a_call_waits_for_a_cut_connection() {
     assert_eq!(after.failovers, before.failovers, "failed over");
     assert_eq!(after.epoch, before.epoch, "the designated-writer row moved");
 }
+
+#[derive(QueryableByName)]
+struct ThreadId {
+    #[diesel(sql_type = Unsigned<BigInt>)]
+    id: u64,
+}
+
+/// A routed combined batch whose connection is lost before it commits, after it found one of
+/// its users holding the coupon: that user's answer (`AlreadyIssued`) stands, and the other
+/// request runs again on the writer, as its single call would — it was answered the lost
+/// connection, with its deadline's time left and the node not blamed, because the batch's
+/// answers showed a request "applied".
+#[test]
+fn galera_router_runs_a_cut_off_batchs_open_requests_again() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_batch_open");
+    let router = routers(&urls, 1).remove(0);
+    let writer = router.writer().expect("a writer");
+    let mut check = causal(&urls[writer]);
+    let campaign =
+        lockstock_testkit::fixtures::open_campaign(&mut check, &CouponIssuer::new(), 10).id;
+    let hot = Arc::new(CombiningIssuer::routed(
+        router.clone(),
+        // Attempts enough for every batch to run until its deadline.
+        CouponIssuer::with_policy(TxnPolicy::default().with_retry(
+            lockstock_testkit::fixtures::retry_policy(100_000, Duration::from_secs(4)),
+        )),
+    ));
+    const HOLDER: i64 = 1;
+    const LATE: i64 = 2;
+    const FIRST: i64 = 9;
+    hot.issue(HOLDER, campaign).expect("the holder's coupon");
+    // Another program holds the campaign row: every batch polls it until its deadline.
+    let mut other = causal(&urls[writer]);
+    let other_id: u64 = diesel::select(diesel::dsl::sql::<Unsigned<BigInt>>("CONNECTION_ID()"))
+        .get_result(&mut other)
+        .expect("connection id");
+    other.batch_execute("BEGIN").expect("begin");
+    let locked: Vec<i64> = lockstock::schema::fcfs_coupon::table
+        .find(campaign)
+        .select(lockstock::schema::fcfs_coupon::id)
+        .for_update()
+        .load(&mut other)
+        .expect("lock the campaign row");
+    assert_eq!(locked, [campaign]);
+    // The first caller's batch holds the key's turn until its deadline (4 s); the late user
+    // and the holder queue meanwhile and form the next batch, which runs by the late user's
+    // deadline (2 s later).
+    let spawn = |user: i64| {
+        let hot = hot.clone();
+        thread::spawn(move || hot.issue(user, campaign))
+    };
+    let first = spawn(FIRST);
+    thread::sleep(Duration::from_secs(2));
+    let queued = |n: usize| {
+        let since = Instant::now();
+        while hot.stats().queued < n && since.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(hot.stats().queued, n);
+    };
+    let late = spawn(LATE);
+    queued(1);
+    let holder = spawn(HOLDER);
+    queued(2);
+    assert!(
+        matches!(
+            first.join().expect("first caller"),
+            Err(Error::Contended { .. } | Error::Timeout { .. })
+        ),
+        "the first caller's batch polls the held row until its deadline"
+    );
+    // The next batch has found the holder (its first attempt's INSERT met the holder's
+    // coupon, the next ones read the holders) and polls the row, retrying: the router's
+    // connections to the writer are killed (the batch's among them).
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !late.is_finished(),
+        "the late user's batch runs until its deadline"
+    );
+    let others: Vec<ThreadId> = diesel::sql_query(
+        "SELECT id FROM information_schema.processlist \
+         WHERE db = DATABASE() AND id <> CONNECTION_ID() AND id <> ?",
+    )
+    .bind::<Unsigned<BigInt>, _>(other_id)
+    .load(&mut check)
+    .expect("the router's connections");
+    assert!(!others.is_empty());
+    for victim in others {
+        // A server-given id.
+        let _ = check.batch_execute(&format!("KILL CONNECTION {}", victim.id));
+    }
+    other
+        .batch_execute("ROLLBACK")
+        .expect("let the campaign row go");
+    let late = late.join().expect("late caller");
+    let holder = holder.join().expect("holder");
+    assert!(
+        matches!(holder, Err(Error::AlreadyIssued { .. })),
+        "{holder:?}"
+    );
+    let issued = late.expect("the late user's request runs again on the writer");
+    assert_eq!(issued.user_id, LATE);
+    let rows: i64 = lockstock::schema::user_coupon::table
+        .filter(lockstock::schema::user_coupon::fcfs_coupon_id.eq(campaign))
+        .count()
+        .get_result(&mut causal(&urls[writer]))
+        .expect("coupons");
+    assert_eq!(rows, 2, "the holder's and the late user's");
+}
