@@ -323,7 +323,9 @@ impl BalanceLedger {
                 let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)?
                 else {
                     account_missing = true;
-                    return Err(Error::internal("the account is missing"));
+                    #[cfg(test)]
+                    super::tests::after_account_missing(conn);
+                    return Err(super::idempotency::account_missing());
                 };
                 let ended: Vec<i64> = pending
                     .iter()
@@ -345,7 +347,9 @@ impl BalanceLedger {
             });
             match attempt {
                 Ok(decided) => return Ok(decided),
-                Err(_) if account_missing => {
+                // Only the marker itself: a failure of the runner after it (its ROLLBACK, the
+                // watchdog) is the batch's.
+                Err(e) if account_missing && super::idempotency::is_account_missing(&e) => {
                     missing_before.get_or_insert(usize::MAX);
                     let any_charge = pending
                         .iter()

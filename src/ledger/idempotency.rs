@@ -54,13 +54,17 @@ impl BalanceLedger {
                 match attempt(conn, create)? {
                     Step::CreateAccount(user_id) => {
                         missing = Some(user_id);
-                        Err(Error::internal("the account is missing"))
+                        Err(account_missing())
                     }
                     done => Ok(done),
                 }
             });
+            // Only the marker itself: a failure of the runner after it (its ROLLBACK, the
+            // watchdog) is the call's answer.
             let attempt = match (attempt, missing) {
-                (Err(_), Some(user_id)) => Ok(Step::CreateAccount(user_id)),
+                (Err(e), Some(user_id)) if is_account_missing(&e) => {
+                    Ok(Step::CreateAccount(user_id))
+                }
                 (attempt, _) => attempt,
             };
             match attempt {
@@ -119,6 +123,21 @@ impl BalanceLedger {
             .read_by(conn, deadline, |conn| journal_rows(conn, user_id, keys))?;
         Ok(KeyedRows::new(rows))
     }
+}
+
+/// Why an attempt that found its account missing ended (with a ROLLBACK, where an empty
+/// COMMIT would hand a combiner's turn on while the call goes on): a marker the runner answers
+/// as it is, turned back into [`Step::CreateAccount`] by the caller.
+const ACCOUNT_MISSING: &str = "lockstock: the account is missing (an attempt's marker)";
+
+/// The marker error of an attempt that found its account missing.
+pub(crate) fn account_missing() -> Error {
+    Error::internal(ACCOUNT_MISSING)
+}
+
+/// Whether `error` is [`account_missing`]'s marker (not a failure that came after it).
+pub(crate) fn is_account_missing(error: &Error) -> bool {
+    matches!(error, Error::Internal { reason } if &**reason == ACCOUNT_MISSING)
 }
 
 impl Error {

@@ -45,6 +45,8 @@ mod idempotency;
 mod ops;
 mod request;
 mod rows;
+#[cfg(test)]
+mod tests;
 mod types;
 
 pub use crate::records::{AuditReport, EntryKind, HoldState};

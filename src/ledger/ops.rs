@@ -202,7 +202,8 @@ impl BalanceLedger {
     /// sum never exceeds the deduct ([`Error::RefundExceedsDeduct`]), also when they race. The
     /// key belongs to the deduct's account: a key of that account used by another request wins
     /// over every refusal but [`Error::EntryNotFound`] (no entry: no account to look the key up
-    /// in).
+    /// in) — and but [`Error::NotRefundable`] where the key cannot be looked up (that refusal
+    /// stands whatever the key holds: such a refund is never written).
     ///
     /// # Errors
     /// Invalid input; [`Error::EntryNotFound`], [`Error::NotRefundable`] (not a deduct),
