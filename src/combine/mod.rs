@@ -458,7 +458,8 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// The leader's own request is in its batch (only requests a batch gave back come before
     /// it, fewer than a batch). If its `deadline` has passed before
     /// the turn came, it answers only itself ([`Error::Timeout`]) and runs no batch, so a leader
-    /// never works past its own deadline. Requests found expired are answered
+    /// never works past its own deadline; if it passes as the batch forms, what it took goes
+    /// back to the front of the queue, in order. Requests found expired are answered
     /// [`Error::Timeout`] (never sent); the batch runs by the earliest deadline of the rest.
     fn lead<P>(
         &self,
@@ -532,12 +533,11 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let mut batch_deadline: Option<Deadline> = None;
         #[cfg(test)]
         tests::after_forming();
+        // The leader's deadline passed after it was looked at above, as the batch formed.
+        let mut late = false;
         for (request, deadline, slot) in drained {
-            // A leader that runs a batch is in it, also if its deadline passed since it was
-            // checked above: the batch then runs by that deadline (it gives up at once), never
-            // by a later caller's while the leader's caller waits for its end.
-            let leading = !alone && Arc::ptr_eq(&slot, own);
-            if deadline.is_expired() && !leading {
+            if deadline.is_expired() {
+                late |= !alone && Arc::ptr_eq(&slot, own);
                 slot.set(SlotState::Done(Err(slot.expired(deadline))));
                 continue;
             }
@@ -551,6 +551,20 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             requests.push(request);
             slots.push(slot);
             deadlines.push(deadline);
+        }
+        if late {
+            // It runs no batch (it would run by a later caller's deadline while its own caller
+            // waits for the end): what it took goes back to the front of the queue, in order,
+            // and the oldest request leads next.
+            let taken = requests
+                .drain(..)
+                .zip(slots.drain(..))
+                .zip(deadlines.drain(..));
+            for ((request, slot), deadline) in taken.rev() {
+                slot.set(SlotState::Queued);
+                lane.queue.push_front((request, deadline, slot));
+            }
+            batch_deadline = None;
         }
         let count = requests.len();
         // The next leader prepares its batch while this one runs.
@@ -1122,12 +1136,20 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                 };
                 // A router that gave up (its deadline passed without a writer) answers the
                 // requests still open; the answers kept stand.
+                // (An `Internal` failure, which says that nothing was committed, is answered
+                // `OutcomeUnknown` then: a later run may have committed.)
                 let kept = kept.take();
                 let outcome = match outcome {
-                    Err(failure) if kept.iter().any(Option::is_some) => Ok(kept
-                        .into_iter()
-                        .map(|a| a.unwrap_or_else(|| Err(failure.clone())))
-                        .collect()),
+                    Err(failure) if kept.iter().any(Option::is_some) => {
+                        let failure = match failure {
+                            Error::Internal { .. } => Error::outcome_unknown(&failure),
+                            failure => failure,
+                        };
+                        Ok(kept
+                            .into_iter()
+                            .map(|a| a.unwrap_or_else(|| Err(failure.clone())))
+                            .collect())
+                    }
                     outcome => outcome,
                 };
                 Ran {
