@@ -75,8 +75,11 @@ fn finding_1_failed_rollback_breaks_the_connection() {
     let (url, mut admin) = private_database(&sandbox, "review_rollback");
     let ledger = BalanceLedger::new();
 
-    // A caller's own connection: every statement of a charge is prepared, ROLLBACK is not.
+    // A caller's own connection: every statement of a charge is prepared, ROLLBACK is not
+    // (the account exists: a first charge that finds it missing ends that attempt with one).
     let mut conn = connect(&url);
+    conn.batch_execute("INSERT INTO user_balance (user_id) VALUES (1)")
+        .expect("the account");
     ledger
         .charge(&mut conn, 1, dec(100), "warm-1")
         .expect("first charge");
@@ -132,6 +135,10 @@ fn finding_1_failed_rollback_breaks_the_connection() {
         .expect("pool");
     let first_id = {
         let mut pooled = pool.get().expect("pooled");
+        // The account exists, so ROLLBACK is not prepared by the warm-up (see above).
+        pooled
+            .batch_execute("INSERT INTO user_balance (user_id) VALUES (2)")
+            .expect("the account");
         ledger.charge(&mut pooled, 2, dec(10), "p-1").expect("warm");
         ledger.charge(&mut pooled, 2, dec(10), "p-2").expect("warm");
         let id = connection_id(&mut pooled);
