@@ -453,7 +453,12 @@ impl TxnRunner {
     }
 
     /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the
-    /// start: it sees a rolled-back database each time.
+    /// start: it sees a rolled-back database each time. A Diesel transaction the body opens
+    /// (`conn.transaction(..)`) nests in the runner's as a savepoint (Diesel's transaction
+    /// manager counts the runner's transaction while the body runs), and a lockstock call on the
+    /// same connection inside the body is refused as [`Error::NestedTransaction`]; a body that
+    /// leaves a Diesel transaction of its own open is not committed, and the connection is
+    /// marked broken ([`Error::ConnectionBroken`]).
     ///
     /// A read in `body` that returns rows through a range (not by primary key) may fail after
     /// the server has begun its result — refused or timed out on a lock, cut off by the

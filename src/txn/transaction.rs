@@ -1,6 +1,9 @@
 //! One transaction, statement by statement: begin, body, COMMIT or ROLLBACK, session restored.
 
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::connection::{
+    AnsiTransactionManager, SimpleConnection, TransactionDepthChange, TransactionManager,
+    TransactionManagerStatus,
+};
 use diesel::mysql::MysqlConnection;
 use diesel::RunQueryDsl;
 
@@ -189,6 +192,11 @@ pub(super) fn run_transaction<T>(
 ) -> Result<T, Error> {
     open_transaction(conn, begin)?;
     CLEAN_FAILURE.with(|clean| clean.set(false));
+    // While the body runs, Diesel's transaction manager counts the transaction as open: a
+    // `conn.transaction(..)` in the body nests as a savepoint (at depth 0 Diesel sends `BEGIN`,
+    // which commits the body's work so far: a retry would apply it twice), and a lockstock call
+    // on the same connection is refused as nested.
+    let entered = diesel_depth(conn, TransactionDepthChange::IncreaseDepth).is_ok();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let value = body(conn)?;
         if begin.savepoint {
@@ -196,6 +204,29 @@ pub(super) fn run_transaction<T>(
         }
         Ok::<T, Error>(value)
     }));
+    // The body must leave Diesel's count as it found it (a transaction of its own that it
+    // opened and never ended, a savepoint Diesel could not roll back): otherwise the
+    // transaction is not committed, and the connection is marked broken.
+    let left = entered
+        && diesel_depth(conn, TransactionDepthChange::DecreaseDepth).is_ok()
+        && matches!(
+            AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
+            Ok(None)
+        );
+    let outcome = match outcome {
+        Ok(Ok(_)) if !left => {
+            AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
+            Ok(Err(Error::ConnectionBroken {
+                source: ServerError::new(diesel::result::Error::BrokenTransactionManager),
+            }))
+        }
+        outcome => {
+            if !left {
+                AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
+            }
+            outcome
+        }
+    };
     match outcome {
         Ok(Ok(value)) => match commit(conn, begin) {
             Ok(_) => {
@@ -250,7 +281,12 @@ pub(super) fn run_transaction<T>(
                 }
                 Some(broken) => Err(broken),
                 None => {
-                    if stale {
+                    // The ROLLBACK answered: the connection is alive, so a failure whose text
+                    // said "lost connection" was another's (a procedure's SIGNAL, a FEDERATED
+                    // or Spider table's remote), maybe in the middle of a cached read's result.
+                    let lost_elsewhere =
+                        error.server_kind() == Some(ServerErrorKind::ConnectionLost);
+                    if stale || lost_elsewhere {
                         if let Some(broken) =
                             forget_prepared(conn, begin.statement_cache, begin.flavor)
                         {
@@ -500,5 +536,16 @@ fn commit_failure(error: diesel::result::Error, read_only: bool) -> Error {
         Error::Server(error)
     } else {
         Error::OutcomeUnknown { source: error }
+    }
+}
+
+/// Changes the depth Diesel's transaction manager counts on `conn` (see [`run_transaction`]).
+fn diesel_depth(
+    conn: &mut MysqlConnection,
+    change: TransactionDepthChange,
+) -> diesel::QueryResult<()> {
+    match AnsiTransactionManager::transaction_manager_status_mut(conn) {
+        TransactionManagerStatus::Valid(valid) => valid.change_transaction_depth(change),
+        TransactionManagerStatus::InError => Err(diesel::result::Error::BrokenTransactionManager),
     }
 }

@@ -710,3 +710,58 @@ fn a_failed_attempt_keeps_the_callers_statement_cache_setting() {
         );
     }
 }
+
+diesel::table! {
+    signal_rows (id) {
+        id -> Integer,
+    }
+}
+
+diesel::define_sql_function! {
+    /// The test's stored function: its argument, or (on row 2 while the flag is set) a SIGNAL
+    /// whose text reads like a lost connection.
+    fn lost_at(x: diesel::sql_types::Integer) -> diesel::sql_types::Integer;
+}
+
+/// A cached range read that fails in the middle of its result with an error whose text reads
+/// "lost connection" while the connection is alive (a procedure's SIGNAL; a FEDERATED or Spider
+/// table's remote): the runner's ROLLBACK answers, so the connection is kept, and its cached
+/// statements are dropped as after any failure mid-result. Before, "lost connection" was taken
+/// for the connection's own (whose statements would be gone with it): the next run of the read
+/// waited for the rest of the old result until the watchdog cut it off.
+#[test]
+fn a_read_failing_mid_result_with_a_lost_connections_text_is_not_left_in_the_cache() {
+    let (_url, mut conn) = fresh_database("runner_lost_text");
+    conn.batch_execute(
+        "CREATE TABLE signal_rows (id INT PRIMARY KEY); \
+         INSERT INTO signal_rows VALUES (1), (2), (3); \
+         CREATE TABLE signal_flag (raised INT NOT NULL); \
+         INSERT INTO signal_flag VALUES (1); \
+         CREATE FUNCTION lost_at(x INT) RETURNS INT NOT DETERMINISTIC READS SQL DATA \
+         BEGIN \
+           IF x = 2 AND (SELECT raised FROM signal_flag) = 1 THEN \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'Lost connection to upstream'; \
+           END IF; \
+           RETURN x; \
+         END",
+    )
+    .expect("the test's table and function");
+    let read = |c: &mut MysqlConnection| -> Result<Vec<i32>, Error> {
+        Ok(signal_rows::table
+            .select(lost_at(signal_rows::id))
+            .order(signal_rows::id)
+            .load(c)?)
+    };
+    let runner = TxnRunner::new(policy_with_deadline(Duration::from_secs(2)));
+    let failed = runner.run(&mut conn, read);
+    assert!(
+        matches!(&failed, Err(e) if e.server_kind() == Some(ServerErrorKind::ConnectionLost)),
+        "{failed:?}"
+    );
+    conn.batch_execute("UPDATE signal_flag SET raised = 0")
+        .expect("lower the flag");
+    let rows = runner
+        .run(&mut conn, read)
+        .expect("the same connection, the same cached read");
+    assert_eq!(rows, [1, 2, 3]);
+}

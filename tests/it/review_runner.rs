@@ -1344,3 +1344,56 @@ fn a_callers_row_caps_and_pending_insert_id_do_not_reach_lockstock() {
             .unwrap_or_else(|e| panic!("{cap}: the same connection, still usable: {e:?}"));
     }
 }
+
+/// A body that opens a Diesel transaction of its own (common in Diesel code: helpers wrapped in
+/// `conn.transaction`) nests it in the runner's transaction as a savepoint. Before, Diesel's
+/// manager saw no transaction and sent `BEGIN`, which committed the body's work so far: the
+/// runner's retry after a refusal applied it a second time.
+#[test]
+fn a_diesel_transaction_in_a_body_nests_in_the_runners() {
+    let (url, mut conn) = fresh_database("review_body_transaction");
+    conn.batch_execute("CREATE TABLE scratch (id INT AUTO_INCREMENT PRIMARY KEY)")
+        .expect("scratch table");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, dec(10), "fund")
+        .expect("an account");
+    let mut other = connect(&url);
+    other.batch_execute("BEGIN").expect("begin");
+    lock_balance(&mut other, 1).expect("the account's row held");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let mut attempts = 0;
+    let inside = runner
+        .run(&mut conn, |c| {
+            attempts += 1;
+            diesel::sql_query("INSERT INTO scratch () VALUES ()").execute(c)?;
+            c.transaction::<_, diesel::result::Error, _>(|c| {
+                diesel::sql_query("INSERT INTO scratch () VALUES ()").execute(c)?;
+                Ok(())
+            })?;
+            // Refused while the other connection holds the row (the first attempt); the
+            // runner rolls back and runs the body again.
+            let locked = user_balance::table
+                .find(1)
+                .select(user_balance::balance)
+                .for_update()
+                .no_wait()
+                .first::<Decimal>(c);
+            if locked.is_err() {
+                other.batch_execute("ROLLBACK")?;
+            }
+            locked?;
+            Ok(attempts)
+        })
+        .expect("the second attempt");
+    assert_eq!(inside, 2);
+    let rows: i64 = diesel::select(diesel::dsl::sql::<BigInt>("(SELECT COUNT(*) FROM scratch)"))
+        .get_result(&mut conn)
+        .expect("rows");
+    assert_eq!(rows, 2, "the second attempt's two rows only");
+    // The connection is as it was: another call runs on it.
+    assert_eq!(
+        ledger.balance(&mut conn, 1).expect("a later call").balance,
+        dec(10)
+    );
+}
