@@ -113,8 +113,13 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// Applies every pending migration in [`MIGRATIONS`], returning by `deadline` (plus the default
 /// policy's [`unresponsive_grace`](TxnPolicy::unresponsive_grace)) also when the server stops
 /// answering: the watchdog then shuts the connection down (see
-/// [the txn module](crate::txn#a-server-that-never-answers)); a migration cut off so may have
-/// been applied in part (DDL commits as it goes: run the migrations again).
+/// [the txn module](crate::txn#a-server-that-never-answers)); a migration cut off so (or by a
+/// `KILL`, a crash) may have been applied in part: its DDL commits statement by statement, and
+/// Diesel records the migration only after its last one. Running the migrations again then
+/// fails on what the cut-off one already created ("already exists", "Duplicate column"): undo
+/// that part by hand (the migration's `down.sql` names what it creates) and run them again. The
+/// migrations are not written to be re-run over their own partial work, which MySQL 8's DDL
+/// (no `ADD COLUMN IF NOT EXISTS`) could not express.
 ///
 /// The caller's session is left as found: Diesel runs each migration in a transaction whose
 /// COMMIT follows the session's `completion_type`, so lockstock sets `NO_CHAIN` (and
