@@ -136,6 +136,9 @@ pub struct TxnPolicy {
     /// all before it shuts the connection down and answers
     /// [`Error::ServerUnresponsive`](crate::Error::ServerUnresponsive) (or
     /// [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown) for a COMMIT in flight).
+    /// Keep it above a round trip and the statement limit's overshoot (tens of milliseconds):
+    /// a shorter grace cuts off a statement that the server's own limit would have ended
+    /// (`Contended`, the connection kept) a moment later. `Duration::MAX` waits a year.
     pub unresponsive_grace: Duration,
     /// On a MariaDB Galera node, refuse a write with
     /// [`Error::NotDesignatedWriter`](crate::Error::NotDesignatedWriter) when the
@@ -329,7 +332,13 @@ impl Deadline {
 
     /// The moment `grace` after the deadline (when the watchdog shuts a silent connection down).
     pub(crate) fn past(&self, grace: Duration) -> Instant {
-        self.at.checked_add(grace).unwrap_or(self.at)
+        // A grace too long for an `Instant` (`Duration::MAX`: "never cut") is a year, as
+        // [`after`](Self::after) caps a budget: never the deadline itself, which would cut a
+        // call at its deadline instead of never.
+        self.at
+            .checked_add(grace)
+            .or_else(|| self.at.checked_add(Duration::from_secs(86_400 * 365)))
+            .unwrap_or(self.at)
     }
 
     /// Whether this deadline is later than `other`.

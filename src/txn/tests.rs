@@ -122,3 +122,16 @@ fn insert_id_is_pinned_and_put_back_on_mariadb_only() {
     let mysql = sql(&RestoreMySql);
     assert!(!mysql.contains(PIN) && !mysql.contains(SAVED), "{mysql}");
 }
+
+#[test]
+fn an_unbounded_grace_never_cuts_at_the_deadline() {
+    let deadline = Deadline::after(Duration::from_secs(1));
+    // Before: `Duration::MAX` overflowed the deadline's instant and the watchdog came due at
+    // the deadline itself.
+    let day = Duration::from_secs(86_400);
+    assert!(deadline.past(Duration::MAX) > deadline.past(day));
+    assert_eq!(
+        deadline.past(Duration::from_millis(20)),
+        deadline.past(Duration::ZERO) + Duration::from_millis(20)
+    );
+}
