@@ -457,8 +457,10 @@ impl TxnRunner {
     /// (`conn.transaction(..)`) nests in the runner's as a savepoint (Diesel's transaction
     /// manager counts the runner's transaction while the body runs), and a lockstock call on the
     /// same connection inside the body is refused as [`Error::NestedTransaction`]; a body that
-    /// leaves a Diesel transaction of its own open is not committed, and the connection is
-    /// marked broken ([`Error::ConnectionBroken`]).
+    /// answers `Ok` with a Diesel transaction of its own still open is not committed
+    /// ([`Error::Internal`]: the body's bug, not retried). A savepoint of such a nested
+    /// transaction that the server no longer has (it rolled the whole transaction back: a
+    /// deadlock Diesel did not recognise) is run again like the deadlock.
     ///
     /// A read in `body` that returns rows through a range (not by primary key) may fail after
     /// the server has begun its result — refused or timed out on a lock, cut off by the

@@ -2,7 +2,7 @@
 
 use diesel::connection::{
     AnsiTransactionManager, SimpleConnection, TransactionDepthChange, TransactionManager,
-    TransactionManagerStatus,
+    TransactionManagerStatus, ValidTransactionManagerStatus,
 };
 use diesel::mysql::MysqlConnection;
 use diesel::RunQueryDsl;
@@ -204,28 +204,37 @@ pub(super) fn run_transaction<T>(
         }
         Ok::<T, Error>(value)
     }));
-    // The body must leave Diesel's count as it found it (a transaction of its own that it
-    // opened and never ended, a savepoint Diesel could not roll back): otherwise the
-    // transaction is not committed, and the connection is marked broken.
-    let left = entered
-        && diesel_depth(conn, TransactionDepthChange::DecreaseDepth).is_ok()
+    // Diesel counts the runner's transaction alone again, unless the body left a transaction
+    // of its own open (or Diesel failed to end one of its savepoints, or its manager broke).
+    let clean = entered
         && matches!(
             AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
-            Ok(None)
+            Ok(Some(depth)) if depth.get() == 1
         );
+    // lockstock's COMMIT or ROLLBACK ends whatever Diesel counts: it starts from none again
+    // (a ROLLBACK that fails marks the connection broken, see `end_failed`).
+    *AnsiTransactionManager::transaction_manager_status_mut(conn) =
+        TransactionManagerStatus::Valid(ValidTransactionManagerStatus::default());
     let outcome = match outcome {
-        Ok(Ok(_)) if !left => {
-            AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
-            Ok(Err(Error::ConnectionBroken {
-                source: ServerError::new(diesel::result::Error::BrokenTransactionManager),
-            }))
+        // Never committed: the caller's work in it is not finished.
+        Ok(Ok(_)) if !clean => Ok(Err(Error::internal(
+            "the body left a Diesel transaction of its own open (or Diesel's transaction manager \
+             failed in it): nothing was committed",
+        ))),
+        // A savepoint of the body's (a Diesel transaction nested in it) that the server no
+        // longer has: the server rolled the whole transaction back (a deadlock, a lock wait
+        // timeout under `innodb_rollback_on_timeout`) and Diesel answered its failed ROLLBACK
+        // TO SAVEPOINT instead. Nothing of the transaction is left: run again, as for the
+        // deadlock.
+        Ok(Err(error)) if savepoint_gone(&error) && !transaction_open(conn) => {
+            Ok(Err(Error::from(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::SerializationFailure,
+                Box::new(format!(
+                    "the server rolled the transaction back under a nested savepoint: {error}"
+                )),
+            ))))
         }
-        outcome => {
-            if !left {
-                AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
-            }
-            outcome
-        }
+        outcome => outcome,
     };
     match outcome {
         Ok(Ok(value)) => match commit(conn, begin) {
@@ -548,4 +557,22 @@ fn diesel_depth(
         TransactionManagerStatus::Valid(valid) => valid.change_transaction_depth(change),
         TransactionManagerStatus::InError => Err(diesel::result::Error::BrokenTransactionManager),
     }
+}
+
+/// Whether `error` says that a savepoint does not exist (1305: the server ended the
+/// transaction it belonged to).
+fn savepoint_gone(error: &Error) -> bool {
+    match error {
+        Error::Server(e) => {
+            let text = e.to_string().to_ascii_lowercase();
+            text.contains("savepoint") && text.contains("does not exist")
+        }
+        _ => false,
+    }
+}
+
+/// Whether a transaction is open on `conn` (`@@in_transaction`); `true` where the question
+/// fails (nothing is concluded from it).
+fn transaction_open(conn: &mut MysqlConnection) -> bool {
+    !matches!(crate::util::in_transaction(conn), Ok(0))
 }

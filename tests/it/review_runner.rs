@@ -1345,15 +1345,10 @@ fn a_callers_row_caps_and_pending_insert_id_do_not_reach_lockstock() {
     }
 }
 
-/// A body that opens a Diesel transaction of its own (common in Diesel code: helpers wrapped in
-/// `conn.transaction`) nests it in the runner's transaction as a savepoint. Before, Diesel's
-/// manager saw no transaction and sent `BEGIN`, which committed the body's work so far: the
-/// runner's retry after a refusal applied it a second time.
-#[test]
-fn a_diesel_transaction_in_a_body_nests_in_the_runners() {
-    let (url, mut conn) = fresh_database("review_body_transaction");
-    conn.batch_execute("CREATE TABLE scratch (id INT AUTO_INCREMENT PRIMARY KEY)")
-        .expect("scratch table");
+/// A fresh database `name` with account 1 funded with 10 (through the returned ledger), and
+/// another connection whose transaction holds the account's row.
+fn account_held_elsewhere(name: &str) -> (MysqlConnection, BalanceLedger, MysqlConnection) {
+    let (url, mut conn) = fresh_database(name);
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, 1, dec(10), "fund")
@@ -1361,6 +1356,28 @@ fn a_diesel_transaction_in_a_body_nests_in_the_runners() {
     let mut other = connect(&url);
     other.batch_execute("BEGIN").expect("begin");
     lock_balance(&mut other, 1).expect("the account's row held");
+    (conn, ledger, other)
+}
+
+/// Account 1's row `FOR UPDATE NOWAIT` (refused while another transaction holds it).
+fn lock_now(conn: &mut MysqlConnection) -> QueryResult<Decimal> {
+    user_balance::table
+        .find(1)
+        .select(user_balance::balance)
+        .for_update()
+        .no_wait()
+        .first::<Decimal>(conn)
+}
+
+/// A body that opens a Diesel transaction of its own (common in Diesel code: helpers wrapped in
+/// `conn.transaction`) nests it in the runner's transaction as a savepoint. Before, Diesel's
+/// manager saw no transaction and sent `BEGIN`, which committed the body's work so far: the
+/// runner's retry after a refusal applied it a second time.
+#[test]
+fn a_diesel_transaction_in_a_body_nests_in_the_runners() {
+    let (mut conn, ledger, mut other) = account_held_elsewhere("review_body_transaction");
+    conn.batch_execute("CREATE TABLE scratch (id INT AUTO_INCREMENT PRIMARY KEY)")
+        .expect("scratch table");
     let runner = TxnRunner::new(TxnPolicy::default());
     let mut attempts = 0;
     let inside = runner
@@ -1373,12 +1390,7 @@ fn a_diesel_transaction_in_a_body_nests_in_the_runners() {
             })?;
             // Refused while the other connection holds the row (the first attempt); the
             // runner rolls back and runs the body again.
-            let locked = user_balance::table
-                .find(1)
-                .select(user_balance::balance)
-                .for_update()
-                .no_wait()
-                .first::<Decimal>(c);
+            let locked = lock_now(c);
             if locked.is_err() {
                 other.batch_execute("ROLLBACK")?;
             }
@@ -1395,5 +1407,131 @@ fn a_diesel_transaction_in_a_body_nests_in_the_runners() {
     assert_eq!(
         ledger.balance(&mut conn, 1).expect("a later call").balance,
         dec(10)
+    );
+}
+
+/// A body whose own Diesel transaction is left counted (a savepoint Diesel failed to release;
+/// here one the body opened and never ended) and that fails retryably: lockstock's ROLLBACK
+/// ends everything, Diesel's count starts again from none, and the retry runs. Before, the
+/// connection was marked broken: the retry answered `ConnectionBroken` on a healthy one.
+#[test]
+fn a_body_that_fails_inside_its_own_diesel_transaction_is_retried() {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    let (mut conn, ledger, mut other) = account_held_elsewhere("review_body_savepoint_left");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let mut attempts = 0;
+    let answer = runner.run(&mut conn, |c| {
+        attempts += 1;
+        if attempts == 1 {
+            // A savepoint of the body's own, never ended; then a refusal.
+            AnsiTransactionManager::begin_transaction(c)?;
+            let refused = lock_now(c);
+            other.batch_execute("ROLLBACK")?;
+            refused?;
+        }
+        Ok(attempts)
+    });
+    assert_eq!(answer.expect("the second attempt"), 2);
+    assert_eq!(
+        ledger.balance(&mut conn, 1).expect("a later call").balance,
+        dec(10)
+    );
+}
+
+/// A deadlock inside a Diesel transaction nested in the body, whose statements Diesel does not
+/// map to a serialization failure (`batch_execute`): the server rolls the whole transaction
+/// back, Diesel's ROLLBACK TO SAVEPOINT then fails ("SAVEPOINT ... does not exist") and the body
+/// answers that — which the runner now runs again, as the deadlock it is. Before, the call
+/// answered the missing savepoint as a server error.
+#[test]
+fn a_deadlock_inside_a_nested_diesel_transaction_is_retried() {
+    let (url, mut conn) = fresh_database("review_nested_deadlock");
+    conn.batch_execute(
+        "CREATE TABLE pair (id INT PRIMARY KEY, n INT NOT NULL); \
+         INSERT INTO pair VALUES (1, 0), (2, 0); \
+         CREATE TABLE ballast (id INT AUTO_INCREMENT PRIMARY KEY)",
+    )
+    .expect("tables");
+    let (row_2_taken, taken) = mpsc::channel::<()>();
+    let (row_1_taken, wait_for_runner) = mpsc::channel::<()>();
+    let other = {
+        let url = url.clone();
+        thread::spawn(move || {
+            let mut other = connect(&url);
+            other.batch_execute("BEGIN").expect("begin");
+            // More undo than the runner's transaction: InnoDB picks the runner as the victim.
+            for _ in 0..100 {
+                other
+                    .batch_execute("INSERT INTO ballast () VALUES ()")
+                    .expect("ballast");
+            }
+            other
+                .batch_execute("UPDATE pair SET n = n + 1 WHERE id = 2")
+                .expect("row 2");
+            row_2_taken.send(()).expect("signal");
+            wait_for_runner.recv().expect("the runner holds row 1");
+            // Waits for the runner's row 1: the deadlock.
+            other
+                .batch_execute("UPDATE pair SET n = n + 1 WHERE id = 1")
+                .expect("row 1 once the runner is rolled back");
+            other.batch_execute("COMMIT").expect("commit");
+        })
+    };
+    taken.recv().expect("row 2 taken");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let mut attempts = 0;
+    let answer = runner.run(&mut conn, |c| {
+        attempts += 1;
+        c.transaction::<_, diesel::result::Error, _>(|c| {
+            c.batch_execute("UPDATE pair SET n = n + 10 WHERE id = 1")?;
+            if attempts == 1 {
+                row_1_taken.send(()).expect("signal");
+                // Give the other transaction time to wait for row 1.
+                thread::sleep(Duration::from_millis(300));
+            }
+            c.batch_execute("UPDATE pair SET n = n + 10 WHERE id = 2")
+        })?;
+        Ok(attempts)
+    });
+    other.join().expect("other");
+    assert_eq!(answer.expect("run again after the deadlock"), 2);
+    let sum: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+        "(SELECT CAST(SUM(n) AS SIGNED) FROM pair)",
+    ))
+    .get_result(&mut conn)
+    .expect("sum");
+    assert_eq!(sum, 22, "the other's two updates and the runner's, once");
+}
+
+/// A body that leaves a Diesel transaction of its own open and answers Ok: nothing is
+/// committed, the answer is the caller's bug (`Internal`: not retryable, not the node's or
+/// the connection's), and the connection stays usable. Before: `ConnectionBroken`, which a
+/// Router takes for the node's failure, and the connection marked broken.
+#[test]
+fn a_body_that_leaves_its_own_diesel_transaction_open_commits_nothing() {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    let (_url, mut conn) = fresh_database("review_body_left_open");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, dec(10), "fund")
+        .expect("an account");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let answer = runner.run(&mut conn, |c| {
+        diesel::update(user_balance::table.find(1))
+            .set(user_balance::balance.eq(dec(99)))
+            .execute(c)?;
+        AnsiTransactionManager::begin_transaction(c)?;
+        Ok(())
+    });
+    assert!(matches!(answer, Err(Error::Internal { .. })), "{answer:?}");
+    let error = answer.expect_err("refused");
+    assert!(!error.is_retryable(), "{error:?}");
+    assert_eq!(
+        ledger
+            .balance(&mut conn, 1)
+            .expect("the same connection")
+            .balance,
+        dec(10),
+        "nothing committed"
     );
 }
