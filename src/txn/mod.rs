@@ -458,9 +458,12 @@ impl TxnRunner {
     /// manager counts the runner's transaction while the body runs), and a lockstock call on the
     /// same connection inside the body is refused as [`Error::NestedTransaction`]; a body that
     /// answers `Ok` with a Diesel transaction of its own still open is not committed
-    /// ([`Error::Internal`]: the body's bug, not retried). A savepoint of such a nested
-    /// transaction that the server no longer has (it rolled the whole transaction back: a
-    /// deadlock Diesel did not recognise) is run again like the deadlock.
+    /// ([`Error::Internal`]: the body's bug, not retried), and one that ended the runner's
+    /// transaction through Diesel's manager is answered [`Error::OutcomeUnknown`]. A deadlock
+    /// inside such a nested transaction ends the whole transaction in the server; Diesel may
+    /// answer its failed `ROLLBACK TO SAVEPOINT` ("SAVEPOINT ... does not exist") instead,
+    /// which is not retried: statements the body sent after the server's rollback ran outside
+    /// any transaction.
     ///
     /// A read in `body` that returns rows through a range (not by primary key) may fail after
     /// the server has begun its result — refused or timed out on a lock, cut off by the

@@ -199,43 +199,22 @@ pub(super) fn run_transaction<T>(
     let entered = diesel_depth(conn, TransactionDepthChange::IncreaseDepth).is_ok();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let value = body(conn)?;
+        // Before the savepoint is released: the failure then ends like any other.
+        if let Some(misuse) = diesel_left_behind(conn, entered) {
+            return Err(misuse);
+        }
         if begin.savepoint {
             release_savepoint(conn)?;
         }
         Ok::<T, Error>(value)
     }));
-    // Diesel counts the runner's transaction alone again, unless the body left a transaction
-    // of its own open (or Diesel failed to end one of its savepoints, or its manager broke).
-    let clean = entered
-        && matches!(
-            AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
-            Ok(Some(depth)) if depth.get() == 1
-        );
     // lockstock's COMMIT or ROLLBACK ends whatever Diesel counts: it starts from none again
-    // (a ROLLBACK that fails marks the connection broken, see `end_failed`).
+    // (a ROLLBACK that fails marks the connection broken, see `end_failed`). A deadlock inside
+    // a Diesel transaction nested in the body ends the whole transaction in the server, and
+    // Diesel may answer its failed ROLLBACK TO SAVEPOINT (1305) instead: that is not retried,
+    // since statements the body sent after the server's rollback ran outside any transaction.
     *AnsiTransactionManager::transaction_manager_status_mut(conn) =
         TransactionManagerStatus::Valid(ValidTransactionManagerStatus::default());
-    let outcome = match outcome {
-        // Never committed: the caller's work in it is not finished.
-        Ok(Ok(_)) if !clean => Ok(Err(Error::internal(
-            "the body left a Diesel transaction of its own open (or Diesel's transaction manager \
-             failed in it): nothing was committed",
-        ))),
-        // A savepoint of the body's (a Diesel transaction nested in it) that the server no
-        // longer has: the server rolled the whole transaction back (a deadlock, a lock wait
-        // timeout under `innodb_rollback_on_timeout`) and Diesel answered its failed ROLLBACK
-        // TO SAVEPOINT instead. Nothing of the transaction is left: run again, as for the
-        // deadlock.
-        Ok(Err(error)) if savepoint_gone(&error) && !transaction_open(conn) => {
-            Ok(Err(Error::from(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::SerializationFailure,
-                Box::new(format!(
-                    "the server rolled the transaction back under a nested savepoint: {error}"
-                )),
-            ))))
-        }
-        outcome => outcome,
-    };
     match outcome {
         Ok(Ok(value)) => match commit(conn, begin) {
             Ok(_) => {
@@ -559,20 +538,21 @@ fn diesel_depth(
     }
 }
 
-/// Whether `error` says that a savepoint does not exist (1305: the server ended the
-/// transaction it belonged to).
-fn savepoint_gone(error: &Error) -> bool {
-    match error {
-        Error::Server(e) => {
-            let text = e.to_string().to_ascii_lowercase();
-            text.contains("savepoint") && text.contains("does not exist")
-        }
-        _ => false,
+/// What a body that answered `Ok` left of Diesel's count of the runner's transaction, if not
+/// the runner's transaction alone: a Diesel transaction of its own still open — never
+/// committed, [`Error::Internal`] (the body's bug: not retried, not the node's) — or none at
+/// all: the body ended the runner's transaction through Diesel's manager (its COMMIT or
+/// ROLLBACK), so the outcome is unknown.
+fn diesel_left_behind(conn: &mut MysqlConnection, entered: bool) -> Option<Error> {
+    let depth = AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth();
+    match depth {
+        Ok(Some(depth)) if entered && depth.get() == 1 => None,
+        Ok(None) if !entered => None,
+        Ok(Some(_)) => Some(Error::internal(
+            "the body left a Diesel transaction of its own open: nothing was committed",
+        )),
+        Ok(None) | Err(_) => Some(Error::outcome_unknown(&Error::internal(
+            "the body ended the runner's transaction through Diesel's transaction manager",
+        ))),
     }
-}
-
-/// Whether a transaction is open on `conn` (`@@in_transaction`); `true` where the question
-/// fails (nothing is concluded from it).
-fn transaction_open(conn: &mut MysqlConnection) -> bool {
-    !matches!(crate::util::in_transaction(conn), Ok(0))
 }

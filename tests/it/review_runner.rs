@@ -1438,69 +1438,35 @@ fn a_body_that_fails_inside_its_own_diesel_transaction_is_retried() {
     );
 }
 
-/// A deadlock inside a Diesel transaction nested in the body, whose statements Diesel does not
-/// map to a serialization failure (`batch_execute`): the server rolls the whole transaction
-/// back, Diesel's ROLLBACK TO SAVEPOINT then fails ("SAVEPOINT ... does not exist") and the body
-/// answers that — which the runner now runs again, as the deadlock it is. Before, the call
-/// answered the missing savepoint as a server error.
+/// A body that ends the runner's transaction through Diesel's manager (its COMMIT) and answers
+/// Ok: the work is committed, so the answer is `OutcomeUnknown`, never `Internal` (which says
+/// that nothing was committed).
 #[test]
-fn a_deadlock_inside_a_nested_diesel_transaction_is_retried() {
-    let (url, mut conn) = fresh_database("review_nested_deadlock");
-    conn.batch_execute(
-        "CREATE TABLE pair (id INT PRIMARY KEY, n INT NOT NULL); \
-         INSERT INTO pair VALUES (1, 0), (2, 0); \
-         CREATE TABLE ballast (id INT AUTO_INCREMENT PRIMARY KEY)",
-    )
-    .expect("tables");
-    let (row_2_taken, taken) = mpsc::channel::<()>();
-    let (row_1_taken, wait_for_runner) = mpsc::channel::<()>();
-    let other = {
-        let url = url.clone();
-        thread::spawn(move || {
-            let mut other = connect(&url);
-            other.batch_execute("BEGIN").expect("begin");
-            // More undo than the runner's transaction: InnoDB picks the runner as the victim.
-            for _ in 0..100 {
-                other
-                    .batch_execute("INSERT INTO ballast () VALUES ()")
-                    .expect("ballast");
-            }
-            other
-                .batch_execute("UPDATE pair SET n = n + 1 WHERE id = 2")
-                .expect("row 2");
-            row_2_taken.send(()).expect("signal");
-            wait_for_runner.recv().expect("the runner holds row 1");
-            // Waits for the runner's row 1: the deadlock.
-            other
-                .batch_execute("UPDATE pair SET n = n + 1 WHERE id = 1")
-                .expect("row 1 once the runner is rolled back");
-            other.batch_execute("COMMIT").expect("commit");
-        })
-    };
-    taken.recv().expect("row 2 taken");
+fn a_body_that_commits_through_diesels_manager_is_outcome_unknown() {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    let (_url, mut conn) = fresh_database("review_body_commits");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, dec(10), "fund")
+        .expect("an account");
     let runner = TxnRunner::new(TxnPolicy::default());
-    let mut attempts = 0;
     let answer = runner.run(&mut conn, |c| {
-        attempts += 1;
-        c.transaction::<_, diesel::result::Error, _>(|c| {
-            c.batch_execute("UPDATE pair SET n = n + 10 WHERE id = 1")?;
-            if attempts == 1 {
-                row_1_taken.send(()).expect("signal");
-                // Give the other transaction time to wait for row 1.
-                thread::sleep(Duration::from_millis(300));
-            }
-            c.batch_execute("UPDATE pair SET n = n + 10 WHERE id = 2")
-        })?;
-        Ok(attempts)
+        diesel::update(user_balance::table.find(1))
+            .set(user_balance::balance.eq(dec(99)))
+            .execute(c)?;
+        AnsiTransactionManager::commit_transaction(c)?;
+        Ok(())
     });
-    other.join().expect("other");
-    assert_eq!(answer.expect("run again after the deadlock"), 2);
-    let sum: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
-        "(SELECT CAST(SUM(n) AS SIGNED) FROM pair)",
-    ))
-    .get_result(&mut conn)
-    .expect("sum");
-    assert_eq!(sum, 22, "the other's two updates and the runner's, once");
+    assert!(
+        matches!(&answer, Err(e) if e.is_outcome_unknown()),
+        "{answer:?}"
+    );
+    let stored: Decimal = user_balance::table
+        .find(1)
+        .select(user_balance::balance)
+        .first(&mut conn)
+        .expect("the balance");
+    assert_eq!(stored, dec(99), "committed by the body");
 }
 
 /// A body that leaves a Diesel transaction of its own open and answers Ok: nothing is
