@@ -371,6 +371,13 @@ impl Sandbox {
         &self.socket
     }
 
+    /// The last `max_bytes` of the server's error log (its InnoDB messages: recovery after a
+    /// kill, corruption it found). Also printed to stderr when a sandbox is dropped while its
+    /// thread panics (a failing test), before its directory is removed.
+    pub fn error_log_tail(&self, max_bytes: u64) -> String {
+        read_tail(&self.dir.join(ERROR_LOG), max_bytes)
+    }
+
     /// Freezes the server with SIGSTOP: it keeps its connections open but answers nothing
     /// (a hung or unreachable server; new connections hang in their handshake). Undo with
     /// [`resume`](Self::resume); [`stop`](Self::stop), [`kill`](Self::kill),
@@ -547,14 +554,27 @@ impl Sandbox {
     }
 
     fn log_tail(&self) -> String {
-        read_tail(&self.dir.join(ERROR_LOG), 4000)
+        self.error_log_tail(4000)
     }
 }
+
+/// How much of a server's error log a sandbox dropped by a failing test prints.
+const FAILED_TEST_LOG_BYTES: u64 = 8000;
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.unpause();
         kill_and_reap(self.server.take());
+        if std::thread::panicking() {
+            // The test failed: what the server said (its recovery, corruption it found) is
+            // gone with the directory otherwise.
+            eprintln!(
+                "lockstock-testkit: the sandbox server's error log ({}), last {} bytes:\n{}",
+                self.dir.join(ERROR_LOG).display(),
+                FAILED_TEST_LOG_BYTES,
+                self.error_log_tail(FAILED_TEST_LOG_BYTES)
+            );
+        }
         remove_watched_dir(&self.dir, self.watchdog.take());
     }
 }

@@ -313,3 +313,46 @@ fn interrupted_process_leaves_nothing_behind() -> TestResult {
     eprintln!("watchdog cleaned up {:?} after the kill", took);
     Ok(())
 }
+
+const PANIC_CHILD_ENV: &str = "LOCKSTOCK_SANDBOX_PANIC_CHILD";
+const PANIC_CHILD_TEST: &str = "child_panics_with_a_sandbox";
+
+/// In the child process only: a test that fails while its sandbox is alive.
+#[test]
+fn child_panics_with_a_sandbox() -> TestResult {
+    if !is_child(PANIC_CHILD_ENV) {
+        return Ok(());
+    }
+    let sandbox = Sandbox::start()?;
+    assert!(sandbox
+        .error_log_tail(4000)
+        .contains("ready for connections"));
+    panic!("the child test fails with its sandbox alive");
+}
+
+/// A test that fails with a sandbox alive shows the server's error log (its InnoDB messages),
+/// which is removed with the sandbox's directory right after.
+#[test]
+fn a_failing_test_prints_its_sandbox_servers_error_log() -> TestResult {
+    if is_child(PANIC_CHILD_ENV) {
+        return Ok(());
+    }
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            PANIC_CHILD_TEST,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PANIC_CHILD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert!(!output.status.success(), "the child test fails");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the sandbox server's error log")
+            && stderr.contains("ready for connections"),
+        "{stderr}"
+    );
+    Ok(())
+}
