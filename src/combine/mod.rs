@@ -1074,14 +1074,19 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         kept.resize_with(all.len(), || None);
                         let open: Vec<usize> =
                             (0..all.len()).filter(|&i| kept[i].is_none()).collect();
-                        let some: Vec<Req> = open.iter().map(|&i| all[i].clone()).collect();
-                        let answers = many(&self.inner, conn, *key, &some, deadline)?;
-                        if answers.len() != some.len() {
+                        // Copies only for a router's later run that kept answers.
+                        let answers = if open.len() == all.len() {
+                            many(&self.inner, conn, *key, all, deadline)?
+                        } else {
+                            let some: Vec<Req> = open.iter().map(|&i| all[i].clone()).collect();
+                            many(&self.inner, conn, *key, &some, deadline)?
+                        };
+                        if answers.len() != open.len() {
                             // The whole batch's error (after a COMMIT: OutcomeUnknown).
                             return Err(Error::internal(format!(
                                 "batch returned {} results for {} requests",
                                 answers.len(),
-                                some.len()
+                                open.len()
                             )));
                         }
                         // A batch that failed before its commit answers a node failure to the

@@ -313,16 +313,13 @@ impl BalanceLedger {
         let mut create = false;
         loop {
             let missing = *missing_before;
-            // The account was found missing: the attempt ends with a ROLLBACK, not an empty
-            // COMMIT, which in a combiner would hand the key's turn on (and count as a commit)
-            // while this batch goes on.
-            let mut account_missing = false;
+            // The account was found missing: the attempt ends with a ROLLBACK (its marker
+            // error), not an empty COMMIT, which in a combiner would hand the key's turn on (and
+            // count as a commit) while this batch goes on.
             let attempt = self.runner.run_by(conn, deadline, |conn| {
-                account_missing = false;
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)?
                 else {
-                    account_missing = true;
                     #[cfg(test)]
                     super::tests::after_account_missing(conn);
                     return Err(super::idempotency::account_missing());
@@ -349,7 +346,7 @@ impl BalanceLedger {
                 Ok(decided) => return Ok(decided),
                 // Only the marker itself: a failure of the runner after it (its ROLLBACK, the
                 // watchdog) is the batch's.
-                Err(e) if account_missing && super::idempotency::is_account_missing(&e) => {
+                Err(e) if super::idempotency::is_account_missing(&e) => {
                     missing_before.get_or_insert(usize::MAX);
                     let any_charge = pending
                         .iter()

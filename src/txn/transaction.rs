@@ -35,8 +35,10 @@ pub(crate) fn note_clean_failure() {
 }
 
 /// Whether `error`, which ended an attempt's body, may have been a cached read's failure in the
-/// middle of its result: a server error other than a refusal lockstock noted as clean, a
-/// write's constraint, or a lost connection (whose statements are gone with it).
+/// middle of its result: a server error other than a refusal lockstock noted as clean or a
+/// write's constraint. (Asked only where the ROLLBACK after it answered: a failure whose text
+/// reads "lost connection" was then another's — a procedure's SIGNAL, a FEDERATED or Spider
+/// table's remote — and counts like any other.)
 fn may_leave_a_stale_statement(error: &Error) -> bool {
     let clean = CLEAN_FAILURE.with(|clean| clean.replace(false));
     match error {
@@ -44,8 +46,7 @@ fn may_leave_a_stale_statement(error: &Error) -> bool {
             !clean
                 && !matches!(
                     e.kind(),
-                    ServerErrorKind::ConnectionLost
-                        | ServerErrorKind::NodeNotReady
+                    ServerErrorKind::NodeNotReady
                         | ServerErrorKind::DuplicateKey
                         | ServerErrorKind::CheckViolation
                 )
@@ -196,7 +197,7 @@ pub(super) fn run_transaction<T>(
     // `conn.transaction(..)` in the body nests as a savepoint (at depth 0 Diesel sends `BEGIN`,
     // which commits the body's work so far: a retry would apply it twice), and a lockstock call
     // on the same connection is refused as nested.
-    let entered = diesel_depth(conn, TransactionDepthChange::IncreaseDepth).is_ok();
+    let entered = enter_diesel_count(conn);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let value = body(conn)?;
         // Before the savepoint is released: the failure then ends like any other.
@@ -269,12 +270,7 @@ pub(super) fn run_transaction<T>(
                 }
                 Some(broken) => Err(broken),
                 None => {
-                    // The ROLLBACK answered: the connection is alive, so a failure whose text
-                    // said "lost connection" was another's (a procedure's SIGNAL, a FEDERATED
-                    // or Spider table's remote), maybe in the middle of a cached read's result.
-                    let lost_elsewhere =
-                        error.server_kind() == Some(ServerErrorKind::ConnectionLost);
-                    if stale || lost_elsewhere {
+                    if stale {
                         if let Some(broken) =
                             forget_prepared(conn, begin.statement_cache, begin.flavor)
                         {
@@ -527,14 +523,14 @@ fn commit_failure(error: diesel::result::Error, read_only: bool) -> Error {
     }
 }
 
-/// Changes the depth Diesel's transaction manager counts on `conn` (see [`run_transaction`]).
-fn diesel_depth(
-    conn: &mut MysqlConnection,
-    change: TransactionDepthChange,
-) -> diesel::QueryResult<()> {
+/// Makes Diesel's transaction manager count the runner's transaction on `conn` (see
+/// [`run_transaction`]); whether it does.
+fn enter_diesel_count(conn: &mut MysqlConnection) -> bool {
     match AnsiTransactionManager::transaction_manager_status_mut(conn) {
-        TransactionManagerStatus::Valid(valid) => valid.change_transaction_depth(change),
-        TransactionManagerStatus::InError => Err(diesel::result::Error::BrokenTransactionManager),
+        TransactionManagerStatus::Valid(valid) => valid
+            .change_transaction_depth(TransactionDepthChange::IncreaseDepth)
+            .is_ok(),
+        TransactionManagerStatus::InError => false,
     }
 }
 

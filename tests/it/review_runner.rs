@@ -1345,14 +1345,19 @@ fn a_callers_row_caps_and_pending_insert_id_do_not_reach_lockstock() {
     }
 }
 
-/// A fresh database `name` with account 1 funded with 10 (through the returned ledger), and
-/// another connection whose transaction holds the account's row.
-fn account_held_elsewhere(name: &str) -> (MysqlConnection, BalanceLedger, MysqlConnection) {
+/// A fresh database `name` (its URL) with account 1 funded with 10 through the returned ledger.
+fn funded_account(name: &str) -> (String, MysqlConnection, BalanceLedger) {
     let (url, mut conn) = fresh_database(name);
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, 1, dec(10), "fund")
         .expect("an account");
+    (url, conn, ledger)
+}
+
+/// [`funded_account`], and another connection whose transaction holds the account's row.
+fn account_held_elsewhere(name: &str) -> (MysqlConnection, BalanceLedger, MysqlConnection) {
+    let (url, conn, ledger) = funded_account(name);
     let mut other = connect(&url);
     other.batch_execute("BEGIN").expect("begin");
     lock_balance(&mut other, 1).expect("the account's row held");
@@ -1444,11 +1449,7 @@ fn a_body_that_fails_inside_its_own_diesel_transaction_is_retried() {
 #[test]
 fn a_body_that_commits_through_diesels_manager_is_outcome_unknown() {
     use diesel::connection::{AnsiTransactionManager, TransactionManager};
-    let (_url, mut conn) = fresh_database("review_body_commits");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, 1, dec(10), "fund")
-        .expect("an account");
+    let (_url, mut conn, _ledger) = funded_account("review_body_commits");
     let runner = TxnRunner::new(TxnPolicy::default());
     let answer = runner.run(&mut conn, |c| {
         diesel::update(user_balance::table.find(1))
@@ -1476,11 +1477,7 @@ fn a_body_that_commits_through_diesels_manager_is_outcome_unknown() {
 #[test]
 fn a_body_that_leaves_its_own_diesel_transaction_open_commits_nothing() {
     use diesel::connection::{AnsiTransactionManager, TransactionManager};
-    let (_url, mut conn) = fresh_database("review_body_left_open");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, 1, dec(10), "fund")
-        .expect("an account");
+    let (_url, mut conn, ledger) = funded_account("review_body_left_open");
     let runner = TxnRunner::new(TxnPolicy::default());
     let answer = runner.run(&mut conn, |c| {
         diesel::update(user_balance::table.find(1))
