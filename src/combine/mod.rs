@@ -62,7 +62,10 @@
 //! so: a request with a later deadline (at least 10 ms left) goes back to the front of the
 //! queue and runs in the next batch, as its single call would still be retrying — but not
 //! once the attempts spent on it have reached the policy's `max_attempts` (the batch it runs in
-//! then may take up to `max_attempts` more: a batch counts its own). A waiter whose deadline passes
+//! then may take up to `max_attempts` more: a batch counts its own). So does a request that a
+//! batch, committed or not, did not apply but could not answer for certain because the lookup of
+//! its key (an earlier call may have recorded it) ran out of that deadline — alone it would
+//! answer [`Error::OutcomeUnknown`], but its single call would still be looking. A waiter whose deadline passes
 //! before its request was taken into a batch is removed from the queue and gets
 //! [`Error::Timeout`] — or, given back by a batch, that batch's error (so does a request found
 //! expired when a batch is formed, and a leader whose own deadline has passed hands the
@@ -645,20 +648,25 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 (answers(slots.len(), failed, committed), Vec::new())
             }
         };
-        // A request the batch gave up on ([`Again`]) by an earlier caller's deadline, with
-        // nothing committed, goes back to the front of the queue while it has time and
-        // attempts left: its single call would still be retrying. The rest are answered.
+        // A request the batch gave up on ([`Again`]) by an earlier caller's deadline goes
+        // back to the front of the queue while it has time and attempts left: its single call
+        // would still be retrying. So does one the batch did not apply whose key it could not
+        // look up by that deadline (`Error::refused_then_cut`; also after a COMMIT): its single
+        // call would still be looking. The rest are answered.
         let mut given_back = Vec::new();
         let mut copies = copies.into_iter();
         for ((slot, answer), deadline) in slots.into_iter().zip(answers).zip(deadlines) {
             let copy = copies.next().flatten();
             let spent = match (&answer, again, copy.is_some()) {
                 (Err(error), Some(again), true)
-                    if !committed
-                        && deadline.is_later_than(&batch_deadline)
+                    if deadline.is_later_than(&batch_deadline)
                         && deadline.remaining() >= AGAIN_AT_LEAST =>
                 {
-                    (again.spent)(error, lock(&slot.tried).0)
+                    match error.refused_then_cut() {
+                        Some(cut) => (again.spent)(cut, lock(&slot.tried).0),
+                        None if !committed => (again.spent)(error, lock(&slot.tried).0),
+                        None => None,
+                    }
                 }
                 _ => None,
             };

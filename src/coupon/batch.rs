@@ -127,7 +127,9 @@ impl CouponIssuer {
                     // Refused by the unique index, the holder not read since: this user may
                     // hold the coupon from an earlier call of this request, so it may be
                     // applied — as a single issue whose holder cannot be looked up answers.
-                    None if found.unknown => Error::unknown_after_refusal(failure.clone()),
+                    None if found.unknown => {
+                        Error::unknown_after_refusal_by_deadline(failure.clone())
+                    }
                     None => failure.clone(),
                 })
             })

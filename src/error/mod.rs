@@ -26,10 +26,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// A failure reported by the server or by Diesel, with its classification.
 ///
 /// Cloning is cheap and faithful: the Diesel error is shared, not rebuilt.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerError {
     kind: ServerErrorKind,
     source: Arc<DieselError>,
+    /// On the source of an [`Error::OutcomeUnknown`] made by
+    /// [`Error::unknown_after_refusal_by_deadline`]: the failure the deadline caused (private;
+    /// not part of what the error says).
+    refused_then_cut: Option<Arc<Error>>,
+}
+
+impl fmt::Debug for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerError")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 impl ServerError {
@@ -38,6 +51,7 @@ impl ServerError {
         Self {
             kind: kind::classify(&source),
             source: Arc::new(source),
+            refused_then_cut: None,
         }
     }
 
@@ -547,6 +561,36 @@ impl Error {
             | Error::RestockConflict { .. }
             | Error::OutcomeUnknown { .. } => failure,
             failure => Error::outcome_unknown(&failure),
+        }
+    }
+
+    /// [`unknown_after_refusal`](Self::unknown_after_refusal) for a request that THIS call
+    /// did not apply (it was refused, or its batch failed before committing) and whose key's
+    /// lookup `failure` may be the deadline's doing ([`Error::Timeout`], [`Error::Contended`],
+    /// [`Error::ServerUnresponsive`]): the same answer, marked so that a combiner can run the
+    /// request again in a later batch when its own caller's deadline is later than the one
+    /// the lookup ran by (see [`refused_then_cut`](Self::refused_then_cut)).
+    pub(crate) fn unknown_after_refusal_by_deadline(failure: Error) -> Error {
+        let cut = matches!(
+            failure,
+            Error::Timeout { .. } | Error::Contended { .. } | Error::ServerUnresponsive { .. }
+        );
+        match Error::unknown_after_refusal(failure.clone()) {
+            Error::OutcomeUnknown { mut source } if cut => {
+                source.refused_then_cut = Some(Arc::new(failure));
+                Error::OutcomeUnknown { source }
+            }
+            answer => answer,
+        }
+    }
+
+    /// For an answer of [`unknown_after_refusal_by_deadline`](Self::unknown_after_refusal_by_deadline)
+    /// whose failure the deadline may have caused: that failure. Nothing was applied by the
+    /// call that answered it; with more time its single call would have gone on looking.
+    pub(crate) fn refused_then_cut(&self) -> Option<&Error> {
+        match self {
+            Error::OutcomeUnknown { source } => source.refused_then_cut.as_deref(),
+            _ => None,
         }
     }
 

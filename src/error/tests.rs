@@ -259,3 +259,48 @@ mod galera {
         assert!(conflict.kind().is_retryable() && conflict.kind().is_definite_abort());
     }
 }
+
+#[test]
+fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same() {
+    let refused = ServerError::new(unknown(
+        "Statement aborted because lock(s) could not be acquired immediately and NOWAIT is set.",
+    ));
+    let cut = [
+        Error::Timeout {
+            elapsed: Duration::from_millis(5),
+        },
+        Error::Contended {
+            attempts: 3,
+            elapsed: Duration::from_millis(5),
+            last: refused.clone(),
+        },
+        Error::ServerUnresponsive {
+            elapsed: Duration::from_millis(5),
+        },
+    ];
+    for failure in cut {
+        let marked = Error::unknown_after_refusal_by_deadline(failure.clone());
+        let plain = Error::unknown_after_refusal(failure.clone());
+        assert!(marked.is_outcome_unknown(), "{marked:?}");
+        assert_eq!(format!("{marked}"), format!("{plain}"));
+        assert_eq!(format!("{marked:?}"), format!("{plain:?}"));
+        assert_eq!(marked.server_kind(), plain.server_kind());
+        assert!(
+            matches!(marked.refused_then_cut(), Some(inner) if format!("{inner:?}") == format!("{failure:?}")),
+            "{marked:?}"
+        );
+        assert!(plain.refused_then_cut().is_none());
+    }
+    // Failures the deadline did not cause, and answers found under the key, are not marked.
+    let not_cut = [
+        Error::Server(ServerError::new(unknown(
+            "Lost connection to server during query",
+        ))),
+        Error::outcome_unknown(&Error::internal("commit")),
+        Error::internal("broken"),
+    ];
+    for failure in not_cut {
+        let answer = Error::unknown_after_refusal_by_deadline(failure.clone());
+        assert!(answer.refused_then_cut().is_none(), "{answer:?}");
+    }
+}

@@ -98,7 +98,9 @@ impl BalanceLedger {
     /// Once the batch has committed the call answers per request: the committed ones with
     /// their entries, the others with the single call's error; a refused one whose key could
     /// not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`], as its single
-    /// call answers it.
+    /// call answers it. (Through a [`CombiningLedger`](crate::combine::CombiningLedger), whose
+    /// batch runs by its earliest caller's deadline, a request whose lookup that deadline cut
+    /// short runs again in the next batch while its own caller has time left.)
     pub fn apply_many(
         &self,
         conn: &mut MysqlConnection,
@@ -220,8 +222,9 @@ impl BalanceLedger {
                         Ok(rows) => rows,
                         Err(failure) => {
                             for index in open {
-                                results[index] =
-                                    Some(Err(Error::unknown_after_refusal(failure.clone())));
+                                results[index] = Some(Err(
+                                    Error::unknown_after_refusal_by_deadline(failure.clone()),
+                                ));
                             }
                             return Ok(());
                         }
@@ -287,7 +290,9 @@ impl BalanceLedger {
                     // Its key may have been recorded by an earlier call: as its single call
                     // answers it (`Error::unknown_after_refusal`).
                     for (index, _) in refused {
-                        results[index] = Some(Err(Error::unknown_after_refusal(failure.clone())));
+                        results[index] = Some(Err(Error::unknown_after_refusal_by_deadline(
+                            failure.clone(),
+                        )));
                     }
                 }
             }

@@ -154,7 +154,7 @@ impl BalanceLedger {
         match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
             Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
             Err(Error::NestedTransaction) => Err(refusal),
-            Err(failure) => Err(Error::unknown_after_refusal(failure)),
+            Err(failure) => Err(Error::unknown_after_refusal_by_deadline(failure)),
         }
     }
 

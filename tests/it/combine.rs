@@ -1273,3 +1273,90 @@ fn a_first_charge_keeps_its_keys_turn_until_its_call_ends() {
     assert_eq!(rows, 2);
     lockstock_testkit::fixtures::audit_ok(&ledger, &mut conn, USER);
 }
+
+/// A committed combined ledger batch looks the keys of its refused requests up after its
+/// COMMIT; where that lookup fails by the batch's deadline (its earliest caller's), a caller
+/// with time left is not answered by it: its single call would still be looking its key up.
+/// Its request runs again in the next batch, by its own deadline.
+#[test]
+fn a_lookup_cut_by_an_earlier_callers_deadline_does_not_answer_a_later_caller() {
+    use diesel::connection::SimpleConnection;
+    use std::time::Duration;
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let (url, mut conn) = fresh_database("combine_lookup_deadline");
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 100_000;
+    retry.deadline = Duration::from_secs(2);
+    let policy = lockstock::TxnPolicy::default().with_retry(retry);
+    let hot = Arc::new(CombiningLedger::new(
+        pool(&url, 4),
+        BalanceLedger::with_policy(policy),
+    ));
+    const USER: i64 = 7;
+    BalanceLedger::new()
+        .charge(&mut conn, USER, Decimal::from(10), "funds")
+        .expect("funds");
+
+    // Another program holds the account row for 1 s (the first caller's batch waits for it,
+    // holding the key's turn, so the next two callers meet in one batch) and the journal for
+    // 2.4 s (LOCK TABLES: every read of it waits), past the batch's deadline (the second
+    // caller's, 2.1 s) but not the third caller's (2.9 s).
+    let mut journal = connect(&url);
+    journal
+        .batch_execute("LOCK TABLES balance_history WRITE")
+        .expect("lock the journal");
+    let mut account = connect(&url);
+    account.batch_execute("BEGIN").expect("begin");
+    let _: Decimal = lockstock::schema::user_balance::table
+        .find(USER)
+        .select(lockstock::schema::user_balance::balance)
+        .for_update()
+        .first(&mut account)
+        .expect("lock the account");
+    let start = std::time::Instant::now();
+    let asks: Vec<_> = [("first", 0), ("second", 100), ("third", 900)]
+        .into_iter()
+        .map(|(key, after)| {
+            thread::sleep(Duration::from_millis(after).saturating_sub(start.elapsed()));
+            let hot = hot.clone();
+            // Each refused for the balance: its key is looked up after the commit.
+            thread::spawn(move || hot.deduct(USER, Decimal::from(100), key))
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(1_000).saturating_sub(start.elapsed()));
+    account
+        .batch_execute("ROLLBACK")
+        .expect("release the account");
+    thread::sleep(Duration::from_millis(2_400).saturating_sub(start.elapsed()));
+    journal
+        .batch_execute("UNLOCK TABLES")
+        .expect("release the journal");
+    let answers: Vec<_> = asks
+        .into_iter()
+        .map(|ask| ask.join().expect("caller"))
+        .collect();
+    // The first two could not look their keys up by their deadlines.
+    assert!(
+        matches!(answers[0], Err(Error::OutcomeUnknown { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers[1], Err(Error::OutcomeUnknown { .. })),
+        "{answers:?}"
+    );
+    // Before: the third got the second's OutcomeUnknown with 800 ms of its deadline left.
+    assert!(
+        matches!(answers[2], Err(Error::InsufficientBalance { .. })),
+        "{answers:?}"
+    );
+    let balance = BalanceLedger::new()
+        .balance(&mut conn, USER)
+        .expect("balance");
+    assert_eq!(balance.balance, Decimal::from(10));
+    let rows: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(USER))
+        .count()
+        .get_result(&mut conn)
+        .expect("journal rows");
+    assert_eq!(rows, 1, "the funding charge only");
+}
