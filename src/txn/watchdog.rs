@@ -19,8 +19,10 @@
 //! as `restart_syscall` with `poll`'s registers in place — it reads the `struct pollfd` at the first argument with
 //! `process_vm_readv` on its own process (never a raw pointer: the memory belongs to the
 //! blocked thread); for `read`, `recvfrom`, `recvmsg`, `write`, `sendto` and `sendmsg` the first
-//! argument is the descriptor. A descriptor that `fstat` confirms is a socket is
-//! `shutdown(SHUT_RDWR)`: libmariadb's poll returns, the statement fails with "Lost
+//! argument is the descriptor. A descriptor that `fstat` confirms is a socket — and is not one
+//! of the standard streams the process started with (under a service manager they may be
+//! sockets; recorded before `main` by an `.init_array` entry, so a database connection that
+//! took a freed number 0, 1 or 2 is not mistaken for one) — is `shutdown(SHUT_RDWR)`: libmariadb's poll returns, the statement fails with "Lost
 //! connection" (2013), and the server rolls back an open transaction when it sees the socket
 //! closed. A thread that is not blocked in one of those calls (running, sleeping in a backoff,
 //! waiting for a lock) is looked at again every [`HUNT`] until its guard is dropped — also once
@@ -239,6 +241,8 @@ impl Drop for Guard {
 
 #[cfg(target_os = "linux")]
 mod sys {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
     /// The watchdog can find and shut down the socket a thread is blocked on.
     pub(super) const SUPPORTED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
 
@@ -281,9 +285,10 @@ mod sys {
         let Some(fd) = blocked_fd(tid) else {
             return false;
         };
-        // Never the standard streams: under a service manager they may be sockets (a log
-        // writer blocked on them is not a database call).
-        if fd <= 2 || !is_socket(fd) {
+        // Never the process's standard streams: under a service manager they may be sockets
+        // (a log writer blocked on them is not a database call). A socket that took a number
+        // among them later (the process started with one closed) is cut like any other.
+        if !is_socket(fd) || is_standard_stream(fd) {
             return false;
         }
         // SAFETY: shutdown on a descriptor number is memory-safe; the socket belongs to the
@@ -338,11 +343,64 @@ mod sys {
     }
 
     fn is_socket(fd: i32) -> bool {
+        identity(fd).is_some_and(|(mode, _, _)| mode & libc::S_IFMT == libc::S_IFSOCK)
+    }
+
+    /// What `fstat` says `fd` is: its mode, device and inode (`None`: not open).
+    fn identity(fd: i32) -> Option<(libc::mode_t, u64, u64)> {
         // SAFETY: an all-zero `stat` is a valid value, and fstat writes only into it.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat on any descriptor number is memory-safe; it fails for a closed one.
         let ok = unsafe { libc::fstat(fd, &mut stat) } == 0;
-        ok && stat.st_mode & libc::S_IFMT == libc::S_IFSOCK
+        #[allow(clippy::useless_conversion)] // `dev_t` and `ino_t` are `u64` on most targets.
+        ok.then(|| (stat.st_mode, u64::from(stat.st_dev), u64::from(stat.st_ino)))
+    }
+
+    /// The device and inode of descriptors 0, 1 and 2 as the process started (0 where one was
+    /// closed: no socket has inode 0), recorded before `main` by [`RECORD_STANDARD_STREAMS`].
+    static STANDARD_STREAMS: [(AtomicU64, AtomicU64); 3] = [
+        (AtomicU64::new(0), AtomicU64::new(0)),
+        (AtomicU64::new(0), AtomicU64::new(0)),
+        (AtomicU64::new(0), AtomicU64::new(0)),
+    ];
+    /// Whether [`STANDARD_STREAMS`] was recorded.
+    static RECORDED: AtomicBool = AtomicBool::new(false);
+
+    /// Run by the C runtime as the program starts (an `.init_array` entry), before `main` and
+    /// any thread: what descriptors 0, 1 and 2 are then are the process's standard streams.
+    extern "C" fn record_standard_streams() {
+        for (fd, (dev, ino)) in (0..).zip(&STANDARD_STREAMS) {
+            if let Some((_, device, inode)) = identity(fd) {
+                dev.store(device, Ordering::Relaxed);
+                ino.store(inode, Ordering::Relaxed);
+            }
+        }
+        RECORDED.store(true, Ordering::Release);
+    }
+
+    #[used]
+    #[link_section = ".init_array"]
+    static RECORD_STANDARD_STREAMS: extern "C" fn() = record_standard_streams;
+
+    /// Whether `fd` is one of the standard streams the process started with (still the same
+    /// file): never shut down. Where the start could not be recorded, every number up to 2.
+    fn is_standard_stream(fd: i32) -> bool {
+        // Referenced here so that the linker keeps the `.init_array` entry with this code.
+        let _ = std::hint::black_box(&RECORD_STANDARD_STREAMS);
+        let Some(stream) = usize::try_from(fd)
+            .ok()
+            .and_then(|i| STANDARD_STREAMS.get(i))
+        else {
+            return false;
+        };
+        if !RECORDED.load(Ordering::Acquire) {
+            return true;
+        }
+        identity(fd).is_some_and(|(_, device, inode)| {
+            inode != 0
+                && device == stream.0.load(Ordering::Relaxed)
+                && inode == stream.1.load(Ordering::Relaxed)
+        })
     }
 }
 

@@ -708,3 +708,77 @@ fn silent_server_call_of_a_stopped_and_continued_process_returns() {
     );
     assert!(answer.contains("ServerUnresponsive"), "{answer}");
 }
+
+/// A process started with its standard input closed (a daemon, a supervisor that closes every
+/// descriptor) hands the lowest free descriptor, 0, to the first connection it opens. The
+/// watchdog leaves the process's own standard streams alone (under a service manager they may
+/// be sockets), but a database socket that merely took a freed number among them is cut like
+/// any other: a call on it returns by its deadline + grace.
+#[test]
+fn silent_server_call_on_a_connection_numbered_zero_returns() {
+    let _alone = exclusive();
+    let (mut sandbox, url, _setup) = private_server("silent_fd_zero");
+    let ledger = BalanceLedger::with_policy(policy());
+    /// Gives standard input back however the test ends.
+    struct Stdin(i32);
+    impl Drop for Stdin {
+        fn drop(&mut self) {
+            // SAFETY: plain descriptor calls on numbers this test owns.
+            unsafe {
+                libc::dup2(self.0, 0);
+                libc::close(self.0);
+            }
+        }
+    }
+    // SAFETY: plain descriptor calls; descriptor 0 is given back by `Stdin`'s drop.
+    let saved = unsafe { libc::dup(0) };
+    assert!(saved > 2, "a copy of standard input");
+    let stdin = Stdin(saved);
+    // SAFETY: as above.
+    unsafe { libc::close(0) };
+    let mut conn = connect(&url);
+    let peer = {
+        // SAFETY: an all-zero sockaddr_un is valid; getpeername writes at most `len` bytes.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        let ok =
+            unsafe { libc::getpeername(0, std::ptr::addr_of_mut!(addr).cast(), &mut len) } == 0;
+        let path: Vec<u8> = addr
+            .sun_path
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        ok.then(|| String::from_utf8_lossy(&path).into_owned())
+    };
+    assert_eq!(
+        peer.as_deref(),
+        sandbox.socket_path().to_str(),
+        "the connection did not get descriptor 0"
+    );
+    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
+    sandbox.pause().expect("pause");
+    let (tx, rx) = mpsc::channel();
+    let call = {
+        let ledger = ledger.clone();
+        thread::spawn(move || {
+            let started = Instant::now();
+            let answer = ledger.deduct(&mut conn, 1, Decimal::ONE, "d1");
+            let _ = tx.send((answer, started.elapsed()));
+            conn
+        })
+    };
+    // Before: the watchdog never shut descriptor 0 down, and the call waited for the server.
+    let (answer, took) = answer_or_resume(&mut sandbox, "deduct on descriptor 0", &rx);
+    assert!(took <= bound(), "took {took:?}");
+    assert!(
+        matches!(answer, Err(Error::ServerUnresponsive { .. })),
+        "{answer:?}"
+    );
+    sandbox.resume().expect("resume");
+    drop(call.join().expect("caller"));
+    drop(stdin);
+    let mut check = connect(&url);
+    assert_eq!(stored_balance(&mut check, 1), Decimal::from(100));
+    assert_eq!(count_key(&mut check, 1, "d1"), 0);
+}
