@@ -31,8 +31,8 @@ impl BalanceLedger {
     /// Proves from one consistent snapshot that the stored balance equals the journal's running
     /// sum, that every entry's `balance_after` matches it, that the change counter equals the
     /// number of entries, that every deduct's refunded total equals its refunds, that every
-    /// received transfer matches its sending entry and every sent transfer has exactly one
-    /// receiving entry, that every entry matches the request it recorded (its request hash,
+    /// received transfer matches its sending entry and is that entry's only receiving entry (in
+    /// any account), and every sent transfer has exactly one receiving entry, that every entry matches the request it recorded (its request hash,
     /// recomputed from the row: kind, account, amount and reference — a hold's from its expiry)
     /// and carries its idempotency key where the call took one, and for holds: that every hold
     /// has its hold entry, that every hold ended exactly once (an active hold by no entry; a
@@ -65,10 +65,13 @@ impl BalanceLedger {
                     .select(EntryRow::as_select())
                     .load(conn)
             })?;
+            // The receiving entries of this account's sent transfers and of the sending
+            // entries its own receiving entries link to (each sent transfer has ONE).
             let sent_ids: Vec<i64> = rows
                 .iter()
                 .filter(|r| r.kind == EntryKind::TransferOut.as_str())
                 .map(|r| r.id)
+                .chain(sender_ids.iter().copied())
                 .collect();
             let receivers: Vec<EntryRow> = read_in_lists(&sent_ids, |ids| {
                 balance_history::table
@@ -217,12 +220,18 @@ fn audit_entries(
         }
         if entry.kind == EntryKind::TransferIn {
             let sender = entry.related_entry_id.and_then(|id| senders.get(&id));
-            let matches = sender.is_some_and(|s| {
-                s.kind == EntryKind::TransferOut.as_str()
-                    && s.amount == entry.amount
-                    && s.counterparty_user_id == Some(entry.user_id)
-                    && Some(s.user_id) == entry.counterparty_user_id
-            });
+            // ... and the only receiving entry of its sending entry, in any account.
+            let credited_once = entry
+                .related_entry_id
+                .and_then(|id| received.get(&id))
+                .is_some_and(|all| matches!(all.as_slice(), [one] if one.id == entry.id));
+            let matches = credited_once
+                && sender.is_some_and(|s| {
+                    s.kind == EntryKind::TransferOut.as_str()
+                        && s.amount == entry.amount
+                        && s.counterparty_user_id == Some(entry.user_id)
+                        && Some(s.user_id) == entry.counterparty_user_id
+                });
             if !matches {
                 problems.push(format!(
                     "received transfer {} has no matching sending entry",

@@ -1728,3 +1728,48 @@ fn answers_carry_the_stored_scale_written_replayed_or_batched() {
     assert_eq!(text(&transfer.credit), "1.5000 1.5000 0.0000");
     ledger.audit(&mut conn, 1).expect("audit");
 }
+
+/// A sent transfer credited twice in the RECEIVER's journal (a second receiving entry linked to
+/// the same sending entry, with the balance raised to match) is found by the receiver's own
+/// audit, not only by the sender's.
+#[test]
+fn audit_of_the_receiver_detects_a_transfer_credited_twice() {
+    use diesel::connection::SimpleConnection;
+    let (_url, mut conn) = fresh_database("ledger_audit_double_credit");
+    let ledger = BalanceLedger::new();
+    let (sender, receiver) = (81_i64, 82_i64);
+    funded_account(&mut conn, &ledger, sender, dec(100, 0));
+    funded_account(&mut conn, &ledger, receiver, dec(1, 0));
+    let sent = ledger
+        .transfer(&mut conn, sender, receiver, dec(10, 0), "t1")
+        .expect("transfer");
+    audit_ok(&ledger, &mut conn, sender);
+    audit_ok(&ledger, &mut conn, receiver);
+    // The copy: the same link, hash and counterparty, the running sum and balance kept right.
+    conn.batch_execute(&format!(
+        "INSERT INTO balance_history (user_id, kind, amount, balance_after, idempotency_key, \
+         request_hash, related_entry_id, counterparty_user_id) \
+         SELECT user_id, kind, amount, balance_after + amount, idempotency_key, request_hash, \
+         related_entry_id, counterparty_user_id FROM balance_history WHERE id = {}; \
+         UPDATE user_balance SET balance = balance + 10, version = version + 1 \
+         WHERE user_id = {receiver}",
+        sent.credit.id
+    ))
+    .expect("credit the transfer twice");
+    // Before: the receiver's audit found nothing wrong.
+    match ledger.audit(&mut conn, receiver) {
+        Err(Error::AuditFailed(report)) => assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("received transfer")),
+            "{:?}",
+            report.problems
+        ),
+        other => panic!("expected AuditFailed, got {other:?}"),
+    }
+    assert!(matches!(
+        ledger.audit(&mut conn, sender),
+        Err(Error::AuditFailed(_))
+    ));
+}
