@@ -4,7 +4,8 @@
 //! # How a change is made
 //! One SERIALIZABLE transaction per call (see [`TxnRunner`]):
 //! 1. `SELECT ... FROM user_balance WHERE user_id = ? FOR UPDATE NOWAIT` — through the primary key,
-//!    so InnoDB takes one record lock. A transfer locks both rows in ascending `user_id` order.
+//!    so InnoDB takes one record lock. A transfer locks both rows in ascending `user_id` order
+//!    (a receiver it creates is written, and so locked, first; no lock read after that waits).
 //!    If the account has active holds (or a hold is placed), the server clock and the sum of its
 //!    holds not yet expired on it are read next (see `holds`): the *available* balance is the
 //!    posted balance minus them.

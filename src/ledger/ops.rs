@@ -304,7 +304,9 @@ impl BalanceLedger {
     }
 
     /// Moves `amount` from `from` to `to`: both rows locked in ascending `user_id` order (so
-    /// opposite transfers cannot deadlock), one journal entry per side. The receiver's account is
+    /// opposite transfers cannot deadlock; a receiver found missing is first written by a
+    /// wait-free `INSERT IGNORE`, which locks its new row before the other, and the lock reads
+    /// after it never wait, so no cycle can close either), one journal entry per side. The receiver's account is
     /// created if needed; the key belongs to the sender.
     ///
     /// # Errors
