@@ -67,7 +67,9 @@ impl CouponIssuer {
     /// [`Error::Server`],
     /// [`Error::Internal`] for facts that keep disagreeing): then no request was applied (or,
     /// for [`Error::OutcomeUnknown`], all or none were). It is given only when every user id
-    /// is valid and the batch found none of its users holding the coupon: otherwise such a
+    /// is valid and the batch found none of its users holding the coupon — before answering a
+    /// failure with time left (not a node failure) it looks them up in a lock-free snapshot,
+    /// as a single issue refused by the unique index reads its holder: otherwise such a
     /// failure is answered per request, an invalid id with [`Error::InvalidId`] (as `issue`
     /// answers it before sending anything), a user found holding the coupon with
     /// [`Error::AlreadyIssued`] (as `issue` answers it without the stock row: the unique index
@@ -100,6 +102,32 @@ impl CouponIssuer {
             Err(failure) => failure,
             decided => return decided,
         };
+        // With time left, the users not found holding are looked up lock-free first, as a
+        // single issue refused by the unique index reads its holder: a batch refused before it
+        // could tell (its holders read refused until its attempts ran out) still answers a
+        // holder `AlreadyIssued`. Not after a node failure (a router runs the batch again on
+        // the writer) nor an unknown outcome.
+        let open: Vec<i64> = user_ids
+            .iter()
+            .copied()
+            .filter(|&user_id| user_id > 0 && !found.held.contains_key(&user_id))
+            .collect();
+        if found.coupon_id > 0
+            && !open.is_empty()
+            && !deadline.is_expired()
+            && !failure.is_node_failure()
+            && !failure.is_outcome_unknown()
+        {
+            let coupon_id = found.coupon_id;
+            if let Ok(held) = self
+                .runner
+                .read_by(conn, deadline, |conn| holders(conn, coupon_id, &open))
+            {
+                found.held.extend(held);
+                // Every user's holder is known as of this read.
+                found.unknown = false;
+            }
+        }
         let holder = |user_id: i64| found.held.get(&user_id).copied();
         // A user found holding the coupon is never answered the failure (a node failure
         // included: it may say that nothing was applied); nor is any user while a holder among
@@ -199,17 +227,17 @@ impl CouponIssuer {
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
-                let holders = if read_holders {
-                    holders(conn, coupon_id, &valid)?
-                } else {
-                    HashMap::new()
-                };
                 if found.coupon_id != coupon_id {
                     *found = SeenHolders {
                         coupon_id,
                         ..SeenHolders::default()
                     };
                 }
+                let holders = if read_holders {
+                    holders(conn, coupon_id, &valid)?
+                } else {
+                    HashMap::new()
+                };
                 // Every holder among the users, as of this read.
                 if read_holders {
                     found.unknown = false;

@@ -1199,6 +1199,46 @@ fn a_batchs_holders_read_never_waits() {
     assert_eq!(stock_row(&mut conn, campaign.id).1, 8, "users 5 and 6 only");
 }
 
+/// A batch on a campaign whose batches read their users' holders first, refused in that read
+/// until its attempts run out (another program's uncommitted coupon for one user), still
+/// answers a user who holds the coupon `AlreadyIssued`, as that user's single `issue` does
+/// (its INSERT is refused by the unique index at once, and its coupon is read lock-free): the
+/// holders are looked up without locks before the failure is answered. Before the fix the whole
+/// batch was `Err(Contended)`, which tells the holder's retry that nothing was applied.
+#[test]
+fn a_batch_refused_in_its_holders_read_still_answers_a_holder_already_issued() {
+    let (url, mut conn) = fresh_database("review_holders_refused_holder");
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 3;
+    retry.deadline = StdDuration::from_secs(10);
+    let issuer = CouponIssuer::with_policy(TxnPolicy::default().with_retry(retry));
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "holders", 10);
+    issuer.issue(&mut conn, 5, campaign.id).expect("user 5");
+    issuer
+        .issue_many(&mut conn, campaign.id, &[5, 6])
+        .expect("a batch that meets a holder");
+    let mut other = lockstock_testkit::fixtures::other_program(&url);
+    diesel::insert_into(user_coupon::table)
+        .values((
+            user_coupon::user_id.eq(2),
+            user_coupon::coupon_id.eq(campaign.coupon_id),
+            user_coupon::fcfs_coupon_id.eq(campaign.id),
+            user_coupon::issued_at.eq(chrono::Utc::now().naive_utc()),
+        ))
+        .execute(&mut other)
+        .expect("the other program's row");
+    let singles: Vec<String> = [5, 2]
+        .iter()
+        .map(|&user| variant(&issuer.issue(&mut conn, user, campaign.id)))
+        .collect();
+    assert_eq!(singles, ["AlreadyIssued", "Contended"]);
+    let batch = issuer.issue_many(&mut conn, campaign.id, &[5, 2]);
+    other.batch_execute("ROLLBACK").expect("rollback");
+    let batch = batch.expect("answered per request");
+    assert_eq!(batch.iter().map(variant).collect::<Vec<_>>(), singles);
+    assert_eq!(stock_row(&mut conn, campaign.id).1, 8, "users 5 and 6 only");
+}
+
 /// A batch whose transaction fails as a whole (here `Contended`: another program holds the
 /// stock row) still answers an invalid user id `InvalidId`, as `issue` does before it sends
 /// anything; a combined issue answers an invalid id, and a campaign its issuer has seen sold
