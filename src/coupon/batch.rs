@@ -225,6 +225,12 @@ impl CouponIssuer {
             let seen = self.sightings(campaign_id);
             let (mut stale, mut unknown_holders, mut short) = (false, false, false);
             let attempt = self.runner.run_by(conn, deadline, |conn| {
+                // What the LAST attempt found: the runner may run this body again after a
+                // failure it set a flag for (on Galera, a body's refusal becomes a deadlock
+                // when the node aborted the transaction meanwhile).
+                (stale, unknown_holders, short) = (false, false, false);
+                #[cfg(test)]
+                super::tests::attempt_begins();
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
                 if found.coupon_id != coupon_id {
@@ -308,6 +314,10 @@ impl CouponIssuer {
                 if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
                     // The refused user may hold the coupon (then: AlreadyIssued).
                     unknown_holders = true;
+                    #[cfg(test)]
+                    if let Some(aborted) = super::tests::holders_needed() {
+                        return Err(aborted);
+                    }
                     return Err(Error::internal("holders needed"));
                 }
                 let new_ids = match early {

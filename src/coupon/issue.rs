@@ -88,6 +88,8 @@ impl CouponIssuer {
             let mut stale = false;
             let mut stock_seen = false;
             let result = self.runner.run_by(conn, deadline, |conn| {
+                // What the LAST attempt found (the runner may run this body again).
+                (stale, stock_seen) = (false, false);
                 // This attempt's time: the window is checked at it, and it is the issue time.
                 let at = self.now();
                 read = seen.now();

@@ -1,5 +1,124 @@
-use super::types::{positive_quantity, Discount};
+use std::cell::RefCell;
+
+use diesel::prelude::*;
 use rust_decimal::Decimal;
+
+use super::cache::lock;
+use super::types::{positive_quantity, Discount};
+use super::CouponIssuer;
+use crate::error::{Error, ServerError};
+
+thread_local! {
+    /// Armed by a test: the next "holders needed" refusal of a batch attempt is answered as the
+    /// runner answers a body's failure on a Galera-guarded write whose savepoint is gone (the
+    /// node aborted the transaction meanwhile): a deadlock, retried.
+    static ABORT_WHEN_HOLDERS_NEEDED: RefCell<bool> = const { RefCell::new(false) };
+    /// Run as the attempt after the aborted one begins (that one rolled back): another
+    /// program's write. Moved to [`AT_THIS_ATTEMPT`] by the abort.
+    static AT_NEXT_ATTEMPT: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+    static AT_THIS_ATTEMPT: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+}
+
+/// The hook where a batch attempt finds it needs its users' holders.
+pub(super) fn holders_needed() -> Option<Error> {
+    let armed = ABORT_WHEN_HOLDERS_NEEDED.with(|armed| armed.replace(false));
+    if armed {
+        let write = AT_NEXT_ATTEMPT.with(|next| next.borrow_mut().take());
+        AT_THIS_ATTEMPT.with(|this| *this.borrow_mut() = write);
+    }
+    armed.then(|| {
+        Error::Server(ServerError::new(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::SerializationFailure,
+            Box::new(
+                "Deadlock found when trying to get lock; try restarting transaction".to_owned(),
+            ),
+        )))
+    })
+}
+
+/// The hook where a batch attempt begins.
+pub(super) fn attempt_begins() {
+    if let Some(write) = AT_THIS_ATTEMPT.with(|this| this.borrow_mut().take()) {
+        write();
+    }
+}
+
+/// An attempt that set a flag for the batch's decision and was then retried by the runner (on
+/// Galera: a body's refusal turned into a deadlock because the node had aborted the
+/// transaction) must not pass the flag on to the next attempt: here the next attempt meets a
+/// holder (a duplicate key), and the batch must take it as one — the campaign's later batches
+/// read their holders first — not as the first attempt's "holders needed". Before the fix the
+/// flag stayed set and the duplicate was never recorded.
+#[test]
+fn a_retried_batch_attempt_does_not_inherit_the_flags_of_the_one_before() {
+    let Ok(url) = lockstock_testkit::database_url("unit_coupon_attempt_flags") else {
+        panic!("a throwaway database");
+    };
+    let Ok(mut conn) = MysqlConnection::establish(&url) else {
+        panic!("connect");
+    };
+    assert!(crate::run_migrations(&mut conn).is_ok());
+    let issuer = CouponIssuer::new();
+    let now = chrono::Utc::now().naive_utc();
+    let Ok(coupon) = issuer.create_coupon(
+        &mut conn,
+        &crate::NewCoupon {
+            name: "flags",
+            discount: Discount::Fixed(Decimal::ONE),
+            valid_from: now - chrono::Duration::hours(1),
+            valid_until: now + chrono::Duration::days(7),
+        },
+    ) else {
+        panic!("a coupon template");
+    };
+    let Ok(campaign) = issuer.create_campaign(
+        &mut conn,
+        &crate::NewCampaign {
+            coupon_id: coupon.id,
+            quantity: 1,
+            issue_starts_at: now - chrono::Duration::minutes(1),
+            issue_ends_at: now + chrono::Duration::hours(1),
+        },
+    ) else {
+        panic!("a campaign");
+    };
+    let (campaign_id, coupon_id) = (campaign.id, campaign.coupon_id);
+    // Stock 1, users 1 and 2: the first attempt refuses user 2 for the stock without knowing
+    // whether it holds the coupon ("holders needed"), and is aborted. Before the next attempt
+    // another program issues user 1 a coupon.
+    ABORT_WHEN_HOLDERS_NEEDED.with(|armed| *armed.borrow_mut() = true);
+    let other_url = url.clone();
+    AT_NEXT_ATTEMPT.with(|next| {
+        *next.borrow_mut() = Some(Box::new(move || {
+            let Ok(mut other) = MysqlConnection::establish(&other_url) else {
+                panic!("another program");
+            };
+            let inserted = diesel::insert_into(crate::schema::user_coupon::table)
+                .values((
+                    crate::schema::user_coupon::user_id.eq(1_i64),
+                    crate::schema::user_coupon::coupon_id.eq(coupon_id),
+                    crate::schema::user_coupon::fcfs_coupon_id.eq(campaign_id),
+                ))
+                .execute(&mut other);
+            assert_eq!(inserted.ok(), Some(1), "the other program's coupon");
+        }));
+    });
+    let Ok(answers) = issuer.issue_many(&mut conn, campaign_id, &[1, 2]) else {
+        panic!("answered per request");
+    };
+    assert!(
+        matches!(answers[0], Err(Error::AlreadyIssued { user_id: 1, .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[1], Ok(issued) if issued.user_id == 2),
+        "{answers:?}"
+    );
+    assert!(
+        lock(&issuer.repeat_askers).contains(&campaign_id),
+        "the batch met a holder: the campaign's batches read their holders first"
+    );
+}
 
 #[test]
 fn discounts() {
