@@ -16,9 +16,10 @@
 //! system call number the thread is blocked in, then its argument registers). For `poll` /
 //! `ppoll` on one descriptor — also a `poll` that a stop of the process (SIGSTOP and SIGCONT,
 //! Ctrl-Z and `fg`, a cgroup freeze, a debugger attaching) interrupted, which the kernel resumes
-//! as `restart_syscall` with `poll`'s registers in place — it reads the `struct pollfd` at the first argument with
-//! `process_vm_readv` on its own process (never a raw pointer: the memory belongs to the
-//! blocked thread); for `read`, `recvfrom`, `recvmsg`, `write`, `sendto` and `sendmsg` the first
+//! as `restart_syscall` with `poll`'s registers in place — it reads the `struct pollfd` at the first argument
+//! through `/proc/self/mem` (never a raw pointer: the memory belongs to the blocked thread; not
+//! `process_vm_readv`, which hardened seccomp profiles refuse, except where `/proc/self/mem`
+//! cannot be opened); for `read`, `recvfrom`, `recvmsg`, `write`, `sendto` and `sendmsg` the first
 //! argument is the descriptor. A descriptor that `fstat` confirms is a socket — and is not one
 //! of the standard streams the process started with (under a service manager they may be
 //! sockets; recorded before `main` by an `.init_array` entry, so a database connection that
@@ -319,27 +320,35 @@ mod sys {
         }
     }
 
-    /// The `fd` of the `struct pollfd` at `address` in this process, read with
-    /// `process_vm_readv` (a failed read, e.g. an address gone, is `None`).
+    /// The `fd` of the `struct pollfd` at `address` in this process (a failed read, e.g. an
+    /// address gone, is `None`): read with `pread` on `/proc/self/mem`, which every Linux
+    /// allows a process on itself; only where that cannot be opened with `process_vm_readv`,
+    /// which seccomp profiles without the debugging system calls refuse (or answer by killing
+    /// the process: systemd's `@system-service` without `SystemCallErrorNumber=`).
     fn read_pollfd(address: u64) -> Option<i32> {
-        let mut pollfd = libc::pollfd {
-            fd: -1,
-            events: 0,
-            revents: 0,
-        };
-        let size = std::mem::size_of::<libc::pollfd>();
-        let local = libc::iovec {
-            iov_base: std::ptr::addr_of_mut!(pollfd).cast(),
-            iov_len: size,
-        };
-        let remote = libc::iovec {
-            iov_base: usize::try_from(address).ok()? as *mut libc::c_void,
-            iov_len: size,
-        };
-        // SAFETY: the kernel writes at most `size` bytes into `pollfd`, which we own; the remote
-        // address is only read by the kernel, which checks it.
-        let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        (usize::try_from(read).ok() == Some(size) && pollfd.fd >= 0).then_some(pollfd.fd)
+        use std::os::unix::fs::FileExt;
+        let mut bytes = [0_u8; std::mem::size_of::<libc::pollfd>()];
+        match std::fs::File::open("/proc/self/mem") {
+            Ok(memory) => memory.read_exact_at(&mut bytes, address).ok()?,
+            Err(_) => {
+                let local = libc::iovec {
+                    iov_base: bytes.as_mut_ptr().cast(),
+                    iov_len: bytes.len(),
+                };
+                let remote = libc::iovec {
+                    iov_base: usize::try_from(address).ok()? as *mut libc::c_void,
+                    iov_len: bytes.len(),
+                };
+                // SAFETY: the kernel writes at most `bytes.len()` bytes into `bytes`, which we
+                // own; the remote address is only read by the kernel, which checks it.
+                let read =
+                    unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+                (usize::try_from(read).ok() == Some(bytes.len())).then_some(())?;
+            }
+        }
+        // `struct pollfd` begins with its `int fd`, in the machine's byte order.
+        let fd = i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        (fd >= 0).then_some(fd)
     }
 
     fn is_socket(fd: i32) -> bool {

@@ -782,3 +782,173 @@ fn silent_server_call_on_a_connection_numbered_zero_returns() {
     assert_eq!(stored_balance(&mut check, 1), Decimal::from(100));
     assert_eq!(count_key(&mut check, 1, "d1"), 0);
 }
+
+/// Set in the child of [`silent_server_call_under_a_seccomp_filter_returns`]: the database URL.
+const FILTERED_CHILD_URL: &str = "LOCKSTOCK_FILTERED_CHILD_URL";
+
+/// Refuses `process_vm_readv` with EPERM in this thread and the threads it starts later (the
+/// watchdog's among them), as container and service-manager profiles that leave out the
+/// debugging system calls do (systemd's `@system-service`, with `SystemCallErrorNumber=EPERM`).
+#[cfg(target_arch = "x86_64")]
+fn refuse_process_vm_readv() {
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        op(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+        op(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        op(RET_K, 0, 0, RET_ALLOW),
+        op(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        op(JEQ_K, 0, 1, libc::SYS_process_vm_readv as u32),
+        op(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+        op(RET_K, 0, 0, RET_ALLOW),
+    ];
+    let filter = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid filter program that outlives the call.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                std::ptr::addr_of!(filter)
+            ),
+            0,
+            "install the filter"
+        );
+    }
+    let (mut byte, source) = (0_u8, 7_u8);
+    let local = libc::iovec {
+        iov_base: std::ptr::addr_of_mut!(byte).cast(),
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        iov_base: std::ptr::addr_of!(source).cast_mut().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: reads one byte of our own memory into `byte`.
+    let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    assert_eq!(read, -1, "the filter refuses process_vm_readv");
+}
+
+/// The child of [`silent_server_call_under_a_seccomp_filter_returns`]: connects, refuses
+/// itself `process_vm_readv`, says `ready`, waits for `go` (the server is paused then), reads a
+/// balance with [`policy`] and says what it got after how many milliseconds.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn filtered_child() {
+    use std::io::{BufRead, Write};
+    let Ok(url) = std::env::var(FILTERED_CHILD_URL) else {
+        return;
+    };
+    let ledger = BalanceLedger::with_policy(policy());
+    let mut conn = connect(&url);
+    refuse_process_vm_readv();
+    let mut out = std::io::stdout();
+    let mut say = |line: &str| {
+        writeln!(out, "{CHILD_SAYS}{line}").expect("to the parent");
+        out.flush().expect("to the parent");
+    };
+    say("ready");
+    let mut go = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut go)
+        .expect("from the parent");
+    assert_eq!(go.trim(), "go");
+    let started = Instant::now();
+    let answer = ledger.balance(&mut conn, 1);
+    let took = started.elapsed();
+    say(&format!("answered {} {answer:?}", took.as_millis()));
+}
+
+/// A process whose seccomp filter refuses `process_vm_readv` (a hardened container or unit)
+/// still has its call on a paused server cut by deadline + grace: the watchdog reads the
+/// blocked `poll`'s descriptor through `/proc/self/mem`. Before the fix it read it only with
+/// `process_vm_readv`, found nothing, and the call waited as long as the server did (under a
+/// filter that kills instead, the first overdue call killed the process). The call runs in a
+/// child process (this test binary again), so only it is filtered.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn silent_server_call_under_a_seccomp_filter_returns() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    if std::env::var_os(FILTERED_CHILD_URL).is_some() {
+        return;
+    }
+    let _alone = exclusive();
+    let (mut sandbox, url, mut conn) = private_server("silent_filtered");
+    funded_account(
+        &mut conn,
+        &BalanceLedger::with_policy(policy()),
+        1,
+        Decimal::from(100),
+    );
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "silent::filtered_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FILTERED_CHILD_URL, &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the child");
+    let mut to_child = child.stdin.take().expect("child stdin");
+    let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
+    let (lines, said) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in from_child.lines().map_while(Result::ok) {
+            if let Some((_, line)) = line.split_once(CHILD_SAYS) {
+                if lines.send(line.to_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // The next line of the child, if it begins with `what` within `within`.
+    let next = |what: &str, within: Duration| {
+        said.recv_timeout(within)
+            .ok()
+            .filter(|line| line.starts_with(what))
+    };
+    let ready = next("ready", Duration::from_secs(30));
+    let answer = ready.and_then(|_| {
+        sandbox.pause().expect("pause");
+        writeln!(to_child, "go").expect("to the child");
+        next("answered", give_up())
+    });
+    let _ = sandbox.resume();
+    let Some(answer) = answer else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the child did not answer within {:?} of a paused server",
+            give_up()
+        );
+    };
+    let status = child.wait().expect("the child ends");
+    assert!(status.success(), "the child failed: {status}");
+    eprintln!("under a seccomp filter: {answer}");
+    let millis: u64 = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .expect("milliseconds");
+    assert!(
+        Duration::from_millis(millis) <= bound(),
+        "answered after {millis} ms, bound {:?}: {answer}",
+        bound()
+    );
+    assert!(answer.contains("ServerUnresponsive"), "{answer}");
+}
