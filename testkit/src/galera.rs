@@ -92,7 +92,7 @@ use crate::sandbox::{
     make_private_dir, percent_encode, read_tail, remove_watched_dir, request_shutdown,
     run_install_db, search_path, server_command, spawn_detached, spawn_watchdog_script,
     validate_database_name, wait_stopped, wait_timeout, write_atomically, SandboxError, ERROR_LOG,
-    SOCKET_NAME, STOP_TIMEOUT,
+    FAILED_TEST_LOG_BYTES, SOCKET_NAME, STOP_TIMEOUT,
 };
 
 /// Number of nodes of [`GaleraCluster::builder`]'s default cluster.
@@ -984,6 +984,18 @@ impl Drop for GaleraCluster {
         }
         for n in &mut self.nodes {
             kill_and_reap(n.server.take());
+        }
+        if std::thread::panicking() {
+            // The test failed: what the nodes said (their recovery, certification failures,
+            // corruption they found) is gone with the directory otherwise.
+            for (node, n) in self.nodes.iter().enumerate() {
+                eprintln!(
+                    "lockstock-testkit: Galera node {node}'s error log ({}), last {} bytes:\n{}",
+                    n.dir.join(ERROR_LOG).display(),
+                    FAILED_TEST_LOG_BYTES,
+                    self.log_tail(node, FAILED_TEST_LOG_BYTES)
+                );
+            }
         }
         remove_watched_dir(&self.dir, self.watchdog.take());
     }

@@ -558,8 +558,9 @@ impl Sandbox {
     }
 }
 
-/// How much of a server's error log a sandbox dropped by a failing test prints.
-const FAILED_TEST_LOG_BYTES: u64 = 8000;
+/// How much of a server's error log a sandbox (or each Galera node) dropped by a failing test
+/// prints.
+pub(crate) const FAILED_TEST_LOG_BYTES: u64 = 8000;
 
 impl Drop for Sandbox {
     fn drop(&mut self) {

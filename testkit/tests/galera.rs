@@ -285,3 +285,43 @@ fn galera_interrupted_owner_leaves_nothing_behind() -> TestResult {
     eprintln!("watchdog cleaned up the cluster {took:?} after the kill");
     Ok(())
 }
+
+const PANIC_CHILD_ENV: &str = "LOCKSTOCK_GALERA_PANIC_CHILD";
+const PANIC_CHILD_TEST: &str = "galera_child_panics_with_a_cluster";
+
+/// In the child process only: a test that fails while its (one-node) cluster is alive.
+#[test]
+fn galera_child_panics_with_a_cluster() -> TestResult {
+    if !is_child(PANIC_CHILD_ENV) {
+        return Ok(());
+    }
+    let cluster = GaleraCluster::start(1)?;
+    assert!(cluster.log_tail(0, 8000).contains("ready for connections"));
+    panic!("the child test fails with its cluster alive");
+}
+
+/// A test that fails with a Galera cluster alive shows each node's error log, which is removed
+/// with the cluster's directory right after.
+#[test]
+fn galera_a_failing_test_prints_its_nodes_error_logs() -> TestResult {
+    if is_child(PANIC_CHILD_ENV) {
+        return Ok(());
+    }
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            PANIC_CHILD_TEST,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PANIC_CHILD_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    assert!(!output.status.success(), "the child test fails");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Galera node 0's error log") && stderr.contains("ready for connections"),
+        "{stderr}"
+    );
+    Ok(())
+}
