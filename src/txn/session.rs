@@ -87,25 +87,24 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
     Ok(loaded.loaded != 0)
 }
 
-/// Whether the server names a wsrep provider (`@@wsrep_provider` is not `none`).
+/// Whether the server names a wsrep provider (`@@wsrep_provider` is not `none`), read from
+/// `information_schema.GLOBAL_VARIABLES`: a server built without Galera has no such variable
+/// and answers no row, not an error (whose text, in the caller's `lc_messages`, would have to
+/// be read).
 fn provider_configured(conn: &mut MysqlConnection) -> Result<bool, Error> {
-    let on: diesel::QueryResult<i64> = diesel::select(
-        diesel::dsl::sql::<diesel::sql_types::BigInt>("CAST(@@wsrep_provider <> 'none' AS SIGNED)"),
-    )
-    .limit(1)
-    .get_result(conn);
-    match on {
-        Ok(on) => Ok(on != 0),
-        Err(diesel::result::Error::DatabaseError(_, info))
-            if info
-                .message()
-                .to_ascii_lowercase()
-                .contains("unknown system variable") =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(e.into()),
+    #[derive(diesel::QueryableByName)]
+    struct Configured {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        configured: i64,
     }
+    // As in `galera_node`: no transaction opened, the caller's limits beaten.
+    let configured = diesel::sql_query(
+        "SET STATEMENT sql_big_selects = 1 FOR SELECT CAST(COALESCE((SELECT variable_value \
+         FROM information_schema.GLOBAL_VARIABLES WHERE variable_name = 'WSREP_PROVIDER'), \
+         'none') <> 'none' AS SIGNED) AS configured LIMIT 1",
+    )
+    .get_result::<Configured>(conn)?;
+    Ok(configured.configured != 0)
 }
 
 /// Applies a policy's session settings to a connection for good, and marks the connection as
