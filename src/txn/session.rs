@@ -77,9 +77,11 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
     }
     // A read of information_schema opens no transaction under a caller's `autocommit = 0`;
     // the explicit LIMIT beats a caller's `sql_select_limit`, the statement's own
-    // `sql_big_selects` a caller's `max_join_size`.
+    // `sql_big_selects` a caller's `max_join_size`, and its own `max_statement_time` a
+    // caller's (the watchdog bounds it).
     let loaded = diesel::sql_query(
-        "SET STATEMENT sql_big_selects = 1 FOR SELECT CAST(COALESCE((SELECT variable_value \
+        "SET STATEMENT sql_big_selects = 1, max_statement_time = 0 FOR SELECT \
+         CAST(COALESCE((SELECT variable_value \
          FROM information_schema.GLOBAL_STATUS WHERE variable_name = 'WSREP_PROVIDER_NAME'), \
          SPACE(0)) <> SPACE(0) AS SIGNED) AS loaded LIMIT 1",
     )
@@ -97,9 +99,11 @@ fn provider_configured(conn: &mut MysqlConnection) -> Result<bool, Error> {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         configured: i64,
     }
-    // As in `galera_node`: no transaction opened, the caller's limits beaten.
+    // As in `galera_node`: no transaction opened, the caller's limits beaten (its statement
+    // time too: reading information_schema takes longer than a caller's 100 µs cap).
     let configured = diesel::sql_query(
-        "SET STATEMENT sql_big_selects = 1 FOR SELECT CAST(COALESCE((SELECT variable_value \
+        "SET STATEMENT sql_big_selects = 1, max_statement_time = 0 FOR SELECT \
+         CAST(COALESCE((SELECT variable_value \
          FROM information_schema.GLOBAL_VARIABLES WHERE variable_name = 'WSREP_PROVIDER'), \
          'none') <> 'none' AS SIGNED) AS configured LIMIT 1",
     )
