@@ -63,9 +63,14 @@
 //! queue and runs in the next batch, as its single call would still be retrying — but not
 //! once the attempts spent on it have reached the policy's `max_attempts` (the batch it runs in
 //! then may take up to `max_attempts` more: a batch counts its own). So does a request that a
-//! batch, committed or not, did not apply but could not answer for certain because the lookup of
-//! its key (an earlier call may have recorded it) ran out of that deadline — alone it would
-//! answer [`Error::OutcomeUnknown`], but its single call would still be looking. A waiter whose deadline passes
+//! batch that failed did not apply but could not answer for certain because the lookup of its
+//! key (an earlier call may have recorded it) ran out of that deadline — alone it would answer
+//! [`Error::OutcomeUnknown`], but its single call would still be trying; once given back so, it
+//! is never answered a failure that says nothing was applied, only that `OutcomeUnknown`. A
+//! request that a ledger batch refused and COMMITTED without, whose key's lookup ran out of the
+//! batch's deadline, is finished by its own caller instead (the turn is the next batch's by
+//! then): the lookup its single call would still be making, by its own deadline, on a
+//! connection of its own — the key's entry answers it, else the refusal. A waiter whose deadline passes
 //! before its request was taken into a batch is removed from the queue and gets
 //! [`Error::Timeout`] — or, given back by a batch, that batch's error (so does a request found
 //! expired when a batch is formed, and a leader whose own deadline has passed hands the
@@ -160,6 +165,21 @@ impl<Resp> Slot<Resp> {
 
     /// The answer of a request whose deadline passed before it was taken into a batch: the
     /// error a batch that gave it back gave up with, or [`Error::Timeout`].
+    /// `answer`, or — where a batch gave this request back because it could not look its key
+    /// up by its deadline ([`Error::refused_then_cut`]: an earlier call may have applied it) —
+    /// that batch's [`Error::OutcomeUnknown`] instead of a later failure that would say that
+    /// nothing was applied: its single call would only have gone on looking its key up, and
+    /// never answered such a failure.
+    fn settled(&self, answer: Result<Resp>) -> Result<Resp> {
+        match answer {
+            Err(failure) if failure.says_nothing_applied() => match &lock(&self.tried).1 {
+                Some(unknown) if unknown.refused_then_cut().is_some() => Err(unknown.clone()),
+                _ => Err(failure),
+            },
+            answer => answer,
+        }
+    }
+
     fn expired(&self, deadline: Deadline) -> Error {
         lock(&self.tried).1.take().unwrap_or(Error::Timeout {
             elapsed: deadline.elapsed(),
@@ -648,28 +668,29 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 (answers(slots.len(), failed, committed), Vec::new())
             }
         };
-        // A request the batch gave up on ([`Again`]) by an earlier caller's deadline goes
-        // back to the front of the queue while it has time and attempts left: its single call
-        // would still be retrying. So does one the batch did not apply whose key it could not
-        // look up by that deadline (`Error::refused_then_cut`; also after a COMMIT): its single
-        // call would still be looking. The rest are answered.
+        // A request the batch gave up on ([`Again`]) by an earlier caller's deadline, with
+        // nothing committed, goes back to the front of the queue while it has time and
+        // attempts left: its single call would still be retrying — also one the batch did not
+        // apply whose key it could not look up by that deadline (`Error::refused_then_cut`).
+        // (After a COMMIT the turn is the next batch's already: a refused request whose
+        // lookup was cut short is finished by its own caller, see `CombiningLedger::submit`.)
+        // The rest are answered.
         let mut given_back = Vec::new();
         let mut copies = copies.into_iter();
         for ((slot, answer), deadline) in slots.into_iter().zip(answers).zip(deadlines) {
             let copy = copies.next().flatten();
             let spent = match (&answer, again, copy.is_some()) {
                 (Err(error), Some(again), true)
-                    if deadline.is_later_than(&batch_deadline)
+                    if !committed
+                        && deadline.is_later_than(&batch_deadline)
                         && deadline.remaining() >= AGAIN_AT_LEAST =>
                 {
-                    match error.refused_then_cut() {
-                        Some(cut) => (again.spent)(cut, lock(&slot.tried).0),
-                        None if !committed => (again.spent)(error, lock(&slot.tried).0),
-                        None => None,
-                    }
+                    let error = error.refused_then_cut().map_or(error, |cut| &cut.failure);
+                    (again.spent)(error, lock(&slot.tried).0)
                 }
                 _ => None,
             };
+            let answer = slot.settled(answer);
             match (spent, copy, answer) {
                 (Some(spent), Some(request), Err(error)) => {
                     *lock(&slot.tried) = (spent, Some(error));
@@ -1331,13 +1352,50 @@ impl CombiningLedger {
 
     fn submit(&self, user_id: i64, op: AccountOp, deadline: Deadline) -> Result<Entry> {
         let request = (user_id, op, deadline);
-        self.submit_pooled(
+        let answer = self.submit_pooled(
             request,
             self.inner.runner(),
             |_| true,
             BalanceLedger::apply_one_by,
             BalanceLedger::apply_many_by,
-        )
+        );
+        // A request the batch refused and committed without, whose key it could not look up
+        // by its earliest caller's deadline: its single call would still be looking, by this
+        // caller's deadline — so the lookup is finished here, on a connection of its own (the
+        // batch's callers are answered, and the turn is the next batch's).
+        match answer {
+            Err(unknown) => {
+                let runner = self.inner.runner();
+                let finish = unknown.refused_then_cut().and_then(|cut| {
+                    let by_deadline = match &cut.failure {
+                        Error::Timeout { .. } | Error::ServerUnresponsive { .. } => true,
+                        Error::Contended { attempts, .. } => {
+                            *attempts < runner.policy().retry.max_attempts.max(1)
+                        }
+                        _ => false,
+                    };
+                    cut.lookup.as_ref().filter(|_| by_deadline)
+                });
+                match finish {
+                    Some(lookup) if !deadline.is_expired() => {
+                        let grace = runner.policy().unresponsive_grace;
+                        self.with_connection(deadline, grace, |conn, deadline| {
+                            lookup.answer(&self.inner, conn, deadline)
+                        })
+                        // Not even a connection by the deadline: the batch's answer stands
+                        // (the lookup's own failures are `OutcomeUnknown` already).
+                        .map_err(|failure| {
+                            match failure.says_nothing_applied() {
+                                true => unknown,
+                                false => failure,
+                            }
+                        })
+                    }
+                    _ => Err(unknown),
+                }
+            }
+            answer => answer,
+        }
     }
 }
 

@@ -156,7 +156,7 @@ impl CouponIssuer {
                     // hold the coupon from an earlier call of this request, so it may be
                     // applied — as a single issue whose holder cannot be looked up answers.
                     None if found.unknown => {
-                        Error::unknown_after_refusal_by_deadline(failure.clone())
+                        Error::unknown_after_refusal_by_deadline(failure.clone(), None)
                     }
                     None => failure.clone(),
                 })

@@ -31,9 +31,20 @@ pub struct ServerError {
     kind: ServerErrorKind,
     source: Arc<DieselError>,
     /// On the source of an [`Error::OutcomeUnknown`] made by
-    /// [`Error::unknown_after_refusal_by_deadline`]: the failure the deadline caused (private;
-    /// not part of what the error says).
-    refused_then_cut: Option<Arc<Error>>,
+    /// [`Error::unknown_after_refusal_by_deadline`]: the failure the deadline caused, and what
+    /// finishes the answer (private; not part of what the error says).
+    refused_then_cut: Option<Arc<CutShort>>,
+}
+
+/// A request that a call did not apply, refused or unanswered, whose key's lookup (an earlier
+/// call may have recorded the key) the call's deadline cut short.
+#[derive(Debug)]
+pub(crate) struct CutShort {
+    /// The failure that cut the lookup short.
+    pub(crate) failure: Error,
+    /// For a ledger request refused by a batch that committed: the lookup that answers it as
+    /// its single call, which would still be looking, answers it.
+    pub(crate) lookup: Option<crate::ledger::KeyLookup>,
 }
 
 impl fmt::Debug for ServerError {
@@ -567,17 +578,21 @@ impl Error {
     /// [`unknown_after_refusal`](Self::unknown_after_refusal) for a request that THIS call
     /// did not apply (it was refused, or its batch failed before committing) and whose key's
     /// lookup `failure` may be the deadline's doing ([`Error::Timeout`], [`Error::Contended`],
-    /// [`Error::ServerUnresponsive`]): the same answer, marked so that a combiner can run the
-    /// request again in a later batch when its own caller's deadline is later than the one
-    /// the lookup ran by (see [`refused_then_cut`](Self::refused_then_cut)).
-    pub(crate) fn unknown_after_refusal_by_deadline(failure: Error) -> Error {
+    /// [`Error::ServerUnresponsive`]): the same answer, marked so that a combiner whose batch
+    /// ran by an earlier caller's deadline can finish the request by its own caller's — by
+    /// `lookup` (a request refused by a batch that committed), or else by running it again
+    /// (see [`refused_then_cut`](Self::refused_then_cut)).
+    pub(crate) fn unknown_after_refusal_by_deadline(
+        failure: Error,
+        lookup: Option<crate::ledger::KeyLookup>,
+    ) -> Error {
         let cut = matches!(
             failure,
             Error::Timeout { .. } | Error::Contended { .. } | Error::ServerUnresponsive { .. }
         );
         match Error::unknown_after_refusal(failure.clone()) {
             Error::OutcomeUnknown { mut source } if cut => {
-                source.refused_then_cut = Some(Arc::new(failure));
+                source.refused_then_cut = Some(Arc::new(CutShort { failure, lookup }));
                 Error::OutcomeUnknown { source }
             }
             answer => answer,
@@ -585,13 +600,33 @@ impl Error {
     }
 
     /// For an answer of [`unknown_after_refusal_by_deadline`](Self::unknown_after_refusal_by_deadline)
-    /// whose failure the deadline may have caused: that failure. Nothing was applied by the
-    /// call that answered it; with more time its single call would have gone on looking.
-    pub(crate) fn refused_then_cut(&self) -> Option<&Error> {
+    /// whose failure the deadline may have caused: that failure and the lookup that finishes
+    /// it. Nothing was applied by the call that answered it; with more time its single call
+    /// would have gone on looking.
+    pub(crate) fn refused_then_cut(&self) -> Option<&CutShort> {
         match self {
             Error::OutcomeUnknown { source } => source.refused_then_cut.as_deref(),
             _ => None,
         }
+    }
+
+    /// Whether this failure tells its caller that nothing was applied (the call gave up or
+    /// failed before anything was committed), as opposed to an answer about the request (a
+    /// refusal, a conflict, an unknown outcome).
+    pub(crate) fn says_nothing_applied(&self) -> bool {
+        matches!(
+            self,
+            Error::Contended { .. }
+                | Error::Timeout { .. }
+                | Error::ServerUnresponsive { .. }
+                | Error::ConnectionBroken { .. }
+                | Error::NotDesignatedWriter
+                | Error::NotReplicated
+                | Error::NestedTransaction
+                | Error::Pool(_)
+                | Error::Internal { .. }
+                | Error::Server(_)
+        )
     }
 
     /// [`Error::OutcomeUnknown`] for a failure after a COMMIT may have been sent: the server's

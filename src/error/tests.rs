@@ -279,14 +279,14 @@ fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same()
         },
     ];
     for failure in cut {
-        let marked = Error::unknown_after_refusal_by_deadline(failure.clone());
+        let marked = Error::unknown_after_refusal_by_deadline(failure.clone(), None);
         let plain = Error::unknown_after_refusal(failure.clone());
         assert!(marked.is_outcome_unknown(), "{marked:?}");
         assert_eq!(format!("{marked}"), format!("{plain}"));
         assert_eq!(format!("{marked:?}"), format!("{plain:?}"));
         assert_eq!(marked.server_kind(), plain.server_kind());
         assert!(
-            matches!(marked.refused_then_cut(), Some(inner) if format!("{inner:?}") == format!("{failure:?}")),
+            matches!(marked.refused_then_cut(), Some(cut) if format!("{:?}", cut.failure) == format!("{failure:?}")),
             "{marked:?}"
         );
         assert!(plain.refused_then_cut().is_none());
@@ -300,7 +300,7 @@ fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same()
         Error::internal("broken"),
     ];
     for failure in not_cut {
-        let answer = Error::unknown_after_refusal_by_deadline(failure.clone());
+        let answer = Error::unknown_after_refusal_by_deadline(failure.clone(), None);
         assert!(answer.refused_then_cut().is_none(), "{answer:?}");
     }
 }

@@ -10,7 +10,7 @@ use diesel::mysql::MysqlConnection;
 use rust_decimal::Decimal;
 
 use super::holds::{ending, validate_ending};
-use super::request::Request;
+use super::request::{KeyLookup, Request};
 use super::rows::{
     end_hold, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create, store_balance,
     Account,
@@ -99,8 +99,8 @@ impl BalanceLedger {
     /// their entries, the others with the single call's error; a refused one whose key could
     /// not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`], as its single
     /// call answers it. (Through a [`CombiningLedger`](crate::combine::CombiningLedger), whose
-    /// batch runs by its earliest caller's deadline, a request whose lookup that deadline cut
-    /// short runs again in the next batch while its own caller has time left.)
+    /// batch runs by its earliest caller's deadline, a refused request whose lookup that
+    /// deadline cut short has it finished by its own caller's deadline.)
     pub fn apply_many(
         &self,
         conn: &mut MysqlConnection,
@@ -223,7 +223,7 @@ impl BalanceLedger {
                         Err(failure) => {
                             for index in open {
                                 results[index] = Some(Err(
-                                    Error::unknown_after_refusal_by_deadline(failure.clone()),
+                                    Error::unknown_after_refusal_by_deadline(failure.clone(), None),
                                 ));
                             }
                             return Ok(());
@@ -288,10 +288,13 @@ impl BalanceLedger {
                 }
                 Err(failure) => {
                     // Its key may have been recorded by an earlier call: as its single call
-                    // answers it (`Error::unknown_after_refusal`).
-                    for (index, _) in refused {
+                    // answers it (`Error::unknown_after_refusal`) — with what a combiner needs
+                    // to finish the lookup by the request's own caller's deadline.
+                    for (index, refusal) in refused {
+                        let lookup = KeyLookup::of(&requests[index], refusal);
                         results[index] = Some(Err(Error::unknown_after_refusal_by_deadline(
                             failure.clone(),
+                            Some(lookup),
                         )));
                     }
                 }

@@ -57,6 +57,7 @@ pub use crate::validate::{
 pub(crate) use batch::check_ending;
 pub use holds::MAX_EXPIRY_BATCH;
 pub use request::request_hash;
+pub(crate) use request::KeyLookup;
 pub(crate) use types::BeforeSending;
 pub use types::{AccountOp, Balance, Entry, ExpiredHolds, HistoryPage, Hold, Transfer};
 

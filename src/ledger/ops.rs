@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use rust_decimal::Decimal;
 
 use super::idempotency::Step;
-use super::request::Request;
+use super::request::{KeyLookup, Request};
 use super::rows::{
     create_account, find_balance, find_entry, find_transfer_credit, insert_entries, insert_holds,
     lock_account, lock_account_row, lock_entry, lock_or_create, store_balance, unexpired_holds,
@@ -154,7 +154,13 @@ impl BalanceLedger {
         match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
             Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
             Err(Error::NestedTransaction) => Err(refusal),
-            Err(failure) => Err(Error::unknown_after_refusal_by_deadline(failure)),
+            Err(failure) => {
+                let lookup = KeyLookup::of(request, refusal);
+                Err(Error::unknown_after_refusal_by_deadline(
+                    failure,
+                    Some(lookup),
+                ))
+            }
         }
     }
 

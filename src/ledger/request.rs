@@ -222,6 +222,53 @@ impl<'a> Request<'a> {
     }
 }
 
+/// What finishes a request refused without a write whose key's lookup a combined batch could
+/// not make by its earliest caller's deadline: the lookup its single call would still be
+/// making — the key's entry answers it (the conflict, for another request), else the refusal.
+#[derive(Debug)]
+pub(crate) struct KeyLookup {
+    user_id: i64,
+    key: String,
+    hash: String,
+    refusal: Error,
+}
+
+impl KeyLookup {
+    /// For `request`, refused with `refusal`.
+    pub(crate) fn of(request: &Request<'_>, refusal: Error) -> Self {
+        Self {
+            user_id: request.user_id,
+            key: request.key.to_owned(),
+            hash: request.hash(),
+            refusal,
+        }
+    }
+
+    /// The answer, by `deadline`: as [`Request::answer_from_journal`] for the key's entry, the
+    /// refusal without one; a lookup that fails again is [`Error::OutcomeUnknown`], as the
+    /// single call answers it.
+    pub(crate) fn answer(
+        &self,
+        ledger: &super::BalanceLedger,
+        conn: &mut diesel::mysql::MysqlConnection,
+        deadline: crate::txn::Deadline,
+    ) -> Result<Entry> {
+        let rows = match ledger.journal_rows_by(conn, deadline, self.user_id, &[&self.key]) {
+            Ok(rows) => rows,
+            Err(failure) => return Err(Error::unknown_after_refusal(failure)),
+        };
+        match rows.0.get(&self.key) {
+            Some(row) if row.request_hash != self.hash => Err(Error::IdempotencyConflict {
+                user_id: self.user_id,
+                key: self.key.clone(),
+                existing_entry_id: row.id,
+            }),
+            Some(row) => row.clone().into_entry(),
+            None => Err(self.refusal.clone()),
+        }
+    }
+}
+
 /// The journal rows a key lookup found (of one account), by their idempotency key: a batch's
 /// requests find theirs in constant time however many there are.
 #[derive(Default)]

@@ -1360,3 +1360,91 @@ fn a_lookup_cut_by_an_earlier_callers_deadline_does_not_answer_a_later_caller() 
         .expect("journal rows");
     assert_eq!(rows, 1, "the funding charge only");
 }
+
+/// A retry under a key that an earlier call applied (its caller never heard), refused now in a
+/// combined batch that commits, whose key's lookup that batch's deadline (an earlier
+/// caller's) cut short: the lookup is finished by the retry's own deadline, as its single call
+/// would finish it, and answers the recorded entry — not `OutcomeUnknown`, and never a failure
+/// that says nothing was applied.
+#[test]
+fn a_retry_refused_in_a_batch_gets_its_recorded_entry_by_its_own_deadline() {
+    use diesel::connection::SimpleConnection;
+    use std::time::Duration;
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let (url, mut conn) = fresh_database("combine_lookup_entry");
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 100_000;
+    retry.deadline = Duration::from_secs(2);
+    let policy = lockstock::TxnPolicy::default().with_retry(retry);
+    let hot = Arc::new(CombiningLedger::new(
+        pool(&url, 4),
+        BalanceLedger::with_policy(policy),
+    ));
+    const USER: i64 = 8;
+    let setup = BalanceLedger::new();
+    setup
+        .charge(&mut conn, USER, Decimal::from(100), "funds")
+        .expect("funds");
+    // The deduct under key "K" was applied; its caller never heard (its answer was lost).
+    let applied = setup
+        .deduct(&mut conn, USER, Decimal::from(100), "K")
+        .expect("the first deduct under K");
+
+    // As in `a_lookup_cut_by_an_earlier_callers_deadline_does_not_answer_a_later_caller`: the
+    // account held for 1 s, the journal for 2.4 s; "x" holds the key's turn until its own
+    // lookup gives up (2.0 s), then "w" (deadline 2.1 s) and the retry of "K" (2.9 s) meet in
+    // one batch, both refused for the balance.
+    let mut journal = connect(&url);
+    journal
+        .batch_execute("LOCK TABLES balance_history WRITE")
+        .expect("lock the journal");
+    let mut account = connect(&url);
+    account.batch_execute("BEGIN").expect("begin");
+    let _: Decimal = lockstock::schema::user_balance::table
+        .find(USER)
+        .select(lockstock::schema::user_balance::balance)
+        .for_update()
+        .first(&mut account)
+        .expect("lock the account");
+    let start = std::time::Instant::now();
+    let at = |millis: u64| Duration::from_millis(millis).saturating_sub(start.elapsed());
+    let asks: Vec<_> = [("x", 0), ("w", 100), ("K", 900)]
+        .into_iter()
+        .map(|(key, after)| {
+            thread::sleep(at(after));
+            let hot = hot.clone();
+            thread::spawn(move || hot.deduct(USER, Decimal::from(100), key))
+        })
+        .collect();
+    thread::sleep(at(1_000));
+    account
+        .batch_execute("ROLLBACK")
+        .expect("release the account");
+    thread::sleep(at(2_400));
+    journal
+        .batch_execute("UNLOCK TABLES")
+        .expect("release the journal");
+    let answers: Vec<_> = asks
+        .into_iter()
+        .map(|ask| ask.join().expect("caller"))
+        .collect();
+    assert!(
+        matches!(answers[1], Err(Error::OutcomeUnknown { .. })),
+        "{answers:?}"
+    );
+    // Before: OutcomeUnknown, with 800 ms of its deadline left.
+    assert!(
+        matches!(&answers[2], Ok(entry) if entry.id == applied.id),
+        "{answers:?}"
+    );
+    let balance = BalanceLedger::new()
+        .balance(&mut conn, USER)
+        .expect("balance");
+    assert_eq!(balance.balance, Decimal::ZERO);
+    let rows: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(USER))
+        .count()
+        .get_result(&mut conn)
+        .expect("journal rows");
+    assert_eq!(rows, 2, "the funding charge and the first deduct");
+}
