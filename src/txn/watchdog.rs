@@ -255,8 +255,10 @@ mod sys {
         /// `restart_syscall`: a `poll` interrupted by a stop (SIGSTOP / SIGCONT, a debugger
         /// attaching, a cgroup freeze) resumes as it, with `poll`'s arguments still in place.
         pub(super) const RESTART: Option<i64> = Some(219);
-        /// read, write, sendto, recvfrom, sendmsg, recvmsg: the first argument is the fd.
-        pub(super) const FD_FIRST: [i64; 6] = [0, 1, 44, 45, 46, 47];
+        /// read, recvfrom, recvmsg: the first argument is the fd.
+        pub(super) const FD_RECEIVE: [i64; 3] = [0, 45, 47];
+        /// write, sendto, sendmsg: the first argument is the fd.
+        pub(super) const FD_SEND: [i64; 3] = [1, 44, 46];
     }
     #[cfg(target_arch = "aarch64")]
     mod nr {
@@ -264,14 +266,16 @@ mod sys {
         pub(super) const PPOLL: i64 = 73;
         /// `restart_syscall` (an interrupted `ppoll` restarts as `ppoll` here; harmless).
         pub(super) const RESTART: Option<i64> = Some(128);
-        pub(super) const FD_FIRST: [i64; 6] = [63, 64, 206, 207, 211, 212];
+        pub(super) const FD_RECEIVE: [i64; 3] = [63, 207, 212];
+        pub(super) const FD_SEND: [i64; 3] = [64, 206, 211];
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     mod nr {
         pub(super) const POLL: Option<i64> = None;
         pub(super) const PPOLL: i64 = -1;
         pub(super) const RESTART: Option<i64> = None;
-        pub(super) const FD_FIRST: [i64; 0] = [];
+        pub(super) const FD_RECEIVE: [i64; 0] = [];
+        pub(super) const FD_SEND: [i64; 0] = [];
     }
 
     /// The kernel id of the calling thread.
@@ -283,13 +287,16 @@ mod sys {
     /// If thread `tid` of this process is blocked on a socket, shuts the socket down and says
     /// so. Runs with the schedule locked (see the module docs).
     pub(super) fn shut_blocked_socket(tid: i64) -> bool {
-        let Some(fd) = blocked_fd(tid) else {
+        let Some((fd, sending)) = blocked_fd(tid) else {
             return false;
         };
         // Never the process's standard streams: under a service manager they may be sockets
         // (a log writer blocked on them is not a database call). A socket that took a number
-        // among them later (the process started with one closed) is cut like any other.
-        if !is_socket(fd) || is_standard_stream(fd) {
+        // among them later (the process started with one closed) is cut only where it waits
+        // to receive, as a database call waits (libmariadb sends without blocking and polls):
+        // one put there as a standard stream after the start (a journal stream) and blocked
+        // in a write is a log writer's.
+        if !is_socket(fd) || is_standard_stream(fd) || (sending && fd <= 2) {
             return false;
         }
         // SAFETY: shutdown on a descriptor number is memory-safe; the socket belongs to the
@@ -297,8 +304,9 @@ mod sys {
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) == 0 }
     }
 
-    /// The descriptor thread `tid` is blocked on, from `/proc/self/task/<tid>/syscall`.
-    fn blocked_fd(tid: i64) -> Option<i32> {
+    /// The descriptor thread `tid` is blocked on, from `/proc/self/task/<tid>/syscall`, and
+    /// whether it is blocked sending on it (`write`, `sendto`, `sendmsg`).
+    fn blocked_fd(tid: i64) -> Option<(i32, bool)> {
         let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
         let mut fields = text.split_whitespace();
         // "running", or a negative number while not in a system call.
@@ -312,9 +320,11 @@ mod sys {
             if arg1 != 1 {
                 return None;
             }
-            read_pollfd(arg0)
-        } else if nr::FD_FIRST.contains(&number) {
-            i32::try_from(arg0).ok()
+            read_pollfd(arg0).map(|fd| (fd, false))
+        } else if nr::FD_RECEIVE.contains(&number) {
+            i32::try_from(arg0).ok().map(|fd| (fd, false))
+        } else if nr::FD_SEND.contains(&number) {
+            i32::try_from(arg0).ok().map(|fd| (fd, true))
         } else {
             None
         }

@@ -952,3 +952,91 @@ fn silent_server_call_under_a_seccomp_filter_returns() {
     );
     assert!(answer.contains("ServerUnresponsive"), "{answer}");
 }
+
+/// Set in the child of [`a_standard_stream_socket_put_in_place_later_is_not_cut`].
+const STDERR_CHILD_URL: &str = "LOCKSTOCK_STDERR_CHILD_URL";
+
+/// The child of [`a_standard_stream_socket_put_in_place_later_is_not_cut`]: puts a full socket
+/// in place of its standard error (as a daemon hands it to the journal after its start), runs
+/// a transaction whose body writes a line there past deadline + grace (blocked until the other
+/// end is drained), and says whether its standard error still works afterwards.
+#[test]
+fn stderr_child() {
+    use std::io::Write;
+    let Ok(url) = std::env::var(STDERR_CHILD_URL) else {
+        return;
+    };
+    let mut conn = connect(&url);
+    let mut ends = [0; 2];
+    // SAFETY: plain descriptor calls on descriptors this test creates.
+    unsafe {
+        assert_eq!(
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, ends.as_mut_ptr()),
+            0
+        );
+        // Full: writes to it block until the other end reads.
+        libc::fcntl(ends[0], libc::F_SETFL, libc::O_NONBLOCK);
+        let chunk = [b'.'; 4096];
+        while libc::write(ends[0], chunk.as_ptr().cast(), chunk.len()) > 0 {}
+        libc::fcntl(ends[0], libc::F_SETFL, 0);
+        assert_eq!(libc::dup2(ends[0], 2), 2);
+    }
+    let reader = ends[1];
+    let drain = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(1_500));
+        let mut buffer = [0_u8; 65_536];
+        // SAFETY: reads into a buffer this thread owns.
+        unsafe { libc::fcntl(reader, libc::F_SETFL, libc::O_NONBLOCK) };
+        let until = Instant::now() + Duration::from_millis(1_000);
+        while Instant::now() < until {
+            // SAFETY: as above.
+            let read = unsafe { libc::read(reader, buffer.as_mut_ptr().cast(), buffer.len()) };
+            if read <= 0 {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    let runner = lockstock::TxnRunner::new(policy_with_deadline(Duration::from_millis(300)));
+    let _ = runner.run(&mut conn, |_| {
+        thread::sleep(Duration::from_millis(700));
+        // Blocked in write(2) past deadline + grace.
+        let _ = writeln!(std::io::stderr(), "a line for the journal");
+        Ok(())
+    });
+    drain.join().expect("drained");
+    // SAFETY: writes one byte from a constant.
+    let works = unsafe { libc::write(2, b"z".as_ptr().cast(), 1) } == 1;
+    let mut out = std::io::stdout();
+    writeln!(out, "{CHILD_SAYS}stderr works: {works}").expect("to the parent");
+}
+
+/// The watchdog leaves a socket put in place of a standard stream after the start (a daemon's
+/// journal stream) alone while a guarded thread writes to it past deadline + grace: it cuts
+/// only a call waiting to receive there, as a database call waits. Before the fix such a
+/// write had the process's standard error shut down for good.
+#[test]
+fn a_standard_stream_socket_put_in_place_later_is_not_cut() {
+    use std::process::{Command, Stdio};
+    if std::env::var_os(STDERR_CHILD_URL).is_some() {
+        return;
+    }
+    let _alone = exclusive();
+    let (_sandbox, url, _conn) = private_server("silent_stderr");
+    let output = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "silent::stderr_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(STDERR_CHILD_URL, &url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("stderr works: true"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
