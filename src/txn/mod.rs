@@ -131,6 +131,7 @@ use transaction::{
 pub(crate) use transaction::{
     mark_broken, note_clean_failure, release_savepoint, silently_rolled_back,
 };
+pub use watchdog::watchdog_available;
 use watchdog::Guard;
 
 pub(crate) mod migrations;

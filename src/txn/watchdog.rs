@@ -44,7 +44,9 @@
 //! would have that socket shut down.
 //!
 //! Linux only (x86_64 and aarch64 system call numbers). On other targets arming does nothing
-//! and no thread is started: a call on a silent server waits as long as the server does.
+//! and no thread is started: a call on a silent server waits as long as the server does. So it
+//! does in a process that cannot read its own threads' `/proc` files (not dumpable and not
+//! root): [`watchdog_available`] tells.
 
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -81,6 +83,8 @@ struct Schedule {
     /// When the watchdog plans to wake; `None`: not started, or waiting unbounded.
     wake: Option<Instant>,
     started: bool,
+    /// Whether the first armed call looked at [`watchdog_available`].
+    checked: bool,
 }
 
 struct Watchdog {
@@ -160,6 +164,19 @@ impl Watchdog {
     }
 }
 
+/// Whether the watchdog can cut a call on a server that stops answering in this process, now:
+/// on Linux (x86_64, aarch64) where the process can read what its threads are blocked in
+/// (`/proc/self/task/<tid>/syscall`). Not in a process that is not dumpable — one that called
+/// `prctl(PR_SET_DUMPABLE, 0)`, or changed its user or group ids with `fs.suid_dumpable` at 0
+/// (a daemon dropping root) — unless it runs as root: its `/proc` files are root's then. Where
+/// this is `false`, a call on a silent server waits as long as the server does, whatever its
+/// deadline. Check it at start-up, after dropping privileges (`prctl(PR_SET_DUMPABLE, 1)`
+/// afterwards makes it `true` again). With the `tracing` feature the first call armed while it
+/// is `false` logs a warning.
+pub fn watchdog_available() -> bool {
+    sys::SUPPORTED && sys::can_see_blocked_calls()
+}
+
 /// An armed watchdog entry for the calling thread; dropping it disarms.
 #[derive(Debug)]
 pub(crate) struct Guard {
@@ -176,6 +193,17 @@ impl Guard {
         let dog = watchdog();
         let tid = sys::current_tid();
         let mut schedule = dog.lock();
+        if !schedule.checked {
+            schedule.checked = true;
+            #[cfg(feature = "tracing")]
+            if !sys::can_see_blocked_calls() {
+                tracing::warn!(
+                    "lockstock: this process cannot read /proc/self/task/<tid>/syscall (not \
+                     dumpable and not root?): calls on a server that stops answering are not \
+                     cut at their deadline (see lockstock::txn::watchdog_available)"
+                );
+            }
+        }
         let id = schedule.next_id;
         schedule.next_id += 1;
         schedule.entries.push(Entry {
@@ -282,6 +310,12 @@ mod sys {
     pub(super) fn current_tid() -> i64 {
         // SAFETY: gettid has no arguments and cannot fail.
         i64::from(unsafe { libc::gettid() })
+    }
+
+    /// Whether this process may read what its threads are blocked in (its own thread's file
+    /// stands for all: they share the owner and the mode).
+    pub(super) fn can_see_blocked_calls() -> bool {
+        std::fs::File::open(format!("/proc/self/task/{}/syscall", current_tid())).is_ok()
     }
 
     /// If thread `tid` of this process is blocked on a socket, shuts the socket down and says
@@ -435,6 +469,11 @@ mod sys {
 
     /// Finding the socket a thread is blocked on is implemented for Linux only.
     pub(super) fn shut_blocked_socket(_tid: i64) -> bool {
+        false
+    }
+
+    /// Nothing is ever armed.
+    pub(super) fn can_see_blocked_calls() -> bool {
         false
     }
 }

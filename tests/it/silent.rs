@@ -1040,3 +1040,66 @@ fn a_standard_stream_socket_put_in_place_later_is_not_cut() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Set in the child of [`a_process_that_cannot_see_its_threads_is_told`].
+const DUMPABLE_CHILD: &str = "LOCKSTOCK_DUMPABLE_CHILD";
+
+/// The child of [`a_process_that_cannot_see_its_threads_is_told`]: says what
+/// `watchdog_available` answers as it starts, once it can no longer read its own threads'
+/// `/proc` files (root dropping to `nobody`, as a daemon does; otherwise not dumpable), and
+/// once it made itself dumpable again.
+#[test]
+fn dumpable_child() {
+    use std::io::Write;
+    if std::env::var_os(DUMPABLE_CHILD).is_none() {
+        return;
+    }
+    let available = lockstock::txn::watchdog_available;
+    let mut seen = vec![available()];
+    // SAFETY: plain process-attribute calls.
+    unsafe {
+        if libc::geteuid() == 0 {
+            assert_eq!(libc::setgid(65_534), 0, "setgid");
+            assert_eq!(libc::setuid(65_534), 0, "setuid");
+        } else {
+            assert_eq!(libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0), 0);
+        }
+    }
+    seen.push(available());
+    // SAFETY: as above.
+    unsafe { assert_eq!(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0), 0) };
+    seen.push(available());
+    let mut out = std::io::stdout();
+    writeln!(out, "{CHILD_SAYS}available: {seen:?}").expect("to the parent");
+}
+
+/// A process that cannot read what its threads are blocked in (not dumpable and not root: a
+/// daemon that dropped root) cannot have a call on a silent server cut at its deadline: it is
+/// told so by `watchdog_available`, which the docs tell it to check at start-up. Before, nothing
+/// told it (the watchdog looked again and again, and the call waited for the server).
+#[test]
+fn a_process_that_cannot_see_its_threads_is_told() {
+    use std::process::{Command, Stdio};
+    if std::env::var_os(DUMPABLE_CHILD).is_some() {
+        return;
+    }
+    assert!(lockstock::txn::watchdog_available(), "this test process");
+    let output = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "silent::dumpable_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(DUMPABLE_CHILD, "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the child");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("the child: {stdout}");
+    assert!(
+        stdout.contains("available: [true, false, true]"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
