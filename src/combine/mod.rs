@@ -67,10 +67,11 @@
 //! key (an earlier call may have recorded it) ran out of that deadline — alone it would answer
 //! [`Error::OutcomeUnknown`], but its single call would still be trying; once given back so, it
 //! is never answered a failure that says nothing was applied, only that `OutcomeUnknown`. A
-//! request that a ledger batch refused and COMMITTED without, whose key's lookup ran out of the
-//! batch's deadline, is finished by its own caller instead (the turn is the next batch's by
-//! then): the lookup its single call would still be making, by its own deadline, on a
-//! connection of its own — the key's entry answers it, else the refusal. A waiter whose deadline passes
+//! request that a ledger batch refused without writing it, whose key's lookup ran out of the
+//! batch's deadline, is finished by its own caller instead (after a COMMIT the turn is the
+//! next batch's, and a later batch would decide it again): the lookup its single call would
+//! still be making, by its own deadline, on a connection of its own — the key's entry answers
+//! it, else the refusal. A waiter whose deadline passes
 //! before its request was taken into a batch is removed from the queue and gets
 //! [`Error::Timeout`] — or, given back by a batch, that batch's error (so does a request found
 //! expired when a batch is formed, and a leader whose own deadline has passed hands the
@@ -672,8 +673,9 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         // nothing committed, goes back to the front of the queue while it has time and
         // attempts left: its single call would still be retrying — also one the batch did not
         // apply whose key it could not look up by that deadline (`Error::refused_then_cut`).
-        // (After a COMMIT the turn is the next batch's already: a refused request whose
-        // lookup was cut short is finished by its own caller, see `CombiningLedger::submit`.)
+        // (A refused ledger request whose lookup was cut short — after a COMMIT or not — is
+        // finished by its own caller, see `CombiningLedger::submit`: the turn may be the next
+        // batch's already, and a later batch would decide it again.)
         // The rest are answered.
         let mut given_back = Vec::new();
         let mut copies = copies.into_iter();
@@ -685,8 +687,13 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                         && deadline.is_later_than(&batch_deadline)
                         && deadline.remaining() >= AGAIN_AT_LEAST =>
                 {
-                    let error = error.refused_then_cut().map_or(error, |cut| &cut.failure);
-                    (again.spent)(error, lock(&slot.tried).0)
+                    // A refusal whose lookup was cut short is finished by its caller (the
+                    // lookup its single call would still be making), never decided again.
+                    match error.refused_then_cut() {
+                        Some(cut) if cut.lookup.is_some() => None,
+                        Some(cut) => (again.spent)(&cut.failure, lock(&slot.tried).0),
+                        None => (again.spent)(error, lock(&slot.tried).0),
+                    }
                 }
                 _ => None,
             };

@@ -603,3 +603,73 @@ fn a_leader_whose_deadline_passes_as_it_forms_its_batch_is_not_held_by_a_later_c
         "the later caller is answered by its own batch"
     );
 }
+
+/// A batch answer for request `request` whose key's lookup the batch's deadline cut short:
+/// with `lookup`, a refused ledger request (finished by its caller, never given back); without,
+/// one that runs again.
+fn cut_short(request: u64, lookup: bool) -> Error {
+    let lookup = lookup.then(|| {
+        let key = format!("k{request}");
+        let refused = crate::ledger::Request::plain(
+            crate::records::EntryKind::Deduct,
+            9,
+            rust_decimal::Decimal::ONE,
+            &key,
+        );
+        crate::ledger::KeyLookup::of(&refused, Error::AccountNotFound { user_id: 9 })
+    });
+    let timeout = Error::Timeout {
+        elapsed: Duration::from_millis(1),
+    };
+    Error::unknown_after_refusal_by_deadline(timeout, lookup)
+}
+
+/// A batch that refused a ledger request and committed nothing (an account found missing ends
+/// with a ROLLBACK), and could not look the request's key up by its earliest caller's deadline,
+/// leaves the request to its caller to finish (the lookup its single call would still be
+/// making), never to a later batch, which would decide it again; a request whose answer has no
+/// such lookup runs again. Before: both ran again.
+#[test]
+fn a_cut_short_refusal_is_finished_by_its_caller_not_decided_again() {
+    let combiner = Arc::new(Doubler::new(8));
+    let (first, release_tx) = a_batch_held_open(&combiner);
+    let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+    let submit = |request: u64, deadline: Deadline| {
+        let (combiner, seen) = (combiner.clone(), seen.clone());
+        thread::spawn(move || {
+            let spent = within_attempts(64, false);
+            let again = Again {
+                copy: &u64::clone,
+                spent: &spent,
+            };
+            let run = |_: &u8, requests: Vec<u64>, _: Deadline, ()| {
+                let first = lock(&seen).is_empty();
+                lock(&seen).push(requests.clone());
+                let answers = requests
+                    .into_iter()
+                    .map(|r| match (first, r) {
+                        (true, 3) => Err(cut_short(3, true)),
+                        (true, 4) => Err(cut_short(4, false)),
+                        (_, r) => Ok(r * 2),
+                    })
+                    .collect();
+                Ran {
+                    outcome: Ok(answers),
+                    refused: false,
+                }
+            };
+            combiner.submit_observed(0, request, deadline, Some(&again), |_, _| (), run)
+        })
+    };
+    let deadlines =
+        [(2, 5), (3, 9), (4, 9)].map(|(r, secs)| (r, within(Duration::from_secs(secs))));
+    let answers = queued_behind(first, release_tx, deadlines, submit);
+    assert!(matches!(answers[0], Ok(4)), "{answers:?}");
+    assert!(
+        matches!(&answers[1], Err(e) if e.refused_then_cut().is_some_and(|c| c.lookup.is_some())),
+        "{answers:?}"
+    );
+    assert!(matches!(answers[2], Ok(8)), "{answers:?}");
+    assert_eq!(*lock(&seen), vec![vec![2, 3, 4], vec![4]]);
+    assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+}

@@ -58,6 +58,8 @@ pub(crate) use batch::check_ending;
 pub use holds::MAX_EXPIRY_BATCH;
 pub use request::request_hash;
 pub(crate) use request::KeyLookup;
+#[cfg(test)]
+pub(crate) use request::Request;
 pub(crate) use types::BeforeSending;
 pub use types::{AccountOp, Balance, Entry, ExpiredHolds, HistoryPage, Hold, Transfer};
 

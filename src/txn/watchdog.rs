@@ -23,7 +23,9 @@
 //! argument is the descriptor. A descriptor that `fstat` confirms is a socket — and is not one
 //! of the standard streams the process started with (under a service manager they may be
 //! sockets; recorded before `main` by an `.init_array` entry, so a database connection that
-//! took a freed number 0, 1 or 2 is not mistaken for one) — is `shutdown(SHUT_RDWR)`: libmariadb's poll returns, the statement fails with "Lost
+//! took a freed number 0, 1 or 2 is not mistaken for one), nor a socket numbered 0, 1 or 2 that
+//! the thread is writing to (one put in place of a standard stream later, a journal stream:
+//! libmariadb waits to receive, and sends without blocking) — is `shutdown(SHUT_RDWR)`: libmariadb's poll returns, the statement fails with "Lost
 //! connection" (2013), and the server rolls back an open transaction when it sees the socket
 //! closed. A thread that is not blocked in one of those calls (running, sleeping in a backoff,
 //! waiting for a lock) is looked at again every [`HUNT`] until its guard is dropped — also once
@@ -83,8 +85,6 @@ struct Schedule {
     /// When the watchdog plans to wake; `None`: not started, or waiting unbounded.
     wake: Option<Instant>,
     started: bool,
-    /// Whether the first armed call looked at [`watchdog_available`].
-    checked: bool,
 }
 
 struct Watchdog {
@@ -147,6 +147,18 @@ impl Watchdog {
                 None => Some(now + IDLE),
             };
             was_empty = empty;
+            // Outside the schedule's lock (a log writer may block): once, the first time a
+            // due call could not be looked at.
+            #[cfg(feature = "tracing")]
+            if sys::first_denial() {
+                drop(schedule);
+                tracing::warn!(
+                    "lockstock: this process cannot read /proc/self/task/<tid>/syscall (not \
+                     dumpable and not root?): an overdue call on a server that stops answering \
+                     cannot be cut at its deadline (see lockstock::txn::watchdog_available)"
+                );
+                schedule = self.lock();
+            }
             schedule.wake = until;
             schedule = match until {
                 None => self
@@ -167,12 +179,13 @@ impl Watchdog {
 /// Whether the watchdog can cut a call on a server that stops answering in this process, now:
 /// on Linux (x86_64, aarch64) where the process can read what its threads are blocked in
 /// (`/proc/self/task/<tid>/syscall`). Not in a process that is not dumpable — one that called
-/// `prctl(PR_SET_DUMPABLE, 0)`, or changed its user or group ids with `fs.suid_dumpable` at 0
-/// (a daemon dropping root) — unless it runs as root: its `/proc` files are root's then. Where
-/// this is `false`, a call on a silent server waits as long as the server does, whatever its
-/// deadline. Check it at start-up, after dropping privileges (`prctl(PR_SET_DUMPABLE, 1)`
-/// afterwards makes it `true` again). With the `tracing` feature the first call armed while it
-/// is `false` logs a warning.
+/// `prctl(PR_SET_DUMPABLE, 0)`, changed its user or group ids (a daemon dropping root) while
+/// `fs.suid_dumpable` is not 1, or was started from a setuid or file-capability binary —
+/// unless it runs as root: its `/proc` files are root's then. Where this is `false`, a call on
+/// a silent server waits as long as the server does, whatever its deadline. Check it at
+/// start-up, after dropping privileges (`prctl(PR_SET_DUMPABLE, 1)` afterwards makes it `true`
+/// again). With the `tracing` feature the watchdog logs a warning the first time it cannot
+/// look at an overdue call.
 pub fn watchdog_available() -> bool {
     sys::SUPPORTED && sys::can_see_blocked_calls()
 }
@@ -193,17 +206,6 @@ impl Guard {
         let dog = watchdog();
         let tid = sys::current_tid();
         let mut schedule = dog.lock();
-        if !schedule.checked {
-            schedule.checked = true;
-            #[cfg(feature = "tracing")]
-            if !sys::can_see_blocked_calls() {
-                tracing::warn!(
-                    "lockstock: this process cannot read /proc/self/task/<tid>/syscall (not \
-                     dumpable and not root?): calls on a server that stops answering are not \
-                     cut at their deadline (see lockstock::txn::watchdog_available)"
-                );
-            }
-        }
         let id = schedule.next_id;
         schedule.next_id += 1;
         schedule.entries.push(Entry {
@@ -338,10 +340,29 @@ mod sys {
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) == 0 }
     }
 
+    /// Set the first time the watchdog may not read a thread's `syscall` file.
+    static DENIED: AtomicBool = AtomicBool::new(false);
+    /// ... and taken by the watchdog's warning.
+    static DENIAL_TOLD: AtomicBool = AtomicBool::new(false);
+
+    /// Whether a read was denied and nobody was told yet (then the caller tells).
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    pub(super) fn first_denial() -> bool {
+        DENIED.load(Ordering::Relaxed) && !DENIAL_TOLD.swap(true, Ordering::Relaxed)
+    }
+
     /// The descriptor thread `tid` is blocked on, from `/proc/self/task/<tid>/syscall`, and
     /// whether it is blocked sending on it (`write`, `sendto`, `sendmsg`).
     fn blocked_fd(tid: i64) -> Option<(i32, bool)> {
-        let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
+        let text = match std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")) {
+            Ok(text) => text,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    DENIED.store(true, Ordering::Relaxed);
+                }
+                return None;
+            }
+        };
         let mut fields = text.split_whitespace();
         // "running", or a negative number while not in a system call.
         let number: i64 = fields.next()?.parse().ok()?;
@@ -474,6 +495,12 @@ mod sys {
 
     /// Nothing is ever armed.
     pub(super) fn can_see_blocked_calls() -> bool {
+        false
+    }
+
+    /// Nothing is ever read.
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    pub(super) fn first_denial() -> bool {
         false
     }
 }
