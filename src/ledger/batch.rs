@@ -123,7 +123,8 @@ impl BalanceLedger {
         let before: Vec<BeforeSending<'_>> =
             ops.iter().map(|op| op.before_sending(user_id)).collect();
         let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
-        let failure = match self.decide_many_by(conn, user_id, ops, deadline, &mut results) {
+        let failure = match self.decide_many_by(conn, user_id, ops, &before, deadline, &mut results)
+        {
             Ok(()) => {
                 return Ok(results
                     .into_iter()
@@ -177,17 +178,29 @@ impl BalanceLedger {
         conn: &mut MysqlConnection,
         user_id: i64,
         ops: &[AccountOp],
+        before: &[BeforeSending<'_>],
         deadline: Deadline,
         results: &mut Vec<Option<Result<Entry>>>,
     ) -> Result<()> {
         let holds = self.ended_holds(conn, ops, deadline)?;
         let mut requests: Vec<Request<'_>> = Vec::with_capacity(ops.len());
         let holds: HashMap<i64, &Hold> = holds.iter().map(|hold| (hold.id, hold)).collect();
-        for op in ops {
+        for (op, before) in ops.iter().zip(before) {
             let hold = op.hold_id().and_then(|id| holds.get(&id).copied());
             let request = check_ending(op)
                 .and_then(|()| op.request(user_id, hold))
-                .and_then(Request::checked);
+                .and_then(Request::checked)
+                .map(|mut request| {
+                    // The caller's clock judges a hold's expiry once, before anything is sent,
+                    // as for its single call: a second look after the holds' read could judge
+                    // a hold at a bound otherwise, and a batch that then fails would answer a
+                    // hold it wrote as refused.
+                    request.expiry_refused = match before {
+                        BeforeSending::Expired(first, _) => first.expiry_refused,
+                        _ => None,
+                    };
+                    request
+                });
             match request {
                 Ok(request) => {
                     results.push(None);

@@ -1667,3 +1667,59 @@ fn a_hold_retried_on_a_clock_behind_its_writers_answers_the_recorded_entry() {
     assert_eq!(journal_size(&mut conn, USER), 2, "seed and the one hold");
     audit_ok(&ledger, &mut conn, USER);
 }
+
+/// A batch judges a hold's expiry on the caller's clock once, before it sends anything, as the
+/// single call does: a hold just past the longest a hold may last when the batch starts is
+/// refused (its key looked up), even when the batch reaches it only once the bound has moved
+/// past it (here a capture's read of its hold waits 800 ms behind another program's lock).
+/// Before: the batch judged it again after that read, placed it — and a batch that then failed
+/// answered it from the first judgement, as refused.
+#[test]
+fn a_batch_judges_a_holds_expiry_once_before_it_sends_anything() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut conn) = fresh_database("holds_expiry_judged_once");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, 1, dec(100));
+    let captured = ledger
+        .hold(&mut conn, 1, dec(10), "h1", in_secs(3_600))
+        .expect("a hold to capture");
+    let mut locker = connect(&url);
+    locker
+        .batch_execute("LOCK TABLES balance_hold WRITE")
+        .expect("lock the holds");
+    let unlock = thread::spawn(move || {
+        thread::sleep(StdDuration::from_millis(800));
+        locker
+            .batch_execute("UNLOCK TABLES")
+            .expect("release the holds");
+    });
+    let too_far = now() + lockstock::ledger::MAX_HOLD_DURATION + Duration::milliseconds(400);
+    let answers = ledger
+        .apply_many(
+            &mut conn,
+            1,
+            &[
+                AccountOp::capture(captured.id, dec(10), "c1"),
+                AccountOp::hold(dec(5), "h2", too_far),
+            ],
+        )
+        .expect("answered per request");
+    unlock.join().expect("unlocked");
+    assert!(answers[0].is_ok(), "{answers:?}");
+    assert!(
+        matches!(
+            answers[1],
+            Err(Error::InvalidExpiry {
+                problem: ExpiryProblem::TooFar,
+                ..
+            })
+        ),
+        "{answers:?}"
+    );
+    let placed: i64 = balance_history::table
+        .filter(balance_history::idempotency_key.eq("h2"))
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    assert_eq!(placed, 0, "the refused hold was written");
+}
