@@ -164,8 +164,6 @@ impl<Resp> Slot<Resp> {
         self.changed.notify_one();
     }
 
-    /// The answer of a request whose deadline passed before it was taken into a batch: the
-    /// error a batch that gave it back gave up with, or [`Error::Timeout`].
     /// `answer`, or — where a batch gave this request back because it could not look its key
     /// up by its deadline ([`Error::refused_then_cut`]: an earlier call may have applied it) —
     /// that batch's [`Error::OutcomeUnknown`] instead of a later failure that would say that
@@ -181,6 +179,8 @@ impl<Resp> Slot<Resp> {
         }
     }
 
+    /// The answer of a request whose deadline passed before it was taken into a batch: the
+    /// error a batch that gave it back gave up with, or [`Error::Timeout`].
     fn expired(&self, deadline: Deadline) -> Error {
         lock(&self.tried).1.take().unwrap_or(Error::Timeout {
             elapsed: deadline.elapsed(),

@@ -158,6 +158,8 @@ impl Watchdog {
                      cannot be cut at its deadline (see lockstock::txn::watchdog_available)"
                 );
                 schedule = self.lock();
+                // Calls armed meanwhile may be due before `until`: look again.
+                continue;
             }
             schedule.wake = until;
             schedule = match until {

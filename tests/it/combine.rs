@@ -1277,7 +1277,7 @@ fn a_first_charge_keeps_its_keys_turn_until_its_call_ends() {
 /// A committed combined ledger batch looks the keys of its refused requests up after its
 /// COMMIT; where that lookup fails by the batch's deadline (its earliest caller's), a caller
 /// with time left is not answered by it: its single call would still be looking its key up.
-/// Its request runs again in the next batch, by its own deadline.
+/// The caller finishes that lookup by its own deadline.
 #[test]
 fn a_lookup_cut_by_an_earlier_callers_deadline_does_not_answer_a_later_caller() {
     use diesel::connection::SimpleConnection;
