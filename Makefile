@@ -5,7 +5,7 @@
 SHELL := /bin/sh
 CARGO ?= cargo
 DEMO ?= flash_sale
-APT_PACKAGES := mariadb-server galera-4 rsync libmariadb-dev pkg-config
+APT_PACKAGES := mariadb-server galera-4 rsync libmariadb-dev pkg-config gcc libc6-dev
 # Only for `make report` (the Redis-gate row).
 REPORT_APT_PACKAGES := redis-server
 POLICY_RC_D := /usr/sbin/policy-rc.d
@@ -38,7 +38,7 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(APT_PACKAGES); \
 	fi
 	@command -v $(CARGO) >/dev/null 2>&1 || { \
-	  echo "error: cargo not found; install Rust (>= 1.80) from https://rustup.rs and make sure ~/.cargo/bin is on PATH" >&2; \
+	  echo "error: cargo not found; install Rust (>= 1.95 for the committed Cargo.lock) from https://rustup.rs and make sure ~/.cargo/bin is on PATH" >&2; \
 	  exit 1; }
 	@for c in fmt clippy; do \
 	  if ! $(CARGO) $$c --version >/dev/null 2>&1; then \

@@ -98,9 +98,26 @@ fn main() -> Result<(), BoxError> {
         issue_ends_at: now + Duration::hours(1),
     };
     let campaign = issuer.create_campaign(&mut conn, &sale)?;
-    // The per-request run's campaign: the same size, the same requests, its own issuer.
+    // The per-request run's campaign: the same size, the same requests, its own issuer — and
+    // its own coupon template (a user holds one coupon of a template: with a shared one, the
+    // first run's winners would be refused as holders in the second).
     let single_issuer = Arc::new(CouponIssuer::new());
-    let single_campaign = single_issuer.create_campaign(&mut conn, &sale)?;
+    let single_coupon = single_issuer.create_coupon(
+        &mut conn,
+        &NewCoupon {
+            name: "Flash sale: 5,000 off (per-request run)",
+            discount: Discount::Fixed(Decimal::new(5_000, 0)),
+            valid_from: now - Duration::minutes(1),
+            valid_until: now + Duration::days(7),
+        },
+    )?;
+    let single_campaign = single_issuer.create_campaign(
+        &mut conn,
+        &NewCampaign {
+            coupon_id: single_coupon.id,
+            ..sale
+        },
+    )?;
 
     let requests = Arc::new(request_order(seed));
     println!(
