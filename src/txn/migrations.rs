@@ -18,7 +18,9 @@ const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type,
     default_storage_engine = @lockstock_engine, \
     @lockstock_completion_type = NULL, @lockstock_autocommit = NULL, \
     @lockstock_sql_mode = NULL, @lockstock_select_limit = NULL, \
-    @lockstock_big_selects = NULL, @lockstock_engine = NULL";
+    @lockstock_big_selects = NULL, @lockstock_engine = NULL, \
+    character_set_results = IF(@lockstock_results_null, NULL, @lockstock_results), \
+    @lockstock_results = NULL, @lockstock_results_null = NULL";
 
 /// [`RESTORE`]'s part that only MariaDB has.
 const RESTORE_MARIADB: &str = ", tx_read_only = @lockstock_read_only, \
@@ -108,8 +110,10 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
          @lockstock_sql_mode = @@session.sql_mode, \
          @lockstock_select_limit = @@session.sql_select_limit, \
          @lockstock_big_selects = @@session.sql_big_selects, \
-         @lockstock_engine = @@session.default_storage_engine, {flavor_saves}\
-         SESSION completion_type = 'NO_CHAIN', autocommit = 1, \
+         @lockstock_engine = @@session.default_storage_engine, \
+         @lockstock_results = @@session.character_set_results, \
+         @lockstock_results_null = @@session.character_set_results IS NULL, {flavor_saves}\
+         SESSION completion_type = 'NO_CHAIN', autocommit = 1, character_set_results = utf8mb4, \
          sql_mode = '{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
          sql_big_selects = 1, default_storage_engine = InnoDB, {flavor_sets}"
     );

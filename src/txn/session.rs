@@ -4,7 +4,6 @@
 use diesel::connection::{Connection, Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::mysql::MysqlConnection;
 use diesel::r2d2::CustomizeConnection;
-use diesel::sql_types::Text;
 use diesel::{QueryDsl, RunQueryDsl};
 
 use super::{bounded, Deadline, TxnPolicy};
@@ -35,11 +34,15 @@ impl ServerFlavor {
     }
 
     /// [`detect`](Self::detect) for a caller that bounds it already (under the watchdog).
+    /// Asked as a number: a caller's `character_set_results` (utf16, say) would change the
+    /// version's text.
     pub(super) fn ask(conn: &mut MysqlConnection) -> Result<Self, Error> {
-        let version: String = diesel::select(diesel::dsl::sql::<Text>("VERSION()"))
-            .limit(1)
-            .get_result(conn)?;
-        Ok(if version.to_ascii_lowercase().contains("mariadb") {
+        let mariadb: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "CAST(LOWER(VERSION()) LIKE _utf8mb4'%mariadb%' AS SIGNED)",
+        ))
+        .limit(1)
+        .get_result(conn)?;
+        Ok(if mariadb != 0 {
             Self::MariaDb
         } else {
             Self::MySql
@@ -80,7 +83,8 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
     // `sql_big_selects` a caller's `max_join_size`, and its own `max_statement_time` a
     // caller's (the watchdog bounds it).
     let loaded = diesel::sql_query(
-        "SET STATEMENT sql_big_selects = 1, max_statement_time = 0 FOR SELECT \
+        "SET STATEMENT sql_big_selects = 1, max_statement_time = 0, \
+         character_set_results = utf8mb4 FOR SELECT \
          CAST(COALESCE((SELECT variable_value \
          FROM information_schema.GLOBAL_STATUS WHERE variable_name = 'WSREP_PROVIDER_NAME'), \
          SPACE(0)) <> SPACE(0) AS SIGNED) AS loaded LIMIT 1",
@@ -102,7 +106,8 @@ fn provider_configured(conn: &mut MysqlConnection) -> Result<bool, Error> {
     // As in `galera_node`: no transaction opened, the caller's limits beaten (its statement
     // time too: reading information_schema takes longer than a caller's 100 µs cap).
     let configured = diesel::sql_query(
-        "SET STATEMENT sql_big_selects = 1, max_statement_time = 0 FOR SELECT \
+        "SET STATEMENT sql_big_selects = 1, max_statement_time = 0, \
+         character_set_results = utf8mb4 FOR SELECT \
          CAST(COALESCE((SELECT variable_value \
          FROM information_schema.GLOBAL_VARIABLES WHERE variable_name = 'WSREP_PROVIDER'), \
          'none') <> 'none' AS SIGNED) AS configured LIMIT 1",

@@ -1498,3 +1498,40 @@ fn a_body_that_leaves_its_own_diesel_transaction_open_commits_nothing() {
         "nothing committed"
     );
 }
+
+/// Whether the session's `character_set_results` is still utf16, read as a number in an
+/// unnamed column (its text, and a column's name, would come back in utf16).
+fn results_still_utf16(conn: &mut MysqlConnection) -> bool {
+    diesel::select(diesel::dsl::sql::<BigInt>(
+        "CAST(COALESCE(@@session.character_set_results = _utf8mb4'utf16', 0) AS SIGNED)",
+    ))
+    .get_result::<i64>(conn)
+    .expect("read the session")
+        == 1
+}
+
+/// A caller's `character_set_results` (utf16: every text the server sends comes back in it)
+/// does not change what lockstock reads: the server's flavour is asked as a number (its version
+/// text read in utf16 said "MySQL" on MariaDB, for the runner's whole life: every call then
+/// failed with an unknown MySQL variable, on every connection), and the migrations read the
+/// versions applied in utf8mb4 (in utf16 none matched, and the first migration ran again).
+/// The caller's session is left as found.
+#[test]
+fn a_callers_results_charset_does_not_change_what_lockstock_reads() {
+    let (url, mut conn) = fresh_database("review_results_charset");
+    conn.batch_execute("SET character_set_results = utf16")
+        .expect("utf16 results");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, Decimal::from(5), "first")
+        .expect("a charge on a utf16-results session");
+    assert!(results_still_utf16(&mut conn), "the session as found");
+    // The runner's flavour is kept for its life: a plain connection works too.
+    let mut plain = connect(&url);
+    ledger
+        .charge(&mut plain, 1, Decimal::from(5), "second")
+        .expect("a charge on a plain session, same runner");
+    lockstock::run_migrations(&mut conn).expect("migrations up to date, utf16 results");
+    lockstock::run_migrations(&mut conn).expect("again");
+    assert!(results_still_utf16(&mut conn), "the session as found");
+}
