@@ -77,9 +77,9 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
             let galera = super::session::galera_node(conn)?;
             let (replicated, osu_save, osu_set, osu_restore) = if galera {
                 (
-                    format!("IF({REPLICATING}, @@session.lc_messages, '{NOT_REPLICATED_LOCALE}')"),
+                    format!("IF({REPLICATING}, @@session.lc_messages, _utf8mb4'{NOT_REPLICATED_LOCALE}')"),
                     "@lockstock_osu_method = @@session.wsrep_OSU_method, ",
-                    ", wsrep_OSU_method = 'TOI'",
+                    ", wsrep_OSU_method = _utf8mb4'TOI'",
                     RESTORE_GALERA,
                 )
             } else {
@@ -90,7 +90,7 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
                     "@lockstock_read_only = @@session.tx_read_only, \
                      @lockstock_statement_time = @@session.max_statement_time, {osu_save}\
                      SESSION lc_messages = \
-                     IF(@@in_transaction, '{NESTED_LOCALE}', {replicated}), "
+                     IF(@@in_transaction, _utf8mb4'{NESTED_LOCALE}', {replicated}), "
                 ),
                 format!("tx_read_only = 0, max_statement_time = 0{osu_set}"),
                 format!("{RESTORE_MARIADB}{osu_restore}"),
@@ -113,8 +113,8 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
          @lockstock_engine = @@session.default_storage_engine, \
          @lockstock_results = @@session.character_set_results, \
          @lockstock_results_null = @@session.character_set_results IS NULL, {flavor_saves}\
-         SESSION completion_type = 'NO_CHAIN', autocommit = 1, character_set_results = utf8mb4, \
-         sql_mode = '{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
+         SESSION completion_type = _utf8mb4'NO_CHAIN', autocommit = 1, character_set_results = utf8mb4, \
+         sql_mode = _utf8mb4'{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
          sql_big_selects = 1, default_storage_engine = InnoDB, {flavor_sets}"
     );
     if let Err(e) = conn.batch_execute(&setup) {

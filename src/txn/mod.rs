@@ -207,7 +207,7 @@ pub(crate) const NOT_REPLICATED_LOCALE: &str = "lockstock_not_replicated";
 /// stays 1) — or the server has no provider (a runner that met a Galera node first may run on
 /// a standalone server later: nothing to replicate there).
 pub(crate) const REPLICATING: &str = "((@@session.wsrep_on AND @@global.wsrep_on) \
-     OR @@global.wsrep_provider = 'none')";
+     OR @@global.wsrep_provider = _utf8mb4'none')";
 
 /// `SET TRANSACTION` inside an open transaction fails with 1568 on MariaDB and MySQL alike.
 const NESTED_1568: &str = "transaction characteristics can't be changed";
@@ -262,10 +262,10 @@ impl RunnerSql {
                         // from its frozen rows; streaming replication turns a statement's
                         // duplicate key into a whole-transaction abort (1213).
                         ", autocommit = 0, wsrep_dirty_reads = 0, wsrep_trx_fragment_size = 0",
-                        format!("IF({REPLICATING}, 'en_US', '{NOT_REPLICATED_LOCALE}')"),
+                        format!("IF({REPLICATING}, _utf8mb4'en_US', _utf8mb4'{NOT_REPLICATED_LOCALE}')"),
                     )
                 } else {
-                    ("", "", "'en_US'".to_owned())
+                    ("", "", "_utf8mb4'en_US'".to_owned())
                 };
                 // First the atomic SET: the check that no transaction is open, the caller's
                 // values saved, ours set. Nothing before it may read a table: under a caller's
@@ -276,8 +276,8 @@ impl RunnerSql {
                      @lockstock_isolation = @@session.tx_isolation, \
                      @lockstock_read_only = @@session.tx_read_only, \
                      @lockstock_insert_id = @@session.insert_id, {save_autocommit}\
-                     SESSION lc_messages = IF(@@in_transaction, '{NESTED_LOCALE}', {replicated}), \
-                     {settings}, tx_isolation = '{}', tx_read_only = 0{autocommit}",
+                     SESSION lc_messages = IF(@@in_transaction, _utf8mb4'{NESTED_LOCALE}', {replicated}), \
+                     {settings}, tx_isolation = _utf8mb4'{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()
                 )];
                 if guarded && policy.designated_writer_only {
@@ -292,7 +292,7 @@ impl RunnerSql {
                         "SET SESSION lc_messages = IF((SELECT CHAR_LENGTH(node_name) > 0 \
                          AND node_name <> CONVERT(@@wsrep_node_name USING utf8mb4) \
                          COLLATE utf8mb4_bin FROM designated_writer WHERE id = 1), \
-                         '{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
+                         _utf8mb4'{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
                     ));
                 }
                 setup
@@ -303,7 +303,7 @@ impl RunnerSql {
                 format!(
                     "SET {SAVE_SHARED}, \
                      @lockstock_statement_time = @@session.max_execution_time, \
-                     SESSION lc_messages = 'en_US', {settings}"
+                     SESSION lc_messages = _utf8mb4'en_US', {settings}"
                 ),
             ],
         });

@@ -202,7 +202,7 @@ impl TxnPolicy {
     /// The `SET SESSION` statement for this policy on a server of `flavor`.
     pub(super) fn session_sql(&self, flavor: ServerFlavor) -> String {
         format!(
-            "SET SESSION {}, lc_messages = 'en_US'",
+            "SET SESSION {}, lc_messages = _utf8mb4'en_US'",
             self.settings(flavor)
         )
     }
@@ -243,7 +243,7 @@ impl TxnPolicy {
         // `sql_big_selects` off: lockstock's reads were refused).
         format!(
             "innodb_lock_wait_timeout = {lock_wait}, lock_wait_timeout = {lock_wait}, {limit}, \
-             time_zone = '+00:00', sql_select_limit = {NO_SELECT_LIMIT}, unique_checks = 1, \
+             time_zone = _utf8mb4'+00:00', sql_select_limit = {NO_SELECT_LIMIT}, unique_checks = 1, \
              foreign_key_checks = 1, character_set_client = utf8mb4, \
              character_set_results = utf8mb4, collation_connection = utf8mb4_general_ci, \
              sql_big_selects = 1"

@@ -1069,6 +1069,7 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
                     "only contention may fail a call here: {e:?}"
                 );
                 failed += 1;
+                eprintln!("galera_runner_answers_whole_transactions_under_silent_rollbacks: failed: {e:?}");
                 // A connection the runner gave up on is not used again (as a pool discards
                 // it): a new one, and the old one closed.
                 if matches!(

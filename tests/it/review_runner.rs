@@ -1535,3 +1535,41 @@ fn a_callers_results_charset_does_not_change_what_lockstock_reads() {
     lockstock::run_migrations(&mut conn).expect("again");
     assert!(results_still_utf16(&mut conn), "the session as found");
 }
+
+/// A caller's `character_set_connection` (utf16: unmarked string literals take it) does not
+/// change what lockstock's own statements say: their literals (a locale, an isolation level, a
+/// time zone, an SQL mode) carry their character set. Before, the first SET failed ("Unknown
+/// locale") and every call on such a session answered `Error::Server`; inside the caller's own
+/// transaction the answer is still `NestedTransaction`. The session is left as found.
+#[test]
+fn a_callers_connection_charset_does_not_change_lockstocks_statements() {
+    let (_url, mut conn) = fresh_database("review_connection_charset");
+    conn.batch_execute("SET character_set_connection = utf16")
+        .expect("utf16 connection");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 1, Decimal::from(5), "first")
+        .expect("a charge on a utf16-connection session");
+    conn.batch_execute("BEGIN")
+        .expect("the caller's transaction");
+    assert!(
+        matches!(
+            ledger.charge(&mut conn, 1, Decimal::from(5), "nested"),
+            Err(Error::NestedTransaction)
+        ),
+        "inside the caller's transaction"
+    );
+    conn.batch_execute("ROLLBACK").expect("rollback");
+    lockstock::run_migrations(&mut conn).expect("migrations under a utf16 connection");
+    let utf16: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+        "CAST(@@session.character_set_connection = _utf8mb4'utf16' AS SIGNED)",
+    ))
+    .get_result(&mut conn)
+    .expect("read the session");
+    assert_eq!(utf16, 1, "the session as found");
+    conn.batch_execute("SET character_set_connection = utf8mb4")
+        .expect("back to utf8mb4");
+    ledger
+        .charge(&mut conn, 1, Decimal::from(5), "after")
+        .expect("a charge after the caller switched back");
+}
