@@ -10,7 +10,7 @@ APT_PACKAGES := mariadb-server galera-4 rsync libmariadb-dev pkg-config gcc libc
 REPORT_APT_PACKAGES := redis-server
 POLICY_RC_D := /usr/sbin/policy-rc.d
 
-.PHONY: all deps test demo bench report report-deps report-galera package check-leftovers
+.PHONY: all deps lint-deps test demo bench report report-deps report-galera package check-leftovers
 
 all: test
 
@@ -40,6 +40,9 @@ deps:
 	@command -v $(CARGO) >/dev/null 2>&1 || { \
 	  echo "error: cargo not found; install Rust (>= 1.95 for the committed Cargo.lock) from https://rustup.rs and make sure ~/.cargo/bin is on PATH" >&2; \
 	  exit 1; }
+
+# Only `make test` formats and lints: `make demo` needs neither rustfmt nor clippy.
+lint-deps: deps
 	@for c in fmt clippy; do \
 	  if ! $(CARGO) $$c --version >/dev/null 2>&1; then \
 	    if [ $$c = fmt ]; then comp=rustfmt; else comp=clippy; fi; \
@@ -52,7 +55,7 @@ deps:
 	  fi; \
 	done
 
-test: deps
+test: lint-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 	$(CARGO) test --workspace --all-targets

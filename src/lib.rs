@@ -126,12 +126,15 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// `autocommit = 1`, so that reading which migrations are applied leaves no transaction open)
 /// and puts the caller's values back afterwards (where it cannot, it ends the session and the
 /// connection is marked broken; the answer is still the migrations'). Inside a transaction the caller opened through Diesel, or on
-/// MariaDB with a raw `BEGIN`, nothing is sent: DDL would commit it (MySQL 8 has no
+/// MariaDB with a raw `BEGIN`, nothing is applied (only the server's version and Galera state
+/// are read): DDL would commit it (MySQL 8 has no
 /// `@@in_transaction`: there a raw `BEGIN` is committed by the migrations).
 ///
 /// # Errors
 /// [`Error::Timeout`] when `deadline` has passed before anything was sent;
 /// [`Error::NestedTransaction`] inside the caller's open transaction (nothing applied);
+/// [`Error::NotReplicated`] on a MariaDB Galera node through a session whose replication is
+/// off (nothing applied: the DDL would stay on this node);
 /// [`Error::Migration`] when a migration (or reading which are applied) fails;
 /// [`Error::ServerUnresponsive`] when the server did not answer by the deadline plus the grace
 /// (the connection is shut down and marked broken); [`Error::Server`] when the session could
