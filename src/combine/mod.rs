@@ -1373,15 +1373,12 @@ impl CombiningLedger {
         match answer {
             Err(unknown) => {
                 let runner = self.inner.runner();
+                // Cut by the deadline, not by the attempts (the marked failures are a timeout,
+                // a refusal or the watchdog's cut: `within_attempts` as for a routed batch).
+                let by_deadline = within_attempts(runner.policy().retry.max_attempts, true);
                 let finish = unknown.refused_then_cut().and_then(|cut| {
-                    let by_deadline = match &cut.failure {
-                        Error::Timeout { .. } | Error::ServerUnresponsive { .. } => true,
-                        Error::Contended { attempts, .. } => {
-                            *attempts < runner.policy().retry.max_attempts.max(1)
-                        }
-                        _ => false,
-                    };
-                    cut.lookup.as_ref().filter(|_| by_deadline)
+                    let cut_by_deadline = by_deadline(&cut.failure, 0).is_some();
+                    cut.lookup.as_ref().filter(|_| cut_by_deadline)
                 });
                 match finish {
                     Some(lookup) if !deadline.is_expired() => {

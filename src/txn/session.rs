@@ -70,50 +70,28 @@ pub(super) fn rollback_on_timeout(conn: &mut MysqlConnection) -> Result<bool, Er
 /// refused ([`Error::NotReplicated`]) rather than run unguarded. A server built without Galera
 /// (no such variable) is not one.
 pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
-    if !provider_configured(conn)? {
-        return Ok(false);
-    }
     #[derive(diesel::QueryableByName)]
-    struct Loaded {
+    struct Galera {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
-        loaded: i64,
+        galera: i64,
     }
-    // A read of information_schema opens no transaction under a caller's `autocommit = 0`;
-    // the explicit LIMIT beats a caller's `sql_select_limit`, the statement's own
-    // `sql_big_selects` a caller's `max_join_size`, and its own `max_statement_time` a
-    // caller's (the watchdog bounds it).
-    let loaded = diesel::sql_query(
+    // One read of information_schema: a provider configured (no row on a server built without
+    // Galera: no error, whose text would be in the caller's `lc_messages`) and loaded. It
+    // opens no transaction under a caller's `autocommit = 0`; the explicit LIMIT beats a
+    // caller's `sql_select_limit`, the statement's own `sql_big_selects` a caller's
+    // `max_join_size`, its own `max_statement_time` a caller's (the watchdog bounds it), and
+    // its own `character_set_results` a caller's (the column's name is read).
+    let galera = diesel::sql_query(
         "SET STATEMENT sql_big_selects = 1, max_statement_time = 0, \
-         character_set_results = utf8mb4 FOR SELECT \
-         CAST(COALESCE((SELECT variable_value \
-         FROM information_schema.GLOBAL_STATUS WHERE variable_name = 'WSREP_PROVIDER_NAME'), \
-         SPACE(0)) <> SPACE(0) AS SIGNED) AS loaded LIMIT 1",
+         character_set_results = utf8mb4 FOR SELECT CAST(\
+         COALESCE((SELECT variable_value FROM information_schema.GLOBAL_VARIABLES \
+         WHERE variable_name = 'WSREP_PROVIDER'), 'none') <> 'none' \
+         AND COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
+         WHERE variable_name = 'WSREP_PROVIDER_NAME'), SPACE(0)) <> SPACE(0) \
+         AS SIGNED) AS galera LIMIT 1",
     )
-    .get_result::<Loaded>(conn)?;
-    Ok(loaded.loaded != 0)
-}
-
-/// Whether the server names a wsrep provider (`@@wsrep_provider` is not `none`), read from
-/// `information_schema.GLOBAL_VARIABLES`: a server built without Galera has no such variable
-/// and answers no row, not an error (whose text, in the caller's `lc_messages`, would have to
-/// be read).
-fn provider_configured(conn: &mut MysqlConnection) -> Result<bool, Error> {
-    #[derive(diesel::QueryableByName)]
-    struct Configured {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        configured: i64,
-    }
-    // As in `galera_node`: no transaction opened, the caller's limits beaten (its statement
-    // time too: reading information_schema takes longer than a caller's 100 µs cap).
-    let configured = diesel::sql_query(
-        "SET STATEMENT sql_big_selects = 1, max_statement_time = 0, \
-         character_set_results = utf8mb4 FOR SELECT \
-         CAST(COALESCE((SELECT variable_value \
-         FROM information_schema.GLOBAL_VARIABLES WHERE variable_name = 'WSREP_PROVIDER'), \
-         'none') <> 'none' AS SIGNED) AS configured LIMIT 1",
-    )
-    .get_result::<Configured>(conn)?;
-    Ok(configured.configured != 0)
+    .get_result::<Galera>(conn)?;
+    Ok(galera.galera != 0)
 }
 
 /// Applies a policy's session settings to a connection for good, and marks the connection as
