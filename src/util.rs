@@ -219,12 +219,38 @@ where
 
 /// MariaDB's `@@in_transaction` on `conn`: 1 while a transaction is open, 0 otherwise (MySQL
 /// has no such variable: an error).
+/// A cached prepared statement (one round trip; a SQL literal would be prepared, run and
+/// closed each time: two), since a combiner's batch asks it after a refused locking read.
 pub(crate) fn in_transaction(conn: &mut MysqlConnection) -> diesel::QueryResult<i64> {
-    diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
-        "CAST(@@in_transaction AS SIGNED)",
-    ))
-    .get_result(conn)
+    diesel::select(InTransaction).get_result(conn)
 }
+
+/// `CAST(@@in_transaction AS SIGNED)`: an expression of its own, so that its statement is
+/// cached (see [`IdStep`]).
+#[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
+struct InTransaction;
+
+impl diesel::Expression for InTransaction {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::mysql::Mysql> for InTransaction {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::mysql::Mysql>,
+    ) -> diesel::QueryResult<()> {
+        out.push_sql("CAST(@@in_transaction AS SIGNED)");
+        Ok(())
+    }
+}
+
+impl diesel::expression::ValidGrouping<()> for InTransaction {
+    type IsAggregate = diesel::expression::is_aggregate::Never;
+}
+
+impl<QS> diesel::SelectableExpression<QS> for InTransaction {}
+
+impl<QS> diesel::AppearsOnTable<QS> for InTransaction {}
 
 #[cfg(test)]
 mod tests {
