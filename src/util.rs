@@ -34,35 +34,53 @@ pub(crate) fn inserted_id(conn: &mut MysqlConnection) -> Result<i64> {
     row_id(diesel::select(last_insert_id()).get_result(conn)?)
 }
 
-/// The step between the ids of one INSERT's rows where the server numbers them consecutively
-/// (`innodb_autoinc_lock_mode` 0 or 1): the session's `auto_increment_increment` — a session
-/// may set its own, so it is read with the first id — and 0 where it does not (mode 2: a runner
-/// that met another server first must not take them for consecutive). An expression of its
-/// own, not a SQL literal: a statement with a literal is never cached.
-#[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
-pub(crate) struct IdStep;
+/// Defines a BIGINT value the server computes (`$sql`) as an expression of its own: a statement
+/// that selects it is a cached prepared statement (one round trip), where one with a SQL literal
+/// would be prepared, run and closed each time (two).
+macro_rules! server_value {
+    ($(#[$doc:meta])* $vis:vis struct $name:ident => $sql:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
+        $vis struct $name;
 
-impl diesel::Expression for IdStep {
-    type SqlType = diesel::sql_types::BigInt;
+        impl diesel::Expression for $name {
+            type SqlType = diesel::sql_types::BigInt;
+        }
+
+        impl diesel::query_builder::QueryFragment<diesel::mysql::Mysql> for $name {
+            fn walk_ast<'b>(
+                &'b self,
+                mut out: diesel::query_builder::AstPass<'_, 'b, diesel::mysql::Mysql>,
+            ) -> diesel::QueryResult<()> {
+                out.push_sql($sql);
+                Ok(())
+            }
+        }
+
+        impl diesel::expression::ValidGrouping<()> for $name {
+            type IsAggregate = diesel::expression::is_aggregate::Never;
+        }
+
+        impl<QS> diesel::SelectableExpression<QS> for $name {}
+
+        impl<QS> diesel::AppearsOnTable<QS> for $name {}
+    };
 }
 
-impl diesel::query_builder::QueryFragment<diesel::mysql::Mysql> for IdStep {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::mysql::Mysql>,
-    ) -> diesel::QueryResult<()> {
-        out.push_sql("IF(@@innodb_autoinc_lock_mode <= 1, @@session.auto_increment_increment, 0)");
-        Ok(())
-    }
+server_value! {
+    /// The step between the ids of one INSERT's rows where the server numbers them consecutively
+    /// (`innodb_autoinc_lock_mode` 0 or 1): the session's `auto_increment_increment` — a session
+    /// may set its own, so it is read with the first id — and 0 where it does not (mode 2: a runner
+    /// that met another server first must not take them for consecutive). An expression of its
+    /// own, not a SQL literal: a statement with a literal is never cached.
+    pub(crate) struct IdStep
+        => "IF(@@innodb_autoinc_lock_mode <= 1, @@session.auto_increment_increment, 0)"
 }
 
-impl diesel::expression::ValidGrouping<()> for IdStep {
-    type IsAggregate = diesel::expression::is_aggregate::Never;
+server_value! {
+    /// `@@in_transaction` as a number (see [`in_transaction`]).
+    struct InTransaction => "CAST(@@in_transaction AS SIGNED)"
 }
-
-impl<QS> diesel::SelectableExpression<QS> for IdStep {}
-
-impl<QS> diesel::AppearsOnTable<QS> for IdStep {}
 
 /// The first id of the last INSERT on this connection and the session's step between ids, in
 /// one round trip.
@@ -219,38 +237,11 @@ where
 
 /// MariaDB's `@@in_transaction` on `conn`: 1 while a transaction is open, 0 otherwise (MySQL
 /// has no such variable: an error).
-/// A cached prepared statement (one round trip; a SQL literal would be prepared, run and
-/// closed each time: two), since a combiner's batch asks it after a refused locking read.
+/// A cached prepared statement (`server_value!`): a combiner's batch asks it after a refused
+/// locking read.
 pub(crate) fn in_transaction(conn: &mut MysqlConnection) -> diesel::QueryResult<i64> {
     diesel::select(InTransaction).get_result(conn)
 }
-
-/// `CAST(@@in_transaction AS SIGNED)`: an expression of its own, so that its statement is
-/// cached (see [`IdStep`]).
-#[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
-struct InTransaction;
-
-impl diesel::Expression for InTransaction {
-    type SqlType = diesel::sql_types::BigInt;
-}
-
-impl diesel::query_builder::QueryFragment<diesel::mysql::Mysql> for InTransaction {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::mysql::Mysql>,
-    ) -> diesel::QueryResult<()> {
-        out.push_sql("CAST(@@in_transaction AS SIGNED)");
-        Ok(())
-    }
-}
-
-impl diesel::expression::ValidGrouping<()> for InTransaction {
-    type IsAggregate = diesel::expression::is_aggregate::Never;
-}
-
-impl<QS> diesel::SelectableExpression<QS> for InTransaction {}
-
-impl<QS> diesel::AppearsOnTable<QS> for InTransaction {}
 
 #[cfg(test)]
 mod tests {
