@@ -224,13 +224,18 @@ impl CouponIssuer {
             // Read before the stock is: a zero read after a newer sighting is not marked.
             let seen = self.sightings(campaign_id);
             let (mut stale, mut unknown_holders, mut short) = (false, false, false);
+            // Whether the last attempt locked the stock row and found it above zero: as for a
+            // single issue, that clears the sold-out mark however the attempt ends.
+            let mut stock_seen = false;
             let attempt = self.runner.run_by(conn, deadline, |conn| {
                 // What the LAST attempt found: the runner may run this body again after a
                 // failure it set a flag for (on Galera, a body's refusal becomes a deadlock
                 // when the node aborted the transaction meanwhile).
-                (stale, unknown_holders, short) = (false, false, false);
+                (stale, unknown_holders, short, stock_seen) = (false, false, false, false);
                 #[cfg(test)]
                 super::tests::attempt_begins();
+                // A sold-out mark dates from this attempt's start, as a single issue's does.
+                let seen = seen.now();
                 let insert_ids = self.runner.insert_ids(conn)?;
                 let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
                 if found.coupon_id != coupon_id {
@@ -253,8 +258,6 @@ impl CouponIssuer {
                     .extend(holders.iter().map(|(user, id)| (*user, *id)));
                 // This attempt's time: the issue time, and the window is checked at it.
                 let at = self.now();
-                // A sold-out mark dates from this attempt's read.
-                let seen = seen.now();
                 facts.check_window(campaign_id, at)?;
                 // Before the hot row, as the single issue: the coupons of every request that
                 // the stock decides nothing about, written with the unique index checking
@@ -310,6 +313,7 @@ impl CouponIssuer {
                 }
                 // Every request is decided now, with the hot row held.
                 current.check_window(campaign_id, self.now())?;
+                stock_seen = stock > 0;
                 let (decisions, winners) = decide(user_ids, &holders, stock, self.marks_stick());
                 if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
                     // The refused user may hold the coupon (then: AlreadyIssued).
@@ -347,6 +351,9 @@ impl CouponIssuer {
                 let ids: HashMap<i64, i64> = winners.into_iter().zip(new_ids).collect();
                 Ok((decisions, ids, stock, at, seen))
             });
+            if attempt.is_err() && stock_seen {
+                self.saw_stock(campaign_id);
+            }
             match attempt {
                 // Facts of another database (the INSERT names a template or campaign missing
                 // here) are stale facts too.

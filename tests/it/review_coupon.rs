@@ -1775,3 +1775,80 @@ fn a_redeem_never_waits_for_the_template_while_it_holds_the_coupon() {
         .expect("the redeem once the template is free");
     assert_eq!(redeemed.order_ref.as_deref(), Some("order-T"));
 }
+
+/// A batch that locked the stock row above zero clears the issuer's sold-out mark however it
+/// ends, as a single issue that saw the stock does: here the mark is set (a single issue read
+/// zero) and another issuer restocks while the batch is on its way to the row, and the batch
+/// then fails after its lock read (its connection killed). Before, only a batch that committed
+/// cleared the mark, and the issuer answered `SoldOut` from memory over the new stock.
+#[test]
+fn a_failed_batch_that_saw_stock_clears_the_sold_out_mark() {
+    let (url, mut conn) = fresh_database("review_batch_saw_stock");
+    let setup = CouponIssuer::new();
+    let (_coupon, campaign) = open_campaign_named(&mut conn, &setup, "batch saw stock", 1);
+    setup.issue(&mut conn, 1, campaign.id).expect("the one");
+
+    // The batch's thread reports each of its clock reads and waits for a go.
+    let (reads_tx, reads) = std::sync::mpsc::channel::<usize>();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let batch_thread: Arc<Mutex<Option<ThreadId>>> = Arc::default();
+    let clock: Clock = {
+        let (reads_tx, go_rx) = (Mutex::new(reads_tx), Mutex::new(go_rx));
+        let (batch_thread, count) = (batch_thread.clone(), AtomicI64::new(0));
+        Arc::new(move || {
+            if *batch_thread.lock().expect("thread") == Some(thread::current().id()) {
+                let n = count.fetch_add(1, Ordering::SeqCst) as usize + 1;
+                reads_tx.lock().expect("reads").send(n).expect("test gone");
+                go_rx.lock().expect("go").recv().expect("test gone");
+            }
+            now()
+        })
+    };
+    let issuer = Arc::new(CouponIssuer::new().with_clock(clock));
+    let mut batch_conn = connect(&url);
+    let batch_id = lockstock_testkit::fixtures::connection_id(&mut batch_conn);
+    let batch = {
+        let (issuer, batch_thread) = (issuer.clone(), batch_thread.clone());
+        thread::spawn(move || {
+            *batch_thread.lock().expect("thread") = Some(thread::current().id());
+            issuer.issue_many(&mut batch_conn, campaign.id, &[5, 6])
+        })
+    };
+    let next_read = || {
+        reads
+            .recv_timeout(StdDuration::from_secs(30))
+            .expect("the batch reads the clock")
+    };
+    // 1: the window check before the batch's transaction. The issuer marks the campaign sold
+    // out (a single issue reads zero), then another issuer restocks it.
+    assert_eq!(next_read(), 1);
+    assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {
+        matches!(e, Error::SoldOut { .. })
+    });
+    CouponIssuer::new()
+        .restock(&mut conn, campaign.id, 10, "restock-1")
+        .expect("restock elsewhere");
+    go.send(()).expect("go");
+    // 2: the attempt's time; 3: the window check with the stock row locked (10 left). The
+    // batch's session is killed before its UPDATE.
+    assert_eq!(next_read(), 2);
+    go.send(()).expect("go");
+    assert_eq!(next_read(), 3);
+    conn.batch_execute(&format!("KILL CONNECTION {batch_id}"))
+        .expect("kill the batch's session");
+    go.send(()).expect("go");
+    let failed = batch.join().expect("batch thread");
+    let failed_all = match &failed {
+        Err(_) => true,
+        Ok(results) => results.iter().all(Result::is_err),
+    };
+    assert!(failed_all, "the batch applied: {failed:?}");
+    assert_eq!(stock_row(&mut conn, campaign.id), (11, 10));
+
+    let after = issuer.issue(&mut conn, 7, campaign.id);
+    assert!(
+        after.is_ok(),
+        "10 in stock, and the batch saw them; the issuer answers {after:?} from its mark"
+    );
+    check_invariants(&mut conn, "failed batch saw stock");
+}
