@@ -250,7 +250,12 @@ pub(super) fn run_transaction<T>(
             // it had inserted, an account it had created). The savepoint tells: gone, this is a
             // deadlock victim's answer, retried (a lost connection or a deadlock says so
             // already).
+            // A body's `OutcomeUnknown` (its work may be committed: through Diesel's manager,
+            // say, which also ended the savepoint) stays its answer: never a retryable deadlock,
+            // and never a failure of the ROLLBACK after it, which would say nothing was.
+            let unknown = error.is_outcome_unknown();
             let error = if begin.savepoint
+                && !unknown
                 && !matches!(
                     error.server_kind(),
                     Some(ServerErrorKind::ConnectionLost | ServerErrorKind::Deadlock)
@@ -265,7 +270,9 @@ pub(super) fn run_transaction<T>(
             let stale = may_leave_a_stale_statement(&error);
             match end_failed(conn, begin) {
                 // A lost connection: the server rolled back already; the body's error says so.
-                Some(_) if error.server_kind() == Some(ServerErrorKind::ConnectionLost) => {
+                Some(_)
+                    if unknown || error.server_kind() == Some(ServerErrorKind::ConnectionLost) =>
+                {
                     Err(error)
                 }
                 Some(broken) => Err(broken),
@@ -274,7 +281,7 @@ pub(super) fn run_transaction<T>(
                         if let Some(broken) =
                             forget_prepared(conn, begin.statement_cache, begin.flavor)
                         {
-                            return Err(broken);
+                            return Err(if unknown { error } else { broken });
                         }
                     }
                     Err(error)

@@ -883,6 +883,32 @@ fn galera_guards_silent_rollbacks_and_the_designated_writer() {
         .expect("autocommit");
     assert_eq!(autocommit, 1, "the caller's autocommit is restored");
 
+    // A body that commits through Diesel's manager (which also ends the savepoint) answers
+    // `OutcomeUnknown` once, as on a standalone server. Before, the missing savepoint made it
+    // a retryable deadlock: the body committed again on every attempt, and the call answered
+    // `Contended` (nothing written).
+    let mut attempts = 0;
+    let answer = runner.run(&mut conn, |conn| {
+        use diesel::connection::{AnsiTransactionManager, TransactionManager};
+        attempts += 1;
+        diesel::sql_query("INSERT INTO silent_probe (part) VALUES ('diesel')").execute(conn)?;
+        AnsiTransactionManager::commit_transaction(conn)?;
+        Ok(())
+    });
+    assert!(
+        matches!(&answer, Err(e) if e.is_outcome_unknown()),
+        "{answer:?} after {attempts} attempts"
+    );
+    assert_eq!(attempts, 1, "{answer:?}");
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT COUNT(*) AS total FROM silent_probe WHERE part = 'diesel'"
+        ),
+        1,
+        "committed once, by the body"
+    );
+
     // The designated writer.
     let ledger = BalanceLedger::new();
     let ten = Decimal::new(10, 0);

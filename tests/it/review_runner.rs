@@ -1470,6 +1470,39 @@ fn a_body_that_commits_through_diesels_manager_is_outcome_unknown() {
     assert_eq!(stored, dec(99), "committed by the body");
 }
 
+/// A body that commits through Diesel's manager and whose session is then killed: the
+/// runner's ROLLBACK fails on the dead connection, but the answer stays `OutcomeUnknown` (the
+/// work is committed), never `ConnectionBroken`, which says that nothing was. Before the fix the
+/// ROLLBACK's failure replaced the body's answer.
+#[test]
+fn a_body_that_commits_through_diesel_and_loses_its_connection_is_outcome_unknown() {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    let (url, mut conn, _ledger) = funded_account("review_body_commits_killed");
+    let mut killer = connect(&url);
+    let id = connection_id(&mut conn);
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let answer = runner.run(&mut conn, |c| {
+        diesel::update(user_balance::table.find(1))
+            .set(user_balance::balance.eq(dec(99)))
+            .execute(c)?;
+        AnsiTransactionManager::commit_transaction(c)?;
+        killer
+            .batch_execute(&format!("KILL CONNECTION {id}"))
+            .expect("kill the body's session");
+        Ok(())
+    });
+    assert!(
+        matches!(&answer, Err(e) if e.is_outcome_unknown()),
+        "{answer:?}"
+    );
+    let stored: Decimal = user_balance::table
+        .find(1)
+        .select(user_balance::balance)
+        .first(&mut killer)
+        .expect("the balance");
+    assert_eq!(stored, dec(99), "committed by the body");
+}
+
 /// A body that leaves a Diesel transaction of its own open and answers Ok: nothing is
 /// committed, the answer is the caller's bug (`Internal`: not retryable, not the node's or
 /// the connection's), and the connection stays usable. Before: `ConnectionBroken`, which a
