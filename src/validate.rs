@@ -75,8 +75,16 @@ pub const MAX_HOLD_DURATION: TimeDelta = TimeDelta::days(90);
 /// [`Error::InvalidExpiry`] when it is not in the future or further ahead than
 /// [`MAX_HOLD_DURATION`].
 pub fn validate_expiry(expires_at: NaiveDateTime) -> Result<NaiveDateTime> {
+    validate_expiry_at(expires_at, now())
+}
+
+/// [`validate_expiry`] against the caller's clock reading `now` (a combined request's: when
+/// its call was submitted).
+pub(crate) fn validate_expiry_at(
+    expires_at: NaiveDateTime,
+    now: NaiveDateTime,
+) -> Result<NaiveDateTime> {
     let stored = to_micros(expires_at);
-    let now = now();
     let problem = if stored <= now {
         ExpiryProblem::NotInFuture
     } else if stored - now > MAX_HOLD_DURATION {

@@ -1273,7 +1273,11 @@ impl CombiningIssuer {
 /// A [`BalanceLedger`] in front of a pool that combines concurrent charges, deducts, holds,
 /// captures and releases per account into batch transactions. Share it between threads (it is
 /// `Sync`).
-pub type CombiningLedger = Combining<BalanceLedger, AccountOp, Entry>;
+///
+/// Each op is queued with the caller's clock reading when it was submitted: a hold's expiry is
+/// judged against it once, as its single call judges it before sending anything, however long
+/// the request then waits for its batch (or runs again).
+pub type CombiningLedger = Combining<BalanceLedger, (AccountOp, chrono::NaiveDateTime), Entry>;
 
 impl CombiningLedger {
     /// The ledger the batches run through (for refunds, transfers and reads).
@@ -1344,27 +1348,37 @@ impl CombiningLedger {
         let owner = self.with_connection(deadline, grace, |conn, deadline| {
             self.inner.hold_owner_by(conn, hold_id, deadline)
         })?;
-        self.submit(owner, op, deadline)
+        self.submit(owner, (op, crate::util::now()), deadline)
     }
 
     /// A charge, deduct or hold; its input is checked before anything is queued, as the single
     /// call checks it before it sends anything.
     fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
         let deadline = self.inner.runner().deadline();
-        if let crate::ledger::BeforeSending::Refused(refusal) = op.before_sending(user_id) {
+        let judged = crate::util::now();
+        if let crate::ledger::BeforeSending::Refused(refusal) = op.before_sending(user_id, judged) {
             return Err(refusal);
         }
-        self.submit(user_id, op, deadline)
+        self.submit(user_id, (op, judged), deadline)
     }
 
-    fn submit(&self, user_id: i64, op: AccountOp, deadline: Deadline) -> Result<Entry> {
+    fn submit(
+        &self,
+        user_id: i64,
+        op: (AccountOp, chrono::NaiveDateTime),
+        deadline: Deadline,
+    ) -> Result<Entry> {
         let request = (user_id, op, deadline);
         let answer = self.submit_pooled(
             request,
             self.inner.runner(),
             |_| true,
             BalanceLedger::apply_one_by,
-            BalanceLedger::apply_many_by,
+            |ledger, conn, user_id, requests, deadline| {
+                let (ops, judged): (Vec<AccountOp>, Vec<chrono::NaiveDateTime>) =
+                    requests.iter().cloned().unzip();
+                ledger.apply_many_by(conn, user_id, &ops, &judged, deadline)
+            },
         );
         // A request the batch refused and committed without, whose key it could not look up
         // by its earliest caller's deadline: its single call would still be looking, by this

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use chrono::NaiveDateTime;
 use diesel::mysql::MysqlConnection;
 
 use rust_decimal::Decimal;
@@ -107,21 +108,33 @@ impl BalanceLedger {
         user_id: i64,
         ops: &[AccountOp],
     ) -> Result<Vec<Result<Entry>>> {
-        self.apply_many_by(conn, user_id, ops, self.runner.deadline())
+        let judged = vec![now(); ops.len()];
+        self.apply_many_by(conn, user_id, ops, &judged, self.runner.deadline())
     }
 
-    /// [`apply_many`](Self::apply_many) by `deadline` (a combined batch's: its earliest caller's).
+    /// [`apply_many`](Self::apply_many) by `deadline` (a combined batch's: its earliest
+    /// caller's), each op's hold expiry judged against its caller's clock reading in `judged`
+    /// (a combined request's: when its call was submitted).
     pub(crate) fn apply_many_by(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,
         ops: &[AccountOp],
+        judged: &[NaiveDateTime],
         deadline: Deadline,
     ) -> Result<Vec<Result<Entry>>> {
+        if judged.len() != ops.len() {
+            return Err(Error::internal(
+                "a batch's ops and their clock readings differ in number",
+            ));
+        }
         // What each single call decides without the server, decided before anything is sent
-        // (an expiry is checked against the clock now, as the single call checks it).
-        let before: Vec<BeforeSending<'_>> =
-            ops.iter().map(|op| op.before_sending(user_id)).collect();
+        // (an expiry is checked against its caller's clock, as the single call checks it).
+        let before: Vec<BeforeSending<'_>> = ops
+            .iter()
+            .zip(judged)
+            .map(|(op, at)| op.before_sending(user_id, *at))
+            .collect();
         let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
         let failure = match self.decide_many_by(conn, user_id, ops, &before, deadline, &mut results)
         {

@@ -2,6 +2,7 @@
 //! Each write is one transaction built from the statements in [`rows`](super::rows), run through
 //! the idempotency loop of [`idempotency`](super::idempotency).
 
+use chrono::NaiveDateTime;
 use diesel::mysql::MysqlConnection;
 use diesel::prelude::*;
 use rust_decimal::Decimal;
@@ -105,18 +106,19 @@ impl BalanceLedger {
     }
 
     /// One request of a batch by `deadline` (a combined caller's), through its single call: the
-    /// batch of one. A capture or release of a hold of another account is
+    /// batch of one. A hold's expiry is judged against the clock reading that comes with it
+    /// (when its call was submitted). A capture or release of a hold of another account is
     /// [`Error::HoldNotFound`], as in a batch.
     pub(crate) fn apply_one_by(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,
-        op: &AccountOp,
+        (op, judged): &(AccountOp, NaiveDateTime),
         deadline: Deadline,
     ) -> Result<Entry> {
         match op {
             AccountOp::Charge { .. } | AccountOp::Deduct { .. } | AccountOp::Hold { .. } => {
-                self.change(conn, &op.request(user_id, None)?, deadline)
+                self.change_judged(conn, &op.request(user_id, None)?, *judged, deadline)
             }
             AccountOp::Capture {
                 hold_id,
@@ -171,7 +173,19 @@ impl BalanceLedger {
         request: &Request<'_>,
         deadline: Deadline,
     ) -> Result<Entry> {
-        let request = &request.checked()?;
+        self.change_judged(conn, request, now(), deadline)
+    }
+
+    /// [`change`](Self::change), a hold's expiry judged against the caller's clock reading
+    /// `judged` (a combined request's: when its call was submitted).
+    pub(crate) fn change_judged(
+        &self,
+        conn: &mut MysqlConnection,
+        request: &Request<'_>,
+        judged: NaiveDateTime,
+        deadline: Deadline,
+    ) -> Result<Entry> {
+        let request = &request.checked_at(judged)?;
         if let Some(refusal) = request.expiry_refusal() {
             return self.expired_hold(conn, request, refusal, deadline);
         }

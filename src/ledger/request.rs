@@ -10,9 +10,9 @@ use rust_decimal::Decimal;
 use super::types::{Entry, EntryRow, Hold, NewEntry};
 use crate::error::{Error, ExpiryProblem, Result};
 use crate::records::EntryKind;
-use crate::util::to_micros;
+use crate::util::{now, to_micros};
 use crate::validate::{
-    at_stored_scale, validate_amount, validate_expiry, validate_id, validate_key,
+    at_stored_scale, validate_amount, validate_expiry_at, validate_id, validate_key,
 };
 
 /// The hash `balance_history.request_hash` stores for a request: FNV-1a 64 of
@@ -133,8 +133,15 @@ impl<'a> Request<'a> {
     /// one retried on a clock behind the one that placed it, to which the same expiry is
     /// further ahead than a hold may last. Without a recorded key it is refused with
     /// [`Error::InvalidExpiry`] when decided ([`Request::expiry_refusal`]).
-    pub(crate) fn checked(mut self) -> Result<Self> {
-        match self.validate() {
+    pub(crate) fn checked(self) -> Result<Self> {
+        self.checked_at(now())
+    }
+
+    /// [`checked`](Self::checked), a hold's expiry judged against the caller's clock reading
+    /// `now` (a combined request's: when its call was submitted, as its single call judges it
+    /// before sending anything).
+    pub(crate) fn checked_at(mut self, now: NaiveDateTime) -> Result<Self> {
+        match self.validate_at(now) {
             Ok(()) => Ok(self),
             Err(Error::InvalidExpiry { problem, .. }) => {
                 self.expiry_refused = Some(problem);
@@ -159,11 +166,16 @@ impl<'a> Request<'a> {
     /// Checks the user id, the amount, the key and a hold's expiry: [`Error::InvalidId`],
     /// [`Error::InvalidAmount`], [`Error::InvalidIdempotencyKey`] or [`Error::InvalidExpiry`].
     pub(crate) fn validate(&self) -> Result<()> {
+        self.validate_at(now())
+    }
+
+    /// [`validate`](Self::validate), a hold's expiry against the clock reading `now`.
+    fn validate_at(&self, now: NaiveDateTime) -> Result<()> {
         validate_id("user", self.user_id)?;
         validate_amount(self.amount)?;
         validate_key(self.key)?;
         if let Some(expires_at) = self.expires_at {
-            validate_expiry(expires_at)?;
+            validate_expiry_at(expires_at, now)?;
         }
         Ok(())
     }

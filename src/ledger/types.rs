@@ -388,8 +388,9 @@ impl AccountOp {
         }
     }
 
-    /// What the single call of this op on `user_id` decides before it sends anything.
-    pub(crate) fn before_sending(&self, user_id: i64) -> BeforeSending<'_> {
+    /// What the single call of this op on `user_id` decides before it sends anything, a hold's
+    /// expiry judged against the caller's clock reading `now`.
+    pub(crate) fn before_sending(&self, user_id: i64, now: NaiveDateTime) -> BeforeSending<'_> {
         let checked = match self {
             Self::Capture { .. } | Self::Release { .. } => {
                 return match super::check_ending(self) {
@@ -397,7 +398,9 @@ impl AccountOp {
                     Err(refusal) => BeforeSending::Refused(refusal),
                 }
             }
-            _ => self.request(user_id, None).and_then(Request::checked),
+            _ => self
+                .request(user_id, None)
+                .and_then(|request| request.checked_at(now)),
         };
         match checked {
             Err(refusal) => BeforeSending::Refused(refusal),

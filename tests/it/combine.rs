@@ -1448,3 +1448,70 @@ fn a_retry_refused_in_a_batch_gets_its_recorded_entry_by_its_own_deadline() {
         .expect("journal rows");
     assert_eq!(rows, 2, "the funding charge and the first deduct");
 }
+
+/// A combined hold's expiry is judged once, on the caller's clock when it submits, as its
+/// single call judges it before sending anything — not again when its batch runs after a wait:
+/// an expiry just past `MAX_HOLD_DURATION` at submission is refused `TooFar` (nothing placed)
+/// however long the request then waits for another program's lock. Before the fix the batch
+/// judged it again at its own time, found it within the limit, and placed the hold.
+#[test]
+fn a_combined_holds_expiry_is_judged_when_it_is_submitted() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut admin) = fresh_database("combine_hold_judged");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, Decimal::new(10, 0), "seed")
+        .expect("seed");
+    let policy =
+        lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(3));
+    let combined = Arc::new(CombiningLedger::new(
+        pool(&url, 2),
+        BalanceLedger::with_policy(policy),
+    ));
+    // Another program holds the account: the first caller's batch keeps being refused.
+    let mut other = lockstock_testkit::fixtures::other_program(&url);
+    lockstock_testkit::fixtures::lock_balance(&mut other, 1).expect("hold account 1");
+    let first = {
+        let combined = combined.clone();
+        thread::spawn(move || combined.deduct(1, Decimal::new(1, 0), "first"))
+    };
+    let since = std::time::Instant::now();
+    while combined.stats().queued > 0 || since.elapsed() < std::time::Duration::from_millis(50) {
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(5),
+            "never taken"
+        );
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Just past the longest hold now; within it 150 ms later.
+    let expires_at = lockstock_testkit::fixtures::now()
+        + lockstock::ledger::MAX_HOLD_DURATION
+        + chrono::Duration::milliseconds(150);
+    let hold = {
+        let combined = combined.clone();
+        thread::spawn(move || combined.hold(1, Decimal::new(1, 0), "too-far", expires_at))
+    };
+    thread::sleep(std::time::Duration::from_millis(600));
+    other.batch_execute("ROLLBACK").expect("release account 1");
+    first.join().expect("first").expect("the deduct");
+    let hold = hold.join().expect("hold");
+    assert!(
+        matches!(
+            hold,
+            Err(Error::InvalidExpiry {
+                problem: lockstock::error::ExpiryProblem::TooFar,
+                ..
+            })
+        ),
+        "{hold:?}"
+    );
+    let holds: i64 = lockstock::schema::balance_hold::table
+        .count()
+        .get_result(&mut admin)
+        .expect("holds");
+    assert_eq!(holds, 0, "the refused hold was placed");
+    assert_eq!(
+        lockstock_testkit::fixtures::stored_balance(&mut admin, 1),
+        Decimal::new(9, 0)
+    );
+}
