@@ -1070,9 +1070,14 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
             Source::Pool(pool) => {
                 let mut conn = checkout(pool, deadline, grace).ok()?;
                 if prime_if(*key) && runner.prime(&mut conn, deadline).is_err() {
-                    // Marked broken if it is: the batch checks out another.
+                    // Marked broken if it is (then discarded). Another connection, not primed,
+                    // is taken now, before the turn: a batch that checked one out only once it
+                    // runs could wait for the last one while the next leader, appointed as the
+                    // batch is formed, holds it and waits for this batch's turn.
                     give_back(pool, conn);
-                    return None;
+                    #[cfg(test)]
+                    tests::after_a_failed_prime();
+                    conn = checkout(pool, deadline, grace).ok()?;
                 }
                 Some(Prepared {
                     conn: Some(conn),
@@ -1173,7 +1178,11 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         prepared.deadline = prepared.deadline.min(deadline);
                         prepared.conn().and_then(|conn| run(conn, deadline))
                     }
-                    None => self.with_connection(deadline, grace, run),
+                    None => {
+                        #[cfg(test)]
+                        tests::before_an_unprepared_checkout();
+                        self.with_connection(deadline, grace, run)
+                    }
                 };
                 // A router that gave up (its deadline passed without a writer) answers the
                 // requests still open; the answers kept stand.

@@ -4,6 +4,8 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use diesel::{Connection, RunQueryDsl};
+
 fn within(budget: Duration) -> Deadline {
     Deadline::after(budget)
 }
@@ -672,4 +674,113 @@ fn a_cut_short_refusal_is_finished_by_its_caller_not_decided_again() {
     assert!(matches!(answers[2], Ok(8)), "{answers:?}");
     assert_eq!(*lock(&seen), vec![vec![2, 3, 4], vec![4]]);
     assert!(lock(&combiner.lanes).is_empty(), "lanes left behind");
+}
+
+/// Set by the test below once its second caller is queued; the first leader's failed prime
+/// waits for it.
+static SECOND_QUEUED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Armed by the test below: the hooks run (once each).
+static PRIME_HOOKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The hook after a leader's prime failed and its connection was given back.
+pub(super) fn after_a_failed_prime() {
+    if !PRIME_HOOKS.load(Ordering::SeqCst) {
+        return;
+    }
+    let since = Instant::now();
+    while !SECOND_QUEUED.load(Ordering::SeqCst) && since.elapsed() < Duration::from_secs(5) {
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The hook before a batch without a prepared connection checks one out: the next leader,
+/// appointed as the batch was formed, checks its connection out first.
+pub(super) fn before_an_unprepared_checkout() {
+    if PRIME_HOOKS.swap(false, Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A leader whose prime fails (its pooled connection's session was killed) takes another
+/// connection before the turn, so its batch never waits for the pool's last connection while
+/// the next leader holds it and waits for the batch's turn. Before the fix the batch checked a
+/// connection out only as it ran: with a pool of one, the next leader had it, and the batch
+/// waited for it until its deadline (`Timeout`, nothing wrong with the server).
+#[test]
+fn a_leader_whose_prime_failed_holds_a_connection_before_the_turn() {
+    let Ok(url) = lockstock_testkit::database_url("unit_combine_prime_failed") else {
+        panic!("a throwaway database");
+    };
+    let Ok(mut admin) = MysqlConnection::establish(&url) else {
+        panic!("connect");
+    };
+    assert!(crate::run_migrations(&mut admin).is_ok());
+    let ledger = BalanceLedger::new();
+    for user in [1, 2] {
+        assert!(ledger
+            .charge(&mut admin, user, Decimal::TEN, &format!("seed-{user}"))
+            .is_ok());
+    }
+    let policy = crate::TxnPolicy {
+        retry: crate::RetryPolicy {
+            deadline: Duration::from_secs(2),
+            ..crate::RetryPolicy::default()
+        },
+        ..crate::TxnPolicy::default()
+    };
+    let Ok(pool) = Pool::builder()
+        .max_size(1)
+        .test_on_check_out(false)
+        .build(ConnectionManager::<MysqlConnection>::new(&url))
+    else {
+        panic!("pool");
+    };
+    // The pool's one connection, killed while idle: the first leader's prime fails on it.
+    let id: i64 = {
+        let Ok(mut pooled) = pool.get() else {
+            panic!("checkout");
+        };
+        let Ok(id) = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "CONNECTION_ID()",
+        ))
+        .get_result(&mut *pooled) else {
+            panic!("connection id");
+        };
+        id
+    };
+    assert!(diesel::sql_query(format!("KILL CONNECTION {id}"))
+        .execute(&mut admin)
+        .is_ok());
+    let combined = Arc::new(CombiningLedger::with_max_batch(
+        pool,
+        BalanceLedger::with_policy(policy),
+        1,
+    ));
+    SECOND_QUEUED.store(false, Ordering::SeqCst);
+    PRIME_HOOKS.store(true, Ordering::SeqCst);
+    let first = {
+        let combined = combined.clone();
+        thread::spawn(move || combined.deduct(1, Decimal::ONE, "first"))
+    };
+    // The first caller leads (its request queued until its batch is formed, after its failed
+    // prime); the second queues behind it on the same account.
+    let queued = |count: usize| {
+        let since = Instant::now();
+        while combined.stats().queued < count {
+            assert!(since.elapsed() < Duration::from_secs(5), "never queued");
+            thread::sleep(Duration::from_millis(1));
+        }
+    };
+    queued(1);
+    let second = {
+        let combined = combined.clone();
+        thread::spawn(move || combined.deduct(1, Decimal::ONE, "second"))
+    };
+    queued(2);
+    SECOND_QUEUED.store(true, Ordering::SeqCst);
+    let first = first.join();
+    let second = second.join();
+    PRIME_HOOKS.store(false, Ordering::SeqCst);
+    assert!(matches!(first, Ok(Ok(_))), "{first:?}");
+    assert!(matches!(second, Ok(Ok(_))), "{second:?}");
 }

@@ -699,7 +699,7 @@ impl TxnRunner {
                 elapsed: deadline.elapsed(),
             });
         }
-        bounded(conn, deadline, self.policy.unresponsive_grace, |conn, _| {
+        let primed = bounded(conn, deadline, self.policy.unresponsive_grace, |conn, _| {
             ensure_no_open_transaction(conn)?;
             // A leftover is ended, never reused: this runner's kind of transaction is begun.
             if take_primed(conn).is_some() {
@@ -713,7 +713,16 @@ impl TxnRunner {
             }
             open_transaction(conn, begin)?;
             Ok(set_primed(conn, self.policy.isolation))
-        })
+        });
+        if primed
+            .as_ref()
+            .is_err_and(|e| e.server_kind() == Some(ServerErrorKind::ConnectionLost))
+        {
+            // A session gone (killed while idle, a server restarted): a pool that does not
+            // test its connections on checkout would hand it out again.
+            mark_broken(conn);
+        }
+        primed
     }
 
     /// Gives up the transaction [`prime`](Self::prime) opened on `conn`, if nothing used it,
