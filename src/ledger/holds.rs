@@ -187,10 +187,11 @@ impl BalanceLedger {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a `limit` outside 1 to [`MAX_EXPIRY_BATCH`]; a failure of
-    /// the first read, or of the first account's transaction other than a lock refusal or the
-    /// deadline: nothing was expired then — but for [`Error::OutcomeUnknown`], the first
-    /// account's COMMIT that got no answer: its expirations may be recorded (a later call
-    /// finds them done, or due again).
+    /// the first read, or of an account's transaction (other than a lock refusal or the
+    /// deadline) before any account's expirations committed: nothing was expired then (the
+    /// accounts skipped before it are not reported; a later call picks them up) — but for
+    /// [`Error::OutcomeUnknown`], that account's COMMIT that got no answer: its expirations
+    /// may be recorded (a later call finds them done, or due again).
     pub fn expire_holds(&self, conn: &mut MysqlConnection, limit: u32) -> Result<ExpiredHolds> {
         if limit == 0 || limit > MAX_EXPIRY_BATCH {
             return Err(Error::InvalidInput {
