@@ -74,7 +74,7 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
     // while Diesel's row of applied versions replicated).
     let (flavor_saves, flavor_sets, restore_flavor) = match ServerFlavor::ask(conn)? {
         ServerFlavor::MariaDb => {
-            let galera = super::session::galera_node(conn)?;
+            let galera = super::session::galera_node(conn)?.1;
             let (replicated, osu_save, osu_set, osu_restore) = if galera {
                 (
                     format!("IF({REPLICATING}, @@session.lc_messages, _utf8mb4'{NOT_REPLICATED_LOCALE}')"),

@@ -49,9 +49,17 @@
 //! next statement then ran outside any transaction, so under `autocommit = 1` the rest of the
 //! body would commit statement by statement and the final COMMIT succeed — half a transaction
 //! applied and answered as done. On a Galera node (a wsrep provider configured and loaded:
-//! `@@wsrep_provider` and the `wsrep_provider_name` status, asked once per runner — a server
-//! started with a provider configured but `wsrep_on = OFF` loads none and is standalone) every
-//! writing transaction is therefore guarded:
+//! `@@wsrep_provider` and the `wsrep_provider_name` status — a server started with a provider
+//! configured but `wsrep_on = OFF` loads none and is standalone) every writing transaction is
+//! therefore guarded. Which servers are nodes: a connection that carries lockstock's session
+//! settings was asked as they were applied; otherwise a runner takes every server for what the
+//! last one it asked was, and corrects itself in the write's first SET, before anything
+//! changes — a write taken for a standalone server's refuses on a node (`@@global.wsrep_on`
+//! and `@@global.wsrep_provider`, on a server built with Galera; the runner then begins again,
+//! guarded), and a node's refusal of a session that does not replicate
+//! ([`Error::NotReplicated`]) asks the server again (a standalone server: begun again,
+//! unguarded). A runner whose first server was built without Galera has no such check, and takes
+//! a node it meets later for a standalone server on connections without the settings. Guarded:
 //! - the first SET refuses ([`Error::NotReplicated`]), before anything changes, on a session
 //!   whose replication a caller turned off (`wsrep_on = 0`): its writes would stay on this
 //!   node, and the cluster's copies of the rows would part;
@@ -136,6 +144,7 @@ use watchdog::Guard;
 
 pub(crate) mod migrations;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -149,11 +158,42 @@ use crate::statements::{PreparedSql, PreparedSqlWith};
 #[derive(Debug, Default)]
 pub struct TxnRunner {
     policy: TxnPolicy,
-    sql: OnceLock<RunnerSql>,
+    /// What the first server this runner met is: its flavour, whether it rolls whole
+    /// transactions back on a lock wait timeout, whether it is built with Galera.
+    server: OnceLock<ServerFacts>,
+    /// Whether the server of a connection without lockstock's mark is taken for a Galera node:
+    /// [`UNKNOWN`], [`STANDALONE`] or [`GALERA`] — what the runner last found; a connection's
+    /// own first SET tells when that is wrong (see [`RunnerSql::new`]).
+    galera: AtomicU8,
+    /// The statements for a standalone server and for a Galera node, built when first needed
+    /// (boxed: a runner is part of every issuer and ledger).
+    sql: [OnceLock<Box<RunnerSql>>; 2],
     insert_ids: OnceLock<InsertIds>,
 }
 
-/// The statements a runner sends, built once: a runner talks to one server flavour. Each is a
+/// What a runner learns of the first server it meets (see [`TxnRunner`]).
+#[derive(Debug, Clone, Copy)]
+struct ServerFacts {
+    flavor: ServerFlavor,
+    whole_rollback: bool,
+    /// Built with Galera (its wsrep variables exist), whether or not it is a node.
+    wsrep_built: bool,
+}
+
+/// [`TxnRunner::galera`]: not asked yet.
+const UNKNOWN: u8 = 0;
+/// [`TxnRunner::galera`]: a standalone server.
+const STANDALONE: u8 = 1;
+/// [`TxnRunner::galera`]: a Galera node.
+const GALERA: u8 = 2;
+
+/// The value that makes the first SET of an unguarded write refuse, atomically and before
+/// anything changes, on a server that is a Galera node after all (a runner that met a
+/// standalone server first): the runner then begins again, guarded.
+pub(crate) const GALERA_NODE_LOCALE: &str = "lockstock_galera_node";
+
+/// The statements a runner sends, built once for a standalone server and once for a Galera node:
+/// a runner talks to one server flavour (the first it met's). Each is a
 /// single statement sent as a cached prepared statement — never a multi-statement batch, whose
 /// remaining results a `KILL QUERY` can leave the client waiting for forever.
 #[derive(Debug)]
@@ -233,7 +273,16 @@ const BEGIN_WRITE: &str = "START TRANSACTION";
 const BEGIN_READ: &str = "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY";
 
 impl RunnerSql {
-    fn new(policy: &TxnPolicy, flavor: ServerFlavor, galera: bool, whole_rollback: bool) -> Self {
+    /// `tripwire`: a standalone server's writes check in their first SET that the server is not
+    /// a Galera node after all (on a server built with Galera: the check reads its wsrep
+    /// variables), refusing with [`GALERA_NODE_LOCALE`] where it is.
+    fn new(
+        policy: &TxnPolicy,
+        flavor: ServerFlavor,
+        galera: bool,
+        whole_rollback: bool,
+        tripwire: bool,
+    ) -> Self {
         let session = policy.session_sql(flavor);
         // Our own connections' first SET takes the statement limit as a parameter (MariaDB).
         let settings = match flavor {
@@ -263,6 +312,15 @@ impl RunnerSql {
                         // duplicate key into a whole-transaction abort (1213).
                         ", autocommit = 0, wsrep_dirty_reads = 0, wsrep_trx_fragment_size = 0",
                         format!("IF({REPLICATING}, _utf8mb4'en_US', _utf8mb4'{NOT_REPLICATED_LOCALE}')"),
+                    )
+                } else if tripwire && kind == 0 {
+                    (
+                        "",
+                        "",
+                        format!(
+                            "IF(@@global.wsrep_on AND @@global.wsrep_provider <> _utf8mb4'none', \
+                             _utf8mb4'{GALERA_NODE_LOCALE}', _utf8mb4'en_US')"
+                        ),
                     )
                 } else {
                     ("", "", "_utf8mb4'en_US'".to_owned())
@@ -431,7 +489,9 @@ impl TxnRunner {
     pub fn new(policy: TxnPolicy) -> Self {
         Self {
             policy,
-            sql: OnceLock::new(),
+            server: OnceLock::new(),
+            galera: AtomicU8::new(UNKNOWN),
+            sql: [OnceLock::new(), OnceLock::new()],
             insert_ids: OnceLock::new(),
         }
     }
@@ -672,7 +732,17 @@ impl TxnRunner {
             }
         }
         let begin = self.begin(conn, read_only, left)?;
-        run_transaction(conn, begin, body)
+        match run_transaction(conn, begin, body) {
+            // Nothing was applied (the first SET refused); once more, now knowing the server.
+            Err(error) if !read_only => match self.mistook_the_server(conn, &error) {
+                Some(galera) => {
+                    let begin = self.begin_on(conn, read_only, left, Some(galera))?;
+                    run_transaction(conn, begin, body)
+                }
+                None => Err(error),
+            },
+            answer => answer,
+        }
     }
 
     /// Opens, ahead of time, the transaction that the next write through this runner on `conn`
@@ -755,6 +825,88 @@ impl TxnRunner {
         flavor == ServerFlavor::MariaDb && left < self.policy.longest_lock_wait()
     }
 
+    /// What the first server this runner met is (asked on `conn` the first time).
+    fn facts(&self, conn: &mut MysqlConnection) -> Result<ServerFacts, Error> {
+        if let Some(facts) = self.server.get() {
+            return Ok(*facts);
+        }
+        let flavor = ServerFlavor::ask(conn)?;
+        let (wsrep_built, galera) = match flavor {
+            ServerFlavor::MariaDb => session::galera_node(conn)?,
+            ServerFlavor::MySql => (false, false),
+        };
+        let whole_rollback = session::rollback_on_timeout(conn)?;
+        let facts = ServerFacts {
+            flavor,
+            whole_rollback,
+            wsrep_built,
+        };
+        // The first answer stands for the hint too (another thread may have set it since).
+        let _ = self.galera.compare_exchange(
+            UNKNOWN,
+            if galera { GALERA } else { STANDALONE },
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        Ok(*self.server.get_or_init(|| facts))
+    }
+
+    /// The statements for `conn`'s server: a Galera node's or a standalone server's — as the
+    /// connection's mark recorded it (see [`apply_session_settings`]), else as this runner last
+    /// found.
+    /// `known`: what the server was found to be just now.
+    fn sql_for(
+        &self,
+        conn: &mut MysqlConnection,
+        known: Option<bool>,
+    ) -> Result<&RunnerSql, Error> {
+        let facts = self.facts(conn)?;
+        let galera = known
+            .or_else(|| session::marked_galera(conn))
+            .unwrap_or_else(|| self.galera.load(Ordering::SeqCst) == GALERA);
+        let built = &self.sql[usize::from(galera)];
+        Ok(built.get_or_init(|| {
+            let tripwire = !galera && facts.wsrep_built && facts.flavor == ServerFlavor::MariaDb;
+            Box::new(RunnerSql::new(
+                &self.policy,
+                facts.flavor,
+                galera,
+                facts.whole_rollback,
+                tripwire,
+            ))
+        }))
+    }
+
+    /// After `error` from a transaction's first SET on `conn`: whether this runner took the
+    /// server for what it is not — a standalone server's SET found a Galera node
+    /// ([`GALERA_NODE_LOCALE`]), or a Galera node's refused a session whose server turns out
+    /// to be standalone ([`Error::NotReplicated`] on a server that is not a node) — so that
+    /// beginning again, now knowing, is right: then what the server is (a Galera node or not).
+    /// Nothing was applied.
+    fn mistook_the_server(&self, conn: &mut MysqlConnection, error: &Error) -> Option<bool> {
+        if session::marked_galera(conn).is_some() {
+            return None;
+        }
+        let found_galera = match error {
+            Error::Server(e) => e
+                .message()
+                .to_ascii_lowercase()
+                .contains(GALERA_NODE_LOCALE),
+            _ => false,
+        };
+        if found_galera {
+            self.galera.store(GALERA, Ordering::SeqCst);
+            return Some(true);
+        }
+        if matches!(error, Error::NotReplicated)
+            && matches!(session::galera_node(conn), Ok((_, false)))
+        {
+            self.galera.store(STANDALONE, Ordering::SeqCst);
+            return Some(false);
+        }
+        None
+    }
+
     /// How to begin on this connection, `left` before the call's deadline: with the session
     /// settings saved, set and later restored — the statement limit at most `left` (MariaDB)
     /// — or, on a connection that carries this policy's settings already and while a lock
@@ -765,16 +917,19 @@ impl TxnRunner {
         read_only: bool,
         left: Duration,
     ) -> Result<Begin<'a>, Error> {
-        let sql = match self.sql.get() {
-            Some(sql) => sql,
-            None => {
-                let flavor = ServerFlavor::ask(conn)?;
-                let galera = flavor == ServerFlavor::MariaDb && session::galera_node(conn)?;
-                let whole_rollback = session::rollback_on_timeout(conn)?;
-                let built = RunnerSql::new(&self.policy, flavor, galera, whole_rollback);
-                self.sql.get_or_init(|| built)
-            }
-        };
+        self.begin_on(conn, read_only, left, None)
+    }
+
+    /// [`begin`](Self::begin) on a server found to be a Galera node or not (`known`), or taken
+    /// for what the connection's mark or this runner says.
+    fn begin_on<'a>(
+        &'a self,
+        conn: &mut MysqlConnection,
+        read_only: bool,
+        left: Duration,
+        known: Option<bool>,
+    ) -> Result<Begin<'a>, Error> {
+        let sql = self.sql_for(conn, known)?;
         handoff::note_server(sql.flavor, sql.whole_rollback);
         let guarded = sql.galera && !read_only;
         // A guarded write needs its own SET (autocommit): no marked-connection shortcut; nor

@@ -68,10 +68,13 @@ pub(super) fn rollback_on_timeout(conn: &mut MysqlConnection) -> Result<bool, Er
 /// standalone server). Not the session's `@@wsrep_on`: a caller's session with replication
 /// turned off (`SET SESSION wsrep_on = 0`) is still on a Galera node, and its writes are
 /// refused ([`Error::NotReplicated`]) rather than run unguarded. A server built without Galera
-/// (no such variable) is not one.
-pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
+/// (no such variable) is not one. Answered with whether the server is built with Galera at all:
+/// (built, node).
+pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<(bool, bool), Error> {
     #[derive(diesel::QueryableByName)]
     struct Galera {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        built: i64,
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         galera: i64,
     }
@@ -88,10 +91,11 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<bool, Error> {
          WHERE variable_name = 'WSREP_PROVIDER'), 'none') <> 'none' \
          AND COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
          WHERE variable_name = 'WSREP_PROVIDER_NAME'), SPACE(0)) <> SPACE(0) \
-         AS SIGNED) AS galera LIMIT 1",
+         AS SIGNED) AS galera, CAST(EXISTS(SELECT 1 FROM information_schema.GLOBAL_VARIABLES \
+         WHERE variable_name = 'WSREP_PROVIDER') AS SIGNED) AS built LIMIT 1",
     )
     .get_result::<Galera>(conn)?;
-    Ok(galera.galera != 0)
+    Ok((galera.built != 0, galera.galera != 0))
 }
 
 /// Applies a policy's session settings to a connection for good, and marks the connection as
@@ -113,12 +117,15 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
     let deadline = Deadline::after(policy.retry.deadline);
     let session = bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
         let flavor = ServerFlavor::ask(conn)?;
+        let galera = flavor == ServerFlavor::MariaDb && galera_node(conn)?.1;
         let session = policy.session_sql(flavor);
         conn.batch_execute(&session)?;
-        Ok(session)
+        Ok((session, galera))
     })?;
+    let (session, galera) = session;
     conn.set_instrumentation(SessionMark {
         session,
+        galera,
         primed: None,
         inner: diesel::connection::get_default_instrumentation(),
     });
@@ -128,6 +135,9 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
 /// The mark [`apply_session_settings`] leaves on a connection: which settings it carries.
 struct SessionMark {
     session: String,
+    /// The connection's server is a Galera node (asked as the settings were applied): its
+    /// writes are guarded whatever server a runner met first.
+    galera: bool,
     /// A write transaction is open on the connection, begun by [`TxnRunner::prime`] at this
     /// isolation level, with nothing sent in it yet.
     ///
@@ -149,6 +159,13 @@ pub(super) fn carries_settings(conn: &mut MysqlConnection, session: &str) -> boo
     conn.instrumentation()
         .downcast_ref::<SessionMark>()
         .is_some_and(|mark| mark.session == session)
+}
+
+/// Whether a marked connection's server is a Galera node (`None`: not a marked connection).
+pub(super) fn marked_galera(conn: &mut MysqlConnection) -> Option<bool> {
+    conn.instrumentation()
+        .downcast_ref::<SessionMark>()
+        .map(|mark| mark.galera)
 }
 
 /// Records on a marked connection that a write transaction at `isolation` is open on it with

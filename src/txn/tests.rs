@@ -95,8 +95,8 @@ fn insert_id_is_pinned_and_put_back_on_mariadb_only() {
         .contains("insert_id = 0"));
     assert!(policy.settings_bound().contains("insert_id = 0"));
     assert!(!policy.session_sql(ServerFlavor::MySql).contains(PIN));
-    for galera in [false, true] {
-        let maria = RunnerSql::new(&policy, ServerFlavor::MariaDb, galera, false);
+    for (galera, tripwire) in [(false, false), (false, true), (true, false)] {
+        let maria = RunnerSql::new(&policy, ServerFlavor::MariaDb, galera, false, tripwire);
         for own in &maria.own {
             assert!(
                 own[0].contains("@lockstock_insert_id = @@session.insert_id"),
@@ -104,7 +104,7 @@ fn insert_id_is_pinned_and_put_back_on_mariadb_only() {
             );
             assert!(own[0].contains("insert_id = 0"), "{own:?}");
         }
-        let mysql = RunnerSql::new(&policy, ServerFlavor::MySql, galera, false);
+        let mysql = RunnerSql::new(&policy, ServerFlavor::MySql, galera, false, false);
         for statement in mysql.own.iter().chain(&mysql.marked).flatten() {
             assert!(
                 !statement.contains(PIN) && !statement.contains(SAVED),

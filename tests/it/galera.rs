@@ -1614,3 +1614,101 @@ fn galera_a_server_with_a_provider_configured_but_replication_off_is_standalone(
         .expect("a charge on a standalone server");
     audit_ok(&ledger, &mut conn, 1);
 }
+
+/// One ledger (one runner) on a standalone server, then on a Galera node, then on a server
+/// with a provider configured but replication off: each server's writes are guarded as that
+/// server needs, whichever the runner met first. On the Galera node a session with replication
+/// off is refused (`NotReplicated`) and a node that is not the designated writer too
+/// (`NotDesignatedWriter`), also on a connection that carries lockstock's session settings;
+/// a runner that met the node first writes on the standalone server. Before the fix a runner
+/// decided once, from its first server: after a standalone server it wrote unguarded on the
+/// node (committed on that node only, on any node), and after the node it refused every write
+/// on the standalone server.
+#[test]
+fn galera_a_runner_guards_each_server_as_it_is_not_as_the_first_it_met() {
+    let _guard = exclusive();
+    let ten = Decimal::new(10, 0);
+    let (_standalone_url, mut standalone) =
+        lockstock_testkit::fixtures::fresh_database("gal_each_server");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut standalone, 1, ten, "standalone")
+        .expect("a charge on a standalone server");
+
+    let cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&cluster, "gal_each_server_node");
+    let mut node = causal(&urls[0]);
+    let mut off = causal(&urls[0]);
+    off.batch_execute("SET SESSION wsrep_on = 0")
+        .expect("replication off for the session");
+    let refused = ledger.charge(&mut off, 1, ten, "replication-off");
+    assert!(matches!(refused, Err(Error::NotReplicated)), "{refused:?}");
+    assert_eq!(
+        count_key(&mut node, 1, "replication-off"),
+        0,
+        "nothing applied"
+    );
+    node.batch_execute("UPDATE designated_writer SET node_name = 'elsewhere' WHERE id = 1")
+        .expect("designate another node");
+    let refused = ledger.charge(&mut node, 1, ten, "elsewhere");
+    assert!(
+        matches!(refused, Err(Error::NotDesignatedWriter)),
+        "{refused:?}"
+    );
+    // A connection that carries lockstock's session settings: no first SET of its own.
+    let mut marked = causal(&urls[0]);
+    lockstock::txn::apply_session_settings(&mut marked, ledger.runner().policy())
+        .expect("session settings");
+    let fresh = BalanceLedger::new();
+    fresh
+        .charge(&mut standalone, 2, ten, "standalone-first")
+        .expect("another runner's first server: standalone");
+    let refused = fresh.charge(&mut marked, 1, ten, "elsewhere-marked");
+    assert!(
+        matches!(refused, Err(Error::NotDesignatedWriter)),
+        "a marked connection: {refused:?}"
+    );
+    assert_eq!(count_key(&mut node, 1, "elsewhere"), 0, "nothing applied");
+    assert_eq!(
+        count_key(&mut node, 1, "elsewhere-marked"),
+        0,
+        "nothing applied"
+    );
+    node.batch_execute("UPDATE designated_writer SET node_name = @@wsrep_node_name WHERE id = 1")
+        .expect("designate this node");
+    ledger
+        .charge(&mut node, 1, ten, "designated")
+        .expect("the designated writer writes");
+    audit_ok(&ledger, &mut node, 1);
+
+    // A runner that met the node first, on a server with a provider configured but
+    // replication off (a standalone server).
+    let provider = [
+        "/usr/lib/galera/libgalera_smm.so",
+        "/usr/lib/galera-4/libgalera_smm.so",
+        "/usr/lib64/galera-4/libgalera_smm.so",
+    ]
+    .into_iter()
+    .find(|path| std::path::Path::new(path).exists())
+    .expect("no Galera library found: install galera-4 (make deps)");
+    let provider = format!("--wsrep_provider={provider}");
+    let sandbox = lockstock_testkit::Sandbox::start_with(&[
+        provider.as_str(),
+        "--wsrep_on=OFF",
+        "--binlog_format=ROW",
+    ])
+    .expect("start a server with a provider configured");
+    let url = sandbox
+        .create_database("gal_each_server_off")
+        .expect("database");
+    let mut provider_off = MysqlConnection::establish(&url).expect("connect");
+    lockstock::run_migrations(&mut provider_off).expect("migrations");
+    let node_first = BalanceLedger::new();
+    node_first
+        .charge(&mut node, 3, ten, "node-first")
+        .expect("a charge on the node");
+    node_first
+        .charge(&mut provider_off, 3, ten, "then-standalone")
+        .expect("a charge on the standalone server");
+    audit_ok(&node_first, &mut provider_off, 3);
+}
