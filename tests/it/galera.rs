@@ -1581,21 +1581,17 @@ fn galera_a_combiner_discards_a_connection_that_does_not_replicate() {
     audit_ok(&ledger, &mut causal(&urls[0]), 1);
 }
 
-/// A server with a wsrep provider configured but started with `wsrep_on = OFF` loads none: it is
-/// a standalone server (a node taken out of its cluster to run alone), and lockstock writes and
-/// migrates there. Before the fix the runner took `@@wsrep_provider` alone for a Galera node
-/// and refused every write and the migrations with `NotReplicated`.
-#[test]
-fn galera_a_server_with_a_provider_configured_but_replication_off_is_standalone() {
-    let Some(provider) = [
+/// A standalone server with a wsrep provider configured but replication off (`wsrep_on =
+/// OFF`: it loads none), and a migrated database `name` on it.
+fn provider_off_server(name: &str) -> (lockstock_testkit::Sandbox, MysqlConnection) {
+    let provider = [
         "/usr/lib/galera/libgalera_smm.so",
         "/usr/lib/galera-4/libgalera_smm.so",
         "/usr/lib64/galera-4/libgalera_smm.so",
     ]
     .into_iter()
-    .find(|path| std::path::Path::new(path).exists()) else {
-        panic!("no Galera library found: install galera-4 (make deps)");
-    };
+    .find(|path| std::path::Path::new(path).exists())
+    .expect("no Galera library found: install galera-4 (make deps)");
     let provider = format!("--wsrep_provider={provider}");
     let sandbox = lockstock_testkit::Sandbox::start_with(&[
         provider.as_str(),
@@ -1603,11 +1599,19 @@ fn galera_a_server_with_a_provider_configured_but_replication_off_is_standalone(
         "--binlog_format=ROW",
     ])
     .expect("start a server with a provider configured");
-    let url = sandbox
-        .create_database("gal_provider_off")
-        .expect("database");
+    let url = sandbox.create_database(name).expect("database");
     let mut conn = MysqlConnection::establish(&url).expect("connect");
     lockstock::run_migrations(&mut conn).expect("migrations on a standalone server");
+    (sandbox, conn)
+}
+
+/// A server with a wsrep provider configured but started with `wsrep_on = OFF` loads none: it is
+/// a standalone server (a node taken out of its cluster to run alone), and lockstock writes and
+/// migrates there. Before the fix the runner took `@@wsrep_provider` alone for a Galera node
+/// and refused every write and the migrations with `NotReplicated`.
+#[test]
+fn galera_a_server_with_a_provider_configured_but_replication_off_is_standalone() {
+    let (_sandbox, mut conn) = provider_off_server("gal_provider_off");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut conn, 1, Decimal::new(10, 0), "standalone")
@@ -1683,26 +1687,7 @@ fn galera_a_runner_guards_each_server_as_it_is_not_as_the_first_it_met() {
 
     // A runner that met the node first, on a server with a provider configured but
     // replication off (a standalone server).
-    let provider = [
-        "/usr/lib/galera/libgalera_smm.so",
-        "/usr/lib/galera-4/libgalera_smm.so",
-        "/usr/lib64/galera-4/libgalera_smm.so",
-    ]
-    .into_iter()
-    .find(|path| std::path::Path::new(path).exists())
-    .expect("no Galera library found: install galera-4 (make deps)");
-    let provider = format!("--wsrep_provider={provider}");
-    let sandbox = lockstock_testkit::Sandbox::start_with(&[
-        provider.as_str(),
-        "--wsrep_on=OFF",
-        "--binlog_format=ROW",
-    ])
-    .expect("start a server with a provider configured");
-    let url = sandbox
-        .create_database("gal_each_server_off")
-        .expect("database");
-    let mut provider_off = MysqlConnection::establish(&url).expect("connect");
-    lockstock::run_migrations(&mut provider_off).expect("migrations");
+    let (_sandbox, mut provider_off) = provider_off_server("gal_each_server_off");
     let node_first = BalanceLedger::new();
     node_first
         .charge(&mut node, 3, ten, "node-first")
