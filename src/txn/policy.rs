@@ -129,7 +129,8 @@ pub struct TxnPolicy {
     pub lock_wait_timeout: Duration,
     /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL);
     /// on MariaDB at most the time the call has left when the statement's transaction begins
-    /// — on a connection that carries the settings only once that is less than the lock wait
+    /// (but at least 20 ms: a statement may outlast the deadline by that much, so a COMMIT sent
+    /// at the last moment is not stopped midway) — on a connection that carries the settings only once that is less than the lock wait
     /// (see [the runner](super#statements-that-wait-and-the-deadline)).
     pub statement_timeout: Duration,
     /// How long past a call's deadline lockstock waits for a server that does not answer at
