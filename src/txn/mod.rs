@@ -58,8 +58,10 @@
 //! and `@@global.wsrep_provider`, on a server built with Galera; the runner then begins again,
 //! guarded), and a node's refusal of a session that does not replicate
 //! ([`Error::NotReplicated`]) asks the server again (a standalone server: begun again,
-//! unguarded). A runner whose first server was built without Galera has no such check, and takes
-//! a node it meets later for a standalone server on connections without the settings. Guarded:
+//! unguarded), as does a first SET that names wsrep variables and fails (a server built without
+//! Galera, met after one built with it: begun again without them). A runner whose first server
+//! was built without Galera has no such check, and takes a node it meets later for a
+//! standalone server on connections without the settings. Guarded:
 //! - the first SET refuses ([`Error::NotReplicated`]), before anything changes, on a session
 //!   whose replication a caller turned off (`wsrep_on = 0`): its writes would stay on this
 //!   node, and the cluster's copies of the rows would part;
@@ -161,13 +163,13 @@ pub struct TxnRunner {
     /// What the first server this runner met is: its flavour, whether it rolls whole
     /// transactions back on a lock wait timeout, whether it is built with Galera.
     server: OnceLock<ServerFacts>,
-    /// Whether the server of a connection without lockstock's mark is taken for a Galera node:
-    /// [`UNKNOWN`], [`STANDALONE`] or [`GALERA`] — what the runner last found; a connection's
+    /// What the server of a connection without lockstock's mark is taken for: a [`ServerKind`]
+    /// as a number ([`UNKNOWN`] before the first) — what the runner last found; a connection's
     /// own first SET tells when that is wrong (see [`RunnerSql::new`]).
-    galera: AtomicU8,
-    /// The statements for a standalone server and for a Galera node, built when first needed
-    /// (boxed: a runner is part of every issuer and ledger).
-    sql: [OnceLock<Box<RunnerSql>>; 2],
+    kind: AtomicU8,
+    /// The statements for each [`ServerKind`], built when first needed (boxed: a runner is part
+    /// of every issuer and ledger).
+    sql: [OnceLock<Box<RunnerSql>>; 3],
     insert_ids: OnceLock<InsertIds>,
 }
 
@@ -176,16 +178,40 @@ pub struct TxnRunner {
 struct ServerFacts {
     flavor: ServerFlavor,
     whole_rollback: bool,
-    /// Built with Galera (its wsrep variables exist), whether or not it is a node.
-    wsrep_built: bool,
 }
 
-/// [`TxnRunner::galera`]: not asked yet.
-const UNKNOWN: u8 = 0;
-/// [`TxnRunner::galera`]: a standalone server.
-const STANDALONE: u8 = 1;
-/// [`TxnRunner::galera`]: a Galera node.
-const GALERA: u8 = 2;
+/// How a runner writes on a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ServerKind {
+    /// A standalone server without wsrep variables (built without Galera; MySQL): plain.
+    Plain = 0,
+    /// A standalone MariaDB built with Galera: its writes' first SET checks that it is not a
+    /// node after all (see [`RunnerSql::new`]).
+    Tripwired = 1,
+    /// A Galera node: writes guarded.
+    Galera = 2,
+}
+
+impl ServerKind {
+    /// The kind of a server by what [`session::galera_node`] answers: (built with Galera, a
+    /// node).
+    pub(super) fn of(flavor: ServerFlavor, (built, node): (bool, bool)) -> Self {
+        match (flavor, built, node) {
+            (ServerFlavor::MySql, ..) | (_, false, _) => Self::Plain,
+            (_, true, false) => Self::Tripwired,
+            (_, true, true) => Self::Galera,
+        }
+    }
+
+    fn from_number(number: u8) -> Option<Self> {
+        [Self::Plain, Self::Tripwired, Self::Galera]
+            .into_iter()
+            .find(|kind| *kind as u8 == number)
+    }
+}
+
+/// [`TxnRunner::kind`]: not asked yet.
+const UNKNOWN: u8 = u8::MAX;
 
 /// The value that makes the first SET of an unguarded write refuse, atomically and before
 /// anything changes, on a server that is a Galera node after all (a runner that met a
@@ -490,8 +516,8 @@ impl TxnRunner {
         Self {
             policy,
             server: OnceLock::new(),
-            galera: AtomicU8::new(UNKNOWN),
-            sql: [OnceLock::new(), OnceLock::new()],
+            kind: AtomicU8::new(UNKNOWN),
+            sql: [OnceLock::new(), OnceLock::new(), OnceLock::new()],
             insert_ids: OnceLock::new(),
         }
     }
@@ -735,8 +761,8 @@ impl TxnRunner {
         match run_transaction(conn, begin, body) {
             // Nothing was applied (the first SET refused); once more, now knowing the server.
             Err(error) if !read_only => match self.mistook_the_server(conn, &error) {
-                Some(galera) => {
-                    let begin = self.begin_on(conn, read_only, left, Some(galera))?;
+                Some(kind) => {
+                    let begin = self.begin_on(conn, read_only, left, Some(kind))?;
                     run_transaction(conn, begin, body)
                 }
                 None => Err(error),
@@ -831,80 +857,80 @@ impl TxnRunner {
             return Ok(*facts);
         }
         let flavor = ServerFlavor::ask(conn)?;
-        let (wsrep_built, galera) = match flavor {
-            ServerFlavor::MariaDb => session::galera_node(conn)?,
-            ServerFlavor::MySql => (false, false),
+        let kind = match flavor {
+            ServerFlavor::MariaDb => ServerKind::of(flavor, session::galera_node(conn)?),
+            ServerFlavor::MySql => ServerKind::Plain,
         };
         let whole_rollback = session::rollback_on_timeout(conn)?;
         let facts = ServerFacts {
             flavor,
             whole_rollback,
-            wsrep_built,
         };
         // The first answer stands for the hint too (another thread may have set it since).
-        let _ = self.galera.compare_exchange(
-            UNKNOWN,
-            if galera { GALERA } else { STANDALONE },
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ = self
+            .kind
+            .compare_exchange(UNKNOWN, kind as u8, Ordering::SeqCst, Ordering::SeqCst);
         Ok(*self.server.get_or_init(|| facts))
     }
 
-    /// The statements for `conn`'s server: a Galera node's or a standalone server's — as the
-    /// connection's mark recorded it (see [`apply_session_settings`]), else as this runner last
-    /// found.
-    /// `known`: what the server was found to be just now.
+    /// The statements for `conn`'s server — `known`: what it was found to be just now; else as
+    /// the connection's mark recorded it (see [`apply_session_settings`]), else as this runner
+    /// last found.
     fn sql_for(
         &self,
         conn: &mut MysqlConnection,
-        known: Option<bool>,
+        known: Option<ServerKind>,
     ) -> Result<&RunnerSql, Error> {
         let facts = self.facts(conn)?;
-        let galera = known
-            .or_else(|| session::marked_galera(conn))
-            .unwrap_or_else(|| self.galera.load(Ordering::SeqCst) == GALERA);
-        let built = &self.sql[usize::from(galera)];
-        Ok(built.get_or_init(|| {
-            let tripwire = !galera && facts.wsrep_built && facts.flavor == ServerFlavor::MariaDb;
+        let kind = known
+            .or_else(|| session::marked_kind(conn))
+            .or_else(|| ServerKind::from_number(self.kind.load(Ordering::SeqCst)))
+            .unwrap_or(ServerKind::Plain);
+        Ok(self.sql[kind as usize].get_or_init(|| {
             Box::new(RunnerSql::new(
                 &self.policy,
                 facts.flavor,
-                galera,
+                kind == ServerKind::Galera,
                 facts.whole_rollback,
-                tripwire,
+                kind == ServerKind::Tripwired && facts.flavor == ServerFlavor::MariaDb,
             ))
         }))
     }
 
     /// After `error` from a transaction's first SET on `conn`: whether this runner took the
     /// server for what it is not — a standalone server's SET found a Galera node
-    /// ([`GALERA_NODE_LOCALE`]), or a Galera node's refused a session whose server turns out
-    /// to be standalone ([`Error::NotReplicated`] on a server that is not a node) — so that
-    /// beginning again, now knowing, is right: then what the server is (a Galera node or not).
-    /// Nothing was applied.
-    fn mistook_the_server(&self, conn: &mut MysqlConnection, error: &Error) -> Option<bool> {
-        if session::marked_galera(conn).is_some() {
+    /// ([`GALERA_NODE_LOCALE`]); a Galera node's refused a session whose server turns out to be
+    /// standalone ([`Error::NotReplicated`] on a server that is not a node); or a SET that
+    /// names wsrep variables failed on a server built without them (asked, not read from the
+    /// error's text, which is in the caller's language) — so that beginning again, now
+    /// knowing, is right: then what the server is. Nothing was applied.
+    fn mistook_the_server(&self, conn: &mut MysqlConnection, error: &Error) -> Option<ServerKind> {
+        if session::marked_kind(conn).is_some() {
             return None;
         }
-        let found_galera = match error {
-            Error::Server(e) => e
-                .message()
-                .to_ascii_lowercase()
-                .contains(GALERA_NODE_LOCALE),
-            _ => false,
-        };
-        if found_galera {
-            self.galera.store(GALERA, Ordering::SeqCst);
-            return Some(true);
-        }
-        if matches!(error, Error::NotReplicated)
-            && matches!(session::galera_node(conn), Ok((_, false)))
-        {
-            self.galera.store(STANDALONE, Ordering::SeqCst);
-            return Some(false);
-        }
-        None
+        let found = match error {
+            Error::Server(e) => {
+                let message = e.message().to_ascii_lowercase();
+                if message.contains(GALERA_NODE_LOCALE) {
+                    Some(ServerKind::Galera)
+                } else if message.contains("wsrep") {
+                    // Not a node for certain only if the server has no wsrep variables at all.
+                    session::galera_node(conn)
+                        .ok()
+                        .filter(|(built, _)| !built)
+                        .map(|_| ServerKind::Plain)
+                } else {
+                    None
+                }
+            }
+            Error::NotReplicated => session::galera_node(conn)
+                .ok()
+                .filter(|(_, node)| !node)
+                .map(|answer| ServerKind::of(ServerFlavor::MariaDb, answer)),
+            _ => None,
+        }?;
+        self.kind.store(found as u8, Ordering::SeqCst);
+        Some(found)
     }
 
     /// How to begin on this connection, `left` before the call's deadline: with the session
@@ -920,14 +946,14 @@ impl TxnRunner {
         self.begin_on(conn, read_only, left, None)
     }
 
-    /// [`begin`](Self::begin) on a server found to be a Galera node or not (`known`), or taken
-    /// for what the connection's mark or this runner says.
+    /// [`begin`](Self::begin) on a server found to be of a `known` kind, or taken for what the
+    /// connection's mark or this runner says.
     fn begin_on<'a>(
         &'a self,
         conn: &mut MysqlConnection,
         read_only: bool,
         left: Duration,
-        known: Option<bool>,
+        known: Option<ServerKind>,
     ) -> Result<Begin<'a>, Error> {
         let sql = self.sql_for(conn, known)?;
         handoff::note_server(sql.flavor, sql.whole_rollback);

@@ -117,15 +117,18 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
     let deadline = Deadline::after(policy.retry.deadline);
     let session = bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
         let flavor = ServerFlavor::ask(conn)?;
-        let galera = flavor == ServerFlavor::MariaDb && galera_node(conn)?.1;
+        let kind = match flavor {
+            ServerFlavor::MariaDb => super::ServerKind::of(flavor, galera_node(conn)?),
+            ServerFlavor::MySql => super::ServerKind::Plain,
+        };
         let session = policy.session_sql(flavor);
         conn.batch_execute(&session)?;
-        Ok((session, galera))
+        Ok((session, kind))
     })?;
-    let (session, galera) = session;
+    let (session, kind) = session;
     conn.set_instrumentation(SessionMark {
         session,
-        galera,
+        kind,
         primed: None,
         inner: diesel::connection::get_default_instrumentation(),
     });
@@ -135,9 +138,9 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
 /// The mark [`apply_session_settings`] leaves on a connection: which settings it carries.
 struct SessionMark {
     session: String,
-    /// The connection's server is a Galera node (asked as the settings were applied): its
-    /// writes are guarded whatever server a runner met first.
-    galera: bool,
+    /// What the connection's server is (asked as the settings were applied): a node's writes
+    /// are guarded whatever server a runner met first.
+    kind: super::ServerKind,
     /// A write transaction is open on the connection, begun by [`TxnRunner::prime`] at this
     /// isolation level, with nothing sent in it yet.
     ///
@@ -161,11 +164,11 @@ pub(super) fn carries_settings(conn: &mut MysqlConnection, session: &str) -> boo
         .is_some_and(|mark| mark.session == session)
 }
 
-/// Whether a marked connection's server is a Galera node (`None`: not a marked connection).
-pub(super) fn marked_galera(conn: &mut MysqlConnection) -> Option<bool> {
+/// What a marked connection's server is (`None`: not a marked connection).
+pub(super) fn marked_kind(conn: &mut MysqlConnection) -> Option<super::ServerKind> {
     conn.instrumentation()
         .downcast_ref::<SessionMark>()
-        .map(|mark| mark.galera)
+        .map(|mark| mark.kind)
 }
 
 /// Records on a marked connection that a write transaction at `isolation` is open on it with
