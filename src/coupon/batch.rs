@@ -227,130 +227,143 @@ impl CouponIssuer {
             // Whether the last attempt locked the stock row and found it above zero: as for a
             // single issue, that clears the sold-out mark however the attempt ends.
             let mut stock_seen = false;
-            let attempt = self.runner.run_by(conn, deadline, |conn| {
-                // What the LAST attempt found: the runner may run this body again after a
-                // failure it set a flag for (on Galera, a body's refusal becomes a deadlock
-                // when the node aborted the transaction meanwhile).
-                (stale, unknown_holders, short, stock_seen) = (false, false, false, false);
-                #[cfg(test)]
-                super::tests::attempt_begins();
-                // A sold-out mark dates from this attempt's start, as a single issue's does.
-                let seen = seen.now();
-                let insert_ids = self.runner.insert_ids(conn)?;
-                let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
-                if found.coupon_id != coupon_id {
-                    *found = SeenHolders {
-                        coupon_id,
-                        ..SeenHolders::default()
-                    };
-                }
-                let holders = if read_holders {
-                    holders(conn, coupon_id, &valid)?
-                } else {
-                    HashMap::new()
-                };
-                // Every holder among the users, as of this read.
-                if read_holders {
-                    found.unknown = false;
-                }
-                found
-                    .held
-                    .extend(holders.iter().map(|(user, id)| (*user, *id)));
-                // This attempt's time: the issue time, and the window is checked at it.
-                let at = self.now();
-                facts.check_window(campaign_id, at)?;
-                // Before the hot row, as the single issue: the coupons of every request that
-                // the stock decides nothing about, written with the unique index checking
-                // them; the lock then reads the first new id.
-                // A batch too large for one INSERT writes a chunk at a time, each with its ids.
-                // The holders read locked rows and gaps: an INSERT after it never waits.
-                let holding = if read_holders {
-                    Holding::Locks
-                } else {
-                    Holding::Nothing
-                };
-                let early = if insert_first {
-                    let (_, everyone) = decide(user_ids, &holders, i32::MAX, self.marks_stick());
-                    // Where one INSERT's rows are numbered consecutively, the lock reads the
-                    // first id; otherwise (innodb_autoinc_lock_mode 2: Galera, MySQL 8) the ids
-                    // are read back now, before the hot row, not under its lock.
-                    let ids = if fits_one_insert(everyone.len())
-                        && insert_ids == InsertIds::Consecutive
-                    {
-                        write_user_coupons(conn, (campaign_id, coupon_id), &everyone, at, holding)?;
-                        None
+            // The unique index's refusal stays the answer when the runner could not end the
+            // attempt: the holders' lookup then fails, and the users not found holding are
+            // answered OutcomeUnknown.
+            let attempt = self
+                .runner
+                .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
+                    // What the LAST attempt found: the runner may run this body again after a
+                    // failure it set a flag for (on Galera, a body's refusal becomes a deadlock
+                    // when the node aborted the transaction meanwhile).
+                    (stale, unknown_holders, short, stock_seen) = (false, false, false, false);
+                    #[cfg(test)]
+                    super::tests::attempt_begins();
+                    // A sold-out mark dates from this attempt's start, as a single issue's does.
+                    let seen = seen.now();
+                    let insert_ids = self.runner.insert_ids(conn)?;
+                    let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
+                    if found.coupon_id != coupon_id {
+                        *found = SeenHolders {
+                            coupon_id,
+                            ..SeenHolders::default()
+                        };
+                    }
+                    let holders = if read_holders {
+                        holders(conn, coupon_id, &valid)?
                     } else {
-                        let written = (campaign_id, coupon_id);
-                        Some(insert_user_coupons(
+                        HashMap::new()
+                    };
+                    // Every holder among the users, as of this read.
+                    if read_holders {
+                        found.unknown = false;
+                    }
+                    found
+                        .held
+                        .extend(holders.iter().map(|(user, id)| (*user, *id)));
+                    // This attempt's time: the issue time, and the window is checked at it.
+                    let at = self.now();
+                    facts.check_window(campaign_id, at)?;
+                    // Before the hot row, as the single issue: the coupons of every request that
+                    // the stock decides nothing about, written with the unique index checking
+                    // them; the lock then reads the first new id.
+                    // A batch too large for one INSERT writes a chunk at a time, each with its ids.
+                    // The holders read locked rows and gaps: an INSERT after it never waits.
+                    let holding = if read_holders {
+                        Holding::Locks
+                    } else {
+                        Holding::Nothing
+                    };
+                    let early = if insert_first {
+                        let (_, everyone) =
+                            decide(user_ids, &holders, i32::MAX, self.marks_stick());
+                        // Where one INSERT's rows are numbered consecutively, the lock reads the
+                        // first id; otherwise (innodb_autoinc_lock_mode 2: Galera, MySQL 8) the ids
+                        // are read back now, before the hot row, not under its lock.
+                        let ids = if fits_one_insert(everyone.len())
+                            && insert_ids == InsertIds::Consecutive
+                        {
+                            write_user_coupons(
+                                conn,
+                                (campaign_id, coupon_id),
+                                &everyone,
+                                at,
+                                holding,
+                            )?;
+                            None
+                        } else {
+                            let written = (campaign_id, coupon_id);
+                            Some(insert_user_coupons(
+                                conn,
+                                Some(insert_ids),
+                                written,
+                                &everyone,
+                                at,
+                                holding,
+                            )?)
+                        };
+                        Some((everyone, ids))
+                    } else {
+                        None
+                    };
+                    let not_found = || Error::CampaignNotFound { campaign_id };
+                    // With the coupons written by one INSERT: their first id in the same read.
+                    let (campaign, first_id) = if let Some((_, None)) = early {
+                        let (campaign, first) =
+                            lock_campaign_after_insert(conn, campaign_id)?.ok_or_else(not_found)?;
+                        (campaign, Some(first))
+                    } else {
+                        (
+                            lock_campaign(conn, campaign_id)?.ok_or_else(not_found)?,
+                            None,
+                        )
+                    };
+                    let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
+                    if current != facts {
+                        stale = true;
+                        return Err(stale_facts(campaign_id));
+                    }
+                    // Every request is decided now, with the hot row held.
+                    current.check_window(campaign_id, self.now())?;
+                    stock_seen = stock > 0;
+                    let (decisions, winners) =
+                        decide(user_ids, &holders, stock, self.marks_stick());
+                    if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
+                        // The refused user may hold the coupon (then: AlreadyIssued).
+                        unknown_holders = true;
+                        #[cfg(test)]
+                        if let Some(aborted) = super::tests::holders_needed() {
+                            return Err(aborted);
+                        }
+                        return Err(Error::internal("holders needed"));
+                    }
+                    let new_ids = match early {
+                        Some((written, Some(ids))) if written == winners => ids,
+                        Some((written, None)) if written == winners => {
+                            user_coupon_ids(conn, Some(insert_ids), coupon_id, &winners, first_id)?
+                        }
+                        // The stock runs out in this batch: written for too many; again with the
+                        // stock read first.
+                        Some(_) => {
+                            short = true;
+                            return Err(Error::internal("the stock runs out in the batch"));
+                        }
+                        None => insert_user_coupons(
                             conn,
                             Some(insert_ids),
-                            written,
-                            &everyone,
+                            (campaign_id, coupon_id),
+                            &winners,
                             at,
-                            holding,
-                        )?)
+                            Holding::Locks,
+                        )?,
                     };
-                    Some((everyone, ids))
-                } else {
-                    None
-                };
-                let not_found = || Error::CampaignNotFound { campaign_id };
-                // With the coupons written by one INSERT: their first id in the same read.
-                let (campaign, first_id) = if let Some((_, None)) = early {
-                    let (campaign, first) =
-                        lock_campaign_after_insert(conn, campaign_id)?.ok_or_else(not_found)?;
-                    (campaign, Some(first))
-                } else {
-                    (
-                        lock_campaign(conn, campaign_id)?.ok_or_else(not_found)?,
-                        None,
-                    )
-                };
-                let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
-                if current != facts {
-                    stale = true;
-                    return Err(stale_facts(campaign_id));
-                }
-                // Every request is decided now, with the hot row held.
-                current.check_window(campaign_id, self.now())?;
-                stock_seen = stock > 0;
-                let (decisions, winners) = decide(user_ids, &holders, stock, self.marks_stick());
-                if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
-                    // The refused user may hold the coupon (then: AlreadyIssued).
-                    unknown_holders = true;
-                    #[cfg(test)]
-                    if let Some(aborted) = super::tests::holders_needed() {
-                        return Err(aborted);
+                    if !winners.is_empty() {
+                        let left = stock.max(0) - i32::try_from(winners.len()).unwrap_or(i32::MAX);
+                        set_stock(conn, campaign_id, left)?;
                     }
-                    return Err(Error::internal("holders needed"));
-                }
-                let new_ids = match early {
-                    Some((written, Some(ids))) if written == winners => ids,
-                    Some((written, None)) if written == winners => {
-                        user_coupon_ids(conn, Some(insert_ids), coupon_id, &winners, first_id)?
-                    }
-                    // The stock runs out in this batch: written for too many; again with the
-                    // stock read first.
-                    Some(_) => {
-                        short = true;
-                        return Err(Error::internal("the stock runs out in the batch"));
-                    }
-                    None => insert_user_coupons(
-                        conn,
-                        Some(insert_ids),
-                        (campaign_id, coupon_id),
-                        &winners,
-                        at,
-                        Holding::Locks,
-                    )?,
-                };
-                if !winners.is_empty() {
-                    let left = stock.max(0) - i32::try_from(winners.len()).unwrap_or(i32::MAX);
-                    set_stock(conn, campaign_id, left)?;
-                }
-                let ids: HashMap<i64, i64> = winners.into_iter().zip(new_ids).collect();
-                Ok((decisions, ids, stock, at, seen))
-            });
+                    let ids: HashMap<i64, i64> = winners.into_iter().zip(new_ids).collect();
+                    Ok((decisions, ids, stock, at, seen))
+                });
             if attempt.is_err() && stock_seen {
                 self.saw_stock(campaign_id);
             }

@@ -87,49 +87,53 @@ impl CouponIssuer {
             let mut read = seen;
             let mut stale = false;
             let mut stock_seen = false;
-            let result = self.runner.run_by(conn, deadline, |conn| {
-                // What the LAST attempt found (the runner may run this body again).
-                (stale, stock_seen) = (false, false);
-                // This attempt's time: the window is checked at it, and it is the issue time.
-                let at = self.now();
-                read = seen.now();
-                facts.check_window(campaign_id, at)?;
-                // Before the hot row: the unique index decides "already issued?".
-                write_user_coupons(
-                    conn,
-                    (campaign_id, facts.coupon_id),
-                    &[user_id],
-                    at,
-                    Holding::Nothing,
-                )?;
-                // The hot row, with the new coupon's id: locked from here to COMMIT for one
-                // UPDATE.
-                let (campaign, (id, _step)) = lock_campaign_after_insert(conn, campaign_id)?
-                    .ok_or(Error::CampaignNotFound { campaign_id })?;
-                let current = CampaignFacts::of(&campaign);
-                if current != facts {
-                    stale = true;
-                    return Err(stale_facts(campaign_id));
-                }
-                // Once the row is ours this attempt commits (or fails) at once: the window must
-                // still be open now.
-                current.check_window(campaign_id, self.now())?;
-                if campaign.stock_quantity <= 0 {
-                    return Err(Error::SoldOut { campaign_id });
-                }
-                stock_seen = true;
-                set_stock(conn, campaign_id, campaign.stock_quantity - 1)?;
-                Ok(IssuedCoupon {
-                    id,
-                    user_id,
-                    coupon_id: facts.coupon_id,
-                    campaign_id,
-                    status: CouponStatus::Issued,
-                    issued_at: at,
-                    used_at: None,
-                    order_ref: None,
-                })
-            });
+            // The unique index's refusal stays the answer when the runner could not end the
+            // attempt: the holder's lookup then fails, and answers OutcomeUnknown.
+            let result = self
+                .runner
+                .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
+                    // What the LAST attempt found (the runner may run this body again).
+                    (stale, stock_seen) = (false, false);
+                    // This attempt's time: the window is checked at it, and it is the issue time.
+                    let at = self.now();
+                    read = seen.now();
+                    facts.check_window(campaign_id, at)?;
+                    // Before the hot row: the unique index decides "already issued?".
+                    write_user_coupons(
+                        conn,
+                        (campaign_id, facts.coupon_id),
+                        &[user_id],
+                        at,
+                        Holding::Nothing,
+                    )?;
+                    // The hot row, with the new coupon's id: locked from here to COMMIT for one
+                    // UPDATE.
+                    let (campaign, (id, _step)) = lock_campaign_after_insert(conn, campaign_id)?
+                        .ok_or(Error::CampaignNotFound { campaign_id })?;
+                    let current = CampaignFacts::of(&campaign);
+                    if current != facts {
+                        stale = true;
+                        return Err(stale_facts(campaign_id));
+                    }
+                    // Once the row is ours this attempt commits (or fails) at once: the window must
+                    // still be open now.
+                    current.check_window(campaign_id, self.now())?;
+                    if campaign.stock_quantity <= 0 {
+                        return Err(Error::SoldOut { campaign_id });
+                    }
+                    stock_seen = true;
+                    set_stock(conn, campaign_id, campaign.stock_quantity - 1)?;
+                    Ok(IssuedCoupon {
+                        id,
+                        user_id,
+                        coupon_id: facts.coupon_id,
+                        campaign_id,
+                        status: CouponStatus::Issued,
+                        issued_at: at,
+                        used_at: None,
+                        order_ref: None,
+                    })
+                });
             // Facts of another database (the INSERT names a template or campaign missing here)
             // are stale facts too.
             let missing_row = result.as_ref().is_err_and(names_missing_row);

@@ -610,6 +610,11 @@ impl Error {
         }
     }
 
+    /// Whether a unique index refused a write (a key taken, a coupon held).
+    pub(crate) fn is_duplicate(&self) -> bool {
+        self.server_kind() == Some(ServerErrorKind::DuplicateKey)
+    }
+
     /// Whether this failure tells its caller that nothing was applied (the call gave up or
     /// failed before anything was committed), as opposed to an answer about the request (a
     /// refusal, a conflict, an unknown outcome).

@@ -350,32 +350,37 @@ impl BalanceLedger {
             // The account was found missing: the attempt ends with a ROLLBACK (its marker
             // error), not an empty COMMIT, which in a combiner would hand the key's turn on (and
             // count as a commit) while this batch goes on.
-            let attempt = self.runner.run_by(conn, deadline, |conn| {
-                let insert_ids = self.runner.insert_ids(conn)?;
-                let Some(mut account) = lock_or_create(conn, user_id, Holding::Nothing, create)?
-                else {
-                    #[cfg(test)]
-                    super::tests::after_account_missing(conn);
-                    return Err(super::idempotency::account_missing());
-                };
-                let ended: Vec<i64> = pending
-                    .iter()
-                    .filter_map(|i| requests[*i].ended_hold())
-                    .collect();
-                let holds = lock_holds(conn, &ended)?;
-                // The server clock, for the holds it ends and the holds it places.
-                let places = pending.iter().any(|i| requests[*i].kind == EntryKind::Hold);
-                let now = match holds.is_empty() && !places {
-                    true => None,
-                    false => Some(account.clock(conn)?),
-                };
-                let locked = Locked {
-                    account: &account,
-                    holds,
-                    now,
-                };
-                apply_planned(conn, insert_ids, locked, missing, requests, pending)
-            });
+            // A key taken (the journal's unique index) stays the answer when the runner could
+            // not end the attempt: the keys' lookup then fails, and answers OutcomeUnknown.
+            let attempt = self
+                .runner
+                .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
+                    let insert_ids = self.runner.insert_ids(conn)?;
+                    let Some(mut account) =
+                        lock_or_create(conn, user_id, Holding::Nothing, create)?
+                    else {
+                        #[cfg(test)]
+                        super::tests::after_account_missing(conn);
+                        return Err(super::idempotency::account_missing());
+                    };
+                    let ended: Vec<i64> = pending
+                        .iter()
+                        .filter_map(|i| requests[*i].ended_hold())
+                        .collect();
+                    let holds = lock_holds(conn, &ended)?;
+                    // The server clock, for the holds it ends and the holds it places.
+                    let places = pending.iter().any(|i| requests[*i].kind == EntryKind::Hold);
+                    let now = match holds.is_empty() && !places {
+                        true => None,
+                        false => Some(account.clock(conn)?),
+                    };
+                    let locked = Locked {
+                        account: &account,
+                        holds,
+                        now,
+                    };
+                    apply_planned(conn, insert_ids, locked, missing, requests, pending)
+                });
             match attempt {
                 Ok(decided) => return Ok(decided),
                 // Only the marker itself: a failure of the runner after it (its ROLLBACK, the

@@ -49,7 +49,10 @@ impl BalanceLedger {
             // An attempt that finds the account missing ends with a ROLLBACK, not an empty
             // COMMIT (which in a combiner would hand the key's turn on while the call goes on).
             let mut missing = None;
-            let attempt = self.runner.run_by(conn, deadline, |conn| {
+            // A refusal that the key's lookup answers stays the answer when the runner could
+            // not end its attempt: the lookup then fails, and answers OutcomeUnknown.
+            let refusal = |e: &Error| e.replay_may_apply() || e.is_expiry_refusal();
+            let attempt = self.runner.run_by_keeping(conn, deadline, refusal, |conn| {
                 missing = None;
                 match attempt(conn, create)? {
                     Step::CreateAccount(user_id) => {

@@ -487,6 +487,15 @@ std::thread_local! {
     static REFUSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// Whether `failure` is the runner's failure to end a transaction after its body failed: the
+/// connection lost or broken (a ROLLBACK that failed), or cut by the watchdog.
+fn ended_badly(failure: &Error) -> bool {
+    matches!(
+        failure,
+        Error::ConnectionBroken { .. } | Error::ServerUnresponsive { .. }
+    ) || failure.server_kind() == Some(ServerErrorKind::ConnectionLost)
+}
+
 /// How many refusals the runner has retried on the calling thread so far: a combiner's leader
 /// reads it around a batch (which runs on its thread) to learn whether the hot row was refused.
 pub(crate) fn refusals_on_this_thread() -> u64 {
@@ -601,6 +610,37 @@ impl TxnRunner {
         body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
         self.retried(conn, deadline, false, body).0
+    }
+
+    /// [`run_by`](Self::run_by) for a body whose refusals `keep` selects may hide an earlier
+    /// call's work (a key's unique index, a balance an earlier call spent): the caller looks the
+    /// request up after such a refusal. Where the runner could not end the refused attempt — its
+    /// ROLLBACK failed and the connection is broken, or the watchdog cut it — the answer is
+    /// still the refusal, not that failure (which would say that nothing was applied): the
+    /// caller's lookup then fails on the broken connection and answers
+    /// [`Error::OutcomeUnknown`], as for a lookup that fails.
+    pub(crate) fn run_by_keeping<T>(
+        &self,
+        conn: &mut MysqlConnection,
+        deadline: Deadline,
+        keep: impl Fn(&Error) -> bool,
+        mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut refused: Option<Error> = None;
+        let answer = self.run_by(conn, deadline, |conn| {
+            refused = None;
+            let result = body(conn);
+            if let Err(refusal) = &result {
+                if keep(refusal) {
+                    refused = Some(refusal.clone());
+                }
+            }
+            result
+        });
+        match (answer, refused) {
+            (Err(failure), Some(refusal)) if ended_badly(&failure) => Err(refusal),
+            (answer, _) => answer,
+        }
     }
 
     /// Like [`run`](Self::run), also returning how many transactions were started and refused.

@@ -12,7 +12,8 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Double};
 use lockstock::schema::user_balance;
 use lockstock::{
-    BalanceLedger, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy, TxnRunner,
+    BalanceLedger, CouponIssuer, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy,
+    TxnRunner,
 };
 use rust_decimal::Decimal;
 
@@ -1605,4 +1606,113 @@ fn a_callers_connection_charset_does_not_change_lockstocks_statements() {
     ledger
         .charge(&mut conn, 1, Decimal::from(5), "after")
         .expect("a charge after the caller switched back");
+}
+
+/// A refusal that its key's (or its user's) lookup answers — a key an earlier call of the same
+/// request recorded, a balance too low, a coupon the user holds — whose ROLLBACK then fails
+/// (the connection broken) answers `OutcomeUnknown`, as a refusal whose lookup fails does: an
+/// earlier call may have applied the request. Before the fix the failed ROLLBACK answered
+/// `ConnectionBroken` ("nothing was committed"), and a caller that had `OutcomeUnknown` from
+/// that earlier call could take it for never applied and pay again under a new key. Single
+/// calls and batches, ledger and coupons.
+#[test]
+fn a_refusal_whose_rollback_fails_may_be_applied() {
+    let sandbox = Sandbox::start().expect("private server");
+    let (url, mut admin) = private_database(&sandbox, "review_refusal_rollback");
+    let ledger = BalanceLedger::new();
+    let issuer = CouponIssuer::new();
+    ledger
+        .charge(&mut admin, 1, dec(100), "seed")
+        .expect("the account");
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut admin, &issuer, 10);
+    // Connections on which every statement of their call is prepared, but not ROLLBACK.
+    let warm = |warm_up: &dyn Fn(&mut MysqlConnection)| {
+        let mut conn = connect(&url);
+        warm_up(&mut conn);
+        conn
+    };
+    let deduct = |amount: i64, key: &str| lockstock::AccountOp::Deduct {
+        amount: dec(amount),
+        key: key.to_owned(),
+    };
+    let mut key_taken = warm(&|c| {
+        ledger.charge(c, 1, dec(1), "warm-1").expect("warm");
+        ledger.deduct(c, 1, dec(1), "warm-2").expect("warm");
+    });
+    let mut too_low = warm(&|c| {
+        ledger.deduct(c, 1, dec(1), "warm-3").expect("warm");
+    });
+    let mut batch = warm(&|c| {
+        let answers = ledger
+            .apply_many(c, 1, &[deduct(1, "warm-4"), deduct(1, "warm-5")])
+            .expect("warm");
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    });
+    let mut coupon = warm(&|c| {
+        issuer.issue(c, 101, campaign.id).expect("warm");
+    });
+    let mut coupons = warm(&|c| {
+        let answers = issuer
+            .issue_many(c, campaign.id, &[102, 103])
+            .expect("warm");
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    });
+    // The earlier calls that applied (their answers lost, say).
+    ledger
+        .deduct(&mut admin, 1, dec(10), "order-1")
+        .expect("applied");
+    ledger
+        .deduct(&mut admin, 1, dec(10), "order-2")
+        .expect("applied");
+    issuer.issue(&mut admin, 7, campaign.id).expect("applied");
+    issuer.issue(&mut admin, 8, campaign.id).expect("applied");
+    let before = (
+        journal_size(&mut admin, 1),
+        lockstock_testkit::fixtures::stock_row(&mut admin, campaign.id),
+    );
+
+    admin
+        .batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
+        .expect("no more prepared statements");
+    fn unknown<T: std::fmt::Debug>(what: &str, answer: &Result<T, Error>) {
+        assert!(
+            matches!(answer, Err(e) if e.is_outcome_unknown()),
+            "{what}: {answer:?}"
+        );
+    }
+    unknown(
+        "a key taken",
+        &ledger.deduct(&mut key_taken, 1, dec(10), "order-1"),
+    );
+    unknown(
+        "a balance too low",
+        &ledger.deduct(&mut too_low, 1, dec(1_000_000), "order-3"),
+    );
+    let answers = ledger
+        .apply_many(
+            &mut batch,
+            1,
+            &[deduct(10, "order-2"), deduct(1, "order-4")],
+        )
+        .expect("answered per request");
+    for answer in &answers {
+        unknown("a batch with a key taken", answer);
+    }
+    unknown("a coupon held", &issuer.issue(&mut coupon, 7, campaign.id));
+    let answers = issuer
+        .issue_many(&mut coupons, campaign.id, &[8, 9])
+        .expect("answered per request");
+    for answer in &answers {
+        unknown("a batch with a coupon held", answer);
+    }
+    heal_rollback(&mut admin);
+
+    // Nothing of the refused attempts was applied.
+    assert_eq!(
+        (
+            journal_size(&mut admin, 1),
+            lockstock_testkit::fixtures::stock_row(&mut admin, campaign.id),
+        ),
+        before
+    );
 }
