@@ -663,6 +663,13 @@ impl TxnRunner {
     ) -> (Result<T, Error>, Attempts) {
         let mut attempts = Attempts::default();
         let grace = self.policy.unresponsive_grace;
+        // Inside a call that bounds every lockstock call it makes (a router's closure): by that
+        // deadline at the latest, also where the caller passed a later one of its own.
+        let deadline = ENCLOSING.with(|enclosing| {
+            enclosing
+                .get()
+                .map_or(deadline, |outer| deadline.min(outer))
+        });
         forget_cache_probe();
         let result = bounded(conn, deadline, grace, |conn, guard| {
             self.retry_loop(conn, deadline, read_only, &mut body, guard, &mut attempts)
