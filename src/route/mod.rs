@@ -822,9 +822,13 @@ impl Shared {
         // a deadline parameter runs by the router's (`within_deadline`) when its own policy's
         // is later, and a node that stops answering is cut off at the deadline plus grace.
         let started = Instant::now();
+        let served = crate::txn::statements_served(&mut conn);
         let (result, cut) = crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| {
             crate::txn::within_deadline(deadline, || call(conn, deadline))
         });
+        // A call answered without a round trip (bad input, a sold-out mark) says nothing of the
+        // node: it never clears a count of cuts.
+        let reached = served.is_none() || crate::txn::statements_served(&mut conn) != served;
         if cut {
             // Also a COMMIT cut off (`OutcomeUnknown`): the node left a call hanging. (The
             // connection is marked broken: r2d2 discards it.)
@@ -866,7 +870,7 @@ impl Shared {
             }
             result => {
                 give_back(&pool, conn);
-                if !cut {
+                if !cut && reached {
                     self.answered(node, started);
                 }
                 Attempt::Done(result)

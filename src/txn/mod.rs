@@ -132,6 +132,7 @@ mod watchdog;
 
 pub(crate) use handoff::{bounded_waits, locking_read, with_handoff, Handoff, Holding};
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, StatementCache, TxnPolicy};
+pub(crate) use session::statements_served;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 use session::{carries_settings, set_primed, take_primed};
 use transaction::{

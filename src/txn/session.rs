@@ -129,6 +129,7 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
     conn.set_instrumentation(SessionMark {
         session,
         kind,
+        served: 0,
         primed: None,
         inner: diesel::connection::get_default_instrumentation(),
     });
@@ -141,6 +142,9 @@ struct SessionMark {
     /// What the connection's server is (asked as the settings were applied): a node's writes
     /// are guarded whatever server a runner met first.
     kind: super::ServerKind,
+    /// Statements the server answered on the connection (a router tells by it whether a call
+    /// reached the node at all).
+    served: u64,
     /// A write transaction is open on the connection, begun by [`TxnRunner::prime`] at this
     /// isolation level, with nothing sent in it yet.
     ///
@@ -151,6 +155,9 @@ struct SessionMark {
 
 impl Instrumentation for SessionMark {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if matches!(event, InstrumentationEvent::FinishQuery { error: None, .. }) {
+            self.served = self.served.wrapping_add(1);
+        }
         if let Some(inner) = self.inner.as_mut() {
             inner.on_connection_event(event);
         }
@@ -162,6 +169,14 @@ pub(super) fn carries_settings(conn: &mut MysqlConnection, session: &str) -> boo
     conn.instrumentation()
         .downcast_ref::<SessionMark>()
         .is_some_and(|mark| mark.session == session)
+}
+
+/// How many statements the server has answered on a marked connection (`None`: not a marked
+/// connection).
+pub(crate) fn statements_served(conn: &mut MysqlConnection) -> Option<u64> {
+    conn.instrumentation()
+        .downcast_ref::<SessionMark>()
+        .map(|mark| mark.served)
 }
 
 /// What a marked connection's server is (`None`: not a marked connection).

@@ -1096,13 +1096,27 @@ fn galera_router_fails_over_when_the_writers_calls_keep_being_cut_off() {
         })
     };
     // The first cut makes the writer suspect; its probe clears it (the second call waits for
-    // that); the second cut, with no call answered between them, takes it down.
-    for _ in 0..2 {
+    // that); the second cut, with no call answered BY THE NODE between them, takes it down: a
+    // call answered without a round trip (bad input) between them says nothing of the node.
+    // Before the fix it cleared the count, and a writer whose statements hang was never taken
+    // down while such calls came.
+    let ledger = BalanceLedger::new();
+    for round in 0..2 {
         let answer = slow();
         assert!(
             matches!(answer, Err(Error::ServerUnresponsive { .. })),
             "{answer:?}"
         );
+        if round == 0 {
+            let refused = router
+                .write(Deadline::after(Duration::from_secs(1)), |conn, deadline| {
+                    ledger.charge_by(conn, 9, Decimal::new(-1, 0), "bad", deadline)
+                });
+            assert!(
+                matches!(refused, Err(Error::InvalidAmount { .. })),
+                "{refused:?}"
+            );
+        }
     }
     let until = Instant::now() + Duration::from_secs(15);
     while router.writer().is_none_or(|w| w == writer) && Instant::now() < until {
