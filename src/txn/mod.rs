@@ -486,6 +486,16 @@ std::thread_local! {
     static ENCLOSING: std::cell::Cell<Option<Deadline>> = const { std::cell::Cell::new(None) };
     /// Refusals the runner retried on this thread (see [`refusals_on_this_thread`]).
     static REFUSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The first SET of the calling thread's last transaction refused (see
+    /// [`note_setup_refused`]): its error is the server's answer to lockstock's own statement,
+    /// not the body's.
+    static SETUP_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Notes that a transaction's first SET refused (`true`), or that a transaction begins
+/// (`false`).
+pub(super) fn note_setup_refused(refused: bool) {
+    SETUP_REFUSED.with(|cell| cell.set(refused));
 }
 
 /// Whether `failure` is the runner's failure to end a transaction after its body failed: the
@@ -627,19 +637,26 @@ impl TxnRunner {
         keep: impl Fn(&Error) -> bool,
         mut body: impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let mut refused: Option<Error> = None;
+        // The refusal, and the thread's count of retried refusals when it came: a refusal the
+        // runner took for a retryable abort (on Galera, a silently rolled-back transaction's)
+        // and retried is not the answer, whatever the attempts after it met.
+        let mut refused: Option<(Error, u64)> = None;
         let answer = self.run_by(conn, deadline, |conn| {
             refused = None;
             let result = body(conn);
             if let Err(refusal) = &result {
                 if keep(refusal) {
-                    refused = Some(refusal.clone());
+                    refused = Some((refusal.clone(), refusals_on_this_thread()));
                 }
             }
             result
         });
         match (answer, refused) {
-            (Err(failure), Some(refusal)) if ended_badly(&failure) => Err(refusal),
+            (Err(failure), Some((refusal, retried)))
+                if ended_badly(&failure) && refusals_on_this_thread() == retried =>
+            {
+                Err(refusal)
+            }
             (answer, _) => answer,
         }
     }
@@ -806,6 +823,7 @@ impl TxnRunner {
             }
         }
         let begin = self.begin(conn, read_only, left)?;
+        note_setup_refused(false);
         match run_transaction(conn, begin, body) {
             // Nothing was applied (the first SET refused); once more, now knowing the server.
             Err(error) if !read_only => match self.mistook_the_server(conn, &error) {
@@ -953,7 +971,8 @@ impl TxnRunner {
     /// error's text, which is in the caller's language) — so that beginning again, now
     /// knowing, is right: then what the server is. Nothing was applied.
     fn mistook_the_server(&self, conn: &mut MysqlConnection, error: &Error) -> Option<ServerKind> {
-        if session::marked_kind(conn).is_some() {
+        // Only the first SET's refusal tells (a body's error may quote anything).
+        if session::marked_kind(conn).is_some() || !SETUP_REFUSED.with(std::cell::Cell::get) {
             return None;
         }
         let found = match error {
@@ -977,7 +996,11 @@ impl TxnRunner {
                 .map(|answer| ServerKind::of(ServerFlavor::MariaDb, answer)),
             _ => None,
         }?;
-        self.kind.store(found as u8, Ordering::SeqCst);
+        // A server built without Galera is taken for plain on this connection only: the hint
+        // keeps the check for nodes that later connections may reach.
+        if found != ServerKind::Plain {
+            self.kind.store(found as u8, Ordering::SeqCst);
+        }
         Some(found)
     }
 

@@ -328,6 +328,7 @@ pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> 
             _ => PreparedSql(sql).execute(conn),
         };
         if let Err(e) = sent {
+            super::note_setup_refused(true);
             let error = ServerError::new(e);
             let message = error.message().to_ascii_lowercase();
             let refusal = if refused_as_nested(&error) {

@@ -809,6 +809,11 @@ fn galera_router_bounds_a_call_that_is_refused_by_its_own_deadline() {
         assert!(took <= bound, "answered after {took:?} (bound {bound:?})");
     }
     assert_eq!(router.writer(), Some(writer), "the writer moved");
+    assert_eq!(
+        lockstock_testkit::fixtures::count_key(&mut holder, 7, "d"),
+        0,
+        "the refused deduct was applied"
+    );
     let held = router
         .write(long, |conn, _| {
             ledger.hold(conn, 7, Decimal::ONE, "h", expires)
