@@ -243,6 +243,20 @@ pub(crate) fn in_transaction(conn: &mut MysqlConnection) -> diesel::QueryResult<
     diesel::select(InTransaction).get_result(conn)
 }
 
+/// A migrated throwaway database `name` for a unit test: its URL and a connection to it.
+#[cfg(test)]
+pub(crate) fn test_database(name: &str) -> (String, MysqlConnection) {
+    use diesel::Connection;
+    let Ok(url) = lockstock_testkit::database_url(name) else {
+        panic!("a throwaway database");
+    };
+    let Ok(mut conn) = MysqlConnection::establish(&url) else {
+        panic!("connect");
+    };
+    assert!(crate::run_migrations(&mut conn).is_ok());
+    (url, conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::silently_aborted;

@@ -4,7 +4,7 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use diesel::{Connection, RunQueryDsl};
+use diesel::RunQueryDsl;
 
 fn within(budget: Duration) -> Deadline {
     Deadline::after(budget)
@@ -708,13 +708,7 @@ pub(super) fn before_an_unprepared_checkout() {
 /// waited for it until its deadline (`Timeout`, nothing wrong with the server).
 #[test]
 fn a_leader_whose_prime_failed_holds_a_connection_before_the_turn() {
-    let Ok(url) = lockstock_testkit::database_url("unit_combine_prime_failed") else {
-        panic!("a throwaway database");
-    };
-    let Ok(mut admin) = MysqlConnection::establish(&url) else {
-        panic!("connect");
-    };
-    assert!(crate::run_migrations(&mut admin).is_ok());
+    let (url, mut admin) = crate::util::test_database("unit_combine_prime_failed");
     let ledger = BalanceLedger::new();
     for user in [1, 2] {
         assert!(ledger

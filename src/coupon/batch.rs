@@ -13,7 +13,7 @@ use super::rows::{
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
-use crate::error::{Error, Result, ServerErrorKind};
+use crate::error::{Error, Result};
 use crate::txn::{Deadline, Holding, InsertIds};
 use crate::validate::validate_id;
 
@@ -377,9 +377,7 @@ impl CouponIssuer {
                 Err(e) if names_missing_row(&e) => return closed(stale_facts(campaign_id)),
                 Err(_) if unknown_holders => read_holders = true,
                 Err(_) if short => insert_first = false,
-                Err(e)
-                    if !read_holders && e.server_kind() == Some(ServerErrorKind::DuplicateKey) =>
-                {
+                Err(e) if !read_holders && e.is_duplicate() => {
                     lock(&self.repeat_askers).insert(campaign_id);
                     read_holders = true;
                     found.unknown = true;
@@ -387,10 +385,7 @@ impl CouponIssuer {
                 // Below SERIALIZABLE the holders read is a snapshot that locks nothing: a user
                 // was issued a coupon after it. Read again (each time for a new holder among
                 // the batch's users, so at most once per user).
-                Err(e)
-                    if e.server_kind() == Some(ServerErrorKind::DuplicateKey)
-                        && late_holders < user_ids.len() =>
-                {
+                Err(e) if e.is_duplicate() && late_holders < user_ids.len() => {
                     late_holders += 1;
                     found.unknown = true;
                 }

@@ -8,7 +8,7 @@ use super::rows::{
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
-use crate::error::{Error, Result, ServerErrorKind};
+use crate::error::{Error, Result};
 use crate::txn::{Deadline, Holding};
 use crate::validate::validate_id;
 
@@ -150,7 +150,7 @@ impl CouponIssuer {
                     self.mark_sold_out(campaign_id, read);
                     Err(Error::SoldOut { campaign_id })
                 }
-                Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => {
+                Err(e) if e.is_duplicate() => {
                     match self.already_issued(conn, user_id, campaign_id, &facts, deadline) {
                         Ok(Some(refusal)) => Err(refusal),
                         // The template is not the cached one: another database.

@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use super::rows::{check_validity, find_campaign, lock_campaign, lock_user_coupon, set_redemption};
 use super::types::{positive_quantity, validate_order_ref, Campaign, CouponStatus, IssuedCoupon};
 use super::CouponIssuer;
-use crate::error::{Error, Result, ServerErrorKind};
+use crate::error::{Error, Result};
 use crate::schema::{fcfs_coupon, fcfs_coupon_restock};
 use crate::statements::write_under_lock;
 use crate::txn::Deadline;
@@ -100,7 +100,7 @@ impl CouponIssuer {
                         field: "additional",
                         ..
                     }
-                ) || e.server_kind() == Some(ServerErrorKind::DuplicateKey) =>
+                ) || e.is_duplicate() =>
             {
                 match self.recorded_restock(conn, campaign_id, additional, key, deadline)? {
                     Some(campaign) => Ok(campaign),

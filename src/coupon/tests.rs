@@ -51,13 +51,7 @@ pub(super) fn attempt_begins() {
 /// flag stayed set and the duplicate was never recorded.
 #[test]
 fn a_retried_batch_attempt_does_not_inherit_the_flags_of_the_one_before() {
-    let Ok(url) = lockstock_testkit::database_url("unit_coupon_attempt_flags") else {
-        panic!("a throwaway database");
-    };
-    let Ok(mut conn) = MysqlConnection::establish(&url) else {
-        panic!("connect");
-    };
-    assert!(crate::run_migrations(&mut conn).is_ok());
+    let (url, mut conn) = crate::util::test_database("unit_coupon_attempt_flags");
     let issuer = CouponIssuer::new();
     let now = chrono::Utc::now().naive_utc();
     let Ok(coupon) = issuer.create_coupon(

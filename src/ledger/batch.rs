@@ -18,7 +18,7 @@ use super::rows::{
 };
 use super::types::{AccountOp, BeforeSending, Entry, Hold};
 use super::BalanceLedger;
-use crate::error::{Error, Result, ServerErrorKind};
+use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::txn::{Deadline, Holding, InsertIds};
 use crate::util::now;
@@ -277,10 +277,7 @@ impl BalanceLedger {
                 Ok(decided) => decided,
                 // Each such round answers at least the request whose key another call
                 // committed meanwhile (the lookup sees it), so this ends.
-                Err(e)
-                    if e.server_kind() == Some(ServerErrorKind::DuplicateKey)
-                        && round < requests.len() =>
-                {
+                Err(e) if e.is_duplicate() && round < requests.len() => {
                     lookup_first = true;
                     continue;
                 }

@@ -9,7 +9,7 @@ use super::request::{KeyedRows, Request};
 use super::rows::journal_rows;
 use super::types::Entry;
 use super::BalanceLedger;
-use crate::error::{Error, ExpiryProblem, Result, ServerErrorKind};
+use crate::error::{Error, ExpiryProblem, Result};
 use crate::txn::Deadline;
 
 /// Outcome of one transaction attempt that is not an error.
@@ -170,6 +170,6 @@ impl Error {
                 // A hold's expiry refused on a clock: passed, or (on a clock behind the one
                 // that placed it) too far ahead.
                 | Self::InvalidExpiry { .. }
-        ) || self.server_kind() == Some(ServerErrorKind::DuplicateKey)
+        ) || self.is_duplicate()
     }
 }

@@ -3,7 +3,7 @@
 use std::cell::Cell;
 
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, MysqlConnection};
+use diesel::MysqlConnection;
 use rust_decimal::Decimal;
 
 use super::{AccountOp, BalanceLedger};
@@ -24,13 +24,7 @@ pub(super) fn after_account_missing(conn: &mut MysqlConnection) {
 
 #[test]
 fn a_batch_whose_connection_breaks_after_finding_no_account_answers_the_failure() {
-    let Ok(url) = lockstock_testkit::database_url("unit_ledger_missing_broken") else {
-        panic!("a throwaway database");
-    };
-    let Ok(mut conn) = MysqlConnection::establish(&url) else {
-        panic!("connect");
-    };
-    assert!(crate::run_migrations(&mut conn).is_ok());
+    let (_, mut conn) = crate::util::test_database("unit_ledger_missing_broken");
     let ledger = BalanceLedger::new();
     let deduct = |key: &str| AccountOp::Deduct {
         amount: Decimal::ONE,

@@ -286,7 +286,7 @@ fn claim(shared: &Shared, node: usize, seen: Option<i64>, deadline: Deadline) ->
         });
     give_back(&pool, conn);
     match claimed {
-        Err(e) if e.server_kind() == Some(ServerErrorKind::DuplicateKey) => Ok(false),
+        Err(e) if e.is_duplicate() => Ok(false),
         // The certification loser of a race keeps losing while its node applies the winner.
         Err(Error::Contended { .. }) => Ok(false),
         other => other,

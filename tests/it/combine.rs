@@ -1265,11 +1265,7 @@ fn a_first_charge_keeps_its_keys_turn_until_its_call_ends() {
     let ledger = BalanceLedger::new();
     let balance = ledger.balance(&mut conn, USER).expect("balance");
     assert_eq!(balance.balance, Decimal::from(15));
-    let rows: i64 = balance_history::table
-        .filter(balance_history::user_id.eq(USER))
-        .count()
-        .get_result(&mut conn)
-        .expect("journal rows");
+    let rows = lockstock_testkit::fixtures::journal_size(&mut conn, USER);
     assert_eq!(rows, 2);
     lockstock_testkit::fixtures::audit_ok(&ledger, &mut conn, USER);
 }
@@ -1284,14 +1280,7 @@ fn a_lookup_cut_by_an_earlier_callers_deadline_does_not_answer_a_later_caller() 
     use std::time::Duration;
     let _alone = lockstock_testkit::fixtures::exclusive();
     let (url, mut conn) = fresh_database("combine_lookup_deadline");
-    let mut retry = lockstock::RetryPolicy::default();
-    retry.max_attempts = 100_000;
-    retry.deadline = Duration::from_secs(2);
-    let policy = lockstock::TxnPolicy::default().with_retry(retry);
-    let hot = Arc::new(CombiningLedger::new(
-        pool(&url, 4),
-        BalanceLedger::with_policy(policy),
-    ));
+    let hot = two_second_combiner(&url);
     const USER: i64 = 7;
     BalanceLedger::new()
         .charge(&mut conn, USER, Decimal::from(10), "funds")
@@ -1301,18 +1290,7 @@ fn a_lookup_cut_by_an_earlier_callers_deadline_does_not_answer_a_later_caller() 
     // holding the key's turn, so the next two callers meet in one batch) and the journal for
     // 2.4 s (LOCK TABLES: every read of it waits), past the batch's deadline (the second
     // caller's, 2.1 s) but not the third caller's (2.9 s).
-    let mut journal = connect(&url);
-    journal
-        .batch_execute("LOCK TABLES balance_history WRITE")
-        .expect("lock the journal");
-    let mut account = connect(&url);
-    account.batch_execute("BEGIN").expect("begin");
-    let _: Decimal = lockstock::schema::user_balance::table
-        .find(USER)
-        .select(lockstock::schema::user_balance::balance)
-        .for_update()
-        .first(&mut account)
-        .expect("lock the account");
+    let (mut journal, mut account) = hold_journal_and_account(&url, USER);
     let start = std::time::Instant::now();
     let asks: Vec<_> = [("first", 0), ("second", 100), ("third", 900)]
         .into_iter()
@@ -1353,11 +1331,7 @@ fn a_lookup_cut_by_an_earlier_callers_deadline_does_not_answer_a_later_caller() 
         .balance(&mut conn, USER)
         .expect("balance");
     assert_eq!(balance.balance, Decimal::from(10));
-    let rows: i64 = balance_history::table
-        .filter(balance_history::user_id.eq(USER))
-        .count()
-        .get_result(&mut conn)
-        .expect("journal rows");
+    let rows = lockstock_testkit::fixtures::journal_size(&mut conn, USER);
     assert_eq!(rows, 1, "the funding charge only");
 }
 
@@ -1372,14 +1346,7 @@ fn a_retry_refused_in_a_batch_gets_its_recorded_entry_by_its_own_deadline() {
     use std::time::Duration;
     let _alone = lockstock_testkit::fixtures::exclusive();
     let (url, mut conn) = fresh_database("combine_lookup_entry");
-    let mut retry = lockstock::RetryPolicy::default();
-    retry.max_attempts = 100_000;
-    retry.deadline = Duration::from_secs(2);
-    let policy = lockstock::TxnPolicy::default().with_retry(retry);
-    let hot = Arc::new(CombiningLedger::new(
-        pool(&url, 4),
-        BalanceLedger::with_policy(policy),
-    ));
+    let hot = two_second_combiner(&url);
     const USER: i64 = 8;
     let setup = BalanceLedger::new();
     setup
@@ -1394,18 +1361,7 @@ fn a_retry_refused_in_a_batch_gets_its_recorded_entry_by_its_own_deadline() {
     // account held for 1 s, the journal for 2.4 s; "x" holds the key's turn until its own
     // lookup gives up (2.0 s), then "w" (deadline 2.1 s) and the retry of "K" (2.9 s) meet in
     // one batch, both refused for the balance.
-    let mut journal = connect(&url);
-    journal
-        .batch_execute("LOCK TABLES balance_history WRITE")
-        .expect("lock the journal");
-    let mut account = connect(&url);
-    account.batch_execute("BEGIN").expect("begin");
-    let _: Decimal = lockstock::schema::user_balance::table
-        .find(USER)
-        .select(lockstock::schema::user_balance::balance)
-        .for_update()
-        .first(&mut account)
-        .expect("lock the account");
+    let (mut journal, mut account) = hold_journal_and_account(&url, USER);
     let start = std::time::Instant::now();
     let at = |millis: u64| Duration::from_millis(millis).saturating_sub(start.elapsed());
     let asks: Vec<_> = [("x", 0), ("w", 100), ("K", 900)]
@@ -1441,11 +1397,7 @@ fn a_retry_refused_in_a_batch_gets_its_recorded_entry_by_its_own_deadline() {
         .balance(&mut conn, USER)
         .expect("balance");
     assert_eq!(balance.balance, Decimal::ZERO);
-    let rows: i64 = balance_history::table
-        .filter(balance_history::user_id.eq(USER))
-        .count()
-        .get_result(&mut conn)
-        .expect("journal rows");
+    let rows = lockstock_testkit::fixtures::journal_size(&mut conn, USER);
     assert_eq!(rows, 2, "the funding charge and the first deduct");
 }
 
@@ -1514,4 +1466,35 @@ fn a_combined_holds_expiry_is_judged_when_it_is_submitted() {
         lockstock_testkit::fixtures::stored_balance(&mut admin, 1),
         Decimal::new(9, 0)
     );
+}
+
+/// Another program's sessions: one holding the journal (`LOCK TABLES ... WRITE`: every read of
+/// it waits), one holding `user`'s account row (`FOR UPDATE` in an open transaction).
+fn hold_journal_and_account(url: &str, user: i64) -> (MysqlConnection, MysqlConnection) {
+    use diesel::connection::SimpleConnection;
+    let mut journal = connect(url);
+    journal
+        .batch_execute("LOCK TABLES balance_history WRITE")
+        .expect("lock the journal");
+    let mut account = connect(url);
+    account.batch_execute("BEGIN").expect("begin");
+    let _: Decimal = lockstock::schema::user_balance::table
+        .find(user)
+        .select(lockstock::schema::user_balance::balance)
+        .for_update()
+        .first(&mut account)
+        .expect("lock the account");
+    (journal, account)
+}
+
+/// A combining ledger over a pool of 4 whose calls have 2 s and all the attempts they want.
+fn two_second_combiner(url: &str) -> Arc<CombiningLedger> {
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 100_000;
+    retry.deadline = std::time::Duration::from_secs(2);
+    let policy = lockstock::TxnPolicy::default().with_retry(retry);
+    Arc::new(CombiningLedger::new(
+        pool(url, 4),
+        BalanceLedger::with_policy(policy),
+    ))
 }
