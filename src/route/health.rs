@@ -244,6 +244,8 @@ impl State {
 pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
     let mut conn: Option<MysqlConnection> = None;
     let policy = shared.probe.policy();
+    // The last probe's verdict, once there is one.
+    let mut was_ok: Option<bool> = None;
     while !shared.stopped.load(Ordering::Relaxed) {
         let started = Instant::now();
         shared.lock().nodes[node].running_since = Some(started);
@@ -262,6 +264,7 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
         if answer.is_err() {
             conn = None;
         }
+        let back;
         {
             let mut state = shared.lock();
             let held = state.held(node, shared.probe_timeout);
@@ -313,6 +316,16 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
                 state.writer = None;
                 state.elect = true;
             }
+            let ok = state.nodes[node].ok;
+            back = was_ok == Some(false) && ok;
+            was_ok = Some(ok);
+        }
+        if back {
+            // Back after a probe found it down: its calls start on fresh pools. A connection
+            // that a pool began while the node was gone is retried by r2d2 in the background,
+            // up to 15 s apart, holding the pool's slot meanwhile — the node's calls would wait
+            // for it (or answer `Timeout`) while the node is healthy.
+            shared.renew_pools(node);
         }
         shared.changed.notify_all();
         // Sleep the interval, or less: a suspicion wakes the probe at once.

@@ -80,7 +80,9 @@
 //! coordinator) took down, until the coordinator has also run once since (at most two probe
 //! timeouts), so the writer moves first wherever another node can take it: a probe that
 //! answers at once (a status read, while the node's statements hang) does not hand the node
-//! its writer back. The
+//! its writer back. A node whose probe finds it healthy after finding it down gets fresh
+//! pools: a connection its pool began while the node was gone is retried by r2d2 in the
+//! background, up to 15 s apart, and would hold the pool's slot while the node is back. The
 //! coordinator never marks a node down because no pooled connection came in time (nothing was
 //! sent): it goes on without that node for the rest of the election. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
 //! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).

@@ -1357,3 +1357,87 @@ fn galera_router_runs_a_cut_off_batchs_open_requests_again() {
         .expect("coupons");
     assert_eq!(rows, 2, "the holder's and the late user's");
 }
+
+/// A node that was killed and came back serves calls at once. A read that met the dead node's
+/// empty pool made r2d2 begin a connection there, which r2d2 retries in the background (up to
+/// 15 s apart) while it holds the pool's one slot. Before the fix the router kept the node's
+/// pools when its probe found it healthy again, so reads routed to it answered `Timeout` until
+/// that retry woke — here for seconds after the node was back.
+#[test]
+fn galera_router_serves_a_node_that_came_back_at_once() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_back");
+    let router = Router::builder(urls.clone())
+        .pool_size(1)
+        .health_interval(Duration::from_secs(2))
+        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+        .read_consistency(ReadConsistency::Causal)
+        .build()
+        .expect("router");
+    let writer = router
+        .wait_for_writer(Duration::from_secs(20))
+        .expect("a writer");
+    let back = (writer + 1) % urls.len();
+    let all_healthy = |router: &Router| router.stats().nodes.iter().all(|n| n.healthy);
+    let until = Instant::now() + Duration::from_secs(20);
+    while !all_healthy(&router) {
+        assert!(
+            Instant::now() < until,
+            "not every node healthy: {:?}",
+            router.stats()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The node that served the read.
+    let read = |router: &Router| {
+        router.read(Deadline::after(Duration::from_millis(300)), |conn, _| {
+            Ok(
+                diesel::select(diesel::dsl::sql::<Text>("CAST(@@wsrep_node_name AS CHAR)"))
+                    .get_result::<String>(conn)?,
+            )
+        })
+    };
+    cluster
+        .kill(back)
+        .expect("kill a node that is not the writer");
+    let killed = Instant::now();
+    // Before its probe finds it gone, one of these reads goes to the killed node, whose read
+    // pool (never used) begins a connection there: no connection within the deadline is
+    // `Timeout`, which only that node's pool answers. (A read on another node may be cut off
+    // meanwhile: the cluster stalls until it evicts the killed node.)
+    let failed: Vec<Error> = (0..urls.len())
+        .filter_map(|_| read(&router).err())
+        .collect();
+    assert!(
+        failed.iter().any(|e| matches!(e, Error::Timeout { .. })),
+        "no read met the killed node (its probe found it down first?): {failed:?}"
+    );
+    // Down for 13 s: r2d2's retries of that connection are 12.8 s apart by then.
+    thread::sleep(Duration::from_secs(13).saturating_sub(killed.elapsed()));
+    cluster.restart(back).expect("restart the node");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !router.stats().nodes[back].healthy {
+        assert!(
+            Instant::now() < until,
+            "the node is not back: {:?}",
+            router.stats()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let back_at = killed.elapsed();
+    let name = router.stats().nodes[back].name.clone().expect("its name");
+    let mut served = 0;
+    for _ in 0..2 * urls.len() {
+        match read(&router) {
+            Ok(node) => served += usize::from(node == name),
+            Err(e) => panic!(
+                "a read {:?} after the node was back ({back_at:?} after the kill): {e}",
+                killed.elapsed() - back_at
+            ),
+        }
+    }
+    assert!(served >= 1, "no read went to the node that came back");
+    eprintln!("  node {back} back {back_at:?} after the kill; served {served} reads at once");
+}
