@@ -43,6 +43,16 @@ struct ProbeRow {
     local_state: String,
 }
 
+impl ProbeRow {
+    /// Replicating (`wsrep_on` globally), ready, in the Primary component and Synced.
+    fn healthy(&self) -> bool {
+        self.replicating != 0
+            && self.ready.eq_ignore_ascii_case("ON")
+            && self.cluster_status == "Primary"
+            && self.local_state == "Synced"
+    }
+}
+
 /// The health of one node as the router sees it (a part of [`RouterStats`](super::RouterStats)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeHealth {
@@ -264,7 +274,15 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
         if answer.is_err() {
             conn = None;
         }
-        let back;
+        // Back after a probe found it down: its calls start on fresh pools, replaced before the
+        // node is published healthy (a call that took the old pool then would meet what the
+        // renewal is for). A connection that a pool began while the node was gone is retried by
+        // r2d2 in the background, holding the pool's slot meanwhile; the node's calls would
+        // wait for it (a short deadline answers `Timeout`, a longer one takes the node down
+        // again with a pool error).
+        if was_ok == Some(false) && answer.as_ref().is_ok_and(ProbeRow::healthy) {
+            shared.renew_pools(node);
+        }
         {
             let mut state = shared.lock();
             let held = state.held(node, shared.probe_timeout);
@@ -280,10 +298,7 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
                 Ok(row) => {
                     p.ready = row.ready.eq_ignore_ascii_case("ON");
                     let replicating = row.replicating != 0;
-                    let healthy = replicating
-                        && p.ready
-                        && row.cluster_status == "Primary"
-                        && row.local_state == "Synced";
+                    let healthy = row.healthy();
                     p.ok = healthy && !overruled;
                     let kept = p.error.take();
                     p.error = (!healthy).then(|| {
@@ -316,16 +331,7 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
                 state.writer = None;
                 state.elect = true;
             }
-            let ok = state.nodes[node].ok;
-            back = was_ok == Some(false) && ok;
-            was_ok = Some(ok);
-        }
-        if back {
-            // Back after a probe found it down: its calls start on fresh pools. A connection
-            // that a pool began while the node was gone is retried by r2d2 in the background,
-            // up to 15 s apart, holding the pool's slot meanwhile — the node's calls would wait
-            // for it (or answer `Timeout`) while the node is healthy.
-            shared.renew_pools(node);
+            was_ok = Some(state.nodes[node].ok);
         }
         shared.changed.notify_all();
         // Sleep the interval, or less: a suspicion wakes the probe at once.

@@ -81,8 +81,9 @@
 //! timeouts), so the writer moves first wherever another node can take it: a probe that
 //! answers at once (a status read, while the node's statements hang) does not hand the node
 //! its writer back. A node whose probe finds it healthy after finding it down gets fresh
-//! pools: a connection its pool began while the node was gone is retried by r2d2 in the
-//! background, up to 15 s apart, and would hold the pool's slot while the node is back. The
+//! pools, before calls are sent to it again: a connection its pool began while the node was
+//! gone is retried by r2d2 in the background, and would hold the pool's slot while the node is
+//! back (retries are at most half the probe timeout apart, where r2d2's default is 15 s). The
 //! coordinator never marks a node down because no pooled connection came in time (nothing was
 //! sent): it goes on without that node for the rest of the election. The probe timeout is the [`probe_policy`](RouterBuilder::probe_policy)'s
 //! deadline plus its [`unresponsive_grace`](crate::TxnPolicy::unresponsive_grace).
@@ -290,7 +291,12 @@ impl RouterBuilder {
             .urls
             .into_iter()
             .map(|url| {
-                let pools = Mutex::new(Pools::new(&url, self.pool_size, &self.session_policy));
+                let pools = Mutex::new(Pools::new(
+                    &url,
+                    self.pool_size,
+                    &self.session_policy,
+                    probe_timeout,
+                ));
                 Node {
                     url,
                     pools,
@@ -552,7 +558,7 @@ enum Use {
 struct Node {
     url: String,
     /// Replaced by fresh pools after a node failure, so no connection to a dead server is
-    /// handed out again.
+    /// handed out again, and when a probe finds the node back (see `health::probe_loop`).
     pools: Mutex<Pools>,
     /// Calls on the node cut off at their deadline (see [`Cuts`]).
     cuts: Mutex<Cuts>,
@@ -577,11 +583,17 @@ struct Pools {
 }
 
 impl Pools {
-    fn new(url: &str, size: u32, policy: &TxnPolicy) -> Self {
+    /// A node's pools. `probe_timeout` bounds how far apart r2d2 retries a connection that
+    /// failed to open (half its `connection_timeout`, which lockstock uses for nothing else:
+    /// it checks out with `get_timeout`): a retry sleeping while the node is back holds the
+    /// pool's slot, and with r2d2's default (30 s) it would sleep up to 15 s.
+    fn new(url: &str, size: u32, policy: &TxnPolicy, probe_timeout: Duration) -> Self {
+        let retries = probe_timeout.max(Duration::from_millis(100));
         let build = |customizer: Box<dyn CustomizeConnection<_, _>>| {
             Pool::builder()
                 .max_size(size)
                 .min_idle(Some(0))
+                .connection_timeout(retries)
                 // A check on checkout would hang on a frozen node without any deadline.
                 .test_on_check_out(false)
                 .connection_customizer(customizer)
@@ -763,11 +775,21 @@ impl Shared {
 
     /// Replaces `node`'s pools with fresh ones: no pooled connection is handed out again.
     fn renew_pools(&self, node: usize) {
-        let fresh = Pools::new(&self.nodes[node].url, self.pool_size, &self.session_policy);
-        *self.nodes[node]
-            .pools
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = fresh;
+        let fresh = Pools::new(
+            &self.nodes[node].url,
+            self.pool_size,
+            &self.session_policy,
+            self.probe_timeout,
+        );
+        let old = std::mem::replace(
+            &mut *self.nodes[node]
+                .pools
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            fresh,
+        );
+        // Dropped once the lock is given back (its idle connections are closed).
+        drop(old);
     }
 
     /// Waits by `deadline` until `pick` finds a node, asking the coordinator to elect meanwhile.
