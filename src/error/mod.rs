@@ -552,9 +552,12 @@ impl Error {
             | Error::NotDesignatedWriter
             | Error::NotReplicated
             | Error::Pool(_) => true,
+            // `read_only` refuses a write before anything is applied (also at COMMIT).
             Error::Server(source) => matches!(
                 source.kind(),
-                ServerErrorKind::ConnectionLost | ServerErrorKind::NodeNotReady
+                ServerErrorKind::ConnectionLost
+                    | ServerErrorKind::NodeNotReady
+                    | ServerErrorKind::ReadOnly
             ),
             _ => false,
         }

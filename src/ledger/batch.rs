@@ -155,11 +155,14 @@ impl BalanceLedger {
         };
         // A node failure stays the whole batch's (a `Router` runs the batch again on the
         // writer, which answers every request), unless a request is refused for its input or
-        // was found applied (its key's entry: never answered "nothing applied").
+        // was found applied (its key's entry: never answered "nothing applied"). Not a
+        // `read_only` refusal: the server still serves the reads that answered some requests
+        // (a hold that is not the account's), as it serves their single calls.
         let found_applied = results.iter().any(|r| matches!(r, Some(Ok(_))));
+        let whole = failure.is_node_failure()
+            && failure.server_kind() != Some(crate::error::ServerErrorKind::ReadOnly);
         if before.iter().all(|b| matches!(b, BeforeSending::Send))
-            && ((failure.is_node_failure() && !found_applied)
-                || results.iter().all(Option::is_none))
+            && ((whole && !found_applied) || results.iter().all(Option::is_none))
         {
             return Err(failure);
         }

@@ -79,7 +79,7 @@ fn maintain(shared: &Shared) {
     let (writer, name) = {
         let state = shared.lock();
         match state.writer {
-            Some(w) if state.healthy(w, shared.probe_timeout) => {
+            Some(w) if state.writable(w, shared.probe_timeout) => {
                 (Some(w), state.nodes[w].name.clone())
             }
             _ => (None, None),
@@ -140,14 +140,15 @@ fn elect(shared: &Shared, deadline: Deadline) {
             let state = shared.lock();
             seen.as_ref()
                 .and_then(|row| state.node_named(&row.name))
-                .filter(|&node| state.healthy(node, shared.probe_timeout))
+                .filter(|&node| state.writable(node, shared.probe_timeout))
         };
-        // A candidate that is still healthy now (not one taken down or suspected meanwhile).
+        // A candidate that is still healthy now (not one taken down or suspected meanwhile)
+        // and takes writes (not `read_only`).
         let candidate = {
             let state = shared.lock();
             healthy
                 .iter()
-                .find(|&&node| state.healthy(node, shared.probe_timeout) && !state.suspect(node))
+                .find(|&&node| state.writable(node, shared.probe_timeout) && !state.suspect(node))
         };
         let target = match (named, candidate) {
             (Some(node), _) => node,
@@ -166,8 +167,14 @@ fn elect(shared: &Shared, deadline: Deadline) {
             }
             (None, None) => return,
         };
+        // Still the node the row names, and still taking writes.
+        let confirms = |row: &Designated| {
+            let state = shared.lock();
+            Some(&row.name) == state.nodes[target].name.as_ref()
+                && state.writable(target, shared.probe_timeout)
+        };
         match read(shared, target, deadline, deadline.remaining()) {
-            Ok(Some(row)) if Some(&row.name) == shared.lock().nodes[target].name.as_ref() => {
+            Ok(Some(row)) if confirms(&row) => {
                 adopt(shared, target, row.epoch);
                 return;
             }
@@ -192,6 +199,12 @@ fn elect(shared: &Shared, deadline: Deadline) {
 fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
     match error {
         Error::Timeout { .. } | Error::Pool(_) => true,
+        // A claim refused by a node that runs `read_only` (before its probe saw it): it takes
+        // reads, but not the writer's row.
+        Error::Server(source) if source.kind() == ServerErrorKind::ReadOnly => {
+            shared.read_only(node);
+            true
+        }
         Error::Contended { last, .. } if last.kind() == ServerErrorKind::StatementTimeout => {
             shared.suspect(node);
             true

@@ -22,6 +22,7 @@ use crate::txn::{apply_session_settings, Deadline, TxnPolicy};
 /// `sql_mode` with EMPTY_STRING_IS_NULL reads as NULL.
 const PROBE_SQL: &str = "SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
      CAST(@@global.wsrep_on AS SIGNED) AS replicating, \
+     CAST(CAST(@@global.read_only AS CHAR) NOT IN ('0', 'OFF') AS SIGNED) AS read_only, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
        WHERE variable_name = 'WSREP_READY'), SPACE(0)) AS CHAR) AS ready, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
@@ -35,6 +36,8 @@ struct ProbeRow {
     name: String,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     replicating: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    read_only: i64,
     #[diesel(sql_type = Text)]
     ready: String,
     #[diesel(sql_type = Text)]
@@ -55,6 +58,7 @@ impl ProbeRow {
 
 /// The health of one node as the router sees it (a part of [`RouterStats`](super::RouterStats)).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NodeHealth {
     /// Its `@@wsrep_node_name`, once a probe reached it.
     pub name: Option<String>,
@@ -68,6 +72,10 @@ pub struct NodeHealth {
     pub healthy: bool,
     /// `wsrep_ready` of the last answered probe.
     pub ready: bool,
+    /// The node runs `read_only` (the last answered probe's `@@global.read_only`, or a write
+    /// refused with 1290 since): it takes reads while healthy, but is never the writer — a
+    /// writer found read-only is replaced, and the refused write runs on the new one.
+    pub read_only: bool,
     /// `wsrep_cluster_status` of the last answered probe (`Primary`, `non-Primary`, ...).
     pub cluster_status: String,
     /// `wsrep_local_state_comment` of the last answered probe (`Synced`, `Donor/Desynced`, ...).
@@ -85,6 +93,11 @@ const HOLD_TIMEOUTS: u32 = 2;
 pub(super) struct Probe {
     pub(super) name: Option<String>,
     ready: bool,
+    /// `@@global.read_only` as the last probe found it, or a write refused for it since.
+    pub(super) read_only: bool,
+    /// When a write was last refused because the node runs `read_only`: a probe that started
+    /// before it (and may have read the variable before it was set) does not clear the flag.
+    read_only_at: Option<Instant>,
     cluster_status: String,
     local_state: String,
     /// The last probe answered and found the node healthy, and no call failed since.
@@ -147,6 +160,24 @@ impl State {
             && !self.held(node, probe_timeout)
             && p.name.is_some()
             && !self.duplicate_name(node)
+    }
+
+    /// Whether `node` may be the writer: healthy and not `read_only`.
+    pub(super) fn writable(&self, node: usize, probe_timeout: Duration) -> bool {
+        self.healthy(node, probe_timeout) && self.nodes.get(node).is_some_and(|p| !p.read_only)
+    }
+
+    /// A write on `node` was refused because the node runs `read_only`: it is no longer the
+    /// writer (the coordinator elects another one now); it keeps taking reads.
+    pub(super) fn mark_read_only(&mut self, node: usize) {
+        if let Some(p) = self.nodes.get_mut(node) {
+            p.read_only = true;
+            p.read_only_at = Some(Instant::now());
+        }
+        if self.writer == Some(node) {
+            self.writer = None;
+            self.elect = true;
+        }
     }
 
     /// Whether `node` is held down after a failure until the coordinator has run once since
@@ -231,6 +262,7 @@ impl State {
             name: p.name.clone(),
             healthy,
             ready: p.ready,
+            read_only: p.read_only,
             cluster_status: p.cluster_status.clone(),
             local_state: p.local_state.clone(),
             last_error: if self.duplicate_name(node) {
@@ -297,6 +329,8 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
             match answer {
                 Ok(row) => {
                     p.ready = row.ready.eq_ignore_ascii_case("ON");
+                    p.read_only =
+                        row.read_only != 0 || p.read_only_at.is_some_and(|at| at >= started);
                     let replicating = row.replicating != 0;
                     let healthy = row.healthy();
                     p.ok = healthy && !overruled;
@@ -327,7 +361,7 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
                     p.error = Some(error);
                 }
             }
-            if !state.healthy(node, shared.probe_timeout) && state.writer == Some(node) {
+            if !state.writable(node, shared.probe_timeout) && state.writer == Some(node) {
                 state.writer = None;
                 state.elect = true;
             }

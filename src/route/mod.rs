@@ -65,7 +65,10 @@
 //! One probe thread per node asks, every [`health_interval`](RouterBuilder::health_interval),
 //! for `@@wsrep_node_name` and `wsrep_ready`, `wsrep_cluster_status` and
 //! `wsrep_local_state_comment` (information_schema.GLOBAL_STATUS); a node is healthy when they
-//! are `ON`, `Primary` and `Synced`. A node is down from the moment a call on it fails with a
+//! are `ON`, `Primary` and `Synced`. It also reads `@@global.read_only`: a node that runs
+//! `read_only` takes reads but is never elected writer, and a writer found read-only — by its
+//! probe, or by a write it refused (1290: nothing applied) — is replaced, the refused write
+//! running again on the new writer. A node is down from the moment a call on it fails with a
 //! node failure (below), a probe finds it otherwise, or a probe has been hanging on it for longer
 //! than the probe timeout. A lost or broken connection alone may be that connection's (a
 //! `KILL`), and a call cut off at its deadline ([`Error::ServerUnresponsive`]) may have met a
@@ -451,7 +454,7 @@ impl Router {
             let node = shared.wait_for(deadline, last.clone(), |state| {
                 state
                     .writer
-                    .filter(|&w| state.healthy(w, shared.probe_timeout) && !state.suspect(w))
+                    .filter(|&w| state.writable(w, shared.probe_timeout) && !state.suspect(w))
             })?;
             match shared.attempt(node, Use::Write, deadline, &mut call) {
                 Attempt::Done(result) => return since_failure(result, last),
@@ -511,7 +514,7 @@ impl Router {
         shared.wait_for(Deadline::after(timeout), None, |state| {
             state
                 .writer
-                .filter(|&w| state.healthy(w, shared.probe_timeout))
+                .filter(|&w| state.writable(w, shared.probe_timeout))
         })
     }
 
@@ -706,6 +709,15 @@ impl Shared {
         self.take_down(node, error);
     }
 
+    /// A write on `node` was refused because the node runs `read_only`: not the writer from
+    /// here on (the coordinator, woken now, elects one that takes writes); it keeps taking
+    /// reads.
+    fn read_only(&self, node: usize) {
+        trace_event!(node, "router: the node runs read_only");
+        self.lock().mark_read_only(node);
+        self.changed.notify_all();
+    }
+
     /// Marks `node` suspect: calls wait while its probe, woken at once, checks it.
     fn suspect(&self, node: usize) {
         self.lock().mark_suspect(node);
@@ -865,6 +877,22 @@ impl Shared {
             self.cut(node, started, &blamed);
         }
         match result {
+            // A write refused because the node runs `read_only` (at a write, or at COMMIT:
+            // nothing applied, see the runner): the writer moves to a node that takes writes,
+            // and the call runs again there. The connection is fine.
+            Err(Error::Server(source)) if !cut && source.kind() == ServerErrorKind::ReadOnly => {
+                give_back(&pool, conn);
+                let error = Error::Server(source);
+                // A read closure that writes: its answer (the node is fine for reads).
+                if purpose != Use::Write {
+                    return Attempt::Done(Err(error));
+                }
+                self.read_only(node);
+                if deadline.is_expired() {
+                    return Attempt::Done(Err(error));
+                }
+                Attempt::NodeFailed(error)
+            }
             // A COMMIT whose answer was lost, or a refused request whose key could not be
             // looked up, because the connection or the node failed: it may be applied, so it
             // is not run again — but the node is blamed as for a node failure.

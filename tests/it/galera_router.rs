@@ -55,6 +55,16 @@ fn cluster() -> MutexGuard<'static, Option<GaleraCluster>> {
                 None => cluster.restart(node).is_ok(),
             }
         }) && cluster.wait_cluster_synced(Duration::from_secs(40)).is_ok()
+            // A test that set a node read-only may have failed before turning it back.
+            && (0..cluster.nodes()).all(|node| {
+                MysqlConnection::establish(&cluster.url(node, ""))
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut conn| {
+                        conn.batch_execute("SET GLOBAL read_only = 0")
+                            .map_err(|e| e.to_string())
+                    })
+                    .is_ok()
+            })
     });
     if !healed {
         *guard = None; // drop a broken one first
@@ -110,6 +120,22 @@ fn routers(urls: &[String], count: usize) -> Vec<Arc<Router>> {
             Arc::new(router)
         })
         .collect()
+}
+
+/// One router over `urls` with `pool_size` connections per pool, probing every `interval`
+/// (1 s probe deadline, causal reads), once it has a writer; and that writer.
+fn router_with(urls: &[String], pool_size: u32, interval: Duration) -> (Arc<Router>, usize) {
+    let router = Router::builder(urls.to_vec())
+        .pool_size(pool_size)
+        .health_interval(interval)
+        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+        .read_consistency(ReadConsistency::Causal)
+        .build()
+        .expect("router");
+    let writer = router
+        .wait_for_writer(Duration::from_secs(20))
+        .expect("a writer");
+    (Arc::new(router), writer)
 }
 
 /// The designated-writer row (node name, epoch), read causally on `url`.
@@ -899,18 +925,7 @@ fn galera_router_keeps_its_writer_while_its_pools_are_busy() {
     let mut guard = cluster();
     let cluster = guard.as_mut().expect("cluster");
     let urls = database(cluster, "gal_route_busy_pools");
-    let router = Arc::new(
-        Router::builder(urls.clone())
-            .pool_size(1)
-            .health_interval(Duration::from_millis(200))
-            .probe_policy(policy_with_deadline(Duration::from_secs(1)))
-            .read_consistency(ReadConsistency::Causal)
-            .build()
-            .expect("router"),
-    );
-    let writer = router
-        .wait_for_writer(Duration::from_secs(20))
-        .expect("a writer");
+    let (router, writer) = router_with(&urls, 1, Duration::from_millis(200));
     let busy: Vec<_> = (0..urls.len())
         .map(|_| {
             let router = router.clone();
@@ -1369,16 +1384,7 @@ fn galera_router_serves_a_node_that_came_back_at_once() {
     let mut guard = cluster();
     let cluster = guard.as_mut().expect("cluster");
     let urls = database(cluster, "gal_route_back");
-    let router = Router::builder(urls.clone())
-        .pool_size(1)
-        .health_interval(Duration::from_secs(2))
-        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
-        .read_consistency(ReadConsistency::Causal)
-        .build()
-        .expect("router");
-    let writer = router
-        .wait_for_writer(Duration::from_secs(20))
-        .expect("a writer");
+    let (router, writer) = router_with(&urls, 1, Duration::from_secs(2));
     let back = (writer + 1) % urls.len();
     let all_healthy = |router: &Router| router.stats().nodes.iter().all(|n| n.healthy);
     let until = Instant::now() + Duration::from_secs(20);
@@ -1446,4 +1452,149 @@ fn galera_router_serves_a_node_that_came_back_at_once() {
     }
     assert!(served >= 1, "no read went to the node that came back");
     eprintln!("  node {back} back {back_at:?} after the kill; served {served} reads at once");
+}
+
+/// A writer switched to `read_only` (an operator draining the node): the router moves the
+/// writer to a node that takes writes, and the write the read-only node refused runs there —
+/// applied once. The read-only node keeps taking reads. The routers connect as a user without
+/// `READ_ONLY ADMIN` (root writes through `read_only`). Before the fix every write answered
+/// `Error::Server` (1290) for as long as the node stayed read-only.
+#[test]
+fn galera_router_moves_the_writer_off_a_read_only_node() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let name = "gal_route_read_only";
+    let urls = database(cluster, name);
+    let mut admin = causal(&urls[0]);
+    admin
+        .batch_execute(&format!(
+            "CREATE USER IF NOT EXISTS 'lockstock_app'@'localhost' IDENTIFIED BY 'app'; \
+             GRANT ALL ON `{name}`.* TO 'lockstock_app'@'localhost'"
+        ))
+        .expect("an application user");
+    let app_urls: Vec<String> = urls
+        .iter()
+        .map(|url| url.replacen("mysql://root@", "mysql://lockstock_app:app@", 1))
+        .collect();
+    // Probes a minute apart: the router learns that the writer went read-only from the write
+    // it refused, not from a probe.
+    let (router, writer) = router_with(&app_urls, 4, Duration::from_secs(60));
+    /// Turns `read_only` off again however the test ends.
+    struct Writable(String);
+    impl Drop for Writable {
+        fn drop(&mut self) {
+            if let Ok(mut conn) = MysqlConnection::establish(&self.0) {
+                let _ = conn.batch_execute("SET GLOBAL read_only = 0");
+            }
+        }
+    }
+    let _writable = Writable(urls[writer].clone());
+    let ledger = BalanceLedger::new();
+    let ten = Decimal::new(10, 0);
+    router
+        .write(Deadline::after(DEADLINE), |conn, deadline| {
+            ledger.charge_by(conn, 1, ten, "before", deadline)
+        })
+        .expect("a write before");
+    causal(&urls[writer])
+        .batch_execute("SET GLOBAL read_only = 1")
+        .expect("the writer read-only");
+    let started = Instant::now();
+    let entry = router
+        .write(Deadline::after(DEADLINE), |conn, deadline| {
+            ledger.charge_by(conn, 1, ten, "read-only", deadline)
+        })
+        .expect("the write runs on a node that takes writes");
+    assert_eq!(entry.amount, ten);
+    assert!(started.elapsed() < call_bound(), "{:?}", started.elapsed());
+    let stats = router.stats();
+    let moved = router.writer().expect("a new writer");
+    assert_ne!(moved, writer, "{stats:?}");
+    assert!(stats.failovers >= 1, "{stats:?}");
+    assert!(stats.nodes[writer].read_only, "{stats:?}");
+    let (designated, _) = designated(&urls[moved]);
+    assert_eq!(
+        Some(designated),
+        stats.nodes[moved].name.clone(),
+        "the row names the new writer"
+    );
+    // Applied once, on the cluster.
+    let entries: i64 = lockstock::schema::balance_history::table
+        .filter(lockstock::schema::balance_history::idempotency_key.eq("read-only"))
+        .count()
+        .get_result(&mut causal(&urls[moved]))
+        .expect("count");
+    assert_eq!(entries, 1);
+    // The read-only node still takes reads.
+    let mut served = false;
+    for _ in 0..2 * urls.len() {
+        let node = router
+            .read(Deadline::after(DEADLINE), |conn, _| {
+                Ok(
+                    diesel::select(diesel::dsl::sql::<Text>("CAST(@@wsrep_node_name AS CHAR)"))
+                        .get_result::<String>(conn)?,
+                )
+            })
+            .expect("a read");
+        served |= Some(node) == stats.nodes[writer].name;
+    }
+    assert!(
+        served,
+        "no read went to the read-only node: {:?}",
+        router.stats()
+    );
+
+    // A combined batch on a writer switched to `read_only`: the account's row is held while
+    // the calls queue, the writer goes read-only, the row is let go — the batch is refused and
+    // runs again on the third node.
+    router
+        .write(Deadline::after(DEADLINE), |conn, deadline| {
+            ledger.charge_by(conn, 2, ten, "seed", deadline)
+        })
+        .expect("the account of the batch");
+    let _writable_too = Writable(urls[moved].clone());
+    let mut holder = causal(&urls[moved]);
+    holder
+        .batch_execute("BEGIN; SELECT balance FROM user_balance WHERE user_id = 2 FOR UPDATE")
+        .expect("hold the account's row");
+    let combining =
+        lockstock::combine::CombiningLedger::routed(router.clone(), BalanceLedger::new());
+    thread::scope(|scope| {
+        let calls: Vec<_> = (0..4)
+            .map(|i| {
+                let combining = &combining;
+                scope.spawn(move || combining.charge(2, ten, &format!("combined-{i}")))
+            })
+            .collect();
+        let until = Instant::now() + Duration::from_secs(2);
+        while combining.stats().queued < 3 && Instant::now() < until {
+            thread::sleep(Duration::from_millis(5));
+        }
+        causal(&urls[moved])
+            .batch_execute("SET GLOBAL read_only = 1")
+            .expect("the second writer read-only");
+        holder.batch_execute("COMMIT").expect("let the row go");
+        for call in calls {
+            call.join()
+                .expect("no panic")
+                .expect("a combined call runs on the node that takes writes");
+        }
+    });
+    assert!(
+        combining.stats().largest_batch >= 2,
+        "no batch formed: {:?}",
+        combining.stats()
+    );
+    let third = router.writer().expect("a third writer");
+    assert!(third != writer && third != moved, "{:?}", router.stats());
+    let mut check = causal(&urls[third]);
+    for i in 0..4 {
+        let entries: i64 = lockstock::schema::balance_history::table
+            .filter(lockstock::schema::balance_history::idempotency_key.eq(format!("combined-{i}")))
+            .count()
+            .get_result(&mut check)
+            .expect("count");
+        assert_eq!(entries, 1, "combined-{i}");
+    }
 }

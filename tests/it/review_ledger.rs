@@ -1154,3 +1154,58 @@ fn under_repeatable_read_one_accounts_holds_sum_does_not_block_another_account()
     audit_ok(&ledger, &mut admin, 1);
     audit_ok(&ledger, &mut admin, 2);
 }
+
+/// A batch on a server switched to `read_only` answers per request, as the single calls do:
+/// a capture of another account's hold `HoldNotFound` (read lock-free, which a read-only
+/// server still serves), the write the refusal (1290). A `read_only` refusal is a node failure
+/// to a `Router` (which runs the batch again on a node that takes writes), but without one it
+/// is not the whole batch's answer. The batch runs as a user without `READ_ONLY ADMIN` (root
+/// writes through `read_only`), on a server of its own.
+#[test]
+fn a_batch_on_a_read_only_server_answers_as_its_single_calls() {
+    let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
+    let database = "review_read_only";
+    let url = sandbox.create_database(database).expect("database");
+    let mut root = connect(&url);
+    lockstock::run_migrations(&mut root).expect("migrate");
+    root.batch_execute(&format!(
+        "CREATE USER 'lockstock_app'@'localhost' IDENTIFIED BY 'app'; \
+         GRANT ALL ON `{database}`.* TO 'lockstock_app'@'localhost'"
+    ))
+    .expect("an application user");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut root, 1, dec(100), "fund-1")
+        .expect("fund 1");
+    ledger
+        .charge(&mut root, 2, dec(100), "fund-2")
+        .expect("fund 2");
+    let expires = chrono::Utc::now().naive_utc() + chrono::Duration::seconds(600);
+    let hold = ledger
+        .hold(&mut root, 1, dec(10), "hold-1", expires)
+        .expect("a hold of account 1");
+    root.batch_execute("SET GLOBAL read_only = 1")
+        .expect("read-only");
+    let mut app = connect(&url.replacen("mysql://root@", "mysql://lockstock_app:app@", 1));
+    let ops = [
+        AccountOp::capture(hold.id, dec(5), "capture"),
+        AccountOp::charge(dec(1), "charge"),
+    ];
+    let answers = ledger.apply_many(&mut app, 2, &ops);
+    let single = ledger.charge(&mut app, 2, dec(1), "charge-alone");
+    root.batch_execute("SET GLOBAL read_only = 0")
+        .expect("writable again");
+    let answers = answers.expect("answered per request");
+    assert!(
+        matches!(answers[0], Err(Error::HoldNotFound { hold_id }) if hold_id == hold.id),
+        "{answers:?}"
+    );
+    let read_only = |answer: &Result<Entry, Error>| matches!(answer, Err(e) if e.server_kind() == Some(lockstock::ServerErrorKind::ReadOnly));
+    assert!(read_only(&answers[1]), "{answers:?}");
+    assert!(read_only(&single), "the single call: {single:?}");
+    assert_eq!(
+        journal_size(&mut root, 2),
+        1,
+        "nothing written for account 2"
+    );
+}
