@@ -87,7 +87,9 @@ impl BalanceLedger {
     /// of valid requests that all needed the account's row — or that failed on its connection
     /// or node ([`Error::ConnectionBroken`], a lost connection, [`Error::ServerUnresponsive`],
     /// ...: a [`Router`](crate::Router) runs such a batch again) with none of them found
-    /// applied: where some request is refused
+    /// applied (a server's `read_only` refusal is such a failure only when no request was
+    /// answered without the row: the server still serves those reads, and their answers stand,
+    /// as for the single calls): where some request is refused
     /// before anything is sent (an invalid id, amount or key — what its single call answers
     /// without a round trip), is a hold whose expiry the caller's clock refuses (passed, or
     /// too far ahead), or was answered

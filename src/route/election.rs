@@ -175,8 +175,9 @@ fn elect(shared: &Shared, deadline: Deadline) {
         };
         match read(shared, target, deadline, deadline.remaining()) {
             Ok(Some(row)) if confirms(&row) => {
-                adopt(shared, target, row.epoch);
-                return;
+                if adopt(shared, target, row.epoch) {
+                    return;
+                }
             }
             Ok(_) => continue,
             Err(error) => {
@@ -220,9 +221,14 @@ fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
     }
 }
 
-fn adopt(shared: &Shared, node: usize, epoch: i64) {
+/// Makes `node` this router's writer — unless it stopped taking writes since it was checked
+/// (`false`: a write refused it as read-only meanwhile).
+fn adopt(shared: &Shared, node: usize, epoch: i64) -> bool {
     {
         let mut state = shared.lock();
+        if !state.writable(node, shared.probe_timeout) {
+            return false;
+        }
         if state.last_writer.is_some_and(|last| last != node) {
             state.failovers += 1;
         }
@@ -232,6 +238,7 @@ fn adopt(shared: &Shared, node: usize, epoch: i64) {
     }
     trace_event!(node, epoch, "router adopted a writer");
     shared.changed.notify_all();
+    true
 }
 
 /// The row, read causally on `node` (its read pool sets `wsrep_sync_wait = 1`, so the

@@ -882,6 +882,10 @@ impl Shared {
             // and the call runs again there. The connection is fine.
             Err(Error::Server(source)) if !cut && source.kind() == ServerErrorKind::ReadOnly => {
                 give_back(&pool, conn);
+                // The node answered: it serves statements.
+                if reached {
+                    self.answered(node, started);
+                }
                 let error = Error::Server(source);
                 // A read closure that writes: its answer (the node is fine for reads).
                 if purpose != Use::Write {
@@ -897,7 +901,9 @@ impl Shared {
             // looked up, because the connection or the node failed: it may be applied, so it
             // is not run again — but the node is blamed as for a node failure.
             Err(Error::OutcomeUnknown { source })
-                if !cut && Error::Server(source.clone()).is_node_failure() =>
+                if !cut
+                    && source.kind() != ServerErrorKind::ReadOnly
+                    && Error::Server(source.clone()).is_node_failure() =>
             {
                 crate::txn::mark_broken(&mut conn);
                 give_back(&pool, conn);

@@ -20,7 +20,7 @@ use diesel::sql_types::{BigInt, Nullable, Text, Unsigned};
 use lockstock::combine::CombiningIssuer;
 use lockstock::route::{ReadConsistency, Router};
 use lockstock::schema::designated_writer;
-use lockstock::{BalanceLedger, CouponIssuer, Deadline, Error, TxnPolicy};
+use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Deadline, Error, TxnPolicy};
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{exclusive, policy_with_deadline};
@@ -1456,9 +1456,11 @@ fn galera_router_serves_a_node_that_came_back_at_once() {
 
 /// A writer switched to `read_only` (an operator draining the node): the router moves the
 /// writer to a node that takes writes, and the write the read-only node refused runs there —
-/// applied once. The read-only node keeps taking reads. The routers connect as a user without
-/// `READ_ONLY ADMIN` (root writes through `read_only`). Before the fix every write answered
-/// `Error::Server` (1290) for as long as the node stayed read-only.
+/// applied once; so does a batch refused by the next writer. The read-only node keeps taking
+/// reads. The router connects as a user without `READ_ONLY ADMIN` (root writes through
+/// `read_only`), and probes a minute apart: it learns of `read_only` from the refused writes.
+/// Before the fix every write answered `Error::Server` (1290) for as long as the node stayed
+/// read-only.
 #[test]
 fn galera_router_moves_the_writer_off_a_read_only_node() {
     let _guard = exclusive();
@@ -1545,47 +1547,21 @@ fn galera_router_moves_the_writer_off_a_read_only_node() {
         router.stats()
     );
 
-    // A combined batch on a writer switched to `read_only`: the account's row is held while
-    // the calls queue, the writer goes read-only, the row is let go — the batch is refused and
-    // runs again on the third node.
-    router
-        .write(Deadline::after(DEADLINE), |conn, deadline| {
-            ledger.charge_by(conn, 2, ten, "seed", deadline)
-        })
-        .expect("the account of the batch");
+    // A batch (one transaction for four charges) on a writer switched to `read_only`: refused
+    // as a whole, it runs again on the third node.
     let _writable_too = Writable(urls[moved].clone());
-    let mut holder = causal(&urls[moved]);
-    holder
-        .batch_execute("BEGIN; SELECT balance FROM user_balance WHERE user_id = 2 FOR UPDATE")
-        .expect("hold the account's row");
-    let combining =
-        lockstock::combine::CombiningLedger::routed(router.clone(), BalanceLedger::new());
-    thread::scope(|scope| {
-        let calls: Vec<_> = (0..4)
-            .map(|i| {
-                let combining = &combining;
-                scope.spawn(move || combining.charge(2, ten, &format!("combined-{i}")))
-            })
-            .collect();
-        let until = Instant::now() + Duration::from_secs(2);
-        while combining.stats().queued < 3 && Instant::now() < until {
-            thread::sleep(Duration::from_millis(5));
-        }
-        causal(&urls[moved])
-            .batch_execute("SET GLOBAL read_only = 1")
-            .expect("the second writer read-only");
-        holder.batch_execute("COMMIT").expect("let the row go");
-        for call in calls {
-            call.join()
-                .expect("no panic")
-                .expect("a combined call runs on the node that takes writes");
-        }
-    });
-    assert!(
-        combining.stats().largest_batch >= 2,
-        "no batch formed: {:?}",
-        combining.stats()
-    );
+    causal(&urls[moved])
+        .batch_execute("SET GLOBAL read_only = 1")
+        .expect("the second writer read-only");
+    let ops: Vec<AccountOp> = (0..4)
+        .map(|i| AccountOp::charge(ten, format!("combined-{i}")))
+        .collect();
+    let answers = router
+        .write(Deadline::after(DEADLINE), |conn, _| {
+            ledger.apply_many(conn, 2, &ops)
+        })
+        .expect("the batch runs on the node that takes writes");
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
     let third = router.writer().expect("a third writer");
     assert!(third != writer && third != moved, "{:?}", router.stats());
     let mut check = causal(&urls[third]);
