@@ -138,6 +138,18 @@ fn router_with(urls: &[String], pool_size: u32, interval: Duration) -> (Arc<Rout
     (Arc::new(router), writer)
 }
 
+/// Turns `read_only` off again on the node of this URL (an admin's) when dropped, however the
+/// test that set it ends.
+struct Writable(String);
+
+impl Drop for Writable {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = MysqlConnection::establish(&self.0) {
+            let _ = conn.batch_execute("SET GLOBAL read_only = 0");
+        }
+    }
+}
+
 /// The designated-writer row (node name, epoch), read causally on `url`.
 fn designated(url: &str) -> (String, i64) {
     designated_writer::table
@@ -1482,15 +1494,6 @@ fn galera_router_moves_the_writer_off_a_read_only_node() {
     // Probes a minute apart: the router learns that the writer went read-only from the write
     // it refused, not from a probe.
     let (router, writer) = router_with(&app_urls, 4, Duration::from_secs(60));
-    /// Turns `read_only` off again however the test ends.
-    struct Writable(String);
-    impl Drop for Writable {
-        fn drop(&mut self) {
-            if let Ok(mut conn) = MysqlConnection::establish(&self.0) {
-                let _ = conn.batch_execute("SET GLOBAL read_only = 0");
-            }
-        }
-    }
     let _writable = Writable(urls[writer].clone());
     let ledger = BalanceLedger::new();
     let ten = Decimal::new(10, 0);
@@ -1573,4 +1576,38 @@ fn galera_router_moves_the_writer_off_a_read_only_node() {
             .expect("count");
         assert_eq!(entries, 1, "combined-{i}");
     }
+}
+
+/// A writer switched to `read_only` with no write in flight: its probe finds it, and the router
+/// moves the writer before any write is refused. Before the fix the router kept it.
+#[test]
+fn galera_router_probe_moves_the_writer_off_a_read_only_node() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_probe_read_only");
+    let (router, writer) = router_with(&urls, 2, Duration::from_millis(200));
+    let _writable = Writable(urls[writer].clone());
+    causal(&urls[writer])
+        .batch_execute("SET GLOBAL read_only = 1")
+        .expect("the writer read-only");
+    let until = Instant::now() + Duration::from_secs(10);
+    while router.writer().map_or(true, |w| w == writer) {
+        assert!(
+            Instant::now() < until,
+            "the router kept its read-only writer: {:?}",
+            router.stats()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let stats = router.stats();
+    assert!(stats.nodes[writer].read_only, "{stats:?}");
+    assert!(
+        stats.nodes[writer].healthy,
+        "it still takes reads: {stats:?}"
+    );
+    assert!(stats.failovers >= 1, "{stats:?}");
+    let moved = router.writer().expect("a new writer");
+    let (designated, _) = designated(&urls[moved]);
+    assert_eq!(Some(designated), stats.nodes[moved].name, "the row moved");
 }
