@@ -23,7 +23,7 @@ use lockstock::schema::designated_writer;
 use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Deadline, Error, TxnPolicy};
 use rust_decimal::Decimal;
 
-use lockstock_testkit::fixtures::{exclusive, policy_with_deadline};
+use lockstock_testkit::fixtures::{count_key, exclusive, policy_with_deadline};
 use lockstock_testkit::galera::GaleraCluster;
 use lockstock_testkit::rng::Rng;
 use lockstock_testkit::workload::{setup, verify, Op, Outcome, Record, Setup, Summary};
@@ -148,6 +148,16 @@ impl Drop for Writable {
             let _ = conn.batch_execute("SET GLOBAL read_only = 0");
         }
     }
+}
+
+/// A read through `router` within `deadline`: the name of the node that served it.
+fn served_by(router: &Router, deadline: Duration) -> Result<String, Error> {
+    router.read(Deadline::after(deadline), |conn, _| {
+        Ok(
+            diesel::select(diesel::dsl::sql::<Text>("CAST(@@wsrep_node_name AS CHAR)"))
+                .get_result::<String>(conn)?,
+        )
+    })
 }
 
 /// The designated-writer row (node name, epoch), read causally on `url`.
@@ -1408,15 +1418,7 @@ fn galera_router_serves_a_node_that_came_back_at_once() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    // The node that served the read.
-    let read = |router: &Router| {
-        router.read(Deadline::after(Duration::from_millis(300)), |conn, _| {
-            Ok(
-                diesel::select(diesel::dsl::sql::<Text>("CAST(@@wsrep_node_name AS CHAR)"))
-                    .get_result::<String>(conn)?,
-            )
-        })
-    };
+    let read = |router: &Router| served_by(router, Duration::from_millis(300));
     cluster
         .kill(back)
         .expect("kill a node that is not the writer");
@@ -1525,23 +1527,11 @@ fn galera_router_moves_the_writer_off_a_read_only_node() {
         "the row names the new writer"
     );
     // Applied once, on the cluster.
-    let entries: i64 = lockstock::schema::balance_history::table
-        .filter(lockstock::schema::balance_history::idempotency_key.eq("read-only"))
-        .count()
-        .get_result(&mut causal(&urls[moved]))
-        .expect("count");
-    assert_eq!(entries, 1);
+    assert_eq!(count_key(&mut causal(&urls[moved]), 1, "read-only"), 1);
     // The read-only node still takes reads.
     let mut served = false;
     for _ in 0..2 * urls.len() {
-        let node = router
-            .read(Deadline::after(DEADLINE), |conn, _| {
-                Ok(
-                    diesel::select(diesel::dsl::sql::<Text>("CAST(@@wsrep_node_name AS CHAR)"))
-                        .get_result::<String>(conn)?,
-                )
-            })
-            .expect("a read");
+        let node = served_by(&router, DEADLINE).expect("a read");
         served |= Some(node) == stats.nodes[writer].name;
     }
     assert!(
@@ -1569,12 +1559,8 @@ fn galera_router_moves_the_writer_off_a_read_only_node() {
     assert!(third != writer && third != moved, "{:?}", router.stats());
     let mut check = causal(&urls[third]);
     for i in 0..4 {
-        let entries: i64 = lockstock::schema::balance_history::table
-            .filter(lockstock::schema::balance_history::idempotency_key.eq(format!("combined-{i}")))
-            .count()
-            .get_result(&mut check)
-            .expect("count");
-        assert_eq!(entries, 1, "combined-{i}");
+        let key = format!("combined-{i}");
+        assert_eq!(count_key(&mut check, 2, &key), 1, "{key}");
     }
 }
 

@@ -1165,9 +1165,7 @@ fn under_repeatable_read_one_accounts_holds_sum_does_not_block_another_account()
 fn a_batch_on_a_read_only_server_answers_as_its_single_calls() {
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
     let database = "review_read_only";
-    let url = sandbox.create_database(database).expect("database");
-    let mut root = connect(&url);
-    lockstock::run_migrations(&mut root).expect("migrate");
+    let (url, mut root) = super::review_runner::private_database(&sandbox, database);
     root.batch_execute(&format!(
         "CREATE USER 'lockstock_app'@'localhost' IDENTIFIED BY 'app'; \
          GRANT ALL ON `{database}`.* TO 'lockstock_app'@'localhost'"

@@ -27,7 +27,7 @@ fn dec(units: i64) -> Decimal {
 }
 
 /// A database on a server of its own (the test changes global variables).
-fn private_database(sandbox: &Sandbox, name: &str) -> (String, MysqlConnection) {
+pub(crate) fn private_database(sandbox: &Sandbox, name: &str) -> (String, MysqlConnection) {
     let url = sandbox.create_database(name).expect("create database");
     let mut conn = connect(&url);
     lockstock::run_migrations(&mut conn).expect("migrate");
