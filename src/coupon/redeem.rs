@@ -57,51 +57,49 @@ impl CouponIssuer {
         key: &str,
         deadline: Deadline,
     ) -> Result<Campaign> {
-        let applied = self.runner.run_by(conn, deadline, |conn| {
-            let mut campaign =
-                lock_campaign(conn, campaign_id)?.ok_or(Error::CampaignNotFound { campaign_id })?;
-            let (Some(total), Some(stock)) = (
-                campaign.total_quantity.checked_add(additional),
-                campaign.stock_quantity.checked_add(additional),
-            ) else {
-                return Err(Error::InvalidInput {
-                    field: "additional",
-                    problem: "would take the campaign's total past 2^31 - 1",
-                });
-            };
-            // UNIQUE(fcfs_coupon_id, idempotency_key) refuses a key used before.
-            // Under the stock lock: never waits (a restock of the same key elsewhere).
-            write_under_lock(
-                conn,
-                diesel::insert_into(fcfs_coupon_restock::table).values((
-                    fcfs_coupon_restock::fcfs_coupon_id.eq(campaign_id),
-                    fcfs_coupon_restock::idempotency_key.eq(key),
-                    fcfs_coupon_restock::additional.eq(additional),
-                    fcfs_coupon_restock::total_after.eq(total),
-                    fcfs_coupon_restock::stock_after.eq(stock),
-                )),
-            )?;
-            diesel::update(fcfs_coupon::table.find(campaign_id))
-                .set((
-                    fcfs_coupon::total_quantity.eq(total),
-                    fcfs_coupon::stock_quantity.eq(stock),
-                ))
-                .execute(conn)?;
-            campaign.total_quantity = total;
-            campaign.stock_quantity = stock;
-            Ok(campaign)
-        });
+        // A refusal that an earlier call under the key may explain (its key taken, its total
+        // raised) is the answer even where the ROLLBACK after it failed: the lookup below then
+        // fails on the broken connection and answers OutcomeUnknown, never the runner's
+        // ConnectionBroken ("nothing was committed").
+        let applied = self
+            .runner
+            .run_by_keeping(conn, deadline, key_refusal, |conn| {
+                let mut campaign = lock_campaign(conn, campaign_id)?
+                    .ok_or(Error::CampaignNotFound { campaign_id })?;
+                let (Some(total), Some(stock)) = (
+                    campaign.total_quantity.checked_add(additional),
+                    campaign.stock_quantity.checked_add(additional),
+                ) else {
+                    return Err(Error::InvalidInput {
+                        field: "additional",
+                        problem: "would take the campaign's total past 2^31 - 1",
+                    });
+                };
+                // UNIQUE(fcfs_coupon_id, idempotency_key) refuses a key used before.
+                // Under the stock lock: never waits (a restock of the same key elsewhere).
+                write_under_lock(
+                    conn,
+                    diesel::insert_into(fcfs_coupon_restock::table).values((
+                        fcfs_coupon_restock::fcfs_coupon_id.eq(campaign_id),
+                        fcfs_coupon_restock::idempotency_key.eq(key),
+                        fcfs_coupon_restock::additional.eq(additional),
+                        fcfs_coupon_restock::total_after.eq(total),
+                        fcfs_coupon_restock::stock_after.eq(stock),
+                    )),
+                )?;
+                diesel::update(fcfs_coupon::table.find(campaign_id))
+                    .set((
+                        fcfs_coupon::total_quantity.eq(total),
+                        fcfs_coupon::stock_quantity.eq(stock),
+                    ))
+                    .execute(conn)?;
+                campaign.total_quantity = total;
+                campaign.stock_quantity = stock;
+                Ok(campaign)
+            });
         match applied {
             // A key used before decides the answer, whatever the stock is now.
-            Err(e)
-                if matches!(
-                    e,
-                    Error::InvalidInput {
-                        field: "additional",
-                        ..
-                    }
-                ) || e.is_duplicate() =>
-            {
+            Err(e) if key_refusal(&e) => {
                 match self.recorded_restock(conn, campaign_id, additional, key, deadline)? {
                     Some(campaign) => Ok(campaign),
                     None => Err(e),
@@ -252,16 +250,46 @@ impl CouponIssuer {
         validate_id("user coupon", user_coupon_id)?;
         validate_order_ref(order_ref)?;
         let deadline = self.runner.deadline();
-        self.runner.run_by(conn, deadline, |conn| {
-            let at = self.now();
-            let mut held = lock_user_coupon(conn, user_coupon_id)?;
-            if let Some(answer) = answer(&held) {
-                return answer;
-            }
-            check_validity(conn, &held, at)?;
-            let used = (to == CouponStatus::Used).then_some((at, order_ref));
-            set_redemption(conn, &mut held, used)?;
-            Ok(held)
-        })
+        // Every refusal comes before the UPDATE, the only write: where the ROLLBACK after it
+        // fails, the refusal is still the answer (a restore retried after its first attempt
+        // restored the coupon is `NotRedeemed`), not the runner's ConnectionBroken.
+        self.runner
+            .run_by_keeping(conn, deadline, is_refusal_of_use, |conn| {
+                let at = self.now();
+                let mut held = lock_user_coupon(conn, user_coupon_id)?;
+                if let Some(answer) = answer(&held) {
+                    return answer;
+                }
+                check_validity(conn, &held, at)?;
+                let used = (to == CouponStatus::Used).then_some((at, order_ref));
+                set_redemption(conn, &mut held, used)?;
+                Ok(held)
+            })
     }
+}
+
+/// Whether a restock was refused for what an earlier call under its key may have done: the
+/// key's unique index, or a total its first attempt already raised.
+fn key_refusal(error: &Error) -> bool {
+    error.is_duplicate()
+        || matches!(
+            error,
+            Error::InvalidInput {
+                field: "additional",
+                ..
+            }
+        )
+}
+
+/// Whether a redeem or restore was refused for the coupon's state (decided before anything is
+/// written).
+fn is_refusal_of_use(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::UserCouponNotFound { .. }
+            | Error::AlreadyRedeemed { .. }
+            | Error::NotRedeemed { .. }
+            | Error::RedeemedByAnotherOrder { .. }
+            | Error::CouponNotValid { .. }
+    )
 }

@@ -1705,3 +1705,96 @@ fn a_refusal_whose_rollback_fails_may_be_applied() {
         before
     );
 }
+
+/// The same for a restock, a restore and a redeem: a restock retried under a key whose first
+/// attempt added the coupons, refused by the key's unique index, answered `ConnectionBroken`
+/// ("nothing was committed") where the ROLLBACK after the refusal failed, although the key's
+/// restock was applied — a caller could restock again under a new key. Now `OutcomeUnknown`
+/// (its key could not be looked up). A restore or redeem refused for the coupon's state (before
+/// its only write) answers that refusal.
+#[test]
+fn a_restock_or_restore_refused_whose_rollback_fails_answers_the_refusal() {
+    let sandbox = Sandbox::start().expect("private server");
+    let (url, mut admin) = private_database(&sandbox, "review_restock_rollback");
+    let issuer = CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut admin, &issuer, 10);
+    let issued: Vec<i64> = (1..=3)
+        .map(|user| {
+            issuer
+                .issue(&mut admin, user, campaign.id)
+                .expect("issued")
+                .id
+        })
+        .collect();
+    // Connections on which every statement of their call is prepared, but not ROLLBACK.
+    let mut restocks = connect(&url);
+    issuer
+        .restock(&mut restocks, campaign.id, 1, "warm")
+        .expect("warm");
+    let mut restores = connect_warm_for_use(&url, &issuer, issued[0], "warm-1");
+    let mut redeems = connect_warm_for_use(&url, &issuer, issued[0], "warm-2");
+    // The earlier calls that applied (their answers lost, say).
+    issuer
+        .restock(&mut admin, campaign.id, 5, "restock-1")
+        .expect("applied");
+    issuer
+        .redeem(&mut admin, issued[1], "order-1")
+        .expect("applied");
+    issuer
+        .restore(&mut admin, issued[1], "order-1")
+        .expect("applied");
+    issuer
+        .redeem(&mut admin, issued[2], "order-2")
+        .expect("applied");
+    let before = lockstock_testkit::fixtures::stock_row(&mut admin, campaign.id);
+
+    admin
+        .batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
+        .expect("no more prepared statements");
+    let restocked = issuer.restock(&mut restocks, campaign.id, 5, "restock-1");
+    let restore = issuer.restore(&mut restores, issued[1], "order-1");
+    let redeem = issuer.redeem(&mut redeems, issued[2], "order-3");
+    heal_rollback(&mut admin);
+    assert!(
+        matches!(&restocked, Err(e) if e.is_outcome_unknown()),
+        "{restocked:?}"
+    );
+    assert!(
+        matches!(restore, Err(Error::NotRedeemed { .. })),
+        "{restore:?}"
+    );
+    assert!(
+        matches!(redeem, Err(Error::AlreadyRedeemed { .. })),
+        "{redeem:?}"
+    );
+    // Nothing of the refused attempts was applied; the key's restock counts once.
+    assert_eq!(
+        lockstock_testkit::fixtures::stock_row(&mut admin, campaign.id),
+        before
+    );
+    let again = issuer
+        .restock(&mut admin, campaign.id, 5, "restock-1")
+        .expect("the recorded restock");
+    assert_eq!(
+        (again.total_quantity, again.stock_quantity),
+        (before.0, before.1)
+    );
+}
+
+/// A connection on which a redeem and a restore have run (every statement of a redeem is
+/// prepared on it, but not ROLLBACK).
+fn connect_warm_for_use(
+    url: &str,
+    issuer: &CouponIssuer,
+    user_coupon_id: i64,
+    order_ref: &str,
+) -> MysqlConnection {
+    let mut conn = connect(url);
+    issuer
+        .redeem(&mut conn, user_coupon_id, order_ref)
+        .expect("warm");
+    issuer
+        .restore(&mut conn, user_coupon_id, order_ref)
+        .expect("warm");
+    conn
+}
