@@ -13,7 +13,7 @@ use super::rows::{
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, Holding, InsertIds};
 use crate::validate::validate_id;
 
@@ -106,16 +106,18 @@ impl CouponIssuer {
         // single issue refused by the unique index reads its holder: a batch refused before it
         // could tell (its holders read refused until its attempts ran out) still answers a
         // holder `AlreadyIssued`. Not after a node failure (a router runs the batch again on
-        // the writer) nor an unknown outcome.
+        // the writer) nor an unknown outcome — except a read-only server's refusal: a single
+        // issue refused so reads its holder too (a read-only server serves the read).
         let open: Vec<i64> = user_ids
             .iter()
             .copied()
             .filter(|&user_id| user_id > 0 && !found.held.contains_key(&user_id))
             .collect();
+        let read_only = failure.server_kind() == Some(ServerErrorKind::ReadOnly);
         if found.coupon_id > 0
             && !open.is_empty()
             && !deadline.is_expired()
-            && !failure.is_node_failure()
+            && (read_only || !failure.is_node_failure())
             && !failure.is_outcome_unknown()
         {
             let coupon_id = found.coupon_id;

@@ -8,7 +8,7 @@ use super::rows::{
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
 use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, Holding};
 use crate::validate::validate_id;
 
@@ -37,7 +37,9 @@ impl CouponIssuer {
     /// [`Error::ServerUnresponsive`], [`Error::NotDesignatedWriter`] or
     /// [`Error::NotReplicated`] on a Galera node,
     /// [`Error::Server`]); [`Error::Internal`] when the cached campaign facts keep disagreeing
-    /// with the database.
+    /// with the database. A server running `read_only` refuses the INSERT
+    /// ([`ServerErrorKind::ReadOnly`]); a user who holds the coupon is then still answered
+    /// [`Error::AlreadyIssued`] (looked up with a plain read), as a batch answers it.
     pub fn issue(
         &self,
         conn: &mut MysqlConnection,
@@ -165,6 +167,16 @@ impl CouponIssuer {
                         // the issue may be applied — never the lookup's failure, which would say
                         // that nothing was (a retry answers AlreadyIssued).
                         Err(lookup) => Err(Error::unknown_after_refusal(lookup)),
+                    }
+                }
+                // A read-only server refuses the INSERT before its unique index could: a user
+                // who holds the coupon is answered as a writable server answers it (and as a
+                // batch that read the holders answers it), through a plain read, which a
+                // read-only server serves. Anyone else gets the refusal: nothing was applied.
+                Err(e) if e.server_kind() == Some(ServerErrorKind::ReadOnly) => {
+                    match self.already_issued(conn, user_id, campaign_id, &facts, deadline) {
+                        Ok(Some(refusal)) => Err(refusal),
+                        Ok(None) | Err(_) => Err(e),
                     }
                 }
                 other => {

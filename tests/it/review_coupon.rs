@@ -1852,3 +1852,64 @@ fn a_failed_batch_that_saw_stock_clears_the_sold_out_mark() {
     );
     check_invariants(&mut conn, "failed batch saw stock");
 }
+
+/// On a server switched to `read_only`, a user who holds the coupon gets `AlreadyIssued` from
+/// the single issue and from every batch, and anyone else the refusal (1290). Before, the
+/// answer for a holder depended on the path: a batch of a campaign that had seen repeat askers
+/// read the holders first and answered `AlreadyIssued`, while the single issue (its INSERT
+/// refused before the unique index) and any other batch answered the 1290. The calls run as a
+/// user without `READ_ONLY ADMIN` (root writes through `read_only`), on a server of their own.
+#[test]
+fn a_holder_on_a_read_only_server_is_answered_alike_by_every_path() {
+    let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
+    let (_, mut root, app_url) =
+        super::review_runner::database_with_app_user(&sandbox, "review_coupon_read_only");
+    let seen_repeats = CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut root, &seen_repeats, 10);
+    for holder in [1, 5] {
+        seen_repeats
+            .issue(&mut root, holder, campaign.id)
+            .expect("a holder");
+    }
+    // A repeat asker: this issuer's batches of the campaign read the holders first.
+    let answers = seen_repeats
+        .issue_many(&mut root, campaign.id, &[1, 2])
+        .expect("answered per request");
+    assert!(
+        matches!(answers[0], Err(Error::AlreadyIssued { .. })),
+        "{answers:?}"
+    );
+    let before = stock_row(&mut root, campaign.id);
+    let holders_before = user_coupon_rows(&mut root).len();
+
+    root.batch_execute("SET GLOBAL read_only = 1")
+        .expect("read-only");
+    let mut app = connect(&app_url);
+    let fresh = CouponIssuer::new();
+    let single_holder = fresh.issue(&mut app, 1, campaign.id);
+    let single_other = fresh.issue(&mut app, 3, campaign.id);
+    let batch_seen = seen_repeats.issue_many(&mut app, campaign.id, &[1, 3]);
+    let batch_fresh = CouponIssuer::new().issue_many(&mut app, campaign.id, &[1, 3]);
+    let batch_holders = CouponIssuer::new().issue_many(&mut app, campaign.id, &[1, 5]);
+    root.batch_execute("SET GLOBAL read_only = 0")
+        .expect("writable again");
+
+    let held = |answer: &Result<IssuedCoupon, Error>| matches!(answer, Err(Error::AlreadyIssued { user_id, .. }) if *user_id == 1 || *user_id == 5);
+    let read_only = |answer: &Result<IssuedCoupon, Error>| matches!(answer, Err(e) if e.server_kind() == Some(lockstock::ServerErrorKind::ReadOnly));
+    assert!(held(&single_holder), "the single issue: {single_holder:?}");
+    assert!(
+        read_only(&single_other),
+        "the single issue: {single_other:?}"
+    );
+    for (what, batch) in [("repeat askers seen", batch_seen), ("fresh", batch_fresh)] {
+        let answers = batch.expect("answered per request");
+        assert!(held(&answers[0]), "{what}: {answers:?}");
+        assert!(read_only(&answers[1]), "{what}: {answers:?}");
+    }
+    let answers = batch_holders.expect("answered per request");
+    assert!(answers.iter().all(held), "holders only: {answers:?}");
+    // Nothing was written.
+    assert_eq!(stock_row(&mut root, campaign.id), before);
+    assert_eq!(user_coupon_rows(&mut root).len(), holders_before);
+    check_invariants(&mut root, "after a read-only server");
+}

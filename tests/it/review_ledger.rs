@@ -1164,13 +1164,8 @@ fn under_repeatable_read_one_accounts_holds_sum_does_not_block_another_account()
 #[test]
 fn a_batch_on_a_read_only_server_answers_as_its_single_calls() {
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
-    let database = "review_read_only";
-    let (url, mut root) = super::review_runner::private_database(&sandbox, database);
-    root.batch_execute(&format!(
-        "CREATE USER 'lockstock_app'@'localhost' IDENTIFIED BY 'app'; \
-         GRANT ALL ON `{database}`.* TO 'lockstock_app'@'localhost'"
-    ))
-    .expect("an application user");
+    let (_, mut root, app_url) =
+        super::review_runner::database_with_app_user(&sandbox, "review_read_only");
     let ledger = BalanceLedger::new();
     ledger
         .charge(&mut root, 1, dec(100), "fund-1")
@@ -1184,7 +1179,7 @@ fn a_batch_on_a_read_only_server_answers_as_its_single_calls() {
         .expect("a hold of account 1");
     root.batch_execute("SET GLOBAL read_only = 1")
         .expect("read-only");
-    let mut app = connect(&url.replacen("mysql://root@", "mysql://lockstock_app:app@", 1));
+    let mut app = connect(&app_url);
     let ops = [
         AccountOp::capture(hold.id, dec(5), "capture"),
         AccountOp::charge(dec(1), "charge"),

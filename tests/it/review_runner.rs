@@ -34,6 +34,22 @@ pub(crate) fn private_database(sandbox: &Sandbox, name: &str) -> (String, MysqlC
     (url, conn)
 }
 
+/// [`private_database`], and the URL of an application user with every privilege on it but
+/// not `READ_ONLY ADMIN` (root writes through `read_only`; this user is refused).
+pub(crate) fn database_with_app_user(
+    sandbox: &Sandbox,
+    name: &str,
+) -> (String, MysqlConnection, String) {
+    let (url, mut root) = private_database(sandbox, name);
+    root.batch_execute(&format!(
+        "CREATE USER 'lockstock_app'@'localhost' IDENTIFIED BY 'app'; \
+         GRANT ALL ON `{name}`.* TO 'lockstock_app'@'localhost'"
+    ))
+    .expect("an application user");
+    let app_url = url.replacen("mysql://root@", "mysql://lockstock_app:app@", 1);
+    (url, root, app_url)
+}
+
 /// A trigger that makes every balance UPDATE above 1000 fail.
 const FAIL_BIG_BALANCES: &str = "CREATE TRIGGER fail_big_balances BEFORE UPDATE ON user_balance \
      FOR EACH ROW BEGIN IF NEW.balance > 1000 THEN \
