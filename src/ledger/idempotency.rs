@@ -50,8 +50,14 @@ impl BalanceLedger {
             // COMMIT (which in a combiner would hand the key's turn on while the call goes on).
             let mut missing = None;
             // A refusal that the key's lookup answers stays the answer when the runner could
-            // not end its attempt: the lookup then fails, and answers OutcomeUnknown.
-            let refusal = |e: &Error| e.replay_may_apply() || e.is_expiry_refusal();
+            // not end its attempt: the lookup then fails, and answers OutcomeUnknown. Not a
+            // missing account: no entry of an account that does not exist can be recorded
+            // (the journal's foreign key), so an attempt that found none applied nothing, and
+            // where its ROLLBACK failed that failure is the answer (as a batch answers it).
+            let refusal = |e: &Error| {
+                (e.replay_may_apply() && !matches!(e, Error::AccountNotFound { .. }))
+                    || e.is_expiry_refusal()
+            };
             let attempt = self.runner.run_by_keeping(conn, deadline, refusal, |conn| {
                 missing = None;
                 match attempt(conn, create)? {

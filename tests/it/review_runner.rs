@@ -1797,6 +1797,51 @@ fn a_restock_or_restore_refused_whose_rollback_fails_answers_the_refusal() {
     );
 }
 
+/// A deduct or hold of an account that does not exist, whose ROLLBACK fails, answers as a
+/// batch of them does: `ConnectionBroken` (nothing was committed — no entry of an account that
+/// does not exist can be recorded, so no earlier call applied it either). Before, the single
+/// call kept the `AccountNotFound` refusal, its key lookup failed on the broken connection, and
+/// it answered `OutcomeUnknown`, while the batch answered `ConnectionBroken`.
+#[test]
+fn a_missing_account_whose_rollback_fails_is_answered_alike_by_single_calls_and_batches() {
+    let sandbox = Sandbox::start().expect("private server");
+    let (url, mut admin) = private_database(&sandbox, "review_missing_rollback");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(100), "seed")
+        .expect("seed");
+    let deduct = |key: &str| lockstock::AccountOp::Deduct {
+        amount: dec(1),
+        key: key.to_owned(),
+    };
+    // Connections on which every statement of their call is prepared, but not ROLLBACK.
+    let mut single = connect(&url);
+    ledger
+        .deduct(&mut single, 1, dec(1), "warm-1")
+        .expect("warm");
+    let mut batch = connect(&url);
+    let answers = ledger
+        .apply_many(&mut batch, 1, &[deduct("warm-2"), deduct("warm-3")])
+        .expect("warm");
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+
+    admin
+        .batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
+        .expect("no more prepared statements");
+    let alone = ledger.deduct(&mut single, 4242, dec(1), "a");
+    let together = ledger.apply_many(&mut batch, 4242, &[deduct("a"), deduct("b")]);
+    heal_rollback(&mut admin);
+    assert!(
+        matches!(alone, Err(Error::ConnectionBroken { .. })),
+        "the single deduct: {alone:?}"
+    );
+    assert!(
+        matches!(together, Err(Error::ConnectionBroken { .. })),
+        "the batch: {together:?}"
+    );
+    assert_eq!(journal_size(&mut admin, 4242), 0);
+}
+
 /// A connection on which a redeem and a restore have run (every statement of a redeem is
 /// prepared on it, but not ROLLBACK).
 fn connect_warm_for_use(
