@@ -158,7 +158,8 @@ use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::statements::{PreparedSql, PreparedSqlWith};
 
 /// Runs transactions under a [`TxnPolicy`]. Domain types hold one; it holds no connection.
-#[derive(Debug, Default)]
+/// [`TxnRunner::default`] is [`TxnRunner::new`] with the default policy.
+#[derive(Debug)]
 pub struct TxnRunner {
     policy: TxnPolicy,
     /// What the first server this runner met is: its flavour, whether it rolls whole
@@ -527,6 +528,15 @@ pub(crate) enum InsertIds {
 impl Clone for TxnRunner {
     fn clone(&self) -> Self {
         Self::new(self.policy.clone())
+    }
+}
+
+impl Default for TxnRunner {
+    /// [`TxnRunner::new`] with [`TxnPolicy::default`]: it asks the first server it meets what
+    /// it is (a derived default would take every server for a standalone one and never guard a
+    /// write on a Galera node).
+    fn default() -> Self {
+        Self::new(TxnPolicy::default())
     }
 }
 

@@ -1347,6 +1347,18 @@ fn galera_a_session_with_replication_off_is_refused_and_kept() {
         Err(Error::NotReplicated) => {}
         other => panic!("expected NotReplicated for the issue, got {other:?}"),
     }
+    // A runner made with `TxnRunner::default()` guards its writes as one made with `new` does
+    // (before, its derived default took every server for a standalone one: the INSERT was
+    // applied on this node alone).
+    let written = lockstock::TxnRunner::default().run(&mut off, |conn| {
+        diesel::sql_query("INSERT INTO user_balance (user_id, balance) VALUES (99, 1)")
+            .execute(conn)?;
+        Ok(())
+    });
+    match written {
+        Err(Error::NotReplicated) => {}
+        other => panic!("expected NotReplicated for a default runner, got {other:?}"),
+    }
     assert_eq!(session(&mut off), (0, 1, 0), "(wsrep_on, autocommit, open)");
     let mut check = causal(&urls[0]);
     assert_eq!(
@@ -1358,6 +1370,14 @@ fn galera_a_session_with_replication_off_is_refused_and_kept() {
         count(&mut check, "SELECT COUNT(*) AS total FROM user_coupon"),
         0,
         "nothing issued"
+    );
+    assert_eq!(
+        count(
+            &mut check,
+            "SELECT COUNT(*) AS total FROM user_balance WHERE user_id = 99"
+        ),
+        0,
+        "nothing written by the default runner"
     );
     // Reads need no replication: they still answer on that session.
     assert!(matches!(
