@@ -35,11 +35,15 @@
 //!   `version + 1`); `COMMIT`.
 //! * `expire_holds` reads up to `limit` due holds (`state = 'active' AND expires_at <=
 //!   UTC_TIMESTAMP(6)`, on the `(state, expires_at)` index) in a lock-free snapshot, then per
-//!   account in ascending `user_id` order ONE transaction tried ONCE: the account row
-//!   `FOR UPDATE NOWAIT` — refused (a caller or another sweeper holds it): the account is
-//!   skipped and reported; its due holds `FOR UPDATE NOWAIT` in ascending id order; for each
-//!   still active and expired on the clock read under the lock, an `expire` entry (no key) and
-//!   the hold's `UPDATE`; one account `UPDATE`; `COMMIT`.
+//!   account in ascending `user_id` order one transaction per [`EXPIRY_PER_TRANSACTION`] of
+//!   its due holds, each tried ONCE: the account row `FOR UPDATE NOWAIT` — refused (a caller
+//!   or another sweeper holds it): the account is skipped and reported; then in ascending id
+//!   order each due hold `FOR UPDATE NOWAIT` and, if it is still active and expired on the
+//!   clock read under the lock, an `expire` entry (no key) and the hold's `UPDATE`; one account
+//!   `UPDATE`; `COMMIT`. A transaction takes no further hold once the call's deadline has
+//!   passed (it commits the ones it marked; the account is reported skipped), so a sweep of
+//!   many holds neither outlives its deadline by more than one hold's statements and the
+//!   COMMIT nor keeps an account locked for long.
 //!
 //! Lock order everywhere: the account row, then its holds in ascending id order (a transfer:
 //! both accounts in ascending `user_id` order). Only transactions holding an account's row lock
@@ -78,6 +82,10 @@ use crate::validate::{validate_amount, validate_id, validate_key};
 
 /// Largest `limit` of [`BalanceLedger::expire_holds`].
 pub const MAX_EXPIRY_BATCH: u32 = 1000;
+
+/// Most holds [`BalanceLedger::expire_holds`] marks in one transaction (one account's): each
+/// costs four statements under the account's lock.
+const EXPIRY_PER_TRANSACTION: usize = 64;
 
 impl BalanceLedger {
     /// Reserves `amount` of `user_id`'s available balance until `expires_at` (UTC, compared
@@ -218,23 +226,39 @@ impl BalanceLedger {
         }
         let mut report = ExpiredHolds::default();
         let mut accounts = by_account.into_iter();
-        while let Some((user_id, hold_ids)) = accounts.next() {
-            let attempt = self.sweeper.run_by(conn, deadline, |conn| {
-                expire_on_account(conn, user_id, &hold_ids)
-            });
-            match attempt {
-                Ok(entries) => report.expired.extend(entries),
-                Err(Error::Contended { .. } | Error::Timeout { .. }) => {
-                    report.skipped_accounts.push(user_id)
-                }
-                Err(error) if report.expired.is_empty() => return Err(error),
-                // Earlier accounts committed: answer them; the rest are left for a later call.
-                Err(_) => {
-                    report.skipped_accounts.push(user_id);
-                    report
-                        .skipped_accounts
-                        .extend(accounts.map(|(user_id, _)| user_id));
-                    break;
+        'accounts: while let Some((user_id, mut hold_ids)) = accounts.next() {
+            hold_ids.sort_unstable();
+            hold_ids.dedup();
+            for chunk in hold_ids.chunks(EXPIRY_PER_TRANSACTION) {
+                // Whether the LAST attempt left holds of the chunk untried (the deadline).
+                let mut cut_short = false;
+                let attempt = self.sweeper.run_by(conn, deadline, |conn| {
+                    let (entries, untried) = expire_on_account(conn, user_id, chunk, deadline)?;
+                    cut_short = untried;
+                    Ok(entries)
+                });
+                match attempt {
+                    Ok(entries) => {
+                        report.expired.extend(entries);
+                        if cut_short {
+                            report.skipped_accounts.push(user_id);
+                            continue 'accounts;
+                        }
+                    }
+                    Err(Error::Contended { .. } | Error::Timeout { .. }) => {
+                        report.skipped_accounts.push(user_id);
+                        continue 'accounts;
+                    }
+                    Err(error) if report.expired.is_empty() => return Err(error),
+                    // Earlier transactions committed: answer them; the rest are left for a
+                    // later call.
+                    Err(_) => {
+                        report.skipped_accounts.push(user_id);
+                        report
+                            .skipped_accounts
+                            .extend(accounts.map(|(user_id, _)| user_id));
+                        break 'accounts;
+                    }
                 }
             }
         }
@@ -364,20 +388,31 @@ pub(crate) fn ending(
     Ok((account.settle(hold, captured, now), state, captured))
 }
 
-/// Inside a sweeper's transaction: marks the due `hold_ids` of `user_id` that are still active
-/// and expired on the server clock read under the account's lock.
+/// Inside a sweeper's transaction: marks the due `hold_ids` (ascending) of `user_id` that are
+/// still active and expired on the server clock read under the account's lock, each locked
+/// just before it is marked; none once `deadline` has passed. Also whether it left some untried
+/// for the deadline.
 fn expire_on_account(
     conn: &mut MysqlConnection,
     user_id: i64,
     hold_ids: &[i64],
-) -> Result<Vec<Entry>> {
+    deadline: Deadline,
+) -> Result<(Vec<Entry>, bool)> {
     let Some(mut account) = lock_account(conn, user_id, Holding::Nothing)? else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     };
     let clock = account.clock(conn)?;
     let mut running = account;
     let mut entries = Vec::new();
-    for hold in lock_holds(conn, hold_ids)? {
+    let mut untried = false;
+    for &hold_id in hold_ids {
+        if deadline.is_expired() {
+            untried = true;
+            break;
+        }
+        let Some(hold) = lock_holds(conn, &[hold_id])?.pop() else {
+            continue;
+        };
         if hold.user_id != user_id || hold.state != HoldState::Active || hold.expires_at > clock {
             continue;
         }
@@ -394,5 +429,5 @@ fn expire_on_account(
     if !entries.is_empty() {
         store_balance(conn, &account, &running, entries.len())?;
     }
-    Ok(entries)
+    Ok((entries, untried))
 }

@@ -1723,3 +1723,62 @@ fn a_batch_judges_a_holds_expiry_once_before_it_sends_anything() {
         .expect("count");
     assert_eq!(placed, 0, "the refused hold was written");
 }
+
+/// A sweep of many due holds of one account honours its deadline: it takes no further hold once
+/// the deadline has passed, commits the ones it marked and reports the account skipped; a later
+/// call finishes the rest. Before, one transaction locked and marked all of the account's due
+/// holds (four statements each) whatever the deadline — a call of a 20 ms deadline marked all
+/// thousand, in about 80 ms here, and one whose grace ran out first was cut every time and
+/// never swept the account.
+#[test]
+fn a_sweep_of_many_holds_stops_at_its_deadline() {
+    const USER: i64 = 1;
+    const HOLDS: usize = 1_000;
+    let (_url, mut conn) = fresh_database("holds_sweep_deadline");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, USER, dec(HOLDS as i64), "fund")
+        .expect("fund");
+    let expires = in_secs(2);
+    let ops: Vec<AccountOp> = (0..HOLDS)
+        .map(|i| AccountOp::hold(Decimal::ONE, format!("hold-{i}"), expires))
+        .collect();
+    let placed = ledger.apply_many(&mut conn, USER, &ops).expect("one batch");
+    assert!(placed.iter().all(Result::is_ok), "every hold placed");
+    while now() <= expires + Duration::milliseconds(100) {
+        thread::sleep(StdDuration::from_millis(50));
+    }
+
+    let deadline = StdDuration::from_millis(20);
+    let hurried =
+        BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(deadline));
+    // Its runner learns what the server is first (a new runner asks once).
+    hurried.balance(&mut conn, USER).expect("a read");
+    let started = std::time::Instant::now();
+    let first = hurried
+        .expire_holds(&mut conn, 1_000)
+        .expect("a partial sweep");
+    let took = started.elapsed();
+    assert!(
+        took < deadline + StdDuration::from_millis(100),
+        "a 20 ms sweep took {took:?}"
+    );
+    assert!(
+        first.expired.len() < HOLDS,
+        "{} expired",
+        first.expired.len()
+    );
+    assert_eq!(first.skipped_accounts, vec![USER]);
+    audit_ok(&ledger, &mut conn, USER);
+
+    // A later call picks the rest up.
+    let rest = ledger.expire_holds(&mut conn, 1_000).expect("the rest");
+    assert_eq!(first.expired.len() + rest.expired.len(), HOLDS);
+    assert!(rest.skipped_accounts.is_empty(), "{rest:?}");
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(
+        (balance.balance, balance.available),
+        (dec(HOLDS as i64), dec(HOLDS as i64))
+    );
+    audit_ok(&ledger, &mut conn, USER);
+}
