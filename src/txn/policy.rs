@@ -202,8 +202,19 @@ impl TxnPolicy {
 
     /// The `SET SESSION` statement for this policy on a server of `flavor`.
     pub(super) fn session_sql(&self, flavor: ServerFlavor) -> String {
+        // MariaDB: a combiner opens its next batch's transaction ahead and leaves it idle while
+        // the batch before it runs (see `TxnRunner::prime`), which may take as long as that
+        // batch's deadline; a server's `idle_transaction_timeout` (or its read-only variant)
+        // would end the session meanwhile, and the batch would fail on a healthy server.
+        // Only on connections that carry the settings: only those are opened ahead.
+        let idle = match flavor {
+            ServerFlavor::MariaDb => {
+                ", idle_transaction_timeout = 0, idle_readonly_transaction_timeout = 0"
+            }
+            ServerFlavor::MySql => "",
+        };
         format!(
-            "SET SESSION {}, lc_messages = _utf8mb4'en_US'",
+            "SET SESSION {}{idle}, lc_messages = _utf8mb4'en_US'",
             self.settings(flavor)
         )
     }

@@ -47,7 +47,9 @@ fn session_sql_per_flavor() {
     let maria = policy.session_sql(ServerFlavor::MariaDb);
     assert!(maria.contains("max_statement_time = 5.000"), "{maria}");
     assert!(maria.contains("innodb_lock_wait_timeout = 1"), "{maria}");
+    assert!(maria.contains("idle_transaction_timeout = 0"), "{maria}");
     let mysql = policy.session_sql(ServerFlavor::MySql);
+    assert!(!mysql.contains("idle_"), "{mysql}");
     assert!(mysql.contains("max_execution_time = 5000"), "{mysql}");
     assert!(!mysql.contains("max_statement_time"), "{mysql}");
 }

@@ -1498,3 +1498,53 @@ fn two_second_combiner(url: &str) -> Arc<CombiningLedger> {
         BalanceLedger::with_policy(policy),
     ))
 }
+
+/// A combiner opens its next batch's transaction ahead of time and leaves it idle while the
+/// batch before it runs — here for more than a second, retrying against a row another program
+/// holds. A server's `idle_transaction_timeout` must not end that session meanwhile: both
+/// callers succeed once the row is free. Before, the pool's connections kept the server's
+/// limit (1 s here), the next batch's session was killed while it waited for its turn, and its
+/// caller got a lost connection from a healthy server.
+#[test]
+fn a_transaction_opened_ahead_outlives_the_servers_idle_transaction_timeout() {
+    use diesel::connection::SimpleConnection;
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    let sandbox = lockstock_testkit::Sandbox::start_with(&["--idle-transaction-timeout=1"])
+        .expect("a private server");
+    let url = sandbox
+        .create_database("combine_idle_timeout")
+        .expect("database");
+    let mut conn = connect(&url);
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, 7, Decimal::from(100), "fund")
+        .expect("fund");
+    let combining = Arc::new(CombiningLedger::new(pool(&url, 4), BalanceLedger::new()));
+    // Another program holds the account's row (its own session has no idle limit).
+    let mut other = connect(&url);
+    other
+        .batch_execute(
+            "SET SESSION idle_transaction_timeout = 0; BEGIN; \
+             SELECT * FROM user_balance WHERE user_id = 7 FOR UPDATE",
+        )
+        .expect("the row held");
+    let deduct = |key: &'static str| {
+        let combining = Arc::clone(&combining);
+        thread::spawn(move || combining.deduct(7, Decimal::ONE, key))
+    };
+    let first = deduct("a");
+    thread::sleep(std::time::Duration::from_millis(200));
+    // Its batch opens its transaction ahead and waits for the first one's turn.
+    let second = deduct("b");
+    thread::sleep(std::time::Duration::from_millis(1_500));
+    other.batch_execute("ROLLBACK").expect("the row free");
+    let first = first.join().expect("first caller");
+    let second = second.join().expect("second caller");
+    assert!(first.is_ok(), "the first caller: {first:?}");
+    assert!(second.is_ok(), "the second caller: {second:?}");
+    assert_eq!(
+        ledger.balance(&mut conn, 7).expect("balance").balance,
+        Decimal::from(98)
+    );
+}
