@@ -1732,6 +1732,7 @@ fn a_batch_judges_a_holds_expiry_once_before_it_sends_anything() {
 /// never swept the account.
 #[test]
 fn a_sweep_of_many_holds_stops_at_its_deadline() {
+    let _load = lockstock_testkit::fixtures::storm();
     const USER: i64 = 1;
     const HOLDS: usize = 1_000;
     let (_url, mut conn) = fresh_database("holds_sweep_deadline");

@@ -1861,6 +1861,7 @@ fn a_failed_batch_that_saw_stock_clears_the_sold_out_mark() {
 /// user without `READ_ONLY ADMIN` (root writes through `read_only`), on a server of their own.
 #[test]
 fn a_holder_on_a_read_only_server_is_answered_alike_by_every_path() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
     let (_, mut root, app_url) =
         super::review_runner::database_with_app_user(&sandbox, "review_coupon_read_only");

@@ -1163,6 +1163,7 @@ fn under_repeatable_read_one_accounts_holds_sum_does_not_block_another_account()
 /// writes through `read_only`), on a server of its own.
 #[test]
 fn a_batch_on_a_read_only_server_answers_as_its_single_calls() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
     let (_, mut root, app_url) =
         super::review_runner::database_with_app_user(&sandbox, "review_read_only");

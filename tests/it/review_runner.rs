@@ -88,6 +88,7 @@ fn row_is_free(url: &str, user: i64) -> bool {
 
 #[test]
 fn finding_1_failed_rollback_breaks_the_connection() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = Sandbox::start().expect("private server");
     let (url, mut admin) = private_database(&sandbox, "review_rollback");
     let ledger = BalanceLedger::new();
@@ -556,6 +557,7 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
 /// each call the caller's connection is open, outside any transaction, and the next call runs.
 #[test]
 fn a_callers_completion_type_leaves_no_transaction_open_and_the_connection_alive() {
+    let _load = lockstock_testkit::fixtures::storm();
     let (url, mut conn) = fresh_database("review_completion_type");
     let ledger = BalanceLedger::new();
     let issuer = lockstock::CouponIssuer::new();
@@ -827,6 +829,7 @@ fn finding_10g_internal_failures_are_not_server_errors() {
 /// (`NestedTransaction`): DDL would commit the caller's transaction.
 #[test]
 fn migrations_leave_the_callers_session_as_found() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = Sandbox::start().expect("private server");
     let url = sandbox
         .create_database("review_migrations")
@@ -1017,6 +1020,7 @@ fn migrations_run_whatever_the_callers_session() {
 
 #[test]
 fn migrations_run_whatever_the_callers_sql_mode() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = Sandbox::start().expect("private server");
     let url = sandbox
         .create_database("review_migrations_mode")
@@ -1622,6 +1626,7 @@ fn a_callers_connection_charset_does_not_change_lockstocks_statements() {
 /// calls and batches, ledger and coupons.
 #[test]
 fn a_refusal_whose_rollback_fails_may_be_applied() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = Sandbox::start().expect("private server");
     let (url, mut admin) = private_database(&sandbox, "review_refusal_rollback");
     let ledger = BalanceLedger::new();
@@ -1730,6 +1735,7 @@ fn a_refusal_whose_rollback_fails_may_be_applied() {
 /// its only write) answers that refusal.
 #[test]
 fn a_restock_or_restore_refused_whose_rollback_fails_answers_the_refusal() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = Sandbox::start().expect("private server");
     let (url, mut admin) = private_database(&sandbox, "review_restock_rollback");
     let issuer = CouponIssuer::new();
@@ -1804,6 +1810,7 @@ fn a_restock_or_restore_refused_whose_rollback_fails_answers_the_refusal() {
 /// it answered `OutcomeUnknown`, while the batch answered `ConnectionBroken`.
 #[test]
 fn a_missing_account_whose_rollback_fails_is_answered_alike_by_single_calls_and_batches() {
+    let _load = lockstock_testkit::fixtures::storm();
     let sandbox = Sandbox::start().expect("private server");
     let (url, mut admin) = private_database(&sandbox, "review_missing_rollback");
     let ledger = BalanceLedger::new();
