@@ -448,8 +448,10 @@ pub enum Error {
     },
     /// The call's deadline passed before its next transaction was sent (while it waited to be
     /// combined into a batch, for a pooled connection, between the transactions of a call or
-    /// the rounds of a batch). Nothing was committed by the transaction that was not sent;
-    /// with the same idempotency key a retry is safe.
+    /// the rounds of a batch), or before the next of the statements a transaction sends one
+    /// per row (a batch that ends many holds): that transaction was rolled back. Nothing was
+    /// committed by the transaction that was not sent or not finished; with the same
+    /// idempotency key a retry is safe.
     #[error("deadline passed after {elapsed:?} before the request was sent")]
     Timeout {
         /// Time spent waiting.

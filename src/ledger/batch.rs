@@ -65,6 +65,9 @@ impl BalanceLedger {
     ///    of the balance and `COMMIT`. A batch of more than 1,000 entries (or holds) writes
     ///    them with one INSERT per 1,000, each followed by its ids: one prepared statement
     ///    binds at most 65,535 values, and a batch of any size answers as its single calls.
+    ///    The holds it ends cost a statement each (their locks in step 1, their `UPDATE`s):
+    ///    none is sent once the deadline has passed — the transaction is rolled back whole
+    ///    and the batch answers [`Error::Timeout`] (nothing applied).
     /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
     ///    journal, and the rest run again from step 1 (as often as keys are found taken: each
@@ -369,7 +372,8 @@ impl BalanceLedger {
                         .iter()
                         .filter_map(|i| requests[*i].ended_hold())
                         .collect();
-                    let holds = lock_holds(conn, &ended)?;
+                    // A statement per hold: none once the batch's deadline has passed.
+                    let holds = lock_holds(conn, &ended, Some(deadline))?;
                     // The server clock, for the holds it ends and the holds it places.
                     let places = pending.iter().any(|i| requests[*i].kind == EntryKind::Hold);
                     let now = match holds.is_empty() && !places {
@@ -381,7 +385,9 @@ impl BalanceLedger {
                         holds,
                         now,
                     };
-                    apply_planned(conn, insert_ids, locked, missing, requests, pending)
+                    apply_planned(
+                        conn, insert_ids, locked, missing, requests, pending, deadline,
+                    )
                 });
             match attempt {
                 Ok(decided) => return Ok(decided),
@@ -419,17 +425,21 @@ impl BalanceLedger {
         ops: &[AccountOp],
         deadline: Deadline,
     ) -> Result<Vec<Hold>> {
-        let ids: Vec<i64> = ops
+        let mut ids: Vec<i64> = ops
             .iter()
             .filter_map(AccountOp::hold_id)
             .filter(|id| *id > 0)
             .collect();
+        ids.sort_unstable();
+        ids.dedup();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         self.runner.read_by(conn, deadline, |conn| {
             let mut holds = Vec::with_capacity(ids.len());
             for id in &ids {
+                // A statement per hold: none once the deadline has passed.
+                deadline.before_next_statement()?;
                 holds.extend(find_hold(conn, *id)?);
             }
             Ok(holds)
@@ -491,6 +501,7 @@ fn apply_planned(
     missing_before: Option<usize>,
     requests: &[Request<'_>],
     pending: &[usize],
+    deadline: Deadline,
 ) -> Result<Vec<(usize, Result<Entry>)>> {
     let account = locked.account;
     let mut running = *account;
@@ -546,6 +557,8 @@ fn apply_planned(
     insert_holds(conn, &placed)?;
     for ((index, _, _, ends), entry) in new_rows.iter().zip(&entries) {
         if let (Some((state, captured)), Some(hold_id)) = (ends, requests[*index].ended_hold()) {
+            // A statement per hold ended: none once the batch's deadline has passed.
+            deadline.before_next_statement()?;
             end_hold(conn, hold_id, *state, *captured, entry)?;
         }
     }

@@ -306,7 +306,7 @@ impl BalanceLedger {
                     user_id: hold.user_id,
                 },
             )?;
-            let locked = lock_holds(conn, &[hold_id])?;
+            let locked = lock_holds(conn, &[hold_id], None)?;
             let locked = locked.first().ok_or(Error::HoldNotFound { hold_id })?;
             let now = account.clock(conn)?;
             let after = ending(&account, locked, &request, now)?;
@@ -410,7 +410,7 @@ fn expire_on_account(
             untried = true;
             break;
         }
-        let Some(hold) = lock_holds(conn, &[hold_id])?.pop() else {
+        let Some(hold) = lock_holds(conn, &[hold_id], None)?.pop() else {
             continue;
         };
         if hold.user_id != user_id || hold.state != HoldState::Active || hold.expires_at > clock {

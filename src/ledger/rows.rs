@@ -29,7 +29,7 @@ use crate::statements::{
     insert_chunks, insert_row, read_in_lists, read_under_lock, write_under_lock, HeldFunds,
     InsertRows, SetBalance, SetHoldEnded,
 };
-use crate::txn::{locking_read, Holding, InsertIds};
+use crate::txn::{locking_read, Deadline, Holding, InsertIds};
 use crate::util::{inserted_ids, locked_row};
 use crate::validate::MAX_AMOUNT;
 
@@ -275,13 +275,21 @@ pub(crate) fn lock_entry(conn: &mut MysqlConnection, entry_id: i64) -> Result<En
 
 /// The holds `hold_ids` (of one account, whose row the caller has locked), each `FOR UPDATE
 /// NOWAIT` through the primary key in ascending id order: [`Error::HoldNotFound`] for a missing
-/// one.
-pub(crate) fn lock_holds(conn: &mut MysqlConnection, hold_ids: &[i64]) -> Result<Vec<Hold>> {
+/// one; with a `deadline` (a batch's: a statement per hold), [`Error::Timeout`] where it passes
+/// before the next one.
+pub(crate) fn lock_holds(
+    conn: &mut MysqlConnection,
+    hold_ids: &[i64],
+    deadline: Option<Deadline>,
+) -> Result<Vec<Hold>> {
     let mut ids = hold_ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
     ids.into_iter()
         .map(|hold_id| {
+            if let Some(deadline) = deadline {
+                deadline.before_next_statement()?;
+            }
             let hold = balance_hold::table.find(hold_id);
             let read = hold.select(HoldRow::as_select()).for_update().no_wait();
             locked_row::<_, HoldRow>(conn, read, Error::HoldNotFound { hold_id })?.into_hold()

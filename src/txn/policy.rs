@@ -342,6 +342,18 @@ impl Deadline {
         Instant::now() >= self.at
     }
 
+    /// Inside a transaction's body that sends a statement per row: `Err(Error::Timeout)` once
+    /// the deadline has passed, so the body stops there and its transaction is rolled back
+    /// (nothing of it applied) instead of sending its remaining statements past the deadline.
+    pub(crate) fn before_next_statement(&self) -> Result<(), crate::Error> {
+        if self.is_expired() {
+            return Err(crate::Error::Timeout {
+                elapsed: self.elapsed(),
+            });
+        }
+        Ok(())
+    }
+
     /// The moment `grace` after the deadline (when the watchdog shuts a silent connection down).
     pub(crate) fn past(&self, grace: Duration) -> Instant {
         // A grace too long for an `Instant` (`Duration::MAX`: "never cut") is a year, as

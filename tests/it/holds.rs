@@ -1728,13 +1728,13 @@ fn a_batch_judges_a_holds_expiry_once_before_it_sends_anything() {
 /// the deadline has passed, commits the ones it marked and reports the account skipped; a later
 /// call finishes the rest. Before, one transaction locked and marked all of the account's due
 /// holds (four statements each) whatever the deadline — a call of a 20 ms deadline marked all
-/// thousand, in about 80 ms here, and one whose grace ran out first was cut every time and
-/// never swept the account.
+/// of them, far past it, and one whose grace ran out first was cut every time and never swept
+/// the account.
 #[test]
 fn a_sweep_of_many_holds_stops_at_its_deadline() {
-    let _load = lockstock_testkit::fixtures::storm();
+    let _alone = lockstock_testkit::fixtures::exclusive();
     const USER: i64 = 1;
-    const HOLDS: usize = 1_000;
+    const HOLDS: usize = 500;
     let (_url, mut conn) = fresh_database("holds_sweep_deadline");
     let ledger = BalanceLedger::new();
     ledger
@@ -1780,6 +1780,64 @@ fn a_sweep_of_many_holds_stops_at_its_deadline() {
     assert_eq!(
         (balance.balance, balance.available),
         (dec(HOLDS as i64), dec(HOLDS as i64))
+    );
+    audit_ok(&ledger, &mut conn, USER);
+}
+
+/// A batch that ends many holds sends a statement per hold (its lock, its end): it stops once
+/// its deadline has passed and is rolled back whole (`Timeout`, nothing applied), instead of
+/// sending the rest past the deadline and committing late — or being cut by the watchdog at
+/// the deadline plus the grace as a server that does not answer.
+#[test]
+fn a_batch_ending_many_holds_stops_at_its_deadline() {
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    const USER: i64 = 1;
+    const HOLDS: usize = 1_000;
+    let (_url, mut conn) = fresh_database("holds_batch_deadline");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut conn, USER, dec(HOLDS as i64), "fund")
+        .expect("fund");
+    let ops: Vec<AccountOp> = (0..HOLDS)
+        .map(|i| AccountOp::hold(Decimal::ONE, format!("hold-{i}"), in_secs(600)))
+        .collect();
+    let holds: Vec<Entry> = ledger
+        .apply_many(&mut conn, USER, &ops)
+        .expect("one batch")
+        .into_iter()
+        .map(|placed| placed.expect("a hold"))
+        .collect();
+    let journal = journal_size(&mut conn, USER);
+
+    let deadline = StdDuration::from_millis(20);
+    let hurried =
+        BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(deadline));
+    // Its runner learns what the server is first (a new runner asks once).
+    hurried.balance(&mut conn, USER).expect("a read");
+    let captures: Vec<AccountOp> = holds
+        .iter()
+        .map(|hold| AccountOp::capture(hold.id, Decimal::ONE, format!("capture-{}", hold.id)))
+        .collect();
+    let started = std::time::Instant::now();
+    let answer = hurried.apply_many(&mut conn, USER, &captures);
+    let took = started.elapsed();
+    assert!(
+        matches!(answer, Err(Error::Timeout { .. } | Error::Contended { .. })),
+        "{:?}",
+        answer.map(|answers| answers.len())
+    );
+    // Before: a statement per hold read before the transaction began, far past the deadline
+    // (about 160 ms for a thousand holds here), then `Timeout`.
+    assert!(
+        took < deadline + StdDuration::from_millis(50),
+        "a 20 ms batch took {took:?}"
+    );
+    // Nothing applied: every hold still active, the journal as it was.
+    assert_eq!(journal_size(&mut conn, USER), journal);
+    let balance = ledger.balance(&mut conn, USER).expect("balance");
+    assert_eq!(
+        (balance.balance, balance.available),
+        (dec(HOLDS as i64), Decimal::ZERO)
     );
     audit_ok(&ledger, &mut conn, USER);
 }
