@@ -68,7 +68,8 @@ impl CouponIssuer {
     /// [`Error::Internal`] for facts that keep disagreeing): then no request was applied (or,
     /// for [`Error::OutcomeUnknown`], all or none were). It is given only when every user id
     /// is valid and the batch found none of its users holding the coupon — before answering a
-    /// failure with time left (not a node failure) it looks them up in a lock-free snapshot,
+    /// failure with time left (not a node failure, but for a read-only server's refusal) it
+    /// looks them up in a lock-free snapshot,
     /// as a single issue refused by the unique index reads its holder: otherwise such a
     /// failure is answered per request, an invalid id with [`Error::InvalidId`] (as `issue`
     /// answers it before sending anything), a user found holding the coupon with

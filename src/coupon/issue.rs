@@ -125,6 +125,10 @@ impl CouponIssuer {
                     }
                     stock_seen = true;
                     set_stock(conn, campaign_id, campaign.stock_quantity - 1)?;
+                    #[cfg(test)]
+                    if let Some(refused) = super::tests::after_the_stock_update() {
+                        return Err(refused);
+                    }
                     Ok(IssuedCoupon {
                         id,
                         user_id,
@@ -174,6 +178,10 @@ impl CouponIssuer {
                 // batch that read the holders answers it), through a plain read, which a
                 // read-only server serves. Anyone else gets the refusal: nothing was applied.
                 Err(e) if e.server_kind() == Some(ServerErrorKind::ReadOnly) => {
+                    // Refused at COMMIT after the stock was read: a sighting, as below.
+                    if stock_seen {
+                        self.saw_stock(campaign_id);
+                    }
                     match self.already_issued(conn, user_id, campaign_id, &facts, deadline) {
                         Ok(Some(refusal)) => Err(refusal),
                         Ok(None) | Err(_) => Err(e),

@@ -36,6 +36,78 @@ pub(super) fn holders_needed() -> Option<Error> {
     })
 }
 
+thread_local! {
+    /// Armed by a test: the next single issue's attempt fails after its stock UPDATE with a
+    /// read-only server's refusal (as a COMMIT refused by `read_only` fails).
+    static READ_ONLY_AFTER_THE_STOCK: RefCell<bool> = const { RefCell::new(false) };
+}
+
+/// The hook after a single issue's stock UPDATE.
+pub(super) fn after_the_stock_update() -> Option<Error> {
+    READ_ONLY_AFTER_THE_STOCK
+        .with(|armed| armed.replace(false))
+        .then(|| {
+            Error::Server(ServerError::new(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new(
+                    "The MariaDB server is running with the --read-only option so it cannot \
+                     execute this statement"
+                        .to_owned(),
+                ),
+            )))
+        })
+}
+
+/// A single issue refused by a read-only server after it read the stock (its COMMIT refused)
+/// counts as a sighting of that stock, as any other failure after the read does: an older zero
+/// read of the campaign must not mark it sold out afterwards. Before, the arm that answers a
+/// holder on a read-only server skipped it.
+#[test]
+fn an_issue_refused_as_read_only_after_reading_the_stock_is_a_sighting() {
+    let (_url, mut conn) = crate::util::test_database("unit_coupon_read_only_sighting");
+    let issuer = CouponIssuer::new();
+    let now = chrono::Utc::now().naive_utc();
+    let Ok(coupon) = issuer.create_coupon(
+        &mut conn,
+        &crate::NewCoupon {
+            name: "sighting",
+            discount: Discount::Fixed(Decimal::ONE),
+            valid_from: now - chrono::Duration::hours(1),
+            valid_until: now + chrono::Duration::days(7),
+        },
+    ) else {
+        panic!("a coupon template");
+    };
+    let Ok(campaign) = issuer.create_campaign(
+        &mut conn,
+        &crate::NewCampaign {
+            coupon_id: coupon.id,
+            quantity: 5,
+            issue_starts_at: now - chrono::Duration::minutes(1),
+            issue_ends_at: now + chrono::Duration::hours(1),
+        },
+    ) else {
+        panic!("a campaign");
+    };
+    // The campaign's facts cached (the next issue reads nothing before its attempt).
+    if let Err(e) = issuer.issue(&mut conn, 2, campaign.id) {
+        panic!("a first issue: {e}");
+    }
+    // A zero read of another call, taken before the issue read the stock.
+    let before = issuer.sightings(campaign.id);
+    READ_ONLY_AFTER_THE_STOCK.with(|armed| *armed.borrow_mut() = true);
+    let answer = issuer.issue(&mut conn, 1, campaign.id);
+    assert!(
+        matches!(&answer, Err(e) if e.server_kind() == Some(crate::ServerErrorKind::ReadOnly)),
+        "{answer:?}"
+    );
+    issuer.mark_sold_out(campaign.id, before);
+    assert!(
+        !issuer.known_sold_out(campaign.id),
+        "a stale zero marked the campaign sold out"
+    );
+}
+
 /// The hook where a batch attempt begins.
 pub(super) fn attempt_begins() {
     if let Some(write) = AT_THIS_ATTEMPT.with(|this| this.borrow_mut().take()) {
