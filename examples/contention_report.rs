@@ -1751,19 +1751,20 @@ mod processes {
                 let mut workers = Vec::new();
                 for i in 0..processes {
                     let user_base = prepared.user_base as u64 + i as u64 * share;
-                    let mut child = Command::new(&exe)
-                        .env(WORKER_ENV, harness.url())
-                        .env("DATABASE_URL", harness.url())
-                        .env(TARGET_ENV, &target)
-                        .env(
-                            RUN_ENV,
-                            format!("{user_base} {clients} {} {share}", time.as_millis()),
-                        )
-                        .env(KEYS_ENV, format!("{}-p{i}", prepared.key_prefix))
-                        .stdin(Stdio::piped())
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::inherit())
-                        .spawn()?;
+                    let mut child =
+                        lockstock_testkit::inherit_no_descriptors(&mut Command::new(&exe))
+                            .env(WORKER_ENV, harness.url())
+                            .env("DATABASE_URL", harness.url())
+                            .env(TARGET_ENV, &target)
+                            .env(
+                                RUN_ENV,
+                                format!("{user_base} {clients} {} {share}", time.as_millis()),
+                            )
+                            .env(KEYS_ENV, format!("{}-p{i}", prepared.key_prefix))
+                            .stdin(Stdio::piped())
+                            .stdout(Stdio::piped())
+                            .stderr(Stdio::inherit())
+                            .spawn()?;
                     let stdout = child.stdout.take().ok_or("no worker stdout")?;
                     workers.push(Worker {
                         child,

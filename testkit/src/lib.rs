@@ -37,4 +37,4 @@ pub mod strategies;
 pub mod workload;
 
 pub use galera::{GaleraBuilder, GaleraCluster, GaleraError, NodePorts, NodeStatus};
-pub use sandbox::{database_url, Sandbox, SandboxError};
+pub use sandbox::{database_url, inherit_no_descriptors, Sandbox, SandboxError};

@@ -875,19 +875,30 @@ pub(crate) fn spawn_watchdog_script(
 /// of the test's database connections — a connection the test closes would stay open on the
 /// server (with its locks and its transaction) for as long as that child lives.
 pub(crate) fn spawn_detached(cmd: &mut Command) -> std::io::Result<Child> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0);
+    inherit_no_descriptors(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0),
+    )
+    .spawn()
+}
+
+/// Makes the process `cmd` starts inherit no descriptor of the calling process but its stdin,
+/// stdout and stderr (as `cmd` sets them up). libmariadb opens its sockets without
+/// close-on-exec: a test that starts a process (a worker, a server) while it or a test beside
+/// it holds database connections would otherwise give the child copies of them, and a
+/// connection the test closes would stay open on the server — its transaction and locks with
+/// it — for as long as the child lives. Every process the testkit starts is started so.
+pub fn inherit_no_descriptors(cmd: &mut Command) -> &mut Command {
     // SAFETY: runs in the forked child before exec and makes only async-signal-safe system
-    // calls (close_range, fcntl); it allocates nothing and touches no lock.
+    // calls (close_range, getrlimit, fcntl); it allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(|| {
             close_on_exec_from(3);
             Ok(())
-        });
+        })
     }
-    cmd.spawn()
 }
 
 /// Marks every descriptor from `first` on close-on-exec (in a forked child, before exec).

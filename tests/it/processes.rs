@@ -130,7 +130,7 @@ fn four_processes_keep_the_invariants() {
         .iter()
         .enumerate()
         .map(|(i, out)| {
-            Command::new(&exe)
+            lockstock_testkit::inherit_no_descriptors(&mut Command::new(&exe))
                 .args(["--exact", WORKER_TEST, "--nocapture", "--test-threads=1"])
                 .env(URL_ENV, &url)
                 // Anything that would reach for a database goes to the parent's server.

@@ -616,20 +616,22 @@ fn silent_server_call_of_a_stopped_and_continued_process_returns() {
         1,
         Decimal::from(100),
     );
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "silent::stopped_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(STOPPED_CHILD_URL, &url)
-        .env("DATABASE_URL", &url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the child");
+    let mut child = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
+        std::env::current_exe().expect("test binary"),
+    ))
+    .args([
+        "--exact",
+        "silent::stopped_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(STOPPED_CHILD_URL, &url)
+    .env("DATABASE_URL", &url)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .expect("the child");
     let pid = libc::pid_t::try_from(child.id()).expect("a pid");
     let mut to_child = child.stdin.take().expect("child stdin");
     let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
@@ -891,19 +893,21 @@ fn silent_server_call_under_a_seccomp_filter_returns() {
         1,
         Decimal::from(100),
     );
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "silent::filtered_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(FILTERED_CHILD_URL, &url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the child");
+    let mut child = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
+        std::env::current_exe().expect("test binary"),
+    ))
+    .args([
+        "--exact",
+        "silent::filtered_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(FILTERED_CHILD_URL, &url)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .expect("the child");
     let mut to_child = child.stdin.take().expect("child stdin");
     let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
     let (lines, said) = mpsc::channel::<String>();
@@ -1022,17 +1026,19 @@ fn a_standard_stream_socket_put_in_place_later_is_not_cut() {
     }
     let _alone = exclusive();
     let (_sandbox, url, _conn) = private_server("silent_stderr");
-    let output = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "silent::stderr_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(STDERR_CHILD_URL, &url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("the child");
+    let output = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
+        std::env::current_exe().expect("test binary"),
+    ))
+    .args([
+        "--exact",
+        "silent::stderr_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(STDERR_CHILD_URL, &url)
+    .stdin(Stdio::null())
+    .output()
+    .expect("the child");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("stderr works: true"),
@@ -1084,17 +1090,19 @@ fn a_process_that_cannot_see_its_threads_is_told() {
         return;
     }
     assert!(lockstock::txn::watchdog_available(), "this test process");
-    let output = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "silent::dumpable_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(DUMPABLE_CHILD, "1")
-        .stdin(Stdio::null())
-        .output()
-        .expect("the child");
+    let output = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
+        std::env::current_exe().expect("test binary"),
+    ))
+    .args([
+        "--exact",
+        "silent::dumpable_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(DUMPABLE_CHILD, "1")
+    .stdin(Stdio::null())
+    .output()
+    .expect("the child");
     let stdout = String::from_utf8_lossy(&output.stdout);
     eprintln!("the child: {stdout}");
     assert!(

@@ -97,13 +97,14 @@ pub fn report_of_killed_child(
         return Ok(None);
     }
     let marker = REPORT;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
-        .env(child_env, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
+    let mut child =
+        lockstock_testkit::inherit_no_descriptors(&mut Command::new(std::env::current_exe()?))
+            .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
+            .env(child_env, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
     let stdout = child.stdout.take().ok_or("no child stdout")?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
