@@ -130,9 +130,63 @@ fn caught_up(url: &str) -> MysqlConnection {
     conn
 }
 
-/// Every row of both ledger tables on one node, after it applied every earlier commit.
+/// Every row of both ledger tables on one node, after it applied every earlier commit. Where
+/// the node does not catch up in time (its causal read answers "Lock wait timeout exceeded",
+/// seen once in CI), the node's open transactions and replication state are printed first.
 fn dump(url: &str) -> Snapshot {
-    snapshot(&mut causal(url))
+    let mut conn = causal(url);
+    if let Err(e) = diesel::sql_query("SELECT COUNT(*) AS total FROM user_balance")
+        .get_result::<Counter>(&mut conn)
+    {
+        eprintln!("{url}: the causal read failed: {e}");
+        print_node_state(url);
+    }
+    snapshot(&mut conn)
+}
+
+/// A node's open InnoDB transactions, its replication queue and state, and its sessions (a
+/// diagnosis printed before a test fails on that node).
+fn print_node_state(url: &str) {
+    #[derive(QueryableByName, Debug)]
+    struct Line {
+        #[diesel(sql_type = Nullable<Text>)]
+        line: Option<String>,
+    }
+    let Ok(mut conn) = MysqlConnection::establish(url) else {
+        eprintln!("{url}: cannot connect for a diagnosis");
+        return;
+    };
+    for (what, query) in [
+        (
+            "open transactions",
+            "SELECT CONCAT_WS(' ', trx_id, trx_state, trx_started, trx_mysql_thread_id, \
+             trx_rows_locked, trx_rows_modified, LEFT(COALESCE(trx_query, ''), 80)) AS line \
+             FROM information_schema.INNODB_TRX",
+        ),
+        (
+            "replication",
+            "SELECT CONCAT_WS(' ', variable_name, variable_value) AS line \
+             FROM information_schema.GLOBAL_STATUS WHERE variable_name IN \
+             ('WSREP_LOCAL_RECV_QUEUE', 'WSREP_LOCAL_SEND_QUEUE', 'WSREP_LOCAL_STATE_COMMENT', \
+             'WSREP_FLOW_CONTROL_PAUSED', 'WSREP_LAST_COMMITTED', 'WSREP_APPLIER_THREAD_COUNT')",
+        ),
+        (
+            "sessions",
+            "SELECT CONCAT_WS(' ', id, user, command, time, COALESCE(state, ''), \
+             LEFT(COALESCE(info, ''), 80)) AS line FROM information_schema.PROCESSLIST \
+             WHERE command <> 'Sleep' OR time > 5",
+        ),
+    ] {
+        match diesel::sql_query(query).load::<Line>(&mut conn) {
+            Ok(lines) => {
+                eprintln!("{url}: {what}:");
+                for line in lines {
+                    eprintln!("  {}", line.line.unwrap_or_default());
+                }
+            }
+            Err(e) => eprintln!("{url}: {what}: {e}"),
+        }
+    }
 }
 
 #[derive(QueryableByName)]
