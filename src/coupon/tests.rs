@@ -66,29 +66,7 @@ pub(super) fn after_the_stock_update() -> Option<Error> {
 fn an_issue_refused_as_read_only_after_reading_the_stock_is_a_sighting() {
     let (_url, mut conn) = crate::util::test_database("unit_coupon_read_only_sighting");
     let issuer = CouponIssuer::new();
-    let now = chrono::Utc::now().naive_utc();
-    let Ok(coupon) = issuer.create_coupon(
-        &mut conn,
-        &crate::NewCoupon {
-            name: "sighting",
-            discount: Discount::Fixed(Decimal::ONE),
-            valid_from: now - chrono::Duration::hours(1),
-            valid_until: now + chrono::Duration::days(7),
-        },
-    ) else {
-        panic!("a coupon template");
-    };
-    let Ok(campaign) = issuer.create_campaign(
-        &mut conn,
-        &crate::NewCampaign {
-            coupon_id: coupon.id,
-            quantity: 5,
-            issue_starts_at: now - chrono::Duration::minutes(1),
-            issue_ends_at: now + chrono::Duration::hours(1),
-        },
-    ) else {
-        panic!("a campaign");
-    };
+    let campaign = open_campaign(&mut conn, &issuer, "sighting", 5);
     // The campaign's facts cached (the next issue reads nothing before its attempt).
     if let Err(e) = issuer.issue(&mut conn, 2, campaign.id) {
         panic!("a first issue: {e}");
@@ -108,6 +86,39 @@ fn an_issue_refused_as_read_only_after_reading_the_stock_is_a_sighting() {
     );
 }
 
+/// A campaign of `quantity` coupons of a new fixed-discount template `name`, open now.
+fn open_campaign(
+    conn: &mut MysqlConnection,
+    issuer: &CouponIssuer,
+    name: &str,
+    quantity: u32,
+) -> crate::Campaign {
+    let now = chrono::Utc::now().naive_utc();
+    let Ok(coupon) = issuer.create_coupon(
+        conn,
+        &crate::NewCoupon {
+            name,
+            discount: Discount::Fixed(Decimal::ONE),
+            valid_from: now - chrono::Duration::hours(1),
+            valid_until: now + chrono::Duration::days(7),
+        },
+    ) else {
+        panic!("a coupon template");
+    };
+    let Ok(campaign) = issuer.create_campaign(
+        conn,
+        &crate::NewCampaign {
+            coupon_id: coupon.id,
+            quantity,
+            issue_starts_at: now - chrono::Duration::minutes(1),
+            issue_ends_at: now + chrono::Duration::hours(1),
+        },
+    ) else {
+        panic!("a campaign");
+    };
+    campaign
+}
+
 /// The hook where a batch attempt begins.
 pub(super) fn attempt_begins() {
     if let Some(write) = AT_THIS_ATTEMPT.with(|this| this.borrow_mut().take()) {
@@ -125,29 +136,7 @@ pub(super) fn attempt_begins() {
 fn a_retried_batch_attempt_does_not_inherit_the_flags_of_the_one_before() {
     let (url, mut conn) = crate::util::test_database("unit_coupon_attempt_flags");
     let issuer = CouponIssuer::new();
-    let now = chrono::Utc::now().naive_utc();
-    let Ok(coupon) = issuer.create_coupon(
-        &mut conn,
-        &crate::NewCoupon {
-            name: "flags",
-            discount: Discount::Fixed(Decimal::ONE),
-            valid_from: now - chrono::Duration::hours(1),
-            valid_until: now + chrono::Duration::days(7),
-        },
-    ) else {
-        panic!("a coupon template");
-    };
-    let Ok(campaign) = issuer.create_campaign(
-        &mut conn,
-        &crate::NewCampaign {
-            coupon_id: coupon.id,
-            quantity: 1,
-            issue_starts_at: now - chrono::Duration::minutes(1),
-            issue_ends_at: now + chrono::Duration::hours(1),
-        },
-    ) else {
-        panic!("a campaign");
-    };
+    let campaign = open_campaign(&mut conn, &issuer, "flags", 1);
     let (campaign_id, coupon_id) = (campaign.id, campaign.coupon_id);
     // Stock 1, users 1 and 2: the first attempt refuses user 2 for the stock without knowing
     // whether it holds the coupon ("holders needed"), and is aborted. Before the next attempt

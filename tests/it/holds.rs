@@ -1724,6 +1724,39 @@ fn a_batch_judges_a_holds_expiry_once_before_it_sends_anything() {
     assert_eq!(placed, 0, "the refused hold was written");
 }
 
+/// `user`'s account funded with `holds` points, all of them held: `holds` holds of one point
+/// each, expiring at `expires`, placed by one batch.
+fn holding_all(
+    conn: &mut MysqlConnection,
+    ledger: &BalanceLedger,
+    user: i64,
+    holds: usize,
+    expires: NaiveDateTime,
+) -> Vec<Entry> {
+    ledger
+        .charge(conn, user, dec(holds as i64), "fund")
+        .expect("fund");
+    let ops: Vec<AccountOp> = (0..holds)
+        .map(|i| AccountOp::hold(Decimal::ONE, format!("hold-{i}"), expires))
+        .collect();
+    ledger
+        .apply_many(conn, user, &ops)
+        .expect("one batch")
+        .into_iter()
+        .map(|placed| placed.expect("a hold"))
+        .collect()
+}
+
+/// A ledger whose calls have `deadline`, its runner past its one-time questions to the
+/// server (a read of `user`'s balance), so that the calls measured spend their time on the
+/// work.
+fn hurried(conn: &mut MysqlConnection, user: i64, deadline: StdDuration) -> BalanceLedger {
+    let hurried =
+        BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(deadline));
+    hurried.balance(conn, user).expect("a read");
+    hurried
+}
+
 /// A sweep of many due holds of one account honours its deadline: it takes no further hold once
 /// the deadline has passed, commits the ones it marked and reports the account skipped; a later
 /// call finishes the rest. Before, one transaction locked and marked all of the account's due
@@ -1735,26 +1768,18 @@ fn a_sweep_of_many_holds_stops_at_its_deadline() {
     let _alone = lockstock_testkit::fixtures::exclusive();
     const USER: i64 = 1;
     const HOLDS: usize = 500;
-    let (_url, mut conn) = fresh_database("holds_sweep_deadline");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, USER, dec(HOLDS as i64), "fund")
-        .expect("fund");
+    let (mut conn, ledger) = (
+        fresh_database("holds_sweep_deadline").1,
+        BalanceLedger::new(),
+    );
     let expires = in_secs(2);
-    let ops: Vec<AccountOp> = (0..HOLDS)
-        .map(|i| AccountOp::hold(Decimal::ONE, format!("hold-{i}"), expires))
-        .collect();
-    let placed = ledger.apply_many(&mut conn, USER, &ops).expect("one batch");
-    assert!(placed.iter().all(Result::is_ok), "every hold placed");
+    holding_all(&mut conn, &ledger, USER, HOLDS, expires);
     while now() <= expires + Duration::milliseconds(100) {
         thread::sleep(StdDuration::from_millis(50));
     }
 
     let deadline = StdDuration::from_millis(20);
-    let hurried =
-        BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(deadline));
-    // Its runner learns what the server is first (a new runner asks once).
-    hurried.balance(&mut conn, USER).expect("a read");
+    let hurried = hurried(&mut conn, USER, deadline);
     let started = std::time::Instant::now();
     let first = hurried
         .expire_holds(&mut conn, 1_000)
@@ -1793,27 +1818,15 @@ fn a_batch_ending_many_holds_stops_at_its_deadline() {
     let _alone = lockstock_testkit::fixtures::exclusive();
     const USER: i64 = 1;
     const HOLDS: usize = 1_000;
-    let (_url, mut conn) = fresh_database("holds_batch_deadline");
-    let ledger = BalanceLedger::new();
-    ledger
-        .charge(&mut conn, USER, dec(HOLDS as i64), "fund")
-        .expect("fund");
-    let ops: Vec<AccountOp> = (0..HOLDS)
-        .map(|i| AccountOp::hold(Decimal::ONE, format!("hold-{i}"), in_secs(600)))
-        .collect();
-    let holds: Vec<Entry> = ledger
-        .apply_many(&mut conn, USER, &ops)
-        .expect("one batch")
-        .into_iter()
-        .map(|placed| placed.expect("a hold"))
-        .collect();
+    let (mut conn, ledger) = (
+        fresh_database("holds_batch_deadline").1,
+        BalanceLedger::new(),
+    );
+    let holds = holding_all(&mut conn, &ledger, USER, HOLDS, in_secs(600));
     let journal = journal_size(&mut conn, USER);
 
     let deadline = StdDuration::from_millis(20);
-    let hurried =
-        BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(deadline));
-    // Its runner learns what the server is first (a new runner asks once).
-    hurried.balance(&mut conn, USER).expect("a read");
+    let hurried = hurried(&mut conn, USER, deadline);
     let captures: Vec<AccountOp> = holds
         .iter()
         .map(|hold| AccountOp::capture(hold.id, Decimal::ONE, format!("capture-{}", hold.id)))

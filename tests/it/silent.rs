@@ -65,6 +65,18 @@ fn answer_or_resume<T>(sandbox: &mut Sandbox, what: &str, done: &mpsc::Receiver<
     }
 }
 
+/// This test binary, to run the one test `name` as a child process (of none of the calling
+/// process's descriptors but stdin, stdout and stderr).
+fn child_test(name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    lockstock_testkit::inherit_no_descriptors(&mut cmd).args([
+        "--exact",
+        name,
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    cmd
+}
 #[test]
 fn silent_server_deadline_holds_for_a_paused_server() {
     let _alone = exclusive();
@@ -604,7 +616,7 @@ fn stopped_child() {
 #[test]
 fn silent_server_call_of_a_stopped_and_continued_process_returns() {
     use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     if std::env::var_os(STOPPED_CHILD_URL).is_some() {
         return;
     }
@@ -616,22 +628,14 @@ fn silent_server_call_of_a_stopped_and_continued_process_returns() {
         1,
         Decimal::from(100),
     );
-    let mut child = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
-        std::env::current_exe().expect("test binary"),
-    ))
-    .args([
-        "--exact",
-        "silent::stopped_child",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(STOPPED_CHILD_URL, &url)
-    .env("DATABASE_URL", &url)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .spawn()
-    .expect("the child");
+    let mut child = child_test("silent::stopped_child")
+        .env(STOPPED_CHILD_URL, &url)
+        .env("DATABASE_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the child");
     let pid = libc::pid_t::try_from(child.id()).expect("a pid");
     let mut to_child = child.stdin.take().expect("child stdin");
     let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
@@ -881,7 +885,7 @@ fn filtered_child() {
 #[test]
 fn silent_server_call_under_a_seccomp_filter_returns() {
     use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     if std::env::var_os(FILTERED_CHILD_URL).is_some() {
         return;
     }
@@ -893,21 +897,13 @@ fn silent_server_call_under_a_seccomp_filter_returns() {
         1,
         Decimal::from(100),
     );
-    let mut child = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
-        std::env::current_exe().expect("test binary"),
-    ))
-    .args([
-        "--exact",
-        "silent::filtered_child",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(FILTERED_CHILD_URL, &url)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .spawn()
-    .expect("the child");
+    let mut child = child_test("silent::filtered_child")
+        .env(FILTERED_CHILD_URL, &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the child");
     let mut to_child = child.stdin.take().expect("child stdin");
     let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
     let (lines, said) = mpsc::channel::<String>();
@@ -1020,25 +1016,17 @@ fn stderr_child() {
 /// write had the process's standard error shut down for good.
 #[test]
 fn a_standard_stream_socket_put_in_place_later_is_not_cut() {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     if std::env::var_os(STDERR_CHILD_URL).is_some() {
         return;
     }
     let _alone = exclusive();
     let (_sandbox, url, _conn) = private_server("silent_stderr");
-    let output = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
-        std::env::current_exe().expect("test binary"),
-    ))
-    .args([
-        "--exact",
-        "silent::stderr_child",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(STDERR_CHILD_URL, &url)
-    .stdin(Stdio::null())
-    .output()
-    .expect("the child");
+    let output = child_test("silent::stderr_child")
+        .env(STDERR_CHILD_URL, &url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the child");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         stdout.contains("stderr works: true"),
@@ -1085,24 +1073,16 @@ fn dumpable_child() {
 /// told it (the watchdog looked again and again, and the call waited for the server).
 #[test]
 fn a_process_that_cannot_see_its_threads_is_told() {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     if std::env::var_os(DUMPABLE_CHILD).is_some() {
         return;
     }
     assert!(lockstock::txn::watchdog_available(), "this test process");
-    let output = lockstock_testkit::inherit_no_descriptors(&mut Command::new(
-        std::env::current_exe().expect("test binary"),
-    ))
-    .args([
-        "--exact",
-        "silent::dumpable_child",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(DUMPABLE_CHILD, "1")
-    .stdin(Stdio::null())
-    .output()
-    .expect("the child");
+    let output = child_test("silent::dumpable_child")
+        .env(DUMPABLE_CHILD, "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the child");
     let stdout = String::from_utf8_lossy(&output.stdout);
     eprintln!("the child: {stdout}");
     assert!(
