@@ -576,7 +576,8 @@ impl TxnRunner {
     /// same connection inside the body is refused as [`Error::NestedTransaction`]; a body that
     /// answers `Ok` with a Diesel transaction of its own still open is not committed
     /// ([`Error::Internal`]: the body's bug, not retried), and one that ended the runner's
-    /// transaction through Diesel's manager is answered [`Error::OutcomeUnknown`]. A deadlock
+    /// transaction through Diesel's manager is answered [`Error::OutcomeUnknown`] — whether it
+    /// then answers `Ok` or fails (its work may be committed: not retried). A deadlock
     /// inside such a nested transaction ends the whole transaction in the server; Diesel may
     /// answer its failed `ROLLBACK TO SAVEPOINT` ("SAVEPOINT ... does not exist") instead,
     /// which is not retried: statements the body sent after the server's rollback ran outside
@@ -756,8 +757,7 @@ impl TxnRunner {
                 return Err(error);
             }
             attempts.started += 1;
-            let left = deadline.remaining();
-            let error = match self.once(conn, read_only, left, body) {
+            let error = match self.once(conn, read_only, deadline, body) {
                 Ok(value) => return Ok(value),
                 // A statement stopped by its limit once the deadline had passed (the limit
                 // is at most the time left, see `begin`): the deadline ran out while it
@@ -810,13 +810,13 @@ impl TxnRunner {
         &self,
         conn: &mut MysqlConnection,
         read_only: bool,
-        left: Duration,
+        deadline: Deadline,
         body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
     ) -> Result<T, Error> {
         ensure_no_open_transaction(conn)?;
         if let Some(isolation) = take_primed(conn) {
             if !read_only && isolation == self.policy.isolation {
-                let begin = self.begin(conn, read_only, left)?;
+                let begin = self.begin(conn, read_only, deadline.remaining())?;
                 if begin.restore.is_none() && !begin.savepoint {
                     // Opened by `prime` exactly as `begin` would open it now.
                     let open = Begin {
@@ -832,13 +832,18 @@ impl TxnRunner {
                 return Err(broken);
             }
         }
-        let begin = self.begin(conn, read_only, left)?;
+        let begin = self.begin(conn, read_only, deadline.remaining())?;
         note_setup_refused(false);
         match run_transaction(conn, begin, body) {
-            // Nothing was applied (the first SET refused); once more, now knowing the server.
+            // Nothing was applied (the first SET refused); once more, now knowing the server,
+            // with the time left now (the first attempt and the question took some of it) —
+            // unless none is left: the deadline passed before the transaction was sent again.
             Err(error) if !read_only => match self.mistook_the_server(conn, &error) {
+                Some(_) if deadline.is_expired() => Err(Error::Timeout {
+                    elapsed: deadline.elapsed(),
+                }),
                 Some(kind) => {
-                    let begin = self.begin_on(conn, read_only, left, Some(kind))?;
+                    let begin = self.begin_on(conn, read_only, deadline.remaining(), Some(kind))?;
                     run_transaction(conn, begin, body)
                 }
                 None => Err(error),

@@ -199,7 +199,12 @@ pub(super) fn run_transaction<T>(
     // on the same connection is refused as nested.
     let entered = enter_diesel_count(conn);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let value = body(conn)?;
+        let value = match body(conn) {
+            Ok(value) => value,
+            // Read before Diesel's count is reset below: a body that ended the runner's
+            // transaction through Diesel's manager and then failed may have committed.
+            Err(error) => return Err(failed_after_ending(conn, entered, error)),
+        };
         // Before the savepoint is released: the failure then ends like any other.
         if let Some(misuse) = diesel_left_behind(conn, entered) {
             return Err(misuse);
@@ -539,6 +544,22 @@ fn enter_diesel_count(conn: &mut MysqlConnection) -> bool {
             .change_transaction_depth(TransactionDepthChange::IncreaseDepth)
             .is_ok(),
         TransactionManagerStatus::InError => false,
+    }
+}
+
+/// The answer to a body that failed with `error`: `error` — unless the body ended the
+/// runner's transaction through Diesel's manager first (its COMMIT, or its ROLLBACK after which
+/// its statements ran on their own), so that its work may be committed whatever it failed on
+/// afterwards: then [`Error::OutcomeUnknown`], never retried, never an answer that says nothing
+/// was applied. A Diesel transaction of the body's own that it left open ends with lockstock's
+/// ROLLBACK: the body's error stays the answer.
+fn failed_after_ending(conn: &mut MysqlConnection, entered: bool, error: Error) -> Error {
+    if error.is_outcome_unknown() {
+        return error;
+    }
+    match diesel_left_behind(conn, entered) {
+        Some(ended) if ended.is_outcome_unknown() => Error::outcome_unknown(&error),
+        _ => error,
     }
 }
 

@@ -12,8 +12,8 @@ use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::{BigInt, Double};
 use lockstock::schema::user_balance;
 use lockstock::{
-    BalanceLedger, CouponIssuer, Deadline, Error, ServerErrorKind, SessionSettings, TxnPolicy,
-    TxnRunner,
+    BalanceLedger, CouponIssuer, Deadline, Error, RetryPolicy, ServerErrorKind, SessionSettings,
+    TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
 
@@ -1511,6 +1511,52 @@ fn body_commits_through_diesel(name: &str, kill: bool) {
         .first(&mut other)
         .expect("the balance");
     assert_eq!(stored, dec(99), "committed by the body");
+}
+
+/// A body that commits through Diesel's manager and THEN fails — refused by a row held
+/// elsewhere (retryable), or with an error of its own — has its work committed: the answer is
+/// `OutcomeUnknown`, and the body is not run again. Before, the refusal was retried (the
+/// increment applied once per attempt, answered `Contended`: "nothing was written") and the
+/// body's own error answered as if nothing had been committed.
+#[test]
+fn a_body_that_commits_through_diesel_and_then_fails_is_outcome_unknown() {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    let (mut conn, _ledger, mut other) = account_held_elsewhere("review_body_commits_then_fails");
+    conn.batch_execute("CREATE TABLE scratch (id INT AUTO_INCREMENT PRIMARY KEY)")
+        .expect("scratch table");
+    let mut retry = RetryPolicy::default();
+    retry.max_attempts = 3;
+    let runner = TxnRunner::new(TxnPolicy::default().with_retry(retry));
+    for own_error in [false, true] {
+        let mut attempts = 0;
+        let answer = runner.run(&mut conn, |c| {
+            attempts += 1;
+            c.batch_execute("INSERT INTO scratch () VALUES ()")?;
+            AnsiTransactionManager::commit_transaction(c)?;
+            if own_error {
+                return Err(Error::Internal {
+                    reason: "the body's own failure".into(),
+                });
+            }
+            // Refused at once: the row is held elsewhere (a locking read would not wait
+            // outside a transaction; an UPDATE does).
+            c.batch_execute(
+                "SET STATEMENT innodb_lock_wait_timeout = 0 FOR \
+                 UPDATE user_balance SET balance = balance + 1 WHERE user_id = 1",
+            )?;
+            Ok(())
+        });
+        assert!(
+            matches!(&answer, Err(e) if e.is_outcome_unknown()),
+            "own error {own_error}: {answer:?}"
+        );
+        assert_eq!(attempts, 1, "own error {own_error}: never run again");
+    }
+    let rows: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT COUNT(*) FROM scratch")
+        .get_result(&mut other)
+        .expect("the rows");
+    assert_eq!(rows, 2, "each committed once by its body");
+    other.batch_execute("ROLLBACK").expect("free the account");
 }
 
 /// A body that leaves a Diesel transaction of its own open and answers Ok: nothing is
