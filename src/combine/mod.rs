@@ -910,24 +910,32 @@ pub(crate) fn checkout_within(
     }
 }
 
-/// Marks `conn` broken (its pool discards it) where a batch on it was refused
-/// [`Error::NotReplicated`], as a whole or for a request: its session does not replicate — one
-/// opened while its Galera node's `wsrep_on` was off keeps `wsrep_on = 0` — and would refuse
-/// every write on it until the pool retired it.
-fn discard_if_not_replicating<Resp>(
-    conn: &mut MysqlConnection,
-    outcome: &Result<Vec<Result<Resp>>>,
-) {
+/// Marks `conn` broken (its pool discards it, and the server rolls back what is open on it)
+/// where a batch on it was refused, as a whole or for a request, for the session rather than
+/// the request:
+/// - [`Error::NotReplicated`]: its session does not replicate — one opened while its Galera
+///   node's `wsrep_on` was off keeps `wsrep_on = 0`;
+/// - [`Error::NestedTransaction`]: a connection lockstock checked out itself carries a
+///   transaction that is not lockstock's — one the application left open on a pool it shares
+///   (a raw `START TRANSACTION`, say), holding its locks.
+///
+/// Either would refuse every call on it until the pool retired it.
+fn discard_if_unusable<Resp>(conn: &mut MysqlConnection, outcome: &Result<Vec<Result<Resp>>>) {
+    let unusable = |error: &Error| matches!(error, Error::NotReplicated | Error::NestedTransaction);
     let refused = match outcome {
-        Err(error) => matches!(error, Error::NotReplicated),
+        Err(error) => unusable(error),
         Ok(answers) => answers
             .iter()
-            .any(|answer| matches!(answer, Err(Error::NotReplicated))),
+            .any(|answer| matches!(answer, Err(error) if unusable(error))),
     };
     if refused {
         mark_broken(conn);
     }
 }
+
+/// How many connections found carrying a transaction not lockstock's a batch runs on at most
+/// before it answers [`Error::NestedTransaction`] ([`discard_if_unusable`]).
+const MAX_FOREIGN_TRANSACTIONS: u32 = 16;
 
 /// How long one wait for a pooled connection lasts before [`checkout_within`] asks again.
 const CHECKOUT_SLICE: Duration = Duration::from_millis(50);
@@ -1069,7 +1077,12 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
         let prepare = |key: &i64, deadline: Deadline| match &self.source {
             Source::Pool(pool) => {
                 let mut conn = checkout(pool, deadline, grace).ok()?;
-                if prime_if(*key) && runner.prime(&mut conn, deadline).is_err() {
+                if prime_if(*key)
+                    && runner.prime(&mut conn, deadline).is_err_and(|failure| {
+                        discard_if_unusable(&mut conn, &Err::<Vec<Result<()>>, _>(failure));
+                        true
+                    })
+                {
                     // Marked broken if it is (then discarded). Another connection, not primed,
                     // is taken now, before the turn: a batch that checked one out only once it
                     // runs could wait for the last one while the next leader, appointed as the
@@ -1167,7 +1180,7 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                 };
                 let run = |conn: &mut MysqlConnection, deadline| {
                     let outcome = answer(conn, deadline);
-                    discard_if_not_replicating(conn, &outcome);
+                    discard_if_unusable(conn, &outcome);
                     outcome
                 };
                 let refusals = refusals_on_this_thread();
@@ -1184,6 +1197,20 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                         self.with_connection(deadline, grace, run)
                     }
                 };
+                // A connection of the source that carried a transaction not lockstock's (one
+                // the application left open on a pool it shares) was discarded above; nothing
+                // was sent in the batch, so it runs again on another — until one is free of
+                // such a transaction (the pool opens new ones in place of those discarded), or
+                // the deadline passes.
+                let mut outcome = outcome;
+                let mut discarded = 1;
+                while matches!(outcome, Err(Error::NestedTransaction))
+                    && discarded < MAX_FOREIGN_TRANSACTIONS
+                    && !deadline.is_expired()
+                {
+                    discarded += 1;
+                    outcome = self.with_connection(deadline, grace, run);
+                }
                 // A router that gave up (its deadline passed without a writer) answers the
                 // requests still open; the answers kept stand.
                 // (An `Internal` failure, which says that nothing was committed, is answered

@@ -1550,3 +1550,61 @@ fn a_transaction_opened_ahead_outlives_the_servers_idle_transaction_timeout() {
         Decimal::from(98)
     );
 }
+
+/// A pooled connection that the application left inside a transaction of its own (a raw
+/// `START TRANSACTION` on the pool it shares with the combiner, holding account 2's row) is
+/// discarded by the first combined call that checks it out, and that call runs on another
+/// connection; the server rolls the foreign transaction back as the discarded connection
+/// closes, so account 2 is free again. With and without lockstock's session settings on the
+/// pool (a primed transaction is tried first with them). Before: every combined call on that
+/// connection answered `NestedTransaction` — though none was made inside a transaction — and
+/// the pool handed the connection out again, its locks held.
+#[test]
+fn a_pooled_connection_left_inside_a_foreign_transaction_is_discarded() {
+    use diesel::connection::SimpleConnection;
+    use diesel::r2d2::{ConnectionManager, Pool};
+    use lockstock::{SessionSettings, TxnPolicy};
+    for settings in [true, false] {
+        let name = if settings {
+            "combine_foreign_txn_set"
+        } else {
+            "combine_foreign_txn"
+        };
+        let (url, mut admin) = fresh_database(name);
+        let ledger = BalanceLedger::new();
+        for user in [1, 2] {
+            ledger
+                .charge(&mut admin, user, Decimal::new(10, 0), "seed")
+                .expect("seed");
+        }
+        let mut builder = Pool::builder().max_size(1);
+        if settings {
+            builder =
+                builder.connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())));
+        }
+        let pool = builder
+            .build(ConnectionManager::<MysqlConnection>::new(&url))
+            .expect("pool");
+        {
+            let mut leaked = pool.get().expect("the application's checkout");
+            leaked
+                .batch_execute(
+                    "START TRANSACTION; \
+                     SELECT balance FROM user_balance WHERE user_id = 2 FOR UPDATE",
+                )
+                .expect("a transaction left open");
+        }
+        let combined = CombiningLedger::new(pool, BalanceLedger::new());
+        let first = combined.deduct(1, Decimal::new(1, 0), "first");
+        assert!(first.is_ok(), "settings {settings}: {first:?}");
+        let freed = combined.deduct(2, Decimal::new(1, 0), "freed");
+        assert!(freed.is_ok(), "settings {settings}: {freed:?}");
+        for user in [1, 2] {
+            assert_eq!(
+                lockstock_testkit::fixtures::stored_balance(&mut admin, user),
+                Decimal::new(9, 0),
+                "settings {settings}: user {user}"
+            );
+        }
+    }
+}
