@@ -123,9 +123,9 @@ pub struct TxnPolicy {
     /// Retry and deadline.
     pub retry: RetryPolicy,
     /// `innodb_lock_wait_timeout` for statements that wait for row locks and
-    /// `lock_wait_timeout` for metadata locks (whole seconds, at least 1). `NOWAIT` reads never
-    /// wait. A transaction begun with less of its call's deadline left is limited to that
-    /// (see [the runner](super#statements-that-wait-and-the-deadline)).
+    /// `lock_wait_timeout` for metadata locks (whole seconds, at least 1, at most a year).
+    /// `NOWAIT` reads never wait. A transaction begun with less of its call's deadline left is
+    /// limited to that (see [the runner](super#statements-that-wait-and-the-deadline)).
     pub lock_wait_timeout: Duration,
     /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL);
     /// on MariaDB at most the time the call has left when the statement's transaction begins
@@ -262,9 +262,11 @@ impl TxnPolicy {
         )
     }
 
-    /// The lock wait the server is told: whole seconds, at least one.
+    /// The lock wait the server is told: whole seconds, at least one, at most
+    /// [`LONGEST_LOCK_WAIT_SECONDS`] (a longer one is refused by a session in
+    /// `STRICT_ALL_TABLES` mode — every call would fail — and cut to it by others).
     fn lock_wait_seconds(&self) -> u64 {
-        self.lock_wait_timeout.as_secs_f64().ceil().max(1.0) as u64
+        (self.lock_wait_timeout.as_secs_f64().ceil() as u64).clamp(1, LONGEST_LOCK_WAIT_SECONDS)
     }
 
     /// The longest a statement may wait for a lock with the policy's settings: the lock wait
@@ -288,6 +290,11 @@ impl TxnPolicy {
         statement_millis(limit) as f64 / 1000.0
     }
 }
+
+/// The longest lock wait the server takes: `lock_wait_timeout`'s maximum (one year, on
+/// MariaDB and MySQL alike; `innodb_lock_wait_timeout`'s is longer), and as long as the longest
+/// deadline ([`Deadline::after`]).
+const LONGEST_LOCK_WAIT_SECONDS: u64 = 31_536_000;
 
 /// The shortest statement limit a transaction gets from its deadline (see
 /// [`TxnPolicy::statement_limit`]): a statement may outlast its deadline by this much.

@@ -1912,3 +1912,26 @@ fn connect_warm_for_use(
         .expect("warm");
     conn
 }
+
+/// A policy whose lock wait is longer than the server takes (here a thousand years) on a
+/// session in `STRICT_ALL_TABLES` mode, which refuses an out-of-range setting instead of
+/// cutting it: the lock wait sent is at most a year, and the calls run. Before: every call
+/// answered the server's "Variable 'innodb_lock_wait_timeout' can't be set to the value of
+/// ..." (1231).
+#[test]
+fn a_lock_wait_longer_than_the_server_takes_is_cut_to_its_longest() {
+    let (_url, mut conn) = fresh_database("review_lock_wait_too_long");
+    let mut policy = TxnPolicy::default();
+    policy.lock_wait_timeout = Duration::from_secs(1_000 * 365 * 24 * 3600);
+    conn.batch_execute("SET SESSION sql_mode = 'STRICT_ALL_TABLES'")
+        .expect("strict session");
+    let ledger = BalanceLedger::with_policy(policy);
+    let charged = ledger.charge(&mut conn, 1, dec(10), "strict");
+    assert!(charged.is_ok(), "{charged:?}");
+    let deducted = ledger.deduct(&mut conn, 1, dec(1), "strict deduct");
+    assert!(deducted.is_ok(), "{deducted:?}");
+    assert_eq!(
+        ledger.balance(&mut conn, 1).expect("balance").balance,
+        dec(9)
+    );
+}
