@@ -187,6 +187,10 @@ use crate::txn::{Deadline, SessionSettings, TxnPolicy, TxnRunner};
 
 /// Pool size per node by default.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
+/// The largest pool size per node ([`RouterBuilder::pool_size`]): r2d2 reserves room for a
+/// pool's whole size up front (and again at every reaping), so a size of billions would take
+/// terabytes — the process would abort.
+pub const MAX_POOL_SIZE: u32 = 10_000;
 /// Health-check interval by default.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// The deadline of the router's own probes and elections by default.
@@ -220,8 +224,9 @@ pub struct RouterBuilder {
 }
 
 impl RouterBuilder {
-    /// Up to `size` connections per node for writes, and as many for reads (at least 1; default
-    /// [`DEFAULT_POOL_SIZE`]). Connections are opened when first needed.
+    /// Up to `size` connections per node for writes, and as many for reads (at least 1, at
+    /// most [`MAX_POOL_SIZE`]; default [`DEFAULT_POOL_SIZE`]). Connections are opened when
+    /// first needed.
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self
@@ -266,7 +271,8 @@ impl RouterBuilder {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for no URLs, a URL given twice, two URLs that reach nodes with the
-    /// same `wsrep_node_name`, a pool size of 0 or a zero health interval;
+    /// same `wsrep_node_name`, a pool size of 0 or above [`MAX_POOL_SIZE`], or a zero health
+    /// interval;
     /// [`Error::Internal`] when a thread cannot be started.
     pub fn build(self) -> Result<Router> {
         let invalid = |problem| Error::InvalidInput {
@@ -281,6 +287,11 @@ impl RouterBuilder {
         }
         if self.pool_size == 0 {
             return Err(invalid("the pool size must be at least 1"));
+        }
+        if self.pool_size > MAX_POOL_SIZE {
+            return Err(invalid(
+                "the pool size must be at most MAX_POOL_SIZE (10,000)",
+            ));
         }
         if self.health_interval.is_zero() {
             return Err(invalid("the health interval must be positive"));

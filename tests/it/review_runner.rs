@@ -1935,3 +1935,27 @@ fn a_lock_wait_longer_than_the_server_takes_is_cut_to_its_longest() {
         dec(9)
     );
 }
+
+/// A router pool size above `MAX_POOL_SIZE` is refused as bad input before anything starts.
+/// Before, only 0 was: r2d2 reserves a pool's whole size up front, so `u32::MAX` aborted the
+/// process (an allocation of terabytes) and 10,001 built a router (nodes that no server
+/// answers are just down).
+#[test]
+fn a_router_pool_size_above_the_maximum_is_refused() {
+    use lockstock::route::{Router, MAX_POOL_SIZE};
+    for size in [MAX_POOL_SIZE + 1, u32::MAX] {
+        let built = Router::builder(["mysql://lockstock@127.0.0.1:1/none"])
+            .pool_size(size)
+            .build();
+        assert!(
+            matches!(
+                built,
+                Err(Error::InvalidInput {
+                    field: "router",
+                    ..
+                })
+            ),
+            "size {size}: {built:?}"
+        );
+    }
+}
