@@ -122,8 +122,10 @@ struct Classification {
     mariadb_code: u16,
     /// MySQL 8's error number (0: MySQL has none of its own).
     mysql_code: u16,
-    /// Case-insensitive fragments of the English message; any one matching classifies the error.
-    fragments: &'static [&'static str],
+    /// Case-insensitive fragments of the English message, each with the MariaDB error number
+    /// that has that text (0: none of its own, or not one number); any one matching classifies
+    /// the error.
+    fragments: &'static [(&'static str, u16)],
 }
 
 /// Every server error lockstock recognises, in match order (first match wins).
@@ -132,13 +134,16 @@ const CLASSIFICATION: &[Classification] = &[
         kind: ServerErrorKind::LockRefused,
         mariadb_code: 0,
         mysql_code: 3572,
-        fragments: &["nowait is set", "could not be acquired immediately"],
+        fragments: &[
+            ("nowait is set", 0),
+            ("could not be acquired immediately", 0),
+        ],
     },
     Classification {
         kind: ServerErrorKind::LockWaitTimeout,
         mariadb_code: 1205,
         mysql_code: 1205,
-        fragments: &["lock wait timeout exceeded"],
+        fragments: &[("lock wait timeout exceeded", 1205)],
     },
     Classification {
         kind: ServerErrorKind::Deadlock,
@@ -146,42 +151,50 @@ const CLASSIFICATION: &[Classification] = &[
         mysql_code: 1213,
         // The second: MariaDB Galera's wording of a certification conflict (MariaDB only).
         fragments: &[
-            "deadlock found when trying to get lock",
-            "wsrep detected deadlock/conflict",
+            ("deadlock found when trying to get lock", 1213),
+            ("wsrep detected deadlock/conflict", 1213),
         ],
     },
     Classification {
         kind: ServerErrorKind::RecordChanged,
         mariadb_code: 1020,
         mysql_code: 1020,
-        fragments: &["record has changed since last read"],
+        fragments: &[("record has changed since last read", 1020)],
     },
     Classification {
         kind: ServerErrorKind::DuplicateKey,
         mariadb_code: 1062,
         mysql_code: 1062,
-        fragments: &["duplicate entry"],
+        fragments: &[
+            // A key's duplicate whose value is not known (ER_DUP_UNKNOWN_IN_INDEX).
+            ("duplicate entry for key", 1859),
+            ("duplicate entry", 1062),
+        ],
     },
     Classification {
         kind: ServerErrorKind::CheckViolation,
         mariadb_code: 4025,
         mysql_code: 3819,
         // MariaDB: "CONSTRAINT `c` failed for `db`.`t`"; MySQL: "Check constraint 'c' is violated."
-        fragments: &["` failed for `", "check constraint '"],
+        fragments: &[("` failed for `", 4025), ("check constraint '", 0)],
     },
     Classification {
         kind: ServerErrorKind::ForeignKeyViolation,
         mariadb_code: 1452,
         mysql_code: 1452,
-        fragments: &["a foreign key constraint fails"],
+        fragments: &[
+            ("cannot delete or update a parent row", 1451),
+            ("cannot add or update a child row", 1452),
+            ("a foreign key constraint fails", 0),
+        ],
     },
     Classification {
         kind: ServerErrorKind::StatementTimeout,
         mariadb_code: 1969,
         mysql_code: 3024,
         fragments: &[
-            "max_statement_time exceeded",
-            "maximum statement execution time exceeded",
+            ("max_statement_time exceeded", 1969),
+            ("maximum statement execution time exceeded", 0),
         ],
     },
     // After StatementTimeout, whose texts start the same way.
@@ -189,60 +202,84 @@ const CLASSIFICATION: &[Classification] = &[
         kind: ServerErrorKind::Interrupted,
         mariadb_code: 1317,
         mysql_code: 1317,
-        fragments: &["query execution was interrupted"],
+        fragments: &[("query execution was interrupted", 1317)],
     },
     Classification {
         kind: ServerErrorKind::ConnectionLost,
         mariadb_code: 2013,
         mysql_code: 2013,
         fragments: &[
-            "server has gone away",
-            "lost connection to",
-            "connection was killed",
-            "server shutdown in progress",
-            "can't connect to",
-            "disconnected by the server",
-            "connection refused",
-            "broken pipe",
+            ("server has gone away", 2006),
+            ("lost connection to", 2013),
+            ("connection was killed", 1927),
+            ("server shutdown in progress", 1053),
+            ("can't connect to local server", 2002),
+            ("can't connect to", 2003),
+            ("disconnected by the server", 0),
+            ("connection refused", 0),
+            ("broken pipe", 0),
         ],
     },
     Classification {
         kind: ServerErrorKind::ReadOnly,
         mariadb_code: 1290,
         mysql_code: 1290,
-        fragments: &["--read-only option", "--super-read-only option"],
+        fragments: &[
+            ("--read-only option", 1290),
+            ("--super-read-only option", 1290),
+        ],
     },
     // MariaDB Galera only: MySQL 8 has no Galera (its 1047 is "Unknown command").
     Classification {
         kind: ServerErrorKind::NodeNotReady,
         mariadb_code: 1047,
         mysql_code: 0,
-        fragments: &["wsrep has not yet prepared node for application use"],
+        fragments: &[("wsrep has not yet prepared node for application use", 1047)],
     },
 ];
 
-/// Classifies a Diesel error by its kind and message text.
-pub(crate) fn classify(error: &DieselError) -> ServerErrorKind {
+/// Classifies a Diesel error by its kind and message text: the kind, and the MariaDB error
+/// number of the text that matched (`None`: no number of its own, or no text to tell it by —
+/// Diesel keeps the number of no error).
+pub(crate) fn classify_with_code(error: &DieselError) -> (ServerErrorKind, Option<u16>) {
     match error {
-        DieselError::DatabaseError(kind, info) => match kind {
-            DatabaseErrorKind::UniqueViolation => ServerErrorKind::DuplicateKey,
-            DatabaseErrorKind::SerializationFailure => ServerErrorKind::Deadlock,
-            DatabaseErrorKind::CheckViolation => ServerErrorKind::CheckViolation,
-            DatabaseErrorKind::ForeignKeyViolation => ServerErrorKind::ForeignKeyViolation,
-            DatabaseErrorKind::ClosedConnection => ServerErrorKind::ConnectionLost,
-            _ => classify_message(info.message()),
-        },
-        DieselError::RollbackErrorOnCommit { commit_error, .. } => classify(commit_error),
-        DieselError::BrokenTransactionManager => ServerErrorKind::ConnectionLost,
-        _ => ServerErrorKind::Other,
+        DieselError::DatabaseError(kind, info) => {
+            let (by_text, code) = classify_message(info.message());
+            let kind = match kind {
+                DatabaseErrorKind::UniqueViolation => ServerErrorKind::DuplicateKey,
+                DatabaseErrorKind::SerializationFailure => ServerErrorKind::Deadlock,
+                DatabaseErrorKind::CheckViolation => ServerErrorKind::CheckViolation,
+                DatabaseErrorKind::ForeignKeyViolation => ServerErrorKind::ForeignKeyViolation,
+                DatabaseErrorKind::ClosedConnection => ServerErrorKind::ConnectionLost,
+                _ => by_text,
+            };
+            // A number only from a text of the kind Diesel found (a caller's SIGNAL may say
+            // anything).
+            (kind, code.filter(|_| by_text == kind))
+        }
+        DieselError::RollbackErrorOnCommit { commit_error, .. } => classify_with_code(commit_error),
+        // lockstock's or Diesel's verdict on the connection, not a server error.
+        DieselError::BrokenTransactionManager => (ServerErrorKind::ConnectionLost, None),
+        _ => (ServerErrorKind::Other, None),
     }
 }
 
-/// Classifies a server error message (English texts of MariaDB or MySQL 8).
-fn classify_message(message: &str) -> ServerErrorKind {
+/// Classifies a Diesel error by its kind and message text.
+pub(crate) fn classify(error: &DieselError) -> ServerErrorKind {
+    classify_with_code(error).0
+}
+
+/// Classifies a server error message (English texts of MariaDB or MySQL 8): its kind, and the
+/// MariaDB error number of the fragment that matched.
+fn classify_message(message: &str) -> (ServerErrorKind, Option<u16>) {
     let message = message.to_ascii_lowercase();
     CLASSIFICATION
         .iter()
-        .find(|rule| rule.fragments.iter().any(|f| message.contains(f)))
-        .map_or(ServerErrorKind::Other, |rule| rule.kind)
+        .find_map(|rule| {
+            rule.fragments
+                .iter()
+                .find(|(fragment, _)| message.contains(fragment))
+                .map(|&(_, code)| (rule.kind, Some(code).filter(|c| *c != 0)))
+        })
+        .unwrap_or((ServerErrorKind::Other, None))
 }

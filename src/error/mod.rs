@@ -29,6 +29,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Clone)]
 pub struct ServerError {
     kind: ServerErrorKind,
+    /// MariaDB's number for the error's text, if it has one.
+    code: Option<u16>,
     source: Arc<DieselError>,
     /// On the source of an [`Error::OutcomeUnknown`] made by
     /// [`Error::unknown_after_refusal_by_deadline`]: the failure the deadline caused, and what
@@ -59,8 +61,10 @@ impl fmt::Debug for ServerError {
 impl ServerError {
     /// Classifies `source`.
     pub fn new(source: DieselError) -> Self {
+        let (kind, code) = kind::classify_with_code(&source);
         Self {
-            kind: kind::classify(&source),
+            kind,
+            code,
             source: Arc::new(source),
             refused_then_cut: None,
         }
@@ -71,12 +75,16 @@ impl ServerError {
         self.kind
     }
 
-    /// The server's error number for MariaDB, from the classification (Diesel keeps the number
-    /// for few errors, so it is derived from the kind): `None` for [`ServerErrorKind::Other`]
-    /// and kinds MariaDB has no number of its own for. [`ServerErrorKind::mysql_code`] gives
-    /// MySQL 8's.
+    /// The server's error number for MariaDB, told by the error's message text (Diesel keeps
+    /// no number): a lost connection's 2013 ("Lost connection to server"), 2006 ("Server has
+    /// gone away"), 1927 ("Connection was killed") or 1053 ("Server shutdown in progress");
+    /// a foreign key's 1451 or 1452; and so on. `None` for [`ServerErrorKind::Other`], for a
+    /// text MariaDB has no number of its own for (MySQL 8's NOWAIT refusal, say), and for a
+    /// failure that is not the server's (a connection lockstock or Diesel found broken).
+    /// [`ServerErrorKind::mariadb_code`] and [`ServerErrorKind::mysql_code`] give a kind's
+    /// usual numbers.
     pub fn code(&self) -> Option<u16> {
-        self.kind.mariadb_code()
+        self.code
     }
 
     /// The server's message text (or Diesel's description of a client-side failure).

@@ -304,3 +304,73 @@ fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same()
         assert!(answer.refused_then_cut().is_none(), "{answer:?}");
     }
 }
+
+/// `code()` is the number of the error's own text, not one number per kind: a lost
+/// connection, a killed one, a server shutting down and a server gone away are all
+/// `ConnectionLost`, with four numbers; a foreign key's parent and child refusals differ; a
+/// connection found broken (no server error) and a text MariaDB has no number for have none.
+/// Before, every `ConnectionLost` answered 2013 (also a broken transaction manager's) and
+/// every foreign key 1452.
+#[test]
+fn server_error_code_is_the_number_of_its_text() {
+    let code = |error: DieselError| {
+        let error = ServerError::new(error);
+        (error.kind(), error.code())
+    };
+    use ServerErrorKind::*;
+    for (text, kind, number) in [
+        ("Lost connection to server during query", ConnectionLost, Some(2013)),
+        ("Server has gone away", ConnectionLost, Some(2006)),
+        ("Connection was killed", ConnectionLost, Some(1927)),
+        ("Server shutdown in progress", ConnectionLost, Some(1053)),
+        (
+            "Can't connect to local server through socket '/x.sock' (2)",
+            ConnectionLost,
+            Some(2002),
+        ),
+        ("Can't connect to server on '127.0.0.1' (111)", ConnectionLost, Some(2003)),
+        ("Query execution was interrupted", Interrupted, Some(1317)),
+        (
+            "Query execution was interrupted (max_statement_time exceeded)",
+            StatementTimeout,
+            Some(1969),
+        ),
+        (
+            "Statement aborted because lock(s) could not be acquired immediately and NOWAIT is set.",
+            LockRefused,
+            None,
+        ),
+    ] {
+        assert_eq!(code(unknown(text)), (kind, number), "{text}");
+    }
+    let foreign = |text: &str| {
+        DieselError::DatabaseError(
+            DatabaseErrorKind::ForeignKeyViolation,
+            Box::new(text.to_owned()),
+        )
+    };
+    assert_eq!(
+        code(foreign(
+            "Cannot delete or update a parent row: a foreign key constraint fails (`d`.`t`)"
+        )),
+        (ForeignKeyViolation, Some(1451))
+    );
+    assert_eq!(
+        code(foreign(
+            "Cannot add or update a child row: a foreign key constraint fails (`d`.`t`)"
+        )),
+        (ForeignKeyViolation, Some(1452))
+    );
+    // Diesel's kind decides; a text of another kind (a caller's SIGNAL) gives no number.
+    assert_eq!(
+        code(DieselError::DatabaseError(
+            DatabaseErrorKind::UniqueViolation,
+            Box::new("Deadlock found when trying to get lock".to_owned()),
+        )),
+        (DuplicateKey, None)
+    );
+    assert_eq!(
+        code(DieselError::BrokenTransactionManager),
+        (ConnectionLost, None)
+    );
+}
