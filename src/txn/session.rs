@@ -101,9 +101,12 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<(bool, bool), Er
 /// Applies a policy's session settings to a connection for good, and marks the connection as
 /// carrying them: lockstock calls with the same policy on it then send no session settings and
 /// restore nothing (see [`TxnRunner`](super::TxnRunner)). The mark lives in the connection's Diesel
-/// instrumentation slot; it wraps Diesel's default instrumentation, which it keeps calling, and
-/// setting another instrumentation removes it (lockstock then sends and restores the settings
-/// on every call, which is correct, only slower).
+/// instrumentation slot, so it **replaces** an instrumentation set on the connection before
+/// (Diesel gives none back): it wraps Diesel's default instrumentation (the process-wide one
+/// `diesel::connection::set_default_instrumentation` installs, if any), which it keeps calling.
+/// An instrumentation of your own on this connection must be set afterwards; setting one
+/// removes the mark (lockstock then sends and restores the settings on every call, which is
+/// correct, only slower).
 ///
 /// Its two statements are bounded like a call: by the policy's
 /// [`deadline`](super::RetryPolicy::deadline) from now, plus its
