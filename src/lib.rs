@@ -41,6 +41,7 @@
 //! assert_eq!(paid.balance_after, Decimal::new(7_500, 2));
 //! // A retry with the same key returns the same entry and changes nothing.
 //! assert_eq!(ledger.deduct(&mut conn, 42, Decimal::new(2_500, 2), "order-982")?.id, paid.id);
+//! assert_eq!(ledger.balance(&mut conn, 42)?.balance, Decimal::new(7_500, 2));
 //!
 //! let issuer = CouponIssuer::new();
 //! assert!(matches!(issuer.issue(&mut conn, 42, 1), Err(Error::CampaignNotFound { .. })));

@@ -84,6 +84,29 @@ fn an_issue_refused_as_read_only_after_reading_the_stock_is_a_sighting() {
         !issuer.known_sold_out(campaign.id),
         "a stale zero marked the campaign sold out"
     );
+    // The refused attempt was rolled back: user 2's coupon only, one off the stock.
+    assert_eq!(campaign_rows(&mut conn, campaign.id), (4, vec![2]));
+}
+
+/// A campaign's stock left, and the users holding its coupons (in user order).
+fn campaign_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, Vec<i64>) {
+    use crate::schema::{fcfs_coupon, user_coupon};
+    let Ok(stock) = fcfs_coupon::table
+        .find(campaign_id)
+        .select(fcfs_coupon::stock_quantity)
+        .first::<i32>(conn)
+    else {
+        panic!("the campaign's stock");
+    };
+    let Ok(users) = user_coupon::table
+        .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
+        .select(user_coupon::user_id)
+        .order(user_coupon::user_id)
+        .load::<i64>(conn)
+    else {
+        panic!("the campaign's coupons");
+    };
+    (stock, users)
 }
 
 /// A campaign of `quantity` coupons of a new fixed-discount template `name`, open now.
@@ -173,6 +196,8 @@ fn a_retried_batch_attempt_does_not_inherit_the_flags_of_the_one_before() {
         lock(&issuer.repeat_askers).contains(&campaign_id),
         "the batch met a holder: the campaign's batches read their holders first"
     );
+    // User 1's coupon is the other program's (it took no stock); user 2's the batch's.
+    assert_eq!(campaign_rows(&mut conn, campaign_id), (0, vec![1, 2]));
 }
 
 #[test]

@@ -773,6 +773,19 @@ fn captures_racing_expiry_end_each_hold_once() {
         HOLDS - captured,
         swept_ids.len()
     );
+    // The race happened (captures aimed before and after the expiry landed on both sides),
+    // and exactly the captured holds were posted.
+    assert!(
+        captured > 0 && captured < HOLDS,
+        "no race: {captured} of {HOLDS} captured"
+    );
+    assert_eq!(
+        stored(&mut conn, USER),
+        (
+            dec(10_000) - dec(7) * Decimal::from(captured),
+            Decimal::ZERO
+        )
+    );
     audit_ok(&ledger, &mut conn, USER);
 }
 

@@ -2071,7 +2071,49 @@ fn server_matches_the_model() {
     });
     let run = (test, seed, cases, started);
     let minimal = format!("minimal failing sequence after the prelude {:?}", prelude());
-    report(run, "operations", &seen.into_inner(), result, &minimal);
+    let seen = seen.into_inner();
+    report(run, "operations", &seen, result, &minimal);
+    covered(
+        (test, seed, cases),
+        &seen,
+        &[
+            "Ok Charge",
+            "Ok Deduct",
+            "Ok Hold",
+            "Ok Capture",
+            "Ok Refund",
+            "Ok transfer",
+            "Ok replayed",
+            "Ok batch",
+            "Ok expire_holds",
+            "Ok issue",
+            "SoldOut",
+            "IdempotencyConflict",
+            "InsufficientBalance (held)",
+            "HoldExpired",
+        ],
+    );
+}
+
+/// Fails unless every answer of `required` came at least once in a run of the default 64
+/// cases or more (`PROPTEST_CASES`): a generator that stopped reaching a path (every hold
+/// id unknown, say, so nothing but `HoldNotFound` comes back) would still "match the model".
+fn covered(
+    (test, seed, cases): (&str, u64, u32),
+    seen: &BTreeMap<String, usize>,
+    required: &[&str],
+) {
+    if cases < 64 {
+        return;
+    }
+    let missing: Vec<&&str> = required
+        .iter()
+        .filter(|answer| !seen.contains_key(**answer))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{test} (LOCKSTOCK_SEED={seed}): no case reached {missing:?}"
+    );
 }
 
 /// Regression: the key column compares with PAD SPACE, so `"k "` used to be answered with the
@@ -2410,11 +2452,20 @@ fn batches_answer_as_single_calls() {
         run_batch_case(single, many, &ops, &cuts, &mut seen.borrow_mut())
     });
     let run = (test, seed, cases, started);
-    report(
-        run,
-        "requests",
-        &seen.into_inner(),
-        result,
-        "minimal failing case",
+    let seen = seen.into_inner();
+    report(run, "requests", &seen, result, "minimal failing case");
+    covered(
+        (test, seed, cases),
+        &seen,
+        &[
+            "Ok Charge",
+            "Ok Deduct",
+            "Ok Hold",
+            "Ok replayed",
+            "IdempotencyConflict",
+            "InsufficientBalance",
+            "HoldNotFound",
+            "AccountNotFound",
+        ],
     );
 }

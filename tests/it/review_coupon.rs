@@ -1599,6 +1599,17 @@ fn a_refused_restock_retry_whose_key_cannot_be_looked_up_may_be_applied() {
         .restock(&mut conn, campaign.id, 5, "more")
         .expect("the retry, answered from the record");
     assert_eq!(replayed.total_quantity, i32::MAX);
+    // Applied once: one record of the key, the campaign as the first restock left it.
+    let records: i64 = lockstock::schema::fcfs_coupon_restock::table
+        .filter(lockstock::schema::fcfs_coupon_restock::idempotency_key.eq("more"))
+        .count()
+        .get_result(&mut conn)
+        .expect("the restock records");
+    assert_eq!(records, 1);
+    assert_eq!(
+        lockstock_testkit::fixtures::stock_row(&mut conn, campaign.id),
+        (i32::MAX, i32::MAX)
+    );
 }
 
 /// An issue retried after it applied (say after `OutcomeUnknown`) is refused by the unique
@@ -1628,6 +1639,15 @@ fn an_issue_retry_whose_holder_cannot_be_looked_up_may_be_applied() {
     assert!(
         matches!(again, Err(Error::AlreadyIssued { user_coupon_id, .. }) if user_coupon_id == first.id),
         "{again:?}"
+    );
+    // The retries took nothing: one coupon, one off the stock.
+    assert_eq!(
+        lockstock_testkit::fixtures::stock_row(&mut conn, campaign.id),
+        (10, 9)
+    );
+    assert_eq!(
+        lockstock_testkit::fixtures::issued_rows(&mut conn, campaign.id),
+        1
     );
 }
 
