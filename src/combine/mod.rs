@@ -294,8 +294,9 @@ impl<Req, Resp> Lane<Req, Resp> {
     }
 }
 
-/// Statistics of a combiner, for reports.
+/// Statistics of a combiner, for reports (it may gain fields: read them, build none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CombinerStats {
     /// Batch transactions run.
     pub batches: u64,
@@ -522,7 +523,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 loop {
                     let full = lanes
                         .get(key)
-                        .map_or(true, |lane| lane.queue.len() >= lane.usual.max(1));
+                        .is_none_or(|lane| lane.queue.len() >= lane.usual.max(1));
                     let left = until.saturating_duration_since(Instant::now());
                     if full || left.is_zero() {
                         break;
@@ -885,7 +886,7 @@ pub(crate) fn checkout_within(
                 Err(error) => {
                     if failed
                         .as_ref()
-                        .map_or(true, |kept| says_why(&error) || !says_why(kept))
+                        .is_none_or(|kept| says_why(&error) || !says_why(kept))
                     {
                         failed = Some(error);
                     }
@@ -1023,6 +1024,14 @@ enum Source {
 
 impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
     /// Combines over `pool` with batches of up to [`DEFAULT_MAX_BATCH`].
+    ///
+    /// Build the pool with [`SessionSettings`](crate::SessionSettings) of the same policy as
+    /// `inner`'s (`SessionSettings::new(inner.policy().clone())` as its connection customizer):
+    /// only on connections that carry them does a batch send no session settings and open its
+    /// transaction ahead of its turn (the pipelining above). Over a pool without them — or
+    /// with another policy's — every answer is the same, but each batch saves, sets and
+    /// restores the session settings around its transaction and opens it only once it has
+    /// the turn: slower on a hot row.
     pub fn new(pool: MysqlPool, inner: S) -> Self {
         Self::with_max_batch(pool, inner, DEFAULT_MAX_BATCH)
     }
@@ -1264,10 +1273,15 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use diesel::r2d2::{ConnectionManager, Pool};
 /// use lockstock::combine::CombiningIssuer;
-/// use lockstock::CouponIssuer;
+/// use lockstock::{CouponIssuer, SessionSettings};
 ///
-/// let pool = Pool::builder().max_size(8).build(ConnectionManager::new("mysql://root@localhost/shop"))?;
-/// let hot = std::sync::Arc::new(CombiningIssuer::new(pool, CouponIssuer::new()));
+/// let issuer = CouponIssuer::new();
+/// // The issuer's session settings on every pooled connection (see `Combining::new`).
+/// let pool = Pool::builder()
+///     .max_size(8)
+///     .connection_customizer(Box::new(SessionSettings::new(issuer.policy().clone())))
+///     .build(ConnectionManager::new("mysql://root@localhost/shop"))?;
+/// let hot = std::sync::Arc::new(CombiningIssuer::new(pool, issuer));
 /// // From many threads:
 /// let coupon = hot.issue(42, 7)?;
 /// # Ok(())

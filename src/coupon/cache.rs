@@ -120,7 +120,7 @@ impl CouponIssuer {
     /// Whether a sold-out mark answers the calls right after the one that set it: not with a
     /// TTL of zero, under which [`known_sold_out`](Self::known_sold_out) never holds.
     pub(super) fn marks_stick(&self) -> bool {
-        self.sold_out_ttl.map_or(true, |ttl| !ttl.is_zero())
+        self.sold_out_ttl.is_none_or(|ttl| !ttl.is_zero())
     }
 
     /// Whether this issuer saw the campaign sold out (within the TTL, if one is set).

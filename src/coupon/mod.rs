@@ -206,6 +206,7 @@ impl CouponIssuer {
     }
 
     /// The same issuer reading time from `clock` (UTC) instead of the system clock.
+    #[must_use]
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
@@ -220,6 +221,7 @@ impl CouponIssuer {
     /// A batch ([`issue_many`](Self::issue_many), a combined batch) is decided at one moment:
     /// a mark its sell-out sets answers its later requests if `ttl` is above zero, as it would
     /// answer single calls made within `ttl`; a TTL of zero never answers from a mark.
+    #[must_use]
     pub fn with_sold_out_ttl(mut self, ttl: Duration) -> Self {
         self.sold_out_ttl = Some(ttl);
         self

@@ -49,7 +49,8 @@ pub enum ServerErrorKind {
     ForeignKeyViolation,
     /// The statement time limit interrupted a statement (MariaDB 1969, MySQL 3024).
     StatementTimeout,
-    /// The connection to the server was lost or killed (2006, 2013, 1927, 1053, 4031).
+    /// The connection to the server was lost or killed (2002, 2003, 2006, 2013, 1927, 1053;
+    /// MySQL 8 also 4031), or lockstock found it broken.
     ConnectionLost,
     /// The statement was interrupted by `KILL QUERY` (1317). Only the statement was rolled
     /// back; lockstock rolls back the whole transaction and retries it. During COMMIT the

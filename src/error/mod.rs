@@ -460,9 +460,9 @@ pub enum Error {
     /// per row (a batch that ends many holds): that transaction was rolled back. Nothing was
     /// committed by the transaction that was not sent or not finished; with the same
     /// idempotency key a retry is safe.
-    #[error("deadline passed after {elapsed:?} before the request was sent")]
+    #[error("deadline passed after {elapsed:?}; the pending transaction was not committed")]
     Timeout {
-        /// Time spent waiting.
+        /// Time since the call started.
         elapsed: Duration,
     },
     /// The server did not answer within the call's deadline plus the policy's
@@ -658,11 +658,16 @@ impl Error {
         Error::OutcomeUnknown { source }
     }
 
-    /// Whether the same call may succeed if repeated: contention, lock refusals and lost
-    /// connections (on a new connection), a Galera node outside the Primary component
-    /// ([`ServerErrorKind::NodeNotReady`]: on a connection to another node), a session with
-    /// replication off ([`Error::NotReplicated`]: on another connection). With the same
-    /// idempotency key a repeat never applies a change twice.
+    /// Whether the same call may succeed if repeated: contention ([`Error::Contended`], lock
+    /// refusals, deadlocks), a deadline that ran out ([`Error::Timeout`],
+    /// [`Error::ServerUnresponsive`]), an unknown outcome ([`Error::OutcomeUnknown`]: the
+    /// repeat with the same key answers what was recorded), lost or broken connections
+    /// ([`Error::ConnectionBroken`], [`Error::Pool`]: on a new connection), a Galera node
+    /// outside the Primary component ([`ServerErrorKind::NodeNotReady`]: on a connection to
+    /// another node), a node that is not the designated writer
+    /// ([`Error::NotDesignatedWriter`]) and a session with replication off
+    /// ([`Error::NotReplicated`]: on another connection). With the same idempotency key a
+    /// repeat never applies a change twice.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Contended { .. }

@@ -227,6 +227,7 @@ impl RouterBuilder {
     /// Up to `size` connections per node for writes, and as many for reads (at least 1, at
     /// most [`MAX_POOL_SIZE`]; default [`DEFAULT_POOL_SIZE`]). Connections are opened when
     /// first needed.
+    #[must_use]
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self
@@ -234,12 +235,14 @@ impl RouterBuilder {
 
     /// How often each node is probed and the writer confirmed (default
     /// [`DEFAULT_HEALTH_INTERVAL`]).
+    #[must_use]
     pub fn health_interval(mut self, interval: Duration) -> Self {
         self.health_interval = interval;
         self
     }
 
     /// Where reads go (default [`ReadConsistency::Causal`]).
+    #[must_use]
     pub fn read_consistency(mut self, consistency: ReadConsistency) -> Self {
         self.read_consistency = consistency;
         self
@@ -251,6 +254,7 @@ impl RouterBuilder {
     /// with a [`DEFAULT_PROBE_DEADLINE`] deadline). Its
     /// [`designated_writer_only`](TxnPolicy::designated_writer_only) is ignored: the claims that
     /// move the designated-writer row run on a node the row does not name yet.
+    #[must_use]
     pub fn probe_policy(mut self, policy: TxnPolicy) -> Self {
         self.probe_policy = policy;
         self
@@ -259,6 +263,7 @@ impl RouterBuilder {
     /// The session settings every pooled connection gets ([`SessionSettings`]); give the policy
     /// of the ledger and issuer that use the router, so their calls send no settings (default:
     /// [`TxnPolicy::default`]).
+    #[must_use]
     pub fn session_policy(mut self, policy: TxnPolicy) -> Self {
         self.session_policy = policy;
         self
@@ -378,8 +383,10 @@ fn spawn(name: String, work: impl FnOnce() + Send + 'static) -> Result<()> {
         .map_err(|e| Error::internal(format!("cannot start a router thread: {e}")))
 }
 
-/// What an operator watches: the writer, the epoch, failovers and each node's health.
+/// What an operator watches: the writer, the epoch, failovers and each node's health (it may
+/// gain fields: read them, build none).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RouterStats {
     /// Index (in the router's URL list) of the node writes go to now; `None` during a failover.
     pub writer: Option<usize>,
@@ -554,7 +561,8 @@ impl Router {
 
 /// A call's answer after the node failures before it: a [`Error::Timeout`] (the deadline
 /// passed before the attempt sent anything, say on a busy pool) after an earlier attempt met a
-/// node failure answers that failure — [`Error::Timeout`] promises that nothing was ever sent.
+/// node failure answers that failure — [`Error::Timeout`] says only that the deadline passed
+/// before anything was committed, not that a node failed.
 fn since_failure<T>(result: Result<T>, last: Option<Error>) -> Result<T> {
     match (result, last) {
         (Err(Error::Timeout { .. }), Some(failure)) => Err(failure),

@@ -183,18 +183,21 @@ const NO_PENDING_INSERT_ID: &str = "insert_id = 0";
 
 impl TxnPolicy {
     /// The same policy with another isolation level.
+    #[must_use]
     pub fn with_isolation(mut self, isolation: Isolation) -> Self {
         self.isolation = isolation;
         self
     }
 
     /// The same policy with another retry policy.
+    #[must_use]
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
     /// The same policy, knowing the connections' statement cache (see [`StatementCache`]).
+    #[must_use]
     pub fn with_statement_cache(mut self, cache: StatementCache) -> Self {
         self.statement_cache = cache;
         self
@@ -378,6 +381,7 @@ impl Deadline {
     }
 
     /// The earlier of two deadlines (a combined batch runs by its earliest caller's).
+    #[must_use]
     pub fn min(self, other: Self) -> Self {
         if other.at < self.at {
             other

@@ -217,6 +217,11 @@ pub(super) fn take_primed(conn: &mut MysqlConnection) -> Option<super::Isolation
 /// to every connection the pool opens, once — for the caller's own statements on it too, and
 /// a caller who changes them on such a connection changes them for lockstock's. Calls through a runner with
 /// the same policy then send no session settings at all (see [`apply_session_settings`]).
+///
+/// The mark that says so lives in the connection's Diesel instrumentation slot: an
+/// instrumentation set on the connection before is replaced, and one set afterwards removes
+/// the mark (calls then send and restore the settings each time, correct but slower). Only a
+/// process-wide `diesel::connection::set_default_instrumentation` lives with it.
 #[derive(Debug, Clone, Default)]
 pub struct SessionSettings {
     policy: TxnPolicy,

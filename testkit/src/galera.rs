@@ -952,7 +952,7 @@ impl GaleraCluster {
             self.check_exited(node)?;
             let last = match self.status(node) {
                 Ok(status) => {
-                    let size_ok = size.map_or(true, |s| status.cluster_size == s as u64);
+                    let size_ok = size.is_none_or(|s| status.cluster_size == s as u64);
                     if status.is_synced() && size_ok {
                         return Ok(status);
                     }

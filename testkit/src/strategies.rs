@@ -894,12 +894,12 @@ where
 
 /// The statistics of two combiners as one.
 fn merge_stats(a: CombinerStats, b: CombinerStats) -> CombinerStats {
-    CombinerStats {
-        batches: a.batches + b.batches,
-        requests: a.requests + b.requests,
-        largest_batch: a.largest_batch.max(b.largest_batch),
-        queued: a.queued + b.queued,
-    }
+    let mut merged = a;
+    merged.batches += b.batches;
+    merged.requests += b.requests;
+    merged.largest_batch = a.largest_batch.max(b.largest_batch);
+    merged.queued += b.queued;
+    merged
 }
 
 /// Runs `clients` threads on the hot row of `prepared` through one combiner of `domain` over

@@ -1207,7 +1207,7 @@ fn galera_router_fails_over_from_cut_calls_although_the_probe_answers_at_once() 
             );
         }
         let until = Instant::now() + Duration::from_secs(15);
-        while router.writer().map_or(true, |w| w == writer) && Instant::now() < until {
+        while router.writer().is_none_or(|w| w == writer) && Instant::now() < until {
             thread::sleep(Duration::from_millis(20));
         }
         let stats = router.stats();
@@ -1593,7 +1593,7 @@ fn galera_router_probe_moves_the_writer_off_a_read_only_node() {
         .batch_execute("SET GLOBAL read_only = 1")
         .expect("the writer read-only");
     let until = Instant::now() + Duration::from_secs(10);
-    while router.writer().map_or(true, |w| w == writer) {
+    while router.writer().is_none_or(|w| w == writer) {
         assert!(
             Instant::now() < until,
             "the router kept its read-only writer: {:?}",
