@@ -960,46 +960,78 @@ fn a_batch_that_fails_to_answer_after_its_commit_answers_outcome_unknown() {
         matches!(short, Err(Error::OutcomeUnknown { .. })),
         "{short:?}"
     );
-    // Committed, then a panic: the leader's own call panics; a caller combined with it is
-    // answered.
+    // Committed, then a panic in a batch that carries another caller: the leader's own call
+    // panics, and the caller combined with it is answered `OutcomeUnknown` (its own closure
+    // never runs). A first batch holds the turn until both have queued behind it.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = Mutex::new(held);
     let entered = Barrier::new(2);
-    let (leader, follower) = thread::scope(|s| {
+    let follower_ran = std::sync::atomic::AtomicBool::new(false);
+    let queued = |n: usize| {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while combiner.stats().queued < n {
+            assert!(
+                std::time::Instant::now() < until,
+                "{n} callers never queued"
+            );
+            thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    let (first, leader, follower) = thread::scope(|s| {
+        let first = s.spawn(|| {
+            combiner.submit(1, 2, deadline(), |_, requests, deadline| {
+                entered.wait();
+                held.lock().expect("held").recv().expect("released");
+                commit(&requests, deadline)?;
+                Ok(vec![Ok(()); requests.len()])
+            })
+        });
+        entered.wait();
         let leader = s.spawn(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                combiner.submit(1, 2, deadline(), |_, requests, deadline| {
-                    entered.wait();
-                    // Let the follower queue behind this batch, then take it in the next.
-                    thread::sleep(std::time::Duration::from_millis(200));
+                combiner.submit(1, 3, deadline(), |_, requests, deadline| {
                     commit(&requests, deadline)?;
                     panic!("after the commit");
                 })
             }))
         });
-        entered.wait();
+        queued(1);
         let follower = s.spawn(|| {
-            combiner.submit(1, 3, deadline(), |_, requests, deadline| {
+            combiner.submit(1, 4, deadline(), |_, requests, deadline| {
+                follower_ran.store(true, std::sync::atomic::Ordering::SeqCst);
                 commit(&requests, deadline)?;
-                panic!("after the commit");
+                Ok(vec![Ok(()); requests.len()])
             })
         });
-        (leader.join().expect("leader thread"), follower.join())
+        queued(2);
+        release.send(()).expect("release the first batch");
+        (
+            first.join().expect("first thread"),
+            leader.join().expect("leader thread"),
+            follower.join().expect("follower thread"),
+        )
     });
+    assert!(matches!(first, Ok(())), "{first:?}");
     assert!(leader.is_err(), "the leader's call panicked");
-    // The follower led the next batch (and panicked) or was answered by the first: either
-    // way, when it was answered, it was not told that nothing was committed.
-    if let Ok(answer) = follower {
-        assert!(
-            matches!(answer, Err(Error::OutcomeUnknown { .. })),
-            "{answer:?}"
-        );
-    }
+    assert!(
+        matches!(follower, Err(Error::OutcomeUnknown { .. })),
+        "the caller combined with the panicking leader: {follower:?}"
+    );
+    assert!(
+        !follower_ran.load(std::sync::atomic::Ordering::SeqCst),
+        "the follower was in the panicking batch, not a batch of its own"
+    );
     let applied: Vec<i32> = diesel::sql_query("SELECT id FROM applied ORDER BY id")
         .load::<Applied>(&mut admin)
         .expect("applied")
         .into_iter()
         .map(|row| row.id)
         .collect();
-    assert_eq!(applied, vec![1, 2, 3]);
+    assert_eq!(
+        applied,
+        vec![1, 2, 3, 4],
+        "the panicking batch committed both"
+    );
 }
 
 #[derive(QueryableByName)]
