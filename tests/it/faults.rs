@@ -600,6 +600,94 @@ fn server_crashes_lose_no_acknowledged_operation() {
 // 4. Negative controls.
 // ---------------------------------------------------------------------------------------------
 
+/// The history checker itself: after a clean workload it finds nothing; each way of
+/// corrupting the database behind lockstock's back — money moved between two accounts (every
+/// global sum unchanged), a journal entry's `balance_after` changed, a coupon nobody asked for,
+/// a coupon's stock taken without a coupon — is found (also by the checker's own reading of
+/// each account's journal, not only through `audit`), and undoing it makes the database clean
+/// again.
+#[test]
+fn negative_control_the_checker_finds_each_tampering() {
+    let (url, mut conn) = fresh_database("faults_checker_tampering");
+    let setup = workload::setup(&mut conn, 4, 1, 60);
+    let errors = workload::ErrorTexts::default();
+    let client = Client {
+        max_ops: 150,
+        ..Client::new(
+            &url,
+            "t0".into(),
+            0,
+            &setup,
+            seed("checker_tampering"),
+            &errors,
+        )
+    };
+    let records = workload::run_client(&client, &AtomicBool::new(false), &mut |_| true);
+    assert!(records.len() >= 150, "{} operations", records.len());
+    assert_no_violations("clean", &workload::verify(&mut conn, &setup, &records));
+    let campaign = setup.campaigns[0];
+    let last_entry: i64 =
+        diesel::sql_query("SELECT MAX(id) AS n FROM balance_history WHERE user_id = 1")
+            .get_result::<Count>(&mut conn)
+            .expect("account 1's last entry")
+            .n;
+    let template: i64 = diesel::sql_query("SELECT coupon_id AS n FROM fcfs_coupon WHERE id = ?")
+        .bind::<BigInt, _>(campaign)
+        .get_result::<Count>(&mut conn)
+        .expect("the campaign's template")
+        .n;
+    let tamperings: [(&str, String, String, &str); 4] = [
+        (
+            "money moved between accounts",
+            "UPDATE user_balance SET balance = balance + IF(user_id = 1, 1, -1) \
+             WHERE user_id IN (1, 2)"
+                .into(),
+            "UPDATE user_balance SET balance = balance - IF(user_id = 1, 1, -1) \
+             WHERE user_id IN (1, 2)"
+                .into(),
+            "account 1: balance",
+        ),
+        (
+            "an entry's balance_after",
+            format!("UPDATE balance_history SET balance_after = balance_after + 1 WHERE id = {last_entry}"),
+            format!("UPDATE balance_history SET balance_after = balance_after - 1 WHERE id = {last_entry}"),
+            "balance_after is",
+        ),
+        (
+            "a coupon nobody asked for",
+            format!(
+                "INSERT INTO user_coupon (user_id, coupon_id, fcfs_coupon_id) \
+                 VALUES (999999999, {template}, {campaign})"
+            ),
+            "DELETE FROM user_coupon WHERE user_id = 999999999".into(),
+            "",
+        ),
+        (
+            "stock taken without a coupon",
+            format!("UPDATE fcfs_coupon SET stock_quantity = stock_quantity - 1 WHERE id = {campaign}"),
+            format!("UPDATE fcfs_coupon SET stock_quantity = stock_quantity + 1 WHERE id = {campaign}"),
+            "",
+        ),
+    ];
+    for (what, tamper, undo, own_finding) in tamperings {
+        conn.batch_execute(&tamper).expect("tamper");
+        let found = workload::verify(&mut conn, &setup, &records);
+        conn.batch_execute(&undo).expect("undo");
+        assert!(!found.is_empty(), "{what}: not found");
+        assert!(
+            found.iter().any(|v| v.contains(own_finding)),
+            "{what}: not found by the checker's own reading: {found:?}"
+        );
+        assert_no_violations(what, &workload::verify(&mut conn, &setup, &records));
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
 /// Plain SELECT, compute in Rust, UPDATE: no lock, autocommit, REPEATABLE READ.
 fn unlocked_deduct(conn: &mut MysqlConnection, user: i64, amount: Decimal) -> bool {
     let balance = stored_balance(conn, user);
