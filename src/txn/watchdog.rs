@@ -50,7 +50,8 @@
 //! does in a process that cannot read its own threads' `/proc` files (not dumpable and not
 //! root): [`watchdog_available`] tells.
 
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How often a due entry whose thread is not blocked on a socket is looked at again.
@@ -87,17 +88,49 @@ struct Schedule {
     started: bool,
 }
 
+#[derive(Debug)]
 struct Watchdog {
+    /// The process this watchdog (its schedule and its thread) belongs to.
+    pid: u32,
     schedule: Mutex<Schedule>,
     changed: Condvar,
 }
 
+/// This process's watchdog. A process forked without exec inherits its parent's (schedule,
+/// "started" flag, perhaps its lock held by a thread of the parent at the fork) but not its
+/// thread: it makes one of its own, with its own lock and thread, the first time it arms one
+/// (the parent's is left as it was, never used again here).
 fn watchdog() -> &'static Watchdog {
-    static WATCHDOG: OnceLock<Watchdog> = OnceLock::new();
-    WATCHDOG.get_or_init(|| Watchdog {
+    static CURRENT: AtomicPtr<Watchdog> = AtomicPtr::new(std::ptr::null_mut());
+    let pid = std::process::id();
+    let current = CURRENT.load(Ordering::Acquire);
+    // SAFETY: every pointer stored in CURRENT comes from `Box::leak` and is never freed.
+    if let Some(dog) = unsafe { current.as_ref() } {
+        if dog.pid == pid {
+            return dog;
+        }
+    }
+    let fresh: &'static mut Watchdog = Box::leak(Box::new(Watchdog {
+        pid,
         schedule: Mutex::new(Schedule::default()),
         changed: Condvar::new(),
-    })
+    }));
+    let fresh: *mut Watchdog = fresh;
+    match CURRENT.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
+        // SAFETY: leaked above, never freed.
+        Ok(_) => unsafe { &*fresh },
+        Err(winner) => {
+            // Another thread of this process made it first: ours was never seen by anyone.
+            // SAFETY: `fresh` came from `Box::leak` just above and was never shared.
+            drop(unsafe { Box::from_raw(fresh) });
+            // SAFETY: as above for every pointer stored in CURRENT.
+            match unsafe { winner.as_ref() } {
+                Some(dog) if dog.pid == pid => dog,
+                // Only a process that forked again meanwhile: ask once more.
+                _ => watchdog(),
+            }
+        }
+    }
 }
 
 impl Watchdog {
@@ -197,13 +230,18 @@ pub fn watchdog_available() -> bool {
 pub(crate) struct Guard {
     /// `None` where the watchdog is not supported (nothing was armed).
     id: Option<u64>,
+    /// The watchdog it was armed with (this process's at the time).
+    dog: Option<&'static Watchdog>,
 }
 
 impl Guard {
     /// Arms the watchdog for the calling thread, due at `due`.
     pub(crate) fn arm(due: Instant) -> Guard {
         if !sys::SUPPORTED {
-            return Guard { id: None };
+            return Guard {
+                id: None,
+                dog: None,
+            };
         }
         let dog = watchdog();
         let tid = sys::current_tid();
@@ -220,7 +258,7 @@ impl Guard {
             schedule.started = true;
             let spawned = std::thread::Builder::new()
                 .name("lockstock-watchdog".into())
-                .spawn(|| watchdog().run());
+                .spawn(move || dog.run());
             // Without a thread nothing is ever shut down: calls behave as without the watchdog.
             if spawned.is_err() {
                 schedule.started = false;
@@ -233,18 +271,18 @@ impl Guard {
             schedule.wake = Some(due);
             dog.changed.notify_one();
         }
-        Guard { id: Some(id) }
+        Guard {
+            id: Some(id),
+            dog: Some(dog),
+        }
     }
 
     /// Whether the watchdog shut a socket of this call down (so far).
     pub(crate) fn fired(&self) -> bool {
-        self.id.is_some_and(|id| {
-            watchdog()
-                .lock()
-                .entries
-                .iter()
-                .any(|e| e.id == id && e.fired)
-        })
+        let (Some(id), Some(dog)) = (self.id, self.dog) else {
+            return false;
+        };
+        dog.lock().entries.iter().any(|e| e.id == id && e.fired)
     }
 
     /// Disarms, and says whether the watchdog shut a socket of this call down. Once this
@@ -255,10 +293,10 @@ impl Guard {
 
     /// Removes the entry (once); whether it had fired.
     fn remove(&mut self) -> bool {
-        let Some(id) = self.id.take() else {
+        let (Some(id), Some(dog)) = (self.id.take(), self.dog) else {
             return false;
         };
-        let mut schedule = watchdog().lock();
+        let mut schedule = dog.lock();
         match schedule.entries.iter().position(|e| e.id == id) {
             Some(at) => schedule.entries.swap_remove(at).fired,
             None => false,

@@ -576,6 +576,63 @@ const STOPPED_CHILD_URL: &str = "LOCKSTOCK_STOPPED_CHILD_URL";
 /// What the child's lines to the parent begin with (libtest writes to stdout as well).
 const CHILD_SAYS: &str = "stopped-child: ";
 
+/// The child's stdin, and its lines that begin with [`CHILD_SAYS`] (what follows it), as they
+/// come.
+fn talk_to(child: &mut std::process::Child) -> (std::process::ChildStdin, mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let to_child = child.stdin.take().expect("child stdin");
+    let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
+    let (lines, said) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in from_child.lines().map_while(Result::ok) {
+            // libtest's own "test ... " may come first on the line.
+            if let Some((_, line)) = line.split_once(CHILD_SAYS) {
+                if lines.send(line.to_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (to_child, said)
+}
+
+/// The next line of the child, if it begins with `what` within `within`; else the child is
+/// killed and the server resumed, and the test fails.
+fn expect(
+    said: &mpsc::Receiver<String>,
+    child: &mut std::process::Child,
+    sandbox: &mut Sandbox,
+    what: &str,
+    within: Duration,
+) -> String {
+    let line = said.recv_timeout(within).ok();
+    match line {
+        Some(line) if line.starts_with(what) => line,
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = sandbox.resume();
+            panic!("the child did not say {what:?} within {within:?}: {other:?}");
+        }
+    }
+}
+
+/// The milliseconds and the answer of a child's `answered <ms> <answer>` line: within
+/// [`bound`] and `ServerUnresponsive`, or the test fails.
+fn answered_in_bound(answer: &str) {
+    let millis: u128 = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .expect("milliseconds");
+    assert!(
+        Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX)) <= bound(),
+        "answered after {millis} ms, bound {:?}: {answer}",
+        bound()
+    );
+    assert!(answer.contains("ServerUnresponsive"), "{answer}");
+}
+
 /// The child: runs only as a child of `silent_server_call_of_a_stopped_and_continued_process_returns`.
 /// Connects, says `ready`, waits for `go`, says `calling` and reads a balance with
 /// [`policy`]; then says what it got and after how many milliseconds.
@@ -615,7 +672,7 @@ fn stopped_child() {
 /// again, `--exact silent::stopped_child`), so only it is stopped.
 #[test]
 fn silent_server_call_of_a_stopped_and_continued_process_returns() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     use std::process::Stdio;
     if std::env::var_os(STOPPED_CHILD_URL).is_some() {
         return;
@@ -637,39 +694,7 @@ fn silent_server_call_of_a_stopped_and_continued_process_returns() {
         .spawn()
         .expect("the child");
     let pid = libc::pid_t::try_from(child.id()).expect("a pid");
-    let mut to_child = child.stdin.take().expect("child stdin");
-    let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
-    let (lines, said) = mpsc::channel::<String>();
-    thread::spawn(move || {
-        for line in from_child.lines().map_while(Result::ok) {
-            // libtest's own "test ... " may come first on the line.
-            if let Some((_, line)) = line.split_once(CHILD_SAYS) {
-                if lines.send(line.to_owned()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    // The next line of the child, if it begins with `what` within `within`; else the child is
-    // killed and the server resumed, and the test fails.
-    fn expect(
-        said: &mpsc::Receiver<String>,
-        child: &mut std::process::Child,
-        sandbox: &mut Sandbox,
-        what: &str,
-        within: Duration,
-    ) -> String {
-        let line = said.recv_timeout(within).ok();
-        match line {
-            Some(line) if line.starts_with(what) => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = sandbox.resume();
-                panic!("the child did not say {what:?} within {within:?}: {other:?}");
-            }
-        }
-    }
+    let (mut to_child, said) = talk_to(&mut child);
     let (child_mut, sandbox_mut) = (&mut child, &mut sandbox);
     expect(
         &said,
@@ -702,17 +727,108 @@ fn silent_server_call_of_a_stopped_and_continued_process_returns() {
     let status = child.wait().expect("the child ends");
     assert!(status.success(), "the child failed: {status}");
     eprintln!("stopped and continued mid-call: {answer}");
-    let millis: u128 = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|m| m.parse().ok())
-        .expect("milliseconds");
-    assert!(
-        Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX)) <= bound(),
-        "answered after {millis} ms, bound {:?}: {answer}",
-        bound()
+    answered_in_bound(&answer);
+}
+
+/// Set for [`forked_child`]: the database URL.
+const FORKED_CHILD_URL: &str = "LOCKSTOCK_FORKED_CHILD_URL";
+
+/// The child of `silent_server_call_of_a_forked_process_returns`: makes a call (the watchdog
+/// starts in this process), then forks without exec; the forked process connects, says
+/// `ready`, waits for `go`, says `calling`, reads a balance with [`policy`] and says what it
+/// got and after how many milliseconds, then ends (`_exit`). This process waits for it.
+#[test]
+fn forked_child() {
+    let Ok(url) = std::env::var(FORKED_CHILD_URL) else {
+        return;
+    };
+    let ledger = BalanceLedger::with_policy(policy());
+    let mut conn = connect(&url);
+    ledger
+        .balance(&mut conn, 1)
+        .expect("a call before the fork");
+    // SAFETY: fork; the forked process uses only what it makes itself, its inherited stdin
+    // and stdout through raw reads and writes, and ends with `_exit`.
+    let forked = unsafe { libc::fork() };
+    assert!(forked >= 0, "fork");
+    if forked == 0 {
+        let say = |line: &str| {
+            let line = format!("{CHILD_SAYS}{line}\n");
+            // SAFETY: writes the bytes of `line` to stdout.
+            unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+        };
+        let mut conn = connect(&url);
+        say("ready");
+        let mut go = [0u8; 3];
+        // SAFETY: reads at most 3 bytes into `go`.
+        unsafe { libc::read(0, go.as_mut_ptr().cast(), go.len()) };
+        say("calling");
+        let started = Instant::now();
+        let answer = ledger.balance(&mut conn, 1);
+        let took = started.elapsed();
+        say(&format!("answered {} {answer:?}", took.as_millis()));
+        // SAFETY: ends the forked process without running the test harness's exit.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the process forked above.
+    let waited = unsafe { libc::waitpid(forked, &mut status, 0) };
+    assert_eq!(waited, forked, "waitpid");
+}
+
+/// A process that forks without exec (a pre-fork worker model, a daemon's `fork`) after
+/// lockstock's watchdog started in it keeps its deadlines in the forked process: a call there
+/// on a paused server returns by deadline + grace. The forked process inherits the watchdog's
+/// schedule and "started" mark but not its thread; before the fix nothing ever cut its calls
+/// (it waited for as long as the server did). Runs in a child process (this test binary again,
+/// `--exact silent::forked_child`), which forks.
+#[test]
+fn silent_server_call_of_a_forked_process_returns() {
+    use std::io::Write;
+    use std::process::Stdio;
+    if std::env::var_os(FORKED_CHILD_URL).is_some() {
+        return;
+    }
+    let _alone = exclusive();
+    let (mut sandbox, url, mut conn) = private_server("silent_forked");
+    funded_account(
+        &mut conn,
+        &BalanceLedger::with_policy(policy()),
+        1,
+        Decimal::from(100),
     );
-    assert!(answer.contains("ServerUnresponsive"), "{answer}");
+    let mut child = child_test("silent::forked_child")
+        .env(FORKED_CHILD_URL, &url)
+        .env("DATABASE_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the child");
+    let (mut to_child, said) = talk_to(&mut child);
+    let (child_mut, sandbox_mut) = (&mut child, &mut sandbox);
+    expect(
+        &said,
+        child_mut,
+        sandbox_mut,
+        "ready",
+        Duration::from_secs(30),
+    );
+    sandbox_mut.pause().expect("pause");
+    writeln!(to_child, "go").expect("to the forked process");
+    expect(
+        &said,
+        child_mut,
+        sandbox_mut,
+        "calling",
+        Duration::from_secs(10),
+    );
+    let answer = expect(&said, child_mut, sandbox_mut, "answered", give_up());
+    let _ = sandbox.resume();
+    let status = child.wait().expect("the child ends");
+    assert!(status.success(), "the child failed: {status}");
+    eprintln!("forked process mid-call: {answer}");
+    answered_in_bound(&answer);
 }
 
 /// A process started with its standard input closed (a daemon, a supervisor that closes every
