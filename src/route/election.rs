@@ -214,9 +214,24 @@ fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
             shared.suspect(node);
             true
         }
-        _ => {
+        // The node's failure (or a claim whose COMMIT's outcome is unknown: its connection
+        // failed): down until its probe and the coordinator see it again.
+        _ if error.is_node_failure() || error.is_outcome_unknown() => {
             shared.fail(node, error);
             false
+        }
+        // Refused for what the row or the statement is, not for what the node is — a missing
+        // privilege on the row, a refusal of another transaction's lock, a constraint: the
+        // node stays up (it takes reads) and is passed over in this election; its health
+        // says why. Taking it down would take every node down in turn, each election again.
+        _ => {
+            trace_event!(node, error = %error, "router: a claim refused on a healthy node");
+            if let Some(p) = shared.lock().nodes.get_mut(node) {
+                p.claim_refused = Some(format!(
+                    "reading or claiming the writer's row failed: {error}"
+                ));
+            }
+            true
         }
     }
 }
@@ -235,6 +250,9 @@ fn adopt(shared: &Shared, node: usize, epoch: i64) -> bool {
         state.writer = Some(node);
         state.last_writer = Some(node);
         state.epoch = epoch;
+        if let Some(p) = state.nodes.get_mut(node) {
+            p.claim_refused = None;
+        }
     }
     trace_event!(node, epoch, "router adopted a writer");
     shared.changed.notify_all();

@@ -115,6 +115,19 @@ pub(super) struct Probe {
     /// wait for the next probe, which starts at once, to tell which (see
     /// [`State::suspect`]).
     suspect_since: Option<Instant>,
+    /// Why the node's last claim of the writer's row was refused for a reason that is not the
+    /// node's failure (a missing privilege, say): the node stays up and takes reads; cleared
+    /// once it is adopted as the writer.
+    pub(super) claim_refused: Option<String>,
+}
+
+/// The longest node name the designated-writer row can hold (`node_name VARCHAR(255)`): a node
+/// whose `wsrep_node_name` is longer is never the writer (it takes reads).
+pub(super) const LONGEST_WRITER_NAME: usize = 255;
+
+/// Whether the designated-writer row can name a node called `name`.
+fn nameable(name: &str) -> bool {
+    name.chars().count() <= LONGEST_WRITER_NAME
 }
 
 /// Everything the router's threads and callers share, under one mutex.
@@ -162,9 +175,14 @@ impl State {
             && !self.duplicate_name(node)
     }
 
-    /// Whether `node` may be the writer: healthy and not `read_only`.
+    /// Whether `node` may be the writer: healthy, not `read_only`, and of a name the
+    /// designated-writer row can hold.
     pub(super) fn writable(&self, node: usize, probe_timeout: Duration) -> bool {
-        self.healthy(node, probe_timeout) && self.nodes.get(node).is_some_and(|p| !p.read_only)
+        self.healthy(node, probe_timeout)
+            && self
+                .nodes
+                .get(node)
+                .is_some_and(|p| !p.read_only && p.name.as_deref().is_some_and(nameable))
     }
 
     /// A write on `node` was refused because the node runs `read_only`: it is no longer the
@@ -267,9 +285,14 @@ impl State {
             local_state: p.local_state.clone(),
             last_error: if self.duplicate_name(node) {
                 Some("another URL of the router reaches a node of the same name".into())
+            } else if p.name.as_deref().is_some_and(|name| !nameable(name)) {
+                Some(format!(
+                    "its wsrep_node_name is longer than {LONGEST_WRITER_NAME} characters: the \
+                     designated_writer row cannot name it, so it is never the writer"
+                ))
             } else if healthy {
                 // A failure kept while the node was held down is over.
-                None
+                p.claim_refused.clone()
             } else {
                 p.error.clone()
             },

@@ -1612,3 +1612,133 @@ fn galera_router_probe_moves_the_writer_off_a_read_only_node() {
     let (designated, _) = designated(&urls[moved]);
     assert_eq!(Some(designated), stats.nodes[moved].name, "the row moved");
 }
+
+/// The cluster's nodes renamed (`wsrep_node_name`, a dynamic variable) to `name + suffix`;
+/// their testkit names (`node<i>`) put back when dropped, also by a failing test.
+struct Renamed {
+    urls: Vec<String>,
+}
+
+impl Renamed {
+    fn with_suffix(cluster: &GaleraCluster, suffix: &str) -> Self {
+        let urls: Vec<String> = (0..cluster.nodes()).map(|n| cluster.url(n, "")).collect();
+        for (node, url) in urls.iter().enumerate() {
+            MysqlConnection::establish(url)
+                .and_then(|mut c| {
+                    diesel::sql_query("SET GLOBAL wsrep_node_name = ?")
+                        .bind::<Text, _>(format!("node{node}{suffix}"))
+                        .execute(&mut c)
+                        .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))
+                })
+                .unwrap_or_else(|e| panic!("rename node {node}: {e}"));
+        }
+        Renamed { urls }
+    }
+}
+
+impl Drop for Renamed {
+    fn drop(&mut self) {
+        for (node, url) in self.urls.iter().enumerate() {
+            let put_back = MysqlConnection::establish(url).map(|mut c| {
+                diesel::sql_query("SET GLOBAL wsrep_node_name = ?")
+                    .bind::<Text, _>(format!("node{node}"))
+                    .execute(&mut c)
+            });
+            if !matches!(put_back, Ok(Ok(_))) {
+                eprintln!("node {node}'s name not put back: {put_back:?}");
+            }
+        }
+    }
+}
+
+/// Nodes named longer than 64 characters (a fully qualified host name, say): the
+/// designated-writer row held 64, so every claim was refused ("Data too long"), the router took
+/// each node down in turn — again at every election — and found no writer while every node was
+/// Primary and Synced. The row holds 255 characters now: a writer of such a name is elected, a
+/// write goes through, the row names it, and every node stays healthy.
+#[test]
+fn galera_router_elects_a_writer_of_a_long_name() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let suffix = format!(".{}.example", "long-domain-name".repeat(5));
+    let _renamed = Renamed::with_suffix(cluster, &suffix);
+    let urls = database(cluster, "gal_route_long_names");
+    let (router, writer) = router_with(&urls, 2, Duration::from_millis(200));
+    router
+        .write(Deadline::after(Duration::from_secs(5)), |conn, deadline| {
+            BalanceLedger::new().charge_by(conn, 7, Decimal::new(10, 0), "long", deadline)
+        })
+        .expect("a write through the writer");
+    let (name, _) = designated(&urls[0]);
+    assert_eq!(name, format!("node{writer}{suffix}"));
+    assert!(name.chars().count() > 64, "{name}");
+    let stats = router.stats();
+    assert!(
+        stats.nodes.iter().all(|node| node.healthy),
+        "{:?}",
+        stats.nodes
+    );
+}
+
+/// A claim of the writer's row refused for what the statement is, not for what the node is —
+/// here a user that may read the database but not update the row (1142): no writer can be
+/// elected, but no node is taken down for it either; every node stays healthy and serves
+/// reads, and their health says why there is no writer. Before, each refused claim took its
+/// node down as a node failure, in turn, at every election: reads found no healthy node.
+#[test]
+fn galera_router_keeps_nodes_up_when_a_claim_is_refused_for_the_statement() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let name = "gal_route_claim_refused";
+    let urls = database(cluster, name);
+    causal(&urls[0])
+        .batch_execute(&format!(
+            "CREATE USER IF NOT EXISTS 'lockstock_reader'@'localhost' IDENTIFIED BY 'reader'; \
+             GRANT SELECT ON `{name}`.* TO 'lockstock_reader'@'localhost'"
+        ))
+        .expect("a user that only reads");
+    let reader_urls: Vec<String> = urls
+        .iter()
+        .map(|url| url.replacen("mysql://root@", "mysql://lockstock_reader:reader@", 1))
+        .collect();
+    let until = Instant::now() + Duration::from_secs(20);
+    for url in &reader_urls {
+        while let Err(e) = MysqlConnection::establish(url) {
+            assert!(Instant::now() < until, "the reading user on {url}: {e}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let router = Router::builder(reader_urls)
+        .pool_size(2)
+        .health_interval(Duration::from_millis(100))
+        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+        .read_consistency(ReadConsistency::Causal)
+        .build()
+        .expect("router");
+    assert!(
+        router.wait_for_writer(Duration::from_secs(2)).is_err(),
+        "no claim can succeed"
+    );
+    // Elections keep running (callers wait for a writer): every node stays up throughout.
+    for _ in 0..20 {
+        let stats = router.stats();
+        assert!(
+            stats.nodes.iter().all(|node| node.healthy),
+            "{:?}",
+            stats.nodes
+        );
+        served_by(&router, Duration::from_secs(2)).expect("a read");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let stats = router.stats();
+    assert!(
+        stats.nodes.iter().any(|node| node
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("claiming the writer's row failed"))),
+        "{:?}",
+        stats.nodes
+    );
+}
