@@ -51,17 +51,22 @@ fn every_caller_gets_its_own_answer_and_requests_are_combined() {
 fn a_queued_caller_times_out_without_being_sent_and_the_lane_recovers() {
     let combiner = Arc::new(Doubler::new(1));
     let sent = Arc::new(AtomicUsize::new(0));
+    let (running, started_running) = std::sync::mpsc::channel::<()>();
     let slow = {
         let (combiner, sent) = (combiner.clone(), sent.clone());
         thread::spawn(move || {
             combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
                 sent.fetch_add(requests.len(), Ordering::SeqCst);
+                let _ = running.send(());
                 thread::sleep(Duration::from_millis(300));
                 Ok(requests.into_iter().map(Ok).collect())
             })
         })
     };
-    thread::sleep(Duration::from_millis(50));
+    // The slow batch runs (holding the key's turn) before the late caller comes.
+    assert!(started_running
+        .recv_timeout(Duration::from_secs(10))
+        .is_ok());
     let started = Instant::now();
     let late = combiner.submit(0, 2, within(Duration::from_millis(20)), |_, requests, _| {
         sent.fetch_add(requests.len(), Ordering::SeqCst);
@@ -382,15 +387,20 @@ fn a_lingering_leader_stops_once_its_batch_is_as_large_as_the_usual_one() {
         assert!(observed(&combiner, 0, 1, deadline(), refused_doubled).is_ok());
     }
     assert_eq!(linger_of(&combiner, 0), Some(LINGER_MAX));
-    // A batch that is full already (the one caller is queued) does not wait out the linger.
-    let started = std::time::Instant::now();
-    for _ in 0..20 {
-        assert!(observed(&combiner, 0, 1, deadline(), refused_doubled).is_ok());
-    }
+    // A batch that is full already (the one caller is queued) does not wait out the linger:
+    // the median batch takes a fraction of it (one that lingered takes all of it; the median
+    // is not moved by a few batches a busy machine delayed).
+    let mut took: Vec<Duration> = (0..21)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            assert!(observed(&combiner, 0, 1, deadline(), refused_doubled).is_ok());
+            started.elapsed()
+        })
+        .collect();
+    took.sort_unstable();
     assert!(
-        started.elapsed() < LINGER_MAX * 10,
-        "20 batches of the usual size took {:?}: they lingered",
-        started.elapsed()
+        took[took.len() / 2] < LINGER_MAX / 2,
+        "batches of the usual size took {took:?}: they lingered"
     );
 }
 
@@ -427,11 +437,13 @@ fn lingering_leaders_answer_every_caller_within_its_deadline() {
                 scope.spawn(move || {
                     barrier.wait();
                     (0..20u64).all(|i| {
-                        // Every batch "refused": the linger stays at its cap.
+                        // Every batch "refused": the linger stays at its cap. An answer that
+                        // is not `Timeout` came before the deadline (a waiter whose deadline
+                        // passes before its batch is formed is answered `Timeout`).
                         let request = t * 100 + i;
                         let deadline = within(Duration::from_millis(40));
                         let answer = observed(combiner, 0, request, deadline, refused_doubled);
-                        answer.is_ok_and(|a| a == request * 2) && !deadline.is_expired()
+                        answer.is_ok_and(|a| a == request * 2)
                     })
                 })
             })

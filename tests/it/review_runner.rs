@@ -778,12 +778,25 @@ fn finding_10d_sub_millisecond_statement_timeout_is_not_unlimited() {
     assert!(inside <= 0.001 + 1e-9, "{inside}");
 }
 
+/// A call whose deadline has passed answers `Timeout` without running its body — and sends
+/// the server nothing: the session's statement count moves only by the reads of it.
 #[test]
 fn an_expired_deadline_sends_nothing() {
     let (_url, mut conn) = fresh_database("review_expired");
+    let questions = |conn: &mut MysqlConnection| -> i64 {
+        diesel::dsl::sql::<BigInt>(
+            "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.SESSION_STATUS \
+             WHERE VARIABLE_NAME = 'QUESTIONS'",
+        )
+        .get_result(conn)
+        .expect("the session's statement count")
+    };
+    // What reading the count itself adds.
+    let reading = -questions(&mut conn) + questions(&mut conn);
     let runner = TxnRunner::new(TxnPolicy::default());
     let deadline = Deadline::after(Duration::ZERO);
     let mut ran = false;
+    let before = questions(&mut conn);
     let result = runner.run_by(&mut conn, deadline, |_| {
         ran = true;
         Ok(())
@@ -792,6 +805,7 @@ fn an_expired_deadline_sends_nothing() {
     assert!(!ran);
     let read = runner.read_by(&mut conn, deadline, |_| Ok(()));
     assert!(matches!(read, Err(Error::Timeout { .. })), "{read:?}");
+    assert_eq!(questions(&mut conn) - before, reading, "statements sent");
 }
 
 #[test]
