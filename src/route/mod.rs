@@ -417,8 +417,12 @@ impl std::fmt::Debug for Router {
 
 impl Drop for Router {
     fn drop(&mut self) {
+        // Under the state's lock: a thread that found the router running under it and is
+        // about to wait cannot miss the wake-up (it would sleep a whole interval more).
+        let state = self.shared.lock();
         self.shared.stopped.store(true, Ordering::Relaxed);
         self.shared.changed.notify_all();
+        drop(state);
     }
 }
 
