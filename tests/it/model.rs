@@ -2035,13 +2035,15 @@ fn seeded_runner(seed: u64, salt: u64) -> (TestRunner, u32) {
 }
 
 /// Prints what a proptest `run` (test, seed, cases, start) did (`seen`: how often each answer
-/// came, counted as `what`) and fails with the seed and the `minimal` failing case if it failed.
-fn report<K: std::fmt::Debug, T: std::fmt::Debug>(
+/// came, counted as `what`) and fails with the seed and the `minimal` failing case if it failed
+/// — or if an answer of `required` never came ([`covered`]).
+fn report<T: std::fmt::Debug>(
     (test, seed, cases, started): (&str, u64, u32, std::time::Instant),
     what: &str,
-    seen: &BTreeMap<K, usize>,
+    seen: &BTreeMap<String, usize>,
     result: Result<(), TestError<T>>,
     minimal: &str,
+    required: &[&str],
 ) {
     eprintln!(
         "{test}: {cases} cases, {} {what} in {:?}; answers: {seen:?}",
@@ -2055,6 +2057,7 @@ fn report<K: std::fmt::Debug, T: std::fmt::Debug>(
         }
         Err(e) => panic!("{test} (LOCKSTOCK_SEED={seed}): {e}"),
     }
+    covered((test, seed, cases), seen, required);
 }
 
 #[test]
@@ -2071,11 +2074,12 @@ fn server_matches_the_model() {
     });
     let run = (test, seed, cases, started);
     let minimal = format!("minimal failing sequence after the prelude {:?}", prelude());
-    let seen = seen.into_inner();
-    report(run, "operations", &seen, result, &minimal);
-    covered(
-        (test, seed, cases),
-        &seen,
+    report(
+        run,
+        "operations",
+        &seen.into_inner(),
+        result,
+        &minimal,
         &[
             "Ok Charge",
             "Ok Deduct",
@@ -2452,11 +2456,12 @@ fn batches_answer_as_single_calls() {
         run_batch_case(single, many, &ops, &cuts, &mut seen.borrow_mut())
     });
     let run = (test, seed, cases, started);
-    let seen = seen.into_inner();
-    report(run, "requests", &seen, result, "minimal failing case");
-    covered(
-        (test, seed, cases),
-        &seen,
+    report(
+        run,
+        "requests",
+        &seen.into_inner(),
+        result,
+        "minimal failing case",
         &[
             "Ok Charge",
             "Ok Deduct",

@@ -617,6 +617,44 @@ fn expect(
     }
 }
 
+/// A private server with a migrated database `database` and account 1 funded, and the child
+/// test `silent::<test>` started on it (the database's URL in the environment variable `env`),
+/// with its stdin and stdout piped.
+fn server_and_child(database: &str, test: &str, env: &str) -> (Sandbox, std::process::Child) {
+    use std::process::Stdio;
+    let (sandbox, url, mut conn) = private_server(database);
+    funded_account(
+        &mut conn,
+        &BalanceLedger::with_policy(policy()),
+        1,
+        Decimal::from(100),
+    );
+    let child = child_test(&format!("silent::{test}"))
+        .env(env, &url)
+        .env("DATABASE_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the child");
+    (sandbox, child)
+}
+
+/// Waits for the child's `ready`, pauses the server, tells the child `go` and waits for its
+/// `calling`: its call is then waiting for the paused server. The child's lines from then on.
+fn pause_then_call(
+    sandbox: &mut Sandbox,
+    child: &mut std::process::Child,
+) -> mpsc::Receiver<String> {
+    use std::io::Write;
+    let (mut to_child, said) = talk_to(child);
+    expect(&said, child, sandbox, "ready", Duration::from_secs(30));
+    sandbox.pause().expect("pause");
+    writeln!(to_child, "go").expect("to the child");
+    expect(&said, child, sandbox, "calling", Duration::from_secs(10));
+    said
+}
+
 /// The milliseconds and the answer of a child's `answered <ms> <answer>` line: within
 /// [`bound`] and `ServerUnresponsive`, or the test fails.
 fn answered_in_bound(answer: &str) {
@@ -672,46 +710,15 @@ fn stopped_child() {
 /// again, `--exact silent::stopped_child`), so only it is stopped.
 #[test]
 fn silent_server_call_of_a_stopped_and_continued_process_returns() {
-    use std::io::Write;
-    use std::process::Stdio;
     if std::env::var_os(STOPPED_CHILD_URL).is_some() {
         return;
     }
     let _alone = exclusive();
-    let (mut sandbox, url, mut conn) = private_server("silent_stopped");
-    funded_account(
-        &mut conn,
-        &BalanceLedger::with_policy(policy()),
-        1,
-        Decimal::from(100),
-    );
-    let mut child = child_test("silent::stopped_child")
-        .env(STOPPED_CHILD_URL, &url)
-        .env("DATABASE_URL", &url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the child");
+    let (mut sandbox, mut child) =
+        server_and_child("silent_stopped", "stopped_child", STOPPED_CHILD_URL);
     let pid = libc::pid_t::try_from(child.id()).expect("a pid");
-    let (mut to_child, said) = talk_to(&mut child);
+    let said = pause_then_call(&mut sandbox, &mut child);
     let (child_mut, sandbox_mut) = (&mut child, &mut sandbox);
-    expect(
-        &said,
-        child_mut,
-        sandbox_mut,
-        "ready",
-        Duration::from_secs(30),
-    );
-    sandbox_mut.pause().expect("pause");
-    writeln!(to_child, "go").expect("to the child");
-    expect(
-        &said,
-        child_mut,
-        sandbox_mut,
-        "calling",
-        Duration::from_secs(10),
-    );
     // The call is waiting for the paused server: stop the child and let it go on.
     thread::sleep(Duration::from_millis(300));
     let signal = |signal: libc::c_int| {
@@ -784,45 +791,14 @@ fn forked_child() {
 /// `--exact silent::forked_child`), which forks.
 #[test]
 fn silent_server_call_of_a_forked_process_returns() {
-    use std::io::Write;
-    use std::process::Stdio;
     if std::env::var_os(FORKED_CHILD_URL).is_some() {
         return;
     }
     let _alone = exclusive();
-    let (mut sandbox, url, mut conn) = private_server("silent_forked");
-    funded_account(
-        &mut conn,
-        &BalanceLedger::with_policy(policy()),
-        1,
-        Decimal::from(100),
-    );
-    let mut child = child_test("silent::forked_child")
-        .env(FORKED_CHILD_URL, &url)
-        .env("DATABASE_URL", &url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the child");
-    let (mut to_child, said) = talk_to(&mut child);
+    let (mut sandbox, mut child) =
+        server_and_child("silent_forked", "forked_child", FORKED_CHILD_URL);
+    let said = pause_then_call(&mut sandbox, &mut child);
     let (child_mut, sandbox_mut) = (&mut child, &mut sandbox);
-    expect(
-        &said,
-        child_mut,
-        sandbox_mut,
-        "ready",
-        Duration::from_secs(30),
-    );
-    sandbox_mut.pause().expect("pause");
-    writeln!(to_child, "go").expect("to the forked process");
-    expect(
-        &said,
-        child_mut,
-        sandbox_mut,
-        "calling",
-        Duration::from_secs(10),
-    );
     let answer = expect(&said, child_mut, sandbox_mut, "answered", give_up());
     let _ = sandbox.resume();
     let status = child.wait().expect("the child ends");
@@ -1000,73 +976,29 @@ fn filtered_child() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn silent_server_call_under_a_seccomp_filter_returns() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::Stdio;
+    use std::io::Write;
     if std::env::var_os(FILTERED_CHILD_URL).is_some() {
         return;
     }
     let _alone = exclusive();
-    let (mut sandbox, url, mut conn) = private_server("silent_filtered");
-    funded_account(
-        &mut conn,
-        &BalanceLedger::with_policy(policy()),
-        1,
-        Decimal::from(100),
+    let (mut sandbox, mut child) =
+        server_and_child("silent_filtered", "filtered_child", FILTERED_CHILD_URL);
+    let (mut to_child, said) = talk_to(&mut child);
+    expect(
+        &said,
+        &mut child,
+        &mut sandbox,
+        "ready",
+        Duration::from_secs(30),
     );
-    let mut child = child_test("silent::filtered_child")
-        .env(FILTERED_CHILD_URL, &url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the child");
-    let mut to_child = child.stdin.take().expect("child stdin");
-    let from_child = BufReader::new(child.stdout.take().expect("child stdout"));
-    let (lines, said) = mpsc::channel::<String>();
-    thread::spawn(move || {
-        for line in from_child.lines().map_while(Result::ok) {
-            if let Some((_, line)) = line.split_once(CHILD_SAYS) {
-                if lines.send(line.to_owned()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    // The next line of the child, if it begins with `what` within `within`.
-    let next = |what: &str, within: Duration| {
-        said.recv_timeout(within)
-            .ok()
-            .filter(|line| line.starts_with(what))
-    };
-    let ready = next("ready", Duration::from_secs(30));
-    let answer = ready.and_then(|_| {
-        sandbox.pause().expect("pause");
-        writeln!(to_child, "go").expect("to the child");
-        next("answered", give_up())
-    });
+    sandbox.pause().expect("pause");
+    writeln!(to_child, "go").expect("to the child");
+    let answer = expect(&said, &mut child, &mut sandbox, "answered", give_up());
     let _ = sandbox.resume();
-    let Some(answer) = answer else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "the child did not answer within {:?} of a paused server",
-            give_up()
-        );
-    };
     let status = child.wait().expect("the child ends");
     assert!(status.success(), "the child failed: {status}");
     eprintln!("under a seccomp filter: {answer}");
-    let millis: u64 = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|m| m.parse().ok())
-        .expect("milliseconds");
-    assert!(
-        Duration::from_millis(millis) <= bound(),
-        "answered after {millis} ms, bound {:?}: {answer}",
-        bound()
-    );
-    assert!(answer.contains("ServerUnresponsive"), "{answer}");
+    answered_in_bound(&answer);
 }
 
 /// Set in the child of [`a_standard_stream_socket_put_in_place_later_is_not_cut`].
