@@ -923,15 +923,27 @@ pub(crate) fn checkout_within(
 /// Either would refuse every call on it until the pool retired it.
 fn discard_if_unusable<Resp>(conn: &mut MysqlConnection, outcome: &Result<Vec<Result<Resp>>>) {
     let unusable = |error: &Error| matches!(error, Error::NotReplicated | Error::NestedTransaction);
-    let refused = match outcome {
-        Err(error) => unusable(error),
-        Ok(answers) => answers
-            .iter()
-            .any(|answer| matches!(answer, Err(error) if unusable(error))),
-    };
-    if refused {
+    if refused_for(outcome, unusable) {
         mark_broken(conn);
     }
+}
+
+/// Whether `outcome` is, as a whole or for a request, an error that `is`.
+fn refused_for<Resp>(outcome: &Result<Vec<Result<Resp>>>, is: impl Fn(&Error) -> bool) -> bool {
+    match outcome {
+        Err(error) => is(error),
+        Ok(answers) => answers
+            .iter()
+            .any(|answer| matches!(answer, Err(error) if is(error))),
+    }
+}
+
+/// Whether a batch met a connection of its source inside a transaction that is not
+/// lockstock's ([`Error::NestedTransaction`], as a whole or for a request): then no
+/// transaction of it ran on that connection (every one is refused at its first statement), so
+/// nothing of it was committed and it may run again on another connection.
+fn met_a_foreign_transaction<Resp>(outcome: &Result<Vec<Result<Resp>>>) -> bool {
+    refused_for(outcome, |error| matches!(error, Error::NestedTransaction))
 }
 
 /// How many connections found carrying a transaction not lockstock's a batch runs on at most
@@ -1188,7 +1200,9 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                     }
                 };
                 let run = |conn: &mut MysqlConnection, deadline| {
-                    let outcome = answer(conn, deadline);
+                    // A connection of the source: a transaction found open on it is not the
+                    // caller's (see `crate::ledger`'s expired holds).
+                    let outcome = crate::txn::on_source_connection(|| answer(conn, deadline));
                     discard_if_unusable(conn, &outcome);
                     outcome
                 };
@@ -1213,7 +1227,7 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                 // the deadline passes.
                 let mut outcome = outcome;
                 let mut discarded = 1;
-                while matches!(outcome, Err(Error::NestedTransaction))
+                while met_a_foreign_transaction(&outcome)
                     && discarded < MAX_FOREIGN_TRANSACTIONS
                     && !deadline.is_expired()
                 {
@@ -1256,10 +1270,24 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
     ) -> Result<T> {
         match &self.source {
             Source::Pool(pool) => {
-                let mut conn = checkout(pool, deadline, grace)?;
-                let answer = f(&mut conn, deadline);
-                give_back(pool, conn);
-                answer
+                // A connection found inside a transaction that is not lockstock's (left open by
+                // the application on a pool it shares) is discarded, and `f` runs again on
+                // another: nothing of `f` ran on it (every lockstock transaction and read is
+                // refused at its first statement there).
+                let mut discarded = 0;
+                loop {
+                    let mut conn = checkout(pool, deadline, grace)?;
+                    let answer = crate::txn::on_source_connection(|| f(&mut conn, deadline));
+                    let foreign = matches!(answer, Err(Error::NestedTransaction));
+                    if foreign {
+                        mark_broken(&mut conn);
+                    }
+                    give_back(pool, conn);
+                    discarded += 1;
+                    if !foreign || discarded >= MAX_FOREIGN_TRANSACTIONS || deadline.is_expired() {
+                        return answer;
+                    }
+                }
             }
             Source::Router(router) => router.write(deadline, f),
         }

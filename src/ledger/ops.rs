@@ -140,8 +140,13 @@ impl BalanceLedger {
     /// The answer to a hold whose expiry the caller's clock refused (`refusal`: passed, or
     /// further ahead than a hold may last): a retry of a hold placed before its expiry passed,
     /// or placed on a clock ahead of this one, answers the recorded entry (another request
-    /// under its key, the conflict); a key not recorded, the refusal. Inside a transaction the caller opened,
-    /// where lockstock sends nothing, the refusal too, as every bad input is refused there.
+    /// under its key, the conflict); a key not recorded, the refusal. Inside a transaction the
+    /// caller opened, where lockstock sends nothing, the refusal too, as every bad input is
+    /// refused there — but on a combiner's own connection ([`on_source_connection`]) such a
+    /// transaction is someone else's: [`Error::NestedTransaction`], and the combiner asks again
+    /// on another connection.
+    ///
+    /// [`on_source_connection`]: crate::txn::on_source_connection
     /// Where the key cannot be looked up otherwise (a server gone, a lock wait past the
     /// deadline) the answer is [`Error::OutcomeUnknown`] with that failure: the refusal would
     /// tell a retry that its hold was never placed, and the failure itself that nothing was
@@ -155,6 +160,11 @@ impl BalanceLedger {
     ) -> Result<Entry> {
         match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
             Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
+            // On a combiner's own connection the open transaction is someone else's: the
+            // combiner discards the connection and asks again on another.
+            Err(Error::NestedTransaction) if crate::txn::on_source_connection_now() => {
+                Err(Error::NestedTransaction)
+            }
             Err(Error::NestedTransaction) => Err(refusal),
             Err(failure) => {
                 let lookup = KeyLookup::of(request, refusal);

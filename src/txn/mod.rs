@@ -508,6 +508,32 @@ fn ended_badly(failure: &Error) -> bool {
     ) || failure.server_kind() == Some(ServerErrorKind::ConnectionLost)
 }
 
+thread_local! {
+    /// Set while the calling thread runs calls on a connection lockstock checked out of a pool
+    /// itself ([`on_source_connection`]).
+    static ON_SOURCE_CONNECTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` marked as running on a connection lockstock checked out itself (a combiner's): a
+/// transaction found open on it is none of the caller's, so a call answers
+/// [`Error::NestedTransaction`] for it where on a caller's own connection it would answer a
+/// refusal of the request first ([`on_source_connection_now`]).
+pub(crate) fn on_source_connection<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ON_SOURCE_CONNECTION.with(|on| on.set(self.0));
+        }
+    }
+    let _reset = Reset(ON_SOURCE_CONNECTION.with(|on| on.replace(true)));
+    f()
+}
+
+/// Whether the calling thread runs calls on a connection lockstock checked out itself.
+pub(crate) fn on_source_connection_now() -> bool {
+    ON_SOURCE_CONNECTION.with(std::cell::Cell::get)
+}
+
 /// How many refusals the runner has retried on the calling thread so far: a combiner's leader
 /// reads it around a batch (which runs on its thread) to learn whether the hot row was refused.
 pub(crate) fn refusals_on_this_thread() -> u64 {

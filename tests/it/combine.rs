@@ -1588,9 +1588,11 @@ fn a_transaction_opened_ahead_outlives_the_servers_idle_transaction_timeout() {
 /// discarded by the first combined call that checks it out, and that call runs on another
 /// connection; the server rolls the foreign transaction back as the discarded connection
 /// closes, so account 2 is free again. With and without lockstock's session settings on the
-/// pool (a primed transaction is tried first with them). Before: every combined call on that
-/// connection answered `NestedTransaction` — though none was made inside a transaction — and
-/// the pool handed the connection out again, its locks held.
+/// pool (a primed transaction is tried first with them). So is the pooled connection a capture
+/// reads its hold's owner on, and the one an expired hold's retry looks its key up on. Before:
+/// every combined call on that connection answered `NestedTransaction` — though none was made
+/// inside a transaction — and the pool handed the connection out again, its locks held; the
+/// retried hold answered its expiry's refusal instead of the recorded entry.
 #[test]
 fn a_pooled_connection_left_inside_a_foreign_transaction_is_discarded() {
     use diesel::connection::SimpleConnection;
@@ -1617,7 +1619,8 @@ fn a_pooled_connection_left_inside_a_foreign_transaction_is_discarded() {
         let pool = builder
             .build(ConnectionManager::<MysqlConnection>::new(&url))
             .expect("pool");
-        {
+        // The application's own use of the pool leaves a transaction open, holding account 2.
+        let leak = || {
             let mut leaked = pool.get().expect("the application's checkout");
             leaked
                 .batch_execute(
@@ -1625,18 +1628,47 @@ fn a_pooled_connection_left_inside_a_foreign_transaction_is_discarded() {
                      SELECT balance FROM user_balance WHERE user_id = 2 FOR UPDATE",
                 )
                 .expect("a transaction left open");
-        }
-        let combined = CombiningLedger::new(pool, BalanceLedger::new());
+        };
+        leak();
+        let combined = CombiningLedger::new(pool.clone(), BalanceLedger::new());
         let first = combined.deduct(1, Decimal::new(1, 0), "first");
         assert!(first.is_ok(), "settings {settings}: {first:?}");
         let freed = combined.deduct(2, Decimal::new(1, 0), "freed");
         assert!(freed.is_ok(), "settings {settings}: {freed:?}");
-        for user in [1, 2] {
+        // A capture, whose hold's owner is read on a pooled connection before it is combined.
+        let held = ledger
+            .hold(&mut admin, 1, Decimal::new(2, 0), "held", later(3_600_000))
+            .expect("a hold");
+        leak();
+        let captured = combined.capture(held.id, Decimal::new(1, 0), "captured");
+        assert!(captured.is_ok(), "settings {settings}: {captured:?}");
+        // A hold retried after its expiry passed, placed before: answered its recorded entry,
+        // which is looked up on a pooled connection.
+        let expires_at = later(300);
+        let placed = ledger
+            .hold(&mut admin, 1, Decimal::new(1, 0), "late", expires_at)
+            .expect("a hold placed in time");
+        thread::sleep(std::time::Duration::from_millis(400));
+        leak();
+        let retried = combined.hold(1, Decimal::new(1, 0), "late", expires_at);
+        assert!(
+            matches!(&retried, Ok(entry) if entry.id == placed.id),
+            "settings {settings}: {retried:?}"
+        );
+        leak();
+        let after = combined.deduct(2, Decimal::new(1, 0), "after");
+        assert!(after.is_ok(), "settings {settings}: {after:?}");
+        for (user, balance) in [(1, 8), (2, 8)] {
             assert_eq!(
                 lockstock_testkit::fixtures::stored_balance(&mut admin, user),
-                Decimal::new(9, 0),
+                Decimal::new(balance, 0),
                 "settings {settings}: user {user}"
             );
         }
     }
+}
+
+/// `millis` from now, on the server's clock as lockstock reads it (UTC).
+fn later(millis: i64) -> chrono::NaiveDateTime {
+    chrono::Utc::now().naive_utc() + chrono::Duration::milliseconds(millis)
 }
