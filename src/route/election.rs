@@ -250,7 +250,8 @@ fn adopt(shared: &Shared, node: usize, epoch: i64) -> bool {
         state.writer = Some(node);
         state.last_writer = Some(node);
         state.epoch = epoch;
-        if let Some(p) = state.nodes.get_mut(node) {
+        // A writer is elected: earlier refused claims (of this election or before) are over.
+        for p in &mut state.nodes {
             p.claim_refused = None;
         }
     }

@@ -285,7 +285,7 @@ impl State {
             local_state: p.local_state.clone(),
             last_error: if self.duplicate_name(node) {
                 Some("another URL of the router reaches a node of the same name".into())
-            } else if p.name.as_deref().is_some_and(|name| !nameable(name)) {
+            } else if healthy && p.name.as_deref().is_some_and(|name| !nameable(name)) {
                 Some(format!(
                     "its wsrep_node_name is longer than {LONGEST_WRITER_NAME} characters: the \
                      designated_writer row cannot name it, so it is never the writer"

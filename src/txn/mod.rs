@@ -603,7 +603,10 @@ impl TxnRunner {
     /// answers `Ok` with a Diesel transaction of its own still open is not committed
     /// ([`Error::Internal`]: the body's bug, not retried), and one that ended the runner's
     /// transaction through Diesel's manager is answered [`Error::OutcomeUnknown`] — whether it
-    /// then answers `Ok` or fails (its work may be committed: not retried). A deadlock
+    /// then answers `Ok` or fails (its work may be committed: not retried). (The runner tells by
+    /// Diesel's count of open transactions: a body that ends the runner's transaction and then
+    /// begins one of its own at the same depth through the manager is not told apart; don't.)
+    /// A deadlock
     /// inside such a nested transaction ends the whole transaction in the server; Diesel may
     /// answer its failed `ROLLBACK TO SAVEPOINT` ("SAVEPOINT ... does not exist") instead,
     /// which is not retried: statements the body sent after the server's rollback ran outside

@@ -55,13 +55,16 @@ fn cluster() -> MutexGuard<'static, Option<GaleraCluster>> {
                 None => cluster.restart(node).is_ok(),
             }
         }) && cluster.wait_cluster_synced(Duration::from_secs(40)).is_ok()
-            // A test that set a node read-only may have failed before turning it back.
+            // A test that set a node read-only, or renamed it, may have failed before turning
+            // it back.
             && (0..cluster.nodes()).all(|node| {
                 MysqlConnection::establish(&cluster.url(node, ""))
                     .map_err(|e| e.to_string())
                     .and_then(|mut conn| {
-                        conn.batch_execute("SET GLOBAL read_only = 0")
-                            .map_err(|e| e.to_string())
+                        conn.batch_execute(&format!(
+                            "SET GLOBAL read_only = 0; SET GLOBAL wsrep_node_name = 'node{node}'"
+                        ))
+                        .map_err(|e| e.to_string())
                     })
                     .is_ok()
             })
@@ -1621,8 +1624,11 @@ struct Renamed {
 
 impl Renamed {
     fn with_suffix(cluster: &GaleraCluster, suffix: &str) -> Self {
-        let urls: Vec<String> = (0..cluster.nodes()).map(|n| cluster.url(n, "")).collect();
-        for (node, url) in urls.iter().enumerate() {
+        // Made first: a rename that fails puts the ones before it back as it unwinds.
+        let renamed = Renamed {
+            urls: (0..cluster.nodes()).map(|n| cluster.url(n, "")).collect(),
+        };
+        for (node, url) in renamed.urls.iter().enumerate() {
             MysqlConnection::establish(url)
                 .and_then(|mut c| {
                     diesel::sql_query("SET GLOBAL wsrep_node_name = ?")
@@ -1632,7 +1638,7 @@ impl Renamed {
                 })
                 .unwrap_or_else(|e| panic!("rename node {node}: {e}"));
         }
-        Renamed { urls }
+        renamed
     }
 }
 
