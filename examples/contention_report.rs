@@ -8,8 +8,10 @@
 //!   multi-row INSERT, one UPDATE of the hot row, COMMIT), nothing else — and combining/floor;
 //! * **across processes**: 1, 2 and 4 application processes × 64 / P clients on one hot
 //!   coupon and one hot account, each process with its own combiner and pool, in three
-//!   interleaved rounds (1, 2, 4, 1, 2, 4, ...: a drift of the machine's speed touches every
-//!   count alike) of which each count's median run is reported and compared. The report
+//!   interleaved rounds whose order turns each round (1, 2, 4; 2, 4, 1; 4, 1, 2: a drift of the
+//!   machine's speed falls on every count in turn); each count's median run is reported, and
+//!   4proc/1proc is the median of the rounds' own ratios (each 4-process run against the
+//!   1-process run of its round), with their range. The report
 //!   re-executes itself as the worker processes (configured through `LOCKSTOCK_REPORT_WORKER_*`
 //!   environment variables; a worker prints its run on stdout), starts them together and checks
 //!   the hot row from the database once all are done;
@@ -197,6 +199,7 @@ fn run() -> Result<bool, BoxError> {
     let machine = format!("{cores} cores, server {version}");
     let load_at_start = load_average();
     println!("# lockstock contention report\n");
+    println!("server settings: {}\n", harness.server_settings()?);
     println!(
         "{machine}; {} mode: {:.1} s per cell, clients {:?}, one thread (and connection) per \
          client; combining uses a pool of min(clients, 8).\n",
@@ -263,8 +266,12 @@ fn run() -> Result<bool, BoxError> {
     }
     print_processes(&runs);
 
-    // The Redis gate.
-    redis_gate(&mut harness, &options, &results, &mut violations)?;
+    // The Redis gate: optional — a gate that cannot run (Redis did not start, say) is
+    // reported, and the rest of the report stands.
+    if let Err(error) = redis_gate(&mut harness, &options, &results, &mut violations) {
+        println!("redis gate failed: {error}\n");
+        eprintln!("  redis gate: failed: {error}");
+    }
 
     let chart = chart_svg(&results, &floors, &options.clients, &machine);
     let path = chart_path();
@@ -395,15 +402,17 @@ fn print_processes(runs: &[processes::ProcessRun]) {
         "P application processes (the report re-executed as workers) x {RATIO_CLIENTS}/P \
          clients on one hot row, each process with its own combiner and pool of \
          min(clients, 8); throughput = all successes / (last process's end - first process's \
-         start); checked from the database once every process is done. {} interleaved rounds; \
-         each row is the round with the median throughput, its vs-1-process against 1 \
-         process's median.\n",
+         start); checked from the database once every process is done. {} interleaved rounds, \
+         their order turned each round (1, 2, 4; 2, 4, 1; 4, 1, 2); each row is the round with \
+         the median throughput, its vs-1-process against 1 process's median; per round, each \
+         run against the 1-process run of its round (sorted; the final line's 4proc/1proc is \
+         their median).\n",
         processes::ROUNDS
     );
     println!(
-        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | ok/s per round | notes |"
+        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | vs 1 process per round | ok/s per round | notes |"
     );
-    println!("|---|---|---:|---:|---:|---|---|---:|---|---|");
+    println!("|---|---|---:|---:|---:|---|---|---:|---|---|---|");
     let medians = Domain::ALL.iter().flat_map(|&domain| {
         processes::PROCESSES
             .iter()
@@ -423,8 +432,12 @@ fn print_processes(runs: &[processes::ProcessRun]) {
             b.requests as f64 / b.batches as f64
         };
         let errors = run_errors(&run.run);
+        let per_round: Vec<String> = processes::round_ratios(runs, run.domain, run.processes)
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect();
         println!(
-            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} |",
+            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} | {} |",
             run.domain.name(),
             run.processes,
             RATIO_CLIENTS / run.processes,
@@ -433,6 +446,7 @@ fn print_processes(runs: &[processes::ProcessRun]) {
             run.run.percentile_ms(99.0),
             b.batches,
             run.run.throughput() / one.max(1e-9),
+            per_round.join(" / "),
             rounds.join(" / "),
             if run.violations.is_empty() {
                 String::new()
@@ -444,12 +458,12 @@ fn print_processes(runs: &[processes::ProcessRun]) {
     println!();
 }
 
+/// 4proc/1proc of `domain`: the median of the rounds' own ratios.
 fn process_ratio(runs: &[processes::ProcessRun], domain: Domain) -> String {
-    let rate =
-        |processes: usize| processes::median(runs, domain, processes).map(|r| r.run.throughput());
-    match (rate(4), rate(1)) {
-        (Some(four), Some(one)) if one > 0.0 => format!("{:.2}", four / one),
-        _ => "n/a".to_string(),
+    let ratios = processes::round_ratios(runs, domain, 4);
+    match ratios.get(ratios.len().saturating_sub(1) / 2) {
+        Some(median) => format!("{median:.2}"),
+        None => "n/a".to_string(),
     }
 }
 
@@ -1550,6 +1564,8 @@ mod processes {
     pub(super) struct ProcessRun {
         pub(super) domain: Domain,
         pub(super) processes: usize,
+        /// Which round (0-based) it ran in.
+        pub(super) round: usize,
         pub(super) run: Run,
         pub(super) batches: CombinerStats,
         pub(super) violations: Vec<String>,
@@ -1728,6 +1744,24 @@ mod processes {
         of.get(of.len().saturating_sub(1) / 2).copied()
     }
 
+    /// Each round's throughput of `domain` with `processes` processes over the 1-process
+    /// run of the same round, sorted.
+    pub(super) fn round_ratios(runs: &[ProcessRun], domain: Domain, processes: usize) -> Vec<f64> {
+        let of = |count: usize, round: usize| {
+            runs.iter()
+                .find(|r| r.domain == domain && r.processes == count && r.round == round)
+                .map(|r| r.run.throughput())
+        };
+        let mut ratios: Vec<f64> = (0..ROUNDS)
+            .filter_map(|round| match (of(processes, round), of(1, round)) {
+                (Some(many), Some(one)) if one > 0.0 => Some(many / one),
+                _ => None,
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios
+    }
+
     /// [`ROUNDS`] rounds of every (domain, process count): `processes` workers ×
     /// [`RATIO_CLIENTS`] / `processes` clients on one fresh hot row for `time`, then the checks
     /// from the database.
@@ -1737,8 +1771,11 @@ mod processes {
     ) -> Result<Vec<ProcessRun>, BoxError> {
         let exe = std::env::current_exe()?;
         let mut runs = Vec::new();
-        for domain in (0..ROUNDS).flat_map(|_| Domain::ALL) {
-            for processes in PROCESSES {
+        for (round, domain) in (0..ROUNDS).flat_map(|r| Domain::ALL.map(|d| (r, d))) {
+            // The order turns each round: a drift falls on every count in turn.
+            let mut order = PROCESSES;
+            order.rotate_left(round % PROCESSES.len());
+            for processes in order {
                 let clients = RATIO_CLIENTS / processes;
                 let share = CELL_REQUEST_CAP / processes as u64;
                 let prepared = harness.prepare(domain, CELL_REQUEST_CAP)?;
@@ -1811,6 +1848,7 @@ mod processes {
                 runs.push(ProcessRun {
                     domain,
                     processes,
+                    round,
                     run,
                     batches,
                     violations,

@@ -193,6 +193,15 @@ fn main() -> Result<(), BoxError> {
         issue.sold_out.as_millis(),
         single.sold_out.as_millis()
     );
+    // The speed-up compares the same work: both runs issued the whole stock.
+    let single_others: u64 = single.stats.others.values().sum();
+    if single.stats.issued != u64::from(STOCK) || single_others > 0 {
+        failures.push(format!(
+            "the per-request run issued {} of {STOCK} coupons ({single_others} requests failed \
+             unexpectedly: {:?}): the speed-up compares different work",
+            single.stats.issued, single.stats.others
+        ));
+    }
     let IssueRun { mut stats, .. } = issue;
     let issue = &mut stats;
     let mut money = LedgerStats::default();

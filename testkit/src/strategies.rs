@@ -229,6 +229,17 @@ fn insert_user_coupon(
     target: &CouponTarget,
     at: NaiveDateTime,
 ) -> Result<i64, Error> {
+    write_user_coupon(conn, user_id, target, at)?;
+    inserted_id(conn)
+}
+
+/// INSERTs the coupon row of `user_id` from `target` issued at `at` (its id not read).
+fn write_user_coupon(
+    conn: &mut MysqlConnection,
+    user_id: i64,
+    target: &CouponTarget,
+    at: NaiveDateTime,
+) -> Result<(), Error> {
     diesel::insert_into(user_coupon::table)
         .values((
             user_coupon::user_id.eq(user_id),
@@ -238,11 +249,12 @@ fn insert_user_coupon(
             user_coupon::issued_at.eq(at),
         ))
         .execute(conn)?;
-    inserted_id(conn)
+    Ok(())
 }
 
-/// The statements of `CouponIssuer::issue`: INSERT user_coupon, `SELECT LAST_INSERT_ID()`,
-/// `SELECT stock_quantity ... FOR UPDATE [NOWAIT]`, UPDATE stock. Returns the coupon id.
+/// The statements of `CouponIssuer::issue`: INSERT user_coupon, `SELECT stock_quantity,
+/// LAST_INSERT_ID() ... FOR UPDATE [NOWAIT]` (the coupon's id comes with the lock), UPDATE
+/// stock. Returns the coupon id.
 fn issue_statements(
     conn: &mut MysqlConnection,
     user_id: i64,
@@ -251,16 +263,18 @@ fn issue_statements(
     nowait: bool,
 ) -> Result<i64, Error> {
     let campaign_id = target.campaign_id;
-    let id = insert_user_coupon(conn, user_id, target, at)?;
+    write_user_coupon(conn, user_id, target, at)?;
     let stock_row = fcfs_coupon::table
         .find(campaign_id)
-        .select(fcfs_coupon::stock_quantity);
-    let stock: Option<i32> = if nowait {
+        .select((fcfs_coupon::stock_quantity, last_insert_id()));
+    let locked: Option<(i32, u64)> = if nowait {
         stock_row.for_update().no_wait().first(conn).optional()?
     } else {
         stock_row.for_update().first(conn).optional()?
     };
-    let stock = stock.ok_or(Error::CampaignNotFound { campaign_id })?;
+    let (stock, id) = locked.ok_or(Error::CampaignNotFound { campaign_id })?;
+    let id = i64::try_from(id)
+        .map_err(|e| Error::from(diesel::result::Error::DeserializationError(e.into())))?;
     if stock <= 0 {
         return Err(Error::SoldOut { campaign_id });
     }
@@ -1354,6 +1368,19 @@ impl Harness {
             diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>("VERSION()"))
                 .get_result(&mut self.setup)?,
         )
+    }
+
+    /// The server settings behind the figures: durability of a commit
+    /// (`innodb_flush_log_at_trx_commit`, the binary log, `sync_binlog`), the buffer pool and
+    /// `max_connections`, as one line.
+    pub fn server_settings(&mut self) -> Result<String, BoxError> {
+        Ok(diesel::select(diesel::dsl::sql::<diesel::sql_types::Text>(
+            "CONCAT('innodb_flush_log_at_trx_commit=', @@innodb_flush_log_at_trx_commit, \
+             ' log_bin=', @@log_bin, ' sync_binlog=', @@sync_binlog, \
+             ' innodb_buffer_pool_size=', @@innodb_buffer_pool_size DIV 1048576, 'M', \
+             ' max_connections=', @@max_connections)",
+        ))
+        .get_result(&mut self.setup)?)
     }
 
     /// The cluster's [`Conflicts`] counters now, summed over the nodes (node-wide: they count
