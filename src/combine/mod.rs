@@ -57,8 +57,9 @@
 //! the queue, the pool checkout (`get_timeout` with the time left) and the batch transaction. A
 //! batch runs by the earliest deadline of the requests in it, so it never outlives any of its
 //! callers. When it gives up by that deadline without committing ([`Error::Contended`] with
-//! attempts left, [`Error::Timeout`]; through a [`Router`], also a node failure — the router
-//! waited for a writer until that deadline), only the callers whose deadline it ran by are answered
+//! attempts left, [`Error::Timeout`], [`Error::ServerUnresponsive`] — the watchdog cut it at
+//! that deadline plus grace; through a [`Router`], also a node failure — the router waited for
+//! a writer until that deadline), only the callers whose deadline it ran by are answered
 //! so: a request with a later deadline (at least 10 ms left) goes back to the front of the
 //! queue and runs in the next batch, as its single call would still be retrying — but not
 //! once the attempts spent on it have reached the policy's `max_attempts` (the batch it runs in
@@ -198,9 +199,12 @@ struct Again<'a, Req> {
 }
 
 /// [`Again::spent`] for a policy of `max_attempts`: a request runs again after its batch gave
-/// up by the deadline — [`Error::Timeout`], or [`Error::Contended`] with attempts left, or
-/// (`routed`: through a [`Router`], which runs a single call again after one until its
-/// deadline) a node failure — while the attempts spent on it stay under `max_attempts`.
+/// up by the deadline — [`Error::Timeout`], [`Error::Contended`] with attempts left, or
+/// [`Error::ServerUnresponsive`] (the watchdog cut the batch at ITS deadline plus grace: a
+/// later caller's single call would still be waiting; no COMMIT was sent, or the answer would
+/// be [`Error::OutcomeUnknown`]), or (`routed`: through a [`Router`], which runs a single call
+/// again after one until its deadline) a node failure — while the attempts spent on it stay
+/// under `max_attempts`.
 fn within_attempts(max_attempts: u32, routed: bool) -> impl Fn(&Error, u32) -> Option<u32> {
     let max_attempts = max_attempts.max(1);
     move |error, spent| match error {
@@ -208,7 +212,7 @@ fn within_attempts(max_attempts: u32, routed: bool) -> impl Fn(&Error, u32) -> O
             let spent = spent.saturating_add(*attempts);
             (spent < max_attempts).then_some(spent)
         }
-        Error::Timeout { .. } => Some(spent),
+        Error::Timeout { .. } | Error::ServerUnresponsive { .. } => Some(spent),
         error if routed && error.is_node_failure() => Some(spent),
         _ => None,
     }

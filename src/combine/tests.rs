@@ -230,6 +230,7 @@ fn given_back_behind_a_batch(
             Ok(answer) => Ok(answer),
             Err(Error::Timeout { .. }) => Err("timeout"),
             Err(Error::Contended { .. }) => Err("contended"),
+            Err(Error::ServerUnresponsive { .. }) => Err("unresponsive"),
             Err(_) => Err("other"),
         })
         .collect();
@@ -253,6 +254,18 @@ fn a_batch_that_gives_up_by_an_earlier_deadline_runs_the_later_requests_again() 
     assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
     let (answers, batches) = given_back_behind_a_batch(|| contended(3), 64, with_3);
     assert_eq!(answers, vec![Ok(4), Err("contended"), Ok(8)]);
+    assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
+    // Cut by the watchdog at the batch's deadline plus grace (a server that stopped
+    // answering; no COMMIT sent): the callers of later deadlines would still be waiting
+    // alone. Before, over a pool, every caller was answered the cut.
+    let (answers, batches) = given_back_behind_a_batch(
+        || Error::ServerUnresponsive {
+            elapsed: Duration::from_millis(1),
+        },
+        64,
+        with_3,
+    );
+    assert_eq!(answers, vec![Ok(4), Err("unresponsive"), Ok(8)]);
     assert_eq!(batches, vec![vec![2, 3, 4], vec![2, 4]]);
 }
 
@@ -522,7 +535,8 @@ fn the_next_leader_prepares_while_the_batch_before_it_runs_and_batches_never_ove
 /// Through a router a batch that gave up by an earlier caller's deadline during a failover
 /// (a node failure: the router waited for a writer until that deadline) gives the later
 /// requests back, as their single calls would still wait for the new writer; over a pool, a
-/// node failure is every caller's answer, as it is the single call's.
+/// node failure (a lost connection) is every caller's answer, as it is the single call's — but
+/// not a watchdog cut, which the batch's own deadline set off (see above).
 #[test]
 fn a_routed_batch_gives_back_requests_after_a_node_failure() {
     let lost = || {
