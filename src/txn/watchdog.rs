@@ -92,6 +92,9 @@ struct Schedule {
 struct Watchdog {
     /// The process this watchdog (its schedule and its thread) belongs to.
     pid: u32,
+    /// Its thread could not be started the last time it was tried (the process at its thread
+    /// limit, say): nothing is cut until a later call starts it.
+    spawn_failed: std::sync::atomic::AtomicBool,
     schedule: Mutex<Schedule>,
     changed: Condvar,
 }
@@ -112,6 +115,7 @@ fn watchdog() -> &'static Watchdog {
     }
     let fresh: &'static mut Watchdog = Box::leak(Box::new(Watchdog {
         pid,
+        spawn_failed: std::sync::atomic::AtomicBool::new(false),
         schedule: Mutex::new(Schedule::default()),
         changed: Condvar::new(),
     }));
@@ -216,13 +220,17 @@ impl Watchdog {
 /// (`/proc/self/task/<tid>/syscall`). Not in a process that is not dumpable — one that called
 /// `prctl(PR_SET_DUMPABLE, 0)`, changed its user or group ids (a daemon dropping root) while
 /// `fs.suid_dumpable` is not 1, or was started from a setuid or file-capability binary —
-/// unless it runs as root: its `/proc` files are root's then. Where this is `false`, a call on
-/// a silent server waits as long as the server does, whatever its deadline. Check it at
+/// unless it runs as root: its `/proc` files are root's then; nor while its thread could not
+/// be started (the process at its thread limit: the next call tries again). Where this is
+/// `false`, a call on a silent server waits as long as the server does, whatever its
+/// deadline. Check it at
 /// start-up, after dropping privileges (`prctl(PR_SET_DUMPABLE, 1)` afterwards makes it `true`
 /// again). With the `tracing` feature the watchdog logs a warning the first time it cannot
 /// look at an overdue call.
 pub fn watchdog_available() -> bool {
-    sys::SUPPORTED && sys::can_see_blocked_calls()
+    sys::SUPPORTED
+        && sys::can_see_blocked_calls()
+        && !watchdog().spawn_failed.load(Ordering::Relaxed)
 }
 
 /// An armed watchdog entry for the calling thread; dropping it disarms.
@@ -259,10 +267,12 @@ impl Guard {
             let spawned = std::thread::Builder::new()
                 .name("lockstock-watchdog".into())
                 .spawn(move || dog.run());
-            // Without a thread nothing is ever shut down: calls behave as without the watchdog.
+            // Without a thread nothing is ever shut down: calls behave as without the watchdog
+            // (and `watchdog_available` says so) until a later call starts it.
             if spawned.is_err() {
                 schedule.started = false;
             }
+            dog.spawn_failed.store(spawned.is_err(), Ordering::Relaxed);
         }
         if match schedule.wake {
             Some(wake) => due < wake,
