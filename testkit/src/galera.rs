@@ -380,6 +380,13 @@ impl GaleraBuilder {
             None
         };
         let dir = make_dir()?;
+        if owner.is_some() {
+            // Private to root (0700) but for `mysql`, which runs the nodes: it may pass through
+            // to the node directories it owns (0711: it cannot list this one).
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o711))
+                .map_err(gio_err(format!("cannot open {} to mysql", dir.display())))?;
+        }
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -404,7 +411,10 @@ impl GaleraBuilder {
         let ports = free_ports(4 * self.nodes)?;
         for (i, p) in ports.chunks_exact(4).enumerate() {
             let dir = cluster.dir.join(format!("node{i}"));
-            fs::create_dir(&dir).map_err(gio_err(format!("cannot create {}", dir.display())))?;
+            // Its owner's only (the socket inside lets in `root` without a password).
+            std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+                .create(&dir)
+                .map_err(gio_err(format!("cannot create {}", dir.display())))?;
             if let Some((uid, gid)) = owner {
                 std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
                     .map_err(gio_err(format!("cannot chown {} to mysql", dir.display())))?;

@@ -1,4 +1,5 @@
-//! A throwaway MariaDB (or MySQL) server for examples, tests and benchmarks.
+//! A throwaway MariaDB server for examples, tests and benchmarks (MySQL 8 ships no
+//! `mysql_install_db`: not supported).
 //!
 //! [`Sandbox::start`] creates a fresh data directory under the system temp
 //! directory (`lockstock-sandbox-<pid>-<n>`), initialises it with
@@ -51,7 +52,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -838,15 +839,36 @@ pub(crate) fn make_private_dir(kind: &str, socket: &Path) -> Result<PathBuf, San
     if base.join(&name).join(socket).as_os_str().len() >= MAX_SOCKET_PATH {
         base = PathBuf::from("/tmp");
     }
-    let dir = base.join(name);
-    if dir.exists() {
-        // Left behind by a dead process that had our pid.
-        fs::remove_dir_all(&dir)
-            .map_err(io_err(format!("cannot remove stale {}", dir.display())))?;
+    fs::create_dir_all(&base).map_err(io_err(format!("cannot create {}", base.display())))?;
+    // Made here, by this call, readable by its owner only: never an existing path (another
+    // user's, a live server's of another PID namespace sharing /tmp, or one planted there),
+    // which is never removed either — a name taken goes on to the next number.
+    let mut name = name;
+    for _ in 0..PRIVATE_DIR_TRIES {
+        let dir = base.join(&name);
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                name = format!(
+                    "lockstock-{kind}-{}-{}",
+                    std::process::id(),
+                    COUNTER.fetch_add(1, Ordering::Relaxed)
+                );
+            }
+            Err(e) => return Err(io_err(format!("cannot create {}", dir.display()))(e)),
+        }
     }
-    fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-    Ok(dir)
+    Err(io_err(format!(
+        "no free lockstock-{kind}-{}-<n> name in {} after {PRIVATE_DIR_TRIES} tries",
+        std::process::id(),
+        base.display()
+    ))(std::io::Error::from(
+        std::io::ErrorKind::AlreadyExists,
+    )))
 }
+
+/// How many names [`make_private_dir`] tries before it gives up.
+const PRIVATE_DIR_TRIES: u32 = 1_000;
 
 fn spawn_watchdog(dir: &Path) -> Result<Child, SandboxError> {
     spawn_watchdog_script(WATCHDOG_SCRIPT, "lockstock-sandbox-watchdog", dir)
@@ -995,6 +1017,36 @@ pub(crate) fn tail(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A private directory is made by the call, readable by its owner only, and never one
+    /// that exists: a name taken (here the next two, planted with a file inside) is left as
+    /// it is and the next free number is used. Before, an existing directory of the name was
+    /// removed (another user's, or a live server's of another PID namespace sharing /tmp)
+    /// and the new one made with the umask's mode (0755: every local user could reach the
+    /// socket of a server whose `root` has no password).
+    #[test]
+    fn private_dirs_are_new_and_private() {
+        let socket = Path::new("s.sock");
+        let base = std::env::temp_dir();
+        let next = COUNTER.load(Ordering::Relaxed);
+        let planted: Vec<PathBuf> = (next..next + 2)
+            .map(|n| {
+                let dir = base.join(format!("lockstock-unit-{}-{n}", std::process::id()));
+                fs::create_dir_all(&dir).expect("planted");
+                fs::write(dir.join("marker"), "kept").expect("marker");
+                dir
+            })
+            .collect();
+        let made = make_private_dir("unit", socket).expect("a private dir");
+        let mode = fs::metadata(&made).expect("its mode").permissions().mode();
+        let kept: Vec<bool> = planted.iter().map(|d| d.join("marker").exists()).collect();
+        for dir in planted.iter().chain([&made]) {
+            let _ = fs::remove_dir_all(dir);
+        }
+        assert!(!planted.contains(&made), "{made:?} was planted");
+        assert_eq!(mode & 0o777, 0o700, "{made:?}");
+        assert_eq!(kept, [true, true], "a planted directory was removed");
+    }
 
     #[test]
     fn database_names() {
