@@ -1032,13 +1032,17 @@ mod tests {
         let planted: Vec<PathBuf> = (next..next + 2)
             .map(|n| {
                 let dir = base.join(format!("lockstock-unit-{}-{n}", std::process::id()));
-                fs::create_dir_all(&dir).expect("planted");
-                fs::write(dir.join("marker"), "kept").expect("marker");
+                let planted =
+                    fs::create_dir_all(&dir).and_then(|()| fs::write(dir.join("marker"), "kept"));
+                assert!(planted.is_ok(), "plant {dir:?}: {planted:?}");
                 dir
             })
             .collect();
-        let made = make_private_dir("unit", socket).expect("a private dir");
-        let mode = fs::metadata(&made).expect("its mode").permissions().mode();
+        let made = make_private_dir("unit", socket);
+        let Ok(made) = made else {
+            panic!("a private dir: {made:?}");
+        };
+        let mode = fs::metadata(&made).map_or(0, |m| m.permissions().mode());
         let kept: Vec<bool> = planted.iter().map(|d| d.join("marker").exists()).collect();
         for dir in planted.iter().chain([&made]) {
             let _ = fs::remove_dir_all(dir);
