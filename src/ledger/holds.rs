@@ -43,7 +43,10 @@
 //!   `UPDATE`; `COMMIT`. A transaction takes no further hold once the call's deadline has
 //!   passed (it commits the ones it marked; the account is reported skipped), so a sweep of
 //!   many holds neither outlives its deadline by more than one hold's statements and the
-//!   COMMIT nor keeps an account locked for long.
+//!   COMMIT nor keeps an account locked for long. While fewer than `limit` holds are marked and
+//!   the deadline allows, the due holds are read again without the accounts skipped so far
+//!   (at most [`EXPIRY_PASSES`] reads), so an account locked all along cannot starve the
+//!   others.
 //!
 //! Lock order everywhere: the account row, then its holds in ascending id order (a transfer:
 //! both accounts in ascending `user_id` order). Only transactions holding an account's row lock
@@ -86,6 +89,10 @@ pub const MAX_EXPIRY_BATCH: u32 = 1000;
 /// Most holds [`BalanceLedger::expire_holds`] marks in one transaction (one account's): each
 /// costs four statements under the account's lock.
 const EXPIRY_PER_TRANSACTION: usize = 64;
+
+/// Most reads of the due holds one [`BalanceLedger::expire_holds`] makes (each without the
+/// accounts skipped before it).
+const EXPIRY_PASSES: u32 = 8;
 
 impl BalanceLedger {
     /// Reserves `amount` of `user_id`'s available balance until `expires_at` (UTC, compared
@@ -180,11 +187,13 @@ impl BalanceLedger {
     }
 
     /// Marks up to `limit` holds whose expiry has passed on the server clock as expired, each
-    /// with an `expire` journal entry (no key; `related_entry_id`: the hold). Safe to run from
-    /// several processes at once: each account is locked `NOWAIT` in ascending `user_id` order
-    /// and tried once; one that is locked is skipped and reported in
-    /// [`ExpiredHolds::skipped_accounts`] for a later call. Expiry does not depend on this
-    /// call: an expired hold stops reserving at once; this only records its end.
+    /// with an `expire` journal entry (no key; `related_entry_id`: the hold), those that
+    /// expired first first. Safe to run from several processes at once: each account is locked
+    /// `NOWAIT` in ascending `user_id` order and tried once; one that is locked is skipped and
+    /// reported in [`ExpiredHolds::skipped_accounts`] for a later call, and the due holds are
+    /// read again without it (so a locked account's holds never keep the others' from being
+    /// marked). Expiry does not depend on this call: an expired hold stops reserving at once;
+    /// this only records its end.
     ///
     /// An account's transaction that fails otherwise ([`Error::Server`],
     /// [`Error::OutcomeUnknown`], [`Error::ConnectionBroken`], ...) ends the sweep: once an
@@ -208,24 +217,59 @@ impl BalanceLedger {
             });
         }
         let deadline = self.runner.deadline();
-        let due: Vec<(i64, i64)> = self.runner.read_by(conn, deadline, |conn| {
-            Ok(balance_hold::table
-                .filter(balance_hold::state.eq(HoldState::Active.as_str()))
-                .filter(
-                    balance_hold::expires_at
-                        .le(sql::<diesel::sql_types::Datetime>("UTC_TIMESTAMP(6)")),
-                )
-                .order((balance_hold::expires_at.asc(), balance_hold::id.asc()))
-                .limit(i64::from(limit))
-                .select((balance_hold::user_id, balance_hold::id))
-                .load(conn)?)
-        })?;
-        let mut by_account: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
-        for (user_id, hold_id) in due {
-            by_account.entry(user_id).or_default().push(hold_id);
-        }
         let mut report = ExpiredHolds::default();
-        let mut accounts = by_account.into_iter();
+        // The due holds are read again, without the accounts skipped so far, while fewer than
+        // `limit` are marked: an account locked all along (a hot one) whose holds expired
+        // first must not keep every other account's from being read.
+        for pass in 0..EXPIRY_PASSES {
+            let wanted = (limit as usize).saturating_sub(report.expired.len());
+            if wanted == 0 || (pass > 0 && deadline.is_expired()) {
+                break;
+            }
+            let skipped = report.skipped_accounts.clone();
+            let due: Result<Vec<(i64, i64)>> = self.runner.read_by(conn, deadline, |conn| {
+                Ok(balance_hold::table
+                    .filter(balance_hold::state.eq(HoldState::Active.as_str()))
+                    .filter(
+                        balance_hold::expires_at
+                            .le(sql::<diesel::sql_types::Datetime>("UTC_TIMESTAMP(6)")),
+                    )
+                    .filter(balance_hold::user_id.ne_all(&skipped))
+                    .order((balance_hold::expires_at.asc(), balance_hold::id.asc()))
+                    .limit(i64::try_from(wanted).unwrap_or(i64::MAX))
+                    .select((balance_hold::user_id, balance_hold::id))
+                    .load(conn)?)
+            });
+            let due = match due {
+                Ok(due) if due.is_empty() => break,
+                Ok(due) => due,
+                Err(error) if report.expired.is_empty() => return Err(error),
+                // Earlier expirations committed: answer them.
+                Err(_) => break,
+            };
+            let mut by_account: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+            for (user_id, hold_id) in due {
+                by_account.entry(user_id).or_default().push(hold_id);
+            }
+            if !self.expire_accounts(conn, by_account, deadline, &mut report)? {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Expires the due holds of each of `accounts` (ascending `user_id`), chunk by chunk, into
+    /// `report` (see [`expire_holds`](Self::expire_holds)); whether the sweep may go on
+    /// (`false`: an account's transaction failed after earlier ones committed — the rest are
+    /// reported skipped).
+    fn expire_accounts(
+        &self,
+        conn: &mut MysqlConnection,
+        accounts: BTreeMap<i64, Vec<i64>>,
+        deadline: Deadline,
+        report: &mut ExpiredHolds,
+    ) -> Result<bool> {
+        let mut accounts = accounts.into_iter();
         'accounts: while let Some((user_id, mut hold_ids)) = accounts.next() {
             hold_ids.sort_unstable();
             hold_ids.dedup();
@@ -257,12 +301,12 @@ impl BalanceLedger {
                         report
                             .skipped_accounts
                             .extend(accounts.map(|(user_id, _)| user_id));
-                        break 'accounts;
+                        return Ok(false);
                     }
                 }
             }
         }
-        Ok(report)
+        Ok(true)
     }
 
     /// The account of the hold `hold_id` (which never changes), read by `deadline`.

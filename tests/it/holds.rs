@@ -848,6 +848,56 @@ fn concurrent_sweepers_expire_each_hold_once() {
     }
 }
 
+/// A sweep whose first due holds all belong to an account that stays locked (a hot one, here
+/// held by another program) still marks other accounts' due holds: it reads the due holds
+/// again without the accounts it skipped. Before, every call read the same first `limit`
+/// holds, skipped their account and marked nothing — as long as that account stayed locked,
+/// no other account's holds were ever recorded as expired.
+#[test]
+fn a_locked_account_does_not_keep_other_accounts_holds_from_the_sweep() {
+    let (url, mut conn) = fresh_database("holds_sweep_starved");
+    let ledger = BalanceLedger::new();
+    for user in [1, 2] {
+        funded_account(&mut conn, &ledger, user, dec(100));
+    }
+    // Account 1's five holds expire first, account 2's one after them.
+    let first = now() + Duration::milliseconds(800);
+    let holds: Vec<AccountOp> = (0..5)
+        .map(|i| AccountOp::hold(dec(1), format!("h{i}"), first))
+        .collect();
+    for answer in ledger.apply_many(&mut conn, 1, &holds).expect("holds") {
+        answer.expect("hold");
+    }
+    let later = ledger
+        .hold(
+            &mut conn,
+            2,
+            dec(1),
+            "later",
+            first + Duration::milliseconds(200),
+        )
+        .expect("account 2's hold");
+    while ledger.balance(&mut conn, 2).expect("balance").held > Decimal::ZERO {
+        thread::sleep(StdDuration::from_millis(20));
+    }
+    let mut other = other_program(&url);
+    lock_balance(&mut other, 1).expect("account 1 held by another program");
+    let report = ledger.expire_holds(&mut conn, 5).expect("sweep");
+    diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK")
+        .expect("release account 1");
+    assert_eq!(report.skipped_accounts, vec![1], "{report:?}");
+    let ends: Vec<Option<i64>> = report.expired.iter().map(|e| e.related_entry_id).collect();
+    assert_eq!(ends, vec![Some(later.id)], "{report:?}");
+    assert_eq!(
+        ledger
+            .hold_status(&mut conn, later.id)
+            .expect("status")
+            .state,
+        HoldState::Expired
+    );
+    audit_ok(&ledger, &mut conn, 2);
+}
+
 /// Holds and captures through `CombiningLedger` from many threads on one account: each answer
 /// is the single call's, and the account stays exact.
 #[test]
