@@ -266,14 +266,28 @@ impl Record {
     }
 }
 
-fn field<T: FromStr>(it: &mut std::str::SplitWhitespace<'_>, line: &str) -> T {
+/// A history line that is not a [`Record`]'s (a truncated line of a worker killed mid-write,
+/// say): the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord(pub String);
+
+impl fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "bad history line {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BadRecord {}
+
+fn field<T: FromStr>(it: &mut std::str::SplitWhitespace<'_>, line: &str) -> Result<T, BadRecord> {
     it.next()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad history line {line:?}"))
+        .ok_or_else(|| BadRecord(line.to_owned()))
 }
 
 impl fmt::Display for Record {
-    /// One line: `key kind a b amount outcome id attempts unknowns lost contended`.
+    /// One line: `key kind a b amount outcome id attempts unknowns lost contended unexpected`
+    /// (the key has no whitespace: the workload's keys are `<client>-<n>`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, a, b, amount) = match &self.op {
             Op::Charge { user, amount } => ("charge", *user, 0, *amount),
@@ -307,17 +321,18 @@ impl fmt::Display for Record {
 }
 
 impl FromStr for Record {
-    type Err = std::convert::Infallible;
+    type Err = BadRecord;
 
     fn from_str(line: &str) -> Result<Self, Self::Err> {
+        let bad = || BadRecord(line.to_owned());
         let mut it = line.split_whitespace();
-        let key: String = field(&mut it, line);
-        let kind: String = field(&mut it, line);
-        let a: i64 = field(&mut it, line);
-        let b: i64 = field(&mut it, line);
-        let amount: Decimal = field(&mut it, line);
-        let outcome: String = field(&mut it, line);
-        let id: i64 = field(&mut it, line);
+        let key: String = field(&mut it, line)?;
+        let kind: String = field(&mut it, line)?;
+        let a: i64 = field(&mut it, line)?;
+        let b: i64 = field(&mut it, line)?;
+        let amount: Decimal = field(&mut it, line)?;
+        let outcome: String = field(&mut it, line)?;
+        let id: i64 = field(&mut it, line)?;
         let op = match kind.as_str() {
             "charge" => Op::Charge { user: a, amount },
             "deduct" => Op::Deduct { user: a, amount },
@@ -335,7 +350,7 @@ impl FromStr for Record {
                 user: a,
                 campaign: b,
             },
-            _ => panic!("bad history line {line:?}"),
+            _ => return Err(bad()),
         };
         let outcome = match outcome.as_str() {
             "ok" => Outcome::Ok(id),
@@ -343,18 +358,22 @@ impl FromStr for Record {
             "refused" => Outcome::Refused,
             "lost" => Outcome::Lost,
             "unknown" => Outcome::Unknown,
-            _ => panic!("bad history line {line:?}"),
+            _ => return Err(bad()),
         };
-        Ok(Record {
+        let record = Record {
             key,
             op,
             outcome,
-            attempts: field(&mut it, line),
-            unknowns: field(&mut it, line),
-            lost: field(&mut it, line),
-            contended: field(&mut it, line),
-            unexpected: field::<bool>(&mut it, line).then(|| "in another process".to_owned()),
-        })
+            attempts: field(&mut it, line)?,
+            unknowns: field(&mut it, line)?,
+            lost: field(&mut it, line)?,
+            contended: field(&mut it, line)?,
+            unexpected: field::<bool>(&mut it, line)?.then(|| "in another process".to_owned()),
+        };
+        match it.next() {
+            Some(_) => Err(bad()),
+            None => Ok(record),
+        }
     }
 }
 
@@ -921,5 +940,45 @@ fn op_kind(op: &Op) -> &'static str {
         Op::Refund { .. } => "refund",
         Op::Transfer { .. } => "transfer_out",
         Op::Issue { .. } => "issue",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record round-trips through its line; a line that is not a record's (truncated, an
+    /// unknown kind or outcome, a field too many) is an error, not a panic.
+    #[test]
+    fn history_lines() {
+        let record = Record {
+            key: "k3-17".into(),
+            op: Op::Transfer {
+                from: 1,
+                to: 2,
+                amount: Decimal::new(125, 2),
+            },
+            outcome: Outcome::Ok(42),
+            attempts: 3,
+            unknowns: 1,
+            lost: 0,
+            contended: 2,
+            unexpected: None,
+        };
+        let line = record.to_string();
+        assert_eq!(line.parse::<Record>().map(|r| r.to_string()), Ok(line));
+        for bad in [
+            "",
+            "k deduct 1",
+            "k steal 1 0 5 ok 1 1 0 0 0 false",
+            "k deduct 1 0 5 maybe 1 1 0 0 0 false",
+            "k deduct 1 0 5 ok 1 1 0 0 0 false extra",
+        ] {
+            assert_eq!(
+                bad.parse::<Record>().err(),
+                Some(BadRecord(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
     }
 }
