@@ -45,8 +45,8 @@
 //!   many holds neither outlives its deadline by more than one hold's statements and the
 //!   COMMIT nor keeps an account locked for long. While fewer than `limit` holds are marked and
 //!   the deadline allows, the due holds are read again without the accounts skipped so far
-//!   (at most [`EXPIRY_PASSES`] reads), so an account locked all along cannot starve the
-//!   others.
+//!   (bounded by the deadline, and by [`EXPIRY_PASSES`] reads), so accounts locked all along
+//!   cannot starve the others.
 //!
 //! Lock order everywhere: the account row, then its holds in ascending id order (a transfer:
 //! both accounts in ascending `user_id` order). Only transactions holding an account's row lock
@@ -91,8 +91,10 @@ pub const MAX_EXPIRY_BATCH: u32 = 1000;
 const EXPIRY_PER_TRANSACTION: usize = 64;
 
 /// Most reads of the due holds one [`BalanceLedger::expire_holds`] makes (each without the
-/// accounts skipped before it).
-const EXPIRY_PASSES: u32 = 8;
+/// accounts skipped before it): as many as holds it may mark — a read marks a hold or skips an
+/// account it had not met (but where others ended the holds it read meanwhile), and the call's
+/// deadline ends them first.
+const EXPIRY_PASSES: u32 = MAX_EXPIRY_BATCH;
 
 impl BalanceLedger {
     /// Reserves `amount` of `user_id`'s available balance until `expires_at` (UTC, compared
@@ -243,8 +245,9 @@ impl BalanceLedger {
             let due = match due {
                 Ok(due) if due.is_empty() => break,
                 Ok(due) => due,
-                Err(error) if report.expired.is_empty() => return Err(error),
-                // Earlier expirations committed: answer them.
+                Err(error) if pass == 0 => return Err(error),
+                // A later read (nothing of it applied): what the earlier passes did — the holds
+                // they marked, the accounts they skipped — is the answer.
                 Err(_) => break,
             };
             let mut by_account: BTreeMap<i64, Vec<i64>> = BTreeMap::new();

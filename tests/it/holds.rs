@@ -898,6 +898,56 @@ fn a_locked_account_does_not_keep_other_accounts_holds_from_the_sweep() {
     audit_ok(&ledger, &mut conn, 2);
 }
 
+/// Many locked accounts whose holds expired first (here ten, with a `limit` of one: each read
+/// meets one of them) do not starve the sweep either: it reads on, by its deadline, until it
+/// finds a hold it can mark. Before (a bound of eight reads) the call answered nothing marked
+/// and eight accounts skipped.
+#[test]
+fn many_locked_accounts_do_not_keep_another_accounts_hold_from_the_sweep() {
+    const LOCKED: i64 = 10;
+    let (url, mut conn) = fresh_database("holds_sweep_starved_many");
+    let ledger = BalanceLedger::new();
+    let first = now() + Duration::milliseconds(800);
+    for user in 1..=LOCKED + 1 {
+        funded_account(&mut conn, &ledger, user, dec(100));
+    }
+    for user in 1..=LOCKED {
+        ledger
+            .hold(&mut conn, user, dec(1), "first", first)
+            .expect("a locked account's hold");
+    }
+    let later = ledger
+        .hold(
+            &mut conn,
+            LOCKED + 1,
+            dec(1),
+            "later",
+            first + Duration::milliseconds(200),
+        )
+        .expect("the free account's hold");
+    while ledger.balance(&mut conn, LOCKED + 1).expect("balance").held > Decimal::ZERO {
+        thread::sleep(StdDuration::from_millis(20));
+    }
+    let mut others: Vec<MysqlConnection> = (1..=LOCKED)
+        .map(|user| {
+            let mut other = other_program(&url);
+            lock_balance(&mut other, user).expect("held by another program");
+            other
+        })
+        .collect();
+    let report = ledger.expire_holds(&mut conn, 1).expect("sweep");
+    for other in &mut others {
+        diesel::connection::SimpleConnection::batch_execute(other, "ROLLBACK").expect("release");
+    }
+    let ends: Vec<Option<i64>> = report.expired.iter().map(|e| e.related_entry_id).collect();
+    assert_eq!(ends, vec![Some(later.id)], "{report:?}");
+    assert_eq!(
+        report.skipped_accounts,
+        (1..=LOCKED).collect::<Vec<_>>(),
+        "{report:?}"
+    );
+}
+
 /// Holds and captures through `CombiningLedger` from many threads on one account: each answer
 /// is the single call's, and the account stays exact.
 #[test]
