@@ -1485,27 +1485,11 @@ fn galera_router_moves_the_writer_off_a_read_only_node() {
     let cluster = guard.as_mut().expect("cluster");
     let name = "gal_route_read_only";
     let urls = database(cluster, name);
-    let mut admin = causal(&urls[0]);
-    admin
-        .batch_execute(&format!(
-            "CREATE USER IF NOT EXISTS 'lockstock_app'@'localhost' IDENTIFIED BY 'app'; \
-             GRANT ALL ON `{name}`.* TO 'lockstock_app'@'localhost'"
-        ))
-        .expect("an application user");
-    let app_urls: Vec<String> = urls
-        .iter()
-        .map(|url| url.replacen("mysql://root@", "mysql://lockstock_app:app@", 1))
-        .collect();
-    // The user is replicated to the other nodes a moment later: a router probing a node that
-    // does not know it yet takes the node for down (probes are a minute apart here), and the
-    // second part finds no node that takes writes. Every node lets the user in first.
-    let until = Instant::now() + Duration::from_secs(20);
-    for url in &app_urls {
-        while let Err(e) = MysqlConnection::establish(url) {
-            assert!(Instant::now() < until, "the application user on {url}: {e}");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let app_urls = user_urls(
+        &urls,
+        ("lockstock_app", "app"),
+        &format!("ALL ON `{name}`.*"),
+    );
     // Probes a minute apart: the router learns that the writer went read-only from the write
     // it refused, not from a probe.
     let (router, writer) = router_with(&app_urls, 4, Duration::from_secs(60));
@@ -1616,6 +1600,40 @@ fn galera_router_probe_moves_the_writer_off_a_read_only_node() {
     assert_eq!(Some(designated), stats.nodes[moved].name, "the row moved");
 }
 
+/// Sets the `wsrep_node_name` of the node at `url` to `name`.
+fn rename(url: &str, name: &str) -> Result<(), String> {
+    let mut conn = MysqlConnection::establish(url).map_err(|e| e.to_string())?;
+    diesel::sql_query("SET GLOBAL wsrep_node_name = ?")
+        .bind::<Text, _>(name)
+        .execute(&mut conn)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// `urls` for the user `(name, password)`, created with `GRANT <grant>`, once every node lets
+/// it in: the user reaches the other nodes a moment after the first, and a router probing a
+/// node that does not know it yet takes that node for down (until its next probe).
+fn user_urls(urls: &[String], (user, password): (&str, &str), grant: &str) -> Vec<String> {
+    causal(&urls[0])
+        .batch_execute(&format!(
+            "CREATE USER IF NOT EXISTS '{user}'@'localhost' IDENTIFIED BY '{password}'; \
+             GRANT {grant} TO '{user}'@'localhost'"
+        ))
+        .expect("a user");
+    let user_urls: Vec<String> = urls
+        .iter()
+        .map(|url| url.replacen("mysql://root@", &format!("mysql://{user}:{password}@"), 1))
+        .collect();
+    let until = Instant::now() + Duration::from_secs(20);
+    for url in &user_urls {
+        while let Err(e) = MysqlConnection::establish(url) {
+            assert!(Instant::now() < until, "the user {user} on {url}: {e}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    user_urls
+}
+
 /// The cluster's nodes renamed (`wsrep_node_name`, a dynamic variable) to `name + suffix`;
 /// their testkit names (`node<i>`) put back when dropped, also by a failing test.
 struct Renamed {
@@ -1629,14 +1647,9 @@ impl Renamed {
             urls: (0..cluster.nodes()).map(|n| cluster.url(n, "")).collect(),
         };
         for (node, url) in renamed.urls.iter().enumerate() {
-            MysqlConnection::establish(url)
-                .and_then(|mut c| {
-                    diesel::sql_query("SET GLOBAL wsrep_node_name = ?")
-                        .bind::<Text, _>(format!("node{node}{suffix}"))
-                        .execute(&mut c)
-                        .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))
-                })
-                .unwrap_or_else(|e| panic!("rename node {node}: {e}"));
+            if let Err(e) = rename(url, &format!("node{node}{suffix}")) {
+                panic!("rename node {node}: {e}");
+            }
         }
         renamed
     }
@@ -1645,13 +1658,8 @@ impl Renamed {
 impl Drop for Renamed {
     fn drop(&mut self) {
         for (node, url) in self.urls.iter().enumerate() {
-            let put_back = MysqlConnection::establish(url).map(|mut c| {
-                diesel::sql_query("SET GLOBAL wsrep_node_name = ?")
-                    .bind::<Text, _>(format!("node{node}"))
-                    .execute(&mut c)
-            });
-            if !matches!(put_back, Ok(Ok(_))) {
-                eprintln!("node {node}'s name not put back: {put_back:?}");
+            if let Err(e) = rename(url, &format!("node{node}")) {
+                eprintln!("node {node}'s name not put back: {e}");
             }
         }
     }
@@ -1699,23 +1707,11 @@ fn galera_router_keeps_nodes_up_when_a_claim_is_refused_for_the_statement() {
     let cluster = guard.as_mut().expect("cluster");
     let name = "gal_route_claim_refused";
     let urls = database(cluster, name);
-    causal(&urls[0])
-        .batch_execute(&format!(
-            "CREATE USER IF NOT EXISTS 'lockstock_reader'@'localhost' IDENTIFIED BY 'reader'; \
-             GRANT SELECT ON `{name}`.* TO 'lockstock_reader'@'localhost'"
-        ))
-        .expect("a user that only reads");
-    let reader_urls: Vec<String> = urls
-        .iter()
-        .map(|url| url.replacen("mysql://root@", "mysql://lockstock_reader:reader@", 1))
-        .collect();
-    let until = Instant::now() + Duration::from_secs(20);
-    for url in &reader_urls {
-        while let Err(e) = MysqlConnection::establish(url) {
-            assert!(Instant::now() < until, "the reading user on {url}: {e}");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let reader_urls = user_urls(
+        &urls,
+        ("lockstock_reader", "reader"),
+        &format!("SELECT ON `{name}`.*"),
+    );
     let router = Router::builder(reader_urls)
         .pool_size(2)
         .health_interval(Duration::from_millis(100))

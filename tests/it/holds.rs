@@ -855,47 +855,7 @@ fn concurrent_sweepers_expire_each_hold_once() {
 /// no other account's holds were ever recorded as expired.
 #[test]
 fn a_locked_account_does_not_keep_other_accounts_holds_from_the_sweep() {
-    let (url, mut conn) = fresh_database("holds_sweep_starved");
-    let ledger = BalanceLedger::new();
-    for user in [1, 2] {
-        funded_account(&mut conn, &ledger, user, dec(100));
-    }
-    // Account 1's five holds expire first, account 2's one after them.
-    let first = now() + Duration::milliseconds(800);
-    let holds: Vec<AccountOp> = (0..5)
-        .map(|i| AccountOp::hold(dec(1), format!("h{i}"), first))
-        .collect();
-    for answer in ledger.apply_many(&mut conn, 1, &holds).expect("holds") {
-        answer.expect("hold");
-    }
-    let later = ledger
-        .hold(
-            &mut conn,
-            2,
-            dec(1),
-            "later",
-            first + Duration::milliseconds(200),
-        )
-        .expect("account 2's hold");
-    while ledger.balance(&mut conn, 2).expect("balance").held > Decimal::ZERO {
-        thread::sleep(StdDuration::from_millis(20));
-    }
-    let mut other = other_program(&url);
-    lock_balance(&mut other, 1).expect("account 1 held by another program");
-    let report = ledger.expire_holds(&mut conn, 5).expect("sweep");
-    diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK")
-        .expect("release account 1");
-    assert_eq!(report.skipped_accounts, vec![1], "{report:?}");
-    let ends: Vec<Option<i64>> = report.expired.iter().map(|e| e.related_entry_id).collect();
-    assert_eq!(ends, vec![Some(later.id)], "{report:?}");
-    assert_eq!(
-        ledger
-            .hold_status(&mut conn, later.id)
-            .expect("status")
-            .state,
-        HoldState::Expired
-    );
-    audit_ok(&ledger, &mut conn, 2);
+    sweep_past_locked_accounts("holds_sweep_starved", (1, 5), 5);
 }
 
 /// Many locked accounts whose holds expired first (here ten, with a `limit` of one: each read
@@ -904,38 +864,49 @@ fn a_locked_account_does_not_keep_other_accounts_holds_from_the_sweep() {
 /// and eight accounts skipped.
 #[test]
 fn many_locked_accounts_do_not_keep_another_accounts_hold_from_the_sweep() {
-    const LOCKED: i64 = 10;
-    let (url, mut conn) = fresh_database("holds_sweep_starved_many");
+    sweep_past_locked_accounts("holds_sweep_starved_many", (10, 1), 1);
+}
+
+/// `locked.0` accounts with `locked.1` holds each that expire first, all held by other
+/// programs, and one free account with a hold that expires after them: one `expire_holds` of
+/// `limit` marks the free account's hold, skips every locked account, and the audit of the
+/// free account holds.
+fn sweep_past_locked_accounts(name: &str, (accounts, holds): (i64, usize), limit: u32) {
+    let (url, mut conn) = fresh_database(name);
     let ledger = BalanceLedger::new();
-    let first = now() + Duration::milliseconds(800);
-    for user in 1..=LOCKED + 1 {
+    let free = accounts + 1;
+    for user in 1..=free {
         funded_account(&mut conn, &ledger, user, dec(100));
     }
-    for user in 1..=LOCKED {
-        ledger
-            .hold(&mut conn, user, dec(1), "first", first)
-            .expect("a locked account's hold");
+    let first = now() + Duration::milliseconds(800);
+    let ops: Vec<AccountOp> = (0..holds)
+        .map(|i| AccountOp::hold(dec(1), format!("h{i}"), first))
+        .collect();
+    for user in 1..=accounts {
+        for answer in ledger.apply_many(&mut conn, user, &ops).expect("holds") {
+            answer.expect("a locked account's hold");
+        }
     }
     let later = ledger
         .hold(
             &mut conn,
-            LOCKED + 1,
+            free,
             dec(1),
             "later",
             first + Duration::milliseconds(200),
         )
         .expect("the free account's hold");
-    while ledger.balance(&mut conn, LOCKED + 1).expect("balance").held > Decimal::ZERO {
+    while ledger.balance(&mut conn, free).expect("balance").held > Decimal::ZERO {
         thread::sleep(StdDuration::from_millis(20));
     }
-    let mut others: Vec<MysqlConnection> = (1..=LOCKED)
+    let mut others: Vec<MysqlConnection> = (1..=accounts)
         .map(|user| {
             let mut other = other_program(&url);
             lock_balance(&mut other, user).expect("held by another program");
             other
         })
         .collect();
-    let report = ledger.expire_holds(&mut conn, 1).expect("sweep");
+    let report = ledger.expire_holds(&mut conn, limit).expect("sweep");
     for other in &mut others {
         diesel::connection::SimpleConnection::batch_execute(other, "ROLLBACK").expect("release");
     }
@@ -943,9 +914,17 @@ fn many_locked_accounts_do_not_keep_another_accounts_hold_from_the_sweep() {
     assert_eq!(ends, vec![Some(later.id)], "{report:?}");
     assert_eq!(
         report.skipped_accounts,
-        (1..=LOCKED).collect::<Vec<_>>(),
+        (1..=accounts).collect::<Vec<_>>(),
         "{report:?}"
     );
+    assert_eq!(
+        ledger
+            .hold_status(&mut conn, later.id)
+            .expect("status")
+            .state,
+        HoldState::Expired
+    );
+    audit_ok(&ledger, &mut conn, free);
 }
 
 /// Holds and captures through `CombiningLedger` from many threads on one account: each answer
