@@ -15,7 +15,7 @@ use diesel::query_dsl::methods::{ExecuteDsl, LoadQuery};
 use diesel::sql_types::{BigInt, Datetime, Integer, Numeric, Text};
 use diesel::{MysqlConnection, QueryResult, RunQueryDsl};
 
-use crate::txn::{bounded_waits, note_clean_failure};
+use crate::txn::{bounded_waits, note_clean_failure, Deadline};
 use rust_decimal::Decimal;
 
 /// Defines a statement type with a static query id: a unit struct for constant SQL, or a struct
@@ -439,16 +439,37 @@ pub(crate) const MAX_INSERT_ROWS: usize = 1_000;
 pub(crate) const MAX_LIST_VALUES: usize = 10_000;
 
 /// What `read` returns for `values`, read with one statement per [`MAX_LIST_VALUES`] of them
-/// (an `IN (...)` list each), in order.
+/// (an `IN (...)` list each), in order; with a `deadline`, [`Error::Timeout`](crate::Error::Timeout)
+/// where it passes before a list after the first (see [`in_pieces`]).
 pub(crate) fn read_in_lists<V, T, E>(
     values: &[V],
+    deadline: Option<Deadline>,
     mut read: impl FnMut(&[V]) -> Result<Vec<T>, E>,
-) -> Result<Vec<T>, E> {
+) -> Result<Vec<T>, crate::Error>
+where
+    crate::Error: From<E>,
+{
     let mut all = Vec::new();
-    for some in values.chunks(MAX_LIST_VALUES) {
-        all.extend(read(some)?);
+    for some in in_pieces(values.chunks(MAX_LIST_VALUES), deadline) {
+        all.extend(read(some?)?);
     }
     Ok(all)
+}
+
+/// The `pieces` of a statement split in several (an INSERT per [`MAX_INSERT_ROWS`] rows, a
+/// read per [`MAX_LIST_VALUES`] values), each but the first only while `deadline` has not
+/// passed: after it, [`Error::Timeout`](crate::Error::Timeout) in its place, so a large batch
+/// stops there (its transaction rolled back, nothing of it applied) instead of sending the
+/// rest of its statements past its deadline. `None`: no deadline to keep here (a call of one
+/// row, one piece).
+pub(crate) fn in_pieces<'a, T: 'a>(
+    pieces: impl Iterator<Item = &'a [T]>,
+    deadline: Option<Deadline>,
+) -> impl Iterator<Item = Result<&'a [T], crate::Error>> {
+    pieces.enumerate().map(move |(at, piece)| match deadline {
+        Some(deadline) if at > 0 => deadline.before_next_statement().map(|()| piece),
+        _ => Ok(piece),
+    })
 }
 
 /// How many rows of `R` one INSERT writes at most: [`MAX_INSERT_ROWS`], fewer for a row type
@@ -462,9 +483,14 @@ pub(crate) const fn rows_per_insert<R: InsertRow>() -> usize {
     }
 }
 
-/// `rows` in the pieces one INSERT each writes ([`rows_per_insert`]), in order.
-pub(crate) fn insert_chunks<R: InsertRow>(rows: &[R]) -> std::slice::Chunks<'_, R> {
-    rows.chunks(rows_per_insert::<R>())
+/// `rows` in the pieces one INSERT each writes ([`rows_per_insert`]), in order; with a
+/// `deadline`, [`Error::Timeout`](crate::Error::Timeout) in place of a piece after the first
+/// once it has passed ([`in_pieces`]).
+pub(crate) fn insert_chunks<R: InsertRow>(
+    rows: &[R],
+    deadline: Option<Deadline>,
+) -> impl Iterator<Item = Result<&[R], crate::Error>> {
+    in_pieces(rows.chunks(rows_per_insert::<R>()), deadline)
 }
 
 /// A row type [`InsertRows`] writes: the INSERT's head, and the row's values bound in the

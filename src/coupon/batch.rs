@@ -58,7 +58,8 @@ impl CouponIssuer {
     /// stock row is locked. A batch of more than 1,000 users writes them with one INSERT per
     /// 1,000, each followed by its ids (and then locks the stock row without reading an id):
     /// one prepared statement binds at most 65,535 values, and a batch of any size answers as
-    /// its single issues.
+    /// its single issues. No INSERT after the first is sent once the deadline has passed: the
+    /// attempt is rolled back whole and the batch answers [`Error::Timeout`] (nothing issued).
     ///
     /// # Errors
     /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],
@@ -122,10 +123,9 @@ impl CouponIssuer {
             && !failure.is_outcome_unknown()
         {
             let coupon_id = found.coupon_id;
-            if let Ok(held) = self
-                .runner
-                .read_by(conn, deadline, |conn| holders(conn, coupon_id, &open))
-            {
+            if let Ok(held) = self.runner.read_by(conn, deadline, |conn| {
+                holders(conn, coupon_id, &open, Some(deadline))
+            }) {
                 found.held.extend(held);
                 // Every user's holder is known as of this read.
                 found.unknown = false;
@@ -253,7 +253,7 @@ impl CouponIssuer {
                         };
                     }
                     let holders = if read_holders {
-                        holders(conn, coupon_id, &valid)?
+                        holders(conn, coupon_id, &valid, Some(deadline))?
                     } else {
                         HashMap::new()
                     };
@@ -303,6 +303,7 @@ impl CouponIssuer {
                                 &everyone,
                                 at,
                                 holding,
+                                deadline,
                             )?)
                         };
                         Some((everyone, ids))
@@ -342,9 +343,14 @@ impl CouponIssuer {
                     }
                     let new_ids = match early {
                         Some((written, Some(ids))) if written == winners => ids,
-                        Some((written, None)) if written == winners => {
-                            user_coupon_ids(conn, Some(insert_ids), coupon_id, &winners, first_id)?
-                        }
+                        Some((written, None)) if written == winners => user_coupon_ids(
+                            conn,
+                            Some(insert_ids),
+                            coupon_id,
+                            &winners,
+                            first_id,
+                            deadline,
+                        )?,
                         // The stock runs out in this batch: written for too many; again with the
                         // stock read first.
                         Some(_) => {
@@ -358,6 +364,7 @@ impl CouponIssuer {
                             &winners,
                             at,
                             Holding::Locks,
+                            deadline,
                         )?,
                     };
                     if !winners.is_empty() {

@@ -214,7 +214,9 @@ impl CouponIssuer {
             if current.as_ref() != Some(facts) {
                 return Ok(None);
             }
-            Ok(holders(conn, coupon_id, &[user_id])?.get(&user_id).copied())
+            Ok(holders(conn, coupon_id, &[user_id], None)?
+                .get(&user_id)
+                .copied())
         })?;
         Ok(held.map(|user_coupon_id| Error::AlreadyIssued {
             user_id,

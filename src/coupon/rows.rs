@@ -23,10 +23,10 @@ use super::types::{Campaign, CouponStatus, IssuedCoupon, UserCouponRow};
 use crate::error::{Error, Result};
 use crate::schema::{coupon, fcfs_coupon, user_coupon};
 use crate::statements::{
-    insert_row, read_in_lists, read_under_lock, rows_per_insert, write_under_lock, InsertRows,
-    SetStock, WaitFree,
+    in_pieces, insert_row, read_in_lists, read_under_lock, rows_per_insert, write_under_lock,
+    InsertRows, SetStock, WaitFree,
 };
-use crate::txn::{bounded_waits, locking_read, note_clean_failure, Holding, InsertIds};
+use crate::txn::{bounded_waits, locking_read, note_clean_failure, Deadline, Holding, InsertIds};
 use crate::util::{inserted_ids, last_insert_id, locked_row, IdStep};
 
 /// `SELECT id, coupon_id, total_quantity, stock_quantity, issue_starts_at, issue_ends_at FROM
@@ -102,14 +102,19 @@ pub(crate) fn insert_user_coupons(
     users: &[i64],
     issued_at: NaiveDateTime,
     holding: Holding,
+    deadline: Deadline,
 ) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(users.len());
-    for (at, some) in users.chunks(rows_per_insert::<NewUserCoupon>()).enumerate() {
+    let chunks = users.chunks(rows_per_insert::<NewUserCoupon>());
+    for (at, some) in in_pieces(chunks, Some(deadline)).enumerate() {
+        let some = some?;
         // After the first chunk the transaction holds that chunk's rows: no later chunk may
         // wait for a lock (a one-row chunk of `Holding::Nothing` would).
         let holding = if at == 0 { holding } else { Holding::Locks };
         write_user_coupons(conn, (campaign_id, coupon_id), some, issued_at, holding)?;
-        ids.extend(user_coupon_ids(conn, order, coupon_id, some, None)?);
+        ids.extend(user_coupon_ids(
+            conn, order, coupon_id, some, None, deadline,
+        )?);
     }
     Ok(ids)
 }
@@ -160,9 +165,10 @@ pub(crate) fn user_coupon_ids(
     coupon_id: i64,
     users: &[i64],
     first: Option<(i64, i64)>,
+    deadline: Deadline,
 ) -> Result<Vec<i64>> {
     inserted_ids(conn, order, users.len(), first, |conn| {
-        let held = holders(conn, coupon_id, users)?;
+        let held = holders(conn, coupon_id, users, Some(deadline))?;
         Ok(users.iter().filter_map(|u| held.get(u).copied()).collect())
     })
 }
@@ -216,8 +222,9 @@ pub(crate) fn holders(
     conn: &mut MysqlConnection,
     coupon_id: i64,
     users: &[i64],
+    deadline: Option<Deadline>,
 ) -> Result<HashMap<i64, i64>> {
-    let held = read_in_lists(users, |some| {
+    let held = read_in_lists(users, deadline, |some| {
         locking_read(conn, Holding::Locks, |conn, _| {
             let read = user_coupon::table
                 .filter(user_coupon::coupon_id.eq(coupon_id))

@@ -47,7 +47,8 @@ impl BalanceLedger {
     /// ([`Error::Contended`], [`Error::Timeout`], [`Error::Server`], ...).
     pub fn audit(&self, conn: &mut MysqlConnection, user_id: i64) -> Result<AuditReport> {
         validate_id("user", user_id)?;
-        let (account, rows, transfers, holds) = self.runner.read(conn, |conn| {
+        let deadline = self.runner.deadline();
+        let (account, rows, transfers, holds) = self.runner.read_by(conn, deadline, |conn| {
             let account = find_balance(conn, user_id)?.ok_or(Error::AccountNotFound { user_id })?;
             let rows: Vec<EntryRow> = balance_history::table
                 .filter(balance_history::user_id.eq(user_id))
@@ -59,7 +60,7 @@ impl BalanceLedger {
                 .filter(|r| r.kind == EntryKind::TransferIn.as_str())
                 .filter_map(|r| r.related_entry_id)
                 .collect();
-            let senders: Vec<EntryRow> = read_in_lists(&sender_ids, |ids| {
+            let senders: Vec<EntryRow> = read_in_lists(&sender_ids, Some(deadline), |ids| {
                 balance_history::table
                     .filter(balance_history::id.eq_any(ids))
                     .select(EntryRow::as_select())
@@ -73,7 +74,7 @@ impl BalanceLedger {
                 .map(|r| r.id)
                 .chain(sender_ids.iter().copied())
                 .collect();
-            let receivers: Vec<EntryRow> = read_in_lists(&sent_ids, |ids| {
+            let receivers: Vec<EntryRow> = read_in_lists(&sent_ids, Some(deadline), |ids| {
                 balance_history::table
                     .filter(balance_history::related_entry_id.eq_any(ids))
                     .filter(balance_history::kind.eq(EntryKind::TransferIn.as_str()))

@@ -65,9 +65,10 @@ impl BalanceLedger {
     ///    of the balance and `COMMIT`. A batch of more than 1,000 entries (or holds) writes
     ///    them with one INSERT per 1,000, each followed by its ids: one prepared statement
     ///    binds at most 65,535 values, and a batch of any size answers as its single calls.
-    ///    The holds it ends cost a statement each (their locks in step 1, their `UPDATE`s):
-    ///    none is sent once the deadline has passed — the transaction is rolled back whole
-    ///    and the batch answers [`Error::Timeout`] (nothing applied).
+    ///    The holds it ends cost a statement each (their locks in step 1, their `UPDATE`s),
+    ///    and a larger batch an INSERT (and a key lookup) per 1,000 rows: none of those after
+    ///    the first is sent once the deadline has passed — the transaction is rolled back
+    ///    whole and the batch answers [`Error::Timeout`] (nothing applied).
     /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
     ///    journal, and the rest run again from step 1 (as often as keys are found taken: each
@@ -548,13 +549,13 @@ fn apply_planned(
         .iter()
         .map(|(index, after, hash, _)| requests[*index].row(hash, *after, None, created_at))
         .collect();
-    let entries = insert_entries(conn, Some(insert_ids), &rows)?;
+    let entries = insert_entries(conn, Some(insert_ids), &rows, Some(deadline))?;
     let placed: Vec<_> = new_rows
         .iter()
         .zip(&entries)
         .filter_map(|((index, ..), entry)| requests[*index].expires_at.map(|at| (entry, at)))
         .collect();
-    insert_holds(conn, &placed)?;
+    insert_holds(conn, &placed, Some(deadline))?;
     for ((index, _, _, ends), entry) in new_rows.iter().zip(&entries) {
         if let (Some((state, captured)), Some(hold_id)) = (ends, requests[*index].ended_hold()) {
             // A statement per hold ended: none once the batch's deadline has passed.

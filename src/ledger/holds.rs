@@ -469,7 +469,7 @@ fn expire_on_account(
         running = after;
         // Journal timestamps are the client's, as for every entry; expiry uses the server's.
         let row = request.row(&hash, running.balance, None, now());
-        let entry = one(insert_entries(conn, None, &[row])?)?;
+        let entry = one(insert_entries(conn, None, &[row], None)?)?;
         end_hold(conn, hold.id, state, captured, &entry)?;
         entries.push(entry);
     }

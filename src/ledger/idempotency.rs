@@ -127,9 +127,9 @@ impl BalanceLedger {
         if keys.is_empty() {
             return Ok(KeyedRows::default());
         }
-        let rows = self
-            .runner
-            .read_by(conn, deadline, |conn| journal_rows(conn, user_id, keys))?;
+        let rows = self.runner.read_by(conn, deadline, |conn| {
+            journal_rows(conn, user_id, keys, Some(deadline))
+        })?;
         Ok(KeyedRows::new(rows))
     }
 }

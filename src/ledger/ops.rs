@@ -215,7 +215,7 @@ impl BalanceLedger {
                     let now = account.clock(conn)?;
                     let after = account.reserve(request.amount, expires_at, now)?;
                     let place = |conn: &mut MysqlConnection, entry: &Entry| {
-                        insert_holds(conn, &[(entry, expires_at)])
+                        insert_holds(conn, &[(entry, expires_at)], None)
                     };
                     write_entry(conn, &account, (request, &hash), after, place)
                 }
@@ -428,9 +428,10 @@ impl BalanceLedger {
                 conn,
                 None,
                 &[request.row(&out_hash, sender_after.balance, None, at)],
+                None,
             )?)?;
             let credit_row = incoming.row(&in_hash, receiver_after.balance, Some(debit.id), at);
-            let credit = one(insert_entries(conn, None, &[credit_row])?)?;
+            let credit = one(insert_entries(conn, None, &[credit_row], None)?)?;
             store_balance(conn, &sender, &sender_after, 1)?;
             store_balance(conn, &receiver, &receiver_after, 1)?;
             Ok(Step::Done(Transfer { debit, credit }))
@@ -542,6 +543,7 @@ pub(super) fn write_entry(
         conn,
         None,
         &[request.row(hash, after.balance, None, now())],
+        None,
     )?)?;
     between(conn, &entry)?;
     store_balance(conn, account, &after, 1)?;

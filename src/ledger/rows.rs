@@ -334,10 +334,13 @@ insert_row! {
 }
 
 /// Writes the hold rows of the hold `entries` just written (one INSERT, one per
-/// [`MAX_INSERT_ROWS`](crate::statements::MAX_INSERT_ROWS) holds), with `expires_at` of each.
+/// [`MAX_INSERT_ROWS`](crate::statements::MAX_INSERT_ROWS) holds), with `expires_at` of each;
+/// with a `deadline` (a batch's), [`Error::Timeout`] where it passes before an INSERT after the
+/// first.
 pub(crate) fn insert_holds(
     conn: &mut MysqlConnection,
     holds: &[(&Entry, NaiveDateTime)],
+    deadline: Option<Deadline>,
 ) -> Result<()> {
     let rows: Vec<NewHold> = holds
         .iter()
@@ -349,8 +352,8 @@ pub(crate) fn insert_holds(
             created_at: entry.created_at,
         })
         .collect();
-    for chunk in insert_chunks(&rows) {
-        write_under_lock(conn, InsertRows(chunk))?;
+    for chunk in insert_chunks(&rows, deadline) {
+        write_under_lock(conn, InsertRows(chunk?))?;
     }
     Ok(())
 }
@@ -385,18 +388,22 @@ pub(crate) fn end_hold(
 /// its ids — and returns their entries with their ids, in order. A cached prepared statement
 /// ([`InsertRows`]) for up to `MAX_CACHED_ROWS` rows; `order` says how several rows are
 /// numbered (see [`inserted_ids`]; `None` for one row). Several rows carry their keys, through
-/// which their ids are read back where they are not consecutive.
+/// which their ids are read back where they are not consecutive. With a `deadline` (a batch's),
+/// [`Error::Timeout`] where it passes before an INSERT after the first (or a read-back's
+/// statement after its first).
 pub(crate) fn insert_entries(
     conn: &mut MysqlConnection,
     order: Option<InsertIds>,
     rows: &[NewEntry<'_>],
+    deadline: Option<Deadline>,
 ) -> Result<Vec<Entry>> {
     let mut entries = Vec::with_capacity(rows.len());
-    for chunk in insert_chunks(rows) {
+    for chunk in insert_chunks(rows, deadline) {
+        let chunk = chunk?;
         write_under_lock(conn, InsertRows(chunk))?;
         let ids = inserted_ids(conn, order, chunk.len(), None, |conn| {
             let keys: Vec<&str> = chunk.iter().filter_map(|row| row.idempotency_key).collect();
-            let stored = KeyedRows::new(journal_rows(conn, chunk[0].user_id, &keys)?);
+            let stored = KeyedRows::new(journal_rows(conn, chunk[0].user_id, &keys, deadline)?);
             Ok(keys.iter().filter_map(|key| stored.id_of(key)).collect())
         })?;
         entries.extend(chunk.iter().zip(ids).map(|(row, id)| row.written(id)));
@@ -453,19 +460,21 @@ pub(crate) fn create_account(conn: &mut MysqlConnection, user_id: i64) -> Result
 }
 
 /// The journal rows of `user_id` under `keys` — one key or a batch's, one statement (one per
-/// [`MAX_LIST_VALUES`](crate::statements::MAX_LIST_VALUES) keys).
+/// [`MAX_LIST_VALUES`](crate::statements::MAX_LIST_VALUES) keys; with a `deadline`, none after
+/// the first once it has passed: [`Error::Timeout`]).
 pub(crate) fn journal_rows(
     conn: &mut MysqlConnection,
     user_id: i64,
     keys: &[&str],
+    deadline: Option<Deadline>,
 ) -> Result<Vec<EntryRow>> {
-    Ok(read_in_lists(keys, |some| {
+    read_in_lists(keys, deadline, |some| {
         balance_history::table
             .filter(balance_history::user_id.eq(user_id))
             .filter(balance_history::idempotency_key.eq_any(some))
             .select(EntryRow::as_select())
             .load(conn)
-    })?)
+    })
 }
 
 /// The journal entry `entry_id` (no lock).

@@ -1934,3 +1934,38 @@ fn a_holder_on_a_read_only_server_is_answered_alike_by_every_path() {
     assert_eq!(user_coupon_rows(&mut root).len(), holders_before);
     check_invariants(&mut root, "after a read-only server");
 }
+
+/// A batch of more users than one INSERT writes (1,000 each) sends no INSERT after the first
+/// once its deadline has passed: it answers `Timeout` and issues nothing. A trigger makes the
+/// first coupon of the first two INSERTs take 0.3 s each, so the deadline (0.5 s) passes while
+/// the second runs. Before the fix the batch went on past its deadline — the third INSERT, the
+/// stock row, the COMMIT — and issued all 2,500 coupons.
+#[test]
+fn a_batch_of_several_inserts_sends_none_past_its_deadline() {
+    let (_url, mut conn) = fresh_database("review_coupon_pieces_deadline");
+    let setup = CouponIssuer::new();
+    let campaign = lockstock_testkit::fixtures::open_campaign(&mut conn, &setup, 3_000);
+    conn.batch_execute(
+        "CREATE TRIGGER slow_pieces BEFORE INSERT ON user_coupon FOR EACH ROW \
+         IF NEW.user_id IN (1, 1001) THEN SET @slept = SLEEP(0.3); END IF",
+    )
+    .expect("trigger");
+    let users: Vec<i64> = (1..=2_500).collect();
+    let short = CouponIssuer::with_policy(TxnPolicy::default().with_retry(
+        lockstock_testkit::fixtures::retry_policy(1, StdDuration::from_millis(500)),
+    ));
+    let answer = short.issue_many(&mut conn, campaign.id, &users);
+    assert!(
+        matches!(answer, Err(Error::Timeout { .. })),
+        "answered {:?}",
+        answer.as_ref().map(Vec::len)
+    );
+    conn.batch_execute("DROP TRIGGER slow_pieces")
+        .expect("drop trigger");
+    assert_eq!(stock_row(&mut conn, campaign.id), (3_000, 3_000));
+    assert_eq!(
+        lockstock_testkit::fixtures::issued_rows(&mut conn, campaign.id),
+        0
+    );
+    check_invariants(&mut conn, "after a batch past its deadline");
+}

@@ -1203,3 +1203,40 @@ fn a_batch_on_a_read_only_server_answers_as_its_single_calls() {
         "nothing written for account 2"
     );
 }
+
+/// A batch larger than one INSERT (1,000 rows each) sends no INSERT after the first once its
+/// deadline has passed: it answers `Timeout` and nothing of it is applied. A trigger makes the
+/// first row of the first two INSERTs take 0.3 s each, so the deadline (0.5 s) passes while the
+/// second runs (it began before the deadline, within its statement limit). Before the fix the
+/// batch went on past its deadline — the third INSERT, its ids, the balance and the COMMIT —
+/// and answered `Ok` with all 2,500 entries committed.
+#[test]
+fn a_batch_of_several_inserts_sends_none_past_its_deadline() {
+    let (_url, mut conn) = fresh_database("review_batch_pieces_deadline");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 7, dec(10), "fund").expect("fund");
+    conn.batch_execute(
+        "CREATE TRIGGER slow_pieces BEFORE INSERT ON balance_history FOR EACH ROW \
+         IF NEW.idempotency_key IN ('k0', 'k1000') THEN SET @slept = SLEEP(0.3); END IF",
+    )
+    .expect("trigger");
+    let ops: Vec<AccountOp> = (0..2_500)
+        .map(|i| AccountOp::charge(dec(1), format!("k{i}")))
+        .collect();
+    let short = BalanceLedger::with_policy(
+        TxnPolicy::default().with_retry(retry_policy(1, Duration::from_millis(500))),
+    );
+    let started = Instant::now();
+    let answer = short.apply_many(&mut conn, 7, &ops);
+    let took = started.elapsed();
+    assert!(
+        matches!(answer, Err(Error::Timeout { .. })),
+        "answered {:?} after {took:?}",
+        answer.as_ref().map(Vec::len)
+    );
+    conn.batch_execute("DROP TRIGGER slow_pieces")
+        .expect("drop trigger");
+    assert_eq!(journal_size(&mut conn, 7), 1, "only the funding charge");
+    assert_eq!(stored_balance(&mut conn, 7), dec(10));
+    audit_ok(&ledger, &mut conn, 7);
+}
