@@ -101,7 +101,9 @@ impl BalanceLedger {
     /// account's: [`Error::HoldNotFound`], read lock-free as its single call reads it; a key
     /// found in the journal), such a failure is answered per request instead: those requests
     /// with their answers (the refused hold as its single call answers it: its key looked up,
-    /// else [`Error::InvalidExpiry`]), every other one with a copy of the failure.
+    /// else [`Error::InvalidExpiry`] — looked up before the batch sends anything else, as its
+    /// single call looks it up first, so that a failure that leaves the connection unusable
+    /// does not change that answer), every other one with a copy of the failure.
     /// Once the batch has committed the call answers per request: the committed ones with
     /// their entries, the others with the single call's error; a refused one whose key could
     /// not be looked up after the commit (step 4) with [`Error::OutcomeUnknown`], as its single
@@ -136,11 +138,31 @@ impl BalanceLedger {
         }
         // What each single call decides without the server, decided before anything is sent
         // (an expiry is checked against its caller's clock, as the single call checks it).
-        let before: Vec<BeforeSending<'_>> = ops
+        let mut before: Vec<BeforeSending<'_>> = ops
             .iter()
             .zip(judged)
             .map(|(op, at)| op.before_sending(user_id, *at))
             .collect();
+        // A hold whose expiry its caller's clock refused is answered as its single call answers
+        // it, with the first thing that call sends: its key looked up (the entry of a retry of
+        // a hold placed in time, else the refusal). Looked up now, before the batch sends
+        // anything else, so that its answer does not hang on what the batch meets afterwards —
+        // a failed batch's connection may be unusable, its deadline spent. Where a request of
+        // the batch before it carries its key, the batch decides it in order (that request's
+        // entry answers it: the same request, or a conflict), and this answer stands only if
+        // the batch fails, when that request wrote nothing.
+        let mut expired_answers: Vec<Option<Result<Entry>>> = vec![None; ops.len()];
+        for (at, op) in ops.iter().enumerate() {
+            let BeforeSending::Expired(request, refusal) = &before[at] else {
+                continue;
+            };
+            let answer = self.expired_hold(conn, request, refusal.clone(), deadline);
+            if ops[..at].iter().any(|earlier| earlier.key() == op.key()) {
+                expired_answers[at] = Some(answer);
+            } else {
+                before[at] = BeforeSending::Answered(answer);
+            }
+        }
         let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
         let failure = match self.decide_many_by(conn, user_id, ops, &before, deadline, &mut results)
         {
@@ -180,11 +202,11 @@ impl BalanceLedger {
         Ok(before
             .into_iter()
             .zip(results)
-            .map(|(before, settled)| match (settled, before) {
+            .zip(expired_answers)
+            .map(|((before, settled), expired)| match (settled, before) {
                 (_, BeforeSending::Refused(refusal)) => Err(refusal),
-                (_, BeforeSending::Expired(request, refusal)) => {
-                    self.expired_hold(conn, &request, refusal, deadline)
-                }
+                (_, BeforeSending::Answered(answer)) => answer,
+                (_, BeforeSending::Expired(_, refusal)) => expired.unwrap_or(Err(refusal)),
                 (Some(settled), BeforeSending::Send) => settled,
                 (None, BeforeSending::Send) => Err(failure.clone()),
             })
@@ -207,7 +229,14 @@ impl BalanceLedger {
         let holds = self.ended_holds(conn, ops, deadline)?;
         let mut requests: Vec<Request<'_>> = Vec::with_capacity(ops.len());
         let holds: HashMap<i64, &Hold> = holds.iter().map(|hold| (hold.id, hold)).collect();
+        // A request answered already: never decided, never written.
+        let answered = || Request::plain(EntryKind::Charge, user_id, Decimal::ZERO, "");
         for (op, before) in ops.iter().zip(before) {
+            if let BeforeSending::Answered(answer) = before {
+                results.push(Some(answer.clone()));
+                requests.push(answered());
+                continue;
+            }
             let hold = op.hold_id().and_then(|id| holds.get(&id).copied());
             let request = check_ending(op)
                 .and_then(|()| op.request(user_id, hold))
@@ -230,9 +259,7 @@ impl BalanceLedger {
                 }
                 Err(refusal) => {
                     results.push(Some(Err(refusal)));
-                    // Answered already: never decided, never written.
-                    let answered = Request::plain(EntryKind::Charge, user_id, Decimal::ZERO, "");
-                    requests.push(answered);
+                    requests.push(answered());
                 }
             }
         }

@@ -263,6 +263,9 @@ pub(crate) enum BeforeSending<'a> {
     /// A hold whose expiry has passed, with that refusal: its key is looked up first (a retry
     /// of a hold placed in time answers its entry).
     Expired(Request<'a>, Error),
+    /// Such a hold, answered by that lookup, made before the batch sends anything else (as its
+    /// single call makes it first): no request of the batch before it carries its key.
+    Answered(Result<Entry>),
     /// Sent to the server.
     Send,
 }
@@ -377,6 +380,17 @@ impl AccountOp {
         Self::Release {
             hold_id,
             key: key.into(),
+        }
+    }
+
+    /// The idempotency key.
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            Self::Charge { key, .. }
+            | Self::Deduct { key, .. }
+            | Self::Hold { key, .. }
+            | Self::Capture { key, .. }
+            | Self::Release { key, .. } => key,
         }
     }
 

@@ -1240,3 +1240,43 @@ fn a_batch_of_several_inserts_sends_none_past_its_deadline() {
     assert_eq!(stored_balance(&mut conn, 7), dec(10));
     audit_ok(&ledger, &mut conn, 7);
 }
+
+/// A failed batch answers a hold whose expiry has passed as its single call answers it — its
+/// key looked up, else `InvalidExpiry` — also when the failure left the batch's connection
+/// unusable (killed while the batch retried its account's lock). Before the fix the batch
+/// looked the key up only after the failure, on the dead connection, and answered the hold
+/// `OutcomeUnknown`.
+#[test]
+fn a_batch_killed_while_it_retries_answers_an_expired_hold_as_its_single_call() {
+    let (url, mut conn) = fresh_database("review_batch_expired_killed");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 7, dec(10), "fund").expect("fund");
+    let past = chrono::Utc::now().naive_utc() - chrono::Duration::minutes(1);
+    let single = ledger.hold(&mut conn, 7, dec(1), "late", past);
+    assert_eq!(variant(&single), "InvalidExpiry");
+    let ops = [
+        AccountOp::hold(dec(1), "late", past),
+        AccountOp::charge(dec(5), "more"),
+    ];
+    let mut holder = connect(&url);
+    holder.batch_execute("BEGIN").expect("begin");
+    lock_balance(&mut holder, 7).expect("hold the account");
+    let mut doomed = connect(&url);
+    let doomed_id = connection_id(&mut doomed);
+    let patient = patient_ledger();
+    let answers = thread::scope(|s| {
+        let call = s.spawn(|| patient.apply_many(&mut doomed, 7, &ops));
+        // The batch retries its NOWAIT lock of the account for up to a minute meanwhile.
+        thread::sleep(Duration::from_millis(500));
+        conn.batch_execute(&format!("KILL CONNECTION {doomed_id}"))
+            .expect("kill the batch's session");
+        call.join().expect("the batch's thread")
+    });
+    holder.batch_execute("ROLLBACK").expect("rollback");
+    let answers = answers.expect("answered per request");
+    assert_eq!(variant(&answers[0]), "InvalidExpiry", "{answers:?}");
+    assert!(answers[1].is_err(), "{answers:?}");
+    assert_eq!(journal_size(&mut conn, 7), 1, "only the funding charge");
+    assert_eq!(stored_balance(&mut conn, 7), dec(10));
+    audit_ok(&ledger, &mut conn, 7);
+}
