@@ -44,7 +44,10 @@ impl BalanceLedger {
     /// meaning (inside the batch and against the journal), and a deduct or hold that comes
     /// before the batch's first charge of an account that does not exist yet is
     /// [`Error::AccountNotFound`]. A capture or release names a hold of THIS account; a hold of
-    /// another account is [`Error::HoldNotFound`].
+    /// another account is [`Error::HoldNotFound`]. One that names a hold not found before the
+    /// batch, after a hold the batch places, may name that hold (ids are the INSERT's): the
+    /// batch then runs in two parts, each in its own transaction — the requests before it,
+    /// then it and the rest — so that it is decided as its single call would be, after them.
     ///
     /// Statement by statement (one [`Deadline`] for the whole call, shared by every step):
     /// 0. If the batch captures or releases holds: their rows, read lock-free (their account
@@ -136,6 +139,66 @@ impl BalanceLedger {
                 "a batch's ops and their clock readings differ in number",
             ));
         }
+        let Some(at) = self.split_at_placed_hold(conn, ops, deadline) else {
+            return self.apply_part(conn, user_id, ops, judged, deadline);
+        };
+        // The requests before the capture or release, then (once they are committed, or have
+        // failed) the rest, as their single calls would run one after another: each part's
+        // answers stand whatever the other meets; a failure of both, which applied nothing,
+        // is the batch's.
+        let first = self.apply_part(conn, user_id, &ops[..at], &judged[..at], deadline);
+        let rest = self.apply_many_by(conn, user_id, &ops[at..], &judged[at..], deadline);
+        let copies = |failure: &Error, n: usize| (0..n).map(|_| Err(failure.clone())).collect();
+        match (first, rest) {
+            (Err(failure), Err(_)) => Err(failure),
+            (first, rest) => {
+                let mut answers: Vec<Result<Entry>> =
+                    first.unwrap_or_else(|failure| copies(&failure, at));
+                answers.extend(rest.unwrap_or_else(|failure| copies(&failure, ops.len() - at)));
+                Ok(answers)
+            }
+        }
+    }
+
+    /// Where a batch is split in two parts: at the first capture or release, after a hold the
+    /// batch places, that names a hold not found before the batch — it may name the hold
+    /// placed (its id is the batch's INSERT's), which the single calls made one after another
+    /// would capture or release, so it runs once the requests before it have run. `None`
+    /// (one part) where the batch places no hold before a capture or release, or the holds
+    /// cannot be read (the batch then meets that failure itself).
+    fn split_at_placed_hold(
+        &self,
+        conn: &mut MysqlConnection,
+        ops: &[AccountOp],
+        deadline: Deadline,
+    ) -> Option<usize> {
+        let first_hold = ops
+            .iter()
+            .position(|op| matches!(op, AccountOp::Hold { .. }))?;
+        let after = &ops[first_hold + 1..];
+        if !after.iter().any(|op| op.hold_id().is_some_and(|id| id > 0)) {
+            return None;
+        }
+        let found = self.ended_holds(conn, after, deadline).ok()?;
+        after
+            .iter()
+            .position(|op| {
+                op.hold_id()
+                    .is_some_and(|id| id > 0 && !found.iter().any(|hold| hold.id == id))
+            })
+            .map(|at| first_hold + 1 + at)
+    }
+
+    /// [`apply_many_by`](Self::apply_many_by) of a batch, or of a part of it, in one
+    /// transaction (and its rounds).
+    fn apply_part(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        ops: &[AccountOp],
+        judged: &[NaiveDateTime],
+        deadline: Deadline,
+    ) -> Result<Vec<Result<Entry>>> {
         // What each single call decides without the server, decided before anything is sent
         // (an expiry is checked against its caller's clock, as the single call checks it).
         let mut before: Vec<BeforeSending<'_>> = ops

@@ -2399,12 +2399,13 @@ fn run_batch_case(
         };
         *seen.entry(label).or_default() += 1;
     }
-    // The final state: balances, change counters and every account's journal.
-    let balances = |conn: &mut MysqlConnection| -> Vec<(i64, Decimal, i64)> {
+    // The final state: balances, held sums, change counters and every account's journal.
+    let balances = |conn: &mut MysqlConnection| -> Vec<(i64, Decimal, Decimal, i64)> {
         user_balance::table
             .select((
                 user_balance::user_id,
                 user_balance::balance,
+                user_balance::held,
                 user_balance::version,
             ))
             .order(user_balance::user_id.asc())

@@ -1280,3 +1280,58 @@ fn a_batch_killed_while_it_retries_answers_an_expired_hold_as_its_single_call() 
     assert_eq!(stored_balance(&mut conn, 7), dec(10));
     audit_ok(&ledger, &mut conn, 7);
 }
+
+/// A capture or release in a batch that names the hold an earlier request of the same batch
+/// places is answered as the single calls made one after another answer it: captured (or
+/// released), with the same journal, balance and hold afterwards. Before the fix the batch read
+/// the named holds before writing anything and answered `HoldNotFound`, leaving the hold active.
+#[test]
+fn a_batch_captures_and_releases_the_holds_it_places() {
+    let past_charge = |conn: &mut MysqlConnection, ledger: &BalanceLedger| {
+        ledger.charge(conn, 7, dec(100), "fund").expect("fund").id
+    };
+    let later = chrono::Utc::now().naive_utc() + chrono::Duration::minutes(10);
+    let ops = |funded: i64| {
+        [
+            AccountOp::hold(dec(50), "h1", later),
+            AccountOp::capture(funded + 1, dec(30), "cap"),
+            AccountOp::hold(dec(20), "h2", later),
+            AccountOp::release(funded + 3, "rel"),
+            AccountOp::deduct(dec(60), "d"),
+        ]
+    };
+    let ledger = BalanceLedger::new();
+    let (_url, mut singles) = fresh_database("review_batch_placed_holds_single");
+    let funded = past_charge(&mut singles, &ledger);
+    let single_answers: Vec<String> = ops(funded)
+        .iter()
+        .map(|op| {
+            variant(
+                &ledger
+                    .apply_many(&mut singles, 7, std::slice::from_ref(op))
+                    .expect("one")[0],
+            )
+        })
+        .collect();
+    let (_url, mut batch) = fresh_database("review_batch_placed_holds_batch");
+    assert_eq!(past_charge(&mut batch, &ledger), funded, "the same ids");
+    let batch_answers: Vec<String> = ledger
+        .apply_many(&mut batch, 7, &ops(funded))
+        .expect("answered per request")
+        .iter()
+        .map(variant)
+        .collect();
+    assert_eq!(single_answers, ["Ok", "Ok", "Ok", "Ok", "Ok"]);
+    assert_eq!(batch_answers, single_answers);
+    for conn in [&mut singles, &mut batch] {
+        assert_eq!(stored_balance(conn, 7), dec(10));
+        assert_eq!(journal_size(conn, 7), 6);
+        let first = ledger.hold_status(conn, funded + 1).expect("first hold");
+        let second = ledger.hold_status(conn, funded + 3).expect("second hold");
+        assert_eq!(
+            (format!("{:?}", first.state), format!("{:?}", second.state)),
+            ("Captured".to_owned(), "Released".to_owned())
+        );
+        audit_ok(&ledger, conn, 7);
+    }
+}
