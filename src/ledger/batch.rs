@@ -144,13 +144,17 @@ impl BalanceLedger {
         };
         // The requests before the capture or release, then (once they are committed, or have
         // failed) the rest, as their single calls would run one after another: each part's
-        // answers stand whatever the other meets; a failure of both, which applied nothing,
-        // is the batch's.
+        // answers stand whatever the other meets; a failure of both that applied nothing
+        // (neither an unknown outcome) is the batch's.
         let first = self.apply_part(conn, user_id, &ops[..at], &judged[..at], deadline);
         let rest = self.apply_many_by(conn, user_id, &ops[at..], &judged[at..], deadline);
         let copies = |failure: &Error, n: usize| (0..n).map(|_| Err(failure.clone())).collect();
         match (first, rest) {
-            (Err(failure), Err(_)) => Err(failure),
+            (Err(failure), Err(other))
+                if !failure.is_outcome_unknown() && !other.is_outcome_unknown() =>
+            {
+                Err(failure)
+            }
             (first, rest) => {
                 let mut answers: Vec<Result<Entry>> =
                     first.unwrap_or_else(|failure| copies(&failure, at));
