@@ -276,8 +276,9 @@ impl RouterBuilder {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for no URLs, a URL given twice, two URLs that reach nodes with the
-    /// same `wsrep_node_name`, a pool size of 0 or above [`MAX_POOL_SIZE`], or a zero health
-    /// interval;
+    /// same `wsrep_node_name`, a pool size of 0 or above [`MAX_POOL_SIZE`], a zero health
+    /// interval, or a probe policy whose deadline is zero (no probe or election could send
+    /// anything: no writer would ever be found);
     /// [`Error::Internal`] when a thread cannot be started.
     pub fn build(self) -> Result<Router> {
         let invalid = |problem| Error::InvalidInput {
@@ -300,6 +301,9 @@ impl RouterBuilder {
         }
         if self.health_interval.is_zero() {
             return Err(invalid("the health interval must be positive"));
+        }
+        if self.probe_policy.retry.deadline.is_zero() {
+            return Err(invalid("the probe policy's deadline must be positive"));
         }
         let probe_timeout = self
             .probe_policy

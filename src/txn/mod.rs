@@ -1126,7 +1126,9 @@ impl TxnRunner {
     /// What `body` fails with; [`Error::Contended`], [`Error::Timeout`],
     /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], [`Error::ServerUnresponsive`]
     /// and [`Error::Server`] as for [`run`](Self::run) (a read never answers
-    /// [`Error::OutcomeUnknown`]).
+    /// [`Error::OutcomeUnknown`] — unless its body ends the snapshot through Diesel's
+    /// transaction manager, after which its statements run in autocommit and may have written,
+    /// as for [`run`](Self::run)).
     pub fn read<T>(
         &self,
         conn: &mut MysqlConnection,

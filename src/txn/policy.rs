@@ -131,7 +131,8 @@ pub struct TxnPolicy {
     /// on MariaDB at most the time the call has left when the statement's transaction begins
     /// (but at least 20 ms: a statement may outlast the deadline by that much, so a COMMIT sent
     /// at the last moment is not stopped midway) — on a connection that carries the settings only once that is less than the lock wait
-    /// (see [the runner](super#statements-that-wait-and-the-deadline)).
+    /// (see [the runner](super#statements-that-wait-and-the-deadline)). Zero is taken as the
+    /// shortest limit, 1 ms (not as the server's "no limit").
     pub statement_timeout: Duration,
     /// How long past a call's deadline lockstock waits for a server that does not answer at
     /// all before it shuts the connection down and answers

@@ -1973,3 +1973,26 @@ fn a_router_pool_size_above_the_maximum_is_refused() {
         );
     }
 }
+
+/// A router whose probe policy has a zero deadline could never probe a node or elect a writer
+/// (every write would wait for one until its deadline): it is refused when built. Before the
+/// fix it was built, and every write answered `Timeout`.
+#[test]
+fn a_router_probe_policy_without_time_is_refused() {
+    use lockstock::route::Router;
+    let mut probe = TxnPolicy::default();
+    probe.retry.deadline = Duration::ZERO;
+    let built = Router::builder(["mysql://lockstock@127.0.0.1:1/none"])
+        .probe_policy(probe)
+        .build();
+    assert!(
+        matches!(
+            built,
+            Err(Error::InvalidInput {
+                field: "router",
+                ..
+            })
+        ),
+        "{built:?}"
+    );
+}
