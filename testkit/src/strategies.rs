@@ -869,7 +869,8 @@ where
         let request = request.clone();
         threads.spawn(move || {
             barrier.wait();
-            let deadline = max_time.map(|t| Instant::now() + t);
+            // A time too long for an `Instant` (`Duration::MAX`) is no time limit.
+            let deadline = max_time.and_then(|t| Instant::now().checked_add(t));
             loop {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
@@ -887,7 +888,8 @@ where
     }
     barrier.wait();
     let start = Instant::now();
-    let (returned, last) = threads.collect(max_time.map(|t| start + t + STUCK_GRACE))?;
+    let stuck_after = max_time.and_then(|t| start.checked_add(t.saturating_add(STUCK_GRACE)));
+    let (returned, last) = threads.collect(stuck_after)?;
     let mut run = Run {
         wall: last.map_or(Duration::ZERO, |at| at.saturating_duration_since(start)),
         stuck: returned.iter().filter(|r| r.is_none()).count() as u64,

@@ -109,6 +109,8 @@ pub struct Setup {
 }
 
 /// Charges `accounts` accounts and creates `campaigns` campaigns of `stock` coupons.
+/// [`run_client`] runs what the setup allows: no transfers with fewer than two accounts, no
+/// ledger operations without one, no issues without a campaign.
 pub fn setup(conn: &mut MysqlConnection, accounts: i64, campaigns: usize, stock: u32) -> Setup {
     let ledger = BalanceLedger::new();
     for user in 1..=accounts {
@@ -412,6 +414,13 @@ pub fn run_client(
     let ledger = BalanceLedger::new();
     let issuer = CouponIssuer::new();
     let accounts = client.setup.accounts;
+    // A setup without accounts runs no ledger operations, one with a single account no
+    // transfers, one without campaigns no issues (and one with neither runs nothing).
+    let (ledger_ops, transfers) = (accounts >= 1, accounts >= 2);
+    let issues = !client.setup.campaigns.is_empty();
+    if !ledger_ops && !issues {
+        return Vec::new();
+    }
     let mut conn: Option<MysqlConnection> = None;
     // (entry, user, cents) of this client's deducts.
     let mut deducts: Vec<(i64, i64, u64)> = Vec::new();
@@ -421,12 +430,19 @@ pub fn run_client(
         let key = format!("{}-{}", client.name, records.len());
         let roll = rng.below(100);
         // Deducts and charges balance out (with refunds) so accounts neither drain nor grow.
-        let op = if roll < 25 {
+        let op = if !ledger_ops || (roll >= 70 && issues) {
+            next_user += 1;
+            let campaigns = &client.setup.campaigns;
+            Op::Issue {
+                user: next_user,
+                campaign: campaigns[rng.below(campaigns.len() as u64) as usize],
+            }
+        } else if roll < 25 {
             Op::Deduct {
                 user: 1 + rng.below(accounts as u64) as i64,
                 amount: amount(&mut rng),
             }
-        } else if roll < 40 {
+        } else if roll < 40 && transfers {
             let from = 1 + rng.below(accounts as u64) as i64;
             let to = 1 + (from + rng.below(accounts as u64 - 1) as i64) % accounts;
             Op::Transfer {
@@ -441,17 +457,10 @@ pub fn run_client(
                 deduct,
                 amount: Decimal::new(1 + rng.below(cents) as i64, 2),
             }
-        } else if roll < 70 {
+        } else {
             Op::Charge {
                 user: 1 + rng.below(accounts as u64) as i64,
                 amount: amount(&mut rng),
-            }
-        } else {
-            next_user += 1;
-            let campaigns = &client.setup.campaigns;
-            Op::Issue {
-                user: next_user,
-                campaign: campaigns[rng.below(campaigns.len() as u64) as usize],
             }
         };
         let record = execute(

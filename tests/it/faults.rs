@@ -1067,3 +1067,39 @@ fn killed_connections_leave_holds_ended_exactly_once() {
     assert!(kills.load(Ordering::Relaxed) > 0, "no kill landed");
     audit_ok(&ledger, &mut conn, USER);
 }
+
+/// The workload runs on a setup of one account and no campaign (deducts, charges and refunds,
+/// no transfers, no issues) and on one of a campaign and no account (issues only); the
+/// checker finds both histories clean. Before the fix the first panicked dividing by zero (a
+/// transfer picked its second account among none), the second dividing by zero too (picking an
+/// account among none for a deduct).
+#[test]
+fn the_workload_runs_on_one_account_or_on_campaigns_only() {
+    let errors = workload::ErrorTexts::default();
+    for (name, accounts, campaigns) in [("faults_one_account", 1, 0), ("faults_no_account", 0, 1)] {
+        let (url, mut admin) = fresh_database(name);
+        let setup = workload::setup(&mut admin, accounts, campaigns, 50);
+        let client = Client {
+            max_ops: 40,
+            ..Client::new(&url, format!("{name}-0"), 0, &setup, 7, &errors)
+        };
+        let records = workload::run_client(&client, &AtomicBool::new(false), &mut |_| true);
+        assert_eq!(records.len(), 40, "{name}");
+        let issues = records
+            .iter()
+            .filter(|r| matches!(r.op, Op::Issue { .. }))
+            .count();
+        let transfers = records
+            .iter()
+            .filter(|r| matches!(r.op, Op::Transfer { .. }))
+            .count();
+        assert_eq!(transfers, 0, "{name}: a transfer needs two accounts");
+        if accounts == 0 {
+            assert_eq!(issues, 40, "{name}: only issues");
+        } else {
+            assert_eq!(issues, 0, "{name}: no campaign to issue from");
+        }
+        let mut conn = connect(&url);
+        assert_no_violations(name, &workload::verify(&mut conn, &setup, &records));
+    }
+}
