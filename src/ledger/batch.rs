@@ -13,8 +13,8 @@ use rust_decimal::Decimal;
 use super::holds::{ending, validate_ending};
 use super::request::{KeyLookup, Request};
 use super::rows::{
-    end_hold, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create, store_balance,
-    Account,
+    end_hold, existing_holds, find_hold, insert_entries, insert_holds, lock_holds, lock_or_create,
+    store_balance, Account,
 };
 use super::types::{AccountOp, BeforeSending, Entry, Hold};
 use super::BalanceLedger;
@@ -139,37 +139,44 @@ impl BalanceLedger {
                 "a batch's ops and their clock readings differ in number",
             ));
         }
-        let Some(at) = self.split_at_placed_hold(conn, ops, deadline) else {
-            return self.apply_part(conn, user_id, ops, judged, deadline);
-        };
-        // The requests before the capture or release, then (once they are committed, or have
-        // failed) the rest, as their single calls would run one after another: each part's
-        // answers stand whatever the other meets; a failure of both that applied nothing
-        // (neither an unknown outcome) is the batch's.
-        let first = self.apply_part(conn, user_id, &ops[..at], &judged[..at], deadline);
-        let rest = self.apply_many_by(conn, user_id, &ops[at..], &judged[at..], deadline);
-        let copies = |failure: &Error, n: usize| (0..n).map(|_| Err(failure.clone())).collect();
-        match (first, rest) {
-            (Err(failure), Err(other))
-                if !failure.is_outcome_unknown() && !other.is_outcome_unknown() =>
+        // In parts where a capture or release may name a hold the batch places (see
+        // `split_at_placed_hold`): each part once the ones before it have run, as their single
+        // calls would run one after another, its answers standing whatever the others meet. A
+        // failure of every part that applied nothing (no unknown outcome) is the batch's.
+        let mut answers: Vec<Result<Entry>> = Vec::with_capacity(ops.len());
+        let mut failures: Vec<Error> = Vec::new();
+        let mut parts = 0;
+        let mut from = 0;
+        while from < ops.len() {
+            let to = self
+                .split_at_placed_hold(conn, &ops[from..], deadline)
+                .map_or(ops.len(), |at| from + at);
+            parts += 1;
+            match self.apply_part(conn, user_id, &ops[from..to], &judged[from..to], deadline) {
+                Ok(part) => answers.extend(part),
+                Err(failure) => {
+                    answers.extend((from..to).map(|_| Err(failure.clone())));
+                    failures.push(failure);
+                }
+            }
+            from = to;
+        }
+        match failures.first() {
+            Some(failure)
+                if failures.len() == parts && !failures.iter().any(Error::is_outcome_unknown) =>
             {
-                Err(failure)
+                Err(failure.clone())
             }
-            (first, rest) => {
-                let mut answers: Vec<Result<Entry>> =
-                    first.unwrap_or_else(|failure| copies(&failure, at));
-                answers.extend(rest.unwrap_or_else(|failure| copies(&failure, ops.len() - at)));
-                Ok(answers)
-            }
+            _ => Ok(answers),
         }
     }
 
-    /// Where a batch is split in two parts: at the first capture or release, after a hold the
-    /// batch places, that names a hold not found before the batch — it may name the hold
-    /// placed (its id is the batch's INSERT's), which the single calls made one after another
-    /// would capture or release, so it runs once the requests before it have run. `None`
-    /// (one part) where the batch places no hold before a capture or release, or the holds
-    /// cannot be read (the batch then meets that failure itself).
+    /// Where a batch is split: at the first capture or release, after a hold the batch places,
+    /// that names a hold not found now — it may name the hold placed (its id is the batch's
+    /// INSERT's), which the single calls made one after another would capture or release, so
+    /// it runs once the requests before it have run. The holds named are read with one
+    /// statement (per 10,000). `None` (one part) where the batch places no hold before a
+    /// capture or release, or they cannot be read (the part then meets that failure itself).
     fn split_at_placed_hold(
         &self,
         conn: &mut MysqlConnection,
@@ -180,15 +187,29 @@ impl BalanceLedger {
             .iter()
             .position(|op| matches!(op, AccountOp::Hold { .. }))?;
         let after = &ops[first_hold + 1..];
-        if !after.iter().any(|op| op.hold_id().is_some_and(|id| id > 0)) {
+        let mut named: Vec<i64> = after
+            .iter()
+            .filter_map(AccountOp::hold_id)
+            .filter(|id| *id > 0)
+            .collect();
+        if named.is_empty() {
             return None;
         }
-        let found = self.ended_holds(conn, after, deadline).ok()?;
+        named.sort_unstable();
+        named.dedup();
+        let found: HashSet<i64> = self
+            .runner
+            .read_by(conn, deadline, |conn| {
+                existing_holds(conn, &named, deadline)
+            })
+            .ok()?
+            .into_iter()
+            .collect();
         after
             .iter()
             .position(|op| {
                 op.hold_id()
-                    .is_some_and(|id| id > 0 && !found.iter().any(|hold| hold.id == id))
+                    .is_some_and(|id| id > 0 && !found.contains(&id))
             })
             .map(|at| first_hold + 1 + at)
     }
@@ -218,17 +239,31 @@ impl BalanceLedger {
         // the batch before it carries its key, the batch decides it in order (that request's
         // entry answers it: the same request, or a conflict), and this answer stands only if
         // the batch fails, when that request wrote nothing.
+        // All of them with one read.
+        let expired: Vec<(usize, (&Request<'_>, Error))> = before
+            .iter()
+            .enumerate()
+            .filter_map(|(at, b)| match b {
+                BeforeSending::Expired(request, refusal) => Some((at, (request, refusal.clone()))),
+                _ => None,
+            })
+            .collect();
+        let holds: Vec<(&Request<'_>, Error)> = expired.iter().map(|(_, h)| h.clone()).collect();
+        let found = self.expired_holds(conn, &holds, deadline);
         let mut expired_answers: Vec<Option<Result<Entry>>> = vec![None; ops.len()];
-        for (at, op) in ops.iter().enumerate() {
-            let BeforeSending::Expired(request, refusal) = &before[at] else {
-                continue;
-            };
-            let answer = self.expired_hold(conn, request, refusal.clone(), deadline);
-            if ops[..at].iter().any(|earlier| earlier.key() == op.key()) {
-                expired_answers[at] = Some(answer);
+        let mut answered = Vec::new();
+        for ((at, _), answer) in expired.iter().zip(found) {
+            if ops[..*at]
+                .iter()
+                .any(|earlier| earlier.key() == ops[*at].key())
+            {
+                expired_answers[*at] = Some(answer);
             } else {
-                before[at] = BeforeSending::Answered(answer);
+                answered.push((*at, answer));
             }
+        }
+        for (at, answer) in answered {
+            before[at] = BeforeSending::Answered(answer);
         }
         let mut results: Vec<Option<Result<Entry>>> = Vec::with_capacity(ops.len());
         let failure = match self.decide_many_by(conn, user_id, ops, &before, deadline, &mut results)
@@ -273,6 +308,11 @@ impl BalanceLedger {
             .map(|((before, settled), expired)| match (settled, before) {
                 (_, BeforeSending::Refused(refusal)) => Err(refusal),
                 (_, BeforeSending::Answered(answer)) => answer,
+                // Decided in the batch after a request of its key: where the batch's COMMIT may
+                // have applied that request, its entry may answer this one too.
+                (_, BeforeSending::Expired(..)) if failure.is_outcome_unknown() => {
+                    Err(failure.clone())
+                }
                 (_, BeforeSending::Expired(_, refusal)) => expired.unwrap_or(Err(refusal)),
                 (Some(settled), BeforeSending::Send) => settled,
                 (None, BeforeSending::Send) => Err(failure.clone()),

@@ -158,22 +158,44 @@ impl BalanceLedger {
         refusal: Error,
         deadline: Deadline,
     ) -> Result<Entry> {
-        match self.journal_rows_by(conn, deadline, request.user_id, &[request.key]) {
-            Ok(rows) => request.answer_from(&rows).unwrap_or(Err(refusal)),
-            // On a combiner's own connection the open transaction is someone else's: the
-            // combiner discards the connection and asks again on another.
-            Err(Error::NestedTransaction) if crate::txn::on_source_connection_now() => {
-                Err(Error::NestedTransaction)
-            }
-            Err(Error::NestedTransaction) => Err(refusal),
-            Err(failure) => {
-                let lookup = KeyLookup::of(request, refusal);
-                Err(Error::unknown_after_refusal_by_deadline(
-                    failure,
-                    Some(lookup),
-                ))
-            }
-        }
+        let mut answers = self.expired_holds(conn, &[(request, refusal)], deadline);
+        answers
+            .pop()
+            .unwrap_or_else(|| Err(Error::internal("an expired hold left unanswered")))
+    }
+
+    /// [`expired_hold`](Self::expired_hold) for several such `holds` of ONE account (a
+    /// batch's), their keys looked up with one read: one answer each, in order.
+    pub(crate) fn expired_holds(
+        &self,
+        conn: &mut MysqlConnection,
+        holds: &[(&Request<'_>, Error)],
+        deadline: Deadline,
+    ) -> Vec<Result<Entry>> {
+        let Some((first, _)) = holds.first() else {
+            return Vec::new();
+        };
+        let keys: Vec<&str> = holds.iter().map(|(request, _)| request.key).collect();
+        let rows = self.journal_rows_by(conn, deadline, first.user_id, &keys);
+        holds
+            .iter()
+            .map(|(request, refusal)| match &rows {
+                Ok(rows) => request.answer_from(rows).unwrap_or(Err(refusal.clone())),
+                // On a combiner's own connection the open transaction is someone else's: the
+                // combiner discards the connection and asks again on another.
+                Err(Error::NestedTransaction) if crate::txn::on_source_connection_now() => {
+                    Err(Error::NestedTransaction)
+                }
+                Err(Error::NestedTransaction) => Err(refusal.clone()),
+                Err(failure) => {
+                    let lookup = KeyLookup::of(request, refusal.clone());
+                    Err(Error::unknown_after_refusal_by_deadline(
+                        failure.clone(),
+                        Some(lookup),
+                    ))
+                }
+            })
+            .collect()
     }
 
     /// A charge, a deduct or a hold: one account, one journal entry (and a hold's row).

@@ -297,6 +297,22 @@ pub(crate) fn lock_holds(
         .collect()
 }
 
+/// Which of `hold_ids` name a hold (of any account; no lock): one statement per
+/// [`MAX_LIST_VALUES`](crate::statements::MAX_LIST_VALUES) ids, none after the first once
+/// `deadline` has passed ([`Error::Timeout`]).
+pub(crate) fn existing_holds(
+    conn: &mut MysqlConnection,
+    hold_ids: &[i64],
+    deadline: Deadline,
+) -> Result<Vec<i64>> {
+    read_in_lists(hold_ids, Some(deadline), |some| {
+        balance_hold::table
+            .filter(balance_hold::id.eq_any(some))
+            .select(balance_hold::id)
+            .load::<i64>(conn)
+    })
+}
+
 /// The hold `hold_id` (no lock).
 pub(crate) fn find_hold(conn: &mut MysqlConnection, hold_id: i64) -> Result<Option<Hold>> {
     balance_hold::table
