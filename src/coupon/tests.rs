@@ -216,6 +216,25 @@ fn discounts() {
         cap: None,
     };
     assert_eq!(odd.apply_to(d(1, 0)), d(3330, 4));
+    // Rounded down exactly, also for totals of more decimals than 28 digits keep through a
+    // product (before: rounded to 28 digits first, up across the 4th place: 0.0001).
+    let total = "33.333333333333333333333333"
+        .parse::<Decimal>()
+        .expect("total");
+    let thirty = Discount::Percent {
+        percent: d(30, 0),
+        cap: None,
+    };
+    assert_eq!(thirty.apply_to(total), d(99_999, 4));
+    let tiny = "0.0099999999999999999999999999"
+        .parse::<Decimal>()
+        .expect("total");
+    let one = Discount::Percent {
+        percent: d(1, 0),
+        cap: None,
+    };
+    assert_eq!(one.apply_to(tiny), d(0, 4));
+    assert_eq!(thirty.apply_to(d(3_333_399, 7)), d(1000, 4));
     assert!(Discount::Percent {
         percent: d(101, 0),
         cap: None

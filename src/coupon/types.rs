@@ -27,6 +27,27 @@ pub enum Discount {
     },
 }
 
+/// `total * percent / 100` (both not negative) rounded down to 4 decimal places, computed
+/// exactly on their integer mantissas: `None` where a percentage has more than 4 decimals or a
+/// number does not fit (then decimal arithmetic, which rounds to 28 digits, is the fallback:
+/// it can round a total of many decimals up across a 4th-place boundary).
+fn percent_of(total: Decimal, percent: Decimal) -> Option<Decimal> {
+    let (total, percent) = (total.normalize(), percent.normalize());
+    if percent.scale() > 4 {
+        return None;
+    }
+    let product = total.mantissa().checked_mul(percent.mantissa())?;
+    // The product's scale, against the answer's 4 places.
+    let shift = i64::from(total.scale()) + i64::from(percent.scale()) - 4;
+    let ten_to = |n: i64| 10_i128.checked_pow(u32::try_from(n).ok()?);
+    let places = if shift >= 0 {
+        product.checked_div(ten_to(shift)?.checked_mul(100)?)?
+    } else {
+        product.checked_mul(ten_to(-shift)?)?.checked_div(100)?
+    };
+    Decimal::try_from_i128_with_scale(places, 4).ok()
+}
+
 impl Discount {
     /// The discount on an order of `total`: never negative, never more than the total,
     /// percentages rounded down to 4 decimal places and capped. Never panics: a discount built
@@ -38,15 +59,19 @@ impl Discount {
             Self::Fixed(amount) => amount,
             Self::Percent { percent, cap } => {
                 let percent = percent.clamp(Decimal::ZERO, Decimal::ONE_HUNDRED);
-                // total * percent overflows for totals near Decimal::MAX; dividing first cannot
-                // (percent <= 100 keeps the product <= total), at the cost of digits that large
-                // totals do not have anyway.
-                let off = total
-                    .checked_mul(percent)
-                    .and_then(|product| product.checked_div(Decimal::ONE_HUNDRED))
-                    .or_else(|| (total / Decimal::ONE_HUNDRED).checked_mul(percent))
-                    .unwrap_or(total)
-                    .round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero);
+                // Exact where the numbers fit in 128 bits (every total and percentage a coupon
+                // takes); otherwise decimal arithmetic, which rounds to 28 digits on the way:
+                // total * percent overflows for totals near Decimal::MAX, and dividing first
+                // cannot (percent <= 100 keeps the product <= total), at the cost of digits
+                // that large totals do not have anyway.
+                let off = percent_of(total, percent).unwrap_or_else(|| {
+                    total
+                        .checked_mul(percent)
+                        .and_then(|product| product.checked_div(Decimal::ONE_HUNDRED))
+                        .or_else(|| (total / Decimal::ONE_HUNDRED).checked_mul(percent))
+                        .unwrap_or(total)
+                        .round_dp_with_strategy(4, rust_decimal::RoundingStrategy::ToZero)
+                });
                 cap.map_or(off, |cap| off.min(cap))
             }
         };
