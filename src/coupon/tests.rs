@@ -218,17 +218,13 @@ fn discounts() {
     assert_eq!(odd.apply_to(d(1, 0)), d(3330, 4));
     // Rounded down exactly, also for totals of more decimals than 28 digits keep through a
     // product (before: rounded to 28 digits first, up across the 4th place: 0.0001).
-    let total = "33.333333333333333333333333"
-        .parse::<Decimal>()
-        .expect("total");
+    let total = Decimal::from_i128_with_scale(33_333_333_333_333_333_333_333_333, 24);
     let thirty = Discount::Percent {
         percent: d(30, 0),
         cap: None,
     };
     assert_eq!(thirty.apply_to(total), d(99_999, 4));
-    let tiny = "0.0099999999999999999999999999"
-        .parse::<Decimal>()
-        .expect("total");
+    let tiny = Decimal::from_i128_with_scale(99_999_999_999_999_999_999_999_999, 28);
     let one = Discount::Percent {
         percent: d(1, 0),
         cap: None,
