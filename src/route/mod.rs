@@ -954,6 +954,12 @@ impl Shared {
                 Attempt::NodeFailed(error)
             }
             result => {
+                // A connection found inside a transaction that is not lockstock's (left open
+                // on it by a closure, or by a panic on the way) never goes back into the pool,
+                // which does not test on checkout: every later call on it would be refused so.
+                if matches!(result, Err(Error::NestedTransaction)) {
+                    crate::txn::mark_broken(&mut conn);
+                }
                 give_back(&pool, conn);
                 if !cut && reached {
                     self.answered(node, started);

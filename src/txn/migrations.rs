@@ -130,17 +130,26 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
             error
         });
     }
-    let migrated = conn
-        .run_pending_migrations(crate::MIGRATIONS)
-        .map(|_| ())
-        .map_err(|e| Error::Migration(e.into()));
-    // Where the caller's values cannot be put back, the session is ended (as the runner
-    // ends one it could not restore after a COMMIT): the answer stays the migrations'.
-    if conn
-        .batch_execute(&format!("{RESTORE}{restore_flavor}"))
-        .is_err()
-    {
-        super::transaction::close_broken(conn);
-    }
-    migrated
+    // A panic on the way (the caller's Diesel instrumentation, run inside the migrations'
+    // statements) leaves the session with the migrations' settings: marked broken before the
+    // unwind goes on, so that no pool hands it out again.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let migrated = conn
+            .run_pending_migrations(crate::MIGRATIONS)
+            .map(|_| ())
+            .map_err(|e| Error::Migration(e.into()));
+        // Where the caller's values cannot be put back, the session is ended (as the runner
+        // ends one it could not restore after a COMMIT): the answer stays the migrations'.
+        if conn
+            .batch_execute(&format!("{RESTORE}{restore_flavor}"))
+            .is_err()
+        {
+            super::transaction::close_broken(conn);
+        }
+        migrated
+    }));
+    outcome.unwrap_or_else(|panic| {
+        super::transaction::mark_broken(conn);
+        std::panic::resume_unwind(panic)
+    })
 }

@@ -191,6 +191,35 @@ pub(super) fn run_transaction<T>(
     begin: Begin<'_>,
     body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
 ) -> Result<T, Error> {
+    // A panic outside the body — the caller's Diesel instrumentation, which runs inside
+    // lockstock's own statements (the setup SET, BEGIN, COMMIT, ROLLBACK, the restoring SET),
+    // panicking there — leaves the session in a state nobody knows (a transaction open, or
+    // lockstock's settings in place): the connection is marked broken, so that no pool hands
+    // it out again, before the unwind goes on. The body's own panic is ended below (ROLLBACK,
+    // the caller's settings put back) before it goes on, and needs no mark.
+    let mut ended = false;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_transaction_marking(conn, begin, body, &mut ended)
+    }));
+    match outcome {
+        Ok(answer) => answer,
+        Err(panic) => {
+            if !ended {
+                mark_broken(conn);
+            }
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// [`run_transaction`]; `ended`: set once a panic of the body has been ended cleanly (its
+/// transaction rolled back, the session restored) and goes on.
+fn run_transaction_marking<T>(
+    conn: &mut MysqlConnection,
+    begin: Begin<'_>,
+    body: &mut impl FnMut(&mut MysqlConnection) -> Result<T, Error>,
+    ended: &mut bool,
+) -> Result<T, Error> {
     open_transaction(conn, begin)?;
     CLEAN_FAILURE.with(|clean| clean.set(false));
     // While the body runs, Diesel's transaction manager counts the transaction as open: a
@@ -301,6 +330,7 @@ pub(super) fn run_transaction<T>(
             if end_failed(conn, begin).is_none() {
                 let _ = forget_prepared(conn, begin.statement_cache, begin.flavor);
             }
+            *ended = true;
             std::panic::resume_unwind(panic)
         }
     }

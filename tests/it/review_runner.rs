@@ -1996,3 +1996,36 @@ fn a_router_probe_policy_without_time_is_refused() {
         "{built:?}"
     );
 }
+
+/// A panic of the caller's Diesel instrumentation inside one of lockstock's own statements
+/// (here right after START TRANSACTION ran: the transaction is open, lockstock's settings in
+/// place) marks the connection broken before the unwind goes on, so that no pool hands it out
+/// again that way. Before the fix it was left unmarked, inside the transaction. (A panic of a
+/// body is ended cleanly and leaves the connection usable: `foundation::a_panicking_body_rolls_back`.)
+#[test]
+fn a_panic_in_lockstocks_own_statements_marks_the_connection_broken() {
+    use diesel::connection::{Connection, InstrumentationEvent};
+    use diesel::r2d2::R2D2Connection;
+    let (_url, mut conn) = fresh_database("review_panic_outside_body");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(1), "warm").expect("warm");
+    conn.set_instrumentation(|event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::FinishQuery {
+            query, error: None, ..
+        } = event
+        {
+            if query.to_string().starts_with("START TRANSACTION") {
+                panic!("the caller's instrumentation");
+            }
+        }
+    });
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ledger.charge(&mut conn, 1, dec(1), "k")
+    }));
+    assert!(caught.is_err(), "the hook's panic goes on");
+    conn.set_instrumentation(|_: InstrumentationEvent<'_>| {});
+    assert!(
+        R2D2Connection::is_broken(&mut conn),
+        "a connection left in an unknown state is marked broken"
+    );
+}
