@@ -108,7 +108,8 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<(bool, bool), Er
 /// removes the mark (lockstock then sends and restores the settings on every call, which is
 /// correct, only slower).
 ///
-/// Its two statements are bounded like a call: by the policy's
+/// Its statements (the server's version, on MariaDB whether it is a Galera node, the SET) are
+/// bounded like a call: by the policy's
 /// [`deadline`](super::RetryPolicy::deadline) from now, plus its
 /// [`unresponsive_grace`](TxnPolicy::unresponsive_grace) for a server that never answers.
 ///
