@@ -225,7 +225,7 @@ impl CouponIssuer {
             }
             let coupon_id = facts.coupon_id;
             // Read before the stock is: a zero read after a newer sighting is not marked.
-            let seen = self.sightings(campaign_id);
+            let mut seen = self.sightings(campaign_id);
             let (mut stale, mut unknown_holders, mut short) = (false, false, false);
             // Whether the last attempt locked the stock row and found it above zero: as for a
             // single issue, that clears the sold-out mark however the attempt ends.
@@ -236,6 +236,12 @@ impl CouponIssuer {
             let attempt = self
                 .runner
                 .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
+                    // An attempt before this one saw the stock above zero: a sighting, whatever
+                    // the later attempts meet (a mark dates from after it).
+                    if stock_seen {
+                        self.saw_stock(campaign_id);
+                        seen = self.sightings(campaign_id);
+                    }
                     // What the LAST attempt found: the runner may run this body again after a
                     // failure it set a flag for (on Galera, a body's refusal becomes a deadlock
                     // when the node aborted the transaction meanwhile).

@@ -84,7 +84,7 @@ impl CouponIssuer {
             // A closed window is refused without a round trip.
             facts.check_window(campaign_id, self.now())?;
             // Read before the stock is: a zero read after a newer sighting is not marked.
-            let seen = self.sightings(campaign_id);
+            let mut seen = self.sightings(campaign_id);
             // Dated as the attempt that reads the stock begins.
             let mut read = seen;
             let mut stale = false;
@@ -94,6 +94,12 @@ impl CouponIssuer {
             let result = self
                 .runner
                 .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
+                    // An attempt before this one saw the stock above zero: a sighting, whatever
+                    // the later attempts meet (a mark dates from after it).
+                    if stock_seen {
+                        self.saw_stock(campaign_id);
+                        seen = self.sightings(campaign_id);
+                    }
                     // What the LAST attempt found (the runner may run this body again).
                     (stale, stock_seen) = (false, false);
                     // This attempt's time: the window is checked at it, and it is the issue time.

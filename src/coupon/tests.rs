@@ -88,6 +88,66 @@ fn an_issue_refused_as_read_only_after_reading_the_stock_is_a_sighting() {
     assert_eq!(campaign_rows(&mut conn, campaign.id), (4, vec![2]));
 }
 
+/// A batch attempt that saw the stock above zero and was then retried (on Galera: its refusal
+/// turned into a deadlock) counts as a sighting of that stock even when the call's last attempt
+/// saw nothing (here: refused at the stock row, which another program holds): a zero read of
+/// another call taken before must not mark the campaign sold out afterwards. Before the fix
+/// each attempt forgot the one before, and the stale zero marked it, with a coupon in stock.
+#[test]
+fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
+    use std::sync::{Arc, Mutex};
+    let (url, mut conn) = crate::util::test_database("unit_coupon_retried_sighting");
+    let issuer =
+        CouponIssuer::with_policy(crate::TxnPolicy::default().with_retry(crate::RetryPolicy {
+            max_attempts: 4,
+            deadline: std::time::Duration::from_millis(500),
+            ..crate::RetryPolicy::default()
+        }));
+    let campaign = open_campaign(&mut conn, &issuer, "retried sighting", 2);
+    let campaign_id = campaign.id;
+    // The campaign's facts cached; stock 1 left.
+    if let Err(e) = issuer.issue(&mut conn, 9, campaign_id) {
+        panic!("a first issue: {e}");
+    }
+    // A zero read of another call, taken before the batch read the stock.
+    let before = issuer.sightings(campaign_id);
+    // Attempt 1 sees stock 1 for users 5 and 6, needs their holders and is aborted; before
+    // attempt 2 another program locks the stock row and keeps it, so every later attempt is
+    // refused there.
+    let holder: Arc<Mutex<Option<MysqlConnection>>> = Arc::new(Mutex::new(None));
+    let (other_url, kept) = (url.clone(), holder.clone());
+    ABORT_WHEN_HOLDERS_NEEDED.with(|armed| *armed.borrow_mut() = true);
+    AT_NEXT_ATTEMPT.with(|next| {
+        *next.borrow_mut() = Some(Box::new(move || {
+            let Ok(mut other) = MysqlConnection::establish(&other_url) else {
+                panic!("another program");
+            };
+            let locked = diesel::connection::SimpleConnection::batch_execute(
+                &mut other,
+                &format!("BEGIN; SELECT id FROM fcfs_coupon WHERE id = {campaign_id} FOR UPDATE"),
+            );
+            assert!(locked.is_ok(), "the other program's lock: {locked:?}");
+            *lock(&kept) = Some(other);
+        }));
+    });
+    let answer = issuer.issue_many(&mut conn, campaign_id, &[5, 6]);
+    let contended = |e: &Error| matches!(e, Error::Contended { .. });
+    let refused = match &answer {
+        Err(e) => contended(e),
+        Ok(answers) => answers.iter().all(|a| a.as_ref().is_err_and(contended)),
+    };
+    assert!(refused, "{answer:?}");
+    issuer.mark_sold_out(campaign_id, before);
+    let marked = issuer.known_sold_out(campaign_id);
+    if let Some(mut other) = lock(&holder).take() {
+        let ended = diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK");
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+    assert!(!marked, "a stale zero marked the campaign sold out");
+    // Nothing of the batch was applied: user 9's coupon only, one left.
+    assert_eq!(campaign_rows(&mut conn, campaign_id), (1, vec![9]));
+}
+
 /// A campaign's stock left, and the users holding its coupons (in user order).
 fn campaign_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i32, Vec<i64>) {
     use crate::schema::{fcfs_coupon, user_coupon};
