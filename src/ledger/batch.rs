@@ -90,7 +90,9 @@ impl BalanceLedger {
     /// [`Error::Timeout`], [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
     /// [`Error::NotDesignatedWriter`], [`Error::NotReplicated`], [`Error::Server`]): then no
     /// request in the batch was applied (or, for
-    /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were). It is given only for a batch
+    /// [`Error::OutcomeUnknown`] of the COMMIT, all or none were; a batch run in parts — see
+    /// above — answers a part's failure per request, and gives the outer `Err` only where every
+    /// part failed and none may have applied anything). It is given only for a batch
     /// of valid requests that all needed the account's row — or that failed on its connection
     /// or node ([`Error::ConnectionBroken`], a lost connection, [`Error::ServerUnresponsive`],
     /// ...: a [`Router`](crate::Router) runs such a batch again) with none of them found
@@ -143,14 +145,19 @@ impl BalanceLedger {
         // `split_at_placed_hold`): each part once the ones before it have run, as their single
         // calls would run one after another, its answers standing whatever the others meet. A
         // failure of every part that applied nothing (no unknown outcome) is the batch's.
+        let Some(mut to) = self.split_at_placed_hold(conn, ops, deadline) else {
+            return self.apply_part(conn, user_id, ops, judged, deadline);
+        };
         let mut answers: Vec<Result<Entry>> = Vec::with_capacity(ops.len());
         let mut failures: Vec<Error> = Vec::new();
         let mut parts = 0;
         let mut from = 0;
         while from < ops.len() {
-            let to = self
-                .split_at_placed_hold(conn, &ops[from..], deadline)
-                .map_or(ops.len(), |at| from + at);
+            if from > 0 {
+                to = self
+                    .split_at_placed_hold(conn, &ops[from..], deadline)
+                    .map_or(ops.len(), |at| from + at);
+            }
             parts += 1;
             match self.apply_part(conn, user_id, &ops[from..to], &judged[from..to], deadline) {
                 Ok(part) => answers.extend(part),
@@ -177,6 +184,10 @@ impl BalanceLedger {
     /// it runs once the requests before it have run. The holds named are read with one
     /// statement (per 10,000). `None` (one part) where the batch places no hold before a
     /// capture or release, or they cannot be read (the part then meets that failure itself).
+    ///
+    /// Never in a [`CombiningLedger`](crate::combine::CombiningLedger)'s batch: its captures and
+    /// releases name holds found before they were queued (holds are never deleted), so its one
+    /// COMMIT hands the key's turn on, as the combiner expects.
     fn split_at_placed_hold(
         &self,
         conn: &mut MysqlConnection,
