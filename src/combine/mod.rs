@@ -522,12 +522,16 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 lane.linger_for(deadline, self.max_batch)
             });
             if !linger.is_zero() {
-                // Until the batch is as large as the key's recent ones, or the linger is over.
-                let until = Instant::now() + linger;
+                // Until the batch is as large as the key's recent ones, or the linger is over —
+                // shortened to the share of the time left to any caller who joins meanwhile.
+                let mut until = Instant::now() + linger;
                 loop {
-                    let full = lanes
-                        .get(key)
-                        .is_none_or(|lane| lane.queue.len() >= lane.usual.max(1));
+                    let lane = lanes.get(key);
+                    if let Some(lane) = lane {
+                        until =
+                            until.min(Instant::now() + lane.linger_for(deadline, self.max_batch));
+                    }
+                    let full = lane.is_none_or(|lane| lane.queue.len() >= lane.usual.max(1));
                     let left = until.saturating_duration_since(Instant::now());
                     if full || left.is_zero() {
                         break;
@@ -1333,7 +1337,8 @@ impl CombiningIssuer {
     ///
     /// # Errors
     /// As [`CouponIssuer::issue`]; also [`Error::Timeout`] (queued or waiting for a pooled
-    /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
+    /// connection past the deadline — also from a pool that cannot open a connection: r2d2
+    /// keeps trying until then), and a copy of a whole-batch failure.
     pub fn issue(&self, user_id: i64, campaign_id: i64) -> Result<IssuedCoupon> {
         // Answered before anything is queued or checked out, as `issue` answers it.
         if let Some(refusal) = self.inner.refusal_before_sending(user_id, campaign_id) {
@@ -1371,7 +1376,8 @@ impl CombiningLedger {
     ///
     /// # Errors
     /// As [`BalanceLedger::charge`]; also [`Error::Timeout`] (queued or waiting for a pooled
-    /// connection past the deadline), [`Error::Pool`], and a copy of a whole-batch failure.
+    /// connection past the deadline — also from a pool that cannot open a connection: r2d2
+    /// keeps trying until then), and a copy of a whole-batch failure.
     pub fn charge(&self, user_id: i64, amount: Decimal, idempotency_key: &str) -> Result<Entry> {
         self.apply(user_id, AccountOp::charge(amount, idempotency_key))
     }
