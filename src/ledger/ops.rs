@@ -32,7 +32,8 @@ impl BalanceLedger {
     /// [`Error::InvalidIdempotencyKey`]); [`Error::BalanceLimitExceeded`];
     /// [`Error::IdempotencyConflict`] for a key used by another request; and the runner's
     /// failures ([`Error::Contended`], [`Error::Timeout`], [`Error::OutcomeUnknown`],
-    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`], on a Galera node
+    /// [`Error::NestedTransaction`], [`Error::ConnectionBroken`],
+    /// [`Error::ServerUnresponsive`] for a server that stopped answering, on a Galera node
     /// [`Error::NotDesignatedWriter`] or [`Error::NotReplicated`], [`Error::Server`]).
     pub fn charge(
         &self,
@@ -364,8 +365,9 @@ impl BalanceLedger {
     /// # Errors
     /// Invalid input; [`Error::SelfTransfer`], [`Error::AccountNotFound`] (no sender),
     /// [`Error::InsufficientBalance`], [`Error::BalanceLimitExceeded`] (receiver),
-    /// [`Error::IdempotencyConflict`]; and the runner's failures, as for
-    /// [`charge`](Self::charge).
+    /// [`Error::IdempotencyConflict`]; [`Error::Internal`] for a retry whose key's debit the
+    /// journal holds without its credit (they commit together: a journal changed by hand); and
+    /// the runner's failures, as for [`charge`](Self::charge).
     pub fn transfer(
         &self,
         conn: &mut MysqlConnection,

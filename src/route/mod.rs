@@ -96,10 +96,12 @@
 //!
 //! [`Router::write`] runs the caller's closure on a connection to the writer with the caller's
 //! [`Deadline`], and bounds it by that deadline whatever the closure calls: a lockstock call
-//! without a deadline parameter (`balance`, `audit`, `hold`, ...) runs by its own policy's,
-//! but the router's watchdog cuts the connection at the caller's deadline plus grace (any
-//! other socket the closure blocks on then is shut down too: keep closures to the
-//! connection). The closure must be a lockstock call with an idempotency key (or otherwise
+//! without a deadline parameter (`balance`, `audit`, `hold`, ...) runs by the earlier of its
+//! own policy's and the router's ([`TxnRunner::deadline`](crate::TxnRunner::deadline)), so it
+//! ends by the router's deadline as any call ends by its own; what else blocks past it (a
+//! statement of the closure's own, a server that stops answering) is cut by the router's
+//! watchdog at that deadline plus grace (any other socket the closure blocks on then is shut
+//! down too: keep closures to the connection). The closure must be a lockstock call with an idempotency key (or otherwise
 //! safe to run again): the router runs it again after a *node failure*, an answer that says nothing
 //! was applied and the node is to blame —
 //! [`Error::ServerUnresponsive`], [`Error::ConnectionBroken`], a lost connection before COMMIT

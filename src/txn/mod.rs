@@ -610,7 +610,11 @@ impl TxnRunner {
     /// inside such a nested transaction ends the whole transaction in the server; Diesel may
     /// answer its failed `ROLLBACK TO SAVEPOINT` ("SAVEPOINT ... does not exist") instead,
     /// which is not retried: statements the body sent after the server's rollback ran outside
-    /// any transaction.
+    /// any transaction. A body must never end the runner's transaction with raw SQL (`COMMIT`
+    /// through `batch_execute`, or a statement that commits implicitly: DDL, `LOCK TABLES`,
+    /// `SET autocommit = 1`): the runner cannot see it, and on a Galera node, where a write
+    /// runs inside a savepoint, the savepoint it finds gone reads as the node's brute-force
+    /// abort — the body runs again, its first part committed already.
     ///
     /// A read in `body` that returns rows through a range (not by primary key) may fail after
     /// the server has begun its result — refused or timed out on a lock, cut off by the

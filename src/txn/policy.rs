@@ -12,7 +12,10 @@ use super::ServerFlavor;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
     /// The default. Plain reads take shared locks; lockstock reads hot rows only through
-    /// `FOR UPDATE NOWAIT` on unique indexes, so no range is locked.
+    /// `FOR UPDATE NOWAIT` on unique indexes (one record lock each). Its other reads in a
+    /// write take shared range locks where SERIALIZABLE makes them: the sum of an account's
+    /// holds (under that account's row lock) and a coupon batch's holders read (see the
+    /// README's lock table).
     Serializable,
     /// InnoDB's default.
     RepeatableRead,
@@ -127,7 +130,8 @@ pub struct TxnPolicy {
     /// `NOWAIT` reads never wait. A transaction begun with less of its call's deadline left is
     /// limited to that (see [the runner](super#statements-that-wait-and-the-deadline)).
     pub lock_wait_timeout: Duration,
-    /// Statement time limit (`max_statement_time` on MariaDB, `max_execution_time` on MySQL);
+    /// Statement time limit (`max_statement_time` on MariaDB; `max_execution_time` on MySQL,
+    /// where it bounds read-only `SELECT`s only — the rest by the lock waits and the watchdog);
     /// on MariaDB at most the time the call has left when the statement's transaction begins
     /// (but at least 20 ms: a statement may outlast the deadline by that much, so a COMMIT sent
     /// at the last moment is not stopped midway) — on a connection that carries the settings only once that is less than the lock wait
