@@ -1403,16 +1403,15 @@ fn a_batch_split_at_its_own_holds_sends_statements_in_proportion() {
     audit_ok(&ledger, &mut conn, 7);
 }
 
+/// What `apply_many` answers.
+type BatchAnswer = Result<Vec<Result<Entry, Error>>, Error>;
+
 /// `apply_many(7, ops)` on a private server whose COMMIT is held back by a backup (`BACKUP
 /// STAGE BLOCK_COMMIT`) and killed (`KILL QUERY`): its answer, and the connection for checks.
 fn batch_whose_commit_is_killed(
     name: &str,
     ops: &[AccountOp],
-) -> (
-    lockstock_testkit::Sandbox,
-    MysqlConnection,
-    Result<Vec<Result<Entry, Error>>, Error>,
-) {
+) -> (lockstock_testkit::Sandbox, MysqlConnection, BatchAnswer) {
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
     let url = sandbox.create_database(name).expect("database");
     let mut conn = connect(&url);
