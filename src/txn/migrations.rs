@@ -117,23 +117,23 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
          sql_mode = _utf8mb4'{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
          sql_big_selects = 1, default_storage_engine = InnoDB, {flavor_sets}"
     );
-    if let Err(e) = conn.batch_execute(&setup) {
-        let error = Error::from(e);
-        return Err(if error.server_error().is_some_and(refused_as_nested) {
-            Error::NestedTransaction
-        } else if error
-            .server_error()
-            .is_some_and(|e| e.message().contains(NOT_REPLICATED_LOCALE))
-        {
-            Error::NotReplicated
-        } else {
-            error
-        });
-    }
     // A panic on the way (the caller's Diesel instrumentation, run inside the migrations'
-    // statements) leaves the session with the migrations' settings: marked broken before the
-    // unwind goes on, so that no pool hands it out again.
+    // statements — from the setting SET on) leaves the session with the migrations' settings:
+    // marked broken before the unwind goes on, so that no pool hands it out again.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Err(e) = conn.batch_execute(&setup) {
+            let error = Error::from(e);
+            return Err(if error.server_error().is_some_and(refused_as_nested) {
+                Error::NestedTransaction
+            } else if error
+                .server_error()
+                .is_some_and(|e| e.message().contains(NOT_REPLICATED_LOCALE))
+            {
+                Error::NotReplicated
+            } else {
+                error
+            });
+        }
         let migrated = conn
             .run_pending_migrations(crate::MIGRATIONS)
             .map(|_| ())

@@ -2029,3 +2029,35 @@ fn a_panic_in_lockstocks_own_statements_marks_the_connection_broken() {
         "a connection left in an unknown state is marked broken"
     );
 }
+
+/// A panic of the caller's instrumentation right after the migrations' setting SET ran (the
+/// session has the migrations' settings) marks the connection broken before the unwind goes
+/// on. Before the fix that SET was outside the guarded part: the connection stayed unmarked.
+#[test]
+fn a_panic_after_the_migrations_setup_marks_the_connection_broken() {
+    use diesel::connection::{Connection, InstrumentationEvent};
+    use diesel::r2d2::R2D2Connection;
+    let (_url, mut conn) = fresh_database("review_panic_migrations_setup");
+    conn.set_instrumentation(|event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::FinishQuery {
+            query, error: None, ..
+        } = event
+        {
+            if query
+                .to_string()
+                .contains("@lockstock_completion_type = @@session.completion_type")
+            {
+                panic!("the caller's instrumentation");
+            }
+        }
+    });
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lockstock::run_migrations(&mut conn)
+    }));
+    assert!(caught.is_err(), "the hook's panic goes on");
+    conn.set_instrumentation(|_: InstrumentationEvent<'_>| {});
+    assert!(
+        R2D2Connection::is_broken(&mut conn),
+        "a connection left with the migrations' settings is marked broken"
+    );
+}
