@@ -312,22 +312,38 @@ impl BalanceLedger {
         // account's row before the failure (a hold that is not the account's, a key found in
         // the journal) that answer, whatever the rest met.
         results.resize_with(before.len(), || None);
+        // A hold decided in the batch after a request of its key that the batch may have
+        // written (sent, and not answered without the row): where the COMMIT's outcome is
+        // unknown, that request's entry may answer this one too.
+        let after_a_written_key: Vec<bool> = (0..before.len())
+            .map(|at| {
+                matches!(before[at], BeforeSending::Expired(..))
+                    && (0..at).any(|earlier| {
+                        ops[earlier].key() == ops[at].key()
+                            && matches!(before[earlier], BeforeSending::Send)
+                            && results[earlier].is_none()
+                    })
+            })
+            .collect();
         Ok(before
             .into_iter()
             .zip(results)
             .zip(expired_answers)
-            .map(|((before, settled), expired)| match (settled, before) {
-                (_, BeforeSending::Refused(refusal)) => Err(refusal),
-                (_, BeforeSending::Answered(answer)) => answer,
-                // Decided in the batch after a request of its key: where the batch's COMMIT may
-                // have applied that request, its entry may answer this one too.
-                (_, BeforeSending::Expired(..)) if failure.is_outcome_unknown() => {
-                    Err(failure.clone())
-                }
-                (_, BeforeSending::Expired(_, refusal)) => expired.unwrap_or(Err(refusal)),
-                (Some(settled), BeforeSending::Send) => settled,
-                (None, BeforeSending::Send) => Err(failure.clone()),
-            })
+            .zip(after_a_written_key)
+            .map(
+                |(((before, settled), expired), after_written)| match (settled, before) {
+                    (_, BeforeSending::Refused(refusal)) => Err(refusal),
+                    (_, BeforeSending::Answered(answer)) => answer,
+                    (_, BeforeSending::Expired(..))
+                        if after_written && failure.is_outcome_unknown() =>
+                    {
+                        Err(failure.clone())
+                    }
+                    (_, BeforeSending::Expired(_, refusal)) => expired.unwrap_or(Err(refusal)),
+                    (Some(settled), BeforeSending::Send) => settled,
+                    (None, BeforeSending::Send) => Err(failure.clone()),
+                },
+            )
             .collect())
     }
 

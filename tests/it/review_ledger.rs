@@ -1481,3 +1481,27 @@ fn a_batch_of_unknown_outcome_answers_it_whole() {
     );
     audit_ok(&BalanceLedger::new(), &mut conn, 7);
 }
+
+/// A hold whose expiry has passed, after a request of its key that the batch never sent (an
+/// identical expired hold, answered by the lookup before the batch), keeps its single call's
+/// answer when the batch's COMMIT is of unknown outcome: nothing under its key was written.
+/// Before the fix it was answered `OutcomeUnknown` like a hold after a written key.
+#[test]
+fn an_expired_hold_after_an_unsent_request_of_its_key_keeps_its_answer() {
+    let past = chrono::Utc::now().naive_utc() - chrono::Duration::minutes(1);
+    let ops = [
+        AccountOp::hold(dec(1), "k", past),
+        AccountOp::hold(dec(1), "k", past),
+        AccountOp::charge(dec(5), "c"),
+    ];
+    let (_sandbox, mut conn, answers) =
+        batch_whose_commit_is_killed("review_batch_expired_unsent", &ops);
+    let answers = answers.expect("answered per request");
+    let variants: Vec<String> = answers.iter().map(variant).collect();
+    assert_eq!(
+        variants,
+        ["InvalidExpiry", "InvalidExpiry", "OutcomeUnknown"],
+        "{answers:?}"
+    );
+    audit_ok(&BalanceLedger::new(), &mut conn, 7);
+}
