@@ -13,7 +13,7 @@ use diesel::sql_types::Text;
 use diesel::{QueryableByName, RunQueryDsl};
 
 use super::Shared;
-use crate::error::{Error, ServerError};
+use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::txn::{apply_session_settings, Deadline, TxnPolicy};
 
 /// The probe: the node's name and the three status values that make it healthy, in one round
@@ -401,24 +401,29 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
     }
 }
 
-/// One probe on the node's own connection (made first if there is none).
+/// One probe on the node's own connection (made first if there is none). A connection kept
+/// from the probe before that was lost meanwhile (its session killed — an operator's `KILL
+/// USER` —, an idle connection reset) is that connection's failure, not the node's: the probe
+/// asks again at once on a new one, and only what that one meets counts.
 fn probe(
     conn: &mut Option<MysqlConnection>,
     url: &str,
     policy: &TxnPolicy,
 ) -> Result<ProbeRow, String> {
-    let conn = match conn {
-        Some(conn) => conn,
-        None => {
-            let mut fresh =
-                MysqlConnection::establish(url).map_err(|e| format!("cannot connect: {e}"))?;
-            apply_session_settings(&mut fresh, policy).map_err(|e| describe(&e))?;
-            conn.insert(fresh)
-        }
+    let ask = |conn: &mut MysqlConnection| {
+        diesel::sql_query(PROBE_SQL)
+            .get_result::<ProbeRow>(conn)
+            .map_err(ServerError::new)
     };
-    diesel::sql_query(PROBE_SQL)
-        .get_result::<ProbeRow>(conn)
-        .map_err(|e| describe(&Error::Server(ServerError::new(e))))
+    if let Some(kept) = conn.as_mut() {
+        match ask(kept) {
+            Err(lost) if lost.kind() == ServerErrorKind::ConnectionLost => *conn = None,
+            answer => return answer.map_err(|e| describe(&Error::Server(e))),
+        }
+    }
+    let mut fresh = MysqlConnection::establish(url).map_err(|e| format!("cannot connect: {e}"))?;
+    apply_session_settings(&mut fresh, policy).map_err(|e| describe(&e))?;
+    ask(conn.insert(fresh)).map_err(|e| describe(&Error::Server(e)))
 }
 
 fn describe(error: &Error) -> String {

@@ -1744,3 +1744,54 @@ fn galera_router_keeps_nodes_up_when_a_claim_is_refused_for_the_statement() {
         stats.nodes
     );
 }
+
+/// Killing every session of the router's user on the writer — the probe's own connection among
+/// them (an operator's `KILL USER`, idle connections reset) — does not move the writer: a probe
+/// whose kept connection was lost asks again at once on a new one, and only the node's own
+/// failure takes it down. Before the fix the probe's next run failed on its dead connection,
+/// the writer was dropped and another node elected (a failover, the epoch one higher).
+#[test]
+fn galera_router_keeps_the_writer_when_its_probe_connection_is_killed() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let name = "gal_route_probe_killed";
+    let urls = database(cluster, name);
+    let app_urls = user_urls(
+        &urls,
+        ("lockstock_app", "app"),
+        &format!("ALL ON `{name}`.*"),
+    );
+    let (router, writer) = router_with(&app_urls, 2, Duration::from_millis(200));
+    // A write first: the writer's pool holds a connection too.
+    router
+        .write(Deadline::after(OP_BUDGET), |conn, _| {
+            BalanceLedger::new().charge(conn, 1, Decimal::ONE, "before")
+        })
+        .expect("a write");
+    let before = router.stats();
+    let mut root = causal(&urls[writer]);
+    let sessions: Vec<ThreadId> = diesel::sql_query(
+        "SELECT id FROM information_schema.processlist WHERE user = 'lockstock_app'",
+    )
+    .load(&mut root)
+    .expect("the user's sessions");
+    assert!(!sessions.is_empty());
+    for session in sessions {
+        // A server-given id.
+        let _ = root.batch_execute(&format!("KILL CONNECTION {}", session.id));
+    }
+    // Several probe intervals.
+    thread::sleep(Duration::from_millis(1_000));
+    let after = router.stats();
+    assert_eq!(
+        (after.writer, after.epoch, after.failovers),
+        (Some(writer), before.epoch, before.failovers),
+        "{after:?}"
+    );
+    router
+        .write(Deadline::after(OP_BUDGET), |conn, _| {
+            BalanceLedger::new().charge(conn, 1, Decimal::ONE, "after")
+        })
+        .expect("a write on the same writer");
+}
