@@ -863,9 +863,7 @@ pub fn verify_partial(
                 .cloned()
                 .unwrap_or_default();
             let ok = match r.outcome {
-                Outcome::Ok(id) => rows
-                    .iter()
-                    .any(|row| row.0 == id && row.3 == op_amount(&r.op) && row.2 == op_kind(&r.op)),
+                Outcome::Ok(id) => rows.iter().any(|row| row.0 == id && row_is_op(row, &r.op)),
                 _ => true,
             };
             (rows.len(), ok)
@@ -930,6 +928,17 @@ pub fn verify_partial(
         }
     }
     v
+}
+
+/// Whether the journal row `row` is what `op` writes: its kind and amount, and the account it
+/// moved money to (a transfer) or the deduct it refunded (a refund).
+fn row_is_op(row: &HistoryRow, op: &Op) -> bool {
+    let linked = match *op {
+        Op::Transfer { to, .. } => row.8 == Some(to),
+        Op::Refund { deduct, .. } => row.7 == Some(deduct),
+        Op::Charge { .. } | Op::Deduct { .. } | Op::Issue { .. } => true,
+    };
+    linked && row.3 == op_amount(op) && row.2 == op_kind(op)
 }
 
 fn op_amount(op: &Op) -> Decimal {

@@ -680,6 +680,36 @@ fn negative_control_the_checker_finds_each_tampering() {
         );
         assert_no_violations(what, &workload::verify(&mut conn, &setup, &records));
     }
+    // Histories that claim another call than the one applied, the journal untouched: a transfer
+    // to another account, a refund of another deduct (before: both passed — only the kind and
+    // the amount were compared).
+    let claimed = |is: fn(&Op) -> bool| {
+        records
+            .iter()
+            .position(|r| is(&r.op) && matches!(r.outcome, Outcome::Ok(_)))
+            .expect("such an operation answered ok in the history")
+    };
+    let mut to_another = records.clone();
+    if let Op::Transfer { from, to, .. } =
+        &mut to_another[claimed(|op| matches!(op, Op::Transfer { .. }))].op
+    {
+        *to = (1..=4)
+            .find(|a| a != from && a != to)
+            .expect("another account");
+    }
+    let mut of_another = records.clone();
+    if let Op::Refund { deduct, .. } =
+        &mut of_another[claimed(|op| matches!(op, Op::Refund { .. }))].op
+    {
+        *deduct += 1_000_000;
+    }
+    for (what, history) in [
+        ("a transfer to another account", to_another),
+        ("a refund of another deduct", of_another),
+    ] {
+        let found = workload::verify(&mut conn, &setup, &history);
+        assert!(!found.is_empty(), "{what}: not found");
+    }
 }
 
 #[derive(QueryableByName)]
