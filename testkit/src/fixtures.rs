@@ -212,7 +212,9 @@ where
     race(threads, || (), |thread, ()| work(thread))
 }
 
-/// Each thread runs `prepare`, waits for the others, then runs `work` with what it prepared.
+/// Each thread runs `prepare`, waits for the others, then runs `work` with what it prepared. A
+/// `prepare` that panics (a connection refused) still reaches the barrier, so the others are
+/// not left waiting for it for ever, and its panic fails the caller.
 fn race<T, C, F>(threads: usize, prepare: impl Fn() -> C + Sync, work: F) -> Vec<T>
 where
     T: Send,
@@ -224,9 +226,12 @@ where
             .map(|thread| {
                 let (barrier, prepare, work) = (&barrier, &prepare, &work);
                 s.spawn(move || {
-                    let mut prepared = prepare();
+                    let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(prepare));
                     barrier.wait();
-                    work(thread, &mut prepared)
+                    match prepared {
+                        Ok(mut prepared) => work(thread, &mut prepared),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
                 })
             })
             .collect();
@@ -777,4 +782,37 @@ pub fn lock_balance(conn: &mut MysqlConnection, user_id: i64) -> QueryResult<Dec
         .select(user_balance::balance)
         .for_update()
         .first(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A thread whose preparation panics (a connection refused) fails the race instead of
+    /// leaving the others waiting at the barrier for ever (before the fix: a hang).
+    #[test]
+    fn a_race_whose_preparation_fails_fails_instead_of_hanging() {
+        let (answer, answered) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let prepared = AtomicUsize::new(0);
+            let raced = std::panic::catch_unwind(|| {
+                race(
+                    3,
+                    || {
+                        if prepared.fetch_add(1, Ordering::SeqCst) == 0 {
+                            panic!("a refused connection");
+                        }
+                    },
+                    |_, ()| (),
+                )
+            });
+            let _ = answer.send(raced.is_err());
+        });
+        assert_eq!(
+            answered.recv_timeout(StdDuration::from_secs(20)).ok(),
+            Some(true),
+            "the race panics (it does not hang)"
+        );
+    }
 }

@@ -164,6 +164,9 @@ pub fn connect(url: &str) -> Result<MysqlConnection, BoxError> {
 
 /// An r2d2 pool as an application would build it, with lockstock's session settings.
 pub fn pool(url: &str, size: u32) -> Result<MysqlPool, BoxError> {
+    if size == 0 {
+        return Err("a pool needs at least one connection".into());
+    }
     Ok(Pool::builder()
         .max_size(size)
         .connection_customizer(Box::new(SessionSettings::new(TxnPolicy::default())))
@@ -1433,9 +1436,13 @@ impl Harness {
         Ok(pool)
     }
 
+    /// `count` ids nobody used, the first of them: at most 2^40 a call (a `max_requests` of
+    /// `u64::MAX`, "no limit", reserves that many — more than any run can use).
     fn fresh_ids(&mut self, count: u64) -> i64 {
+        const MOST: u64 = 1 << 40;
         let base = self.next_id;
-        self.next_id += i64::try_from(count).unwrap_or(i64::MAX / 4) + 1;
+        let step = i64::try_from(count.min(MOST)).unwrap_or(1 << 40) + 1;
+        self.next_id = self.next_id.saturating_add(step);
         base
     }
 
