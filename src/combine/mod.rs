@@ -1440,14 +1440,39 @@ impl CombiningLedger {
     }
 
     /// A charge, deduct or hold; its input is checked before anything is queued, as the single
-    /// call checks it before it sends anything.
+    /// call checks it before it sends anything. A hold whose expiry its caller's clock refuses
+    /// is answered as its single call answers it — its key looked up, else the refusal; where
+    /// the lookup cannot be made, [`Error::OutcomeUnknown`] — on a connection of the source,
+    /// never queued: it needs no account lock (queued, a deadline passing in the queue would
+    /// answer it `Timeout`, "nothing applied", though a retry's hold may stand).
     fn apply(&self, user_id: i64, op: AccountOp) -> Result<Entry> {
+        use crate::ledger::BeforeSending;
         let deadline = self.inner.runner().deadline();
         let judged = crate::util::now();
-        if let crate::ledger::BeforeSending::Refused(refusal) = op.before_sending(user_id, judged) {
-            return Err(refusal);
+        match op.before_sending(user_id, judged) {
+            BeforeSending::Refused(refusal) => Err(refusal),
+            BeforeSending::Expired(request, refusal) => {
+                let grace = self.inner.runner().policy().unresponsive_grace;
+                let looked_up = self.with_connection(deadline, grace, |conn, deadline| {
+                    match self
+                        .inner
+                        .expired_hold(conn, &request, refusal.clone(), deadline)
+                    {
+                        // Someone else's transaction on a connection of the source: another.
+                        Err(Error::NestedTransaction) => Err(Error::NestedTransaction),
+                        answer => Ok(answer),
+                    }
+                });
+                looked_up.unwrap_or_else(|failure| {
+                    let lookup = crate::ledger::KeyLookup::of(&request, refusal);
+                    Err(Error::unknown_after_refusal_by_deadline(
+                        failure,
+                        Some(lookup),
+                    ))
+                })
+            }
+            _ => self.submit(user_id, (op, judged), deadline),
         }
-        self.submit(user_id, (op, judged), deadline)
     }
 
     fn submit(

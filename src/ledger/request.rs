@@ -267,6 +267,11 @@ impl KeyLookup {
     ) -> Result<Entry> {
         let rows = match ledger.journal_rows_by(conn, deadline, self.user_id, &[&self.key]) {
             Ok(rows) => rows,
+            // On a combiner's own connection the open transaction is someone else's: the
+            // combiner discards the connection and asks again on another.
+            Err(Error::NestedTransaction) if crate::txn::on_source_connection_now() => {
+                return Err(Error::NestedTransaction)
+            }
             Err(failure) => return Err(Error::unknown_after_refusal(failure)),
         };
         match rows.0.get(&self.key) {

@@ -1946,3 +1946,36 @@ fn a_batch_ending_many_holds_stops_at_its_deadline() {
     );
     audit_ok(&ledger, &mut conn, USER);
 }
+
+/// A retry of a hold whose expiry has passed answers through `CombiningLedger` as its single
+/// call: with no time left for its key's lookup, `OutcomeUnknown` (the retried hold may stand),
+/// never `Timeout`, which says nothing was applied; with time, its recorded entry, also while
+/// another program holds the account's row (the lookup needs no lock). Before the fix the
+/// combined call was queued for the account and answered `Timeout` when its deadline passed
+/// in the queue.
+#[test]
+fn a_combined_retry_of_an_expired_hold_answers_as_its_single_call() {
+    use lockstock_testkit::fixtures::{policy_with_deadline, variant};
+    const USER: i64 = 41;
+    let (url, mut conn) = fresh_database("holds_combined_expired_retry");
+    let ledger = BalanceLedger::new();
+    let (hold, expires_at) = an_expired_hold(&mut conn, &ledger, USER, 800);
+    let no_time = policy_with_deadline(StdDuration::ZERO);
+    let single =
+        BalanceLedger::with_policy(no_time.clone()).hold(&mut conn, USER, dec(10), "h", expires_at);
+    assert_eq!(variant(&single), "OutcomeUnknown", "{single:?}");
+    let hurried = CombiningLedger::new(pool(&url, 2), BalanceLedger::with_policy(no_time));
+    let combined = hurried.hold(USER, dec(10), "h", expires_at);
+    assert_eq!(variant(&combined), "OutcomeUnknown", "{combined:?}");
+    let mut other = connect(&url);
+    diesel::connection::SimpleConnection::batch_execute(&mut other, "BEGIN").expect("begin");
+    lock_balance(&mut other, USER).expect("hold the account's row");
+    let patient = CombiningLedger::new(
+        pool(&url, 2),
+        BalanceLedger::with_policy(policy_with_deadline(StdDuration::from_secs(2))),
+    );
+    let recorded = patient.hold(USER, dec(10), "h", expires_at);
+    diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK").expect("rollback");
+    assert_eq!(recorded.expect("the recorded entry"), hold);
+    audit_ok(&ledger, &mut conn, USER);
+}
