@@ -1777,12 +1777,31 @@ fn galera_router_keeps_the_writer_when_its_probe_connection_is_killed() {
     .load(&mut root)
     .expect("the user's sessions");
     assert!(!sessions.is_empty());
+    let last_killed = sessions.iter().map(|s| s.id).max().unwrap_or(0);
     for session in sessions {
         // A server-given id.
         let _ = root.batch_execute(&format!("KILL CONNECTION {}", session.id));
     }
-    // Several probe intervals.
-    thread::sleep(Duration::from_millis(1_000));
+    // Until the writer's probe has run again: a session of the user opened after the kills
+    // (the probe's new connection; before the fix it came only at the probe after the one
+    // that failed, the writer already dropped). The stats are read after the probe answered.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let newer: Vec<ThreadId> = diesel::sql_query(
+            "SELECT id FROM information_schema.processlist \
+             WHERE user = 'lockstock_app' AND id > ?",
+        )
+        .bind::<Unsigned<BigInt>, _>(last_killed)
+        .load(&mut root)
+        .expect("the user's sessions");
+        if !newer.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < until, "the writer's probe never ran again");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Its answer recorded (the probe answers in a few milliseconds; an interval is 200 ms).
+    thread::sleep(Duration::from_millis(100));
     let after = router.stats();
     assert_eq!(
         (after.writer, after.epoch, after.failovers),

@@ -1263,13 +1263,21 @@ fn a_batch_killed_while_it_retries_answers_an_expired_hold_as_its_single_call() 
     lock_balance(&mut holder, 7).expect("hold the account");
     let mut doomed = connect(&url);
     let doomed_id = connection_id(&mut doomed);
+    // Stopped before its second NOWAIT read of the account: its first was refused, and it
+    // retries (for up to a minute).
+    let pauses = Pauses::default();
+    let mut nowait_reads = 0;
+    pauses.install(&mut doomed, move |sql| {
+        nowait_reads += usize::from(sql.contains("NOWAIT"));
+        sql.contains("NOWAIT") && nowait_reads == 2
+    });
     let patient = patient_ledger();
     let answers = thread::scope(|s| {
         let call = s.spawn(|| patient.apply_many(&mut doomed, 7, &ops));
-        // The batch retries its NOWAIT lock of the account for up to a minute meanwhile.
-        thread::sleep(Duration::from_millis(500));
+        pauses.stopped();
         conn.batch_execute(&format!("KILL CONNECTION {doomed_id}"))
             .expect("kill the batch's session");
+        pauses.go();
         call.join().expect("the batch's thread")
     });
     holder.batch_execute("ROLLBACK").expect("rollback");
