@@ -102,6 +102,8 @@ impl CouponIssuer {
                     }
                     // What the LAST attempt found (the runner may run this body again).
                     (stale, stock_seen) = (false, false);
+                    #[cfg(test)]
+                    super::tests::attempt_begins();
                     // This attempt's time: the window is checked at it, and it is the issue time.
                     let at = self.now();
                     read = seen.now();

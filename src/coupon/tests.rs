@@ -40,10 +40,26 @@ thread_local! {
     /// Armed by a test: the next single issue's attempt fails after its stock UPDATE with a
     /// read-only server's refusal (as a COMMIT refused by `read_only` fails).
     static READ_ONLY_AFTER_THE_STOCK: RefCell<bool> = const { RefCell::new(false) };
+    /// Armed by a test: the next single issue's attempt is aborted after its stock UPDATE as
+    /// the runner answers a Galera-guarded body whose savepoint is gone (a deadlock, retried);
+    /// [`AT_NEXT_ATTEMPT`] runs as the next attempt begins.
+    static ABORT_AFTER_THE_STOCK: RefCell<bool> = const { RefCell::new(false) };
 }
 
 /// The hook after a single issue's stock UPDATE.
 pub(super) fn after_the_stock_update() -> Option<Error> {
+    if ABORT_AFTER_THE_STOCK.with(|armed| armed.replace(false)) {
+        let write = AT_NEXT_ATTEMPT.with(|next| next.borrow_mut().take());
+        AT_THIS_ATTEMPT.with(|this| *this.borrow_mut() = write);
+        return Some(Error::Server(ServerError::new(
+            diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::SerializationFailure,
+                Box::new(
+                    "Deadlock found when trying to get lock; try restarting transaction".to_owned(),
+                ),
+            ),
+        )));
+    }
     READ_ONLY_AFTER_THE_STOCK
         .with(|armed| armed.replace(false))
         .then(|| {
@@ -145,6 +161,54 @@ fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
     }
     assert!(!marked, "a stale zero marked the campaign sold out");
     // Nothing of the batch was applied: user 9's coupon only, one left.
+    assert_eq!(campaign_rows(&mut conn, campaign_id), (1, vec![9]));
+}
+
+/// The single issue's twin of [`a_retried_batch_attempt_that_saw_stock_is_a_sighting`]: an
+/// issue attempt that saw the stock above zero and was then retried counts as a sighting even
+/// when the call's last attempt saw nothing (refused at the stock row, which another program
+/// holds). Before the fix a stale zero read of another call marked the campaign sold out.
+#[test]
+fn a_retried_issue_attempt_that_saw_stock_is_a_sighting() {
+    use std::sync::{Arc, Mutex};
+    let (url, mut conn) = crate::util::test_database("unit_coupon_retried_issue_sighting");
+    let issuer =
+        CouponIssuer::with_policy(crate::TxnPolicy::default().with_retry(crate::RetryPolicy {
+            max_attempts: 4,
+            deadline: std::time::Duration::from_millis(500),
+            ..crate::RetryPolicy::default()
+        }));
+    let campaign = open_campaign(&mut conn, &issuer, "retried issue sighting", 2);
+    let campaign_id = campaign.id;
+    if let Err(e) = issuer.issue(&mut conn, 9, campaign_id) {
+        panic!("a first issue: {e}");
+    }
+    let before = issuer.sightings(campaign_id);
+    let holder: Arc<Mutex<Option<MysqlConnection>>> = Arc::new(Mutex::new(None));
+    let (other_url, kept) = (url.clone(), holder.clone());
+    ABORT_AFTER_THE_STOCK.with(|armed| *armed.borrow_mut() = true);
+    AT_NEXT_ATTEMPT.with(|next| {
+        *next.borrow_mut() = Some(Box::new(move || {
+            let Ok(mut other) = MysqlConnection::establish(&other_url) else {
+                panic!("another program");
+            };
+            let locked = diesel::connection::SimpleConnection::batch_execute(
+                &mut other,
+                &format!("BEGIN; SELECT id FROM fcfs_coupon WHERE id = {campaign_id} FOR UPDATE"),
+            );
+            assert!(locked.is_ok(), "the other program's lock: {locked:?}");
+            *lock(&kept) = Some(other);
+        }));
+    });
+    let answer = issuer.issue(&mut conn, 5, campaign_id);
+    issuer.mark_sold_out(campaign_id, before);
+    let marked = issuer.known_sold_out(campaign_id);
+    if let Some(mut other) = lock(&holder).take() {
+        let ended = diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK");
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+    assert!(matches!(answer, Err(Error::Contended { .. })), "{answer:?}");
+    assert!(!marked, "a stale zero marked the campaign sold out");
     assert_eq!(campaign_rows(&mut conn, campaign_id), (1, vec![9]));
 }
 
