@@ -1276,28 +1276,31 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
         grace: Duration,
         mut f: impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
     ) -> Result<T> {
-        match &self.source {
-            Source::Pool(pool) => {
-                // A connection found inside a transaction that is not lockstock's (left open by
-                // the application on a pool it shares) is discarded, and `f` runs again on
-                // another: nothing of `f` ran on it (every lockstock transaction and read is
-                // refused at its first statement there).
-                let mut discarded = 0;
-                loop {
+        // A connection found inside a transaction that is not lockstock's (left open by the
+        // application on a pool it shares, or by a router's closure) is discarded, and `f` runs
+        // again on another: nothing of `f` ran on it (every lockstock transaction and read is
+        // refused at its first statement there). A router discards such a connection itself.
+        let mut discarded = 0;
+        loop {
+            let answer = match &self.source {
+                Source::Pool(pool) => {
                     let mut conn = checkout(pool, deadline, grace)?;
                     let answer = crate::txn::on_source_connection(|| f(&mut conn, deadline));
-                    let foreign = matches!(answer, Err(Error::NestedTransaction));
-                    if foreign {
+                    if matches!(answer, Err(Error::NestedTransaction)) {
                         mark_broken(&mut conn);
                     }
                     give_back(pool, conn);
-                    discarded += 1;
-                    if !foreign || discarded >= MAX_FOREIGN_TRANSACTIONS || deadline.is_expired() {
-                        return answer;
-                    }
+                    answer
                 }
+                Source::Router(router) => router.write(deadline, |conn, deadline| {
+                    crate::txn::on_source_connection(|| f(conn, deadline))
+                }),
+            };
+            discarded += 1;
+            let foreign = matches!(answer, Err(Error::NestedTransaction));
+            if !foreign || discarded >= MAX_FOREIGN_TRANSACTIONS || deadline.is_expired() {
+                return answer;
             }
-            Source::Router(router) => router.write(deadline, f),
         }
     }
 }

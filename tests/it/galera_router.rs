@@ -1814,3 +1814,37 @@ fn galera_router_keeps_the_writer_when_its_probe_connection_is_killed() {
         })
         .expect("a write on the same writer");
 }
+
+/// A routed `CombiningLedger` answers a retry of a hold whose expiry has passed as its single
+/// call — the recorded entry — also when the writer's pooled connection was left inside a
+/// transaction by a router closure of the application: that connection is discarded and the
+/// lookup runs on another. Before the fix the lookup met the open transaction as the caller's
+/// own and answered the retry `InvalidExpiry` ("never placed") while its hold stood.
+#[test]
+fn galera_routed_retry_of_an_expired_hold_is_not_fooled_by_a_leftover_transaction() {
+    use lockstock::combine::CombiningLedger;
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_expired_leftover");
+    let (router, _writer) = router_with(&urls, 1, Duration::from_millis(200));
+    let hot = CombiningLedger::routed(router.clone(), BalanceLedger::new());
+    hot.charge(1, Decimal::new(100, 0), "fund").expect("fund");
+    let expires_at = chrono::Utc::now().naive_utc() + chrono::Duration::milliseconds(1_500);
+    let hold = hot
+        .hold(1, Decimal::new(10, 0), "h", expires_at)
+        .expect("the hold");
+    while chrono::Utc::now().naive_utc() <= expires_at + chrono::Duration::milliseconds(100) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The application's closure leaves a transaction open on the writer's only pooled
+    // connection.
+    router
+        .write(Deadline::after(OP_BUDGET), |conn, _| {
+            conn.batch_execute("START TRANSACTION; SELECT 1")
+                .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+        })
+        .expect("the application's closure");
+    let retried = hot.hold(1, Decimal::new(10, 0), "h", expires_at);
+    assert_eq!(retried.expect("the recorded entry"), hold);
+}
