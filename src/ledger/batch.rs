@@ -334,6 +334,9 @@ impl BalanceLedger {
                 |(((before, settled), expired), after_written)| match (settled, before) {
                     (_, BeforeSending::Refused(refusal)) => Err(refusal),
                     (_, BeforeSending::Answered(answer)) => answer,
+                    // Found in the journal by a round's key lookup (its key was committed by
+                    // another call meanwhile): that answer, as its single call made then finds.
+                    (Some(found), BeforeSending::Expired(..)) => found,
                     (_, BeforeSending::Expired(..))
                         if after_written && failure.is_outcome_unknown() =>
                     {
