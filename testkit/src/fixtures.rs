@@ -268,6 +268,17 @@ pub fn connection_id(conn: &mut MysqlConnection) -> i64 {
         .expect("connection id")
 }
 
+/// The number of statements `conn`'s session has sent (`QUESTIONS`, the reading itself
+/// included): tests bound what a call sends by it, not by the time it takes.
+pub fn questions(conn: &mut MysqlConnection) -> i64 {
+    diesel::dsl::sql::<BigInt>(
+        "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.SESSION_STATUS \
+         WHERE VARIABLE_NAME = 'QUESTIONS'",
+    )
+    .get_result(conn)
+    .expect("the session's statement count")
+}
+
 /// A connection to `url` whose server session `killer` has killed: any round trip on it fails.
 pub fn killed_connection(url: &str, killer: &mut MysqlConnection) -> MysqlConnection {
     let mut doomed = connect(url);

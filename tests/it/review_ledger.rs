@@ -22,8 +22,8 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{
     assert_none_later_than, audit_ok, concurrently, connect, connection_id, count_key,
-    fresh_database, journal_size, lock_balance, policy_with_deadline, pool_with, retry_policy,
-    row_holder, stored_balance, together, variant, while_checked_out, CallLog,
+    fresh_database, journal_size, lock_balance, policy_with_deadline, pool_with, questions,
+    retry_policy, row_holder, stored_balance, together, variant, while_checked_out, CallLog,
 };
 
 fn dec(units: i64) -> Decimal {
@@ -1342,16 +1342,6 @@ fn a_batch_captures_and_releases_the_holds_it_places() {
         );
         audit_ok(&ledger, conn, 7);
     }
-}
-
-/// The session's statement count (`QUESTIONS`), for tests that bound what a call sends.
-fn questions(conn: &mut MysqlConnection) -> i64 {
-    diesel::dsl::sql::<BigInt>(
-        "SELECT CAST(VARIABLE_VALUE AS SIGNED) FROM information_schema.SESSION_STATUS \
-         WHERE VARIABLE_NAME = 'QUESTIONS'",
-    )
-    .get_result(conn)
-    .expect("the session's statement count")
 }
 
 /// A batch's holds whose expiry has passed are looked up with one read of their keys, not a
