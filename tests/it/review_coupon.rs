@@ -1668,7 +1668,7 @@ fn a_batch_whose_holders_cannot_be_read_after_a_clash_may_be_applied() {
         .issue(&mut admin, 1, campaign.id)
         .expect("the first issue, applied");
     let user = "lockstock_coupon_blind";
-    let mut blind = connect(&crate::review_ledger::restricted_url(
+    let restricted = crate::review_ledger::restricted_url(
         &url,
         &mut admin,
         (database, user),
@@ -1677,7 +1677,8 @@ fn a_batch_whose_holders_cannot_be_read_after_a_clash_may_be_applied() {
             ("SELECT", "coupon"),
             ("INSERT", "user_coupon"),
         ],
-    ));
+    );
+    let mut blind = connect(restricted.url());
     let denied_unknown = crate::review_ledger::is_denied_outcome_unknown::<IssuedCoupon>;
 
     let single = CouponIssuer::new().issue(&mut blind, 1, campaign.id);
@@ -1716,11 +1717,6 @@ fn a_batch_whose_holders_cannot_be_read_after_a_clash_may_be_applied() {
         again[0]
     );
     check_invariants(&mut admin, "after the blind batch");
-    admin
-        .batch_execute(&format!(
-            "DROP USER '{user}'@'localhost'; DROP USER '{user}'@'%'"
-        ))
-        .expect("drop the restricted user");
 }
 
 /// A redeem (and a restore) never waits for a lock while it holds the coupon's row: its read of

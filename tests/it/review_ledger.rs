@@ -308,11 +308,11 @@ fn finding_2_batch_replays_key_committed_by_another_connection() {
 
 /// A server account that may lock and change balances and write the journal but not read the
 /// journal: the key lookup after a commit fails on the server ("SELECT command denied").
-fn journal_blind_url(url: &str, admin: &mut MysqlConnection, database: &str) -> String {
+fn journal_blind_url(url: &str, admin: &mut MysqlConnection, database: &str) -> Restricted {
     restricted_url(
         url,
         admin,
-        (database, "lockstock_blind"),
+        (database, &format!("blind_{database}")),
         &[
             ("SELECT, INSERT, UPDATE", "user_balance"),
             ("INSERT", "balance_history"),
@@ -320,14 +320,40 @@ fn journal_blind_url(url: &str, admin: &mut MysqlConnection, database: &str) -> 
     )
 }
 
-/// The URL of a server account `user` (password `blind`) that has only `grants` — privileges
-/// on a table of `database` — created through `admin`.
+/// A server account (password `blind`) that has only some privileges, and its URL; dropped
+/// from the server with it — also by a test that fails.
+pub(crate) struct Restricted {
+    url: String,
+    admin_url: String,
+    user: String,
+}
+
+impl Restricted {
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for Restricted {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = MysqlConnection::establish(&self.admin_url) {
+            let user = &self.user;
+            let _ = admin.batch_execute(&format!(
+                "DROP USER IF EXISTS '{user}'@'localhost', '{user}'@'%'"
+            ));
+        }
+    }
+}
+
+/// A server account `user` (password `blind`; a name of the test's own: tests run in
+/// parallel) that has only `grants` — privileges on a table of `database` — created through
+/// `admin` (connected to `url`).
 pub(crate) fn restricted_url(
     url: &str,
     admin: &mut MysqlConnection,
     (database, user): (&str, &str),
     grants: &[(&str, &str)],
-) -> String {
+) -> Restricted {
     for host in ["localhost", "%"] {
         let mut sql = format!("CREATE USER IF NOT EXISTS '{user}'@'{host}' IDENTIFIED BY 'blind'");
         for (privileges, table) in grants {
@@ -338,7 +364,11 @@ pub(crate) fn restricted_url(
         admin.batch_execute(&sql).expect("restricted user");
     }
     let rest = url.split_once('@').map_or(url, |(_, rest)| rest);
-    format!("mysql://{user}:blind@{rest}")
+    Restricted {
+        url: format!("mysql://{user}:blind@{rest}"),
+        admin_url: url.to_owned(),
+        user: user.to_owned(),
+    }
 }
 
 /// `OutcomeUnknown` whose source is the server's refusal of a privilege ("... denied").
@@ -362,7 +392,7 @@ fn finding_4_committed_batch_never_answers_nothing_applied() {
         .charge(&mut admin, 1, dec(100), "seed")
         .expect("seed");
     let blind = journal_blind_url(&url, &mut admin, "review_f4");
-    let mut conn = connect(&blind);
+    let mut conn = connect(blind.url());
 
     let ops = [
         AccountOp::charge(dec(10), "c1"),
@@ -401,7 +431,7 @@ fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
     let pool: MysqlPool = Pool::builder()
         .max_size(2)
         .connection_customizer(Box::new(SessionSettings::new(patient.policy().clone())))
-        .build(ConnectionManager::<MysqlConnection>::new(blind))
+        .build(ConnectionManager::<MysqlConnection>::new(blind.url()))
         .expect("pool");
     let hot = Arc::new(CombiningLedger::new(pool, patient.clone()));
 
@@ -421,7 +451,7 @@ fn finding_4_combined_callers_of_a_committed_batch_get_their_own_answers() {
         |observer| {
             diesel::sql_query(
                 "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
-             WHERE USER = 'lockstock_blind' AND DB = 'review_f4c' AND INFO LIKE '%user_balance%'",
+             WHERE USER = 'blind_review_f4c' AND DB = 'review_f4c' AND INFO LIKE '%user_balance%'",
             )
             .get_result::<Count>(observer)
             .expect("processlist")
@@ -490,7 +520,7 @@ fn a_batch_whose_keys_cannot_be_looked_up_after_a_clash_may_be_applied() {
         .deduct(&mut admin, 1, dec(10), "d")
         .expect("the first deduct, applied");
     let blind = journal_blind_url(&url, &mut admin, "review_clash_lookup");
-    let mut conn = connect(&blind);
+    let mut conn = connect(blind.url());
 
     let single = ledger.deduct(&mut conn, 1, dec(10), "d");
     assert!(is_denied_outcome_unknown(&single), "{single:?}");

@@ -664,18 +664,54 @@ fn a_commit_refused_by_a_server_turned_read_only_is_certain() {
          FOR EACH ROW BEGIN DO SLEEP(0.4); END",
     );
     let ledger = BalanceLedger::new();
+    let plain_id = connection_id(&mut plain);
+    // The statement each refusal came from: only a refused COMMIT is what this test is about
+    // (an earlier statement refused by a switch that came too early would prove nothing).
+    let failed: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+    let seen = failed.clone();
+    diesel::connection::Connection::set_instrumentation(
+        &mut plain,
+        move |event: diesel::connection::InstrumentationEvent<'_>| {
+            if let diesel::connection::InstrumentationEvent::FinishQuery {
+                query,
+                error: Some(_),
+                ..
+            } = event
+            {
+                seen.lock()
+                    .expect("failed statements")
+                    .push(query.to_string());
+            }
+        },
+    );
     let mut applied = 1;
     let mut refused = 0;
     for attempt in 0..10 {
         let switch = {
             let mut admin = connect(&url);
             thread::spawn(move || {
-                thread::sleep(Duration::from_millis(150));
+                // Once the deduct's balance UPDATE sleeps in its trigger (a liveness guard of
+                // 20 s), not after a guessed delay.
+                let until = std::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let sleeping: i64 = diesel::dsl::sql::<BigInt>(&format!(
+                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                         WHERE ID = {plain_id} AND STATE = 'User sleep'"
+                    ))
+                    .get_result(&mut admin)
+                    .expect("processlist");
+                    if sleeping > 0 {
+                        break;
+                    }
+                    assert!(std::time::Instant::now() < until, "the UPDATE never slept");
+                    thread::sleep(Duration::from_millis(2));
+                }
                 admin
                     .batch_execute("SET GLOBAL read_only = 1")
                     .expect("read-only now");
             })
         };
+        failed.lock().expect("failed statements").clear();
         let answer = ledger.deduct(&mut plain, 1, dec(1), &format!("d{attempt}"));
         switch.join().expect("switch");
         admin
@@ -684,6 +720,11 @@ fn a_commit_refused_by_a_server_turned_read_only_is_certain() {
         match &answer {
             Ok(_) => applied += 1,
             Err(Error::Server(e)) if e.kind() == lockstock::ServerErrorKind::ReadOnly => {
+                let failed = failed.lock().expect("failed statements");
+                assert!(
+                    failed.iter().any(|sql| sql.starts_with("COMMIT")),
+                    "attempt {attempt}: refused by {failed:?}, not at COMMIT"
+                );
                 refused += 1;
             }
             other => panic!("attempt {attempt}: {other:?}"),
