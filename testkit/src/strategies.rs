@@ -1557,6 +1557,15 @@ impl Harness {
         let run = drive(
             states,
             move |(executor, conn, url), n| {
+                // A client of its own connection whose reconnect failed (the server or node
+                // briefly down) tries again before each request, as an application would.
+                if !combining && conn.is_none() {
+                    *conn = connect(url).ok();
+                    if conn.is_none() {
+                        std::thread::sleep(Duration::from_millis(10));
+                        return (Err("ConnectionLost (no new connection)".to_owned()), 0);
+                    }
+                }
                 let (result, refusals) =
                     executor.request(conn.as_mut(), target, user_base, &key_prefix, n);
                 // A client whose connection is gone (lost, broken, or shut down by the watchdog)
