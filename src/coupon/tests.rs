@@ -104,35 +104,24 @@ fn an_issue_refused_as_read_only_after_reading_the_stock_is_a_sighting() {
     assert_eq!(campaign_rows(&mut conn, campaign.id), (4, vec![2]));
 }
 
-/// A batch attempt that saw the stock above zero and was then retried (on Galera: its refusal
-/// turned into a deadlock) counts as a sighting of that stock even when the call's last attempt
-/// saw nothing (here: refused at the stock row, which another program holds): a zero read of
-/// another call taken before must not mark the campaign sold out afterwards. Before the fix
-/// each attempt forgot the one before, and the stale zero marked it, with a coupon in stock.
-#[test]
-fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
-    use std::sync::{Arc, Mutex};
-    let (url, mut conn) = crate::util::test_database("unit_coupon_retried_sighting");
-    let issuer =
-        CouponIssuer::with_policy(crate::TxnPolicy::default().with_retry(crate::RetryPolicy {
-            max_attempts: 4,
-            deadline: std::time::Duration::from_millis(500),
-            ..crate::RetryPolicy::default()
-        }));
-    let campaign = open_campaign(&mut conn, &issuer, "retried sighting", 2);
-    let campaign_id = campaign.id;
-    // The campaign's facts cached; stock 1 left.
-    if let Err(e) = issuer.issue(&mut conn, 9, campaign_id) {
+/// A campaign of 2 whose facts `issuer` has cached and 1 coupon left (user 9's issued), the
+/// sightings taken then (a zero read of another call, before the test's call reads the stock),
+/// and a holder into which [`AT_NEXT_ATTEMPT`] — armed here — puts another program's
+/// connection that locks the stock row and keeps it: every attempt after the aborted one is
+/// refused there.
+fn stock_row_locked_at_the_next_attempt(
+    url: &str,
+    conn: &mut MysqlConnection,
+    issuer: &CouponIssuer,
+    name: &str,
+) -> (i64, super::cache::Sightings, StockHolder) {
+    let campaign_id = open_campaign(conn, issuer, name, 2).id;
+    if let Err(e) = issuer.issue(conn, 9, campaign_id) {
         panic!("a first issue: {e}");
     }
-    // A zero read of another call, taken before the batch read the stock.
     let before = issuer.sightings(campaign_id);
-    // Attempt 1 sees stock 1 for users 5 and 6, needs their holders and is aborted; before
-    // attempt 2 another program locks the stock row and keeps it, so every later attempt is
-    // refused there.
-    let holder: Arc<Mutex<Option<MysqlConnection>>> = Arc::new(Mutex::new(None));
-    let (other_url, kept) = (url.clone(), holder.clone());
-    ABORT_WHEN_HOLDERS_NEEDED.with(|armed| *armed.borrow_mut() = true);
+    let holder = StockHolder::default();
+    let (other_url, kept) = (url.to_owned(), holder.0.clone());
     AT_NEXT_ATTEMPT.with(|next| {
         *next.borrow_mut() = Some(Box::new(move || {
             let Ok(mut other) = MysqlConnection::establish(&other_url) else {
@@ -146,6 +135,46 @@ fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
             *lock(&kept) = Some(other);
         }));
     });
+    (campaign_id, before, holder)
+}
+
+/// Another program's connection holding a stock row (see
+/// [`stock_row_locked_at_the_next_attempt`]); its transaction rolled back when dropped.
+#[derive(Default)]
+struct StockHolder(std::sync::Arc<std::sync::Mutex<Option<MysqlConnection>>>);
+
+impl Drop for StockHolder {
+    fn drop(&mut self) {
+        if let Some(mut other) = lock(&self.0).take() {
+            let ended = diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK");
+            assert!(ended.is_ok() || std::thread::panicking(), "{ended:?}");
+        }
+    }
+}
+
+/// A policy of 4 attempts within 500 ms.
+fn four_attempts() -> crate::TxnPolicy {
+    crate::TxnPolicy::default().with_retry(crate::RetryPolicy {
+        max_attempts: 4,
+        deadline: std::time::Duration::from_millis(500),
+        ..crate::RetryPolicy::default()
+    })
+}
+
+/// A batch attempt that saw the stock above zero and was then retried (on Galera: its refusal
+/// turned into a deadlock) counts as a sighting of that stock even when the call's last attempt
+/// saw nothing (here: refused at the stock row, which another program holds): a zero read of
+/// another call taken before must not mark the campaign sold out afterwards. Before the fix
+/// each attempt forgot the one before, and the stale zero marked it, with a coupon in stock.
+#[test]
+fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
+    let (url, mut conn) = crate::util::test_database("unit_coupon_retried_sighting");
+    let issuer = CouponIssuer::with_policy(four_attempts());
+    // Attempt 1 sees stock 1 for users 5 and 6, needs their holders and is aborted; before
+    // attempt 2 another program locks the stock row.
+    let (campaign_id, before, holder) =
+        stock_row_locked_at_the_next_attempt(&url, &mut conn, &issuer, "retried sighting");
+    ABORT_WHEN_HOLDERS_NEEDED.with(|armed| *armed.borrow_mut() = true);
     let answer = issuer.issue_many(&mut conn, campaign_id, &[5, 6]);
     let contended = |e: &Error| matches!(e, Error::Contended { .. });
     let refused = match &answer {
@@ -155,10 +184,7 @@ fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
     assert!(refused, "{answer:?}");
     issuer.mark_sold_out(campaign_id, before);
     let marked = issuer.known_sold_out(campaign_id);
-    if let Some(mut other) = lock(&holder).take() {
-        let ended = diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK");
-        assert!(ended.is_ok(), "{ended:?}");
-    }
+    drop(holder);
     assert!(!marked, "a stale zero marked the campaign sold out");
     // Nothing of the batch was applied: user 9's coupon only, one left.
     assert_eq!(campaign_rows(&mut conn, campaign_id), (1, vec![9]));
@@ -170,43 +196,15 @@ fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
 /// holds). Before the fix a stale zero read of another call marked the campaign sold out.
 #[test]
 fn a_retried_issue_attempt_that_saw_stock_is_a_sighting() {
-    use std::sync::{Arc, Mutex};
     let (url, mut conn) = crate::util::test_database("unit_coupon_retried_issue_sighting");
-    let issuer =
-        CouponIssuer::with_policy(crate::TxnPolicy::default().with_retry(crate::RetryPolicy {
-            max_attempts: 4,
-            deadline: std::time::Duration::from_millis(500),
-            ..crate::RetryPolicy::default()
-        }));
-    let campaign = open_campaign(&mut conn, &issuer, "retried issue sighting", 2);
-    let campaign_id = campaign.id;
-    if let Err(e) = issuer.issue(&mut conn, 9, campaign_id) {
-        panic!("a first issue: {e}");
-    }
-    let before = issuer.sightings(campaign_id);
-    let holder: Arc<Mutex<Option<MysqlConnection>>> = Arc::new(Mutex::new(None));
-    let (other_url, kept) = (url.clone(), holder.clone());
+    let issuer = CouponIssuer::with_policy(four_attempts());
+    let (campaign_id, before, holder) =
+        stock_row_locked_at_the_next_attempt(&url, &mut conn, &issuer, "retried issue sighting");
     ABORT_AFTER_THE_STOCK.with(|armed| *armed.borrow_mut() = true);
-    AT_NEXT_ATTEMPT.with(|next| {
-        *next.borrow_mut() = Some(Box::new(move || {
-            let Ok(mut other) = MysqlConnection::establish(&other_url) else {
-                panic!("another program");
-            };
-            let locked = diesel::connection::SimpleConnection::batch_execute(
-                &mut other,
-                &format!("BEGIN; SELECT id FROM fcfs_coupon WHERE id = {campaign_id} FOR UPDATE"),
-            );
-            assert!(locked.is_ok(), "the other program's lock: {locked:?}");
-            *lock(&kept) = Some(other);
-        }));
-    });
     let answer = issuer.issue(&mut conn, 5, campaign_id);
     issuer.mark_sold_out(campaign_id, before);
     let marked = issuer.known_sold_out(campaign_id);
-    if let Some(mut other) = lock(&holder).take() {
-        let ended = diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK");
-        assert!(ended.is_ok(), "{ended:?}");
-    }
+    drop(holder);
     assert!(matches!(answer, Err(Error::Contended { .. })), "{answer:?}");
     assert!(!marked, "a stale zero marked the campaign sold out");
     assert_eq!(campaign_rows(&mut conn, campaign_id), (1, vec![9]));

@@ -1997,35 +1997,20 @@ fn a_lock_wait_longer_than_the_server_takes_is_cut_to_its_longest() {
 /// answers are just down).
 #[test]
 fn a_router_pool_size_above_the_maximum_is_refused() {
-    use lockstock::route::{Router, MAX_POOL_SIZE};
+    use lockstock::route::MAX_POOL_SIZE;
     for size in [MAX_POOL_SIZE + 1, u32::MAX] {
-        let built = Router::builder(["mysql://lockstock@127.0.0.1:1/none"])
-            .pool_size(size)
-            .build();
-        assert!(
-            matches!(
-                built,
-                Err(Error::InvalidInput {
-                    field: "router",
-                    ..
-                })
-            ),
-            "size {size}: {built:?}"
-        );
+        refused_as_router_input(|builder| builder.pool_size(size));
     }
 }
 
-/// A router whose probe policy has a zero deadline could never probe a node or elect a writer
-/// (every write would wait for one until its deadline): it is refused when built. Before the
-/// fix it was built, and every write answered `Timeout`.
-#[test]
-fn a_router_probe_policy_without_time_is_refused() {
-    use lockstock::route::Router;
-    let mut probe = TxnPolicy::default();
-    probe.retry.deadline = Duration::ZERO;
-    let built = Router::builder(["mysql://lockstock@127.0.0.1:1/none"])
-        .probe_policy(probe)
-        .build();
+/// A router built with `configure` over a node no server answers is refused as bad input.
+fn refused_as_router_input(
+    configure: impl FnOnce(lockstock::route::RouterBuilder) -> lockstock::route::RouterBuilder,
+) {
+    let built = configure(lockstock::route::Router::builder([
+        "mysql://lockstock@127.0.0.1:1/none",
+    ]))
+    .build();
     assert!(
         matches!(
             built,
@@ -2036,6 +2021,16 @@ fn a_router_probe_policy_without_time_is_refused() {
         ),
         "{built:?}"
     );
+}
+
+/// A router whose probe policy has a zero deadline could never probe a node or elect a writer
+/// (every write would wait for one until its deadline): it is refused when built. Before the
+/// fix it was built, and every write answered `Timeout`.
+#[test]
+fn a_router_probe_policy_without_time_is_refused() {
+    let mut probe = TxnPolicy::default();
+    probe.retry.deadline = Duration::ZERO;
+    refused_as_router_input(|builder| builder.probe_policy(probe));
 }
 
 /// A panic of the caller's Diesel instrumentation inside one of lockstock's own statements
