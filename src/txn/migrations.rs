@@ -5,6 +5,7 @@ use diesel::mysql::MysqlConnection;
 use diesel_migrations::MigrationHarness;
 
 use super::policy::NO_SELECT_LIMIT;
+use super::transaction::{READABLE_ERRORS, UNDO_READABLE_ERRORS};
 use super::{
     bounded, ensure_no_open_transaction, refused_as_nested, Deadline, ServerFlavor, TxnPolicy,
     NESTED_LOCALE, NOT_REPLICATED_LOCALE, REPLICATING,
@@ -111,8 +112,9 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
          @lockstock_select_limit = @@session.sql_select_limit, \
          @lockstock_big_selects = @@session.sql_big_selects, \
          @lockstock_engine = @@session.default_storage_engine, \
-         @lockstock_results = @@session.character_set_results, \
-         @lockstock_results_null = @@session.character_set_results IS NULL, {flavor_saves}\
+         @lockstock_results = @lockstock_given_results, \
+         @lockstock_results_null = @lockstock_given_results_null, \
+         @lockstock_given_results = NULL, @lockstock_given_results_null = NULL, {flavor_saves}\
          SESSION completion_type = _utf8mb4'NO_CHAIN', autocommit = 1, character_set_results = utf8mb4, \
          sql_mode = _utf8mb4'{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
          sql_big_selects = 1, default_storage_engine = InnoDB, {flavor_sets}"
@@ -121,7 +123,14 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
     // statements — from the setting SET on) leaves the session with the migrations' settings:
     // marked broken before the unwind goes on, so that no pool hands it out again.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // The caller's result character set first, as the runner does: the setup's refusals
+        // must be readable (under utf16 results they read as successes, and the DDL would
+        // commit the caller's open transaction). The setup saves it.
+        conn.batch_execute(READABLE_ERRORS)?;
         if let Err(e) = conn.batch_execute(&setup) {
+            if conn.batch_execute(UNDO_READABLE_ERRORS).is_err() {
+                super::transaction::close_broken(conn);
+            }
             let error = Error::from(e);
             return Err(if error.server_error().is_some_and(refused_as_nested) {
                 Error::NestedTransaction

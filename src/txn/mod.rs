@@ -5,7 +5,11 @@
 //! 2. saves the caller's session variables (and its `LAST_INSERT_ID()`, which lockstock's
 //!    INSERTs change: put back with them) and sets its own in one atomic `SET` (or, on a
 //!    connection that carries them already, only `SET TRANSACTION ISOLATION LEVEL ...`), then
-//!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch,
+//!    `BEGIN` — each a single cached prepared statement, never a multi-statement batch; on the
+//!    caller's own session the result character set is saved and set to utf8mb4 in a `SET` of
+//!    its own before (under a caller's `utf16`, `ucs2` or `utf32` the server's error texts
+//!    reach Diesel empty, and Diesel takes an error without text for a success: the atomic
+//!    `SET`'s refusals would go unseen),
 //! 3. runs the body, then COMMIT (`AND NO CHAIN NO RELEASE`, as every ROLLBACK: a caller's
 //!    `completion_type` must not open a transaction on its connection after lockstock's, nor
 //!    close it; a write's transaction is READ WRITE, whatever the caller's `SET TRANSACTION`
@@ -38,8 +42,9 @@
 //! keeps the policy's limits.
 //!
 //! The price: a call with less time left than the policy's lock wait (1 s by default — every
-//! call of a policy whose deadline is that short) sends one statement more per transaction on a
-//! pooled connection, and a combiner's next batch does not open its transaction ahead for it.
+//! call of a policy whose deadline is that short) sends two statements more per transaction on
+//! a pooled connection (the result character set's and the saving SET), and a combiner's next
+//! batch does not open its transaction ahead for it.
 //!
 //! # MariaDB Galera: a transaction rolled back without an error
 //!
@@ -245,7 +250,9 @@ struct RunnerSql {
 /// What the first SET saves on both servers before it sets lockstock's values: the caller's
 /// `LAST_INSERT_ID()` and every session variable lockstock sets but the statement time limit
 /// (named differently) — put back by `restore_shared!` and cleared by `clear_saved!` (see
-/// `crate::statements`).
+/// `crate::statements`). The caller's result character set is the one
+/// [`READABLE_ERRORS`](transaction::READABLE_ERRORS) kept before it (and cleared here: read
+/// before, in the same statement).
 const SAVE_SHARED: &str = "@lockstock_last_insert_id = LAST_INSERT_ID(), \
      @lockstock_lock_wait = @@session.innodb_lock_wait_timeout, \
      @lockstock_mdl_wait = @@session.lock_wait_timeout, \
@@ -255,10 +262,11 @@ const SAVE_SHARED: &str = "@lockstock_last_insert_id = LAST_INSERT_ID(), \
      @lockstock_unique_checks = @@session.unique_checks, \
      @lockstock_fk_checks = @@session.foreign_key_checks, \
      @lockstock_cs_client = @@session.character_set_client, \
-     @lockstock_cs_results = @@session.character_set_results, \
-     @lockstock_cs_results_null = @@session.character_set_results IS NULL, \
+     @lockstock_cs_results = @lockstock_given_results, \
+     @lockstock_cs_results_null = @lockstock_given_results_null, \
      @lockstock_collation = @@session.collation_connection, \
-     @lockstock_big_selects = @@session.sql_big_selects";
+     @lockstock_big_selects = @@session.sql_big_selects, \
+     @lockstock_given_results = NULL, @lockstock_given_results_null = NULL";
 
 /// The value that makes the first SET refuse, atomically and before anything changes, to run
 /// inside a transaction the caller opened with a raw `BEGIN` (lockstock's `BEGIN` would

@@ -356,6 +356,13 @@ fn commit(conn: &mut MysqlConnection, begin: Begin<'_>) -> diesel::QueryResult<u
 /// open; on failure none is, and the caller's session is as it was (or the connection is
 /// marked broken and the error says so).
 pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> Result<(), Error> {
+    if begin.restore.is_some() {
+        // The caller's own session: its result character set first (see `READABLE_ERRORS`).
+        if let Err(e) = PreparedSql(READABLE_ERRORS).execute(conn) {
+            super::note_setup_refused(true);
+            return Err(Error::from(e));
+        }
+    }
     for (at, sql) in begin.setup.iter().enumerate() {
         // A SET is atomic: when it fails, nothing of it was applied.
         let sent = match begin.statement_limit {
@@ -384,10 +391,18 @@ pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> 
             let pending_level = at > 0 && begin.restore == Some(Restore::MySql);
             let ended = if saved {
                 end_failed(conn, begin)
-            } else if pending_level {
-                end_unused(conn)
             } else {
-                None
+                let level = if pending_level {
+                    end_unused(conn)
+                } else {
+                    None
+                };
+                match level {
+                    Some(broken) => Some(broken),
+                    // Nothing saved yet: the caller's result character set put back.
+                    None if begin.restore.is_some() => undo_readable_errors(conn),
+                    None => None,
+                }
             };
             if let Some(broken) = ended {
                 if error.kind() != ServerErrorKind::ConnectionLost {
@@ -416,6 +431,44 @@ pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> 
         }
     }
     Ok(())
+}
+
+/// The statement before the first SET on a caller's own session: its `character_set_results`
+/// saved and set to utf8mb4, so that the first SET's refusals (a transaction the caller opened
+/// with a raw `BEGIN`, a Galera session that does not replicate) can be read. A caller's
+/// `ucs2`, `utf16` or `utf32` (whose every character takes two or four bytes) makes the server
+/// send error texts that Diesel reads as empty — and an error whose text is empty as a
+/// statement that succeeded: lockstock's `START TRANSACTION` would then commit the caller's
+/// open transaction. The first SET saves the values kept here for the restoring SET
+/// (`SAVE_SHARED`) and clears them; where nothing saved them, [`UNDO_READABLE_ERRORS`] puts
+/// the character set back. A SET reads no table: it opens no transaction (also under
+/// `autocommit = 0`), and a Galera node outside the Primary component takes it.
+pub(super) const READABLE_ERRORS: &str = "SET @lockstock_given_results = \
+     @@session.character_set_results, \
+     @lockstock_given_results_null = @@session.character_set_results IS NULL, \
+     SESSION character_set_results = utf8mb4";
+
+/// Puts back the result character set [`READABLE_ERRORS`] kept, where nothing after it saved it.
+pub(super) const UNDO_READABLE_ERRORS: &str = "SET SESSION character_set_results = \
+     IF(@lockstock_given_results_null, NULL, @lockstock_given_results), \
+     @lockstock_given_results = NULL, @lockstock_given_results_null = NULL";
+
+/// Sends [`UNDO_READABLE_ERRORS`]: `None` when it worked; otherwise the connection is marked
+/// broken (its session would keep utf8mb4 results and lockstock's user variables) and the error
+/// says why.
+fn undo_readable_errors(conn: &mut MysqlConnection) -> Option<Error> {
+    let undone = after_late_abort(conn, |conn| {
+        PreparedSql(UNDO_READABLE_ERRORS).execute(conn).map(|_| ())
+    });
+    match undone {
+        Ok(()) => None,
+        Err(e) => {
+            close_broken(conn);
+            Some(Error::ConnectionBroken {
+                source: ServerError::new(e),
+            })
+        }
+    }
 }
 
 /// Ends a transaction that [`TxnRunner::prime`](super::TxnRunner::prime) opened and nothing

@@ -213,7 +213,8 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
          @lockstock_autocommit, @lockstock_last_insert_id, @lockstock_read_only, \
          @lockstock_select_limit, @lockstock_unique_checks, @lockstock_fk_checks, \
          @lockstock_cs_client, @lockstock_cs_results, @lockstock_cs_results_null, \
-         @lockstock_collation), '') AS line",
+         @lockstock_collation, @lockstock_given_results, @lockstock_given_results_null), '') \
+         AS line",
     )
     .get_result::<Saved>(conn)
     .expect("read lockstock's user variables")
@@ -322,10 +323,10 @@ fn finding_7_session_settings_are_restored() {
     let on_pooled = set_statements(&mut pooled, &ledger, "pooled");
     let on_own = set_statements(&mut conn, &ledger, "own");
     // Pooled: only `SET TRANSACTION ISOLATION LEVEL` (the next transaction's, nothing that
-    // stays). Own: one SET that saves the caller's values and sets lockstock's, one that puts
-    // them back.
+    // stays). Own: the result character set's SET (the next one's refusals must be readable),
+    // one SET that saves the caller's values and sets lockstock's, one that puts them back.
     assert_eq!(on_pooled, 1, "SET statements on a pooled connection");
-    assert_eq!(on_own, 2, "SET statements on the caller's own connection");
+    assert_eq!(on_own, 3, "SET statements on the caller's own connection");
     assert_eq!(
         session_vars(&mut pooled).lock_wait,
         1,
@@ -550,6 +551,93 @@ fn finding_10a_raw_begin_is_a_nested_transaction() {
     );
     assert_eq!(journal_size(&mut conn, 1), 1);
     ledger.audit(&mut conn, 1).expect("audit");
+}
+
+/// A number the session answers (`expr` a table-less SQL expression): read as a number, since
+/// a text would arrive in the session's result character set.
+fn session_number(conn: &mut MysqlConnection, expr: &str) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>(&format!(
+        "CAST({expr} AS SIGNED)"
+    )))
+    .get_result(conn)
+    .expect("a session number")
+}
+
+/// A caller's `character_set_results` whose characters all take two or four bytes makes the
+/// server send its error texts so that Diesel reads them as empty — and an error without text
+/// as a success: lockstock's checks in its first SET could not be seen. Its result character
+/// set is set to utf8mb4 before them (and put back). Before the fix a charge inside the
+/// caller's raw `BEGIN` on a `ucs2`, `utf16` or `utf32` session was not refused: lockstock's
+/// `START TRANSACTION` committed the caller's transaction (its row stayed after the caller's
+/// ROLLBACK), and the charge failed reading its own row; the migrations' DDL committed it too.
+#[test]
+fn a_callers_own_transaction_is_refused_whatever_its_results_charset() {
+    let (url, mut conn) = fresh_database("review_wide_results");
+    let ledger = BalanceLedger::new();
+    ledger.charge(&mut conn, 1, dec(10), "c").expect("charge");
+    let mut plain = connect(&url);
+    let mut expected_entries = 1;
+    for charset in ["ucs2", "utf16", "utf16le", "utf32"] {
+        conn.batch_execute(&format!("SET character_set_results = {charset}"))
+            .expect("the caller's result character set");
+        let as_found = format!("@@session.character_set_results = _utf8mb4'{charset}'");
+        conn.batch_execute("BEGIN; INSERT INTO user_balance (user_id) VALUES (5)")
+            .expect("the caller's own transaction");
+        let nested = ledger.charge(&mut conn, 1, dec(1), "inside");
+        assert!(
+            matches!(nested, Err(Error::NestedTransaction)),
+            "{charset}: {nested:?}"
+        );
+        // So are the migrations, whose DDL would commit it too.
+        let migrations = lockstock::run_migrations(&mut conn);
+        assert!(
+            matches!(migrations, Err(Error::NestedTransaction)),
+            "{charset}: {migrations:?}"
+        );
+        assert_eq!(
+            session_number(&mut conn, &format!("@@in_transaction AND {as_found}")),
+            1,
+            "{charset}: the caller's transaction is still open, its session as found"
+        );
+        conn.batch_execute("ROLLBACK")
+            .expect("the caller rolls back");
+        let row_5: i64 = user_balance::table
+            .filter(user_balance::user_id.eq(5))
+            .count()
+            .get_result(&mut plain)
+            .expect("count");
+        assert_eq!(
+            row_5, 0,
+            "{charset}: the caller's transaction was committed"
+        );
+        // Outside a transaction the call runs (also under `autocommit = 0`, where nothing is
+        // left open), and the session is as found.
+        conn.batch_execute("SET autocommit = 0")
+            .expect("the caller's autocommit");
+        ledger
+            .deduct(&mut conn, 1, dec(1), &format!("outside {charset}"))
+            .expect("a deduct outside a transaction");
+        expected_entries += 1;
+        assert_eq!(
+            session_number(
+                &mut conn,
+                &format!(
+                    "NOT @@in_transaction AND {as_found} AND @@session.autocommit = 0 \
+                          AND @lockstock_given_results IS NULL AND @lockstock_cs_results IS NULL"
+                )
+            ),
+            1,
+            "{charset}: the caller's session as found"
+        );
+        conn.batch_execute("SET autocommit = 1")
+            .expect("the caller's autocommit back");
+    }
+    assert_eq!(journal_size(&mut plain, 1), expected_entries);
+    assert_eq!(
+        ledger.balance(&mut plain, 1).expect("balance").balance,
+        dec(6)
+    );
+    ledger.audit(&mut plain, 1).expect("audit");
 }
 
 /// A caller's `completion_type` (CHAIN: every COMMIT or ROLLBACK opens the next transaction;
