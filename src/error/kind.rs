@@ -272,14 +272,22 @@ pub(crate) fn classify(error: &DieselError) -> ServerErrorKind {
 
 /// Classifies a server error message (English texts of MariaDB or MySQL 8): its kind, and the
 /// MariaDB error number of the fragment that matched.
+///
+/// A fragment counts only where it starts before the message's first single quote: the
+/// server quotes the values it echoes (`Incorrect integer value: '...' for column`,
+/// `Duplicate entry '...'`), and a caller's string — an end user's input bound into a
+/// statement of the caller's — must not make a refused value read as a read-only server, a
+/// node not ready (a [`Router`](crate::Router) would replace a healthy writer) or a deadlock
+/// (retried as if it could pass).
 fn classify_message(message: &str) -> (ServerErrorKind, Option<u16>) {
     let message = message.to_ascii_lowercase();
+    let echoed_from = message.find('\'').unwrap_or(message.len());
     CLASSIFICATION
         .iter()
         .find_map(|rule| {
             rule.fragments
                 .iter()
-                .find(|(fragment, _)| message.contains(fragment))
+                .find(|(fragment, _)| message.find(fragment).is_some_and(|at| at < echoed_from))
                 .map(|&(_, code)| (rule.kind, Some(code).filter(|c| *c != 0)))
         })
         .unwrap_or((ServerErrorKind::Other, None))

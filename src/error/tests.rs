@@ -305,6 +305,48 @@ fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same()
     }
 }
 
+/// A value the server echoes in its error text (a caller's string bound into the caller's own
+/// statement) never classifies the error: only the server's own words before the first quote
+/// do. Before the fix "Incorrect integer value: 'x --read-only option' for column" was
+/// `ReadOnly` with code 1290 (a `Router` replaced a healthy writer for it), the WSREP text
+/// `NodeNotReady`, a deadlock's text a retried `Deadlock`, and a duplicate key whose value
+/// held another kind's text had no code.
+#[test]
+fn an_echoed_value_does_not_classify_the_error() {
+    use ServerErrorKind::*;
+    for echoed in [
+        "x --read-only option",
+        "WSREP has not yet prepared node for application use",
+        "Deadlock found when trying to get lock",
+        "Lock wait timeout exceeded",
+        "lost connection to server",
+        "Server has gone away",
+        "Query execution was interrupted",
+        "record has changed since last read",
+        "x' --read-only option '",
+    ] {
+        for text in [
+            format!("Incorrect integer value: '{echoed}' for column `d`.`t`.`n` at row 1"),
+            format!("Truncated incorrect DECIMAL value: '{echoed}'"),
+        ] {
+            let error = ServerError::new(unknown(&text));
+            assert_eq!((error.kind(), error.code()), (Other, None), "{text}");
+            assert!(!Error::from(unknown(&text)).is_retryable(), "{text}");
+        }
+    }
+    let duplicate = ServerError::new(DieselError::DatabaseError(
+        DatabaseErrorKind::UniqueViolation,
+        Box::new(
+            "Duplicate entry '7-deadlock found when trying to get lock' for key 'balance_history_idempotency'"
+                .to_owned(),
+        ),
+    ));
+    assert_eq!(
+        (duplicate.kind(), duplicate.code()),
+        (DuplicateKey, Some(1062))
+    );
+}
+
 /// `code()` is the number of the error's own text, not one number per kind: a lost
 /// connection, a killed one, a server shutting down and a server gone away are all
 /// `ConnectionLost`, with four numbers; a foreign key's parent and child refusals differ; a
