@@ -214,7 +214,7 @@ impl CouponIssuer {
         let mut read_holders = lock(&self.repeat_askers).contains(&campaign_id);
         let (mut refreshes, mut late_holders) = (0, 0);
         let mut insert_first = true;
-        let ((decisions, ids, stock, at, seen), coupon_id) = loop {
+        let ((decisions, ids, at, seen), coupon_id) = loop {
             let facts = match self.facts_by(conn, campaign_id, deadline) {
                 Ok(facts) => facts,
                 Err(refusal) => return closed(refusal),
@@ -224,32 +224,23 @@ impl CouponIssuer {
                 return closed(refusal);
             }
             let coupon_id = facts.coupon_id;
-            // Read before the stock is: a zero read after a newer sighting is not marked.
-            let mut seen = self.sightings(campaign_id);
             let (mut stale, mut unknown_holders, mut short) = (false, false, false);
-            // Whether the last attempt locked the stock row and found it above zero: as for a
-            // single issue, that clears the sold-out mark however the attempt ends.
-            let mut stock_seen = false;
             // The unique index's refusal stays the answer when the runner could not end the
             // attempt: the holders' lookup then fails, and the users not found holding are
             // answered OutcomeUnknown.
             let attempt = self
                 .runner
                 .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
-                    // An attempt before this one saw the stock above zero: a sighting, whatever
-                    // the later attempts meet (a mark dates from after it).
-                    if stock_seen {
-                        self.saw_stock(campaign_id);
-                        seen = self.sightings(campaign_id);
-                    }
                     // What the LAST attempt found: the runner may run this body again after a
                     // failure it set a flag for (on Galera, a body's refusal becomes a deadlock
                     // when the node aborted the transaction meanwhile).
-                    (stale, unknown_holders, short, stock_seen) = (false, false, false, false);
+                    (stale, unknown_holders, short) = (false, false, false);
                     #[cfg(test)]
                     super::tests::attempt_begins();
-                    // A sold-out mark dates from this attempt's start, as a single issue's does.
-                    let seen = seen.now();
+                    // Read as the attempt begins, before it reads the stock: a zero read after a
+                    // newer sighting is not marked. A sold-out mark dates from it, as a single
+                    // issue's does.
+                    let mut seen = self.sightings(campaign_id);
                     let insert_ids = self.runner.insert_ids(conn)?;
                     let valid: Vec<i64> = user_ids.iter().copied().filter(|u| *u > 0).collect();
                     if found.coupon_id != coupon_id {
@@ -335,7 +326,13 @@ impl CouponIssuer {
                     }
                     // Every request is decided now, with the hot row held.
                     current.check_window(campaign_id, self.now())?;
-                    stock_seen = stock > 0;
+                    if stock > 0 {
+                        // A sighting as the stock is read, before the COMMIT, whatever this
+                        // attempt meets next (as for a single issue); this batch's own zero, if
+                        // it sells the rest out, comes after it.
+                        self.saw_stock(campaign_id);
+                        seen = self.sightings(campaign_id);
+                    }
                     let (decisions, winners) =
                         decide(user_ids, &holders, stock, self.marks_stick());
                     if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
@@ -378,11 +375,10 @@ impl CouponIssuer {
                         set_stock(conn, campaign_id, left)?;
                     }
                     let ids: HashMap<i64, i64> = winners.into_iter().zip(new_ids).collect();
-                    Ok((decisions, ids, stock, at, seen))
+                    Ok((decisions, ids, at, seen))
                 });
-            if attempt.is_err() && stock_seen {
-                self.saw_stock(campaign_id);
-            }
+            #[cfg(test)]
+            super::tests::after_the_transaction(self);
             match attempt {
                 // Facts of another database (the INSERT names a template or campaign missing
                 // here) are stale facts too.
@@ -412,8 +408,6 @@ impl CouponIssuer {
 
         if decisions.contains(&BatchDecision::SoldOut) {
             self.mark_sold_out(campaign_id, seen);
-        } else if stock > 0 {
-            self.saw_stock(campaign_id);
         }
         let issued = |user_id: i64| {
             ids.get(&user_id).map(|&id| IssuedCoupon {

@@ -35,17 +35,6 @@ pub(super) struct Sightings {
     at: Instant,
 }
 
-impl Sightings {
-    /// The same count, dated now: taken as an attempt that reads the stock begins, so that a
-    /// mark dates from the read that set it, not from a retry loop's start.
-    pub(super) fn now(self) -> Self {
-        Self {
-            at: Instant::now(),
-            ..self
-        }
-    }
-}
-
 impl CouponIssuer {
     /// The campaign's facts, from the cache or read (a read that sees stock clears the mark).
     pub(super) fn facts_by(
@@ -80,8 +69,11 @@ impl CouponIssuer {
     }
 
     /// How often this issuer has seen the campaign's stock above zero, and when it asked;
-    /// read before reading a stock that may be zero, and passed to
-    /// [`mark_sold_out`](Self::mark_sold_out).
+    /// read as each attempt that reads the stock begins (so that a mark dates from the read
+    /// that set it, not from a retry loop's start), and passed to
+    /// [`mark_sold_out`](Self::mark_sold_out). A sighting is noted as the stock is read, before
+    /// that transaction's COMMIT: an attempt that begins after it reads a zero that is not
+    /// stale.
     pub(super) fn sightings(&self, campaign_id: i64) -> Sightings {
         let count = lock(&self.sold_out)
             .sightings

@@ -83,30 +83,22 @@ impl CouponIssuer {
             let facts = self.facts_by(conn, campaign_id, deadline)?;
             // A closed window is refused without a round trip.
             facts.check_window(campaign_id, self.now())?;
-            // Read before the stock is: a zero read after a newer sighting is not marked.
-            let mut seen = self.sightings(campaign_id);
-            // Dated as the attempt that reads the stock begins.
-            let mut read = seen;
+            // Read as each attempt begins, before it reads the stock: a zero read after a
+            // newer sighting is not marked.
+            let mut read = self.sightings(campaign_id);
             let mut stale = false;
-            let mut stock_seen = false;
             // The unique index's refusal stays the answer when the runner could not end the
             // attempt: the holder's lookup then fails, and answers OutcomeUnknown.
             let result = self
                 .runner
                 .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
-                    // An attempt before this one saw the stock above zero: a sighting, whatever
-                    // the later attempts meet (a mark dates from after it).
-                    if stock_seen {
-                        self.saw_stock(campaign_id);
-                        seen = self.sightings(campaign_id);
-                    }
                     // What the LAST attempt found (the runner may run this body again).
-                    (stale, stock_seen) = (false, false);
+                    stale = false;
                     #[cfg(test)]
                     super::tests::attempt_begins();
                     // This attempt's time: the window is checked at it, and it is the issue time.
                     let at = self.now();
-                    read = seen.now();
+                    read = self.sightings(campaign_id);
                     facts.check_window(campaign_id, at)?;
                     // Before the hot row: the unique index decides "already issued?".
                     write_user_coupons(
@@ -131,7 +123,10 @@ impl CouponIssuer {
                     if campaign.stock_quantity <= 0 {
                         return Err(Error::SoldOut { campaign_id });
                     }
-                    stock_seen = true;
+                    // A sighting as the stock is read, before the COMMIT, whatever this attempt
+                    // meets next: a call whose attempt begins after it (a combined batch after
+                    // this one's COMMIT was sent, say) reads a zero that is not stale.
+                    self.saw_stock(campaign_id);
                     set_stock(conn, campaign_id, campaign.stock_quantity - 1)?;
                     #[cfg(test)]
                     if let Some(refused) = super::tests::after_the_stock_update() {
@@ -148,6 +143,8 @@ impl CouponIssuer {
                         order_ref: None,
                     })
                 });
+            #[cfg(test)]
+            super::tests::after_the_transaction(self);
             // Facts of another database (the INSERT names a template or campaign missing here)
             // are stale facts too.
             let missing_row = result.as_ref().is_err_and(names_missing_row);
@@ -186,21 +183,12 @@ impl CouponIssuer {
                 // batch that read the holders answers it), through a plain read, which a
                 // read-only server serves. Anyone else gets the refusal: nothing was applied.
                 Err(e) if e.server_kind() == Some(ServerErrorKind::ReadOnly) => {
-                    // Refused at COMMIT after the stock was read: a sighting, as below.
-                    if stock_seen {
-                        self.saw_stock(campaign_id);
-                    }
                     match self.already_issued(conn, user_id, campaign_id, &facts, deadline) {
                         Ok(Some(refusal)) => Err(refusal),
                         Ok(None) | Err(_) => Err(e),
                     }
                 }
-                other => {
-                    if stock_seen {
-                        self.saw_stock(campaign_id);
-                    }
-                    other
-                }
+                other => other,
             };
         }
     }

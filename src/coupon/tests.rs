@@ -19,6 +19,84 @@ thread_local! {
     static AT_THIS_ATTEMPT: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
 }
 
+/// Another call of an issuer, made from inside one of its calls (see [`after_the_transaction`]).
+type IssuerCall = Box<dyn FnOnce(&CouponIssuer)>;
+
+thread_local! {
+    /// Armed by a test: run once as the next issue or batch of this thread has finished its
+    /// transaction (committed, here), before it answers — another call of the same issuer.
+    static AFTER_THE_TRANSACTION: RefCell<Option<IssuerCall>> = const { RefCell::new(None) };
+}
+
+/// The hook after an issue's or a batch's transaction, before the call answers.
+pub(super) fn after_the_transaction(issuer: &CouponIssuer) {
+    if let Some(call) = AFTER_THE_TRANSACTION.with(|armed| armed.borrow_mut().take()) {
+        call(issuer);
+    }
+}
+
+/// Another call of the issuer, on a connection of its own to `url`, made as the test's call
+/// has committed the last coupon and before it answers: a zero read that is not stale, and
+/// answered `SoldOut`.
+fn sold_out_right_after_the_transaction(url: &str, campaign_id: i64, batch: bool) {
+    let url = url.to_owned();
+    AFTER_THE_TRANSACTION.with(|armed| {
+        *armed.borrow_mut() = Some(Box::new(move |issuer: &CouponIssuer| {
+            let Ok(mut other) = MysqlConnection::establish(&url) else {
+                panic!("another connection");
+            };
+            let answer = if batch {
+                match issuer.issue_many(&mut other, campaign_id, &[5]) {
+                    Ok(mut answers) => answers.remove(0),
+                    Err(e) => Err(e),
+                }
+            } else {
+                issuer.issue(&mut other, 5, campaign_id)
+            };
+            assert!(matches!(answer, Err(Error::SoldOut { .. })), "{answer:?}");
+        }));
+    });
+}
+
+/// Once a call of the issuer has read the campaign sold out, the campaign is marked so — also
+/// when the call that took the last coupon answers after it (a combined batch's COMMIT
+/// answers after the next batch, which got the turn as that COMMIT was sent, has read the
+/// zero): a holder's later issue answers `SoldOut` from memory, as the module promises, as it
+/// does after single calls made one after another. Before the fix the call that took the last
+/// coupon noted its sighting only after its COMMIT answered, which cleared the newer mark (or
+/// kept it from being set): the holder was answered `AlreadyIssued` by a round trip.
+#[test]
+fn a_sold_out_read_after_the_last_coupon_was_taken_stays_marked() {
+    for batch in [false, true] {
+        let name = format!("unit_coupon_late_sighting_{batch}");
+        let (url, mut conn) = crate::util::test_database(&name);
+        let issuer = CouponIssuer::new();
+        let campaign_id = open_campaign(&mut conn, &issuer, &name, 2).id;
+        if let Err(e) = issuer.issue(&mut conn, 9, campaign_id) {
+            panic!("a first issue: {e}");
+        }
+        sold_out_right_after_the_transaction(&url, campaign_id, batch);
+        let last = if batch {
+            issuer
+                .issue_many(&mut conn, campaign_id, &[4])
+                .map(|mut answers| answers.remove(0))
+        } else {
+            Ok(issuer.issue(&mut conn, 4, campaign_id))
+        };
+        assert!(matches!(last, Ok(Ok(_))), "batch {batch}: {last:?}");
+        assert!(
+            issuer.known_sold_out(campaign_id),
+            "batch {batch}: the sold-out read was forgotten"
+        );
+        let holder = issuer.issue(&mut conn, 9, campaign_id);
+        assert!(
+            matches!(holder, Err(Error::SoldOut { .. })),
+            "batch {batch}: {holder:?}"
+        );
+        assert_eq!(campaign_rows(&mut conn, campaign_id), (0, vec![4, 9]));
+    }
+}
+
 /// The hook where a batch attempt finds it needs its users' holders.
 pub(super) fn holders_needed() -> Option<Error> {
     let armed = ABORT_WHEN_HOLDERS_NEEDED.with(|armed| armed.replace(false));
