@@ -30,6 +30,11 @@ const PID_FILE: &str = "redis.pid.lockstock";
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Every read and write of a connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest bulk string a reply may announce: Redis's own limit (`proto-max-bulk-len`'s
+/// default). A longer length is a protocol error, not an allocation.
+const MAX_BULK: usize = 512 * 1024 * 1024;
+/// The longest reply line (a status, an error, a length): longer is a protocol error.
+const MAX_LINE: u64 = 64 * 1024;
 
 /// Watchdog body (see `sandbox::spawn_watchdog_script`): kills the process whose pid is in
 /// `$dir/redis.pid.lockstock` if it is a `redis-server` (Redis rewrites its command line, so
@@ -276,9 +281,17 @@ impl RedisConnection {
     /// One reply line without its `\r\n`.
     fn line(&mut self) -> Result<String, RedisError> {
         let mut line = Vec::new();
-        self.stream.read_until(b'\n', &mut line)?;
+        (&mut self.stream)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)?;
         if !line.ends_with(b"\r\n") {
-            return Err(RedisError::Protocol("connection closed mid-reply".into()));
+            return Err(RedisError::Protocol(
+                if u64::try_from(line.len()).is_ok_and(|n| n >= MAX_LINE) {
+                    format!("a reply line longer than {MAX_LINE} bytes")
+                } else {
+                    "connection closed mid-reply".into()
+                },
+            ));
         }
         line.truncate(line.len() - 2);
         String::from_utf8(line).map_err(|_| RedisError::Protocol("reply is not UTF-8".into()))
@@ -297,6 +310,9 @@ impl RedisConnection {
             ":" => Ok(Reply::Integer(number()?)),
             "$" => match usize::try_from(number()?) {
                 Err(_) => Ok(Reply::Bulk(None)),
+                Ok(len) if len > MAX_BULK => Err(RedisError::Protocol(format!(
+                    "a bulk string of {len} bytes (at most {MAX_BULK})"
+                ))),
                 Ok(len) => {
                     let mut bytes = vec![0; len + 2];
                     self.stream.read_exact(&mut bytes)?;
@@ -354,5 +370,43 @@ mod tests {
         drop(conn);
         drop(server);
         assert!(!dir.exists(), "the server's directory is removed");
+    }
+
+    /// A server on `socket` that answers the first command with `reply` (then closes).
+    fn answering(socket: &Path, reply: &'static [u8]) -> std::thread::JoinHandle<()> {
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 256];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(reply);
+        })
+    }
+
+    /// A reply that announces more than Redis ever sends is a protocol error, not an attempt to
+    /// allocate it (before: a bulk length of 9·10¹⁸ aborted the process on the allocation), and
+    /// so is a reply line without end.
+    #[test]
+    fn a_reply_beyond_the_protocols_limits_is_a_protocol_error() {
+        let dir =
+            std::env::temp_dir().join(format!("lockstock-redis-limits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases: [(&str, &'static [u8]); 2] = [
+            ("bulk", b"$9000000000000000000\r\n"),
+            ("line", &[b'+'; 70 * 1024]),
+        ];
+        for (name, reply) in cases {
+            let socket = dir.join(name);
+            let server = answering(&socket, reply);
+            let mut conn = RedisConnection::open(&socket).unwrap();
+            let answer = conn.get_integer("x");
+            assert!(
+                matches!(answer, Err(RedisError::Protocol(_))),
+                "{name}: {answer:?}"
+            );
+            server.join().unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
