@@ -203,10 +203,15 @@ fn find_redis_server() -> Result<PathBuf, SandboxError> {
     )
 }
 
-/// One connection to a Redis server (RESP2, synchronous, one command at a time).
+/// One connection to a Redis server (RESP2, synchronous, one command at a time). After a
+/// failure that may leave part of a reply unread (an I/O error or timeout, a reply that is not
+/// RESP) every later command fails with [`RedisError::Protocol`] instead of reading that rest
+/// as its own reply: open a new connection.
 pub struct RedisConnection {
     stream: BufReader<UnixStream>,
     out: Vec<u8>,
+    /// A failure may have left part of a reply unread.
+    out_of_step: bool,
 }
 
 impl RedisConnection {
@@ -218,12 +223,26 @@ impl RedisConnection {
         Ok(Self {
             stream: BufReader::new(stream),
             out: Vec::with_capacity(64),
+            out_of_step: false,
         })
     }
 
     /// Sends one command (its name and arguments, each a bulk string) and reads its reply; an
-    /// error reply is [`RedisError::Server`].
+    /// error reply is [`RedisError::Server`] (also one inside an array reply, whose other
+    /// elements are read all the same).
     pub fn command(&mut self, args: &[&[u8]]) -> Result<Reply, RedisError> {
+        if self.out_of_step {
+            return Err(RedisError::Protocol(
+                "the connection is out of step after an earlier failure: open a new one".into(),
+            ));
+        }
+        let answer = self.send_and_read(args);
+        // Only an error reply is read whole; anything else may leave a reply's rest unread.
+        self.out_of_step = matches!(answer, Err(RedisError::Io(_) | RedisError::Protocol(_)));
+        answer
+    }
+
+    fn send_and_read(&mut self, args: &[&[u8]]) -> Result<Reply, RedisError> {
         self.out.clear();
         self.out
             .extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
@@ -327,10 +346,22 @@ impl RedisConnection {
                 Err(_) => Ok(Reply::Array(None)),
                 Ok(len) => {
                     let mut items = Vec::with_capacity(len.min(1024));
+                    // An element's error reply is read whole: the elements after it are read
+                    // too, and the first such error is the answer.
+                    let mut refused = None;
                     for _ in 0..len {
-                        items.push(self.reply()?);
+                        match self.reply() {
+                            Ok(item) => items.push(item),
+                            Err(RedisError::Server(text)) => {
+                                refused.get_or_insert(text);
+                            }
+                            Err(other) => return Err(other),
+                        }
                     }
-                    Ok(Reply::Array(Some(items)))
+                    match refused {
+                        Some(text) => Err(RedisError::Server(text)),
+                        None => Ok(Reply::Array(Some(items))),
+                    }
                 }
             },
             _ => Err(RedisError::Protocol(format!("unknown reply {line:?}"))),
@@ -374,13 +405,56 @@ mod tests {
 
     /// A server on `socket` that answers the first command with `reply` (then closes).
     fn answering(socket: &Path, reply: &'static [u8]) -> std::thread::JoinHandle<()> {
+        answering_each(socket, vec![reply])
+    }
+
+    /// A server on `socket` that answers its commands with `replies`, one each (then closes).
+    fn answering_each(socket: &Path, replies: Vec<&'static [u8]>) -> std::thread::JoinHandle<()> {
         let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            let mut request = [0u8; 256];
-            let _ = stream.read(&mut request);
-            let _ = stream.write_all(reply);
+            for reply in replies {
+                let mut request = [0u8; 256];
+                if stream.read(&mut request).unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = stream.write_all(reply);
+            }
         })
+    }
+
+    /// A connection never reads the rest of an earlier reply as a later command's: an error
+    /// inside an array reply is read with the elements after it, and after a reply that is not
+    /// RESP the connection refuses further commands. Before, the array's remaining element
+    /// (`:5`) answered the next command, and so did the rest after the junk (`:9`).
+    #[test]
+    fn a_connection_never_answers_with_an_earlier_replys_rest() {
+        let dir = std::env::temp_dir().join(format!("lockstock-redis-step-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("array");
+        let server = answering_each(&socket, vec![b"*2\r\n-ERR no\r\n:5\r\n", b":7\r\n"]);
+        let mut conn = RedisConnection::open(&socket).unwrap();
+        let first = conn.command(&[b"X"]);
+        assert!(
+            matches!(&first, Err(RedisError::Server(e)) if e == "ERR no"),
+            "{first:?}"
+        );
+        assert_eq!(conn.command(&[b"Y"]).unwrap(), Reply::Integer(7));
+        server.join().unwrap();
+
+        let socket = dir.join("junk");
+        let server = answering_each(&socket, vec![b"?junk\r\n:9\r\n"]);
+        let mut conn = RedisConnection::open(&socket).unwrap();
+        assert!(matches!(
+            conn.command(&[b"X"]),
+            Err(RedisError::Protocol(_))
+        ));
+        let second = conn.command(&[b"Y"]);
+        assert!(matches!(second, Err(RedisError::Protocol(_))), "{second:?}");
+        drop(conn);
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A reply that announces more than Redis ever sends is a protocol error, not an attempt to
