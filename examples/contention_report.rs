@@ -1836,7 +1836,7 @@ mod processes {
                     u64::try_from(last.saturating_sub(first)).unwrap_or(u64::MAX),
                 );
                 let mut violations = run.consistency(Some(batches));
-                violations.extend(harness.check(prepared.target, &run.ok_ids, run.stuck)?);
+                violations.extend(harness.check(prepared.target, &run.ok_ids, run.in_doubt())?);
                 eprintln!(
                     "  {:<6} {processes} processes x {clients} clients: {:>9.0}/s ({} ok, {} \
                      errors)",

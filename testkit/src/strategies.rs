@@ -718,6 +718,19 @@ impl Run {
         self.errors.values().sum()
     }
 
+    /// Calls that may have been applied without a success to show for it: the stuck clients'
+    /// and those answered [`Error::OutcomeUnknown`] (its COMMIT may have landed). The checks
+    /// allow that many rows beyond the successes.
+    pub fn in_doubt(&self) -> u64 {
+        let unknown: u64 = self
+            .errors
+            .iter()
+            .filter(|(kind, _)| kind.starts_with(OUTCOME_UNKNOWN))
+            .map(|(_, count)| count)
+            .sum();
+        self.stuck + unknown
+    }
+
     /// Successful requests per second.
     pub fn throughput(&self) -> f64 {
         per_second(self.ok_ids.len() as u64, self.wall)
@@ -949,12 +962,17 @@ pub fn combining_clients(
     Ok((driven.run, stats))
 }
 
+/// How [`error_kind`] names an [`Error::OutcomeUnknown`] (followed by its server error's kind).
+pub const OUTCOME_UNKNOWN: &str = "OutcomeUnknown/";
+
 /// A short name for an error, for the report; an unclassified server error (`Other`) with the
-/// server's message.
+/// server's message; an [`Error::OutcomeUnknown`] starts with [`OUTCOME_UNKNOWN`].
 pub fn error_kind(error: &Error) -> String {
     if let Some(server) = error.server_error() {
         let prefix = match error {
             Error::Contended { .. } => "Contended/",
+            // Counted in doubt by the checks (see [`Run::in_doubt`]).
+            Error::OutcomeUnknown { .. } => OUTCOME_UNKNOWN,
             _ => "",
         };
         return match server.kind() {
@@ -1601,7 +1619,7 @@ impl Harness {
             .reduce(merge_stats);
         drop(executors);
         let mut violations = run.consistency(batches);
-        violations.extend(self.check(target, &run.ok_ids, run.stuck)?);
+        violations.extend(self.check(target, &run.ok_ids, run.in_doubt())?);
         let conflicts = match (before, self.conflicts()?) {
             (Some(before), Some(after)) => Some(after.since(before)),
             _ => None,
@@ -1632,7 +1650,8 @@ impl Harness {
 
     /// Checks the hot row `target` against the database after requests whose successes handed
     /// out `ok_ids` (coupon ids or journal entry ids), of which up to `in_doubt` more may have
-    /// been applied without an answer (calls of stuck clients). Returns the violations.
+    /// been applied without an answer ([`Run::in_doubt`]: calls of stuck clients, calls answered
+    /// `OutcomeUnknown`). Returns the violations.
     pub fn check(
         &mut self,
         target: Target,
@@ -1812,11 +1831,11 @@ impl Harness {
         let remaining = admin.get_integer(&key)?.unwrap_or(0);
         let rows = stored.len() as i64;
         let mut violations = run.consistency(None);
-        if !within_doubt(stored.len(), run.ok_ids.len(), run.stuck) {
+        if !within_doubt(stored.len(), run.ok_ids.len(), run.in_doubt()) {
             violations.push(format!(
                 "redis gate: {rows} rows for the campaign but {} successes{}",
                 run.ok_ids.len(),
-                doubt_note(run.stuck)
+                doubt_note(run.in_doubt())
             ));
         }
         if !repeated.is_empty() {
@@ -1826,7 +1845,7 @@ impl Harness {
             ));
         }
         let names = ("redis gate", "coupon id", "not stored for the campaign");
-        check_handed_out(names, stored, &run.ok_ids, run.stuck, &mut violations);
+        check_handed_out(names, stored, &run.ok_ids, run.in_doubt(), &mut violations);
         // Stock the gate and the rows account for beyond the campaign's (> 0: coupons beyond
         // the stock, or will be), or short of it (< 0: stock taken without a row).
         let accounted = remaining + rows - i64::from(total);
@@ -1912,8 +1931,7 @@ impl Harness {
     }
 
     /// Coupons: rows == successes, stock + rows == total, stock >= 0, no user twice, and the
-    /// ids handed out are exactly the rows stored (up to `in_doubt` more rows: calls of stuck
-    /// clients).
+    /// ids handed out are exactly the rows stored (up to `in_doubt` more rows: calls in doubt).
     fn check_coupons(
         &mut self,
         target: &CouponTarget,
@@ -1953,7 +1971,7 @@ impl Harness {
 
     /// Ledger: deduct rows == successes, balance == initial - sum(deducts), the library's audit
     /// (running sum, balance_after, version) passes, and the entry ids handed out are exactly the
-    /// deduct rows stored (up to `in_doubt` more rows: calls of stuck clients).
+    /// deduct rows stored (up to `in_doubt` more rows: calls in doubt).
     fn check_account(
         &mut self,
         user_id: i64,
@@ -2033,7 +2051,7 @@ fn doubt_note(in_doubt: u64) -> String {
     if in_doubt == 0 {
         String::new()
     } else {
-        format!(" ({in_doubt} calls of stuck clients in doubt)")
+        format!(" ({in_doubt} calls in doubt: stuck clients' and OutcomeUnknown answers)")
     }
 }
 
@@ -2232,5 +2250,28 @@ impl Uncontended {
             Err(other) => return Err(other.into()),
         }
         Ok(violations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call answered `OutcomeUnknown` may have committed: the checks count it in doubt, as a
+    /// stuck client's call, instead of reporting its row as a violation ("rows != successes").
+    /// Before, only stuck clients were in doubt.
+    #[test]
+    fn calls_answered_outcome_unknown_are_in_doubt() {
+        let mut run = Run {
+            stuck: 1,
+            ..Run::default()
+        };
+        run.errors
+            .insert(format!("{OUTCOME_UNKNOWN}ConnectionLost"), 2);
+        run.errors.insert("SoldOut".to_owned(), 5);
+        run.errors.insert("Contended/LockRefused".to_owned(), 4);
+        assert_eq!(run.in_doubt(), 3);
+        assert!(within_doubt(13, 10, run.in_doubt()));
+        assert!(!within_doubt(14, 10, run.in_doubt()));
     }
 }
