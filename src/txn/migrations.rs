@@ -5,7 +5,7 @@ use diesel::mysql::MysqlConnection;
 use diesel_migrations::MigrationHarness;
 
 use super::policy::NO_SELECT_LIMIT;
-use super::transaction::{READABLE_ERRORS, UNDO_READABLE_ERRORS};
+use super::transaction::READABLE_ERRORS;
 use super::{
     bounded, ensure_no_open_transaction, refused_as_nested, Deadline, ServerFlavor, TxnPolicy,
     NESTED_LOCALE, NOT_REPLICATED_LOCALE, REPLICATING,
@@ -128,10 +128,15 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
         // commit the caller's open transaction). The setup saves it.
         conn.batch_execute(READABLE_ERRORS)?;
         if let Err(e) = conn.batch_execute(&setup) {
-            if conn.batch_execute(UNDO_READABLE_ERRORS).is_err() {
-                super::transaction::close_broken(conn);
-            }
             let error = Error::from(e);
+            // The caller's result character set back (as the runner puts it back, sent again
+            // after a late abort); where it cannot be, the session was ended: that is the answer
+            // (a caller's open transaction is gone with it), not the setup's refusal.
+            if let Some(broken) = super::transaction::undo_readable_errors(conn) {
+                if error.server_kind() != Some(crate::ServerErrorKind::ConnectionLost) {
+                    return Err(broken);
+                }
+            }
             return Err(if error.server_error().is_some_and(refused_as_nested) {
                 Error::NestedTransaction
             } else if error

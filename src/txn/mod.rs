@@ -32,7 +32,7 @@
 //! statements are limited to the time left: the first SET takes `max_statement_time` as a
 //! parameter (no extra statement), and on a connection that carries the settings (whose `SET
 //! TRANSACTION` cannot carry it) the transaction is begun as on the caller's own connection —
-//! settings saved, set and restored, one round trip more — and not opened ahead by a combiner.
+//! settings saved, set and restored, two round trips more — and not opened ahead by a combiner.
 //! A statement stopped there answers [`Error::Contended`] (nothing applied) once the deadline
 //! has passed; the connection stays usable. Each statement gets the time left when its
 //! transaction began (at least 20 ms, so that a COMMIT sent at the last moment is not stopped
@@ -43,8 +43,9 @@
 //!
 //! The price: a call with less time left than the policy's lock wait (1 s by default — every
 //! call of a policy whose deadline is that short) sends two statements more per transaction on
-//! a pooled connection (the result character set's and the saving SET), and a combiner's next
-//! batch does not open its transaction ahead for it.
+//! a pooled connection (the result character set's SET before the saving SET, which takes the
+//! place of `SET TRANSACTION`, and the restoring SET after COMMIT), and a combiner's next batch
+//! does not open its transaction ahead for it.
 //!
 //! # MariaDB Galera: a transaction rolled back without an error
 //!

@@ -456,7 +456,7 @@ pub(super) const UNDO_READABLE_ERRORS: &str = "SET SESSION character_set_results
 /// Sends [`UNDO_READABLE_ERRORS`]: `None` when it worked; otherwise the connection is marked
 /// broken (its session would keep utf8mb4 results and lockstock's user variables) and the error
 /// says why.
-fn undo_readable_errors(conn: &mut MysqlConnection) -> Option<Error> {
+pub(super) fn undo_readable_errors(conn: &mut MysqlConnection) -> Option<Error> {
     let undone = after_late_abort(conn, |conn| {
         PreparedSql(UNDO_READABLE_ERRORS).execute(conn).map(|_| ())
     });
