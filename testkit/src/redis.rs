@@ -35,6 +35,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BULK: usize = 512 * 1024 * 1024;
 /// The longest reply line (a status, an error, a length): longer is a protocol error.
 const MAX_LINE: u64 = 64 * 1024;
+/// How deep arrays may nest in a reply: deeper is a protocol error (each level is a call).
+const MAX_DEPTH: usize = 64;
+/// What a bulk string's buffer reserves before its bytes arrive.
+const BULK_RESERVE: usize = 64 * 1024;
 
 /// Watchdog body (see `sandbox::spawn_watchdog_script`): kills the process whose pid is in
 /// `$dir/redis.pid.lockstock` if it is a `redis-server` (Redis rewrites its command line, so
@@ -253,7 +257,7 @@ impl RedisConnection {
             self.out.extend_from_slice(b"\r\n");
         }
         self.stream.get_mut().write_all(&self.out)?;
-        self.reply()
+        self.reply(0)
     }
 
     /// A command whose reply is an integer.
@@ -316,7 +320,13 @@ impl RedisConnection {
         String::from_utf8(line).map_err(|_| RedisError::Protocol("reply is not UTF-8".into()))
     }
 
-    fn reply(&mut self) -> Result<Reply, RedisError> {
+    /// One reply, inside `depth` arrays.
+    fn reply(&mut self, depth: usize) -> Result<Reply, RedisError> {
+        if depth > MAX_DEPTH {
+            return Err(RedisError::Protocol(format!(
+                "arrays nested more than {MAX_DEPTH} deep"
+            )));
+        }
         let line = self.line()?;
         let (kind, rest) = line.split_at(line.len().min(1));
         let number = || {
@@ -333,9 +343,11 @@ impl RedisConnection {
                     "a bulk string of {len} bytes (at most {MAX_BULK})"
                 ))),
                 Ok(len) => {
-                    let mut bytes = vec![0; len + 2];
-                    self.stream.read_exact(&mut bytes)?;
-                    if !bytes.ends_with(b"\r\n") {
+                    // Read as the bytes arrive: a length announced is not a length sent.
+                    let mut bytes = Vec::with_capacity((len + 2).min(BULK_RESERVE));
+                    let wanted = u64::try_from(len + 2).unwrap_or(u64::MAX);
+                    (&mut self.stream).take(wanted).read_to_end(&mut bytes)?;
+                    if bytes.len() != len + 2 || !bytes.ends_with(b"\r\n") {
                         return Err(RedisError::Protocol("bulk string without CRLF".into()));
                     }
                     bytes.truncate(len);
@@ -350,7 +362,7 @@ impl RedisConnection {
                     // too, and the first such error is the answer.
                     let mut refused = None;
                     for _ in 0..len {
-                        match self.reply() {
+                        match self.reply(depth + 1) {
                             Ok(item) => items.push(item),
                             Err(RedisError::Server(text)) => {
                                 refused.get_or_insert(text);
@@ -459,16 +471,21 @@ mod tests {
 
     /// A reply that announces more than Redis ever sends is a protocol error, not an attempt to
     /// allocate it (before: a bulk length of 9·10¹⁸ aborted the process on the allocation), and
-    /// so is a reply line without end.
+    /// so are a reply line without end, arrays nested without end (each level a call: the
+    /// stack overflowed) and a bulk string shorter than announced (its length is not reserved
+    /// up front).
     #[test]
     fn a_reply_beyond_the_protocols_limits_is_a_protocol_error() {
         let dir =
             std::env::temp_dir().join(format!("lockstock-redis-limits-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let cases: [(&str, &'static [u8]); 2] = [
+        let nested: &'static [u8] = "*1\r\n".repeat(100_000).leak().as_bytes();
+        let cases: [(&str, &'static [u8]); 4] = [
             ("bulk", b"$9000000000000000000\r\n"),
             ("line", &[b'+'; 70 * 1024]),
+            ("nested", nested),
+            ("short", b"$536870912\r\nab\r\n"),
         ];
         for (name, reply) in cases {
             let socket = dir.join(name);
@@ -479,6 +496,8 @@ mod tests {
                 matches!(answer, Err(RedisError::Protocol(_))),
                 "{name}: {answer:?}"
             );
+            // Closed before the server is joined: it may still be writing what was not read.
+            drop(conn);
             server.join().unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();
