@@ -233,8 +233,11 @@ fn main() -> Result<(), BoxError> {
     let (mut consistent, mut audit_failures) = (0u32, Vec::new());
     for user in LEDGER_BASE + 1..=LEDGER_BASE + LEDGER_USERS {
         match ledger.audit(&mut conn, user) {
-            Ok(report) if report.is_consistent() => consistent += 1,
-            Ok(report) => audit_failures.push(format!("user {user}: {:?}", report.problems)),
+            // An inconsistent account is `Err(Error::AuditFailed(report))`.
+            Ok(_) => consistent += 1,
+            Err(Error::AuditFailed(report)) => {
+                audit_failures.push(format!("user {user}: {:?}", report.problems));
+            }
             Err(e) => audit_failures.push(format!("user {user}: {e}")),
         }
     }

@@ -496,7 +496,9 @@ pub enum Error {
     /// `designated_writer` row that [`Router`](crate::route::Router) keeps names another node),
     /// and [`TxnPolicy::designated_writer_only`](crate::TxnPolicy::designated_writer_only) is on.
     /// Writes on several Galera nodes can lose updates (see the `route` module); lockstock
-    /// refused before `BEGIN`: nothing was sent but the check. Retry on the designated writer —
+    /// refused before `BEGIN`: nothing was applied, and the caller's session is as it was (on
+    /// a caller's own connection the check comes after lockstock's saving SET, which is put
+    /// back). Retry on the designated writer —
     /// through a [`Router`](crate::route::Router), which follows the row.
     #[error("this Galera node is not the designated writer; nothing was applied")]
     NotDesignatedWriter,
