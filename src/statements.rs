@@ -154,6 +154,17 @@ impl Query for StatementPrepares {
 }
 
 statement! {
+    /// Whether a Galera node's session is inside a transaction, as a number, without the
+    /// causal wait a router's read session (`wsrep_sync_wait = 1`) puts before every SELECT.
+    NodeInTransaction => "SET STATEMENT wsrep_sync_wait = 0 FOR \
+        SELECT CAST(@@in_transaction AS SIGNED) LIMIT 1"
+}
+
+impl Query for NodeInTransaction {
+    type SqlType = BigInt;
+}
+
+statement! {
     /// [`StatementPrepares`] on MySQL 8, which keeps session status in `performance_schema`
     /// (the cap lifted by an optimizer hint there).
     StatementPreparesMySql => "SELECT /*+ SET_VAR(sql_big_selects = 1) \

@@ -101,7 +101,11 @@
 //! ends by the router's deadline as any call ends by its own; what else blocks past it (a
 //! statement of the closure's own, a server that stops answering) is cut by the router's
 //! watchdog at that deadline plus grace (any other socket the closure blocks on then is shut
-//! down too: keep closures to the connection). The closure must be a lockstock call with an idempotency key (or otherwise
+//! down too: keep closures to the connection). After the closure the router asks the
+//! connection whether it was left inside a transaction (one cached statement, without a causal
+//! wait; not once the deadline has passed): such a connection — or one that cannot be asked —
+//! is discarded, never handed to the next closure, whose statements (and lockstock's key
+//! lookups) would run in that transaction. The closure must be a lockstock call with an idempotency key (or otherwise
 //! safe to run again): the router runs it again after a *node failure*, an answer that says nothing
 //! was applied and the node is to blame —
 //! [`Error::ServerUnresponsive`], [`Error::ConnectionBroken`], a lost connection before COMMIT
@@ -888,12 +892,31 @@ impl Shared {
         // is later, and a node that stops answering is cut off at the deadline plus grace.
         let started = Instant::now();
         let served = crate::txn::statements_served(&mut conn);
-        let (result, cut) = crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| {
-            crate::txn::within_deadline(deadline, || call(conn, deadline))
-        });
+        // Whether the closure left the connection inside a transaction (of its own: every
+        // lockstock call ends its own), or it cannot be told: such a connection never goes
+        // back into the pool, which does not test on checkout — a later closure would run in
+        // that transaction, and lockstock calls there would take it for their caller's.
+        let mut left_open = true;
         // A call answered without a round trip (bad input, a sold-out mark) says nothing of the
-        // node: it never clears a count of cuts.
-        let reached = served.is_none() || crate::txn::statements_served(&mut conn) != served;
+        // node: it never clears a count of cuts (the check below is not the call's).
+        let mut reached = served.is_none();
+        let (result, cut) = crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| {
+            let answer = crate::txn::within_deadline(deadline, || call(conn, deadline));
+            reached |= crate::txn::statements_served(conn) != served;
+            // Asked while the deadline allows (one cached statement, after the call's COMMIT);
+            // past it nothing more is sent, and the connection is discarded instead.
+            let outside = !deadline.is_expired()
+                && diesel::RunQueryDsl::get_result::<i64>(
+                    crate::statements::NodeInTransaction,
+                    conn,
+                )
+                .is_ok_and(|open| open == 0);
+            left_open = !outside;
+            answer
+        });
+        if left_open && !cut {
+            crate::txn::mark_broken(&mut conn);
+        }
         if cut {
             // Also a COMMIT cut off (`OutcomeUnknown`): the node left a call hanging. (The
             // connection is marked broken: r2d2 discards it.)
@@ -957,8 +980,8 @@ impl Shared {
             }
             result => {
                 // A connection found inside a transaction that is not lockstock's (left open
-                // on it by a closure, or by a panic on the way) never goes back into the pool,
-                // which does not test on checkout: every later call on it would be refused so.
+                // on it by a panic on the way, say) never goes back into the pool, which does
+                // not test on checkout: every later call on it would be refused so.
                 if matches!(result, Err(Error::NestedTransaction)) {
                     crate::txn::mark_broken(&mut conn);
                 }

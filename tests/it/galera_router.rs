@@ -1815,6 +1815,63 @@ fn galera_router_keeps_the_writer_when_its_probe_connection_is_killed() {
         .expect("a write on the same writer");
 }
 
+/// A router never gives a connection that a closure left inside a transaction back to its
+/// pool: the next closure gets a connection outside any, and a retry of a hold whose expiry has
+/// passed, made with a plain `Router::write`, answers the recorded entry as its single call
+/// does. Before the fix the connection went back with the transaction open: the retry's key
+/// lookup met it as the caller's own and answered `InvalidExpiry` ("never placed") while the
+/// hold stood, and a closure's raw write landed inside the leftover transaction.
+#[test]
+fn galera_router_discards_a_connection_a_closure_left_inside_a_transaction() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_left_open");
+    let (router, _writer) = router_with(&urls, 1, Duration::from_millis(200));
+    let ledger = BalanceLedger::new();
+    let write = |f: &dyn Fn(&mut MysqlConnection) -> Result<lockstock::Entry, Error>| {
+        router.write(Deadline::after(OP_BUDGET), |conn, _| f(conn))
+    };
+    write(&|c| ledger.charge(c, 1, Decimal::new(100, 0), "fund")).expect("fund");
+    let expires_at = chrono::Utc::now().naive_utc() + chrono::Duration::milliseconds(1_500);
+    let hold =
+        write(&|c| ledger.hold(c, 1, Decimal::new(10, 0), "h", expires_at)).expect("the hold");
+    while chrono::Utc::now().naive_utc() <= expires_at + chrono::Duration::milliseconds(100) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The application's closure leaves a transaction open on the writer's only pooled
+    // connection.
+    let open = |conn: &mut MysqlConnection| -> Result<i64, Error> {
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "CAST(@@in_transaction AS SIGNED)",
+        ))
+        .get_result(conn)
+        .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+    };
+    router
+        .write(Deadline::after(OP_BUDGET), |conn, _| {
+            conn.batch_execute("START TRANSACTION; SELECT 1")
+                .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+        })
+        .expect("the application's closure");
+    let next = router
+        .write(Deadline::after(OP_BUDGET), |conn, _| open(conn))
+        .expect("the next closure");
+    assert_eq!(
+        next, 0,
+        "the next closure ran inside the leftover transaction"
+    );
+    router
+        .write(Deadline::after(OP_BUDGET), |conn, _| {
+            conn.batch_execute("START TRANSACTION; SELECT 1")
+                .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+        })
+        .expect("the application's closure again");
+    let retried = write(&|c| ledger.hold(c, 1, Decimal::new(10, 0), "h", expires_at));
+    assert_eq!(retried.expect("the recorded entry"), hold);
+    write(&|c| ledger.deduct(c, 1, Decimal::ONE, "after")).expect("a deduct");
+}
+
 /// A routed `CombiningLedger` answers a retry of a hold whose expiry has passed as its single
 /// call — the recorded entry — also when the writer's pooled connection was left inside a
 /// transaction by a router closure of the application: that connection is discarded and the
