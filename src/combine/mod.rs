@@ -121,6 +121,9 @@ const LINGER_CHECK: Duration = Duration::from_micros(50);
 const USUAL_DECAY: usize = 16;
 /// A lane's linger is forgotten this long after its last refused batch.
 const LINGER_MEMORY: Duration = Duration::from_secs(1);
+/// Idle lanes that remember a linger are swept out, at most once per [`LINGER_MEMORY`], as a
+/// new key's lane is added while there are at least this many.
+const SWEEP_AT_LEAST: usize = 64;
 
 /// What one batch run returned to the core.
 struct Ran<Resp> {
@@ -286,7 +289,11 @@ impl<Req, Resp> Lane<Req, Resp> {
     /// How long a leader with `deadline` lingers now: the linger, at most a share of the time
     /// left to it and to every queued request; zero once the batch is full.
     fn linger_for(&self, deadline: Deadline, max_batch: usize) -> Duration {
-        if self.linger.is_zero() || self.queue.len() >= max_batch {
+        // Forgotten [`LINGER_MEMORY`] after the last refused batch, also by a lane kept since.
+        let forgotten = self
+            .refused_at
+            .is_some_and(|at| at.elapsed() > LINGER_MEMORY);
+        if self.linger.is_zero() || forgotten || self.queue.len() >= max_batch {
             return Duration::ZERO;
         }
         let least_left = self
@@ -317,6 +324,9 @@ pub struct Combiner<K, Req, Resp> {
     lanes: Mutex<HashMap<K, Lane<Req, Resp>>>,
     max_batch: usize,
     stats: Mutex<CombinerStats>,
+    /// When idle lanes were last swept out (a lane that remembers a linger stays after its last
+    /// batch, and its key may never come again). Taken under `lanes`' lock.
+    swept_at: Mutex<Instant>,
 }
 
 impl<K, Req, Resp> std::fmt::Debug for Combiner<K, Req, Resp> {
@@ -350,6 +360,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             lanes: Mutex::new(HashMap::new()),
             max_batch: max_batch.max(1),
             stats: Mutex::new(CombinerStats::default()),
+            swept_at: Mutex::new(Instant::now()),
         }
     }
 
@@ -408,6 +419,13 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let slot = Arc::new(Slot::new());
         let lead_now = {
             let mut lanes = lock(&self.lanes);
+            if lanes.len() >= SWEEP_AT_LEAST && !lanes.contains_key(&key) {
+                let mut swept_at = lock(&self.swept_at);
+                if swept_at.elapsed() > LINGER_MEMORY {
+                    lanes.retain(|_, lane| !lane.forgettable());
+                    *swept_at = Instant::now();
+                }
+            }
             let lane = lanes.entry(key.clone()).or_default();
             lane.queue.push_back((request, deadline, slot.clone()));
             !std::mem::replace(&mut lane.leading, true)

@@ -391,6 +391,31 @@ fn a_refused_batch_makes_the_next_leaders_linger_and_calm_batches_end_it() {
     assert_eq!(combiner.stats().batches, 18);
 }
 
+/// A key's linger is forgotten [`LINGER_MEMORY`] after its last refused batch, also while the
+/// key is idle: the first leader after that does not linger, and the idle lanes of keys that
+/// never come again are swept out. Before the fix a lane kept its linger (and its place in the
+/// map) for ever once its last batch was refused: 100 such keys left 100 lanes.
+#[test]
+fn an_idle_keys_linger_is_forgotten_and_its_lane_swept_out() {
+    let combiner = Doubler::new(8);
+    let deadline = || within(Duration::from_secs(5));
+    for key in 0..100 {
+        assert!(observed(&combiner, key, 1, deadline(), refused_doubled).is_ok());
+    }
+    assert_eq!(lock(&combiner.lanes).len(), 100);
+    std::thread::sleep(LINGER_MEMORY + Duration::from_millis(100));
+    let lanes = lock(&combiner.lanes);
+    let lingers: Vec<Duration> = lanes
+        .values()
+        .map(|lane| lane.linger_for(deadline(), 8))
+        .collect();
+    drop(lanes);
+    assert!(lingers.iter().all(Duration::is_zero), "{lingers:?}");
+    assert!(observed(&combiner, 200, 1, deadline(), calm_doubled).is_ok());
+    let left = lock(&combiner.lanes).len();
+    assert!(left <= 1, "{left} lanes left behind");
+}
+
 #[test]
 fn a_lingering_leader_stops_once_its_batch_is_as_large_as_the_usual_one() {
     let combiner = Doubler::new(8);
