@@ -818,6 +818,19 @@ impl TxnRunner {
                 }
                 // Never retried on a connection the watchdog shut down.
                 Err(Error::Server(error)) if error.kind().is_retryable() && !guard.fired() => error,
+                // The deadline passed inside a later attempt (a large batch's check between
+                // its pieces, say): after a refusal it gives up as at the top of the loop, as
+                // `Contended` with it and the attempts made — `Timeout` says nothing was sent.
+                Err(Error::Timeout { elapsed }) => {
+                    return Err(match last {
+                        Some(last) => Error::Contended {
+                            attempts: attempts.started,
+                            elapsed,
+                            last,
+                        },
+                        None => Error::Timeout { elapsed },
+                    });
+                }
                 Err(error) => return Err(error),
             };
             attempts.refused += 1;

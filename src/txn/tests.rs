@@ -137,3 +137,40 @@ fn an_unbounded_grace_never_cuts_at_the_deadline() {
         deadline.past(Duration::ZERO) + Duration::from_millis(20)
     );
 }
+
+/// A deadline that passes inside a later attempt (a body's own check between a large batch's
+/// pieces answers `Timeout`) after a refused attempt gives up as `Contended`, with the refusal
+/// and the attempts made, as a deadline found passed at the top of the retry loop does:
+/// `Timeout` says nothing was sent, and a combiner charges a batch's attempts to the requests
+/// it gives back only through `Contended`. Before the fix the body's `Timeout` came back as it
+/// was.
+#[test]
+fn a_deadline_passing_inside_a_retried_attempt_is_contended() {
+    let (_url, mut conn) = crate::util::test_database("unit_txn_timeout_after_refusal");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let deadline = Deadline::after(Duration::from_millis(300));
+    let mut calls = 0;
+    let answer: Result<(), Error> = runner.run_by(&mut conn, deadline, |_| {
+        calls += 1;
+        if calls == 1 {
+            return Err(Error::Server(crate::error::ServerError::new(
+                diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::Unknown,
+                    Box::new("Lock wait timeout exceeded; try restarting transaction".to_owned()),
+                ),
+            )));
+        }
+        std::thread::sleep(deadline.remaining());
+        Err(Error::Timeout {
+            elapsed: deadline.elapsed(),
+        })
+    });
+    assert!(
+        matches!(
+            &answer,
+            Err(Error::Contended { attempts: 2, last, .. })
+                if last.kind() == crate::ServerErrorKind::LockWaitTimeout
+        ),
+        "{answer:?}"
+    );
+}
