@@ -892,30 +892,47 @@ impl Shared {
         // is later, and a node that stops answering is cut off at the deadline plus grace.
         let started = Instant::now();
         let served = crate::txn::statements_served(&mut conn);
-        // Whether the closure left the connection inside a transaction (of its own: every
-        // lockstock call ends its own), or it cannot be told: such a connection never goes
-        // back into the pool, which does not test on checkout — a later closure would run in
-        // that transaction, and lockstock calls there would take it for their caller's.
-        let mut left_open = true;
         // A call answered without a round trip (bad input, a sold-out mark) says nothing of the
         // node: it never clears a count of cuts (the check below is not the call's).
         let mut reached = served.is_none();
         let (result, cut) = crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| {
             let answer = crate::txn::within_deadline(deadline, || call(conn, deadline));
             reached |= crate::txn::statements_served(conn) != served;
-            // Asked while the deadline allows (one cached statement, after the call's COMMIT);
-            // past it nothing more is sent, and the connection is discarded instead.
-            let outside = !deadline.is_expired()
-                && diesel::RunQueryDsl::get_result::<i64>(
-                    crate::statements::NodeInTransaction,
-                    conn,
-                )
-                .is_ok_and(|open| open == 0);
-            left_open = !outside;
             answer
         });
-        if left_open && !cut {
-            crate::txn::mark_broken(&mut conn);
+        // Whether the closure left the connection inside a transaction (of its own: every
+        // lockstock call ends its own), or it cannot be told: such a connection never goes
+        // back into the pool, which does not test on checkout — a later closure would run in
+        // that transaction, and lockstock calls there would take it for their caller's. A
+        // closure that sent nothing left it as it came (outside one: checked so before). Asked
+        // while the deadline allows (one cached statement, after the call's COMMIT; past it
+        // nothing more is sent, and the connection is discarded instead), under a watchdog of
+        // its own: a node that stops answering then is blamed as for a cut call, and the
+        // closure's answer stands.
+        let mut check_cut = false;
+        if !cut && reached {
+            let outside = !deadline.is_expired() && {
+                let (outside, fired) = crate::txn::watched(deadline, grace, |_| {
+                    diesel::RunQueryDsl::get_result::<i64>(
+                        crate::statements::NodeInTransaction,
+                        &mut conn,
+                    )
+                    .is_ok_and(|open| open == 0)
+                });
+                check_cut = fired;
+                outside && !fired
+            };
+            if !outside {
+                crate::txn::mark_broken(&mut conn);
+            }
+        }
+        if check_cut {
+            let blamed = Error::ServerUnresponsive {
+                elapsed: deadline.elapsed(),
+            };
+            self.cut(node, started, &blamed);
+            // Not counted as the node answering below.
+            reached = false;
         }
         if cut {
             // Also a COMMIT cut off (`OutcomeUnknown`): the node left a call hanging. (The

@@ -1872,6 +1872,33 @@ fn galera_router_discards_a_connection_a_closure_left_inside_a_transaction() {
     write(&|c| ledger.deduct(c, 1, Decimal::ONE, "after")).expect("a deduct");
 }
 
+/// A closure answered without a round trip (bad input) gets its own answer through a router
+/// also while the writer is frozen: the router's check whether the closure left a transaction
+/// open is not sent for a closure that sent nothing, and a check that hangs never replaces the
+/// closure's answer. Before the fix the check was sent to the frozen writer inside the call's
+/// watchdog, which cut it at the deadline plus grace and answered `ServerUnresponsive`.
+#[test]
+fn galera_router_answers_a_call_without_a_round_trip_on_a_frozen_writer() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let (_urls, router, writer) = funded_router(cluster, "gal_route_frozen_bad_input");
+    let ledger = BalanceLedger::new();
+    cluster.pause(writer).expect("pause the writer");
+    let answer = router.write(
+        Deadline::after(Duration::from_millis(500)),
+        |conn, deadline| ledger.charge_by(conn, 9, Decimal::new(-1, 0), "bad", deadline),
+    );
+    cluster.resume(writer).expect("resume");
+    cluster
+        .wait_cluster_synced(Duration::from_secs(60))
+        .expect("synced after resume");
+    assert!(
+        matches!(answer, Err(Error::InvalidAmount { .. })),
+        "{answer:?}"
+    );
+}
+
 /// A routed `CombiningLedger` answers a retry of a hold whose expiry has passed as its single
 /// call — the recorded entry — also when the writer's pooled connection was left inside a
 /// transaction by a router closure of the application: that connection is discarded and the
