@@ -59,7 +59,8 @@ impl CouponIssuer {
     /// 1,000, each followed by its ids (and then locks the stock row without reading an id):
     /// one prepared statement binds at most 65,535 values, and a batch of any size answers as
     /// its single issues. No INSERT after the first is sent once the deadline has passed: the
-    /// attempt is rolled back whole and the batch answers [`Error::Timeout`] (nothing issued).
+    /// attempt is rolled back whole and the batch answers [`Error::Timeout`] (nothing issued;
+    /// [`Error::Contended`] where an attempt before it was refused).
     ///
     /// # Errors
     /// The outer `Err` is a failure of the whole transaction ([`Error::Contended`],

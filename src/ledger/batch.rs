@@ -71,7 +71,8 @@ impl BalanceLedger {
     ///    The holds it ends cost a statement each (their locks in step 1, their `UPDATE`s),
     ///    and a larger batch an INSERT (and a key lookup) per 1,000 rows: none of those after
     ///    the first is sent once the deadline has passed — the transaction is rolled back
-    ///    whole and the batch answers [`Error::Timeout`] (nothing applied).
+    ///    whole and the batch answers [`Error::Timeout`] (nothing applied; [`Error::Contended`]
+    ///    where an attempt before it was refused).
     /// 3. A key already in the journal fails that INSERT as a duplicate (nothing written); the
     ///    keys are then looked up in a lock-free snapshot, those requests are answered from the
     ///    journal, and the rest run again from step 1 (as often as keys are found taken: each

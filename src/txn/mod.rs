@@ -820,11 +820,13 @@ impl TxnRunner {
                 Err(Error::Server(error)) if error.kind().is_retryable() && !guard.fired() => error,
                 // The deadline passed inside a later attempt (a large batch's check between
                 // its pieces, say): after a refusal it gives up as at the top of the loop, as
-                // `Contended` with it and the attempts made — `Timeout` says nothing was sent.
+                // `Contended` with it and the attempts refused (the one the deadline cut is
+                // not counted: a combiner charges them to the requests it gives back) —
+                // `Timeout` says nothing was sent.
                 Err(Error::Timeout { elapsed }) => {
                     return Err(match last {
                         Some(last) => Error::Contended {
-                            attempts: attempts.started,
+                            attempts: attempts.refused,
                             elapsed,
                             last,
                         },

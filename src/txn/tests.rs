@@ -140,7 +140,8 @@ fn an_unbounded_grace_never_cuts_at_the_deadline() {
 
 /// A deadline that passes inside a later attempt (a body's own check between a large batch's
 /// pieces answers `Timeout`) after a refused attempt gives up as `Contended`, with the refusal
-/// and the attempts made, as a deadline found passed at the top of the retry loop does:
+/// and the attempts refused (1: the one the deadline cut is not charged), as a deadline found
+/// passed at the top of the retry loop does:
 /// `Timeout` says nothing was sent, and a combiner charges a batch's attempts to the requests
 /// it gives back only through `Contended`. Before the fix the body's `Timeout` came back as it
 /// was.
@@ -168,7 +169,7 @@ fn a_deadline_passing_inside_a_retried_attempt_is_contended() {
     assert!(
         matches!(
             &answer,
-            Err(Error::Contended { attempts: 2, last, .. })
+            Err(Error::Contended { attempts: 1, last, .. })
                 if last.kind() == crate::ServerErrorKind::LockWaitTimeout
         ),
         "{answer:?}"
