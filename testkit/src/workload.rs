@@ -903,12 +903,25 @@ pub fn verify_partial(
         }
     }
 
-    // Coupons: never over-issued, never twice to one user, every one asked for.
+    // Coupons: never over-issued, never twice to one user, every one asked for; and never
+    // under-issued: the workload puts no stock back, so a campaign that answered `SoldOut`
+    // (a refusal of an issue) has none left — a false sold-out mark (a stale zero read taken
+    // for the stock) would leave coupons unsold.
     for (id, coupon, total, stock) in &campaigns {
         let issued = coupons.iter().filter(|c| c.3 == *id).count() as i64;
         if *stock < 0 || issued != i64::from(*total - *stock) || issued > i64::from(*total) {
             v.push(format!(
                 "campaign {id} (coupon {coupon}): total {total}, stock {stock}, {issued} issued"
+            ));
+        }
+        let sold_out = records.iter().find(|r| {
+            matches!(r.op, Op::Issue { campaign, .. } if campaign == *id)
+                && matches!(r.outcome, Outcome::Refused)
+        });
+        if let (Some(r), true) = (sold_out, *stock > 0) {
+            v.push(format!(
+                "campaign {id} answered {} ({:?}) SoldOut with {stock} coupons left",
+                r.key, r.op
             ));
         }
     }

@@ -703,12 +703,40 @@ fn negative_control_the_checker_finds_each_tampering() {
     {
         *deduct += 1_000_000;
     }
-    for (what, history) in [
-        ("a transfer to another account", to_another),
-        ("a refund of another deduct", of_another),
+    // A sold-out answer while coupons are left (a false sold-out mark under-issues): a user
+    // who got no coupon answered SoldOut, the campaign not sold out (before: not found —
+    // every refused issue was taken on trust).
+    let stock: i64 = diesel::sql_query("SELECT stock_quantity AS n FROM fcfs_coupon WHERE id = ?")
+        .bind::<BigInt, _>(campaign)
+        .get_result::<Count>(&mut conn)
+        .expect("the campaign's stock")
+        .n;
+    assert!(stock > 0, "the campaign sold out: no case for the control");
+    let mut false_sold_out = records.clone();
+    let mut refused = workload::Record::new(
+        "t0-false-sold-out".into(),
+        Op::Issue {
+            user: 999_999_998,
+            campaign,
+        },
+    );
+    refused.outcome = Outcome::Refused;
+    refused.attempts = 1;
+    false_sold_out.push(refused);
+    for (what, history, finding) in [
+        ("a transfer to another account", to_another, ""),
+        ("a refund of another deduct", of_another, ""),
+        (
+            "a sold-out answer with coupons left",
+            false_sold_out,
+            "SoldOut with",
+        ),
     ] {
         let found = workload::verify(&mut conn, &setup, &history);
-        assert!(!found.is_empty(), "{what}: not found");
+        assert!(
+            found.iter().any(|v| v.contains(finding)),
+            "{what}: not found: {found:?}"
+        );
     }
 }
 
