@@ -1578,18 +1578,23 @@ fn a_batch_sees_an_account_a_replayed_charge_created() {
     // Just before the batch writes the missing account, another call makes the same charge
     // (the caller's retry, say) and commits it with the account.
     let (other_url, other_ledger) = (url.clone(), ledger.clone());
-    let mut fired = false;
+    // The other call's entry, once it was made (the interleaving happened).
+    let other_entry = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let made = other_entry.clone();
     batch_conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
         if let InstrumentationEvent::StartQuery { query, .. } = event {
-            if !fired
+            let mut made = made
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if made.is_none()
                 && query
                     .to_string()
                     .contains("INSERT IGNORE INTO `user_balance`")
             {
-                fired = true;
-                other_ledger
+                let entry = other_ledger
                     .charge(&mut connect(&other_url), USER, dec(10, 0), "k2")
                     .expect("the other call's charge");
+                *made = Some(entry.id);
             }
         }
     });
@@ -1600,9 +1605,14 @@ fn a_batch_sees_an_account_a_replayed_charge_created() {
     let answers = ledger
         .apply_many(&mut batch_conn, USER, &ops)
         .expect("the batch");
+    let other = *other_entry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let other = other.expect("the other call's charge was made before the batch wrote the account");
     match &answers[..] {
         [Ok(charge), Ok(deduct)] => {
             assert_eq!(charge.kind, EntryKind::Charge);
+            assert_eq!(charge.id, other, "the charge answered from the journal");
             assert_eq!(deduct.balance_after, dec(5, 0));
         }
         other => panic!("{other:?}"),
