@@ -655,8 +655,8 @@ fn print_uncontended(stats: &[SingleStats]) {
     println!(
         "\nlib: on a connection carrying lockstock's session settings (no session statements); \
          lib-own: on the caller's own connection (plain `MysqlConnection::establish`), where a \
-         call saves the caller's session variables in its first SET and restores them after \
-         COMMIT (one more prepared statement).\n"
+         call sets utf8mb4 results first, saves the caller's session variables in its first SET \
+         and restores them after COMMIT (two more prepared statements).\n"
     );
     let find = |op: Single| stats.iter().find(|s| s.op == op);
     for (name, lib, hand) in [
