@@ -895,22 +895,27 @@ impl Shared {
         // A call answered without a round trip (bad input, a sold-out mark) says nothing of the
         // node: it never clears a count of cuts (the check below is not the call's).
         let mut reached = served.is_none();
+        let sent = crate::txn::statements_sent(&mut conn);
+        let mut sent_something = sent.is_none();
         let (result, cut) = crate::txn::bounded_telling(&mut conn, deadline, grace, |conn, _| {
             let answer = crate::txn::within_deadline(deadline, || call(conn, deadline));
             reached |= crate::txn::statements_served(conn) != served;
+            sent_something |= crate::txn::statements_sent(conn) != sent;
             answer
         });
         // Whether the closure left the connection inside a transaction (of its own: every
         // lockstock call ends its own), or it cannot be told: such a connection never goes
         // back into the pool, which does not test on checkout — a later closure would run in
         // that transaction, and lockstock calls there would take it for their caller's. A
-        // closure that sent nothing left it as it came (outside one: checked so before). Asked
+        // closure that sent nothing (no statement at all, answered or not: a batch whose last
+        // statement failed ran its first ones) left it as it came (outside one: checked so
+        // before). Asked
         // while the deadline allows (one cached statement, after the call's COMMIT; past it
         // nothing more is sent, and the connection is discarded instead), under a watchdog of
         // its own: a node that stops answering then is blamed as for a cut call, and the
         // closure's answer stands.
         let mut check_cut = false;
-        if !cut && reached {
+        if !cut && sent_something {
             let outside = !deadline.is_expired() && {
                 let (outside, fired) = crate::txn::watched(deadline, grace, |_| {
                     diesel::RunQueryDsl::get_result::<i64>(

@@ -138,9 +138,9 @@ mod watchdog;
 
 pub(crate) use handoff::{bounded_waits, locking_read, with_handoff, Handoff, Holding};
 pub use policy::{Attempts, Deadline, Isolation, RetryPolicy, StatementCache, TxnPolicy};
-pub(crate) use session::statements_served;
 pub use session::{apply_session_settings, ServerFlavor, SessionSettings};
 use session::{carries_settings, set_primed, take_primed};
+pub(crate) use session::{statements_sent, statements_served};
 use transaction::{
     end_unused, ensure_no_open_transaction, forget_cache_probe, open_transaction, run_transaction,
     Begin, Restore,

@@ -134,6 +134,10 @@ pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) ->
         session,
         kind,
         served: 0,
+        sent: (
+            NEXT_MARK.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            0,
+        ),
         primed: None,
         inner: diesel::connection::get_default_instrumentation(),
     });
@@ -149,6 +153,11 @@ struct SessionMark {
     /// Statements the server answered on the connection (a router tells by it whether a call
     /// reached the node at all).
     served: u64,
+    /// This mark's own number and the statements sent on the connection since it was set,
+    /// answered or not (a router tells by it whether a closure sent anything: a
+    /// multi-statement batch whose last statement failed counts as sent, though its first ones
+    /// ran).
+    sent: (u64, u64),
     /// A write transaction is open on the connection, begun by [`TxnRunner::prime`] at this
     /// isolation level, with nothing sent in it yet.
     ///
@@ -162,6 +171,9 @@ impl Instrumentation for SessionMark {
         if matches!(event, InstrumentationEvent::FinishQuery { error: None, .. }) {
             self.served = self.served.wrapping_add(1);
         }
+        if matches!(event, InstrumentationEvent::StartQuery { .. }) {
+            self.sent.1 = self.sent.1.wrapping_add(1);
+        }
         if let Some(inner) = self.inner.as_mut() {
             inner.on_connection_event(event);
         }
@@ -173,6 +185,18 @@ pub(super) fn carries_settings(conn: &mut MysqlConnection, session: &str) -> boo
     conn.instrumentation()
         .downcast_ref::<SessionMark>()
         .is_some_and(|mark| mark.session == session)
+}
+
+/// Numbers the marks, so that a mark set anew (its count starting again) is told apart.
+static NEXT_MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Which mark a marked connection carries and how many statements were sent on it since,
+/// answered or not (`None`: not a marked connection): unchanged across a call, the call sent
+/// nothing.
+pub(crate) fn statements_sent(conn: &mut MysqlConnection) -> Option<(u64, u64)> {
+    conn.instrumentation()
+        .downcast_ref::<SessionMark>()
+        .map(|mark| mark.sent)
 }
 
 /// How many statements the server has answered on a marked connection (`None`: not a marked

@@ -1839,28 +1839,39 @@ fn galera_router_discards_a_connection_a_closure_left_inside_a_transaction() {
     while chrono::Utc::now().naive_utc() <= expires_at + chrono::Duration::milliseconds(100) {
         thread::sleep(Duration::from_millis(50));
     }
+    // The next closure runs outside any transaction, whatever the one before left.
+    let next_is_outside = |after: &str| {
+        let open: i64 = router
+            .write(Deadline::after(OP_BUDGET), |conn, _| {
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                    "CAST(@@in_transaction AS SIGNED)",
+                ))
+                .get_result(conn)
+                .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+            })
+            .expect("the next closure");
+        assert_eq!(
+            open, 0,
+            "the next closure ran inside the transaction {after}"
+        );
+    };
     // The application's closure leaves a transaction open on the writer's only pooled
     // connection.
-    let open = |conn: &mut MysqlConnection| -> Result<i64, Error> {
-        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
-            "CAST(@@in_transaction AS SIGNED)",
-        ))
-        .get_result(conn)
-        .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
-    };
     router
         .write(Deadline::after(OP_BUDGET), |conn, _| {
             conn.batch_execute("START TRANSACTION; SELECT 1")
                 .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
         })
         .expect("the application's closure");
-    let next = router
-        .write(Deadline::after(OP_BUDGET), |conn, _| open(conn))
-        .expect("the next closure");
-    assert_eq!(
-        next, 0,
-        "the next closure ran inside the leftover transaction"
-    );
+    next_is_outside("left open");
+    // Also after a closure whose batch failed at its last statement, having begun the
+    // transaction (its failure is the batch's one answer: no statement counted as answered).
+    let failed = router.write(Deadline::after(OP_BUDGET), |conn, _| {
+        conn.batch_execute("START TRANSACTION; SELECT * FROM no_such_table")
+            .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+    });
+    assert!(matches!(failed, Err(Error::Server(_))), "{failed:?}");
+    next_is_outside("a failed batch began");
     router
         .write(Deadline::after(OP_BUDGET), |conn, _| {
             conn.batch_execute("START TRANSACTION; SELECT 1")
