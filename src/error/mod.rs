@@ -444,9 +444,10 @@ pub enum Error {
     },
     /// The row stayed locked by others: retries or the deadline ran out. Nothing was written;
     /// the same call (with the same idempotency key) may be retried.
-    #[error("contended: gave up after {attempts} attempts in {elapsed:?}")]
+    #[error("contended: gave up after {attempts} refused attempts in {elapsed:?}")]
     Contended {
-        /// Transactions tried.
+        /// Transactions refused (lock refusals and other retryable aborts); an attempt the
+        /// deadline cut is not counted.
         attempts: u32,
         /// Time spent, backoff included.
         elapsed: Duration,
