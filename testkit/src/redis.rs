@@ -415,6 +415,26 @@ mod tests {
         assert!(!dir.exists(), "the server's directory is removed");
     }
 
+    /// A private directory for a test's fake servers' sockets, removed when dropped (also
+    /// when the test fails). Not named `lockstock-redis-*`: it holds no server.
+    struct SocketDir(PathBuf);
+
+    impl SocketDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("lockstock-testkit-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for SocketDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A server on `socket` that answers the first command with `reply` (then closes).
     fn answering(socket: &Path, reply: &'static [u8]) -> std::thread::JoinHandle<()> {
         answering_each(socket, vec![reply])
@@ -441,9 +461,8 @@ mod tests {
     /// (`:5`) answered the next command, and so did the rest after the junk (`:9`).
     #[test]
     fn a_connection_never_answers_with_an_earlier_replys_rest() {
-        let dir = std::env::temp_dir().join(format!("lockstock-redis-step-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = SocketDir::new("redis-step");
+        let dir = &dir.0;
         let socket = dir.join("array");
         let server = answering_each(&socket, vec![b"*2\r\n-ERR no\r\n:5\r\n", b":7\r\n"]);
         let mut conn = RedisConnection::open(&socket).unwrap();
@@ -466,7 +485,6 @@ mod tests {
         assert!(matches!(second, Err(RedisError::Protocol(_))), "{second:?}");
         drop(conn);
         server.join().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A reply that announces more than Redis ever sends is a protocol error, not an attempt to
@@ -476,10 +494,8 @@ mod tests {
     /// up front).
     #[test]
     fn a_reply_beyond_the_protocols_limits_is_a_protocol_error() {
-        let dir =
-            std::env::temp_dir().join(format!("lockstock-redis-limits-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = SocketDir::new("redis-limits");
+        let dir = &dir.0;
         let nested: &'static [u8] = "*1\r\n".repeat(100_000).leak().as_bytes();
         let cases: [(&str, &'static [u8]); 4] = [
             ("bulk", b"$9000000000000000000\r\n"),
@@ -500,6 +516,5 @@ mod tests {
             drop(conn);
             server.join().unwrap();
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
