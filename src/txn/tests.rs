@@ -175,3 +175,38 @@ fn a_deadline_passing_inside_a_retried_attempt_is_contended() {
         "{answer:?}"
     );
 }
+
+/// The undo of the result character set's SET changes nothing when sent again (as after a late
+/// abort): the caller's character set stays. Before, the second send set it to NULL (its
+/// saved value was cleared by the first).
+#[test]
+fn the_result_character_sets_undo_sent_twice_keeps_the_callers() {
+    use diesel::RunQueryDsl;
+    let (_url, mut conn) = crate::util::test_database("unit_txn_undo_results_twice");
+    let latin1 = |conn: &mut MysqlConnection| -> i64 {
+        let Ok(is) = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "CAST(COALESCE(@@session.character_set_results = _utf8mb4'latin1', 0) AS SIGNED)",
+        ))
+        .get_result(conn) else {
+            panic!("read the session");
+        };
+        is
+    };
+    let Ok(_) =
+        crate::statements::PreparedSql("SET character_set_results = latin1").execute(&mut conn)
+    else {
+        panic!("the caller's character set");
+    };
+    let Ok(_) = crate::statements::PreparedSql(transaction::READABLE_ERRORS).execute(&mut conn)
+    else {
+        panic!("the readable errors' SET");
+    };
+    assert_eq!(latin1(&mut conn), 0, "utf8mb4 while lockstock runs");
+    assert!(transaction::undo_readable_errors(&mut conn).is_none());
+    assert!(transaction::undo_readable_errors(&mut conn).is_none());
+    assert_eq!(
+        latin1(&mut conn),
+        1,
+        "the caller's character set after two undos"
+    );
+}

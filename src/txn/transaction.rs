@@ -449,8 +449,11 @@ pub(super) const READABLE_ERRORS: &str = "SET @lockstock_given_results = \
      SESSION character_set_results = utf8mb4";
 
 /// Puts back the result character set [`READABLE_ERRORS`] kept, where nothing after it saved it.
+/// Sent again after a late abort, it changes nothing: the saved value is cleared, and a
+/// cleared one keeps the session's current value.
 pub(super) const UNDO_READABLE_ERRORS: &str = "SET SESSION character_set_results = \
-     IF(@lockstock_given_results_null, NULL, @lockstock_given_results), \
+     IF(@lockstock_given_results_null, NULL, \
+     COALESCE(@lockstock_given_results, @@session.character_set_results)), \
      @lockstock_given_results = NULL, @lockstock_given_results_null = NULL";
 
 /// Sends [`UNDO_READABLE_ERRORS`]: `None` when it worked; otherwise the connection is marked
