@@ -211,9 +211,16 @@ struct Again<'a, Req> {
 fn within_attempts(max_attempts: u32, routed: bool) -> impl Fn(&Error, u32) -> Option<u32> {
     let max_attempts = max_attempts.max(1);
     move |error, spent| match error {
-        Error::Contended { attempts, .. } if *attempts < max_attempts => {
-            let spent = spent.saturating_add(*attempts);
-            (spent < max_attempts).then_some(spent)
+        Error::Contended { attempts, last, .. } => {
+            // An attempt the deadline cut through the server's statement limit is counted in
+            // `attempts`; its requests' single calls would still be in it: not charged.
+            let charged = if last.kind() == crate::ServerErrorKind::StatementTimeout {
+                attempts.saturating_sub(1)
+            } else {
+                *attempts
+            };
+            let spent = spent.saturating_add(charged);
+            (charged < max_attempts && spent < max_attempts).then_some(spent)
         }
         Error::Timeout { .. } | Error::ServerUnresponsive { .. } => Some(spent),
         error if routed && error.is_node_failure() => Some(spent),
@@ -266,6 +273,13 @@ impl<Req, Resp> Lane<Req, Resp> {
     /// [`LINGER_MAX`]) when it met a refusal, halved (to zero below the step) when it did not.
     fn adapt(&mut self, refused: bool) {
         if refused {
+            // A linger forgotten (see `linger_for`) starts again from the step.
+            if self
+                .refused_at
+                .is_some_and(|at| at.elapsed() > LINGER_MEMORY)
+            {
+                self.linger = Duration::ZERO;
+            }
             self.linger = (self.linger * 2).clamp(LINGER_STEP, LINGER_MAX);
             self.refused_at = Some(Instant::now());
         } else if self.linger > LINGER_STEP {

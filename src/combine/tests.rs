@@ -416,6 +416,40 @@ fn an_idle_keys_linger_is_forgotten_and_its_lane_swept_out() {
     assert!(left <= 1, "{left} lanes left behind");
 }
 
+/// A key whose linger was forgotten while idle starts again from the step at its next refused
+/// batch, as a new key does. Before, the stored linger (here the cap) was doubled again.
+#[test]
+fn a_forgotten_linger_starts_again_from_the_step() {
+    let combiner = Doubler::new(8);
+    let deadline = || within(Duration::from_secs(5));
+    for _ in 0..8 {
+        assert!(observed(&combiner, 1, 1, deadline(), refused_doubled).is_ok());
+    }
+    assert_eq!(linger_of(&combiner, 1), Some(LINGER_MAX));
+    std::thread::sleep(LINGER_MEMORY + Duration::from_millis(100));
+    assert!(observed(&combiner, 1, 1, deadline(), refused_doubled).is_ok());
+    assert_eq!(linger_of(&combiner, 1), Some(LINGER_STEP));
+}
+
+/// A batch whose last attempt the deadline cut through the server's statement limit is not
+/// charged that attempt on the requests it gives back (their single calls would still be in
+/// it), as one the deadline cut between the batch's statements is not.
+#[test]
+fn an_attempt_cut_by_the_statement_limit_is_not_charged() {
+    let cut = |attempts| Error::Contended {
+        attempts,
+        elapsed: Duration::from_millis(200),
+        last: crate::error::ServerError::new(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new("Query execution was interrupted (max_statement_time exceeded)".to_owned()),
+        )),
+    };
+    let charge = within_attempts(2, false);
+    assert_eq!(charge(&cut(1), 0), Some(0));
+    assert_eq!(charge(&cut(2), 0), Some(1));
+    assert_eq!(charge(&cut(3), 0), None);
+}
+
 #[test]
 fn a_lingering_leader_stops_once_its_batch_is_as_large_as_the_usual_one() {
     let combiner = Doubler::new(8);

@@ -446,8 +446,10 @@ pub enum Error {
     /// the same call (with the same idempotency key) may be retried.
     #[error("contended: gave up after {attempts} refused attempts in {elapsed:?}")]
     Contended {
-        /// Transactions refused (lock refusals and other retryable aborts); an attempt the
-        /// deadline cut is not counted.
+        /// Transactions refused (lock refusals and other retryable aborts) — and, where the
+        /// deadline cut the last one through the server's statement limit (`last` a
+        /// [`ServerErrorKind::StatementTimeout`]), that one; an attempt the deadline cut between
+        /// a batch's statements is not counted.
         attempts: u32,
         /// Time spent, backoff included.
         elapsed: Duration,
