@@ -273,11 +273,8 @@ impl<Req, Resp> Lane<Req, Resp> {
     /// [`LINGER_MAX`]) when it met a refusal, halved (to zero below the step) when it did not.
     fn adapt(&mut self, refused: bool) {
         if refused {
-            // A linger forgotten (see `linger_for`) starts again from the step.
-            if self
-                .refused_at
-                .is_some_and(|at| at.elapsed() > LINGER_MEMORY)
-            {
+            // A linger forgotten starts again from the step.
+            if self.linger_forgotten() {
                 self.linger = Duration::ZERO;
             }
             self.linger = (self.linger * 2).clamp(LINGER_STEP, LINGER_MAX);
@@ -296,18 +293,20 @@ impl<Req, Resp> Lane<Req, Resp> {
             && !self.turn.is_busy()
             && !self.turn.is_committing()
             && self.queue.is_empty()
-            && (self.linger.is_zero()
-                || !matches!(self.refused_at, Some(at) if at.elapsed() <= LINGER_MEMORY))
+            && (self.linger.is_zero() || self.refused_at.is_none() || self.linger_forgotten())
+    }
+
+    /// Whether the last refused batch is more than [`LINGER_MEMORY`] ago: its linger no longer
+    /// counts, also for a lane kept since.
+    fn linger_forgotten(&self) -> bool {
+        self.refused_at
+            .is_some_and(|at| at.elapsed() > LINGER_MEMORY)
     }
 
     /// How long a leader with `deadline` lingers now: the linger, at most a share of the time
     /// left to it and to every queued request; zero once the batch is full.
     fn linger_for(&self, deadline: Deadline, max_batch: usize) -> Duration {
-        // Forgotten [`LINGER_MEMORY`] after the last refused batch, also by a lane kept since.
-        let forgotten = self
-            .refused_at
-            .is_some_and(|at| at.elapsed() > LINGER_MEMORY);
-        if self.linger.is_zero() || forgotten || self.queue.len() >= max_batch {
+        if self.linger.is_zero() || self.linger_forgotten() || self.queue.len() >= max_batch {
             return Duration::ZERO;
         }
         let least_left = self

@@ -255,9 +255,7 @@ fn run_transaction_marking<T>(
             Ok(_) => {
                 // Committed: whatever happens now, the answer is the value.
                 if let Some(restore) = begin.restore {
-                    if after_late_abort(conn, |conn| restore_session(conn, restore)).is_err() {
-                        close_broken(conn);
-                    }
+                    let _ = put_back(conn, |conn| restore_session(conn, restore));
                 }
                 Ok(value)
             }
@@ -397,12 +395,9 @@ pub(super) fn open_transaction(conn: &mut MysqlConnection, begin: Begin<'_>) -> 
                 } else {
                     None
                 };
-                match level {
-                    Some(broken) => Some(broken),
-                    // Nothing saved yet: the caller's result character set put back.
-                    None if begin.restore.is_some() => undo_readable_errors(conn),
-                    None => None,
-                }
+                // Nothing saved yet: the caller's result character set put back (unless the
+                // connection is broken already).
+                level.or_else(|| begin.restore.and_then(|_| undo_readable_errors(conn)))
             };
             if let Some(broken) = ended {
                 if error.kind() != ServerErrorKind::ConnectionLost {
@@ -460,18 +455,23 @@ pub(super) const UNDO_READABLE_ERRORS: &str = "SET SESSION character_set_results
 /// broken (its session would keep utf8mb4 results and lockstock's user variables) and the error
 /// says why.
 pub(super) fn undo_readable_errors(conn: &mut MysqlConnection) -> Option<Error> {
-    let undone = after_late_abort(conn, |conn| {
+    put_back(conn, |conn| {
         PreparedSql(UNDO_READABLE_ERRORS).execute(conn).map(|_| ())
-    });
-    match undone {
-        Ok(()) => None,
-        Err(e) => {
-            close_broken(conn);
-            Some(Error::ConnectionBroken {
-                source: ServerError::new(e),
-            })
-        }
-    }
+    })
+}
+
+/// Sends a SET that puts the caller's session back (again after a late abort): `None` when it
+/// worked; otherwise the session is ended and the connection marked broken (it would keep
+/// lockstock's settings), and the error says why.
+fn put_back(
+    conn: &mut MysqlConnection,
+    statement: impl FnMut(&mut MysqlConnection) -> Result<(), diesel::result::Error>,
+) -> Option<Error> {
+    let error = after_late_abort(conn, statement).err()?;
+    close_broken(conn);
+    Some(Error::ConnectionBroken {
+        source: ServerError::new(error),
+    })
 }
 
 /// Ends a transaction that [`TxnRunner::prime`](super::TxnRunner::prime) opened and nothing
@@ -512,15 +512,7 @@ fn end_failed(conn: &mut MysqlConnection, begin: Begin<'_>) -> Option<Error> {
         });
     }
     let restore = begin.restore?;
-    match after_late_abort(conn, |conn| restore_session(conn, restore)) {
-        Ok(()) => None,
-        Err(e) => {
-            close_broken(conn);
-            Some(Error::ConnectionBroken {
-                source: ServerError::new(e),
-            })
-        }
-    }
+    put_back(conn, |conn| restore_session(conn, restore))
 }
 
 /// Runs `statement`, and once more if it failed with a definite abort or was interrupted: on a

@@ -777,6 +777,18 @@ fn funded_router(cluster: &GaleraCluster, name: &str) -> (Vec<String>, Arc<Route
     (urls, router, writer)
 }
 
+/// What `f` answers while `node` is paused (SIGSTOP); the node resumed and the cluster synced
+/// again afterwards.
+fn while_paused<T>(cluster: &mut GaleraCluster, node: usize, f: impl FnOnce() -> T) -> T {
+    cluster.pause(node).expect("pause the node");
+    let answer = f();
+    cluster.resume(node).expect("resume");
+    cluster
+        .wait_cluster_synced(Duration::from_secs(60))
+        .expect("synced after resume");
+    answer
+}
+
 /// A closure whose lockstock call takes no deadline (here `balance`, which runs by its own
 /// policy's: 3 s) still answers by the router's deadline plus grace on a frozen writer: the
 /// router bounds every closure it runs. The writer is only suspected — a call cut off at its
@@ -795,15 +807,12 @@ fn galera_router_bounds_a_call_without_a_deadline_of_its_own() {
     router
         .write(long, |conn, _| ledger.balance(conn, 7))
         .expect("warm");
-    cluster.pause(writer).expect("pause the writer");
-    let started = Instant::now();
     let deadline = Duration::from_millis(300);
-    let answer = router.write(Deadline::after(deadline), |conn, _| ledger.balance(conn, 7));
-    let took = started.elapsed();
-    cluster.resume(writer).expect("resume");
-    cluster
-        .wait_cluster_synced(Duration::from_secs(60))
-        .expect("synced after resume");
+    let (answer, took) = while_paused(cluster, writer, || {
+        let started = Instant::now();
+        let answer = router.write(Deadline::after(deadline), |conn, _| ledger.balance(conn, 7));
+        (answer, started.elapsed())
+    });
     eprintln!("answered {answer:?} after {took:?}");
     let bound = deadline + TxnPolicy::default().unresponsive_grace + Duration::from_secs(1);
     assert!(took <= bound, "answered after {took:?} (bound {bound:?})");
@@ -1895,15 +1904,12 @@ fn galera_router_answers_a_call_without_a_round_trip_on_a_frozen_writer() {
     let cluster = guard.as_mut().expect("cluster");
     let (_urls, router, writer) = funded_router(cluster, "gal_route_frozen_bad_input");
     let ledger = BalanceLedger::new();
-    cluster.pause(writer).expect("pause the writer");
-    let answer = router.write(
-        Deadline::after(Duration::from_millis(500)),
-        |conn, deadline| ledger.charge_by(conn, 9, Decimal::new(-1, 0), "bad", deadline),
-    );
-    cluster.resume(writer).expect("resume");
-    cluster
-        .wait_cluster_synced(Duration::from_secs(60))
-        .expect("synced after resume");
+    let answer = while_paused(cluster, writer, || {
+        router.write(
+            Deadline::after(Duration::from_millis(500)),
+            |conn, deadline| ledger.charge_by(conn, 9, Decimal::new(-1, 0), "bad", deadline),
+        )
+    });
     assert!(
         matches!(answer, Err(Error::InvalidAmount { .. })),
         "{answer:?}"
