@@ -228,6 +228,66 @@ fn within_attempts(max_attempts: u32, routed: bool) -> impl Fn(&Error, u32) -> O
     }
 }
 
+/// Sorts one run of a batch's answers (`answers`, for the requests `open`) into those that stand
+/// (`kept`) and those that run again, and returns the node failure to give the router for them
+/// (`None`: every answer stands — also where `run_again` is false: not through a router, or past
+/// the deadline).
+///
+/// A batch that failed before its commit answers a node failure to the requests it applied
+/// nothing for, and keeps the answers it found without the hot row (a holder, a key found
+/// applied, bad input). Through a router those requests run again on the writer, as their single
+/// calls would (the node is blamed: the router sees the failure); the answers found stand — a
+/// request found applied is never run again, never answered "nothing applied". After a commit
+/// failures are `OutcomeUnknown`, never a node failure. A request that the batch answered
+/// `OutcomeUnknown` only because a node failure kept it from looking up whether an earlier call
+/// applied it (a holder among the users, a key in the journal, not known which:
+/// [`Error::node_failure_behind`]) runs again too — the batch applied nothing, and its single
+/// call would not have met that lookup — and that answer is kept aside in `unknown`, for a
+/// later run that only says that nothing was applied ([`prefer_unknown`]).
+fn sort_routed<Resp>(
+    answers: Vec<Result<Resp>>,
+    open: &[usize],
+    kept: &mut [Option<Result<Resp>>],
+    unknown: &mut [Option<Error>],
+    run_again: bool,
+) -> Option<Error> {
+    let node_failure = answers
+        .iter()
+        .filter_map(|a| a.as_ref().err())
+        .find_map(Error::node_failure_behind)
+        .filter(|_| run_again)
+        .cloned();
+    for (&at, answer) in open.iter().zip(answers) {
+        match answer {
+            Err(e) if node_failure.is_some() && e.node_failure_behind().is_some() => {
+                if e.is_outcome_unknown() {
+                    unknown[at] = Some(e);
+                }
+            }
+            answer => kept[at] = Some(answer),
+        }
+    }
+    node_failure
+}
+
+/// The answers of a routed batch's last run, where an earlier run answered a request
+/// [`Error::OutcomeUnknown`] because of a node failure (`unknown`, by request) and the last
+/// one only says that nothing was applied (it failed, or the router gave up): the earlier
+/// answer, which says that an earlier call may have applied it.
+fn prefer_unknown<Resp>(
+    answers: Vec<Result<Resp>>,
+    unknown: Vec<Option<Error>>,
+) -> Vec<Result<Resp>> {
+    let mut unknown = unknown.into_iter();
+    answers
+        .into_iter()
+        .map(|answer| match (answer, unknown.next().flatten()) {
+            (Err(failure), Some(unknown)) if failure.says_nothing_applied() => Err(unknown),
+            (answer, _) => answer,
+        })
+        .collect()
+}
+
 /// A request given back must have at least this much time left: with less, its single call
 /// would be giving up too (its next backoff would not fit), and a batch run by it would be over
 /// before it began.
@@ -1098,9 +1158,12 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
 
     /// Combines through `router`: every batch runs on the Galera cluster's writer, and a batch
     /// that meets a node failure (nothing applied) runs again on the new writer within its
-    /// deadline ([`Router::write`]) — only its requests answered the failure: those it
-    /// answered without the hot row (a holder, a key found applied, bad input) keep their
-    /// answers — and its callers with a later deadline are given back to the queue when it
+    /// deadline ([`Router::write`]) — only its requests answered the failure, or answered
+    /// [`Error::OutcomeUnknown`] only because the failure kept the batch from looking up whether
+    /// an earlier call applied them (a holder among a coupon batch's users, a key in the
+    /// journal, not known which; where no later run answers such a request better than "nothing
+    /// applied", it keeps that answer): those it answered without the hot row (a holder, a key
+    /// found applied, bad input) keep their answers — and its callers with a later deadline are given back to the queue when it
     /// gives up by an earlier one; batches of up to [`DEFAULT_MAX_BATCH`].
     pub fn routed(router: Arc<Router>, inner: S) -> Self {
         Self {
@@ -1179,6 +1242,10 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                 // Through a router, the answers a run of the batch gave that stand (see below),
                 // kept for the router's next run of it.
                 let kept: RefCell<Vec<Option<Result<Resp>>>> = RefCell::new(Vec::new());
+                // Through a router, for a request run again because a node failure kept its
+                // run from telling whether an earlier call applied it (`Error::OutcomeUnknown`):
+                // that answer, where no later run answers it better than "nothing applied".
+                let unknown: RefCell<Vec<Option<Error>>> = RefCell::new(Vec::new());
                 // A lone request's error is the batch's: the same answer reaches its caller,
                 // and a router sees the node failures among them.
                 let answer = |conn: &mut MysqlConnection, deadline| match requests.as_slice() {
@@ -1186,6 +1253,7 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                     all => {
                         let mut kept = kept.borrow_mut();
                         kept.resize_with(all.len(), || None);
+                        unknown.borrow_mut().resize_with(all.len(), || None);
                         let open: Vec<usize> =
                             (0..all.len()).filter(|&i| kept[i].is_none()).collect();
                         // Copies only for a router's later run that kept answers.
@@ -1203,28 +1271,16 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                                 open.len()
                             )));
                         }
-                        // A batch that failed before its commit answers a node failure to the
-                        // requests it applied nothing for, and keeps the answers it found
-                        // without the hot row (a holder, a key found applied, bad input).
-                        // Through a router those requests run again on the writer, as their
-                        // single calls would (the node is blamed: the router sees the
-                        // failure); the answers found stand and are kept — a request found
-                        // applied is never run again, never answered "nothing applied". After
-                        // a commit failures are OutcomeUnknown, never a node failure. Not past
-                        // the deadline: the router would not run it again.
-                        let node_failure = answers
-                            .iter()
-                            .filter_map(|a| a.as_ref().err())
-                            .find(|e| e.is_node_failure())
-                            .filter(|_| routed && !deadline.is_expired())
-                            .cloned();
-                        for (&at, answer) in open.iter().zip(answers) {
-                            let runs_again = node_failure.is_some()
-                                && matches!(&answer, Err(e) if e.is_node_failure());
-                            if !runs_again {
-                                kept[at] = Some(answer);
-                            }
-                        }
+                        // Through a router, the requests a node failure kept the batch from
+                        // answering run again (`sort_routed`); not past the deadline: the router
+                        // would not run them again.
+                        let node_failure = sort_routed(
+                            answers,
+                            &open,
+                            &mut kept,
+                            &mut unknown.borrow_mut(),
+                            routed && !deadline.is_expired(),
+                        );
                         if let Some(failure) = node_failure {
                             return Err(failure);
                         }
@@ -1278,8 +1334,12 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                 // (An `Internal` failure, which says that nothing was committed, is answered
                 // `OutcomeUnknown` then: a later run may have committed.)
                 let kept = kept.take();
+                let unknown = unknown.take();
                 let outcome = match outcome {
-                    Err(failure) if kept.iter().any(Option::is_some) => {
+                    Err(failure)
+                        if kept.iter().any(Option::is_some)
+                            || unknown.iter().any(Option::is_some) =>
+                    {
                         let failure = match failure {
                             Error::Internal { .. } => Error::outcome_unknown(&failure),
                             failure => failure,
@@ -1291,6 +1351,7 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
                     }
                     outcome => outcome,
                 };
+                let outcome = outcome.map(|answers| prefer_unknown(answers, unknown));
                 Ran {
                     outcome,
                     refused: refusals_on_this_thread() > refusals,

@@ -863,3 +863,65 @@ fn a_leader_whose_prime_failed_holds_a_connection_before_the_turn() {
     assert!(matches!(first, Ok(Ok(_))), "{first:?}");
     assert!(matches!(second, Ok(Ok(_))), "{second:?}");
 }
+
+/// Through a router, a batch's `OutcomeUnknown` behind a node failure (a coupon batch that met
+/// a holder among its users and lost its connection before it could read which one: it applied
+/// nothing) runs again with the requests the node failure left open, as their single calls run
+/// again after it, while the answers found stand; where no later run answers such a request
+/// better than "nothing applied" (the router gave up), it keeps that `OutcomeUnknown` — an
+/// earlier call of it may have applied it. Before the fix the answer stood: every user of the
+/// batch not found holding was answered `OutcomeUnknown`.
+#[test]
+fn a_routed_batch_runs_again_the_requests_a_node_failure_left_unknown() {
+    let lost = Error::ConnectionBroken {
+        source: crate::error::ServerError::new(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new("Lost connection to server during query".to_owned()),
+        )),
+    };
+    let unknown = Error::unknown_after_refusal_by_deadline(lost.clone(), None);
+    let refused = || Error::InvalidId {
+        what: "user",
+        id: -1,
+    };
+    let run = || -> Vec<Result<u64>> { vec![Err(unknown.clone()), Ok(7), Err(refused())] };
+    let open = [0, 1, 2];
+
+    // Through a router, before the deadline: the unknown runs again, the rest stand.
+    let (mut kept, mut unknowns) = (vec![None, None, None], vec![None, None, None]);
+    let failure = sort_routed(run(), &open, &mut kept, &mut unknowns, true);
+    assert!(
+        matches!(&failure, Some(Error::ConnectionBroken { .. })),
+        "{failure:?}"
+    );
+    assert!(kept[0].is_none(), "runs again: {:?}", kept[0]);
+    assert!(matches!(kept[1], Some(Ok(7))), "{:?}", kept[1]);
+    assert!(
+        matches!(kept[2], Some(Err(Error::InvalidId { .. }))),
+        "{:?}",
+        kept[2]
+    );
+    assert!(unknowns[0].as_ref().is_some_and(Error::is_outcome_unknown));
+    // Its next run issues it: that answer. A run that only says that nothing was applied: the
+    // earlier unknown.
+    let issued = prefer_unknown(vec![Ok(3), Ok(7), Err(refused())], unknowns.clone());
+    assert!(matches!(issued[0], Ok(3)), "{:?}", issued[0]);
+    let cut = Error::Timeout {
+        elapsed: Duration::from_millis(1),
+    };
+    let gave_up = prefer_unknown(vec![Err(cut.clone()), Ok(7), Err(refused())], unknowns);
+    assert!(
+        gave_up[0].as_ref().is_err_and(Error::is_outcome_unknown),
+        "{:?}",
+        gave_up[0]
+    );
+    assert!(matches!(gave_up[2], Err(Error::InvalidId { .. })));
+
+    // Not through a router (or past the deadline): every answer stands.
+    let (mut kept, mut unknowns) = (vec![None, None, None], vec![None, None, None]);
+    assert!(sort_routed(run(), &open, &mut kept, &mut unknowns, false).is_none());
+    assert!(kept[0]
+        .as_ref()
+        .is_some_and(|a| a.as_ref().is_err_and(Error::is_outcome_unknown)));
+    assert!(unknowns.iter().all(Option::is_none));
+}

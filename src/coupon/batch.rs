@@ -80,7 +80,9 @@ impl CouponIssuer {
     /// unique index refused the batch's INSERT and the holders could not be read since, some
     /// user holds the coupon — maybe from an earlier call of the same request — and the batch
     /// cannot tell which: every user not found holding is answered [`Error::OutcomeUnknown`],
-    /// as a single issue whose holder cannot be looked up is, never the outer `Err`. Refusals of the
+    /// as a single issue whose holder cannot be looked up is, never the outer `Err` (through a
+    /// [`Router`](crate::Router)'s combiner, which runs its single calls again after a node
+    /// failure, such a request runs again where the failure was one). Refusals of the
     /// campaign as a whole (an invalid campaign id, not found, window closed, sold out) are
     /// answered per request.
     pub fn issue_many(

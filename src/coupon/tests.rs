@@ -342,11 +342,106 @@ fn open_campaign(
     campaign
 }
 
+/// Something a test runs from inside a call.
+type Write = Box<dyn FnOnce()>;
+
+thread_local! {
+    /// Armed by a test: run as the `n`-th attempt of this thread's next calls begins (counted
+    /// down by every attempt, single issue or batch).
+    static AT_ATTEMPT: RefCell<Option<(u32, Write)>> = const { RefCell::new(None) };
+}
+
 /// The hook where a batch attempt begins.
 pub(super) fn attempt_begins() {
     if let Some(write) = AT_THIS_ATTEMPT.with(|this| this.borrow_mut().take()) {
         write();
     }
+    let due = AT_ATTEMPT.with(|armed| {
+        let mut armed = armed.borrow_mut();
+        match armed.as_mut() {
+            Some((1, _)) => armed.take().map(|(_, run)| run),
+            Some((n, _)) => {
+                *n -= 1;
+                None
+            }
+            None => None,
+        }
+    });
+    if let Some(run) = due {
+        run();
+    }
+}
+
+/// A batch whose INSERT met a holder among its users and whose connection was then lost
+/// before it could read which user holds the coupon (a node failure: it applied nothing)
+/// answers every user not found holding `OutcomeUnknown` — some user holds it, maybe from an
+/// earlier call of the same request — with the node failure behind it, so that a router's
+/// combiner runs those requests again, as their single calls run again after the failure.
+/// Before the fix the node failure was not kept: a routed combiner answered them
+/// `OutcomeUnknown`.
+#[test]
+fn a_batch_that_lost_its_connection_before_reading_its_holders_keeps_the_node_failure() {
+    let name = "unit_coupon_unknown_holders_lost";
+    let (url, mut conn) = crate::util::test_database(name);
+    let issuer = CouponIssuer::new();
+    let campaign_id = open_campaign(&mut conn, &issuer, name, 10).id;
+    if let Err(e) = issuer.issue(&mut conn, 2, campaign_id) {
+        panic!("a first issue: {e}");
+    }
+    let Ok(mut batch_conn) = MysqlConnection::establish(&url) else {
+        panic!("connect");
+    };
+    let Ok(id) = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "CONNECTION_ID()",
+    ))
+    .get_result::<i64>(&mut batch_conn) else {
+        panic!("the batch connection's id");
+    };
+    // The first attempt's INSERT is refused by the unique index (user 2 holds the coupon);
+    // the second, which reads the holders first, loses its connection as it begins.
+    AT_ATTEMPT.with(|armed| {
+        *armed.borrow_mut() = Some((
+            2,
+            Box::new(move || {
+                let Ok(mut killer) = MysqlConnection::establish(&url) else {
+                    panic!("connect");
+                };
+                if let Err(e) = diesel::connection::SimpleConnection::batch_execute(
+                    &mut killer,
+                    &format!("KILL CONNECTION {id}"),
+                ) {
+                    panic!("kill: {e}");
+                }
+            }),
+        ));
+    });
+    let answers = match issuer.issue_many(&mut batch_conn, campaign_id, &[1, 2, 3]) {
+        Ok(answers) => answers,
+        Err(e) => panic!("answered per user: {e:?}"),
+    };
+    AT_ATTEMPT.with(|armed| armed.borrow_mut().take());
+    for answer in &answers {
+        match answer {
+            Err(unknown) if unknown.is_outcome_unknown() => assert!(
+                unknown.node_failure_behind().is_some(),
+                "the node failure is kept: {unknown:?}"
+            ),
+            other => panic!("OutcomeUnknown for every user not found holding: {other:?}"),
+        }
+    }
+    // Nothing was applied by the batch.
+    let Ok(held) =
+        diesel::sql_query("SELECT COUNT(*) AS n FROM user_coupon").get_result::<Count>(&mut conn)
+    else {
+        panic!("count");
+    };
+    assert_eq!(held.n, 1, "only the first issue's coupon");
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
 }
 
 /// An attempt that set a flag for the batch's decision and was then retried by the runner (on

@@ -604,10 +604,12 @@ impl Error {
         failure: Error,
         lookup: Option<crate::ledger::KeyLookup>,
     ) -> Error {
+        // Without a lookup (a batch that failed before committing): also a node failure, which
+        // a router answers by running the call again.
         let cut = matches!(
             failure,
             Error::Timeout { .. } | Error::Contended { .. } | Error::ServerUnresponsive { .. }
-        );
+        ) || (lookup.is_none() && failure.is_node_failure());
         match Error::unknown_after_refusal(failure.clone()) {
             Error::OutcomeUnknown { mut source } if cut => {
                 source.refused_then_cut = Some(Arc::new(CutShort { failure, lookup }));
@@ -620,12 +622,30 @@ impl Error {
     /// For an answer of [`unknown_after_refusal_by_deadline`](Self::unknown_after_refusal_by_deadline)
     /// whose failure the deadline may have caused: that failure and the lookup that finishes
     /// it. Nothing was applied by the call that answered it; with more time its single call
-    /// would have gone on looking.
+    /// would have gone on looking. (Also for a batch's answer whose failure was a node
+    /// failure: see [`node_failure_behind`](Self::node_failure_behind).)
     pub(crate) fn refused_then_cut(&self) -> Option<&CutShort> {
         match self {
             Error::OutcomeUnknown { source } => source.refused_then_cut.as_deref(),
             _ => None,
         }
+    }
+
+    /// The node failure that a [`Router`](crate::Router) runs a combined request again after:
+    /// this error, if it is one ([`is_node_failure`](Self::is_node_failure)), or the node
+    /// failure behind a batch's [`Error::OutcomeUnknown`] for a request it did not apply and
+    /// could not tell whether an earlier call applied (a holder among its users, a key in the
+    /// journal, not known which: [`unknown_after_refusal_by_deadline`](Self::unknown_after_refusal_by_deadline)
+    /// without a lookup). The request's single call would not have met that lookup: through a
+    /// router it met the node failure, and ran again.
+    pub(crate) fn node_failure_behind(&self) -> Option<&Error> {
+        if self.is_node_failure() {
+            return Some(self);
+        }
+        self.refused_then_cut()
+            .filter(|cut| cut.lookup.is_none())
+            .map(|cut| &cut.failure)
+            .filter(|failure| failure.is_node_failure())
     }
 
     /// Whether a unique index refused a write (a key taken, a coupon held).

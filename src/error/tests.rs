@@ -293,16 +293,59 @@ fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same()
     }
     // Failures the deadline did not cause, and answers found under the key, are not marked.
     let not_cut = [
-        Error::Server(ServerError::new(unknown(
-            "Lost connection to server during query",
-        ))),
         Error::outcome_unknown(&Error::internal("commit")),
         Error::internal("broken"),
     ];
     for failure in not_cut {
         let answer = Error::unknown_after_refusal_by_deadline(failure.clone(), None);
         assert!(answer.refused_then_cut().is_none(), "{answer:?}");
+        assert!(answer.node_failure_behind().is_none(), "{answer:?}");
     }
+}
+
+/// A batch that applied nothing and could not tell, because of a node failure, whether an
+/// earlier call applied a request (a holder among its users, a key in the journal, not known
+/// which) answers it `OutcomeUnknown` with the node failure behind it, which a router's
+/// combiner runs again as it runs the single call that met the failure; a refused request of
+/// a batch that committed (with its lookup) is not marked so. Before the fix the node failure
+/// was not kept, and a routed combiner answered `OutcomeUnknown` to every user of a coupon
+/// batch that met a holder, where their single calls would have run again.
+#[test]
+fn an_unknown_behind_a_node_failure_is_marked_for_a_router() {
+    let lost = Error::Server(ServerError::new(unknown(
+        "Lost connection to server during query",
+    )));
+    let failures = [
+        lost.clone(),
+        Error::ConnectionBroken {
+            source: ServerError::new(unknown("Lost connection to server during query")),
+        },
+        Error::NotDesignatedWriter,
+    ];
+    for failure in failures {
+        assert!(failure.is_node_failure(), "{failure:?}");
+        let marked = Error::unknown_after_refusal_by_deadline(failure.clone(), None);
+        let plain = Error::unknown_after_refusal(failure.clone());
+        assert!(marked.is_outcome_unknown(), "{marked:?}");
+        assert_eq!(format!("{marked}"), format!("{plain}"));
+        assert!(
+            matches!(marked.node_failure_behind(), Some(behind) if format!("{behind:?}") == format!("{failure:?}")),
+            "{marked:?}"
+        );
+        assert!(plain.node_failure_behind().is_none(), "{plain:?}");
+    }
+    // With a lookup (a request a committed batch refused): not a router's to run again.
+    let request = crate::ledger::Request::plain(
+        crate::records::EntryKind::Deduct,
+        1,
+        rust_decimal::Decimal::ONE,
+        "k",
+    );
+    let lookup = crate::ledger::KeyLookup::of(&request, Error::AccountNotFound { user_id: 1 });
+    let answer = Error::unknown_after_refusal_by_deadline(lost.clone(), Some(lookup));
+    assert!(answer.is_outcome_unknown() && answer.node_failure_behind().is_none());
+    // A node failure itself is its own.
+    assert!(lost.node_failure_behind().is_some());
 }
 
 /// A value the server echoes in its error text (a caller's string bound into the caller's own
