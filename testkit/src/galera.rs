@@ -1059,7 +1059,7 @@ fn signal_pid(signal: &str, pid: u32) -> Result<(), String> {
 }
 
 fn send_signal(signal: &str, target: &str) -> Result<(), String> {
-    let output = Command::new("/bin/sh")
+    let output = crate::inherit_no_descriptors(&mut Command::new("/bin/sh"))
         .args(["-c", "kill -s \"$1\" -- \"$2\"", "sh", signal, target])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -458,7 +458,7 @@ impl Sandbox {
         if exited.is_none() {
             if !request_shutdown(&url) {
                 // Best effort; if this fails too we fall back to SIGKILL below.
-                let _ = Command::new("/bin/sh")
+                let _ = inherit_no_descriptors(&mut Command::new("/bin/sh"))
                     .args(["-c", "kill -TERM \"$1\"", "sh"])
                     .arg(child.id().to_string())
                     .stdin(Stdio::null())
@@ -648,6 +648,16 @@ pub(crate) fn run_install_db(
     dir: &Path,
     user: Option<&str>,
 ) -> Result<(), SandboxError> {
+    run_install_db_within(install_db, dir, user, INSTALL_TIMEOUT)
+}
+
+/// [`run_install_db`], killed (with every process it started) after `timeout`.
+fn run_install_db_within(
+    install_db: &Path,
+    dir: &Path,
+    user: Option<&str>,
+    timeout: Duration,
+) -> Result<(), SandboxError> {
     let mut cmd = Command::new(install_db);
     cmd.arg("--no-defaults")
         .arg(flag("--datadir=", dir.as_os_str()))
@@ -658,20 +668,63 @@ pub(crate) fn run_install_db(
     if let Some(user) = user {
         cmd.arg(format!("--user={user}"));
     }
-    let output = cmd
+    // Without the test's descriptors (its database connections), in a process group of its
+    // own with the bootstrap server it starts, and bounded: the whole group is killed once
+    // `timeout` has passed.
+    inherit_no_descriptors(&mut cmd);
+    let mut child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
         .map_err(io_err(format!("cannot run {}", install_db.display())))?;
-    if output.status.success() {
-        return Ok(());
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    );
+    let waited = wait_timeout(&mut child, timeout);
+    if !matches!(waited, Ok(Some(_))) {
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: kill only sends a signal, to the process group the child leads.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = child.wait();
     }
-    let mut log = String::from_utf8_lossy(&output.stdout).into_owned();
-    log.push_str(&String::from_utf8_lossy(&output.stderr));
+    let mut log = stdout.join().unwrap_or_default();
+    log.push_str(&stderr.join().unwrap_or_default());
+    let status = match waited? {
+        Some(status) if status.success() => return Ok(()),
+        Some(status) => status.to_string(),
+        None => format!("killed: not finished after {timeout:?}"),
+    };
     Err(SandboxError::InstallDb {
-        status: output.status.to_string(),
+        status,
         log: tail(&log, 8000),
     })
 }
+
+/// How long `mariadb-install-db` may take (about a second on an idle machine).
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The server binary (`LOCKSTOCK_MARIADBD`, `/usr/sbin/mariadbd`, `PATH`, ...).
 pub(crate) fn find_mariadbd() -> Result<PathBuf, SandboxError> {
@@ -1152,6 +1205,120 @@ mod tests {
             libc::close(fds[1]);
         }
         assert_eq!(copies, 0, "the child holds the test's socket");
+    }
+
+    /// A directory of its own for a test, removed when the test ends (also when it fails).
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("lockstock-testkit-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            if let Err(e) = fs::create_dir_all(&dir) {
+                panic!("cannot create {}: {e}", dir.display());
+            }
+            Self(dir)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// An installer script in `dir` that runs `body` (sh).
+    fn fake_installer(dir: &TestDir, body: &str) -> PathBuf {
+        let script = dir.0.join("install-db");
+        let written = fs::write(&script, format!("#!/bin/sh\n{body}\n"))
+            .and_then(|()| fs::set_permissions(&script, fs::Permissions::from_mode(0o755)));
+        if let Err(e) = written {
+            panic!("cannot write {}: {e}", script.display());
+        }
+        script
+    }
+
+    /// `mariadb-install-db` (and the bootstrap server it starts) inherits no descriptor of the
+    /// test beside its stdio: a database connection the test (or a test beside it) closes
+    /// meanwhile is closed on the server. Before the fix the installer got copies of them.
+    #[test]
+    fn the_installer_inherits_no_descriptors() {
+        let dir = TestDir::new("install-fds");
+        let listing = dir.0.join("fds");
+        let script = fake_installer(
+            &dir,
+            &format!(
+                "for fd in /proc/$$/fd/*; do readlink \"$fd\"; done > '{}'; exit 1",
+                listing.display()
+            ),
+        );
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: socketpair writes two descriptors into the array it is given.
+        let made =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(made, 0, "socketpair: {}", std::io::Error::last_os_error());
+        let ours = fs::read_link(format!("/proc/self/fd/{}", fds[0]));
+        let answer = run_install_db(&script, &dir.0, None);
+        // SAFETY: closes the two descriptors socketpair made, which nothing else uses.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        assert!(
+            matches!(answer, Err(SandboxError::InstallDb { .. })),
+            "{answer:?}"
+        );
+        let (Ok(ours), Ok(seen)) = (ours, fs::read_to_string(&listing)) else {
+            panic!("the installer's descriptors were not listed");
+        };
+        let ours = ours.to_string_lossy().into_owned();
+        assert!(
+            !seen.lines().any(|link| link == ours),
+            "the installer holds the test's socket {ours}: {seen}"
+        );
+    }
+
+    /// An installer that does not finish is killed, with what it started, after its time: a
+    /// start never hangs on it. Before the fix the sandbox waited for it without a bound.
+    #[test]
+    fn an_installer_that_does_not_finish_is_killed_with_its_children() {
+        let dir = TestDir::new("install-hang");
+        let pid_file = dir.0.join("pid");
+        let script = fake_installer(
+            &dir,
+            &format!("sleep 60 & echo $! > '{}'; wait", pid_file.display()),
+        );
+        let started = Instant::now();
+        let answer = run_install_db_within(&script, &dir.0, None, Duration::from_millis(500));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited {:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(&answer, Err(SandboxError::InstallDb { status, .. }) if status.contains("killed")),
+            "{answer:?}"
+        );
+        let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            panic!("the installer's child was not recorded");
+        };
+        // Gone, or a zombie about to be reaped: not sleeping on.
+        let until = Instant::now() + Duration::from_secs(5);
+        let running = |pid: u32| {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            })
+        };
+        while running(pid) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!running(pid), "the installer's child {pid} still runs");
     }
 
     #[test]
