@@ -33,10 +33,13 @@
 //! parameter (no extra statement), and on a connection that carries the settings (whose `SET
 //! TRANSACTION` cannot carry it) the transaction is begun as on the caller's own connection —
 //! settings saved, set and restored, two round trips more — and not opened ahead by a combiner.
-//! A statement stopped there answers [`Error::Contended`] (nothing applied) once the deadline
-//! has passed; the connection stays usable. Each statement gets the time left when its
+//! A statement before the COMMIT stopped there answers [`Error::Contended`] (nothing applied)
+//! once the deadline has passed; the connection stays usable. A COMMIT stopped there (it waited
+//! that long, e.g. behind a backup's `BACKUP STAGE BLOCK_COMMIT` or `FLUSH TABLES WITH READ
+//! LOCK`) answers [`Error::OutcomeUnknown`]: the server does not say whether it was stopped
+//! before anything was applied. Each statement gets the time left when its
 //! transaction began (at least 20 ms, so that a COMMIT sent at the last moment is not stopped
-//! half-way), so several long waits in one transaction may still outlast the deadline (the
+//! half-way by the limit alone), so several long waits in one transaction may still outlast the deadline (the
 //! watchdog below then ends the call); so may a statement slow for another reason than a lock
 //! on a connection that carries the settings, up to the statement limit. MySQL 8 (on paper)
 //! keeps the policy's limits.

@@ -290,7 +290,9 @@ impl TxnPolicy {
     /// begun with `left` of its call's deadline: the policy's limit, or `left` where that is
     /// shorter (rounded up to the millisecond) but never under [`SHORTEST_LIMIT`], so that no
     /// statement outlives the deadline by waiting for a lock, and a COMMIT sent in the last
-    /// moments is not stopped in the middle (an outcome the caller could not know).
+    /// moments is not stopped in the middle by the limit alone (an outcome the caller could not
+    /// know; a COMMIT that waits longer, e.g. behind a backup's commit lock, is stopped, and
+    /// answers [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown)).
     pub(super) fn statement_limit(&self, left: Duration) -> f64 {
         let limit = self
             .statement_timeout

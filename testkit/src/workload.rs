@@ -8,7 +8,11 @@
 //! entry or coupon id), refused, unknown (given up after `OutcomeUnknown`) or lost (given up
 //! after a lost connection). [`verify`] then checks from the database that every ok was applied
 //! exactly once, every refusal never, every unknown at most once, money is conserved, no balance
-//! is negative, no coupon is over-issued or duplicated and every account passes `audit`.
+//! is negative, no coupon is over-issued or duplicated and every account passes `audit`. A
+//! ledger answer that says nothing was applied (a lost or broken connection, `Contended`,
+//! `Timeout`, `ServerUnresponsive`) with no unknown outcome before it is checked at once, before
+//! the retry: its key must have no entry (the retry would answer that entry as if it had applied
+//! it); one found is an unexpected answer.
 //!
 //! lockstock's reliability tests (`faults`, `processes`) run it with connections killed, the
 //! server crashed and several processes.
@@ -396,6 +400,16 @@ pub fn connect_with_backoff(url: &str) -> Option<MysqlConnection> {
     }
 }
 
+/// The journal entries of account `user_id` under `key`.
+fn entries_under(conn: &mut MysqlConnection, user_id: i64, key: &str) -> QueryResult<i64> {
+    use lockstock::schema::balance_history;
+    balance_history::table
+        .filter(balance_history::user_id.eq(user_id))
+        .filter(balance_history::idempotency_key.eq(key))
+        .count()
+        .get_result(conn)
+}
+
 /// 0.01 to 30.00, always with scale 2.
 fn amount(rng: &mut Rng) -> Decimal {
     Decimal::new(rng.below(3_000) as i64 + 1, 2)
@@ -465,8 +479,7 @@ pub fn run_client(
         };
         let record = execute(
             client,
-            &ledger,
-            &issuer,
+            &mut |c: &mut MysqlConnection, key: &str, op: &Op| call(&ledger, &issuer, c, key, op),
             &mut conn,
             &mut rng,
             key,
@@ -482,12 +495,13 @@ pub fn run_client(
     records
 }
 
-/// Calls `op` until it gets a definitive answer (or is given up on purpose).
-#[allow(clippy::too_many_arguments)]
+/// The call an operation makes (through lockstock: [`call`]).
+type Call<'a> = dyn FnMut(&mut MysqlConnection, &str, &Op) -> Result<i64, Error> + 'a;
+
+/// Calls `op` (through `call`) until it gets a definitive answer (or is given up on purpose).
 fn execute(
     client: &Client,
-    ledger: &BalanceLedger,
-    issuer: &CouponIssuer,
+    call: &mut Call<'_>,
     conn: &mut Option<MysqlConnection>,
     rng: &mut Rng,
     key: String,
@@ -503,6 +517,10 @@ fn execute(
             Outcome::Lost
         }
     };
+    // A ledger answer that said nothing was applied, with no attempt of unknown outcome before
+    // it: its key must have no entry then (nor may one land later), checked before the next
+    // attempt — which would otherwise answer the entry, as if it had applied it.
+    let mut unapplied: Option<String> = None;
     loop {
         if started.elapsed() > OP_BUDGET {
             record.outcome = given_up(&record);
@@ -515,12 +533,29 @@ fn execute(
             record.lost += 1;
             continue;
         };
+        if let Some(answer) = unapplied.take() {
+            match entries_under(c, record.op.key_owner(), &record.key) {
+                Ok(0) => {}
+                Ok(entries) => {
+                    record.unexpected.get_or_insert(format!(
+                        "{answer}, which says that nothing was applied, yet the key has \
+                         {entries} entries"
+                    ));
+                }
+                Err(_) => {
+                    // Checked on the next connection.
+                    unapplied = Some(answer);
+                    *conn = None;
+                    continue;
+                }
+            }
+        }
         if !before_attempt(c) {
             *conn = None;
             continue;
         }
         record.attempts += 1;
-        let result = call(ledger, issuer, c, &record.key, &record.op);
+        let result = call(c, &record.key, &record.op);
         let error = match result {
             Ok(id) => {
                 record.outcome = Outcome::Ok(id);
@@ -529,6 +564,18 @@ fn execute(
             Err(error) => error,
         };
         note_server_error(&client.errors, &error);
+        let says_nothing_applied = !error.is_outcome_unknown()
+            && error.server_kind() == Some(ServerErrorKind::ConnectionLost)
+            || matches!(
+                error,
+                Error::ConnectionBroken { .. }
+                    | Error::ServerUnresponsive { .. }
+                    | Error::Contended { .. }
+                    | Error::Timeout { .. }
+            );
+        if says_nothing_applied && record.unknowns == 0 && !matches!(record.op, Op::Issue { .. }) {
+            unapplied = Some(format!("{error:?}"));
+        }
         if error.is_outcome_unknown() {
             record.unknowns += 1;
             *conn = None;
@@ -977,6 +1024,64 @@ fn op_kind(op: &Op) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ledger call that answers "nothing applied" (`Contended`, a lost connection, ...)
+    /// although its change was committed is found at once, before the next attempt — which
+    /// answers the committed entry under the same key, as if it had applied it, so that the
+    /// history would show one `Ok` and one entry. Before the fix such a call passed every
+    /// check (the key was looked at only through the final answer).
+    #[test]
+    fn a_ledger_change_answered_nothing_applied_but_committed_is_unexpected() {
+        let url = match crate::sandbox::database_url("testkit_workload_lying_answer") {
+            Ok(url) => url,
+            Err(e) => panic!("a database: {e}"),
+        };
+        let mut conn = match MysqlConnection::establish(&url) {
+            Ok(conn) => conn,
+            Err(e) => panic!("connect: {e}"),
+        };
+        if let Err(e) = lockstock::run_migrations(&mut conn) {
+            panic!("migrations: {e}");
+        }
+        let setup = setup(&mut conn, 1, 0, 1);
+        let client = Client::new(&url, "lying".into(), 0, &setup, 1, &ErrorTexts::default());
+        let ledger = BalanceLedger::new();
+        let issuer = CouponIssuer::new();
+        for (lie, kind) in [(true, "charge"), (false, "charge")] {
+            let mut lied = false;
+            let mut lying = |c: &mut MysqlConnection, key: &str, op: &Op| {
+                let answer = call(&ledger, &issuer, c, key, op);
+                match answer {
+                    Ok(_) if lie && !std::mem::replace(&mut lied, true) => Err(Error::Timeout {
+                        elapsed: Duration::from_millis(1),
+                    }),
+                    answer => answer,
+                }
+            };
+            let (mut side, mut rng) = (None, Rng::new(7));
+            let record = execute(
+                &client,
+                &mut lying,
+                &mut side,
+                &mut rng,
+                format!("lying-{lie}"),
+                Op::Charge {
+                    user: 1,
+                    amount: Decimal::ONE,
+                },
+                &mut |_| true,
+            );
+            assert!(
+                matches!(record.outcome, Outcome::Ok(_)),
+                "{kind}: {record:?}"
+            );
+            assert_eq!(
+                record.unexpected.is_some(),
+                lie,
+                "{kind} (lying: {lie}): {record:?}"
+            );
+        }
+    }
 
     /// A record round-trips through its line; a line that is not a record's (truncated, an
     /// unknown kind or outcome, a field too many) is an error, not a panic.
