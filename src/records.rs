@@ -139,7 +139,8 @@ pub struct AuditReport {
     pub entries: u64,
     /// The active holds not yet expired on the server clock, summed.
     pub held: Decimal,
-    /// `balance - held`: what the account can spend or hold (never below zero).
+    /// `balance - held`: what the account can spend or hold (never below zero in a consistent
+    /// report; a report with it below zero comes inside [`Error::AuditFailed`](crate::Error::AuditFailed)).
     pub available: Decimal,
     /// Holds of the account read (in every state).
     pub holds: u64,
