@@ -114,10 +114,13 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<(bool, bool), Er
 /// [`unresponsive_grace`](TxnPolicy::unresponsive_grace) for a server that never answers.
 ///
 /// # Errors
-/// [`Error::Server`] when the server cannot be asked its version or refuses a setting;
-/// [`Error::ServerUnresponsive`] when it did not answer in time (the connection was shut down
-/// and marked broken).
+/// [`Error::NestedTransaction`] inside a transaction Diesel knows of — a lockstock call's body
+/// among them, which puts the caller's session back as it ends, so the settings would be gone
+/// while the mark stayed (nothing sent); [`Error::Server`] when the server cannot be asked its
+/// version or refuses a setting; [`Error::ServerUnresponsive`] when it did not answer in time
+/// (the connection was shut down and marked broken).
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
+    super::transaction::ensure_no_open_transaction(conn)?;
     let deadline = Deadline::after(policy.retry.deadline);
     let session = bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
         let flavor = ServerFlavor::ask(conn)?;

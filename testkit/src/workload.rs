@@ -410,6 +410,22 @@ fn entries_under(conn: &mut MysqlConnection, user_id: i64, key: &str) -> QueryRe
         .get_result(conn)
 }
 
+/// The amount of deduct entry `deduct`, and the sum of the refunds of it in the journal.
+fn refund_room(conn: &mut MysqlConnection, deduct: i64) -> QueryResult<(Decimal, Decimal)> {
+    use diesel::dsl::sum;
+    use lockstock::schema::balance_history;
+    let deducted: Decimal = balance_history::table
+        .find(deduct)
+        .select(balance_history::amount)
+        .first(conn)?;
+    let refunded: Option<Decimal> = balance_history::table
+        .filter(balance_history::related_entry_id.eq(deduct))
+        .filter(balance_history::kind.eq("refund"))
+        .select(sum(balance_history::amount))
+        .first(conn)?;
+    Ok((deducted, refunded.unwrap_or_default()))
+}
+
 /// 0.01 to 30.00, always with scale 2.
 fn amount(rng: &mut Rng) -> Decimal {
     Decimal::new(rng.below(3_000) as i64 + 1, 2)
@@ -605,6 +621,23 @@ fn execute(
             record.contended += 1;
             std::thread::sleep(Duration::from_micros(200 + rng.below(2_000)));
             continue;
+        }
+        // A refund refused as beyond its deduct: only this client refunds its deducts, and
+        // refunds only add up, so the refunds of the deduct in the journal now are at least
+        // those the refusal saw. With room for this one among them, the refusal was wrong.
+        if let (Op::Refund { deduct, amount, .. }, Error::RefundExceedsDeduct { .. }) =
+            (&record.op, &error)
+        {
+            if let Some(c) = conn.as_mut() {
+                if let Ok((deducted, refunded)) = refund_room(c, *deduct) {
+                    if refunded + *amount <= deducted {
+                        record.unexpected.get_or_insert(format!(
+                            "{error:?}, although the deduct of {deducted} has {refunded} \
+                             refunded"
+                        ));
+                    }
+                }
+            }
         }
         record.outcome = match (&record.op, &error) {
             (Op::Issue { .. }, Error::AlreadyIssued { user_coupon_id, .. }) => {
@@ -1024,6 +1057,67 @@ fn op_kind(op: &Op) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refund refused as beyond its deduct while the deduct had room for it (a refusal made
+    /// on a stale refunded amount, say) is an unexpected answer; one refused for want of room
+    /// is not. Before the fix every such refusal was taken on trust.
+    #[test]
+    fn a_refund_refused_with_room_left_is_unexpected() {
+        let url = match crate::sandbox::database_url("testkit_workload_refund_refused") {
+            Ok(url) => url,
+            Err(e) => panic!("a database: {e}"),
+        };
+        let mut conn = match MysqlConnection::establish(&url) {
+            Ok(conn) => conn,
+            Err(e) => panic!("connect: {e}"),
+        };
+        if let Err(e) = lockstock::run_migrations(&mut conn) {
+            panic!("migrations: {e}");
+        }
+        let setup = setup(&mut conn, 1, 0, 1);
+        let client = Client::new(&url, "refunds".into(), 0, &setup, 1, &ErrorTexts::default());
+        let ledger = BalanceLedger::new();
+        let issuer = CouponIssuer::new();
+        let deduct = match ledger.deduct(&mut conn, 1, Decimal::new(500, 2), "refunds-deduct") {
+            Ok(entry) => entry.id,
+            Err(e) => panic!("a deduct: {e}"),
+        };
+        if let Err(e) = ledger.refund(&mut conn, deduct, Decimal::new(300, 2), "refunds-first") {
+            panic!("a first refund: {e}");
+        }
+        // 2.00 of 5.00 left: a refund of 2.00 has room (the lie), one of 2.01 has not (true).
+        for (cents, lie) in [(200, true), (201, false)] {
+            let mut refusing = |c: &mut MysqlConnection, key: &str, op: &Op| match op {
+                Op::Refund { amount, .. } if lie => Err(Error::RefundExceedsDeduct {
+                    entry_id: deduct,
+                    deducted: Decimal::new(500, 2),
+                    refunded: Decimal::new(400, 2),
+                    requested: *amount,
+                }),
+                _ => call(&ledger, &issuer, c, key, op),
+            };
+            let (mut own, mut rng) = (None, Rng::new(7));
+            let record = execute(
+                &client,
+                &mut refusing,
+                &mut own,
+                &mut rng,
+                format!("refunds-{cents}"),
+                Op::Refund {
+                    user: 1,
+                    deduct,
+                    amount: Decimal::new(cents, 2),
+                },
+                &mut |_| true,
+            );
+            assert_eq!(record.outcome, Outcome::Refused, "{record:?}");
+            assert_eq!(
+                record.unexpected.is_some(),
+                lie,
+                "{cents} (lying: {lie}): {record:?}"
+            );
+        }
+    }
 
     /// A ledger call that answers "nothing applied" (`Contended`, a lost connection, ...)
     /// although its change was committed is found at once, before the next attempt — which

@@ -2185,3 +2185,41 @@ fn a_panic_after_the_migrations_setup_marks_the_connection_broken() {
         "a connection left with the migrations' settings is marked broken"
     );
 }
+
+/// `apply_session_settings` inside a lockstock call's body is refused (`NestedTransaction`):
+/// the call puts the caller's session back as it ends, so the settings would be gone while
+/// the connection stayed marked as carrying them, and the next call with that policy would run
+/// under the caller's settings (its `time_zone`, here). Before the fix the body's settings were
+/// applied and the mark kept: the next call's body saw the caller's `+09:00`.
+#[test]
+fn session_settings_applied_inside_a_call_are_refused_and_leave_no_mark() {
+    let (_url, mut conn) = fresh_database("rr_apply_inside_a_call");
+    conn.batch_execute("SET SESSION time_zone = '+09:00'")
+        .expect("the caller's time zone");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let policy = runner.policy().clone();
+    let answer = runner.run(&mut conn, |c| {
+        lockstock::txn::apply_session_settings(c, &policy)
+    });
+    assert!(
+        matches!(answer, Err(Error::NestedTransaction)),
+        "{answer:?}"
+    );
+    #[derive(QueryableByName)]
+    struct Zone {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        zone: String,
+    }
+    let inside = runner
+        .run(&mut conn, |c| {
+            Ok(diesel::sql_query("SELECT @@session.time_zone AS zone")
+                .get_result::<Zone>(c)?
+                .zone)
+        })
+        .expect("a call");
+    assert_eq!(inside, "+00:00", "the call runs under lockstock's settings");
+    let after = diesel::sql_query("SELECT @@session.time_zone AS zone")
+        .get_result::<Zone>(&mut conn)
+        .expect("the caller's time zone");
+    assert_eq!(after.zone, "+09:00", "and the caller's session is put back");
+}
