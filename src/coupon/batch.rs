@@ -49,7 +49,9 @@ impl CouponIssuer {
     /// ids are read back before it), one
     /// UPDATE, COMMIT: the hot row is held for two statements whatever the batch size. Where the
     /// stock runs out inside the batch the attempt is rolled back and run again with the stock
-    /// row locked first (then: the lock, one INSERT of the winners, their ids, the UPDATE). The
+    /// row locked first (then: the lock, one INSERT of the winners, their ids, the UPDATE; below
+    /// SERIALIZABLE, where the holders read is a snapshot that locks nothing, it comes after the
+    /// lock there, so that a user issued a coupon meanwhile is answered `AlreadyIssued`). The
     /// holders are read on campaigns where a batch has met one (a duplicate, nothing written,
     /// makes the batch run again with the read), and when a request would be refused `SoldOut`
     /// without knowing whether it holds the coupon (the batch runs again with the read: a
@@ -252,13 +254,23 @@ impl CouponIssuer {
                             ..SeenHolders::default()
                         };
                     }
-                    let holders = if read_holders {
+                    // Below SERIALIZABLE the holders read is a snapshot that locks nothing, and
+                    // an attempt that locks the stock row first writes only its winners' coupons:
+                    // a user issued a coupon by another call before the lock would meet no
+                    // unique index, and be refused `SoldOut` where its single issue answers
+                    // `AlreadyIssued`. Such an attempt reads the holders once it holds the stock
+                    // row (no holder commits through lockstock while it does, and the snapshot
+                    // is taken then), still locking nothing.
+                    let holders_after_lock = read_holders
+                        && !insert_first
+                        && self.runner.policy().isolation != crate::Isolation::Serializable;
+                    let mut holders = if read_holders && !holders_after_lock {
                         holders(conn, coupon_id, &valid, Some(deadline))?
                     } else {
                         HashMap::new()
                     };
                     // Every holder among the users, as of this read.
-                    if read_holders {
+                    if read_holders && !holders_after_lock {
                         found.unknown = false;
                     }
                     found
@@ -326,6 +338,13 @@ impl CouponIssuer {
                     if current != facts {
                         stale = true;
                         return Err(stale_facts(campaign_id));
+                    }
+                    if holders_after_lock {
+                        holders = super::rows::holders(conn, coupon_id, &valid, Some(deadline))?;
+                        found.unknown = false;
+                        found
+                            .held
+                            .extend(holders.iter().map(|(user, id)| (*user, *id)));
                     }
                     // Every request is decided now, with the hot row held.
                     current.check_window(campaign_id, self.now())?;

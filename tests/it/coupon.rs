@@ -1485,6 +1485,76 @@ fn a_coupon_issued_after_the_holders_read_is_already_issued_at_every_isolation()
     }
 }
 
+/// Below SERIALIZABLE, a batch attempt that locks the stock row first (after one that found
+/// the stock running out in the batch) writes only its winners' coupons, so a user who was
+/// issued a coupon by another call after the attempt began meets no unique index: it reads the
+/// holders once it holds the stock row, and answers that user `AlreadyIssued` — as the single
+/// calls made in that order would — not `SoldOut`. Before the fix the holders were read before
+/// the lock (a snapshot that locks nothing), and the batch answered `[SoldOut, SoldOut]`.
+#[test]
+fn a_coupon_issued_before_a_lock_first_attempts_lock_is_already_issued_at_every_isolation() {
+    use lockstock::Isolation;
+    let (url, mut admin) = fresh_database("coupon_holders_lock_first");
+    for (round, isolation) in [Isolation::RepeatableRead, Isolation::ReadCommitted]
+        .into_iter()
+        .enumerate()
+    {
+        let clock = SteppedClock::default();
+        let issuer = Arc::new(
+            CouponIssuer::with_policy(
+                lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(
+                    20,
+                ))
+                .with_isolation(isolation),
+            )
+            .with_clock(clock.clock()),
+        );
+        let (coupon, campaign) =
+            open_campaign_named(&mut admin, &issuer, &format!("lock first {round}"), 3);
+        // The campaign's batches read the holders first (a user asked again); one coupon left.
+        issuer.issue(&mut admin, 1, campaign.id).expect("user 1");
+        let answers = issuer
+            .issue_many(&mut admin, campaign.id, &[1, 2])
+            .expect("a batch with a holder");
+        assert!(matches!(answers[0], Err(Error::AlreadyIssued { .. })));
+        assert!(answers[1].is_ok());
+        assert_eq!(stock_row(&mut admin, campaign.id), (3, 1));
+
+        clock.go(true);
+        let batch = {
+            let (url, issuer) = (url.clone(), issuer.clone());
+            thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &[3, 4]))
+        };
+        // The clock's reads: the window check; the first attempt's issue time (it inserts both
+        // users' coupons, finds one coupon left and runs again with the stock read first);
+        // the window checked under the stock lock; the window check again; the second
+        // attempt's issue time — where the other call takes the last coupon for user 3.
+        for read in 0..5 {
+            assert!(
+                clock.stopped(&|| batch.is_finished()),
+                "{isolation:?}: read {read}"
+            );
+            if read < 4 {
+                clock.go(true);
+            }
+        }
+        let other = CouponIssuer::new()
+            .issue(&mut connect(&url), 3, campaign.id)
+            .expect("user 3, by another caller");
+        clock.go(false);
+        let answers = batch.join().expect("batch").expect("the batch");
+        match &answers[..] {
+            [Err(Error::AlreadyIssued { user_coupon_id, .. }), Err(Error::SoldOut { .. })] => {
+                assert_eq!(*user_coupon_id, other.id, "{isolation:?}");
+            }
+            other => panic!("{isolation:?}: {other:?}"),
+        }
+        assert_eq!(stock_row(&mut admin, campaign.id), (3, 0), "{isolation:?}");
+        assert_eq!(issued_rows(&mut admin, campaign.id), 3, "{isolation:?}");
+        assert!(duplicate_holders(&mut admin, coupon.id).is_empty());
+    }
+}
+
 /// A batch numbers its coupons from `LAST_INSERT_ID()` by the step of the session it runs on
 /// (a caller's session may set its own `auto_increment_increment`); before the fix the runner
 /// kept the step of the first session it met and answered other rows' ids.
