@@ -270,6 +270,31 @@ fn sort_routed<Resp>(
     node_failure
 }
 
+/// An expired hold's lookup answer, for the source it ran on: an answer (`Ok`), or an `Err`
+/// that the source acts on — someone else's transaction on a connection of the source
+/// ([`Error::NestedTransaction`]: another connection), or an [`Error::OutcomeUnknown`] that a
+/// lost connection or a node out of the Primary component caused (a [`Router`] blames the
+/// node for it, as for the same call made through [`Router::write`], and answers it; the
+/// answer is the same).
+fn for_the_source(answer: Result<Entry>) -> Result<Result<Entry>> {
+    match answer {
+        Err(Error::NestedTransaction) => Err(Error::NestedTransaction),
+        Err(unknown)
+            if unknown.is_outcome_unknown()
+                && matches!(
+                    unknown.server_kind(),
+                    Some(
+                        crate::ServerErrorKind::ConnectionLost
+                            | crate::ServerErrorKind::NodeNotReady
+                    )
+                ) =>
+        {
+            Err(unknown)
+        }
+        answer => Ok(answer),
+    }
+}
+
 /// The answers of a routed batch's last run, where an earlier run answered a request
 /// [`Error::OutcomeUnknown`] because of a node failure (`unknown`, by request) and the last
 /// one only says that nothing was applied (it failed, or the router gave up): the earlier
@@ -1549,14 +1574,12 @@ impl CombiningLedger {
             BeforeSending::Expired(request, refusal) => {
                 let grace = self.inner.runner().policy().unresponsive_grace;
                 let looked_up = self.with_connection(deadline, grace, |conn, deadline| {
-                    match self
-                        .inner
-                        .expired_hold(conn, &request, refusal.clone(), deadline)
-                    {
-                        // Someone else's transaction on a connection of the source: another.
-                        Err(Error::NestedTransaction) => Err(Error::NestedTransaction),
-                        answer => Ok(answer),
-                    }
+                    for_the_source(self.inner.expired_hold(
+                        conn,
+                        &request,
+                        refusal.clone(),
+                        deadline,
+                    ))
                 });
                 looked_up.unwrap_or_else(|failure| {
                     let lookup = crate::ledger::KeyLookup::of(&request, refusal);

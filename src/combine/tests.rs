@@ -925,3 +925,43 @@ fn a_routed_batch_runs_again_the_requests_a_node_failure_left_unknown() {
         .is_some_and(|a| a.as_ref().is_err_and(Error::is_outcome_unknown)));
     assert!(unknowns.iter().all(Option::is_none));
 }
+
+/// An expired hold's lookup that a lost connection (or a node out of the Primary component)
+/// left unknown is handed to the source as a failure, so that a router blames the node — as it
+/// does for the same call made through `Router::write` — while the answer stays the same
+/// `OutcomeUnknown`; any other answer is the answer. Before the fix every answer but
+/// `NestedTransaction` went to the router as an answer, and the writer was not blamed.
+#[test]
+fn an_expired_holds_lookup_lost_with_its_node_blames_the_node() {
+    let lost = |text: &str| {
+        Error::outcome_unknown(&Error::Server(crate::error::ServerError::new(
+            diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new(text.to_owned()),
+            ),
+        )))
+    };
+    for text in [
+        "Lost connection to server during query",
+        "WSREP has not yet prepared node for application use",
+    ] {
+        let unknown = lost(text);
+        assert!(unknown.is_outcome_unknown());
+        match for_the_source(Err(unknown)) {
+            Err(e) => assert!(e.is_outcome_unknown(), "{e:?}"),
+            Ok(answer) => panic!("{text}: handed to the router as an answer: {answer:?}"),
+        }
+    }
+    assert!(matches!(
+        for_the_source(Err(Error::NestedTransaction)),
+        Err(Error::NestedTransaction)
+    ));
+    // Not the node's: answers.
+    let refused = Error::HoldNotFound { hold_id: 7 };
+    assert!(matches!(
+        for_the_source(Err(refused)),
+        Ok(Err(Error::HoldNotFound { .. }))
+    ));
+    let commit = lost("Deadlock found when trying to get lock");
+    assert!(matches!(for_the_source(Err(commit)), Ok(Err(_))));
+}
