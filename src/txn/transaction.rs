@@ -600,18 +600,36 @@ pub(crate) fn mark_broken(conn: &mut MysqlConnection) {
 }
 
 /// What a failed COMMIT means. A definite abort (a deadlock or certification conflict
-/// reported at COMMIT) is retried like any refusal. Anything else — the connection lost, the
-/// statement interrupted — may have been applied: [`Error::OutcomeUnknown`], except for a
-/// read-only snapshot, which cannot have written anything.
+/// reported at COMMIT) is retried like any refusal; a `read_only` refusal and a COMMIT whose
+/// prepare was refused are answered as failures that applied nothing. Anything else — the
+/// connection lost, the statement interrupted — may have been applied:
+/// [`Error::OutcomeUnknown`], except for a read-only snapshot, which cannot have written
+/// anything.
 fn commit_failure(error: diesel::result::Error, read_only: bool) -> Error {
     let error = ServerError::new(error);
     // A server switched to `read_only` refuses the COMMIT of a writing transaction before
-    // applying anything (1290), as a definite abort does (but it is not retried).
-    if read_only || error.kind().is_definite_abort() || error.kind() == ServerErrorKind::ReadOnly {
+    // applying anything (1290), as a definite abort does (but it is not retried). A COMMIT whose
+    // prepare was refused (1461, `max_prepared_stmt_count` reached: with Diesel's statement
+    // cache off every COMMIT is prepared) never ran.
+    if read_only
+        || error.kind().is_definite_abort()
+        || error.kind() == ServerErrorKind::ReadOnly
+        || prepare_refused(&error)
+    {
         Error::Server(error)
     } else {
         Error::OutcomeUnknown { source: error }
     }
+}
+
+/// Whether the server refused to prepare the statement (1461, "Can't create more than
+/// max_prepared_stmt_count statements"): it was never executed. (Under another `lc_messages`
+/// the text differs, and a COMMIT so refused stays an unknown outcome.)
+fn prepare_refused(error: &ServerError) -> bool {
+    error
+        .message()
+        .to_ascii_lowercase()
+        .starts_with("can't create more than max_prepared_stmt_count statements")
 }
 
 /// Makes Diesel's transaction manager count the runner's transaction on `conn` (see

@@ -2223,3 +2223,48 @@ fn session_settings_applied_inside_a_call_are_refused_and_leave_no_mark() {
         .expect("the caller's time zone");
     assert_eq!(after.zone, "+09:00", "and the caller's session is put back");
 }
+
+/// A COMMIT whose prepare the server refuses (1461: `max_prepared_stmt_count` reached, by any
+/// session; with Diesel's statement cache off every COMMIT is prepared) never ran: nothing was
+/// committed, and the call says so — a typed failure that says nothing was applied, never
+/// `OutcomeUnknown`, and the row is not written. Before the fix it answered `OutcomeUnknown`.
+#[test]
+fn a_commit_whose_prepare_is_refused_says_nothing_was_applied() {
+    use diesel::connection::CacheSize;
+    use lockstock::StatementCache;
+    let sandbox = Sandbox::start().expect("a private server");
+    let (url, mut root) = private_database(&sandbox, "rr_commit_prepare_refused");
+    let mut policy = TxnPolicy::default();
+    policy.statement_cache = StatementCache::Uncached;
+    let ledger = BalanceLedger::with_policy(policy.clone());
+    ledger
+        .charge(&mut root, 1, dec(10), "seed")
+        .expect("an account");
+    let runner = TxnRunner::new(policy);
+    let mut caller = connect(&url);
+    caller.set_prepared_statement_cache_size(CacheSize::Disabled);
+    let answer = runner.run(&mut caller, |conn| {
+        diesel::update(user_balance::table.find(1))
+            .set(user_balance::balance.eq(dec(99)))
+            .execute(conn)?;
+        // Every prepare refused from here on: the COMMIT's.
+        root.batch_execute("SET GLOBAL max_prepared_stmt_count = 0")
+            .expect("no more prepared statements");
+        Ok(())
+    });
+    root.batch_execute("SET GLOBAL max_prepared_stmt_count = DEFAULT")
+        .expect("prepared statements again");
+    match &answer {
+        Err(e) => assert!(
+            !e.is_outcome_unknown() && e.server_error().is_some(),
+            "a failure that says nothing was applied: {e:?}"
+        ),
+        Ok(()) => panic!("the COMMIT cannot have run"),
+    }
+    let balance: Decimal = user_balance::table
+        .find(1)
+        .select(user_balance::balance)
+        .first(&mut root)
+        .expect("the balance");
+    assert_eq!(balance, dec(10), "nothing was committed");
+}
