@@ -66,7 +66,9 @@
 //! then may take up to `max_attempts` more: a batch counts its own). So does a request that a
 //! batch that failed did not apply but could not answer for certain because the lookup of its
 //! key (an earlier call may have recorded it) ran out of that deadline — alone it would answer
-//! [`Error::OutcomeUnknown`], but its single call would still be trying; once given back so, it
+//! [`Error::OutcomeUnknown`], but its single call would still be trying (through a [`Router`],
+//! so does one whose holder or key a node failure kept the batch from reading: its single call
+//! runs again after the failure); once given back so, it
 //! is never answered a failure that says nothing was applied, only that `OutcomeUnknown`. A
 //! request that a ledger batch refused without writing it, whose key's lookup ran out of the
 //! batch's deadline, is finished by its own caller instead (after a COMMIT the turn is the
@@ -169,7 +171,8 @@ impl<Resp> Slot<Resp> {
     }
 
     /// `answer`, or — where a batch gave this request back because it could not look its key
-    /// up by its deadline ([`Error::refused_then_cut`]: an earlier call may have applied it) —
+    /// up by its deadline, or through a router because of a node failure
+    /// ([`Error::refused_then_cut`]: an earlier call may have applied it) —
     /// that batch's [`Error::OutcomeUnknown`] instead of a later failure that would say that
     /// nothing was applied: its single call would only have gone on looking its key up, and
     /// never answered such a failure.
@@ -297,8 +300,11 @@ fn for_the_source(answer: Result<Entry>) -> Result<Result<Entry>> {
 
 /// The answers of a routed batch's last run, where an earlier run answered a request
 /// [`Error::OutcomeUnknown`] because of a node failure (`unknown`, by request) and the last
-/// one only says that nothing was applied (it failed, or the router gave up): the earlier
-/// answer, which says that an earlier call may have applied it.
+/// one only says that nothing was applied (it failed, or the router gave up): an
+/// `OutcomeUnknown`, which says that an earlier call may have applied it — marked with the last
+/// run's failure (as [`Error::unknown_after_refusal_by_deadline`] marks it), so that the
+/// combiner judges whether to run it again by that failure (the attempts it spent, its
+/// deadline), not by the node failure of the earlier run.
 fn prefer_unknown<Resp>(
     answers: Vec<Result<Resp>>,
     unknown: Vec<Option<Error>>,
@@ -307,7 +313,9 @@ fn prefer_unknown<Resp>(
     answers
         .into_iter()
         .map(|answer| match (answer, unknown.next().flatten()) {
-            (Err(failure), Some(unknown)) if failure.says_nothing_applied() => Err(unknown),
+            (Err(failure), Some(_)) if failure.says_nothing_applied() => {
+                Err(Error::unknown_after_refusal_by_deadline(failure, None))
+            }
             (answer, _) => answer,
         })
         .collect()

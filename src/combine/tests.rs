@@ -909,13 +909,31 @@ fn a_routed_batch_runs_again_the_requests_a_node_failure_left_unknown() {
     let cut = Error::Timeout {
         elapsed: Duration::from_millis(1),
     };
-    let gave_up = prefer_unknown(vec![Err(cut.clone()), Ok(7), Err(refused())], unknowns);
+    let gave_up = prefer_unknown(
+        vec![Err(cut.clone()), Ok(7), Err(refused())],
+        unknowns.clone(),
+    );
     assert!(
         gave_up[0].as_ref().is_err_and(Error::is_outcome_unknown),
         "{:?}",
         gave_up[0]
     );
     assert!(matches!(gave_up[2], Err(Error::InvalidId { .. })));
+    // Marked with the last run's failure: the combiner judges a give-back by it. A last run
+    // refused until its attempts ran out is not run again.
+    let worn_out = prefer_unknown(vec![Err(contended(3)), Ok(7), Err(refused())], unknowns);
+    let Err(unknown) = &worn_out[0] else {
+        panic!("{:?}", worn_out[0]);
+    };
+    assert!(unknown.is_outcome_unknown(), "{unknown:?}");
+    assert!(
+        matches!(
+            unknown.refused_then_cut().map(|cut| &cut.failure),
+            Some(Error::Contended { .. })
+        ),
+        "{unknown:?}"
+    );
+    assert_eq!(within_attempts(3, true)(&contended(3), 0), None);
 
     // Not through a router (or past the deadline): every answer stands.
     let (mut kept, mut unknowns) = (vec![None, None, None], vec![None, None, None]);

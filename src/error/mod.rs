@@ -39,7 +39,8 @@ pub struct ServerError {
 }
 
 /// A request that a call did not apply, refused or unanswered, whose key's lookup (an earlier
-/// call may have recorded the key) the call's deadline cut short.
+/// call may have recorded the key) the call's deadline cut short — or, without a lookup, that a
+/// batch could not tell because of a node failure or its deadline.
 #[derive(Debug)]
 pub(crate) struct CutShort {
     /// The failure that cut the lookup short.

@@ -116,7 +116,8 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<(bool, bool), Er
 /// # Errors
 /// [`Error::NestedTransaction`] inside a transaction Diesel knows of — a lockstock call's body
 /// among them, which puts the caller's session back as it ends, so the settings would be gone
-/// while the mark stayed (nothing sent); [`Error::Server`] when the server cannot be asked its
+/// while the mark stayed (nothing sent); [`Error::ConnectionBroken`] for a connection whose
+/// transaction state Diesel lost (a failed ROLLBACK); [`Error::Server`] when the server cannot be asked its
 /// version or refuses a setting; [`Error::ServerUnresponsive`] when it did not answer in time
 /// (the connection was shut down and marked broken).
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {

@@ -701,13 +701,16 @@ fn run_install_db_within(
             .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
     );
     let waited = wait_timeout(&mut child, timeout);
-    if !matches!(waited, Ok(Some(_))) {
-        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-            // SAFETY: kill only sends a signal, to the process group the child leads.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
+    // Whatever the installer did, nothing it started outlives it (a process left holding its
+    // output would keep the reads below waiting): its whole group is killed — also after it
+    // exited (the group's id stays taken while any of its processes lives).
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill only sends a signal, to the process group the child leads.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
         }
+    }
+    if !matches!(waited, Ok(Some(_))) {
         let _ = child.wait();
     }
     let mut log = stdout.join().unwrap_or_default();
@@ -1276,6 +1279,25 @@ mod tests {
         assert!(
             !seen.lines().any(|link| link == ours),
             "the installer holds the test's socket {ours}: {seen}"
+        );
+    }
+
+    /// An installer that exits leaving a process it started behind (holding its output) does
+    /// not keep the start waiting: that process is killed with the installer's group.
+    #[test]
+    fn an_installer_that_leaves_a_child_behind_does_not_hold_the_start() {
+        let dir = TestDir::new("install-left");
+        let script = fake_installer(&dir, "sleep 60 & exit 1");
+        let started = Instant::now();
+        let answer = run_install_db_within(&script, &dir.0, None, Duration::from_secs(30));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited {:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(answer, Err(SandboxError::InstallDb { .. })),
+            "{answer:?}"
         );
     }
 
