@@ -1,7 +1,8 @@
 //! Diesel table definitions, kept identical to `migrations/`.
 //!
-//! A test (`tests/migrations.rs`) compares these against the columns the server reports after
-//! running the migrations, so a drift between the two fails the build's tests.
+//! A test (`foundation::schema_rs_matches_migrations` in `tests/it`) compares these against the
+//! columns the server reports after running the migrations — their names and order, and every
+//! character column's length — so a drift between the two fails the build's tests.
 #![allow(missing_docs)]
 
 diesel::table! {
@@ -116,7 +117,7 @@ diesel::table! {
     /// The one row naming a Galera cluster's designated writer node (see `lockstock::route`).
     designated_writer (id) {
         id -> TinyInt,
-        #[max_length = 64]
+        #[max_length = 255]
         node_name -> Varchar,
         epoch -> BigInt,
         changed_at -> Datetime,

@@ -212,7 +212,9 @@ macro_rules! restore_mariadb {
              COALESCE(@lockstock_statement_time, @@session.max_statement_time), \
              tx_isolation = COALESCE(@lockstock_isolation, @@session.tx_isolation), \
              tx_read_only = COALESCE(@lockstock_read_only, @@session.tx_read_only), \
-             insert_id = COALESCE(@lockstock_insert_id, @@session.insert_id)"
+             insert_id = COALESCE(@lockstock_insert_id, @@session.insert_id), \
+             check_constraint_checks = \
+             COALESCE(@lockstock_check_constraints, @@session.check_constraint_checks)"
         )
     };
 }
@@ -242,7 +244,8 @@ statement! {
     RestoreMariaDb => concat!(
         restore_mariadb!(),
         clear_saved!(),
-        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, @lockstock_insert_id = NULL"
+        ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, @lockstock_insert_id = NULL, \
+         @lockstock_check_constraints = NULL"
     )
 }
 
@@ -258,7 +261,8 @@ statement! {
          COALESCE(@lockstock_fragment_size, @@session.wsrep_trx_fragment_size)",
         clear_saved!(),
         ", @lockstock_isolation = NULL, @lockstock_read_only = NULL, \
-         @lockstock_insert_id = NULL, @lockstock_autocommit = NULL, \
+         @lockstock_insert_id = NULL, @lockstock_check_constraints = NULL, \
+         @lockstock_autocommit = NULL, \
          @lockstock_dirty_reads = NULL, @lockstock_fragment_size = NULL"
     )
 }

@@ -14,6 +14,7 @@ use crate::error::Error;
 
 /// Puts the caller's values back and clears the user variables (both servers).
 const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type, \
+    lock_wait_timeout = @lockstock_migration_lock_wait, @lockstock_migration_lock_wait = NULL, \
     autocommit = @lockstock_autocommit, sql_mode = @lockstock_sql_mode, \
     sql_select_limit = @lockstock_select_limit, sql_big_selects = @lockstock_big_selects, \
     default_storage_engine = @lockstock_engine, \
@@ -26,7 +27,9 @@ const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type,
 /// [`RESTORE`]'s part that only MariaDB has.
 const RESTORE_MARIADB: &str = ", tx_read_only = @lockstock_read_only, \
     max_statement_time = @lockstock_statement_time, \
-    @lockstock_read_only = NULL, @lockstock_statement_time = NULL";
+    check_constraint_checks = @lockstock_check_constraints, \
+    @lockstock_read_only = NULL, @lockstock_statement_time = NULL, \
+    @lockstock_check_constraints = NULL";
 
 /// [`RESTORE`]'s part for a Galera node.
 const RESTORE_GALERA: &str = ", wsrep_OSU_method = @lockstock_osu_method, \
@@ -54,13 +57,37 @@ pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Res
         }),
         Some(deadline) => {
             let grace = TxnPolicy::default().unresponsive_grace;
-            bounded(conn, deadline, grace, |conn, _| migrate(conn))
+            bounded(conn, deadline, grace, |conn, _| {
+                migrate(conn, Some(deadline))
+            })
         }
-        None => migrate(conn),
+        None => migrate(conn, None),
     }
 }
 
-fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
+/// How long a migration that failed on what it creates being there already waits for another
+/// process to record it (several processes that run the migrations as they start), at most.
+const OTHERS_MIGRATING: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The server's own bounds for the migrations' statements by `deadline`: the time left as
+/// `max_statement_time` (MariaDB; none without a deadline) and as `lock_wait_timeout` (whole
+/// seconds, at least one), so that a statement the watchdog gave up on does not go on in the
+/// server — waiting for a table's metadata lock, say, and applying its migration later.
+fn server_bounds(deadline: Option<Deadline>) -> (String, String) {
+    match deadline {
+        Some(deadline) => {
+            let left = deadline.remaining().as_secs_f64();
+            (
+                format!("{:.3}", left.max(0.02)),
+                format!(", lock_wait_timeout = {}", left.ceil().max(1.0) as u64),
+            )
+        }
+        None => ("0".to_owned(), String::new()),
+    }
+}
+
+fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(), Error> {
+    let (statement_time, lock_wait) = server_bounds(deadline);
     // One atomic SET saves and sets what Diesel's harness depends on; on MariaDB it fails
     // (an unknown locale, nothing set) inside a transaction the caller opened with a raw
     // `BEGIN`, which `autocommit = 1` and the DDL would commit. (MySQL has no
@@ -89,11 +116,15 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
             (
                 format!(
                     "@lockstock_read_only = @@session.tx_read_only, \
-                     @lockstock_statement_time = @@session.max_statement_time, {osu_save}\
+                     @lockstock_statement_time = @@session.max_statement_time, \
+                     @lockstock_check_constraints = @@session.check_constraint_checks, {osu_save}\
                      SESSION lc_messages = \
                      IF(@@in_transaction, _utf8mb4'{NESTED_LOCALE}', {replicated}), "
                 ),
-                format!("tx_read_only = 0, max_statement_time = 0{osu_set}"),
+                format!(
+                    "tx_read_only = 0, max_statement_time = {statement_time}, \
+                     check_constraint_checks = 1{osu_set}"
+                ),
                 format!("{RESTORE_MARIADB}{osu_restore}"),
             )
         }
@@ -107,6 +138,7 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
     };
     let setup = format!(
         "SET @lockstock_completion_type = @@session.completion_type, \
+         @lockstock_migration_lock_wait = @@session.lock_wait_timeout, \
          @lockstock_autocommit = @@session.autocommit, \
          @lockstock_sql_mode = @@session.sql_mode, \
          @lockstock_select_limit = @@session.sql_select_limit, \
@@ -117,7 +149,7 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
          @lockstock_given_results = NULL, @lockstock_given_results_null = NULL, {flavor_saves}\
          SESSION completion_type = _utf8mb4'NO_CHAIN', autocommit = 1, character_set_results = utf8mb4, \
          sql_mode = _utf8mb4'{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
-         sql_big_selects = 1, default_storage_engine = InnoDB, {flavor_sets}"
+         sql_big_selects = 1, default_storage_engine = InnoDB{lock_wait}, {flavor_sets}"
     );
     // A panic on the way (the caller's Diesel instrumentation, run inside the migrations'
     // statements — from the setting SET on) leaves the session with the migrations' settings:
@@ -152,6 +184,16 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
             .run_pending_migrations(crate::MIGRATIONS)
             .map(|_| ())
             .map_err(|e| Error::Migration(e.into()));
+        // Another process running the migrations at the same time applied this one first: once
+        // it has recorded every migration, there is nothing left to do.
+        let migrated = match migrated {
+            Err(failure)
+                if created_already(&failure.to_string()) && recorded_by_another(conn, deadline) =>
+            {
+                Ok(())
+            }
+            migrated => migrated,
+        };
         // Where the caller's values cannot be put back, the session is ended (as the runner
         // ends one it could not restore after a COMMIT): the answer stays the migrations'.
         if conn
@@ -166,4 +208,30 @@ fn migrate(conn: &mut MysqlConnection) -> Result<(), Error> {
         super::transaction::mark_broken(conn);
         std::panic::resume_unwind(panic)
     })
+}
+
+/// Whether a migration failed on what it creates being there already (a table, a column, an
+/// index, the row that records it).
+fn created_already(failure: &str) -> bool {
+    let failure = failure.to_ascii_lowercase();
+    failure.contains("already exists") || failure.contains("duplicate")
+}
+
+/// Whether every migration is recorded by now, or within [`OTHERS_MIGRATING`] (and before
+/// `deadline`): another process applied them.
+fn recorded_by_another(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> bool {
+    let mut wait = OTHERS_MIGRATING;
+    if let Some(deadline) = deadline {
+        wait = wait.min(deadline.remaining());
+    }
+    let until = std::time::Instant::now() + wait;
+    loop {
+        match conn.has_pending_migration(crate::MIGRATIONS) {
+            Ok(false) => return true,
+            Ok(true) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => return false,
+        }
+    }
 }

@@ -373,7 +373,8 @@ impl RunnerSql {
                      @lockstock_statement_time = @@session.max_statement_time, \
                      @lockstock_isolation = @@session.tx_isolation, \
                      @lockstock_read_only = @@session.tx_read_only, \
-                     @lockstock_insert_id = @@session.insert_id, {save_autocommit}\
+                     @lockstock_insert_id = @@session.insert_id, \
+                     @lockstock_check_constraints = @@session.check_constraint_checks, {save_autocommit}\
                      SESSION lc_messages = IF(@@in_transaction, _utf8mb4'{NESTED_LOCALE}', {replicated}), \
                      {settings}, tx_isolation = _utf8mb4'{}', tx_read_only = 0{autocommit}",
                     levels[kind].variable_value()

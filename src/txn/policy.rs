@@ -186,6 +186,11 @@ pub(super) const NO_SELECT_LIMIT: u64 = u64::MAX;
 /// but an id: there a caller's pending `insert_id` numbers lockstock's next row.
 const NO_PENDING_INSERT_ID: &str = "insert_id = 0";
 
+/// CHECK constraints checked (MariaDB's `check_constraint_checks`, which a session may turn
+/// off): the schema's checks (stock and balances never negative, refunds and captures bounded)
+/// are lockstock's last line of defence. (MySQL 8 has no such switch.)
+const CHECKS_ON: &str = "check_constraint_checks = 1";
+
 impl TxnPolicy {
     /// The same policy with another isolation level.
     #[must_use]
@@ -237,7 +242,7 @@ impl TxnPolicy {
         let millis = statement_millis(self.statement_timeout);
         let limit = match flavor {
             ServerFlavor::MariaDb => format!(
-                "max_statement_time = {}.{:03}, {NO_PENDING_INSERT_ID}",
+                "max_statement_time = {}.{:03}, {NO_PENDING_INSERT_ID}, {CHECKS_ON}",
                 millis / 1000,
                 millis % 1000
             ),
@@ -250,7 +255,9 @@ impl TxnPolicy {
     /// each transaction of a call on a connection without the settings limits its statements
     /// to the time the call has left ([`statement_limit`](Self::statement_limit)).
     pub(super) fn settings_bound(&self) -> String {
-        self.settings_with(&format!("max_statement_time = ?, {NO_PENDING_INSERT_ID}"))
+        self.settings_with(&format!(
+            "max_statement_time = ?, {NO_PENDING_INSERT_ID}, {CHECKS_ON}"
+        ))
     }
 
     fn settings_with(&self, limit: &str) -> String {

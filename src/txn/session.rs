@@ -239,8 +239,8 @@ pub(super) fn take_primed(conn: &mut MysqlConnection) -> Option<super::Isolation
 
 /// An r2d2 connection customizer that applies a [`TxnPolicy`]'s session settings (timeouts,
 /// English messages, UTC, no `sql_select_limit`, `unique_checks` and `foreign_key_checks` on,
-/// the connection character set utf8mb4, `sql_big_selects` on, no pending `insert_id` on
-/// MariaDB, and there no `idle_transaction_timeout` or `idle_readonly_transaction_timeout`: a
+/// the connection character set utf8mb4, `sql_big_selects` on, no pending `insert_id` and
+/// CHECK constraints checked (`check_constraint_checks`) on MariaDB, and there no `idle_transaction_timeout` or `idle_readonly_transaction_timeout`: a
 /// combiner opens its next batch's transaction while the batch before it runs, and a server's
 /// idle limit would end that session meanwhile)
 /// to every connection the pool opens, once — for the caller's own statements on it too, and

@@ -124,6 +124,47 @@ fn schema_rs_matches_migrations() {
         // Every declared type deserializes what the server stores (no rows needed to type-check
         // the select list on the server).
     }
+    // Every character column's length as declared (`#[max_length = N]`, read from the file:
+    // Diesel keeps it nowhere at run time) is the server's.
+    let mut declared_lengths = Vec::new();
+    let (mut table, mut length) = (String::new(), None);
+    for line in include_str!("../../src/schema.rs").lines().map(str::trim) {
+        if let Some(name) = line.strip_suffix("(id) {").map(str::trim) {
+            table = name.to_owned();
+        } else if let Some(n) = line
+            .strip_prefix("#[max_length = ")
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            length = n.parse::<i64>().ok();
+        } else if let Some((column, _)) = line.split_once(" -> ") {
+            if let Some(n) = length.take() {
+                declared_lengths.push((table.clone(), column.to_owned(), n));
+            }
+        }
+    }
+    #[derive(QueryableByName)]
+    struct Length {
+        #[diesel(sql_type = Text)]
+        table_name: String,
+        #[diesel(sql_type = Text)]
+        column_name: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        length: i64,
+    }
+    let mut actual_lengths: Vec<(String, String, i64)> = diesel::sql_query(
+        "SELECT table_name AS table_name, column_name AS column_name, \
+         CAST(character_maximum_length AS SIGNED) AS length FROM information_schema.columns \
+         WHERE table_schema = DATABASE() AND character_maximum_length IS NOT NULL \
+         AND table_name <> '__diesel_schema_migrations'",
+    )
+    .load::<Length>(&mut conn)
+    .expect("column lengths")
+    .into_iter()
+    .map(|l| (l.table_name, l.column_name, l.length))
+    .collect();
+    actual_lengths.sort();
+    declared_lengths.sort();
+    assert_eq!(declared_lengths, actual_lengths, "character column lengths");
     // Load real rows through every column of the two domains.
     let ledger = BalanceLedger::new();
     ledger

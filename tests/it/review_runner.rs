@@ -2268,3 +2268,192 @@ fn a_commit_whose_prepare_is_refused_says_nothing_was_applied() {
         .expect("the balance");
     assert_eq!(balance, dec(10), "nothing was committed");
 }
+
+/// The database of `conn` back at the migrations before the holds (000005 and 000006 pending).
+fn before_the_holds(conn: &mut MysqlConnection) {
+    use diesel_migrations::MigrationHarness;
+    for _ in 0..2 {
+        conn.revert_last_migration(lockstock::MIGRATIONS)
+            .expect("revert a migration");
+    }
+    assert!(conn
+        .has_pending_migration(lockstock::MIGRATIONS)
+        .expect("pending"));
+}
+
+/// Sessions of database `name` waiting for a table's metadata lock.
+fn waiting_for_metadata(conn: &mut MysqlConnection, name: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
+         WHERE DB = ? AND STATE = 'Waiting for table metadata lock'",
+    )
+    .bind::<diesel::sql_types::Text, _>(name)
+    .get_result::<Waiting>(conn)
+    .expect("the process list")
+    .n
+}
+
+/// Several application processes that run the migrations as they start, at the same time,
+/// all succeed: one applies a migration, and another, whose copy of it fails on what the first
+/// created, finds every migration recorded and answers `Ok`. Before the fix the second answered
+/// `Migration` ("Duplicate column 'held'"), which the docs tell the operator to take for a
+/// partial migration to undo by hand.
+#[test]
+fn migrations_run_by_two_processes_at_once_both_succeed() {
+    use diesel_migrations::MigrationHarness;
+    let name = "rr_migrations_at_once";
+    let (url, mut admin) = fresh_database(name);
+    before_the_holds(&mut admin);
+    // A reader holds the accounts' table: both processes' first ALTER of it waits.
+    let mut reader = connect(&url);
+    reader.batch_execute("BEGIN").expect("begin");
+    user_balance::table
+        .count()
+        .get_result::<i64>(&mut reader)
+        .expect("a read");
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            thread::spawn(move || lockstock::run_migrations(&mut connect(&url)))
+        })
+        .collect();
+    let since = std::time::Instant::now();
+    while waiting_for_metadata(&mut admin, name) < 2 {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "both processes wait for the table"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    reader.batch_execute("COMMIT").expect("commit");
+    for run in runs {
+        let answer = run.join().expect("a process");
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    assert!(!admin
+        .has_pending_migration(lockstock::MIGRATIONS)
+        .expect("pending"));
+    lockstock::BalanceLedger::new()
+        .charge(&mut admin, 1, dec(5), "after")
+        .expect("the schema works");
+}
+
+/// A bounded migration run that cannot get a table's metadata lock by its deadline gives up in
+/// the server too, by the deadline: the migration fails (`Migration`), nothing of it waits on
+/// (every later statement on that table would queue behind it) or is applied once the lock
+/// comes free. Before the fix the server waited on (`lock_wait_timeout`, a day by default)
+/// until the watchdog cut the call at the deadline plus its grace and ended the session
+/// (`ServerUnresponsive`, though the server had answered nothing only because it waited for
+/// another session's lock).
+#[test]
+fn a_bounded_migration_that_cannot_get_its_table_gives_up_in_the_server_too() {
+    use diesel_migrations::MigrationHarness;
+    let name = "rr_migrations_bounded_lock";
+    let (url, mut admin) = fresh_database(name);
+    before_the_holds(&mut admin);
+    let mut reader = connect(&url);
+    reader.batch_execute("BEGIN").expect("begin");
+    user_balance::table
+        .count()
+        .get_result::<i64>(&mut reader)
+        .expect("a read");
+    let mut migrating = connect(&url);
+    let answer =
+        lockstock::run_migrations_by(&mut migrating, Deadline::after(Duration::from_secs(1)));
+    // The server gave up by the deadline (its statement limit, its lock wait): a failed
+    // migration, not a server that did not answer.
+    assert!(matches!(answer, Err(Error::Migration(_))), "{answer:?}");
+    // Nothing waits for the table any more.
+    let since = std::time::Instant::now();
+    while waiting_for_metadata(&mut admin, name) > 0 {
+        assert!(
+            since.elapsed() < Duration::from_secs(3),
+            "a migration still waits in the server after its call answered {answer:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    reader.batch_execute("COMMIT").expect("commit");
+    thread::sleep(Duration::from_millis(300));
+    #[derive(QueryableByName)]
+    struct Field {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        #[diesel(column_name = Field)]
+        field: String,
+    }
+    let held = diesel::sql_query("SHOW COLUMNS FROM user_balance LIKE 'held'")
+        .load::<Field>(&mut admin)
+        .expect("the columns");
+    assert!(
+        held.is_empty(),
+        "the cut-off migration was applied afterwards"
+    );
+    // Run again, it applies everything.
+    lockstock::run_migrations(&mut connect(&url)).expect("the migrations");
+    assert!(!admin
+        .has_pending_migration(lockstock::MIGRATIONS)
+        .expect("pending"));
+    let _ = held.iter().map(|f| &f.field);
+}
+
+/// A caller's session with MariaDB's CHECK constraints switched off (`check_constraint_checks
+/// = 0`) does not switch off the schema's checks — lockstock's last line of defence (stock and
+/// balances never negative, refunds and captures bounded) — inside lockstock's transactions,
+/// nor inside its migrations; the caller's value is put back. Before the fix the caller's 0
+/// held inside lockstock's transactions.
+#[test]
+fn a_callers_check_constraints_off_does_not_reach_lockstock() {
+    #[derive(QueryableByName)]
+    struct Checks {
+        #[diesel(sql_type = BigInt)]
+        checks: i64,
+    }
+    let read = |c: &mut MysqlConnection| -> Result<i64, Error> {
+        Ok(
+            diesel::sql_query("SELECT CAST(@@session.check_constraint_checks AS SIGNED) AS checks")
+                .get_result::<Checks>(c)?
+                .checks,
+        )
+    };
+    let (url, _conn) = fresh_database("rr_check_constraints_off");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    // The caller's own connection, and one given lockstock's settings after the caller turned
+    // the checks off (changed afterwards, they are lockstock's too: documented).
+    let mut own = connect(&url);
+    let mut marked = connect(&url);
+    for conn in [&mut own, &mut marked] {
+        conn.batch_execute("SET SESSION check_constraint_checks = 0")
+            .expect("checks off");
+    }
+    lockstock::txn::apply_session_settings(&mut marked, runner.policy()).expect("settings");
+    for (conn, callers) in [(&mut own, true), (&mut marked, false)] {
+        let inside = runner.run(conn, |c| read(c)).expect("a call");
+        assert_eq!(
+            inside, 1,
+            "CHECK constraints are checked inside lockstock's calls"
+        );
+        let balance_checked = runner.run(conn, |c| {
+            diesel::sql_query("INSERT INTO user_balance (user_id, balance) VALUES (77, -1)")
+                .execute(c)?;
+            Ok(())
+        });
+        assert!(balance_checked.is_err(), "{balance_checked:?}");
+        if callers {
+            assert_eq!(
+                read(conn).expect("after"),
+                0,
+                "the caller's value is put back"
+            );
+        }
+    }
+    let mut migrating = connect(&url);
+    migrating
+        .batch_execute("SET SESSION check_constraint_checks = 0")
+        .expect("checks off");
+    lockstock::run_migrations(&mut migrating).expect("migrations");
+    assert_eq!(read(&mut migrating).expect("after"), 0);
+}
