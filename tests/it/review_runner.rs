@@ -2281,6 +2281,21 @@ fn before_the_holds(conn: &mut MysqlConnection) {
         .expect("pending"));
 }
 
+/// A database `name` whose holds migrations are pending (its URL, a connection), and a reader
+/// whose open transaction holds the accounts' table: the first ALTER of the pending migration
+/// waits for it.
+fn holds_pending_behind_a_reader(name: &str) -> (String, MysqlConnection, MysqlConnection) {
+    let (url, mut admin) = fresh_database(name);
+    before_the_holds(&mut admin);
+    let mut reader = connect(&url);
+    reader.batch_execute("BEGIN").expect("begin");
+    user_balance::table
+        .count()
+        .get_result::<i64>(&mut reader)
+        .expect("a read");
+    (url, admin, reader)
+}
+
 /// Sessions of database `name` waiting for a table's metadata lock.
 fn waiting_for_metadata(conn: &mut MysqlConnection, name: &str) -> i64 {
     #[derive(QueryableByName)]
@@ -2307,15 +2322,7 @@ fn waiting_for_metadata(conn: &mut MysqlConnection, name: &str) -> i64 {
 fn migrations_run_by_two_processes_at_once_both_succeed() {
     use diesel_migrations::MigrationHarness;
     let name = "rr_migrations_at_once";
-    let (url, mut admin) = fresh_database(name);
-    before_the_holds(&mut admin);
-    // A reader holds the accounts' table: both processes' first ALTER of it waits.
-    let mut reader = connect(&url);
-    reader.batch_execute("BEGIN").expect("begin");
-    user_balance::table
-        .count()
-        .get_result::<i64>(&mut reader)
-        .expect("a read");
+    let (url, mut admin, mut reader) = holds_pending_behind_a_reader(name);
     let runs: Vec<_> = (0..2)
         .map(|_| {
             let url = url.clone();
@@ -2354,14 +2361,7 @@ fn migrations_run_by_two_processes_at_once_both_succeed() {
 fn a_bounded_migration_that_cannot_get_its_table_gives_up_in_the_server_too() {
     use diesel_migrations::MigrationHarness;
     let name = "rr_migrations_bounded_lock";
-    let (url, mut admin) = fresh_database(name);
-    before_the_holds(&mut admin);
-    let mut reader = connect(&url);
-    reader.batch_execute("BEGIN").expect("begin");
-    user_balance::table
-        .count()
-        .get_result::<i64>(&mut reader)
-        .expect("a read");
+    let (url, mut admin, mut reader) = holds_pending_behind_a_reader(name);
     let mut migrating = connect(&url);
     let answer =
         lockstock::run_migrations_by(&mut migrating, Deadline::after(Duration::from_secs(1)));
