@@ -120,11 +120,13 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// fails on what the cut-off one already created ("already exists", "Duplicate column"): undo
 /// that part by hand (the migration's `down.sql` names what it creates) and run them again. The
 /// migrations are not written to be re-run over their own partial work, which MySQL 8's DDL
-/// (no `ADD COLUMN IF NOT EXISTS`) could not express. The server is told the deadline too:
-/// each statement's `max_statement_time` (MariaDB) and `lock_wait_timeout` are the time left,
-/// so that a migration waiting for a table another session holds fails by the deadline
-/// ([`Error::Migration`]) in the server as well, rather than waiting on and applying itself
-/// after the call answered.
+/// (no `ADD COLUMN IF NOT EXISTS`) could not express. The server is told the deadline too: as
+/// each migration starts, its `lock_wait_timeout` and (MariaDB, but not on a Galera node, whose
+/// other nodes would finish a replicated DDL cut short on this one) its `max_statement_time`
+/// become the time left, so that a migration waiting for a table another session holds fails
+/// by the deadline ([`Error::Migration`]) in the server as well, rather than waiting on and
+/// applying itself after the call answered. (Within one migration a statement that starts late
+/// may still wait up to the time left as that migration started.)
 ///
 /// Several processes may run the migrations at once (each as it starts): one that fails on
 /// what another created meanwhile ("already exists", "Duplicate ...") waits up to 10 s (within

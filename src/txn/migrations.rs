@@ -69,25 +69,44 @@ pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Res
 /// process to record it (several processes that run the migrations as they start), at most.
 const OTHERS_MIGRATING: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The server's own bounds for the migrations' statements by `deadline`: the time left as
-/// `max_statement_time` (MariaDB; none without a deadline) and as `lock_wait_timeout` (whole
-/// seconds, at least one), so that a statement the watchdog gave up on does not go on in the
-/// server — waiting for a table's metadata lock, say, and applying its migration later.
-fn server_bounds(deadline: Option<Deadline>) -> (String, String) {
-    match deadline {
-        Some(deadline) => {
-            let left = deadline.remaining().as_secs_f64();
-            (
-                format!("{:.3}", left.max(0.02)),
-                format!(", lock_wait_timeout = {}", left.ceil().max(1.0) as u64),
-            )
-        }
-        None => ("0".to_owned(), String::new()),
+/// The server's own bounds for the next migration's statements by `deadline`, as it starts:
+/// the time left as `lock_wait_timeout` (whole seconds, at least one) and, where
+/// `statement_limit` (MariaDB, not a Galera node), as `max_statement_time` — so that a statement
+/// the watchdog gave up on does not go on in the server (waiting for a table's metadata lock,
+/// say, and applying its migration later). Both at most a year, the longest the server takes.
+/// Not `max_statement_time` on a Galera node: the other nodes run a DDL replicated in total
+/// order whatever cut it short on this one, and the cluster's schemas would differ.
+fn server_bounds(deadline: Deadline, statement_limit: bool) -> String {
+    let longest = super::policy::LONGEST_LOCK_WAIT_SECONDS as f64;
+    let left = deadline.remaining().as_secs_f64().min(longest);
+    let lock_wait = left.ceil().max(1.0) as u64;
+    if statement_limit {
+        format!(
+            "SET SESSION lock_wait_timeout = {lock_wait}, max_statement_time = {:.3}",
+            left.max(0.02)
+        )
+    } else {
+        format!("SET SESSION lock_wait_timeout = {lock_wait}")
     }
 }
 
+/// Runs every pending migration, each bounded in the server by the time left as it starts
+/// ([`server_bounds`]), where there is a `deadline`.
+fn run_pending(
+    conn: &mut MysqlConnection,
+    deadline: Option<Deadline>,
+    statement_limit: bool,
+) -> diesel::migration::Result<()> {
+    for migration in conn.pending_migrations(crate::MIGRATIONS)? {
+        if let Some(deadline) = deadline {
+            conn.batch_execute(&server_bounds(deadline, statement_limit))?;
+        }
+        conn.run_migration(&*migration)?;
+    }
+    Ok(())
+}
+
 fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(), Error> {
-    let (statement_time, lock_wait) = server_bounds(deadline);
     // One atomic SET saves and sets what Diesel's harness depends on; on MariaDB it fails
     // (an unknown locale, nothing set) inside a transaction the caller opened with a raw
     // `BEGIN`, which `autocommit = 1` and the DDL would commit. (MySQL has no
@@ -100,7 +119,9 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
     // the refusal, an unknown locale, answers `NotReplicated`) and run DDL cluster-wide
     // (`wsrep_OSU_method = TOI`: under a caller's RSU each CREATE TABLE stayed on this node,
     // while Diesel's row of applied versions replicated).
-    let (flavor_saves, flavor_sets, restore_flavor) = match ServerFlavor::ask(conn)? {
+    let (flavor_saves, flavor_sets, restore_flavor, statement_limit) = match ServerFlavor::ask(
+        conn,
+    )? {
         ServerFlavor::MariaDb => {
             let galera = super::session::galera_node(conn)?.1;
             let (replicated, osu_save, osu_set, osu_restore) = if galera {
@@ -121,11 +142,9 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
                      SESSION lc_messages = \
                      IF(@@in_transaction, _utf8mb4'{NESTED_LOCALE}', {replicated}), "
                 ),
-                format!(
-                    "tx_read_only = 0, max_statement_time = {statement_time}, \
-                     check_constraint_checks = 1{osu_set}"
-                ),
+                format!("tx_read_only = 0, max_statement_time = 0, check_constraint_checks = 1{osu_set}"),
                 format!("{RESTORE_MARIADB}{osu_restore}"),
+                !galera,
             )
         }
         ServerFlavor::MySql => (
@@ -134,6 +153,7 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
                 .to_owned(),
             "transaction_read_only = 0, max_execution_time = 0".to_owned(),
             RESTORE_MYSQL.to_owned(),
+            false,
         ),
     };
     let setup = format!(
@@ -149,7 +169,7 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
          @lockstock_given_results = NULL, @lockstock_given_results_null = NULL, {flavor_saves}\
          SESSION completion_type = _utf8mb4'NO_CHAIN', autocommit = 1, character_set_results = utf8mb4, \
          sql_mode = _utf8mb4'{MIGRATION_SQL_MODE}', sql_select_limit = {NO_SELECT_LIMIT}, \
-         sql_big_selects = 1, default_storage_engine = InnoDB{lock_wait}, {flavor_sets}"
+         sql_big_selects = 1, default_storage_engine = InnoDB, {flavor_sets}"
     );
     // A panic on the way (the caller's Diesel instrumentation, run inside the migrations'
     // statements — from the setting SET on) leaves the session with the migrations' settings:
@@ -180,10 +200,8 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
                 error
             });
         }
-        let migrated = conn
-            .run_pending_migrations(crate::MIGRATIONS)
-            .map(|_| ())
-            .map_err(|e| Error::Migration(e.into()));
+        let migrated =
+            run_pending(conn, deadline, statement_limit).map_err(|e| Error::Migration(e.into()));
         // Another process running the migrations at the same time applied this one first: once
         // it has recorded every migration, there is nothing left to do.
         let migrated = match migrated {

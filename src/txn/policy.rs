@@ -311,7 +311,7 @@ impl TxnPolicy {
 /// The longest lock wait the server takes: `lock_wait_timeout`'s maximum (one year, on
 /// MariaDB and MySQL alike; `innodb_lock_wait_timeout`'s is longer), and as long as the longest
 /// deadline ([`Deadline::after`]).
-const LONGEST_LOCK_WAIT_SECONDS: u64 = 31_536_000;
+pub(super) const LONGEST_LOCK_WAIT_SECONDS: u64 = 31_536_000;
 
 /// The shortest statement limit a transaction gets from its deadline (see
 /// [`TxnPolicy::statement_limit`]): a statement may outlast its deadline by this much.

@@ -2457,3 +2457,25 @@ fn a_callers_check_constraints_off_does_not_reach_lockstock() {
     lockstock::run_migrations(&mut migrating).expect("migrations");
     assert_eq!(read(&mut migrating).expect("after"), 0);
 }
+
+/// A migration deadline longer than the server's longest wait (a year) is cut to it, as the
+/// runner cuts its lock wait: under `STRICT_ALL_TABLES` a longer value is refused, and the
+/// migrations would fail. Before the fix the deadline's time was given to the server uncut.
+#[test]
+fn a_migration_deadline_beyond_the_servers_longest_wait_is_cut_to_it() {
+    use diesel_migrations::MigrationHarness;
+    let (url, mut admin) = fresh_database("rr_migrations_long_deadline");
+    before_the_holds(&mut admin);
+    let mut strict = connect(&url);
+    strict
+        .batch_execute("SET SESSION sql_mode = 'STRICT_ALL_TABLES'")
+        .expect("strict");
+    let answer = lockstock::run_migrations_by(
+        &mut strict,
+        Deadline::after(Duration::from_secs(400 * 86_400)),
+    );
+    assert!(answer.is_ok(), "{answer:?}");
+    assert!(!admin
+        .has_pending_migration(lockstock::MIGRATIONS)
+        .expect("pending"));
+}
