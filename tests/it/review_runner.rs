@@ -213,7 +213,9 @@ fn saved_values(conn: &mut MysqlConnection) -> Option<String> {
          @lockstock_autocommit, @lockstock_last_insert_id, @lockstock_read_only, \
          @lockstock_select_limit, @lockstock_unique_checks, @lockstock_fk_checks, \
          @lockstock_cs_client, @lockstock_cs_results, @lockstock_cs_results_null, \
-         @lockstock_collation, @lockstock_given_results, @lockstock_given_results_null), '') \
+         @lockstock_collation, @lockstock_given_results, @lockstock_given_results_null, \
+         @lockstock_insert_id, @lockstock_check_constraints, @lockstock_migration_lock_wait, \
+         @lockstock_big_selects), '') \
          AS line",
     )
     .get_result::<Saved>(conn)
@@ -2456,6 +2458,16 @@ fn a_callers_check_constraints_off_does_not_reach_lockstock() {
         .expect("checks off");
     lockstock::run_migrations(&mut migrating).expect("migrations");
     assert_eq!(read(&mut migrating).expect("after"), 0);
+    assert_eq!(
+        saved_values(&mut migrating),
+        None,
+        "lockstock's saved values cleared"
+    );
+    assert_eq!(
+        saved_values(&mut own),
+        None,
+        "lockstock's saved values cleared"
+    );
 }
 
 /// A migration deadline longer than the server's longest wait (a year) is cut to it, as the
