@@ -609,7 +609,9 @@ fn server_crashes_lose_no_acknowledged_operation() {
 #[test]
 fn negative_control_the_checker_finds_each_tampering() {
     let (url, mut conn) = fresh_database("faults_checker_tampering");
-    let setup = workload::setup(&mut conn, 4, 1, 60);
+    // More coupons than the client's operations: the campaign never sells out (its stock is
+    // tampered with, and a false sold-out answer needs coupons left), whatever the seed.
+    let setup = workload::setup(&mut conn, 4, 1, 200);
     let errors = workload::ErrorTexts::default();
     let client = Client {
         max_ops: 150,
