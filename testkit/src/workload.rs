@@ -1058,24 +1058,20 @@ fn op_kind(op: &Op) -> &'static str {
 mod tests {
     use super::*;
 
+    /// A fresh database `name` with one funded account, and a client `client` of it.
+    fn one_account_client(name: &str, client: &str) -> (MysqlConnection, Client) {
+        let (url, mut conn) = crate::fixtures::fresh_database(name);
+        let setup = setup(&mut conn, 1, 0, 1);
+        let client = Client::new(&url, client.into(), 0, &setup, 1, &ErrorTexts::default());
+        (conn, client)
+    }
+
     /// A refund refused as beyond its deduct while the deduct had room for it (a refusal made
     /// on a stale refunded amount, say) is an unexpected answer; one refused for want of room
     /// is not. Before the fix every such refusal was taken on trust.
     #[test]
     fn a_refund_refused_with_room_left_is_unexpected() {
-        let url = match crate::sandbox::database_url("testkit_workload_refund_refused") {
-            Ok(url) => url,
-            Err(e) => panic!("a database: {e}"),
-        };
-        let mut conn = match MysqlConnection::establish(&url) {
-            Ok(conn) => conn,
-            Err(e) => panic!("connect: {e}"),
-        };
-        if let Err(e) = lockstock::run_migrations(&mut conn) {
-            panic!("migrations: {e}");
-        }
-        let setup = setup(&mut conn, 1, 0, 1);
-        let client = Client::new(&url, "refunds".into(), 0, &setup, 1, &ErrorTexts::default());
+        let (mut conn, client) = one_account_client("testkit_workload_refund_refused", "refunds");
         let ledger = BalanceLedger::new();
         let issuer = CouponIssuer::new();
         let deduct = match ledger.deduct(&mut conn, 1, Decimal::new(500, 2), "refunds-deduct") {
@@ -1126,19 +1122,7 @@ mod tests {
     /// check (the key was looked at only through the final answer).
     #[test]
     fn a_ledger_change_answered_nothing_applied_but_committed_is_unexpected() {
-        let url = match crate::sandbox::database_url("testkit_workload_lying_answer") {
-            Ok(url) => url,
-            Err(e) => panic!("a database: {e}"),
-        };
-        let mut conn = match MysqlConnection::establish(&url) {
-            Ok(conn) => conn,
-            Err(e) => panic!("connect: {e}"),
-        };
-        if let Err(e) = lockstock::run_migrations(&mut conn) {
-            panic!("migrations: {e}");
-        }
-        let setup = setup(&mut conn, 1, 0, 1);
-        let client = Client::new(&url, "lying".into(), 0, &setup, 1, &ErrorTexts::default());
+        let (_conn, client) = one_account_client("testkit_workload_lying_answer", "lying");
         let ledger = BalanceLedger::new();
         let issuer = CouponIssuer::new();
         for (lie, kind) in [(true, "charge"), (false, "charge")] {

@@ -16,7 +16,8 @@ use diesel::sql_types::BigInt;
 use lockstock::coupon::{Clock, MAX_ORDER_REF_BYTES};
 use lockstock::schema::{coupon, fcfs_coupon, user_coupon};
 use lockstock::{
-    CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign, NewCoupon,
+    Campaign, Coupon, CouponIssuer, CouponStatus, Discount, Error, IssuedCoupon, NewCampaign,
+    NewCoupon,
 };
 use rust_decimal::Decimal;
 
@@ -1424,6 +1425,33 @@ fn a_restock_holding_the_stock_row_never_waits_for_another_transactions_lock() {
     assert_eq!(stock_row(&mut admin, campaign.id), (17, 17));
 }
 
+/// An issuer at `isolation` whose clock the test steps, and a campaign `name` of `stock`
+/// coupons whose batches read their users' holders first (user 1 was asked again, in a batch
+/// with user 2): two coupons issued.
+fn holders_read_first(
+    admin: &mut MysqlConnection,
+    isolation: lockstock::Isolation,
+    name: &str,
+    stock: u32,
+) -> (SteppedClock, Arc<CouponIssuer>, Coupon, Campaign) {
+    let clock = SteppedClock::default();
+    let issuer = Arc::new(
+        CouponIssuer::with_policy(
+            lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(20))
+                .with_isolation(isolation),
+        )
+        .with_clock(clock.clock()),
+    );
+    let (coupon, campaign) = open_campaign_named(admin, &issuer, name, stock);
+    issuer.issue(admin, 1, campaign.id).expect("user 1");
+    let answers = issuer
+        .issue_many(admin, campaign.id, &[1, 2])
+        .expect("a batch with a holder");
+    assert!(matches!(answers[0], Err(Error::AlreadyIssued { .. })));
+    assert!(answers[1].is_ok());
+    (clock, issuer, coupon, campaign)
+}
+
 /// Under READ COMMITTED or REPEATABLE READ a batch's read of which users hold a coupon is a
 /// snapshot that locks nothing: another transaction may issue one of the batch's users a coupon
 /// between that read and the batch's INSERT. The batch then runs again (reading the holders
@@ -1437,25 +1465,8 @@ fn a_coupon_issued_after_the_holders_read_is_already_issued_at_every_isolation()
         .into_iter()
         .enumerate()
     {
-        let clock = SteppedClock::default();
-        let issuer = Arc::new(
-            CouponIssuer::with_policy(
-                lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(
-                    20,
-                ))
-                .with_isolation(isolation),
-            )
-            .with_clock(clock.clock()),
-        );
-        let (coupon, campaign) =
-            open_campaign_named(&mut admin, &issuer, &format!("snapshot {round}"), 10);
-        // The campaign's batches read the holders first: a user asked again.
-        issuer.issue(&mut admin, 1, campaign.id).expect("user 1");
-        let answers = issuer
-            .issue_many(&mut admin, campaign.id, &[1, 2])
-            .expect("a batch with a holder");
-        assert!(matches!(answers[0], Err(Error::AlreadyIssued { .. })));
-        assert!(answers[1].is_ok());
+        let (clock, issuer, coupon, campaign) =
+            holders_read_first(&mut admin, isolation, &format!("snapshot {round}"), 10);
 
         clock.go(true);
         let batch = {
@@ -1499,25 +1510,9 @@ fn a_coupon_issued_before_a_lock_first_attempts_lock_is_already_issued_at_every_
         .into_iter()
         .enumerate()
     {
-        let clock = SteppedClock::default();
-        let issuer = Arc::new(
-            CouponIssuer::with_policy(
-                lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(
-                    20,
-                ))
-                .with_isolation(isolation),
-            )
-            .with_clock(clock.clock()),
-        );
-        let (coupon, campaign) =
-            open_campaign_named(&mut admin, &issuer, &format!("lock first {round}"), 3);
-        // The campaign's batches read the holders first (a user asked again); one coupon left.
-        issuer.issue(&mut admin, 1, campaign.id).expect("user 1");
-        let answers = issuer
-            .issue_many(&mut admin, campaign.id, &[1, 2])
-            .expect("a batch with a holder");
-        assert!(matches!(answers[0], Err(Error::AlreadyIssued { .. })));
-        assert!(answers[1].is_ok());
+        // One coupon left.
+        let (clock, issuer, coupon, campaign) =
+            holders_read_first(&mut admin, isolation, &format!("lock first {round}"), 3);
         assert_eq!(stock_row(&mut admin, campaign.id), (3, 1));
 
         clock.go(true);
