@@ -1439,13 +1439,21 @@ fn galera_router_serves_a_node_that_came_back_at_once() {
     // used) begins a connection there: no connection within the deadline is `Timeout`. (A
     // read on another node may be cut off meanwhile: the cluster stalls until it evicts the
     // killed node. The writer's read pool is the coordinator's too, which reads there every
-    // 2 s: a `Timeout` there is possible but unlikely.)
+    // 2 s: a `Timeout` there is possible but unlikely.) The reads go out one per node at
+    // once, so that taking turns among the nodes one of them goes to the killed node at once:
+    // one after the other, reads cut off by the stall could use up the time before the probe
+    // (a CI run saw three cut off at 800 ms on a loaded machine, and the probe came first).
     let mut failed: Vec<Error> = Vec::new();
     while !failed.iter().any(|e| matches!(e, Error::Timeout { .. }))
         && router.stats().nodes[back].healthy
         && killed.elapsed() < Duration::from_secs(5)
     {
-        failed.extend(read(&router).err());
+        thread::scope(|s| {
+            let reads: Vec<_> = (0..urls.len()).map(|_| s.spawn(|| read(&router))).collect();
+            for handle in reads {
+                failed.extend(handle.join().expect("a read thread").err());
+            }
+        });
     }
     assert!(
         failed.iter().any(|e| matches!(e, Error::Timeout { .. })),
