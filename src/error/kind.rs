@@ -72,18 +72,26 @@ pub enum ServerErrorKind {
     /// also locking reads, of users without `READ ONLY ADMIN`. Nothing was applied. Not retried:
     /// the server stays read-only until someone changes it; send writes to the primary.
     ReadOnly,
+    /// A table's definition changed under the transaction (1412, "Table definition has
+    /// changed, please retry transaction": a table rebuilt after the transaction's snapshot),
+    /// a prepared statement could not be prepared again after such a change (1615), or a wait
+    /// for a table's metadata lock was aborted for a pending exclusive one (1689): DDL ran
+    /// beside the call. Only the statement failed; lockstock rolls back the whole transaction
+    /// and retries it. During COMMIT the outcome is unknown.
+    MetadataChanged,
     /// Anything else.
     Other,
 }
 
 impl ServerErrorKind {
     /// Whether restarting the whole transaction can succeed: lock refusals and timeouts,
-    /// deadlocks (Galera certification conflicts included), snapshot conflicts and interrupted
-    /// statements. A lost connection and a Galera node outside the Primary component
+    /// deadlocks (Galera certification conflicts included), snapshot conflicts, interrupted
+    /// statements and statements that met a table's definition changing. A lost connection and a Galera node outside the Primary component
     /// ([`NodeNotReady`](Self::NodeNotReady)) are not retried on the same connection.
     pub fn is_retryable(self) -> bool {
-        // An interrupted statement aborted only itself; the rest are definite aborts.
-        self.is_definite_abort() || self == Self::Interrupted
+        // An interrupted statement, or one that met DDL, aborted only itself; the rest are
+        // definite aborts.
+        self.is_definite_abort() || matches!(self, Self::Interrupted | Self::MetadataChanged)
     }
 
     /// Whether a COMMIT that failed this way certainly applied nothing: the transaction was
@@ -204,6 +212,19 @@ const CLASSIFICATION: &[Classification] = &[
         mariadb_code: 1317,
         mysql_code: 1317,
         fragments: &[("query execution was interrupted", 1317)],
+    },
+    Classification {
+        kind: ServerErrorKind::MetadataChanged,
+        mariadb_code: 1412,
+        mysql_code: 1412,
+        fragments: &[
+            ("table definition has changed", 1412),
+            ("prepared statement needs to be re-prepared", 1615),
+            (
+                "wait on a lock was aborted due to a pending exclusive lock",
+                1689,
+            ),
+        ],
     },
     Classification {
         kind: ServerErrorKind::ConnectionLost,

@@ -50,6 +50,21 @@ const TEXTS: &[(ServerErrorKind, &str, &str)] = &[
             "Query execution was interrupted",
         ),
         (
+            ServerErrorKind::MetadataChanged,
+            "Table definition has changed, please retry transaction",
+            "Table definition has changed, please retry transaction",
+        ),
+        (
+            ServerErrorKind::MetadataChanged,
+            "Prepared statement needs to be re-prepared",
+            "Prepared statement needs to be re-prepared",
+        ),
+        (
+            ServerErrorKind::MetadataChanged,
+            "Wait on a lock was aborted due to a pending exclusive lock",
+            "Wait on a lock was aborted due to a pending exclusive lock",
+        ),
+        (
             ServerErrorKind::ConnectionLost,
             "Server has gone away",
             "MySQL server has gone away",
@@ -137,6 +152,7 @@ fn retryability() {
         ServerErrorKind::Deadlock,
         ServerErrorKind::RecordChanged,
         ServerErrorKind::Interrupted,
+        ServerErrorKind::MetadataChanged,
     ] {
         assert!(kind.is_retryable(), "{kind:?}");
     }
@@ -415,6 +431,21 @@ fn server_error_code_is_the_number_of_its_text() {
         ),
         ("Can't connect to server on '127.0.0.1' (111)", ConnectionLost, Some(2003)),
         ("Query execution was interrupted", Interrupted, Some(1317)),
+        (
+            "Table definition has changed, please retry transaction",
+            MetadataChanged,
+            Some(1412),
+        ),
+        (
+            "Prepared statement needs to be re-prepared",
+            MetadataChanged,
+            Some(1615),
+        ),
+        (
+            "Wait on a lock was aborted due to a pending exclusive lock",
+            MetadataChanged,
+            Some(1689),
+        ),
         (
             "Query execution was interrupted (max_statement_time exceeded)",
             StatementTimeout,

@@ -2491,3 +2491,37 @@ fn a_migration_deadline_beyond_the_servers_longest_wait_is_cut_to_it() {
         .has_pending_migration(lockstock::MIGRATIONS)
         .expect("pending"));
 }
+
+/// A snapshot read that meets a table rebuilt after its snapshot began (DDL beside the call:
+/// 1412 "Table definition has changed, please retry transaction") is retried, as the server
+/// asks and as an interrupted snapshot is, and answers from its second attempt. Before the fix
+/// 1412 was `ServerErrorKind::Other`: the call failed with `Error::Server` at once.
+#[test]
+fn a_snapshot_read_that_meets_a_rebuilt_table_is_retried() {
+    let (url, mut conn) = fresh_database("review_table_changed");
+    conn.batch_execute(
+        "CREATE TABLE side (id INT PRIMARY KEY, v INT NOT NULL) ENGINE=InnoDB; \
+         INSERT INTO side VALUES (1, 7)",
+    )
+    .expect("a side table");
+    let mut admin = connect(&url);
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let mut attempts = 0;
+    let read = runner.read(&mut conn, |c| {
+        attempts += 1;
+        // The snapshot begins at START TRANSACTION WITH CONSISTENT SNAPSHOT; the first
+        // attempt has the table rebuilt before it first reads it (it holds no lock on it).
+        if attempts == 1 {
+            admin.batch_execute("ALTER TABLE side FORCE, ALGORITHM=COPY")?;
+        }
+        Ok(
+            diesel::dsl::sql::<BigInt>("SELECT CAST(v AS SIGNED) FROM side WHERE id = 1")
+                .get_result::<i64>(c)?,
+        )
+    });
+    assert_eq!(read.expect("the read, retried"), 7);
+    assert_eq!(
+        attempts, 2,
+        "one attempt met the rebuilt table, one read it"
+    );
+}
