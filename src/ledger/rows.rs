@@ -435,11 +435,22 @@ pub(crate) fn store_balance(
     after: &Account,
     written: usize,
 ) -> Result<()> {
+    // The version is the server's: a row edited by hand to near 2^63 must give a typed
+    // error (the transaction is rolled back), not an overflow.
+    let version = i64::try_from(written)
+        .ok()
+        .and_then(|written| account.version.checked_add(written))
+        .ok_or_else(|| {
+            crate::Error::internal(format!(
+                "account {}'s version {} cannot count {written} more journal entries",
+                account.user_id, account.version
+            ))
+        })?;
     SetBalance {
         user_id: account.user_id,
         balance: after.balance,
         held: after.held,
-        version: account.version + i64::try_from(written).unwrap_or(i64::MAX),
+        version,
     }
     .execute(conn)?;
     Ok(())

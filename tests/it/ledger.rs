@@ -1783,3 +1783,28 @@ fn audit_of_the_receiver_detects_a_transfer_credited_twice() {
         Err(Error::AuditFailed(_))
     ));
 }
+
+/// An account row whose `version` was edited to the largest BIGINT (by hand, a restore, another
+/// program) cannot count one more journal entry: a change to it answers a typed error and
+/// changes nothing — single call and batch alike. Before, adding to the version overflowed: a
+/// panic in a debug build, and in a release build a wrapped negative version committed.
+#[test]
+fn an_account_whose_version_cannot_count_more_entries_changes_nothing() {
+    let user = 91;
+    let (_url, mut conn, ledger) = ledger_with_account("ledger_version_full", user, dec(100, 0));
+    diesel::update(user_balance::table.find(user))
+        .set(user_balance::version.eq(i64::MAX))
+        .execute(&mut conn)
+        .expect("the version at its largest");
+    let before = snapshot(&mut conn);
+    let single = ledger.charge(&mut conn, user, dec(1, 0), "one more");
+    assert!(matches!(single, Err(Error::Internal { .. })), "{single:?}");
+    let deduct = |key: &str| AccountOp::Deduct {
+        amount: dec(1, 0),
+        key: key.to_owned(),
+    };
+    // The batch's transaction fails as a whole (as for a lost connection): nothing of it.
+    let batch = ledger.apply_many(&mut conn, user, &[deduct("a"), deduct("b")]);
+    assert!(matches!(batch, Err(Error::Internal { .. })), "{batch:?}");
+    assert_eq!(snapshot(&mut conn), before, "nothing changed");
+}
