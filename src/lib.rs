@@ -123,9 +123,11 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// (no `ADD COLUMN IF NOT EXISTS`) could not express. The server is told the deadline too: as
 /// each migration starts, its `lock_wait_timeout` and (MariaDB, but not on a Galera node, whose
 /// other nodes would finish a replicated DDL cut short on this one) its `max_statement_time`
-/// become the time left, so that a migration waiting for a table another session holds fails
-/// by the deadline ([`Error::Migration`]) in the server as well, rather than waiting on and
-/// applying itself after the call answered. (Within one migration a statement that starts late
+/// become the time left (`lock_wait_timeout` in whole seconds, rounded down where no
+/// `max_statement_time` bounds it: under a second left, no wait at all), so that a migration
+/// waiting for a table another session holds fails by the deadline ([`Error::Migration`]) in the
+/// server as well, rather than waiting on and applying itself after the call answered. (Within
+/// one migration a statement that starts late
 /// may still wait up to the time left as that migration started.)
 ///
 /// Several processes may run the migrations at once (each as it starts): one that fails on

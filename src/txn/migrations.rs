@@ -70,23 +70,30 @@ pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Res
 const OTHERS_MIGRATING: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The server's own bounds for the next migration's statements by `deadline`, as it starts:
-/// the time left as `lock_wait_timeout` (whole seconds, at least one) and, where
-/// `statement_limit` (MariaDB, not a Galera node), as `max_statement_time` — so that a statement
-/// the watchdog gave up on does not go on in the server (waiting for a table's metadata lock,
-/// say, and applying its migration later). Both at most a year, the longest the server takes.
-/// Not `max_statement_time` on a Galera node: the other nodes run a DDL replicated in total
-/// order whatever cut it short on this one, and the cluster's schemas would differ.
+/// the time left as `lock_wait_timeout` and, where `statement_limit` (MariaDB, not a Galera
+/// node), as `max_statement_time` — so that a statement the watchdog gave up on does not go on
+/// in the server (waiting for a table's metadata lock, say, and applying its migration later).
+/// Both at most a year, the longest the server takes. Not `max_statement_time` on a Galera
+/// node: the other nodes run a DDL replicated in total order whatever cut it short on this one,
+/// and the cluster's schemas would differ.
+///
+/// `lock_wait_timeout` counts whole seconds. Under `max_statement_time` it is the time left
+/// rounded up (the statement limit ends the wait in time); alone it is the time left rounded
+/// *down* — rounded up it let the server wait up to a second past the deadline, beyond the
+/// watchdog's grace, and apply the migration after the call had answered. Under a second left
+/// that is 0: MariaDB then does not wait at all (a table another session holds fails the
+/// migration at once); MySQL 8, whose least is 1, waits up to a second (not run here).
 fn server_bounds(deadline: Deadline, statement_limit: bool) -> String {
     let longest = super::policy::LONGEST_LOCK_WAIT_SECONDS as f64;
     let left = deadline.remaining().as_secs_f64().min(longest);
-    let lock_wait = left.ceil().max(1.0) as u64;
     if statement_limit {
+        let lock_wait = left.ceil().max(1.0) as u64;
         format!(
             "SET SESSION lock_wait_timeout = {lock_wait}, max_statement_time = {:.3}",
             left.max(0.02)
         )
     } else {
-        format!("SET SESSION lock_wait_timeout = {lock_wait}")
+        format!("SET SESSION lock_wait_timeout = {}", left.floor() as u64)
     }
 }
 
@@ -251,5 +258,46 @@ fn recorded_by_another(conn: &mut MysqlConnection, deadline: Option<Deadline>) -
             }
             _ => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_bounds;
+    use crate::Deadline;
+    use diesel::connection::SimpleConnection;
+    use std::time::{Duration, Instant};
+
+    /// Without a statement limit (a Galera node) the lock wait is the time left rounded down:
+    /// a migration waiting for a table another session holds gives up by the deadline in the
+    /// server, never after it. With 0.7 s left the wait is 0 — MariaDB fails the DDL at once —
+    /// and with 1.6 s left it is one second. Before, both were rounded up (1 s and 2 s): the
+    /// server went on waiting past the deadline and the watchdog's grace, and could apply the
+    /// migration after the call answered.
+    #[test]
+    fn without_a_statement_limit_the_lock_wait_ends_by_the_deadline() {
+        let bound = |left: Duration| server_bounds(Deadline::after(left), false);
+        assert_eq!(
+            bound(Duration::from_millis(1600)),
+            "SET SESSION lock_wait_timeout = 1"
+        );
+        let (url, mut conn) = crate::util::test_database("unit_migration_lock_wait");
+        let Ok(mut holder) = <diesel::MysqlConnection as diesel::Connection>::establish(&url)
+        else {
+            panic!("a second connection");
+        };
+        assert!(conn
+            .batch_execute("CREATE TABLE side (id INT PRIMARY KEY) ENGINE=InnoDB")
+            .is_ok());
+        assert!(holder.batch_execute("LOCK TABLES side READ").is_ok());
+        let left = Duration::from_millis(700);
+        let deadline = Deadline::after(left);
+        let started = Instant::now();
+        assert!(conn.batch_execute(&server_bounds(deadline, false)).is_ok());
+        let altered = conn.batch_execute("ALTER TABLE side ADD COLUMN v INT");
+        let took = started.elapsed();
+        assert!(altered.is_err(), "the table is held");
+        assert!(took < left, "gave up after {took:?}, past the deadline");
+        assert!(holder.batch_execute("UNLOCK TABLES").is_ok());
     }
 }
