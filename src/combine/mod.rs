@@ -11,8 +11,9 @@
 //! Synchronous: threads and a condition variable, no runtime.
 //!
 //! The row is still locked with `FOR UPDATE NOWAIT` inside SERIALIZABLE; one batch per key runs
-//! its statements at a time (it holds the key's *turn* until it sends COMMIT), so batches of one
-//! key wait for each other in the process, not in the server.
+//! its statements at a time (it holds the key's *turn* until it sends COMMIT — a batch of the
+//! generic [`Combiner`], whose `run_batch` may commit more than once, until it returns), so
+//! batches of one key wait for each other in the process, not in the server.
 //!
 //! Pipelined: the leader of the next batch is appointed when a batch is formed, and while that
 //! batch runs it checks its pooled connection out (r2d2's validity ping included) and opens its
@@ -480,7 +481,8 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// must return one result per request, in the same order, or a whole-batch error.
     /// `deadline` is the caller's, fixed when its call started: it bounds the time spent queued,
     /// and no batch the request is in runs past it: a batch's error is the answer of every
-    /// request in it.
+    /// request in it. One batch of a key runs at a time: the next one starts once `run_batch`
+    /// has returned.
     ///
     /// # Errors
     /// [`Error::Timeout`] when `deadline` passes before the request is taken into a batch; a
@@ -500,6 +502,9 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             request,
             deadline,
             None,
+            // Its `run_batch` may commit more than once: the key's turn is the batch's until
+            // it returns.
+            false,
             |_, _| (),
             |key, requests, deadline, ()| Ran {
                 outcome: run_batch(key, requests, deadline),
@@ -512,13 +517,17 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// of the hot row (then the next leaders of the key linger, see [`Combining`]), and where
     /// a leader first runs `prepare` with its own deadline — while the key's previous batch
     /// may still run — and hands what it made to its batch. With `again`, a request that a
-    /// batch gave up on by an earlier caller's deadline is run again ([`Again`]).
+    /// batch gave up on by an earlier caller's deadline is run again ([`Again`]). With
+    /// `pass_at_commit` (only for batches that commit once), the key's turn passes to the next
+    /// batch as this one's COMMIT is sent, not when `run_batch` returns.
+    #[allow(clippy::too_many_arguments)]
     fn submit_observed<P>(
         &self,
         key: K,
         request: Req,
         deadline: Deadline,
         again: Option<&Again<'_, Req>>,
+        pass_at_commit: bool,
         prepare: impl Fn(&K, Deadline) -> P,
         run_batch: impl Fn(&K, Vec<Req>, Deadline, P) -> Ran<Resp>,
     ) -> Result<Resp> {
@@ -541,7 +550,13 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             if !lead_now && !self.wait_for_turn(&key, &slot, deadline)? {
                 return self.take_result(&slot);
             }
-            self.lead(&key, &slot, deadline, again, &prepare, &run_batch);
+            self.lead(
+                &key,
+                &slot,
+                (deadline, again, pass_at_commit),
+                &prepare,
+                &run_batch,
+            );
             // Given back (its batch gave up by an earlier caller's deadline): it waits for the
             // next batch, or for the leadership, as any queued caller.
             if matches!(*lock(&slot.state), SlotState::Done(_)) {
@@ -618,8 +633,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         &self,
         key: &K,
         own: &Arc<Slot<Resp>>,
-        deadline: Deadline,
-        again: Option<&Again<'_, Req>>,
+        (deadline, again, pass_at_commit): (Deadline, Option<&Again<'_, Req>>, bool),
         prepare: &impl Fn(&K, Deadline) -> P,
         run_batch: &impl Fn(&K, Vec<Req>, Deadline, P) -> Ran<Resp>,
     ) {
@@ -766,6 +780,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             turn: turn.clone(),
             ticket,
             deadline: batch_deadline,
+            pass_at_commit,
             passed: Cell::new(false),
             in_commit: Cell::new(false),
             refused: Cell::new(false),
@@ -891,12 +906,17 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
 }
 
 /// A running batch's side of the [handoff at COMMIT](crate::txn::Handoff): the turn is passed
-/// on as its first COMMIT is sent, and counted as committing until that COMMIT answers.
+/// on as its first COMMIT is sent (where `pass_at_commit`), and counted as committing until
+/// that COMMIT answers.
 struct BatchHandoff {
     turn: Arc<Turn>,
     ticket: u64,
     /// The batch's deadline: waiting for a row held elsewhere takes a share of what is left.
     deadline: Deadline,
+    /// Whether the turn passes at the first COMMIT: only for batches that commit once (the
+    /// combining types'). A generic `run_batch` may commit again after it; its turn passes
+    /// when it returns, so that one batch of a key runs at a time.
+    pass_at_commit: bool,
     passed: Cell<bool>,
     in_commit: Cell<bool>,
     /// The hot row was refused (held by another process, or any other transaction).
@@ -918,7 +938,7 @@ impl Handoff for BatchHandoff {
     }
 
     fn before_commit(&self) {
-        if !self.passed.get() && self.turn.pass_at_commit(self.ticket) {
+        if self.pass_at_commit && !self.passed.get() && self.turn.pass_at_commit(self.ticket) {
             self.passed.set(true);
             self.in_commit.set(true);
         }
@@ -1270,6 +1290,8 @@ impl<S, Req: Clone, Resp> Combining<S, Req, Resp> {
             request,
             deadline,
             Some(&again),
+            // Each batch of a combining type commits once.
+            true,
             prepare,
             |key, requests, deadline, prepared| {
                 // Through a router, the answers a run of the batch gave that stand (see below),

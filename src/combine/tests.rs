@@ -219,7 +219,7 @@ fn given_back_behind_a_batch(
                     refused: false,
                 }
             };
-            combiner.submit_observed(0, request, deadline, Some(&again), |_, _| (), run)
+            combiner.submit_observed(0, request, deadline, Some(&again), true, |_, _| (), run)
         })
     };
     let deadlines =
@@ -355,6 +355,7 @@ fn observed(
         request,
         deadline,
         None,
+        true,
         |_, _| (),
         |k, r, d, ()| run(k, r, d),
     )
@@ -554,6 +555,7 @@ fn the_next_leader_prepares_while_the_batch_before_it_runs_and_batches_never_ove
                         request,
                         within(Duration::from_secs(10)),
                         None,
+                        true,
                         |_, _| {
                             if running.load(Ordering::SeqCst) {
                                 prepared_during_a_batch.fetch_add(1, Ordering::SeqCst);
@@ -745,7 +747,7 @@ fn a_cut_short_refusal_is_finished_by_its_caller_not_decided_again() {
                     refused: false,
                 }
             };
-            combiner.submit_observed(0, request, deadline, Some(&again), |_, _| (), run)
+            combiner.submit_observed(0, request, deadline, Some(&again), true, |_, _| (), run)
         })
     };
     let deadlines =

@@ -1674,3 +1674,76 @@ fn a_pooled_connection_left_inside_a_foreign_transaction_is_discarded() {
 fn later(millis: i64) -> chrono::NaiveDateTime {
     chrono::Utc::now().naive_utc() + chrono::Duration::milliseconds(millis)
 }
+
+/// The generic `Combiner` runs one batch of a key at a time, whatever its `run_batch` does —
+/// also one that commits two transactions through lockstock's runner. Before the fix the
+/// key's turn passed on at the batch's first COMMIT (as it does for the combining types,
+/// whose batches commit once): the next leader's batch ran beside the rest of this one.
+#[test]
+fn a_generic_batch_that_commits_twice_holds_its_key_until_it_returns() {
+    use diesel::connection::SimpleConnection;
+    use lockstock::combine::Combiner;
+    use lockstock::{Deadline, TxnRunner};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let (url, mut admin) = fresh_database("combine_generic_two_commits");
+    admin
+        .batch_execute("CREATE TABLE counted (id INT PRIMARY KEY, n INT NOT NULL); INSERT INTO counted VALUES (1, 0)")
+        .expect("table");
+    let runner = TxnRunner::default();
+    let combiner = Combiner::<u8, u8, ()>::new(4);
+    let deadline = || Deadline::after(Duration::from_secs(10));
+    let first_committed = AtomicBool::new(false);
+    let overlapped = AtomicBool::new(false);
+    let count = |conn: &mut MysqlConnection, deadline: Deadline| {
+        runner.run_by(conn, deadline, |c| {
+            c.batch_execute("UPDATE counted SET n = n + 1 WHERE id = 1")?;
+            Ok(())
+        })
+    };
+    // Whether the first batch is inside its `run_batch`, and whether the second one started
+    // while it was.
+    let first_running = AtomicBool::new(false);
+    let second_started = AtomicBool::new(false);
+    thread::scope(|s| {
+        let first = s.spawn(|| {
+            let conn = Mutex::new(connect(&url));
+            combiner.submit(1, 1, deadline(), |_, requests, deadline| {
+                first_running.store(true, Ordering::SeqCst);
+                count(&mut conn.lock().expect("conn"), deadline)?;
+                first_committed.store(true, Ordering::SeqCst);
+                // Another batch of the key, if it may start now, gets a second to do so.
+                let until = Instant::now() + Duration::from_secs(1);
+                while Instant::now() < until && !second_started.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                count(&mut conn.lock().expect("conn"), deadline)?;
+                first_running.store(false, Ordering::SeqCst);
+                Ok(vec![Ok(()); requests.len()])
+            })
+        });
+        let second = s.spawn(|| {
+            let conn = Mutex::new(connect(&url));
+            while !first_committed.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            combiner.submit(1, 2, deadline(), |_, requests, deadline| {
+                overlapped.store(first_running.load(Ordering::SeqCst), Ordering::SeqCst);
+                second_started.store(true, Ordering::SeqCst);
+                count(&mut conn.lock().expect("conn"), deadline)?;
+                Ok(vec![Ok(()); requests.len()])
+            })
+        });
+        assert!(matches!(first.join().expect("first"), Ok(())));
+        assert!(matches!(second.join().expect("second"), Ok(())));
+    });
+    assert!(
+        !overlapped.load(Ordering::SeqCst),
+        "a second batch of the key ran before the first returned"
+    );
+    let n: i64 =
+        diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT CAST(n AS SIGNED) FROM counted")
+            .get_result(&mut admin)
+            .expect("the count");
+    assert_eq!(n, 3);
+}
