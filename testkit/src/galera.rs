@@ -89,7 +89,7 @@ use diesel::{Connection, MysqlConnection, QueryableByName, RunQueryDsl};
 
 use crate::sandbox::{
     create_database_on, find_install_db, find_mariadbd, flag, io_err, is_root, kill_and_reap,
-    make_private_dir, percent_encode, read_tail, remove_watched_dir, request_shutdown,
+    make_private_dir_for, percent_encode, read_tail, remove_watched_dir, request_shutdown,
     run_install_db, search_path, server_command, spawn_detached, spawn_watchdog_script,
     validate_database_name, wait_stopped, wait_timeout, write_atomically, SandboxError, ERROR_LOG,
     FAILED_TEST_LOG_BYTES, SOCKET_NAME, STOP_TIMEOUT,
@@ -118,7 +118,8 @@ static PORTS_GIVEN: Mutex<Option<PortCursor>> = Mutex::new(None);
 ///
 /// Collects into `$pids` the servers whose pids are in `$2/node*.pid.lockstock` and every
 /// process whose argv mentions `$2/` (the servers and their SST scripts and rsync daemons),
-/// and SIGKILLs each with its process group.
+/// and SIGKILLs each with its process group. (`kill -s KILL -- -pgid`: Debian's `/bin/sh`,
+/// dash, refuses `kill -9 -- -pgid` as "Illegal number" and killed no group.)
 const WATCHDOG_SCRIPT: &str = r#"
 for f in "$dir"/node*.pid.lockstock; do
   p=$(cat "$f" 2>/dev/null)
@@ -135,8 +136,8 @@ for f in "$dir"/node*.pid.lockstock; do
 done
 add_argv_matches "" "$dir/"
 for q in $pids; do
-  kill -9 -- "-$q" 2>/dev/null
-  kill -9 "$q" 2>/dev/null
+  kill -s KILL -- "-$q" 2>/dev/null
+  kill -s KILL "$q" 2>/dev/null
 done
 "#;
 
@@ -379,7 +380,7 @@ impl GaleraBuilder {
         } else {
             None
         };
-        let dir = make_dir()?;
+        let dir = make_dir(owner.is_some())?;
         if owner.is_some() {
             // Private to root (0700) but for `mysql`, which runs the nodes: it may pass through
             // to the node directories it owns (0711: it cannot list this one).
@@ -1131,9 +1132,15 @@ fn server_user_ids() -> Result<(u32, u32), GaleraError> {
         .ok_or(GaleraError::NoServerUser)
 }
 
-fn make_dir() -> Result<PathBuf, GaleraError> {
+/// The cluster's directory; where the nodes run as `mysql` (`others_enter`), in a directory
+/// that user may pass through.
+fn make_dir(others_enter: bool) -> Result<PathBuf, GaleraError> {
     let deepest_socket = Path::new("node9").join(SOCKET_NAME);
-    Ok(make_private_dir("galera", &deepest_socket)?)
+    Ok(make_private_dir_for(
+        "galera",
+        &deepest_socket,
+        others_enter,
+    )?)
 }
 
 /// Where the next port probe starts; ports below the ephemeral range so that
@@ -1204,5 +1211,81 @@ fn port_range() -> (u16, u16) {
     } else {
         // An unusual range; fall back to the top of the port space.
         (61000, 65000)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)] // a failed setup is a failed test
+mod tests {
+    use super::WATCHDOG_SCRIPT;
+    use crate::sandbox::{spawn_detached, spawn_watchdog_script_of};
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    /// Whether process `pid` is alive (not a zombie).
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            let state = stat.rsplit(") ").next().unwrap_or("");
+            !state.starts_with('Z') && !state.starts_with('X')
+        })
+    }
+
+    /// When its owner is gone, the cluster's watchdog kills each node with its process group —
+    /// the helpers a node started (state transfers) whose arguments do not name the cluster's
+    /// directory too. Before the fix, `kill -9 -- -pgid` under Debian's `/bin/sh` (dash) was
+    /// refused ("Illegal number") and such a helper outlived the cluster.
+    #[test]
+    fn the_watchdog_kills_a_nodes_process_group() {
+        let dir =
+            std::env::temp_dir().join(format!("lockstock-watchdog-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).expect("a directory");
+        // A node: a process group whose leader names the directory, with a child that does not.
+        let child_pid = dir.join("child.pid");
+        let node = spawn_detached(
+            Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!(
+                    "sleep 600 & echo $! > '{}'; wait",
+                    child_pid.display()
+                ))
+                .arg(format!("{}/node0", dir.display())),
+        )
+        .expect("a node");
+        std::fs::write(dir.join("node0.pid.lockstock"), node.id().to_string()).expect("pid file");
+        let until = Instant::now() + Duration::from_secs(10);
+        let helper: u32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&child_pid)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < until, "the node's helper never started");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut owner = Command::new("sleep").arg("600").spawn().expect("an owner");
+        let mut watchdog = spawn_watchdog_script_of(
+            WATCHDOG_SCRIPT,
+            "lockstock-galera-watchdog",
+            &dir,
+            owner.id(),
+        )
+        .expect("the watchdog");
+        owner.kill().expect("the owner ends");
+        owner.wait().expect("reaped");
+        let status = watchdog.wait().expect("the watchdog ends");
+        assert!(status.success(), "{status:?}");
+        let mut node = node;
+        let _ = node.wait();
+        let gone = !alive(helper);
+        if !gone {
+            let _ = Command::new("kill")
+                .arg("-9")
+                .arg(helper.to_string())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(gone, "the node's helper {helper} outlived the cluster");
     }
 }

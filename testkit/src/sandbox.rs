@@ -881,6 +881,16 @@ fn make_dir() -> Result<PathBuf, SandboxError> {
 /// A new, empty directory `lockstock-<kind>-<pid>-<n>` in the temporary directory, or in `/tmp`
 /// when the longest socket path below it (`socket`, relative to it) would be too long.
 pub(crate) fn make_private_dir(kind: &str, socket: &Path) -> Result<PathBuf, SandboxError> {
+    make_private_dir_for(kind, socket, false)
+}
+
+/// [`make_private_dir`]; with `others_enter`, in a directory every user may pass through (a
+/// root-owned cluster whose servers run as `mysql` must reach their node directories).
+pub(crate) fn make_private_dir_for(
+    kind: &str,
+    socket: &Path,
+    others_enter: bool,
+) -> Result<PathBuf, SandboxError> {
     let name = format!(
         "lockstock-{kind}-{}-{}",
         std::process::id(),
@@ -892,9 +902,7 @@ pub(crate) fn make_private_dir(kind: &str, socket: &Path) -> Result<PathBuf, San
             base = cwd.join(base);
         }
     }
-    if base.join(&name).join(socket).as_os_str().len() >= MAX_SOCKET_PATH {
-        base = PathBuf::from("/tmp");
-    }
+    base = private_dir_base(base, &Path::new(&name).join(socket), others_enter);
     fs::create_dir_all(&base).map_err(io_err(format!("cannot create {}", base.display())))?;
     // Made here, by this call, readable by its owner only: never an existing path (another
     // user's, a live server's of another PID namespace sharing /tmp, or one planted there),
@@ -923,6 +931,25 @@ pub(crate) fn make_private_dir(kind: &str, socket: &Path) -> Result<PathBuf, San
     )))
 }
 
+/// Where [`make_private_dir_for`] makes a directory whose deepest socket is `inside` it: the
+/// temporary directory `temp`, or `/tmp` where a socket path there would be too long, or (with
+/// `others_enter`) where another user could not pass through `temp` or a directory above it
+/// (`TMPDIR` under root's 0700 home: `mariadb-install-db --user=mysql` failed with "Permission
+/// denied" and every Galera test with it).
+fn private_dir_base(temp: PathBuf, inside: &Path, others_enter: bool) -> PathBuf {
+    let too_long = temp.join(inside).as_os_str().len() >= MAX_SOCKET_PATH;
+    let closed = || {
+        temp.ancestors().any(|dir| {
+            fs::metadata(dir).map_or(true, |meta| meta.permissions().mode() & 0o001 == 0)
+        })
+    };
+    if too_long || (others_enter && closed()) {
+        PathBuf::from("/tmp")
+    } else {
+        temp
+    }
+}
+
 /// How many names [`make_private_dir`] tries before it gives up.
 const PRIVATE_DIR_TRIES: u32 = 1_000;
 
@@ -938,11 +965,21 @@ pub(crate) fn spawn_watchdog_script(
     name: &str,
     dir: &Path,
 ) -> Result<Child, SandboxError> {
+    spawn_watchdog_script_of(body, name, dir, std::process::id())
+}
+
+/// [`spawn_watchdog_script`] for the owner `owner` (a test's stand-in for this process).
+pub(crate) fn spawn_watchdog_script_of(
+    body: &str,
+    name: &str,
+    dir: &Path,
+    owner: u32,
+) -> Result<Child, SandboxError> {
     let mut sh = Command::new("/bin/sh");
     sh.arg("-c")
         .arg(format!("{WATCHDOG_PROLOGUE}{body}{WATCHDOG_EPILOGUE}"))
         .arg(name)
-        .arg(std::process::id().to_string())
+        .arg(owner.to_string())
         .arg(dir);
     spawn_detached(&mut sh).map_err(io_err(format!("cannot start the {name} (/bin/sh)")))
 }
@@ -1073,6 +1110,34 @@ pub(crate) fn tail(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster whose servers run as another user (`mysql`) gets its directory where that
+    /// user can pass: under a `TMPDIR` inside a 0700 directory (root's home), in /tmp. Before,
+    /// it was made there and `mariadb-install-db --user=mysql` failed with "Permission denied".
+    #[test]
+    #[allow(clippy::expect_used)] // a failed setup is a failed test
+    fn a_directory_for_other_users_is_made_where_they_can_pass() {
+        use std::os::unix::fs::PermissionsExt;
+        let closed =
+            std::env::temp_dir().join(format!("lockstock-closed-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&closed);
+        fs::create_dir(&closed).expect("a directory");
+        fs::set_permissions(&closed, fs::Permissions::from_mode(0o700)).expect("closed");
+        let temp = closed.join("tmp");
+        fs::create_dir(&temp).expect("a temporary directory inside");
+        fs::set_permissions(&temp, fs::Permissions::from_mode(0o1777)).expect("open");
+        let inside = Path::new("lockstock-galera-1-0/node9/mysqld.sock");
+        // Under a directory others cannot pass: /tmp, for a cluster whose servers run as
+        // another user; the temporary directory itself for anyone else.
+        let for_others = private_dir_base(temp.clone(), inside, true);
+        let own = private_dir_base(temp.clone(), inside, false);
+        let open = private_dir_base(std::env::temp_dir(), inside, true);
+        let _ = fs::remove_dir_all(&closed);
+        assert_eq!(for_others, PathBuf::from("/tmp"));
+        assert_eq!(own, temp);
+        // /tmp (or wherever TMPDIR is on this machine) stays where others can pass.
+        assert!(open == std::env::temp_dir() || open == Path::new("/tmp"));
+    }
 
     /// A private directory is made by the call, readable by its owner only, and never one
     /// that exists: a name taken (here the next two, planted with a file inside) is left as
