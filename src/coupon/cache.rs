@@ -112,17 +112,16 @@ impl CouponIssuer {
     /// Whether a sold-out mark answers the calls right after the one that set it: not with a
     /// TTL of zero, under which [`known_sold_out`](Self::known_sold_out) never holds.
     pub(super) fn marks_stick(&self) -> bool {
-        self.sold_out_ttl.is_none_or(|ttl| !ttl.is_zero())
+        !self.sold_out_ttl.is_zero()
     }
 
-    /// Whether this issuer saw the campaign sold out (within the TTL, if one is set).
+    /// Whether this issuer saw the campaign sold out within its TTL.
     pub(crate) fn known_sold_out(&self, campaign_id: i64) -> bool {
         let mut marks = lock(&self.sold_out);
-        match (marks.marked.get(&campaign_id), self.sold_out_ttl) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(seen), Some(ttl)) if seen.elapsed() < ttl => true,
-            (Some(_), Some(_)) => {
+        match marks.marked.get(&campaign_id) {
+            None => false,
+            Some(seen) if seen.elapsed() < self.sold_out_ttl => true,
+            Some(_) => {
                 marks.marked.remove(&campaign_id);
                 false
             }

@@ -150,7 +150,8 @@ pub struct CouponIssuer {
     clock: Clock,
     facts: Arc<Mutex<HashMap<i64, CampaignFacts>>>,
     sold_out: Arc<Mutex<SoldOutMarks>>,
-    sold_out_ttl: Option<Duration>,
+    /// How long a sold-out mark answers ([`with_sold_out_ttl`](Self::with_sold_out_ttl)).
+    sold_out_ttl: Duration,
     /// Campaigns whose batches met users who already held the coupon.
     repeat_askers: Arc<Mutex<HashSet<i64>>>,
 }
@@ -187,6 +188,10 @@ pub(crate) fn stale_facts(campaign_id: i64) -> Error {
     ))
 }
 
+/// How long an issuer's sold-out mark answers by default
+/// ([`CouponIssuer::with_sold_out_ttl`]): a restock made elsewhere is seen within it.
+pub const DEFAULT_SOLD_OUT_TTL: Duration = Duration::from_secs(1);
+
 impl CouponIssuer {
     /// An issuer with the default policy (SERIALIZABLE, NOWAIT locks, bounded retries).
     pub fn new() -> Self {
@@ -200,7 +205,7 @@ impl CouponIssuer {
             clock: Arc::new(now),
             facts: Arc::default(),
             sold_out: Arc::default(),
-            sold_out_ttl: None,
+            sold_out_ttl: DEFAULT_SOLD_OUT_TTL,
             repeat_askers: Arc::default(),
         }
     }
@@ -213,17 +218,22 @@ impl CouponIssuer {
     }
 
     /// The same issuer forgetting a sold-out campaign `ttl` after it saw it sold out (after the
-    /// attempt that read the zero stock began, however long the call took after it). Without a
-    /// TTL (the default) the mark stays until this issuer restocks the campaign or reads its
-    /// stock above zero ([`campaign`](Self::campaign), [`remaining`](Self::remaining)); with
-    /// several issuers or processes, a restock made elsewhere is then seen within `ttl`.
+    /// attempt that read the zero stock began, however long the call took after it): until
+    /// then its calls for the campaign answer [`Error::SoldOut`] without a round trip; the
+    /// first call after it reads the stock again. A restock by this issuer, or a read of the
+    /// stock above zero ([`campaign`](Self::campaign), [`remaining`](Self::remaining)), clears
+    /// the mark at once; a restock made elsewhere (another issuer, another process, SQL) is
+    /// seen within `ttl`. The default is [`DEFAULT_SOLD_OUT_TTL`] (one second: a sold-out
+    /// campaign costs each issuer one round trip a second). `Duration::MAX` keeps a mark for
+    /// the issuer's life — only where no one else ever restocks: until this issuer restocks,
+    /// another's restock is never seen, and its calls answer `SoldOut` while stock is left.
     ///
     /// A batch ([`issue_many`](Self::issue_many), a combined batch) is decided at one moment:
     /// a mark its sell-out sets answers its later requests if `ttl` is above zero, as it would
     /// answer single calls made within `ttl`; a TTL of zero never answers from a mark.
     #[must_use]
     pub fn with_sold_out_ttl(mut self, ttl: Duration) -> Self {
-        self.sold_out_ttl = Some(ttl);
+        self.sold_out_ttl = ttl;
         self
     }
 

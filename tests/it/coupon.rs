@@ -897,7 +897,10 @@ fn restock_is_not_undone_by_a_stale_sold_out_read() {
 }
 
 /// With several issuers (processes), a restock made by one reaches the others' sold-out caches
-/// once their TTL has passed; without a TTL they keep answering from memory.
+/// once their TTL has passed — the default issuer's too (one second); with `Duration::MAX` they
+/// keep answering from memory. Before the fix the default issuer kept its mark for ever: in a
+/// process that had seen the campaign sold out, every call answered `SoldOut` after another
+/// process's restock, while the stock lasted.
 #[test]
 fn sold_out_ttl_lets_other_issuers_see_a_restock() {
     // "Within the TTL" is a time bound: not beside the tests that load the machine.
@@ -905,8 +908,12 @@ fn sold_out_ttl_lets_other_issuers_see_a_restock() {
     let (_url, mut conn) = fresh_database("coupon_sold_out_ttl");
     let admin = CouponIssuer::new();
     let (_coupon, campaign) = open_campaign_named(&mut conn, &admin, "ttl", 1);
-    let forever = CouponIssuer::new();
-    let brief = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::from_millis(1000));
+    let forever = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::MAX);
+    let brief = CouponIssuer::new();
+    assert_eq!(
+        lockstock::coupon::DEFAULT_SOLD_OUT_TTL,
+        std::time::Duration::from_secs(1)
+    );
     forever.issue(&mut conn, 1, campaign.id).expect("the one");
     for issuer in [&forever, &brief] {
         assert_refused(&issuer.issue(&mut conn, 2, campaign.id), |e| {

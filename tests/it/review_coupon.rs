@@ -390,7 +390,7 @@ fn finding_5_batch_answers_equal_single_answers() {
     // mark never answers a call, also not the next one in a batch).
     let issuer = |ttl: Option<std::time::Duration>| match ttl {
         Some(ttl) => CouponIssuer::new().with_sold_out_ttl(ttl),
-        None => CouponIssuer::new(),
+        None => CouponIssuer::new().with_sold_out_ttl(std::time::Duration::MAX),
     };
     for (scenario, ttl) in SCENARIOS.iter().flat_map(|scenario| {
         [
