@@ -444,7 +444,13 @@ pub(crate) fn bounded_telling<T>(
     grace: Duration,
     f: impl FnOnce(&mut MysqlConnection, &Guard) -> Result<T, Error>,
 ) -> (Result<T, Error>, bool) {
-    let (result, fired) = watched(deadline, grace, |guard| f(conn, guard));
+    let guard = Guard::arm(deadline.past(grace));
+    let result = f(conn, &guard);
+    let cut = guard.disarm();
+    // Cut itself, or a call nested in it on this connection (which marked it broken then: a
+    // router's closure whose lockstock call was cut by its own deadline) — not a nested call
+    // cut on another connection, whose failure is the body's to answer.
+    let fired = cut.own || (cut.nested && transaction::is_marked_broken(conn));
     if !fired {
         return (result, false);
     }
@@ -471,7 +477,8 @@ pub(crate) fn watched<T>(
 ) -> (T, bool) {
     let guard = Guard::arm(deadline.past(grace));
     let value = f(&guard);
-    (value, guard.disarm())
+    let cut = guard.disarm();
+    (value, cut.own || cut.nested)
 }
 
 /// Runs `f` with `deadline` as the deadline every lockstock call it makes on this thread runs
@@ -598,9 +605,10 @@ impl TxnRunner {
 
     /// A deadline for a call starting now: the policy's [`RetryPolicy::deadline`] from now — or
     /// the deadline of the call this one runs inside, if that is earlier: a [`Router`] runs
-    /// its closure within the router call's deadline, so a lockstock call in it without a
-    /// deadline parameter (say [`BalanceLedger::hold`](crate::BalanceLedger::hold)) is bounded
-    /// by the router's, not by its own policy's.
+    /// its closure, and every lockstock call runs its body, within its deadline, so a lockstock
+    /// call in it (on another connection; on the same one it is refused) is bounded by the
+    /// enclosing call's, not by its own policy's or its own deadline parameter's. Its
+    /// watchdog cutting it at its own earlier deadline leaves the enclosing call alone.
     ///
     /// [`Router`]: crate::route::Router
     pub fn deadline(&self) -> Deadline {
@@ -746,8 +754,13 @@ impl TxnRunner {
                 .map_or(deadline, |outer| deadline.min(outer))
         });
         forget_cache_probe();
-        let result = bounded(conn, deadline, grace, |conn, guard| {
-            self.retry_loop(conn, deadline, read_only, &mut body, guard, &mut attempts)
+        // Every lockstock call the body makes (on another connection: on this one it is
+        // refused) runs by this call's deadline at the latest, as in a router's closure — not
+        // by a later one of its own, which this call's watchdog would cut on a healthy server.
+        let result = within_deadline(deadline, || {
+            bounded(conn, deadline, grace, |conn, guard| {
+                self.retry_loop(conn, deadline, read_only, &mut body, guard, &mut attempts)
+            })
         });
         // A connection lost (killed, timed out by the server, a node restarted) never comes
         // back: libmariadb does not reconnect. Marked broken, an r2d2 pool discards it — also

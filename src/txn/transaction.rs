@@ -632,6 +632,14 @@ fn prepare_refused(error: &ServerError) -> bool {
         .starts_with("can't create more than max_prepared_stmt_count statements")
 }
 
+/// Whether `conn` is marked broken ([`mark_broken`], or Diesel's own verdict).
+pub(crate) fn is_marked_broken(conn: &mut MysqlConnection) -> bool {
+    matches!(
+        AnsiTransactionManager::transaction_manager_status_mut(conn),
+        TransactionManagerStatus::InError
+    )
+}
+
 /// Makes Diesel's transaction manager count the runner's transaction on `conn` (see
 /// [`run_transaction`]); whether it does.
 fn enter_diesel_count(conn: &mut MysqlConnection) -> bool {

@@ -75,8 +75,11 @@ struct Entry {
     tid: i64,
     /// When it is looked at next: its moment, then (past it) every [`HUNT`] or [`HUNT_FIRED`].
     due: Instant,
-    /// The watchdog shut a socket of this thread down.
+    /// The watchdog shut down a socket this call (or a call nested in it) was blocked on.
     fired: bool,
+    /// The watchdog shut down a socket a call nested *inside* this one was blocked on, by that
+    /// call's earlier moment: perhaps another connection's, not this call's.
+    nested_fired: bool,
 }
 
 #[derive(Debug, Default)]
@@ -164,9 +167,18 @@ impl Watchdog {
                 let tid = entry.tid;
                 let mut fired = entry.fired;
                 if sys::shut_blocked_socket(tid) {
-                    // Every guard of this thread (nested calls) learns it.
+                    // The guards of this thread armed since (calls nested in this one, which
+                    // the thread is inside) learn that their call was cut. The guards armed
+                    // before (calls this one is nested in) learn only that a nested call was:
+                    // the socket may be another connection's (a lockstock call on a second
+                    // connection inside a body), and their own call goes on.
+                    let id = entry.id;
                     for other in schedule.entries.iter_mut().filter(|e| e.tid == tid) {
-                        other.fired = true;
+                        if other.id >= id {
+                            other.fired = true;
+                        } else {
+                            other.nested_fired = true;
+                        }
                     }
                     fired = true;
                 }
@@ -233,6 +245,16 @@ pub fn watchdog_available() -> bool {
         && !watchdog().spawn_failed.load(Ordering::Relaxed)
 }
 
+/// What the watchdog shut down during a guarded call ([`Guard::disarm`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Cut {
+    /// A socket the call itself was blocked on (past its moment).
+    pub(crate) own: bool,
+    /// A socket a call nested inside it was blocked on (past that call's earlier moment): the
+    /// same connection's or another's.
+    pub(crate) nested: bool,
+}
+
 /// An armed watchdog entry for the calling thread; dropping it disarms.
 #[derive(Debug)]
 pub(crate) struct Guard {
@@ -261,6 +283,7 @@ impl Guard {
             tid,
             due,
             fired: false,
+            nested_fired: false,
         });
         if !schedule.started {
             schedule.started = true;
@@ -295,21 +318,27 @@ impl Guard {
         dog.lock().entries.iter().any(|e| e.id == id && e.fired)
     }
 
-    /// Disarms, and says whether the watchdog shut a socket of this call down. Once this
-    /// returned, it never will.
-    pub(crate) fn disarm(mut self) -> bool {
+    /// Disarms, and says whether the watchdog shut a socket of this call down — and whether
+    /// it shut down one of a call nested in this one. Once this returned, it never will.
+    pub(crate) fn disarm(mut self) -> Cut {
         self.remove()
     }
 
-    /// Removes the entry (once); whether it had fired.
-    fn remove(&mut self) -> bool {
+    /// Removes the entry (once); what had been cut.
+    fn remove(&mut self) -> Cut {
         let (Some(id), Some(dog)) = (self.id.take(), self.dog) else {
-            return false;
+            return Cut::default();
         };
         let mut schedule = dog.lock();
         match schedule.entries.iter().position(|e| e.id == id) {
-            Some(at) => schedule.entries.swap_remove(at).fired,
-            None => false,
+            Some(at) => {
+                let entry = schedule.entries.swap_remove(at);
+                Cut {
+                    own: entry.fired,
+                    nested: entry.nested_fired,
+                }
+            }
+            None => Cut::default(),
         }
     }
 }

@@ -2525,3 +2525,118 @@ fn a_snapshot_read_that_meets_a_rebuilt_table_is_retried() {
         "one attempt met the rebuilt table, one read it"
     );
 }
+
+/// A lockstock call on another connection inside a call's body runs by the enclosing call's
+/// deadline when its own is later (as `TxnRunner::deadline` promises): the server stops its
+/// lock wait by then, both calls answer that refusal, and both connections stay usable. Before,
+/// the inner call ran by its own 10 s deadline: the outer call's watchdog cut the inner call's
+/// connection to a healthy server at 300 ms + grace, and both answered `ServerUnresponsive`
+/// with both connections broken.
+#[test]
+fn a_call_inside_a_body_runs_by_the_enclosing_deadline() {
+    let (url, mut conn) = fresh_database("review_enclosing_deadline");
+    conn.batch_execute(
+        "CREATE TABLE held (id INT PRIMARY KEY) ENGINE=InnoDB; INSERT INTO held VALUES (1)",
+    )
+    .expect("a table");
+    let mut blocker = connect(&url);
+    blocker
+        .batch_execute("BEGIN; SELECT id FROM held WHERE id = 1 FOR UPDATE")
+        .expect("the row held");
+    let mut outer_policy = TxnPolicy::default();
+    outer_policy.retry.deadline = Duration::from_millis(300);
+    outer_policy.unresponsive_grace = Duration::from_millis(100);
+    let outer = TxnRunner::new(outer_policy);
+    let mut inner_policy = TxnPolicy::default();
+    inner_policy.retry.deadline = Duration::from_secs(10);
+    inner_policy.lock_wait_timeout = Duration::from_secs(10);
+    inner_policy.statement_timeout = Duration::from_secs(20);
+    let inner = TxnRunner::new(inner_policy);
+    let mut other = connect(&url);
+    let mut inner_answer = None;
+    let answer = outer.run(&mut conn, |_| {
+        let waited = inner.run(&mut other, |o| {
+            Ok(diesel::sql_query("SELECT id FROM held WHERE id = 1 FOR UPDATE").execute(o)?)
+        });
+        inner_answer = Some(format!("{waited:?}"));
+        waited
+    });
+    blocker.batch_execute("ROLLBACK").expect("the row let go");
+    let inner_answer = inner_answer.expect("the body ran");
+    assert!(
+        !inner_answer.contains("ServerUnresponsive") && !inner_answer.contains("OutcomeUnknown"),
+        "the inner call: {inner_answer}"
+    );
+    assert!(
+        matches!(
+            answer,
+            Err(Error::Contended { .. }) | Err(Error::Timeout { .. })
+        ),
+        "{answer:?}"
+    );
+    // Both connections are fine.
+    outer
+        .run(&mut conn, |_| Ok(()))
+        .expect("the outer connection");
+    inner
+        .run(&mut other, |_| Ok(()))
+        .expect("the inner connection");
+}
+
+/// A call nested in a body, on another connection, that its watchdog cuts at its own earlier
+/// deadline does not make the enclosing call's connection look cut: the enclosing call goes on
+/// — it retries a refusal as ever — and its connection stays usable. Before, the watchdog
+/// marked every guard of the thread fired: the enclosing call answered `ServerUnresponsive`
+/// without its retry, and its healthy connection was marked broken.
+#[test]
+fn a_nested_call_cut_on_another_connection_leaves_the_enclosing_call_alone() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let (url, mut conn) = fresh_database("review_nested_cut");
+    let mut outer_policy = TxnPolicy::default();
+    outer_policy.retry.deadline = Duration::from_secs(10);
+    let outer = TxnRunner::new(outer_policy);
+    let mut inner_policy = TxnPolicy::default();
+    inner_policy.retry.deadline = Duration::from_millis(100);
+    inner_policy.unresponsive_grace = Duration::from_millis(50);
+    let inner = TxnRunner::new(inner_policy);
+    let mut other = connect(&url);
+    let mut attempts = 0;
+    let mut inner_answer = None;
+    let answer = outer.run(&mut conn, |c| {
+        attempts += 1;
+        diesel::sql_query("SELECT 1").execute(c)?;
+        if attempts == 1 {
+            // The nested call blocks on a socket that never answers (a frozen server's, say)
+            // until its watchdog shuts it down at 150 ms.
+            let cut: Result<(), Error> = inner.run(&mut other, |_| {
+                let (mut silent, _peer) =
+                    UnixStream::pair().map_err(|_| Error::NestedTransaction)?;
+                let mut byte = [0u8; 1];
+                let _ = silent.read(&mut byte);
+                Err(diesel::result::Error::NotFound.into())
+            });
+            inner_answer = Some(format!("{cut:?}"));
+            // The enclosing body goes on, and meets a deadlock: retried.
+            return Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::SerializationFailure,
+                Box::new(
+                    "Deadlock found when trying to get lock; try restarting transaction"
+                        .to_string(),
+                ),
+            )
+            .into());
+        }
+        Ok(())
+    });
+    let inner_answer = inner_answer.expect("the nested call ran");
+    assert!(
+        inner_answer.contains("ServerUnresponsive"),
+        "{inner_answer}"
+    );
+    assert!(answer.is_ok(), "{answer:?}");
+    assert_eq!(attempts, 2, "the deadlock was retried");
+    outer
+        .run(&mut conn, |_| Ok(()))
+        .expect("the enclosing call's connection");
+}
