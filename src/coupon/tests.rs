@@ -70,7 +70,7 @@ fn a_sold_out_read_after_the_last_coupon_was_taken_stays_marked() {
     for batch in [false, true] {
         let name = format!("unit_coupon_late_sighting_{batch}");
         let (url, mut conn) = crate::util::test_database(&name);
-        let issuer = CouponIssuer::new();
+        let issuer = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::MAX);
         let campaign_id = open_campaign(&mut conn, &issuer, &name, 2).id;
         if let Err(e) = issuer.issue(&mut conn, 9, campaign_id) {
             panic!("a first issue: {e}");
@@ -159,7 +159,7 @@ pub(super) fn after_the_stock_update() -> Option<Error> {
 #[test]
 fn an_issue_refused_as_read_only_after_reading_the_stock_is_a_sighting() {
     let (_url, mut conn) = crate::util::test_database("unit_coupon_read_only_sighting");
-    let issuer = CouponIssuer::new();
+    let issuer = CouponIssuer::new().with_sold_out_ttl(std::time::Duration::MAX);
     let campaign = open_campaign(&mut conn, &issuer, "sighting", 5);
     // The campaign's facts cached (the next issue reads nothing before its attempt).
     if let Err(e) = issuer.issue(&mut conn, 2, campaign.id) {
@@ -247,7 +247,8 @@ fn four_attempts() -> crate::TxnPolicy {
 #[test]
 fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
     let (url, mut conn) = crate::util::test_database("unit_coupon_retried_sighting");
-    let issuer = CouponIssuer::with_policy(four_attempts());
+    let issuer =
+        CouponIssuer::with_policy(four_attempts()).with_sold_out_ttl(std::time::Duration::MAX);
     // Attempt 1 sees stock 1 for users 5 and 6, needs their holders and is aborted; before
     // attempt 2 another program locks the stock row.
     let (campaign_id, before, holder) =
@@ -275,7 +276,8 @@ fn a_retried_batch_attempt_that_saw_stock_is_a_sighting() {
 #[test]
 fn a_retried_issue_attempt_that_saw_stock_is_a_sighting() {
     let (url, mut conn) = crate::util::test_database("unit_coupon_retried_issue_sighting");
-    let issuer = CouponIssuer::with_policy(four_attempts());
+    let issuer =
+        CouponIssuer::with_policy(four_attempts()).with_sold_out_ttl(std::time::Duration::MAX);
     let (campaign_id, before, holder) =
         stock_row_locked_at_the_next_attempt(&url, &mut conn, &issuer, "retried issue sighting");
     ABORT_AFTER_THE_STOCK.with(|armed| *armed.borrow_mut() = true);

@@ -1278,6 +1278,11 @@ mod tests {
         assert!(status.success(), "{status:?}");
         let mut node = node;
         let _ = node.wait();
+        // Killed, it may still be scheduled to die.
+        let until = Instant::now() + Duration::from_secs(2);
+        while alive(helper) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let gone = !alive(helper);
         if !gone {
             let _ = Command::new("kill")
