@@ -479,7 +479,8 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// Submits `request` for `key` and returns its own result. `run_batch` gets the requests of
     /// one batch in arrival order and the batch's deadline (the earliest of its callers'), and
     /// must return one result per request, in the same order, or a whole-batch error.
-    /// `deadline` is the caller's, fixed when its call started: it bounds the time spent queued,
+    /// `deadline` is the caller's, fixed when its call started (inside another lockstock call's
+    /// body or a router's closure, that call's if it is earlier): it bounds the time spent queued,
     /// and no batch the request is in runs past it: a batch's error is the answer of every
     /// request in it. One batch of a key runs at a time: the next one starts once `run_batch`
     /// has returned.
@@ -531,6 +532,9 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         prepare: impl Fn(&K, Deadline) -> P,
         run_batch: impl Fn(&K, Vec<Req>, Deadline, P) -> Ran<Resp>,
     ) -> Result<Resp> {
+        // Inside another lockstock call's body (or a router's closure): by its deadline at the
+        // latest — also the queue's and the turn's waits, which no watchdog cuts.
+        let deadline = crate::txn::enclosed(deadline);
         let slot = Arc::new(Slot::new());
         let lead_now = {
             let mut lanes = lock(&self.lanes);

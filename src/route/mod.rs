@@ -480,6 +480,8 @@ impl Router {
         deadline: Deadline,
         mut call: impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
     ) -> Result<T> {
+        // Inside another lockstock call's body (or closure): by its deadline at the latest.
+        let deadline = crate::txn::enclosed(deadline);
         let shared = &self.shared;
         let mut last = None;
         loop {
@@ -506,6 +508,8 @@ impl Router {
         deadline: Deadline,
         mut call: impl FnMut(&mut MysqlConnection, Deadline) -> Result<T>,
     ) -> Result<T> {
+        // Inside another lockstock call's body (or closure): by its deadline at the latest.
+        let deadline = crate::txn::enclosed(deadline);
         let shared = &self.shared;
         let (purpose, causal) = match shared.read_consistency {
             ReadConsistency::Causal => (Use::CausalRead, true),

@@ -49,6 +49,11 @@ const MIGRATION_SQL_MODE: &str =
 
 /// Applies the pending migrations, bounded by `deadline` if there is one.
 pub(crate) fn run(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(), Error> {
+    // Inside another lockstock call's body: by its deadline at the latest.
+    let deadline = match deadline {
+        Some(deadline) => Some(super::enclosed(deadline)),
+        None => super::enclosing(),
+    };
     ensure_no_open_transaction(conn)?;
     match deadline {
         // Nothing is sent past the deadline.

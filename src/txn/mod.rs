@@ -502,6 +502,21 @@ pub(crate) fn within_deadline<T>(deadline: Deadline, f: impl FnOnce() -> T) -> T
     f()
 }
 
+/// `deadline`, or the deadline of the call the calling thread is inside ([`within_deadline`])
+/// if that is earlier: every entry point that takes a deadline runs by this.
+pub(crate) fn enclosed(deadline: Deadline) -> Deadline {
+    ENCLOSING.with(|enclosing| {
+        enclosing
+            .get()
+            .map_or(deadline, |outer| deadline.min(outer))
+    })
+}
+
+/// The deadline of the call the calling thread is inside, if any ([`within_deadline`]).
+pub(crate) fn enclosing() -> Option<Deadline> {
+    ENCLOSING.with(std::cell::Cell::get)
+}
+
 std::thread_local! {
     /// The deadline of the call the calling thread is inside ([`within_deadline`]).
     static ENCLOSING: std::cell::Cell<Option<Deadline>> = const { std::cell::Cell::new(None) };
@@ -746,13 +761,10 @@ impl TxnRunner {
     ) -> (Result<T, Error>, Attempts) {
         let mut attempts = Attempts::default();
         let grace = self.policy.unresponsive_grace;
-        // Inside a call that bounds every lockstock call it makes (a router's closure): by that
-        // deadline at the latest, also where the caller passed a later one of its own.
-        let deadline = ENCLOSING.with(|enclosing| {
-            enclosing
-                .get()
-                .map_or(deadline, |outer| deadline.min(outer))
-        });
+        // Inside a call that bounds every lockstock call it makes (a router's closure, another
+        // call's body): by that deadline at the latest, also where the caller passed a later
+        // one of its own.
+        let deadline = enclosed(deadline);
         forget_cache_probe();
         // Every lockstock call the body makes (on another connection: on this one it is
         // refused) runs by this call's deadline at the latest, as in a router's closure — not

@@ -167,14 +167,21 @@ impl Watchdog {
                 let tid = entry.tid;
                 let mut fired = entry.fired;
                 if sys::shut_blocked_socket(tid) {
-                    // The guards of this thread armed since (calls nested in this one, which
-                    // the thread is inside) learn that their call was cut. The guards armed
-                    // before (calls this one is nested in) learn only that a nested call was:
-                    // the socket may be another connection's (a lockstock call on a second
-                    // connection inside a body), and their own call goes on.
-                    let id = entry.id;
+                    // The socket is the one the thread blocked on: its innermost call's (the
+                    // guard armed last on the thread: guards nest, armed and dropped in one
+                    // stack frame), whichever call's moment came. That call learns it was cut;
+                    // the calls it is nested in learn only that a nested call was — the socket
+                    // may be another connection's (a lockstock call on a second connection
+                    // inside a body), and their own call goes on until it blocks past its own
+                    // moment.
+                    let innermost = schedule
+                        .entries
+                        .iter()
+                        .filter(|e| e.tid == tid)
+                        .map(|e| e.id)
+                        .max();
                     for other in schedule.entries.iter_mut().filter(|e| e.tid == tid) {
-                        if other.id >= id {
+                        if Some(other.id) == innermost {
                             other.fired = true;
                         } else {
                             other.nested_fired = true;

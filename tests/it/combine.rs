@@ -1747,3 +1747,51 @@ fn a_generic_batch_that_commits_twice_holds_its_key_until_it_returns() {
             .expect("the count");
     assert_eq!(n, 3);
 }
+
+/// A generic combiner's call inside another lockstock call's body runs by the enclosing call's
+/// deadline when its own is later: its wait in the queue for the key's turn (which no watchdog
+/// cuts) ends by then, `Timeout`. Before, it waited by its own 10 s deadline while another
+/// batch of the key held the turn for 4 s, far past the enclosing call's 300 ms.
+#[test]
+fn a_combined_call_inside_a_body_waits_no_longer_than_the_enclosing_deadline() {
+    use lockstock::combine::Combiner;
+    use lockstock::{Deadline, TxnPolicy, TxnRunner};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let (_url, mut conn) = fresh_database("combine_enclosed_wait");
+    let combiner = Combiner::<u8, u8, ()>::new(4);
+    let mut policy = TxnPolicy::default();
+    policy.retry.deadline = Duration::from_millis(300);
+    let outer = TxnRunner::new(policy);
+    let holding = AtomicBool::new(false);
+    thread::scope(|s| {
+        let holder = s.spawn(|| {
+            combiner.submit(
+                1,
+                1,
+                Deadline::after(Duration::from_secs(10)),
+                |_, requests, _| {
+                    holding.store(true, Ordering::SeqCst);
+                    thread::sleep(Duration::from_secs(4));
+                    Ok(vec![Ok(()); requests.len()])
+                },
+            )
+        });
+        while !holding.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let started = Instant::now();
+        let answer = outer.run(&mut conn, |_| {
+            combiner.submit(
+                1,
+                2,
+                Deadline::after(Duration::from_secs(10)),
+                |_, requests, _| Ok(vec![Ok(()); requests.len()]),
+            )
+        });
+        let took = started.elapsed();
+        assert!(matches!(answer, Err(Error::Timeout { .. })), "{answer:?}");
+        assert!(took < Duration::from_secs(2), "answered after {took:?}");
+        assert!(matches!(holder.join().expect("holder"), Ok(())));
+    });
+}
