@@ -142,12 +142,25 @@ impl BalanceLedger {
                 "a batch's ops and their clock readings differ in number",
             ));
         }
+        // The keys of holds whose expiry their caller's clock refused, looked up before the
+        // batch sends anything else — also before the read that splits it (see `apply_part`).
+        let looked_up = self.expired_lookups(conn, user_id, ops, judged, deadline);
+        // The holds the batch may place: those it sends (not one refused for its input or its
+        // expiry, which places nothing and needs no split).
+        let places: Vec<bool> = ops
+            .iter()
+            .zip(judged)
+            .map(|(op, at)| {
+                matches!(op, AccountOp::Hold { .. })
+                    && matches!(op.before_sending(user_id, *at), BeforeSending::Send)
+            })
+            .collect();
         // In parts where a capture or release may name a hold the batch places (see
         // `split_at_placed_hold`): each part once the ones before it have run, as their single
         // calls would run one after another, its answers standing whatever the others meet. A
         // failure of every part that applied nothing (no unknown outcome) is the batch's.
-        let Some(mut to) = self.split_at_placed_hold(conn, ops, deadline) else {
-            return self.apply_part(conn, user_id, ops, judged, deadline);
+        let Some(mut to) = self.split_at_placed_hold(conn, ops, &places, deadline) else {
+            return self.apply_part(conn, user_id, ops, judged, &looked_up, deadline);
         };
         let mut answers: Vec<Result<Entry>> = Vec::with_capacity(ops.len());
         let mut failures: Vec<Error> = Vec::new();
@@ -156,11 +169,12 @@ impl BalanceLedger {
         while from < ops.len() {
             if from > 0 {
                 to = self
-                    .split_at_placed_hold(conn, &ops[from..], deadline)
+                    .split_at_placed_hold(conn, &ops[from..], &places[from..], deadline)
                     .map_or(ops.len(), |at| from + at);
             }
             parts += 1;
-            match self.apply_part(conn, user_id, &ops[from..to], &judged[from..to], deadline) {
+            let part = (&ops[from..to], &judged[from..to], &looked_up[from..to]);
+            match self.apply_part(conn, user_id, part.0, part.1, part.2, deadline) {
                 Ok(part) => answers.extend(part),
                 Err(failure) => {
                     answers.extend((from..to).map(|_| Err(failure.clone())));
@@ -179,7 +193,8 @@ impl BalanceLedger {
         }
     }
 
-    /// Where a batch is split: at the first capture or release, after a hold the batch places,
+    /// Where a batch is split: at the first capture or release, after a hold the batch places
+    /// (`places`: per op, a hold it sends),
     /// that names a hold not found now — it may name the hold placed (its id is the batch's
     /// INSERT's), which the single calls made one after another would capture or release, so
     /// it runs once the requests before it have run. The holds named are read with one
@@ -193,11 +208,10 @@ impl BalanceLedger {
         &self,
         conn: &mut MysqlConnection,
         ops: &[AccountOp],
+        places: &[bool],
         deadline: Deadline,
     ) -> Option<usize> {
-        let first_hold = ops
-            .iter()
-            .position(|op| matches!(op, AccountOp::Hold { .. }))?;
+        let first_hold = places.iter().position(|places| *places)?;
         let after = &ops[first_hold + 1..];
         let mut named: Vec<i64> = after
             .iter()
@@ -226,14 +240,53 @@ impl BalanceLedger {
             .map(|at| first_hold + 1 + at)
     }
 
+    /// The answers of the key lookups of the batch's holds whose expiry their caller's clock
+    /// refused (`None` for every other op), all with one read: made first, as each of their
+    /// single calls makes it first.
+    fn expired_lookups(
+        &self,
+        conn: &mut MysqlConnection,
+        user_id: i64,
+        ops: &[AccountOp],
+        judged: &[NaiveDateTime],
+        deadline: Deadline,
+    ) -> Vec<Option<Result<Entry>>> {
+        let expired: Vec<(usize, (Request<'_>, Error))> = ops
+            .iter()
+            .zip(judged)
+            .enumerate()
+            .filter_map(
+                |(at, (op, judged))| match op.before_sending(user_id, *judged) {
+                    BeforeSending::Expired(request, refusal) => Some((at, (request, refusal))),
+                    _ => None,
+                },
+            )
+            .collect();
+        let mut looked_up: Vec<Option<Result<Entry>>> = vec![None; ops.len()];
+        if expired.is_empty() {
+            return looked_up;
+        }
+        let holds: Vec<(&Request<'_>, Error)> = expired
+            .iter()
+            .map(|(_, (request, refusal))| (request, refusal.clone()))
+            .collect();
+        let found = self.expired_holds(conn, &holds, deadline);
+        for ((at, _), answer) in expired.iter().zip(found) {
+            looked_up[*at] = Some(answer);
+        }
+        looked_up
+    }
+
     /// [`apply_many_by`](Self::apply_many_by) of a batch, or of a part of it, in one
-    /// transaction (and its rounds).
+    /// transaction (and its rounds); `looked_up`: [`expired_lookups`](Self::expired_lookups)
+    /// of its ops.
     fn apply_part(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,
         ops: &[AccountOp],
         judged: &[NaiveDateTime],
+        looked_up: &[Option<Result<Entry>>],
         deadline: Deadline,
     ) -> Result<Vec<Result<Entry>>> {
         // What each single call decides without the server, decided before anything is sent
@@ -251,7 +304,8 @@ impl BalanceLedger {
         // the batch before it carries its key, the batch decides it in order (that request's
         // entry answers it: the same request, or a conflict), and this answer stands only if
         // the batch fails, when that request wrote nothing.
-        // All of them with one read.
+        // All of them with one read, made for the whole batch before it sent anything (before
+        // the read that splits it too): `looked_up`; one missing there is looked up now.
         let expired: Vec<(usize, (&Request<'_>, Error))> = before
             .iter()
             .enumerate()
@@ -260,8 +314,23 @@ impl BalanceLedger {
                 _ => None,
             })
             .collect();
-        let holds: Vec<(&Request<'_>, Error)> = expired.iter().map(|(_, h)| h.clone()).collect();
-        let found = self.expired_holds(conn, &holds, deadline);
+        let missing: Vec<(&Request<'_>, Error)> = expired
+            .iter()
+            .filter(|(at, _)| looked_up.get(*at).is_none_or(Option::is_none))
+            .map(|(_, h)| h.clone())
+            .collect();
+        let mut fresh = self.expired_holds(conn, &missing, deadline).into_iter();
+        let found: Vec<Result<Entry>> = expired
+            .iter()
+            .map(|(at, (_, refusal))| {
+                looked_up
+                    .get(*at)
+                    .cloned()
+                    .flatten()
+                    .or_else(|| fresh.next())
+                    .unwrap_or_else(|| Err(refusal.clone()))
+            })
+            .collect();
         let mut expired_answers: Vec<Option<Result<Entry>>> = vec![None; ops.len()];
         let mut answered = Vec::new();
         for ((at, _), answer) in expired.iter().zip(found) {

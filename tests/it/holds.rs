@@ -1982,3 +1982,59 @@ fn a_combined_retry_of_an_expired_hold_answers_as_its_single_call() {
     assert_eq!(recorded.expect("the recorded entry"), hold);
     audit_ok(&ledger, &mut conn, USER);
 }
+
+/// A batch looks up the keys of its holds whose expiry has passed before it sends anything
+/// else — also before the read of the holds its captures and releases name (the read that
+/// splits a batch at a hold it places) — as each single call looks its key up first. Here that
+/// read waits behind another program's lock past the batch's deadline: the expired hold is
+/// still answered `InvalidExpiry`, as its single call answers it under the same lock. Before,
+/// the read went first and used up the deadline, and the expired hold was answered
+/// `OutcomeUnknown`.
+#[test]
+fn a_batch_looks_up_its_expired_holds_before_the_read_that_splits_it() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut conn) = fresh_database("holds_expired_before_split");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, 1, dec(100));
+    let placed = ledger
+        .hold(&mut conn, 1, dec(10), "h1", in_secs(3_600))
+        .expect("a hold to release");
+    let short = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        StdDuration::from_secs(1),
+    ));
+    let mut locker = connect(&url);
+    locker
+        .batch_execute("LOCK TABLES balance_hold WRITE")
+        .expect("lock the holds");
+    let unlock = thread::spawn(move || {
+        thread::sleep(StdDuration::from_millis(2_500));
+        locker
+            .batch_execute("UNLOCK TABLES")
+            .expect("release the holds");
+    });
+    let expired = in_secs(-5);
+    let single = short.hold(&mut conn, 1, dec(5), "late-single", expired);
+    let answers = short
+        .apply_many(
+            &mut conn,
+            1,
+            &[
+                AccountOp::hold(dec(5), "h2", in_secs(3_600)),
+                AccountOp::hold(dec(5), "late", expired),
+                AccountOp::release(placed.id, "r"),
+            ],
+        )
+        .expect("answered per request");
+    unlock.join().expect("unlocked");
+    let not_in_future = |answer: &Result<Entry, Error>| {
+        matches!(
+            answer,
+            Err(Error::InvalidExpiry {
+                problem: ExpiryProblem::NotInFuture,
+                ..
+            })
+        )
+    };
+    assert!(not_in_future(&single), "the single call: {single:?}");
+    assert!(not_in_future(&answers[1]), "{answers:?}");
+}
