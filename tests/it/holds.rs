@@ -59,6 +59,34 @@ fn single_call(
 /// One `balance_hold` row: (id, user, amount, captured, state, ended_by_entry_id).
 type HoldRow = (i64, i64, Decimal, Decimal, String, Option<i64>);
 
+/// A fresh database `name` with account 1 funded with 100 and a hold of 10 on it (key "h1",
+/// an hour long): its URL, a connection, the ledger and the hold's entry.
+fn account_with_a_hold(name: &str) -> (String, MysqlConnection, BalanceLedger, Entry) {
+    let (url, mut conn) = fresh_database(name);
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, 1, dec(100));
+    let hold = ledger
+        .hold(&mut conn, 1, dec(10), "h1", in_secs(3_600))
+        .expect("a hold");
+    (url, conn, ledger, hold)
+}
+
+/// Another program holds `balance_hold` with `LOCK TABLES ... WRITE` for `time` (locked when
+/// this returns); join the handle to wait for the unlock.
+fn holds_locked_for(url: &str, time: StdDuration) -> thread::JoinHandle<()> {
+    use diesel::connection::SimpleConnection;
+    let mut locker = connect(url);
+    locker
+        .batch_execute("LOCK TABLES balance_hold WRITE")
+        .expect("lock the holds");
+    thread::spawn(move || {
+        thread::sleep(time);
+        locker
+            .batch_execute("UNLOCK TABLES")
+            .expect("release the holds");
+    })
+}
+
 fn hold_rows(conn: &mut MysqlConnection) -> Vec<HoldRow> {
     balance_hold::table
         .select((
@@ -1768,23 +1796,8 @@ fn a_hold_retried_on_a_clock_behind_its_writers_answers_the_recorded_entry() {
 /// answered it from the first judgement, as refused.
 #[test]
 fn a_batch_judges_a_holds_expiry_once_before_it_sends_anything() {
-    use diesel::connection::SimpleConnection;
-    let (url, mut conn) = fresh_database("holds_expiry_judged_once");
-    let ledger = BalanceLedger::new();
-    funded_account(&mut conn, &ledger, 1, dec(100));
-    let captured = ledger
-        .hold(&mut conn, 1, dec(10), "h1", in_secs(3_600))
-        .expect("a hold to capture");
-    let mut locker = connect(&url);
-    locker
-        .batch_execute("LOCK TABLES balance_hold WRITE")
-        .expect("lock the holds");
-    let unlock = thread::spawn(move || {
-        thread::sleep(StdDuration::from_millis(800));
-        locker
-            .batch_execute("UNLOCK TABLES")
-            .expect("release the holds");
-    });
+    let (url, mut conn, ledger, captured) = account_with_a_hold("holds_expiry_judged_once");
+    let unlock = holds_locked_for(&url, StdDuration::from_millis(800));
     let too_far = now() + lockstock::ledger::MAX_HOLD_DURATION + Duration::milliseconds(400);
     let answers = ledger
         .apply_many(
@@ -1992,26 +2005,11 @@ fn a_combined_retry_of_an_expired_hold_answers_as_its_single_call() {
 /// `OutcomeUnknown`.
 #[test]
 fn a_batch_looks_up_its_expired_holds_before_the_read_that_splits_it() {
-    use diesel::connection::SimpleConnection;
-    let (url, mut conn) = fresh_database("holds_expired_before_split");
-    let ledger = BalanceLedger::new();
-    funded_account(&mut conn, &ledger, 1, dec(100));
-    let placed = ledger
-        .hold(&mut conn, 1, dec(10), "h1", in_secs(3_600))
-        .expect("a hold to release");
+    let (url, mut conn, _, placed) = account_with_a_hold("holds_expired_before_split");
     let short = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
         StdDuration::from_secs(1),
     ));
-    let mut locker = connect(&url);
-    locker
-        .batch_execute("LOCK TABLES balance_hold WRITE")
-        .expect("lock the holds");
-    let unlock = thread::spawn(move || {
-        thread::sleep(StdDuration::from_millis(2_500));
-        locker
-            .batch_execute("UNLOCK TABLES")
-            .expect("release the holds");
-    });
+    let unlock = holds_locked_for(&url, StdDuration::from_millis(2_500));
     let expired = in_secs(-5);
     let single = short.hold(&mut conn, 1, dec(5), "late-single", expired);
     let answers = short
