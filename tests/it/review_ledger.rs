@@ -1404,7 +1404,11 @@ fn a_batchs_expired_holds_are_looked_up_with_one_read() {
 #[test]
 fn a_batch_split_at_its_own_holds_sends_statements_in_proportion() {
     let (_url, mut conn) = fresh_database("review_batch_split_proportion");
-    let ledger = BalanceLedger::new();
+    // 200 parts, a transaction each, by one deadline: the default 3 s ran out after 168 parts
+    // on a loaded machine (a CI run). What is counted here is statements, not time.
+    let ledger = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        std::time::Duration::from_secs(60),
+    ));
     let funded = ledger
         .charge(&mut conn, 7, dec(1_000), "fund")
         .expect("fund")
