@@ -1808,3 +1808,66 @@ fn an_account_whose_version_cannot_count_more_entries_changes_nothing() {
     assert!(matches!(batch, Err(Error::Internal { .. })), "{batch:?}");
     assert_eq!(snapshot(&mut conn), before, "nothing changed");
 }
+
+/// An entry of a kind, or a hold in a state, that lockstock never writes (rows edited with
+/// the CHECK constraints off) is reported by the audit as an inconsistency of the account
+/// (`AuditFailed`), as every other tampering is. Before, the audit failed to read them: a
+/// `Server` error (a deserialization error) and no report — a job that retries server errors
+/// never flagged the account.
+#[test]
+fn audit_reports_entries_and_holds_it_does_not_know() {
+    use diesel::connection::SimpleConnection;
+    use lockstock::schema::balance_hold;
+    let (_url, mut conn) = fresh_database("ledger_audit_unknown");
+    let ledger = BalanceLedger::new();
+    let (relabelled, restated) = (81_i64, 82_i64);
+    let mut deducts = Vec::new();
+    for user in [relabelled, restated] {
+        funded_account(&mut conn, &ledger, user, dec(100, 0));
+        deducts.push(
+            ledger
+                .deduct(&mut conn, user, dec(10, 0), "d")
+                .expect("deduct")
+                .id,
+        );
+        ledger
+            .hold(
+                &mut conn,
+                user,
+                dec(20, 0),
+                "h",
+                chrono::Utc::now().naive_utc() + chrono::Duration::hours(1),
+            )
+            .expect("hold");
+        audit_ok(&ledger, &mut conn, user);
+    }
+    conn.batch_execute("SET SESSION check_constraint_checks = 0")
+        .expect("checks off");
+    let first_deduct = deducts[0];
+    diesel::update(balance_history::table.find(first_deduct))
+        .set(balance_history::kind.eq("bogus"))
+        .execute(&mut conn)
+        .expect("relabel");
+    diesel::update(balance_hold::table.filter(balance_hold::user_id.eq(restated)))
+        .set(balance_hold::state.eq("void"))
+        .execute(&mut conn)
+        .expect("restate");
+    conn.batch_execute("SET SESSION check_constraint_checks = 1")
+        .expect("checks on");
+    for (user, what) in [
+        (
+            relabelled,
+            format!("entry {first_deduct} is of an unknown kind"),
+        ),
+        (restated, "is in an unknown state".to_owned()),
+    ] {
+        match ledger.audit(&mut conn, user) {
+            Err(Error::AuditFailed(report)) => assert!(
+                report.problems.iter().any(|p| p.contains(&what)),
+                "{what}: {:?}",
+                report.problems
+            ),
+            other => panic!("{what}: expected AuditFailed, got {other:?}"),
+        }
+    }
+}
