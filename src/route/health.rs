@@ -17,10 +17,12 @@ use crate::error::{Error, ServerError, ServerErrorKind};
 use crate::txn::{apply_session_settings, Deadline, TxnPolicy};
 
 /// The probe: the node's name and the three status values that make it healthy, in one round
-/// trip on a connection of its own (no causal wait: it must answer on a lagging node too). A
-/// missing status is the empty string — `SPACE(0)`, not a `''` literal, which a server's
-/// `sql_mode` with EMPTY_STRING_IS_NULL reads as NULL.
-const PROBE_SQL: &str = "SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
+/// trip on a connection of its own (no causal wait — also where the node's global
+/// `wsrep_sync_wait` asks for one: it must answer on a lagging node, and during a stall that
+/// another node's pause causes, too). A missing status is the empty string — `SPACE(0)`, not a
+/// `''` literal, which a server's `sql_mode` with EMPTY_STRING_IS_NULL reads as NULL.
+const PROBE_SQL: &str = "SET STATEMENT wsrep_sync_wait = 0 FOR \
+     SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
      CAST(@@global.wsrep_on AS SIGNED) AS replicating, \
      CAST(CAST(@@global.read_only AS CHAR) NOT IN ('0', 'OFF') AS SIGNED) AS read_only, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \

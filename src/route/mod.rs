@@ -656,7 +656,8 @@ impl Pools {
 /// The router's connections: session settings plus `wsrep_dirty_reads = 0` (a node's global
 /// `wsrep_dirty_reads = ON`, which new sessions take, lets a node outside the Primary component
 /// answer reads from its frozen rows instead of refusing them with 1047, and turns the causal
-/// wait off) — and for causal reads `wsrep_sync_wait = 1` (reads, `SHOW` and `START
+/// wait off) — for writes `wsrep_sync_wait = 0` (whatever the node's global value) and for
+/// causal reads `wsrep_sync_wait = 1` (reads, `SHOW` and `START
 /// TRANSACTION` wait until the node applied every earlier commit of the cluster).
 #[derive(Debug)]
 struct NodeSession {
@@ -677,10 +678,13 @@ impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for NodeSession {
         let sql = format!(
             "SET SESSION {}wsrep_dirty_reads = 0, \
              lc_messages = IF({}, @@session.lc_messages, '{}')",
+            // Writes never wait causally, whatever the node's global `wsrep_sync_wait` (a
+            // cluster set up for read-your-writes): a NOWAIT read would wait for the node to
+            // apply the cluster's earlier writes, stalled with it when another node pauses.
             if self.causal {
                 "wsrep_sync_wait = 1, "
             } else {
-                ""
+                "wsrep_sync_wait = 0, "
             },
             crate::txn::REPLICATING,
             crate::txn::NOT_REPLICATED_LOCALE

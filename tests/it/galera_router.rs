@@ -1957,3 +1957,57 @@ fn galera_routed_retry_of_an_expired_hold_is_not_fooled_by_a_leftover_transactio
     let retried = hot.hold(1, Decimal::new(10, 0), "h", expires_at);
     assert_eq!(retried.expect("the recorded entry"), hold);
 }
+
+/// Sets `wsrep_sync_wait` globally on every node of these URLs, and back to 0 when dropped,
+/// however the test ends.
+struct GlobalSyncWait(Vec<String>);
+
+impl GlobalSyncWait {
+    fn set(urls: &[String], value: u32) -> Self {
+        for url in urls {
+            causal(url)
+                .batch_execute(&format!("SET GLOBAL wsrep_sync_wait = {value}"))
+                .expect("a global causal wait");
+        }
+        Self(urls.to_vec())
+    }
+}
+
+impl Drop for GlobalSyncWait {
+    fn drop(&mut self) {
+        for url in &self.0 {
+            if let Ok(mut conn) = MysqlConnection::establish(url) {
+                let _ = conn.batch_execute("SET GLOBAL wsrep_sync_wait = 0");
+            }
+        }
+    }
+}
+
+/// On a cluster whose nodes wait causally by default (a global `wsrep_sync_wait = 1`, set up for
+/// read-your-writes), the router's writes do not: its write sessions set `wsrep_sync_wait = 0`
+/// (a NOWAIT read would wait for the node to apply the cluster's earlier writes, stalled with
+/// it when another node pauses), and its causal reads keep theirs. Before the fix the write
+/// sessions took the node's global value.
+#[test]
+fn galera_router_writes_without_a_causal_wait_whatever_the_nodes_default() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_sync_wait");
+    let _global = GlobalSyncWait::set(&urls, 1);
+    let (router, _writer) = router_with(&urls, 2, Duration::from_secs(2));
+    let session_wait = |conn: &mut MysqlConnection| -> Result<i64, Error> {
+        Ok(diesel::select(diesel::dsl::sql::<BigInt>(
+            "CAST(@@session.wsrep_sync_wait AS SIGNED)",
+        ))
+        .get_result::<i64>(conn)?)
+    };
+    let written = router
+        .write(Deadline::after(DEADLINE), |conn, _| session_wait(conn))
+        .expect("a write session");
+    let read = router
+        .read(Deadline::after(DEADLINE), |conn, _| session_wait(conn))
+        .expect("a read session");
+    assert_eq!(written, 0, "the write session waits causally");
+    assert_eq!(read, 1, "the read session does not");
+}
