@@ -142,17 +142,23 @@ impl BalanceLedger {
                 "a batch's ops and their clock readings differ in number",
             ));
         }
+        // What each single call decides without the server, decided before anything is sent
+        // (an expiry is checked against its caller's clock, as the single call checks it).
+        let before: Vec<BeforeSending<'_>> = ops
+            .iter()
+            .zip(judged)
+            .map(|(op, at)| op.before_sending(user_id, *at))
+            .collect();
         // The keys of holds whose expiry their caller's clock refused, looked up before the
         // batch sends anything else — also before the read that splits it (see `apply_part`).
-        let looked_up = self.expired_lookups(conn, user_id, ops, judged, deadline);
+        let looked_up = self.expired_lookups(conn, &before, deadline);
         // The holds the batch may place: those it sends (not one refused for its input or its
         // expiry, which places nothing and needs no split).
         let places: Vec<bool> = ops
             .iter()
-            .zip(judged)
-            .map(|(op, at)| {
-                matches!(op, AccountOp::Hold { .. })
-                    && matches!(op.before_sending(user_id, *at), BeforeSending::Send)
+            .zip(&before)
+            .map(|(op, before)| {
+                matches!(op, AccountOp::Hold { .. }) && matches!(before, BeforeSending::Send)
             })
             .collect();
         // In parts where a capture or release may name a hold the batch places (see
@@ -160,7 +166,7 @@ impl BalanceLedger {
         // calls would run one after another, its answers standing whatever the others meet. A
         // failure of every part that applied nothing (no unknown outcome) is the batch's.
         let Some(mut to) = self.split_at_placed_hold(conn, ops, &places, deadline) else {
-            return self.apply_part(conn, user_id, ops, judged, &looked_up, deadline);
+            return self.apply_part(conn, user_id, ops, before, &looked_up, deadline);
         };
         let mut answers: Vec<Result<Entry>> = Vec::with_capacity(ops.len());
         let mut failures: Vec<Error> = Vec::new();
@@ -173,7 +179,11 @@ impl BalanceLedger {
                     .map_or(ops.len(), |at| from + at);
             }
             parts += 1;
-            let part = (&ops[from..to], &judged[from..to], &looked_up[from..to]);
+            let part = (
+                &ops[from..to],
+                before[from..to].to_vec(),
+                &looked_up[from..to],
+            );
             match self.apply_part(conn, user_id, part.0, part.1, part.2, deadline) {
                 Ok(part) => answers.extend(part),
                 Err(failure) => {
@@ -246,30 +256,22 @@ impl BalanceLedger {
     fn expired_lookups(
         &self,
         conn: &mut MysqlConnection,
-        user_id: i64,
-        ops: &[AccountOp],
-        judged: &[NaiveDateTime],
+        before: &[BeforeSending<'_>],
         deadline: Deadline,
     ) -> Vec<Option<Result<Entry>>> {
-        let expired: Vec<(usize, (Request<'_>, Error))> = ops
+        let expired: Vec<(usize, (&Request<'_>, Error))> = before
             .iter()
-            .zip(judged)
             .enumerate()
-            .filter_map(
-                |(at, (op, judged))| match op.before_sending(user_id, *judged) {
-                    BeforeSending::Expired(request, refusal) => Some((at, (request, refusal))),
-                    _ => None,
-                },
-            )
+            .filter_map(|(at, b)| match b {
+                BeforeSending::Expired(request, refusal) => Some((at, (request, refusal.clone()))),
+                _ => None,
+            })
             .collect();
-        let mut looked_up: Vec<Option<Result<Entry>>> = vec![None; ops.len()];
+        let mut looked_up: Vec<Option<Result<Entry>>> = vec![None; before.len()];
         if expired.is_empty() {
             return looked_up;
         }
-        let holds: Vec<(&Request<'_>, Error)> = expired
-            .iter()
-            .map(|(_, (request, refusal))| (request, refusal.clone()))
-            .collect();
+        let holds: Vec<(&Request<'_>, Error)> = expired.iter().map(|(_, h)| h.clone()).collect();
         let found = self.expired_holds(conn, &holds, deadline);
         for ((at, _), answer) in expired.iter().zip(found) {
             looked_up[*at] = Some(answer);
@@ -278,24 +280,17 @@ impl BalanceLedger {
     }
 
     /// [`apply_many_by`](Self::apply_many_by) of a batch, or of a part of it, in one
-    /// transaction (and its rounds); `looked_up`: [`expired_lookups`](Self::expired_lookups)
-    /// of its ops.
+    /// transaction (and its rounds): `before`, what each single call decides before sending
+    /// anything; `looked_up`, [`expired_lookups`](Self::expired_lookups) of its ops.
     fn apply_part(
         &self,
         conn: &mut MysqlConnection,
         user_id: i64,
         ops: &[AccountOp],
-        judged: &[NaiveDateTime],
+        mut before: Vec<BeforeSending<'_>>,
         looked_up: &[Option<Result<Entry>>],
         deadline: Deadline,
     ) -> Result<Vec<Result<Entry>>> {
-        // What each single call decides without the server, decided before anything is sent
-        // (an expiry is checked against its caller's clock, as the single call checks it).
-        let mut before: Vec<BeforeSending<'_>> = ops
-            .iter()
-            .zip(judged)
-            .map(|(op, at)| op.before_sending(user_id, *at))
-            .collect();
         // A hold whose expiry its caller's clock refused is answered as its single call answers
         // it, with the first thing that call sends: its key looked up (the entry of a retry of
         // a hold placed in time, else the refusal). Looked up now, before the batch sends
@@ -305,42 +300,32 @@ impl BalanceLedger {
         // entry answers it: the same request, or a conflict), and this answer stands only if
         // the batch fails, when that request wrote nothing.
         // All of them with one read, made for the whole batch before it sent anything (before
-        // the read that splits it too): `looked_up`; one missing there is looked up now.
-        let expired: Vec<(usize, (&Request<'_>, Error))> = before
+        // the read that splits it too): `looked_up`.
+        let expired: Vec<(usize, Result<Entry>)> = before
             .iter()
             .enumerate()
             .filter_map(|(at, b)| match b {
-                BeforeSending::Expired(request, refusal) => Some((at, (request, refusal.clone()))),
+                BeforeSending::Expired(_, refusal) => Some((
+                    at,
+                    looked_up
+                        .get(at)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| Err(refusal.clone())),
+                )),
                 _ => None,
-            })
-            .collect();
-        let missing: Vec<(&Request<'_>, Error)> = expired
-            .iter()
-            .filter(|(at, _)| looked_up.get(*at).is_none_or(Option::is_none))
-            .map(|(_, h)| h.clone())
-            .collect();
-        let mut fresh = self.expired_holds(conn, &missing, deadline).into_iter();
-        let found: Vec<Result<Entry>> = expired
-            .iter()
-            .map(|(at, (_, refusal))| {
-                looked_up
-                    .get(*at)
-                    .cloned()
-                    .flatten()
-                    .or_else(|| fresh.next())
-                    .unwrap_or_else(|| Err(refusal.clone()))
             })
             .collect();
         let mut expired_answers: Vec<Option<Result<Entry>>> = vec![None; ops.len()];
         let mut answered = Vec::new();
-        for ((at, _), answer) in expired.iter().zip(found) {
-            if ops[..*at]
+        for (at, answer) in expired {
+            if ops[..at]
                 .iter()
-                .any(|earlier| earlier.key() == ops[*at].key())
+                .any(|earlier| earlier.key() == ops[at].key())
             {
-                expired_answers[*at] = Some(answer);
+                expired_answers[at] = Some(answer);
             } else {
-                answered.push((*at, answer));
+                answered.push((at, answer));
             }
         }
         for (at, answer) in answered {

@@ -257,6 +257,7 @@ pub(crate) struct NewHold {
 }
 
 /// What a single call decides of its request before it sends anything.
+#[derive(Clone)]
 pub(crate) enum BeforeSending<'a> {
     /// Refused for its input: an invalid id, amount, key or expiry.
     Refused(Error),

@@ -152,7 +152,7 @@ pub(crate) use transaction::{
     mark_broken, note_clean_failure, release_savepoint, silently_rolled_back,
 };
 pub use watchdog::watchdog_available;
-use watchdog::Guard;
+use watchdog::{Cut, Guard};
 
 pub(crate) mod migrations;
 
@@ -444,9 +444,7 @@ pub(crate) fn bounded_telling<T>(
     grace: Duration,
     f: impl FnOnce(&mut MysqlConnection, &Guard) -> Result<T, Error>,
 ) -> (Result<T, Error>, bool) {
-    let guard = Guard::arm(deadline.past(grace));
-    let result = f(conn, &guard);
-    let cut = guard.disarm();
+    let (result, cut) = watched_cut(deadline, grace, |guard| f(conn, guard));
     // Cut itself, or a call nested in it on this connection (which marked it broken then: a
     // router's closure whose lockstock call was cut by its own deadline) — not a nested call
     // cut on another connection, whose failure is the body's to answer.
@@ -475,10 +473,15 @@ pub(crate) fn watched<T>(
     grace: Duration,
     f: impl FnOnce(&Guard) -> T,
 ) -> (T, bool) {
+    let (value, cut) = watched_cut(deadline, grace, f);
+    (value, cut.own || cut.nested)
+}
+
+/// [`watched`], telling a cut of this call from one of a call nested in it.
+fn watched_cut<T>(deadline: Deadline, grace: Duration, f: impl FnOnce(&Guard) -> T) -> (T, Cut) {
     let guard = Guard::arm(deadline.past(grace));
     let value = f(&guard);
-    let cut = guard.disarm();
-    (value, cut.own || cut.nested)
+    (value, guard.disarm())
 }
 
 /// Runs `f` with `deadline` as the deadline every lockstock call it makes on this thread runs
@@ -491,13 +494,7 @@ pub(crate) fn within_deadline<T>(deadline: Deadline, f: impl FnOnce() -> T) -> T
             ENCLOSING.with(|enclosing| enclosing.set(self.0));
         }
     }
-    let outer = ENCLOSING.with(|enclosing| {
-        enclosing.replace(Some(
-            enclosing
-                .get()
-                .map_or(deadline, |outer| outer.min(deadline)),
-        ))
-    });
+    let outer = ENCLOSING.with(|enclosing| enclosing.replace(Some(enclosed(deadline))));
     let _restore = Restore(outer);
     f()
 }
@@ -505,11 +502,7 @@ pub(crate) fn within_deadline<T>(deadline: Deadline, f: impl FnOnce() -> T) -> T
 /// `deadline`, or the deadline of the call the calling thread is inside ([`within_deadline`])
 /// if that is earlier: every entry point that takes a deadline runs by this.
 pub(crate) fn enclosed(deadline: Deadline) -> Deadline {
-    ENCLOSING.with(|enclosing| {
-        enclosing
-            .get()
-            .map_or(deadline, |outer| deadline.min(outer))
-    })
+    enclosing().map_or(deadline, |outer| deadline.min(outer))
 }
 
 /// The deadline of the call the calling thread is inside, if any ([`within_deadline`]).
@@ -627,8 +620,7 @@ impl TxnRunner {
     ///
     /// [`Router`]: crate::route::Router
     pub fn deadline(&self) -> Deadline {
-        let own = Deadline::after(self.policy.retry.deadline);
-        ENCLOSING.with(|enclosing| enclosing.get().map_or(own, |outer| own.min(outer)))
+        enclosed(Deadline::after(self.policy.retry.deadline))
     }
 
     /// Runs `body` in a transaction, retrying refusals. `body` must be safe to re-run from the

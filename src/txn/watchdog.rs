@@ -75,7 +75,8 @@ struct Entry {
     tid: i64,
     /// When it is looked at next: its moment, then (past it) every [`HUNT`] or [`HUNT_FIRED`].
     due: Instant,
-    /// The watchdog shut down a socket this call (or a call nested in it) was blocked on.
+    /// The watchdog shut down a socket this call was blocked on (the thread's innermost call
+    /// then).
     fired: bool,
     /// The watchdog shut down a socket a call nested *inside* this one was blocked on, by that
     /// call's earlier moment: perhaps another connection's, not this call's.
