@@ -1031,19 +1031,15 @@ pub(crate) fn checkout_within(
         // waiter is never stranded by a connection discarded without a word ([`give_back`]
         // covers lockstock's own). The error kept says why no connection could be made, where
         // one did.
-        // (r2d2's message is "timed out waiting for connection", then ": " and the last
-        // connect error if there was one.)
-        let says_why = |error: &diesel::r2d2::PoolError| error.to_string().contains(": ");
         let mut failed: Option<diesel::r2d2::PoolError> = None;
         loop {
             let left = wait.saturating_sub(started.elapsed());
             match pool.get_timeout(left.min(CHECKOUT_SLICE)) {
                 Ok(conn) => return Ok(conn),
                 Err(error) => {
-                    if failed
-                        .as_ref()
-                        .is_none_or(|kept| says_why(&error) || !says_why(kept))
-                    {
+                    if failed.as_ref().is_none_or(|kept| {
+                        names_connect_error(&error) || !names_connect_error(kept)
+                    }) {
                         failed = Some(error);
                     }
                     if started.elapsed() >= wait {
@@ -1065,6 +1061,14 @@ pub(crate) fn checkout_within(
         Err(Some(error)) => Err(Error::Pool(Arc::new(error))),
         Err(None) => Err(timeout(deadline)),
     }
+}
+
+/// Whether r2d2's checkout `error` names the connect error its pool met: the node refused or
+/// failed a new connection. Without one, every connection was in use for the whole wait (or a
+/// connect neither succeeded nor failed in it). r2d2's message is "timed out waiting for
+/// connection", then ": " and the last connect error if there was one.
+pub(crate) fn names_connect_error(error: &diesel::r2d2::PoolError) -> bool {
+    error.to_string().contains(": ")
 }
 
 /// Marks `conn` broken (its pool discards it, and the server rolls back what is open on it)

@@ -113,7 +113,9 @@
 //! outside the Primary component ([`NodeNotReady`](crate::ServerErrorKind::NodeNotReady), 1047),
 //! a node that is not the designated writer ([`Error::NotDesignatedWriter`]), a session that does
 //! not replicate ([`Error::NotReplicated`]: the connection is discarded and the probe, which reads
-//! the node's `wsrep_on`, decides) or no pooled connection to be had while the pool is not busy. The node is marked down (or
+//! the node's `wsrep_on`, decides) or no pooled connection to be had: one the node refused
+//! takes it down; none within the probe timeout, no connect refused, makes it suspect (a pool
+//! whose every connection stays in use is only waited on). The node is marked down (or
 //! suspect, as above), the router waits (within the deadline) for the coordinator to fail over
 //! — or for the probe to clear the node — and runs the call again. Everything else comes back as it is: results, domain refusals
 //! ([`Error::InsufficientBalance`], [`Error::SoldOut`], ...), [`Error::Contended`], and
@@ -187,7 +189,7 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 pub use health::NodeHealth;
 use health::State;
 
-use crate::combine::{checkout, checkout_within, give_back, MysqlPool};
+use crate::combine::{checkout, checkout_within, give_back, names_connect_error, MysqlPool};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, SessionSettings, TxnPolicy, TxnRunner};
 
@@ -887,11 +889,20 @@ impl Shared {
             Ok(conn) => conn,
             Err(error @ Error::Timeout { .. }) => return Attempt::Done(Err(error)),
             Err(error) => {
+                if matches!(&error, Error::Pool(failed) if names_connect_error(failed)) {
+                    // The node refused (or failed) a new connection.
+                    self.fail(node, &error);
+                    return Attempt::NodeFailed(error);
+                }
                 let state = pool.state();
                 if state.connections >= pool.max_size() && state.idle_connections == 0 {
                     return Attempt::Busy;
                 }
-                self.fail(node, &error);
+                // No connection in time and no connect error: every connection was in use —
+                // this sample comes after the wait, so one may just have been given back, or
+                // discarded and being replaced — or a new one neither succeeded nor failed (a
+                // node that stopped answering). Its probe tells, now; calls wait for it.
+                self.suspect(node);
                 return Attempt::NodeFailed(error);
             }
         };

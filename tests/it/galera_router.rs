@@ -991,6 +991,72 @@ fn galera_router_keeps_its_writer_while_its_pools_are_busy() {
     assert_eq!(router.writer(), Some(writer));
 }
 
+/// Callers queueing for the writer's one pooled connection for longer than the probe timeout,
+/// while connections are discarded and replaced (each closure leaves its transaction open, so
+/// the router never hands its connection on), do not cost the router its writer: a checkout
+/// that found no connection in time, and no connect refused, only makes the node suspect, and
+/// its probe clears it. Before the fix such a checkout took the writer down whenever the pool,
+/// sampled after the wait, did not look busy — with a discarded connection being replaced, or
+/// one just given back — and the writer moved without a fault.
+#[test]
+fn galera_router_keeps_its_writer_while_a_busy_pool_replaces_connections() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_busy_replaced");
+    // Probe timeout 400 ms: eight callers holding the one connection 60 ms each queue longer.
+    let mut probe = policy_with_deadline(Duration::from_millis(300));
+    probe.unresponsive_grace = Duration::from_millis(100);
+    let router = Router::builder(urls.clone())
+        .pool_size(1)
+        .health_interval(Duration::from_millis(200))
+        .probe_policy(probe)
+        .build()
+        .expect("router");
+    let writer = router
+        .wait_for_writer(Duration::from_secs(20))
+        .expect("a writer");
+    let router = Arc::new(router);
+    let until = Instant::now() + Duration::from_secs(4);
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let router = router.clone();
+            thread::spawn(move || {
+                let mut calls = 0u32;
+                while Instant::now() < until {
+                    router.write(Deadline::after(Duration::from_secs(20)), |conn, _| {
+                        thread::sleep(Duration::from_millis(60));
+                        conn.batch_execute("START TRANSACTION")
+                            .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+                    })?;
+                    calls += 1;
+                }
+                Ok::<_, Error>(calls)
+            })
+        })
+        .collect();
+    let mut without = 0;
+    while Instant::now() < until {
+        if router.writer() != Some(writer) {
+            without += 1;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let calls: u32 = callers
+        .into_iter()
+        .map(|caller| caller.join().expect("caller").expect("every call answered"))
+        .sum();
+    let stats = router.stats();
+    eprintln!("{calls} calls; {stats:?}");
+    assert_eq!(stats.failovers, 0, "the writer moved without a fault");
+    assert_eq!(
+        without, 0,
+        "looked without the writer while its pool was busy"
+    );
+    assert_eq!(router.writer(), Some(writer));
+    assert!(calls > 8, "the callers made no progress: {calls} calls");
+}
+
 /// A TCP relay on 127.0.0.1 to `target`. While `cut` is set it black-holes every connection:
 /// the server side is closed, the client side kept open and silent — a half-open connection,
 /// as a network failure leaves one — and new connections are held the same way. Cleared, new
