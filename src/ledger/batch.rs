@@ -172,8 +172,13 @@ impl BalanceLedger {
         let mut failures: Vec<Error> = Vec::new();
         let mut parts = 0;
         let mut from = 0;
+        let mut looked_up = looked_up;
         while from < ops.len() {
             if from > 0 {
+                // Where an earlier part sent a request of an expired hold's key, the lookup
+                // made before the batch sent anything may predate its entry: looked up again
+                // now, as the hold's single call, made after those calls, looks it up.
+                self.look_up_again(conn, ops, &before, from, &mut looked_up, deadline);
                 to = self
                     .split_at_placed_hold(conn, &ops[from..], &places[from..], deadline)
                     .map_or(ops.len(), |at| from + at);
@@ -248,6 +253,44 @@ impl BalanceLedger {
                     .is_some_and(|id| id > 0 && !found.contains(&id))
             })
             .map(|at| first_hold + 1 + at)
+    }
+
+    /// [`expired_lookups`](Self::expired_lookups) made again, into `looked_up`, for the holds
+    /// from `from` on whose key a request before `from` carries that was sent (it may have
+    /// written the key in an earlier part).
+    fn look_up_again(
+        &self,
+        conn: &mut MysqlConnection,
+        ops: &[AccountOp],
+        before: &[BeforeSending<'_>],
+        from: usize,
+        looked_up: &mut [Option<Result<Entry>>],
+        deadline: Deadline,
+    ) {
+        let sent_earlier = |key: &str| {
+            ops[..from]
+                .iter()
+                .zip(&before[..from])
+                .any(|(op, b)| matches!(b, BeforeSending::Send) && op.key() == key)
+        };
+        let again: Vec<BeforeSending<'_>> = before
+            .iter()
+            .zip(ops)
+            .enumerate()
+            .map(|(at, (b, op))| match b {
+                BeforeSending::Expired(..) if at >= from && sent_earlier(op.key()) => b.clone(),
+                _ => BeforeSending::Send,
+            })
+            .collect();
+        for (at, answer) in self
+            .expired_lookups(conn, &again, deadline)
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(answer) = answer {
+                looked_up[at] = Some(answer);
+            }
+        }
     }
 
     /// The answers of the key lookups of the batch's holds whose expiry their caller's clock

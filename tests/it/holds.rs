@@ -2036,3 +2036,58 @@ fn a_batch_looks_up_its_expired_holds_before_the_read_that_splits_it() {
     assert!(not_in_future(&single), "the single call: {single:?}");
     assert!(not_in_future(&answers[1]), "{answers:?}");
 }
+
+/// A batch split at a hold it places answers a later hold whose expiry has passed as its
+/// single call, made after the requests before it, answers it: where an earlier part wrote the
+/// hold's key, by that entry (a conflict here). Before, the key lookup made before the batch
+/// sent anything — before the earlier part wrote the key — answered it (`InvalidExpiry`,
+/// "never placed"), while the same batch unsplit answered the conflict.
+#[test]
+fn a_split_batch_answers_an_expired_hold_by_the_key_an_earlier_part_wrote() {
+    let ops = [
+        AccountOp::hold(dec(10), "h2", in_secs(3_600)),
+        AccountOp::deduct(dec(5), "k"),
+        // Names no hold there is before the batch: the batch splits here.
+        AccountOp::capture(1 << 60, dec(1), "c"),
+        AccountOp::hold(dec(1), "k", in_secs(-60)),
+        // The same key once more, as a request of its own part.
+        AccountOp::hold(dec(1), "h2", in_secs(-60)),
+    ];
+    let (_, mut conn, ledger, _) = account_with_a_hold("holds_split_expired_key");
+    let answers = ledger
+        .apply_many(&mut conn, 1, &ops)
+        .expect("answered per request");
+    let (_, mut singles_conn, _, _) = account_with_a_hold("holds_split_expired_key_singles");
+    let singles: Vec<Result<Entry, Error>> = ops
+        .iter()
+        .map(|op| single_call(&ledger, &mut singles_conn, 1, op))
+        .collect();
+    let deduct = answers[1].as_ref().expect("the deduct").id;
+    assert!(
+        matches!(answers[2], Err(Error::HoldNotFound { .. })),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[3], Err(Error::IdempotencyConflict { existing_entry_id, .. })
+            if *existing_entry_id == deduct),
+        "{answers:?}"
+    );
+    let placed = answers[0].as_ref().expect("the hold placed").id;
+    assert!(
+        matches!(&answers[4], Err(Error::IdempotencyConflict { existing_entry_id, .. })
+            if *existing_entry_id == placed),
+        "{answers:?}"
+    );
+    // The single calls answer the same (entry ids agree: the two databases were made alike).
+    let seen = |answers: &[Result<Entry, Error>]| -> Vec<String> {
+        answers
+            .iter()
+            .map(|answer| match answer {
+                Ok(e) => format!("{} {:?} {} {}", e.id, e.kind, e.amount, e.balance_after),
+                Err(e) => format!("{e:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(seen(&answers), seen(&singles));
+    audit_ok(&ledger, &mut conn, 1);
+}
