@@ -148,7 +148,9 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// [`Error::NestedTransaction`] inside the caller's open transaction (nothing applied);
 /// [`Error::NotReplicated`] on a MariaDB Galera node through a session whose replication is
 /// off (nothing applied: the DDL would stay on this node);
-/// [`Error::Migration`] when a migration (or reading which are applied) fails;
+/// [`Error::Migration`] when a migration (or reading which are applied) fails, or the deadline
+/// passed before the next one started (no migration starts past it: the ones before are applied
+/// and recorded, it and the rest pending — run again);
 /// [`Error::ServerUnresponsive`] when the server did not answer by the deadline plus the grace
 /// (the connection is shut down and marked broken); [`Error::Server`] when the session could
 /// not be set up (nothing applied).

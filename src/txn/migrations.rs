@@ -103,7 +103,8 @@ fn server_bounds(deadline: Deadline, statement_limit: bool) -> String {
 }
 
 /// Runs every pending migration, each bounded in the server by the time left as it starts
-/// ([`server_bounds`]), where there is a `deadline`.
+/// ([`server_bounds`]), where there is a `deadline`. None starts once the deadline has passed
+/// (the ones before it stay applied and recorded).
 fn run_pending(
     conn: &mut MysqlConnection,
     deadline: Option<Deadline>,
@@ -111,6 +112,14 @@ fn run_pending(
 ) -> diesel::migration::Result<()> {
     for migration in conn.pending_migrations(crate::MIGRATIONS)? {
         if let Some(deadline) = deadline {
+            if deadline.is_expired() {
+                return Err(format!(
+                    "the deadline passed before migration {} started; it and the ones after it \
+                     are pending (the ones before it are applied)",
+                    migration.name()
+                )
+                .into());
+            }
             conn.batch_execute(&server_bounds(deadline, statement_limit))?;
         }
         conn.run_migration(&*migration)?;
@@ -259,7 +268,9 @@ fn recorded_by_another(conn: &mut MysqlConnection, deadline: Option<Deadline>) -
         match conn.has_pending_migration(crate::MIGRATIONS) {
             Ok(false) => return true,
             Ok(true) if std::time::Instant::now() < until => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                // Not past `until` (so not past the deadline) before asking again.
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
             }
             _ => return false,
         }

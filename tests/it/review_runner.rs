@@ -2352,6 +2352,77 @@ fn migrations_run_by_two_processes_at_once_both_succeed() {
         .expect("the schema works");
 }
 
+/// A bounded migration run whose migration ends after the deadline (a later statement of it
+/// waited within the limits set as that migration started) starts no further migration: the
+/// next one is left pending, with the answer `Migration` naming it. Here 000005's first ALTER
+/// waits for a reader of the accounts until shortly before the deadline, and its second for a
+/// reader of the journal until shortly after it. Before the fix 000006 was sent past the
+/// deadline (with a 20 ms statement limit: applied, or cut short by the server).
+#[test]
+fn a_bounded_migration_run_starts_no_migration_past_its_deadline() {
+    use diesel_migrations::MigrationHarness;
+    let name = "rr_migrations_none_late";
+    let (url, mut admin, mut accounts_reader) = holds_pending_behind_a_reader(name);
+    let mut journal_reader = connect(&url);
+    journal_reader.batch_execute("BEGIN").expect("begin");
+    lockstock::schema::balance_history::table
+        .count()
+        .get_result::<i64>(&mut journal_reader)
+        .expect("a read");
+    let started = std::time::Instant::now();
+    let deadline = Deadline::after(Duration::from_millis(1_200));
+    let releases = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(900).saturating_sub(started.elapsed()));
+        accounts_reader.batch_execute("COMMIT").expect("commit");
+        thread::sleep(Duration::from_millis(1_350).saturating_sub(started.elapsed()));
+        journal_reader.batch_execute("COMMIT").expect("commit");
+    });
+    let mut migrating = connect(&url);
+    let alters = |conn: &mut MysqlConnection| -> i64 {
+        #[derive(QueryableByName)]
+        struct Status {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            #[diesel(column_name = Value)]
+            value: String,
+        }
+        diesel::sql_query("SHOW SESSION STATUS LIKE 'Com_alter_table'")
+            .get_result::<Status>(conn)
+            .expect("the session's status")
+            .value
+            .parse()
+            .expect("a count")
+    };
+    let before = alters(&mut migrating);
+    let answer = lockstock::run_migrations_by(&mut migrating, deadline);
+    releases.join().expect("the readers");
+    assert!(
+        started.elapsed() > Duration::from_millis(1_200),
+        "000005 did not end past the deadline: the test's premise"
+    );
+    assert_eq!(
+        alters(&mut migrating) - before,
+        2,
+        "ALTERs sent: 000005's two only ({answer:?})"
+    );
+    assert!(
+        matches!(&answer, Err(Error::Migration(e)) if e.to_string().contains("000006")),
+        "{answer:?}"
+    );
+    let applied: Vec<String> = admin
+        .applied_migrations()
+        .expect("applied")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(applied.iter().any(|v| v.contains("000005")), "{applied:?}");
+    assert!(!applied.iter().any(|v| v.contains("000006")), "{applied:?}");
+    // Run again, it applies the rest.
+    lockstock::run_migrations(&mut connect(&url)).expect("the migrations");
+    assert!(!admin
+        .has_pending_migration(lockstock::MIGRATIONS)
+        .expect("pending"));
+}
+
 /// A bounded migration run that cannot get a table's metadata lock by its deadline gives up in
 /// the server too, by the deadline: the migration fails (`Migration`), nothing of it waits on
 /// (every later statement on that table would queue behind it) or is applied once the lock
