@@ -243,6 +243,9 @@ fn run_transaction_marking<T>(
         }
         Ok::<T, Error>(value)
     }));
+    // This transaction's first SET was answered: a refusal noted since was a nested call's
+    // (in the body, on another connection), not this call's to read as its own.
+    super::note_setup_refused(false);
     // lockstock's COMMIT or ROLLBACK ends whatever Diesel counts: it starts from none again
     // (a ROLLBACK that fails marks the connection broken, see `end_failed`). A deadlock inside
     // a Diesel transaction nested in the body ends the whole transaction in the server, and

@@ -1450,6 +1450,19 @@ fn galera_a_session_with_replication_off_is_refused_and_kept() {
         other => panic!("expected NotReplicated for a default runner, got {other:?}"),
     }
     assert_eq!(session(&mut off), (0, 1, 0), "(wsrep_on, autocommit, open)");
+    // Refused inside another runner's body, on a standalone server's connection, whose body
+    // answers with that refusal: the enclosing runner does not take it for its own first SET
+    // refused (a server it mistook) and runs its body once. Before, the nested call's refusal
+    // was read as the enclosing call's, which ran its body a second time.
+    let (_, mut plain) = lockstock_testkit::fixtures::fresh_database("gal_wsrep_off_nested");
+    let mut runs = 0;
+    let nested = lockstock::TxnRunner::default().run(&mut plain, |_| {
+        runs += 1;
+        ledger.charge(&mut off, 1, ten, "off-nested").map(|_| ())
+    });
+    assert!(matches!(nested, Err(Error::NotReplicated)), "{nested:?}");
+    assert_eq!(runs, 1, "the enclosing body ran again");
+    assert_eq!(session(&mut off), (0, 1, 0), "(wsrep_on, autocommit, open)");
     let mut check = causal(&urls[0]);
     assert_eq!(
         count(&mut check, "SELECT COUNT(*) AS total FROM balance_history"),
