@@ -17,8 +17,8 @@ const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type,
     lock_wait_timeout = @lockstock_migration_lock_wait, @lockstock_migration_lock_wait = NULL, \
     autocommit = @lockstock_autocommit, sql_mode = @lockstock_sql_mode, \
     sql_select_limit = @lockstock_select_limit, sql_big_selects = @lockstock_big_selects, \
-    default_storage_engine = @lockstock_engine, \
-    @lockstock_completion_type = NULL, @lockstock_autocommit = NULL, \
+    default_storage_engine = @lockstock_engine, lc_messages = @lockstock_migration_lc, \
+    @lockstock_migration_lc = NULL, @lockstock_completion_type = NULL, @lockstock_autocommit = NULL, \
     @lockstock_sql_mode = NULL, @lockstock_select_limit = NULL, \
     @lockstock_big_selects = NULL, @lockstock_engine = NULL, \
     character_set_results = IF(@lockstock_results_null, NULL, @lockstock_results), \
@@ -135,7 +135,8 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
     // Also what Diesel's harness reads and writes with: every applied version read (a
     // caller's `sql_select_limit` made it run an applied migration again: "Table ...
     // already exists"; `max_join_size` refused the read), no time limit but the deadline's,
-    // read-write whatever the caller set for its transactions, and its own table InnoDB.
+    // read-write whatever the caller set for its transactions, and its own table InnoDB; and
+    // English messages whatever the caller's `lc_messages` (`created_already` reads them).
     // On a Galera node the DDL must replicate too: the caller's session must replicate (or
     // the refusal, an unknown locale, answers `NotReplicated`) and run DDL cluster-wide
     // (`wsrep_OSU_method = TOI`: under a caller's RSU each CREATE TABLE stayed on this node,
@@ -147,13 +148,15 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
             let galera = super::session::galera_node(conn)?.1;
             let (replicated, osu_save, osu_set, osu_restore) = if galera {
                 (
-                    format!("IF({REPLICATING}, @@session.lc_messages, _utf8mb4'{NOT_REPLICATED_LOCALE}')"),
+                    format!(
+                        "IF({REPLICATING}, _utf8mb4'en_US', _utf8mb4'{NOT_REPLICATED_LOCALE}')"
+                    ),
                     "@lockstock_osu_method = @@session.wsrep_OSU_method, ",
                     ", wsrep_OSU_method = _utf8mb4'TOI'",
                     RESTORE_GALERA,
                 )
             } else {
-                ("@@session.lc_messages".to_owned(), "", "", "")
+                ("_utf8mb4'en_US'".to_owned(), "", "", "")
             };
             (
                 format!(
@@ -172,7 +175,8 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
             "@lockstock_read_only = @@session.transaction_read_only, \
              @lockstock_statement_time = @@session.max_execution_time, "
                 .to_owned(),
-            "transaction_read_only = 0, max_execution_time = 0".to_owned(),
+            "transaction_read_only = 0, max_execution_time = 0, lc_messages = _utf8mb4'en_US'"
+                .to_owned(),
             RESTORE_MYSQL.to_owned(),
             false,
         ),
@@ -185,6 +189,7 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
          @lockstock_select_limit = @@session.sql_select_limit, \
          @lockstock_big_selects = @@session.sql_big_selects, \
          @lockstock_engine = @@session.default_storage_engine, \
+         @lockstock_migration_lc = @@session.lc_messages, \
          @lockstock_results = @lockstock_given_results, \
          @lockstock_results_null = @lockstock_given_results_null, \
          @lockstock_given_results = NULL, @lockstock_given_results_null = NULL, {flavor_saves}\

@@ -2322,13 +2322,47 @@ fn waiting_for_metadata(conn: &mut MysqlConnection, name: &str) -> i64 {
 /// partial migration to undo by hand.
 #[test]
 fn migrations_run_by_two_processes_at_once_both_succeed() {
+    two_processes_migrate_at_once("rr_migrations_at_once", None);
+}
+
+/// As [`migrations_run_by_two_processes_at_once_both_succeed`], with the sessions' messages in
+/// German (`lc_messages`): the one whose migration fails on what the other created still tells
+/// so, and its session's language is left as found. Before the fix the failure's text
+/// ("Doppelter Spaltenname: 'held'") was not recognised and it answered `Migration`, which the
+/// docs tell the operator to take for a partial migration to undo by hand.
+#[test]
+fn migrations_run_by_two_processes_at_once_whatever_the_sessions_language() {
+    two_processes_migrate_at_once("rr_migrations_at_once_de", Some("de_DE"));
+}
+
+/// Two processes (threads, each with a connection of its own, its messages in `language` if
+/// given) run the migrations at once on database `name`, where both wait for a reader's table
+/// first; both answer `Ok`.
+fn two_processes_migrate_at_once(name: &str, language: Option<&'static str>) {
     use diesel_migrations::MigrationHarness;
-    let name = "rr_migrations_at_once";
     let (url, mut admin, mut reader) = holds_pending_behind_a_reader(name);
     let runs: Vec<_> = (0..2)
         .map(|_| {
             let url = url.clone();
-            thread::spawn(move || lockstock::run_migrations(&mut connect(&url)))
+            thread::spawn(move || {
+                let mut conn = connect(&url);
+                if let Some(language) = language {
+                    conn.batch_execute(&format!("SET lc_messages = '{language}'"))
+                        .expect("the session's language");
+                }
+                let answer = lockstock::run_migrations(&mut conn);
+                #[derive(QueryableByName)]
+                struct Language {
+                    #[diesel(sql_type = diesel::sql_types::Text)]
+                    language: String,
+                }
+                let kept =
+                    diesel::sql_query("SELECT CAST(@@session.lc_messages AS CHAR) AS language")
+                        .get_result::<Language>(&mut conn)
+                        .expect("the session's language")
+                        .language;
+                (answer, kept)
+            })
         })
         .collect();
     let since = std::time::Instant::now();
@@ -2341,8 +2375,9 @@ fn migrations_run_by_two_processes_at_once_both_succeed() {
     }
     reader.batch_execute("COMMIT").expect("commit");
     for run in runs {
-        let answer = run.join().expect("a process");
+        let (answer, kept) = run.join().expect("a process");
         assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(kept, language.unwrap_or("en_US"), "the session's language");
     }
     assert!(!admin
         .has_pending_migration(lockstock::MIGRATIONS)
