@@ -146,6 +146,8 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// # Errors
 /// [`Error::Timeout`] when `deadline` has passed before anything was sent;
 /// [`Error::NestedTransaction`] inside the caller's open transaction (nothing applied);
+/// [`Error::ConnectionBroken`] on a connection an earlier call left broken (a watchdog cut, a
+/// failed ROLLBACK: nothing sent);
 /// [`Error::NotReplicated`] on a MariaDB Galera node through a session whose replication is
 /// off (nothing applied: the DDL would stay on this node);
 /// [`Error::Migration`] when a migration (or reading which are applied) fails, or the deadline

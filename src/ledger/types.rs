@@ -43,7 +43,8 @@ pub struct Entry {
     pub amount: Decimal,
     /// The balance right after this change.
     pub balance_after: Decimal,
-    /// The caller's idempotency key (`None` on the receiving side of a transfer).
+    /// The caller's idempotency key (`None` on the receiving side of a transfer and on `expire`
+    /// entries, which [`expire_holds`](crate::BalanceLedger::expire_holds) writes without one).
     pub idempotency_key: Option<String>,
     /// The deduct a refund refers to, the sending entry of a received transfer, or the hold
     /// (its id) a capture, release or expire entry ended.

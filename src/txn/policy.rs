@@ -104,11 +104,21 @@ impl RetryPolicy {
     /// The backoff ceiling before retry number `retry` (0 for the first retry):
     /// `min(max_backoff, base_backoff * 2^retry)`.
     pub fn backoff_ceiling(&self, retry: u32) -> Duration {
-        let factor = 1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX);
-        self.base_backoff
-            .checked_mul(factor)
-            .unwrap_or(self.max_backoff)
-            .min(self.max_backoff)
+        // In nanoseconds, wide enough for any doubling below the ceiling (past 2^127 the
+        // product is above every `Duration` anyway).
+        let doubled = 1u128
+            .checked_shl(retry)
+            .and_then(|factor| self.base_backoff.as_nanos().checked_mul(factor));
+        match doubled {
+            // Below the ceiling, a `Duration`: its seconds fit.
+            Some(nanos) if nanos < self.max_backoff.as_nanos() => {
+                match u64::try_from(nanos / 1_000_000_000) {
+                    Ok(seconds) => Duration::new(seconds, (nanos % 1_000_000_000) as u32),
+                    Err(_) => self.max_backoff,
+                }
+            }
+            _ => self.max_backoff,
+        }
     }
 
     /// A full-jitter backoff: uniform in `[0, backoff_ceiling(retry)]`.

@@ -3,6 +3,27 @@ use super::*;
 use std::time::Duration;
 
 #[test]
+fn backoff_ceiling_follows_its_formula_past_two_to_the_31() {
+    // min(max_backoff, base_backoff * 2^retry): 2^31 µs is about 35.8 min, 2^32 µs about
+    // 71.6 min — above an hour (before, the exponent stopped at 31: 35.8 min for ever).
+    let policy = RetryPolicy {
+        base_backoff: Duration::from_micros(1),
+        max_backoff: Duration::from_secs(3_600),
+        ..RetryPolicy::default()
+    };
+    assert_eq!(policy.backoff_ceiling(31), Duration::from_micros(1 << 31));
+    assert_eq!(policy.backoff_ceiling(32), Duration::from_secs(3_600));
+    assert_eq!(policy.backoff_ceiling(40), Duration::from_secs(3_600));
+    let longest = RetryPolicy {
+        base_backoff: Duration::MAX,
+        max_backoff: Duration::MAX,
+        ..RetryPolicy::default()
+    };
+    assert_eq!(longest.backoff_ceiling(u32::MAX), Duration::MAX);
+    assert_eq!(longest.backoff_ceiling(0), Duration::MAX);
+}
+
+#[test]
 fn backoff_ceiling_doubles_up_to_the_cap() {
     let policy = RetryPolicy {
         max_attempts: 10,
