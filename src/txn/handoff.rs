@@ -212,8 +212,9 @@ pub(crate) fn bounded_waits() -> bool {
 ///   holds back keeps the row locked meanwhile);
 /// - otherwise (another process's batch, or any other transaction, holds the row), if the
 ///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) and the server is
-///   MariaDB, by waiting for the row IN THE SERVER, once, for at most the handoff's
-///   [`wait_budget`](Handoff::wait_budget) rounded down to 8, 3 or 1 ms ([`Lock::Wait`]): the
+///   MariaDB, by waiting for the row IN THE SERVER, once, for at most what is left of the
+///   handoff's [`wait_budget`](Handoff::wait_budget) since the first refusal, rounded down to
+///   8, 3 or 1 ms ([`Lock::Wait`]; under a millisecond left, not at all): the
 ///   server hands the row over the moment its holder commits, where polling found it free only
 ///   at its next try and loaded the server with refusals meanwhile. A batch holds the row for
 ///   well under a millisecond, and a whole-transaction retry (ROLLBACK, backoff, the
@@ -282,7 +283,9 @@ fn lock_or_wait<T>(
                 }
                 handoff.refused();
                 if holding == Holding::Nothing && bounded_waits() {
-                    let Some(wait) = Wait::within(budget) else {
+                    // What is left of the budget since the first refusal (spent, say, on
+                    // a predecessor's COMMIT before another process took the row).
+                    let Some(wait) = Wait::within(budget.saturating_sub(since.elapsed())) else {
                         return Err(e);
                     };
                     return match read(conn, Lock::Wait(wait)) {
@@ -316,4 +319,62 @@ fn is_refusal(error: &diesel::result::Error) -> bool {
         classify_kind(error),
         ServerErrorKind::LockRefused | ServerErrorKind::LockWaitTimeout
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::connection::SimpleConnection;
+
+    /// A batch's handoff whose in-process predecessor is committing until `until`.
+    struct Predecessor {
+        until: Instant,
+    }
+
+    impl Handoff for Predecessor {
+        fn commit_sent(&self) {}
+        fn before_commit(&self) {}
+        fn after_commit(&self) {}
+        fn predecessor_committing(&self) -> bool {
+            Instant::now() < self.until
+        }
+        fn wait_budget(&self) -> Duration {
+            Duration::from_millis(8)
+        }
+        fn refused(&self) {}
+    }
+
+    /// A locking read refused while the predecessor commits, and then by another process,
+    /// waits in the server only for what is left of the budget since the first refusal: about
+    /// 6 ms of 8 spent re-sending leave a 1 ms wait (or none, on a machine so slow that less
+    /// than a millisecond was left). Before, the whole 8 ms budget was waited again.
+    #[test]
+    fn the_server_wait_takes_what_is_left_of_the_budget() {
+        let (_, mut conn) = crate::util::test_database("unit_handoff_wait");
+        assert!(conn.batch_execute("BEGIN").is_ok(), "a transaction");
+        note_server(ServerFlavor::MariaDb, false);
+        let handoff = Rc::new(Predecessor {
+            until: Instant::now() + Duration::from_millis(6),
+        });
+        let mut waited = None;
+        let answer = with_handoff(handoff, || {
+            lock_or_wait(&mut conn, Holding::Nothing, |_, lock| match lock {
+                Lock::NoWait => Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::Unknown,
+                    Box::new("Lock wait timeout exceeded; try restarting transaction".to_owned()),
+                )),
+                Lock::Wait(wait) => {
+                    waited = Some(wait.limit);
+                    Ok(())
+                }
+            })
+        });
+        match waited {
+            Some(limit) => {
+                assert_eq!(limit, "SET STATEMENT max_statement_time = 0.001 FOR ");
+                assert!(answer.is_ok(), "{answer:?}");
+            }
+            None => assert!(answer.is_err(), "{answer:?}"),
+        }
+    }
 }
