@@ -490,7 +490,10 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// copy of the whole-batch error when `run_batch` fails; [`Error::Internal`] when it answers
     /// the wrong number of requests (or panics: then the panic goes on in the leader) —
     /// [`Error::OutcomeUnknown`] instead where a COMMIT of the batch was sent through
-    /// lockstock's runner.
+    /// lockstock's runner on the leader's thread (also one of a combined call made in
+    /// `run_batch` that led its own batch there; not a COMMIT another thread sent — a thread
+    /// `run_batch` starts, a combined call that another thread's batch took: where `run_batch`
+    /// commits so, have it answer every request).
     pub fn submit(
         &self,
         key: K,

@@ -65,33 +65,40 @@ const POLL_FIRST: Duration = Duration::from_micros(50);
 const POLL_MAX: Duration = Duration::from_micros(150);
 
 std::thread_local! {
-    static HANDOFF: RefCell<Option<Rc<dyn Handoff>>> = const { RefCell::new(None) };
+    /// The handoffs of the batches the calling thread runs, innermost last: a batch's
+    /// `run_batch` may make combined calls that lead batches of their own on this thread.
+    static HANDOFF: RefCell<Vec<Rc<dyn Handoff>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with `handoff` installed for the calling thread (removed afterwards, also when `f`
 /// panics).
 pub(crate) fn with_handoff<T>(handoff: Rc<dyn Handoff>, f: impl FnOnce() -> T) -> T {
-    struct Uninstall(Option<Rc<dyn Handoff>>);
+    struct Uninstall;
     impl Drop for Uninstall {
         fn drop(&mut self) {
-            let previous = self.0.take();
-            HANDOFF.with(|h| *h.borrow_mut() = previous);
+            HANDOFF.with(|h| h.borrow_mut().pop());
         }
     }
-    let previous = HANDOFF.with(|h| h.borrow_mut().replace(handoff));
-    let _uninstall = Uninstall(previous);
+    HANDOFF.with(|h| h.borrow_mut().push(handoff));
+    let _uninstall = Uninstall;
     f()
 }
 
+/// The innermost batch's handoff: its turn, its hot-row reads.
 fn installed() -> Option<Rc<dyn Handoff>> {
-    HANDOFF.with(|h| h.borrow().clone())
+    HANDOFF.with(|h| h.borrow().last().cloned())
 }
 
-/// Tells the installed handoff (if any) that the COMMIT of a write is about to be sent.
+/// Tells the installed handoffs (if any) that the COMMIT of a write is about to be sent: every
+/// batch the thread runs, the ones a nested batch runs inside too (their work may be committed
+/// from then on).
 pub(super) fn commit_sent() {
-    if let Some(handoff) = installed() {
-        handoff.commit_sent();
-    }
+    // (`commit_sent` only notes it: nothing installs or removes a handoff meanwhile.)
+    HANDOFF.with(|h| {
+        for handoff in h.borrow().iter() {
+            handoff.commit_sent();
+        }
+    });
 }
 
 /// Tells the installed handoff (if any) that a COMMIT is about to be sent.

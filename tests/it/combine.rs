@@ -960,6 +960,25 @@ fn a_batch_that_fails_to_answer_after_its_commit_answers_outcome_unknown() {
         matches!(short, Err(Error::OutcomeUnknown { .. })),
         "{short:?}"
     );
+    // Committed through a combined call that led its own batch on the batch's thread, then
+    // the wrong number of answers: `OutcomeUnknown` too (before, `Internal` — that batch's
+    // COMMIT was told only to its own batch).
+    let issuer = CouponIssuer::new();
+    let campaign = open_campaign(&mut admin, &issuer, 5);
+    let hot = CombiningIssuer::new(pool(&url, 1), issuer);
+    let nested = combiner.submit(0, 2, deadline(), |_, _, _| {
+        hot.issue(7, campaign.id)?;
+        Ok(Vec::new())
+    });
+    assert!(
+        matches!(nested, Err(Error::OutcomeUnknown { .. })),
+        "{nested:?}"
+    );
+    assert_eq!(
+        lockstock_testkit::fixtures::issued_rows(&mut admin, campaign.id),
+        1,
+        "the coupon is issued"
+    );
     // Committed, then a panic in a batch that carries another caller: the leader's own call
     // panics, and the caller combined with it is answered `OutcomeUnknown` (its own closure
     // never runs). A first batch holds the turn until both have queued behind it.
