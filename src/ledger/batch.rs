@@ -175,10 +175,9 @@ impl BalanceLedger {
         let mut looked_up = looked_up;
         while from < ops.len() {
             if from > 0 {
-                // Where an earlier part sent a request of an expired hold's key, the lookup
-                // made before the batch sent anything may predate its entry: looked up again
-                // now, as the hold's single call, made after those calls, looks it up.
-                self.look_up_again(conn, ops, &before, from, &mut looked_up, deadline);
+                // Where an earlier part wrote (or may have written) an expired hold's key, the
+                // lookup made before the batch sent anything predates its entry.
+                self.look_up_again(conn, (ops, &before), &answers, &mut looked_up, deadline);
                 to = self
                     .split_at_placed_hold(conn, &ops[from..], &places[from..], deadline)
                     .map_or(ops.len(), |at| from + at);
@@ -255,33 +254,59 @@ impl BalanceLedger {
             .map(|at| first_hold + 1 + at)
     }
 
-    /// [`expired_lookups`](Self::expired_lookups) made again, into `looked_up`, for the holds
-    /// from `from` on whose key a request before `from` carries that was sent (it may have
-    /// written the key in an earlier part).
+    /// The answers, into `looked_up`, of the expired holds from `from` on whose key the batch's
+    /// parts before `from` (answered: `answers`) may have written — as each one's single call,
+    /// made after those requests, would find its key. A hold whose key the first lookup found
+    /// keeps that answer (a written key never changes). Where an earlier request of its key
+    /// was written (`Ok`), that entry answers it (the conflict: an earlier request of the same
+    /// key and parameters would have expired too); where its outcome is unknown, the key is
+    /// looked up again (that lookup's failure answers as its single call's would). Otherwise —
+    /// the earlier requests refused, nothing of the key written — the first lookup stands,
+    /// also once the batch's deadline or connection is spent.
     fn look_up_again(
         &self,
         conn: &mut MysqlConnection,
-        ops: &[AccountOp],
-        before: &[BeforeSending<'_>],
-        from: usize,
+        (ops, before): (&[AccountOp], &[BeforeSending<'_>]),
+        answers: &[Result<Entry>],
         looked_up: &mut [Option<Result<Entry>>],
         deadline: Deadline,
     ) {
-        let sent_earlier = |key: &str| {
-            ops[..from]
+        let from = answers.len();
+        let mut again: Vec<BeforeSending<'_>> = vec![BeforeSending::Send; before.len()];
+        let mut ask = false;
+        for at in from..ops.len() {
+            let BeforeSending::Expired(request, _) = &before[at] else {
+                continue;
+            };
+            if matches!(
+                looked_up[at],
+                Some(Ok(_) | Err(Error::IdempotencyConflict { .. }))
+            ) {
+                continue;
+            }
+            let earlier: Vec<&Result<Entry>> = (0..from)
+                .filter(|&i| {
+                    matches!(before[i], BeforeSending::Send) && ops[i].key() == ops[at].key()
+                })
+                .map(|i| &answers[i])
+                .collect();
+            if let Some(Ok(entry)) = earlier.iter().find(|answer| answer.is_ok()) {
+                looked_up[at] = Some(Err(Error::IdempotencyConflict {
+                    user_id: request.user_id,
+                    key: request.key.to_owned(),
+                    existing_entry_id: entry.id,
+                }));
+            } else if earlier
                 .iter()
-                .zip(&before[..from])
-                .any(|(op, b)| matches!(b, BeforeSending::Send) && op.key() == key)
-        };
-        let again: Vec<BeforeSending<'_>> = before
-            .iter()
-            .zip(ops)
-            .enumerate()
-            .map(|(at, (b, op))| match b {
-                BeforeSending::Expired(..) if at >= from && sent_earlier(op.key()) => b.clone(),
-                _ => BeforeSending::Send,
-            })
-            .collect();
+                .any(|answer| answer.as_ref().is_err_and(Error::is_outcome_unknown))
+            {
+                again[at] = before[at].clone();
+                ask = true;
+            }
+        }
+        if !ask {
+            return;
+        }
         for (at, answer) in self
             .expired_lookups(conn, &again, deadline)
             .into_iter()

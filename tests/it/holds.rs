@@ -2091,3 +2091,50 @@ fn a_split_batch_answers_an_expired_hold_by_the_key_an_earlier_part_wrote() {
     assert_eq!(seen(&answers), seen(&singles));
     audit_ok(&ledger, &mut conn, 1);
 }
+
+/// A batch split at a hold it places, whose first part wrote nothing and spent the batch's
+/// deadline (its INSERT held up past it by a trigger, and stopped by the statement limit),
+/// answers a later part's expired hold by the key lookup made before it sent anything — as its
+/// single call answers it (`InvalidExpiry`) — not by a lookup made again once the deadline was
+/// spent. (The first version of the fix for the split batch looked the key up again whatever
+/// the earlier part met, and answered `OutcomeUnknown` here.)
+#[test]
+fn a_split_batch_whose_earlier_part_wrote_nothing_keeps_its_expired_holds_first_answer() {
+    use diesel::connection::SimpleConnection;
+    let (_, mut conn, _, _) = account_with_a_hold("holds_split_expired_nothing_written");
+    let short = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        StdDuration::from_millis(300),
+    ));
+    conn.batch_execute(
+        "CREATE TRIGGER slow_k BEFORE INSERT ON balance_history FOR EACH ROW \
+         IF NEW.idempotency_key = 'k' THEN SET @slept = SLEEP(1); END IF",
+    )
+    .expect("trigger");
+    let ops = [
+        AccountOp::hold(dec(10), "h2", in_secs(3_600)),
+        AccountOp::deduct(dec(5), "k"),
+        AccountOp::capture(1 << 60, dec(1), "c"),
+        AccountOp::hold(dec(1), "k", in_secs(-60)),
+    ];
+    let answers = short
+        .apply_many(&mut conn, 1, &ops)
+        .expect("answered per request");
+    let single = short.hold(&mut conn, 1, dec(1), "k", in_secs(-60));
+    conn.batch_execute("DROP TRIGGER slow_k")
+        .expect("drop trigger");
+    let not_in_future = |answer: &Result<Entry, Error>| {
+        matches!(
+            answer,
+            Err(Error::InvalidExpiry {
+                problem: ExpiryProblem::NotInFuture,
+                ..
+            })
+        )
+    };
+    assert!(
+        answers[1].as_ref().is_err_and(|e| !e.is_outcome_unknown()),
+        "the first part wrote nothing: {answers:?}"
+    );
+    assert!(not_in_future(&single), "the single call: {single:?}");
+    assert!(not_in_future(&answers[3]), "{answers:?}");
+}
