@@ -106,9 +106,14 @@ impl RetryPolicy {
     pub fn backoff_ceiling(&self, retry: u32) -> Duration {
         // In nanoseconds, wide enough for any doubling below the ceiling (past 2^127 the
         // product is above every `Duration` anyway).
-        let doubled = 1u128
-            .checked_shl(retry)
-            .and_then(|factor| self.base_backoff.as_nanos().checked_mul(factor));
+        let base = self.base_backoff.as_nanos();
+        let doubled = if base == 0 {
+            Some(0)
+        } else {
+            1u128
+                .checked_shl(retry)
+                .and_then(|factor| base.checked_mul(factor))
+        };
         match doubled {
             // Below the ceiling, a `Duration`: its seconds fit.
             Some(nanos) if nanos < self.max_backoff.as_nanos() => {

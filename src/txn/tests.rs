@@ -21,6 +21,15 @@ fn backoff_ceiling_follows_its_formula_past_two_to_the_31() {
     };
     assert_eq!(longest.backoff_ceiling(u32::MAX), Duration::MAX);
     assert_eq!(longest.backoff_ceiling(0), Duration::MAX);
+    // A zero base retries at once, however many retries (the first version of the fix gave
+    // `max_backoff` from retry 128 on).
+    let at_once = RetryPolicy {
+        base_backoff: Duration::ZERO,
+        max_backoff: Duration::from_millis(50),
+        ..RetryPolicy::default()
+    };
+    assert_eq!(at_once.backoff_ceiling(128), Duration::ZERO);
+    assert_eq!(at_once.backoff_ceiling(u32::MAX), Duration::ZERO);
 }
 
 #[test]
