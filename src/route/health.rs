@@ -335,8 +335,8 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
         // node is published healthy (a call that took the old pool then would meet what the
         // renewal is for). A connection that a pool began while the node was gone is retried by
         // r2d2 in the background, holding the pool's slot meanwhile; the node's calls would
-        // wait for it (a short deadline answers `Timeout`, a longer one takes the node down
-        // again with a pool error).
+        // wait for it (a short deadline answers `Timeout`; a longer one makes the node suspect
+        // with a pool error, and a second such wait in a row takes it down).
         if was_ok == Some(false) && answer.as_ref().is_ok_and(ProbeRow::healthy) {
             shared.renew_pools(node);
         }

@@ -115,8 +115,10 @@
 //! not replicate ([`Error::NotReplicated`]: the connection is discarded and the probe, which reads
 //! the node's `wsrep_on`, decides) or no pooled connection to be had: one the node refused
 //! takes it down; none within the probe timeout, no connect refused, makes it suspect (a pool
-//! whose every connection stays in use is only waited on). The node is marked down (or
-//! suspect, as above), the router waits (within the deadline) for the coordinator to fail over
+//! whose every connection stays in use is only waited on), and a second such checkout in a row
+//! (started after the first gave up, no connection handed out between them) takes it down —
+//! its new connections hang, whatever its probe's kept connection answers. The node is marked
+//! down (or suspect, as above), the router waits (within the deadline) for the coordinator to fail over
 //! — or for the probe to clear the node — and runs the call again. Everything else comes back as it is: results, domain refusals
 //! ([`Error::InsufficientBalance`], [`Error::SoldOut`], ...), [`Error::Contended`], and
 //! [`Error::OutcomeUnknown`] — a COMMIT whose answer was lost may have been applied (so may a
@@ -332,6 +334,7 @@ impl RouterBuilder {
                     url,
                     pools,
                     cuts: Mutex::new(Cuts::default()),
+                    starved: Mutex::new(Cuts::default()),
                 }
             })
             .collect::<Vec<_>>();
@@ -436,6 +439,11 @@ impl Drop for Router {
         self.shared.changed.notify_all();
         drop(state);
     }
+}
+
+/// A node's count of cuts (or of starved checkouts), locked.
+fn lock_cuts(cuts: &Mutex<Cuts>) -> std::sync::MutexGuard<'_, Cuts> {
+    cuts.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What to do after one attempt.
@@ -604,6 +612,9 @@ struct Node {
     pools: Mutex<Pools>,
     /// Calls on the node cut off at their deadline (see [`Cuts`]).
     cuts: Mutex<Cuts>,
+    /// Checkouts that got no connection in time, and no connect error, while the pool did not
+    /// look busy, counted as cuts are (see `Shared::starved`).
+    starved: Mutex<Cuts>,
 }
 
 /// Calls cut off at their deadline in a row that take a node down whatever its probe says (its
@@ -774,10 +785,7 @@ impl Shared {
     /// deadline). [`CUTS_TO_FAIL`] cuts in a row take it down whatever its probe says.
     fn cut(&self, node: usize, started: Instant, error: &Error) {
         let counted = {
-            let mut cuts = self.nodes[node]
-                .cuts
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut cuts = lock_cuts(&self.nodes[node].cuts);
             if cuts.last.is_some_and(|last| started < last) {
                 // In flight with the last counted cut: the same stall.
                 return;
@@ -800,13 +808,38 @@ impl Shared {
         }
     }
 
+    /// A checkout on `node` that started at `started` got no connection within the probe
+    /// timeout, met no connect error, and the pool did not look busy. The node is suspect (its
+    /// probe, woken at once, tells whether it answers), and [`CUTS_TO_FAIL`] such checkouts in
+    /// a row — each started after the last one counted gave up (waiting together: one), with
+    /// no connection handed out between them — take it down whatever its probe says: its new
+    /// connections hang (the probe answers on the connection it keeps).
+    fn starved(&self, node: usize, started: Instant, error: &Error) {
+        let counted = {
+            let mut starved = lock_cuts(&self.nodes[node].starved);
+            if starved.last.is_some_and(|last| started < last) {
+                // Waiting with the last counted one: the same stall.
+                None
+            } else {
+                starved.count += 1;
+                starved.last = Some(Instant::now());
+                let down = starved.count >= CUTS_TO_FAIL;
+                if down {
+                    *starved = Cuts::default();
+                }
+                Some(down)
+            }
+        };
+        match counted {
+            Some(true) => self.take_down(node, error),
+            _ => self.suspect(node),
+        }
+    }
+
     /// A call on `node` that started at `started` was answered: a count of cuts before it is
     /// cleared.
     fn answered(&self, node: usize, started: Instant) {
-        let mut cuts = self.nodes[node]
-            .cuts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cuts = lock_cuts(&self.nodes[node].cuts);
         if cuts.count > 0 && cuts.last.is_some_and(|last| started > last) {
             *cuts = Cuts::default();
         }
@@ -815,10 +848,8 @@ impl Shared {
     /// Marks `node` down (and no writer if it was), wakes the coordinator, replaces its pools.
     fn take_down(&self, node: usize, error: &Error) {
         // Down from here on: cuts counted before do not carry over to its return.
-        *self.nodes[node]
-            .cuts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Cuts::default();
+        *lock_cuts(&self.nodes[node].cuts) = Cuts::default();
+        *lock_cuts(&self.nodes[node].starved) = Cuts::default();
         {
             let mut state = self.lock();
             state.mark_failed(node, error);
@@ -885,8 +916,13 @@ impl Shared {
         // Leave time for another node if this one cannot give a connection.
         let wait = deadline.remaining().min(self.probe_timeout);
         let grace = self.session_policy.unresponsive_grace;
+        let checkout_started = Instant::now();
         let mut conn = match checkout_within(&pool, deadline, grace, wait) {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                // The pool hands out connections: starved checkouts before do not count.
+                *lock_cuts(&self.nodes[node].starved) = Cuts::default();
+                conn
+            }
             Err(error @ Error::Timeout { .. }) => return Attempt::Done(Err(error)),
             Err(error) => {
                 if matches!(&error, Error::Pool(failed) if names_connect_error(failed)) {
@@ -901,8 +937,9 @@ impl Shared {
                 // No connection in time and no connect error: every connection was in use —
                 // this sample comes after the wait, so one may just have been given back, or
                 // discarded and being replaced — or a new one neither succeeded nor failed (a
-                // node that stopped answering). Its probe tells, now; calls wait for it.
-                self.suspect(node);
+                // node that stopped answering, or whose new connections hang while the
+                // probe's kept one answers).
+                self.starved(node, checkout_started, &error);
                 return Attempt::NodeFailed(error);
             }
         };

@@ -1064,6 +1064,9 @@ fn galera_router_keeps_its_writer_while_a_busy_pool_replaces_connections() {
 struct Relay {
     port: u16,
     cut: Arc<AtomicBool>,
+    /// While set, new connections are held silent (accepted, never greeted) and the ones
+    /// relayed already go on.
+    hold_new: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -1072,12 +1075,13 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("relay listener");
         let port = listener.local_addr().expect("relay port").port();
         let cut = Arc::new(AtomicBool::new(false));
+        let hold_new = Arc::new(AtomicBool::new(false));
         let held: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
-        let (cutting, holding) = (cut.clone(), held.clone());
+        let (cutting, holding, holding_new) = (cut.clone(), held.clone(), hold_new.clone());
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
-                if cutting.load(Ordering::SeqCst) {
+                if cutting.load(Ordering::SeqCst) || holding_new.load(Ordering::SeqCst) {
                     holding.lock().expect("held").push(client);
                     continue;
                 }
@@ -1096,7 +1100,11 @@ impl Relay {
                 thread::spawn(pump(s1, c1, false));
             }
         });
-        Relay { port, cut }
+        Relay {
+            port,
+            cut,
+            hold_new,
+        }
     }
 
     /// Copies `from` to `to` (`to_server`: from the client to the server) until either closes
@@ -1137,6 +1145,70 @@ impl Relay {
             }
         }
     }
+}
+
+/// A writer whose new connections hang (accepted, never greeted: a node draining, a firewall
+/// fault) while the connections made before go on — its probe answers on the one it keeps —
+/// is taken down after two checkouts in a row got no connection, and the call runs on the new
+/// writer within its deadline. (The fix for a busy pool, which made such a checkout only
+/// suspect the node, left it the writer for good: calls answered `Pool` at their deadlines.)
+#[test]
+fn galera_router_fails_over_from_a_writer_whose_new_connections_hang() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let name = "gal_route_new_conns_hang";
+    let urls = database(cluster, name);
+    let relay = Relay::to(
+        format!("127.0.0.1:{}", cluster.ports(0).client)
+            .parse()
+            .expect("node 0's address"),
+    );
+    let relayed = format!("mysql://root@127.0.0.1:{}/{name}", relay.port);
+    let router = Router::builder([relayed, urls[1].clone(), urls[2].clone()])
+        .pool_size(1)
+        .health_interval(Duration::from_millis(200))
+        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+        .build()
+        .expect("router");
+    let writer = router
+        .wait_for_writer(Duration::from_secs(20))
+        .expect("a writer");
+    assert_eq!(
+        writer, 0,
+        "the relayed node is the writer: the test's premise"
+    );
+    let ask = |deadline: Duration| {
+        router.write(Deadline::after(deadline), |conn, _| {
+            diesel::select(diesel::dsl::sql::<Text>("CAST(@@wsrep_node_name AS CHAR)"))
+                .get_result::<String>(conn)
+                .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+        })
+    };
+    ask(Duration::from_secs(5)).expect("a write through the relay");
+    relay.hold_new.store(true, Ordering::SeqCst);
+    // The writer's one pooled connection is discarded (the closure leaves a transaction
+    // open): its pool opens another, which hangs.
+    router
+        .write(Deadline::after(Duration::from_secs(5)), |conn, _| {
+            conn.batch_execute("START TRANSACTION")
+                .map_err(|e| Error::Server(lockstock::ServerError::new(e)))
+        })
+        .expect("the closure");
+    let started = Instant::now();
+    let answer = ask(Duration::from_secs(10));
+    eprintln!(
+        "{:?} after {:?}: {:?}",
+        answer,
+        started.elapsed(),
+        router.stats()
+    );
+    let served = answer.expect("answered on the new writer");
+    assert_ne!(router.writer(), Some(0), "still the writer");
+    assert_ne!(
+        served, "node0",
+        "served by the writer whose connections hang"
+    );
 }
 
 /// A node whose probe connection is left half-open (the network dropped the server's side
