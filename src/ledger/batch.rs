@@ -255,14 +255,15 @@ impl BalanceLedger {
     }
 
     /// The answers, into `looked_up`, of the expired holds from `from` on whose key the batch's
-    /// parts before `from` (answered: `answers`) may have written — as each one's single call,
-    /// made after those requests, would find its key. A hold whose key the first lookup found
-    /// keeps that answer (a written key never changes). Where an earlier request of its key
-    /// was written (`Ok`), that entry answers it (the conflict: an earlier request of the same
-    /// key and parameters would have expired too); where its outcome is unknown, the key is
-    /// looked up again (that lookup's failure answers as its single call's would). Otherwise —
-    /// the earlier requests refused, nothing of the key written — the first lookup stands,
-    /// also once the batch's deadline or connection is spent.
+    /// parts before `from` (answered: `answers`) may have written, or found written — as each
+    /// one's single call, made after those requests, would find its key. A hold whose key the
+    /// first lookup found keeps that answer (a written key never changes). Where an earlier
+    /// request of its key was written (`Ok`), may have been (its outcome unknown) or met the
+    /// key written by another call (`IdempotencyConflict`), the key is looked up again (the
+    /// entry answers: the same request — the expiry is not part of a request's identity — or a
+    /// conflict; a failed lookup answers as its single call's would). Otherwise — the earlier
+    /// requests refused, nothing of the key written — the first lookup stands, also once the
+    /// batch's deadline or connection is spent.
     fn look_up_again(
         &self,
         conn: &mut MysqlConnection,
@@ -275,31 +276,23 @@ impl BalanceLedger {
         let mut again: Vec<BeforeSending<'_>> = vec![BeforeSending::Send; before.len()];
         let mut ask = false;
         for at in from..ops.len() {
-            let BeforeSending::Expired(request, _) = &before[at] else {
-                continue;
-            };
-            if matches!(
-                looked_up[at],
-                Some(Ok(_) | Err(Error::IdempotencyConflict { .. }))
-            ) {
+            if !matches!(before[at], BeforeSending::Expired(..))
+                || matches!(
+                    looked_up[at],
+                    Some(Ok(_) | Err(Error::IdempotencyConflict { .. }))
+                )
+            {
                 continue;
             }
-            let earlier: Vec<&Result<Entry>> = (0..from)
-                .filter(|&i| {
-                    matches!(before[i], BeforeSending::Send) && ops[i].key() == ops[at].key()
-                })
-                .map(|i| &answers[i])
-                .collect();
-            if let Some(Ok(entry)) = earlier.iter().find(|answer| answer.is_ok()) {
-                looked_up[at] = Some(Err(Error::IdempotencyConflict {
-                    user_id: request.user_id,
-                    key: request.key.to_owned(),
-                    existing_entry_id: entry.id,
-                }));
-            } else if earlier
-                .iter()
-                .any(|answer| answer.as_ref().is_err_and(Error::is_outcome_unknown))
-            {
+            let key_met = (0..from).any(|i| {
+                matches!(before[i], BeforeSending::Send)
+                    && ops[i].key() == ops[at].key()
+                    && match &answers[i] {
+                        Ok(_) | Err(Error::IdempotencyConflict { .. }) => true,
+                        Err(e) => e.is_outcome_unknown(),
+                    }
+            });
+            if key_met {
                 again[at] = before[at].clone();
                 ask = true;
             }

@@ -2138,3 +2138,52 @@ fn a_split_batch_whose_earlier_part_wrote_nothing_keeps_its_expired_holds_first_
     assert!(not_in_future(&single), "the single call: {single:?}");
     assert!(not_in_future(&answers[3]), "{answers:?}");
 }
+
+/// A batch split at a hold it places, whose first part found a key written by another call
+/// after the batch's first lookup (the other call committed while the batch waited for the
+/// account), answers a later part's expired hold of that key as its single call, made after
+/// them, answers it: by the entry written (a conflict here), not by the lookup made before the
+/// other call committed (`InvalidExpiry`, "never placed": no serial order gives both answers).
+/// (A second version of the split-batch fix kept the first lookup there.)
+#[test]
+fn a_split_batch_answers_an_expired_hold_by_a_key_another_call_wrote_meanwhile() {
+    use diesel::connection::SimpleConnection;
+    let (url, mut conn, ledger, _) = account_with_a_hold("holds_split_key_written_meanwhile");
+    let mut other = connect(&url);
+    other.batch_execute("BEGIN").expect("begin");
+    lock_balance(&mut other, 1).expect("the account locked");
+    other
+        .batch_execute(
+            "INSERT INTO balance_history \
+             (user_id, kind, amount, balance_after, idempotency_key, request_hash) \
+             VALUES (1, 'charge', 1, 101, 'k', '0000000000000000'); \
+             UPDATE user_balance SET balance = balance + 1, version = version + 1 \
+             WHERE user_id = 1",
+        )
+        .expect("another call's entry of key k");
+    let commits = thread::spawn(move || {
+        thread::sleep(StdDuration::from_millis(200));
+        other.batch_execute("COMMIT").expect("commit");
+    });
+    let ops = [
+        AccountOp::hold(dec(10), "h2", in_secs(3_600)),
+        AccountOp::deduct(dec(5), "k"),
+        AccountOp::capture(1 << 60, dec(1), "c"),
+        AccountOp::hold(dec(1), "k", in_secs(-60)),
+    ];
+    let answers = ledger
+        .apply_many(&mut conn, 1, &ops)
+        .expect("answered per request");
+    commits.join().expect("committed");
+    let single = ledger.hold(&mut conn, 1, dec(1), "k", in_secs(-60));
+    let conflict = |answer: &Result<Entry, Error>| match answer {
+        Err(Error::IdempotencyConflict {
+            existing_entry_id, ..
+        }) => Some(*existing_entry_id),
+        _ => None,
+    };
+    let written = conflict(&answers[1]);
+    assert!(written.is_some(), "the deduct met the key: {answers:?}");
+    assert_eq!(conflict(&single), written, "the single call: {single:?}");
+    assert_eq!(conflict(&answers[3]), written, "{answers:?}");
+}
