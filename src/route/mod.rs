@@ -117,7 +117,9 @@
 //! takes it down; none within the probe timeout, no connect refused, makes it suspect (a pool
 //! whose every connection stays in use is only waited on), and a second such checkout in a row
 //! (started after the first gave up, no connection handed out between them) takes it down —
-//! its new connections hang, whatever its probe's kept connection answers. The node is marked
+//! its new connections hang, whatever its probe's kept connection answers (only calls whose
+//! deadline is longer than the probe timeout count: a shorter one answers `Timeout`, blaming
+//! no node). The node is marked
 //! down (or suspect, as above), the router waits (within the deadline) for the coordinator to fail over
 //! — or for the probe to clear the node — and runs the call again. Everything else comes back as it is: results, domain refusals
 //! ([`Error::InsufficientBalance`], [`Error::SoldOut`], ...), [`Error::Contended`], and

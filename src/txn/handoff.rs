@@ -219,9 +219,10 @@ pub(crate) fn bounded_waits() -> bool {
 ///   holds back keeps the row locked meanwhile);
 /// - otherwise (another process's batch, or any other transaction, holds the row), if the
 ///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) and the server is
-///   MariaDB, by waiting for the row IN THE SERVER, once, for at most what is left of the
-///   handoff's [`wait_budget`](Handoff::wait_budget) since the first refusal, rounded down to
-///   8, 3 or 1 ms ([`Lock::Wait`]; under a millisecond left, not at all): the
+///   MariaDB, by waiting for the row IN THE SERVER, once, for at most the handoff's
+///   [`wait_budget`](Handoff::wait_budget) — what is left of it where the read was sent again
+///   for the predecessor first — rounded down to 8, 3 or 1 ms ([`Lock::Wait`]; under a
+///   millisecond, not at all): the
 ///   server hands the row over the moment its holder commits, where polling found it free only
 ///   at its next try and loaded the server with refusals meanwhile. A batch holds the row for
 ///   well under a millisecond, and a whole-transaction retry (ROLLBACK, backoff, the
