@@ -336,7 +336,7 @@ impl RouterBuilder {
                     url,
                     pools,
                     cuts: Mutex::new(Cuts::default()),
-                    starved: Mutex::new(Cuts::default()),
+                    starved: [Mutex::new(Cuts::default()), Mutex::new(Cuts::default())],
                 }
             })
             .collect::<Vec<_>>();
@@ -607,6 +607,16 @@ enum Use {
     CausalRead,
 }
 
+impl Use {
+    /// The pool's index in a node's per-pool counts.
+    fn index(self) -> usize {
+        match self {
+            Use::Write => 0,
+            Use::CausalRead => 1,
+        }
+    }
+}
+
 struct Node {
     url: String,
     /// Replaced by fresh pools after a node failure, so no connection to a dead server is
@@ -615,8 +625,9 @@ struct Node {
     /// Calls on the node cut off at their deadline (see [`Cuts`]).
     cuts: Mutex<Cuts>,
     /// Checkouts that got no connection in time, and no connect error, while the pool did not
-    /// look busy, counted as cuts are (see `Shared::starved`).
-    starved: Mutex<Cuts>,
+    /// look busy, counted as cuts are (see `Shared::starved`): per pool ([`Use::index`]),
+    /// since only a connection the same pool hands out says its new connections come.
+    starved: [Mutex<Cuts>; 2],
 }
 
 /// Calls cut off at their deadline in a row that take a node down whatever its probe says (its
@@ -816,9 +827,9 @@ impl Shared {
     /// a row — each started after the last one counted gave up (waiting together: one), with
     /// no connection handed out between them — take it down whatever its probe says: its new
     /// connections hang (the probe answers on the connection it keeps).
-    fn starved(&self, node: usize, started: Instant, error: &Error) {
+    fn starved(&self, node: usize, purpose: Use, started: Instant, error: &Error) {
         let counted = {
-            let mut starved = lock_cuts(&self.nodes[node].starved);
+            let mut starved = lock_cuts(&self.nodes[node].starved[purpose.index()]);
             if starved.last.is_some_and(|last| started < last) {
                 // Waiting with the last counted one: the same stall.
                 None
@@ -851,7 +862,9 @@ impl Shared {
     fn take_down(&self, node: usize, error: &Error) {
         // Down from here on: cuts counted before do not carry over to its return.
         *lock_cuts(&self.nodes[node].cuts) = Cuts::default();
-        *lock_cuts(&self.nodes[node].starved) = Cuts::default();
+        for starved in &self.nodes[node].starved {
+            *lock_cuts(starved) = Cuts::default();
+        }
         {
             let mut state = self.lock();
             state.mark_failed(node, error);
@@ -921,8 +934,8 @@ impl Shared {
         let checkout_started = Instant::now();
         let mut conn = match checkout_within(&pool, deadline, grace, wait) {
             Ok(conn) => {
-                // The pool hands out connections: starved checkouts before do not count.
-                *lock_cuts(&self.nodes[node].starved) = Cuts::default();
+                // The pool hands out connections: its starved checkouts before do not count.
+                *lock_cuts(&self.nodes[node].starved[purpose.index()]) = Cuts::default();
                 conn
             }
             Err(error @ Error::Timeout { .. }) => return Attempt::Done(Err(error)),
@@ -941,7 +954,7 @@ impl Shared {
                 // discarded and being replaced — or a new one neither succeeded nor failed (a
                 // node that stopped answering, or whose new connections hang while the
                 // probe's kept one answers).
-                self.starved(node, checkout_started, &error);
+                self.starved(node, purpose, checkout_started, &error);
                 return Attempt::NodeFailed(error);
             }
         };

@@ -1149,8 +1149,9 @@ impl Relay {
 
 /// A writer whose new connections hang (accepted, never greeted: a node draining, a firewall
 /// fault) while the connections made before go on — its probe answers on the one it keeps —
-/// is taken down after two checkouts in a row got no connection, and the call runs on the new
-/// writer within its deadline. (The fix for a busy pool, which made such a checkout only
+/// is taken down after two writes in a row got no connection from its write pool — while its
+/// read pool's connection goes on serving reads — and the call runs on the new writer within
+/// its deadline. (The fix for a busy pool, which made such a checkout only
 /// suspect the node, left it the writer for good: calls answered `Pool` at their deadlines.)
 #[test]
 fn galera_router_fails_over_from_a_writer_whose_new_connections_hang() {
@@ -1186,6 +1187,11 @@ fn galera_router_fails_over_from_a_writer_whose_new_connections_hang() {
         })
     };
     ask(Duration::from_secs(5)).expect("a write through the relay");
+    // Reads (round robin over the nodes) open node 0's read pool, whose connection goes on
+    // serving reads throughout: they say nothing of its write pool's new connections.
+    for _ in 0..6 {
+        served_by(&router, Duration::from_secs(5)).expect("a read");
+    }
     relay.hold_new.store(true, Ordering::SeqCst);
     // The writer's one pooled connection is discarded (the closure leaves a transaction
     // open): its pool opens another, which hangs.
@@ -1196,10 +1202,24 @@ fn galera_router_fails_over_from_a_writer_whose_new_connections_hang() {
         })
         .expect("the closure");
     let started = Instant::now();
-    let answer = ask(Duration::from_secs(10));
+    let stop = AtomicBool::new(false);
+    let (answer, reads) = thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut reads = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                if served_by(&router, Duration::from_millis(500)).is_ok() {
+                    reads += 1;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            reads
+        });
+        let answer = ask(Duration::from_secs(10));
+        stop.store(true, Ordering::SeqCst);
+        (answer, reader.join().expect("the reader"))
+    });
     eprintln!(
-        "{:?} after {:?}: {:?}",
-        answer,
+        "{answer:?} after {:?} ({reads} reads meanwhile): {:?}",
         started.elapsed(),
         router.stats()
     );
