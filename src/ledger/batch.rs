@@ -46,8 +46,13 @@ impl BalanceLedger {
     /// [`Error::AccountNotFound`]. A capture or release names a hold of THIS account; a hold of
     /// another account is [`Error::HoldNotFound`]. One that names a hold not found before the
     /// batch, after a hold the batch places, may name that hold (ids are the INSERT's): the
-    /// batch then runs in two parts, each in its own transaction — the requests before it,
-    /// then it and the rest — so that it is decided as its single call would be, after them.
+    /// batch then runs in parts, each in its own transaction — the requests before it, then it
+    /// and the rest (split again at the next such request) — so that it is decided as its
+    /// single call would be, after them. A later part's hold whose expiry the caller's clock
+    /// refuses has its key looked up again before that part where an earlier part wrote the
+    /// key, may have (an unknown outcome) or met it written by another call: its single call,
+    /// made after them, finds that entry (where that lookup fails, the hold answers as its
+    /// single call would then: [`Error::OutcomeUnknown`]).
     ///
     /// Statement by statement (one [`Deadline`] for the whole call, shared by every step):
     /// 0. If the batch captures or releases holds: their rows, read lock-free (their account
@@ -260,7 +265,7 @@ impl BalanceLedger {
     /// first lookup found keeps that answer (a written key never changes). Where an earlier
     /// request of its key was written (`Ok`), may have been (its outcome unknown) or met the
     /// key written by another call (`IdempotencyConflict`), the key is looked up again (the
-    /// entry answers: the same request — the expiry is not part of a request's identity — or a
+    /// entry answers: the same request — its hash, which holds a hold's expiry — or a
     /// conflict; a failed lookup answers as its single call's would). Otherwise — the earlier
     /// requests refused, nothing of the key written — the first lookup stands, also once the
     /// batch's deadline or connection is spent.

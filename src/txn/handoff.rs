@@ -361,7 +361,9 @@ mod tests {
         assert!(conn.batch_execute("BEGIN").is_ok(), "a transaction");
         note_server(ServerFlavor::MariaDb, false);
         let handoff = Rc::new(Predecessor {
-            until: Instant::now() + committing,
+            committing,
+            asked: Cell::new(0),
+            until: Cell::new(None),
         });
         let mut waited = None;
         let answer = with_handoff(handoff, || {
@@ -380,9 +382,14 @@ mod tests {
         waited
     }
 
-    /// A batch's handoff whose in-process predecessor is committing until `until`.
+    /// A batch's handoff whose in-process predecessor is committing for `committing` from
+    /// the read's first refusal (its clock starts at the second question, the first one after
+    /// the refusal: the first comes before the read, and the refusal is followed by a round
+    /// trip of its own).
     struct Predecessor {
-        until: Instant,
+        committing: Duration,
+        asked: Cell<u32>,
+        until: Cell<Option<Instant>>,
     }
 
     impl Handoff for Predecessor {
@@ -390,7 +397,17 @@ mod tests {
         fn before_commit(&self) {}
         fn after_commit(&self) {}
         fn predecessor_committing(&self) -> bool {
-            Instant::now() < self.until
+            let asked = self.asked.get() + 1;
+            self.asked.set(asked);
+            if asked == 1 {
+                return !self.committing.is_zero();
+            }
+            let until = *self
+                .until
+                .get()
+                .get_or_insert_with(|| Instant::now() + self.committing);
+            self.until.set(Some(until));
+            Instant::now() < until
         }
         fn wait_budget(&self) -> Duration {
             Duration::from_millis(8)
