@@ -643,6 +643,32 @@ struct Cuts {
     last: Option<Instant>,
 }
 
+/// What one more cut (or starved checkout) of a call that started at `started` means.
+enum Counted {
+    /// In flight with the last counted one: the same stall, not counted again.
+    Same,
+    /// Counted, fewer than [`CUTS_TO_FAIL`] in a row.
+    Once,
+    /// [`CUTS_TO_FAIL`] in a row (the count starts again).
+    InARow,
+}
+
+impl Cuts {
+    /// Counts one more, from a call that started at `started`.
+    fn count(&mut self, started: Instant) -> Counted {
+        if self.last.is_some_and(|last| started < last) {
+            return Counted::Same;
+        }
+        self.count += 1;
+        self.last = Some(Instant::now());
+        if self.count >= CUTS_TO_FAIL {
+            *self = Cuts::default();
+            return Counted::InARow;
+        }
+        Counted::Once
+    }
+}
+
 struct Pools {
     write: MysqlPool,
     read: MysqlPool,
@@ -797,27 +823,14 @@ impl Shared {
     /// network fault their connections may all be half-open, each costing a call its
     /// deadline). [`CUTS_TO_FAIL`] cuts in a row take it down whatever its probe says.
     fn cut(&self, node: usize, started: Instant, error: &Error) {
-        let counted = {
-            let mut cuts = lock_cuts(&self.nodes[node].cuts);
-            if cuts.last.is_some_and(|last| started < last) {
-                // In flight with the last counted cut: the same stall.
-                return;
-            }
-            cuts.count += 1;
-            cuts.last = Some(Instant::now());
-            if cuts.count >= CUTS_TO_FAIL {
-                *cuts = Cuts::default();
-                None
-            } else {
-                Some(())
-            }
-        };
+        let counted = lock_cuts(&self.nodes[node].cuts).count(started);
         match counted {
-            Some(()) => {
+            Counted::Same => {}
+            Counted::Once => {
                 self.suspect(node);
                 self.renew_pools(node);
             }
-            None => self.take_down(node, error),
+            Counted::InARow => self.take_down(node, error),
         }
     }
 
@@ -828,24 +841,10 @@ impl Shared {
     /// no connection handed out between them — take it down whatever its probe says: its new
     /// connections hang (the probe answers on the connection it keeps).
     fn starved(&self, node: usize, purpose: Use, started: Instant, error: &Error) {
-        let counted = {
-            let mut starved = lock_cuts(&self.nodes[node].starved[purpose.index()]);
-            if starved.last.is_some_and(|last| started < last) {
-                // Waiting with the last counted one: the same stall.
-                None
-            } else {
-                starved.count += 1;
-                starved.last = Some(Instant::now());
-                let down = starved.count >= CUTS_TO_FAIL;
-                if down {
-                    *starved = Cuts::default();
-                }
-                Some(down)
-            }
-        };
+        let counted = lock_cuts(&self.nodes[node].starved[purpose.index()]).count(started);
         match counted {
-            Some(true) => self.take_down(node, error),
-            _ => self.suspect(node),
+            Counted::InARow => self.take_down(node, error),
+            Counted::Same | Counted::Once => self.suspect(node),
         }
     }
 

@@ -1057,6 +1057,26 @@ fn galera_router_keeps_its_writer_while_a_busy_pool_replaces_connections() {
     assert!(calls > 8, "the callers made no progress: {calls} calls");
 }
 
+/// A router over database `name` (made afresh) with `pool_size` connections per pool, node 0
+/// reached through a [`Relay`] (and the relay), nodes 1 and 2 directly; 200 ms health
+/// interval, 1 s probe deadline.
+fn relayed_router(cluster: &GaleraCluster, name: &str, pool_size: u32) -> (Relay, Router) {
+    let urls = database(cluster, name);
+    let relay = Relay::to(
+        format!("127.0.0.1:{}", cluster.ports(0).client)
+            .parse()
+            .expect("node 0's address"),
+    );
+    let relayed = format!("mysql://root@127.0.0.1:{}/{name}", relay.port);
+    let router = Router::builder([relayed, urls[1].clone(), urls[2].clone()])
+        .pool_size(pool_size)
+        .health_interval(Duration::from_millis(200))
+        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
+        .build()
+        .expect("router");
+    (relay, router)
+}
+
 /// A TCP relay on 127.0.0.1 to `target`. While `cut` is set it black-holes every connection:
 /// the server side is closed, the client side kept open and silent — a half-open connection,
 /// as a network failure leaves one — and new connections are held the same way. Cleared, new
@@ -1149,29 +1169,16 @@ impl Relay {
 
 /// A writer whose new connections hang (accepted, never greeted: a node draining, a firewall
 /// fault) while the connections made before go on — its probe answers on the one it keeps —
-/// is taken down after two writes in a row got no connection from its write pool — while its
-/// read pool's connection goes on serving reads — and the call runs on the new writer within
-/// its deadline. (The fix for a busy pool, which made such a checkout only
-/// suspect the node, left it the writer for good: calls answered `Pool` at their deadlines.)
+/// is taken down after two writes in a row got no connection from its write pool (its read
+/// pool's connection serving reads meanwhile), and the call runs on the new writer within its
+/// deadline. (The fix for a busy pool, which made such a checkout only suspect the node, left
+/// it the writer for good: calls answered `Pool` at their deadlines.)
 #[test]
 fn galera_router_fails_over_from_a_writer_whose_new_connections_hang() {
     let _guard = exclusive();
     let mut guard = cluster();
     let cluster = guard.as_mut().expect("cluster");
-    let name = "gal_route_new_conns_hang";
-    let urls = database(cluster, name);
-    let relay = Relay::to(
-        format!("127.0.0.1:{}", cluster.ports(0).client)
-            .parse()
-            .expect("node 0's address"),
-    );
-    let relayed = format!("mysql://root@127.0.0.1:{}/{name}", relay.port);
-    let router = Router::builder([relayed, urls[1].clone(), urls[2].clone()])
-        .pool_size(1)
-        .health_interval(Duration::from_millis(200))
-        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
-        .build()
-        .expect("router");
+    let (relay, router) = relayed_router(cluster, "gal_route_new_conns_hang", 1);
     let writer = router
         .wait_for_writer(Duration::from_secs(20))
         .expect("a writer");
@@ -1240,20 +1247,7 @@ fn galera_router_probe_recovers_from_a_half_open_connection() {
     let _guard = exclusive();
     let mut guard = cluster();
     let cluster = guard.as_mut().expect("cluster");
-    let name = "gal_route_half_open";
-    let urls = database(cluster, name);
-    let relay = Relay::to(
-        format!("127.0.0.1:{}", cluster.ports(0).client)
-            .parse()
-            .expect("node 0's address"),
-    );
-    let relayed = format!("mysql://root@127.0.0.1:{}/{name}", relay.port);
-    let router = Router::builder([relayed, urls[1].clone(), urls[2].clone()])
-        .pool_size(2)
-        .health_interval(Duration::from_millis(200))
-        .probe_policy(policy_with_deadline(Duration::from_secs(1)))
-        .build()
-        .expect("router");
+    let (relay, router) = relayed_router(cluster, "gal_route_half_open", 2);
     router
         .wait_for_writer(Duration::from_secs(20))
         .expect("a writer");

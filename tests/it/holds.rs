@@ -2024,15 +2024,6 @@ fn a_batch_looks_up_its_expired_holds_before_the_read_that_splits_it() {
         )
         .expect("answered per request");
     unlock.join().expect("unlocked");
-    let not_in_future = |answer: &Result<Entry, Error>| {
-        matches!(
-            answer,
-            Err(Error::InvalidExpiry {
-                problem: ExpiryProblem::NotInFuture,
-                ..
-            })
-        )
-    };
     assert!(not_in_future(&single), "the single call: {single:?}");
     assert!(not_in_future(&answers[1]), "{answers:?}");
 }
@@ -2110,27 +2101,13 @@ fn a_split_batch_whose_earlier_part_wrote_nothing_keeps_its_expired_holds_first_
          IF NEW.idempotency_key = 'k' THEN SET @slept = SLEEP(1); END IF",
     )
     .expect("trigger");
-    let ops = [
-        AccountOp::hold(dec(10), "h2", in_secs(3_600)),
-        AccountOp::deduct(dec(5), "k"),
-        AccountOp::capture(1 << 60, dec(1), "c"),
-        AccountOp::hold(dec(1), "k", in_secs(-60)),
-    ];
+    let ops = split_with_an_expired_hold_of_key_k();
     let answers = short
         .apply_many(&mut conn, 1, &ops)
         .expect("answered per request");
     let single = short.hold(&mut conn, 1, dec(1), "k", in_secs(-60));
     conn.batch_execute("DROP TRIGGER slow_k")
         .expect("drop trigger");
-    let not_in_future = |answer: &Result<Entry, Error>| {
-        matches!(
-            answer,
-            Err(Error::InvalidExpiry {
-                problem: ExpiryProblem::NotInFuture,
-                ..
-            })
-        )
-    };
     assert!(
         answers[1].as_ref().is_err_and(|e| !e.is_outcome_unknown()),
         "the first part wrote nothing: {answers:?}"
@@ -2165,12 +2142,7 @@ fn a_split_batch_answers_an_expired_hold_by_a_key_another_call_wrote_meanwhile()
         thread::sleep(StdDuration::from_millis(200));
         other.batch_execute("COMMIT").expect("commit");
     });
-    let ops = [
-        AccountOp::hold(dec(10), "h2", in_secs(3_600)),
-        AccountOp::deduct(dec(5), "k"),
-        AccountOp::capture(1 << 60, dec(1), "c"),
-        AccountOp::hold(dec(1), "k", in_secs(-60)),
-    ];
+    let ops = split_with_an_expired_hold_of_key_k();
     let answers = ledger
         .apply_many(&mut conn, 1, &ops)
         .expect("answered per request");
@@ -2186,4 +2158,27 @@ fn a_split_batch_answers_an_expired_hold_by_a_key_another_call_wrote_meanwhile()
     assert!(written.is_some(), "the deduct met the key: {answers:?}");
     assert_eq!(conflict(&single), written, "the single call: {single:?}");
     assert_eq!(conflict(&answers[3]), written, "{answers:?}");
+}
+
+/// Whether `answer` is the refusal of a hold whose expiry has passed.
+fn not_in_future(answer: &Result<Entry, Error>) -> bool {
+    matches!(
+        answer,
+        Err(Error::InvalidExpiry {
+            problem: ExpiryProblem::NotInFuture,
+            ..
+        })
+    )
+}
+
+/// A batch split at an unknown hold's capture after a hold it places: part 1 places a hold and
+/// deducts under key "k", part 2 holds again under "k" with an expiry already passed.
+fn split_with_an_expired_hold_of_key_k() -> [AccountOp; 4] {
+    [
+        AccountOp::hold(dec(10), "h2", in_secs(3_600)),
+        AccountOp::deduct(dec(5), "k"),
+        // Names no hold there is before the batch: the batch splits here.
+        AccountOp::capture(1 << 60, dec(1), "c"),
+        AccountOp::hold(dec(1), "k", in_secs(-60)),
+    ]
 }
