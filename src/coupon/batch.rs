@@ -12,7 +12,7 @@ use super::rows::{
     set_stock, user_coupon_ids, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
-use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
+use super::{is_marker, names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, Holding, InsertIds};
 use crate::validate::validate_id;
@@ -337,6 +337,8 @@ impl CouponIssuer {
                     let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
                     if current != facts {
                         stale = true;
+                        #[cfg(test)]
+                        super::tests::before_marker();
                         return Err(stale_facts(campaign_id));
                     }
                     if holders_after_lock {
@@ -364,7 +366,9 @@ impl CouponIssuer {
                         if let Some(aborted) = super::tests::holders_needed() {
                             return Err(aborted);
                         }
-                        return Err(Error::internal("holders needed"));
+                        #[cfg(test)]
+                        super::tests::before_marker();
+                        return Err(holders_needed());
                     }
                     let new_ids = match early {
                         Some((written, Some(ids))) if written == winners => ids,
@@ -380,7 +384,9 @@ impl CouponIssuer {
                         // stock read first.
                         Some(_) => {
                             short = true;
-                            return Err(Error::internal("the stock runs out in the batch"));
+                            #[cfg(test)]
+                            super::tests::before_marker();
+                            return Err(stock_runs_out());
                         }
                         None => insert_user_coupons(
                             conn,
@@ -404,13 +410,21 @@ impl CouponIssuer {
             match attempt {
                 // Facts of another database (the INSERT names a template or campaign missing
                 // here) are stale facts too.
-                Err(e) if (stale || names_missing_row(&e)) && refreshes < FACT_REFRESHES => {
+                // Only a marker itself sends the batch round again: a failure of the runner
+                // after it (its ROLLBACK cut, the connection lost) is the batch's answer.
+                Err(e)
+                    if ((stale && is_marker(&e, &stale_facts(campaign_id)))
+                        || names_missing_row(&e))
+                        && refreshes < FACT_REFRESHES =>
+                {
                     self.forget_facts(campaign_id);
                     refreshes += 1;
                 }
                 Err(e) if names_missing_row(&e) => return closed(stale_facts(campaign_id)),
-                Err(_) if unknown_holders => read_holders = true,
-                Err(_) if short => insert_first = false,
+                Err(e) if unknown_holders && is_marker(&e, &holders_needed()) => {
+                    read_holders = true;
+                }
+                Err(e) if short && is_marker(&e, &stock_runs_out()) => insert_first = false,
                 Err(e) if !read_holders && e.is_duplicate() => {
                     lock(&self.repeat_askers).insert(campaign_id);
                     read_holders = true;
@@ -489,6 +503,18 @@ enum BatchDecision {
     SoldOut,
     /// After a `SoldOut` in the batch: `issue` would answer from the mark.
     Marked,
+}
+
+/// The marker of a batch attempt that refused users the stock without knowing whether they
+/// hold the coupon: the next attempt reads the holders first.
+fn holders_needed() -> Error {
+    Error::internal("holders needed")
+}
+
+/// The marker of a batch attempt that wrote coupons for more users than the stock serves: the
+/// next attempt reads the stock first.
+fn stock_runs_out() -> Error {
+    Error::internal("the stock runs out in the batch")
 }
 
 /// The single calls' answers, in order, for a locked `stock` and the known `holders`; and the

@@ -7,7 +7,7 @@ use super::rows::{
     find_campaign, holders, lock_campaign_after_insert, set_stock, write_user_coupons,
 };
 use super::types::{CampaignFacts, CouponStatus, IssuedCoupon};
-use super::{names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
+use super::{is_marker, names_missing_row, stale_facts, CouponIssuer, FACT_REFRESHES};
 use crate::error::{Error, Result, ServerErrorKind};
 use crate::txn::{Deadline, Holding};
 use crate::validate::validate_id;
@@ -115,6 +115,8 @@ impl CouponIssuer {
                     let current = CampaignFacts::of(&campaign);
                     if current != facts {
                         stale = true;
+                        #[cfg(test)]
+                        super::tests::before_marker();
                         return Err(stale_facts(campaign_id));
                     }
                     // Once the row is ours this attempt commits (or fails) at once: the window must
@@ -148,6 +150,11 @@ impl CouponIssuer {
             // Facts of another database (the INSERT names a template or campaign missing here)
             // are stale facts too.
             let missing_row = result.as_ref().is_err_and(names_missing_row);
+            // Only the marker itself: a failure of the runner after it is the call's answer.
+            let stale = stale
+                && result
+                    .as_ref()
+                    .is_err_and(|e| is_marker(e, &stale_facts(campaign_id)));
             if (stale || missing_row) && refreshes < FACT_REFRESHES {
                 self.forget_facts(campaign_id);
                 refreshes += 1;

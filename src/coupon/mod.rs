@@ -188,6 +188,15 @@ pub(crate) fn stale_facts(campaign_id: i64) -> Error {
     ))
 }
 
+/// Whether `error` is the marker error `marker` an attempt returned (an [`Error::Internal`]
+/// with the same reason), not a failure of the runner after it: where the attempt's ROLLBACK
+/// failed (the watchdog cut it, the connection was lost) the runner's answer is that failure,
+/// and it is the call's answer — a flag the attempt set must not send the call round again.
+pub(crate) fn is_marker(error: &Error, marker: &Error) -> bool {
+    matches!((error, marker), (Error::Internal { reason }, Error::Internal { reason: expected })
+        if reason == expected)
+}
+
 /// How long an issuer's sold-out mark answers by default
 /// ([`CouponIssuer::with_sold_out_ttl`]): a restock made elsewhere is seen within it.
 pub const DEFAULT_SOLD_OUT_TTL: Duration = Duration::from_secs(1);

@@ -390,32 +390,11 @@ fn a_batch_that_lost_its_connection_before_reading_its_holders_keeps_the_node_fa
     if let Err(e) = issuer.issue(&mut conn, 2, campaign_id) {
         panic!("a first issue: {e}");
     }
-    let Ok(mut batch_conn) = MysqlConnection::establish(&url) else {
-        panic!("connect");
-    };
-    let Ok(id) = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
-        "CONNECTION_ID()",
-    ))
-    .get_result::<i64>(&mut batch_conn) else {
-        panic!("the batch connection's id");
-    };
+    let (mut batch_conn, id) = connection_with_id(&url);
     // The first attempt's INSERT is refused by the unique index (user 2 holds the coupon);
     // the second, which reads the holders first, loses its connection as it begins.
     AT_ATTEMPT.with(|armed| {
-        *armed.borrow_mut() = Some((
-            2,
-            Box::new(move || {
-                let Ok(mut killer) = MysqlConnection::establish(&url) else {
-                    panic!("connect");
-                };
-                if let Err(e) = diesel::connection::SimpleConnection::batch_execute(
-                    &mut killer,
-                    &format!("KILL CONNECTION {id}"),
-                ) {
-                    panic!("kill: {e}");
-                }
-            }),
-        ));
+        *armed.borrow_mut() = Some((2, Box::new(move || kill_connection(&url, id))));
     });
     let answers = match issuer.issue_many(&mut batch_conn, campaign_id, &[1, 2, 3]) {
         Ok(answers) => answers,
@@ -618,4 +597,122 @@ fn a_sold_out_mark_dates_from_the_read_of_the_zero() {
     let seen = long.sightings(1);
     long.mark_sold_out(1, seen);
     assert!(long.known_sold_out(1), "a fresh mark");
+}
+
+thread_local! {
+    /// Armed by a test: run once as the next attempt of this thread returns a marker error (a
+    /// flag for the call's next round: stale facts, holders needed, the stock runs out).
+    static BEFORE_MARKER: RefCell<Option<Write>> = const { RefCell::new(None) };
+}
+
+/// The hook where an attempt is about to return a marker error.
+pub(super) fn before_marker() {
+    if let Some(run) = BEFORE_MARKER.with(|armed| armed.borrow_mut().take()) {
+        run();
+    }
+}
+
+/// An attempt that returned a marker error (stale facts, holders needed, the stock runs out)
+/// whose ROLLBACK then failed, past the call's deadline (as when the watchdog cuts it), is
+/// answered by that failure: the connection is broken, nothing was applied — the call does
+/// not go round again to answer `Timeout`, which would let the caller keep a broken
+/// connection. Before the fix each flag sent the call round again on any error.
+#[test]
+fn an_attempt_whose_rollback_failed_after_its_marker_answers_the_broken_connection() {
+    use crate::Deadline;
+    use std::time::{Duration, Instant};
+    for case in [
+        "issue stale",
+        "batch stale",
+        "holders needed",
+        "stock runs out",
+    ] {
+        let name = format!("unit_coupon_marker_{}", case.replace(' ', "_"));
+        let (url, mut conn) = crate::util::test_database(&name);
+        let issuer = CouponIssuer::new();
+        let campaign_id = open_campaign(&mut conn, &issuer, &name, 2).id;
+        // One coupon to user 9 (the facts are cached), and user 9 asked again by a batch: the
+        // campaign's batches read their holders first from then on.
+        if let Err(e) = issuer.issue(&mut conn, 9, campaign_id) {
+            panic!("{case}: a first issue: {e}");
+        }
+        if case == "stock runs out" {
+            let again = issuer.issue_many(&mut conn, campaign_id, &[9]);
+            assert!(
+                matches!(again.as_deref(), Ok([Err(Error::AlreadyIssued { .. })])),
+                "{case}: {again:?}"
+            );
+        }
+        if case.ends_with("stale") {
+            // The window changed by SQL: the cached facts are stale.
+            let Ok(1) = diesel::sql_query(
+                "UPDATE fcfs_coupon SET issue_ends_at = issue_ends_at + INTERVAL 1 MINUTE \
+                 WHERE id = ?",
+            )
+            .bind::<diesel::sql_types::BigInt, _>(campaign_id)
+            .execute(&mut conn) else {
+                panic!("{case}: the window moved");
+            };
+        }
+        let (mut call_conn, id) = connection_with_id(&url);
+        let budget = Duration::from_millis(400);
+        let deadline = Deadline::after(budget);
+        let past = Instant::now() + budget + Duration::from_millis(50);
+        let killer_url = url.clone();
+        BEFORE_MARKER.with(|armed| {
+            *armed.borrow_mut() = Some(Box::new(move || {
+                std::thread::sleep(past.saturating_duration_since(Instant::now()));
+                kill_connection(&killer_url, id);
+            }));
+        });
+        let answer = if case == "issue stale" {
+            issuer
+                .issue_by(&mut call_conn, 1, campaign_id, deadline)
+                .map(|_| ())
+        } else {
+            issuer
+                .issue_many_by(&mut call_conn, campaign_id, &[1, 2, 3], deadline)
+                .map(|_| ())
+        };
+        let hooked = BEFORE_MARKER
+            .with(|armed| armed.borrow_mut().take())
+            .is_none();
+        assert!(hooked, "{case}: the attempt returned no marker");
+        assert!(
+            matches!(answer, Err(Error::ConnectionBroken { .. })),
+            "{case}: {answer:?}"
+        );
+        assert_eq!(
+            campaign_rows(&mut conn, campaign_id),
+            (1, vec![9]),
+            "{case}: nothing applied"
+        );
+    }
+}
+
+/// A new connection to `url` and its server-side id.
+fn connection_with_id(url: &str) -> (MysqlConnection, i64) {
+    let Ok(mut conn) = MysqlConnection::establish(url) else {
+        panic!("connect");
+    };
+    let Ok(id) = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "CONNECTION_ID()",
+    ))
+    .get_result::<i64>(&mut conn) else {
+        panic!("the connection's id");
+    };
+    (conn, id)
+}
+
+/// `KILL CONNECTION id`, sent from a connection of its own to `url`.
+fn kill_connection(url: &str, id: i64) {
+    let Ok(mut killer) = MysqlConnection::establish(url) else {
+        panic!("connect");
+    };
+    if let Err(e) = diesel::connection::SimpleConnection::batch_execute(
+        &mut killer,
+        &format!("KILL CONNECTION {id}"),
+    ) {
+        panic!("kill: {e}");
+    }
 }
