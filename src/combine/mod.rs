@@ -791,7 +791,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             passed: Cell::new(false),
             in_commit: Cell::new(false),
             refused: Cell::new(false),
-            commit_sent: Cell::new(false),
+            commits_sent: Cell::new(0),
         });
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // A copy of each request that could run again if the batch gives up by an earlier
@@ -813,7 +813,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         let polled = handoff.refused.get();
         // Past a COMMIT, a batch that fails to answer may have applied its work: its callers
         // are told the outcome is unknown, never that nothing was committed.
-        let committed = handoff.commit_sent.get();
+        let committed = handoff.commits_sent.get() > 0;
         drop(handoff);
         let refused = outcome.as_ref().ok().map(|(ran, _)| ran.refused || polled);
         let (answers, copies) = match outcome {
@@ -928,8 +928,10 @@ struct BatchHandoff {
     in_commit: Cell<bool>,
     /// The hot row was refused (held by another process, or any other transaction).
     refused: Cell<bool>,
-    /// A COMMIT of the batch was sent (its work may be committed from then on).
-    commit_sent: Cell<bool>,
+    /// The COMMITs of the batch sent and not refused for certain: above zero, its work may be
+    /// committed. (A transaction whose COMMIT was refused is retried, or the batch gives up
+    /// having committed nothing: its callers with later deadlines may run again.)
+    commits_sent: Cell<u32>,
 }
 
 /// How long a batch waits for a hot row another process holds before its transaction is
@@ -941,7 +943,13 @@ const WAIT_SHARE: u32 = 4;
 
 impl Handoff for BatchHandoff {
     fn commit_sent(&self) {
-        self.commit_sent.set(true);
+        self.commits_sent
+            .set(self.commits_sent.get().saturating_add(1));
+    }
+
+    fn commit_refused(&self) {
+        self.commits_sent
+            .set(self.commits_sent.get().saturating_sub(1));
     }
 
     fn before_commit(&self) {

@@ -985,3 +985,83 @@ fn an_expired_holds_lookup_lost_with_its_node_blames_the_node() {
     let commit = lost("Deadlock found when trying to get lock");
     assert!(matches!(for_the_source(Err(commit)), Ok(Err(_))));
 }
+
+/// A batch whose COMMIT was refused for certain (a Galera certification conflict, here every
+/// COMMIT until past its deadline: nothing committed) and which then gives up by an earlier
+/// caller's deadline gives its callers with later deadlines back to the queue, as a batch that
+/// never sent a COMMIT does: their single calls would still be retrying. Before the fix the
+/// COMMIT sent marked the batch as maybe committed for good, and every caller got its error.
+#[test]
+fn a_batch_whose_commit_was_refused_gives_back_its_later_callers() {
+    use diesel::connection::SimpleConnection;
+    let (_, mut conn) = crate::util::test_database("unit_combine_commit_refused");
+    assert!(conn
+        .batch_execute("CREATE TABLE applied (id BIGINT PRIMARY KEY)")
+        .is_ok());
+    let conn = Arc::new(Mutex::new(conn));
+    let combiner = Arc::new(Doubler::new(8));
+    let (first, release_tx) = a_batch_held_open(&combiner);
+    let seen: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+    let submit = |request: u64, deadline: Deadline| {
+        let (combiner, seen, conn) = (combiner.clone(), seen.clone(), conn.clone());
+        thread::spawn(move || {
+            let spent = within_attempts(crate::RetryPolicy::default().max_attempts, false);
+            let again = Again {
+                copy: &u64::clone,
+                spent: &spent,
+            };
+            let run = |_: &u8, requests: Vec<u64>, deadline: Deadline, ()| {
+                lock(&seen).push(requests.clone());
+                if requests.contains(&3) {
+                    crate::txn::tests::refuse_commits_until(Some(
+                        Instant::now() + Duration::from_secs(10),
+                    ));
+                }
+                let runner = TxnRunner::default();
+                let outcome = runner
+                    .run_by(&mut lock(&conn), deadline, |c| {
+                        for id in &requests {
+                            diesel::sql_query("INSERT INTO applied VALUES (?)")
+                                .bind::<diesel::sql_types::BigInt, _>(
+                                    i64::try_from(*id).unwrap_or(0),
+                                )
+                                .execute(c)?;
+                        }
+                        Ok(())
+                    })
+                    .map(|()| requests.iter().map(|r| Ok(r * 2)).collect());
+                crate::txn::tests::refuse_commits_until(None);
+                Ran {
+                    outcome,
+                    refused: false,
+                }
+            };
+            combiner.submit_observed(0, request, deadline, Some(&again), true, |_, _| (), run)
+        })
+    };
+    let deadlines =
+        [(2, 4_000), (3, 800), (4, 4_000)].map(|(r, ms)| (r, within(Duration::from_millis(ms))));
+    let answers = queued_behind(first, release_tx, deadlines, submit);
+    assert!(matches!(answers[0], Ok(4)), "{:?}", answers[0]);
+    assert!(
+        matches!(
+            answers[1],
+            Err(Error::Timeout { .. } | Error::Contended { .. })
+        ),
+        "{:?}",
+        answers[1]
+    );
+    assert!(matches!(answers[2], Ok(8)), "{:?}", answers[2]);
+    assert_eq!(*lock(&seen), vec![vec![2, 3, 4], vec![2, 4]]);
+    let Ok(applied) =
+        diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT id FROM applied ORDER BY id")
+            .load::<i64>(&mut *lock(&conn))
+    else {
+        panic!("the applied rows");
+    };
+    assert_eq!(
+        applied,
+        vec![2, 4],
+        "only the batch that ran again committed"
+    );
+}

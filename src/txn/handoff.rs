@@ -45,6 +45,10 @@ pub(crate) trait Handoff {
     /// Right before the COMMIT of any write is sent (Galera-guarded ones included): from then
     /// on the batch's work may be committed.
     fn commit_sent(&self);
+    /// A COMMIT told to [`commit_sent`](Self::commit_sent) was refused for certain (a
+    /// certification conflict, a server turned `read_only`): nothing of that transaction was
+    /// committed.
+    fn commit_refused(&self);
     /// Right before the COMMIT of a write (not a Galera-guarded one) is sent.
     fn before_commit(&self);
     /// Once that COMMIT answered or failed.
@@ -97,6 +101,16 @@ pub(super) fn commit_sent() {
     HANDOFF.with(|h| {
         for handoff in h.borrow().iter() {
             handoff.commit_sent();
+        }
+    });
+}
+
+/// Tells the installed handoffs (if any) that the COMMIT [`commit_sent`] told them of was
+/// refused for certain: every batch the thread runs, as for `commit_sent`.
+pub(super) fn commit_refused() {
+    HANDOFF.with(|h| {
+        for handoff in h.borrow().iter() {
+            handoff.commit_refused();
         }
     });
 }
@@ -394,6 +408,7 @@ mod tests {
 
     impl Handoff for Predecessor {
         fn commit_sent(&self) {}
+        fn commit_refused(&self) {}
         fn before_commit(&self) {}
         fn after_commit(&self) {}
         fn predecessor_committing(&self) -> bool {

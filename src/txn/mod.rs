@@ -135,7 +135,7 @@ mod handoff;
 mod policy;
 mod session;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod transaction;
 mod watchdog;
 

@@ -1,6 +1,32 @@
 use super::policy::jitter_fraction;
 use super::*;
-use std::time::Duration;
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+std::thread_local! {
+    /// Armed by a test: every COMMIT of a write this thread's runner sends until then is
+    /// refused with a certification conflict (as a Galera node refuses one), without being
+    /// sent — its transaction is rolled back.
+    static REFUSE_COMMITS_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Arms [`REFUSE_COMMITS_UNTIL`] for the calling thread (`None`: disarms it).
+pub(crate) fn refuse_commits_until(until: Option<Instant>) {
+    REFUSE_COMMITS_UNTIL.with(|armed| armed.set(until));
+}
+
+/// The hook as a write's COMMIT is about to be sent: the refusal, while armed.
+pub(super) fn refused_commit() -> Option<diesel::result::Error> {
+    let until = REFUSE_COMMITS_UNTIL.with(Cell::get)?;
+    (Instant::now() < until).then(|| {
+        diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::SerializationFailure,
+            Box::new(String::from(
+                "Deadlock found when trying to get lock; try restarting transaction",
+            )),
+        )
+    })
+}
 
 #[test]
 fn backoff_ceiling_follows_its_formula_past_two_to_the_31() {

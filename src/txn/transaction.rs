@@ -274,6 +274,10 @@ fn run_transaction_marking<T>(
                     Some(broken) if !error.is_outcome_unknown() => broken,
                     _ => error,
                 };
+                // Nothing committed: a combiner's batch may still give its later callers back.
+                if !begin.read_only && !error.is_outcome_unknown() {
+                    super::handoff::commit_refused();
+                }
                 trace_event!(outcome_unknown = error.is_outcome_unknown(), error = %error, "commit failed");
                 Err(error)
             }
@@ -344,6 +348,10 @@ fn commit(conn: &mut MysqlConnection, begin: Begin<'_>) -> diesel::QueryResult<u
         return Commit.execute(conn);
     }
     super::handoff::commit_sent();
+    #[cfg(test)]
+    if let Some(refusal) = super::tests::refused_commit() {
+        return Err(refusal);
+    }
     if begin.savepoint {
         return Commit.execute(conn);
     }
