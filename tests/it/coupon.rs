@@ -1592,3 +1592,143 @@ fn a_batch_answers_its_coupons_ids_on_a_session_with_its_own_id_step() {
         assert_eq!((coupon.user_id, stored), (*user, *user));
     }
 }
+
+/// One user per template: users racing for two campaigns of ONE template — through single
+/// calls and batches on campaign A, single calls and a combiner on campaign B, at every
+/// isolation level — hold at most one coupon of the template each. Every `Ok` is the user's one
+/// row, every `AlreadyIssued` names that row, a user whose answers are all refusals holds
+/// nothing, and each campaign's stock fell by exactly the coupons it issued.
+#[test]
+fn users_racing_for_two_campaigns_of_one_template_hold_one_coupon_each() {
+    use lockstock::combine::CombiningIssuer;
+    use lockstock::Isolation;
+    use std::collections::HashMap;
+    const USERS: i64 = 24;
+    const THREADS: usize = 8;
+    let (url, mut admin) = fresh_database("coupon_two_campaigns_one_template");
+    for (round, isolation) in [
+        Isolation::Serializable,
+        Isolation::RepeatableRead,
+        Isolation::ReadCommitted,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let issuer = Arc::new(CouponIssuer::with_policy(
+            lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(20))
+                .with_isolation(isolation),
+        ));
+        let template = lockstock_testkit::fixtures::valid_coupon(
+            &mut admin,
+            &issuer,
+            &format!("two campaigns {round}"),
+        );
+        let a =
+            lockstock_testkit::fixtures::open_campaign_of(&mut admin, &issuer, template.id, 100);
+        let b =
+            lockstock_testkit::fixtures::open_campaign_of(&mut admin, &issuer, template.id, 100);
+        let combining = CombiningIssuer::new(
+            lockstock_testkit::fixtures::pool(&url, 4),
+            CouponIssuer::with_policy(
+                lockstock_testkit::fixtures::policy_with_deadline(std::time::Duration::from_secs(
+                    20,
+                ))
+                .with_isolation(isolation),
+            ),
+        );
+        let base = 1_000 * (round as i64 + 1);
+        let users: Vec<i64> = (base..base + USERS).collect();
+        // Each thread asks for every user, from its own offset, by its own path.
+        let answers: Vec<Vec<(i64, Result<IssuedCoupon, Error>)>> =
+            concurrently(THREADS, &url, |thread, conn| {
+                let mut mine = Vec::new();
+                let order = (0..users.len()).map(|i| users[(i + thread * 5) % users.len()]);
+                match thread % 4 {
+                    0 => mine.extend(order.map(|u| (u, issuer.issue(conn, u, a.id)))),
+                    1 => mine.extend(order.map(|u| (u, issuer.issue(conn, u, b.id)))),
+                    2 => {
+                        let order: Vec<i64> = order.collect();
+                        for chunk in order.chunks(3) {
+                            let batch = issuer
+                                .issue_many(conn, a.id, chunk)
+                                .unwrap_or_else(|e| panic!("{isolation:?}: a batch: {e:?}"));
+                            mine.extend(chunk.iter().copied().zip(batch));
+                        }
+                    }
+                    _ => mine.extend(order.map(|u| (u, combining.issue(u, b.id)))),
+                }
+                mine
+            });
+        let rows: Vec<(i64, i64, i64)> = user_coupon::table
+            .filter(user_coupon::coupon_id.eq(template.id))
+            .select((
+                user_coupon::id,
+                user_coupon::user_id,
+                user_coupon::fcfs_coupon_id,
+            ))
+            .load(&mut admin)
+            .expect("the template's coupons");
+        let mut held: HashMap<i64, (i64, i64)> = HashMap::new();
+        for (id, user, campaign) in &rows {
+            assert!(
+                held.insert(*user, (*id, *campaign)).is_none(),
+                "{isolation:?}: user {user} holds two coupons of the template: {rows:?}"
+            );
+        }
+        let mut ok: HashMap<i64, u32> = HashMap::new();
+        for (user, answer) in answers.iter().flatten() {
+            match answer {
+                Ok(coupon) => {
+                    *ok.entry(*user).or_default() += 1;
+                    assert_eq!(
+                        held.get(user),
+                        Some(&(coupon.id, coupon.campaign_id)),
+                        "{isolation:?}: user {user}'s Ok is its row"
+                    );
+                }
+                Err(Error::AlreadyIssued {
+                    user_id,
+                    coupon_id,
+                    user_coupon_id,
+                }) => {
+                    assert_eq!(
+                        (*user_id, *coupon_id),
+                        (*user, template.id),
+                        "{isolation:?}"
+                    );
+                    assert_eq!(
+                        held.get(user).map(|h| h.0),
+                        Some(*user_coupon_id),
+                        "{isolation:?}: user {user}'s AlreadyIssued names its row"
+                    );
+                }
+                Err(e) if e.is_outcome_unknown() => {
+                    panic!("{isolation:?}: user {user}: no fault here, yet {e:?}")
+                }
+                // Contended, Timeout: nothing applied (checked by the counts below).
+                Err(_) => {}
+            }
+        }
+        for user in &users {
+            let oks = ok.get(user).copied().unwrap_or(0);
+            assert_eq!(
+                u32::from(held.contains_key(user)),
+                oks,
+                "{isolation:?}: user {user}: {oks} Ok answers, holding {:?}",
+                held.get(user)
+            );
+        }
+        for campaign in [&a, &b] {
+            let issued = rows.iter().filter(|r| r.2 == campaign.id).count();
+            let (total, stock) = stock_row(&mut admin, campaign.id);
+            assert_eq!(
+                i64::from(total - stock),
+                i64::try_from(issued).expect("count"),
+                "{isolation:?}: campaign {}",
+                campaign.id
+            );
+        }
+        let issued_all = ok.values().sum::<u32>();
+        eprintln!("{isolation:?}: {issued_all} of {USERS} users issued a coupon");
+    }
+}
