@@ -328,7 +328,10 @@ impl RedisConnection {
             )));
         }
         let line = self.line()?;
-        let (kind, rest) = line.split_at(line.len().min(1));
+        // The type byte: a reply whose first character is not one byte (not RESP) has none.
+        let (kind, rest) = line
+            .split_at_checked(line.len().min(1))
+            .unwrap_or(("", line.as_str()));
         let number = || {
             rest.parse::<i64>()
                 .map_err(|_| RedisError::Protocol(format!("bad length or integer {line:?}")))
@@ -491,14 +494,16 @@ mod tests {
     /// allocate it (before: a bulk length of 9·10¹⁸ aborted the process on the allocation), and
     /// so are a reply line without end, arrays nested without end (each level a call: the
     /// stack overflowed) and a bulk string shorter than announced (its length is not reserved
-    /// up front).
+    /// up front), and a reply whose first character is not ASCII.
     #[test]
     fn a_reply_beyond_the_protocols_limits_is_a_protocol_error() {
         let dir = SocketDir::new("redis-limits");
         let dir = &dir.0;
         let nested: &'static [u8] = "*1\r\n".repeat(100_000).leak().as_bytes();
-        let cases: [(&str, &'static [u8]); 4] = [
+        let cases: [(&str, &'static [u8]); 5] = [
             ("bulk", b"$9000000000000000000\r\n"),
+            // A first character of two bytes (before: a panic, no char boundary at 1).
+            ("multibyte", b"\xc3\xa9\r\n"),
             ("line", &[b'+'; 70 * 1024]),
             ("nested", nested),
             ("short", b"$536870912\r\nab\r\n"),
