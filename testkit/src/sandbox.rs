@@ -209,6 +209,10 @@ pub enum SandboxError {
     /// The operation needs a running server, but it was killed or stopped.
     #[error("the sandbox server is not running")]
     NotRunning,
+    /// The operation would hang on a [`pause`](Sandbox::pause)d server (a new connection
+    /// waits for a greeting that never comes); resume it first.
+    #[error("the sandbox server is paused")]
+    Paused,
     /// A database name outside `[A-Za-z0-9_]{1,64}` was given.
     #[error("invalid database name {name:?}: expected 1 to 64 characters from [A-Za-z0-9_]")]
     InvalidDatabaseName {
@@ -345,11 +349,15 @@ impl Sandbox {
     /// Runs ``CREATE DATABASE IF NOT EXISTS `name` `` (utf8mb4, utf8mb4_unicode_ci)
     /// and returns [`url(name)`](Self::url).
     ///
-    /// `name` must match `[A-Za-z0-9_]{1,64}`.
+    /// `name` must match `[A-Za-z0-9_]{1,64}`. Fails with [`SandboxError::Paused`] on a
+    /// paused server (a connection would hang).
     pub fn create_database(&self, name: &str) -> Result<String, SandboxError> {
         validate_database_name(name)?;
         if self.server.is_none() {
             return Err(SandboxError::NotRunning);
+        }
+        if self.paused {
+            return Err(SandboxError::Paused);
         }
         let mut conn = MysqlConnection::establish(&self.url(""))?;
         create_database_on(&mut conn, name)?;

@@ -162,6 +162,27 @@ fn pause_freezes_the_server_until_resumed_and_stop_resumes_first() -> TestResult
     sandbox.pause()?;
     assert!(sandbox.is_paused());
     assert_eq!(process_state(pid), Some('T'), "server {pid} not stopped");
+    // A new database on the paused server is refused at once (before: its connection waited
+    // for a greeting for ever).
+    let created = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sandbox = &sandbox;
+        s.spawn(move || {
+            let _ = tx.send(sandbox.create_database("sbx_paused"));
+        });
+        let answer = rx.recv_timeout(Duration::from_secs(5));
+        if answer.is_err() {
+            // Let the hung connection go, so that the scope ends and the test fails.
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
+        answer
+    });
+    assert!(
+        matches!(created, Ok(Err(SandboxError::Paused))),
+        "{created:?}"
+    );
     // A query on the paused server gets no answer until the server is resumed.
     let (tx, rx) = std::sync::mpsc::channel();
     let query = std::thread::spawn(move || {
