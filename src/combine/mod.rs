@@ -45,8 +45,9 @@
 //! runner like any other; if it still fails before committing, every caller in it gets a copy of
 //! the typed error (nothing applied, or for [`Error::OutcomeUnknown`] all or none). Once a batch
 //! has committed, every caller gets its own answer; a batch that fails to give them (a panic, a
-//! wrong number of answers) after sending a COMMIT answers [`Error::OutcomeUnknown`], never
-//! [`Error::Internal`] (which promises that nothing was committed).
+//! wrong number of answers) after sending a COMMIT that was not refused for certain answers
+//! [`Error::OutcomeUnknown`], never [`Error::Internal`] (which promises that nothing was
+//! committed).
 //!
 //! After a batch of a key met a refusal of another process, the key's next leaders linger before
 //! forming their batch (from 200 µs, doubled per refused batch up to 2 ms, halved per calm one,
@@ -63,6 +64,8 @@
 //! a writer until that deadline), only the callers whose deadline it ran by are answered
 //! so: a request with a later deadline (at least 10 ms left) goes back to the front of the
 //! queue and runs in the next batch, as its single call would still be retrying — but not
+//! where the batch handed the key's turn on at a COMMIT that was then refused (the next batch
+//! has formed already: those callers get the batch's answer), and not
 //! once the attempts spent on it have reached the policy's `max_attempts` (the batch it runs in
 //! then may take up to `max_attempts` more: a batch counts its own). So does a request that a
 //! batch that failed did not apply but could not answer for certain because the lookup of its
@@ -490,7 +493,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
     /// copy of the whole-batch error when `run_batch` fails; [`Error::Internal`] when it answers
     /// the wrong number of requests (or panics: then the panic goes on in the leader) —
     /// [`Error::OutcomeUnknown`] instead where a COMMIT of the batch was sent through
-    /// lockstock's runner on the leader's thread (also one of a combined call made in
+    /// lockstock's runner on the leader's thread and not refused for certain (also one of a combined call made in
     /// `run_batch` that led its own batch there; not a COMMIT another thread sent — a thread
     /// `run_batch` starts, a combined call that another thread's batch took: where `run_batch`
     /// commits so, have it answer every request).
@@ -814,6 +817,10 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         // Past a COMMIT, a batch that fails to answer may have applied its work: its callers
         // are told the outcome is unknown, never that nothing was committed.
         let committed = handoff.commits_sent.get() > 0;
+        // A batch that passed the turn on at its COMMIT (refused for certain after that, and
+        // then given up) gives nothing back: the next batch has formed already, and requests
+        // put back now would run after newer ones.
+        let passed = handoff.passed.get();
         drop(handoff);
         let refused = outcome.as_ref().ok().map(|(ran, _)| ran.refused || polled);
         let (answers, copies) = match outcome {
@@ -839,6 +846,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             let spent = match (&answer, again, copy.is_some()) {
                 (Err(error), Some(again), true)
                     if !committed
+                        && !passed
                         && deadline.is_later_than(&batch_deadline)
                         && deadline.remaining() >= AGAIN_AT_LEAST =>
                 {
@@ -987,8 +995,8 @@ impl Drop for BatchHandoff {
 
 /// The answers of the `count` callers of a batch from its `outcome` (a whole-batch error is
 /// copied to each). Where the batch failed to answer each caller (a wrong number of results, a
-/// panic: [`Error::Internal`]) after a COMMIT was sent (`committed`), its work may be applied:
-/// the callers get [`Error::OutcomeUnknown`] instead.
+/// panic: [`Error::Internal`]) after a COMMIT was sent and not refused for certain
+/// (`committed`), its work may be applied: the callers get [`Error::OutcomeUnknown`] instead.
 fn answers<Resp>(
     count: usize,
     outcome: Result<Vec<Result<Resp>>>,

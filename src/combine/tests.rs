@@ -986,15 +986,17 @@ fn an_expired_holds_lookup_lost_with_its_node_blames_the_node() {
     assert!(matches!(for_the_source(Err(commit)), Ok(Err(_))));
 }
 
-/// A batch whose COMMIT was refused for certain (a Galera certification conflict, here every
-/// COMMIT until past its deadline: nothing committed) and which then gives up by an earlier
-/// caller's deadline gives its callers with later deadlines back to the queue, as a batch that
-/// never sent a COMMIT does: their single calls would still be retrying. Before the fix the
-/// COMMIT sent marked the batch as maybe committed for good, and every caller got its error.
-#[test]
-fn a_batch_whose_commit_was_refused_gives_back_its_later_callers() {
+/// Requests 2 (leading), 3 (the earliest deadline, 800 ms) and 4 queued behind a batch held
+/// open, their batches run through lockstock's runner (one INSERT per request) with every
+/// COMMIT of a batch holding request 3 refused for certain — before the batch hands the key's
+/// turn on (`after_pass` false: as a Galera-guarded COMMIT is refused) or after (as a
+/// standalone server's). The answers, the batches run and the rows committed.
+fn refused_commits_behind_a_batch(
+    name: &str,
+    after_pass: bool,
+) -> (Vec<Result<u64>>, Vec<Vec<u64>>, Vec<i64>) {
     use diesel::connection::SimpleConnection;
-    let (_, mut conn) = crate::util::test_database("unit_combine_commit_refused");
+    let (_, mut conn) = crate::util::test_database(name);
     assert!(conn
         .batch_execute("CREATE TABLE applied (id BIGINT PRIMARY KEY)")
         .is_ok());
@@ -1013,22 +1015,12 @@ fn a_batch_whose_commit_was_refused_gives_back_its_later_callers() {
             let run = |_: &u8, requests: Vec<u64>, deadline: Deadline, ()| {
                 lock(&seen).push(requests.clone());
                 if requests.contains(&3) {
-                    crate::txn::tests::refuse_commits_until(Some(
+                    crate::txn::tests::refuse_commits_until(Some((
                         Instant::now() + Duration::from_secs(10),
-                    ));
+                        after_pass,
+                    )));
                 }
-                let runner = TxnRunner::default();
-                let outcome = runner
-                    .run_by(&mut lock(&conn), deadline, |c| {
-                        for id in &requests {
-                            diesel::sql_query("INSERT INTO applied VALUES (?)")
-                                .bind::<diesel::sql_types::BigInt, _>(
-                                    i64::try_from(*id).unwrap_or(0),
-                                )
-                                .execute(c)?;
-                        }
-                        Ok(())
-                    })
+                let outcome = insert_each(&mut lock(&conn), &requests, deadline)
                     .map(|()| requests.iter().map(|r| Ok(r * 2)).collect());
                 crate::txn::tests::refuse_commits_until(None);
                 Ran {
@@ -1042,26 +1034,97 @@ fn a_batch_whose_commit_was_refused_gives_back_its_later_callers() {
     let deadlines =
         [(2, 4_000), (3, 800), (4, 4_000)].map(|(r, ms)| (r, within(Duration::from_millis(ms))));
     let answers = queued_behind(first, release_tx, deadlines, submit);
-    assert!(matches!(answers[0], Ok(4)), "{:?}", answers[0]);
-    assert!(
-        matches!(
-            answers[1],
-            Err(Error::Timeout { .. } | Error::Contended { .. })
-        ),
-        "{:?}",
-        answers[1]
-    );
-    assert!(matches!(answers[2], Ok(8)), "{:?}", answers[2]);
-    assert_eq!(*lock(&seen), vec![vec![2, 3, 4], vec![2, 4]]);
+    let seen = lock(&seen).clone();
+    let applied = applied_rows(&mut lock(&conn));
+    (answers, seen, applied)
+}
+
+/// One transaction through lockstock's runner, by `deadline`: a row of `applied` per request.
+fn insert_each(
+    conn: &mut diesel::MysqlConnection,
+    requests: &[u64],
+    deadline: Deadline,
+) -> Result<()> {
+    TxnRunner::default().run_by(conn, deadline, |c| {
+        for id in requests {
+            diesel::sql_query("INSERT INTO applied VALUES (?)")
+                .bind::<diesel::sql_types::BigInt, _>(i64::try_from(*id).unwrap_or(0))
+                .execute(c)?;
+        }
+        Ok(())
+    })
+}
+
+/// The ids in `applied`, in order.
+fn applied_rows(conn: &mut diesel::MysqlConnection) -> Vec<i64> {
     let Ok(applied) =
         diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT id FROM applied ORDER BY id")
-            .load::<i64>(&mut *lock(&conn))
+            .load::<i64>(conn)
     else {
         panic!("the applied rows");
     };
+    applied
+}
+
+/// A batch whose COMMIT was refused for certain before it handed the key's turn on (a Galera
+/// certification conflict; here every COMMIT until past its deadline: nothing committed) and
+/// which then gives up by an earlier caller's deadline gives its callers with later deadlines
+/// back to the queue, as a batch that never sent a COMMIT does: their single calls would still
+/// be retrying. Before the fix the COMMIT sent marked the batch as maybe committed for good,
+/// and every caller got its error. One refused after it handed the turn on gives nothing back
+/// (the next batch has formed: what it put back would run after newer requests) — and still
+/// answers its own error, never `OutcomeUnknown`.
+#[test]
+fn a_batch_whose_commit_was_refused_gives_back_its_later_callers() {
+    let given_up = |answer: &Result<u64>| {
+        matches!(answer, Err(Error::Timeout { .. } | Error::Contended { .. }))
+    };
+    let (answers, seen, applied) =
+        refused_commits_behind_a_batch("unit_combine_commit_refused", false);
+    assert!(matches!(answers[0], Ok(4)), "{:?}", answers[0]);
+    assert!(given_up(&answers[1]), "{:?}", answers[1]);
+    assert!(matches!(answers[2], Ok(8)), "{:?}", answers[2]);
+    assert_eq!(seen, vec![vec![2, 3, 4], vec![2, 4]]);
     assert_eq!(
         applied,
         vec![2, 4],
         "only the batch that ran again committed"
     );
+
+    let (answers, seen, applied) =
+        refused_commits_behind_a_batch("unit_combine_commit_refused_passed", true);
+    assert!(answers.iter().all(given_up), "{answers:?}");
+    assert_eq!(seen, vec![vec![2, 3, 4]]);
+    assert!(applied.is_empty(), "{applied:?}");
+}
+
+/// A batch that committed one transaction and then had another's COMMIT refused for certain
+/// has still committed: where it fails to answer its callers it answers `OutcomeUnknown`, never
+/// `Internal` — the refusal takes back only its own COMMIT.
+#[test]
+fn a_batch_that_committed_before_a_refused_commit_stays_committed() {
+    use diesel::connection::SimpleConnection;
+    let (_, mut conn) = crate::util::test_database("unit_combine_commit_then_refused");
+    assert!(conn
+        .batch_execute("CREATE TABLE applied (id BIGINT PRIMARY KEY)")
+        .is_ok());
+    let conn = Mutex::new(conn);
+    let combiner = Doubler::new(8);
+    let answer = combiner.submit(0, 1, within(Duration::from_secs(5)), |_, _, _| {
+        let mut conn = lock(&conn);
+        insert_each(&mut conn, &[1], within(Duration::from_secs(5)))?;
+        crate::txn::tests::refuse_commits_until(Some((
+            Instant::now() + Duration::from_secs(10),
+            false,
+        )));
+        let refused = insert_each(&mut conn, &[2], within(Duration::from_millis(300)));
+        crate::txn::tests::refuse_commits_until(None);
+        assert!(refused.is_err(), "{refused:?}");
+        Ok(Vec::new())
+    });
+    assert!(
+        matches!(answer, Err(Error::OutcomeUnknown { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(applied_rows(&mut lock(&conn)), vec![1]);
 }

@@ -6,19 +6,22 @@ use std::time::{Duration, Instant};
 std::thread_local! {
     /// Armed by a test: every COMMIT of a write this thread's runner sends until then is
     /// refused with a certification conflict (as a Galera node refuses one), without being
-    /// sent — its transaction is rolled back.
-    static REFUSE_COMMITS_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// sent — its transaction is rolled back. `true`: refused after a combiner's batch handed
+    /// the key's turn on (as a standalone server's refusal comes); `false`: before (as a
+    /// Galera-guarded COMMIT's, whose turn is handed on after it).
+    static REFUSE_COMMITS_UNTIL: Cell<Option<(Instant, bool)>> = const { Cell::new(None) };
 }
 
 /// Arms [`REFUSE_COMMITS_UNTIL`] for the calling thread (`None`: disarms it).
-pub(crate) fn refuse_commits_until(until: Option<Instant>) {
+pub(crate) fn refuse_commits_until(until: Option<(Instant, bool)>) {
     REFUSE_COMMITS_UNTIL.with(|armed| armed.set(until));
 }
 
-/// The hook as a write's COMMIT is about to be sent: the refusal, while armed.
-pub(super) fn refused_commit() -> Option<diesel::result::Error> {
-    let until = REFUSE_COMMITS_UNTIL.with(Cell::get)?;
-    (Instant::now() < until).then(|| {
+/// The hook as a write's COMMIT is about to be sent, before (`passed` false) or after the
+/// handoff passed the turn on: the refusal, while armed for that moment.
+pub(super) fn refused_commit(passed: bool) -> Option<diesel::result::Error> {
+    let (until, after_pass) = REFUSE_COMMITS_UNTIL.with(Cell::get)?;
+    (after_pass == passed && Instant::now() < until).then(|| {
         diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::SerializationFailure,
             Box::new(String::from(

@@ -349,13 +349,18 @@ fn commit(conn: &mut MysqlConnection, begin: Begin<'_>) -> diesel::QueryResult<u
     }
     super::handoff::commit_sent();
     #[cfg(test)]
-    if let Some(refusal) = super::tests::refused_commit() {
+    if let Some(refusal) = super::tests::refused_commit(false) {
         return Err(refusal);
     }
     if begin.savepoint {
         return Commit.execute(conn);
     }
     super::handoff::before_commit();
+    #[cfg(test)]
+    if let Some(refusal) = super::tests::refused_commit(true) {
+        super::handoff::after_commit();
+        return Err(refusal);
+    }
     let committed = Commit.execute(conn);
     super::handoff::after_commit();
     committed
