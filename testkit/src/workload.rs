@@ -942,10 +942,13 @@ pub fn verify_partial(
                 .get(&(r.op.key_owner(), r.key.as_str()))
                 .cloned()
                 .unwrap_or_default();
-            let ok = match r.outcome {
-                Outcome::Ok(id) => rows.iter().any(|row| row.0 == id && row_is_op(row, &r.op)),
-                _ => true,
-            };
+            // Whatever the answer, a row under the key is this operation's (an unknown outcome
+            // applied as another amount, kind or link is as wrong as an `Ok` so applied).
+            let ok = rows.iter().all(|row| row_is_op(row, &r.op))
+                && match r.outcome {
+                    Outcome::Ok(id) => rows.iter().any(|row| row.0 == id),
+                    _ => true,
+                };
             (rows.len(), ok)
         };
         let allowed = match r.outcome {
@@ -1004,6 +1007,36 @@ pub fn verify_partial(
                 r.key, r.op
             ));
         }
+        // The stock never rises: a coupon issued by a client's later call after that client
+        // was answered `SoldOut` shows the answer false (also when others sold the rest out
+        // afterwards, leaving no stock for the check above to see).
+        let mut refused_at: HashMap<&str, (u64, &str)> = HashMap::new();
+        for r in records {
+            if let (Op::Issue { campaign, .. }, Outcome::Refused, Some((client, n))) =
+                (&r.op, &r.outcome, client_order(&r.key))
+            {
+                if *campaign == *id {
+                    let first = refused_at.entry(client).or_insert((n, &r.key));
+                    if n < first.0 {
+                        *first = (n, &r.key);
+                    }
+                }
+            }
+        }
+        for r in records {
+            if let (Op::Issue { campaign, .. }, Outcome::Ok(_), Some((client, n))) =
+                (&r.op, &r.outcome, client_order(&r.key))
+            {
+                match refused_at.get(client) {
+                    Some((first, refused)) if *campaign == *id && *first < n => v.push(format!(
+                        "campaign {id} answered {refused} SoldOut, and then issued {} a coupon \
+                         (its stock never rises)",
+                        r.key
+                    )),
+                    _ => {}
+                }
+            }
+        }
     }
     let mut holders: HashMap<(i64, i64), usize> = HashMap::new();
     for (id, user, coupon, campaign) in &coupons {
@@ -1025,6 +1058,13 @@ pub fn verify_partial(
 
 /// Whether the journal row `row` is what `op` writes: its kind and amount, and the account it
 /// moved money to (a transfer) or the deduct it refunded (a refund).
+/// A record key's client and its place in that client's history (`<client>-<n>`: a client
+/// makes its calls one after another).
+fn client_order(key: &str) -> Option<(&str, u64)> {
+    let (client, n) = key.rsplit_once('-')?;
+    Some((client, n.parse().ok()?))
+}
+
 fn row_is_op(row: &HistoryRow, op: &Op) -> bool {
     let linked = match *op {
         Op::Transfer { to, .. } => row.8 == Some(to),
@@ -1159,6 +1199,78 @@ mod tests {
                 "{kind} (lying: {lie}): {record:?}"
             );
         }
+    }
+
+    /// A record with everything but its key, operation and outcome zero.
+    fn record(key: &str, op: Op, outcome: Outcome) -> Record {
+        Record {
+            outcome,
+            unknowns: u32::from(matches!(outcome, Outcome::Unknown)),
+            attempts: 1,
+            ..Record::new(key.into(), op)
+        }
+    }
+
+    /// A client answered `SoldOut` that later gets a coupon of the same campaign was answered
+    /// falsely (the stock never rises) — also when the stock is sold out by the end, where the
+    /// check of the stock left sees nothing. Before the fix such a history passed.
+    #[test]
+    fn a_sold_out_answer_before_the_clients_own_later_issue_is_a_violation() {
+        let (_, mut conn) = crate::fixtures::fresh_database("testkit_workload_false_sold_out");
+        let setup = setup(&mut conn, 0, 1, 2);
+        let campaign = setup.campaigns[0];
+        let issuer = CouponIssuer::new();
+        let mut issued = |user: i64| match issuer.issue(&mut conn, user, campaign) {
+            Ok(coupon) => Outcome::Ok(coupon.id),
+            Err(e) => panic!("an issue to {user}: {e}"),
+        };
+        let issue = |user: i64| Op::Issue { user, campaign };
+        let (second, third) = (issued(102), issued(103));
+        let sold_out = issuer.issue(&mut conn, 104, campaign);
+        assert!(
+            matches!(sold_out, Err(Error::SoldOut { .. })),
+            "{sold_out:?}"
+        );
+        // Refused first, then two coupons: the refusal was false.
+        let lying = [
+            record("c-0", issue(101), Outcome::Refused),
+            record("c-1", issue(102), second),
+            record("c-2", issue(103), third),
+        ];
+        let found = verify(&mut conn, &setup, &lying);
+        assert!(
+            found.iter().any(|v| v.contains("answered c-0 SoldOut")),
+            "{found:?}"
+        );
+        // Refused after the two coupons (the same rows): true.
+        let honest = [
+            record("c-0", issue(102), second),
+            record("c-1", issue(103), third),
+            record("c-2", issue(104), Outcome::Refused),
+        ];
+        assert_eq!(verify(&mut conn, &setup, &honest), Vec::<String>::new());
+    }
+
+    /// A row under a key whose call answered `OutcomeUnknown` must be that call's: applied as
+    /// another amount it is a violation. Before the fix only the number of such rows was
+    /// checked.
+    #[test]
+    fn an_unknown_outcome_applied_as_another_operation_is_a_violation() {
+        let (_, mut conn) = crate::fixtures::fresh_database("testkit_workload_unknown_rows");
+        let setup = setup(&mut conn, 1, 0, 1);
+        let ledger = BalanceLedger::new();
+        if let Err(e) = ledger.deduct(&mut conn, 1, Decimal::new(5000, 2), "t0-0") {
+            panic!("a deduct: {e}");
+        }
+        let deduct = |cents| Op::Deduct {
+            user: 1,
+            amount: Decimal::new(cents, 2),
+        };
+        let wrong = [record("t0-0", deduct(500), Outcome::Unknown)];
+        let found = verify(&mut conn, &setup, &wrong);
+        assert!(found.iter().any(|v| v.contains("t0-0")), "{found:?}");
+        let right = [record("t0-0", deduct(5000), Outcome::Unknown)];
+        assert_eq!(verify(&mut conn, &setup, &right), Vec::<String>::new());
     }
 
     /// A record round-trips through its line; a line that is not a record's (truncated, an
