@@ -419,7 +419,9 @@ impl<Req, Resp> Lane<Req, Resp> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CombinerStats {
-    /// Batch transactions run.
+    /// Batches formed (one leader's run each): a batch answered from memory (a campaign known
+    /// to be sold out) counts without a transaction, and one the runner retried or a router ran
+    /// again counts once.
     pub batches: u64,
     /// Requests answered through batches.
     pub requests: u64,

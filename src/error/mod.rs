@@ -528,7 +528,9 @@ pub enum Error {
     ///
     /// Also the answer, without a round trip, of a call on a connection lockstock marked broken
     /// before: one an earlier call found lost (killed, a restarted server) or that the
-    /// watchdog shut down.
+    /// watchdog shut down — unless the call is answered without looking at the connection at
+    /// all: bad input, or a coupon issue answered from the issuer's memory (a sold-out mark, a
+    /// closed window), which is as true on any connection.
     ///
     /// A MariaDB Galera node outside the Primary component refuses `BEGIN` and `ROLLBACK`
     /// alike: a call on it answers this error with a

@@ -18,16 +18,31 @@ pub enum ServerFlavor {
     MySql,
 }
 
+/// A deadline `budget` from now, but no later than the call the calling thread is inside (a
+/// lockstock call's body, a router's closure): [`Error::Timeout`] where that one has passed —
+/// nothing is sent then, as a nested lockstock call sends nothing.
+fn within_enclosing(budget: std::time::Duration) -> Result<Deadline, Error> {
+    let deadline = super::enclosed(Deadline::after(budget));
+    if deadline.is_expired() {
+        return Err(Error::Timeout {
+            elapsed: deadline.elapsed(),
+        });
+    }
+    Ok(deadline)
+}
+
 impl ServerFlavor {
     /// Asks the server, by the default policy's deadline (and its unresponsive grace: a server
     /// that never answers is cut off then, and the connection marked broken).
     ///
     /// # Errors
     /// [`Error::Server`] when `SELECT VERSION()` fails; [`Error::ServerUnresponsive`] when the
-    /// server does not answer in time.
+    /// server does not answer in time; [`Error::Timeout`] (nothing sent) inside a lockstock
+    /// call's body or a router's closure whose deadline has passed — asked inside one, by its
+    /// deadline at the latest.
     pub fn detect(conn: &mut MysqlConnection) -> Result<Self, Error> {
         let policy = TxnPolicy::default();
-        let deadline = Deadline::after(policy.retry.deadline);
+        let deadline = within_enclosing(policy.retry.deadline)?;
         bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
             Self::ask(conn)
         })
@@ -119,10 +134,12 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<(bool, bool), Er
 /// while the mark stayed (nothing sent); [`Error::ConnectionBroken`] for a connection whose
 /// transaction state Diesel lost (a failed ROLLBACK); [`Error::Server`] when the server cannot be asked its
 /// version or refuses a setting; [`Error::ServerUnresponsive`] when it did not answer in time
-/// (the connection was shut down and marked broken).
+/// (the connection was shut down and marked broken); [`Error::Timeout`] (nothing sent) inside
+/// a lockstock call's body or a router's closure whose deadline has passed — applied inside
+/// one, by its deadline at the latest.
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
     super::transaction::ensure_no_open_transaction(conn)?;
-    let deadline = Deadline::after(policy.retry.deadline);
+    let deadline = within_enclosing(policy.retry.deadline)?;
     let session = bounded(conn, deadline, policy.unresponsive_grace, |conn, _| {
         let flavor = ServerFlavor::ask(conn)?;
         let kind = match flavor {

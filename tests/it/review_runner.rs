@@ -2226,6 +2226,48 @@ fn session_settings_applied_inside_a_call_are_refused_and_leave_no_mark() {
     assert_eq!(after.zone, "+09:00", "and the caller's session is put back");
 }
 
+/// `apply_session_settings` and `ServerFlavor::detect` on another connection, inside a
+/// lockstock call's body whose deadline has passed, answer `Timeout` and send nothing — as a
+/// lockstock call made there does. Before the fix each ran by a deadline of its own: the
+/// settings were applied (here: the other connection's `time_zone` changed) past the enclosing
+/// call's deadline.
+#[test]
+fn session_settings_and_detection_inside_a_body_past_its_deadline_send_nothing() {
+    use lockstock::txn::ServerFlavor;
+    use lockstock::Deadline;
+    let (url, mut conn) = fresh_database("rr_settings_past_the_enclosing_deadline");
+    let mut other = connect(&url);
+    other
+        .batch_execute("SET SESSION time_zone = '+09:00'")
+        .expect("the other connection's time zone");
+    let runner = TxnRunner::new(TxnPolicy::default());
+    let policy = runner.policy().clone();
+    let deadline = Deadline::after(Duration::from_millis(200));
+    let (applied, detected) = runner
+        .run_by(&mut conn, deadline, |_| {
+            thread::sleep(Duration::from_millis(300));
+            Ok((
+                lockstock::txn::apply_session_settings(&mut other, &policy),
+                ServerFlavor::detect(&mut other),
+            ))
+        })
+        .expect("the body's answers");
+    assert!(matches!(applied, Err(Error::Timeout { .. })), "{applied:?}");
+    assert!(
+        matches!(detected, Err(Error::Timeout { .. })),
+        "{detected:?}"
+    );
+    #[derive(QueryableByName)]
+    struct Zone {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        zone: String,
+    }
+    let zone = diesel::sql_query("SELECT @@session.time_zone AS zone")
+        .get_result::<Zone>(&mut other)
+        .expect("the other connection's time zone");
+    assert_eq!(zone.zone, "+09:00", "nothing was sent");
+}
+
 /// A COMMIT whose prepare the server refuses (1461: `max_prepared_stmt_count` reached, by any
 /// session; with Diesel's statement cache off every COMMIT is prepared) never ran: nothing was
 /// committed, and the call says so — a typed failure that says nothing was applied, never
