@@ -116,11 +116,14 @@ pub fn run_migrations(conn: &mut MysqlConnection) -> Result<()> {
 /// answering: the watchdog then shuts the connection down (see
 /// [the txn module](crate::txn#a-server-that-never-answers)); a migration cut off so (or by a
 /// `KILL`, a crash) may have been applied in part: its DDL commits statement by statement, and
-/// Diesel records the migration only after its last one. Running the migrations again then
-/// fails on what the cut-off one already created ("already exists", "Duplicate column"): undo
-/// that part by hand (the migration's `down.sql` names what it creates) and run them again. The
-/// migrations are not written to be re-run over their own partial work, which MySQL 8's DDL
-/// (no `ADD COLUMN IF NOT EXISTS`) could not express. The server is told the deadline too: as
+/// Diesel records the migration only after its last one. A migration that changes tables a
+/// running application uses (the holds migration: its ALTERs wait for the tables' readers, and
+/// the server's bound below may stop one of them after the ones before it committed) sends each
+/// statement only where its work is not there yet, so running the migrations again applies it.
+/// The ones that create the schema in a new database do not (a table of that name that is there
+/// already may be another application's): running them again after such a cut fails on what
+/// the cut-off one created ("already exists"); undo that part by hand (the migration's
+/// `down.sql` names what it creates) and run them again. The server is told the deadline too: as
 /// each migration starts, its `lock_wait_timeout` and (MariaDB, but not on a Galera node, whose
 /// other nodes would finish a replicated DDL cut short on this one) its `max_statement_time`
 /// become the time left (`lock_wait_timeout` in whole seconds, rounded down where no

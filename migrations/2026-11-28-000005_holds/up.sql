@@ -11,11 +11,26 @@
 -- server clock)`, computed inside the locked transaction; `held` lets an account without active
 -- holds skip that read.
 
-ALTER TABLE user_balance
-    ADD COLUMN held DECIMAL(19,4) NOT NULL DEFAULT 0,
-    ADD CONSTRAINT user_balance_held_non_negative CHECK (held >= 0);
+-- Each statement below commits on its own (DDL), and each is all or nothing. A run stopped
+-- between them (by the deadline of `run_migrations_by`, whose bounds make a statement waiting
+-- for a table a live transaction reads give up, or by a crash) left the ones before it applied
+-- and the migration unrecorded: so each is sent only where its work is not there yet, and the
+-- migration applies when run again. (Portable: a statement chosen by a read of
+-- information_schema, prepared and run — MySQL 8 has no `ADD COLUMN IF NOT EXISTS`.)
 
-CREATE TABLE balance_hold (
+SET @lockstock_step = IF(
+    (SELECT COUNT(*) FROM information_schema.COLUMNS
+      WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'user_balance' AND COLUMN_NAME = 'held') = 0,
+    'ALTER TABLE user_balance
+         ADD COLUMN held DECIMAL(19,4) NOT NULL DEFAULT 0,
+         ADD CONSTRAINT user_balance_held_non_negative CHECK (held >= 0)',
+    'DO 0');
+PREPARE lockstock_step FROM @lockstock_step;
+EXECUTE lockstock_step;
+DEALLOCATE PREPARE lockstock_step;
+
+-- Only this migration creates it (the schema holds lockstock's tables by now).
+CREATE TABLE IF NOT EXISTS balance_hold (
     -- The id of the journal entry that placed the hold.
     id                BIGINT        NOT NULL,
     user_id           BIGINT        NOT NULL,
@@ -46,10 +61,19 @@ CREATE TABLE balance_hold (
     CONSTRAINT balance_hold_captured_only_when_captured CHECK (state = 'captured' OR captured_amount = 0)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
-ALTER TABLE balance_history
-    ADD COLUMN ended_hold_id BIGINT NULL,
-    ADD UNIQUE KEY balance_history_ends_hold_once (ended_hold_id),
-    ADD CONSTRAINT balance_history_ended_hold FOREIGN KEY (ended_hold_id) REFERENCES balance_hold (id),
-    DROP CONSTRAINT balance_history_kind,
-    ADD CONSTRAINT balance_history_kind CHECK (kind IN ('charge', 'deduct', 'refund', 'transfer_out', 'transfer_in', 'hold', 'capture', 'release', 'expire')),
-    ADD CONSTRAINT balance_history_ends_a_hold CHECK ((ended_hold_id IS NOT NULL) = (kind IN ('capture', 'release', 'expire')));
+SET @lockstock_step = IF(
+    (SELECT COUNT(*) FROM information_schema.COLUMNS
+      WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'balance_history'
+        AND COLUMN_NAME = 'ended_hold_id') = 0,
+    'ALTER TABLE balance_history
+         ADD COLUMN ended_hold_id BIGINT NULL,
+         ADD UNIQUE KEY balance_history_ends_hold_once (ended_hold_id),
+         ADD CONSTRAINT balance_history_ended_hold FOREIGN KEY (ended_hold_id) REFERENCES balance_hold (id),
+         DROP CONSTRAINT balance_history_kind,
+         ADD CONSTRAINT balance_history_kind CHECK (kind IN (''charge'', ''deduct'', ''refund'', ''transfer_out'', ''transfer_in'', ''hold'', ''capture'', ''release'', ''expire'')),
+         ADD CONSTRAINT balance_history_ends_a_hold CHECK ((ended_hold_id IS NOT NULL) = (kind IN (''capture'', ''release'', ''expire'')))',
+    'DO 0');
+PREPARE lockstock_step FROM @lockstock_step;
+EXECUTE lockstock_step;
+DEALLOCATE PREPARE lockstock_step;
+SET @lockstock_step = NULL;

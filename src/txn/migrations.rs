@@ -22,7 +22,11 @@ const RESTORE: &str = "SET SESSION completion_type = @lockstock_completion_type,
     @lockstock_sql_mode = NULL, @lockstock_select_limit = NULL, \
     @lockstock_big_selects = NULL, @lockstock_engine = NULL, \
     character_set_results = IF(@lockstock_results_null, NULL, @lockstock_results), \
-    @lockstock_results = NULL, @lockstock_results_null = NULL";
+    @lockstock_results = NULL, @lockstock_results_null = NULL, @lockstock_step = NULL";
+
+/// The statement a migration prepares for each of its steps that may already be applied (see
+/// the holds migration): deallocated here where the migration failed before it did.
+const DEALLOCATE_STEP: &str = "DEALLOCATE PREPARE lockstock_step";
 
 /// [`RESTORE`]'s part that only MariaDB has.
 const RESTORE_MARIADB: &str = ", tx_read_only = @lockstock_read_only, \
@@ -238,6 +242,11 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
             }
             migrated => migrated,
         };
+        // A migration that failed between preparing a step and deallocating it leaves it
+        // prepared on the caller's session (the server answers "unknown" where none is).
+        if migrated.is_err() {
+            let _ = conn.batch_execute(DEALLOCATE_STEP);
+        }
         // Where the caller's values cannot be put back, the session is ended (as the runner
         // ends one it could not restore after a COMMIT): the answer stays the migrations'.
         if conn

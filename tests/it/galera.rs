@@ -227,10 +227,45 @@ struct Counter {
     total: i64,
 }
 
-/// Creates database `name` on every node of `cluster` and migrates it; one URL per node.
+/// Creates database `name` on every node of `cluster` and migrates it; one URL per node. Every
+/// node has the same schema (the migrations' DDL replicated, their prepared steps included).
 fn migrated(cluster: &GaleraCluster, name: &str) -> Vec<String> {
     let urls = cluster.create_database(name).expect("database");
     lockstock::run_migrations(&mut causal(&urls[0])).expect("migrate");
+    #[derive(QueryableByName)]
+    struct Created {
+        #[diesel(sql_type = diesel::sql_types::Text, column_name = "Create Table")]
+        sql: String,
+    }
+    let schema = |url: &str| -> Vec<String> {
+        let mut conn = causal(url);
+        [
+            "user_balance",
+            "balance_history",
+            "balance_hold",
+            "coupon",
+            "fcfs_coupon",
+            "user_coupon",
+            "fcfs_coupon_restock",
+            "designated_writer",
+        ]
+        .iter()
+        .map(|table| {
+            diesel::sql_query(format!("SHOW CREATE TABLE `{table}`"))
+                .get_result::<Created>(&mut conn)
+                .unwrap_or_else(|e| panic!("{url}: table {table}: {e}"))
+                .sql
+        })
+        .collect()
+    };
+    let first = schema(&urls[0]);
+    for url in &urls[1..] {
+        assert_eq!(
+            schema(url),
+            first,
+            "{url}: the schema differs from node 0's"
+        );
+    }
     urls
 }
 

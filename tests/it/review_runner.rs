@@ -2340,6 +2340,90 @@ fn holds_pending_behind_a_reader(name: &str) -> (String, MysqlConnection, MysqlC
     (url, admin, reader)
 }
 
+/// A migration that lockstock's own server bounds stopped part-way (its first statements
+/// committed, a later one gave up waiting for a table a live transaction reads) applies when the
+/// migrations run again: each of its statements is sent only where its work is not there yet.
+/// Before the fix every later run failed on its first statement ("Duplicate column name
+/// 'held'"), waited 10 s for another process that did not exist and answered `Migration`, and
+/// the ledger's writes failed until the schema was repaired by hand.
+#[test]
+fn a_migration_stopped_part_way_by_its_deadline_applies_when_run_again() {
+    let (url, mut admin) = fresh_database("rr_migration_part_way");
+    before_the_holds(&mut admin);
+    // A live reader of the journal: the migration's last ALTER waits for it.
+    let mut reader = connect(&url);
+    reader.batch_execute("BEGIN").expect("begin");
+    diesel::sql_query("SELECT 1 AS one FROM balance_history LIMIT 1")
+        .execute(&mut reader)
+        .expect("a read of the journal");
+    let mut migrating = connect(&url);
+    let first =
+        lockstock::run_migrations_by(&mut migrating, Deadline::after(Duration::from_secs(2)));
+    assert!(matches!(first, Err(Error::Migration(_))), "{first:?}");
+    // The caller's session keeps nothing of the migration: no variable, no prepared step.
+    #[derive(QueryableByName)]
+    struct Unset {
+        #[diesel(sql_type = BigInt)]
+        unset: i64,
+    }
+    let unset = diesel::sql_query("SELECT @lockstock_step IS NULL AS unset")
+        .get_result::<Unset>(&mut migrating)
+        .expect("the session's variables")
+        .unset;
+    assert_eq!(unset, 1, "the migration's step is left in a user variable");
+    // (Deallocated, not executed: the left step would wait for the reader.)
+    assert!(
+        migrating
+            .batch_execute("DEALLOCATE PREPARE lockstock_step")
+            .is_err(),
+        "the migration's step is left prepared"
+    );
+    #[derive(QueryableByName)]
+    struct Columns {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let held = diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'user_balance' AND COLUMN_NAME = 'held'",
+    )
+    .get_result::<Columns>(&mut admin)
+    .expect("the accounts' columns")
+    .n;
+    assert_eq!(
+        held, 1,
+        "the migration's first ALTER committed before the last one gave up"
+    );
+    reader.batch_execute("COMMIT").expect("the reader ends");
+    let started = std::time::Instant::now();
+    let again = lockstock::run_migrations(&mut connect(&url));
+    assert!(again.is_ok(), "{again:?} after {:?}", started.elapsed());
+    {
+        use diesel_migrations::MigrationHarness;
+        assert!(!admin
+            .has_pending_migration(lockstock::MIGRATIONS)
+            .expect("pending"));
+    }
+    // And the ledger writes, holds included.
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(10), "part-way-charge")
+        .expect("a charge");
+    let hold = ledger
+        .hold(
+            &mut admin,
+            1,
+            dec(4),
+            "part-way-hold",
+            chrono::Utc::now().naive_utc() + chrono::Duration::minutes(5),
+        )
+        .expect("a hold");
+    ledger
+        .capture(&mut admin, hold.id, dec(4), "part-way-capture")
+        .expect("a capture");
+    lockstock_testkit::fixtures::audit_ok(&ledger, &mut admin, 1);
+}
+
 /// Sessions of database `name` waiting for a table's metadata lock.
 fn waiting_for_metadata(conn: &mut MysqlConnection, name: &str) -> i64 {
     #[derive(QueryableByName)]
