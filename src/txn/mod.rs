@@ -386,11 +386,13 @@ impl RunnerSql {
                     // a transaction (autocommit is off now) that BEGIN ends; when it refuses,
                     // the runner rolls back and restores the caller's session.
                     // No '' literal: the caller's sql_mode may read it as NULL
-                    // (EMPTY_STRING_IS_NULL), and `NOT IN (NULL, ...)` is never true.
+                    // (EMPTY_STRING_IS_NULL), and `NOT IN (NULL, ...)` is never true. Names
+                    // compared byte for byte, trailing spaces included (`utf8mb4_bin` pads:
+                    // 'db1' would equal 'db1 ', which the routers take for another node).
                     setup.push(format!(
                         "SET SESSION lc_messages = IF((SELECT CHAR_LENGTH(node_name) > 0 \
                          AND node_name <> CONVERT(@@wsrep_node_name USING utf8mb4) \
-                         COLLATE utf8mb4_bin FROM designated_writer WHERE id = 1), \
+                         COLLATE utf8mb4_nopad_bin FROM designated_writer WHERE id = 1), \
                          _utf8mb4'{NOT_DESIGNATED_LOCALE}', @@session.lc_messages)"
                     ));
                 }

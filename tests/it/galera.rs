@@ -1068,6 +1068,19 @@ fn galera_guards_silent_rollbacks_and_the_designated_writer() {
         0,
         "nothing applied"
     );
+    // A row naming this node's name with a space after it names another node (the routers
+    // compare names exactly): before the fix the comparison ignored trailing spaces (PAD
+    // SPACE) and the write went through.
+    conn.batch_execute(
+        "UPDATE designated_writer SET node_name = CONCAT(@@wsrep_node_name, ' ') WHERE id = 1",
+    )
+    .expect("designate a node named as this one with a space after it");
+    let refused = ledger.charge(&mut conn, 1, ten, "padded");
+    assert!(
+        matches!(refused, Err(Error::NotDesignatedWriter)),
+        "{refused:?}"
+    );
+    assert_eq!(count_key(&mut conn, 1, "padded"), 0, "nothing applied");
     let mut allowing = TxnPolicy::default();
     allowing.designated_writer_only = false;
     BalanceLedger::with_policy(allowing)
