@@ -232,6 +232,9 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
         }
         let migrated =
             run_pending(conn, deadline, statement_limit).map_err(|e| Error::Migration(e.into()));
+        // Whether a migration failed here (also one another process then turns out to have
+        // applied: its step was left prepared all the same).
+        let failed_here = migrated.is_err();
         // Another process running the migrations at the same time applied this one first: once
         // it has recorded every migration, there is nothing left to do.
         let migrated = match migrated {
@@ -244,7 +247,7 @@ fn migrate(conn: &mut MysqlConnection, deadline: Option<Deadline>) -> Result<(),
         };
         // A migration that failed between preparing a step and deallocating it leaves it
         // prepared on the caller's session (the server answers "unknown" where none is).
-        if migrated.is_err() {
+        if failed_here {
             let _ = conn.batch_execute(DEALLOCATE_STEP);
         }
         // Where the caller's values cannot be put back, the session is ended (as the runner

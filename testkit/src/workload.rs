@@ -400,8 +400,9 @@ pub fn connect_with_backoff(url: &str) -> Option<MysqlConnection> {
     }
 }
 
-/// The journal entries of account `user_id` under `key`.
-fn entries_under(conn: &mut MysqlConnection, user_id: i64, key: &str) -> QueryResult<i64> {
+/// The journal entries of account `user_id` under `key` (a history check: after an answer that
+/// says nothing was applied, with no attempt of unknown outcome before it, there must be none).
+pub fn entries_under(conn: &mut MysqlConnection, user_id: i64, key: &str) -> QueryResult<i64> {
     use lockstock::schema::balance_history;
     balance_history::table
         .filter(balance_history::user_id.eq(user_id))

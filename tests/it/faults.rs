@@ -416,7 +416,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
         };
         let callers: Vec<_> = (0..8u64)
             .map(|t| {
-                let (ledger, issuer, history) = (&combining, &issuer, &history);
+                let (ledger, issuer, history, url) = (&combining, &issuer, &history, &url);
                 let campaign = setup.campaigns[0];
                 s.spawn(move || {
                     let mut rng = Rng::new(seed ^ (t + 1));
@@ -433,7 +433,29 @@ fn pool_and_combiner_recover_from_killed_connections() {
                             },
                         };
                         let mut record = Record::new(key.clone(), op);
+                        // A ledger answer that said nothing was applied (no attempt of unknown
+                        // outcome before it): its key has no entry, checked before the next
+                        // attempt (which would answer the entry as if it had applied it).
+                        let mut unapplied: Option<String> = None;
                         record.outcome = loop {
+                            if let Some(answer) = unapplied.take() {
+                                // A connection of its own, also killed at times: tried again.
+                                let entries = (0..20).find_map(|_| {
+                                    let mut checker =
+                                        <MysqlConnection as Connection>::establish(url).ok()?;
+                                    workload::entries_under(&mut checker, user, &key).ok()
+                                });
+                                match entries {
+                                    Some(0) => {}
+                                    Some(entries) => {
+                                        record.unexpected.get_or_insert(format!(
+                                            "{answer}, which says that nothing was applied, \
+                                             yet the key has {entries} entries"
+                                        ));
+                                    }
+                                    None => panic!("{key}: the journal could not be read"),
+                                }
+                            }
                             record.attempts += 1;
                             let result = match record.op {
                                 Op::Charge { .. } => {
@@ -447,6 +469,17 @@ fn pool_and_combiner_recover_from_killed_connections() {
                                 }
                                 _ => unreachable!(),
                             };
+                            if let Err(e) = &result {
+                                let says_nothing_applied = !e.is_outcome_unknown()
+                                    && (e.server_kind() == Some(ServerErrorKind::ConnectionLost)
+                                        || e.is_retryable());
+                                if says_nothing_applied
+                                    && record.unknowns == 0
+                                    && !matches!(record.op, Op::Issue { .. })
+                                {
+                                    unapplied = Some(format!("{e:?}"));
+                                }
+                            }
                             match result {
                                 Ok(id) => break Outcome::Ok(id),
                                 Err(Error::InsufficientBalance { .. }) => break Outcome::Refused,

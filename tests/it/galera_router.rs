@@ -257,7 +257,32 @@ fn run_client(
         };
         let mut record = Record::new(format!("{name}-{}", run.records.len()), op);
         let started = Instant::now();
+        // A ledger answer that said nothing was applied (with no attempt of unknown outcome
+        // before it): its key must have no entry, checked before the next attempt, which would
+        // answer the entry as if it had applied it (as the testkit's workload checks).
+        let mut unapplied: Option<String> = None;
         record.outcome = loop {
+            if let Some(answer) = unapplied.take() {
+                let owner = record.op.key_owner();
+                let entries = router.read(Deadline::after(DEADLINE), |conn, _| {
+                    Ok(lockstock_testkit::workload::entries_under(
+                        conn,
+                        owner,
+                        &record.key,
+                    )?)
+                });
+                match entries {
+                    Ok(0) => {}
+                    Ok(entries) => {
+                        record.unexpected.get_or_insert(format!(
+                            "{answer}, which says that nothing was applied, yet the key has \
+                             {entries} entries"
+                        ));
+                    }
+                    // Not readable now: before the next attempt.
+                    Err(_) => unapplied = Some(answer),
+                }
+            }
             if started.elapsed() > OP_BUDGET {
                 break if record.unknowns > 0 {
                     Outcome::Unknown
@@ -278,6 +303,15 @@ fn run_client(
                 Ok(id) => break Outcome::Ok(id),
                 Err(error) => error,
             };
+            let says_nothing_applied = !error.is_outcome_unknown()
+                && (matches!(error, Error::Contended { .. } | Error::Timeout { .. })
+                    || error.is_retryable());
+            if says_nothing_applied
+                && record.unknowns == 0
+                && !matches!(record.op, Op::Issue { .. })
+            {
+                unapplied = Some(format!("{error:?}"));
+            }
             match (&record.op, &error) {
                 (_, e) if e.is_outcome_unknown() => record.unknowns += 1,
                 (_, Error::Contended { .. } | Error::Timeout { .. }) => record.contended += 1,

@@ -524,7 +524,29 @@ fn concurrent_refunds_never_exceed_the_deduct() {
         ledger.refund(conn, deduct.id, dec(15, 0), &format!("refund-{t}"))
     });
     let (mut ok, mut exceeded, mut contended) = (0u64, 0u64, 0u64);
-    for result in handles {
+    // A refund refused for contention runs again (its key, one after another) until decided:
+    // in the end every one of the 16 is decided, so that 6 fit and 10 exceed — whatever the
+    // race left undecided.
+    let decided: Vec<_> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(t, result)| {
+            let mut result = result;
+            for _ in 0..200 {
+                match result {
+                    Err(e @ Error::Contended { .. }) => {
+                        check_contended(&e);
+                        contended += 1;
+                        result =
+                            ledger.refund(&mut conn, deduct.id, dec(15, 0), &format!("refund-{t}"));
+                    }
+                    decided => return decided,
+                }
+            }
+            panic!("refund {t} still contended after 200 tries")
+        })
+        .collect();
+    for result in decided {
         match result {
             Ok(entry) => {
                 assert_eq!(entry.kind, EntryKind::Refund);
@@ -544,18 +566,15 @@ fn concurrent_refunds_never_exceed_the_deduct() {
                 assert!(refunded + requested > deducted, "{refunded}");
                 exceeded += 1;
             }
-            Err(e @ Error::Contended { .. }) => {
-                check_contended(&e);
-                contended += 1;
-            }
             Err(other) => panic!("unexpected refund error {other:?}"),
         }
     }
-    eprintln!("refunds: ok {ok}, exceeded {exceeded}, contended {contended}");
-    assert!(ok * 15 <= 100 && ok <= 6, "{ok}");
-    if contended == 0 {
-        assert_eq!(ok, 6);
-    }
+    eprintln!("refunds: ok {ok}, exceeded {exceeded}, contended {contended} (run again)");
+    assert_eq!(
+        (ok, exceeded),
+        (6, 10),
+        "6 refunds of 15 fit into 100, 10 do not"
+    );
     let refunded: Decimal = balance_history::table
         .find(deduct.id)
         .select(balance_history::refunded_amount)

@@ -2424,6 +2424,59 @@ fn a_migration_stopped_part_way_by_its_deadline_applies_when_run_again() {
     lockstock_testkit::fixtures::audit_ok(&ledger, &mut admin, 1);
 }
 
+/// The holds migration sends a step where the constraint only that step creates is missing —
+/// never taking a table or column of the same name that the application has for its own
+/// work: the migration then fails ("already exists", "Duplicate column") and stays pending,
+/// as before it was made re-runnable (a first version of that guarded by the names and
+/// adopted the application's table and column, answering `Ok` over a wrong schema).
+#[test]
+fn the_holds_migration_never_adopts_an_applications_table_or_column() {
+    use diesel_migrations::MigrationHarness;
+    for (round, foreign, refusal) in [
+        (
+            "table",
+            "CREATE TABLE balance_hold (id BIGINT PRIMARY KEY, memo TEXT)",
+            "already exists",
+        ),
+        (
+            "column",
+            "ALTER TABLE user_balance ADD COLUMN held INT NULL",
+            "Duplicate column",
+        ),
+    ] {
+        let (url, mut admin) = fresh_database(&format!("rr_migration_foreign_{round}"));
+        before_the_holds(&mut admin);
+        admin.batch_execute(foreign).expect("the application's own");
+        let answer = lockstock::run_migrations(&mut connect(&url));
+        assert!(
+            matches!(&answer, Err(Error::Migration(e)) if e.to_string().contains(refusal)),
+            "{round}: {answer:?}"
+        );
+        assert!(
+            admin
+                .has_pending_migration(lockstock::MIGRATIONS)
+                .expect("pending"),
+            "{round}: the migration is not recorded"
+        );
+        #[derive(QueryableByName)]
+        struct Keys {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let keys = diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM information_schema.TABLE_CONSTRAINTS \
+             WHERE CONSTRAINT_SCHEMA = DATABASE() AND CONSTRAINT_NAME = 'balance_history_ended_hold'",
+        )
+        .get_result::<Keys>(&mut admin)
+        .expect("the constraints")
+        .n;
+        assert_eq!(
+            keys, 0,
+            "{round}: no key of the journal points at the application's table"
+        );
+    }
+}
+
 /// Sessions of database `name` waiting for a table's metadata lock.
 fn waiting_for_metadata(conn: &mut MysqlConnection, name: &str) -> i64 {
     #[derive(QueryableByName)]
@@ -2487,6 +2540,13 @@ fn two_processes_migrate_at_once(name: &str, language: Option<&'static str>) {
                         .get_result::<Language>(&mut conn)
                         .expect("the session's language")
                         .language;
+                // Neither leaves the migration's step prepared on its session (the loser's
+                // failed before the migration deallocated it).
+                assert!(
+                    conn.batch_execute("DEALLOCATE PREPARE lockstock_step")
+                        .is_err(),
+                    "the migration's step is left prepared"
+                );
                 (answer, kept)
             })
         })
