@@ -25,6 +25,7 @@ const PROBE_SQL: &str = "SET STATEMENT wsrep_sync_wait = 0 FOR \
      SELECT CAST(@@wsrep_node_name AS CHAR) AS name, \
      CAST(@@global.wsrep_on AS SIGNED) AS replicating, \
      CAST(CAST(@@global.read_only AS CHAR) NOT IN ('0', 'OFF') AS SIGNED) AS read_only, \
+     CAST(@@global.wsrep_reject_queries AS CHAR) AS reject_queries, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
        WHERE variable_name = 'WSREP_READY'), SPACE(0)) AS CHAR) AS ready, \
      CAST(COALESCE((SELECT variable_value FROM information_schema.GLOBAL_STATUS \
@@ -40,6 +41,10 @@ struct ProbeRow {
     replicating: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     read_only: i64,
+    /// `wsrep_reject_queries`: `NONE`, or `ALL` / `ALL_KILL` on a node an operator drains (it
+    /// answers every statement but the probe's with 1047).
+    #[diesel(sql_type = Text)]
+    reject_queries: String,
     #[diesel(sql_type = Text)]
     ready: String,
     #[diesel(sql_type = Text)]
@@ -49,9 +54,11 @@ struct ProbeRow {
 }
 
 impl ProbeRow {
-    /// Replicating (`wsrep_on` globally), ready, in the Primary component and Synced.
+    /// Replicating (`wsrep_on` globally), taking queries (`wsrep_reject_queries = NONE`),
+    /// ready, in the Primary component and Synced.
     fn healthy(&self) -> bool {
         self.replicating != 0
+            && self.reject_queries.eq_ignore_ascii_case("NONE")
             && self.ready.eq_ignore_ascii_case("ON")
             && self.cluster_status == "Primary"
             && self.local_state == "Synced"
@@ -65,8 +72,10 @@ pub struct NodeHealth {
     /// Its `@@wsrep_node_name`, once a probe reached it.
     pub name: Option<String>,
     /// Whether the router sends calls to it: the last probe found it replicating (`wsrep_on`
-    /// globally), `wsrep_ready = ON`, `wsrep_cluster_status = Primary` and
-    /// `wsrep_local_state_comment = Synced`, no call failed on it since, no probe has been
+    /// globally), taking queries (`wsrep_reject_queries = NONE`: not drained by an operator),
+    /// `wsrep_ready = ON`, `wsrep_cluster_status = Primary` and
+    /// `wsrep_local_state_comment = Synced`, no call failed on it since (nor lost its
+    /// connection to it: calls wait for its probe meanwhile), no probe has been
     /// hanging on it for longer than the probe timeout, no other URL of the router reaches a
     /// node of the same name — and, after a call (or the router's coordinator) took it down, the
     /// coordinator has run once since, or twice the probe timeout has passed (so that a probe
@@ -124,12 +133,14 @@ pub(super) struct Probe {
 }
 
 /// The longest node name the designated-writer row can hold (`node_name VARCHAR(255)`): a node
-/// whose `wsrep_node_name` is longer is never the writer (it takes reads).
+/// whose `wsrep_node_name` is longer (or empty) is never the writer (it takes reads).
 pub(super) const LONGEST_WRITER_NAME: usize = 255;
 
 /// Whether the designated-writer row can name a node called `name`.
 fn nameable(name: &str) -> bool {
-    name.chars().count() <= LONGEST_WRITER_NAME
+    // Empty: the designated-writer row's "none designated" — a node of no name would match it,
+    // and writes would pass the check on every node.
+    !name.is_empty() && name.chars().count() <= LONGEST_WRITER_NAME
 }
 
 /// Everything the router's threads and callers share, under one mutex.
@@ -277,7 +288,8 @@ impl State {
 
     pub(super) fn health(&self, node: usize, probe_timeout: Duration) -> NodeHealth {
         let p = &self.nodes[node];
-        let healthy = self.healthy(node, probe_timeout);
+        // A suspect node gets no calls until its probe answers: not reported healthy meanwhile.
+        let healthy = self.healthy(node, probe_timeout) && !self.suspect(node);
         NodeHealth {
             name: p.name.clone(),
             healthy,
@@ -289,8 +301,9 @@ impl State {
                 Some("another URL of the router reaches a node of the same name".into())
             } else if healthy && p.name.as_deref().is_some_and(|name| !nameable(name)) {
                 Some(format!(
-                    "its wsrep_node_name is longer than {LONGEST_WRITER_NAME} characters: the \
-                     designated_writer row cannot name it, so it is never the writer"
+                    "its wsrep_node_name is empty or longer than {LONGEST_WRITER_NAME} \
+                     characters: the designated_writer row cannot name it, so it is never the \
+                     writer"
                 ))
             } else if healthy {
                 // A failure kept while the node was held down is over.
@@ -362,9 +375,10 @@ pub(super) fn probe_loop(shared: Arc<Shared>, node: usize) {
                     let kept = p.error.take();
                     p.error = (!healthy).then(|| {
                         format!(
-                            "wsrep_on = {}, wsrep_ready = {}, wsrep_cluster_status = {}, \
-                             wsrep_local_state_comment = {}",
+                            "wsrep_on = {}, wsrep_reject_queries = {}, wsrep_ready = {}, \
+                             wsrep_cluster_status = {}, wsrep_local_state_comment = {}",
                             if replicating { "ON" } else { "OFF" },
+                            row.reject_queries,
                             row.ready,
                             row.cluster_status,
                             row.local_state
@@ -454,5 +468,16 @@ mod tests {
         state.ticks_started += 1;
         state.ticks_done = state.ticks_started;
         assert!(!state.held(0, Duration::MAX));
+    }
+
+    /// A node of no name is never the writer: the designated-writer row's empty name means
+    /// "none designated", which it would match — writes would pass the check on every node.
+    /// Before the fix an empty name was nameable.
+    #[test]
+    fn a_node_of_no_name_or_too_long_a_name_is_never_the_writer() {
+        assert!(!nameable(""));
+        assert!(nameable("node0"));
+        assert!(nameable(&"x".repeat(LONGEST_WRITER_NAME)));
+        assert!(!nameable(&"x".repeat(LONGEST_WRITER_NAME + 1)));
     }
 }

@@ -219,8 +219,11 @@ pub enum ReadConsistency {
     /// The writer this router knows, without a causal wait: it has applied every write that
     /// was committed through it. Not a causal read: after another process's router moved the
     /// writer, this router follows at its next health tick, and until then it reads on the old
-    /// writer, whose copy may not have applied a write acknowledged on the new one. Use
-    /// [`Causal`](Self::Causal) where a read must see every acknowledged write.
+    /// writer, whose copy may not have applied a write acknowledged on the new one. Likewise
+    /// right after this router moved the writer itself: a write that was already under way on
+    /// the old writer may commit there after the move, and the new writer may not have applied
+    /// it yet when the same caller reads. Use [`Causal`](Self::Causal) where a read must see
+    /// every acknowledged write.
     Writer,
 }
 

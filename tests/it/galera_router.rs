@@ -1868,6 +1868,54 @@ impl Drop for Renamed {
     }
 }
 
+/// A node an operator drains (`wsrep_reject_queries = ALL`: every statement but the probe's
+/// reads of variables and status answers 1047) is not healthy, and no read is sent to it. Before
+/// the fix the probe found it healthy: each call sent there met 1047 and took it down, and the
+/// next probe brought it back for the next call to meet the same.
+#[test]
+fn galera_router_keeps_calls_off_a_node_that_rejects_queries() {
+    let _guard = exclusive();
+    let mut guard = cluster();
+    let cluster = guard.as_mut().expect("cluster");
+    let urls = database(cluster, "gal_route_reject_queries");
+    let (router, writer) = router_with(&urls, 2, Duration::from_millis(100));
+    let drained = (writer + 1) % urls.len();
+    /// Puts the node back to taking queries, also when the test fails.
+    struct Drained(String);
+    impl Drop for Drained {
+        fn drop(&mut self) {
+            if let Err(e) = causal(&self.0).batch_execute("SET GLOBAL wsrep_reject_queries = NONE")
+            {
+                eprintln!("{}: wsrep_reject_queries not put back: {e}", self.0);
+            }
+        }
+    }
+    let mut admin = causal(&urls[drained]);
+    let _drained = Drained(urls[drained].clone());
+    admin
+        .batch_execute("SET GLOBAL wsrep_reject_queries = ALL")
+        .expect("drain the node");
+    let since = Instant::now();
+    while router.stats().nodes[drained].healthy {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "still healthy: {:?}",
+            router.stats().nodes[drained]
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let drained_name = format!("node{drained}");
+    for _ in 0..30 {
+        let served = served_by(&router, Duration::from_secs(2)).expect("a read");
+        assert_ne!(served, drained_name, "a read was sent to the drained node");
+        assert!(
+            !router.stats().nodes[drained].healthy,
+            "{:?}",
+            router.stats().nodes[drained]
+        );
+    }
+}
+
 /// Nodes named longer than 64 characters (a fully qualified host name, say): the
 /// designated-writer row held 64, so every claim was refused ("Data too long"), the router took
 /// each node down in turn — again at every election — and found no writer while every node was
