@@ -23,7 +23,7 @@
 
 SET @lockstock_step = IF(
     (SELECT COUNT(*) FROM information_schema.TABLE_CONSTRAINTS
-      WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = 'user_balance'
+      WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'user_balance'
         AND CONSTRAINT_NAME = 'user_balance_held_non_negative') = 0,
     'ALTER TABLE user_balance
          ADD COLUMN held DECIMAL(19,4) NOT NULL DEFAULT 0,
@@ -35,7 +35,7 @@ DEALLOCATE PREPARE lockstock_step;
 
 SET @lockstock_step = IF(
     (SELECT COUNT(*) FROM information_schema.TABLE_CONSTRAINTS
-      WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = 'balance_hold'
+      WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'balance_hold'
         AND CONSTRAINT_NAME = 'balance_hold_entry') = 0,
     'CREATE TABLE balance_hold (
     -- The id of the journal entry that placed the hold.
@@ -74,7 +74,7 @@ DEALLOCATE PREPARE lockstock_step;
 
 SET @lockstock_step = IF(
     (SELECT COUNT(*) FROM information_schema.TABLE_CONSTRAINTS
-      WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = 'balance_history'
+      WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'balance_history'
         AND CONSTRAINT_NAME = 'balance_history_ended_hold') = 0,
     'ALTER TABLE balance_history
          ADD COLUMN ended_hold_id BIGINT NULL,

@@ -308,6 +308,8 @@ impl State {
             } else if healthy {
                 // A failure kept while the node was held down is over.
                 p.claim_refused.clone()
+            } else if self.suspect(node) && p.error.is_none() {
+                Some("a call lost its connection to it; calls wait for its probe".into())
             } else {
                 p.error.clone()
             },
