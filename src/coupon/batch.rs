@@ -229,17 +229,12 @@ impl CouponIssuer {
                 return closed(refusal);
             }
             let coupon_id = facts.coupon_id;
-            let (mut stale, mut unknown_holders, mut short) = (false, false, false);
             // The unique index's refusal stays the answer when the runner could not end the
             // attempt: the holders' lookup then fails, and the users not found holding are
             // answered OutcomeUnknown.
             let attempt = self
                 .runner
                 .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
-                    // What the LAST attempt found: the runner may run this body again after a
-                    // failure it set a flag for (on Galera, a body's refusal becomes a deadlock
-                    // when the node aborted the transaction meanwhile).
-                    (stale, unknown_holders, short) = (false, false, false);
                     #[cfg(test)]
                     super::tests::attempt_begins();
                     // Read as the attempt begins, before it reads the stock: a zero read after a
@@ -336,7 +331,6 @@ impl CouponIssuer {
                     };
                     let (stock, current) = (campaign.stock_quantity, CampaignFacts::of(&campaign));
                     if current != facts {
-                        stale = true;
                         #[cfg(test)]
                         super::tests::before_marker();
                         return Err(stale_facts(campaign_id));
@@ -361,7 +355,6 @@ impl CouponIssuer {
                         decide(user_ids, &holders, stock, self.marks_stick());
                     if !read_holders && decisions.contains(&BatchDecision::SoldOut) {
                         // The refused user may hold the coupon (then: AlreadyIssued).
-                        unknown_holders = true;
                         #[cfg(test)]
                         if let Some(aborted) = super::tests::holders_needed() {
                             return Err(aborted);
@@ -383,7 +376,6 @@ impl CouponIssuer {
                         // The stock runs out in this batch: written for too many; again with the
                         // stock read first.
                         Some(_) => {
-                            short = true;
                             #[cfg(test)]
                             super::tests::before_marker();
                             return Err(stock_runs_out());
@@ -410,21 +402,21 @@ impl CouponIssuer {
             match attempt {
                 // Facts of another database (the INSERT names a template or campaign missing
                 // here) are stale facts too.
-                // Only a marker itself sends the batch round again: a failure of the runner
-                // after it (its ROLLBACK cut, the connection lost) is the batch's answer.
+                // Only the last attempt's marker error itself sends the batch round again: a
+                // failure of the runner after it (its ROLLBACK cut, the connection lost) is the
+                // batch's answer.
                 Err(e)
-                    if ((stale && is_marker(&e, &stale_facts(campaign_id)))
-                        || names_missing_row(&e))
+                    if (is_marker(&e, &stale_facts(campaign_id)) || names_missing_row(&e))
                         && refreshes < FACT_REFRESHES =>
                 {
                     self.forget_facts(campaign_id);
                     refreshes += 1;
                 }
                 Err(e) if names_missing_row(&e) => return closed(stale_facts(campaign_id)),
-                Err(e) if unknown_holders && is_marker(&e, &holders_needed()) => {
+                Err(e) if is_marker(&e, &holders_needed()) => {
                     read_holders = true;
                 }
-                Err(e) if short && is_marker(&e, &stock_runs_out()) => insert_first = false,
+                Err(e) if is_marker(&e, &stock_runs_out()) => insert_first = false,
                 Err(e) if !read_holders && e.is_duplicate() => {
                     lock(&self.repeat_askers).insert(campaign_id);
                     read_holders = true;

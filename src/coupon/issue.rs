@@ -86,14 +86,11 @@ impl CouponIssuer {
             // Read as each attempt begins, before it reads the stock: a zero read after a
             // newer sighting is not marked.
             let mut read = self.sightings(campaign_id);
-            let mut stale = false;
             // The unique index's refusal stays the answer when the runner could not end the
             // attempt: the holder's lookup then fails, and answers OutcomeUnknown.
             let result = self
                 .runner
                 .run_by_keeping(conn, deadline, Error::is_duplicate, |conn| {
-                    // What the LAST attempt found (the runner may run this body again).
-                    stale = false;
                     #[cfg(test)]
                     super::tests::attempt_begins();
                     // This attempt's time: the window is checked at it, and it is the issue time.
@@ -114,7 +111,6 @@ impl CouponIssuer {
                         .ok_or(Error::CampaignNotFound { campaign_id })?;
                     let current = CampaignFacts::of(&campaign);
                     if current != facts {
-                        stale = true;
                         #[cfg(test)]
                         super::tests::before_marker();
                         return Err(stale_facts(campaign_id));
@@ -150,11 +146,11 @@ impl CouponIssuer {
             // Facts of another database (the INSERT names a template or campaign missing here)
             // are stale facts too.
             let missing_row = result.as_ref().is_err_and(names_missing_row);
-            // Only the marker itself: a failure of the runner after it is the call's answer.
-            let stale = stale
-                && result
-                    .as_ref()
-                    .is_err_and(|e| is_marker(e, &stale_facts(campaign_id)));
+            // Only the last attempt's marker error itself: a failure of the runner after it is
+            // the call's answer.
+            let stale = result
+                .as_ref()
+                .is_err_and(|e| is_marker(e, &stale_facts(campaign_id)));
             if (stale || missing_row) && refreshes < FACT_REFRESHES {
                 self.forget_facts(campaign_id);
                 refreshes += 1;
