@@ -1782,6 +1782,8 @@ fn provider_off_server(name: &str) -> (lockstock_testkit::Sandbox, MysqlConnecti
 /// and refused every write and the migrations with `NotReplicated`.
 #[test]
 fn galera_a_server_with_a_provider_configured_but_replication_off_is_standalone() {
+    // It starts a private server: never beside a test that holds `exclusive()`.
+    let _storm = lockstock_testkit::fixtures::storm();
     let (_sandbox, mut conn) = provider_off_server("gal_provider_off");
     let ledger = BalanceLedger::new();
     ledger

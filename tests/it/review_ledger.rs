@@ -552,8 +552,11 @@ fn a_batch_whose_keys_cannot_be_looked_up_after_a_clash_may_be_applied() {
 // Finding 9
 // ---------------------------------------------------------------------------------------------
 
-const DEADLINE: Duration = Duration::from_millis(300);
-const SLACK: Duration = Duration::from_millis(200);
+/// The finding 9 calls' deadline, and what they may take beyond it (scheduling on two loaded
+/// cores: 632 ms was once seen against 300 + 200 ms). Before the fix calls took up to about
+/// twice their deadline, and the watchdog cuts at the deadline plus 500 ms of grace.
+const DEADLINE: Duration = Duration::from_millis(600);
+const SLACK: Duration = Duration::from_millis(400);
 
 fn short_policy() -> TxnPolicy {
     policy_with_deadline(DEADLINE)
@@ -576,7 +579,7 @@ fn hot_row_holder(url: &str, user: i64, stop: Arc<AtomicBool>) -> thread::JoinHa
     )
 }
 
-/// Every call of one deadline returns within deadline + 200 ms, whatever it went through:
+/// Every call of one deadline returns within deadline + 400 ms, whatever it went through:
 /// `apply_many` rounds (a replayed key forces a second round), combined callers queueing
 /// for a batch and for the one pooled connection, single charges, deducts and transfers to
 /// new accounts (account creation plus a second transaction) — all on an account another
@@ -1236,10 +1239,13 @@ fn a_batch_on_a_read_only_server_answers_as_its_single_calls() {
 
 /// A batch larger than one INSERT (1,000 rows each) sends no INSERT after the first once its
 /// deadline has passed: it answers `Timeout` and nothing of it is applied. A trigger makes the
-/// first row of the first two INSERTs take 0.3 s each, so the deadline (0.5 s) passes while the
-/// second runs (it began before the deadline, within its statement limit). Before the fix the
-/// batch went on past its deadline — the third INSERT, its ids, the balance and the COMMIT —
-/// and answered `Ok` with all 2,500 entries committed.
+/// first row of the first INSERT take 1 s and of the second 1.2 s, so the deadline (2 s)
+/// passes while the second runs (it began before the deadline, within its statement limit:
+/// the time left at BEGIN; the watchdog's grace is 2 s). Each step is ~0.7 s from the next
+/// bound: at 0.3 s each and a 0.5 s deadline, a loaded machine could run the first INSERT's
+/// 1,000 rows into its statement limit (`Contended`). Before the fix the batch went on past its
+/// deadline — the third INSERT, its ids, the balance and the COMMIT — and answered `Ok` with
+/// all 2,500 entries committed.
 #[test]
 fn a_batch_of_several_inserts_sends_none_past_its_deadline() {
     let (_url, mut conn) = fresh_database("review_batch_pieces_deadline");
@@ -1247,15 +1253,16 @@ fn a_batch_of_several_inserts_sends_none_past_its_deadline() {
     ledger.charge(&mut conn, 7, dec(10), "fund").expect("fund");
     conn.batch_execute(
         "CREATE TRIGGER slow_pieces BEFORE INSERT ON balance_history FOR EACH ROW \
-         IF NEW.idempotency_key IN ('k0', 'k1000') THEN SET @slept = SLEEP(0.3); END IF",
+         IF NEW.idempotency_key = 'k0' THEN SET @slept = SLEEP(1); \
+         ELSEIF NEW.idempotency_key = 'k1000' THEN SET @slept = SLEEP(1.2); END IF",
     )
     .expect("trigger");
     let ops: Vec<AccountOp> = (0..2_500)
         .map(|i| AccountOp::charge(dec(1), format!("k{i}")))
         .collect();
-    let short = BalanceLedger::with_policy(
-        TxnPolicy::default().with_retry(retry_policy(1, Duration::from_millis(500))),
-    );
+    let mut policy = TxnPolicy::default().with_retry(retry_policy(1, Duration::from_secs(2)));
+    policy.unresponsive_grace = Duration::from_secs(2);
+    let short = BalanceLedger::with_policy(policy);
     let started = Instant::now();
     let answer = short.apply_many(&mut conn, 7, &ops);
     let took = started.elapsed();
@@ -1483,6 +1490,8 @@ fn batch_whose_commit_is_killed(
 /// before the batch.
 #[test]
 fn an_expired_hold_after_its_key_in_a_batch_of_unknown_outcome_is_unknown() {
+    // It starts a private server: never beside a test that holds `exclusive()`.
+    let _storm = lockstock_testkit::fixtures::storm();
     let past = chrono::Utc::now().naive_utc() - chrono::Duration::minutes(1);
     let ops = [
         AccountOp::charge(dec(5), "k"),
@@ -1501,6 +1510,8 @@ fn an_expired_hold_after_its_key_in_a_batch_of_unknown_outcome_is_unknown() {
 /// fix of the parts, every batch answered it per request instead).
 #[test]
 fn a_batch_of_unknown_outcome_answers_it_whole() {
+    // It starts a private server: never beside a test that holds `exclusive()`.
+    let _storm = lockstock_testkit::fixtures::storm();
     let ops = [
         AccountOp::charge(dec(5), "a"),
         AccountOp::deduct(dec(1), "b"),
@@ -1520,6 +1531,8 @@ fn a_batch_of_unknown_outcome_answers_it_whole() {
 /// Before the fix it was answered `OutcomeUnknown` like a hold after a written key.
 #[test]
 fn an_expired_hold_after_an_unsent_request_of_its_key_keeps_its_answer() {
+    // It starts a private server: never beside a test that holds `exclusive()`.
+    let _storm = lockstock_testkit::fixtures::storm();
     let past = chrono::Utc::now().naive_utc() - chrono::Duration::minutes(1);
     let ops = [
         AccountOp::hold(dec(1), "k", past),

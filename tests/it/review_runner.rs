@@ -721,6 +721,8 @@ fn account_and_a_plain_user(
 /// answers. Before: kind `Other`.
 #[test]
 fn a_read_only_server_is_a_typed_refusal() {
+    // It starts a private server: never beside a test that holds `exclusive()`.
+    let _storm = lockstock_testkit::fixtures::storm();
     let (_sandbox, _url, mut admin, mut plain) =
         account_and_a_plain_user("review_read_only", "SET GLOBAL read_only = 1");
     let ledger = BalanceLedger::new();
@@ -2274,6 +2276,8 @@ fn session_settings_and_detection_inside_a_body_past_its_deadline_send_nothing()
 /// `OutcomeUnknown`, and the row is not written. Before the fix it answered `OutcomeUnknown`.
 #[test]
 fn a_commit_whose_prepare_is_refused_says_nothing_was_applied() {
+    // It starts a private server: never beside a test that holds `exclusive()`.
+    let _storm = lockstock_testkit::fixtures::storm();
     use diesel::connection::CacheSize;
     use lockstock::StatementCache;
     let sandbox = Sandbox::start().expect("a private server");
@@ -2576,9 +2580,11 @@ fn two_processes_migrate_at_once(name: &str, language: Option<&'static str>) {
 /// A bounded migration run whose migration ends after the deadline (a later statement of it
 /// waited within the limits set as that migration started) starts no further migration: the
 /// next one is left pending, with the answer `Migration` naming it. Here 000005's first ALTER
-/// waits for a reader of the accounts until shortly before the deadline, and its second for a
-/// reader of the journal until shortly after it. Before the fix 000006 was sent past the
-/// deadline (with a 20 ms statement limit: applied, or cut short by the server).
+/// waits for a reader of the accounts until 1 s before the deadline (2.4 s), and its second for
+/// a reader of the journal until 0.3 s after it (each ~0.7 s or more inside the limits set as
+/// 000005 started: at 0.3 s before a 1.2 s deadline, a loaded machine could run the first ALTER
+/// into its statement limit). Before the fix 000006 was sent past the deadline (with a 20 ms
+/// statement limit: applied, or cut short by the server).
 #[test]
 fn a_bounded_migration_run_starts_no_migration_past_its_deadline() {
     use diesel_migrations::MigrationHarness;
@@ -2591,11 +2597,11 @@ fn a_bounded_migration_run_starts_no_migration_past_its_deadline() {
         .get_result::<i64>(&mut journal_reader)
         .expect("a read");
     let started = std::time::Instant::now();
-    let deadline = Deadline::after(Duration::from_millis(1_200));
+    let deadline = Deadline::after(Duration::from_millis(2_400));
     let releases = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(900).saturating_sub(started.elapsed()));
+        thread::sleep(Duration::from_millis(1_400).saturating_sub(started.elapsed()));
         accounts_reader.batch_execute("COMMIT").expect("commit");
-        thread::sleep(Duration::from_millis(1_350).saturating_sub(started.elapsed()));
+        thread::sleep(Duration::from_millis(2_700).saturating_sub(started.elapsed()));
         journal_reader.batch_execute("COMMIT").expect("commit");
     });
     let mut migrating = connect(&url);
@@ -2617,7 +2623,7 @@ fn a_bounded_migration_run_starts_no_migration_past_its_deadline() {
     let answer = lockstock::run_migrations_by(&mut migrating, deadline);
     releases.join().expect("the readers");
     assert!(
-        started.elapsed() > Duration::from_millis(1_200),
+        started.elapsed() > Duration::from_millis(2_400),
         "000005 did not end past the deadline: the test's premise"
     );
     assert_eq!(
