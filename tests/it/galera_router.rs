@@ -43,7 +43,7 @@ static CLUSTER: Mutex<Option<GaleraCluster>> = Mutex::new(None);
 
 /// The shared cluster, started on first use, with every node running, unpaused and synced
 /// (a new one if an earlier test left it broken).
-fn cluster() -> MutexGuard<'static, Option<GaleraCluster>> {
+pub(crate) fn cluster() -> MutexGuard<'static, Option<GaleraCluster>> {
     let mut guard = CLUSTER.lock().unwrap_or_else(PoisonError::into_inner);
     let healed = guard.as_mut().is_some_and(|cluster| {
         (0..cluster.nodes()).all(|node| {
