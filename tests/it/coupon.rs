@@ -1275,11 +1275,20 @@ fn a_batch_holding_its_coupons_never_waits_for_another_transactions_lock() {
     // User 2's coupon splits the unique index: users 1 and 3 go into different gaps.
     issuer.issue(&mut admin, 2, campaign.id).expect("user 2");
     let mut foreign = reading_the_gap_of(&url, coupon.id, 3);
+    // The other program writes user 1's coupon once the batch's INSERT has met the gap lock:
+    // refused (now), or waiting for it while the batch holds user 1's new coupon (before the
+    // fix: the deadlock, certain).
+    let mut batch_conn = connect(&url);
+    let batch_id = lockstock_testkit::fixtures::connection_id(&mut batch_conn);
+    let watched = crate::watch_first(&mut batch_conn, |sql| {
+        sql.contains("INSERT INTO `user_coupon`")
+    });
     let batch = {
-        let (url, issuer) = (url.clone(), issuer.clone());
-        thread::spawn(move || issuer.issue_many(&mut connect(&url), campaign.id, &[1, 3]))
+        let issuer = issuer.clone();
+        thread::spawn(move || issuer.issue_many(&mut batch_conn, campaign.id, &[1, 3]))
     };
-    assert_not_sacrificed(&mut foreign, std::time::Duration::from_millis(300), |c| {
+    crate::until_answered_or_waiting(&mut admin, batch_id, &watched);
+    assert_not_sacrificed(&mut foreign, std::time::Duration::ZERO, |c| {
         coupon_of(c, 1, (coupon.id, campaign.id))
     });
     let foreign_id: i64 = user_coupon::table

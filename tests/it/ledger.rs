@@ -1251,13 +1251,20 @@ fn a_write_holding_the_account_never_waits_for_another_transactions_lock() {
         .get_result(&mut foreign)
         .expect("the other program's read");
     assert_eq!(used, 0);
-    let batch = {
-        let (url, ledger, ops) = (url.clone(), ledger.clone(), ops.clone());
-        thread::spawn(move || ledger.apply_many(&mut connect(&url), USER, &ops))
-    };
-    assert_not_sacrificed(&mut foreign, Duration::from_millis(300), |c| {
-        lock_balance(c, USER)
+    // The other program asks for the account once the batch's journal INSERT has met the gap
+    // lock: refused (now), or waiting for it while the batch holds the account (before the
+    // fix: the deadlock, certain).
+    let mut batch_conn = connect(&url);
+    let batch_id = lockstock_testkit::fixtures::connection_id(&mut batch_conn);
+    let watched = crate::watch_first(&mut batch_conn, |sql| {
+        sql.contains("INSERT INTO `balance_history`")
     });
+    let batch = {
+        let (ledger, ops) = (ledger.clone(), ops.clone());
+        thread::spawn(move || ledger.apply_many(&mut batch_conn, USER, &ops))
+    };
+    crate::until_answered_or_waiting(&mut conn, batch_id, &watched);
+    assert_not_sacrificed(&mut foreign, Duration::ZERO, |c| lock_balance(c, USER));
 
     let answers = batch.join().expect("batch").expect("the batch");
     for (op, answer) in ops.iter().zip(&answers) {

@@ -19,3 +19,82 @@ mod review_coupon;
 mod review_ledger;
 mod review_runner;
 mod silent;
+
+/// What [`watch_first`] reports of the statement it watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// The statement was sent.
+    Sent,
+    /// Its answer came (a result or an error).
+    Answered,
+}
+
+/// Reports on the returned channel when `conn` sends the first statement whose SQL `picks`, and
+/// when that statement's answer comes (Diesel's instrumentation hook, which this replaces on
+/// `conn`; later statements are not reported).
+fn watch_first(
+    conn: &mut diesel::MysqlConnection,
+    picks: impl Fn(&str) -> bool + Send + 'static,
+) -> std::sync::mpsc::Receiver<Watched> {
+    use diesel::connection::{Connection, InstrumentationEvent};
+    let (sender, watched) = std::sync::mpsc::channel();
+    let mut state = None;
+    conn.set_instrumentation(
+        move |event: InstrumentationEvent<'_>| match (event, state) {
+            (InstrumentationEvent::StartQuery { query, .. }, None) if picks(&query.to_string()) => {
+                state = Some(Watched::Sent);
+                let _ = sender.send(Watched::Sent);
+            }
+            (InstrumentationEvent::FinishQuery { .. }, Some(Watched::Sent)) => {
+                state = Some(Watched::Answered);
+                let _ = sender.send(Watched::Answered);
+            }
+            _ => {}
+        },
+    );
+    watched
+}
+
+/// Waits until the statement that `watched` ([`watch_first`]) watches on session `id` was
+/// sent, and then until either its answer came or it waits for a row lock (`INNODB_TRX`, read
+/// on `admin`): the statement has met whatever lock it meets. A liveness guard of 20 s, not a
+/// timed assertion. Tests order another program's next step after it, instead of a sleep that
+/// a loaded machine can outrun.
+fn until_answered_or_waiting(
+    admin: &mut diesel::MysqlConnection,
+    id: i64,
+    watched: &std::sync::mpsc::Receiver<Watched>,
+) -> Watched {
+    use diesel::prelude::*;
+    use std::time::{Duration, Instant};
+    #[derive(QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let started = Instant::now();
+    let sent = watched.recv_timeout(Duration::from_secs(20));
+    assert_eq!(sent, Ok(Watched::Sent), "the statement was never sent");
+    loop {
+        if let Ok(answered) = watched.try_recv() {
+            return answered;
+        }
+        // InnoDB refreshes INNODB_TRX only when it was not read for 100 ms.
+        std::thread::sleep(Duration::from_millis(150));
+        let waiting = diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
+             WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(id)
+        .get_result::<Waiting>(admin)
+        .expect("INNODB_TRX")
+        .n;
+        if waiting > 0 {
+            return Watched::Sent;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the statement neither answered nor waited for a lock"
+        );
+    }
+}
