@@ -199,6 +199,9 @@ struct ClientRun {
     answered_at: Vec<Instant>,
     slowest: Duration,
     slowest_what: String,
+    /// Attempts answered `ServerUnresponsive` or `OutcomeUnknown` after their whole deadline:
+    /// calls that met a node which stopped answering (and were cut off by the watchdog).
+    cut_off: usize,
 }
 
 /// The operation mix of a client.
@@ -232,6 +235,7 @@ fn run_client(
         answered_at: Vec::new(),
         slowest: Duration::ZERO,
         slowest_what: String::new(),
+        cut_off: 0,
     };
     let mut next_user = 1_000_000 * (number + 1);
     while run.records.len() < max_ops && !stop.load(Ordering::Relaxed) {
@@ -304,6 +308,11 @@ fn run_client(
                 Ok(id) => break Outcome::Ok(id),
                 Err(error) => error,
             };
+            if took >= DEADLINE
+                && (error.is_outcome_unknown() || matches!(error, Error::ServerUnresponsive { .. }))
+            {
+                run.cut_off += 1;
+            }
             let says_nothing_applied = !error.is_outcome_unknown()
                 && (matches!(error, Error::Contended { .. } | Error::Timeout { .. })
                     || error.is_retryable());
@@ -553,12 +562,15 @@ fn galera_router_bank_and_flash_sale() {
 /// more, or 60 s while the survivors have no Primary component), every router on another
 /// writer, then
 /// `heal` (still under load); afterwards every check of [`assert_converged`] and calls
-/// acknowledged after the fault.
+/// acknowledged after the fault — and, where the fault `freezes` the writer, calls cut off
+/// there: at least one attempt answered `ServerUnresponsive` or `OutcomeUnknown` after its
+/// whole deadline (a call in flight on the frozen node, or sent there before the router knew).
 fn fails_over(
     database_name: &str,
     fault: impl FnOnce(&mut GaleraCluster, usize),
     after: Duration,
     heal: impl FnOnce(&mut GaleraCluster, usize),
+    freezes: bool,
 ) {
     let _guard = exclusive();
     let started = Instant::now();
@@ -625,6 +637,14 @@ fn fails_over(
         .count();
     eprintln!("  {after_fault} operations acknowledged after the fault, on {after_fault_writer}");
     assert!(after_fault > 0, "calls did not continue on a new writer");
+    let cut_off: usize = runs.iter().map(|run| run.cut_off).sum();
+    eprintln!("  {cut_off} attempts cut off after their deadline");
+    if freezes {
+        assert!(
+            cut_off > 0,
+            "no call met the frozen writer: the test did not exercise the watchdog"
+        );
+    }
 
     assert_converged(cluster, &urls, &setup, &runs);
     eprintln!("{database_name} took {:?}", started.elapsed());
@@ -665,6 +685,7 @@ fn galera_router_fails_over_when_the_writer_is_killed() {
             cluster.restart(writer).expect("restart");
             eprintln!("  node {writer} rejoined in {:?}", at.elapsed());
         },
+        false,
     );
 }
 
@@ -685,6 +706,7 @@ fn galera_router_fails_over_when_the_writer_is_paused() {
                 .expect("synced after resume");
             eprintln!("  node {writer} rejoined in {:?}", at.elapsed());
         },
+        true,
     );
 }
 
@@ -705,6 +727,7 @@ fn galera_router_moves_away_from_a_non_primary_writer() {
         },
         Duration::from_secs(3),
         |cluster, writer| isolate(cluster, writer, false),
+        false,
     );
 }
 
