@@ -113,20 +113,25 @@ fn a_batch_held_open(
     (first, release_tx)
 }
 
-/// Submits `requests` one after another (50 ms apart, so that they queue in order) behind the
-/// batch held open by `first`, then lets that batch end; their answers, in order.
+/// Submits `requests` one after another (each once `combiner` counts the one before queued, so
+/// that they queue in order) behind the batch held open by `first`, then lets that batch end;
+/// their answers, in order.
 fn queued_behind(
+    combiner: &Doubler,
     first: thread::JoinHandle<Result<u64>>,
     release: std::sync::mpsc::Sender<()>,
     requests: impl IntoIterator<Item = (u64, Deadline)>,
     submit: impl Fn(u64, Deadline) -> thread::JoinHandle<Result<u64>>,
 ) -> Vec<Result<u64>> {
-    let queued: Vec<_> = requests
-        .into_iter()
-        .map(|(request, deadline)| {
+    let queued: Vec<_> = (requests.into_iter().enumerate())
+        .map(|(before, (request, deadline))| {
             let handle = submit(request, deadline);
-            // All must be queued before the first batch ends (only ordering, no assertion).
-            thread::sleep(Duration::from_millis(50));
+            // Queued before the next one and before the first batch ends (a liveness guard of
+            // 20 s; a 50 ms sleep used to stand for it).
+            let since = std::time::Instant::now();
+            while combiner.stats().queued <= before && since.elapsed() < Duration::from_secs(20) {
+                thread::sleep(Duration::from_millis(1));
+            }
             handle
         })
         .collect();
@@ -158,10 +163,16 @@ fn a_batch_runs_by_its_earliest_deadline_and_expired_requests_are_not_sent() {
     };
     let late = within(Duration::from_secs(9));
     let early = within(Duration::from_secs(5));
-    let answers: Vec<_> = queued_behind(first, release_tx, [(2, late), (3, early)], submit)
-        .into_iter()
-        .map(|r| r.map_err(|_| ()))
-        .collect();
+    let answers: Vec<_> = queued_behind(
+        &combiner,
+        first,
+        release_tx,
+        [(2, late), (3, early)],
+        submit,
+    )
+    .into_iter()
+    .map(|r| r.map_err(|_| ()))
+    .collect();
     assert_eq!(answers, vec![Ok(4), Ok(6)]);
     assert_eq!(*lock(&seen), vec![(vec![2, 3], early)]);
 
@@ -224,7 +235,7 @@ fn given_back_behind_a_batch(
     };
     let deadlines =
         [(2, 9), (3, 5), (4, 9)].map(|(r, secs)| (r, within(Duration::from_secs(secs))));
-    let answers = queued_behind(first, release_tx, deadlines, submit)
+    let answers = queued_behind(&combiner, first, release_tx, deadlines, submit)
         .into_iter()
         .map(|answer| match answer {
             Ok(answer) => Ok(answer),
@@ -752,7 +763,7 @@ fn a_cut_short_refusal_is_finished_by_its_caller_not_decided_again() {
     };
     let deadlines =
         [(2, 5), (3, 9), (4, 9)].map(|(r, secs)| (r, within(Duration::from_secs(secs))));
-    let answers = queued_behind(first, release_tx, deadlines, submit);
+    let answers = queued_behind(&combiner, first, release_tx, deadlines, submit);
     assert!(matches!(answers[0], Ok(4)), "{answers:?}");
     assert!(
         matches!(&answers[1], Err(e) if e.refused_then_cut().is_some_and(|c| c.lookup.is_some())),
@@ -1033,7 +1044,7 @@ fn refused_commits_behind_a_batch(
     };
     let deadlines =
         [(2, 4_000), (3, 800), (4, 4_000)].map(|(r, ms)| (r, within(Duration::from_millis(ms))));
-    let answers = queued_behind(first, release_tx, deadlines, submit);
+    let answers = queued_behind(&combiner, first, release_tx, deadlines, submit);
     let seen = lock(&seen).clone();
     let applied = applied_rows(&mut lock(&conn));
     (answers, seen, applied)

@@ -1668,11 +1668,13 @@ fn a_pooled_connection_left_inside_a_foreign_transaction_is_discarded() {
         assert!(captured.is_ok(), "settings {settings}: {captured:?}");
         // A hold retried after its expiry passed, placed before: answered its recorded entry,
         // which is looked up on a pooled connection.
-        let expires_at = later(300);
+        // (1 s ahead: at 300 ms, a stall of the loaded machine before the hold left its expiry
+        // in the past.)
+        let expires_at = later(1_000);
         let placed = ledger
             .hold(&mut admin, 1, Decimal::new(1, 0), "late", expires_at)
             .expect("a hold placed in time");
-        thread::sleep(std::time::Duration::from_millis(400));
+        thread::sleep(std::time::Duration::from_millis(1_100));
         leak();
         let retried = combined.hold(1, Decimal::new(1, 0), "late", expires_at);
         assert!(
