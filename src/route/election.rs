@@ -228,7 +228,8 @@ fn blame(shared: &Shared, node: usize, error: &Error) -> bool {
             trace_event!(node, error = %error, "router: a claim refused on a healthy node");
             if let Some(p) = shared.lock().nodes.get_mut(node) {
                 p.claim_refused = Some(format!(
-                    "reading or claiming the writer's row failed: {error}"
+                    "reading or claiming the writer's row failed: {}",
+                    super::health::with_sources(error)
                 ));
             }
             true

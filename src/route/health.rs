@@ -275,10 +275,7 @@ impl State {
         if let Some(p) = self.nodes.get_mut(node) {
             p.held_until_tick = Some(next_tick);
             p.ok = false;
-            p.error = Some(error.to_string());
-            if let Some(source) = error.server_error() {
-                p.error = Some(format!("{error}: {source}"));
-            }
+            p.error = Some(with_sources(error));
             p.failed_at = Some(Instant::now());
         }
         if self.writer == Some(node) {
@@ -444,6 +441,24 @@ fn probe(
     ask(conn.insert(fresh)).map_err(|e| describe(&Error::Server(e)))
 }
 
+/// `error` with every source below it, as `error: source: its source` — what a node's
+/// `last_error` shows, so that it keeps the server's or the pool's reason (a privilege refused,
+/// `max_user_connections`), which an error's own text leaves to its sources. A source whose
+/// text the line already ends with (a server error and the Diesel error it wraps) is left out.
+pub(super) fn with_sources(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(source) = next {
+        let part = source.to_string();
+        if !part.is_empty() && !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = source.source();
+    }
+    text
+}
+
 fn describe(error: &Error) -> String {
     match error.server_error() {
         Some(source) => source.to_string(),
@@ -454,6 +469,53 @@ fn describe(error: &Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error of `text` above `source`.
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1
+                .as_deref()
+                .map(|layer| layer as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn a_nodes_error_keeps_the_reasons_its_sources_give() {
+        let denied = Layer("UPDATE command denied to user 'r'", None);
+        let wrapped = Layer(
+            "no pooled connection",
+            Some(Box::new(Layer(
+                "timed out waiting for connection: UPDATE command denied to user 'r'",
+                Some(Box::new(denied)),
+            ))),
+        );
+        assert_eq!(
+            with_sources(&wrapped),
+            "no pooled connection: timed out waiting for connection: UPDATE command denied to \
+             user 'r'"
+        );
+        let server = Error::Server(crate::ServerError::new(
+            diesel::result::Error::QueryBuilderError("Access denied".into()),
+        ));
+        assert!(
+            with_sources(&server).ends_with(": Access denied"),
+            "{}",
+            with_sources(&server)
+        );
+        assert_eq!(
+            with_sources(&Error::NotReplicated),
+            Error::NotReplicated.to_string()
+        );
+    }
 
     #[test]
     fn a_node_taken_down_is_held_whatever_the_probe_timeout() {

@@ -748,8 +748,9 @@ impl CustomizeConnection<MysqlConnection, diesel::r2d2::Error> for NodeSession {
             Ok(conn.batch_execute(&sql)?)
         })
         .map_err(|e| {
+            // With the server's reason (the pool's error keeps only this text).
             diesel::r2d2::Error::QueryError(diesel::result::Error::QueryBuilderError(
-                e.to_string().into(),
+                health::with_sources(&e).into(),
             ))
         })
     }
