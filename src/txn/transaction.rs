@@ -612,7 +612,32 @@ pub(crate) fn close_broken(conn: &mut MysqlConnection) {
 /// Marks the connection broken for Diesel and r2d2: `Connection::transaction` refuses it, an
 /// r2d2 pool drops it when it is returned, and lockstock answers [`Error::ConnectionBroken`].
 pub(crate) fn mark_broken(conn: &mut MysqlConnection) {
+    let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
+    // Diesel's count at the mark, for `diesel_left_behind`: lockstock's own mark (a statement
+    // of its own cut off inside a body, say) is not the body ending the runner's transaction.
+    if let Ok(depth) = status.transaction_depth() {
+        let depth = depth.map_or(0, std::num::NonZeroU32::get);
+        MARKED_AT.with(|marked| marked.set(Some((connection_address(conn), depth))));
+    }
     AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
+}
+
+/// `conn`'s address: which connection a [`MARKED_AT`] record is about.
+fn connection_address(conn: &MysqlConnection) -> usize {
+    std::ptr::from_ref(conn) as usize
+}
+
+thread_local! {
+    /// The connection the calling thread last marked broken ([`mark_broken`]) while Diesel's
+    /// manager counted it valid, and the depth it counted then. Cleared as the runner's
+    /// transaction begins on a connection.
+    static MARKED_AT: std::cell::Cell<Option<(usize, u32)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether lockstock itself marked `conn` broken on this thread while Diesel counted
+/// `depth` transactions open on it.
+fn marked_by_lockstock_at(conn: &MysqlConnection, depth: u32) -> bool {
+    MARKED_AT.with(std::cell::Cell::get) == Some((connection_address(conn), depth))
 }
 
 /// What a failed COMMIT means. A definite abort (a deadlock or certification conflict
@@ -659,6 +684,7 @@ pub(crate) fn is_marked_broken(conn: &mut MysqlConnection) -> bool {
 /// Makes Diesel's transaction manager count the runner's transaction on `conn` (see
 /// [`run_transaction`]); whether it does.
 fn enter_diesel_count(conn: &mut MysqlConnection) -> bool {
+    MARKED_AT.with(|marked| marked.set(None));
     match AnsiTransactionManager::transaction_manager_status_mut(conn) {
         TransactionManagerStatus::Valid(valid) => valid
             .change_transaction_depth(TransactionDepthChange::IncreaseDepth)
@@ -675,6 +701,12 @@ fn enter_diesel_count(conn: &mut MysqlConnection) -> bool {
 /// ROLLBACK: the body's error stays the answer.
 fn failed_after_ending(conn: &mut MysqlConnection, entered: bool, error: Error) -> Error {
     if error.is_outcome_unknown() {
+        return error;
+    }
+    // Marked broken by lockstock itself while the runner's transaction alone was counted (a
+    // statement of lockstock's own in the body cut off by the watchdog: `ServerFlavor::detect`,
+    // say): not the body ending the transaction — its answer stands (no COMMIT was sent).
+    if is_marked_broken(conn) && marked_by_lockstock_at(conn, u32::from(entered)) {
         return error;
     }
     match diesel_left_behind(conn, entered) {

@@ -1139,3 +1139,39 @@ fn a_process_that_cannot_see_its_threads_is_told() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `ServerFlavor::detect` asked inside a runner's body on the body's own connection, when the
+/// server stops answering: the watchdog cuts it off (and marks the connection broken), and the
+/// call answers `ServerUnresponsive` — no COMMIT was sent, nothing was committed. Before the
+/// fix the runner took lockstock's own mark of the cut connection for the body having ended
+/// the transaction through Diesel's manager, and answered `OutcomeUnknown` (which a caller must
+/// not run again without its key, and a router does not).
+#[test]
+fn silent_server_detect_cut_inside_a_body_says_nothing_was_committed() {
+    let _alone = exclusive();
+    let (mut sandbox, _url, mut conn) = private_server("silent_detect_in_body");
+    let runner = lockstock::TxnRunner::new(policy());
+    let (ready, pause) = mpsc::channel();
+    let (paused, go) = mpsc::channel::<()>();
+    let (answered, answer) = mpsc::channel();
+    let call = thread::spawn(move || {
+        let started = Instant::now();
+        let result = runner.run(&mut conn, |conn| {
+            let _ = ready.send(());
+            let _ = go.recv();
+            lockstock::txn::ServerFlavor::detect(conn).map(|_| ())
+        });
+        let _ = answered.send((result, started.elapsed()));
+    });
+    pause.recv().expect("the body began");
+    sandbox.pause().expect("pause");
+    paused.send(()).expect("the body waits");
+    let (result, took) = answer_or_resume(&mut sandbox, "detect inside a body", &answer);
+    sandbox.resume().expect("resume");
+    call.join().expect("the call");
+    assert!(
+        matches!(result, Err(Error::ServerUnresponsive { .. })),
+        "{result:?} after {took:?}"
+    );
+    assert!(took <= bound(), "answered after {took:?}");
+}
