@@ -206,8 +206,8 @@ impl BalanceLedger {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a `limit` outside 1 to [`MAX_EXPIRY_BATCH`]; a failure of
-    /// the first read, or of an account's transaction (other than a lock refusal or the
-    /// deadline) before any account's expirations committed: nothing was expired then (the
+    /// a read of the due holds, or of an account's transaction (other than a lock refusal or
+    /// the deadline) before any account's expirations committed: nothing was expired then (the
     /// accounts skipped before it are not reported; a later call picks them up) — but for
     /// [`Error::OutcomeUnknown`], that account's COMMIT that got no answer: its expirations
     /// may be recorded (a later call finds them done, or due again).
@@ -246,7 +246,17 @@ impl BalanceLedger {
                 Ok(due) if due.is_empty() => break,
                 Ok(due) => due,
                 Err(error) if pass == 0 => return Err(error),
-                // A later read (nothing of it applied): what the earlier passes did — the holds
+                // A later read that failed otherwise than by the deadline before any hold was
+                // marked (the earlier passes only skipped locked accounts): nothing was expired,
+                // and the failure (a lost connection, a node gone) is the answer, as that of an
+                // account's transaction would be — not an `Ok` saying no other hold was due.
+                Err(error)
+                    if report.expired.is_empty()
+                        && !matches!(error, Error::Timeout { .. } | Error::Contended { .. }) =>
+                {
+                    return Err(error)
+                }
+                // Else (nothing of the read applied): what the earlier passes did — the holds
                 // they marked, the accounts they skipped — is the answer.
                 Err(_) => break,
             };

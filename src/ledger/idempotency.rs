@@ -150,8 +150,9 @@ pub(crate) fn is_account_missing(error: &Error) -> bool {
 }
 
 impl Error {
-    /// A hold refused because its expiry is not in the future (on either clock): refused for
-    /// its input, whatever its key's lookup finds or fails to find.
+    /// A hold refused because its expiry is not in the future (on either clock): answered by
+    /// its key's lookup — the entry recorded under the key, else this refusal, and
+    /// [`Error::OutcomeUnknown`] where the lookup fails (see `expired_hold`).
     pub(crate) fn is_expiry_refusal(&self) -> bool {
         matches!(
             self,

@@ -955,6 +955,63 @@ fn sweep_past_locked_accounts(name: &str, (accounts, holds): (i64, usize), limit
     audit_ok(&ledger, &mut conn, free);
 }
 
+/// A sweep whose first read found only a locked account's due hold (skipped), and whose next
+/// read of the due holds failed (here the connection killed just before it): nothing was
+/// marked, so the failure is the answer — as an account transaction's failure before any
+/// commit is. Before the fix it answered `Ok` with nothing expired and the account skipped,
+/// as if no other hold were due (and a router never saw the node failure).
+#[test]
+fn a_sweep_whose_later_read_fails_before_marking_anything_answers_the_failure() {
+    use diesel::connection::{Connection, InstrumentationEvent};
+    let (url, mut conn) = fresh_database("holds_sweep_later_read_fails");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, 1, dec(100));
+    ledger
+        .hold(
+            &mut conn,
+            1,
+            dec(1),
+            "due",
+            now() + Duration::milliseconds(500),
+        )
+        .expect("the hold");
+    while ledger.balance(&mut conn, 1).expect("balance").held > Decimal::ZERO {
+        thread::sleep(StdDuration::from_millis(20));
+    }
+    let mut other = other_program(&url);
+    lock_balance(&mut other, 1).expect("held by another program");
+    let id = lockstock_testkit::fixtures::connection_id(&mut conn);
+    let mut killer = connect(&url);
+    let mut due_reads = 0;
+    conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::StartQuery { query, .. } = event {
+            let sql = query.to_string();
+            if sql.contains("FROM `balance_hold`") && sql.contains("<= UTC_TIMESTAMP(6)") {
+                due_reads += 1;
+                if due_reads == 2 {
+                    diesel::connection::SimpleConnection::batch_execute(
+                        &mut killer,
+                        &format!("KILL CONNECTION {id}"),
+                    )
+                    .expect("kill the sweep's connection");
+                }
+            }
+        }
+    });
+    let report = ledger.expire_holds(&mut conn, 10);
+    diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK").expect("release");
+    assert!(
+        matches!(&report, Err(e) if e.is_retryable() && !e.is_outcome_unknown()),
+        "{report:?}"
+    );
+    let mut check = connect(&url);
+    let holds = hold_rows(&mut check);
+    assert!(
+        holds.iter().all(|hold| hold.4 == "active"),
+        "nothing was marked: {holds:?}"
+    );
+}
+
 /// Holds and captures through `CombiningLedger` from many threads on one account: each answer
 /// is the single call's, and the account stays exact.
 #[test]
