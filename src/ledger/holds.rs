@@ -207,7 +207,8 @@ impl BalanceLedger {
     /// # Errors
     /// [`Error::InvalidInput`] for a `limit` outside 1 to [`MAX_EXPIRY_BATCH`]; a failure of
     /// a read of the due holds, or of an account's transaction (other than a lock refusal or
-    /// the deadline) before any account's expirations committed: nothing was expired then (the
+    /// the deadline: a later read cut by the deadline ends the sweep with what it did) before
+    /// any account's expirations committed: nothing was expired then (the
     /// accounts skipped before it are not reported; a later call picks them up) — but for
     /// [`Error::OutcomeUnknown`], that account's COMMIT that got no answer: its expirations
     /// may be recorded (a later call finds them done, or due again).

@@ -684,7 +684,14 @@ pub(crate) fn is_marked_broken(conn: &mut MysqlConnection) -> bool {
 /// Makes Diesel's transaction manager count the runner's transaction on `conn` (see
 /// [`run_transaction`]); whether it does.
 fn enter_diesel_count(conn: &mut MysqlConnection) -> bool {
-    MARKED_AT.with(|marked| marked.set(None));
+    // Only this connection's record: a body's runner on another connection must not lose the
+    // enclosing one's.
+    let address = connection_address(conn);
+    MARKED_AT.with(|marked| {
+        if marked.get().is_some_and(|(at, _)| at == address) {
+            marked.set(None);
+        }
+    });
     match AnsiTransactionManager::transaction_manager_status_mut(conn) {
         TransactionManagerStatus::Valid(valid) => valid
             .change_transaction_depth(TransactionDepthChange::IncreaseDepth)

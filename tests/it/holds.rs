@@ -975,7 +975,12 @@ fn a_sweep_whose_later_read_fails_before_marking_anything_answers_the_failure() 
             now() + Duration::milliseconds(500),
         )
         .expect("the hold");
+    let since = std::time::Instant::now();
     while ledger.balance(&mut conn, 1).expect("balance").held > Decimal::ZERO {
+        assert!(
+            since.elapsed() < StdDuration::from_secs(20),
+            "the hold never expired on the server clock"
+        );
         thread::sleep(StdDuration::from_millis(20));
     }
     let mut other = other_program(&url);
