@@ -612,14 +612,15 @@ pub(crate) fn close_broken(conn: &mut MysqlConnection) {
 /// Marks the connection broken for Diesel and r2d2: `Connection::transaction` refuses it, an
 /// r2d2 pool drops it when it is returned, and lockstock answers [`Error::ConnectionBroken`].
 pub(crate) fn mark_broken(conn: &mut MysqlConnection) {
+    let address = connection_address(conn);
     let status = AnsiTransactionManager::transaction_manager_status_mut(conn);
-    // Diesel's count at the mark, for `diesel_left_behind`: lockstock's own mark (a statement
+    // Diesel's count at the mark, for `failed_after_ending`: lockstock's own mark (a statement
     // of its own cut off inside a body, say) is not the body ending the runner's transaction.
     if let Ok(depth) = status.transaction_depth() {
         let depth = depth.map_or(0, std::num::NonZeroU32::get);
-        MARKED_AT.with(|marked| marked.set(Some((connection_address(conn), depth))));
+        MARKED_AT.with(|marked| marked.set(Some((address, depth))));
     }
-    AnsiTransactionManager::transaction_manager_status_mut(conn).set_in_error();
+    status.set_in_error();
 }
 
 /// `conn`'s address: which connection a [`MARKED_AT`] record is about.

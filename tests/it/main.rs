@@ -65,13 +65,7 @@ fn until_answered_or_waiting(
     id: i64,
     watched: &std::sync::mpsc::Receiver<Watched>,
 ) -> Watched {
-    use diesel::prelude::*;
     use std::time::{Duration, Instant};
-    #[derive(QueryableByName)]
-    struct Waiting {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
     let started = Instant::now();
     let sent = watched.recv_timeout(Duration::from_secs(20));
     assert_eq!(sent, Ok(Watched::Sent), "the statement was never sent");
@@ -79,17 +73,7 @@ fn until_answered_or_waiting(
         if let Ok(answered) = watched.try_recv() {
             return answered;
         }
-        // InnoDB refreshes INNODB_TRX only when it was not read for 100 ms.
-        std::thread::sleep(Duration::from_millis(150));
-        let waiting = diesel::sql_query(
-            "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
-             WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
-        )
-        .bind::<diesel::sql_types::BigInt, _>(id)
-        .get_result::<Waiting>(admin)
-        .expect("INNODB_TRX")
-        .n;
-        if waiting > 0 {
+        if waits_for_row_lock(admin, id) {
             return Watched::Sent;
         }
         assert!(
@@ -97,4 +81,24 @@ fn until_answered_or_waiting(
             "the statement neither answered nor waited for a lock"
         );
     }
+}
+
+/// Whether connection `id` waits for a row lock. InnoDB refreshes the `INNODB_TRX` table only
+/// when it has not been read for 100 ms, so this pauses that long before reading it.
+fn waits_for_row_lock(admin: &mut diesel::MysqlConnection, id: i64) -> bool {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Waiting {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    diesel::sql_query(
+        "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
+         WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(id)
+    .get_result::<Waiting>(admin)
+    .expect("INNODB_TRX")
+    .n > 0
 }

@@ -5,6 +5,7 @@
 //! a row lock or a table's metadata lock from another connection and waits (polling
 //! `information_schema`) until the ledger's connection is seen waiting for it.
 
+use crate::waits_for_row_lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -34,15 +35,6 @@ fn dec(units: i64) -> Decimal {
 struct Count {
     #[diesel(sql_type = BigInt)]
     n: i64,
-}
-
-/// Whether connection `id` waits for a row lock. InnoDB refreshes the `INNODB_TRX` table only
-/// when it has not been read for 100 ms, so this pauses that long before reading it.
-fn waits_for_row_lock(admin: &mut MysqlConnection, id: i64) -> bool {
-    thread::sleep(Duration::from_millis(150));
-    let waiting = "SELECT COUNT(*) AS n FROM information_schema.INNODB_TRX \
-                   WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'";
-    count_for(admin, waiting, id) > 0
 }
 
 /// The count `n` that `query` answers for connection `id` (its one parameter).

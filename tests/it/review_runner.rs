@@ -2382,18 +2382,11 @@ fn a_migration_stopped_part_way_by_its_deadline_applies_when_run_again() {
             .is_err(),
         "the migration's step is left prepared"
     );
-    #[derive(QueryableByName)]
-    struct Columns {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
-    let held = diesel::sql_query(
+    let held = counted(
+        &mut admin,
         "SELECT COUNT(*) AS n FROM information_schema.COLUMNS \
          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'user_balance' AND COLUMN_NAME = 'held'",
-    )
-    .get_result::<Columns>(&mut admin)
-    .expect("the accounts' columns")
-    .n;
+    );
     assert_eq!(
         held, 1,
         "the migration's first ALTER committed before the last one gave up"
@@ -2462,18 +2455,11 @@ fn the_holds_migration_never_adopts_an_applications_table_or_column() {
                 .expect("pending"),
             "{round}: the migration is not recorded"
         );
-        #[derive(QueryableByName)]
-        struct Keys {
-            #[diesel(sql_type = BigInt)]
-            n: i64,
-        }
-        let keys = diesel::sql_query(
+        let keys = counted(
+            &mut admin,
             "SELECT COUNT(*) AS n FROM information_schema.TABLE_CONSTRAINTS \
              WHERE CONSTRAINT_SCHEMA = DATABASE() AND CONSTRAINT_NAME = 'balance_history_ended_hold'",
-        )
-        .get_result::<Keys>(&mut admin)
-        .expect("the constraints")
-        .n;
+        );
         assert_eq!(
             keys, 0,
             "{round}: no key of the journal points at the application's table"
@@ -2481,19 +2467,29 @@ fn the_holds_migration_never_adopts_an_applications_table_or_column() {
     }
 }
 
+/// The count `n` that `query` (a `SELECT COUNT(*) AS n ...`) answers.
+fn counted(conn: &mut MysqlConnection, query: &str) -> i64 {
+    diesel::sql_query(query)
+        .get_result::<Count>(conn)
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+        .n
+}
+
+/// A `COUNT(*) AS n`.
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
 /// Sessions of database `name` waiting for a table's metadata lock.
 fn waiting_for_metadata(conn: &mut MysqlConnection, name: &str) -> i64 {
-    #[derive(QueryableByName)]
-    struct Waiting {
-        #[diesel(sql_type = BigInt)]
-        n: i64,
-    }
     diesel::sql_query(
         "SELECT COUNT(*) AS n FROM information_schema.PROCESSLIST \
          WHERE DB = ? AND STATE = 'Waiting for table metadata lock'",
     )
     .bind::<diesel::sql_types::Text, _>(name)
-    .get_result::<Waiting>(conn)
+    .get_result::<Count>(conn)
     .expect("the process list")
     .n
 }
