@@ -419,13 +419,13 @@ impl<Req, Resp> Lane<Req, Resp> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CombinerStats {
-    /// Batches formed (one leader's run each): a batch answered from memory (a campaign known
-    /// to be sold out) counts without a transaction, and one the runner retried or a router ran
-    /// again counts once.
+    /// Batches formed (one leader's run each), counted as each is formed, before it runs: a
+    /// batch answered from memory (a campaign known to be sold out) counts without a
+    /// transaction, and one the runner retried or a router ran again counts once.
     pub batches: u64,
-    /// Requests answered through batches.
+    /// Requests answered through batches, counted as their batch answers them.
     pub requests: u64,
-    /// Largest batch so far.
+    /// Largest batch formed so far.
     pub largest_batch: usize,
     /// Requests waiting now, queued for a batch (not yet taken into one), over all keys.
     pub queued: usize,
@@ -786,6 +786,13 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             return;
         };
         trace_event!(batch = count, "running a combined batch");
+        {
+            // Counted as it is formed (a batch in flight is counted; its requests once they
+            // are answered).
+            let mut stats = lock(&self.stats);
+            stats.batches += 1;
+            stats.largest_batch = stats.largest_batch.max(count);
+        }
         // A panicking batch must still give the turn back and answer its callers, or every
         // later caller for this key would wait forever.
         let handoff = Rc::new(BatchHandoff {
@@ -901,12 +908,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 }
             }
         }
-        {
-            let mut stats = lock(&self.stats);
-            stats.batches += 1;
-            stats.requests += answered as u64;
-            stats.largest_batch = stats.largest_batch.max(count);
-        }
+        lock(&self.stats).requests += answered as u64;
         if let Some(panic) = panicked {
             std::panic::resume_unwind(panic);
         }

@@ -88,6 +88,41 @@ fn a_queued_caller_times_out_without_being_sent_and_the_lane_recovers() {
     );
 }
 
+/// A batch is counted as it is formed, while it runs; its requests once they are answered.
+#[test]
+fn a_running_batch_is_counted_and_its_requests_once_answered() {
+    let combiner = Arc::new(Doubler::new(8));
+    let (running, started_running) = std::sync::mpsc::channel::<()>();
+    let (finish, finished) = std::sync::mpsc::channel::<()>();
+    let batch = {
+        let combiner = combiner.clone();
+        thread::spawn(move || {
+            combiner.submit(0, 1, within(Duration::from_secs(10)), |_, requests, _| {
+                let _ = running.send(());
+                let _ = finished.recv_timeout(Duration::from_secs(10));
+                Ok(requests.into_iter().map(Ok).collect())
+            })
+        })
+    };
+    assert!(started_running
+        .recv_timeout(Duration::from_secs(10))
+        .is_ok());
+    let during = combiner.stats();
+    assert_eq!(
+        (during.batches, during.largest_batch, during.requests),
+        (1, 1, 0),
+        "{during:?}"
+    );
+    let _ = finish.send(());
+    assert!(matches!(batch.join().map_err(|_| ()), Ok(Ok(1))));
+    let after = combiner.stats();
+    assert_eq!(
+        (after.batches, after.largest_batch, after.requests),
+        (1, 1, 1),
+        "{after:?}"
+    );
+}
+
 /// The requests of one batch and the deadline it ran by.
 type Seen = (Vec<u64>, Deadline);
 

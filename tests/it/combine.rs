@@ -1283,8 +1283,16 @@ fn a_first_charge_keeps_its_keys_turn_until_its_call_ends() {
         let hot = hot.clone();
         thread::spawn(move || hot.charge(USER, Decimal::from(10), "first"))
     };
-    // The first call has found the account missing and is creating it, refused meanwhile.
-    thread::sleep(std::time::Duration::from_millis(300));
+    // The first call's batch runs (it is counted as it is formed): it finds the account
+    // missing and creates it, refused until the other program ends, attempt after attempt.
+    let formed = std::time::Instant::now();
+    while hot.stats().batches == 0 {
+        assert!(
+            formed.elapsed() < std::time::Duration::from_secs(5),
+            "the first call's batch never formed"
+        );
+        thread::sleep(std::time::Duration::from_millis(1));
+    }
     let second = {
         let hot = hot.clone();
         thread::spawn(move || hot.charge(USER, Decimal::from(5), "second"))
