@@ -292,8 +292,9 @@ impl RouterBuilder {
     /// # Errors
     /// [`Error::InvalidInput`] for no URLs, a URL given twice, two URLs that reach nodes with the
     /// same `wsrep_node_name`, a pool size of 0 or above [`MAX_POOL_SIZE`], a zero health
-    /// interval, or a probe policy whose deadline is zero (no probe or election could send
-    /// anything: no writer would ever be found);
+    /// interval, a probe policy whose deadline is zero (no probe or election could send
+    /// anything: no writer would ever be found), or a session policy whose deadline is zero
+    /// (its settings, applied to every new connection within that deadline, could never be);
     /// [`Error::Internal`] when a thread cannot be started.
     pub fn build(self) -> Result<Router> {
         let invalid = |problem| Error::InvalidInput {
@@ -319,6 +320,11 @@ impl RouterBuilder {
         }
         if self.probe_policy.retry.deadline.is_zero() {
             return Err(invalid("the probe policy's deadline must be positive"));
+        }
+        if self.session_policy.retry.deadline.is_zero() {
+            // Its settings are applied to every new connection within its deadline: none
+            // could ever be made, and every probe and call would time out.
+            return Err(invalid("the session policy's deadline must be positive"));
         }
         let probe_timeout = self
             .probe_policy

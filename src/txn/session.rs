@@ -134,9 +134,10 @@ pub(super) fn galera_node(conn: &mut MysqlConnection) -> Result<(bool, bool), Er
 /// while the mark stayed (nothing sent); [`Error::ConnectionBroken`] for a connection whose
 /// transaction state Diesel lost (a failed ROLLBACK); [`Error::Server`] when the server cannot be asked its
 /// version or refuses a setting; [`Error::ServerUnresponsive`] when it did not answer in time
-/// (the connection was shut down and marked broken); [`Error::Timeout`] (nothing sent) inside
-/// a lockstock call's body or a router's closure whose deadline has passed — applied inside
-/// one, by its deadline at the latest.
+/// (the connection was shut down and marked broken); [`Error::Timeout`] (nothing sent) for a
+/// policy whose deadline is zero, and inside a lockstock call's body or a router's closure
+/// whose deadline has passed — applied inside one, by its deadline at the latest. (As
+/// [`SessionSettings`] of a pool, a policy whose deadline is zero fails every new connection.)
 pub fn apply_session_settings(conn: &mut MysqlConnection, policy: &TxnPolicy) -> Result<(), Error> {
     super::transaction::ensure_no_open_transaction(conn)?;
     let deadline = within_enclosing(policy.retry.deadline)?;

@@ -2125,6 +2125,16 @@ fn a_router_probe_policy_without_time_is_refused() {
     refused_as_router_input(|builder| builder.probe_policy(probe));
 }
 
+/// A router whose session policy has a zero deadline could never apply its settings to a
+/// connection (every probe and pooled connection would time out, no writer would be found):
+/// it is refused when built. Before the fix it was built, and every write answered `Timeout`.
+#[test]
+fn a_router_session_policy_without_time_is_refused() {
+    let mut session = TxnPolicy::default();
+    session.retry.deadline = Duration::ZERO;
+    refused_as_router_input(|builder| builder.session_policy(session));
+}
+
 /// A panic of the caller's Diesel instrumentation inside one of lockstock's own statements
 /// (here right after START TRANSACTION ran: the transaction is open, lockstock's settings in
 /// place) marks the connection broken before the unwind goes on, so that no pool hands it out
