@@ -7,15 +7,17 @@
 //! The sale runs twice on campaigns of the same size with the same request order: first with
 //! one transaction per request (`CouponIssuer::issue`, each thread on its own connection), then
 //! combined (`CombiningIssuer` over a pool of 8), one line each and the speed-up (time until
-//! the last coupon was issued). The checks and the final `flash-sale:` line are those of the
-//! combined run, which the ledger threads run beside.
+//! the last coupon was issued). Both runs' campaigns are counted from the database and checked
+//! the same way; the summary and the final `flash-sale:` line are those of the combined run,
+//! which the ledger threads run beside.
 //!
 //! `make demo` or `cargo run --release --example flash_sale`
 //!
 //! Uses the throwaway MariaDB (or the server of `DATABASE_URL`); the example's own database
 //! `lockstock_flash_sale` is dropped and recreated on every run. `FLASH_SALE_SEED` replays a
-//! request order. Exits non-zero if issued != 1000, anything was over-issued, a user holds two
-//! coupons, or the ledger does not add up.
+//! request order. Exits non-zero if, in either run, issued != 1000, anything was over-issued, a
+//! user holds two coupons or the threads were answered other issues than the database holds,
+//! or if the ledger does not add up.
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
@@ -154,6 +156,9 @@ fn main() -> Result<(), BoxError> {
         stats.finish(started)
     };
     println!("{}", single.line("per-request"));
+    // Its campaign counted from the database, as the combined run's is below.
+    let single_counted = Counted::read(&mut conn, single_campaign.id, single_coupon.id)?;
+    println!("{:<12} {}", "", single_counted.line(single.stats.issued));
 
     // Combined: every thread through one CombiningIssuer; the ledger threads beside it.
     let pool = Pool::builder()
@@ -211,22 +216,14 @@ fn main() -> Result<(), BoxError> {
     let ledger_elapsed = started.elapsed();
 
     // ---- Counted from the database ----------------------------------------------------------
-    let rows: i64 = user_coupon::table
-        .filter(user_coupon::fcfs_coupon_id.eq(campaign.id))
-        .count()
-        .get_result(&mut conn)?;
-    let (total, stock): (i32, i32) = fcfs_coupon::table
-        .find(campaign.id)
-        .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
-        .first(&mut conn)?;
-    let duplicate_users = diesel::sql_query(
-        "SELECT COUNT(*) AS n FROM (SELECT user_id FROM user_coupon WHERE coupon_id = ? \
-         GROUP BY user_id HAVING COUNT(*) > 1) AS twice",
-    )
-    .bind::<BigInt, _>(coupon.id)
-    .get_result::<Count>(&mut conn)?
-    .n;
-    let over_issued = (rows - i64::from(total)).max(0);
+    let counted = Counted::read(&mut conn, campaign.id, coupon.id)?;
+    let Counted {
+        rows,
+        total,
+        stock,
+        duplicate_users,
+    } = counted;
+    let over_issued = counted.over_issued();
     let issued = rows;
 
     // ---- Ledger: audit every account, and money is conserved ---------------------------------
@@ -335,23 +332,8 @@ fn main() -> Result<(), BoxError> {
     );
 
     let mut problems = failures;
-    if issued != i64::from(STOCK) {
-        problems.push(format!("issued {issued}, expected {STOCK}"));
-    }
-    if over_issued != 0 || i64::from(stock) + rows != i64::from(total) || stock < 0 {
-        problems.push(format!(
-            "stock accounting: rows {rows} + stock {stock} vs total {total}"
-        ));
-    }
-    if duplicate_users != 0 {
-        problems.push(format!("{duplicate_users} users hold two coupons"));
-    }
-    if issue.issued != issued as u64 {
-        problems.push(format!(
-            "threads saw {} issued, the database holds {issued}",
-            issue.issued
-        ));
-    }
+    problems.extend(counted.problems("combined", issue.issued));
+    problems.extend(single_counted.problems("per-request", single.stats.issued));
     if others > 0 {
         problems.push(format!("{others} issue requests failed unexpectedly"));
     }
@@ -442,6 +424,95 @@ fn request_order(seed: u64) -> Vec<i64> {
 struct Count {
     #[diesel(sql_type = BigInt)]
     n: i64,
+}
+
+/// A campaign's coupons as the database holds them.
+#[derive(Clone, Copy)]
+struct Counted {
+    /// user_coupon rows of the campaign.
+    rows: i64,
+    total: i32,
+    stock: i32,
+    /// Users holding two or more coupons of the campaign's template.
+    duplicate_users: i64,
+}
+
+impl Counted {
+    fn read(
+        conn: &mut MysqlConnection,
+        campaign_id: i64,
+        coupon_id: i64,
+    ) -> Result<Self, BoxError> {
+        let rows: i64 = user_coupon::table
+            .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
+            .count()
+            .get_result(conn)?;
+        let (total, stock): (i32, i32) = fcfs_coupon::table
+            .find(campaign_id)
+            .select((fcfs_coupon::total_quantity, fcfs_coupon::stock_quantity))
+            .first(conn)?;
+        let duplicate_users = diesel::sql_query(
+            "SELECT COUNT(*) AS n FROM (SELECT user_id FROM user_coupon WHERE coupon_id = ? \
+             GROUP BY user_id HAVING COUNT(*) > 1) AS twice",
+        )
+        .bind::<BigInt, _>(coupon_id)
+        .get_result::<Count>(conn)?
+        .n;
+        Ok(Self {
+            rows,
+            total,
+            stock,
+            duplicate_users,
+        })
+    }
+
+    fn over_issued(&self) -> i64 {
+        (self.rows - i64::from(self.total)).max(0)
+    }
+
+    /// One line: the counts, against the issues the threads were answered (`seen`).
+    fn line(&self, seen: u64) -> String {
+        format!(
+            "from the database: {} rows (threads saw {seen} issued), stock {} + rows = {} of \
+             total {}, over-issued {}, users with two {}",
+            self.rows,
+            self.stock,
+            i64::from(self.stock) + self.rows,
+            self.total,
+            self.over_issued(),
+            self.duplicate_users
+        )
+    }
+
+    /// What is wrong with the `run`'s campaign, whose threads were answered `seen` issues.
+    fn problems(&self, run: &str, seen: u64) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.rows != i64::from(STOCK) {
+            problems.push(format!("{run} run: issued {}, expected {STOCK}", self.rows));
+        }
+        if self.over_issued() != 0
+            || i64::from(self.stock) + self.rows != i64::from(self.total)
+            || self.stock < 0
+        {
+            problems.push(format!(
+                "{run} run: stock accounting: rows {} + stock {} vs total {}",
+                self.rows, self.stock, self.total
+            ));
+        }
+        if self.duplicate_users != 0 {
+            problems.push(format!(
+                "{run} run: {} users hold two coupons",
+                self.duplicate_users
+            ));
+        }
+        if u64::try_from(self.rows).ok() != Some(seen) {
+            problems.push(format!(
+                "{run} run: threads saw {seen} issued, the database holds {}",
+                self.rows
+            ));
+        }
+        problems
+    }
 }
 
 #[derive(Default)]
