@@ -34,7 +34,10 @@ impl BalanceLedger {
     /// received transfer matches its sending entry and is that entry's only receiving entry (in
     /// any account), and every sent transfer has exactly one receiving entry, that every entry matches the request it recorded (its request hash,
     /// recomputed from the row: kind, account, amount and reference — a hold's from its expiry)
-    /// and carries its idempotency key where the call took one, and for holds: that every hold
+    /// and carries an idempotency key where the call took one (that a key is there, not which:
+    /// the key is not part of the request hash, so a key changed to another value by hand is
+    /// not found, and a retry under the old key would then apply again), and for holds: that
+    /// every hold
     /// has its hold entry, that every hold ended exactly once (an active hold by no entry; a
     /// captured, released or expired one by exactly one entry of that kind, for the captured
     /// amount or the hold's), that the stored `held` equals the active holds, and that the
@@ -143,7 +146,8 @@ impl BalanceLedger {
 /// hold an ending entry ends, a transfer's counterparty) equals the stored one, and every entry
 /// a caller asks for by key has its key. So a row relabelled (a deduct turned into a sent
 /// transfer), a hold's expiry moved, or a key removed (which would let a retry apply twice) is
-/// found, though the sums still agree.
+/// found, though the sums still agree. A key changed to another value is not: the request hash
+/// leaves the key out (it tells a key's requests apart).
 fn audit_records(rows: &[EntryRow], holds: &[Hold]) -> Vec<String> {
     let expiries: HashMap<i64, NaiveDateTime> = holds
         .iter()

@@ -2008,6 +2008,19 @@ impl Harness {
                 "ledger: balance {balance} != {INITIAL_BALANCE} - {deducted} deducted"
             ));
         }
+        // Every request deducts DEDUCT_AMOUNT: a stored amount of another size (with a
+        // balance that agrees with it) is as wrong as a missing row.
+        let wrong_amounts: i64 = balance_history::table
+            .filter(balance_history::user_id.eq(user_id))
+            .filter(balance_history::kind.eq("deduct"))
+            .filter(balance_history::amount.ne(DEDUCT_AMOUNT))
+            .count()
+            .get_result(conn)?;
+        if wrong_amounts > 0 {
+            violations.push(format!(
+                "ledger: {wrong_amounts} deduct rows of another amount than {DEDUCT_AMOUNT}"
+            ));
+        }
         if balance < Decimal::ZERO {
             violations.push(format!("ledger: negative balance {balance}"));
         }
@@ -2256,6 +2269,46 @@ impl Uncontended {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hot account whose deduct was stored with another amount than the request's — the
+    /// balance, `balance_after` and request hash agreeing with the stored amount, so that
+    /// `audit` and the balance check pass — is a violation. Before, only the balance against
+    /// the stored amounts and the number of rows were checked.
+    #[test]
+    fn a_deduct_stored_with_another_amount_is_a_violation() {
+        let mut harness =
+            Harness::new("testkit_strategies_amount").unwrap_or_else(|e| panic!("harness: {e}"));
+        let account = harness
+            .new_account()
+            .unwrap_or_else(|e| panic!("account: {e}"));
+        let entry = BalanceLedger::new()
+            .deduct(&mut harness.setup, account, DEDUCT_AMOUNT, "amount-1")
+            .unwrap_or_else(|e| panic!("deduct: {e}"));
+        let check = |harness: &mut Harness| {
+            harness
+                .check(Target::Account(account), &[entry.id], 0)
+                .unwrap_or_else(|e| panic!("check: {e}"))
+        };
+        assert_eq!(check(&mut harness), Vec::<String>::new());
+        let wrong = DEDUCT_AMOUNT * Decimal::from(2);
+        let hash =
+            lockstock::ledger::request_hash(lockstock::EntryKind::Deduct, account, wrong, None);
+        diesel::update(balance_history::table.find(entry.id))
+            .set((
+                balance_history::amount.eq(wrong),
+                balance_history::balance_after.eq(INITIAL_BALANCE - wrong),
+                balance_history::request_hash.eq(hash),
+            ))
+            .execute(&mut harness.setup)
+            .unwrap_or_else(|e| panic!("corrupt the entry: {e}"));
+        diesel::update(user_balance::table.find(account))
+            .set(user_balance::balance.eq(INITIAL_BALANCE - wrong))
+            .execute(&mut harness.setup)
+            .unwrap_or_else(|e| panic!("corrupt the balance: {e}"));
+        let found = check(&mut harness);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].contains("of another amount"), "{found:?}");
+    }
 
     /// A call answered `OutcomeUnknown` may have committed: the checks count it in doubt, as a
     /// stuck client's call, instead of reporting its row as a violation ("rows != successes").

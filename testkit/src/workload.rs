@@ -7,7 +7,8 @@
 //! definitive answer. The client records what it invoked and what it was told: ok (with the
 //! entry or coupon id), refused, unknown (given up after `OutcomeUnknown`) or lost (given up
 //! after a lost connection). [`verify`] then checks from the database that every ok was applied
-//! exactly once, every refusal never, every unknown at most once, money is conserved, no balance
+//! exactly once, every refusal never (and a refusal for the balance only where a balance of the
+//! account allowed it), every unknown at most once, money is conserved, no balance
 //! is negative, no coupon is over-issued or duplicated and every account passes `audit`. A
 //! ledger answer that says nothing was applied (a lost or broken connection, `Contended`,
 //! `Timeout`, `ServerUnresponsive`) with no unknown outcome before it is checked at once, before
@@ -976,6 +977,7 @@ pub fn verify_partial(
             ));
         }
     }
+    v.extend(impossible_balance_refusals(&journal, records));
     for row in &journal {
         if let Some(key) = row.5.as_deref() {
             if !key.starts_with("init-")
@@ -1095,6 +1097,57 @@ fn op_kind(op: &Op) -> &'static str {
     }
 }
 
+/// The largest balance an account can hold (DECIMAL(19,4)): a credit past it is refused
+/// `BalanceLimitExceeded`.
+const BALANCE_LIMIT: Decimal = Decimal::from_parts(0x89E7_FFFF, 0x8AC7_2304, 0, false, 4);
+
+/// The refusals of `records` that no balance of the account ever allowed. A deduct or transfer
+/// refused for want of funds needs a moment when the sender's balance was below its amount; a
+/// charge, or a transfer refused for the receiver's limit, one when the balance was within the
+/// amount of [`BALANCE_LIMIT`]. An account's balance at any moment after [`setup`] is one of
+/// its entries' `balance_after` (the workload places no holds: all of it is available), so a
+/// refusal for which no entry of the `journal` allows it was wrong — made on a stale balance,
+/// say. (A refund may be refused as beyond its deduct, which `execute` checks as it is
+/// answered.)
+fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Vec<String> {
+    let mut range: HashMap<i64, (Decimal, Decimal)> = HashMap::new();
+    for row in journal {
+        let after = row.4;
+        range
+            .entry(row.1)
+            .and_modify(|(low, high)| {
+                *low = (*low).min(after);
+                *high = (*high).max(after);
+            })
+            .or_insert((after, after));
+    }
+    // (lowest, highest) balance of an account.
+    let bounds = |user: i64| range.get(&user).copied().unwrap_or_default();
+    let short = |user: i64, amount: Decimal| bounds(user).0 < amount;
+    let full = |user: i64, amount: Decimal| {
+        bounds(user)
+            .1
+            .checked_add(amount)
+            .is_none_or(|after| after > BALANCE_LIMIT)
+    };
+    records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Refused)
+        .filter(|r| match r.op {
+            Op::Deduct { user, amount } => !short(user, amount),
+            Op::Transfer { from, to, amount } => !short(from, amount) && !full(to, amount),
+            Op::Charge { user, amount } => !full(user, amount),
+            Op::Refund { .. } | Op::Issue { .. } => false,
+        })
+        .map(|r| {
+            format!(
+                "{} {:?} was refused, but no balance the journal shows allowed the refusal",
+                r.key, r.op
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1105,6 +1158,128 @@ mod tests {
         let setup = setup(&mut conn, 1, 0, 1);
         let client = Client::new(&url, client.into(), 0, &setup, 1, &ErrorTexts::default());
         (conn, client)
+    }
+
+    /// A deduct, transfer or charge answered as refused for the balance, although no balance
+    /// the account ever had allowed that refusal (a refusal on a stale balance, say), is found
+    /// by `verify`; refusals that some balance allowed are not. Before the fix every such
+    /// refusal was taken on trust.
+    #[test]
+    fn a_balance_refusal_that_no_balance_allowed_is_found() {
+        let (_, mut conn) = crate::fixtures::fresh_database("testkit_workload_balance_refused");
+        let setup = setup(&mut conn, 2, 0, 1);
+        let ledger = BalanceLedger::new();
+        // Account 1 goes down to 400.00 and back (its lowest balance), account 2 stays at 1000.
+        for (amount, key) in [(-60_000, "dip"), (60_000, "back")] {
+            let amount = Decimal::new(amount, 2);
+            let applied = if amount.is_sign_negative() {
+                ledger.deduct(&mut conn, 1, -amount, key)
+            } else {
+                ledger.charge(&mut conn, 1, amount, key)
+            };
+            if let Err(e) = applied {
+                panic!("{key}: {e}");
+            }
+        }
+        let refused = |key: &str, op: Op| {
+            let mut record = Record::new(key.into(), op);
+            record.outcome = Outcome::Refused;
+            record.attempts = 1;
+            record
+        };
+        let cents = |c: i64| Decimal::new(c, 2);
+        let impossible = [
+            refused(
+                "lie-deduct",
+                Op::Deduct {
+                    user: 1,
+                    amount: cents(40_000),
+                },
+            ),
+            refused(
+                "lie-transfer",
+                Op::Transfer {
+                    from: 2,
+                    to: 1,
+                    amount: cents(100_000),
+                },
+            ),
+            refused(
+                "lie-charge",
+                Op::Charge {
+                    user: 2,
+                    amount: cents(100),
+                },
+            ),
+        ];
+        let possible = [
+            refused(
+                "true-deduct",
+                Op::Deduct {
+                    user: 1,
+                    amount: cents(40_001),
+                },
+            ),
+            refused(
+                "true-transfer",
+                Op::Transfer {
+                    from: 2,
+                    to: 1,
+                    amount: cents(100_001),
+                },
+            ),
+            refused(
+                "true-charge",
+                Op::Charge {
+                    user: 2,
+                    amount: BALANCE_LIMIT,
+                },
+            ),
+        ];
+        let mut records = vec![
+            applied_record(
+                "dip",
+                Op::Deduct {
+                    user: 1,
+                    amount: cents(60_000),
+                },
+                &mut conn,
+            ),
+            applied_record(
+                "back",
+                Op::Charge {
+                    user: 1,
+                    amount: cents(60_000),
+                },
+                &mut conn,
+            ),
+        ];
+        records.extend(possible);
+        assert_eq!(verify(&mut conn, &setup, &records), Vec::<String>::new());
+        records.extend(impossible);
+        let found = verify(&mut conn, &setup, &records);
+        assert_eq!(found.len(), 3, "{found:?}");
+        for key in ["lie-deduct", "lie-transfer", "lie-charge"] {
+            assert!(
+                found.iter().any(|f| f.starts_with(&format!("{key} "))),
+                "{key}: {found:?}"
+            );
+        }
+    }
+
+    /// The record of `op`, applied under `key` by the test itself: `Ok` with its entry.
+    fn applied_record(key: &str, op: Op, conn: &mut MysqlConnection) -> Record {
+        let user = op.key_owner();
+        let id: i64 = lockstock::schema::balance_history::table
+            .filter(lockstock::schema::balance_history::user_id.eq(user))
+            .filter(lockstock::schema::balance_history::idempotency_key.eq(key))
+            .select(lockstock::schema::balance_history::id)
+            .first(conn)
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        let mut record = Record::new(key.into(), op);
+        record.outcome = Outcome::Ok(id);
+        record.attempts = 1;
+        record
     }
 
     /// A refund refused as beyond its deduct while the deduct had room for it (a refusal made
