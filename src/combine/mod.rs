@@ -36,10 +36,11 @@
 //! the row as its holder commits, and a waiter that holds nothing cannot take part in a deadlock);
 //! a coupon batch, which holds the coupons it inserted, polls with NOWAIT (50 to 150 µs apart), so
 //! it never waits while holding rows. Between processes this raised a hot account's 4-process
-//! throughput from 0.43-0.53 to about 0.6 of one process's, and halved its p99 (see the README). At
-//! 64 clients the handoff halves the batches (about 31 requests instead of 54: the callers of one
-//! batch are still being answered when the next is formed) and raises the requests per second
-//! (coupons 40,000 to 44,000-50,000 on the machine of the README; see there). A prepared
+//! throughput from 0.43-0.53 to about 0.6 of one process's, and halved its p99 (see the README
+//! and `docs/performance-log.md`). At 64 clients the handoff halves the batches (about 31
+//! requests instead of 54: the callers of one batch are still being answered when the next is
+//! formed) and raises the requests per second (coupons 40,000 to 44,000-50,000 on the machine of
+//! the README; see there). A prepared
 //! transaction that its batch does not use (every request refused before a round trip) is rolled
 //! back before the connection goes back to the pool. A failed batch transaction is retried by the
 //! runner like any other; if it still fails before committing, every caller in it gets a copy of
