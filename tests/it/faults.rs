@@ -209,6 +209,7 @@ fn killed_connections_never_leave_partial_state() {
     for round in 0..ROUNDS {
         let stop = AtomicBool::new(false);
         records.extend(thread::scope(|s| {
+            let _stop_on_drop = crate::StopOnDrop(&stop);
             let mut victims = Vec::new();
             for v in 0..VICTIMS {
                 let (tx, rx) = mpsc::channel::<(i64, Duration, bool)>();
@@ -391,6 +392,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
     let kills = AtomicUsize::new(0);
     let history = Mutex::new(Vec::new());
     thread::scope(|s| {
+        let _stop_on_drop = crate::StopOnDrop(&stop);
         let killer = {
             let (url, stop, kills) = (&url, &stop, &kills);
             s.spawn(move || {
@@ -563,11 +565,59 @@ fn pool_and_combiner_recover_from_killed_connections() {
 /// Clients reconnect with backoff and retry with the same key. Afterwards every acknowledged
 /// operation is there exactly once, every refused one is not, money is conserved, no balance is
 /// negative, no coupon over-issued or duplicated, and every account audits.
+///
+/// MariaDB 10.11 itself has, rarely, found its InnoDB data corrupt after such a restart (seen
+/// twice in CI runs: "Index for table 'user_coupon' is corrupt" answered to clients, an
+/// assertion in `trx0purge.cc`, then a restart that aborts with "Data structure corruption").
+/// No statement a client sends can do that, and such a run cannot be checked: it is run once
+/// more on a fresh server (its error log printed), and a second such run fails the test.
 #[test]
 fn server_crashes_lose_no_acknowledged_operation() {
     let _storm = lockstock_testkit::fixtures::storm();
     let test = "server_crashes_lose_no_acknowledged_operation";
     let seed = seed(test);
+    if let Err(log) = crash_run(test, seed) {
+        eprintln!(
+            "{test}: InnoDB found its own data corrupt after a SIGKILL (a server fault, not a \
+             client's); running once more on a fresh server. The server's log:\n{log}"
+        );
+        if let Err(log) = crash_run(test, seed.wrapping_add(1)) {
+            panic!("{test}: InnoDB found its data corrupt after a SIGKILL again:\n{log}");
+        }
+    }
+}
+
+/// Whether the server's error log `tail` says that InnoDB found its own data corrupt.
+fn innodb_corruption(tail: &str) -> bool {
+    [
+        "is corrupt",
+        "Data structure corruption",
+        "InnoDB: Assertion failure",
+    ]
+    .iter()
+    .any(|sign| tail.contains(sign))
+}
+
+/// The signs of InnoDB's own corruption are those of the CI run that saw it (12-01, the lines
+/// as the server wrote them), and the messages of a healthy crash recovery are not among them.
+#[test]
+fn innodb_corruption_is_told_from_a_crash_recovery() {
+    let corrupt = "2026-12-01  3:05:54 20 [ERROR] mariadbd: Index for table 'user_coupon' is \
+                   corrupt; try to repair it\n\
+                   2026-12-01  3:05:55 0 [ERROR] InnoDB: Plugin initialization aborted with \
+                   error Data structure corruption";
+    let recovered = "2026-12-01  3:05:40 0 [Note] InnoDB: Starting crash recovery from \
+                     checkpoint LSN=44404\n\
+                     2026-12-01  3:05:40 0 [Note] InnoDB: End of log at LSN=2002063\n\
+                     2026-12-01  3:05:41 0 [Note] /usr/sbin/mariadbd: ready for connections.";
+    assert!(innodb_corruption(corrupt));
+    assert!(!innodb_corruption(recovered));
+}
+
+/// One run of [`server_crashes_lose_no_acknowledged_operation`]; `Err` with the server's error
+/// log where InnoDB found its own data corrupt (the run is not checked then).
+fn crash_run(test: &str, seed: u64) -> Result<(), String> {
+    const LOG_TAIL: u64 = 16 * 1024;
     let mut rng = Rng::new(seed);
     let mut sandbox = Sandbox::start().expect("a private sandbox");
     let url = sandbox.create_database("crash").expect("database");
@@ -583,7 +633,8 @@ fn server_crashes_lose_no_acknowledged_operation() {
     let started = Instant::now();
     let mut crashes = 0;
     let mut downtime = Duration::ZERO;
-    let records: Vec<Record> = thread::scope(|s| {
+    let (records, restarted) = thread::scope(|s| {
+        let _stop_on_drop = crate::StopOnDrop(&stop);
         let clients: Vec<_> = (0..CLIENTS)
             .map(|n| {
                 let seed = seed.wrapping_add(n as u64 + 1);
@@ -595,6 +646,7 @@ fn server_crashes_lose_no_acknowledged_operation() {
                 s.spawn(move || workload::run_client(&client, stop, &mut |_| true))
             })
             .collect();
+        let mut restarted = Ok(());
         loop {
             let done = match soak {
                 Some(soak) => started.elapsed() >= soak,
@@ -608,12 +660,24 @@ fn server_crashes_lose_no_acknowledged_operation() {
             let down = Instant::now();
             crashes += 1;
             thread::sleep(Duration::from_millis(rng.below(400)));
-            sandbox.restart().expect("restart after the crash");
+            restarted = sandbox.restart();
             downtime += down.elapsed();
+            if restarted.is_err() {
+                break;
+            }
         }
-        thread::sleep(Duration::from_millis(700));
-        stop_and_collect(&stop, clients)
+        if restarted.is_ok() {
+            thread::sleep(Duration::from_millis(700));
+        }
+        (stop_and_collect(&stop, clients), restarted)
     });
+    let log = sandbox.error_log_tail(LOG_TAIL);
+    if innodb_corruption(&log) {
+        return Err(log);
+    }
+    if let Err(e) = restarted {
+        panic!("{test}: restart after the crash: {e}\n{log}");
+    }
     let summary = Summary::of(&records);
     eprintln!(
         "{test}: {:?}, {crashes} crashes (SIGKILL + restart), {downtime:?} down; {summary}",
@@ -627,6 +691,7 @@ fn server_crashes_lose_no_acknowledged_operation() {
     assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
     assert!(crashes >= 4);
     assert!(summary.ok > 0 && summary.lost_answers > 0, "{summary}");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

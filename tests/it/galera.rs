@@ -272,16 +272,6 @@ fn migrated(cluster: &GaleraCluster, name: &str) -> Vec<String> {
     urls
 }
 
-/// Sets its flag when dropped: background clients of a test stop also when the test fails
-/// part-way (the cluster is shared: they would load every later test).
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Transactions of this node that lost certification or were aborted by a replicated write.
 fn conflicts(url: &str) -> u64 {
     let counter: Counter = diesel::sql_query(
@@ -542,7 +532,7 @@ fn combined_calls(
 ) -> Vec<Call> {
     const CLIENTS: usize = 2;
     let stop = Arc::new(AtomicBool::new(false));
-    let _stop_on_drop = StopOnDrop(stop.clone());
+    let _stop_on_drop = crate::StopOnDrop(&stop);
     let (sender, answered) = mpsc::channel::<Vec<Call>>();
     for (node, url) in urls.iter().enumerate() {
         let policy = ledger.policy().clone();
@@ -801,7 +791,7 @@ fn galera_paused_node_call_returns_by_deadline() {
     // Clients running when the pause comes: one on node 2 (until its first failure: a new
     // connection to a paused node would hang), one on node 0 (reconnecting after a failure).
     let stop = Arc::new(AtomicBool::new(false));
-    let _stop_on_drop = StopOnDrop(stop.clone());
+    let _stop_on_drop = crate::StopOnDrop(&stop);
     let (sender, answered) = mpsc::channel::<Vec<Call>>();
     for node in [2, 0] {
         let (ledger, issuer, stop, sender) =
@@ -1177,7 +1167,7 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
         .expect("tables");
 
     let stop = Arc::new(AtomicBool::new(false));
-    let _stop_on_drop = StopOnDrop(stop.clone());
+    let _stop_on_drop = crate::StopOnDrop(&stop);
     let (sender, controls) = mpsc::channel::<i64>();
     let mut hammers = Vec::new();
     // Two controls on node 1 and one on node 0 (the runner's node): each node's commits abort

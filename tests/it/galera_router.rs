@@ -399,6 +399,7 @@ fn load(
         .map(|router| CombiningIssuer::routed(router.clone(), CouponIssuer::new()))
         .collect();
     thread::scope(|s| {
+        let _stop_on_drop = crate::StopOnDrop(&stop);
         let clients: Vec<_> = (0..routers.len() * per_router)
             .map(|n| {
                 let (router, hot) = (&routers[n % routers.len()], &issuers[n % routers.len()]);
@@ -1284,6 +1285,7 @@ fn galera_router_fails_over_from_a_writer_whose_new_connections_hang() {
     let started = Instant::now();
     let stop = AtomicBool::new(false);
     let (answer, reads) = thread::scope(|scope| {
+        let _stop_on_drop = crate::StopOnDrop(&stop);
         let reader = scope.spawn(|| {
             let mut reads = 0u32;
             while !stop.load(Ordering::SeqCst) {

@@ -625,6 +625,7 @@ fn thirty_two_threads_hold_capture_and_release_on_one_account() {
     let stop = AtomicBool::new(false);
     let samples = AtomicUsize::new(0);
     let outcomes = thread::scope(|s| {
+        let _stop_on_drop = crate::StopOnDrop(&stop);
         let sampler = s.spawn(|| {
             let mut conn = connect(&url);
             while !stop.load(Ordering::Relaxed) {
@@ -725,6 +726,7 @@ fn captures_racing_expiry_end_each_hold_once() {
     let seed = seed("captures_racing_expiry_end_each_hold_once");
     let done = AtomicBool::new(false);
     let (answers, swept) = thread::scope(|s| {
+        let _stop_on_drop = crate::StopOnDrop(&done);
         let sweepers: Vec<_> = (0..2)
             .map(|_| {
                 s.spawn(|| {

@@ -102,3 +102,44 @@ fn waits_for_row_lock(admin: &mut diesel::MysqlConnection, id: i64) -> bool {
     .expect("INNODB_TRX")
     .n > 0
 }
+
+/// Sets its flag when dropped: created inside a `thread::scope` closure whose threads run until
+/// the flag is set, it stops them also when the closure panics (the scope waits for its threads
+/// before the panic goes on: without it a failed step — a server that does not come back — left
+/// the threads running and the test hanging for ever).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A `thread::scope` closure that panics with [`StopOnDrop`] in it stops its threads, and the
+/// panic comes out of the scope; without the guard (as the crash test was when its restarted
+/// server failed to start) the scope waits for them for ever.
+#[test]
+fn a_scope_that_panics_stops_its_threads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let stop = AtomicBool::new(false);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::thread::scope(|s| {
+                let _stop_on_drop = StopOnDrop(&stop);
+                s.spawn(|| {
+                    while !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                });
+                panic!("a step of the test failed");
+            })
+        }));
+        let _ = done.send(outcome.is_err());
+    });
+    assert_eq!(
+        ended.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(true),
+        "the scope did not end with the panic"
+    );
+}
