@@ -1756,7 +1756,12 @@ fn a_generic_batch_that_commits_twice_holds_its_key_until_it_returns() {
         });
         let second = s.spawn(|| {
             let conn = Mutex::new(connect(&url));
+            let waiting = Instant::now();
             while !first_committed.load(Ordering::SeqCst) {
+                assert!(
+                    waiting.elapsed() < Duration::from_secs(20),
+                    "the first batch never committed"
+                );
                 thread::sleep(Duration::from_millis(1));
             }
             combiner.submit(1, 2, deadline(), |_, requests, deadline| {
@@ -1809,7 +1814,12 @@ fn a_combined_call_inside_a_body_waits_no_longer_than_the_enclosing_deadline() {
                 },
             )
         });
+        let waiting = Instant::now();
         while !holding.load(Ordering::SeqCst) {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(20),
+                "the holding batch never ran"
+            );
             thread::sleep(Duration::from_millis(1));
         }
         let started = Instant::now();

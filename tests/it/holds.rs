@@ -766,7 +766,12 @@ fn captures_racing_expiry_end_each_hold_once() {
             answers
         });
         // Past the expiry (the server's clock decides): sweep until nothing is active.
+        let waiting = std::time::Instant::now();
         while ledger.balance(&mut conn, USER).expect("balance").held > Decimal::ZERO {
+            assert!(
+                waiting.elapsed() < StdDuration::from_secs(60),
+                "holds still active a minute after their expiry"
+            );
             thread::sleep(StdDuration::from_millis(50));
         }
         while !ledger

@@ -226,6 +226,7 @@ fn silent_server_pause_under_load_answers_are_true() {
     let stop = AtomicBool::new(false);
     let (done_tx, done_rx) = mpsc::channel::<Vec<Record>>();
     let records: Vec<Record> = thread::scope(|s| {
+        let _stop_on_drop = crate::StopOnDrop(&stop);
         for thread in 0..THREADS {
             let (done_tx, stop, url) = (done_tx.clone(), &stop, url.as_str());
             let (ledger, issuer, campaign) = (&ledger, &issuer, &campaign);
