@@ -1106,9 +1106,10 @@ const BALANCE_LIMIT: Decimal = Decimal::from_parts(0x89E7_FFFF, 0x8AC7_2304, 0, 
 /// charge, or a transfer refused for the receiver's limit, one when the balance was within the
 /// amount of [`BALANCE_LIMIT`]. An account's balance at any moment after [`setup`] is one of
 /// its entries' `balance_after` (the workload places no holds: all of it is available), so a
-/// refusal for which no entry of the `journal` allows it was wrong — made on a stale balance,
-/// say. (A refund may be refused as beyond its deduct, which `execute` checks as it is
-/// answered.)
+/// refusal for which no entry of the `journal` allows it was made on a balance the account never
+/// had. (A refusal on a stale balance — one the account had earlier — is not found this way:
+/// only a balance below every one of the account's is. A refund may be refused as beyond its
+/// deduct, which `execute` checks as it is answered.)
 fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Vec<String> {
     let mut range: HashMap<i64, (Decimal, Decimal)> = HashMap::new();
     for row in journal {
@@ -1161,9 +1162,8 @@ mod tests {
     }
 
     /// A deduct, transfer or charge answered as refused for the balance, although no balance
-    /// the account ever had allowed that refusal (a refusal on a stale balance, say), is found
-    /// by `verify`; refusals that some balance allowed are not. Before the fix every such
-    /// refusal was taken on trust.
+    /// the account ever had allowed that refusal, is found by `verify`; refusals that some
+    /// balance allowed are not. Before the fix every such refusal was taken on trust.
     #[test]
     fn a_balance_refusal_that_no_balance_allowed_is_found() {
         let (_, mut conn) = crate::fixtures::fresh_database("testkit_workload_balance_refused");
