@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Barrier, Mutex};
+use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -874,12 +874,13 @@ fn negative_control_unlocked_deducts_lose_updates() {
     }
     const THREADS: usize = 8;
     const ROUNDS: usize = 5;
-    let barrier = Barrier::new(THREADS);
+    let barrier = crate::Gate::new(THREADS);
     let (unlocked_ok, locked_ok) = thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (url, barrier, ledger) = (&url, &barrier, &ledger);
                 s.spawn(move || {
+                    let _party = barrier.party();
                     let mut conn = connect(url);
                     conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                         .expect("isolation");
@@ -953,11 +954,12 @@ fn negative_control_unlocked_issue_over_issues() {
     let (_coupon, campaign) = open_campaign_named(&mut conn, &issuer, "control", 5);
     // 16 requests: users 1..=15, and user 1 asks twice.
     const THREADS: usize = 16;
-    let barrier = Barrier::new(THREADS);
+    let barrier = crate::Gate::new(THREADS);
     thread::scope(|s| {
         for t in 0..THREADS {
             let (url, barrier, issuer) = (&url, &barrier, &issuer);
             s.spawn(move || {
+                let _party = barrier.party();
                 let user = (t as i64 % 15) + 1;
                 let mut conn = connect(url);
                 barrier.wait();

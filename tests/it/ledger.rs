@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -251,12 +251,15 @@ fn bank_transfers_conserve_money_under_a_snapshot_reader() {
         })
     };
 
-    let barrier = Arc::new(Barrier::new(WRITERS));
+    let barrier = Arc::new(crate::Gate::new(WRITERS));
+    // The snapshot reader stops also when a writer fails.
+    let _stop_reader = crate::StopOnDrop(&done);
     let writers: Vec<_> = (0..WRITERS)
         .map(|t| {
             let (url, ledger, barrier) = (url.clone(), ledger.clone(), barrier.clone());
             let mut rng = Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9));
             thread::spawn(move || {
+                let _party = barrier.party();
                 let mut conn = connect(&url);
                 barrier.wait();
                 let (mut ok, mut refused, mut contended) = (0u64, 0u64, 0u64);

@@ -143,3 +143,99 @@ fn a_scope_that_panics_stops_its_threads() {
         "the scope did not end with the panic"
     );
 }
+
+/// A barrier that a failing party breaks: a party whose thread panics (holding the guard of
+/// [`party`](Gate::party)) wakes the others, which then panic too instead of waiting for it for
+/// ever (`std::sync::Barrier` waits for ever for a party that never comes).
+struct Gate {
+    parties: usize,
+    /// (parties arrived in this generation, generation, broken)
+    state: std::sync::Mutex<(usize, u64, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn new(parties: usize) -> Self {
+        Self {
+            parties,
+            state: std::sync::Mutex::new((0, 0, false)),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, u64, bool)> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until every party has come (panics if one failed instead).
+    fn wait(&self) {
+        let mut state = self.lock();
+        assert!(!state.2, "another party of the gate failed");
+        state.0 += 1;
+        if state.0 == self.parties {
+            state.0 = 0;
+            state.1 += 1;
+            self.changed.notify_all();
+            return;
+        }
+        let generation = state.1;
+        while state.1 == generation && !state.2 {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        assert!(!state.2, "another party of the gate failed");
+    }
+
+    /// The calling thread's membership: breaks the gate if the thread panics while holding it.
+    fn party(&self) -> GateParty<'_> {
+        GateParty(self)
+    }
+}
+
+/// See [`Gate::party`].
+struct GateParty<'a>(&'a Gate);
+
+impl Drop for GateParty<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().2 = true;
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+/// A party of a [`Gate`] that fails before the others come breaks it: they panic instead of
+/// waiting for ever.
+#[test]
+fn a_gate_whose_party_fails_lets_the_others_go() {
+    let gate = Gate::new(3);
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let failed = std::thread::scope(|s| {
+            let waiting: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let _party = gate.party();
+                        gate.wait();
+                    })
+                })
+                .collect();
+            let failing = s.spawn(|| {
+                let _party = gate.party();
+                panic!("a step before the gate failed");
+            });
+            let failing = failing.join().is_err();
+            failing && waiting.into_iter().all(|w| w.join().is_err())
+        });
+        let _ = done.send(failed);
+    });
+    assert_eq!(
+        ended.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(true),
+        "the other parties did not come out of the gate"
+    );
+}
