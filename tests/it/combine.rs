@@ -997,6 +997,9 @@ fn a_batch_that_fails_to_answer_after_its_commit_answers_outcome_unknown() {
         }
     };
     let (first, leader, follower) = thread::scope(|s| {
+        // Dropped as the closure ends, also by a panic (a caller that never queued): the first
+        // batch is released then, and the scope does not wait for it for ever.
+        let release = release;
         let first = s.spawn(|| {
             combiner.submit(1, 2, deadline(), |_, requests, deadline| {
                 entered.wait();
@@ -1217,7 +1220,12 @@ fn a_lost_connection_does_not_leave_another_leader_waiting_for_the_pool() {
         thread::spawn(move || combined.deduct(1, Decimal::new(1, 0), "first"))
     };
     // The pool's connection: the one session on this database that is not the test's.
+    let looking = std::time::Instant::now();
     let pooled = loop {
+        assert!(
+            looking.elapsed() < std::time::Duration::from_secs(20),
+            "the pool's connection never showed"
+        );
         let rows: Vec<Pid> = diesel::sql_query(
             "SELECT CAST(ID AS SIGNED) AS id FROM information_schema.PROCESSLIST \
              WHERE DB = DATABASE()",
