@@ -617,7 +617,7 @@ fn innodb_corruption_is_told_from_a_crash_recovery() {
 /// One run of [`server_crashes_lose_no_acknowledged_operation`]; `Err` with the server's error
 /// log where InnoDB found its own data corrupt (the run is not checked then).
 fn crash_run(test: &str, seed: u64) -> Result<(), String> {
-    const LOG_TAIL: u64 = 16 * 1024;
+    const LOG_TAIL: u64 = 64 * 1024;
     let mut rng = Rng::new(seed);
     let mut sandbox = Sandbox::start().expect("a private sandbox");
     let url = sandbox.create_database("crash").expect("database");
