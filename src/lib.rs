@@ -22,7 +22,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Your own server: MysqlConnection::establish("mysql://app@db/shop"). Here: $DATABASE_URL,
-//! // or a throwaway MariaDB that lockstock starts (and removes) itself.
+//! // or a throwaway MariaDB that lockstock-testkit starts (and removes) itself.
 //! let url = lockstock_testkit::database_url("doc_crate")?;
 //! let mut conn = MysqlConnection::establish(&url)?;
 //! # use diesel::connection::SimpleConnection;
@@ -67,6 +67,11 @@ macro_rules! trace_event {
         tracing::debug!($($arg)*);
     };
 }
+
+// The README's Rust blocks are compiled by `cargo test --doc` (not part of the documentation).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 pub mod combine;
 pub mod coupon;

@@ -536,9 +536,9 @@ pub enum Error {
     /// alike: a call on it answers this error with a
     /// [`ServerErrorKind::NodeNotReady`] source (nothing was applied); retry on a connection
     /// to another node.
-    #[error("rollback failed; the connection is broken and must not be reused")]
+    #[error("the connection is broken (a rollback failed, or it was found lost or cut off before) and must not be reused")]
     ConnectionBroken {
-        /// Why the rollback failed.
+        /// Why: the failed rollback's error, or the failure that marked the connection broken.
         #[source]
         source: ServerError,
     },
