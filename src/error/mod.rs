@@ -552,8 +552,9 @@ pub enum Error {
         /// What went wrong.
         reason: Arc<str>,
     },
-    /// Any other server or Diesel failure. Nothing was committed.
-    #[error("database error")]
+    /// Any other server or Diesel failure. Nothing was committed. Displayed with the server's
+    /// kind and message (as `source()` also gives them).
+    #[error("database error: {0}")]
     Server(#[source] ServerError),
     /// Running the migrations failed.
     #[error("migration failed: {0}")]

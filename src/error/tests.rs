@@ -490,3 +490,18 @@ fn server_error_code_is_the_number_of_its_text() {
         (ConnectionLost, None)
     );
 }
+
+/// A server failure says what the server said, not only "database error" (a caller printing the
+/// error with `{}` saw only that before, the reason being in `source()` alone).
+#[test]
+fn a_server_error_displays_the_servers_message() {
+    let error = Error::Server(ServerError::new(unknown(
+        "Table 'shop.user_balance' doesn't exist",
+    )));
+    let text = error.to_string();
+    assert!(
+        text.starts_with("database error: ")
+            && text.ends_with("Table 'shop.user_balance' doesn't exist"),
+        "{text}"
+    );
+}

@@ -511,6 +511,13 @@ mod tests {
             "{}",
             with_sources(&server)
         );
+        // The server's message once, though the error's own text now carries it too.
+        assert_eq!(
+            with_sources(&server).matches("Access denied").count(),
+            1,
+            "{}",
+            with_sources(&server)
+        );
         assert_eq!(
             with_sources(&Error::NotReplicated),
             Error::NotReplicated.to_string()
