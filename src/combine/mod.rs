@@ -94,6 +94,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -436,7 +437,7 @@ pub struct CombinerStats {
 pub struct Combiner<K, Req, Resp> {
     lanes: Mutex<HashMap<K, Lane<Req, Resp>>>,
     max_batch: usize,
-    stats: Mutex<CombinerStats>,
+    counts: Counts,
     /// When idle lanes were last swept out (a lane that remembers a linger stays after its last
     /// batch, and its key may never come again). Taken under `lanes`' lock.
     swept_at: Mutex<Instant>,
@@ -451,17 +452,27 @@ impl<K, Req, Resp> std::fmt::Debug for Combiner<K, Req, Resp> {
     }
 }
 
+/// The counters behind [`CombinerStats`]: atomics, so that a leader counts its batch without a
+/// lock.
+#[derive(Default)]
+struct Counts {
+    batches: AtomicU64,
+    requests: AtomicU64,
+    largest_batch: AtomicUsize,
+}
+
 impl<K, Req, Resp> Combiner<K, Req, Resp> {
-    /// The statistics now, with the requests queued (the lanes' lock is let go before the
-    /// statistics' is taken).
+    /// The statistics now, with the requests queued.
     fn snapshot(&self) -> CombinerStats {
         let queued = lock(&self.lanes)
             .values()
             .map(|lane| lane.queue.len())
             .sum();
         CombinerStats {
+            batches: self.counts.batches.load(Ordering::Relaxed),
+            requests: self.counts.requests.load(Ordering::Relaxed),
+            largest_batch: self.counts.largest_batch.load(Ordering::Relaxed),
             queued,
-            ..*lock(&self.stats)
         }
     }
 }
@@ -472,7 +483,7 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
         Self {
             lanes: Mutex::new(HashMap::new()),
             max_batch: max_batch.max(1),
-            stats: Mutex::new(CombinerStats::default()),
+            counts: Counts::default(),
             swept_at: Mutex::new(Instant::now()),
         }
     }
@@ -787,13 +798,12 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
             return;
         };
         trace_event!(batch = count, "running a combined batch");
-        {
-            // Counted as it is formed (a batch in flight is counted; its requests once they
-            // are answered).
-            let mut stats = lock(&self.stats);
-            stats.batches += 1;
-            stats.largest_batch = stats.largest_batch.max(count);
-        }
+        // Counted as it is formed (a batch in flight is counted; its requests once they are
+        // answered).
+        self.counts.batches.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .largest_batch
+            .fetch_max(count, Ordering::Relaxed);
         // A panicking batch must still give the turn back and answer its callers, or every
         // later caller for this key would wait forever.
         let handoff = Rc::new(BatchHandoff {
@@ -909,7 +919,9 @@ impl<K: Eq + Hash + Clone, Req, Resp> Combiner<K, Req, Resp> {
                 }
             }
         }
-        lock(&self.stats).requests += answered as u64;
+        self.counts
+            .requests
+            .fetch_add(answered as u64, Ordering::Relaxed);
         if let Some(panic) = panicked {
             std::panic::resume_unwind(panic);
         }

@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::{Connection, MysqlConnection};
+use lockstock::ledger::MAX_AMOUNT;
 use lockstock::schema::user_coupon;
 use lockstock::{BalanceLedger, CouponIssuer, Error, ServerErrorKind};
 use rust_decimal::Decimal;
@@ -1097,14 +1098,11 @@ fn op_kind(op: &Op) -> &'static str {
     }
 }
 
-/// The largest balance an account can hold (DECIMAL(19,4)): a credit past it is refused
-/// `BalanceLimitExceeded`.
-const BALANCE_LIMIT: Decimal = Decimal::from_parts(0x89E7_FFFF, 0x8AC7_2304, 0, false, 4);
-
 /// The refusals of `records` that no balance of the account ever allowed. A deduct or transfer
 /// refused for want of funds needs a moment when the sender's balance was below its amount; a
 /// charge, or a transfer refused for the receiver's limit, one when the balance was within the
-/// amount of [`BALANCE_LIMIT`]. An account's balance at any moment after [`setup`] is one of
+/// amount of [`MAX_AMOUNT`] (the largest balance too: a credit past it is refused
+/// `BalanceLimitExceeded`). An account's balance at any moment after [`setup`] is one of
 /// its entries' `balance_after` (the workload places no holds: all of it is available), so a
 /// refusal for which no entry of the `journal` allows it was made on a balance the account never
 /// had. (A refusal on a stale balance — one the account had earlier — is not found this way:
@@ -1129,7 +1127,7 @@ fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Ve
         bounds(user)
             .1
             .checked_add(amount)
-            .is_none_or(|after| after > BALANCE_LIMIT)
+            .is_none_or(|after| after > MAX_AMOUNT)
     };
     records
         .iter()
@@ -1232,7 +1230,7 @@ mod tests {
                 "true-charge",
                 Op::Charge {
                     user: 2,
-                    amount: BALANCE_LIMIT,
+                    amount: MAX_AMOUNT,
                 },
             ),
         ];
