@@ -484,16 +484,34 @@ impl BalanceLedger {
         deadline: Deadline,
         results: &mut Vec<Option<Result<Entry>>>,
     ) -> Result<()> {
-        let holds = self.ended_holds(conn, ops, deadline)?;
+        // Only the holds of the requests it sends: one refused before sending (its input, or
+        // the account id) reads nothing, as its single call reads nothing.
+        let sent: Vec<&AccountOp> = ops
+            .iter()
+            .zip(before)
+            .filter(|(_, before)| !matches!(before, BeforeSending::Refused(_)))
+            .map(|(op, _)| op)
+            .collect();
+        let holds = self.ended_holds(conn, &sent, deadline)?;
         let mut requests: Vec<Request<'_>> = Vec::with_capacity(ops.len());
         let holds: HashMap<i64, &Hold> = holds.iter().map(|hold| (hold.id, hold)).collect();
         // A request answered already: never decided, never written.
         let answered = || Request::plain(EntryKind::Charge, user_id, Decimal::ZERO, "");
         for (op, before) in ops.iter().zip(before) {
-            if let BeforeSending::Answered(answer) = before {
-                results.push(Some(answer.clone()));
-                requests.push(answered());
-                continue;
+            match before {
+                BeforeSending::Answered(answer) => {
+                    results.push(Some(answer.clone()));
+                    requests.push(answered());
+                    continue;
+                }
+                // What its single call answers before sending anything, whatever the read of
+                // the holds finds.
+                BeforeSending::Refused(refusal) => {
+                    results.push(Some(Err(refusal.clone())));
+                    requests.push(answered());
+                    continue;
+                }
+                _ => {}
             }
             let hold = op.hold_id().and_then(|id| holds.get(&id).copied());
             let request = check_ending(op)
@@ -708,12 +726,12 @@ impl BalanceLedger {
     fn ended_holds(
         &self,
         conn: &mut MysqlConnection,
-        ops: &[AccountOp],
+        ops: &[&AccountOp],
         deadline: Deadline,
     ) -> Result<Vec<Hold>> {
         let mut ids: Vec<i64> = ops
             .iter()
-            .filter_map(AccountOp::hold_id)
+            .filter_map(|op| op.hold_id())
             .filter(|id| *id > 0)
             .collect();
         ids.sort_unstable();

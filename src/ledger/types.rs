@@ -408,11 +408,16 @@ impl AccountOp {
     /// expiry judged against the caller's clock reading `now`.
     pub(crate) fn before_sending(&self, user_id: i64, now: NaiveDateTime) -> BeforeSending<'_> {
         let checked = match self {
+            // The account first, as every other op checks its user id first: a batch on an
+            // account that cannot exist refuses its captures and releases before sending
+            // anything, as it refuses its charges.
             Self::Capture { .. } | Self::Release { .. } => {
-                return match super::check_ending(self) {
+                let checked = crate::validate::validate_id("user", user_id)
+                    .and_then(|()| super::check_ending(self));
+                return match checked {
                     Ok(()) => BeforeSending::Send,
                     Err(refusal) => BeforeSending::Refused(refusal),
-                }
+                };
             }
             _ => self
                 .request(user_id, None)

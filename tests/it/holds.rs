@@ -513,6 +513,25 @@ fn bad_hold_inputs_are_typed_and_change_nothing() {
         ledger.hold_status(&mut conn, -1),
         Err(Error::InvalidId { what: "hold", .. })
     ));
+    // A batch on an account that cannot exist refuses its captures and releases as it refuses
+    // its charges: the account id, before anything is sent (not `HoldNotFound` after a read).
+    for account in [0, -1, i64::MIN] {
+        let ops = [
+            AccountOp::capture(hold.id, dec(1), "c"),
+            AccountOp::release(hold.id, "r"),
+            AccountOp::charge(dec(1), "x"),
+        ];
+        let answers = ledger
+            .apply_many(&mut conn, account, &ops)
+            .expect("answered per request");
+        assert_eq!(answers.len(), ops.len());
+        for (op, answer) in ops.iter().zip(answers) {
+            assert!(
+                matches!(answer, Err(Error::InvalidId { what: "user", id }) if id == account),
+                "{op:?} on account {account}: {answer:?}"
+            );
+        }
+    }
     assert_eq!(
         snapshot(&mut conn),
         before,
