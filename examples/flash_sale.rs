@@ -32,8 +32,8 @@ use diesel::dsl::sum;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::sql_types::BigInt;
-use lockstock::combine::CombiningIssuer;
 use lockstock::schema::{fcfs_coupon, user_balance, user_coupon};
+use lockstock::CombiningIssuer;
 use lockstock::{
     BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, SessionSettings,
     TxnPolicy,

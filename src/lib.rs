@@ -49,7 +49,7 @@
 //! # }
 //! ```
 //!
-//! Hot rows: [`combine::CombiningIssuer`] and [`combine::CombiningLedger`] combine concurrent
+//! Hot rows: [`CombiningIssuer`] and [`CombiningLedger`] (in [`combine`]) combine concurrent
 //! requests for one campaign or account into one transaction over an r2d2 pool. Tests and
 //! examples: the `lockstock-testkit` crate starts a private MariaDB.
 #![warn(
@@ -85,6 +85,7 @@ pub mod txn;
 mod util;
 mod validate;
 
+pub use combine::{CombinerStats, CombiningIssuer, CombiningLedger};
 pub use coupon::{
     Campaign, Coupon, CouponIssuer, CouponStatus, Discount, IssuedCoupon, NewCampaign, NewCoupon,
 };

@@ -173,7 +173,10 @@ pub(crate) struct BalanceRow {
 
 impl BalanceRow {
     /// The balance with `unexpired` (the active holds not yet expired) held.
-    pub(crate) fn with_unexpired(self, unexpired: Decimal) -> Balance {
+    pub(crate) fn with_unexpired(self, mut unexpired: Decimal) -> Balance {
+        // As many places as the balance (the column's): a sum, or zero without holds, prints
+        // alike then. Exact: amounts have at most the column's places.
+        unexpired.rescale(self.balance.scale().max(unexpired.scale()));
         Balance {
             user_id: self.user_id,
             balance: self.balance,

@@ -986,6 +986,12 @@ fn history_pages_newest_first_without_gaps() {
     let balance = ledger.balance(&mut conn, USER).expect("balance");
     assert_eq!(balance.balance, all[0].balance_after);
     assert_eq!(balance.version, 25);
+    // Printed alike, with or without holds: the column's four places (not `0` beside
+    // `0.0000`).
+    assert_eq!(
+        (balance.held.to_string(), balance.available.scale()),
+        ("0.0000".to_string(), balance.balance.scale())
+    );
 
     match ledger.balance(&mut conn, 4242) {
         Err(Error::AccountNotFound { user_id: 4242 }) => {}
