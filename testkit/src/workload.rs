@@ -386,14 +386,15 @@ impl FromStr for Record {
 }
 
 /// A new connection, retried with exponential backoff (the server may be down); `None` after
-/// `OP_BUDGET` (90 s).
-pub fn connect_with_backoff(url: &str) -> Option<MysqlConnection> {
+/// `OP_BUDGET` (90 s), or once `stop` is set (a run that ends — or a test that failed — does
+/// not wait for a server that stays down).
+pub fn connect_with_backoff(url: &str, stop: &AtomicBool) -> Option<MysqlConnection> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {
         match MysqlConnection::establish(url) {
             Ok(conn) => return Some(conn),
-            Err(_) if started.elapsed() < OP_BUDGET => {
+            Err(_) if started.elapsed() < OP_BUDGET && !stop.load(Ordering::Relaxed) => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(100));
             }
@@ -497,7 +498,7 @@ pub fn run_client(
             }
         };
         let record = execute(
-            client,
+            (client, stop),
             &mut |c: &mut MysqlConnection, key: &str, op: &Op| call(&ledger, &issuer, c, key, op),
             &mut conn,
             &mut rng,
@@ -519,7 +520,7 @@ type Call<'a> = dyn FnMut(&mut MysqlConnection, &str, &Op) -> Result<i64, Error>
 
 /// Calls `op` (through `call`) until it gets a definitive answer (or is given up on purpose).
 fn execute(
-    client: &Client,
+    (client, stop): (&Client, &AtomicBool),
     call: &mut Call<'_>,
     conn: &mut Option<MysqlConnection>,
     rng: &mut Rng,
@@ -546,10 +547,15 @@ fn execute(
             return record;
         }
         if conn.is_none() {
-            *conn = connect_with_backoff(&client.url);
+            *conn = connect_with_backoff(&client.url, stop);
         }
         let Some(c) = conn.as_mut() else {
             record.lost += 1;
+            if stop.load(Ordering::Relaxed) {
+                // No connection and the run is over: given up, as after the budget.
+                record.outcome = given_up(&record);
+                return record;
+            }
             continue;
         };
         if let Some(answer) = unapplied.take() {
@@ -1151,6 +1157,43 @@ fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Ve
 mod tests {
     use super::*;
 
+    /// A client whose server is down stops retrying its connection once the run's stop flag
+    /// is set: it gives its operation up (lost) instead of reconnecting for the 90 s budget.
+    /// Before the fix it took the whole budget to return.
+    #[test]
+    fn a_client_whose_server_is_down_stops_with_the_run() {
+        let (_conn, mut client) = one_account_client("testkit_workload_down", "down");
+        // A port nothing listens on (bound, then let go).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("a free port: {e}"));
+        client.url = format!("mysql://root@127.0.0.1:{port}/nowhere");
+        let stop = AtomicBool::new(false);
+        let started = Instant::now();
+        let records = std::thread::scope(|s| {
+            let running = s.spawn(|| run_client(&client, &stop, &mut |_| true));
+            std::thread::sleep(Duration::from_millis(300));
+            stop.store(true, Ordering::Relaxed);
+            // Bounded: a client that ignores the flag is reported, not waited for (the
+            // scope still joins it).
+            while !running.is_finished() && started.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                running.is_finished(),
+                "the client still runs {:?} after the stop",
+                started.elapsed()
+            );
+            running
+                .join()
+                .unwrap_or_else(|_| panic!("the client panicked"))
+        });
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].outcome, Outcome::Lost, "{records:?}");
+        assert!(records[0].lost > 0, "{records:?}");
+    }
+
     /// A fresh database `name` with one funded account, and a client `client` of it.
     fn one_account_client(name: &str, client: &str) -> (MysqlConnection, Client) {
         let (url, mut conn) = crate::fixtures::fresh_database(name);
@@ -1308,7 +1351,7 @@ mod tests {
             };
             let (mut own, mut rng) = (None, Rng::new(7));
             let record = execute(
-                &client,
+                (&client, &AtomicBool::new(false)),
                 &mut refusing,
                 &mut own,
                 &mut rng,
@@ -1352,7 +1395,7 @@ mod tests {
             };
             let (mut side, mut rng) = (None, Rng::new(7));
             let record = execute(
-                &client,
+                (&client, &AtomicBool::new(false)),
                 &mut lying,
                 &mut side,
                 &mut rng,
