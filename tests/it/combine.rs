@@ -447,12 +447,15 @@ impl Release {
 fn hold_campaign_row(
     url: &str,
     campaign: i64,
-    start: Arc<Barrier>,
+    start: Arc<crate::Gate>,
     release: Release,
 ) -> thread::JoinHandle<()> {
     let mut holder = lockstock_testkit::fixtures::connect(url);
     thread::spawn(move || {
         use diesel::connection::SimpleConnection;
+        // A holder that fails before the row is locked lets the test go on (and fail), not
+        // wait at the gate for ever.
+        let _party = start.party();
         holder.batch_execute("BEGIN").expect("begin");
         let _: i32 = fcfs_coupon::table
             .find(campaign)
@@ -486,7 +489,7 @@ fn a_combined_batch_polls_a_row_held_for_a_moment_and_gives_up_on_a_long_hold() 
     // User `user` asks while another transaction holds the campaign row; `release`: when the
     // holder commits.
     let issue_while_held = |user: i64, release: Release| {
-        let start = Arc::new(Barrier::new(2));
+        let start = Arc::new(crate::Gate::new(2));
         let holder = hold_campaign_row(&url, campaign, start.clone(), release);
         start.wait();
         let answer = hot.issue(user, campaign);
@@ -561,7 +564,7 @@ fn a_caller_with_time_left_is_not_answered_by_an_earlier_callers_deadline() {
     // gives up at 2 s), user 3 at 150 ms (it leads the next batch, which gives up at 2.15 s),
     // user 4 at 850 ms: queued behind user 3's leadership, it is in that batch and has until
     // 2.85 s — the row is released as user 3 is answered.
-    let start = Arc::new(Barrier::new(2));
+    let start = Arc::new(crate::Gate::new(2));
     let (release, released) = std::sync::mpsc::channel();
     let holder = hold_campaign_row(&url, campaign, start.clone(), Release::When(released));
     start.wait();
@@ -702,7 +705,7 @@ fn a_combined_ledger_batch_waits_for_its_account_in_the_server_a_coupon_batch_ne
     let campaign = open_campaign(&mut conn, &issuer, 10).id;
     let coupons = Arc::new(CombiningIssuer::new(pool(&url, 2), CouponIssuer::new()));
     coupons.issue(1, campaign).expect("a first coupon");
-    let start = Arc::new(Barrier::new(2));
+    let start = Arc::new(crate::Gate::new(2));
     let hold = Release::After(std::time::Duration::from_millis(150));
     let holder = hold_campaign_row(&url, campaign, start.clone(), hold);
     start.wait();

@@ -1,7 +1,7 @@
 //! The foundation against a real server: migrations, schema, session settings, and the
 //! transaction runner's NOWAIT refusal, retry, attempt bound and deadline.
 
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -334,11 +334,13 @@ fn retry_succeeds_after_holder_commits() {
     seed_account(&url, 1);
     let mut holder = connect(&url);
     let mut conn = connect(&url);
-    let held = Arc::new(Barrier::new(2));
+    let held = Arc::new(crate::Gate::new(2));
     let held2 = held.clone();
     // The holder commits once the runner's first attempt was refused (or after 5 s).
     let (refused_tx, refused_rx) = std::sync::mpsc::channel::<()>();
     let holder_thread = thread::spawn(move || {
+        // A holder that fails before the lock breaks the gate: the test fails, never hangs.
+        let _party = held2.party();
         holder
             .transaction::<_, diesel::result::Error, _>(|conn| {
                 lock_balance(conn, 1)?;
@@ -377,11 +379,13 @@ fn hold_lock_for(
     url: &str,
     user_id: i64,
     hold: Duration,
-) -> (thread::JoinHandle<()>, Arc<Barrier>) {
+) -> (thread::JoinHandle<()>, Arc<crate::Gate>) {
     let mut holder = connect(url);
-    let held = Arc::new(Barrier::new(2));
+    let held = Arc::new(crate::Gate::new(2));
     let held2 = held.clone();
     let handle = thread::spawn(move || {
+        // A holder that fails before the lock breaks the gate: the test fails, never hangs.
+        let _party = held2.party();
         holder
             .transaction::<_, diesel::result::Error, _>(|conn| {
                 lock_balance(conn, user_id)?;

@@ -125,6 +125,9 @@ fn deduct_hash(user_id: i64, amount: Decimal, key: &str) -> String {
         .expect("hash")
 }
 
+/// The longest a [`Pauses`] keeps its connection stopped (no test stops one for nearly as long).
+const PAUSE_AT_MOST: Duration = Duration::from_secs(60);
+
 /// Stops the connection it is installed on (Diesel's instrumentation hook) before each
 /// statement `stop_at` picks, until the test lets it go: [`Pauses::stopped`], [`Pauses::go`].
 #[derive(Clone, Default)]
@@ -145,8 +148,14 @@ impl Pauses {
                     let mut stopped = state.lock().expect("pauses");
                     *stopped = Some(sql);
                     changed.notify_all();
-                    while stopped.is_some() {
-                        stopped = changed.wait(stopped).expect("pauses");
+                    // Bounded: a test that fails while the connection is stopped never lets
+                    // it go, and its scope would wait for this thread for ever.
+                    let until = Instant::now() + PAUSE_AT_MOST;
+                    while stopped.is_some() && Instant::now() < until {
+                        stopped = changed
+                            .wait_timeout(stopped, Duration::from_millis(100))
+                            .expect("pauses")
+                            .0;
                     }
                 }
             }
