@@ -43,7 +43,9 @@ impl BalanceLedger {
     /// answered it: a refused or invalid request never fails its neighbours, keys keep their
     /// meaning (inside the batch and against the journal), and a deduct or hold that comes
     /// before the batch's first charge of an account that does not exist yet is
-    /// [`Error::AccountNotFound`]. A capture or release names a hold of THIS account; a hold of
+    /// [`Error::AccountNotFound`] — also where that charge then cannot create the account (a
+    /// lock on the gap where its row would go: the charge and the requests after it answer that
+    /// failure). A capture or release names a hold of THIS account; a hold of
     /// another account is [`Error::HoldNotFound`]. One that names a hold not found before the
     /// batch, after a hold the batch places, may name that hold (ids are the INSERT's): the
     /// batch then runs in parts, each in its own transaction — the requests before it, then it
@@ -593,7 +595,18 @@ impl BalanceLedger {
                     lookup_first = true;
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Found missing, the account was then to be created for a charge, which
+                    // failed: the requests before that charge were answered as the account was
+                    // read (their single calls answer so without waiting for any lock: a row
+                    // that does not exist is not held), whatever the charge met.
+                    if let Some(first) = missing_before {
+                        for (index, refusal) in refused_while_missing(&requests, &pending, first) {
+                            results[index] = Some(refusal);
+                        }
+                    }
+                    return Err(e);
+                }
             };
             // From here on the batch has committed: every answer is per request.
             let written: HashSet<&str> = decided
@@ -794,6 +807,28 @@ fn unanswered(results: &[Option<Result<Entry>>]) -> Vec<usize> {
 /// multi-row INSERT ([`insert_entries`]), the new holds with another ([`insert_holds`]), ends
 /// the holds captured or released ([`end_hold`]) and stores the final balance
 /// ([`store_balance`]) — the single call's statements, for N rows.
+/// The answers of the pending requests of a batch whose account was missing that come before
+/// its first charge (and before `first`, the first request answered from the journal): each
+/// refused as its single call refuses it on an account that does not exist — its expiry, else
+/// [`Error::AccountNotFound`] — as [`apply_planned`] decides them.
+fn refused_while_missing(
+    requests: &[Request<'_>],
+    pending: &[usize],
+    first: usize,
+) -> Vec<(usize, Result<Entry>)> {
+    pending
+        .iter()
+        .take_while(|&&index| index <= first && requests[index].kind != EntryKind::Charge)
+        .map(|&index| {
+            let request = &requests[index];
+            let refusal = request.expiry_refusal().unwrap_or(Error::AccountNotFound {
+                user_id: request.user_id,
+            });
+            (index, Err(refusal))
+        })
+        .collect()
+}
+
 /// `missing_before`: `Some` if the account did not exist when the batch began, so until the
 /// first charge a deduct or hold finds no account (the single call's answer) — unless it comes
 /// after the request `missing_before` holds, the first answered from the journal, whose entry

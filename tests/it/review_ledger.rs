@@ -1551,3 +1551,92 @@ fn an_expired_hold_after_an_unsent_request_of_its_key_keeps_its_answer() {
     );
     audit_ok(&BalanceLedger::new(), &mut conn, 7);
 }
+
+/// A batch on an account that does not exist, whose first charge cannot create it (another
+/// transaction holds a lock on the gap where its row would go: the batch's `INSERT IGNORE`
+/// waits until its deadline), answers the deducts and holds before that charge as their
+/// single calls answer them — `AccountNotFound` (a locking read of a row that does not exist
+/// waits for nothing) — and only the charge and what follows it with the failure. Also with a
+/// request refused for its input in the batch, and through a `CombiningLedger`.
+///
+/// Before the fix: the whole batch answered `Contended` (the deduct too).
+#[test]
+fn a_batch_whose_first_charge_cannot_create_the_account_answers_what_came_before_it() {
+    let (url, mut conn) = fresh_database("review_missing_then_contended");
+    let ledger = BalanceLedger::with_policy(policy_with_deadline(Duration::from_millis(300)));
+    // Account 8 exists, account 7 does not: a lock on 7 is a lock on the gap before 8.
+    ledger
+        .charge(&mut conn, 8, dec(100), "fund")
+        .expect("fund 8");
+    let mut other = connect(&url);
+    other.batch_execute("BEGIN").expect("begin");
+    assert!(
+        lockstock_testkit::fixtures::lock_balance(&mut other, 7).is_err(),
+        "no row 7: a gap lock only"
+    );
+    let single = ledger.deduct(&mut conn, 7, dec(5), "d");
+    assert!(
+        matches!(single, Err(Error::AccountNotFound { user_id: 7 })),
+        "the single deduct: {single:?}"
+    );
+    let later = lockstock_testkit::fixtures::now() + chrono::Duration::hours(1);
+    let batches: [Vec<AccountOp>; 2] = [
+        vec![
+            AccountOp::deduct(dec(5), "d"),
+            AccountOp::hold(dec(1), "h", later),
+            AccountOp::charge(dec(10), "c"),
+            AccountOp::deduct(dec(1), "after"),
+        ],
+        vec![
+            AccountOp::deduct(dec(5), "d"),
+            AccountOp::charge(Decimal::ZERO, "bad"),
+            AccountOp::charge(dec(10), "c"),
+        ],
+    ];
+    for ops in &batches {
+        let answers = match ledger.apply_many(&mut conn, 7, ops) {
+            Ok(answers) => answers,
+            Err(e) => panic!("{ops:?}: the whole batch failed: {e:?}"),
+        };
+        assert!(
+            matches!(answers[0], Err(Error::AccountNotFound { user_id: 7 })),
+            "{ops:?}: the deduct before the charge: {answers:?}"
+        );
+        for (op, answer) in ops.iter().zip(&answers) {
+            match op {
+                AccountOp::Hold { .. } => assert!(
+                    matches!(answer, Err(Error::AccountNotFound { user_id: 7 })),
+                    "the hold before the charge: {answer:?}"
+                ),
+                AccountOp::Charge { amount, .. } if amount.is_zero() => assert!(
+                    matches!(answer, Err(Error::InvalidAmount { .. })),
+                    "{answer:?}"
+                ),
+                // The charge, and what would only have run after it: the failure.
+                AccountOp::Charge { .. } => assert!(
+                    matches!(answer, Err(Error::Contended { .. } | Error::Timeout { .. })),
+                    "the charge: {answer:?}"
+                ),
+                _ => {}
+            }
+        }
+    }
+    // Combined, the same: the deduct queued before the charge is answered as found.
+    let combining = CombiningLedger::new(
+        lockstock_testkit::strategies::pool(&url, 2).expect("pool"),
+        BalanceLedger::with_policy(policy_with_deadline(Duration::from_millis(300))),
+    );
+    let combined = combining.deduct(7, dec(5), "d");
+    assert!(
+        matches!(combined, Err(Error::AccountNotFound { user_id: 7 })),
+        "combined: {combined:?}"
+    );
+    other.batch_execute("ROLLBACK").expect("release");
+    // Nothing was written for account 7.
+    let rows: i64 = balance_history::table
+        .filter(balance_history::user_id.eq(7))
+        .count()
+        .get_result(&mut conn)
+        .expect("journal");
+    assert_eq!(rows, 0);
+}
