@@ -46,7 +46,8 @@ impl BalanceLedger {
     /// [`Error::AccountNotFound`] — also where that charge then cannot create the account (a
     /// lock on the gap where its row would go: the charge and the requests after it answer that
     /// failure). A capture or release names a hold of THIS account; a hold of
-    /// another account is [`Error::HoldNotFound`]. One that names a hold not found before the
+    /// another account is [`Error::HoldNotFound`] (on an account id that cannot exist, not
+    /// positive, every request is [`Error::InvalidId`] for it, before anything is sent). One that names a hold not found before the
     /// batch, after a hold the batch places, may name that hold (ids are the INSERT's): the
     /// batch then runs in parts, each in its own transaction — the requests before it, then it
     /// and the rest (split again at the next such request) — so that it is decided as its
