@@ -1621,15 +1621,47 @@ fn a_batch_whose_first_charge_cannot_create_the_account_answers_what_came_before
             }
         }
     }
-    // Combined, the same: the deduct queued before the charge is answered as found.
+    // Combined, the same, in a batch that forms: a first charge leads (and waits for the
+    // gap), a deduct and a second charge queue behind it and run together once it gives up.
     let combining = CombiningLedger::new(
-        lockstock_testkit::strategies::pool(&url, 2).expect("pool"),
-        BalanceLedger::with_policy(policy_with_deadline(Duration::from_millis(300))),
+        lockstock_testkit::strategies::pool(&url, 3).expect("pool"),
+        BalanceLedger::with_policy(policy_with_deadline(Duration::from_millis(600))),
     );
-    let combined = combining.deduct(7, dec(5), "d");
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !done() {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    };
+    let (deduct, stats) = thread::scope(|s| {
+        let c = &combining;
+        let leader = s.spawn(move || c.charge(7, dec(10), "c1"));
+        until("the first charge never ran", &|| c.stats().batches >= 1);
+        let deduct = s.spawn(move || c.deduct(7, dec(5), "d"));
+        until("the deduct never queued", &|| c.stats().queued >= 1);
+        let second = s.spawn(move || c.charge(7, dec(10), "c2"));
+        until("the second charge never queued", &|| c.stats().queued >= 2);
+        let deduct = deduct.join().expect("deduct");
+        for charge in [leader, second] {
+            let charged = charge.join().expect("charge");
+            assert!(
+                matches!(
+                    charged,
+                    Err(Error::Contended { .. } | Error::Timeout { .. })
+                ),
+                "a charge: {charged:?}"
+            );
+        }
+        (deduct, c.stats())
+    });
     assert!(
-        matches!(combined, Err(Error::AccountNotFound { user_id: 7 })),
-        "combined: {combined:?}"
+        stats.largest_batch >= 2,
+        "no batch of two formed: {stats:?}"
+    );
+    assert!(
+        matches!(deduct, Err(Error::AccountNotFound { user_id: 7 })),
+        "the combined deduct: {deduct:?}"
     );
     other.batch_execute("ROLLBACK").expect("release");
     // Nothing was written for account 7.
