@@ -878,13 +878,14 @@ fn concurrent_sweepers_expire_each_hold_once() {
     for user in 1..=ACCOUNTS {
         funded_account(&mut conn, &ledger, user, dec(1000));
     }
-    // One batch of holds per account (a transaction each), all due in 1.5 s: few commits
-    // between reading the clock and the last hold, so a loaded machine still places them all.
-    let expires_at = now() + Duration::milliseconds(1500);
-    let holds: Vec<AccountOp> = (0..HOLDS)
-        .map(|i| AccountOp::hold(dec(5), format!("h{i}"), expires_at))
-        .collect();
+    // One batch of holds per account (a transaction each), due 1.5 s after its batch starts
+    // (the clock read for each batch: a loaded machine, slow to place the earlier accounts'
+    // holds, still places every account's in time).
     for user in 1..=ACCOUNTS {
+        let expires_at = now() + Duration::milliseconds(1500);
+        let holds: Vec<AccountOp> = (0..HOLDS)
+            .map(|i| AccountOp::hold(dec(5), format!("h{i}"), expires_at))
+            .collect();
         for answer in ledger.apply_many(&mut conn, user, &holds).expect("holds") {
             answer.expect("hold");
         }
@@ -956,11 +957,15 @@ fn sweep_past_locked_accounts(name: &str, (accounts, holds): (i64, usize), limit
     for user in 1..=free {
         funded_account(&mut conn, &ledger, user, dec(100));
     }
-    let first = now() + Duration::milliseconds(800);
-    let ops: Vec<AccountOp> = (0..holds)
-        .map(|i| AccountOp::hold(dec(1), format!("h{i}"), first))
-        .collect();
+    // Each account's holds due 800 ms after its batch starts (the clock read for each batch:
+    // a loaded machine, slow to place the earlier ones, still places every hold in time), the
+    // free account's 200 ms after the last of them.
+    let mut last = now();
     for user in 1..=accounts {
+        last = now() + Duration::milliseconds(800);
+        let ops: Vec<AccountOp> = (0..holds)
+            .map(|i| AccountOp::hold(dec(1), format!("h{i}"), last))
+            .collect();
         for answer in ledger.apply_many(&mut conn, user, &ops).expect("holds") {
             answer.expect("a locked account's hold");
         }
@@ -971,7 +976,7 @@ fn sweep_past_locked_accounts(name: &str, (accounts, holds): (i64, usize), limit
             free,
             dec(1),
             "later",
-            first + Duration::milliseconds(200),
+            last.max(now()) + Duration::milliseconds(200),
         )
         .expect("the free account's hold");
     while ledger.balance(&mut conn, free).expect("balance").held > Decimal::ZERO {
