@@ -582,6 +582,14 @@ impl Error {
         }
     }
 
+    /// Whether this is the refusal of a request on an account that did not exist
+    /// ([`Error::AccountNotFound`]): no earlier call can have recorded a key of it (the
+    /// journal's entries need their account), so the refusal stands where the key's lookup
+    /// fails — it is never an unknown outcome.
+    pub(crate) fn is_account_missing_refusal(&self) -> bool {
+        matches!(self, Error::AccountNotFound { .. })
+    }
+
     /// The answer to a request whose key could not be looked up (`failure`) where the key may
     /// have been recorded by an earlier call under it — a retry after [`Error::OutcomeUnknown`],
     /// say, refused for what its first attempt spent, or refused by the key's unique index: the

@@ -92,7 +92,10 @@ impl BalanceLedger {
     /// 4. After the commit, a request refused for the balance (or a missing account, or a
     ///    hold's expiry on the server clock) under a key that the batch did not write is looked
     ///    up in the journal, lock-free: a key that exists answers it, as it answers the single
-    ///    call.
+    ///    call. Where that lookup fails, the request answers [`Error::OutcomeUnknown`] (an
+    ///    earlier call may have recorded its key) — but one refused because the account did
+    ///    not exist keeps [`Error::AccountNotFound`]: no earlier call can have recorded a key of
+    ///    an account that did not exist.
     ///
     /// # Errors
     /// The outer `Err` is a failure before anything was committed ([`Error::Contended`],
@@ -638,7 +641,15 @@ impl BalanceLedger {
                 Err(failure) => {
                     // Its key may have been recorded by an earlier call: as its single call
                     // answers it (`Error::unknown_after_refusal`) — with what a combiner needs
-                    // to finish the lookup by the request's own caller's deadline.
+                    // to finish the lookup by the request's own caller's deadline. Not the key
+                    // of a request refused because the account did not exist: no earlier call
+                    // can have recorded one, and the refusal stands, as for its single call.
+                    let (stands, refused): (Vec<_>, Vec<_>) = refused
+                        .into_iter()
+                        .partition(|(_, refusal)| refusal.is_account_missing_refusal());
+                    for (index, refusal) in stands {
+                        results[index] = Some(Err(refusal));
+                    }
                     for (index, refusal) in refused {
                         let lookup = KeyLookup::of(&requests[index], refusal);
                         results[index] = Some(Err(Error::unknown_after_refusal_by_deadline(

@@ -96,8 +96,12 @@ impl BalanceLedger {
                     return match self.existing(conn, request, deadline) {
                         Ok(Some(entry)) => replay(conn, entry),
                         Ok(None) => Err(error),
+                        // No earlier call can have recorded a key of an account that did not
+                        // exist (the journal's foreign key): the refusal stands where its key
+                        // cannot be looked up (the lookup only finds a call made meanwhile).
+                        Err(_) if error.is_account_missing_refusal() => Err(error),
                         Err(failure) => Err(Error::unknown_after_refusal(failure)),
-                    }
+                    };
                 }
                 Err(error) => return Err(error),
             }

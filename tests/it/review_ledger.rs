@@ -1672,3 +1672,73 @@ fn a_batch_whose_first_charge_cannot_create_the_account_answers_what_came_before
         .expect("journal");
     assert_eq!(rows, 0);
 }
+
+/// A request refused because its account does not exist, whose key's lookup then loses its
+/// connection, answers `AccountNotFound` — no earlier call can have recorded a key of an account
+/// that did not exist (the journal's foreign key), so nothing may be applied — as a single
+/// deduct, a transfer from that account and a batch. The database has no such account after.
+///
+/// Before the fix: `OutcomeUnknown` ("Server has gone away") for all three.
+#[test]
+fn a_refusal_for_a_missing_account_stands_when_its_key_cannot_be_looked_up() {
+    let (url, mut admin) = fresh_database("review_missing_lookup_lost");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(100), "fund")
+        .expect("fund 1");
+    // A connection killed (from another one) as the key's lookup begins its snapshot: after
+    // the attempt found no account and rolled back.
+    let armed = || {
+        let mut conn = connect(&url);
+        let id = connection_id(&mut conn);
+        let mut killer = connect(&url);
+        let mut fired = false;
+        conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::StartQuery { query, .. } = event {
+                if !fired && query.to_string().contains("CONSISTENT SNAPSHOT") {
+                    fired = true;
+                    killer
+                        .batch_execute(&format!("KILL CONNECTION {id}"))
+                        .expect("kill");
+                }
+            }
+        });
+        conn
+    };
+    type Call<'a> = Box<dyn Fn(&mut MysqlConnection) -> Result<i64, Error> + 'a>;
+    let calls: [(&str, Call<'_>); 3] = [
+        (
+            "deduct",
+            Box::new(|c| ledger.deduct(c, 40, dec(1), "k").map(|e| e.id)),
+        ),
+        (
+            "transfer",
+            Box::new(|c| ledger.transfer(c, 40, 1, dec(1), "t").map(|t| t.debit.id)),
+        ),
+        (
+            "batch",
+            Box::new(|c| {
+                let answers = ledger.apply_many(c, 40, &[AccountOp::deduct(dec(1), "b")])?;
+                answers
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| panic!("no answer"))
+                    .map(|e| e.id)
+            }),
+        ),
+    ];
+    for (what, call) in &calls {
+        let mut conn = armed();
+        let answer = call(&mut conn);
+        assert!(
+            matches!(answer, Err(Error::AccountNotFound { user_id: 40 })),
+            "{what}: {answer:?}"
+        );
+    }
+    let accounts: i64 =
+        diesel::sql_query("SELECT COUNT(*) AS n FROM user_balance WHERE user_id = 40")
+            .get_result::<Count>(&mut admin)
+            .expect("accounts")
+            .n;
+    assert_eq!(accounts, 0, "an account was created");
+}
