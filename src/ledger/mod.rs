@@ -19,7 +19,10 @@
 //! wins: the same request gets its original entry back, a different one [`Error::IdempotencyConflict`](crate::Error::IdempotencyConflict),
 //! whatever the balance is now (TigerBeetle's `exists` semantics). A refused request whose key
 //! cannot be looked up (the server gone, the journal locked past the deadline) answers
-//! [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown): an earlier call may have applied it.
+//! [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown): an earlier call may have applied it
+//! — unless it was refused because its account did not exist: no earlier call can have
+//! recorded a key of such an account, and [`Error::AccountNotFound`](crate::Error::AccountNotFound)
+//! stands.
 //!
 //! Every call has ONE [`Deadline`](crate::Deadline), fixed when it starts (the policy's
 //! [`RetryPolicy::deadline`](crate::RetryPolicy::deadline)) and shared by all it does: the
