@@ -1017,7 +1017,6 @@ fn sweep_past_locked_accounts(name: &str, (accounts, holds): (i64, usize), limit
 /// as if no other hold were due (and a router never saw the node failure).
 #[test]
 fn a_sweep_whose_later_read_fails_before_marking_anything_answers_the_failure() {
-    use diesel::connection::{Connection, InstrumentationEvent};
     let (url, mut conn) = fresh_database("holds_sweep_later_read_fails");
     let ledger = BalanceLedger::new();
     funded_account(&mut conn, &ledger, 1, dec(100));
@@ -1040,23 +1039,13 @@ fn a_sweep_whose_later_read_fails_before_marking_anything_answers_the_failure() 
     }
     let mut other = other_program(&url);
     lock_balance(&mut other, 1).expect("held by another program");
-    let id = lockstock_testkit::fixtures::connection_id(&mut conn);
-    let mut killer = connect(&url);
+    // The sweep's connection killed as its second read of due holds starts.
     let mut due_reads = 0;
-    conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
-        if let InstrumentationEvent::StartQuery { query, .. } = event {
-            let sql = query.to_string();
-            if sql.contains("FROM `balance_hold`") && sql.contains("<= UTC_TIMESTAMP(6)") {
-                due_reads += 1;
-                if due_reads == 2 {
-                    diesel::connection::SimpleConnection::batch_execute(
-                        &mut killer,
-                        &format!("KILL CONNECTION {id}"),
-                    )
-                    .expect("kill the sweep's connection");
-                }
-            }
+    crate::kill_at_statement(&mut conn, &url, move |sql| {
+        if sql.contains("FROM `balance_hold`") && sql.contains("<= UTC_TIMESTAMP(6)") {
+            due_reads += 1;
         }
+        due_reads == 2
     });
     let report = ledger.expire_holds(&mut conn, 10);
     diesel::connection::SimpleConnection::batch_execute(&mut other, "ROLLBACK").expect("release");

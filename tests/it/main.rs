@@ -55,6 +55,31 @@ fn watch_first(
     watched
 }
 
+/// Kills `conn`'s session (`KILL CONNECTION` from a connection of its own to `url`) as the
+/// first statement that `picks` picks starts, before it is sent: that statement and every one
+/// after it fail as on a lost connection (Diesel's instrumentation hook, which this replaces on
+/// `conn`; `picks` sees each statement's SQL until it first says yes).
+fn kill_at_statement(
+    conn: &mut diesel::MysqlConnection,
+    url: &str,
+    mut picks: impl FnMut(&str) -> bool + Send + 'static,
+) {
+    use diesel::connection::{Connection, InstrumentationEvent, SimpleConnection};
+    let id = lockstock_testkit::fixtures::connection_id(conn);
+    let mut killer = lockstock_testkit::fixtures::connect(url);
+    let mut fired = false;
+    conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
+        if let InstrumentationEvent::StartQuery { query, .. } = event {
+            if !fired && picks(&query.to_string()) {
+                fired = true;
+                killer
+                    .batch_execute(&format!("KILL CONNECTION {id}"))
+                    .expect("kill the session");
+            }
+        }
+    });
+}
+
 /// Waits until the statement that `watched` ([`watch_first`]) watches on session `id` was
 /// sent, and then until either its answer came or it waits for a row lock (`INNODB_TRX`, read
 /// on `admin`): the statement has met whatever lock it meets. A liveness guard of 20 s, not a

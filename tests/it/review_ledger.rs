@@ -1627,21 +1627,18 @@ fn a_batch_whose_first_charge_cannot_create_the_account_answers_what_came_before
         lockstock_testkit::strategies::pool(&url, 3).expect("pool"),
         BalanceLedger::with_policy(policy_with_deadline(Duration::from_millis(600))),
     );
-    let until = |what: &str, done: &dyn Fn() -> bool| {
-        let started = Instant::now();
-        while !done() {
-            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
-            thread::sleep(Duration::from_millis(1));
-        }
-    };
     let (deduct, stats) = thread::scope(|s| {
         let c = &combining;
         let leader = s.spawn(move || c.charge(7, dec(10), "c1"));
-        until("the first charge never ran", &|| c.stats().batches >= 1);
+        wait_until(&mut conn, "the first charge ran", |_| {
+            c.stats().batches >= 1
+        });
         let deduct = s.spawn(move || c.deduct(7, dec(5), "d"));
-        until("the deduct never queued", &|| c.stats().queued >= 1);
+        wait_until(&mut conn, "the deduct queued", |_| c.stats().queued >= 1);
         let second = s.spawn(move || c.charge(7, dec(10), "c2"));
-        until("the second charge never queued", &|| c.stats().queued >= 2);
+        wait_until(&mut conn, "the second charge queued", |_| {
+            c.stats().queued >= 2
+        });
         let deduct = deduct.join().expect("deduct");
         for charge in [leader, second] {
             let charged = charge.join().expect("charge");
@@ -1686,23 +1683,11 @@ fn a_refusal_for_a_missing_account_stands_when_its_key_cannot_be_looked_up() {
     ledger
         .charge(&mut admin, 1, dec(100), "fund")
         .expect("fund 1");
-    // A connection killed (from another one) as the key's lookup begins its snapshot: after
-    // the attempt found no account and rolled back.
+    // A connection killed as the key's lookup begins its snapshot: after the attempt found no
+    // account and rolled back.
     let armed = || {
         let mut conn = connect(&url);
-        let id = connection_id(&mut conn);
-        let mut killer = connect(&url);
-        let mut fired = false;
-        conn.set_instrumentation(move |event: InstrumentationEvent<'_>| {
-            if let InstrumentationEvent::StartQuery { query, .. } = event {
-                if !fired && query.to_string().contains("CONSISTENT SNAPSHOT") {
-                    fired = true;
-                    killer
-                        .batch_execute(&format!("KILL CONNECTION {id}"))
-                        .expect("kill");
-                }
-            }
-        });
+        crate::kill_at_statement(&mut conn, &url, |sql| sql.contains("CONSISTENT SNAPSHOT"));
         conn
     };
     type Call<'a> = Box<dyn Fn(&mut MysqlConnection) -> Result<i64, Error> + 'a>;
