@@ -519,21 +519,20 @@ impl BalanceLedger {
                 }
                 _ => {}
             }
+            // Its input was checked before anything was sent (`BeforeSending`): a request
+            // here is one to send, only the hold it ends is read now.
             let hold = op.hold_id().and_then(|id| holds.get(&id).copied());
-            let request = check_ending(op)
-                .and_then(|()| op.request(user_id, hold))
-                .and_then(Request::checked)
-                .map(|mut request| {
-                    // The caller's clock judges a hold's expiry once, before anything is sent,
-                    // as for its single call: a second look after the holds' read could judge
-                    // a hold at a bound otherwise, and a batch that then fails would answer a
-                    // hold it wrote as refused.
-                    request.expiry_refused = match before {
-                        BeforeSending::Expired(first, _) => first.expiry_refused,
-                        _ => None,
-                    };
-                    request
-                });
+            let request = op.request(user_id, hold).map(|mut request| {
+                // The caller's clock judges a hold's expiry once, before anything is sent,
+                // as for its single call: a second look after the holds' read could judge
+                // a hold at a bound otherwise, and a batch that then fails would answer a
+                // hold it wrote as refused.
+                request.expiry_refused = match before {
+                    BeforeSending::Expired(first, _) => first.expiry_refused,
+                    _ => None,
+                };
+                request
+            });
             match request {
                 Ok(request) => {
                     results.push(None);
@@ -813,12 +812,6 @@ fn unanswered(results: &[Option<Result<Entry>>]) -> Vec<usize> {
         .collect()
 }
 
-/// Inside the batch transaction, with the account (and the holds the batch ends) locked:
-/// decides every pending request in order against the running balance and the running state of
-/// each hold (as if they were made one after another), writes the accepted ones with one
-/// multi-row INSERT ([`insert_entries`]), the new holds with another ([`insert_holds`]), ends
-/// the holds captured or released ([`end_hold`]) and stores the final balance
-/// ([`store_balance`]) — the single call's statements, for N rows.
 /// The answers of the pending requests of a batch whose account was missing that come before
 /// its first charge (and before `first`, the first request answered from the journal): each
 /// refused as its single call refuses it on an account that does not exist — its expiry, else
@@ -841,6 +834,12 @@ fn refused_while_missing(
         .collect()
 }
 
+/// Inside the batch transaction, with the account (and the holds the batch ends) locked:
+/// decides every pending request in order against the running balance and the running state of
+/// each hold (as if they were made one after another), writes the accepted ones with one
+/// multi-row INSERT ([`insert_entries`]), the new holds with another ([`insert_holds`]), ends
+/// the holds captured or released ([`end_hold`]) and stores the final balance
+/// ([`store_balance`]) — the single call's statements, for N rows.
 /// `missing_before`: `Some` if the account did not exist when the batch began, so until the
 /// first charge a deduct or hold finds no account (the single call's answer) — unless it comes
 /// after the request `missing_before` holds, the first answered from the journal, whose entry

@@ -64,7 +64,7 @@ pub(crate) struct Request<'a> {
     pub(crate) key: &'a str,
     /// A hold's expiry (at the stored precision).
     pub(crate) expires_at: Option<NaiveDateTime>,
-    /// A hold whose expiry the call's clock refused when it checked it ([`Request::checked`]):
+    /// A hold whose expiry the call's clock refused when it checked it ([`Request::checked_at`]):
     /// passed, or further ahead than a hold may last. Refused unless its key was recorded
     /// before, which then decides the answer.
     pub(crate) expiry_refused: Option<ExpiryProblem>,
@@ -132,14 +132,9 @@ impl<'a> Request<'a> {
     /// [`Error::OutcomeUnknown`]) answers the recorded entry, as any retry does — and so does
     /// one retried on a clock behind the one that placed it, to which the same expiry is
     /// further ahead than a hold may last. Without a recorded key it is refused with
-    /// [`Error::InvalidExpiry`] when decided ([`Request::expiry_refusal`]).
-    pub(crate) fn checked(self) -> Result<Self> {
-        self.checked_at(now())
-    }
-
-    /// [`checked`](Self::checked), a hold's expiry judged against the caller's clock reading
-    /// `now` (a combined request's: when its call was submitted, as its single call judges it
-    /// before sending anything).
+    /// [`Error::InvalidExpiry`] when decided ([`Request::expiry_refusal`]). A hold's expiry is
+    /// judged against the caller's clock reading `now` (a combined request's: when its call was
+    /// submitted, as its single call judges it before sending anything).
     pub(crate) fn checked_at(mut self, now: NaiveDateTime) -> Result<Self> {
         match self.validate_at(now) {
             Ok(()) => Ok(self),
