@@ -106,6 +106,11 @@ const RESTART_TIMEOUT: Duration = Duration::from_secs(90);
 /// Poll interval while waiting for nodes.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How long live nodes that are a majority of the cluster may stay together in a non-Primary
+/// component before [`GaleraCluster::wait_cluster_synced`] bootstraps them: Galera forms the
+/// Primary component within a second of the view that makes it possible.
+pub const STUCK_MAJORITY: Duration = Duration::from_secs(5);
+
 const GRASTATE: &str = "grastate.dat";
 /// User the servers run as when we are root.
 const SERVER_USER: &str = "mysql";
@@ -254,6 +259,10 @@ pub struct NodeStatus {
     pub cluster_size: u64,
     /// `wsrep_cluster_status`: `Primary`, `non-Primary` or `Disconnected`.
     pub cluster_status: String,
+    /// `wsrep_cluster_conf_id`: the number of the Primary view the node is in (the same on
+    /// every member of one Primary component; a node resumed after a pause reports its old
+    /// view's number until it notices it was evicted). `u64::MAX` outside a Primary component.
+    pub conf_id: u64,
 }
 
 impl NodeStatus {
@@ -644,44 +653,92 @@ impl GaleraCluster {
 
     /// Waits up to `timeout` until every running, unpaused node is ready,
     /// Synced, in the Primary component and sees exactly the running,
-    /// unpaused nodes (`wsrep_cluster_size`). Returns the statuses by node
-    /// index (`None` for stopped, killed and paused nodes).
+    /// unpaused nodes (`wsrep_cluster_size`), all in one view (the same
+    /// `wsrep_cluster_conf_id`), and they say so twice in a row, 100 ms
+    /// apart. Returns the statuses by node index (`None` for stopped, killed
+    /// and paused nodes).
     ///
     /// Use it after [`kill`](Self::kill) (until the others evicted the dead
     /// node), after [`resume`](Self::resume) (until the node rejoined) or
-    /// after a test's own fault injection.
+    /// after a test's own fault injection. A node resumed after a pause
+    /// reports the view it was paused in until it notices its eviction; the
+    /// common view number keeps that stale report from counting.
+    ///
+    /// Live nodes that are a majority of the cluster and see each other but
+    /// stay non-Primary for [`STUCK_MAJORITY`] are bootstrapped into a Primary
+    /// component (`pc.bootstrap=YES` on the first of them). Galera then failed
+    /// to agree on a view change (its log says "no install message
+    /// received"), which happens on a loaded machine with
+    /// [`fast_eviction`](GaleraBuilder::fast_eviction)'s short timeouts, and
+    /// it does not form the Primary component by itself. The bootstrap is
+    /// safe here: every node of the cluster is one of this process's, and
+    /// the others (paused or stopped) cannot form a Primary component.
     pub fn wait_cluster_synced(
         &mut self,
         timeout: Duration,
     ) -> Result<Vec<Option<NodeStatus>>, GaleraError> {
         let started = Instant::now();
+        let mut previous: Option<Vec<Option<NodeStatus>>> = None;
+        let mut stuck_since: Option<Instant> = None;
         loop {
             let live: Vec<usize> = (0..self.nodes.len())
                 .filter(|&i| self.nodes[i].server.is_some() && !self.nodes[i].paused)
                 .collect();
-            let mut statuses = vec![None; self.nodes.len()];
+            let mut statuses: Vec<Option<NodeStatus>> = vec![None; self.nodes.len()];
             let mut waiting = None;
+            let mut non_primary = 0;
             for &node in &live {
                 self.check_exited(node)?;
                 match self.status(node) {
-                    Ok(status)
-                        if status.is_synced() && status.cluster_size == live.len() as u64 =>
-                    {
-                        statuses[node] = Some(status);
-                    }
                     Ok(status) => {
-                        waiting = Some((node, format!("{status:?}")));
-                        break;
+                        if status.cluster_status != "Primary"
+                            && status.cluster_size == live.len() as u64
+                        {
+                            non_primary += 1;
+                        }
+                        let first_conf = statuses.iter().flatten().next().map(|s| s.conf_id);
+                        if waiting.is_none()
+                            && status.is_synced()
+                            && status.cluster_size == live.len() as u64
+                            && first_conf.is_none_or(|id| id == status.conf_id)
+                        {
+                            statuses[node] = Some(status);
+                        } else if waiting.is_none() {
+                            waiting = Some((node, format!("{status:?}")));
+                        }
                     }
                     Err(e) => {
-                        waiting = Some((node, e.to_string()));
-                        break;
+                        if waiting.is_none() {
+                            waiting = Some((node, e.to_string()));
+                        }
                     }
                 }
             }
             let Some((node, last)) = waiting else {
-                return Ok(statuses);
+                if previous.as_ref() == Some(&statuses) {
+                    return Ok(statuses);
+                }
+                previous = Some(statuses);
+                sleep(POLL);
+                continue;
             };
+            previous = None;
+            if !live.is_empty() && non_primary == live.len() && live.len() * 2 > self.nodes.len() {
+                let since = *stuck_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STUCK_MAJORITY {
+                    eprintln!(
+                        "galera: nodes {live:?} see each other but stayed non-Primary for {:?}; \
+                         bootstrapping a Primary component on node {}",
+                        since.elapsed(),
+                        live[0]
+                    );
+                    // A failed attempt is tried again after the next grace period.
+                    let _ = self.bootstrap_primary(live[0]);
+                    stuck_since = None;
+                }
+            } else {
+                stuck_since = None;
+            }
             if started.elapsed() >= timeout {
                 return Err(GaleraError::Timeout {
                     node,
@@ -692,6 +749,17 @@ impl GaleraCluster {
             }
             sleep(POLL);
         }
+    }
+
+    /// `SET GLOBAL wsrep_provider_options = 'pc.bootstrap=YES'` on `node`.
+    fn bootstrap_primary(&self, node: usize) -> Result<(), GaleraError> {
+        let mut conn =
+            MysqlConnection::establish(&self.url(node, "")).map_err(SandboxError::from)?;
+        sql(
+            &mut conn,
+            "SET GLOBAL wsrep_provider_options = 'pc.bootstrap=YES'",
+        )?;
+        Ok(())
     }
 
     /// Kills `node` with SIGKILL (with its state-transfer helpers) and waits
@@ -1024,7 +1092,8 @@ fn sql(conn: &mut MysqlConnection, statement: &str) -> Result<(), GaleraError> {
 
 fn query_status(conn: &mut MysqlConnection) -> Result<NodeStatus, GaleraError> {
     let statement = "SHOW GLOBAL STATUS WHERE Variable_name IN \
-         ('wsrep_ready', 'wsrep_local_state_comment', 'wsrep_cluster_size', 'wsrep_cluster_status')";
+         ('wsrep_ready', 'wsrep_local_state_comment', 'wsrep_cluster_size', 'wsrep_cluster_status', \
+          'wsrep_cluster_conf_id')";
     let rows: Vec<StatusRow> =
         diesel::sql_query(statement)
             .load(conn)
@@ -1037,6 +1106,7 @@ fn query_status(conn: &mut MysqlConnection) -> Result<NodeStatus, GaleraError> {
         state_comment: String::new(),
         cluster_size: 0,
         cluster_status: String::new(),
+        conf_id: u64::MAX,
     };
     for row in rows {
         match row.name.to_ascii_lowercase().as_str() {
@@ -1044,6 +1114,10 @@ fn query_status(conn: &mut MysqlConnection) -> Result<NodeStatus, GaleraError> {
             "wsrep_local_state_comment" => status.state_comment = row.value,
             "wsrep_cluster_size" => status.cluster_size = row.value.trim().parse().unwrap_or(0),
             "wsrep_cluster_status" => status.cluster_status = row.value,
+            // -1 (unsigned: u64::MAX) outside a Primary component.
+            "wsrep_cluster_conf_id" => {
+                status.conf_id = row.value.trim().parse().unwrap_or(u64::MAX);
+            }
             _ => {}
         }
     }

@@ -36,5 +36,7 @@ pub mod sandbox;
 pub mod strategies;
 pub mod workload;
 
-pub use galera::{GaleraBuilder, GaleraCluster, GaleraError, NodePorts, NodeStatus};
+pub use galera::{
+    GaleraBuilder, GaleraCluster, GaleraError, NodePorts, NodeStatus, STUCK_MAJORITY,
+};
 pub use sandbox::{database_url, inherit_no_descriptors, Sandbox, SandboxError};

@@ -246,6 +246,42 @@ fn galera_pause_resume_and_drop_cleans_up() -> TestResult {
         30
     );
 
+    // Live nodes that are a majority but stay non-Primary are bootstrapped. Node 2 weighs as
+    // much as nodes 0 and 1 together (2 of 4), so neither side keeps the quorum when it is
+    // paused: the state a view change Galera fails to agree on leaves nodes 0 and 1 in.
+    exec(
+        &urls[2],
+        "SET GLOBAL wsrep_provider_options = 'pc.weight=2'",
+    )?;
+    cluster.pause(2)?;
+    let stuck = wait_until(Duration::from_secs(30), || {
+        cluster
+            .status(0)
+            .is_ok_and(|s| s.cluster_size == 2 && s.cluster_status == "non-Primary")
+    });
+    assert!(stuck.is_some(), "nodes 0 and 1 did not lose the quorum");
+    let started = Instant::now();
+    let statuses = cluster.wait_cluster_synced(Duration::from_secs(60))?;
+    eprintln!(
+        "nodes 0 and 1 Primary again {:?} later: {statuses:?}",
+        started.elapsed()
+    );
+    assert!(statuses[2].is_none());
+    let (first, second) = (
+        statuses[0].as_ref().ok_or("node 0")?,
+        statuses[1].as_ref().ok_or("node 1")?,
+    );
+    assert!(first.is_synced() && second.is_synced());
+    assert_eq!((first.cluster_size, second.cluster_size), (2, 2));
+    assert_eq!(first.conf_id, second.conf_id);
+    exec(&urls[1], "INSERT INTO t VALUES (3, 30)")?;
+    cluster.resume(2)?;
+    cluster.wait_cluster_synced(Duration::from_secs(60))?;
+    assert_eq!(
+        count(&urls[2], "SELECT CAST(SUM(v) AS SIGNED) AS n FROM t")?,
+        60
+    );
+
     // Dropping a cluster with a paused node leaves nothing behind.
     cluster.pause(1)?;
     let pids: Vec<u32> = (0..3).filter_map(|n| cluster.pid(n)).collect();

@@ -232,9 +232,14 @@ struct Counter {
 
 /// Creates database `name` on every node of `cluster` and migrates it; one URL per node. Every
 /// node has the same schema (the migrations' DDL replicated, their prepared steps included).
-fn migrated(cluster: &GaleraCluster, name: &str) -> Vec<String> {
+/// The cluster is synced again before the schemas are read: a view change Galera went through
+/// meanwhile (a loaded machine, short eviction timeouts) is set-up's, not the test's.
+fn migrated(cluster: &mut GaleraCluster, name: &str) -> Vec<String> {
     let urls = cluster.create_database(name).expect("database");
     lockstock::run_migrations(&mut causal(&urls[0])).expect("migrate");
+    cluster
+        .wait_cluster_synced(Duration::from_secs(40))
+        .expect("the cluster synced after the migrations");
     #[derive(QueryableByName)]
     struct Created {
         #[diesel(sql_type = diesel::sql_types::Text, column_name = "Create Table")]
@@ -984,8 +989,8 @@ fn galera_paused_node_call_returns_by_deadline() {
 #[test]
 fn galera_guards_silent_rollbacks_and_the_designated_writer() {
     let _guard = exclusive();
-    let cluster = GaleraCluster::start(1).expect("start cluster");
-    let urls = migrated(&cluster, "gal_guards");
+    let mut cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&mut cluster, "gal_guards");
     let mut conn = causal(&urls[0]);
     conn.batch_execute(
         "CREATE TABLE silent_probe (id INT NOT NULL AUTO_INCREMENT PRIMARY KEY, \
@@ -1330,8 +1335,8 @@ fn galera_runner_answers_whole_transactions_under_silent_rollbacks() {
 #[test]
 fn galera_a_caller_with_autocommit_off_writes_and_keeps_it() {
     let _guard = exclusive();
-    let cluster = GaleraCluster::start(1).expect("start cluster");
-    let urls = migrated(&cluster, "gal_autocommit_off");
+    let mut cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&mut cluster, "gal_autocommit_off");
     let ledger = BalanceLedger::new();
     let ten = Decimal::new(10, 0);
     let session = |conn: &mut MysqlConnection| -> (i64, i64) {
@@ -1442,8 +1447,8 @@ fn galera_a_runner_that_met_another_server_first_answers_stored_ids() {
     {
         answer.expect("charge");
     }
-    let cluster = GaleraCluster::start(1).expect("start cluster");
-    let urls = migrated(&cluster, "gal_mode_second");
+    let mut cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&mut cluster, "gal_mode_second");
     let mut node = causal(&urls[0]);
     for answer in ledger
         .apply_many(&mut node, 2, &two("galera"))
@@ -1474,8 +1479,8 @@ fn galera_a_runner_that_met_another_server_first_answers_stored_ids() {
 #[test]
 fn galera_a_session_with_replication_off_is_refused_and_kept() {
     let _guard = exclusive();
-    let cluster = GaleraCluster::start(1).expect("start cluster");
-    let urls = migrated(&cluster, "gal_wsrep_off");
+    let mut cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&mut cluster, "gal_wsrep_off");
     let ledger = BalanceLedger::new();
     let issuer = CouponIssuer::new();
     let ten = Decimal::new(10, 0);
@@ -1744,8 +1749,8 @@ fn galera_a_callers_wsrep_session_does_not_reach_lockstock() {
 #[test]
 fn galera_a_combiner_discards_a_connection_that_does_not_replicate() {
     let _guard = exclusive();
-    let cluster = GaleraCluster::start(1).expect("start cluster");
-    let urls = migrated(&cluster, "gal_wsrep_pool");
+    let mut cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&mut cluster, "gal_wsrep_pool");
     let ledger = BalanceLedger::new();
     let ten = Decimal::new(10, 0);
     causal(&urls[0])
@@ -1845,8 +1850,8 @@ fn galera_a_runner_guards_each_server_as_it_is_not_as_the_first_it_met() {
         .charge(&mut standalone, 1, ten, "standalone")
         .expect("a charge on a standalone server");
 
-    let cluster = GaleraCluster::start(1).expect("start cluster");
-    let urls = migrated(&cluster, "gal_each_server_node");
+    let mut cluster = GaleraCluster::start(1).expect("start cluster");
+    let urls = migrated(&mut cluster, "gal_each_server_node");
     let mut node = causal(&urls[0]);
     let mut off = causal(&urls[0]);
     off.batch_execute("SET SESSION wsrep_on = 0")
