@@ -804,6 +804,11 @@ impl TxnRunner {
         #[cfg(feature = "tracing")]
         let _span =
             tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
+        // A connection marked broken answers so whatever the deadline: also where an earlier
+        // step of the same call (a charge's key lookup) was cut off by the watchdog after its
+        // work was done, and the deadline has passed since. `Timeout` would say that only the
+        // time ran out, and a router would count no node failure.
+        ensure_no_open_transaction(conn)?;
         // The last refusal, once there was one: a deadline that passes after it gives up as
         // `Contended` with it, not as `Timeout` (which means nothing was ever sent).
         let mut last: Option<ServerError> = None;

@@ -162,6 +162,24 @@ impl Pauses {
         });
     }
 
+    /// [`install`](Self::install), stopping before the `nth` statement (from 1) that `matches`
+    /// picks.
+    fn install_nth(
+        &self,
+        conn: &mut MysqlConnection,
+        nth: usize,
+        matches: impl Fn(&str) -> bool + Send + 'static,
+    ) {
+        let mut seen = 0;
+        self.install(conn, move |sql| {
+            if matches(sql) {
+                seen += 1;
+                return seen == nth;
+            }
+            false
+        });
+    }
+
     /// Waits until the connection stopped (a liveness guard of 20 s); the statement it stopped
     /// before.
     fn stopped(&self) -> String {
@@ -1061,13 +1079,8 @@ fn a_transfer_under_repeatable_read_counts_holds_committed_before_its_lock() {
 
     let mut t = connect(&url);
     let pauses = Pauses::default();
-    let mut locks = 0;
-    pauses.install(&mut t, move |sql| {
-        if sql.contains("FROM `user_balance`") && sql.contains("FOR UPDATE") {
-            locks += 1;
-            return locks == 2;
-        }
-        false
+    pauses.install_nth(&mut t, 2, |sql| {
+        sql.contains("FROM `user_balance`") && sql.contains("FOR UPDATE")
     });
     let transfer = thread::spawn(move || {
         BalanceLedger::with_policy(
@@ -1304,11 +1317,7 @@ fn a_batch_killed_while_it_retries_answers_an_expired_hold_as_its_single_call() 
     // Stopped before its second NOWAIT read of the account: its first was refused, and it
     // retries (for up to a minute).
     let pauses = Pauses::default();
-    let mut nowait_reads = 0;
-    pauses.install(&mut doomed, move |sql| {
-        nowait_reads += usize::from(sql.contains("NOWAIT"));
-        sql.contains("NOWAIT") && nowait_reads == 2
-    });
+    pauses.install_nth(&mut doomed, 2, |sql| sql.contains("NOWAIT"));
     let patient = patient_ledger();
     let answers = thread::scope(|s| {
         let call = s.spawn(|| patient.apply_many(&mut doomed, 7, &ops));
@@ -1726,4 +1735,58 @@ fn a_refusal_for_a_missing_account_stands_when_its_key_cannot_be_looked_up() {
             .expect("accounts")
             .n;
     assert_eq!(accounts, 0, "an account was created");
+}
+
+/// A call whose earlier step the watchdog cut off after that step's work was done answered
+/// `Timeout`, which says only that the time ran out. A charge on a missing account looks its
+/// key up before it creates the account. Here the lookup's read commits and the server freezes
+/// (SIGSTOP) as the SET that puts the caller's session back is sent: the watchdog shuts the
+/// connection down at the deadline and its grace. The read's answer stands (its work was done)
+/// and the connection is marked broken. The create attempt then found the deadline passed and
+/// answered `Timeout`, where a router counts no node failure (it failed over one call later).
+/// A call on a connection lockstock marked broken answers `ConnectionBroken` (a node failure)
+/// whatever its deadline; nothing is applied.
+///
+/// Before the fix: `Timeout`.
+#[test]
+fn a_call_cut_off_after_a_finished_step_answers_the_broken_connection() {
+    let _load = lockstock_testkit::fixtures::storm();
+    let mut sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
+    let url = sandbox
+        .create_database("review_cut_restore")
+        .expect("a database");
+    lockstock::run_migrations(&mut connect(&url)).expect("migrations");
+    let deadline = Duration::from_millis(800);
+    let ledger = BalanceLedger::with_policy(policy_with_deadline(deadline));
+    let mut conn = connect(&url);
+    let pauses = Pauses::default();
+    // The second restoring SET: the first ends the attempt that found no account, the second
+    // the key's lookup.
+    pauses.install_nth(&mut conn, 2, |sql| {
+        sql.starts_with("SET") && sql.contains("@lockstock_isolation = NULL")
+    });
+    let call = {
+        let ledger = ledger.clone();
+        thread::spawn(move || ledger.charge(&mut conn, 41, dec(5), "k"))
+    };
+    let stopped = pauses.stopped();
+    assert!(stopped.contains("@lockstock_isolation = NULL"), "{stopped}");
+    sandbox.pause().expect("freeze the server");
+    pauses.go();
+    let answer = call.join().expect("the charge");
+    sandbox.resume().expect("thaw the server");
+    assert!(
+        matches!(answer, Err(Error::ConnectionBroken { .. })),
+        "{answer:?}"
+    );
+    let mut admin = connect(&url);
+    assert_eq!(
+        count_for(
+            &mut admin,
+            "SELECT COUNT(*) AS n FROM user_balance WHERE user_id = ?",
+            41
+        ),
+        0
+    );
+    assert_eq!(count_key(&mut admin, 41, "k"), 0);
 }
