@@ -476,6 +476,8 @@ pub enum Error {
     /// it); COMMIT had not been sent, so the server rolls the transaction back and nothing was
     /// committed. Retry (with the same idempotency key) on another connection — on a cluster,
     /// on another node. A COMMIT that got no answer is [`Error::OutcomeUnknown`] instead.
+    /// Also the answer of a call whose earlier step (a key's lookup, a batch's read of holds)
+    /// was cut so after its work was done, where the deadline left nothing for the next step.
     ///
     /// Linux only: see [the txn module](crate::txn#a-server-that-never-answers) on how the
     /// socket is found (elsewhere such a call waits as long as the server does).

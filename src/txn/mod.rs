@@ -455,6 +455,7 @@ pub(crate) fn bounded_telling<T>(
         return (result, false);
     }
     mark_broken(conn);
+    transaction::note_cut(conn);
     trace_event!(ok = result.is_ok(), "the watchdog shut the connection down");
     let result = match result {
         Ok(value) => Ok(value),
@@ -804,11 +805,18 @@ impl TxnRunner {
         #[cfg(feature = "tracing")]
         let _span =
             tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
-        // A connection marked broken answers so whatever the deadline: also where an earlier
-        // step of the same call (a charge's key lookup) was cut off by the watchdog after its
-        // work was done, and the deadline has passed since. `Timeout` would say that only the
-        // time ran out, and a router would count no node failure.
-        ensure_no_open_transaction(conn)?;
+        // An earlier step of the same call (a charge's key lookup, a batch's read of holds)
+        // whose work was done when the watchdog cut its connection (the server froze as the
+        // caller's session was put back): the deadline has passed, and the connection is
+        // marked broken. The call was cut at its deadline plus grace, as `ServerUnresponsive`
+        // says — `Timeout` would say the connection is fine, and a router would count no node
+        // failure. A combiner gives its later callers back on either (they run again by their
+        // own deadlines).
+        if deadline.is_expired() && transaction::cut_by_watchdog(conn) {
+            return Err(Error::ServerUnresponsive {
+                elapsed: deadline.elapsed(),
+            });
+        }
         // The last refusal, once there was one: a deadline that passes after it gives up as
         // `Contended` with it, not as `Timeout` (which means nothing was ever sent).
         let mut last: Option<ServerError> = None;

@@ -715,6 +715,7 @@ impl GaleraCluster {
                 }
             }
             let Some((node, last)) = waiting else {
+                stuck_since = None;
                 if previous.as_ref() == Some(&statuses) {
                     return Ok(statuses);
                 }

@@ -1738,18 +1738,18 @@ fn a_refusal_for_a_missing_account_stands_when_its_key_cannot_be_looked_up() {
 }
 
 /// A call whose earlier step the watchdog cut off after that step's work was done answered
-/// `Timeout`, which says only that the time ran out. A charge on a missing account looks its
+/// `Timeout`, which says that only the time ran out. A charge on a missing account looks its
 /// key up before it creates the account. Here the lookup's read commits and the server freezes
 /// (SIGSTOP) as the SET that puts the caller's session back is sent: the watchdog shuts the
 /// connection down at the deadline and its grace. The read's answer stands (its work was done)
 /// and the connection is marked broken. The create attempt then found the deadline passed and
 /// answered `Timeout`, where a router counts no node failure (it failed over one call later).
-/// A call on a connection lockstock marked broken answers `ConnectionBroken` (a node failure)
-/// whatever its deadline; nothing is applied.
+/// Now the call answers what happened: `ServerUnresponsive` (which a combiner treats as it
+/// treats `Timeout`: its later callers run again by their own deadlines). Nothing is applied.
 ///
 /// Before the fix: `Timeout`.
 #[test]
-fn a_call_cut_off_after_a_finished_step_answers_the_broken_connection() {
+fn a_call_cut_off_after_a_finished_step_answers_server_unresponsive() {
     let _load = lockstock_testkit::fixtures::storm();
     let mut sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
     let url = sandbox
@@ -1776,7 +1776,7 @@ fn a_call_cut_off_after_a_finished_step_answers_the_broken_connection() {
     let answer = call.join().expect("the charge");
     sandbox.resume().expect("thaw the server");
     assert!(
-        matches!(answer, Err(Error::ConnectionBroken { .. })),
+        matches!(answer, Err(Error::ServerUnresponsive { .. })),
         "{answer:?}"
     );
     let mut admin = connect(&url);
