@@ -752,8 +752,14 @@ impl GaleraCluster {
         }
     }
 
-    /// `SET GLOBAL wsrep_provider_options = 'pc.bootstrap=YES'` on `node`.
-    fn bootstrap_primary(&self, node: usize) -> Result<(), GaleraError> {
+    /// `SET GLOBAL wsrep_provider_options = 'pc.bootstrap=YES'` on `node`: its component
+    /// becomes the Primary one. Only for a test that knows no other component can be Primary —
+    /// the nodes outside it stopped, paused or cut off, and fewer than half of the cluster —
+    /// after Galera failed to agree on a view change and left a majority non-Primary (see
+    /// [`wait_cluster_synced`](Self::wait_cluster_synced), which does this itself for the live
+    /// nodes).
+    pub fn bootstrap_primary(&self, node: usize) -> Result<(), GaleraError> {
+        self.running(node)?;
         let mut conn =
             MysqlConnection::establish(&self.url(node, "")).map_err(SandboxError::from)?;
         sql(
