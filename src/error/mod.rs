@@ -530,8 +530,7 @@ pub enum Error {
     ///
     /// Also the answer, without a round trip, of a call on a connection lockstock marked broken
     /// before: one an earlier call found lost (killed, a restarted server) or that the
-    /// watchdog shut down, also by an earlier step of the same call (a key's lookup cut off
-    /// after its read was done) and also where the deadline has passed since — unless the call is answered without looking at the connection at
+    /// watchdog shut down — unless the call is answered without looking at the connection at
     /// all: bad input, or a coupon issue answered from the issuer's memory (a sold-out mark, a
     /// closed window), which is as true on any connection.
     ///

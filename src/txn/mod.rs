@@ -805,18 +805,6 @@ impl TxnRunner {
         #[cfg(feature = "tracing")]
         let _span =
             tracing::debug_span!("lockstock.txn", isolation = ?self.policy.isolation).entered();
-        // An earlier step of the same call (a charge's key lookup, a batch's read of holds)
-        // whose work was done when the watchdog cut its connection (the server froze as the
-        // caller's session was put back): the deadline has passed, and the connection is
-        // marked broken. The call was cut at its deadline plus grace, as `ServerUnresponsive`
-        // says — `Timeout` would say the connection is fine, and a router would count no node
-        // failure. A combiner gives its later callers back on either (they run again by their
-        // own deadlines).
-        if deadline.is_expired() && transaction::cut_by_watchdog(conn) {
-            return Err(Error::ServerUnresponsive {
-                elapsed: deadline.elapsed(),
-            });
-        }
         // The last refusal, once there was one: a deadline that passes after it gives up as
         // `Contended` with it, not as `Timeout` (which means nothing was ever sent).
         let mut last: Option<ServerError> = None;
@@ -827,6 +815,15 @@ impl TxnRunner {
                         attempts: attempts.started,
                         elapsed: deadline.elapsed(),
                         last,
+                    },
+                    // An earlier step of the same call (a charge's key lookup, a batch's read
+                    // of holds) whose work was done when the watchdog cut its connection (the
+                    // server froze as the caller's session was put back): the call was cut at
+                    // its deadline plus grace, as `ServerUnresponsive` says — `Timeout` would
+                    // say the connection is fine, and a router would count no node failure. A
+                    // combiner gives its later callers back on either.
+                    None if transaction::cut_by_watchdog(conn) => Error::ServerUnresponsive {
+                        elapsed: deadline.elapsed(),
                     },
                     None => Error::Timeout {
                         elapsed: deadline.elapsed(),

@@ -106,9 +106,9 @@ const RESTART_TIMEOUT: Duration = Duration::from_secs(90);
 /// Poll interval while waiting for nodes.
 const POLL: Duration = Duration::from_millis(100);
 
-/// How long live nodes that are a majority of the cluster may stay together in a non-Primary
-/// component before [`GaleraCluster::wait_cluster_synced`] bootstraps them: Galera forms the
-/// Primary component within a second of the view that makes it possible.
+/// How long nodes that are a majority of the cluster may stay together in a non-Primary
+/// component before a [`StuckMajority`] bootstraps them: Galera forms the Primary component
+/// within a second of the view that makes it possible.
 pub const STUCK_MAJORITY: Duration = Duration::from_secs(5);
 
 const GRASTATE: &str = "grastate.dat";
@@ -269,6 +269,52 @@ impl NodeStatus {
     /// Ready, Synced and in the Primary component.
     pub fn is_synced(&self) -> bool {
         self.ready && self.state_comment == "Synced" && self.cluster_status == "Primary"
+    }
+}
+
+/// Nodes that see each other, are a majority of the cluster and still stay outside the
+/// Primary component: Galera failed to agree on a view change (its log says "no install
+/// message received"), which happens on a loaded machine with
+/// [`fast_eviction`](GaleraBuilder::fast_eviction)'s short timeouts, and it does not form the
+/// Primary component by itself. [`watch`](Self::watch) bootstraps them (`pc.bootstrap=YES` on
+/// the first) once they have stayed so for [`STUCK_MAJORITY`]. That is safe only where no
+/// other component can be Primary: every node of a [`GaleraCluster`] is this process's, and
+/// the ones outside `nodes` must be stopped, paused or cut off
+/// ([`wait_cluster_synced`](GaleraCluster::wait_cluster_synced) watches the live nodes; a test
+/// that kills or pauses a node watches the others).
+#[derive(Debug, Default)]
+pub struct StuckMajority {
+    since: Option<Instant>,
+}
+
+impl StuckMajority {
+    /// Looks at `nodes` once: stuck (a majority of `cluster`, each outside the Primary
+    /// component in a view of exactly `nodes.len()` members) since the first such look for
+    /// [`STUCK_MAJORITY`], they are bootstrapped; whether they were. A failed bootstrap is
+    /// tried again after another [`STUCK_MAJORITY`].
+    pub fn watch(&mut self, cluster: &GaleraCluster, nodes: &[usize]) -> bool {
+        let stuck = nodes.len() * 2 > cluster.nodes()
+            && nodes.iter().all(|&node| {
+                cluster.status(node).is_ok_and(|status| {
+                    status.cluster_status != "Primary" && status.cluster_size == nodes.len() as u64
+                })
+            });
+        if !stuck {
+            self.since = None;
+            return false;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() < STUCK_MAJORITY {
+            return false;
+        }
+        eprintln!(
+            "galera: nodes {nodes:?} see each other but stayed non-Primary for {:?}; \
+             bootstrapping a Primary component on node {}",
+            since.elapsed(),
+            nodes[0]
+        );
+        self.since = None;
+        cluster.bootstrap_primary(nodes[0]).is_ok()
     }
 }
 
@@ -665,81 +711,53 @@ impl GaleraCluster {
     /// common view number keeps that stale report from counting.
     ///
     /// Live nodes that are a majority of the cluster and see each other but
-    /// stay non-Primary for [`STUCK_MAJORITY`] are bootstrapped into a Primary
-    /// component (`pc.bootstrap=YES` on the first of them). Galera then failed
-    /// to agree on a view change (its log says "no install message
-    /// received"), which happens on a loaded machine with
-    /// [`fast_eviction`](GaleraBuilder::fast_eviction)'s short timeouts, and
-    /// it does not form the Primary component by itself. The bootstrap is
-    /// safe here: every node of the cluster is one of this process's, and
-    /// the others (paused or stopped) cannot form a Primary component.
+    /// stay non-Primary are bootstrapped into a Primary component (see
+    /// [`StuckMajority`]): the others, paused or stopped, cannot form one.
     pub fn wait_cluster_synced(
         &mut self,
         timeout: Duration,
     ) -> Result<Vec<Option<NodeStatus>>, GaleraError> {
         let started = Instant::now();
         let mut previous: Option<Vec<Option<NodeStatus>>> = None;
-        let mut stuck_since: Option<Instant> = None;
+        let mut stuck = StuckMajority::default();
         loop {
             let live: Vec<usize> = (0..self.nodes.len())
                 .filter(|&i| self.nodes[i].server.is_some() && !self.nodes[i].paused)
                 .collect();
             let mut statuses: Vec<Option<NodeStatus>> = vec![None; self.nodes.len()];
+            let mut view = None;
             let mut waiting = None;
-            let mut non_primary = 0;
             for &node in &live {
                 self.check_exited(node)?;
                 match self.status(node) {
+                    Ok(status)
+                        if status.is_synced()
+                            && status.cluster_size == live.len() as u64
+                            && *view.get_or_insert(status.conf_id) == status.conf_id =>
+                    {
+                        statuses[node] = Some(status);
+                    }
                     Ok(status) => {
-                        if status.cluster_status != "Primary"
-                            && status.cluster_size == live.len() as u64
-                        {
-                            non_primary += 1;
-                        }
-                        let first_conf = statuses.iter().flatten().next().map(|s| s.conf_id);
-                        if waiting.is_none()
-                            && status.is_synced()
-                            && status.cluster_size == live.len() as u64
-                            && first_conf.is_none_or(|id| id == status.conf_id)
-                        {
-                            statuses[node] = Some(status);
-                        } else if waiting.is_none() {
-                            waiting = Some((node, format!("{status:?}")));
-                        }
+                        waiting = Some((node, format!("{status:?}")));
+                        break;
                     }
                     Err(e) => {
-                        if waiting.is_none() {
-                            waiting = Some((node, e.to_string()));
-                        }
+                        waiting = Some((node, e.to_string()));
+                        break;
                     }
                 }
             }
             let Some((node, last)) = waiting else {
-                stuck_since = None;
                 if previous.as_ref() == Some(&statuses) {
                     return Ok(statuses);
                 }
                 previous = Some(statuses);
+                stuck = StuckMajority::default();
                 sleep(POLL);
                 continue;
             };
             previous = None;
-            if !live.is_empty() && non_primary == live.len() && live.len() * 2 > self.nodes.len() {
-                let since = *stuck_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= STUCK_MAJORITY {
-                    eprintln!(
-                        "galera: nodes {live:?} see each other but stayed non-Primary for {:?}; \
-                         bootstrapping a Primary component on node {}",
-                        since.elapsed(),
-                        live[0]
-                    );
-                    // A failed attempt is tried again after the next grace period.
-                    let _ = self.bootstrap_primary(live[0]);
-                    stuck_since = None;
-                }
-            } else {
-                stuck_since = None;
-            }
+            stuck.watch(self, &live);
             if started.elapsed() >= timeout {
                 return Err(GaleraError::Timeout {
                     node,
@@ -753,12 +771,8 @@ impl GaleraCluster {
     }
 
     /// `SET GLOBAL wsrep_provider_options = 'pc.bootstrap=YES'` on `node`: its component
-    /// becomes the Primary one. Only for a test that knows no other component can be Primary —
-    /// the nodes outside it stopped, paused or cut off, and fewer than half of the cluster —
-    /// after Galera failed to agree on a view change and left a majority non-Primary (see
-    /// [`wait_cluster_synced`](Self::wait_cluster_synced), which does this itself for the live
-    /// nodes).
-    pub fn bootstrap_primary(&self, node: usize) -> Result<(), GaleraError> {
+    /// becomes the Primary one (see [`StuckMajority`]).
+    fn bootstrap_primary(&self, node: usize) -> Result<(), GaleraError> {
         self.running(node)?;
         let mut conn =
             MysqlConnection::establish(&self.url(node, "")).map_err(SandboxError::from)?;

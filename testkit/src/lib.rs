@@ -37,6 +37,6 @@ pub mod strategies;
 pub mod workload;
 
 pub use galera::{
-    GaleraBuilder, GaleraCluster, GaleraError, NodePorts, NodeStatus, STUCK_MAJORITY,
+    GaleraBuilder, GaleraCluster, GaleraError, NodePorts, NodeStatus, StuckMajority, STUCK_MAJORITY,
 };
 pub use sandbox::{database_url, inherit_no_descriptors, Sandbox, SandboxError};

@@ -24,7 +24,7 @@ use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Deadline, Error, TxnPoli
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{count_key, exclusive, policy_with_deadline};
-use lockstock_testkit::galera::{GaleraCluster, STUCK_MAJORITY};
+use lockstock_testkit::galera::{GaleraCluster, StuckMajority};
 use lockstock_testkit::rng::Rng;
 use lockstock_testkit::workload::{setup, verify, Op, Outcome, Record, Setup, Summary};
 
@@ -608,19 +608,10 @@ fn fails_over(
                 })
         };
         // Survivors that see each other but stay non-Primary (Galera failed to agree on the
-        // view change: "no install message received") are bootstrapped after
-        // `STUCK_MAJORITY`, as `wait_cluster_synced` does: the faulty node is killed, frozen
-        // or cut off, and cannot be Primary beside them.
+        // view change) are bootstrapped, as `wait_cluster_synced` does: the faulty node is
+        // killed, frozen or cut off, and cannot be Primary beside them.
         let survivors: Vec<usize> = (0..cluster.nodes()).filter(|n| *n != writer).collect();
-        let survivors_stuck = |cluster: &GaleraCluster| {
-            survivors.iter().all(|&node| {
-                cluster.status(node).is_ok_and(|status| {
-                    status.cluster_status != "Primary"
-                        && status.cluster_size == survivors.len() as u64
-                })
-            })
-        };
-        let mut stuck_since: Option<Instant> = None;
+        let mut stuck = StuckMajority::default();
         while waiting.elapsed() < Duration::from_secs(60)
             && !routers.iter().all(|router| {
                 let stats = router.stats();
@@ -630,19 +621,7 @@ fn fails_over(
             })
             && (waiting.elapsed() < Duration::from_secs(20) || !survivors_primary(cluster))
         {
-            if survivors.len() * 2 > cluster.nodes() && survivors_stuck(cluster) {
-                let since = *stuck_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= STUCK_MAJORITY {
-                    eprintln!(
-                        "  survivors {survivors:?} stayed non-Primary for {:?}: bootstrapped",
-                        since.elapsed()
-                    );
-                    let _ = cluster.bootstrap_primary(survivors[0]);
-                    stuck_since = None;
-                }
-            } else {
-                stuck_since = None;
-            }
+            stuck.watch(cluster, &survivors);
             thread::sleep(Duration::from_millis(100));
         }
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
