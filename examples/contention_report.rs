@@ -20,7 +20,13 @@
 //!   stock gate plus one INSERT per granted request, at every client count next to combining,
 //!   and a sell-out run, with over- and under-issue counted.
 //!
+//! After the rounds it measures the floor at each process count's mean batch: a process's
+//! batch holds only its own clients' requests, so floor(4 processes' batch) / 1 process is the
+//! ceiling of any design whose batches do not cross processes.
+//!
 //! It writes an SVG chart to `target/contention.svg` (the floor as a dotted line) and ends with
+//!
+//! `contention-processes-ceiling: coupon floor(4proc batch)/1proc=<c> ledger floor(4proc batch)/1proc=<d>`
 //!
 //! `contention-processes: coupon 4proc/1proc=<r> ledger 4proc/1proc=<s>`
 //!
@@ -74,6 +80,7 @@
 //!
 //! [`Harness::on_cluster`]: lockstock_testkit::strategies::Harness::on_cluster
 
+use lockstock::combine::CombinerStats;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -175,8 +182,13 @@ fn run() -> Result<bool, BoxError> {
     let mut harness = Harness::new("lockstock_contention_report")?;
     if options.processes_only {
         let runs = processes::measure(&mut harness, options.cell_time)?;
-        print_processes(&runs);
-        let mut clean = true;
+        let mut violations = Vec::new();
+        let floors = process_floors(&mut harness, &runs, options.cell_time, &mut violations)?;
+        print_processes(&runs, &floors);
+        let mut clean = violations.is_empty();
+        for violation in &violations {
+            eprintln!("INVARIANT VIOLATION: {violation}");
+        }
         for run in &runs {
             for violation in &run.violations {
                 clean = false;
@@ -187,11 +199,7 @@ fn run() -> Result<bool, BoxError> {
                 );
             }
         }
-        println!(
-            "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
-            process_ratio(&runs, Domain::Coupon),
-            process_ratio(&runs, Domain::Ledger)
-        );
+        print_process_lines(&runs, &floors);
         return Ok(clean);
     }
     let version = harness.server_version()?;
@@ -264,7 +272,8 @@ fn run() -> Result<bool, BoxError> {
                 .map(|v| format!("{} {} processes: {v}", run.domain.name(), run.processes)),
         );
     }
-    print_processes(&runs);
+    let process_floors = process_floors(&mut harness, &runs, options.cell_time, &mut violations)?;
+    print_processes(&runs, &process_floors);
 
     // The Redis gate: optional — a gate that cannot run (Redis did not start, say) is
     // reported, and the rest of the report stands.
@@ -293,11 +302,7 @@ fn run() -> Result<bool, BoxError> {
             eprintln!("  {violation}");
         }
     }
-    println!(
-        "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
-        process_ratio(&runs, Domain::Coupon),
-        process_ratio(&runs, Domain::Ledger)
-    );
+    print_process_lines(&runs, &process_floors);
     println!(
         "contention: coupon combining/seed={} ledger combining/seed={} coupon \
          combining/floor={} ledger combining/floor={} clients={RATIO_CLIENTS}",
@@ -319,7 +324,12 @@ fn load_average() -> String {
 
 /// The mean batch of a combining cell, rounded (at least 1).
 fn mean_batch(r: &CellResult) -> usize {
-    r.batches.filter(|b| b.batches > 0).map_or(1, |b| {
+    rounded_mean(r.batches)
+}
+
+/// The mean batch of combiner statistics, rounded (at least 1).
+fn rounded_mean(stats: Option<CombinerStats>) -> usize {
+    stats.filter(|b| b.batches > 0).map_or(1, |b| {
         ((b.requests as f64 / b.batches as f64).round() as usize).max(1)
     })
 }
@@ -396,7 +406,42 @@ fn floor_ratio(results: &[CellResult], floors: &[(usize, Floor)], domain: Domain
     }
 }
 
-fn print_processes(runs: &[processes::ProcessRun]) {
+/// The floor ([`Harness::floor`]) at the mean batch of each process count's median run: what
+/// the hot row could take at that batch size even if every process's batch went through at the
+/// server's own speed — the ceiling of any design whose batches hold only one process's
+/// requests. Keyed by (domain, processes).
+fn process_floors(
+    harness: &mut Harness,
+    runs: &[processes::ProcessRun],
+    time: Duration,
+    violations: &mut Vec<String>,
+) -> Result<Vec<(Domain, usize, Floor)>, BoxError> {
+    let mut floors = Vec::new();
+    for domain in Domain::ALL {
+        for count in processes::PROCESSES {
+            let Some(run) = processes::median(runs, domain, count) else {
+                continue;
+            };
+            let floor = harness.floor(domain, rounded_mean(Some(run.batches)), time)?;
+            eprintln!(
+                "  {:<6} floor      {count} processes' batch: {:>9.0} rows/s (batch {})",
+                domain.name(),
+                floor.rows_per_second(),
+                floor.batch
+            );
+            violations.extend(
+                floor
+                    .violations
+                    .iter()
+                    .map(|v| format!("{} floor at {count} processes' batch: {v}", domain.name())),
+            );
+            floors.push((domain, count, floor));
+        }
+    }
+    Ok(floors)
+}
+
+fn print_processes(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Floor)]) {
     println!("## Across processes\n");
     println!(
         "P application processes (the report re-executed as workers) x {RATIO_CLIENTS}/P \
@@ -406,13 +451,17 @@ fn print_processes(runs: &[processes::ProcessRun]) {
          their order turned each round (1, 2, 4; 2, 4, 1; 4, 1, 2); each row is the round with \
          the median throughput, its vs-1-process against 1 process's median; per round, each \
          run against the 1-process run of its round (sorted; the final line's 4proc/1proc is \
-         their median).\n",
+         their median). A process's batch holds only its own clients' requests, so it can hold \
+         no more than {RATIO_CLIENTS}/P: the floor at the median run's mean batch (measured \
+         after all rounds, one connection, as in the floor table) over 1 process's median is \
+         the ceiling of any such design — P processes' batches going through the hot row \
+         back to back at the server's own speed.\n",
         processes::ROUNDS
     );
     println!(
-        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | vs 1 process per round | ok/s per round | notes |"
+        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | vs 1 process per round | ok/s per round | floor rows/s at the mean batch | floor / 1 process | notes |"
     );
-    println!("|---|---|---:|---:|---:|---|---|---:|---|---|---|");
+    println!("|---|---|---:|---:|---:|---|---|---:|---|---|---:|---:|---|");
     let medians = Domain::ALL.iter().flat_map(|&domain| {
         processes::PROCESSES
             .iter()
@@ -436,8 +485,15 @@ fn print_processes(runs: &[processes::ProcessRun]) {
             .iter()
             .map(|r| format!("{r:.2}"))
             .collect();
+        let (floor, ceiling) = match process_floor(floors, run.domain, run.processes) {
+            Some(f) => (
+                format!("{:.0} ({})", f.rows_per_second(), f.batch),
+                format!("{:.2}", f.rows_per_second() / one.max(1e-9)),
+            ),
+            None => ("n/a".to_string(), "n/a".to_string()),
+        };
         println!(
-            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} | {} |",
+            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} | {floor} | {ceiling} | {} |",
             run.domain.name(),
             run.processes,
             RATIO_CLIENTS / run.processes,
@@ -456,6 +512,49 @@ fn print_processes(runs: &[processes::ProcessRun]) {
         );
     }
     println!();
+}
+
+fn process_floor(
+    floors: &[(Domain, usize, Floor)],
+    domain: Domain,
+    count: usize,
+) -> Option<&Floor> {
+    floors
+        .iter()
+        .find(|(d, c, _)| *d == domain && *c == count)
+        .map(|(_, _, f)| f)
+}
+
+/// The floor at 4 processes' mean batch over 1 process's median throughput, for `domain`.
+fn process_ceiling(
+    runs: &[processes::ProcessRun],
+    floors: &[(Domain, usize, Floor)],
+    domain: Domain,
+) -> String {
+    match (
+        process_floor(floors, domain, 4),
+        processes::median(runs, domain, 1).map(|r| r.run.throughput()),
+    ) {
+        (Some(floor), Some(one)) if one > 0.0 => {
+            format!("{:.2}", floor.rows_per_second() / one)
+        }
+        _ => "n/a".to_string(),
+    }
+}
+
+/// The ceiling line and the `contention-processes:` line.
+fn print_process_lines(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Floor)]) {
+    println!(
+        "contention-processes-ceiling: coupon floor(4proc batch)/1proc={} ledger floor(4proc \
+         batch)/1proc={}",
+        process_ceiling(runs, floors, Domain::Coupon),
+        process_ceiling(runs, floors, Domain::Ledger)
+    );
+    println!(
+        "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
+        process_ratio(runs, Domain::Coupon),
+        process_ratio(runs, Domain::Ledger)
+    );
 }
 
 /// 4proc/1proc of `domain`: the median of the rounds' own ratios.
