@@ -21,12 +21,13 @@
 //!   and a sell-out run, with over- and under-issue counted.
 //!
 //! After the rounds it measures the floor at each process count's mean batch: a process's
-//! batch holds only its own clients' requests, so floor(4 processes' batch) / 1 process is the
-//! ceiling of any design whose batches do not cross processes.
+//! batch holds only its own clients' requests (at most 64 / P), and floor(4 processes' batch)
+//! / floor(1 process's batch) is what the server itself loses at the smaller batch, with no
+//! client, lock or process around it.
 //!
 //! It writes an SVG chart to `target/contention.svg` (the floor as a dotted line) and ends with
 //!
-//! `contention-processes-ceiling: coupon floor(4proc batch)/1proc=<c> ledger floor(4proc batch)/1proc=<d>`
+//! `contention-processes-floor: coupon floor(4proc batch)/floor(1proc batch)=<c> ledger floor(4proc batch)/floor(1proc batch)=<d>`
 //!
 //! `contention-processes: coupon 4proc/1proc=<r> ledger 4proc/1proc=<s>`
 //!
@@ -407,9 +408,9 @@ fn floor_ratio(results: &[CellResult], floors: &[(usize, Floor)], domain: Domain
 }
 
 /// The floor ([`Harness::floor`]) at the mean batch of each process count's median run: what
-/// the hot row could take at that batch size even if every process's batch went through at the
-/// server's own speed — the ceiling of any design whose batches hold only one process's
-/// requests. Keyed by (domain, processes).
+/// one connection writes at that batch size with nothing around it. A process's batch holds
+/// only its own clients' requests, so the floor at 4 processes' batch over the floor at one
+/// process's is the server's own loss at the smaller batch. Keyed by (domain, processes).
 fn process_floors(
     harness: &mut Harness,
     runs: &[processes::ProcessRun],
@@ -453,13 +454,14 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Flo
          run against the 1-process run of its round (sorted; the final line's 4proc/1proc is \
          their median). A process's batch holds only its own clients' requests, so it can hold \
          no more than {RATIO_CLIENTS}/P: the floor at the median run's mean batch (measured \
-         after all rounds, one connection, as in the floor table) over 1 process's median is \
-         the ceiling of any such design — P processes' batches going through the hot row \
-         back to back at the server's own speed.\n",
+         after all rounds, one connection, as in the floor table) over the floor at 1 \
+         process's batch is what the server itself loses at that batch size (several \
+         processes can pass it a little: their transactions overlap where one connection's \
+         cannot, e.g. a COMMIT's log flush with the next holder's statements).\n",
         processes::ROUNDS
     );
     println!(
-        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | vs 1 process per round | ok/s per round | floor rows/s at the mean batch | floor / 1 process | notes |"
+        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | vs 1 process per round | ok/s per round | floor rows/s at the mean batch | floor / 1 process's floor | notes |"
     );
     println!("|---|---|---:|---:|---:|---|---|---:|---|---|---:|---:|---|");
     let medians = Domain::ALL.iter().flat_map(|&domain| {
@@ -485,15 +487,15 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Flo
             .iter()
             .map(|r| format!("{r:.2}"))
             .collect();
-        let (floor, ceiling) = match process_floor(floors, run.domain, run.processes) {
+        let (floor, of_one) = match process_floor(floors, run.domain, run.processes) {
             Some(f) => (
                 format!("{:.0} ({})", f.rows_per_second(), f.batch),
-                format!("{:.2}", f.rows_per_second() / one.max(1e-9)),
+                floor_ratio_of(floors, run.domain, run.processes),
             ),
             None => ("n/a".to_string(), "n/a".to_string()),
         };
         println!(
-            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} | {floor} | {ceiling} | {} |",
+            "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} | {floor} | {of_one} | {} |",
             run.domain.name(),
             run.processes,
             RATIO_CLIENTS / run.processes,
@@ -525,30 +527,24 @@ fn process_floor(
         .map(|(_, _, f)| f)
 }
 
-/// The floor at 4 processes' mean batch over 1 process's median throughput, for `domain`.
-fn process_ceiling(
-    runs: &[processes::ProcessRun],
-    floors: &[(Domain, usize, Floor)],
-    domain: Domain,
-) -> String {
+/// The floor at `count` processes' mean batch over the floor at 1 process's, for `domain`.
+fn floor_ratio_of(floors: &[(Domain, usize, Floor)], domain: Domain, count: usize) -> String {
     match (
-        process_floor(floors, domain, 4),
-        processes::median(runs, domain, 1).map(|r| r.run.throughput()),
+        process_floor(floors, domain, count).map(Floor::rows_per_second),
+        process_floor(floors, domain, 1).map(Floor::rows_per_second),
     ) {
-        (Some(floor), Some(one)) if one > 0.0 => {
-            format!("{:.2}", floor.rows_per_second() / one)
-        }
+        (Some(many), Some(one)) if one > 0.0 => format!("{:.2}", many / one),
         _ => "n/a".to_string(),
     }
 }
 
-/// The ceiling line and the `contention-processes:` line.
+/// The floors' line and the `contention-processes:` line.
 fn print_process_lines(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Floor)]) {
     println!(
-        "contention-processes-ceiling: coupon floor(4proc batch)/1proc={} ledger floor(4proc \
-         batch)/1proc={}",
-        process_ceiling(runs, floors, Domain::Coupon),
-        process_ceiling(runs, floors, Domain::Ledger)
+        "contention-processes-floor: coupon floor(4proc batch)/floor(1proc batch)={} ledger \
+         floor(4proc batch)/floor(1proc batch)={}",
+        floor_ratio_of(floors, Domain::Coupon, 4),
+        floor_ratio_of(floors, Domain::Ledger, 4)
     );
     println!(
         "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
