@@ -130,7 +130,8 @@ impl Options {
                          --galera  a throwaway 3-node Galera cluster: per-request vs combining \
                          at 1, 16, 64 clients, one writer vs spread, and the mixed workload \
                          (about 3 minutes)\n  \
-                         --processes  only the runs across processes (1, 2, 4 processes)"
+                         --processes  only the runs across processes (1, 2, 4 processes) and \
+                         the floors at their batches"
                     );
                     std::process::exit(0);
                 }
