@@ -598,12 +598,21 @@ impl Error {
     /// request may be applied, so [`Error::OutcomeUnknown`], never the failure itself, which
     /// would tell the retry that nothing was applied. (A conflict found under the key is an
     /// answer, not a failure.)
+    ///
+    /// Behind it, the server's error where the lookup met one; else the lookup's failure in
+    /// words that say what failed ("the transaction was not committed" of a `Timeout` is the
+    /// lookup's, not the request's, which may be applied).
     pub(crate) fn unknown_after_refusal(failure: Error) -> Error {
         match failure {
             Error::IdempotencyConflict { .. }
             | Error::RestockConflict { .. }
             | Error::OutcomeUnknown { .. } => failure,
-            failure => Error::outcome_unknown(&failure),
+            failure => Error::unknown_with(&failure, || {
+                format!(
+                    "looking up the request's idempotency key (an earlier call under it may \
+                     have applied it) failed: {failure}"
+                )
+            }),
         }
     }
 
@@ -689,10 +698,14 @@ impl Error {
     /// [`Error::OutcomeUnknown`] for a failure after a COMMIT may have been sent: the server's
     /// error where there is one, else the failure's text.
     pub(crate) fn outcome_unknown(failure: &Error) -> Error {
+        Error::unknown_with(failure, || failure.to_string())
+    }
+
+    /// [`Error::OutcomeUnknown`] with the server's error behind `failure` where there is one,
+    /// else `text`.
+    fn unknown_with(failure: &Error, text: impl FnOnce() -> String) -> Error {
         let source = failure.server_error().cloned().unwrap_or_else(|| {
-            ServerError::new(diesel::result::Error::QueryBuilderError(
-                failure.to_string().into(),
-            ))
+            ServerError::new(diesel::result::Error::QueryBuilderError(text().into()))
         });
         Error::OutcomeUnknown { source }
     }

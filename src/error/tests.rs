@@ -276,25 +276,30 @@ mod galera {
     }
 }
 
-#[test]
-fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same() {
+/// The failures a deadline causes: `Timeout`, `Contended` (after a NOWAIT refusal) and
+/// `ServerUnresponsive`.
+fn cut_by_the_deadline() -> [Error; 3] {
     let refused = ServerError::new(unknown(
         "Statement aborted because lock(s) could not be acquired immediately and NOWAIT is set.",
     ));
-    let cut = [
+    [
         Error::Timeout {
             elapsed: Duration::from_millis(5),
         },
         Error::Contended {
             attempts: 3,
             elapsed: Duration::from_millis(5),
-            last: refused.clone(),
+            last: refused,
         },
         Error::ServerUnresponsive {
             elapsed: Duration::from_millis(5),
         },
-    ];
-    for failure in cut {
+    ]
+}
+
+#[test]
+fn an_unknown_after_a_refusal_cut_by_the_deadline_is_marked_and_reads_the_same() {
+    for failure in cut_by_the_deadline() {
         let marked = Error::unknown_after_refusal_by_deadline(failure.clone(), None);
         let plain = Error::unknown_after_refusal(failure.clone());
         assert!(marked.is_outcome_unknown(), "{marked:?}");
@@ -504,4 +509,36 @@ fn a_server_error_displays_the_servers_message() {
             && text.ends_with("Table 'shop.user_balance' doesn't exist"),
         "{text}"
     );
+}
+
+/// An unknown outcome for a request whose key could not be looked up says what failed: the
+/// lookup. Before the fix, a lookup cut by the deadline put the `Timeout`'s own words behind
+/// the `OutcomeUnknown` — "the pending transaction was not committed" — which read as if the
+/// request had not been applied, where it may have been. A server error behind the lookup is
+/// kept as it is.
+#[test]
+fn an_unknown_after_a_failed_lookup_says_the_lookup_failed() {
+    use std::error::Error as _;
+    let failures = cut_by_the_deadline()
+        .into_iter()
+        .chain([Error::internal("a lookup that answered nothing")]);
+    for failure in failures {
+        let answer = Error::unknown_after_refusal(failure.clone());
+        assert!(answer.is_outcome_unknown(), "{answer:?}");
+        let behind = answer.source().map(ToString::to_string).unwrap_or_default();
+        let expected_cause = match failure.server_error() {
+            Some(server) => server.to_string(),
+            None => format!(
+                "looking up the request's idempotency key (an earlier call under it may have \
+                 applied it) failed: {failure}"
+            ),
+        };
+        assert!(behind.ends_with(&expected_cause), "{behind}");
+        if failure.server_error().is_none() {
+            assert!(
+                behind.contains("looking up the request's idempotency key"),
+                "{behind}"
+            );
+        }
+    }
 }
