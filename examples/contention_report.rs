@@ -83,12 +83,12 @@
 //!
 //! [`Harness::on_cluster`]: lockstock_testkit::strategies::Harness::on_cluster
 
-use lockstock::combine::CombinerStats;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use lockstock::combine::CombinerStats;
 use lockstock_testkit::redis::RedisServer;
 use lockstock_testkit::strategies::{
     mean_us, percentile_us, BoxError, CellConfig, CellResult, Domain, Floor, Gate, Harness, Run,
