@@ -238,24 +238,8 @@ fn run() -> Result<bool, BoxError> {
                     max_requests: CELL_REQUEST_CAP,
                     max_time: Some(options.cell_time),
                 };
-                let result = harness.run_cell(&config)?;
-                eprintln!(
-                    "  {:<6} {:<10} {:>3} clients: {:>9.0}/s ({} ok, {} errors)",
-                    domain.name(),
-                    strategy.name(),
-                    clients,
-                    result.throughput(),
-                    result.ok,
-                    result.errors
-                );
-                for violation in &result.violations {
-                    violations.push(format!(
-                        "{} {} {} clients: {violation}",
-                        domain.name(),
-                        strategy.name(),
-                        clients
-                    ));
-                }
+                let what = format!("{:<10} {clients:>3} clients", strategy.name());
+                let result = checked_cell(&mut harness, &config, &what, &mut violations)?;
                 if strategy == Strategy::Combining {
                     floors.push(floor(&mut harness, &options, &result, &mut violations)?);
                 }
@@ -349,11 +333,55 @@ fn floor(
     r: &CellResult,
     violations: &mut Vec<String>,
 ) -> Result<(usize, Floor), BoxError> {
-    let floor = harness.floor(r.domain, mean_batch(r), options.cell_time)?;
+    let what = format!("{:>3} clients", r.clients);
+    let floor = measured_floor(
+        harness,
+        (r.domain, mean_batch(r)),
+        options.cell_time,
+        &what,
+        violations,
+    )?;
+    Ok((r.clients, floor))
+}
+
+/// A matrix cell ([`Harness::run_cell`]), its line on stderr and its violations recorded
+/// (`what`: which cell of the domain's).
+fn checked_cell(
+    harness: &mut Harness,
+    config: &CellConfig,
+    what: &str,
+    violations: &mut Vec<String>,
+) -> Result<CellResult, BoxError> {
+    let result = harness.run_cell(config)?;
+    let domain = config.domain.name();
     eprintln!(
-        "  {:<6} floor      {:>3} clients: {:>9.0} rows/s (batch {})",
-        r.domain.name(),
-        r.clients,
+        "  {domain:<6} {what}: {:>9.0}/s ({} ok, {} errors)",
+        result.throughput(),
+        result.ok,
+        result.errors
+    );
+    violations.extend(
+        result
+            .violations
+            .iter()
+            .map(|v| format!("{domain} {what}: {v}")),
+    );
+    Ok(result)
+}
+
+/// The floor ([`Harness::floor`]) of `(domain, batch)` for `time`, its line on stderr and its
+/// violations recorded (`what`: whose batch it is).
+fn measured_floor(
+    harness: &mut Harness,
+    (domain, batch): (Domain, usize),
+    time: Duration,
+    what: &str,
+    violations: &mut Vec<String>,
+) -> Result<Floor, BoxError> {
+    let floor = harness.floor(domain, batch, time)?;
+    let name = domain.name();
+    eprintln!(
+        "  {name:<6} floor      {what}: {:>9.0} rows/s (batch {})",
         floor.rows_per_second(),
         floor.batch
     );
@@ -361,9 +389,9 @@ fn floor(
         floor
             .violations
             .iter()
-            .map(|v| format!("{} floor at {} clients: {v}", r.domain.name(), r.clients)),
+            .map(|v| format!("{name} floor at {what}: {v}")),
     );
-    Ok((r.clients, floor))
+    Ok(floor)
 }
 
 fn floor_of(floors: &[(usize, Floor)], domain: Domain, clients: usize) -> Option<&Floor> {
@@ -386,6 +414,15 @@ struct FloorRound {
 }
 
 impl FloorRound {
+    fn of(domain: Domain, combining: f64, floor: &Floor) -> Self {
+        Self {
+            domain,
+            combining,
+            floor: floor.rows_per_second(),
+            batch: floor.batch,
+        }
+    }
+
     fn ratio(&self) -> f64 {
         self.combining / self.floor.max(1e-9)
     }
@@ -407,12 +444,7 @@ fn floor_rounds(
             r.domain == domain && r.strategy == Strategy::Combining && r.clients == RATIO_CLIENTS
         });
         if let (Some(cell), Some(floor)) = (cell, floor_of(floors, domain, RATIO_CLIENTS)) {
-            rounds.push(FloorRound {
-                domain,
-                combining: cell.throughput(),
-                floor: floor.rows_per_second(),
-                batch: floor.batch,
-            });
+            rounds.push(FloorRound::of(domain, cell.throughput(), floor));
         }
     }
     if rounds.is_empty() {
@@ -427,27 +459,10 @@ fn floor_rounds(
                 max_requests: CELL_REQUEST_CAP,
                 max_time: Some(options.cell_time),
             };
-            let result = harness.run_cell(&config)?;
-            eprintln!(
-                "  {:<6} combining  {RATIO_CLIENTS} clients, round {}: {:>9.0}/s",
-                domain.name(),
-                round + 1,
-                result.throughput()
-            );
-            violations.extend(result.violations.iter().map(|v| {
-                format!(
-                    "{} combining {RATIO_CLIENTS} clients, round {}: {v}",
-                    domain.name(),
-                    round + 1
-                )
-            }));
+            let what = format!("combining  {RATIO_CLIENTS} clients, round {}", round + 1);
+            let result = checked_cell(harness, &config, &what, violations)?;
             let (_, floor) = floor(harness, options, &result, violations)?;
-            rounds.push(FloorRound {
-                domain,
-                combining: result.throughput(),
-                floor: floor.rows_per_second(),
-                batch: floor.batch,
-            });
+            rounds.push(FloorRound::of(domain, result.throughput(), &floor));
         }
     }
     Ok(rounds)
@@ -539,19 +554,9 @@ fn process_floors(
             let Some(run) = processes::median(runs, domain, count) else {
                 continue;
             };
-            let floor = harness.floor(domain, rounded_mean(Some(run.batches)), time)?;
-            eprintln!(
-                "  {:<6} floor      {count} processes' batch: {:>9.0} rows/s (batch {})",
-                domain.name(),
-                floor.rows_per_second(),
-                floor.batch
-            );
-            violations.extend(
-                floor
-                    .violations
-                    .iter()
-                    .map(|v| format!("{} floor at {count} processes' batch: {v}", domain.name())),
-            );
+            let what = format!("{count} processes' batch");
+            let batch = rounded_mean(Some(run.batches));
+            let floor = measured_floor(harness, (domain, batch), time, &what, violations)?;
             floors.push((domain, count, floor));
         }
     }
