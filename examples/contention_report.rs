@@ -89,6 +89,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use lockstock::combine::CombinerStats;
+use lockstock::StockRowWait;
 use lockstock_testkit::redis::RedisServer;
 use lockstock_testkit::strategies::{
     mean_us, percentile_us, BoxError, CellConfig, CellResult, Domain, Floor, Gate, Harness, Run,
@@ -198,7 +199,7 @@ fn run() -> Result<bool, BoxError> {
                 clean = false;
                 eprintln!(
                     "INVARIANT VIOLATION: {} {} processes: {violation}",
-                    run.domain.name(),
+                    run.row.name(),
                     run.processes
                 );
             }
@@ -260,7 +261,7 @@ fn run() -> Result<bool, BoxError> {
         violations.extend(
             run.violations
                 .iter()
-                .map(|v| format!("{} {} processes: {v}", run.domain.name(), run.processes)),
+                .map(|v| format!("{} {} processes: {v}", run.row.name(), run.processes)),
         );
     }
     let process_floors = process_floors(&mut harness, &runs, options.cell_time, &mut violations)?;
@@ -541,29 +542,78 @@ fn floor_ratio(rounds: &[FloorRound], domain: Domain) -> String {
 /// The floor ([`Harness::floor`]) at the mean batch of each process count's median run: what
 /// one connection writes at that batch size with nothing around it. A process's batch holds
 /// only its own clients' requests, so the floor at 4 processes' batch over the floor at one
-/// process's is the server's own loss at the smaller batch. Keyed by (domain, processes).
+/// process's is the server's own loss at the smaller batch. Keyed by (hot row, processes).
 fn process_floors(
     harness: &mut Harness,
     runs: &[processes::ProcessRun],
     time: Duration,
     violations: &mut Vec<String>,
-) -> Result<Vec<(Domain, usize, Floor)>, BoxError> {
+) -> Result<Vec<(HotRow, usize, Floor)>, BoxError> {
     let mut floors = Vec::new();
-    for domain in Domain::ALL {
+    for row in HotRow::ALL {
         for count in processes::PROCESSES {
-            let Some(run) = processes::median(runs, domain, count) else {
+            let Some(run) = processes::median(runs, row, count) else {
                 continue;
             };
             let what = format!("{count} processes' batch");
             let batch = rounded_mean(Some(run.batches));
-            let floor = measured_floor(harness, (domain, batch), time, &what, violations)?;
-            floors.push((domain, count, floor));
+            let floor = measured_floor(harness, (row.domain, batch), time, &what, violations)?;
+            floors.push((row, count, floor));
         }
     }
     Ok(floors)
 }
 
-fn print_processes(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Floor)]) {
+/// A hot row the runs across processes measure: its domain, and how a coupon batch waits for
+/// a stock row another process holds ([`StockRowWait`]; the ledger has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HotRow {
+    domain: Domain,
+    wait: StockRowWait,
+}
+
+impl HotRow {
+    /// The coupon polling (the default), the coupon waiting in the server, the ledger.
+    const ALL: [HotRow; 3] = [
+        HotRow {
+            domain: Domain::Coupon,
+            wait: StockRowWait::Poll,
+        },
+        HotRow {
+            domain: Domain::Coupon,
+            wait: StockRowWait::InServer,
+        },
+        HotRow {
+            domain: Domain::Ledger,
+            wait: StockRowWait::Poll,
+        },
+    ];
+
+    /// The default coupon and ledger: the final line's.
+    fn of(domain: Domain) -> Self {
+        Self {
+            domain,
+            wait: StockRowWait::Poll,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match (self.domain, self.wait) {
+            (Domain::Coupon, StockRowWait::InServer) => "coupon, waits in server",
+            (domain, _) => domain.name(),
+        }
+    }
+
+    /// How a worker is told (`poll` or `server`).
+    fn wait_word(self) -> &'static str {
+        match self.wait {
+            StockRowWait::InServer => "server",
+            _ => "poll",
+        }
+    }
+}
+
+fn print_processes(runs: &[processes::ProcessRun], floors: &[(HotRow, usize, Floor)]) {
     println!("## Across processes\n");
     println!(
         "P application processes (the report re-executed as workers) x {RATIO_CLIENTS}/P \
@@ -578,23 +628,26 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Flo
          after all rounds, one connection, as in the floor table) over the floor at 1 \
          process's batch is what the server itself loses at that batch size (several \
          processes can pass it a little: their transactions overlap where one connection's \
-         cannot, e.g. a COMMIT's log flush with the next holder's statements).\n",
+         cannot, e.g. a COMMIT's log flush with the next holder's statements). \"coupon, waits \
+         in server\": the same coupon with `CouponIssuer::with_stock_row_wait(StockRowWait::InServer)` \
+         (a batch refused the stock row by another process waits for it in the server instead \
+         of polling: opt-in, see its docs).\n",
         processes::ROUNDS
     );
     println!(
         "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | vs 1 process per round | ok/s per round | floor rows/s at the mean batch | floor / 1 process's floor | notes |"
     );
     println!("|---|---|---:|---:|---:|---|---|---:|---|---|---:|---:|---|");
-    let medians = Domain::ALL.iter().flat_map(|&domain| {
+    let medians = HotRow::ALL.iter().flat_map(|&row| {
         processes::PROCESSES
             .iter()
-            .filter_map(move |&count| processes::median(runs, domain, count))
+            .filter_map(move |&count| processes::median(runs, row, count))
     });
     for run in medians {
-        let one = processes::median(runs, run.domain, 1).map_or(0.0, |r| r.run.throughput());
+        let one = processes::median(runs, run.row, 1).map_or(0.0, |r| r.run.throughput());
         let rounds: Vec<String> = runs
             .iter()
-            .filter(|r| r.domain == run.domain && r.processes == run.processes)
+            .filter(|r| r.row == run.row && r.processes == run.processes)
             .map(|r| format!("{:.0}", r.run.throughput()))
             .collect();
         let b = run.batches;
@@ -604,20 +657,20 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Flo
             b.requests as f64 / b.batches as f64
         };
         let errors = run_errors(&run.run);
-        let per_round: Vec<String> = processes::round_ratios(runs, run.domain, run.processes)
+        let per_round: Vec<String> = processes::round_ratios(runs, run.row, run.processes)
             .iter()
             .map(|r| format!("{r:.2}"))
             .collect();
-        let (floor, of_one) = match process_floor(floors, run.domain, run.processes) {
+        let (floor, of_one) = match process_floor(floors, run.row, run.processes) {
             Some(f) => (
                 format!("{:.0} ({})", f.rows_per_second(), f.batch),
-                floor_ratio_of(floors, run.domain, run.processes),
+                floor_ratio_of(floors, run.row, run.processes),
             ),
             None => ("n/a".to_string(), "n/a".to_string()),
         };
         println!(
             "| {} | {} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {errors} | {:.2} | {} | {} | {floor} | {of_one} | {} |",
-            run.domain.name(),
+            run.row.name(),
             run.processes,
             RATIO_CLIENTS / run.processes,
             run.run.throughput(),
@@ -637,46 +690,52 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Flo
     println!();
 }
 
-fn process_floor(
-    floors: &[(Domain, usize, Floor)],
-    domain: Domain,
-    count: usize,
-) -> Option<&Floor> {
+fn process_floor(floors: &[(HotRow, usize, Floor)], row: HotRow, count: usize) -> Option<&Floor> {
     floors
         .iter()
-        .find(|(d, c, _)| *d == domain && *c == count)
+        .find(|(r, c, _)| *r == row && *c == count)
         .map(|(_, _, f)| f)
 }
 
-/// The floor at `count` processes' mean batch over the floor at 1 process's, for `domain`.
-fn floor_ratio_of(floors: &[(Domain, usize, Floor)], domain: Domain, count: usize) -> String {
+/// The floor at `count` processes' mean batch over the floor at 1 process's, for `row`.
+fn floor_ratio_of(floors: &[(HotRow, usize, Floor)], row: HotRow, count: usize) -> String {
     match (
-        process_floor(floors, domain, count).map(Floor::rows_per_second),
-        process_floor(floors, domain, 1).map(Floor::rows_per_second),
+        process_floor(floors, row, count).map(Floor::rows_per_second),
+        process_floor(floors, row, 1).map(Floor::rows_per_second),
     ) {
         (Some(many), Some(one)) if one > 0.0 => format!("{:.2}", many / one),
         _ => "n/a".to_string(),
     }
 }
 
-/// The floors' line and the `contention-processes:` line.
-fn print_process_lines(runs: &[processes::ProcessRun], floors: &[(Domain, usize, Floor)]) {
+/// The floors' line, the opt-in coupon's line and the `contention-processes:` line (the
+/// defaults').
+fn print_process_lines(runs: &[processes::ProcessRun], floors: &[(HotRow, usize, Floor)]) {
+    let (coupon, ledger) = (HotRow::of(Domain::Coupon), HotRow::of(Domain::Ledger));
+    let waiting = HotRow {
+        domain: Domain::Coupon,
+        wait: StockRowWait::InServer,
+    };
     println!(
         "contention-processes-floor: coupon floor(4proc batch)/floor(1proc batch)={} ledger \
          floor(4proc batch)/floor(1proc batch)={}",
-        floor_ratio_of(floors, Domain::Coupon, 4),
-        floor_ratio_of(floors, Domain::Ledger, 4)
+        floor_ratio_of(floors, coupon, 4),
+        floor_ratio_of(floors, ledger, 4)
+    );
+    println!(
+        "contention-processes-stock-row-wait-in-server: coupon 4proc/1proc={}",
+        process_ratio(runs, waiting)
     );
     println!(
         "contention-processes: coupon 4proc/1proc={} ledger 4proc/1proc={}",
-        process_ratio(runs, Domain::Coupon),
-        process_ratio(runs, Domain::Ledger)
+        process_ratio(runs, coupon),
+        process_ratio(runs, ledger)
     );
 }
 
-/// 4proc/1proc of `domain`: the median of the rounds' own ratios.
-fn process_ratio(runs: &[processes::ProcessRun], domain: Domain) -> String {
-    let ratios = processes::round_ratios(runs, domain, 4);
+/// 4proc/1proc of `row`: the median of the rounds' own ratios.
+fn process_ratio(runs: &[processes::ProcessRun], row: HotRow) -> String {
+    let ratios = processes::round_ratios(runs, row, 4);
     match ratios.get(ratios.len().saturating_sub(1) / 2) {
         Some(median) => format!("{median:.2}"),
         None => "n/a".to_string(),
@@ -1754,12 +1813,13 @@ mod processes {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     use lockstock::combine::CombinerStats;
+    use lockstock::StockRowWait;
     use lockstock_testkit::strategies::{
-        combining_clients, combining_pool_size, pool, BoxError, CouponTarget, Domain, Harness,
+        combining_clients_with, combining_pool_size, pool, BoxError, CouponTarget, Domain, Harness,
         Prepared, Run, Target,
     };
 
-    use super::{CELL_REQUEST_CAP, RATIO_CLIENTS};
+    use super::{HotRow, CELL_REQUEST_CAP, RATIO_CLIENTS};
 
     /// Set in a worker: the database URL (the parent's server; a worker starts none).
     pub(super) const WORKER_ENV: &str = "LOCKSTOCK_REPORT_WORKER_URL";
@@ -1769,6 +1829,9 @@ mod processes {
     const RUN_ENV: &str = "LOCKSTOCK_REPORT_WORKER_RUN";
     /// The prefix of the worker's idempotency keys.
     const KEYS_ENV: &str = "LOCKSTOCK_REPORT_WORKER_KEYS";
+    /// How the worker's coupon batches wait for a stock row another process holds: `poll` or
+    /// `server` ([`HotRow::wait_word`]).
+    const WAIT_ENV: &str = "LOCKSTOCK_REPORT_WORKER_WAIT";
     /// Process counts measured; each runs [`RATIO_CLIENTS`] / count clients.
     pub(super) const PROCESSES: [usize; 3] = [1, 2, 4];
     /// Rounds of every (domain, process count), interleaved; the median is compared.
@@ -1776,9 +1839,9 @@ mod processes {
     /// Ids and latencies per output line.
     const CHUNK: usize = 1_000;
 
-    /// One (domain, process count) measurement.
+    /// One (hot row, process count) measurement.
     pub(super) struct ProcessRun {
-        pub(super) domain: Domain,
+        pub(super) row: HotRow,
         pub(super) processes: usize,
         /// Which round (0-based) it ran in.
         pub(super) round: usize,
@@ -1847,6 +1910,11 @@ mod processes {
             key_prefix: env(KEYS_ENV)?,
         };
         let clients = usize::try_from(clients)?;
+        let wait = match env(WAIT_ENV)?.as_str() {
+            "server" => StockRowWait::InServer,
+            "poll" => StockRowWait::Poll,
+            other => return Err(format!("bad wait {other:?}").into()),
+        };
         let pool = pool(&url, combining_pool_size(clients))?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "ready")?;
@@ -1858,7 +1926,8 @@ mod processes {
         }
         let start = micros_since_epoch();
         let limits = (max_requests, Some(Duration::from_millis(millis)));
-        let (run, stats) = combining_clients(pool, domain, &prepared, clients, limits)?;
+        let (run, stats) =
+            combining_clients_with(pool, (domain, wait), &prepared, clients, limits)?;
         let end = start + run.wall.as_micros();
         writeln!(out, "window {start} {end}")?;
         writeln!(
@@ -1945,27 +2014,27 @@ mod processes {
         Ok((run, window, stats))
     }
 
-    /// The run of `domain` with `processes` processes whose throughput is the median of its
+    /// The run of `row` with `processes` processes whose throughput is the median of its
     /// rounds (the lower middle one of an even number).
     pub(super) fn median(
         runs: &[ProcessRun],
-        domain: Domain,
+        row: HotRow,
         processes: usize,
     ) -> Option<&ProcessRun> {
         let mut of: Vec<&ProcessRun> = runs
             .iter()
-            .filter(|r| r.domain == domain && r.processes == processes)
+            .filter(|r| r.row == row && r.processes == processes)
             .collect();
         of.sort_by(|a, b| a.run.throughput().total_cmp(&b.run.throughput()));
         of.get(of.len().saturating_sub(1) / 2).copied()
     }
 
-    /// Each round's throughput of `domain` with `processes` processes over the 1-process
-    /// run of the same round, sorted.
-    pub(super) fn round_ratios(runs: &[ProcessRun], domain: Domain, processes: usize) -> Vec<f64> {
+    /// Each round's throughput of `row` with `processes` processes over the 1-process run of
+    /// the same round, sorted.
+    pub(super) fn round_ratios(runs: &[ProcessRun], row: HotRow, processes: usize) -> Vec<f64> {
         let of = |count: usize, round: usize| {
             runs.iter()
-                .find(|r| r.domain == domain && r.processes == count && r.round == round)
+                .find(|r| r.row == row && r.processes == count && r.round == round)
                 .map(|r| r.run.throughput())
         };
         let mut ratios: Vec<f64> = (0..ROUNDS)
@@ -1978,7 +2047,7 @@ mod processes {
         ratios
     }
 
-    /// [`ROUNDS`] rounds of every (domain, process count): `processes` workers ×
+    /// [`ROUNDS`] rounds of every (hot row, process count): `processes` workers ×
     /// [`RATIO_CLIENTS`] / `processes` clients on one fresh hot row for `time`, then the checks
     /// from the database.
     pub(super) fn measure(
@@ -1987,7 +2056,8 @@ mod processes {
     ) -> Result<Vec<ProcessRun>, BoxError> {
         let exe = std::env::current_exe()?;
         let mut runs = Vec::new();
-        for (round, domain) in (0..ROUNDS).flat_map(|r| Domain::ALL.map(|d| (r, d))) {
+        for (round, row) in (0..ROUNDS).flat_map(|r| HotRow::ALL.map(|h| (r, h))) {
+            let domain = row.domain;
             // The order turns each round: a drift falls on every count in turn.
             let mut order = PROCESSES;
             order.rotate_left(round % PROCESSES.len());
@@ -2014,6 +2084,7 @@ mod processes {
                                 format!("{user_base} {clients} {} {share}", time.as_millis()),
                             )
                             .env(KEYS_ENV, format!("{}-p{i}", prepared.key_prefix))
+                            .env(WAIT_ENV, row.wait_word())
                             .stdin(Stdio::piped())
                             .stdout(Stdio::piped())
                             .stderr(Stdio::inherit())
@@ -2056,13 +2127,13 @@ mod processes {
                 eprintln!(
                     "  {:<6} {processes} processes x {clients} clients: {:>9.0}/s ({} ok, {} \
                      errors)",
-                    domain.name(),
+                    row.name(),
                     run.throughput(),
                     run.ok_ids.len(),
                     run.error_count()
                 );
                 runs.push(ProcessRun {
-                    domain,
+                    row,
                     processes,
                     round,
                     run,

@@ -88,6 +88,7 @@ mod validate;
 pub use combine::{CombinerStats, CombiningIssuer, CombiningLedger};
 pub use coupon::{
     Campaign, Coupon, CouponIssuer, CouponStatus, Discount, IssuedCoupon, NewCampaign, NewCoupon,
+    StockRowWait,
 };
 pub use error::{Error, Result, ServerError, ServerErrorKind};
 pub use ledger::{

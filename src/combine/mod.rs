@@ -35,7 +35,10 @@
 //! server (`SET STATEMENT max_statement_time = ... FOR SELECT ... FOR UPDATE`: the server hands it
 //! the row as its holder commits, and a waiter that holds nothing cannot take part in a deadlock);
 //! a coupon batch, which holds the coupons it inserted, polls with NOWAIT (50 to 150 µs apart), so
-//! it never waits while holding rows. Between processes this raised a hot account's 4-process
+//! it never waits while holding rows — unless its issuer chose to wait for the stock row in the
+//! server ([`StockRowWait::InServer`](crate::StockRowWait): no lockstock transaction that holds
+//! a stock row waits for anything, so only another program's transaction can close a deadlock
+//! with it; between processes it is faster). Between processes this raised a hot account's 4-process
 //! throughput from 0.43-0.53 to about 0.6 of one process's, and halved its p99 (see the README
 //! and `docs/performance-log.md`). At 64 clients the handoff halves the batches (about 31
 //! requests instead of 54: the callers of one batch are still being answered when the next is

@@ -321,11 +321,13 @@ impl CouponIssuer {
                     // With the coupons written by one INSERT: their first id in the same read.
                     let (campaign, first_id) = if let Some((_, None)) = early {
                         let (campaign, first) =
-                            lock_campaign_after_insert(conn, campaign_id)?.ok_or_else(not_found)?;
+                            lock_campaign_after_insert(conn, campaign_id, self.stock_holding())?
+                                .ok_or_else(not_found)?;
                         (campaign, Some(first))
                     } else {
                         (
-                            lock_campaign(conn, campaign_id)?.ok_or_else(not_found)?,
+                            lock_campaign(conn, campaign_id, self.stock_holding())?
+                                .ok_or_else(not_found)?,
                             None,
                         )
                     };

@@ -107,8 +107,9 @@ impl CouponIssuer {
                     )?;
                     // The hot row, with the new coupon's id: locked from here to COMMIT for one
                     // UPDATE.
-                    let (campaign, (id, _step)) = lock_campaign_after_insert(conn, campaign_id)?
-                        .ok_or(Error::CampaignNotFound { campaign_id })?;
+                    let (campaign, (id, _step)) =
+                        lock_campaign_after_insert(conn, campaign_id, self.stock_holding())?
+                            .ok_or(Error::CampaignNotFound { campaign_id })?;
                     let current = CampaignFacts::of(&campaign);
                     if current != facts {
                         #[cfg(test)]

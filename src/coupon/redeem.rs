@@ -64,7 +64,7 @@ impl CouponIssuer {
         let applied = self
             .runner
             .run_by_keeping(conn, deadline, key_refusal, |conn| {
-                let mut campaign = lock_campaign(conn, campaign_id)?
+                let mut campaign = lock_campaign(conn, campaign_id, self.stock_holding())?
                     .ok_or(Error::CampaignNotFound { campaign_id })?;
                 let (Some(total), Some(stock)) = (
                     campaign.total_quantity.checked_add(additional),

@@ -9,7 +9,12 @@
 //! and writes one row — a single issue: it holds nothing while it waits. Every other one (a
 //! batch's: it holds the rows it read or wrote before, or the stock row) is refused at once
 //! instead ([`write_under_lock`]), so an issue never closes a deadlock in which the server
-//! could roll back another program's transaction. Each is a cached prepared statement (the INSERTs up to
+//! could roll back another program's transaction — unless its issuer chose to wait for the
+//! stock row in the server ([`StockRowWait::InServer`](crate::StockRowWait)): a combined batch
+//! then waits for it while it holds its coupons. No transaction that holds the stock row waits
+//! for anything here, so that wait closes no deadlock among lockstock's transactions, only with
+//! another program's that locks the stock row and then a coupon row the batch holds. Each is a
+//! cached prepared statement (the INSERTs up to
 //! [`MAX_CACHED_ROWS`](crate::statements::MAX_CACHED_ROWS) rows: one per row count).
 
 use chrono::NaiveDateTime;
@@ -46,11 +51,17 @@ fn campaign_row(campaign_id: i64) -> CampaignRow {
 /// with this statement; issues that wrote their coupons first with
 /// [`lock_campaign_after_insert`]. In a combiner's batch a refusal is sent again while it
 /// can be the key's previous batch committing, and polled for a few milliseconds otherwise
-/// ([`locking_read`] with [`Holding::Locks`]: an issue that locks it holds its coupons or the
-/// holders' gaps already, so it never waits — a restock, which holds nothing yet, is polled
-/// the same way).
-pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Option<Campaign>> {
-    Ok(locking_read(conn, Holding::Locks, |conn, lock| {
+/// ([`locking_read`] with `holding` = [`Holding::Locks`]: an issue that locks it holds its
+/// coupons or the holders' gaps already, so it never waits — a restock, which holds nothing
+/// yet, is polled the same way) or waited for in the server as the issuer chose
+/// ([`Holding::LocksBeforeALeaf`]: between the stock row's lock and COMMIT only wait-free
+/// statements run, so no lockstock transaction waits while it holds the row).
+pub(crate) fn lock_campaign(
+    conn: &mut MysqlConnection,
+    id: i64,
+    holding: Holding,
+) -> Result<Option<Campaign>> {
+    Ok(locking_read(conn, holding, |conn, lock| {
         lock.read(campaign_row(id).for_update())
             .get_result(conn)
             .optional()
@@ -60,12 +71,13 @@ pub(crate) fn lock_campaign(conn: &mut MysqlConnection, id: i64) -> Result<Optio
 /// [`lock_campaign`] with, in the same read, the id of the first row the last INSERT on this
 /// connection created (`LAST_INSERT_ID()`) and the session's step between ids: an issue that
 /// inserted its rows before the lock ([`write_user_coupons`]) learns their ids without a round
-/// trip of its own.
+/// trip of its own. Polled or waited for as [`lock_campaign`], by `holding`.
 pub(crate) fn lock_campaign_after_insert(
     conn: &mut MysqlConnection,
     id: i64,
+    holding: Holding,
 ) -> Result<Option<(Campaign, (i64, i64))>> {
-    let locked: Option<(Campaign, u64, i64)> = locking_read(conn, Holding::Locks, |conn, lock| {
+    let locked: Option<(Campaign, u64, i64)> = locking_read(conn, holding, |conn, lock| {
         let read = fcfs_coupon::table
             .find(id)
             .select((Campaign::as_select(), last_insert_id(), IdStep))

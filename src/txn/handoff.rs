@@ -13,8 +13,10 @@
 //! the refusal then goes to the runner like any other. A refusal with no
 //! predecessor committing is another process's batch (or any other transaction) holding the
 //! row: a transaction that holds nothing yet waits for it in the server for a few milliseconds
-//! at most, one that holds rows polls it (see [`locking_read`]); if the row stays taken, the
-//! refusal goes to the runner as always (rollback, backoff, retry).
+//! at most, one that holds rows polls it — unless the row is a leaf of lockstock's wait-for
+//! graph and the caller chose to wait for it ([`Holding::LocksBeforeALeaf`]) — (see
+//! [`locking_read`]); if the row stays taken, the refusal goes to the runner as always
+//! (rollback, backoff, retry).
 //!
 //! All of this assumes that a refusal rolls back only the refused statement, as InnoDB does by
 //! default. A server started with `innodb_rollback_on_timeout` rolls the whole transaction back
@@ -129,15 +131,26 @@ pub(super) fn after_commit() {
     }
 }
 
-/// What the transaction holds when it sends its hot row's locking read: only a transaction that
+/// What the transaction holds when it sends its hot row's locking read: a transaction that
 /// holds nothing may wait for the row — it cannot be part of a deadlock, where one that holds
-/// rows (rows it inserted included) and waits could close a cycle with the row's holder.
+/// rows (rows it inserted included) and waits could close a cycle with the row's holder. One
+/// that holds rows waits only for a row no lockstock transaction waits while holding, and only
+/// where the caller chose it ([`Holding::LocksBeforeALeaf`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Holding {
     /// The read is the transaction's first locking statement.
     Nothing,
     /// The transaction has locked or written rows before.
     Locks,
+    /// The transaction has locked or written rows before, and the row it locks is a leaf of the
+    /// wait-for graph of lockstock's transactions: none that holds it ever waits for a lock (a
+    /// campaign's stock row, between whose lock and COMMIT only wait-free statements run:
+    /// [`write_under_lock`](crate::statements::write_under_lock)). Waiting for it cannot close
+    /// a deadlock among lockstock's transactions — every cycle needs the row's holder to wait
+    /// — but another program's transaction that holds the row and then waits for one of this
+    /// transaction's rows can close one. Only for a caller that chose it
+    /// ([`StockRowWait::InServer`](crate::StockRowWait::InServer)).
+    LocksBeforeALeaf,
 }
 
 /// How the hot row's locking read is sent ([`locking_read`] chooses; [`Lock::read`] builds it).
@@ -232,7 +245,10 @@ pub(crate) fn bounded_waits() -> bool {
 ///   [`wait_budget`](Handoff::wait_budget) from the first refusal is spent (a COMMIT the server
 ///   holds back keeps the row locked meanwhile);
 /// - otherwise (another process's batch, or any other transaction, holds the row), if the
-///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) and the server is
+///   transaction holds nothing yet ([`Holding::Nothing`]: a ledger batch) — or waits only for
+///   a row no lockstock transaction waits while holding, as its caller chose
+///   ([`Holding::LocksBeforeALeaf`]: a coupon batch of an issuer with
+///   [`StockRowWait::InServer`](crate::StockRowWait::InServer)) — and the server is
 ///   MariaDB, by waiting for the row IN THE SERVER, once, for at most the handoff's
 ///   [`wait_budget`](Handoff::wait_budget) — what is left of it where the read was sent again
 ///   for the predecessor first — rounded down to 8, 3 or 1 ms ([`Lock::Wait`]; under a
@@ -243,11 +259,14 @@ pub(crate) fn bounded_waits() -> bool {
 ///   transaction again) would leave the row idle for longer than that. The batch's leader is
 ///   the only waiter its process sends for the key, so at most one waiter per process queues
 ///   on the row, and the wait is bounded by the statement time limit, not by
-///   `innodb_lock_wait_timeout`. A transaction that waits holds no lock, so it can never close
-///   a deadlock cycle: NOWAIT's promise. A transaction that holds rows already (a coupon batch
-///   has inserted its coupons; [`Holding::Locks`]), and any on MySQL, which has no such bound,
-///   polls the NOWAIT read instead (a pause from 50 µs doubling to 150 µs) within the same
-///   budget.
+///   `innodb_lock_wait_timeout`. A transaction that waits holding no lock can never close a
+///   deadlock cycle: NOWAIT's promise. One that waits holding its coupons for a stock row can
+///   close none with lockstock's transactions (the row's holders never wait), only with
+///   another program's that locks the stock row and then a coupon row or gap it holds — the
+///   trade its caller chose. A transaction that holds rows already and did not choose so (a
+///   coupon batch has inserted its coupons; [`Holding::Locks`]), and any on MySQL, which has
+///   no such bound, polls the NOWAIT read instead (a pause from 50 µs doubling to 150 µs)
+///   within the same budget.
 ///
 /// When the wait (or the polling) ends without the row, the first refusal goes to the runner,
 /// which rolls back and retries as always. Any other answer — the row, another error — is
@@ -308,7 +327,7 @@ fn lock_or_wait<T>(
                     continue;
                 }
                 handoff.refused();
-                if holding == Holding::Nothing && bounded_waits() {
+                if holding != Holding::Locks && bounded_waits() {
                     // What is left of the budget after re-sending for a predecessor's
                     // COMMIT (before another process took the row); else all of it.
                     let left = if resent {

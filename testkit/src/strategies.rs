@@ -42,7 +42,7 @@ use lockstock::schema::{balance_history, fcfs_coupon, user_balance, user_coupon}
 use lockstock::txn::{apply_session_settings, Attempts};
 use lockstock::{
     BalanceLedger, CouponIssuer, Discount, Error, NewCampaign, NewCoupon, ServerErrorKind,
-    SessionSettings, StatementCache, TxnPolicy, TxnRunner,
+    SessionSettings, StatementCache, StockRowWait, TxnPolicy, TxnRunner,
 };
 use rust_decimal::Decimal;
 
@@ -943,9 +943,23 @@ pub fn combining_clients(
     domain: Domain,
     prepared: &Prepared,
     clients: usize,
+    limits: (u64, Option<Duration>),
+) -> Result<(Run, CombinerStats), BoxError> {
+    let wait = StockRowWait::default();
+    combining_clients_with(pool, (domain, wait), prepared, clients, limits)
+}
+
+/// [`combining_clients`] with the coupon combiner's batches waiting for a stock row another
+/// process holds as `wait` says ([`CouponIssuer::with_stock_row_wait`]; a ledger has no
+/// stock row and ignores it).
+pub fn combining_clients_with(
+    pool: MysqlPool,
+    (domain, wait): (Domain, StockRowWait),
+    prepared: &Prepared,
+    clients: usize,
     (max_requests, max_time): (u64, Option<Duration>),
 ) -> Result<(Run, CombinerStats), BoxError> {
-    let executor = Arc::new(Executor::combining(domain, pool));
+    let executor = Arc::new(Executor::combining_with(domain, pool, wait));
     let (target, user_base) = (prepared.target, prepared.user_base);
     let key_prefix: Arc<str> = prepared.key_prefix.as_str().into();
     let states: Vec<Arc<Executor>> = (0..clients.max(1)).map(|_| executor.clone()).collect();
@@ -1027,9 +1041,16 @@ enum Executor {
 impl Executor {
     /// A combiner of `domain` over `pool`.
     fn combining(domain: Domain, pool: MysqlPool) -> Self {
+        Self::combining_with(domain, pool, StockRowWait::default())
+    }
+
+    /// [`combining`](Self::combining), the issuer's batches waiting for a stock row as `wait`
+    /// says.
+    fn combining_with(domain: Domain, pool: MysqlPool, wait: StockRowWait) -> Self {
         match domain {
             Domain::Coupon => {
-                Self::CombiningIssuer(CombiningIssuer::new(pool, CouponIssuer::new()))
+                let issuer = CouponIssuer::new().with_stock_row_wait(wait);
+                Self::CombiningIssuer(CombiningIssuer::new(pool, issuer))
             }
             Domain::Ledger => {
                 Self::CombiningLedger(CombiningLedger::new(pool, BalanceLedger::new()))

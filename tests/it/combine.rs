@@ -9,7 +9,7 @@ use std::thread;
 use diesel::prelude::*;
 use lockstock::combine::{CombiningIssuer, CombiningLedger};
 use lockstock::schema::{balance_history, fcfs_coupon, user_coupon};
-use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Error};
+use lockstock::{AccountOp, BalanceLedger, CouponIssuer, Error, StockRowWait};
 use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{assert_refused, connect, fresh_database, open_campaign, pool};
@@ -721,6 +721,162 @@ fn a_combined_ledger_batch_waits_for_its_account_in_the_server_a_coupon_batch_ne
     assert_eq!(issued_rows(&mut conn, campaign), (2, 8, 0), "users 1 and 2");
 }
 
+/// A combined coupon batch of an issuer with `StockRowWait::InServer` waits for the stock row
+/// in the server while another transaction holds it (seen waiting) and gets it as the holder
+/// commits; one of a default issuer is never seen waiting (it polls, see above). And the trade
+/// the docs name, as a negative control: another program's transaction that holds the stock
+/// row and then inserts a coupon of a user the batch is issuing to closes a deadlock with a
+/// waiting batch, which the server resolves (`Innodb_deadlocks` rises; either side may be
+/// rolled back, and the user ends with one coupon) — the same program never meets one with a
+/// polling batch. Before `StockRowWait` no coupon batch ever waited in the server.
+#[test]
+fn a_coupon_batch_waits_for_the_stock_row_in_the_server_only_where_its_issuer_chose_it() {
+    use diesel::connection::SimpleConnection;
+    let _alone = lockstock_testkit::fixtures::exclusive();
+    // A private server: its deadlock count is this test's alone.
+    let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
+    let db = "combine_stock_waits";
+    let url = sandbox.create_database(db).expect("database");
+    let mut conn = connect(&url);
+    lockstock::run_migrations(&mut conn).expect("migrate");
+    let setup = CouponIssuer::new();
+    let (coupon, campaign) =
+        lockstock_testkit::fixtures::open_campaign_named(&mut conn, &setup, "waits", 100);
+    let campaign = campaign.id;
+    // Retried at once for 5 s: a batch refused the stock row holds its coupon nearly all the
+    // time, so that the program below sees it written (`INNODB_TRX` is a snapshot refreshed
+    // at most every 100 ms).
+    let mut retry = lockstock::RetryPolicy::default();
+    retry.max_attempts = 100_000;
+    retry.base_backoff = std::time::Duration::from_micros(100);
+    retry.max_backoff = std::time::Duration::from_micros(200);
+    retry.deadline = std::time::Duration::from_secs(5);
+    let policy = lockstock::TxnPolicy::default().with_retry(retry);
+    let issuer = |wait| {
+        let issuer = CouponIssuer::with_policy(policy.clone()).with_stock_row_wait(wait);
+        Arc::new(CombiningIssuer::new(pool(&url, 2), issuer))
+    };
+    let (polling, waiting) = (
+        issuer(StockRowWait::default()),
+        issuer(StockRowWait::InServer),
+    );
+    // Facts cached, connections warm.
+    polling.issue(1, campaign).expect("warm");
+    waiting.issue(2, campaign).expect("warm");
+    let mut observer = connect(&url);
+
+    // Held for 150 ms: the waiting issuer's batch is seen waiting, the polling one's never.
+    let mut next_user = 10;
+    for (hot, waits) in [(&polling, false), (&waiting, true)] {
+        let start = Arc::new(crate::Gate::new(2));
+        let hold = Release::After(std::time::Duration::from_millis(150));
+        let holder = hold_campaign_row(&url, campaign, start.clone(), hold);
+        start.wait();
+        let issue = {
+            let (hot, user) = (hot.clone(), next_user);
+            thread::spawn(move || hot.issue(user, campaign))
+        };
+        let seen = lock_waits_seen(&mut observer, db, "fcfs_coupon", &issue);
+        holder.join().expect("holder");
+        let issued = issue.join().expect("issue");
+        assert_eq!(
+            seen > 0,
+            waits,
+            "seen waiting {seen} times, should wait: {waits}"
+        );
+        assert!(issued.is_ok(), "the issue failed: {issued:?}");
+        next_user += 1;
+    }
+
+    // Another program: locks the stock row, then — once the batch has written its coupon —
+    // issues a coupon to the same user and takes it from the stock. With the waiting issuer a
+    // deadlock (a few tries: the batch must not be between two attempts as the INSERT comes);
+    // with the polling one never.
+    let mut program = connect(&url);
+    let mut program_for = |hot: &Arc<CombiningIssuer>, user: i64| {
+        program.batch_execute("BEGIN").expect("begin");
+        let _: i32 = fcfs_coupon::table
+            .find(campaign)
+            .select(fcfs_coupon::stock_quantity)
+            .for_update()
+            .first(&mut program)
+            .expect("lock the stock row");
+        let issue = {
+            let hot = hot.clone();
+            thread::spawn(move || hot.issue(user, campaign))
+        };
+        // The batch has written the user's coupon (its row is locked): refused to a NOWAIT
+        // read of it, in a statement of its own (it locks nothing after it).
+        while !issue.is_finished() && !coupon_row_locked(&mut observer, user, coupon.id) {}
+        if issue.is_finished() {
+            let answer = issue.join().expect("issue");
+            panic!("user {user}: the batch was never seen holding its coupon: {answer:?}");
+        }
+        let inserted = diesel::sql_query(
+            "INSERT INTO user_coupon (user_id, coupon_id, fcfs_coupon_id, status, issued_at) \
+             VALUES (?, ?, ?, 'issued', UTC_TIMESTAMP(6))",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(user)
+        .bind::<diesel::sql_types::BigInt, _>(coupon.id)
+        .bind::<diesel::sql_types::BigInt, _>(campaign)
+        .execute(&mut program)
+        .and_then(|_| {
+            diesel::sql_query(
+                "UPDATE fcfs_coupon SET stock_quantity = stock_quantity - 1 WHERE id = ?",
+            )
+            .bind::<diesel::sql_types::BigInt, _>(campaign)
+            .execute(&mut program)
+        });
+        match inserted {
+            Ok(_) => program.batch_execute("COMMIT").expect("commit"),
+            // The program's transaction was the deadlock's victim (rolled back whole).
+            Err(_) => program.batch_execute("ROLLBACK").expect("rollback"),
+        }
+        let answer = issue.join().expect("issue");
+        assert!(
+            matches!(answer, Ok(_) | Err(Error::AlreadyIssued { .. })),
+            "user {user}: {answer:?}"
+        );
+    };
+    let before = server_deadlocks(&mut conn);
+    for _ in 0..5 {
+        program_for(&polling, next_user);
+        next_user += 1;
+    }
+    assert_eq!(
+        server_deadlocks(&mut conn),
+        before,
+        "a polling batch deadlocked"
+    );
+    let mut tries = 0;
+    while server_deadlocks(&mut conn) == before && tries < 10 {
+        program_for(&waiting, next_user);
+        next_user += 1;
+        tries += 1;
+    }
+    assert!(
+        server_deadlocks(&mut conn) > before,
+        "a waiting batch never deadlocked with the program in {tries} tries"
+    );
+    // Every user once, the stock what was issued.
+    let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
+    assert_eq!(duplicates, 0, "a user twice");
+    assert_eq!(i64::from(stock), 100 - rows, "the stock and the coupons");
+    assert_eq!(rows, next_user - 10 + 2, "one coupon per user");
+}
+
+/// Whether another transaction holds user `user`'s coupon row of template `coupon_id` (a
+/// `FOR UPDATE NOWAIT` read of it, its own transaction on `observer`, is refused).
+fn coupon_row_locked(observer: &mut MysqlConnection, user: i64, coupon_id: i64) -> bool {
+    diesel::sql_query(
+        "SELECT id FROM user_coupon WHERE user_id = ? AND coupon_id = ? FOR UPDATE NOWAIT",
+    )
+    .bind::<diesel::sql_types::BigInt, _>(user)
+    .bind::<diesel::sql_types::BigInt, _>(coupon_id)
+    .execute(observer)
+    .is_err()
+}
+
 /// Waits (at most 10 s) until a COMMIT on database `db` is seen held back by the server
 /// (`BACKUP STAGE BLOCK_COMMIT`), and returns how many are.
 fn commits_held_back(observer: &mut MysqlConnection, db: &str) -> i64 {
@@ -840,14 +996,19 @@ fn a_batch_behind_a_commit_the_server_holds_back_is_refused_within_its_wait_budg
     assert_eq!(coupon_rows(&mut conn, campaign), 2, "users 1 and 2");
 }
 
-/// lockstock transactions never deadlock one another: none waits for a lock while it holds one
-/// (coupon INSERTs that hold rows or gaps are wait-free, the stock row is locked with NOWAIT).
+/// lockstock transactions never deadlock one another: none waits for a lock while it holds the
+/// stock row, and none waits while it holds other rows but for a stock row (coupon INSERTs that
+/// hold rows or gaps are wait-free; the stock row is locked with NOWAIT, polled, or — for an
+/// issuer with `StockRowWait::InServer` — waited for in the server: its holders never wait).
 /// Two combiners (as two processes) race for the same users of campaigns whose stock runs out,
-/// round after round, on a private server; it resolves no deadlock at all, every answer is a
-/// success, `AlreadyIssued` or `SoldOut`, and every campaign's coupons are its successes (no
-/// user twice, the stock never below zero). Before the coupon INSERTs were wait-free the server
-/// resolved 8 to 12 deadlocks in 30 rounds (three runs), between coupon INSERTs waiting for
-/// each other's rows and gaps.
+/// round after round, on a private server, first polling the stock row and then waiting for it
+/// in the server (the stock running out makes batches lock the stock row first and insert
+/// their winners under it, the order that could close a cycle with a waiting batch if the
+/// INSERTs waited); it resolves no deadlock at all, every answer is a success,
+/// `AlreadyIssued` or `SoldOut`, and every campaign's coupons are its successes (no user twice,
+/// the stock never below zero). Before the coupon INSERTs were wait-free the server resolved 8
+/// to 12 deadlocks in 30 rounds (three runs), between coupon INSERTs waiting for each other's
+/// rows and gaps.
 #[test]
 fn racing_combiners_at_a_sell_out_never_deadlock() {
     use diesel::connection::SimpleConnection;
@@ -864,66 +1025,85 @@ fn racing_combiners_at_a_sell_out_never_deadlock() {
     let mut conn = lockstock_testkit::fixtures::connect(&url);
     lockstock::run_migrations(&mut conn).expect("migrate");
     let issuer = CouponIssuer::new();
-    let combiners: Vec<Arc<CombiningIssuer>> = (0..2)
-        .map(|_| Arc::new(CombiningIssuer::new(pool(&url, 4), CouponIssuer::new())))
-        .collect();
-    for round in 0..ROUNDS {
-        let campaign = open_campaign(&mut conn, &issuer, STOCK).id;
-        let start = Arc::new(Barrier::new(2 * THREADS));
-        let threads: Vec<_> = combiners
-            .iter()
-            .flat_map(|combiner| (0..THREADS).map(move |t| (combiner.clone(), t)))
-            .map(|(combiner, t)| {
-                let start = start.clone();
-                thread::spawn(move || {
-                    start.wait();
-                    let first = i64::try_from(t).expect("t") * USERS_PER_THREAD + 1;
-                    (first..first + USERS_PER_THREAD)
-                        .map(|user| (user, combiner.issue(user, campaign)))
-                        .collect::<Vec<_>>()
-                })
+    for wait in [StockRowWait::Poll, StockRowWait::InServer] {
+        let combiners: Vec<Arc<CombiningIssuer>> = (0..2)
+            .map(|_| {
+                let waiting = CouponIssuer::new().with_stock_row_wait(wait);
+                Arc::new(CombiningIssuer::new(pool(&url, 4), waiting))
             })
             .collect();
-        let mut issued = HashMap::new();
-        for thread in threads {
-            for (user, answer) in thread.join().expect("a client") {
-                match answer {
-                    Ok(coupon) => {
-                        assert_eq!(coupon.user_id, user);
-                        assert!(
-                            issued.insert(user, coupon.id).is_none(),
-                            "round {round}: user {user} twice"
-                        );
+        for round in 0..ROUNDS {
+            let campaign = open_campaign(&mut conn, &issuer, STOCK).id;
+            let start = Arc::new(Barrier::new(2 * THREADS));
+            let threads: Vec<_> = combiners
+                .iter()
+                .flat_map(|combiner| (0..THREADS).map(move |t| (combiner.clone(), t)))
+                .map(|(combiner, t)| {
+                    let start = start.clone();
+                    thread::spawn(move || {
+                        start.wait();
+                        let first = i64::try_from(t).expect("t") * USERS_PER_THREAD + 1;
+                        (first..first + USERS_PER_THREAD)
+                            .map(|user| (user, combiner.issue(user, campaign)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut issued = HashMap::new();
+            for thread in threads {
+                for (user, answer) in thread.join().expect("a client") {
+                    match answer {
+                        Ok(coupon) => {
+                            assert_eq!(coupon.user_id, user);
+                            assert!(
+                                issued.insert(user, coupon.id).is_none(),
+                                "{wait:?}, round {round}: user {user} twice"
+                            );
+                        }
+                        Err(Error::AlreadyIssued { .. } | Error::SoldOut { .. }) => {}
+                        Err(e) => panic!("{wait:?}, round {round}, user {user}: {e:?}"),
                     }
-                    Err(Error::AlreadyIssued { .. } | Error::SoldOut { .. }) => {}
-                    Err(e) => panic!("round {round}, user {user}: {e:?}"),
                 }
             }
+            let rows = lockstock_testkit::fixtures::issued_rows(&mut conn, campaign);
+            assert_eq!(
+                rows,
+                i64::try_from(issued.len()).expect("len"),
+                "{wait:?}, round {round}"
+            );
+            let (_, stock) = lockstock_testkit::fixtures::stock_row(&mut conn, campaign);
+            assert_eq!(
+                i64::from(stock),
+                i64::from(STOCK) - rows,
+                "{wait:?}, round {round}"
+            );
         }
-        let rows = lockstock_testkit::fixtures::issued_rows(&mut conn, campaign);
         assert_eq!(
-            rows,
-            i64::try_from(issued.len()).expect("len"),
-            "round {round}"
+            server_deadlocks(&mut conn),
+            0,
+            "{wait:?}: deadlocks the server resolved"
         );
-        let (_, stock) = lockstock_testkit::fixtures::stock_row(&mut conn, campaign);
-        assert_eq!(i64::from(stock), i64::from(STOCK) - rows, "round {round}");
     }
+    conn.batch_execute("SELECT 1")
+        .expect("the server still answers");
+}
+
+/// How many deadlocks the server of `conn` has resolved since it started (`Innodb_deadlocks`).
+fn server_deadlocks(conn: &mut MysqlConnection) -> u64 {
     #[derive(QueryableByName)]
     struct Status {
         #[diesel(sql_type = diesel::sql_types::Text)]
         value: String,
     }
-    let deadlocks = diesel::sql_query(
+    diesel::sql_query(
         "SELECT VARIABLE_VALUE AS value FROM information_schema.GLOBAL_STATUS \
          WHERE VARIABLE_NAME = 'INNODB_DEADLOCKS'",
     )
-    .get_result::<Status>(&mut conn)
+    .get_result::<Status>(conn)
     .expect("Innodb_deadlocks")
-    .value;
-    assert_eq!(deadlocks, "0", "deadlocks the server resolved");
-    conn.batch_execute("SELECT 1")
-        .expect("the server still answers");
+    .value
+    .parse()
+    .expect("a count")
 }
 
 /// A batch that fails to answer its callers after its COMMIT was sent — a `run_batch` that
