@@ -227,8 +227,8 @@ pub enum StockRowWait {
     /// Wait for the row in the server (MariaDB: `SET STATEMENT max_statement_time = ... FOR
     /// SELECT ... FOR UPDATE`), which hands it over the moment its holder commits: faster
     /// between processes (on the 2-core machine of the README, 4 processes × 16 clients on one
-    /// hot coupon reached 0.69–0.94 of one process with 64 clients in five runs, against
-    /// 0.62–0.68 polling), for a deployment where only lockstock locks the campaigns' stock rows
+    /// hot coupon reached 0.69–0.94 of one process with 64 clients in six runs, against
+    /// 0.62–0.70 polling), for a deployment where only lockstock locks the campaigns' stock rows
     /// (see above).
     InServer,
 }
