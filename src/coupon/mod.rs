@@ -216,6 +216,18 @@ pub(crate) fn is_marker(error: &Error, marker: &Error) -> bool {
 /// SERIALIZABLE, reads) a coupon row of a user the waiting batch is issuing to — the order of
 /// the original design note's snippet. InnoDB then rolls one of the two back at once (error
 /// 1213); where it chooses the other program's transaction, that program sees the deadlock.
+///
+/// ```
+/// use lockstock::combine::{CombiningIssuer, MysqlPool};
+/// use lockstock::{CouponIssuer, StockRowWait};
+///
+/// // Every process of the shop issues through its own combiner, and nothing else writes the
+/// // campaigns' coupons: its batches wait for a stock row another process holds in the server.
+/// fn hot_issuer(pool: MysqlPool) -> CombiningIssuer {
+///     let issuer = CouponIssuer::new().with_stock_row_wait(StockRowWait::InServer);
+///     CombiningIssuer::new(pool, issuer)
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum StockRowWait {
