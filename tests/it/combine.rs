@@ -14,6 +14,8 @@ use rust_decimal::Decimal;
 
 use lockstock_testkit::fixtures::{assert_refused, connect, fresh_database, open_campaign, pool};
 
+use crate::review_runner::private_database;
+
 fn issued_rows(conn: &mut MysqlConnection, campaign_id: i64) -> (i64, i32, i64) {
     let rows: i64 = user_coupon::table
         .filter(user_coupon::fcfs_coupon_id.eq(campaign_id))
@@ -736,9 +738,7 @@ fn a_coupon_batch_waits_for_the_stock_row_in_the_server_only_where_its_issuer_ch
     // A private server: its deadlock count is this test's alone.
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
     let db = "combine_stock_waits";
-    let url = sandbox.create_database(db).expect("database");
-    let mut conn = connect(&url);
-    lockstock::run_migrations(&mut conn).expect("migrate");
+    let (url, mut conn) = private_database(&sandbox, db);
     let setup = CouponIssuer::new();
     let (coupon, campaign) =
         lockstock_testkit::fixtures::open_campaign_named(&mut conn, &setup, "waits", 100);
@@ -917,9 +917,7 @@ fn a_batch_behind_a_commit_the_server_holds_back_is_refused_within_its_wait_budg
     let _alone = lockstock_testkit::fixtures::exclusive();
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
     let db = "combine_held_commit";
-    let url = sandbox.create_database(db).expect("database");
-    let mut conn = connect(&url);
-    lockstock::run_migrations(&mut conn).expect("migrate");
+    let (url, mut conn) = private_database(&sandbox, db);
     let once = lockstock::TxnPolicy::default().with_retry(lockstock::RetryPolicy::no_retry());
     BalanceLedger::new()
         .charge(&mut conn, 1, Decimal::new(100, 0), "seed")
@@ -1019,11 +1017,7 @@ fn racing_combiners_at_a_sell_out_never_deadlock() {
     let _storm = lockstock_testkit::fixtures::storm();
     // A private server: its deadlock count is this test's alone.
     let sandbox = lockstock_testkit::Sandbox::start().expect("a private server");
-    let url = sandbox
-        .create_database("racing_combiners")
-        .expect("database");
-    let mut conn = lockstock_testkit::fixtures::connect(&url);
-    lockstock::run_migrations(&mut conn).expect("migrate");
+    let (url, mut conn) = private_database(&sandbox, "racing_combiners");
     let issuer = CouponIssuer::new();
     for wait in [StockRowWait::Poll, StockRowWait::InServer] {
         let combiners: Vec<Arc<CombiningIssuer>> = (0..2)
