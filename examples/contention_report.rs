@@ -27,9 +27,13 @@
 //! / floor(1 process's batch) is what the server itself loses at the smaller batch, with no
 //! client, lock or process around it.
 //!
-//! It writes an SVG chart to `target/contention.svg` (the floor as a dotted line) and ends with
+//! It writes an SVG chart to `target/contention.svg` (throughput against clients per domain, the
+//! floor as a dotted line; and a panel across processes: each hot row's median run at 1, 2 and
+//! 4 processes, with the floor at each run's batch dotted) and ends with
 //!
 //! `contention-processes-floor: coupon floor(4proc batch)/floor(1proc batch)=<c> ledger floor(4proc batch)/floor(1proc batch)=<d>`
+//!
+//! `contention-processes-stock-row-wait-in-server: coupon 4proc/1proc=<w>`
 //!
 //! `contention-processes: coupon 4proc/1proc=<r> ledger 4proc/1proc=<s>`
 //!
@@ -274,7 +278,13 @@ fn run() -> Result<bool, BoxError> {
         eprintln!("  redis gate: failed: {error}");
     }
 
-    let chart = chart_svg(&results, &floors, &options.clients, &machine);
+    let chart = chart_svg(
+        &results,
+        &floors,
+        (&runs, &process_floors),
+        &options.clients,
+        &machine,
+    );
     let path = chart_path();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -1056,7 +1066,8 @@ fn chart_path() -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SVG chart: one panel per domain, throughput against clients, log-log, one line per strategy
+// SVG chart: one panel per domain, throughput against clients, log-log, one line per strategy;
+// a third panel across processes, throughput against processes, one line per hot row
 // ---------------------------------------------------------------------------------------------
 
 fn escape(text: &str) -> String {
@@ -1076,6 +1087,11 @@ fn color(strategy: Strategy) -> (&'static str, &'static str) {
     }
 }
 
+/// A panel's plot area in the chart, and its top.
+const PLOT_W: f64 = 340.0;
+const PLOT_H: f64 = 340.0;
+const TOP: f64 = 90.0;
+
 /// The floor's line in the chart.
 const FLOOR_COLOR: &str = "#333333";
 
@@ -1089,17 +1105,27 @@ fn si(value: f64) -> String {
     }
 }
 
+/// The chart's process rounds: the runs and the floors at their batches.
+type ProcessData<'a> = (&'a [processes::ProcessRun], &'a [(HotRow, usize, Floor)]);
+
 fn chart_svg(
     results: &[CellResult],
     floors: &[(usize, Floor)],
+    (runs, process_floors): ProcessData<'_>,
     clients: &[usize],
     machine: &str,
 ) -> String {
-    const WIDTH: f64 = 1100.0;
+    const WIDTH: f64 = 1440.0;
     const HEIGHT: f64 = 560.0;
-    const PLOT_W: f64 = 420.0;
-    const PLOT_H: f64 = 340.0;
-    const TOP: f64 = 90.0;
+    const GAP: f64 = 130.0;
+    let medians: Vec<&processes::ProcessRun> = HotRow::ALL
+        .iter()
+        .flat_map(|&row| {
+            processes::PROCESSES
+                .iter()
+                .filter_map(move |&count| processes::median(runs, row, count))
+        })
+        .collect();
     let positive: Vec<f64> = results
         .iter()
         .map(CellResult::throughput)
@@ -1143,59 +1169,26 @@ fn chart_svg(
     );
 
     for (panel, domain) in Domain::ALL.iter().enumerate() {
-        let left = 90.0 + panel as f64 * (PLOT_W + 130.0);
+        let left = 90.0 + panel as f64 * (PLOT_W + GAP);
         let x_of = |c: usize| left + (c.max(1) as f64).log2() / max_clients.log2() * PLOT_W;
         let y_of = |t: f64| {
             let v = t.max(10f64.powf(dec_lo)).log10();
             TOP + PLOT_H - (v - dec_lo) / (dec_hi - dec_lo) * PLOT_H
         };
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="middle" font-size="14" font-weight="bold">{}</text>"#,
-            left + PLOT_W / 2.0,
-            TOP - 12.0,
-            escape(domain.title())
-        );
-        let _ = writeln!(
-            svg,
-            r##"<rect x="{left}" y="{TOP}" width="{PLOT_W}" height="{PLOT_H}" fill="none" stroke="#333"/>"##
-        );
-        // Decades.
+        let mut y_ticks = Vec::new();
         let mut decade = dec_lo;
         while decade <= dec_hi + 1e-9 {
-            let y = y_of(10f64.powf(decade));
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                left + PLOT_W,
-                left - 6.0,
-                y + 4.0,
-                si(10f64.powf(decade))
-            );
+            y_ticks.push((y_of(10f64.powf(decade)), si(10f64.powf(decade))));
             decade += 1.0;
         }
-        for &c in clients {
-            let x = x_of(c);
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#eee"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{c}</text>"##,
-                TOP + PLOT_H,
-                TOP + PLOT_H + 18.0
-            );
-        }
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">clients (log scale)</text>"#,
-            left + PLOT_W / 2.0,
-            TOP + PLOT_H + 40.0
-        );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13" transform="rotate(-90 {:.1} {:.1})">requests/s (log scale)</text>"#,
-            left - 55.0,
-            TOP + PLOT_H / 2.0,
-            left - 55.0,
-            TOP + PLOT_H / 2.0
+        let x_ticks: Vec<(f64, String)> =
+            clients.iter().map(|&c| (x_of(c), c.to_string())).collect();
+        panel_axes(
+            &mut svg,
+            left,
+            domain.title(),
+            ("clients (log scale)", &x_ticks),
+            ("requests/s (log scale)", &y_ticks),
         );
         for strategy in Strategy::ALL {
             let (stroke, dash) = color(strategy);
@@ -1260,9 +1253,13 @@ fn chart_svg(
             }
         }
     }
+    if !medians.is_empty() {
+        let left = 90.0 + Domain::ALL.len() as f64 * (PLOT_W + GAP);
+        process_panel(&mut svg, &medians, process_floors, left);
+    }
     // Legend.
     let legend_y = HEIGHT - 40.0;
-    let mut x = WIDTH / 2.0 - 360.0;
+    let mut x = WIDTH / 2.0 - 420.0;
     for strategy in Strategy::ALL {
         let (stroke, dash) = color(strategy);
         let dash_attr = dash_attr(dash);
@@ -1286,6 +1283,171 @@ fn chart_svg(
     );
     svg.push_str("</svg>\n");
     svg
+}
+
+/// A panel's title, frame, grid lines with their labels (`(position, label)`) and axis titles.
+fn panel_axes(
+    svg: &mut String,
+    left: f64,
+    title: &str,
+    (x_title, x_ticks): (&str, &[(f64, String)]),
+    (y_title, y_ticks): (&str, &[(f64, String)]),
+) {
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle" font-size="14" font-weight="bold">{}</text>"#,
+        left + PLOT_W / 2.0,
+        TOP - 12.0,
+        escape(title)
+    );
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{left}" y="{TOP}" width="{PLOT_W}" height="{PLOT_H}" fill="none" stroke="#333"/>"##
+    );
+    for (y, label) in y_ticks {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + PLOT_W,
+            left - 6.0,
+            y + 4.0,
+            escape(label)
+        );
+    }
+    for (x, label) in x_ticks {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#eee"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            TOP + PLOT_H,
+            TOP + PLOT_H + 18.0,
+            escape(label)
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">{}</text>"#,
+        left + PLOT_W / 2.0,
+        TOP + PLOT_H + 40.0,
+        escape(x_title)
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
+        left - 55.0,
+        TOP + PLOT_H / 2.0,
+        left - 55.0,
+        TOP + PLOT_H / 2.0,
+        escape(y_title)
+    );
+}
+
+/// The colour of a hot row in the chart's panel across processes.
+fn row_color(row: HotRow) -> &'static str {
+    match (row.domain, row.wait) {
+        (Domain::Coupon, StockRowWait::InServer) => "#17becf",
+        (Domain::Coupon, _) => "#9467bd",
+        (Domain::Ledger, _) => "#8c564b",
+    }
+}
+
+/// The chart's third panel: each hot row's median run at 1, 2 and 4 processes x 64 / P
+/// clients (solid) and the floor at each run's mean batch (dotted, same colour), on a linear
+/// scale from zero (the ratios between the points are what it shows).
+fn process_panel(
+    svg: &mut String,
+    medians: &[&processes::ProcessRun],
+    floors: &[(HotRow, usize, Floor)],
+    left: f64,
+) {
+    const STEP: f64 = 10_000.0;
+    let highest = medians
+        .iter()
+        .map(|r| r.run.throughput())
+        .chain(floors.iter().map(|(_, _, f)| f.rows_per_second()))
+        .fold(STEP, f64::max);
+    let top = (highest / STEP).ceil() * STEP;
+    let y_of = |t: f64| TOP + PLOT_H - t.clamp(0.0, top) / top * PLOT_H;
+    let most = processes::PROCESSES
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(2) as f64;
+    let x_of = |p: usize| left + 20.0 + (p.max(1) as f64).log2() / most.log2() * (PLOT_W - 40.0);
+    let mut y_ticks = Vec::new();
+    let mut tick = 0.0;
+    while tick <= top + 1e-9 {
+        y_ticks.push((y_of(tick), si(tick)));
+        tick += STEP;
+    }
+    let x_ticks: Vec<(f64, String)> = processes::PROCESSES
+        .iter()
+        .map(|&p| (x_of(p), format!("{p} x {}", RATIO_CLIENTS / p)))
+        .collect();
+    panel_axes(
+        svg,
+        left,
+        &format!("across processes, {RATIO_CLIENTS} clients in all"),
+        ("processes x clients (median of the rounds)", &x_ticks),
+        ("requests/s (linear)", &y_ticks),
+    );
+    for (n, row) in HotRow::ALL.iter().enumerate() {
+        let stroke = row_color(*row);
+        let mut runs: Vec<&processes::ProcessRun> =
+            medians.iter().copied().filter(|r| r.row == *row).collect();
+        runs.sort_by_key(|r| r.processes);
+        if runs.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = runs
+            .iter()
+            .map(|r| format!("{:.1},{:.1}", x_of(r.processes), y_of(r.run.throughput())))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="2"/>"#,
+            path.join(" ")
+        );
+        for r in &runs {
+            let _ = writeln!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{stroke}"><title>{} {} x {}: {:.0}/s</title></circle>"#,
+                x_of(r.processes),
+                y_of(r.run.throughput()),
+                escape(row.name()),
+                r.processes,
+                RATIO_CLIENTS / r.processes,
+                r.run.throughput()
+            );
+        }
+        let at_batch: Vec<(usize, &Floor)> = runs
+            .iter()
+            .filter_map(|r| process_floor(floors, *row, r.processes).map(|f| (r.processes, f)))
+            .collect();
+        if !at_batch.is_empty() {
+            let path: Vec<String> = at_batch
+                .iter()
+                .map(|(p, f)| format!("{:.1},{:.1}", x_of(*p), y_of(f.rows_per_second())))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="1.5" stroke-dasharray="2 3"><title>floor {} at each run's batch</title></polyline>"#,
+                path.join(" "),
+                escape(row.name())
+            );
+        }
+        // The panel's own legend, in its lower left corner.
+        let y = TOP + PLOT_H - 16.0 - 16.0 * (HotRow::ALL.len() - 1 - n) as f64;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{stroke}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            left + 10.0,
+            left + 32.0,
+            left + 38.0,
+            y + 4.0,
+            escape(row.name())
+        );
+    }
 }
 
 /// The SVG attribute of a dash pattern (none for a solid line).
