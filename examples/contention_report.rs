@@ -648,12 +648,7 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(HotRow, usize, Flo
         "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process | vs 1 process per round | ok/s per round | floor rows/s at the mean batch | floor / 1 process's floor | notes |"
     );
     println!("|---|---|---:|---:|---:|---|---|---:|---|---|---:|---:|---|");
-    let medians = HotRow::ALL.iter().flat_map(|&row| {
-        processes::PROCESSES
-            .iter()
-            .filter_map(move |&count| processes::median(runs, row, count))
-    });
-    for run in medians {
+    for run in processes::medians(runs) {
         let one = processes::median(runs, run.row, 1).map_or(0.0, |r| r.run.throughput());
         let rounds: Vec<String> = runs
             .iter()
@@ -1118,14 +1113,6 @@ fn chart_svg(
     const WIDTH: f64 = 1440.0;
     const HEIGHT: f64 = 560.0;
     const GAP: f64 = 130.0;
-    let medians: Vec<&processes::ProcessRun> = HotRow::ALL
-        .iter()
-        .flat_map(|&row| {
-            processes::PROCESSES
-                .iter()
-                .filter_map(move |&count| processes::median(runs, row, count))
-        })
-        .collect();
     let positive: Vec<f64> = results
         .iter()
         .map(CellResult::throughput)
@@ -1204,24 +1191,11 @@ fn chart_svg(
             if points.is_empty() {
                 continue;
             }
-            let path: Vec<String> = points
-                .iter()
-                .map(|(x, y, _)| format!("{x:.1},{y:.1}"))
-                .collect();
-            let dash_attr = dash_attr(dash);
-            let _ = writeln!(
-                svg,
-                r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="2"{dash_attr}/>"#,
-                path.join(" ")
-            );
-            for (x, y, t) in &points {
-                let _ = writeln!(
-                    svg,
-                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{stroke}"><title>{} {}: {:.0}/s</title></circle>"#,
-                    escape(strategy.name()),
-                    domain.name(),
-                    t
-                );
+            let line: Vec<(f64, f64)> = points.iter().map(|&(x, y, _)| (x, y)).collect();
+            polyline(&mut svg, &line, stroke, 2.0, dash);
+            for &(x, y, t) in &points {
+                let title = format!("{} {}: {t:.0}/s", strategy.name(), domain.name());
+                circle(&mut svg, (x, y), stroke, &title);
             }
         }
         // The floor at each combining cell's mean batch size.
@@ -1231,15 +1205,8 @@ fn chart_svg(
             .map(|(c, f)| (x_of(*c), y_of(f.rows_per_second()), f, *c))
             .collect();
         if !points.is_empty() {
-            let path: Vec<String> = points
-                .iter()
-                .map(|(x, y, _, _)| format!("{x:.1},{y:.1}"))
-                .collect();
-            let _ = writeln!(
-                svg,
-                r#"<polyline points="{}" fill="none" stroke="{FLOOR_COLOR}" stroke-width="2" stroke-dasharray="2 3"/>"#,
-                path.join(" ")
-            );
+            let line: Vec<(f64, f64)> = points.iter().map(|&(x, y, _, _)| (x, y)).collect();
+            polyline(&mut svg, &line, FLOOR_COLOR, 2.0, "2 3");
             for (x, y, f, c) in &points {
                 let _ = writeln!(
                     svg,
@@ -1253,9 +1220,9 @@ fn chart_svg(
             }
         }
     }
-    if !medians.is_empty() {
+    if !runs.is_empty() {
         let left = 90.0 + Domain::ALL.len() as f64 * (PLOT_W + GAP);
-        process_panel(&mut svg, &medians, process_floors, left);
+        process_panel(&mut svg, runs, process_floors, left);
     }
     // Legend.
     let legend_y = HEIGHT - 40.0;
@@ -1355,13 +1322,12 @@ fn row_color(row: HotRow) -> &'static str {
 /// scale from zero (the ratios between the points are what it shows).
 fn process_panel(
     svg: &mut String,
-    medians: &[&processes::ProcessRun],
+    runs: &[processes::ProcessRun],
     floors: &[(HotRow, usize, Floor)],
     left: f64,
 ) {
     const STEP: f64 = 10_000.0;
-    let highest = medians
-        .iter()
+    let highest = processes::medians(runs)
         .map(|r| r.run.throughput())
         .chain(floors.iter().map(|(_, _, f)| f.rows_per_second()))
         .fold(STEP, f64::max);
@@ -1393,49 +1359,35 @@ fn process_panel(
     );
     for (n, row) in HotRow::ALL.iter().enumerate() {
         let stroke = row_color(*row);
-        let mut runs: Vec<&processes::ProcessRun> =
-            medians.iter().copied().filter(|r| r.row == *row).collect();
-        runs.sort_by_key(|r| r.processes);
-        if runs.is_empty() {
+        // In process order: `median` per count of `PROCESSES`, ascending.
+        let medians: Vec<&processes::ProcessRun> = processes::PROCESSES
+            .iter()
+            .filter_map(|&count| processes::median(runs, *row, count))
+            .collect();
+        if medians.is_empty() {
             continue;
         }
-        let path: Vec<String> = runs
+        let points: Vec<(f64, f64)> = medians
             .iter()
-            .map(|r| format!("{:.1},{:.1}", x_of(r.processes), y_of(r.run.throughput())))
+            .map(|r| (x_of(r.processes), y_of(r.run.throughput())))
             .collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="2"/>"#,
-            path.join(" ")
-        );
-        for r in &runs {
-            let _ = writeln!(
-                svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{stroke}"><title>{} {} x {}: {:.0}/s</title></circle>"#,
-                x_of(r.processes),
-                y_of(r.run.throughput()),
-                escape(row.name()),
+        polyline(svg, &points, stroke, 2.0, "");
+        for (r, (x, y)) in medians.iter().zip(&points) {
+            let title = format!(
+                "{} {} x {}: {:.0}/s",
+                row.name(),
                 r.processes,
                 RATIO_CLIENTS / r.processes,
                 r.run.throughput()
             );
+            circle(svg, (*x, *y), stroke, &title);
         }
-        let at_batch: Vec<(usize, &Floor)> = runs
+        let at_batch: Vec<(f64, f64)> = medians
             .iter()
             .filter_map(|r| process_floor(floors, *row, r.processes).map(|f| (r.processes, f)))
+            .map(|(p, f)| (x_of(p), y_of(f.rows_per_second())))
             .collect();
-        if !at_batch.is_empty() {
-            let path: Vec<String> = at_batch
-                .iter()
-                .map(|(p, f)| format!("{:.1},{:.1}", x_of(*p), y_of(f.rows_per_second())))
-                .collect();
-            let _ = writeln!(
-                svg,
-                r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="1.5" stroke-dasharray="2 3"><title>floor {} at each run's batch</title></polyline>"#,
-                path.join(" "),
-                escape(row.name())
-            );
-        }
+        polyline(svg, &at_batch, stroke, 1.5, "2 3");
         // The panel's own legend, in its lower left corner.
         let y = TOP + PLOT_H - 16.0 - 16.0 * (HotRow::ALL.len() - 1 - n) as f64;
         let _ = writeln!(
@@ -1448,6 +1400,32 @@ fn process_panel(
             escape(row.name())
         );
     }
+}
+
+/// A line `width` wide through `points` (none for no points), dashed by `dash` (solid: "").
+fn polyline(svg: &mut String, points: &[(f64, f64)], stroke: &str, width: f64, dash: &str) {
+    if points.is_empty() {
+        return;
+    }
+    let path: Vec<String> = points
+        .iter()
+        .map(|(x, y)| format!("{x:.1},{y:.1}"))
+        .collect();
+    let _ = writeln!(
+        svg,
+        r#"<polyline points="{}" fill="none" stroke="{stroke}" stroke-width="{width}"{}/>"#,
+        path.join(" "),
+        dash_attr(dash)
+    );
+}
+
+/// A data point at `(x, y)`, with `title` as its hover text.
+fn circle(svg: &mut String, (x, y): (f64, f64), fill: &str, title: &str) {
+    let _ = writeln!(
+        svg,
+        r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{fill}"><title>{}</title></circle>"#,
+        escape(title)
+    );
 }
 
 /// The SVG attribute of a dash pattern (none for a solid line).
@@ -2174,6 +2152,15 @@ mod processes {
             return Err(format!("a worker failed ({status})").into());
         }
         Ok((run, window, stats))
+    }
+
+    /// Each hot row's median run ([`median`]) at each process count, in that order.
+    pub(super) fn medians(runs: &[ProcessRun]) -> impl Iterator<Item = &ProcessRun> + '_ {
+        HotRow::ALL.iter().flat_map(move |&row| {
+            PROCESSES
+                .iter()
+                .filter_map(move |&count| median(runs, row, count))
+        })
     }
 
     /// The run of `row` with `processes` processes whose throughput is the median of its
