@@ -50,6 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel::{Connection, MysqlConnection};
 use lockstock::ledger::MAX_AMOUNT;
@@ -256,6 +257,11 @@ pub struct Record {
     pub contended: u32,
     /// A final answer the workload never expects (e.g. an unclassified server error).
     pub unexpected: Option<String>,
+    /// When the last call was made and when it answered (UTC wall clock, as lockstock stamps
+    /// its journal entries): a refusal for the balance was decided in between, so a balance
+    /// the account had then must allow it ([`verify`]). `None`: not known (no call made, or a
+    /// record of an older history line).
+    pub last_call: Option<(NaiveDateTime, NaiveDateTime)>,
 }
 
 impl Record {
@@ -270,6 +276,7 @@ impl Record {
             lost: 0,
             contended: 0,
             unexpected: None,
+            last_call: None,
         }
     }
 }
@@ -295,6 +302,7 @@ fn field<T: FromStr>(it: &mut std::str::SplitWhitespace<'_>, line: &str) -> Resu
 
 impl fmt::Display for Record {
     /// One line: `key kind a b amount outcome id attempts unknowns lost contended unexpected`
+    /// and, where known, the last call's start and answer in microseconds since the epoch
     /// (the key has no whitespace: the workload's keys are `<client>-<n>`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (kind, a, b, amount) = match &self.op {
@@ -324,7 +332,16 @@ impl fmt::Display for Record {
             self.lost,
             self.contended,
             self.unexpected.is_some()
-        )
+        )?;
+        match self.last_call {
+            Some((called, answered)) => write!(
+                f,
+                " {} {}",
+                called.and_utc().timestamp_micros(),
+                answered.and_utc().timestamp_micros()
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -377,10 +394,23 @@ impl FromStr for Record {
             lost: field(&mut it, line)?,
             contended: field(&mut it, line)?,
             unexpected: field::<bool>(&mut it, line)?.then(|| "in another process".to_owned()),
+            last_call: None,
         };
-        match it.next() {
-            Some(_) => Err(bad()),
-            None => Ok(record),
+        let time = |micros: &str| {
+            micros
+                .parse::<i64>()
+                .ok()
+                .and_then(chrono::DateTime::from_timestamp_micros)
+                .map(|at| at.naive_utc())
+                .ok_or_else(bad)
+        };
+        match (it.next(), it.next(), it.next()) {
+            (None, _, _) => Ok(record),
+            (Some(called), Some(answered), None) => Ok(Record {
+                last_call: Some((time(called)?, time(answered)?)),
+                ..record
+            }),
+            _ => Err(bad()),
         }
     }
 }
@@ -580,7 +610,9 @@ fn execute(
             continue;
         }
         record.attempts += 1;
+        let called = chrono::Utc::now().naive_utc();
         let result = call(c, &record.key, &record.op);
+        record.last_call = Some((called, chrono::Utc::now().naive_utc()));
         let error = match result {
             Ok(id) => {
                 record.outcome = Outcome::Ok(id);
@@ -1104,51 +1136,83 @@ fn op_kind(op: &Op) -> &'static str {
     }
 }
 
-/// The refusals of `records` that no balance of the account ever allowed. A deduct or transfer
-/// refused for want of funds needs a moment when the sender's balance was below its amount; a
-/// charge, or a transfer refused for the receiver's limit, one when the balance was within the
-/// amount of [`MAX_AMOUNT`] (the largest balance too: a credit past it is refused
-/// `BalanceLimitExceeded`). An account's balance at any moment after [`setup`] is one of
-/// its entries' `balance_after` (the workload places no holds: all of it is available), so a
-/// refusal for which no entry of the `journal` allows it was made on a balance the account never
-/// had. (A refusal on a stale balance — one the account had earlier — is not found this way:
-/// only a balance below every one of the account's is. A refund may be refused as beyond its
-/// deduct, which `execute` checks as it is answered.)
+/// How far apart two readings of the wall clock may be taken as the same moment: a journal
+/// entry's time is read by lockstock (`created_at`, under the account's lock) and a call's by
+/// the client, on the same machine.
+const CLOCK_SLACK: Duration = Duration::from_millis(100);
+
+/// The refusals of `records` that no balance of the account allowed while the refused call
+/// ran. A deduct or transfer refused for want of funds needs a balance of the sender below its
+/// amount; a charge, or a transfer refused for the receiver's limit, one within the amount of
+/// [`MAX_AMOUNT`] (a credit past it is refused `BalanceLimitExceeded`). An account's balance
+/// at any moment after [`setup`] is one of its entries' `balance_after` (the workload places no
+/// holds: all of it is available), and a refusal is decided with the account locked, during
+/// the last call of its record ([`Record::last_call`]): every entry stamped before that call
+/// began was committed by then (its transaction held the lock as it stamped it, and committed
+/// before letting it go), and none stamped after the call answered was. So the balances that
+/// call could have seen run from the last entry stamped before it began to the last stamped
+/// before it answered ([`CLOCK_SLACK`] either side); a refusal that none of them allows was
+/// decided on a balance the account did not have — an impossible one, or a stale one, from
+/// before the call. (A record without its call's times is checked against every balance the
+/// account ever had. A refund may be refused as beyond its deduct, which `execute` checks as
+/// it is answered.)
 fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Vec<String> {
-    let mut range: HashMap<i64, (Decimal, Decimal)> = HashMap::new();
+    // Each account's (stamp, balance after) in journal order.
+    let mut entries: HashMap<i64, Vec<(NaiveDateTime, Decimal)>> = HashMap::new();
     for row in journal {
-        let after = row.4;
-        range
-            .entry(row.1)
-            .and_modify(|(low, high)| {
-                *low = (*low).min(after);
-                *high = (*high).max(after);
-            })
-            .or_insert((after, after));
+        entries.entry(row.1).or_default().push((row.10, row.4));
     }
-    // (lowest, highest) balance of an account.
-    let bounds = |user: i64| range.get(&user).copied().unwrap_or_default();
-    let short = |user: i64, amount: Decimal| bounds(user).0 < amount;
-    let full = |user: i64, amount: Decimal| {
-        bounds(user)
-            .1
-            .checked_add(amount)
-            .is_none_or(|after| after > MAX_AMOUNT)
+    let slack = chrono::TimeDelta::from_std(CLOCK_SLACK).unwrap_or_default();
+    // (lowest, highest) balance of `user` a call made during `call` could have seen.
+    let seen = |user: i64, call: Option<(NaiveDateTime, NaiveDateTime)>| {
+        let Some(list) = entries.get(&user).filter(|list| !list.is_empty()) else {
+            return (Decimal::ZERO, Decimal::ZERO);
+        };
+        let (first, last) = match call {
+            Some((called, answered)) => {
+                let first = list
+                    .iter()
+                    .rposition(|(at, _)| *at < called - slack)
+                    .unwrap_or(0);
+                let last = list
+                    .iter()
+                    .rposition(|(at, _)| *at <= answered + slack)
+                    .unwrap_or(first)
+                    .max(first);
+                (first, last)
+            }
+            None => (0, list.len() - 1),
+        };
+        list[first..=last]
+            .iter()
+            .fold((Decimal::MAX, Decimal::MIN), |(low, high), (_, balance)| {
+                (low.min(*balance), high.max(*balance))
+            })
     };
     records
         .iter()
         .filter(|r| r.outcome == Outcome::Refused)
-        .filter(|r| match r.op {
-            Op::Deduct { user, amount } => !short(user, amount),
-            Op::Transfer { from, to, amount } => !short(from, amount) && !full(to, amount),
-            Op::Charge { user, amount } => !full(user, amount),
-            Op::Refund { .. } | Op::Issue { .. } => false,
-        })
-        .map(|r| {
-            format!(
-                "{} {:?} was refused, but no balance the journal shows allowed the refusal",
-                r.key, r.op
-            )
+        .filter_map(|r| {
+            let short = |user: i64, amount: Decimal| seen(user, r.last_call).0 < amount;
+            let full = |user: i64, amount: Decimal| {
+                seen(user, r.last_call)
+                    .1
+                    .checked_add(amount)
+                    .is_none_or(|after| after > MAX_AMOUNT)
+            };
+            let wrong = match r.op {
+                Op::Deduct { user, amount } => !short(user, amount),
+                Op::Transfer { from, to, amount } => !short(from, amount) && !full(to, amount),
+                Op::Charge { user, amount } => !full(user, amount),
+                Op::Refund { .. } | Op::Issue { .. } => false,
+            };
+            wrong.then(|| {
+                format!(
+                    "{} {:?} was refused, but no balance the journal shows for the time of its \
+                     call ({:?}) allowed the refusal",
+                    r.key, r.op, r.last_call
+                )
+            })
         })
         .collect()
 }
@@ -1156,6 +1220,70 @@ fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal decided on a balance the account had only BEFORE the refused call began (a
+    /// stale one) is reported; one that a balance of its call's time allows is not; a record
+    /// without its call's times is checked against every balance, as before. Negative control
+    /// of the check: before it took the call's times, the stale refusal passed (the account
+    /// had once been at 0).
+    #[test]
+    fn a_refusal_on_a_balance_from_before_its_call_is_reported() {
+        let start = chrono::DateTime::from_timestamp(1_800_000_000, 0)
+            .map(|at| at.naive_utc())
+            .unwrap_or_default();
+        let at = |millis: i64| start + chrono::TimeDelta::milliseconds(millis);
+        let entry = |id: i64, balance: i64, stamped: i64| -> HistoryRow {
+            (
+                id,
+                7,
+                "charge".to_owned(),
+                Decimal::ONE,
+                Decimal::new(balance, 0),
+                Some(format!("k{id}")),
+                "0000000000000000".to_owned(),
+                None,
+                None,
+                Decimal::ZERO,
+                at(stamped),
+                None,
+            )
+        };
+        // 100 from the start, 0 after one second, 100 again after two.
+        let journal = vec![entry(1, 100, 0), entry(2, 0, 1_000), entry(3, 100, 2_000)];
+        let refused = |key: &str, call: Option<(i64, i64)>| Record {
+            outcome: Outcome::Refused,
+            last_call: call.map(|(called, answered)| (at(called), at(answered))),
+            ..Record::new(
+                key.to_owned(),
+                Op::Deduct {
+                    user: 7,
+                    amount: Decimal::new(50, 0),
+                },
+            )
+        };
+        let records = [
+            // Called at 2.5 s: the balance was 100 all along — refused on the stale 0.
+            refused("stale", Some((2_500, 2_600))),
+            // Called at 1.2 s: the balance was 0.
+            refused("then-empty", Some((1_200, 1_300))),
+            // Called as the balance went from 0 to 100: either may have been seen.
+            refused("across", Some((1_950, 2_050))),
+            // Without its call's times: the account was at 0 once.
+            refused("untimed", None),
+        ];
+        let found = impossible_balance_refusals(&journal, &records);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("stale "), "{found:?}");
+        // A history line keeps the call's times.
+        let line = records[0].to_string();
+        let back: Record = line.parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.last_call, records[0].last_call, "{line}");
+        let untimed: Record = records[3]
+            .to_string()
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(untimed.last_call, None);
+    }
 
     /// A client whose server is down stops retrying its connection once the run's stop flag
     /// is set: it gives its operation up (lost) instead of reconnecting for the 90 s budget.
@@ -1507,8 +1635,22 @@ mod tests {
             lost: 0,
             contended: 2,
             unexpected: None,
+            last_call: None,
         };
         let line = record.to_string();
+        assert_eq!(line.parse::<Record>().map(|r| r.to_string()), Ok(line));
+        let called = chrono::DateTime::from_timestamp_micros(1_800_000_000_123_456)
+            .map(|at| at.naive_utc())
+            .unwrap_or_default();
+        let timed = Record {
+            last_call: Some((called, called + chrono::TimeDelta::microseconds(2_500))),
+            ..record
+        };
+        let line = timed.to_string();
+        assert!(
+            line.ends_with(" 1800000000123456 1800000000125956"),
+            "{line}"
+        );
         assert_eq!(line.parse::<Record>().map(|r| r.to_string()), Ok(line));
         for bad in [
             "",
@@ -1516,6 +1658,8 @@ mod tests {
             "k steal 1 0 5 ok 1 1 0 0 0 false",
             "k deduct 1 0 5 maybe 1 1 0 0 0 false",
             "k deduct 1 0 5 ok 1 1 0 0 0 false extra",
+            "k deduct 1 0 5 ok 1 1 0 0 0 false 1 x",
+            "k deduct 1 0 5 ok 1 1 0 0 0 false 1 2 3",
         ] {
             assert_eq!(
                 bad.parse::<Record>().err(),

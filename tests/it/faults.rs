@@ -383,6 +383,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
         lost: 0,
         contended: 0,
         unexpected: None,
+        last_call: None,
     }];
 
     // The combining path while a killer kills its pooled connections every few ms.
@@ -545,6 +546,7 @@ fn pool_and_combiner_recover_from_killed_connections() {
         lost: 0,
         contended: 0,
         unexpected: None,
+        last_call: None,
     });
     pool.get().expect("pool.get after the kills");
     let mut conn = connect(&url);
