@@ -7,8 +7,8 @@
 //! definitive answer. The client records what it invoked and what it was told: ok (with the
 //! entry or coupon id), refused, unknown (given up after `OutcomeUnknown`) or lost (given up
 //! after a lost connection). [`verify`] then checks from the database that every ok was applied
-//! exactly once, every refusal never (and a refusal for the balance only where a balance of the
-//! account allowed it), every unknown at most once, money is conserved, no balance
+//! exactly once, every refusal never (and a refusal for the balance only where a balance the
+//! account had while the refusing call ran allowed it), every unknown at most once, money is conserved, no balance
 //! is negative, no coupon is over-issued or duplicated and every account passes `audit`. A
 //! ledger answer that says nothing was applied (a lost or broken connection, `Contended`,
 //! `Timeout`, `ServerUnresponsive`) with no unknown outcome before it is checked at once, before
