@@ -8,8 +8,9 @@
 //! entry or coupon id), refused, unknown (given up after `OutcomeUnknown`) or lost (given up
 //! after a lost connection). [`verify`] then checks from the database that every ok was applied
 //! exactly once, every refusal never (and a refusal for the balance only where a balance the
-//! account had while the refusing call ran allowed it), every unknown at most once, money is conserved, no balance
-//! is negative, no coupon is over-issued or duplicated and every account passes `audit`. A
+//! account had while the refusing call ran allowed it), every unknown at most once, money is
+//! conserved, no balance is negative, no coupon is over-issued or duplicated and every account
+//! passes `audit`. A
 //! ledger answer that says nothing was applied (a lost or broken connection, `Contended`,
 //! `Timeout`, `ServerUnresponsive`) with no unknown outcome before it is checked at once, before
 //! the retry: its key must have no entry (the retry would answer that entry as if it had applied
@@ -610,9 +611,9 @@ fn execute(
             continue;
         }
         record.attempts += 1;
-        let called = chrono::Utc::now().naive_utc();
+        let called = crate::fixtures::now();
         let result = call(c, &record.key, &record.op);
-        record.last_call = Some((called, chrono::Utc::now().naive_utc()));
+        record.last_call = Some((called, crate::fixtures::now()));
         let error = match result {
             Ok(id) => {
                 record.outcome = Outcome::Ok(id);
@@ -1139,7 +1140,7 @@ fn op_kind(op: &Op) -> &'static str {
 /// How far apart two readings of the wall clock may be taken as the same moment: a journal
 /// entry's time is read by lockstock (`created_at`, under the account's lock) and a call's by
 /// the client, on the same machine.
-const CLOCK_SLACK: Duration = Duration::from_millis(100);
+const CLOCK_SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(100);
 
 /// The refusals of `records` that no balance of the account allowed while the refused call
 /// ran. A deduct or transfer refused for want of funds needs a balance of the sender below its
@@ -1162,21 +1163,21 @@ fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Ve
     for row in journal {
         entries.entry(row.1).or_default().push((row.10, row.4));
     }
-    let slack = chrono::TimeDelta::from_std(CLOCK_SLACK).unwrap_or_default();
     // (lowest, highest) balance of `user` a call made during `call` could have seen.
     let seen = |user: i64, call: Option<(NaiveDateTime, NaiveDateTime)>| {
-        let Some(list) = entries.get(&user).filter(|list| !list.is_empty()) else {
+        // (Each list has an entry: it was made by pushing one.)
+        let Some(list) = entries.get(&user) else {
             return (Decimal::ZERO, Decimal::ZERO);
         };
         let (first, last) = match call {
             Some((called, answered)) => {
                 let first = list
                     .iter()
-                    .rposition(|(at, _)| *at < called - slack)
+                    .rposition(|(at, _)| *at < called - CLOCK_SLACK)
                     .unwrap_or(0);
                 let last = list
                     .iter()
-                    .rposition(|(at, _)| *at <= answered + slack)
+                    .rposition(|(at, _)| *at <= answered + CLOCK_SLACK)
                     .unwrap_or(first)
                     .max(first);
                 (first, last)
@@ -1228,9 +1229,7 @@ mod tests {
     /// had once been at 0).
     #[test]
     fn a_refusal_on_a_balance_from_before_its_call_is_reported() {
-        let start = chrono::DateTime::from_timestamp(1_800_000_000, 0)
-            .map(|at| at.naive_utc())
-            .unwrap_or_default();
+        let start = crate::fixtures::micros_to_time(1_800_000_000_000_000);
         let at = |millis: i64| start + chrono::TimeDelta::milliseconds(millis);
         let entry = |id: i64, balance: i64, stamped: i64| -> HistoryRow {
             (
@@ -1639,9 +1638,7 @@ mod tests {
         };
         let line = record.to_string();
         assert_eq!(line.parse::<Record>().map(|r| r.to_string()), Ok(line));
-        let called = chrono::DateTime::from_timestamp_micros(1_800_000_000_123_456)
-            .map(|at| at.naive_utc())
-            .unwrap_or_default();
+        let called = crate::fixtures::micros_to_time(1_800_000_000_123_456);
         let timed = Record {
             last_call: Some((called, called + chrono::TimeDelta::microseconds(2_500))),
             ..record
