@@ -45,8 +45,9 @@
 //!   many holds neither outlives its deadline by more than one hold's statements and the
 //!   COMMIT nor keeps an account locked for long. While fewer than `limit` holds are marked and
 //!   the deadline allows, the due holds are read again without the accounts skipped so far
-//!   (bounded by the deadline, and by [`EXPIRY_PASSES`] reads), so accounts locked all along
-//!   cannot starve the others.
+//!   (bounded by the deadline, by [`EXPIRY_PASSES`] reads, and by the length of that list:
+//!   once 10,000 accounts are skipped the sweep answers what it did), so accounts locked all
+//!   along cannot starve the others.
 //!
 //! Lock order everywhere: the account row, then its holds in ascending id order (a transfer:
 //! both accounts in ascending `user_id` order). Only transactions holding an account's row lock
@@ -79,6 +80,7 @@ use super::BalanceLedger;
 use crate::error::{Error, Result};
 use crate::records::{EntryKind, HoldState};
 use crate::schema::balance_hold;
+use crate::statements::MAX_LIST_VALUES;
 use crate::txn::{Deadline, Holding};
 use crate::util::now;
 use crate::validate::{validate_amount, validate_id, validate_key};
@@ -194,8 +196,9 @@ impl BalanceLedger {
     /// `NOWAIT` in ascending `user_id` order and tried once; one that is locked is skipped and
     /// reported in [`ExpiredHolds::skipped_accounts`] for a later call, and the due holds are
     /// read again without it (so a locked account's holds never keep the others' from being
-    /// marked). Expiry does not depend on this call: an expired hold stops reserving at once;
-    /// this only records its end.
+    /// marked) — until 10,000 accounts are skipped: the call then answers what it did. Expiry
+    /// does not depend on this call: an expired hold stops reserving at once; this only
+    /// records its end.
     ///
     /// An account's transaction that fails otherwise ([`Error::Server`],
     /// [`Error::OutcomeUnknown`], [`Error::ConnectionBroken`], ...) ends the sweep: once an
@@ -226,7 +229,11 @@ impl BalanceLedger {
         // first must not keep every other account's from being read.
         for pass in 0..EXPIRY_PASSES {
             let wanted = (limit as usize).saturating_sub(report.expired.len());
-            if wanted == 0 || (pass > 0 && deadline.is_expired()) {
+            // The accounts skipped so far are left out of the read with one `NOT IN` list: no
+            // longer than a lockstock `IN` list (far below the values one statement binds).
+            // Past that, the sweep ends with what it did; a later call tries them again.
+            let too_many = report.skipped_accounts.len() >= MAX_LIST_VALUES;
+            if wanted == 0 || (pass > 0 && (deadline.is_expired() || too_many)) {
                 break;
             }
             let skipped = report.skipped_accounts.clone();

@@ -2288,3 +2288,63 @@ fn split_with_an_expired_hold_of_key_k() -> [AccountOp; 4] {
         AccountOp::hold(dec(1), "k", in_secs(-60)),
     ]
 }
+
+/// A sweep that meets more locked accounts than one statement can leave out of its next read
+/// of the due holds answers what it did. Here 66,000 accounts each have an expired hold and
+/// another program holds every account row: before the fix the sweep read the due holds again
+/// and again, each time without all the accounts skipped so far, until that list passed the
+/// 65,535 values one statement binds and the read failed ("too many placeholders"), so the
+/// call answered a server error for a sweep that had run its course. It now stops re-reading
+/// once the list is as long as a lockstock `IN` list may be, answers `Ok` with every account
+/// it tried in `skipped_accounts`, and a later call, with the rows free, expires the holds.
+#[test]
+fn a_sweep_past_more_locked_accounts_than_a_statement_binds_answers_what_it_did() {
+    use diesel::connection::SimpleConnection;
+    const ACCOUNTS: i64 = 66_000;
+    let (url, mut conn) = fresh_database("holds_sweep_many_locked");
+    // Setup by hand (66,000 holds through the API would take minutes): each account funded
+    // with 100 and holding 10 under a hold that expired a minute after it was placed.
+    conn.batch_execute(&format!(
+        "INSERT INTO user_balance (user_id, balance, held, version) \
+           SELECT seq, 100, 10, 1 FROM seq_1_to_{ACCOUNTS}; \
+         INSERT INTO balance_history \
+           (user_id, kind, amount, balance_after, idempotency_key, request_hash, created_at) \
+           SELECT seq, 'hold', 10, 100, 'h', '0123456789abcdef', \
+                  UTC_TIMESTAMP(6) - INTERVAL 1 HOUR FROM seq_1_to_{ACCOUNTS}; \
+         INSERT INTO balance_hold (id, user_id, amount, state, expires_at, created_at) \
+           SELECT id, user_id, 10, 'active', created_at + INTERVAL 1 MINUTE, created_at \
+           FROM balance_history"
+    ))
+    .expect("accounts with expired holds");
+    let mut other = other_program(&url);
+    other
+        .batch_execute("START TRANSACTION; UPDATE user_balance SET version = version + 1")
+        .expect("another program holds every account row");
+    let ledger = BalanceLedger::with_policy(lockstock_testkit::fixtures::policy_with_deadline(
+        StdDuration::from_secs(300),
+    ));
+    let report = ledger.expire_holds(&mut conn, 1000);
+    other.batch_execute("ROLLBACK").expect("release");
+    let report = report.expect("the sweep answers what it did");
+    assert!(report.expired.is_empty(), "{:?}", report.expired.len());
+    let skipped = &report.skipped_accounts;
+    assert!(!skipped.is_empty());
+    let mut distinct = skipped.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), skipped.len(), "an account reported twice");
+    assert!(skipped.iter().all(|user| (1..=ACCOUNTS).contains(user)));
+    let active: i64 = balance_hold::table
+        .filter(balance_hold::state.eq("active"))
+        .count()
+        .get_result(&mut conn)
+        .expect("count");
+    assert_eq!(
+        active, ACCOUNTS,
+        "a hold ended by a sweep that expired none"
+    );
+    // With the rows free, the next sweep expires holds again.
+    let next = ledger.expire_holds(&mut conn, 100).expect("the next sweep");
+    assert_eq!(next.expired.len(), 100, "{next:?}");
+    assert!(next.skipped_accounts.is_empty(), "{next:?}");
+}
