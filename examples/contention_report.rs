@@ -13,7 +13,9 @@
 //!   interleaved rounds whose order turns each round (1, 2, 4; 2, 4, 1; 4, 1, 2; ...: a drift of the
 //!   machine's speed falls on every count in turn); each count's median run is reported, and
 //!   4proc/1proc is the median of the rounds' own ratios (each 4-process run against the
-//!   1-process run of its round), with their range. The report
+//!   1-process run of its round), with their range; then the same at 256 clients in all, 1 ×
+//!   256 against 4 × 64 (no floors), where a process's batch is not bound by its 16 clients.
+//!   The report
 //!   re-executes itself as the worker processes (configured through `LOCKSTOCK_REPORT_WORKER_*`
 //!   environment variables; a worker prints its run on stdout), starts them together and checks
 //!   the hot row from the database once all are done;
@@ -30,6 +32,8 @@
 //! It writes an SVG chart to `target/contention.svg` (throughput against clients per domain, the
 //! floor as a dotted line; and a panel across processes: each hot row's median run at 1, 2 and
 //! 4 processes, with the floor at each run's batch dotted) and ends with
+//!
+//! `contention-processes-256-clients: coupon 4proc/1proc=<p> ledger 4proc/1proc=<q> stock-row-wait-in-server 4proc/1proc=<v>`
 //!
 //! `contention-processes-floor: coupon floor(4proc batch)/floor(1proc batch)=<c> ledger floor(4proc batch)/floor(1proc batch)=<d>`
 //!
@@ -104,6 +108,11 @@ use lockstock_testkit::strategies::{
 const CELL_REQUEST_CAP: u64 = 2_000_000;
 /// The client count of the final line.
 const RATIO_CLIENTS: usize = 64;
+/// Clients in all of the second measurement across processes: 64 a process at 4 processes,
+/// so that a process's batch is not bound by its 16 clients as at [`RATIO_CLIENTS`].
+const WIDE_CLIENTS: usize = 256;
+/// Process counts of the measurement at [`WIDE_CLIENTS`].
+const WIDE_PROCESSES: [usize; 2] = [1, 4];
 
 struct Options {
     full: bool,
@@ -190,15 +199,17 @@ fn run() -> Result<bool, BoxError> {
     let started = Instant::now();
     let mut harness = Harness::new("lockstock_contention_report")?;
     if options.processes_only {
-        let runs = processes::measure(&mut harness, options.cell_time)?;
+        let runs = processes::measure(&mut harness, options.cell_time, RATIO_SHAPES)?;
         let mut violations = Vec::new();
         let floors = process_floors(&mut harness, &runs, options.cell_time, &mut violations)?;
         print_processes(&runs, &floors);
+        let wide = processes::measure(&mut harness, options.cell_time, WIDE_SHAPES)?;
+        print_wide(&wide);
         let mut clean = violations.is_empty();
         for violation in &violations {
             eprintln!("INVARIANT VIOLATION: {violation}");
         }
-        for run in &runs {
+        for run in runs.iter().chain(&wide) {
             for violation in &run.violations {
                 clean = false;
                 eprintln!(
@@ -208,7 +219,7 @@ fn run() -> Result<bool, BoxError> {
                 );
             }
         }
-        print_process_lines(&runs, &floors);
+        print_process_lines(&runs, &floors, &wide);
         return Ok(clean);
     }
     let version = harness.server_version()?;
@@ -259,9 +270,10 @@ fn run() -> Result<bool, BoxError> {
     let floor_rounds = floor_rounds(&mut harness, &options, &results, &floors, &mut violations)?;
     print_floors(&results, &floors, &floor_rounds);
 
-    // Across processes.
-    let runs = processes::measure(&mut harness, options.cell_time)?;
-    for run in &runs {
+    // Across processes: 64 clients in all, then 256.
+    let runs = processes::measure(&mut harness, options.cell_time, RATIO_SHAPES)?;
+    let wide = processes::measure(&mut harness, options.cell_time, WIDE_SHAPES)?;
+    for run in runs.iter().chain(&wide) {
         violations.extend(
             run.violations
                 .iter()
@@ -270,6 +282,7 @@ fn run() -> Result<bool, BoxError> {
     }
     let process_floors = process_floors(&mut harness, &runs, options.cell_time, &mut violations)?;
     print_processes(&runs, &process_floors);
+    print_wide(&wide);
 
     // The Redis gate: optional — a gate that cannot run (Redis did not start, say) is
     // reported, and the rest of the report stands.
@@ -304,7 +317,7 @@ fn run() -> Result<bool, BoxError> {
             eprintln!("  {violation}");
         }
     }
-    print_process_lines(&runs, &process_floors);
+    print_process_lines(&runs, &process_floors, &wide);
     println!(
         "contention: coupon combining/seed={} ledger combining/seed={} coupon \
          combining/floor={} ledger combining/floor={} clients={RATIO_CLIENTS}",
@@ -715,14 +728,91 @@ fn floor_ratio_of(floors: &[(HotRow, usize, Floor)], row: HotRow, count: usize) 
     }
 }
 
-/// The floors' line, the opt-in coupon's line and the `contention-processes:` line (the
-/// defaults').
-fn print_process_lines(runs: &[processes::ProcessRun], floors: &[(HotRow, usize, Floor)]) {
+/// The measurement across processes at [`RATIO_CLIENTS`] in all (the issue's), and the one at
+/// [`WIDE_CLIENTS`].
+const RATIO_SHAPES: (usize, &[usize]) = (RATIO_CLIENTS, &processes::PROCESSES);
+const WIDE_SHAPES: (usize, &[usize]) = (WIDE_CLIENTS, &WIDE_PROCESSES);
+
+/// The runs at [`WIDE_CLIENTS`] in all: 1 and 4 processes, each hot row's median run and the
+/// rounds' own ratios.
+fn print_wide(runs: &[processes::ProcessRun]) {
+    println!(
+        "## Across processes, {WIDE_CLIENTS} clients in all
+"
+    );
+    println!(
+        "As above with {WIDE_CLIENTS} clients in all: 1 x {WIDE_CLIENTS} against 4 x {}, so \
+         that each of 4 processes has as many clients as the single process has above. A \
+         process's batch holds at most its own clients: at {RATIO_CLIENTS} clients in all, 4 \
+         processes' batches hold at most {} against about {} in one process; here about {} \
+         against about {}. No floors.\n",
+        WIDE_CLIENTS / 4,
+        RATIO_CLIENTS / 4,
+        RATIO_CLIENTS / 2,
+        WIDE_CLIENTS / 4,
+        WIDE_CLIENTS / 2
+    );
+    println!(
+        "| hot row | processes x clients | ok/s | p50 ms | p99 ms | batches, mean | errors | vs 1 process per round | ok/s per round | notes |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---|---|---|---|");
+    for row in HotRow::ALL {
+        for count in WIDE_PROCESSES {
+            let Some(run) = processes::median(runs, row, count) else {
+                continue;
+            };
+            let per_round: Vec<String> = processes::round_ratios(runs, row, count)
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect();
+            let throughputs: Vec<String> = runs
+                .iter()
+                .filter(|r| r.row == row && r.processes == count)
+                .map(|r| format!("{:.0}", r.run.throughput()))
+                .collect();
+            let b = run.batches;
+            let mean = b.requests as f64 / b.batches.max(1) as f64;
+            println!(
+                "| {} | {count} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {} | {} | {} | {} |",
+                row.name(),
+                WIDE_CLIENTS / count,
+                run.run.throughput(),
+                run.run.percentile_ms(50.0),
+                run.run.percentile_ms(99.0),
+                b.batches,
+                run_errors(&run.run),
+                per_round.join(" / "),
+                throughputs.join(" / "),
+                if run.violations.is_empty() {
+                    String::new()
+                } else {
+                    format!("INVARIANT VIOLATED: {}", run.violations.join("; "))
+                }
+            );
+        }
+    }
+    println!();
+}
+
+/// The line at [`WIDE_CLIENTS`] in all, the floors' line, the opt-in coupon's line and the
+/// `contention-processes:` line (the defaults').
+fn print_process_lines(
+    runs: &[processes::ProcessRun],
+    floors: &[(HotRow, usize, Floor)],
+    wide: &[processes::ProcessRun],
+) {
     let (coupon, ledger) = (HotRow::of(Domain::Coupon), HotRow::of(Domain::Ledger));
     let waiting = HotRow {
         domain: Domain::Coupon,
         wait: StockRowWait::InServer,
     };
+    println!(
+        "contention-processes-{WIDE_CLIENTS}-clients: coupon 4proc/1proc={} ledger \
+         4proc/1proc={} stock-row-wait-in-server 4proc/1proc={}",
+        process_ratio(wide, coupon),
+        process_ratio(wide, ledger),
+        process_ratio(wide, waiting)
+    );
     println!(
         "contention-processes-floor: coupon floor(4proc batch)/floor(1proc batch)={} ledger \
          floor(4proc batch)/floor(1proc batch)={}",
@@ -1961,7 +2051,7 @@ mod processes {
         Prepared, Run, Target,
     };
 
-    use super::{HotRow, CELL_REQUEST_CAP, RATIO_CLIENTS};
+    use super::{HotRow, CELL_REQUEST_CAP};
 
     /// Set in a worker: the database URL (the parent's server; a worker starts none).
     pub(super) const WORKER_ENV: &str = "LOCKSTOCK_REPORT_WORKER_URL";
@@ -1974,7 +2064,8 @@ mod processes {
     /// How the worker's coupon batches wait for a stock row another process holds: `poll` or
     /// `server` ([`HotRow::wait_word`]).
     const WAIT_ENV: &str = "LOCKSTOCK_REPORT_WORKER_WAIT";
-    /// Process counts measured; each runs [`RATIO_CLIENTS`] / count clients.
+    /// Process counts measured; each runs [`RATIO_CLIENTS`](super::RATIO_CLIENTS) / count
+    /// clients.
     pub(super) const PROCESSES: [usize; 3] = [1, 2, 4];
     /// Rounds of every (domain, process count), interleaved; the median is compared (five, as
     /// [`super::FLOOR_ROUNDS`]: single rounds' ratios spread over 0.5-0.85 in one run).
@@ -2199,22 +2290,23 @@ mod processes {
         ratios
     }
 
-    /// [`ROUNDS`] rounds of every (hot row, process count): `processes` workers ×
-    /// [`RATIO_CLIENTS`] / `processes` clients on one fresh hot row for `time`, then the checks
-    /// from the database.
+    /// [`ROUNDS`] rounds of every (hot row, process count of `counts`): `processes` workers ×
+    /// `total` / `processes` clients on one fresh hot row for `time`, then the checks from the
+    /// database.
     pub(super) fn measure(
         harness: &mut Harness,
         time: Duration,
+        (total, counts): (usize, &[usize]),
     ) -> Result<Vec<ProcessRun>, BoxError> {
         let exe = std::env::current_exe()?;
         let mut runs = Vec::new();
         for (round, row) in (0..ROUNDS).flat_map(|r| HotRow::ALL.map(|h| (r, h))) {
             let domain = row.domain;
             // The order turns each round: a drift falls on every count in turn.
-            let mut order = PROCESSES;
-            order.rotate_left(round % PROCESSES.len());
+            let mut order = counts.to_vec();
+            order.rotate_left(round % counts.len().max(1));
             for processes in order {
-                let clients = RATIO_CLIENTS / processes;
+                let clients = total / processes;
                 let share = CELL_REQUEST_CAP / processes as u64;
                 let prepared = harness.prepare(domain, CELL_REQUEST_CAP)?;
                 let target = match prepared.target {
@@ -2277,7 +2369,7 @@ mod processes {
                 let mut violations = run.consistency(Some(batches));
                 violations.extend(harness.check(prepared.target, &run.ok_ids, run.in_doubt())?);
                 eprintln!(
-                    "  {:<6} {processes} processes x {clients} clients: {:>9.0}/s ({} ok, {} \
+                    "  {:<6} {processes} processes x {clients:>3} clients: {:>9.0}/s ({} ok, {} \
                      errors)",
                     row.name(),
                     run.throughput(),
