@@ -144,8 +144,9 @@ impl Options {
                          --galera  a throwaway 3-node Galera cluster: per-request vs combining \
                          at 1, 16, 64 clients, one writer vs spread, and the mixed workload \
                          (about 3 minutes)\n  \
-                         --processes  only the runs across processes (1, 2, 4 processes) and \
-                         the floors at their batches"
+                         --processes  only the runs across processes (1, 2, 4 processes x \
+                         64 / P clients; 1 x 256 and 4 x 64) and the floors at their batches \
+                         (about 2.5 minutes)"
                     );
                     std::process::exit(0);
                 }
