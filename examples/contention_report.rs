@@ -737,10 +737,7 @@ const WIDE_SHAPES: (usize, &[usize]) = (WIDE_CLIENTS, &WIDE_PROCESSES);
 /// The runs at [`WIDE_CLIENTS`] in all: 1 and 4 processes, each hot row's median run and the
 /// rounds' own ratios.
 fn print_wide(runs: &[processes::ProcessRun]) {
-    println!(
-        "## Across processes, {WIDE_CLIENTS} clients in all
-"
-    );
+    println!("## Across processes, {WIDE_CLIENTS} clients in all\n");
     println!(
         "As above with {WIDE_CLIENTS} clients in all: 1 x {WIDE_CLIENTS} against 4 x {}, so \
          that each of 4 processes has as many clients as the single process has above. A \
