@@ -345,9 +345,7 @@ fn mean_batch(r: &CellResult) -> usize {
 
 /// The mean batch of combiner statistics, rounded (at least 1).
 fn rounded_mean(stats: Option<CombinerStats>) -> usize {
-    stats.filter(|b| b.batches > 0).map_or(1, |b| {
-        ((b.requests as f64 / b.batches as f64).round() as usize).max(1)
-    })
+    stats.map_or(1, |b| (mean_of(b).round() as usize).max(1))
 }
 
 /// The floor ([`Harness::floor`]) of combining cell `r`, at its mean batch size, for as long as
@@ -666,22 +664,10 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(HotRow, usize, Flo
     println!("|---|---|---:|---:|---:|---|---|---:|---|---|---:|---:|---|");
     for run in processes::medians(runs) {
         let one = processes::median(runs, run.row, 1).map_or(0.0, |r| r.run.throughput());
-        let rounds: Vec<String> = runs
-            .iter()
-            .filter(|r| r.row == run.row && r.processes == run.processes)
-            .map(|r| format!("{:.0}", r.run.throughput()))
-            .collect();
+        let (per_round, rounds) = round_columns(runs, run.row, run.processes);
         let b = run.batches;
-        let mean = if b.batches == 0 {
-            0.0
-        } else {
-            b.requests as f64 / b.batches as f64
-        };
+        let mean = mean_of(b);
         let errors = run_errors(&run.run);
-        let per_round: Vec<String> = processes::round_ratios(runs, run.row, run.processes)
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect();
         let (floor, of_one) = match process_floor(floors, run.row, run.processes) {
             Some(f) => (
                 format!("{:.0} ({})", f.rows_per_second(), f.batch),
@@ -699,13 +685,9 @@ fn print_processes(runs: &[processes::ProcessRun], floors: &[(HotRow, usize, Flo
             run.run.percentile_ms(99.0),
             b.batches,
             run.run.throughput() / one.max(1e-9),
-            per_round.join(" / "),
-            rounds.join(" / "),
-            if run.violations.is_empty() {
-                String::new()
-            } else {
-                format!("INVARIANT VIOLATED: {}", run.violations.join("; "))
-            }
+            per_round,
+            rounds,
+            violations_note(&run.violations)
         );
     }
     println!();
@@ -734,6 +716,39 @@ fn floor_ratio_of(floors: &[(HotRow, usize, Floor)], row: HotRow, count: usize) 
 const RATIO_SHAPES: (usize, &[usize]) = (RATIO_CLIENTS, &processes::PROCESSES);
 const WIDE_SHAPES: (usize, &[usize]) = (WIDE_CLIENTS, &WIDE_PROCESSES);
 
+/// The mean batch of `stats` (0 without batches).
+fn mean_of(stats: CombinerStats) -> f64 {
+    if stats.batches == 0 {
+        0.0
+    } else {
+        stats.requests as f64 / stats.batches as f64
+    }
+}
+
+/// The columns of `row` at `count` processes across rounds: each round's ratio to the
+/// 1-process run of its round (sorted), and each round's throughput, joined by ` / `.
+fn round_columns(runs: &[processes::ProcessRun], row: HotRow, count: usize) -> (String, String) {
+    let ratios: Vec<String> = processes::round_ratios(runs, row, count)
+        .iter()
+        .map(|r| format!("{r:.2}"))
+        .collect();
+    let throughputs: Vec<String> = runs
+        .iter()
+        .filter(|r| r.row == row && r.processes == count)
+        .map(|r| format!("{:.0}", r.run.throughput()))
+        .collect();
+    (ratios.join(" / "), throughputs.join(" / "))
+}
+
+/// A table's notes for a run's invariant violations (empty without).
+fn violations_note(violations: &[String]) -> String {
+    if violations.is_empty() {
+        String::new()
+    } else {
+        format!("INVARIANT VIOLATED: {}", violations.join("; "))
+    }
+}
+
 /// The runs at [`WIDE_CLIENTS`] in all: 1 and 4 processes, each hot row's median run and the
 /// rounds' own ratios.
 fn print_wide(runs: &[processes::ProcessRun]) {
@@ -759,17 +774,9 @@ fn print_wide(runs: &[processes::ProcessRun]) {
             let Some(run) = processes::median(runs, row, count) else {
                 continue;
             };
-            let per_round: Vec<String> = processes::round_ratios(runs, row, count)
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect();
-            let throughputs: Vec<String> = runs
-                .iter()
-                .filter(|r| r.row == row && r.processes == count)
-                .map(|r| format!("{:.0}", r.run.throughput()))
-                .collect();
+            let (per_round, throughputs) = round_columns(runs, row, count);
             let b = run.batches;
-            let mean = b.requests as f64 / b.batches.max(1) as f64;
+            let mean = mean_of(b);
             println!(
                 "| {} | {count} x {} | {:.0} | {:.2} | {:.2} | {}, {mean:.1} | {} | {} | {} | {} |",
                 row.name(),
@@ -779,13 +786,9 @@ fn print_wide(runs: &[processes::ProcessRun]) {
                 run.run.percentile_ms(99.0),
                 b.batches,
                 run_errors(&run.run),
-                per_round.join(" / "),
-                throughputs.join(" / "),
-                if run.violations.is_empty() {
-                    String::new()
-                } else {
-                    format!("INVARIANT VIOLATED: {}", run.violations.join("; "))
-                }
+                per_round,
+                throughputs,
+                violations_note(&run.violations)
             );
         }
     }
@@ -892,7 +895,7 @@ fn redis_gate(
     let gate_row = |label: &str, gate: &Gate| {
         println!(
             "| {} | {label} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} rows, {} left in Redis, \
-             stock {}{} |",
+             stock {} {} |",
             gate.clients,
             gate.run.throughput(),
             gate.run.percentile_ms(50.0),
@@ -903,11 +906,7 @@ fn redis_gate(
             gate.rows,
             gate.remaining,
             gate.stock,
-            if gate.violations.is_empty() {
-                String::new()
-            } else {
-                format!(" INVARIANT VIOLATED: {}", gate.violations.join("; "))
-            }
+            violations_note(&gate.violations)
         );
     };
     for gate in &gates {
@@ -1093,20 +1092,14 @@ fn print_table(domain: Domain, results: &[CellResult]) {
 fn notes_cell(r: &CellResult) -> String {
     let mut notes = String::new();
     if let Some(b) = r.batches {
-        let mean = if b.batches == 0 {
-            0.0
-        } else {
-            b.requests as f64 / b.batches as f64
-        };
+        let mean = mean_of(b);
         let _ = write!(
             notes,
             "{} batches, mean {mean:.1}, max {}",
             b.batches, b.largest_batch
         );
     }
-    if !r.violations.is_empty() {
-        let _ = write!(notes, " INVARIANT VIOLATED: {}", r.violations.join("; "));
-    }
+    let _ = write!(notes, " {}", violations_note(&r.violations));
     notes.trim().to_string()
 }
 
