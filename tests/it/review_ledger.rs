@@ -1638,10 +1638,18 @@ fn a_batch_whose_first_charge_cannot_create_the_account_answers_what_came_before
     );
     let (deduct, stats) = thread::scope(|s| {
         let c = &combining;
+        let started = std::time::Instant::now();
         let leader = s.spawn(move || c.charge(7, dec(10), "c1"));
         wait_until(&mut conn, "the first charge ran", |_| {
             c.stats().batches >= 1
         });
+        // The two that queue behind it get deadlines 200 ms later than the leader's (each
+        // call's deadline starts as it is made): its batch may overrun its deadline by a few
+        // ms (or more on a loaded machine) before it gives the turn back, and the deduct must
+        // still have time to lead the next batch then, or it answers `Timeout` alone and the
+        // second charge runs by itself.
+        thread::sleep(Duration::from_millis(200).saturating_sub(started.elapsed()));
+        assert_eq!(c.stats().requests, 0, "the first charge is still waiting");
         let deduct = s.spawn(move || c.deduct(7, dec(5), "d"));
         wait_until(&mut conn, "the deduct queued", |_| c.stats().queued >= 1);
         let second = s.spawn(move || c.charge(7, dec(10), "c2"));
