@@ -2022,3 +2022,145 @@ fn a_combined_call_inside_a_body_waits_no_longer_than_the_enclosing_deadline() {
         assert!(matches!(holder.join().expect("holder"), Ok(())));
     });
 }
+
+/// Payments into ONE hot receiving account (every order credits the same shop), as the README's
+/// "A hot receiving account" describes them: each order deducts its buyer with a single call and
+/// then credits the shop through a `CombiningLedger`, both under the order's key. A payment cut
+/// between its two steps (here every fourth order of the first pass stops after its deduct, as a
+/// crashed process would) is finished by running the order again with the same key: the deduct
+/// answers its entry (not applied twice), the credit applies once. Checked from the database:
+/// the shop holds exactly what the buyers paid, every paid order is credited once with its
+/// amount, and every account's journal passes the audit.
+#[test]
+fn payments_into_one_hot_account_settle_once_by_deduct_then_combined_credit() {
+    const SHOP: i64 = 1_000;
+    const BUYERS: i64 = 16;
+    const ORDERS: i64 = 12;
+    let _storm = lockstock_testkit::fixtures::storm();
+    let (url, mut conn) = fresh_database("combine_hot_receiver");
+    let ledger = BalanceLedger::new();
+    for buyer in 1..=BUYERS {
+        ledger
+            .charge(&mut conn, buyer, Decimal::new(100, 0), "seed")
+            .expect("seed");
+    }
+    let shop = Arc::new(CombiningLedger::new(pool(&url, 4), ledger.clone()));
+    // Eleven orders of 3 to 12 (79 in all, leaving 21 of 100), then one of 30: refused.
+    let amount = |order: i64| Decimal::from(if order == ORDERS { 30 } else { 3 + order % 10 });
+    // One order: the buyer's deduct, then (unless `cut`) the shop's combined credit. `Ok(None)`:
+    // refused for the buyer's balance, nothing to credit.
+    let pay = {
+        let (ledger, shop) = (ledger.clone(), shop.clone());
+        move |conn: &mut MysqlConnection, buyer: i64, order: i64, cut: bool| {
+            let key = format!("order-{buyer}-{order}");
+            let debit = match ledger.deduct(conn, buyer, amount(order), &key) {
+                Ok(entry) => entry,
+                Err(Error::InsufficientBalance { .. }) => return None,
+                Err(e) => panic!("untyped deduct answer for {key}: {e:?}"),
+            };
+            let credit = (!cut).then(|| {
+                shop.charge(SHOP, debit.amount, &key)
+                    .unwrap_or_else(|e| panic!("credit of {key}: {e:?}"))
+            });
+            Some((debit, credit))
+        }
+    };
+    let barrier = Arc::new(Barrier::new(usize::try_from(BUYERS).expect("buyers")));
+    let first: Vec<_> = (1..=BUYERS)
+        .map(|buyer| {
+            let (pay, barrier, url) = (pay.clone(), barrier.clone(), url.clone());
+            thread::spawn(move || {
+                let mut conn = connect(&url);
+                barrier.wait();
+                (1..=ORDERS)
+                    .map(|order| pay(&mut conn, buyer, order, order % 4 == 1))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let first: Vec<Vec<_>> = first
+        .into_iter()
+        .map(|worker| worker.join().expect("buyer"))
+        .collect();
+    let credits_of = |conn: &mut MysqlConnection| -> i64 {
+        balance_history::table
+            .filter(balance_history::user_id.eq(SHOP))
+            .count()
+            .get_result(conn)
+            .expect("shop entries")
+    };
+    // The cut orders are paid and not credited: the gap a recovery must close.
+    let cut = first
+        .iter()
+        .flatten()
+        .filter(|paid| matches!(paid, Some((_, None))))
+        .count();
+    assert_eq!(cut, usize::try_from(BUYERS * 3).expect("cut"));
+    assert_eq!(
+        credits_of(&mut conn),
+        BUYERS * (ORDERS - 1) - BUYERS * 3,
+        "first pass: every order but the 30 one and the cut ones credited"
+    );
+    // Recovery: every order run again with its key, as a job that does not know which of them
+    // finished would run them.
+    for (buyer, paid) in (1..=BUYERS).zip(&first) {
+        for (order, before) in (1..=ORDERS).zip(paid) {
+            let again = pay(&mut conn, buyer, order, false);
+            match (before, again) {
+                (None, None) => {}
+                (Some((debit, credit)), Some((debit_again, Some(credit_again)))) => {
+                    assert_eq!(
+                        debit.id, debit_again.id,
+                        "order-{buyer}-{order} deducted twice"
+                    );
+                    if let Some(credit) = credit {
+                        assert_eq!(
+                            credit.id, credit_again.id,
+                            "order-{buyer}-{order} credited twice"
+                        );
+                    }
+                    assert_eq!(credit_again.amount, debit.amount);
+                }
+                (before, again) => panic!("order-{buyer}-{order}: {before:?} then {again:?}"),
+            }
+        }
+    }
+    // From the database: every buyer's deduct has the shop's credit of its key and amount, and
+    // nothing else was credited.
+    let debits: Vec<(Option<String>, Decimal)> = balance_history::table
+        .filter(balance_history::kind.eq("deduct"))
+        .select((balance_history::idempotency_key, balance_history::amount))
+        .order(balance_history::idempotency_key.asc())
+        .load(&mut conn)
+        .expect("debits");
+    let credits: Vec<(Option<String>, Decimal)> = balance_history::table
+        .filter(balance_history::user_id.eq(SHOP))
+        .select((balance_history::idempotency_key, balance_history::amount))
+        .order(balance_history::idempotency_key.asc())
+        .load(&mut conn)
+        .expect("credits");
+    assert_eq!(
+        debits.len(),
+        usize::try_from(BUYERS * (ORDERS - 1)).expect("paid")
+    );
+    assert_eq!(debits, credits);
+    let paid: Decimal = debits.iter().map(|(_, amount)| *amount).sum();
+    assert_eq!(paid, Decimal::from(79 * BUYERS));
+    assert_eq!(
+        lockstock_testkit::fixtures::stored_balance(&mut conn, SHOP),
+        paid
+    );
+    for buyer in 1..=BUYERS {
+        assert_eq!(
+            lockstock_testkit::fixtures::stored_balance(&mut conn, buyer),
+            Decimal::new(21, 0)
+        );
+        ledger.audit(&mut conn, buyer).expect("buyer audit");
+    }
+    ledger.audit(&mut conn, SHOP).expect("shop audit");
+    eprintln!(
+        "hot receiver: {} orders paid, {paid} credited, {:?}",
+        debits.len(),
+        shop.stats()
+    );
+}
