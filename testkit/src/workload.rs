@@ -239,8 +239,10 @@ pub enum Outcome {
     Unknown,
 }
 
-/// One operation of the history.
+/// One operation of the history. Made by [`Record::new`] (or parsed from a history line), so
+/// that a field added later is no breaking change.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Record {
     /// Its idempotency key (unique in the run).
     pub key: String,
@@ -725,8 +727,10 @@ fn call(
     })
 }
 
-/// Counts of a history.
+/// Counts of a history (made by the checker; `#[non_exhaustive]`, so that a count added later
+/// is no breaking change).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Summary {
     /// Operations invoked.
     pub ops: usize,

@@ -329,6 +329,14 @@ const KILLING: Duration = Duration::from_secs(4);
 /// combining ledger and issuer keep answering (retried calls apply once, batches all or
 /// nothing) while their pooled connections are killed under them (for the callers' first
 /// [`KILLING`] at most), and work afterwards.
+/// The record of `op` under `key`, answered `Ok(id)` at its first call.
+fn answered_once(key: &str, op: Op, id: i64) -> Record {
+    let mut record = Record::new(key.into(), op);
+    record.outcome = Outcome::Ok(id);
+    record.attempts = 1;
+    record
+}
+
 #[test]
 fn pool_and_combiner_recover_from_killed_connections() {
     let _storm = lockstock_testkit::fixtures::storm();
@@ -366,25 +374,17 @@ fn pool_and_combiner_recover_from_killed_connections() {
             .deduct(&mut conn, 1, dec(100), "after-kill")
             .expect("deduct on the replacement");
     }
-    let mut records = vec![Record {
-        key: "after-kill".into(),
-        op: Op::Deduct {
+    let mut records = vec![answered_once(
+        "after-kill",
+        Op::Deduct {
             user: 1,
             amount: dec(100),
         },
-        outcome: Outcome::Ok(
-            ledger
-                .deduct(&mut admin, 1, dec(100), "after-kill")
-                .expect("replay")
-                .id,
-        ),
-        attempts: 1,
-        unknowns: 0,
-        lost: 0,
-        contended: 0,
-        unexpected: None,
-        last_call: None,
-    }];
+        ledger
+            .deduct(&mut admin, 1, dec(100), "after-kill")
+            .expect("replay")
+            .id,
+    )];
 
     // The combining path while a killer kills its pooled connections every few ms.
     let combining = CombiningLedger::new(pool.clone(), BalanceLedger::new());
@@ -534,20 +534,14 @@ fn pool_and_combiner_recover_from_killed_connections() {
     let last = combining
         .deduct(2, dec(1), "after-the-kills")
         .expect("the combining ledger recovers");
-    records.push(Record {
-        key: "after-the-kills".into(),
-        op: Op::Deduct {
+    records.push(answered_once(
+        "after-the-kills",
+        Op::Deduct {
             user: 2,
             amount: dec(1),
         },
-        outcome: Outcome::Ok(last.id),
-        attempts: 1,
-        unknowns: 0,
-        lost: 0,
-        contended: 0,
-        unexpected: None,
-        last_call: None,
-    });
+        last.id,
+    ));
     pool.get().expect("pool.get after the kills");
     let mut conn = connect(&url);
     assert_no_violations(test, &workload::verify(&mut conn, &setup, &records));
