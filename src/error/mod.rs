@@ -490,7 +490,9 @@ pub enum Error {
     /// `KILL QUERY`), a request of a batch that committed could not be answered (its key could
     /// not be read back), or a request refused now (or by its key's unique index) whose key —
     /// which an earlier call may have recorded, say one that answered this error — could not
-    /// be looked up. Retry with the same idempotency key (or look the result up), on a new
+    /// be looked up (not where the refusal itself shows that the request was never applied:
+    /// [`Error::AccountNotFound`], and a capture or release refused by a hold that expired or
+    /// ended otherwise than it ends it, or by the hold's amount, keep their refusal). Retry with the same idempotency key (or look the result up), on a new
     /// connection if the old one was lost.
     #[error("outcome unknown: the change may or may not be applied")]
     OutcomeUnknown {
@@ -584,12 +586,29 @@ impl Error {
         }
     }
 
-    /// Whether this is the refusal of a request on an account that did not exist
-    /// ([`Error::AccountNotFound`]): no earlier call can have recorded a key of it (the
-    /// journal's entries need their account), so the refusal stands where the key's lookup
-    /// fails — it is never an unknown outcome.
-    pub(crate) fn is_account_missing_refusal(&self) -> bool {
-        matches!(self, Error::AccountNotFound { .. })
+    /// Whether this refusal of a request of `kind` shows that no call of the same request
+    /// can have been applied, so that it stands where the key's lookup fails — never an
+    /// unknown outcome:
+    /// - [`Error::AccountNotFound`]: no earlier call can have recorded a key of an account
+    ///   that did not exist (the journal's entries need their account);
+    /// - a capture or release refused by its hold: a hold ends once, and the same request
+    ///   applied before would have ended it as this request ends it — so [`Error::HoldExpired`]
+    ///   (active past its expiry, or ended by it), [`Error::CaptureExceedsHold`] (a hold's
+    ///   amount never changes, and its state is judged first) and [`Error::HoldNotActive`]
+    ///   for a hold ended otherwise (a capture of a released hold, say). A hold ended as this
+    ///   request ends it may have been ended by an earlier call under its key: that refusal
+    ///   needs the lookup.
+    ///
+    /// (Another request recorded under the key would make the lookup's answer
+    /// [`Error::IdempotencyConflict`]: nothing of this request applied either.)
+    pub(crate) fn refusal_proves_unapplied(&self, kind: EntryKind) -> bool {
+        match self {
+            Error::AccountNotFound { .. }
+            | Error::HoldExpired { .. }
+            | Error::CaptureExceedsHold { .. } => true,
+            Error::HoldNotActive { state, .. } => kind.ends_hold_as() != Some(*state),
+            _ => false,
+        }
     }
 
     /// The answer to a request whose key could not be looked up (`failure`) where the key may

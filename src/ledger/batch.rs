@@ -94,8 +94,12 @@ impl BalanceLedger {
     ///    up in the journal, lock-free: a key that exists answers it, as it answers the single
     ///    call. Where that lookup fails, the request answers [`Error::OutcomeUnknown`] (an
     ///    earlier call may have recorded its key) — but one refused because the account did
-    ///    not exist keeps [`Error::AccountNotFound`]: no earlier call can have recorded a key of
-    ///    an account that did not exist.
+    ///    not exist keeps [`Error::AccountNotFound`] (no earlier call can have recorded a key of
+    ///    an account that did not exist), and a capture or release refused by its hold keeps
+    ///    its refusal where the hold expired or ended otherwise than the request ends it, or
+    ///    is smaller than the capture ([`Error::HoldExpired`], [`Error::HoldNotActive`],
+    ///    [`Error::CaptureExceedsHold`]): a hold ends once, so the same request applied before
+    ///    would have ended it as this request ends it.
     ///
     /// # Errors
     /// The outer `Err` is a failure before anything was committed ([`Error::Contended`],
@@ -640,12 +644,14 @@ impl BalanceLedger {
                 Err(failure) => {
                     // Its key may have been recorded by an earlier call: as its single call
                     // answers it (`Error::unknown_after_refusal`) — with what a combiner needs
-                    // to finish the lookup by the request's own caller's deadline. Not the key
-                    // of a request refused because the account did not exist: no earlier call
-                    // can have recorded one, and the refusal stands, as for its single call.
-                    let (stands, refused): (Vec<_>, Vec<_>) = refused
-                        .into_iter()
-                        .partition(|(_, refusal)| refusal.is_account_missing_refusal());
+                    // to finish the lookup by the request's own caller's deadline. Not where
+                    // the refusal shows that no call of the request can have been applied (an
+                    // account that did not exist, a hold that ended otherwise): it stands, as
+                    // for its single call (`Error::refusal_proves_unapplied`).
+                    let (stands, refused): (Vec<_>, Vec<_>) =
+                        refused.into_iter().partition(|(index, refusal)| {
+                            refusal.refusal_proves_unapplied(requests[*index].kind)
+                        });
                     for (index, refusal) in stands {
                         results[index] = Some(Err(refusal));
                     }

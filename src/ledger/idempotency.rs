@@ -50,12 +50,13 @@ impl BalanceLedger {
             // COMMIT (which in a combiner would hand the key's turn on while the call goes on).
             let mut missing = None;
             // A refusal that the key's lookup answers stays the answer when the runner could
-            // not end its attempt: the lookup then fails, and answers OutcomeUnknown. Not a
-            // missing account: no entry of an account that does not exist can be recorded
-            // (the journal's foreign key), so an attempt that found none applied nothing, and
-            // where its ROLLBACK failed that failure is the answer (as a batch answers it).
+            // not end its attempt: the lookup then fails, and answers OutcomeUnknown. Not one
+            // that shows no call of the request can have been applied (a missing account: no
+            // entry of an account that does not exist can be recorded; a hold ended otherwise
+            // than this request ends it): where its ROLLBACK failed that failure is the answer
+            // (as a batch answers it).
             let refusal = |e: &Error| {
-                (e.replay_may_apply() && !matches!(e, Error::AccountNotFound { .. }))
+                (e.replay_may_apply() && !e.refusal_proves_unapplied(request.kind))
                     || e.is_expiry_refusal()
             };
             let attempt = self.runner.run_by_keeping(conn, deadline, refusal, |conn| {
@@ -96,10 +97,13 @@ impl BalanceLedger {
                     return match self.existing(conn, request, deadline) {
                         Ok(Some(entry)) => replay(conn, entry),
                         Ok(None) => Err(error),
-                        // No earlier call can have recorded a key of an account that did not
-                        // exist (the journal's foreign key): the refusal stands where its key
-                        // cannot be looked up (the lookup only finds a call made meanwhile).
-                        Err(_) if error.is_account_missing_refusal() => Err(error),
+                        // Another request under the key: the answer, not a failure.
+                        Err(conflict @ Error::IdempotencyConflict { .. }) => Err(conflict),
+                        // No earlier call of the request can have been applied (an account
+                        // that did not exist, a hold ended otherwise): the refusal stands where
+                        // its key cannot be looked up (the lookup would only find another
+                        // request under it, a conflict: nothing of this one applied either).
+                        Err(_) if error.refusal_proves_unapplied(request.kind) => Err(error),
                         Err(failure) => Err(Error::unknown_after_refusal(failure)),
                     };
                 }

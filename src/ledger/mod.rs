@@ -20,9 +20,12 @@
 //! whatever the balance is now (TigerBeetle's `exists` semantics). A refused request whose key
 //! cannot be looked up (the server gone, the journal locked past the deadline) answers
 //! [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown): an earlier call may have applied it
-//! — unless it was refused because its account did not exist: no earlier call can have
-//! recorded a key of such an account, and [`Error::AccountNotFound`](crate::Error::AccountNotFound)
-//! stands.
+//! — unless the refusal itself shows that no call of the request was ever applied: its account
+//! did not exist (no earlier call can have recorded a key of such an account:
+//! [`Error::AccountNotFound`](crate::Error::AccountNotFound) stands), or it is a capture or
+//! release refused by a hold that expired, ended otherwise than it ends it, or holds less than
+//! the capture (a hold ends once: the same request applied before would have ended it as this
+//! one ends it; the refusal stands).
 //!
 //! Every call has ONE [`Deadline`](crate::Deadline), fixed when it starts (the policy's
 //! [`RetryPolicy::deadline`](crate::RetryPolicy::deadline)) and shared by all it does: the

@@ -2348,3 +2348,125 @@ fn a_sweep_past_more_locked_accounts_than_a_statement_binds_answers_what_it_did(
     assert_eq!(next.expired.len(), 100, "{next:?}");
     assert!(next.skipped_accounts.is_empty(), "{next:?}");
 }
+
+/// A capture or release refused by its hold in a way that shows the same request was never
+/// applied (the hold expired, was ended otherwise, or holds less than the capture) keeps its
+/// refusal where the key's lookup after it fails — single calls and a batch alike — instead of
+/// answering `OutcomeUnknown`, which says the request may be applied. A refusal by a hold
+/// ended as the request ends it (a release of a released hold) may be an earlier call's work
+/// under the key: that one still answers `OutcomeUnknown` (the negative control).
+#[test]
+fn a_refusal_by_a_hold_that_shows_nothing_applied_stands_where_its_key_lookup_fails() {
+    let (url, mut admin) = fresh_database("holds_refusal_lookup_lost");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut admin, &ledger, 1, dec(100));
+    let short = ledger
+        .hold(
+            &mut admin,
+            1,
+            dec(10),
+            "short",
+            now() + Duration::seconds(2),
+        )
+        .expect("short hold");
+    let long = ledger
+        .hold(&mut admin, 1, dec(10), "long", in_secs(3_600))
+        .expect("long hold");
+    let released = ledger
+        .hold(&mut admin, 1, dec(10), "released", in_secs(3_600))
+        .expect("hold to release");
+    ledger
+        .release(&mut admin, released.id, "release-1")
+        .expect("release");
+    // Past the short hold's expiry on both clocks (one machine): a lower bound, not an order.
+    thread::sleep(StdDuration::from_millis(2_500));
+    let entries = journal_size(&mut admin, 1);
+    // A connection killed as it sends its second lock-free snapshot: the first reads the hold,
+    // the second is the key's lookup after the refusal.
+    let armed = || {
+        let mut conn = connect(&url);
+        let mut snapshots = 0;
+        crate::kill_at_statement(&mut conn, &url, move |sql| {
+            if sql.contains("CONSISTENT SNAPSHOT") {
+                snapshots += 1;
+            }
+            snapshots == 2
+        });
+        conn
+    };
+    let expired = ledger.capture(&mut armed(), short.id, dec(5), "c-expired");
+    assert!(
+        matches!(expired, Err(Error::HoldExpired { hold_id, .. }) if hold_id == short.id),
+        "{expired:?}"
+    );
+    let expired = ledger.release(&mut armed(), short.id, "r-expired");
+    assert!(
+        matches!(expired, Err(Error::HoldExpired { hold_id, .. }) if hold_id == short.id),
+        "{expired:?}"
+    );
+    let too_much = ledger.capture(&mut armed(), long.id, dec(11), "c-too-much");
+    assert!(
+        matches!(too_much, Err(Error::CaptureExceedsHold { hold_id, .. }) if hold_id == long.id),
+        "{too_much:?}"
+    );
+    let ended_otherwise = ledger.capture(&mut armed(), released.id, dec(5), "c-released");
+    assert!(
+        matches!(
+            ended_otherwise,
+            Err(Error::HoldNotActive {
+                state: HoldState::Released,
+                ..
+            })
+        ),
+        "{ended_otherwise:?}"
+    );
+    let batch = ledger
+        .apply_many(
+            &mut armed(),
+            1,
+            &[
+                AccountOp::capture(long.id, dec(11), "b-too-much"),
+                AccountOp::release(short.id, "b-expired"),
+                AccountOp::capture(released.id, dec(1), "b-released"),
+            ],
+        )
+        .expect("the batch answers per request");
+    assert!(
+        matches!(batch[0], Err(Error::CaptureExceedsHold { .. })),
+        "{batch:?}"
+    );
+    assert!(
+        matches!(batch[1], Err(Error::HoldExpired { .. })),
+        "{batch:?}"
+    );
+    assert!(
+        matches!(
+            batch[2],
+            Err(Error::HoldNotActive {
+                state: HoldState::Released,
+                ..
+            })
+        ),
+        "{batch:?}"
+    );
+    // The negative control: a released hold released again under another key may be that
+    // key's earlier release — unknown where the key cannot be looked up.
+    let again = ledger.release(&mut armed(), released.id, "release-2");
+    assert!(
+        matches!(&again, Err(e) if e.is_outcome_unknown()),
+        "{again:?}"
+    );
+    let again = ledger
+        .apply_many(
+            &mut armed(),
+            1,
+            &[AccountOp::release(released.id, "b-release-2")],
+        )
+        .expect("the batch answers per request");
+    assert!(
+        matches!(&again[0], Err(e) if e.is_outcome_unknown()),
+        "{again:?}"
+    );
+    assert_eq!(journal_size(&mut admin, 1), entries, "nothing was written");
+    audit_ok(&ledger, &mut admin, 1);
+}
