@@ -626,7 +626,7 @@ pub struct TimedCall<T> {
 
 /// The timed calls of a deadline test, recorded from many threads (clones share one log).
 /// Every error a call answers with must be a deadline's (`Contended`, `Timeout`,
-/// `OutcomeUnknown`) or one the log's `refusal` accepts.
+/// `ServerUnresponsive`, `OutcomeUnknown`) or one the log's `refusal` accepts.
 pub struct CallLog<T> {
     calls: Arc<Mutex<Vec<TimedCall<T>>>>,
     refusal: fn(&Error) -> bool,
@@ -665,9 +665,15 @@ impl<T> CallLog<T> {
         let answer = match result {
             Ok(value) => Ok(items(value)),
             Err(e) => {
+                // The answers of a call ended by its deadline — the watchdog's too, which cuts
+                // a statement still unanswered at the deadline plus its grace (a loaded machine
+                // can keep a healthy server's answer that long).
                 let deadline = matches!(
                     e,
-                    Error::Contended { .. } | Error::Timeout { .. } | Error::OutcomeUnknown { .. }
+                    Error::Contended { .. }
+                        | Error::Timeout { .. }
+                        | Error::ServerUnresponsive { .. }
+                        | Error::OutcomeUnknown { .. }
                 );
                 assert!(
                     deadline || (self.refusal)(&e),

@@ -563,14 +563,15 @@ fn a_caller_with_time_left_is_not_answered_by_an_earlier_callers_deadline() {
     hot.issue(1, campaign).expect("a first coupon");
 
     // The row is held until users 2 and 3 have their answers. User 2 asks first (its batch
-    // gives up at 2 s), user 3 at 150 ms (it leads the next batch, which gives up at 2.15 s),
-    // user 4 at 850 ms: queued behind user 3's leadership, it is in that batch and has until
-    // 2.85 s — the row is released as user 3 is answered.
+    // gives up at 2 s), user 3 at 300 ms (it leads the next batch, which gives up at 2.3 s:
+    // 300 ms after user 2's batch gives the turn back, even on a loaded machine), user 4 at
+    // 1 s: queued behind user 3's leadership, it is in that batch and has until 3 s — the row
+    // is released as user 3 is answered.
     let start = Arc::new(crate::Gate::new(2));
     let (release, released) = std::sync::mpsc::channel();
     let holder = hold_campaign_row(&url, campaign, start.clone(), Release::When(released));
     start.wait();
-    let asks: Vec<_> = [(2, 0), (3, 150), (4, 850)]
+    let asks: Vec<_> = [(2, 0), (3, 300), (4, 700)]
         .into_iter()
         .map(|(user, after)| {
             thread::sleep(std::time::Duration::from_millis(after));
@@ -594,7 +595,7 @@ fn a_caller_with_time_left_is_not_answered_by_an_earlier_callers_deadline() {
         matches!(answers[1], Err(Error::Contended { .. })),
         "{answers:?}"
     );
-    // Before: user 4 got user 3's batch's Contended with 850 ms of its deadline left.
+    // Before: user 4 got user 3's batch's Contended with 700 ms of its deadline left.
     let issued = answers[2].as_ref().expect("user 4, after the row was free");
     assert_eq!(issued.user_id, 4);
     let (rows, stock, duplicates) = issued_rows(&mut conn, campaign);
@@ -1684,15 +1685,16 @@ fn a_combined_holds_expiry_is_judged_when_it_is_submitted() {
         );
         thread::sleep(std::time::Duration::from_millis(5));
     }
-    // Just past the longest hold now; within it 150 ms later.
+    // Just past the longest hold now (the hold thread judges it well within 400 ms, even on
+    // a loaded machine); within it 400 ms later, long before the batch runs (at 1 s).
     let expires_at = lockstock_testkit::fixtures::now()
         + lockstock::ledger::MAX_HOLD_DURATION
-        + chrono::Duration::milliseconds(150);
+        + chrono::Duration::milliseconds(400);
     let hold = {
         let combined = combined.clone();
         thread::spawn(move || combined.hold(1, Decimal::new(1, 0), "too-far", expires_at))
     };
-    thread::sleep(std::time::Duration::from_millis(600));
+    thread::sleep(std::time::Duration::from_millis(1_000));
     other.batch_execute("ROLLBACK").expect("release account 1");
     first.join().expect("first").expect("the deduct");
     let hold = hold.join().expect("hold");

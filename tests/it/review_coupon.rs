@@ -759,11 +759,12 @@ fn finding_9_window_uses_the_committing_attempts_time() {
 // Finding 9: one deadline bounds every coupon call
 // ---------------------------------------------------------------------------------------------
 
-/// The finding 9 calls' deadline, and what they may take beyond it (scheduling on two loaded
-/// cores: 632 ms was once seen against 300 + 200 ms). Before the fix calls took up to about
-/// twice their deadline, and the watchdog cuts at the deadline plus 500 ms of grace.
-const DEADLINE: StdDuration = StdDuration::from_millis(600);
-const SLACK: StdDuration = StdDuration::from_millis(400);
+/// The finding 9 calls' deadline, and what they may take beyond it: scheduling on two loaded
+/// cores (995 ms was seen against 600 + 400 ms with other work beside the test; 632 ms once
+/// against 300 + 200 ms). Before the fix calls took up to about twice their deadline, so a
+/// bound of 1.6 times it still tells the two apart.
+const DEADLINE: StdDuration = StdDuration::from_millis(1_000);
+const SLACK: StdDuration = StdDuration::from_millis(600);
 
 fn short_policy() -> TxnPolicy {
     policy_with_deadline(DEADLINE)
@@ -816,7 +817,7 @@ enum Op {
     Restock,
 }
 
-/// Every coupon call of one deadline returns within deadline + 400 ms, whatever it went
+/// Every coupon call of one deadline returns within deadline + 600 ms, whatever it went
 /// through: `issue_many` rounds (a holder in the batch forces a second round), combined issues
 /// queueing for a batch and for the one pooled connection, single issues, redeems, restores by
 /// their order and restocks by key (replayed keys included) — all on rows another connection
@@ -882,6 +883,7 @@ fn finding_9_deadline_bounds_coupon_calls() {
                             Err(
                                 Error::Contended { .. }
                                 | Error::Timeout { .. }
+                                | Error::ServerUnresponsive { .. }
                                 | Error::OutcomeUnknown { .. },
                             ) => None,
                             Err(e) => panic!("{what}: unexpected request answer {e:?}"),
@@ -895,8 +897,8 @@ fn finding_9_deadline_bounds_coupon_calls() {
     // Combined issues, one pooled connection between them; every fourth asker holds a coupon.
     let pool = pool_with(&url, 1, short_policy());
     let hot = CombiningIssuer::new(pool.clone(), issuer.clone());
-    // The pool's one connection is busy for the first 600 ms: checkouts wait.
-    while_checked_out(&pool, StdDuration::from_millis(600), || {
+    // The pool's one connection is busy for the first deadline's length: checkouts wait.
+    while_checked_out(&pool, DEADLINE, || {
         together(9, |t| {
             let t = t as i64;
             for i in 0..8i64 {

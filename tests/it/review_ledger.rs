@@ -571,11 +571,12 @@ fn a_batch_whose_keys_cannot_be_looked_up_after_a_clash_may_be_applied() {
 // Finding 9
 // ---------------------------------------------------------------------------------------------
 
-/// The finding 9 calls' deadline, and what they may take beyond it (scheduling on two loaded
-/// cores: 632 ms was once seen against 300 + 200 ms). Before the fix calls took up to about
-/// twice their deadline, and the watchdog cuts at the deadline plus 500 ms of grace.
-const DEADLINE: Duration = Duration::from_millis(600);
-const SLACK: Duration = Duration::from_millis(400);
+/// The finding 9 calls' deadline, and what they may take beyond it: scheduling on two loaded
+/// cores (995 ms was seen against 600 + 400 ms with other work beside the test; 632 ms once
+/// against 300 + 200 ms). Before the fix calls took up to about twice their deadline, so a
+/// bound of 1.6 times it still tells the two apart.
+const DEADLINE: Duration = Duration::from_millis(1_000);
+const SLACK: Duration = Duration::from_millis(600);
 
 fn short_policy() -> TxnPolicy {
     policy_with_deadline(DEADLINE)
@@ -598,7 +599,7 @@ fn hot_row_holder(url: &str, user: i64, stop: Arc<AtomicBool>) -> thread::JoinHa
     )
 }
 
-/// Every call of one deadline returns within deadline + 400 ms, whatever it went through:
+/// Every call of one deadline returns within deadline + 600 ms, whatever it went through:
 /// `apply_many` rounds (a replayed key forces a second round), combined callers queueing
 /// for a batch and for the one pooled connection, single charges, deducts and transfers to
 /// new accounts (account creation plus a second transaction) — all on an account another
@@ -640,8 +641,8 @@ fn finding_9_deadline_bounds_ledger_calls() {
     // Combined callers on three accounts, one pooled connection between them.
     let pool = pool_with(&url, 1, short_policy());
     let hot = CombiningLedger::new(pool.clone(), ledger.clone());
-    // The pool's one connection is busy for the first 600 ms: checkouts wait.
-    while_checked_out(&pool, Duration::from_millis(600), || {
+    // The pool's one connection is busy for the first deadline's length: checkouts wait.
+    while_checked_out(&pool, DEADLINE, || {
         together(9, |t| {
             let user = 1 + t as i64 % 3;
             for i in 0..8 {

@@ -2594,6 +2594,8 @@ fn two_processes_migrate_at_once(name: &str, language: Option<&'static str>) {
 #[test]
 fn a_bounded_migration_run_starts_no_migration_past_its_deadline() {
     use diesel_migrations::MigrationHarness;
+    // The rest of 000005 has 0.4 s after its last wait: no storm of other tests beside it.
+    let _alone = lockstock_testkit::fixtures::exclusive();
     let name = "rr_migrations_none_late";
     let (url, mut admin, mut accounts_reader) = holds_pending_behind_a_reader(name);
     let mut journal_reader = connect(&url);
