@@ -31,7 +31,8 @@
 //!
 //! It writes an SVG chart to `target/contention.svg` (throughput against clients per domain, the
 //! floor as a dotted line; and a panel across processes: each hot row's median run at 1, 2 and
-//! 4 processes, with the floor at each run's batch dotted) and ends with
+//! 4 processes, with the floor at each run's batch dotted, and dashed its median runs at 1 and 4
+//! processes with 256 clients in all) and ends with
 //!
 //! `contention-processes-256-clients: coupon 4proc/1proc=<p> ledger 4proc/1proc=<q> stock-row-wait-in-server 4proc/1proc=<v>`
 //!
@@ -295,7 +296,7 @@ fn run() -> Result<bool, BoxError> {
     let chart = chart_svg(
         &results,
         &floors,
-        (&runs, &process_floors),
+        (&runs, &process_floors, &wide),
         &options.clients,
         &machine,
     );
@@ -1183,13 +1184,18 @@ fn si(value: f64) -> String {
     }
 }
 
-/// The chart's process rounds: the runs and the floors at their batches.
-type ProcessData<'a> = (&'a [processes::ProcessRun], &'a [(HotRow, usize, Floor)]);
+/// The chart's process rounds: the runs at [`RATIO_CLIENTS`] in all, the floors at their
+/// batches and the runs at [`WIDE_CLIENTS`] in all.
+type ProcessData<'a> = (
+    &'a [processes::ProcessRun],
+    &'a [(HotRow, usize, Floor)],
+    &'a [processes::ProcessRun],
+);
 
 fn chart_svg(
     results: &[CellResult],
     floors: &[(usize, Floor)],
-    (runs, process_floors): ProcessData<'_>,
+    (runs, process_floors, wide): ProcessData<'_>,
     clients: &[usize],
     machine: &str,
 ) -> String {
@@ -1305,7 +1311,7 @@ fn chart_svg(
     }
     if !runs.is_empty() {
         let left = 90.0 + Domain::ALL.len() as f64 * (PLOT_W + GAP);
-        process_panel(&mut svg, runs, process_floors, left);
+        process_panel(&mut svg, (runs, process_floors, wide), left);
     }
     // Legend.
     let legend_y = HEIGHT - 40.0;
@@ -1401,16 +1407,13 @@ fn row_color(row: HotRow) -> &'static str {
 }
 
 /// The chart's third panel: each hot row's median run at 1, 2 and 4 processes x 64 / P
-/// clients (solid) and the floor at each run's mean batch (dotted, same colour), on a linear
-/// scale from zero (the ratios between the points are what it shows).
-fn process_panel(
-    svg: &mut String,
-    runs: &[processes::ProcessRun],
-    floors: &[(HotRow, usize, Floor)],
-    left: f64,
-) {
+/// clients (solid), the floor at each run's mean batch (dotted, same colour) and the median
+/// runs at 1 and 4 processes x 256 / P clients (dashed, hollow points), on a linear scale from
+/// zero (the ratios between the points are what it shows).
+fn process_panel(svg: &mut String, (runs, floors, wide): ProcessData<'_>, left: f64) {
     const STEP: f64 = 10_000.0;
     let highest = processes::medians(runs)
+        .chain(processes::medians(wide))
         .map(|r| r.run.throughput())
         .chain(floors.iter().map(|(_, _, f)| f.rows_per_second()))
         .fold(STEP, f64::max);
@@ -1436,7 +1439,7 @@ fn process_panel(
     panel_axes(
         svg,
         left,
-        &format!("across processes, {RATIO_CLIENTS} clients in all"),
+        &format!("across processes, {RATIO_CLIENTS} (and {WIDE_CLIENTS}) clients in all"),
         ("processes x clients (median of the rounds)", &x_ticks),
         ("requests/s (linear)", &y_ticks),
     );
@@ -1447,9 +1450,6 @@ fn process_panel(
             .iter()
             .filter_map(|&count| processes::median(runs, *row, count))
             .collect();
-        if medians.is_empty() {
-            continue;
-        }
         let points: Vec<(f64, f64)> = medians
             .iter()
             .map(|r| (x_of(r.processes), y_of(r.run.throughput())))
@@ -1471,8 +1471,31 @@ fn process_panel(
             .map(|(p, f)| (x_of(p), y_of(f.rows_per_second())))
             .collect();
         polyline(svg, &at_batch, stroke, 1.5, "2 3");
+        // The runs at `WIDE_CLIENTS` in all, at the x of their process count.
+        let wide_medians: Vec<&processes::ProcessRun> = WIDE_PROCESSES
+            .iter()
+            .filter_map(|&count| processes::median(wide, *row, count))
+            .collect();
+        let wide_points: Vec<(f64, f64)> = wide_medians
+            .iter()
+            .map(|r| (x_of(r.processes), y_of(r.run.throughput())))
+            .collect();
+        polyline(svg, &wide_points, stroke, 1.5, "8 4");
+        for (r, (x, y)) in wide_medians.iter().zip(&wide_points) {
+            let _ = writeln!(
+                svg,
+                r##"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="#ffffff" stroke="{stroke}" stroke-width="1.5"><title>{}</title></circle>"##,
+                escape(&format!(
+                    "{} {} x {}: {:.0}/s",
+                    row.name(),
+                    r.processes,
+                    WIDE_CLIENTS / r.processes,
+                    r.run.throughput()
+                ))
+            );
+        }
         // The panel's own legend, in its lower left corner.
-        let y = TOP + PLOT_H - 16.0 - 16.0 * (HotRow::ALL.len() - 1 - n) as f64;
+        let y = TOP + PLOT_H - 32.0 - 16.0 * (HotRow::ALL.len() - 1 - n) as f64;
         let _ = writeln!(
             svg,
             r#"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{stroke}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
@@ -1483,6 +1506,19 @@ fn process_panel(
             escape(row.name())
         );
     }
+    let y = TOP + PLOT_H - 14.0;
+    let _ = writeln!(
+        svg,
+        r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#555" stroke-width="1.5" stroke-dasharray="8 4"/><text x="{:.1}" y="{:.1}">{}</text>"##,
+        left + 10.0,
+        left + 32.0,
+        left + 38.0,
+        y + 4.0,
+        escape(&format!(
+            "{WIDE_CLIENTS} clients in all (1 x {WIDE_CLIENTS}, 4 x {})",
+            WIDE_CLIENTS / 4
+        ))
+    );
 }
 
 /// A line `width` wide through `points` (none for no points), dashed by `dash` (solid: "").
