@@ -491,8 +491,10 @@ pub enum Error {
     /// not be read back), or a request refused now (or by its key's unique index) whose key —
     /// which an earlier call may have recorded, say one that answered this error — could not
     /// be looked up (not where the refusal itself shows that the request was never applied:
-    /// [`Error::AccountNotFound`], and a capture or release refused by a hold that expired or
-    /// ended otherwise than it ends it, or by the hold's amount, keep their refusal). Retry with the same idempotency key (or look the result up), on a new
+    /// [`Error::AccountNotFound`], a capture or release refused by a hold that expired or
+    /// ended otherwise than it ends it, or by the hold's amount, and a refund refused as more
+    /// than its deduct has left where less has been refunded than it asks for, keep their
+    /// refusal). Retry with the same idempotency key (or look the result up), on a new
     /// connection if the old one was lost.
     #[error("outcome unknown: the change may or may not be applied")]
     OutcomeUnknown {
@@ -597,7 +599,11 @@ impl Error {
     ///   amount never changes, and its state is judged first) and [`Error::HoldNotActive`]
     ///   for a hold ended otherwise (a capture of a released hold, say). A hold ended as this
     ///   request ends it may have been ended by an earlier call under its key: that refusal
-    ///   needs the lookup.
+    ///   needs the lookup;
+    /// - a refund refused as more than its deduct has left ([`Error::RefundExceedsDeduct`])
+    ///   where less has been refunded than it asks for: what a deduct has had refunded only
+    ///   grows, so the same refund applied before would be in it. Where as much or more has
+    ///   been refunded, that may be this refund's earlier call: the lookup decides.
     ///
     /// (Another request recorded under the key would make the lookup's answer
     /// [`Error::IdempotencyConflict`]: nothing of this request applied either.)
@@ -607,6 +613,11 @@ impl Error {
             | Error::HoldExpired { .. }
             | Error::CaptureExceedsHold { .. } => true,
             Error::HoldNotActive { state, .. } => kind.ends_hold_as() != Some(*state),
+            Error::RefundExceedsDeduct {
+                refunded,
+                requested,
+                ..
+            } => refunded < requested,
             _ => false,
         }
     }

@@ -25,7 +25,8 @@
 //! [`Error::AccountNotFound`](crate::Error::AccountNotFound) stands), or it is a capture or
 //! release refused by a hold that expired, ended otherwise than it ends it, or holds less than
 //! the capture (a hold ends once: the same request applied before would have ended it as this
-//! one ends it; the refusal stands).
+//! one ends it), or a refund refused as more than its deduct has left where less has been
+//! refunded than it asks for (a deduct's refunded amount only grows): the refusal stands.
 //!
 //! Every call has ONE [`Deadline`](crate::Deadline), fixed when it starts (the policy's
 //! [`RetryPolicy::deadline`](crate::RetryPolicy::deadline)) and shared by all it does: the

@@ -1801,3 +1801,58 @@ fn a_call_cut_off_after_a_finished_step_answers_server_unresponsive() {
     );
     assert_eq!(count_key(&mut admin, 41, "k"), 0);
 }
+
+/// A refund refused as more than its deduct has left, where less has been refunded than it
+/// asks for, can never have been applied (a deduct's refunded amount only grows): it keeps its
+/// refusal where the key's lookup after it fails, instead of answering `OutcomeUnknown` — also
+/// one larger than the whole deduct. Where as much as it asks for has been refunded, that may
+/// be its own earlier call under the key: still `OutcomeUnknown` (the negative control).
+#[test]
+fn a_refund_that_was_never_applied_keeps_its_refusal_where_its_key_lookup_fails() {
+    let (url, mut admin) = fresh_database("review_refund_lookup_lost");
+    let ledger = BalanceLedger::new();
+    ledger
+        .charge(&mut admin, 1, dec(100), "seed")
+        .expect("seed");
+    let deduct = ledger.deduct(&mut admin, 1, dec(10), "d1").expect("deduct");
+    ledger
+        .refund(&mut admin, deduct.id, dec(3), "r1")
+        .expect("refund 3 of 10");
+    let entries = journal_size(&mut admin, 1);
+    // A connection killed as it sends its second lock-free snapshot: the first reads the
+    // deduct, the second is the key's lookup after the refusal.
+    let armed = || {
+        let mut conn = connect(&url);
+        let mut snapshots = 0;
+        crate::kill_at_statement(&mut conn, &url, move |sql| {
+            if sql.contains("CONSISTENT SNAPSHOT") {
+                snapshots += 1;
+            }
+            snapshots == 2
+        });
+        conn
+    };
+    for (amount, key) in [(11, "r-more-than-the-deduct"), (8, "r-more-than-is-left")] {
+        let refused = ledger.refund(&mut armed(), deduct.id, dec(amount), key);
+        assert!(
+            matches!(
+                refused,
+                Err(Error::RefundExceedsDeduct { entry_id, .. }) if entry_id == deduct.id
+            ),
+            "{key}: {refused:?}"
+        );
+    }
+    // The negative control: with 7 of 10 refunded, a refund of 4 refused now may be the retry
+    // of an earlier call under its key that refunded 4 of those 7.
+    ledger
+        .refund(&mut admin, deduct.id, dec(4), "r2")
+        .expect("refund 4 more: 7 of 10");
+    let entries = entries + 1;
+    let again = ledger.refund(&mut armed(), deduct.id, dec(4), "r3");
+    assert!(
+        matches!(&again, Err(e) if e.is_outcome_unknown()),
+        "{again:?}"
+    );
+    assert_eq!(journal_size(&mut admin, 1), entries, "nothing was written");
+    audit_ok(&ledger, &mut admin, 1);
+}
