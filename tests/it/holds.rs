@@ -2383,17 +2383,7 @@ fn a_refusal_by_a_hold_that_shows_nothing_applied_stands_where_its_key_lookup_fa
     let entries = journal_size(&mut admin, 1);
     // A connection killed as it sends its second lock-free snapshot: the first reads the hold,
     // the second is the key's lookup after the refusal.
-    let armed = || {
-        let mut conn = connect(&url);
-        let mut snapshots = 0;
-        crate::kill_at_statement(&mut conn, &url, move |sql| {
-            if sql.contains("CONSISTENT SNAPSHOT") {
-                snapshots += 1;
-            }
-            snapshots == 2
-        });
-        conn
-    };
+    let armed = || crate::killed_at_snapshot(&url, 2);
     let expired = ledger.capture(&mut armed(), short.id, dec(5), "c-expired");
     assert!(
         matches!(expired, Err(Error::HoldExpired { hold_id, .. }) if hold_id == short.id),

@@ -55,6 +55,21 @@ fn watch_first(
     watched
 }
 
+/// A new connection to `url` whose session is killed ([`kill_at_statement`]) as it sends its
+/// `n`-th lock-free snapshot (`START TRANSACTION WITH CONSISTENT SNAPSHOT`): e.g. the 2nd, the
+/// key's lookup after a refusal where a call read its row lock-free first.
+fn killed_at_snapshot(url: &str, n: usize) -> diesel::MysqlConnection {
+    let mut conn = lockstock_testkit::fixtures::connect(url);
+    let mut snapshots = 0;
+    kill_at_statement(&mut conn, url, move |sql| {
+        if sql.contains("CONSISTENT SNAPSHOT") {
+            snapshots += 1;
+        }
+        snapshots == n
+    });
+    conn
+}
+
 /// Kills `conn`'s session (`KILL CONNECTION` from a connection of its own to `url`) as the
 /// first statement that `picks` picks starts, before it is sent: that statement and every one
 /// after it fail as on a lost connection (Diesel's instrumentation hook, which this replaces on

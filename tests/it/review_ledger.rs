@@ -1821,17 +1821,7 @@ fn a_refund_that_was_never_applied_keeps_its_refusal_where_its_key_lookup_fails(
     let entries = journal_size(&mut admin, 1);
     // A connection killed as it sends its second lock-free snapshot: the first reads the
     // deduct, the second is the key's lookup after the refusal.
-    let armed = || {
-        let mut conn = connect(&url);
-        let mut snapshots = 0;
-        crate::kill_at_statement(&mut conn, &url, move |sql| {
-            if sql.contains("CONSISTENT SNAPSHOT") {
-                snapshots += 1;
-            }
-            snapshots == 2
-        });
-        conn
-    };
+    let armed = || crate::killed_at_snapshot(&url, 2);
     for (amount, key) in [(11, "r-more-than-the-deduct"), (8, "r-more-than-is-left")] {
         let refused = ledger.refund(&mut armed(), deduct.id, dec(amount), key);
         assert!(
