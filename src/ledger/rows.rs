@@ -130,8 +130,12 @@ impl Account {
         } else {
             Decimal::ZERO
         };
+        // At the column's four places also where the difference is zero (rust_decimal answers
+        // `0.0000 - 0` as `0`): the balance is an entry's `balance_after`, answered as stored.
+        let mut balance = self.balance - captured;
+        balance.rescale(4);
         Account {
-            balance: self.balance - captured,
+            balance,
             held: self.held - hold.amount,
             available: self.available + reserved - captured,
             ..*self

@@ -2460,3 +2460,37 @@ fn a_refusal_by_a_hold_that_shows_nothing_applied_stands_where_its_key_lookup_fa
     assert_eq!(journal_size(&mut admin, 1), entries, "nothing was written");
     audit_ok(&ledger, &mut admin, 1);
 }
+
+/// An `expire` entry answers its `balance_after` at the column's four places, as the journal
+/// holds it, also where the balance is zero: a hold left to expire after the whole balance was
+/// spent (an expired hold reserves nothing). Before the fix `expire_holds` answered `0` where
+/// `history` reads `0.0000` (equal values, different text).
+#[test]
+fn an_expire_entry_answers_its_balance_at_the_stored_scale() {
+    let (_url, mut conn) = fresh_database("holds_expire_scale");
+    let ledger = BalanceLedger::new();
+    funded_account(&mut conn, &ledger, 1, dec(100));
+    ledger
+        .hold(&mut conn, 1, dec(40), "h", now() + Duration::seconds(1))
+        .expect("hold");
+    // Past its expiry on both clocks (one machine): a lower bound, not an order.
+    thread::sleep(StdDuration::from_millis(1_500));
+    ledger
+        .deduct(&mut conn, 1, dec(100), "all")
+        .expect("the whole balance: the expired hold reserves nothing");
+    let swept = ledger.expire_holds(&mut conn, 10).expect("expire");
+    let answered = swept.expired.first().expect("one expired hold");
+    let stored = ledger
+        .history(&mut conn, 1, None, 1)
+        .expect("history")
+        .entries
+        .remove(0);
+    assert_eq!(answered, &stored);
+    assert_eq!(
+        answered.balance_after.to_string(),
+        stored.balance_after.to_string(),
+        "answered {answered:?}, the journal holds {stored:?}"
+    );
+    assert_eq!(stored.balance_after.to_string(), "0.0000");
+    audit_ok(&ledger, &mut conn, 1);
+}
