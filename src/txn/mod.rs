@@ -455,7 +455,7 @@ pub(crate) fn bounded_telling<T>(
         return (result, false);
     }
     mark_broken(conn);
-    transaction::note_cut(conn);
+    transaction::note_cut(conn, deadline);
     trace_event!(ok = result.is_ok(), "the watchdog shut the connection down");
     let result = match result {
         Ok(value) => Ok(value),
@@ -822,9 +822,11 @@ impl TxnRunner {
                     // its deadline plus grace, as `ServerUnresponsive` says — `Timeout` would
                     // say the connection is fine, and a router would count no node failure. A
                     // combiner gives its later callers back on either.
-                    None if transaction::cut_by_watchdog(conn) => Error::ServerUnresponsive {
-                        elapsed: deadline.elapsed(),
-                    },
+                    None if transaction::cut_by_watchdog(conn, deadline) => {
+                        Error::ServerUnresponsive {
+                            elapsed: deadline.elapsed(),
+                        }
+                    }
                     None => Error::Timeout {
                         elapsed: deadline.elapsed(),
                     },

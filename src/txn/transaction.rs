@@ -674,24 +674,27 @@ fn prepare_refused(error: &ServerError) -> bool {
         .starts_with("can't create more than max_prepared_stmt_count statements")
 }
 
-/// Records that the watchdog shut `conn` down in a call on this thread (see
+/// Records that the watchdog shut `conn` down in the call of `deadline` on this thread (see
 /// [`cut_by_watchdog`]).
-pub(super) fn note_cut(conn: &MysqlConnection) {
+pub(super) fn note_cut(conn: &MysqlConnection, deadline: Deadline) {
     let address = connection_address(conn);
-    CUT.with(|cut| cut.set(Some(address)));
+    CUT.with(|cut| cut.set(Some((address, deadline))));
 }
 
-/// Whether `conn` is marked broken and the last connection the watchdog shut down in a call on
-/// this thread: its session ended there, not by a failure the server answered.
-pub(super) fn cut_by_watchdog(conn: &mut MysqlConnection) -> bool {
-    CUT.with(std::cell::Cell::get) == Some(connection_address(conn)) && is_marked_broken(conn)
+/// Whether `conn` is marked broken and the last connection the watchdog shut down on this
+/// thread, in an earlier step of the call of `deadline` (every step of a call shares its one
+/// deadline): its session ended there, not by a failure the server answered. A later call on
+/// the same connection (another deadline) was not cut: it sent nothing.
+pub(super) fn cut_by_watchdog(conn: &mut MysqlConnection, deadline: Deadline) -> bool {
+    CUT.with(std::cell::Cell::get) == Some((connection_address(conn), deadline))
+        && is_marked_broken(conn)
 }
 
 thread_local! {
     /// The connection the watchdog last shut down in a call on the calling thread (its
     /// address; [`cut_by_watchdog`] also asks that it is still marked broken: a connection
-    /// made later at the same address is not).
-    static CUT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// made later at the same address is not), and that call's deadline.
+    static CUT: std::cell::Cell<Option<(usize, Deadline)>> = const { std::cell::Cell::new(None) };
 }
 
 /// Whether `conn` is marked broken ([`mark_broken`], or Diesel's own verdict).

@@ -571,6 +571,40 @@ fn silent_server_migrations_by_a_deadline_return() {
     .expect("the migrations on a running server");
 }
 
+/// A call that the watchdog cut answers `ServerUnresponsive`; a LATER call on the same
+/// (broken) connection whose deadline has already passed sends nothing and answers `Timeout`,
+/// as every call whose deadline passed before it sent anything — not `ServerUnresponsive`,
+/// which would say the server failed to answer that call too (a router counts it against the
+/// node). Before the fix the runner remembered the cut connection for every later call on the
+/// thread, not for the call that was cut.
+#[test]
+fn silent_server_a_later_call_on_a_cut_connection_is_not_answered_as_cut() {
+    let _alone = exclusive();
+    let (mut sandbox, _url, mut conn) = private_server("silent_later_call");
+    let ledger = BalanceLedger::with_policy(policy());
+    funded_account(&mut conn, &ledger, 1, Decimal::from(100));
+    sandbox.pause().expect("pause");
+    let (tx, rx) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let cut = ledger.balance(&mut conn, 1).map(|b| b.balance);
+        // The same thread and connection, a deadline already passed: nothing is sent.
+        let later = ledger.runner().read_by(
+            &mut conn,
+            lockstock::Deadline::after(Duration::ZERO),
+            |_| Ok(()),
+        );
+        let _ = tx.send((cut, later));
+    });
+    let (cut, later) = answer_or_resume(&mut sandbox, "the calls", &rx);
+    sandbox.resume().expect("resume");
+    worker.join().expect("calling thread");
+    assert!(
+        matches!(cut, Err(Error::ServerUnresponsive { .. })),
+        "{cut:?}"
+    );
+    assert!(matches!(later, Err(Error::Timeout { .. })), "{later:?}");
+}
+
 /// Set in the child of [`silent_server_call_of_a_stopped_and_continued_process_returns`]: the
 /// database URL its call uses.
 const STOPPED_CHILD_URL: &str = "LOCKSTOCK_STOPPED_CHILD_URL";
