@@ -39,7 +39,10 @@ impl CouponIssuer {
     /// [`Error::Server`]); [`Error::Internal`] when the cached campaign facts keep disagreeing
     /// with the database. A server running `read_only` refuses the INSERT
     /// ([`ServerErrorKind::ReadOnly`]); a user who holds the coupon is then still answered
-    /// [`Error::AlreadyIssued`] (looked up with a plain read), as a batch answers it.
+    /// [`Error::AlreadyIssued`] (looked up with a plain read), as a batch answers it. Where
+    /// that read fails, the refusal stands: this call applied nothing (unlike a duplicate
+    /// key, a read-only refusal says nothing of whether the user holds one; retry by user as
+    /// after any refusal).
     pub fn issue(
         &self,
         conn: &mut MysqlConnection,
@@ -185,7 +188,9 @@ impl CouponIssuer {
                 // A read-only server refuses the INSERT before its unique index could: a user
                 // who holds the coupon is answered as a writable server answers it (and as a
                 // batch that read the holders answers it), through a plain read, which a
-                // read-only server serves. Anyone else gets the refusal: nothing was applied.
+                // read-only server serves. Anyone else gets the refusal: nothing was applied
+                // by this call — also where that read fails (the refusal, unlike a duplicate
+                // key, says nothing of a holder; a batch answers it alike).
                 Err(e) if e.server_kind() == Some(ServerErrorKind::ReadOnly) => {
                     match self.already_issued(conn, user_id, campaign_id, &facts, deadline) {
                         Ok(Some(refusal)) => Err(refusal),

@@ -203,6 +203,21 @@ pub const DEFAULT_POOL_SIZE: u32 = 8;
 /// pool's whole size up front (and again at every reaping), so a size of billions would take
 /// terabytes — the process would abort.
 pub const MAX_POOL_SIZE: u32 = 10_000;
+/// Whether `url` is one Diesel's MySQL connection can be made with, as far as its form goes: a
+/// `mysql://` URL with a host, or with a `unix_socket` parameter. (What the server then says
+/// — a user, a password, a database — is the probes' to find out.)
+fn is_mysql_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|parsed| {
+        parsed.scheme() == "mysql"
+            && (parsed.host_str().is_some_and(|host| !host.is_empty())
+                || parsed.query_pairs().any(|(key, _)| key == "unix_socket"))
+    })
+}
+
+/// The shortest deadline a router's probe or session policy may have
+/// ([`RouterBuilder::probe_policy`], [`RouterBuilder::session_policy`]): below it, a probe,
+/// an election or a new connection's settings could not send their first statement in time.
+pub const MIN_POLICY_DEADLINE: Duration = Duration::from_millis(10);
 /// Health-check interval by default.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// The deadline of the router's own probes and elections by default.
@@ -266,7 +281,7 @@ impl RouterBuilder {
     /// The policy of the router's own probes, row reads and failover claims: its deadline
     /// bounds each election, and deadline plus `unresponsive_grace` is the probe timeout after
     /// which a node whose probe has not answered counts as down (default: the default policy
-    /// with a [`DEFAULT_PROBE_DEADLINE`] deadline). Its
+    /// with a [`DEFAULT_PROBE_DEADLINE`] deadline; at least [`MIN_POLICY_DEADLINE`]). Its
     /// [`designated_writer_only`](TxnPolicy::designated_writer_only) is ignored: the claims that
     /// move the designated-writer row run on a node the row does not name yet.
     #[must_use]
@@ -277,7 +292,8 @@ impl RouterBuilder {
 
     /// The session settings every pooled connection gets ([`SessionSettings`]); give the policy
     /// of the ledger and issuer that use the router, so their calls send no settings (default:
-    /// [`TxnPolicy::default`]).
+    /// [`TxnPolicy::default`]; its deadline, within which a new connection gets them, at least
+    /// [`MIN_POLICY_DEADLINE`]).
     #[must_use]
     pub fn session_policy(mut self, policy: TxnPolicy) -> Self {
         self.session_policy = policy;
@@ -290,11 +306,14 @@ impl RouterBuilder {
     /// calls wait for it within their deadlines.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for no URLs, a URL given twice, two URLs that reach nodes with the
-    /// same `wsrep_node_name`, a pool size of 0 or above [`MAX_POOL_SIZE`], a zero health
-    /// interval, a probe policy whose deadline is zero (no probe or election could send
-    /// anything: no writer would ever be found), or a session policy whose deadline is zero
-    /// (its settings, applied to every new connection within that deadline, could never be);
+    /// [`Error::InvalidInput`] for no URLs, a URL that is not a `mysql://` URL with a host (or a
+    /// `unix_socket`) — Diesel could never connect with it, and every call would wait for that
+    /// node until its deadline —, a URL given twice, two URLs that reach nodes with the same
+    /// `wsrep_node_name`, a pool size of 0 or above [`MAX_POOL_SIZE`], a zero health
+    /// interval, a probe policy whose deadline is under [`MIN_POLICY_DEADLINE`] (no probe or
+    /// election could send anything: no writer would ever be found), or a session policy whose
+    /// deadline is under it (its settings, applied to every new connection within that
+    /// deadline, could never be);
     /// [`Error::Internal`] when a thread cannot be started.
     pub fn build(self) -> Result<Router> {
         let invalid = |problem| Error::InvalidInput {
@@ -303,6 +322,11 @@ impl RouterBuilder {
         };
         if self.urls.is_empty() {
             return Err(invalid("no node URLs"));
+        }
+        if !self.urls.iter().all(|url| is_mysql_url(url)) {
+            return Err(invalid(
+                "a node URL is not a mysql:// URL with a host or a unix_socket",
+            ));
         }
         if self.urls.iter().collect::<HashSet<_>>().len() != self.urls.len() {
             return Err(invalid("a node URL is given twice"));
@@ -318,13 +342,19 @@ impl RouterBuilder {
         if self.health_interval.is_zero() {
             return Err(invalid("the health interval must be positive"));
         }
-        if self.probe_policy.retry.deadline.is_zero() {
-            return Err(invalid("the probe policy's deadline must be positive"));
+        if self.probe_policy.retry.deadline < MIN_POLICY_DEADLINE {
+            // An election's statements run by it: a deadline that passes before the first
+            // is sent leaves every node healthy and none ever the writer.
+            return Err(invalid(
+                "the probe policy's deadline must be at least 10 ms",
+            ));
         }
-        if self.session_policy.retry.deadline.is_zero() {
+        if self.session_policy.retry.deadline < MIN_POLICY_DEADLINE {
             // Its settings are applied to every new connection within its deadline: none
             // could ever be made, and every probe and call would time out.
-            return Err(invalid("the session policy's deadline must be positive"));
+            return Err(invalid(
+                "the session policy's deadline must be at least 10 ms",
+            ));
         }
         let probe_timeout = self
             .probe_policy

@@ -2135,6 +2135,56 @@ fn a_router_session_policy_without_time_is_refused() {
     refused_as_router_input(|builder| builder.session_policy(session));
 }
 
+/// A probe or session policy whose deadline is positive but too short to send a statement in
+/// (here 1 µs) is refused as a zero one is: with it every node looked healthy and no writer was
+/// ever elected (every election gave up before its first read), and every write answered
+/// `Timeout`. Before the fix only exactly zero was refused.
+#[test]
+fn a_router_policy_too_short_for_any_statement_is_refused() {
+    let mut probe = TxnPolicy::default();
+    probe.retry.deadline = Duration::from_micros(1);
+    refused_as_router_input(|builder| builder.probe_policy(probe));
+    let mut session = TxnPolicy::default();
+    session.retry.deadline = lockstock::route::MIN_POLICY_DEADLINE - Duration::from_micros(1);
+    refused_as_router_input(|builder| builder.session_policy(session));
+}
+
+/// A node URL Diesel could never connect with (not a URL, no `mysql://` scheme, no host) is
+/// refused when the router is built. Before the fix the router was built, the node only ever
+/// looked down, and every call waited for it until its deadline (`Timeout`).
+#[test]
+fn a_router_node_url_that_cannot_be_a_mysql_url_is_refused() {
+    for url in [
+        "not a url",
+        "",
+        "postgres://app@db1/shop",
+        "db1:3306/shop",
+        "mysql:///shop",
+    ] {
+        let built = lockstock::route::Router::builder([url]).build();
+        assert!(
+            matches!(
+                built,
+                Err(Error::InvalidInput {
+                    field: "router",
+                    ..
+                })
+            ),
+            "{url:?}: {built:?}"
+        );
+    }
+    // One bad URL among good ones is refused too (it would silently never be a node).
+    let built = lockstock::route::Router::builder([
+        "mysql://lockstock@127.0.0.1:1/none",
+        "mysql//lockstock@127.0.0.1:2/none",
+    ])
+    .build();
+    assert!(
+        matches!(built, Err(Error::InvalidInput { .. })),
+        "{built:?}"
+    );
+}
+
 /// A panic of the caller's Diesel instrumentation inside one of lockstock's own statements
 /// (here right after START TRANSACTION ran: the transaction is open, lockstock's settings in
 /// place) marks the connection broken before the unwind goes on, so that no pool hands it out
