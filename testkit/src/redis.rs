@@ -41,14 +41,16 @@ const MAX_DEPTH: usize = 64;
 const BULK_RESERVE: usize = 64 * 1024;
 
 /// Watchdog body (see `sandbox::spawn_watchdog_script`): kills the process whose pid is in
-/// `$dir/redis.pid.lockstock` if it is a `redis-server` (Redis rewrites its command line, so
-/// the process name is what is checked).
+/// `$dir/redis.pid.lockstock` if it is this server — its working directory is `$dir` (it runs
+/// with `--dir $dir`). Not its name (a `LOCKSTOCK_REDIS_SERVER` binary may have another, e.g.
+/// `redis-server-7` or `valkey-server`) nor its command line (Redis rewrites it); a pid reused
+/// by another process meanwhile has another working directory.
 const WATCHDOG_SCRIPT: &str = r#"
 p=$(cat "$dir/redis.pid.lockstock" 2>/dev/null)
 case "$p" in
   ''|*[!0-9]*) ;;
   *)
-    if [ "$(cat "/proc/$p/comm" 2>/dev/null)" = redis-server ]; then
+    if [ "$(readlink "/proc/$p/cwd" 2>/dev/null)" = "$(cd "$dir" 2>/dev/null && pwd -P)" ]; then
       pids=$p
       kill -9 "$p" 2>/dev/null
     fi
@@ -113,7 +115,11 @@ impl RedisServer {
     /// Starts a server with no persistence on a socket of its own and waits until it answers
     /// `PING`.
     pub fn start() -> Result<Self, RedisError> {
-        let binary = find_redis_server()?;
+        Self::start_with(&find_redis_server()?)
+    }
+
+    /// [`start`](Self::start) with the server binary `binary`.
+    fn start_with(binary: &Path) -> Result<Self, RedisError> {
         let dir = make_private_dir("redis", Path::new(SOCKET_NAME))?;
         let socket = dir.join(SOCKET_NAME);
         let mut server = Self {
@@ -127,7 +133,7 @@ impl RedisServer {
             "lockstock-redis-watchdog",
             &server.dir,
         )?);
-        let mut cmd = Command::new(&binary);
+        let mut cmd = Command::new(binary);
         cmd.arg("--port")
             .arg("0")
             .arg("--unixsocket")
@@ -416,6 +422,51 @@ mod tests {
         drop(conn);
         drop(server);
         assert!(!dir.exists(), "the server's directory is removed");
+    }
+
+    /// The watchdog kills a server whose binary has another name than `redis-server` (a
+    /// `LOCKSTOCK_REDIS_SERVER` such as `redis-server-7`) when its owner dies. Before, it
+    /// checked the process name and left such a server running (its directory removed).
+    #[test]
+    fn the_watchdog_kills_a_server_whose_binary_has_another_name() {
+        use std::os::unix::process::ExitStatusExt;
+        let Ok(real) = find_redis_server() else {
+            eprintln!("redis-server is not installed; skipped");
+            return;
+        };
+        let links = SocketDir::new("redis-renamed");
+        let renamed = links.0.join("redis-server-7");
+        std::os::unix::fs::symlink(&real, &renamed).unwrap();
+        let mut server = RedisServer::start_with(&renamed).unwrap();
+        let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
+        let mut watchdog = crate::sandbox::spawn_watchdog_script_of(
+            WATCHDOG_SCRIPT,
+            "lockstock-redis-watchdog",
+            &server.dir,
+            owner.id(),
+        )
+        .unwrap();
+        owner.kill().unwrap();
+        owner.wait().unwrap();
+        assert!(watchdog.wait().unwrap().success());
+        let mut child = server.server.take().unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(
+            status.and_then(|s| s.signal()),
+            Some(9),
+            "the renamed server outlived its owner's watchdog"
+        );
     }
 
     /// A private directory for a test's fake servers' sockets, removed when dropped (also

@@ -150,6 +150,8 @@ pub struct Client {
     /// Database URL.
     pub url: String,
     /// Unique among all clients of a run (all processes): keys and coupon users derive from it.
+    /// Not empty, no whitespace (a history line's fields are separated by it) and not `init`
+    /// (the setup's charges are keyed `init-<user>`): [`run_client`] refuses another.
     pub name: String,
     /// Coupon users of this client are `user_base + 1, user_base + 2, ...` (unique per client).
     pub user_base: i64,
@@ -409,10 +411,15 @@ impl FromStr for Record {
         };
         match (it.next(), it.next(), it.next()) {
             (None, _, _) => Ok(record),
-            (Some(called), Some(answered), None) => Ok(Record {
-                last_call: Some((time(called)?, time(answered)?)),
-                ..record
-            }),
+            // Answered before it was made: a line cut inside its last field (a number's
+            // prefix is a far earlier time), not a record.
+            (Some(called), Some(answered), None) => match (time(called)?, time(answered)?) {
+                (called, answered) if answered < called => Err(bad()),
+                last_call => Ok(Record {
+                    last_call: Some(last_call),
+                    ..record
+                }),
+            },
             _ => Err(bad()),
         }
     }
@@ -463,6 +470,11 @@ fn refund_room(conn: &mut MysqlConnection, deduct: i64) -> QueryResult<(Decimal,
     Ok((deducted, refunded.unwrap_or_default()))
 }
 
+/// Whether `name` can name a [`Client`]: not empty, no whitespace, not `init`.
+fn is_client_name(name: &str) -> bool {
+    !name.is_empty() && name != "init" && !name.chars().any(char::is_whitespace)
+}
+
 /// 0.01 to 30.00, always with scale 2.
 fn amount(rng: &mut Rng) -> Decimal {
     Decimal::new(rng.below(3_000) as i64 + 1, 2)
@@ -472,11 +484,21 @@ fn amount(rng: &mut Rng) -> Decimal {
 ///
 /// `before_attempt` runs before every call on the connection the call will use (the kill test
 /// hands the connection id to its killer there); `false` means the connection is unusable.
+///
+/// # Panics
+/// For a client name that is empty, holds whitespace or is `init` (see [`Client::name`]):
+/// its keys would not read back from a history line, or would be the setup's, and [`verify`]
+/// would report violations that are not there.
 pub fn run_client(
     client: &Client,
     stop: &AtomicBool,
     before_attempt: &mut dyn FnMut(&mut MysqlConnection) -> bool,
 ) -> Vec<Record> {
+    assert!(
+        is_client_name(&client.name),
+        "client name {:?}: not empty, no whitespace, not \"init\"",
+        client.name
+    );
     let mut rng = Rng::new(client.seed);
     let ledger = BalanceLedger::new();
     let issuer = CouponIssuer::new();
@@ -1175,13 +1197,17 @@ fn impossible_balance_refusals(journal: &[HistoryRow], records: &[Record]) -> Ve
         };
         let (first, last) = match call {
             Some((called, answered)) => {
-                let first = list
-                    .iter()
-                    .rposition(|(at, _)| *at < called - CLOCK_SLACK)
-                    .unwrap_or(0);
+                // (Saturating at the ends of time: a parsed line may hold any time.)
+                let before = called
+                    .checked_sub_signed(CLOCK_SLACK)
+                    .unwrap_or(NaiveDateTime::MIN);
+                let after = answered
+                    .checked_add_signed(CLOCK_SLACK)
+                    .unwrap_or(NaiveDateTime::MAX);
+                let first = list.iter().rposition(|(at, _)| *at < before).unwrap_or(0);
                 let last = list
                     .iter()
-                    .rposition(|(at, _)| *at <= answered + CLOCK_SLACK)
+                    .rposition(|(at, _)| *at <= after)
                     .unwrap_or(first)
                     .max(first);
                 (first, last)
@@ -1286,6 +1312,93 @@ mod tests {
             .parse()
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(untimed.last_call, None);
+    }
+
+    /// A history line cut anywhere inside its call's times is not read as a record (before,
+    /// 15 such prefixes parsed, answered in 1970, and the balance check then judged the call
+    /// against the balances before it only); a line at either end of time is checked without
+    /// a panic (before: `NaiveDateTime - TimeDelta` overflowed).
+    #[test]
+    fn a_line_cut_in_its_times_is_no_record_and_no_time_panics_the_check() {
+        let timed = Record {
+            outcome: Outcome::Refused,
+            last_call: Some((
+                crate::fixtures::micros_to_time(1_800_000_000_123_456),
+                crate::fixtures::micros_to_time(1_800_000_000_125_956),
+            )),
+            ..Record::new(
+                "c0-5".to_owned(),
+                Op::Deduct {
+                    user: 1,
+                    amount: Decimal::new(500, 2),
+                },
+            )
+        };
+        let line = timed.to_string();
+        let untimed = line.len() - " 1800000000123456 1800000000125956".len();
+        // (Cut right after `false `, it is the untimed line.)
+        for cut in untimed + 2..line.len() {
+            let prefix = &line[..cut];
+            assert!(prefix.parse::<Record>().is_err(), "{prefix:?} parsed");
+        }
+        assert_eq!(
+            line[..untimed].parse::<Record>().map(|r| r.last_call),
+            Ok(None)
+        );
+        let (earliest, latest) = (
+            NaiveDateTime::MIN.and_utc().timestamp_micros(),
+            NaiveDateTime::MAX.and_utc().timestamp_micros(),
+        );
+        for times in [
+            format!("{earliest} {earliest}"),
+            format!("{latest} {latest}"),
+        ] {
+            let line = format!("k-0 deduct 7 0 50 refused 0 1 0 0 0 false {times}");
+            let record = line
+                .parse::<Record>()
+                .unwrap_or_else(|e| panic!("{line}: {e}"));
+            let journal = vec![(
+                1,
+                7,
+                "charge".to_owned(),
+                Decimal::ONE,
+                Decimal::ZERO,
+                Some("k".to_owned()),
+                "0000000000000000".to_owned(),
+                None,
+                None,
+                Decimal::ZERO,
+                crate::fixtures::micros_to_time(0),
+                None,
+            )];
+            let found = impossible_balance_refusals(&journal, &[record]);
+            assert!(found.len() <= 1, "{found:?}");
+        }
+    }
+
+    /// A client named so that its keys would not read back (whitespace) or would be the
+    /// setup's (`init`) is refused before it runs anything: `verify` reported violations that
+    /// were not there (client `init`'s `init-1` is the setup's charge of account 1).
+    #[test]
+    fn a_client_name_that_keys_cannot_carry_is_refused() {
+        for name in ["init", "", "worker 1", "tab\t", "nbsp\u{a0}x"] {
+            let setup = Setup {
+                accounts: 1,
+                campaigns: Vec::new(),
+            };
+            let client = Client::new(
+                "mysql://nobody@127.0.0.1:1/none",
+                name.to_owned(),
+                0,
+                &setup,
+                1,
+                &ErrorTexts::default(),
+            );
+            let stop = AtomicBool::new(false);
+            let ran = std::panic::catch_unwind(|| run_client(&client, &stop, &mut |_| true));
+            assert!(ran.is_err(), "{name:?} was run");
+        }
+        assert!(is_client_name("c0") && is_client_name("p1c2") && is_client_name("initial"));
     }
 
     /// A client whose server is down stops retrying its connection once the run's stop flag
