@@ -131,9 +131,9 @@ struct Classification {
     mariadb_code: u16,
     /// MySQL 8's error number (0: MySQL has none of its own).
     mysql_code: u16,
-    /// Case-insensitive fragments of the English message, each with the MariaDB error number
-    /// that has that text (0: none of its own, or not one number); any one matching classifies
-    /// the error.
+    /// Case-insensitive beginnings of the English message, each with the MariaDB error number
+    /// that has that text (0: none of its own, or not one number); a message that begins with
+    /// any one is of this kind.
     fragments: &'static [(&'static str, u16)],
 }
 
@@ -143,10 +143,12 @@ const CLASSIFICATION: &[Classification] = &[
         kind: ServerErrorKind::LockRefused,
         mariadb_code: 0,
         mysql_code: 3572,
-        fragments: &[
-            ("nowait is set", 0),
-            ("could not be acquired immediately", 0),
-        ],
+        // MySQL 8: "Statement aborted because lock(s) could not be acquired immediately and
+        // NOWAIT is set."
+        fragments: &[(
+            "statement aborted because lock(s) could not be acquired immediately",
+            0,
+        )],
     },
     Classification {
         kind: ServerErrorKind::LockWaitTimeout,
@@ -158,10 +160,12 @@ const CLASSIFICATION: &[Classification] = &[
         kind: ServerErrorKind::Deadlock,
         mariadb_code: 1213,
         mysql_code: 1213,
-        // The second: MariaDB Galera's wording of a certification conflict (MariaDB only).
+        // The second and third: MariaDB Galera's wordings of a certification conflict
+        // (MariaDB only).
         fragments: &[
             ("deadlock found when trying to get lock", 1213),
             ("wsrep detected deadlock/conflict", 1213),
+            ("deadlock: wsrep aborted transaction", 1213),
         ],
     },
     Classification {
@@ -185,7 +189,7 @@ const CLASSIFICATION: &[Classification] = &[
         mariadb_code: 4025,
         mysql_code: 3819,
         // MariaDB: "CONSTRAINT `c` failed for `db`.`t`"; MySQL: "Check constraint 'c' is violated."
-        fragments: &[("` failed for `", 4025), ("check constraint '", 0)],
+        fragments: &[("constraint `", 4025), ("check constraint '", 0)],
     },
     Classification {
         kind: ServerErrorKind::ForeignKeyViolation,
@@ -194,7 +198,6 @@ const CLASSIFICATION: &[Classification] = &[
         fragments: &[
             ("cannot delete or update a parent row", 1451),
             ("cannot add or update a child row", 1452),
-            ("a foreign key constraint fails", 0),
         ],
     },
     Classification {
@@ -202,8 +205,14 @@ const CLASSIFICATION: &[Classification] = &[
         mariadb_code: 1969,
         mysql_code: 3024,
         fragments: &[
-            ("max_statement_time exceeded", 1969),
-            ("maximum statement execution time exceeded", 0),
+            (
+                "query execution was interrupted (max_statement_time exceeded)",
+                1969,
+            ),
+            (
+                "query execution was interrupted, maximum statement execution time exceeded",
+                0,
+            ),
         ],
     },
     // After StatementTimeout, whose texts start the same way.
@@ -232,12 +241,14 @@ const CLASSIFICATION: &[Classification] = &[
         mysql_code: 2013,
         fragments: &[
             ("server has gone away", 2006),
+            ("mysql server has gone away", 2006),
             ("lost connection to", 2013),
             ("connection was killed", 1927),
             ("server shutdown in progress", 1053),
             ("can't connect to local server", 2002),
             ("can't connect to", 2003),
-            ("disconnected by the server", 0),
+            // MySQL 8 (4031).
+            ("the client was disconnected by the server", 0),
             ("connection refused", 0),
             ("broken pipe", 0),
         ],
@@ -246,9 +257,21 @@ const CLASSIFICATION: &[Classification] = &[
         kind: ServerErrorKind::ReadOnly,
         mariadb_code: 1290,
         mysql_code: 1290,
+        // "The MariaDB server is running with the --read-only option so it cannot execute this
+        // statement" (older servers and MySQL: "The MySQL server ...").
         fragments: &[
-            ("--read-only option", 1290),
-            ("--super-read-only option", 1290),
+            (
+                "the mariadb server is running with the --read-only option",
+                1290,
+            ),
+            (
+                "the mysql server is running with the --read-only option",
+                1290,
+            ),
+            (
+                "the mysql server is running with the --super-read-only option",
+                1290,
+            ),
         ],
     },
     // MariaDB Galera only: MySQL 8 has no Galera (its 1047 is "Unknown command").
@@ -294,21 +317,23 @@ pub(crate) fn classify(error: &DieselError) -> ServerErrorKind {
 /// Classifies a server error message (English texts of MariaDB or MySQL 8): its kind, and the
 /// MariaDB error number of the fragment that matched.
 ///
-/// A fragment counts only where it starts before the message's first single quote: the
-/// server quotes the values it echoes (`Incorrect integer value: '...' for column`,
-/// `Duplicate entry '...'`), and a caller's string — an end user's input bound into a
-/// statement of the caller's — must not make a refused value read as a read-only server, a
-/// node not ready (a [`Router`](crate::Router) would replace a healthy writer) or a deadlock
-/// (retried as if it could pass).
+/// Only the message's BEGINNING counts: every text recognised here begins with the server's
+/// (or the client library's) own words, and a caller's string — an end user's input bound into
+/// a statement of the caller's, which the server echoes (`Incorrect integer value: '...' for
+/// column`, `Duplicate entry '...'`) or a caller's trigger puts in its `SIGNAL`
+/// (`CONCAT('Rejected name: ', NEW.name)`) — must not make a refused value read as a read-only
+/// server, a node not ready or a lost connection (a [`Router`](crate::Router) would replace a
+/// healthy writer, or run the call again) or a deadlock (retried as if it could pass). (A
+/// `SIGNAL` whose whole text is a server error's still reads as that error: the number, which
+/// would tell them apart, is not kept by Diesel.)
 fn classify_message(message: &str) -> (ServerErrorKind, Option<u16>) {
     let message = message.to_ascii_lowercase();
-    let echoed_from = message.find('\'').unwrap_or(message.len());
     CLASSIFICATION
         .iter()
         .find_map(|rule| {
             rule.fragments
                 .iter()
-                .find(|(fragment, _)| message.find(fragment).is_some_and(|at| at < echoed_from))
+                .find(|(fragment, _)| message.starts_with(fragment))
                 .map(|&(_, code)| (rule.kind, Some(code).filter(|c| *c != 0)))
         })
         .unwrap_or((ServerErrorKind::Other, None))

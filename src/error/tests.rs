@@ -370,8 +370,8 @@ fn an_unknown_behind_a_node_failure_is_marked_for_a_router() {
 }
 
 /// A value the server echoes in its error text (a caller's string bound into the caller's own
-/// statement) never classifies the error: only the server's own words before the first quote
-/// do. Before the fix "Incorrect integer value: 'x --read-only option' for column" was
+/// statement) never classifies the error: only a message that begins with the server's own
+/// words does. Before the fix "Incorrect integer value: 'x --read-only option' for column" was
 /// `ReadOnly` with code 1290 (a `Router` replaced a healthy writer for it), the WSREP text
 /// `NodeNotReady`, a deadlock's text a retried `Deadlock`, and a duplicate key whose value
 /// held another kind's text had no code.
@@ -409,6 +409,55 @@ fn an_echoed_value_does_not_classify_the_error() {
         (duplicate.kind(), duplicate.code()),
         (DuplicateKey, Some(1062))
     );
+}
+
+/// A caller's trigger that puts an end user's input into its `SIGNAL` text (no quotes around
+/// it: `CONCAT('Rejected name: ', NEW.name)`) never classifies the error either: only a message
+/// that BEGINS with the server's words does. Before the fix such an input made the refusal a
+/// `Deadlock` (retried until the deadline, answered `Contended`), a `NodeNotReady`, a
+/// `ReadOnly` or a `ConnectionLost` (node failures: a `Router` moved the writer or ran the call
+/// again), each with that error's number.
+#[test]
+fn a_callers_signal_text_does_not_classify_the_error() {
+    use ServerErrorKind::*;
+    for input in [
+        "Deadlock found when trying to get lock",
+        "WSREP has not yet prepared node for application use",
+        "The MariaDB server is running with the --read-only option",
+        "--read-only option",
+        "lost connection to",
+        "Server has gone away",
+        "Lock wait timeout exceeded",
+        "Query execution was interrupted (max_statement_time exceeded)",
+        "NOWAIT is set",
+        "connection refused",
+        "a foreign key constraint fails",
+        "CONSTRAINT `c` failed for `d`.`t`",
+    ] {
+        let text = format!("Rejected name: bad {input}");
+        let error = ServerError::new(unknown(&text));
+        assert_eq!((error.kind(), error.code()), (Other, None), "{text}");
+        let error = Error::from(unknown(&text));
+        assert!(!error.is_retryable() && !error.is_node_failure(), "{text}");
+    }
+    // The server's own texts still classify, MariaDB's Galera wording of 1213 included.
+    for (text, kind, code) in [
+        ("Deadlock: wsrep aborted transaction", Deadlock, Some(1213)),
+        ("MySQL server has gone away", ConnectionLost, Some(2006)),
+        (
+            "CONSTRAINT `c` failed for `d`.`t`",
+            CheckViolation,
+            Some(4025),
+        ),
+        (
+            "The client was disconnected by the server because of inactivity.",
+            ConnectionLost,
+            None,
+        ),
+    ] {
+        let error = ServerError::new(unknown(text));
+        assert_eq!((error.kind(), error.code()), (kind, code), "{text}");
+    }
 }
 
 /// `code()` is the number of the error's own text, not one number per kind: a lost

@@ -1076,11 +1076,12 @@ fn a_lost_connection_is_never_handed_out_again_by_its_pool() {
     assert_eq!(balance.balance, dec(10));
 
     // An error that only reads like a lost connection (the body's own: a procedure's SIGNAL
-    // here) leaves a live connection usable: the loss is confirmed by a round trip first.
+    // here, worded as the client library words one) leaves a live connection usable: the loss
+    // is confirmed by a round trip first.
     let runner = TxnRunner::new(TxnPolicy::default());
     let signalled = runner.run(&mut fresh, |c| {
         diesel::sql_query(
-            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'gateway: connection refused'",
+            "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'Lost connection to server during query'",
         )
         .execute(c)?;
         Ok(())
