@@ -470,6 +470,14 @@ fn refund_room(conn: &mut MysqlConnection, deduct: i64) -> QueryResult<(Decimal,
     Ok((deducted, refunded.unwrap_or_default()))
 }
 
+/// Whether `key` is one of client `name`'s: `<name>-<number>`, as [`run_client`] makes them —
+/// not a key of a client whose name merely begins the same (`a-b-0` is not client `a`'s).
+fn is_key_of(name: &str, key: &str) -> bool {
+    key.strip_prefix(name)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Whether `name` can name a [`Client`]: not empty, no whitespace, not `init`.
 fn is_client_name(name: &str) -> bool {
     !name.is_empty() && name != "init" && !name.chars().any(char::is_whitespace)
@@ -841,8 +849,7 @@ pub fn verify_partial(
     records: &[Record],
     missing: &[Client],
 ) -> Vec<String> {
-    let key_prefixes: Vec<String> = missing.iter().map(|c| format!("{}-", c.name)).collect();
-    let unrecorded_key = |key: &str| key_prefixes.iter().any(|p| key.starts_with(p.as_str()));
+    let unrecorded_key = |key: &str| missing.iter().any(|c| is_key_of(&c.name, key));
     // Coupon users of a client are `user_base + 1, user_base + 2, ...` (below the next base).
     let unrecorded_user = |user: i64| {
         missing
@@ -1373,6 +1380,16 @@ mod tests {
             )];
             let found = impossible_balance_refusals(&journal, &[record]);
             assert!(found.len() <= 1, "{found:?}");
+        }
+    }
+
+    /// A missing client's keys are only its own: `verify_partial` skipped every key that began
+    /// with `<name>-`, so client `a` missing hid unknown keys of a present client `a-b`.
+    #[test]
+    fn a_missing_clients_keys_are_only_its_own() {
+        assert!(is_key_of("a", "a-0") && is_key_of("a", "a-17") && is_key_of("a-b", "a-b-3"));
+        for key in ["a-b-0", "a-", "a-x", "a0", "ab-0", "b-0", "init-1", "a-1 "] {
+            assert!(!is_key_of("a", key), "{key}");
         }
     }
 
