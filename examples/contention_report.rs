@@ -1445,55 +1445,28 @@ fn process_panel(svg: &mut String, (runs, floors, wide): ProcessData<'_>, left: 
     );
     for (n, row) in HotRow::ALL.iter().enumerate() {
         let stroke = row_color(*row);
-        // In process order: `median` per count of `PROCESSES`, ascending.
-        let medians: Vec<&processes::ProcessRun> = processes::PROCESSES
-            .iter()
-            .filter_map(|&count| processes::median(runs, *row, count))
-            .collect();
-        let points: Vec<(f64, f64)> = medians
-            .iter()
-            .map(|r| (x_of(r.processes), y_of(r.run.throughput())))
-            .collect();
-        polyline(svg, &points, stroke, 2.0, "");
-        for (r, (x, y)) in medians.iter().zip(&points) {
-            let title = format!(
-                "{} {} x {}: {:.0}/s",
-                row.name(),
-                r.processes,
-                RATIO_CLIENTS / r.processes,
-                r.run.throughput()
-            );
-            circle(svg, (*x, *y), stroke, &title);
-        }
+        // In process order: `median` per count, ascending; solid with filled points at
+        // `RATIO_CLIENTS` in all, dashed with rings at `WIDE_CLIENTS`.
+        let medians = median_line(
+            svg,
+            (runs, *row),
+            (&processes::PROCESSES, RATIO_CLIENTS),
+            (&x_of, &y_of),
+            (stroke, 2.0, ""),
+        );
         let at_batch: Vec<(f64, f64)> = medians
             .iter()
             .filter_map(|r| process_floor(floors, *row, r.processes).map(|f| (r.processes, f)))
             .map(|(p, f)| (x_of(p), y_of(f.rows_per_second())))
             .collect();
         polyline(svg, &at_batch, stroke, 1.5, "2 3");
-        // The runs at `WIDE_CLIENTS` in all, at the x of their process count.
-        let wide_medians: Vec<&processes::ProcessRun> = WIDE_PROCESSES
-            .iter()
-            .filter_map(|&count| processes::median(wide, *row, count))
-            .collect();
-        let wide_points: Vec<(f64, f64)> = wide_medians
-            .iter()
-            .map(|r| (x_of(r.processes), y_of(r.run.throughput())))
-            .collect();
-        polyline(svg, &wide_points, stroke, 1.5, "8 4");
-        for (r, (x, y)) in wide_medians.iter().zip(&wide_points) {
-            let _ = writeln!(
-                svg,
-                r##"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="#ffffff" stroke="{stroke}" stroke-width="1.5"><title>{}</title></circle>"##,
-                escape(&format!(
-                    "{} {} x {}: {:.0}/s",
-                    row.name(),
-                    r.processes,
-                    WIDE_CLIENTS / r.processes,
-                    r.run.throughput()
-                ))
-            );
-        }
+        median_line(
+            svg,
+            (wide, *row),
+            (&WIDE_PROCESSES, WIDE_CLIENTS),
+            (&x_of, &y_of),
+            (stroke, 1.5, "8 4"),
+        );
         // The panel's own legend, in its lower left corner.
         let y = TOP + PLOT_H - 32.0 - 16.0 * (HotRow::ALL.len() - 1 - n) as f64;
         let _ = writeln!(
@@ -1521,6 +1494,43 @@ fn process_panel(svg: &mut String, (runs, floors, wide): ProcessData<'_>, left: 
     );
 }
 
+/// The median runs of `row` in `runs` at each of `counts` processes (of `clients` in all, in
+/// ascending order), drawn at `x_of(processes)`, `y_of(throughput)` as a line `width` wide,
+/// dashed by `dash`, with a point each — filled on a solid line, a ring on a dashed one; the
+/// runs drawn.
+fn median_line<'a>(
+    svg: &mut String,
+    (runs, row): (&'a [processes::ProcessRun], HotRow),
+    (counts, clients): (&[usize], usize),
+    (x_of, y_of): (&dyn Fn(usize) -> f64, &dyn Fn(f64) -> f64),
+    (stroke, width, dash): (&str, f64, &str),
+) -> Vec<&'a processes::ProcessRun> {
+    let medians: Vec<&processes::ProcessRun> = counts
+        .iter()
+        .filter_map(|&count| processes::median(runs, row, count))
+        .collect();
+    let points: Vec<(f64, f64)> = medians
+        .iter()
+        .map(|r| (x_of(r.processes), y_of(r.run.throughput())))
+        .collect();
+    polyline(svg, &points, stroke, width, dash);
+    for (r, point) in medians.iter().zip(points) {
+        let title = format!(
+            "{} {} x {}: {:.0}/s",
+            row.name(),
+            r.processes,
+            clients / r.processes,
+            r.run.throughput()
+        );
+        if dash.is_empty() {
+            circle(svg, point, stroke, &title);
+        } else {
+            ring(svg, point, stroke, &title);
+        }
+    }
+    medians
+}
+
 /// A line `width` wide through `points` (none for no points), dashed by `dash` (solid: "").
 fn polyline(svg: &mut String, points: &[(f64, f64)], stroke: &str, width: f64, dash: &str) {
     if points.is_empty() {
@@ -1543,6 +1553,15 @@ fn circle(svg: &mut String, (x, y): (f64, f64), fill: &str, title: &str) {
     let _ = writeln!(
         svg,
         r#"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="{fill}"><title>{}</title></circle>"#,
+        escape(title)
+    );
+}
+
+/// A hollow data point at `(x, y)`: a `stroke` ring, with `title` as its hover text.
+fn ring(svg: &mut String, (x, y): (f64, f64), stroke: &str, title: &str) {
+    let _ = writeln!(
+        svg,
+        r##"<circle cx="{x:.1}" cy="{y:.1}" r="3.5" fill="#ffffff" stroke="{stroke}" stroke-width="1.5"><title>{}</title></circle>"##,
         escape(title)
     );
 }

@@ -203,6 +203,15 @@ pub const DEFAULT_POOL_SIZE: u32 = 8;
 /// pool's whole size up front (and again at every reaping), so a size of billions would take
 /// terabytes — the process would abort.
 pub const MAX_POOL_SIZE: u32 = 10_000;
+/// The shortest deadline a router's probe or session policy may have
+/// ([`RouterBuilder::probe_policy`], [`RouterBuilder::session_policy`]): below it, a probe,
+/// an election or a new connection's settings could not send their first statement in time.
+pub const MIN_POLICY_DEADLINE: Duration = Duration::from_millis(10);
+/// Health-check interval by default.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+/// The deadline of the router's own probes and elections by default.
+pub const DEFAULT_PROBE_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Whether `url` is one Diesel's MySQL connection can be made with, as far as its form goes: a
 /// `mysql://` URL with a host, or with a `unix_socket` parameter. (What the server then says
 /// — a user, a password, a database — is the probes' to find out.)
@@ -213,15 +222,6 @@ fn is_mysql_url(url: &str) -> bool {
                 || parsed.query_pairs().any(|(key, _)| key == "unix_socket"))
     })
 }
-
-/// The shortest deadline a router's probe or session policy may have
-/// ([`RouterBuilder::probe_policy`], [`RouterBuilder::session_policy`]): below it, a probe,
-/// an election or a new connection's settings could not send their first statement in time.
-pub const MIN_POLICY_DEADLINE: Duration = Duration::from_millis(10);
-/// Health-check interval by default.
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
-/// The deadline of the router's own probes and elections by default.
-pub const DEFAULT_PROBE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Where [`Router::read`] reads.
 #[non_exhaustive]

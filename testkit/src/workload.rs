@@ -59,6 +59,10 @@ use lockstock::schema::user_coupon;
 use lockstock::{BalanceLedger, CouponIssuer, Error, ServerErrorKind};
 use rust_decimal::Decimal;
 
+/// The name [`setup`]'s charges are keyed by as a client's would be (`init-<user>`): no
+/// [`Client`] may have it.
+const SETUP_NAME: &str = "init";
+
 /// Balance every account starts with (charged by [`setup`] under key `init-<user>`).
 pub const INITIAL_BALANCE: Decimal = Decimal::from_parts(100_000, 0, 0, false, 2);
 
@@ -123,7 +127,7 @@ pub fn setup(conn: &mut MysqlConnection, accounts: i64, campaigns: usize, stock:
     let ledger = BalanceLedger::new();
     for user in 1..=accounts {
         ledger
-            .charge(conn, user, INITIAL_BALANCE, &format!("init-{user}"))
+            .charge(conn, user, INITIAL_BALANCE, &format!("{SETUP_NAME}-{user}"))
             .unwrap_or_else(|e| panic!("initial charge of {user}: {e}"));
     }
     let issuer = CouponIssuer::new();
@@ -480,7 +484,7 @@ fn is_key_of(name: &str, key: &str) -> bool {
 
 /// Whether `name` can name a [`Client`]: not empty, no whitespace, not `init`.
 fn is_client_name(name: &str) -> bool {
-    !name.is_empty() && name != "init" && !name.chars().any(char::is_whitespace)
+    !name.is_empty() && name != SETUP_NAME && !name.chars().any(char::is_whitespace)
 }
 
 /// 0.01 to 30.00, always with scale 2.
@@ -945,7 +949,7 @@ pub fn verify_partial(
     }
     let initial: Decimal = journal
         .iter()
-        .filter(|r| r.5.as_deref().is_some_and(|k| k.starts_with("init-")))
+        .filter(|r| r.5.as_deref().is_some_and(|k| is_key_of(SETUP_NAME, k)))
         .map(|r| r.3)
         .sum();
     if initial != INITIAL_BALANCE * Decimal::from(setup.accounts) {
@@ -1053,7 +1057,7 @@ pub fn verify_partial(
     v.extend(impossible_balance_refusals(&journal, records));
     for row in &journal {
         if let Some(key) = row.5.as_deref() {
-            if !key.starts_with("init-")
+            if !is_key_of(SETUP_NAME, key)
                 && !recorded_keys.contains(&(row.1, key))
                 && !unrecorded_key(key)
             {

@@ -65,6 +65,27 @@ fn answer_or_resume<T>(sandbox: &mut Sandbox, what: &str, done: &mpsc::Receiver<
     }
 }
 
+/// Pauses `sandbox`'s server, runs `call` on another thread and resumes the server once it
+/// answered ([`answer_or_resume`]: at most [`give_up`], else the test fails): its answer, and
+/// how long it took.
+fn on_paused_server<T: Send + 'static>(
+    sandbox: &mut Sandbox,
+    what: &str,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> (T, Duration) {
+    sandbox.pause().expect("pause");
+    let (tx, rx) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let started = Instant::now();
+        let answer = call();
+        let _ = tx.send((answer, started.elapsed()));
+    });
+    let answered = answer_or_resume(sandbox, what, &rx);
+    sandbox.resume().expect("resume");
+    worker.join().expect("the calling thread");
+    answered
+}
+
 /// This test binary, to run the one test `name` as a child process (of none of the calling
 /// process's descriptors but stdin, stdout and stderr).
 fn child_test(name: &str) -> std::process::Command {
@@ -387,20 +408,11 @@ fn paused_combined_charge(
     combining: &std::sync::Arc<CombiningLedger>,
     what: &str,
 ) -> Duration {
-    sandbox.pause().expect("pause");
-    let (tx, rx) = mpsc::channel();
-    let worker = {
-        let combining = combining.clone();
-        thread::spawn(move || {
-            let started = Instant::now();
-            let answer = combining.charge(1, Decimal::ONE, "paused");
-            let _ = tx.send((answer, started.elapsed()));
-        })
-    };
-    let (answer, took) = answer_or_resume(sandbox, "combined charge", &rx);
+    let combined = combining.clone();
+    let (answer, took) = on_paused_server(sandbox, "combined charge", move || {
+        combined.charge(1, Decimal::ONE, "paused")
+    });
     eprintln!("combined charge over {what} on a paused server: {answer:?} after {took:?}");
-    sandbox.resume().expect("resume");
-    worker.join().expect("worker");
     assert!(
         matches!(
             answer,
@@ -548,16 +560,9 @@ fn silent_server_migrations_by_a_deadline_return() {
         .create_database("silent_migrations")
         .expect("database");
     let mut conn = connect(&url);
-    sandbox.pause().expect("pause");
-    let (tx, rx) = mpsc::channel();
-    let worker = thread::spawn(move || {
-        let started = Instant::now();
-        let answer = lockstock::run_migrations_by(&mut conn, lockstock::Deadline::after(DEADLINE));
-        let _ = tx.send((answer, started.elapsed()));
+    let (answer, took) = on_paused_server(&mut sandbox, "the migrations", move || {
+        lockstock::run_migrations_by(&mut conn, lockstock::Deadline::after(DEADLINE))
     });
-    let (answer, took) = answer_or_resume(&mut sandbox, "the migrations", &rx);
-    sandbox.resume().expect("resume");
-    worker.join().expect("migrating thread");
     assert!(
         matches!(answer, Err(Error::ServerUnresponsive { .. })),
         "{answer:?}"
@@ -583,9 +588,7 @@ fn silent_server_a_later_call_on_a_cut_connection_is_not_answered_as_cut() {
     let (mut sandbox, _url, mut conn) = private_server("silent_later_call");
     let ledger = BalanceLedger::with_policy(policy());
     funded_account(&mut conn, &ledger, 1, Decimal::from(100));
-    sandbox.pause().expect("pause");
-    let (tx, rx) = mpsc::channel();
-    let worker = thread::spawn(move || {
+    let ((cut, later), _) = on_paused_server(&mut sandbox, "the calls", move || {
         let cut = ledger.balance(&mut conn, 1).map(|b| b.balance);
         // The same thread and connection, a deadline already passed: nothing is sent.
         let later = ledger.runner().read_by(
@@ -593,11 +596,8 @@ fn silent_server_a_later_call_on_a_cut_connection_is_not_answered_as_cut() {
             lockstock::Deadline::after(Duration::ZERO),
             |_| Ok(()),
         );
-        let _ = tx.send((cut, later));
+        (cut, later)
     });
-    let (cut, later) = answer_or_resume(&mut sandbox, "the calls", &rx);
-    sandbox.resume().expect("resume");
-    worker.join().expect("calling thread");
     assert!(
         matches!(cut, Err(Error::ServerUnresponsive { .. })),
         "{cut:?}"
